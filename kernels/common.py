@@ -1,0 +1,85 @@
+"""Device helpers shared by the forward and backward kernels.
+
+Index conventions (all kernels):
+
+* the packed query dimension M holds, for one (row b, kv head h), the ``G = Hq // Hkv``
+  query heads of that kv head for every query: packed row ``m`` is query ``i = m // G``
+  of query head ``h * G + m % G`` (GQA packing keeps ``tl.dot`` full when Sq is small);
+* scores live in the log2 domain (``s * log2(e)``) so the softmax uses ``exp2``;
+* own key ``j`` is visible to query ``i`` iff ``j <= Skv - Sq + i`` (causal, bottom-right
+  aligned), ``(Skv - Sq + i) - j < window`` (window) and ``key_padding_mask[b, j]``;
+  prefix keys are visible up to ``prefix_lens[prefix_ids[b]]``.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def tanh(x):
+    """tanh via exp (no libdevice in the interpreter); saturates cleanly to +-1."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def scores(q, kt, qk_scale, softcap_inv, softcap_log2,
+           SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Scores of a [BLOCK_M, BLOCK_D] query tile against a [BLOCK_D, BLOCK_N] key tile.
+
+    Returns (s, t): s [BLOCK_M, BLOCK_N] fp32 in the log2 domain (scale and softcap folded
+    in); t = tanh(qk * scale / softcap) when SOFTCAP (needed by the backward), else s.
+    """
+    qk = tl.dot(q, kt, input_precision=DOT_PREC)
+    if SOFTCAP:
+        t = tanh(qk * softcap_inv)
+        s = t * softcap_log2
+    else:
+        s = qk * qk_scale
+        t = s
+    return s, t
+
+
+@triton.jit
+def own_visible(offs_i, offs_n, off, window, Skv, kpm,
+                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] visibility of own keys offs_n for queries offs_i.
+
+    kpm is the [BLOCK_N] key padding row (True = real token), ignored unless HAS_KPM.
+    """
+    vis = (offs_n[None, :] < Skv) & (offs_i[:, None] >= 0)
+    if CAUSAL:
+        vis = vis & (offs_n[None, :] <= off + offs_i[:, None])
+    if HAS_WINDOW:
+        vis = vis & ((off + offs_i[:, None] - offs_n[None, :]) < window)
+    if HAS_KPM:
+        vis = vis & (kpm[None, :] != 0)
+    return vis
+
+
+@triton.jit
+def own_ranges(i_lo, i_hi, off, window, Skv, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Own-key tile ranges for the queries i_lo..i_hi (inclusive) of one query tile.
+
+    Returns (lo, full_lo, full_hi, hi): tiles in [full_lo, full_hi) are visible to every
+    query of the tile (no causal/window/length mask needed); [lo, full_lo) and
+    [full_hi, hi) need the mask; keys outside [lo, hi) are invisible to all of them.
+    """
+    lo = i_lo * 0
+    hi = lo + Skv
+    full_hi = Skv // BLOCK_N * BLOCK_N
+    if CAUSAL:
+        hi = tl.minimum(hi, tl.maximum(off + i_hi + 1, 0))
+        full_hi = tl.minimum(full_hi, tl.maximum(off + i_lo + 1, 0) // BLOCK_N * BLOCK_N)
+    full_lo = lo
+    if HAS_WINDOW:
+        lo = tl.maximum(off + i_lo - window + 1, 0) // BLOCK_N * BLOCK_N
+        full_lo = (tl.maximum(off + i_hi - window + 1, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    # no fully visible tile: mask everything in [lo, hi)
+    empty = full_lo >= full_hi
+    full_lo = tl.where(empty, hi, full_lo)
+    full_hi = tl.where(empty, hi, full_hi)
+    return lo, full_lo, full_hi, hi

@@ -1,0 +1,198 @@
+"""Forward kernel of prefix attention and its launcher.
+
+One program per (packed query tile, row b * kv head h). Its loop runs over
+1. the prefix tiles of bank entry ``prefix_ids[b]`` (length ``prefix_lens[...]``, no other
+   mask), 2. the own tiles visible to every query of the tile, 3. the own tiles that need
+the causal / window / padding / length mask. Online softmax in fp32 with exp2; the LSE
+(natural log) is stored for the backward and for merging partial results.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .autotune import bucket, fwd_configs, prune
+from .common import LN2, LOG2E, own_ranges, own_visible, scores
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, KPM, stride_kpm,
+               lo, hi, n_limit, offs_i, offs_d, D, off, window,
+               qk_scale, softcap_inv, softcap_log2,
+               MASK: tl.constexpr, PREFIX: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr,
+               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online-softmax update over key tiles [lo, hi) of one KV range (prefix or own).
+
+    K, V point at key 0 of the range; keys >= n_limit are never read.
+    """
+    d_ok = offs_d < D
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_limit
+        kt = tl.load(K + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        # -- compute qk ----
+        s, t = scores(q, kt, qk_scale, softcap_inv, softcap_log2, SOFTCAP, DOT_PREC)
+        if MASK:
+            if PREFIX:
+                vis = (offs_n[None, :] < n_limit) & (offs_i[:, None] >= 0)
+            else:
+                kpm = offs_n
+                if HAS_KPM:
+                    kpm = tl.load(KPM + offs_n.to(tl.int64) * stride_kpm, mask=n_ok, other=0)
+                vis = own_visible(offs_i, offs_n, off, window, n_limit, kpm,
+                                  CAUSAL, HAS_WINDOW, HAS_KPM)
+            s = tl.where(vis, s, float("-inf"))
+        # -- online softmax (rows that saw nothing yet keep m = -inf without NaN) ----
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=fwd_configs(), key=["BLOCK_D", "M_BUCKET", "KV_BUCKET", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": prune})
+@triton.jit
+def _attn_fwd(Q, K, V, PK, PV, PIDS, PLENS, KPM, OUT, LSE,
+              stride_qb, stride_qh, stride_qs,
+              stride_kb, stride_kh, stride_ks,
+              stride_vb, stride_vh, stride_vs,
+              stride_pkn, stride_pkh, stride_pks,
+              stride_pvn, stride_pvh, stride_pvs,
+              stride_kpmb, stride_kpms,
+              stride_ob, stride_oh, stride_os,
+              stride_lb, stride_lh,
+              Hkv, Sq, Skv, D, window, qk_scale, softcap_inv, softcap_log2,
+              M_BUCKET, KV_BUCKET,
+              G: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    h = pid_bh % Hkv
+    # -- packed rows: query i, query head h * G + g ----
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < G * Sq
+    offs_i = tl.where(row_ok, offs_m // G, -1)
+    heads = (h * G + offs_m % G).to(tl.int64)
+    q_ptrs = (Q + b * stride_qb + heads[:, None] * stride_qh
+              + offs_i[:, None].to(tl.int64) * stride_qs + offs_d[None, :])
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # -- 1. prefix of bank entry prefix_ids[b]: only its length masks ----
+    entry = tl.load(PIDS + b).to(tl.int64)
+    plen = tl.load(PLENS + entry).to(tl.int32)
+    PKb = PK + entry * stride_pkn + h.to(tl.int64) * stride_pkh
+    PVb = PV + entry * stride_pvn + h.to(tl.int64) * stride_pvh
+    plen_full = plen // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, PKb, PVb, stride_pks, stride_pvs, KPM, 0,
+                               0, plen_full, plen, offs_i, offs_d, D, 0, 0,
+                               qk_scale, softcap_inv, softcap_log2,
+                               False, True, False, False, False, SOFTCAP, BLOCK_N, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, PKb, PVb, stride_pks, stride_pvs, KPM, 0,
+                               plen_full, plen, plen, offs_i, offs_d, D, 0, 0,
+                               qk_scale, softcap_inv, softcap_log2,
+                               True, True, False, False, False, SOFTCAP, BLOCK_N, DOT_PREC)
+
+    # -- 2./3. own keys: fully visible tiles unmasked, edge tiles masked ----
+    off = Skv - Sq
+    i_lo = (pid_m * BLOCK_M) // G
+    i_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, Sq - 1)
+    lo, full_lo, full_hi, hi = own_ranges(i_lo, i_hi, off, window, Skv, BLOCK_N,
+                                          CAUSAL, HAS_WINDOW)
+    Kb = K + b * stride_kb + h.to(tl.int64) * stride_kh
+    Vb = V + b * stride_vb + h.to(tl.int64) * stride_vh
+    KPMb = KPM + b * stride_kpmb
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kb, Vb, stride_ks, stride_vs, KPMb, stride_kpms,
+                               full_lo, full_hi, Skv, offs_i, offs_d, D, off, window,
+                               qk_scale, softcap_inv, softcap_log2,
+                               HAS_KPM, False, CAUSAL, HAS_WINDOW, HAS_KPM, SOFTCAP, BLOCK_N,
+                               DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kb, Vb, stride_ks, stride_vs, KPMb, stride_kpms,
+                               lo, full_lo, Skv, offs_i, offs_d, D, off, window,
+                               qk_scale, softcap_inv, softcap_log2,
+                               True, False, CAUSAL, HAS_WINDOW, HAS_KPM, SOFTCAP, BLOCK_N,
+                               DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kb, Vb, stride_ks, stride_vs, KPMb, stride_kpms,
+                               full_hi, hi, Skv, offs_i, offs_d, D, off, window,
+                               qk_scale, softcap_inv, softcap_log2,
+                               True, False, CAUSAL, HAS_WINDOW, HAS_KPM, SOFTCAP, BLOCK_N,
+                               DOT_PREC)
+
+    # -- epilogue: rows with no visible key -> out 0, lse -inf ----
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    o_ptrs = (OUT + b * stride_ob + heads[:, None] * stride_oh
+              + offs_i[:, None].to(tl.int64) * stride_os + offs_d[None, :])
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    l_ptrs = LSE + b * stride_lb + heads * stride_lh + offs_i.to(tl.int64)
+    tl.store(l_ptrs, lse, mask=row_ok)
+
+
+def head_block(d: int) -> int:
+    """Padded head dim: next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 dots (no tf32) so fp32 results match fp32 references."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def attn_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
+             out, lse, causal: bool, scale: float, window: int, softcap: float) -> None:
+    """Launch the forward kernel; writes ``out`` and ``lse`` in place.
+
+    q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D], prefix_k/prefix_v [N, Hkv, P, D] (any strides,
+    last dim contiguous), prefix_ids [B] int64, prefix_lens [N] int64, key_padding_mask
+    [B, Skv] bool or None, out [B, Hq, Sq, D], lse [B, Hq, Sq] fp32 (last dim contiguous).
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    if B == 0 or Sq == 0 or Hq == 0:
+        return
+    G = Hq // Hkv
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else prefix_ids
+    kpm_strides = (kpm.stride(0), kpm.stride(1)) if key_padding_mask is not None else (0, 0)
+    has_softcap = softcap > 0.0
+    log2e = 1.4426950408889634
+    qk_scale = scale * log2e
+    softcap_inv = scale / softcap if has_softcap else 0.0
+    softcap_log2 = softcap * log2e
+    M = G * Sq
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), B * Hkv)
+
+    wrap_triton(_attn_fwd)[grid](
+        q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, kpm, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
+        prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
+        kpm_strides[0], kpm_strides[1],
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        Hkv, Sq, Skv, D, window, qk_scale, softcap_inv, softcap_log2,
+        bucket(M), bucket(Skv + prefix_k.shape[2]),
+        G=G, CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_KPM=key_padding_mask is not None,
+        SOFTCAP=has_softcap, DOT_PREC=dot_precision(q.dtype), BLOCK_D=head_block(D),
+    )
