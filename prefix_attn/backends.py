@@ -1,0 +1,110 @@
+"""Backend registry and selection.
+
+A backend is a pair of torch ops (fwd, bwd) with one schema (docs/INTERNALS.md). Backend
+modules register themselves when imported; they are imported lazily, on first use, so that
+`import prefix_attn` never loads triton, compiles an extension or touches CUDA.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+from .autograd import register_autograd
+from .validation import AttnArgs
+
+ENV_BACKEND = "PREFIX_ATTN_BACKEND"
+BACKEND_NAMES = ("triton", "cuda", "cpu", "torch")
+# Modules that define backends; each calls register_backend at import.
+_BACKEND_MODULES = ("prefix_attn.torch_backend", "prefix_attn.cpp_backend",
+                    "prefix_attn.triton_backend")
+
+
+@dataclass
+class Backend:
+    name: str
+    fwd: Callable
+    bwd: Callable
+    devices: Tuple[str, ...]
+    priority: int
+    is_available: Callable[[], bool] = lambda: True
+    unsupported: Callable[[AttnArgs], Optional[str]] = lambda args: None
+    description: str = ""
+
+
+_REGISTRY: Dict[str, Backend] = {}
+_LOAD_ERRORS: Dict[str, str] = {}
+_loaded = False
+
+
+def register_backend(backend: Backend) -> None:
+    register_autograd(backend.fwd, backend.bwd)
+    _REGISTRY[backend.name] = backend
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in _BACKEND_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:  # the module exists but something it needs is missing
+                _LOAD_ERRORS[mod] = f"{type(e).__name__}: {e}"
+        except Exception as e:  # a broken optional backend must not break the package
+            _LOAD_ERRORS[mod] = f"{type(e).__name__}: {e}"
+
+
+def load_errors() -> Dict[str, str]:
+    """Why optional backend modules failed to load (module -> error)."""
+    _load_all()
+    return dict(_LOAD_ERRORS)
+
+
+def _safe_available(b: Backend) -> bool:
+    try:
+        return bool(b.is_available())
+    except Exception:
+        return False
+
+
+def available_backends() -> list:
+    """Names of the backends usable on this machine, best first."""
+    _load_all()
+    live = [b for b in _REGISTRY.values() if _safe_available(b)]
+    return [b.name for b in sorted(live, key=lambda b: -b.priority)]
+
+
+def get_backend(name: str) -> Backend:
+    _load_all()
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES} or None, got {name!r}")
+    if name not in _REGISTRY or not _safe_available(_REGISTRY[name]):
+        why = "; ".join(f"{m}: {e}" for m, e in _LOAD_ERRORS.items()) or "not built or not installed"
+        raise RuntimeError(f"backend {name!r} is not available on this machine "
+                           f"(available: {available_backends()}; {why})")
+    return _REGISTRY[name]
+
+
+def choose_backend(args: AttnArgs, requested: Optional[str] = None) -> Backend:
+    """The backend for this call: `requested`, else $PREFIX_ATTN_BACKEND, else the best one
+    that accepts the device and arguments."""
+    name = requested or os.environ.get(ENV_BACKEND) or None
+    dev = args.q.device.type
+    if name is not None:
+        b = get_backend(name)
+        if dev not in b.devices:
+            raise ValueError(f"backend {name!r} runs on {b.devices} tensors, but q is on {dev}")
+        why = b.unsupported(args)
+        if why:
+            raise ValueError(f"backend {name!r} cannot run this call: {why}")
+        return b
+    for cand in available_backends():
+        b = _REGISTRY[cand]
+        if dev in b.devices and not b.unsupported(args):
+            return b
+    raise RuntimeError(f"no backend accepts {dev} tensors of dtype {args.q.dtype}")

@@ -1,0 +1,211 @@
+"""Input checks shared by every backend, and the normalised argument record they produce.
+
+`normalize` is the only place that interprets the public arguments of
+`prefix_attention`; backends receive an `AttnArgs` whose fields always have the same
+form (see docs/INTERNALS.md).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class AttnArgs:
+    """Normalised arguments.
+
+    q: [B, Hq, Sq, D]; k, v: [B, Hkv, Skv, D]; prefix_k, prefix_v: [N, Hkv, P, D]
+    (an empty [1, Hkv, 0, D] when there is no prefix); prefix_ids: int64 [B];
+    prefix_lens: int64 [N]; key_padding_mask: bool [B, Skv] or None;
+    window: -1 for none; softcap: 0.0 for none.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    prefix_k: torch.Tensor
+    prefix_v: torch.Tensor
+    prefix_ids: torch.Tensor
+    prefix_lens: torch.Tensor
+    key_padding_mask: Optional[torch.Tensor]
+    causal: bool
+    scale: float
+    window: int
+    softcap: float
+
+    @property
+    def dims(self):
+        """(B, Hq, Hkv, Sq, Skv, N, P, D)."""
+        B, Hq, Sq, D = self.q.shape
+        N, Hkv, P, _ = self.prefix_k.shape
+        return B, Hq, Hkv, Sq, self.k.shape[2], N, P, D
+
+    def op_args(self):
+        """Positional arguments of every backend's fwd op (the schema in docs/INTERNALS.md)."""
+        return (self.q, self.k, self.v, self.prefix_k, self.prefix_v, self.prefix_ids,
+                self.prefix_lens, self.key_padding_mask, self.causal, self.scale,
+                self.window, self.softcap)
+
+
+def _shape(t) -> str:
+    return "None" if t is None else str(list(t.shape))
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # Kernels take explicit strides but need unit stride along D; copy only when it is not.
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _check_tensor(name, t, rank):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dimensions, got shape {_shape(t)}")
+
+
+def _check_index_tensor(name, t, length, device, what):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor of shape [{length}], "
+                        f"got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
+    if t.shape != (length,):
+        raise ValueError(f"{name} must have shape [{length}] ({what}), got {_shape(t)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    return t.to(torch.int64)
+
+
+def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_lens=None,
+              key_padding_mask=None, causal=True, scale=None, window=None, softcap=None,
+              ) -> AttnArgs:
+    """Validate the public arguments of `prefix_attention` and return `AttnArgs`.
+
+    Raises ValueError/TypeError naming the argument and the shapes seen.
+    """
+    _check_tensor("q", q, 4)
+    _check_tensor("k", k, 4)
+    _check_tensor("v", v, 4)
+    B, Hq, Sq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {_shape(k)} and v {_shape(v)}")
+    Bk, Hkv, Skv, Dk = k.shape
+    if Bk != B:
+        raise ValueError(f"batch size of k ({Bk}) differs from q ({B}): q {_shape(q)}, k {_shape(k)}")
+    if Dk != D:
+        raise ValueError(f"head dim of k ({Dk}) differs from q ({D}): q {_shape(q)}, k {_shape(k)}")
+    if D < 1 or D > MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {D} (q {_shape(q)})")
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the number of "
+                         f"kv heads ({Hkv}): q {_shape(q)}, k {_shape(k)}")
+    dtype, device = q.dtype, q.device
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q has unsupported dtype {dtype}; use float16, bfloat16 or float32")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {dtype}: all inputs must share one dtype")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but q is on {device}")
+
+    # -- prefix bank -------------------------------------------------------------------
+    if (prefix_k is None) != (prefix_v is None):
+        raise ValueError(f"prefix_k and prefix_v must be given together, got prefix_k "
+                         f"{_shape(prefix_k)} and prefix_v {_shape(prefix_v)}")
+    if prefix_k is None:
+        prefix_k = q.new_zeros((1, Hkv, 0, D))
+        prefix_v = prefix_k
+        if prefix_lens is not None:
+            raise ValueError("prefix_lens given without prefix_k/prefix_v")
+    else:
+        for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() not in (3, 4):
+                raise ValueError(f"{name} must be [N, Hkv, P, D] or [Hkv, P, D], got {_shape(t)}")
+            if t.dtype != dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but q has {dtype}: all inputs must share one dtype")
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but q is on {device}")
+        if prefix_k.shape != prefix_v.shape:
+            raise ValueError(f"prefix_k and prefix_v must have the same shape, got "
+                             f"{_shape(prefix_k)} and {_shape(prefix_v)}")
+        if prefix_k.dim() == 3:
+            prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
+        N, Hp, P, Dp = prefix_k.shape
+        if Hp != Hkv or Dp != D:
+            raise ValueError(f"prefix_k must be [N, {Hkv}, P, {D}] to match k {_shape(k)}, "
+                             f"got {_shape(prefix_k)}")
+        if N < 1:
+            raise ValueError(f"the prefix bank is empty: prefix_k {_shape(prefix_k)}")
+    N, _, P, _ = prefix_k.shape
+
+    if prefix_ids is None:
+        if N != 1:
+            raise ValueError(f"prefix_ids is required when the bank holds N={N} > 1 prefixes "
+                             f"(prefix_k {_shape(prefix_k)})")
+        prefix_ids = torch.zeros(B, dtype=torch.int64, device=device)
+    else:
+        prefix_ids = _check_index_tensor("prefix_ids", prefix_ids, B, device, "one entry per batch row")
+        if B > 0:
+            lo, hi = int(prefix_ids.min()), int(prefix_ids.max())
+            if lo < 0 or hi >= N:
+                raise ValueError(f"prefix_ids must lie in [0, {N}) for a bank of N={N} "
+                                 f"(prefix_k {_shape(prefix_k)}), got values in [{lo}, {hi}]")
+    if prefix_lens is None:
+        prefix_lens = torch.full((N,), P, dtype=torch.int64, device=device)
+    else:
+        prefix_lens = _check_index_tensor("prefix_lens", prefix_lens, N, device, "one length per bank entry")
+        lo, hi = int(prefix_lens.min()), int(prefix_lens.max())
+        if lo < 0 or hi > P:
+            raise ValueError(f"prefix_lens must lie in [0, P={P}] (prefix_k {_shape(prefix_k)}), "
+                             f"got values in [{lo}, {hi}]")
+
+    # -- masks and scalars -------------------------------------------------------------
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a bool tensor [B, Skv], got "
+                            f"{type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must have dtype torch.bool (True = real token), "
+                            f"got {key_padding_mask.dtype}")
+        if key_padding_mask.shape != (B, Skv):
+            raise ValueError(f"key_padding_mask must have shape [B, Skv] = [{B}, {Skv}], "
+                             f"got {_shape(key_padding_mask)}")
+        if key_padding_mask.device != device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {device}")
+        key_padding_mask = key_padding_mask.contiguous()
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is None:
+        scale = D ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float, got {scale!r}")
+    if window is None:
+        window = -1
+    else:
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise TypeError(f"window must be an int or None, got {window!r}")
+        if window <= 0:
+            raise ValueError(f"window must be a positive int or None, got {window}")
+    if softcap is None:
+        softcap = 0.0
+    else:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap):
+            raise TypeError(f"softcap must be a finite float or None, got {softcap!r}")
+        if softcap <= 0:
+            raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+
+    return AttnArgs(
+        q=_last_dim_contiguous(q), k=_last_dim_contiguous(k), v=_last_dim_contiguous(v),
+        prefix_k=_last_dim_contiguous(prefix_k), prefix_v=_last_dim_contiguous(prefix_v),
+        prefix_ids=prefix_ids.contiguous(), prefix_lens=prefix_lens.contiguous(),
+        key_padding_mask=key_padding_mask, causal=causal, scale=float(scale),
+        window=int(window), softcap=float(softcap),
+    )
