@@ -1,0 +1,615 @@
+"""The prefix bank: named per-layer key/value prefixes attached to one model.
+
+Storage layout (what it costs)
+------------------------------
+Each fixed entry is one contiguous tensor ``[L, 2, Hkv, P_n, D]`` at its own length ``P_n``
+(index 0 of the ``2`` axis = keys, 1 = values), in the bank's dtype and device: an entry costs
+``L * 2 * Hkv * P_n * D * itemsize`` bytes and nothing is padded to the longest entry.
+A trainable entry is an ``nn.Module`` (a submodule of the bank, so of the model) whose
+``forward()`` returns ``[L, 2, Hkv, P, D]``; it costs its parameters.
+
+``select(prefixes, B)`` builds a :class:`PrefixSelection` for one batch. It holds only the
+unique entries that the batch uses:
+
+- one entry for every row: a view of the stored tensor, no copy;
+- several entries: one stacked copy ``[L, 2, n, Hkv, Pmax, D]`` of the n entries used, padded to
+  the longest of those n (``prefix_lens`` masks the padding). Selections of fixed entries are
+  cached per (entries, device, bank version), so decode steps reuse the same stack; the cache
+  keeps the 8 most recent stacks and is dropped on every change of the bank.
+
+Concurrency: the entries live in one immutable snapshot ``(version, {name: entry})`` that writers
+replace as a whole under a lock (copy-on-write); readers take the snapshot once, so a reader never
+sees a half-written entry, and a removed entry stays alive for selections that already hold it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from prefix_attn import peft_format
+
+__all__ = ["PrefixBank", "PrefixSelection"]
+
+BANK_FILE = "prefix_bank.safetensors"
+_CACHE_SIZE = 8
+
+PrefixSpec = Union[None, str, int, Sequence[Union[None, str, int]], Tensor]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One bank entry: ``kv`` ``[L, 2, Hkv, P, D]`` for a fixed entry, or ``module_key`` for a trainable one."""
+
+    name: str
+    length: int
+    kv: Optional[Tensor] = None
+    module_key: Optional[str] = None
+
+
+class PrefixSelection:
+    """The prefixes of one batch, in the layout the attention kernels take.
+
+    Attributes:
+        prefix_ids: LongTensor ``[B]``, index of each row's entry in this selection (``0..n-1``);
+            rows without prefix point at an entry of length 0.
+        prefix_lens: LongTensor ``[n]``, the length of each selected entry.
+        row_lens: LongTensor ``[B]``, the prefix length of each row (tokens after it start there).
+        names: list of n bank names (``None`` for the empty "no prefix" entry).
+        version: the bank version this selection was built from.
+    """
+
+    def __init__(self, kv: Tensor, prefix_ids: Tensor, prefix_lens: Tensor, names: list, version: int):
+        # kv: [L, 2, n, Hkv, Pmax, D]
+        self._kv = kv
+        self.prefix_ids = prefix_ids
+        self.prefix_lens = prefix_lens
+        self.row_lens = prefix_lens[prefix_ids]
+        self.names = names
+        self.version = version
+
+    @property
+    def num_layers(self) -> int:
+        return self._kv.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        """Pmax, the padded length of the selected entries."""
+        return self._kv.shape[4]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the prefix tensor this selection reads (a bank entry itself when ``is_view``)."""
+        return self._kv.numel() * self._kv.element_size()
+
+    @property
+    def is_view(self) -> bool:
+        """True when the selection reads one bank entry in place (no copy was made)."""
+        return self._kv._base is not None
+
+    def layer(self, layer_idx: int) -> tuple[Tensor, Tensor]:
+        """``(prefix_k, prefix_v)`` for one layer, each ``[n, Hkv, Pmax, D]`` (views, no copy)."""
+        if not 0 <= layer_idx < self._kv.shape[0]:
+            raise IndexError(f"layer_idx {layer_idx} out of range for {self._kv.shape[0]} layers")
+        kv = self._kv[layer_idx]
+        return kv[0], kv[1]
+
+    def __repr__(self) -> str:
+        return (
+            f"PrefixSelection(names={self.names}, prefix_lens={self.prefix_lens.tolist()}, "
+            f"rows={self.prefix_ids.numel()}, max_len={self.max_len})"
+        )
+
+
+def _model_dims(model: nn.Module) -> tuple[int, int, int]:
+    """(L, Hkv, D) from an HF config (Llama-style names or GPT-2's n_layer / n_head / n_embd)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"cannot attach a PrefixBank: {type(model).__name__} has no .config")
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+
+    def first(*names):
+        for n in names:
+            value = getattr(config, n, None)
+            if value is not None:
+                return int(value)
+        return None
+
+    L = first("num_hidden_layers", "n_layer", "num_layers")
+    Hq = first("num_attention_heads", "n_head")
+    hidden = first("hidden_size", "n_embd")
+    if L is None or Hq is None:
+        raise ValueError(f"cannot infer the layer count / head count from {type(config).__name__}")
+    Hkv = first("num_key_value_heads") or Hq
+    D = first("head_dim")
+    if D is None:
+        if hidden is None:
+            raise ValueError(f"cannot infer head_dim from {type(config).__name__}")
+        D = hidden // Hq
+    return L, Hkv, D
+
+
+def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    for p in itertools.chain(model.parameters(), model.buffers()):
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+class PrefixBank(nn.Module):
+    """Named KV prefixes for one model, attached as ``model.prefix_bank``.
+
+    Fixed entries are ``[L, 2, Hkv, P, D]`` tensors (see the module docstring for the layout);
+    trainable entries are submodules under ``self.trainable``. Bank ids are positions in
+    :meth:`names` (insertion order; replacing a name keeps its id).
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu"):
+        super().__init__()
+        self.num_layers = int(num_layers)
+        self.num_kv_heads = int(num_kv_heads)
+        self.head_dim = int(head_dim)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.trainable = nn.ModuleDict()
+        self._lock = threading.RLock()
+        self._state: tuple[int, dict[str, _Entry]] = (0, {})
+        self._cache: OrderedDict = OrderedDict()
+        self._module_counter = 0
+        self._model_ref = None  # weakref to the model (no submodule cycle)
+
+    # -- attaching ----------------------------------------------------------------
+    @classmethod
+    def attach(cls, model: nn.Module) -> "PrefixBank":
+        """The bank of ``model`` (created and set as ``model.prefix_bank`` on first call)."""
+        bank = getattr(model, "prefix_bank", None)
+        if isinstance(bank, PrefixBank):
+            if bank.model is not model:  # e.g. after copy.deepcopy(model)
+                bank._model_ref = weakref.ref(model)
+            return bank
+        L, Hkv, D = _model_dims(model)
+        dtype, device = _model_dtype_device(model)
+        bank = cls(L, Hkv, D, dtype=dtype, device=device)
+        bank._model_ref = weakref.ref(model)
+        model.prefix_bank = bank
+        try:
+            from prefix_attn import hf
+        except ImportError:
+            hf = None
+        install = getattr(hf, "install_hooks", None)
+        if install is not None:
+            install(model)
+        return bank
+
+    @property
+    def model(self) -> Optional[nn.Module]:
+        return self._model_ref() if self._model_ref is not None else None
+
+    @property
+    def shape(self) -> peft_format.BankShape:
+        return peft_format.BankShape(self.num_layers, self.num_kv_heads, self.head_dim)
+
+    @property
+    def version(self) -> int:
+        """Incremented by every change of the entries (and by device / dtype moves)."""
+        return self._state[0]
+
+    # -- writers (copy-on-write under the lock) -----------------------------------------
+    def _commit(self, name: str, entry: Optional[_Entry]) -> None:
+        """Replace (or add, or with ``entry=None`` remove) one entry in a new snapshot."""
+        with self._lock:
+            version, entries = self._state
+            old = entries.get(name)
+            new_entries = dict(entries)  # insertion order kept: a replaced name keeps its id
+            if entry is None:
+                del new_entries[name]
+            else:
+                new_entries[name] = entry
+            self._state = (version + 1, new_entries)
+            self._cache.clear()
+            if old is not None and old.module_key is not None and (entry is None or entry.module_key != old.module_key):
+                del self.trainable[old.module_key]
+
+    def _check_name(self, name) -> str:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"entry name must be a non-empty str, got {name!r}")
+        return name
+
+    def _check_kv(self, kv: Tensor, what: str) -> None:
+        L, Hkv, D = self.num_layers, self.num_kv_heads, self.head_dim
+        if kv.dim() != 5 or kv.shape[0] != L or kv.shape[1] != 2 or kv.shape[2] != Hkv or kv.shape[4] != D:
+            raise ValueError(f"{what}: expected shape [L={L}, 2, Hkv={Hkv}, P, D={D}], got {list(kv.shape)}")
+
+    def add(self, name: str, keys: Tensor, values: Tensor) -> None:
+        """Add (or atomically replace) a fixed entry. ``keys``, ``values``: ``[L, Hkv, P, D]`` each;
+        copied into the bank's storage in the bank's dtype and device."""
+        self._check_name(name)
+        L, Hkv, D = self.num_layers, self.num_kv_heads, self.head_dim
+        for arg, t in (("keys", keys), ("values", values)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{arg} must be a Tensor, got {type(t).__name__}")
+            if t.dim() != 4 or t.shape[0] != L or t.shape[1] != Hkv or t.shape[3] != D:
+                raise ValueError(f"{arg}: expected shape [L={L}, Hkv={Hkv}, P, D={D}], got {list(t.shape)}")
+            if not t.is_floating_point():
+                raise TypeError(f"{arg} must be floating point, got {t.dtype}")
+        if keys.shape != values.shape:
+            raise ValueError(f"keys {list(keys.shape)} and values {list(values.shape)} must have the same shape")
+        kv = torch.stack([keys.detach(), values.detach()], dim=1).to(device=self.device, dtype=self.dtype)
+        self._add_kv(name, kv)
+
+    def _add_kv(self, name: str, kv: Tensor) -> None:
+        """Store ``kv`` ``[L, 2, Hkv, P, D]`` (already checked, freshly built by the caller) under ``name``."""
+        kv = kv.detach().to(device=self.device, dtype=self.dtype).contiguous()
+        if kv._base is not None:  # never keep a view that pins a larger storage
+            kv = kv.clone()
+        self._commit(name, _Entry(name=name, length=kv.shape[3], kv=kv))
+
+    def add_trainable(self, name: str, module: nn.Module) -> None:
+        """Add (or replace) a trainable entry: ``module()`` returns ``[L, 2, Hkv, P, D]``.
+
+        The module becomes a submodule of the bank (so its parameters are model parameters)."""
+        self._check_name(name)
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        with torch.no_grad():
+            out = module()
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{type(module).__name__}() must return a Tensor, got {type(out).__name__}")
+        self._check_kv(out, f"{type(module).__name__}() output")
+        with self._lock:
+            key = f"e{self._module_counter}"
+            self._module_counter += 1
+            self.trainable[key] = module
+            self._commit(name, _Entry(name=name, length=out.shape[3], module_key=key))
+
+    def remove(self, name: str) -> None:
+        """Remove an entry (KeyError if unknown). Later entries' ids shift down by one."""
+        self._lookup(self._state[1], name)
+        self._commit(name, None)
+
+    def clear(self) -> None:
+        """Remove every entry."""
+        with self._lock:
+            version, entries = self._state
+            self._state = (version + 1, {})
+            self._cache.clear()
+            for key in list(self.trainable.keys()):
+                del self.trainable[key]
+
+    # -- readers -------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Entry names in bank-id order."""
+        return list(self._state[1])
+
+    def __len__(self) -> int:
+        return len(self._state[1])
+
+    def __contains__(self, name) -> bool:
+        return name in self._state[1]
+
+    @staticmethod
+    def _lookup(entries: dict, name: str) -> _Entry:
+        try:
+            return entries[name]
+        except (KeyError, TypeError):
+            raise KeyError(f"unknown prefix {name!r}; known prefixes: {list(entries)}") from None
+
+    def id_of(self, name: str) -> int:
+        """The bank id (position in :meth:`names`) of ``name``."""
+        entries = self._state[1]
+        self._lookup(entries, name)
+        return list(entries).index(name)
+
+    def entry_len(self, name: str) -> int:
+        """P of one entry."""
+        return self._lookup(self._state[1], name).length
+
+    def entry_kv(self, name: str) -> Tensor:
+        """``[L, 2, Hkv, P, D]`` of one entry (the stored tensor for a fixed entry; ``module()``
+        for a trainable one, in the graph)."""
+        entry = self._lookup(self._state[1], name)
+        return self._materialize(entry)
+
+    def get(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(keys, values)``, each ``[L, Hkv, P, D]``, of one entry."""
+        kv = self.entry_kv(name)
+        return kv[:, 0], kv[:, 1]
+
+    def is_trainable(self, name: str) -> bool:
+        return self._lookup(self._state[1], name).module_key is not None
+
+    def _entry_nbytes(self, entry: _Entry) -> int:
+        if entry.kv is not None:
+            return entry.kv.numel() * entry.kv.element_size()
+        module = self.trainable[entry.module_key]
+        return sum(p.numel() * p.element_size() for p in itertools.chain(module.parameters(), module.buffers()))
+
+    def entry_nbytes(self, name: str) -> int:
+        """Bytes one entry holds (a fixed entry's tensor, or a trainable module's parameters and buffers)."""
+        return self._entry_nbytes(self._lookup(self._state[1], name))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all entries (excluding the selection cache, see :attr:`cache_nbytes`)."""
+        return sum(self._entry_nbytes(e) for e in self._state[1].values())
+
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes held by cached stacked selections (copies, freed on any change of the bank)."""
+        with self._lock:
+            return sum(sel.nbytes for sel in self._cache.values() if not sel.is_view)
+
+    def _materialize(self, entry: _Entry) -> Tensor:
+        if entry.kv is not None:
+            return entry.kv
+        out = self.trainable[entry.module_key]()
+        self._check_kv(out, f"trainable entry {entry.name!r}")
+        return out.to(self.dtype)
+
+    # -- names -> ids -> selection -----------------------------------------------------
+    def ids(self, prefixes: PrefixSpec, batch_size: Optional[int] = None) -> Tensor:
+        """LongTensor ``[B]`` of bank ids (-1 = no prefix) on the bank's device.
+
+        ``prefixes``: a list of names / ints / None per row, a LongTensor ``[B]`` of ids, or a single
+        name / id / None applied to every row (then ``batch_size`` is required; a 1-element list
+        is broadcast the same way)."""
+        return torch.tensor(self._row_ids(prefixes, batch_size, self._state[1]), dtype=torch.long,
+                            device=self.device)
+
+    def _row_ids(self, prefixes: PrefixSpec, batch_size: Optional[int], entries: dict) -> list[int]:
+        names = list(entries)
+        n = len(names)
+        if isinstance(prefixes, Tensor):
+            if prefixes.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+                raise TypeError(f"prefix ids must be an integer tensor, got {prefixes.dtype}")
+            if prefixes.dim() == 0:
+                prefixes = int(prefixes)
+            elif prefixes.dim() != 1:
+                raise ValueError(f"prefix ids must be a [B] tensor, got shape {list(prefixes.shape)}")
+            else:
+                rows = prefixes.tolist()
+                bad = [i for i in rows if not -1 <= i < n]
+                if bad:
+                    raise ValueError(f"prefix ids out of range [-1, {n}): {bad[:8]} (bank has {n} entries)")
+                return self._broadcast(rows, batch_size)
+        if prefixes is None or isinstance(prefixes, (str, int)):
+            if batch_size is None:
+                raise ValueError("a single prefix for every row needs batch_size")
+            prefixes = [prefixes]
+        if not isinstance(prefixes, (list, tuple)):
+            raise TypeError(f"prefixes must be a list, a LongTensor or a name, got {type(prefixes).__name__}")
+        rows = []
+        for p in prefixes:
+            if p is None:
+                rows.append(-1)
+            elif isinstance(p, str):
+                self._lookup(entries, p)
+                rows.append(names.index(p))
+            elif isinstance(p, int) and not isinstance(p, bool):
+                if not -1 <= p < n:
+                    raise ValueError(f"prefix id {p} out of range [-1, {n}) (known prefixes: {names})")
+                rows.append(p)
+            else:
+                raise TypeError(f"each prefix must be a name, an int id or None, got {p!r}")
+        return self._broadcast(rows, batch_size)
+
+    @staticmethod
+    def _broadcast(rows: list[int], batch_size: Optional[int]) -> list[int]:
+        if batch_size is None:
+            return rows
+        if len(rows) == 1 and batch_size != 1:
+            return rows * batch_size
+        if len(rows) != batch_size:
+            raise ValueError(f"got {len(rows)} prefixes for a batch of {batch_size} rows")
+        return rows
+
+    def select(self, prefixes: PrefixSpec, batch_size: Optional[int] = None,
+               device: Optional[Union[str, torch.device]] = None) -> PrefixSelection:
+        """The :class:`PrefixSelection` of a batch (see :meth:`ids` for ``prefixes``).
+
+        Only the unique entries used are gathered; a batch that uses one entry gets a view of it."""
+        version, entries = self._state  # one snapshot for the whole call
+        rows = self._row_ids(prefixes, batch_size, entries)
+        device = self.device if device is None else torch.device(device)
+        names = list(entries)
+        used = sorted(set(rows), key=lambda i: (i < 0, i))  # bank order, "no prefix" last
+        key = (tuple(used), str(device), version)
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
+        slot = {bank_id: j for j, bank_id in enumerate(used)}
+        prefix_ids = torch.tensor([slot[i] for i in rows], dtype=torch.long, device=device)
+        if cached is not None:
+            kv, prefix_lens, sel_names = cached._kv, cached.prefix_lens, cached.names
+            return PrefixSelection(kv, prefix_ids, prefix_lens, sel_names, version)
+
+        sel_entries = [entries[names[i]] if i >= 0 else None for i in used]
+        sel_names = [e.name if e is not None else None for e in sel_entries]
+        lens = [e.length if e is not None else 0 for e in sel_entries]
+        prefix_lens = torch.tensor(lens, dtype=torch.long, device=device)
+        L, Hkv, D = self.num_layers, self.num_kv_heads, self.head_dim
+        trainable = any(e is not None and e.kv is None for e in sel_entries)
+        if len(sel_entries) == 1:
+            e = sel_entries[0]
+            if e is None:
+                kv = torch.zeros(L, 2, 1, Hkv, 0, D, dtype=self.dtype, device=device)
+            else:
+                kv = self._materialize(e).to(device).unsqueeze(2)  # a view: no copy on the bank's device
+        else:
+            pmax = max(lens)
+            kv = torch.zeros(L, 2, len(sel_entries), Hkv, pmax, D, dtype=self.dtype, device=device)
+            if trainable:
+                # built out of place so that trainable entries stay in the autograd graph
+                parts = []
+                for e, n in zip(sel_entries, lens):
+                    t = self._materialize(e).to(device) if e is not None else kv[:, :, 0, :, :0]
+                    parts.append(torch.nn.functional.pad(t, (0, 0, 0, pmax - n)))
+                kv = torch.stack(parts, dim=2)
+            else:
+                for j, (e, n) in enumerate(zip(sel_entries, lens)):
+                    if e is not None and n:
+                        kv[:, :, j, :, :n].copy_(e.kv)
+        sel = PrefixSelection(kv, prefix_ids, prefix_lens, sel_names, version)
+        if not trainable:
+            with self._lock:
+                if self._state[0] == version:
+                    self._cache[key] = sel
+                    while len(self._cache) > _CACHE_SIZE:
+                        self._cache.popitem(last=False)
+        return sel
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_lock", None)  # locks cannot be copied or pickled
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.RLock()
+
+    # -- device / dtype moves ------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        with self._lock:
+            version, entries = self._state
+            probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
+            moved = {n: (_Entry(e.name, e.length, kv=fn(e.kv)) if e.kv is not None else e) for n, e in entries.items()}
+            self.dtype, self.device = probe.dtype, probe.device
+            self._state = (version + 1, moved)
+            self._cache.clear()
+        return self
+
+    # -- PEFT adapters ---------------------------------------------------------------------
+    def load_peft(self, name: str, adapter_dir: str) -> None:
+        """Add (or replace) entry ``name`` from a PEFT prefix-tuning adapter folder.
+
+        A missing file raises FileNotFoundError, anything else wrong a ValueError naming the file
+        and the mismatch; the bank is unchanged in both cases."""
+        self._check_name(name)
+        kv, _ = peft_format.read_peft_adapter(adapter_dir, self.shape)
+        self._add_kv(name, kv)
+
+    def save_peft(self, name: str, adapter_dir: str) -> None:
+        """Write entry ``name`` as a PEFT adapter folder (a trainable entry is folded: ``module()``
+        under no_grad)."""
+        with torch.no_grad():
+            kv = self.entry_kv(name)
+        model = self.model
+        base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        peft_format.write_peft_adapter(adapter_dir, kv, base_model_name_or_path=base)
+
+    # -- prompt prefixes ---------------------------------------------------------------------
+    def add_prompt(self, name: str, input_ids: Tensor) -> None:
+        """Add (or replace) entry ``name`` holding the KV of a prompt (``[P]`` or ``[1, P]`` ids),
+        from one prefill through the attached model: keys keep the RoPE of positions 0..P-1."""
+        self._check_name(name)
+        model = self.model
+        if model is None:
+            raise RuntimeError("add_prompt needs a bank attached to a model (PrefixBank.attach(model))")
+        if not isinstance(input_ids, Tensor):
+            input_ids = torch.tensor(input_ids, dtype=torch.long)
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"input_ids must be [P] or [1, P], got {list(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: a prompt prefix needs at least one token")
+        _, model_device = _model_dtype_device(model)
+        was_training = model.training
+        model.eval()  # no dropout in the stored KV
+        try:
+            with torch.no_grad():
+                out = model(input_ids=input_ids.to(model_device), use_cache=True)
+        finally:
+            model.train(was_training)
+        kv = _cache_to_kv(out.past_key_values, self.num_layers)
+        self._check_kv(kv, "prompt KV")
+        if kv.shape[3] != input_ids.shape[1]:
+            raise ValueError(
+                f"the model's cache holds {kv.shape[3]} positions for a {input_ids.shape[1]}-token prompt "
+                "(sliding-window cache?); prompt prefixes need the full KV"
+            )
+        self._add_kv(name, kv)
+
+    # -- whole-bank save / load -------------------------------------------------------------
+    def save(self, directory: str) -> None:
+        """Write every entry (trainable ones folded) to ``directory/prefix_bank.safetensors``
+        atomically (temporary file + os.replace). Names and dims go in the file's metadata."""
+        from safetensors.torch import save as st_save
+
+        _, entries = self._state
+        tensors, names = {}, []
+        with torch.no_grad():
+            for i, (name, entry) in enumerate(entries.items()):
+                tensors[f"entry_{i}"] = self._materialize(entry).detach().cpu().contiguous()
+                names.append(name)
+        meta = {
+            "format": "pt",
+            "prefix_attn_bank": "1",
+            "names": json.dumps(names),
+            "num_layers": str(self.num_layers),
+            "num_kv_heads": str(self.num_kv_heads),
+            "head_dim": str(self.head_dim),
+        }
+        os.makedirs(directory, exist_ok=True)
+        peft_format._atomic_write_bytes(os.path.join(directory, BANK_FILE), st_save(tensors, metadata=meta))
+
+    @classmethod
+    def load(cls, directory: str, model: nn.Module) -> "PrefixBank":
+        """Attach a bank to ``model`` and add (replacing same names) every entry saved in ``directory``.
+        Everything is checked before the bank changes."""
+        from safetensors import safe_open
+
+        path = os.path.join(directory, BANK_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"prefix bank file missing: {path!r}")
+        bank = cls.attach(model)
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                names = json.loads(meta["names"])
+                dims = tuple(int(meta[k]) for k in ("num_layers", "num_kv_heads", "head_dim"))
+                tensors = [f.get_tensor(f"entry_{i}") for i in range(len(names))]
+        except (KeyError, ValueError, json.JSONDecodeError, OSError) as exc:
+            raise ValueError(f"{path}: not a readable prefix bank file ({exc!r})") from exc
+        except Exception as exc:  # safetensors' own errors for a corrupt header
+            raise ValueError(f"{path}: corrupt prefix bank file ({exc})") from exc
+        want = (bank.num_layers, bank.num_kv_heads, bank.head_dim)
+        if dims != want:
+            raise ValueError(f"{path}: saved for (L, Hkv, D)={dims}, but the model has {want}")
+        for name, kv in zip(names, tensors):
+            bank._check_kv(kv, f"{path}: entry {name!r}")
+        for name, kv in zip(names, tensors):
+            bank._add_kv(name, kv)
+        return bank
+
+    def extra_repr(self) -> str:
+        return (f"num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"dtype={self.dtype}, device={self.device}, entries={self.names()}")
+
+
+def _cache_to_kv(cache, num_layers: int) -> Tensor:
+    """``[L, 2, Hkv, P, D]`` from an HF cache of batch 1 (``DynamicCache`` or legacy tuples)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        pairs = [(layer.keys, layer.values) for layer in layers]
+    elif hasattr(cache, "key_cache"):
+        pairs = list(zip(cache.key_cache, cache.value_cache))
+    else:
+        pairs = [(k, v) for k, v in cache]
+    if len(pairs) != num_layers:
+        raise ValueError(f"the model's cache has {len(pairs)} layers, the bank expects {num_layers}")
+    return torch.stack([torch.stack([k[0], v[0]], dim=0) for k, v in pairs], dim=0)

@@ -1,0 +1,186 @@
+"""Read and write PEFT prefix-tuning adapters (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+PEFT (``peft.tuners.prefix_tuning``) stores one tensor ``prompt_embeddings`` of shape
+``[P, L * 2 * Hkv * D]``; ``PeftModel.get_prompt`` reads it as ``view(P, L, 2, Hkv, D)``
+(index 0 of the ``2`` axis = key, 1 = value). This module converts between that layout and
+the bank's ``[L, 2, Hkv, P, D]`` entries, and checks every field before anything is returned,
+so a bad adapter never reaches the bank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME_BIN = "adapter_model.bin"  # PEFT's save_pretrained(safe_serialization=False)
+TENSOR_KEY = "prompt_embeddings"
+
+
+class AdapterError(ValueError):
+    """A PEFT adapter folder that cannot be used with this bank (names the file and the mismatch)."""
+
+
+@dataclass(frozen=True)
+class BankShape:
+    """The per-layer KV shape a bank expects: ``num_layers`` L, ``num_kv_heads`` Hkv, ``head_dim`` D."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def _read_config(adapter_dir: str) -> dict:
+    path = os.path.join(adapter_dir, CONFIG_NAME)
+    if not os.path.isdir(adapter_dir):
+        raise FileNotFoundError(f"PEFT adapter folder not found: {adapter_dir!r}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"PEFT adapter config missing: {path!r}")
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{path}: not a readable JSON adapter config ({exc})") from exc
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _read_tensor(adapter_dir: str) -> tuple[str, torch.Tensor]:
+    st_path = os.path.join(adapter_dir, WEIGHTS_NAME)
+    bin_path = os.path.join(adapter_dir, WEIGHTS_NAME_BIN)
+    if os.path.isfile(st_path):
+        path = st_path
+        try:
+            from safetensors.torch import load_file
+
+            tensors = load_file(path, device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise AdapterError(f"{path}: corrupt or unreadable safetensors file ({exc})") from exc
+    elif os.path.isfile(bin_path):
+        path = bin_path
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise AdapterError(f"{path}: corrupt or unreadable torch file ({exc})") from exc
+        if not isinstance(tensors, dict):
+            raise AdapterError(f"{path}: expected a dict of tensors, got {type(tensors).__name__}")
+    else:
+        raise FileNotFoundError(f"PEFT adapter weights missing: neither {st_path!r} nor {bin_path!r} exists")
+    if TENSOR_KEY not in tensors:
+        raise AdapterError(f"{path}: no tensor {TENSOR_KEY!r} (found {sorted(tensors)})")
+    return path, tensors[TENSOR_KEY]
+
+
+def read_peft_adapter(adapter_dir: str, shape: BankShape) -> tuple[torch.Tensor, dict]:
+    """Load a PEFT prefix-tuning adapter and check it against ``shape``.
+
+    Returns ``(kv, config)`` with ``kv`` of shape ``[L, 2, Hkv, P, D]`` (CPU, the file's dtype)
+    and the parsed ``adapter_config.json``. Raises ``FileNotFoundError`` for missing files and
+    ``AdapterError`` (a ``ValueError``) naming the file and the field for anything else.
+    """
+    cfg_path = os.path.join(adapter_dir, CONFIG_NAME)
+    config = _read_config(adapter_dir)
+    peft_type = config.get("peft_type")
+    if peft_type != "PREFIX_TUNING":
+        raise AdapterError(f"{cfg_path}: peft_type is {peft_type!r}, expected 'PREFIX_TUNING'")
+    if int(config.get("num_transformer_submodules") or 1) != 1:
+        raise AdapterError(
+            f"{cfg_path}: num_transformer_submodules={config.get('num_transformer_submodules')} "
+            "(encoder-decoder adapter); only decoder-only models (1) are supported"
+        )
+    expected = {
+        "num_layers": shape.num_layers,
+        "num_attention_heads": shape.num_kv_heads,
+        "token_dim": shape.num_kv_heads * shape.head_dim,
+    }
+    for key, want in expected.items():
+        got = config.get(key)
+        if got is None:
+            raise AdapterError(f"{cfg_path}: field {key!r} missing (this model needs {want})")
+        if int(got) != want:
+            raise AdapterError(
+                f"{cfg_path}: {key}={got} but this model has {key}={want} "
+                f"(L={shape.num_layers}, Hkv={shape.num_kv_heads}, D={shape.head_dim}); "
+                "is it a prefix-tuning adapter for another model?"
+            )
+    num_virtual_tokens = config.get("num_virtual_tokens")
+    if num_virtual_tokens is None or int(num_virtual_tokens) < 0:
+        raise AdapterError(f"{cfg_path}: num_virtual_tokens missing or negative ({num_virtual_tokens!r})")
+    P = int(num_virtual_tokens)
+
+    path, emb = _read_tensor(adapter_dir)
+    width = shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim
+    if emb.dim() != 2 or tuple(emb.shape) != (P, width):
+        raise AdapterError(
+            f"{path}: {TENSOR_KEY} has shape {list(emb.shape)}, expected [P={P}, L*2*Hkv*D={width}] "
+            f"(L={shape.num_layers}, Hkv={shape.num_kv_heads}, D={shape.head_dim})"
+        )
+    if not emb.is_floating_point():
+        raise AdapterError(f"{path}: {TENSOR_KEY} has dtype {emb.dtype}, expected a floating-point tensor")
+    # [P, L*2*Hkv*D] -> [P, L, 2, Hkv, D] (PEFT's view) -> [L, 2, Hkv, P, D] (the bank's layout)
+    kv = emb.view(P, shape.num_layers, 2, shape.num_kv_heads, shape.head_dim).permute(1, 2, 3, 0, 4)
+    return kv.contiguous(), config
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_peft_adapter(
+    adapter_dir: str,
+    kv: torch.Tensor,
+    base_model_name_or_path: Optional[str] = None,
+) -> None:
+    """Write ``kv`` ``[L, 2, Hkv, P, D]`` as a PEFT prefix-tuning adapter loadable by
+    ``peft.PeftModel.from_pretrained`` (inference mode, no projection). Each file is written
+    atomically (temporary file + ``os.replace``); the weights go first, the config last.
+    """
+    from safetensors.torch import save as st_save
+
+    if kv.dim() != 5 or kv.shape[1] != 2:
+        raise ValueError(f"kv must be [L, 2, Hkv, P, D], got {list(kv.shape)}")
+    L, _, Hkv, P, D = kv.shape
+    emb = kv.detach().permute(3, 0, 1, 2, 4).reshape(P, L * 2 * Hkv * D).contiguous().cpu()
+    config = {
+        "peft_type": "PREFIX_TUNING",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "num_virtual_tokens": int(P),
+        "token_dim": int(Hkv * D),
+        "num_transformer_submodules": 1,
+        "num_attention_heads": int(Hkv),
+        "num_layers": int(L),
+        "encoder_hidden_size": int(Hkv * D),
+        "prefix_projection": False,
+        "init_weights": None,
+        "modules_to_save": None,
+        "auto_mapping": None,
+    }
+    os.makedirs(adapter_dir, exist_ok=True)
+    _atomic_write_bytes(
+        os.path.join(adapter_dir, WEIGHTS_NAME), st_save({TENSOR_KEY: emb}, metadata={"format": "pt"})
+    )
+    _atomic_write_bytes(
+        os.path.join(adapter_dir, CONFIG_NAME), (json.dumps(config, indent=2) + "\n").encode("utf-8")
+    )
