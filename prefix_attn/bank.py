@@ -535,7 +535,12 @@ class PrefixBank(nn.Module):
                 out = model(input_ids=input_ids.to(model_device), use_cache=True)
         finally:
             model.train(was_training)
-        kv = _cache_to_kv(out.past_key_values, self.num_layers)
+        cache = getattr(out, "cache", None)  # transformers >= 5.2x; older: past_key_values
+        if cache is None:
+            cache = getattr(out, "past_key_values", None)
+        if cache is None:
+            raise RuntimeError(f"{type(model).__name__} returned no KV cache for use_cache=True")
+        kv = _cache_to_kv(cache, self.num_layers)
         self._check_kv(kv, "prompt KV")
         if kv.shape[3] != input_ids.shape[1]:
             raise ValueError(

@@ -1,0 +1,308 @@
+"""PrefixBank as a store: entries, selections, concurrency, moves, save/load, prompt prefixes."""
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from prefix_attn.bank import PrefixBank
+from prefix_attn.reference import prefix_attention_ref
+
+L, HKV, D = 3, 2, 8
+
+
+def _kv(P, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(L, HKV, P, D, generator=g, dtype=dtype),
+            torch.randn(L, HKV, P, D, generator=g, dtype=dtype))
+
+
+def _bank(**entries):
+    bank = PrefixBank(L, HKV, D)
+    for i, (name, P) in enumerate(entries.items()):
+        bank.add(name, *_kv(P, seed=i))
+    return bank
+
+
+class LearnedPrefix(nn.Module):
+    """A trainable entry: forward() -> [L, 2, Hkv, P, D]."""
+
+    def __init__(self, P, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.kv = nn.Parameter(torch.randn(L, 2, HKV, P, D, generator=g))
+
+    def forward(self):
+        return self.kv * 1.0
+
+
+def test_add_get_copy_and_shapes():
+    k, v = _kv(5)
+    bank = PrefixBank(L, HKV, D, dtype=torch.float16)
+    bank.add("a", k, v)
+    k.add_(1.0)  # the bank owns a copy
+    gk, gv = bank.get("a")
+    assert gk.dtype == torch.float16 and gk.shape == (L, HKV, 5, D)
+    torch.testing.assert_close(gk.float(), (k - 1.0).half().float())
+    torch.testing.assert_close(gv.float(), v.half().float())
+    assert bank.entry_len("a") == 5 and bank.names() == ["a"] and "a" in bank and len(bank) == 1
+
+
+def test_errors_name_the_problem():
+    bank = _bank(a=4, b=2)
+    with pytest.raises(KeyError, match=r"'zz'.*\['a', 'b'\]"):
+        bank.select(["zz"], 1)
+    with pytest.raises(KeyError, match="known prefixes"):
+        bank.remove("zz")
+    with pytest.raises(ValueError, match=r"\[L=3, Hkv=2, P, D=8\]"):
+        bank.add("c", torch.randn(L, HKV + 1, 4, D), torch.randn(L, HKV + 1, 4, D))
+    with pytest.raises(ValueError, match="same shape"):
+        bank.add("c", torch.randn(L, HKV, 4, D), torch.randn(L, HKV, 3, D))
+    with pytest.raises(ValueError, match="out of range"):
+        bank.select(torch.tensor([0, 2]), 2)
+    with pytest.raises(ValueError, match="3 prefixes for a batch of 2"):
+        bank.select(["a", "b", "a"], 2)
+    with pytest.raises(ValueError, match=r"\[L=3, 2, Hkv=2, P, D=8\]"):
+        bank.add_trainable("t", _BadModule())
+    assert bank.names() == ["a", "b"]
+
+
+class _BadModule(nn.Module):
+    def forward(self):
+        return torch.zeros(L, 2, HKV, 4, D + 1)
+
+
+def test_ids_id_of_replace_remove():
+    bank = _bank(a=4, b=2, c=3)
+    assert bank.id_of("b") == 1
+    assert bank.ids(["c", None, 0, "b"]).tolist() == [2, -1, 0, 1]
+    assert bank.ids("b", batch_size=3).tolist() == [1, 1, 1]
+    bank.add("a", *_kv(7, seed=9))  # replacing keeps the id
+    assert bank.names() == ["a", "b", "c"] and bank.entry_len("a") == 7
+    bank.remove("b")
+    assert bank.names() == ["a", "c"] and bank.id_of("c") == 1
+
+
+@pytest.mark.parametrize("rows", [["a", None, "b", "a", "c"], ["b"] * 3, [None, None], [1, -1]])
+def test_selection_matches_per_row_reference(rows):
+    """Attention through a selection equals, row by row, attention with that row's own prefix."""
+    bank = _bank(a=4, b=1, c=6)
+    B, Hq, Sq, Skv = len(rows), 4, 3, 5
+    sel = bank.select(rows, B)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, Hq, Sq, D, generator=g)
+    k = torch.randn(B, HKV, Skv, D, generator=g)
+    v = torch.randn(B, HKV, Skv, D, generator=g)
+    names = bank.names()
+    for layer in range(L):
+        pk, pv = sel.layer(layer)
+        assert pk.shape == (len(sel.names), HKV, sel.max_len, D)
+        out = prefix_attention_ref(q, k, v, pk, pv, prefix_ids=sel.prefix_ids, prefix_lens=sel.prefix_lens)
+        for b, r in enumerate(rows):
+            name = names[r] if isinstance(r, int) and r >= 0 else (r if isinstance(r, str) else None)
+            if name is None:
+                want = prefix_attention_ref(q[b:b + 1], k[b:b + 1], v[b:b + 1])
+                assert sel.row_lens[b] == 0
+            else:
+                ek, ev = bank.get(name)
+                want = prefix_attention_ref(q[b:b + 1], k[b:b + 1], v[b:b + 1], ek[layer], ev[layer])
+                assert sel.row_lens[b] == bank.entry_len(name)
+            torch.testing.assert_close(out[b:b + 1], want)
+
+
+def test_selection_holds_only_unique_entries_and_single_entry_is_a_view():
+    bank = _bank(a=4, b=2, c=9)
+    sel = bank.select(["a", "b", "a", "b"] * 8, 32)
+    assert sel.names == ["a", "b"] and sel.prefix_lens.tolist() == [4, 2] and sel.max_len == 4
+    assert sel.nbytes == L * 2 * 2 * HKV * 4 * D * 4  # two entries padded to 4, not to 9, not per row
+    one = bank.select("c", 64)
+    assert one.is_view and one.names == ["c"]
+    pk, _ = one.layer(0)
+    assert pk.data_ptr() == bank.entry_kv("c").data_ptr()  # no copy
+
+
+def test_nbytes_are_per_entry_lengths():
+    bank = _bank(a=4, b=100)
+    assert bank.entry_nbytes("a") == L * 2 * HKV * 4 * D * 4
+    assert bank.entry_nbytes("b") == L * 2 * HKV * 100 * D * 4
+    assert bank.nbytes == bank.entry_nbytes("a") + bank.entry_nbytes("b")
+    bank.add_trainable("t", LearnedPrefix(3))
+    assert bank.entry_nbytes("t") == L * 2 * HKV * 3 * D * 4
+    assert bank.nbytes == L * 2 * HKV * 107 * D * 4
+
+
+def test_selection_cache_reused_and_invalidated():
+    bank = _bank(a=4, b=2)
+    s1 = bank.select(["a", "b"], 2)
+    s2 = bank.select(["b", "a"], 2)  # same set of entries -> same stacked tensor
+    assert s1.layer(0)[0].data_ptr() == s2.layer(0)[0].data_ptr()
+    assert s2.prefix_ids.tolist() == [1, 0]
+    assert bank.cache_nbytes == s1.nbytes
+    bank.add("b", *_kv(2, seed=5))
+    s3 = bank.select(["a", "b"], 2)
+    assert s3.version > s1.version and bank.cache_nbytes == s3.nbytes
+    torch.testing.assert_close(s3.layer(1)[0][1, :, :2], bank.get("b")[0][1])
+
+
+def test_copy_on_write_keeps_old_selections_valid():
+    bank = _bank(a=4, b=2)
+    sel = bank.select(["a", "b"], 2)
+    old_a = bank.get("a")[0].clone()
+    bank.add("a", *_kv(4, seed=7))
+    bank.remove("b")
+    torch.testing.assert_close(sel.layer(2)[0][0], old_a[2])
+    assert sel.names == ["a", "b"]
+
+
+def test_concurrent_readers_never_see_half_written_entries():
+    """A writer replaces 'x' with constant tensors (keys == values == c); readers check
+    every selection they get is one whole entry."""
+    bank = PrefixBank(L, HKV, D)
+    bank.add("x", torch.zeros(L, HKV, 4, D), torch.zeros(L, HKV, 4, D))
+    bank.add("y", torch.ones(L, HKV, 2, D), torch.ones(L, HKV, 2, D))
+    stop = threading.Event()
+    errors = []
+
+    def writer():
+        for c in range(1, 200):
+            t = torch.full((L, HKV, 4, D), float(c))
+            bank.add("x", t, t)
+        stop.set()
+
+    def reader():
+        while not stop.is_set():
+            sel = bank.select(["x", "y"], 2)
+            for layer in range(L):
+                pk, pv = sel.layer(layer)
+                vals = torch.unique(torch.cat([pk[0].flatten(), pv[0].flatten()]))
+                if vals.numel() != 1 or not torch.all(pk[1, :, :2] == 1):
+                    errors.append(vals.tolist())
+
+    threads = [threading.Thread(target=reader) for _ in range(2)] + [threading.Thread(target=writer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert bank.get("x")[0].max().item() == 199
+
+
+def test_trainable_entries_get_gradients_and_are_not_cached():
+    bank = _bank(a=3)
+    mod = LearnedPrefix(5, seed=3)
+    bank.add_trainable("t", mod)
+    assert any(p is mod.kv for p in bank.parameters())
+    B, Hq, Sq = 3, 4, 2
+    q = torch.randn(B, Hq, Sq, D)
+    k = torch.randn(B, HKV, Sq, D)
+    sel = bank.select(["t", "a", None], B)
+    loss = 0
+    for layer in range(L):
+        pk, pv = sel.layer(layer)
+        out = prefix_attention_ref(q, k, k, pk, pv, prefix_ids=sel.prefix_ids, prefix_lens=sel.prefix_lens)
+        loss = loss + out.square().sum()
+    (g_batch,) = torch.autograd.grad(loss, mod.kv)
+    assert g_batch.abs().sum() > 0
+    assert bank.cache_nbytes == 0  # selections with trainable entries are rebuilt every time
+    # only row 0 uses "t": its gradient is the gradient of row 0 alone (the other rows add nothing)
+    sel1 = bank.select(["t"], 1)
+    loss1 = sum(prefix_attention_ref(q[:1], k[:1], k[:1], *sel1.layer(layer)).square().sum() for layer in range(L))
+    (g_row,) = torch.autograd.grad(loss1, mod.kv)
+    torch.testing.assert_close(g_batch, g_row)
+
+
+def test_dtype_and_device_moves():
+    bank = _bank(a=4)
+    sel_before = bank.select(["a", None], 2)
+    bank.to(torch.float64)
+    assert bank.dtype == torch.float64 and bank.get("a")[0].dtype == torch.float64
+    sel = bank.select(["a", None], 2)
+    assert sel.layer(0)[0].dtype == torch.float64 and sel.version > sel_before.version
+    bank.half()
+    assert bank.entry_nbytes("a") == L * 2 * HKV * 4 * D * 2
+
+
+def test_save_load_roundtrip_and_mismatch(tmp_path):
+    bank = _bank(a=4, b=1)
+    bank.add_trainable("t", LearnedPrefix(2, seed=4))
+    bank.save(str(tmp_path / "bank"))
+    assert not [p for p in (tmp_path / "bank").iterdir() if p.name.startswith(".tmp")]
+
+    class Host(nn.Module):
+        def __init__(self, layers, kv_heads):
+            super().__init__()
+            from types import SimpleNamespace
+            self.config = SimpleNamespace(num_hidden_layers=layers, num_attention_heads=4,
+                                          num_key_value_heads=kv_heads, hidden_size=4 * D)
+            self.w = nn.Linear(2, 2)
+
+    host = Host(L, HKV)
+    loaded = PrefixBank.load(str(tmp_path / "bank"), host)
+    assert host.prefix_bank is loaded and loaded.names() == ["a", "b", "t"]
+    for name in ["a", "b", "t"]:
+        torch.testing.assert_close(loaded.entry_kv(name), bank.entry_kv(name).detach())
+    assert not loaded.is_trainable("t")  # folded on save
+
+    other = Host(L + 1, HKV)
+    other_bank = PrefixBank.attach(other)
+    other_bank.add("keep", torch.zeros(L + 1, HKV, 1, D), torch.zeros(L + 1, HKV, 1, D))
+    with pytest.raises(ValueError, match=r"\(L, Hkv, D\)=\(3, 2, 8\).*\(4, 2, 8\)"):
+        PrefixBank.load(str(tmp_path / "bank"), other)
+    assert other_bank.names() == ["keep"]
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "prefix_bank.safetensors").write_bytes(b"\x10\x00garbage")
+    with pytest.raises(ValueError, match="prefix_bank.safetensors"):
+        PrefixBank.load(str(tmp_path / "bad"), Host(L, HKV))
+    with pytest.raises(FileNotFoundError):
+        PrefixBank.load(str(tmp_path / "missing"), Host(L, HKV))
+
+
+# -- HF models -----------------------------------------------------------------------------
+
+def _tiny_llama(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.hf
+def test_attach_infers_dims_and_moves_with_model():
+    transformers = pytest.importorskip("transformers")
+    model = _tiny_llama()
+    bank = PrefixBank.attach(model)
+    assert PrefixBank.attach(model) is bank and model.prefix_bank is bank
+    assert (bank.num_layers, bank.num_kv_heads, bank.head_dim) == (2, 2, 8)
+    bank.add("a", torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 8))
+    model.to(torch.float64)
+    assert bank.dtype == torch.float64 and bank.get("a")[0].dtype == torch.float64
+    gpt2 = transformers.AutoModelForCausalLM.from_config(
+        transformers.GPT2Config(vocab_size=64, n_embd=24, n_layer=3, n_head=3, n_positions=64))
+    gb = PrefixBank.attach(gpt2)
+    assert (gb.num_layers, gb.num_kv_heads, gb.head_dim) == (3, 3, 8)
+
+
+@pytest.mark.hf
+def test_add_prompt_kv_continues_like_the_full_prompt():
+    """The prompt entry, fed back as a KV cache, gives the logits of prompt + x for x's tokens."""
+    from transformers import DynamicCache
+
+    model = _tiny_llama()
+    bank = PrefixBank.attach(model)
+    prompt = torch.tensor([5, 9, 11, 3, 7, 60, 2])
+    x = torch.tensor([[4, 8, 15, 16]])
+    bank.add_prompt("sys", prompt)
+    assert bank.entry_len("sys") == 7
+    keys, values = bank.get("sys")
+    cache = DynamicCache()
+    for layer in range(bank.num_layers):
+        cache.update(keys[layer][None].clone(), values[layer][None].clone(), layer)
+    P = prompt.numel()
+    with torch.no_grad():
+        full = model(torch.cat([prompt[None], x], dim=1)).logits[:, P:]
+        cont = model(x, cache=cache, position_ids=torch.arange(P, P + x.shape[1])[None]).logits
+    torch.testing.assert_close(cont, full, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\[P\] or \[1, P\]"):
+        bank.add_prompt("bad", torch.zeros(2, 3, dtype=torch.long))
