@@ -1,0 +1,413 @@
+"""Backward kernels of prefix attention and their launcher.
+
+Four launches, none with float atomics (two runs give bitwise-equal gradients):
+
+1. ``_bwd_delta``: Delta = rowsum(O * dO) per query, fp32 [B, Hq, Sq].
+2. ``_bwd_dkdv_own``: one program owns a tile of row b's own keys for kv head h and loops
+   over the packed queries (all G query heads) that can see it -> dK, dV.
+3. ``_bwd_dkdv_prefix``: prefix-major. One program owns a tile of bank entry n (kv head h)
+   and loops over the rows that selected n (a sorted row list built on the host:
+   ``rows = argsort(prefix_ids)``, entry n's rows are ``rows[offsets[n]:offsets[n+1]]``),
+   and over all their queries -> dprefix_k, dprefix_v. Unused entries and positions
+   beyond ``prefix_lens[n]`` come out as exact zeros.
+4. ``_bwd_dq``: one program per packed query tile, the forward's loop (prefix, then own
+   tiles) recomputing P -> dQ.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .autotune import bucket, bwd_configs, prune
+from .common import LOG2E, own_ranges, own_visible, scores
+from .fwd import dot_precision, head_block
+
+
+@triton.jit
+def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, stride_dh, stride_ds,
+               Hq, Sq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    hq = (pid_bh % Hq).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Sq) & (offs_d[None, :] < D)
+    rows = offs_m[:, None].to(tl.int64)
+    o = tl.load(O + b * stride_ob + hq * stride_oh + rows * stride_os + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_db + hq * stride_dh + rows * stride_ds + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    tl.store(DELTA + (b * Hq + hq) * Sq + offs_m, delta, mask=offs_m < Sq)
+
+
+@triton.jit
+def _load_query_tile(Q, DO, LSE, DELTA, b, h, start_m, Hq, Sq, D,
+                     stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds,
+                     stride_lb, stride_lh,
+                     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Packed query tile of row b, kv head h: q, dO [BLOCK_M, BLOCK_D], LSE (log2 domain,
+    +inf for rows that see nothing or do not exist, so their P is 0), Delta, query index."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < G * Sq
+    offs_i = tl.where(row_ok, offs_m // G, -1)
+    heads = (h * G + offs_m % G).to(tl.int64)
+    rows = offs_i[:, None].to(tl.int64)
+    mask = row_ok[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + rows * stride_qs
+                + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_db + heads[:, None] * stride_dh + rows * stride_ds
+                 + offs_d[None, :], mask=mask, other=0.0)
+    lse = tl.load(LSE + b * stride_lb + heads * stride_lh + offs_i.to(tl.int64),
+                  mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    delta = tl.load(DELTA + (b * Hq + heads) * Sq + offs_i.to(tl.int64), mask=row_ok, other=0.0)
+    return q, do, lse2, delta, offs_i
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, q, do, lse2, delta, offs_i, kt, vt, vis,
+               qk_scale, softcap_inv, softcap_log2,
+               SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate one query tile's contribution into dk, dv [BLOCK_N, BLOCK_D] (fp32).
+
+    kt, vt: [BLOCK_D, BLOCK_N] keys/values transposed; vis [BLOCK_M, BLOCK_N] visibility.
+    """
+    s, t = scores(q, kt, qk_scale, softcap_inv, softcap_log2, SOFTCAP, DOT_PREC)
+    s = tl.where(vis, s, float("-inf"))
+    p = tl.math.exp2(s - lse2[:, None])
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PREC)
+    dp = tl.dot(do, vt, input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.autotune(configs=bwd_configs(), key=["BLOCK_D", "M_BUCKET", "KV_BUCKET", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": prune})
+@triton.jit
+def _bwd_dkdv_own(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
+                  stride_qb, stride_qh, stride_qs,
+                  stride_kb, stride_kh, stride_ks,
+                  stride_vb, stride_vh, stride_vs,
+                  stride_db, stride_dh, stride_ds,
+                  stride_lb, stride_lh,
+                  stride_kpmb, stride_kpms,
+                  stride_dkb, stride_dkh, stride_dks,
+                  stride_dvb, stride_dvh, stride_dvs,
+                  Hkv, Sq, Skv, D, window, qk_scale, softcap_inv, softcap_log2,
+                  M_BUCKET, KV_BUCKET,
+                  G: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    h = pid_bh % Hkv
+    h64 = h.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < Skv
+    cols = offs_n[None, :].to(tl.int64)
+    kv_mask = n_ok[None, :] & (offs_d[:, None] < D)
+    kt = tl.load(K + b * stride_kb + h64 * stride_kh + cols * stride_ks + offs_d[:, None],
+                 mask=kv_mask, other=0.0)
+    vt = tl.load(V + b * stride_vb + h64 * stride_vh + cols * stride_vs + offs_d[:, None],
+                 mask=kv_mask, other=0.0)
+    kpm = offs_n
+    if HAS_KPM:
+        kpm = tl.load(KPM + b * stride_kpmb + offs_n.to(tl.int64) * stride_kpms, mask=n_ok, other=0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    Hq = Hkv * G
+    off = Skv - Sq
+    # -- queries that can see this key tile ----
+    n_first = pid_n * BLOCK_N
+    n_last = tl.minimum(n_first + BLOCK_N, Skv) - 1
+    i_start = n_first * 0
+    i_end = i_start + Sq
+    if CAUSAL:
+        i_start = tl.minimum(tl.maximum(n_first - off, 0), Sq)
+    if HAS_WINDOW:
+        i_end = tl.minimum(tl.maximum(n_last - off + window, 0), Sq)
+    m_start = (i_start * G) // BLOCK_M * BLOCK_M
+    m_end = i_end * G
+    for start_m in range(m_start, m_end, BLOCK_M):
+        q, do, lse2, delta, offs_i = _load_query_tile(
+            Q, DO, LSE, DELTA, b, h, start_m, Hq, Sq, D, stride_qb, stride_qh, stride_qs,
+            stride_db, stride_dh, stride_ds, stride_lb, stride_lh, G, BLOCK_M, BLOCK_D)
+        vis = own_visible(offs_i, offs_n, off, window, Skv, kpm, CAUSAL, HAS_WINDOW, HAS_KPM)
+        dk, dv = _dkdv_tile(dk, dv, q, do, lse2, delta, offs_i, kt, vt, vis,
+                            qk_scale, softcap_inv, softcap_log2, SOFTCAP, DOT_PREC)
+    # dS was taken w.r.t. q.k (softcap derivative included): apply the softmax scale once
+    dk = dk * (qk_scale / LOG2E)
+    rows = offs_n[:, None].to(tl.int64)
+    mask = n_ok[:, None] & (offs_d[None, :] < D)
+    tl.store(DK + b * stride_dkb + h64 * stride_dkh + rows * stride_dks + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + b * stride_dvb + h64 * stride_dvh + rows * stride_dvs + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=bwd_configs(), key=["BLOCK_D", "M_BUCKET", "KV_BUCKET", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": prune})
+@triton.jit
+def _bwd_dkdv_prefix(Q, PK, PV, DO, LSE, DELTA, PLENS, ROWS, ROW_OFFS, DPK, DPV,
+                     stride_qb, stride_qh, stride_qs,
+                     stride_pkn, stride_pkh, stride_pks,
+                     stride_pvn, stride_pvh, stride_pvs,
+                     stride_db, stride_dh, stride_ds,
+                     stride_lb, stride_lh,
+                     stride_dkn, stride_dkh, stride_dks,
+                     stride_dvn, stride_dvh, stride_dvs,
+                     Hkv, Sq, P, D, qk_scale, softcap_inv, softcap_log2,
+                     M_BUCKET, KV_BUCKET,
+                     G: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+                     DOT_PREC: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_eh = tl.program_id(1)
+    entry = (pid_eh // Hkv).to(tl.int64)
+    h = pid_eh % Hkv
+    h64 = h.to(tl.int64)
+    plen = tl.load(PLENS + entry).to(tl.int32)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < plen
+    cols = offs_n[None, :].to(tl.int64)
+    kv_mask = n_ok[None, :] & (offs_d[:, None] < D)
+    kt = tl.load(PK + entry * stride_pkn + h64 * stride_pkh + cols * stride_pks + offs_d[:, None],
+                 mask=kv_mask, other=0.0)
+    vt = tl.load(PV + entry * stride_pvn + h64 * stride_pvh + cols * stride_pvs + offs_d[:, None],
+                 mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    Hq = Hkv * G
+    # -- the rows that selected this entry, in a fixed order (deterministic sum) ----
+    r_start = tl.load(ROW_OFFS + entry)
+    r_end = tl.load(ROW_OFFS + entry + 1)
+    r_end = tl.where(pid_n * BLOCK_N < plen, r_end, r_start)
+    for r in range(r_start, r_end):
+        b = tl.load(ROWS + r).to(tl.int64)
+        for start_m in range(0, G * Sq, BLOCK_M):
+            q, do, lse2, delta, offs_i = _load_query_tile(
+                Q, DO, LSE, DELTA, b, h, start_m, Hq, Sq, D, stride_qb, stride_qh, stride_qs,
+                stride_db, stride_dh, stride_ds, stride_lb, stride_lh, G, BLOCK_M, BLOCK_D)
+            vis = n_ok[None, :] & (offs_i[:, None] >= 0)
+            dk, dv = _dkdv_tile(dk, dv, q, do, lse2, delta, offs_i, kt, vt, vis,
+                                qk_scale, softcap_inv, softcap_log2, SOFTCAP, DOT_PREC)
+    # dS was taken w.r.t. q.k (softcap derivative included): apply the softmax scale once
+    dk = dk * (qk_scale / LOG2E)
+    # positions in [plen, P) are stored too: as exact zeros
+    rows = offs_n[:, None].to(tl.int64)
+    mask = (offs_n[:, None] < P) & (offs_d[None, :] < D)
+    tl.store(DPK + entry * stride_dkn + h64 * stride_dkh + rows * stride_dks + offs_d[None, :],
+             dk.to(DPK.dtype.element_ty), mask=mask)
+    tl.store(DPV + entry * stride_dvn + h64 * stride_dvh + rows * stride_dvs + offs_d[None, :],
+             dv.to(DPV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, KPM, stride_kpm,
+              lo, hi, n_limit, offs_i, offs_d, D, off, window,
+              qk_scale, softcap_inv, softcap_log2,
+              MASK: tl.constexpr, PREFIX: tl.constexpr, CAUSAL: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dQ contribution of key tiles [lo, hi) of one KV range (prefix or own)."""
+    d_ok = offs_d < D
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_limit
+        cols = offs_n[None, :].to(tl.int64)
+        kt = tl.load(K + cols * stride_kn + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
+                     other=0.0)
+        vt = tl.load(V + cols * stride_vn + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
+                     other=0.0)
+        s, t = scores(q, kt, qk_scale, softcap_inv, softcap_log2, SOFTCAP, DOT_PREC)
+        if MASK:
+            if PREFIX:
+                vis = (offs_n[None, :] < n_limit) & (offs_i[:, None] >= 0)
+            else:
+                kpm = offs_n
+                if HAS_KPM:
+                    kpm = tl.load(KPM + offs_n.to(tl.int64) * stride_kpm, mask=n_ok, other=0)
+                vis = own_visible(offs_i, offs_n, off, window, n_limit, kpm,
+                                  CAUSAL, HAS_WINDOW, HAS_KPM)
+            s = tl.where(vis, s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, vt, input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.autotune(configs=bwd_configs(), key=["BLOCK_D", "M_BUCKET", "KV_BUCKET", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": prune})
+@triton.jit
+def _bwd_dq(Q, K, V, PK, PV, PIDS, PLENS, KPM, DO, LSE, DELTA, DQ,
+            stride_qb, stride_qh, stride_qs,
+            stride_kb, stride_kh, stride_ks,
+            stride_vb, stride_vh, stride_vs,
+            stride_pkn, stride_pkh, stride_pks,
+            stride_pvn, stride_pvh, stride_pvs,
+            stride_kpmb, stride_kpms,
+            stride_db, stride_dh, stride_ds,
+            stride_lb, stride_lh,
+            stride_dqb, stride_dqh, stride_dqs,
+            Hkv, Sq, Skv, D, window, qk_scale, softcap_inv, softcap_log2,
+            M_BUCKET, KV_BUCKET,
+            G: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+            HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    h = pid_bh % Hkv
+    h64 = h.to(tl.int64)
+    Hq = Hkv * G
+    start_m = pid_m * BLOCK_M
+    q, do, lse2, delta, offs_i = _load_query_tile(
+        Q, DO, LSE, DELTA, b, h, start_m, Hq, Sq, D, stride_qb, stride_qh, stride_qs,
+        stride_db, stride_dh, stride_ds, stride_lb, stride_lh, G, BLOCK_M, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # -- prefix of entry prefix_ids[b] ----
+    entry = tl.load(PIDS + b).to(tl.int64)
+    plen = tl.load(PLENS + entry).to(tl.int32)
+    PKb = PK + entry * stride_pkn + h64 * stride_pkh
+    PVb = PV + entry * stride_pvn + h64 * stride_pvh
+    plen_full = plen // BLOCK_N * BLOCK_N
+    dq = _dq_inner(dq, q, do, lse2, delta, PKb, PVb, stride_pks, stride_pvs, KPM, 0,
+                   0, plen_full, plen, offs_i, offs_d, D, 0, 0, qk_scale, softcap_inv,
+                   softcap_log2, False, True, False, False, False, SOFTCAP, BLOCK_N, DOT_PREC)
+    dq = _dq_inner(dq, q, do, lse2, delta, PKb, PVb, stride_pks, stride_pvs, KPM, 0,
+                   plen_full, plen, plen, offs_i, offs_d, D, 0, 0, qk_scale, softcap_inv,
+                   softcap_log2, True, True, False, False, False, SOFTCAP, BLOCK_N, DOT_PREC)
+    # -- own keys ----
+    off = Skv - Sq
+    i_lo = start_m // G
+    i_hi = tl.minimum((start_m + BLOCK_M - 1) // G, Sq - 1)
+    lo, full_lo, full_hi, hi = own_ranges(i_lo, i_hi, off, window, Skv, BLOCK_N,
+                                          CAUSAL, HAS_WINDOW)
+    Kb = K + b * stride_kb + h64 * stride_kh
+    Vb = V + b * stride_vb + h64 * stride_vh
+    KPMb = KPM + b * stride_kpmb
+    dq = _dq_inner(dq, q, do, lse2, delta, Kb, Vb, stride_ks, stride_vs, KPMb, stride_kpms,
+                   full_lo, full_hi, Skv, offs_i, offs_d, D, off, window, qk_scale, softcap_inv,
+                   softcap_log2, HAS_KPM, False, CAUSAL, HAS_WINDOW, HAS_KPM, SOFTCAP, BLOCK_N,
+                   DOT_PREC)
+    dq = _dq_inner(dq, q, do, lse2, delta, Kb, Vb, stride_ks, stride_vs, KPMb, stride_kpms,
+                   lo, full_lo, Skv, offs_i, offs_d, D, off, window, qk_scale, softcap_inv,
+                   softcap_log2, True, False, CAUSAL, HAS_WINDOW, HAS_KPM, SOFTCAP, BLOCK_N,
+                   DOT_PREC)
+    dq = _dq_inner(dq, q, do, lse2, delta, Kb, Vb, stride_ks, stride_vs, KPMb, stride_kpms,
+                   full_hi, hi, Skv, offs_i, offs_d, D, off, window, qk_scale, softcap_inv,
+                   softcap_log2, True, False, CAUSAL, HAS_WINDOW, HAS_KPM, SOFTCAP, BLOCK_N,
+                   DOT_PREC)
+    # dS was taken w.r.t. q.k (softcap derivative included): apply the softmax scale once
+    dq = dq * (qk_scale / LOG2E)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < G * Sq
+    heads = (h * G + offs_m % G).to(tl.int64)
+    ptrs = (DQ + b * stride_dqb + heads[:, None] * stride_dqh
+            + offs_i[:, None].to(tl.int64) * stride_dqs + offs_d[None, :])
+    tl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+def prefix_row_lists(prefix_ids: torch.Tensor, num_entries: int):
+    """Rows grouped by bank entry, without a device sync.
+
+    prefix_ids [B] int64 -> (rows [B] int64: row indices sorted by entry (stable),
+    offsets [N + 1] int64: entry n's rows are rows[offsets[n]:offsets[n + 1]]).
+    """
+    sorted_ids, rows = torch.sort(prefix_ids, stable=True)
+    bounds = torch.arange(num_entries + 1, device=prefix_ids.device, dtype=sorted_ids.dtype)
+    offsets = torch.searchsorted(sorted_ids, bounds)
+    return rows.contiguous(), offsets.to(torch.int64).contiguous()
+
+
+def attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
+             out, lse, dq, dk, dv, dprefix_k, dprefix_v,
+             causal: bool, scale: float, window: int, softcap: float) -> None:
+    """Launch the backward kernels; writes dq, dk, dv, dprefix_k, dprefix_v in place.
+
+    Shapes as in ``attn_fwd``; dout/out [B, Hq, Sq, D], lse [B, Hq, Sq] fp32; each gradient
+    has its input's shape (last dim contiguous). Every element of every gradient is written.
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    N, P = prefix_k.shape[0], prefix_k.shape[2]
+    G = Hq // Hkv if Hkv else 1
+    has_softcap = softcap > 0.0
+    log2e = 1.4426950408889634
+    qk_scale = scale * log2e
+    softcap_inv = scale / softcap if has_softcap else 0.0
+    softcap_log2 = softcap * log2e
+    block_d = head_block(D)
+    common = dict(DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d, SOFTCAP=has_softcap, G=G,
+                  CAUSAL=bool(causal))
+    M = G * Sq
+    m_bucket, kv_bucket = bucket(M), bucket(Skv + P)
+    if B == 0 or Sq == 0 or Hkv == 0:
+        # no query: every gradient is zero
+        for t in (dq, dk, dv, dprefix_k, dprefix_v):
+            t.zero_()
+        return
+
+    delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
+    wrap_triton(_bwd_delta)[(triton.cdiv(Sq, 16), B * Hq)](
+        out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), Hq, Sq, D, BLOCK_M=16, BLOCK_D=block_d)
+
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else prefix_ids
+    kpm_strides = (kpm.stride(0), kpm.stride(1)) if key_padding_mask is not None else (0, 0)
+    flags = dict(HAS_WINDOW=window > 0, HAS_KPM=key_padding_mask is not None)
+    scal = (qk_scale, softcap_inv, softcap_log2)
+
+    if Skv > 0:
+        wrap_triton(_bwd_dkdv_own)[lambda meta: (triton.cdiv(Skv, meta["BLOCK_N"]), B * Hkv)](
+            q, k, v, dout, lse, delta, kpm, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            lse.stride(0), lse.stride(1),
+            kpm_strides[0], kpm_strides[1],
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            Hkv, Sq, Skv, D, window, *scal, m_bucket, kv_bucket, **common, **flags)
+
+    if P > 0 and N > 0:
+        rows, offsets = prefix_row_lists(prefix_ids, N)
+        wrap_triton(_bwd_dkdv_prefix)[lambda meta: (triton.cdiv(P, meta["BLOCK_N"]), N * Hkv)](
+            q, prefix_k, prefix_v, dout, lse, delta, prefix_lens, rows, offsets,
+            dprefix_k, dprefix_v,
+            q.stride(0), q.stride(1), q.stride(2),
+            prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
+            prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            lse.stride(0), lse.stride(1),
+            dprefix_k.stride(0), dprefix_k.stride(1), dprefix_k.stride(2),
+            dprefix_v.stride(0), dprefix_v.stride(1), dprefix_v.stride(2),
+            Hkv, Sq, P, D, *scal, m_bucket, kv_bucket, **common)
+
+    wrap_triton(_bwd_dq)[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * Hkv)](
+        q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, kpm, dout, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
+        prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
+        kpm_strides[0], kpm_strides[1],
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        lse.stride(0), lse.stride(1),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        Hkv, Sq, Skv, D, window, *scal, m_bucket, kv_bucket, **common, **flags)
