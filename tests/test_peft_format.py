@@ -1,0 +1,180 @@
+"""PEFT prefix-tuning adapters: both round trips with peft 0.21, and clear errors for bad adapters."""
+import json
+import os
+
+import pytest
+import torch
+
+from prefix_attn.bank import PrefixBank
+from prefix_attn.peft_format import AdapterError
+
+pytestmark = pytest.mark.hf
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+L, HQ, HKV, D, P = 2, 4, 2, 8, 5
+
+
+def _tiny_llama(layers=L, kv_heads=HKV, hidden=HQ * D, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=64,
+                                   num_hidden_layers=layers, num_attention_heads=HQ,
+                                   num_key_value_heads=kv_heads, max_position_embeddings=128)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _peft_prefix_model(base, P=P, seed=1):
+    cfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
+    pm = peft.get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = pm.prompt_encoder["default"].embedding.weight
+        w.copy_(torch.randn(w.shape, generator=g))
+    return pm
+
+
+def _peft_prefix_kv(pm):
+    """PEFT's own per-layer prefix (get_prompt, batch 1) as [L, 2, Hkv, P, D]."""
+    cache = pm.get_prompt(batch_size=1)
+    if hasattr(cache, "layers"):
+        pairs = [(layer.keys, layer.values) for layer in cache.layers]
+    else:
+        pairs = [(kv[0], kv[1]) for kv in cache]
+    return torch.stack([torch.stack([k[0], v[0]]) for k, v in pairs])
+
+
+def test_load_peft_reads_what_peft_saves(tmp_path):
+    pm = _peft_prefix_model(_tiny_llama())
+    want = _peft_prefix_kv(pm).detach()
+    assert want.shape == (L, 2, HKV, P, D)
+    pm.save_pretrained(str(tmp_path / "ad"))
+    bank = PrefixBank.attach(_tiny_llama())
+    bank.load_peft("tenant", str(tmp_path / "ad"))
+    assert bank.entry_len("tenant") == P
+    torch.testing.assert_close(bank.entry_kv("tenant"), want)
+
+
+def test_load_peft_bin_format(tmp_path):
+    pm = _peft_prefix_model(_tiny_llama())
+    want = _peft_prefix_kv(pm).detach()
+    pm.save_pretrained(str(tmp_path / "ad"), safe_serialization=False)
+    assert os.path.isfile(tmp_path / "ad" / "adapter_model.bin")
+    bank = PrefixBank.attach(_tiny_llama())
+    bank.load_peft("t", str(tmp_path / "ad"))
+    torch.testing.assert_close(bank.entry_kv("t"), want)
+
+
+def test_save_peft_loads_in_peft_with_the_same_prefix_and_logits(tmp_path):
+    model = _tiny_llama()
+    bank = PrefixBank.attach(model)
+    g = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(L, HKV, P, D, generator=g), torch.randn(L, HKV, P, D, generator=g)
+    bank.add("mine", keys, values)
+    bank.save_peft("mine", str(tmp_path / "ad"))
+    assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    pm = peft.PeftModel.from_pretrained(_tiny_llama(), str(tmp_path / "ad"))
+    got = _peft_prefix_kv(pm)
+    torch.testing.assert_close(got[:, 0], keys)
+    torch.testing.assert_close(got[:, 1], values)
+
+    # PEFT's logits with the adapter equal the base model's logits with that prefix as a KV cache
+    from transformers import DynamicCache
+    x = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    with torch.no_grad():
+        peft_logits = pm(input_ids=x).logits
+        cache = DynamicCache()
+        for layer in range(L):
+            cache.update(keys[layer][None].clone(), values[layer][None].clone(), layer)
+        base = _tiny_llama()
+        ours = base(x, cache=cache, position_ids=torch.arange(P, P + x.shape[1])[None]).logits
+    torch.testing.assert_close(peft_logits, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_save_peft_folds_a_trainable_entry(tmp_path):
+    class Learned(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = torch.nn.Parameter(torch.randn(L, 2, HKV, 3, D))
+
+        def forward(self):
+            return torch.tanh(self.base) * 2
+
+    model = _tiny_llama()
+    bank = PrefixBank.attach(model)
+    mod = Learned()
+    bank.add_trainable("t", mod)
+    bank.save_peft("t", str(tmp_path / "ad"))
+    bank.load_peft("folded", str(tmp_path / "ad"))
+    torch.testing.assert_close(bank.entry_kv("folded"), mod().detach())
+
+
+def _write_config(path, **changes):
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture
+def good_adapter(tmp_path):
+    bank = PrefixBank.attach(_tiny_llama())
+    bank.add("x", torch.randn(L, HKV, P, D), torch.randn(L, HKV, P, D))
+    bank.save_peft("x", str(tmp_path / "ad"))
+    return tmp_path / "ad"
+
+
+@pytest.mark.parametrize("change, error, pattern", [
+    ({"num_layers": 3}, AdapterError, r"adapter_config.json: num_layers=3 but this model has num_layers=2"),
+    ({"num_attention_heads": 4}, AdapterError, r"num_attention_heads=4 but this model has num_attention_heads=2"),
+    ({"token_dim": 32}, AdapterError, r"token_dim=32 but this model has token_dim=16"),
+    ({"peft_type": "LORA"}, AdapterError, r"peft_type is 'LORA', expected 'PREFIX_TUNING'"),
+    ({"num_virtual_tokens": 7}, AdapterError, r"adapter_model.safetensors: prompt_embeddings has shape \[5, 64\], "
+                                               r"expected \[P=7"),
+])
+def test_mismatched_config_is_rejected_and_bank_unchanged(good_adapter, change, error, pattern):
+    bank = PrefixBank.attach(_tiny_llama())
+    bank.add("keep", torch.zeros(L, HKV, 1, D), torch.zeros(L, HKV, 1, D))
+    version = bank.version
+    _write_config(good_adapter, **change)
+    with pytest.raises(error, match=pattern):
+        bank.load_peft("keep", str(good_adapter))
+    assert bank.names() == ["keep"] and bank.version == version and bank.entry_len("keep") == 1
+
+
+def test_adapter_for_another_model(tmp_path):
+    """A real PEFT adapter trained for a model with other dims (3 layers, 4 kv heads) is refused."""
+    pm = _peft_prefix_model(_tiny_llama(layers=3, kv_heads=4))
+    pm.save_pretrained(str(tmp_path / "other"))
+    bank = PrefixBank.attach(_tiny_llama())
+    with pytest.raises(AdapterError, match="for another model"):
+        bank.load_peft("o", str(tmp_path / "other"))
+    assert bank.names() == []
+
+
+def test_missing_and_corrupt_files(good_adapter, tmp_path):
+    bank = PrefixBank.attach(_tiny_llama())
+    with pytest.raises(FileNotFoundError, match="not found"):
+        bank.load_peft("a", str(tmp_path / "nowhere"))
+    weights = good_adapter / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterError, match="adapter_model.safetensors: corrupt"):
+        bank.load_peft("a", str(good_adapter))
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        bank.load_peft("a", str(good_adapter))
+    (good_adapter / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="adapter_config.json: not a readable JSON"):
+        bank.load_peft("a", str(good_adapter))
+    (good_adapter / "adapter_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        bank.load_peft("a", str(good_adapter))
+    assert bank.names() == []
+
+
+def test_wrong_tensor_key(good_adapter):
+    from safetensors.torch import save_file
+    save_file({"something_else": torch.zeros(P, 64)}, str(good_adapter / "adapter_model.safetensors"))
+    bank = PrefixBank.attach(_tiny_llama())
+    with pytest.raises(AdapterError, match=r"no tensor 'prompt_embeddings' \(found \['something_else'\]\)"):
+        bank.load_peft("a", str(good_adapter))
