@@ -1,0 +1,112 @@
+"""The `triton` backend: the kernels of `prefix_attn.kernels` as torch ops.
+
+`prefix_attn::triton_fwd` and `prefix_attn::triton_bwd` are `torch.library.triton_op`s with
+the schemas of docs/INTERNALS.md; their bodies allocate the outputs and call the launchers
+(which pass explicit strides through `wrap_triton`), so `torch.compile` traces into the
+kernels without a graph break and the fake (meta) implementations come from tracing the
+same bodies. Autograd is wired by `register_backend` (prefix_attn/autograd.py).
+
+Where it runs: CUDA tensors; and CPU tensors when `TRITON_INTERPRET=1` (tests). Under the
+interpreter the backend registers with a priority below `torch`, so `backend=None` never
+picks the (slow) interpreter on CPU; ask for it with `backend="triton"`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.library import custom_op, triton_op
+
+import triton  # noqa: F401  (a missing triton makes this backend unavailable)
+
+from prefix_attn.kernels import bwd as _bwd
+from prefix_attn.kernels import fwd as _fwd
+from prefix_attn.kernels.autotune import interpreting
+
+from .backends import Backend, register_backend
+from .validation import AttnArgs
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+# Under TRITON_INTERPRET=1 torch's wrap_triton hands back the raw interpreted kernel, which
+# can be neither traced nor run on fake tensors: the ops are then opaque custom ops with
+# shape-only fakes (same schema, same autograd); on GPU they are triton_ops.
+_define_op = custom_op if interpreting() else triton_op
+# CUDA caps grid axis 1 (rows x kv heads, entries x kv heads) at 65535 programs.
+MAX_GRID_Y = 65535
+
+
+@_define_op("prefix_attn::triton_fwd", mutates_args=())
+def triton_fwd(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+               prefix_ids: Tensor, prefix_lens: Tensor, key_padding_mask: Optional[Tensor],
+               causal: bool, scale: float, window: int, softcap: float) -> Tuple[Tensor, Tensor]:
+    """out [B, Hq, Sq, D] (q.dtype, contiguous), lse [B, Hq, Sq] fp32 (-inf: no visible key)."""
+    B, Hq, Sq, D = q.shape
+    out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    _fwd.attn_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
+                  out, lse, causal, scale, window, softcap)
+    return out, lse
+
+
+@_define_op("prefix_attn::triton_bwd", mutates_args=())
+def triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor,
+               prefix_v: Tensor, prefix_ids: Tensor, prefix_lens: Tensor,
+               key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor, causal: bool,
+               scale: float, window: int, softcap: float
+               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dprefix_k, dprefix_v), each of its input's shape and dtype; deterministic."""
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dpk = torch.empty(prefix_k.shape, dtype=prefix_k.dtype, device=prefix_k.device)
+    dpv = torch.empty(prefix_v.shape, dtype=prefix_v.dtype, device=prefix_v.device)
+    _bwd.attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
+                  out, lse, dq, dk, dv, dpk, dpv, causal, scale, window, softcap)
+    return dq, dk, dv, dpk, dpv
+
+
+if interpreting():
+    # shape-only fakes for the opaque interpreter ops (triton_op derives them on GPU)
+    @triton_fwd.register_fake
+    def _fwd_fake(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
+                  causal, scale, window, softcap):
+        return (q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32))
+
+    @triton_bwd.register_fake
+    def _bwd_fake(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
+                  out, lse, causal, scale, window, softcap):
+        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+                prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape))
+
+
+def unsupported(a: AttnArgs) -> Optional[str]:
+    """Why this call cannot run on the triton backend, or None."""
+    B, Hq, Hkv, Sq, Skv, N, P, D = a.dims
+    if a.q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {a.q.dtype} (supported: fp16, bf16, fp32)"
+    if a.q.device.type == "cpu" and a.q.dtype == torch.bfloat16:
+        return "bfloat16 is not computed correctly by the Triton CPU interpreter"
+    if D > MAX_HEAD_DIM:
+        return f"head dim {D} > {MAX_HEAD_DIM}"
+    if B * Hkv > MAX_GRID_Y or N * Hkv > MAX_GRID_Y:
+        return f"B * Hkv = {B * Hkv} or N * Hkv = {N * Hkv} exceeds the grid limit {MAX_GRID_Y}"
+    return None
+
+
+def _available() -> bool:
+    # Cheap: no CUDA initialisation unless CUDA was already compiled in and present.
+    return interpreting() or torch.cuda.is_available()
+
+
+register_backend(Backend(
+    name="triton",
+    fwd=torch.ops.prefix_attn.triton_fwd.default,
+    bwd=torch.ops.prefix_attn.triton_bwd.default,
+    devices=("cuda", "cpu") if interpreting() else ("cuda",),
+    priority=-10 if interpreting() else 100,
+    is_available=_available,
+    unsupported=unsupported,
+    description="Triton kernels (prefix bank read in place, GQA packed, deterministic backward)",
+))
