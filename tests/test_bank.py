@@ -306,3 +306,29 @@ def test_add_prompt_kv_continues_like_the_full_prompt():
     torch.testing.assert_close(cont, full, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match=r"\[P\] or \[1, P\]"):
         bank.add_prompt("bad", torch.zeros(2, 3, dtype=torch.long))
+
+
+@pytest.mark.hf
+def test_prompt_prefix_through_prefixes_kwarg_forward_and_generate():
+    """With the HF integration: a batch mixing two prompt prefixes and none gives, row by row,
+    the plain model's logits for prompt + x, and generate gives the plain model's tokens."""
+    pytest.importorskip("prefix_attn.hf")
+    model = _tiny_llama(seed=1)
+    bank = PrefixBank.attach(model)
+    model.set_attn_implementation("prefix_attn")
+    prompts = {"sys": torch.tensor([5, 9, 11, 3, 7, 60, 2]), "short": torch.tensor([42, 17])}
+    for name, ids in prompts.items():
+        bank.add_prompt(name, ids[None])
+    x = torch.tensor([[4, 8, 15, 16], [23, 42, 1, 2], [9, 9, 8, 7]])
+    rows = ["sys", None, "short"]
+    with torch.no_grad():
+        got = model(x, prefixes=rows).logits
+        for b, name in enumerate(rows):
+            full_ids = x[b:b + 1] if name is None else torch.cat([prompts[name][None], x[b:b + 1]], dim=1)
+            want = model(full_ids).logits[:, -x.shape[1]:]
+            torch.testing.assert_close(got[b:b + 1], want, rtol=1e-4, atol=1e-5)
+        gen = model.generate(x[:1], prefixes=["sys"], max_new_tokens=6, do_sample=False)
+        full = torch.cat([prompts["sys"][None], x[:1]], dim=1)
+        plain = model.generate(full, max_new_tokens=6, do_sample=False)
+    assert gen.shape[1] > x.shape[1]
+    assert gen[0, x.shape[1]:].tolist() == plain[0, full.shape[1]:].tolist()
