@@ -1,0 +1,364 @@
+"""Hugging Face transformers integration: attention function, mask function, ``prefixes=`` hook.
+
+``register()`` (called by ``import prefix_attn``) adds, under the name ``"prefix_attn"``:
+
+- ``attention_forward`` to ``AttentionInterface``: q ``[B, Hq, S, D]``, k/v ``[B, Hkv, Skv, D]``
+  (HF's layout) go to :func:`prefix_attn.prefix_attention` with the row's prefixes, the
+  key padding mask, ``causal`` (``module.is_causal``), ``window`` (``sliding_window``),
+  ``scale`` (``scaling``) and ``softcap``; returns ``([B, S, Hq, D], None)`` as HF expects.
+- ``padding_mask`` to ``AttentionMaskInterface``: for the causal, sliding-window causal and
+  bidirectional patterns it returns only the 2-D padding mask ``[B, kv_length]`` (or None
+  when nothing is padded), never a dense 4-D mask. Anything else (packed sequences, custom
+  mask overlays, a static cache during prefill) gets a dense bool mask ``[B, 1, q, kv]``,
+  which the attention function sends to the eager fallback below.
+- ``"prefixes"`` as an optional key of ``TransformersKwargs``, so that ``generate`` accepts
+  ``prefixes=`` and forwards it to every forward call.
+
+How ``prefixes=`` reaches the attention: ``install_hooks(model)`` (called by
+``PrefixBank.attach``) registers a forward pre-hook (with kwargs) on the model. It pops
+``prefixes``, builds a :class:`~prefix_attn.bank.PrefixSelection` with ``model.prefix_bank``,
+shifts ``position_ids`` by each row's prefix length (PEFT numbers the tokens after a prefix of
+length P from P) and passes the selection down as the keyword ``prefix_selection``. Every
+supported family forwards ``**kwargs`` from the model's forward to the attention function,
+and keywords survive gradient checkpointing (HF checkpoints ``partial(forward, **kwargs)``),
+which a context variable would not (the backward replay runs outside the forward's context).
+A post-hook checks that the attention function read the selection; a model that drops the
+keyword raises instead of silently ignoring the prefixes.
+
+Unsupported cases (a dense mask, attention dropout in training, ``output_attentions``,
+position biases, attention sinks) run :func:`eager_prefix_attention`, a plain PyTorch
+composite over ``[prefix; own keys]``, after a one-time warning; the result is never wrong.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+ATTN_NAME = "prefix_attn"
+SELECTION_KWARG = "prefix_selection"
+PREFIXES_KWARG = "prefixes"
+
+_warned: set = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"prefix_attn: {reason} is not supported by the fused kernel; "
+                      "falling back to the eager PyTorch composite (slower, same result)",
+                      stacklevel=3)
+
+
+# --------------------------------------------------------------------------------------
+# mask function
+# --------------------------------------------------------------------------------------
+def _closure_value(fn, name):
+    code = getattr(fn, "__code__", None)
+    if code is None or fn.__closure__ is None:
+        return None
+    for var, cell in zip(code.co_freevars, fn.__closure__):
+        if var == name:
+            return cell.cell_contents
+    return None
+
+
+def mask_pattern(mask_function) -> Optional[str]:
+    """"causal" | "sliding" | "full" for the mask functions the kernel expresses, else None.
+
+    Matches transformers' ``causal_mask_function``, ``bidirectional_mask_function`` and
+    ``sliding_window_causal_mask_function(w)`` (= ``and_masks(sliding_window_overlay(w), causal)``).
+    """
+    from transformers import masking_utils as mu
+
+    if mask_function is mu.causal_mask_function:
+        return "causal"
+    if mask_function is mu.bidirectional_mask_function:
+        return "full"
+    parts = _closure_value(mask_function, "mask_functions")
+    if (isinstance(parts, tuple) and len(parts) == 2 and parts[1] is mu.causal_mask_function
+            and getattr(parts[0], "__qualname__", "").startswith("sliding_window_overlay.")):
+        return "sliding"
+    return None
+
+
+def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                 mask_function=None, attention_mask: Optional[torch.Tensor] = None,
+                 device="cpu", **kwargs) -> Optional[torch.Tensor]:
+    """The ``AttentionMaskInterface`` entry of ``"prefix_attn"``.
+
+    attention_mask: bool ``[B, >= kv_offset + kv_length]`` (True = real token) or None.
+    Returns None (no padding), a bool padding mask ``[B, kv_length]``, or, for a pattern the
+    kernel cannot express, the dense bool mask ``[B, 1, q_length, kv_length]`` of ``sdpa_mask``.
+    """
+    from transformers import masking_utils as mu
+
+    if mask_function is None:
+        mask_function = mu.causal_mask_function
+    pattern = mask_pattern(mask_function)
+    q_off, kv_off = int(q_offset), int(kv_offset)
+    # The kernel's causal diagonal is bottom-right aligned: own key j is visible to query i iff
+    # j <= kv_length - q_length + i, which is HF's kv_idx <= q_idx when the offsets agree.
+    aligned = q_off - kv_off == kv_length - q_length
+    # A single query (decode on a static cache): keys after it are masked out as padding instead.
+    trim_future = not aligned and q_length == 1 and pattern == "causal"
+    if pattern is None or (pattern != "full" and not aligned and not trim_future):
+        return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                            q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+                            attention_mask=attention_mask, allow_is_causal_skip=False,
+                            allow_is_bidirectional_skip=False, device=device)
+    if attention_mask is None and not trim_future:
+        return None
+    if attention_mask is None:
+        pm = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+    else:
+        pm = attention_mask.to(torch.bool)[:, kv_off:kv_off + kv_length]
+        if pm.shape[-1] < kv_length:  # slots a static cache has not filled yet
+            pm = F.pad(pm, (0, kv_length - pm.shape[-1]), value=False)
+    if trim_future:
+        pm = pm & (torch.arange(kv_length, device=pm.device) + kv_off <= q_off)
+    if bool(pm.all()):
+        return None
+    return pm
+
+
+# --------------------------------------------------------------------------------------
+# attention functions
+# --------------------------------------------------------------------------------------
+def eager_prefix_attention(query, key, value, prefix_k=None, prefix_v=None, prefix_ids=None,
+                           prefix_lens=None, key_padding_mask=None, dense_mask=None,
+                           causal=True, scale=None, window=None, softcap=None, dropout=0.0,
+                           training=False):
+    """Materialised attention over ``[prefix; own keys]`` (the fallback path).
+
+    query ``[B, Hq, Sq, D]``; key/value ``[B, Hkv, Skv, D]``; prefix_k/v ``[N, Hkv, P, D]``;
+    prefix_ids ``[B]``; prefix_lens ``[N]``; key_padding_mask bool ``[B, Skv]``;
+    dense_mask ``[B, 1, Sq, Skv]`` bool (True = visible) or additive float, replacing
+    causal/window/padding for the own keys. Returns (out ``[B, Sq, Hq, D]``,
+    probabilities ``[B, Hq, Sq, P + Skv]``), the layout of HF's attention functions.
+    """
+    B, Hq, Sq, D = query.shape
+    Hkv, Skv = key.shape[1], key.shape[2]
+    ct = torch.float64 if query.dtype == torch.float64 else torch.float32
+    dev = query.device
+    if prefix_k is not None and prefix_k.shape[-2] > 0:
+        if prefix_ids is None:
+            prefix_ids = torch.zeros(B, dtype=torch.long, device=dev)
+        rk, rv = prefix_k[prefix_ids], prefix_v[prefix_ids]                # [B, Hkv, P, D]
+        P = rk.shape[2]
+        lens = (torch.full((prefix_k.shape[0],), P, device=dev) if prefix_lens is None
+                else prefix_lens.to(dev))
+        pre_vis = torch.arange(P, device=dev)[None, :] < lens[prefix_ids][:, None]  # [B, P]
+    else:
+        P = 0
+        rk = key.new_zeros(B, Hkv, 0, D)
+        rv = value.new_zeros(B, Hkv, 0, D)
+        pre_vis = torch.ones(B, 0, dtype=torch.bool, device=dev)
+    rep = Hq // Hkv
+    kk = torch.cat([rk.to(key.dtype), key], dim=2).repeat_interleave(rep, dim=1)
+    vv = torch.cat([rv.to(value.dtype), value], dim=2).repeat_interleave(rep, dim=1)
+    scale = D ** -0.5 if scale is None else scale
+    s = torch.matmul(query.to(ct), kk.to(ct).transpose(-1, -2)) * scale   # [B, Hq, Sq, P + Skv]
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    own_add = None
+    if dense_mask is not None:
+        if dense_mask.dtype == torch.bool:
+            own_vis = dense_mask.expand(B, 1, Sq, Skv)
+        else:  # an additive mask (0 / large negative), as HF's eager masks
+            own_vis = torch.ones(B, 1, Sq, Skv, dtype=torch.bool, device=dev)
+            own_add = dense_mask.to(ct).expand(B, 1, Sq, Skv)
+    else:
+        i = torch.arange(Sq, device=dev)[:, None]
+        j = torch.arange(Skv, device=dev)[None, :]
+        diag = Skv - Sq + i
+        own_vis = torch.ones(Sq, Skv, dtype=torch.bool, device=dev)
+        if causal:
+            own_vis = own_vis & (j <= diag)
+        if window is not None and window > 0:
+            own_vis = own_vis & (diag - j < window)
+        own_vis = own_vis[None, None].expand(B, 1, Sq, Skv)
+        if key_padding_mask is not None:
+            own_vis = own_vis & key_padding_mask[:, None, None, :].to(torch.bool)
+    vis = torch.cat([pre_vis[:, None, None, :].expand(B, 1, Sq, P), own_vis], dim=-1)
+    if own_add is not None:
+        s = torch.cat([s[..., :P], s[..., P:] + own_add], dim=-1)
+    s = s.masked_fill(~vis, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)    # a query with no visible key outputs zeros
+    p = F.dropout(p, p=dropout, training=training)
+    out = torch.matmul(p.to(value.dtype), vv)
+    return out.transpose(1, 2).contiguous(), p.to(query.dtype)
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                      scaling: Optional[float] = None, sliding_window: Optional[int] = None,
+                      softcap: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+    """The ``AttentionInterface`` entry of ``"prefix_attn"``.
+
+    query ``[B, Hq, S, D]``, key/value ``[B, Hkv, Skv, D]`` (views, as HF passes them);
+    attention_mask: what :func:`padding_mask` returned (None, ``[B, Skv]`` or dense 4-D).
+    ``kwargs[prefix_selection]``: the batch's PrefixSelection (set by the pre-hook) or absent.
+    Returns ``(out [B, S, Hq, D], None)`` (or the probabilities on the fallback path).
+    """
+    sel = kwargs.get(SELECTION_KWARG)
+    if getattr(module, "is_cross_attention", False):
+        sel = None  # prefixes belong to self-attention only
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    pk = pv = ids = lens = None
+    if sel is not None:
+        sel._read_by_attention = True  # checked by the post-hook
+        pk, pv = sel.layer(module.layer_idx)
+        ids, lens = sel.prefix_ids, sel.prefix_lens
+    Skv = key.shape[2]
+    kpm = dense = None
+    reason = None
+    if attention_mask is not None:
+        if attention_mask.dim() == 2:
+            kpm = attention_mask.to(torch.bool)[:, -Skv:]
+        else:
+            dense = attention_mask[..., -Skv:]
+            reason = "a dense (4-D) attention mask"
+    if dropout and dropout > 0.0 and module.training:
+        reason = "attention dropout in training"
+    config = getattr(module, "config", None)
+    if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
+        reason = "output_attentions"
+    for name in ("position_bias", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            reason = name
+    window = int(sliding_window) if sliding_window else None
+    softcap = float(softcap) if softcap else None
+    if reason is not None:
+        _warn_once(reason)
+        return eager_prefix_attention(query, key, value, pk, pv, ids, lens, kpm, dense, causal,
+                                      scaling, window, softcap, dropout, module.training)
+    from .api import prefix_attention
+
+    out = prefix_attention(query, key, value, pk, pv, prefix_ids=ids, prefix_lens=lens,
+                           key_padding_mask=kpm, causal=causal, scale=scaling, window=window,
+                           softcap=softcap)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# --------------------------------------------------------------------------------------
+# prefixes= : hooks on the model
+# --------------------------------------------------------------------------------------
+def _forward_params(model) -> list:
+    return list(inspect.signature(model.forward).parameters)
+
+
+def _batch_and_length(kwargs):
+    for name in ("input_ids", "inputs_embeds"):
+        t = kwargs.get(name)
+        if t is not None:
+            return t.shape[0], t.shape[1], t.device
+    raise ValueError("prefixes= needs input_ids or inputs_embeds")
+
+
+def _rows_for(bank, prefixes, batch_size):
+    """Normalise ``prefixes`` for ``bank.select``: "" -> None, and a list / id tensor of
+    ``n`` rows for a batch of ``n * k`` rows is repeated row-wise (generate's expansion for
+    ``num_return_sequences`` and beams: ``repeat_interleave``)."""
+    if isinstance(prefixes, (list, tuple)):
+        prefixes = [None if p == "" else p for p in prefixes]
+        n = len(prefixes)
+        if n not in (1, batch_size) and n > 0 and batch_size % n == 0:
+            return bank.ids(prefixes).repeat_interleave(batch_size // n)
+        return prefixes
+    if isinstance(prefixes, torch.Tensor) and prefixes.dim() == 1:
+        n = prefixes.numel()
+        if n not in (1, batch_size) and n > 0 and batch_size % n == 0:
+            return prefixes.repeat_interleave(batch_size // n)
+    if prefixes == "":
+        return None
+    return prefixes
+
+
+def _pre_hook(model, args, kwargs):
+    if PREFIXES_KWARG not in kwargs:
+        return None
+    prefixes = kwargs.pop(PREFIXES_KWARG)
+    if args:  # bind positional arguments to their names so that position_ids can be set
+        names = _forward_params(model)
+        kwargs.update(dict(zip(names, args)))
+        args = ()
+    if prefixes is None:
+        return args, kwargs
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl != ATTN_NAME:
+        raise ValueError(f"prefixes= needs attn_implementation={ATTN_NAME!r}; this model uses "
+                         f"{impl!r} (call model.set_attn_implementation({ATTN_NAME!r}))")
+    bank = model.prefix_bank
+    B, S, device = _batch_and_length(kwargs)
+    sel = bank.select(_rows_for(bank, prefixes, B), B, device=device)
+    row_lens = sel.row_lens.to(device)
+    if "position_ids" in _forward_params(model) and bool((row_lens > 0).any()):
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+            pos = torch.arange(past, past + S, device=device)[None, :]
+        kwargs["position_ids"] = pos + row_lens[:, None]
+    kwargs[SELECTION_KWARG] = sel
+    # a stack: the post-hook of this call checks the selection was read
+    model.__dict__.setdefault("_prefix_attn_pending", []).append((sel, row_lens))
+    return args, kwargs
+
+
+def _post_hook(model, args, kwargs, output):
+    pending = getattr(model, "_prefix_attn_pending", None)
+    if not pending:
+        return None
+    sel, row_lens = pending.pop()
+    used = getattr(sel, "_read_by_attention", False)
+    if not used and output is not None and bool((row_lens > 0).any()):
+        raise RuntimeError(
+            f"{type(model).__name__} did not pass the prefix selection down to its attention "
+            "function (its forward does not forward **kwargs to attention?); the prefixes were "
+            "not applied")
+    return None
+
+
+def install_hooks(model) -> None:
+    """Register the ``prefixes=`` pre-hook and its check on ``model`` (idempotent)."""
+    if getattr(model, "_prefix_attn_hooks", None) is not None:
+        return
+    h1 = model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+    h2 = model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True)
+    model._prefix_attn_hooks = (h1, h2)
+
+
+# --------------------------------------------------------------------------------------
+# registration
+# --------------------------------------------------------------------------------------
+_registered = False
+
+
+def register() -> bool:
+    """Register ``"prefix_attn"`` with transformers (idempotent). False if transformers is missing."""
+    global _registered
+    if _registered:
+        return True
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:
+        return False
+    AttentionInterface.register(ATTN_NAME, attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, padding_mask)
+    try:  # generate() validates model kwargs against TransformersKwargs' keys
+        from transformers.utils.generic import TransformersKwargs
+
+        keys = getattr(TransformersKwargs, "__optional_keys__", None)
+        if keys is not None and PREFIXES_KWARG not in keys:
+            TransformersKwargs.__optional_keys__ = frozenset(keys | {PREFIXES_KWARG, SELECTION_KWARG})
+    except ImportError:
+        pass
+    _registered = True
+    return True
+
+
+register()

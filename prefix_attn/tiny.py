@@ -1,0 +1,156 @@
+"""Tiny models and a byte-level tokenizer that need no download.
+
+- ``tiny_config(family, **overrides)``: a small config of each supported HF family (Llama,
+  Mistral, Qwen2, Qwen3, Gemma 2, Phi-3, GPT-2, BERT), used by tests, benchmarks and demos.
+- ``tiny_model(family, ...)``: ``AutoModel*.from_config`` of it, seeded, in eval mode.
+- ``default_model()`` / ``ByteTokenizer``: the built-in default of ``prefix-attn train`` and
+  the serving CLI when no local model folder is given (vocabulary = 256 bytes + 3 specials).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, List, Optional, Sequence, Union
+
+import torch
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "bert")
+CAUSAL_FAMILIES = FAMILIES[:-1]
+
+
+def tiny_config(family: str, vocab_size: int = 128, hidden: int = 32, layers: int = 2,
+                heads: int = 4, kv_heads: int = 2, **overrides):
+    """A small ``transformers`` config of ``family`` (GQA where the family has it)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, max_position_embeddings=256,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if family == "llama":
+        cfg = tf.LlamaConfig(**common)
+    elif family == "mistral":
+        cfg = tf.MistralConfig(sliding_window=4, **common)
+    elif family == "qwen2":
+        cfg = tf.Qwen2Config(**common)  # q/k/v projections carry a bias
+    elif family == "qwen3":
+        cfg = tf.Qwen3Config(head_dim=16, **common)  # head_dim != hidden / heads
+    elif family == "gemma2":
+        cfg = tf.Gemma2Config(head_dim=8, query_pre_attn_scalar=12, attn_logit_softcapping=5.0,
+                              final_logit_softcapping=None, sliding_window=4, **common)
+    elif family == "phi3":
+        cfg = tf.Phi3Config(**common)
+    elif family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads,
+                            n_positions=256, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    elif family == "bert":
+        cfg = tf.BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                            num_attention_heads=heads, intermediate_size=2 * hidden,
+                            max_position_embeddings=256, attention_probs_dropout_prob=0.0,
+                            hidden_dropout_prob=0.0, pad_token_id=0)
+    else:
+        raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def tiny_model(family: str = "llama", seed: int = 0, attn_implementation: str = "prefix_attn",
+               dtype: torch.dtype = torch.float32, **config_overrides):
+    """A seeded tiny model of ``family`` (causal LM, or ``BertModel`` for ``"bert"``), eval mode."""
+    import transformers as tf
+
+    import prefix_attn.hf  # noqa: F401  (registers "prefix_attn")
+
+    cfg = tiny_config(family, **config_overrides)
+    torch.manual_seed(seed)
+    auto = tf.AutoModel if family == "bert" else tf.AutoModelForCausalLM
+    model = auto.from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------
+# byte-level tokenizer
+# --------------------------------------------------------------------------------------
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 3..258; 0 = pad, 1 = bos, 2 = eos (no download, no vocabulary file).
+
+    ``tok(texts, padding_side=...)`` returns ``{"input_ids", "attention_mask"}`` LongTensors
+    ``[B, S]``, like an HF tokenizer called with ``return_tensors="pt"``.
+    """
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+    offset = 3
+    vocab_size = 256 + 3
+    config_name = "byte_tokenizer.json"
+
+    def __init__(self, padding_side: str = "left", add_bos: bool = True):
+        self.padding_side = padding_side
+        self.add_bos = add_bos
+
+    def encode(self, text: str, add_eos: bool = False) -> List[int]:
+        ids = [b + self.offset for b in text.encode("utf-8")]
+        if self.add_bos:
+            ids = [self.bos_token_id] + ids
+        if add_eos:
+            ids.append(self.eos_token_id)
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        data = bytes(i - self.offset for i in ids if i >= self.offset)
+        return data.decode("utf-8", errors="replace")
+
+    def batch_decode(self, rows, skip_special_tokens: bool = True) -> List[str]:
+        return [self.decode(r) for r in rows]
+
+    def __call__(self, texts: Union[str, Sequence[str]], padding_side: Optional[str] = None,
+                 add_eos: bool = False, **_):
+        if isinstance(texts, str):
+            texts = [texts]
+        side = padding_side or self.padding_side
+        rows = [self.encode(t, add_eos=add_eos) for t in texts]
+        S = max((len(r) for r in rows), default=0)
+        ids = torch.full((len(rows), S), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), S, dtype=torch.long)
+        for b, r in enumerate(rows):
+            sl = slice(S - len(r), S) if side == "left" else slice(0, len(r))
+            ids[b, sl] = torch.tensor(r, dtype=torch.long)
+            mask[b, sl] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def save_pretrained(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, self.config_name), "w") as f:
+            json.dump({"type": "byte", "padding_side": self.padding_side,
+                       "add_bos": self.add_bos}, f)
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "ByteTokenizer":
+        with open(os.path.join(directory, cls.config_name)) as f:
+            cfg = json.load(f)
+        return cls(padding_side=cfg.get("padding_side", "left"), add_bos=cfg.get("add_bos", True))
+
+
+def default_model(seed: int = 0, hidden: int = 64, layers: int = 2):
+    """The built-in default: a tiny Llama over the byte vocabulary (random weights)."""
+    return tiny_model("llama", seed=seed, vocab_size=ByteTokenizer.vocab_size, hidden=hidden,
+                      layers=layers, heads=4, kv_heads=2)
+
+
+def load_tokenizer(model_dir: Optional[str]):
+    """The tokenizer saved in ``model_dir`` (ours or an HF one), else a :class:`ByteTokenizer`."""
+    if model_dir is not None:
+        if os.path.isfile(os.path.join(model_dir, ByteTokenizer.config_name)):
+            return ByteTokenizer.from_pretrained(model_dir)
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token
+            return tok
+        except Exception:  # no tokenizer files in the folder: fall back to bytes
+            pass
+    return ByteTokenizer()
