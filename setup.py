@@ -7,10 +7,37 @@ from setuptools import setup
 
 
 def ext_modules_and_cmdclass():
-    """The C++/CUDA extension (see csrc/). PREFIX_ATTN_NO_EXT=1 skips it."""
+    """The C++/CUDA extension `prefix_attn._C` (see csrc/), built with ninja.
+
+    PREFIX_ATTN_NO_EXT=1 skips it; PREFIX_ATTN_NO_CUDA=1 builds the CPU part only (the CUDA
+    part is built where torch has CUDA and nvcc exists); MAX_JOBS bounds the parallel compiles;
+    PREFIX_ATTN_PORTABLE=1 drops -march=native (for binaries that move to other CPUs).
+    """
     if os.environ.get("PREFIX_ATTN_NO_EXT") == "1":
         return [], {}
-    return [], {}
+    import glob
+
+    import torch
+    from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension,
+                                           CUDAExtension)
+
+    sources = ["csrc/module.cpp", "csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++20"]
+    if os.environ.get("PREFIX_ATTN_PORTABLE") != "1":
+        cxx.append("-march=native")
+    with_cuda = (os.environ.get("PREFIX_ATTN_NO_CUDA") != "1" and torch.version.cuda is not None
+                 and CUDA_HOME is not None)
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+        ext = CUDAExtension(
+            "prefix_attn._C", sources, include_dirs=[os.path.abspath("csrc")],
+            define_macros=[("PREFIX_ATTN_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math",
+                                                     "-lineinfo"]})
+    else:
+        ext = CppExtension("prefix_attn._C", sources, include_dirs=[os.path.abspath("csrc")],
+                           extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = ext_modules_and_cmdclass()

@@ -1,0 +1,125 @@
+// Input checks shared by the CPU and CUDA implementations of prefix_attn::fwd / ::bwd.
+// Python normalises the arguments, but a compiled op never trusts its caller: every
+// rank, shape, dtype, device and index is checked here before any pointer is formed.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <cmath>
+#include <utility>
+
+namespace prefix_attn {
+
+// Sizes of one call, read from the checked tensors.
+struct Dims {
+  int64_t B, Hq, Hkv, Sq, Skv, D, N, P;
+};
+
+inline void check_floating(const at::Tensor& t, const char* name, at::ScalarType want) {
+  TORCH_CHECK(t.scalar_type() == want, "prefix_attn: ", name, " has dtype ", t.scalar_type(),
+              " but q has dtype ", want, " (all of q, k, v, prefix_k, prefix_v must match)");
+}
+
+inline void check_device(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(t.device() == q.device(), "prefix_attn: ", name, " is on ", t.device(),
+              " but q is on ", q.device());
+}
+
+inline void check_last_dim(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "prefix_attn: ", name,
+              " must have a contiguous last dimension, got strides ", t.strides());
+}
+
+// Checks the forward arguments and returns the sizes. `check_values` reads prefix_ids and
+// prefix_lens (a device sync on CUDA) to reject out-of-range entries.
+inline Dims check_fwd_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                           const at::Tensor& prefix_ids, const at::Tensor& prefix_lens,
+                           const c10::optional<at::Tensor>& key_padding_mask, double scale,
+                           int64_t window, double softcap, int64_t max_head_dim) {
+  TORCH_CHECK(q.dim() == 4, "prefix_attn: q must be [B, Hq, Sq, D], got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4, "prefix_attn: k and v must be [B, Hkv, Skv, D], got ",
+              k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.sizes() == v.sizes(), "prefix_attn: k ", k.sizes(), " and v ", v.sizes(),
+              " must have the same shape");
+  TORCH_CHECK(prefix_k.dim() == 4 && prefix_v.dim() == 4,
+              "prefix_attn: prefix_k and prefix_v must be [N, Hkv, P, D], got ", prefix_k.sizes(),
+              " and ", prefix_v.sizes());
+  TORCH_CHECK(prefix_k.sizes() == prefix_v.sizes(), "prefix_attn: prefix_k ", prefix_k.sizes(),
+              " and prefix_v ", prefix_v.sizes(), " must have the same shape");
+  Dims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), prefix_k.size(0),
+         prefix_k.size(2)};
+  TORCH_CHECK(k.size(0) == d.B && k.size(3) == d.D, "prefix_attn: k ", k.sizes(),
+              " does not match q ", q.sizes(), " in batch or head dim");
+  TORCH_CHECK(prefix_k.size(1) == d.Hkv && prefix_k.size(3) == d.D, "prefix_attn: prefix_k ",
+              prefix_k.sizes(), " does not match k ", k.sizes(), " in kv heads or head dim");
+  TORCH_CHECK(d.Hkv > 0 && d.Hq % d.Hkv == 0, "prefix_attn: Hq=", d.Hq,
+              " must be a multiple of Hkv=", d.Hkv);
+  TORCH_CHECK(d.N >= 1, "prefix_attn: the prefix bank needs N >= 1 entries, got ", prefix_k.sizes());
+  TORCH_CHECK(d.D >= 1 && d.D <= max_head_dim, "prefix_attn: head dim ", d.D,
+              " not supported (1..", max_head_dim, ")");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "prefix_attn: q dtype ", dt, " not supported (float32, float16, bfloat16)");
+  check_floating(k, "k", dt);
+  check_floating(v, "v", dt);
+  check_floating(prefix_k, "prefix_k", dt);
+  check_floating(prefix_v, "prefix_v", dt);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{k, "k"}, {v, "v"},
+                                {prefix_k, "prefix_k"}, {prefix_v, "prefix_v"},
+                                {prefix_ids, "prefix_ids"}, {prefix_lens, "prefix_lens"}}) {
+    check_device(t, name, q);
+  }
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"},
+                                {v, "v"}, {prefix_k, "prefix_k"}, {prefix_v, "prefix_v"}}) {
+    check_last_dim(t, name);
+  }
+  TORCH_CHECK(prefix_ids.scalar_type() == at::kLong && prefix_ids.dim() == 1 &&
+                  prefix_ids.size(0) == d.B,
+              "prefix_attn: prefix_ids must be int64 [B=", d.B, "], got ", prefix_ids.scalar_type(),
+              " ", prefix_ids.sizes());
+  TORCH_CHECK(prefix_lens.scalar_type() == at::kLong && prefix_lens.dim() == 1 &&
+                  prefix_lens.size(0) == d.N,
+              "prefix_attn: prefix_lens must be int64 [N=", d.N, "], got ",
+              prefix_lens.scalar_type(), " ", prefix_lens.sizes());
+  if (key_padding_mask.has_value()) {
+    const auto& m = *key_padding_mask;
+    check_device(m, "key_padding_mask", q);
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == d.B &&
+                    m.size(1) == d.Skv,
+                "prefix_attn: key_padding_mask must be bool [B=", d.B, ", Skv=", d.Skv, "], got ",
+                m.scalar_type(), " ", m.sizes());
+  }
+  TORCH_CHECK(std::isfinite(scale), "prefix_attn: scale must be finite, got ", scale);
+  TORCH_CHECK(window == -1 || window > 0, "prefix_attn: window must be -1 (none) or > 0, got ",
+              window);
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap),
+              "prefix_attn: softcap must be 0 (none) or positive, got ", softcap);
+  if (d.B > 0) {
+    const auto ids_bad = prefix_ids.lt(0).logical_or(prefix_ids.ge(d.N)).any().item<bool>();
+    TORCH_CHECK(!ids_bad, "prefix_attn: prefix_ids must lie in [0, N=", d.N, ")");
+  }
+  const auto lens_bad = prefix_lens.lt(0).logical_or(prefix_lens.gt(d.P)).any().item<bool>();
+  TORCH_CHECK(!lens_bad, "prefix_attn: prefix_lens must lie in [0, P=", d.P, "]");
+  return d;
+}
+
+// Extra checks of the backward-only tensors against the forward sizes.
+inline void check_bwd_args(const Dims& d, const at::Tensor& q, const at::Tensor& dout,
+                           const at::Tensor& out, const at::Tensor& lse) {
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "prefix_attn: dout ",
+              dout.sizes(), " and out ", out.sizes(), " must have q's shape ", q.sizes());
+  check_floating(dout, "dout", q.scalar_type());
+  check_floating(out, "out", q.scalar_type());
+  check_device(dout, "dout", q);
+  check_device(out, "out", q);
+  check_device(lse, "lse", q);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == d.B &&
+                  lse.size(1) == d.Hq && lse.size(2) == d.Sq,
+              "prefix_attn: lse must be float32 [B, Hq, Sq] = [", d.B, ", ", d.Hq, ", ", d.Sq,
+              "], got ", lse.scalar_type(), " ", lse.sizes());
+}
+
+}  // namespace prefix_attn

@@ -1,0 +1,29 @@
+// Entry points of the CPU kernels (csrc/cpu/attention_fwd.cpp, attention_bwd.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+namespace prefix_attn::cpu {
+
+struct AttnParams;
+
+// Raw pointers and strides of checked inputs (see csrc/checks.h); tensors must outlive it.
+AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                       const at::Tensor& prefix_ids, const at::Tensor& prefix_lens,
+                       const c10::optional<at::Tensor>& key_padding_mask, bool causal,
+                       double scale, int64_t window, double softcap);
+
+// out [B, Hq, Sq, D] in q's dtype, lse [B, Hq, Sq] float32 (-inf where no key is visible).
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const AttnParams& p, const at::Tensor& q);
+
+// dq, dk, dv, dprefix_k, dprefix_v with the shapes and dtype of q, k, v, prefix_k, prefix_v.
+// dout, out: [B, Hq, Sq, D] with a contiguous last dim; lse [B, Hq, Sq] float32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const AttnParams& p, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& q);
+
+}  // namespace prefix_attn::cpu

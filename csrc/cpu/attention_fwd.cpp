@@ -1,0 +1,188 @@
+// CPU forward of prefix attention: per (row, kv head, query tile) a tiled online softmax over
+// the prefix tiles of bank entry prefix_ids[b] and then the row's own keys. All query heads of
+// one kv head share the key tiles (GQA without repetition); scores and the P @ V product go
+// through BLAS on fp32 tiles.
+#include "attention_cpu.h"
+#include "attention_tiles.h"
+
+#include <ATen/ops/empty.h>
+
+namespace prefix_attn::cpu {
+namespace {
+
+// Online-softmax state of one query tile: R rows of m (running max), l (running sum), O (acc).
+struct TileState {
+  int64_t R, D;
+  float *Qs, *S, *O, *m, *l, *Kb, *Vb;
+};
+
+// Folds one key tile (bn keys, fp32 rows K/V with strides ldk/ldv) into the state.
+inline void fold_tile(TileState& st, const float* K, int64_t ldk, const float* V, int64_t ldv,
+                      int64_t bn, const AttnParams& p, const OwnKeys* own, int64_t G,
+                      int64_t q0, int64_t bm, int64_t j0) {
+  const int64_t R = st.R, D = st.D;
+  gemm_rm(false, true, R, bn, D, 1.f, st.Qs, D, K, ldk, 0.f, st.S, kBlockN);
+  if (p.softcap > 0.f) apply_softcap(st.S, kBlockN, R, bn, p.softcap, nullptr);
+  if (own) own->apply(st.S, kBlockN, G, q0, bm, j0, bn);
+  for (int64_t r = 0; r < R; ++r) {
+    float* row = st.S + r * kBlockN;
+    float mx = kNegInf;
+    for (int64_t jj = 0; jj < bn; ++jj) mx = std::max(mx, row[jj]);
+    const float m_new = std::max(st.m[r], mx);
+    if (m_new == kNegInf) {  // nothing visible yet in this row
+      std::fill(row, row + bn, 0.f);
+      continue;
+    }
+    float sum = 0.f;
+    for (int64_t jj = 0; jj < bn; ++jj) {
+      const float e = fast_exp(row[jj] - m_new);
+      row[jj] = e;
+      sum += e;
+    }
+    const float alpha = fast_exp(st.m[r] - m_new);
+    st.l[r] = st.l[r] * alpha + sum;
+    st.m[r] = m_new;
+    if (alpha != 1.f) {
+      float* o = st.O + r * D;
+      for (int64_t c = 0; c < D; ++c) o[c] *= alpha;
+    }
+  }
+  gemm_rm(false, false, R, D, bn, 1.f, st.S, kBlockN, V, ldv, 1.f, st.O, D);
+}
+
+template <typename T>
+void fwd_impl(const AttnParams& p, T* out, float* lse) {
+  const int64_t G = p.G, D = p.D;
+  const int64_t n_qt = (p.Sq + kBlockM - 1) / kBlockM;
+  const int64_t n_bg = p.B * p.Hkv;
+  const int64_t n_items = n_bg * n_qt;
+  const int64_t Rmax = G * kBlockM;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* pk = static_cast<const T*>(p.pk);
+  const T* pv = static_cast<const T*>(p.pv);
+
+  run_items(n_items, [&](std::atomic<int64_t>& next) {
+    Scratch qs(Rmax * D), s(Rmax * kBlockN), o(Rmax * D), ml(2 * Rmax), kb(kBlockN * D),
+        vb(kBlockN * D);
+    for (int64_t it; (it = next.fetch_add(1)) < n_items;) {
+      // late (most expensive under causal) query tiles first
+      const int64_t qt = n_qt - 1 - it / n_bg;
+      const int64_t bg = it % n_bg, b = bg / p.Hkv, g = bg % p.Hkv;
+      const int64_t q0 = qt * kBlockM, bm = std::min(kBlockM, p.Sq - q0), R = G * bm;
+      TileState st{R, D, qs.ptr, s.ptr, o.ptr, ml.ptr, ml.ptr + Rmax, kb.ptr, vb.ptr};
+      for (int64_t hh = 0; hh < G; ++hh) {
+        const T* src = q + b * p.q_s[0] + (g * G + hh) * p.q_s[1] + q0 * p.q_s[2];
+        load_rows(st.Qs + hh * bm * D, src, p.q_s[2], bm, D, p.scale);
+      }
+      std::fill(st.O, st.O + R * D, 0.f);
+      std::fill(st.m, st.m + R, kNegInf);
+      std::fill(st.l, st.l + R, 0.f);
+
+      // -- prefix tiles: always visible up to the entry's length ----
+      const int64_t n = p.ids[b], L = p.lens[n];
+      for (int64_t j0 = 0; j0 < L; j0 += kBlockN) {
+        const int64_t bn = std::min(kBlockN, L - j0);
+        int64_t ldk, ldv;
+        const float* K = key_tile(pk + n * p.pk_s[0] + g * p.pk_s[1] + j0 * p.pk_s[2],
+                                  p.pk_s[2], bn, D, st.Kb, &ldk);
+        const float* V = key_tile(pv + n * p.pv_s[0] + g * p.pv_s[1] + j0 * p.pv_s[2],
+                                  p.pv_s[2], bn, D, st.Vb, &ldv);
+        fold_tile(st, K, ldk, V, ldv, bn, p, nullptr, G, q0, bm, j0);
+      }
+      // -- own tiles: skip hidden ones, mask only the partially visible ----
+      const OwnKeys own(p, b);
+      int64_t lo, hi;
+      own.key_range(q0, bm, &lo, &hi);
+      for (int64_t j0 = lo; j0 < hi; j0 += kBlockN) {
+        const int64_t bn = std::min(kBlockN, hi - j0);
+        if (own.all_padding(j0, bn)) continue;
+        int64_t ldk, ldv;
+        const float* K = key_tile(k + b * p.k_s[0] + g * p.k_s[1] + j0 * p.k_s[2], p.k_s[2], bn,
+                                  D, st.Kb, &ldk);
+        const float* V = key_tile(v + b * p.v_s[0] + g * p.v_s[1] + j0 * p.v_s[2], p.v_s[2], bn,
+                                  D, st.Vb, &ldv);
+        const bool masked = own.needs_mask(q0, bm, j0, bn);
+        fold_tile(st, K, ldk, V, ldv, bn, p, masked ? &own : nullptr, G, q0, bm, j0);
+      }
+      // -- normalise and store; rows that saw no key give zeros and lse = -inf ----
+      for (int64_t hh = 0; hh < G; ++hh) {
+        const int64_t h = g * G + hh;
+        for (int64_t ii = 0; ii < bm; ++ii) {
+          const int64_t r = hh * bm + ii;
+          const int64_t row = (b * p.Hq + h) * p.Sq + q0 + ii;
+          const bool seen = st.l[r] > 0.f;
+          store_row(out + row * D, st.O + r * D, D, seen ? 1.f / st.l[r] : 0.f);
+          lse[row] = seen ? st.m[r] + std::log(st.l[r]) : kNegInf;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                       const at::Tensor& prefix_ids, const at::Tensor& prefix_lens,
+                       const c10::optional<at::Tensor>& key_padding_mask, bool causal,
+                       double scale, int64_t window, double softcap) {
+  AttnParams p{};
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.Sq = q.size(2);
+  p.D = q.size(3);
+  p.Hkv = k.size(1);
+  p.G = p.Hq / p.Hkv;
+  p.Skv = k.size(2);
+  p.N = prefix_k.size(0);
+  p.P = prefix_k.size(2);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.pk = prefix_k.data_ptr();
+  p.pv = prefix_v.data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    p.q_s[d] = q.stride(d);
+    p.k_s[d] = k.stride(d);
+    p.v_s[d] = v.stride(d);
+    p.pk_s[d] = prefix_k.stride(d);
+    p.pv_s[d] = prefix_v.stride(d);
+  }
+  p.ids = prefix_ids.data_ptr<int64_t>();
+  p.lens = prefix_lens.data_ptr<int64_t>();
+  p.kpm = nullptr;
+  if (key_padding_mask.has_value()) {
+    p.kpm = key_padding_mask->data_ptr<bool>();
+    p.kpm_s[0] = key_padding_mask->stride(0);
+    p.kpm_s[1] = key_padding_mask->stride(1);
+  }
+  p.causal = causal;
+  p.scale = static_cast<float>(scale);
+  p.window = window;
+  p.softcap = static_cast<float>(softcap);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const AttnParams& p,
+                                                     const at::Tensor& q) {
+  auto out = at::empty({p.B, p.Hq, p.Sq, p.D}, q.options());
+  auto lse = at::empty({p.B, p.Hq, p.Sq}, q.options().dtype(at::kFloat));
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      fwd_impl<float>(p, out.data_ptr<float>(), lse.data_ptr<float>());
+      break;
+    case at::kHalf:
+      fwd_impl<c10::Half>(p, out.data_ptr<c10::Half>(), lse.data_ptr<float>());
+      break;
+    case at::kBFloat16:
+      fwd_impl<c10::BFloat16>(p, out.data_ptr<c10::BFloat16>(), lse.data_ptr<float>());
+      break;
+    default:
+      TORCH_CHECK(false, "prefix_attn: unsupported dtype ", q.scalar_type());
+  }
+  return {out, lse};
+}
+
+}  // namespace prefix_attn::cpu

@@ -1,0 +1,233 @@
+// Building blocks shared by the CPU forward and backward kernels: call parameters, per-worker
+// scratch memory, a row-major fp32 GEMM on BLAS, a vectorisable exp, tile loads with dtype
+// conversion, and the visibility rules (causal / window / key padding) for one tile.
+//
+// Layout conventions: a "query tile" holds BM consecutive queries of every query head of one
+// kv head (GQA group of G heads), stored as R = G * bm rows, row r = hh * bm + ii. A "key tile"
+// holds up to BN consecutive keys of either the prefix bank entry or the row's own keys.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+// Fortran BLAS entry point exported by the BLAS that libtorch links (MKL or OpenBLAS).
+// Weak: if the running libtorch has none, gemm_rm falls back to a plain loop.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc) __attribute__((weak));
+
+namespace prefix_attn::cpu {
+
+constexpr int64_t kBlockM = 32;  // queries per tile (per head)
+constexpr int64_t kBlockN = 64;  // keys per tile
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Pointers and element strides of one call; all tensors already checked by checks.h.
+struct AttnParams {
+  int64_t B, Hq, Hkv, G, Sq, Skv, D, N, P;
+  const void *q, *k, *v, *pk, *pv;
+  int64_t q_s[3], k_s[3], v_s[3], pk_s[3], pv_s[3];  // strides of dims 0..2 (dim 3 is 1)
+  const int64_t* ids;
+  const int64_t* lens;
+  const bool* kpm;  // nullptr = no padding
+  int64_t kpm_s[2];
+  bool causal;
+  float scale;
+  int64_t window;  // -1 = none
+  float softcap;   // 0 = none
+};
+
+// 64-byte aligned fp32 scratch owned by one worker (aligned so that BLAS takes the same
+// code path on every run: bitwise reproducible results).
+struct Scratch {
+  float* ptr = nullptr;
+  explicit Scratch(int64_t n) {
+    const size_t bytes = ((static_cast<size_t>(std::max<int64_t>(n, 1)) * 4 + 63) / 64) * 64;
+    ptr = static_cast<float*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(ptr != nullptr, "prefix_attn: out of memory for ", bytes, " bytes of scratch");
+  }
+  ~Scratch() { std::free(ptr); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+// Row-major C[M,N] = alpha * op(A)[M,K] @ op(B)[K,N] + beta * C, op = transpose when t* set.
+inline void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
+                    const float* A, int64_t lda, const float* Bm, int64_t ldb, float beta,
+                    float* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (sgemm_ != nullptr) {
+    // A row-major matrix is its column-major transpose: C^T = op(B)^T op(A)^T.
+    const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(std::max<int64_t>(ldb, 1));
+    const int lb = static_cast<int>(std::max<int64_t>(lda, 1));
+    const int lc = static_cast<int>(std::max<int64_t>(ldc, 1));
+    sgemm_(&cb, &ca, &m, &n, &k, &alpha, Bm, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) {
+      float acc = 0.f;
+      for (int64_t p = 0; p < K; ++p) {
+        const float a = ta ? A[p * lda + i] : A[i * lda + p];
+        const float b = tb ? Bm[j * ldb + p] : Bm[p * ldb + j];
+        acc += a * b;
+      }
+      C[i * ldc + j] = alpha * acc + (beta == 0.f ? 0.f : beta * C[i * ldc + j]);
+    }
+  }
+}
+
+// exp(x) to ~2 ulp for x in [-87, 88]; exactly 0 below -87 (and for -inf). Branch-free so
+// that loops over it vectorise.
+inline float fast_exp(float x) {
+  const float xc = std::min(std::max(x, -87.f), 88.f);
+  const float t = xc * 1.44269504088896341f;
+  const float n = (t + 12582912.f) - 12582912.f;  // round to nearest integer
+  float r = xc - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187045e-06f;
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return x < -87.f ? 0.f : p * two_n;
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
+// dst[r, :] = src[r * ld, :] * mul for r < rows, dst row stride D.
+template <typename T>
+inline void load_rows(float* dst, const T* src, int64_t ld, int64_t rows, int64_t D, float mul) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * ld;
+    float* d = dst + r * D;
+    for (int64_t c = 0; c < D; ++c) d[c] = to_float(s[c]) * mul;
+  }
+}
+
+template <typename T>
+inline void store_row(T* dst, const float* src, int64_t D, float mul) {
+  for (int64_t c = 0; c < D; ++c) dst[c] = static_cast<T>(src[c] * mul);
+}
+
+// A key tile as fp32 rows: fp32 inputs are read in place, other dtypes converted into buf.
+template <typename T>
+inline const float* key_tile(const T* src, int64_t ld, int64_t rows, int64_t D, float* buf,
+                             int64_t* ld_out) {
+  if constexpr (std::is_same_v<T, float>) {
+    *ld_out = ld;
+    return src;
+  } else {
+    load_rows(buf, src, ld, rows, D, 1.f);
+    *ld_out = D;
+    return buf;
+  }
+}
+
+// Visibility of the own keys of row b: causal (bottom-right aligned), window, key padding.
+struct OwnKeys {
+  int64_t Sq, Skv, off;  // off = Skv - Sq: query i sits at key position off + i
+  bool causal;
+  int64_t window;
+  const bool* kpm;  // row b of key_padding_mask, or nullptr
+  int64_t kpm_stride;
+
+  OwnKeys(const AttnParams& p, int64_t b)
+      : Sq(p.Sq), Skv(p.Skv), off(p.Skv - p.Sq), causal(p.causal), window(p.window),
+        kpm(p.kpm ? p.kpm + b * p.kpm_s[0] : nullptr), kpm_stride(p.kpm_s[1]) {}
+
+  // Keys [lo, hi) that some query of [q0, q0 + bm) may see.
+  void key_range(int64_t q0, int64_t bm, int64_t* lo, int64_t* hi) const {
+    *hi = causal ? std::clamp<int64_t>(off + q0 + bm, 0, Skv) : Skv;
+    *lo = window >= 0 ? std::clamp<int64_t>(off + q0 - window + 1, 0, Skv) : 0;
+  }
+  // Queries [lo, hi) that may see some key of [j0, j0 + bn).
+  void query_range(int64_t j0, int64_t bn, int64_t* lo, int64_t* hi) const {
+    *lo = causal ? std::clamp<int64_t>(j0 - off, 0, Sq) : 0;
+    *hi = window >= 0 ? std::clamp<int64_t>(j0 + bn - 1 - off + window, 0, Sq) : Sq;
+  }
+  bool any_padding(int64_t j0, int64_t bn) const {
+    if (!kpm) return false;
+    for (int64_t j = j0; j < j0 + bn; ++j)
+      if (!kpm[j * kpm_stride]) return true;
+    return false;
+  }
+  bool all_padding(int64_t j0, int64_t bn) const {
+    if (!kpm) return false;
+    for (int64_t j = j0; j < j0 + bn; ++j)
+      if (kpm[j * kpm_stride]) return false;
+    return true;
+  }
+  // True when some (query, key) pair of the tile is hidden.
+  bool needs_mask(int64_t q0, int64_t bm, int64_t j0, int64_t bn) const {
+    if (causal && j0 + bn - 1 > off + q0) return true;
+    if (window >= 0 && (off + q0 + bm - 1) - j0 >= window) return true;
+    return any_padding(j0, bn);
+  }
+  // Sets S[r, jj] = -inf for hidden pairs; rows r = hh * bm + ii for hh < G.
+  void apply(float* S, int64_t ldS, int64_t G, int64_t q0, int64_t bm, int64_t j0,
+             int64_t bn) const {
+    for (int64_t ii = 0; ii < bm; ++ii) {
+      const int64_t pos = off + q0 + ii;
+      // visible own keys of this query: [jlo, jhi] before padding
+      const int64_t jhi = causal ? pos : std::numeric_limits<int64_t>::max();
+      const int64_t jlo = window >= 0 ? pos - window + 1 : std::numeric_limits<int64_t>::min();
+      for (int64_t hh = 0; hh < G; ++hh) {
+        float* row = S + (hh * bm + ii) * ldS;
+        for (int64_t jj = 0; jj < bn; ++jj) {
+          const int64_t j = j0 + jj;
+          const bool vis = j <= jhi && j >= jlo && (!kpm || kpm[j * kpm_stride]);
+          if (!vis) row[jj] = kNegInf;
+        }
+      }
+    }
+  }
+};
+
+// Applies the softcap in place: s <- c * tanh(s / c); keeps tanh in T (for the backward).
+inline void apply_softcap(float* S, int64_t ldS, int64_t R, int64_t bn, float c, float* Tbuf) {
+  for (int64_t r = 0; r < R; ++r) {
+    float* row = S + r * ldS;
+    float* trow = Tbuf ? Tbuf + r * ldS : nullptr;
+    for (int64_t jj = 0; jj < bn; ++jj) {
+      const float t = std::tanh(row[jj] / c);
+      if (trow) trow[jj] = t;
+      row[jj] = c * t;
+    }
+  }
+}
+
+// Runs worker(next) once per thread; workers take items from the shared counter one at a
+// time (costs differ a lot under causal masks) until it reaches n_items. Each item writes
+// disjoint outputs, so the result does not depend on which thread ran it.
+template <typename Worker>
+inline void run_items(int64_t n_items, const Worker& worker) {
+  if (n_items <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_items);
+  at::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
+    for (int64_t w = wb; w < we; ++w) worker(next);
+  });
+}
+
+}  // namespace prefix_attn::cpu

@@ -1,0 +1,169 @@
+"""The `cpu` backend (C++ extension prefix_attn._C) against the reference: forward and
+backward, fp32/fp16/bf16, odd shapes that cross the kernel's tiles (32 queries x 64 keys),
+GQA/MQA, banks with entries of different lengths, padding, window, softcap, non-causal;
+determinism, opcheck, input checks in C++, and the default choice on CPU."""
+import pytest
+import torch
+
+import prefix_attn
+from prefix_attn import prefix_attention, prefix_attention_ref
+from prefix_attn.backends import available_backends
+from conftest import assert_close_fa, make_inputs
+
+pytestmark = pytest.mark.skipif("cpu" not in available_backends(),
+                                reason="extension prefix_attn._C not built")
+
+SHAPES = {
+    "P0": dict(P=0),
+    "P1_Sq1": dict(P=1, Sq=1, Skv=13),
+    "P17_gqa3": dict(P=17, Sq=7, Skv=23, D=24, Hq=6, Hkv=2),
+    # more queries and keys than one tile, prefix longer than one key tile
+    "tiles_bank": dict(B=3, Hq=6, Hkv=2, Sq=37, Skv=70, D=8, N=3, P=70, lens=[70, 0, 5],
+                       ids=[2, 0, 1]),
+    "mqa_leftpad": dict(Hq=4, Hkv=1, Sq=9, Skv=9, pad="left", B=3),
+    "bank_rightpad": dict(B=5, N=3, P=9, lens=[9, 1, 4], ids=[2, 0, 2, 1, 0], pad="right"),
+    "mha_noprefix": dict(Hq=3, Hkv=3, P=None),
+    # more queries than keys: the first queries see no own key (and no prefix: zeros)
+    "Sq_gt_Skv_P0": dict(Sq=6, Skv=3, P=0),
+}
+EXTRA = {"plain": {}, "window": dict(window=4), "softcap": dict(softcap=2.0),
+         "noncausal": dict(causal=False)}
+
+
+def grads(out, tensors, g):
+    return torch.autograd.grad(out, tensors, g, allow_unused=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("extra", list(EXTRA))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_cpu_backend_matches_reference(shape, extra, dtype):
+    args, kw = make_inputs(dtype=dtype, requires_grad=True, **SHAPES[shape])
+    kw.update(EXTRA[extra])
+    tensors = [t for t in args if t is not None]
+    out, lse = prefix_attention(*args, **kw, backend="cpu", return_lse=True)
+    truth, tlse = prefix_attention_ref(*args, **kw, return_lse=True)
+    base = prefix_attention_ref(*args, **kw, upcast=False)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert not out.isnan().any()
+    assert_close_fa(out, truth, base)
+    finite = torch.isfinite(tlse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    assert (lse[~finite] == float("-inf")).all()
+    torch.testing.assert_close(lse[finite], tlse[finite],
+                               atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=0)
+    g = torch.randn_like(out)
+    for name, a, t, b in zip("q k v pk pv".split(), grads(out, tensors, g),
+                             grads(truth, tensors, g), grads(base, tensors, g)):
+        assert a.shape == t.shape and a.dtype == t.dtype
+        assert_close_fa(a, t, b, atol=1e-4, name=f"d{name}")
+
+
+def test_fp32_is_tight():
+    """fp32 against the reference with a fixed tolerance (not only relative to a baseline)."""
+    args, kw = make_inputs(B=2, Hq=8, Hkv=2, Sq=65, Skv=129, D=64, N=2, P=40, lens=[40, 33],
+                           ids=[1, 0], pad="left", requires_grad=True)
+    tensors = list(args)
+    out = prefix_attention(*args, **kw, backend="cpu")
+    truth = prefix_attention_ref(*args, **kw)
+    torch.testing.assert_close(out, truth, atol=2e-6, rtol=1e-5)
+    g = torch.randn_like(out)
+    for a, t in zip(grads(out, tensors, g), grads(truth, tensors, g)):
+        torch.testing.assert_close(a, t, atol=1e-5, rtol=1e-4)
+
+
+def test_backward_is_bitwise_deterministic():
+    args, kw = make_inputs(B=6, Hq=4, Hkv=2, Sq=40, Skv=70, N=2, P=70, lens=[70, 3],
+                           ids=[0, 1, 0, 0, 1, 0], pad="left", requires_grad=True)
+    runs = []
+    for _ in range(2):
+        out = prefix_attention(*args, **kw, backend="cpu")
+        runs.append(torch.autograd.grad(out.square().sum(), args))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_unused_entries_and_positions_beyond_len_get_zero_grad():
+    args, kw = make_inputs(B=3, N=3, P=6, lens=[6, 2, 4], ids=[1, 1, 0], requires_grad=True)
+    out = prefix_attention(*args, **kw, backend="cpu")
+    dpk, dpv = torch.autograd.grad(out.sum(), args[3:])
+    for d in (dpk, dpv):
+        assert (d[2] == 0).all() and (d[1, :, 2:] == 0).all()
+        assert (d[1, :, :2] != 0).any() and (d[0] != 0).any()
+
+
+def test_strided_inputs():
+    """q/k/v as views of a packed [B, S, H, D] projection (the layout HF transposes)."""
+    g = torch.Generator().manual_seed(1)
+    B, S, Hq, Hkv, D = 2, 11, 4, 2, 16
+    qkv = torch.randn(B, S, Hq + 2 * Hkv, D, generator=g)
+    q = qkv[:, :, :Hq].transpose(1, 2)
+    k = qkv[:, :, Hq:Hq + Hkv].transpose(1, 2)
+    v = qkv[:, :, Hq + Hkv:].transpose(1, 2)
+    pk, pv = torch.randn(2, 1, Hkv, 5, D, generator=g).unbind(0)
+    out = prefix_attention(q, k, v, pk, pv, backend="cpu")
+    truth = prefix_attention_ref(q.contiguous(), k.contiguous(), v.contiguous(), pk, pv)
+    torch.testing.assert_close(out, truth, atol=2e-6, rtol=1e-5)
+
+
+def test_cpu_is_the_default_on_cpu(monkeypatch):
+    monkeypatch.delenv("PREFIX_ATTN_BACKEND", raising=False)
+    from prefix_attn.backends import choose_backend
+    from prefix_attn.validation import normalize
+    args, kw = make_inputs()
+    assert choose_backend(normalize(*args, **kw)).name == "cpu"
+    assert available_backends().index("cpu") < available_backends().index("torch")
+
+
+def _op_args(B=2, Hq=4, Hkv=2, Sq=5, Skv=9, D=16, N=2, P=7, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32).to(dtype)  # noqa: E731
+    return [r(B, Hq, Sq, D), r(B, Hkv, Skv, D), r(B, Hkv, Skv, D), r(N, Hkv, P, D),
+            r(N, Hkv, P, D), torch.tensor([1, 0]), torch.tensor([P, 3]),
+            torch.rand(B, Skv, generator=g) > 0.2, True, D ** -0.5, -1, 0.0]
+
+
+def test_opcheck():
+    for dtype in (torch.float32, torch.bfloat16):
+        a = _op_args(dtype=dtype)
+        for t in a[:5]:
+            t.requires_grad_(True)
+        torch.library.opcheck(torch.ops.prefix_attn.fwd.default, a)
+        out, lse = torch.ops.prefix_attn.fwd.default(*a)
+        dout = torch.randn_like(out)
+        b = [dout] + a[:8] + [out.detach(), lse] + a[8:]
+        torch.library.opcheck(torch.ops.prefix_attn.bwd.default,
+                              [t.detach() if isinstance(t, torch.Tensor) else t for t in b])
+
+
+@pytest.mark.parametrize("what", ["ids_high", "ids_negative", "lens_high", "kv_heads",
+                                  "dtype_mix", "mask_shape", "window_zero", "ids_dtype"])
+def test_cpp_checks_reject_bad_input(what):
+    """The op is called directly (bypassing Python validation): C++ must reject, not crash."""
+    a = _op_args()
+    if what == "ids_high":
+        a[5] = torch.tensor([2, 0])
+    elif what == "ids_negative":
+        a[5] = torch.tensor([-1, 0])
+    elif what == "lens_high":
+        a[6] = torch.tensor([8, 0])
+    elif what == "kv_heads":
+        a[1] = a[1][:, :1]
+    elif what == "dtype_mix":
+        a[2] = a[2].double()
+    elif what == "mask_shape":
+        a[7] = a[7][:, :3]
+    elif what == "window_zero":
+        a[10] = 0
+    elif what == "ids_dtype":
+        a[5] = a[5].int()
+    with pytest.raises(RuntimeError, match="prefix_attn"):
+        torch.ops.prefix_attn.fwd.default(*a)
+
+
+def test_torch_compile_traces_through_the_op():
+    args, kw = make_inputs(B=2, N=2, P=5, ids=[1, 0])
+    f = torch.compile(lambda *a: prefix_attention(*a, **kw, backend="cpu"), backend="eager",
+                      fullgraph=False)
+    torch.testing.assert_close(f(*args), prefix_attention_ref(*args, **kw), atol=2e-6,
+                               rtol=1e-5)
