@@ -1,0 +1,100 @@
+"""Prefix tuning on the fused path: the trainable prefix module and ``prefix_tuning(model, ...)``.
+
+``PrefixParameters`` has the parameter names and layout of PEFT's ``PrefixEncoder``
+(``embedding`` and, with a projection, ``transform``), so PEFT's initial prefix can be copied
+into it with ``load_state_dict`` and its plain K/V are exactly PEFT's ``prompt_embeddings``:
+
+- plain: ``embedding.weight`` ``[P, L * 2 * Hkv * D]``;
+- P-tuning v2 reparameterisation (PEFT's ``prefix_projection``): ``embedding.weight``
+  ``[P, Hkv * D]`` then ``transform`` = Linear(Hkv*D, hidden) -> Tanh -> Linear(hidden, L*2*Hkv*D).
+
+``forward()`` returns ``[L, 2, Hkv, P, D]`` (a view of the ``[P, L, 2, Hkv, D]`` rows, no copy
+for the plain form), the bank's trainable-entry contract. The bank hands one copy of it to
+the attention kernel for all the rows that select it, and the kernel's backward returns the
+gradient summed over those rows: no per-row copy in forward or backward. ``bank.save_peft``
+folds the projection (runs ``forward()`` once) and writes plain K/V in PEFT's format.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .bank import PrefixBank
+from .hf import ATTN_NAME
+
+__all__ = ["PrefixParameters", "prefix_tuning", "trainable_parameters"]
+
+
+class PrefixParameters(nn.Module):
+    """A trainable prefix of ``num_virtual_tokens`` positions for every layer.
+
+    Args: num_layers L, num_kv_heads Hkv, head_dim D, num_virtual_tokens P;
+    projection_hidden_size: None for plain K/V, else the hidden size of the MLP.
+    Parameters are float32 (the bank casts the output to the model's dtype).
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int,
+                 num_virtual_tokens: int, projection_hidden_size: Optional[int] = None,
+                 device=None):
+        super().__init__()
+        if num_virtual_tokens <= 0:
+            raise ValueError(f"num_virtual_tokens must be positive, got {num_virtual_tokens}")
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.num_virtual_tokens = num_virtual_tokens
+        token_dim = num_kv_heads * head_dim
+        out_dim = num_layers * 2 * token_dim
+        kw = dict(device=device, dtype=torch.float32)
+        if projection_hidden_size is None:
+            self.embedding = nn.Embedding(num_virtual_tokens, out_dim, **kw)
+            self.transform = None
+        else:
+            self.embedding = nn.Embedding(num_virtual_tokens, token_dim, **kw)
+            self.transform = nn.Sequential(nn.Linear(token_dim, projection_hidden_size, **kw), nn.Tanh(),
+                                           nn.Linear(projection_hidden_size, out_dim, **kw))
+
+    @property
+    def projection(self) -> bool:
+        return self.transform is not None
+
+    def rows(self) -> torch.Tensor:
+        """PEFT's ``prompt_embeddings``: ``[P, L * 2 * Hkv * D]``."""
+        x = self.embedding.weight
+        return self.transform(x) if self.transform is not None else x
+
+    def forward(self) -> torch.Tensor:
+        """``[L, 2, Hkv, P, D]`` keys (index 0) and values (index 1) of every layer."""
+        L, H, D, P = self.num_layers, self.num_kv_heads, self.head_dim, self.num_virtual_tokens
+        return self.rows().view(P, L, 2, H, D).permute(1, 2, 3, 0, 4)
+
+    def extra_repr(self) -> str:
+        return (f"L={self.num_layers}, Hkv={self.num_kv_heads}, D={self.head_dim}, "
+                f"P={self.num_virtual_tokens}, projection={self.projection}")
+
+
+def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
+                  projection_hidden_size: Optional[int] = None, name: str = "default") -> PrefixParameters:
+    """Freeze every base parameter of ``model`` and add one trainable prefix ``name`` to its bank.
+
+    Call it once per task to train several prefixes together (each row of a batch picks its
+    own with ``prefixes=[...]``); prefixes added earlier stay trainable. Switches the model to
+    ``attn_implementation="prefix_attn"`` if it uses another one. Returns the new module
+    (its parameters are the ones to give the optimizer).
+    """
+    bank = PrefixBank.attach(model)
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) != ATTN_NAME:
+        model.set_attn_implementation(ATTN_NAME)
+    keep = {id(p) for p in bank.trainable.parameters()}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+    module = PrefixParameters(bank.num_layers, bank.num_kv_heads, bank.head_dim,
+                              num_virtual_tokens, projection_hidden_size, device=bank.device)
+    bank.add_trainable(name, module)
+    return module
+
+
+def trainable_parameters(model: nn.Module) -> list:
+    """The parameters of ``model`` that require grad (the prefixes after ``prefix_tuning``)."""
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,214 @@
+"""Prefix tuning on the fused path vs PEFT: gradients, checkpointing, multi-task, save, convergence."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import prefix_attn.api
+from prefix_attn.bank import PrefixBank
+from prefix_attn.tiny import tiny_model
+from prefix_attn.tuning import PrefixParameters, prefix_tuning, trainable_parameters
+
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.hf
+
+P = 4
+
+
+def _batch(B=3, S=7, vocab=128, seed=0, pad="left"):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, S), generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    if pad == "left":
+        mask[1, :2] = 0
+        mask[2, :3] = 0
+    elif pad == "right":
+        mask[1, -2:] = 0
+        mask[2, -3:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def _pair(family="llama", projection=None, seed=0, **cfg):
+    """(ours, our prefix module, PEFT model) from the same base weights and initial prefix."""
+    ours = tiny_model(family, seed=seed, **cfg)
+    base = tiny_model(family, seed=seed, attn_implementation="sdpa", **cfg)
+    base.load_state_dict(ours.state_dict())
+    pcfg = peft.PrefixTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=P,
+                                   prefix_projection=projection is not None,
+                                   encoder_hidden_size=projection)
+    torch.manual_seed(seed + 1)
+    pm = peft.get_peft_model(base, pcfg)
+    module = prefix_tuning(ours, num_virtual_tokens=P, projection_hidden_size=projection)
+    module.load_state_dict(pm.prompt_encoder["default"].state_dict())
+    return ours, module, pm
+
+
+def test_prefix_tuning_freezes_base_and_adds_trainable_prefixes():
+    model = tiny_model("llama", attn_implementation="sdpa")
+    n_base = sum(p.numel() for p in model.parameters())
+    a = prefix_tuning(model, num_virtual_tokens=5, name="a")
+    b = prefix_tuning(model, num_virtual_tokens=3, projection_hidden_size=16, name="b")
+    assert model.config._attn_implementation == "prefix_attn"
+    bank = model.prefix_bank
+    assert bank.names() == ["a", "b"] and bank.entry_len("a") == 5 and bank.entry_len("b") == 3
+    trainable = trainable_parameters(model)
+    assert {id(p) for p in trainable} == {id(p) for p in [*a.parameters(), *b.parameters()]}
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert frozen == n_base
+    L, H, D = bank.num_layers, bank.num_kv_heads, bank.head_dim
+    assert a().shape == (L, 2, H, 5, D) and b().shape == (L, 2, H, 3, D)
+
+
+@pytest.mark.parametrize("family,projection", [("llama", None), ("llama", 16), ("gpt2", None),
+                                               ("qwen2", 16)])
+def test_loss_and_prefix_grads_match_peft(family, projection):
+    ours, module, pm = _pair(family, projection)
+    ids, mask, labels = _batch()
+    ours.train()
+    pm.train()
+    loss = ours(ids, attention_mask=mask, labels=labels, prefixes=["default"] * 3).loss
+    loss.backward()
+    loss_peft = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss_peft.backward()
+    torch.testing.assert_close(loss, loss_peft, rtol=1e-5, atol=1e-6)
+    enc = pm.prompt_encoder["default"]
+    for (n1, p1), (n2, p2) in zip(module.named_parameters(), enc.named_parameters()):
+        assert n1 == n2
+        assert p1.grad is not None and p1.grad.abs().sum() > 0
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_prefix_reaches_kernel_once_not_per_row(monkeypatch):
+    """Four rows share one prefix: the kernel gets a bank of 1 entry, and backward reaches it."""
+    model = tiny_model("llama")
+    module = prefix_tuning(model, num_virtual_tokens=P)
+    seen = []
+    real = prefix_attn.api.prefix_attention
+
+    def spy(q, k, v, pk=None, pv=None, **kw):
+        seen.append((tuple(pk.shape), pk.requires_grad, tuple(kw["prefix_ids"].shape)))
+        return real(q, k, v, pk, pv, **kw)
+
+    monkeypatch.setattr(prefix_attn.api, "prefix_attention", spy)
+    ids, mask, labels = _batch(B=4, pad=None)
+    model(ids, labels=labels, prefixes=["default"] * 4).loss.backward()
+    L, H, D = model.prefix_bank.num_layers, model.prefix_bank.num_kv_heads, model.prefix_bank.head_dim
+    assert seen == [((1, H, P, D), True, (4,))] * L
+    assert module.embedding.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("projection", [None, 16])
+def test_gradient_checkpointing_same_grads(projection):
+    model = tiny_model("llama")
+    module = prefix_tuning(model, num_virtual_tokens=P, projection_hidden_size=projection)
+    ids, mask, labels = _batch()
+    model.train()
+
+    def grads():
+        for p in module.parameters():
+            p.grad = None
+        loss = model(ids, attention_mask=mask, labels=labels, prefixes=["default"] * 3).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in module.parameters()]
+
+    loss0, g0 = grads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecated alias, still the documented call
+        model.gradient_checkpointing_enable()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    loss1, g1 = grads()
+    torch.testing.assert_close(loss1, loss0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_multi_task_rows_choose_their_prefix():
+    """Two trainable prefixes in one batch: each gets the gradient of its own rows only."""
+    model = tiny_model("llama")
+    a = prefix_tuning(model, num_virtual_tokens=3, name="a")
+    b = prefix_tuning(model, num_virtual_tokens=5, projection_hidden_size=8, name="b")
+    ids, mask, labels = _batch(B=4, pad="right")
+    mask[3, -1:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    rows = ["a", "b", "b", "a"]
+
+    def run(sel):
+        for p in trainable_parameters(model):
+            p.grad = None
+        out = model(ids[sel], attention_mask=mask[sel], prefixes=[rows[i] for i in sel])
+        logp = torch.log_softmax(out.logits[:, :-1], -1)
+        tgt = labels[sel][:, 1:]
+        nll = -logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0]
+        loss = (nll * (tgt != -100)).sum()
+        loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() if p.grad is not None else None
+                                     for n, p in model.named_parameters() if p.requires_grad}
+
+    logits_all, g_all = run([0, 1, 2, 3])
+    logits_a, g_a = run([0, 3])
+    logits_b, g_b = run([1, 2])
+    torch.testing.assert_close(logits_all[[0, 3]], logits_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits_all[[1, 2]], logits_b, rtol=1e-5, atol=1e-5)
+    for n in g_all:
+        part = g_a[n] if g_a[n] is not None else g_b[n]
+        assert (g_a[n] is None) != (g_b[n] is None), n  # each parameter belongs to one task
+        torch.testing.assert_close(g_all[n], part, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("projection", [None, 16])
+def test_save_peft_loads_in_peft_with_our_logits(tmp_path, projection):
+    model = tiny_model("qwen2")
+    module = prefix_tuning(model, num_virtual_tokens=P, projection_hidden_size=projection)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.prefix_bank.save_peft("default", str(tmp_path))
+    base = tiny_model("qwen2", attn_implementation="sdpa")
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if "prefix_bank" not in k})
+    pm = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    ids, mask, _ = _batch(pad="left")
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask, prefixes=["default"] * 3).logits
+        theirs = pm(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(ours[keep], theirs[keep], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("projection", [None, 16])
+def test_convergence_matches_peft(projection):
+    """Ten AdamW steps from the same initial prefix: same loss at every step, same final prefix."""
+    ours, module, pm = _pair("llama", projection, seed=3)
+    ours.train()
+    pm.train()
+    opt_ours = torch.optim.AdamW(module.parameters(), lr=1e-2)
+    enc = pm.prompt_encoder["default"]
+    opt_peft = torch.optim.AdamW(enc.parameters(), lr=1e-2)
+    losses = []
+    for step in range(10):
+        ids, mask, labels = _batch(seed=step)
+        l1 = ours(ids, attention_mask=mask, labels=labels, prefixes=["default"] * 3).loss
+        l2 = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        for opt, loss in ((opt_ours, l1), (opt_peft, l2)):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        losses.append((l1.item(), l2.item()))
+    for a, b in losses:
+        assert abs(a - b) <= 1e-4 * abs(b), losses
+    assert losses[-1][0] < losses[0][0]  # it learns
+    with torch.no_grad():
+        torch.testing.assert_close(module.rows(), enc(pm.prompt_tokens["default"][None, :P])[0],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_prefix_parameters_layout_is_peft_prompt_embeddings():
+    m = PrefixParameters(num_layers=3, num_kv_heads=2, head_dim=4, num_virtual_tokens=5)
+    kv = m()
+    rows = m.rows().view(5, 3, 2, 2, 4)
+    assert kv.shape == (3, 2, 2, 5, 4)
+    assert torch.equal(kv[1, 0, 1, 2], rows[2, 1, 0, 1])  # layer 1, key, head 1, position 2
+    assert torch.equal(kv[2, 1, 0, 4], rows[4, 2, 1, 0])  # layer 2, value, head 0, position 4
+    with pytest.raises(ValueError):
+        PrefixParameters(1, 1, 4, 0)
