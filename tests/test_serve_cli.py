@@ -1,0 +1,136 @@
+"""``prefix-attn generate`` (prefix_attn.serve): request parsing, batching, outputs, errors."""
+import json
+
+import pytest
+import torch
+
+from prefix_attn.serve import RequestError, main, read_requests
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_read_requests_parses_and_skips_blank_lines(tmp_path):
+    f = _write(tmp_path / "r.jsonl", ['{"id": "x", "prefix": "a", "prompt": "hi"}', "",
+                                      '{"prompt": "\u00e9t\u00e9", "prefix": "", "temperature": 3}'])
+    reqs = read_requests(f)
+    assert [(r.id, r.prefix, r.prompt, r.line) for r in reqs] == [("x", "a", "hi", 1), (1, None, "\u00e9t\u00e9", 3)]
+    assert reqs[1].extra == {"temperature": 3}
+
+
+@pytest.mark.parametrize("line, pattern", [
+    ('{"prompt": "a"', r"r.jsonl:2: invalid JSON"),
+    ('["prompt"]', r"r.jsonl:2: expected a JSON object, got list"),
+    ('{"prefix": "a"}', r"r.jsonl:2: 'prompt' must be a string, got None"),
+    ('{"prompt": "a", "prefix": 3}', r"r.jsonl:2: 'prefix' must be a name"),
+])
+def test_read_requests_errors_name_file_and_line(tmp_path, line, pattern):
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "ok"}', line])
+    with pytest.raises(RequestError, match=pattern):
+        read_requests(f)
+
+
+def test_missing_input_file_is_a_clean_error(tmp_path, capsys):
+    rc = main(["-i", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "o.jsonl"), "--no-progress"])
+    assert rc == 2 and "cannot read requests file" in capsys.readouterr().err
+
+
+# -- end to end on the built-in tiny model -------------------------------------------------------
+
+def _results(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    """A PEFT adapter for the built-in default model, written by save_peft."""
+    from prefix_attn import tiny
+    from prefix_attn.bank import PrefixBank
+
+    model = tiny.default_model()
+    bank = PrefixBank.attach(model)
+    g = torch.Generator().manual_seed(5)
+    shape = (bank.num_layers, bank.num_kv_heads, 6, bank.head_dim)
+    bank.add("t", 3 * torch.randn(shape, generator=g), 3 * torch.randn(shape, generator=g))
+    d = tmp_path_factory.mktemp("adapter")
+    bank.save_peft("t", str(d))
+    return str(d)
+
+
+@pytest.mark.hf
+def test_generate_mixed_prefixes_matches_per_row_generate(tmp_path, adapter_dir):
+    """A batch mixing an adapter, a shared prompt and no prefix answers every request as a
+    one-row generate would: the adapter row as model.generate(prefixes=[...]), the prompt row
+    as the plain model on prompt + text."""
+    from prefix_attn import tiny
+    from prefix_attn.bank import PrefixBank
+
+    system = "Answer briefly. "
+    reqs = [{"id": "a", "prefix": "tenant", "prompt": "hello there"},
+            {"id": "b", "prefix": "sys", "prompt": "why?"},
+            {"id": "c", "prompt": "no prefix"},
+            {"id": "d", "prefix": "tenant", "prompt": "x"}]
+    f = _write(tmp_path / "r.jsonl", [json.dumps(r) for r in reqs])
+    out = tmp_path / "o" / "res.jsonl"
+    rc = main(["-i", f, "-o", str(out), "--adapter", f"tenant={adapter_dir}", "--prompt-prefix", f"sys={system}",
+               "--batch-size", "3", "--max-new-tokens", "4", "--no-progress"])
+    assert rc == 0
+    res = _results(out)
+    assert [r["id"] for r in res] == ["a", "b", "c", "d"]
+    assert [r["prefix"] for r in res] == ["tenant", "sys", None, "tenant"]
+
+    tok = tiny.ByteTokenizer()
+    model = tiny.default_model()
+    bank = PrefixBank.attach(model)
+    bank.load_peft("tenant", adapter_dir)
+
+    def greedy(ids, **kw):
+        with torch.no_grad():
+            g = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False,
+                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
+        new = g[0, len(ids):].tolist()
+        return tok.decode(new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new)
+
+    assert res[0]["completion"] == greedy(tok.encode("hello there"), prefixes=["tenant"])
+    assert res[0]["completion"] != greedy(tok.encode("hello there"))  # the prefix is not a no-op here
+    assert res[3]["completion"] == greedy(tok.encode("x"), prefixes=["tenant"])
+    assert res[2]["completion"] == greedy(tok.encode("no prefix"))
+    # the prompt prefix carries the start token; the request text follows it without one
+    assert res[1]["completion"] == greedy(tok.encode(system) + tok.encode("why?")[1:])
+
+
+@pytest.mark.hf
+def test_unknown_prefix_fails_before_generating(tmp_path, capsys, adapter_dir):
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "a", "prefix": "tenant"}', '{"prompt": "b", "prefix": "nope"}'])
+    out = tmp_path / "res.jsonl"
+    rc = main(["-i", f, "-o", str(out), "--adapter", f"tenant={adapter_dir}", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "r.jsonl:2: unknown prefix 'nope'" in err and "['tenant']" in err
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.hf
+def test_model_folder_and_saved_bank(tmp_path, adapter_dir, capsys):
+    """--model loads a saved folder (with its byte tokenizer) and --bank a saved bank; the
+    progress bar goes to stderr and the results to the output file."""
+    from prefix_attn import tiny
+    from prefix_attn.bank import PrefixBank
+
+    model = tiny.default_model()
+    model.save_pretrained(str(tmp_path / "model"))
+    tiny.ByteTokenizer().save_pretrained(str(tmp_path / "model"))
+    bank = PrefixBank.attach(model)
+    bank.load_peft("saved", adapter_dir)
+    bank.save(str(tmp_path / "bank"))
+
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "hi", "prefix": "saved"}', '{"prompt": "hey"}'])
+    base = ["-i", f, "--max-new-tokens", "3", "--batch-size", "2"]
+    assert main(base + ["-o", str(tmp_path / "a.jsonl"), "--model", str(tmp_path / "model"),
+                        "--bank", str(tmp_path / "bank")]) == 0
+    assert "generate" in capsys.readouterr().err  # progress bar
+    assert main(base + ["-o", str(tmp_path / "b.jsonl"), "--adapter", f"saved={adapter_dir}",
+                        "--no-progress"]) == 0
+    assert _results(tmp_path / "a.jsonl") == _results(tmp_path / "b.jsonl")
+    assert main(base + ["-o", str(tmp_path / "c.jsonl"), "--model", str(tmp_path / "missing")]) == 2
