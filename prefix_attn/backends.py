@@ -1,14 +1,13 @@
 """Backend registry and selection.
 
 A backend is a pair of torch ops (fwd, bwd) with one schema (docs/INTERNALS.md). Backend
-modules register themselves when imported; they are imported lazily, on first use, so that
-`import prefix_attn` never loads triton, compiles an extension or touches CUDA.
+modules register themselves when imported, inside try/except so that a missing or broken optional backend (no triton, no compiled extension) never breaks
+`import prefix_attn`. They are imported once, by `import prefix_attn`; none touches CUDA.
 """
 from __future__ import annotations
 
 import importlib
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
@@ -42,6 +41,11 @@ _loaded = False
 def register_backend(backend: Backend) -> None:
     register_autograd(backend.fwd, backend.bwd)
     _REGISTRY[backend.name] = backend
+
+
+def load_backends() -> None:
+    """Import every backend module once (idempotent, never raises)."""
+    _load_all()
 
 
 def _load_all() -> None:

@@ -49,7 +49,10 @@ def attention_from_args(a: AttnArgs, upcast: bool = True):
     vis = visible_mask(a)
     s = s.masked_fill(~vis, float("-inf"))
     # Rows with no visible key: max is -inf; shift by 0 instead so exp gives exact zeros.
-    m = s.amax(dim=-1, keepdim=True).detach()
+    if s.shape[-1] == 0:
+        m = s.new_zeros(s.shape[:-1] + (1,))
+    else:
+        m = s.amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     l = e.sum(dim=-1, keepdim=True)

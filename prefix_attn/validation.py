@@ -62,6 +62,12 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+def _compiling() -> bool:
+    # Range checks read tensor values (a host sync and a graph break under torch.compile);
+    # compiled graphs skip them and rely on the backends' own bounds checks.
+    return torch.compiler.is_compiling()
+
+
 def _check_tensor(name, t, rank):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -153,7 +159,7 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         prefix_ids = torch.zeros(B, dtype=torch.int64, device=device)
     else:
         prefix_ids = _check_index_tensor("prefix_ids", prefix_ids, B, device, "one entry per batch row")
-        if B > 0:
+        if B > 0 and not _compiling():
             lo, hi = int(prefix_ids.min()), int(prefix_ids.max())
             if lo < 0 or hi >= N:
                 raise ValueError(f"prefix_ids must lie in [0, {N}) for a bank of N={N} "
@@ -162,7 +168,7 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         prefix_lens = torch.full((N,), P, dtype=torch.int64, device=device)
     else:
         prefix_lens = _check_index_tensor("prefix_lens", prefix_lens, N, device, "one length per bank entry")
-        lo, hi = int(prefix_lens.min()), int(prefix_lens.max())
+        lo, hi = (0, P) if _compiling() or N == 0 else (int(prefix_lens.min()), int(prefix_lens.max()))
         if lo < 0 or hi > P:
             raise ValueError(f"prefix_lens must lie in [0, P={P}] (prefix_k {_shape(prefix_k)}), "
                              f"got values in [{lo}, {hi}]")

@@ -1,0 +1,135 @@
+"""The `torch` backend against the reference, forward and backward, fp32/fp16/bf16, and
+the dispatch layer (backend choice, env override, strided inputs, empty shapes)."""
+import pytest
+import torch
+
+import prefix_attn
+from prefix_attn import prefix_attention, prefix_attention_ref
+from conftest import assert_close_fa, errors, make_inputs
+
+SHAPES = {
+    "P0": dict(P=0),
+    "P1_Sq1": dict(P=1, Sq=1, Skv=13),
+    "P17_odd": dict(P=17, Sq=7, Skv=23, D=24, Hq=6, Hkv=2),
+    "mqa_leftpad": dict(Hq=4, Hkv=1, pad="left", B=3),
+    "bank_rightpad": dict(B=5, N=3, P=9, lens=[9, 1, 4], ids=[2, 0, 2, 1, 0], pad="right"),
+    "mha_noprefix": dict(Hq=3, Hkv=3, P=None),
+}
+EXTRA = {"plain": {}, "window": dict(window=4), "softcap": dict(softcap=2.0),
+         "noncausal": dict(causal=False)}
+
+
+def grads(out, tensors, g):
+    return torch.autograd.grad(out, tensors, g, allow_unused=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("extra", list(EXTRA))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_torch_backend_matches_reference(shape, extra, dtype):
+    args, kw = make_inputs(dtype=dtype, requires_grad=True, **SHAPES[shape])
+    kw.update(EXTRA[extra])
+    tensors = [t for t in args if t is not None]
+    out, lse = prefix_attention(*args, **kw, backend="torch", return_lse=True)
+    truth, tlse = prefix_attention_ref(*args, **kw, return_lse=True)
+    base = prefix_attention_ref(*args, **kw, upcast=False)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close_fa(out, truth, base)
+    finite = torch.isfinite(tlse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    torch.testing.assert_close(lse[finite], tlse[finite], atol=2e-2 if dtype != torch.float32 else 1e-4, rtol=0)
+    g = torch.randn_like(out)
+    for name, a, t, b in zip("q k v pk pv".split(), grads(out, tensors, g), grads(truth, tensors, g),
+                             grads(base, tensors, g)):
+        assert_close_fa(a, t, b, atol=1e-4, name=f"d{name}")
+
+
+def test_backward_is_deterministic():
+    args, kw = make_inputs(B=6, N=2, P=8, lens=[8, 3], ids=[0, 1, 0, 0, 1, 0], pad="left",
+                           requires_grad=True)
+    runs = []
+    for _ in range(2):
+        out = prefix_attention(*args, **kw, backend="torch")
+        runs.append(torch.autograd.grad(out.square().sum(), args))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_unused_entries_and_positions_beyond_len_get_zero_grad():
+    args, kw = make_inputs(B=3, N=3, P=6, lens=[6, 2, 4], ids=[1, 1, 0], requires_grad=True)
+    out = prefix_attention(*args, **kw, backend="torch")
+    dpk, dpv = torch.autograd.grad(out.sum(), args[3:])
+    assert torch.all(dpk[2] == 0) and torch.all(dpv[2] == 0)
+    assert torch.all(dpk[1, :, 2:] == 0) and torch.all(dpv[1, :, 2:] == 0)
+
+
+def test_chunked_queries_match(monkeypatch):
+    # Force several query chunks: the result must not depend on the chunking.
+    import prefix_attn.torch_backend as tb
+    args, kw = make_inputs(B=2, Sq=11, Skv=15, N=2, P=5, lens=[5, 3], ids=[1, 0], pad="left",
+                           requires_grad=True)
+    kw.update(window=6)
+    full = prefix_attention(*args, **kw, backend="torch")
+    gfull = torch.autograd.grad(full.sum(), args)
+    monkeypatch.setattr(tb, "_SCORE_BUDGET", 2 * 4 * (15 + 5) * 3)  # 3 queries a chunk
+    part = prefix_attention(*args, **kw, backend="torch")
+    gpart = torch.autograd.grad(part.sum(), args)
+    torch.testing.assert_close(part, full)
+    for a, b in zip(gpart, gfull):
+        torch.testing.assert_close(a, b)
+
+
+def test_strided_hf_views_without_copy():
+    # HF passes q/k/v as [B, S, H, D] tensors transposed to [B, H, S, D].
+    B, S, Hq, Hkv, D = 2, 6, 4, 2, 8
+    q = torch.randn(B, S, Hq, D).transpose(1, 2)
+    k = torch.randn(B, S, Hkv, D).transpose(1, 2)
+    v = torch.randn(B, S, Hkv, D).transpose(1, 2)
+    pk, pv = torch.randn(Hkv, 3, D), torch.randn(Hkv, 3, D)
+    out = prefix_attention(q, k, v, pk, pv)
+    ref = prefix_attention_ref(q.contiguous(), k.contiguous(), v.contiguous(), pk, pv)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("shape", [dict(B=0), dict(Sq=0), dict(Skv=0), dict(Skv=0, P=0)])
+def test_empty_dimensions(shape):
+    args, kw = make_inputs(requires_grad=True, **shape)
+    out, lse = prefix_attention(*args, **kw, backend="torch", return_lse=True)
+    ref, rlse = prefix_attention_ref(*args, **kw, return_lse=True)
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(rlse))
+    if out.numel():
+        out.sum().backward()
+        assert not torch.isnan(args[0].grad).any()
+
+
+def test_dispatch_env_and_listing(monkeypatch):
+    assert "torch" in prefix_attn.available_backends()
+    args, kw = make_inputs()
+    monkeypatch.setenv("PREFIX_ATTN_BACKEND", "torch")
+    out = prefix_attention(*args, **kw)
+    torch.testing.assert_close(out, prefix_attention_ref(*args, **kw))
+    monkeypatch.setenv("PREFIX_ATTN_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="nonsense"):
+        prefix_attention(*args, **kw)
+
+
+def test_float64_goes_to_a_backend_that_supports_it():
+    args, kw = make_inputs(dtype=torch.float64)
+    out = prefix_attention(*args, **kw)
+    assert out.dtype == torch.float64
+    assert errors(out, prefix_attention_ref(*args, **kw)) < 1e-12
+
+
+def test_torch_compile_traces_the_op():
+    args, kw = make_inputs()
+    fn = torch.compile(lambda *a: prefix_attention(*a, **kw, backend="torch"), backend="eager",
+                       fullgraph=True)  # fullgraph: any graph break is an error
+    torch.testing.assert_close(fn(*args), prefix_attention_ref(*args, **kw))
+
+
+def test_opcheck_torch_ops():
+    from prefix_attn.validation import normalize
+    args, kw = make_inputs(B=2, N=2, P=4, lens=[4, 2], ids=[1, 0], pad="left", requires_grad=True)
+    a = normalize(*args, **kw)
+    torch.library.opcheck(torch.ops.prefix_attn.torch_fwd.default, a.op_args())

@@ -1,0 +1,99 @@
+"""Every bad input gets a ValueError/TypeError naming the argument and the shapes seen."""
+import pytest
+import torch
+
+from prefix_attn import prefix_attention, prefix_attention_ref
+
+B, Hq, Hkv, Sq, Skv, D, N, P = 2, 4, 2, 3, 5, 8, 3, 4
+
+
+def good():
+    return dict(
+        q=torch.randn(B, Hq, Sq, D), k=torch.randn(B, Hkv, Skv, D), v=torch.randn(B, Hkv, Skv, D),
+        prefix_k=torch.randn(N, Hkv, P, D), prefix_v=torch.randn(N, Hkv, P, D),
+        prefix_ids=torch.tensor([0, 2]), prefix_lens=torch.tensor([4, 0, 2]),
+        key_padding_mask=torch.ones(B, Skv, dtype=torch.bool))
+
+
+def with_(**changes):
+    def build():
+        kw = good()
+        for key, val in changes.items():
+            kw[key] = val(kw) if callable(val) else val
+        return kw
+    return build
+
+
+# (case, builder, exception, words that must appear in the message)
+BAD = [
+    ("q rank", with_(q=torch.randn(B, Hq, D)), ValueError, ["q", "4 dimensions", "[2, 4, 8]"]),
+    ("k rank", with_(k=torch.randn(B, Skv, D)), ValueError, ["k", "[2, 5, 8]"]),
+    ("q not tensor", with_(q=[[1.0]]), TypeError, ["q", "list"]),
+    ("batch mismatch", with_(k=torch.randn(3, Hkv, Skv, D), v=torch.randn(3, Hkv, Skv, D)),
+     ValueError, ["batch", "[3, 2, 5, 8]", "[2, 4, 3, 8]"]),
+    ("head dim mismatch", with_(k=torch.randn(B, Hkv, Skv, 4), v=torch.randn(B, Hkv, Skv, 4)),
+     ValueError, ["head dim", "[2, 2, 5, 4]"]),
+    ("Hq not multiple", with_(k=torch.randn(B, 3, Skv, D), v=torch.randn(B, 3, Skv, D),
+                              prefix_k=torch.randn(N, 3, P, D), prefix_v=torch.randn(N, 3, P, D)),
+     ValueError, ["multiple", "4", "3"]),
+    ("k v differ", with_(v=torch.randn(B, Hkv, Skv + 1, D)), ValueError, ["k and v", "[2, 2, 6, 8]"]),
+    ("prefix k v differ", with_(prefix_v=torch.randn(N, Hkv, P + 1, D)), ValueError,
+     ["prefix_k and prefix_v", "[3, 2, 5, 8]"]),
+    ("prefix only k", with_(prefix_v=None), ValueError, ["prefix_k and prefix_v", "None"]),
+    ("prefix heads", with_(prefix_k=torch.randn(N, 1, P, D), prefix_v=torch.randn(N, 1, P, D)),
+     ValueError, ["prefix_k", "[3, 1, 4, 8]"]),
+    ("prefix rank", with_(prefix_k=torch.randn(P, D), prefix_v=torch.randn(P, D)), ValueError,
+     ["prefix_k", "[4, 8]"]),
+    ("bank without ids", with_(prefix_ids=None), ValueError, ["prefix_ids", "N=3"]),
+    ("ids out of range", with_(prefix_ids=torch.tensor([0, 3])), ValueError, ["prefix_ids", "[0, 3)", "3"]),
+    ("ids negative", with_(prefix_ids=torch.tensor([-1, 0])), ValueError, ["prefix_ids", "-1"]),
+    ("ids float", with_(prefix_ids=torch.tensor([0.0, 1.0])), TypeError, ["prefix_ids", "integer"]),
+    ("ids bool", with_(prefix_ids=torch.tensor([True, False])), TypeError, ["prefix_ids", "integer"]),
+    ("ids list", with_(prefix_ids=[0, 1]), TypeError, ["prefix_ids", "list"]),
+    ("ids length", with_(prefix_ids=torch.tensor([0, 1, 2])), ValueError, ["prefix_ids", "[2]", "[3]"]),
+    ("lens beyond P", with_(prefix_lens=torch.tensor([4, 5, 0])), ValueError, ["prefix_lens", "P=4", "5"]),
+    ("lens negative", with_(prefix_lens=torch.tensor([4, -1, 0])), ValueError, ["prefix_lens", "-1"]),
+    ("lens length", with_(prefix_lens=torch.tensor([4, 4])), ValueError, ["prefix_lens", "[3]", "[2]"]),
+    ("mixed dtype", with_(k=lambda kw: kw["k"].double()), TypeError, ["k", "float64", "float32"]),
+    ("prefix dtype", with_(prefix_k=lambda kw: kw["prefix_k"].half(), prefix_v=lambda kw: kw["prefix_v"].half()),
+     TypeError, ["prefix_k", "float16"]),
+    ("int dtype", with_(q=torch.ones(B, Hq, Sq, D, dtype=torch.int32)), TypeError, ["q", "int32"]),
+    ("mixed device", with_(k=lambda kw: kw["k"].to("meta")), ValueError, ["k", "meta", "cpu"]),
+    ("mask shape", with_(key_padding_mask=torch.ones(B, Skv + 1, dtype=torch.bool)), ValueError,
+     ["key_padding_mask", "[2, 5]", "[2, 6]"]),
+    ("mask dtype", with_(key_padding_mask=torch.ones(B, Skv)), TypeError, ["key_padding_mask", "bool"]),
+    ("window zero", with_(window=0), ValueError, ["window", "0"]),
+    ("window negative", with_(window=-2), ValueError, ["window", "-2"]),
+    ("window float", with_(window=2.5), TypeError, ["window"]),
+    ("softcap zero", with_(softcap=0.0), ValueError, ["softcap", "0"]),
+    ("softcap negative", with_(softcap=-1.0), ValueError, ["softcap"]),
+    ("head dim too big", with_(q=torch.randn(1, 1, 1, 300), k=torch.randn(1, 1, 1, 300),
+                               v=torch.randn(1, 1, 1, 300), prefix_k=None, prefix_v=None,
+                               prefix_ids=None, prefix_lens=None, key_padding_mask=None),
+     ValueError, ["head dim", "300"]),
+    ("unknown backend", with_(backend="fast"), ValueError, ["backend", "fast"]),
+    ("causal not bool", with_(causal=1), TypeError, ["causal"]),
+]
+
+
+# The reference ignores `backend`, so that case is checked on the API only.
+PAIRS = [pytest.param(fn, *c, id=f"{tag}-{c[0]}")
+         for tag, fn in (("api", prefix_attention), ("ref", prefix_attention_ref))
+         for c in BAD if not (tag == "ref" and c[0] == "unknown backend")]
+
+
+@pytest.mark.parametrize("fn,case,build,exc,words", PAIRS)
+def test_bad_input_is_rejected_clearly(fn, case, build, exc, words):
+    kw = build()
+    args = [kw.pop(n) for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    with pytest.raises(exc) as info:
+        fn(*args, **kw)
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, f"{w!r} not in message: {msg}"
+
+
+def test_good_input_passes():
+    kw = good()
+    args = [kw.pop(n) for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    assert prefix_attention(*args, **kw).shape == (B, Hq, Sq, D)
