@@ -1,0 +1,109 @@
+"""`prefix-attn check`: every available backend against the reference on random inputs.
+
+One case exercises the whole contract at once: a bank of three entries of different
+lengths (one unused, one of length 0), GQA, left padding, odd lengths, forward and
+backward. Tolerance (per output and gradient): the flash-attention rule, error vs the fp32 truth at most
+twice the error of a same-dtype PyTorch computation, plus a small atol.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional
+
+import torch
+
+from .api import prefix_attention
+from .backends import available_backends, get_backend, load_errors
+from .reference import prefix_attention_ref
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _inputs(dtype, device, seed=0, B=4, Hq=6, Hkv=2, Sq=19, Skv=37, D=40, N=3, P=21):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    args = (rnd(B, Hq, Sq, D), rnd(B, Hkv, Skv, D), rnd(B, Hkv, Skv, D), rnd(N, Hkv, P, D),
+            rnd(N, Hkv, P, D))
+    mask = torch.ones(B, Skv, dtype=torch.bool)
+    mask[1, :5] = False
+    mask[3, :11] = False
+    kw = dict(prefix_ids=torch.tensor([2, 0, 2, 1], device=device),
+              prefix_lens=torch.tensor([P, 0, 13], device=device),
+              key_padding_mask=mask.to(device), window=29, softcap=30.0)
+    return args, kw
+
+
+def _err(x, y):
+    return (x.double() - y.double()).abs().max().item()
+
+
+def check_backend(name: str, dtype: torch.dtype, device: str, atol: float = 1e-4) -> dict:
+    """Max errors of out and the five gradients; `ok` by the flash-attention rule."""
+    args, kw = _inputs(dtype, device)
+    out = prefix_attention(*args, **kw, backend=name)
+    truth = prefix_attention_ref(*args, **kw)
+    base = prefix_attention_ref(*args, **kw, upcast=False)
+    g = torch.randn_like(truth)
+    results = {"out": (_err(out, truth), _err(base, truth))}
+    for label, o in (("ours", out), ("truth", truth), ("base", base)):
+        results[label + "_grads"] = torch.autograd.grad(o, args, g)
+    for i, n in enumerate(("dq", "dk", "dv", "dprefix_k", "dprefix_v")):
+        results[n] = (_err(results["ours_grads"][i], results["truth_grads"][i]),
+                      _err(results["base_grads"][i], results["truth_grads"][i]))
+    rows = {n: results[n] for n in ("out", "dq", "dk", "dv", "dprefix_k", "dprefix_v")}
+    ok = all(e <= 2 * b + atol for e, b in rows.values())
+    # Report the output/gradient closest to its tolerance.
+    worst = max(rows, key=lambda n: rows[n][0] / (2 * rows[n][1] + atol))
+    return {"backend": name, "dtype": str(dtype).replace("torch.", ""), "device": device,
+            "worst": worst, "max_err": rows[worst][0], "tolerance": 2 * rows[worst][1] + atol,
+            "ok": ok}
+
+
+def run_checks(backends: Optional[List[str]] = None, dtypes: Optional[List[str]] = None,
+               device: Optional[str] = None) -> List[dict]:
+    rows = []
+    for name in backends or available_backends():
+        b = get_backend(name)
+        dev = device or ("cuda" if "cpu" not in b.devices else "cpu")
+        if dev not in b.devices:
+            continue
+        for dname in dtypes or list(DTYPES):
+            dtype = DTYPES[dname]
+            if name == "triton" and dev == "cpu" and dtype == torch.bfloat16:
+                continue  # the Triton interpreter cannot compute in bfloat16
+            try:
+                rows.append(check_backend(name, dtype, dev))
+            except Exception as e:  # report, don't hide: a crash is a failure
+                rows.append({"backend": name, "dtype": dname, "device": dev, "worst": "-",
+                             "max_err": float("nan"), "tolerance": float("nan"), "ok": False, "error": f"{type(e).__name__}: {e}"})
+    return rows
+
+
+def format_table(rows: List[dict]) -> str:
+    lines = ["| backend | device | dtype | worst of out/dq/dk/dv/dprefix | max error | tolerance | result |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        verdict = "pass" if r["ok"] else "FAIL" + (f" ({r['error']})" if "error" in r else "")
+        lines.append(f"| {r['backend']} | {r['device']} | {r['dtype']} | {r['worst']} | "
+                     f"{r['max_err']:.2e} | {r['tolerance']:.2e} | {verdict} |")
+    return "\n".join(lines)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("check", help="check every available backend against the reference")
+    p.add_argument("--backend", action="append", help="only this backend (repeatable)")
+    p.add_argument("--dtype", action="append", choices=list(DTYPES), help="only this dtype (repeatable)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: each backend's own)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    print(f"available backends: {', '.join(available_backends())}")
+    for mod, err in load_errors().items():
+        print(f"  (not loaded: {mod}: {err})")
+    rows = run_checks(args.backend, args.dtype, args.device)
+    print(format_table(rows))
+    failed = [r for r in rows if not r["ok"]]
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0

@@ -1,0 +1,36 @@
+"""The `prefix-attn` command: check, demo, train, generate."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# (subcommand module, what it does); each module has add_parser(subparsers) -> parser with
+# `func` set. A module that is missing or cannot import is left out of the menu with a note.
+_SUBCOMMANDS = ("prefix_attn.check", "prefix_attn.demo", "prefix_attn.train", "prefix_attn.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefix-attn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _SUBCOMMANDS:
+        try:
+            importlib.import_module(name).add_parser(sub)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""The `prefix-attn` command line: check's table and exit status."""
+import subprocess
+import sys
+
+import torch
+
+from prefix_attn import check, cli
+
+
+def test_check_table_passes_for_torch_backend(capsys):
+    assert cli.main(["check", "--backend", "torch", "--dtype", "float32", "--dtype", "float16"]) == 0
+    out = capsys.readouterr().out
+    assert "| torch | cpu | float32 |" in out and "| torch | cpu | float16 |" in out
+    assert "2 passed, 0 failed" in out
+
+
+def test_check_reports_a_wrong_backend_as_failure(monkeypatch):
+    import prefix_attn.api as api
+    real = api.prefix_attention
+
+    def wrong(*a, **k):  # a backend that is off by a little: must fail the tolerance
+        return real(*a, **k) * 1.01
+    monkeypatch.setattr(check, "prefix_attention", wrong)
+    rows = check.run_checks(["torch"], ["float32"])
+    assert len(rows) == 1 and not rows[0]["ok"]
+    assert "FAIL" in check.format_table(rows)
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "prefix_attn.cli", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "check" in out
