@@ -350,6 +350,11 @@ class PrefixBank(nn.Module):
         with self._lock:
             return sum(sel.nbytes for sel in self._cache.values() if not sel.is_view)
 
+    def clear_cache(self) -> None:
+        """Drop the cached selections (they are rebuilt on demand)."""
+        with self._lock:
+            self._cache.clear()
+
     def _materialize(self, entry: _Entry) -> Tensor:
         if entry.kv is not None:
             return entry.kv
