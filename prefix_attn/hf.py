@@ -298,7 +298,10 @@ def _pre_hook(model, args, kwargs):
     if "position_ids" in _forward_params(model) and bool((row_lens > 0).any()):
         pos = kwargs.get("position_ids")
         if pos is None:
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            # transformers >= 5.2x calls it `cache`, earlier 5.x releases `past_key_values`
+            cache = kwargs.get("cache")
+            if cache is None:
+                cache = kwargs.get("past_key_values")
             past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
             pos = torch.arange(past, past + S, device=device)[None, :]
         kwargs["position_ids"] = pos + row_lens[:, None]
