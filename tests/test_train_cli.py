@@ -1,0 +1,98 @@
+"""`prefix-attn train`: runs, logs, evaluates, saves a PEFT adapter, resumes exactly."""
+import json
+import os
+
+import pytest
+import torch
+
+from prefix_attn import train
+
+pytestmark = pytest.mark.hf
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "data.jsonl"
+    with open(path, "w") as f:
+        for i in range(14):
+            f.write(json.dumps({"prompt": f"Q{i % 3}:", "completion": f" answer {i % 4}"}) + "\n")
+    return str(path)
+
+
+ARGS = ["--num-virtual-tokens", "4", "--batch-size", "4", "--eval-every", "2", "--save-every", "1",
+        "--no-progress", "--lr", "0.05", "--epochs", "3"]
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))["prompt_embeddings"]
+
+
+def test_train_writes_log_checkpoint_and_a_peft_adapter(data, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    import prefix_attn
+
+    out = str(tmp_path / "run")
+    assert train.main([data, "-o", out, "--max-steps", "4", *ARGS]) == 0
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all(r["tokens_per_s"] > 0 and r["loss"] > 0 for r in log)
+    assert "eval_loss" in log[1] and "eval_loss" in log[3]
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]  # atomic writes left nothing
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert ckpt["step"] == 4
+    # the adapter loads in PEFT on the saved base model and gives our logits
+    base_dir = os.path.join(out, "base_model")
+    base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="sdpa")
+    pm = peft.PeftModel.from_pretrained(base, os.path.join(out, "adapter")).eval()
+    ours = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="prefix_attn").eval()
+    prefix_attn.PrefixBank.attach(ours).load_peft("t", os.path.join(out, "adapter"))
+    ids = torch.randint(3, 200, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, prefixes=["t", "t"]).logits, pm(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-5)
+    assert torch.equal(_adapter(out), ckpt["prefix"]["embedding.weight"])
+    assert log[3]["eval_loss"] < log[1]["eval_loss"]  # it learns
+
+
+def test_resume_gives_the_uninterrupted_result(data, tmp_path):
+    straight, split = str(tmp_path / "a"), str(tmp_path / "b")
+    train.main([data, "-o", straight, "--max-steps", "5", *ARGS])
+    train.main([data, "-o", split, "--max-steps", "2", *ARGS])
+    first = _adapter(split)
+    with pytest.raises(FileExistsError):
+        train.main([data, "-o", split, "--max-steps", "5", *ARGS])
+    train.main([data, "-o", split, "--max-steps", "5", "--resume", *ARGS])
+    assert not torch.equal(first, _adapter(split))
+    torch.testing.assert_close(_adapter(split), _adapter(straight), rtol=0, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in open(os.path.join(split, "log.jsonl"))]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_text_file_projection_and_cli_dispatch(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text("\n".join(f"line number {i}" for i in range(10)) + "\n\n")
+    out = str(tmp_path / "run")
+    from prefix_attn import cli
+
+    rc = cli.main(["train", str(path), "-o", out, "--max-steps", "2", "--projection-hidden-size", "8",
+                   "--gradient-checkpointing", *ARGS])
+    assert rc == 0
+    cfg = json.load(open(os.path.join(out, "adapter", "adapter_config.json")))
+    assert cfg["peft_type"] == "PREFIX_TUNING" and cfg["num_virtual_tokens"] == 4
+    assert cfg["prefix_projection"] is False  # the MLP was folded into plain K/V
+    assert os.path.isabs(cfg["base_model_name_or_path"])
+
+
+def test_read_examples_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"foo": 1}\n')
+    with pytest.raises(ValueError, match="text"):
+        train.read_examples(str(bad))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="no examples"):
+        train.read_examples(str(empty))
