@@ -34,41 +34,60 @@ def bucket(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-def _configs(block_m, block_n, warps, stages, single):
+def _configs(block_m, block_n, warps, stages, singles):
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     if one_config():
-        return [triton.Config({"BLOCK_M": single[0], "BLOCK_N": single[1]},
-                              num_warps=single[2], num_stages=single[3])]
+        # candidates from large to small: `prune` keeps the first that fits the call
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                for bm, bn, w, s in singles]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm in block_m for bn in block_n for w in warps for s in stages]
 
 
 def fwd_configs():
     """Forward configs: BLOCK_M packed query rows x BLOCK_N keys."""
-    return _configs([64, 128], [32, 64, 128], [4, 8], [2, 3, 4], single=(128, 64, 8, 3))
+    return _configs([64, 128], [32, 64, 128], [4, 8], [2, 3, 4],
+                    singles=[(128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2)])
 
 
 def bwd_configs():
     """Backward configs (dK/dV and dQ): smaller tiles, three accumulators live at once."""
-    return _configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3], single=(64, 64, 4, 2))
+    return _configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3],
+                    singles=[(64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)])
+
+
+# Shared memory we allow a config to need (H100/H200 have 227 KiB per block; estimate is rough).
+SMEM_BUDGET = 160 * 1024
+
+
+def smem_estimate(block_m, block_n, block_d, stages, elsize):
+    """Bytes of shared memory a config needs, roughly: the resident tile of one side plus the
+    pipelined (stages - 1) buffers of the two streamed tiles of the other side."""
+    resident, streamed = min(block_m, block_n), max(block_m, block_n)
+    return elsize * block_d * (resident + 2 * streamed * max(1, stages - 1))
 
 
 def prune(configs, named_args, **kwargs):
-    """Drop configs that cannot fit or waste work for this call.
+    """Drop configs that cannot fit or waste work for this call; keep at least one.
 
-    * tiles wider than the packed query length (decode: ``G * Sq`` small) beyond 64 rows;
-    * large tiles with a 256-wide head dim (shared memory);
+    * shared memory over SMEM_BUDGET (head dim x dtype size x tiles x stages);
+    * more than 64 packed query rows when ``G * Sq`` is small (decode);
+    * accumulators too big for registers (head dim 256 with 128-row tiles);
     * 8 warps on tiles of fewer than 64x64 elements.
-    Always keeps at least one config.
+    With PREFIX_ATTN_TRITON_ONE_CONFIG=1 only the first surviving config is kept.
     """
     if len(configs) <= 1:
         return configs
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
     m_bucket = named_args.get("M_BUCKET", kwargs.get("M_BUCKET", 1 << 20))
+    q = named_args.get("Q")
+    elsize = q.element_size() if q is not None else 2
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if smem_estimate(bm, bn, block_d, c.num_stages, elsize) > SMEM_BUDGET:
+            continue
         if bm > max(64, m_bucket):
             continue
         if block_d >= 256 and bm * bn > 64 * 64:
@@ -78,4 +97,5 @@ def prune(configs, named_args, **kwargs):
         if c.num_warps == 8 and bm * bn < 64 * 64:
             continue
         kept.append(c)
-    return kept or configs[:1]
+    kept = kept or configs[-1:]
+    return kept[:1] if one_config() else kept

@@ -1,0 +1,256 @@
+"""GPU benchmark of the triton backend: TFLOP/s forward and backward against
+`F.scaled_dot_product_attention` (flash backend) on the same total KV length, and end to
+end (forward + backward) against the PEFT path (prefix expanded over the batch,
+concatenated, repeated for GQA, explicit bool mask, SDPA).
+
+Usage (on a CUDA machine, package installed):
+    python bench/bench_triton_gpu.py --out OUTDIR            # H200 targets: bf16, D 128, S 4096
+    python bench/bench_triton_gpu.py --out OUTDIR --dry-run  # CPU, tiny sizes, no GPU needed
+
+Writes OUTDIR/bench_triton_gpu.json: GPU name, torch/triton versions, date, the shapes, one
+record per (P, mode) with milliseconds, TFLOP/s and ratios, and the targets with a
+met/missed flag. --dry-run runs the same code path on CPU with the `torch` backend and
+wall-clock timing (numbers meaningless; it checks parsing, FLOP counting and the JSON).
+
+FLOPs (flash-attention convention, 2 per multiply-add, two matmuls forward, 2.5x that
+backward) count only visible (query, key) pairs: for a causal row of S queries over P
+prefix keys and S own keys that is S * P + S * (S + 1) / 2 pairs per head. The SDPA-flash
+baseline runs causal attention on a sequence of the same total length S + P, i.e.
+(S + P) * (S + P + 1) / 2 pairs per head.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+TARGETS = {  # H200, bf16, D 128, S 4096, P 128
+    "fwd_tflops_min": 400.0,
+    "fwd_vs_sdpa_flash_min": 1.0,
+    "e2e_vs_peft_min": 2.0,
+    "bwd_tflops_min": 250.0,
+}
+TARGET_P = 128
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for bench_triton_gpu.json")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--hq", type=int, default=32)
+    p.add_argument("--hkv", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--seq", type=int, default=4096, help="own tokens per row (Sq = Skv = S)")
+    p.add_argument("--prefix", default="16,64,128,256", help="comma-separated prefix lengths P")
+    p.add_argument("--modes", default="fwd,bwd,e2e", help="subset of fwd,bwd,e2e")
+    p.add_argument("--reps", type=int, default=50, help="timed repetitions per measurement")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU, tiny sizes, torch backend: checks the script, not the GPU")
+    a = p.parse_args(argv)
+    a.prefix_lens = [int(x) for x in a.prefix.split(",") if x.strip()]
+    a.mode_list = [m.strip() for m in a.modes.split(",") if m.strip()]
+    bad = set(a.mode_list) - {"fwd", "bwd", "e2e"}
+    if bad:
+        p.error(f"unknown modes {sorted(bad)}")
+    if a.hq % a.hkv:
+        p.error(f"--hq {a.hq} must be a multiple of --hkv {a.hkv}")
+    if a.dry_run:
+        a.batch, a.hq, a.hkv, a.head_dim, a.seq = 2, 4, 2, 16, 32
+        a.prefix_lens = sorted({min(P, 8) for P in a.prefix_lens}) or [8]
+        a.reps = 2
+        a.dtype = "fp32"
+    return a
+
+
+def causal_pairs(S: int, P: int) -> int:
+    """Visible (query, key) pairs per head: S queries, P prefix keys, S causal own keys."""
+    return S * P + S * (S + 1) // 2
+
+
+def attn_flops(B: int, H: int, D: int, pairs: int, mode: str) -> float:
+    """FLOPs of attention over `pairs` visible pairs per head: fwd 4*D per pair, bwd 2.5x."""
+    fwd = 4.0 * B * H * D * pairs
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "e2e": 3.5 * fwd}[mode]
+
+
+def tflops(flops: float, ms: float) -> float:
+    return flops / (ms * 1e-3) / 1e12 if ms > 0 else float("nan")
+
+
+def timer(device: str, reps: int):
+    """A function timing fn() in milliseconds (median): CUDA events on GPU, wall clock on CPU."""
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=max(reps, 10), return_mode="median")
+
+    def cpu_time(fn):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1e3)
+        return sorted(ts)[len(ts) // 2]
+    return cpu_time
+
+
+def peft_attention(q, k, v, pk, pv):
+    """The PEFT path: prefix [Hkv, P, D] expanded over the batch, concatenated to the own KV,
+    repeated over query heads (HF's repeat_kv), explicit bool mask [B, 1, S, P + S], SDPA."""
+    B, Hq, S, D = q.shape
+    Hkv, P = pk.shape[0], pk.shape[1]
+    kk = torch.cat([pk.unsqueeze(0).expand(B, -1, -1, -1), k], dim=2)
+    vv = torch.cat([pv.unsqueeze(0).expand(B, -1, -1, -1), v], dim=2)
+    kk = kk.repeat_interleave(Hq // Hkv, dim=1)
+    vv = vv.repeat_interleave(Hq // Hkv, dim=1)
+    own = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    mask = torch.cat([torch.ones(S, P, dtype=torch.bool, device=q.device), own], dim=1)
+    mask = mask[None, None].expand(B, 1, S, P + S)
+    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+
+
+def sdpa_flash(q, k, v):
+    """Causal SDPA restricted to the flash backend (GQA through enable_gqa)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def sdpa_any(q, k, v):
+    """Dry-run stand-in for sdpa_flash: CPU has no flash backend."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def environment(device: str) -> dict:
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:],
+    }
+
+
+def bench_one(a, P: int, device: str, time_ms) -> list:
+    from prefix_attn import prefix_attention
+
+    dtype = DTYPES[a.dtype]
+    B, Hq, Hkv, D, S = a.batch, a.hq, a.hkv, a.head_dim, a.seq
+    backend = "torch" if a.dry_run else "triton"
+    sdpa = sdpa_any if a.dry_run else sdpa_flash
+    g = torch.Generator(device=device).manual_seed(P)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype).requires_grad_()
+
+    q, k, v = rnd(B, Hq, S, D), rnd(B, Hkv, S, D), rnd(B, Hkv, S, D)
+    pk, pv = rnd(Hkv, P, D), rnd(Hkv, P, D)
+    # the flash baseline: one causal sequence of the same total length S + P
+    fq, fk, fv = rnd(B, Hq, S + P, D), rnd(B, Hkv, S + P, D), rnd(B, Hkv, S + P, D)
+    ours_pairs, flash_pairs = causal_pairs(S, P), causal_pairs(S + P, 0)
+
+    def ours():
+        return prefix_attention(q, k, v, pk, pv, backend=backend)
+
+    records = []
+    if "fwd" in a.mode_list or "bwd" in a.mode_list:
+        with torch.no_grad():
+            t_ours, t_flash = time_ms(ours), time_ms(lambda: sdpa(fq, fk, fv))
+        records.append(_record("fwd", P, t_ours, t_flash, "sdpa_flash", B, Hq, D,
+                               ours_pairs, flash_pairs))
+    if "bwd" in a.mode_list:
+        o, of = ours(), sdpa(fq, fk, fv)
+        do, dof = torch.randn_like(o), torch.randn_like(of)
+        # backward alone: keep the graph, time only the gradient computation
+        t_ours = time_ms(lambda: torch.autograd.grad(o, (q, k, v, pk, pv), do, retain_graph=True))
+        t_flash = time_ms(lambda: torch.autograd.grad(of, (fq, fk, fv), dof, retain_graph=True))
+        records.append(_record("bwd", P, t_ours, t_flash, "sdpa_flash", B, Hq, D,
+                               ours_pairs, flash_pairs))
+    if "e2e" in a.mode_list:
+        do = torch.randn(B, Hq, S, D, generator=g, device=device, dtype=dtype)
+
+        def step(fn):
+            return lambda: torch.autograd.grad(fn(), (q, k, v, pk, pv), do)
+
+        t_ours = time_ms(step(ours))
+        t_peft = time_ms(step(lambda: peft_attention(q, k, v, pk, pv)))
+        records.append(_record("e2e", P, t_ours, t_peft, "peft_sdpa", B, Hq, D,
+                               ours_pairs, ours_pairs))
+    return records
+
+
+def _record(mode, P, t_ours, t_base, base_name, B, Hq, D, ours_pairs, base_pairs):
+    f_ours, f_base = attn_flops(B, Hq, D, ours_pairs, mode), attn_flops(B, Hq, D, base_pairs, mode)
+    r = {"mode": mode, "P": P, "baseline": base_name,
+         "ours_ms": t_ours, "baseline_ms": t_base,
+         "ours_tflops": tflops(f_ours, t_ours), "baseline_tflops": tflops(f_base, t_base)}
+    # throughput ratio (each side counted on its own visible pairs); > 1 means ours is faster
+    r["tflops_ratio"] = r["ours_tflops"] / r["baseline_tflops"] if r["baseline_tflops"] else float("nan")
+    r["time_ratio"] = t_base / t_ours if t_ours > 0 else float("nan")
+    return r
+
+
+def check_targets(records) -> dict:
+    """Each target of TARGETS against the record at P = TARGET_P (None when not measured)."""
+    by = {(r["mode"], r["P"]): r for r in records}
+    fwd, bwd, e2e = by.get(("fwd", TARGET_P)), by.get(("bwd", TARGET_P)), by.get(("e2e", TARGET_P))
+    got = {
+        "fwd_tflops_min": fwd and fwd["ours_tflops"],
+        "fwd_vs_sdpa_flash_min": fwd and fwd["tflops_ratio"],
+        "e2e_vs_peft_min": e2e and e2e["time_ratio"],
+        "bwd_tflops_min": bwd and bwd["ours_tflops"],
+    }
+    return {name: {"target": TARGETS[name], "measured": got[name],
+                   "met": None if got[name] is None else bool(got[name] >= TARGETS[name])}
+            for name in TARGETS}
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    device = "cpu" if a.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: use --dry-run to check the script on CPU")
+    time_ms = timer(device, a.reps)
+    records = []
+    for P in a.prefix_lens:
+        for r in bench_one(a, P, device, time_ms):
+            records.append(r)
+            print(f"{r['mode']:>4} P={P:<4} ours {r['ours_ms']:8.3f} ms {r['ours_tflops']:7.1f} TFLOP/s | "
+                  f"{r['baseline']} {r['baseline_ms']:8.3f} ms {r['baseline_tflops']:7.1f} TFLOP/s | "
+                  f"x{r['tflops_ratio']:.2f} (time x{r['time_ratio']:.2f})", flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    result = {
+        "environment": environment(device),
+        "dry_run": a.dry_run,
+        "shape": {"B": a.batch, "Hq": a.hq, "Hkv": a.hkv, "D": a.head_dim, "S": a.seq,
+                  "P": a.prefix_lens, "dtype": a.dtype, "causal": True},
+        "flop_rule": "4*B*Hq*D*visible_pairs forward, 2.5x backward, 3.5x fwd+bwd",
+        "records": records,
+        "targets": check_targets(records),
+    }
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, "bench_triton_gpu.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

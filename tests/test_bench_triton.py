@@ -1,0 +1,69 @@
+"""The CPU-checkable parts of bench/bench_triton_gpu.py: arguments, FLOP counting, targets
+and the JSON it writes (--dry-run: tiny sizes, torch backend, wall clock)."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_triton_gpu.py")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    pytest.importorskip("triton")
+    spec = importlib.util.spec_from_file_location("bench_triton_gpu", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_defaults_are_the_h200_target_shape(bench):
+    a = bench.parse_args(["--out", "x"])
+    assert (a.batch, a.hq, a.hkv, a.head_dim, a.seq, a.dtype) == (8, 32, 8, 128, 4096, "bf16")
+    assert a.prefix_lens == [16, 64, 128, 256] and bench.TARGET_P in a.prefix_lens
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", "x", "--modes", "fwd,nope"])
+
+
+def test_flop_counting(bench):
+    # S queries over P prefix keys and their causal own keys: 3 queries, P=2 -> 6 + 6 pairs
+    assert bench.causal_pairs(3, 2) == 3 * 2 + 6
+    assert bench.causal_pairs(4, 0) == 10
+    f = bench.attn_flops(2, 4, 8, 10, "fwd")
+    assert f == 4 * 2 * 4 * 8 * 10
+    assert bench.attn_flops(2, 4, 8, 10, "bwd") == 2.5 * f
+    assert bench.tflops(1e12, 1000.0) == pytest.approx(1.0)
+
+
+def test_targets_are_checked_at_the_target_prefix(bench):
+    recs = [{"mode": "fwd", "P": 128, "ours_tflops": 450.0, "tflops_ratio": 0.9},
+            {"mode": "bwd", "P": 128, "ours_tflops": 260.0},
+            {"mode": "e2e", "P": 64, "time_ratio": 3.0}]
+    t = bench.check_targets(recs)
+    assert t["fwd_tflops_min"]["met"] is True
+    assert t["fwd_vs_sdpa_flash_min"]["met"] is False
+    assert t["bwd_tflops_min"]["met"] is True
+    assert t["e2e_vs_peft_min"]["met"] is None        # not measured at P = 128
+
+
+def test_dry_run_writes_json(bench, tmp_path):
+    res = bench.main(["--out", str(tmp_path), "--dry-run", "--prefix", "5", "--reps", "1"])
+    data = json.loads((tmp_path / "bench_triton_gpu.json").read_text())
+    assert data["dry_run"] is True and data == json.loads(json.dumps(res))
+    assert {"gpu", "torch", "triton", "date"} <= set(data["environment"])
+    assert [r["mode"] for r in data["records"]] == ["fwd", "bwd", "e2e"]
+    for r in data["records"]:
+        assert r["P"] == 5 and r["ours_ms"] > 0 and r["baseline_ms"] > 0 and r["ours_tflops"] > 0
+
+
+def test_peft_path_matches_reference(bench):
+    # the baseline of the end-to-end comparison computes the same attention
+    import torch
+    from prefix_attn import prefix_attention_ref
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g),
+               torch.randn(2, 2, 6, 8, generator=g))
+    pk, pv = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    torch.testing.assert_close(bench.peft_attention(q, k, v, pk, pv),
+                               prefix_attention_ref(q, k, v, pk, pv), atol=1e-5, rtol=1e-5)

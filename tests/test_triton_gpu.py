@@ -1,0 +1,137 @@
+"""The triton backend on a CUDA GPU at real sizes (skipped without CUDA).
+
+Run by bench/gpu.sh (with PREFIX_ATTN_TRITON_ONE_CONFIG=1). Correctness follows the
+flash-attention rule against the reference in fp32 (truth) and in the input dtype
+(baseline); the reference is evaluated one batch row at a time to bound its memory
+(the [Hq, S, P + S] score matrix of one row at S = 4096 is 2.3 GB in fp32).
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from prefix_attn import prefix_attention, prefix_attention_ref  # noqa: E402
+from conftest import assert_close_fa  # noqa: E402
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+B, HQ, HKV, D, S = 8, 32, 8, 128, 4096
+
+
+def _inputs(dtype, P, N=1, Sq=S, Skv=S, Bn=B, Hq=HQ, Hkv=HKV, Dh=D, seed=0, lens=None,
+            pad=False):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32).to(dtype)
+
+    args = (rnd(Bn, Hq, Sq, Dh), rnd(Bn, Hkv, Skv, Dh), rnd(Bn, Hkv, Skv, Dh),
+            rnd(N, Hkv, P, Dh), rnd(N, Hkv, P, Dh))
+    kw = {"prefix_ids": torch.randint(0, N, (Bn,), generator=g, device="cuda")}
+    if lens is not None:
+        kw["prefix_lens"] = torch.tensor(lens, device="cuda")
+    if pad:  # left padding of a different amount per row
+        m = torch.ones(Bn, Skv, dtype=torch.bool, device="cuda")
+        for b in range(Bn):
+            m[b, : 37 * b] = False
+        kw["key_padding_mask"] = m
+    return args, kw
+
+
+def _ours(args, kw, dout, **opts):
+    leaves = [t.detach().requires_grad_() for t in args]
+    out = prefix_attention(*leaves, **kw, **opts, backend="triton")
+    return out, torch.autograd.grad(out, leaves, dout)
+
+
+def _ref_rowwise(args, kw, dout, upcast, **opts):
+    """Reference out and grads computed one batch row at a time; prefix grads summed in fp32."""
+    q, k, v, pk, pv = args
+    outs, dqs, dks, dvs = [], [], [], []
+    dpk = torch.zeros(pk.shape, device="cuda", dtype=torch.float32)
+    dpv = torch.zeros_like(dpk)
+    for b in range(q.shape[0]):
+        leaves = [t.detach().requires_grad_() for t in (q[b:b + 1], k[b:b + 1], v[b:b + 1], pk, pv)]
+        kwb = {name: (t[b:b + 1] if name in ("prefix_ids", "key_padding_mask") else t)
+               for name, t in kw.items()}
+        out = prefix_attention_ref(*leaves, **kwb, **opts, upcast=upcast)
+        gq, gk, gv, gpk, gpv = torch.autograd.grad(out, leaves, dout[b:b + 1])
+        outs.append(out.detach())
+        dqs.append(gq)
+        dks.append(gk)
+        dvs.append(gv)
+        dpk += gpk.float()
+        dpv += gpv.float()
+        del out, leaves
+    return torch.cat(outs), (torch.cat(dqs), torch.cat(dks), torch.cat(dvs), dpk, dpv)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False   # the fp32 truth must be fp32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = prev
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("P", [16, 128, 256])
+def test_real_size_matches_reference(P, dtype):
+    args, kw = _inputs(dtype, P)
+    dout = torch.randn(args[0].shape, device="cuda", dtype=dtype)
+    out, grads = _ours(args, kw, dout)
+    truth, tgrads = _ref_rowwise(args, kw, dout, upcast=True)
+    base, bgrads = _ref_rowwise(args, kw, dout, upcast=False)
+    assert_close_fa(out, truth, base, atol=1e-3)
+    for name, a, t, b in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, tgrads, bgrads):
+        assert_close_fa(a, t, b, atol=1e-3, name=name)
+
+
+def test_bank_padding_window_softcap_at_medium_size():
+    args, kw = _inputs(torch.bfloat16, 96, N=3, Sq=1000, Skv=1200, Bn=4, lens=[96, 17, 0],
+                       Dh=72, pad=True, seed=1)
+    dout = torch.randn(args[0].shape, device="cuda", dtype=torch.bfloat16)
+    opts = dict(window=300, softcap=30.0)
+    out, grads = _ours(args, kw, dout, **opts)
+    truth, tgrads = _ref_rowwise(args, kw, dout, upcast=True, **opts)
+    base, bgrads = _ref_rowwise(args, kw, dout, upcast=False, **opts)
+    assert_close_fa(out, truth, base, atol=1e-3)
+    for name, a, t, b in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, tgrads, bgrads):
+        assert_close_fa(a, t, b, atol=1e-3, name=name)
+
+
+def test_decode_many_entries():
+    args, kw = _inputs(torch.float16, 200, N=7, Sq=1, Skv=3000, Bn=48, lens=[200, 1, 0, 64, 150, 9, 33],
+                       seed=2)
+    out = prefix_attention(*args, **kw, backend="triton")
+    truth = prefix_attention_ref(*args, **kw)
+    base = prefix_attention_ref(*args, **kw, upcast=False)
+    assert_close_fa(out, truth, base, atol=1e-3)
+
+
+def test_real_size_backward_is_bitwise_deterministic():
+    args, kw = _inputs(torch.bfloat16, 128, N=3, lens=[128, 64, 100], seed=3)
+    dout = torch.randn(args[0].shape, device="cuda", dtype=torch.bfloat16)
+    _, g1 = _ours(args, kw, dout)
+    _, g2 = _ours(args, kw, dout)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_inductor_compile_fullgraph():
+    args, kw = _inputs(torch.bfloat16, 64, Sq=512, Skv=512, Bn=2, seed=4)
+    leaves = [t.detach().requires_grad_() for t in args]
+
+    def f(q, k, v, pk, pv):
+        return prefix_attention(q, k, v, pk, pv, **kw, backend="triton") * 2
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True)(*leaves)
+    ref = f(*leaves)
+    torch.testing.assert_close(out, ref)
+    g1 = torch.autograd.grad(out.float().sum(), leaves)
+    g2 = torch.autograd.grad(ref.float().sum(), leaves)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
