@@ -1,0 +1,22 @@
+"""`prefix-attn demo` runs end to end (few steps; the check and the benchmark table are
+covered by their own tests)."""
+import pytest
+
+from prefix_attn import cli
+
+
+@pytest.mark.hf
+def test_demo_runs_end_to_end(capsys):
+    rc = cli.main(["demo", "--skip-check", "--skip-bench", "--pretrain-steps", "3", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "trainable:" in out and "% )" not in out
+    assert "[    poet]" in out and "[    shop]" in out and "demo finished" in out
+
+
+def test_benchmark_table_rows(monkeypatch):
+    from prefix_attn import demo
+    monkeypatch.setattr(demo, "_median_ms", lambda fn, reps: 1.0)  # timing is not under test
+    rows = demo.benchmark("cpu", reps=1)
+    assert [r["what"].split(" ")[0] for r in rows] == ["prefill", "decode,", "training", "prefix"]
+    assert rows[-1]["speedup"] == pytest.approx(256.0)  # 64 rows x 4 query heads per kv head
