@@ -26,7 +26,7 @@ from .fwd import dot_precision, head_block
 
 @triton.jit
 def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, stride_dh, stride_ds,
-               Hq, Sq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+               Hq, Sq, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -100,7 +100,7 @@ def _bwd_dkdv_own(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
                   stride_kpmb, stride_kpms,
                   stride_dkb, stride_dkh, stride_dks,
                   stride_dvb, stride_dvh, stride_dvs,
-                  Hkv, Sq, Skv, D, window, qk_scale, softcap_inv, softcap_log2,
+                  Hkv, Sq, Skv, D: tl.constexpr, window, qk_scale, softcap_inv, softcap_log2,
                   M_BUCKET, KV_BUCKET,
                   G: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                   HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -165,7 +165,7 @@ def _bwd_dkdv_prefix(Q, PK, PV, DO, LSE, DELTA, PLENS, ROWS, ROW_OFFS, DPK, DPV,
                      stride_lb, stride_lh,
                      stride_dkn, stride_dkh, stride_dks,
                      stride_dvn, stride_dvh, stride_dvs,
-                     Hkv, Sq, P, D, qk_scale, softcap_inv, softcap_log2,
+                     Hkv, Sq, P, D: tl.constexpr, qk_scale, softcap_inv, softcap_log2,
                      M_BUCKET, KV_BUCKET,
                      G: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
                      DOT_PREC: tl.constexpr,
@@ -262,7 +262,7 @@ def _bwd_dq(Q, K, V, PK, PV, PIDS, PLENS, KPM, DO, LSE, DELTA, DQ,
             stride_db, stride_dh, stride_ds,
             stride_lb, stride_lh,
             stride_dqb, stride_dqh, stride_dqs,
-            Hkv, Sq, Skv, D, window, qk_scale, softcap_inv, softcap_log2,
+            Hkv, Sq, Skv, D: tl.constexpr, window, qk_scale, softcap_inv, softcap_log2,
             M_BUCKET, KV_BUCKET,
             G: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
             HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,

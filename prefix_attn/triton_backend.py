@@ -12,6 +12,7 @@ picks the (slow) interpreter on CPU; ask for it with `backend="triton"`.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -21,6 +22,7 @@ from torch.library import custom_op, triton_op
 import triton  # noqa: F401  (a missing triton makes this backend unavailable)
 
 from prefix_attn.kernels import bwd as _bwd
+from prefix_attn.kernels import decode as _decode
 from prefix_attn.kernels import fwd as _fwd
 from prefix_attn.kernels.autotune import interpreting
 
@@ -37,6 +39,25 @@ _define_op = custom_op if interpreting() else triton_op
 MAX_GRID_Y = 65535
 
 
+CASCADE_ENV = "PREFIX_ATTN_TRITON_CASCADE"
+
+
+def _cascade(q: Tensor, k: Tensor, prefix_k: Tensor) -> bool:
+    """Forward path choice: the cascade (decode) kernels or the per-row kernel.
+
+    $PREFIX_ATTN_TRITON_CASCADE = "1" forces the cascade, "0" the per-row kernel; unset or
+    "auto" applies `kernels.decode.use_cascade`: Sq <= 16 and (Skv >= 512, or a non-empty
+    bank with fewer entries than rows). The backward always uses the per-row kernels (the
+    cascade's out and lse are the same quantities).
+    """
+    mode = os.environ.get(CASCADE_ENV, "auto")
+    if mode in ("0", "1"):
+        return mode == "1" and q.shape[2] > 0
+    B, _, Sq, _ = q.shape
+    N, _, P, _ = prefix_k.shape
+    return _decode.use_cascade(B, N, P, Sq, k.shape[2])
+
+
 @_define_op("prefix_attn::triton_fwd", mutates_args=())
 def triton_fwd(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
                prefix_ids: Tensor, prefix_lens: Tensor, key_padding_mask: Optional[Tensor],
@@ -45,7 +66,8 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tens
     B, Hq, Sq, D = q.shape
     out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
-    _fwd.attn_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
+    launch = _decode.cascade_fwd if _cascade(q, k, prefix_k) else _fwd.attn_fwd
+    launch(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
                   out, lse, causal, scale, window, softcap)
     return out, lse
 

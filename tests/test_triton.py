@@ -68,9 +68,20 @@ def _fwd_bwd(fn, args, kw, dout, **extra):
     return out, lse, grads
 
 
+@pytest.fixture
+def per_row(monkeypatch):
+    """Force the per-row forward kernel (the cascade path has its own tests below)."""
+    monkeypatch.setenv("PREFIX_ATTN_TRITON_CASCADE", "0")
+
+
+@pytest.fixture
+def cascade(monkeypatch):
+    monkeypatch.setenv("PREFIX_ATTN_TRITON_CASCADE", "1")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_reference(case, dtype):
+def test_matches_reference(case, dtype, per_row):
     shape, opts = _split(CASES[case])
     args, kw = make_inputs(dtype=dtype, device=DEVICE, seed=len(case), **shape)
     kw.update(opts)
@@ -224,3 +235,56 @@ def test_autotune_configs_are_pruned_and_one_config_switch(monkeypatch, one):
                                    "Q": torch.empty(0, dtype=torch.float32)})) < len(full)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert len(at.fwd_configs()) == 1 and at.fwd_configs()[0].kwargs == {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
+# -- cascade (decode) forward: prefixes read once per entry, own KV split, exact merge ----
+CASCADE_CASES = {
+    "Sq1_one_entry_all_rows": dict(B=4, N=1, P=17, Sq=1, Skv=21),
+    "Sq1_shuffled_entries_lens": dict(B=7, N=4, P=19, lens=[19, 0, 6, 1],
+                                      ids=[3, 0, 2, 0, 3, 1, 0], Sq=1, Skv=9),
+    "Sq4_gqa_leftpad": dict(B=4, Hq=6, Hkv=2, N=1, P=9, Sq=4, Skv=37, pad="left", window=6),
+    "Sq4_mqa_rightpad_D40_softcap": dict(B=5, Hq=4, Hkv=1, N=3, P=20, lens=[3, 20, 11],
+                                         ids=[2, 1, 0, 1, 2], Sq=4, Skv=13, pad="right", D=40,
+                                         softcap=3.0),
+    "Sq4_noprefix_noncausal": dict(B=2, P=None, Sq=4, Skv=40, causal=False),
+    "empty_rows": dict(B=2, N=2, P=4, lens=[0, 4], ids=[0, 1], Sq=6, Skv=3),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASCADE_CASES))
+def test_cascade_forward_matches_reference(case, dtype, cascade):
+    shape, opts = _split(CASCADE_CASES[case])
+    args, kw = make_inputs(dtype=dtype, device=DEVICE, seed=len(case), **shape)
+    kw.update(opts)
+    out, lse = prefix_attention(*args, **kw, return_lse=True, backend="triton")
+    truth, tlse = prefix_attention_ref(*[None if t is None else t.double() for t in args], **kw,
+                                       return_lse=True)
+    base = prefix_attention_ref(*args, **kw, upcast=False)
+    assert not torch.isnan(out).any()
+    assert_close_fa(out, truth, base, atol=ATOL[dtype])
+    finite = torch.isfinite(tlse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    torch.testing.assert_close(lse[finite].double(), tlse[finite], atol=1e-4, rtol=0)
+
+
+def test_cascade_equals_per_row_and_backward_runs_through_it(monkeypatch):
+    args, kw = make_inputs(B=5, N=2, P=18, lens=[18, 7], ids=[1, 0, 1, 1, 0], Sq=3, Skv=20,
+                           pad="left", device=DEVICE, requires_grad=True)
+    results = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("PREFIX_ATTN_TRITON_CASCADE", mode)
+        out = prefix_attention(*args, **kw, backend="triton")
+        results[mode] = (out, torch.autograd.grad(out.square().sum(), args))
+    torch.testing.assert_close(results["1"][0], results["0"][0], atol=1e-6, rtol=1e-5)
+    for a, b in zip(results["1"][1], results["0"][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_cascade_shape_rule():
+    from prefix_attn.kernels.decode import use_cascade
+    assert use_cascade(B=8, N=1, P=64, Sq=1, Skv=100)        # shared prefix, decode
+    assert use_cascade(B=2, N=2, P=0, Sq=4, Skv=4096)        # long own KV: split-KV
+    assert not use_cascade(B=4, N=4, P=64, Sq=1, Skv=100)    # every row its own entry, short KV
+    assert not use_cascade(B=8, N=1, P=64, Sq=17, Skv=4096)  # not decode
+    assert not use_cascade(B=0, N=1, P=64, Sq=1, Skv=4096)

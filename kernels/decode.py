@@ -1,0 +1,280 @@
+"""Cascade forward for small Sq (decode): shared prefixes read once, own KV split.
+
+Three launches write partial results (normalised output + LSE, fp32) into a scratch of
+``1 + splits`` slots, then merge them exactly:
+
+1. ``_cascade_prefix`` (slot 0): rows grouped by bank entry (host: stable sort of
+   ``prefix_ids``). A program owns BLOCK_M packed queries of ONE entry - all query heads of a
+   kv head, all queries of several rows of that entry - and streams that entry's prefix tiles
+   once for all of them. Tiles are assigned per entry without a host sync:
+   ``tile_offsets[n]`` = first tile of entry n, ``tile_entry[t]`` = entry of tile t.
+2. ``_cascade_own`` (slots 1..splits): flash-decoding over each row's own keys, cut into
+   ``splits`` chunks so a few long rows still fill the GPU.
+3. ``_cascade_merge``: out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse);
+   rows with no visible key anywhere -> out 0, lse -inf.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .autotune import interpreting
+from .common import LN2, own_ranges
+from .fwd import _fwd_inner, dot_precision, head_block
+
+# Decode = at most this many queries per row; above it the per-row kernel is used.
+CASCADE_MAX_SQ = 16
+# Own keys per row from which splitting the own KV pays off even without shared prefixes.
+CASCADE_MIN_OWN_KEYS = 512
+
+
+def use_cascade(B: int, N: int, P: int, Sq: int, Skv: int) -> bool:
+    """The shape rule of the triton backend's forward (documented in the README's backend
+    section): cascade iff Sq <= 16 and either the own KV is long (>= 512 keys: split-KV pays)
+    or a non-empty bank has fewer entries than rows (some entry is then shared by >= 2 rows,
+    whose prefix tiles the cascade reads once)."""
+    if Sq == 0 or B == 0 or Sq > CASCADE_MAX_SQ:
+        return False
+    return Skv >= CASCADE_MIN_OWN_KEYS or (P > 0 and N < B)
+
+
+@triton.jit
+def _store_partial(OP, LP, slot, b, heads, offs_i, row_ok, acc, l_i, m_i, offs_d,
+                   s_slot, s_b, s_h, Sq, D: tl.constexpr):
+    """Write a partial result (o = acc / l, lse) into scratch slot `slot` (fp32, contiguous
+    [slots, B, Hq, Sq, D] and [slots, B, Hq, Sq])."""
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    row = slot * s_slot + b * s_b + heads * s_h + offs_i.to(tl.int64) * D
+    tl.store(OP + row[:, None] + offs_d[None, :], acc / l_safe[:, None],
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(LP + (row // D), lse, mask=row_ok)
+
+
+@triton.jit
+def _cascade_prefix(Q, PK, PV, PLENS, ROWS, ROW_OFFS, TILE_OFFS, TILE_ENTRY, OP, LP,
+                    stride_qb, stride_qh, stride_qs,
+                    stride_pkn, stride_pkh, stride_pks,
+                    stride_pvn, stride_pvh, stride_pvs,
+                    s_slot, s_b, s_h,
+                    N, Hkv, Sq, qk_scale, softcap_inv, softcap_log2,
+                    D: tl.constexpr, G: tl.constexpr, SOFTCAP: tl.constexpr,
+                    DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    entry = tl.load(TILE_ENTRY + pid_t).to(tl.int64)
+    live = entry < N
+    entry = tl.where(live, entry, 0)
+    # -- packed queries of this entry's rows: (row r, query i, head g) ----
+    first_row = tl.load(ROW_OFFS + entry)
+    n_rows = tl.load(ROW_OFFS + entry + 1) - first_row
+    tile = pid_t - tl.load(TILE_OFFS + entry)
+    per_row = G * Sq
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = (offs_m < n_rows * per_row) & live
+    r = first_row + offs_m // per_row
+    rem = offs_m % per_row
+    b = tl.load(ROWS + r, mask=row_ok, other=0).to(tl.int64)
+    offs_i = tl.where(row_ok, rem // G, -1)
+    heads = (h * G + rem % G).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b[:, None] * stride_qb + heads[:, None] * stride_qh
+                + offs_i[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    plen = tl.load(PLENS + entry).to(tl.int32)
+    plen = tl.where(live, plen, 0)
+    PKb = PK + entry * stride_pkn + h.to(tl.int64) * stride_pkh
+    PVb = PV + entry * stride_pvn + h.to(tl.int64) * stride_pvh
+    plen_full = plen // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, PKb, PVb, stride_pks, stride_pvs, PLENS, 0,
+                               0, plen_full, plen, offs_i, offs_d, D, 0, 0,
+                               qk_scale, softcap_inv, softcap_log2,
+                               False, True, False, False, False, SOFTCAP, BLOCK_N, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, PKb, PVb, stride_pks, stride_pvs, PLENS, 0,
+                               plen_full, plen, plen, offs_i, offs_d, D, 0, 0,
+                               qk_scale, softcap_inv, softcap_log2,
+                               True, True, False, False, False, SOFTCAP, BLOCK_N, DOT_PREC)
+    _store_partial(OP, LP, 0, b, heads, offs_i, row_ok, acc, l_i, m_i, offs_d,
+                   s_slot, s_b, s_h, Sq, D)
+
+
+@triton.jit
+def _cascade_own(Q, K, V, KPM, OP, LP,
+                 stride_qb, stride_qh, stride_qs,
+                 stride_kb, stride_kh, stride_ks,
+                 stride_vb, stride_vh, stride_vs,
+                 stride_kpmb, stride_kpms,
+                 s_slot, s_b, s_h,
+                 Hkv, Sq, Skv, window, chunk, m_tiles, qk_scale, softcap_inv, softcap_log2,
+                 D: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr,
+                 DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    split = pid // m_tiles
+    pid_m = pid % m_tiles
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    h = pid_bh % Hkv
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < G * Sq
+    offs_i = tl.where(row_ok, offs_m // G, -1)
+    heads = (h * G + offs_m % G).to(tl.int64)
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh
+                + offs_i[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # -- this split's keys, intersected with what the tile's queries may see ----
+    off = Skv - Sq
+    i_lo = (pid_m * BLOCK_M) // G
+    i_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, Sq - 1)
+    lo, full_lo, full_hi, hi = own_ranges(i_lo, i_hi, off, window, Skv, BLOCK_N,
+                                          CAUSAL, HAS_WINDOW)
+    lo = tl.maximum(lo, split * chunk)
+    hi = tl.minimum(hi, split * chunk + chunk)
+    Kb = K + b * stride_kb + h.to(tl.int64) * stride_kh
+    Vb = V + b * stride_vb + h.to(tl.int64) * stride_vh
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kb, Vb, stride_ks, stride_vs,
+                               KPM + b * stride_kpmb, stride_kpms,
+                               lo, hi, Skv, offs_i, offs_d, D, off, window,
+                               qk_scale, softcap_inv, softcap_log2,
+                               True, False, CAUSAL, HAS_WINDOW, HAS_KPM, SOFTCAP, BLOCK_N,
+                               DOT_PREC)
+    _store_partial(OP, LP, 1 + split, b, heads, offs_i, row_ok, acc, l_i, m_i, offs_d,
+                   s_slot, s_b, s_h, Sq, D)
+
+
+@triton.jit
+def _cascade_merge(OP, LP, OUT, LSE, slots, s_slot, Hq, Sq,
+                   stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    hq = (pid_bh % Hq).to(tl.int64)
+    offs_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_i < Sq
+    base = pid_bh.to(tl.int64) * Sq + offs_i           # row in [B * Hq * Sq]
+    mask = row_ok[:, None] & (offs_d[None, :] < D)
+    # -- pass 1: max LSE over slots (pointers advanced per slot: 64-bit arithmetic) ----
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    lp = LP + base
+    for s in range(0, slots):
+        m = tl.maximum(m, tl.load(lp, mask=row_ok, other=float("-inf")))
+        lp += s_slot // D
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    # -- pass 2: weighted sum ----
+    w_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lp = LP + base
+    op = OP + base[:, None] * D + offs_d[None, :]
+    for s in range(0, slots):
+        w = tl.exp(tl.load(lp, mask=row_ok, other=float("-inf")) - m_safe)
+        acc += w[:, None] * tl.load(op, mask=mask, other=0.0)
+        w_sum += w
+        lp += s_slot // D
+        op += s_slot
+    seen = w_sum > 0.0
+    w_safe = tl.where(seen, w_sum, 1.0)
+    out = acc / w_safe[:, None]
+    lse = tl.where(seen, m_safe + tl.log(w_safe), float("-inf"))
+    tl.store(OUT + b * stride_ob + hq * stride_oh + offs_i[:, None].to(tl.int64) * stride_os
+             + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(LSE + b * stride_lb + hq * stride_lh + offs_i, lse, mask=row_ok)
+
+
+def _num_splits(device: torch.device, B: int, Hkv: int, m_tiles: int, Skv: int,
+                block_n: int) -> int:
+    """Own-KV splits: enough programs for about two waves of the GPU, each split at least
+    four key tiles; under the interpreter up to 4 one-tile splits (exercises the merge)."""
+    if Skv == 0:
+        return 1
+    if interpreting() or device.type != "cuda":
+        return max(1, min(4, triton.cdiv(Skv, block_n)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, max(1, B * Hkv * m_tiles))
+    return max(1, min(want, triton.cdiv(Skv, 4 * block_n)))
+
+
+def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
+                out, lse, causal: bool, scale: float, window: int, softcap: float) -> None:
+    """Cascade forward (same contract as ``fwd.attn_fwd``): writes ``out`` and ``lse``.
+
+    q [B, Hq, Sq, D] (Sq small), k/v [B, Hkv, Skv, D], prefix_k/prefix_v [N, Hkv, P, D],
+    prefix_ids [B] int64, prefix_lens [N] int64, key_padding_mask [B, Skv] bool or None.
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    N = prefix_k.shape[0]
+    if B == 0 or Sq == 0 or Hq == 0:
+        return
+    G = Hq // Hkv
+    dev = q.device
+    small = interpreting()
+    block_n = 16 if small else 64
+    block_m_pre = 16 if small else 64
+    block_m_own = 16 if small else min(128, max(16, triton.next_power_of_2(G * Sq)))
+    m_tiles = triton.cdiv(G * Sq, block_m_own)
+    splits = _num_splits(dev, B, Hkv, m_tiles, Skv, block_n)
+    slots = 1 + splits
+    if slots * B * Hq * Sq * D >= 2 ** 31:
+        # scratch offsets are 32-bit in the partial stores: use the per-row kernel instead
+        from .fwd import attn_fwd
+        return attn_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens,
+                        key_padding_mask, out, lse, causal, scale, window, softcap)
+    o_part = torch.empty((slots, B, Hq, Sq, D), device=dev, dtype=torch.float32)
+    l_part = torch.empty((slots, B, Hq, Sq), device=dev, dtype=torch.float32)
+    s_slot, s_b, s_h = B * Hq * Sq * D, Hq * Sq * D, Sq * D
+    has_softcap = softcap > 0.0
+    log2e = 1.4426950408889634
+    scal = (scale * log2e, scale / softcap if has_softcap else 0.0, softcap * log2e)
+    common = dict(D=D, G=G, SOFTCAP=has_softcap, DOT_PREC=dot_precision(q.dtype),
+                  BLOCK_D=head_block(D), BLOCK_N=block_n)
+
+    # -- 1. prefix per entry: rows grouped by entry, tiles assigned per entry ----
+    sorted_ids, rows = torch.sort(prefix_ids, stable=True)
+    bounds = torch.arange(N + 1, device=dev, dtype=sorted_ids.dtype)
+    row_offs = torch.searchsorted(sorted_ids, bounds)                         # [N + 1]
+    counts = row_offs[1:] - row_offs[:-1]
+    tiles = (counts * (G * Sq) + block_m_pre - 1) // block_m_pre               # [N]
+    tile_offs = torch.cat([torch.zeros(1, device=dev, dtype=tiles.dtype), tiles.cumsum(0)])
+    max_tiles = triton.cdiv(B * G * Sq, block_m_pre) + N                       # no host sync
+    tile_entry = torch.searchsorted(tile_offs[1:], torch.arange(max_tiles, device=dev),
+                                    right=True)                                # N = idle
+    wrap_triton(_cascade_prefix)[(max_tiles, Hkv)](
+        q, prefix_k, prefix_v, prefix_lens, rows, row_offs, tile_offs, tile_entry,
+        o_part, l_part,
+        q.stride(0), q.stride(1), q.stride(2),
+        prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
+        prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
+        s_slot, s_b, s_h, N, Hkv, Sq, *scal, BLOCK_M=block_m_pre, num_warps=4, **common)
+
+    # -- 2. own keys, split ----
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else prefix_ids
+    kpm_strides = (kpm.stride(0), kpm.stride(1)) if key_padding_mask is not None else (0, 0)
+    chunk = triton.cdiv(triton.cdiv(max(Skv, 1), splits), block_n) * block_n
+    wrap_triton(_cascade_own)[(splits * m_tiles, B * Hkv)](
+        q, k, v, kpm, o_part, l_part,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        kpm_strides[0], kpm_strides[1],
+        s_slot, s_b, s_h, Hkv, Sq, Skv, window, chunk, m_tiles, *scal,
+        CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_KPM=key_padding_mask is not None,
+        BLOCK_M=block_m_own, num_warps=4, **common)
+
+    # -- 3. exact merge ----
+    wrap_triton(_cascade_merge)[(B * Hq, triton.cdiv(Sq, 16))](
+        o_part, l_part, out, lse, slots, s_slot, Hq, Sq,
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        D=D, BLOCK_M=16, BLOCK_D=head_block(D), num_warps=4)
