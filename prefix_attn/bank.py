@@ -30,7 +30,7 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -48,12 +48,14 @@ PrefixSpec = Union[None, str, int, Sequence[Union[None, str, int]], Tensor]
 
 @dataclass(frozen=True)
 class _Entry:
-    """One bank entry: ``kv`` ``[L, 2, Hkv, P, D]`` for a fixed entry, or ``module_key`` for a trainable one."""
+    """One bank entry: ``kv`` ``[L, 2, Hkv, P, D]`` for a fixed entry, or a trainable ``module``
+    (registered in ``PrefixBank.trainable`` under ``module_key``)."""
 
     name: str
     length: int
     kv: Optional[Tensor] = None
     module_key: Optional[str] = None
+    module: Optional[nn.Module] = field(default=None, compare=False)  # kept here: readers never index the ModuleDict
 
 
 class PrefixSelection:
@@ -271,7 +273,7 @@ class PrefixBank(nn.Module):
             key = f"e{self._module_counter}"
             self._module_counter += 1
             self.trainable[key] = module
-            self._commit(name, _Entry(name=name, length=out.shape[3], module_key=key))
+            self._commit(name, _Entry(name=name, length=out.shape[3], module_key=key, module=module))
 
     def remove(self, name: str) -> None:
         """Remove an entry (KeyError if unknown). Later entries' ids shift down by one."""
@@ -332,7 +334,7 @@ class PrefixBank(nn.Module):
     def _entry_nbytes(self, entry: _Entry) -> int:
         if entry.kv is not None:
             return entry.kv.numel() * entry.kv.element_size()
-        module = self.trainable[entry.module_key]
+        module = entry.module
         return sum(p.numel() * p.element_size() for p in itertools.chain(module.parameters(), module.buffers()))
 
     def entry_nbytes(self, name: str) -> int:
@@ -358,7 +360,7 @@ class PrefixBank(nn.Module):
     def _materialize(self, entry: _Entry) -> Tensor:
         if entry.kv is not None:
             return entry.kv
-        out = self.trainable[entry.module_key]()
+        out = entry.module()
         self._check_kv(out, f"trainable entry {entry.name!r}")
         return out.to(self.dtype)
 

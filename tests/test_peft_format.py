@@ -178,3 +178,15 @@ def test_wrong_tensor_key(good_adapter):
     bank = PrefixBank.attach(_tiny_llama())
     with pytest.raises(AdapterError, match=r"no tensor 'prompt_embeddings' \(found \['something_else'\]\)"):
         bank.load_peft("a", str(good_adapter))
+
+
+def test_load_peft_of_a_projected_prefix_reads_the_folded_kv(tmp_path):
+    """PEFT saves a prefix_projection=True adapter (trained with an MLP) folded to [P, L*2*Hkv*D]."""
+    cfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True,
+                                  encoder_hidden_size=12)
+    pm = peft.get_peft_model(_tiny_llama(), cfg)
+    want = _peft_prefix_kv(pm).detach()
+    pm.save_pretrained(str(tmp_path / "ad"))
+    bank = PrefixBank.attach(_tiny_llama())
+    bank.load_peft("proj", str(tmp_path / "ad"))
+    torch.testing.assert_close(bank.entry_kv("proj"), want)
