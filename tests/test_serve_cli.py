@@ -37,6 +37,13 @@ def test_missing_input_file_is_a_clean_error(tmp_path, capsys):
     assert rc == 2 and "cannot read requests file" in capsys.readouterr().err
 
 
+def test_cli_dispatches_generate(tmp_path, capsys):
+    from prefix_attn.cli import main as cli_main
+
+    rc = cli_main(["generate", "-i", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "o.jsonl"), "--no-progress"])
+    assert rc == 2 and "prefix-attn generate: error: cannot read requests file" in capsys.readouterr().err
+
+
 # -- end to end on the built-in tiny model -------------------------------------------------------
 
 def _results(path):
