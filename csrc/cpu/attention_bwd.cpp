@@ -61,11 +61,7 @@ struct BwdCall {
         std::fill(dp, dp + bn, 0.f);
         continue;
       }
-      for (int64_t jj = 0; jj < bn; ++jj) {
-        const float pr = fast_exp(s[jj] - l);
-        s[jj] = pr;
-        dp[jj] = pr * (dp[jj] - dl);
-      }
+      probs_and_dscores(s, dp, bn, l, dl);
       if (capped) {
         const float* t = w.T + r * kBlockN;
         for (int64_t jj = 0; jj < bn; ++jj) dp[jj] *= 1.f - t[jj] * t[jj];

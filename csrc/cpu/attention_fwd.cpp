@@ -26,19 +26,12 @@ inline void fold_tile(TileState& st, const float* K, int64_t ldk, const float* V
   if (own) own->apply(st.S, kBlockN, G, q0, bm, j0, bn);
   for (int64_t r = 0; r < R; ++r) {
     float* row = st.S + r * kBlockN;
-    float mx = kNegInf;
-    for (int64_t jj = 0; jj < bn; ++jj) mx = std::max(mx, row[jj]);
-    const float m_new = std::max(st.m[r], mx);
+    const float m_new = std::max(st.m[r], row_max(row, bn));
     if (m_new == kNegInf) {  // nothing visible yet in this row
       std::fill(row, row + bn, 0.f);
       continue;
     }
-    float sum = 0.f;
-    for (int64_t jj = 0; jj < bn; ++jj) {
-      const float e = fast_exp(row[jj] - m_new);
-      row[jj] = e;
-      sum += e;
-    }
+    const float sum = exp_sub_sum(row, bn, m_new);
     const float alpha = fast_exp(st.m[r] - m_new);
     st.l[r] = st.l[r] * alpha + sum;
     st.m[r] = m_new;

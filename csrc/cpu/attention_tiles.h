@@ -27,6 +27,9 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const int* k, const float* alpha, const float* a, const int* lda,
                        const float* b, const int* ldb, const float* beta, float* c,
                        const int* ldc) __attribute__((weak));
+// MKL's C entry point for the calling thread's BLAS thread count (0 = back to the global
+// setting); weak for BLAS libraries without it.
+extern "C" int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 
 namespace prefix_attn::cpu {
 
@@ -91,15 +94,28 @@ inline void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alp
   }
 }
 
-// exp(x) to ~2 ulp for x in [-87, 88]; exactly 0 below -87 (and for -inf). Branch-free so
-// that loops over it vectorise.
-inline float fast_exp(float x) {
-  const float xc = std::min(std::max(x, -87.f), 88.f);
-  const float t = xc * 1.44269504088896341f;
-  const float n = (t + 12582912.f) - 12582912.f;  // round to nearest integer
-  float r = xc - n * 0.693145751953125f;
+// 8 floats as a GCC/Clang vector: compiles to one AVX register (or two SSE ones), so the
+// softmax loops vectorise whatever the auto-vectoriser decides.
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+// exp(x) to ~2 ulp for x in [-87, 88]; exactly 0 below -87 (and for -inf).
+inline v8f exp8(v8f x) {
+  const v8f lo = splat8(-87.f), hi = splat8(88.f);
+  v8f xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const v8f n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  v8f r = xc - n * 0.693145751953125f;
   r = r - n * 1.428606765330187045e-06f;
-  float p = 1.f / 5040.f;
+  v8f p = splat8(1.f / 5040.f);
   p = p * r + 1.f / 720.f;
   p = p * r + 1.f / 120.f;
   p = p * r + 1.f / 24.f;
@@ -107,8 +123,60 @@ inline float fast_exp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  return x < -87.f ? 0.f : p * two_n;
+  const v8i e = (__builtin_convertvector(n, v8i) + 127) << 23;
+  const v8f res = p * reinterpret_cast<const v8f&>(e);
+  return x < lo ? splat8(0.f) : res;
+}
+
+// Scalar exp with the same rounding as exp8 (for the tails of rows).
+inline float fast_exp(float x) { return exp8(splat8(x))[0]; }
+
+// max(x[0..n)) with 8 independent lanes (an in-order reduction would not vectorise).
+inline float row_max(const float* x, int64_t n) {
+  v8f m = splat8(kNegInf);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const v8f v = load8(x + j);
+    m = v > m ? v : m;
+  }
+  float r = kNegInf;
+  for (int l = 0; l < 8; ++l) r = m[l] > r ? m[l] : r;
+  for (; j < n; ++j) r = x[j] > r ? x[j] : r;
+  return r;
+}
+
+// x <- exp(x - sub) in place; returns the sum (8 lanes, fixed order: deterministic).
+inline float exp_sub_sum(float* x, int64_t n, float sub) {
+  v8f acc = splat8(0.f);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const v8f e = exp8(load8(x + j) - sub);
+    store8(x + j, e);
+    acc += e;
+  }
+  float r = 0.f;
+  for (int l = 0; l < 8; ++l) r += acc[l];
+  for (; j < n; ++j) {
+    const float e = fast_exp(x[j] - sub);
+    x[j] = e;
+    r += e;
+  }
+  return r;
+}
+
+// Backward, one row: P = exp(S - lse) into S, dS = P * (dP - delta) into dP.
+inline void probs_and_dscores(float* s, float* dp, int64_t n, float lse, float delta) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const v8f pr = exp8(load8(s + j) - lse);
+    store8(s + j, pr);
+    store8(dp + j, pr * (load8(dp + j) - delta));
+  }
+  for (; j < n; ++j) {
+    const float pr = fast_exp(s[j] - lse);
+    s[j] = pr;
+    dp[j] = pr * (dp[j] - delta);
+  }
 }
 
 inline float to_float(float x) { return x; }
@@ -226,7 +294,11 @@ inline void run_items(int64_t n_items, const Worker& worker) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_items);
   at::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
+    // BLAS calls inside a worker stay on the worker's thread: a nested BLAS thread team
+    // per worker oversubscribes the cores (measured: 10x slower on 2 threads).
+    const int prev = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
     for (int64_t w = wb; w < we; ++w) worker(next);
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
   });
 }
 

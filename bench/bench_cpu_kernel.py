@@ -1,0 +1,172 @@
+"""CPU kernel vs what HF + PEFT do for prefix tuning, on this machine.
+
+Baseline (PEFT's prefix tuning inside an HF attention layer): the prefix is expanded over the
+batch, concatenated to the own KV, an explicit bool mask [B, 1, Sq, P + Skv] is built, then
+`F.scaled_dot_product_attention(..., attn_mask=mask, enable_gqa=True)`.
+Ours: `prefix_attention(..., backend="cpu")` reading one copy of the prefix.
+
+Same inputs, same run; medians of repeated timings; ratio = baseline / ours (> 1: we are
+faster). Peak memory: each (variant, mode) runs in a fresh subprocess: one warm-up call, then
+the peak RSS is reset (/proc/self/clear_refs) and the extra peak of a second call is VmHWM
+after it minus VmRSS before it (inputs already built): every temporary of the call counts,
+one-time costs (imports, thread pools, BLAS buffers) do not.
+
+Writes bench/results/cpu_kernel.json and bench/results/cpu_kernel.md.
+Usage: python bench/bench_cpu_kernel.py [--reps 10] [--shape B,Hq,Hkv,D,S,P]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from prefix_attn import prefix_attention  # noqa: E402
+
+DEFAULT_SHAPE = dict(B=4, Hq=16, Hkv=4, D=64, S=512, P=64)
+
+
+def make_inputs(B, Hq, Hkv, D, S, P, requires_grad, seed=0):
+    """q [B, Hq, S, D], k/v [B, Hkv, S, D], one prefix [1, Hkv, P, D] (fp32)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).requires_grad_(requires_grad)  # noqa: E731
+    return r(B, Hq, S, D), r(B, Hkv, S, D), r(B, Hkv, S, D), r(1, Hkv, P, D), r(1, Hkv, P, D)
+
+
+def baseline(q, k, v, pk, pv):
+    """PEFT + HF: expand the prefix over the batch, cat, explicit causal mask, SDPA."""
+    B, S, P = q.shape[0], q.shape[2], pk.shape[2]
+    kk = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)
+    vv = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    mask = torch.cat([torch.ones(S, P, dtype=torch.bool), causal], dim=1)
+    mask = mask[None, None].expand(B, 1, S, P + S)
+    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=True)
+
+
+def ours(q, k, v, pk, pv):
+    return prefix_attention(q, k, v, pk, pv, causal=True, backend="cpu")
+
+
+VARIANTS = {"baseline": baseline, "ours": ours}
+
+
+def run_once(fn, inputs, mode):
+    if mode == "fwd":
+        with torch.no_grad():
+            fn(*inputs)
+    else:
+        out = fn(*inputs)
+        grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+        del grads
+
+
+def median_times(fns, inputs, mode, reps):
+    """Median seconds per variant; the variants alternate within each repetition so that
+    load from other processes on the machine hits both alike."""
+    ts = {name: [] for name in fns}
+    for name, fn in fns.items():
+        run_once(fn, inputs, mode)  # warm-up
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            run_once(fn, inputs, mode)
+            ts[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in ts.items()}
+
+
+def _status_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(variant, mode, shape):
+    """Runs in a fresh process: extra peak bytes of one call (printed as JSON)."""
+    inputs = make_inputs(**shape, requires_grad=(mode == "fwdbwd"))
+    # warm-up call: lazy imports, thread pools and BLAS buffers are one-time costs
+    run_once(VARIANTS[variant], inputs, mode)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+    before = _status_bytes("VmRSS")
+    run_once(VARIANTS[variant], inputs, mode)
+    print(json.dumps({"extra_peak_bytes": _status_bytes("VmHWM") - before}))
+
+
+def measure_memory(variant, mode, shape):
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", variant, mode,
+           "--shape", ",".join(str(shape[k]) for k in "B Hq Hkv D S P".split())]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])["extra_peak_bytes"]
+
+
+def parse_shape(s):
+    vals = [int(x) for x in s.split(",")]
+    return dict(zip("B Hq Hkv D S P".split(), vals))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--shape", default=None, help="B,Hq,Hkv,D,S,P")
+    ap.add_argument("--memory-child", nargs=2, default=None)
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu_kernel"))
+    a = ap.parse_args()
+    shape = parse_shape(a.shape) if a.shape else DEFAULT_SHAPE
+    if a.memory_child:
+        memory_child(*a.memory_child, shape)
+        return
+
+    # correctness first: the two must agree
+    inputs = make_inputs(**shape, requires_grad=False)
+    with torch.no_grad():
+        err = (baseline(*inputs) - ours(*inputs)).abs().max().item()
+    assert err < 1e-4, f"ours differs from the baseline by {err}"
+
+    rows = []
+    for mode in ("fwd", "fwdbwd"):
+        inputs = make_inputs(**shape, requires_grad=(mode == "fwdbwd"))
+        t = median_times(VARIANTS, inputs, mode, a.reps)
+        mem = {name: measure_memory(name, mode, shape) for name in VARIANTS}
+        rows.append(dict(mode=mode, baseline_ms=t["baseline"] * 1e3, ours_ms=t["ours"] * 1e3,
+                         speedup=t["baseline"] / t["ours"],
+                         baseline_peak_mib=mem["baseline"] / 2**20,
+                         ours_peak_mib=mem["ours"] / 2**20,
+                         memory_ratio=mem["baseline"] / max(mem["ours"], 1)))
+    meta = dict(shape=shape, dtype="float32", causal=True, reps=a.reps,
+                threads=torch.get_num_threads(), torch=torch.__version__,
+                cpu=platform.processor() or platform.machine(),
+                timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                max_abs_diff_vs_baseline=err,
+                memory_method="extra peak RSS of the second call in a fresh process "
+                              "(VmHWM after - VmRSS before, peak reset by clear_refs)")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out + ".json", "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=2)
+    lines = [f"CPU kernel vs HF+PEFT (expand + cat + mask + SDPA), shape {shape}, fp32, causal, "
+             f"{meta['threads']} threads, torch {torch.__version__}, medians of {a.reps}",
+             "", "| mode | baseline ms | ours ms | speedup | baseline peak MiB | ours peak MiB |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['baseline_ms']:.2f} | {r['ours_ms']:.2f} | "
+                     f"{r['speedup']:.2f}x | {r['baseline_peak_mib']:.1f} | "
+                     f"{r['ours_peak_mib']:.1f} |")
+    with open(a.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
