@@ -8,7 +8,8 @@ Four launches, none with float atomics (two runs give bitwise-equal gradients):
 3. ``_bwd_dkdv_prefix``: prefix-major. One program owns a tile of bank entry n (kv head h)
    and loops over the rows that selected n (a sorted row list built on the host:
    ``rows = argsort(prefix_ids)``, entry n's rows are ``rows[offsets[n]:offsets[n+1]]``),
-   and over all their queries -> dprefix_k, dprefix_v. Unused entries and positions
+   and over one chunk of their queries -> dprefix_k, dprefix_v (fp32 partials per chunk,
+   summed in a fixed order when there are several chunks). Unused entries and positions
    beyond ``prefix_lens[n]`` come out as exact zeros.
 4. ``_bwd_dq``: one program per packed query tile, the forward's loop (prefix, then own
    tiles) recomputing P -> dQ.
@@ -19,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .autotune import bucket, bwd_configs, prune
+from .autotune import bucket, bwd_configs, interpreting, prune
 from .common import LOG2E, own_ranges, own_visible, scores
 from .fwd import dot_precision, head_block
 
@@ -163,9 +164,9 @@ def _bwd_dkdv_prefix(Q, PK, PV, DO, LSE, DELTA, PLENS, ROWS, ROW_OFFS, DPK, DPV,
                      stride_pvn, stride_pvh, stride_pvs,
                      stride_db, stride_dh, stride_ds,
                      stride_lb, stride_lh,
-                     stride_dkn, stride_dkh, stride_dks,
-                     stride_dvn, stride_dvh, stride_dvs,
-                     Hkv, Sq, P, D: tl.constexpr, qk_scale, softcap_inv, softcap_log2,
+                     stride_dkc, stride_dkn, stride_dkh, stride_dks,
+                     stride_dvc, stride_dvn, stride_dvh, stride_dvs,
+                     Hkv, Sq, P, chunk_rows, D: tl.constexpr, qk_scale, softcap_inv, softcap_log2,
                      M_BUCKET, KV_BUCKET,
                      G: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
                      DOT_PREC: tl.constexpr,
@@ -192,9 +193,13 @@ def _bwd_dkdv_prefix(Q, PK, PV, DO, LSE, DELTA, PLENS, ROWS, ROW_OFFS, DPK, DPV,
     r_start = tl.load(ROW_OFFS + entry)
     r_end = tl.load(ROW_OFFS + entry + 1)
     r_end = tl.where(pid_n * BLOCK_N < plen, r_end, r_start)
+    # -- this program's chunk of packed query rows (of every row of the entry) ----
+    pid_c = tl.program_id(2)
+    m_lo = pid_c * chunk_rows
+    m_hi = tl.minimum(m_lo + chunk_rows, G * Sq)
     for r in range(r_start, r_end):
         b = tl.load(ROWS + r).to(tl.int64)
-        for start_m in range(0, G * Sq, BLOCK_M):
+        for start_m in range(m_lo, m_hi, BLOCK_M):
             q, do, lse2, delta, offs_i = _load_query_tile(
                 Q, DO, LSE, DELTA, b, h, start_m, Hq, Sq, D, stride_qb, stride_qh, stride_qs,
                 stride_db, stride_dh, stride_ds, stride_lb, stride_lh, G, BLOCK_M, BLOCK_D)
@@ -206,6 +211,8 @@ def _bwd_dkdv_prefix(Q, PK, PV, DO, LSE, DELTA, PLENS, ROWS, ROW_OFFS, DPK, DPV,
     # positions in [plen, P) are stored too: as exact zeros
     rows = offs_n[:, None].to(tl.int64)
     mask = (offs_n[:, None] < P) & (offs_d[None, :] < D)
+    DPK += pid_c.to(tl.int64) * stride_dkc
+    DPV += pid_c.to(tl.int64) * stride_dvc
     tl.store(DPK + entry * stride_dkn + h64 * stride_dkh + rows * stride_dks + offs_d[None, :],
              dk.to(DPK.dtype.element_ty), mask=mask)
     tl.store(DPV + entry * stride_dvn + h64 * stride_dvh + rows * stride_dvs + offs_d[None, :],
@@ -267,7 +274,7 @@ def _bwd_dq(Q, K, V, PK, PV, PIDS, PLENS, KPM, DO, LSE, DELTA, DQ,
             G: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
             HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
             BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)   # heaviest tiles first
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
     h = pid_bh % Hkv
@@ -334,6 +341,27 @@ def prefix_row_lists(prefix_ids: torch.Tensor, num_entries: int):
     return rows.contiguous(), offsets.to(torch.int64).contiguous()
 
 
+# Packed query rows per prefix-gradient chunk are a multiple of this (the largest BLOCK_M).
+_CHUNK_ALIGN = 16 if interpreting() else 128
+
+
+def _prefix_chunks(device: torch.device, M: int, P: int, programs: int):
+    """Split of the packed queries (M = G * Sq per row) for the prefix dK/dV.
+
+    A program per (prefix tile, entry, kv head) alone is far too few at P = 128; each chunk
+    of queries gets its own program (about four per SM in all) and writes fp32 partial sums,
+    summed afterwards in a fixed order. Returns (chunks, packed rows per chunk).
+    """
+    if interpreting() or device.type != "cuda":
+        chunk_rows = _CHUNK_ALIGN * max(1, triton.cdiv(M, 2 * _CHUNK_ALIGN))  # 2 chunks: tested
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        tiles = programs * triton.cdiv(P, 64)
+        want = max(1, triton.cdiv(4 * sms, tiles))
+        chunk_rows = _CHUNK_ALIGN * max(1, triton.cdiv(M, want * _CHUNK_ALIGN))
+    return triton.cdiv(M, chunk_rows), chunk_rows
+
+
 def attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
              out, lse, dq, dk, dv, dprefix_k, dprefix_v,
              causal: bool, scale: float, window: int, softcap: float) -> None:
@@ -387,17 +415,33 @@ def attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_pad
 
     if P > 0 and N > 0:
         rows, offsets = prefix_row_lists(prefix_ids, N)
-        wrap_triton(_bwd_dkdv_prefix)[lambda meta: (triton.cdiv(P, meta["BLOCK_N"]), N * Hkv)](
-            q, prefix_k, prefix_v, dout, lse, delta, prefix_lens, rows, offsets,
-            dprefix_k, dprefix_v,
+        chunks, chunk_rows = _prefix_chunks(q.device, M, P, N * Hkv)
+        if chunks == 1:
+            gk, gv = dprefix_k, dprefix_v
+            ck = cv = 0
+        else:
+            # fp32 partial sums per chunk, reduced below in a fixed order (no atomics)
+            gk = torch.empty((chunks,) + tuple(dprefix_k.shape), device=q.device,
+                             dtype=torch.float32)
+            gv = torch.empty_like(gk)
+            ck, cv = gk.stride(0), gv.stride(0)
+            gk_, gv_ = gk[0], gv[0]
+        sk = dprefix_k.stride() if chunks == 1 else gk_.stride()
+        sv = dprefix_v.stride() if chunks == 1 else gv_.stride()
+        wrap_triton(_bwd_dkdv_prefix)[
+            lambda meta: (triton.cdiv(P, meta["BLOCK_N"]), N * Hkv, chunks)](
+            q, prefix_k, prefix_v, dout, lse, delta, prefix_lens, rows, offsets, gk, gv,
             q.stride(0), q.stride(1), q.stride(2),
             prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
             prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             lse.stride(0), lse.stride(1),
-            dprefix_k.stride(0), dprefix_k.stride(1), dprefix_k.stride(2),
-            dprefix_v.stride(0), dprefix_v.stride(1), dprefix_v.stride(2),
-            Hkv, Sq, P, D, *scal, m_bucket, kv_bucket, **common)
+            ck, sk[0], sk[1], sk[2],
+            cv, sv[0], sv[1], sv[2],
+            Hkv, Sq, P, chunk_rows, D, *scal, m_bucket, kv_bucket, **common)
+        if chunks > 1:
+            dprefix_k.copy_(gk.sum(0))
+            dprefix_v.copy_(gv.sum(0))
 
     wrap_triton(_bwd_dq)[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * Hkv)](
         q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, kpm, dout, lse, delta, dq,

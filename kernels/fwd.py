@@ -76,7 +76,8 @@ def _attn_fwd(Q, K, V, PK, PV, PIDS, PLENS, KPM, OUT, LSE,
               G: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
+    # heaviest (last, causal) query tiles first: better tail balance
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
     h = pid_bh % Hkv

@@ -134,8 +134,12 @@ def test_bank_3d_single_entry():
 
 
 def test_backward_is_deterministic_and_zero_where_unused():
-    # Many rows share entry 0 (prefix-major reduction over 4 rows); entry 2 is unused.
-    args, kw = make_inputs(B=5, N=3, P=18, lens=[18, 5, 7], ids=[0, 1, 0, 0, 0], Sq=3, Skv=6,
+    # Many rows share entry 0 (prefix-major reduction over 4 rows, and over 2 query chunks
+    # summed afterwards: G * Sq = 18 > 16); entry 2 is unused.
+    from prefix_attn.kernels.bwd import _prefix_chunks
+    if INTERPRET:
+        assert _prefix_chunks(torch.device(DEVICE), 18, 18, 6)[0] == 2
+    args, kw = make_inputs(B=5, N=3, P=18, lens=[18, 5, 7], ids=[0, 1, 0, 0, 0], Sq=9, Skv=6,
                            pad="left", device=DEVICE, requires_grad=True)
     runs = []
     for _ in range(2):
