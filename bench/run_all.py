@@ -1,0 +1,108 @@
+"""Run every CPU benchmark, keep a history, draw the plots and refresh the README tables.
+
+    python bench/run_all.py            # full sizes of each benchmark (`make bench`)
+    python bench/run_all.py --quick    # smoke sizes (what the test suite runs)
+    python bench/run_all.py --only decode,memory
+
+Each benchmark script writes `bench/results/<name>.json` (rows + machine/versions/date) and a
+markdown table `<name>.md`. This script appends every fresh JSON to
+`bench/results/history.jsonl`, draws `bench/results/<name>.png` for the ones without a plot of
+their own, and copies the markdown tables into README.md between the
+`<!-- bench:NAME -->` / `<!-- /bench:NAME -->` markers, so every number the README shows comes
+from a committed result file. GPU benchmarks run through `bench/gpu.sh` on a GPU machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+
+# name -> (script, extra args for --quick, result stem in bench/results)
+BENCHMARKS = {
+    "cpu_kernel": ("bench_cpu_kernel.py", ["--reps", "2", "--shape", "2,4,2,32,128,16"], "cpu_kernel"),
+    "decode": ("bench_decode.py", ["--quick"], "decode_cpu"),
+    "memory": ("bench_memory.py", ["--quick"], "memory_cpu"),
+    "train": ("bench_train.py", ["--quick"], "train_cpu"),
+}
+
+
+def run_one(name: str, quick: bool, out_dir: str) -> dict:
+    script, quick_args, stem = BENCHMARKS[name]
+    path = os.path.join(HERE, script)
+    if not os.path.exists(path):
+        return {"name": name, "status": "missing", "script": script}
+    cmd = [sys.executable, path, "--out", os.path.join(out_dir, stem)] + (quick_args if quick else [])
+    print(f"\n$ {' '.join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd)}", flush=True)
+    t0 = time.time()
+    rc = subprocess.call(cmd, cwd=ROOT)
+    status = "ok" if rc == 0 else f"exit {rc}"
+    return {"name": name, "status": status, "seconds": round(time.time() - t0, 1), "stem": stem}
+
+
+def append_history(out_dir: str, record: dict) -> None:
+    js = os.path.join(out_dir, record["stem"] + ".json")
+    if record["status"] != "ok" or not os.path.exists(js):
+        return
+    with open(js) as f:
+        data = json.load(f)
+    entry = {"benchmark": record["name"], "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "seconds": record["seconds"], "result": data}
+    with open(os.path.join(out_dir, "history.jsonl"), "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def refresh_readme(out_dir: str, readme: str = os.path.join(ROOT, "README.md")) -> list:
+    """Replace each `<!-- bench:NAME -->...<!-- /bench:NAME -->` block with results/NAME.md."""
+    with open(readme) as f:
+        text = f.read()
+    done = []
+    for stem in sorted({b[2] for b in BENCHMARKS.values()}):
+        md = os.path.join(out_dir, stem + ".md")
+        pat = re.compile(rf"(<!-- bench:{stem} -->\n)(.*?)(<!-- /bench:{stem} -->)", re.S)
+        if os.path.exists(md) and pat.search(text):
+            with open(md) as f:
+                table = f.read().strip() + "\n"
+            text = pat.sub(lambda m: m.group(1) + table + m.group(3), text)
+            done.append(stem)
+    tmp = readme + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, readme)
+    return done
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke sizes")
+    ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    ap.add_argument("--out", default=RESULTS, help="results folder (default bench/results)")
+    ap.add_argument("--no-readme", action="store_true", help="do not touch README.md")
+    args = ap.parse_args(argv)
+    names = args.only.split(",") if args.only else list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        ap.error(f"unknown benchmark(s) {unknown}; known: {list(BENCHMARKS)}")
+    os.makedirs(args.out, exist_ok=True)
+    records = []
+    for name in names:
+        rec = run_one(name, args.quick, args.out)
+        append_history(args.out, rec)
+        records.append(rec)
+    if not args.no_readme:
+        print("README tables refreshed:", ", ".join(refresh_readme(args.out)) or "none")
+    print("\n| benchmark | status | seconds |\n| --- | --- | --- |")
+    for r in records:
+        print(f"| {r['name']} | {r['status']} | {r.get('seconds', '-')} |")
+    return 0 if all(r["status"] in ("ok", "missing") for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

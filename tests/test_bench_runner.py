@@ -1,0 +1,33 @@
+"""bench/run_all.py: README blocks are refreshed from result files, history is appended."""
+import importlib.util
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("run_all", os.path.join(ROOT, "bench", "run_all.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_block_replaced_from_result_file(tmp_path):
+    run_all = _load()
+    (tmp_path / "decode_cpu.md").write_text("| a | b |\n| --- | --- |\n| 1 | 2 |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:decode_cpu -->\nold table\n<!-- /bench:decode_cpu -->\nend\n")
+    assert run_all.refresh_readme(str(tmp_path), str(readme)) == ["decode_cpu"]
+    text = readme.read_text()
+    assert "old table" not in text and "| 1 | 2 |" in text and text.endswith("end\n")
+
+
+def test_history_appends_fresh_results(tmp_path):
+    run_all = _load()
+    (tmp_path / "train_cpu.json").write_text(json.dumps({"rows": [1], "meta": {"torch": "x"}}))
+    rec = {"name": "train", "status": "ok", "seconds": 1.0, "stem": "train_cpu"}
+    run_all.append_history(str(tmp_path), rec)
+    run_all.append_history(str(tmp_path), dict(rec, status="exit 1"))  # failed runs are not recorded
+    lines = (tmp_path / "history.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["result"]["rows"] == [1]
