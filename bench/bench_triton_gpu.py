@@ -1,7 +1,7 @@
 """GPU benchmark of the triton backend: TFLOP/s forward and backward against
 `F.scaled_dot_product_attention` (flash backend) on the same total KV length, and end to
-end (forward + backward) against the PEFT path (prefix expanded over the batch,
-concatenated, repeated for GQA, explicit bool mask, SDPA).
+end (forward + backward) against the PEFT path (prefix copied over the batch, concatenated,
+explicit bool mask, SDPA: `prefix_attn.baselines.peft_path_attention`).
 
 Usage (on a CUDA machine, package installed):
     python bench/bench_triton_gpu.py --out OUTDIR            # H200 targets: bf16, D 128, S 4096
@@ -51,20 +51,22 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--seq", type=int, default=4096, help="own tokens per row (Sq = Skv = S)")
     p.add_argument("--prefix", default="16,64,128,256", help="comma-separated prefix lengths P")
-    p.add_argument("--modes", default="fwd,bwd,e2e", help="subset of fwd,bwd,e2e")
+    p.add_argument("--modes", default="fwd,bwd,e2e,decode", help="subset of fwd,bwd,e2e,decode")
+    p.add_argument("--decode-batch", type=int, default=64,
+                   help="rows of the decode measurement (Sq = 1 over S own keys, one shared prefix)")
     p.add_argument("--reps", type=int, default=50, help="timed repetitions per measurement")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, tiny sizes, torch backend: checks the script, not the GPU")
     a = p.parse_args(argv)
     a.prefix_lens = [int(x) for x in a.prefix.split(",") if x.strip()]
     a.mode_list = [m.strip() for m in a.modes.split(",") if m.strip()]
-    bad = set(a.mode_list) - {"fwd", "bwd", "e2e"}
+    bad = set(a.mode_list) - {"fwd", "bwd", "e2e", "decode"}
     if bad:
         p.error(f"unknown modes {sorted(bad)}")
     if a.hq % a.hkv:
         p.error(f"--hq {a.hq} must be a multiple of --hkv {a.hkv}")
     if a.dry_run:
-        a.batch, a.hq, a.hkv, a.head_dim, a.seq = 2, 4, 2, 16, 32
+        a.batch, a.hq, a.hkv, a.head_dim, a.seq, a.decode_batch = 2, 4, 2, 16, 32, 3
         a.prefix_lens = sorted({min(P, 8) for P in a.prefix_lens}) or [8]
         a.reps = 2
         a.dtype = "fp32"
@@ -79,7 +81,7 @@ def causal_pairs(S: int, P: int) -> int:
 def attn_flops(B: int, H: int, D: int, pairs: int, mode: str) -> float:
     """FLOPs of attention over `pairs` visible pairs per head: fwd 4*D per pair, bwd 2.5x."""
     fwd = 4.0 * B * H * D * pairs
-    return {"fwd": fwd, "bwd": 2.5 * fwd, "e2e": 3.5 * fwd}[mode]
+    return {"fwd": fwd, "decode": fwd, "bwd": 2.5 * fwd, "e2e": 3.5 * fwd}[mode]
 
 
 def tflops(flops: float, ms: float) -> float:
@@ -105,18 +107,12 @@ def timer(device: str, reps: int):
 
 
 def peft_attention(q, k, v, pk, pv):
-    """The PEFT path: prefix [Hkv, P, D] expanded over the batch, concatenated to the own KV,
-    repeated over query heads (HF's repeat_kv), explicit bool mask [B, 1, S, P + S], SDPA."""
-    B, Hq, S, D = q.shape
-    Hkv, P = pk.shape[0], pk.shape[1]
-    kk = torch.cat([pk.unsqueeze(0).expand(B, -1, -1, -1), k], dim=2)
-    vv = torch.cat([pv.unsqueeze(0).expand(B, -1, -1, -1), v], dim=2)
-    kk = kk.repeat_interleave(Hq // Hkv, dim=1)
-    vv = vv.repeat_interleave(Hq // Hkv, dim=1)
-    own = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
-    mask = torch.cat([torch.ones(S, P, dtype=torch.bool, device=q.device), own], dim=1)
-    mask = mask[None, None].expand(B, 1, S, P + S)
-    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+    """The PEFT path (prefix_attn.baselines, shared with the demo and the other benchmarks):
+    prefix [Hkv, P, D] copied per row, concatenated to the own KV, explicit bool mask
+    [B, 1, S, P + S], SDPA."""
+    from prefix_attn.baselines import peft_path_attention
+
+    return peft_path_attention(q, k, v, pk, pv)
 
 
 def sdpa_flash(q, k, v):
@@ -191,7 +187,42 @@ def bench_one(a, P: int, device: str, time_ms) -> list:
         t_peft = time_ms(step(lambda: peft_attention(q, k, v, pk, pv)))
         records.append(_record("e2e", P, t_ours, t_peft, "peft_sdpa", B, Hq, D,
                                ours_pairs, ours_pairs))
+    if "decode" in a.mode_list:
+        records += bench_decode(a, P, device, time_ms, backend)
     return records
+
+
+def bench_decode(a, P: int, device: str, time_ms, backend: str) -> list:
+    """One new token per row (Sq = 1) over S cached own keys, all rows sharing one prefix:
+    the cascade path (PREFIX_ATTN_TRITON_CASCADE=1) against the per-row kernel (=0) and the
+    PEFT path. Forward only, no grad."""
+    from prefix_attn import prefix_attention
+
+    dtype = DTYPES[a.dtype]
+    B, Hq, Hkv, D, S = a.decode_batch, a.hq, a.hkv, a.head_dim, a.seq
+    g = torch.Generator(device=device).manual_seed(1000 + P)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype)
+
+    q, k, v = rnd(B, Hq, 1, D), rnd(B, Hkv, S, D), rnd(B, Hkv, S, D)
+    pk, pv = rnd(Hkv, P, D), rnd(Hkv, P, D)
+    pairs = P + S
+    times = {}
+    prev = os.environ.get("PREFIX_ATTN_TRITON_CASCADE")
+    try:
+        with torch.no_grad():
+            for mode in ("1", "0"):
+                os.environ["PREFIX_ATTN_TRITON_CASCADE"] = mode
+                times[mode] = time_ms(lambda: prefix_attention(q, k, v, pk, pv, backend=backend))
+            t_peft = time_ms(lambda: peft_attention(q, k, v, pk, pv))
+    finally:
+        if prev is None:
+            os.environ.pop("PREFIX_ATTN_TRITON_CASCADE", None)
+        else:
+            os.environ["PREFIX_ATTN_TRITON_CASCADE"] = prev
+    return [_record("decode", P, times["1"], times["0"], "per_row_kernel", B, Hq, D, pairs, pairs),
+            _record("decode", P, times["1"], t_peft, "peft_sdpa", B, Hq, D, pairs, pairs)]
 
 
 def _record(mode, P, t_ours, t_base, base_name, B, Hq, D, ours_pairs, base_pairs):

@@ -52,7 +52,8 @@ def test_dry_run_writes_json(bench, tmp_path):
     data = json.loads((tmp_path / "bench_triton_gpu.json").read_text())
     assert data["dry_run"] is True and data == json.loads(json.dumps(res))
     assert {"gpu", "torch", "triton", "date"} <= set(data["environment"])
-    assert [r["mode"] for r in data["records"]] == ["fwd", "bwd", "e2e"]
+    assert [r["mode"] for r in data["records"]] == ["fwd", "bwd", "e2e", "decode", "decode"]
+    assert [r["baseline"] for r in data["records"][3:]] == ["per_row_kernel", "peft_sdpa"]
     for r in data["records"]:
         assert r["P"] == 5 and r["ours_ms"] > 0 and r["baseline_ms"] > 0 and r["ours_tflops"] > 0
 
