@@ -1,0 +1,142 @@
+// CUDA implementations of prefix_attn::fwd / prefix_attn::bwd: checks (csrc/checks.h), output
+// allocation and the launch of the kernels of attention.cu on the current stream.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cuda/attention_cuda.h"
+
+namespace prefix_attn {
+namespace {
+
+constexpr int64_t kCudaMaxHeadDim = 256;
+
+at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return (t.dim() > 0 && t.size(-1) > 1 && t.stride(-1) != 1) ? t.contiguous() : t;
+}
+
+cuda::DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kHalf: return cuda::DType::kFloat16;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    default: TORCH_CHECK(false, "prefix_attn: unsupported dtype ", t);
+  }
+}
+
+cuda::CudaAttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& pk, const at::Tensor& pv,
+                                 const at::Tensor& ids, const at::Tensor& lens,
+                                 const c10::optional<at::Tensor>& kpm, bool causal, double scale,
+                                 int64_t window, double softcap) {
+  cuda::CudaAttnParams p{};
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.Sq = q.size(2);
+  p.D = q.size(3);
+  p.Hkv = k.size(1);
+  p.G = p.Hq / p.Hkv;
+  p.Skv = k.size(2);
+  p.N = pk.size(0);
+  p.P = pk.size(2);
+  TORCH_CHECK(p.B <= 65535 && p.Hkv <= 65535, "prefix_attn (cuda): B=", p.B, " and Hkv=", p.Hkv,
+              " must be <= 65535 (grid limits)");
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.pk = pk.data_ptr();
+  p.pv = pv.data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    p.q_s[d] = q.stride(d);
+    p.k_s[d] = k.stride(d);
+    p.v_s[d] = v.stride(d);
+    p.pk_s[d] = pk.stride(d);
+    p.pv_s[d] = pv.stride(d);
+  }
+  p.ids = ids.data_ptr<int64_t>();
+  p.lens = lens.data_ptr<int64_t>();
+  p.kpm = nullptr;
+  if (kpm.has_value()) {
+    p.kpm = kpm->data_ptr<bool>();
+    p.kpm_s[0] = kpm->stride(0);
+    p.kpm_s[1] = kpm->stride(1);
+  }
+  p.causal = causal;
+  p.scale = static_cast<float>(scale);
+  p.window = window;
+  p.softcap = static_cast<float>(softcap);
+  p.dtype = to_dtype(q.scalar_type());
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                            const at::Tensor& v_in, const at::Tensor& pk_in,
+                                            const at::Tensor& pv_in, const at::Tensor& ids,
+                                            const at::Tensor& lens,
+                                            const c10::optional<at::Tensor>& kpm, bool causal,
+                                            double scale, int64_t window, double softcap) {
+  const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+             v = last_dim_contiguous(v_in), pk = last_dim_contiguous(pk_in),
+             pv = last_dim_contiguous(pv_in);
+  const auto d = check_fwd_args(q, k, v, pk, pv, ids, lens, kpm, scale, window, softcap,
+                                kCudaMaxHeadDim);
+  TORCH_CHECK(q.is_cuda(), "prefix_attn::fwd (CUDA kernel) got tensors on ", q.device());
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto out = at::empty({d.B, d.Hq, d.Sq, d.D}, q.options());
+  auto lse = at::empty({d.B, d.Hq, d.Sq}, q.options().dtype(at::kFloat));
+  auto p = make_params(q, k, v, pk, pv, ids, lens, kpm, causal, scale, window, softcap);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  const auto err = cuda::launch_fwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "prefix_attn (cuda) forward launch failed: ",
+              cudaGetErrorString(err));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& pk_in, const at::Tensor& pv_in,
+    const at::Tensor& ids, const at::Tensor& lens, const c10::optional<at::Tensor>& kpm,
+    const at::Tensor& out_in, const at::Tensor& lse_in, bool causal, double scale,
+    int64_t window, double softcap) {
+  const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+             v = last_dim_contiguous(v_in), pk = last_dim_contiguous(pk_in),
+             pv = last_dim_contiguous(pv_in);
+  const auto d = check_fwd_args(q, k, v, pk, pv, ids, lens, kpm, scale, window, softcap,
+                                kCudaMaxHeadDim);
+  check_bwd_args(d, q, dout_in, out_in, lse_in);
+  TORCH_CHECK(q.is_cuda(), "prefix_attn::bwd (CUDA kernel) got tensors on ", q.device());
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto dout = dout_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
+  auto dq = at::zeros({d.B, d.Hq, d.Sq, d.D}, q.options());
+  auto dk = at::zeros({d.B, d.Hkv, d.Skv, d.D}, q.options());
+  auto dv = at::zeros({d.B, d.Hkv, d.Skv, d.D}, q.options());
+  auto dpk = at::zeros({d.N, d.Hkv, d.P, d.D}, q.options());
+  auto dpv = at::zeros({d.N, d.Hkv, d.P, d.D}, q.options());
+  auto delta = at::empty({d.B, d.Hq, d.Sq}, q.options().dtype(at::kFloat));
+  auto p = make_params(q, k, v, pk, pv, ids, lens, kpm, causal, scale, window, softcap);
+  p.dout = dout.data_ptr();
+  p.o = out.data_ptr();
+  p.lse_in = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dpk = dpk.data_ptr();
+  p.dpv = dpv.data_ptr();
+  const auto err = cuda::launch_bwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "prefix_attn (cuda) backward launch failed: ",
+              cudaGetErrorString(err));
+  return {dq, dk, dv, dpk, dpv};
+}
+
+}  // namespace
+}  // namespace prefix_attn
+
+TORCH_LIBRARY_IMPL(prefix_attn, CUDA, m) {
+  m.impl("fwd", &prefix_attn::fwd_cuda);
+  m.impl("bwd", &prefix_attn::bwd_cuda);
+}
