@@ -51,27 +51,51 @@ def fwd_configs():
                     singles=[(128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2)])
 
 
-def bwd_configs():
-    """Backward configs (dK/dV and dQ): smaller tiles, three accumulators live at once."""
+def dkdv_configs():
+    """dK/dV configs: BLOCK_N resident keys, BLOCK_M streamed packed queries. The single
+    configs are the ones ptxas compiles without register spills at D = 128 (sm_90)."""
     return _configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3],
-                    singles=[(64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)])
+                    singles=[(64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 1)])
 
 
-# Shared memory we allow a config to need (H100/H200 have 227 KiB per block; estimate is rough).
-SMEM_BUDGET = 160 * 1024
+def dq_configs():
+    """dQ configs: BLOCK_M resident packed queries, BLOCK_N streamed keys."""
+    return _configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3],
+                    singles=[(128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)])
 
 
-def smem_estimate(block_m, block_n, block_d, stages, elsize):
-    """Bytes of shared memory a config needs, roughly: the resident tile of one side plus the
-    pipelined (stages - 1) buffers of the two streamed tiles of the other side."""
-    resident, streamed = min(block_m, block_n), max(block_m, block_n)
-    return elsize * block_d * (resident + 2 * streamed * max(1, stages - 1))
+# Shared memory when the device cannot be asked (CPU, tests); H100/H200 allow 227 KiB per
+# block, A100 163 KiB.
+DEFAULT_SMEM = 200 * 1024
+_SMEM_BY_DEVICE = {}
 
 
-def prune(configs, named_args, **kwargs):
+def smem_budget(tensor) -> int:
+    """Shared memory per block (opt-in maximum) of the tensor's CUDA device, cached."""
+    if tensor is None or getattr(tensor, "device", None) is None or tensor.device.type != "cuda":
+        return DEFAULT_SMEM
+    idx = tensor.device.index if tensor.device.index is not None else 0
+    if idx not in _SMEM_BY_DEVICE:
+        import torch
+
+        props = torch.cuda.get_device_properties(idx)
+        _SMEM_BY_DEVICE[idx] = int(getattr(props, "shared_memory_per_block_optin", DEFAULT_SMEM))
+    return _SMEM_BY_DEVICE[idx]
+
+
+def smem_estimate(block_m, block_n, block_d, stages, elsize, kind="fwd"):
+    """Bytes of shared memory a config needs, a conservative fit to what the Triton 3.6
+    compiler allocated for sm_90 (fwd: the query tile plus `stages` buffers of K and V;
+    bwd: `stages` buffers of the two streamed tiles plus the two resident ones)."""
+    if kind == "fwd":
+        return elsize * block_d * (block_m + 2 * block_n * stages)
+    return elsize * block_d * (2 * block_m * stages + 2 * block_n)
+
+
+def prune(configs, named_args, kind="fwd", **kwargs):
     """Drop configs that cannot fit or waste work for this call; keep at least one.
 
-    * shared memory over SMEM_BUDGET (head dim x dtype size x tiles x stages);
+    * shared memory over the device's per-block maximum (see smem_estimate);
     * more than 64 packed query rows when ``G * Sq`` is small (decode);
     * accumulators too big for registers (head dim 256 with 128-row tiles);
     * 8 warps on tiles of fewer than 64x64 elements.
@@ -83,10 +107,11 @@ def prune(configs, named_args, **kwargs):
     m_bucket = named_args.get("M_BUCKET", kwargs.get("M_BUCKET", 1 << 20))
     q = named_args.get("Q")
     elsize = q.element_size() if q is not None else 2
+    budget = smem_budget(q)
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if smem_estimate(bm, bn, block_d, c.num_stages, elsize) > SMEM_BUDGET:
+        if smem_estimate(bm, bn, block_d, c.num_stages, elsize, kind) > budget:
             continue
         if bm > max(64, m_bucket):
             continue
@@ -99,3 +124,8 @@ def prune(configs, named_args, **kwargs):
         kept.append(c)
     kept = kept or configs[-1:]
     return kept[:1] if one_config() else kept
+
+
+def prune_bwd(configs, named_args, **kwargs):
+    """`prune` with the backward's shared-memory estimate."""
+    return prune(configs, named_args, kind="bwd", **kwargs)

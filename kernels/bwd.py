@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .autotune import bucket, bwd_configs, interpreting, prune
+from .autotune import bucket, dkdv_configs, dq_configs, interpreting, prune_bwd
 from .common import LOG2E, own_ranges, own_visible, scores
 from .fwd import dot_precision, head_block
 
@@ -89,8 +89,8 @@ def _dkdv_tile(dk, dv, q, do, lse2, delta, offs_i, kt, vt, vis,
     return dk, dv
 
 
-@triton.autotune(configs=bwd_configs(), key=["BLOCK_D", "M_BUCKET", "KV_BUCKET", "CAUSAL"],
-                 prune_configs_by={"early_config_prune": prune})
+@triton.autotune(configs=dkdv_configs(), key=["BLOCK_D", "M_BUCKET", "KV_BUCKET", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": prune_bwd})
 @triton.jit
 def _bwd_dkdv_own(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
                   stride_qb, stride_qh, stride_qs,
@@ -155,8 +155,8 @@ def _bwd_dkdv_own(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
              dv.to(DV.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=bwd_configs(), key=["BLOCK_D", "M_BUCKET", "KV_BUCKET", "CAUSAL"],
-                 prune_configs_by={"early_config_prune": prune})
+@triton.autotune(configs=dkdv_configs(), key=["BLOCK_D", "M_BUCKET", "KV_BUCKET", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": prune_bwd})
 @triton.jit
 def _bwd_dkdv_prefix(Q, PK, PV, DO, LSE, DELTA, PLENS, ROWS, ROW_OFFS, DPK, DPV,
                      stride_qb, stride_qh, stride_qs,
@@ -256,8 +256,8 @@ def _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, KPM, stride_kp
     return dq
 
 
-@triton.autotune(configs=bwd_configs(), key=["BLOCK_D", "M_BUCKET", "KV_BUCKET", "CAUSAL"],
-                 prune_configs_by={"early_config_prune": prune})
+@triton.autotune(configs=dq_configs(), key=["BLOCK_D", "M_BUCKET", "KV_BUCKET", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": prune_bwd})
 @triton.jit
 def _bwd_dq(Q, K, V, PK, PV, PIDS, PLENS, KPM, DO, LSE, DELTA, DQ,
             stride_qb, stride_qh, stride_qs,

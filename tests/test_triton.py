@@ -220,18 +220,20 @@ def test_autotune_configs_are_pruned_and_one_config_switch(monkeypatch, one):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("PREFIX_ATTN_TRITON_ONE_CONFIG", one)
     assert at.bucket(1) == 1 and at.bucket(5) == 8 and at.bucket(64) == 64 and at.bucket(65) == 128
-    for configs in (at.fwd_configs(), at.bwd_configs()):
+    for kind, configs in (("fwd", at.fwd_configs()), ("bwd", at.dkdv_configs()),
+                          ("bwd", at.dq_configs())):
+        prune = at.prune if kind == "fwd" else at.prune_bwd
         for block_d in (16, 64, 128, 256):
             for dtype in (torch.float16, torch.float32):
                 for m_bucket in (1, 4096):
-                    kept = at.prune(configs, {"BLOCK_D": block_d, "M_BUCKET": m_bucket,
-                                              "Q": torch.empty(0, dtype=dtype)})
+                    kept = prune(configs, {"BLOCK_D": block_d, "M_BUCKET": m_bucket,
+                                           "Q": torch.empty(0, dtype=dtype)})
                     assert kept and all(c in configs for c in kept)
                     assert len(kept) == 1 if one == "1" else len(kept) <= len(configs)
                     for c in kept:
                         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-                        assert at.smem_estimate(bm, bn, block_d, c.num_stages,
-                                                dtype.itemsize) <= at.SMEM_BUDGET
+                        assert at.smem_estimate(bm, bn, block_d, c.num_stages, dtype.itemsize,
+                                                kind) <= at.DEFAULT_SMEM
                         assert m_bucket > 64 or bm <= 64     # decode: no 128-row tiles
     if one == "0":   # the full search really is pruned for a wide fp32 head
         full = at.fwd_configs()
