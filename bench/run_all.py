@@ -1,7 +1,7 @@
 """Run every CPU benchmark, keep a history, draw the plots and refresh the README tables.
 
     python bench/run_all.py            # full sizes of each benchmark (`make bench`)
-    python bench/run_all.py --quick    # smoke sizes (what the test suite runs)
+    python bench/run_all.py --quick    # smoke sizes, into a scratch folder (README untouched)
     python bench/run_all.py --only decode,memory
 
 Each benchmark script writes `bench/results/<name>.json` (rows + machine/versions/date) and a
@@ -18,6 +18,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 import sys
 import time
 
@@ -25,21 +26,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 
-# name -> (script, extra args for --quick, result stem in bench/results)
+# name -> (script, extra args for --quick, result stem, what the script's --out names:
+#          "stem" = a path without extension, "dir" = the results folder)
 BENCHMARKS = {
-    "cpu_kernel": ("bench_cpu_kernel.py", ["--reps", "2", "--shape", "2,4,2,32,128,16"], "cpu_kernel"),
-    "decode": ("bench_decode.py", ["--quick"], "decode_cpu"),
-    "memory": ("bench_memory.py", ["--quick"], "memory_cpu"),
-    "train": ("bench_train.py", ["--quick"], "train_cpu"),
+    "cpu_kernel": ("bench_cpu_kernel.py", ["--reps", "2", "--shape", "2,4,2,32,128,16"], "cpu_kernel", "stem"),
+    "decode": ("bench_decode.py", ["--quick"], "decode_cpu", "stem"),
+    "memory": ("bench_memory.py", ["--quick"], "memory", "dir"),
+    "train": ("bench_train.py", ["--quick"], "train_cpu", "dir"),
 }
 
 
 def run_one(name: str, quick: bool, out_dir: str) -> dict:
-    script, quick_args, stem = BENCHMARKS[name]
+    script, quick_args, stem, out_kind = BENCHMARKS[name]
     path = os.path.join(HERE, script)
     if not os.path.exists(path):
         return {"name": name, "status": "missing", "script": script}
-    cmd = [sys.executable, path, "--out", os.path.join(out_dir, stem)] + (quick_args if quick else [])
+    out = os.path.join(out_dir, stem) if out_kind == "stem" else out_dir
+    cmd = [sys.executable, path, "--out", out] + (quick_args if quick else [])
     print(f"\n$ {' '.join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd)}", flush=True)
     t0 = time.time()
     rc = subprocess.call(cmd, cwd=ROOT)
@@ -83,21 +86,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke sizes")
     ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(BENCHMARKS)}")
-    ap.add_argument("--out", default=RESULTS, help="results folder (default bench/results)")
     ap.add_argument("--no-readme", action="store_true", help="do not touch README.md")
     args = ap.parse_args(argv)
     names = args.only.split(",") if args.only else list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         ap.error(f"unknown benchmark(s) {unknown}; known: {list(BENCHMARKS)}")
-    os.makedirs(args.out, exist_ok=True)
+    # Smoke runs go to a scratch folder: they must never overwrite the committed results.
+    out_dir = tempfile.mkdtemp(prefix="prefix_attn_bench_") if args.quick else RESULTS
+    os.makedirs(out_dir, exist_ok=True)
     records = []
     for name in names:
-        rec = run_one(name, args.quick, args.out)
-        append_history(args.out, rec)
+        rec = run_one(name, args.quick, out_dir)
+        append_history(out_dir, rec)
         records.append(rec)
-    if not args.no_readme:
-        print("README tables refreshed:", ", ".join(refresh_readme(args.out)) or "none")
+    if not args.no_readme and not args.quick:
+        print("README tables refreshed:", ", ".join(refresh_readme(out_dir)) or "none")
+    print(f"results in {out_dir}")
     print("\n| benchmark | status | seconds |\n| --- | --- | --- |")
     for r in records:
         print(f"| {r['name']} | {r['status']} | {r.get('seconds', '-')} |")
