@@ -21,7 +21,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .autotune import bucket, dkdv_configs, dq_configs, interpreting, prune_bwd
-from .common import LOG2E, own_ranges, own_visible, scores
+from .common import LOG2E, own_ranges, own_visible, own_visible_t, scores
 from .fwd import dot_precision, head_block
 
 
@@ -70,22 +70,23 @@ def _load_query_tile(Q, DO, LSE, DELTA, b, h, start_m, Hq, Sq, D,
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, q, do, lse2, delta, offs_i, kt, vt, vis,
+def _dkdv_tile(dk, dv, q, do, lse2, delta, k, v, vis_t,
                qk_scale, softcap_inv, softcap_log2,
                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate one query tile's contribution into dk, dv [BLOCK_N, BLOCK_D] (fp32).
 
-    kt, vt: [BLOCK_D, BLOCK_N] keys/values transposed; vis [BLOCK_M, BLOCK_N] visibility.
+    k, v: [BLOCK_N, BLOCK_D]; q, do: [BLOCK_M, BLOCK_D]; vis_t [BLOCK_N, BLOCK_M]. Scores are
+    formed transposed (keys x queries) so P^T and dS^T feed the dots without transposes.
     """
-    s, t = scores(q, kt, qk_scale, softcap_inv, softcap_log2, SOFTCAP, DOT_PREC)
-    s = tl.where(vis, s, float("-inf"))
-    p = tl.math.exp2(s - lse2[:, None])
-    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PREC)
-    dp = tl.dot(do, vt, input_precision=DOT_PREC)
-    ds = p * (dp - delta[:, None])
+    s_t, t_t = scores(k, tl.trans(q), qk_scale, softcap_inv, softcap_log2, SOFTCAP, DOT_PREC)
+    s_t = tl.where(vis_t, s_t, float("-inf"))
+    p_t = tl.math.exp2(s_t - lse2[None, :])
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
     if SOFTCAP:
-        ds = ds * (1.0 - t * t)
-    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PREC)
+        ds_t = ds_t * (1.0 - t_t * t_t)
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv
 
 
@@ -114,12 +115,12 @@ def _bwd_dkdv_own(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < Skv
-    cols = offs_n[None, :].to(tl.int64)
-    kv_mask = n_ok[None, :] & (offs_d[:, None] < D)
-    kt = tl.load(K + b * stride_kb + h64 * stride_kh + cols * stride_ks + offs_d[:, None],
-                 mask=kv_mask, other=0.0)
-    vt = tl.load(V + b * stride_vb + h64 * stride_vh + cols * stride_vs + offs_d[:, None],
-                 mask=kv_mask, other=0.0)
+    keys = offs_n[:, None].to(tl.int64)
+    kv_mask = n_ok[:, None] & (offs_d[None, :] < D)
+    k = tl.load(K + b * stride_kb + h64 * stride_kh + keys * stride_ks + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h64 * stride_vh + keys * stride_vs + offs_d[None, :],
+                mask=kv_mask, other=0.0)
     kpm = offs_n
     if HAS_KPM:
         kpm = tl.load(KPM + b * stride_kpmb + offs_n.to(tl.int64) * stride_kpms, mask=n_ok, other=0)
@@ -142,8 +143,8 @@ def _bwd_dkdv_own(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
         q, do, lse2, delta, offs_i = _load_query_tile(
             Q, DO, LSE, DELTA, b, h, start_m, Hq, Sq, D, stride_qb, stride_qh, stride_qs,
             stride_db, stride_dh, stride_ds, stride_lb, stride_lh, G, BLOCK_M, BLOCK_D)
-        vis = own_visible(offs_i, offs_n, off, window, Skv, kpm, CAUSAL, HAS_WINDOW, HAS_KPM)
-        dk, dv = _dkdv_tile(dk, dv, q, do, lse2, delta, offs_i, kt, vt, vis,
+        vis_t = own_visible_t(offs_i, offs_n, off, window, Skv, kpm, CAUSAL, HAS_WINDOW, HAS_KPM)
+        dk, dv = _dkdv_tile(dk, dv, q, do, lse2, delta, k, v, vis_t,
                             qk_scale, softcap_inv, softcap_log2, SOFTCAP, DOT_PREC)
     # dS was taken w.r.t. q.k (softcap derivative included): apply the softmax scale once
     dk = dk * (qk_scale / LOG2E)
@@ -180,12 +181,12 @@ def _bwd_dkdv_prefix(Q, PK, PV, DO, LSE, DELTA, PLENS, ROWS, ROW_OFFS, DPK, DPV,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < plen
-    cols = offs_n[None, :].to(tl.int64)
-    kv_mask = n_ok[None, :] & (offs_d[:, None] < D)
-    kt = tl.load(PK + entry * stride_pkn + h64 * stride_pkh + cols * stride_pks + offs_d[:, None],
-                 mask=kv_mask, other=0.0)
-    vt = tl.load(PV + entry * stride_pvn + h64 * stride_pvh + cols * stride_pvs + offs_d[:, None],
-                 mask=kv_mask, other=0.0)
+    keys = offs_n[:, None].to(tl.int64)
+    kv_mask = n_ok[:, None] & (offs_d[None, :] < D)
+    k = tl.load(PK + entry * stride_pkn + h64 * stride_pkh + keys * stride_pks + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(PV + entry * stride_pvn + h64 * stride_pvh + keys * stride_pvs + offs_d[None, :],
+                mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     Hq = Hkv * G
@@ -193,18 +194,22 @@ def _bwd_dkdv_prefix(Q, PK, PV, DO, LSE, DELTA, PLENS, ROWS, ROW_OFFS, DPK, DPV,
     r_start = tl.load(ROW_OFFS + entry)
     r_end = tl.load(ROW_OFFS + entry + 1)
     r_end = tl.where(pid_n * BLOCK_N < plen, r_end, r_start)
-    # -- this program's chunk of packed query rows (of every row of the entry) ----
+    # -- this program's chunk of query tiles (of every row of the entry) ----
+    # tile indices times the constexpr BLOCK_M: the compiler then knows the alignment of
+    # start_m (a chunk start passed as rows made ptxas spill ~1 KB here)
+    chunk_tiles = chunk_rows // BLOCK_M
     pid_c = tl.program_id(2)
-    m_lo = pid_c * chunk_rows
-    m_hi = tl.minimum(m_lo + chunk_rows, G * Sq)
+    tile_lo = pid_c * chunk_tiles
+    tile_hi = tl.minimum(tile_lo + chunk_tiles, (G * Sq + BLOCK_M - 1) // BLOCK_M)
     for r in range(r_start, r_end):
         b = tl.load(ROWS + r).to(tl.int64)
-        for start_m in range(m_lo, m_hi, BLOCK_M):
+        for tile in range(tile_lo, tile_hi):
             q, do, lse2, delta, offs_i = _load_query_tile(
-                Q, DO, LSE, DELTA, b, h, start_m, Hq, Sq, D, stride_qb, stride_qh, stride_qs,
-                stride_db, stride_dh, stride_ds, stride_lb, stride_lh, G, BLOCK_M, BLOCK_D)
-            vis = n_ok[None, :] & (offs_i[:, None] >= 0)
-            dk, dv = _dkdv_tile(dk, dv, q, do, lse2, delta, offs_i, kt, vt, vis,
+                Q, DO, LSE, DELTA, b, h, tile * BLOCK_M, Hq, Sq, D, stride_qb, stride_qh,
+                stride_qs, stride_db, stride_dh, stride_ds, stride_lb, stride_lh, G, BLOCK_M,
+                BLOCK_D)
+            vis_t = n_ok[:, None] & (offs_i[None, :] >= 0)
+            dk, dv = _dkdv_tile(dk, dv, q, do, lse2, delta, k, v, vis_t,
                                 qk_scale, softcap_inv, softcap_log2, SOFTCAP, DOT_PREC)
     # dS was taken w.r.t. q.k (softcap derivative included): apply the softmax scale once
     dk = dk * (qk_scale / LOG2E)

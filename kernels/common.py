@@ -60,6 +60,20 @@ def own_visible(offs_i, offs_n, off, window, Skv, kpm,
 
 
 @triton.jit
+def own_visible_t(offs_i, offs_n, off, window, Skv, kpm,
+                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr):
+    """[BLOCK_N, BLOCK_M]: own_visible transposed (keys x queries), for the dK/dV kernels."""
+    vis = (offs_n[:, None] < Skv) & (offs_i[None, :] >= 0)
+    if CAUSAL:
+        vis = vis & (offs_n[:, None] <= off + offs_i[None, :])
+    if HAS_WINDOW:
+        vis = vis & ((off + offs_i[None, :] - offs_n[:, None]) < window)
+    if HAS_KPM:
+        vis = vis & (kpm[:, None] != 0)
+    return vis
+
+
+@triton.jit
 def own_ranges(i_lo, i_hi, off, window, Skv, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Own-key tile ranges for the queries i_lo..i_hi (inclusive) of one query tile.

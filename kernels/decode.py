@@ -111,7 +111,7 @@ def _cascade_own(Q, K, V, KPM, OP, LP,
                  stride_vb, stride_vh, stride_vs,
                  stride_kpmb, stride_kpms,
                  s_slot, s_b, s_h,
-                 Hkv, Sq, Skv, window, chunk, m_tiles, qk_scale, softcap_inv, softcap_log2,
+                 Hkv, Sq, Skv, window, chunk_tiles, m_tiles, qk_scale, softcap_inv, softcap_log2,
                  D: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr,
                  HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr,
                  DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -139,8 +139,9 @@ def _cascade_own(Q, K, V, KPM, OP, LP,
     i_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, Sq - 1)
     lo, full_lo, full_hi, hi = own_ranges(i_lo, i_hi, off, window, Skv, BLOCK_N,
                                           CAUSAL, HAS_WINDOW)
-    lo = tl.maximum(lo, split * chunk)
-    hi = tl.minimum(hi, split * chunk + chunk)
+    # split bounds as tile counts times the constexpr BLOCK_N (known alignment)
+    lo = tl.maximum(lo, split * chunk_tiles * BLOCK_N)
+    hi = tl.minimum(hi, (split + 1) * chunk_tiles * BLOCK_N)
     Kb = K + b * stride_kb + h.to(tl.int64) * stride_kh
     Vb = V + b * stride_vb + h.to(tl.int64) * stride_vh
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kb, Vb, stride_ks, stride_vs,
@@ -262,14 +263,14 @@ def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_paddin
     # -- 2. own keys, split ----
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else prefix_ids
     kpm_strides = (kpm.stride(0), kpm.stride(1)) if key_padding_mask is not None else (0, 0)
-    chunk = triton.cdiv(triton.cdiv(max(Skv, 1), splits), block_n) * block_n
+    chunk_tiles = triton.cdiv(triton.cdiv(max(Skv, 1), splits), block_n)
     wrap_triton(_cascade_own)[(splits * m_tiles, B * Hkv)](
         q, k, v, kpm, o_part, l_part,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         kpm_strides[0], kpm_strides[1],
-        s_slot, s_b, s_h, Hkv, Sq, Skv, window, chunk, m_tiles, *scal,
+        s_slot, s_b, s_h, Hkv, Sq, Skv, window, chunk_tiles, m_tiles, *scal,
         CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_KPM=key_padding_mask is not None,
         BLOCK_M=block_m_own, num_warps=4, **common)
 
