@@ -178,6 +178,9 @@ def run_peft_path(model, bank, rows, ids, mask, pos, nxt):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4 layers, N in {1, 4}, B in {2, 8}: a smoke run")
+    ap.add_argument("--n", type=int, nargs="+", help="numbers of entries N (default 1 16 256)")
+    ap.add_argument("--b", type=int, nargs="+", help="batch sizes B (default 8 64)")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
 
@@ -185,7 +188,8 @@ def main(argv=None):
         L, Ns, Bs, P, S = 4, [1, 4], [2, 8], 20, 8
     else:
         L, Ns, Bs, P, S = 32, [1, 16, 256], [8, 64], 100, 16
-    Hq, Hkv, D, dtype = 32, 8, 128, torch.bfloat16
+    Ns, Bs = args.n or Ns, args.b or Bs
+    Hq, Hkv, D, dtype = 32, 8, 128, getattr(torch, args.dtype)
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
     ours_model = build_model(L, Hq, Hkv, D, dtype, "prefix_attn")
