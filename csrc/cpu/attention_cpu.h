@@ -26,4 +26,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const AttnParams& p, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& q);
 
+// Cascade forward for short query blocks (csrc/cpu/attention_decode.cpp): whether this call
+// takes it (shape rule, or PREFIX_ATTN_CPU_PATH=cascade|rows), and the kernel itself, which
+// writes out (q's dtype, contiguous [B, Hq, Sq, D]) and lse ([B, Hq, Sq]).
+bool cascade_chosen(const AttnParams& p);
+void cascade_fwd(const AttnParams& p, at::ScalarType dtype, void* out, float* lse);
+
 }  // namespace prefix_attn::cpu

@@ -10,39 +10,6 @@
 namespace prefix_attn::cpu {
 namespace {
 
-// Online-softmax state of one query tile: R rows of m (running max), l (running sum), O (acc).
-struct TileState {
-  int64_t R, D;
-  float *Qs, *S, *O, *m, *l, *Kb, *Vb;
-};
-
-// Folds one key tile (bn keys, fp32 rows K/V with strides ldk/ldv) into the state.
-inline void fold_tile(TileState& st, const float* K, int64_t ldk, const float* V, int64_t ldv,
-                      int64_t bn, const AttnParams& p, const OwnKeys* own, int64_t G,
-                      int64_t q0, int64_t bm, int64_t j0) {
-  const int64_t R = st.R, D = st.D;
-  gemm_rm(false, true, R, bn, D, 1.f, st.Qs, D, K, ldk, 0.f, st.S, kBlockN);
-  if (p.softcap > 0.f) apply_softcap(st.S, kBlockN, R, bn, p.softcap, nullptr);
-  if (own) own->apply(st.S, kBlockN, G, q0, bm, j0, bn);
-  for (int64_t r = 0; r < R; ++r) {
-    float* row = st.S + r * kBlockN;
-    const float m_new = std::max(st.m[r], row_max(row, bn));
-    if (m_new == kNegInf) {  // nothing visible yet in this row
-      std::fill(row, row + bn, 0.f);
-      continue;
-    }
-    const float sum = exp_sub_sum(row, bn, m_new);
-    const float alpha = fast_exp(st.m[r] - m_new);
-    st.l[r] = st.l[r] * alpha + sum;
-    st.m[r] = m_new;
-    if (alpha != 1.f) {
-      float* o = st.O + r * D;
-      for (int64_t c = 0; c < D; ++c) o[c] *= alpha;
-    }
-  }
-  gemm_rm(false, false, R, D, bn, 1.f, st.S, kBlockN, V, ldv, 1.f, st.O, D);
-}
-
 template <typename T>
 void fwd_impl(const AttnParams& p, T* out, float* lse) {
   const int64_t G = p.G, D = p.D;
@@ -162,6 +129,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const AttnParams& p,
                                                      const at::Tensor& q) {
   auto out = at::empty({p.B, p.Hq, p.Sq, p.D}, q.options());
   auto lse = at::empty({p.B, p.Hq, p.Sq}, q.options().dtype(at::kFloat));
+  if (cascade_chosen(p)) {
+    cascade_fwd(p, q.scalar_type(), out.data_ptr(), lse.data_ptr<float>());
+    return {out, lse};
+  }
   switch (q.scalar_type()) {
     case at::kFloat:
       fwd_impl<float>(p, out.data_ptr<float>(), lse.data_ptr<float>());
