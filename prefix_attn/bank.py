@@ -24,6 +24,7 @@ sees a half-written entry, and a removed entry stays alive for selections that a
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -56,6 +57,7 @@ class _Entry:
     kv: Optional[Tensor] = None
     module_key: Optional[str] = None
     module: Optional[nn.Module] = field(default=None, compare=False)  # kept here: readers never index the ModuleDict
+    kind: str = "fixed"  # "fixed" | "prompt" (KV of a prompt, from add_prompt) | "trainable"
 
 
 class PrefixSelection:
@@ -210,18 +212,26 @@ class PrefixBank(nn.Module):
     # -- writers (copy-on-write under the lock) -----------------------------------------
     def _commit(self, name: str, entry: Optional[_Entry]) -> None:
         """Replace (or add, or with ``entry=None`` remove) one entry in a new snapshot."""
+        self._commit_many({name: entry})
+
+    def _commit_many(self, updates: dict) -> None:
+        """Apply ``{name: entry or None}`` as one new snapshot (readers see all or none of it)."""
         with self._lock:
             version, entries = self._state
-            old = entries.get(name)
             new_entries = dict(entries)  # insertion order kept: a replaced name keeps its id
-            if entry is None:
-                del new_entries[name]
-            else:
-                new_entries[name] = entry
+            dropped = []
+            for name, entry in updates.items():
+                old = new_entries.get(name)
+                if entry is None:
+                    del new_entries[name]
+                else:
+                    new_entries[name] = entry
+                if old is not None and old.module_key is not None and (entry is None or entry.module_key != old.module_key):
+                    dropped.append(old.module_key)
             self._state = (version + 1, new_entries)
             self._cache.clear()
-            if old is not None and old.module_key is not None and (entry is None or entry.module_key != old.module_key):
-                del self.trainable[old.module_key]
+            for key in dropped:
+                del self.trainable[key]
 
     def _check_name(self, name) -> str:
         if not isinstance(name, str) or not name:
@@ -250,12 +260,15 @@ class PrefixBank(nn.Module):
         kv = torch.stack([keys.detach(), values.detach()], dim=1).to(device=self.device, dtype=self.dtype)
         self._add_kv(name, kv)
 
-    def _add_kv(self, name: str, kv: Tensor) -> None:
+    def _add_kv(self, name: str, kv: Tensor, kind: str = "fixed") -> None:
         """Store ``kv`` ``[L, 2, Hkv, P, D]`` (already checked, freshly built by the caller) under ``name``."""
+        self._commit(name, self._fixed_entry(name, kv, kind))
+
+    def _fixed_entry(self, name: str, kv: Tensor, kind: str) -> _Entry:
         kv = kv.detach().to(device=self.device, dtype=self.dtype).contiguous()
         if kv._base is not None:  # never keep a view that pins a larger storage
             kv = kv.clone()
-        self._commit(name, _Entry(name=name, length=kv.shape[3], kv=kv))
+        return _Entry(name=name, length=kv.shape[3], kv=kv, kind=kind)
 
     def add_trainable(self, name: str, module: nn.Module) -> None:
         """Add (or replace) a trainable entry: ``module()`` returns ``[L, 2, Hkv, P, D]``.
@@ -273,7 +286,7 @@ class PrefixBank(nn.Module):
             key = f"e{self._module_counter}"
             self._module_counter += 1
             self.trainable[key] = module
-            self._commit(name, _Entry(name=name, length=out.shape[3], module_key=key, module=module))
+            self._commit(name, _Entry(name=name, length=out.shape[3], module_key=key, module=module, kind="trainable"))
 
     def remove(self, name: str) -> None:
         """Remove an entry (KeyError if unknown). Later entries' ids shift down by one."""
@@ -330,6 +343,11 @@ class PrefixBank(nn.Module):
 
     def is_trainable(self, name: str) -> bool:
         return self._lookup(self._state[1], name).module_key is not None
+
+    def kind(self, name: str) -> str:
+        """The entry's kind: ``fixed``, ``prompt`` (a prompt's KV: the text after it continues
+        the prompt) or ``trainable``."""
+        return self._lookup(self._state[1], name).kind
 
     def _entry_nbytes(self, entry: _Entry) -> int:
         if entry.kv is not None:
@@ -493,7 +511,7 @@ class PrefixBank(nn.Module):
         with self._lock:
             version, entries = self._state
             probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
-            moved = {n: (_Entry(e.name, e.length, kv=fn(e.kv)) if e.kv is not None else e) for n, e in entries.items()}
+            moved = {n: (dataclasses.replace(e, kv=fn(e.kv)) if e.kv is not None else e) for n, e in entries.items()}
             self.dtype, self.device = probe.dtype, probe.device
             self._state = (version + 1, moved)
             self._cache.clear()
@@ -554,7 +572,7 @@ class PrefixBank(nn.Module):
                 f"the model's cache holds {kv.shape[3]} positions for a {input_ids.shape[1]}-token prompt "
                 "(sliding-window cache?); prompt prefixes need the full KV"
             )
-        self._add_kv(name, kv)
+        self._add_kv(name, kv, kind="prompt")
 
     # -- whole-bank save / load -------------------------------------------------------------
     def save(self, directory: str) -> None:
@@ -563,15 +581,17 @@ class PrefixBank(nn.Module):
         from safetensors.torch import save as st_save
 
         _, entries = self._state
-        tensors, names = {}, []
+        tensors, names, kinds = {}, [], []
         with torch.no_grad():
             for i, (name, entry) in enumerate(entries.items()):
                 tensors[f"entry_{i}"] = self._materialize(entry).detach().cpu().contiguous()
                 names.append(name)
+                kinds.append("prompt" if entry.kind == "prompt" else "fixed")  # trainable ones are folded
         meta = {
             "format": "pt",
             "prefix_attn_bank": "1",
             "names": json.dumps(names),
+            "kinds": json.dumps(kinds),
             "num_layers": str(self.num_layers),
             "num_kv_heads": str(self.num_kv_heads),
             "head_dim": str(self.head_dim),
@@ -582,7 +602,7 @@ class PrefixBank(nn.Module):
     @classmethod
     def load(cls, directory: str, model: nn.Module) -> "PrefixBank":
         """Attach a bank to ``model`` and add (replacing same names) every entry saved in ``directory``.
-        Everything is checked before the bank changes."""
+        Everything is checked before the bank changes, and all entries appear in one snapshot."""
         from safetensors import safe_open
 
         path = os.path.join(directory, BANK_FILE)
@@ -593,6 +613,9 @@ class PrefixBank(nn.Module):
             with safe_open(path, framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
                 names = json.loads(meta["names"])
+                kinds = json.loads(meta.get("kinds", "null")) or ["fixed"] * len(names)
+                if len(kinds) != len(names) or not all(k in ("fixed", "prompt") for k in kinds):
+                    raise ValueError(f"bad entry kinds {kinds!r}")
                 dims = tuple(int(meta[k]) for k in ("num_layers", "num_kv_heads", "head_dim"))
                 tensors = [f.get_tensor(f"entry_{i}") for i in range(len(names))]
         except (KeyError, ValueError, json.JSONDecodeError, OSError) as exc:
@@ -604,8 +627,7 @@ class PrefixBank(nn.Module):
             raise ValueError(f"{path}: saved for (L, Hkv, D)={dims}, but the model has {want}")
         for name, kv in zip(names, tensors):
             bank._check_kv(kv, f"{path}: entry {name!r}")
-        for name, kv in zip(names, tensors):
-            bank._add_kv(name, kv)
+        bank._commit_many({name: bank._fixed_entry(name, kv, kind) for name, kv, kind in zip(names, tensors, kinds)})
         return bank
 
     def extra_repr(self) -> str:

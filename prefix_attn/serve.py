@@ -12,8 +12,9 @@ Output, one line per request in input order::
 The model is a local folder (``--model``; its tokenizer, else bytes) or the built-in tiny default
 (:func:`prefix_attn.tiny.default_model`, random weights: for smoke tests). Prefixes come from a
 saved bank (``--bank DIR``), PEFT prefix-tuning adapters (``--adapter NAME=DIR``) and shared
-prompts (``--prompt-prefix NAME=TEXT``: the KV of TEXT computed once; requests using it are
-tokenised without the special start token, which the prompt already carries). A batch mixes
+prompts (``--prompt-prefix NAME=TEXT``: the KV of TEXT computed once). Requests using a prompt
+prefix (from ``--prompt-prefix`` or a saved bank's ``add_prompt`` entries) are tokenised
+without the special start token, which the prompt already carries. A batch mixes
 prefixes freely: ``model.generate(..., prefixes=[...])`` reads each row's prefix from the bank.
 """
 from __future__ import annotations
@@ -250,7 +251,7 @@ def _run(args: argparse.Namespace) -> int:
         bank.load_peft(name, directory)
     for name, text in prompt_prefixes:
         bank.add_prompt(name, torch.tensor(_encode(tokenizer, text, special=True)))
-    prompt_names = {name for name, _ in prompt_prefixes}
+    prompt_names = {name for name in bank.names() if bank.kind(name) == "prompt"}
     known = set(bank.names())
     for r in requests:  # every name checked before any generation
         if r.prefix is not None and r.prefix not in known:

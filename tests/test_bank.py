@@ -285,7 +285,7 @@ def test_attach_infers_dims_and_moves_with_model():
 
 
 @pytest.mark.hf
-def test_add_prompt_kv_continues_like_the_full_prompt():
+def test_add_prompt_kv_continues_like_the_full_prompt(tmp_path):
     """The prompt entry, fed back as a KV cache, gives the logits of prompt + x for x's tokens."""
     from transformers import DynamicCache
 
@@ -304,6 +304,12 @@ def test_add_prompt_kv_continues_like_the_full_prompt():
         full = model(torch.cat([prompt[None], x], dim=1)).logits[:, P:]
         cont = model(x, cache=cache, position_ids=torch.arange(P, P + x.shape[1])[None]).logits
     torch.testing.assert_close(cont, full, rtol=1e-4, atol=1e-5)
+    assert bank.kind("sys") == "prompt"
+    bank.add("learned", *[torch.randn(2, 2, 3, 8)] * 2)
+    bank.save(str(tmp_path))
+    other = PrefixBank.load(str(tmp_path), _tiny_llama())
+    assert [other.kind(n) for n in other.names()] == ["prompt", "fixed"]
+    torch.testing.assert_close(other.entry_kv("sys"), bank.entry_kv("sys"))
     with pytest.raises(ValueError, match=r"\[P\] or \[1, P\]"):
         bank.add_prompt("bad", torch.zeros(2, 3, dtype=torch.long))
 

@@ -120,8 +120,8 @@ def test_unknown_prefix_fails_before_generating(tmp_path, capsys, adapter_dir):
 
 @pytest.mark.hf
 def test_model_folder_and_saved_bank(tmp_path, adapter_dir, capsys):
-    """--model loads a saved folder (with its byte tokenizer) and --bank a saved bank; the
-    progress bar goes to stderr and the results to the output file."""
+    """--model loads a saved folder (with its byte tokenizer) and --bank a saved bank (an adapter
+    and a prompt prefix); the progress bar goes to stderr and the results to the output file."""
     from prefix_attn import tiny
     from prefix_attn.bank import PrefixBank
 
@@ -130,14 +130,18 @@ def test_model_folder_and_saved_bank(tmp_path, adapter_dir, capsys):
     tiny.ByteTokenizer().save_pretrained(str(tmp_path / "model"))
     bank = PrefixBank.attach(model)
     bank.load_peft("saved", adapter_dir)
+    system = "Be kind. "
+    bank.add_prompt("sys", torch.tensor(tiny.ByteTokenizer().encode(system)))
     bank.save(str(tmp_path / "bank"))
 
-    f = _write(tmp_path / "r.jsonl", ['{"prompt": "hi", "prefix": "saved"}', '{"prompt": "hey"}'])
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "hi", "prefix": "saved"}', '{"prompt": "hey"}',
+                                      '{"prompt": "why?", "prefix": "sys"}'])
     base = ["-i", f, "--max-new-tokens", "3", "--batch-size", "2"]
     assert main(base + ["-o", str(tmp_path / "a.jsonl"), "--model", str(tmp_path / "model"),
                         "--bank", str(tmp_path / "bank")]) == 0
     assert "generate" in capsys.readouterr().err  # progress bar
+    # the saved prompt entry is served like --prompt-prefix (request text without a start token)
     assert main(base + ["-o", str(tmp_path / "b.jsonl"), "--adapter", f"saved={adapter_dir}",
-                        "--no-progress"]) == 0
+                        "--prompt-prefix", f"sys={system}", "--no-progress"]) == 0
     assert _results(tmp_path / "a.jsonl") == _results(tmp_path / "b.jsonl")
     assert main(base + ["-o", str(tmp_path / "c.jsonl"), "--model", str(tmp_path / "missing")]) == 2
