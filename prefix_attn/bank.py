@@ -396,7 +396,7 @@ class PrefixBank(nn.Module):
         names = list(entries)
         n = len(names)
         if isinstance(prefixes, Tensor):
-            if prefixes.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+            if prefixes.is_floating_point() or prefixes.is_complex() or prefixes.dtype == torch.bool:
                 raise TypeError(f"prefix ids must be an integer tensor, got {prefixes.dtype}")
             if prefixes.dim() == 0:
                 prefixes = int(prefixes)
@@ -415,12 +415,15 @@ class PrefixBank(nn.Module):
         if not isinstance(prefixes, (list, tuple)):
             raise TypeError(f"prefixes must be a list, a LongTensor or a name, got {type(prefixes).__name__}")
         rows = []
+        index = None  # name -> bank id, built once per call (not names.index per row)
         for p in prefixes:
             if p is None:
                 rows.append(-1)
             elif isinstance(p, str):
                 self._lookup(entries, p)
-                rows.append(names.index(p))
+                if index is None:
+                    index = {name: i for i, name in enumerate(names)}
+                rows.append(index[p])
             elif isinstance(p, int) and not isinstance(p, bool):
                 if not -1 <= p < n:
                     raise ValueError(f"prefix id {p} out of range [-1, {n}) (known prefixes: {names})")
