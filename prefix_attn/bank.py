@@ -226,7 +226,8 @@ class PrefixBank(nn.Module):
                     del new_entries[name]
                 else:
                     new_entries[name] = entry
-                if old is not None and old.module_key is not None and (entry is None or entry.module_key != old.module_key):
+                replaced = entry is None or entry.module_key != getattr(old, "module_key", None)
+                if old is not None and old.module_key is not None and replaced:
                     dropped.append(old.module_key)
             self._state = (version + 1, new_entries)
             self._cache.clear()
