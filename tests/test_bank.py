@@ -209,6 +209,12 @@ def test_trainable_entries_get_gradients_and_are_not_cached():
     loss1 = sum(prefix_attention_ref(q[:1], k[:1], k[:1], *sel1.layer(layer)).square().sum() for layer in range(L))
     (g_row,) = torch.autograd.grad(loss1, mod.kv)
     torch.testing.assert_close(g_batch, g_row)
+    # replacing (or removing) a trainable entry drops its parameters from the model
+    bank.add("t", *_kv(2))
+    assert not bank.is_trainable("t") and not any(p is mod.kv for p in bank.parameters())
+    bank.add_trainable("t2", LearnedPrefix(1))
+    bank.remove("t2")
+    assert list(bank.parameters()) == [] and bank.names() == ["a", "t"]
 
 
 def test_dtype_and_device_moves():
