@@ -18,7 +18,11 @@ How ``prefixes=`` reaches the attention: ``install_hooks(model)`` (called by
 ``PrefixBank.attach``) registers a forward pre-hook (with kwargs) on the model. It pops
 ``prefixes``, builds a :class:`~prefix_attn.bank.PrefixSelection` with ``model.prefix_bank``,
 shifts ``position_ids`` by each row's prefix length (PEFT numbers the tokens after a prefix of
-length P from P) and passes the selection down as the keyword ``prefix_selection``. Every
+length P from P) and passes the selection down as the keyword ``prefix_selection``.
+``prefixes`` is a list of names / bank ids / None ("" = None) per row, a LongTensor of bank ids,
+or one name for every row; a list of n entries for a batch of n * k rows is repeated k times
+per row (``repeat_interleave``), which is how ``generate`` expands rows for
+``num_return_sequences`` and beams (an id tensor passed to ``generate`` is expanded by it). Every
 supported family forwards ``**kwargs`` from the model's forward to the attention function,
 and keywords survive gradient checkpointing (HF checkpoints ``partial(forward, **kwargs)``),
 which a context variable would not (the backward replay runs outside the forward's context).
@@ -32,6 +36,7 @@ composite over ``[prefix; own keys]``, after a one-time warning; the result is n
 from __future__ import annotations
 
 import inspect
+import threading
 import warnings
 from typing import Optional
 
@@ -43,6 +48,13 @@ SELECTION_KWARG = "prefix_selection"
 PREFIXES_KWARG = "prefixes"
 
 _warned: set = set()
+# Per thread and model: the selections of the forwards in progress (the post-hook checks them).
+_pending = threading.local()
+
+
+def _pending_stack(model) -> list:
+    stacks = _pending.__dict__.setdefault("stacks", {})
+    return stacks.setdefault(id(model), [])
 
 
 def _warn_once(reason: str) -> None:
@@ -85,17 +97,36 @@ def mask_pattern(mask_function) -> Optional[str]:
     return None
 
 
-def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
-                 mask_function=None, attention_mask: Optional[torch.Tensor] = None,
-                 device="cpu", **kwargs) -> Optional[torch.Tensor]:
+def _dense_mask(mu, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                attention_mask, device):
+    """``sdpa_mask``'s dense bool mask ``[B, 1, q, kv]`` (its signature differs across 5.x)."""
+    kw = dict(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset,
+              mask_function=mask_function, attention_mask=attention_mask,
+              allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    if "cache_position" in inspect.signature(mu.sdpa_mask).parameters:
+        kw["cache_position"] = torch.arange(q_length, device=device) + int(q_offset)
+    else:
+        kw.update(q_length=q_length, q_offset=q_offset, device=device)
+    return mu.sdpa_mask(**kw)
+
+
+def padding_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Optional[int] = None,
+                 q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask: Optional[torch.Tensor] = None, device="cpu",
+                 cache_position: Optional[torch.Tensor] = None, **kwargs) -> Optional[torch.Tensor]:
     """The ``AttentionMaskInterface`` entry of ``"prefix_attn"``.
 
     attention_mask: bool ``[B, >= kv_offset + kv_length]`` (True = real token) or None.
     Returns None (no padding), a bool padding mask ``[B, kv_length]``, or, for a pattern the
     kernel cannot express, the dense bool mask ``[B, 1, q_length, kv_length]`` of ``sdpa_mask``.
+    Releases that pass ``cache_position`` ``[q_length]`` instead of q_length / q_offset work too.
     """
     from transformers import masking_utils as mu
 
+    if q_length is None:
+        if cache_position is None:
+            raise TypeError("padding_mask needs q_length or cache_position")
+        q_length, q_offset, device = cache_position.shape[0], cache_position[0], cache_position.device
     if mask_function is None:
         mask_function = mu.causal_mask_function
     pattern = mask_pattern(mask_function)
@@ -106,10 +137,8 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     # A single query (decode on a static cache): keys after it are masked out as padding instead.
     trim_future = not aligned and q_length == 1 and pattern == "causal"
     if pattern is None or (pattern != "full" and not aligned and not trim_future):
-        return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
-                            q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
-                            attention_mask=attention_mask, allow_is_causal_skip=False,
-                            allow_is_bidirectional_skip=False, device=device)
+        return _dense_mask(mu, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                           attention_mask, device)
     if attention_mask is None and not trim_future:
         return None
     if attention_mask is None:
@@ -272,7 +301,7 @@ def _rows_for(bank, prefixes, batch_size):
         n = prefixes.numel()
         if n not in (1, batch_size) and n > 0 and batch_size % n == 0:
             return prefixes.repeat_interleave(batch_size // n)
-    if prefixes == "":
+    if isinstance(prefixes, str) and prefixes == "":
         return None
     return prefixes
 
@@ -304,15 +333,18 @@ def _pre_hook(model, args, kwargs):
                 cache = kwargs.get("past_key_values")
             past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
             pos = torch.arange(past, past + S, device=device)[None, :]
-        kwargs["position_ids"] = pos + row_lens[:, None]
+        if pos.shape[0] == 1 and bool((row_lens == row_lens[0]).all()):
+            # one length for every row: keep [1, S] so RoPE tables are not built per row
+            kwargs["position_ids"] = pos + row_lens[0]
+        else:
+            kwargs["position_ids"] = pos + row_lens[:, None]
     kwargs[SELECTION_KWARG] = sel
-    # a stack: the post-hook of this call checks the selection was read
-    model.__dict__.setdefault("_prefix_attn_pending", []).append((sel, row_lens))
+    _pending_stack(model).append((sel, row_lens))  # the post-hook checks it was read
     return args, kwargs
 
 
 def _post_hook(model, args, kwargs, output):
-    pending = getattr(model, "_prefix_attn_pending", None)
+    pending = _pending_stack(model)
     if not pending:
         return None
     sel, row_lens = pending.pop()

@@ -137,3 +137,13 @@ def test_generate_without_prefix_equals_baseline_through_sliding_cache(family):
         a = ours.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         b = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(a, b)
+
+
+def test_static_cache_matches_dynamic_cache(setup):
+    """A static cache (prefill: dense-mask fallback; decode: unfilled slots masked as padding)."""
+    ours, _ = setup
+    ids, mask, _ = _prompts()
+    names = ["b", None, "a"]
+    dynamic = _gen(ours, ids, mask, names, do_sample=False)
+    static = _gen(ours, ids, mask, names, do_sample=False, cache_implementation="static")
+    assert torch.equal(dynamic, static)

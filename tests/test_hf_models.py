@@ -168,6 +168,10 @@ def test_padding_mask_function_patterns():
     # static-cache decode: the unfilled slots after the query become padding
     out = hf.padding_mask(2, 1, 6, q_offset=4, kv_offset=0, attention_mask=torch.ones(2, 5, dtype=torch.bool))
     assert out.tolist() == [[True] * 5 + [False]] * 2
+    # releases that pass cache_position instead of q_length / q_offset
+    out = hf.padding_mask(2, kv_length=4, cache_position=torch.arange(4), attention_mask=am,
+                          mask_function=mu.causal_mask_function)
+    assert torch.equal(out, am)
 
 
 def test_eager_composite_matches_reference():
