@@ -88,6 +88,21 @@ def _q_block(a: AttnArgs, ct, i0, i1):
     return a.q[:, :, i0:i1].to(ct).reshape(B, Hkv, G * C, D)
 
 
+def _own_scores(a: AttnArgs, qm, k, i0: int, i1: int):
+    """Masked scores of the packed queries i0..i1 against the own keys they may see.
+
+    Returns (s [B, Hkv, G*C, L] with -inf where hidden, tanh or None, j0, j1)."""
+    B, Hkv = qm.shape[0], qm.shape[1]
+    C = i1 - i0
+    G = qm.shape[2] // C
+    j0, j1 = _key_range(a, i0, i1)
+    s, t = _scores(a, qm, k[:, :, j0:j1])
+    mask = _own_mask(a, i0, i1, j0, j1)
+    if mask is not None:
+        s = s.view(B, Hkv, G, C, j1 - j0).masked_fill_(~mask[:, None, None], _NEG_INF).view_as(s)
+    return s, t, j0, j1
+
+
 def _unpack(x, B, Hkv, G, C):
     """[B, Hkv, G*C, ...] -> [B, Hq, C, ...]."""
     return x.reshape(B, Hkv * G, C, *x.shape[3:])
@@ -108,11 +123,7 @@ def _fwd(a: AttnArgs):
         qm = _q_block(a, ct, i0, i1)                                       # [B, Hkv, M, D]
         M = qm.shape[2]
         # -- own keys ------------------------------------------------------------------
-        j0, j1 = _key_range(a, i0, i1)
-        s, _ = _scores(a, qm, k[:, :, j0:j1])                               # [B, Hkv, M, L]
-        mask = _own_mask(a, i0, i1, j0, j1)
-        if mask is not None:
-            s = s.view(B, Hkv, G, C, j1 - j0).masked_fill_(~mask[:, None, None], _NEG_INF).view_as(s)
+        s, _, j0, j1 = _own_scores(a, qm, k, i0, i1)                        # [B, Hkv, M, L]
         m = s.amax(dim=-1, keepdim=True) if j1 > j0 else s.new_full((B, Hkv, M, 1), _NEG_INF)
         # -- prefix entries: all rows of an entry in one GEMM per kv head --------------
         pre = []
@@ -163,12 +174,8 @@ def _bwd(a: AttnArgs, dout, out, lse):
         lm = torch.where(torch.isfinite(lm), lm, torch.zeros_like(lm))    # empty rows: p == 0
         delta = (dom * out[:, :, i0:i1].to(ct).reshape(B, Hkv, M, D)).sum(-1, keepdim=True)
         # -- own keys ------------------------------------------------------------------
-        j0, j1 = _key_range(a, i0, i1)
+        s, t, j0, j1 = _own_scores(a, qm, k, i0, i1)
         kr, vr = k[:, :, j0:j1], v[:, :, j0:j1]
-        s, t = _scores(a, qm, kr)
-        mask = _own_mask(a, i0, i1, j0, j1)
-        if mask is not None:
-            s = s.view(B, Hkv, G, C, j1 - j0).masked_fill_(~mask[:, None, None], _NEG_INF).view_as(s)
         p = torch.exp(s - lm)
         dv[:, :, j0:j1] += torch.matmul(p.transpose(-1, -2), dom)
         ds = p * (torch.matmul(dom, vr.transpose(-1, -2)) - delta)
