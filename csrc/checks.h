@@ -97,12 +97,24 @@ inline Dims check_fwd_args(const at::Tensor& q, const at::Tensor& k, const at::T
               window);
   TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap),
               "prefix_attn: softcap must be 0 (none) or positive, got ", softcap);
-  if (d.B > 0) {
-    const auto ids_bad = prefix_ids.lt(0).logical_or(prefix_ids.ge(d.N)).any().item<bool>();
-    TORCH_CHECK(!ids_bad, "prefix_attn: prefix_ids must lie in [0, N=", d.N, ")");
+  if (prefix_ids.device().is_cpu()) {
+    // a plain loop: on small (decode) calls the tensor-op version costs more than the kernel
+    auto ids = prefix_ids.accessor<int64_t, 1>();
+    for (int64_t b = 0; b < d.B; ++b)
+      TORCH_CHECK(ids[b] >= 0 && ids[b] < d.N, "prefix_attn: prefix_ids must lie in [0, N=", d.N,
+                  "), got ", ids[b], " at row ", b);
+    auto lens = prefix_lens.accessor<int64_t, 1>();
+    for (int64_t n = 0; n < d.N; ++n)
+      TORCH_CHECK(lens[n] >= 0 && lens[n] <= d.P, "prefix_attn: prefix_lens must lie in [0, P=",
+                  d.P, "], got ", lens[n], " for entry ", n);
+  } else {
+    if (d.B > 0) {
+      const auto bad = prefix_ids.lt(0).logical_or(prefix_ids.ge(d.N)).any().item<bool>();
+      TORCH_CHECK(!bad, "prefix_attn: prefix_ids must lie in [0, N=", d.N, ")");
+    }
+    const auto bad = prefix_lens.lt(0).logical_or(prefix_lens.gt(d.P)).any().item<bool>();
+    TORCH_CHECK(!bad, "prefix_attn: prefix_lens must lie in [0, P=", d.P, "]");
   }
-  const auto lens_bad = prefix_lens.lt(0).logical_or(prefix_lens.gt(d.P)).any().item<bool>();
-  TORCH_CHECK(!lens_bad, "prefix_attn: prefix_lens must lie in [0, P=", d.P, "]");
   return d;
 }
 

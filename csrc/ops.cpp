@@ -19,14 +19,16 @@ at::Tensor last_dim_contiguous(const at::Tensor& t) {
 
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                            const at::Tensor& v_in, const at::Tensor& pk_in,
-                                           const at::Tensor& pv_in, const at::Tensor& prefix_ids,
-                                           const at::Tensor& prefix_lens,
+                                           const at::Tensor& pv_in, const at::Tensor& ids_in,
+                                           const at::Tensor& lens_in,
                                            const c10::optional<at::Tensor>& key_padding_mask,
                                            bool causal, double scale, int64_t window,
                                            double softcap) {
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
              v = last_dim_contiguous(v_in), pk = last_dim_contiguous(pk_in),
              pv = last_dim_contiguous(pv_in);
+  // the kernels index prefix_ids / prefix_lens as flat arrays
+  const auto prefix_ids = ids_in.contiguous(), prefix_lens = lens_in.contiguous();
   check_fwd_args(q, k, v, pk, pv, prefix_ids, prefix_lens, key_padding_mask, scale, window,
                  softcap, kCpuMaxHeadDim);
   TORCH_CHECK(q.device().is_cpu(), "prefix_attn::fwd (CPU kernel) got tensors on ", q.device());
@@ -38,12 +40,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q_in, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& pk_in, const at::Tensor& pv_in,
-    const at::Tensor& prefix_ids, const at::Tensor& prefix_lens,
+    const at::Tensor& ids_in, const at::Tensor& lens_in,
     const c10::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
     const at::Tensor& lse, bool causal, double scale, int64_t window, double softcap) {
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
              v = last_dim_contiguous(v_in), pk = last_dim_contiguous(pk_in),
              pv = last_dim_contiguous(pv_in);
+  // the kernels index prefix_ids / prefix_lens as flat arrays
+  const auto prefix_ids = ids_in.contiguous(), prefix_lens = lens_in.contiguous();
   const auto d = check_fwd_args(q, k, v, pk, pv, prefix_ids, prefix_lens, key_padding_mask,
                                 scale, window, softcap, kCpuMaxHeadDim);
   check_bwd_args(d, q, dout, out, lse);

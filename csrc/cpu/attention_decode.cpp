@@ -19,8 +19,10 @@
 
 namespace prefix_attn::cpu {
 
-// Query blocks up to this length take the cascade (measured in bench/bench_decode.py: the
-// cascade wins for decode at every batch size; prefill-sized blocks use the tiled forward).
+// Path rule (measured in bench/bench_decode.py, results in bench/results/decode_cpu.md):
+// query blocks up to kCascadeMaxSq take the cascade when a bank entry is shared by two or
+// more rows, or when per-row work items are too few for the threads (split-KV); otherwise,
+// and for longer query blocks (prefill), the per-row tiled forward runs.
 constexpr int64_t kCascadeMaxSq = 16;
 // Query rows per prefix work item (one GEMM operand: large enough for BLAS efficiency).
 constexpr int64_t kCascadeRows = 256;
@@ -33,7 +35,15 @@ bool cascade_chosen(const AttnParams& p) {
     if (std::strcmp(env, "cascade") == 0) return true;
     if (std::strcmp(env, "rows") == 0) return false;
   }
-  return p.Sq <= kCascadeMaxSq;
+  if (p.Sq > kCascadeMaxSq) return false;
+  // An entry shared by several rows: the cascade reads it once for all of them.
+  std::vector<int64_t> users(p.N, 0);
+  for (int64_t b = 0; b < p.B; ++b)
+    if (p.lens[p.ids[b]] > 0 && ++users[p.ids[b]] >= 2) return true;
+  // Every row alone with its prefix: per-row tiles (less set-up), unless they are too few to
+  // keep the threads busy, where the cascade's split-KV helps.
+  const int64_t row_items = p.B * p.Hkv * ((p.Sq + kBlockM - 1) / kBlockM);
+  return row_items < 2 * static_cast<int64_t>(at::get_num_threads());
 }
 
 namespace {

@@ -74,13 +74,15 @@ cuda::CudaAttnParams make_params(const at::Tensor& q, const at::Tensor& k, const
 
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                             const at::Tensor& v_in, const at::Tensor& pk_in,
-                                            const at::Tensor& pv_in, const at::Tensor& ids,
-                                            const at::Tensor& lens,
+                                            const at::Tensor& pv_in, const at::Tensor& ids_in,
+                                            const at::Tensor& lens_in,
                                             const c10::optional<at::Tensor>& kpm, bool causal,
                                             double scale, int64_t window, double softcap) {
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
              v = last_dim_contiguous(v_in), pk = last_dim_contiguous(pk_in),
              pv = last_dim_contiguous(pv_in);
+  // the kernels index prefix_ids / prefix_lens as flat arrays
+  const auto ids = ids_in.contiguous(), lens = lens_in.contiguous();
   const auto d = check_fwd_args(q, k, v, pk, pv, ids, lens, kpm, scale, window, softcap,
                                 kCudaMaxHeadDim);
   TORCH_CHECK(q.is_cuda(), "prefix_attn::fwd (CUDA kernel) got tensors on ", q.device());
@@ -99,12 +101,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& pk_in, const at::Tensor& pv_in,
-    const at::Tensor& ids, const at::Tensor& lens, const c10::optional<at::Tensor>& kpm,
+    const at::Tensor& ids_in, const at::Tensor& lens_in, const c10::optional<at::Tensor>& kpm,
     const at::Tensor& out_in, const at::Tensor& lse_in, bool causal, double scale,
     int64_t window, double softcap) {
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
              v = last_dim_contiguous(v_in), pk = last_dim_contiguous(pk_in),
              pv = last_dim_contiguous(pv_in);
+  // the kernels index prefix_ids / prefix_lens as flat arrays
+  const auto ids = ids_in.contiguous(), lens = lens_in.contiguous();
   const auto d = check_fwd_args(q, k, v, pk, pv, ids, lens, kpm, scale, window, softcap,
                                 kCudaMaxHeadDim);
   check_bwd_args(d, q, dout_in, out_in, lse_in);
