@@ -58,8 +58,10 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def builds():
+def builds(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # a private cache: really compile, and never race other processes on a shared cache
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
