@@ -1,12 +1,10 @@
 """Prefix tuning on the fused path vs PEFT: gradients, checkpointing, multi-task, save, convergence."""
-import copy
 import warnings
 
 import pytest
 import torch
 
 import prefix_attn.api
-from prefix_attn.bank import PrefixBank
 from prefix_attn.tiny import tiny_model
 from prefix_attn.tuning import PrefixParameters, prefix_tuning, trainable_parameters
 
