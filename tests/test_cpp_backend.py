@@ -2,6 +2,10 @@
 backward, fp32/fp16/bf16, odd shapes that cross the kernel's tiles (32 queries x 64 keys),
 GQA/MQA, banks with entries of different lengths, padding, window, softcap, non-causal;
 determinism, opcheck, input checks in C++, and the default choice on CPU."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -218,3 +222,25 @@ def test_decode_cascade_is_deterministic_and_agrees_with_rows(monkeypatch):
     monkeypatch.setenv("PREFIX_ATTN_CPU_PATH", "rows")
     torch.testing.assert_close(a, prefix_attention(*args, **kw, backend="cpu"), atol=1e-6,
                                rtol=1e-5)
+
+
+def test_missing_extension_fails_softly():
+    """Without prefix_attn._C the cpu backend is just unavailable; the API still works."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'prefix_attn._C':\n"
+        "            raise ImportError('blocked for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, prefix_attn\n"
+        "from prefix_attn.backends import available_backends, load_errors\n"
+        "assert 'cpu' not in available_backends(), available_backends()\n"
+        "assert any('cpp_backend' in m for m in load_errors()), load_errors()\n"
+        "q = torch.randn(1, 2, 3, 8)\n"
+        "out = prefix_attn.prefix_attention(q, q, q)\n"
+        "assert out.shape == q.shape\n"
+        "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PREFIX_ATTN_BACKEND": ""})
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
