@@ -29,6 +29,7 @@ SHAPES = {
     "mha_noprefix": dict(Hq=3, Hkv=3, P=None),
     # more queries than keys: the first queries see no own key (and no prefix: zeros)
     "Sq_gt_Skv_P0": dict(Sq=6, Skv=3, P=0),
+    "head_dim_256": dict(B=1, Hq=2, Hkv=1, Sq=5, Skv=9, D=256, P=3),
 }
 EXTRA = {"plain": {}, "window": dict(window=4), "softcap": dict(softcap=2.0),
          "noncausal": dict(causal=False)}
