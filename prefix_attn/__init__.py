@@ -1,21 +1,19 @@
 """prefix_attn: fused attention kernels for prefix tuning and shared-prefix serving."""
 from .api import prefix_attention
-from .backends import available_backends
-from .backends import load_backends
+from .backends import available_backends, load_backends
 from .reference import prefix_attention_ref
 
 # Backends register their ops now (not lazily inside a call) so that torch.compile never
 # traces an import. Optional backends that fail to load are listed by backends.load_errors().
 load_backends()
 
-__version__ = "0.1.0"
-
-__all__ = ["prefix_attention", "prefix_attention_ref", "available_backends", "__version__"]
-
-# Hugging Face integration (registers attn_implementation "prefix_attn" when transformers is
-# installed), the prefix bank and prefix tuning.
+# Hugging Face integration: importing hf registers attn_implementation "prefix_attn" when
+# transformers is installed (and does nothing otherwise).
 from . import hf as _hf  # noqa: E402,F401
 from .bank import PrefixBank, PrefixSelection  # noqa: E402
 from .tuning import prefix_tuning  # noqa: E402
 
-__all__ += ["PrefixBank", "PrefixSelection", "prefix_tuning"]
+__version__ = "0.1.0"
+
+__all__ = ["prefix_attention", "prefix_attention_ref", "available_backends", "PrefixBank",
+           "PrefixSelection", "prefix_tuning", "__version__"]

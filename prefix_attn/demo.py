@@ -14,7 +14,6 @@ the prefixes can steer; then it is frozen, and each prefix learns to pick its ow
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from typing import Callable, List

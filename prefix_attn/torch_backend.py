@@ -9,7 +9,6 @@ recomputes the scores chunk by chunk from the saved LSE (no [B, H, S, S] tensor 
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch

@@ -11,8 +11,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from prefix_attn.validation import normalize  # noqa: E402
-from prefix_attn.reference import attention_from_args  # noqa: E402
 
 
 def make_inputs(B=2, Hq=4, Hkv=2, Sq=5, Skv=9, D=16, N=1, P=7, *, lens=None, ids=None,
@@ -67,14 +65,46 @@ def assert_close_fa(out, truth, baseline, atol=1e-5, name="out"):
     assert err <= 2 * base + atol, f"{name}: error {err:.3g} > 2 x baseline {base:.3g} + {atol:g}"
 
 
-def ref_and_baseline(args, kw, upcast_grads=None):
-    """Truth (reference in fp32/fp64 from the same inputs) and same-dtype baseline outputs."""
-    from prefix_attn import prefix_attention_ref
-    truth = prefix_attention_ref(*args, **kw)
-    base = prefix_attention_ref(*args, **kw, upcast=False)
-    return truth, base
-
-
 @pytest.fixture
 def inputs():
     return make_inputs
+
+
+# The contract cases every backend runs (forward, LSE and the five gradients).
+CONTRACT_SHAPES = {
+    "P0": dict(P=0),
+    "P1_Sq1": dict(P=1, Sq=1, Skv=13),
+    "P17_gqa3": dict(P=17, Sq=7, Skv=23, D=24, Hq=6, Hkv=2),
+    "mqa_leftpad": dict(Hq=4, Hkv=1, Sq=9, Skv=9, pad="left", B=3),
+    "bank_rightpad": dict(B=5, N=3, P=9, lens=[9, 1, 4], ids=[2, 0, 2, 1, 0], pad="right"),
+    "mha_noprefix": dict(Hq=3, Hkv=3, P=None),
+}
+CONTRACT_EXTRA = {"plain": {}, "window": dict(window=4), "softcap": dict(softcap=2.0),
+                  "noncausal": dict(causal=False)}
+# One unit in the last place at magnitude 1 for the half types: on tiny shapes the same-dtype
+# baseline is sometimes exact by luck, while a kernel rounds its output before Delta.
+GRAD_ATOL = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def check_contract(backend, shape_kw, extra_kw, dtype, device="cpu"):
+    """`backend` against the reference on one case: out and lse, then dq, dk, dv, dprefix_k,
+    dprefix_v for a seeded output gradient, by the flash-attention rule."""
+    from prefix_attn import prefix_attention, prefix_attention_ref
+    args, kw = make_inputs(dtype=dtype, device=device, requires_grad=True, **shape_kw)
+    kw.update(extra_kw)
+    tensors = [t for t in args if t is not None]
+    out, lse = prefix_attention(*args, **kw, backend=backend, return_lse=True)
+    truth, tlse = prefix_attention_ref(*args, **kw, return_lse=True)
+    base = prefix_attention_ref(*args, **kw, upcast=False)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and not out.isnan().any()
+    assert_close_fa(out, truth, base)
+    finite = torch.isfinite(tlse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    assert (lse[~finite] == float("-inf")).all()
+    torch.testing.assert_close(lse[finite], tlse[finite],
+                               atol=2e-2 if dtype != torch.float32 else 1e-4, rtol=0)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    grads = lambda o: torch.autograd.grad(o, tensors, g, allow_unused=True)
+    for name, a, t, b in zip("q k v pk pv".split(), grads(out), grads(truth), grads(base)):
+        assert a.shape == t.shape and a.dtype == t.dtype
+        assert_close_fa(a, t, b, atol=GRAD_ATOL[dtype], name=f"d{name}")

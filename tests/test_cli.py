@@ -2,7 +2,6 @@
 import subprocess
 import sys
 
-import torch
 
 from prefix_attn import check, cli
 

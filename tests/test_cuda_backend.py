@@ -4,9 +4,9 @@ Skipped without CUDA (and without an extension built with its CUDA part)."""
 import pytest
 import torch
 
-from prefix_attn import prefix_attention, prefix_attention_ref
-from conftest import assert_close_fa, make_inputs
-from test_cpp_backend import EXTRA, SHAPES, grads
+from prefix_attn import prefix_attention
+from conftest import check_contract, make_inputs
+from test_cpp_backend import EXTRA, SHAPES
 
 
 def _cuda_backend_ready():
@@ -27,22 +27,7 @@ SHAPES_GPU = dict(SHAPES, head_dim_256=dict(B=2, Hq=4, Hkv=2, Sq=9, Skv=40, D=25
 @pytest.mark.parametrize("extra", list(EXTRA))
 @pytest.mark.parametrize("shape", list(SHAPES_GPU))
 def test_cuda_backend_matches_reference(shape, extra, dtype):
-    args, kw = make_inputs(dtype=dtype, device="cuda", requires_grad=True, **SHAPES_GPU[shape])
-    kw.update(EXTRA[extra])
-    tensors = [t for t in args if t is not None]
-    out, lse = prefix_attention(*args, **kw, backend="cuda", return_lse=True)
-    truth, tlse = prefix_attention_ref(*args, **kw, return_lse=True)
-    base = prefix_attention_ref(*args, **kw, upcast=False)
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    assert_close_fa(out, truth, base)
-    finite = torch.isfinite(tlse)
-    assert torch.equal(finite, torch.isfinite(lse))
-    torch.testing.assert_close(lse[finite], tlse[finite], atol=2e-2 if dtype != torch.float32
-                               else 1e-4, rtol=0)
-    g = torch.randn_like(out)
-    for name, a, t, b in zip("q k v pk pv".split(), grads(out, tensors, g),
-                             grads(truth, tensors, g), grads(base, tensors, g)):
-        assert_close_fa(a, t, b, atol=1e-4, name=f"d{name}")
+    check_contract("cuda", SHAPES_GPU[shape], EXTRA[extra], dtype, device="cuda")
 
 
 def test_cuda_backward_is_bitwise_deterministic():

@@ -5,43 +5,13 @@ import torch
 
 import prefix_attn
 from prefix_attn import prefix_attention, prefix_attention_ref
-from conftest import assert_close_fa, errors, make_inputs
-
-SHAPES = {
-    "P0": dict(P=0),
-    "P1_Sq1": dict(P=1, Sq=1, Skv=13),
-    "P17_odd": dict(P=17, Sq=7, Skv=23, D=24, Hq=6, Hkv=2),
-    "mqa_leftpad": dict(Hq=4, Hkv=1, pad="left", B=3),
-    "bank_rightpad": dict(B=5, N=3, P=9, lens=[9, 1, 4], ids=[2, 0, 2, 1, 0], pad="right"),
-    "mha_noprefix": dict(Hq=3, Hkv=3, P=None),
-}
-EXTRA = {"plain": {}, "window": dict(window=4), "softcap": dict(softcap=2.0),
-         "noncausal": dict(causal=False)}
-
-
-def grads(out, tensors, g):
-    return torch.autograd.grad(out, tensors, g, allow_unused=True)
-
+from conftest import CONTRACT_EXTRA, CONTRACT_SHAPES, check_contract, errors, make_inputs
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("extra", list(EXTRA))
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("extra", list(CONTRACT_EXTRA))
+@pytest.mark.parametrize("shape", list(CONTRACT_SHAPES))
 def test_torch_backend_matches_reference(shape, extra, dtype):
-    args, kw = make_inputs(dtype=dtype, requires_grad=True, **SHAPES[shape])
-    kw.update(EXTRA[extra])
-    tensors = [t for t in args if t is not None]
-    out, lse = prefix_attention(*args, **kw, backend="torch", return_lse=True)
-    truth, tlse = prefix_attention_ref(*args, **kw, return_lse=True)
-    base = prefix_attention_ref(*args, **kw, upcast=False)
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    assert_close_fa(out, truth, base)
-    finite = torch.isfinite(tlse)
-    assert torch.equal(finite, torch.isfinite(lse))
-    torch.testing.assert_close(lse[finite], tlse[finite], atol=2e-2 if dtype != torch.float32 else 1e-4, rtol=0)
-    g = torch.randn_like(out)
-    for name, a, t, b in zip("q k v pk pv".split(), grads(out, tensors, g), grads(truth, tensors, g),
-                             grads(base, tensors, g)):
-        assert_close_fa(a, t, b, atol=1e-4, name=f"d{name}")
+    check_contract("torch", CONTRACT_SHAPES[shape], CONTRACT_EXTRA[extra], dtype)
 
 
 def test_backward_is_deterministic():
