@@ -5,18 +5,25 @@
 //      (bank entry, kv head, tile); a prefix item loops over every row that selects its entry
 //      in increasing row order. Each item owns its output rows: no atomics, no races, and the
 //      summation order does not depend on the thread count or schedule.
+// Fused path (fused_bwd_chosen: enough (row, kv head) pairs): steps 2 and 3 in one pass with
+// one item per (row, kv head) that owns dq of its queries and dk/dv of its own keys, the prefix
+// gradient as per-row partials reduced in row order; 5 GEMMs per tile pair instead of 7.
 #include "attention_cpu.h"
 #include "attention_tiles.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
 namespace prefix_attn::cpu {
 namespace {
 
 // Scratch of one worker: a query tile (scaled q, dout, lse, delta) and score-sized buffers.
 struct BwdWork {
-  int64_t R = 0, D;
+  int64_t R = 0, D, ldS;  // ldS: row stride of S, dP, T
   float *Qs, *dO, *lse, *delta, *S, *dP, *T, *Kb, *Vb, *acc0, *acc1;
 };
 
@@ -47,14 +54,14 @@ struct BwdCall {
   void scores_to_grads(BwdWork& w, const float* K, int64_t ldk, const float* V, int64_t ldv,
                        int64_t bn, const OwnKeys* own, int64_t q0, int64_t bm, int64_t j0) const {
     const int64_t R = w.R, D = w.D;
-    gemm_rm(false, true, R, bn, D, 1.f, w.Qs, D, K, ldk, 0.f, w.S, kBlockN);
+    gemm_rm(false, true, R, bn, D, 1.f, w.Qs, D, K, ldk, 0.f, w.S, w.ldS);
     const bool capped = p.softcap > 0.f;
-    if (capped) apply_softcap(w.S, kBlockN, R, bn, p.softcap, w.T);
-    if (own) own->apply(w.S, kBlockN, p.G, q0, bm, j0, bn);
-    gemm_rm(false, true, R, bn, D, 1.f, w.dO, D, V, ldv, 0.f, w.dP, kBlockN);
+    if (capped) apply_softcap(w.S, w.ldS, R, bn, p.softcap, w.T);
+    if (own) own->apply(w.S, w.ldS, p.G, q0, bm, j0, bn);
+    gemm_rm(false, true, R, bn, D, 1.f, w.dO, D, V, ldv, 0.f, w.dP, w.ldS);
     for (int64_t r = 0; r < R; ++r) {
-      float* s = w.S + r * kBlockN;
-      float* dp = w.dP + r * kBlockN;
+      float* s = w.S + r * w.ldS;
+      float* dp = w.dP + r * w.ldS;
       const float l = w.lse[r], dl = w.delta[r];
       if (l == kNegInf) {  // the query saw no key: no gradient
         std::fill(s, s + bn, 0.f);
@@ -63,16 +70,31 @@ struct BwdCall {
       }
       probs_and_dscores(s, dp, bn, l, dl);
       if (capped) {
-        const float* t = w.T + r * kBlockN;
+        const float* t = w.T + r * w.ldS;
         for (int64_t jj = 0; jj < bn; ++jj) dp[jj] *= 1.f - t[jj] * t[jj];
       }
     }
   }
 };
 
+// The fused backward holds all queries of one (row, kv head) in fp32 (3 copies), so it runs
+// when there are enough (row, kv head) items for the cores (a shape rule: results do not
+// depend on the thread count) and that buffer stays moderate; PREFIX_ATTN_CPU_BWD=fused|split
+// forces a path (tests).
+bool fused_bwd_chosen(const AttnParams& p, int64_t bm) {
+  if (const char* env = std::getenv("PREFIX_ATTN_CPU_BWD")) {
+    if (std::strcmp(env, "fused") == 0) return true;
+    if (std::strcmp(env, "split") == 0) return false;
+  }
+  const int64_t rows_all = ((p.Sq + bm - 1) / bm) * bm * p.G;
+  return p.B * p.Hkv >= 4 && rows_all * p.D <= (int64_t{1} << 22);
+}
+
 template <typename T>
 void bwd_impl(const AttnParams& p, const T* dout, const T* out, const float* lse, float* delta,
               T* dq, T* dk, T* dv, T* dpk, T* dpv) {
+  const TileSizes ts = tile_sizes();
+  const int64_t kBlockM = ts.bwd_m, kBlockN = ts.bwd_n;
   const int64_t G = p.G, D = p.D, Rmax = G * kBlockM;
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
@@ -92,6 +114,7 @@ void bwd_impl(const AttnParams& p, const T* dout, const T* out, const float* lse
   auto make_work = [&](Scratch& a, Scratch& b) {
     BwdWork w;
     w.D = D;
+    w.ldS = kBlockN;
     float* x = a.ptr;
     w.Qs = x, x += Rmax * D;
     w.dO = x, x += Rmax * D;
@@ -109,6 +132,128 @@ void bwd_impl(const AttnParams& p, const T* dout, const T* out, const float* lse
   };
   const int64_t scratch_a = 2 * Rmax * D + 2 * Rmax + 3 * Rmax * kBlockN;
   const int64_t scratch_b = 2 * kBlockN * D + 2 * std::max(Rmax, kBlockN) * D;
+
+  // -- 2'. fused path: one item per (row, kv head) owns dq of all its queries, dk/dv of its
+  //    own keys and a per-row partial of the prefix gradient (summed over rows afterwards,
+  //    in row order): 5 GEMMs per tile pair instead of 7, and still deterministic.
+  if (fused_bwd_chosen(p, kBlockM)) {
+    const int64_t n_bg = p.B * p.Hkv, n_qt = (p.Sq + kBlockM - 1) / kBlockM;
+    const int64_t rows_all = n_qt * Rmax;  // query tile qt at rows [qt * Rmax, ...)
+    std::vector<float> dpart(static_cast<size_t>(2 * n_bg * p.P * D), 0.f);
+    run_items(n_bg, [&](std::atomic<int64_t>& next) {
+      Scratch a(scratch_a), bscr(scratch_b), qa(3 * rows_all * D + 2 * rows_all);
+      BwdWork w = make_work(a, bscr);
+      float* Qall = qa.ptr;
+      float* dOall = Qall + rows_all * D;
+      float* dQall = dOall + rows_all * D;
+      float* lse_all = dQall + rows_all * D;
+      float* dl_all = lse_all + rows_all;
+      auto tile_work = [&](int64_t qt) {
+        BwdWork t = w;
+        t.Qs = Qall + qt * Rmax * D;
+        t.dO = dOall + qt * Rmax * D;
+        t.lse = lse_all + qt * Rmax;
+        t.delta = dl_all + qt * Rmax;
+        return t;
+      };
+      for (int64_t it; (it = next.fetch_add(1)) < n_bg;) {
+        const int64_t b = it / p.Hkv, g = it % p.Hkv;
+        for (int64_t qt = 0; qt < n_qt; ++qt) {
+          BwdWork t = tile_work(qt);
+          const int64_t q0 = qt * kBlockM;
+          call.load_queries(t, b, g, q0, std::min(kBlockM, p.Sq - q0));
+        }
+        std::fill(dQall, dQall + rows_all * D, 0.f);
+        float* dK = w.acc0;
+        float* dV = w.acc1;
+        // dK/dV of one key tile over query tiles [qt_lo, qt_hi); adds dS K into their dQ
+        auto key_tile_grads = [&](const float* K, int64_t ldk, const float* V, int64_t ldv,
+                                  int64_t bn, const OwnKeys* own, int64_t j0, int64_t qt_lo,
+                                  int64_t qt_hi) {
+          std::fill(dK, dK + bn * D, 0.f);
+          std::fill(dV, dV + bn * D, 0.f);
+          for (int64_t qt = qt_lo; qt < qt_hi; ++qt) {
+            BwdWork t = tile_work(qt);
+            const int64_t q0 = qt * kBlockM, bm = std::min(kBlockM, p.Sq - q0);
+            t.R = G * bm;
+            const bool masked = own != nullptr && own->needs_mask(q0, bm, j0, bn);
+            call.scores_to_grads(t, K, ldk, V, ldv, bn, masked ? own : nullptr, q0, bm, j0);
+            gemm_rm(true, false, bn, D, t.R, 1.f, t.S, t.ldS, t.dO, D, 1.f, dV, D);
+            gemm_rm(true, false, bn, D, t.R, 1.f, t.dP, t.ldS, t.Qs, D, 1.f, dK, D);
+            gemm_rm(false, false, t.R, D, bn, 1.f, t.dP, t.ldS, K, ldk, 1.f,
+                    dQall + qt * Rmax * D, D);
+          }
+        };
+        // prefix tiles of the row's entry: seen by every query, no mask
+        const int64_t n = p.ids[b], L = p.lens[n];
+        for (int64_t j0 = 0; j0 < L; j0 += kBlockN) {
+          const int64_t bn = std::min(kBlockN, L - j0);
+          int64_t ldk, ldv;
+          const float* K = key_tile(pk + n * p.pk_s[0] + g * p.pk_s[1] + j0 * p.pk_s[2],
+                                    p.pk_s[2], bn, D, w.Kb, &ldk);
+          const float* V = key_tile(pv + n * p.pv_s[0] + g * p.pv_s[1] + j0 * p.pv_s[2],
+                                    p.pv_s[2], bn, D, w.Vb, &ldv);
+          key_tile_grads(K, ldk, V, ldv, bn, nullptr, j0, 0, n_qt);
+          float* part = dpart.data() + (it * p.P + j0) * D;
+          std::copy(dK, dK + bn * D, part);
+          std::copy(dV, dV + bn * D, part + n_bg * p.P * D);
+        }
+        // own key tiles: only the query tiles that see some key of the tile
+        const OwnKeys own(p, b);
+        for (int64_t j0 = 0; j0 < p.Skv; j0 += kBlockN) {
+          const int64_t bn = std::min(kBlockN, p.Skv - j0);
+          if (own.all_padding(j0, bn)) continue;  // dk/dv rows stay zero
+          int64_t ilo, ihi;
+          own.query_range(j0, bn, &ilo, &ihi);
+          if (ilo >= ihi) continue;
+          int64_t ldk, ldv;
+          const float* K = key_tile(k + b * p.k_s[0] + g * p.k_s[1] + j0 * p.k_s[2], p.k_s[2],
+                                    bn, D, w.Kb, &ldk);
+          const float* V = key_tile(v + b * p.v_s[0] + g * p.v_s[1] + j0 * p.v_s[2], p.v_s[2],
+                                    bn, D, w.Vb, &ldv);
+          key_tile_grads(K, ldk, V, ldv, bn, &own, j0, ilo / kBlockM,
+                         (ihi + kBlockM - 1) / kBlockM);
+          for (int64_t jj = 0; jj < bn; ++jj) {
+            const int64_t off = ((b * p.Hkv + g) * p.Skv + j0 + jj) * D;
+            store_row(dk + off, dK + jj * D, D, 1.f);
+            store_row(dv + off, dV + jj * D, D, 1.f);
+          }
+        }
+        for (int64_t qt = 0; qt < n_qt; ++qt) {
+          const int64_t q0 = qt * kBlockM, bm = std::min(kBlockM, p.Sq - q0);
+          for (int64_t hh = 0; hh < G; ++hh) {
+            for (int64_t ii = 0; ii < bm; ++ii) {
+              const int64_t row = (b * p.Hq + g * G + hh) * p.Sq + q0 + ii;
+              store_row(dq + row * D, dQall + (qt * Rmax + hh * bm + ii) * D, D, p.scale);
+            }
+          }
+        }
+      }
+    });
+    // prefix gradient: per (entry, kv head), the rows' partials summed in row order
+    at::parallel_for(0, p.N * p.Hkv, 1, [&](int64_t e0, int64_t e1) {
+      std::vector<float> acc(static_cast<size_t>(2 * p.P * D));
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t n = e / p.Hkv, g = e % p.Hkv, L = p.lens[n];
+        if (L <= 0) continue;  // gradient stays zero
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t b = 0; b < p.B; ++b) {
+          if (p.ids[b] != n) continue;
+          const float* part = dpart.data() + (b * p.Hkv + g) * p.P * D;
+          for (int64_t x = 0; x < L * D; ++x) {
+            acc[x] += part[x];
+            acc[p.P * D + x] += part[n_bg * p.P * D + x];
+          }
+        }
+        for (int64_t j = 0; j < L; ++j) {
+          const int64_t off = ((n * p.Hkv + g) * p.P + j) * D;
+          store_row(dpk + off, acc.data() + j * D, D, 1.f);
+          store_row(dpv + off, acc.data() + (p.P + j) * D, D, 1.f);
+        }
+      }
+    });
+    return;
+  }
 
   // -- 2. dq, per query tile ----
   const int64_t n_qt = (p.Sq + kBlockM - 1) / kBlockM, n_bg = p.B * p.Hkv;
@@ -243,7 +388,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && lse.is_contiguous(),
               "prefix_attn: internal error, dout/out/lse must be contiguous here");
   const auto opts = q.options();
-  auto dq = at::zeros({p.B, p.Hq, p.Sq, p.D}, opts);
+  auto dq = at::empty({p.B, p.Hq, p.Sq, p.D}, opts);  // every row written by the dq pass
   auto dk = at::zeros({p.B, p.Hkv, p.Skv, p.D}, opts);
   auto dv = at::zeros({p.B, p.Hkv, p.Skv, p.D}, opts);
   auto dpk = at::zeros({p.N, p.Hkv, p.P, p.D}, opts);

@@ -13,6 +13,8 @@ namespace {
 template <typename T>
 void fwd_impl(const AttnParams& p, T* out, float* lse) {
   const int64_t G = p.G, D = p.D;
+  const TileSizes ts = tile_sizes();
+  const int64_t kBlockM = ts.fwd_m, kBlockN = ts.fwd_n;
   const int64_t n_qt = (p.Sq + kBlockM - 1) / kBlockM;
   const int64_t n_bg = p.B * p.Hkv;
   const int64_t n_items = n_bg * n_qt;
@@ -31,7 +33,7 @@ void fwd_impl(const AttnParams& p, T* out, float* lse) {
       const int64_t qt = n_qt - 1 - it / n_bg;
       const int64_t bg = it % n_bg, b = bg / p.Hkv, g = bg % p.Hkv;
       const int64_t q0 = qt * kBlockM, bm = std::min(kBlockM, p.Sq - q0), R = G * bm;
-      TileState st{R, D, qs.ptr, s.ptr, o.ptr, ml.ptr, ml.ptr + Rmax, kb.ptr, vb.ptr};
+      TileState st{R, D, qs.ptr, s.ptr, o.ptr, ml.ptr, ml.ptr + Rmax, kb.ptr, vb.ptr, kBlockN};
       for (int64_t hh = 0; hh < G; ++hh) {
         const T* src = q + b * p.q_s[0] + (g * G + hh) * p.q_s[1] + q0 * p.q_s[2];
         load_rows(st.Qs + hh * bm * D, src, p.q_s[2], bm, D, p.scale);

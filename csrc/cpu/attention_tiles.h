@@ -17,6 +17,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -33,8 +34,8 @@ extern "C" int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 
 namespace prefix_attn::cpu {
 
-constexpr int64_t kBlockM = 32;  // queries per tile (per head)
-constexpr int64_t kBlockN = 64;  // keys per tile
+constexpr int64_t kBlockM = 32;  // queries per tile (per head); cascade path
+constexpr int64_t kBlockN = 64;  // keys per tile; cascade path
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Pointers and element strides of one call; all tensors already checked by checks.h.
@@ -257,15 +258,20 @@ struct OwnKeys {
              int64_t bn) const {
     for (int64_t ii = 0; ii < bm; ++ii) {
       const int64_t pos = off + q0 + ii;
-      // visible own keys of this query: [jlo, jhi] before padding
-      const int64_t jhi = causal ? pos : std::numeric_limits<int64_t>::max();
-      const int64_t jlo = window >= 0 ? pos - window + 1 : std::numeric_limits<int64_t>::min();
+      // visible own keys of this query before padding, as tile columns [clo, chi)
+      const int64_t chi = causal ? std::clamp<int64_t>(pos + 1 - j0, 0, bn) : bn;
+      const int64_t clo = window >= 0 ? std::clamp<int64_t>(pos - window + 1 - j0, 0, bn) : 0;
       for (int64_t hh = 0; hh < G; ++hh) {
         float* row = S + (hh * bm + ii) * ldS;
-        for (int64_t jj = 0; jj < bn; ++jj) {
-          const int64_t j = j0 + jj;
-          const bool vis = j <= jhi && j >= jlo && (!kpm || kpm[j * kpm_stride]);
-          if (!vis) row[jj] = kNegInf;
+        if (clo >= chi) {  // nothing of this tile visible to the query
+          std::fill(row, row + bn, kNegInf);
+          continue;
+        }
+        std::fill(row, row + clo, kNegInf);
+        std::fill(row + chi, row + bn, kNegInf);
+        if (kpm) {
+          for (int64_t jj = clo; jj < chi; ++jj)
+            if (!kpm[(j0 + jj) * kpm_stride]) row[jj] = kNegInf;
         }
       }
     }
@@ -289,18 +295,19 @@ inline void apply_softcap(float* S, int64_t ldS, int64_t R, int64_t bn, float c,
 struct TileState {
   int64_t R, D;
   float *Qs, *S, *O, *m, *l, *Kb, *Vb;
+  int64_t ldS = kBlockN;  // row stride of S (>= every bn folded)
 };
 
 // Folds one key tile (bn keys, fp32 rows K/V with strides ldk/ldv) into the state.
 inline void fold_tile(TileState& st, const float* K, int64_t ldk, const float* V, int64_t ldv,
                       int64_t bn, const AttnParams& p, const OwnKeys* own, int64_t G,
                       int64_t q0, int64_t bm, int64_t j0) {
-  const int64_t R = st.R, D = st.D;
-  gemm_rm(false, true, R, bn, D, 1.f, st.Qs, D, K, ldk, 0.f, st.S, kBlockN);
-  if (p.softcap > 0.f) apply_softcap(st.S, kBlockN, R, bn, p.softcap, nullptr);
-  if (own) own->apply(st.S, kBlockN, G, q0, bm, j0, bn);
+  const int64_t R = st.R, D = st.D, ldS = st.ldS;
+  gemm_rm(false, true, R, bn, D, 1.f, st.Qs, D, K, ldk, 0.f, st.S, ldS);
+  if (p.softcap > 0.f) apply_softcap(st.S, ldS, R, bn, p.softcap, nullptr);
+  if (own) own->apply(st.S, ldS, G, q0, bm, j0, bn);
   for (int64_t r = 0; r < R; ++r) {
-    float* row = st.S + r * kBlockN;
+    float* row = st.S + r * ldS;
     const float m_new = std::max(st.m[r], row_max(row, bn));
     if (m_new == kNegInf) {  // nothing visible yet in this row
       std::fill(row, row + bn, 0.f);
@@ -315,7 +322,26 @@ inline void fold_tile(TileState& st, const float* K, int64_t ldk, const float* V
       for (int64_t c = 0; c < D; ++c) o[c] *= alpha;
     }
   }
-  gemm_rm(false, false, R, D, bn, 1.f, st.S, kBlockN, V, ldv, 1.f, st.O, D);
+  gemm_rm(false, false, R, D, bn, 1.f, st.S, ldS, V, ldv, 1.f, st.O, D);
+}
+
+// Tile sizes of the per-row forward / backward (bigger GEMMs than the cascade's: BLAS runs
+// far below peak on 32 x 64 tiles). PREFIX_ATTN_CPU_TILES="fm,fn,bm,bn" overrides them
+// (tuning only); each must be a multiple of 8 in [8, 1024].
+struct TileSizes {
+  int64_t fwd_m = 64, fwd_n = 256, bwd_m = 64, bwd_n = 64;
+};
+inline TileSizes tile_sizes() {
+  TileSizes t;
+  if (const char* env = std::getenv("PREFIX_ATTN_CPU_TILES")) {
+    long v[4];
+    if (std::sscanf(env, "%ld,%ld,%ld,%ld", &v[0], &v[1], &v[2], &v[3]) == 4) {
+      bool ok = true;
+      for (long x : v) ok = ok && x >= 8 && x <= 1024 && x % 8 == 0;
+      if (ok) t = TileSizes{v[0], v[1], v[2], v[3]};
+    }
+  }
+  return t;
 }
 
 // Runs worker(next) once per thread; workers take items from the shared counter one at a

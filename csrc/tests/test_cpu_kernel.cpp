@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <string>
@@ -193,12 +194,21 @@ int main() {
       {"noncausal_softcap", 2, 2, 2, 5, 33, 8, 2, 4, {1, 1}, {4, 2}, true, false, -1, 2.0},
       {"window_decode", 2, 4, 2, 1, 50, 8, 1, 17, {0, 0}, {17}, false, true, 4, 0},
       {"no_prefix_more_queries", 1, 2, 1, 6, 3, 8, 1, 0, {0}, {0}, false, true, -1, 0},
+      // crosses the per-row kernels' larger tiles (256 keys forward, 64 queries x 64 keys
+      // backward) with padding and a window; four (row, kv head) items take the fused backward
+      {"long_pad_window", 2, 4, 2, 150, 300, 8, 2, 270, {1, 0}, {270, 130}, true, true, 200, 0},
   };
   bool ok = true;
-  for (const auto& c : cases) {
-    ok &= run_case(c, at::kFloat, 2e-5);
-    ok &= run_case(c, at::kBFloat16, 0.1);
+  // both backward paths on every case (PREFIX_ATTN_CPU_BWD is read at each call)
+  for (const char* bwd : {"split", "fused"}) {
+    setenv("PREFIX_ATTN_CPU_BWD", bwd, 1);
+    std::printf("backward path: %s\n", bwd);
+    for (const auto& c : cases) {
+      ok &= run_case(c, at::kFloat, 2e-5);
+      ok &= run_case(c, at::kBFloat16, 0.1);
+    }
   }
+  unsetenv("PREFIX_ATTN_CPU_BWD");
   std::printf(ok ? "all passed\n" : "FAILED\n");
   return ok ? 0 : 1;
 }
