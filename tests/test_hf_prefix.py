@@ -149,3 +149,21 @@ def test_model_that_drops_kwargs_raises_instead_of_ignoring_prefixes(monkeypatch
     monkeypatch.setitem(transformers.AttentionInterface._global_mapping, "prefix_attn", dropping)
     with pytest.raises(RuntimeError, match="did not pass the prefix selection"):
         model(torch.randint(3, 128, (1, 4)), prefixes=["p"])
+
+
+def test_bfloat16_model_with_prefix_is_close_to_float32():
+    ours32 = tiny_model("qwen2")
+    bank = PrefixBank.attach(ours32)
+    L, H, D = bank.num_layers, bank.num_kv_heads, bank.head_dim
+    g = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(2, L, H, 4, D, generator=g)
+    bank.add("p", keys, values)
+    ours16 = tiny_model("qwen2", dtype=torch.bfloat16)
+    PrefixBank.attach(ours16).add("p", keys, values)
+    assert ours16.prefix_bank.dtype == torch.bfloat16
+    ids, mask = _batch("left")
+    with torch.no_grad():
+        a = ours16(ids, attention_mask=mask, prefixes=["p", None, "p"]).logits.float()
+        b = ours32(ids, attention_mask=mask, prefixes=["p", None, "p"]).logits
+    keep = mask.bool()
+    assert (a[keep] - b[keep]).abs().max() < 0.05 * b[keep].abs().max()
