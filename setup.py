@@ -22,7 +22,9 @@ def ext_modules_and_cmdclass():
                                            CUDAExtension)
 
     sources = ["csrc/module.cpp", "csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++20"]
+    # -fopenmp: at::parallel_for is inline (ATen/ParallelOpenMP.h); without it the kernels'
+    # parallel loops compile to serial code. libgomp.so.1 resolves to the copy torch loaded.
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     if os.environ.get("PREFIX_ATTN_PORTABLE") != "1":
         cxx.append("-march=native")
     with_cuda = (os.environ.get("PREFIX_ATTN_NO_CUDA") != "1" and torch.version.cuda is not None
@@ -31,12 +33,12 @@ def ext_modules_and_cmdclass():
         sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
         ext = CUDAExtension(
             "prefix_attn._C", sources, include_dirs=[os.path.abspath("csrc")],
-            define_macros=[("PREFIX_ATTN_WITH_CUDA", "1")],
+            define_macros=[("PREFIX_ATTN_WITH_CUDA", "1")], extra_link_args=["-fopenmp"],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math",
                                                      "-lineinfo"]})
     else:
         ext = CppExtension("prefix_attn._C", sources, include_dirs=[os.path.abspath("csrc")],
-                           extra_compile_args={"cxx": cxx})
+                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
