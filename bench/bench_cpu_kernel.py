@@ -129,6 +129,7 @@ def main():
         memory_child(*a.memory_child, shape)
         return
 
+    load_before = os.getloadavg()
     # correctness first: the two must agree
     inputs = make_inputs(**shape, requires_grad=False)
     with torch.no_grad():
@@ -145,18 +146,23 @@ def main():
                          baseline_peak_mib=mem["baseline"] / 2**20,
                          ours_peak_mib=mem["ours"] / 2**20,
                          memory_ratio=mem["baseline"] / max(mem["ours"], 1)))
+    load_after = os.getloadavg()
     meta = dict(shape=shape, dtype="float32", causal=True, reps=a.reps,
                 threads=torch.get_num_threads(), torch=torch.__version__,
                 cpu=platform.processor() or platform.machine(),
                 timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 max_abs_diff_vs_baseline=err,
+                # 1/5/15-minute load averages: the cores are shared, figures taken under
+                # load (1-minute value >= 2 on 2 cores) do not describe a quiet machine
+                loadavg_before=list(load_before), loadavg_after=list(load_after),
                 memory_method="extra peak RSS of the second call in a fresh process "
                               "(VmHWM after - VmRSS before, peak reset by clear_refs)")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
     lines = [f"CPU kernel vs HF+PEFT (expand + cat + mask + SDPA), shape {shape}, fp32, causal, "
-             f"{meta['threads']} threads, torch {torch.__version__}, medians of {a.reps}",
+             f"{meta['threads']} threads, torch {torch.__version__}, medians of {a.reps}, "
+             f"load average {load_before[0]:.2f} before / {load_after[0]:.2f} after",
              "", "| mode | baseline ms | ours ms | speedup | baseline peak MiB | ours peak MiB |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
