@@ -104,6 +104,15 @@ def _own_scores(a: AttnArgs, qm, k, i0: int, i1: int):
     return s, t, j0, j1
 
 
+def _chunks(a: AttnArgs, ct):
+    """(i0, i1, packed queries [B, Hkv, G*C, D]) for each chunk of queries."""
+    Sq = a.q.shape[2]
+    step = _chunk_size(a)
+    for i0 in range(0, Sq, step):
+        i1 = min(Sq, i0 + step)
+        yield i0, i1, _q_block(a, ct, i0, i1)
+
+
 def _unpack(x, B, Hkv, G, C):
     """[B, Hkv, G*C, ...] -> [B, Hq, C, ...]."""
     return x.reshape(B, Hkv * G, C, *x.shape[3:])
@@ -117,12 +126,8 @@ def _fwd(a: AttnArgs):
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32 if ct == torch.float32 else ct, device=a.q.device)
     groups = _groups(a.prefix_ids, a.prefix_lens)
     k, v = a.k.to(ct), a.v.to(ct)
-    step = _chunk_size(a)
-    for i0 in range(0, Sq, step):
-        i1 = min(Sq, i0 + step)
-        C = i1 - i0
-        qm = _q_block(a, ct, i0, i1)                                       # [B, Hkv, M, D]
-        M = qm.shape[2]
+    for i0, i1, qm in _chunks(a, ct):                                      # qm [B, Hkv, M, D]
+        C, M = i1 - i0, qm.shape[2]
         # -- own keys ------------------------------------------------------------------
         s, _, j0, j1 = _own_scores(a, qm, k, i0, i1)                        # [B, Hkv, M, L]
         m = s.amax(dim=-1, keepdim=True) if j1 > j0 else s.new_full((B, Hkv, M, 1), _NEG_INF)
@@ -164,12 +169,8 @@ def _bwd(a: AttnArgs, dout, out, lse):
     dpk = torch.zeros(N, Hkv, P, D, dtype=ct, device=dev)
     dpv = torch.zeros_like(dpk)
     groups = _groups(a.prefix_ids, a.prefix_lens)
-    step = _chunk_size(a)
-    for i0 in range(0, Sq, step):
-        i1 = min(Sq, i0 + step)
-        C = i1 - i0
-        qm = _q_block(a, ct, i0, i1)                                        # [B, Hkv, M, D]
-        M = qm.shape[2]
+    for i0, i1, qm in _chunks(a, ct):                                      # qm [B, Hkv, M, D]
+        C, M = i1 - i0, qm.shape[2]
         dom = dout[:, :, i0:i1].to(ct).reshape(B, Hkv, M, D)
         lm = lse[:, :, i0:i1].to(ct).reshape(B, Hkv, M, 1)
         lm = torch.where(torch.isfinite(lm), lm, torch.zeros_like(lm))    # empty rows: p == 0
