@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "params.h"
 #include "cuda/attention_cuda.h"
 
 namespace prefix_attn {
@@ -33,41 +34,9 @@ cuda::CudaAttnParams make_params(const at::Tensor& q, const at::Tensor& k, const
                                  const c10::optional<at::Tensor>& kpm, bool causal, double scale,
                                  int64_t window, double softcap) {
   cuda::CudaAttnParams p{};
-  p.B = q.size(0);
-  p.Hq = q.size(1);
-  p.Sq = q.size(2);
-  p.D = q.size(3);
-  p.Hkv = k.size(1);
-  p.G = p.Hq / p.Hkv;
-  p.Skv = k.size(2);
-  p.N = pk.size(0);
-  p.P = pk.size(2);
+  fill_common_params(p, q, k, v, pk, pv, ids, lens, kpm, causal, scale, window, softcap);
   TORCH_CHECK(p.B <= 65535 && p.Hkv <= 65535, "prefix_attn (cuda): B=", p.B, " and Hkv=", p.Hkv,
               " must be <= 65535 (grid limits)");
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.pk = pk.data_ptr();
-  p.pv = pv.data_ptr();
-  for (int d = 0; d < 3; ++d) {
-    p.q_s[d] = q.stride(d);
-    p.k_s[d] = k.stride(d);
-    p.v_s[d] = v.stride(d);
-    p.pk_s[d] = pk.stride(d);
-    p.pv_s[d] = pv.stride(d);
-  }
-  p.ids = ids.data_ptr<int64_t>();
-  p.lens = lens.data_ptr<int64_t>();
-  p.kpm = nullptr;
-  if (kpm.has_value()) {
-    p.kpm = kpm->data_ptr<bool>();
-    p.kpm_s[0] = kpm->stride(0);
-    p.kpm_s[1] = kpm->stride(1);
-  }
-  p.causal = causal;
-  p.scale = static_cast<float>(scale);
-  p.window = window;
-  p.softcap = static_cast<float>(softcap);
   p.dtype = to_dtype(q.scalar_type());
   return p;
 }
