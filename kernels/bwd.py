@@ -21,7 +21,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .autotune import bucket, dkdv_configs, dq_configs, interpreting, prune_bwd
-from .common import LOG2E, own_ranges, own_visible, own_visible_t, scores
+from .common import LOG2E, mask_tile, own_ranges, own_visible_t, scores
 from .fwd import dot_precision, head_block
 
 
@@ -243,15 +243,8 @@ def _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, KPM, stride_kp
                      other=0.0)
         s, t = scores(q, kt, qk_scale, softcap_inv, softcap_log2, SOFTCAP, DOT_PREC)
         if MASK:
-            if PREFIX:
-                vis = (offs_n[None, :] < n_limit) & (offs_i[:, None] >= 0)
-            else:
-                kpm = offs_n
-                if HAS_KPM:
-                    kpm = tl.load(KPM + offs_n.to(tl.int64) * stride_kpm, mask=n_ok, other=0)
-                vis = own_visible(offs_i, offs_n, off, window, n_limit, kpm,
-                                  CAUSAL, HAS_WINDOW, HAS_KPM)
-            s = tl.where(vis, s, float("-inf"))
+            s = mask_tile(s, offs_i, offs_n, n_ok, n_limit, off, window, KPM, stride_kpm,
+                          PREFIX, CAUSAL, HAS_WINDOW, HAS_KPM)
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, vt, input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])

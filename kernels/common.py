@@ -60,6 +60,22 @@ def own_visible(offs_i, offs_n, off, window, Skv, kpm,
 
 
 @triton.jit
+def mask_tile(s, offs_i, offs_n, n_ok, n_limit, off, window, KPM, stride_kpm,
+              PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HAS_KPM: tl.constexpr):
+    """Scores s [BLOCK_M, BLOCK_N] with hidden keys set to -inf: a prefix tile hides only keys
+    beyond its length; an own tile applies causal / window / key padding (own_visible)."""
+    if PREFIX:
+        vis = (offs_n[None, :] < n_limit) & (offs_i[:, None] >= 0)
+    else:
+        kpm = offs_n
+        if HAS_KPM:
+            kpm = tl.load(KPM + offs_n.to(tl.int64) * stride_kpm, mask=n_ok, other=0)
+        vis = own_visible(offs_i, offs_n, off, window, n_limit, kpm, CAUSAL, HAS_WINDOW, HAS_KPM)
+    return tl.where(vis, s, float("-inf"))
+
+
+@triton.jit
 def own_visible_t(offs_i, offs_n, off, window, Skv, kpm,
                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr):
     """[BLOCK_N, BLOCK_M]: own_visible transposed (keys x queries), for the dK/dV kernels."""

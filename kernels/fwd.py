@@ -13,7 +13,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .autotune import bucket, fwd_configs, prune
-from .common import LN2, LOG2E, own_ranges, own_visible, scores
+from .common import LN2, LOG2E, mask_tile, own_ranges, scores
 
 
 @triton.jit
@@ -36,15 +36,8 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, KPM, stride_kpm,
         # -- compute qk ----
         s, t = scores(q, kt, qk_scale, softcap_inv, softcap_log2, SOFTCAP, DOT_PREC)
         if MASK:
-            if PREFIX:
-                vis = (offs_n[None, :] < n_limit) & (offs_i[:, None] >= 0)
-            else:
-                kpm = offs_n
-                if HAS_KPM:
-                    kpm = tl.load(KPM + offs_n.to(tl.int64) * stride_kpm, mask=n_ok, other=0)
-                vis = own_visible(offs_i, offs_n, off, window, n_limit, kpm,
-                                  CAUSAL, HAS_WINDOW, HAS_KPM)
-            s = tl.where(vis, s, float("-inf"))
+            s = mask_tile(s, offs_i, offs_n, n_ok, n_limit, off, window, KPM, stride_kpm,
+                          PREFIX, CAUSAL, HAS_WINDOW, HAS_KPM)
         # -- online softmax (rows that saw nothing yet keep m = -inf without NaN) ----
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
