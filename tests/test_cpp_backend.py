@@ -11,7 +11,8 @@ import torch
 
 from prefix_attn import prefix_attention, prefix_attention_ref
 from prefix_attn.backends import available_backends
-from conftest import CONTRACT_EXTRA, CONTRACT_SHAPES, assert_close_fa, check_contract, make_inputs
+from conftest import (CONTRACT_EXTRA, CONTRACT_SHAPES, assert_close_fa, check_contract,
+                      check_deterministic_backward, check_unused_entries_zero_grad, make_inputs)
 
 pytestmark = pytest.mark.skipif("cpu" not in available_backends(),
                                 reason="extension prefix_attn._C not built")
@@ -53,23 +54,11 @@ def test_fp32_is_tight():
 
 
 def test_backward_is_bitwise_deterministic():
-    args, kw = make_inputs(B=6, Hq=4, Hkv=2, Sq=40, Skv=70, N=2, P=70, lens=[70, 3],
-                           ids=[0, 1, 0, 0, 1, 0], pad="left", requires_grad=True)
-    runs = []
-    for _ in range(2):
-        out = prefix_attention(*args, **kw, backend="cpu")
-        runs.append(torch.autograd.grad(out.square().sum(), args))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    check_deterministic_backward("cpu")
 
 
 def test_unused_entries_and_positions_beyond_len_get_zero_grad():
-    args, kw = make_inputs(B=3, N=3, P=6, lens=[6, 2, 4], ids=[1, 1, 0], requires_grad=True)
-    out = prefix_attention(*args, **kw, backend="cpu")
-    dpk, dpv = torch.autograd.grad(out.sum(), args[3:])
-    for d in (dpk, dpv):
-        assert (d[2] == 0).all() and (d[1, :, 2:] == 0).all()
-        assert (d[1, :, :2] != 0).any() and (d[0] != 0).any()
+    check_unused_entries_zero_grad("cpu")
 
 
 def test_strided_inputs():

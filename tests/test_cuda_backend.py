@@ -4,8 +4,7 @@ Skipped without CUDA (and without an extension built with its CUDA part)."""
 import pytest
 import torch
 
-from prefix_attn import prefix_attention
-from conftest import check_contract, make_inputs
+from conftest import check_contract, check_deterministic_backward, check_unused_entries_zero_grad
 from test_cpp_backend import EXTRA, SHAPES
 
 
@@ -31,21 +30,8 @@ def test_cuda_backend_matches_reference(shape, extra, dtype):
 
 
 def test_cuda_backward_is_bitwise_deterministic():
-    args, kw = make_inputs(B=6, Hq=4, Hkv=2, Sq=40, Skv=70, N=2, P=70, lens=[70, 3],
-                           ids=[0, 1, 0, 0, 1, 0], pad="left", device="cuda",
-                           requires_grad=True)
-    runs = []
-    for _ in range(2):
-        out = prefix_attention(*args, **kw, backend="cuda")
-        runs.append(torch.autograd.grad(out.square().sum(), args))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    check_deterministic_backward("cuda", device="cuda")
 
 
 def test_cuda_unused_entries_get_zero_grad():
-    args, kw = make_inputs(B=3, N=3, P=6, lens=[6, 2, 4], ids=[1, 1, 0], device="cuda",
-                           requires_grad=True)
-    out = prefix_attention(*args, **kw, backend="cuda")
-    dpk, dpv = torch.autograd.grad(out.sum(), args[3:])
-    for d in (dpk, dpv):
-        assert (d[2] == 0).all() and (d[1, :, 2:] == 0).all()
+    check_unused_entries_zero_grad("cuda", device="cuda")

@@ -5,7 +5,8 @@ import torch
 
 import prefix_attn
 from prefix_attn import prefix_attention, prefix_attention_ref
-from conftest import CONTRACT_EXTRA, CONTRACT_SHAPES, check_contract, errors, make_inputs
+from conftest import (CONTRACT_EXTRA, CONTRACT_SHAPES, check_contract, check_deterministic_backward,
+                      check_unused_entries_zero_grad, errors, make_inputs)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("extra", list(CONTRACT_EXTRA))
@@ -15,22 +16,11 @@ def test_torch_backend_matches_reference(shape, extra, dtype):
 
 
 def test_backward_is_deterministic():
-    args, kw = make_inputs(B=6, N=2, P=8, lens=[8, 3], ids=[0, 1, 0, 0, 1, 0], pad="left",
-                           requires_grad=True)
-    runs = []
-    for _ in range(2):
-        out = prefix_attention(*args, **kw, backend="torch")
-        runs.append(torch.autograd.grad(out.square().sum(), args))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    check_deterministic_backward("torch")
 
 
 def test_unused_entries_and_positions_beyond_len_get_zero_grad():
-    args, kw = make_inputs(B=3, N=3, P=6, lens=[6, 2, 4], ids=[1, 1, 0], requires_grad=True)
-    out = prefix_attention(*args, **kw, backend="torch")
-    dpk, dpv = torch.autograd.grad(out.sum(), args[3:])
-    assert torch.all(dpk[2] == 0) and torch.all(dpv[2] == 0)
-    assert torch.all(dpk[1, :, 2:] == 0) and torch.all(dpv[1, :, 2:] == 0)
+    check_unused_entries_zero_grad("torch")
 
 
 def test_chunked_queries_match(monkeypatch):
