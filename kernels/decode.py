@@ -21,7 +21,7 @@ from torch.library import wrap_triton
 
 from .autotune import interpreting
 from .common import LN2, own_ranges
-from .fwd import _fwd_inner, dot_precision, head_block
+from .fwd import _fwd_inner, _prefix_pass, dot_precision, head_block
 
 # Decode = at most this many queries per row; above it the per-row kernel is used.
 CASCADE_MAX_SQ = 16
@@ -91,15 +91,9 @@ def _cascade_prefix(Q, PK, PV, PLENS, ROWS, ROW_OFFS, TILE_OFFS, TILE_ENTRY, OP,
     plen = tl.where(live, plen, 0)
     PKb = PK + entry * stride_pkn + h.to(tl.int64) * stride_pkh
     PVb = PV + entry * stride_pvn + h.to(tl.int64) * stride_pvh
-    plen_full = plen // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, PKb, PVb, stride_pks, stride_pvs, PLENS, 0,
-                               0, plen_full, plen, offs_i, offs_d, D, 0, 0,
-                               qk_scale, softcap_inv, softcap_log2,
-                               False, True, False, False, False, SOFTCAP, BLOCK_N, DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, PKb, PVb, stride_pks, stride_pvs, PLENS, 0,
-                               plen_full, plen, plen, offs_i, offs_d, D, 0, 0,
-                               qk_scale, softcap_inv, softcap_log2,
-                               True, True, False, False, False, SOFTCAP, BLOCK_N, DOT_PREC)
+    acc, l_i, m_i = _prefix_pass(acc, l_i, m_i, q, PKb, PVb, stride_pks, stride_pvs, PLENS, plen,
+                                 offs_i, offs_d, D, qk_scale, softcap_inv, softcap_log2,
+                                 SOFTCAP, BLOCK_N, DOT_PREC)
     _store_partial(OP, LP, 0, b, heads, offs_i, row_ok, acc, l_i, m_i, offs_d,
                    s_slot, s_b, s_h, Sq, D)
 

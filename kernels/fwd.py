@@ -13,7 +13,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .autotune import bucket, fwd_configs, prune
-from .common import LN2, LOG2E, mask_tile, own_ranges, scores
+from .common import LN2, mask_tile, own_ranges, scores
 
 
 @triton.jit
@@ -49,6 +49,25 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, KPM, stride_kpm,
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _prefix_pass(acc, l_i, m_i, q, PK, PV, stride_pks, stride_pvs, DUMMY, plen, offs_i, offs_d, D,
+                 qk_scale, softcap_inv, softcap_log2,
+                 SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The prefix keys [0, plen) of one bank entry: whole tiles unmasked, then the tile that
+    crosses plen masked by the length only (the prefix is always visible, never windowed).
+    DUMMY: any pointer (no key padding is read for the prefix)."""
+    plen_full = plen // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, PK, PV, stride_pks, stride_pvs, DUMMY, 0,
+                               0, plen_full, plen, offs_i, offs_d, D, 0, 0,
+                               qk_scale, softcap_inv, softcap_log2,
+                               False, True, False, False, False, SOFTCAP, BLOCK_N, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, PK, PV, stride_pks, stride_pvs, DUMMY, 0,
+                               plen_full, plen, plen, offs_i, offs_d, D, 0, 0,
+                               qk_scale, softcap_inv, softcap_log2,
+                               True, True, False, False, False, SOFTCAP, BLOCK_N, DOT_PREC)
     return acc, l_i, m_i
 
 
@@ -93,15 +112,9 @@ def _attn_fwd(Q, K, V, PK, PV, PIDS, PLENS, KPM, OUT, LSE,
     plen = tl.load(PLENS + entry).to(tl.int32)
     PKb = PK + entry * stride_pkn + h.to(tl.int64) * stride_pkh
     PVb = PV + entry * stride_pvn + h.to(tl.int64) * stride_pvh
-    plen_full = plen // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, PKb, PVb, stride_pks, stride_pvs, KPM, 0,
-                               0, plen_full, plen, offs_i, offs_d, D, 0, 0,
-                               qk_scale, softcap_inv, softcap_log2,
-                               False, True, False, False, False, SOFTCAP, BLOCK_N, DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, PKb, PVb, stride_pks, stride_pvs, KPM, 0,
-                               plen_full, plen, plen, offs_i, offs_d, D, 0, 0,
-                               qk_scale, softcap_inv, softcap_log2,
-                               True, True, False, False, False, SOFTCAP, BLOCK_N, DOT_PREC)
+    acc, l_i, m_i = _prefix_pass(acc, l_i, m_i, q, PKb, PVb, stride_pks, stride_pvs, KPM, plen,
+                                 offs_i, offs_d, D, qk_scale, softcap_inv, softcap_log2,
+                                 SOFTCAP, BLOCK_N, DOT_PREC)
 
     # -- 2./3. own keys: fully visible tiles unmasked, edge tiles masked ----
     off = Skv - Sq
