@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
@@ -66,6 +67,23 @@ def _compiling() -> bool:
     # Range checks read tensor values (a host sync and a graph break under torch.compile);
     # compiled graphs skip them and rely on the backends' own bounds checks.
     return torch.compiler.is_compiling()
+
+
+# (min, max) of index tensors already read, keyed weakly by the tensor and checked against its
+# version counter: an HF forward passes the same prefix_ids / prefix_lens to every layer, and
+# reading them is a host sync on GPU, so each is read once per forward instead of per layer.
+_RANGES = WeakIdKeyDictionary()
+
+
+def _value_range(t: torch.Tensor) -> tuple:
+    """(min, max) of a non-empty integer tensor."""
+    hit = _RANGES.get(t)
+    if hit is not None and hit[0] == t._version:
+        return hit[1], hit[2]
+    lo, hi = int(t.min()), int(t.max())
+    if not t.requires_grad and not torch.is_inference(t):
+        _RANGES[t] = (t._version, lo, hi)
+    return lo, hi
 
 
 def _check_tensor(name, t, rank):
@@ -160,7 +178,7 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
     else:
         prefix_ids = _check_index_tensor("prefix_ids", prefix_ids, B, device, "one entry per batch row")
         if B > 0 and not _compiling():
-            lo, hi = int(prefix_ids.min()), int(prefix_ids.max())
+            lo, hi = _value_range(prefix_ids)
             if lo < 0 or hi >= N:
                 raise ValueError(f"prefix_ids must lie in [0, {N}) for a bank of N={N} "
                                  f"(prefix_k {_shape(prefix_k)}), got values in [{lo}, {hi}]")
@@ -168,7 +186,7 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         prefix_lens = torch.full((N,), P, dtype=torch.int64, device=device)
     else:
         prefix_lens = _check_index_tensor("prefix_lens", prefix_lens, N, device, "one length per bank entry")
-        lo, hi = (0, P) if _compiling() or N == 0 else (int(prefix_lens.min()), int(prefix_lens.max()))
+        lo, hi = (0, P) if _compiling() or N == 0 else _value_range(prefix_lens)
         if lo < 0 or hi > P:
             raise ValueError(f"prefix_lens must lie in [0, P={P}] (prefix_k {_shape(prefix_k)}), "
                              f"got values in [{lo}, {hi}]")

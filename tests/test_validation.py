@@ -97,3 +97,19 @@ def test_good_input_passes():
     kw = good()
     args = [kw.pop(n) for n in ("q", "k", "v", "prefix_k", "prefix_v")]
     assert prefix_attention(*args, **kw).shape == (B, Hq, Sq, D)
+
+
+def test_ids_changed_in_place_are_checked_again():
+    # prefix_ids' range is read once per tensor version (one host read per forward, not per
+    # layer); an in-place change must be seen.
+    kw = good()
+    args = [kw.pop(n) for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    prefix_attention(*args, **kw)
+    prefix_attention(*args, **kw)
+    kw["prefix_ids"][1] = 7
+    with pytest.raises(ValueError, match=r"prefix_ids must lie in \[0, 3\)"):
+        prefix_attention(*args, **kw)
+    kw["prefix_lens"][0] = 9
+    kw["prefix_ids"][1] = 0
+    with pytest.raises(ValueError, match="prefix_lens"):
+        prefix_attention(*args, **kw)
