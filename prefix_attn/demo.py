@@ -132,12 +132,12 @@ def serve_mixed_batch(model, tok, device: str, max_new_tokens: int = 28) -> List
     name, text = PROMPT_PREFIX
     bank.add_prompt(name, torch.tensor(tok.encode(text)))
     rows = [("poet", "roses"), ("counter", "one two"), (name, "apples")]
-    enc = tok([p for _, p in rows], padding_side="left")
+    enc = tok([p for _, p in rows], padding_side="left", return_tensors="pt")
     enc = {k: v.to(device) for k, v in enc.items()}
     with torch.no_grad():
         out = model.generate(**enc, prefixes=[n for n, _ in rows], max_new_tokens=max_new_tokens,
                              do_sample=False)
-    texts = [tok.decode(r) for r in out]
+    texts = [tok.decode(r, skip_special_tokens=True) for r in out]
     for (n, p), t in zip(rows, texts):
         print(f"  [{n:>8}] {t!r}")
     print(f"bank: {', '.join(f'{n} ({bank.entry_nbytes(n) / 1024:.1f} KiB)' for n in bank.names())}; "

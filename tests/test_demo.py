@@ -20,3 +20,13 @@ def test_benchmark_table_rows(monkeypatch):
     rows = demo.benchmark("cpu", reps=1)
     assert [r["what"].split(" ")[0] for r in rows] == ["prefill", "decode,", "training", "prefix"]
     assert rows[-1]["speedup"] == pytest.approx(256.0)  # 64 rows x 4 query heads per kv head
+
+
+@pytest.mark.hf
+def test_demo_on_a_local_model_folder(tmp_path, capsys):
+    from prefix_attn import tiny
+    tiny.default_model(hidden=32, layers=1).save_pretrained(tmp_path)
+    tiny.ByteTokenizer().save_pretrained(tmp_path)
+    rc = cli.main(["demo", "--model", str(tmp_path), "--skip-check", "--skip-bench", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "[    shop]" in out and "demo finished" in out
