@@ -93,3 +93,18 @@ def test_opcheck_torch_ops():
     args, kw = make_inputs(B=2, N=2, P=4, lens=[4, 2], ids=[1, 0], pad="left", requires_grad=True)
     a = normalize(*args, **kw)
     torch.library.opcheck(torch.ops.prefix_attn.torch_fwd.default, a.op_args())
+
+
+DECODE = {  # issue 5's decode cases: the torch backend does one GEMM per entry in use
+    "one_entry_all_rows_Sq1": dict(B=6, Sq=1, Skv=11, N=1, P=13, pad="left"),
+    "shuffled_entries_Sq4": dict(B=7, Sq=4, Skv=9, N=4, P=10, lens=[10, 3, 0, 7],
+                                 ids=[3, 0, 1, 3, 2, 0, 3], pad="left"),
+    "shuffled_entries_Sq1_rightpad": dict(B=5, Sq=1, Skv=6, N=3, P=5, lens=[5, 1, 4],
+                                          ids=[2, 2, 0, 1, 2], pad="right"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(DECODE))
+def test_torch_backend_decode_cases(case, dtype):
+    check_contract("torch", DECODE[case], {}, dtype)
