@@ -251,13 +251,37 @@ def check_targets(records) -> dict:
             for name in TARGETS}
 
 
+def autotuned_configs() -> dict:
+    """The config each autotuned kernel settled on, per autotune key (empty off GPU)."""
+    try:
+        from prefix_attn.kernels import bwd, fwd
+    except ImportError:
+        return {}
+    out = {}
+    for name, k in (("fwd", fwd._attn_fwd), ("dkdv_own", bwd._bwd_dkdv_own),
+                    ("dkdv_prefix", bwd._bwd_dkdv_prefix), ("dq", bwd._bwd_dq)):
+        cache = getattr(k, "cache", None) or {}
+        out[name] = {str(key): str(cfg) for key, cfg in cache.items()}
+    return out
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
     device = "cpu" if a.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --dry-run to check the script on CPU")
     time_ms = timer(device, a.reps)
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, "bench_triton_gpu.json")
     records = []
+    result = {
+        "environment": environment(device),
+        "dry_run": a.dry_run,
+        "shape": {"B": a.batch, "Hq": a.hq, "Hkv": a.hkv, "D": a.head_dim, "S": a.seq,
+                  "P": a.prefix_lens, "dtype": a.dtype, "causal": True},
+        "flop_rule": "4*B*Hq*D*visible_pairs forward, 2.5x backward, 3.5x fwd+bwd",
+        "records": records,
+    }
     for P in a.prefix_lens:
         for r in bench_one(a, P, device, time_ms):
             records.append(r)
@@ -266,19 +290,11 @@ def main(argv=None) -> dict:
                   f"x{r['tflops_ratio']:.2f} (time x{r['time_ratio']:.2f})", flush=True)
         if device == "cuda":
             torch.cuda.empty_cache()
-    result = {
-        "environment": environment(device),
-        "dry_run": a.dry_run,
-        "shape": {"B": a.batch, "Hq": a.hq, "Hkv": a.hkv, "D": a.head_dim, "S": a.seq,
-                  "P": a.prefix_lens, "dtype": a.dtype, "causal": True},
-        "flop_rule": "4*B*Hq*D*visible_pairs forward, 2.5x backward, 3.5x fwd+bwd",
-        "records": records,
-        "targets": check_targets(records),
-    }
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, "bench_triton_gpu.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+        # written after every P: a run cut short by a time limit keeps what it measured
+        result["targets"] = check_targets(records)
+        result["autotuned"] = autotuned_configs()
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
     print(f"wrote {path}")
     return result
 

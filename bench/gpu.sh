@@ -1,36 +1,94 @@
 #!/usr/bin/env bash
-# GPU checks of the triton backend in one command:  bench/gpu.sh OUTDIR
-#   1. installs the package in place if `prefix_attn.kernels` is not importable
-#      (pip install --no-deps --no-build-isolation -e .; nothing is downloaded);
-#   2. runs the triton tests on the GPU (tests/test_triton.py compiled instead of
-#      interpreted, and the -m gpu cases of tests/test_triton_gpu.py at real sizes);
-#   3. runs bench/bench_triton_gpu.py, which writes OUTDIR/bench_triton_gpu.json.
-# Logs: OUTDIR/pytest_gpu.log, OUTDIR/bench.log. Exit status: non-zero if a step failed.
+# GPU checks and benchmarks in one command:  bench/gpu.sh OUTDIR [bench_triton_gpu.py args]
+#
+# Stages, each time-boxed (seconds, overridable by env) so a slow one cannot eat the others:
+#   install      pip install --no-deps --no-build-isolation -e . (no C++ extension; nothing
+#                is downloaded), unless `prefix_attn.kernels` is already importable
+#   ext (background)  the C++/CUDA extension built from a copy of the tree into
+#                /tmp/prefix_attn_ext, loaded later through $PREFIX_ATTN_EXT_LIB
+#   tests_gpu    (T_GPU, 150)    tests/test_triton_gpu.py -m gpu: real sizes, bf16/fp16
+#   bench        (T_BENCH, 240)  bench/bench_triton_gpu.py, full autotuning
+#   tests_triton (T_TRITON, 120) tests/test_triton.py compiled on the GPU (not interpreted)
+#   tests_rest   (T_REST, 120)   the CUDA extension's tests and the rest of the suite (HF
+#                models, bank, CLI) against the machine's own torch/transformers/peft
+# Writes OUTDIR/{summary.txt (versions, GPU, stage times), <stage>.log, ext_build.log,
+# bench_triton_gpu.json}: 8 files at most.
+# Exit status: non-zero if a stage failed or ran out of time.
 set -uo pipefail
-OUT=${1:?usage: bench/gpu.sh OUTDIR}
+OUT=${1:?usage: bench/gpu.sh OUTDIR [bench args]}
+shift
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 status=0
+: >"$OUT/summary.txt"
+
+stage() {  # stage NAME LIMIT_S CMD...: runs CMD with a time limit, logs to OUT/NAME.log
+    local name=$1 limit=$2 t0 rc
+    shift 2
+    t0=$(date +%s)
+    timeout -k 15 -s INT "$limit" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    echo "$name: exit $rc after $(($(date +%s) - t0)) s (limit $limit s)" | tee -a "$OUT/summary.txt"
+    tail -n 4 "$OUT/$name.log" | sed 's/^/    /'
+    [ "$rc" -eq 0 ] || status=1
+}
 
 if ! $PY -c "import prefix_attn.kernels" >/dev/null 2>&1; then
-    PREFIX_ATTN_NO_EXT=${PREFIX_ATTN_NO_EXT:-1} $PY -m pip install --no-deps --no-build-isolation -e . \
-        >"$OUT/install.log" 2>&1 || { echo "install failed, see $OUT/install.log"; exit 1; }
+    PREFIX_ATTN_NO_EXT=1 stage install 120 $PY -m pip install --no-deps --no-build-isolation -e .
 fi
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 1
-$PY - <<'PY' | tee "$OUT/env.txt"
-import torch, triton
-print("gpu", torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+
+# The extension, built in the background from a copy (the tests must not import a half-written
+# library); the CUDA part is compiled for this GPU.
+EXT=/tmp/prefix_attn_ext
+rm -rf "$EXT" && mkdir -p "$EXT/src"
+tar --exclude=./.git -cf - . | tar -xf - -C "$EXT/src"
+( cd "$EXT/src" && MAX_JOBS=${MAX_JOBS:-12} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+    $PY setup.py build_ext --build-lib "$EXT/lib" --build-temp "$EXT/tmp" ) >"$EXT/build.log" 2>&1 &
+ext_pid=$!
+
+$PY - <<'PY' >>"$OUT/summary.txt" 2>&1
+import datetime, subprocess, torch, triton
+print("date", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+print("gpu", torch.cuda.get_device_name(), "sms", torch.cuda.get_device_properties(0).multi_processor_count)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+for mod in ("transformers", "peft", "accelerate"):
+    try:
+        print(mod, __import__(mod).__version__)
+    except Exception as e:
+        print(mod, "missing", e)
+print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.mem,power.draw,temperature.gpu",
+                      "--format=csv"], capture_output=True, text=True).stdout)
 PY
+cat "$OUT/summary.txt"
 
 # Tests: one config per kernel (no autotuning sweep); compiled kernels, not the interpreter.
-env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
-    $PY -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_triton_gpu.py \
-    -m "gpu or interpreter" --junitxml="$OUT/pytest_gpu.xml" 2>&1 | tee "$OUT/pytest_gpu.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+stage tests_gpu "${T_GPU:-150}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
+    $PY -m pytest -q -p no:cacheprovider tests/test_triton_gpu.py -m gpu
 
-# Benchmark: full autotuning.
-env -u TRITON_INTERPRET -u PREFIX_ATTN_TRITON_ONE_CONFIG \
-    $PY bench/bench_triton_gpu.py --out "$OUT" "${@:2}" 2>&1 | tee "$OUT/bench.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# Benchmark: full autotuning; the chosen configs go to the log and the JSON.
+stage bench "${T_BENCH:-240}" env -u TRITON_INTERPRET -u PREFIX_ATTN_TRITON_ONE_CONFIG \
+    TRITON_PRINT_AUTOTUNING=1 PYTHONUNBUFFERED=1 $PY bench/bench_triton_gpu.py --out "$OUT" "$@"
+
+stage tests_triton "${T_TRITON:-120}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
+    $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_triton.py -m "interpreter or gpu"
+
+# The rest of the suite with the extension (if it built in time) on this machine's packages.
+for _ in $(seq 1 60); do kill -0 $ext_pid 2>/dev/null || break; sleep 2; done
+lib=$(ls "$EXT"/lib/prefix_attn/_C*.so 2>/dev/null | head -n 1)
+if [ -n "$lib" ]; then
+    echo "extension built: $lib" | tee -a "$OUT/summary.txt"
+    export PREFIX_ATTN_EXT_LIB=$lib
+else
+    echo "extension NOT built (see ext_build.log): cpu/cuda backend tests skip" | tee -a "$OUT/summary.txt"
+    status=1
+fi
+tail -n 30 "$EXT/build.log" >"$OUT/ext_build.log" 2>/dev/null
+stage tests_rest "${T_REST:-120}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
+    $PY -m pytest -q -p no:cacheprovider -n 12 tests \
+    --ignore=tests/test_triton.py --ignore=tests/test_triton_gpu.py \
+    --ignore=tests/test_triton_sm90_compile.py --ignore=tests/test_cuda_compile.py
+cat "$OUT/summary.txt"
 exit $status

@@ -34,33 +34,35 @@ def bucket(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-def _configs(block_m, block_n, warps, stages, singles):
+def _configs(candidates, singles):
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    if one_config():
-        # candidates from large to small: `prune` keeps the first that fits the call
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                for bm, bn, w, s in singles]
+    # one_config(): candidates from large to small, `prune` keeps the first that fits the call
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm in block_m for bn in block_n for w in warps for s in stages]
+            for bm, bn, w, s in (singles if one_config() else candidates)]
 
 
+# Full searches are short explicit lists (BLOCK_M, BLOCK_N, warps, stages), not cartesian
+# products: each config costs one compile (1-3 s) per kernel and key on first use.
 def fwd_configs():
     """Forward configs: BLOCK_M packed query rows x BLOCK_N keys."""
-    return _configs([64, 128], [32, 64, 128], [4, 8], [2, 3, 4],
+    return _configs([(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4),
+                     (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
                     singles=[(128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2)])
 
 
 def dkdv_configs():
     """dK/dV configs: BLOCK_N resident keys, BLOCK_M streamed packed queries. The single
     configs are the ones ptxas compiles without register spills at D = 128 (sm_90)."""
-    return _configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3],
+    return _configs([(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3),
+                     (32, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
                     singles=[(64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 1)])
 
 
 def dq_configs():
     """dQ configs: BLOCK_M resident packed queries, BLOCK_N streamed keys."""
-    return _configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3],
+    return _configs([(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
+                     (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)],
                     singles=[(128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)])
 
 
@@ -97,7 +99,8 @@ def prune(configs, named_args, kind="fwd", **kwargs):
 
     * shared memory over the device's per-block maximum (see smem_estimate);
     * more than 64 packed query rows when ``G * Sq`` is small (decode);
-    * accumulators too big for registers (head dim 256 with 128-row tiles);
+    * accumulators too big for registers (head dim 256 with 128-row tiles; 128x128 tiles
+      at head dim 128 only with 8 warps);
     * 8 warps on tiles of fewer than 64x64 elements.
     With PREFIX_ATTN_TRITON_ONE_CONFIG=1 only the first surviving config is kept.
     """
@@ -117,12 +120,14 @@ def prune(configs, named_args, kind="fwd", **kwargs):
             continue
         if block_d >= 256 and bm * bn > 64 * 64:
             continue
-        if block_d >= 128 and bn > 64 and bm > 64:
+        if block_d >= 128 and bn > 64 and bm > 64 and (c.num_warps < 8 or block_d > 128):
             continue
         if c.num_warps == 8 and bm * bn < 64 * 64:
             continue
         kept.append(c)
-    kept = kept or configs[-1:]
+    if not kept:  # nothing fits the rules: the config needing the least shared memory
+        kept = [min(configs, key=lambda c: smem_estimate(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                                         block_d, c.num_stages, elsize, kind))]
     return kept[:1] if one_config() else kept
 
 
