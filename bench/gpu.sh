@@ -2,13 +2,15 @@
 # GPU checks and benchmarks in one command:  bench/gpu.sh OUTDIR [bench_triton_gpu.py args]
 #
 # Stages, each time-boxed (seconds, overridable by env) so a slow one cannot eat the others:
-#   install      pip install --no-deps --no-build-isolation -e . (no C++ extension; nothing
-#                is downloaded), unless `prefix_attn.kernels` is already importable
+#   (setup)      if `prefix_attn.kernels` is not importable, the source tree is used in
+#                place (PYTHONPATH, prefix_attn/kernels -> ../kernels); nothing is installed
 #   ext (background)  the C++/CUDA extension built from a copy of the tree into
-#                /tmp/prefix_attn_ext, loaded later through $PREFIX_ATTN_EXT_LIB
+#                /tmp/prefix_attn_ext, moved into prefix_attn/ before tests_rest
 #   tests_gpu    (T_GPU, 150)    tests/test_triton_gpu.py -m gpu: real sizes, bf16/fp16
 #   bench        (T_BENCH, 240)  bench/bench_triton_gpu.py, full autotuning
 #   tests_triton (T_TRITON, 120) tests/test_triton.py compiled on the GPU (not interpreted)
+#   ext_throw    (40)            a C++ check that throws, called directly, under cuda-gdb
+#                (a backtrace if it crashes), with the compiler and libraries the build used
 #   tests_rest   (T_REST, 120)   the CUDA extension's tests and the rest of the suite (HF
 #                models, bank, CLI) against the machine's own torch/transformers/peft
 # Writes OUTDIR/{summary.txt (versions, GPU, stage times), <stage>.log, ext_build.log,
@@ -36,7 +38,12 @@ stage() {  # stage NAME LIMIT_S CMD...: runs CMD with a time limit, logs to OUT/
 }
 
 if ! $PY -c "import prefix_attn.kernels" >/dev/null 2>&1; then
-    PREFIX_ATTN_NO_EXT=1 stage install 120 $PY -m pip install --no-deps --no-build-isolation -e .
+    # Not installed: use the source tree in place (no pip: a machine without network and
+    # with a setuptools whose `develop` re-enters pip cannot install even with
+    # --no-build-isolation). prefix_attn.kernels lives in kernels/: link it into the package.
+    [ -e prefix_attn/kernels ] || ln -s ../kernels prefix_attn/kernels
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    $PY -c "import prefix_attn.kernels" || { echo "prefix_attn not importable"; exit 1; }
 fi
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 1
 
@@ -70,25 +77,32 @@ stage tests_gpu "${T_GPU:-150}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_C
 
 # Benchmark: full autotuning; the chosen configs go to the log and the JSON.
 stage bench "${T_BENCH:-240}" env -u TRITON_INTERPRET -u PREFIX_ATTN_TRITON_ONE_CONFIG \
-    TRITON_PRINT_AUTOTUNING=1 PYTHONUNBUFFERED=1 $PY bench/bench_triton_gpu.py --out "$OUT" "$@"
+    TRITON_PRINT_AUTOTUNING=1 PYTHONUNBUFFERED=1 $PY bench/bench_triton_gpu.py --out "$OUT" \
+    --prefix 128,16,64,256 "$@"
 
 stage tests_triton "${T_TRITON:-120}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
-    $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_triton.py -m "interpreter or gpu"
+    $PY -m pytest -v -p no:cacheprovider -n 8 tests/test_triton.py -m "interpreter or gpu"
 
 # The rest of the suite with the extension (if it built in time) on this machine's packages.
 for _ in $(seq 1 60); do kill -0 $ext_pid 2>/dev/null || break; sleep 2; done
 lib=$(ls "$EXT"/lib/prefix_attn/_C*.so 2>/dev/null | head -n 1)
 if [ -n "$lib" ]; then
     echo "extension built: $lib" | tee -a "$OUT/summary.txt"
-    export PREFIX_ATTN_EXT_LIB=$lib
+    cp "$lib" "prefix_attn/.tmp_C.so" && mv "prefix_attn/.tmp_C.so" "prefix_attn/$(basename "$lib")"
 else
     echo "extension NOT built (see ext_build.log): cpu/cuda backend tests skip" | tee -a "$OUT/summary.txt"
     status=1
 fi
 tail -n 30 "$EXT/build.log" >"$OUT/ext_build.log" 2>/dev/null
+if [ -n "$lib" ]; then
+    stage ext_throw 40 bash -c "g++ --version | head -n 1; command -v g++; ldd prefix_attn/_C*.so | grep -E 'stdc|gomp|gcc_s'; \
+        cuda-gdb -q -batch -ex run -ex bt --args $PY -m pytest -x -q -p no:xdist -p no:cacheprovider \
+        tests/test_cpp_backend.py -k 'reject_bad_input and (ids_high or dtype_mix)'"
+fi
 stage tests_rest "${T_REST:-120}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
-    $PY -m pytest -q -p no:cacheprovider -n 12 tests \
+    $PY -m pytest -v -p no:cacheprovider -n 12 tests \
     --ignore=tests/test_triton.py --ignore=tests/test_triton_gpu.py \
-    --ignore=tests/test_triton_sm90_compile.py --ignore=tests/test_cuda_compile.py
+    --ignore=tests/test_triton_sm90_compile.py --ignore=tests/test_cuda_compile.py \
+    --deselect tests/test_cpp_backend.py::test_cpp_checks_reject_bad_input
 cat "$OUT/summary.txt"
 exit $status
