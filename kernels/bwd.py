@@ -319,11 +319,14 @@ def _bwd_dq(Q, K, V, PK, PV, PIDS, PLENS, KPM, DO, LSE, DELTA, DQ,
                    DOT_PREC)
     # dS was taken w.r.t. q.k (softcap derivative included): apply the softmax scale once
     dq = dq * (qk_scale / LOG2E)
+    # store indices recomputed here, not taken from _load_query_tile: torch.compile's
+    # mutation analysis would see a pointer derived from Q/DO/LSE/DELTA and mark them written
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < G * Sq
+    rows = tl.where(row_ok, offs_m // G, 0).to(tl.int64)
     heads = (h * G + offs_m % G).to(tl.int64)
     ptrs = (DQ + b * stride_dqb + heads[:, None] * stride_dqh
-            + offs_i[:, None].to(tl.int64) * stride_dqs + offs_d[None, :])
+            + rows[:, None] * stride_dqs + offs_d[None, :])
     tl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 

@@ -133,3 +133,26 @@ def check_unused_entries_zero_grad(backend, device="cpu"):
     for d in torch.autograd.grad(out.sum(), args[3:]):
         assert (d[2] == 0).all() and (d[1, :, 2:] == 0).all()
         assert (d[1, :, :2] != 0).any() and (d[0] != 0).any()
+
+
+def run_compiler_script(script: str, cache_dir, skip_if: dict = None, timeout: int = 600) -> dict:
+    """Runs `script` in a subprocess without TRITON_INTERPRET (real Triton compilation, here for
+    an explicit sm_90 target: no GPU needed), with a private Triton cache, and returns the JSON
+    it prints on a line starting with "RESULT ". Without that line the test is skipped when
+    the stderr contains every string of one of the `skip_if` keys (value: the reason), and
+    fails otherwise."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(cache_dir)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if lines:
+        return json.loads(lines[-1][len("RESULT "):])
+    for needles, reason in (skip_if or {}).items():
+        if all(n in proc.stderr for n in needles):
+            pytest.skip(reason)
+    pytest.fail(f"subprocess failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")

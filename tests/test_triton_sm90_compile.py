@@ -7,14 +7,11 @@ and PTX to a cubin with the ptxas that ships with Triton. It runs in a subproces
 TRITON_INTERPRET (under the interpreter the kernels are not compilable objects); small
 tiles and every feature flag on keep each build to a few seconds.
 """
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 pytest.importorskip("triton")
+
+from conftest import run_compiler_script  # noqa: E402
 
 KERNELS = ["fwd", "dkdv_own", "dkdv_prefix", "dq", "delta",
            "cascade_prefix", "cascade_own", "cascade_merge"]
@@ -59,17 +56,11 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # a private cache: really compile, and never race other processes on a shared cache
-    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if not lines:
-        if "ptxas" in proc.stderr and ("not found" in proc.stderr or "No such file" in proc.stderr):
-            pytest.skip("Triton's bundled ptxas is not available")
-        pytest.fail(f"compile subprocess failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    missing = "Triton's bundled ptxas is not available"
+    return run_compiler_script(_SCRIPT, tmp_path_factory.mktemp("triton_cache"),
+                               skip_if={("ptxas", "not found"): missing,
+                                        ("ptxas", "No such file"): missing})
 
 
 @pytest.mark.parametrize("name", KERNELS)
