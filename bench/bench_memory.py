@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import prefix_attn  # noqa: E402
 from prefix_attn.bank import PrefixBank  # noqa: E402
+from prefix_attn.hf import cache_kwarg  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MiB = 2 ** 20
@@ -128,8 +129,8 @@ def run_ours(model, bank, rows, ids, mask, pos, nxt):
         return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
 
     def step(cache):
-        return model(nxt, attention_mask=mask2, position_ids=pos2, prefixes=rows, cache=cache,
-                     use_cache=True).logits[:, -1].float()
+        return model(nxt, attention_mask=mask2, position_ids=pos2, prefixes=rows,
+                     **{cache_kwarg(model): cache}, use_cache=True).logits[:, -1].float()
 
     with torch.no_grad():
         peak, cache, logits = step_peak_bytes(prefill, step)
@@ -158,11 +159,12 @@ def run_peft_path(model, bank, rows, ids, mask, pos, nxt):
             v = torch.stack([bank.entry_kv(r)[layer, 1] for r in rows])
             cache.update(k, v, layer)
         copies["bytes"] = sum(k.nbytes + v.nbytes for k, v in cache_tensors(cache))
-        out = model(ids, attention_mask=pmask, position_ids=pos + P, cache=cache, use_cache=True)
+        out = model(ids, attention_mask=pmask, position_ids=pos + P, **{cache_kwarg(model): cache},
+                    use_cache=True)
         return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
 
     def step(cache):
-        return model(nxt, attention_mask=mask2, position_ids=pos2, cache=cache,
+        return model(nxt, attention_mask=mask2, position_ids=pos2, **{cache_kwarg(model): cache},
                      use_cache=True).logits[:, -1].float()
 
     with torch.no_grad():

@@ -279,6 +279,13 @@ def _forward_params(model) -> list:
     return list(inspect.signature(model.forward).parameters)
 
 
+def cache_kwarg(model) -> str:
+    """Name of the KV-cache keyword of ``model.forward``: ``"cache"`` (transformers >= 5.2x)
+    or ``"past_key_values"`` (earlier 5.x). An unknown keyword would be swallowed by
+    ``**kwargs`` and the cache silently ignored, so callers pass ``{cache_kwarg(m): cache}``."""
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
+
+
 def _batch_and_length(kwargs):
     for name in ("input_ids", "inputs_embeds"):
         t = kwargs.get(name)

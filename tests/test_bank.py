@@ -295,6 +295,8 @@ def test_add_prompt_kv_continues_like_the_full_prompt(tmp_path):
     """The prompt entry, fed back as a KV cache, gives the logits of prompt + x for x's tokens."""
     from transformers import DynamicCache
 
+    from prefix_attn.hf import cache_kwarg
+
     model = _tiny_llama()
     bank = PrefixBank.attach(model)
     prompt = torch.tensor([5, 9, 11, 3, 7, 60, 2])
@@ -308,7 +310,7 @@ def test_add_prompt_kv_continues_like_the_full_prompt(tmp_path):
     P = prompt.numel()
     with torch.no_grad():
         full = model(torch.cat([prompt[None], x], dim=1)).logits[:, P:]
-        cont = model(x, cache=cache, position_ids=torch.arange(P, P + x.shape[1])[None]).logits
+        cont = model(x, **{cache_kwarg(model): cache}, position_ids=torch.arange(P, P + x.shape[1])[None]).logits
     torch.testing.assert_close(cont, full, rtol=1e-4, atol=1e-5)
     assert bank.kind("sys") == "prompt"
     bank.add("learned", *[torch.randn(2, 2, 3, 8)] * 2)

@@ -80,6 +80,8 @@ def test_save_peft_loads_in_peft_with_the_same_prefix_and_logits(tmp_path):
 
     # PEFT's logits with the adapter equal the base model's logits with that prefix as a KV cache
     from transformers import DynamicCache
+
+    from prefix_attn.hf import cache_kwarg
     x = torch.tensor([[3, 1, 4, 1, 5, 9]])
     with torch.no_grad():
         peft_logits = pm(input_ids=x).logits
@@ -87,7 +89,7 @@ def test_save_peft_loads_in_peft_with_the_same_prefix_and_logits(tmp_path):
         for layer in range(L):
             cache.update(keys[layer][None].clone(), values[layer][None].clone(), layer)
         base = _tiny_llama()
-        ours = base(x, cache=cache, position_ids=torch.arange(P, P + x.shape[1])[None]).logits
+        ours = base(x, **{cache_kwarg(base): cache}, position_ids=torch.arange(P, P + x.shape[1])[None]).logits
     torch.testing.assert_close(peft_logits, ours, rtol=1e-4, atol=1e-5)
 
 
