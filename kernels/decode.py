@@ -25,18 +25,31 @@ from .fwd import _fwd_inner, _prefix_pass, dot_precision, head_block
 
 # Decode = at most this many queries per row; above it the per-row kernel is used.
 CASCADE_MAX_SQ = 16
-# Own keys per row from which splitting the own KV pays off even without shared prefixes.
+# Own keys per row from which splitting the own KV pays off when the grid is underfilled.
 CASCADE_MIN_OWN_KEYS = 512
+# Streaming multiprocessors assumed when the device is not known (an H100/H200 has 132).
+DEFAULT_SMS = 132
 
 
-def use_cascade(B: int, N: int, P: int, Sq: int, Skv: int) -> bool:
+def use_cascade(B: int, N: int, P: int, Sq: int, Skv: int, Hkv: int = 1,
+                sms: int = DEFAULT_SMS) -> bool:
     """The shape rule of the triton backend's forward (documented in the README's backend
-    section): cascade iff Sq <= 16 and either the own KV is long (>= 512 keys: split-KV pays)
-    or a non-empty bank has fewer entries than rows (some entry is then shared by >= 2 rows,
-    whose prefix tiles the cascade reads once)."""
+    section). Cascade iff Sq <= 16 and either
+
+    * the prefix bytes it saves are at least the own-KV bytes every row reads anyway:
+      ``P * (B - N) >= B * Skv`` (entries shared by several rows are read once). Measured on
+      an H200 (bf16, B 64, Hkv 8, D 128, Skv 4096, one shared entry, P 16..256, 2026-11-28):
+      there the saving is <= 6 % and the per-row kernel, already at ~4 TB/s, was 1.6-1.75x
+      faster than the cascade's three launches; the break-even ratio itself is unmeasured;
+    * or the per-row grid (one program per row and kv head) fills less than half the GPU
+      and the own KV is long (>= 512 keys): the cascade splits it (flash-decoding). This
+      branch is reasoning, not yet timed on a GPU.
+    """
     if Sq == 0 or B == 0 or Sq > CASCADE_MAX_SQ:
         return False
-    return Skv >= CASCADE_MIN_OWN_KEYS or (P > 0 and N < B)
+    shared_saving = P > 0 and N < B and P * (B - N) >= B * Skv
+    underfilled = B * Hkv < sms // 2 and Skv >= CASCADE_MIN_OWN_KEYS
+    return shared_saving or underfilled
 
 
 @triton.jit

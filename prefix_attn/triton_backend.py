@@ -46,16 +46,30 @@ def _cascade(q: Tensor, k: Tensor, prefix_k: Tensor) -> bool:
     """Forward path choice: the cascade (decode) kernels or the per-row kernel.
 
     $PREFIX_ATTN_TRITON_CASCADE = "1" forces the cascade, "0" the per-row kernel; unset or
-    "auto" applies `kernels.decode.use_cascade`: Sq <= 16 and (Skv >= 512, or a non-empty
-    bank with fewer entries than rows). The backward always uses the per-row kernels (the
-    cascade's out and lse are the same quantities).
+    "auto" applies `kernels.decode.use_cascade`: Sq <= 16 and (the prefix bytes saved by
+    reading each shared entry once are at least the own-KV bytes, or a per-row grid would
+    fill less than half the GPU and Skv >= 512). The backward always uses the per-row
+    kernels (the cascade's out and lse are the same quantities).
     """
     mode = os.environ.get(CASCADE_ENV, "auto")
     if mode in ("0", "1"):
         return mode == "1" and q.shape[2] > 0
     B, _, Sq, _ = q.shape
-    N, _, P, _ = prefix_k.shape
-    return _decode.use_cascade(B, N, P, Sq, k.shape[2])
+    N, Hkv, P, _ = prefix_k.shape
+    return _decode.use_cascade(B, N, P, Sq, k.shape[2], Hkv=Hkv, sms=_sm_count(q.device))
+
+
+_SMS = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (cached); the decode module's default elsewhere."""
+    if device.type != "cuda":
+        return _decode.DEFAULT_SMS
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
 
 
 @_define_op("prefix_attn::triton_fwd", mutates_args=())
