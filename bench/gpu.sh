@@ -9,8 +9,6 @@
 #   tests_gpu    (T_GPU, 150)    tests/test_triton_gpu.py -m gpu: real sizes, bf16/fp16
 #   bench        (T_BENCH, 240)  bench/bench_triton_gpu.py, full autotuning
 #   tests_triton (T_TRITON, 120) tests/test_triton.py compiled on the GPU (not interpreted)
-#   ext_throw    (40)            a C++ check that throws, called directly, under cuda-gdb
-#                (a backtrace if it crashes), with the compiler and libraries the build used
 #   tests_rest   (T_REST, 120)   the CUDA extension's tests and the rest of the suite (HF
 #                models, bank, CLI) against the machine's own torch/transformers/peft
 # Writes OUTDIR/{summary.txt (versions, GPU, stage times), <stage>.log, ext_build.log,
@@ -52,7 +50,11 @@ $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA
 EXT=/tmp/prefix_attn_ext
 rm -rf "$EXT" && mkdir -p "$EXT/src"
 tar --exclude=./.git -cf - . | tar -xf - -C "$EXT/src"
-( cd "$EXT/src" && MAX_JOBS=${MAX_JOBS:-12} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+# CXX: the PATH's g++, not an image's $CXX. On the H200 image (2026-11-28) $CXX was
+# /opt/gcc/bin/g++, which linked libstdc++ statically into _C.so: two libstdc++ copies in one
+# process, and the first C++ error message (TORCH_CHECK formatting a number) segfaulted.
+( cd "$EXT/src" && CXX=$(command -v g++ || echo c++) MAX_JOBS=${MAX_JOBS:-12} \
+    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
     $PY setup.py build_ext --build-lib "$EXT/lib" --build-temp "$EXT/tmp" ) >"$EXT/build.log" 2>&1 &
 ext_pid=$!
 
@@ -86,6 +88,10 @@ stage tests_triton "${T_TRITON:-120}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON
 # The rest of the suite with the extension (if it built in time) on this machine's packages.
 for _ in $(seq 1 60); do kill -0 $ext_pid 2>/dev/null || break; sleep 2; done
 lib=$(ls "$EXT"/lib/prefix_attn/_C*.so 2>/dev/null | head -n 1)
+if [ -n "$lib" ] && ! ldd "$lib" | grep -q libstdc++; then
+    echo "extension links libstdc++ statically (crashes on C++ errors): not used" | tee -a "$OUT/summary.txt"
+    lib=""
+fi
 if [ -n "$lib" ]; then
     echo "extension built: $lib" | tee -a "$OUT/summary.txt"
     cp "$lib" "prefix_attn/.tmp_C.so" && mv "prefix_attn/.tmp_C.so" "prefix_attn/$(basename "$lib")"
@@ -94,15 +100,9 @@ else
     status=1
 fi
 tail -n 30 "$EXT/build.log" >"$OUT/ext_build.log" 2>/dev/null
-if [ -n "$lib" ]; then
-    stage ext_throw 40 bash -c "g++ --version | head -n 1; command -v g++; ldd prefix_attn/_C*.so | grep -E 'stdc|gomp|gcc_s'; \
-        cuda-gdb -q -batch -ex run -ex bt --args $PY -m pytest -x -q -p no:xdist -p no:cacheprovider \
-        tests/test_cpp_backend.py -k 'reject_bad_input and (ids_high or dtype_mix)'"
-fi
 stage tests_rest "${T_REST:-120}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
     $PY -m pytest -v -p no:cacheprovider -n 12 tests \
     --ignore=tests/test_triton.py --ignore=tests/test_triton_gpu.py \
-    --ignore=tests/test_triton_sm90_compile.py --ignore=tests/test_cuda_compile.py \
-    --deselect tests/test_cpp_backend.py::test_cpp_checks_reject_bad_input
+    --ignore=tests/test_triton_sm90_compile.py --ignore=tests/test_cuda_compile.py
 cat "$OUT/summary.txt"
 exit $status
