@@ -43,7 +43,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder for bench_triton_gpu.json")
+    p.add_argument("--out", help="folder for bench_triton_gpu.json (and .md)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--hq", type=int, default=32)
@@ -57,7 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=50, help="timed repetitions per measurement")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, tiny sizes, torch backend: checks the script, not the GPU")
+    p.add_argument("--render", metavar="JSON",
+                   help="only write the Markdown table of an existing result JSON, next to it")
     a = p.parse_args(argv)
+    if not a.out and not a.render:
+        p.error("--out is required (unless --render)")
     a.prefix_lens = [int(x) for x in a.prefix.split(",") if x.strip()]
     a.mode_list = [m.strip() for m in a.modes.split(",") if m.strip()]
     bad = set(a.mode_list) - {"fwd", "bwd", "e2e", "decode"}
@@ -265,8 +269,40 @@ def autotuned_configs() -> dict:
     return out
 
 
+_MODE_TEXT = {"fwd": "forward", "bwd": "backward", "e2e": "fwd+bwd", "decode": "decode (cascade)"}
+_BASE_TEXT = {"sdpa_flash": "SDPA flash, same total length", "peft_sdpa": "PEFT path",
+              "per_row_kernel": "our per-row kernel"}
+
+
+def markdown(result: dict) -> str:
+    """The README table of a result: one line per record, then the targets."""
+    env, sh = result["environment"], result["shape"]
+    lines = [f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
+             f"{env['date'][:10]}; {sh['dtype']}, B {sh['B']}, Hq {sh['Hq']}, Hkv {sh['Hkv']}, "
+             f"D {sh['D']}, S {sh['S']}, causal; decode rows: Sq 1 over S own keys, one shared "
+             f"prefix. TFLOP/s count visible (query, key) pairs only; ratio = baseline time / ours.",
+             "", "| P | pass | ours ms | ours TFLOP/s | baseline | baseline ms | baseline TFLOP/s | ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(result["records"], key=lambda r: (r["P"], list(_MODE_TEXT).index(r["mode"]))):
+        lines.append(f"| {r['P']} | {_MODE_TEXT[r['mode']]} | {r['ours_ms']:.3f} | {r['ours_tflops']:.0f} | "
+                     f"{_BASE_TEXT.get(r['baseline'], r['baseline'])} | {r['baseline_ms']:.3f} | "
+                     f"{r['baseline_tflops']:.0f} | {r['time_ratio']:.2f}x |")
+    lines += ["", f"Targets at P {TARGET_P}:", ""]
+    for name, t in result.get("targets", {}).items():
+        got = "not measured" if t["measured"] is None else f"{t['measured']:.2f}"
+        verdict = {True: "met", False: "**not met**", None: "-"}[t["met"]]
+        lines.append(f"- `{name}` >= {t['target']}: {got} ({verdict})")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    if a.render:
+        with open(a.render) as f:
+            result = json.load(f)
+        with open(os.path.splitext(a.render)[0] + ".md", "w") as f:
+            f.write(markdown(result))
+        return result
     device = "cpu" if a.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --dry-run to check the script on CPU")
@@ -295,6 +331,8 @@ def main(argv=None) -> dict:
         result["autotuned"] = autotuned_configs()
         with open(path, "w") as f:
             json.dump(result, f, indent=2)
+        with open(os.path.join(a.out, "bench_triton_gpu.md"), "w") as f:
+            f.write(markdown(result))
     print(f"wrote {path}")
     return result
 

@@ -36,6 +36,11 @@ BENCHMARKS = {
 }
 
 
+# results of bench/gpu.sh (GPU only, not rerun here): their README blocks are refreshed from
+# the committed .md (bench_triton_gpu.py --render JSON writes it)
+GPU_STEMS = ("triton_gpu",)
+
+
 def run_one(name: str, quick: bool, out_dir: str) -> dict:
     script, quick_args, stem, out_kind = BENCHMARKS[name]
     path = os.path.join(HERE, script)
@@ -67,7 +72,7 @@ def refresh_readme(out_dir: str, readme: str = os.path.join(ROOT, "README.md")) 
     with open(readme) as f:
         text = f.read()
     done = []
-    for stem in sorted({b[2] for b in BENCHMARKS.values()}):
+    for stem in sorted({b[2] for b in BENCHMARKS.values()} | set(GPU_STEMS)):
         md = os.path.join(out_dir, stem + ".md")
         pat = re.compile(rf"(<!-- bench:{stem} -->\n)(.*?)(<!-- /bench:{stem} -->)", re.S)
         if os.path.exists(md) and pat.search(text):

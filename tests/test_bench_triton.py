@@ -56,6 +56,13 @@ def test_dry_run_writes_json(bench, tmp_path):
     assert [r["baseline"] for r in data["records"][3:]] == ["per_row_kernel", "peft_sdpa"]
     for r in data["records"]:
         assert r["P"] == 5 and r["ours_ms"] > 0 and r["baseline_ms"] > 0 and r["ours_tflops"] > 0
+    # the Markdown table: written with the JSON, and again by --render next to a given JSON
+    md = (tmp_path / "bench_triton_gpu.md").read_text()
+    assert md.count("\n| 5 | ") == 5 and "decode (cascade)" in md and "Targets at P" in md
+    copy = tmp_path / "copy.json"
+    copy.write_text(json.dumps(data))
+    bench.main(["--render", str(copy)])
+    assert (tmp_path / "copy.md").read_text() == md
 
 
 def test_peft_path_matches_reference(bench):
