@@ -20,7 +20,7 @@ $(VENV)/.stamp-deps: requirements-dev.txt
 	$(PIP) install -q -r requirements-dev.txt
 	touch $@
 
-$(VENV)/.stamp-install: $(VENV)/.stamp-deps setup.py $(EXT_SOURCES)
+$(VENV)/.stamp-install: $(VENV)/.stamp-deps setup.py pyproject.toml $(EXT_SOURCES)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
