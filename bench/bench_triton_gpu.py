@@ -51,7 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--seq", type=int, default=4096, help="own tokens per row (Sq = Skv = S)")
     p.add_argument("--prefix", default="16,64,128,256", help="comma-separated prefix lengths P")
-    p.add_argument("--modes", default="fwd,bwd,e2e,decode", help="subset of fwd,bwd,e2e,decode")
+    p.add_argument("--modes", default="fwd,bwd,e2e,decode,sweep",
+                   help="subset of fwd,bwd,e2e,decode,sweep (sweep: cascade vs per-row decode "
+                        "over a grid of batch / prefix / own-KV lengths, and the automatic choice)")
     p.add_argument("--decode-batch", type=int, default=64,
                    help="rows of the decode measurement (Sq = 1 over S own keys, one shared prefix)")
     p.add_argument("--reps", type=int, default=50, help="timed repetitions per measurement")
@@ -64,7 +66,7 @@ def parse_args(argv=None):
         p.error("--out is required (unless --render)")
     a.prefix_lens = [int(x) for x in a.prefix.split(",") if x.strip()]
     a.mode_list = [m.strip() for m in a.modes.split(",") if m.strip()]
-    bad = set(a.mode_list) - {"fwd", "bwd", "e2e", "decode"}
+    bad = set(a.mode_list) - {"fwd", "bwd", "e2e", "decode", "sweep"}
     if bad:
         p.error(f"unknown modes {sorted(bad)}")
     if a.hq % a.hkv:
@@ -212,21 +214,63 @@ def bench_decode(a, P: int, device: str, time_ms, backend: str) -> list:
     q, k, v = rnd(B, Hq, 1, D), rnd(B, Hkv, S, D), rnd(B, Hkv, S, D)
     pk, pv = rnd(Hkv, P, D), rnd(Hkv, P, D)
     pairs = P + S
-    times = {}
-    prev = os.environ.get("PREFIX_ATTN_TRITON_CASCADE")
+    times = _time_cascade_modes(time_ms, lambda: prefix_attention(q, k, v, pk, pv, backend=backend))
+    with torch.no_grad():
+        t_peft = time_ms(lambda: peft_attention(q, k, v, pk, pv))
+    return [_record("decode", P, times["1"], times["0"], "per_row_kernel", B, Hq, D, pairs, pairs),
+            _record("decode", P, times["1"], t_peft, "peft_sdpa", B, Hq, D, pairs, pairs)]
+
+
+def _time_cascade_modes(time_ms, call) -> dict:
+    """{"1": ms with the cascade forced, "0": ms with the per-row kernel forced} of call(),
+    without grad; $PREFIX_ATTN_TRITON_CASCADE is restored afterwards."""
+    env = "PREFIX_ATTN_TRITON_CASCADE"
+    prev, times = os.environ.get(env), {}
     try:
         with torch.no_grad():
             for mode in ("1", "0"):
-                os.environ["PREFIX_ATTN_TRITON_CASCADE"] = mode
-                times[mode] = time_ms(lambda: prefix_attention(q, k, v, pk, pv, backend=backend))
-            t_peft = time_ms(lambda: peft_attention(q, k, v, pk, pv))
+                os.environ[env] = mode
+                times[mode] = time_ms(call)
     finally:
         if prev is None:
-            os.environ.pop("PREFIX_ATTN_TRITON_CASCADE", None)
+            os.environ.pop(env, None)
         else:
-            os.environ["PREFIX_ATTN_TRITON_CASCADE"] = prev
-    return [_record("decode", P, times["1"], times["0"], "per_row_kernel", B, Hq, D, pairs, pairs),
-            _record("decode", P, times["1"], t_peft, "peft_sdpa", B, Hq, D, pairs, pairs)]
+            os.environ[env] = prev
+    return times
+
+
+# (B, P, Skv) of the decode sweep: one shared prefix entry, Sq 1
+SWEEP = [(64, 128, 4096), (64, 2048, 512), (64, 8192, 64), (256, 2048, 256), (8, 2048, 512),
+         (1, 2048, 4096), (1, 0, 32768), (4, 0, 8192)]
+DRY_SWEEP = [(3, 8, 32), (1, 0, 64)]
+
+
+def bench_decode_sweep(a, device: str, time_ms, backend: str) -> list:
+    """Cascade against per-row kernel over SWEEP, with the path `use_cascade` picks: the data
+    the automatic rule (kernels/decode.py) is checked against."""
+    from prefix_attn import prefix_attention
+    from prefix_attn.kernels.decode import DEFAULT_SMS, use_cascade
+
+    dtype = DTYPES[a.dtype]
+    Hq, Hkv, D = a.hq, a.hkv, a.head_dim
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else DEFAULT_SMS
+    g = torch.Generator(device=device).manual_seed(7)
+    out = []
+    for B, P, Skv in (DRY_SWEEP if a.dry_run else SWEEP):
+        def rnd(*shape):
+            return torch.randn(*shape, generator=g, device=device, dtype=dtype)
+
+        q, k, v = rnd(B, Hq, 1, D), rnd(B, Hkv, Skv, D), rnd(B, Hkv, Skv, D)
+        pk, pv = rnd(Hkv, P, D), rnd(Hkv, P, D)
+        t = _time_cascade_modes(time_ms, lambda: prefix_attention(q, k, v, pk, pv, backend=backend))
+        auto = use_cascade(B, 1, P, 1, Skv, Hkv=Hkv, sms=sms)
+        out.append({"B": B, "P": P, "Skv": Skv, "cascade_ms": t["1"], "per_row_ms": t["0"],
+                    "auto": "cascade" if auto else "per_row",
+                    "auto_is_faster": bool((t["1"] <= t["0"]) == auto)})
+        print(f"sweep B={B} P={P} Skv={Skv}: cascade {t['1']:.3f} ms, per-row {t['0']:.3f} ms, "
+              f"auto picks {out[-1]['auto']}", flush=True)
+        del q, k, v, pk, pv
+    return out
 
 
 def _record(mode, P, t_ours, t_base, base_name, B, Hq, D, ours_pairs, base_pairs):
@@ -287,6 +331,15 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['P']} | {_MODE_TEXT[r['mode']]} | {r['ours_ms']:.3f} | {r['ours_tflops']:.0f} | "
                      f"{_BASE_TEXT.get(r['baseline'], r['baseline'])} | {r['baseline_ms']:.3f} | "
                      f"{r['baseline_tflops']:.0f} | {r['time_ratio']:.2f}x |")
+    if result.get("decode_sweep"):
+        lines += ["", "Decode path choice (Sq 1, one shared entry; ratio = per-row / cascade time):", "",
+                  "| B | P | own keys | cascade ms | per-row ms | ratio | automatic choice |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in result["decode_sweep"]:
+            mark = "" if r["auto_is_faster"] else " (slower one)"
+            lines.append(f"| {r['B']} | {r['P']} | {r['Skv']} | {r['cascade_ms']:.3f} | "
+                         f"{r['per_row_ms']:.3f} | {r['per_row_ms'] / r['cascade_ms']:.2f}x | "
+                         f"{r['auto']}{mark} |")
     lines += ["", f"Targets at P {TARGET_P}:", ""]
     for name, t in result.get("targets", {}).items():
         got = "not measured" if t["measured"] is None else f"{t['measured']:.2f}"
@@ -329,6 +382,12 @@ def main(argv=None) -> dict:
         # written after every P: a run cut short by a time limit keeps what it measured
         result["targets"] = check_targets(records)
         result["autotuned"] = autotuned_configs()
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        with open(os.path.join(a.out, "bench_triton_gpu.md"), "w") as f:
+            f.write(markdown(result))
+    if "sweep" in a.mode_list:
+        result["decode_sweep"] = bench_decode_sweep(a, device, time_ms, "torch" if a.dry_run else "triton")
         with open(path, "w") as f:
             json.dump(result, f, indent=2)
         with open(os.path.join(a.out, "bench_triton_gpu.md"), "w") as f:

@@ -56,9 +56,14 @@ def test_dry_run_writes_json(bench, tmp_path):
     assert [r["baseline"] for r in data["records"][3:]] == ["per_row_kernel", "peft_sdpa"]
     for r in data["records"]:
         assert r["P"] == 5 and r["ours_ms"] > 0 and r["baseline_ms"] > 0 and r["ours_tflops"] > 0
+    sweep = data["decode_sweep"]
+    assert [(r["B"], r["P"], r["Skv"]) for r in sweep] == bench.DRY_SWEEP
+    assert all(r["cascade_ms"] > 0 and r["per_row_ms"] > 0 and r["auto"] in ("cascade", "per_row")
+               for r in sweep)
     # the Markdown table: written with the JSON, and again by --render next to a given JSON
     md = (tmp_path / "bench_triton_gpu.md").read_text()
     assert md.count("\n| 5 | ") == 5 and "decode (cascade)" in md and "Targets at P" in md
+    assert "Decode path choice" in md and md.count("\n| 3 | 8 | 32 |") == 1
     copy = tmp_path / "copy.json"
     copy.write_text(json.dumps(data))
     bench.main(["--render", str(copy)])
