@@ -29,6 +29,12 @@ def one_config() -> bool:
     return interpreting() or os.environ.get("PREFIX_ATTN_TRITON_ONE_CONFIG", "0") not in ("", "0")
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host (triton.cdiv is a constexpr function: ~3 us per host call, and a
+    decode step makes several per layer). Works on SymInts under torch.compile too."""
+    return -(-a // b)
+
+
 def bucket(n: int) -> int:
     """Power-of-two bucket of a length (autotune key): 0 -> 1, 5 -> 8, 64 -> 64."""
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .autotune import bucket, dkdv_configs, dq_configs, interpreting, prune_bwd
+from .autotune import bucket, cdiv, dkdv_configs, dq_configs, interpreting, prune_bwd
 from .common import LOG2E, mask_tile, own_ranges, own_visible_t, scores
 from .fwd import dot_precision, head_block
 
@@ -354,13 +354,13 @@ def _prefix_chunks(device: torch.device, M: int, P: int, programs: int):
     summed afterwards in a fixed order. Returns (chunks, packed rows per chunk).
     """
     if interpreting() or device.type != "cuda":
-        chunk_rows = _CHUNK_ALIGN * max(1, triton.cdiv(M, 2 * _CHUNK_ALIGN))  # 2 chunks: tested
+        chunk_rows = _CHUNK_ALIGN * max(1, cdiv(M, 2 * _CHUNK_ALIGN))  # 2 chunks: tested
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        tiles = programs * triton.cdiv(P, 64)
-        want = max(1, triton.cdiv(4 * sms, tiles))
-        chunk_rows = _CHUNK_ALIGN * max(1, triton.cdiv(M, want * _CHUNK_ALIGN))
-    return triton.cdiv(M, chunk_rows), chunk_rows
+        tiles = programs * cdiv(P, 64)
+        want = max(1, cdiv(4 * sms, tiles))
+        chunk_rows = _CHUNK_ALIGN * max(1, cdiv(M, want * _CHUNK_ALIGN))
+    return cdiv(M, chunk_rows), chunk_rows
 
 
 def attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
@@ -392,7 +392,7 @@ def attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_pad
         return
 
     delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
-    wrap_triton(_bwd_delta)[(triton.cdiv(Sq, 16), B * Hq)](
+    wrap_triton(_bwd_delta)[(cdiv(Sq, 16), B * Hq)](
         out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2), Hq, Sq, D, BLOCK_M=16, BLOCK_D=block_d)
 
@@ -402,7 +402,7 @@ def attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_pad
     scal = (qk_scale, softcap_inv, softcap_log2)
 
     if Skv > 0:
-        wrap_triton(_bwd_dkdv_own)[lambda meta: (triton.cdiv(Skv, meta["BLOCK_N"]), B * Hkv)](
+        wrap_triton(_bwd_dkdv_own)[lambda meta: (cdiv(Skv, meta["BLOCK_N"]), B * Hkv)](
             q, k, v, dout, lse, delta, kpm, dk, dv,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -430,7 +430,7 @@ def attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_pad
         sk = dprefix_k.stride() if chunks == 1 else gk_.stride()
         sv = dprefix_v.stride() if chunks == 1 else gv_.stride()
         wrap_triton(_bwd_dkdv_prefix)[
-            lambda meta: (triton.cdiv(P, meta["BLOCK_N"]), N * Hkv, chunks)](
+            lambda meta: (cdiv(P, meta["BLOCK_N"]), N * Hkv, chunks)](
             q, prefix_k, prefix_v, dout, lse, delta, prefix_lens, rows, offsets, gk, gv,
             q.stride(0), q.stride(1), q.stride(2),
             prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
@@ -444,7 +444,7 @@ def attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_pad
             dprefix_k.copy_(gk.sum(0))
             dprefix_v.copy_(gv.sum(0))
 
-    wrap_triton(_bwd_dq)[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * Hkv)](
+    wrap_triton(_bwd_dq)[lambda meta: (cdiv(M, meta["BLOCK_M"]), B * Hkv)](
         q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, kpm, dout, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

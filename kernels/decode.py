@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .autotune import interpreting
+from .autotune import cdiv, interpreting
 from .common import LN2, own_ranges
 from .fwd import _fwd_inner, _prefix_pass, dot_precision, head_block
 
@@ -208,10 +208,55 @@ def _num_splits(device: torch.device, B: int, Hkv: int, m_tiles: int, Skv: int,
     if Skv == 0:
         return 1
     if interpreting() or device.type != "cuda":
-        return max(1, min(4, triton.cdiv(Skv, block_n)))
+        return max(1, min(4, cdiv(Skv, block_n)))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, max(1, B * Hkv * m_tiles))
-    return max(1, min(want, triton.cdiv(Skv, 4 * block_n)))
+    want = cdiv(2 * sms, max(1, B * Hkv * m_tiles))
+    return max(1, min(want, cdiv(Skv, 4 * block_n)))
+
+
+# Index tensors of a one-entry bank depend on shapes only: (device, B, tiles) -> tensors.
+_ONE_ENTRY_TILES = {}
+
+
+def _entry_tiles(prefix_ids, N: int, rows_per_row: int, block_m: int):
+    """Rows grouped by bank entry and each entry's tiles of ``block_m`` packed queries, without
+    a host sync: (rows [B]: row indices sorted by entry, row_offs [N + 1], tile_offs [N + 1]:
+    first tile of each entry, tile_entry [max_tiles]: entry of each tile (N = idle), max_tiles).
+
+    One entry (every row shares it, the serving case) needs no sort: its tensors are built
+    once per shape and reused (a decode step calls this once per layer); under torch.compile
+    and for traced tensors they are rebuilt each time instead.
+    """
+    B, dev = prefix_ids.shape[0], prefix_ids.device
+    if N == 1:
+        tiles = cdiv(B * rows_per_row, block_m)
+        reuse = type(prefix_ids) is torch.Tensor and not torch.compiler.is_compiling()
+        key = (dev, B, tiles)
+        got = _ONE_ENTRY_TILES.get(key) if reuse else None
+        if got is None:
+            def ar(*a):
+                return torch.arange(*a, device=dev, dtype=torch.int64)
+            got = (ar(B), ar(0, 2 * B, B), ar(0, 2 * tiles, tiles),
+                   torch.zeros(tiles, device=dev, dtype=torch.int64), tiles)
+            if reuse and len(_ONE_ENTRY_TILES) < 256:
+                _ONE_ENTRY_TILES[key] = got
+        return got
+    return _sorted_entry_tiles(prefix_ids, N, rows_per_row, block_m)
+
+
+def _sorted_entry_tiles(prefix_ids, N: int, rows_per_row: int, block_m: int):
+    """`_entry_tiles` for any bank: a stable sort of prefix_ids, offsets by searchsorted."""
+    B, dev = prefix_ids.shape[0], prefix_ids.device
+    sorted_ids, rows = torch.sort(prefix_ids, stable=True)
+    bounds = torch.arange(N + 1, device=dev, dtype=sorted_ids.dtype)
+    row_offs = torch.searchsorted(sorted_ids, bounds)                         # [N + 1]
+    counts = row_offs[1:] - row_offs[:-1]
+    tiles = (counts * rows_per_row + block_m - 1) // block_m                  # [N]
+    tile_offs = torch.cat([torch.zeros(1, device=dev, dtype=tiles.dtype), tiles.cumsum(0)])
+    max_tiles = cdiv(B * rows_per_row, block_m) + N                           # no host sync
+    tile_entry = torch.searchsorted(tile_offs[1:], torch.arange(max_tiles, device=dev),
+                                    right=True)                               # N = idle
+    return rows, row_offs, tile_offs, tile_entry, max_tiles
 
 
 def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
@@ -232,7 +277,7 @@ def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_paddin
     block_n = 16 if small else 64
     block_m_pre = 16 if small else 64
     block_m_own = 16 if small else min(128, max(16, triton.next_power_of_2(G * Sq)))
-    m_tiles = triton.cdiv(G * Sq, block_m_own)
+    m_tiles = cdiv(G * Sq, block_m_own)
     splits = _num_splits(dev, B, Hkv, m_tiles, Skv, block_n)
     slots = 1 + splits
     if slots * B * Hq * Sq * D >= 2 ** 31:
@@ -250,15 +295,8 @@ def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_paddin
                   BLOCK_D=head_block(D), BLOCK_N=block_n)
 
     # -- 1. prefix per entry: rows grouped by entry, tiles assigned per entry ----
-    sorted_ids, rows = torch.sort(prefix_ids, stable=True)
-    bounds = torch.arange(N + 1, device=dev, dtype=sorted_ids.dtype)
-    row_offs = torch.searchsorted(sorted_ids, bounds)                         # [N + 1]
-    counts = row_offs[1:] - row_offs[:-1]
-    tiles = (counts * (G * Sq) + block_m_pre - 1) // block_m_pre               # [N]
-    tile_offs = torch.cat([torch.zeros(1, device=dev, dtype=tiles.dtype), tiles.cumsum(0)])
-    max_tiles = triton.cdiv(B * G * Sq, block_m_pre) + N                       # no host sync
-    tile_entry = torch.searchsorted(tile_offs[1:], torch.arange(max_tiles, device=dev),
-                                    right=True)                                # N = idle
+    rows, row_offs, tile_offs, tile_entry, max_tiles = _entry_tiles(prefix_ids, N, G * Sq,
+                                                                    block_m_pre)
     wrap_triton(_cascade_prefix)[(max_tiles, Hkv)](
         q, prefix_k, prefix_v, prefix_lens, rows, row_offs, tile_offs, tile_entry,
         o_part, l_part,
@@ -270,7 +308,7 @@ def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_paddin
     # -- 2. own keys, split ----
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else prefix_ids
     kpm_strides = (kpm.stride(0), kpm.stride(1)) if key_padding_mask is not None else (0, 0)
-    chunk_tiles = triton.cdiv(triton.cdiv(max(Skv, 1), splits), block_n)
+    chunk_tiles = cdiv(cdiv(max(Skv, 1), splits), block_n)
     wrap_triton(_cascade_own)[(splits * m_tiles, B * Hkv)](
         q, k, v, kpm, o_part, l_part,
         q.stride(0), q.stride(1), q.stride(2),
@@ -282,7 +320,7 @@ def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_paddin
         BLOCK_M=block_m_own, num_warps=4, **common)
 
     # -- 3. exact merge ----
-    wrap_triton(_cascade_merge)[(B * Hq, triton.cdiv(Sq, 16))](
+    wrap_triton(_cascade_merge)[(B * Hq, cdiv(Sq, 16))](
         o_part, l_part, out, lse, slots, s_slot, Hq, Sq,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         D=D, BLOCK_M=16, BLOCK_D=head_block(D), num_warps=4)

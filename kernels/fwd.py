@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .autotune import bucket, fwd_configs, prune
+from .autotune import bucket, cdiv, fwd_configs, prune
 from .common import LN2, mask_tile, own_ranges, scores
 
 
@@ -186,7 +186,7 @@ def attn_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_m
     M = G * Sq
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), B * Hkv)
+        return (cdiv(M, meta["BLOCK_M"]), B * Hkv)
 
     wrap_triton(_attn_fwd)[grid](
         q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, kpm, out, lse,

@@ -298,3 +298,21 @@ def test_cascade_shape_rule():
     assert not use_cascade(B=4, N=4, P=64, Sq=1, Skv=100)         # every row its own entry
     assert not use_cascade(B=8, N=1, P=64, Sq=17, Skv=4096)       # not decode
     assert not use_cascade(B=0, N=1, P=64, Sq=1, Skv=4096)
+
+
+def test_one_entry_tiles_match_the_sorted_grouping():
+    """The cascade's index tensors for a one-entry bank (built from shapes, reused across calls)
+    equal the general sort-based grouping, up to the general one's trailing idle tile."""
+    from prefix_attn.kernels import decode
+    for B, rows_per_row, block_m in [(1, 1, 16), (5, 4, 16), (64, 4, 64), (3, 40, 16)]:
+        ids = torch.zeros(B, dtype=torch.long)
+        fast = decode._entry_tiles(ids, 1, rows_per_row, block_m)
+        again = decode._entry_tiles(ids, 1, rows_per_row, block_m)
+        ref = decode._sorted_entry_tiles(ids, 1, rows_per_row, block_m)
+        assert all(a is b for a, b in zip(fast[:4], again[:4]))      # built once per shape
+        tiles = fast[4]
+        assert ref[4] == tiles + 1 and int(ref[3][tiles]) == 1          # general: one idle tile
+        for got, want in zip(fast[:3], ref[:3]):
+            assert torch.equal(got, want)
+        assert torch.equal(fast[3], ref[3][:tiles])
+
