@@ -33,6 +33,7 @@ BENCHMARKS = {
     "decode": ("bench_decode.py", ["--quick"], "decode_cpu", "stem"),
     "memory": ("bench_memory.py", ["--quick"], "memory", "dir"),
     "train": ("bench_train.py", ["--quick"], "train_cpu", "dir"),
+    "launch": ("bench_launch_overhead.py", ["--reps", "20"], "launch_overhead", "stem"),
 }
 
 

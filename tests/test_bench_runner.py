@@ -3,6 +3,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -31,3 +33,20 @@ def test_history_appends_fresh_results(tmp_path):
     run_all.append_history(str(tmp_path), dict(rec, status="exit 1"))  # failed runs are not recorded
     lines = (tmp_path / "history.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["result"]["rows"] == [1]
+
+
+def test_launch_overhead_bench_writes_its_table(tmp_path):
+    """bench/bench_launch_overhead.py in a subprocess (it needs the non-interpreted kernels)."""
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_launch_overhead.py")
+    out = tmp_path / "lo"
+    proc = subprocess.run([sys.executable, script, "--reps", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "lo.json").read_text())
+    assert len(res["rows"]) == 3
+    for r in res["rows"]:
+        assert r["per_row_us"] > 0 and r["cascade_us"] > 0 and r["cascade_sorted_us"] > 0
+    assert (tmp_path / "lo.md").read_text().count("\n| ") == 4   # header + 3 rows
