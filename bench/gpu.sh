@@ -6,7 +6,8 @@
 #                place (PYTHONPATH, prefix_attn/kernels -> ../kernels); nothing is installed
 #   ext (background)  the C++/CUDA extension built from a copy of the tree into
 #                /tmp/prefix_attn_ext, moved into prefix_attn/ before tests_rest
-#   tests_gpu    (T_GPU, 100)    tests/test_triton_gpu.py -m gpu: real sizes, bf16/fp16
+#   tests_gpu    (T_GPU, 100)    tests/test_triton_gpu.py -m gpu: real sizes, bf16/fp16;
+#                tests/test_hf_gpu.py: tiny HF models on the GPU through the triton backend
 #   bench        (T_BENCH, 180)  bench/bench_triton_gpu.py, full autotuning
 #   tests_triton (T_TRITON, 130) tests/test_triton.py compiled on the GPU (not interpreted)
 #   tests_rest   (T_REST, 150)   the CUDA extension's tests and the rest of the suite (HF
@@ -78,7 +79,7 @@ cat "$OUT/summary.txt"
 
 # Tests: one config per kernel (no autotuning sweep); compiled kernels, not the interpreter.
 stage tests_gpu "${T_GPU:-100}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
-    $PY -m pytest -q -p no:cacheprovider tests/test_triton_gpu.py -m gpu
+    $PY -m pytest -q -p no:cacheprovider tests/test_triton_gpu.py tests/test_hf_gpu.py -m gpu
 
 # Benchmark: full autotuning; the chosen configs go to the log and the JSON.
 stage bench "${T_BENCH:-180}" env -u TRITON_INTERPRET -u PREFIX_ATTN_TRITON_ONE_CONFIG \
@@ -105,7 +106,7 @@ fi
 tail -n 30 "$EXT/build.log" >"$OUT/ext_build.log" 2>/dev/null
 stage tests_rest "${T_REST:-150}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
     $PY -m pytest -v -p no:cacheprovider -n 12 tests \
-    --ignore=tests/test_triton.py --ignore=tests/test_triton_gpu.py \
+    --ignore=tests/test_triton.py --ignore=tests/test_triton_gpu.py --ignore=tests/test_hf_gpu.py \
     --ignore=tests/test_triton_sm90_compile.py --ignore=tests/test_cuda_compile.py
 cat "$OUT/summary.txt"
 exit $status

@@ -1,0 +1,165 @@
+"""The Hugging Face layer on a CUDA GPU: tiny models on the device, the triton backend forced
+(no silent fallback), against PEFT on the same device: forward with mixed prefixes and
+padding, a training step's loss and prefix gradients, gradient checkpointing, bf16, and
+generate() with mixed prefixes.
+
+Skipped without CUDA (bench/gpu.sh runs it). PREFIX_ATTN_HF_TEST_DEVICE=cpu runs the same
+tests on CPU with the cpu backend: a check of the tests themselves, not of the GPU path.
+"""
+import os
+import warnings
+
+import pytest
+import torch
+
+import prefix_attn.api
+from prefix_attn.bank import PrefixBank
+from prefix_attn.tiny import tiny_model
+from prefix_attn.tuning import prefix_tuning
+
+peft = pytest.importorskip("peft")
+DEVICE = os.environ.get("PREFIX_ATTN_HF_TEST_DEVICE", "cuda")
+BACKEND = "triton" if DEVICE == "cuda" else "cpu"
+pytestmark = [pytest.mark.gpu, pytest.mark.hf,
+              pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
+                                 reason="needs a CUDA GPU")]
+P = 5
+
+
+@pytest.fixture(autouse=True)
+def _forced_backend(monkeypatch):
+    """Every attention call must reach the kernel backend on the device (counted)."""
+    monkeypatch.setenv("PREFIX_ATTN_BACKEND", BACKEND)
+    if DEVICE == "cuda":
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    calls = []
+    real = prefix_attn.api.prefix_attention
+
+    def counted(q, *a, **kw):
+        calls.append(q.device.type)
+        return real(q, *a, **kw)
+
+    monkeypatch.setattr(prefix_attn.api, "prefix_attention", counted)
+    yield calls
+    assert calls and set(calls) == {DEVICE}
+
+
+def _batch(B=3, S=9, seed=0, vocab=128):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, S), generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[1, :2] = 0
+    mask[2, :4] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids.to(DEVICE), mask.to(DEVICE), labels.to(DEVICE)
+
+
+def _peft_pair(family, P, seed=0, dtype=torch.float32):
+    """(ours with the adapter in its bank as "task", the PEFT model), same weights, on DEVICE."""
+    ours = tiny_model(family, seed=seed)
+    base = tiny_model(family, seed=seed, attn_implementation="sdpa")
+    base.load_state_dict(ours.state_dict())
+    pm = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type=peft.TaskType.CAUSAL_LM,
+                                                          num_virtual_tokens=P))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in pm.prompt_encoder.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return ours, pm
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_forward_with_prefix_matches_peft(family, tmp_path):
+    ours, pm = _peft_pair(family, P)
+    pm.save_pretrained(tmp_path)
+    PrefixBank.attach(ours).load_peft("task", str(tmp_path))
+    ours, pm = ours.to(DEVICE).eval(), pm.to(DEVICE).eval()
+    ids, mask, _ = _batch()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        a = ours(ids, attention_mask=mask, prefixes=["task"] * 3).logits
+        b = pm(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(a[keep], b[keep], rtol=1e-3, atol=1e-4)
+
+
+def test_training_step_matches_peft_with_and_without_checkpointing():
+    ours = tiny_model("llama")
+    base = tiny_model("llama", attn_implementation="sdpa")
+    base.load_state_dict(ours.state_dict())
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type=peft.TaskType.CAUSAL_LM,
+                                                          num_virtual_tokens=P))
+    module = prefix_tuning(ours, num_virtual_tokens=P)
+    module.load_state_dict(pm.prompt_encoder["default"].state_dict())
+    ours, pm = ours.to(DEVICE).train(), pm.to(DEVICE).train()
+    ids, mask, labels = _batch()
+
+    def step():
+        for p in module.parameters():
+            p.grad = None
+        loss = ours(ids, attention_mask=mask, labels=labels, prefixes=["default"] * 3).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in module.parameters()]
+
+    loss, grads = step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loss_peft = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss_peft.backward()
+    torch.testing.assert_close(loss, loss_peft.detach(), rtol=1e-4, atol=1e-5)
+    for g, p in zip(grads, pm.prompt_encoder["default"].parameters()):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        ours.gradient_checkpointing_enable()
+    loss_ckpt, grads_ckpt = step()
+    torch.testing.assert_close(loss_ckpt, loss)
+    for a, b in zip(grads_ckpt, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_training_step_is_close_to_fp32():
+    ids, mask, labels = _batch()
+    results = {}
+    weights = tiny_model("qwen2").state_dict()
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_model("qwen2", dtype=dtype)
+        # the same weights: some transformers releases draw a bf16 init differently
+        model.load_state_dict({n: t.to(dtype) for n, t in weights.items()})
+        module = prefix_tuning(model, num_virtual_tokens=P)
+        with torch.no_grad():
+            for p in module.parameters():   # the same prefix for both dtypes
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+        model.to(DEVICE).train()
+        loss = model(ids, attention_mask=mask, labels=labels, prefixes=["default"] * 3).loss
+        loss.backward()
+        results[dtype] = (loss.float().item(), [p.grad.float().norm().item() for p in module.parameters()])
+    (l32, g32), (l16, g16) = results[torch.float32], results[torch.bfloat16]
+    assert abs(l16 - l32) <= 0.02 * abs(l32)
+    for a, b in zip(g16, g32):
+        assert abs(a - b) <= 0.1 * b and b > 0
+
+
+def test_generate_with_mixed_prefixes_matches_one_row_at_a_time():
+    ours = tiny_model("llama", vocab_size=64)
+    bank = PrefixBank.attach(ours)
+    g = torch.Generator().manual_seed(3)
+    L, H, D = bank.num_layers, bank.num_kv_heads, bank.head_dim
+    for name, n in (("a", 3), ("b", 6)):
+        bank.add(name, *(3 * torch.randn(2, L, H, n, D, generator=g)))
+    ours = ours.to(DEVICE).eval()
+    ids, mask, _ = _batch(vocab=64)
+    names = ["b", None, "a"]
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = ours.generate(ids, attention_mask=mask, prefixes=names, **kw)
+        for b, name in enumerate(names):
+            keep = mask[b].bool()
+            alone = ours.generate(ids[b:b + 1, keep], prefixes=[name], **kw)
+            assert batch[b, ids.shape[1]:].tolist() == alone[0, int(keep.sum()):].tolist(), f"row {b}"
+        keep = mask[0].bool()
+        plain = ours.generate(ids[0:1, keep], prefixes=[None], **kw)
+    assert batch[0, ids.shape[1]:].tolist() != plain[0, int(keep.sum()):].tolist()  # prefix in play
