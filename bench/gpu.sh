@@ -8,16 +8,19 @@
 #                /tmp/prefix_attn_ext, moved into prefix_attn/ before tests_rest
 #   tests_gpu    (T_GPU, 100)    tests/test_triton_gpu.py -m gpu: real sizes, bf16/fp16;
 #                tests/test_hf_gpu.py: tiny HF models on the GPU through the triton backend
-#   bench        (T_BENCH, 180)  bench/bench_triton_gpu.py, full autotuning
-#   tests_triton (T_TRITON, 130) tests/test_triton.py compiled on the GPU (not interpreted)
-#   tests_rest   (T_REST, 150)   the CUDA extension's tests and the rest of the suite (HF
+#   bench        (T_BENCH, 150)  bench/bench_triton_gpu.py, full autotuning
+#   bench_train  (T_TRAIN, 80)   bench/bench_train.py --device cuda --dtype bf16: a whole
+#                prefix-tuning step of a Llama-shaped model, ours vs PEFT
+#   tests_triton (T_TRITON, 110) tests/test_triton.py compiled on the GPU (not interpreted)
+#   tests_rest   (T_REST, 110)   the CUDA extension's tests and the rest of the suite (HF
 #                models, bank, CLI) against the machine's own torch/transformers/peft
-# Writes OUTDIR/{summary.txt (versions, GPU, stage times), <stage>.log, ext_build.log,
-# bench_triton_gpu.{json,md}}: 8 files, the most a device call brings back.
+# Writes OUTDIR/{summary.txt (versions, GPU, stage times), logs.tgz (every stage's log,
+# refreshed after each stage), bench_triton_gpu.{json,md}, train_gpu.{json,md}}: 6 files (a
+# device call brings back 8 at most).
 # Exit status: non-zero if a stage failed or ran out of time.
 # Time on an H200 (2026-11-28): tests_gpu 57 s, bench 85 s (+ about 40 s of decode sweep since),
 # tests_triton 70 of 72 tests in 90 s, tests_rest 400 of 544 tests in 80 s (16 cores): the
-# defaults (560 s in all) fit a 10-minute call with the machine's start.
+# defaults (550 s in all) fit a 10-minute call with the machine's start.
 set -uo pipefail
 OUT=${1:?usage: bench/gpu.sh OUTDIR [bench args]}
 shift
@@ -25,17 +28,19 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+LOGS=$(mktemp -d /tmp/prefix_attn_logs.XXXX)
 status=0
 : >"$OUT/summary.txt"
 
-stage() {  # stage NAME LIMIT_S CMD...: runs CMD with a time limit, logs to OUT/NAME.log
+stage() {  # stage NAME LIMIT_S CMD...: CMD with a time limit; log LOGS/NAME.log, tarred to OUT/logs.tgz
     local name=$1 limit=$2 t0 rc
     shift 2
     t0=$(date +%s)
-    timeout -k 15 -s INT "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout -k 15 -s INT "$limit" "$@" >"$LOGS/$name.log" 2>&1
     rc=$?
     echo "$name: exit $rc after $(($(date +%s) - t0)) s (limit $limit s)" | tee -a "$OUT/summary.txt"
-    tail -n 4 "$OUT/$name.log" | sed 's/^/    /'
+    tail -n 4 "$LOGS/$name.log" | sed 's/^/    /'
+    tar czf "$OUT/logs.tgz" -C "$LOGS" .
     [ "$rc" -eq 0 ] || status=1
 }
 
@@ -82,11 +87,16 @@ stage tests_gpu "${T_GPU:-100}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_C
     $PY -m pytest -q -p no:cacheprovider tests/test_triton_gpu.py tests/test_hf_gpu.py -m gpu
 
 # Benchmark: full autotuning; the chosen configs go to the log and the JSON.
-stage bench "${T_BENCH:-180}" env -u TRITON_INTERPRET -u PREFIX_ATTN_TRITON_ONE_CONFIG \
+stage bench "${T_BENCH:-150}" env -u TRITON_INTERPRET -u PREFIX_ATTN_TRITON_ONE_CONFIG \
     TRITON_PRINT_AUTOTUNING=1 PYTHONUNBUFFERED=1 $PY bench/bench_triton_gpu.py --out "$OUT" \
     --prefix 128,16,64,256 "$@"
 
-stage tests_triton "${T_TRITON:-130}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
+# A whole training step on the GPU (Llama-shaped, bf16, head dim 128), ours vs PEFT.
+stage bench_train "${T_TRAIN:-80}" env -u TRITON_INTERPRET PYTHONUNBUFFERED=1 \
+    $PY bench/bench_train.py --device cuda --dtype bf16 --hidden 1024 --layers 8 --heads 8 \
+    --kv-heads 2 --mlp 2816 --vocab 8192 --batch 8 --seq 2048 --prefix 64 --steps 5 --out "$OUT"
+
+stage tests_triton "${T_TRITON:-110}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
     $PY -m pytest -v -p no:cacheprovider -n 8 tests/test_triton.py -m "interpreter or gpu"
 
 # The rest of the suite with the extension (if it built in time) on this machine's packages.
@@ -103,8 +113,8 @@ else
     echo "extension NOT built (see ext_build.log): cpu/cuda backend tests skip" | tee -a "$OUT/summary.txt"
     status=1
 fi
-tail -n 30 "$EXT/build.log" >"$OUT/ext_build.log" 2>/dev/null
-stage tests_rest "${T_REST:-150}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
+tail -n 30 "$EXT/build.log" >"$LOGS/ext_build.log" 2>/dev/null
+stage tests_rest "${T_REST:-110}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
     $PY -m pytest -v -p no:cacheprovider -n 12 tests \
     --ignore=tests/test_triton.py --ignore=tests/test_triton_gpu.py --ignore=tests/test_hf_gpu.py \
     --ignore=tests/test_triton_sm90_compile.py --ignore=tests/test_cuda_compile.py
