@@ -21,7 +21,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .autotune import bucket, cdiv, dkdv_configs, dq_configs, interpreting, prune_bwd
-from .common import LOG2E, mask_tile, own_ranges, own_visible_t, scores
+from .common import LOG2E, mask_tile, own_ranges, own_visible_t, packed_rows, scores
 from .fwd import dot_precision, head_block
 
 
@@ -51,11 +51,8 @@ def _load_query_tile(Q, DO, LSE, DELTA, b, h, start_m, Hq, Sq, D,
                      G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Packed query tile of row b, kv head h: q, dO [BLOCK_M, BLOCK_D], LSE (log2 domain,
     +inf for rows that see nothing or do not exist, so their P is 0), Delta, query index."""
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m, row_ok, offs_i, heads = packed_rows(start_m, h, Sq, G, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < G * Sq
-    offs_i = tl.where(row_ok, offs_m // G, -1)
-    heads = (h * G + offs_m % G).to(tl.int64)
     rows = offs_i[:, None].to(tl.int64)
     mask = row_ok[:, None] & (offs_d[None, :] < D)
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + rows * stride_qs
@@ -319,14 +316,11 @@ def _bwd_dq(Q, K, V, PK, PV, PIDS, PLENS, KPM, DO, LSE, DELTA, DQ,
                    DOT_PREC)
     # dS was taken w.r.t. q.k (softcap derivative included): apply the softmax scale once
     dq = dq * (qk_scale / LOG2E)
-    # store indices recomputed here, not taken from _load_query_tile: torch.compile's
-    # mutation analysis would see a pointer derived from Q/DO/LSE/DELTA and mark them written
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < G * Sq
-    rows = tl.where(row_ok, offs_m // G, 0).to(tl.int64)
-    heads = (h * G + offs_m % G).to(tl.int64)
+    # store indices from packed_rows, not from _load_query_tile: torch.compile's mutation
+    # analysis would see a pointer derived from Q/DO/LSE/DELTA and mark them written
+    _, row_ok, rows, heads = packed_rows(start_m, h, Sq, G, BLOCK_M)
     ptrs = (DQ + b * stride_dqb + heads[:, None] * stride_dqh
-            + rows[:, None] * stride_dqs + offs_d[None, :])
+            + rows[:, None].to(tl.int64) * stride_dqs + offs_d[None, :])
     tl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 

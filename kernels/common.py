@@ -43,6 +43,18 @@ def scores(q, kt, qk_scale, softcap_inv, softcap_log2,
 
 
 @triton.jit
+def packed_rows(start_m, h, Sq, G: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Packed rows start_m .. start_m + BLOCK_M of kv head h: (offs_m, row_ok, offs_i = query
+    index or -1 past the end, heads = query head, int64). Takes no pointer, so torch.compile's
+    mutation analysis never links a store through these indices to an input."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < G * Sq
+    offs_i = tl.where(row_ok, offs_m // G, -1)
+    heads = (h * G + offs_m % G).to(tl.int64)
+    return offs_m, row_ok, offs_i, heads
+
+
+@triton.jit
 def own_visible(offs_i, offs_n, off, window, Skv, kpm,
                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr):
     """[BLOCK_M, BLOCK_N] visibility of own keys offs_n for queries offs_i.

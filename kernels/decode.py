@@ -20,7 +20,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .autotune import cdiv, interpreting
-from .common import LN2, own_ranges
+from .common import LN2, own_ranges, packed_rows
 from .fwd import _fwd_inner, _prefix_pass, dot_precision, head_block
 
 # Decode = at most this many queries per row; above it the per-row kernel is used.
@@ -129,11 +129,8 @@ def _cascade_own(Q, K, V, KPM, OP, LP,
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
     h = pid_bh % Hkv
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, row_ok, offs_i, heads = packed_rows(pid_m * BLOCK_M, h, Sq, G, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < G * Sq
-    offs_i = tl.where(row_ok, offs_m // G, -1)
-    heads = (h * G + offs_m % G).to(tl.int64)
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh
                 + offs_i[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)

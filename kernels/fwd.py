@@ -13,7 +13,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .autotune import bucket, cdiv, fwd_configs, prune
-from .common import LN2, mask_tile, own_ranges, scores
+from .common import LN2, mask_tile, own_ranges, packed_rows, scores
 
 
 @triton.jit
@@ -94,11 +94,8 @@ def _attn_fwd(Q, K, V, PK, PV, PIDS, PLENS, KPM, OUT, LSE,
     b = (pid_bh // Hkv).to(tl.int64)
     h = pid_bh % Hkv
     # -- packed rows: query i, query head h * G + g ----
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, row_ok, offs_i, heads = packed_rows(pid_m * BLOCK_M, h, Sq, G, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < G * Sq
-    offs_i = tl.where(row_ok, offs_m // G, -1)
-    heads = (h * G + offs_m % G).to(tl.int64)
     q_ptrs = (Q + b * stride_qb + heads[:, None] * stride_qh
               + offs_i[:, None].to(tl.int64) * stride_qs + offs_d[None, :])
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
