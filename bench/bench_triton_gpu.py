@@ -51,9 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--seq", type=int, default=4096, help="own tokens per row (Sq = Skv = S)")
     p.add_argument("--prefix", default="16,64,128,256", help="comma-separated prefix lengths P")
-    p.add_argument("--modes", default="fwd,bwd,e2e,decode,sweep",
-                   help="subset of fwd,bwd,e2e,decode,sweep (sweep: cascade vs per-row decode "
-                        "over a grid of batch / prefix / own-KV lengths, and the automatic choice)")
+    p.add_argument("--modes", default="fwd,bwd,e2e,decode,ablate,sweep",
+                   help="subset of fwd,bwd,e2e,decode,ablate,sweep (ablate: the backward with each "
+                        "kernel switch of ABLATIONS off and on, re-tuned each time, at P 128; "
+                        "sweep: cascade vs per-row decode over a grid of batch / prefix / own-KV "
+                        "lengths, and the automatic choice)")
     p.add_argument("--decode-batch", type=int, default=64,
                    help="rows of the decode measurement (Sq = 1 over S own keys, one shared prefix)")
     p.add_argument("--reps", type=int, default=50, help="timed repetitions per measurement")
@@ -66,7 +68,7 @@ def parse_args(argv=None):
         p.error("--out is required (unless --render)")
     a.prefix_lens = [int(x) for x in a.prefix.split(",") if x.strip()]
     a.mode_list = [m.strip() for m in a.modes.split(",") if m.strip()]
-    bad = set(a.mode_list) - {"fwd", "bwd", "e2e", "decode", "sweep"}
+    bad = set(a.mode_list) - {"fwd", "bwd", "e2e", "decode", "ablate", "sweep"}
     if bad:
         p.error(f"unknown modes {sorted(bad)}")
     if a.hq % a.hkv:
@@ -148,6 +150,17 @@ def environment(device: str) -> dict:
     }
 
 
+def _train_inputs(a, P: int, device: str, g):
+    """q, k, v [B, H, S, D] and one prefix pk, pv [Hkv, P, D], all requiring grad."""
+    dtype = DTYPES[a.dtype]
+    B, Hq, Hkv, D, S = a.batch, a.hq, a.hkv, a.head_dim, a.seq
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype).requires_grad_()
+
+    return rnd(B, Hq, S, D), rnd(B, Hkv, S, D), rnd(B, Hkv, S, D), rnd(Hkv, P, D), rnd(Hkv, P, D)
+
+
 def bench_one(a, P: int, device: str, time_ms) -> list:
     from prefix_attn import prefix_attention
 
@@ -160,8 +173,7 @@ def bench_one(a, P: int, device: str, time_ms) -> list:
     def rnd(*shape):
         return torch.randn(*shape, generator=g, device=device, dtype=dtype).requires_grad_()
 
-    q, k, v = rnd(B, Hq, S, D), rnd(B, Hkv, S, D), rnd(B, Hkv, S, D)
-    pk, pv = rnd(Hkv, P, D), rnd(Hkv, P, D)
+    q, k, v, pk, pv = _train_inputs(a, P, device, g)
     # the flash baseline: one causal sequence of the same total length S + P
     fq, fk, fv = rnd(B, Hq, S + P, D), rnd(B, Hkv, S + P, D), rnd(B, Hkv, S + P, D)
     ours_pairs, flash_pairs = causal_pairs(S, P), causal_pairs(S + P, 0)
@@ -237,6 +249,49 @@ def _time_cascade_modes(time_ms, call) -> dict:
         else:
             os.environ[env] = prev
     return times
+
+
+# Kernel switches compared in the same run (module, attribute, kernel whose tuned configs are
+# dropped so each setting is autotuned on its own). The last value timed is the default.
+ABLATIONS = {
+    "dkdv_split_masked_tiles": ("prefix_attn.kernels.bwd", "SPLIT_MASKED_TILES", "_bwd_dkdv_own"),
+}
+
+
+def bench_ablations(a, device: str, time_ms) -> list:
+    """Backward time with each ABLATIONS switch off, then on (its default), at P = TARGET_P
+    (or the first P): which setting is faster on this GPU. The switches are Triton kernel
+    flags: a dry run exercises them through the interpreter (TRITON_INTERPRET=1), else skips."""
+    import importlib
+
+    from prefix_attn import prefix_attention
+    from prefix_attn.kernels.autotune import interpreting
+
+    if a.dry_run and not interpreting():
+        return []
+
+    P = TARGET_P if TARGET_P in a.prefix_lens else a.prefix_lens[0]
+    q, k, v, pk, pv = _train_inputs(a, P, device, torch.Generator(device=device).manual_seed(P))
+    out = prefix_attention(q, k, v, pk, pv, backend="triton")
+    do = torch.randn_like(out)
+    results = []
+    for name, (mod_name, attr, kernel) in ABLATIONS.items():
+        mod = importlib.import_module(mod_name)
+        default, times = getattr(mod, attr), {}
+        try:
+            for setting in (not default, default):
+                setattr(mod, attr, setting)
+                getattr(getattr(mod, kernel), "cache", {}).clear()   # re-tune for this setting
+                times[setting] = time_ms(lambda: torch.autograd.grad(
+                    out, (q, k, v, pk, pv), do, retain_graph=True))
+        finally:
+            setattr(mod, attr, default)
+        results.append({"switch": name, "P": P, "default": default,
+                        "default_ms": times[default], "other_ms": times[not default],
+                        "speedup_of_default": times[not default] / times[default]})
+        print(f"ablate {name} P={P}: default ({default}) {times[default]:.3f} ms, "
+              f"other {times[not default]:.3f} ms", flush=True)
+    return results
 
 
 # (B, P, Skv) of the decode sweep: one shared prefix entry, Sq 1
@@ -340,12 +395,27 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['B']} | {r['P']} | {r['Skv']} | {r['cascade_ms']:.3f} | "
                          f"{r['per_row_ms']:.3f} | {r['per_row_ms'] / r['cascade_ms']:.2f}x | "
                          f"{r['auto']}{mark} |")
+    if result.get("ablations"):
+        lines += ["", "Kernel switches (backward alone, each setting autotuned on its own; "
+                  "ratio = other setting's time / default's):", "",
+                  "| switch | P | default | default ms | other ms | ratio |", "|---|---|---|---|---|---|"]
+        for r in result["ablations"]:
+            lines.append(f"| `{r['switch']}` | {r['P']} | {r['default']} | {r['default_ms']:.3f} | "
+                         f"{r['other_ms']:.3f} | {r['speedup_of_default']:.3f}x |")
     lines += ["", f"Targets at P {TARGET_P}:", ""]
     for name, t in result.get("targets", {}).items():
         got = "not measured" if t["measured"] is None else f"{t['measured']:.2f}"
         verdict = {True: "met", False: "**not met**", None: "-"}[t["met"]]
         lines.append(f"- `{name}` >= {t['target']}: {got} ({verdict})")
     return "\n".join(lines) + "\n"
+
+
+def _write(result: dict, out: str) -> None:
+    """bench_triton_gpu.json and .md in out (rewritten after each stage of the run)."""
+    with open(os.path.join(out, "bench_triton_gpu.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(out, "bench_triton_gpu.md"), "w") as f:
+        f.write(markdown(result))
 
 
 def main(argv=None) -> dict:
@@ -382,16 +452,13 @@ def main(argv=None) -> dict:
         # written after every P: a run cut short by a time limit keeps what it measured
         result["targets"] = check_targets(records)
         result["autotuned"] = autotuned_configs()
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
-        with open(os.path.join(a.out, "bench_triton_gpu.md"), "w") as f:
-            f.write(markdown(result))
+        _write(result, a.out)
+    if "ablate" in a.mode_list:
+        result["ablations"] = bench_ablations(a, device, time_ms)
+        _write(result, a.out)
     if "sweep" in a.mode_list:
         result["decode_sweep"] = bench_decode_sweep(a, device, time_ms, "torch" if a.dry_run else "triton")
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
-        with open(os.path.join(a.out, "bench_triton_gpu.md"), "w") as f:
-            f.write(markdown(result))
+        _write(result, a.out)
     print(f"wrote {path}")
     return result
 

@@ -8,12 +8,15 @@
 #                /tmp/prefix_attn_ext, moved into prefix_attn/ before tests_rest
 #   tests_gpu    (T_GPU, 100)    tests/test_triton_gpu.py -m gpu: real sizes, bf16/fp16;
 #                tests/test_hf_gpu.py: tiny HF models on the GPU through the triton backend
-#   bench        (T_BENCH, 150)  bench/bench_triton_gpu.py, full autotuning
+#   bench        (T_BENCH, 180)  bench/bench_triton_gpu.py, full autotuning, with the same-run
+#                comparison of the backward's kernel switches (bench_triton_gpu.ABLATIONS)
 #   bench_train  (T_TRAIN, 80)   bench/bench_train.py --device cuda --dtype bf16: a whole
 #                prefix-tuning step of a Llama-shaped model, ours vs PEFT
 #   tests_triton (T_TRITON, 110) tests/test_triton.py compiled on the GPU (not interpreted)
-#   tests_rest   (T_REST, 110)   the CUDA extension's tests and the rest of the suite (HF
+#   tests_rest   (T_REST, 80)    the CUDA extension's tests and the rest of the suite (HF
 #                models, bank, CLI) against the machine's own torch/transformers/peft
+# STAGES="bench tests_rest" (say) runs only those stages: a second, shorter device call can
+# finish what a first one's time boxes cut.
 # Writes OUTDIR/{summary.txt (versions, GPU, stage times), logs.tgz (every stage's log,
 # refreshed after each stage), bench_triton_gpu.{json,md}, train_gpu.{json,md}}: 6 files (a
 # device call brings back 8 at most).
@@ -32,9 +35,16 @@ LOGS=$(mktemp -d /tmp/prefix_attn_logs.XXXX)
 status=0
 : >"$OUT/summary.txt"
 
+STAGES=" ${STAGES:-tests_gpu bench bench_train tests_triton tests_rest} "
+wanted() { [[ "$STAGES" == *" $1 "* ]]; }
+
 stage() {  # stage NAME LIMIT_S CMD...: CMD with a time limit; log LOGS/NAME.log, tarred to OUT/logs.tgz
     local name=$1 limit=$2 t0 rc
     shift 2
+    if ! wanted "$name"; then
+        echo "$name: not in STAGES" | tee -a "$OUT/summary.txt"
+        return
+    fi
     t0=$(date +%s)
     timeout -k 15 -s INT "$limit" "$@" >"$LOGS/$name.log" 2>&1
     rc=$?
@@ -62,7 +72,7 @@ tar --exclude=./.git -cf - . | tar -xf - -C "$EXT/src"
 # CXX: the PATH's g++, not an image's $CXX. On the H200 image (2026-11-28) $CXX was
 # /opt/gcc/bin/g++, which linked libstdc++ statically into _C.so: two libstdc++ copies in one
 # process, and the first C++ error message (TORCH_CHECK formatting a number) segfaulted.
-( cd "$EXT/src" && CXX=$(command -v g++ || echo c++) MAX_JOBS=${MAX_JOBS:-12} \
+wanted tests_rest && ( cd "$EXT/src" && CXX=$(command -v g++ || echo c++) MAX_JOBS=${MAX_JOBS:-12} \
     TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
     $PY setup.py build_ext --build-lib "$EXT/lib" --build-temp "$EXT/tmp" ) >"$EXT/build.log" 2>&1 &
 ext_pid=$!
@@ -87,7 +97,7 @@ stage tests_gpu "${T_GPU:-100}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_C
     $PY -m pytest -q -p no:cacheprovider tests/test_triton_gpu.py tests/test_hf_gpu.py -m gpu
 
 # Benchmark: full autotuning; the chosen configs go to the log and the JSON.
-stage bench "${T_BENCH:-150}" env -u TRITON_INTERPRET -u PREFIX_ATTN_TRITON_ONE_CONFIG \
+stage bench "${T_BENCH:-180}" env -u TRITON_INTERPRET -u PREFIX_ATTN_TRITON_ONE_CONFIG \
     TRITON_PRINT_AUTOTUNING=1 PYTHONUNBUFFERED=1 $PY bench/bench_triton_gpu.py --out "$OUT" \
     --prefix 128,16,64,256 "$@"
 
@@ -100,21 +110,23 @@ stage tests_triton "${T_TRITON:-110}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON
     $PY -m pytest -v -p no:cacheprovider -n 8 tests/test_triton.py -m "interpreter or gpu"
 
 # The rest of the suite with the extension (if it built in time) on this machine's packages.
-for _ in $(seq 1 60); do kill -0 $ext_pid 2>/dev/null || break; sleep 2; done
-lib=$(ls "$EXT"/lib/prefix_attn/_C*.so 2>/dev/null | head -n 1)
-if [ -n "$lib" ] && ! ldd "$lib" | grep -q libstdc++; then
-    echo "extension links libstdc++ statically (crashes on C++ errors): not used" | tee -a "$OUT/summary.txt"
-    lib=""
+if wanted tests_rest; then
+    for _ in $(seq 1 60); do kill -0 $ext_pid 2>/dev/null || break; sleep 2; done
+    lib=$(ls "$EXT"/lib/prefix_attn/_C*.so 2>/dev/null | head -n 1)
+    if [ -n "$lib" ] && ! ldd "$lib" | grep -q libstdc++; then
+        echo "extension links libstdc++ statically (crashes on C++ errors): not used" | tee -a "$OUT/summary.txt"
+        lib=""
+    fi
+    if [ -n "$lib" ]; then
+        echo "extension built: $lib" | tee -a "$OUT/summary.txt"
+        cp "$lib" "prefix_attn/.tmp_C.so" && mv "prefix_attn/.tmp_C.so" "prefix_attn/$(basename "$lib")"
+    else
+        echo "extension NOT built (see ext_build.log): cpu/cuda backend tests skip" | tee -a "$OUT/summary.txt"
+        status=1
+    fi
+    tail -n 30 "$EXT/build.log" >"$LOGS/ext_build.log" 2>/dev/null
 fi
-if [ -n "$lib" ]; then
-    echo "extension built: $lib" | tee -a "$OUT/summary.txt"
-    cp "$lib" "prefix_attn/.tmp_C.so" && mv "prefix_attn/.tmp_C.so" "prefix_attn/$(basename "$lib")"
-else
-    echo "extension NOT built (see ext_build.log): cpu/cuda backend tests skip" | tee -a "$OUT/summary.txt"
-    status=1
-fi
-tail -n 30 "$EXT/build.log" >"$LOGS/ext_build.log" 2>/dev/null
-stage tests_rest "${T_REST:-110}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
+stage tests_rest "${T_REST:-80}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
     $PY -m pytest -v -p no:cacheprovider -n 12 tests \
     --ignore=tests/test_triton.py --ignore=tests/test_triton_gpu.py --ignore=tests/test_hf_gpu.py \
     --ignore=tests/test_triton_sm90_compile.py --ignore=tests/test_cuda_compile.py

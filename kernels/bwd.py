@@ -4,7 +4,8 @@ Four launches, none with float atomics (two runs give bitwise-equal gradients):
 
 1. ``_bwd_delta``: Delta = rowsum(O * dO) per query, fp32 [B, Hq, Sq].
 2. ``_bwd_dkdv_own``: one program owns a tile of row b's own keys for kv head h and loops
-   over the packed queries (all G query heads) that can see it -> dK, dV.
+   over the packed queries (all G query heads) that can see it -> dK, dV; only the query
+   tiles on the causal diagonal / window edges (every tile with key padding) are masked.
 3. ``_bwd_dkdv_prefix``: prefix-major. One program owns a tile of bank entry n (kv head h)
    and loops over the rows that selected n (a sorted row list built on the host:
    ``rows = argsort(prefix_ids)``, entry n's rows are ``rows[offsets[n]:offsets[n+1]]``),
@@ -21,7 +22,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .autotune import bucket, cdiv, dkdv_configs, dq_configs, interpreting, prune_bwd
-from .common import LOG2E, mask_tile, own_ranges, own_visible_t, packed_rows, scores
+from .common import (LOG2E, key_tile_query_ranges, mask_tile, own_ranges, own_visible_t,
+                     packed_rows, scores)
 from .fwd import dot_precision, head_block
 
 
@@ -69,14 +71,16 @@ def _load_query_tile(Q, DO, LSE, DELTA, b, h, start_m, Hq, Sq, D,
 @triton.jit
 def _dkdv_tile(dk, dv, q, do, lse2, delta, k, v, vis_t,
                qk_scale, softcap_inv, softcap_log2,
-               SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+               SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, MASK: tl.constexpr):
     """Accumulate one query tile's contribution into dk, dv [BLOCK_N, BLOCK_D] (fp32).
 
-    k, v: [BLOCK_N, BLOCK_D]; q, do: [BLOCK_M, BLOCK_D]; vis_t [BLOCK_N, BLOCK_M]. Scores are
-    formed transposed (keys x queries) so P^T and dS^T feed the dots without transposes.
+    k, v: [BLOCK_N, BLOCK_D]; q, do: [BLOCK_M, BLOCK_D]; vis_t [BLOCK_N, BLOCK_M], applied
+    only when MASK. Scores are formed transposed (keys x queries) so P^T and dS^T feed the
+    dots without transposes.
     """
     s_t, t_t = scores(k, tl.trans(q), qk_scale, softcap_inv, softcap_log2, SOFTCAP, DOT_PREC)
-    s_t = tl.where(vis_t, s_t, float("-inf"))
+    if MASK:
+        s_t = tl.where(vis_t, s_t, float("-inf"))
     p_t = tl.math.exp2(s_t - lse2[None, :])
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -103,6 +107,7 @@ def _bwd_dkdv_own(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
                   M_BUCKET, KV_BUCKET,
                   G: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                   HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+                  SPLIT: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -125,24 +130,27 @@ def _bwd_dkdv_own(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     Hq = Hkv * G
     off = Skv - Sq
-    # -- queries that can see this key tile ----
-    n_first = pid_n * BLOCK_N
-    n_last = tl.minimum(n_first + BLOCK_N, Skv) - 1
-    i_start = n_first * 0
-    i_end = i_start + Sq
-    if CAUSAL:
-        i_start = tl.minimum(tl.maximum(n_first - off, 0), Sq)
-    if HAS_WINDOW:
-        i_end = tl.minimum(tl.maximum(n_last - off + window, 0), Sq)
-    m_start = (i_start * G) // BLOCK_M * BLOCK_M
-    m_end = i_end * G
-    for start_m in range(m_start, m_end, BLOCK_M):
-        q, do, lse2, delta, offs_i = _load_query_tile(
-            Q, DO, LSE, DELTA, b, h, start_m, Hq, Sq, D, stride_qb, stride_qh, stride_qs,
-            stride_db, stride_dh, stride_ds, stride_lb, stride_lh, G, BLOCK_M, BLOCK_D)
-        vis_t = own_visible_t(offs_i, offs_n, off, window, Skv, kpm, CAUSAL, HAS_WINDOW, HAS_KPM)
-        dk, dv = _dkdv_tile(dk, dv, q, do, lse2, delta, k, v, vis_t,
-                            qk_scale, softcap_inv, softcap_log2, SOFTCAP, DOT_PREC)
+    # -- packed query tiles that can see this key tile: masked, fully visible, masked ----
+    m_start, full_lo, full_hi, m_end = key_tile_query_ranges(
+        pid_n * BLOCK_N, Skv, Sq, off, window, G, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW,
+        HAS_KPM or not SPLIT)
+    for part in tl.static_range(3):
+        if part == 0:
+            lo, hi = m_start, full_lo
+        elif part == 1:
+            lo, hi = full_lo, full_hi
+        else:
+            lo, hi = full_hi, m_end
+        for start_m in range(lo, hi, BLOCK_M):
+            q, do, lse2, delta, offs_i = _load_query_tile(
+                Q, DO, LSE, DELTA, b, h, start_m, Hq, Sq, D, stride_qb, stride_qh, stride_qs,
+                stride_db, stride_dh, stride_ds, stride_lb, stride_lh, G, BLOCK_M, BLOCK_D)
+            vis_t = offs_n[:, None] >= 0
+            if part != 1:
+                vis_t = own_visible_t(offs_i, offs_n, off, window, Skv, kpm, CAUSAL, HAS_WINDOW,
+                                      HAS_KPM)
+            dk, dv = _dkdv_tile(dk, dv, q, do, lse2, delta, k, v, vis_t, qk_scale, softcap_inv,
+                                softcap_log2, SOFTCAP, DOT_PREC, part != 1)
     # dS was taken w.r.t. q.k (softcap derivative included): apply the softmax scale once
     dk = dk * (qk_scale / LOG2E)
     rows = offs_n[:, None].to(tl.int64)
@@ -207,7 +215,7 @@ def _bwd_dkdv_prefix(Q, PK, PV, DO, LSE, DELTA, PLENS, ROWS, ROW_OFFS, DPK, DPV,
                 BLOCK_D)
             vis_t = n_ok[:, None] & (offs_i[None, :] >= 0)
             dk, dv = _dkdv_tile(dk, dv, q, do, lse2, delta, k, v, vis_t,
-                                qk_scale, softcap_inv, softcap_log2, SOFTCAP, DOT_PREC)
+                                qk_scale, softcap_inv, softcap_log2, SOFTCAP, DOT_PREC, True)
     # dS was taken w.r.t. q.k (softcap derivative included): apply the softmax scale once
     dk = dk * (qk_scale / LOG2E)
     # positions in [plen, P) are stored too: as exact zeros
@@ -336,6 +344,11 @@ def prefix_row_lists(prefix_ids: torch.Tensor, num_entries: int):
     return rows.contiguous(), offsets.to(torch.int64).contiguous()
 
 
+# The own dK/dV loop masks only the query tiles on the causal diagonal / window edges (True) or
+# every tile (False, as before 2026-11-28). Same gradients bitwise; the switch exists for the
+# same-run comparison in bench/bench_triton_gpu.py and for the test of that equality.
+SPLIT_MASKED_TILES = True
+
 # Packed query rows per prefix-gradient chunk are a multiple of this (the largest BLOCK_M).
 _CHUNK_ALIGN = 16 if interpreting() else 128
 
@@ -406,7 +419,8 @@ def attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_pad
             kpm_strides[0], kpm_strides[1],
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            Hkv, Sq, Skv, D, window, *scal, m_bucket, kv_bucket, **common, **flags)
+            Hkv, Sq, Skv, D, window, *scal, m_bucket, kv_bucket, SPLIT=SPLIT_MASKED_TILES,
+            **common, **flags)
 
     if P > 0 and N > 0:
         rows, offsets = prefix_row_lists(prefix_ids, N)

@@ -125,3 +125,44 @@ def own_ranges(i_lo, i_hi, off, window, Skv, BLOCK_N: tl.constexpr,
     full_lo = tl.where(empty, hi, full_lo)
     full_hi = tl.where(empty, hi, full_hi)
     return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def key_tile_query_ranges(n_first, Skv, Sq, off, window, G: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                          MASK_ALL: tl.constexpr):
+    """Packed query tiles (starts, multiples of BLOCK_M) for the own key tile starting at
+    n_first: the transpose of own_ranges, for the dK/dV loop.
+
+    Returns (m_start, full_lo, full_hi, m_end): packed rows outside [m_start, m_end) see no
+    key of the tile; tiles in [full_lo, full_hi) see every key of it (rows past the end of
+    the queries are harmless there: their P is 0), so only [m_start, full_lo) and
+    [full_hi, m_end) need the mask. MASK_ALL (key padding) leaves no unmasked tile.
+    """
+    n_last = tl.minimum(n_first + BLOCK_N, Skv) - 1
+    i_start = n_first * 0
+    i_end = i_start + Sq
+    if CAUSAL:
+        i_start = tl.minimum(tl.maximum(n_first - off, 0), Sq)
+    if HAS_WINDOW:
+        i_end = tl.minimum(tl.maximum(n_last - off + window, 0), Sq)
+    m_start = (i_start * G) // BLOCK_M * BLOCK_M
+    m_end = i_end * G
+    # queries i that see all of n_first..n_last: i >= n_last - off (causal) and
+    # i < n_first - off + window (window)
+    full_lo = m_start
+    full_hi = m_end
+    if CAUSAL:
+        full_lo = (tl.maximum(n_last - off, 0) * G + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    if HAS_WINDOW:
+        full_hi = tl.maximum(n_first - off + window, 0) * G // BLOCK_M * BLOCK_M
+    full_lo = tl.maximum(full_lo, m_start)
+    full_hi = tl.minimum(full_hi, m_end)
+    empty = full_lo >= full_hi
+    full_lo = tl.where(empty, m_end, full_lo)
+    full_hi = tl.where(empty, m_end, full_hi)
+    if MASK_ALL:
+        full_lo = m_end
+        full_hi = m_end
+    return m_start, full_lo, full_hi, m_end

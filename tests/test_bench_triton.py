@@ -56,6 +56,11 @@ def test_dry_run_writes_json(bench, tmp_path):
     assert [r["baseline"] for r in data["records"][3:]] == ["per_row_kernel", "peft_sdpa"]
     for r in data["records"]:
         assert r["P"] == 5 and r["ours_ms"] > 0 and r["baseline_ms"] > 0 and r["ours_tflops"] > 0
+    # the kernel switch comparison: through the interpreter here, one row per switch
+    from prefix_attn.kernels import bwd
+    abl = data["ablations"]
+    assert [r["switch"] for r in abl] == list(bench.ABLATIONS) and bwd.SPLIT_MASKED_TILES is True
+    assert all(r["P"] == 5 and r["default_ms"] > 0 and r["other_ms"] > 0 for r in abl)
     sweep = data["decode_sweep"]
     assert [(r["B"], r["P"], r["Skv"]) for r in sweep] == bench.DRY_SWEEP
     assert all(r["cascade_ms"] > 0 and r["per_row_ms"] > 0 and r["auto"] in ("cascade", "per_row")
@@ -64,6 +69,7 @@ def test_dry_run_writes_json(bench, tmp_path):
     md = (tmp_path / "bench_triton_gpu.md").read_text()
     assert md.count("\n| 5 | ") == 5 and "decode (cascade)" in md and "Targets at P" in md
     assert "Decode path choice" in md and md.count("\n| 3 | 8 | 32 |") == 1
+    assert md.count("\n| `dkdv_split_masked_tiles` | 5 | True |") == 1
     copy = tmp_path / "copy.json"
     copy.write_text(json.dumps(data))
     bench.main(["--render", str(copy)])
@@ -80,3 +86,19 @@ def test_peft_path_matches_reference(bench):
     pk, pv = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
     torch.testing.assert_close(bench.peft_attention(q, k, v, pk, pv),
                                prefix_attention_ref(q, k, v, pk, pv), atol=1e-5, rtol=1e-5)
+
+
+def test_gpu_script_parses_and_refuses_a_machine_without_cuda(tmp_path):
+    """bench/gpu.sh: valid bash; without CUDA it stops before any stage, saying why."""
+    import subprocess
+    import sys
+
+    import torch
+    script = os.path.join(os.path.dirname(_PATH), "gpu.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the script would run its stages")
+    r = subprocess.run(["bash", script, str(tmp_path / "out")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": sys.executable, "STAGES": "bench"}, timeout=120)
+    assert r.returncode == 1 and "no CUDA device" in r.stdout + r.stderr
+    assert (tmp_path / "out" / "summary.txt").exists()

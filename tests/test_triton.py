@@ -14,7 +14,11 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 import prefix_attn  # noqa: E402
+from prefix_attn.kernels.common import key_tile_query_ranges  # noqa: E402
 from prefix_attn import prefix_attention, prefix_attention_ref  # noqa: E402
 from conftest import assert_close_fa, make_inputs  # noqa: E402
 
@@ -44,6 +48,8 @@ CASES = {
     "softcap": dict(Sq=5, Skv=18, P=17, softcap=2.0),
     "noncausal_gqa": dict(Hq=4, Hkv=2, Sq=11, Skv=7, P=2, causal=False),
     "Sq_gt_Skv_empty_rows": dict(B=2, N=2, P=4, lens=[0, 4], ids=[0, 1], Sq=9, Skv=4),
+    # a window wider than two tiles: the own dK/dV loop has masked, unmasked and masked parts
+    "window_wide_gqa": dict(B=1, Hq=2, Hkv=1, Sq=40, Skv=45, P=3, window=30),
 }
 _OPTIONS = ("window", "softcap", "causal")
 
@@ -316,3 +322,79 @@ def test_one_entry_tiles_match_the_sorted_grouping():
             assert torch.equal(got, want)
         assert torch.equal(fast[3], ref[3][:tiles])
 
+
+
+# Shapes (Sq, Skv, G, window or 0, causal) for the dK/dV tile ranges and the split-loop check.
+RANGE_SHAPES = [(19, 19, 1, 0, True), (7, 23, 3, 0, True), (40, 45, 2, 30, True),
+                (33, 33, 1, 17, True), (9, 4, 2, 0, True), (11, 7, 2, 0, False),
+                (9, 20, 1, 4, False), (40, 40, 4, 40, False), (1, 21, 3, 0, True)]
+
+
+@triton.jit
+def _ranges_probe(OUT, Skv, Sq, off, window, G: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  MASK_ALL: tl.constexpr):
+    pid = tl.program_id(0)
+    a, b, c, d = key_tile_query_ranges(pid * BLOCK_N, Skv, Sq, off, window, G, BLOCK_M,
+                                       BLOCK_N, CAUSAL, HAS_WINDOW, MASK_ALL)
+    tl.store(OUT + pid * 4, a)
+    tl.store(OUT + pid * 4 + 1, b)
+    tl.store(OUT + pid * 4 + 2, c)
+    tl.store(OUT + pid * 4 + 3, d)
+
+
+def _tile_ranges(Sq, Skv, G, window, causal, block_m, block_n, mask_all=False):
+    """(m_start, full_lo, full_hi, m_end) of kernels.common.key_tile_query_ranges for every
+    own key tile, computed by a probe kernel (compiled on GPU, interpreted on CPU)."""
+    tiles = -(-Skv // block_n)
+    out = torch.full((tiles, 4), -7, dtype=torch.int32, device=DEVICE)
+    _ranges_probe[(tiles,)](out, Skv, Sq, Skv - Sq, window, G, block_m, block_n, causal,
+                            window > 0, mask_all)
+    return out.cpu().tolist()
+
+
+@pytest.mark.parametrize("shape", RANGE_SHAPES, ids=str)
+def test_dkdv_tile_ranges_cover_exactly_the_visible_pairs(shape):
+    """Brute force: packed query tiles outside [m_start, m_end) see no key of the key tile;
+    tiles in [full_lo, full_hi) see every key of it (so they need no mask)."""
+    Sq, Skv, G, window, causal = shape
+    bm, bn = 16, 16
+    off = Skv - Sq
+    i = torch.arange(Sq)[:, None]
+    j = torch.arange(Skv)[None, :]
+    vis = torch.ones(Sq, Skv, dtype=torch.bool)
+    if causal:
+        vis &= j <= off + i
+    if window:
+        vis &= (off + i - j) < window
+    vis = vis.repeat_interleave(G, 0)                      # packed rows m = i * G + g
+    unmasked = 0
+    for t, (m_start, full_lo, full_hi, m_end) in enumerate(
+            _tile_ranges(Sq, Skv, G, window, causal, bm, bn)):
+        keys = vis[:, t * bn:(t + 1) * bn]
+        assert m_start % bm == 0 and m_start <= full_lo <= full_hi <= m_end <= G * Sq
+        assert full_lo == full_hi == m_end or (full_lo % bm == 0 and full_lo < full_hi)
+        assert not keys[:m_start].any() and not keys[m_end:].any()
+        for start in range(full_lo, full_hi, bm):
+            assert keys[start:start + bm].all()
+            unmasked += 1
+    # the shapes with a fully visible tile do exercise the unmasked loop
+    assert unmasked > 0 or shape in [(9, 4, 2, 0, True), (9, 20, 1, 4, False), (1, 21, 3, 0, True)]
+    for _, full_lo, full_hi, m_end in _tile_ranges(Sq, Skv, G, window, causal, bm, bn, True):
+        assert full_lo == full_hi == m_end                  # key padding: every tile masked
+
+
+def test_split_dkdv_loop_is_bitwise_equal_to_masking_every_tile(monkeypatch):
+    dtype = torch.float32
+    from prefix_attn.kernels import bwd
+    for Sq, Skv, G, window, causal in RANGE_SHAPES[:4] + RANGE_SHAPES[6:8]:
+        args, kw = make_inputs(B=2, Hq=2 * G, Hkv=2, Sq=Sq, Skv=Skv, P=5, dtype=dtype,
+                               device=DEVICE, requires_grad=True, seed=Sq)
+        kw.update(causal=causal, window=window or None)
+        runs = []
+        for split in (True, False):
+            monkeypatch.setattr(bwd, "SPLIT_MASKED_TILES", split)
+            out = prefix_attention(*args, **kw, backend="triton")
+            runs.append(torch.autograd.grad(out.float().square().sum(), args))
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)

@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 from conftest import run_compiler_script  # noqa: E402
 
-KERNELS = ["fwd", "dkdv_own", "dkdv_prefix", "dq", "delta",
+KERNELS = ["fwd", "dkdv_own", "dkdv_own_split", "dkdv_prefix", "dq", "delta",
            "cascade_prefix", "cascade_own", "cascade_merge"]
 
 _SCRIPT = r'''
@@ -30,15 +30,18 @@ PTRS = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "PK": "*fp16", "PV": "*fp16",
         "LSE": "*fp32", "DELTA": "*fp32", "OP": "*fp32", "LP": "*fp32"}
 FLOATS = {"qk_scale", "softcap_inv", "softcap_log2"}
 FLAGS = dict(D=40, G=3, CAUSAL=True, HAS_WINDOW=True, HAS_KPM=True, SOFTCAP=True,
-             DOT_PREC="tf32", BLOCK_D=64, BLOCK_M=32, BLOCK_N=32)
+             DOT_PREC="tf32", BLOCK_D=64, BLOCK_M=32, BLOCK_N=32, SPLIT=False)
+# without key padding the own dK/dV loop has its unmasked part
+VARIANTS = {"dkdv_own_split": dict(HAS_KPM=False, SPLIT=True)}
 KERNELS = {"fwd": fwd._attn_fwd, "dkdv_own": bwd._bwd_dkdv_own,
+           "dkdv_own_split": bwd._bwd_dkdv_own,
            "dkdv_prefix": bwd._bwd_dkdv_prefix, "dq": bwd._bwd_dq, "delta": bwd._bwd_delta,
            "cascade_prefix": decode._cascade_prefix, "cascade_own": decode._cascade_own,
            "cascade_merge": decode._cascade_merge}
 out = {}
 for name, kernel in KERNELS.items():
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    const = {k: v for k, v in FLAGS.items() if k in fn.arg_names}
+    const = {k: v for k, v in {**FLAGS, **VARIANTS.get(name, {})}.items() if k in fn.arg_names}
     if name in ("delta", "cascade_merge"):
         const["BLOCK_M"] = 16
     sig = {a: "constexpr" if a in const else PTRS.get(a, "fp32" if a in FLOATS else "i32")
