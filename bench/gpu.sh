@@ -12,8 +12,9 @@
 #                comparison of the backward's kernel switches (bench_triton_gpu.ABLATIONS)
 #   bench_train  (T_TRAIN, 80)   bench/bench_train.py --device cuda --dtype bf16: a whole
 #                prefix-tuning step of a Llama-shaped model, ours vs PEFT
-#   tests_triton (T_TRITON, 110) tests/test_triton.py compiled on the GPU (not interpreted)
-#   tests_rest   (T_REST, 80)    the CUDA extension's tests and the rest of the suite (HF
+#   tests_triton (T_TRITON, 120) tests/test_triton.py compiled on the GPU (not interpreted),
+#                14 workers (compiling is the slow part)
+#   tests_rest   (T_REST, 70)    the CUDA extension's tests and the rest of the suite (HF
 #                models, bank, CLI) against the machine's own torch/transformers/peft
 # STAGES="bench tests_rest" (say) runs only those stages: a second, shorter device call can
 # finish what a first one's time boxes cut.
@@ -106,8 +107,8 @@ stage bench_train "${T_TRAIN:-80}" env -u TRITON_INTERPRET PYTHONUNBUFFERED=1 \
     $PY bench/bench_train.py --device cuda --dtype bf16 --hidden 1024 --layers 8 --heads 8 \
     --kv-heads 2 --mlp 2816 --vocab 8192 --batch 8 --seq 2048 --prefix 64 --steps 5 --out "$OUT"
 
-stage tests_triton "${T_TRITON:-110}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
-    $PY -m pytest -v -p no:cacheprovider -n 8 tests/test_triton.py -m "interpreter or gpu"
+stage tests_triton "${T_TRITON:-120}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
+    $PY -m pytest -v -p no:cacheprovider -n 14 tests/test_triton.py -m "interpreter or gpu"
 
 # The rest of the suite with the extension (if it built in time) on this machine's packages.
 if wanted tests_rest; then
@@ -126,7 +127,7 @@ if wanted tests_rest; then
     fi
     tail -n 30 "$EXT/build.log" >"$LOGS/ext_build.log" 2>/dev/null
 fi
-stage tests_rest "${T_REST:-80}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
+stage tests_rest "${T_REST:-70}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
     $PY -m pytest -v -p no:cacheprovider -n 12 tests \
     --ignore=tests/test_triton.py --ignore=tests/test_triton_gpu.py --ignore=tests/test_hf_gpu.py \
     --ignore=tests/test_triton_sm90_compile.py --ignore=tests/test_cuda_compile.py
