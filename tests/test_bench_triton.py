@@ -102,3 +102,20 @@ def test_gpu_script_parses_and_refuses_a_machine_without_cuda(tmp_path):
                        env={**os.environ, "PYTHON": sys.executable, "STAGES": "bench"}, timeout=120)
     assert r.returncode == 1 and "no CUDA device" in r.stdout + r.stderr
     assert (tmp_path / "out" / "summary.txt").exists()
+
+
+def test_gpu_timer_asks_do_bench_for_enough_calls(bench, monkeypatch):
+    """do_bench's `rep` is milliseconds: the timer raises it to cover at least --reps calls."""
+    import time
+
+    import torch
+    import triton.testing
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, warmup, rep, return_mode: seen.update(rep=rep, mode=return_mode) or 1.5)
+    time_ms = bench.timer("cuda", reps=20, rep_ms=100.0)
+    assert time_ms(lambda: time.sleep(0.02)) == 1.5          # a 20 ms call: 20 calls > 100 ms
+    assert seen["mode"] == "median" and 20 * 20 <= seen["rep"] < 20 * 60
+    time_ms(lambda: None)                                      # a fast call: the floor
+    assert seen["rep"] == 100.0
