@@ -6,8 +6,9 @@
 #                place (PYTHONPATH, prefix_attn/kernels -> ../kernels); nothing is installed
 #   ext (background)  the C++/CUDA extension built from a copy of the tree into
 #                /tmp/prefix_attn_ext, moved into prefix_attn/ before tests_rest
-#   tests_gpu    (T_GPU, 100)    tests/test_triton_gpu.py -m gpu: real sizes, bf16/fp16;
-#                tests/test_hf_gpu.py: tiny HF models on the GPU through the triton backend
+#   tests_gpu    (T_GPU, 100)    tests/test_triton_gpu.py -m gpu: real sizes, bf16/fp16, head
+#                dims 16..256; tests/test_hf_gpu.py: tiny HF models on the GPU through the
+#                triton backend (4 workers: compiling is the slow part)
 #   bench        (T_BENCH, 180)  bench/bench_triton_gpu.py, full autotuning, with the same-run
 #                comparison of the backward's kernel switches (bench_triton_gpu.ABLATIONS)
 #   bench_train  (T_TRAIN, 80)   bench/bench_train.py --device cuda --dtype bf16: a whole
@@ -95,7 +96,7 @@ cat "$OUT/summary.txt"
 
 # Tests: one config per kernel (no autotuning sweep); compiled kernels, not the interpreter.
 stage tests_gpu "${T_GPU:-100}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
-    $PY -m pytest -q -p no:cacheprovider tests/test_triton_gpu.py tests/test_hf_gpu.py -m gpu
+    $PY -m pytest -v -p no:cacheprovider -n 4 tests/test_triton_gpu.py tests/test_hf_gpu.py -m gpu
 
 # Benchmark: full autotuning; the chosen configs go to the log and the JSON.
 stage bench "${T_BENCH:-180}" env -u TRITON_INTERPRET -u PREFIX_ATTN_TRITON_ONE_CONFIG \

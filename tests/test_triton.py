@@ -48,6 +48,7 @@ CASES = {
     "softcap": dict(Sq=5, Skv=18, P=17, softcap=2.0),
     "noncausal_gqa": dict(Hq=4, Hkv=2, Sq=11, Skv=7, P=2, causal=False),
     "Sq_gt_Skv_empty_rows": dict(B=2, N=2, P=4, lens=[0, 4], ids=[0, 1], Sq=9, Skv=4),
+    "mqa_D200": dict(Hq=2, Hkv=1, Sq=5, Skv=19, D=200, P=3),        # head dim padded to 256
     # a window wider than two tiles: the own dK/dV loop has masked, unmasked and masked parts
     "window_wide_gqa": dict(B=1, Hq=2, Hkv=1, Sq=40, Skv=45, P=3, window=30),
 }

@@ -102,6 +102,21 @@ def test_bank_padding_window_softcap_at_medium_size():
         assert_close_fa(a, t, b, atol=1e-3, name=name)
 
 
+@pytest.mark.parametrize("Dh", [16, 96, 256])
+def test_head_dims(Dh):
+    """The smallest and largest head dims, and one padded to the next power of two, with GQA,
+    two bank entries of different lengths and left padding (one config per kernel)."""
+    args, kw = _inputs(torch.bfloat16, 40, N=2, Sq=300, Skv=333, Bn=3, Hq=8, Hkv=2, Dh=Dh,
+                       lens=[40, 7], pad=True, seed=5)
+    dout = torch.randn(args[0].shape, device="cuda", dtype=torch.bfloat16)
+    out, grads = _ours(args, kw, dout)
+    truth, tgrads = _ref_rowwise(args, kw, dout, upcast=True)
+    base, bgrads = _ref_rowwise(args, kw, dout, upcast=False)
+    assert_close_fa(out, truth, base, atol=1e-3)
+    for name, a, t, b in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, tgrads, bgrads):
+        assert_close_fa(a, t, b, atol=1e-3, name=name)
+
+
 def test_decode_many_entries():
     args, kw = _inputs(torch.float16, 200, N=7, Sq=1, Skv=3000, Bn=48, lens=[200, 1, 0, 64, 150, 9, 33],
                        seed=2)
