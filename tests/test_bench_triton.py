@@ -59,7 +59,8 @@ def test_dry_run_writes_json(bench, tmp_path):
     # the kernel switch comparison: through the interpreter here, one row per switch
     from prefix_attn.kernels import bwd
     abl = data["ablations"]
-    assert [r["switch"] for r in abl] == list(bench.ABLATIONS) and bwd.SPLIT_MASKED_TILES is True
+    assert [r["switch"] for r in abl] == list(bench.ABLATIONS)
+    assert bwd.SPLIT_MASKED_TILES is True and bwd.HOIST_QUERY_OFFSETS is True   # restored
     assert all(r["P"] == 5 and r["default_ms"] > 0 and r["other_ms"] > 0 for r in abl)
     sweep = data["decode_sweep"]
     assert [(r["B"], r["P"], r["Skv"]) for r in sweep] == bench.DRY_SWEEP
@@ -70,6 +71,7 @@ def test_dry_run_writes_json(bench, tmp_path):
     assert md.count("\n| 5 | ") == 5 and "decode (cascade)" in md and "Targets at P" in md
     assert "Decode path choice" in md and md.count("\n| 3 | 8 | 32 |") == 1
     assert md.count("\n| `dkdv_split_masked_tiles` | 5 | True |") == 1
+    assert md.count("\n| `hoist_query_offsets` | 5 | True |") == 1
     copy = tmp_path / "copy.json"
     copy.write_text(json.dumps(data))
     bench.main(["--render", str(copy)])

@@ -385,16 +385,21 @@ def test_dkdv_tile_ranges_cover_exactly_the_visible_pairs(shape):
         assert full_lo == full_hi == m_end                  # key padding: every tile masked
 
 
-def test_split_dkdv_loop_is_bitwise_equal_to_masking_every_tile(monkeypatch):
-    dtype = torch.float32
+@pytest.mark.parametrize("switch", ["SPLIT_MASKED_TILES", "HOIST_QUERY_OFFSETS"])
+def test_backward_switches_give_bitwise_equal_gradients(monkeypatch, switch):
+    """Each kernels.bwd switch (timed on GPU by bench_triton_gpu.ABLATIONS) changes how, not
+    what: the split dK/dV loop equals masking every tile, hoisted query offsets equal the
+    per-row index arithmetic, bit for bit (G 1, 2 and 4 divide the tile; G 3 takes the
+    general path either way)."""
     from prefix_attn.kernels import bwd
+    dtype = torch.float32
     for Sq, Skv, G, window, causal in RANGE_SHAPES[:4] + RANGE_SHAPES[6:8]:
         args, kw = make_inputs(B=2, Hq=2 * G, Hkv=2, Sq=Sq, Skv=Skv, P=5, dtype=dtype,
                                device=DEVICE, requires_grad=True, seed=Sq)
         kw.update(causal=causal, window=window or None)
         runs = []
-        for split in (True, False):
-            monkeypatch.setattr(bwd, "SPLIT_MASKED_TILES", split)
+        for setting in (True, False):
+            monkeypatch.setattr(bwd, switch, setting)
             out = prefix_attention(*args, **kw, backend="triton")
             runs.append(torch.autograd.grad(out.float().square().sum(), args))
         for a, b in zip(*runs):

@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 from conftest import run_compiler_script  # noqa: E402
 
-KERNELS = ["fwd", "dkdv_own", "dkdv_own_split", "dkdv_prefix", "dq", "delta",
+KERNELS = ["fwd", "dkdv_own", "dkdv_own_split", "dkdv_prefix", "dkdv_prefix_hoist", "dq", "delta",
            "cascade_prefix", "cascade_own", "cascade_merge"]
 
 _SCRIPT = r'''
@@ -30,11 +30,13 @@ PTRS = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "PK": "*fp16", "PV": "*fp16",
         "LSE": "*fp32", "DELTA": "*fp32", "OP": "*fp32", "LP": "*fp32"}
 FLOATS = {"qk_scale", "softcap_inv", "softcap_log2"}
 FLAGS = dict(D=40, G=3, CAUSAL=True, HAS_WINDOW=True, HAS_KPM=True, SOFTCAP=True,
-             DOT_PREC="tf32", BLOCK_D=64, BLOCK_M=32, BLOCK_N=32, SPLIT=False)
+             DOT_PREC="tf32", BLOCK_D=64, BLOCK_M=32, BLOCK_N=32, SPLIT=False,
+             HOIST=False)
 # without key padding the own dK/dV loop has its unmasked part
-VARIANTS = {"dkdv_own_split": dict(HAS_KPM=False, SPLIT=True)}
+VARIANTS = {"dkdv_own_split": dict(HAS_KPM=False, SPLIT=True, G=4, HOIST=True),
+            "dkdv_prefix_hoist": dict(G=4, HOIST=True)}
 KERNELS = {"fwd": fwd._attn_fwd, "dkdv_own": bwd._bwd_dkdv_own,
-           "dkdv_own_split": bwd._bwd_dkdv_own,
+           "dkdv_own_split": bwd._bwd_dkdv_own, "dkdv_prefix_hoist": bwd._bwd_dkdv_prefix,
            "dkdv_prefix": bwd._bwd_dkdv_prefix, "dq": bwd._bwd_dq, "delta": bwd._bwd_delta,
            "cascade_prefix": decode._cascade_prefix, "cascade_own": decode._cascade_own,
            "cascade_merge": decode._cascade_merge}
