@@ -34,6 +34,7 @@ BENCHMARKS = {
     "memory": ("bench_memory.py", ["--quick"], "memory", "dir"),
     "train": ("bench_train.py", ["--quick"], "train_cpu", "dir"),
     "launch": ("bench_launch_overhead.py", ["--reps", "20"], "launch_overhead", "stem"),
+    "sass": ("sass_report.py", ["--quick"], "sass_sm90", "dir"),
 }
 
 
