@@ -393,7 +393,9 @@ def test_backward_switches_give_bitwise_equal_gradients(monkeypatch, switch):
     general path either way)."""
     from prefix_attn.kernels import bwd
     dtype = torch.float32
-    for Sq, Skv, G, window, causal in RANGE_SHAPES[:4] + RANGE_SHAPES[6:8]:
+    # G 1, 3, 2, 4; causal, causal + window, non-causal + window (each shape and setting
+    # compiles its kernels on a GPU: kept few)
+    for Sq, Skv, G, window, causal in [RANGE_SHAPES[i] for i in (0, 1, 2, 7)]:
         args, kw = make_inputs(B=2, Hq=2 * G, Hkv=2, Sq=Sq, Skv=Skv, P=5, dtype=dtype,
                                device=DEVICE, requires_grad=True, seed=Sq)
         kw.update(causal=causal, window=window or None)
