@@ -377,14 +377,16 @@ def prefix_row_lists(prefix_ids: torch.Tensor, num_entries: int):
 
 
 # The own dK/dV loop masks only the query tiles on the causal diagonal / window edges (True) or
-# every tile (False, as before 2026-11-28). Same gradients bitwise; the switch exists for the
-# same-run comparison in bench/bench_triton_gpu.py and for the test of that equality.
+# every tile (False, as before 2026-11-28). Same math: bitwise equal in the interpreter; on a
+# GPU the compiler may fuse an unmasked tile's scale and LSE subtraction into one FMA
+# (last-bit differences). The switch exists for the same-run comparison in
+# bench/bench_triton_gpu.py and for the test of that equality.
 SPLIT_MASKED_TILES = True
 
 # Packed query tiles address q, dO, LSE and Delta as a per-tile scalar plus loop-invariant
 # offsets when G divides BLOCK_M (True), or recompute every row's head and query (False, as
-# before 2026-11-28). Same loads, same gradients bitwise; switch kept for the same-run
-# comparison in bench/bench_triton_gpu.py and the test of that equality.
+# before 2026-11-28). Same loads and arithmetic: bitwise-equal gradients. The switch exists for
+# the same-run comparison in bench/bench_triton_gpu.py and for the test of that equality.
 HOIST_QUERY_OFFSETS = True
 
 # Packed query rows per prefix-gradient chunk are a multiple of this (the largest BLOCK_M).

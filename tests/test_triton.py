@@ -386,11 +386,12 @@ def test_dkdv_tile_ranges_cover_exactly_the_visible_pairs(shape):
 
 
 @pytest.mark.parametrize("switch", ["SPLIT_MASKED_TILES", "HOIST_QUERY_OFFSETS"])
-def test_backward_switches_give_bitwise_equal_gradients(monkeypatch, switch):
+def test_backward_switches_give_the_same_gradients(monkeypatch, switch):
     """Each kernels.bwd switch (timed on GPU by bench_triton_gpu.ABLATIONS) changes how, not
     what: the split dK/dV loop equals masking every tile, hoisted query offsets equal the
-    per-row index arithmetic, bit for bit (G 1, 2 and 4 divide the tile; G 3 takes the
-    general path either way)."""
+    per-row index arithmetic (G 1, 2 and 4 divide the tile; G 3 takes the general path either
+    way). Bit for bit, except the split on a GPU: there the compiler may contract an unmasked
+    tile's scale-and-subtract into one FMA."""
     from prefix_attn.kernels import bwd
     dtype = torch.float32
     # G 1, 3, 2, 4; causal, causal + window, non-causal + window (each shape and setting
@@ -405,4 +406,7 @@ def test_backward_switches_give_bitwise_equal_gradients(monkeypatch, switch):
             out = prefix_attention(*args, **kw, backend="triton")
             runs.append(torch.autograd.grad(out.float().square().sum(), args))
         for a, b in zip(*runs):
-            assert torch.equal(a, b)
+            if INTERPRET or switch == "HOIST_QUERY_OFFSETS":
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
