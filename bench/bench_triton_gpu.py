@@ -322,11 +322,12 @@ def bench_decode_sweep(a, device: str, time_ms, backend: str) -> list:
     """Cascade against per-row kernel over SWEEP, with the path `use_cascade` picks: the data
     the automatic rule (kernels/decode.py) is checked against."""
     from prefix_attn import prefix_attention
-    from prefix_attn.kernels.decode import DEFAULT_SMS, use_cascade
+    from prefix_attn.kernels.autotune import sm_count
+    from prefix_attn.kernels.decode import use_cascade
 
     dtype = DTYPES[a.dtype]
     Hq, Hkv, D = a.hq, a.hkv, a.head_dim
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else DEFAULT_SMS
+    sms = sm_count(torch.device(device))
     g = torch.Generator(device=device).manual_seed(7)
     out = []
     for B, P, Skv in (DRY_SWEEP if a.dry_run else SWEEP):

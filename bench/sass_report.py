@@ -154,7 +154,8 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|"]
     for r in result["cases"]:
         sw = ", ".join(f"{k}={v}" for k, v in r["switches"].items()) or "-"
-        loops = "; ".join(f"{x['instructions']} / {x['mma']} / {x['spill_ops']}" for x in r["loops"])
+        loops = "; ".join(f"{x['instructions']} / {x['mma']} / {x['spill_ops']}"
+                          for x in r["loops"])
         lines.append(f"| {r['kernel']} | {tuple(r['config'])} | {sw} | {r['registers']} | "
                      f"{r['spill_stack_bytes']} | {loops} |")
     return "\n".join(lines) + "\n"

@@ -95,6 +95,23 @@ def smem_budget(tensor) -> int:
     return _SMEM_BY_DEVICE[idx]
 
 
+# Streaming multiprocessors assumed when the device is not known (an H100/H200 has 132).
+DEFAULT_SMS = 132
+_SMS_BY_DEVICE = {}
+
+
+def sm_count(device) -> int:
+    """Multiprocessors of a CUDA device (cached: launchers ask per call); DEFAULT_SMS elsewhere."""
+    if device is None or device.type != "cuda":
+        return DEFAULT_SMS
+    import torch
+
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS_BY_DEVICE:
+        _SMS_BY_DEVICE[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS_BY_DEVICE[idx]
+
+
 def smem_estimate(block_m, block_n, block_d, stages, elsize, kind="fwd"):
     """Bytes of shared memory a config needs, a conservative fit to what the Triton 3.6
     compiler allocated for sm_90 (fwd: the query tile plus `stages` buffers of K and V;

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .autotune import bucket, cdiv, dkdv_configs, dq_configs, interpreting, prune_bwd
+from .autotune import (bucket, cdiv, dkdv_configs, dq_configs, interpreting, prune_bwd,
+                       sm_count)
 from .common import (LOG2E, key_tile_query_ranges, mask_tile, own_ranges, own_visible_t,
                      packed_rows, scores)
 from .fwd import dot_precision, head_block
@@ -403,9 +404,8 @@ def _prefix_chunks(device: torch.device, M: int, P: int, programs: int):
     if interpreting() or device.type != "cuda":
         chunk_rows = _CHUNK_ALIGN * max(1, cdiv(M, 2 * _CHUNK_ALIGN))  # 2 chunks: tested
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
         tiles = programs * cdiv(P, 64)
-        want = max(1, cdiv(4 * sms, tiles))
+        want = max(1, cdiv(4 * sm_count(device), tiles))
         chunk_rows = _CHUNK_ALIGN * max(1, cdiv(M, want * _CHUNK_ALIGN))
     return cdiv(M, chunk_rows), chunk_rows
 

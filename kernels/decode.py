@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .autotune import cdiv, interpreting
+from .autotune import DEFAULT_SMS, cdiv, interpreting, sm_count
 from .common import LN2, own_ranges, packed_rows
 from .fwd import _fwd_inner, _prefix_pass, dot_precision, head_block
 
@@ -27,8 +27,6 @@ from .fwd import _fwd_inner, _prefix_pass, dot_precision, head_block
 CASCADE_MAX_SQ = 16
 # Own keys per row from which splitting the own KV pays off when the grid is underfilled.
 CASCADE_MIN_OWN_KEYS = 512
-# Streaming multiprocessors assumed when the device is not known (an H100/H200 has 132).
-DEFAULT_SMS = 132
 
 
 def use_cascade(B: int, N: int, P: int, Sq: int, Skv: int, Hkv: int = 1,
@@ -206,8 +204,7 @@ def _num_splits(device: torch.device, B: int, Hkv: int, m_tiles: int, Skv: int,
         return 1
     if interpreting() or device.type != "cuda":
         return max(1, min(4, cdiv(Skv, block_n)))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = cdiv(2 * sms, max(1, B * Hkv * m_tiles))
+    want = cdiv(2 * sm_count(device), max(1, B * Hkv * m_tiles))
     return max(1, min(want, cdiv(Skv, 4 * block_n)))
 
 

@@ -24,7 +24,7 @@ import triton  # noqa: F401  (a missing triton makes this backend unavailable)
 from prefix_attn.kernels import bwd as _bwd
 from prefix_attn.kernels import decode as _decode
 from prefix_attn.kernels import fwd as _fwd
-from prefix_attn.kernels.autotune import interpreting
+from prefix_attn.kernels.autotune import interpreting, sm_count
 
 from .backends import Backend, register_backend
 from .validation import AttnArgs
@@ -56,20 +56,7 @@ def _cascade(q: Tensor, k: Tensor, prefix_k: Tensor) -> bool:
         return mode == "1" and q.shape[2] > 0
     B, _, Sq, _ = q.shape
     N, Hkv, P, _ = prefix_k.shape
-    return _decode.use_cascade(B, N, P, Sq, k.shape[2], Hkv=Hkv, sms=_sm_count(q.device))
-
-
-_SMS = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device (cached); the decode module's default elsewhere."""
-    if device.type != "cuda":
-        return _decode.DEFAULT_SMS
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SMS[idx]
+    return _decode.use_cascade(B, N, P, Sq, k.shape[2], Hkv=Hkv, sms=sm_count(q.device))
 
 
 @_define_op("prefix_attn::triton_fwd", mutates_args=())

@@ -114,8 +114,11 @@ def test_gpu_timer_asks_do_bench_for_enough_calls(bench, monkeypatch):
     import triton.testing
     seen = {}
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(triton.testing, "do_bench",
-                        lambda fn, warmup, rep, return_mode: seen.update(rep=rep, mode=return_mode) or 1.5)
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        seen.update(rep=rep, mode=return_mode)
+        return 1.5
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
     time_ms = bench.timer("cuda", reps=20, rep_ms=100.0)
     assert time_ms(lambda: time.sleep(0.02)) == 1.5          # a 20 ms call: 20 calls > 100 ms
     assert seen["mode"] == "median" and 20 * 20 <= seen["rep"] < 20 * 60

@@ -67,6 +67,18 @@ def _ref_rowwise(args, kw, dout, upcast, **opts):
     return torch.cat(outs), (torch.cat(dqs), torch.cat(dks), torch.cat(dvs), dpk, dpv)
 
 
+def _check_fwd_bwd(args, kw, **opts):
+    """Ours vs the fp32 reference (truth) and the same-dtype reference (baseline), forward and
+    every gradient, under the flash-attention rule."""
+    dout = torch.randn(args[0].shape, device="cuda", dtype=args[0].dtype)
+    out, grads = _ours(args, kw, dout, **opts)
+    truth, tgrads = _ref_rowwise(args, kw, dout, upcast=True, **opts)
+    base, bgrads = _ref_rowwise(args, kw, dout, upcast=False, **opts)
+    assert_close_fa(out, truth, base, atol=1e-3)
+    for name, a, t, b in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, tgrads, bgrads):
+        assert_close_fa(a, t, b, atol=1e-3, name=name)
+
+
 @pytest.fixture(autouse=True)
 def _no_tf32():
     prev = torch.backends.cuda.matmul.allow_tf32
@@ -80,26 +92,13 @@ def _no_tf32():
 @pytest.mark.parametrize("P", [16, 128, 256])
 def test_real_size_matches_reference(P, dtype):
     args, kw = _inputs(dtype, P)
-    dout = torch.randn(args[0].shape, device="cuda", dtype=dtype)
-    out, grads = _ours(args, kw, dout)
-    truth, tgrads = _ref_rowwise(args, kw, dout, upcast=True)
-    base, bgrads = _ref_rowwise(args, kw, dout, upcast=False)
-    assert_close_fa(out, truth, base, atol=1e-3)
-    for name, a, t, b in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, tgrads, bgrads):
-        assert_close_fa(a, t, b, atol=1e-3, name=name)
+    _check_fwd_bwd(args, kw)
 
 
 def test_bank_padding_window_softcap_at_medium_size():
     args, kw = _inputs(torch.bfloat16, 96, N=3, Sq=1000, Skv=1200, Bn=4, lens=[96, 17, 0],
                        Dh=72, pad=True, seed=1)
-    dout = torch.randn(args[0].shape, device="cuda", dtype=torch.bfloat16)
-    opts = dict(window=300, softcap=30.0)
-    out, grads = _ours(args, kw, dout, **opts)
-    truth, tgrads = _ref_rowwise(args, kw, dout, upcast=True, **opts)
-    base, bgrads = _ref_rowwise(args, kw, dout, upcast=False, **opts)
-    assert_close_fa(out, truth, base, atol=1e-3)
-    for name, a, t, b in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, tgrads, bgrads):
-        assert_close_fa(a, t, b, atol=1e-3, name=name)
+    _check_fwd_bwd(args, kw, window=300, softcap=30.0)
 
 
 @pytest.mark.parametrize("Dh", [16, 96, 256])
@@ -108,13 +107,7 @@ def test_head_dims(Dh):
     two bank entries of different lengths and left padding (one config per kernel)."""
     args, kw = _inputs(torch.bfloat16, 40, N=2, Sq=300, Skv=333, Bn=3, Hq=8, Hkv=2, Dh=Dh,
                        lens=[40, 7], pad=True, seed=5)
-    dout = torch.randn(args[0].shape, device="cuda", dtype=torch.bfloat16)
-    out, grads = _ours(args, kw, dout)
-    truth, tgrads = _ref_rowwise(args, kw, dout, upcast=True)
-    base, bgrads = _ref_rowwise(args, kw, dout, upcast=False)
-    assert_close_fa(out, truth, base, atol=1e-3)
-    for name, a, t, b in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, tgrads, bgrads):
-        assert_close_fa(a, t, b, atol=1e-3, name=name)
+    _check_fwd_bwd(args, kw)
 
 
 def test_decode_many_entries():
