@@ -57,7 +57,7 @@ def step_peak_bytes(prepare, step) -> tuple[int, object, object]:
     block the step may free (e.g. the KV cache that ``torch.cat`` replaces) was allocated in
     view of the profiler: frees of blocks allocated before profiling are not reported, which
     would overstate the peak. The level is the running sum of the recorded allocation sizes."""
-    from torch._C._profiler import _EventType
+    from alloc_peak import peak_in_window
     from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -65,26 +65,7 @@ def step_peak_bytes(prepare, step) -> tuple[int, object, object]:
         gc.collect()
         with record_function("decode_step"):
             result = step(state)
-    allocs, window = [], None
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
-            allocs.append((e.start_time_ns, e.extra_fields.alloc_size))
-        elif e.name == "decode_step":
-            window = (e.start_time_ns, e.end_time_ns)
-        stack.extend(e.children)
-    if window is None:
-        raise RuntimeError("profiler lost the decode_step marker")
-    allocs.sort()
-    level = start_level = peak = 0
-    for t, size in allocs:
-        if t < window[0]:
-            start_level = level = level + size
-        elif t <= window[1]:
-            level += size
-            peak = max(peak, level - start_level)
-    return peak, state, result
+    return peak_in_window(prof, "decode_step"), state, result
 
 
 def cache_tensors(cache):

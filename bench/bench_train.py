@@ -149,7 +149,7 @@ def step_peak_bytes(step) -> int:
     was allocated in view of the profiler (frees of older blocks are not reported, which would
     overstate the peak). The level is the running sum of the CPU allocator's allocation (+) and
     free (-) events."""
-    from torch._C._profiler import _EventType
+    from alloc_peak import peak_in_window
     from torch.profiler import ProfilerActivity, profile, record_function
 
     gc.collect()
@@ -157,22 +157,7 @@ def step_peak_bytes(step) -> int:
         step()
         with record_function("measured_step"):
             step()
-    events, window, todo = [], None, list(prof.profiler.kineto_results.experimental_event_tree())
-    while todo:
-        e = todo.pop()
-        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
-            events.append((e.start_time_ns, e.extra_fields.alloc_size))
-        elif e.name == "measured_step":
-            window = (e.start_time_ns, e.end_time_ns)
-        todo.extend(e.children)
-    level = start = peak = 0
-    for t, delta in sorted(events):
-        level += delta
-        if t < window[0]:
-            start = level
-        elif t <= window[1]:
-            peak = max(peak, level - start)
-    return peak
+    return peak_in_window(prof, "measured_step")
 
 
 def attention_share(step) -> tuple[float, float]:
