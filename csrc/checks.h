@@ -134,4 +134,29 @@ inline void check_bwd_args(const Dims& d, const at::Tensor& q, const at::Tensor&
               "], got ", lse.scalar_type(), " ", lse.sizes());
 }
 
+// A copy only where the last dim is strided (the kernels take any other strides).
+inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return (t.dim() > 0 && t.size(-1) > 1 && t.stride(-1) != 1) ? t.contiguous() : t;
+}
+
+// The tensors every fwd/bwd implementation hands its kernels, checked (check_fwd_args).
+struct OpInputs {
+  at::Tensor q, k, v, pk, pv, ids, lens;
+  Dims d;
+};
+
+inline OpInputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& pk, const at::Tensor& pv,
+                               const at::Tensor& ids, const at::Tensor& lens,
+                               const c10::optional<at::Tensor>& key_padding_mask, double scale,
+                               int64_t window, double softcap, int64_t max_head_dim) {
+  OpInputs in{last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v),
+              last_dim_contiguous(pk), last_dim_contiguous(pv),
+              // the kernels index prefix_ids / prefix_lens as flat arrays
+              ids.contiguous(), lens.contiguous(), Dims{}};
+  in.d = check_fwd_args(in.q, in.k, in.v, in.pk, in.pv, in.ids, in.lens, key_padding_mask,
+                        scale, window, softcap, max_head_dim);
+  return in;
+}
+
 }  // namespace prefix_attn

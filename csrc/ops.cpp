@@ -12,11 +12,6 @@ namespace {
 
 constexpr int64_t kCpuMaxHeadDim = 256;
 
-// A copy only where the last dim is strided (the kernels take any other strides).
-at::Tensor last_dim_contiguous(const at::Tensor& t) {
-  return (t.dim() > 0 && t.size(-1) > 1 && t.stride(-1) != 1) ? t.contiguous() : t;
-}
-
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                            const at::Tensor& v_in, const at::Tensor& pk_in,
                                            const at::Tensor& pv_in, const at::Tensor& ids_in,
@@ -24,17 +19,13 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q_in, const at::Ten
                                            const c10::optional<at::Tensor>& key_padding_mask,
                                            bool causal, double scale, int64_t window,
                                            double softcap) {
-  const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
-             v = last_dim_contiguous(v_in), pk = last_dim_contiguous(pk_in),
-             pv = last_dim_contiguous(pv_in);
-  // the kernels index prefix_ids / prefix_lens as flat arrays
-  const auto prefix_ids = ids_in.contiguous(), prefix_lens = lens_in.contiguous();
-  check_fwd_args(q, k, v, pk, pv, prefix_ids, prefix_lens, key_padding_mask, scale, window,
-                 softcap, kCpuMaxHeadDim);
-  TORCH_CHECK(q.device().is_cpu(), "prefix_attn::fwd (CPU kernel) got tensors on ", q.device());
-  const auto p = cpu::make_params(q, k, v, pk, pv, prefix_ids, prefix_lens, key_padding_mask,
-                                  causal, scale, window, softcap);
-  return cpu::attention_fwd_cpu(p, q);
+  const auto in = prepare_inputs(q_in, k_in, v_in, pk_in, pv_in, ids_in, lens_in,
+                                 key_padding_mask, scale, window, softcap, kCpuMaxHeadDim);
+  TORCH_CHECK(in.q.device().is_cpu(), "prefix_attn::fwd (CPU kernel) got tensors on ",
+              in.q.device());
+  const auto p = cpu::make_params(in.q, in.k, in.v, in.pk, in.pv, in.ids, in.lens,
+                                  key_padding_mask, causal, scale, window, softcap);
+  return cpu::attention_fwd_cpu(p, in.q);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
@@ -43,18 +34,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& ids_in, const at::Tensor& lens_in,
     const c10::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
     const at::Tensor& lse, bool causal, double scale, int64_t window, double softcap) {
-  const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
-             v = last_dim_contiguous(v_in), pk = last_dim_contiguous(pk_in),
-             pv = last_dim_contiguous(pv_in);
-  // the kernels index prefix_ids / prefix_lens as flat arrays
-  const auto prefix_ids = ids_in.contiguous(), prefix_lens = lens_in.contiguous();
-  const auto d = check_fwd_args(q, k, v, pk, pv, prefix_ids, prefix_lens, key_padding_mask,
-                                scale, window, softcap, kCpuMaxHeadDim);
-  check_bwd_args(d, q, dout, out, lse);
-  TORCH_CHECK(q.device().is_cpu(), "prefix_attn::bwd (CPU kernel) got tensors on ", q.device());
-  const auto p = cpu::make_params(q, k, v, pk, pv, prefix_ids, prefix_lens, key_padding_mask,
-                                  causal, scale, window, softcap);
-  return cpu::attention_bwd_cpu(p, dout.contiguous(), out.contiguous(), lse.contiguous(), q);
+  const auto in = prepare_inputs(q_in, k_in, v_in, pk_in, pv_in, ids_in, lens_in,
+                                 key_padding_mask, scale, window, softcap, kCpuMaxHeadDim);
+  check_bwd_args(in.d, in.q, dout, out, lse);
+  TORCH_CHECK(in.q.device().is_cpu(), "prefix_attn::bwd (CPU kernel) got tensors on ",
+              in.q.device());
+  const auto p = cpu::make_params(in.q, in.k, in.v, in.pk, in.pv, in.ids, in.lens,
+                                  key_padding_mask, causal, scale, window, softcap);
+  return cpu::attention_bwd_cpu(p, dout.contiguous(), out.contiguous(), lse.contiguous(), in.q);
 }
 
 }  // namespace

@@ -15,10 +15,6 @@ namespace {
 
 constexpr int64_t kCudaMaxHeadDim = 256;
 
-at::Tensor last_dim_contiguous(const at::Tensor& t) {
-  return (t.dim() > 0 && t.size(-1) > 1 && t.stride(-1) != 1) ? t.contiguous() : t;
-}
-
 cuda::DType to_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return cuda::DType::kFloat32;
@@ -28,16 +24,14 @@ cuda::DType to_dtype(at::ScalarType t) {
   }
 }
 
-cuda::CudaAttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& pk, const at::Tensor& pv,
-                                 const at::Tensor& ids, const at::Tensor& lens,
-                                 const c10::optional<at::Tensor>& kpm, bool causal, double scale,
-                                 int64_t window, double softcap) {
+cuda::CudaAttnParams make_params(const OpInputs& in, const c10::optional<at::Tensor>& kpm,
+                                 bool causal, double scale, int64_t window, double softcap) {
   cuda::CudaAttnParams p{};
-  fill_common_params(p, q, k, v, pk, pv, ids, lens, kpm, causal, scale, window, softcap);
+  fill_common_params(p, in.q, in.k, in.v, in.pk, in.pv, in.ids, in.lens, kpm, causal, scale,
+                     window, softcap);
   TORCH_CHECK(p.B <= 65535 && p.Hkv <= 65535, "prefix_attn (cuda): B=", p.B, " and Hkv=", p.Hkv,
               " must be <= 65535 (grid limits)");
-  p.dtype = to_dtype(q.scalar_type());
+  p.dtype = to_dtype(in.q.scalar_type());
   return p;
 }
 
@@ -47,18 +41,15 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
                                             const at::Tensor& lens_in,
                                             const c10::optional<at::Tensor>& kpm, bool causal,
                                             double scale, int64_t window, double softcap) {
-  const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
-             v = last_dim_contiguous(v_in), pk = last_dim_contiguous(pk_in),
-             pv = last_dim_contiguous(pv_in);
-  // the kernels index prefix_ids / prefix_lens as flat arrays
-  const auto ids = ids_in.contiguous(), lens = lens_in.contiguous();
-  const auto d = check_fwd_args(q, k, v, pk, pv, ids, lens, kpm, scale, window, softcap,
-                                kCudaMaxHeadDim);
+  const auto in = prepare_inputs(q_in, k_in, v_in, pk_in, pv_in, ids_in, lens_in, kpm, scale,
+                                 window, softcap, kCudaMaxHeadDim);
+  const auto& q = in.q;
+  const auto& d = in.d;
   TORCH_CHECK(q.is_cuda(), "prefix_attn::fwd (CUDA kernel) got tensors on ", q.device());
   const c10::cuda::CUDAGuard guard(q.device());
   auto out = at::empty({d.B, d.Hq, d.Sq, d.D}, q.options());
   auto lse = at::empty({d.B, d.Hq, d.Sq}, q.options().dtype(at::kFloat));
-  auto p = make_params(q, k, v, pk, pv, ids, lens, kpm, causal, scale, window, softcap);
+  auto p = make_params(in, kpm, causal, scale, window, softcap);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   const auto err = cuda::launch_fwd(p, c10::cuda::getCurrentCUDAStream().stream());
@@ -73,13 +64,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& ids_in, const at::Tensor& lens_in, const c10::optional<at::Tensor>& kpm,
     const at::Tensor& out_in, const at::Tensor& lse_in, bool causal, double scale,
     int64_t window, double softcap) {
-  const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
-             v = last_dim_contiguous(v_in), pk = last_dim_contiguous(pk_in),
-             pv = last_dim_contiguous(pv_in);
-  // the kernels index prefix_ids / prefix_lens as flat arrays
-  const auto ids = ids_in.contiguous(), lens = lens_in.contiguous();
-  const auto d = check_fwd_args(q, k, v, pk, pv, ids, lens, kpm, scale, window, softcap,
-                                kCudaMaxHeadDim);
+  const auto in = prepare_inputs(q_in, k_in, v_in, pk_in, pv_in, ids_in, lens_in, kpm, scale,
+                                 window, softcap, kCudaMaxHeadDim);
+  const auto& q = in.q;
+  const auto& d = in.d;
   check_bwd_args(d, q, dout_in, out_in, lse_in);
   TORCH_CHECK(q.is_cuda(), "prefix_attn::bwd (CUDA kernel) got tensors on ", q.device());
   const c10::cuda::CUDAGuard guard(q.device());
@@ -90,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   auto dpk = at::zeros({d.N, d.Hkv, d.P, d.D}, q.options());
   auto dpv = at::zeros({d.N, d.Hkv, d.P, d.D}, q.options());
   auto delta = at::empty({d.B, d.Hq, d.Sq}, q.options().dtype(at::kFloat));
-  auto p = make_params(q, k, v, pk, pv, ids, lens, kpm, causal, scale, window, softcap);
+  auto p = make_params(in, kpm, causal, scale, window, softcap);
   p.dout = dout.data_ptr();
   p.o = out.data_ptr();
   p.lse_in = lse.data_ptr<float>();
