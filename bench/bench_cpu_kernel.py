@@ -2,7 +2,8 @@
 
 Baseline (PEFT's prefix tuning inside an HF attention layer): the prefix is expanded over the
 batch, concatenated to the own KV, an explicit bool mask [B, 1, Sq, P + Skv] is built, then
-`F.scaled_dot_product_attention(..., attn_mask=mask, enable_gqa=True)`.
+SDPA is called as transformers calls it with a mask: K/V repeated over the query heads of
+each kv head first (`prefix_attn.baselines.peft_path_attention`).
 Ours: `prefix_attention(..., backend="cpu")` reading one copy of the prefix.
 
 Same inputs, same run; medians of repeated timings; ratio = baseline / ours (> 1: we are
@@ -26,12 +27,12 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from prefix_attn import prefix_attention  # noqa: E402
+from prefix_attn.baselines import peft_path_attention  # noqa: E402
 
 DEFAULT_SHAPE = dict(B=4, Hq=16, Hkv=4, D=64, S=512, P=64)
 
@@ -44,14 +45,9 @@ def make_inputs(B, Hq, Hkv, D, S, P, requires_grad, seed=0):
 
 
 def baseline(q, k, v, pk, pv):
-    """PEFT + HF: expand the prefix over the batch, cat, explicit causal mask, SDPA."""
-    B, S, P = q.shape[0], q.shape[2], pk.shape[2]
-    kk = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)
-    vv = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
-    causal = torch.ones(S, S, dtype=torch.bool).tril()
-    mask = torch.cat([torch.ones(S, P, dtype=torch.bool), causal], dim=1)
-    mask = mask[None, None].expand(B, 1, S, P + S)
-    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=True)
+    """PEFT + HF: prefix expanded over the batch, cat to the own KV, explicit mask, SDPA as
+    transformers calls it (prefix_attn.baselines, shared with the demo and the GPU bench)."""
+    return peft_path_attention(q, k, v, pk, pv, causal=True)
 
 
 def ours(q, k, v, pk, pv):
@@ -160,7 +156,7 @@ def main():
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
-    lines = [f"CPU kernel vs HF+PEFT (expand + cat + mask + SDPA), shape {shape}, fp32, causal, "
+    lines = [f"CPU kernel vs HF+PEFT (expand + cat + mask + repeat_kv + SDPA, as transformers), shape {shape}, fp32, causal, "
              f"{meta['threads']} threads, torch {torch.__version__}, medians of {a.reps}, "
              f"load average {load_before[0]:.2f} before / {load_after[0]:.2f} after",
              "", "| mode | baseline ms | ours ms | speedup | baseline peak MiB | ours peak MiB |",

@@ -51,9 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--seq", type=int, default=4096, help="own tokens per row (Sq = Skv = S)")
     p.add_argument("--prefix", default="16,64,128,256", help="comma-separated prefix lengths P")
-    p.add_argument("--modes", default="fwd,bwd,e2e,decode,ablate,sweep",
-                   help="subset of fwd,bwd,e2e,decode,ablate,sweep (ablate: the backward with each "
-                        "kernel switch of ABLATIONS flipped and at its default, at P 128; "
+    p.add_argument("--modes", default="fwd,bwd,e2e,decode,ablate,profile,sweep",
+                   help="subset of fwd,bwd,e2e,decode,ablate,profile,sweep (ablate: the backward "
+                        "with each kernel switch of ABLATIONS flipped and at its default, at P "
+                        "128; profile: kernel time breakdown of one forward + backward of ours "
+                        "and of the baselines at P 128; "
                         "sweep: cascade vs per-row decode over a grid of batch / prefix / own-KV "
                         "lengths, and the automatic choice)")
     p.add_argument("--decode-batch", type=int, default=64,
@@ -72,7 +74,7 @@ def parse_args(argv=None):
         p.error("--out is required (unless --render)")
     a.prefix_lens = [int(x) for x in a.prefix.split(",") if x.strip()]
     a.mode_list = [m.strip() for m in a.modes.split(",") if m.strip()]
-    bad = set(a.mode_list) - {"fwd", "bwd", "e2e", "decode", "ablate", "sweep"}
+    bad = set(a.mode_list) - {"fwd", "bwd", "e2e", "decode", "ablate", "profile", "sweep"}
     if bad:
         p.error(f"unknown modes {sorted(bad)}")
     if a.hq % a.hkv:
@@ -138,6 +140,51 @@ def peft_attention(q, k, v, pk, pv):
     from prefix_attn.baselines import peft_path_attention
 
     return peft_path_attention(q, k, v, pk, pv)
+
+
+def peft_attention_enable_gqa(q, k, v, pk, pv):
+    """The baseline of the first H200 run (2026-11-28): the PEFT path with the mask but GQA
+    through `enable_gqa=True` instead of transformers' `repeat_kv`. On CUDA no fused SDPA
+    backend takes GQA with a mask, so this runs the unfused math backend; kept as a second
+    record at the target P to show what the change of baseline did."""
+    from prefix_attn.baselines import per_row_prefix
+    from prefix_attn.reference import visible_mask
+    from prefix_attn.validation import normalize
+
+    a = normalize(q, k, v, pk, pv)
+    keys = torch.cat([per_row_prefix(a.prefix_k, a.prefix_ids), a.k], dim=2)
+    vals = torch.cat([per_row_prefix(a.prefix_v, a.prefix_ids), a.v], dim=2)
+    return F.scaled_dot_product_attention(a.q, keys, vals, attn_mask=visible_mask(a),
+                                          scale=a.scale, enable_gqa=True)
+
+
+def kernel_breakdown(fn, device: str, top: int = 8) -> dict:
+    """Where one call of fn() spends its time: torch.profiler over one call after a warm-up,
+    device time per kernel name (CUDA) or self CPU time per op (CPU), the `top` largest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        if cuda and str(e.device_type) != "DeviceType.CUDA":
+            continue
+        us = (e.self_device_time_total or e.device_time_total) if cuda else e.self_cpu_time_total
+        if us > 0:
+            rows.append({"kernel": e.key, "ms": us / 1e3, "calls": e.count})
+    rows.sort(key=lambda r: -r["ms"])
+    return {"total_ms": sum(r["ms"] for r in rows), "top": rows[:top]}
+
+
+def reference_P(a) -> int:
+    """The prefix length of the one-off measurements (ablations, breakdown, old baseline)."""
+    return TARGET_P if TARGET_P in a.prefix_lens else a.prefix_lens[0]
 
 
 def sdpa_flash(q, k, v):
@@ -222,6 +269,10 @@ def bench_one(a, P: int, device: str, time_ms) -> list:
         t_peft = time_ms(step(lambda: peft_attention(q, k, v, pk, pv)))
         records.append(_record("e2e", P, t_ours, t_peft, "peft_sdpa", B, Hq, D,
                                ours_pairs, ours_pairs))
+        if P == reference_P(a):
+            t_old = time_ms(step(lambda: peft_attention_enable_gqa(q, k, v, pk, pv)))
+            records.append(_record("e2e", P, t_ours, t_old, "peft_sdpa_enable_gqa", B, Hq, D,
+                                   ours_pairs, ours_pairs))
     if "decode" in a.mode_list:
         records += bench_decode(a, P, device, time_ms, backend)
     return records
@@ -289,7 +340,7 @@ def bench_ablations(a, device: str, time_ms) -> list:
 
     if a.dry_run and not interpreting():
         return []
-    P = TARGET_P if TARGET_P in a.prefix_lens else a.prefix_lens[0]
+    P = reference_P(a)
     q, k, v, pk, pv = _train_inputs(a, P, device, torch.Generator(device=device).manual_seed(P))
     out = prefix_attention(q, k, v, pk, pv, backend="triton")
     do = torch.randn_like(out)
@@ -347,6 +398,29 @@ def bench_decode_sweep(a, device: str, time_ms, backend: str) -> list:
     return out
 
 
+def bench_profile(a, device: str) -> dict:
+    """Kernel time breakdown of one forward + backward at reference_P(a): ours, the PEFT path
+    and the enable_gqa variant (which SDPA backend each baseline really runs, and where our
+    backward's time goes: Delta, dK/dV own, dK/dV prefix, dQ)."""
+    from prefix_attn import prefix_attention
+
+    P = reference_P(a)
+    q, k, v, pk, pv = _train_inputs(a, P, device, torch.Generator(device=device).manual_seed(P))
+    do = torch.randn(a.batch, a.hq, a.seq, a.head_dim, device=device, dtype=DTYPES[a.dtype])
+    backend = "torch" if a.dry_run else "triton"
+    variants = {"ours": lambda: prefix_attention(q, k, v, pk, pv, backend=backend),
+                "peft_sdpa": lambda: peft_attention(q, k, v, pk, pv),
+                "peft_sdpa_enable_gqa": lambda: peft_attention_enable_gqa(q, k, v, pk, pv)}
+    out = {"P": P}
+    for name, fn in variants.items():
+        out[name] = kernel_breakdown(lambda: torch.autograd.grad(fn(), (q, k, v, pk, pv), do),
+                                     device)
+        top = out[name]["top"][0] if out[name]["top"] else {"kernel": "-", "ms": 0.0}
+        print(f"profile {name} P={P}: {out[name]['total_ms']:.3f} ms in kernels, largest "
+              f"{top['kernel'][:60]} {top['ms']:.3f} ms", flush=True)
+    return out
+
+
 def _record(mode, P, t_ours, t_base, base_name, B, Hq, D, ours_pairs, base_pairs):
     f_ours, f_base = attn_flops(B, Hq, D, ours_pairs, mode), attn_flops(B, Hq, D, base_pairs, mode)
     r = {"mode": mode, "P": P, "baseline": base_name,
@@ -360,8 +434,10 @@ def _record(mode, P, t_ours, t_base, base_name, B, Hq, D, ours_pairs, base_pairs
 
 def check_targets(records) -> dict:
     """Each target of TARGETS against the record at P = TARGET_P (None when not measured)."""
-    by = {(r["mode"], r["P"]): r for r in records}
-    fwd, bwd, e2e = by.get(("fwd", TARGET_P)), by.get(("bwd", TARGET_P)), by.get(("e2e", TARGET_P))
+    by = {(r["mode"], r["P"], r.get("baseline")): r for r in records}
+    fwd = by.get(("fwd", TARGET_P, "sdpa_flash"))
+    bwd = by.get(("bwd", TARGET_P, "sdpa_flash"))
+    e2e = by.get(("e2e", TARGET_P, "peft_sdpa"))
     got = {
         "fwd_tflops_min": fwd and fwd["ours_tflops"],
         "fwd_vs_sdpa_flash_min": fwd and fwd["tflops_ratio"],
@@ -388,7 +464,9 @@ def autotuned_configs() -> dict:
 
 
 _MODE_TEXT = {"fwd": "forward", "bwd": "backward", "e2e": "fwd+bwd", "decode": "decode (cascade)"}
-_BASE_TEXT = {"sdpa_flash": "SDPA flash, same total length", "peft_sdpa": "PEFT path",
+_BASE_TEXT = {"sdpa_flash": "SDPA flash, same total length",
+              "peft_sdpa": "PEFT path (repeat_kv + mask, as transformers)",
+              "peft_sdpa_enable_gqa": "PEFT path with enable_gqa + mask (math backend on CUDA)",
               "per_row_kernel": "our per-row kernel"}
 
 
@@ -421,6 +499,16 @@ def markdown(result: dict) -> str:
         for r in result["ablations"]:
             lines.append(f"| `{r['switch']}` | {r['P']} | {r['default']} | {r['default_ms']:.3f} | "
                          f"{r['other_ms']:.3f} | {r['speedup_of_default']:.3f}x |")
+    if result.get("profile"):
+        prof = result["profile"]
+        lines += ["", f"Kernel time of one forward + backward at P {prof['P']} (torch.profiler; "
+                  "the largest kernels of each):", "",
+                  "| variant | kernels ms | kernel | ms | calls |", "|---|---|---|---|---|"]
+        for name in ("ours", "peft_sdpa", "peft_sdpa_enable_gqa"):
+            for i, r in enumerate(prof.get(name, {}).get("top", [])[:6]):
+                head = f"{name} | {prof[name]['total_ms']:.3f}" if i == 0 else " | "
+                kernel = r["kernel"] if len(r["kernel"]) <= 70 else r["kernel"][:67] + "..."
+                lines.append(f"| {head} | `{kernel}` | {r['ms']:.3f} | {r['calls']} |")
     lines += ["", f"Targets at P {TARGET_P}:", ""]
     for name, t in result.get("targets", {}).items():
         got = "not measured" if t["measured"] is None else f"{t['measured']:.2f}"
@@ -477,6 +565,13 @@ def main(argv=None) -> dict:
         _write(result, a.out)
     if "ablate" in a.mode_list:
         result["ablations"] = bench_ablations(a, device, time_ms)
+        _write(result, a.out)
+    if "profile" in a.mode_list:
+        try:
+            result["profile"] = bench_profile(a, device)
+        except Exception as e:  # the profiler must not cost the rest of a GPU run
+            result["profile_error"] = repr(e)
+            print(f"profile failed: {e!r}", flush=True)
         _write(result, a.out)
     if "sweep" in a.mode_list:
         result["decode_sweep"] = bench_decode_sweep(a, device, time_ms, "torch" if a.dry_run else "triton")
