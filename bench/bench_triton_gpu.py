@@ -161,6 +161,7 @@ def peft_attention_enable_gqa(q, k, v, pk, pv):
 def kernel_breakdown(fn, device: str, top: int = 8) -> dict:
     """Where one call of fn() spends its time: torch.profiler over one call after a warm-up,
     device time per kernel name (CUDA) or self CPU time per op (CPU), the `top` largest."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device == "cuda"
@@ -173,7 +174,7 @@ def kernel_breakdown(fn, device: str, top: int = 8) -> dict:
             torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages():
-        if cuda and str(e.device_type) != "DeviceType.CUDA":
+        if cuda and e.device_type != DeviceType.CUDA:
             continue
         us = (e.self_device_time_total or e.device_time_total) if cuda else e.self_cpu_time_total
         if us > 0:
