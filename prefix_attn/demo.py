@@ -34,8 +34,8 @@ def _title(text: str) -> None:
 
 
 def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True)
+    from .progress import progress_bar
+    return progress_bar(total, desc, "step")
 
 
 # -- data ------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def load_base(model_dir, device: str, pretrain_steps: int, seed: int):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         bar.update()
     bar.close()
     return model.eval(), tok
@@ -112,7 +112,8 @@ def train_prefixes(model, tok, device: str, max_steps: int, num_virtual_tokens: 
         tokens += ids.numel()
         history.append(loss.item())
         first = history[0] if first is None else first
-        bar.set_postfix(loss=f"{history[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        rate = tokens / (time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{history[-1]:.3f}", tok_s=f"{rate:.0f}", refresh=False)
         bar.update()
         recent = statistics.mean(history[-5:])
         if step >= 10 and recent < 0.5 * first:

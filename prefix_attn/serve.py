@@ -172,27 +172,8 @@ def _left_pad(rows: List[List[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 def _progress(total: int, enabled: bool):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # a plain counter on stderr
-        tqdm = None
-    if tqdm is not None:
-        return tqdm(total=total, unit="req", desc="generate", disable=not enabled, file=sys.stderr)
-
-    class _Counter:
-        def __init__(self):
-            self.n = 0
-
-        def update(self, k):
-            self.n += k
-            if enabled:
-                print(f"\rgenerate: {self.n}/{total}", end="", file=sys.stderr, flush=True)
-
-        def close(self):
-            if enabled:
-                print(file=sys.stderr)
-
-    return _Counter()
+    from .progress import progress_bar
+    return progress_bar(total, "generate", "req", enabled=enabled)
 
 
 class _Output:

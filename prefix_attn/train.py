@@ -205,7 +205,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Train as ``args`` says; returns 0. Writes OUTPUT/{checkpoint.pt, log.jsonl, adapter/}."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     from prefix_attn.tuning import prefix_tuning
 
@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
                       "torch_rng": torch.get_rng_state(), "args": vars(args)}, ckpt_path)
 
     model.train()
-    bar = tqdm(total=total, initial=step, disable=args.no_progress, unit="step", dynamic_ncols=True)
+    bar = progress_bar(total, "prefix tuning", "step", enabled=not args.no_progress, initial=step)
     t0, tokens = time.perf_counter(), 0
     loss_value = float("nan")
     while step < total:
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
         loss_value = loss.item()
         tokens += int(mask.sum())
         rate = tokens / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:.0f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:.0f}", refresh=False)
         bar.update(1)
         record = {"step": step, "loss": loss_value, "tokens_per_s": rate}
         if eval_data and (step % args.eval_every == 0 or step == total):
