@@ -188,11 +188,8 @@ void bwd_impl(const AttnParams& p, const T* dout, const T* out, const float* lse
         const int64_t n = p.ids[b], L = p.lens[n];
         for (int64_t j0 = 0; j0 < L; j0 += kBlockN) {
           const int64_t bn = std::min(kBlockN, L - j0);
-          int64_t ldk, ldv;
-          const float* K = key_tile(pk + n * p.pk_s[0] + g * p.pk_s[1] + j0 * p.pk_s[2],
-                                    p.pk_s[2], bn, D, w.Kb, &ldk);
-          const float* V = key_tile(pv + n * p.pv_s[0] + g * p.pv_s[1] + j0 * p.pv_s[2],
-                                    p.pv_s[2], bn, D, w.Vb, &ldv);
+          const auto [K, ldk, V, ldv] =
+              kv_tile(pk, p.pk_s, pv, p.pv_s, n, g, j0, bn, D, w.Kb, w.Vb);
           key_tile_grads(K, ldk, V, ldv, bn, nullptr, j0, 0, n_qt);
           float* part = dpart.data() + (it * p.P + j0) * D;
           std::copy(dK, dK + bn * D, part);
@@ -206,11 +203,7 @@ void bwd_impl(const AttnParams& p, const T* dout, const T* out, const float* lse
           int64_t ilo, ihi;
           own.query_range(j0, bn, &ilo, &ihi);
           if (ilo >= ihi) continue;
-          int64_t ldk, ldv;
-          const float* K = key_tile(k + b * p.k_s[0] + g * p.k_s[1] + j0 * p.k_s[2], p.k_s[2],
-                                    bn, D, w.Kb, &ldk);
-          const float* V = key_tile(v + b * p.v_s[0] + g * p.v_s[1] + j0 * p.v_s[2], p.v_s[2],
-                                    bn, D, w.Vb, &ldv);
+          const auto [K, ldk, V, ldv] = kv_tile(k, p.k_s, v, p.v_s, b, g, j0, bn, D, w.Kb, w.Vb);
           key_tile_grads(K, ldk, V, ldv, bn, &own, j0, ilo / kBlockM,
                          (ihi + kBlockM - 1) / kBlockM);
           for (int64_t jj = 0; jj < bn; ++jj) {
@@ -267,29 +260,23 @@ void bwd_impl(const AttnParams& p, const T* dout, const T* out, const float* lse
       call.load_queries(w, b, g, q0, bm);
       float* dQ = w.acc0;
       std::fill(dQ, dQ + w.R * D, 0.f);
-      auto tile = [&](const T* ks, int64_t ldk_in, const T* vs, int64_t ldv_in, int64_t bn,
-                      const OwnKeys* own, int64_t j0) {
-        int64_t ldk, ldv;
-        const float* K = key_tile(ks, ldk_in, bn, D, w.Kb, &ldk);
-        const float* V = key_tile(vs, ldv_in, bn, D, w.Vb, &ldv);
-        call.scores_to_grads(w, K, ldk, V, ldv, bn, own, q0, bm, j0);
-        gemm_rm(false, false, w.R, D, bn, 1.f, w.dP, kBlockN, K, ldk, 1.f, dQ, D);
+      // keys [j0, j0 + bn) of slice `outer` (row or entry) of the pair kk, vv
+      auto tile = [&](const T* kk, const int64_t* ks, const T* vv, const int64_t* vs,
+                      int64_t outer, int64_t j0, int64_t bn, const OwnKeys* own) {
+        const KVTile t = kv_tile(kk, ks, vv, vs, outer, g, j0, bn, D, w.Kb, w.Vb);
+        call.scores_to_grads(w, t.K, t.ldk, t.V, t.ldv, bn, own, q0, bm, j0);
+        gemm_rm(false, false, w.R, D, bn, 1.f, w.dP, kBlockN, t.K, t.ldk, 1.f, dQ, D);
       };
       const int64_t n = p.ids[b], L = p.lens[n];
-      for (int64_t j0 = 0; j0 < L; j0 += kBlockN) {
-        tile(pk + n * p.pk_s[0] + g * p.pk_s[1] + j0 * p.pk_s[2], p.pk_s[2],
-             pv + n * p.pv_s[0] + g * p.pv_s[1] + j0 * p.pv_s[2], p.pv_s[2],
-             std::min(kBlockN, L - j0), nullptr, j0);
-      }
+      for (int64_t j0 = 0; j0 < L; j0 += kBlockN)
+        tile(pk, p.pk_s, pv, p.pv_s, n, j0, std::min(kBlockN, L - j0), nullptr);
       const OwnKeys own(p, b);
       int64_t lo, hi;
       own.key_range(q0, bm, &lo, &hi);
       for (int64_t j0 = lo; j0 < hi; j0 += kBlockN) {
         const int64_t bn = std::min(kBlockN, hi - j0);
         if (own.all_padding(j0, bn)) continue;
-        tile(k + b * p.k_s[0] + g * p.k_s[1] + j0 * p.k_s[2], p.k_s[2],
-             v + b * p.v_s[0] + g * p.v_s[1] + j0 * p.v_s[2], p.v_s[2], bn,
-             own.needs_mask(q0, bm, j0, bn) ? &own : nullptr, j0);
+        tile(k, p.k_s, v, p.v_s, b, j0, bn, own.needs_mask(q0, bm, j0, bn) ? &own : nullptr);
       }
       for (int64_t hh = 0; hh < G; ++hh) {
         for (int64_t ii = 0; ii < bm; ++ii) {
@@ -323,11 +310,7 @@ void bwd_impl(const AttnParams& p, const T* dout, const T* out, const float* lse
         const int64_t pt = it % n_pt, ng = it / n_pt, n = ng / p.Hkv, g = ng % p.Hkv;
         const int64_t j0 = pt * kBlockN, bn = std::min(kBlockN, p.lens[n] - j0);
         if (bn <= 0) continue;  // beyond the entry's length: gradient stays zero
-        int64_t ldk, ldv;
-        const T* ks = pk + n * p.pk_s[0] + g * p.pk_s[1] + j0 * p.pk_s[2];
-        const T* vs = pv + n * p.pv_s[0] + g * p.pv_s[1] + j0 * p.pv_s[2];
-        const float* K = key_tile(ks, p.pk_s[2], bn, D, w.Kb, &ldk);
-        const float* V = key_tile(vs, p.pv_s[2], bn, D, w.Vb, &ldv);
+        const auto [K, ldk, V, ldv] = kv_tile(pk, p.pk_s, pv, p.pv_s, n, g, j0, bn, D, w.Kb, w.Vb);
         std::fill(dK, dK + bn * D, 0.f);
         std::fill(dV, dV + bn * D, 0.f);
         for (int64_t b = 0; b < p.B; ++b) {
@@ -349,11 +332,7 @@ void bwd_impl(const AttnParams& p, const T* dout, const T* out, const float* lse
         int64_t ilo, ihi;
         own.query_range(j0, bn, &ilo, &ihi);
         if (ilo >= ihi) continue;
-        int64_t ldk, ldv;
-        const float* K = key_tile(k + b * p.k_s[0] + g * p.k_s[1] + j0 * p.k_s[2], p.k_s[2], bn,
-                                  D, w.Kb, &ldk);
-        const float* V = key_tile(v + b * p.v_s[0] + g * p.v_s[1] + j0 * p.v_s[2], p.v_s[2], bn,
-                                  D, w.Vb, &ldv);
+        const auto [K, ldk, V, ldv] = kv_tile(k, p.k_s, v, p.v_s, b, g, j0, bn, D, w.Kb, w.Vb);
         std::fill(dK, dK + bn * D, 0.f);
         std::fill(dV, dV + bn * D, 0.f);
         for (int64_t q0 = ilo; q0 < ihi; q0 += kBlockM) {

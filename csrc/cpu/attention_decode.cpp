@@ -135,13 +135,10 @@ void cascade_impl(const AttnParams& p, T* out, float* lse) {
             for (int64_t ii = 0; ii < Sq; ++ii) orow[r0 + ii] = (b * p.Hq + h) * Sq + ii;
           }
         }
-        const T* kbase = pk + pi.n * p.pk_s[0] + pi.g * p.pk_s[1];
-        const T* vbase = pv + pi.n * p.pv_s[0] + pi.g * p.pv_s[1];
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t j0 = t * kBlockN, bn = std::min(kBlockN, L - j0);
-          int64_t ldk, ldv;
-          const float* K = key_tile(kbase + j0 * p.pk_s[2], p.pk_s[2], bn, D, st.Kb, &ldk);
-          const float* V = key_tile(vbase + j0 * p.pv_s[2], p.pv_s[2], bn, D, st.Vb, &ldv);
+          const auto [K, ldk, V, ldv] =
+              kv_tile(pk, p.pk_s, pv, p.pv_s, pi.n, pi.g, j0, bn, D, st.Kb, st.Vb);
           fold_tile(st, K, ldk, V, ldv, bn, p, nullptr, G, 0, Sq, j0);
         }
         part = split;
@@ -166,11 +163,8 @@ void cascade_impl(const AttnParams& p, T* out, float* lse) {
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t j0 = lo + t * kBlockN, bn = std::min(kBlockN, hi - j0);
           if (own.all_padding(j0, bn)) continue;
-          int64_t ldk, ldv;
-          const float* K = key_tile(k + b * p.k_s[0] + g * p.k_s[1] + j0 * p.k_s[2], p.k_s[2],
-                                    bn, D, st.Kb, &ldk);
-          const float* V = key_tile(v + b * p.v_s[0] + g * p.v_s[1] + j0 * p.v_s[2], p.v_s[2],
-                                    bn, D, st.Vb, &ldv);
+          const auto [K, ldk, V, ldv] =
+              kv_tile(k, p.k_s, v, p.v_s, b, g, j0, bn, D, st.Kb, st.Vb);
           const bool masked = own.needs_mask(q0, bm, j0, bn);
           fold_tile(st, K, ldk, V, ldv, bn, p, masked ? &own : nullptr, G, q0, bm, j0);
         }

@@ -47,11 +47,8 @@ void fwd_impl(const AttnParams& p, T* out, float* lse) {
       const int64_t n = p.ids[b], L = p.lens[n];
       for (int64_t j0 = 0; j0 < L; j0 += kBlockN) {
         const int64_t bn = std::min(kBlockN, L - j0);
-        int64_t ldk, ldv;
-        const float* K = key_tile(pk + n * p.pk_s[0] + g * p.pk_s[1] + j0 * p.pk_s[2],
-                                  p.pk_s[2], bn, D, st.Kb, &ldk);
-        const float* V = key_tile(pv + n * p.pv_s[0] + g * p.pv_s[1] + j0 * p.pv_s[2],
-                                  p.pv_s[2], bn, D, st.Vb, &ldv);
+        const auto [K, ldk, V, ldv] =
+            kv_tile(pk, p.pk_s, pv, p.pv_s, n, g, j0, bn, D, st.Kb, st.Vb);
         fold_tile(st, K, ldk, V, ldv, bn, p, nullptr, G, q0, bm, j0);
       }
       // -- own tiles: skip hidden ones, mask only the partially visible ----
@@ -61,11 +58,7 @@ void fwd_impl(const AttnParams& p, T* out, float* lse) {
       for (int64_t j0 = lo; j0 < hi; j0 += kBlockN) {
         const int64_t bn = std::min(kBlockN, hi - j0);
         if (own.all_padding(j0, bn)) continue;
-        int64_t ldk, ldv;
-        const float* K = key_tile(k + b * p.k_s[0] + g * p.k_s[1] + j0 * p.k_s[2], p.k_s[2], bn,
-                                  D, st.Kb, &ldk);
-        const float* V = key_tile(v + b * p.v_s[0] + g * p.v_s[1] + j0 * p.v_s[2], p.v_s[2], bn,
-                                  D, st.Vb, &ldv);
+        const auto [K, ldk, V, ldv] = kv_tile(k, p.k_s, v, p.v_s, b, g, j0, bn, D, st.Kb, st.Vb);
         const bool masked = own.needs_mask(q0, bm, j0, bn);
         fold_tile(st, K, ldk, V, ldv, bn, p, masked ? &own : nullptr, G, q0, bm, j0);
       }

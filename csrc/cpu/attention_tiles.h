@@ -213,6 +213,24 @@ inline const float* key_tile(const T* src, int64_t ld, int64_t rows, int64_t D, 
   }
 }
 
+// Keys [j0, j0 + bn) of one slice (row b or bank entry n, kv head g) of a [*, Hkv, S, D] pair
+// k, v with element strides ks, vs: K and V as fp32 tiles with leading dims ldk, ldv.
+struct KVTile {
+  const float* K;
+  int64_t ldk;
+  const float* V;
+  int64_t ldv;
+};
+
+template <typename T>
+inline KVTile kv_tile(const T* k, const int64_t* ks, const T* v, const int64_t* vs, int64_t outer,
+                      int64_t g, int64_t j0, int64_t bn, int64_t D, float* Kb, float* Vb) {
+  KVTile t;
+  t.K = key_tile(k + outer * ks[0] + g * ks[1] + j0 * ks[2], ks[2], bn, D, Kb, &t.ldk);
+  t.V = key_tile(v + outer * vs[0] + g * vs[1] + j0 * vs[2], vs[2], bn, D, Vb, &t.ldv);
+  return t;
+}
+
 // Visibility of the own keys of row b: causal (bottom-right aligned), window, key padding.
 struct OwnKeys {
   int64_t Sq, Skv, off;  // off = Skv - Sq: query i sits at key position off + i
