@@ -8,7 +8,7 @@
 #                /tmp/prefix_attn_ext, moved into prefix_attn/ before tests_rest
 #   tests_gpu    (T_GPU, 100)    tests/test_triton_gpu.py -m gpu: real sizes, bf16/fp16, head
 #                dims 16..256; tests/test_hf_gpu.py: tiny HF models on the GPU through the
-#                triton backend (4 workers: compiling is the slow part)
+#                triton backend (8 workers: compiling is the slow part)
 #   bench        (T_BENCH, 220)  bench/bench_triton_gpu.py, full autotuning, with the same-run
 #                comparison of the backward's kernel switches (bench_triton_gpu.ABLATIONS), the
 #                older enable_gqa baseline at P 128 and a kernel-time profile (results are
@@ -99,7 +99,7 @@ cat "$OUT/summary.txt"
 
 # Tests: one config per kernel (no autotuning sweep); compiled kernels, not the interpreter.
 stage tests_gpu "${T_GPU:-100}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
-    $PY -m pytest -v -p no:cacheprovider -n 4 tests/test_triton_gpu.py tests/test_hf_gpu.py -m gpu
+    $PY -m pytest -v -p no:cacheprovider -n 8 tests/test_triton_gpu.py tests/test_hf_gpu.py -m gpu
 
 # Benchmark: full autotuning; the chosen configs go to the log and the JSON.
 stage bench "${T_BENCH:-220}" env -u TRITON_INTERPRET -u PREFIX_ATTN_TRITON_ONE_CONFIG \
