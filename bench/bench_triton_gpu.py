@@ -145,8 +145,9 @@ def peft_attention(q, k, v, pk, pv):
 def peft_attention_enable_gqa(q, k, v, pk, pv):
     """The baseline of the first H200 run (2026-11-28): the PEFT path with the mask but GQA
     through `enable_gqa=True` instead of transformers' `repeat_kv`. On CUDA no fused SDPA
-    backend takes GQA with a mask, so this runs the unfused math backend; kept as a second
-    record at the target P to show what the change of baseline did."""
+    backend takes GQA with a mask, so this falls back to the unfused math backend (the profile
+    mode shows which kernels ran); kept as a second record at the target P to show what the
+    change of baseline did."""
     from prefix_attn.baselines import per_row_prefix
     from prefix_attn.reference import visible_mask
     from prefix_attn.validation import normalize
@@ -268,11 +269,11 @@ def bench_one(a, P: int, device: str, time_ms) -> list:
 
         t_ours = time_ms(step(ours))
         t_peft = time_ms(step(lambda: peft_attention(q, k, v, pk, pv)))
-        records.append(_record("e2e", P, t_ours, t_peft, "peft_sdpa", B, Hq, D,
+        records.append(_record("e2e", P, t_ours, t_peft, "peft_transformers", B, Hq, D,
                                ours_pairs, ours_pairs))
         if P == reference_P(a):
             t_old = time_ms(step(lambda: peft_attention_enable_gqa(q, k, v, pk, pv)))
-            records.append(_record("e2e", P, t_ours, t_old, "peft_sdpa_enable_gqa", B, Hq, D,
+            records.append(_record("e2e", P, t_ours, t_old, "peft_sdpa", B, Hq, D,
                                    ours_pairs, ours_pairs))
     if "decode" in a.mode_list:
         records += bench_decode(a, P, device, time_ms, backend)
@@ -299,7 +300,7 @@ def bench_decode(a, P: int, device: str, time_ms, backend: str) -> list:
     with torch.no_grad():
         t_peft = time_ms(lambda: peft_attention(q, k, v, pk, pv))
     return [_record("decode", P, times["1"], times["0"], "per_row_kernel", B, Hq, D, pairs, pairs),
-            _record("decode", P, times["1"], t_peft, "peft_sdpa", B, Hq, D, pairs, pairs)]
+            _record("decode", P, times["1"], t_peft, "peft_transformers", B, Hq, D, pairs, pairs)]
 
 
 def _time_cascade_modes(time_ms, call) -> dict:
@@ -410,8 +411,8 @@ def bench_profile(a, device: str) -> dict:
     do = torch.randn(a.batch, a.hq, a.seq, a.head_dim, device=device, dtype=DTYPES[a.dtype])
     backend = "torch" if a.dry_run else "triton"
     variants = {"ours": lambda: prefix_attention(q, k, v, pk, pv, backend=backend),
-                "peft_sdpa": lambda: peft_attention(q, k, v, pk, pv),
-                "peft_sdpa_enable_gqa": lambda: peft_attention_enable_gqa(q, k, v, pk, pv)}
+                "peft_transformers": lambda: peft_attention(q, k, v, pk, pv),
+                "peft_sdpa": lambda: peft_attention_enable_gqa(q, k, v, pk, pv)}
     out = {"P": P}
     for name, fn in variants.items():
         out[name] = kernel_breakdown(lambda: torch.autograd.grad(fn(), (q, k, v, pk, pv), do),
@@ -438,7 +439,7 @@ def check_targets(records) -> dict:
     by = {(r["mode"], r["P"], r.get("baseline")): r for r in records}
     fwd = by.get(("fwd", TARGET_P, "sdpa_flash"))
     bwd = by.get(("bwd", TARGET_P, "sdpa_flash"))
-    e2e = by.get(("e2e", TARGET_P, "peft_sdpa"))
+    e2e = by.get(("e2e", TARGET_P, "peft_transformers"))
     got = {
         "fwd_tflops_min": fwd and fwd["ours_tflops"],
         "fwd_vs_sdpa_flash_min": fwd and fwd["tflops_ratio"],
@@ -466,8 +467,9 @@ def autotuned_configs() -> dict:
 
 _MODE_TEXT = {"fwd": "forward", "bwd": "backward", "e2e": "fwd+bwd", "decode": "decode (cascade)"}
 _BASE_TEXT = {"sdpa_flash": "SDPA flash, same total length",
-              "peft_sdpa": "PEFT path (repeat_kv + mask, as transformers)",
-              "peft_sdpa_enable_gqa": "PEFT path with enable_gqa + mask (math backend on CUDA)",
+              # the first baseline (runs up to 2026-11-28): enable_gqa with the mask
+              "peft_sdpa": "PEFT path, older form (SDPA enable_gqa + mask)",
+              "peft_transformers": "PEFT path as transformers runs it",
               "per_row_kernel": "our per-row kernel"}
 
 
@@ -505,7 +507,7 @@ def markdown(result: dict) -> str:
         lines += ["", f"Kernel time of one forward + backward at P {prof['P']} (torch.profiler; "
                   "the largest kernels of each):", "",
                   "| variant | kernels ms | kernel | ms | calls |", "|---|---|---|---|---|"]
-        for name in ("ours", "peft_sdpa", "peft_sdpa_enable_gqa"):
+        for name in ("ours", "peft_transformers", "peft_sdpa"):
             for i, r in enumerate(prof.get(name, {}).get("top", [])[:6]):
                 head = f"{name} | {prof[name]['total_ms']:.3f}" if i == 0 else " | "
                 kernel = r["kernel"] if len(r["kernel"]) <= 70 else r["kernel"][:67] + "..."

@@ -40,9 +40,10 @@ def test_targets_are_checked_at_the_target_prefix(bench):
     recs = [{"mode": "fwd", "P": 128, "ours_tflops": 450.0, "tflops_ratio": 0.9},
             {"mode": "bwd", "P": 128, "ours_tflops": 260.0},
             {"mode": "e2e", "P": 64, "time_ratio": 3.0}]
-    recs = [dict(r, baseline={"e2e": "peft_sdpa"}.get(r["mode"], "sdpa_flash")) for r in recs]
+    base = {"e2e": "peft_transformers"}
+    recs = [dict(r, baseline=base.get(r["mode"], "sdpa_flash")) for r in recs]
     # a second e2e record at P 128 against another baseline does not count for the target
-    recs.append({"mode": "e2e", "P": 128, "time_ratio": 5.0, "baseline": "peft_sdpa_enable_gqa"})
+    recs.append({"mode": "e2e", "P": 128, "time_ratio": 5.0, "baseline": "peft_sdpa"})
     t = bench.check_targets(recs)
     assert t["fwd_tflops_min"]["met"] is True
     assert t["fwd_vs_sdpa_flash_min"]["met"] is False
@@ -57,7 +58,7 @@ def test_dry_run_writes_json(bench, tmp_path):
     assert {"gpu", "torch", "triton", "date"} <= set(data["environment"])
     assert [r["mode"] for r in data["records"]] == ["fwd", "bwd", "e2e", "e2e", "decode", "decode"]
     assert [r["baseline"] for r in data["records"][2:]] == [
-        "peft_sdpa", "peft_sdpa_enable_gqa", "per_row_kernel", "peft_sdpa"]
+        "peft_transformers", "peft_sdpa", "per_row_kernel", "peft_transformers"]
     for r in data["records"]:
         assert r["P"] == 5 and r["ours_ms"] > 0 and r["baseline_ms"] > 0 and r["ours_tflops"] > 0
     # the kernel switch comparison: through the interpreter here, one row per switch
@@ -74,7 +75,7 @@ def test_dry_run_writes_json(bench, tmp_path):
     # the kernel breakdown: every variant profiled, largest first
     prof = data["profile"]
     assert prof["P"] == 5
-    for name in ("ours", "peft_sdpa", "peft_sdpa_enable_gqa"):
+    for name in ("ours", "peft_transformers", "peft_sdpa"):
         ms = [r["ms"] for r in prof[name]["top"]]
         assert ms and ms == sorted(ms, reverse=True) and prof[name]["total_ms"] >= sum(ms)
     md = (tmp_path / "bench_triton_gpu.md").read_text()
