@@ -13,12 +13,16 @@ prefix (`masking_utils` then `integrations.sdpa_attention.sdpa_attention_forward
   transformers does not pass `enable_gqa` with a mask because on CUDA no fused SDPA backend
   takes that pair and the call would fall back to the unfused math backend.
 - GQA with a mask and Sq == 1: `pack_gqa` folds the query heads of one kv head into the query
-  length ([B, Hkv, G, D]) so the mask broadcasts and nothing is repeated.
+  length ([B, Hkv, G, D]) so the mask broadcasts and nothing is repeated. transformers before
+  `pack_gqa` existed (5.17, say) repeats K/V here too: the baseline follows the installed
+  transformers on this point (the newest behaviour when transformers is not installed).
 
 tests/test_baselines.py checks both decisions and the SDPA call against transformers' own
 functions.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +55,16 @@ def transformers_mask(mask: torch.Tensor):
     return mask, False
 
 
+@functools.lru_cache(maxsize=None)
+def transformers_packs_gqa() -> bool:
+    """Whether the installed transformers folds GQA query heads for a masked one-token query."""
+    try:
+        from transformers.integrations import sdpa_attention
+    except ImportError:
+        return True
+    return hasattr(sdpa_attention, "pack_gqa")
+
+
 def sdpa_as_transformers(q, keys, vals, mask, scale):
     """SDPA as transformers calls it (see the module docstring). q [B, Hq, Sq, D],
     keys/vals [B, Hkv, L, D], mask: the dense visible mask [B, 1, Sq, L]."""
@@ -60,7 +74,7 @@ def sdpa_as_transformers(q, keys, vals, mask, scale):
     if groups > 1 and mask is None and keys.shape[-1] == vals.shape[-1] <= 256:
         return F.scaled_dot_product_attention(q, keys, vals, is_causal=is_causal, scale=scale,
                                               enable_gqa=True)
-    if groups > 1 and Sq == 1:
+    if groups > 1 and Sq == 1 and transformers_packs_gqa():
         packed = q.reshape(B, Hq // groups, groups, D)
         out = F.scaled_dot_product_attention(packed, keys, vals, attn_mask=mask, scale=scale)
         return out.reshape(B, Hq, 1, out.shape[-1])
