@@ -12,7 +12,7 @@ export MAX_JOBS
 
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: setup demo test test-fast bench check clean
+.PHONY: setup demo test test-fast test-compat bench check clean
 
 $(VENV)/.stamp-deps: requirements-dev.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,23 @@ test: setup
 # Without the Triton interpreter, nvcc and HF model tests: a quick inner loop.
 test-fast: setup
 	$(VPY) -m pytest -q tests -m "not interpreter and not nvcc and not hf and not slow"
+
+# The tests that touch transformers / peft, against another pair of versions (default: the GPU
+# machine's), in .venv-compat, importing the package from this tree (extension built by setup).
+COMPAT_TRANSFORMERS ?= 5.17.0
+COMPAT_PEFT ?= 0.21.0
+COMPAT := .venv-compat
+COMPAT_TESTS := tests/test_hf_models.py tests/test_hf_prefix.py tests/test_generate.py \
+	tests/test_baselines.py tests/test_peft_format.py tests/test_train_cli.py \
+	tests/test_serve_cli.py tests/test_tuning.py tests/test_bank.py tests/test_demo.py
+
+test-compat: setup
+	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
+	grep -vE '^(transformers|peft)==' requirements-dev.txt > $(COMPAT)/requirements.txt
+	$(COMPAT)/bin/pip install -q -r $(COMPAT)/requirements.txt \
+		transformers==$(COMPAT_TRANSFORMERS) peft==$(COMPAT_PEFT)
+	[ -e prefix_attn/kernels ] || ln -s ../kernels prefix_attn/kernels
+	PYTHONPATH=$(CURDIR) $(COMPAT)/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
 
 bench: setup
 	$(VPY) bench/run_all.py
