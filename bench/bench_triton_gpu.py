@@ -143,20 +143,12 @@ def peft_attention(q, k, v, pk, pv):
 
 
 def peft_attention_enable_gqa(q, k, v, pk, pv):
-    """The baseline of the first H200 run (2026-11-28): the PEFT path with the mask but GQA
-    through `enable_gqa=True` instead of transformers' `repeat_kv`. On CUDA no fused SDPA
-    backend takes GQA with a mask, so this falls back to the unfused math backend (the profile
-    mode shows which kernels ran); kept as a second record at the target P to show what the
-    change of baseline did."""
-    from prefix_attn.baselines import per_row_prefix
-    from prefix_attn.reference import visible_mask
-    from prefix_attn.validation import normalize
+    """The baseline of the first H200 run (2026-11-28): GQA through `enable_gqa=True` with the
+    mask (prefix_attn.baselines.peft_path_attention_enable_gqa); kept as a second record at
+    the target P to show what the change of baseline did."""
+    from prefix_attn.baselines import peft_path_attention_enable_gqa
 
-    a = normalize(q, k, v, pk, pv)
-    keys = torch.cat([per_row_prefix(a.prefix_k, a.prefix_ids), a.k], dim=2)
-    vals = torch.cat([per_row_prefix(a.prefix_v, a.prefix_ids), a.v], dim=2)
-    return F.scaled_dot_product_attention(a.q, keys, vals, attn_mask=visible_mask(a),
-                                          scale=a.scale, enable_gqa=True)
+    return peft_path_attention_enable_gqa(q, k, v, pk, pv)
 
 
 def kernel_breakdown(fn, device: str, top: int = 8) -> dict:

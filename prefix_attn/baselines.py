@@ -101,6 +101,18 @@ def peft_path_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=Non
     return out
 
 
+def peft_path_attention_enable_gqa(q, k, v, prefix_k=None, prefix_v=None, **kwargs):
+    """The older form of the baseline (benchmarks up to 2026-11-28), kept to show in the same
+    run what the change did: the same copies and mask, but GQA through `enable_gqa=True` with
+    the mask, which transformers never passes (on CUDA that pair falls back to SDPA's unfused
+    math backend). Same arguments as `peft_path_attention`; no empty-row handling."""
+    a = normalize(q, k, v, prefix_k, prefix_v, **kwargs)
+    keys = torch.cat([per_row_prefix(a.prefix_k, a.prefix_ids), a.k], dim=2)
+    vals = torch.cat([per_row_prefix(a.prefix_v, a.prefix_ids), a.v], dim=2)
+    return F.scaled_dot_product_attention(a.q, keys, vals, attn_mask=visible_mask(a),
+                                          scale=a.scale, enable_gqa=True)
+
+
 def per_row_prefix(bank: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Each row's prefix [B, Hkv, P, D]; a one-entry bank is expanded (a view), so that the
     torch.cat that follows makes the only copy, as PEFT's cache update does."""
