@@ -14,7 +14,8 @@
 #                older enable_gqa baseline at P 128 and a kernel-time profile (results are
 #                written after each part: a time box keeps what was measured)
 #   bench_train  (T_TRAIN, 80)   bench/bench_train.py --device cuda --dtype bf16: a whole
-#                prefix-tuning step of a Llama-shaped model, ours vs PEFT
+#                prefix-tuning step of a Llama-shaped model, ours vs PEFT (reuses the bench's
+#                autotuning through Triton's on-disk cache: same autotune key)
 #   tests_triton (T_TRITON, 110) tests/test_triton.py compiled on the GPU (not interpreted),
 #                14 workers (compiling is the slow part)
 #   tests_rest   (T_REST, 50)    what differs on that machine: the CUDA extension's tests, and
@@ -101,15 +102,19 @@ cat "$OUT/summary.txt"
 stage tests_gpu "${T_GPU:-100}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
     $PY -m pytest -v -p no:cacheprovider -n 8 tests/test_triton_gpu.py tests/test_hf_gpu.py -m gpu
 
-# Benchmark: full autotuning; the chosen configs go to the log and the JSON.
+# Benchmark: full autotuning; the chosen configs go to the log and the JSON. The timings of
+# the search are kept on disk (TRITON_CACHE_AUTOTUNING) for bench_train below.
 stage bench "${T_BENCH:-220}" env -u TRITON_INTERPRET -u PREFIX_ATTN_TRITON_ONE_CONFIG \
-    TRITON_PRINT_AUTOTUNING=1 PYTHONUNBUFFERED=1 $PY bench/bench_triton_gpu.py --out "$OUT" \
-    --prefix 128,16,64,256 "$@"
+    TRITON_CACHE_AUTOTUNING=1 TRITON_PRINT_AUTOTUNING=1 PYTHONUNBUFFERED=1 \
+    $PY bench/bench_triton_gpu.py --out "$OUT" --prefix 128,16,64,256 "$@"
 
-# A whole training step on the GPU (Llama-shaped, bf16, head dim 128), ours vs PEFT.
-stage bench_train "${T_TRAIN:-80}" env -u TRITON_INTERPRET PYTHONUNBUFFERED=1 \
+# A whole training step on the GPU (Llama-shaped, bf16, head dim 128), ours vs PEFT. Its
+# attention has the autotune key of the bench above (D 128, G 4, S 4096, P + S <= 8192), so
+# the search's cached result is reused instead of a minute of tuning inside the time box.
+stage bench_train "${T_TRAIN:-80}" env -u TRITON_INTERPRET -u PREFIX_ATTN_TRITON_ONE_CONFIG \
+    TRITON_CACHE_AUTOTUNING=1 PYTHONUNBUFFERED=1 \
     $PY bench/bench_train.py --device cuda --dtype bf16 --hidden 1024 --layers 8 --heads 8 \
-    --kv-heads 2 --mlp 2816 --vocab 8192 --batch 8 --seq 2048 --prefix 64 --steps 5 --out "$OUT"
+    --kv-heads 2 --mlp 2816 --vocab 8192 --batch 4 --seq 4096 --prefix 64 --steps 5 --out "$OUT"
 
 stage tests_triton "${T_TRITON:-110}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
     $PY -m pytest -v -p no:cacheprovider -n 14 tests/test_triton.py -m "interpreter or gpu"
