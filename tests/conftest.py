@@ -81,8 +81,11 @@ CONTRACT_SHAPES = {
 }
 CONTRACT_EXTRA = {"plain": {}, "window": dict(window=4), "softcap": dict(softcap=2.0),
                   "noncausal": dict(causal=False)}
-# One unit in the last place at magnitude 1 for the half types: on tiny shapes the same-dtype
-# baseline is sometimes exact by luck, while a kernel rounds its output before Delta.
+# One unit in the last place at magnitude 1 for the half types, scaled by the gradient's
+# largest magnitude (check_contract): on tiny shapes the same-dtype baseline is sometimes exact
+# by luck, while a kernel rounds its output before Delta, or meets a rounding tie from the
+# other side (tests/test_random_cases.py found dV = the sum of 4 fp16 values at 4.85, exactly
+# halfway between two fp16 numbers: one ulp there is 0.0039).
 GRAD_ATOL = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
@@ -107,7 +110,8 @@ def check_contract(backend, shape_kw, extra_kw, dtype, device="cpu"):
     grads = lambda o: torch.autograd.grad(o, tensors, g, allow_unused=True)
     for name, a, t, b in zip("q k v pk pv".split(), grads(out), grads(truth), grads(base)):
         assert a.shape == t.shape and a.dtype == t.dtype
-        assert_close_fa(a, t, b, atol=GRAD_ATOL[dtype], name=f"d{name}")
+        scale = max(1.0, t.abs().max().item()) if t.numel() else 1.0
+        assert_close_fa(a, t, b, atol=GRAD_ATOL[dtype] * scale, name=f"d{name}")
 
 
 def check_deterministic_backward(backend, device="cpu"):
