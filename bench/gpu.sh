@@ -18,8 +18,9 @@
 #                autotuning through Triton's on-disk cache: same autotune key)
 #   tests_triton (T_TRITON, 110) tests/test_triton.py compiled on the GPU (not interpreted),
 #                14 workers (compiling is the slow part)
-#   tests_rest   (T_REST, 50)    what differs on that machine: the CUDA extension's tests, and
-#                the HF model and generate tests against its own transformers and peft
+#   tests_rest   (T_REST, 50)    what differs on that machine: the CUDA extension's tests (the
+#                contract and 90 random cases), and the HF model and generate tests against
+#                its own transformers and peft
 #                (the rest of the suite is pure CPU and runs in `make test`)
 # STAGES="bench tests_rest" (say) runs only those stages: a second, shorter device call can
 # finish what a first one's time boxes cut.
@@ -138,6 +139,6 @@ if wanted tests_rest; then
 fi
 stage tests_rest "${T_REST:-50}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
     $PY -m pytest -v -p no:cacheprovider -n 12 tests/test_cuda_backend.py tests/test_hf_models.py \
-    tests/test_hf_prefix.py tests/test_generate.py
+    tests/test_hf_prefix.py tests/test_generate.py tests/test_random_cases.py
 cat "$OUT/summary.txt"
 exit $status

@@ -4,6 +4,7 @@ window, softcap and causality can come up. Forward, LSE and all five gradients a
 reference (the flash-attention rule), for the C++ and the torch backends; a few small ones
 through the Triton interpreter. A failing case prints its arguments: add it to
 CONTRACT_SHAPES."""
+import os
 import random
 
 import pytest
@@ -46,6 +47,10 @@ def random_case(seed: int, small: bool = False):
     return shape, extra
 
 
+# The Triton cases run on CPU tensors: only under the interpreter (conftest sets it without a GPU).
+interpreter_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                                      reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+
 # (dtype, seeds): fp32 widely; the half types on fewer cases (slower on CPU). 400 fp32 and 200
 # fp16/bf16 cases per backend passed when this was written.
 DTYPE_SEEDS = [(torch.float32, range(150)), (torch.float16, range(40)),
@@ -63,6 +68,7 @@ def test_random_case(backend, dtype, seed):
 
 
 @pytest.mark.interpreter
+@interpreter_only
 @pytest.mark.parametrize("seed", range(6))
 def test_random_case_triton_interpreter(seed):
     pytest.importorskip("triton")
@@ -97,6 +103,7 @@ def test_random_case_cpu_paths(path, seed, monkeypatch):
 
 
 @pytest.mark.interpreter
+@interpreter_only
 @pytest.mark.parametrize("path", PATHS["triton"][1])
 @pytest.mark.parametrize("seed", _few_query_seeds(5000, 3, small=True))
 def test_random_case_triton_paths(path, seed, monkeypatch):
@@ -104,3 +111,15 @@ def test_random_case_triton_paths(path, seed, monkeypatch):
     monkeypatch.setenv(PATHS["triton"][0], path)
     shape, extra = random_case(seed, small=True)
     check_contract("triton", shape, extra, torch.float32)
+
+
+# On a GPU (bench/gpu.sh, tests_rest): the CUDA extension's kernels on the same random cases.
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in available_backends(),
+                    reason="needs a CUDA GPU and the extension's CUDA part")
+@pytest.mark.parametrize("dtype,seed", [(torch.float32, s) for s in range(60)]
+                         + [(torch.bfloat16, s) for s in range(60, 90)],
+                         ids=lambda x: str(x).replace("torch.", ""))
+def test_random_case_cuda(dtype, seed):
+    shape, extra = random_case(seed)
+    check_contract("cuda", shape, extra, dtype, device="cuda")
