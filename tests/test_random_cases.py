@@ -47,6 +47,14 @@ def random_case(seed: int, small: bool = False):
     return shape, extra
 
 
+def check_case(backend, shape, extra, dtype, device="cpu"):
+    """check_contract, with the drawn case in the failure message."""
+    try:
+        check_contract(backend, shape, extra, dtype, device=device)
+    except AssertionError as e:
+        raise AssertionError(f"{backend} {dtype} shape={shape} extra={extra}: {e}") from None
+
+
 # The Triton cases run on CPU tensors: only under the interpreter (conftest sets it without a GPU).
 interpreter_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                                       reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
@@ -64,7 +72,7 @@ def test_random_case(backend, dtype, seed):
     if backend not in available_backends():
         pytest.skip(f"backend {backend} not available")
     shape, extra = random_case(seed)
-    check_contract(backend, shape, extra, dtype)
+    check_case(backend, shape, extra, dtype)
 
 
 @pytest.mark.interpreter
@@ -73,7 +81,7 @@ def test_random_case(backend, dtype, seed):
 def test_random_case_triton_interpreter(seed):
     pytest.importorskip("triton")
     shape, extra = random_case(1000 + seed, small=True)
-    check_contract("triton", shape, extra, torch.float32)
+    check_case("triton", shape, extra, torch.float32)
 
 
 # Both decode paths forced on the random cases with few queries (the automatic rule would
@@ -99,7 +107,7 @@ def test_random_case_cpu_paths(path, seed, monkeypatch):
         pytest.skip("backend cpu not available")
     monkeypatch.setenv(PATHS["cpu"][0], path)
     shape, extra = random_case(seed)
-    check_contract("cpu", shape, extra, torch.float32)
+    check_case("cpu", shape, extra, torch.float32)
 
 
 @pytest.mark.interpreter
@@ -110,7 +118,7 @@ def test_random_case_triton_paths(path, seed, monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv(PATHS["triton"][0], path)
     shape, extra = random_case(seed, small=True)
-    check_contract("triton", shape, extra, torch.float32)
+    check_case("triton", shape, extra, torch.float32)
 
 
 # On a GPU (bench/gpu.sh, tests_rest): the CUDA extension's kernels on the same random cases.
@@ -122,4 +130,4 @@ def test_random_case_triton_paths(path, seed, monkeypatch):
                          ids=lambda x: str(x).replace("torch.", ""))
 def test_random_case_cuda(dtype, seed):
     shape, extra = random_case(seed)
-    check_contract("cuda", shape, extra, dtype, device="cuda")
+    check_case("cuda", shape, extra, dtype, device="cuda")
