@@ -131,3 +131,17 @@ def test_random_case_triton_paths(path, seed, monkeypatch):
 def test_random_case_cuda(dtype, seed):
     shape, extra = random_case(seed)
     check_case("cuda", shape, extra, dtype, device="cuda")
+
+
+# Both backward paths of the C++ kernel forced (fused: dq with the own dk/dv per row; split:
+# separate passes), fp32 and bf16.
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("dtype,seed", [(torch.float32, s) for s in range(200, 240)]
+                         + [(torch.bfloat16, s) for s in range(240, 260)],
+                         ids=lambda x: str(x).replace("torch.", ""))
+def test_random_case_cpu_backward_paths(path, dtype, seed, monkeypatch):
+    if "cpu" not in available_backends():
+        pytest.skip("backend cpu not available")
+    monkeypatch.setenv("PREFIX_ATTN_CPU_BWD", path)
+    shape, extra = random_case(seed)
+    check_case("cpu", shape, extra, dtype)
