@@ -134,7 +134,8 @@ def test_random_case_cuda(dtype, seed):
 
 
 # Both backward paths of the C++ kernel forced (fused: dq with the own dk/dv per row; split:
-# separate passes), fp32 and bf16.
+# separate passes), fp32 and bf16, with tile sizes drawn from 8..32 (PREFIX_ATTN_CPU_TILES) so
+# that the small random cases cross query and key tiles of both passes.
 @pytest.mark.parametrize("path", ["fused", "split"])
 @pytest.mark.parametrize("dtype,seed", [(torch.float32, s) for s in range(200, 240)]
                          + [(torch.bfloat16, s) for s in range(240, 260)],
@@ -143,5 +144,7 @@ def test_random_case_cpu_backward_paths(path, dtype, seed, monkeypatch):
     if "cpu" not in available_backends():
         pytest.skip("backend cpu not available")
     monkeypatch.setenv("PREFIX_ATTN_CPU_BWD", path)
+    r = random.Random(seed)
+    monkeypatch.setenv("PREFIX_ATTN_CPU_TILES", ",".join(str(8 * r.randint(1, 4)) for _ in "fnbn"))
     shape, extra = random_case(seed)
     check_case("cpu", shape, extra, dtype)
