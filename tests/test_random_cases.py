@@ -145,6 +145,6 @@ def test_random_case_cpu_backward_paths(path, dtype, seed, monkeypatch):
         pytest.skip("backend cpu not available")
     monkeypatch.setenv("PREFIX_ATTN_CPU_BWD", path)
     r = random.Random(seed)
-    monkeypatch.setenv("PREFIX_ATTN_CPU_TILES", ",".join(str(8 * r.randint(1, 4)) for _ in "fnbn"))
+    monkeypatch.setenv("PREFIX_ATTN_CPU_TILES", ",".join(str(8 * r.randint(1, 4)) for _ in range(4)))
     shape, extra = random_case(seed)
     check_case("cpu", shape, extra, dtype)
