@@ -96,6 +96,35 @@ def test_mixed_batch_rows_match_their_own_adapter(tmp_path):
     torch.testing.assert_close(by_id, mixed)
 
 
+@pytest.mark.parametrize("family", list(CAUSAL_FAMILIES))
+@pytest.mark.parametrize("pad", ["left", "right"])
+def test_mixed_lengths_in_one_batch_every_family(family, pad, tmp_path):
+    """Adapters of lengths 6, 3 and 1 and a row without prefix in one padded batch, on every
+    causal family (absolute positions in GPT-2, sliding window, softcap, fused qkv): each row
+    equals PEFT's forward for that row alone (or the bare model)."""
+    ov = _overrides(family)
+    ours = tiny_model(family, **ov)
+    bank = PrefixBank.attach(ours)
+    peft_models = {}
+    for i, (name, P) in enumerate([("a", 3), ("b", 6), ("c", 1)]):
+        base = tiny_model(family, attn_implementation="eager", **ov)
+        base.load_state_dict({k: v for k, v in ours.state_dict().items() if "prefix_bank" not in k})
+        peft_models[name] = _peft_adapter(base, tmp_path / name, P=P, seed=10 + i)
+        bank.load_peft(name, str(tmp_path / name))
+    ids, mask = _batch(pad, B=4)
+    rows = ["b", "a", None, "c"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        mixed = ours(ids, attention_mask=mask, prefixes=rows).logits
+        for b, name in enumerate(rows):
+            keep = mask[b].bool()
+            model = peft_models[name] if name else None
+            alone = (model(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]) if model
+                     else ours(ids[b:b + 1], attention_mask=mask[b:b + 1])).logits[0]
+            torch.testing.assert_close(mixed[b][keep], alone[keep], rtol=1e-4, atol=1e-5,
+                                       msg=f"{family} pad={pad} row {b}")
+
+
 def test_positions_are_numbered_from_the_prefix_length():
     """A prompt prefix of P tokens then x gives the logits of the full prompt + x (positions P..)."""
     ours = tiny_model("llama")
