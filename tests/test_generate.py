@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from prefix_attn.bank import PrefixBank
-from prefix_attn.tiny import tiny_model
+from prefix_attn.tiny import CAUSAL_FAMILIES, tiny_model
+from conftest import peft_comparable
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.hf
@@ -14,16 +15,16 @@ ADAPTERS = [("a", 3), ("b", 6), ("c", 4)]
 NEW = 5
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """Our model with three PEFT adapters in its bank, and the three PEFT models."""
-    ours = tiny_model("llama", vocab_size=64)
+def _build(family, tmp_path_factory, adapters=ADAPTERS):
+    """Our model with PEFT adapters in its bank, and the PEFT models."""
+    ov = dict(peft_comparable(family), vocab_size=64)
+    ours = tiny_model(family, **ov)
     bank = PrefixBank.attach(ours)
     peft_models = {}
     state = {k: v for k, v in ours.state_dict().items() if "prefix_bank" not in k}
-    for i, (name, P) in enumerate(ADAPTERS):
+    for i, (name, P) in enumerate(adapters):
         path = tmp_path_factory.mktemp(name)
-        base = tiny_model("llama", vocab_size=64, attn_implementation="sdpa")
+        base = tiny_model(family, attn_implementation="eager", **ov)
         base.load_state_dict(state)
         pm = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type=peft.TaskType.CAUSAL_LM,
                                                               num_virtual_tokens=P))
@@ -35,6 +36,11 @@ def setup(tmp_path_factory):
         bank.load_peft(name, str(path))
         peft_models[name] = pm.eval()
     return ours, peft_models
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return _build("llama", tmp_path_factory)
 
 
 def _prompts():
@@ -56,10 +62,13 @@ def _peft_logits(pm, row):
 
 
 def _greedy_peft(pm, row, n):
+    """PEFT's greedy tokens, recomputed from scratch each step; EOS is barred as generate's
+    min_new_tokens bars it (a tiny random model picks it now and then)."""
     seq = row.clone()
     for _ in range(n):
-        nxt = _peft_logits(pm, seq)[-1].argmax()
-        seq = torch.cat([seq, nxt[None]])
+        logits = _peft_logits(pm, seq)[-1].clone()
+        logits[pm.config.eos_token_id] = float("-inf")
+        seq = torch.cat([seq, logits.argmax()[None]])
     return seq[len(row):]
 
 
@@ -86,6 +95,20 @@ def test_greedy_mixed_batch_matches_peft_loop_per_row(setup):
     # ids instead of names give the same tokens
     by_id = _gen(ours, ids, mask, ours.prefix_bank.ids(names), do_sample=False)
     assert torch.equal(by_id, seqs)
+
+
+@pytest.mark.parametrize("family", [f for f in CAUSAL_FAMILIES if f != "llama"])
+def test_greedy_mixed_batch_every_family(family, tmp_path_factory):
+    """Adapters of lengths 6, 1 and 3 in one left-padded batch, through each family's cache
+    (GPT-2's absolute positions, sliding windows, Gemma 2's hybrid cache): each row's tokens
+    are PEFT's greedy tokens for that row alone."""
+    ours, pms = _build(family, tmp_path_factory, adapters=[("a", 3), ("b", 6), ("c", 1)])
+    ids, mask, lens = _prompts()
+    names = ["b", "c", "a"]
+    seqs = _gen(ours, ids, mask, names, do_sample=False)
+    for b, name in enumerate(names):
+        want = _greedy_peft(pms[name], ids[b, 6 - lens[b]:], NEW)
+        assert seqs[b, 6:].tolist() == want.tolist(), f"{family} row {b} ({name})"
 
 
 def test_sampling_with_num_return_sequences_follows_row_prefixes(setup):

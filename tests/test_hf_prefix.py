@@ -6,17 +6,11 @@ import torch
 
 from prefix_attn.bank import PrefixBank
 from prefix_attn.tiny import CAUSAL_FAMILIES, tiny_model
+from conftest import peft_comparable
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.hf
 
-# PEFT puts the prefix in the KV cache, where a sliding window also hides it; our prefixes are
-# never windowed (DESIGN.md), so the PEFT comparisons use a window longer than prefix + tokens.
-_WIDE = {"sliding_window": 64}
-
-
-def _overrides(family):
-    return _WIDE if family in ("mistral", "gemma2") else {}
 
 
 def _peft_adapter(base, path, P, seed):
@@ -49,7 +43,7 @@ def _batch(pad, B=3, S=7, seed=0):
 
 @pytest.mark.parametrize("family", list(CAUSAL_FAMILIES) + ["bert"])
 def test_forward_matches_peft(family, tmp_path):
-    ov = _overrides(family)
+    ov = peft_comparable(family)
     ours = tiny_model(family, **ov)
     base = tiny_model(family, attn_implementation="eager", **ov)
     base.load_state_dict(ours.state_dict())
@@ -102,7 +96,7 @@ def test_mixed_lengths_in_one_batch_every_family(family, pad, tmp_path):
     """Adapters of lengths 6, 3 and 1 and a row without prefix in one padded batch, on every
     causal family (absolute positions in GPT-2, sliding window, softcap, fused qkv): each row
     equals PEFT's forward for that row alone (or the bare model)."""
-    ov = _overrides(family)
+    ov = peft_comparable(family)
     ours = tiny_model(family, **ov)
     bank = PrefixBank.attach(ours)
     peft_models = {}
