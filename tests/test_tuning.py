@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import prefix_attn.api
-from prefix_attn.tiny import tiny_model
+from prefix_attn.tiny import CAUSAL_FAMILIES, tiny_model
 from prefix_attn.tuning import PrefixParameters, prefix_tuning, trainable_parameters
+from conftest import peft_comparable
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.hf
@@ -30,8 +31,9 @@ def _batch(B=3, S=7, vocab=128, seed=0, pad="left"):
 
 def _pair(family="llama", projection=None, seed=0, **cfg):
     """(ours, our prefix module, PEFT model) from the same base weights and initial prefix."""
+    cfg = dict(peft_comparable(family), **cfg)
     ours = tiny_model(family, seed=seed, **cfg)
-    base = tiny_model(family, seed=seed, attn_implementation="sdpa", **cfg)
+    base = tiny_model(family, seed=seed, attn_implementation="eager", **cfg)
     base.load_state_dict(ours.state_dict())
     pcfg = peft.PrefixTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=P,
                                    prefix_projection=projection is not None,
@@ -59,8 +61,7 @@ def test_prefix_tuning_freezes_base_and_adds_trainable_prefixes():
     assert a().shape == (L, 2, H, 5, D) and b().shape == (L, 2, H, 3, D)
 
 
-@pytest.mark.parametrize("family,projection", [("llama", None), ("llama", 16), ("gpt2", None),
-                                               ("qwen2", 16)])
+@pytest.mark.parametrize("family,projection", [(f, p) for f in CAUSAL_FAMILIES for p in (None, 16)])
 def test_loss_and_prefix_grads_match_peft(family, projection):
     ours, module, pm = _pair(family, projection)
     ids, mask, labels = _batch()
@@ -97,9 +98,10 @@ def test_prefix_reaches_kernel_once_not_per_row(monkeypatch):
     assert module.embedding.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("family", CAUSAL_FAMILIES)
 @pytest.mark.parametrize("projection", [None, 16])
-def test_gradient_checkpointing_same_grads(projection):
-    model = tiny_model("llama")
+def test_gradient_checkpointing_same_grads(family, projection):
+    model = tiny_model(family)
     module = prefix_tuning(model, num_virtual_tokens=P, projection_hidden_size=projection)
     ids, mask, labels = _batch()
     model.train()
