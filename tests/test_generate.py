@@ -162,9 +162,11 @@ def test_generate_without_prefix_equals_baseline_through_sliding_cache(family):
     assert torch.equal(a, b)
 
 
-def test_static_cache_matches_dynamic_cache(setup):
-    """A static cache (prefill: dense-mask fallback; decode: unfilled slots masked as padding)."""
-    ours, _ = setup
+@pytest.mark.parametrize("family", CAUSAL_FAMILIES)
+def test_static_cache_matches_dynamic_cache(family, tmp_path_factory):
+    """A static cache (prefill: dense-mask fallback; decode: unfilled slots masked as padding),
+    on every causal family."""
+    ours, _ = _build(family, tmp_path_factory, adapters=[("a", 3), ("b", 6)])
     ids, mask, _ = _prompts()
     names = ["b", None, "a"]
     dynamic = _gen(ours, ids, mask, names, do_sample=False)
