@@ -260,16 +260,29 @@ def bench_one(a, P: int, device: str, time_ms) -> list:
             return lambda: torch.autograd.grad(fn(), (q, k, v, pk, pv), do)
 
         t_ours = time_ms(step(ours))
-        t_peft = time_ms(step(lambda: peft_attention(q, k, v, pk, pv)))
+        t_peft = _baseline_ms(time_ms, step(lambda: peft_attention(q, k, v, pk, pv)), "PEFT path")
         records.append(_record("e2e", P, t_ours, t_peft, "peft_transformers", B, Hq, D,
                                ours_pairs, ours_pairs))
         if P == reference_P(a):
-            t_old = time_ms(step(lambda: peft_attention_enable_gqa(q, k, v, pk, pv)))
+            t_old = _baseline_ms(time_ms, step(lambda: peft_attention_enable_gqa(q, k, v, pk, pv)),
+                                 "older PEFT path")
             records.append(_record("e2e", P, t_ours, t_old, "peft_sdpa", B, Hq, D,
                                    ours_pairs, ours_pairs))
     if "decode" in a.mode_list:
         records += bench_decode(a, P, device, time_ms, backend)
     return records
+
+
+def _baseline_ms(time_ms, fn, what: str) -> float:
+    """time_ms(fn), or NaN (with the error printed) when a baseline fails, e.g. runs out of
+    memory: the rest of the run goes on; the record shows nan and its target reads not met."""
+    try:
+        return time_ms(fn)
+    except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
+        print(f"{what} failed: {e!r}"[:500], flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return float("nan")
 
 
 def bench_decode(a, P: int, device: str, time_ms, backend: str) -> list:
@@ -290,7 +303,7 @@ def bench_decode(a, P: int, device: str, time_ms, backend: str) -> list:
     pairs = P + S
     times = _time_cascade_modes(time_ms, lambda: prefix_attention(q, k, v, pk, pv, backend=backend))
     with torch.no_grad():
-        t_peft = time_ms(lambda: peft_attention(q, k, v, pk, pv))
+        t_peft = _baseline_ms(time_ms, lambda: peft_attention(q, k, v, pk, pv), "PEFT path")
     return [_record("decode", P, times["1"], times["0"], "per_row_kernel", B, Hq, D, pairs, pairs),
             _record("decode", P, times["1"], t_peft, "peft_transformers", B, Hq, D, pairs, pairs)]
 

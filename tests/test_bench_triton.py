@@ -136,3 +136,15 @@ def test_gpu_timer_asks_do_bench_for_enough_calls(bench, monkeypatch):
     assert seen["mode"] == "median" and 20 * 20 <= seen["rep"] < 20 * 60
     time_ms(lambda: None)                                      # a fast call: the floor
     assert seen["rep"] == 100.0
+
+
+def test_a_failing_baseline_is_recorded_as_nan_not_a_crash(bench):
+    def boom():
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    assert bench._baseline_ms(lambda fn: fn(), boom, "x") != bench._baseline_ms(
+        lambda fn: fn(), boom, "x")                   # NaN != NaN
+    assert bench._baseline_ms(lambda fn: 3.0, boom, "x") == 3.0
+    rec = bench._record("e2e", 128, 10.0, float("nan"), "peft_transformers", 1, 1, 8, 10, 10)
+    t = bench.check_targets([rec])
+    assert t["e2e_vs_peft_min"]["met"] is False
