@@ -32,7 +32,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from prefix_attn import prefix_attention  # noqa: E402
-from prefix_attn.baselines import peft_path_attention, peft_path_attention_enable_gqa  # noqa: E402
+from prefix_attn.baselines import (peft_path_attention,  # noqa: E402
+                                   peft_path_attention_enable_gqa)
 
 DEFAULT_SHAPE = dict(B=4, Hq=16, Hkv=4, D=64, S=512, P=64)
 
@@ -165,7 +166,8 @@ def main():
     with open(a.out + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
     lines = [f"CPU kernel vs HF+PEFT (expand + cat + mask + repeat_kv + SDPA, as transformers), "
-             f"shape {shape}, fp32, causal, {meta['threads']} threads, torch {torch.__version__}, medians of {a.reps}, "
+             f"shape {shape}, fp32, causal, {meta['threads']} threads, torch {torch.__version__}, "
+             f"medians of {a.reps}, "
              f"load average {load_before[0]:.2f} before / {load_after[0]:.2f} after",
              "", "| mode | baseline ms | ours ms | speedup | baseline peak MiB | ours peak MiB "
              "| older baseline (enable_gqa + mask) ms | speedup over it |",

@@ -154,7 +154,8 @@ def main():
 
     lines = [f"CPU decode (Sq 1, Hq {HQ}, Hkv {HKV}, D {D}, fp32, one shared prefix): ours "
              f"(cascade) vs PEFT+HF (expand + cat + SDPA as transformers calls it: no padding, "
-             f"so no mask and GQA in the kernel), medians, same run, load average {meta['load_average'][0]:.1f} on {os.cpu_count()} cores", "",
+             f"so no mask and GQA in the kernel), medians, same run, load average "
+             f"{meta['load_average'][0]:.1f} on {os.cpu_count()} cores", "",
              "| threads | B | P | own KV | baseline ms | ours ms | speedup | ours per-row "
              "path ms |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

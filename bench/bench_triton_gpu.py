@@ -142,15 +142,6 @@ def peft_attention(q, k, v, pk, pv):
     return peft_path_attention(q, k, v, pk, pv)
 
 
-def peft_attention_enable_gqa(q, k, v, pk, pv):
-    """The baseline of the first H200 run (2026-11-28): GQA through `enable_gqa=True` with the
-    mask (prefix_attn.baselines.peft_path_attention_enable_gqa); kept as a second record at
-    the target P to show what the change of baseline did."""
-    from prefix_attn.baselines import peft_path_attention_enable_gqa
-
-    return peft_path_attention_enable_gqa(q, k, v, pk, pv)
-
-
 def kernel_breakdown(fn, device: str, top: int = 8) -> dict:
     """Where one call of fn() spends its time: torch.profiler over one call after a warm-up,
     device time per kernel name (CUDA) or self CPU time per op (CPU), the `top` largest."""
@@ -264,8 +255,10 @@ def bench_one(a, P: int, device: str, time_ms) -> list:
         records.append(_record("e2e", P, t_ours, t_peft, "peft_transformers", B, Hq, D,
                                ours_pairs, ours_pairs))
         if P == reference_P(a):
-            t_old = _baseline_ms(time_ms, step(lambda: peft_attention_enable_gqa(q, k, v, pk, pv)),
-                                 "older PEFT path")
+            # the baseline of the first H200 run: enable_gqa with the mask
+            from prefix_attn.baselines import peft_path_attention_enable_gqa as older
+
+            t_old = _baseline_ms(time_ms, step(lambda: older(q, k, v, pk, pv)), "older PEFT path")
             records.append(_record("e2e", P, t_ours, t_old, "peft_sdpa", B, Hq, D,
                                    ours_pairs, ours_pairs))
     if "decode" in a.mode_list:
@@ -410,6 +403,7 @@ def bench_profile(a, device: str) -> dict:
     and the enable_gqa variant (which SDPA backend each baseline really runs, and where our
     backward's time goes: Delta, dK/dV own, dK/dV prefix, dQ)."""
     from prefix_attn import prefix_attention
+    from prefix_attn.baselines import peft_path_attention_enable_gqa
 
     P = reference_P(a)
     q, k, v, pk, pv = _train_inputs(a, P, device, torch.Generator(device=device).manual_seed(P))
@@ -417,7 +411,7 @@ def bench_profile(a, device: str) -> dict:
     backend = "torch" if a.dry_run else "triton"
     variants = {"ours": lambda: prefix_attention(q, k, v, pk, pv, backend=backend),
                 "peft_transformers": lambda: peft_attention(q, k, v, pk, pv),
-                "peft_sdpa": lambda: peft_attention_enable_gqa(q, k, v, pk, pv)}
+                "peft_sdpa": lambda: peft_path_attention_enable_gqa(q, k, v, pk, pv)}
     out = {"P": P}
     for name, fn in variants.items():
         out[name] = kernel_breakdown(lambda: torch.autograd.grad(fn(), (q, k, v, pk, pv), do),

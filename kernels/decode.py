@@ -21,6 +21,7 @@ from torch.library import wrap_triton
 
 from .autotune import DEFAULT_SMS, cdiv, interpreting, sm_count
 from .common import LN2, own_ranges, packed_rows
+from .bwd import prefix_row_lists
 from .fwd import _fwd_inner, _prefix_pass, dot_precision, head_block
 
 # Decode = at most this many queries per row; above it the per-row kernel is used.
@@ -239,11 +240,10 @@ def _entry_tiles(prefix_ids, N: int, rows_per_row: int, block_m: int):
 
 
 def _sorted_entry_tiles(prefix_ids, N: int, rows_per_row: int, block_m: int):
-    """`_entry_tiles` for any bank: a stable sort of prefix_ids, offsets by searchsorted."""
+    """`_entry_tiles` for any bank: the rows of each entry as the backward groups them
+    (`bwd.prefix_row_lists`), then each entry's tiles."""
     B, dev = prefix_ids.shape[0], prefix_ids.device
-    sorted_ids, rows = torch.sort(prefix_ids, stable=True)
-    bounds = torch.arange(N + 1, device=dev, dtype=sorted_ids.dtype)
-    row_offs = torch.searchsorted(sorted_ids, bounds)                         # [N + 1]
+    rows, row_offs = prefix_row_lists(prefix_ids, N)                         # [B], [N + 1]
     counts = row_offs[1:] - row_offs[:-1]
     tiles = (counts * rows_per_row + block_m - 1) // block_m                  # [N]
     tile_offs = torch.cat([torch.zeros(1, device=dev, dtype=tiles.dtype), tiles.cumsum(0)])

@@ -91,10 +91,7 @@ def peft_path_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=Non
         raise ValueError("the SDPA baseline cannot express softcap")
     a = normalize(q, k, v, prefix_k, prefix_v, prefix_ids=prefix_ids, prefix_lens=prefix_lens,
                   key_padding_mask=key_padding_mask, causal=causal, scale=scale, window=window)
-    keys = torch.cat([per_row_prefix(a.prefix_k, a.prefix_ids), a.k], dim=2)  # the per-row copy
-    vals = torch.cat([per_row_prefix(a.prefix_v, a.prefix_ids), a.v], dim=2)
-    mask = visible_mask(a)                                          # dense [B, 1, Sq, P+Skv]
-    out = sdpa_as_transformers(a.q, keys, vals, mask, a.scale)
+    out = sdpa_as_transformers(a.q, *_concatenated(a), a.scale)
     if _may_have_empty_rows(a):
         # SDPA gives NaN for rows with no visible key; the contract says zeros.
         out = torch.nan_to_num(out, nan=0.0)
@@ -107,10 +104,17 @@ def peft_path_attention_enable_gqa(q, k, v, prefix_k=None, prefix_v=None, **kwar
     the mask, which transformers never passes (on CUDA that pair falls back to SDPA's unfused
     math backend). Same arguments as `peft_path_attention`; no empty-row handling."""
     a = normalize(q, k, v, prefix_k, prefix_v, **kwargs)
+    keys, vals, mask = _concatenated(a)
+    return F.scaled_dot_product_attention(a.q, keys, vals, attn_mask=mask, scale=a.scale,
+                                          enable_gqa=True)
+
+
+def _concatenated(a):
+    """PEFT's inputs to SDPA: keys and values [B, Hkv, P + Skv, D] with each row's prefix
+    copied in front of its own (the per-row copy), and the dense mask [B, 1, Sq, P + Skv]."""
     keys = torch.cat([per_row_prefix(a.prefix_k, a.prefix_ids), a.k], dim=2)
     vals = torch.cat([per_row_prefix(a.prefix_v, a.prefix_ids), a.v], dim=2)
-    return F.scaled_dot_product_attention(a.q, keys, vals, attn_mask=visible_mask(a),
-                                          scale=a.scale, enable_gqa=True)
+    return keys, vals, visible_mask(a)
 
 
 def per_row_prefix(bank: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,16 @@ def peft_comparable(family: str) -> dict:
     return {"sliding_window": 64} if family in ("mistral", "gemma2") else {}
 
 
+def prefix_step(model, module, ids, mask, labels):
+    """One training forward + backward of `model` with the prefix "default" on every row:
+    (loss, the gradients of the prefix module's parameters), grads cleared first."""
+    for p in module.parameters():
+        p.grad = None
+    loss = model(ids, attention_mask=mask, labels=labels, prefixes=["default"] * len(ids)).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in module.parameters()]
+
+
 def errors(x, y):
     return (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
 

@@ -16,6 +16,7 @@ import prefix_attn.api
 from prefix_attn.bank import PrefixBank
 from prefix_attn.tiny import tiny_model
 from prefix_attn.tuning import prefix_tuning
+from conftest import prefix_step
 
 peft = pytest.importorskip("peft")
 DEVICE = os.environ.get("PREFIX_ATTN_HF_TEST_DEVICE", "cuda")
@@ -95,14 +96,7 @@ def test_training_step_matches_peft_with_and_without_checkpointing():
     ours, pm = ours.to(DEVICE).train(), pm.to(DEVICE).train()
     ids, mask, labels = _batch()
 
-    def step():
-        for p in module.parameters():
-            p.grad = None
-        loss = ours(ids, attention_mask=mask, labels=labels, prefixes=["default"] * 3).loss
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in module.parameters()]
-
-    loss, grads = step()
+    loss, grads = prefix_step(ours, module, ids, mask, labels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         loss_peft = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -114,7 +108,7 @@ def test_training_step_matches_peft_with_and_without_checkpointing():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         ours.gradient_checkpointing_enable()
-    loss_ckpt, grads_ckpt = step()
+    loss_ckpt, grads_ckpt = prefix_step(ours, module, ids, mask, labels)
     torch.testing.assert_close(loss_ckpt, loss)
     for a, b in zip(grads_ckpt, grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -7,7 +7,7 @@ import torch
 import prefix_attn.api
 from prefix_attn.tiny import CAUSAL_FAMILIES, tiny_model
 from prefix_attn.tuning import PrefixParameters, prefix_tuning, trainable_parameters
-from conftest import peft_comparable
+from conftest import peft_comparable, prefix_step
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.hf
@@ -106,19 +106,12 @@ def test_gradient_checkpointing_same_grads(family, projection):
     ids, mask, labels = _batch()
     model.train()
 
-    def grads():
-        for p in module.parameters():
-            p.grad = None
-        loss = model(ids, attention_mask=mask, labels=labels, prefixes=["default"] * 3).loss
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in module.parameters()]
-
-    loss0, g0 = grads()
+    loss0, g0 = prefix_step(model, module, ids, mask, labels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # the deprecated alias, still the documented call
         model.gradient_checkpointing_enable()
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-    loss1, g1 = grads()
+    loss1, g1 = prefix_step(model, module, ids, mask, labels)
     torch.testing.assert_close(loss1, loss0)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
