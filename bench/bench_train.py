@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import prefix_attn  # noqa: E402
-from prefix_attn.tuning import prefix_tuning  # noqa: E402
+from prefix_attn.tuning import enable_checkpointing, prefix_tuning  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MiB = 2 ** 20
@@ -99,9 +99,7 @@ def make_providers(args):
         module = prefix_tuning(model, num_virtual_tokens=args.prefix, name="task")
         module.load_state_dict(init)
         if checkpointing:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                model.gradient_checkpointing_enable()
+            enable_checkpointing(model)
         opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
         rows = ["task"] * args.batch
 

@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     """Train as ``args`` says; returns 0. Writes OUTPUT/{checkpoint.pt, log.jsonl, adapter/}."""
     from .progress import progress_bar
 
-    from prefix_attn.tuning import prefix_tuning
+    from prefix_attn.tuning import enable_checkpointing, prefix_tuning
 
     os.makedirs(args.output, exist_ok=True)
     ckpt_path = os.path.join(args.output, CHECKPOINT)
@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     module = prefix_tuning(model, num_virtual_tokens=args.num_virtual_tokens,
                            projection_hidden_size=args.projection_hidden_size, name=args.name)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     opt = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(data) / args.batch_size)
     total = steps_per_epoch * args.epochs

@@ -24,7 +24,7 @@ from torch import nn
 from .bank import PrefixBank
 from .hf import ATTN_NAME
 
-__all__ = ["PrefixParameters", "prefix_tuning", "trainable_parameters"]
+__all__ = ["PrefixParameters", "prefix_tuning", "trainable_parameters", "enable_checkpointing"]
 
 
 class PrefixParameters(nn.Module):
@@ -98,3 +98,11 @@ def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
 def trainable_parameters(model: nn.Module) -> list:
     """The parameters of ``model`` that require grad (the prefixes after ``prefix_tuning``)."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Turn on activation (gradient) checkpointing of a transformers model under either name:
+    ``activation_checkpointing_enable`` (newer transformers, which deprecate the old name) or
+    ``gradient_checkpointing_enable``."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    (enable or model.gradient_checkpointing_enable)()
