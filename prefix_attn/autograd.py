@@ -22,8 +22,12 @@ def _make_backward(bwd):
     def backward(ctx, dout, _dlse):
         (q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
          out, lse) = ctx.saved_tensors
-        dq, dk, dv, dpk, dpv = bwd(dout.contiguous(), q, k, v, prefix_k, prefix_v, prefix_ids,
-                                   prefix_lens, key_padding_mask, out, lse, *ctx.flags)
+        # autocast off: a backward called inside an autocast region would otherwise recast
+        # the kernels' float32 internals (the torch backend's GEMMs)
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv, dpk, dpv = bwd(dout.contiguous(), q, k, v, prefix_k, prefix_v,
+                                       prefix_ids, prefix_lens, key_padding_mask, out, lse,
+                                       *ctx.flags)
         return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None
     return backward
 
