@@ -78,11 +78,15 @@ def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
     """Freeze every base parameter of ``model`` and add one trainable prefix ``name`` to its bank.
 
     Call it once per task to train several prefixes together (each row of a batch picks its
-    own with ``prefixes=[...]``); prefixes added earlier stay trainable. Switches the model to
+    own with ``prefixes=[...]``); prefixes added earlier stay trainable, and a name already in
+    the bank is refused (ValueError). Switches the model to
     ``attn_implementation="prefix_attn"`` if it uses another one. Returns the new module
     (its parameters are the ones to give the optimizer).
     """
     bank = PrefixBank.attach(model)
+    if name in bank:  # replacing would orphan the parameters an optimizer may already hold
+        raise ValueError(f"a prefix named {name!r} is already in the bank ({bank.kind(name)}); "
+                         f"choose another name or remove it first: model.prefix_bank.remove({name!r})")
     if getattr(getattr(model, "config", None), "_attn_implementation", None) != ATTN_NAME:
         model.set_attn_implementation(ATTN_NAME)
     keep = {id(p) for p in bank.trainable.parameters()}

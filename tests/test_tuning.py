@@ -169,6 +169,18 @@ def test_save_peft_loads_in_peft_with_our_logits(tmp_path, projection):
     torch.testing.assert_close(ours[keep], theirs[keep], rtol=1e-4, atol=1e-5)
 
 
+def test_prefix_tuning_refuses_a_name_already_in_the_bank():
+    model = tiny_model("llama")
+    first = prefix_tuning(model, num_virtual_tokens=P, name="a")
+    with pytest.raises(ValueError, match="'a' is already in the bank"):
+        prefix_tuning(model, num_virtual_tokens=P, name="a")
+    assert model.prefix_bank.names() == ["a"]
+    assert any(p is first.embedding.weight for p in model.parameters())  # the first one stays
+    model.prefix_bank.add("fixed", *torch.randn(2, 2, 2, 3, 8))
+    with pytest.raises(ValueError, match="'fixed' is already in the bank \\(fixed\\)"):
+        prefix_tuning(model, num_virtual_tokens=P, name="fixed")
+
+
 def test_save_pretrained_writes_the_base_and_warns_about_trainable_prefixes(tmp_path):
     """model.save_pretrained after prefix tuning: the folder is the base model (loads with no
     unexpected keys, same logits), the save warns naming the prefixes it left out, and the
