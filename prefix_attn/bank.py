@@ -179,15 +179,14 @@ class PrefixBank(nn.Module):
         """The bank of ``model`` (created and set as ``model.prefix_bank`` on first call)."""
         bank = getattr(model, "prefix_bank", None)
         if isinstance(bank, PrefixBank):
-            if bank.model is model:
-                return bank
-            bank._model_ref = weakref.ref(model)  # e.g. after copy.deepcopy(model)
-        else:
-            L, Hkv, D = _model_dims(model)
-            dtype, device = _model_dtype_device(model)
-            bank = cls(L, Hkv, D, dtype=dtype, device=device)
-            bank._model_ref = weakref.ref(model)
-            model.prefix_bank = bank
+            if bank.model is not model:  # e.g. after copy.deepcopy(model)
+                bank._model_ref = weakref.ref(model)
+            return bank
+        L, Hkv, D = _model_dims(model)
+        dtype, device = _model_dtype_device(model)
+        bank = cls(L, Hkv, D, dtype=dtype, device=device)
+        bank._model_ref = weakref.ref(model)
+        model.prefix_bank = bank
         try:
             from prefix_attn import hf
         except ImportError:

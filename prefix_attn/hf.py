@@ -38,7 +38,6 @@ from __future__ import annotations
 import inspect
 import threading
 import warnings
-import weakref
 from typing import Optional
 
 import torch
@@ -365,53 +364,8 @@ def _post_hook(model, args, kwargs, output):
     return None
 
 
-class _KeysIgnoredOnSave:
-    """``model._keys_to_ignore_on_save`` once a bank is attached: the model's own keys plus the
-    bank's trainable prefixes, which ``save_pretrained`` then leaves out, so the folder it
-    writes is the base model and ``from_pretrained`` loads it without unexpected keys.
-    ``save_pretrained`` iterates it while saving: that is when it warns, naming the trainable
-    prefixes left out and how to save them (nothing is dropped silently)."""
-
-    def __init__(self, model, base):
-        self._model = weakref.ref(model)
-        self._base = set(base or ())
-
-    def _bank_keys(self) -> list:
-        model = self._model()
-        bank = getattr(model, "prefix_bank", None) if model is not None else None
-        if bank is None:
-            return []
-        return [f"prefix_bank.{k}" for k in bank.state_dict(keep_vars=True)]
-
-    def __iter__(self):
-        keys = self._bank_keys()
-        if keys:
-            bank = self._model().prefix_bank
-            names = [n for n in bank.names() if bank.kind(n) == "trainable"]
-            warnings.warn(
-                f"prefix_attn: save_pretrained writes the base model without the trainable "
-                f"prefixes {names}; save each with model.prefix_bank.save_peft(name, directory) "
-                "(a PEFT adapter) or all with model.prefix_bank.save(directory)", stacklevel=2)
-        return iter(sorted(self._base) + keys)
-
-    def __len__(self) -> int:
-        return len(self._base) + len(self._bank_keys())
-
-    def __contains__(self, key) -> bool:
-        return key in self._base or key in self._bank_keys()
-
-
-def _ignore_bank_on_save(model) -> None:
-    current = getattr(model, "_keys_to_ignore_on_save", None)
-    base = current._base if isinstance(current, _KeysIgnoredOnSave) else current
-    model._keys_to_ignore_on_save = _KeysIgnoredOnSave(model, base)
-
-
 def install_hooks(model) -> None:
-    """Register the ``prefixes=`` pre-hook and its check on ``model`` (idempotent), and keep
-    the bank's trainable prefixes out of ``save_pretrained``'s weights (see
-    :class:`_KeysIgnoredOnSave`; redone on every call, so a deep copy points at itself)."""
-    _ignore_bank_on_save(model)
+    """Register the ``prefixes=`` pre-hook and its check on ``model`` (idempotent)."""
     if getattr(model, "_prefix_attn_hooks", None) is not None:
         return
     h1 = model.register_forward_pre_hook(_pre_hook, with_kwargs=True)

@@ -181,33 +181,6 @@ def test_prefix_tuning_refuses_a_name_already_in_the_bank():
         prefix_tuning(model, num_virtual_tokens=P, name="fixed")
 
 
-def test_save_pretrained_writes_the_base_and_warns_about_trainable_prefixes(tmp_path):
-    """model.save_pretrained after prefix tuning: the folder is the base model (loads with no
-    unexpected keys, same logits), the save warns naming the prefixes it left out, and the
-    prefixes stay in model.state_dict() (training checkpoints keep them)."""
-    from transformers import AutoModelForCausalLM
-
-    model = tiny_model("llama")
-    base_logits_ids = torch.arange(3, 11).view(1, 8)
-    with torch.no_grad():
-        before = model(base_logits_ids).logits
-    prefix_tuning(model, num_virtual_tokens=P, name="support")
-    prefix_tuning(model, num_virtual_tokens=P + 2, name="legal")
-    model.prefix_bank.add("fixed", *torch.randn(2, 2, 2, 3, 8))  # fixed entries: no weights
-    with pytest.warns(UserWarning, match=r"without the trainable prefixes \['support', 'legal'\]"):
-        model.save_pretrained(str(tmp_path))
-    assert sum("prefix_bank" in k for k in model.state_dict()) == 2
-    loaded, info = AutoModelForCausalLM.from_pretrained(str(tmp_path), output_loading_info=True)
-    assert not info["unexpected_keys"] and not info["missing_keys"], info
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(base_logits_ids).logits, before)
-    model.prefix_bank.remove("support")
-    model.prefix_bank.remove("legal")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no trainable prefix left: nothing to warn about
-        model.save_pretrained(str(tmp_path / "again"))
-
-
 @pytest.mark.parametrize("projection", [None, 16])
 def test_convergence_matches_peft(projection):
     """Ten AdamW steps from the same initial prefix: same loss at every step, same final prefix."""

@@ -1,0 +1,67 @@
+"""Multi-task prefix tuning with transformers' `Trainer`: a collator hands each row's prefix name
+to the model (`remove_unused_columns=False`, since `prefixes` is not in the forward signature),
+the prefixes train, and a run resumed from a checkpoint ends with the same prefixes as the
+uninterrupted run (the trainable prefixes are in the model's state dict, which Trainer saves)."""
+import os
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf
+
+STEPS = 4
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(3, 100, (8,), generator=g), "task": "b" if i % 3 == 0 else "a"}
+            for i in range(4 * STEPS)]
+
+
+def collate(rows):
+    ids = torch.stack([r["input_ids"] for r in rows])
+    return {"input_ids": ids, "labels": ids, "prefixes": [r["task"] for r in rows]}
+
+
+def _model():
+    import prefix_attn
+    from prefix_attn.tiny import tiny_model
+
+    model = tiny_model("llama", seed=0)
+    modules = {name: prefix_attn.prefix_tuning(model, num_virtual_tokens=4, name=name)
+               for name in ("a", "b")}
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in modules.values():
+            m.embedding.weight.copy_(torch.randn(m.embedding.weight.shape, generator=g))
+    return model, modules
+
+
+def _trainer(model, out):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=out, max_steps=STEPS, per_device_train_batch_size=4,
+                             save_steps=STEPS // 2, remove_unused_columns=False, report_to=[],
+                             learning_rate=1e-2, use_cpu=True, seed=0, data_seed=0,
+                             disable_tqdm=True)
+    return Trainer(model=model, args=args, train_dataset=_data(), data_collator=collate)
+
+
+def test_trainer_multi_task_trains_and_resumes_exactly(tmp_path):
+    out = str(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, modules = _model()
+        init = {n: m.embedding.weight.detach().clone() for n, m in modules.items()}
+        _trainer(model, out).train()
+        for name, m in modules.items():  # both tasks' rows reached their prefix
+            assert not torch.equal(m.embedding.weight, init[name]), name
+        assert all(not p.requires_grad for n, p in model.named_parameters() if "prefix_bank" not in n)
+
+        resumed, resumed_modules = _model()
+        _trainer(resumed, out).train(resume_from_checkpoint=os.path.join(out, f"checkpoint-{STEPS // 2}"))
+    for name in modules:
+        torch.testing.assert_close(resumed_modules[name].embedding.weight,
+                                   modules[name].embedding.weight, rtol=0, atol=0)
