@@ -453,7 +453,9 @@ class PrefixBank(nn.Module):
         device = self.device if device is None else torch.device(device)
         names = list(entries)
         used = sorted(set(rows), key=lambda i: (i < 0, i))  # bank order, "no prefix" last
-        key = (tuple(used), str(device), version)
+        # tensors made under inference_mode cannot be saved for backward later: such a
+        # selection is cached for inference-mode calls only
+        key = (tuple(used), str(device), version, torch.is_inference_mode_enabled())
         with self._lock:
             cached = self._cache.get(key)
             if cached is not None:

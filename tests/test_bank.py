@@ -144,6 +144,29 @@ def test_selection_cache_reused_and_invalidated():
     torch.testing.assert_close(s3.layer(1)[0][1, :, :2], bank.get("b")[0][1])
 
 
+@pytest.mark.parametrize("rows", [["a", "b"], ["a", "a"]])
+def test_selection_made_under_inference_mode_is_not_reused_with_autograd(rows):
+    """Serving under torch.inference_mode, then training something else (e.g. LoRA on q) with
+    the same fixed prefixes: the inference-mode selection (inference tensors, which autograd
+    cannot save) must not be handed to the training forward."""
+    from prefix_attn import prefix_attention
+
+    bank = _bank(a=4, b=2)
+    with torch.inference_mode():
+        inf = bank.select(rows, 2)
+    sel = bank.select(rows, 2)
+    assert not sel.prefix_lens.is_inference() and not sel.layer(0)[0].is_inference()
+    assert bank.select(rows, 2).prefix_lens is sel.prefix_lens  # still cached per mode
+    with torch.inference_mode():
+        assert bank.select(rows, 2).prefix_lens is inf.prefix_lens
+    q = torch.randn(2, 4, 3, D, requires_grad=True)
+    k = v = torch.randn(2, HKV, 3, D)
+    pk, pv = sel.layer(1)
+    out = prefix_attention(q, k, v, pk, pv, prefix_ids=sel.prefix_ids, prefix_lens=sel.prefix_lens)
+    out.sum().backward()
+    assert q.grad is not None
+
+
 def test_copy_on_write_keeps_old_selections_valid():
     bank = _bank(a=4, b=2)
     sel = bank.select(["a", "b"], 2)
