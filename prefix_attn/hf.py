@@ -47,6 +47,11 @@ ATTN_NAME = "prefix_attn"
 SELECTION_KWARG = "prefix_selection"
 PREFIXES_KWARG = "prefixes"
 
+# Models whose forward numbers the tokens from the attention mask when no position_ids are
+# given (OPT: cumsum of the mask, pads skipped) rather than from the cache position as the
+# others do; with PEFT's P ones in front of that mask, their real tokens count from P.
+_MASK_NUMBERED = frozenset({"opt"})
+
 _warned: set = set()
 # Per thread and model: the selections of the forwards in progress (the post-hook checks them).
 _pending = threading.local()
@@ -313,6 +318,31 @@ def _rows_for(bank, prefixes, batch_size):
     return prefixes
 
 
+def _positions_after_prefix(model, kwargs, S, row_lens, device):
+    """``position_ids`` of the tokens after each row's prefix, numbered from its length P as
+    PEFT numbers them: the given ones + P; else the model's own default + P (the cache
+    position for most families; for ``_MASK_NUMBERED`` ones the real tokens counted from P
+    over the mask, pads -1, as they count them behind PEFT's P ones)."""
+    pos = kwargs.get("position_ids")
+    mask = kwargs.get("attention_mask")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if pos is None and model_type in _MASK_NUMBERED and mask is not None and mask.dim() == 2:
+        m = mask.to(device=device, dtype=torch.long)
+        pos = (m.cumsum(1) * m - 1)[:, -S:]
+        return torch.where(m[:, -S:] > 0, pos + row_lens[:, None], pos)
+    if pos is None:
+        # transformers >= 5.2x calls it `cache`, earlier 5.x releases `past_key_values`
+        cache = kwargs.get("cache")
+        if cache is None:
+            cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        pos = torch.arange(past, past + S, device=device)[None, :]
+    if pos.shape[0] == 1 and bool((row_lens == row_lens[0]).all()):
+        # one length for every row: keep [1, S] so RoPE tables are not built per row
+        return pos + row_lens[0]
+    return pos + row_lens[:, None]
+
+
 def _pre_hook(model, args, kwargs):
     if PREFIXES_KWARG not in kwargs:
         return None
@@ -332,19 +362,7 @@ def _pre_hook(model, args, kwargs):
     sel = bank.select(_rows_for(bank, prefixes, B), B, device=device)
     row_lens = sel.row_lens.to(device)
     if "position_ids" in _forward_params(model) and bool((row_lens > 0).any()):
-        pos = kwargs.get("position_ids")
-        if pos is None:
-            # transformers >= 5.2x calls it `cache`, earlier 5.x releases `past_key_values`
-            cache = kwargs.get("cache")
-            if cache is None:
-                cache = kwargs.get("past_key_values")
-            past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-            pos = torch.arange(past, past + S, device=device)[None, :]
-        if pos.shape[0] == 1 and bool((row_lens == row_lens[0]).all()):
-            # one length for every row: keep [1, S] so RoPE tables are not built per row
-            kwargs["position_ids"] = pos + row_lens[0]
-        else:
-            kwargs["position_ids"] = pos + row_lens[:, None]
+        kwargs["position_ids"] = _positions_after_prefix(model, kwargs, S, row_lens, device)
     kwargs[SELECTION_KWARG] = sel
     _pending_stack(model).append((sel, row_lens))  # the post-hook checks it was read
     return args, kwargs

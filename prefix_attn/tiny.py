@@ -1,7 +1,8 @@
 """Tiny models and a byte-level tokenizer that need no download.
 
 - ``tiny_config(family, **overrides)``: a small config of each supported HF family (Llama,
-  Mistral, Qwen2, Qwen3, Gemma 2, Phi-3, GPT-2, BERT), used by tests, benchmarks and demos.
+  Mistral, Qwen2, Qwen3, Gemma 2, Phi-3, GPT-2, BERT, and ``MORE_CAUSAL_FAMILIES``), used by
+  tests, benchmarks and demos.
 - ``tiny_model(family, ...)``: ``AutoModel*.from_config`` of it, seeded, in eval mode.
 - ``default_model()`` / ``ByteTokenizer``: the built-in default of ``prefix-attn train`` and
   the serving CLI when no local model folder is given (vocabulary = 256 bytes + 3 specials).
@@ -16,6 +17,12 @@ import torch
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "bert")
 CAUSAL_FAMILIES = FAMILIES[:-1]
+# More causal families with the attention interface, checked by a compact test each
+# (tests/test_hf_families.py): partial rotary (phi, gpt_neox, gptj, codegen), MoE (mixtral,
+# qwen2_moe), q/k norms (olmo2, cohere), learned positions (opt, biogpt, gpt_bigcode), ...
+MORE_CAUSAL_FAMILIES = ("gemma", "gemma3_text", "mixtral", "qwen2_moe", "olmo", "olmo2", "phi",
+                        "gpt_neox", "gptj", "codegen", "starcoder2", "cohere", "granite",
+                        "smollm3", "glm4", "exaone4", "opt", "biogpt", "gpt_bigcode")
 
 
 def tiny_config(family: str, vocab_size: int = 128, hidden: int = 32, layers: int = 2,
@@ -49,11 +56,51 @@ def tiny_config(family: str, vocab_size: int = 128, hidden: int = 32, layers: in
                             num_attention_heads=heads, intermediate_size=2 * hidden,
                             max_position_embeddings=256, attention_probs_dropout_prob=0.0,
                             hidden_dropout_prob=0.0, pad_token_id=0)
+    elif family in MORE_CAUSAL_FAMILIES:
+        cfg = _more_config(tf, family, common)
     else:
-        raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; known: {FAMILIES + MORE_CAUSAL_FAMILIES}")
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
+
+
+def _more_config(tf, family: str, common: dict):
+    c = common
+    gpt_style = dict(vocab_size=c["vocab_size"], n_embd=c["hidden_size"],
+                     n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"],
+                     n_positions=c["max_position_embeddings"], pad_token_id=0, bos_token_id=1,
+                     eos_token_id=2)
+    dense = dict(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+                 num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
+                 max_position_embeddings=c["max_position_embeddings"], pad_token_id=0,
+                 bos_token_id=1, eos_token_id=2)
+    builders = {
+        "gemma": lambda: tf.GemmaConfig(head_dim=8, **c),
+        "gemma3_text": lambda: tf.Gemma3TextConfig(head_dim=8, sliding_window=4, **c),
+        "mixtral": lambda: tf.MixtralConfig(num_local_experts=2, num_experts_per_tok=1, **c),
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(num_experts=2, num_experts_per_tok=1,
+                                               moe_intermediate_size=16,
+                                               shared_expert_intermediate_size=16, **c),
+        "olmo": lambda: tf.OlmoConfig(**c),
+        "olmo2": lambda: tf.Olmo2Config(**c),
+        "phi": lambda: tf.PhiConfig(partial_rotary_factor=0.5, **c),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(rotary_pct=0.5, intermediate_size=c["intermediate_size"],
+                                             tie_word_embeddings=False, **dense),
+        "gptj": lambda: tf.GPTJConfig(rotary_dim=4, **gpt_style),
+        "codegen": lambda: tf.CodeGenConfig(rotary_dim=4, **gpt_style),
+        "starcoder2": lambda: tf.Starcoder2Config(**c),
+        "cohere": lambda: tf.CohereConfig(**c),
+        "granite": lambda: tf.GraniteConfig(**c),
+        "smollm3": lambda: tf.SmolLM3Config(**c),
+        "glm4": lambda: tf.Glm4Config(**c),
+        "exaone4": lambda: tf.Exaone4Config(**c),
+        "opt": lambda: tf.OPTConfig(ffn_dim=c["intermediate_size"], word_embed_proj_dim=c["hidden_size"],
+                                    **dense),
+        "biogpt": lambda: tf.BioGptConfig(intermediate_size=c["intermediate_size"], **dense),
+        "gpt_bigcode": lambda: tf.GPTBigCodeConfig(**gpt_style),
+    }
+    return builders[family]()
 
 
 def tiny_model(family: str = "llama", seed: int = 0, attn_implementation: str = "prefix_attn",

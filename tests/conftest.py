@@ -59,7 +59,24 @@ def peft_comparable(family: str) -> dict:
     """tiny_model overrides for comparisons with PEFT: PEFT puts the prefix in the KV cache,
     where a sliding window also hides it, while our prefixes are never windowed (DESIGN.md);
     so the windowed families get a window longer than prefix + tokens."""
-    return {"sliding_window": 64} if family in ("mistral", "gemma2") else {}
+    return {"sliding_window": 64} if family in ("mistral", "gemma2", "gemma3_text") else {}
+
+
+def require_attention_interface(family: str) -> None:
+    """Skip when the installed transformers' code for `family` does not dispatch attention
+    through `ALL_ATTENTION_FUNCTIONS` (GPT-J and CodeGen before 5.2x): no attention
+    implementation can be plugged into such a model (it raises, never ignores prefixes)."""
+    import inspect
+
+    import transformers
+    from prefix_attn.tiny import tiny_config
+
+    cfg = tiny_config(family)
+    auto = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
+    cls = auto._model_mapping[type(cfg)]
+    if "ALL_ATTENTION_FUNCTIONS" not in inspect.getsource(inspect.getmodule(cls)):
+        pytest.skip(f"{cls.__name__} has no attention interface in transformers "
+                    f"{transformers.__version__}")
 
 
 def prefix_step(model, module, ids, mask, labels):
