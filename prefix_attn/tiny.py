@@ -95,10 +95,14 @@ def _more_config(tf, family: str, common: dict):
         "smollm3": lambda: tf.SmolLM3Config(**c),
         "glm4": lambda: tf.Glm4Config(**c),
         "exaone4": lambda: tf.Exaone4Config(**c),
+        # dropout off, as in the families above (their defaults are 0): runs compare exactly
         "opt": lambda: tf.OPTConfig(ffn_dim=c["intermediate_size"], word_embed_proj_dim=c["hidden_size"],
-                                    **dense),
-        "biogpt": lambda: tf.BioGptConfig(intermediate_size=c["intermediate_size"], **dense),
-        "gpt_bigcode": lambda: tf.GPTBigCodeConfig(**gpt_style),
+                                    dropout=0.0, layerdrop=0.0, **dense),
+        "biogpt": lambda: tf.BioGptConfig(intermediate_size=c["intermediate_size"],
+                                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                          layerdrop=0.0, **dense),
+        "gpt_bigcode": lambda: tf.GPTBigCodeConfig(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                                 **gpt_style),
     }
     return builders[family]()
 

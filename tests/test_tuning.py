@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import prefix_attn.api
-from prefix_attn.tiny import CAUSAL_FAMILIES, tiny_model
+from prefix_attn.tiny import CAUSAL_FAMILIES, MORE_CAUSAL_FAMILIES, tiny_model
 from prefix_attn.tuning import PrefixParameters, prefix_tuning, trainable_parameters
-from conftest import peft_comparable, prefix_step
+from conftest import peft_comparable, prefix_step, require_attention_interface
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.hf
@@ -61,8 +61,10 @@ def test_prefix_tuning_freezes_base_and_adds_trainable_prefixes():
     assert a().shape == (L, 2, H, 5, D) and b().shape == (L, 2, H, 3, D)
 
 
-@pytest.mark.parametrize("family,projection", [(f, p) for f in CAUSAL_FAMILIES for p in (None, 16)])
+@pytest.mark.parametrize("family,projection", [(f, p) for f in CAUSAL_FAMILIES for p in (None, 16)]
+                         + [(f, None) for f in MORE_CAUSAL_FAMILIES])
 def test_loss_and_prefix_grads_match_peft(family, projection):
+    require_attention_interface(family)
     ours, module, pm = _pair(family, projection)
     ids, mask, labels = _batch()
     ours.train()
@@ -98,9 +100,10 @@ def test_prefix_reaches_kernel_once_not_per_row(monkeypatch):
     assert module.embedding.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("family", CAUSAL_FAMILIES)
-@pytest.mark.parametrize("projection", [None, 16])
+@pytest.mark.parametrize("family,projection", [(f, p) for f in CAUSAL_FAMILIES for p in (None, 16)]
+                         + [(f, None) for f in MORE_CAUSAL_FAMILIES])
 def test_gradient_checkpointing_same_grads(family, projection):
+    require_attention_interface(family)
     model = tiny_model(family)
     module = prefix_tuning(model, num_virtual_tokens=P, projection_hidden_size=projection)
     ids, mask, labels = _batch()
