@@ -154,7 +154,7 @@ def padding_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Opt
             pm = F.pad(pm, (0, kv_length - pm.shape[-1]), value=False)
     if trim_future:
         pm = pm & (torch.arange(kv_length, device=pm.device) + kv_off <= q_off)
-    if bool(pm.all()):
+    if not torch.compiler.is_compiling() and bool(pm.all()):  # a host sync: not in a graph
         return None
     return pm
 
@@ -343,6 +343,7 @@ def _positions_after_prefix(model, kwargs, S, row_lens, device):
     return pos + row_lens[:, None]
 
 
+@torch.compiler.disable
 def _pre_hook(model, args, kwargs):
     if PREFIXES_KWARG not in kwargs:
         return None
@@ -368,6 +369,7 @@ def _pre_hook(model, args, kwargs):
     return args, kwargs
 
 
+@torch.compiler.disable
 def _post_hook(model, args, kwargs, output):
     pending = _pending_stack(model)
     if not pending:

@@ -172,6 +172,38 @@ def test_save_peft_loads_in_peft_with_our_logits(tmp_path, projection):
     torch.testing.assert_close(ours[keep], theirs[keep], rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_model_trains_like_eager_without_graph_breaks():
+    """torch.compile(model) (aot_eager) of a prefix-tuning step with mixed prefixes and padding:
+    the same loss and prefix gradients as eager, and no graph break inside the model (the
+    prefixes= hooks run outside the graph, the mask function skips its host check)."""
+    import torch._dynamo
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (3, 8), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    results = []
+    for compiled in (False, True):
+        model = tiny_model("llama", seed=0)
+        mods = [prefix_tuning(model, num_virtual_tokens=n, name=name) for name, n in (("a", 4), ("b", 6))]
+        for seed, m in enumerate(mods):  # the same prefixes in both runs
+            with torch.no_grad():
+                m.embedding.weight.copy_(torch.randn(m.embedding.weight.shape,
+                                                     generator=torch.Generator().manual_seed(seed)))
+        model.train()
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        loss = run(input_ids=ids, attention_mask=mask, labels=labels, prefixes=["a", "b", None]).loss
+        loss.backward()
+        results.append([loss.detach()] + [m.embedding.weight.grad.clone() for m in mods])
+        if compiled:
+            assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_prefix_tuning_refuses_a_name_already_in_the_bank():
     model = tiny_model("llama")
     first = prefix_tuning(model, num_virtual_tokens=P, name="a")
