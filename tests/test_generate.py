@@ -173,3 +173,36 @@ def test_static_cache_matches_dynamic_cache(family, tmp_path_factory):
     dynamic = _gen(ours, ids, mask, names, do_sample=False)
     static = _gen(ours, ids, mask, names, do_sample=False, cache_implementation="static")
     assert torch.equal(dynamic, static)
+
+
+def test_chunks_on_a_cache_equal_one_forward(setup):
+    """Several new tokens at once on top of a cache (chunked prefill, speculative verification):
+    mixed prefixes in a left-padded batch, the chunk's logits equal those of one forward over
+    the whole sequence (bottom-right causal alignment over prefix + cache + chunk)."""
+    from prefix_attn.hf import cache_kwarg
+
+    ours, _ = setup
+    ids, mask, _ = _prompts()
+    names = ["b", None, "c"]
+    with torch.no_grad():
+        whole = ours(ids, attention_mask=mask, prefixes=names).logits
+        first = ours(ids[:, :3], attention_mask=mask[:, :3], prefixes=names, use_cache=True)
+        cache = getattr(first, "cache", None) or first.past_key_values
+        chunk = ours(ids[:, 3:], attention_mask=mask, prefixes=names,
+                     **{cache_kwarg(ours): cache}).logits
+    keep = mask[:, 3:].bool()
+    torch.testing.assert_close(chunk[keep], whole[:, 3:][keep], rtol=1e-5, atol=1e-5)
+
+
+def test_assisted_generation_keeps_the_prefix(setup):
+    """Prompt-lookup decoding verifies several drafted tokens per step: the same tokens as
+    plain greedy decoding with the prefix."""
+    ours, _ = setup
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
+    kw = dict(prefixes=["b"], do_sample=False, pad_token_id=0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        greedy = ours.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, **kw)
+        lookup = ours.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW,
+                               prompt_lookup_num_tokens=3, **kw)
+    assert torch.equal(lookup, greedy)
