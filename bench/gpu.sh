@@ -20,7 +20,8 @@
 #                14 workers (compiling is the slow part)
 #   tests_rest   (T_REST, 50)    what differs on that machine: the CUDA extension's tests (the
 #                contract and 90 random cases), and the HF model and generate tests against
-#                its own transformers and peft
+#                its own transformers and peft (not the `more_families` ones: make test-compat
+#                runs them against that transformers on a CPU machine)
 #                (the rest of the suite is pure CPU and runs in `make test`)
 # STAGES="bench tests_rest" (say) runs only those stages: a second, shorter device call can
 # finish what a first one's time boxes cut.
@@ -138,7 +139,8 @@ if wanted tests_rest; then
     tail -n 30 "$EXT/build.log" >"$LOGS/ext_build.log" 2>/dev/null
 fi
 stage tests_rest "${T_REST:-50}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
-    $PY -m pytest -v -p no:cacheprovider -n 12 tests/test_cuda_backend.py tests/test_hf_models.py \
+    $PY -m pytest -v -p no:cacheprovider -n 12 -m "not more_families" \
+    tests/test_cuda_backend.py tests/test_hf_models.py \
     tests/test_hf_prefix.py tests/test_generate.py \
     tests/test_random_cases.py::test_random_case_cuda
 cat "$OUT/summary.txt"

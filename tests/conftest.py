@@ -62,6 +62,15 @@ def peft_comparable(family: str) -> dict:
     return {"sliding_window": 64} if family in ("mistral", "gemma2", "gemma3_text") else {}
 
 
+def more_families(*extra):
+    """pytest params of `tiny.MORE_CAUSAL_FAMILIES` (each with `extra` values after the family),
+    marked `more_families`: bench/gpu.sh deselects them (make test and make test-compat run
+    them; on the GPU machine they would only repeat those CPU checks in its device time)."""
+    from prefix_attn.tiny import MORE_CAUSAL_FAMILIES
+
+    return [pytest.param(f, *extra, marks=pytest.mark.more_families) for f in MORE_CAUSAL_FAMILIES]
+
+
 def require_attention_interface(family: str) -> None:
     """Skip when the installed transformers' code for `family` does not dispatch attention
     through `ALL_ATTENTION_FUNCTIONS` (GPT-J and CodeGen before 5.2x): no attention

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from prefix_attn.bank import PrefixBank
-from prefix_attn.tiny import CAUSAL_FAMILIES, MORE_CAUSAL_FAMILIES, tiny_model
-from conftest import peft_comparable, require_attention_interface
+from prefix_attn.tiny import CAUSAL_FAMILIES, tiny_model
+from conftest import more_families, peft_comparable, require_attention_interface
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.hf
@@ -97,7 +97,7 @@ def test_greedy_mixed_batch_matches_peft_loop_per_row(setup):
     assert torch.equal(by_id, seqs)
 
 
-@pytest.mark.parametrize("family", [f for f in CAUSAL_FAMILIES if f != "llama"] + list(MORE_CAUSAL_FAMILIES))
+@pytest.mark.parametrize("family", [f for f in CAUSAL_FAMILIES if f != "llama"] + more_families())
 def test_greedy_mixed_batch_every_family(family, tmp_path_factory):
     """Adapters of lengths 6, 1 and 3 in one left-padded batch, through each family's cache
     (GPT-2's absolute positions, sliding windows, Gemma 2's hybrid cache): each row's tokens

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import prefix_attn.hf as hf
-from prefix_attn.tiny import FAMILIES, MORE_CAUSAL_FAMILIES, tiny_model
-from conftest import require_attention_interface
+from prefix_attn.tiny import FAMILIES, tiny_model
+from conftest import more_families, require_attention_interface
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.hf
@@ -46,7 +46,7 @@ def test_import_prefix_attn_registers():
 
 
 @pytest.mark.parametrize("pad", ["left", "right"])
-@pytest.mark.parametrize("family", FAMILIES + MORE_CAUSAL_FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES) + more_families())
 def test_no_prefix_equals_baseline(family, pad, recwarn):
     """Mistral and Gemma 2 use a sliding window (4) shorter than the sequence (9)."""
     require_attention_interface(family)

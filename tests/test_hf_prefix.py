@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from prefix_attn.bank import PrefixBank
-from prefix_attn.tiny import CAUSAL_FAMILIES, MORE_CAUSAL_FAMILIES, tiny_model
-from conftest import peft_comparable, require_attention_interface
+from prefix_attn.tiny import CAUSAL_FAMILIES, tiny_model
+from conftest import more_families, peft_comparable, require_attention_interface
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.hf
@@ -41,7 +41,7 @@ def _batch(pad, B=3, S=7, seed=0):
     return ids, mask
 
 
-@pytest.mark.parametrize("family", list(CAUSAL_FAMILIES) + ["bert"] + list(MORE_CAUSAL_FAMILIES))
+@pytest.mark.parametrize("family", list(CAUSAL_FAMILIES) + ["bert"] + more_families())
 def test_forward_matches_peft(family, tmp_path):
     require_attention_interface(family)
     ov = peft_comparable(family)
@@ -91,7 +91,7 @@ def test_mixed_batch_rows_match_their_own_adapter(tmp_path):
     torch.testing.assert_close(by_id, mixed)
 
 
-@pytest.mark.parametrize("family", list(CAUSAL_FAMILIES) + list(MORE_CAUSAL_FAMILIES))
+@pytest.mark.parametrize("family", list(CAUSAL_FAMILIES) + more_families())
 @pytest.mark.parametrize("pad", ["left", "right"])
 def test_mixed_lengths_in_one_batch_every_family(family, pad, tmp_path):
     """Adapters of lengths 6, 3 and 1 and a row without prefix in one padded batch, on every

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import prefix_attn.api
-from prefix_attn.tiny import CAUSAL_FAMILIES, MORE_CAUSAL_FAMILIES, tiny_model
+from prefix_attn.tiny import CAUSAL_FAMILIES, tiny_model
 from prefix_attn.tuning import PrefixParameters, prefix_tuning, trainable_parameters
-from conftest import peft_comparable, prefix_step, require_attention_interface
+from conftest import more_families, peft_comparable, prefix_step, require_attention_interface
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.hf
@@ -62,7 +62,7 @@ def test_prefix_tuning_freezes_base_and_adds_trainable_prefixes():
 
 
 @pytest.mark.parametrize("family,projection", [(f, p) for f in CAUSAL_FAMILIES for p in (None, 16)]
-                         + [(f, None) for f in MORE_CAUSAL_FAMILIES])
+                         + more_families(None))
 def test_loss_and_prefix_grads_match_peft(family, projection):
     require_attention_interface(family)
     ours, module, pm = _pair(family, projection)
@@ -101,7 +101,7 @@ def test_prefix_reaches_kernel_once_not_per_row(monkeypatch):
 
 
 @pytest.mark.parametrize("family,projection", [(f, p) for f in CAUSAL_FAMILIES for p in (None, 16)]
-                         + [(f, None) for f in MORE_CAUSAL_FAMILIES])
+                         + more_families(None))
 def test_gradient_checkpointing_same_grads(family, projection):
     require_attention_interface(family)
     model = tiny_model(family)
