@@ -79,7 +79,9 @@ def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
 
     Call it once per task to train several prefixes together (each row of a batch picks its
     own with ``prefixes=[...]``); prefixes added earlier stay trainable, and a name already in
-    the bank is refused (ValueError). Switches the model to
+    the bank is refused (ValueError). Only the first call freezes the base: a module made
+    trainable after it (``model.classifier.requires_grad_(True)`` for a new classification
+    head, as PEFT's ``modules_to_save``) stays trainable through later calls. Switches the model to
     ``attn_implementation="prefix_attn"`` if it uses another one. Returns the new module
     (its parameters are the ones to give the optimizer).
     """
@@ -89,9 +91,8 @@ def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
                          f"choose another name or remove it first: model.prefix_bank.remove({name!r})")
     if getattr(getattr(model, "config", None), "_attn_implementation", None) != ATTN_NAME:
         model.set_attn_implementation(ATTN_NAME)
-    keep = {id(p) for p in bank.trainable.parameters()}
-    for p in model.parameters():
-        if id(p) not in keep:
+    if not len(bank.trainable):  # the first prefix freezes the base; later ones keep what the
+        for p in model.parameters():  # user unfroze since (e.g. a classification head)
             p.requires_grad_(False)
     module = PrefixParameters(bank.num_layers, bank.num_kv_heads, bank.head_dim,
                               num_virtual_tokens, projection_hidden_size, device=bank.device)

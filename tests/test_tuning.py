@@ -204,6 +204,34 @@ def test_compiled_model_trains_like_eager_without_graph_breaks():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_classification_head_unfrozen_after_the_first_prefix_stays_trainable():
+    """Prefix tuning a BERT classifier, as PEFT's SEQ_CLS task with its head in
+    modules_to_save: the head unfrozen after the first prefix_tuning call stays trainable
+    through a second one, the encoder stays frozen, and both prefixes and the head get
+    gradients."""
+    import transformers
+
+    from prefix_attn.tiny import tiny_config
+
+    cfg = tiny_config("bert")
+    cfg.num_labels = 3
+    model = transformers.AutoModelForSequenceClassification.from_config(
+        cfg, attn_implementation="prefix_attn")
+    a = prefix_tuning(model, num_virtual_tokens=4, name="a")
+    model.classifier.requires_grad_(True)
+    b = prefix_tuning(model, num_virtual_tokens=2, name="b")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"classifier.weight", "classifier.bias",
+                         "prefix_bank.trainable.e0.embedding.weight",
+                         "prefix_bank.trainable.e1.embedding.weight"}
+    ids, mask, _ = _batch(B=2, pad=None)
+    mask[1, -2:] = 0
+    out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2]), prefixes=["a", "b"])
+    out.loss.backward()
+    for p in (a.embedding.weight, b.embedding.weight, model.classifier.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
 def test_prefix_tuning_refuses_a_name_already_in_the_bank():
     model = tiny_model("llama")
     first = prefix_tuning(model, num_virtual_tokens=P, name="a")
