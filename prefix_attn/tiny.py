@@ -17,8 +17,8 @@ import torch
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "bert")
 CAUSAL_FAMILIES = FAMILIES[:-1]
-# More causal families with the attention interface, checked by a compact test each
-# (tests/test_hf_families.py): partial rotary (phi, gpt_neox, gptj, codegen), MoE (mixtral,
+# More causal families with the attention interface, in the HF parity tests (marker
+# `more_families`: test_hf_models, test_hf_prefix, test_generate, test_tuning): partial rotary (phi, gpt_neox, gptj, codegen), MoE (mixtral,
 # qwen2_moe), q/k norms (olmo2, cohere), learned positions (opt, biogpt, gpt_bigcode), ...
 MORE_CAUSAL_FAMILIES = ("gemma", "gemma3_text", "mixtral", "qwen2_moe", "olmo", "olmo2", "phi",
                         "gpt_neox", "gptj", "codegen", "starcoder2", "cohere", "granite",

@@ -81,9 +81,10 @@ def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
     own with ``prefixes=[...]``); prefixes added earlier stay trainable, and a name already in
     the bank is refused (ValueError). Only the first call freezes the base: a module made
     trainable after it (``model.classifier.requires_grad_(True)`` for a new classification
-    head, as PEFT's ``modules_to_save``) stays trainable through later calls. Switches the model to
-    ``attn_implementation="prefix_attn"`` if it uses another one. Returns the new module
-    (its parameters are the ones to give the optimizer).
+    head, as PEFT's ``modules_to_save``) stays trainable through later calls. Switches the
+    model to ``attn_implementation="prefix_attn"`` if it uses another one. Returns the new
+    module (its parameters are the ones to give the optimizer; with an unfrozen head, give it
+    :func:`trainable_parameters`).
     """
     bank = PrefixBank.attach(model)
     if name in bank:  # replacing would orphan the parameters an optimizer may already hold
