@@ -149,7 +149,7 @@ def test_beam_search_mixed_batch_matches_single_rows(setup):
         torch.testing.assert_close(out.sequences_scores[2 * b], total, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
 def test_generate_without_prefix_equals_baseline_through_sliding_cache(family):
     """Window 4 < prompt + new tokens: the sliding-window cache path agrees with sdpa/eager."""
     ours = tiny_model(family)
