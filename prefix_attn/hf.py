@@ -43,9 +43,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .packed import packed_attention, packed_dense_mask
+
 ATTN_NAME = "prefix_attn"
 SELECTION_KWARG = "prefix_selection"
 PREFIXES_KWARG = "prefixes"
+# Marks the sequence-id tensor that padding_mask returns for packed sequences.
+PACKED_ATTR = "_prefix_attn_packed_sequence_ids"
 
 # Models whose forward numbers the tokens from the attention mask when no position_ids are
 # given (OPT: cumsum of the mask, pads skipped) rather than from the cache position as the
@@ -102,6 +106,36 @@ def mask_pattern(mask_function) -> Optional[str]:
     return None
 
 
+def packed_sequence_ids(mask_function, q_length, kv_length, q_offset, kv_offset):
+    """The sequence ids ``[B, T]`` when ``mask_function`` is transformers' mask of packed
+    sequences over a pattern the kernel expresses, else None.
+
+    transformers builds it as ``and_masks(base, packed_sequence_mask_function(ids))``, where
+    ``base`` may be wrapped by ``remap_positions_for_packed_sequence`` (5.2x) and is the
+    causal, sliding or bidirectional function; any other overlay (or a cache offset, or
+    torch.compile, where the regrouping's host sync is not wanted) gives None. The returned
+    tensor is marked (``PACKED_ATTR``) so the attention function tells it from a padding mask.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    parts = _closure_value(mask_function, "mask_functions")
+    if not (isinstance(parts, tuple) and len(parts) == 2):
+        return None
+    base, last = parts
+    if not getattr(last, "__qualname__", "").startswith("packed_sequence_mask_function."):
+        return None
+    ids = _closure_value(last, "packed_sequence_mask")
+    if getattr(base, "__qualname__", "").startswith("remap_positions_for_packed_sequence."):
+        base = _closure_value(base, "mask_function")
+    if (mask_pattern(base) is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2
+            or q_length != kv_length or ids.shape[1] != kv_length or int(q_offset) != 0
+            or int(kv_offset) != 0):
+        return None
+    ids = ids.to(torch.long).clone()
+    setattr(ids, PACKED_ATTR, True)
+    return ids
+
+
 def _dense_mask(mu, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
                 attention_mask, device):
     """``sdpa_mask``'s dense bool mask ``[B, 1, q, kv]`` (its signature differs across 5.x)."""
@@ -134,6 +168,9 @@ def padding_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Opt
         q_length, q_offset, device = cache_position.shape[0], cache_position[0], cache_position.device
     if mask_function is None:
         mask_function = mu.causal_mask_function
+    seq_ids = packed_sequence_ids(mask_function, q_length, kv_length, q_offset, kv_offset)
+    if seq_ids is not None:
+        return seq_ids
     pattern = mask_pattern(mask_function)
     q_off, kv_off = int(q_offset), int(kv_offset)
     # The kernel's causal diagonal is bottom-right aligned: own key j is visible to query i iff
@@ -247,10 +284,12 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         pk, pv = sel.layer(module.layer_idx)
         ids, lens = sel.prefix_ids, sel.prefix_lens
     Skv = key.shape[2]
-    kpm = dense = None
+    kpm = dense = seq_ids = None
     reason = None
     if attention_mask is not None:
-        if attention_mask.dim() == 2:
+        if getattr(attention_mask, PACKED_ATTR, False):
+            seq_ids = attention_mask
+        elif attention_mask.dim() == 2:
             kpm = attention_mask.to(torch.bool)[:, -Skv:]
         else:
             dense = attention_mask[..., -Skv:]
@@ -267,10 +306,17 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     softcap = float(softcap) if softcap else None
     if reason is not None:
         _warn_once(reason)
+        if seq_ids is not None:
+            dense = packed_dense_mask(seq_ids, causal, window)
         return eager_prefix_attention(query, key, value, pk, pv, ids, lens, kpm, dense, causal,
                                       scaling, window, softcap, dropout, module.training)
     from .api import prefix_attention
 
+    if seq_ids is not None:
+        out = packed_attention(query, key, value, seq_ids, pk, pv, prefix_ids=ids,
+                               prefix_lens=lens, causal=causal, scale=scaling, window=window,
+                               softcap=softcap)
+        return out.contiguous(), None
     out = prefix_attention(query, key, value, pk, pv, prefix_ids=ids, prefix_lens=lens,
                            key_padding_mask=kpm, causal=causal, scale=scaling, window=window,
                            softcap=softcap)

@@ -129,17 +129,19 @@ def test_attention_dropout_in_training_falls_back():
         ours(ids)
 
 
-def test_packed_sequences_fall_back_to_dense_mask():
-    """Two sequences packed in one row (position_ids restart, no attention_mask): a pattern the
-    kernel cannot express, so the mask is dense and the eager composite runs."""
+def test_packed_sequences_run_fused_and_equal_sdpa(recwarn):
+    """Two sequences packed in one row (position_ids restart, no attention_mask): the mask
+    function hands the sequence ids to the kernel path (tests/test_packed.py), no dense mask,
+    no fallback; the logits are sdpa's."""
     ours = tiny_model("qwen2")
     ref = tiny_model("qwen2", attn_implementation="sdpa")
     ref.load_state_dict(ours.state_dict())
     ids, _ = _padded(None, B=1)
     pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
     hf._warned.clear()
-    with torch.no_grad(), pytest.warns(UserWarning, match="dense"):
+    with torch.no_grad():
         a = ours(ids, position_ids=pos, use_cache=False).logits
+    assert not [w for w in recwarn if "prefix_attn" in str(w.message)]
     with torch.no_grad():
         b = ref(ids, position_ids=pos, use_cache=False).logits
         unpacked = ref(ids, use_cache=False).logits

@@ -1,0 +1,135 @@
+"""Packed sequences (several sequences per row, found by transformers from restarting
+position_ids): the kernel runs them regrouped one sequence per row, each sequence with its
+row's prefix; results equal each sequence run alone, forward and backward."""
+import warnings
+
+import pytest
+import torch
+
+import prefix_attn
+from prefix_attn import prefix_attention
+from prefix_attn.packed import packed_attention, packed_dense_mask, segments
+
+# two rows: sequences of 5, 1, 7 tokens and of 9, 4 tokens (T = 13)
+LAYOUT = [[5, 1, 7], [9, 4]]
+T = 13
+
+
+def _seq_ids():
+    return torch.tensor([[i for i, n in enumerate(row) for _ in range(n)] for row in LAYOUT])
+
+
+def test_segments():
+    index, valid, row = segments(_seq_ids())
+    assert valid.sum(1).tolist() == [5, 1, 7, 9, 4] and row.tolist() == [0, 0, 0, 1, 1]
+    assert index[valid].tolist() == list(range(2 * T))  # every token once, in packed order
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("extra", [{}, dict(window=3), dict(softcap=2.0), dict(causal=False)],
+                         ids=["causal", "window", "softcap", "noncausal"])
+def test_packed_equals_each_sequence_alone(backend, extra):
+    if backend not in prefix_attn.available_backends():
+        pytest.skip(f"{backend} backend not available")
+    g = torch.Generator().manual_seed(0)
+    Hq, Hkv, D, P = 4, 2, 16, 6
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    q, k, v = rnd(2, Hq, T, D), rnd(2, Hkv, T, D), rnd(2, Hkv, T, D)
+    pk, pv = rnd(2, Hkv, P, D), rnd(2, Hkv, P, D)
+    ids, lens = torch.tensor([1, 0]), torch.tensor([6, 2])
+    out = packed_attention(q, k, v, _seq_ids(), pk, pv, prefix_ids=ids, prefix_lens=lens,
+                           backend=backend, **extra)          # [B, T, Hq, D]
+    w = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v, pk, pv))
+
+    want = torch.zeros_like(out)
+    for b, row in enumerate(LAYOUT):
+        o = 0
+        for n in row:
+            s = slice(o, o + n)
+            want[b, s] = prefix_attention(q[b:b + 1, :, s], k[b:b + 1, :, s], v[b:b + 1, :, s],
+                                          pk, pv, prefix_ids=ids[b:b + 1], prefix_lens=lens,
+                                          backend=backend, **extra)[0].transpose(0, 1)
+            o += n
+    want_grads = torch.autograd.grad((want * w).sum(), (q, k, v, pk, pv))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip("q k v pk pv".split(), grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_packed_dense_mask():
+    m = packed_dense_mask(_seq_ids(), causal=True, window=2)[:, 0]
+    assert m.shape == (2, T, T)
+    assert m[0, 4, 3] and m[0, 4, 4] and not m[0, 4, 2]      # window 2 inside sequence 0
+    assert not m[0, 5, 4] and m[0, 5, 5] and not m[0, 6, 5]  # sequence 1 is one token
+    assert not m[1, 9, 8]                                     # rows' sequences are apart
+
+
+# ---------------------------------------------------------------------------------------
+# through transformers: DataCollatorWithFlattening-style rows (no attention mask, position_ids
+# restarting at every sequence)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.hf
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "qwen3", "gpt2"])
+def test_hf_packed_rows_equal_each_sequence_alone(family, monkeypatch):
+    """Forward with and without prefixes on the fused path (no fallback warning, the packed
+    path is taken), and the prefix gradient of a packed step equals that of the sequences
+    run one by one (mistral and gemma2's window 4 is shorter than the sequences)."""
+    from prefix_attn import hf
+    from prefix_attn.tiny import tiny_model
+    from prefix_attn.tuning import prefix_tuning
+
+    calls = []
+    real = hf.packed_attention
+    monkeypatch.setattr(hf, "packed_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    model = tiny_model(family)
+    module = prefix_tuning(model, num_virtual_tokens=4, name="x")
+    with torch.no_grad():
+        module.embedding.weight.normal_(generator=torch.Generator().manual_seed(1))
+    lens = LAYOUT[0]
+    ids = torch.randint(3, 100, (1, sum(lens)), generator=torch.Generator().manual_seed(0))
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+
+    def pieces():
+        o = 0
+        for n in lens:
+            yield ids[:, o:o + n]
+            o += n
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fallback would warn
+        for prefixes in (None, ["x"]):
+            with torch.no_grad():
+                packed = model(input_ids=ids, position_ids=pos, use_cache=False, prefixes=prefixes).logits
+                alone = torch.cat([model(input_ids=x, use_cache=False, prefixes=prefixes).logits
+                                   for x in pieces()], 1)
+            torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+        assert calls  # the regrouped kernel path ran
+
+        model.train()
+        loss = model(input_ids=ids, position_ids=pos, use_cache=False, prefixes=["x"]).logits.logsumexp(-1).sum()
+        g_packed = torch.autograd.grad(loss, module.embedding.weight)[0]
+        loss = sum(model(input_ids=x, use_cache=False, prefixes=["x"]).logits.logsumexp(-1).sum()
+                   for x in pieces())
+        g_alone = torch.autograd.grad(loss, module.embedding.weight)[0]
+    torch.testing.assert_close(g_packed, g_alone, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.hf
+def test_hf_packed_rows_on_the_fallback_path_too():
+    """output_attentions forces the PyTorch fallback: it gets the packed rows' block mask."""
+    from prefix_attn.tiny import tiny_model
+
+    model = tiny_model("llama")
+    lens = [3, 4]
+    ids = torch.randint(3, 100, (1, 7), generator=torch.Generator().manual_seed(0))
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        fallback = model(input_ids=ids, position_ids=pos, use_cache=False, output_attentions=True)
+    torch.testing.assert_close(fallback.logits, fused, rtol=1e-5, atol=1e-5)
+    assert fallback.attentions[0][0, :, 3:, :3].abs().max() == 0  # sequences apart
