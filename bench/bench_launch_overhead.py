@@ -18,11 +18,7 @@ Writes <out>.json and <out>.md (default bench/results/launch_overhead.*).
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from prefix_attn.kernels import decode, fwd  # noqa: E402
+from record import cpu_environment, parser, table, write_results  # noqa: E402
 
 SHAPES = [  # (B, Hq, Hkv, D, Skv, P): decode, one shared entry
     (64, 32, 8, 128, 4096, 128),
@@ -105,37 +102,23 @@ def _measure(reps: int) -> list:
 
 def markdown(res: dict) -> str:
     env = res["environment"]
-    lines = [f"Host time per launch call (kernels stubbed), {env['cpu']}, torch {env['torch']}, "
-             f"{env['date'][:10]}; medians of {res['blocks']} blocks of {res['reps']} calls, "
-             f"load average {env['load']:.2f}; ratio = sorted grouping / as is.", "",
-             "| B | Hq | Hkv | own keys | P | per-row fwd us | cascade us | cascade, sorted grouping us | ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in res["rows"]:
-        lines.append(f"| {r['B']} | {r['Hq']} | {r['Hkv']} | {r['Skv']} | {r['P']} | "
-                     f"{r['per_row_us']:.1f} | {r['cascade_us']:.1f} | "
-                     f"{r['cascade_sorted_us']:.1f} | {r['ratio']:.2f}x |")
-    return "\n".join(lines) + "\n"
+    caption = (f"Host time per launch call (kernels stubbed), {env['cpu']}, torch {env['torch']}, "
+               f"{env['date'][:10]}; medians of {res['blocks']} blocks of {res['reps']} calls, "
+               f"load average {env['load']:.2f}; ratio = sorted grouping / as is.")
+    header = ["B", "Hq", "Hkv", "own keys", "P", "per-row fwd us", "cascade us",
+              "cascade, sorted grouping us", "ratio"]
+    return table(caption, header, [
+        [r["B"], r["Hq"], r["Hkv"], r["Skv"], r["P"], f"{r['per_row_us']:.1f}",
+         f"{r['cascade_us']:.1f}", f"{r['cascade_sorted_us']:.1f}", f"{r['ratio']:.2f}x"]
+        for r in res["rows"]])
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join(HERE, "results", "launch_overhead"),
-                   help="output path without extension")
-    p.add_argument("--reps", type=int, default=500)
+    p = parser(__doc__, "launch_overhead", reps=500)
     a = p.parse_args(argv)
     rows = measure(a.reps)
-    res = {"environment": {"cpu": platform.processor() or platform.machine(),
-                           "threads": torch.get_num_threads(), "torch": torch.__version__,
-                           "python": platform.python_version(), "load": os.getloadavg()[0],
-                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                               timespec="seconds")},
-           "reps": a.reps, "blocks": 5, "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out + ".json", "w") as f:
-        json.dump(res, f, indent=2)
-    with open(a.out + ".md", "w") as f:
-        f.write(markdown(res))
-    print(f"wrote {a.out}.json / .md")
+    res = {"environment": cpu_environment(), "reps": a.reps, "blocks": 5, "rows": rows}
+    write_results(a.out, res, markdown(res))
     return res
 
 

@@ -35,6 +35,7 @@ BENCHMARKS = {
     "train": ("bench_train.py", ["--quick"], "train_cpu", "dir"),
     "launch": ("bench_launch_overhead.py", ["--reps", "20"], "launch_overhead", "stem"),
     "sass": ("sass_report.py", ["--quick"], "sass_sm90", "dir"),
+    "packed": ("bench_packed.py", ["--quick"], "packed_cpu", "stem"),
 }
 
 

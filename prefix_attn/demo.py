@@ -147,7 +147,7 @@ def serve_mixed_batch(model, tok, device: str, max_new_tokens: int = 28) -> List
 
 
 # -- 4. benchmarks ---------------------------------------------------------------------
-def _median_ms(fn: Callable, reps: int) -> float:
+def median_ms(fn: Callable, reps: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(reps):
@@ -170,7 +170,7 @@ def benchmark(device: str, reps: int = 5) -> List[dict]:
     rows = []
 
     def pair(label, shape, ours, base):
-        t_base, t_ours = _median_ms(base, reps), _median_ms(ours, reps)
+        t_base, t_ours = median_ms(base, reps), median_ms(ours, reps)
         rows.append(dict(what=label, shape=shape, peft_ms=t_base, ours_ms=t_ours, speedup=t_base / t_ours))
 
     # prefill: B 4, S 256, P 64, Hq 8 / Hkv 2, D 64

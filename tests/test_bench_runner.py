@@ -50,3 +50,17 @@ def test_launch_overhead_bench_writes_its_table(tmp_path):
     for r in res["rows"]:
         assert r["per_row_us"] > 0 and r["cascade_us"] > 0 and r["cascade_sorted_us"] > 0
     assert (tmp_path / "lo.md").read_text().count("\n| ") == 4   # header + 3 rows
+
+
+def test_packed_bench_quick_writes_its_table(tmp_path):
+    """bench/bench_packed.py --quick: both paths agree (checked inside) and are timed."""
+    import subprocess
+    import sys
+    script = os.path.join(ROOT, "bench", "bench_packed.py")
+    out = tmp_path / "pk"
+    proc = subprocess.run([sys.executable, script, "--quick", "--reps", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "pk.json").read_text())["rows"]
+    assert row["fused_ms"] > 0 and row["dense_ms"] > 0 and row["T"] == 128
+    assert "| 64+40+24 | 128 |" in (tmp_path / "pk.md").read_text()

@@ -16,7 +16,7 @@ def test_demo_runs_end_to_end(capsys):
 
 def test_benchmark_table_rows(monkeypatch):
     from prefix_attn import demo
-    monkeypatch.setattr(demo, "_median_ms", lambda fn, reps: 1.0)  # timing is not under test
+    monkeypatch.setattr(demo, "median_ms", lambda fn, reps: 1.0)  # timing is not under test
     rows = demo.benchmark("cpu", reps=1)
     assert [r["what"].split(" ")[0] for r in rows] == ["prefill", "decode,", "training", "prefix"]
     assert rows[-1]["speedup"] == pytest.approx(256.0)  # 64 rows x 4 query heads per kv head
