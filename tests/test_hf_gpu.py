@@ -1,7 +1,7 @@
 """The Hugging Face layer on a CUDA GPU: tiny models on the device, the triton backend forced
 (no silent fallback), against PEFT on the same device: forward with mixed prefixes and
-padding, a training step's loss and prefix gradients, gradient checkpointing, bf16, and
-generate() with mixed prefixes.
+padding, a training step's loss and prefix gradients, gradient checkpointing, bf16, autocast,
+packed sequences, and generate() with mixed prefixes.
 
 Skipped without CUDA (bench/gpu.sh runs it). PREFIX_ATTN_HF_TEST_DEVICE=cpu runs the same
 tests on CPU with the cpu backend: a check of the tests themselves, not of the GPU path.
@@ -157,3 +157,41 @@ def test_generate_with_mixed_prefixes_matches_one_row_at_a_time():
         keep = mask[0].bool()
         plain = ours.generate(ids[0:1, keep], prefixes=[None], **kw)
     assert batch[0, ids.shape[1]:].tolist() != plain[0, int(keep.sum()):].tolist()  # prefix in play
+
+
+def test_autocast_training_step_is_close_to_fp32():
+    """fp32 weights under torch.autocast (RoPE hands float32 q/k and a half v to the kernel):
+    loss and prefix gradient (float32) within half-precision error of the fp32 step."""
+    ids, mask, labels = _batch()
+    half = torch.bfloat16 if DEVICE == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    results = []
+    for autocast in (False, True):
+        model = tiny_model("llama", seed=1).to(DEVICE).train()
+        module = prefix_tuning(model, num_virtual_tokens=P)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+        with torch.autocast(DEVICE, dtype=half, enabled=autocast):
+            loss = model(ids, attention_mask=mask, labels=labels, prefixes=["default"] * 3).loss
+        loss.backward()
+        results.append((loss.float().item(), module.embedding.weight.grad.clone()))
+    (l32, g32), (l16, g16) = results
+    assert g16.dtype == torch.float32 and abs(l16 - l32) <= 0.02 * abs(l32)
+    assert (g16 - g32).norm() <= 0.1 * g32.norm()
+
+
+def test_packed_rows_equal_each_sequence_alone():
+    """A row packing three sequences (position_ids restart, no mask), with a prefix: regrouped
+    one sequence per kernel row on the device; equals each sequence run alone."""
+    model = tiny_model("llama").to(DEVICE)
+    PrefixBank.attach(model).add("x", *torch.randn(2, 2, 2, 4, 8).to(DEVICE))
+    lens = [5, 1, 7]
+    ids = torch.randint(3, 100, (1, sum(lens)), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    pos = torch.cat([torch.arange(n) for n in lens])[None].to(DEVICE)
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False, prefixes=["x"]).logits
+        alone, o = [], 0
+        for n in lens:
+            alone.append(model(input_ids=ids[:, o:o + n], use_cache=False, prefixes=["x"]).logits)
+            o += n
+    torch.testing.assert_close(packed, torch.cat(alone, 1), rtol=1e-4, atol=1e-4)
