@@ -101,6 +101,19 @@ def collate(rows: Sequence[Tuple[List[int], List[int]]], pad_id: int):
     return ids, mask, labels
 
 
+def collate_packed(rows: Sequence[Tuple[List[int], List[int]]]):
+    """The rows packed into one sequence without padding: ``input_ids``, ``position_ids``
+    (restarting at every example, which is how transformers finds the packed sequences) and
+    ``labels`` ``[1, T]``, the first label of every example -100 (no prediction across
+    examples). The loss is the padded batch's: the same tokens are predicted."""
+    ids, pos, labels = [], [], []
+    for i, l in rows:
+        ids += i
+        pos += range(len(i))
+        labels += [-100] + list(l[1:])
+    return (torch.tensor([ids]), torch.tensor([pos]), torch.tensor([labels]))
+
+
 def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> List[List[int]]:
     """The batches of one epoch: a permutation fixed by (seed, epoch), so a resumed run sees
     the same batches as an uninterrupted one."""
@@ -189,6 +202,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--pack", action="store_true",
+                   help="pack each batch into one row without padding (same loss, no padded tokens)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -260,14 +275,22 @@ def run(args: argparse.Namespace) -> int:
     while step < total:
         epoch, index = divmod(step, steps_per_epoch)
         batch = [data[i] for i in batch_order(len(data), args.batch_size, args.seed, epoch)[index]]
-        ids, mask, labels = collate(batch, pad_id)
-        loss = model(ids, attention_mask=mask, labels=labels, prefixes=[args.name] * len(batch)).loss
+        if args.pack:
+            ids, pos, labels = collate_packed(batch)
+            loss = model(ids, position_ids=pos, labels=labels, prefixes=[args.name],
+                         use_cache=False).loss
+            n_tokens = ids.numel()
+        else:
+            ids, mask, labels = collate(batch, pad_id)
+            loss = model(ids, attention_mask=mask, labels=labels,
+                         prefixes=[args.name] * len(batch)).loss
+            n_tokens = int(mask.sum())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
         loss_value = loss.item()
-        tokens += int(mask.sum())
+        tokens += n_tokens
         rate = tokens / max(time.perf_counter() - t0, 1e-9)
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:.0f}", refresh=False)
         bar.update(1)
