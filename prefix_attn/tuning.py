@@ -24,7 +24,8 @@ from torch import nn
 from .bank import PrefixBank
 from .hf import ATTN_NAME
 
-__all__ = ["PrefixParameters", "prefix_tuning", "trainable_parameters", "enable_checkpointing"]
+__all__ = ["PrefixParameters", "prefix_tuning", "from_peft", "trainable_parameters",
+           "enable_checkpointing"]
 
 
 class PrefixParameters(nn.Module):
@@ -99,6 +100,45 @@ def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
                               num_virtual_tokens, projection_hidden_size, device=bank.device)
     bank.add_trainable(name, module)
     return module
+
+
+def from_peft(peft_model, trainable: bool = True) -> nn.Module:
+    """The base model of a PEFT prefix-tuning ``PeftModel`` on the fused path, with each of
+    its prefix-tuning adapters in ``model.prefix_bank`` under the adapter's name.
+
+    ``trainable=True``: every adapter becomes a trainable prefix (:func:`prefix_tuning`)
+    initialised from PEFT's prompt encoder, MLP reparameterisation included, so training goes
+    on where PEFT left off, now with gradient checkpointing and a prefix per row;
+    ``trainable=False``: plain K/V entries (PEFT's ``prompt_embeddings``), for serving. The
+    PEFT model's prompt encoders are copied, not shared: use the returned model from here on.
+    """
+    configs = getattr(peft_model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        raise TypeError(f"from_peft expects a peft.PeftModel with prefix-tuning adapters, got "
+                        f"{type(peft_model).__name__}")
+    for name, cfg in configs.items():
+        kind = str(getattr(cfg, "peft_type", None))
+        if not kind.endswith("PREFIX_TUNING"):
+            raise ValueError(f"adapter {name!r} is {kind}, not a prefix-tuning adapter")
+    encoders = peft_model.prompt_encoder
+    model = peft_model.get_base_model()
+    bank = PrefixBank.attach(model)
+    for name, cfg in configs.items():
+        hidden = cfg.encoder_hidden_size if getattr(cfg, "prefix_projection", False) else None
+        if trainable:
+            module = prefix_tuning(model, cfg.num_virtual_tokens, projection_hidden_size=hidden,
+                                   name=name)
+        else:
+            module = PrefixParameters(bank.num_layers, bank.num_kv_heads, bank.head_dim,
+                                      cfg.num_virtual_tokens, hidden, device=bank.device)
+        module.load_state_dict(encoders[name].state_dict())  # PEFT's PrefixEncoder names
+        if not trainable:
+            if getattr(getattr(model, "config", None), "_attn_implementation", None) != ATTN_NAME:
+                model.set_attn_implementation(ATTN_NAME)
+            with torch.no_grad():
+                kv = module()
+            bank.add(name, kv[:, 0], kv[:, 1])
+    return model
 
 
 def trainable_parameters(model: nn.Module) -> list:

@@ -232,6 +232,50 @@ def test_classification_head_unfrozen_after_the_first_prefix_stays_trainable():
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("trainable", [True, False])
+@pytest.mark.parametrize("projection", [None, 16])
+def test_from_peft_continues_a_peft_model(projection, trainable):
+    """A PEFT prefix-tuning model turned into ours: PEFT's logits, and (trainable) PEFT's loss
+    and prefix gradients for the next step; (fixed) plain K/V entries."""
+    _, _, pm = _pair("qwen2", projection)
+    ids, mask, labels = _batch()
+    pm.train()
+    loss_peft = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss_peft.backward()
+    with torch.no_grad():
+        logits_peft = pm.eval()(input_ids=ids, attention_mask=mask).logits
+    enc = pm.prompt_encoder["default"]
+
+    model = prefix_attn.from_peft(pm, trainable=trainable)
+    bank = model.prefix_bank
+    assert bank.names() == ["default"] and bank.kind("default") == ("trainable" if trainable else "fixed")
+    assert model.config._attn_implementation == "prefix_attn"
+    with torch.no_grad():
+        logits = model.eval()(ids, attention_mask=mask, prefixes=["default"] * 3).logits
+    keep = mask.bool()
+    torch.testing.assert_close(logits[keep], logits_peft[keep], rtol=1e-4, atol=1e-5)
+    if trainable:
+        params = trainable_parameters(model)
+        model.train()
+        loss = model(ids, attention_mask=mask, labels=labels, prefixes=["default"] * 3).loss
+        loss.backward()
+        torch.testing.assert_close(loss, loss_peft, rtol=1e-5, atol=1e-6)
+        theirs = [p for p in enc.parameters()]
+        assert len(params) == len(theirs)
+        for a, b in zip(params, theirs):
+            assert a is not b  # copied, not shared
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_from_peft_refuses_what_it_cannot_convert():
+    with pytest.raises(TypeError, match="peft.PeftModel"):
+        prefix_attn.from_peft(tiny_model("llama"))
+    lora = peft.get_peft_model(tiny_model("llama", attn_implementation="sdpa"),
+                               peft.LoraConfig(target_modules=["q_proj"], r=2))
+    with pytest.raises(ValueError, match="'default' is .*LORA, not a prefix-tuning adapter"):
+        prefix_attn.from_peft(lora)
+
+
 def test_prefix_tuning_refuses_a_name_already_in_the_bank():
     model = tiny_model("llama")
     first = prefix_tuning(model, num_virtual_tokens=P, name="a")
