@@ -38,6 +38,7 @@ from __future__ import annotations
 import inspect
 import threading
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -133,6 +134,33 @@ def packed_sequence_ids(mask_function, q_length, kv_length, q_offset, kv_offset)
         return None
     ids = ids.to(torch.long).clone()
     setattr(ids, PACKED_ATTR, True)
+    return ids
+
+
+# id(position_ids) -> (weakref to it, its version, its sequence ids or None): one check per
+# forward, not one per layer (every layer gets the same tensor). Kept small.
+_PACKED_BY_POSITIONS: dict = {}
+
+
+def packed_from_positions(position_ids, batch_size: int, length: int):
+    """Sequence ids ``[1, T]`` when a single row's ``position_ids`` restart (several sequences
+    packed without padding, e.g. ``DataCollatorWithFlattening``), else None: the rule of
+    transformers' flash-attention path (one row, more than one position, a decrease), for
+    forwards where transformers' mask ignores the packing (a cache exists, as in a training
+    forward with ``use_cache`` left on). One host read per forward; none while compiling."""
+    if (position_ids is None or batch_size != 1 or length < 2 or position_ids.dim() != 2
+            or position_ids.shape != (1, length) or torch.compiler.is_compiling()):
+        return None
+    cached = _PACKED_BY_POSITIONS.get(id(position_ids))
+    if cached is not None and cached[0]() is position_ids and cached[1] == position_ids._version:
+        return cached[2]
+    diff = torch.diff(position_ids, dim=-1)
+    ids = None
+    if bool((diff < 0).any()):
+        ids = torch.cat([torch.zeros_like(position_ids[:, :1]), (diff != 1).cumsum(-1)], dim=-1)
+    if len(_PACKED_BY_POSITIONS) >= 64:
+        _PACKED_BY_POSITIONS.clear()
+    _PACKED_BY_POSITIONS[id(position_ids)] = (weakref.ref(position_ids), position_ids._version, ids)
     return ids
 
 
@@ -286,6 +314,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     Skv = key.shape[2]
     kpm = dense = seq_ids = None
     reason = None
+    if attention_mask is None and query.shape[2] == Skv:
+        seq_ids = packed_from_positions(kwargs.get("position_ids"), query.shape[0], Skv)
     if attention_mask is not None:
         if getattr(attention_mask, PACKED_ATTR, False):
             seq_ids = attention_mask

@@ -133,3 +133,34 @@ def test_hf_packed_rows_on_the_fallback_path_too():
         fallback = model(input_ids=ids, position_ids=pos, use_cache=False, output_attentions=True)
     torch.testing.assert_close(fallback.logits, fused, rtol=1e-5, atol=1e-5)
     assert fallback.attentions[0][0, :, 3:, :3].abs().max() == 0  # sequences apart
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_hf_flattening_collator_with_cache_left_on(family, monkeypatch):
+    """DataCollatorWithFlattening's batch in a training forward with use_cache left at its
+    default: transformers' mask then ignores the packing (a cache exists; sdpa mixes the
+    sequences), so the attention function finds it from the restarting position_ids, as the
+    flash-attention path does: the sequences stay apart, each with the row's prefix."""
+    from transformers import DataCollatorWithFlattening
+
+    from prefix_attn import hf
+    from prefix_attn.tiny import tiny_model
+    from prefix_attn.tuning import prefix_tuning
+
+    calls = []
+    real = hf.packed_attention
+    monkeypatch.setattr(hf, "packed_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    model = tiny_model(family)
+    module = prefix_tuning(model, num_virtual_tokens=3, name="x")
+    with torch.no_grad():
+        module.embedding.weight.normal_(generator=torch.Generator().manual_seed(2))
+    model.train()
+    rows = [{"input_ids": list(range(3 + 7 * i, 3 + 7 * i + n))} for i, n in enumerate((5, 3, 6))]
+    batch = DataCollatorWithFlattening()(rows)
+    assert batch["input_ids"].shape == (1, 14) and "attention_mask" not in batch
+    packed = model(**batch, prefixes=["x"]).logits
+    assert calls
+    alone = torch.cat([model(input_ids=torch.tensor([r["input_ids"]]), prefixes=["x"]).logits
+                       for r in rows], 1)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
