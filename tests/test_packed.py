@@ -72,23 +72,36 @@ def test_packed_dense_mask():
 # through transformers: DataCollatorWithFlattening-style rows (no attention mask, position_ids
 # restarting at every sequence)
 # ---------------------------------------------------------------------------------------
+def _count_packed_calls(monkeypatch) -> list:
+    """A list that grows by one at every regrouped (packed) attention call."""
+    from prefix_attn import hf
+
+    calls = []
+    real = hf.packed_attention
+    monkeypatch.setattr(hf, "packed_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def _model_with_prefix(family, P, seed):
+    """A tiny model with one trainable prefix "x" drawn from `seed`: (model, prefix module)."""
+    from prefix_attn.tiny import tiny_model
+    from prefix_attn.tuning import prefix_tuning
+
+    model = tiny_model(family)
+    module = prefix_tuning(model, num_virtual_tokens=P, name="x")
+    with torch.no_grad():
+        module.embedding.weight.normal_(generator=torch.Generator().manual_seed(seed))
+    return model, module
+
+
 @pytest.mark.hf
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "qwen3", "gpt2"])
 def test_hf_packed_rows_equal_each_sequence_alone(family, monkeypatch):
     """Forward with and without prefixes on the fused path (no fallback warning, the packed
     path is taken), and the prefix gradient of a packed step equals that of the sequences
     run one by one (mistral and gemma2's window 4 is shorter than the sequences)."""
-    from prefix_attn import hf
-    from prefix_attn.tiny import tiny_model
-    from prefix_attn.tuning import prefix_tuning
-
-    calls = []
-    real = hf.packed_attention
-    monkeypatch.setattr(hf, "packed_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    model = tiny_model(family)
-    module = prefix_tuning(model, num_virtual_tokens=4, name="x")
-    with torch.no_grad():
-        module.embedding.weight.normal_(generator=torch.Generator().manual_seed(1))
+    calls = _count_packed_calls(monkeypatch)
+    model, module = _model_with_prefix(family, P=4, seed=1)
     lens = LAYOUT[0]
     ids = torch.randint(3, 100, (1, sum(lens)), generator=torch.Generator().manual_seed(0))
     pos = torch.cat([torch.arange(n) for n in lens])[None]
@@ -144,17 +157,8 @@ def test_hf_flattening_collator_with_cache_left_on(family, monkeypatch):
     flash-attention path does: the sequences stay apart, each with the row's prefix."""
     from transformers import DataCollatorWithFlattening
 
-    from prefix_attn import hf
-    from prefix_attn.tiny import tiny_model
-    from prefix_attn.tuning import prefix_tuning
-
-    calls = []
-    real = hf.packed_attention
-    monkeypatch.setattr(hf, "packed_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    model = tiny_model(family)
-    module = prefix_tuning(model, num_virtual_tokens=3, name="x")
-    with torch.no_grad():
-        module.embedding.weight.normal_(generator=torch.Generator().manual_seed(2))
+    calls = _count_packed_calls(monkeypatch)
+    model, _ = _model_with_prefix(family, P=3, seed=2)
     model.train()
     rows = [{"input_ids": list(range(3 + 7 * i, 3 + 7 * i + n))} for i, n in enumerate((5, 3, 6))]
     batch = DataCollatorWithFlattening()(rows)
