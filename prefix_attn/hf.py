@@ -314,7 +314,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     Skv = key.shape[2]
     kpm = dense = seq_ids = None
     reason = None
-    if attention_mask is None and query.shape[2] == Skv:
+    per_sequence = getattr(sel, "packed_seq_ids", None) if sel is not None else None
+    if per_sequence is not None:  # one prefix per packed sequence (the pre-hook found them)
+        if query.shape[2] != Skv:
+            raise ValueError("one prefix per packed sequence needs the whole packed rows in one "
+                             "forward (no KV cache from an earlier call)")
+        seq_ids, attention_mask = per_sequence, None
+    elif attention_mask is None and query.shape[2] == Skv:
         seq_ids = packed_from_positions(kwargs.get("position_ids"), query.shape[0], Skv)
     if attention_mask is not None:
         if getattr(attention_mask, PACKED_ATTR, False):
@@ -334,6 +340,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
             reason = name
     window = int(sliding_window) if sliding_window else None
     softcap = float(softcap) if softcap else None
+    if reason is not None and per_sequence is not None:
+        raise NotImplementedError(f"one prefix per packed sequence runs on the fused path only, "
+                                  f"which does not support {reason}")
     if reason is not None:
         _warn_once(reason)
         if seq_ids is not None:
@@ -344,8 +353,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
 
     if seq_ids is not None:
         out = packed_attention(query, key, value, seq_ids, pk, pv, prefix_ids=ids,
-                               prefix_lens=lens, causal=causal, scale=scaling, window=window,
-                               softcap=softcap)
+                               prefix_lens=lens, per_sequence=per_sequence is not None,
+                               causal=causal, scale=scaling, window=window, softcap=softcap)
         return out.contiguous(), None
     out = prefix_attention(query, key, value, pk, pv, prefix_ids=ids, prefix_lens=lens,
                            key_padding_mask=kpm, causal=causal, scale=scaling, window=window,
@@ -419,6 +428,28 @@ def _positions_after_prefix(model, kwargs, S, row_lens, device):
     return pos + row_lens[:, None]
 
 
+def _packed_request(prefixes, position_ids, B: int, S: int):
+    """Sequence ids ``[B, S]`` (numbered across the batch, 0..n-1) when ``prefixes`` names one
+    prefix per packed sequence: more entries than rows, and ``position_ids`` that restart
+    exactly that often; else None. The ids come from the positions before they are shifted by
+    the prefixes (a shifted boundary could look contiguous), and the attention function uses
+    them instead of finding the sequences itself."""
+    if not isinstance(prefixes, (list, tuple, torch.Tensor)) or len(prefixes) <= B:
+        return None
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != S:
+        raise ValueError(f"got {len(prefixes)} prefixes for a batch of {B} rows; one prefix per "
+                         "packed sequence needs the position_ids that restart at each sequence")
+    pos = position_ids.expand(B, S)
+    starts = torch.ones(B, S, dtype=torch.long, device=pos.device)
+    starts[:, 1:] = (torch.diff(pos, dim=-1) != 1).long()
+    seq_ids = starts.reshape(-1).cumsum(0).reshape(B, S) - 1
+    n = int(seq_ids[-1, -1]) + 1
+    if n != len(prefixes):
+        raise ValueError(f"got {len(prefixes)} prefixes for a batch of {B} rows holding {n} packed "
+                         "sequences (position_ids restarts): give one per row or one per sequence")
+    return seq_ids
+
+
 @torch.compiler.disable
 def _pre_hook(model, args, kwargs):
     if PREFIXES_KWARG not in kwargs:
@@ -436,10 +467,17 @@ def _pre_hook(model, args, kwargs):
                          f"{impl!r} (call model.set_attn_implementation({ATTN_NAME!r}))")
     bank = model.prefix_bank
     B, S, device = _batch_and_length(kwargs)
-    sel = bank.select(_rows_for(bank, prefixes, B), B, device=device)
-    row_lens = sel.row_lens.to(device)
-    if "position_ids" in _forward_params(model) and bool((row_lens > 0).any()):
-        kwargs["position_ids"] = _positions_after_prefix(model, kwargs, S, row_lens, device)
+    seq_ids = _packed_request(prefixes, kwargs.get("position_ids"), B, S)
+    if seq_ids is not None:  # one prefix per packed sequence
+        sel = bank.select(prefixes, int(seq_ids.max()) + 1, device=device)
+        sel.packed_seq_ids = seq_ids.to(device)
+        row_lens = sel.row_lens.to(device)
+        kwargs["position_ids"] = kwargs["position_ids"].expand(B, S) + row_lens[sel.packed_seq_ids]
+    else:
+        sel = bank.select(_rows_for(bank, prefixes, B), B, device=device)
+        row_lens = sel.row_lens.to(device)
+        if "position_ids" in _forward_params(model) and bool((row_lens > 0).any()):
+            kwargs["position_ids"] = _positions_after_prefix(model, kwargs, S, row_lens, device)
     kwargs[SELECTION_KWARG] = sel
     _pending_stack(model).append((sel, row_lens))  # the post-hook checks it was read
     return args, kwargs

@@ -41,16 +41,18 @@ def _regroup(x: Tensor, index: Tensor) -> Tensor:
 
 
 def packed_attention(query, key, value, seq_ids, prefix_k=None, prefix_v=None,
-                     prefix_ids: Optional[Tensor] = None, prefix_lens=None, **kw) -> Tensor:
+                     prefix_ids: Optional[Tensor] = None, prefix_lens=None,
+                     per_sequence: bool = False, **kw) -> Tensor:
     """``prefix_attention`` over packed rows: query ``[B, Hq, T, D]``, key/value
     ``[B, Hkv, T, D]`` (no cache: the packed format is a training / full-prefill one),
-    ``seq_ids`` ``[B, T]``; ``prefix_ids`` ``[B]`` (each sequence gets its row's entry); ``kw``:
-    causal / scale / window / softcap, applied within each sequence. Returns ``[B, T, Hq, D]``."""
+    ``seq_ids`` ``[B, T]``; ``prefix_ids`` ``[B]``, each sequence taking its row's entry, or with
+    ``per_sequence`` ``[n]``, one per sequence in packed order; ``kw``: causal / scale /
+    window / softcap, applied within each sequence. Returns ``[B, T, Hq, D]``."""
     from .api import prefix_attention
 
     B, Hq, T, D = query.shape
     index, valid, row = segments(seq_ids)
-    ids = prefix_ids[row] if prefix_ids is not None else None
+    ids = prefix_ids if per_sequence or prefix_ids is None else prefix_ids[row]
     out = prefix_attention(_regroup(query, index), _regroup(key, index), _regroup(value, index),
                            prefix_k, prefix_v, prefix_ids=ids, prefix_lens=prefix_lens,
                            key_padding_mask=valid, **kw)

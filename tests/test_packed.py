@@ -168,3 +168,47 @@ def test_hf_flattening_collator_with_cache_left_on(family, monkeypatch):
     alone = torch.cat([model(input_ids=torch.tensor([r["input_ids"]]), prefixes=["x"]).logits
                        for r in rows], 1)
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_hf_one_prefix_per_packed_sequence(use_cache):
+    """Multi-task padding-free training: prefixes=[...] with one entry per packed sequence.
+    The first sequence has no prefix and 3 tokens, the second a 3-token prefix: shifted, their
+    positions run on (0, 1, 2 | 3, 4, ...), so only the pre-hook's own sequence ids keep
+    them apart. Logits and both prefixes' gradients equal each sequence run alone."""
+    from prefix_attn.tuning import prefix_tuning
+
+    model, a = _model_with_prefix("llama", P=3, seed=3)
+    b = prefix_tuning(model, num_virtual_tokens=6, name="y")
+    with torch.no_grad():
+        b.embedding.weight.normal_(generator=torch.Generator().manual_seed(4))
+    model.train()
+    lens, names = [3, 4, 5, 2], [None, "x", "y", "x"]
+    ids = torch.randint(3, 100, (1, sum(lens)), generator=torch.Generator().manual_seed(0))
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    packed = model(input_ids=ids, position_ids=pos, prefixes=names, use_cache=use_cache).logits
+    grads = torch.autograd.grad(packed.logsumexp(-1).sum(), (a.embedding.weight, b.embedding.weight))
+    alone, o = [], 0
+    for n, name in zip(lens, names):
+        alone.append(model(input_ids=ids[:, o:o + n], prefixes=[name], use_cache=use_cache).logits)
+        o += n
+    alone = torch.cat(alone, 1)
+    want = torch.autograd.grad(alone.logsumexp(-1).sum(), (a.embedding.weight, b.embedding.weight))
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.hf
+def test_hf_per_sequence_prefixes_errors():
+    model, _ = _model_with_prefix("llama", P=3, seed=3)
+    ids = torch.randint(3, 100, (1, 7))
+    with pytest.raises(ValueError, match="needs the position_ids"):
+        model(input_ids=ids, prefixes=["x", "x"])
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    with pytest.raises(ValueError, match="holding 2 packed sequences"):
+        model(input_ids=ids, position_ids=pos, prefixes=["x", "x", None])
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        model(input_ids=ids, position_ids=pos, prefixes=["x", None], use_cache=False,
+              output_attentions=True)
