@@ -39,14 +39,15 @@ def _model():
     return model, modules
 
 
-def _trainer(model, out):
+def _trainer(model, out, data=None, data_collator=collate):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(output_dir=out, max_steps=STEPS, per_device_train_batch_size=4,
                              save_steps=STEPS // 2, remove_unused_columns=False, report_to=[],
                              learning_rate=1e-2, use_cpu=True, seed=0, data_seed=0,
                              disable_tqdm=True)
-    return Trainer(model=model, args=args, train_dataset=_data(), data_collator=collate)
+    return Trainer(model=model, args=args, train_dataset=_data() if data is None else data,
+                   data_collator=data_collator)
 
 
 def test_trainer_multi_task_trains_and_resumes_exactly(tmp_path):
@@ -65,3 +66,45 @@ def test_trainer_multi_task_trains_and_resumes_exactly(tmp_path):
     for name in modules:
         torch.testing.assert_close(resumed_modules[name].embedding.weight,
                                    modules[name].embedding.weight, rtol=0, atol=0)
+
+
+def _varied_data():
+    g = torch.Generator().manual_seed(2)
+    return [{"input_ids": torch.randint(3, 100, (int(n),), generator=g).tolist(),
+             "task": "b" if i % 3 == 0 else "a"}
+            for i, n in enumerate(torch.randint(2, 12, (4 * STEPS,), generator=g))]
+
+
+def padded_collate(rows):
+    S = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), S, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        mask[b, :len(r["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100),
+            "prefixes": [r["task"] for r in rows]}
+
+
+def packed_collate(rows):
+    """transformers' padding-free collator, plus one prefix per packed sequence."""
+    from transformers import DataCollatorWithFlattening
+
+    batch = DataCollatorWithFlattening()([{"input_ids": r["input_ids"]} for r in rows])
+    batch["prefixes"] = [r["task"] for r in rows]
+    return batch
+
+
+def test_trainer_padding_free_multi_task_equals_padded(tmp_path):
+    """Variable-length rows of two tasks: Trainer with DataCollatorWithFlattening (one packed row
+    per batch, a prefix per sequence) ends with the prefixes that the padded batches give (the
+    same tokens are predicted, so the same losses)."""
+    results = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, coll in enumerate((padded_collate, packed_collate)):
+            model, modules = _model()
+            _trainer(model, str(tmp_path / str(i)), _varied_data(), coll).train()
+            results.append({n: m.embedding.weight.detach().clone() for n, m in modules.items()})
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-4, atol=1e-5)
