@@ -292,13 +292,48 @@ def eager_prefix_attention(query, key, value, prefix_k=None, prefix_v=None, pref
     return out.transpose(1, 2).contiguous(), p.to(query.dtype)
 
 
+def _own_key_mask(module, query, Skv, attention_mask, per_sequence, kwargs):
+    """How the own keys are masked, from what :func:`padding_mask` returned (see
+    docs/INTERNALS.md): (key padding mask, dense mask, packed sequence ids, fallback reason)."""
+    if per_sequence is not None:  # one prefix per packed sequence (the pre-hook found them)
+        if query.shape[2] != Skv:
+            raise ValueError("one prefix per packed sequence needs the whole packed rows in one "
+                             "forward (no KV cache from an earlier call)")
+        return None, None, per_sequence, None
+    if attention_mask is None:
+        if query.shape[2] != Skv or getattr(module, "is_cross_attention", False):
+            return None, None, None, None
+        seq_ids = packed_from_positions(kwargs.get("position_ids"), query.shape[0], Skv)
+        return None, None, seq_ids, None
+    if getattr(attention_mask, PACKED_ATTR, False):
+        return None, None, attention_mask, None
+    if attention_mask.dim() == 2:
+        return attention_mask.to(torch.bool)[:, -Skv:], None, None, None
+    return None, attention_mask[..., -Skv:], None, "a dense (4-D) attention mask"
+
+
+def _fallback_reason(module, dropout, kwargs) -> Optional[str]:
+    """What the fused kernel cannot do in this call (None: nothing)."""
+    reason = None
+    if dropout and dropout > 0.0 and module.training:
+        reason = "attention dropout in training"
+    config = getattr(module, "config", None)
+    if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
+        reason = "output_attentions"
+    for name in ("position_bias", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            reason = name
+    return reason
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                       scaling: Optional[float] = None, sliding_window: Optional[int] = None,
                       softcap: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
     """The ``AttentionInterface`` entry of ``"prefix_attn"``.
 
     query ``[B, Hq, S, D]``, key/value ``[B, Hkv, Skv, D]`` (views, as HF passes them);
-    attention_mask: what :func:`padding_mask` returned (None, ``[B, Skv]`` or dense 4-D).
+    attention_mask: what :func:`padding_mask` returned (None, ``[B, Skv]``, marked packed
+    sequence ids ``[B, S]`` or dense 4-D: docs/INTERNALS.md).
     ``kwargs[prefix_selection]``: the batch's PrefixSelection (set by the pre-hook) or absent.
     Returns ``(out [B, S, Hq, D], None)`` (or the probabilities on the fallback path).
     """
@@ -311,33 +346,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         sel._read_by_attention = True  # checked by the post-hook
         pk, pv = sel.layer(module.layer_idx)
         ids, lens = sel.prefix_ids, sel.prefix_lens
-    Skv = key.shape[2]
-    kpm = dense = seq_ids = None
-    reason = None
     per_sequence = getattr(sel, "packed_seq_ids", None) if sel is not None else None
-    if per_sequence is not None:  # one prefix per packed sequence (the pre-hook found them)
-        if query.shape[2] != Skv:
-            raise ValueError("one prefix per packed sequence needs the whole packed rows in one "
-                             "forward (no KV cache from an earlier call)")
-        seq_ids, attention_mask = per_sequence, None
-    elif attention_mask is None and query.shape[2] == Skv:
-        seq_ids = packed_from_positions(kwargs.get("position_ids"), query.shape[0], Skv)
-    if attention_mask is not None:
-        if getattr(attention_mask, PACKED_ATTR, False):
-            seq_ids = attention_mask
-        elif attention_mask.dim() == 2:
-            kpm = attention_mask.to(torch.bool)[:, -Skv:]
-        else:
-            dense = attention_mask[..., -Skv:]
-            reason = "a dense (4-D) attention mask"
-    if dropout and dropout > 0.0 and module.training:
-        reason = "attention dropout in training"
-    config = getattr(module, "config", None)
-    if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
-        reason = "output_attentions"
-    for name in ("position_bias", "s_aux", "sinks"):
-        if kwargs.get(name) is not None:
-            reason = name
+    kpm, dense, seq_ids, reason = _own_key_mask(module, query, key.shape[2], attention_mask,
+                                                per_sequence, kwargs)
+    reason = _fallback_reason(module, dropout, kwargs) or reason
     window = int(sliding_window) if sliding_window else None
     softcap = float(softcap) if softcap else None
     if reason is not None and per_sequence is not None:
