@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .packed import packed_attention, packed_dense_mask
+from .packed import packed_attention, packed_dense_mask, sequence_ids
 
 ATTN_NAME = "prefix_attn"
 SELECTION_KWARG = "prefix_selection"
@@ -154,10 +154,9 @@ def packed_from_positions(position_ids, batch_size: int, length: int):
     cached = _PACKED_BY_POSITIONS.get(id(position_ids))
     if cached is not None and cached[0]() is position_ids and cached[1] == position_ids._version:
         return cached[2]
-    diff = torch.diff(position_ids, dim=-1)
     ids = None
-    if bool((diff < 0).any()):
-        ids = torch.cat([torch.zeros_like(position_ids[:, :1]), (diff != 1).cumsum(-1)], dim=-1)
+    if bool((torch.diff(position_ids, dim=-1) < 0).any()):
+        ids = sequence_ids(position_ids)
     if len(_PACKED_BY_POSITIONS) >= 64:
         _PACKED_BY_POSITIONS.clear()
     _PACKED_BY_POSITIONS[id(position_ids)] = (weakref.ref(position_ids), position_ids._version, ids)
@@ -367,7 +366,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         out = packed_attention(query, key, value, seq_ids, pk, pv, prefix_ids=ids,
                                prefix_lens=lens, per_sequence=per_sequence is not None,
                                causal=causal, scale=scaling, window=window, softcap=softcap)
-        return out.contiguous(), None
+        return out, None  # [B, S, Hq, D], contiguous (a boolean-index gather)
     out = prefix_attention(query, key, value, pk, pv, prefix_ids=ids, prefix_lens=lens,
                            key_padding_mask=kpm, causal=causal, scale=scaling, window=window,
                            softcap=softcap)
@@ -451,11 +450,10 @@ def _packed_request(prefixes, position_ids, B: int, S: int):
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != S:
         raise ValueError(f"got {len(prefixes)} prefixes for a batch of {B} rows; one prefix per "
                          "packed sequence needs the position_ids that restart at each sequence")
-    pos = position_ids.expand(B, S)
-    starts = torch.ones(B, S, dtype=torch.long, device=pos.device)
-    starts[:, 1:] = (torch.diff(pos, dim=-1) != 1).long()
-    seq_ids = starts.reshape(-1).cumsum(0).reshape(B, S) - 1
-    n = int(seq_ids[-1, -1]) + 1
+    local = sequence_ids(position_ids.expand(B, S))
+    counts = local[:, -1] + 1  # sequences per row
+    seq_ids = local + (counts.cumsum(0) - counts)[:, None]
+    n = int(counts.sum())
     if n != len(prefixes):
         raise ValueError(f"got {len(prefixes)} prefixes for a batch of {B} rows holding {n} packed "
                          "sequences (position_ids restarts): give one per row or one per sequence")
@@ -481,7 +479,7 @@ def _pre_hook(model, args, kwargs):
     B, S, device = _batch_and_length(kwargs)
     seq_ids = _packed_request(prefixes, kwargs.get("position_ids"), B, S)
     if seq_ids is not None:  # one prefix per packed sequence
-        sel = bank.select(prefixes, int(seq_ids.max()) + 1, device=device)
+        sel = bank.select(prefixes, len(prefixes), device=device)
         sel.packed_seq_ids = seq_ids.to(device)
         row_lens = sel.row_lens.to(device)
         kwargs["position_ids"] = kwargs["position_ids"].expand(B, S) + row_lens[sel.packed_seq_ids]

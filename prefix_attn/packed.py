@@ -19,6 +19,13 @@ import torch
 from torch import Tensor
 
 
+def sequence_ids(position_ids: Tensor) -> Tensor:
+    """``[B, T]`` sequence index of every token within its row: a new sequence starts wherever
+    the position does not go up by one (transformers' ``find_packed_sequence_indices``)."""
+    breaks = (torch.diff(position_ids, dim=-1) != 1).cumsum(-1)
+    return torch.cat([torch.zeros_like(breaks[:, :1]), breaks], dim=-1)
+
+
 def segments(seq_ids: Tensor):
     """The sequences of a packed batch: (index ``[n, L_max]`` into the flattened ``B * T``
     tokens, valid ``[n, L_max]`` bool, row ``[n]`` of each sequence). One host sync (L_max)."""

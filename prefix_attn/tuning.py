@@ -74,6 +74,11 @@ class PrefixParameters(nn.Module):
                 f"P={self.num_virtual_tokens}, projection={self.projection}")
 
 
+def _use_fused_attention(model: nn.Module) -> None:
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) != ATTN_NAME:
+        model.set_attn_implementation(ATTN_NAME)
+
+
 def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
                   projection_hidden_size: Optional[int] = None, name: str = "default") -> PrefixParameters:
     """Freeze every base parameter of ``model`` and add one trainable prefix ``name`` to its bank.
@@ -91,8 +96,7 @@ def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
     if name in bank:  # replacing would orphan the parameters an optimizer may already hold
         raise ValueError(f"a prefix named {name!r} is already in the bank ({bank.kind(name)}); "
                          f"choose another name or remove it first: model.prefix_bank.remove({name!r})")
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) != ATTN_NAME:
-        model.set_attn_implementation(ATTN_NAME)
+    _use_fused_attention(model)
     if not len(bank.trainable):  # the first prefix freezes the base; later ones keep what the
         for p in model.parameters():  # user unfroze since (e.g. a classification head)
             p.requires_grad_(False)
@@ -133,8 +137,7 @@ def from_peft(peft_model, trainable: bool = True) -> nn.Module:
                                       cfg.num_virtual_tokens, hidden, device=bank.device)
         module.load_state_dict(encoders[name].state_dict())  # PEFT's PrefixEncoder names
         if not trainable:
-            if getattr(getattr(model, "config", None), "_attn_implementation", None) != ATTN_NAME:
-                model.set_attn_implementation(ATTN_NAME)
+            _use_fused_attention(model)
             with torch.no_grad():
                 kv = module()
             bank.add(name, kv[:, 0], kv[:, 1])
