@@ -124,11 +124,22 @@ def tiny_model(family: str = "llama", seed: int = 0, attn_implementation: str = 
 # --------------------------------------------------------------------------------------
 # byte-level tokenizer
 # --------------------------------------------------------------------------------------
+class Encoding(dict):
+    """``{"input_ids", "attention_mask"}`` also readable as attributes, like HF's BatchEncoding."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 class ByteTokenizer:
     """UTF-8 bytes as tokens 3..258; 0 = pad, 1 = bos, 2 = eos (no download, no vocabulary file).
 
-    ``tok(texts, padding_side=...)`` returns ``{"input_ids", "attention_mask"}`` LongTensors
-    ``[B, S]``, like an HF tokenizer called with ``return_tensors="pt"``.
+    ``tok(texts, padding_side=...)`` returns an :class:`Encoding` of ``input_ids`` and
+    ``attention_mask`` LongTensors ``[B, S]``, like an HF tokenizer called with
+    ``return_tensors="pt"``.
     """
 
     pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
@@ -169,7 +180,7 @@ class ByteTokenizer:
             sl = slice(S - len(r), S) if side == "left" else slice(0, len(r))
             ids[b, sl] = torch.tensor(r, dtype=torch.long)
             mask[b, sl] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return Encoding(input_ids=ids, attention_mask=mask)
 
     def save_pretrained(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)

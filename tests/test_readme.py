@@ -1,0 +1,169 @@
+"""The README's Python snippets run as written.
+
+Every ```python block of README.md carries a `<!-- snippet: NAME -->` marker; each is executed
+here, in a fresh folder, with the names it assumes from the surrounding text (`q, k, v`, a model
+folder `path`, token ids, a tokenizer, a dataset) bound to tiny stand-ins, and what it promises
+is then checked. A snippet without a marker, or a marker without a setup here, fails the test,
+so a new or edited snippet cannot drift from the code unnoticed.
+"""
+import os
+import re
+import warnings
+
+import pytest
+import torch
+
+from conftest import make_inputs
+
+README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+_MARKER = re.compile(r"<!-- snippet: ([\w-]+) -->\n$")
+
+
+def snippets() -> dict:
+    """name -> (first line number, code) of every ```python block of the README."""
+    text = open(README).read()
+    found = {}
+    for m in _BLOCK.finditer(text):
+        line = text.count("\n", 0, m.start()) + 1
+        marker = _MARKER.search(text, 0, m.start())
+        assert marker is not None and marker.end() == m.start(), \
+            f"README.md:{line}: a python block without a `<!-- snippet: NAME -->` line before it"
+        found[marker.group(1)] = (line + 1, m.group(1))
+    return found
+
+
+def run(name: str, namespace: dict, folder) -> dict:
+    line, code = snippets()[name]
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        # line numbers of a failure point into the README
+        exec(compile("\n" * (line - 1) + code, README, "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    return namespace
+
+
+def test_every_snippet_has_a_test():
+    assert set(snippets()) == {"kernel-api", "training", "trainer", "flattening", "serving"}
+
+
+def test_kernel_api_snippet(tmp_path):
+    (q, k, v, pk, pv), kw = make_inputs(B=3, N=2, P=5, lens=[5, 2], ids=[1, 0, 1], pad="left")
+    ns = run("kernel-api", dict(q=q, k=k, v=v, prefix_k=pk, prefix_v=pv, ids=kw["prefix_ids"],
+                                lens=kw["prefix_lens"], mask=kw["key_padding_mask"]), tmp_path)
+    torch.testing.assert_close(ns["out"], ns["ref"], atol=1e-5, rtol=1e-5)
+    assert "torch" in ns["prefix_attn"].available_backends()
+
+
+
+def _tiny_llama_folder(folder, vocab_size=128):
+    from prefix_attn.tiny import tiny_model
+
+    path = os.path.join(folder, "base")
+    tiny_model("llama", vocab_size=vocab_size).save_pretrained(path)
+    return path
+
+
+@pytest.mark.hf
+def test_training_snippet(tmp_path):
+    pytest.importorskip("peft")
+    path = _tiny_llama_folder(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 128, (4, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # one left-padded row
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated call in the README
+        ns = run("training", dict(path=path, ids=ids, mask=mask), tmp_path)
+    model = ns["model"]
+    assert torch.isfinite(ns["loss"])
+    assert model.prefix_bank.names() == ["support", "legal"]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("prefix_bank" in n for n in trainable)
+
+    # the saved adapter is a PEFT adapter: PEFT's logits with it equal ours with "support"
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    peft_model = PeftModel.from_pretrained(base, os.path.join(tmp_path, "adapters", "support")).eval()
+    model.eval()
+    with torch.no_grad():
+        ours = model(input_ids=ids[:1], prefixes=["support"]).logits
+        theirs = peft_model(input_ids=ids[:1]).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def _two_task_model():
+    import prefix_attn
+    from prefix_attn.tiny import tiny_model
+
+    model = tiny_model("llama")
+    for name in ("support", "legal"):
+        prefix_attn.prefix_tuning(model, num_virtual_tokens=4, name=name)
+    return model.train()
+
+
+def _rows(n=8, lengths=False):
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(3, 128, (5 + (i % 3 if lengths else 0),), generator=g),
+             "task": ("support", "legal")[i % 2]} for i in range(n)]
+
+
+@pytest.mark.hf
+def test_trainer_snippet(tmp_path):
+    model = _two_task_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run("trainer", dict(model=model, ds=_rows(), torch=torch), tmp_path)
+    after = dict(model.named_parameters())
+    for n, p in before.items():  # each task's prefix was reached by its rows
+        assert not torch.equal(after[n], p), n
+
+
+@pytest.mark.hf
+def test_flattening_snippet(tmp_path):
+    """The collator packs the rows into one, one prefix per sequence, and a step on it gives
+    the padded batch's loss (same tokens, same prefixes)."""
+    model = _two_task_model()
+    rows = _rows(4, lengths=True)
+    collate = run("flattening", dict(), tmp_path)["collate"]
+    batch = collate(rows)
+    assert batch["input_ids"].shape[0] == 1 and len(batch["prefixes"]) == len(rows)
+    packed = model(**batch).loss
+    total, count = 0.0, 0
+    for r in rows:  # each sequence alone, with its prefix: the same token-weighted mean
+        ids = r["input_ids"][None]
+        n = ids.shape[1] - 1
+        total = total + model(input_ids=ids, labels=ids, prefixes=[r["task"]]).loss * n
+        count += n
+    torch.testing.assert_close(packed, total / count, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.hf
+def test_serving_snippet(tmp_path):
+    import prefix_attn
+    from prefix_attn.tiny import ByteTokenizer, default_model
+
+    # an adapter saved where the snippet loads it from
+    trained = default_model()
+    prefix_attn.prefix_tuning(trained, num_virtual_tokens=3, name="support")
+    trained.prefix_bank.save_peft("support", os.path.join(tmp_path, "adapters", "support"))
+
+    model = default_model()
+    cfg = model.config
+    D = cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(2)
+    keys = torch.randn(cfg.num_hidden_layers, cfg.num_key_value_heads, 6, D, generator=g)
+    values = torch.randn(keys.shape, generator=g)
+    ns = run("serving", dict(prefix_attn=prefix_attn, model=model, keys=keys, values=values,
+                             tok=ByteTokenizer(), system_prompt="You answer briefly.",
+                             prompts=["hi", "hello there", "x"]), tmp_path)
+    out, bank = ns["out"], ns["bank"]
+    assert out.shape[0] == 3 and out.shape[1] > ns["tok"](ns["prompts"])["input_ids"].shape[1]
+    assert sorted(bank.names()) == ["support", "system", "tenant-7"]
+    assert bank is model.prefix_bank  # load re-attached it
+    torch.testing.assert_close(bank.entry_kv("tenant-7")[:, 0], keys.to(bank.entry_kv("tenant-7").dtype))
