@@ -24,11 +24,13 @@ sees a half-written entry, and a removed entry stays alive for selections that a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
 import os
 import threading
+import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -170,7 +172,6 @@ class PrefixBank(nn.Module):
         self._lock = threading.RLock()
         self._state: tuple[int, dict[str, _Entry]] = (0, {})
         self._cache: OrderedDict = OrderedDict()
-        self._module_counter = 0
         self._model_ref = None  # weakref to the model (no submodule cycle)
 
     # -- attaching ----------------------------------------------------------------
@@ -284,10 +285,20 @@ class PrefixBank(nn.Module):
             raise TypeError(f"{type(module).__name__}() must return a Tensor, got {type(out).__name__}")
         self._check_kv(out, f"{type(module).__name__}() output")
         with self._lock:
-            key = f"e{self._module_counter}"
-            self._module_counter += 1
+            key = self._module_key(name)
             self.trainable[key] = module
             self._commit(name, _Entry(name=name, length=out.shape[3], module_key=key, module=module, kind="trainable"))
+
+    def _module_key(self, name: str) -> str:
+        """The key of trainable entry ``name`` in ``self.trainable`` (so in the state dict:
+        ``prefix_bank.trainable.<key>.*``): the name itself, with "%" and "." escaped as
+        %25 and %2E, and a leading "%" where it would shadow a ModuleDict attribute ("train",
+        "keys", ...). One key per name, whatever the order entries were created or removed in,
+        so a checkpoint loads each prefix back into the entry of the same name."""
+        key = name.replace("%", "%25").replace(".", "%2E")
+        if hasattr(self.trainable, key) and key not in self.trainable._modules:
+            key = "%" + key  # escaped names start with "%2" at most: no clash
+        return key
 
     def remove(self, name: str) -> None:
         """Remove an entry (KeyError if unknown). Later entries' ids shift down by one."""
@@ -505,11 +516,26 @@ class PrefixBank(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state.pop("_lock", None)  # locks cannot be copied or pickled
-        return state
+        state["_model_ref"] = self.model  # a weakref cannot be pickled: the model itself (pickle
+        return state                      # keeps the model <-> bank cycle through its memo)
 
     def __setstate__(self, state):
+        model = state.pop("_model_ref", None)
         super().__setstate__(state)
         self._lock = threading.RLock()
+        self._model_ref = weakref.ref(model) if model is not None else None
+
+    def __deepcopy__(self, memo):
+        """A copy of the bank; inside ``copy.deepcopy(model)`` it belongs to the model's copy."""
+        model = self.model
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = self.__getstate__()
+        state["_model_ref"] = None
+        new.__setstate__(copy.deepcopy(state, memo))
+        if model is not None:
+            new._model_ref = weakref.ref(memo.get(id(model), model))
+        return new
 
     # -- device / dtype moves ------------------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -549,7 +575,9 @@ class PrefixBank(nn.Module):
         self._check_name(name)
         model = self.model
         if model is None:
-            raise RuntimeError("add_prompt needs a bank attached to a model (PrefixBank.attach(model))")
+            gone = self._model_ref is not None  # the bank only holds a weak reference
+            raise RuntimeError("add_prompt needs a bank attached to a model (PrefixBank.attach(model))"
+                               + ("; the model this bank was attached to no longer exists" if gone else ""))
         if not isinstance(input_ids, Tensor):
             input_ids = torch.tensor(input_ids, dtype=torch.long)
         if input_ids.dim() == 1:
@@ -571,13 +599,15 @@ class PrefixBank(nn.Module):
             cache = getattr(out, "past_key_values", None)
         if cache is None:
             raise RuntimeError(f"{type(model).__name__} returned no KV cache for use_cache=True")
-        kv = _cache_to_kv(cache, self.num_layers)
+        kv = _cache_to_kv(cache, self.num_layers, input_ids.shape[1])
         self._check_kv(kv, "prompt KV")
-        if kv.shape[3] != input_ids.shape[1]:
-            raise ValueError(
-                f"the model's cache holds {kv.shape[3]} positions for a {input_ids.shape[1]}-token prompt "
-                "(sliding-window cache?); prompt prefixes need the full KV"
-            )
+        window = _sliding_window(model)
+        if window is not None:
+            warnings.warn(
+                f"add_prompt({name!r}): {type(model).__name__} has sliding-window layers ({window} "
+                "tokens); a prefix is never windowed, so every later token sees the whole prompt "
+                "and the text after it equals the model run on prompt + text only while both fit "
+                "in the window", stacklevel=2)
         self._add_kv(name, kv, kind="prompt")
 
     # -- whole-bank save / load -------------------------------------------------------------
@@ -641,8 +671,22 @@ class PrefixBank(nn.Module):
                 f"dtype={self.dtype}, device={self.device}, entries={self.names()}")
 
 
-def _cache_to_kv(cache, num_layers: int) -> Tensor:
-    """``[L, 2, Hkv, P, D]`` from an HF cache of batch 1 (``DynamicCache`` or legacy tuples)."""
+def _sliding_window(model: nn.Module) -> Optional[int]:
+    """The sliding window of ``model``'s attention layers (some or all), or None."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    if getattr(cfg, "use_sliding_window", True) is False:  # Qwen2 keeps a window it does not use
+        return None
+    return int(window) if window else None
+
+
+def _cache_to_kv(cache, num_layers: int, length: int) -> Tensor:
+    """``[L, 2, Hkv, P, D]`` from an HF cache of batch 1 (``DynamicCache`` or legacy tuples)
+    holding ``length`` positions in every layer."""
     layers = getattr(cache, "layers", None)
     if layers is not None:
         pairs = [(layer.keys, layer.values) for layer in layers]
@@ -652,4 +696,9 @@ def _cache_to_kv(cache, num_layers: int) -> Tensor:
         pairs = [(k, v) for k, v in cache]
     if len(pairs) != num_layers:
         raise ValueError(f"the model's cache has {len(pairs)} layers, the bank expects {num_layers}")
+    kept = sorted({k.shape[-2] for k, _ in pairs})
+    if kept != [length]:
+        raise ValueError(
+            f"the model's cache holds {kept} positions for a {length}-token prompt (a "
+            "sliding-window cache keeps only the last window); prompt prefixes need the full KV")
     return torch.stack([torch.stack([k[0], v[0]], dim=0) for k, v in pairs], dim=0)

@@ -336,6 +336,12 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     ``kwargs[prefix_selection]``: the batch's PrefixSelection (set by the pre-hook) or absent.
     Returns ``(out [B, S, Hq, D], None)`` (or the probabilities on the fallback path).
     """
+    if kwargs.get(PREFIXES_KWARG) is not None:
+        raise ValueError(
+            "prefixes= reached the attention function without passing through prefix_attn's "
+            "hook: call the model the prefix bank is attached to (model(...) or model.generate(...), "
+            "not a submodule such as model.model), after PrefixBank.attach(model) or "
+            "prefix_attn.prefix_tuning(model, ...)")
     sel = kwargs.get(SELECTION_KWARG)
     if getattr(module, "is_cross_attention", False):
         sel = None  # prefixes belong to self-attention only
@@ -439,24 +445,33 @@ def _positions_after_prefix(model, kwargs, S, row_lens, device):
     return pos + row_lens[:, None]
 
 
-def _packed_request(prefixes, position_ids, B: int, S: int):
+def _packed_request(prefixes, position_ids, attention_mask, B: int, S: int):
     """Sequence ids ``[B, S]`` (numbered across the batch, 0..n-1) when ``prefixes`` names one
     prefix per packed sequence: more entries than rows, and ``position_ids`` that restart
     exactly that often; else None. The ids come from the positions before they are shifted by
     the prefixes (a shifted boundary could look contiguous), and the attention function uses
     them instead of finding the sequences itself."""
-    if not isinstance(prefixes, (list, tuple, torch.Tensor)) or len(prefixes) <= B:
+    if isinstance(prefixes, (list, tuple)):
+        count = len(prefixes)
+    elif isinstance(prefixes, torch.Tensor) and prefixes.dim() == 1:
+        count = prefixes.numel()
+    else:
         return None
+    if count <= B:
+        return None
+    wrong = (f"got {count} prefixes for a batch of {B} rows: give one per row, or one per "
+             "sequence for rows that pack several sequences without padding (no attention_mask, "
+             "position_ids restarting at each sequence, as DataCollatorWithFlattening makes them)")
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != S:
-        raise ValueError(f"got {len(prefixes)} prefixes for a batch of {B} rows; one prefix per "
-                         "packed sequence needs the position_ids that restart at each sequence")
+        raise ValueError(f"{wrong}; no such position_ids were given")
+    if attention_mask is not None and not (attention_mask.dim() == 2 and bool(attention_mask.all())):
+        raise ValueError(f"{wrong}; this batch is padded (attention_mask has zeros)")
     local = sequence_ids(position_ids.expand(B, S))
     counts = local[:, -1] + 1  # sequences per row
     seq_ids = local + (counts.cumsum(0) - counts)[:, None]
     n = int(counts.sum())
-    if n != len(prefixes):
-        raise ValueError(f"got {len(prefixes)} prefixes for a batch of {B} rows holding {n} packed "
-                         "sequences (position_ids restarts): give one per row or one per sequence")
+    if n != count:
+        raise ValueError(f"{wrong}; its position_ids restart into {n} sequences")
     return seq_ids
 
 
@@ -477,7 +492,7 @@ def _pre_hook(model, args, kwargs):
                          f"{impl!r} (call model.set_attn_implementation({ATTN_NAME!r}))")
     bank = model.prefix_bank
     B, S, device = _batch_and_length(kwargs)
-    seq_ids = _packed_request(prefixes, kwargs.get("position_ids"), B, S)
+    seq_ids = _packed_request(prefixes, kwargs.get("position_ids"), kwargs.get("attention_mask"), B, S)
     if seq_ids is not None:  # one prefix per packed sequence
         sel = bank.select(prefixes, len(prefixes), device=device)
         sel.packed_seq_ids = seq_ids.to(device)

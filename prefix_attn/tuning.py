@@ -33,7 +33,8 @@ class PrefixParameters(nn.Module):
 
     Args: num_layers L, num_kv_heads Hkv, head_dim D, num_virtual_tokens P;
     projection_hidden_size: None for plain K/V, else the hidden size of the MLP.
-    Parameters are float32 (the bank casts the output to the model's dtype).
+    Parameters are created in float32 (and follow ``model.to(dtype)`` like any parameter);
+    the bank casts the output to the model's dtype.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int,

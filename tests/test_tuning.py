@@ -222,8 +222,8 @@ def test_classification_head_unfrozen_after_the_first_prefix_stays_trainable():
     b = prefix_tuning(model, num_virtual_tokens=2, name="b")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"classifier.weight", "classifier.bias",
-                         "prefix_bank.trainable.e0.embedding.weight",
-                         "prefix_bank.trainable.e1.embedding.weight"}
+                         "prefix_bank.trainable.a.embedding.weight",
+                         "prefix_bank.trainable.b.embedding.weight"}
     ids, mask, _ = _batch(B=2, pad=None)
     mask[1, -2:] = 0
     out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2]), prefixes=["a", "b"])

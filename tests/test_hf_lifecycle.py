@@ -1,0 +1,145 @@
+"""A model with prefixes through its life: checkpoints keyed by prefix name, copies and pickles,
+prompt prefixes on sliding-window models, and the misuses that must raise instead of silently
+dropping the prefixes (a backbone called directly, no bank, a miscounted list of prefixes)."""
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf
+
+import prefix_attn  # noqa: E402
+from prefix_attn.bank import PrefixBank  # noqa: E402
+from prefix_attn.tiny import tiny_model  # noqa: E402
+
+
+def _tuned(names, seed=0):
+    """A tiny Llama with trainable prefixes ``names`` (created in that order), each filled with
+    values of its own so a swap is visible."""
+    model = tiny_model("llama", seed=0)
+    for name in names:
+        module = prefix_attn.prefix_tuning(model, num_virtual_tokens=3, name=name)
+        g = torch.Generator().manual_seed(seed + sum(map(ord, name)))
+        with torch.no_grad():
+            module.embedding.weight.copy_(torch.randn(module.embedding.weight.shape, generator=g))
+    return model
+
+
+def _entries(model):
+    bank = model.prefix_bank
+    with torch.no_grad():
+        return {n: bank.entry_kv(n) for n in bank.names()}
+
+
+def test_state_dict_keys_follow_names_not_creation_order():
+    names = ["support", "legal.v2", "train", "50%"]  # a dot, a ModuleDict method, a percent
+    saved = _tuned(names)
+    keys = [k for k in saved.state_dict() if k.startswith("prefix_bank.")]
+    assert keys == ["prefix_bank.trainable.support.embedding.weight",
+                    "prefix_bank.trainable.legal%2Ev2.embedding.weight",
+                    "prefix_bank.trainable.%train.embedding.weight",
+                    "prefix_bank.trainable.50%25.embedding.weight"]
+    resumed = _tuned(list(reversed(names)), seed=100)  # other order, other values
+    resumed.load_state_dict(saved.state_dict(), strict=True)
+    want, got = _entries(saved), _entries(resumed)
+    for name in names:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+
+    # removing and re-adding a prefix keeps its key
+    saved.prefix_bank.remove("legal.v2")
+    prefix_attn.prefix_tuning(saved, num_virtual_tokens=3, name="legal.v2")
+    assert set(saved.state_dict()) == set(resumed.state_dict())
+
+
+def test_deepcopy_bank_belongs_to_the_copy():
+    model = _tuned(["a"])
+    clone = copy.deepcopy(model)
+    assert clone.prefix_bank.model is clone and model.prefix_bank.model is model
+    with torch.no_grad():  # the copy's own weights make its prompt KV
+        clone.model.layers[0].self_attn.k_proj.weight.mul_(2.0)
+    prompt = torch.tensor([5, 9, 11])
+    clone.prefix_bank.add_prompt("sys", prompt)
+    model.prefix_bank.add_prompt("sys", prompt)
+    assert not torch.allclose(clone.prefix_bank.entry_kv("sys"), model.prefix_bank.entry_kv("sys"))
+    with torch.no_grad():
+        cache = clone(prompt[None], use_cache=True)
+    kv = getattr(cache, "cache", None) or cache.past_key_values
+    torch.testing.assert_close(clone.prefix_bank.get("sys")[0][0], kv.layers[0].keys[0])
+    lone = copy.deepcopy(model.prefix_bank)  # a bank copied alone stays with the same model
+    assert lone.model is model and lone.names() == ["a", "sys"]
+
+
+def test_pickled_model_keeps_its_prefixes():
+    model = _tuned(["a", "b"])
+    ids = torch.tensor([[5, 9, 11, 3], [7, 8, 9, 10]])
+    with torch.no_grad():
+        want = model(ids, prefixes=["a", "b"]).logits
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.prefix_bank.model is loaded
+    with torch.no_grad():
+        got = loaded(ids, prefixes=["a", "b"]).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_prompt_prefix_on_a_sliding_window_model_warns(family):
+    model = tiny_model(family)
+    bank = PrefixBank.attach(model)
+    with pytest.warns(UserWarning, match="sliding-window layers"):
+        bank.add_prompt("short", torch.tensor([5, 9, 11]))
+    with pytest.raises(ValueError, match="sliding-window cache"):  # longer than the window (4)
+        bank.add_prompt("long", torch.arange(3, 13))
+    assert bank.names() == ["short"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qwen2 = tiny_model("qwen2")  # has a sliding_window it does not use
+        PrefixBank.attach(qwen2).add_prompt("p", torch.arange(3, 13))
+    bank = PrefixBank.attach(tiny_model("llama"))  # the model is gone at once
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        bank.add_prompt("p", torch.arange(3, 13))
+
+
+def test_prefixes_to_a_backbone_or_without_a_bank_raise():
+    model = _tuned(["a"])
+    ids = torch.tensor([[5, 9, 11, 3]])
+    with pytest.raises(ValueError, match="not a submodule such as model.model"):
+        model.model(ids, prefixes=["a"])
+    bare = tiny_model("llama")  # attn_implementation prefix_attn, no bank attached
+    with pytest.raises(ValueError, match=r"PrefixBank.attach\(model\)"):
+        bare(ids, prefixes=["a"])
+    with pytest.raises(ValueError, match=r"PrefixBank.attach\(model\)"):
+        bare.generate(ids, prefixes=["a"], max_new_tokens=2)
+
+
+def test_zero_dim_id_tensor_selects_one_entry_for_every_row():
+    model = _tuned(["a", "b"])
+    ids = torch.tensor([[5, 9, 11, 3], [7, 8, 9, 10]])
+    with torch.no_grad():
+        want = model(ids, prefixes="b").logits
+        got = model(ids, prefixes=torch.tensor(1)).logits
+        gen = model.generate(ids, prefixes=torch.tensor(1), max_new_tokens=2, do_sample=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert gen.shape == (2, 6)
+
+
+def test_miscounted_prefixes_on_a_padded_batch_raise():
+    """Left padding makes position_ids restart like packed sequences; more prefixes than rows
+    on a padded batch is a miscount, not packing."""
+    model = _tuned(["a", "b"])
+    ids = torch.tensor([[0, 9, 11, 3], [7, 8, 9, 10]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    pos[0, 0] = 1  # HF's left-padding position ids: [1, 0, 1, 2]
+    for n in (3, 4):
+        with pytest.raises(ValueError, match="padded"):
+            model(ids, attention_mask=mask, position_ids=pos, prefixes=["a", "b", "a", "b"][:n])
+    with pytest.raises(ValueError, match="padded"):
+        model.generate(ids, attention_mask=mask, prefixes=["a", "b", "a", "b"], max_new_tokens=2)
+    with pytest.raises(ValueError, match="no such position_ids"):
+        model(ids[1:], prefixes=["a", "b"])
