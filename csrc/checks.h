@@ -134,9 +134,14 @@ inline void check_bwd_args(const Dims& d, const at::Tensor& q, const at::Tensor&
               "], got ", lse.scalar_type(), " ", lse.sizes());
 }
 
-// A copy only where the last dim is strided (the kernels take any other strides).
-inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
-  return (t.dim() > 0 && t.size(-1) > 1 && t.stride(-1) != 1) ? t.contiguous() : t;
+// A copy only where the rows are not distinct row-major rows: a strided last dim, or rows that
+// overlap (a row stride below the row length: an expand over the sequence, an unfold). BLAS
+// takes the row stride as a leading dimension, which must be at least the row length. The
+// kernels take any other strides (batch, heads) as they are.
+inline at::Tensor distinct_rows(const at::Tensor& t) {
+  const bool strided_last = t.dim() > 0 && t.size(-1) > 1 && t.stride(-1) != 1;
+  const bool overlapping = t.dim() > 1 && t.numel() > 0 && t.stride(-2) < t.size(-1);
+  return (strided_last || overlapping) ? t.contiguous() : t;
 }
 
 // The tensors every fwd/bwd implementation hands its kernels, checked (check_fwd_args).
@@ -150,8 +155,8 @@ inline OpInputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, const a
                                const at::Tensor& ids, const at::Tensor& lens,
                                const c10::optional<at::Tensor>& key_padding_mask, double scale,
                                int64_t window, double softcap, int64_t max_head_dim) {
-  OpInputs in{last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v),
-              last_dim_contiguous(pk), last_dim_contiguous(pv),
+  OpInputs in{distinct_rows(q), distinct_rows(k), distinct_rows(v), distinct_rows(pk),
+              distinct_rows(pv),
               // the kernels index prefix_ids / prefix_lens as flat arrays
               ids.contiguous(), lens.contiguous(), Dims{}};
   in.d = check_fwd_args(in.q, in.k, in.v, in.pk, in.pv, in.ids, in.lens, key_padding_mask,

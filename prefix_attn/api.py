@@ -7,11 +7,40 @@ from .backends import choose_backend
 from .validation import normalize
 
 
+# Device types torch.autocast knows (is_autocast_enabled raises for others, e.g. "meta").
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu", "privateuseone")
+
+
 def _autocast_dtype(q):
     """The dtype `torch.autocast` gives attention on q's device, or None outside autocast."""
-    if not isinstance(q, torch.Tensor) or not torch.is_autocast_enabled(q.device.type):
+    if not isinstance(q, torch.Tensor) or q.device.type not in _AUTOCAST_DEVICES \
+            or not torch.is_autocast_enabled(q.device.type):
         return None
     return torch.get_autocast_dtype(q.device.type)
+
+
+def _check_autodiff_mode(tensors) -> None:
+    """Refuse what the ops cannot differentiate, instead of a silent zero tangent: forward-mode
+    AD (``torch.autograd.forward_ad``, ``torch.func.jvp``) and ``torch.func.grad`` (whose
+    transform needs a functorch-style autograd rule). ``torch.vmap`` works."""
+    if torch.compiler.is_compiling():
+        return
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        for interpreter in retrieve_all_functorch_interpreters():
+            if interpreter.key() in (TransformType.Grad, TransformType.Jvp):
+                raise NotImplementedError(
+                    f"prefix_attention does not support torch.func.{interpreter.key().name.lower()} "
+                    "(torch.vmap works); use torch.autograd.grad / .backward() for gradients")
+    from torch.autograd import forward_ad
+
+    if forward_ad._current_level >= 0 and any(
+            isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None
+            for t in tensors):
+        raise NotImplementedError("prefix_attention has no forward-mode derivative (a tangent "
+                                  "was given through torch.autograd.forward_ad)")
 
 
 def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None,
@@ -31,6 +60,7 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None,
     bfloat16 v and float32 trainable prefixes mix), and the kernels run with autocast off;
     gradients come back in each input's own dtype.
     """
+    _check_autodiff_mode((q, k, v, prefix_k, prefix_v))
     cast = _autocast_dtype(q)
     if cast is None:
         return _run(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,

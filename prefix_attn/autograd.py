@@ -18,16 +18,44 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+_NO_DOUBLE_BACKWARD = (b"prefix_attention has no double backward: its gradients were computed "
+                       b"with create_graph=True and are now being differentiated (a gradient "
+                       b"penalty, a Hessian-vector product); compute those terms with "
+                       b"prefix_attention_ref")
+
+
+def _once_differentiable(grads, inputs):
+    """``grads`` as they are, or (under create_graph=True with an input that requires grad)
+    aliases whose own backward raises: differentiating them again must not silently give zeros
+    (which is what a backward op without a derivative formula would give)."""
+    needed = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not torch.is_grad_enabled() or not needed:
+        return grads
+
+    def alias(g):
+        if g is None:
+            return None
+        g = g.detach()
+        g.requires_grad_(True)
+        return g
+
+    # The inputs go through the error node too: its edges then lead to them, so asking for a
+    # second derivative with respect to them (even with allow_unused=True) reaches it.
+    err = torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, len(grads) + len(needed))
+    return tuple(err(*[alias(g) for g in grads], *needed)[:len(grads)])
+
+
 def _make_backward(bwd):
     def backward(ctx, dout, _dlse):
         (q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
          out, lse) = ctx.saved_tensors
         # autocast off: a backward called inside an autocast region would otherwise recast
-        # the kernels' float32 internals (the torch backend's GEMMs)
-        with torch.autocast(q.device.type, enabled=False):
-            dq, dk, dv, dpk, dpv = bwd(dout.contiguous(), q, k, v, prefix_k, prefix_v,
-                                       prefix_ids, prefix_lens, key_padding_mask, out, lse,
-                                       *ctx.flags)
+        # the kernels' float32 internals (the torch backend's GEMMs); no_grad: the ops have no
+        # derivative of their own (see _once_differentiable)
+        with torch.autocast(q.device.type, enabled=False), torch.no_grad():
+            grads = bwd(dout.contiguous(), q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens,
+                        key_padding_mask, out, lse, *ctx.flags)
+        dq, dk, dv, dpk, dpv = _once_differentiable(tuple(grads), (dout, q, k, v, prefix_k, prefix_v))
         return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None
     return backward
 

@@ -7,6 +7,7 @@ form (see docs/INTERNALS.md).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -63,10 +64,46 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+# Windows above this are "no window" in effect and would overflow the ops' int64 argument.
+_MAX_WINDOW = 2 ** 62
+
+
+def _flag(name: str, value) -> bool:
+    """A Python bool, or a numpy one (``np.bool_``), as a bool."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and getattr(value, "dtype", None) == bool \
+            and getattr(value, "shape", None) == ():
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__module__}.{type(value).__qualname__}")
+
+
+def _finite_float(name: str, value, what: str) -> float:
+    """A real number (Python or numpy) as a finite float; a symbolic one under torch.compile
+    (the default scale of a dynamic head dim, D ** -0.5) goes to the ops as it is."""
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+        return value
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    value = float(value)
+    # comparisons, not math.isfinite: while dynamo traces, a symbolic value passes for a float
+    if not -math.inf < value < math.inf:
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    return value
+
+
 def _compiling() -> bool:
     # Range checks read tensor values (a host sync and a graph break under torch.compile);
-    # compiled graphs skip them and rely on the backends' own bounds checks.
+    # compiled graphs check on the device instead (_assert_in_range).
     return torch.compiler.is_compiling()
+
+
+def _assert_in_range(t: torch.Tensor, lo: int, hi: int, message: str) -> None:
+    """Inside a compiled graph: an asynchronous device-side check that ``lo <= t <= hi`` (a
+    RuntimeError with ``message`` on CPU, a device assert on CUDA), so that an out-of-range
+    id or length never reaches a kernel as an out-of-bounds read."""
+    if t.numel() > 0:
+        torch._assert_async(((t >= lo) & (t <= hi)).all(), message)
 
 
 # (min, max) of index tensors already read, keyed weakly by the tensor and checked against its
@@ -177,19 +214,24 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         prefix_ids = torch.zeros(B, dtype=torch.int64, device=device)
     else:
         prefix_ids = _check_index_tensor("prefix_ids", prefix_ids, B, device, "one entry per batch row")
-        if B > 0 and not _compiling():
+        wrong = f"prefix_ids must lie in [0, {N}) for a bank of N={N} (prefix_k {_shape(prefix_k)})"
+        if _compiling():
+            _assert_in_range(prefix_ids, 0, N - 1, wrong)
+        elif B > 0:
             lo, hi = _value_range(prefix_ids)
             if lo < 0 or hi >= N:
-                raise ValueError(f"prefix_ids must lie in [0, {N}) for a bank of N={N} "
-                                 f"(prefix_k {_shape(prefix_k)}), got values in [{lo}, {hi}]")
+                raise ValueError(f"{wrong}, got values in [{lo}, {hi}]")
     if prefix_lens is None:
         prefix_lens = torch.full((N,), P, dtype=torch.int64, device=device)
     else:
         prefix_lens = _check_index_tensor("prefix_lens", prefix_lens, N, device, "one length per bank entry")
-        lo, hi = (0, P) if _compiling() or N == 0 else _value_range(prefix_lens)
-        if lo < 0 or hi > P:
-            raise ValueError(f"prefix_lens must lie in [0, P={P}] (prefix_k {_shape(prefix_k)}), "
-                             f"got values in [{lo}, {hi}]")
+        wrong = f"prefix_lens must lie in [0, P={P}] (prefix_k {_shape(prefix_k)})"
+        if _compiling():
+            _assert_in_range(prefix_lens, 0, P, wrong)
+        else:
+            lo, hi = (0, P) if N == 0 else _value_range(prefix_lens)
+            if lo < 0 or hi > P:
+                raise ValueError(f"{wrong}, got values in [{lo}, {hi}]")
 
     # -- masks and scalars -------------------------------------------------------------
     if key_padding_mask is not None:
@@ -205,24 +247,20 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         if key_padding_mask.device != device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {device}")
         key_padding_mask = key_padding_mask.contiguous()
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if scale is None:
-        scale = D ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite float, got {scale!r}")
+    causal = _flag("causal", causal)
+    scale = _finite_float("scale", D ** -0.5 if scale is None else scale, "a finite float")
     if window is None:
         window = -1
     else:
-        if isinstance(window, bool) or not isinstance(window, int):
+        if isinstance(window, (bool, torch.Tensor)) or not isinstance(window, (numbers.Integral, torch.SymInt)):
             raise TypeError(f"window must be an int or None, got {window!r}")
-        if window <= 0:
-            raise ValueError(f"window must be a positive int or None, got {window}")
+        window = int(window)
+        if window <= 0 or window > _MAX_WINDOW:
+            raise ValueError(f"window must be a positive int (at most 2**62) or None, got {window}")
     if softcap is None:
         softcap = 0.0
     else:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap):
-            raise TypeError(f"softcap must be a finite float or None, got {softcap!r}")
+        softcap = _finite_float("softcap", softcap, "a finite float or None")
         if softcap <= 0:
             raise ValueError(f"softcap must be > 0 or None, got {softcap}")
 
@@ -230,6 +268,6 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         q=_last_dim_contiguous(q), k=_last_dim_contiguous(k), v=_last_dim_contiguous(v),
         prefix_k=_last_dim_contiguous(prefix_k), prefix_v=_last_dim_contiguous(prefix_v),
         prefix_ids=prefix_ids.contiguous(), prefix_lens=prefix_lens.contiguous(),
-        key_padding_mask=key_padding_mask, causal=causal, scale=float(scale),
-        window=int(window), softcap=float(softcap),
+        key_padding_mask=key_padding_mask, causal=causal, scale=scale,
+        window=window, softcap=softcap,
     )

@@ -73,6 +73,9 @@ BAD = [
      ValueError, ["head dim", "300"]),
     ("unknown backend", with_(backend="fast"), ValueError, ["backend", "fast"]),
     ("causal not bool", with_(causal=1), TypeError, ["causal"]),
+    ("window beyond int64", with_(window=2 ** 63), ValueError, ["window", "2**62"]),
+    ("scale infinite", with_(scale=float("inf")), TypeError, ["scale", "inf"]),
+    ("scale tensor", with_(scale=torch.tensor(0.5)), TypeError, ["scale"]),
 ]
 
 
