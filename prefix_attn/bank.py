@@ -39,7 +39,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from prefix_attn import peft_format
+from prefix_attn import atomic, peft_format
 
 __all__ = ["PrefixBank", "PrefixSelection"]
 
@@ -633,7 +633,7 @@ class PrefixBank(nn.Module):
             "head_dim": str(self.head_dim),
         }
         os.makedirs(directory, exist_ok=True)
-        peft_format._atomic_write_bytes(os.path.join(directory, BANK_FILE), st_save(tensors, metadata=meta))
+        atomic.write_bytes(os.path.join(directory, BANK_FILE), st_save(tensors, metadata=meta))
 
     @classmethod
     def load(cls, directory: str, model: nn.Module) -> "PrefixBank":

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from . import atomic
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -129,22 +130,6 @@ def read_peft_adapter(adapter_dir: str, shape: BankShape) -> tuple[torch.Tensor,
     return kv.contiguous(), config
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_peft_adapter(
     adapter_dir: str,
     kv: torch.Tensor,
@@ -178,9 +163,9 @@ def write_peft_adapter(
         "auto_mapping": None,
     }
     os.makedirs(adapter_dir, exist_ok=True)
-    _atomic_write_bytes(
+    atomic.write_bytes(
         os.path.join(adapter_dir, WEIGHTS_NAME), st_save({TENSOR_KEY: emb}, metadata={"format": "pt"})
     )
-    _atomic_write_bytes(
+    atomic.write_bytes(
         os.path.join(adapter_dir, CONFIG_NAME), (json.dumps(config, indent=2) + "\n").encode("utf-8")
     )

@@ -23,11 +23,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 import torch
+
+from . import atomic
 
 __all__ = ["main", "add_parser", "Request", "read_requests", "RequestError"]
 
@@ -186,8 +187,9 @@ class _Output:
         else:
             folder = os.path.dirname(os.path.abspath(path))
             os.makedirs(folder, exist_ok=True)
-            fd, self.tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=folder)
-            self.f = os.fdopen(fd, "w", encoding="utf-8")
+            self._file = atomic.Replacement(path, suffix=".jsonl")
+            self.tmp = self._file.tmp
+            self.f = open(self.tmp, "w", encoding="utf-8")
 
     def write(self, obj: dict) -> None:
         self.f.write(json.dumps(obj, ensure_ascii=False) + "\n")
@@ -195,15 +197,14 @@ class _Output:
     def commit(self) -> None:
         if self.tmp is not None:
             self.f.close()
-            os.replace(self.tmp, self.path)
+            self._file.commit()
         else:
             self.f.flush()
 
     def abort(self) -> None:
         if self.tmp is not None:
             self.f.close()
-            if os.path.exists(self.tmp):
-                os.unlink(self.tmp)
+            self._file.abort()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,11 +22,12 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+from . import atomic
 
 CHECKPOINT = "checkpoint.pt"
 ADAPTER = "adapter"
@@ -163,17 +164,6 @@ def evaluate(model, data, batch_size: int, pad_id: int, name: str) -> float:
     return total / max(count, 1)
 
 
-def _atomic_save(obj, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _log(out_dir: str, record: dict) -> None:
     with open(os.path.join(out_dir, LOG), "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -265,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_rng_state(state["torch_rng"])
 
     def save_checkpoint():
-        _atomic_save({"step": step, "prefix": module.state_dict(), "optimizer": opt.state_dict(),
+        atomic.save_torch({"step": step, "prefix": module.state_dict(), "optimizer": opt.state_dict(),
                       "torch_rng": torch.get_rng_state(), "args": vars(args)}, ckpt_path)
 
     model.train()
@@ -309,10 +299,7 @@ def run(args: argparse.Namespace) -> int:
         with open(cfg_path) as f:
             cfg = json.load(f)
         cfg["base_model_name_or_path"] = os.path.abspath(model_dir)
-        fd, tmp = tempfile.mkstemp(dir=adapter_dir, prefix=".tmp-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(cfg, f, indent=2)
-        os.replace(tmp, cfg_path)
+        atomic.write_text(cfg_path, json.dumps(cfg, indent=2))
     print(f"trained {step} steps, last loss {loss_value:.4f}; adapter (PEFT format): {adapter_dir}")
     return 0
 
