@@ -31,6 +31,7 @@ class Backend:
     is_available: Callable[[], bool] = lambda: True
     unsupported: Callable[[AttnArgs], Optional[str]] = lambda args: None
     description: str = ""
+    needs: str = ""  # what is_available() waits for, said when the backend is asked for without it
 
 
 _REGISTRY: Dict[str, Backend] = {}
@@ -88,7 +89,10 @@ def get_backend(name: str) -> Backend:
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES} or None, got {name!r}")
     if name not in _REGISTRY or not _safe_available(_REGISTRY[name]):
-        why = "; ".join(f"{m}: {e}" for m, e in _LOAD_ERRORS.items()) or "not built or not installed"
+        if name in _REGISTRY and _REGISTRY[name].needs:
+            why = f"it needs {_REGISTRY[name].needs}"
+        else:
+            why = "; ".join(f"{m}: {e}" for m, e in _LOAD_ERRORS.items()) or "not built or not installed"
         raise RuntimeError(f"backend {name!r} is not available on this machine "
                            f"(available: {available_backends()}; {why})")
     return _REGISTRY[name]

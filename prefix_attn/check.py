@@ -8,6 +8,7 @@ twice the error of a same-dtype PyTorch computation, plus a small atol.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import List, Optional
 
 import torch
@@ -43,7 +44,8 @@ def check_backend(name: str, dtype: torch.dtype, device: str, atol: float = 1e-4
     out = prefix_attention(*args, **kw, backend=name)
     truth = prefix_attention_ref(*args, **kw)
     base = prefix_attention_ref(*args, **kw, upcast=False)
-    g = torch.randn_like(truth)
+    # the output gradient is seeded too: the same table on every run
+    g = torch.randn(truth.shape, generator=torch.Generator().manual_seed(1)).to(truth)
     results = {"out": (_err(out, truth), _err(base, truth))}
     for label, o in (("ours", out), ("truth", truth), ("base", base)):
         results[label + "_grads"] = torch.autograd.grad(o, args, g)
@@ -98,7 +100,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _usage_error(args) -> Optional[str]:
+    """What is wrong with the requested backends / device, or None."""
+    for name in args.backend or []:
+        try:
+            get_backend(name)
+        except (ValueError, RuntimeError) as e:
+            return str(e)
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        return "--device cuda: CUDA is not available on this machine"
+    return None
+
+
 def run(args) -> int:
+    problem = _usage_error(args)
+    if problem is not None:
+        print(f"prefix-attn check: error: {problem}", file=sys.stderr)
+        return 2
     print(f"available backends: {', '.join(available_backends())}")
     for mod, err in load_errors().items():
         print(f"  (not loaded: {mod}: {err})")

@@ -75,4 +75,5 @@ register_backend(Backend(
 register_backend(Backend(
     name="cuda", fwd=_fwd, bwd=_bwd, devices=("cuda",), priority=10,
     is_available=_cuda_built, unsupported=_unsupported,
-    description="C++/CUDA extension: tiled shared-memory kernels (fallback for Triton)"))
+    description="C++/CUDA extension: tiled shared-memory kernels (fallback for Triton)",
+    needs="a CUDA GPU and the extension built with its CUDA part (nvcc at install time)"))

@@ -14,7 +14,9 @@ the prefixes can steer; then it is frozen, and each prefix learns to pick its ow
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 from typing import Callable, List
 
@@ -117,6 +119,7 @@ def train_prefixes(model, tok, device: str, max_steps: int, num_virtual_tokens: 
         bar.update()
         recent = statistics.mean(history[-5:])
         if step >= 10 and recent < 0.5 * first:
+            bar.total = len(history)  # stopped early on purpose: show a finished bar
             break
     bar.close()
     model.eval()
@@ -189,8 +192,9 @@ def benchmark(device: str, reps: int = 5) -> List[dict]:
     # prefix memory of a Llama-3-8B-shaped model, P 100, bf16, batch 64, one shared prefix
     from .baselines import peft_path_prefix_bytes
     ours_b = 32 * 2 * 8 * 100 * 128 * 2
-    peft_b = peft_path_prefix_bytes(32, 64, 8, 32, 100, 128, 2)
-    rows.append(dict(what="prefix memory, B64 (bytes, computed)", shape="L32 Hkv8/Hq32 D128 P100 bf16",
+    # held: one copy per row in PEFT's cache (its per-layer repeat_kv transient comes on top)
+    peft_b = peft_path_prefix_bytes(32, 64, 8, 32, 100, 128, 2, repeat_for_gqa=False)
+    rows.append(dict(what="prefix copies held, B64 (bytes, computed)", shape="L32 Hkv8/Hq32 D128 P100 bf16",
                      peft_ms=float("nan"), ours_ms=float("nan"), speedup=peft_b / ours_b,
                      peft_mib=peft_b / 2 ** 20, ours_mib=ours_b / 2 ** 20))
     print("| what | shape | PEFT path | ours | ratio |")
@@ -206,21 +210,38 @@ def benchmark(device: str, reps: int = 5) -> List[dict]:
 
 
 # -- CLI -------------------------------------------------------------------------------
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("demo", help="the whole story in a few minutes: check, train, serve, benchmark")
+    p = subparsers.add_parser("demo", help="the whole story in a few minutes: check, train, serve, benchmark",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="a local HF causal LM folder (default: built-in tiny)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--steps", type=int, default=150, help="most prefix-tuning steps")
-    p.add_argument("--pretrain-steps", type=int, default=150, help="steps of training the tiny base")
-    p.add_argument("--virtual-tokens", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-check", action="store_true")
-    p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--steps", type=_positive, default=150,
+                   help="most prefix-tuning steps (stops early once the loss has halved)")
+    p.add_argument("--pretrain-steps", type=_positive, default=150,
+                   help="steps of training the tiny base (ignored with --model)")
+    p.add_argument("--virtual-tokens", type=_positive, default=16, help="prefix length of each task")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the base and the prefixes")
+    p.add_argument("--skip-check", action="store_true", help="skip the backend check (section 1)")
+    p.add_argument("--skip-bench", action="store_true", help="skip the benchmarks (section 4)")
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("prefix-attn demo: error: --device cuda: CUDA is not available on this machine",
+              file=sys.stderr)
+        return 2
+    if args.model is not None and not os.path.isdir(args.model):
+        print(f"prefix-attn demo: error: model folder not found: {args.model}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     ok = True if args.skip_check else show_check(args.device)
     model, tok = load_base(args.model, args.device, args.pretrain_steps, args.seed)

@@ -132,4 +132,5 @@ register_backend(Backend(
     is_available=_available,
     unsupported=unsupported,
     description="Triton kernels (prefix bank read in place, GQA packed, deterministic backward)",
+    needs="a CUDA GPU (or, for tests on CPU tensors, TRITON_INTERPRET=1 set before importing triton)",
 ))

@@ -29,3 +29,21 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "prefix_attn.cli", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "check" in out
+
+
+def test_check_gives_the_same_table_every_run():
+    first = check.run_checks(["torch"], ["float16"])
+    second = check.run_checks(["torch"], ["float16"])
+    assert first == second
+
+
+def test_check_usage_errors_exit_2(capsys):
+    import torch
+
+    assert cli.main(["check", "--backend", "nope"]) == 2
+    assert "got 'nope'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["check", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+        assert cli.main(["check", "--backend", "cuda"]) == 2
+        assert "it needs a CUDA GPU" in capsys.readouterr().err

@@ -19,7 +19,7 @@ def test_benchmark_table_rows(monkeypatch):
     monkeypatch.setattr(demo, "median_ms", lambda fn, reps: 1.0)  # timing is not under test
     rows = demo.benchmark("cpu", reps=1)
     assert [r["what"].split(" ")[0] for r in rows] == ["prefill", "decode,", "training", "prefix"]
-    assert rows[-1]["speedup"] == pytest.approx(256.0)  # 64 rows x 4 query heads per kv head
+    assert rows[-1]["speedup"] == pytest.approx(64.0)  # one held copy per row of 64
 
 
 @pytest.mark.hf
@@ -30,3 +30,11 @@ def test_demo_on_a_local_model_folder(tmp_path, capsys):
     rc = cli.main(["demo", "--model", str(tmp_path), "--skip-check", "--skip-bench", "--steps", "2"])
     out = capsys.readouterr().out
     assert rc == 0 and "[    shop]" in out and "demo finished" in out
+
+
+def test_demo_usage_errors_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["demo", "--steps", "0"])
+    assert info.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+    assert cli.main(["demo", "--model", str(tmp_path / "missing")]) == 2
+    assert "model folder not found" in capsys.readouterr().err
