@@ -1,30 +1,47 @@
-"""``prefix-attn generate``: answer a JSONL file of requests, each with its own prefix, in batches.
+"""prefix-attn generate: answer a JSONL file of requests, each with its own prefix, in batches.
 
-Input, one JSON object per line (blank lines skipped)::
+Input: one JSON object per line, UTF-8 (a byte-order mark is accepted; blank lines skipped):
 
     {"id": "r1", "prefix": "support", "prompt": "How do I ...?"}
-    {"prompt": "no prefix for this one"}            # "prefix" missing / null / "" = no prefix
+    {"prompt": "no prefix for this one"}
 
-Output, one line per request in input order::
+  "prompt"  the text to continue (required). "" after a prompt prefix continues the
+            prefix's own text; a prompt of no tokens at all (no start token) is refused
+  "prefix"  a prefix name; missing, null or "" = no prefix
+  "id"      any JSON value, unique in the file; default: the request's line number
+            (1-based, blank lines counted)
+  any other field is copied to the result line
+
+Output: one line per request, in input order:
 
     {"id": "r1", "prefix": "support", "prompt": "How do I ...?", "completion": "...", "num_tokens": 17}
 
-The model is a local folder (``--model``; its tokenizer, else bytes) or the built-in tiny default
-(:func:`prefix_attn.tiny.default_model`, random weights: for smoke tests). Prefixes come from a
-saved bank (``--bank DIR``), PEFT prefix-tuning adapters (``--adapter NAME=DIR``) and shared
-prompts (``--prompt-prefix NAME=TEXT``: the KV of TEXT computed once). Requests using a prompt
-prefix (from ``--prompt-prefix`` or a saved bank's ``add_prompt`` entries) are tokenised
-without the special start token, which the prompt already carries. A batch mixes
-prefixes freely: ``model.generate(..., prefixes=[...])`` reads each row's prefix from the bank.
+The model is a local folder (--model; its tokenizer, else bytes) or the built-in tiny
+default (prefix_attn.tiny.default_model: random weights, for smoke tests). An adapter made by
+`prefix-attn train` belongs with the model it was trained on (OUT/base_model): a warning
+says so when --model is missing or is another folder.
+
+Prefixes come from a saved bank (--bank DIR), PEFT prefix-tuning adapters (--adapter
+NAME=DIR) and shared prompts (--prompt-prefix NAME=TEXT: the KV of TEXT computed once); a
+name may come from one source only. Requests using a prompt prefix (from --prompt-prefix or
+a saved bank's add_prompt entries) are tokenised without the special start token, which the
+prompt already carries. A batch mixes prefixes freely: model.generate(..., prefixes=[...])
+reads each row's prefix from the bank.
+
+Everything that can be checked is checked before any generation: the request file, prefix
+names, the output path, the device, and each request's length (prompt + prefix +
+--max-new-tokens within the model's positions). The output file is written whole or not at all.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import codecs
 import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -33,6 +50,7 @@ from . import atomic
 __all__ = ["main", "add_parser", "Request", "read_requests", "RequestError"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_MAX_LISTED = 10  # bad request lines named in one error; the rest are counted
 
 
 class RequestError(ValueError):
@@ -50,88 +68,241 @@ class Request:
     extra: dict = field(default_factory=dict)
 
 
+# -- request file ----------------------------------------------------------------------------
+
 def read_requests(path: str) -> List[Request]:
-    """Parse a JSONL request file (``-`` = stdin). Raises RequestError naming ``path:line``."""
-    stream = sys.stdin if path == "-" else None
-    try:
-        f = stream or open(path, "r", encoding="utf-8")
-    except OSError as exc:
-        raise RequestError(f"cannot read requests file {path!r}: {exc.strerror}") from exc
-    requests = []
-    with f if stream is None else _nullcontext(f):
-        for lineno, text in enumerate(f, start=1):
+    """Parse a JSONL request file (``-`` = stdin). A request without ``id`` gets its line
+    number. Raises RequestError naming ``path:line``."""
+    if path == "-":
+        stream = getattr(sys.stdin, "buffer", sys.stdin)
+        lines = contextlib.nullcontext(stream)
+    else:
+        try:
+            lines = open(path, "rb")
+        except OSError as exc:
+            raise RequestError(f"cannot read requests file {path!r}: {exc.strerror}") from exc
+    requests: List[Request] = []
+    id_lines: Dict[str, int] = {}  # the id as JSON -> line of its first use
+    with lines as f:
+        for lineno, raw in enumerate(f, start=1):
+            text = _decode_line(raw, f"{path}:{lineno}", first=lineno == 1)
             if not text.strip():
                 continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise RequestError(f"{where}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict):
-                raise RequestError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            prompt = obj.get("prompt")
-            if not isinstance(prompt, str):
-                raise RequestError(f"{where}: 'prompt' must be a string, got {prompt!r}")
-            prefix = obj.get("prefix")
-            if prefix == "":
-                prefix = None
-            if prefix is not None and not isinstance(prefix, str):
-                raise RequestError(f"{where}: 'prefix' must be a name (string) or null, got {prefix!r}")
-            extra = {k: v for k, v in obj.items() if k not in ("prompt", "prefix", "id")}
-            requests.append(Request(prompt=prompt, prefix=prefix, id=obj.get("id", len(requests)),
-                                    line=lineno, extra=extra))
+            request = _parse_request(text, f"{path}:{lineno}", lineno)
+            _check_unique_id(request, id_lines, f"{path}:{lineno}")
+            requests.append(request)
     return requests
 
 
-class _nullcontext:
-    def __init__(self, value):
-        self.value = value
+def _decode_line(raw, where: str, first: bool) -> str:
+    if isinstance(raw, str):  # a text stream (stdin replaced by a test)
+        return raw.lstrip("\ufeff") if first else raw
+    if first and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte "
+                           f"{exc.start + 1} of the line)") from None
 
-    def __enter__(self):
-        return self.value
 
-    def __exit__(self, *exc):
-        return False
+def _parse_request(text: str, where: str, lineno: int) -> Request:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"{where}: invalid JSON ({exc.msg})") from exc
+    if not isinstance(obj, dict):
+        raise RequestError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str):
+        raise RequestError(f"{where}: 'prompt' must be a string, got {prompt!r}")
+    prefix = obj.get("prefix")
+    if prefix == "":
+        prefix = None
+    if prefix is not None and not isinstance(prefix, str):
+        raise RequestError(f"{where}: 'prefix' must be a name (string) or null, got {prefix!r}")
+    extra = {k: v for k, v in obj.items() if k not in ("prompt", "prefix", "id")}
+    return Request(prompt=prompt, prefix=prefix, id=obj.get("id", lineno), line=lineno, extra=extra)
 
 
-def _name_dir(spec: str, option: str) -> tuple[str, str]:
-    name, sep, value = spec.partition("=")
-    if not sep or not name or not value:
-        raise RequestError(f"{option} expects NAME=VALUE, got {spec!r}")
-    return name, value
+def _check_unique_id(request: Request, id_lines: Dict[str, int], where: str) -> None:
+    key = json.dumps(request.id, sort_keys=True)
+    first = id_lines.setdefault(key, request.line)
+    if first != request.line:
+        raise RequestError(f"{where}: duplicate id {request.id!r}, already used by line {first} "
+                           "(a request without an 'id' has its line number as id)")
+
+
+def _refusal(headline: str, problems: List[str]) -> RequestError:
+    """One error listing up to ``_MAX_LISTED`` problems (one a line), then how many more."""
+    lines = [headline] + [f"  {p}" for p in problems[:_MAX_LISTED]]
+    if len(problems) > _MAX_LISTED:
+        lines.append(f"  and {len(problems) - _MAX_LISTED} more")
+    return RequestError("\n".join(lines))
+
+
+# -- command line ----------------------------------------------------------------------------
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and each option's default (where it has a meaningful one)."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or default is False or default == [] or default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``generate`` subcommand to an ``argparse`` subparsers object."""
     p = subparsers.add_parser("generate", help="answer a JSONL file of requests with per-row prefixes",
-                              description=__doc__.split("\n\n")[0])
+                              description=__doc__, formatter_class=_HelpFormatter)
     _add_arguments(p)
     p.set_defaults(func=run)
     return p
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local HF model folder (default: the built-in tiny model)")
-    p.add_argument("--bank", default=None, help="a folder written by PrefixBank.save")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="local HF model folder (default: the built-in tiny model, random weights)")
+    p.add_argument("--bank", default=None, metavar="DIR", help="a folder written by PrefixBank.save")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="a PEFT prefix-tuning adapter folder, served as prefix NAME (repeatable)")
     p.add_argument("--prompt-prefix", action="append", default=[], metavar="NAME=TEXT",
                    help="a shared prompt whose KV is computed once and served as prefix NAME (repeatable)")
-    p.add_argument("--input", "-i", required=True, help="JSONL requests file ('-' = stdin)")
-    p.add_argument("--output", "-o", required=True, help="JSONL results file ('-' = stdout)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--input", "-i", required=True, metavar="FILE", help="JSONL requests file ('-' = stdin)")
+    p.add_argument("--output", "-o", required=True, metavar="FILE",
+                   help="JSONL results file ('-' = stdout); written whole at the end, folders created")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per model.generate call")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per request at most")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --do-sample)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search width (1 = no beam search)")
+    p.add_argument("--seed", type=int, default=0, help="torch seed (sampling)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model and prefix dtype")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
-def _load_model(model_dir: Optional[str], device: str, dtype: torch.dtype):
+def _name_value(spec: str, option: str) -> tuple[str, str]:
+    name, sep, value = spec.partition("=")
+    if not sep or not name or not value:
+        raise RequestError(f"{option} expects NAME=VALUE, got {spec!r}")
+    return name, value
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for option, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
+                          ("--num-beams", args.num_beams)):
+        if value < 1:
+            raise RequestError(f"{option} must be >= 1, got {value}")
+
+
+def _check_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise RequestError(f"--device {name}: {exc}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RequestError(f"--device {name}: CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RequestError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RequestError(f"--device {name}: MPS is not available")
+    return device
+
+
+def _warn(message: str) -> None:
+    print(f"prefix-attn generate: warning: {message}", file=sys.stderr)
+
+
+# -- prefix sources --------------------------------------------------------------------------
+
+@dataclass
+class _Source:
+    """Where one prefix name comes from: ``--bank DIR``, ``--adapter DIR`` or ``--prompt-prefix TEXT``."""
+
+    name: str
+    option: str
+    value: str
+
+    def __str__(self) -> str:
+        value = self.value if self.option != "--prompt-prefix" else repr(_shorten(self.value))
+        return f"{self.option} {value}"
+
+
+def _shorten(text: str, width: int = 30) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _prefix_sources(args: argparse.Namespace) -> List[_Source]:
+    """Every prefix name with its source, in loading order; a name given twice is an error."""
+    sources = [_Source(n, "--bank", args.bank) for n in _saved_bank_names(args.bank)] if args.bank else []
+    sources += [_Source(n, "--adapter", d) for n, d in (_name_value(s, "--adapter") for s in args.adapter)]
+    sources += [_Source(n, "--prompt-prefix", t)
+                for n, t in (_name_value(s, "--prompt-prefix") for s in args.prompt_prefix)]
+    seen: Dict[str, _Source] = {}
+    for s in sources:
+        if s.name in seen:
+            raise RequestError(f"prefix name {s.name!r} given twice ({seen[s.name]}, {s})")
+        seen[s.name] = s
+    return sources
+
+
+def _saved_bank_names(directory: str) -> List[str]:
+    """The entry names of a bank saved in ``directory`` (read from the file's header only)."""
+    from safetensors import safe_open
+
+    from prefix_attn.bank import BANK_FILE
+
+    path = os.path.join(directory, BANK_FILE)
+    if not os.path.isfile(path):
+        raise RequestError(f"prefix bank file missing: {path!r}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            names = json.loads((f.metadata() or {})["names"])
+    except Exception as exc:  # a missing key, bad JSON, safetensors' own header errors
+        raise RequestError(f"{path}: not a readable prefix bank file ({exc!r})") from None
+    return list(names)
+
+
+def _check_prefix_names(requests: List[Request], known: List[str], path: str) -> None:
+    """Every request's prefix is a known name (all bad lines named in one error)."""
+    names = set(known)
+    bad = [f"{path}:{r.line}: unknown prefix {r.prefix!r}"
+           for r in requests if r.prefix is not None and r.prefix not in names]
+    if bad:
+        raise _refusal(f"{len(bad)} request(s) name an unknown prefix; known prefixes: {known}", bad)
+
+
+def _adapter_base(directory: str) -> Optional[str]:
+    """The local base-model folder an adapter records (``base_model_name_or_path``), if it exists."""
+    try:
+        with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None  # load_peft reports a broken adapter
+    return base if isinstance(base, str) and base and os.path.isdir(base) else None
+
+
+def _warn_about_adapter_bases(sources: List[_Source], model_dir: Optional[str]) -> None:
+    """Warn where an adapter was trained on a local model folder other than the one served."""
+    for s in sources:
+        base = _adapter_base(s.value) if s.option == "--adapter" else None
+        if base is None:
+            continue
+        if model_dir is None:
+            _warn(f"adapter {s.name} was trained on {base}; pass --model {base} "
+                  "(without --model the built-in tiny model is used)")
+        elif not (os.path.isdir(model_dir) and os.path.samefile(model_dir, base)):
+            _warn(f"adapter {s.name} was trained on {base}, not on --model {model_dir}")
+
+
+# -- model, bank and tokens ------------------------------------------------------------------
+
+def _load_model(model_dir: Optional[str], device: torch.device, dtype: torch.dtype):
     from prefix_attn import hf, tiny
 
     hf.register()
@@ -160,15 +331,111 @@ def _encode(tokenizer, text: str, special: bool) -> List[int]:
     return list(tokenizer.encode(text, add_special_tokens=special))
 
 
+def _build_bank(model, tokenizer, sources: List[_Source], bank_dir: Optional[str]):
+    """The model's bank with every source loaded; returns it and the token ids of each
+    ``--prompt-prefix`` (a saved bank keeps only the KV of its prompts)."""
+    from prefix_attn.bank import PrefixBank
+
+    bank = PrefixBank.load(bank_dir, model) if bank_dir else PrefixBank.attach(model)
+    prompt_ids: Dict[str, List[int]] = {}
+    for s in sources:
+        if s.option == "--adapter":
+            bank.load_peft(s.name, s.value)
+        elif s.option == "--prompt-prefix":
+            ids = _encode(tokenizer, s.value, special=True)
+            if not ids:
+                raise RequestError(f"--prompt-prefix {s.name}: {s.value!r} has no tokens")
+            bank.add_prompt(s.name, torch.tensor(ids))
+            prompt_ids[s.name] = ids
+    return bank, prompt_ids
+
+
+@dataclass
+class _Job:
+    """What runs for one request: ``ids`` after bank entry ``prefix`` (None: no prefix)."""
+
+    request: Request
+    prefix: Optional[str]
+    ids: List[int]
+
+
+def _plan(requests: List[Request], tokenizer, bank, prompt_ids: Dict[str, List[int]], path: str) -> List[_Job]:
+    """Tokenise every request. No request runs on zero tokens (the first new token would be
+    predicted from a pad): an empty prompt after a ``--prompt-prefix`` continues the prompt's
+    text, exactly: it runs as the prompt's last token after an entry holding the KV of the
+    other tokens (the first P-1 positions of the prompt's KV). Anything else with no tokens
+    is refused, all such lines in one error."""
+    jobs, bad, heads = [], [], {}
+    for r in requests:
+        after_prompt = r.prefix is not None and bank.kind(r.prefix) == "prompt"
+        ids = _encode(tokenizer, r.prompt, special=not after_prompt)
+        if ids:
+            jobs.append(_Job(r, r.prefix, ids))
+        elif after_prompt and r.prefix in prompt_ids:
+            if r.prefix not in heads:
+                heads[r.prefix] = _add_prompt_head(bank, r.prefix, len(prompt_ids[r.prefix]))
+            jobs.append(_Job(r, heads[r.prefix], prompt_ids[r.prefix][-1:]))
+        elif after_prompt:
+            bad.append(f"{path}:{r.line}: empty prompt after prompt prefix {r.prefix!r} from --bank, which "
+                       "keeps no token ids to continue from; give it as --prompt-prefix or add text")
+        else:
+            bad.append(f"{path}:{r.line}: the prompt has no tokens ({r.prompt!r}; this tokenizer adds "
+                       "no start token) and nothing to continue from")
+    if bad:
+        raise _refusal(f"{len(bad)} request(s) with nothing to generate from:", bad)
+    return jobs
+
+
+def _add_prompt_head(bank, name: str, length: int) -> Optional[str]:
+    """A bank entry with the KV of all but the last token of prompt entry ``name`` (None for a
+    one-token prompt: nothing before it); returns its name, internal and never a user's."""
+    if length == 1:
+        return None
+    head = f"{name}\x00head"
+    while head in bank:
+        head += "\x00"
+    keys, values = bank.get(name)
+    bank.add(head, keys[:, :, :-1], values[:, :, :-1])
+    return head
+
+
+def _max_positions(model) -> Optional[int]:
+    cfg = model.config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_lengths(jobs: List[_Job], model, bank, max_new_tokens: int, path: str) -> None:
+    """Each request's prefix + prompt + ``max_new_tokens`` fits the model's positions (the
+    tokens after a prefix of P are numbered from P)."""
+    limit = _max_positions(model)
+    if limit is None:
+        return
+    bad = []
+    for job in jobs:
+        P = bank.entry_len(job.prefix) if job.prefix is not None else 0
+        total = P + len(job.ids) + max_new_tokens
+        if total > limit:
+            shown = job.request.prefix if job.request.prefix is not None else "none"
+            bad.append(f"{path}:{job.request.line}: {len(job.ids)} prompt tokens + {P} prefix tokens "
+                       f"(prefix {shown}) + {max_new_tokens} new tokens = {total}")
+    if bad:
+        raise _refusal(f"{len(bad)} request(s) longer than the model's {limit} positions "
+                       "(shorten the prompt or lower --max-new-tokens):", bad)
+
+
 def _left_pad(rows: List[List[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``input_ids`` and ``attention_mask`` ``[B, S]``, padded on the left (decoder-only generate)."""
-    S = max(1, max(len(r) for r in rows))
+    S = max(len(r) for r in rows)
     ids = torch.full((len(rows), S), pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), S, dtype=torch.long)
     for b, r in enumerate(rows):
-        if r:
-            ids[b, S - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[b, S - len(r):] = 1
+        ids[b, S - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[b, S - len(r):] = 1
     return ids, mask
 
 
@@ -177,35 +444,76 @@ def _progress(total: int, enabled: bool):
     return progress_bar(total, "generate", "req", enabled=enabled)
 
 
+# -- output ----------------------------------------------------------------------------------
+
 class _Output:
-    """Writes result lines to a temporary file and moves it into place at the end (atomic)."""
+    """Result lines go to a temporary file next to ``path``, moved into place by ``commit``;
+    ``close`` (always call it) removes the temporary file and any folder made for it if the
+    output was not committed. Opening checks the path, so it happens before the model loads."""
 
     def __init__(self, path: str):
-        self.path = path
+        self.path, self.tmp, self.f, self._file, self._made = path, None, None, None, []
         if path == "-":
-            self.f, self.tmp = sys.stdout, None
-        else:
-            folder = os.path.dirname(os.path.abspath(path))
-            os.makedirs(folder, exist_ok=True)
+            self.f = sys.stdout
+            return
+        if os.path.isdir(path):
+            raise RequestError(f"output {path!r} is a folder; give a file name")
+        try:
+            self._made = _make_folders(os.path.dirname(os.path.abspath(path)))
             self._file = atomic.Replacement(path, suffix=".jsonl")
             self.tmp = self._file.tmp
             self.f = open(self.tmp, "w", encoding="utf-8")
+        except OSError as exc:
+            self.close()
+            raise self._error(exc) from None
+
+    def _error(self, exc: OSError) -> RequestError:
+        return RequestError(f"cannot write output {self.path!r}: {exc.strerror or exc}")
 
     def write(self, obj: dict) -> None:
-        self.f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        try:
+            self.f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        except OSError as exc:
+            raise self._error(exc) from None
 
     def commit(self) -> None:
-        if self.tmp is not None:
+        try:
+            if self.tmp is None:
+                self.f.flush()
+                return
             self.f.close()
             self._file.commit()
-        else:
-            self.f.flush()
+        except OSError as exc:
+            raise self._error(exc) from None
+        self._made = []
 
-    def abort(self) -> None:
-        if self.tmp is not None:
+    def close(self) -> None:
+        if self.path == "-":
+            return
+        if self.f is not None and not self.f.closed:
             self.f.close()
+        if self._file is not None:
             self._file.abort()
+        for folder in reversed(self._made):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
 
+
+def _make_folders(folder: str) -> List[str]:
+    """``os.makedirs(folder)``; returns the folders it made, outermost first."""
+    missing = []
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    missing.reverse()
+    for f in missing:
+        os.mkdir(f)
+    return missing
+
+
+# -- the command -----------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
     """Run ``generate`` from parsed arguments; returns the exit code (2 on a user error)."""
@@ -218,26 +526,31 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from prefix_attn.bank import PrefixBank
-
-    if args.batch_size < 1:
-        raise RequestError(f"--batch-size must be >= 1, got {args.batch_size}")
-    adapters = [_name_dir(s, "--adapter") for s in args.adapter]
-    prompt_prefixes = [_name_dir(s, "--prompt-prefix") for s in args.prompt_prefix]
+    _check_numbers(args)
+    device = _check_device(args.device)
+    sources = _prefix_sources(args)
     requests = read_requests(args.input)
+    _check_prefix_names(requests, [s.name for s in sources], args.input)
+    out = _Output(args.output)
+    try:
+        if not requests:
+            print(f"prefix-attn generate: no requests in {args.input}", file=sys.stderr)
+        else:
+            _warn_about_adapter_bases(sources, args.model)
+            _generate(args, device, sources, requests, out)
+        out.commit()
+    finally:
+        out.close()
+    return 0
 
+
+def _generate(args: argparse.Namespace, device: torch.device, sources: List[_Source],
+              requests: List[Request], out: _Output) -> None:
     torch.manual_seed(args.seed)
-    model, tokenizer = _load_model(args.model, args.device, _DTYPES[args.dtype])
-    bank = PrefixBank.load(args.bank, model) if args.bank else PrefixBank.attach(model)
-    for name, directory in adapters:
-        bank.load_peft(name, directory)
-    for name, text in prompt_prefixes:
-        bank.add_prompt(name, torch.tensor(_encode(tokenizer, text, special=True)))
-    prompt_names = {name for name in bank.names() if bank.kind(name) == "prompt"}
-    known = set(bank.names())
-    for r in requests:  # every name checked before any generation
-        if r.prefix is not None and r.prefix not in known:
-            raise RequestError(f"{args.input}:{r.line}: unknown prefix {r.prefix!r}; known prefixes: {bank.names()}")
+    model, tokenizer = _load_model(args.model, device, _DTYPES[args.dtype])
+    bank, prompt_ids = _build_bank(model, tokenizer, sources, args.bank)
+    jobs = _plan(requests, tokenizer, bank, prompt_ids, args.input)
+    _check_lengths(jobs, model, bank, args.max_new_tokens, args.input)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = tokenizer.eos_token_id
@@ -246,37 +559,35 @@ def _run(args: argparse.Namespace) -> int:
     if args.do_sample:
         gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)
 
-    out = _Output(args.output)
-    bar = _progress(len(requests), enabled=not args.no_progress)
+    bar = _progress(len(jobs), enabled=not args.no_progress)
     try:
-        for start in range(0, len(requests), args.batch_size):
-            batch = requests[start:start + args.batch_size]
-            rows = [_encode(tokenizer, r.prompt, special=r.prefix not in prompt_names) for r in batch]
-            ids, mask = _left_pad(rows, pad_id)
+        for start in range(0, len(jobs), args.batch_size):
+            batch = jobs[start:start + args.batch_size]
+            ids, mask = _left_pad([j.ids for j in batch], pad_id)
             with torch.no_grad():
-                gen = model.generate(ids.to(args.device), attention_mask=mask.to(args.device),
-                                     prefixes=[r.prefix for r in batch], **gen_kwargs)
-            for r, new in zip(batch, gen[:, ids.shape[1]:].tolist()):
-                if eos_id is not None and eos_id in new:
-                    new = new[:new.index(eos_id)]
-                new = [t for t in new if t != pad_id]
-                result = {"id": r.id, "prefix": r.prefix, "prompt": r.prompt,
-                          "completion": tokenizer.decode(new, skip_special_tokens=True), "num_tokens": len(new)}
-                result.update({k: v for k, v in r.extra.items() if k not in result})  # echo unknown fields
-                out.write(result)
+                gen = model.generate(ids.to(device), attention_mask=mask.to(device),
+                                     prefixes=[j.prefix for j in batch], **gen_kwargs)
+            for job, new in zip(batch, gen[:, ids.shape[1]:].tolist()):
+                out.write(_result(job.request, new, tokenizer, eos_id, pad_id))
             bar.update(len(batch))
-    except BaseException:
-        out.abort()
-        raise
     finally:
         bar.close()
-    out.commit()
-    return 0
+
+
+def _result(r: Request, new: List[int], tokenizer, eos_id, pad_id) -> dict:
+    if eos_id is not None and eos_id in new:
+        new = new[:new.index(eos_id)]
+    new = [t for t in new if t != pad_id]
+    result = {"id": r.id, "prefix": r.prefix, "prompt": r.prompt,
+              "completion": tokenizer.decode(new, skip_special_tokens=True), "num_tokens": len(new)}
+    result.update({k: v for k, v in r.extra.items() if k not in result})  # echo unknown fields
+    return result
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``prefix-attn generate`` (``argv`` without the subcommand name)."""
-    parser = argparse.ArgumentParser(prog="prefix-attn generate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="prefix-attn generate", description=__doc__,
+                                     formatter_class=_HelpFormatter)
     _add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -16,7 +16,7 @@ def test_read_requests_parses_and_skips_blank_lines(tmp_path):
     f = _write(tmp_path / "r.jsonl", ['{"id": "x", "prefix": "a", "prompt": "hi"}', "",
                                       '{"prompt": "\u00e9t\u00e9", "prefix": "", "temperature": 3}'])
     reqs = read_requests(f)
-    assert [(r.id, r.prefix, r.prompt, r.line) for r in reqs] == [("x", "a", "hi", 1), (1, None, "\u00e9t\u00e9", 3)]
+    assert [(r.id, r.prefix, r.prompt, r.line) for r in reqs] == [("x", "a", "hi", 1), (3, None, "\u00e9t\u00e9", 3)]
     assert reqs[1].extra == {"temperature": 3}
 
 

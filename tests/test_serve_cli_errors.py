@@ -1,0 +1,273 @@
+"""``prefix-attn generate`` from an audit of its edges (each test failed before its fix):
+empty prompts (F11), over-long requests (F8), prefix name collisions (F9), an adapter served on
+another base model (F10), output path / device / encoding errors (F12), all unknown prefixes
+named up front and empty input (F16), request ids (F17), the help text (F14)."""
+import json
+
+import pytest
+import torch
+
+from prefix_attn import serve, tiny
+from prefix_attn.serve import RequestError, main, read_requests
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def _results(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def _no_leftovers(folder):
+    return not list(folder.rglob(".tmp-*"))
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading the model fails: a check that passes with this runs before the model loads."""
+    def fail(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(serve, "_load_model", fail)
+
+
+def _greedy(model, ids, n, **kw):
+    tok = tiny.ByteTokenizer()
+    with torch.no_grad():
+        g = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
+    new = g[0, len(ids):].tolist()
+    return tok.decode(new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """The built-in model saved as a folder, a byte tokenizer without a start token in another
+    copy, an adapter recording the first folder as its base, and a bank with a prompt entry."""
+    from prefix_attn.bank import PrefixBank
+
+    root = tmp_path_factory.mktemp("saved")
+    model = tiny.default_model()
+    for name, tok in (("model", tiny.ByteTokenizer()), ("nobos", tiny.ByteTokenizer(add_bos=False))):
+        model.save_pretrained(str(root / name))
+        tok.save_pretrained(str(root / name))
+    bank = PrefixBank.attach(model)
+    shape = (bank.num_layers, bank.num_kv_heads, 6, bank.head_dim)
+    g = torch.Generator().manual_seed(5)
+    bank.add("t", 3 * torch.randn(shape, generator=g), 3 * torch.randn(shape, generator=g))
+    bank.save_peft("t", str(root / "adapter"))
+    config = json.loads((root / "adapter" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(root / "model")  # as `prefix-attn train` records it
+    (root / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    bank.add_prompt("sys", torch.tensor(tiny.ByteTokenizer().encode("Be kind. ")))
+    bank.save(str(root / "bank"))
+    return root
+
+
+# -- F11: a request with no tokens ---------------------------------------------------------------
+
+@pytest.mark.hf
+def test_empty_prompt_after_a_prompt_prefix_continues_the_prompt(tmp_path):
+    """The first new token comes from the prompt's end, as the plain model on the prompt text
+    (before: from a masked pad token); in a batch with a longer row, so the row is padded."""
+    system = "Answer briefly. "
+    f = _write(tmp_path / "r.jsonl", ['{"prefix": "sys", "prompt": ""}', '{"prompt": "a longer request"}',
+                                      '{"prefix": "sys", "prompt": "why?"}'])
+    out = tmp_path / "o.jsonl"
+    assert main(["-i", f, "-o", str(out), "--prompt-prefix", f"sys={system}", "--batch-size", "3",
+                 "--max-new-tokens", "5", "--no-progress"]) == 0
+    res = _results(out)
+    assert [(r["prefix"], r["prompt"]) for r in res] == [("sys", ""), (None, "a longer request"), ("sys", "why?")]
+    tok, model = tiny.ByteTokenizer(), tiny.default_model()
+    assert res[0]["completion"] == _greedy(model, tok.encode(system), 5)
+    assert res[2]["completion"] == _greedy(model, tok.encode(system + "why?"), 5)
+
+
+@pytest.mark.hf
+def test_one_token_prompt_prefix_runs_its_token_without_a_prefix():
+    from prefix_attn.bank import PrefixBank
+
+    model = tiny.default_model()  # the bank holds it weakly
+    bank = PrefixBank.attach(model)
+    bank.add_prompt("bos", torch.tensor([1]))
+    bank.add_prompt("two", torch.tensor([1, 70]))
+    reqs = [serve.Request(prompt="", prefix="bos", line=1), serve.Request(prompt="", prefix="two", line=2)]
+    jobs = serve._plan(reqs, tiny.ByteTokenizer(), bank, {"bos": [1], "two": [1, 70]}, "r.jsonl")
+    assert [(j.prefix, j.ids) for j in jobs[:1]] == [(None, [1])]
+    head = jobs[1].prefix
+    assert jobs[1].ids == [70] and bank.entry_len(head) == 1
+    assert torch.equal(bank.get(head)[0], bank.get("two")[0][:, :, :1])
+
+
+@pytest.mark.hf
+def test_requests_with_nothing_to_continue_are_refused_with_their_lines(tmp_path, saved, capsys):
+    """No start token and no prompt prefix, or a saved bank's prompt (no token ids kept):
+    refused, every such line named (before: generated from a pad token)."""
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "fine"}', '{"prompt": ""}', '{"prefix": "t", "prompt": ""}'])
+    out = tmp_path / "o.jsonl"
+    rc = main(["-i", f, "-o", str(out), "--model", str(saved / "nobos"), "--adapter", f"t={saved / 'adapter'}",
+               "--max-new-tokens", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "2 request(s) with nothing to generate from" in err
+    assert "r.jsonl:2: the prompt has no tokens" in err and "r.jsonl:3: the prompt has no tokens" in err
+    assert not out.exists() and _no_leftovers(tmp_path)
+
+    f = _write(tmp_path / "r.jsonl", ['{"prefix": "sys", "prompt": "hi"}', '{"prefix": "sys", "prompt": ""}'])
+    rc = main(["-i", f, "-o", str(out), "--bank", str(saved / "bank"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "r.jsonl:2: empty prompt after prompt prefix 'sys' from --bank" in err
+    assert "r.jsonl:1" not in err and not out.exists()
+
+
+# -- F8: requests longer than the model's positions ----------------------------------------------
+
+@pytest.mark.hf
+def test_too_long_requests_are_refused_up_front(tmp_path, capsys):
+    """GPT-2 (learned positions, 256): prompt + prefix + new tokens = 256 runs, more is refused
+    with the numbers, before anything is generated (before: 258 was an IndexError traceback)."""
+    folder = tmp_path / "gpt2"
+    tiny.tiny_model("gpt2", vocab_size=tiny.ByteTokenizer.vocab_size).save_pretrained(str(folder))
+    tiny.ByteTokenizer().save_pretrained(str(folder))
+    fits = [json.dumps({"prefix": "sys", "prompt": "x" * 250}),  # 250 + 4 ("abc" + start) + 2
+            json.dumps({"prompt": "y" * 253})]  # 254 + 0 + 2
+    over = [json.dumps({"prefix": "sys", "prompt": "x" * 252}), json.dumps({"prompt": "y" * 254})]
+    base = ["--model", str(folder), "--prompt-prefix", "sys=abc", "--max-new-tokens", "2", "--no-progress",
+            "--batch-size", "1"]
+    out = tmp_path / "o.jsonl"
+    rc = main(["-i", _write(tmp_path / "r.jsonl", fits + over), "-o", str(out)] + base)
+    err = capsys.readouterr().err
+    assert rc == 2 and "2 request(s) longer than the model's 256 positions" in err
+    assert "r.jsonl:3: 252 prompt tokens + 4 prefix tokens (prefix sys) + 2 new tokens = 258" in err
+    assert "r.jsonl:4: 255 prompt tokens + 0 prefix tokens (prefix none) + 2 new tokens = 257" in err
+    assert "r.jsonl:1" not in err and "r.jsonl:2" not in err
+    assert not out.exists() and _no_leftovers(tmp_path)
+    assert main(["-i", _write(tmp_path / "r.jsonl", fits), "-o", str(out)] + base) == 0
+    assert [r["num_tokens"] for r in _results(out)] == [2, 2]
+
+
+# -- F9: one name, two sources ---------------------------------------------------------------
+
+@pytest.mark.parametrize("options, message", [
+    (["--adapter", "sup={a}", "--adapter", "sup={a}2"],
+     "prefix name 'sup' given twice (--adapter {a}, --adapter {a}2)"),
+    (["--adapter", "sup={a}", "--prompt-prefix", "sup=You are"],
+     "prefix name 'sup' given twice (--adapter {a}, --prompt-prefix 'You are')"),
+    (["--bank", "{b}", "--prompt-prefix", "sys=Hi"],
+     "prefix name 'sys' given twice (--bank {b}, --prompt-prefix 'Hi')"),
+])
+def test_a_prefix_name_given_twice_is_refused(tmp_path, saved, capsys, no_model, options, message):
+    a, b = str(saved / "adapter"), str(saved / "bank")
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "x"}'])
+    rc = main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--no-progress"] + [o.format(a=a, b=b) for o in options])
+    assert rc == 2 and message.format(a=a, b=b) in capsys.readouterr().err
+
+
+# -- F10: an adapter served on another base --------------------------------------------------
+
+@pytest.mark.hf
+def test_adapter_trained_on_another_local_model_warns(tmp_path, saved, capsys):
+    f = _write(tmp_path / "r.jsonl", ['{"prefix": "t", "prompt": "x"}'])
+    base = ["-i", f, "-o", str(tmp_path / "o.jsonl"), "--adapter", f"t={saved / 'adapter'}",
+            "--max-new-tokens", "1", "--no-progress"]
+    model = str(saved / "model")
+    assert main(base) == 0
+    assert f"warning: adapter t was trained on {model}; pass --model {model}" in capsys.readouterr().err
+    assert main(base + ["--model", str(saved / "nobos")]) == 0
+    assert f"warning: adapter t was trained on {model}, not on --model {saved / 'nobos'}" in capsys.readouterr().err
+    assert main(base + ["--model", model]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+# -- F12: output path, device, encoding ---------------------------------------------------------
+
+def test_output_path_errors_are_clean_and_come_before_the_model(tmp_path, capsys, no_model):
+    """-o naming a folder, or a path below a regular file: exit 2 before the model loads
+    (before: IsADirectoryError after all the generation, FileExistsError; tracebacks)."""
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "x"}'])
+    (tmp_path / "adir").mkdir()
+    assert main(["-i", f, "-o", str(tmp_path / "adir"), "--no-progress"]) == 2
+    assert f"error: output {str(tmp_path / 'adir')!r} is a folder" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert main(["-i", f, "-o", str(tmp_path / "afile" / "x.jsonl"), "--no-progress"]) == 2
+    assert "prefix-attn generate: error: cannot write output" in capsys.readouterr().err
+    assert _no_leftovers(tmp_path) and (tmp_path / "afile").read_text() == ""
+
+
+def test_a_failure_after_the_output_opened_leaves_no_temporary_file_or_folder(tmp_path, capsys):
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "x"}'])
+    rc = main(["-i", f, "-o", str(tmp_path / "new" / "sub" / "o.jsonl"), "--model", str(tmp_path / "missing"),
+               "--no-progress"])
+    assert rc == 2 and "model folder not found" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clean_error(tmp_path, capsys, no_model):
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "x"}'])
+    assert main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--device", "cuda", "--no-progress"]) == 2
+    assert "error: --device cuda: CUDA is not available" in capsys.readouterr().err
+    assert _no_leftovers(tmp_path)
+
+
+def test_non_utf8_line_is_named_and_a_byte_order_mark_is_accepted(tmp_path):
+    (tmp_path / "r.jsonl").write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(RequestError, match=r"r.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        read_requests(str(tmp_path / "r.jsonl"))
+    (tmp_path / "b.jsonl").write_bytes('\ufeff{"prompt": "bom"}\n{"prompt": "\u00e9"}\n'.encode("utf-8"))
+    assert [r.prompt for r in read_requests(str(tmp_path / "b.jsonl"))] == ["bom", "\u00e9"]
+
+
+# -- F16: every unknown prefix named before loading; empty input ------------------------------
+
+def test_all_unknown_prefixes_are_named_before_the_model_loads(tmp_path, capsys, saved, no_model):
+    lines = ['{"prompt": "x", "prefix": "t"}'] + [json.dumps({"prompt": "x", "prefix": f"bad{i}"}) for i in range(12)]
+    out = tmp_path / "o.jsonl"
+    rc = main(["-i", _write(tmp_path / "r.jsonl", lines), "-o", str(out), "--adapter", f"t={saved / 'adapter'}",
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "12 request(s) name an unknown prefix; known prefixes: ['t']" in err
+    assert all(f"r.jsonl:{i + 2}: unknown prefix 'bad{i}'" in err for i in range(10))
+    assert "bad10" not in err and "and 2 more" in err
+    assert not out.exists() and _no_leftovers(tmp_path)
+
+
+def test_empty_input_is_a_notice_and_an_empty_output(tmp_path, capsys, no_model):
+    f = _write(tmp_path / "r.jsonl", ["", "  "])
+    out = tmp_path / "o.jsonl"
+    out.write_text("stale answers\n")
+    assert main(["-i", f, "-o", str(out), "--no-progress"]) == 0
+    assert f"prefix-attn generate: no requests in {f}" in capsys.readouterr().err
+    assert out.read_text() == ""
+
+
+# -- F17: request ids ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lines, pattern", [
+    (['{"prompt": "a", "id": "x"}', '{"prompt": "b", "id": "x"}'],
+     r"r.jsonl:2: duplicate id 'x', already used by line 1"),
+    (['{"prompt": "a"}', '{"prompt": "b", "id": 1}'], r"r.jsonl:2: duplicate id 1, already used by line 1 \(a request"),
+])
+def test_duplicate_ids_are_refused(tmp_path, lines, pattern):
+    with pytest.raises(RequestError, match=pattern):
+        read_requests(_write(tmp_path / "r.jsonl", lines))
+
+
+def test_default_id_is_the_line_number(tmp_path):
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "a", "id": 0}', "", '{"prompt": "b"}', '{"prompt": "c"}'])
+    assert [r.id for r in read_requests(f)] == [0, 3, 4]
+
+
+# -- F14: help ---------------------------------------------------------------------------------
+
+def test_help_shows_the_formats_defaults_and_every_option(capsys):
+    from prefix_attn.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert '"completion": "...", "num_tokens": 17}' in out and "default: the request's line number" in out
+    assert "(default: 8)" in out and "(default: float32)" in out and "(default: None)" not in out
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))
+    assert all(action.help for action in sub.choices["generate"]._actions)
