@@ -1,29 +1,40 @@
 """``prefix-attn train``: prefix-tune a local HF model (or the built-in tiny one) on a text file.
 
-Data: a ``.jsonl`` file whose lines are ``{"text": ...}`` (loss on every token) or
-``{"prompt": ..., "completion": ...}`` (loss on the completion only), or a plain text file
-with one example per non-empty line. The model is a local folder (``--model``; its tokenizer,
-else a byte-level one) or the built-in tiny Llama with a byte tokenizer (saved to
-``OUT/base_model`` so the adapter can be used later).
+Data: JSON (a ``.jsonl`` or ``.json`` file, any case) with one object per line, or a ``.json``
+file holding one array of objects; each object is ``{"text": ...}`` (loss on every token) or
+``{"prompt": ..., "completion": ...}`` (loss on the completion only; ``prompt`` optional), the
+values strings. Any other file is plain UTF-8 text with one example per non-empty line. The
+model is a local folder (``--model``; its tokenizer, else a byte-level one) or the built-in tiny
+Llama with a byte tokenizer, its random weights drawn from ``--seed`` and saved to
+``OUT/base_model`` (pass ``--model OUT/base_model`` to ``prefix-attn generate``).
 
 Training runs on the fused path (``prefix_attn.prefix_tuning``): the base stays frozen, one
 prefix ``--name`` learns. A tqdm bar shows tokens/s and the loss; the held-out loss is computed
 every ``--eval-every`` steps and logged to ``OUT/log.jsonl``. ``OUT/checkpoint.pt`` (prefix,
-optimizer, step, RNG) is written atomically every ``--save-every`` steps (temporary file +
-``os.replace``), and ``--resume`` continues from it, giving the same result as an
-uninterrupted run. The result is ``OUT/adapter`` in PEFT's format
-(``peft.PeftModel.from_pretrained(base, OUT/adapter)`` loads it).
+optimizer, step, RNG, settings) is written atomically every ``--save-every`` steps and at the
+end, and ``--resume`` continues from it, giving the same result as an uninterrupted run: it
+refuses settings that would change that result (data, model, batch size, seed, ...), and cuts
+the log back to the checkpoint's step. Ctrl-C (SIGINT) or SIGTERM stops after the current step
+with a checkpoint of it (exit status 130 / 143); a second one stops at once. The result is
+``OUT/adapter`` in PEFT's format (``peft.PeftModel.from_pretrained(base, OUT/adapter)`` loads it).
+
+Errors in the data or options are reported as ``prefix-attn train: error: ...`` (exit status
+2) before anything is written.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -33,35 +44,140 @@ CHECKPOINT = "checkpoint.pt"
 ADAPTER = "adapter"
 BASE_MODEL = "base_model"
 LOG = "log.jsonl"
+DEFAULT_MAX_LENGTH = 256
+PROG = "prefix-attn train"
+
+
+class TrainError(ValueError):
+    """A user error (data, options, output folder, checkpoint): reported as
+    ``prefix-attn train: error: ...`` with exit status 2, no traceback."""
+
+
+class _Interrupted(BaseException):
+    """SIGINT / SIGTERM stopped the run; ``note`` says what was saved."""
+
+    def __init__(self, signum: int, note: str):
+        super().__init__(signum, note)
+        self.signum, self.note = signum, note
+
+
+def _warn(kind: str, message: str) -> None:
+    print(f"{PROG}: {kind}: {message}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------
 def read_examples(path: str) -> List[Tuple[str, str]]:
-    """[(prompt, completion)] from a JSONL or text file (``("", text)`` for plain text)."""
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
-                if "text" in obj:
-                    examples.append(("", str(obj["text"])))
-                elif "completion" in obj:
-                    examples.append((str(obj.get("prompt", "")), str(obj["completion"])))
-                else:
-                    raise ValueError(f"{path}:{n}: expected a 'text' or 'prompt'/'completion' field")
-            else:
-                examples.append(("", line))
+    """[(prompt, completion)] from a JSON or text file (``("", text)`` for plain text and for
+    ``{"text": ...}``). Raises :class:`TrainError` naming ``path:line`` on bad data."""
+    lines = _read_lines(path)
+    if _is_json(path):
+        examples = [_example(f"{path}:{n}", obj) for n, obj in _json_objects(path, lines)]
+    else:
+        examples = [("", line) for _, line in lines if line.strip()]
     if not examples:
-        raise ValueError(f"{path}: no examples")
+        raise TrainError(f"{path}: no examples (the file is empty or has only blank lines)")
     return examples
+
+
+def _is_json(path: str) -> bool:
+    return path.lower().endswith((".jsonl", ".json"))
+
+
+def _read_lines(path: str) -> List[Tuple[int, str]]:
+    """[(line number, text)] of a UTF-8 file (a leading byte-order mark dropped)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise TrainError(f"data file not found: {path}") from None
+    except IsADirectoryError:
+        raise TrainError(f"{path} is a folder, not a data file") from None
+    except OSError as exc:
+        raise TrainError(f"cannot read {path}: {exc.strerror}") from None
+    lines = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TrainError(f"{path}:{n}: not UTF-8 text (byte 0x{line[exc.start]:02x} at "
+                             f"column {exc.start + 1})") from None
+        lines.append((n, text.lstrip("\ufeff") if n == 1 else text))
+    return lines
+
+
+def _json_objects(path: str, lines: List[Tuple[int, str]]) -> List[Tuple[int, object]]:
+    """[(line number, value)]: one value per non-blank line, or the items of a ``.json`` file
+    holding one array."""
+    dot_json = path.lower().endswith(".json")
+    first = next((text.lstrip() for _, text in lines if text.strip()), "")
+    if dot_json and first.startswith("["):
+        return _json_array_items(path, "\n".join(text for _, text in lines))
+    hint = "; a .json file holds one object per line, or one array of objects" if dot_json else ""
+    items = []
+    for n, text in lines:
+        if not text.strip():
+            continue
+        try:
+            items.append((n, json.loads(text)))
+        except json.JSONDecodeError as exc:
+            raise TrainError(f"{path}:{n}: not JSON ({exc.msg} at column {exc.colno}){hint}") from None
+    return items
+
+
+def _json_array_items(path: str, text: str) -> List[Tuple[int, object]]:
+    """[(line where it starts, item)] of a JSON array document."""
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TrainError(f"{path}:{exc.lineno}: not JSON ({exc.msg} at column {exc.colno})") from None
+    decoder, items, opening = json.JSONDecoder(), [], text.index("[")
+    pos, line = opening + 1, 1 + text.count("\n", 0, opening)
+    for value in values:  # walk the (valid) array again for the line of each item
+        start = _skip(text, pos, " \t\r\n,")
+        line += text.count("\n", pos, start)
+        items.append((line, value))
+        pos = decoder.raw_decode(text, start)[1]
+        line += text.count("\n", start, pos)
+    return items
+
+
+def _skip(text: str, pos: int, chars: str) -> int:
+    while pos < len(text) and text[pos] in chars:
+        pos += 1
+    return pos
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+               int: "a number", float: "a number", type(None): "null"}
+
+
+def _json_type(value) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _example(where: str, obj) -> Tuple[str, str]:
+    """(prompt, completion) of one JSON item (``where`` = ``path:line`` for the messages)."""
+    if not isinstance(obj, dict):
+        raise TrainError(f"{where}: expected a JSON object, got {_json_type(obj)}")
+    if "text" in obj:
+        if "prompt" in obj or "completion" in obj:
+            raise TrainError(f"{where}: give either 'text' or 'prompt'/'completion', not both")
+        return "", _string_field(where, obj, "text")
+    if "completion" in obj:
+        prompt = _string_field(where, obj, "prompt") if "prompt" in obj else ""
+        return prompt, _string_field(where, obj, "completion")
+    found = ", ".join(repr(k) for k in obj) or "none"
+    raise TrainError(f"{where}: expected a 'text' field, or 'completion' (with an optional 'prompt'); "
+                     f"fields found: {found}")
+
+
+def _string_field(where: str, obj: dict, key: str) -> str:
+    value = obj[key]
+    if not isinstance(value, str):
+        raise TrainError(f"{where}: field {key!r} must be a string, got {_json_type(value)}")
+    return value
 
 
 def _encode(tokenizer, text: str, special: bool) -> List[int]:
@@ -122,28 +238,74 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> List[List[int
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
+def split_eval(data: list, fraction: float, seed: int) -> Tuple[list, list]:
+    """(train, eval): ``int(len(data) * fraction)`` examples held out, chosen by ``seed``; warns
+    once when that rounds to none."""
+    n_eval = int(len(data) * fraction)
+    if fraction > 0 and n_eval == 0:
+        _warn("warning", f"eval set empty: {len(data)} examples x {fraction} < 1; no eval loss "
+                         f"will be logged (pass --eval-data, or a larger --eval-fraction)")
+    order = random.Random(seed).sample(range(len(data)), len(data))
+    return [data[i] for i in order[n_eval:]], [data[i] for i in order[:n_eval]]
+
+
 # --------------------------------------------------------------------------------------
 # model
 # --------------------------------------------------------------------------------------
-def load_model(model_dir: Optional[str], out_dir: str, seed: int):
-    """(model, tokenizer, model_dir_for_the_adapter) with ``attn_implementation="prefix_attn"``."""
+def load_model(model_dir: Optional[str], out_dir: str, seed: int, resume: bool = False):
+    """(model, tokenizer, model_dir_for_the_adapter, base_to_save) with
+    ``attn_implementation="prefix_attn"``. Without ``model_dir``: the built-in tiny model drawn
+    from ``seed`` (``base_to_save``: it goes to ``OUT/base_model`` once the run is checked), or
+    the one a resumed run saved there. Nothing is written here."""
     from prefix_attn import tiny
 
+    base_dir = os.path.join(out_dir, BASE_MODEL)
     if model_dir is None:
-        base_dir = os.path.join(out_dir, BASE_MODEL)
-        if os.path.isdir(base_dir):  # resuming: the same random base
-            return load_model(base_dir, out_dir, seed)
-        model = tiny.default_model(seed=seed)
-        tokenizer = tiny.ByteTokenizer()
-        model.save_pretrained(base_dir)
-        tokenizer.save_pretrained(base_dir)
-        return model, tokenizer, base_dir
+        if resume and os.path.isdir(base_dir):  # the same random base
+            return (*load_model(base_dir, out_dir, seed)[:3], False)
+        return tiny.default_model(seed=seed), tiny.ByteTokenizer(), base_dir, True
+    if not os.path.isdir(model_dir):
+        raise TrainError(f"model folder not found: {model_dir}")
     import prefix_attn.hf  # noqa: F401  (registers "prefix_attn")
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="prefix_attn",
-                                                 local_files_only=True)
-    return model, tiny.load_tokenizer(model_dir), model_dir
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="prefix_attn",
+                                                     local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"cannot load a model from {model_dir}: {exc}") from None
+    return model, tiny.load_tokenizer(model_dir), model_dir, False
+
+
+def save_base_model(model, tokenizer, base_dir: str) -> None:
+    model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+
+
+def max_positions(config) -> Optional[int]:
+    """The number of positions the model numbers (``max_position_embeddings`` or
+    ``n_positions``), None when its config names neither."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def effective_max_length(requested: Optional[int], config, num_virtual_tokens: int) -> int:
+    """The tokens per example that fit: the tokens after a prefix are numbered from its length
+    (PEFT's convention), so at most the model's positions less ``num_virtual_tokens``
+    (``requested``, default 256, is clamped to that with a notice when given larger)."""
+    wanted = DEFAULT_MAX_LENGTH if requested is None else requested
+    positions = max_positions(config)
+    if positions is None:
+        return wanted
+    room = positions - num_virtual_tokens
+    if room < 2:
+        raise TrainError(f"the model numbers {positions} positions: {num_virtual_tokens} virtual tokens "
+                         f"leave {room} for the text (at least 2 needed); use fewer --num-virtual-tokens")
+    if wanted <= room:
+        return wanted
+    if requested is not None:
+        _warn("note", f"--max-length {requested} lowered to {room}: the model numbers {positions} "
+                      f"positions and the prefix takes {num_virtual_tokens}")
+    return room
 
 
 def evaluate(model, data, batch_size: int, pad_id: int, name: str) -> float:
@@ -164,79 +326,325 @@ def evaluate(model, data, batch_size: int, pad_id: int, name: str) -> float:
     return total / max(count, 1)
 
 
+def train_step(model, opt, batch, pad_id: int, name: str, pack: bool) -> Tuple[float, int]:
+    """One optimizer step on ``batch``: (loss, tokens in the batch)."""
+    if pack:
+        ids, pos, labels = collate_packed(batch)
+        loss = model(ids, position_ids=pos, labels=labels, prefixes=[name], use_cache=False).loss
+        n_tokens = ids.numel()
+    else:
+        ids, mask, labels = collate(batch, pad_id)
+        loss = model(ids, attention_mask=mask, labels=labels, prefixes=[name] * len(batch)).loss
+        n_tokens = int(mask.sum())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item(), n_tokens
+
+
+# --------------------------------------------------------------------------------------
+# output folder: log, checkpoint, settings
+# --------------------------------------------------------------------------------------
 def _log(out_dir: str, record: dict) -> None:
-    with open(os.path.join(out_dir, LOG), "a") as f:
+    with open(os.path.join(out_dir, LOG), "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def start_log(out_dir: str, resume_step: Optional[int]) -> None:
+    """A fresh run starts an empty log; a resumed one keeps the records up to its checkpoint's
+    step (a run stopped after its last checkpoint logged steps that now run again). Atomic."""
+    path = os.path.join(out_dir, LOG)
+    kept = []
+    if resume_step is not None and os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    keep = json.loads(line)["step"] <= resume_step
+                except (ValueError, TypeError, KeyError):
+                    keep = False  # a line cut short by a kill
+                if keep:
+                    kept.append(line.rstrip("\n") + "\n")
+    atomic.write_text(path, "".join(kept))
+
+
+def check_output_folder(out_dir: str) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise TrainError(f"--output {out_dir} is a file, not a folder")
+
+
+def create_output_folder(out_dir: str) -> None:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise TrainError(f"cannot create the output folder {out_dir}: {exc.strerror}") from None
+
+
+def load_checkpoint(path: str) -> dict:
+    """The checkpoint at ``path``; a :class:`TrainError` when it is missing or unreadable."""
+    if not os.path.isfile(path):
+        raise TrainError(f"--resume: no checkpoint at {path}")
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as exc:  # truncated zip, pickle garbage, ...: torch raises many kinds
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise TrainError(f"{path} is unreadable ({reason}); delete it to start over "
+                         f"(without --resume), or restore it") from None
+    if not isinstance(state, dict) or not {"step", "prefix", "optimizer", "torch_rng"} <= set(state):
+        raise TrainError(f"{path} is unreadable (not a checkpoint of prefix-attn train); delete it "
+                         f"to start over (without --resume), or restore it")
+    return state
+
+
+def file_fingerprint(path: Optional[str]) -> Optional[dict]:
+    """{path, size, sha256} of a data file (None for None): the content identifies it."""
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        digest = hashlib.sha256()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": os.path.abspath(path), "size": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def run_settings(args: argparse.Namespace, max_length: int) -> Dict[str, object]:
+    """What fixes the result up to any step, keyed by option: a resumed run must match them.
+    (--epochs, --max-steps, --save-every, --eval-every, --name, --gradient-checkpointing and
+    --no-progress may change.)"""
+    return {"data": file_fingerprint(args.data), "--eval-data": file_fingerprint(args.eval_data),
+            "--model": os.path.abspath(args.model) if args.model else None,
+            "--batch-size": args.batch_size, "--seed": args.seed, "--max-length": max_length,
+            "--num-virtual-tokens": args.num_virtual_tokens,
+            "--projection-hidden-size": args.projection_hidden_size, "--pack": args.pack,
+            "--eval-fraction": args.eval_fraction, "--lr": args.lr, "--weight-decay": args.weight_decay}
+
+
+def _same_setting(old, new) -> bool:
+    if isinstance(old, dict) and isinstance(new, dict):  # a file: same content, wherever it is
+        return (old["size"], old["sha256"]) == (new["size"], new["sha256"])
+    return old == new
+
+
+def _show_setting(value) -> str:
+    if isinstance(value, dict):
+        return f"{value['path']} ({value['size']} bytes, sha256 {value['sha256'][:12]})"
+    return "none" if value is None else str(value)
+
+
+def check_same_settings(state: dict, settings: Dict[str, object], ckpt_path: str) -> None:
+    """Refuse to resume a checkpoint made with other settings, listing each (old -> new)."""
+    old = state.get("settings")
+    if old is None:
+        _warn("warning", f"{ckpt_path} predates stored settings: not checked against this run's")
+        return
+    changed = [f"{key}: {_show_setting(was)} -> {_show_setting(settings.get(key))}"
+               for key, was in old.items() if not _same_setting(was, settings.get(key))]
+    if changed:
+        raise TrainError("--resume with other settings than the checkpoint's (the result would not be "
+                         "the uninterrupted run's):\n  " + "\n  ".join(changed)
+                         + "\nrun with the checkpoint's settings, or use another --output")
+
+
+# --------------------------------------------------------------------------------------
+# signals, transformers' progress bars
+# --------------------------------------------------------------------------------------
+class StopSignals:
+    """SIGINT / SIGTERM while installed (main thread only). While ``deferred`` (a training
+    step runs) the first signal is recorded in ``received`` and the step finishes; otherwise,
+    and for a second signal, :class:`_Interrupted` is raised at once with ``note`` (what is
+    saved so far)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self.deferred = False
+        self.note = "nothing was saved"
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def _handle(self, signum, frame) -> None:
+        if self.deferred and self.received is None:
+            self.received = signum
+            _warn("note", f"{signal.Signals(signum).name}: stopping after this step "
+                          f"(once more to stop at once, without saving it)")
+            return
+        raise _Interrupted(signum, self.note)
+
+
+@contextlib.contextmanager
+def transformers_progress(enabled: bool):
+    """transformers' own bars ("Loading weights", "Writing model shards") off unless ``enabled``."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------------------
 # the command
 # --------------------------------------------------------------------------------------
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The description as written, each option's default shown (not for flags and None)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _float_where(accept: Callable[[float], bool], requirement: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and accept(value)):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("data", help="training data: .jsonl ({'text'} or {'prompt','completion'}) or text")
-    p.add_argument("--output", "-o", required=True, help="output folder (checkpoint, log, adapter)")
-    p.add_argument("--model", default=None, help="local HF model folder (default: built-in tiny Llama)")
-    p.add_argument("--eval-data", default=None, help="held-out file (default: --eval-fraction of data)")
-    p.add_argument("--eval-fraction", type=float, default=0.1)
+    positive, count = _int_at_least(1), _int_at_least(0)
+    p.add_argument("data", help="training data: .jsonl/.json ({'text'} or {'prompt','completion'} "
+                                "per line, or a .json array of them) or plain text, one example a line")
+    p.add_argument("--output", "-o", required=True, metavar="DIR",
+                   help="output folder (checkpoint, log, adapter, base model)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="local HF model folder (default: the built-in tiny Llama, saved to DIR/base_model)")
+    p.add_argument("--eval-data", default=None, metavar="FILE",
+                   help="held-out file (default: --eval-fraction of data)")
+    p.add_argument("--eval-fraction", type=_float_where(lambda f: 0 <= f < 1, "in [0, 1)"), default=0.1,
+                   metavar="F", help="share of the data held out for the eval loss, without --eval-data")
     p.add_argument("--name", default="default", help="prefix name (the bank entry)")
-    p.add_argument("--num-virtual-tokens", type=int, default=20)
-    p.add_argument("--projection-hidden-size", type=int, default=None,
-                   help="train through an MLP reparameterisation (folded at save)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--num-virtual-tokens", type=positive, default=20, metavar="P",
+                   help="prefix length P (positions the text may use: the model's less P)")
+    p.add_argument("--projection-hidden-size", type=positive, default=None, metavar="N",
+                   help="train through an MLP of this width (folded into K/V at save; default: none)")
+    p.add_argument("--epochs", type=positive, default=1, metavar="N", help="passes over the training data")
+    p.add_argument("--max-steps", type=positive, default=None, metavar="N",
+                   help="stop after this many steps in total (default: --epochs' worth)")
+    p.add_argument("--batch-size", type=positive, default=8, metavar="N", help="examples per step")
+    p.add_argument("--lr", type=_float_where(lambda v: v > 0, "> 0"), default=1e-2,
+                   help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=_float_where(lambda v: v >= 0, ">= 0"), default=0.0, metavar="WD",
+                   help="AdamW weight decay")
+    p.add_argument("--max-length", type=_int_at_least(2), default=None, metavar="N",
+                   help=f"tokens per example, longer ones cut (default: {DEFAULT_MAX_LENGTH}; at most the "
+                        f"model's positions less --num-virtual-tokens, lowered with a note)")
+    p.add_argument("--eval-every", type=count, default=50, metavar="N",
+                   help="eval loss every N steps and at the end (0: no eval)")
+    p.add_argument("--save-every", type=count, default=50, metavar="N",
+                   help="checkpoint every N steps (0: only at the end and when stopped by a signal)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the batch order, the eval split, the prefix initialisation and, without "
+                        "--model, the built-in random base model (then pass `--model OUTPUT/base_model` "
+                        "to prefix-attn generate)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass (less memory, slower)")
     p.add_argument("--pack", action="store_true",
                    help="pack each batch into one row without padding (same loss, no padded tokens)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT/checkpoint.pt (same settings; --max-steps/--epochs may grow)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                                 formatter_class=HelpFormatter))
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``train`` subcommand (``func`` set) to the ``prefix-attn`` parser."""
     p = subparsers.add_parser("train", help="prefix-tune a model on a text/JSONL file",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=HelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train as ``args`` says; returns 0. Writes OUTPUT/{checkpoint.pt, log.jsonl, adapter/}."""
-    from .progress import progress_bar
+    """Train as ``args`` says. Returns 0; 2 on a user error (message on stderr, nothing
+    written); 130 / 143 when SIGINT / SIGTERM stopped it (a checkpoint of the last step saved)."""
+    try:
+        with transformers_progress(enabled=not args.no_progress), StopSignals() as signals:
+            return _train(args, signals)
+    except TrainError as exc:
+        _warn("error", str(exc))
+        return 2
+    except _Interrupted as stop:
+        _warn("stopped", f"{signal.Signals(stop.signum).name}: {stop.note}")
+        return 128 + stop.signum
 
+
+def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     from prefix_attn.tuning import enable_checkpointing, prefix_tuning
 
-    os.makedirs(args.output, exist_ok=True)
+    from .progress import progress_bar
+
+    # everything is checked before the output folder is written
+    check_output_folder(args.output)
+    examples = read_examples(args.data)
+    eval_examples = read_examples(args.eval_data) if args.eval_data else None
     ckpt_path = os.path.join(args.output, CHECKPOINT)
-    state = None
     if args.resume:
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, weights_only=False)
+        state = load_checkpoint(ckpt_path)
+        signals.note = resume_note(state["step"], ckpt_path)
     elif os.path.isfile(ckpt_path):
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue, or another --output")
+        raise TrainError(f"{ckpt_path} exists: pass --resume to continue, or choose another --output")
+    else:
+        state = None
 
     torch.manual_seed(args.seed)
-    model, tokenizer, model_dir = load_model(args.model, args.output, args.seed)
+    model, tokenizer, model_dir, base_to_save = load_model(args.model, args.output, args.seed,
+                                                           resume=state is not None)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    data = tokenize(tokenizer, read_examples(args.data), args.max_length)
-    if args.eval_data:
-        eval_data = tokenize(tokenizer, read_examples(args.eval_data), args.max_length)
+    max_length = effective_max_length(args.max_length, model.config, args.num_virtual_tokens)
+    data = tokenize(tokenizer, examples, max_length)
+    if eval_examples is not None:
+        eval_data = tokenize(tokenizer, eval_examples, max_length)
     else:
-        n_eval = int(len(data) * args.eval_fraction)
-        order = random.Random(args.seed).sample(range(len(data)), len(data))
-        eval_data = [data[i] for i in order[:n_eval]]
-        data = [data[i] for i in order[n_eval:]]
+        data, eval_data = split_eval(data, args.eval_fraction, args.seed)
     if not data:
-        raise ValueError("no training examples left (too short, or all held out)")
+        raise TrainError("no training examples left (too short, or all held out)")
+    settings = run_settings(args, max_length)
+    if state is not None:
+        check_same_settings(state, settings, ckpt_path)
+
+    create_output_folder(args.output)
+    if base_to_save:
+        save_base_model(model, tokenizer, model_dir)
+    start_log(args.output, state["step"] if state is not None else None)
 
     module = prefix_tuning(model, num_virtual_tokens=args.num_virtual_tokens,
                            projection_hidden_size=args.projection_hidden_size, name=args.name)
@@ -256,59 +664,74 @@ def run(args: argparse.Namespace) -> int:
 
     def save_checkpoint():
         atomic.save_torch({"step": step, "prefix": module.state_dict(), "optimizer": opt.state_dict(),
-                      "torch_rng": torch.get_rng_state(), "args": vars(args)}, ckpt_path)
+                           "torch_rng": torch.get_rng_state(), "args": vars(args),
+                           "settings": settings}, ckpt_path)
+        signals.note = resume_note(step, ckpt_path)
 
     model.train()
     bar = progress_bar(total, "prefix tuning", "step", enabled=not args.no_progress, initial=step)
-    t0, tokens = time.perf_counter(), 0
+    t0, tokens, first_step = time.perf_counter(), 0, step
     loss_value = float("nan")
-    while step < total:
-        epoch, index = divmod(step, steps_per_epoch)
-        batch = [data[i] for i in batch_order(len(data), args.batch_size, args.seed, epoch)[index]]
-        if args.pack:
-            ids, pos, labels = collate_packed(batch)
-            loss = model(ids, position_ids=pos, labels=labels, prefixes=[args.name],
-                         use_cache=False).loss
-            n_tokens = ids.numel()
-        else:
-            ids, mask, labels = collate(batch, pad_id)
-            loss = model(ids, attention_mask=mask, labels=labels,
-                         prefixes=[args.name] * len(batch)).loss
-            n_tokens = int(mask.sum())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        loss_value = loss.item()
-        tokens += n_tokens
-        rate = tokens / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:.0f}", refresh=False)
-        bar.update(1)
-        record = {"step": step, "loss": loss_value, "tokens_per_s": rate}
-        if eval_data and (step % args.eval_every == 0 or step == total):
-            record["eval_loss"] = evaluate(model, eval_data, args.batch_size, pad_id, args.name)
-            bar.write(f"step {step}: eval loss {record['eval_loss']:.4f}")
-        _log(args.output, record)
-        if step % args.save_every == 0 or step == total:
-            save_checkpoint()
-    bar.close()
+    signals.deferred = True  # a signal now stops after the current step, with a checkpoint of it
+    try:
+        while step < total:
+            epoch, index = divmod(step, steps_per_epoch)
+            batch = [data[i] for i in batch_order(len(data), args.batch_size, args.seed, epoch)[index]]
+            loss_value, n_tokens = train_step(model, opt, batch, pad_id, args.name, args.pack)
+            step += 1
+            tokens += n_tokens
+            rate = tokens / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:.0f}", refresh=False)
+            bar.update(1)
+            record = {"step": step, "loss": loss_value, "tokens_per_s": rate}
+            if eval_data and _every(step, args.eval_every, total):
+                record["eval_loss"] = evaluate(model, eval_data, args.batch_size, pad_id, args.name)
+                bar.write(f"step {step}: eval loss {record['eval_loss']:.4f}")
+            _log(args.output, record)
+            if step == total or _every(step, args.save_every, total) or signals.received:
+                save_checkpoint()
+            if signals.received:
+                raise _Interrupted(signals.received, signals.note)
+    finally:
+        signals.deferred = False
+        bar.close()
     adapter_dir = os.path.join(args.output, ADAPTER)
-    model.prefix_bank.save_peft(args.name, adapter_dir)
+    write_adapter(model, args.name, adapter_dir, model_dir)
+    print(f"{training_summary(step, step - first_step, loss_value)}; adapter (PEFT format): {adapter_dir}")
+    return 0
+
+
+def training_summary(step: int, ran: int, loss: float) -> str:
+    done = f"trained {step} step{'' if step == 1 else 's'}"
+    if ran == 0:
+        return done + " (no steps left to run)"
+    return done + f", last loss {loss:.4f}"
+
+
+def resume_note(step: int, ckpt_path: str) -> str:
+    return (f"the checkpoint of step {step} is in {ckpt_path}; to continue, run the same command "
+            f"again with --resume")
+
+
+def _every(step: int, every: int, total: int) -> bool:
+    """Due at ``step`` for an ``--eval-every``/``--save-every`` of ``every`` (0: never by count)."""
+    return every > 0 and (step % every == 0 or step == total)
+
+
+def write_adapter(model, name: str, adapter_dir: str, model_dir: Optional[str]) -> None:
+    """The prefix ``name`` as a PEFT adapter, naming ``model_dir`` as its base model."""
+    model.prefix_bank.save_peft(name, adapter_dir)
     if model_dir is not None:  # so that PEFT finds the base model
         cfg_path = os.path.join(adapter_dir, "adapter_config.json")
         with open(cfg_path) as f:
             cfg = json.load(f)
         cfg["base_model_name_or_path"] = os.path.abspath(model_dir)
         atomic.write_text(cfg_path, json.dumps(cfg, indent=2))
-    print(f"trained {step} steps, last loss {loss_value:.4f}; adapter (PEFT format): {adapter_dir}")
-    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``prefix-attn train ...`` as a function: ``main(["data.jsonl", "-o", "out"])``."""
-    parser = add_arguments(argparse.ArgumentParser(prog="prefix-attn train", description=__doc__,
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
-    return run(parser.parse_args(argv))
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

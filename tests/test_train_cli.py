@@ -58,14 +58,29 @@ def test_train_writes_log_checkpoint_and_a_peft_adapter(data, tmp_path):
     assert log[3]["eval_loss"] < log[1]["eval_loss"]  # it learns
 
 
-def test_resume_gives_the_uninterrupted_result(data, tmp_path):
+def test_resume_gives_the_uninterrupted_result(data, tmp_path, capsys):
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
     train.main([data, "-o", straight, "--max-steps", "5", *ARGS])
     train.main([data, "-o", split, "--max-steps", "2", *ARGS])
     first = _adapter(split)
-    with pytest.raises(FileExistsError):
-        train.main([data, "-o", split, "--max-steps", "5", *ARGS])
-    train.main([data, "-o", split, "--max-steps", "5", "--resume", *ARGS])
+    capsys.readouterr()
+    assert train.main([data, "-o", split, "--max-steps", "5", *ARGS]) == 2  # a second run needs --resume
+    assert "checkpoint.pt exists" in capsys.readouterr().err
+    # a run stopped (killed) after its last checkpoint logged steps 3 and 4: they run again
+    with open(os.path.join(split, "log.jsonl"), "a") as f:
+        f.write('{"step": 3, "loss": 9}\n{"step": 4, "loss": 9}\n{"step": 5, "lo')
+    # settings that change the result are refused, each listed
+    other = tmp_path / "other.jsonl"
+    other.write_text(open(data).read().replace("answer", "reply"))
+    assert train.main([str(other), "-o", split, "--resume", *ARGS, "--batch-size", "2", "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size: 4 -> 2" in err and "--seed: 0 -> 1" in err and "other.jsonl" in err
+    assert torch.equal(first, _adapter(split))
+    # the same content elsewhere, more steps, other --save-every: allowed
+    moved = tmp_path / "moved.jsonl"
+    moved.write_text(open(data).read())
+    resume = ["--max-steps", "5", "--resume", *ARGS, "--save-every", "3"]
+    assert train.main([str(moved), "-o", split, *resume]) == 0
     assert not torch.equal(first, _adapter(split))
     torch.testing.assert_close(_adapter(split), _adapter(straight), rtol=0, atol=1e-6)
     steps = [json.loads(line)["step"] for line in open(os.path.join(split, "log.jsonl"))]
