@@ -35,8 +35,6 @@ names, the output path, the device, and each request's length (prompt + prefix +
 from __future__ import annotations
 
 import argparse
-import contextlib
-import codecs
 import json
 import os
 import sys
@@ -45,7 +43,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import atomic
+from . import atomic, cli_args, jsonl, tiny
 
 __all__ = ["main", "add_parser", "Request", "read_requests", "RequestError"]
 
@@ -73,46 +71,19 @@ class Request:
 def read_requests(path: str) -> List[Request]:
     """Parse a JSONL request file (``-`` = stdin). A request without ``id`` gets its line
     number. Raises RequestError naming ``path:line``."""
-    if path == "-":
-        stream = getattr(sys.stdin, "buffer", sys.stdin)
-        lines = contextlib.nullcontext(stream)
-    else:
-        try:
-            lines = open(path, "rb")
-        except OSError as exc:
-            raise RequestError(f"cannot read requests file {path!r}: {exc.strerror}") from exc
+    lines = jsonl.read_lines(path, RequestError, what="requests file")
     requests: List[Request] = []
     id_lines: Dict[str, int] = {}  # the id as JSON -> line of its first use
-    with lines as f:
-        for lineno, raw in enumerate(f, start=1):
-            text = _decode_line(raw, f"{path}:{lineno}", first=lineno == 1)
-            if not text.strip():
-                continue
-            request = _parse_request(text, f"{path}:{lineno}", lineno)
-            _check_unique_id(request, id_lines, f"{path}:{lineno}")
-            requests.append(request)
+    for lineno, obj in jsonl.json_values(path, lines, RequestError):
+        request = _parse_request(obj, f"{path}:{lineno}", lineno)
+        _check_unique_id(request, id_lines, f"{path}:{lineno}")
+        requests.append(request)
     return requests
 
 
-def _decode_line(raw, where: str, first: bool) -> str:
-    if isinstance(raw, str):  # a text stream (stdin replaced by a test)
-        return raw.lstrip("\ufeff") if first else raw
-    if first and raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RequestError(f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte "
-                           f"{exc.start + 1} of the line)") from None
-
-
-def _parse_request(text: str, where: str, lineno: int) -> Request:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RequestError(f"{where}: invalid JSON ({exc.msg})") from exc
+def _parse_request(obj, where: str, lineno: int) -> Request:
     if not isinstance(obj, dict):
-        raise RequestError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise RequestError(f"{where}: expected a JSON object, got {jsonl.json_type(obj)}")
     prompt = obj.get("prompt")
     if not isinstance(prompt, str):
         raise RequestError(f"{where}: 'prompt' must be a string, got {prompt!r}")
@@ -143,20 +114,10 @@ def _refusal(headline: str, problems: List[str]) -> RequestError:
 
 # -- command line ----------------------------------------------------------------------------
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The description as written, and each option's default (where it has a meaningful one)."""
-
-    def _get_help_string(self, action):
-        default = action.default
-        if default is None or default is False or default == [] or default is argparse.SUPPRESS:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``generate`` subcommand to an ``argparse`` subparsers object."""
     p = subparsers.add_parser("generate", help="answer a JSONL file of requests with per-row prefixes",
-                              description=__doc__, formatter_class=_HelpFormatter)
+                              description=__doc__, formatter_class=cli_args.HelpFormatter)
     _add_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -173,12 +134,17 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", "-i", required=True, metavar="FILE", help="JSONL requests file ('-' = stdin)")
     p.add_argument("--output", "-o", required=True, metavar="FILE",
                    help="JSONL results file ('-' = stdout); written whole at the end, folders created")
-    p.add_argument("--batch-size", type=int, default=8, help="requests per model.generate call")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per request at most")
+    p.add_argument("--batch-size", type=cli_args.int_at_least(1), default=8,
+                   help="requests per model.generate call")
+    p.add_argument("--max-new-tokens", type=cli_args.int_at_least(1), default=32,
+                   help="tokens generated per request at most")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --do-sample)")
-    p.add_argument("--num-beams", type=int, default=1, help="beam search width (1 = no beam search)")
+    p.add_argument("--temperature", type=cli_args.float_where(lambda t: t > 0, "> 0"), default=1.0,
+                   help="sampling temperature (with --do-sample)")
+    p.add_argument("--top-p", type=cli_args.float_where(lambda t: 0 < t <= 1, "in (0, 1]"), default=1.0,
+                   help="nucleus sampling mass (with --do-sample)")
+    p.add_argument("--num-beams", type=cli_args.int_at_least(1), default=1,
+                   help="beam search width (1 = no beam search)")
     p.add_argument("--seed", type=int, default=0, help="torch seed (sampling)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model and prefix dtype")
@@ -190,13 +156,6 @@ def _name_value(spec: str, option: str) -> tuple[str, str]:
     if not sep or not name or not value:
         raise RequestError(f"{option} expects NAME=VALUE, got {spec!r}")
     return name, value
-
-
-def _check_numbers(args: argparse.Namespace) -> None:
-    for option, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
-                          ("--num-beams", args.num_beams)):
-        if value < 1:
-            raise RequestError(f"{option} must be >= 1, got {value}")
 
 
 def _check_device(name: str) -> torch.device:
@@ -303,7 +262,7 @@ def _warn_about_adapter_bases(sources: List[_Source], model_dir: Optional[str]) 
 # -- model, bank and tokens ------------------------------------------------------------------
 
 def _load_model(model_dir: Optional[str], device: torch.device, dtype: torch.dtype):
-    from prefix_attn import hf, tiny
+    from prefix_attn import hf
 
     hf.register()
     if model_dir is None:
@@ -321,16 +280,6 @@ def _load_model(model_dir: Optional[str], device: torch.device, dtype: torch.dty
     return model, tiny.load_tokenizer(model_dir)
 
 
-def _encode(tokenizer, text: str, special: bool) -> List[int]:
-    """Token ids of ``text``; ``special=False`` drops the start token (after a prompt prefix)."""
-    from prefix_attn.tiny import ByteTokenizer
-
-    if isinstance(tokenizer, ByteTokenizer):
-        ids = tokenizer.encode(text)
-        return ids if special or not tokenizer.add_bos else ids[1:]
-    return list(tokenizer.encode(text, add_special_tokens=special))
-
-
 def _build_bank(model, tokenizer, sources: List[_Source], bank_dir: Optional[str]):
     """The model's bank with every source loaded; returns it and the token ids of each
     ``--prompt-prefix`` (a saved bank keeps only the KV of its prompts)."""
@@ -342,7 +291,7 @@ def _build_bank(model, tokenizer, sources: List[_Source], bank_dir: Optional[str
         if s.option == "--adapter":
             bank.load_peft(s.name, s.value)
         elif s.option == "--prompt-prefix":
-            ids = _encode(tokenizer, s.value, special=True)
+            ids = tiny.encode(tokenizer, s.value, special=True)
             if not ids:
                 raise RequestError(f"--prompt-prefix {s.name}: {s.value!r} has no tokens")
             bank.add_prompt(s.name, torch.tensor(ids))
@@ -368,7 +317,7 @@ def _plan(requests: List[Request], tokenizer, bank, prompt_ids: Dict[str, List[i
     jobs, bad, heads = [], [], {}
     for r in requests:
         after_prompt = r.prefix is not None and bank.kind(r.prefix) == "prompt"
-        ids = _encode(tokenizer, r.prompt, special=not after_prompt)
+        ids = tiny.encode(tokenizer, r.prompt, special=not after_prompt)
         if ids:
             jobs.append(_Job(r, r.prefix, ids))
         elif after_prompt and r.prefix in prompt_ids:
@@ -518,7 +467,8 @@ def _make_folders(folder: str) -> List[str]:
 def run(args: argparse.Namespace) -> int:
     """Run ``generate`` from parsed arguments; returns the exit code (2 on a user error)."""
     try:
-        return _run(args)
+        with cli_args.transformers_progress(enabled=not args.no_progress):
+            return _run(args)
     except (RequestError, KeyError, ValueError, FileNotFoundError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"prefix-attn generate: error: {msg}", file=sys.stderr)
@@ -526,7 +476,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    _check_numbers(args)
     device = _check_device(args.device)
     sources = _prefix_sources(args)
     requests = read_requests(args.input)
@@ -587,7 +536,7 @@ def _result(r: Request, new: List[int], tokenizer, eos_id, pad_id) -> dict:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``prefix-attn generate`` (``argv`` without the subcommand name)."""
     parser = argparse.ArgumentParser(prog="prefix-attn generate", description=__doc__,
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=cli_args.HelpFormatter)
     _add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -216,3 +216,12 @@ def load_tokenizer(model_dir: Optional[str]):
         except Exception:  # no tokenizer files in the folder: fall back to bytes
             pass
     return ByteTokenizer()
+
+
+def encode(tokenizer, text: str, special: bool = True) -> List[int]:
+    """Token ids of ``text`` with a :class:`ByteTokenizer` or an HF tokenizer; ``special=False``
+    leaves out the start token (text that continues a prompt prefix or a prompt)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        ids = tokenizer.encode(text)
+        return ids if special or not tokenizer.add_bos else ids[1:]
+    return list(tokenizer.encode(text, add_special_tokens=special))

@@ -24,45 +24,26 @@ Errors in the data or options are reported as ``prefix-attn train: error: ...`` 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
 import math
 import os
 import random
 import signal
 import sys
-import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import atomic
+from . import atomic, cli_args, jsonl, tiny
+from .train_state import (PROG, Interrupted, StopSignals, TrainError, append_log,
+                          check_output_folder, check_same_settings, create_output_folder,
+                          load_checkpoint, run_settings, start_log, warn)
 
 CHECKPOINT = "checkpoint.pt"
 ADAPTER = "adapter"
 BASE_MODEL = "base_model"
-LOG = "log.jsonl"
 DEFAULT_MAX_LENGTH = 256
-PROG = "prefix-attn train"
-
-
-class TrainError(ValueError):
-    """A user error (data, options, output folder, checkpoint): reported as
-    ``prefix-attn train: error: ...`` with exit status 2, no traceback."""
-
-
-class _Interrupted(BaseException):
-    """SIGINT / SIGTERM stopped the run; ``note`` says what was saved."""
-
-    def __init__(self, signum: int, note: str):
-        super().__init__(signum, note)
-        self.signum, self.note = signum, note
-
-
-def _warn(kind: str, message: str) -> None:
-    print(f"{PROG}: {kind}: {message}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------
@@ -71,9 +52,10 @@ def _warn(kind: str, message: str) -> None:
 def read_examples(path: str) -> List[Tuple[str, str]]:
     """[(prompt, completion)] from a JSON or text file (``("", text)`` for plain text and for
     ``{"text": ...}``). Raises :class:`TrainError` naming ``path:line`` on bad data."""
-    lines = _read_lines(path)
-    if _is_json(path):
-        examples = [_example(f"{path}:{n}", obj) for n, obj in _json_objects(path, lines)]
+    lines = jsonl.read_lines(path, TrainError, what="data file")
+    if jsonl.is_json_path(path):
+        examples = [_example(f"{path}:{n}", obj)
+                    for n, obj in jsonl.json_values(path, lines, TrainError, arrays=True)]
     else:
         examples = [("", line) for _, line in lines if line.strip()]
     if not examples:
@@ -81,86 +63,10 @@ def read_examples(path: str) -> List[Tuple[str, str]]:
     return examples
 
 
-def _is_json(path: str) -> bool:
-    return path.lower().endswith((".jsonl", ".json"))
-
-
-def _read_lines(path: str) -> List[Tuple[int, str]]:
-    """[(line number, text)] of a UTF-8 file (a leading byte-order mark dropped)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise TrainError(f"data file not found: {path}") from None
-    except IsADirectoryError:
-        raise TrainError(f"{path} is a folder, not a data file") from None
-    except OSError as exc:
-        raise TrainError(f"cannot read {path}: {exc.strerror}") from None
-    lines = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise TrainError(f"{path}:{n}: not UTF-8 text (byte 0x{line[exc.start]:02x} at "
-                             f"column {exc.start + 1})") from None
-        lines.append((n, text.lstrip("\ufeff") if n == 1 else text))
-    return lines
-
-
-def _json_objects(path: str, lines: List[Tuple[int, str]]) -> List[Tuple[int, object]]:
-    """[(line number, value)]: one value per non-blank line, or the items of a ``.json`` file
-    holding one array."""
-    dot_json = path.lower().endswith(".json")
-    first = next((text.lstrip() for _, text in lines if text.strip()), "")
-    if dot_json and first.startswith("["):
-        return _json_array_items(path, "\n".join(text for _, text in lines))
-    hint = "; a .json file holds one object per line, or one array of objects" if dot_json else ""
-    items = []
-    for n, text in lines:
-        if not text.strip():
-            continue
-        try:
-            items.append((n, json.loads(text)))
-        except json.JSONDecodeError as exc:
-            raise TrainError(f"{path}:{n}: not JSON ({exc.msg} at column {exc.colno}){hint}") from None
-    return items
-
-
-def _json_array_items(path: str, text: str) -> List[Tuple[int, object]]:
-    """[(line where it starts, item)] of a JSON array document."""
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TrainError(f"{path}:{exc.lineno}: not JSON ({exc.msg} at column {exc.colno})") from None
-    decoder, items, opening = json.JSONDecoder(), [], text.index("[")
-    pos, line = opening + 1, 1 + text.count("\n", 0, opening)
-    for value in values:  # walk the (valid) array again for the line of each item
-        start = _skip(text, pos, " \t\r\n,")
-        line += text.count("\n", pos, start)
-        items.append((line, value))
-        pos = decoder.raw_decode(text, start)[1]
-        line += text.count("\n", start, pos)
-    return items
-
-
-def _skip(text: str, pos: int, chars: str) -> int:
-    while pos < len(text) and text[pos] in chars:
-        pos += 1
-    return pos
-
-
-_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-               int: "a number", float: "a number", type(None): "null"}
-
-
-def _json_type(value) -> str:
-    return _JSON_TYPES.get(type(value), type(value).__name__)
-
-
 def _example(where: str, obj) -> Tuple[str, str]:
     """(prompt, completion) of one JSON item (``where`` = ``path:line`` for the messages)."""
     if not isinstance(obj, dict):
-        raise TrainError(f"{where}: expected a JSON object, got {_json_type(obj)}")
+        raise TrainError(f"{where}: expected a JSON object, got {jsonl.json_type(obj)}")
     if "text" in obj:
         if "prompt" in obj or "completion" in obj:
             raise TrainError(f"{where}: give either 'text' or 'prompt'/'completion', not both")
@@ -176,16 +82,8 @@ def _example(where: str, obj) -> Tuple[str, str]:
 def _string_field(where: str, obj: dict, key: str) -> str:
     value = obj[key]
     if not isinstance(value, str):
-        raise TrainError(f"{where}: field {key!r} must be a string, got {_json_type(value)}")
+        raise TrainError(f"{where}: field {key!r} must be a string, got {jsonl.json_type(value)}")
     return value
-
-
-def _encode(tokenizer, text: str, special: bool) -> List[int]:
-    """Token ids of ``text``; ``special``: with the tokenizer's start token (bos)."""
-    if hasattr(tokenizer, "offset"):  # ByteTokenizer
-        ids = tokenizer.encode(text)
-        return ids if special or not tokenizer.add_bos else ids[1:]
-    return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
 def tokenize(tokenizer, examples, max_length: int) -> List[Tuple[List[int], List[int]]]:
@@ -193,8 +91,8 @@ def tokenize(tokenizer, examples, max_length: int) -> List[Tuple[List[int], List
     out = []
     eos = getattr(tokenizer, "eos_token_id", None)
     for prompt, completion in examples:
-        p = _encode(tokenizer, prompt, special=True) if prompt else []
-        c = _encode(tokenizer, completion, special=not prompt)
+        p = tiny.encode(tokenizer, prompt, special=True) if prompt else []
+        c = tiny.encode(tokenizer, completion, special=not prompt)
         if eos is not None:
             c = c + [eos]
         ids = (p + c)[:max_length]
@@ -243,7 +141,7 @@ def split_eval(data: list, fraction: float, seed: int) -> Tuple[list, list]:
     once when that rounds to none."""
     n_eval = int(len(data) * fraction)
     if fraction > 0 and n_eval == 0:
-        _warn("warning", f"eval set empty: {len(data)} examples x {fraction} < 1; no eval loss "
+        warn("warning", f"eval set empty: {len(data)} examples x {fraction} < 1; no eval loss "
                          f"will be logged (pass --eval-data, or a larger --eval-fraction)")
     order = random.Random(seed).sample(range(len(data)), len(data))
     return [data[i] for i in order[n_eval:]], [data[i] for i in order[:n_eval]]
@@ -257,8 +155,6 @@ def load_model(model_dir: Optional[str], out_dir: str, seed: int, resume: bool =
     ``attn_implementation="prefix_attn"``. Without ``model_dir``: the built-in tiny model drawn
     from ``seed`` (``base_to_save``: it goes to ``OUT/base_model`` once the run is checked), or
     the one a resumed run saved there. Nothing is written here."""
-    from prefix_attn import tiny
-
     base_dir = os.path.join(out_dir, BASE_MODEL)
     if model_dir is None:
         if resume and os.path.isdir(base_dir):  # the same random base
@@ -303,7 +199,7 @@ def effective_max_length(requested: Optional[int], config, num_virtual_tokens: i
     if wanted <= room:
         return wanted
     if requested is not None:
-        _warn("note", f"--max-length {requested} lowered to {room}: the model numbers {positions} "
+        warn("note", f"--max-length {requested} lowered to {room}: the model numbers {positions} "
                       f"positions and the prefix takes {num_virtual_tokens}")
     return room
 
@@ -343,198 +239,10 @@ def train_step(model, opt, batch, pad_id: int, name: str, pack: bool) -> Tuple[f
 
 
 # --------------------------------------------------------------------------------------
-# output folder: log, checkpoint, settings
-# --------------------------------------------------------------------------------------
-def _log(out_dir: str, record: dict) -> None:
-    with open(os.path.join(out_dir, LOG), "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def start_log(out_dir: str, resume_step: Optional[int]) -> None:
-    """A fresh run starts an empty log; a resumed one keeps the records up to its checkpoint's
-    step (a run stopped after its last checkpoint logged steps that now run again). Atomic."""
-    path = os.path.join(out_dir, LOG)
-    kept = []
-    if resume_step is not None and os.path.isfile(path):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    keep = json.loads(line)["step"] <= resume_step
-                except (ValueError, TypeError, KeyError):
-                    keep = False  # a line cut short by a kill
-                if keep:
-                    kept.append(line.rstrip("\n") + "\n")
-    atomic.write_text(path, "".join(kept))
-
-
-def check_output_folder(out_dir: str) -> None:
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise TrainError(f"--output {out_dir} is a file, not a folder")
-
-
-def create_output_folder(out_dir: str) -> None:
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as exc:
-        raise TrainError(f"cannot create the output folder {out_dir}: {exc.strerror}") from None
-
-
-def load_checkpoint(path: str) -> dict:
-    """The checkpoint at ``path``; a :class:`TrainError` when it is missing or unreadable."""
-    if not os.path.isfile(path):
-        raise TrainError(f"--resume: no checkpoint at {path}")
-    try:
-        state = torch.load(path, weights_only=False)
-    except Exception as exc:  # truncated zip, pickle garbage, ...: torch raises many kinds
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise TrainError(f"{path} is unreadable ({reason}); delete it to start over "
-                         f"(without --resume), or restore it") from None
-    if not isinstance(state, dict) or not {"step", "prefix", "optimizer", "torch_rng"} <= set(state):
-        raise TrainError(f"{path} is unreadable (not a checkpoint of prefix-attn train); delete it "
-                         f"to start over (without --resume), or restore it")
-    return state
-
-
-def file_fingerprint(path: Optional[str]) -> Optional[dict]:
-    """{path, size, sha256} of a data file (None for None): the content identifies it."""
-    if path is None:
-        return None
-    with open(path, "rb") as f:
-        digest = hashlib.sha256()
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"path": os.path.abspath(path), "size": os.path.getsize(path), "sha256": digest.hexdigest()}
-
-
-def run_settings(args: argparse.Namespace, max_length: int) -> Dict[str, object]:
-    """What fixes the result up to any step, keyed by option: a resumed run must match them.
-    (--epochs, --max-steps, --save-every, --eval-every, --name, --gradient-checkpointing and
-    --no-progress may change.)"""
-    return {"data": file_fingerprint(args.data), "--eval-data": file_fingerprint(args.eval_data),
-            "--model": os.path.abspath(args.model) if args.model else None,
-            "--batch-size": args.batch_size, "--seed": args.seed, "--max-length": max_length,
-            "--num-virtual-tokens": args.num_virtual_tokens,
-            "--projection-hidden-size": args.projection_hidden_size, "--pack": args.pack,
-            "--eval-fraction": args.eval_fraction, "--lr": args.lr, "--weight-decay": args.weight_decay}
-
-
-def _same_setting(old, new) -> bool:
-    if isinstance(old, dict) and isinstance(new, dict):  # a file: same content, wherever it is
-        return (old["size"], old["sha256"]) == (new["size"], new["sha256"])
-    return old == new
-
-
-def _show_setting(value) -> str:
-    if isinstance(value, dict):
-        return f"{value['path']} ({value['size']} bytes, sha256 {value['sha256'][:12]})"
-    return "none" if value is None else str(value)
-
-
-def check_same_settings(state: dict, settings: Dict[str, object], ckpt_path: str) -> None:
-    """Refuse to resume a checkpoint made with other settings, listing each (old -> new)."""
-    old = state.get("settings")
-    if old is None:
-        _warn("warning", f"{ckpt_path} predates stored settings: not checked against this run's")
-        return
-    changed = [f"{key}: {_show_setting(was)} -> {_show_setting(settings.get(key))}"
-               for key, was in old.items() if not _same_setting(was, settings.get(key))]
-    if changed:
-        raise TrainError("--resume with other settings than the checkpoint's (the result would not be "
-                         "the uninterrupted run's):\n  " + "\n  ".join(changed)
-                         + "\nrun with the checkpoint's settings, or use another --output")
-
-
-# --------------------------------------------------------------------------------------
-# signals, transformers' progress bars
-# --------------------------------------------------------------------------------------
-class StopSignals:
-    """SIGINT / SIGTERM while installed (main thread only). While ``deferred`` (a training
-    step runs) the first signal is recorded in ``received`` and the step finishes; otherwise,
-    and for a second signal, :class:`_Interrupted` is raised at once with ``note`` (what is
-    saved so far)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.received: Optional[int] = None
-        self.deferred = False
-        self.note = "nothing was saved"
-        self._previous: dict = {}
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-    def _handle(self, signum, frame) -> None:
-        if self.deferred and self.received is None:
-            self.received = signum
-            _warn("note", f"{signal.Signals(signum).name}: stopping after this step "
-                          f"(once more to stop at once, without saving it)")
-            return
-        raise _Interrupted(signum, self.note)
-
-
-@contextlib.contextmanager
-def transformers_progress(enabled: bool):
-    """transformers' own bars ("Loading weights", "Writing model shards") off unless ``enabled``."""
-    if enabled:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
-
-
-# --------------------------------------------------------------------------------------
 # the command
 # --------------------------------------------------------------------------------------
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The description as written, each option's default shown (not for flags and None)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
-def _float_where(accept: Callable[[float], bool], requirement: str) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (math.isfinite(value) and accept(value)):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
-        return value
-    return parse
-
-
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    positive, count = _int_at_least(1), _int_at_least(0)
+    positive, count = cli_args.int_at_least(1), cli_args.int_at_least(0)
     p.add_argument("data", help="training data: .jsonl/.json ({'text'} or {'prompt','completion'} "
                                 "per line, or a .json array of them) or plain text, one example a line")
     p.add_argument("--output", "-o", required=True, metavar="DIR",
@@ -543,7 +251,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="local HF model folder (default: the built-in tiny Llama, saved to DIR/base_model)")
     p.add_argument("--eval-data", default=None, metavar="FILE",
                    help="held-out file (default: --eval-fraction of data)")
-    p.add_argument("--eval-fraction", type=_float_where(lambda f: 0 <= f < 1, "in [0, 1)"), default=0.1,
+    p.add_argument("--eval-fraction", type=cli_args.float_where(lambda f: 0 <= f < 1, "in [0, 1)"), default=0.1,
                    metavar="F", help="share of the data held out for the eval loss, without --eval-data")
     p.add_argument("--name", default="default", help="prefix name (the bank entry)")
     p.add_argument("--num-virtual-tokens", type=positive, default=20, metavar="P",
@@ -554,11 +262,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=positive, default=None, metavar="N",
                    help="stop after this many steps in total (default: --epochs' worth)")
     p.add_argument("--batch-size", type=positive, default=8, metavar="N", help="examples per step")
-    p.add_argument("--lr", type=_float_where(lambda v: v > 0, "> 0"), default=1e-2,
+    p.add_argument("--lr", type=cli_args.float_where(lambda v: v > 0, "> 0"), default=1e-2,
                    help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=_float_where(lambda v: v >= 0, ">= 0"), default=0.0, metavar="WD",
+    p.add_argument("--weight-decay", type=cli_args.float_where(lambda v: v >= 0, ">= 0"), default=0.0, metavar="WD",
                    help="AdamW weight decay")
-    p.add_argument("--max-length", type=_int_at_least(2), default=None, metavar="N",
+    p.add_argument("--max-length", type=cli_args.int_at_least(2), default=None, metavar="N",
                    help=f"tokens per example, longer ones cut (default: {DEFAULT_MAX_LENGTH}; at most the "
                         f"model's positions less --num-virtual-tokens, lowered with a note)")
     p.add_argument("--eval-every", type=count, default=50, metavar="N",
@@ -581,13 +289,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     return add_arguments(argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                                 formatter_class=HelpFormatter))
+                                                 formatter_class=cli_args.HelpFormatter))
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``train`` subcommand (``func`` set) to the ``prefix-attn`` parser."""
     p = subparsers.add_parser("train", help="prefix-tune a model on a text/JSONL file",
-                              description=__doc__, formatter_class=HelpFormatter)
+                              description=__doc__, formatter_class=cli_args.HelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -597,13 +305,13 @@ def run(args: argparse.Namespace) -> int:
     """Train as ``args`` says. Returns 0; 2 on a user error (message on stderr, nothing
     written); 130 / 143 when SIGINT / SIGTERM stopped it (a checkpoint of the last step saved)."""
     try:
-        with transformers_progress(enabled=not args.no_progress), StopSignals() as signals:
+        with cli_args.transformers_progress(enabled=not args.no_progress), StopSignals() as signals:
             return _train(args, signals)
     except TrainError as exc:
-        _warn("error", str(exc))
+        warn("error", str(exc))
         return 2
-    except _Interrupted as stop:
-        _warn("stopped", f"{signal.Signals(stop.signum).name}: {stop.note}")
+    except Interrupted as stop:
+        warn("stopped", f"{signal.Signals(stop.signum).name}: {stop.note}")
         return 128 + stop.signum
 
 
@@ -687,11 +395,11 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
             if eval_data and _every(step, args.eval_every, total):
                 record["eval_loss"] = evaluate(model, eval_data, args.batch_size, pad_id, args.name)
                 bar.write(f"step {step}: eval loss {record['eval_loss']:.4f}")
-            _log(args.output, record)
+            append_log(args.output, record)
             if step == total or _every(step, args.save_every, total) or signals.received:
                 save_checkpoint()
             if signals.received:
-                raise _Interrupted(signals.received, signals.note)
+                raise Interrupted(signals.received, signals.note)
     finally:
         signals.deferred = False
         bar.close()

@@ -21,8 +21,8 @@ def test_read_requests_parses_and_skips_blank_lines(tmp_path):
 
 
 @pytest.mark.parametrize("line, pattern", [
-    ('{"prompt": "a"', r"r.jsonl:2: invalid JSON"),
-    ('["prompt"]', r"r.jsonl:2: expected a JSON object, got list"),
+    ('{"prompt": "a"', r"r.jsonl:2: not JSON"),
+    ('["prompt"]', r"r.jsonl:2: expected a JSON object, got an array"),
     ('{"prefix": "a"}', r"r.jsonl:2: 'prompt' must be a string, got None"),
     ('{"prompt": "a", "prefix": 3}', r"r.jsonl:2: 'prefix' must be a name"),
 ])
@@ -34,14 +34,14 @@ def test_read_requests_errors_name_file_and_line(tmp_path, line, pattern):
 
 def test_missing_input_file_is_a_clean_error(tmp_path, capsys):
     rc = main(["-i", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "o.jsonl"), "--no-progress"])
-    assert rc == 2 and "cannot read requests file" in capsys.readouterr().err
+    assert rc == 2 and "requests file not found" in capsys.readouterr().err
 
 
 def test_cli_dispatches_generate(tmp_path, capsys):
     from prefix_attn.cli import main as cli_main
 
     rc = cli_main(["generate", "-i", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "o.jsonl"), "--no-progress"])
-    assert rc == 2 and "prefix-attn generate: error: cannot read requests file" in capsys.readouterr().err
+    assert rc == 2 and "prefix-attn generate: error: requests file not found" in capsys.readouterr().err
 
 
 # -- end to end on the built-in tiny model -------------------------------------------------------

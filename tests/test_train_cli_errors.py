@@ -109,13 +109,13 @@ def test_a_signal_saves_a_checkpoint_of_the_last_step(signum, status, data, tmp_
     out = tmp_path / "out"
     out.mkdir()
     (out / "log.jsonl").write_text('{"step": 7, "loss": 1.0}\n')  # stale, no checkpoint: starts over
-    real_log = train._log
+    real_log = train.append_log
 
     def log_then_signal(out_dir, record):
         real_log(out_dir, record)
         if record["step"] == 2:
             os.kill(os.getpid(), signum)
-    monkeypatch.setattr(train, "_log", log_then_signal)
+    monkeypatch.setattr(train, "append_log", log_then_signal)
 
     def not_handled(*_):  # the default action would end (SIGTERM) or interrupt (SIGINT) pytest
         raise RuntimeError("the signal reached the caller")

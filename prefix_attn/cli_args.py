@@ -1,0 +1,65 @@
+"""What the subcommands of ``prefix-attn`` share in their arguments: the help layout (the
+description as written, each meaningful default shown), number parsers that refuse values
+out of range at parse time (argparse's usage error, exit status 2), and switching
+transformers' own progress bars off with ``--no-progress``."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+from typing import Callable
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The description as written; each option's default, except where it says nothing
+    (None, a flag's False/True, an empty list: the help text says the default in words)."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or isinstance(default, bool) or default == [] or default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def float_where(accept: Callable[[float], bool], requirement: str) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number for which ``accept`` holds (else: "must be
+    ``requirement``")."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and accept(value)):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    return parse
+
+
+@contextlib.contextmanager
+def transformers_progress(enabled: bool):
+    """transformers' own bars ("Loading weights", "Writing model shards") off unless ``enabled``."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

@@ -1,0 +1,90 @@
+"""Reading the JSON-lines files of the command line (training data, generate's requests):
+UTF-8 text (a leading byte-order mark dropped), one JSON value per non-blank line, or, for a
+``.json`` file, one array of them; every error names ``FILE:LINE``. ``error`` is the exception
+class the caller reports as a user error (raised with the message alone)."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import List, Tuple, Type
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+               int: "a number", float: "a number", type(None): "null"}
+
+
+def json_type(value) -> str:
+    """How a JSON value is called in a message: "an object", "null", ..."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def is_json_path(path: str) -> bool:
+    return path.lower().endswith((".jsonl", ".json"))
+
+
+def read_lines(path: str, error: Type[Exception], what: str = "file") -> List[Tuple[int, str]]:
+    """[(line number, text)] of a UTF-8 file (``-``: standard input)."""
+    try:
+        if path == "-":
+            stdin = sys.stdin
+            raw = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8")
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise error(f"{path} is a folder, not a {what}") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror}") from None
+    lines = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise error(f"{path}:{n}: not UTF-8 text (byte 0x{line[exc.start]:02x} at "
+                        f"column {exc.start + 1})") from None
+        lines.append((n, text.lstrip("\ufeff") if n == 1 else text))
+    return lines
+
+
+def json_values(path: str, lines: List[Tuple[int, str]], error: Type[Exception],
+                arrays: bool = False) -> List[Tuple[int, object]]:
+    """[(line number, value)]: one value per non-blank line; with ``arrays``, a ``.json``
+    file holding one array gives its items (each with the line where it starts)."""
+    dot_json = path.lower().endswith(".json")
+    first = next((text.lstrip() for _, text in lines if text.strip()), "")
+    if arrays and dot_json and first.startswith("["):
+        return _array_items(path, "\n".join(text for _, text in lines), error)
+    hint = "; a .json file holds one object per line, or one array of objects" if arrays and dot_json else ""
+    values = []
+    for n, text in lines:
+        if not text.strip():
+            continue
+        try:
+            values.append((n, json.loads(text)))
+        except json.JSONDecodeError as exc:
+            raise error(f"{path}:{n}: not JSON ({exc.msg} at column {exc.colno}){hint}") from None
+    return values
+
+
+def _array_items(path: str, text: str, error: Type[Exception]) -> List[Tuple[int, object]]:
+    """[(line where it starts, item)] of a JSON array document."""
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}:{exc.lineno}: not JSON ({exc.msg} at column {exc.colno})") from None
+    decoder, items, opening = json.JSONDecoder(), [], text.index("[")
+    pos, line = opening + 1, 1 + text.count("\n", 0, opening)
+    for value in values:  # walk the (valid) array again for the line of each item
+        start = _skip(text, pos, " \t\r\n,")
+        line += text.count("\n", pos, start)
+        items.append((line, value))
+        pos = decoder.raw_decode(text, start)[1]
+        line += text.count("\n", start, pos)
+    return items
+
+
+def _skip(text: str, pos: int, chars: str) -> int:
+    while pos < len(text) and text[pos] in chars:
+        pos += 1
+    return pos

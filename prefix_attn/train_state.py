@@ -1,0 +1,175 @@
+"""The state of a ``prefix-attn train`` run in its output folder, and what stops it: user
+errors (:class:`TrainError`), the log, the checkpoint and the settings a resumed run must
+share with it, and SIGINT / SIGTERM (:class:`StopSignals`)."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Dict, Optional
+
+import torch
+
+from . import atomic
+
+LOG = "log.jsonl"
+PROG = "prefix-attn train"
+
+
+class TrainError(ValueError):
+    """A user error (data, options, output folder, checkpoint): reported as
+    ``prefix-attn train: error: ...`` with exit status 2, no traceback."""
+
+
+class Interrupted(BaseException):
+    """SIGINT / SIGTERM stopped the run; ``note`` says what was saved."""
+
+    def __init__(self, signum: int, note: str):
+        super().__init__(signum, note)
+        self.signum, self.note = signum, note
+
+
+def warn(kind: str, message: str) -> None:
+    print(f"{PROG}: {kind}: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------
+# output folder: log, checkpoint, settings
+# --------------------------------------------------------------------------------------
+def append_log(out_dir: str, record: dict) -> None:
+    with open(os.path.join(out_dir, LOG), "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def start_log(out_dir: str, resume_step: Optional[int]) -> None:
+    """A fresh run starts an empty log; a resumed one keeps the records up to its checkpoint's
+    step (a run stopped after its last checkpoint logged steps that now run again). Atomic."""
+    path = os.path.join(out_dir, LOG)
+    kept = []
+    if resume_step is not None and os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    keep = json.loads(line)["step"] <= resume_step
+                except (ValueError, TypeError, KeyError):
+                    keep = False  # a line cut short by a kill
+                if keep:
+                    kept.append(line.rstrip("\n") + "\n")
+    atomic.write_text(path, "".join(kept))
+
+
+def check_output_folder(out_dir: str) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise TrainError(f"--output {out_dir} is a file, not a folder")
+
+
+def create_output_folder(out_dir: str) -> None:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise TrainError(f"cannot create the output folder {out_dir}: {exc.strerror}") from None
+
+
+def load_checkpoint(path: str) -> dict:
+    """The checkpoint at ``path``; a :class:`TrainError` when it is missing or unreadable."""
+    if not os.path.isfile(path):
+        raise TrainError(f"--resume: no checkpoint at {path}")
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as exc:  # truncated zip, pickle garbage, ...: torch raises many kinds
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise TrainError(f"{path} is unreadable ({reason}); delete it to start over "
+                         f"(without --resume), or restore it") from None
+    if not isinstance(state, dict) or not {"step", "prefix", "optimizer", "torch_rng"} <= set(state):
+        raise TrainError(f"{path} is unreadable (not a checkpoint of prefix-attn train); delete it "
+                         f"to start over (without --resume), or restore it")
+    return state
+
+
+def file_fingerprint(path: Optional[str]) -> Optional[dict]:
+    """{path, size, sha256} of a data file (None for None): the content identifies it."""
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        digest = hashlib.sha256()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": os.path.abspath(path), "size": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def run_settings(args: argparse.Namespace, max_length: int) -> Dict[str, object]:
+    """What fixes the result up to any step, keyed by option: a resumed run must match them.
+    (--epochs, --max-steps, --save-every, --eval-every, --name, --gradient-checkpointing and
+    --no-progress may change.)"""
+    return {"data": file_fingerprint(args.data), "--eval-data": file_fingerprint(args.eval_data),
+            "--model": os.path.abspath(args.model) if args.model else None,
+            "--batch-size": args.batch_size, "--seed": args.seed, "--max-length": max_length,
+            "--num-virtual-tokens": args.num_virtual_tokens,
+            "--projection-hidden-size": args.projection_hidden_size, "--pack": args.pack,
+            "--eval-fraction": args.eval_fraction, "--lr": args.lr, "--weight-decay": args.weight_decay}
+
+
+def _same_setting(old, new) -> bool:
+    if isinstance(old, dict) and isinstance(new, dict):  # a file: same content, wherever it is
+        return (old["size"], old["sha256"]) == (new["size"], new["sha256"])
+    return old == new
+
+
+def _show_setting(value) -> str:
+    if isinstance(value, dict):
+        return f"{value['path']} ({value['size']} bytes, sha256 {value['sha256'][:12]})"
+    return "none" if value is None else str(value)
+
+
+def check_same_settings(state: dict, settings: Dict[str, object], ckpt_path: str) -> None:
+    """Refuse to resume a checkpoint made with other settings, listing each (old -> new)."""
+    old = state.get("settings")
+    if old is None:
+        warn("warning", f"{ckpt_path} predates stored settings: not checked against this run's")
+        return
+    changed = [f"{key}: {_show_setting(was)} -> {_show_setting(settings.get(key))}"
+               for key, was in old.items() if not _same_setting(was, settings.get(key))]
+    if changed:
+        raise TrainError("--resume with other settings than the checkpoint's (the result would not be "
+                         "the uninterrupted run's):\n  " + "\n  ".join(changed)
+                         + "\nrun with the checkpoint's settings, or use another --output")
+
+
+# --------------------------------------------------------------------------------------
+# signals, transformers' progress bars
+# --------------------------------------------------------------------------------------
+class StopSignals:
+    """SIGINT / SIGTERM while installed (main thread only). While ``deferred`` (a training
+    step runs) the first signal is recorded in ``received`` and the step finishes; otherwise,
+    and for a second signal, :class:`_Interrupted` is raised at once with ``note`` (what is
+    saved so far)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self.deferred = False
+        self.note = "nothing was saved"
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def _handle(self, signum, frame) -> None:
+        if self.deferred and self.received is None:
+            self.received = signum
+            warn("note", f"{signal.Signals(signum).name}: stopping after this step "
+                          f"(once more to stop at once, without saving it)")
+            return
+        raise Interrupted(signum, self.note)
