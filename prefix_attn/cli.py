@@ -8,6 +8,8 @@ from typing import List, Optional
 
 # (subcommand module, what it does); each module has add_parser(subparsers) -> parser with
 # `func` set. A module that is missing or cannot import is left out of the menu with a note.
+# optional packages a subcommand may need -> the extra of setup.py that installs them
+_EXTRAS = {"transformers": "hf", "peft": "hf", "triton": "triton", "matplotlib": "bench"}
 _SUBCOMMANDS = ("prefix_attn.check", "prefix_attn.demo", "prefix_attn.train", "prefix_attn.serve")
 
 
@@ -29,7 +31,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ModuleNotFoundError as exc:
+        extra = _EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"prefix-attn {args.command}: error: this needs the {exc.name!r} package: "
+              f"pip install 'prefix_attn[{extra}]' (or pip install {exc.name})", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -47,3 +47,14 @@ def test_check_usage_errors_exit_2(capsys):
         assert "CUDA is not available" in capsys.readouterr().err
         assert cli.main(["check", "--backend", "cuda"]) == 2
         assert "it needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_missing_optional_package_is_a_clean_error(monkeypatch, capsys):
+    """Without transformers (a core install), the HF subcommands say what to install."""
+    from prefix_attn import train
+
+    def no_transformers(args):
+        raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
+    monkeypatch.setattr(train, "run", no_transformers)
+    assert cli.main(["train", "data.jsonl", "-o", "out"]) == 2
+    assert "pip install 'prefix_attn[hf]'" in capsys.readouterr().err
