@@ -38,78 +38,18 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import torch
 
-from . import atomic, cli_args, jsonl, tiny
+from . import atomic, cli_args, tiny
+from .serve_inputs import (Request, RequestError, Source, check_prefix_names, prefix_sources,
+                           read_requests, refusal, warn_about_adapter_bases)
 
 __all__ = ["main", "add_parser", "Request", "read_requests", "RequestError"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_MAX_LISTED = 10  # bad request lines named in one error; the rest are counted
-
-
-class RequestError(ValueError):
-    """A bad request file or request (names the file and line)."""
-
-
-@dataclass
-class Request:
-    """One line of the request file."""
-
-    prompt: str
-    prefix: Optional[str] = None
-    id: Any = None
-    line: int = 0
-    extra: dict = field(default_factory=dict)
-
-
-# -- request file ----------------------------------------------------------------------------
-
-def read_requests(path: str) -> List[Request]:
-    """Parse a JSONL request file (``-`` = stdin). A request without ``id`` gets its line
-    number. Raises RequestError naming ``path:line``."""
-    lines = jsonl.read_lines(path, RequestError, what="requests file")
-    requests: List[Request] = []
-    id_lines: Dict[str, int] = {}  # the id as JSON -> line of its first use
-    for lineno, obj in jsonl.json_values(path, lines, RequestError):
-        request = _parse_request(obj, f"{path}:{lineno}", lineno)
-        _check_unique_id(request, id_lines, f"{path}:{lineno}")
-        requests.append(request)
-    return requests
-
-
-def _parse_request(obj, where: str, lineno: int) -> Request:
-    if not isinstance(obj, dict):
-        raise RequestError(f"{where}: expected a JSON object, got {jsonl.json_type(obj)}")
-    prompt = obj.get("prompt")
-    if not isinstance(prompt, str):
-        raise RequestError(f"{where}: 'prompt' must be a string, got {prompt!r}")
-    prefix = obj.get("prefix")
-    if prefix == "":
-        prefix = None
-    if prefix is not None and not isinstance(prefix, str):
-        raise RequestError(f"{where}: 'prefix' must be a name (string) or null, got {prefix!r}")
-    extra = {k: v for k, v in obj.items() if k not in ("prompt", "prefix", "id")}
-    return Request(prompt=prompt, prefix=prefix, id=obj.get("id", lineno), line=lineno, extra=extra)
-
-
-def _check_unique_id(request: Request, id_lines: Dict[str, int], where: str) -> None:
-    key = json.dumps(request.id, sort_keys=True)
-    first = id_lines.setdefault(key, request.line)
-    if first != request.line:
-        raise RequestError(f"{where}: duplicate id {request.id!r}, already used by line {first} "
-                           "(a request without an 'id' has its line number as id)")
-
-
-def _refusal(headline: str, problems: List[str]) -> RequestError:
-    """One error listing up to ``_MAX_LISTED`` problems (one a line), then how many more."""
-    lines = [headline] + [f"  {p}" for p in problems[:_MAX_LISTED]]
-    if len(problems) > _MAX_LISTED:
-        lines.append(f"  and {len(problems) - _MAX_LISTED} more")
-    return RequestError("\n".join(lines))
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -151,13 +91,6 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
-def _name_value(spec: str, option: str) -> tuple[str, str]:
-    name, sep, value = spec.partition("=")
-    if not sep or not name or not value:
-        raise RequestError(f"{option} expects NAME=VALUE, got {spec!r}")
-    return name, value
-
-
 def _check_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
@@ -171,92 +104,6 @@ def _check_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise RequestError(f"--device {name}: MPS is not available")
     return device
-
-
-def _warn(message: str) -> None:
-    print(f"prefix-attn generate: warning: {message}", file=sys.stderr)
-
-
-# -- prefix sources --------------------------------------------------------------------------
-
-@dataclass
-class _Source:
-    """Where one prefix name comes from: ``--bank DIR``, ``--adapter DIR`` or ``--prompt-prefix TEXT``."""
-
-    name: str
-    option: str
-    value: str
-
-    def __str__(self) -> str:
-        value = self.value if self.option != "--prompt-prefix" else repr(_shorten(self.value))
-        return f"{self.option} {value}"
-
-
-def _shorten(text: str, width: int = 30) -> str:
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def _prefix_sources(args: argparse.Namespace) -> List[_Source]:
-    """Every prefix name with its source, in loading order; a name given twice is an error."""
-    sources = [_Source(n, "--bank", args.bank) for n in _saved_bank_names(args.bank)] if args.bank else []
-    sources += [_Source(n, "--adapter", d) for n, d in (_name_value(s, "--adapter") for s in args.adapter)]
-    sources += [_Source(n, "--prompt-prefix", t)
-                for n, t in (_name_value(s, "--prompt-prefix") for s in args.prompt_prefix)]
-    seen: Dict[str, _Source] = {}
-    for s in sources:
-        if s.name in seen:
-            raise RequestError(f"prefix name {s.name!r} given twice ({seen[s.name]}, {s})")
-        seen[s.name] = s
-    return sources
-
-
-def _saved_bank_names(directory: str) -> List[str]:
-    """The entry names of a bank saved in ``directory`` (read from the file's header only)."""
-    from safetensors import safe_open
-
-    from prefix_attn.bank import BANK_FILE
-
-    path = os.path.join(directory, BANK_FILE)
-    if not os.path.isfile(path):
-        raise RequestError(f"prefix bank file missing: {path!r}")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            names = json.loads((f.metadata() or {})["names"])
-    except Exception as exc:  # a missing key, bad JSON, safetensors' own header errors
-        raise RequestError(f"{path}: not a readable prefix bank file ({exc!r})") from None
-    return list(names)
-
-
-def _check_prefix_names(requests: List[Request], known: List[str], path: str) -> None:
-    """Every request's prefix is a known name (all bad lines named in one error)."""
-    names = set(known)
-    bad = [f"{path}:{r.line}: unknown prefix {r.prefix!r}"
-           for r in requests if r.prefix is not None and r.prefix not in names]
-    if bad:
-        raise _refusal(f"{len(bad)} request(s) name an unknown prefix; known prefixes: {known}", bad)
-
-
-def _adapter_base(directory: str) -> Optional[str]:
-    """The local base-model folder an adapter records (``base_model_name_or_path``), if it exists."""
-    try:
-        with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as f:
-            base = json.load(f).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return None  # load_peft reports a broken adapter
-    return base if isinstance(base, str) and base and os.path.isdir(base) else None
-
-
-def _warn_about_adapter_bases(sources: List[_Source], model_dir: Optional[str]) -> None:
-    """Warn where an adapter was trained on a local model folder other than the one served."""
-    for s in sources:
-        base = _adapter_base(s.value) if s.option == "--adapter" else None
-        if base is None:
-            continue
-        if model_dir is None:
-            _warn(f"adapter {s.name} was trained on {base}; pass --model {base} "
-                  "(without --model the built-in tiny model is used)")
-        elif not (os.path.isdir(model_dir) and os.path.samefile(model_dir, base)):
-            _warn(f"adapter {s.name} was trained on {base}, not on --model {model_dir}")
 
 
 # -- model, bank and tokens ------------------------------------------------------------------
@@ -280,7 +127,7 @@ def _load_model(model_dir: Optional[str], device: torch.device, dtype: torch.dty
     return model, tiny.load_tokenizer(model_dir)
 
 
-def _build_bank(model, tokenizer, sources: List[_Source], bank_dir: Optional[str]):
+def _build_bank(model, tokenizer, sources: List[Source], bank_dir: Optional[str]):
     """The model's bank with every source loaded; returns it and the token ids of each
     ``--prompt-prefix`` (a saved bank keeps only the KV of its prompts)."""
     from prefix_attn.bank import PrefixBank
@@ -331,7 +178,7 @@ def _plan(requests: List[Request], tokenizer, bank, prompt_ids: Dict[str, List[i
             bad.append(f"{path}:{r.line}: the prompt has no tokens ({r.prompt!r}; this tokenizer adds "
                        "no start token) and nothing to continue from")
     if bad:
-        raise _refusal(f"{len(bad)} request(s) with nothing to generate from:", bad)
+        raise refusal(f"{len(bad)} request(s) with nothing to generate from:", bad)
     return jobs
 
 
@@ -373,7 +220,7 @@ def _check_lengths(jobs: List[_Job], model, bank, max_new_tokens: int, path: str
             bad.append(f"{path}:{job.request.line}: {len(job.ids)} prompt tokens + {P} prefix tokens "
                        f"(prefix {shown}) + {max_new_tokens} new tokens = {total}")
     if bad:
-        raise _refusal(f"{len(bad)} request(s) longer than the model's {limit} positions "
+        raise refusal(f"{len(bad)} request(s) longer than the model's {limit} positions "
                        "(shorten the prompt or lower --max-new-tokens):", bad)
 
 
@@ -477,15 +324,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
-    sources = _prefix_sources(args)
+    sources = prefix_sources(args)
     requests = read_requests(args.input)
-    _check_prefix_names(requests, [s.name for s in sources], args.input)
+    check_prefix_names(requests, [s.name for s in sources], args.input)
     out = _Output(args.output)
     try:
         if not requests:
             print(f"prefix-attn generate: no requests in {args.input}", file=sys.stderr)
         else:
-            _warn_about_adapter_bases(sources, args.model)
+            warn_about_adapter_bases(sources, args.model)
             _generate(args, device, sources, requests, out)
         out.commit()
     finally:
@@ -493,7 +340,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace, device: torch.device, sources: List[_Source],
+def _generate(args: argparse.Namespace, device: torch.device, sources: List[Source],
               requests: List[Request], out: _Output) -> None:
     torch.manual_seed(args.seed)
     model, tokenizer = _load_model(args.model, device, _DTYPES[args.dtype])
