@@ -183,15 +183,18 @@ class PrefixBank(nn.Module):
             if bank.model is not model:  # e.g. after copy.deepcopy(model)
                 bank._model_ref = weakref.ref(model)
             return bank
+        try:
+            from prefix_attn import hf
+        except ImportError:
+            hf = None
+        why = hf.unsupported_model(model) if hf is not None else None
+        if why is not None:
+            raise ValueError(f"cannot attach a prefix bank: {why}")
         L, Hkv, D = _model_dims(model)
         dtype, device = _model_dtype_device(model)
         bank = cls(L, Hkv, D, dtype=dtype, device=device)
         bank._model_ref = weakref.ref(model)
         model.prefix_bank = bank
-        try:
-            from prefix_attn import hf
-        except ImportError:
-            hf = None
         install = getattr(hf, "install_hooks", None)
         if install is not None:
             install(model)

@@ -29,9 +29,12 @@ which a context variable would not (the backward replay runs outside the forward
 A post-hook checks that the attention function read the selection; a model that drops the
 keyword raises instead of silently ignoring the prefixes.
 
-Unsupported cases (a dense mask, attention dropout in training, ``output_attentions``,
-position biases, attention sinks) run :func:`eager_prefix_attention`, a plain PyTorch
-composite over ``[prefix; own keys]``, after a one-time warning; the result is never wrong.
+Cases the kernels do not cover (a dense mask, attention dropout in training,
+``output_attentions``, attention sinks, value head dims unlike the key's) run
+:func:`eager_prefix_attention`, a plain PyTorch composite over ``[prefix; own keys]``, after a
+one-time warning. What neither path can do raises: position biases (T5), and
+:func:`unsupported_model` (encoder-decoders, multi-head latent attention, models computing
+attention in their own code) is checked when a bank is attached.
 """
 from __future__ import annotations
 
@@ -229,14 +232,16 @@ def padding_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Opt
 def eager_prefix_attention(query, key, value, prefix_k=None, prefix_v=None, prefix_ids=None,
                            prefix_lens=None, key_padding_mask=None, dense_mask=None,
                            causal=True, scale=None, window=None, softcap=None, dropout=0.0,
-                           training=False):
+                           training=False, sinks=None):
     """Materialised attention over ``[prefix; own keys]`` (the fallback path).
 
     query ``[B, Hq, Sq, D]``; key/value ``[B, Hkv, Skv, D]``; prefix_k/v ``[N, Hkv, P, D]``;
     prefix_ids ``[B]``; prefix_lens ``[N]``; key_padding_mask bool ``[B, Skv]``;
     dense_mask ``[B, 1, Sq, Skv]`` bool (True = visible) or additive float, replacing
-    causal/window/padding for the own keys. Returns (out ``[B, Sq, Hq, D]``,
-    probabilities ``[B, Hq, Sq, P + Skv]``), the layout of HF's attention functions.
+    causal/window/padding for the own keys. ``sinks`` ``[Hq]``: attention-sink logits (gpt-oss),
+    one extra softmax column per head that takes probability mass and gives no value. Returns
+    (out ``[B, Sq, Hq, D]``, probabilities ``[B, Hq, Sq, P + Skv]``), the layout of HF's
+    attention functions.
     """
     B, Hq, Sq, D = query.shape
     Hkv, Skv = key.shape[1], key.shape[2]
@@ -253,7 +258,7 @@ def eager_prefix_attention(query, key, value, prefix_k=None, prefix_v=None, pref
     else:
         P = 0
         rk = key.new_zeros(B, Hkv, 0, D)
-        rv = value.new_zeros(B, Hkv, 0, D)
+        rv = value.new_zeros(B, Hkv, 0, value.shape[-1])
         pre_vis = torch.ones(B, 0, dtype=torch.bool, device=dev)
     rep = Hq // Hkv
     kk = torch.cat([rk.to(key.dtype), key], dim=2).repeat_interleave(rep, dim=1)
@@ -285,7 +290,11 @@ def eager_prefix_attention(query, key, value, prefix_k=None, prefix_v=None, pref
     if own_add is not None:
         s = torch.cat([s[..., :P], s[..., P:] + own_add], dim=-1)
     s = s.masked_fill(~vis, float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)    # a query with no visible key outputs zeros
+    if sinks is not None:
+        sink = sinks.to(device=dev, dtype=ct).reshape(1, Hq, 1, 1).expand(B, Hq, Sq, 1)
+        p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)    # a query with no visible key outputs zeros
     p = F.dropout(p, p=dropout, training=training)
     out = torch.matmul(p.to(value.dtype), vv)
     return out.transpose(1, 2).contiguous(), p.to(query.dtype)
@@ -311,7 +320,7 @@ def _own_key_mask(module, query, Skv, attention_mask, per_sequence, kwargs):
     return None, attention_mask[..., -Skv:], None, "a dense (4-D) attention mask"
 
 
-def _fallback_reason(module, dropout, kwargs) -> Optional[str]:
+def _fallback_reason(module, query, value, dropout, kwargs) -> Optional[str]:
     """What the fused kernel cannot do in this call (None: nothing)."""
     reason = None
     if dropout and dropout > 0.0 and module.training:
@@ -319,10 +328,24 @@ def _fallback_reason(module, dropout, kwargs) -> Optional[str]:
     config = getattr(module, "config", None)
     if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
         reason = "output_attentions"
-    for name in ("position_bias", "s_aux", "sinks"):
-        if kwargs.get(name) is not None:
-            reason = name
+    if value.shape[-1] != query.shape[-1]:
+        reason = "a value head dim different from the key head dim (multi-head latent attention)"
+    if kwargs.get("position_bias") is not None:
+        raise NotImplementedError(
+            f"{type(module).__name__} adds a position bias to its attention scores (T5-style "
+            f"relative attention), which prefix_attn does not apply: use attn_implementation="
+            f"'eager' or 'sdpa' for this model")
+    if _sinks(kwargs) is not None:
+        reason = "attention sinks"
     return reason
+
+
+def _sinks(kwargs):
+    """Attention-sink logits ``[Hq]`` passed to the attention function (gpt-oss: ``s_aux``)."""
+    for name in ("s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -345,6 +368,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     sel = kwargs.get(SELECTION_KWARG)
     if getattr(module, "is_cross_attention", False):
         sel = None  # prefixes belong to self-attention only
+    elif sel is not None and getattr(module, "layer_idx", None) is None:
+        # not a layer of the language model (a vision tower's attention): no prefix here
+        sel._skipped_modules = getattr(sel, "_skipped_modules", set()) | {type(module).__name__}
+        sel = None
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     pk = pv = ids = lens = None
     if sel is not None:
@@ -354,7 +381,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     per_sequence = getattr(sel, "packed_seq_ids", None) if sel is not None else None
     kpm, dense, seq_ids, reason = _own_key_mask(module, query, key.shape[2], attention_mask,
                                                 per_sequence, kwargs)
-    reason = _fallback_reason(module, dropout, kwargs) or reason
+    reason = _fallback_reason(module, query, value, dropout, kwargs) or reason
     window = int(sliding_window) if sliding_window else None
     softcap = float(softcap) if softcap else None
     if reason is not None and per_sequence is not None:
@@ -365,7 +392,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         if seq_ids is not None:
             dense = packed_dense_mask(seq_ids, causal, window)
         return eager_prefix_attention(query, key, value, pk, pv, ids, lens, kpm, dense, causal,
-                                      scaling, window, softcap, dropout, module.training)
+                                      scaling, window, softcap, dropout, module.training,
+                                      sinks=_sinks(kwargs))
     from .api import prefix_attention
 
     if seq_ids is not None:
@@ -420,6 +448,21 @@ def _rows_for(bank, prefixes, batch_size):
     return prefixes
 
 
+def _padding_numbered(model) -> Optional[int]:
+    """The ``padding_idx`` of a model that numbers its tokens from the non-pad input ids
+    (RoBERTa and its kind: position = padding_idx + 1 + i over real tokens, pads at
+    padding_idx), found once per model; None for the others."""
+    found = model.__dict__.get("_prefix_attn_padding_idx")
+    if found is None:
+        found = -1
+        for m in model.modules():
+            if hasattr(m, "create_position_ids_from_input_ids") and isinstance(getattr(m, "padding_idx", None), int):
+                found = m.padding_idx
+                break
+        model.__dict__["_prefix_attn_padding_idx"] = found
+    return None if found < 0 else found
+
+
 def _positions_after_prefix(model, kwargs, S, row_lens, device):
     """``position_ids`` of the tokens after each row's prefix, numbered from its length P as
     PEFT numbers them: the given ones + P; else the model's own default + P (the cache
@@ -428,21 +471,34 @@ def _positions_after_prefix(model, kwargs, S, row_lens, device):
     pos = kwargs.get("position_ids")
     mask = kwargs.get("attention_mask")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    pad = _padding_numbered(model) if pos is None else None
+    if pad is not None:
+        ids = kwargs.get("input_ids")
+        if ids is None:  # from embeddings these models number 1.. without the cache: as PEFT gets
+            return None
+        real = ids.ne(pad).long()
+        past = _cache_length(kwargs)
+        return (real.cumsum(1) + past + row_lens[:, None]) * real + pad
     if pos is None and model_type in _MASK_NUMBERED and mask is not None and mask.dim() == 2:
         m = mask.to(device=device, dtype=torch.long)
         pos = (m.cumsum(1) * m - 1)[:, -S:]
         return torch.where(m[:, -S:] > 0, pos + row_lens[:, None], pos)
     if pos is None:
-        # transformers >= 5.2x calls it `cache`, earlier 5.x releases `past_key_values`
-        cache = kwargs.get("cache")
-        if cache is None:
-            cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        past = _cache_length(kwargs)
         pos = torch.arange(past, past + S, device=device)[None, :]
     if pos.shape[0] == 1 and bool((row_lens == row_lens[0]).all()):
         # one length for every row: keep [1, S] so RoPE tables are not built per row
         return pos + row_lens[0]
     return pos + row_lens[:, None]
+
+
+def _cache_length(kwargs) -> int:
+    """Positions already in the KV cache of this forward (0 without one)."""
+    # transformers >= 5.2x calls it `cache`, earlier 5.x releases `past_key_values`
+    cache = kwargs.get("cache")
+    if cache is None:
+        cache = kwargs.get("past_key_values")
+    return cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
 
 
 def _packed_request(prefixes, position_ids, attention_mask, B: int, S: int):
@@ -490,6 +546,12 @@ def _pre_hook(model, args, kwargs):
     if impl != ATTN_NAME:
         raise ValueError(f"prefixes= needs attn_implementation={ATTN_NAME!r}; this model uses "
                          f"{impl!r} (call model.set_attn_implementation({ATTN_NAME!r}))")
+    media = sorted(k for k, v in kwargs.items()
+                   if v is not None and k.startswith(("pixel_values", "input_features")))
+    if media:
+        raise NotImplementedError(
+            f"prefixes= with {', '.join(media)}: the positions of image, video and audio tokens "
+            "(M-RoPE and the like) are not shifted past a prefix yet; text-only inputs work")
     bank = model.prefix_bank
     B, S, device = _batch_and_length(kwargs)
     seq_ids = _packed_request(prefixes, kwargs.get("position_ids"), kwargs.get("attention_mask"), B, S)
@@ -502,7 +564,9 @@ def _pre_hook(model, args, kwargs):
         sel = bank.select(_rows_for(bank, prefixes, B), B, device=device)
         row_lens = sel.row_lens.to(device)
         if "position_ids" in _forward_params(model) and bool((row_lens > 0).any()):
-            kwargs["position_ids"] = _positions_after_prefix(model, kwargs, S, row_lens, device)
+            pos = _positions_after_prefix(model, kwargs, S, row_lens, device)
+            if pos is not None:
+                kwargs["position_ids"] = pos
     kwargs[SELECTION_KWARG] = sel
     _pending_stack(model).append((sel, row_lens))  # the post-hook checks it was read
     return args, kwargs
@@ -516,10 +580,48 @@ def _post_hook(model, args, kwargs, output):
     sel, row_lens = pending.pop()
     used = getattr(sel, "_read_by_attention", False)
     if not used and output is not None and bool((row_lens > 0).any()):
+        skipped = sorted(getattr(sel, "_skipped_modules", ()))
+        why = (f"its attention modules ({', '.join(skipped)}) have no layer index"
+               if skipped else "its forward does not forward **kwargs to attention?")
         raise RuntimeError(
             f"{type(model).__name__} did not pass the prefix selection down to its attention "
-            "function (its forward does not forward **kwargs to attention?); the prefixes were "
-            "not applied")
+            f"function ({why}); the prefixes were not applied")
+    return None
+
+
+def _uses_attention_interface(cls) -> bool:
+    """Whether the transformers modeling module of ``cls`` (the first class of its MRO defined
+    under ``transformers.models``) dispatches attention through ``ALL_ATTENTION_FUNCTIONS``;
+    True for classes outside transformers (nothing to judge from)."""
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("transformers.models."):
+            try:
+                return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(inspect.getmodule(klass))
+            except (OSError, TypeError):
+                return True
+    return True
+
+
+def unsupported_model(model) -> Optional[str]:
+    """Why prefixes cannot be served on ``model`` (None: they can): an encoder-decoder, keys and
+    values of different head dims (multi-head latent attention), or attention computed in
+    the model's own code instead of through transformers' attention interface."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    name = type(model).__name__
+    if getattr(cfg, "is_encoder_decoder", False):
+        return (f"{name} is an encoder-decoder model: PEFT puts a prefix on its decoder's self- "
+                "and cross-attention, which prefix_attn does not do (decoder-only and encoder "
+                "models only); use PEFT for it")
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if getattr(text, "kv_lora_rank", None) or getattr(text, "qk_rope_head_dim", None):
+        return (f"{name} uses multi-head latent attention (keys and values of different head "
+                "dims), which the prefix bank and kernels do not support")
+    if not _uses_attention_interface(type(model)):
+        return (f"{name} computes attention in its own code, not through transformers' "
+                "AttentionInterface, so no attention implementation (prefix_attn included) can "
+                "be plugged into it")
     return None
 
 

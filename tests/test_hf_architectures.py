@@ -1,0 +1,144 @@
+"""Architectures outside the tested families (an audit of 26): what works is checked against
+PEFT or eager, what cannot work raises a clear error instead of a silently wrong result."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+tf = pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf
+
+import prefix_attn  # noqa: E402
+
+COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
+def _build(cls, cfg, impl, seed=0):
+    torch.manual_seed(seed)
+    # a config object per model: transformers writes the attention implementation into it
+    return cls._from_config(copy.deepcopy(cfg), attn_implementation=impl).eval()
+
+
+def _pair(cls, cfg, ref_impl):
+    ours = _build(cls, cfg, "prefix_attn")
+    ref = _build(cls, cfg, ref_impl)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def _peft_twin(ours, ref, task):
+    """``ref`` wrapped by PEFT with the prefix values of our trainable prefix "a"."""
+    peft = pytest.importorskip("peft")
+    module = prefix_attn.prefix_tuning(ours, num_virtual_tokens=4, name="a")
+    with torch.no_grad():
+        module.embedding.weight.normal_(generator=torch.Generator().manual_seed(3))
+    pm = peft.get_peft_model(ref, peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=4))
+    pm.prompt_encoder["default"].load_state_dict(module.state_dict())
+    return pm.eval()
+
+
+def test_gpt_oss_attention_sinks_on_the_fallback():
+    """gpt-oss passes attention sinks (s_aux): the fallback used to drop them (0.28 off eager
+    without any prefix); now it applies them, with and without a prefix."""
+    cfg = tf.GptOssConfig(**dict(COMMON, head_dim=8), num_local_experts=2, num_experts_per_tok=1,
+                          sliding_window=64)
+    ours, ref = _pair(tf.GptOssForCausalLM, cfg, "eager")
+    with torch.no_grad():
+        for m in (ours, ref):
+            for layer in m.model.layers:
+                layer.self_attn.sinks.fill_(3.0)
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+        pm = _peft_twin(ours, ref, "CAUSAL_LM")
+        torch.testing.assert_close(ours(ids, prefixes=["a", "a"]).logits, pm(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_roberta_positions_follow_its_padding_numbering():
+    """RoBERTa numbers real tokens from padding_idx + 1 (+ the cache length): with a prefix of P
+    that is padding_idx + 1 + P + i, as behind PEFT's P cached positions (was arange + P: 2.2 off)."""
+    cfg = tf.RobertaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=256, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0, pad_token_id=1)
+    ours, ref = _pair(tf.RobertaModel, cfg, "sdpa")
+    pm = _peft_twin(ours, ref, "FEATURE_EXTRACTION")
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[1, -2:], mask[1, -2:] = cfg.pad_token_id, 0  # right padding in row 1
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = ours(input_ids=ids, attention_mask=mask, prefixes=["a", "a"]).last_hidden_state
+        want = pm(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,cls,cfg,words", [
+    ("bart", "BartForConditionalGeneration",
+     dict(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+          decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=0,
+          bos_token_id=1, eos_token_id=2, decoder_start_token_id=1), "encoder-decoder"),
+    ("bloom", "BloomForCausalLM",
+     dict(vocab_size=128, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0), "its own code"),
+    ("deepseek_v3", "DeepseekV3ForCausalLM",
+     dict(COMMON, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8,
+          v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+          first_k_dense_replace=1, moe_intermediate_size=16), "multi-head latent attention"),
+])
+def test_models_the_bank_cannot_serve_are_refused(name, cls, cfg, words):
+    cls = getattr(tf, cls)
+    config = cls.config_class(**cfg)
+    model = _build(cls, config, "eager")
+    with pytest.raises(ValueError, match=words):
+        prefix_attn.prefix_tuning(model, num_virtual_tokens=4, name="a")
+    assert not hasattr(model, "prefix_bank")
+
+
+def test_mla_without_prefix_equals_eager():
+    """Keys and values of different head dims (DeepSeek's MLA) take the fallback without a
+    prefix (the kernels refused them: 'k and v must have the same shape')."""
+    cfg = tf.DeepseekV3Config(**dict(COMMON, num_key_value_heads=4), kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4,
+                              qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+                              num_experts_per_tok=2, n_group=1, topk_group=1,
+                              first_k_dense_replace=1, moe_intermediate_size=16)
+    ours, ref = _pair(tf.DeepseekV3ForCausalLM, cfg, "eager")
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_t5_position_bias_raises_instead_of_being_dropped():
+    cfg = tf.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, dropout_rate=0.0, pad_token_id=0, eos_token_id=2,
+                      decoder_start_token_id=0)
+    model = _build(tf.T5ForConditionalGeneration, cfg, "prefix_attn")
+    ids = torch.randint(3, 128, (1, 5))
+    with pytest.raises(NotImplementedError, match="position bias"):
+        model(input_ids=ids, decoder_input_ids=ids)
+
+
+def test_attention_without_a_layer_index_gets_no_prefix_and_says_so():
+    """DistilBERT's attention modules have no layer index (a vision tower's neither): they get
+    no prefix, and a model where no layer took it raises, naming them."""
+    cfg = tf.DistilBertConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                              dropout=0.0, attention_dropout=0.0, pad_token_id=0)
+    model = _build(tf.DistilBertModel, cfg, "prefix_attn")
+    prefix_attn.prefix_tuning(model, num_virtual_tokens=4, name="a")
+    with pytest.raises(RuntimeError, match="have no layer index"):
+        model(input_ids=torch.randint(3, 128, (1, 5)), prefixes=["a"])
+
+
+def test_prefixes_with_image_inputs_are_refused():
+    from prefix_attn.tiny import tiny_model
+
+    model = tiny_model("llama")
+    prefix_attn.prefix_tuning(model, num_virtual_tokens=4, name="a")
+    with pytest.raises(NotImplementedError, match="pixel_values"):
+        model(input_ids=torch.randint(3, 100, (1, 5)), pixel_values=torch.zeros(1, 3, 4, 4),
+              prefixes=["a"])
