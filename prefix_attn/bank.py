@@ -190,6 +190,9 @@ class PrefixBank(nn.Module):
         why = hf.unsupported_model(model) if hf is not None else None
         if why is not None:
             raise ValueError(f"cannot attach a prefix bank: {why}")
+        caveat = hf.model_caveat(model) if hf is not None else None
+        if caveat is not None:
+            warnings.warn(caveat, stacklevel=2)
         L, Hkv, D = _model_dims(model)
         dtype, device = _model_dtype_device(model)
         bank = cls(L, Hkv, D, dtype=dtype, device=device)

@@ -625,6 +625,18 @@ def unsupported_model(model) -> Optional[str]:
     return None
 
 
+def model_caveat(model) -> Optional[str]:
+    """Where prefixes on ``model`` work but differ from PEFT (a warning at attach), or None."""
+    cfg = getattr(model, "config", None)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    chunk = getattr(text, "attention_chunk_size", None)
+    if chunk:
+        return (f"{type(model).__name__} uses chunked attention ({chunk} tokens): a prefix stays "
+                "visible to every token, where PEFT's prefix (the first positions of the cache) "
+                "is hidden from tokens past the first chunk")
+    return None
+
+
 def install_hooks(model) -> None:
     """Register the ``prefixes=`` pre-hook and its check on ``model`` (idempotent)."""
     if getattr(model, "_prefix_attn_hooks", None) is not None:

@@ -142,3 +142,11 @@ def test_prefixes_with_image_inputs_are_refused():
     with pytest.raises(NotImplementedError, match="pixel_values"):
         model(input_ids=torch.randint(3, 100, (1, 5)), pixel_values=torch.zeros(1, 3, 4, 4),
               prefixes=["a"])
+
+
+def test_chunked_attention_warns_at_attach():
+    cfg = tf.Llama4TextConfig(**dict(COMMON, head_dim=8), intermediate_size_mlp=64, num_local_experts=2,
+                              attention_chunk_size=4, no_rope_layers=[1, 0])
+    model = _build(tf.Llama4ForCausalLM, cfg, "prefix_attn")
+    with pytest.warns(UserWarning, match="chunked attention"):
+        prefix_attn.prefix_tuning(model, num_virtual_tokens=4, name="a")
