@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import torch
 
+from . import cli_args
 from .api import prefix_attention
 from .backends import available_backends, get_backend, load_errors
 from .reference import prefix_attention_ref
@@ -107,8 +108,8 @@ def _usage_error(args) -> Optional[str]:
             get_backend(name)
         except (ValueError, RuntimeError) as e:
             return str(e)
-    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
-        return "--device cuda: CUDA is not available on this machine"
+    if args.device is not None:
+        return cli_args.device_problem(args.device)[1]
     return None
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-from typing import Callable
+from typing import Callable, Optional
+
+import torch
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -63,3 +65,31 @@ def transformers_progress(enabled: bool):
     finally:
         if was:
             hf_logging.enable_progress_bar()
+
+
+def device_problem(name: str):
+    """(torch.device, None) for a usable ``--device``, else (None, what is wrong with it)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        return None, f"--device {name}: {exc}"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return None, f"--device {name}: CUDA is not available on this machine"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return None, f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return None, f"--device {name}: MPS is not available on this machine"
+    return device, None
+
+
+def max_positions(config) -> Optional[int]:
+    """The positions a model numbers (``max_position_embeddings`` or ``n_positions`` of its text
+    config), None when it names neither. Tokens after a prefix of P are numbered from P, so
+    prefix + text must fit in them."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -22,6 +22,8 @@ from typing import Callable, List
 
 import torch
 
+from . import cli_args
+
 TASKS = {
     "poet": "roses are red, violets are blue, sugar is sweet, and so are you. ",
     "counter": "one two three four five six seven eight nine ten. ",
@@ -235,9 +237,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("prefix-attn demo: error: --device cuda: CUDA is not available on this machine",
-              file=sys.stderr)
+    problem = cli_args.device_problem(args.device)[1]
+    if problem is not None:
+        print(f"prefix-attn demo: error: {problem}", file=sys.stderr)
         return 2
     if args.model is not None and not os.path.isdir(args.model):
         print(f"prefix-attn demo: error: model folder not found: {args.model}", file=sys.stderr)

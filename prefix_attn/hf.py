@@ -38,6 +38,7 @@ attention in their own code) is checked when a bank is attached.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import warnings
@@ -589,7 +590,8 @@ def _post_hook(model, args, kwargs, output):
     return None
 
 
-def _uses_attention_interface(cls) -> bool:
+@functools.lru_cache(maxsize=None)
+def uses_attention_interface(cls) -> bool:
     """Whether the transformers modeling module of ``cls`` (the first class of its MRO defined
     under ``transformers.models``) dispatches attention through ``ALL_ATTENTION_FUNCTIONS``;
     True for classes outside transformers (nothing to judge from)."""
@@ -618,7 +620,7 @@ def unsupported_model(model) -> Optional[str]:
     if getattr(text, "kv_lora_rank", None) or getattr(text, "qk_rope_head_dim", None):
         return (f"{name} uses multi-head latent attention (keys and values of different head "
                 "dims), which the prefix bank and kernels do not support")
-    if not _uses_attention_interface(type(model)):
+    if not uses_attention_interface(type(model)):
         return (f"{name} computes attention in its own code, not through transformers' "
                 "AttentionInterface, so no attention implementation (prefix_attn included) can "
                 "be plugged into it")

@@ -92,17 +92,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as exc:
-        raise RequestError(f"--device {name}: {exc}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RequestError(f"--device {name}: CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RequestError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise RequestError(f"--device {name}: MPS is not available")
+    device, problem = cli_args.device_problem(name)
+    if problem is not None:
+        raise RequestError(problem)
     return device
 
 
@@ -195,20 +187,10 @@ def _add_prompt_head(bank, name: str, length: int) -> Optional[str]:
     return head
 
 
-def _max_positions(model) -> Optional[int]:
-    cfg = model.config
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
-    for attr in ("max_position_embeddings", "n_positions"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def _check_lengths(jobs: List[_Job], model, bank, max_new_tokens: int, path: str) -> None:
     """Each request's prefix + prompt + ``max_new_tokens`` fits the model's positions (the
     tokens after a prefix of P are numbered from P)."""
-    limit = _max_positions(model)
+    limit = cli_args.max_positions(model.config)
     if limit is None:
         return
     bad = []

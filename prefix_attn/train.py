@@ -178,18 +178,12 @@ def save_base_model(model, tokenizer, base_dir: str) -> None:
     tokenizer.save_pretrained(base_dir)
 
 
-def max_positions(config) -> Optional[int]:
-    """The number of positions the model numbers (``max_position_embeddings`` or
-    ``n_positions``), None when its config names neither."""
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
 def effective_max_length(requested: Optional[int], config, num_virtual_tokens: int) -> int:
     """The tokens per example that fit: the tokens after a prefix are numbered from its length
     (PEFT's convention), so at most the model's positions less ``num_virtual_tokens``
     (``requested``, default 256, is clamped to that with a notice when given larger)."""
     wanted = DEFAULT_MAX_LENGTH if requested is None else requested
-    positions = max_positions(config)
+    positions = cli_args.max_positions(config)
     if positions is None:
         return wanted
     room = positions - num_virtual_tokens

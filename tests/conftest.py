@@ -75,15 +75,14 @@ def require_attention_interface(family: str) -> None:
     """Skip when the installed transformers' code for `family` does not dispatch attention
     through `ALL_ATTENTION_FUNCTIONS` (GPT-J and CodeGen before 5.2x): no attention
     implementation can be plugged into such a model (it raises, never ignores prefixes)."""
-    import inspect
-
     import transformers
+    from prefix_attn.hf import uses_attention_interface
     from prefix_attn.tiny import tiny_config
 
     cfg = tiny_config(family)
     auto = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
     cls = auto._model_mapping[type(cfg)]
-    if "ALL_ATTENTION_FUNCTIONS" not in inspect.getsource(inspect.getmodule(cls)):
+    if not uses_attention_interface(cls):
         pytest.skip(f"{cls.__name__} has no attention interface in transformers "
                     f"{transformers.__version__}")
 
