@@ -15,7 +15,9 @@ unique entries that the batch uses:
 - several entries: one stacked copy ``[L, 2, n, Hkv, Pmax, D]`` of the n entries used, padded to
   the longest of those n (``prefix_lens`` masks the padding). Selections of fixed entries are
   cached per (entries, device, bank version), so decode steps reuse the same stack; the cache
-  keeps the 8 most recent stacks and is dropped on every change of the bank.
+  keeps the 8 most recent stacks and is dropped on every change of the bank;
+- trainable entries (a module with ``layer_kv``): each layer's part is computed when the layer
+  reads it, every call, so that every layer's prefix has its own autograd graph.
 
 Concurrency: the entries live in one immutable snapshot ``(version, {name: entry})`` that writers
 replace as a whole under a lock (copy-on-write); readers take the snapshot once, so a reader never
@@ -24,10 +26,13 @@ sees a half-written entry, and a removed entry stays alive for selections that a
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import dataclasses
 import itertools
 import json
+import operator
 import os
 import threading
 import warnings
@@ -47,6 +52,9 @@ BANK_FILE = "prefix_bank.safetensors"
 _CACHE_SIZE = 8
 
 PrefixSpec = Union[None, str, int, Sequence[Union[None, str, int]], Tensor]
+
+# {id(bank): (bank, snapshot)} of the banks pinned in this thread / context (PrefixBank.pinned)
+_PINNED: contextvars.ContextVar = contextvars.ContextVar("prefix_attn_pinned_banks", default=None)
 
 
 @dataclass(frozen=True)
@@ -104,16 +112,80 @@ class PrefixSelection:
 
     def layer(self, layer_idx: int) -> tuple[Tensor, Tensor]:
         """``(prefix_k, prefix_v)`` for one layer, each ``[n, Hkv, Pmax, D]`` (views, no copy)."""
-        if not 0 <= layer_idx < self._kv.shape[0]:
-            raise IndexError(f"layer_idx {layer_idx} out of range for {self._kv.shape[0]} layers")
-        kv = self._kv[layer_idx]
+        if not 0 <= layer_idx < self.num_layers:
+            raise IndexError(f"layer_idx {layer_idx} out of range for {self.num_layers} layers")
+        kv = self._layer_kv(layer_idx)
         return kv[0], kv[1]
+
+    def _layer_kv(self, layer_idx: int) -> Tensor:
+        return self._kv[layer_idx]
 
     def __repr__(self) -> str:
         return (
             f"PrefixSelection(names={self.names}, prefix_lens={self.prefix_lens.tolist()}, "
             f"rows={self.prefix_ids.numel()}, max_len={self.max_len})"
         )
+
+
+class _PerLayerSelection(PrefixSelection):
+    """A selection with trainable entries, computed one layer at a time when a layer reads it
+    (``layer_kv(l)`` of each module): every layer's prefix has its own autograd graph, so
+    reentrant activation checkpointing, which runs one backward per layer, never walks a graph
+    another layer's backward has freed (a projection MLP saves tensors); a layer recomputed by
+    checkpointing recomputes its prefix too. Same numbers as the stacked form."""
+
+    def __init__(self, layer_fn, shape: tuple, element_size: int, prefix_ids: Tensor,
+                 prefix_lens: Tensor, names: list, version: int):
+        super().__init__(None, prefix_ids, prefix_lens, names, version)
+        self._layer_fn, self._shape, self._element_size = layer_fn, shape, element_size
+
+    @property
+    def num_layers(self) -> int:
+        return self._shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self._shape[4]
+
+    @property
+    def nbytes(self) -> int:
+        return self._element_size * _numel(self._shape)
+
+    @property
+    def is_view(self) -> bool:
+        return False
+
+    def _layer_kv(self, layer_idx: int) -> Tensor:
+        return self._layer_fn(layer_idx)
+
+
+def _as_id(p) -> int:
+    """An integer bank id from an int, a numpy integer or a 0-d integer tensor (an id read from
+    a request table); TypeError for anything else (bools and floats included)."""
+    if isinstance(p, Tensor):
+        ok = p.dim() == 0 and not (p.is_floating_point() or p.is_complex() or p.dtype == torch.bool)
+    else:
+        ok = not isinstance(p, bool) and type(p).__name__ != "bool_" and hasattr(p, "__index__")
+    if not ok:
+        raise TypeError(f"each prefix must be a name, an int id or None, got {p!r}")
+    return operator.index(p) if not isinstance(p, Tensor) else int(p)
+
+
+def _normal_tensor(t: Tensor) -> Tensor:
+    """``t``, copied out of inference mode if it is an inference tensor (one made under
+    ``torch.inference_mode()``: a bank entry added while serving must still work in a later
+    forward that records autograd, e.g. training or ``no_grad``-free evaluation)."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _model_dims(model: nn.Module) -> tuple[int, int, int]:
@@ -276,7 +348,7 @@ class PrefixBank(nn.Module):
         kv = kv.detach().to(device=self.device, dtype=self.dtype).contiguous()
         if kv._base is not None:  # never keep a view that pins a larger storage
             kv = kv.clone()
-        return _Entry(name=name, length=kv.shape[3], kv=kv, kind=kind)
+        return _Entry(name=name, length=kv.shape[3], kv=_normal_tensor(kv), kind=kind)
 
     def add_trainable(self, name: str, module: nn.Module) -> None:
         """Add (or replace) a trainable entry: ``module()`` returns ``[L, 2, Hkv, P, D]``.
@@ -393,12 +465,22 @@ class PrefixBank(nn.Module):
         with self._lock:
             self._cache.clear()
 
-    def _materialize(self, entry: _Entry) -> Tensor:
+    def _materialize(self, entry: _Entry, cast: bool = True) -> Tensor:
+        """``[L, 2, Hkv, P, D]`` of an entry; a trainable one in the bank's dtype unless
+        ``cast=False`` (its parameters' own dtype: what save / save_peft write)."""
         if entry.kv is not None:
             return entry.kv
         out = entry.module()
         self._check_kv(out, f"trainable entry {entry.name!r}")
-        return out.to(self.dtype)
+        return out.to(self.dtype) if cast else out
+
+    def _entry_layer(self, entry: Optional[_Entry], layer_idx: int, device) -> Tensor:
+        """``[2, Hkv, P, D]`` of one layer of an entry (length 0 for None), in the bank's dtype."""
+        if entry is None:
+            return torch.zeros(2, self.num_kv_heads, 0, self.head_dim, dtype=self.dtype, device=device)
+        if entry.kv is not None:
+            return entry.kv[layer_idx].to(device)
+        return entry.module.layer_kv(layer_idx).to(device=device, dtype=self.dtype)
 
     # -- names -> ids -> selection -----------------------------------------------------
     def ids(self, prefixes: PrefixSpec, batch_size: Optional[int] = None) -> Tensor:
@@ -407,8 +489,31 @@ class PrefixBank(nn.Module):
         ``prefixes``: a list of names / ints / None per row, a LongTensor ``[B]`` of ids, or a single
         name / id / None applied to every row (then ``batch_size`` is required; a 1-element list
         is broadcast the same way)."""
-        return torch.tensor(self._row_ids(prefixes, batch_size, self._state[1]), dtype=torch.long,
+        return torch.tensor(self._row_ids(prefixes, batch_size, self._snapshot()[1]), dtype=torch.long,
                             device=self.device)
+
+    @contextlib.contextmanager
+    def pinned(self):
+        """Within the block, :meth:`ids` and :meth:`select` in this thread read the bank as it
+        is on entry: entries added, replaced or removed meanwhile (by other threads: another
+        tenant) do not change ids or contents for this block. ``generate(prefixes=...)`` runs
+        in one, so a request keeps its prefixes from the first step to the last. Nested blocks
+        keep the outermost snapshot."""
+        pins = _PINNED.get() or {}
+        if id(self) in pins and pins[id(self)][0] is self:
+            yield
+            return
+        token = _PINNED.set({**pins, id(self): (self, self._state)})
+        try:
+            yield
+        finally:
+            _PINNED.reset(token)
+
+    def _snapshot(self) -> tuple:
+        """``(version, entries)`` to read: the pinned one (see :meth:`pinned`), else the current."""
+        pins = _PINNED.get()
+        pin = pins.get(id(self)) if pins else None
+        return pin[1] if pin is not None and pin[0] is self else self._state
 
     def _row_ids(self, prefixes: PrefixSpec, batch_size: Optional[int], entries: dict) -> list[int]:
         names = list(entries)
@@ -442,12 +547,11 @@ class PrefixBank(nn.Module):
                 if index is None:
                     index = {name: i for i, name in enumerate(names)}
                 rows.append(index[p])
-            elif isinstance(p, int) and not isinstance(p, bool):
+            else:
+                p = _as_id(p)
                 if not -1 <= p < n:
                     raise ValueError(f"prefix id {p} out of range [-1, {n}) (known prefixes: {names})")
                 rows.append(p)
-            else:
-                raise TypeError(f"each prefix must be a name, an int id or None, got {p!r}")
         return self._broadcast(rows, batch_size)
 
     @staticmethod
@@ -465,7 +569,7 @@ class PrefixBank(nn.Module):
         """The :class:`PrefixSelection` of a batch (see :meth:`ids` for ``prefixes``).
 
         Only the unique entries used are gathered; a batch that uses one entry gets a view of it."""
-        version, entries = self._state  # one snapshot for the whole call
+        version, entries = self._snapshot()  # one snapshot for the whole call
         rows = self._row_ids(prefixes, batch_size, entries)
         device = self.device if device is None else torch.device(device)
         names = list(entries)
@@ -489,6 +593,10 @@ class PrefixBank(nn.Module):
         prefix_lens = torch.tensor(lens, dtype=torch.long, device=device)
         L, Hkv, D = self.num_layers, self.num_kv_heads, self.head_dim
         trainable = any(e is not None and e.kv is None for e in sel_entries)
+        if trainable and all(e is None or e.kv is not None or hasattr(e.module, "layer_kv")
+                             for e in sel_entries):
+            return self._per_layer_selection(sel_entries, lens, prefix_ids, prefix_lens,
+                                             sel_names, version, device)
         if len(sel_entries) == 1:
             e = sel_entries[0]
             if e is None:
@@ -517,6 +625,24 @@ class PrefixBank(nn.Module):
                     while len(self._cache) > _CACHE_SIZE:
                         self._cache.popitem(last=False)
         return sel
+
+    def _per_layer_selection(self, sel_entries, lens, prefix_ids, prefix_lens, sel_names,
+                             version, device) -> PrefixSelection:
+        """A selection with trainable entries, each layer's prefix computed when read (see
+        :class:`_PerLayerSelection`); several entries are padded and stacked per layer."""
+        pmax = max(lens)
+
+        def layer_fn(layer_idx: int) -> Tensor:
+            parts = [self._entry_layer(e, layer_idx, device) for e in sel_entries]
+            if len(parts) == 1:
+                return parts[0].unsqueeze(1)
+            return torch.stack([torch.nn.functional.pad(t, (0, 0, 0, pmax - n))
+                                for t, n in zip(parts, lens)], dim=1)
+
+        shape = (self.num_layers, 2, len(sel_entries), self.num_kv_heads, pmax, self.head_dim)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return _PerLayerSelection(layer_fn, shape, itemsize, prefix_ids, prefix_lens, sel_names,
+                                  version)
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
@@ -549,7 +675,8 @@ class PrefixBank(nn.Module):
         with self._lock:
             version, entries = self._state
             probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
-            moved = {n: (dataclasses.replace(e, kv=fn(e.kv)) if e.kv is not None else e) for n, e in entries.items()}
+            moved = {n: (dataclasses.replace(e, kv=_normal_tensor(fn(e.kv))) if e.kv is not None else e)
+                     for n, e in entries.items()}
             self.dtype, self.device = probe.dtype, probe.device
             self._state = (version + 1, moved)
             self._cache.clear()
@@ -567,9 +694,11 @@ class PrefixBank(nn.Module):
 
     def save_peft(self, name: str, adapter_dir: str) -> None:
         """Write entry ``name`` as a PEFT adapter folder (a trainable entry is folded: ``module()``
-        under no_grad)."""
+        under no_grad, in its parameters' dtype, float32 as PEFT writes it, not rounded to a
+        bf16/fp16 model's). Only the prefix is written: a head trained beside it (PEFT's
+        ``modules_to_save``) is the model's to save."""
         with torch.no_grad():
-            kv = self.entry_kv(name)
+            kv = self._materialize(self._lookup(self._state[1], name), cast=False)
         model = self.model
         base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         peft_format.write_peft_adapter(adapter_dir, kv, base_model_name_or_path=base)
@@ -626,7 +755,7 @@ class PrefixBank(nn.Module):
         tensors, names, kinds = {}, [], []
         with torch.no_grad():
             for i, (name, entry) in enumerate(entries.items()):
-                tensors[f"entry_{i}"] = self._materialize(entry).detach().cpu().contiguous()
+                tensors[f"entry_{i}"] = self._materialize(entry, cast=False).detach().cpu().contiguous()
                 names.append(name)
                 kinds.append("prompt" if entry.kind == "prompt" else "fixed")  # trainable ones are folded
         meta = {

@@ -20,9 +20,10 @@ How ``prefixes=`` reaches the attention: ``install_hooks(model)`` (called by
 shifts ``position_ids`` by each row's prefix length (PEFT numbers the tokens after a prefix of
 length P from P) and passes the selection down as the keyword ``prefix_selection``.
 ``prefixes`` is a list of names / bank ids / None ("" = None) per row, a LongTensor of bank ids,
-or one name for every row; a list of n entries for a batch of n * k rows is repeated k times
-per row (``repeat_interleave``), which is how ``generate`` expands rows for
-``num_return_sequences`` and beams (an id tensor passed to ``generate`` is expanded by it). Every
+or one name for every row. ``register()`` wraps ``GenerationMixin.generate`` (a no-op without
+``prefixes=`` and a bank): it turns the list into an id tensor, which generate expands with the
+rows for ``num_return_sequences`` and beams, and pins the bank for the call
+(``PrefixBank.pinned``: other tenants' changes do not reach a running request). Every
 supported family forwards ``**kwargs`` from the model's forward to the attention function,
 and keywords survive gradient checkpointing (HF checkpoints ``partial(forward, **kwargs)``),
 which a context variable would not (the backward replay runs outside the forward's context).
@@ -155,10 +156,14 @@ def packed_from_positions(position_ids, batch_size: int, length: int):
     if (position_ids is None or batch_size != 1 or length < 2 or position_ids.dim() != 2
             or position_ids.shape != (1, length) or torch.compiler.is_compiling()):
         return None
+    ids = None
+    if position_ids.is_inference():  # no version counter to key a cache on: check each time
+        if bool((torch.diff(position_ids, dim=-1) < 0).any()):
+            ids = sequence_ids(position_ids)
+        return ids
     cached = _PACKED_BY_POSITIONS.get(id(position_ids))
     if cached is not None and cached[0]() is position_ids and cached[1] == position_ids._version:
         return cached[2]
-    ids = None
     if bool((torch.diff(position_ids, dim=-1) < 0).any()):
         ids = sequence_ids(position_ids)
     if len(_PACKED_BY_POSITIONS) >= 64:
@@ -430,23 +435,44 @@ def _batch_and_length(kwargs):
     raise ValueError("prefixes= needs input_ids or inputs_embeds")
 
 
-def _rows_for(bank, prefixes, batch_size):
-    """Normalise ``prefixes`` for ``bank.select``: "" -> None, and a list / id tensor of
-    ``n`` rows for a batch of ``n * k`` rows is repeated row-wise (generate's expansion for
-    ``num_return_sequences`` and beams: ``repeat_interleave``)."""
+def _rows_for(prefixes):
+    """Normalise ``prefixes`` for ``bank.select``: "" -> None (a name per row, or one name)."""
     if isinstance(prefixes, (list, tuple)):
-        prefixes = [None if p == "" else p for p in prefixes]
-        n = len(prefixes)
-        if n not in (1, batch_size) and n > 0 and batch_size % n == 0:
-            return bank.ids(prefixes).repeat_interleave(batch_size // n)
-        return prefixes
-    if isinstance(prefixes, torch.Tensor) and prefixes.dim() == 1:
-        n = prefixes.numel()
-        if n not in (1, batch_size) and n > 0 and batch_size % n == 0:
-            return prefixes.repeat_interleave(batch_size // n)
+        return [None if isinstance(p, str) and p == "" else p for p in prefixes]
     if isinstance(prefixes, str) and prefixes == "":
         return None
     return prefixes
+
+
+def _generate_batch_size(args, kwargs) -> Optional[int]:
+    for t in (args[0] if args else None, kwargs.get("inputs"), kwargs.get("input_ids"),
+              kwargs.get("inputs_embeds")):
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            return t.shape[0]
+    return None
+
+
+def _wrap_generate(generate):
+    """``GenerationMixin.generate`` for models with a prefix bank and ``prefixes=``: the names
+    become an id tensor ``[B]`` before generate starts (generate then expands it with the rows,
+    for beams and ``num_return_sequences``, as it does every tensor keyword; a list it would
+    pass on unexpanded), and the bank is pinned for the whole call (a request keeps its
+    prefixes while other tenants change the bank). Anything else: generate unchanged."""
+
+    @functools.wraps(generate)
+    def wrapper(self, *args, **kwargs):
+        bank = self.__dict__.get("_modules", {}).get("prefix_bank")
+        prefixes = kwargs.get(PREFIXES_KWARG)
+        if bank is None or prefixes is None:
+            return generate(self, *args, **kwargs)
+        with bank.pinned():
+            B = _generate_batch_size(args, kwargs)
+            if B is not None and not isinstance(prefixes, torch.Tensor):
+                kwargs[PREFIXES_KWARG] = bank.ids(_rows_for(prefixes), B)
+            return generate(self, *args, **kwargs)
+
+    wrapper._prefix_attn_wrapped = True
+    return wrapper
 
 
 def _padding_numbered(model) -> Optional[int]:
@@ -562,7 +588,7 @@ def _pre_hook(model, args, kwargs):
         row_lens = sel.row_lens.to(device)
         kwargs["position_ids"] = kwargs["position_ids"].expand(B, S) + row_lens[sel.packed_seq_ids]
     else:
-        sel = bank.select(_rows_for(bank, prefixes, B), B, device=device)
+        sel = bank.select(_rows_for(prefixes), B, device=device)
         row_lens = sel.row_lens.to(device)
         if "position_ids" in _forward_params(model) and bool((row_lens > 0).any()):
             pos = _positions_after_prefix(model, kwargs, S, row_lens, device)
@@ -674,6 +700,12 @@ def register() -> bool:
             TransformersKwargs.__optional_keys__ = frozenset(keys | {PREFIXES_KWARG, SELECTION_KWARG})
     except ImportError:
         pass
+    try:
+        from transformers.generation.utils import GenerationMixin
+    except ImportError:
+        GenerationMixin = None
+    if GenerationMixin is not None and not getattr(GenerationMixin.generate, "_prefix_attn_wrapped", False):
+        GenerationMixin.generate = _wrap_generate(GenerationMixin.generate)
     _registered = True
     return True
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -76,6 +77,13 @@ def _read_tensor(adapter_dir: str) -> tuple[str, torch.Tensor]:
         raise FileNotFoundError(f"PEFT adapter weights missing: neither {st_path!r} nor {bin_path!r} exists")
     if TENSOR_KEY not in tensors:
         raise AdapterError(f"{path}: no tensor {TENSOR_KEY!r} (found {sorted(tensors)})")
+    others = sorted(k for k in tensors if k != TENSOR_KEY)
+    if others:  # PEFT's modules_to_save (a trained classification head, say): not a prefix
+        warnings.warn(
+            f"{path} holds tensors besides the prefix, which are not loaded: {others[:8]}"
+            f"{' ...' if len(others) > 8 else ''} (PEFT's modules_to_save, e.g. a trained "
+            "head; their keys are relative to the PeftModel: load them into the model yourself, "
+            "or use prefix_attn.from_peft on the PeftModel, which keeps them)", stacklevel=4)
     return path, tensors[TENSOR_KEY]
 
 

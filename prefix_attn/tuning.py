@@ -70,6 +70,21 @@ class PrefixParameters(nn.Module):
         L, H, D, P = self.num_layers, self.num_kv_heads, self.head_dim, self.num_virtual_tokens
         return self.rows().view(P, L, 2, H, D).permute(1, 2, 3, 0, 4)
 
+    def layer_kv(self, layer_idx: int) -> torch.Tensor:
+        """``forward()[layer_idx]``, ``[2, Hkv, P, D]``, computing that layer's part only (the
+        projection's last Linear restricted to the layer's rows): the bank builds each layer's
+        prefix when the layer reads it, so each has its own autograd graph."""
+        H, D, P = self.num_kv_heads, self.head_dim, self.num_virtual_tokens
+        width = 2 * H * D
+        cols = slice(layer_idx * width, (layer_idx + 1) * width)
+        if self.transform is None:
+            rows = self.embedding.weight[:, cols]
+        else:
+            first, act, last = self.transform
+            bias = None if last.bias is None else last.bias[cols]
+            rows = nn.functional.linear(act(first(self.embedding.weight)), last.weight[cols], bias)
+        return rows.view(P, 2, H, D).permute(1, 2, 0, 3)
+
     def extra_repr(self) -> str:
         return (f"L={self.num_layers}, Hkv={self.num_kv_heads}, D={self.head_dim}, "
                 f"P={self.num_virtual_tokens}, projection={self.projection}")
@@ -94,6 +109,13 @@ def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
     :func:`trainable_parameters`).
     """
     bank = PrefixBank.attach(model)
+    module = PrefixParameters(bank.num_layers, bank.num_kv_heads, bank.head_dim,
+                              num_virtual_tokens, projection_hidden_size, device=bank.device)
+    _add_trainable(model, bank, name, module)
+    return module
+
+
+def _add_trainable(model: nn.Module, bank: PrefixBank, name: str, module: PrefixParameters) -> None:
     if name in bank:  # replacing would orphan the parameters an optimizer may already hold
         raise ValueError(f"a prefix named {name!r} is already in the bank ({bank.kind(name)}); "
                          f"choose another name or remove it first: model.prefix_bank.remove({name!r})")
@@ -101,10 +123,7 @@ def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
     if not len(bank.trainable):  # the first prefix freezes the base; later ones keep what the
         for p in model.parameters():  # user unfroze since (e.g. a classification head)
             p.requires_grad_(False)
-    module = PrefixParameters(bank.num_layers, bank.num_kv_heads, bank.head_dim,
-                              num_virtual_tokens, projection_hidden_size, device=bank.device)
     bank.add_trainable(name, module)
-    return module
 
 
 def from_peft(peft_model, trainable: bool = True) -> nn.Module:
@@ -112,8 +131,10 @@ def from_peft(peft_model, trainable: bool = True) -> nn.Module:
     its prefix-tuning adapters in ``model.prefix_bank`` under the adapter's name.
 
     ``trainable=True``: every adapter becomes a trainable prefix (:func:`prefix_tuning`)
-    initialised from PEFT's prompt encoder, MLP reparameterisation included, so training goes
-    on where PEFT left off, now with gradient checkpointing and a prefix per row;
+    initialised from PEFT's prompt encoder, MLP reparameterisation included (an adapter loaded
+    from disk has none: PEFT saves the folded K/V, which then train as a plain prefix), so
+    training goes on where PEFT left off, now with gradient checkpointing and a prefix per row;
+    base modules PEFT trains (``modules_to_save``: a classification head) stay trainable;
     ``trainable=False``: plain K/V entries (PEFT's ``prompt_embeddings``), for serving. The
     PEFT model's prompt encoders are copied, not shared: use the returned model from here on.
     """
@@ -127,21 +148,34 @@ def from_peft(peft_model, trainable: bool = True) -> nn.Module:
             raise ValueError(f"adapter {name!r} is {kind}, not a prefix-tuning adapter")
     encoders = peft_model.prompt_encoder
     model = peft_model.get_base_model()
+    # PEFT's own trainable base modules (modules_to_save: a classification head) stay trainable
+    keep = [p for p in model.parameters() if p.requires_grad] if trainable else []
     bank = PrefixBank.attach(model)
-    for name, cfg in configs.items():
-        hidden = cfg.encoder_hidden_size if getattr(cfg, "prefix_projection", False) else None
+    dims = (bank.num_layers, bank.num_kv_heads, bank.head_dim)
+    modules = {}
+    for name, cfg in configs.items():  # every adapter read before the model is changed
+        encoder = encoders[name]
+        # PEFT builds the MLP only for training (prefix_projection and not inference_mode): an
+        # adapter loaded from disk holds the folded prompt_embeddings whatever its config says
+        transform = getattr(encoder, "transform", None)
+        hidden = cfg.encoder_hidden_size if isinstance(transform, nn.Module) else None
+        module = PrefixParameters(*dims, cfg.num_virtual_tokens, hidden, device=bank.device)
+        module.load_state_dict(encoder.state_dict())  # PEFT's PrefixEncoder names
+        modules[name] = module
+    taken = [name for name in modules if name in bank]
+    if taken:
+        raise ValueError(f"the bank already has prefixes named {taken}; from_peft adds each "
+                         f"adapter under its own name")
+    for name, module in modules.items():
         if trainable:
-            module = prefix_tuning(model, cfg.num_virtual_tokens, projection_hidden_size=hidden,
-                                   name=name)
+            _add_trainable(model, bank, name, module)
         else:
-            module = PrefixParameters(bank.num_layers, bank.num_kv_heads, bank.head_dim,
-                                      cfg.num_virtual_tokens, hidden, device=bank.device)
-        module.load_state_dict(encoders[name].state_dict())  # PEFT's PrefixEncoder names
-        if not trainable:
             _use_fused_attention(model)
             with torch.no_grad():
                 kv = module()
             bank.add(name, kv[:, 0], kv[:, 1])
+    for p in keep:
+        p.requires_grad_(True)
     return model
 
 

@@ -139,7 +139,7 @@ def test_miscounted_prefixes_on_a_padded_batch_raise():
     for n in (3, 4):
         with pytest.raises(ValueError, match="padded"):
             model(ids, attention_mask=mask, position_ids=pos, prefixes=["a", "b", "a", "b"][:n])
-    with pytest.raises(ValueError, match="padded"):
+    with pytest.raises(ValueError, match="got 4 prefixes for a batch of 2 rows"):
         model.generate(ids, attention_mask=mask, prefixes=["a", "b", "a", "b"], max_new_tokens=2)
     with pytest.raises(ValueError, match="no such position_ids"):
         model(ids[1:], prefixes=["a", "b"])

@@ -324,3 +324,141 @@ def test_prefix_parameters_layout_is_peft_prompt_embeddings():
     assert torch.equal(kv[2, 1, 0, 4], rows[4, 2, 1, 0])  # layer 2, value, head 0, position 4
     with pytest.raises(ValueError):
         PrefixParameters(1, 1, 4, 0)
+
+
+@pytest.mark.parametrize("projection", [None, 16])
+def test_layer_kv_is_one_layer_of_forward(projection):
+    torch.manual_seed(0)
+    m = PrefixParameters(num_layers=3, num_kv_heads=2, head_dim=4, num_virtual_tokens=5,
+                         projection_hidden_size=projection)
+    full = m()
+    for layer in range(3):
+        torch.testing.assert_close(m.layer_kv(layer), full[layer], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("projection", [None, 16])
+def test_reentrant_checkpointing_same_grads(projection):
+    """use_reentrant=True runs one backward per layer: each layer's prefix has its own graph, so
+    a projection MLP (which saves tensors) is not walked twice (it raised 'backward through the
+    graph a second time'). Two prefixes in one batch, one of them projected."""
+    model = tiny_model("llama")
+    a = prefix_tuning(model, num_virtual_tokens=P, projection_hidden_size=projection, name="a")
+    prefix_tuning(model, num_virtual_tokens=P + 2, projection_hidden_size=8, name="b")
+    ids, mask, labels = _batch()
+    model.train()
+    rows = ["a", "b", "a"]
+
+    def step():
+        for p in trainable_parameters(model):
+            p.grad = None
+        loss = model(ids, attention_mask=mask, labels=labels, prefixes=rows).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainable_parameters(model)]
+
+    loss0, g0 = step()
+    enable = getattr(model, "activation_checkpointing_enable", None)  # newer name, else the old
+    (enable or model.gradient_checkpointing_enable)({"use_reentrant": True})
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    loss1, g1 = step()
+    torch.testing.assert_close(loss1, loss0)
+    assert len(g1) == len(g0) and a.embedding.weight.grad.abs().sum() > 0
+    for x, y in zip(g1, g0):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+def _perturbed_peft(projection, family="qwen2"):
+    _, _, pm = _pair(family, projection)
+    with torch.no_grad():
+        for p in pm.prompt_encoder.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return pm
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_from_peft_of_a_reloaded_projected_adapter(tmp_path, trainable):
+    """PEFT drops the projection MLP of an adapter loaded from disk (inference_mode): its
+    encoder holds the folded prompt_embeddings. from_peft took the layout from the config and
+    failed half-way (base frozen, a random prefix in the bank)."""
+    pm = _perturbed_peft(16)
+    pm.save_pretrained(str(tmp_path))
+    base = tiny_model("qwen2", attn_implementation="eager", **peft_comparable("qwen2"))
+    base.load_state_dict(pm.get_base_model().state_dict())
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    assert getattr(loaded.prompt_encoder["default"], "transform", None) is None  # what PEFT does
+    ids, mask, _ = _batch()
+    with torch.no_grad():
+        want = loaded(input_ids=ids, attention_mask=mask).logits
+    model = prefix_attn.from_peft(loaded, trainable=trainable)
+    with torch.no_grad():
+        got = model.eval()(ids, attention_mask=mask, prefixes=["default"] * 3).logits
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-5)
+
+
+def test_from_peft_changes_nothing_when_it_refuses():
+    pm = _perturbed_peft(None)
+    base = pm.get_base_model()
+    bank = prefix_attn.PrefixBank.attach(base)
+    bank.add("default", *torch.randn(2, bank.num_layers, bank.num_kv_heads, 3, bank.head_dim))
+    impl = base.config._attn_implementation
+    for p in base.parameters():  # a base the user unfroze: from_peft must not freeze it
+        p.requires_grad_(True)
+    with pytest.raises(ValueError, match="already has prefixes named \\['default'\\]"):
+        prefix_attn.from_peft(pm)
+    assert base.prefix_bank.kind("default") == "fixed" and not len(base.prefix_bank.trainable)
+    assert base.config._attn_implementation == impl
+    assert all(p.requires_grad for p in base.parameters())
+
+
+def test_from_peft_keeps_modules_to_save_trainable():
+    """A PEFT sequence-classification adapter trains its head (modules_to_save): from_peft kept
+    only the prefix trainable."""
+    from transformers import AutoModelForSequenceClassification
+    from prefix_attn.tiny import tiny_config
+
+    cfg = tiny_config("llama")
+    cfg.num_labels = 3
+    base = AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager")
+    pm = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P))
+    heads = {n for n, p in pm.get_base_model().named_parameters() if p.requires_grad}
+    assert heads and all("score" in n for n in heads)
+    model = prefix_attn.from_peft(pm, trainable=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert heads <= trainable
+    assert {n for n in trainable - heads} == {"prefix_bank.trainable.default.embedding.weight"}
+
+
+def test_load_peft_warns_about_tensors_it_does_not_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model("llama")
+    prefix_tuning(model, num_virtual_tokens=P)
+    model.prefix_bank.save_peft("default", str(tmp_path))
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    tensors["base_model.score.weight"] = torch.randn(3, 32)
+    save_file(tensors, str(path))
+    with pytest.warns(UserWarning, match=r"not loaded: \['base_model.score.weight'\].*modules_to_save"):
+        model.prefix_bank.load_peft("again", str(tmp_path))
+    assert model.prefix_bank.names() == ["default", "again"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_saved_prefix_keeps_its_float32(tmp_path, dtype):
+    """A prefix trained on a bf16/fp16 model has float32 parameters; save_peft and bank.save
+    wrote them rounded to the model's dtype (a 1e-3 update mostly lost), PEFT writes float32."""
+    from safetensors.torch import load_file
+
+    model = tiny_model("llama").to(dtype)
+    module = prefix_tuning(model, num_virtual_tokens=P)
+    with torch.no_grad():
+        module.embedding.weight.add_(1e-3 * torch.randn_like(module.embedding.weight))
+    bank = model.prefix_bank
+    bank.save_peft("default", str(tmp_path / "peft"))
+    saved = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))["prompt_embeddings"]
+    assert saved.dtype == torch.float32 and torch.equal(saved, module.rows().detach())
+    bank.save(str(tmp_path / "bank"))
+    saved = load_file(str(tmp_path / "bank" / "prefix_bank.safetensors"))["entry_0"]
+    assert saved.dtype == torch.float32 and torch.equal(saved, module().detach())
+    loaded = prefix_attn.PrefixBank.load(str(tmp_path / "bank"), tiny_model("llama").to(dtype))
+    assert loaded.get("default")[0].dtype == dtype  # cast on load, as load_peft does

@@ -1,0 +1,158 @@
+"""Serving through the Python API: inference mode, ids from request tables, exact row counts,
+and a request isolated from other tenants' bank changes while it generates."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from prefix_attn.bank import PrefixBank
+from prefix_attn.tiny import tiny_model
+
+pytestmark = pytest.mark.hf
+
+
+def _served(names=("A", "B")):
+    model = tiny_model("llama", vocab_size=64).eval()
+    bank = PrefixBank.attach(model)
+    g = torch.Generator().manual_seed(3)
+    for i, name in enumerate(names):
+        bank.add(name, *(2 * torch.randn(2, bank.num_layers, bank.num_kv_heads, 3 + i,
+                                         bank.head_dim, generator=g)))
+    return model, bank
+
+
+def _ids(B=1, S=5, seed=0):
+    return torch.randint(3, 64, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+def test_batch_of_one_under_inference_mode():
+    """A one-row forward read position_ids' version counter, which inference tensors lack:
+    every request of one row (and every add_prompt) failed under torch.inference_mode()."""
+    model, bank = _served()
+    x = _ids()
+    with torch.no_grad():
+        want = model(x, prefixes=["A"]).logits
+        plain = model(x).logits
+        tokens = model.generate(x, prefixes=["A"], max_new_tokens=3, do_sample=False)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x, prefixes=["A"]).logits, want)
+        torch.testing.assert_close(model(x).logits, plain)
+        assert torch.equal(model.generate(x, prefixes=["A"], max_new_tokens=3, do_sample=False), tokens)
+        bank.add_prompt("p", x[0])
+    assert bank.entry_len("p") == x.shape[1]
+
+
+def test_entries_added_under_inference_mode_work_with_autograd():
+    """An entry stored as an inference tensor broke every later forward that records autograd
+    ('Inference tensors cannot be saved for backward')."""
+    model, bank = _served(names=())
+    kv = torch.randn(2, bank.num_layers, bank.num_kv_heads, 3, bank.head_dim)
+    with torch.inference_mode():
+        bank.add("A", *kv)
+        bank.add_prompt("p", _ids()[0])
+        model.to(torch.float32)  # _apply under inference mode
+    assert not bank.get("A")[0].is_inference() and not bank.get("p")[0].is_inference()
+    x = _ids(seed=1)
+    emb = model.get_input_embeddings()(x).detach().requires_grad_()
+    model(inputs_embeds=emb, prefixes=["A"]).logits.sum().backward()
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+
+
+def test_ids_from_numpy_and_zero_dim_tensors():
+    model, bank = _served()
+    x = _ids(B=2)
+    with torch.no_grad():
+        want = model(x, prefixes=[0, None]).logits
+        for rows in (list(np.array([0, -1])), list(torch.tensor([0, -1])), [np.int32(0), None]):
+            torch.testing.assert_close(model(x, prefixes=rows).logits, want)
+    for bad in ([np.float64(0.0), None], [torch.tensor(0.0), None], [np.bool_(True), None],
+                [torch.tensor([0]), None]):
+        with pytest.raises(TypeError, match="each prefix must be a name, an int id or None"):
+            bank.ids(bad)
+
+
+def test_prefix_count_must_match_the_rows():
+    """A 4-row batch given 2 names became [A, A, B, B] (generate's row expansion applied to
+    every call): rows answered with another tenant's prefix. Now one per row, or one for all."""
+    model, bank = _served()
+    x = _ids(B=4)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="got 2 prefixes for a batch of 4 rows"):
+            model(x, prefixes=["A", "B"])
+        with pytest.raises(ValueError, match="got 2 prefixes for a batch of 4 rows"):
+            model.generate(x, prefixes=["A", "B"], max_new_tokens=2)
+        with pytest.raises(ValueError, match="got 2 prefixes for a batch of 4 rows"):
+            model(x, prefixes=bank.ids(["A", "B"]))
+        one = model(x, prefixes=["B"]).logits  # one name: every row
+        torch.testing.assert_close(one, model(x, prefixes=["B"] * 4).logits)
+
+
+def test_generate_expands_row_prefixes_for_beams_and_samples():
+    """generate turns names into an id tensor that it expands with the rows (beams,
+    num_return_sequences): each returned sequence keeps its row's prefix."""
+    model, bank = _served()
+    x = _ids(B=2, seed=4)
+    with torch.no_grad():
+        beams = model.generate(x, prefixes=["A", "B"], num_beams=2, num_return_sequences=2,
+                               max_new_tokens=3, do_sample=False)
+        for row, name in enumerate(["A", "B"]):
+            alone = model.generate(x[row:row + 1], prefixes=[name], num_beams=2,
+                                   num_return_sequences=2, max_new_tokens=3, do_sample=False)
+            assert torch.equal(beams[2 * row:2 * row + 2], alone)
+
+
+def _changing_bank_during(model, prefixes, change):
+    """Greedy tokens of one row when ``change`` runs after the first decode step."""
+    steps = []
+
+    def hook(module, args, kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            change()
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            return model.generate(_ids(seed=5), prefixes=prefixes, max_new_tokens=6, do_sample=False)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("change", ["remove_other", "replace", "remove_own"])
+def test_a_running_generate_keeps_its_prefixes(change):
+    """Each decode step read the live bank: another tenant's removal shifted ids (the row
+    switched prefix mid-answer), a replaced entry mixed two prompts, a removed one raised
+    KeyError half-way. generate now pins the bank for its call."""
+    model, bank = _served(names=("other", "A", "B"))
+    with torch.no_grad():
+        want = model.generate(_ids(seed=5), prefixes=["A"], max_new_tokens=6, do_sample=False)
+    new_kv = torch.randn(2, bank.num_layers, bank.num_kv_heads, 4, bank.head_dim)
+    act = {"remove_other": lambda: bank.remove("other"),
+           "replace": lambda: bank.add("A", *new_kv),
+           "remove_own": lambda: bank.remove("A")}[change]
+    rows = [bank.id_of("A")] if change == "remove_other" else ["A"]  # ids shift on a removal
+    got = _changing_bank_during(model, rows, act)
+    assert torch.equal(got, want)
+    if change == "replace":  # the next request sees the new entry
+        with torch.no_grad():
+            after = model.generate(_ids(seed=5), prefixes=["A"], max_new_tokens=6, do_sample=False)
+        assert not torch.equal(after, want)
+
+
+def test_pinned_is_per_thread():
+    """A pin holds for its own thread only: another thread sees the bank's changes."""
+    _, bank = _served()
+    seen = {}
+    with bank.pinned():
+        bank.remove("A")
+        assert bank.ids(["B"]).tolist() == [1]  # the pinned snapshot: B is still id 1
+
+        def other():
+            seen["ids"] = bank.ids(["B"]).tolist()
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert seen["ids"] == [0]
+    assert bank.ids(["B"]).tolist() == [0]
