@@ -208,12 +208,19 @@ def padding_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Opt
     if seq_ids is not None:
         return seq_ids
     pattern = mask_pattern(mask_function)
-    q_off, kv_off = int(q_offset), int(kv_offset)
-    # The kernel's causal diagonal is bottom-right aligned: own key j is visible to query i iff
-    # j <= kv_length - q_length + i, which is HF's kv_idx <= q_idx when the offsets agree.
-    aligned = q_off - kv_off == kv_length - q_length
-    # A single query (decode on a static cache): keys after it are masked out as padding instead.
-    trim_future = not aligned and q_length == 1 and pattern == "causal"
+    kv_off = int(kv_offset)
+    if (q_length == 1 and pattern == "causal" and isinstance(q_offset, torch.Tensor)
+            and torch.compiler.is_compiling()):
+        # a compiled decode step (static cache): q_offset stays a tensor (int() would break
+        # the graph); masking the keys after the query is right whether or not it is aligned
+        q_off, aligned, trim_future = q_offset, False, True
+    else:
+        q_off = int(q_offset)
+        # The kernel's causal diagonal is bottom-right aligned: own key j is visible to query i
+        # iff j <= kv_length - q_length + i, which is HF's kv_idx <= q_idx when offsets agree.
+        aligned = q_off - kv_off == kv_length - q_length
+        # A single query (decode on a static cache): keys after it are masked out as padding.
+        trim_future = not aligned and q_length == 1 and pattern == "causal"
     if pattern is None or (pattern != "full" and not aligned and not trim_future):
         return _dense_mask(mu, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
                            attention_mask, device)

@@ -156,3 +156,30 @@ def test_pinned_is_per_thread():
         t.join()
     assert seen["ids"] == [0]
     assert bank.ids(["B"]).tolist() == [0]
+
+
+def test_compiled_static_cache_decode_has_no_graph_break():
+    """generate's auto-compile of static-cache decode steps broke the graph in the mask
+    function (int() of the traced query offset) on every step; sdpa's has none. CPU: compile
+    forced (transformers compiles only on CUDA by default), dynamo's cheap eager backend."""
+    import torch._dynamo
+    from transformers import CompileConfig
+
+    cc = CompileConfig(backend="eager")
+    if not hasattr(cc, "_compile_all_devices"):
+        pytest.skip("this transformers has no CompileConfig._compile_all_devices")
+    cc._compile_all_devices = True
+    model, bank = _served()
+    bank.add_prompt("sys", torch.tensor([5, 9, 11, 3, 7]))
+    ids = torch.tensor([[0, 0, 4, 8, 15, 16], [23, 42, 7, 7, 9, 1]])
+    kw = dict(attention_mask=(ids != 0).long(), max_new_tokens=6, do_sample=False, pad_token_id=0,
+              prefixes=["sys", "A"])
+    with torch.no_grad():
+        want = model.generate(ids, **kw)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        got = model.generate(ids, cache_implementation="static", compile_config=cc, **kw)
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    torch._dynamo.reset()
+    assert torch.equal(got, want)
+    assert sum(breaks.values()) == 0, [k.splitlines()[0] for k in breaks]
