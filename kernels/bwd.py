@@ -31,8 +31,12 @@ from .fwd import dot_precision, head_block
 @triton.jit
 def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, stride_dh, stride_ds,
                Hq, Sq, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # one grid axis (m tiles of each row and query head in turn): B * Hq alone may exceed
+    # CUDA's 65535 limit on grid axes 1 and 2, and so may cdiv(Sq, BLOCK_M)
+    pid = tl.program_id(0)
+    m_tiles = tl.cdiv(Sq, BLOCK_M)
+    pid_bh = pid // m_tiles
+    pid_m = pid % m_tiles
     b = (pid_bh // Hq).to(tl.int64)
     hq = (pid_bh % Hq).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -439,7 +443,7 @@ def attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_pad
         return
 
     delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
-    wrap_triton(_bwd_delta)[(cdiv(Sq, 16), B * Hq)](
+    wrap_triton(_bwd_delta)[(B * Hq * cdiv(Sq, 16),)](
         out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2), Hq, Sq, D, BLOCK_M=16, BLOCK_D=block_d)
 

@@ -161,8 +161,12 @@ def _cascade_own(Q, K, V, KPM, OP, LP,
 def _cascade_merge(OP, LP, OUT, LSE, slots, s_slot, Hq, Sq,
                    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # one grid axis (m tiles of each row and query head in turn): cdiv(Sq, BLOCK_M) on axis 1
+    # would exceed CUDA's 65535 limit there from Sq > 1048560 (a forced cascade)
+    pid = tl.program_id(0)
+    m_tiles = tl.cdiv(Sq, BLOCK_M)
+    pid_bh = pid // m_tiles
+    pid_m = pid % m_tiles
     b = (pid_bh // Hq).to(tl.int64)
     hq = (pid_bh % Hq).to(tl.int64)
     offs_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -314,7 +318,7 @@ def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_paddin
         BLOCK_M=block_m_own, num_warps=4, **common)
 
     # -- 3. exact merge ----
-    wrap_triton(_cascade_merge)[(B * Hq, cdiv(Sq, 16))](
+    wrap_triton(_cascade_merge)[(B * Hq * cdiv(Sq, 16),)](
         o_part, l_part, out, lse, slots, s_slot, Hq, Sq,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         D=D, BLOCK_M=16, BLOCK_D=head_block(D), num_warps=4)

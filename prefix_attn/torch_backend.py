@@ -27,10 +27,22 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _groups(prefix_ids: torch.Tensor, prefix_lens: torch.Tensor) -> List[Tuple[int, int, torch.Tensor]]:
-    """[(entry, length, rows)] for the entries in use with a non-zero length, in entry order."""
+def _groups(prefix_ids: torch.Tensor, prefix_lens: torch.Tensor,
+            P: int) -> List[Tuple[int, int, torch.Tensor]]:
+    """[(entry, length, rows)] for the entries in use with a non-zero length, in entry order.
+
+    Re-checks the ranges (the values are on the host here anyway): an id outside [0, N) would
+    otherwise pick an entry by Python's negative indexing, or fail with an IndexError, and a
+    length outside [0, P] would be clipped by slicing, if a value changed after validation."""
     ids = prefix_ids.tolist()
     lens = prefix_lens.tolist()
+    N = len(lens)
+    if any(not 0 <= n < N for n in ids):
+        raise ValueError(f"prefix_ids must lie in [0, {N}) for a bank of N={N}, got "
+                         f"values in [{min(ids)}, {max(ids)}]")
+    if any(not 0 <= L <= P for L in lens):
+        raise ValueError(f"prefix_lens must lie in [0, P={P}], got values in "
+                         f"[{min(lens)}, {max(lens)}]")
     rows: dict = {}
     for b, n in enumerate(ids):
         if lens[n] > 0:
@@ -124,7 +136,7 @@ def _fwd(a: AttnArgs):
     ct = _compute_dtype(a.q.dtype)
     out = torch.empty(B, Hq, Sq, D, dtype=a.q.dtype, device=a.q.device)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32 if ct == torch.float32 else ct, device=a.q.device)
-    groups = _groups(a.prefix_ids, a.prefix_lens)
+    groups = _groups(a.prefix_ids, a.prefix_lens, P)
     k, v = a.k.to(ct), a.v.to(ct)
     for i0, i1, qm in _chunks(a, ct):                                      # qm [B, Hkv, M, D]
         C, M = i1 - i0, qm.shape[2]
@@ -168,7 +180,7 @@ def _bwd(a: AttnArgs, dout, out, lse):
     dv = torch.zeros_like(dk)
     dpk = torch.zeros(N, Hkv, P, D, dtype=ct, device=dev)
     dpv = torch.zeros_like(dpk)
-    groups = _groups(a.prefix_ids, a.prefix_lens)
+    groups = _groups(a.prefix_ids, a.prefix_lens, P)
     for i0, i1, qm in _chunks(a, ct):                                      # qm [B, Hkv, M, D]
         C, M = i1 - i0, qm.shape[2]
         dom = dout[:, :, i0:i1].to(ct).reshape(B, Hkv, M, D)

@@ -35,7 +35,11 @@ MAX_HEAD_DIM = 256
 # can be neither traced nor run on fake tensors: the ops are then opaque custom ops with
 # shape-only fakes (same schema, same autograd); on GPU they are triton_ops.
 _define_op = custom_op if interpreting() else triton_op
-# CUDA caps grid axis 1 (rows x kv heads, entries x kv heads) at 65535 programs.
+# CUDA caps grid axes 1 and 2 at 65535 programs. The launches in kernels/ put only
+# B * Hkv (rows x kv heads) or N * Hkv (entries x kv heads) there, plus the prefix dK/dV
+# chunk count (at most 4 x the SM count) and Hkv; anything else that grows with the batch,
+# the heads or Sq (B * Hq in _bwd_delta and _cascade_merge) is folded into axis 0
+# (tests/test_numerics_edges.py checks every launch's grid).
 MAX_GRID_Y = 65535
 
 

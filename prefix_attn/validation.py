@@ -106,20 +106,25 @@ def _assert_in_range(t: torch.Tensor, lo: int, hi: int, message: str) -> None:
         torch._assert_async(((t >= lo) & (t <= hi)).all(), message)
 
 
-# (min, max) of index tensors already read, keyed weakly by the tensor and checked against its
-# version counter: an HF forward passes the same prefix_ids / prefix_lens to every layer, and
-# reading them is a host sync on GPU, so each is read once per forward instead of per layer.
+# (min, max) of device index tensors already read, keyed weakly by the tensor and checked
+# against its version counter and data pointer: an HF forward passes the same prefix_ids /
+# prefix_lens to every layer, and reading them is a host sync on GPU, so each is read once per
+# forward instead of per layer. CPU tensors are never cached: reading them is cheap, and their
+# values are easily rewritten without a version bump (through .numpy(), .data, a from_numpy
+# buffer refilled in numpy, DLPack), which would let a stale range pass an out-of-range id.
 _RANGES = WeakIdKeyDictionary()
 
 
 def _value_range(t: torch.Tensor) -> tuple:
     """(min, max) of a non-empty integer tensor."""
-    hit = _RANGES.get(t)
-    if hit is not None and hit[0] == t._version:
-        return hit[1], hit[2]
+    cache = t.device.type != "cpu" and not t.requires_grad and not torch.is_inference(t)
+    if cache:
+        hit = _RANGES.get(t)
+        if hit is not None and hit[0] == t._version and hit[1] == t.data_ptr():
+            return hit[2], hit[3]
     lo, hi = int(t.min()), int(t.max())
-    if not t.requires_grad and not torch.is_inference(t):
-        _RANGES[t] = (t._version, lo, hi)
+    if cache:
+        _RANGES[t] = (t._version, t.data_ptr(), lo, hi)
     return lo, hi
 
 

@@ -35,12 +35,28 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
   return __float2bfloat16_rn(x);
 }
 
-// tanh for the softcap, accurate to about 1e-7 absolute. Not tanhf: under --use_fast_math nvcc
-// turns tanhf into tanh.approx.f32 (MUFU.TANH, relative error up to ~1.1e-5), which put fp32
-// outputs 1.3e-5 off the reference on an H200. |x| >= 15 rounds to +-1 in fp32 anyway.
+// tanh for the softcap, accurate to a few 1e-7 *relative* (the score softcap * tanh(s / softcap)
+// then has the error of an fp32 rounding of itself, for any softcap). Not tanhf: under
+// --use_fast_math nvcc turns tanhf into tanh.approx.f32 (MUFU.TANH, relative error up to
+// ~1.1e-5), which put fp32 outputs 1.3e-5 off the reference on an H200. Not 1 - 2/(e^2x + 1)
+// alone either: it cancels for small |x| (about 6e-8 absolute, so softcap 1e4 gave scores
+// 6e-4 off). Same split as kernels/common.py `tanh`: the odd Taylor series (7 terms,
+// truncation < 2e-9 relative) for |x| < 0.4, the exp form on |x| with x's sign above it.
+// |x| >= 15 rounds to +-1 in fp32 anyway.
 __device__ __forceinline__ float softcap_tanh(float x) {
-  const float e = __expf(2.f * fminf(fmaxf(x, -15.f), 15.f));
-  return 1.f - 2.f / (e + 1.f);
+  const float ax = fabsf(x);
+  if (ax < 0.4f) {
+    const float x2 = x * x;
+    float p = 0.003592128036572481f;      // 21844/6081075
+    p = p * x2 - 0.008863235529902197f;   // 1382/155925
+    p = p * x2 + 0.021869488536155203f;   // 62/2835
+    p = p * x2 - 0.05396825396825397f;    // 17/315
+    p = p * x2 + 0.13333333333333333f;    // 2/15
+    p = p * x2 - 0.3333333333333333f;     // 1/3
+    return x + x * (x2 * p);
+  }
+  const float e = __expf(2.f * fminf(ax, 15.f));
+  return copysignf(1.f - 2.f / (e + 1.f), x);
 }
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
