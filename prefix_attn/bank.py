@@ -15,9 +15,7 @@ unique entries that the batch uses:
 - several entries: one stacked copy ``[L, 2, n, Hkv, Pmax, D]`` of the n entries used, padded to
   the longest of those n (``prefix_lens`` masks the padding). Selections of fixed entries are
   cached per (entries, device, bank version), so decode steps reuse the same stack; the cache
-  keeps the 8 most recent stacks and is dropped on every change of the bank;
-- trainable entries (a module with ``layer_kv``): each layer's part is computed when the layer
-  reads it, every call, so that every layer's prefix has its own autograd graph.
+  keeps the 8 most recent stacks and is dropped on every change of the bank.
 
 Concurrency: the entries live in one immutable snapshot ``(version, {name: entry})`` that writers
 replace as a whole under a lock (copy-on-write); readers take the snapshot once, so a reader never
@@ -112,51 +110,16 @@ class PrefixSelection:
 
     def layer(self, layer_idx: int) -> tuple[Tensor, Tensor]:
         """``(prefix_k, prefix_v)`` for one layer, each ``[n, Hkv, Pmax, D]`` (views, no copy)."""
-        if not 0 <= layer_idx < self.num_layers:
-            raise IndexError(f"layer_idx {layer_idx} out of range for {self.num_layers} layers")
-        kv = self._layer_kv(layer_idx)
+        if not 0 <= layer_idx < self._kv.shape[0]:
+            raise IndexError(f"layer_idx {layer_idx} out of range for {self._kv.shape[0]} layers")
+        kv = self._kv[layer_idx]
         return kv[0], kv[1]
-
-    def _layer_kv(self, layer_idx: int) -> Tensor:
-        return self._kv[layer_idx]
 
     def __repr__(self) -> str:
         return (
             f"PrefixSelection(names={self.names}, prefix_lens={self.prefix_lens.tolist()}, "
             f"rows={self.prefix_ids.numel()}, max_len={self.max_len})"
         )
-
-
-class _PerLayerSelection(PrefixSelection):
-    """A selection with trainable entries, computed one layer at a time when a layer reads it
-    (``layer_kv(l)`` of each module): every layer's prefix has its own autograd graph, so
-    reentrant activation checkpointing, which runs one backward per layer, never walks a graph
-    another layer's backward has freed (a projection MLP saves tensors); a layer recomputed by
-    checkpointing recomputes its prefix too. Same numbers as the stacked form."""
-
-    def __init__(self, layer_fn, shape: tuple, element_size: int, prefix_ids: Tensor,
-                 prefix_lens: Tensor, names: list, version: int):
-        super().__init__(None, prefix_ids, prefix_lens, names, version)
-        self._layer_fn, self._shape, self._element_size = layer_fn, shape, element_size
-
-    @property
-    def num_layers(self) -> int:
-        return self._shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self._shape[4]
-
-    @property
-    def nbytes(self) -> int:
-        return self._element_size * _numel(self._shape)
-
-    @property
-    def is_view(self) -> bool:
-        return False
-
-    def _layer_kv(self, layer_idx: int) -> Tensor:
-        return self._layer_fn(layer_idx)
 
 
 def _as_id(p) -> int:
@@ -179,13 +142,6 @@ def _normal_tensor(t: Tensor) -> Tensor:
         return t
     with torch.inference_mode(False):
         return t.clone()
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _model_dims(model: nn.Module) -> tuple[int, int, int]:
@@ -474,14 +430,6 @@ class PrefixBank(nn.Module):
         self._check_kv(out, f"trainable entry {entry.name!r}")
         return out.to(self.dtype) if cast else out
 
-    def _entry_layer(self, entry: Optional[_Entry], layer_idx: int, device) -> Tensor:
-        """``[2, Hkv, P, D]`` of one layer of an entry (length 0 for None), in the bank's dtype."""
-        if entry is None:
-            return torch.zeros(2, self.num_kv_heads, 0, self.head_dim, dtype=self.dtype, device=device)
-        if entry.kv is not None:
-            return entry.kv[layer_idx].to(device)
-        return entry.module.layer_kv(layer_idx).to(device=device, dtype=self.dtype)
-
     # -- names -> ids -> selection -----------------------------------------------------
     def ids(self, prefixes: PrefixSpec, batch_size: Optional[int] = None) -> Tensor:
         """LongTensor ``[B]`` of bank ids (-1 = no prefix) on the bank's device.
@@ -593,10 +541,6 @@ class PrefixBank(nn.Module):
         prefix_lens = torch.tensor(lens, dtype=torch.long, device=device)
         L, Hkv, D = self.num_layers, self.num_kv_heads, self.head_dim
         trainable = any(e is not None and e.kv is None for e in sel_entries)
-        if trainable and all(e is None or e.kv is not None or hasattr(e.module, "layer_kv")
-                             for e in sel_entries):
-            return self._per_layer_selection(sel_entries, lens, prefix_ids, prefix_lens,
-                                             sel_names, version, device)
         if len(sel_entries) == 1:
             e = sel_entries[0]
             if e is None:
@@ -625,24 +569,6 @@ class PrefixBank(nn.Module):
                     while len(self._cache) > _CACHE_SIZE:
                         self._cache.popitem(last=False)
         return sel
-
-    def _per_layer_selection(self, sel_entries, lens, prefix_ids, prefix_lens, sel_names,
-                             version, device) -> PrefixSelection:
-        """A selection with trainable entries, each layer's prefix computed when read (see
-        :class:`_PerLayerSelection`); several entries are padded and stacked per layer."""
-        pmax = max(lens)
-
-        def layer_fn(layer_idx: int) -> Tensor:
-            parts = [self._entry_layer(e, layer_idx, device) for e in sel_entries]
-            if len(parts) == 1:
-                return parts[0].unsqueeze(1)
-            return torch.stack([torch.nn.functional.pad(t, (0, 0, 0, pmax - n))
-                                for t, n in zip(parts, lens)], dim=1)
-
-        shape = (self.num_layers, 2, len(sel_entries), self.num_kv_heads, pmax, self.head_dim)
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return _PerLayerSelection(layer_fn, shape, itemsize, prefix_ids, prefix_lens, sel_names,
-                                  version)
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()

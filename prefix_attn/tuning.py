@@ -63,31 +63,53 @@ class PrefixParameters(nn.Module):
     def rows(self) -> torch.Tensor:
         """PEFT's ``prompt_embeddings``: ``[P, L * 2 * Hkv * D]``."""
         x = self.embedding.weight
-        return self.transform(x) if self.transform is not None else x
+        if self.transform is None:
+            return x
+        first, act, last = self.transform
+        if not (torch.is_grad_enabled() and isinstance(act, nn.Tanh)
+                and type(first) is nn.Linear and type(last) is nn.Linear):
+            return self.transform(x)
+        return _ProjectedRows.apply(x, first.weight, first.bias, last.weight, last.bias)
 
     def forward(self) -> torch.Tensor:
         """``[L, 2, Hkv, P, D]`` keys (index 0) and values (index 1) of every layer."""
         L, H, D, P = self.num_layers, self.num_kv_heads, self.head_dim, self.num_virtual_tokens
         return self.rows().view(P, L, 2, H, D).permute(1, 2, 3, 0, 4)
 
-    def layer_kv(self, layer_idx: int) -> torch.Tensor:
-        """``forward()[layer_idx]``, ``[2, Hkv, P, D]``, computing that layer's part only (the
-        projection's last Linear restricted to the layer's rows): the bank builds each layer's
-        prefix when the layer reads it, so each has its own autograd graph."""
-        H, D, P = self.num_kv_heads, self.head_dim, self.num_virtual_tokens
-        width = 2 * H * D
-        cols = slice(layer_idx * width, (layer_idx + 1) * width)
-        if self.transform is None:
-            rows = self.embedding.weight[:, cols]
-        else:
-            first, act, last = self.transform
-            bias = None if last.bias is None else last.bias[cols]
-            rows = nn.functional.linear(act(first(self.embedding.weight)), last.weight[cols], bias)
-        return rows.view(P, 2, H, D).permute(1, 2, 0, 3)
-
     def extra_repr(self) -> str:
         return (f"L={self.num_layers}, Hkv={self.num_kv_heads}, D={self.head_dim}, "
                 f"P={self.num_virtual_tokens}, projection={self.projection}")
+
+
+class _ProjectedRows(torch.autograd.Function):
+    """``Linear -> Tanh -> Linear`` of the prefix MLP with a backward that can run more than
+    once. Every layer reads the same folded prefix; under reentrant activation checkpointing
+    (``use_reentrant=True``) each layer runs its own backward through it, and the second one
+    found the saved tensors of ``nn.Sequential`` freed ("backward through the graph a second
+    time"). Here the two activations are kept on ``ctx`` (not ``save_for_backward``, which
+    frees them), so each layer's backward adds its part to the parameters' gradients. One
+    backward per step otherwise, as before; L under reentrant checkpointing (each one a whole
+    MLP backward)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        h = torch.tanh(nn.functional.linear(x, w1, b1))
+        ctx.x, ctx.h, ctx.w1, ctx.w2 = x, h, w1, w2
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        return nn.functional.linear(h, w2, b2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, h, w1, w2 = ctx.x, ctx.h, ctx.w1, ctx.w2
+        ct = h.dtype  # the forward's compute dtype (bf16 under autocast): grads in it, as
+        grad = grad.to(ct)  # autograd's would be, then cast to each parameter's dtype
+        gw2 = (grad.t() @ h).to(w2.dtype)
+        gb2 = grad.sum(0).to(w2.dtype) if ctx.has_b2 else None
+        ga = (grad @ w2.to(ct)) * (1 - h * h)  # through tanh
+        gw1 = (ga.t() @ x.to(ct)).to(w1.dtype)
+        gb1 = ga.sum(0).to(w1.dtype) if ctx.has_b1 else None
+        return (ga @ w1.to(ct)).to(x.dtype), gw1, gb1, gw2, gb2
 
 
 def _use_fused_attention(model: nn.Module) -> None:

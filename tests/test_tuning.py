@@ -326,14 +326,39 @@ def test_prefix_parameters_layout_is_peft_prompt_embeddings():
         PrefixParameters(1, 1, 4, 0)
 
 
-@pytest.mark.parametrize("projection", [None, 16])
-def test_layer_kv_is_one_layer_of_forward(projection):
+def test_projected_rows_backward_equals_autograd_and_runs_twice():
+    """The projection MLP's own backward: autograd's gradients, and two backwards through one
+    forward (what reentrant checkpointing does, one per layer) add up to one of the whole."""
     torch.manual_seed(0)
     m = PrefixParameters(num_layers=3, num_kv_heads=2, head_dim=4, num_virtual_tokens=5,
-                         projection_hidden_size=projection)
-    full = m()
-    for layer in range(3):
-        torch.testing.assert_close(m.layer_kv(layer), full[layer], rtol=1e-6, atol=1e-7)
+                         projection_hidden_size=6).double()
+    params = list(m.parameters())
+    g = torch.randn(5, 3 * 2 * 2 * 4, dtype=torch.float64)
+    want = torch.autograd.grad((m.transform(m.embedding.weight) * g).sum(), params)
+    out = m.rows()
+    torch.testing.assert_close(out, m.transform(m.embedding.weight))
+    (out[:, :10] * g[:, :10]).sum().backward()  # no retain_graph: a second backward follows
+    (out[:, 10:] * g[:, 10:]).sum().backward()
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.grad, w)
+
+
+def test_projected_rows_under_autocast_equal_the_sequential_mlp():
+    torch.manual_seed(0)
+    m = PrefixParameters(num_layers=2, num_kv_heads=2, head_dim=4, num_virtual_tokens=5,
+                         projection_hidden_size=6)
+    params = list(m.parameters())
+    g = torch.randn(5, 2 * 2 * 2 * 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_out = m.transform(m.embedding.weight)
+        out = m.rows()
+    want = torch.autograd.grad((want_out.float() * g).sum(), params)
+    got = torch.autograd.grad((out.float() * g).sum(), params)
+    assert out.dtype == want_out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want_out)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
 
 
 @pytest.mark.parametrize("projection", [None, 16])
