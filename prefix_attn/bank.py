@@ -42,7 +42,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from prefix_attn import atomic, peft_format
+from prefix_attn import atomic, peft_format, validation
 
 __all__ = ["PrefixBank", "PrefixSelection"]
 
@@ -76,16 +76,20 @@ class PrefixSelection:
             rows without prefix point at an entry of length 0.
         prefix_lens: LongTensor ``[n]``, the length of each selected entry.
         row_lens: LongTensor ``[B]``, the prefix length of each row (tokens after it start there).
+        host_row_lens: the same as a list of ints (None if unknown): what the HF hooks decide
+            on without reading the device.
         names: list of n bank names (``None`` for the empty "no prefix" entry).
         version: the bank version this selection was built from.
     """
 
-    def __init__(self, kv: Tensor, prefix_ids: Tensor, prefix_lens: Tensor, names: list, version: int):
+    def __init__(self, kv: Tensor, prefix_ids: Tensor, prefix_lens: Tensor, names: list, version: int,
+                 host_row_lens: Optional[list] = None):
         # kv: [L, 2, n, Hkv, Pmax, D]
         self._kv = kv
         self.prefix_ids = prefix_ids
         self.prefix_lens = prefix_lens
         self.row_lens = prefix_lens[prefix_ids]
+        self.host_row_lens = host_row_lens
         self.names = names
         self.version = version
 
@@ -132,6 +136,10 @@ def _as_id(p) -> int:
     if not ok:
         raise TypeError(f"each prefix must be a name, an int id or None, got {p!r}")
     return operator.index(p) if not isinstance(p, Tensor) else int(p)
+
+
+def _version_of(t: Tensor) -> Optional[int]:
+    return None if t.is_inference() else t._version
 
 
 def _normal_tensor(t: Tensor) -> Tensor:
@@ -265,7 +273,7 @@ class PrefixBank(nn.Module):
                 if old is not None and old.module_key is not None and replaced:
                     dropped.append(old.module_key)
             self._state = (version + 1, new_entries)
-            self._cache.clear()
+            self._clear_caches()
             for key in dropped:
                 del self.trainable[key]
 
@@ -344,7 +352,7 @@ class PrefixBank(nn.Module):
         with self._lock:
             version, entries = self._state
             self._state = (version + 1, {})
-            self._cache.clear()
+            self._clear_caches()
             for key in list(self.trainable.keys()):
                 del self.trainable[key]
 
@@ -419,7 +427,7 @@ class PrefixBank(nn.Module):
     def clear_cache(self) -> None:
         """Drop the cached selections (they are rebuilt on demand)."""
         with self._lock:
-            self._cache.clear()
+            self._clear_caches()
 
     def _materialize(self, entry: _Entry, cast: bool = True) -> Tensor:
         """``[L, 2, Hkv, P, D]`` of an entry; a trainable one in the bank's dtype unless
@@ -431,14 +439,15 @@ class PrefixBank(nn.Module):
         return out.to(self.dtype) if cast else out
 
     # -- names -> ids -> selection -----------------------------------------------------
-    def ids(self, prefixes: PrefixSpec, batch_size: Optional[int] = None) -> Tensor:
-        """LongTensor ``[B]`` of bank ids (-1 = no prefix) on the bank's device.
+    def ids(self, prefixes: PrefixSpec, batch_size: Optional[int] = None,
+            device: Optional[Union[str, torch.device]] = None) -> Tensor:
+        """LongTensor ``[B]`` of bank ids (-1 = no prefix) on ``device`` (default: the bank's).
 
         ``prefixes``: a list of names / ints / None per row, a LongTensor ``[B]`` of ids, or a single
         name / id / None applied to every row (then ``batch_size`` is required; a 1-element list
         is broadcast the same way)."""
         return torch.tensor(self._row_ids(prefixes, batch_size, self._snapshot()[1]), dtype=torch.long,
-                            device=self.device)
+                            device=self.device if device is None else device)
 
     @contextlib.contextmanager
     def pinned(self):
@@ -530,15 +539,19 @@ class PrefixBank(nn.Module):
             if cached is not None:
                 self._cache.move_to_end(key)
         slot = {bank_id: j for j, bank_id in enumerate(used)}
-        prefix_ids = torch.tensor([slot[i] for i in rows], dtype=torch.long, device=device)
+        slots = tuple(slot[i] for i in rows)
+        lens = [entries[names[i]].length if i >= 0 else 0 for i in used]
+        host_row_lens = [lens[j] for j in slots]
+        prefix_ids = self._ids_tensor(slots, device, version, key[3])
         if cached is not None:
             kv, prefix_lens, sel_names = cached._kv, cached.prefix_lens, cached.names
-            return PrefixSelection(kv, prefix_ids, prefix_lens, sel_names, version)
+            return PrefixSelection(kv, prefix_ids, prefix_lens, sel_names, version, host_row_lens)
 
         sel_entries = [entries[names[i]] if i >= 0 else None for i in used]
         sel_names = [e.name if e is not None else None for e in sel_entries]
-        lens = [e.length if e is not None else 0 for e in sel_entries]
         prefix_lens = torch.tensor(lens, dtype=torch.long, device=device)
+        if lens:
+            validation.known_range(prefix_lens, min(lens), max(lens))
         L, Hkv, D = self.num_layers, self.num_kv_heads, self.head_dim
         trainable = any(e is not None and e.kv is None for e in sel_entries)
         if len(sel_entries) == 1:
@@ -561,7 +574,7 @@ class PrefixBank(nn.Module):
                 for j, (e, n) in enumerate(zip(sel_entries, lens)):
                     if e is not None and n:
                         kv[:, :, j, :, :n].copy_(e.kv)
-        sel = PrefixSelection(kv, prefix_ids, prefix_lens, sel_names, version)
+        sel = PrefixSelection(kv, prefix_ids, prefix_lens, sel_names, version, host_row_lens)
         if not trainable:
             with self._lock:
                 if self._state[0] == version:
@@ -569,6 +582,31 @@ class PrefixBank(nn.Module):
                     while len(self._cache) > _CACHE_SIZE:
                         self._cache.popitem(last=False)
         return sel
+
+    def _ids_tensor(self, slots: tuple, device, version: int, inference: bool) -> Tensor:
+        """``prefix_ids`` of a selection, kept per (rows, device, bank version, inference mode):
+        decode steps reuse it instead of a host-to-device copy per step, and its range is known
+        without reading it back (``validation.known_range``)."""
+        key = (slots, str(device), version, inference)
+        cache = self.__dict__.setdefault("_ids_cache", OrderedDict())
+        with self._lock:
+            hit = cache.get(key)
+            if hit is not None and hit[1] == _version_of(hit[0]):  # unchanged since
+                cache.move_to_end(key)
+                return hit[0]
+        ids = torch.tensor(slots, dtype=torch.long, device=device)
+        if slots:
+            validation.known_range(ids, min(slots), max(slots))
+        with self._lock:
+            if self._state[0] == version:
+                cache[key] = (ids, _version_of(ids))
+                while len(cache) > 4 * _CACHE_SIZE:
+                    cache.popitem(last=False)
+        return ids
+
+    def _clear_caches(self) -> None:
+        self._cache.clear()
+        self.__dict__.get("_ids_cache", {}).clear()
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
@@ -605,7 +643,7 @@ class PrefixBank(nn.Module):
                      for n, e in entries.items()}
             self.dtype, self.device = probe.dtype, probe.device
             self._state = (version + 1, moved)
-            self._cache.clear()
+            self._clear_caches()
         return self
 
     # -- PEFT adapters ---------------------------------------------------------------------

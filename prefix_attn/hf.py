@@ -156,19 +156,18 @@ def packed_from_positions(position_ids, batch_size: int, length: int):
     if (position_ids is None or batch_size != 1 or length < 2 or position_ids.dim() != 2
             or position_ids.shape != (1, length) or torch.compiler.is_compiling()):
         return None
-    ids = None
-    if position_ids.is_inference():  # no version counter to key a cache on: check each time
-        if bool((torch.diff(position_ids, dim=-1) < 0).any()):
-            ids = sequence_ids(position_ids)
-        return ids
+    # an inference tensor has no version counter (and cannot change outside inference mode)
+    stamp = (position_ids.data_ptr(),
+             None if position_ids.is_inference() else position_ids._version)
     cached = _PACKED_BY_POSITIONS.get(id(position_ids))
-    if cached is not None and cached[0]() is position_ids and cached[1] == position_ids._version:
+    if cached is not None and cached[0]() is position_ids and cached[1] == stamp:
         return cached[2]
+    ids = None
     if bool((torch.diff(position_ids, dim=-1) < 0).any()):
         ids = sequence_ids(position_ids)
     if len(_PACKED_BY_POSITIONS) >= 64:
         _PACKED_BY_POSITIONS.clear()
-    _PACKED_BY_POSITIONS[id(position_ids)] = (weakref.ref(position_ids), position_ids._version, ids)
+    _PACKED_BY_POSITIONS[id(position_ids)] = (weakref.ref(position_ids), stamp, ids)
     return ids
 
 
@@ -475,7 +474,8 @@ def _wrap_generate(generate):
         with bank.pinned():
             B = _generate_batch_size(args, kwargs)
             if B is not None and not isinstance(prefixes, torch.Tensor):
-                kwargs[PREFIXES_KWARG] = bank.ids(_rows_for(prefixes), B)
+                # on the host: each step reads the (expanded) ids back without a device sync
+                kwargs[PREFIXES_KWARG] = bank.ids(_rows_for(prefixes), B, device="cpu")
             return generate(self, *args, **kwargs)
 
     wrapper._prefix_attn_wrapped = True
@@ -497,11 +497,12 @@ def _padding_numbered(model) -> Optional[int]:
     return None if found < 0 else found
 
 
-def _positions_after_prefix(model, kwargs, S, row_lens, device):
+def _positions_after_prefix(model, kwargs, S, row_lens, device, uniform: bool = False):
     """``position_ids`` of the tokens after each row's prefix, numbered from its length P as
     PEFT numbers them: the given ones + P; else the model's own default + P (the cache
     position for most families; for ``_MASK_NUMBERED`` ones the real tokens counted from P
-    over the mask, pads -1, as they count them behind PEFT's P ones)."""
+    over the mask, pads -1, as they count them behind PEFT's P ones). ``uniform``: every row
+    has the same prefix length (known on the host)."""
     pos = kwargs.get("position_ids")
     mask = kwargs.get("attention_mask")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -520,7 +521,7 @@ def _positions_after_prefix(model, kwargs, S, row_lens, device):
     if pos is None:
         past = _cache_length(kwargs)
         pos = torch.arange(past, past + S, device=device)[None, :]
-    if pos.shape[0] == 1 and bool((row_lens == row_lens[0]).all()):
+    if pos.shape[0] == 1 and uniform:
         # one length for every row: keep [1, S] so RoPE tables are not built per row
         return pos + row_lens[0]
     return pos + row_lens[:, None]
@@ -597,12 +598,13 @@ def _pre_hook(model, args, kwargs):
     else:
         sel = bank.select(_rows_for(prefixes), B, device=device)
         row_lens = sel.row_lens.to(device)
-        if "position_ids" in _forward_params(model) and bool((row_lens > 0).any()):
-            pos = _positions_after_prefix(model, kwargs, S, row_lens, device)
+        if "position_ids" in _forward_params(model) and any(sel.host_row_lens):
+            pos = _positions_after_prefix(model, kwargs, S, row_lens, device,
+                                          uniform=len(set(sel.host_row_lens)) == 1)
             if pos is not None:
                 kwargs["position_ids"] = pos
     kwargs[SELECTION_KWARG] = sel
-    _pending_stack(model).append((sel, row_lens))  # the post-hook checks it was read
+    _pending_stack(model).append((sel, any(sel.host_row_lens)))  # the post-hook checks it was read
     return args, kwargs
 
 
@@ -611,9 +613,9 @@ def _post_hook(model, args, kwargs, output):
     pending = _pending_stack(model)
     if not pending:
         return None
-    sel, row_lens = pending.pop()
+    sel, any_prefix = pending.pop()
     used = getattr(sel, "_read_by_attention", False)
-    if not used and output is not None and bool((row_lens > 0).any()):
+    if not used and output is not None and any_prefix:
         skipped = sorted(getattr(sel, "_skipped_modules", ()))
         why = (f"its attention modules ({', '.join(skipped)}) have no layer index"
                if skipped else "its forward does not forward **kwargs to attention?")

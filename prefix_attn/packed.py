@@ -17,6 +17,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import validation
 
 
 def sequence_ids(position_ids: Tensor) -> Tensor:
@@ -26,9 +29,26 @@ def sequence_ids(position_ids: Tensor) -> Tensor:
     return torch.cat([torch.zeros_like(breaks[:, :1]), breaks], dim=-1)
 
 
+# seq_ids tensor -> (its stamp, segments): every layer of a forward gets the same seq_ids, and
+# finding the segments costs host syncs (unique_consecutive, L_max, the output positions)
+_SEGMENTS = WeakIdKeyDictionary()
+
+
 def segments(seq_ids: Tensor):
     """The sequences of a packed batch: (index ``[n, L_max]`` into the flattened ``B * T``
-    tokens, valid ``[n, L_max]`` bool, row ``[n]`` of each sequence). One host sync (L_max)."""
+    tokens, valid ``[n, L_max]`` bool, row ``[n]`` of each sequence, and ``slots`` ``[B * T]``:
+    where each packed token sits in the flattened ``n * L_max`` layout). Computed once per
+    ``seq_ids`` tensor (not per layer): two host syncs."""
+    stamp = (seq_ids.data_ptr(), None if seq_ids.is_inference() else seq_ids._version)
+    hit = _SEGMENTS.get(seq_ids)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    found = _segments(seq_ids)
+    _SEGMENTS[seq_ids] = (stamp, found)
+    return found
+
+
+def _segments(seq_ids: Tensor):
     B, T = seq_ids.shape
     row_base = torch.arange(B, device=seq_ids.device)[:, None] * (T + 1)
     flat = (seq_ids.to(torch.long) + row_base).reshape(-1)  # unique per (row, sequence)
@@ -38,7 +58,9 @@ def segments(seq_ids: Tensor):
     j = torch.arange(l_max, device=seq_ids.device)
     valid = j[None, :] < counts[:, None]
     index = (starts[:, None] + j[None, :]).clamp(max=max(B * T - 1, 0))
-    return index, valid, starts // max(T, 1)
+    # the valid slots, in sequence order, are the packed tokens in their original order
+    slots = torch.nonzero(valid.reshape(-1)).reshape(-1)
+    return index, valid, starts // max(T, 1), slots
 
 
 def _regroup(x: Tensor, index: Tensor) -> Tensor:
@@ -58,13 +80,16 @@ def packed_attention(query, key, value, seq_ids, prefix_k=None, prefix_v=None,
     from .api import prefix_attention
 
     B, Hq, T, D = query.shape
-    index, valid, row = segments(seq_ids)
-    ids = prefix_ids if per_sequence or prefix_ids is None else prefix_ids[row]
+    index, valid, row, slots = segments(seq_ids)
+    ids = prefix_ids
+    if not per_sequence and prefix_ids is not None:
+        ids = validation.inherit_range(prefix_ids[row], prefix_ids)  # a gather: same range
     out = prefix_attention(_regroup(query, index), _regroup(key, index), _regroup(value, index),
                            prefix_k, prefix_v, prefix_ids=ids, prefix_lens=prefix_lens,
                            key_padding_mask=valid, **kw)
-    # the valid slots, in sequence order, are the packed tokens in their original order
-    return out.transpose(1, 2)[valid].reshape(B, T, Hq, D)
+    n, L = valid.shape
+    # index_select, not a boolean mask: no host sync, in the forward or the backward
+    return out.transpose(1, 2).reshape(n * L, Hq, D).index_select(0, slots).reshape(B, T, Hq, D)
 
 
 def packed_dense_mask(seq_ids: Tensor, causal: bool, window: Optional[int]) -> Tensor:

@@ -115,8 +115,38 @@ def _assert_in_range(t: torch.Tensor, lo: int, hi: int, message: str) -> None:
 _RANGES = WeakIdKeyDictionary()
 
 
+# Index tensors built from host values (a bank selection's prefix_ids / prefix_lens, made
+# from Python ints) with the range they were built with: read without any device access, in
+# every layer and under inference mode too (whose tensors have no version counter for _RANGES).
+# Each is stamped with its data pointer (and version, where it has one): a tensor changed
+# since is read again.
+_KNOWN = WeakIdKeyDictionary()
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), None if t.is_inference() else t._version
+
+
+def known_range(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Record that the index tensor ``t``, just built from host values, lies in [lo, hi]
+    (``normalize`` then checks those bounds without reading ``t``). Returns ``t``."""
+    _KNOWN[t] = (_stamp(t), int(lo), int(hi))
+    return t
+
+
+def inherit_range(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``t`` gathered from ``source`` (a subset of its values): ``source``'s known range, if any."""
+    hit = _KNOWN.get(source)
+    if hit is not None and hit[0] == _stamp(source):
+        known_range(t, hit[1], hit[2])
+    return t
+
+
 def _value_range(t: torch.Tensor) -> tuple:
     """(min, max) of a non-empty integer tensor."""
+    known = _KNOWN.get(t)
+    if known is not None and known[0] == _stamp(t):
+        return known[1], known[2]
     cache = t.device.type != "cpu" and not t.requires_grad and not torch.is_inference(t)
     if cache:
         hit = _RANGES.get(t)
