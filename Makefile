@@ -36,7 +36,7 @@ test: setup
 	$(VPY) -m pytest -q tests
 	if [ -x csrc/run_ctest.sh ]; then bash csrc/run_ctest.sh; fi
 
-# Without the Triton interpreter, nvcc and HF model tests: a quick inner loop.
+# Without the Triton interpreter, nvcc, HF model and slow tests: a quick inner loop.
 test-fast: setup
 	$(VPY) -m pytest -q tests -m "not interpreter and not nvcc and not hf and not slow"
 

@@ -38,7 +38,7 @@ def use_cascade(B: int, N: int, P: int, Sq: int, Skv: int, Hkv: int = 1,
     * the prefix bytes it saves are at least the own-KV bytes every row reads anyway:
       ``P * (B - N) >= B * Skv`` (entries shared by several rows are read once). Measured on
       an H200 (bf16, B 64, Hkv 8, D 128, Skv 4096, one shared entry, P 16..256, 2026-11-28):
-      there the saving is <= 6 % and the per-row kernel, already at ~4 TB/s, was 1.6-1.75x
+      there the saving is <= 6 % and the per-row kernel, already at ~4 TB/s, was 1.6-1.8x
       faster than the cascade's three launches; the break-even ratio itself is unmeasured;
     * or the per-row grid (one program per row and kv head) fills less than half the GPU
       and the own KV is long (>= 512 keys): the cascade splits it (flash-decoding). This

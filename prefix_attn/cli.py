@@ -6,8 +6,8 @@ import importlib
 import sys
 from typing import List, Optional
 
-# (subcommand module, what it does); each module has add_parser(subparsers) -> parser with
-# `func` set. A module that is missing or cannot import is left out of the menu with a note.
+# subcommand modules; each has add_parser(subparsers) -> parser with `func` set. A module that
+# is missing is left out of the menu; any other import error is raised.
 # optional packages a subcommand may need -> the extra of setup.py that installs them
 _EXTRAS = {"transformers": "hf", "peft": "hf", "triton": "triton", "matplotlib": "bench"}
 _SUBCOMMANDS = ("prefix_attn.check", "prefix_attn.demo", "prefix_attn.train", "prefix_attn.serve")

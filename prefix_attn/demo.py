@@ -221,8 +221,8 @@ def _positive(text: str) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("demo", help="the whole story in a few minutes: check, train, serve, benchmark",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="a local HF causal LM folder (default: built-in tiny)")
+                              formatter_class=cli_args.HelpFormatter)
+    p.add_argument("--model", default=None, help="a local HF causal LM folder (omit for the built-in tiny model)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--steps", type=_positive, default=150,
                    help="most prefix-tuning steps (stops early once the loss has halved)")

@@ -8,9 +8,11 @@
   ``scale`` (``scaling``) and ``softcap``; returns ``([B, S, Hq, D], None)`` as HF expects.
 - ``padding_mask`` to ``AttentionMaskInterface``: for the causal, sliding-window causal and
   bidirectional patterns it returns only the 2-D padding mask ``[B, kv_length]`` (or None
-  when nothing is padded), never a dense 4-D mask. Anything else (packed sequences, custom
-  mask overlays, a static cache during prefill) gets a dense bool mask ``[B, 1, q, kv]``,
-  which the attention function sends to the eager fallback below.
+  when nothing is padded), never a dense 4-D mask. Packed sequences get their sequence ids
+  (an int64 ``[B, kv]`` tensor, marked), which the attention function regroups one sequence
+  per kernel row (``prefix_attn/packed.py``). Anything else (custom mask overlays, a static
+  cache during prefill) gets a dense bool mask ``[B, 1, q, kv]``, which the attention
+  function sends to the eager fallback below.
 - ``"prefixes"`` as an optional key of ``TransformersKwargs``, so that ``generate`` accepts
   ``prefixes=`` and forwards it to every forward call.
 

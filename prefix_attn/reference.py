@@ -1,4 +1,4 @@
-"""The ground truth: `prefix_attention_ref`, a plain PyTorch implementation of DESIGN.md §2.
+"""The ground truth: `prefix_attention_ref`, a plain PyTorch implementation of docs/DESIGN.md §2.
 
 It materialises the full score matrix (prefix gathered per row, then own keys), so it is
 simple rather than fast. Every test and benchmark compares against it.

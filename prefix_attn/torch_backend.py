@@ -1,4 +1,4 @@
-"""The `torch` backend: a PyTorch composite that runs anywhere, with no extension.
+"""The `torch` backend: a PyTorch composite for CPU and CUDA tensors, with no extension.
 
 It never expands a prefix over the batch. For a chunk of queries it computes
   * the attention of every row over its own keys ([B*Hkv, G*C, Skv] scores), and

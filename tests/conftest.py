@@ -112,7 +112,8 @@ def inputs():
     return make_inputs
 
 
-# The contract cases every backend runs (forward, LSE and the five gradients).
+# The contract cases of the cpu, cuda and torch backends (forward, LSE and the five gradients);
+# the triton tests keep a smaller list of their own (tests/test_triton.py CASES).
 CONTRACT_SHAPES = {
     "P0": dict(P=0),
     "P1_Sq1": dict(P=1, Sq=1, Skv=13),
