@@ -465,14 +465,27 @@ def _wrap_generate(generate):
     become an id tensor ``[B]`` before generate starts (generate then expands it with the rows,
     for beams and ``num_return_sequences``, as it does every tensor keyword; a list it would
     pass on unexpanded), and the bank is pinned for the whole call (a request keeps its
-    prefixes while other tenants change the bank). Anything else: generate unchanged."""
+    prefixes while other tenants change the bank). ``prefixes=`` on a model without any bank
+    raises (transformers would pass it on to attention functions that ignore it). Anything
+    else: generate unchanged."""
 
     @functools.wraps(generate)
     def wrapper(self, *args, **kwargs):
-        bank = self.__dict__.get("_modules", {}).get("prefix_bank")
         prefixes = kwargs.get(PREFIXES_KWARG)
-        if bank is None or prefixes is None:
+        if prefixes is None:
             return generate(self, *args, **kwargs)
+        bank = self.__dict__.get("_modules", {}).get("prefix_bank")
+        if bank is None:
+            from .bank import PrefixBank
+
+            inner = next((m for m in self.modules() if isinstance(m, PrefixBank)), None)
+            if inner is None:
+                raise ValueError(
+                    f"generate(prefixes=...) on a {type(self).__name__} without a prefix bank: the "
+                    "prefixes would be ignored; attach one first (prefix_attn.PrefixBank.attach(model) "
+                    "or prefix_attn.prefix_tuning(model, ...))")
+            with inner.pinned():  # a bank on a submodule (the language model of a VLM): its
+                return generate(self, *args, **kwargs)  # own hook reads the names
         with bank.pinned():
             B = _generate_batch_size(args, kwargs)
             if B is not None and not isinstance(prefixes, torch.Tensor):

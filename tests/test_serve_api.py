@@ -183,3 +183,13 @@ def test_compiled_static_cache_decode_has_no_graph_break():
     torch._dynamo.reset()
     assert torch.equal(got, want)
     assert sum(breaks.values()) == 0, [k.splitlines()[0] for k in breaks]
+
+
+def test_generate_refuses_prefixes_on_a_model_without_a_bank():
+    """transformers accepts prefixes= (a registered keyword) and passes it to attention
+    functions that ignore it: generate on a model without a bank answered without the prefix."""
+    model = tiny_model("llama", vocab_size=64).eval()
+    with pytest.raises(ValueError, match="without a prefix bank: the prefixes would be ignored"):
+        model.generate(_ids(), prefixes=["A"], max_new_tokens=2)
+    with torch.no_grad():  # no prefixes: generate as before
+        assert model.generate(_ids(), max_new_tokens=2).shape == (1, 7)
