@@ -476,9 +476,15 @@ def _wrap_generate(generate):
             return generate(self, *args, **kwargs)
         bank = self.__dict__.get("_modules", {}).get("prefix_bank")
         if bank is None:
-            from .bank import PrefixBank
+            from .bank import _PINNED, PrefixBank
 
             inner = next((m for m in self.modules() if isinstance(m, PrefixBank)), None)
+            if inner is None and _PINNED.get():
+                # the assistant model of assisted generation, called inside the generate of a
+                # model with a bank: it drafts without the prefixes, the main model verifies
+                # every drafted token with them (the output stays exact)
+                kwargs.pop(PREFIXES_KWARG)
+                return generate(self, *args, **kwargs)
             if inner is None:
                 raise ValueError(
                     f"generate(prefixes=...) on a {type(self).__name__} without a prefix bank: the "

@@ -193,3 +193,19 @@ def test_generate_refuses_prefixes_on_a_model_without_a_bank():
         model.generate(_ids(), prefixes=["A"], max_new_tokens=2)
     with torch.no_grad():  # no prefixes: generate as before
         assert model.generate(_ids(), max_new_tokens=2).shape == (1, 7)
+
+
+def test_assisted_generation_with_an_assistant_without_a_bank():
+    """An assistant model drafts without the prefixes (it has no bank); the main model checks
+    each drafted token with them: the same tokens as plain greedy decoding."""
+    import warnings
+
+    model, _ = _served()
+    assistant = tiny_model("llama", vocab_size=64, seed=3).eval()
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
+    kw = dict(prefixes=["B"], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        greedy = model.generate(ids, **kw)
+        assisted = model.generate(ids, assistant_model=assistant, **kw)
+    assert torch.equal(assisted, greedy)
