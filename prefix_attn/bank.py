@@ -51,6 +51,9 @@ _CACHE_SIZE = 8
 
 PrefixSpec = Union[None, str, int, Sequence[Union[None, str, int]], Tensor]
 
+# attach is check-then-create: two threads attaching one model must not make two banks
+_ATTACH_LOCK = threading.RLock()
+
 # {id(bank): (bank, snapshot)} of the banks pinned in this thread / context (PrefixBank.pinned)
 _PINNED: contextvars.ContextVar = contextvars.ContextVar("prefix_attn_pinned_banks", default=None)
 
@@ -213,7 +216,13 @@ class PrefixBank(nn.Module):
     # -- attaching ----------------------------------------------------------------
     @classmethod
     def attach(cls, model: nn.Module) -> "PrefixBank":
-        """The bank of ``model`` (created and set as ``model.prefix_bank`` on first call)."""
+        """The bank of ``model`` (created and set as ``model.prefix_bank`` on first call; one
+        bank per model even when several threads attach at once)."""
+        with _ATTACH_LOCK:
+            return cls._attach(model)
+
+    @classmethod
+    def _attach(cls, model: nn.Module) -> "PrefixBank":
         bank = getattr(model, "prefix_bank", None)
         if isinstance(bank, PrefixBank):
             if bank.model is not model:  # e.g. after copy.deepcopy(model)
@@ -266,8 +275,14 @@ class PrefixBank(nn.Module):
             for name, entry in updates.items():
                 old = new_entries.get(name)
                 if entry is None:
+                    self._lookup(new_entries, name)  # KeyError naming it (a concurrent remove)
                     del new_entries[name]
                 else:
+                    if entry.kv is not None and (entry.kv.dtype != self.dtype
+                                                 or entry.kv.device != self.device):
+                        # built before a dtype / device move that ran meanwhile
+                        entry = dataclasses.replace(
+                            entry, kv=_normal_tensor(entry.kv.to(self.device, self.dtype)))
                     new_entries[name] = entry
                 replaced = entry is None or entry.module_key != getattr(old, "module_key", None)
                 if old is not None and old.module_key is not None and replaced:
@@ -635,8 +650,8 @@ class PrefixBank(nn.Module):
 
     # -- device / dtype moves ------------------------------------------------------------
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        with self._lock:
+        with self._lock:  # writers change self.trainable, which super()._apply walks
+            super()._apply(fn, recurse)
             version, entries = self._state
             probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
             moved = {n: (dataclasses.replace(e, kv=_normal_tensor(fn(e.kv))) if e.kv is not None else e)
