@@ -8,7 +8,8 @@
 #                /tmp/prefix_attn_ext, moved into prefix_attn/ before tests_rest
 #   tests_gpu    (T_GPU, 100)    tests/test_triton_gpu.py -m gpu: real sizes, bf16/fp16, head
 #                dims 16..256; tests/test_hf_gpu.py: tiny HF models on the GPU through the
-#                triton backend (8 workers: compiling is the slow part)
+#                triton backend; tests/test_host_syncs.py: CUDA's own count of the syncs of a
+#                decode step, equal at 2 and 4 layers (8 workers: compiling is the slow part)
 #   bench        (T_BENCH, 220)  bench/bench_triton_gpu.py, full autotuning, with the same-run
 #                comparison of the backward's kernel switches (bench_triton_gpu.ABLATIONS), the
 #                older enable_gqa baseline at P 128 and a kernel-time profile (results are
@@ -102,7 +103,8 @@ cat "$OUT/summary.txt"
 
 # Tests: one config per kernel (no autotuning sweep); compiled kernels, not the interpreter.
 stage tests_gpu "${T_GPU:-100}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
-    $PY -m pytest -v -p no:cacheprovider -n 8 tests/test_triton_gpu.py tests/test_hf_gpu.py -m gpu
+    $PY -m pytest -v -p no:cacheprovider -n 8 tests/test_triton_gpu.py tests/test_hf_gpu.py \
+    tests/test_host_syncs.py -m gpu
 
 # Benchmark: full autotuning; the chosen configs go to the log and the JSON. The timings of
 # the search are kept on disk (TRITON_CACHE_AUTOTUNING) for bench_train below.

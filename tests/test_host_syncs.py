@@ -42,8 +42,8 @@ def count_reads(monkeypatch):
     return sites
 
 
-def _served(layers):
-    model = tiny_model("llama", num_hidden_layers=layers, vocab_size=64).eval()
+def _served(layers, device="cpu"):
+    model = tiny_model("llama", num_hidden_layers=layers, vocab_size=64).eval().to(device)
     bank = PrefixBank.attach(model)
     g = torch.Generator().manual_seed(0)
     for i, name in enumerate(["a", "b"]):
@@ -91,4 +91,40 @@ def _packed_training_reads(layers, count_reads):
 def test_packed_training_reads_do_not_grow_with_layers(count_reads):
     two = _packed_training_reads(2, count_reads)
     four = _packed_training_reads(4, count_reads)
+    assert len(four) == len(two), (two, four)
+
+
+def _cuda_sync_sites(layers):
+    """Python frames of prefix_attn that CUDA's sync debug mode flags in one decode step."""
+    import warnings
+
+    model = _served(layers, "cuda")
+    ids = torch.randint(3, 64, (4, 6), generator=torch.Generator().manual_seed(1)).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    rows = ["a", "b", None, "a"]
+    with torch.inference_mode():
+        out = model(ids, attention_mask=mask, prefixes=rows, use_cache=True)
+        step = dict(attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
+                    prefixes=rows, use_cache=True)
+        step[prefix_attn.hf.cache_kwarg(model)] = out.past_key_values
+        model(ids[:, -1:], **step)  # warm
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model(ids[:, -1:], **step)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    return [f"{os.path.basename(w.filename)}:{w.lineno}" for w in seen
+            if "synchroniz" in str(w.message) and w.filename.startswith(_PKG)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_decode_step_syncs_do_not_grow_with_layers():
+    """The same on a GPU, as CUDA itself reports them (set_sync_debug_mode): host-to-device
+    copies included, which the CPU count cannot see."""
+    two, four = _cuda_sync_sites(2), _cuda_sync_sites(4)
     assert len(four) == len(two), (two, four)
