@@ -36,6 +36,7 @@ BENCHMARKS = {
     "launch": ("bench_launch_overhead.py", ["--reps", "20"], "launch_overhead", "stem"),
     "sass": ("sass_report.py", ["--quick"], "sass_sm90", "dir"),
     "packed": ("bench_packed.py", ["--quick"], "packed_cpu", "stem"),
+    "generate": ("bench_generate.py", ["--quick"], "generate_cpu", "stem"),
 }
 
 

@@ -64,3 +64,21 @@ def test_packed_bench_quick_writes_its_table(tmp_path):
     (row,) = json.loads((tmp_path / "pk.json").read_text())["rows"]
     assert row["fused_ms"] > 0 and row["dense_ms"] > 0 and row["T"] == 128
     assert "| 64+40+24 | 128 |" in (tmp_path / "pk.md").read_text()
+
+
+@pytest.mark.hf
+def test_generate_bench_quick_writes_its_table(tmp_path):
+    """bench/bench_generate.py --quick: the three ways give the same tokens (checked inside,
+    exit status otherwise) and are timed."""
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_generate.py")
+    out = tmp_path / "gen"
+    proc = subprocess.run([sys.executable, script, "--quick", "--reps", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "gen.json").read_text())
+    (row,) = res["rows"]
+    assert row["same_tokens"] and len(row["ms"]) == 3 and all(v > 0 for v in row["ms"].values())
+    assert row["prompt_copies_bytes"]["copied per row"] == 3 * row["prompt_copies_bytes"]["ours"]
+    assert (tmp_path / "gen.md").read_text().count("\n| ") == 2   # header + 1 row
