@@ -42,6 +42,7 @@ _loaded = False
 def register_backend(backend: Backend) -> None:
     register_autograd(backend.fwd, backend.bwd)
     _REGISTRY[backend.name] = backend
+    _AVAILABLE.clear()
 
 
 def load_backends() -> None:
@@ -77,11 +78,21 @@ def _safe_available(b: Backend) -> bool:
         return False
 
 
+# available_backends() per (registered names, TRITON_INTERPRET): availability is fixed once the
+# modules are loaded (an extension built or not, CUDA present or not) except for the
+# interpreter switch; asked on every attention call, so not recomputed each time
+_AVAILABLE: Dict[tuple, Tuple[str, ...]] = {}
+
+
 def available_backends() -> list:
     """Names of the backends usable on this machine, best first."""
     _load_all()
-    live = [b for b in _REGISTRY.values() if _safe_available(b)]
-    return [b.name for b in sorted(live, key=lambda b: -b.priority)]
+    key = (tuple(_REGISTRY), os.environ.get("TRITON_INTERPRET"))
+    names = _AVAILABLE.get(key)
+    if names is None:
+        live = [b for b in _REGISTRY.values() if _safe_available(b)]
+        names = _AVAILABLE[key] = tuple(b.name for b in sorted(live, key=lambda b: -b.priority))
+    return list(names)
 
 
 def get_backend(name: str) -> Backend:

@@ -116,11 +116,11 @@ _RANGES = WeakIdKeyDictionary()
 
 
 # Index tensors built from host values (a bank selection's prefix_ids / prefix_lens, made
-# from Python ints) with the range they were built with: read without any device access, in
-# every layer and under inference mode too (whose tensors have no version counter for _RANGES).
-# Each is stamped with its data pointer (and version, where it has one): a tensor changed
-# since is read again.
-_KNOWN = WeakIdKeyDictionary()
+# from Python ints) carry the range they were built with, as an attribute: read without any
+# device access, in every layer and under inference mode too (whose tensors have no version
+# counter for _RANGES). Stamped with the data pointer (and version, where there is one): a
+# tensor changed since is read again.
+_KNOWN_ATTR = "_prefix_attn_known_range"
 
 
 def _stamp(t: torch.Tensor) -> tuple:
@@ -130,22 +130,27 @@ def _stamp(t: torch.Tensor) -> tuple:
 def known_range(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Record that the index tensor ``t``, just built from host values, lies in [lo, hi]
     (``normalize`` then checks those bounds without reading ``t``). Returns ``t``."""
-    _KNOWN[t] = (_stamp(t), int(lo), int(hi))
+    setattr(t, _KNOWN_ATTR, (_stamp(t), int(lo), int(hi)))
     return t
+
+
+def _known(t: torch.Tensor) -> Optional[tuple]:
+    hit = getattr(t, _KNOWN_ATTR, None)
+    return hit if hit is not None and hit[0] == _stamp(t) else None
 
 
 def inherit_range(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """``t`` gathered from ``source`` (a subset of its values): ``source``'s known range, if any."""
-    hit = _KNOWN.get(source)
-    if hit is not None and hit[0] == _stamp(source):
+    hit = _known(source)
+    if hit is not None:
         known_range(t, hit[1], hit[2])
     return t
 
 
 def _value_range(t: torch.Tensor) -> tuple:
     """(min, max) of a non-empty integer tensor."""
-    known = _KNOWN.get(t)
-    if known is not None and known[0] == _stamp(t):
+    known = _known(t)
+    if known is not None:
         return known[1], known[2]
     cache = t.device.type != "cpu" and not t.requires_grad and not torch.is_inference(t)
     if cache:
@@ -249,24 +254,26 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         prefix_ids = torch.zeros(B, dtype=torch.int64, device=device)
     else:
         prefix_ids = _check_index_tensor("prefix_ids", prefix_ids, B, device, "one entry per batch row")
-        wrong = f"prefix_ids must lie in [0, {N}) for a bank of N={N} (prefix_k {_shape(prefix_k)})"
+        def wrong():  # built only when needed: normalize runs on every attention call
+            return f"prefix_ids must lie in [0, {N}) for a bank of N={N} (prefix_k {_shape(prefix_k)})"
         if _compiling():
-            _assert_in_range(prefix_ids, 0, N - 1, wrong)
+            _assert_in_range(prefix_ids, 0, N - 1, wrong())
         elif B > 0:
             lo, hi = _value_range(prefix_ids)
             if lo < 0 or hi >= N:
-                raise ValueError(f"{wrong}, got values in [{lo}, {hi}]")
+                raise ValueError(f"{wrong()}, got values in [{lo}, {hi}]")
     if prefix_lens is None:
         prefix_lens = torch.full((N,), P, dtype=torch.int64, device=device)
     else:
         prefix_lens = _check_index_tensor("prefix_lens", prefix_lens, N, device, "one length per bank entry")
-        wrong = f"prefix_lens must lie in [0, P={P}] (prefix_k {_shape(prefix_k)})"
+        def wrong():
+            return f"prefix_lens must lie in [0, P={P}] (prefix_k {_shape(prefix_k)})"
         if _compiling():
-            _assert_in_range(prefix_lens, 0, P, wrong)
+            _assert_in_range(prefix_lens, 0, P, wrong())
         else:
             lo, hi = (0, P) if N == 0 else _value_range(prefix_lens)
             if lo < 0 or hi > P:
-                raise ValueError(f"{wrong}, got values in [{lo}, {hi}]")
+                raise ValueError(f"{wrong()}, got values in [{lo}, {hi}]")
 
     # -- masks and scalars -------------------------------------------------------------
     if key_padding_mask is not None:
