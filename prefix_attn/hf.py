@@ -424,8 +424,21 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
 # --------------------------------------------------------------------------------------
 # prefixes= : hooks on the model
 # --------------------------------------------------------------------------------------
+# forward function -> its parameter names (inspect.signature costs ~0.1 ms: once per function,
+# not once per decode step); weakly keyed, so a per-instance wrapper does not pin its model
+_FORWARD_PARAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _forward_params(model) -> list:
-    return list(inspect.signature(model.forward).parameters)
+    forward = model.forward
+    func = getattr(forward, "__func__", forward)
+    try:
+        names = _FORWARD_PARAMS.get(func)
+    except TypeError:  # not weak-referenceable: no cache
+        return list(inspect.signature(forward).parameters)
+    if names is None:
+        names = _FORWARD_PARAMS[func] = list(inspect.signature(forward).parameters)
+    return names
 
 
 def cache_kwarg(model) -> str:
