@@ -107,13 +107,13 @@ def measure(cfg, shapes, reps: int) -> list:
                     times[name].append(time.perf_counter() - t0)
         ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
         rows.append(dict(P=P, B=B, S=S, new=new, ms=ms, same_tokens=same,
-                         prompt_copies_bytes=_copy_bytes(ours, P, B)))
+                         prompt_copies_bytes=_copy_bytes(ours, B)))
         print(rows[-1], flush=True)
         ours.prefix_bank.remove("system")
     return rows
 
 
-def _copy_bytes(model, P, B):
+def _copy_bytes(model, B):
     """Bytes of the prompt's KV held during a call: one copy in the bank, or one per row."""
     one = model.prefix_bank.entry_nbytes("system")
     return {"ours": one, "copied per row": one * B}

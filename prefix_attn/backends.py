@@ -78,16 +78,16 @@ def _safe_available(b: Backend) -> bool:
         return False
 
 
-# available_backends() per (registered names, TRITON_INTERPRET): availability is fixed once the
-# modules are loaded (an extension built or not, CUDA present or not) except for the
-# interpreter switch; asked on every attention call, so not recomputed each time
-_AVAILABLE: Dict[tuple, Tuple[str, ...]] = {}
+# available_backends() per TRITON_INTERPRET value (cleared when a backend registers):
+# availability is fixed once the modules are loaded (an extension built or not, CUDA present or
+# not) except for the interpreter switch; asked on every attention call, so not recomputed
+_AVAILABLE: Dict[Optional[str], Tuple[str, ...]] = {}
 
 
 def available_backends() -> list:
     """Names of the backends usable on this machine, best first."""
     _load_all()
-    key = (tuple(_REGISTRY), os.environ.get("TRITON_INTERPRET"))
+    key = os.environ.get("TRITON_INTERPRET")
     names = _AVAILABLE.get(key)
     if names is None:
         live = [b for b in _REGISTRY.values() if _safe_available(b)]

@@ -211,6 +211,7 @@ class PrefixBank(nn.Module):
         self._lock = threading.RLock()
         self._state: tuple[int, dict[str, _Entry]] = (0, {})
         self._cache: OrderedDict = OrderedDict()
+        self._ids_cache: OrderedDict = OrderedDict()  # see _ids_tensor
         self._model_ref = None  # weakref to the model (no submodule cycle)
 
     # -- attaching ----------------------------------------------------------------
@@ -603,7 +604,7 @@ class PrefixBank(nn.Module):
         decode steps reuse it instead of a host-to-device copy per step, and its range is known
         without reading it back (``validation.known_range``)."""
         key = (slots, str(device), version, inference)
-        cache = self.__dict__.setdefault("_ids_cache", OrderedDict())
+        cache = self._ids_cache
         with self._lock:
             hit = cache.get(key)
             if hit is not None and hit[1] == _version_of(hit[0]):  # unchanged since
@@ -621,7 +622,7 @@ class PrefixBank(nn.Module):
 
     def _clear_caches(self) -> None:
         self._cache.clear()
-        self.__dict__.get("_ids_cache", {}).clear()
+        self._ids_cache.clear()
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()

@@ -36,9 +36,9 @@ _SEGMENTS = WeakIdKeyDictionary()
 
 def segments(seq_ids: Tensor):
     """The sequences of a packed batch: (index ``[n, L_max]`` into the flattened ``B * T``
-    tokens, valid ``[n, L_max]`` bool, row ``[n]`` of each sequence, and ``slots`` ``[B * T]``:
-    where each packed token sits in the flattened ``n * L_max`` layout). Computed once per
-    ``seq_ids`` tensor (not per layer): two host syncs."""
+    tokens, valid ``[n, L_max]`` bool, row ``[n]`` of each sequence, and ``slots``: the
+    (sequence, position) of each packed token in the ``[n, L_max]`` layout, two ``[B * T]``
+    tensors). Computed once per ``seq_ids`` tensor (not per layer): two host syncs."""
     stamp = (seq_ids.data_ptr(), None if seq_ids.is_inference() else seq_ids._version)
     hit = _SEGMENTS.get(seq_ids)
     if hit is not None and hit[0] == stamp:
@@ -59,8 +59,8 @@ def _segments(seq_ids: Tensor):
     valid = j[None, :] < counts[:, None]
     index = (starts[:, None] + j[None, :]).clamp(max=max(B * T - 1, 0))
     # the valid slots, in sequence order, are the packed tokens in their original order
-    slots = torch.nonzero(valid.reshape(-1)).reshape(-1)
-    return index, valid, starts // max(T, 1), slots
+    seq, pos = torch.nonzero(valid, as_tuple=True)
+    return index, valid, starts // max(T, 1), (seq, pos)
 
 
 def _regroup(x: Tensor, index: Tensor) -> Tensor:
@@ -87,9 +87,10 @@ def packed_attention(query, key, value, seq_ids, prefix_k=None, prefix_v=None,
     out = prefix_attention(_regroup(query, index), _regroup(key, index), _regroup(value, index),
                            prefix_k, prefix_v, prefix_ids=ids, prefix_lens=prefix_lens,
                            key_padding_mask=valid, **kw)
-    n, L = valid.shape
-    # index_select, not a boolean mask: no host sync, in the forward or the backward
-    return out.transpose(1, 2).reshape(n * L, Hq, D).index_select(0, slots).reshape(B, T, Hq, D)
+    seq, pos = slots
+    # a gather by index tensors, not a boolean mask: no host sync, in the forward or the
+    # backward, and no copy of the whole [n, Hq, L_max, D] output first
+    return out[seq, :, pos].reshape(B, T, Hq, D)
 
 
 def packed_dense_mask(seq_ids: Tensor, causal: bool, window: Optional[int]) -> Tensor:

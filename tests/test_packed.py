@@ -24,7 +24,7 @@ def test_segments():
     index, valid, row, slots = segments(seq_ids)
     assert valid.sum(1).tolist() == [5, 1, 7, 9, 4] and row.tolist() == [0, 0, 0, 1, 1]
     assert index[valid].tolist() == list(range(2 * T))  # every token once, in packed order
-    assert index.reshape(-1)[slots].tolist() == list(range(2 * T))
+    assert index[slots].tolist() == list(range(2 * T))
     assert segments(seq_ids)[0] is index  # once per seq_ids tensor (every layer shares it)
     seq_ids[1, -1] = 5  # changed in place: found again
     assert segments(seq_ids)[1].sum(1).tolist() == [5, 1, 7, 9, 3, 1]
