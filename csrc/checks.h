@@ -120,7 +120,8 @@ inline Dims check_fwd_args(const at::Tensor& q, const at::Tensor& k, const at::T
 
 // Extra checks of the backward-only tensors against the forward sizes.
 inline void check_bwd_args(const Dims& d, const at::Tensor& q, const at::Tensor& dout,
-                           const at::Tensor& out, const at::Tensor& lse) {
+                           const at::Tensor& out, const at::Tensor& lse,
+                           const c10::optional<at::Tensor>& dlse) {
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "prefix_attn: dout ",
               dout.sizes(), " and out ", out.sizes(), " must have q's shape ", q.sizes());
   check_floating(dout, "dout", q.scalar_type());
@@ -132,6 +133,12 @@ inline void check_bwd_args(const Dims& d, const at::Tensor& q, const at::Tensor&
                   lse.size(1) == d.Hq && lse.size(2) == d.Sq,
               "prefix_attn: lse must be float32 [B, Hq, Sq] = [", d.B, ", ", d.Hq, ", ", d.Sq,
               "], got ", lse.scalar_type(), " ", lse.sizes());
+  if (dlse.has_value()) {
+    check_device(*dlse, "dlse", q);
+    TORCH_CHECK(dlse->scalar_type() == at::kFloat && dlse->sizes() == lse.sizes(),
+                "prefix_attn: dlse must be float32 with lse's shape ", lse.sizes(), ", got ",
+                dlse->scalar_type(), " ", dlse->sizes());
+  }
 }
 
 // A copy only where the rows are not distinct row-major rows: a strided last dim, or rows that

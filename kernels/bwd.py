@@ -2,7 +2,7 @@
 
 Four launches, none with float atomics (two runs give bitwise-equal gradients):
 
-1. ``_bwd_delta``: Delta = rowsum(O * dO) per query, fp32 [B, Hq, Sq].
+1. ``_bwd_delta``: Delta = rowsum(O * dO) - dLSE per query, fp32 [B, Hq, Sq].
 2. ``_bwd_dkdv_own``: one program owns a tile of row b's own keys for kv head h and loops
    over the packed queries (all G query heads) that can see it -> dK, dV; only the query
    tiles on the causal diagonal / window edges (every tile with key padding) are masked.
@@ -29,8 +29,9 @@ from .fwd import dot_precision, head_block
 
 
 @triton.jit
-def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, stride_dh, stride_ds,
-               Hq, Sq, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_delta(O, DO, DLSE, DELTA, stride_ob, stride_oh, stride_os, stride_db, stride_dh,
+               stride_ds, Hq, Sq, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               HAS_DLSE: tl.constexpr):
     # one grid axis (m tiles of each row and query head in turn): B * Hq alone may exceed
     # CUDA's 65535 limit on grid axes 1 and 2, and so may cdiv(Sq, BLOCK_M)
     pid = tl.program_id(0)
@@ -48,6 +49,8 @@ def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, stride_
     do = tl.load(DO + b * stride_db + hq * stride_dh + rows * stride_ds + offs_d[None, :],
                  mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
+    if HAS_DLSE:  # the LSE's gradient: d lse_i / d s_ij = p_ij, Delta's term with a minus sign
+        delta -= tl.load(DLSE + (b * Hq + hq) * Sq + offs_m, mask=offs_m < Sq, other=0.0)
     tl.store(DELTA + (b * Hq + hq) * Sq + offs_m, delta, mask=offs_m < Sq)
 
 
@@ -415,11 +418,12 @@ def _prefix_chunks(device: torch.device, M: int, P: int, programs: int):
 
 
 def attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
-             out, lse, dq, dk, dv, dprefix_k, dprefix_v,
+             out, lse, dlse, dq, dk, dv, dprefix_k, dprefix_v,
              causal: bool, scale: float, window: int, softcap: float) -> None:
     """Launch the backward kernels; writes dq, dk, dv, dprefix_k, dprefix_v in place.
 
-    Shapes as in ``attn_fwd``; dout/out [B, Hq, Sq, D], lse [B, Hq, Sq] fp32; each gradient
+    Shapes as in ``attn_fwd``; dout/out [B, Hq, Sq, D], lse and dlse (the LSE's gradient, or
+    None) [B, Hq, Sq] fp32; each gradient
     has its input's shape (last dim contiguous). Every element of every gradient is written.
     """
     B, Hq, Sq, D = q.shape
@@ -444,8 +448,9 @@ def attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_pad
 
     delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
     wrap_triton(_bwd_delta)[(B * Hq * cdiv(Sq, 16),)](
-        out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2), Hq, Sq, D, BLOCK_M=16, BLOCK_D=block_d)
+        out, dout, delta if dlse is None else dlse, delta, out.stride(0), out.stride(1),
+        out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2), Hq, Sq, D, BLOCK_M=16,
+        BLOCK_D=block_d, HAS_DLSE=dlse is not None)
 
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else prefix_ids
     kpm_strides = (kpm.stride(0), kpm.stride(1)) if key_padding_mask is not None else (0, 0)

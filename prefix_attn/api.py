@@ -52,7 +52,8 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None,
     [Hkv, P, D] (or None); prefix_ids: [B] ints in [0, N); prefix_lens: [N] ints in [0, P];
     key_padding_mask: bool [B, Skv] (True = real token). Returns out [B, Hq, Sq, D] in q's
     dtype, and with `return_lse=True` also lse [B, Hq, Sq] float32 (float64 for float64
-    inputs; not differentiable).
+    inputs; differentiable: a loss may use it, e.g. to merge this attention with another
+    by LSE).
     Semantics: docs/DESIGN.md §2. `backend`: "triton" | "cuda" | "cpu" | "torch" | None
     (None: $PREFIX_ATTN_BACKEND or the best available for the device).
 

@@ -14,8 +14,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens,
                           key_padding_mask, out, lse)
     ctx.flags = (causal, scale, window, softcap)
-    # The LSE is an auxiliary output: it carries no gradient (documented in the API).
-    ctx.mark_non_differentiable(lse)
+    # The LSE is differentiable (d lse_i / d s_ij = P_ij: its gradient folds into Delta); an
+    # output nobody used arrives as None instead of a tensor of zeros
+    ctx.set_materialize_grads(False)
 
 
 _NO_DOUBLE_BACKWARD = (b"prefix_attention has no double backward: its gradients were computed "
@@ -46,16 +47,22 @@ def _once_differentiable(grads, inputs):
 
 
 def _make_backward(bwd):
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         (q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
          out, lse) = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return (None,) * 12
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        if dlse is not None:
+            dlse = dlse.to(lse.dtype).contiguous()
         # autocast off: a backward called inside an autocast region would otherwise recast
         # the kernels' float32 internals (the torch backend's GEMMs); no_grad: the ops have no
         # derivative of their own (see _once_differentiable)
         with torch.autocast(q.device.type, enabled=False), torch.no_grad():
-            grads = bwd(dout.contiguous(), q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens,
-                        key_padding_mask, out, lse, *ctx.flags)
-        dq, dk, dv, dpk, dpv = _once_differentiable(tuple(grads), (dout, q, k, v, prefix_k, prefix_v))
+            grads = bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens,
+                        key_padding_mask, out, lse, dlse, *ctx.flags)
+        dq, dk, dv, dpk, dpv = _once_differentiable(tuple(grads), (dout, dlse, q, k, v, prefix_k,
+                                                                     prefix_v))
         return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None
     return backward
 

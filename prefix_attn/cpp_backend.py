@@ -46,7 +46,7 @@ def _fwd_fake(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_
 
 @torch.library.register_fake("prefix_attn::bwd")
 def _bwd_fake(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
-              out, lse, causal, scale, window, softcap):
+              out, lse, dlse, causal, scale, window, softcap):
     """Contiguous gradients with the shapes and dtypes of q, k, v, prefix_k, prefix_v."""
     return tuple(t.new_empty(t.shape) for t in (q, k, v, prefix_k, prefix_v))
 

@@ -56,9 +56,11 @@ def attention_from_args(a: AttnArgs, upcast: bool = True):
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     l = e.sum(dim=-1, keepdim=True)
-    p = e / torch.where(l > 0, l, torch.ones_like(l))
+    seen = l > 0
+    l_safe = torch.where(seen, l, torch.ones_like(l))  # keeps log and 1/l finite under autograd
+    p = e / l_safe
     out = torch.matmul(p, vals)
-    lse = (torch.log(l) + m).squeeze(-1)
+    lse = torch.where(seen, torch.log(l_safe) + m, torch.full_like(m, float("-inf"))).squeeze(-1)
     return out.to(a.q.dtype), lse.to(torch.float32 if ct != torch.float64 else ct)
 
 

@@ -169,7 +169,7 @@ def _fwd(a: AttnArgs):
     return out, lse
 
 
-def _bwd(a: AttnArgs, dout, out, lse):
+def _bwd(a: AttnArgs, dout, out, lse, dlse=None):
     B, Hq, Hkv, Sq, Skv, N, P, D = a.dims
     G = Hq // Hkv
     ct = _compute_dtype(a.q.dtype)
@@ -187,6 +187,8 @@ def _bwd(a: AttnArgs, dout, out, lse):
         lm = lse[:, :, i0:i1].to(ct).reshape(B, Hkv, M, 1)
         lm = torch.where(torch.isfinite(lm), lm, torch.zeros_like(lm))    # empty rows: p == 0
         delta = (dom * out[:, :, i0:i1].to(ct).reshape(B, Hkv, M, D)).sum(-1, keepdim=True)
+        if dlse is not None:  # d lse_i / d s_ij = p_ij: the same term as Delta, opposite sign
+            delta = delta - dlse[:, :, i0:i1].to(ct).reshape(B, Hkv, M, 1)
         # -- own keys ------------------------------------------------------------------
         s, t, j0, j1 = _own_scores(a, qm, k, i0, i1)
         kr, vr = k[:, :, j0:j1], v[:, :, j0:j1]
@@ -245,17 +247,17 @@ def _(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask, ca
 def torch_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               prefix_k: torch.Tensor, prefix_v: torch.Tensor, prefix_ids: torch.Tensor,
               prefix_lens: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-              out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float, window: int,
-              softcap: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor], causal: bool,
+              scale: float, window: int, softcap: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         a = _args(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
                   causal, scale, window, softcap)
-        return _bwd(a, dout, out, lse)
+        return _bwd(a, dout, out, lse, dlse)
 
 
 @torch_bwd.register_fake
 def _(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask, out, lse,
-      causal, scale, window, softcap):
+      dlse, causal, scale, window, softcap):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape))
 

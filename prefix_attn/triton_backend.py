@@ -80,8 +80,8 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tens
 @_define_op("prefix_attn::triton_bwd", mutates_args=())
 def triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor,
                prefix_v: Tensor, prefix_ids: Tensor, prefix_lens: Tensor,
-               key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor, causal: bool,
-               scale: float, window: int, softcap: float
+               key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor,
+               dlse: Optional[Tensor], causal: bool, scale: float, window: int, softcap: float
                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dprefix_k, dprefix_v), each of its input's shape and dtype; deterministic."""
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -90,7 +90,7 @@ def triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor,
     dpk = torch.empty(prefix_k.shape, dtype=prefix_k.dtype, device=prefix_k.device)
     dpv = torch.empty(prefix_v.shape, dtype=prefix_v.dtype, device=prefix_v.device)
     _bwd.attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
-                  out, lse, dq, dk, dv, dpk, dpv, causal, scale, window, softcap)
+                  out, lse, dlse, dq, dk, dv, dpk, dpv, causal, scale, window, softcap)
     return dq, dk, dv, dpk, dpv
 
 
@@ -103,7 +103,7 @@ if interpreting():
 
     @triton_bwd.register_fake
     def _bwd_fake(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
-                  out, lse, causal, scale, window, softcap):
+                  out, lse, dlse, causal, scale, window, softcap):
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
                 prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape))
 

@@ -100,9 +100,10 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.prefix_attn.fwd.default, a)
         out, lse = torch.ops.prefix_attn.fwd.default(*a)
         dout = torch.randn_like(out)
-        b = [dout] + a[:8] + [out.detach(), lse] + a[8:]
-        torch.library.opcheck(torch.ops.prefix_attn.bwd.default,
-                              [t.detach() if isinstance(t, torch.Tensor) else t for t in b])
+        for dlse in (None, torch.randn_like(lse)):  # the LSE's gradient, absent or given
+            b = [dout] + a[:8] + [out.detach(), lse, dlse] + a[8:]
+            torch.library.opcheck(torch.ops.prefix_attn.bwd.default,
+                                  [t.detach() if isinstance(t, torch.Tensor) else t for t in b])
 
 
 @pytest.mark.parametrize("what", ["ids_high", "ids_negative", "lens_high", "kv_heads",

@@ -35,3 +35,11 @@ def test_cuda_backward_is_bitwise_deterministic():
 
 def test_cuda_unused_entries_get_zero_grad():
     check_unused_entries_zero_grad("cuda", device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,extra", [("bank_rightpad", "window"), ("P17_gqa3", "softcap")])
+def test_cuda_lse_gradient(shape, extra, dtype):
+    from conftest import CONTRACT_SHAPES
+    from test_lse_grad import EXTRA as LSE_EXTRA, check_lse_grad
+    check_lse_grad("cuda", CONTRACT_SHAPES[shape], LSE_EXTRA[extra], dtype, device="cuda")

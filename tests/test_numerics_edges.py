@@ -169,7 +169,7 @@ def test_torch_backend_refuses_out_of_range_entries_itself(ids, lens, name):
                                                -1, 0.0)
     with pytest.raises(ValueError, match=name):
         torch.ops.prefix_attn.torch_bwd(torch.ones_like(out), q, k, v, pk, pv, *common[:3],
-                                        out, lse, *common[3:])
+                                        out, lse, None, *common[3:])
 
 
 # -- 3. grid limits of every Triton launch -------------------------------------------------
@@ -213,7 +213,8 @@ def _launch_all(B, Hq, Hkv, Sq, Skv, N, P, D):
     fwd.attn_fwd(q, k, v, pk, pv, ids, lens, None, out, lse, True, 0.25, -1, 0.0)
     decode.cascade_fwd(q, k, v, pk, pv, ids, lens, None, out, lse, True, 0.25, -1, 0.0)
     grads = [torch.empty_like(t) for t in (q, k, v, pk, pv)]
-    bwd.attn_bwd(out, q, k, v, pk, pv, ids, lens, None, out, lse, *grads, True, 0.25, -1, 0.0)
+    bwd.attn_bwd(out, q, k, v, pk, pv, ids, lens, None, out, lse, lse, *grads, True, 0.25, -1,
+                 0.0)
 
 
 @pytest.mark.parametrize("dims", [

@@ -93,6 +93,11 @@ def test_opcheck_torch_ops():
     args, kw = make_inputs(B=2, N=2, P=4, lens=[4, 2], ids=[1, 0], pad="left", requires_grad=True)
     a = normalize(*args, **kw)
     torch.library.opcheck(torch.ops.prefix_attn.torch_fwd.default, a.op_args())
+    plain = [t.detach() if isinstance(t, torch.Tensor) else t for t in a.op_args()]
+    out, lse = torch.ops.prefix_attn.torch_fwd(*plain)
+    for dlse in (None, torch.randn_like(lse)):
+        torch.library.opcheck(torch.ops.prefix_attn.torch_bwd.default,
+                              [torch.randn_like(out)] + plain[:8] + [out, lse, dlse] + plain[8:])
 
 
 DECODE = {  # issue 5's decode cases: the torch backend does one GEMM per entry in use

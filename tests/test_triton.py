@@ -185,8 +185,9 @@ def test_registered_backend_and_opcheck():
                 True, 0.25, 3, 0.0)
     torch.library.opcheck(ops.triton_fwd.default, fwd_args)
     out, lse = ops.triton_fwd(*fwd_args)
-    bwd_args = (torch.randn_like(out),) + fwd_args[:8] + (out, lse) + fwd_args[8:]
-    torch.library.opcheck(ops.triton_bwd.default, bwd_args)
+    for dlse in (None, torch.randn_like(lse)):  # the LSE's gradient, absent or given
+        bwd_args = (torch.randn_like(out),) + fwd_args[:8] + (out, lse, dlse) + fwd_args[8:]
+        torch.library.opcheck(ops.triton_bwd.default, bwd_args)
 
 
 def test_torch_compile_has_no_graph_break():

@@ -119,6 +119,16 @@ def test_decode_many_entries():
     assert_close_fa(out, truth, base, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,extra", [("bank_rightpad", "window"), ("P17_gqa3", "softcap"),
+                                         ("mqa_leftpad", "noncausal")])
+def test_lse_gradient_small_shapes(shape, extra, dtype):
+    """The LSE's gradient (folded into Delta by _bwd_delta), compiled, every dtype."""
+    from conftest import CONTRACT_SHAPES
+    from test_lse_grad import EXTRA, check_lse_grad
+    check_lse_grad("triton", CONTRACT_SHAPES[shape], EXTRA[extra], dtype, device="cuda")
+
+
 def test_real_size_backward_is_bitwise_deterministic():
     args, kw = _inputs(torch.bfloat16, 128, N=3, lens=[128, 64, 100], seed=3)
     dout = torch.randn(args[0].shape, device="cuda", dtype=torch.bfloat16)

@@ -67,7 +67,7 @@ ids, lens = torch.zeros(B, dtype=torch.long), torch.tensor([P])
 out, lse = torch.empty_like(q), torch.empty(B, Hq, S)
 fwd.attn_fwd(q, k, v, pk, pv, ids, lens, None, out, lse, True, 0.125, -1, 0.0)
 grads = [torch.empty_like(t) for t in (q, k, v, pk, pv)]
-bwd.attn_bwd(torch.randn_like(q), q, k, v, pk, pv, ids, lens, None, out, lse, *grads,
+bwd.attn_bwd(torch.randn_like(q), q, k, v, pk, pv, ids, lens, None, out, lse, lse, *grads,
              True, 0.125, -1, 0.0)
 q1, k1 = torch.randn(8, Hq, 1, D, dtype=h), torch.randn(8, Hkv, 600, D, dtype=h)
 decode.cascade_fwd(q1, k1, k1.clone(), pk, pv, torch.zeros(8, dtype=torch.long), lens, None,

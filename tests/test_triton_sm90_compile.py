@@ -27,11 +27,11 @@ PTRS = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "PK": "*fp16", "PV": "*fp16",
         "DPK": "*fp16", "DPV": "*fp16", "DQ": "*fp16",
         "PIDS": "*i64", "PLENS": "*i64", "ROWS": "*i64", "ROW_OFFS": "*i64",
         "TILE_OFFS": "*i64", "TILE_ENTRY": "*i64", "KPM": "*u8",
-        "LSE": "*fp32", "DELTA": "*fp32", "OP": "*fp32", "LP": "*fp32"}
+        "LSE": "*fp32", "DLSE": "*fp32", "DELTA": "*fp32", "OP": "*fp32", "LP": "*fp32"}
 FLOATS = {"qk_scale", "softcap_inv", "softcap_log2"}
 FLAGS = dict(D=40, G=3, CAUSAL=True, HAS_WINDOW=True, HAS_KPM=True, SOFTCAP=True,
              DOT_PREC="tf32", BLOCK_D=64, BLOCK_M=32, BLOCK_N=32, SPLIT=False,
-             HOIST=False)
+             HOIST=False, HAS_DLSE=True)
 # without key padding the own dK/dV loop has its unmasked part
 VARIANTS = {"dkdv_own_split": dict(HAS_KPM=False, SPLIT=True, G=4, HOIST=True),
             "dkdv_prefix_hoist": dict(G=4, HOIST=True)}

@@ -91,8 +91,8 @@ bool fused_bwd_chosen(const AttnParams& p, int64_t bm) {
 }
 
 template <typename T>
-void bwd_impl(const AttnParams& p, const T* dout, const T* out, const float* lse, float* delta,
-              T* dq, T* dk, T* dv, T* dpk, T* dpv) {
+void bwd_impl(const AttnParams& p, const T* dout, const T* out, const float* lse,
+              const float* dlse, float* delta, T* dq, T* dk, T* dv, T* dpk, T* dpv) {
   const TileSizes ts = tile_sizes();
   const int64_t kBlockM = ts.bwd_m, kBlockN = ts.bwd_n;
   const int64_t G = p.G, D = p.D, Rmax = G * kBlockM;
@@ -101,13 +101,13 @@ void bwd_impl(const AttnParams& p, const T* dout, const T* out, const float* lse
   const T* pk = static_cast<const T*>(p.pk);
   const T* pv = static_cast<const T*>(p.pv);
 
-  // -- 1. delta = rowsum(dout * out) ----
+  // -- 1. delta = rowsum(dout * out) - dlse (d lse_i / d s_ij = P_ij: Delta's term, minus) ----
   const int64_t n_rows = p.B * p.Hq * p.Sq;
   at::parallel_for(0, n_rows, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float acc = 0.f;
       for (int64_t c = 0; c < D; ++c) acc += to_float(dout[r * D + c]) * to_float(out[r * D + c]);
-      delta[r] = acc;
+      delta[r] = dlse ? acc - dlse[r] : acc;
     }
   });
   const BwdCall<T> call{p, dout, lse, delta};
@@ -352,9 +352,9 @@ void bwd_impl(const AttnParams& p, const T* dout, const T* out, const float* lse
 
 template <typename T>
 void dispatch_bwd(const AttnParams& p, const at::Tensor& dout, const at::Tensor& out,
-                  const at::Tensor& lse, at::Tensor& delta, at::Tensor& dq, at::Tensor& dk,
-                  at::Tensor& dv, at::Tensor& dpk, at::Tensor& dpv) {
-  bwd_impl<T>(p, dout.data_ptr<T>(), out.data_ptr<T>(), lse.data_ptr<float>(),
+                  const at::Tensor& lse, const float* dlse, at::Tensor& delta, at::Tensor& dq,
+                  at::Tensor& dk, at::Tensor& dv, at::Tensor& dpk, at::Tensor& dpv) {
+  bwd_impl<T>(p, dout.data_ptr<T>(), out.data_ptr<T>(), lse.data_ptr<float>(), dlse,
               delta.data_ptr<float>(), dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(),
               dpk.data_ptr<T>(), dpv.data_ptr<T>());
 }
@@ -363,9 +363,11 @@ void dispatch_bwd(const AttnParams& p, const at::Tensor& dout, const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const AttnParams& p, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
-    const at::Tensor& q) {
-  TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && lse.is_contiguous(),
-              "prefix_attn: internal error, dout/out/lse must be contiguous here");
+    const c10::optional<at::Tensor>& dlse_opt, const at::Tensor& q) {
+  TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && lse.is_contiguous() &&
+                  (!dlse_opt.has_value() || dlse_opt->is_contiguous()),
+              "prefix_attn: internal error, dout/out/lse/dlse must be contiguous here");
+  const float* dlse = dlse_opt.has_value() ? dlse_opt->data_ptr<float>() : nullptr;
   const auto opts = q.options();
   auto dq = at::empty({p.B, p.Hq, p.Sq, p.D}, opts);  // every row written by the dq pass
   auto dk = at::zeros({p.B, p.Hkv, p.Skv, p.D}, opts);
@@ -375,13 +377,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   auto delta = at::empty({p.B * p.Hq * p.Sq}, opts.dtype(at::kFloat));
   switch (q.scalar_type()) {
     case at::kFloat:
-      dispatch_bwd<float>(p, dout, out, lse, delta, dq, dk, dv, dpk, dpv);
+      dispatch_bwd<float>(p, dout, out, lse, dlse, delta, dq, dk, dv, dpk, dpv);
       break;
     case at::kHalf:
-      dispatch_bwd<c10::Half>(p, dout, out, lse, delta, dq, dk, dv, dpk, dpv);
+      dispatch_bwd<c10::Half>(p, dout, out, lse, dlse, delta, dq, dk, dv, dpk, dpv);
       break;
     case at::kBFloat16:
-      dispatch_bwd<c10::BFloat16>(p, dout, out, lse, delta, dq, dk, dv, dpk, dpv);
+      dispatch_bwd<c10::BFloat16>(p, dout, out, lse, dlse, delta, dq, dk, dv, dpk, dpv);
       break;
     default:
       TORCH_CHECK(false, "prefix_attn: unsupported dtype ", q.scalar_type());

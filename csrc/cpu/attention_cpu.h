@@ -21,10 +21,11 @@ AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const AttnParams& p, const at::Tensor& q);
 
 // dq, dk, dv, dprefix_k, dprefix_v with the shapes and dtype of q, k, v, prefix_k, prefix_v.
-// dout, out: [B, Hq, Sq, D] with a contiguous last dim; lse [B, Hq, Sq] float32.
+// dout, out: [B, Hq, Sq, D] contiguous; lse and dlse (the LSE's gradient, or none) [B, Hq, Sq]
+// float32 contiguous.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const AttnParams& p, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
-    const at::Tensor& q);
+    const c10::optional<at::Tensor>& dlse, const at::Tensor& q);
 
 // Cascade forward for short query blocks (csrc/cpu/attention_decode.cpp): whether this call
 // takes it (shape rule, or PREFIX_ATTN_CPU_PATH=cascade|rows), and the kernel itself, which

@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(kWarps * 32) rows_kernel(const CudaAttnParams 
   }
 }
 
-// delta[r] = sum_d dout[r, d] * out[r, d]; one warp per row.
+// delta[r] = sum_d dout[r, d] * out[r, d] - dlse[r]; one warp per row.
 template <typename T>
 __global__ void delta_kernel(const CudaAttnParams p) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
@@ -255,7 +255,7 @@ __global__ void delta_kernel(const CudaAttnParams p) {
   float acc = 0.f;
   for (int d = threadIdx.x & 31; d < p.D; d += 32) acc += to_f(dO[d]) * to_f(o[d]);
   acc = warp_sum(acc);
-  if ((threadIdx.x & 31) == 0) p.delta[r] = acc;
+  if ((threadIdx.x & 31) == 0) p.delta[r] = p.dlse ? acc - p.dlse[r] : acc;
 }
 
 // dk/dv of one tile of kBlockNKV keys; one warp per block. Grid.x enumerates the prefix

@@ -28,11 +28,12 @@ struct CudaAttnParams {
   // forward outputs: out [B, Hq, Sq, D] (dtype), lse [B, Hq, Sq] float32
   void* out;
   float* lse;
-  // backward: dout/o [B, Hq, Sq, D] (dtype); delta scratch [B, Hq, Sq] float32; gradients
+  // backward: dout/o [B, Hq, Sq, D] (dtype); delta scratch (rowsum(dout * o) - dlse) [B, Hq, Sq] float32; gradients
   // (dtype, zero-initialised by the caller) dq, dk, dv, dpk, dpv
   const void* dout;
   const void* o;
   const float* lse_in;
+  const float* dlse;  // [B, Hq, Sq] float32: the LSE's gradient, or nullptr
   float* delta;
   void *dq, *dk, *dv, *dpk, *dpv;
 };

@@ -62,16 +62,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& pk_in, const at::Tensor& pv_in,
     const at::Tensor& ids_in, const at::Tensor& lens_in, const c10::optional<at::Tensor>& kpm,
-    const at::Tensor& out_in, const at::Tensor& lse_in, bool causal, double scale,
-    int64_t window, double softcap) {
+    const at::Tensor& out_in, const at::Tensor& lse_in, const c10::optional<at::Tensor>& dlse_in,
+    bool causal, double scale, int64_t window, double softcap) {
   const auto in = prepare_inputs(q_in, k_in, v_in, pk_in, pv_in, ids_in, lens_in, kpm, scale,
                                  window, softcap, kCudaMaxHeadDim);
   const auto& q = in.q;
   const auto& d = in.d;
-  check_bwd_args(d, q, dout_in, out_in, lse_in);
+  check_bwd_args(d, q, dout_in, out_in, lse_in, dlse_in);
   TORCH_CHECK(q.is_cuda(), "prefix_attn::bwd (CUDA kernel) got tensors on ", q.device());
   const c10::cuda::CUDAGuard guard(q.device());
   const auto dout = dout_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
+  const auto dlse = dlse_in.has_value() ? dlse_in->contiguous() : at::Tensor();
   auto dq = at::zeros({d.B, d.Hq, d.Sq, d.D}, q.options());
   auto dk = at::zeros({d.B, d.Hkv, d.Skv, d.D}, q.options());
   auto dv = at::zeros({d.B, d.Hkv, d.Skv, d.D}, q.options());
@@ -82,6 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   p.dout = dout.data_ptr();
   p.o = out.data_ptr();
   p.lse_in = lse.data_ptr<float>();
+  p.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
   p.delta = delta.data_ptr<float>();
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();

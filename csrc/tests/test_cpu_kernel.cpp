@@ -129,8 +129,8 @@ using FwdFn = std::tuple<at::Tensor, at::Tensor>(
 using BwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, bool, double,
-    int64_t, double);
+    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, bool, double, int64_t, double);
 
 bool run_case(const Case& c, at::ScalarType dtype, double tol) {
   at::manual_seed(0);
@@ -151,9 +151,11 @@ bool run_case(const Case& c, at::ScalarType dtype, double tol) {
   auto [out, lse] = fwd.call(q, k, v, pk, pv, ids, lens, kpm, c.causal, scale, c.window, c.softcap);
   auto dout = at::randn({c.B, c.Hq, c.Sq, c.D}).to(opt);
   auto ref = naive(c, q, k, v, pk, pv, kpm, scale, dout);
-  auto g1 = bwd.call(dout, q, k, v, pk, pv, ids, lens, kpm, out, lse, c.causal, scale, c.window,
+  auto g1 = bwd.call(dout, q, k, v, pk, pv, ids, lens, kpm, out, lse, std::nullopt, c.causal, scale,
+                     c.window,
                      c.softcap);
-  auto g2 = bwd.call(dout, q, k, v, pk, pv, ids, lens, kpm, out, lse, c.causal, scale, c.window,
+  auto g2 = bwd.call(dout, q, k, v, pk, pv, ids, lens, kpm, out, lse, std::nullopt, c.causal, scale,
+                     c.window,
                      c.softcap);
   const std::vector<std::pair<const char*, double>> errs = {
       {"out", max_err(out, ref.out)},          {"lse", max_err(lse, ref.lse)},
