@@ -323,7 +323,7 @@ def _own_key_mask(module, query, Skv, attention_mask, per_sequence, kwargs):
                              "forward (no KV cache from an earlier call)")
         return None, None, per_sequence, None
     if attention_mask is None:
-        if query.shape[2] != Skv or getattr(module, "is_cross_attention", False):
+        if query.shape[2] != Skv or _is_cross_attention(module):
             return None, None, None, None
         seq_ids = packed_from_positions(kwargs.get("position_ids"), query.shape[0], Skv)
         return None, None, seq_ids, None
@@ -362,6 +362,14 @@ def _sinks(kwargs):
     return None
 
 
+def _is_cross_attention(module) -> bool:
+    """Whether ``module`` attends to encoder states: GPT-2's attention says so in an attribute;
+    BERT-style decoders (BERT, RoBERTa, ... with add_cross_attention) set it only on the
+    wrapper, and the module the attention function receives is their ``*CrossAttention``."""
+    return bool(getattr(module, "is_cross_attention", False)) or \
+        type(module).__name__.endswith("CrossAttention")
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                       scaling: Optional[float] = None, sliding_window: Optional[int] = None,
                       softcap: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
@@ -380,7 +388,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
             "not a submodule such as model.model), after PrefixBank.attach(model) or "
             "prefix_attn.prefix_tuning(model, ...)")
     sel = kwargs.get(SELECTION_KWARG)
-    if getattr(module, "is_cross_attention", False):
+    if _is_cross_attention(module):
         sel = None  # prefixes belong to self-attention only
     elif sel is not None and getattr(module, "layer_idx", None) is None:
         # not a layer of the language model (a vision tower's attention): no prefix here

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -44,6 +45,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import atomic, cli_args, tiny
+from .train_state import Interrupted, StopSignals
 from .serve_inputs import (Request, RequestError, Source, check_prefix_names, prefix_sources,
                            read_requests, refusal, warn_about_adapter_bases)
 
@@ -231,6 +233,7 @@ class _Output:
 
     def __init__(self, path: str):
         self.path, self.tmp, self.f, self._file, self._made = path, None, None, None, []
+        self.count = 0  # result lines written
         if path == "-":
             self.f = sys.stdout
             return
@@ -253,6 +256,26 @@ class _Output:
             self.f.write(json.dumps(obj, ensure_ascii=False) + "\n")
         except OSError as exc:
             raise self._error(exc) from None
+        self.count += 1
+
+    def save_partial(self, total: int) -> str:
+        """After an interruption: the finished results go to ``PATH.partial`` (never to the
+        output itself, which a pipeline would take for complete); returns what was kept."""
+        done = f"{self.count} of {total} requests were finished"
+        if self.tmp is None:
+            self.f.flush()
+            return f"{done}; their results were written to standard output"
+        if self.count == 0:
+            return f"{done}; nothing was written"
+        partial = self.path + ".partial"
+        try:
+            self.f.close()
+            os.replace(self.tmp, partial)
+        except OSError as exc:
+            return f"{done}; saving them to {partial!r} failed: {exc.strerror or exc}"
+        self._made = []
+        return (f"{done}; their results are in {partial!r} ({self.path!r} was not written: "
+                "run again for all of them)")
 
     def commit(self) -> None:
         try:
@@ -296,12 +319,16 @@ def _make_folders(folder: str) -> List[str]:
 def run(args: argparse.Namespace) -> int:
     """Run ``generate`` from parsed arguments; returns the exit code (2 on a user error)."""
     try:
-        with cli_args.transformers_progress(enabled=not args.no_progress):
+        with cli_args.transformers_progress(enabled=not args.no_progress), StopSignals():
             return _run(args)
     except (RequestError, KeyError, ValueError, FileNotFoundError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"prefix-attn generate: error: {msg}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"prefix-attn generate: stopped: {signal.Signals(stop.signum).name}: {stop.note}",
+              file=sys.stderr)
+        return 128 + stop.signum
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -315,7 +342,11 @@ def _run(args: argparse.Namespace) -> int:
             print(f"prefix-attn generate: no requests in {args.input}", file=sys.stderr)
         else:
             warn_about_adapter_bases(sources, args.model)
-            _generate(args, device, sources, requests, out)
+            try:
+                _generate(args, device, sources, requests, out)
+            except Interrupted as stop:
+                stop.note = out.save_partial(len(requests))
+                raise
         out.commit()
     finally:
         out.close()
@@ -324,11 +355,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace, device: torch.device, sources: List[Source],
               requests: List[Request], out: _Output) -> None:
-    torch.manual_seed(args.seed)
     model, tokenizer = _load_model(args.model, device, _DTYPES[args.dtype])
     bank, prompt_ids = _build_bank(model, tokenizer, sources, args.bank)
     jobs = _plan(requests, tokenizer, bank, prompt_ids, args.input)
     _check_lengths(jobs, model, bank, args.max_new_tokens, args.input)
+    torch.manual_seed(args.seed)  # after loading: building the default model seeds torch itself
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = tokenizer.eos_token_id

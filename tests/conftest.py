@@ -121,6 +121,8 @@ CONTRACT_SHAPES = {
     "mqa_leftpad": dict(Hq=4, Hkv=1, Sq=9, Skv=9, pad="left", B=3),
     "bank_rightpad": dict(B=5, N=3, P=9, lens=[9, 1, 4], ids=[2, 0, 2, 1, 0], pad="right"),
     "mha_noprefix": dict(Hq=3, Hkv=3, P=None),
+    # Sq > Skv, row 0 without a prefix: its first queries see no key (out 0, lse -inf)
+    "empty_rows": dict(B=2, N=2, P=4, lens=[0, 4], ids=[0, 1], Sq=9, Skv=4),
 }
 CONTRACT_EXTRA = {"plain": {}, "window": dict(window=4), "softcap": dict(softcap=2.0),
                   "noncausal": dict(causal=False)}

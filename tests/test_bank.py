@@ -369,3 +369,51 @@ def test_prompt_prefix_through_prefixes_kwarg_forward_and_generate():
         plain = model.generate(full, max_new_tokens=6, do_sample=False)
     assert gen.shape[1] > x.shape[1]
     assert gen[0, x.shape[1]:].tolist() == plain[0, full.shape[1]:].tolist()
+
+
+# -- gaps found by a mutation audit -------------------------------------------------------------
+
+def test_pinned_snapshot_never_gets_a_newer_versions_cached_selection():
+    """Inside pinned(), another thread replaces entry "a" and selects it (caching the new
+    version's selection): the pinned reader must still get the old contents."""
+    bank = _bank(a=4, b=2)
+    old = bank.get("a")[0].clone()
+    with bank.pinned():
+        bank.select(["a"], 1)
+
+        def other_tenant():
+            bank.add("a", *_kv(4, seed=9))
+            bank.select(["a"], 1)
+
+        t = threading.Thread(target=other_tenant)
+        t.start()
+        t.join()
+        pk, _ = bank.select(["a"], 1).layer(0)
+        torch.testing.assert_close(pk[0], old[0])
+    pk, _ = bank.select(["a"], 1).layer(0)
+    torch.testing.assert_close(pk[0], bank.get("a")[0][0])
+    assert not torch.equal(pk[0], old[0])
+
+
+def test_cached_prefix_ids_changed_in_place_are_not_reused():
+    bank = _bank(a=4, b=2)
+    s = bank.select(["a", "b"], 2)
+    s.prefix_ids.fill_(0)  # a caller's in-place write to the tensor it was handed
+    assert bank.select(["a", "b"], 2).prefix_ids.tolist() == [0, 1]
+
+
+@pytest.mark.hf
+def test_add_prompt_runs_without_dropout_and_restores_training_mode():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=128,
+                                   attention_dropout=0.5, attn_implementation="sdpa")
+    model = transformers.AutoModelForCausalLM.from_config(cfg).train()
+    bank = PrefixBank.attach(model)
+    prompt = torch.tensor([5, 9, 11, 3, 7])
+    bank.add_prompt("one", prompt)
+    bank.add_prompt("two", prompt)
+    assert model.training
+    torch.testing.assert_close(bank.entry_kv("one"), bank.entry_kv("two"), rtol=0, atol=0)

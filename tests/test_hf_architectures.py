@@ -150,3 +150,38 @@ def test_chunked_attention_warns_at_attach():
     model = _build(tf.Llama4ForCausalLM, cfg, "prefix_attn")
     with pytest.warns(UserWarning, match="chunked attention"):
         prefix_attn.prefix_tuning(model, num_virtual_tokens=4, name="a")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_cross_attention_layers_get_no_prefix(family, monkeypatch):
+    """A decoder with cross-attention (GPT-2 / BERT with add_cross_attention): the prefix goes
+    to the self-attention only; the cross-attention over the encoder states reads none (BERT's
+    module that reaches the attention function has no is_cross_attention attribute)."""
+    from prefix_attn import api
+
+    if family == "gpt2":
+        cls = tf.GPT2LMHeadModel
+        cfg = tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                            add_cross_attention=True, attn_pdrop=0.0, resid_pdrop=0.0,
+                            embd_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    else:
+        cls = tf.BertLMHeadModel
+        cfg = tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=64,
+                            max_position_embeddings=64, is_decoder=True, add_cross_attention=True,
+                            attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+    model = _build(cls, cfg, "prefix_attn")
+    bank = prefix_attn.PrefixBank.attach(model)
+    bank.add("p", torch.randn(2, 4, 3, 8), torch.randn(2, 4, 3, 8))
+    calls = []
+    real = api.prefix_attention
+
+    def spy(q, k, v, prefix_k=None, prefix_v=None, **kw):
+        calls.append((k.shape[2], prefix_k is not None))
+        return real(q, k, v, prefix_k, prefix_v, **kw)
+
+    monkeypatch.setattr(api, "prefix_attention", spy)
+    ids, enc = torch.randint(3, 64, (2, 5)), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        model(ids, encoder_hidden_states=enc, prefixes=["p", "p"])
+    assert sorted(calls) == [(5, True), (5, True), (7, False), (7, False)]

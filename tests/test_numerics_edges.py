@@ -240,3 +240,55 @@ def test_every_launch_fits_cuda_grid_limits(dims, monkeypatch):
         assert 1 <= len(grid) <= 3 and min(grid) >= 0, (name, grid)
         assert grid[0] <= _AXIS0_MAX, (name, grid)
         assert all(g <= _AXIS12_MAX for g in grid[1:]), (name, grid)
+
+
+# -- 4. gaps found by a mutation audit: large prefix scores, strided last dims ----------------
+
+def _backend_params():
+    """(backend, triton cascade mode) pairs: the cpu and torch backends, and the triton
+    kernels' per-row and cascade paths (interpreter)."""
+    from prefix_attn.backends import available_backends
+    names = [(n, None) for n in ("cpu", "torch") if n in available_backends()]
+    marks = [pytest.mark.interpreter, needs_interpreter]
+    names += [pytest.param("triton", mode, marks=marks) for mode in ("0", "1")]
+    return names
+
+
+@pytest.mark.parametrize("backend,cascade", _backend_params())
+@pytest.mark.parametrize("Sq", [1, 5])
+def test_scores_dominated_by_the_prefix_stay_finite(backend, cascade, Sq, monkeypatch):
+    """Scores of a few hundred (q and the prefix keys scaled by 20): exp overflows float32 unless
+    the running max covers the prefix tiles and the cascade merge shifts by the larger of its
+    two maxima; out and LSE against the float64 reference."""
+    if cascade is not None:
+        monkeypatch.setenv("PREFIX_ATTN_TRITON_CASCADE", cascade)
+    args, kw = make_inputs(B=3, Hq=4, Hkv=2, Sq=Sq, Skv=11, N=2, P=9, lens=[9, 3], ids=[0, 1, 0],
+                           pad="left", seed=4)
+    q, k, v, pk, pv = args
+    args = (q * 20, k, v, pk * 20, pv)
+    out, lse = prefix_attention(*args, **kw, return_lse=True, backend=backend)
+    truth, tlse = prefix_attention_ref(*[t.double() for t in args], **kw, return_lse=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert tlse.abs().max() > 200  # the case really is one of large scores
+    torch.testing.assert_close(out.double(), truth, atol=1e-4, rtol=0)
+    torch.testing.assert_close(lse.double(), tlse, atol=1e-4, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend,cascade", _backend_params())
+def test_inputs_with_a_strided_last_dim(backend, cascade, monkeypatch):
+    """q, k, v and the bank taken as every other element of a wider tensor (stride(-1) == 2):
+    the kernels assume a contiguous last dim, so the host must copy these."""
+    if cascade is not None:
+        monkeypatch.setenv("PREFIX_ATTN_TRITON_CASCADE", cascade)
+    args, kw = make_inputs(B=2, Hq=4, Hkv=2, Sq=3, Skv=7, D=32, N=2, P=5, lens=[5, 2],
+                           ids=[1, 0], seed=6)
+    strided = [t[..., ::2] for t in args]
+    assert all(t.stride(-1) == 2 for t in strided)
+    leaves = [t.detach().requires_grad_() for t in strided]
+    dense = [t.detach().contiguous().requires_grad_() for t in strided]
+    out = prefix_attention(*leaves, **kw, backend=backend)
+    truth = prefix_attention_ref(*dense, **kw)
+    torch.testing.assert_close(out, truth, atol=2e-5, rtol=0)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    for a, t in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(truth, dense, g)):
+        torch.testing.assert_close(a, t, atol=1e-4, rtol=0)

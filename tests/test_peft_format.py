@@ -130,6 +130,7 @@ def good_adapter(tmp_path):
     ({"num_attention_heads": 4}, AdapterError, r"num_attention_heads=4 but this model has num_attention_heads=2"),
     ({"token_dim": 32}, AdapterError, r"token_dim=32 but this model has token_dim=16"),
     ({"peft_type": "LORA"}, AdapterError, r"peft_type is 'LORA', expected 'PREFIX_TUNING'"),
+    ({"num_transformer_submodules": 2}, AdapterError, r"num_transformer_submodules=2 \(encoder-decoder"),
     ({"num_virtual_tokens": 7}, AdapterError, r"adapter_model.safetensors: prompt_embeddings has shape \[5, 64\], "
                                                r"expected \[P=7"),
 ])

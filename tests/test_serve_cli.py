@@ -145,3 +145,64 @@ def test_model_folder_and_saved_bank(tmp_path, adapter_dir, capsys):
                         "--prompt-prefix", f"sys={system}", "--no-progress"]) == 0
     assert _results(tmp_path / "a.jsonl") == _results(tmp_path / "b.jsonl")
     assert main(base + ["-o", str(tmp_path / "c.jsonl"), "--model", str(tmp_path / "missing")]) == 2
+
+
+# -- sampling: --do-sample, --seed, --temperature ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The built-in default model saved as a folder (loading it draws nothing from torch's RNG)."""
+    from prefix_attn import tiny
+
+    d = tmp_path_factory.mktemp("model")
+    tiny.default_model().save_pretrained(str(d))
+    tiny.ByteTokenizer().save_pretrained(str(d))
+    return str(d)
+
+
+_SAMPLE_PROMPTS = ["hello there", "abc", "the quick brown fox", "1 + 1 ="]
+
+
+def _completions(tmp_path, model_dir, name, *options):
+    f = _write(tmp_path / "req.jsonl", [json.dumps({"prompt": p}) for p in _SAMPLE_PROMPTS])
+    out = tmp_path / f"{name}.jsonl"
+    model = ["--model", model_dir] if model_dir is not None else []
+    assert main(["-i", f, "-o", str(out), *model, "--max-new-tokens", "8",
+                 "--batch-size", "2", "--no-progress", *options]) == 0
+    return [r["completion"] for r in _results(out)]
+
+
+@pytest.mark.hf
+def test_sampling_is_fixed_by_the_seed(tmp_path, model_dir):
+    """--do-sample draws from torch's RNG seeded by --seed: the same seed gives the same
+    completions (whatever the process drew before), another seed other ones."""
+    greedy = _completions(tmp_path, model_dir, "greedy")
+    torch.manual_seed(99)
+    a = _completions(tmp_path, model_dir, "a", "--do-sample", "--seed", "3")
+    torch.rand(7)  # the process's RNG moved on: --seed still fixes the draw
+    b = _completions(tmp_path, model_dir, "b", "--do-sample", "--seed", "3")
+    c = _completions(tmp_path, model_dir, "c", "--do-sample", "--seed", "4")
+    assert a == b
+    assert a != c and all(x != y for x, y in zip(a, c))
+    assert a != greedy  # it does sample
+
+
+@pytest.mark.hf
+def test_seed_also_fixes_sampling_with_the_built_in_model(tmp_path):
+    """Without --model the built-in model is built (seeding torch itself): --seed must still
+    decide the draw (it was overwritten by the model's own seed)."""
+    a = _completions(tmp_path, None, "a", "--do-sample", "--seed", "3")
+    b = _completions(tmp_path, None, "b", "--do-sample", "--seed", "4")
+    assert a != b
+
+
+@pytest.mark.hf
+def test_sampling_temperature(tmp_path, model_dir):
+    """--temperature scales the logits: a tiny one samples the greedy completions, the default
+    (1) and a huge one (nearly uniform over the bytes) do not."""
+    greedy = _completions(tmp_path, model_dir, "greedy")
+    cold = _completions(tmp_path, model_dir, "cold", "--do-sample", "--seed", "3", "--temperature", "1e-4")
+    hot = _completions(tmp_path, model_dir, "hot", "--do-sample", "--seed", "3", "--temperature", "100")
+    warm = _completions(tmp_path, model_dir, "warm", "--do-sample", "--seed", "3")
+    assert cold == greedy
+    assert all(h != g for h, g in zip(hot, greedy)) and all(w != g for w, g in zip(warm, greedy))

@@ -271,3 +271,32 @@ def test_help_shows_the_formats_defaults_and_every_option(capsys):
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))
     assert all(action.help for action in sub.choices["generate"]._actions)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_keeps_the_finished_results_in_a_partial_file(tmp_path, capsys, monkeypatch, sig):
+    """Ctrl-C (or SIGTERM) in the middle: the results finished so far go to OUTPUT.partial, the
+    output itself is not written (a pipeline would take it for complete), exit 128 + signal."""
+    import os
+    import signal
+
+    f = _write(tmp_path / "req.jsonl", [json.dumps({"prompt": f"p{i}"}) for i in range(6)])
+    out = tmp_path / "out.jsonl"
+    real, calls = serve._result, []
+
+    def result_then_signal(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:  # after the first batch of two
+            os.kill(os.getpid(), getattr(signal, sig))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(serve, "_result", result_then_signal)
+    rc = main(["-i", str(f), "-o", str(out), "--max-new-tokens", "2", "--batch-size", "2",
+               "--no-progress"])
+    assert rc == 128 + getattr(signal, sig)
+    assert not out.exists()
+    kept = _results(str(out) + ".partial")
+    assert [r["prompt"] for r in kept] == ["p0", "p1"]
+    err = capsys.readouterr().err
+    assert f"stopped: {sig}" in err and "2 of 6 requests" in err and "out.jsonl.partial" in err
+    assert sorted(os.listdir(tmp_path)) == ["out.jsonl.partial", "req.jsonl"]

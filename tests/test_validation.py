@@ -116,3 +116,26 @@ def test_ids_changed_in_place_are_checked_again():
     kw["prefix_ids"][1] = 0
     with pytest.raises(ValueError, match="prefix_lens"):
         prefix_attention(*args, **kw)
+
+
+@pytest.mark.parametrize("name", ["prefix_ids", "prefix_lens"])
+def test_known_range_is_read_again_after_an_in_place_change(name):
+    """A tensor stamped by known_range (a bank selection's ids / lens) and then changed in
+    place is read again by normalize itself (not only by a backend's own checks)."""
+    from prefix_attn.validation import known_range, normalize
+
+    kw = good()
+    t = kw[name]
+    known_range(t, int(t.min()), int(t.max()))
+    args = [kw.pop(n) for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    normalize(*args, **kw)
+    t[1] = 9
+    with pytest.raises(ValueError, match=name):
+        normalize(*args, **kw)
+
+
+def test_prefix_lens_without_a_prefix_is_refused_even_when_zero():
+    kw = good()
+    q, k, v = kw["q"], kw["k"], kw["v"]
+    with pytest.raises(ValueError, match="prefix_lens given without prefix_k"):
+        prefix_attention(q, k, v, prefix_lens=torch.tensor([0]))
