@@ -69,6 +69,8 @@ class _Entry:
     module_key: Optional[str] = None
     module: Optional[nn.Module] = field(default=None, compare=False)  # kept here: readers never index the ModuleDict
     kind: str = "fixed"  # "fixed" | "prompt" (KV of a prompt, from add_prompt) | "trainable"
+    # a prompt entry: a few weights of the model that computed it (see _model_signature)
+    signature: Optional[tuple] = field(default=None, compare=False)
 
 
 class PrefixSelection:
@@ -320,15 +322,16 @@ class PrefixBank(nn.Module):
         kv = torch.stack([keys.detach(), values.detach()], dim=1).to(device=self.device, dtype=self.dtype)
         self._add_kv(name, kv)
 
-    def _add_kv(self, name: str, kv: Tensor, kind: str = "fixed") -> None:
+    def _add_kv(self, name: str, kv: Tensor, kind: str = "fixed", signature=None) -> None:
         """Store ``kv`` ``[L, 2, Hkv, P, D]`` (already checked, freshly built by the caller) under ``name``."""
-        self._commit(name, self._fixed_entry(name, kv, kind))
+        self._commit(name, self._fixed_entry(name, kv, kind, signature))
 
-    def _fixed_entry(self, name: str, kv: Tensor, kind: str) -> _Entry:
+    def _fixed_entry(self, name: str, kv: Tensor, kind: str, signature=None) -> _Entry:
         kv = kv.detach().to(device=self.device, dtype=self.dtype).contiguous()
         if kv._base is not None:  # never keep a view that pins a larger storage
             kv = kv.clone()
-        return _Entry(name=name, length=kv.shape[3], kv=_normal_tensor(kv), kind=kind)
+        return _Entry(name=name, length=kv.shape[3], kv=_normal_tensor(kv), kind=kind,
+                      signature=tuple(signature) if signature is not None else None)
 
     def add_trainable(self, name: str, module: nn.Module) -> None:
         """Add (or replace) a trainable entry: ``module()`` returns ``[L, 2, Hkv, P, D]``.
@@ -701,6 +704,12 @@ class PrefixBank(nn.Module):
             raise ValueError(f"input_ids must be [P] or [1, P], got {list(input_ids.shape)}")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty: a prompt prefix needs at least one token")
+        from prefix_attn.hf import learned_position_limit
+
+        limit = learned_position_limit(model)
+        if limit is not None and input_ids.shape[1] > limit:
+            raise ValueError(f"the prompt has {input_ids.shape[1]} tokens, more than the {limit} "
+                             f"learned positions of {type(model).__name__}")
         _, model_device = _model_dtype_device(model)
         was_training = model.training
         model.eval()  # no dropout in the stored KV
@@ -723,7 +732,7 @@ class PrefixBank(nn.Module):
                 "tokens); a prefix is never windowed, so every later token sees the whole prompt "
                 "and the text after it equals the model run on prompt + text only while both fit "
                 "in the window", stacklevel=2)
-        self._add_kv(name, kv, kind="prompt")
+        self._add_kv(name, kv, kind="prompt", signature=_model_signature(model))
 
     # -- whole-bank save / load -------------------------------------------------------------
     def save(self, directory: str) -> None:
@@ -732,17 +741,19 @@ class PrefixBank(nn.Module):
         from safetensors.torch import save as st_save
 
         _, entries = self._state
-        tensors, names, kinds = {}, [], []
+        tensors, names, kinds, signatures = {}, [], [], []
         with torch.no_grad():
             for i, (name, entry) in enumerate(entries.items()):
                 tensors[f"entry_{i}"] = self._materialize(entry, cast=False).detach().cpu().contiguous()
                 names.append(name)
                 kinds.append("prompt" if entry.kind == "prompt" else "fixed")  # trainable ones are folded
+                signatures.append(list(entry.signature) if entry.signature is not None else None)
         meta = {
             "format": "pt",
             "prefix_attn_bank": "1",
             "names": json.dumps(names),
             "kinds": json.dumps(kinds),
+            "model_signatures": json.dumps(signatures),
             "num_layers": str(self.num_layers),
             "num_kv_heads": str(self.num_kv_heads),
             "head_dim": str(self.head_dim),
@@ -767,6 +778,9 @@ class PrefixBank(nn.Module):
                 kinds = json.loads(meta.get("kinds", "null")) or ["fixed"] * len(names)
                 if len(kinds) != len(names) or not all(k in ("fixed", "prompt") for k in kinds):
                     raise ValueError(f"bad entry kinds {kinds!r}")
+                signatures = json.loads(meta.get("model_signatures", "null")) or [None] * len(names)
+                if len(signatures) != len(names):
+                    raise ValueError(f"bad model signatures {signatures!r}")
                 dims = tuple(int(meta[k]) for k in ("num_layers", "num_kv_heads", "head_dim"))
                 tensors = [f.get_tensor(f"entry_{i}") for i in range(len(names))]
         except (KeyError, ValueError, json.JSONDecodeError, OSError) as exc:
@@ -778,12 +792,39 @@ class PrefixBank(nn.Module):
             raise ValueError(f"{path}: saved for (L, Hkv, D)={dims}, but the model has {want}")
         for name, kv in zip(names, tensors):
             bank._check_kv(kv, f"{path}: entry {name!r}")
-        bank._commit_many({name: bank._fixed_entry(name, kv, kind) for name, kv, kind in zip(names, tensors, kinds)})
+        here = _model_signature(model) if any(signatures) else None
+        other = [n for n, sig in zip(names, signatures) if sig and not _same_signature(sig, here)]
+        if other:
+            warnings.warn(
+                f"{path}: the prompt entries {other} were computed by another model (its weights "
+                f"differ from {type(model).__name__}'s): their KV does not fit this model; "
+                "recompute them here with add_prompt", stacklevel=2)
+        bank._commit_many({name: bank._fixed_entry(name, kv, kind, sig)
+                           for name, kv, kind, sig in zip(names, tensors, kinds, signatures)})
         return bank
 
     def extra_repr(self) -> str:
         return (f"num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"dtype={self.dtype}, device={self.device}, entries={self.names()}")
+
+
+_SIGNATURE_SIZE = 64
+
+
+def _model_signature(model: nn.Module) -> list:
+    """A few weights of ``model`` (the middle value of up to 64 parameter tensors spread over
+    it), as floats: a prompt entry's KV fits only the model that computed it, and this tells
+    two models apart while staying stable under a dtype or device move."""
+    params = [p for p in model.parameters() if p.numel()]
+    step = max(1, len(params) // _SIGNATURE_SIZE)
+    with torch.no_grad():
+        return [float(p.reshape(-1)[p.numel() // 2]) for p in params[::step][:_SIGNATURE_SIZE]]
+
+
+def _same_signature(a, b) -> bool:
+    """Equal up to bfloat16 rounding (a model saved in one dtype and loaded in another)."""
+    return b is not None and len(a) == len(b) and all(
+        abs(x - y) <= 1e-2 * max(abs(x), abs(y)) + 1e-6 for x, y in zip(a, b))
 
 
 def _sliding_window(model: nn.Module) -> Optional[int]:

@@ -569,6 +569,45 @@ def _positions_after_prefix(model, kwargs, S, row_lens, device, uniform: bool = 
     return pos + row_lens[:, None]
 
 
+def learned_position_limit(model) -> Optional[int]:
+    """How many positions ``model``'s table of learned position embeddings holds (GPT-2's and
+    GPT-BigCode's ``wpe``, OPT's and BioGPT's ``embed_positions`` less their offset, BERT's
+    ``position_embeddings``), or None for models without one (rotary and the like, which run
+    past their nominal length instead of failing). Cached on the model."""
+    cached = model.__dict__.get("_prefix_attn_position_limit", False)
+    if cached is not False:
+        return cached
+    limit = None
+    for name, m in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(m, torch.nn.Embedding) and ("pos" in leaf or leaf == "wpe"):
+            limit = m.num_embeddings - int(getattr(m, "offset", 0) or 0)
+            break
+    model.__dict__["_prefix_attn_position_limit"] = limit
+    return limit
+
+
+def _check_positions(model, S: int, kwargs, P: int) -> None:
+    """A clear error instead of the embedding's IndexError when the tokens after a prefix run
+    past a learned position table (they are numbered from the prefix's length, as PEFT does).
+    Only for such models, and the position ids are read back only when the bound
+    prefix + cache + tokens passes the table (padding makes the real positions smaller)."""
+    limit = learned_position_limit(model)
+    if limit is None or not P:
+        return
+    past = _cache_length(kwargs)
+    pos = kwargs.get("position_ids")
+    if P + past + S <= limit or pos is None:
+        return
+    top = int(pos.max()) if pos.numel() else 0
+    if top >= limit:
+        raise ValueError(
+            f"{S} tokens after a cache of {past} and a prefix of {P} take positions up to "
+            f"{top}, beyond the {limit} learned positions of {type(model).__name__} (tokens "
+            "after a prefix are numbered from its length, as PEFT numbers them): shorten the "
+            "input or the prefix")
+
+
 def _cache_length(kwargs) -> int:
     """Positions already in the KV cache of this forward (0 without one)."""
     # transformers >= 5.2x calls it `cache`, earlier 5.x releases `past_key_values`
@@ -645,6 +684,7 @@ def _pre_hook(model, args, kwargs):
                                           uniform=len(set(sel.host_row_lens)) == 1)
             if pos is not None:
                 kwargs["position_ids"] = pos
+                _check_positions(model, S, kwargs, max(sel.host_row_lens))
     kwargs[SELECTION_KWARG] = sel
     _pending_stack(model).append((sel, any(sel.host_row_lens)))  # the post-hook checks it was read
     return args, kwargs

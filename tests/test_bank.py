@@ -417,3 +417,23 @@ def test_add_prompt_runs_without_dropout_and_restores_training_mode():
     bank.add_prompt("two", prompt)
     assert model.training
     torch.testing.assert_close(bank.entry_kv("one"), bank.entry_kv("two"), rtol=0, atol=0)
+
+
+@pytest.mark.hf
+def test_prompt_entries_loaded_onto_another_model_warn(tmp_path):
+    """A prompt entry's KV fits only the model that computed it: loading the bank onto other
+    weights warns naming the entry; the same weights (in another dtype too) do not."""
+    import warnings
+
+    model = _tiny_llama(seed=0)
+    bank = PrefixBank.attach(model)
+    bank.add_prompt("sys", torch.tensor([5, 9, 11, 3]))
+    bank.add("fixed", torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 8))
+    bank.save(str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PrefixBank.load(str(tmp_path), _tiny_llama(seed=0))
+        PrefixBank.load(str(tmp_path), _tiny_llama(seed=0).to(torch.bfloat16))
+    with pytest.warns(UserWarning, match=r"prompt entries \['sys'\] were computed by another model"):
+        other = PrefixBank.load(str(tmp_path), _tiny_llama(seed=3))
+    assert other.names() == ["sys", "fixed"]  # loaded all the same

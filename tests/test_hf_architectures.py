@@ -185,3 +185,34 @@ def test_cross_attention_layers_get_no_prefix(family, monkeypatch):
     with torch.no_grad():
         model(ids, encoder_hidden_states=enc, prefixes=["p", "p"])
     assert sorted(calls) == [(5, True), (5, True), (7, False), (7, False)]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+def test_tokens_past_a_learned_position_table_are_a_clear_error(family):
+    """Tokens after a prefix are numbered from its length: on a model with learned positions
+    (GPT-2, OPT: 256 here) one token too many is a ValueError naming the table, not the
+    embedding's IndexError; rotary models (Llama) run on. Left padding that keeps the real
+    positions inside the table (OPT numbers them from the mask) still runs."""
+    from prefix_attn.tiny import tiny_model
+
+    model = tiny_model(family)
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    D = cfg.hidden_size // cfg.num_attention_heads
+    bank = prefix_attn.PrefixBank.attach(model)
+    bank.add("p", torch.randn(cfg.num_hidden_layers, heads, 20, D),
+             torch.randn(cfg.num_hidden_layers, heads, 20, D))
+    with torch.no_grad():
+        model(torch.randint(3, 100, (1, 236)), prefixes=["p"])
+        if family == "llama":
+            model(torch.randint(3, 100, (1, 237)), prefixes=["p"])
+        else:
+            with pytest.raises(ValueError, match="beyond the 256 learned positions"):
+                model(torch.randint(3, 100, (1, 237)), prefixes=["p"])
+        if family == "opt":
+            mask = torch.ones(1, 260, dtype=torch.long)
+            mask[:, :30] = 0
+            model(torch.randint(3, 100, (1, 260)), attention_mask=mask, prefixes=["p"])
+    if family == "gpt2":
+        with pytest.raises(ValueError, match="257 tokens, more than the 256 learned positions"):
+            bank.add_prompt("long", torch.randint(3, 100, (257,)))
