@@ -1,12 +1,12 @@
 """Reading the JSON-lines files of the command line (training data, generate's requests):
 UTF-8 text (a leading byte-order mark dropped), one JSON value per non-blank line, or, for a
-``.json`` file, one array of them; every error names ``FILE:LINE``. ``error`` is the exception
+``.json`` file, one array of them; every error names ``FILE:LINE`` (and an array item's index). ``error`` is the exception
 class the caller reports as a user error (raised with the message alone)."""
 from __future__ import annotations
 
 import json
 import sys
-from typing import List, Tuple, Type
+from typing import List, Optional, Tuple, Type
 
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
                int: "a number", float: "a number", type(None): "null"}
@@ -51,6 +51,21 @@ def json_values(path: str, lines: List[Tuple[int, str]], error: Type[Exception],
                 arrays: bool = False) -> List[Tuple[int, object]]:
     """[(line number, value)]: one value per non-blank line; with ``arrays``, a ``.json``
     file holding one array gives its items (each with the line where it starts)."""
+    return [(line, value) for line, _, value in _values(path, lines, error, arrays)]
+
+
+def json_records(path: str, lines: List[Tuple[int, str]], error: Type[Exception],
+                 arrays: bool = False) -> List[Tuple[str, object]]:
+    """[(where, value)] as :func:`json_values`, ``where`` naming each value in messages:
+    ``FILE:LINE``, or ``FILE:LINE: array index I`` for an item of a ``.json`` array (all the
+    items of a one-line array start on line 1)."""
+    return [(f"{path}:{line}" if index is None else f"{path}:{line}: array index {index}", value)
+            for line, index, value in _values(path, lines, error, arrays)]
+
+
+def _values(path: str, lines: List[Tuple[int, str]], error: Type[Exception],
+            arrays: bool) -> List[Tuple[int, Optional[int], object]]:
+    """[(line, array index or None, value)]."""
     dot_json = path.lower().endswith(".json")
     first = next((text.lstrip() for _, text in lines if text.strip()), "")
     if arrays and dot_json and first.startswith("["):
@@ -61,24 +76,24 @@ def json_values(path: str, lines: List[Tuple[int, str]], error: Type[Exception],
         if not text.strip():
             continue
         try:
-            values.append((n, json.loads(text)))
+            values.append((n, None, json.loads(text)))
         except json.JSONDecodeError as exc:
             raise error(f"{path}:{n}: not JSON ({exc.msg} at column {exc.colno}){hint}") from None
     return values
 
 
-def _array_items(path: str, text: str, error: Type[Exception]) -> List[Tuple[int, object]]:
-    """[(line where it starts, item)] of a JSON array document."""
+def _array_items(path: str, text: str, error: Type[Exception]) -> List[Tuple[int, int, object]]:
+    """[(line where it starts, index, item)] of a JSON array document."""
     try:
         values = json.loads(text)
     except json.JSONDecodeError as exc:
         raise error(f"{path}:{exc.lineno}: not JSON ({exc.msg} at column {exc.colno})") from None
     decoder, items, opening = json.JSONDecoder(), [], text.index("[")
     pos, line = opening + 1, 1 + text.count("\n", 0, opening)
-    for value in values:  # walk the (valid) array again for the line of each item
+    for index, value in enumerate(values):  # walk the (valid) array again for the line of each item
         start = _skip(text, pos, " \t\r\n,")
         line += text.count("\n", pos, start)
-        items.append((line, value))
+        items.append((line, index, value))
         pos = decoder.raw_decode(text, start)[1]
         line += text.count("\n", start, pos)
     return items

@@ -201,21 +201,51 @@ def default_model(seed: int = 0, hidden: int = 64, layers: int = 2):
                       layers=layers, heads=4, kv_heads=2)
 
 
-def load_tokenizer(model_dir: Optional[str]):
-    """The tokenizer saved in ``model_dir`` (ours or an HF one), else a :class:`ByteTokenizer`."""
-    if model_dir is not None:
-        if os.path.isfile(os.path.join(model_dir, ByteTokenizer.config_name)):
-            return ByteTokenizer.from_pretrained(model_dir)
-        try:
-            from transformers import AutoTokenizer
+# files of an HF tokenizer; a folder with none of them has no tokenizer to load
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                      "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "merges.txt",
+                      "special_tokens_map.json", "tokenizer.tiktoken")
 
-            tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-            if tok.pad_token_id is None:
-                tok.pad_token = tok.eos_token
-            return tok
-        except Exception:  # no tokenizer files in the folder: fall back to bytes
-            pass
-    return ByteTokenizer()
+
+class TokenizerError(ValueError):
+    """A model folder whose tokenizer is missing or does not load (a user error: the command
+    line tools report it with exit status 2)."""
+
+
+def load_tokenizer(model_dir: Optional[str]):
+    """The tokenizer of a model: a :class:`ByteTokenizer` for the built-in default model
+    (``model_dir`` None) or a folder saved with one (``byte_tokenizer.json``, as ``prefix-attn
+    train`` saves ``OUT/base_model``), else the folder's HF tokenizer. Raises
+    :class:`TokenizerError` naming the folder when it has no tokenizer files or its tokenizer
+    does not load (never a silent fallback to bytes: the ids would not be the model's)."""
+    if model_dir is None:
+        return ByteTokenizer()
+    byte_config = os.path.join(model_dir, ByteTokenizer.config_name)
+    if os.path.isfile(byte_config):
+        try:
+            return ByteTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError, AttributeError) as exc:
+            raise TokenizerError(f"cannot load the byte tokenizer of {model_dir}: {byte_config}: "
+                                 f"{_first_line(exc)}") from None
+    if not any(os.path.exists(os.path.join(model_dir, f)) for f in HF_TOKENIZER_FILES):
+        raise TokenizerError(
+            f"no tokenizer in the model folder {model_dir}: no tokenizer.json, tokenizer_config.json or "
+            f"other tokenizer file, nor {ByteTokenizer.config_name} (prefix-attn's byte tokenizer); save "
+            f"the model's tokenizer there: AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained(FOLDER)")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:  # corrupt or incomplete files: transformers raises many kinds
+        raise TokenizerError(f"cannot load the tokenizer of {model_dir}: "
+                             f"{type(exc).__name__}: {_first_line(exc)}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def encode(tokenizer, text: str, special: bool = True) -> List[int]:

@@ -3,14 +3,18 @@
 Data: JSON (a ``.jsonl`` or ``.json`` file, any case) with one object per line, or a ``.json``
 file holding one array of objects; each object is ``{"text": ...}`` (loss on every token) or
 ``{"prompt": ..., "completion": ...}`` (loss on the completion only; ``prompt`` optional), the
-values strings. Any other file is plain UTF-8 text with one example per non-empty line. The
-model is a local folder (``--model``; its tokenizer, else a byte-level one) or the built-in tiny
-Llama with a byte tokenizer, its random weights drawn from ``--seed`` and saved to
-``OUT/base_model`` (pass ``--model OUT/base_model`` to ``prefix-attn generate``).
+values strings. Any other file is plain UTF-8 text with one example per non-empty line. An
+example is cut to ``--max-length`` tokens; one left with no token to learn (its prompt fills
+``--max-length``) is dropped, with one warning giving the count. The model is a local folder
+(``--model``, with its tokenizer files: a folder without them is an error) or the built-in tiny
+Llama with a byte tokenizer, its random weights drawn from ``--seed`` and saved with the byte
+tokenizer to ``OUT/base_model`` (pass ``--model OUT/base_model`` to ``prefix-attn generate``).
 
-Training runs on the fused path (``prefix_attn.prefix_tuning``): the base stays frozen, one
-prefix ``--name`` learns. A tqdm bar shows tokens/s and the loss; the held-out loss is computed
-every ``--eval-every`` steps and logged to ``OUT/log.jsonl``. ``OUT/checkpoint.pt`` (prefix,
+Training runs on the fused path (``prefix_attn.prefix_tuning``) on ``--device`` (default: the
+CPU): the base stays frozen, in ``--dtype``, and one float32 prefix ``--name`` learns, for
+``--max-steps`` steps (the data cycled as needed; default: ``--epochs`` passes). A tqdm bar
+shows tokens/s and the loss; the held-out loss is computed every ``--eval-every`` steps and
+logged to ``OUT/log.jsonl``. ``OUT/checkpoint.pt`` (prefix,
 optimizer, step, RNG, settings) is written atomically every ``--save-every`` steps and at the
 end, and ``--resume`` continues from it, giving the same result as an uninterrupted run: it
 refuses settings that would change that result (data, model, batch size, seed, ...), and cuts
@@ -19,7 +23,9 @@ with a checkpoint of it (exit status 130 / 143); a second one stops at once. The
 ``OUT/adapter`` in PEFT's format (``peft.PeftModel.from_pretrained(base, OUT/adapter)`` loads it).
 
 Errors in the data or options are reported as ``prefix-attn train: error: ...`` (exit status
-2) before anything is written.
+2) before anything is written. A loss (or eval loss) that is not finite stops the run with an
+error naming the step (exit status 1): that step is neither logged nor saved, and the last
+checkpoint stays. ``OUT/log.jsonl`` is strict JSON (never a bare NaN).
 """
 from __future__ import annotations
 
@@ -36,28 +42,36 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import atomic, cli_args, jsonl, tiny
-from .train_state import (PROG, Interrupted, StopSignals, TrainError, append_log,
+from .backends import check_env_backend
+from .train_state import (BASE_MODEL, PROG, Interrupted, StopSignals, TrainError, TrainingFailed, append_log,
                           check_output_folder, check_same_settings, create_output_folder,
                           load_checkpoint, run_settings, start_log, warn)
 
 CHECKPOINT = "checkpoint.pt"
 ADAPTER = "adapter"
-BASE_MODEL = "base_model"
 DEFAULT_MAX_LENGTH = 256
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype: the frozen base's
 
 
 # --------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------
-def read_examples(path: str) -> List[Tuple[str, str]]:
+def read_examples(path: str, what: str = "data file") -> List[Tuple[str, str]]:
     """[(prompt, completion)] from a JSON or text file (``("", text)`` for plain text and for
     ``{"text": ...}``). Raises :class:`TrainError` naming ``path:line`` on bad data."""
-    lines = jsonl.read_lines(path, TrainError, what="data file")
+    return [(prompt, completion) for _, prompt, completion in read_examples_at(path, what)]
+
+
+def read_examples_at(path: str, what: str = "data file") -> List[Tuple[str, str, str]]:
+    """[(where, prompt, completion)] as :func:`read_examples`, ``where`` naming each example in
+    messages (``path:line``, and the index of an item of a ``.json`` array); ``what`` names the
+    file in "not found" messages."""
+    lines = jsonl.read_lines(path, TrainError, what=what)
     if jsonl.is_json_path(path):
-        examples = [_example(f"{path}:{n}", obj)
-                    for n, obj in jsonl.json_values(path, lines, TrainError, arrays=True)]
+        examples = [(where, *_example(where, obj))
+                    for where, obj in jsonl.json_records(path, lines, TrainError, arrays=True)]
     else:
-        examples = [("", line) for _, line in lines if line.strip()]
+        examples = [(f"{path}:{n}", "", line) for n, line in lines if line.strip()]
     if not examples:
         raise TrainError(f"{path}: no examples (the file is empty or has only blank lines)")
     return examples
@@ -86,20 +100,78 @@ def _string_field(where: str, obj: dict, key: str) -> str:
     return value
 
 
-def tokenize(tokenizer, examples, max_length: int) -> List[Tuple[List[int], List[int]]]:
-    """[(ids, labels)] with labels -100 on the prompt, eos appended, truncated to ``max_length``."""
-    out = []
+def encode_example(tokenizer, prompt: str, completion: str) -> Tuple[List[int], List[int]]:
+    """(ids, labels) of one example, untruncated: labels -100 on the prompt, eos appended."""
     eos = getattr(tokenizer, "eos_token_id", None)
+    p = tiny.encode(tokenizer, prompt, special=True) if prompt else []
+    c = tiny.encode(tokenizer, completion, special=not prompt)
+    if eos is not None:
+        c = c + [eos]
+    return p + c, [-100] * len(p) + c
+
+
+def has_target(labels: Sequence[int]) -> bool:
+    """Whether a row has a token to learn: a label other than -100 after the first position
+    (the first token is never predicted)."""
+    return any(label != -100 for label in labels[1:])
+
+
+def tokenize(tokenizer, examples, max_length: int) -> List[Tuple[List[int], List[int]]]:
+    """[(ids, labels)] with labels -100 on the prompt, eos appended, truncated to ``max_length``;
+    rows left without a token to learn (:func:`has_target`) are left out (:func:`prepare`
+    counts and reports them)."""
+    out = []
     for prompt, completion in examples:
-        p = tiny.encode(tokenizer, prompt, special=True) if prompt else []
-        c = tiny.encode(tokenizer, completion, special=not prompt)
-        if eos is not None:
-            c = c + [eos]
-        ids = (p + c)[:max_length]
-        labels = ([-100] * len(p) + c)[:max_length]
-        if len(ids) >= 2:
+        ids, labels = encode_example(tokenizer, prompt, completion)
+        ids, labels = ids[:max_length], labels[:max_length]
+        if has_target(labels):
             out.append((ids, labels))
     return out
+
+
+def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: int,
+            vocab_size: int, path: str, what: str = "data file") -> List[Tuple[List[int], List[int]]]:
+    """:func:`tokenize` for ``read_examples_at``'s examples of ``path``, checked: a token id
+    outside the model's ``vocab_size`` is a :class:`TrainError` naming the example; examples left
+    with no token to learn (the prompt fills ``max_length``, or under two tokens) are dropped
+    with one warning giving their count and cause, and an error when none is left."""
+    out, cut, short = [], 0, 0
+    for where, prompt, completion in examples_at:
+        ids, labels = encode_example(tokenizer, prompt, completion)
+        bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+        if bad is not None:
+            raise TrainError(f"{where}: token id {bad} is outside the model's vocabulary of {vocab_size} "
+                             f"(ids 0..{vocab_size - 1}): the tokenizer does not fit the model"
+                             + _vocab_hint(tokenizer, vocab_size))
+        if has_target(labels[:max_length]):
+            out.append((ids[:max_length], labels[:max_length]))
+        elif has_target(labels):
+            cut += 1
+        else:
+            short += 1
+    if cut or short:
+        causes = []
+        if cut:
+            causes.append(f"in {cut} the prompt fills --max-length ({max_length} tokens) and truncation cuts "
+                          f"off the whole completion (raise --max-length or shorten the prompts)")
+        if short:
+            causes.append(f"{short} {'is' if short == 1 else 'are'} under two tokens (nothing to predict)")
+        dropped = cut + short
+        summary = (f"{path}: {dropped} of {len(examples_at)} example{'' if len(examples_at) == 1 else 's'} "
+                   f"{'has' if dropped == 1 else 'have'} no token to learn: " + "; ".join(causes))
+        if not out:
+            raise TrainError(f"{summary}; no example of the {what} is left to train on"
+                             if what == "data file" else f"{summary}; no example of the {what} is left")
+        warn("warning", f"{summary}; dropped")
+    return out
+
+
+def _vocab_hint(tokenizer, vocab_size: int) -> str:
+    if isinstance(tokenizer, tiny.ByteTokenizer):
+        return (f" (the byte tokenizer numbers byte b as b + {tokenizer.offset}, up to "
+                f"{tiny.ByteTokenizer.vocab_size - 1}: this model's vocabulary is too small for "
+                f"bytes of {vocab_size - tokenizer.offset} and above, e.g. non-ASCII text)")
+    return " (pass the model's own tokenizer in --model's folder)"
 
 
 def collate(rows: Sequence[Tuple[List[int], List[int]]], pad_id: int):
@@ -136,13 +208,13 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> List[List[int
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def split_eval(data: list, fraction: float, seed: int) -> Tuple[list, list]:
+def split_eval(data: list, fraction: float, seed: int, quiet: bool = False) -> Tuple[list, list]:
     """(train, eval): ``int(len(data) * fraction)`` examples held out, chosen by ``seed``; warns
-    once when that rounds to none."""
+    once when that rounds to none (unless ``quiet``: no eval is run)."""
     n_eval = int(len(data) * fraction)
-    if fraction > 0 and n_eval == 0:
-        warn("warning", f"eval set empty: {len(data)} examples x {fraction} < 1; no eval loss "
-                         f"will be logged (pass --eval-data, or a larger --eval-fraction)")
+    if fraction > 0 and n_eval == 0 and not quiet:
+        warn("warning", f"eval set empty: {len(data)} example{'' if len(data) == 1 else 's'} x {fraction} "
+                         f"< 1; no eval loss will be logged (pass --eval-data, or a larger --eval-fraction)")
     order = random.Random(seed).sample(range(len(data)), len(data))
     return [data[i] for i in order[n_eval:]], [data[i] for i in order[:n_eval]]
 
@@ -150,27 +222,33 @@ def split_eval(data: list, fraction: float, seed: int) -> Tuple[list, list]:
 # --------------------------------------------------------------------------------------
 # model
 # --------------------------------------------------------------------------------------
-def load_model(model_dir: Optional[str], out_dir: str, seed: int, resume: bool = False):
+def load_model(model_dir: Optional[str], out_dir: str, seed: int, resume: bool = False,
+               dtype: torch.dtype = torch.float32):
     """(model, tokenizer, model_dir_for_the_adapter, base_to_save) with
-    ``attn_implementation="prefix_attn"``. Without ``model_dir``: the built-in tiny model drawn
-    from ``seed`` (``base_to_save``: it goes to ``OUT/base_model`` once the run is checked), or
-    the one a resumed run saved there. Nothing is written here."""
+    ``attn_implementation="prefix_attn"``, on the CPU. Without ``model_dir``: the built-in tiny
+    model drawn from ``seed`` in float32 (``base_to_save``: it goes to ``OUT/base_model`` once
+    the run is checked; cast to ``dtype`` after that), or the one a resumed run saved there; a
+    folder loads in ``dtype``. Nothing is written here."""
     base_dir = os.path.join(out_dir, BASE_MODEL)
     if model_dir is None:
         if resume and os.path.isdir(base_dir):  # the same random base
-            return (*load_model(base_dir, out_dir, seed)[:3], False)
+            return (*load_model(base_dir, out_dir, seed, dtype=dtype)[:3], False)
         return tiny.default_model(seed=seed), tiny.ByteTokenizer(), base_dir, True
     if not os.path.isdir(model_dir):
         raise TrainError(f"model folder not found: {model_dir}")
     import prefix_attn.hf  # noqa: F401  (registers "prefix_attn")
     from transformers import AutoModelForCausalLM
 
+    try:  # first: a folder without its tokenizer is refused before the model loads
+        tokenizer = tiny.load_tokenizer(model_dir)
+    except tiny.TokenizerError as exc:
+        raise TrainError(str(exc)) from None
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="prefix_attn",
-                                                     local_files_only=True)
+                                                     local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise TrainError(f"cannot load a model from {model_dir}: {exc}") from None
-    return model, tiny.load_tokenizer(model_dir), model_dir, False
+    return model, tokenizer, model_dir, False
 
 
 def save_base_model(model, tokenizer, base_dir: str) -> None:
@@ -198,14 +276,15 @@ def effective_max_length(requested: Optional[int], config, num_virtual_tokens: i
     return room
 
 
-def evaluate(model, data, batch_size: int, pad_id: int, name: str) -> float:
+def evaluate(model, data, batch_size: int, pad_id: int, name: str,
+             device: Optional[torch.device] = None) -> float:
     """Mean token loss over ``data`` (no grad)."""
     was = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(data), batch_size):
-            ids, mask, labels = collate(data[i:i + batch_size], pad_id)
+            ids, mask, labels = (t.to(device) for t in collate(data[i:i + batch_size], pad_id))
             logits = model(ids, attention_mask=mask, prefixes=[name] * len(ids)).logits
             tgt = labels[:, 1:]
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(),
@@ -216,14 +295,15 @@ def evaluate(model, data, batch_size: int, pad_id: int, name: str) -> float:
     return total / max(count, 1)
 
 
-def train_step(model, opt, batch, pad_id: int, name: str, pack: bool) -> Tuple[float, int]:
+def train_step(model, opt, batch, pad_id: int, name: str, pack: bool,
+               device: Optional[torch.device] = None) -> Tuple[float, int]:
     """One optimizer step on ``batch``: (loss, tokens in the batch)."""
     if pack:
-        ids, pos, labels = collate_packed(batch)
+        ids, pos, labels = (t.to(device) for t in collate_packed(batch))
         loss = model(ids, position_ids=pos, labels=labels, prefixes=[name], use_cache=False).loss
         n_tokens = ids.numel()
     else:
-        ids, mask, labels = collate(batch, pad_id)
+        ids, mask, labels = (t.to(device) for t in collate(batch, pad_id))
         loss = model(ids, attention_mask=mask, labels=labels, prefixes=[name] * len(batch)).loss
         n_tokens = int(mask.sum())
     opt.zero_grad(set_to_none=True)
@@ -247,14 +327,16 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="held-out file (default: --eval-fraction of data)")
     p.add_argument("--eval-fraction", type=cli_args.float_where(lambda f: 0 <= f < 1, "in [0, 1)"), default=0.1,
                    metavar="F", help="share of the data held out for the eval loss, without --eval-data")
-    p.add_argument("--name", default="default", help="prefix name (the bank entry)")
+    p.add_argument("--name", type=_prefix_name, default="default", help="prefix name (the bank entry)")
     p.add_argument("--num-virtual-tokens", type=positive, default=20, metavar="P",
                    help="prefix length P (positions the text may use: the model's less P)")
     p.add_argument("--projection-hidden-size", type=positive, default=None, metavar="N",
                    help="train through an MLP of this width (folded into K/V at save; default: none)")
-    p.add_argument("--epochs", type=positive, default=1, metavar="N", help="passes over the training data")
+    p.add_argument("--epochs", type=positive, default=None, metavar="N",
+                   help="passes over the training data (default: 1; ignored with --max-steps)")
     p.add_argument("--max-steps", type=positive, default=None, metavar="N",
-                   help="stop after this many steps in total (default: --epochs' worth)")
+                   help="the number of steps in total, as in HF Trainer: it overrides --epochs, the data "
+                        "is cycled in further epochs as needed (default: --epochs' worth)")
     p.add_argument("--batch-size", type=positive, default=8, metavar="N", help="examples per step")
     p.add_argument("--lr", type=cli_args.float_where(lambda v: v > 0, "> 0"), default=1e-2,
                    help="AdamW learning rate")
@@ -271,6 +353,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="seeds the batch order, the eval split, the prefix initialisation and, without "
                         "--model, the built-in random base model (then pass `--model OUTPUT/base_model` "
                         "to prefix-attn generate)")
+    p.add_argument("--device", default=None,
+                   help="torch device: cpu, cuda, cuda:1, ... (default: cpu, with a note when CUDA is available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="dtype of the frozen base model; the prefix is trained in float32 whatever it is "
+                        "(bfloat16: half the base's memory; no float16: it would need loss scaling)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass (less memory, slower)")
     p.add_argument("--pack", action="store_true",
@@ -279,6 +366,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="continue from OUTPUT/checkpoint.pt (same settings; --max-steps/--epochs may grow)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def _prefix_name(text: str) -> str:
+    """An argparse ``type``: a prefix name (not empty, not only blanks)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"the prefix name must not be empty, got {text!r}")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,13 +391,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Train as ``args`` says. Returns 0; 2 on a user error (message on stderr, nothing
-    written); 130 / 143 when SIGINT / SIGTERM stopped it (a checkpoint of the last step saved)."""
+    written); 1 when the loss stops being finite (the step named, nothing of it saved); 130 / 143 when SIGINT / SIGTERM stopped it (a checkpoint of the last step saved)."""
     try:
         with cli_args.transformers_progress(enabled=not args.no_progress), StopSignals() as signals:
             return _train(args, signals)
     except TrainError as exc:
         warn("error", str(exc))
         return 2
+    except TrainingFailed as exc:
+        warn("error", str(exc))
+        return 1
     except Interrupted as stop:
         warn("stopped", f"{signal.Signals(stop.signum).name}: {stop.note}")
         return 128 + stop.signum
@@ -316,8 +413,14 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
 
     # everything is checked before the output folder is written
     check_output_folder(args.output)
-    examples = read_examples(args.data)
-    eval_examples = read_examples(args.eval_data) if args.eval_data else None
+    device = training_device(args.device)
+    dtype = DTYPES[args.dtype]
+    try:
+        check_env_backend(device.type, "training")
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    examples = read_examples_at(args.data)
+    eval_examples = read_examples_at(args.eval_data, what="--eval-data file") if args.eval_data else None
     ckpt_path = os.path.join(args.output, CHECKPOINT)
     if args.resume:
         state = load_checkpoint(ckpt_path)
@@ -329,46 +432,61 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
 
     torch.manual_seed(args.seed)
     model, tokenizer, model_dir, base_to_save = load_model(args.model, args.output, args.seed,
-                                                           resume=state is not None)
+                                                           resume=state is not None, dtype=dtype)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     max_length = effective_max_length(args.max_length, model.config, args.num_virtual_tokens)
-    data = tokenize(tokenizer, examples, max_length)
+    vocab_size = model.get_input_embeddings().num_embeddings
+    data = prepare(tokenizer, examples, max_length, vocab_size, args.data)
     if eval_examples is not None:
-        eval_data = tokenize(tokenizer, eval_examples, max_length)
+        eval_data = prepare(tokenizer, eval_examples, max_length, vocab_size, args.eval_data,
+                            what="--eval-data file")
     else:
-        data, eval_data = split_eval(data, args.eval_fraction, args.seed)
+        data, eval_data = split_eval(data, args.eval_fraction, args.seed, quiet=args.eval_every == 0)
     if not data:
-        raise TrainError("no training examples left (too short, or all held out)")
+        raise TrainError("no training examples left (all held out: pass a smaller --eval-fraction)")
     settings = run_settings(args, max_length)
     if state is not None:
         check_same_settings(state, settings, ckpt_path)
 
     create_output_folder(args.output)
     if base_to_save:
-        save_base_model(model, tokenizer, model_dir)
+        save_base_model(model, tokenizer, model_dir)  # float32, as drawn
+        model.to(dtype)  # a folder was loaded in dtype (keeping what transformers keeps in float32)
+    model.to(device)  # before the prefix: it is made on the model's device
     start_log(args.output, state["step"] if state is not None else None)
 
     module = prefix_tuning(model, num_virtual_tokens=args.num_virtual_tokens,
                            projection_hidden_size=args.projection_hidden_size, name=args.name)
     if args.gradient_checkpointing:
+        model.config.use_cache = False  # no cache while training (transformers warns otherwise)
         enable_checkpointing(model)
     opt = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(data) / args.batch_size)
-    total = steps_per_epoch * args.epochs
-    if args.max_steps is not None:
-        total = min(total, args.max_steps)
+    total = total_steps(steps_per_epoch, args.epochs, args.max_steps)
     step = 0
+    saved = None  # the step of the checkpoint on disk
     if state is not None:
         module.load_state_dict(state["prefix"])
         opt.load_state_dict(state["optimizer"])
-        step = state["step"]
+        step = saved = state["step"]
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
 
     def save_checkpoint():
+        nonlocal saved
         atomic.save_torch({"step": step, "prefix": module.state_dict(), "optimizer": opt.state_dict(),
-                           "torch_rng": torch.get_rng_state(), "args": vars(args),
-                           "settings": settings}, ckpt_path)
+                           "torch_rng": torch.get_rng_state(),
+                           "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                           "args": vars(args), "settings": settings}, ckpt_path)
+        saved = step
         signals.note = resume_note(step, ckpt_path)
+
+    def not_finite(what: str, value: float) -> TrainingFailed:
+        kept = (f"the checkpoint of step {saved} in {ckpt_path} is kept" if saved is not None
+                else "no checkpoint was saved")
+        return TrainingFailed(f"step {step}: the {what} is {value} (not finite): training diverged; "
+                              f"stopped without saving this step ({kept}); try a lower --lr")
 
     model.train()
     bar = progress_bar(total, "prefix tuning", "step", enabled=not args.no_progress, initial=step)
@@ -379,15 +497,19 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
         while step < total:
             epoch, index = divmod(step, steps_per_epoch)
             batch = [data[i] for i in batch_order(len(data), args.batch_size, args.seed, epoch)[index]]
-            loss_value, n_tokens = train_step(model, opt, batch, pad_id, args.name, args.pack)
+            loss_value, n_tokens = train_step(model, opt, batch, pad_id, args.name, args.pack, device)
             step += 1
+            if not math.isfinite(loss_value):
+                raise not_finite("training loss", loss_value)
             tokens += n_tokens
             rate = tokens / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:.0f}", refresh=False)
             bar.update(1)
             record = {"step": step, "loss": loss_value, "tokens_per_s": rate}
             if eval_data and _every(step, args.eval_every, total):
-                record["eval_loss"] = evaluate(model, eval_data, args.batch_size, pad_id, args.name)
+                record["eval_loss"] = evaluate(model, eval_data, args.batch_size, pad_id, args.name, device)
+                if not math.isfinite(record["eval_loss"]):
+                    raise not_finite("eval loss", record["eval_loss"])
                 bar.write(f"step {step}: eval loss {record['eval_loss']:.4f}")
             append_log(args.output, record)
             if step == total or _every(step, args.save_every, total) or signals.received:
@@ -401,6 +523,26 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     write_adapter(model, args.name, adapter_dir, model_dir)
     print(f"{training_summary(step, step - first_step, loss_value)}; adapter (PEFT format): {adapter_dir}")
     return 0
+
+
+def total_steps(steps_per_epoch: int, epochs: Optional[int], max_steps: Optional[int]) -> int:
+    """The steps of the run: ``--max-steps`` when given (it overrides ``--epochs``: the data is
+    cycled, each epoch in its own order), else ``--epochs`` (default 1) passes."""
+    if max_steps is not None:
+        return max_steps
+    return steps_per_epoch * (1 if epochs is None else epochs)
+
+
+def training_device(name: Optional[str]) -> torch.device:
+    """The ``--device`` (default: the CPU, with a note when CUDA is there to use)."""
+    if name is None:
+        if torch.cuda.is_available():
+            warn("note", "training on the CPU; a CUDA GPU is available: pass --device cuda to use it")
+        return torch.device("cpu")
+    device, problem = cli_args.device_problem(name)
+    if problem is not None:
+        raise TrainError(problem)
+    return device
 
 
 def training_summary(step: int, ran: int, loss: float) -> str:

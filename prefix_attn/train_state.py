@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -17,12 +18,18 @@ import torch
 from . import atomic
 
 LOG = "log.jsonl"
+BASE_MODEL = "base_model"  # the built-in base model a run draws, saved in its output folder
 PROG = "prefix-attn train"
 
 
 class TrainError(ValueError):
     """A user error (data, options, output folder, checkpoint): reported as
     ``prefix-attn train: error: ...`` with exit status 2, no traceback."""
+
+
+class TrainingFailed(Exception):
+    """The run cannot go on (the loss is no longer finite): reported as ``prefix-attn train:
+    error: ...`` with exit status 1; the step is not saved (the last checkpoint stays)."""
 
 
 class Interrupted(BaseException):
@@ -41,8 +48,11 @@ def warn(kind: str, message: str) -> None:
 # output folder: log, checkpoint, settings
 # --------------------------------------------------------------------------------------
 def append_log(out_dir: str, record: dict) -> None:
+    """One JSON line; a number that is not finite is written as null (JSON has no NaN; the
+    trainer stops before logging one, this keeps the log valid JSON whatever it is given)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
     with open(os.path.join(out_dir, LOG), "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(clean, allow_nan=False) + "\n")
 
 
 def start_log(out_dir: str, resume_step: Optional[int]) -> None:
@@ -79,7 +89,7 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise TrainError(f"--resume: no checkpoint at {path}")
     try:
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=False, map_location="cpu")  # any device resumes it
     except Exception as exc:  # truncated zip, pickle garbage, ...: torch raises many kinds
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise TrainError(f"{path} is unreadable ({reason}); delete it to start over "
@@ -103,14 +113,20 @@ def file_fingerprint(path: Optional[str]) -> Optional[dict]:
 
 def run_settings(args: argparse.Namespace, max_length: int) -> Dict[str, object]:
     """What fixes the result up to any step, keyed by option: a resumed run must match them.
-    (--epochs, --max-steps, --save-every, --eval-every, --name, --gradient-checkpointing and
-    --no-progress may change.)"""
+    (--epochs, --max-steps, --save-every, --eval-every, --name, --gradient-checkpointing,
+    --device and --no-progress may change: another device gives the result within float
+    rounding.) ``--model OUTPUT/base_model`` is the run's own saved base model,
+    the same as no ``--model`` (a resumed run without it loads that folder)."""
+    model = os.path.abspath(args.model) if args.model else None
+    if model is not None and os.path.realpath(model) == os.path.realpath(os.path.join(args.output, BASE_MODEL)):
+        model = None
     return {"data": file_fingerprint(args.data), "--eval-data": file_fingerprint(args.eval_data),
-            "--model": os.path.abspath(args.model) if args.model else None,
+            "--model": model,
             "--batch-size": args.batch_size, "--seed": args.seed, "--max-length": max_length,
             "--num-virtual-tokens": args.num_virtual_tokens,
             "--projection-hidden-size": args.projection_hidden_size, "--pack": args.pack,
-            "--eval-fraction": args.eval_fraction, "--lr": args.lr, "--weight-decay": args.weight_decay}
+            "--eval-fraction": args.eval_fraction, "--lr": args.lr, "--weight-decay": args.weight_decay,
+            "--dtype": getattr(args, "dtype", "float32")}
 
 
 def _same_setting(old, new) -> bool:

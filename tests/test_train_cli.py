@@ -142,3 +142,73 @@ def test_pack_gives_the_padded_loss_and_training(data, tmp_path, monkeypatch):
         outs[bool(flag)] = out = str(tmp_path / f"run{len(flag)}")
         assert train.main([data, "-o", out, "--max-steps", "3", "--seed", "1", *ARGS, *flag]) == 0
     torch.testing.assert_close(_adapter(outs[True]), _adapter(outs[False]), rtol=1e-4, atol=1e-5)
+
+
+def test_resume_refuses_another_lr(data, tmp_path, capsys):
+    """--lr changes every step after the checkpoint: a resume with another one is refused,
+    naming it, and leaves the checkpoint as it was."""
+    out = str(tmp_path / "run")
+    assert train.main([data, "-o", out, "--max-steps", "1", *ARGS]) == 0
+    first = _adapter(out)
+    capsys.readouterr()
+    assert train.main([data, "-o", out, "--max-steps", "2", "--resume", *ARGS, "--lr", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "prefix-attn train: error: --resume with other settings" in err and "--lr: 0.05 -> 0.1" in err
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["step"] == 1
+    assert torch.equal(first, _adapter(out))
+
+
+def test_eval_every_also_evaluates_the_last_step(data, tmp_path):
+    """--eval-every 3 with 5 steps: eval loss at step 3 and at the end (step 5), nowhere else."""
+    out = str(tmp_path / "run")
+    assert train.main([data, "-o", out, "--max-steps", "5", *ARGS, "--eval-every", "3",
+                       "--save-every", "0"]) == 0
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in log if "eval_loss" in r] == [3, 5]
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["step"] == 5
+
+
+def test_packed_text_examples_start_without_a_label(tmp_path):
+    """Text-only examples (loss on every token, the first one included in the rows' labels):
+    packed, the first token of each example is not predicted from the example before it
+    (label -100 there), so the packed loss is the padded batch's."""
+    from prefix_attn.tiny import ByteTokenizer, default_model
+    from prefix_attn.tuning import prefix_tuning
+
+    path = tmp_path / "data.txt"
+    path.write_text("first line\nsecond one here\nthird\nand a fourth line\n")
+    tok = ByteTokenizer()
+    rows = train.tokenize(tok, train.read_examples(str(path)), max_length=64)
+    assert len(rows) == 4 and all(labels[0] != -100 for _, labels in rows)  # text: no prompt part
+    ids, pos, labels = train.collate_packed(rows)
+    starts = [0]
+    for i, _ in rows[:-1]:
+        starts.append(starts[-1] + len(i))
+    assert ids[0].tolist() == sum((i for i, _ in rows), [])
+    assert (pos[0] == 0).nonzero().flatten().tolist() == starts
+    expected = sum(([-100] + l[1:] for _, l in rows), [])
+    assert labels[0].tolist() == expected
+    assert [labels[0, s].item() for s in starts] == [-100] * 4
+
+    model = default_model(seed=0)
+    prefix_tuning(model, num_virtual_tokens=4, name="t")
+    pids, mask, plabels = train.collate(rows, tok.pad_token_id)
+    with torch.no_grad():
+        padded = model(pids, attention_mask=mask, labels=plabels, prefixes=["t"] * 4).loss
+        packed = model(ids, position_ids=pos, labels=labels, prefixes=["t"], use_cache=False).loss
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_restores_the_torch_rng_state(data, tmp_path):
+    """The checkpoint's torch RNG state is restored on --resume: a run resumed after step 2
+    ends with the RNG state of the uninterrupted run (what dropout would draw from), and
+    leaves the process's RNG there."""
+    straight, split = str(tmp_path / "a"), str(tmp_path / "b")
+    assert train.main([data, "-o", straight, "--max-steps", "4", *ARGS]) == 0
+    want = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=False)["torch_rng"]
+    assert train.main([data, "-o", split, "--max-steps", "2", *ARGS]) == 0
+    assert train.main([data, "-o", split, "--max-steps", "4", "--resume", *ARGS]) == 0
+    got = torch.load(os.path.join(split, "checkpoint.pt"), weights_only=False)["torch_rng"]
+    assert torch.equal(got, want)
+    assert torch.equal(torch.get_rng_state(), want)

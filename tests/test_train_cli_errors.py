@@ -100,7 +100,7 @@ def test_json_suffixes_any_case_and_a_json_array(tmp_path):
     array.write_text(json.dumps(rows, indent=2))
     assert train.read_examples(str(array)) == want
     array.write_text(json.dumps(rows + [{"text": None}], indent=2))  # 3rd item starts on line 9
-    with pytest.raises(ValueError, match="c.json:9: field 'text'"):
+    with pytest.raises(ValueError, match="c.json:9: array index 2: field 'text'"):
         train.read_examples(str(array))
 
 
@@ -203,3 +203,239 @@ def test_help_shows_defaults_and_every_option_is_explained():
     text = " ".join(p.format_help().split())
     assert "examples per step (default: 8)" in text and "(0: no eval)" in text
     assert "--model OUTPUT/base_model" in text  # --seed draws the built-in base model
+
+
+# --------------------------------------------------------------------------------------
+# second audit (a user walkthrough of `prefix-attn train`)
+# --------------------------------------------------------------------------------------
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _only_valid_json(out):
+    """Every log line parses as strict JSON (no bare NaN / Infinity)."""
+    def refuse(token):
+        raise AssertionError(f"log.jsonl holds a bare {token}")
+    return [json.loads(line, parse_constant=refuse) for line in open(os.path.join(out, "log.jsonl"))]
+
+
+def test_examples_whose_prompt_fills_max_length_are_dropped_with_one_warning(tmp_path, capsys):
+    """A prompt longer than --max-length left no completion token: such rows gave a NaN loss."""
+    rows = [{"prompt": "p" * 300, "completion": "answer"}] * 6 + [{"prompt": "Q:", "completion": " A"}] * 8
+    path = _write_jsonl(tmp_path / "mixed.jsonl", rows)
+    out = str(tmp_path / "out")
+    assert train.main([path, "-o", out, "--max-steps", "2", "--max-length", "64", "--eval-fraction", "0",
+                       *FAST]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1, err
+    assert "6 of 14 examples have no token to learn" in err and "--max-length (64 tokens)" in err
+    assert "raise --max-length or shorten the prompts" in err
+    assert all(r["loss"] is not None and r["loss"] > 0 for r in _only_valid_json(out))
+
+
+def test_only_examples_without_a_completion_token_is_an_error_before_writing(tmp_path, capsys):
+    path = _write_jsonl(tmp_path / "long.jsonl", [{"prompt": "p" * 300, "completion": "answer"}] * 20)
+    out = tmp_path / "out"
+    _user_error(capsys, [path, "-o", str(out), "--max-steps", "2", *FAST],
+                "long.jsonl: 20 of 20 examples have no token to learn", "raise --max-length")
+    assert not out.exists()
+    # the same for a --eval-data file
+    good = _write_jsonl(tmp_path / "good.jsonl", [{"text": "fine"}] * 4)
+    _user_error(capsys, [good, "-o", str(out), "--eval-data", path, "--max-steps", "1", *FAST],
+                "long.jsonl: 20 of 20", "--eval-data file")
+    assert not out.exists()
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(data, tmp_path, capsys, monkeypatch):
+    real_step = train.train_step
+
+    def diverging(model, opt, batch, *args):
+        loss, n = real_step(model, opt, batch, *args)
+        return (float("nan") if opt.state_dict()["state"][0]["step"] >= 2 else loss), n
+    monkeypatch.setattr(train, "train_step", diverging)
+    out = str(tmp_path / "out")
+    rc = train.main([data, "-o", out, "--max-steps", "4", "--save-every", "1", *FAST])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert "error: step 2: the training loss is nan" in err and "checkpoint of step 1" in err, err
+    assert [r["step"] for r in _only_valid_json(out)] == [1]
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["step"] == 1
+    assert not os.path.exists(os.path.join(out, "adapter"))
+
+
+def test_the_log_never_holds_a_bare_nan(tmp_path):
+    from prefix_attn.train_state import append_log
+
+    append_log(str(tmp_path), {"step": 1, "loss": float("nan"), "eval_loss": float("inf")})
+    assert _only_valid_json(str(tmp_path)) == [{"step": 1, "loss": None, "eval_loss": None}]
+
+
+def _hf_tokenizer(folder):
+    """A small word-level HF tokenizer saved in ``folder`` (ids 0..9)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "Q", ":", "answer", "0", "1", "2"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(str(folder))
+
+
+def test_a_model_folder_needs_its_tokenizer(data, tmp_path, capsys):
+    """--model DIR without tokenizer files fell back to the byte tokenizer silently, and so did a
+    corrupt tokenizer: ids that are not the model's."""
+    from prefix_attn import tiny
+
+    folder = tmp_path / "model"
+    tiny.tiny_model("llama", vocab_size=tiny.ByteTokenizer.vocab_size).save_pretrained(str(folder))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    _user_error(capsys, [data, "-o", str(out), "--model", str(folder), "--max-steps", "1", *FAST],
+                f"no tokenizer in the model folder {folder}", "tokenizer.json")
+    (folder / "tokenizer.json").write_text("{not json")
+    _user_error(capsys, [data, "-o", str(out), "--model", str(folder), "--max-steps", "1", *FAST],
+                f"cannot load the tokenizer of {folder}", "JSONDecodeError")
+    assert not out.exists()
+    # an HF tokenizer loads; the byte tokenizer only without a folder or where one was saved
+    (folder / "tokenizer.json").unlink()
+    _hf_tokenizer(folder)
+    assert not isinstance(tiny.load_tokenizer(str(folder)), tiny.ByteTokenizer)
+    assert isinstance(tiny.load_tokenizer(None), tiny.ByteTokenizer)
+    assert train.main([data, "-o", str(out), "--model", str(folder), "--max-steps", "1", *FAST]) == 0
+    # a run of the built-in model saves its byte tokenizer with it (what `generate --model` loads)
+    own = str(tmp_path / "own")
+    assert train.main([data, "-o", own, "--max-steps", "1", *FAST]) == 0
+    assert isinstance(tiny.load_tokenizer(os.path.join(own, "base_model")), tiny.ByteTokenizer)
+
+
+def test_token_ids_outside_the_vocabulary_name_the_line(tmp_path, capsys):
+    """The byte tokenizer on a model of 128 ids: a non-ASCII byte crashed with an IndexError."""
+    from prefix_attn import tiny
+
+    folder = tmp_path / "small"
+    tiny.tiny_model("llama", vocab_size=128).save_pretrained(str(folder))
+    tiny.ByteTokenizer().save_pretrained(str(folder))
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"text": "plain"}, {"text": "caf\u00e9"}])
+    out = tmp_path / "out"
+    capsys.readouterr()
+    _user_error(capsys, [path, "-o", str(out), "--model", str(folder), "--max-steps", "1", *FAST],
+                "d.jsonl:2: token id", "vocabulary of 128", "byte tokenizer")
+    assert not out.exists()
+
+
+def test_max_steps_is_the_total_and_cycles_the_data(data, tmp_path, capsys):
+    """--max-steps was capped by --epochs (default 1): 14 examples, batch 4 -> 4 steps, not 10."""
+    out = str(tmp_path / "out")
+    base = [data, "-o", out, "--eval-fraction", "0", "--save-every", "0", "--eval-every", "0", *FAST]
+    assert train.main(base + ["--max-steps", "6"]) == 0
+    assert [r["step"] for r in _steps(out)] == [1, 2, 3, 4, 5, 6]
+    # a resumed run with a larger --max-steps continues (it said "no steps left")
+    assert train.main(base + ["--max-steps", "10", "--resume"]) == 0
+    assert "trained 10 steps" in capsys.readouterr().out
+    assert [r["step"] for r in _steps(out)] == list(range(1, 11))
+    straight = str(tmp_path / "straight")
+    assert train.main([data, "-o", straight, *base[3:], "--max-steps", "10"]) == 0
+    ckpt = [torch.load(os.path.join(o, "checkpoint.pt"), weights_only=False)["prefix"] for o in (out, straight)]
+    torch.testing.assert_close(ckpt[0], ckpt[1], rtol=0, atol=1e-6)
+    # without --max-steps, --epochs passes
+    assert train.main([data, "-o", str(tmp_path / "e"), *base[3:], "--epochs", "2"]) == 0
+    assert len(_steps(str(tmp_path / "e"))) == 8
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_prefix_name_is_refused_at_parse_time(name, data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main([data, "-o", str(tmp_path / "out"), "--name", name, "--max-steps", "1", *FAST])
+    assert exc.value.code == 2 and "argument --name" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_backend_variable_is_a_user_error(data, tmp_path, capsys, monkeypatch):
+    from prefix_attn.backends import BACKEND_NAMES
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("PREFIX_ATTN_BACKEND", "bogus")
+    _user_error(capsys, [data, "-o", str(out), "--max-steps", "1", *FAST],
+                "PREFIX_ATTN_BACKEND='bogus'", ", ".join(BACKEND_NAMES), "torch")
+    assert not out.exists()
+    monkeypatch.setenv("PREFIX_ATTN_BACKEND", "torch")  # a usable one runs
+    assert train.main([data, "-o", str(out), "--max-steps", "1", *FAST]) == 0
+
+
+def test_eval_notes_and_file_names(tmp_path, capsys):
+    one = _write_jsonl(tmp_path / "one.jsonl", [{"text": "only example"}])
+    run = [one, "--max-steps", "1", *FAST]
+    assert train.main([*run, "-o", str(tmp_path / "a"), "--eval-every", "0"]) == 0
+    assert "eval set empty" not in capsys.readouterr().err  # no eval asked for: no warning
+    assert train.main([*run, "-o", str(tmp_path / "b")]) == 0
+    assert "eval set empty: 1 example x 0.1 < 1" in capsys.readouterr().err
+    _user_error(capsys, [*run, "-o", str(tmp_path / "c"), "--eval-data", str(tmp_path / "nope.jsonl")],
+                f"--eval-data file not found: {tmp_path / 'nope.jsonl'}")
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps([{"text": "ok"}, {"text": 3}]))  # one line: the index tells them apart
+    _user_error(capsys, [str(array), "-o", str(tmp_path / "d"), *FAST], "a.json:1: array index 1: field 'text'")
+
+
+def test_resume_accepts_the_runs_own_base_model(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = [data, "-o", str(out), "--save-every", "1", *FAST]
+    assert train.main(base + ["--max-steps", "1"]) == 0
+    assert train.main(base + ["--max-steps", "2", "--resume", "--model", str(out / "base_model")]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    other = tmp_path / "other"  # another folder is still a change
+    assert train.main([data, "-o", str(other), "--max-steps", "1", "--seed", "0", *FAST]) == 0
+    capsys.readouterr()
+    _user_error(capsys, base + ["--max-steps", "3", "--resume", "--model", str(other / "base_model")],
+                "--model: none ->")
+
+
+def test_gradient_checkpointing_turns_the_cache_off_without_a_warning(data, tmp_path, monkeypatch):
+    from transformers.utils import generic
+
+    said = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **kw: said.append(msg))
+    out = str(tmp_path / "out")
+    assert train.main([data, "-o", out, "--max-steps", "1", "--gradient-checkpointing", *FAST]) == 0
+    assert not [m for m in said if "use_cache" in m]
+
+
+def test_dtype_bfloat16_trains_a_float32_prefix_on_a_bfloat16_base(data, tmp_path, capsys, monkeypatch):
+    from safetensors import safe_open
+
+    seen = []
+    real_step = train.train_step
+
+    def watch(model, opt, *args):
+        seen.append((model.get_input_embeddings().weight.dtype, {p.dtype for g in opt.param_groups for p in g["params"]}))
+        return real_step(model, opt, *args)
+    monkeypatch.setattr(train, "train_step", watch)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        runs[dtype] = out = str(tmp_path / dtype)
+        assert train.main([data, "-o", out, "--max-steps", "3", "--eval-every", "3", "--dtype", dtype, *FAST]) == 0
+    assert seen[-1] == (torch.bfloat16, {torch.float32}) and seen[0] == (torch.float32, {torch.float32})
+    bf16, f32 = _steps(runs["bfloat16"]), _steps(runs["float32"])
+    assert abs(bf16[-1]["eval_loss"] - f32[-1]["eval_loss"]) < 0.05  # the same training, within bf16 rounding
+    with safe_open(os.path.join(runs["bfloat16"], "adapter", "adapter_model.safetensors"), "pt") as f:
+        assert f.get_tensor("prompt_embeddings").dtype == torch.float32
+    with safe_open(os.path.join(runs["bfloat16"], "base_model", "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}  # the base is saved as drawn
+    capsys.readouterr()
+    _user_error(capsys, [data, "-o", runs["bfloat16"], "--max-steps", "4", "--resume", *FAST],
+                "--dtype: bfloat16 -> float32")
+    assert train.main([data, "-o", runs["bfloat16"], "--max-steps", "4", "--resume", "--dtype", "bfloat16",
+                       *FAST]) == 0
+
+
+def test_device_option(data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    for bad in ("bogus", "cuda:99"):
+        _user_error(capsys, [data, "-o", str(out), "--device", bad, *FAST], f"--device {bad}")
+    assert not out.exists()
+    assert train.main([data, "-o", str(out), "--device", "cpu", "--max-steps", "1", *FAST]) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    capsys.readouterr()
+    assert train.training_device(None) == torch.device("cpu")
+    assert "pass --device cuda" in capsys.readouterr().err
