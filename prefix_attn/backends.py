@@ -109,11 +109,66 @@ def get_backend(name: str) -> Backend:
     return _REGISTRY[name]
 
 
+# Switches read by the kernels' host code (triton_backend) and the C++ backend, with the values
+# they take: any other value is an error naming the variable, not silently the default.
+SWITCHES = {"PREFIX_ATTN_TRITON_CASCADE": ("auto", "0", "1"),
+            "PREFIX_ATTN_CPU_PATH": ("cascade", "rows"),
+            "PREFIX_ATTN_CPU_BWD": ("fused", "split")}
+
+
+def _tiles_ok(value: str) -> bool:
+    parts = value.split(",")
+    return len(parts) == 4 and all(p.strip().isdigit() and 8 <= int(p) <= 1024 and int(p) % 8 == 0
+                                   for p in parts)
+
+
+def check_switches() -> None:
+    """Raise ValueError for a set switch (SWITCHES, PREFIX_ATTN_CPU_TILES) with a value the
+    code does not take."""
+    env = os.environ
+    for name, allowed in SWITCHES.items():
+        value = env.get(name)
+        if value and value not in allowed:
+            raise ValueError(f"environment variable {name}={value!r}: expected one of "
+                             f"{', '.join(allowed)} (or unset)")
+    tiles = env.get("PREFIX_ATTN_CPU_TILES")
+    if tiles and not _tiles_ok(tiles):
+        raise ValueError(f"environment variable PREFIX_ATTN_CPU_TILES={tiles!r}: expected four "
+                         "comma-separated multiples of 8 in [8, 1024] (fwd_m,fwd_n,bwd_m,bwd_n)")
+
+
+def check_env_backend(device_type: str, what: str = "the model") -> None:
+    """For commands, before any work: $PREFIX_ATTN_BACKEND, when set, names a backend usable
+    here on ``device_type`` tensors (else every attention call would fail). ValueError naming
+    the variable and the usable values otherwise."""
+    name = os.environ.get(ENV_BACKEND) or None
+    if name is None:
+        return
+    available = available_backends()
+    usable = [n for n in available if device_type in get_backend(n).devices]
+    fix = f"set {ENV_BACKEND} to one of {', '.join(usable)}, or unset it to choose the best one"
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"environment variable {ENV_BACKEND}={name!r}: not a backend; the backends "
+                         f"are {', '.join(BACKEND_NAMES)}; {fix}")
+    if name not in available:
+        raise ValueError(f"environment variable {ENV_BACKEND}={name}: that backend is not available "
+                         f"on this machine; {fix}")
+    if name not in usable:
+        raise ValueError(f"environment variable {ENV_BACKEND}={name}: that backend runs on "
+                         f"{'/'.join(get_backend(name).devices)} tensors, {what} runs on "
+                         f"{device_type}; {fix}")
+
+
 def choose_backend(args: AttnArgs, requested: Optional[str] = None) -> Backend:
     """The backend for this call: `requested`, else $PREFIX_ATTN_BACKEND, else the best one
     that accepts the device and arguments."""
+    from_env = not requested and bool(os.environ.get(ENV_BACKEND))
     name = requested or os.environ.get(ENV_BACKEND) or None
+    check_switches()
     dev = args.q.device.type
+    if from_env and name not in BACKEND_NAMES:
+        raise ValueError(f"environment variable {ENV_BACKEND}={name!r}: expected one of "
+                         f"{', '.join(BACKEND_NAMES)} (or unset)")
     if name is not None:
         b = get_backend(name)
         if dev not in b.devices:

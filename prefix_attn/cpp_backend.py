@@ -26,7 +26,15 @@ def _load_extension() -> None:
     if lib:
         torch.ops.load_library(lib)
     else:
-        from . import _C  # noqa: F401  (importing registers the ops)
+        try:
+            from . import _C  # noqa: F401  (importing registers the ops)
+        except ImportError as exc:
+            missing = isinstance(exc, ModuleNotFoundError) or "cannot import name '_C'" in str(exc)
+            why = "is not built" if missing else f"does not load ({exc})"
+            raise ImportError(
+                f"the C++ extension prefix_attn._C {why}: build it with `pip install -e .` (or "
+                "`make setup`) where a C++ compiler is available, without PREFIX_ATTN_NO_EXT=1; "
+                "the triton and torch backends work without it") from None
 
 
 _load_extension()

@@ -18,7 +18,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -153,13 +153,36 @@ def serve_mixed_batch(model, tok, device: str, max_new_tokens: int = 28) -> List
 
 # -- 4. benchmarks ---------------------------------------------------------------------
 def median_ms(fn: Callable, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+    return paired_ms([fn], reps)[0]
+
+
+def paired_ms(fns: List[Callable], reps: int, bar=None) -> List[float]:
+    """Median ms of each function, timed in alternation (one call of each per round, after a
+    warm-up of each): a load change on a shared machine then hits every one alike."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+        if bar is not None:
+            bar.update(1)
+    return [1e3 * statistics.median(t) for t in times]
+
+
+def _load_note() -> Optional[str]:
+    """A note when other work competes for the CPUs (the ratios are then noisy)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = os.cpu_count() or 1
+    if load <= 0.75 * cores:
+        return None
+    return (f"note: the machine is busy (load average {load:.1f} on {cores} cores): the ratios "
+            "below are noisy; rerun on an idle machine for figures to quote")
 
 
 def _kernel_inputs(B, Hq, Hkv, Sq, Skv, P, D, device, grad=False, seed=0):
@@ -173,9 +196,13 @@ def benchmark(device: str, reps: int = 5) -> List[dict]:
     from .baselines import peft_path_attention
     _title("4. ours vs the PEFT path, measured now on this machine")
     rows = []
+    note = _load_note()
+    if note:
+        print(note)
+    bar = _progress(3 * reps, "timing ours and the PEFT path, in alternation")
 
     def pair(label, shape, ours, base):
-        t_base, t_ours = median_ms(base, reps), median_ms(ours, reps)
+        t_ours, t_base = paired_ms([ours, base], reps, bar)
         rows.append(dict(what=label, shape=shape, peft_ms=t_base, ours_ms=t_ours, speedup=t_base / t_ours))
 
     # prefill: B 4, S 256, P 64, Hq 8 / Hkv 2, D 64
@@ -196,6 +223,7 @@ def benchmark(device: str, reps: int = 5) -> List[dict]:
     ours_b = 32 * 2 * 8 * 100 * 128 * 2
     # held: one copy per row in PEFT's cache (its per-layer repeat_kv transient comes on top)
     peft_b = peft_path_prefix_bytes(32, 64, 8, 32, 100, 128, 2, repeat_for_gqa=False)
+    bar.close()
     rows.append(dict(what="prefix copies held, B64 (bytes, computed)", shape="L32 Hkv8/Hq32 D128 P100 bf16",
                      peft_ms=float("nan"), ours_ms=float("nan"), speedup=peft_b / ours_b,
                      peft_mib=peft_b / 2 ** 20, ours_mib=ours_b / 2 ** 20))
@@ -243,6 +271,12 @@ def run(args) -> int:
         return 2
     if args.model is not None and not os.path.isdir(args.model):
         print(f"prefix-attn demo: error: model folder not found: {args.model}", file=sys.stderr)
+        return 2
+    from . import tiny
+    try:  # before anything runs: a folder without a usable tokenizer is a user error
+        tiny.load_tokenizer(args.model)
+    except tiny.TokenizerError as exc:
+        print(f"prefix-attn demo: error: {exc}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
     ok = True if args.skip_check else show_check(args.device)

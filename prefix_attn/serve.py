@@ -45,6 +45,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import atomic, cli_args, tiny
+from .backends import check_env_backend
 from .train_state import Interrupted, StopSignals
 from .serve_inputs import (Request, RequestError, Source, check_prefix_names, prefix_sources,
                            read_requests, refusal, warn_about_adapter_bases)
@@ -333,6 +334,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
+    check_env_backend(device.type, "generation")
     sources = prefix_sources(args)
     requests = read_requests(args.input)
     check_prefix_names(requests, [s.name for s in sources], args.input)

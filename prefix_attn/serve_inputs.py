@@ -82,7 +82,10 @@ def refusal(headline: str, problems: List[str]) -> RequestError:
 
 def _name_value(spec: str, option: str) -> tuple[str, str]:
     name, sep, value = spec.partition("=")
-    if not sep or not name or not value:
+    if sep and name and not value:
+        what = "text" if option == "--prompt-prefix" else "value"
+        raise RequestError(f"{option} {spec!r}: the {what} after {name}= is empty")
+    if not sep or not name:
         raise RequestError(f"{option} expects NAME=VALUE, got {spec!r}")
     return name, value
 

@@ -187,7 +187,8 @@ def from_peft(peft_model, trainable: bool = True) -> nn.Module:
     taken = [name for name in modules if name in bank]
     if taken:
         raise ValueError(f"the bank already has prefixes named {taken}; from_peft adds each "
-                         f"adapter under its own name")
+                         f"adapter under its own name (was from_peft already called on this "
+                         f"model? its adapters are then in model.prefix_bank)")
     for name, module in modules.items():
         if trainable:
             _add_trainable(model, bank, name, module)

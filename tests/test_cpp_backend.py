@@ -201,6 +201,11 @@ def test_missing_extension_fails_softly():
         "q = torch.randn(1, 2, 3, 8)\n"
         "out = prefix_attn.prefix_attention(q, q, q)\n"
         "assert out.shape == q.shape\n"
+        "try:\n"
+        "    prefix_attn.prefix_attention(q, q, q, backend='cpu')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'C++ extension prefix_attn._C does not load' in str(e), e\n"
+        "    assert 'pip install -e .' in str(e) and 'circular' not in str(e), e\n"
         "print('ok')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "PREFIX_ATTN_BACKEND": ""})

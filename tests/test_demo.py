@@ -16,8 +16,17 @@ def test_demo_runs_end_to_end(capsys):
 
 def test_benchmark_table_rows(monkeypatch):
     from prefix_attn import demo
-    monkeypatch.setattr(demo, "median_ms", lambda fn, reps: 1.0)  # timing is not under test
+    calls = []
+
+    def paired(fns, reps, bar=None):  # timing is not under test: ours and the baseline, in order
+        calls.append(len(fns))
+        if bar is not None:
+            bar.update(reps)
+        return [1.0, 2.0]
+
+    monkeypatch.setattr(demo, "paired_ms", paired)
     rows = demo.benchmark("cpu", reps=1)
+    assert calls == [2, 2, 2] and all(r["speedup"] == 2.0 for r in rows[:3])
     assert [r["what"].split(" ")[0] for r in rows] == ["prefill", "decode,", "training", "prefix"]
     assert rows[-1]["speedup"] == pytest.approx(64.0)  # one held copy per row of 64
 
@@ -38,3 +47,17 @@ def test_demo_usage_errors_exit_2(tmp_path, capsys):
     assert info.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
     assert cli.main(["demo", "--model", str(tmp_path / "missing")]) == 2
     assert "model folder not found" in capsys.readouterr().err
+
+
+def test_paired_timing_alternates_the_functions():
+    from prefix_attn import demo
+    order = []
+    ms = demo.paired_ms([lambda: order.append("a"), lambda: order.append("b")], 3)
+    assert order == ["a", "b"] * 4 and len(ms) == 2 and all(m >= 0 for m in ms)
+
+
+def test_demo_folder_without_a_tokenizer_is_a_usage_error(tmp_path, capsys):
+    from prefix_attn import tiny
+    tiny.default_model(hidden=32, layers=1).save_pretrained(tmp_path)
+    assert cli.main(["demo", "--model", str(tmp_path), "--skip-bench"]) == 2
+    assert "no tokenizer in the model folder" in capsys.readouterr().err

@@ -161,9 +161,11 @@ def test_serving_snippet(tmp_path):
     values = torch.randn(keys.shape, generator=g)
     ns = run("serving", dict(prefix_attn=prefix_attn, model=model, keys=keys, values=values,
                              tok=ByteTokenizer(), system_prompt="You answer briefly.",
-                             prompts=["hi", "hello there", "x"]), tmp_path)
+                             prompts=["hi", "hello there", "x"], questions=[" Why?", " How"]),
+             tmp_path)
     out, bank = ns["out"], ns["bank"]
     assert out.shape[0] == 3 and out.shape[1] > ns["tok"](ns["prompts"])["input_ids"].shape[1]
+    assert ns["more"].shape[0] == 2
     assert sorted(bank.names()) == ["support", "system", "tenant-7"]
     assert bank is model.prefix_bank  # load re-attached it
     torch.testing.assert_close(bank.entry_kv("tenant-7")[:, 0], keys.to(bank.entry_kv("tenant-7").dtype))

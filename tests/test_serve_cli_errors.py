@@ -300,3 +300,29 @@ def test_a_signal_keeps_the_finished_results_in_a_partial_file(tmp_path, capsys,
     err = capsys.readouterr().err
     assert f"stopped: {sig}" in err and "2 of 6 requests" in err and "out.jsonl.partial" in err
     assert sorted(os.listdir(tmp_path)) == ["out.jsonl.partial", "req.jsonl"]
+
+
+@pytest.mark.parametrize("value,words", [("bogus", "not a backend"),
+                                         ("cuda", "not available on this machine")])
+def test_an_unusable_backend_setting_is_refused_before_the_model(tmp_path, capsys, no_model,
+                                                                 monkeypatch, value, words):
+    """PREFIX_ATTN_BACKEND naming no backend, or one this machine lacks (no CUDA here), was a
+    traceback from the first attention call, after the model loaded."""
+    if value == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    monkeypatch.setenv("PREFIX_ATTN_BACKEND", value)
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "x"}'])
+    assert main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"PREFIX_ATTN_BACKEND={value}" in err.replace("'", "") and words in err
+    assert _no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("spec,message", [("sys=", "--prompt-prefix 'sys=': the text after sys= is empty"),
+                                          ("sys", "--prompt-prefix expects NAME=VALUE, got 'sys'"),
+                                          ("=Hi", "--prompt-prefix expects NAME=VALUE, got '=Hi'")])
+def test_a_malformed_prompt_prefix_says_what_is_wrong(tmp_path, capsys, no_model, spec, message):
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "x"}'])
+    assert main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--prompt-prefix", spec,
+                 "--no-progress"]) == 2
+    assert message in capsys.readouterr().err

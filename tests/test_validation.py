@@ -139,3 +139,24 @@ def test_prefix_lens_without_a_prefix_is_refused_even_when_zero():
     q, k, v = kw["q"], kw["k"], kw["v"]
     with pytest.raises(ValueError, match="prefix_lens given without prefix_k"):
         prefix_attention(q, k, v, prefix_lens=torch.tensor([0]))
+
+
+@pytest.mark.parametrize("name,value,words", [
+    ("PREFIX_ATTN_BACKEND", "bogus", ["PREFIX_ATTN_BACKEND='bogus'", "triton, cuda, cpu, torch"]),
+    ("PREFIX_ATTN_TRITON_CASCADE", "yes", ["PREFIX_ATTN_TRITON_CASCADE='yes'", "auto, 0, 1"]),
+    ("PREFIX_ATTN_CPU_PATH", "fast", ["PREFIX_ATTN_CPU_PATH='fast'", "cascade, rows"]),
+    ("PREFIX_ATTN_CPU_BWD", "x", ["PREFIX_ATTN_CPU_BWD='x'", "fused, split"]),
+    ("PREFIX_ATTN_CPU_TILES", "64,64", ["PREFIX_ATTN_CPU_TILES='64,64'", "multiples of 8"]),
+])
+def test_environment_switches_with_unknown_values_are_errors_naming_them(monkeypatch, name, value,
+                                                                        words):
+    """A mistyped switch used to be ignored silently (the default path ran)."""
+    kw = good()
+    args = [kw.pop(n) for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError) as info:
+        prefix_attention(*args, **kw)
+    for w in words:
+        assert w in str(info.value)
+    monkeypatch.setenv(name, "")  # empty: unset
+    prefix_attention(*args, **kw)
