@@ -72,9 +72,23 @@ def read_examples_at(path: str, what: str = "data file") -> List[Tuple[str, str,
                     for where, obj in jsonl.json_records(path, lines, TrainError, arrays=True)]
     else:
         examples = [(f"{path}:{n}", "", line) for n, line in lines if line.strip()]
+        if examples and all(_looks_like_json_object(text) for _, _, text in examples):
+            warn("warning", f"{path}: every line looks like a JSON object, but only .jsonl / .json "
+                            "files are read as JSON: this one trains on the raw lines, braces and "
+                            "field names included (rename it to .jsonl to read its fields)")
     if not examples:
         raise TrainError(f"{path}: no examples (the file is empty or has only blank lines)")
     return examples
+
+
+def _looks_like_json_object(line: str) -> bool:
+    line = line.strip()
+    if not (line.startswith("{") and line.endswith("}")):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def _example(where: str, obj) -> Tuple[str, str]:

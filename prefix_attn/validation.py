@@ -208,7 +208,8 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
                          f"kv heads ({Hkv}): q {_shape(q)}, k {_shape(k)}")
     dtype, device = q.dtype, q.device
     if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q has unsupported dtype {dtype}; use float16, bfloat16 or float32")
+        raise TypeError(f"q has unsupported dtype {dtype}; use float16, bfloat16 or float32 "
+                        f"(float64: the torch backend and the reference only)")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {dtype}: all inputs must share one dtype")

@@ -439,3 +439,16 @@ def test_device_option(data, tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert train.training_device(None) == torch.device("cpu")
     assert "pass --device cuda" in capsys.readouterr().err
+
+
+def test_a_text_file_of_json_lines_gets_a_hint(tmp_path, capsys):
+    """A .txt file holding JSON objects trains on the raw lines (braces and field names): say so."""
+    from prefix_attn.train import read_examples
+
+    f = tmp_path / "data.txt"
+    f.write_text('{"prompt": "a", "completion": "b"}\n{"text": "c"}\n')
+    assert read_examples(str(f))[0] == ("", '{"prompt": "a", "completion": "b"}')
+    assert "looks like a JSON object" in capsys.readouterr().err
+    f.write_text('plain text\n{"text": "c"}\n')
+    read_examples(str(f))
+    assert "JSON" not in capsys.readouterr().err
