@@ -80,5 +80,22 @@ def _run(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
                   key_padding_mask=key_padding_mask, causal=causal, scale=scale, window=window,
                   softcap=softcap)
     b = choose_backend(a, backend)
-    out, lse = b.fwd(*a.op_args())
+    if _records_autograd(a):
+        out, lse = b.fwd(*a.op_args())
+    else:
+        # nothing to differentiate (no_grad / inference_mode, or no input requiring grad, as in
+        # serving): skip the ops' autograd layer, whose Python wrapper costs about 4 us a call
+        with torch._C._AutoDispatchBelowAutograd():
+            out, lse = b.fwd(*a.op_args())
     return (out, lse) if return_lse else out
+
+
+def _records_autograd(a) -> bool:
+    """Whether the call goes through the autograd layer (always inside torch.compile and under
+    functorch transforms, which handle that layer themselves)."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return a.q.requires_grad or a.k.requires_grad or a.v.requires_grad \
+        or a.prefix_k.requires_grad or a.prefix_v.requires_grad

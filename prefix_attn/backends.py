@@ -110,7 +110,8 @@ def get_backend(name: str) -> Backend:
 
 
 # Switches read by the kernels' host code (triton_backend) and the C++ backend, with the values
-# they take: any other value is an error naming the variable, not silently the default.
+# they take: any other value is an error naming the variable, not silently the default (raised
+# where each is read, on every call; the commands check them all up front: check_env_backend).
 SWITCHES = {"PREFIX_ATTN_TRITON_CASCADE": ("auto", "0", "1"),
             "PREFIX_ATTN_CPU_PATH": ("cascade", "rows"),
             "PREFIX_ATTN_CPU_BWD": ("fused", "split")}
@@ -141,6 +142,7 @@ def check_env_backend(device_type: str, what: str = "the model") -> None:
     """For commands, before any work: $PREFIX_ATTN_BACKEND, when set, names a backend usable
     here on ``device_type`` tensors (else every attention call would fail). ValueError naming
     the variable and the usable values otherwise."""
+    check_switches()
     name = os.environ.get(ENV_BACKEND) or None
     if name is None:
         return
@@ -162,11 +164,9 @@ def check_env_backend(device_type: str, what: str = "the model") -> None:
 def choose_backend(args: AttnArgs, requested: Optional[str] = None) -> Backend:
     """The backend for this call: `requested`, else $PREFIX_ATTN_BACKEND, else the best one
     that accepts the device and arguments."""
-    from_env = not requested and bool(os.environ.get(ENV_BACKEND))
     name = requested or os.environ.get(ENV_BACKEND) or None
-    check_switches()
     dev = args.q.device.type
-    if from_env and name not in BACKEND_NAMES:
+    if not requested and name is not None and name not in BACKEND_NAMES:
         raise ValueError(f"environment variable {ENV_BACKEND}={name!r}: expected one of "
                          f"{', '.join(BACKEND_NAMES)} (or unset)")
     if name is not None:

@@ -55,9 +55,12 @@ def _cascade(q: Tensor, k: Tensor, prefix_k: Tensor) -> bool:
     fill less than half the GPU and Skv >= 512). The backward always uses the per-row
     kernels (the cascade's out and lse are the same quantities).
     """
-    mode = os.environ.get(CASCADE_ENV, "auto")
+    mode = os.environ.get(CASCADE_ENV) or "auto"
     if mode in ("0", "1"):
         return mode == "1" and q.shape[2] > 0
+    if mode != "auto":
+        raise ValueError(f"environment variable {CASCADE_ENV}={mode!r}: expected one of auto, 0, 1 "
+                         "(or unset)")
     B, _, Sq, _ = q.shape
     N, Hkv, P, _ = prefix_k.shape
     return _decode.use_cascade(B, N, P, Sq, k.shape[2], Hkv=Hkv, sms=sm_count(q.device))

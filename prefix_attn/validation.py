@@ -81,6 +81,8 @@ def _flag(name: str, value) -> bool:
 def _finite_float(name: str, value, what: str) -> float:
     """A real number (Python or numpy) as a finite float; a symbolic one under torch.compile
     (the default scale of a dynamic head dim, D ** -0.5) goes to the ops as it is."""
+    if type(value) is float and -math.inf < value < math.inf:  # the common case, first
+        return value
     if isinstance(value, (torch.SymFloat, torch.SymInt)):
         return value
     if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
@@ -174,13 +176,15 @@ def _check_index_tensor(name, t, length, device, what):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be an integer torch.Tensor of shape [{length}], "
                         f"got {type(t).__name__}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+    dtype = t.dtype
+    if dtype is not torch.int64 and (dtype.is_floating_point or dtype.is_complex
+                                     or dtype == torch.bool):
         raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
     if t.shape != (length,):
         raise ValueError(f"{name} must have shape [{length}] ({what}), got {_shape(t)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but q is on {device}")
-    return t.to(torch.int64)
+    return t if dtype is torch.int64 else t.to(torch.int64)
 
 
 def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_lens=None,
@@ -247,6 +251,7 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         if N < 1:
             raise ValueError(f"the prefix bank is empty: prefix_k {_shape(prefix_k)}")
     N, _, P, _ = prefix_k.shape
+    compiling = _compiling()
 
     if prefix_ids is None:
         if N != 1:
@@ -257,7 +262,7 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         prefix_ids = _check_index_tensor("prefix_ids", prefix_ids, B, device, "one entry per batch row")
         def wrong():  # built only when needed: normalize runs on every attention call
             return f"prefix_ids must lie in [0, {N}) for a bank of N={N} (prefix_k {_shape(prefix_k)})"
-        if _compiling():
+        if compiling:
             _assert_in_range(prefix_ids, 0, N - 1, wrong())
         elif B > 0:
             lo, hi = _value_range(prefix_ids)
@@ -269,7 +274,7 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         prefix_lens = _check_index_tensor("prefix_lens", prefix_lens, N, device, "one length per bank entry")
         def wrong():
             return f"prefix_lens must lie in [0, P={P}] (prefix_k {_shape(prefix_k)})"
-        if _compiling():
+        if compiling:
             _assert_in_range(prefix_lens, 0, P, wrong())
         else:
             lo, hi = (0, P) if N == 0 else _value_range(prefix_lens)

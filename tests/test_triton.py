@@ -411,3 +411,10 @@ def test_backward_switches_give_the_same_gradients(monkeypatch, switch):
                 assert torch.equal(a, b)
             else:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_cascade_switch_value_is_an_error(monkeypatch):
+    monkeypatch.setenv("PREFIX_ATTN_TRITON_CASCADE", "yes")
+    args, kw = make_inputs(B=2, Sq=1, Skv=5, P=3, device=DEVICE)
+    with pytest.raises(ValueError, match="PREFIX_ATTN_TRITON_CASCADE='yes'"):
+        prefix_attention(*args, **kw, backend="triton")

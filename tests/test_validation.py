@@ -150,13 +150,26 @@ def test_prefix_lens_without_a_prefix_is_refused_even_when_zero():
 ])
 def test_environment_switches_with_unknown_values_are_errors_naming_them(monkeypatch, name, value,
                                                                         words):
-    """A mistyped switch used to be ignored silently (the default path ran)."""
+    """A mistyped switch used to be ignored silently (the default path ran). Each is checked
+    where it is read (the cpu backend's in C++, PREFIX_ATTN_CPU_BWD in the backward; the
+    triton one in its forward, see test_triton.py), and all of them by the commands."""
+    from prefix_attn.backends import check_env_backend
+
     kw = good()
-    args = [kw.pop(n) for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    args = [kw.pop(n).requires_grad_() for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+
+    def call():
+        if name == "PREFIX_ATTN_TRITON_CASCADE":
+            check_env_backend("cpu")
+        else:
+            prefix_attention(*args, **kw).sum().backward()
+
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError) as info:
-        prefix_attention(*args, **kw)
+        call()
     for w in words:
-        assert w in str(info.value)
+        assert w.replace("'", "") in str(info.value).replace("'", "")
+    with pytest.raises(ValueError, match=name):
+        check_env_backend("cpu")  # what the commands run before any work
     monkeypatch.setenv(name, "")  # empty: unset
-    prefix_attention(*args, **kw)
+    call()

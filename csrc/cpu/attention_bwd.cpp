@@ -82,9 +82,11 @@ struct BwdCall {
 // depend on the thread count) and that buffer stays moderate; PREFIX_ATTN_CPU_BWD=fused|split
 // forces a path (tests).
 bool fused_bwd_chosen(const AttnParams& p, int64_t bm) {
-  if (const char* env = std::getenv("PREFIX_ATTN_CPU_BWD")) {
+  if (const char* env = std::getenv("PREFIX_ATTN_CPU_BWD"); env && *env) {
     if (std::strcmp(env, "fused") == 0) return true;
     if (std::strcmp(env, "split") == 0) return false;
+    TORCH_CHECK_VALUE(false, "environment variable PREFIX_ATTN_CPU_BWD='", env,
+                      "': expected one of fused, split (or unset)");
   }
   const int64_t rows_all = ((p.Sq + bm - 1) / bm) * bm * p.G;
   return p.B * p.Hkv >= 4 && rows_all * p.D <= (int64_t{1} << 22);

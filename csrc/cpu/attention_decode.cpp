@@ -31,9 +31,11 @@ constexpr int64_t kMaxSplits = 16;
 
 bool cascade_chosen(const AttnParams& p) {
   // PREFIX_ATTN_CPU_PATH=cascade|rows forces a path (tests, benchmarks).
-  if (const char* env = std::getenv("PREFIX_ATTN_CPU_PATH")) {
+  if (const char* env = std::getenv("PREFIX_ATTN_CPU_PATH"); env && *env) {
     if (std::strcmp(env, "cascade") == 0) return true;
     if (std::strcmp(env, "rows") == 0) return false;
+    TORCH_CHECK_VALUE(false, "environment variable PREFIX_ATTN_CPU_PATH='", env,
+                      "': expected one of cascade, rows (or unset)");
   }
   if (p.Sq > kCascadeMaxSq) return false;
   // An entry shared by several rows: the cascade reads it once for all of them.

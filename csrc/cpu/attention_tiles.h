@@ -351,13 +351,14 @@ struct TileSizes {
 };
 inline TileSizes tile_sizes() {
   TileSizes t;
-  if (const char* env = std::getenv("PREFIX_ATTN_CPU_TILES")) {
-    long v[4];
-    if (std::sscanf(env, "%ld,%ld,%ld,%ld", &v[0], &v[1], &v[2], &v[3]) == 4) {
-      bool ok = true;
-      for (long x : v) ok = ok && x >= 8 && x <= 1024 && x % 8 == 0;
-      if (ok) t = TileSizes{v[0], v[1], v[2], v[3]};
-    }
+  if (const char* env = std::getenv("PREFIX_ATTN_CPU_TILES"); env && *env) {
+    long v[4] = {0, 0, 0, 0};
+    bool ok = std::sscanf(env, "%ld,%ld,%ld,%ld", &v[0], &v[1], &v[2], &v[3]) == 4;
+    for (long x : v) ok = ok && x >= 8 && x <= 1024 && x % 8 == 0;
+    TORCH_CHECK_VALUE(ok, "environment variable PREFIX_ATTN_CPU_TILES='", env,
+                      "': expected four comma-separated multiples of 8 in [8, 1024] "
+                      "(fwd_m,fwd_n,bwd_m,bwd_n)");
+    t = TileSizes{v[0], v[1], v[2], v[3]};
   }
   return t;
 }
