@@ -673,6 +673,7 @@ class PrefixBank(nn.Module):
         and the mismatch; the bank is unchanged in both cases."""
         self._check_name(name)
         kv, _ = peft_format.read_peft_adapter(adapter_dir, self.shape)
+        warn_window_vs_peft(self.model, f"load_peft({name!r})")
         self._add_kv(name, kv)
 
     def save_peft(self, name: str, adapter_dir: str) -> None:
@@ -815,7 +816,9 @@ def _model_signature(model: nn.Module) -> list:
     """A few weights of ``model`` (the middle value of up to 64 parameter tensors spread over
     it), as floats: a prompt entry's KV fits only the model that computed it, and this tells
     two models apart while staying stable under a dtype or device move."""
-    params = [p for p in model.parameters() if p.numel()]
+    bank = getattr(model, "prefix_bank", None)
+    own = {id(p) for p in bank.parameters()} if isinstance(bank, nn.Module) else set()
+    params = [p for p in model.parameters() if p.numel() and id(p) not in own]  # the base only
     step = max(1, len(params) // _SIGNATURE_SIZE)
     with torch.no_grad():
         return [float(p.reshape(-1)[p.numel() // 2]) for p in params[::step][:_SIGNATURE_SIZE]]
@@ -825,6 +828,19 @@ def _same_signature(a, b) -> bool:
     """Equal up to bfloat16 rounding (a model saved in one dtype and loaded in another)."""
     return b is not None and len(a) == len(b) and all(
         abs(x - y) <= 1e-2 * max(abs(x), abs(y)) + 1e-6 for x, y in zip(a, b))
+
+
+def warn_window_vs_peft(model: Optional[nn.Module], what: str) -> None:
+    """Warn that a PEFT adapter on a sliding-window model gives PEFT's logits only while the
+    prefix and the text fit in the window (PEFT's prefix sits in the KV cache, where the window
+    hides it from later tokens; a prefix here is never windowed, docs/DESIGN.md)."""
+    window = _sliding_window(model) if model is not None else None
+    if window is not None:
+        warnings.warn(
+            f"{what}: {type(model).__name__} has sliding-window layers ({window} tokens): PEFT's "
+            "prefix sits in the KV cache, where the window hides it from tokens further than "
+            f"{window} positions; here a prefix is never windowed, so the logits equal PEFT's "
+            "only while prefix + text fit in the window", stacklevel=3)
 
 
 def _sliding_window(model: nn.Module) -> Optional[int]:

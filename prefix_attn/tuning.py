@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .bank import PrefixBank
+from .bank import PrefixBank, warn_window_vs_peft
 from .hf import ATTN_NAME
 
 __all__ = ["PrefixParameters", "prefix_tuning", "from_peft", "trainable_parameters",
@@ -142,9 +142,15 @@ def _add_trainable(model: nn.Module, bank: PrefixBank, name: str, module: Prefix
         raise ValueError(f"a prefix named {name!r} is already in the bank ({bank.kind(name)}); "
                          f"choose another name or remove it first: model.prefix_bank.remove({name!r})")
     _use_fused_attention(model)
-    if not len(bank.trainable):  # the first prefix freezes the base; later ones keep what the
-        for p in model.parameters():  # user unfroze since (e.g. a classification head)
-            p.requires_grad_(False)
+    if not getattr(bank, "_base_frozen", False):
+        # the first call freezes the base (all but the bank's trainable entries, which may have
+        # been added by bank.add_trainable before); later ones keep what the user unfroze since
+        # (e.g. a classification head)
+        keep = {id(p) for p in bank.trainable.parameters()}
+        for p in model.parameters():
+            if id(p) not in keep:
+                p.requires_grad_(False)
+        bank._base_frozen = True
     bank.add_trainable(name, module)
 
 
@@ -189,6 +195,7 @@ def from_peft(peft_model, trainable: bool = True) -> nn.Module:
         raise ValueError(f"the bank already has prefixes named {taken}; from_peft adds each "
                          f"adapter under its own name (was from_peft already called on this "
                          f"model? its adapters are then in model.prefix_bank)")
+    warn_window_vs_peft(model, "from_peft")
     for name, module in modules.items():
         if trainable:
             _add_trainable(model, bank, name, module)

@@ -437,3 +437,24 @@ def test_prompt_entries_loaded_onto_another_model_warn(tmp_path):
     with pytest.warns(UserWarning, match=r"prompt entries \['sys'\] were computed by another model"):
         other = PrefixBank.load(str(tmp_path), _tiny_llama(seed=3))
     assert other.names() == ["sys", "fixed"]  # loaded all the same
+
+
+@pytest.mark.hf
+def test_prompt_entries_loaded_onto_the_same_base_with_other_prefixes_do_not_warn(tmp_path):
+    """The model signature covers the base weights only: the bank's own trainable prefixes
+    (trained since, or absent in the loading model) do not make a prompt entry look foreign."""
+    import warnings
+
+    from prefix_attn.tuning import prefix_tuning
+
+    model = _tiny_llama(seed=0)
+    prefix_tuning(model, num_virtual_tokens=3, name="task")
+    model.prefix_bank.add_prompt("sys", torch.tensor([5, 9, 11, 3]))
+    with torch.no_grad():
+        for p in model.prefix_bank.trainable.parameters():
+            p.add_(1.0)  # a training step on the prefix
+    model.prefix_bank.save(str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PrefixBank.load(str(tmp_path), _tiny_llama(seed=0))
+        PrefixBank.load(str(tmp_path), model)

@@ -193,3 +193,25 @@ def test_load_peft_of_a_projected_prefix_reads_the_folded_kv(tmp_path):
     bank = PrefixBank.attach(_tiny_llama())
     bank.load_peft("proj", str(tmp_path / "ad"))
     torch.testing.assert_close(bank.entry_kv("proj"), want)
+
+
+@pytest.mark.hf
+def test_peft_adapter_on_a_sliding_window_model_warns(tmp_path):
+    """PEFT's prefix is windowed out (it sits in the KV cache), ours never: loading a PEFT adapter
+    into a sliding-window model says when the logits differ from PEFT's."""
+    import warnings
+
+    from prefix_attn.tiny import tiny_model
+
+    model = tiny_model("mistral")  # window 4
+    bank = PrefixBank.attach(model)
+    cfg = model.config
+    D = cfg.hidden_size // cfg.num_attention_heads
+    bank.add("x", torch.randn(2, 2, 3, D), torch.randn(2, 2, 3, D))
+    bank.save_peft("x", str(tmp_path / "ad"))
+    with pytest.warns(UserWarning, match=r"load_peft\('y'\): MistralForCausalLM has sliding-window"):
+        bank.load_peft("y", str(tmp_path / "ad"))
+    llama = PrefixBank.attach(tiny_model("llama"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llama.load_peft("y", str(tmp_path / "ad"))

@@ -487,3 +487,21 @@ def test_saved_prefix_keeps_its_float32(tmp_path, dtype):
     assert saved.dtype == torch.float32 and torch.equal(saved, module().detach())
     loaded = prefix_attn.PrefixBank.load(str(tmp_path / "bank"), tiny_model("llama").to(dtype))
     assert loaded.get("default")[0].dtype == dtype  # cast on load, as load_peft does
+
+
+@pytest.mark.hf
+def test_an_entry_added_with_add_trainable_first_does_not_keep_the_base_trainable():
+    """bank.add_trainable(...) before prefix_tuning(...): the first prefix_tuning still freezes the
+    base (it froze only when the bank had no trainable entry, so the whole model stayed
+    trainable), and the earlier entry stays trainable."""
+    import prefix_attn
+
+    model = tiny_model("llama")
+    bank = prefix_attn.PrefixBank.attach(model)
+    first = PrefixParameters(bank.num_layers, bank.num_kv_heads, bank.head_dim, 3)
+    bank.add_trainable("first", first)
+    prefix_tuning(model, num_virtual_tokens=4, name="second")
+    trainable = {id(p) for p in trainable_parameters(model)}
+    assert trainable == {id(p) for p in bank.trainable.parameters()}
+    assert all(id(p) in trainable for p in first.parameters())
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "prefix_bank" not in n)
