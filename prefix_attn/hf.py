@@ -75,6 +75,8 @@ def _pending_stack(model) -> list:
 
 
 def _warn_once(reason: str) -> None:
+    if torch.compiler.is_compiling():  # a warning inside a graph would break fullgraph=True
+        return
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"prefix_attn: {reason} is not supported by the fused kernel; "
@@ -222,6 +224,16 @@ def padding_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Opt
         aligned = q_off - kv_off == kv_length - q_length
         # A single query (decode on a static cache): keys after it are masked out as padding.
         trim_future = not aligned and q_length == 1 and pattern == "causal"
+        # Several queries at the start of a longer buffer (a static cache's prefill): the keys
+        # after the last query are slots not filled yet; the mask covers only the keys up to
+        # it, and the attention function cuts K/V to that length, where the diagonal aligns.
+        filled = q_off - kv_off + q_length
+        if not aligned and not trim_future and pattern == "causal" and q_off >= kv_off \
+                and filled < kv_length:
+            pm = torch.ones(batch_size, filled, dtype=torch.bool, device=device) \
+                if attention_mask is None else attention_mask.to(torch.bool)[:, kv_off:kv_off + filled]
+            if pm.shape[-1] == filled:
+                return pm
     if pattern is None or (pattern != "full" and not aligned and not trim_future):
         return _dense_mask(mu, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
                            attention_mask, device)
@@ -401,6 +413,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         pk, pv = sel.layer(module.layer_idx)
         ids, lens = sel.prefix_ids, sel.prefix_lens
     per_sequence = getattr(sel, "packed_seq_ids", None) if sel is not None else None
+    if attention_mask is not None and attention_mask.dim() == 2 and \
+            not getattr(attention_mask, PACKED_ATTR, False) and attention_mask.shape[-1] < key.shape[2]:
+        # padding_mask covered only the filled slots of a static cache (prefill): cut K/V there
+        n = attention_mask.shape[-1]
+        key, value = key[:, :, :n], value[:, :, :n]
     kpm, dense, seq_ids, reason = _own_key_mask(module, query, key.shape[2], attention_mask,
                                                 per_sequence, kwargs)
     reason = _fallback_reason(module, query, value, dropout, kwargs) or reason
