@@ -213,6 +213,7 @@ class PrefixBank(nn.Module):
         self._lock = threading.RLock()
         self._state: tuple[int, dict[str, _Entry]] = (0, {})
         self._cache: OrderedDict = OrderedDict()
+        self._cache_size = _CACHE_SIZE
         self._ids_cache: OrderedDict = OrderedDict()  # see _ids_tensor
         self._model_ref = None  # weakref to the model (no submodule cycle)
 
@@ -443,6 +444,23 @@ class PrefixBank(nn.Module):
         with self._lock:
             return sum(sel.nbytes for sel in self._cache.values() if not sel.is_view)
 
+    @property
+    def cache_size(self) -> int:
+        """How many selections are kept for reuse (default 8; the least recently used go first).
+        Each stacked one (a batch mixing several entries) holds a copy of its entries: with
+        many tenants mixed in changing ways, lower it to bound that memory (0: keep none; a
+        batch of one entry is a view and costs nothing)."""
+        return self._cache_size
+
+    @cache_size.setter
+    def cache_size(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"cache_size must be an int >= 0, got {n!r}")
+        with self._lock:
+            self._cache_size = n
+            while len(self._cache) > n:
+                self._cache.popitem(last=False)
+
     def clear_cache(self) -> None:
         """Drop the cached selections (they are rebuilt on demand)."""
         with self._lock:
@@ -553,8 +571,16 @@ class PrefixBank(nn.Module):
         # tensors made under inference_mode cannot be saved for backward later: such a
         # selection is cached for inference-mode calls only
         key = (tuple(used), str(device), version, torch.is_inference_mode_enabled())
+        # a trainable entry is rebuilt on every call that records autograd (its gradients must
+        # flow); without autograd (generate, evaluation) it is cached like a fixed one, keyed on
+        # its parameters' versions (an optimizer step changes them in place)
+        params = [p for i in used if i >= 0 and entries[names[i]].module is not None
+                  for p in entries[names[i]].module.parameters()]
+        cacheable = not params or not torch.is_grad_enabled()
+        if params:
+            key = key + (tuple(p._version for p in params),)
         with self._lock:
-            cached = self._cache.get(key)
+            cached = self._cache.get(key) if cacheable else None
             if cached is not None:
                 self._cache.move_to_end(key)
         slot = {bank_id: j for j, bank_id in enumerate(used)}
@@ -594,11 +620,11 @@ class PrefixBank(nn.Module):
                     if e is not None and n:
                         kv[:, :, j, :, :n].copy_(e.kv)
         sel = PrefixSelection(kv, prefix_ids, prefix_lens, sel_names, version, host_row_lens)
-        if not trainable:
+        if cacheable:
             with self._lock:
-                if self._state[0] == version:
+                if self._state[0] == version and self._cache_size:
                     self._cache[key] = sel
-                    while len(self._cache) > _CACHE_SIZE:
+                    while len(self._cache) > self._cache_size:
                         self._cache.popitem(last=False)
         return sel
 
@@ -637,6 +663,7 @@ class PrefixBank(nn.Module):
     def __setstate__(self, state):
         model = state.pop("_model_ref", None)
         super().__setstate__(state)
+        self.__dict__.setdefault("_cache_size", _CACHE_SIZE)  # pickled before it existed
         self._lock = threading.RLock()
         self._model_ref = weakref.ref(model) if model is not None else None
 

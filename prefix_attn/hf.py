@@ -481,6 +481,13 @@ def _batch_and_length(kwargs):
     raise ValueError("prefixes= needs input_ids or inputs_embeds")
 
 
+def _from_numpy(prefixes):
+    """A numpy array of ids (or names) as a list (a 0-d one as its value); anything else as is."""
+    if type(prefixes).__module__ == "numpy" and hasattr(prefixes, "tolist"):
+        return prefixes.tolist()
+    return prefixes
+
+
 def _rows_for(prefixes):
     """Normalise ``prefixes`` for ``bank.select``: "" -> None (a name per row, or one name)."""
     if isinstance(prefixes, (list, tuple)):
@@ -512,6 +519,7 @@ def _wrap_generate(generate):
         prefixes = kwargs.get(PREFIXES_KWARG)
         if prefixes is None:
             return generate(self, *args, **kwargs)
+        prefixes = kwargs[PREFIXES_KWARG] = _from_numpy(prefixes)
         bank = self.__dict__.get("_modules", {}).get("prefix_bank")
         if bank is None:
             from .bank import _PINNED, PrefixBank
@@ -530,6 +538,12 @@ def _wrap_generate(generate):
                     "or prefix_attn.prefix_tuning(model, ...))")
             with inner.pinned():  # a bank on a submodule (the language model of a VLM): its
                 return generate(self, *args, **kwargs)  # own hook reads the names
+        if isinstance(prefixes, torch.Tensor):
+            prefixes = _ids_of_an_outer_bank(bank, prefixes)
+            if prefixes is None:  # names this bank lacks: it drafts without prefixes
+                kwargs.pop(PREFIXES_KWARG)
+                return generate(self, *args, **kwargs)
+            kwargs[PREFIXES_KWARG] = prefixes
         with bank.pinned():
             B = _generate_batch_size(args, kwargs)
             if B is not None and not isinstance(prefixes, torch.Tensor):
@@ -539,6 +553,24 @@ def _wrap_generate(generate):
 
     wrapper._prefix_attn_wrapped = True
     return wrapper
+
+
+def _ids_of_an_outer_bank(bank, ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """``ids`` for ``bank``: unchanged, unless this generate runs inside the generate of a model
+    with another bank (this model is its assistant, drafting for assisted generation), whose
+    wrapper turned the names into ids of *that* bank: then the same names in this bank (None
+    when this bank lacks one of them: the assistant drafts without prefixes, and the main model
+    verifies every token with them, so the output stays exact)."""
+    from .bank import _PINNED
+
+    outer = [state for b, state in (_PINNED.get() or {}).values() if b is not bank]
+    if not outer:
+        return ids
+    names = list(outer[-1][1])  # the outer bank as its generate pinned it
+    rows = [names[i] if 0 <= i < len(names) else None for i in ids.tolist()]
+    if any(r is not None and r not in bank for r in rows):
+        return None
+    return bank.ids(rows, len(rows), device="cpu")
 
 
 def _padding_numbered(model) -> Optional[int]:
@@ -668,7 +700,7 @@ def _packed_request(prefixes, position_ids, attention_mask, B: int, S: int):
 def _pre_hook(model, args, kwargs):
     if PREFIXES_KWARG not in kwargs:
         return None
-    prefixes = kwargs.pop(PREFIXES_KWARG)
+    prefixes = _from_numpy(kwargs.pop(PREFIXES_KWARG))
     if args:  # bind positional arguments to their names so that position_ids can be set
         names = _forward_params(model)
         kwargs.update(dict(zip(names, args)))
@@ -685,7 +717,10 @@ def _pre_hook(model, args, kwargs):
         raise NotImplementedError(
             f"prefixes= with {', '.join(media)}: the positions of image, video and audio tokens "
             "(M-RoPE and the like) are not shifted past a prefix yet; text-only inputs work")
-    bank = model.prefix_bank
+    bank = getattr(model, "prefix_bank", None)
+    if bank is None:
+        raise ValueError(f"prefixes= on a {type(model).__name__} whose prefix bank was removed: "
+                         "attach one again (prefix_attn.PrefixBank.attach(model))")
     B, S, device = _batch_and_length(kwargs)
     seq_ids = _packed_request(prefixes, kwargs.get("position_ids"), kwargs.get("attention_mask"), B, S)
     if seq_ids is not None:  # one prefix per packed sequence

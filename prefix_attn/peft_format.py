@@ -43,7 +43,12 @@ def _read_config(adapter_dir: str) -> dict:
     if not os.path.isdir(adapter_dir):
         raise FileNotFoundError(f"PEFT adapter folder not found: {adapter_dir!r}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"PEFT adapter config missing: {path!r}")
+        inner = sorted(d for d in os.listdir(adapter_dir)
+                       if os.path.isfile(os.path.join(adapter_dir, d, CONFIG_NAME)))
+        hint = (f"; it holds adapters in subfolders ({', '.join(inner)}, as PEFT saves several "
+                f"adapters): load each from its own, e.g. {os.path.join(adapter_dir, inner[0])!r}"
+                if inner else "")
+        raise FileNotFoundError(f"PEFT adapter config missing: {path!r}{hint}")
     try:
         with open(path, "r", encoding="utf-8") as f:
             config = json.load(f)

@@ -262,8 +262,9 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         prefix_ids = _check_index_tensor("prefix_ids", prefix_ids, B, device, "one entry per batch row")
         def wrong():  # built only when needed: normalize runs on every attention call
             return f"prefix_ids must lie in [0, {N}) for a bank of N={N} (prefix_k {_shape(prefix_k)})"
-        if compiling:
-            _assert_in_range(prefix_ids, 0, N - 1, wrong())
+        if compiling:  # a constant message: symbolic shapes cannot be formatted in a graph
+            _assert_in_range(prefix_ids, 0, N - 1, "prefix_ids must lie in [0, N) for a bank of N "
+                                                   "entries (prefix_k [N, Hkv, P, D])")
         elif B > 0:
             lo, hi = _value_range(prefix_ids)
             if lo < 0 or hi >= N:
@@ -275,7 +276,8 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         def wrong():
             return f"prefix_lens must lie in [0, P={P}] (prefix_k {_shape(prefix_k)})"
         if compiling:
-            _assert_in_range(prefix_lens, 0, P, wrong())
+            _assert_in_range(prefix_lens, 0, P, "prefix_lens must lie in [0, P] (prefix_k "
+                                                "[N, Hkv, P, D])")
         else:
             lo, hi = (0, P) if N == 0 else _value_range(prefix_lens)
             if lo < 0 or hi > P:

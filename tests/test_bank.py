@@ -458,3 +458,55 @@ def test_prompt_entries_loaded_onto_the_same_base_with_other_prefixes_do_not_war
         warnings.simplefilter("error")
         PrefixBank.load(str(tmp_path), _tiny_llama(seed=0))
         PrefixBank.load(str(tmp_path), model)
+
+
+def test_cache_size_bounds_the_stacked_copies_kept():
+    bank = _bank(a=4, b=2, c=3, d=1)
+    mixes = [["a", "b"], ["a", "c"], ["b", "c"], ["c", "d"]]
+    for rows in mixes:
+        bank.select(rows, 2)
+    full = bank.cache_nbytes
+    assert full > 0
+    bank.cache_size = 1  # trims at once, keeps the most recent
+    assert 0 < bank.cache_nbytes < full
+    bank.select(["a", "b"], 2)
+    assert bank.cache_nbytes == bank.select(["a", "b"], 2).nbytes
+    bank.cache_size = 0
+    assert bank.cache_nbytes == 0
+    s1, s2 = bank.select(["a", "d"], 2), bank.select(["a", "d"], 2)
+    assert bank.cache_nbytes == 0 and s1.layer(0)[0].data_ptr() != s2.layer(0)[0].data_ptr()
+    with pytest.raises(ValueError, match="cache_size must be an int >= 0"):
+        bank.cache_size = -1
+
+
+def test_trainable_entries_are_cached_without_autograd_until_their_parameters_change():
+    """generate / evaluation (no_grad, inference_mode) reused nothing for a trainable entry: a
+    projected prefix ran its MLP at every decode step. Without autograd the selection is now
+    cached, keyed on the parameters' versions; with autograd it is rebuilt every call."""
+    calls = []
+
+    class Counting(LearnedPrefix):
+        def forward(self):
+            calls.append(1)
+            return super().forward()
+
+    bank = _bank(a=3)
+    mod = Counting(5, seed=3)
+    bank.add_trainable("t", mod)
+    for mode in (torch.no_grad, torch.inference_mode):
+        calls.clear()
+        with mode():
+            first = bank.select(["t", "a"], 2)
+            again = bank.select(["t", "a"], 2)
+        assert len(calls) == 1 and again.layer(0)[0].data_ptr() == first.layer(0)[0].data_ptr()
+    with torch.no_grad():
+        mod.kv.add_(1.0)  # an optimizer step: in place, a new version
+        calls.clear()
+        moved = bank.select(["t", "a"], 2)
+    assert len(calls) == 1
+    torch.testing.assert_close(moved.layer(0)[0][1, :, :5] - first.layer(0)[0][1, :, :5],
+                               torch.ones(HKV, 5, D))
+    calls.clear()
+    for _ in range(2):
+        assert bank.select(["t", "a"], 2).layer(0)[0].requires_grad  # autograd: rebuilt
+    assert len(calls) == 2

@@ -215,3 +215,12 @@ def test_peft_adapter_on_a_sliding_window_model_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         llama.load_peft("y", str(tmp_path / "ad"))
+
+
+def test_a_folder_of_several_adapters_names_its_subfolders(tmp_path):
+    bank = PrefixBank.attach(_tiny_llama())
+    bank.add("x", torch.randn(L, HKV, P, D), torch.randn(L, HKV, P, D))
+    for name in ("task_a", "task_b"):
+        bank.save_peft("x", str(tmp_path / "multi" / name))
+    with pytest.raises(FileNotFoundError, match=r"subfolders \(task_a, task_b"):
+        bank.load_peft("y", str(tmp_path / "multi"))

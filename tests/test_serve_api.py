@@ -209,3 +209,54 @@ def test_assisted_generation_with_an_assistant_without_a_bank():
         greedy = model.generate(ids, **kw)
         assisted = model.generate(ids, assistant_model=assistant, **kw)
     assert torch.equal(assisted, greedy)
+
+
+@pytest.mark.parametrize("draft_names", [["B", "X"], ["X"]])
+def test_assisted_generation_with_an_assistant_that_has_its_own_bank(draft_names):
+    """The assistant's bank holds its entries in another order (or lacks the main one's): the
+    main bank's ids were handed to it as they were (a wrong draft prefix, or out of range). It
+    now reads the same names from its own bank (none it lacks: it drafts without prefixes)."""
+    import warnings
+
+    from prefix_attn.bank import PrefixBank
+
+    model, _ = _served()
+    assistant = tiny_model("llama", vocab_size=64, seed=3).eval()
+    draft = PrefixBank.attach(assistant)
+    for name in draft_names:
+        draft.add(name, torch.randn(draft.num_layers, draft.num_kv_heads, 2, draft.head_dim),
+                  torch.randn(draft.num_layers, draft.num_kv_heads, 2, draft.head_dim))
+    asked = []
+    real = draft.select
+    draft.select = lambda p, *a, **k: (asked.append(p.tolist() if torch.is_tensor(p) else p),
+                                       real(p, *a, **k))[1]
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
+    kw = dict(prefixes=["B"], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        greedy = model.generate(ids, **kw)
+        assisted = model.generate(ids, assistant_model=assistant, **kw)
+    assert torch.equal(assisted, greedy)
+    if "B" in draft_names:
+        assert asked and all(a == [draft_names.index("B")] for a in asked)
+    else:
+        assert asked == []
+
+
+def test_numpy_arrays_of_ids_and_a_removed_bank():
+    """prefixes= as a numpy array (ids read from a table) works in forward and generate; after
+    `del model.prefix_bank`, prefixes= is a clear error (was a bare AttributeError)."""
+    import numpy as np
+
+    model, bank = _served()
+    ids = torch.tensor([[5, 6, 7], [7, 6, 5]])
+    rows = np.array([bank.id_of("B"), -1])
+    with torch.no_grad():
+        want = model(ids, prefixes=["B", None]).logits
+        torch.testing.assert_close(model(ids, prefixes=rows).logits, want, rtol=0, atol=0)
+        kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(ids, prefixes=rows, **kw),
+                           model.generate(ids, prefixes=["B", None], **kw))
+    del model.prefix_bank
+    with pytest.raises(ValueError, match="whose prefix bank was removed"):
+        model(ids, prefixes=["B", None])
