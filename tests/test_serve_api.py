@@ -198,10 +198,13 @@ def test_generate_refuses_prefixes_on_a_model_without_a_bank():
 def test_assisted_generation_with_an_assistant_without_a_bank():
     """An assistant model drafts without the prefixes (it has no bank); the main model checks
     each drafted token with them: the same tokens as plain greedy decoding."""
+    model, _ = _served()
+    _assert_assisted_equals_greedy(model, tiny_model("llama", vocab_size=64, seed=3).eval())
+
+
+def _assert_assisted_equals_greedy(model, assistant):
     import warnings
 
-    model, _ = _served()
-    assistant = tiny_model("llama", vocab_size=64, seed=3).eval()
     ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
     kw = dict(prefixes=["B"], max_new_tokens=5, do_sample=False, pad_token_id=0)
     with torch.no_grad(), warnings.catch_warnings():
@@ -216,8 +219,6 @@ def test_assisted_generation_with_an_assistant_that_has_its_own_bank(draft_names
     """The assistant's bank holds its entries in another order (or lacks the main one's): the
     main bank's ids were handed to it as they were (a wrong draft prefix, or out of range). It
     now reads the same names from its own bank (none it lacks: it drafts without prefixes)."""
-    import warnings
-
     from prefix_attn.bank import PrefixBank
 
     model, _ = _served()
@@ -230,13 +231,7 @@ def test_assisted_generation_with_an_assistant_that_has_its_own_bank(draft_names
     real = draft.select
     draft.select = lambda p, *a, **k: (asked.append(p.tolist() if torch.is_tensor(p) else p),
                                        real(p, *a, **k))[1]
-    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
-    kw = dict(prefixes=["B"], max_new_tokens=5, do_sample=False, pad_token_id=0)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        greedy = model.generate(ids, **kw)
-        assisted = model.generate(ids, assistant_model=assistant, **kw)
-    assert torch.equal(assisted, greedy)
+    _assert_assisted_equals_greedy(model, assistant)
     if "B" in draft_names:
         assert asked and all(a == [draft_names.index("B")] for a in asked)
     else:
