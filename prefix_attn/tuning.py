@@ -25,7 +25,7 @@ from .bank import PrefixBank, warn_window_vs_peft
 from .hf import ATTN_NAME
 
 __all__ = ["PrefixParameters", "prefix_tuning", "from_peft", "trainable_parameters",
-           "enable_checkpointing"]
+           "print_trainable_parameters", "enable_checkpointing", "unload"]
 
 
 class PrefixParameters(nn.Module):
@@ -212,6 +212,32 @@ def from_peft(peft_model, trainable: bool = True) -> nn.Module:
 def trainable_parameters(model: nn.Module) -> list:
     """The parameters of ``model`` that require grad (the prefixes after ``prefix_tuning``)."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def print_trainable_parameters(model: nn.Module) -> str:
+    """Print (and return) the trainable / total parameter counts, as PEFT's method of that name."""
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in trainable_parameters(model))
+    line = (f"trainable params: {train:,} || all params: {total:,} || "
+            f"trainable%: {100 * train / max(total, 1):.4f}")
+    print(line)
+    return line
+
+
+def unload(model: nn.Module, attn_implementation: str = "sdpa") -> nn.Module:
+    """The plain model back, as PEFT's ``unload``: the prefix bank (and its trainable prefixes)
+    removed, the ``prefixes=`` hooks taken off and the attention implementation set to
+    ``attn_implementation``; the base weights are untouched, so ``model(...)`` then gives the
+    base model's logits. Save the prefixes first if you need them (``bank.save`` /
+    ``bank.save_peft``). Returns ``model``."""
+    hooks = model.__dict__.pop("_prefix_attn_hooks", None)
+    for h in hooks or ():
+        h.remove()
+    if "prefix_bank" in getattr(model, "_modules", {}):
+        del model.prefix_bank
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTN_NAME:
+        model.set_attn_implementation(attn_implementation)
+    return model
 
 
 def enable_checkpointing(model: nn.Module) -> None:

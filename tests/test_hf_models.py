@@ -166,8 +166,13 @@ def test_padding_mask_function_patterns():
     out = hf.padding_mask(2, 1, 3, q_offset=5, kv_offset=3, attention_mask=am6,
                           mask_function=mu.sliding_window_causal_mask_function(3))
     assert torch.equal(out, am6[:, 3:6])
-    # a static cache in prefill (offsets not bottom-right aligned): dense
-    dense = hf.padding_mask(2, 2, 6, q_offset=0, kv_offset=0, attention_mask=am)
+    # a static cache in prefill (offsets not bottom-right aligned): the mask of the filled slots
+    # only (the attention function cuts K/V to its length, where the diagonal aligns)
+    filled = hf.padding_mask(2, 2, 6, q_offset=0, kv_offset=0, attention_mask=am)
+    assert torch.equal(filled, am[:, :2])
+    # a pattern the kernel cannot express stays dense
+    dense = hf.padding_mask(2, 2, 6, q_offset=0, kv_offset=0, attention_mask=am,
+                            mask_function=mu.chunked_causal_mask_function(2, torch.zeros(2, dtype=torch.long)))
     assert dense.shape == (2, 1, 2, 6)
     # static-cache decode: the unfilled slots after the query become padding
     out = hf.padding_mask(2, 1, 6, q_offset=4, kv_offset=0, attention_mask=torch.ones(2, 5, dtype=torch.bool))

@@ -505,3 +505,24 @@ def test_an_entry_added_with_add_trainable_first_does_not_keep_the_base_trainabl
     assert trainable == {id(p) for p in bank.trainable.parameters()}
     assert all(id(p) in trainable for p in first.parameters())
     assert not any(p.requires_grad for n, p in model.named_parameters() if "prefix_bank" not in n)
+
+
+@pytest.mark.hf
+def test_unload_gives_the_plain_model_back_and_counts_are_printed(capsys):
+    import prefix_attn
+
+    model = tiny_model("llama", seed=0)
+    plain = tiny_model("llama", seed=0, attn_implementation="sdpa")
+    prefix_attn.prefix_tuning(model, num_virtual_tokens=4, name="a")
+    line = prefix_attn.print_trainable_parameters(model)
+    n = sum(p.numel() for p in model.prefix_bank.trainable.parameters())
+    assert line in capsys.readouterr().out and f"trainable params: {n:,} ||" in line
+    ids = torch.randint(3, 100, (2, 6))
+    with torch.no_grad():
+        assert not torch.allclose(model(ids, prefixes=["a", "a"]).logits, plain(ids).logits)
+        assert prefix_attn.unload(model) is model
+        assert model.config._attn_implementation == "sdpa" and not hasattr(model, "prefix_bank")
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="without a prefix bank"):
+        model.generate(ids, prefixes=["a", "a"], max_new_tokens=2)
+    assert "a" not in prefix_attn.PrefixBank.attach(model)  # attach again: a fresh bank
