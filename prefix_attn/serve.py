@@ -16,7 +16,8 @@ Output: one line per request, in input order:
 
     {"id": "r1", "prefix": "support", "prompt": "How do I ...?", "completion": "...", "num_tokens": 17}
 
-The model is a local folder (--model; its tokenizer, else bytes) or the built-in tiny
+The model is a local folder (--model, with its tokenizer files or prefix-attn's
+byte_tokenizer.json) or the built-in tiny
 default (prefix_attn.tiny.default_model: random weights, for smoke tests). An adapter made by
 `prefix-attn train` belongs with the model it was trained on (OUT/base_model): a warning
 says so when --model is missing or is another folder.
@@ -29,8 +30,10 @@ prompt already carries. A batch mixes prefixes freely: model.generate(..., prefi
 reads each row's prefix from the bank.
 
 Everything that can be checked is checked before any generation: the request file, prefix
-names, the output path, the device, and each request's length (prompt + prefix +
---max-new-tokens within the model's positions). The output file is written whole or not at all.
+names, the output path, the device, $PREFIX_ATTN_BACKEND and each request's length (prompt +
+prefix + --max-new-tokens within the model's positions). The output file is written whole or
+not at all; Ctrl-C or SIGTERM stops at once and keeps the answers finished so far in
+OUTPUT.partial (exit status 130 / 143).
 """
 from __future__ import annotations
 

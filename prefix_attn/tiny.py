@@ -151,9 +151,11 @@ class ByteTokenizer:
         self.padding_side = padding_side
         self.add_bos = add_bos
 
-    def encode(self, text: str, add_eos: bool = False) -> List[int]:
+    def encode(self, text: str, add_eos: bool = False, add_special_tokens: bool = True) -> List[int]:
+        """Byte ids (+ offset), after the start token when ``add_bos`` and
+        ``add_special_tokens`` (HF's keyword: False for text that continues a prompt)."""
         ids = [b + self.offset for b in text.encode("utf-8")]
-        if self.add_bos:
+        if self.add_bos and add_special_tokens:
             ids = [self.bos_token_id] + ids
         if add_eos:
             ids.append(self.eos_token_id)
@@ -168,11 +170,12 @@ class ByteTokenizer:
         return [self.decode(r) for r in rows]
 
     def __call__(self, texts: Union[str, Sequence[str]], padding_side: Optional[str] = None,
-                 add_eos: bool = False, **_):
+                 add_eos: bool = False, add_special_tokens: bool = True, **_):
         if isinstance(texts, str):
             texts = [texts]
         side = padding_side or self.padding_side
-        rows = [self.encode(t, add_eos=add_eos) for t in texts]
+        rows = [self.encode(t, add_eos=add_eos, add_special_tokens=add_special_tokens)
+                for t in texts]
         S = max((len(r) for r in rows), default=0)
         ids = torch.full((len(rows), S), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(rows), S, dtype=torch.long)
@@ -251,7 +254,4 @@ def _first_line(exc: BaseException) -> str:
 def encode(tokenizer, text: str, special: bool = True) -> List[int]:
     """Token ids of ``text`` with a :class:`ByteTokenizer` or an HF tokenizer; ``special=False``
     leaves out the start token (text that continues a prompt prefix or a prompt)."""
-    if isinstance(tokenizer, ByteTokenizer):
-        ids = tokenizer.encode(text)
-        return ids if special or not tokenizer.add_bos else ids[1:]
     return list(tokenizer.encode(text, add_special_tokens=special))

@@ -352,7 +352,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="the number of steps in total, as in HF Trainer: it overrides --epochs, the data "
                         "is cycled in further epochs as needed (default: --epochs' worth)")
     p.add_argument("--batch-size", type=positive, default=8, metavar="N", help="examples per step")
-    p.add_argument("--lr", type=cli_args.float_where(lambda v: v > 0, "> 0"), default=1e-2,
+    p.add_argument("--lr", type=cli_args.float_where(lambda v: 0 < v <= 1e6, "in (0, 1e6]"), default=1e-2,
                    help="AdamW learning rate")
     p.add_argument("--weight-decay", type=cli_args.float_where(lambda v: v >= 0, ">= 0"), default=0.0, metavar="WD",
                    help="AdamW weight decay")

@@ -166,6 +166,10 @@ def test_serving_snippet(tmp_path):
     out, bank = ns["out"], ns["bank"]
     assert out.shape[0] == 3 and out.shape[1] > ns["tok"](ns["prompts"])["input_ids"].shape[1]
     assert ns["more"].shape[0] == 2
+    # the byte tokenizer honours add_special_tokens=False as HF tokenizers do (no start token)
+    tok = ns["tok"]
+    rows = tok(ns["questions"], add_special_tokens=False)["input_ids"]
+    assert tok.bos_token_id not in rows.tolist()[0] and tok.bos_token_id in tok(ns["questions"])["input_ids"].tolist()[0]
     assert sorted(bank.names()) == ["support", "system", "tenant-7"]
     assert bank is model.prefix_bank  # load re-attached it
     torch.testing.assert_close(bank.entry_kv("tenant-7")[:, 0], keys.to(bank.entry_kv("tenant-7").dtype))
