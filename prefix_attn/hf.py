@@ -497,6 +497,38 @@ def _rows_for(prefixes):
     return prefixes
 
 
+def _check_generate_positions(model, bank, args, kwargs) -> None:
+    """Before a generate on a model with learned positions (GPT-2, OPT, ...): refuse one whose
+    last token would pass the position table (else it fails at the step that crosses it).
+    A lower bound on the position reached (each row's prefix + real tokens + new tokens), so
+    it never refuses a generate that fits."""
+    limit = learned_position_limit(model)
+    ids = kwargs.get(PREFIXES_KWARG)
+    tokens = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if limit is None or not isinstance(ids, torch.Tensor) or ids.dim() != 1 \
+            or not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 \
+            or ids.shape[0] != tokens.shape[0]:
+        return
+    config = getattr(model, "generation_config", None)
+    new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if new is None:
+        return
+    names = bank.names()
+    lens = [bank.entry_len(names[i]) if 0 <= i < len(names) else 0 for i in ids.tolist()]
+    mask = kwargs.get("attention_mask")
+    real = mask.sum(-1).tolist() if isinstance(mask, torch.Tensor) and mask.dim() == 2 \
+        else [tokens.shape[1]] * len(lens)
+    # positions used: the prefix, the prompt's real tokens and every new token but the last
+    # (which is never fed back)
+    top = max(P + int(n) for P, n in zip(lens, real)) + int(new) - 1
+    if top > limit:
+        raise ValueError(
+            f"generate would reach position {top - 1} (a prefix, the prompt's tokens and "
+            f"max_new_tokens={new}), beyond the {limit} learned positions of "
+            f"{type(model).__name__} (tokens after a prefix are numbered from its length, as "
+            "PEFT numbers them): shorten the prompt, the prefix or max_new_tokens")
+
+
 def _generate_batch_size(args, kwargs) -> Optional[int]:
     for t in (args[0] if args else None, kwargs.get("inputs"), kwargs.get("input_ids"),
               kwargs.get("inputs_embeds")):
@@ -549,6 +581,7 @@ def _wrap_generate(generate):
             if B is not None and not isinstance(prefixes, torch.Tensor):
                 # on the host: each step reads the (expanded) ids back without a device sync
                 kwargs[PREFIXES_KWARG] = bank.ids(_rows_for(prefixes), B, device="cpu")
+            _check_generate_positions(self, bank, args, kwargs)
             return generate(self, *args, **kwargs)
 
     wrapper._prefix_attn_wrapped = True

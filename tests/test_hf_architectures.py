@@ -216,3 +216,30 @@ def test_tokens_past_a_learned_position_table_are_a_clear_error(family):
     if family == "gpt2":
         with pytest.raises(ValueError, match="257 tokens, more than the 256 learned positions"):
             bank.add_prompt("long", torch.randint(3, 100, (257,)))
+
+
+def test_generate_past_a_learned_position_table_is_refused_up_front():
+    """GPT-2 (256 learned positions), prefix 200, prompt 50: 7 new tokens use positions up to
+    255 and run; 8 would fail at the step that crosses the table: refused before any forward."""
+    from prefix_attn.tiny import tiny_model
+
+    model = tiny_model("gpt2")
+    bank = prefix_attn.PrefixBank.attach(model)
+    bank.add("p", torch.randn(2, 4, 200, 8), torch.randn(2, 4, 200, 8))
+    ids = torch.randint(3, 100, (1, 50))
+    kw = dict(prefixes="p", pad_token_id=0, do_sample=False)
+    assert model.generate(ids, max_new_tokens=7, **kw).shape == (1, 57)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match="generate would reach position 256 .* beyond the 256"):
+        model.generate(ids, max_new_tokens=8, **kw)
+    hook.remove()
+    assert calls == []
+    # left padding: the real tokens count (a padded row with a longer prefix still fits)
+    mask = torch.ones(2, 50, dtype=torch.long)
+    mask[1, :10] = 0
+    bank.add("q", torch.randn(2, 4, 205, 8), torch.randn(2, 4, 205, 8))
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model.generate(torch.randint(3, 100, (2, 50)), attention_mask=mask, position_ids=pos,
+                         prefixes=["p", "q"], max_new_tokens=7, pad_token_id=0, do_sample=False)
+    assert out.shape == (2, 57)
