@@ -848,7 +848,12 @@ def _model_signature(model: nn.Module) -> list:
     params = [p for p in model.parameters() if p.numel() and id(p) not in own]  # the base only
     step = max(1, len(params) // _SIGNATURE_SIZE)
     with torch.no_grad():
-        return [float(p.reshape(-1)[p.numel() // 2]) for p in params[::step][:_SIGNATURE_SIZE]]
+        picks = [p.reshape(-1)[p.numel() // 2:p.numel() // 2 + 1].float()
+                 for p in params[::step][:_SIGNATURE_SIZE]]
+        try:  # one read-back (not one host sync per weight on a GPU)
+            return torch.cat(picks).tolist() if picks else []
+        except RuntimeError:  # weights on several devices (device_map)
+            return [float(t) for t in picks]
 
 
 def _same_signature(a, b) -> bool:

@@ -10,8 +10,9 @@
   bidirectional patterns it returns only the 2-D padding mask ``[B, kv_length]`` (or None
   when nothing is padded), never a dense 4-D mask. Packed sequences get their sequence ids
   (an int64 ``[B, kv]`` tensor, marked), which the attention function regroups one sequence
-  per kernel row (``prefix_attn/packed.py``). Anything else (custom mask overlays, a static
-  cache during prefill) gets a dense bool mask ``[B, 1, q, kv]``, which the attention
+  per kernel row (``prefix_attn/packed.py``). A static cache's prefill gets the padding mask of
+  its filled slots only, and the attention function cuts K/V to that length. Anything else
+  (custom mask overlays) gets a dense bool mask ``[B, 1, q, kv]``, which the attention
   function sends to the eager fallback below.
 - ``"prefixes"`` as an optional key of ``TransformersKwargs``, so that ``generate`` accepts
   ``prefixes=`` and forwards it to every forward call.
@@ -522,11 +523,9 @@ def _check_generate_positions(model, bank, args, kwargs) -> None:
     # (which is never fed back)
     top = max(P + int(n) for P, n in zip(lens, real)) + int(new) - 1
     if top > limit:
-        raise ValueError(
-            f"generate would reach position {top - 1} (a prefix, the prompt's tokens and "
-            f"max_new_tokens={new}), beyond the {limit} learned positions of "
-            f"{type(model).__name__} (tokens after a prefix are numbered from its length, as "
-            "PEFT numbers them): shorten the prompt, the prefix or max_new_tokens")
+        raise ValueError(f"generate would reach position {top - 1} (a prefix, the prompt's tokens "
+                         f"and max_new_tokens={new}), {_past_the_table(model, limit)}: shorten "
+                         "the prompt, the prefix or max_new_tokens")
 
 
 def _generate_batch_size(args, kwargs) -> Optional[int]:
@@ -683,11 +682,14 @@ def _check_positions(model, S: int, kwargs, P: int) -> None:
         return
     top = int(pos.max()) if pos.numel() else 0
     if top >= limit:
-        raise ValueError(
-            f"{S} tokens after a cache of {past} and a prefix of {P} take positions up to "
-            f"{top}, beyond the {limit} learned positions of {type(model).__name__} (tokens "
-            "after a prefix are numbered from its length, as PEFT numbers them): shorten the "
-            "input or the prefix")
+        raise ValueError(f"{S} tokens after a cache of {past} and a prefix of {P} take positions "
+                         f"up to {top}, {_past_the_table(model, limit)}: shorten the input or "
+                         "the prefix")
+
+
+def _past_the_table(model, limit: int) -> str:
+    return (f"beyond the {limit} learned positions of {type(model).__name__} (tokens after a "
+            "prefix are numbered from its length, as PEFT numbers them)")
 
 
 def _cache_length(kwargs) -> int:

@@ -130,22 +130,10 @@ def has_target(labels: Sequence[int]) -> bool:
     return any(label != -100 for label in labels[1:])
 
 
-def tokenize(tokenizer, examples, max_length: int) -> List[Tuple[List[int], List[int]]]:
-    """[(ids, labels)] with labels -100 on the prompt, eos appended, truncated to ``max_length``;
-    rows left without a token to learn (:func:`has_target`) are left out (:func:`prepare`
-    counts and reports them)."""
-    out = []
-    for prompt, completion in examples:
-        ids, labels = encode_example(tokenizer, prompt, completion)
-        ids, labels = ids[:max_length], labels[:max_length]
-        if has_target(labels):
-            out.append((ids, labels))
-    return out
-
-
 def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: int,
             vocab_size: int, path: str, what: str = "data file") -> List[Tuple[List[int], List[int]]]:
-    """:func:`tokenize` for ``read_examples_at``'s examples of ``path``, checked: a token id
+    """(ids, labels) rows of ``read_examples_at``'s examples of ``path`` (:func:`encode_example`
+    truncated to ``max_length``), checked: a token id
     outside the model's ``vocab_size`` is a :class:`TrainError` naming the example; examples left
     with no token to learn (the prompt fills ``max_length``, or under two tokens) are dropped
     with one warning giving their count and cause, and an error when none is left."""

@@ -26,7 +26,7 @@ from prefix_attn.kernels import decode as _decode
 from prefix_attn.kernels import fwd as _fwd
 from prefix_attn.kernels.autotune import interpreting, sm_count
 
-from .backends import Backend, register_backend
+from .backends import SWITCHES, Backend, register_backend
 from .validation import AttnArgs
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -59,8 +59,8 @@ def _cascade(q: Tensor, k: Tensor, prefix_k: Tensor) -> bool:
     if mode in ("0", "1"):
         return mode == "1" and q.shape[2] > 0
     if mode != "auto":
-        raise ValueError(f"environment variable {CASCADE_ENV}={mode!r}: expected one of auto, 0, 1 "
-                         "(or unset)")
+        raise ValueError(f"environment variable {CASCADE_ENV}={mode!r}: expected one of "
+                         f"{', '.join(SWITCHES[CASCADE_ENV])} (or unset)")
     B, _, Sq, _ = q.shape
     N, Hkv, P, _ = prefix_k.shape
     return _decode.use_cascade(B, N, P, Sq, k.shape[2], Hkv=Hkv, sms=sm_count(q.device))

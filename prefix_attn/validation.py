@@ -260,28 +260,26 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         prefix_ids = torch.zeros(B, dtype=torch.int64, device=device)
     else:
         prefix_ids = _check_index_tensor("prefix_ids", prefix_ids, B, device, "one entry per batch row")
-        def wrong():  # built only when needed: normalize runs on every attention call
-            return f"prefix_ids must lie in [0, {N}) for a bank of N={N} (prefix_k {_shape(prefix_k)})"
         if compiling:  # a constant message: symbolic shapes cannot be formatted in a graph
             _assert_in_range(prefix_ids, 0, N - 1, "prefix_ids must lie in [0, N) for a bank of N "
                                                    "entries (prefix_k [N, Hkv, P, D])")
         elif B > 0:
             lo, hi = _value_range(prefix_ids)
             if lo < 0 or hi >= N:
-                raise ValueError(f"{wrong()}, got values in [{lo}, {hi}]")
+                raise ValueError(f"prefix_ids must lie in [0, {N}) for a bank of N={N} (prefix_k "
+                                 f"{_shape(prefix_k)}), got values in [{lo}, {hi}]")
     if prefix_lens is None:
         prefix_lens = torch.full((N,), P, dtype=torch.int64, device=device)
     else:
         prefix_lens = _check_index_tensor("prefix_lens", prefix_lens, N, device, "one length per bank entry")
-        def wrong():
-            return f"prefix_lens must lie in [0, P={P}] (prefix_k {_shape(prefix_k)})"
         if compiling:
             _assert_in_range(prefix_lens, 0, P, "prefix_lens must lie in [0, P] (prefix_k "
                                                 "[N, Hkv, P, D])")
         else:
             lo, hi = (0, P) if N == 0 else _value_range(prefix_lens)
             if lo < 0 or hi > P:
-                raise ValueError(f"{wrong()}, got values in [{lo}, {hi}]")
+                raise ValueError(f"prefix_lens must lie in [0, P={P}] (prefix_k {_shape(prefix_k)}), "
+                                 f"got values in [{lo}, {hi}]")
 
     # -- masks and scalars -------------------------------------------------------------
     if key_padding_mask is not None:

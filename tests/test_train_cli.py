@@ -125,7 +125,7 @@ def test_pack_gives_the_padded_loss_and_training(data, tmp_path, monkeypatch):
     monkeypatch.setattr(hf, "packed_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
 
     tok = ByteTokenizer()
-    rows = train.tokenize(tok, train.read_examples(data)[:4], max_length=64)
+    rows = train.prepare(tok, train.read_examples_at(data)[:4], 64, tok.vocab_size, data)
     model = default_model(seed=0)
     prefix_tuning(model, num_virtual_tokens=4, name="t")
     ids, mask, labels = train.collate(rows, tok.pad_token_id)
@@ -179,7 +179,7 @@ def test_packed_text_examples_start_without_a_label(tmp_path):
     path = tmp_path / "data.txt"
     path.write_text("first line\nsecond one here\nthird\nand a fourth line\n")
     tok = ByteTokenizer()
-    rows = train.tokenize(tok, train.read_examples(str(path)), max_length=64)
+    rows = train.prepare(tok, train.read_examples_at(str(path)), 64, tok.vocab_size, str(path))
     assert len(rows) == 4 and all(labels[0] != -100 for _, labels in rows)  # text: no prompt part
     ids, pos, labels = train.collate_packed(rows)
     starts = [0]
