@@ -573,12 +573,14 @@ class PrefixBank(nn.Module):
         key = (tuple(used), str(device), version, torch.is_inference_mode_enabled())
         # a trainable entry is rebuilt on every call that records autograd (its gradients must
         # flow); without autograd (generate, evaluation) it is cached like a fixed one, keyed on
-        # its parameters' versions (an optimizer step changes them in place)
+        # its parameters' versions (an optimizer step changes them in place) and storage
+        # (``p.data = t``, as weight loaders and sharding do, keeps the version); an in-place
+        # write through ``p.data`` changes neither and is not seen
         params = [p for i in used if i >= 0 and entries[names[i]].module is not None
                   for p in entries[names[i]].module.parameters()]
         cacheable = not params or not torch.is_grad_enabled()
         if params:
-            key = key + (tuple(p._version for p in params),)
+            key = key + (tuple((p._version, p.data_ptr()) for p in params),)
         with self._lock:
             cached = self._cache.get(key) if cacheable else None
             if cached is not None:

@@ -510,3 +510,8 @@ def test_trainable_entries_are_cached_without_autograd_until_their_parameters_ch
     for _ in range(2):
         assert bank.select(["t", "a"], 2).layer(0)[0].requires_grad  # autograd: rebuilt
     assert len(calls) == 2
+    mod.kv.data = mod.kv.data + 2.0  # new storage, same version (weight loaders, sharding)
+    with torch.no_grad():
+        replaced = bank.select(["t", "a"], 2)
+    torch.testing.assert_close(replaced.layer(0)[0][1, :, :5] - moved.layer(0)[0][1, :, :5],
+                               torch.full((HKV, 5, D), 2.0))
