@@ -42,7 +42,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from prefix_attn import atomic, peft_format, validation
+from prefix_attn import atomic, distributed, peft_format, validation
 
 __all__ = ["PrefixBank", "PrefixSelection"]
 
@@ -145,6 +145,11 @@ def _as_id(p) -> int:
 
 def _version_of(t: Tensor) -> Optional[int]:
     return None if t.is_inference() else t._version
+
+
+def _trains(entry: _Entry) -> bool:
+    """Whether ``entry`` is a trainable entry with a parameter that requires grad."""
+    return entry.module is not None and any(p.requires_grad for p in entry.module.parameters())
 
 
 def _normal_tensor(t: Tensor) -> Tensor:
@@ -349,6 +354,12 @@ class PrefixBank(nn.Module):
         with self._lock:
             key = self._module_key(name)
             self.trainable[key] = module
+            # sorted by key: the parameter order (DDP's broadcast and bucketing, optimizer
+            # state) then depends on the names, not on the order each process added them
+            modules = self.trainable._modules
+            ordered = sorted(modules.items())
+            modules.clear()
+            modules.update(ordered)
             self._commit(name, _Entry(name=name, length=out.shape[3], module_key=key, module=module, kind="trainable"))
 
     def _module_key(self, name: str) -> str:
@@ -472,6 +483,12 @@ class PrefixBank(nn.Module):
         if entry.kv is not None:
             return entry.kv
         out = entry.module()
+        if distributed.is_dtensor(out):
+            raise ValueError(
+                f"trainable entry {entry.name!r} returned a sharded tensor (DTensor): its "
+                "parameters are sharded but were not gathered for this call. fully_shard the "
+                "model (and its layers) or each module of prefix_bank.trainable, not the "
+                "PrefixBank itself (its forward is never called, so FSDP never gathers it)")
         self._check_kv(out, f"trainable entry {entry.name!r}")
         return out.to(self.dtype) if cast else out
 
@@ -567,7 +584,13 @@ class PrefixBank(nn.Module):
         rows = self._row_ids(prefixes, batch_size, entries)
         device = self.device if device is None else torch.device(device)
         names = list(entries)
-        used = sorted(set(rows), key=lambda i: (i < 0, i))  # bank order, "no prefix" last
+        used = set(rows)
+        if torch.is_grad_enabled() and self._under_fsdp():
+            # FSDP2 needs every rank to use the same parameters in a step: every trainable
+            # entry joins the graph (a zero gradient where no row of this rank selects it);
+            # otherwise ranks whose rows pick different prefixes get wrong gradients, silently
+            used.update(i for i, n in enumerate(names) if _trains(entries[n]))
+        used = sorted(used, key=lambda i: (i < 0, i))  # bank order, "no prefix" last
         # tensors made under inference_mode cannot be saved for backward later: such a
         # selection is cached for inference-mode calls only
         key = (tuple(used), str(device), version, torch.is_inference_mode_enabled())
@@ -629,6 +652,23 @@ class PrefixBank(nn.Module):
                     while len(self._cache) > self._cache_size:
                         self._cache.popitem(last=False)
         return sel
+
+    def _under_fsdp(self) -> bool:
+        """Whether this is a multi-process run with the model (or the bank's entries) sharded
+        by FSDP2."""
+        if not self.trainable or distributed.world_size() == 1:
+            return False
+        model = self.model
+        return distributed.uses_fsdp(model if model is not None else self)
+
+    def _check_unsharded(self, entry: _Entry, what: str) -> None:
+        if entry.module is not None and distributed.is_sharded(entry.module):
+            raise ValueError(
+                f"{what}: trainable entry {entry.name!r} is sharded by FSDP (fully_shard); "
+                "computing it here would need the other ranks. Gather a full state dict on every "
+                "rank (torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+                "options=StateDictOptions(full_state_dict=True, cpu_offload=True))), load it "
+                "into an unsharded copy of the model on one rank and save from there")
 
     def _ids_tensor(self, slots: tuple, device, version: int, inference: bool) -> Tensor:
         """``prefix_ids`` of a selection, kept per (rows, device, bank version, inference mode):
@@ -710,8 +750,10 @@ class PrefixBank(nn.Module):
         under no_grad, in its parameters' dtype, float32 as PEFT writes it, not rounded to a
         bf16/fp16 model's). Only the prefix is written: a head trained beside it (PEFT's
         ``modules_to_save``) is the model's to save."""
+        entry = self._lookup(self._state[1], name)
+        self._check_unsharded(entry, "save_peft")
         with torch.no_grad():
-            kv = self._materialize(self._lookup(self._state[1], name), cast=False)
+            kv = self._materialize(entry, cast=False)
         model = self.model
         base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         peft_format.write_peft_adapter(adapter_dir, kv, base_model_name_or_path=base)
@@ -771,6 +813,8 @@ class PrefixBank(nn.Module):
         from safetensors.torch import save as st_save
 
         _, entries = self._state
+        for entry in entries.values():
+            self._check_unsharded(entry, "PrefixBank.save")
         tensors, names, kinds, signatures = {}, [], [], []
         with torch.no_grad():
             for i, (name, entry) in enumerate(entries.items()):

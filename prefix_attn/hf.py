@@ -52,6 +52,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .packed import packed_attention, packed_dense_mask, sequence_ids
 
 ATTN_NAME = "prefix_attn"
@@ -412,6 +413,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     if sel is not None:
         sel._read_by_attention = True  # checked by the post-hook
         pk, pv = sel.layer(module.layer_idx)
+        if pk.dtype != query.dtype:
+            # the layers run in another dtype than the bank was attached with (FSDP's mixed
+            # precision casts the parameters for the forward): the prefix follows the query
+            pk, pv = pk.to(query.dtype), pv.to(query.dtype)
         ids, lens = sel.prefix_ids, sel.prefix_lens
     per_sequence = getattr(sel, "packed_seq_ids", None) if sel is not None else None
     if attention_mask is not None and attention_mask.dim() == 2 and \
@@ -773,8 +778,31 @@ def _pre_hook(model, args, kwargs):
                 kwargs["position_ids"] = pos
                 _check_positions(model, S, kwargs, max(sel.host_row_lens))
     kwargs[SELECTION_KWARG] = sel
+    if not _warned_reentrant and model.training and sel._kv.requires_grad:
+        _check_reentrant_data_parallel(model)
     _pending_stack(model).append((sel, any(sel.host_row_lens)))  # the post-hook checks it was read
     return args, kwargs
+
+
+_warned_reentrant = False
+
+
+def _check_reentrant_data_parallel(model) -> None:
+    """Warn (once) when a trained prefix meets reentrant checkpointing in a multi-process run:
+    every checkpointed layer runs its own backward into the prefix's parameters, and
+    DistributedDataParallel without ``static_graph`` syncs only the first of those gradients."""
+    global _warned_reentrant
+    if torch.compiler.is_compiling() or distributed.world_size() == 1 \
+            or not distributed.reentrant_checkpointing(model):
+        return
+    _warned_reentrant = True
+    warnings.warn(
+        "prefix_attn: a trained prefix with reentrant activation checkpointing "
+        "(use_reentrant=True) in a multi-process run: every layer's backward adds to the "
+        "prefix's gradient separately, and DistributedDataParallel without static_graph=True "
+        "syncs only the first of them (wrong gradients, no error). Use use_reentrant=False "
+        "(transformers' default) or DistributedDataParallel(..., static_graph=True)",
+        stacklevel=3)
 
 
 @torch.compiler.disable

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import distributed
 from .bank import PrefixBank, warn_window_vs_peft
 from .hf import ATTN_NAME
 
@@ -74,7 +75,11 @@ class PrefixParameters(nn.Module):
     def forward(self) -> torch.Tensor:
         """``[L, 2, Hkv, P, D]`` keys (index 0) and values (index 1) of every layer."""
         L, H, D, P = self.num_layers, self.num_kv_heads, self.head_dim, self.num_virtual_tokens
-        return self.rows().view(P, L, 2, H, D).permute(1, 2, 3, 0, 4)
+        out = self.rows().view(P, L, 2, H, D).permute(1, 2, 3, 0, 4)
+        if self.transform is None and distributed.is_fsdp_module(self):
+            # an FSDP unit of its own frees the gathered weight after its forward: not a view
+            out = out.clone()
+        return out
 
     def extra_repr(self) -> str:
         return (f"L={self.num_layers}, Hkv={self.num_kv_heads}, D={self.head_dim}, "

@@ -515,3 +515,16 @@ def test_trainable_entries_are_cached_without_autograd_until_their_parameters_ch
         replaced = bank.select(["t", "a"], 2)
     torch.testing.assert_close(replaced.layer(0)[0][1, :, :5] - moved.layer(0)[0][1, :, :5],
                                torch.full((HKV, 5, D), 2.0))
+
+
+def test_trainable_entries_are_ordered_by_name_whatever_order_they_were_added_in():
+    """DistributedDataParallel pairs parameters across processes by their order: two ranks that
+    added the same prefixes in different orders (a loop over a set) averaged each prefix's
+    gradient with another's. The modules are kept sorted by name."""
+    orders = []
+    for names in (["b", "a", "c"], ["c", "a", "b"]):
+        bank = _bank()
+        for name in names:
+            bank.add_trainable(name, LearnedPrefix(3, seed=ord(name)))
+        orders.append([n for n, _ in bank.named_parameters()])
+    assert orders[0] == orders[1] == ["trainable.a.kv", "trainable.b.kv", "trainable.c.kv"]

@@ -526,3 +526,51 @@ def test_unload_gives_the_plain_model_back_and_counts_are_printed(capsys):
     with pytest.raises(ValueError, match="without a prefix bank"):
         model.generate(ids, prefixes=["a", "a"], max_new_tokens=2)
     assert "a" not in prefix_attn.PrefixBank.attach(model)  # attach again: a fresh bank
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_reentrant_checkpointing_in_a_multi_process_run_warns(monkeypatch, reentrant):
+    """Under DistributedDataParallel (without static_graph) a trained prefix read by every
+    reentrant checkpointed layer gets only the first layer's gradient synced, silently: a
+    one-time warning in a multi-process run; none with use_reentrant=False or in one process."""
+    import prefix_attn.distributed
+    import prefix_attn.hf
+
+    model = tiny_model("llama")
+    prefix_tuning(model, num_virtual_tokens=P, name="a")
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    (enable or model.gradient_checkpointing_enable)({"use_reentrant": reentrant})
+    model.train()
+    ids, mask, labels = _batch()
+    monkeypatch.setattr(prefix_attn.hf, "_warned_reentrant", False)
+    for world in (1, 2):
+        monkeypatch.setattr(prefix_attn.distributed, "world_size", lambda world=world: world)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            model(ids, attention_mask=mask, labels=labels, prefixes="a").loss.backward()
+        got = [str(w.message) for w in seen if "reentrant activation checkpointing" in str(w.message)]
+        assert len(got) == (1 if reentrant and world == 2 else 0), got
+    with warnings.catch_warnings(record=True) as seen:  # once per process
+        warnings.simplefilter("always")
+        model(ids, attention_mask=mask, labels=labels, prefixes="a").loss.backward()
+    assert not [w for w in seen if "reentrant activation checkpointing" in str(w.message)]
+
+
+def test_layers_in_another_dtype_than_the_bank_read_the_prefix_in_theirs():
+    """FSDP's mixed precision runs the layers in bf16 while the bank keeps the dtype it was
+    attached with (float32): the prefix was handed to the kernel in float32 (TypeError). It is
+    cast to the query's dtype: the same logits as a model cast to bf16 as a whole."""
+    ids, mask, _ = _batch()
+    mixed = tiny_model("llama")
+    prefix_tuning(mixed, num_virtual_tokens=P, name="a")
+    whole = tiny_model("llama")
+    prefix_tuning(whole, num_virtual_tokens=P, name="a")
+    whole.load_state_dict(mixed.state_dict())
+    mixed.model.to(torch.bfloat16)  # the base only: the bank stays float32
+    mixed.lm_head.to(torch.bfloat16)
+    whole.to(torch.bfloat16)
+    assert mixed.prefix_bank.dtype == torch.float32
+    with torch.no_grad():
+        got = mixed(ids, attention_mask=mask, prefixes="a").logits
+        want = whole(ids, attention_mask=mask, prefixes="a").logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
