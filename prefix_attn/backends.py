@@ -48,6 +48,9 @@ def register_backend(backend: Backend) -> None:
 def load_backends() -> None:
     """Import every backend module once (idempotent, never raises)."""
     _load_all()
+    # filled now, not at the first attention call: a first call inside torch.compile would
+    # write it while tracing, and the guard on it would recompile the graph at the second
+    available_backends()
 
 
 def _load_all() -> None:

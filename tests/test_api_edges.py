@@ -152,3 +152,23 @@ def test_meta_tensors_get_a_clear_error():
     q = torch.empty(1, 2, 3, 8, device="meta")
     with pytest.raises(RuntimeError, match="no backend accepts meta tensors"):
         prefix_attn.prefix_attention(q, q, q)
+
+
+def test_first_call_compiled_in_a_fresh_process_compiles_once():
+    """The backend list was cached at the first attention call: a first call inside
+    torch.compile wrote it while tracing, and the guard on it recompiled the whole graph at the
+    second call. It is filled at import now (a fresh process: nothing called before)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, prefix_attn\n"
+        "from torch._dynamo.utils import counters\n"
+        "q = torch.randn(2, 4, 8, 16); k = torch.randn(2, 2, 8, 16); v = torch.randn(2, 2, 8, 16)\n"
+        "f = torch.compile(lambda q, k, v: prefix_attn.prefix_attention(q, k, v), "
+        "backend='eager', fullgraph=True)\n"
+        "for _ in range(3): f(q, k, v)\n"
+        "print('graphs', counters['stats']['unique_graphs'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "graphs 1", out.stdout
