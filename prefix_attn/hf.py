@@ -124,12 +124,11 @@ def packed_sequence_ids(mask_function, q_length, kv_length, q_offset, kv_offset)
 
     transformers builds it as ``and_masks(base, packed_sequence_mask_function(ids))``, where
     ``base`` may be wrapped by ``remap_positions_for_packed_sequence`` (5.2x) and is the
-    causal, sliding or bidirectional function; any other overlay (or a cache offset, or
-    torch.compile, where the regrouping's host sync is not wanted) gives None. The returned
-    tensor is marked (``PACKED_ATTR``) so the attention function tells it from a padding mask.
+    causal, sliding or bidirectional function; any other overlay (or a cache offset) gives
+    None. The returned tensor is marked (``PACKED_ATTR``) so the attention function tells it
+    from a padding mask. Read inside torch.compile too: the mask function itself must not be
+    called after its closure was read there (dynamo fails on it).
     """
-    if torch.compiler.is_compiling():
-        return None
     parts = _closure_value(mask_function, "mask_functions")
     if not (isinstance(parts, tuple) and len(parts) == 2):
         return None
@@ -342,6 +341,8 @@ def _own_key_mask(module, query, Skv, attention_mask, per_sequence, kwargs):
         seq_ids = packed_from_positions(kwargs.get("position_ids"), query.shape[0], Skv)
         return None, None, seq_ids, None
     if getattr(attention_mask, PACKED_ATTR, False):
+        if torch.compiler.is_compiling():  # regrouping needs host syncs: not in a graph
+            return None, None, attention_mask, "packed sequences inside torch.compile"
         return None, None, attention_mask, None
     if attention_mask.dim() == 2:
         return attention_mask.to(torch.bool)[:, -Skv:], None, None, None
@@ -411,7 +412,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     pk = pv = ids = lens = None
     if sel is not None:
-        sel._read_by_attention = True  # checked by the post-hook
+        if not torch.compiler.is_compiling():
+            # checked by the post-hook; inside a compiled checkpointed layer this side effect
+            # made dynamo give up and run the whole layer eagerly
+            sel._read_by_attention = True
         pk, pv = sel.layer(module.layer_idx)
         if pk.dtype != query.dtype:
             # the layers run in another dtype than the bank was attached with (FSDP's mixed
@@ -706,6 +710,36 @@ def _cache_length(kwargs) -> int:
     return cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
 
 
+def _without_cache(model, kwargs) -> bool:
+    """Whether this forward runs without a KV cache: none given, and ``use_cache`` (the
+    keyword, else the config's) off or turned off by activation checkpointing in training."""
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        return False
+    use = kwargs.get("use_cache")
+    if use is None:
+        use = getattr(getattr(model, "config", None), "use_cache", False)
+    if not use:
+        return True
+    return model.training and torch.is_grad_enabled() and \
+        any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def _packed_row(prefixes, kwargs, B: int, S: int):
+    """``(prefixes, seq_ids)``: for one row packing several sequences under one prefix (no
+    mask, no cache content, ``position_ids`` that restart), the prefix repeated per sequence
+    and the sequence ids, so the row takes the per-sequence path, found here, outside any
+    compiled graph (the attention function cannot read the positions inside one); else
+    ``(prefixes, None)``. One host read."""
+    rows = prefixes if isinstance(prefixes, (list, tuple)) else [prefixes]
+    if B != 1 or len(rows) != 1 or isinstance(rows[0], torch.Tensor) \
+            or kwargs.get("attention_mask") is not None or _cache_length(kwargs):
+        return prefixes, None
+    seq_ids = packed_from_positions(kwargs.get("position_ids"), B, S)
+    if seq_ids is None:
+        return prefixes, None
+    return list(rows) * (int(seq_ids[0, -1]) + 1), seq_ids
+
+
 def _packed_request(prefixes, position_ids, attention_mask, B: int, S: int):
     """Sequence ids ``[B, S]`` (numbered across the batch, 0..n-1) when ``prefixes`` names one
     prefix per packed sequence: more entries than rows, and ``position_ids`` that restart
@@ -762,7 +796,10 @@ def _pre_hook(model, args, kwargs):
         raise ValueError(f"prefixes= on a {type(model).__name__} whose prefix bank was removed: "
                          "attach one again (prefix_attn.PrefixBank.attach(model))")
     B, S, device = _batch_and_length(kwargs)
-    seq_ids = _packed_request(prefixes, kwargs.get("position_ids"), kwargs.get("attention_mask"), B, S)
+    given_positions = kwargs.get("position_ids")
+    seq_ids = _packed_request(prefixes, given_positions, kwargs.get("attention_mask"), B, S)
+    if seq_ids is None:
+        prefixes, seq_ids = _packed_row(prefixes, kwargs, B, S)
     if seq_ids is not None:  # one prefix per packed sequence
         sel = bank.select(prefixes, len(prefixes), device=device)
         sel.packed_seq_ids = seq_ids.to(device)
@@ -777,6 +814,12 @@ def _pre_hook(model, args, kwargs):
             if pos is not None:
                 kwargs["position_ids"] = pos
                 _check_positions(model, S, kwargs, max(sel.host_row_lens))
+                if given_positions is None and kwargs.get("attention_mask") is None \
+                        and _without_cache(model, kwargs):
+                    # without a mask and a cache transformers looks for packed sequences in
+                    # the positions; inside torch.compile it cannot rule them out and masks
+                    # with a packed-sequence function: these positions are one sequence a row
+                    kwargs["attention_mask"] = torch.ones(B, S, dtype=torch.bool, device=device)
     kwargs[SELECTION_KWARG] = sel
     if not _warned_reentrant and model.training and sel._kv.requires_grad:
         _check_reentrant_data_parallel(model)
@@ -805,6 +848,15 @@ def _check_reentrant_data_parallel(model) -> None:
         stacklevel=3)
 
 
+def _compiled_anything() -> bool:
+    """Whether torch.compile has made a graph in this process: the attention function does not
+    mark the selection read inside a graph, so a forward that may have run compiled is not
+    judged by the mark."""
+    from torch._dynamo.utils import counters
+
+    return bool(counters["stats"]["unique_graphs"])
+
+
 @torch.compiler.disable
 def _post_hook(model, args, kwargs, output):
     pending = _pending_stack(model)
@@ -812,7 +864,7 @@ def _post_hook(model, args, kwargs, output):
         return None
     sel, any_prefix = pending.pop()
     used = getattr(sel, "_read_by_attention", False)
-    if not used and output is not None and any_prefix:
+    if not used and output is not None and any_prefix and not _compiled_anything():
         skipped = sorted(getattr(sel, "_skipped_modules", ()))
         why = (f"its attention modules ({', '.join(skipped)}) have no layer index"
                if skipped else "its forward does not forward **kwargs to attention?")
