@@ -770,10 +770,18 @@ def _packed_request(prefixes, position_ids, attention_mask, B: int, S: int):
     return seq_ids
 
 
-@torch.compiler.disable
 def _pre_hook(model, args, kwargs):
+    # traceable when there is nothing to do: a compiled function that calls a model with a bank
+    # but without prefixes= keeps one graph (fullgraph=True works)
     if PREFIXES_KWARG not in kwargs:
         return None
+    return _prefixes_to_selection(model, args, kwargs)
+
+
+@torch.compiler.disable
+def _prefixes_to_selection(model, args, kwargs):
+    """The pre-hook's work: ``prefixes=`` -> a :class:`PrefixSelection` in the kwargs, position
+    ids shifted past the prefixes, packed sequences found (outside any graph)."""
     prefixes = _from_numpy(kwargs.pop(PREFIXES_KWARG))
     if args:  # bind positional arguments to their names so that position_ids can be set
         names = _forward_params(model)
@@ -857,8 +865,14 @@ def _compiled_anything() -> bool:
     return bool(counters["stats"]["unique_graphs"])
 
 
-@torch.compiler.disable
 def _post_hook(model, args, kwargs, output):
+    if SELECTION_KWARG not in kwargs:  # no prefixes= in this forward (traceable, as above)
+        return None
+    return _check_selection_read(model, output)
+
+
+@torch.compiler.disable
+def _check_selection_read(model, output):
     pending = _pending_stack(model)
     if not pending:
         return None
@@ -921,6 +935,14 @@ def model_caveat(model) -> Optional[str]:
                 "visible to every token, where PEFT's prefix (the first positions of the cache) "
                 "is hidden from tokens past the first chunk")
     return None
+
+
+# torch.compile(model) runs the hooks outside its graph: they are never compiled as frames of
+# their own (tracing _pre_hook there would break the graph at its disabled body); a compiled
+# function that calls the model inlines them, and without prefixes= they add nothing
+_skip_code = getattr(getattr(torch._dynamo, "eval_frame", None), "skip_code", None)
+for _hook in (_pre_hook, _post_hook) if _skip_code is not None else ():
+    _skip_code(_hook.__code__)
 
 
 def install_hooks(model) -> None:

@@ -640,3 +640,28 @@ def test_compiled_packed_row_with_one_prefix_keeps_its_sequences_apart(use_cache
         results.append([out.logits.detach(), mod.embedding.weight.grad.clone()])
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_step_calling_a_model_with_a_bank_keeps_one_graph():
+    """torch.compile(step, fullgraph=True) of a function that calls a model with a prefix bank
+    but without prefixes= (evaluation of the base, a step of another task) raised: the hooks
+    were disabled for dynamo as a whole. They are traceable when there is nothing to do; with
+    prefixes= the selection is built outside the graph (one break, as a host-side step must)."""
+    import torch._dynamo
+
+    model = tiny_model("llama", seed=0)
+    prefix_tuning(model, num_virtual_tokens=P, name="a")
+    ids, mask, labels = _batch()
+
+    def step(ids, mask, labels, **kw):
+        return model(input_ids=ids, attention_mask=mask, labels=labels, **kw).loss
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(ids, mask, labels), step(ids, mask, labels))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(step, backend="eager")
+    torch.testing.assert_close(compiled(ids, mask, labels, prefixes="a"),
+                               step(ids, mask, labels, prefixes="a"))
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 1
