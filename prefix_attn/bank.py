@@ -648,6 +648,9 @@ class PrefixBank(nn.Module):
         if cacheable:
             with self._lock:
                 if self._state[0] == version and self._cache_size:
+                    if params:  # the same entries at older parameter values: never asked again
+                        for stale in [k for k in self._cache if k[:4] == key[:4]]:
+                            del self._cache[stale]
                     self._cache[key] = sel
                     while len(self._cache) > self._cache_size:
                         self._cache.popitem(last=False)
@@ -699,6 +702,8 @@ class PrefixBank(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state.pop("_lock", None)  # locks cannot be copied or pickled
+        # cached selections are rebuilt on demand: a copy or a pickle does not carry them
+        state["_cache"], state["_ids_cache"] = OrderedDict(), OrderedDict()
         state["_model_ref"] = self.model  # a weakref cannot be pickled: the model itself (pickle
         return state                      # keeps the model <-> bank cycle through its memo)
 

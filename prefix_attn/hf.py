@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import threading
 import warnings
 import weakref
 from typing import Optional
@@ -67,14 +66,6 @@ PACKED_ATTR = "_prefix_attn_packed_sequence_ids"
 _MASK_NUMBERED = frozenset({"opt"})
 
 _warned: set = set()
-# Per thread and model: the selections of the forwards in progress (the post-hook checks them).
-_pending = threading.local()
-
-
-def _pending_stack(model) -> list:
-    stacks = _pending.__dict__.setdefault("stacks", {})
-    return stacks.setdefault(id(model), [])
-
 
 def _warn_once(reason: str) -> None:
     if torch.compiler.is_compiling():  # a warning inside a graph would break fullgraph=True
@@ -831,7 +822,6 @@ def _prefixes_to_selection(model, args, kwargs):
     kwargs[SELECTION_KWARG] = sel
     if not _warned_reentrant and model.training and sel._kv.requires_grad:
         _check_reentrant_data_parallel(model)
-    _pending_stack(model).append((sel, any(sel.host_row_lens)))  # the post-hook checks it was read
     return args, kwargs
 
 
@@ -868,17 +858,15 @@ def _compiled_anything() -> bool:
 def _post_hook(model, args, kwargs, output):
     if SELECTION_KWARG not in kwargs:  # no prefixes= in this forward (traceable, as above)
         return None
-    return _check_selection_read(model, output)
+    return _check_selection_read(model, kwargs[SELECTION_KWARG], output)
 
 
 @torch.compiler.disable
-def _check_selection_read(model, output):
-    pending = _pending_stack(model)
-    if not pending:
-        return None
-    sel, any_prefix = pending.pop()
+def _check_selection_read(model, sel, output):
+    """The forward's own selection (from its kwargs: nothing kept between the hooks, so a
+    forward interrupted by a BaseException leaves nothing behind) was read by its attention."""
     used = getattr(sel, "_read_by_attention", False)
-    if not used and output is not None and any_prefix and not _compiled_anything():
+    if not used and output is not None and any(sel.host_row_lens) and not _compiled_anything():
         skipped = sorted(getattr(sel, "_skipped_modules", ()))
         why = (f"its attention modules ({', '.join(skipped)}) have no layer index"
                if skipped else "its forward does not forward **kwargs to attention?")

@@ -528,3 +528,40 @@ def test_trainable_entries_are_ordered_by_name_whatever_order_they_were_added_in
             bank.add_trainable(name, LearnedPrefix(3, seed=ord(name)))
         orders.append([n for n, _ in bank.named_parameters()])
     assert orders[0] == orders[1] == ["trainable.a.kv", "trainable.b.kv", "trainable.c.kv"]
+
+
+def test_copies_and_pickles_do_not_carry_the_selection_cache():
+    """copy.deepcopy and pickling copied the cached stacks (several times the entries' size in
+    a warm serving bank) and brought them back alive on load."""
+    import copy
+    import io
+
+    bank = _bank(a=5, b=7, c=3)
+    cold = io.BytesIO()
+    torch.save(bank, cold)
+    for rows in (["a", "b"], ["b", "c"], ["a", "c"]):
+        bank.select(rows, 2)
+    assert bank.cache_nbytes > 0
+    warm = io.BytesIO()
+    torch.save(bank, warm)
+    assert len(warm.getvalue()) == len(cold.getvalue())
+    for other in (copy.deepcopy(bank), torch.load(io.BytesIO(warm.getvalue()), weights_only=False)):
+        assert other.cache_nbytes == 0
+        torch.testing.assert_close(other.select(["a", "b"], 2).layer(0)[0],
+                                   bank.select(["a", "b"], 2).layer(0)[0])
+
+
+def test_selections_of_a_trainable_entry_at_older_parameter_values_leave_the_cache():
+    """Evaluation after every training step cached one selection per parameter version, never
+    asked for again, pushing useful stacks out of the cache: the newest one replaces them."""
+    bank = _bank(a=3)
+    mod = LearnedPrefix(4, seed=1)
+    bank.add_trainable("t", mod)
+    bank.select(["a", "a"], 2)  # a fixed one-entry view, cached too
+    for _ in range(5):
+        with torch.no_grad():
+            mod.kv.add_(0.1)  # an optimizer step
+            bank.select(["t", "a"], 2)
+    assert len(bank._cache) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(bank.select(["t", "a"], 2).layer(0)[0][1, :, :4], mod.kv[0, 0])

@@ -143,3 +143,38 @@ def test_miscounted_prefixes_on_a_padded_batch_raise():
         model.generate(ids, attention_mask=mask, prefixes=["a", "b", "a", "b"], max_new_tokens=2)
     with pytest.raises(ValueError, match="no such position_ids"):
         model(ids[1:], prefixes=["a", "b"])
+
+
+def test_a_forward_interrupted_by_a_base_exception_leaves_nothing_behind():
+    """torch runs an always_call post-hook on Exception only: a KeyboardInterrupt (or the
+    train command's own Interrupted) in a forward with prefixes= left its selection on a
+    per-thread stack: its stacked KV stayed alive for good, and the model's next forward
+    without prefixes popped it and raised. The post-hook now takes the selection from the
+    forward's kwargs; nothing is kept between the hooks."""
+    import gc
+    import weakref
+
+    model = tiny_model("llama")
+    bank = PrefixBank.attach(model)
+    L, H, D = bank.num_layers, bank.num_kv_heads, bank.head_dim
+    bank.add("a", torch.randn(L, H, 5, D), torch.randn(L, H, 5, D))
+    bank.add("b", torch.randn(L, H, 7, D), torch.randn(L, H, 7, D))
+    bank.cache_size = 0  # nothing in the bank keeps a stack alive
+    seen, fire = [], [True]
+
+    def interrupt(module, args, kwargs):
+        seen.append(weakref.ref(kwargs["prefix_selection"]))
+        if fire[0]:
+            raise KeyboardInterrupt
+
+    handle = model.model.layers[0].self_attn.register_forward_pre_hook(interrupt, with_kwargs=True)
+    ids = torch.randint(3, 100, (2, 5))
+    with torch.no_grad():
+        for _ in range(2):
+            with pytest.raises(KeyboardInterrupt):
+                model(input_ids=ids, prefixes=["a", "b"])
+        handle.remove()
+        gc.collect()
+        assert len(seen) == 2 and all(ref() is None for ref in seen)
+        model(input_ids=ids)  # raised "did not pass the prefix selection down"
+        model(input_ids=ids, prefixes=["a", "b"])
