@@ -701,6 +701,15 @@ def _cache_length(kwargs) -> int:
     return cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
 
 
+def _mark_dynamic(sel) -> None:
+    """Tell torch.compile that the number of stacked entries and the longest prefix vary from
+    batch to batch (a serving mix would otherwise recompile at the first change of each and
+    reach dynamo's recompile limit sooner). A no-op outside torch.compile."""
+    for t, dim in ((sel._kv, 2), (sel._kv, 4), (sel.prefix_lens, 0)):
+        if t.shape[dim] >= 2:  # sizes 0 and 1 are specialised whatever the mark
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+
+
 def _without_cache(model, kwargs) -> bool:
     """Whether this forward runs without a KV cache: none given, and ``use_cache`` (the
     keyword, else the config's) off or turned off by activation checkpointing in training."""
@@ -819,6 +828,7 @@ def _prefixes_to_selection(model, args, kwargs):
                     # the positions; inside torch.compile it cannot rule them out and masks
                     # with a packed-sequence function: these positions are one sequence a row
                     kwargs["attention_mask"] = torch.ones(B, S, dtype=torch.bool, device=device)
+    _mark_dynamic(sel)
     kwargs[SELECTION_KWARG] = sel
     if not _warned_reentrant and model.training and sel._kv.requires_grad:
         _check_reentrant_data_parallel(model)
@@ -846,27 +856,29 @@ def _check_reentrant_data_parallel(model) -> None:
         stacklevel=3)
 
 
-def _compiled_anything() -> bool:
-    """Whether torch.compile has made a graph in this process: the attention function does not
-    mark the selection read inside a graph, so a forward that may have run compiled is not
-    judged by the mark."""
-    from torch._dynamo.utils import counters
-
-    return bool(counters["stats"]["unique_graphs"])
-
-
 def _post_hook(model, args, kwargs, output):
     if SELECTION_KWARG not in kwargs:  # no prefixes= in this forward (traceable, as above)
         return None
-    return _check_selection_read(model, kwargs[SELECTION_KWARG], output)
+    return _check_selection_read(model, kwargs[SELECTION_KWARG], output, _in_compiled_call())
+
+
+def _in_compiled_call() -> bool:
+    """Whether this hook runs inside a call to a torch.compile'd module or function (whose
+    graphs do not mark the selection read); True where torch cannot tell."""
+    if torch.compiler.is_compiling():  # traced inline: dynamo must not reach the call below
+        return True
+    callback = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+    callback = getattr(callback, "get_eval_frame_callback", None)
+    return callback is None or callback() is not None
 
 
 @torch.compiler.disable
-def _check_selection_read(model, sel, output):
+def _check_selection_read(model, sel, output, compiled: bool):
     """The forward's own selection (from its kwargs: nothing kept between the hooks, so a
-    forward interrupted by a BaseException leaves nothing behind) was read by its attention."""
+    forward interrupted by a BaseException leaves nothing behind) was read by its attention;
+    a compiled forward is not judged (inside a graph the attention function cannot mark it)."""
     used = getattr(sel, "_read_by_attention", False)
-    if not used and output is not None and any(sel.host_row_lens) and not _compiled_anything():
+    if not used and output is not None and any(sel.host_row_lens) and not compiled:
         skipped = sorted(getattr(sel, "_skipped_modules", ()))
         why = (f"its attention modules ({', '.join(skipped)}) have no layer index"
                if skipped else "its forward does not forward **kwargs to attention?")

@@ -265,3 +265,36 @@ def test_fullgraph_compiled_forward_with_a_static_cache_and_left_padding():
     ref = model.generate(ids, **kw)
     model.forward = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
     assert torch.equal(model.generate(ids, cache_implementation="static", **kw), ref)
+
+
+def test_compiled_serving_does_not_recompile_when_the_longest_prefix_changes():
+    """torch.compile(model.forward) serving a mix of requests recompiled at the first batch
+    whose stacked entries had another longest prefix (and another count), on top of the
+    one-entry, no-prefix and cache-growth graphs every server sees: a mix of five request kinds
+    reached dynamo's recompile limit (8) and later kinds ran eagerly. Those dims are marked
+    dynamic now: a batch of other entries with the same layout reuses the graphs."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import prefix_attn
+
+    model = tiny_model("llama")
+    bank = prefix_attn.PrefixBank.attach(model)
+    D = model.config.hidden_size // model.config.num_attention_heads
+    g = torch.Generator().manual_seed(1)
+    for name, P in (("A", 5), ("B", 7), ("C", 3)):
+        bank.add(name, torch.randn(2, 2, P, D, generator=g), torch.randn(2, 2, P, D, generator=g))
+    ids = torch.randint(3, 100, (2, 6), generator=g)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    want = {kind: model.generate(ids, prefixes=list(kind), **kw) for kind in (("A", "B"), ("C", "A"))}
+    torch._dynamo.reset()
+    counters.clear()
+    forward = model.forward
+    model.forward = torch.compile(forward, backend="eager")
+    try:
+        assert torch.equal(model.generate(ids, prefixes=["A", "B"], **kw), want[("A", "B")])
+        graphs = counters["stats"]["unique_graphs"]
+        assert torch.equal(model.generate(ids, prefixes=["C", "A"], **kw), want[("C", "A")])
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        model.forward = forward

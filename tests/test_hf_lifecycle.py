@@ -38,10 +38,10 @@ def test_state_dict_keys_follow_names_not_creation_order():
     names = ["support", "legal.v2", "train", "50%"]  # a dot, a ModuleDict method, a percent
     saved = _tuned(names)
     keys = [k for k in saved.state_dict() if k.startswith("prefix_bank.")]
-    assert keys == ["prefix_bank.trainable.support.embedding.weight",
+    assert keys == ["prefix_bank.trainable.%train.embedding.weight",  # in key order
+                    "prefix_bank.trainable.50%25.embedding.weight",
                     "prefix_bank.trainable.legal%2Ev2.embedding.weight",
-                    "prefix_bank.trainable.%train.embedding.weight",
-                    "prefix_bank.trainable.50%25.embedding.weight"]
+                    "prefix_bank.trainable.support.embedding.weight"]
     resumed = _tuned(list(reversed(names)), seed=100)  # other order, other values
     resumed.load_state_dict(saved.state_dict(), strict=True)
     want, got = _entries(saved), _entries(resumed)
