@@ -872,13 +872,21 @@ def _in_compiled_call() -> bool:
     return callback is None or callback() is not None
 
 
+def _has_compiled_forward(model) -> bool:
+    """Whether ``model`` or a submodule runs a compiled forward of its own
+    (``m.forward = torch.compile(m.forward)``, ``m.compile()``)."""
+    return any(getattr(m.__dict__.get("forward"), "_torchdynamo_orig_callable", None) is not None
+               or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
 @torch.compiler.disable
-def _check_selection_read(model, sel, output, compiled: bool):
+def _check_selection_read(model, sel, output, in_compiled_call: bool):
     """The forward's own selection (from its kwargs: nothing kept between the hooks, so a
     forward interrupted by a BaseException leaves nothing behind) was read by its attention;
     a compiled forward is not judged (inside a graph the attention function cannot mark it)."""
     used = getattr(sel, "_read_by_attention", False)
-    if not used and output is not None and any(sel.host_row_lens) and not compiled:
+    if not used and output is not None and any(sel.host_row_lens) and not in_compiled_call \
+            and not _has_compiled_forward(model):
         skipped = sorted(getattr(sel, "_skipped_modules", ()))
         why = (f"its attention modules ({', '.join(skipped)}) have no layer index"
                if skipped else "its forward does not forward **kwargs to attention?")

@@ -176,6 +176,11 @@ def test_model_that_drops_kwargs_raises_instead_of_ignoring_prefixes(monkeypatch
         model(torch.randint(3, 128, (1, 4)), prefixes=["p"])
     # a compiled forward is not judged: inside a graph the attention cannot mark the read
     torch.compile(model, backend="eager")(torch.randint(3, 128, (1, 4)), prefixes=["p"])
+    model.forward = torch.compile(model.forward, backend="eager")  # the hooks run eagerly
+    model(torch.randint(3, 128, (1, 4)), prefixes=["p"])
+    del model.forward
+    with pytest.raises(RuntimeError, match="did not pass the prefix selection"):
+        model(torch.randint(3, 128, (1, 4)), prefixes=["p"])
 
 
 def test_bfloat16_model_with_prefix_is_close_to_float32():
