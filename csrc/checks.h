@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_assert_async.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
@@ -93,8 +94,9 @@ inline Dims check_fwd_args(const at::Tensor& q, const at::Tensor& k, const at::T
                 m.scalar_type(), " ", m.sizes());
   }
   TORCH_CHECK(std::isfinite(scale), "prefix_attn: scale must be finite, got ", scale);
-  TORCH_CHECK(window == -1 || window > 0, "prefix_attn: window must be -1 (none) or > 0, got ",
-              window);
+  // at most 2**62 as in Python: the kernels add it to positions in int64
+  TORCH_CHECK(window == -1 || (window > 0 && window <= (int64_t{1} << 62)),
+              "prefix_attn: window must be -1 (none) or in [1, 2**62], got ", window);
   TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap),
               "prefix_attn: softcap must be 0 (none) or positive, got ", softcap);
   if (prefix_ids.device().is_cpu()) {
@@ -108,12 +110,14 @@ inline Dims check_fwd_args(const at::Tensor& q, const at::Tensor& k, const at::T
       TORCH_CHECK(lens[n] >= 0 && lens[n] <= d.P, "prefix_attn: prefix_lens must lie in [0, P=",
                   d.P, "], got ", lens[n], " for entry ", n);
   } else {
-    if (d.B > 0) {
-      const auto bad = prefix_ids.lt(0).logical_or(prefix_ids.ge(d.N)).any().item<bool>();
-      TORCH_CHECK(!bad, "prefix_attn: prefix_ids must lie in [0, N=", d.N, ")");
-    }
-    const auto bad = prefix_lens.lt(0).logical_or(prefix_lens.gt(d.P)).any().item<bool>();
-    TORCH_CHECK(!bad, "prefix_attn: prefix_lens must lie in [0, P=", d.P, "]");
+    // On the device: asserted there, without a host sync per call (two per layer and step
+    // before, and .item() is not allowed while a CUDA graph is captured). The Python layer
+    // has raised a ValueError for eager calls already; this guards direct op calls.
+    if (d.B > 0)
+      at::_assert_async(prefix_ids.ge(0).logical_and(prefix_ids.lt(d.N)).all(),
+                        "prefix_attn: prefix_ids must lie in [0, N) (N = bank entries)");
+    at::_assert_async(prefix_lens.ge(0).logical_and(prefix_lens.le(d.P)).all(),
+                      "prefix_attn: prefix_lens must lie in [0, P] (P = bank length)");
   }
   return d;
 }

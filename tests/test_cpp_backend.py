@@ -107,9 +107,11 @@ def test_opcheck():
 
 
 @pytest.mark.parametrize("what", ["ids_high", "ids_negative", "lens_high", "kv_heads",
-                                  "dtype_mix", "mask_shape", "window_zero", "ids_dtype"])
+                                  "dtype_mix", "mask_shape", "window_zero", "window_huge",
+                                  "ids_dtype"])
 def test_cpp_checks_reject_bad_input(what):
-    """The op is called directly (bypassing Python validation): C++ must reject, not crash."""
+    """The op is called directly (bypassing Python validation): C++ must reject, not crash.
+    A window past 2**62 overflowed the kernels' int64 position sums (own-key dK/dV zeroed)."""
     a = _op_args()
     if what == "ids_high":
         a[5] = torch.tensor([2, 0])
@@ -125,6 +127,8 @@ def test_cpp_checks_reject_bad_input(what):
         a[7] = a[7][:, :3]
     elif what == "window_zero":
         a[10] = 0
+    elif what == "window_huge":
+        a[10] = 2**63 - 1
     elif what == "ids_dtype":
         a[5] = a[5].int()
     with pytest.raises(RuntimeError, match="prefix_attn"):
