@@ -66,6 +66,14 @@ def _cascade(q: Tensor, k: Tensor, prefix_k: Tensor) -> bool:
     return _decode.use_cascade(B, N, P, Sq, k.shape[2], Hkv=Hkv, sms=sm_count(q.device))
 
 
+def _kernel_window(window: int, k: Tensor) -> int:
+    """The window the kernels get: -1 (none) when it hides nothing. Own key j is visible to
+    query i while (Skv - Sq + i) - j < window, a distance of at most Skv - 1, so a window of
+    Skv or more is no window; the kernels then never add a window near 2**31 to int32
+    positions (that wrapped: zero dK/dV, and reads before K/V when Sq > Skv)."""
+    return -1 if window >= k.shape[2] else window
+
+
 @_define_op("prefix_attn::triton_fwd", mutates_args=())
 def triton_fwd(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
                prefix_ids: Tensor, prefix_lens: Tensor, key_padding_mask: Optional[Tensor],
@@ -76,7 +84,7 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tens
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     launch = _decode.cascade_fwd if _cascade(q, k, prefix_k) else _fwd.attn_fwd
     launch(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
-                  out, lse, causal, scale, window, softcap)
+           out, lse, causal, scale, _kernel_window(window, k), softcap)
     return out, lse
 
 
@@ -93,7 +101,8 @@ def triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor,
     dpk = torch.empty(prefix_k.shape, dtype=prefix_k.dtype, device=prefix_k.device)
     dpv = torch.empty(prefix_v.shape, dtype=prefix_v.dtype, device=prefix_v.device)
     _bwd.attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
-                  out, lse, dlse, dq, dk, dv, dpk, dpv, causal, scale, window, softcap)
+                  out, lse, dlse, dq, dk, dv, dpk, dpv, causal, scale,
+                  _kernel_window(window, k), softcap)
     return dq, dk, dv, dpk, dpv
 
 

@@ -160,6 +160,23 @@ def test_backward_is_deterministic_and_zero_where_unused():
     assert dpk[0].abs().sum() > 0 and dpk[1, :, :5].abs().sum() > 0
 
 
+@pytest.mark.parametrize("Sq,Skv", [(40, 40), (23, 11)])
+def test_a_window_near_2_31_is_no_window(Sq, Skv):
+    """A window just under 2**31 reached the kernels as int32 and wrapped in their position
+    sums: dK/dV of the own keys were all zero, and with Sq > Skv the loop started before K/V
+    (the interpreter crashed; a GPU reads out of bounds). A window of Skv or more hides
+    nothing and reaches the kernels as no window."""
+    args, kw = make_inputs(Sq=Sq, Skv=Skv, P=5, device=DEVICE, requires_grad=True)
+    runs = []
+    for window in (None, 2**31 - 1, 2**31 - 20):
+        out = prefix_attention(*args, **kw, window=window, backend="triton")
+        runs.append([out] + list(torch.autograd.grad(out.square().sum(), args)))
+    for got in runs[1:]:
+        for a, b in zip(got, runs[0]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert runs[0][2].abs().sum() > 0  # dk
+
+
 def test_empty_batch_and_queries():
     for shape in (dict(B=0), dict(Sq=0)):
         args, kw = make_inputs(device=DEVICE, requires_grad=True, **shape)
