@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .autotune import DEFAULT_SMS, cdiv, interpreting, sm_count
+from .autotune import DEFAULT_SMS, cdiv, interpreting, sm_count, smem_budget, smem_estimate
 from .common import LN2, own_ranges, packed_rows
 from .bwd import prefix_row_lists
 from .fwd import _fwd_inner, _prefix_pass, dot_precision, head_block
@@ -257,6 +257,22 @@ def _sorted_entry_tiles(prefix_ids, N: int, rows_per_row: int, block_m: int):
     return rows, row_offs, tile_offs, tile_entry, max_tiles
 
 
+# (BLOCK_N, num_stages) of the cascade kernels, best first; the first that fits is taken
+CASCADE_TILES = ((64, 3), (64, 2), (32, 3), (32, 2), (16, 2), (16, 1))
+SMEM_MARGIN = 4096  # the estimate is a fit to the compiler's allocation, not an exact count
+
+
+def cascade_tiles(block_m: int, D: int, elsize: int, budget: int) -> tuple:
+    """(BLOCK_N, num_stages) for a cascade kernel with ``block_m`` query rows: the largest key
+    tile and pipeline depth whose shared memory fits ``budget`` (64 keys and 3 stages needed
+    256 KiB at head dim 256 in fp16 with 128 rows, and more in fp32: over an H200's 227 KiB,
+    an error at launch)."""
+    for block_n, stages in CASCADE_TILES:
+        if smem_estimate(block_m, block_n, head_block(D), stages, elsize) + SMEM_MARGIN <= budget:
+            return block_n, stages
+    return CASCADE_TILES[-1]
+
+
 def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
                 out, lse, causal: bool, scale: float, window: int, softcap: float) -> None:
     """Cascade forward (same contract as ``fwd.attn_fwd``): writes ``out`` and ``lse``.
@@ -272,9 +288,11 @@ def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_paddin
     G = Hq // Hkv
     dev = q.device
     small = interpreting()
-    block_n = 16 if small else 64
     block_m_pre = 16 if small else 64
     block_m_own = 16 if small else min(128, max(16, triton.next_power_of_2(G * Sq)))
+    budget, elsize = smem_budget(q), q.element_size()
+    bn_pre, stages_pre = (16, 1) if small else cascade_tiles(block_m_pre, D, elsize, budget)
+    block_n, stages_own = (16, 1) if small else cascade_tiles(block_m_own, D, elsize, budget)
     m_tiles = cdiv(G * Sq, block_m_own)
     splits = _num_splits(dev, B, Hkv, m_tiles, Skv, block_n)
     slots = 1 + splits
@@ -290,7 +308,7 @@ def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_paddin
     log2e = 1.4426950408889634
     scal = (scale * log2e, scale / softcap if has_softcap else 0.0, softcap * log2e)
     common = dict(D=D, G=G, SOFTCAP=has_softcap, DOT_PREC=dot_precision(q.dtype),
-                  BLOCK_D=head_block(D), BLOCK_N=block_n)
+                  BLOCK_D=head_block(D))
 
     # -- 1. prefix per entry: rows grouped by entry, tiles assigned per entry ----
     rows, row_offs, tile_offs, tile_entry, max_tiles = _entry_tiles(prefix_ids, N, G * Sq,
@@ -301,7 +319,8 @@ def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_paddin
         q.stride(0), q.stride(1), q.stride(2),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
-        s_slot, s_b, s_h, N, Hkv, Sq, *scal, BLOCK_M=block_m_pre, num_warps=4, **common)
+        s_slot, s_b, s_h, N, Hkv, Sq, *scal, BLOCK_M=block_m_pre, BLOCK_N=bn_pre,
+        num_warps=4, num_stages=stages_pre, **common)
 
     # -- 2. own keys, split ----
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else prefix_ids
@@ -315,7 +334,7 @@ def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_paddin
         kpm_strides[0], kpm_strides[1],
         s_slot, s_b, s_h, Hkv, Sq, Skv, window, chunk_tiles, m_tiles, *scal,
         CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_KPM=key_padding_mask is not None,
-        BLOCK_M=block_m_own, num_warps=4, **common)
+        BLOCK_M=block_m_own, BLOCK_N=block_n, num_warps=4, num_stages=stages_own, **common)
 
     # -- 3. exact merge ----
     wrap_triton(_cascade_merge)[(B * Hq * cdiv(Sq, 16),)](

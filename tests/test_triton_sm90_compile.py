@@ -73,3 +73,55 @@ def test_kernel_compiles_for_sm90(builds, name):
     res = builds[name]
     assert res["ok"], res.get("error")
     assert res["shared"] <= 227 * 1024
+
+
+_CASCADE_SCRIPT = r'''
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from prefix_attn.kernels import decode
+
+H200 = 232448  # shared memory per block (opt-in), bytes
+FLOATS = {"qk_scale", "softcap_inv", "softcap_log2"}
+out = {}
+for kname, block_m in (("own", 128), ("own", 16), ("prefix", 64)):
+    kernel = decode._cascade_own if kname == "own" else decode._cascade_prefix
+    for dtype, elsize in (("fp16", 2), ("fp32", 4)):
+        block_n, stages = decode.cascade_tiles(block_m, 256, elsize, H200)
+        const = {k: v for k, v in dict(D=256, G=8, CAUSAL=True, HAS_WINDOW=False, HAS_KPM=False,
+                                       SOFTCAP=False, DOT_PREC="ieee" if elsize == 4 else "tf32",
+                                       BLOCK_D=256, BLOCK_M=block_m, BLOCK_N=block_n).items()
+                 if k in kernel.arg_names}
+        sig = {}
+        for a in kernel.arg_names:
+            if a in const:
+                sig[a] = "constexpr"
+            elif a in ("Q", "K", "V", "PK", "PV"):
+                sig[a] = "*" + dtype
+            elif a in ("OP", "LP"):
+                sig[a] = "*fp32"
+            elif a == "KPM":
+                sig[a] = "*u8"
+            elif a in ("PLENS", "ROWS", "ROW_OFFS", "TILE_OFFS", "TILE_ENTRY"):
+                sig[a] = "*i64"
+            else:
+                sig[a] = "fp32" if a in FLOATS else "i32"
+        c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const),
+                           target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": 4, "num_stages": stages})
+        out[f"{kname} {dtype} BLOCK_M {block_m}"] = c.metadata.shared
+print("RESULT " + json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_cascade_tiles_fit_an_h200_at_head_dim_256(tmp_path):
+    """The decode cascade launched fixed tiles (64 keys, 3 stages): at head dim 256 they
+    needed 256 KiB (fp16, 128 query rows) to 416 KiB (fp32), over an H200's 227 KiB per
+    block, which fails at launch (Triton's OutOfResources). The tiles are chosen to fit now;
+    the compiler's own count for sm_90 is the judge."""
+    shared = run_compiler_script(_CASCADE_SCRIPT, tmp_path / "cache",
+                                 skip_if={("ptxas", "not found"): "no ptxas"})
+    assert len(shared) == 6
+    for name, nbytes in shared.items():
+        assert nbytes <= 232448, (name, nbytes)
