@@ -62,7 +62,9 @@ def fwd_configs():
 
 def dkdv_configs():
     """dK/dV configs: BLOCK_N resident keys, BLOCK_M streamed packed queries. The single
-    configs are the ones ptxas compiles without register spills at D = 128 (sm_90)."""
+    configs were the ones ptxas compiled without register spills at D = 128 (sm_90) before the
+    hoisted query offsets (HOIST, now the default); with them (64, 32, 4, 2) spills 8 bytes
+    (own keys) and 104 bytes (prefix) per thread (sm_90 compile, not timed)."""
     return _configs([(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3),
                      (64, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
                     singles=[(64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 1)])
