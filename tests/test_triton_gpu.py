@@ -110,6 +110,21 @@ def test_head_dims(Dh):
     _check_fwd_bwd(args, kw)
 
 
+@pytest.mark.parametrize("dtype,Hq,Hkv,Sq", [(torch.float16, 8, 1, 12), (torch.float16, 32, 4, 16),
+                                              (torch.float32, 8, 2, 1)], ids=str)
+def test_cascade_decode_at_head_dim_256(dtype, Hq, Hkv, Sq):
+    """Cascade shapes whose fixed tiles needed more shared memory than an H200 has (Gemma-like
+    MQA with a 12-token chunk, 16 speculative tokens, fp32): tiles chosen to fit now."""
+    from prefix_attn.triton_backend import _cascade
+
+    args, kw = _inputs(dtype, 128, N=1, Sq=Sq, Skv=1024, Bn=2, Hq=Hq, Hkv=Hkv, Dh=256, seed=3)
+    assert _cascade(*args[:2], args[3])
+    out = prefix_attention(*args, **kw, backend="triton")
+    truth = prefix_attention_ref(*args, **kw)
+    base = prefix_attention_ref(*args, **kw, upcast=False)
+    assert_close_fa(out, truth, base, atol=1e-3)
+
+
 def test_decode_many_entries():
     args, kw = _inputs(torch.float16, 200, N=7, Sq=1, Skv=3000, Bn=48, lens=[200, 1, 0, 64, 150, 9, 33],
                        seed=2)
