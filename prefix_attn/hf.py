@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .packed import packed_attention, packed_dense_mask, sequence_ids
+from .packed import segments as packed_segments
 
 ATTN_NAME = "prefix_attn"
 SELECTION_KWARG = "prefix_selection"
@@ -439,6 +440,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     if seq_ids is not None:
         out = packed_attention(query, key, value, seq_ids, pk, pv, prefix_ids=ids,
                                prefix_lens=lens, per_sequence=per_sequence is not None,
+                               segs=getattr(sel, "packed_segments", None) if per_sequence
+                               is not None else None,
                                causal=causal, scale=scaling, window=window, softcap=softcap)
         return out, None  # [B, S, Hq, D], contiguous (a boolean-index gather)
     out = prefix_attention(query, key, value, pk, pv, prefix_ids=ids, prefix_lens=lens,
@@ -811,8 +814,15 @@ def _prefixes_to_selection(model, args, kwargs):
     if seq_ids is not None:  # one prefix per packed sequence
         sel = bank.select(prefixes, len(prefixes), device=device)
         sel.packed_seq_ids = seq_ids.to(device)
+        # the regrouping's index tensors, found here (host syncs) rather than in every layer,
+        # where a compiled forward would break its graph for them
+        sel.packed_segments = packed_segments(sel.packed_seq_ids)
         row_lens = sel.row_lens.to(device)
         kwargs["position_ids"] = kwargs["position_ids"].expand(B, S) + row_lens[sel.packed_seq_ids]
+        if kwargs.get("attention_mask") is None and _without_cache(model, kwargs):
+            # the sequences are known: keep transformers from looking for them again (inside
+            # torch.compile its packed-sequence mask cannot be read without a graph break)
+            kwargs["attention_mask"] = torch.ones(B, S, dtype=torch.bool, device=device)
     else:
         sel = bank.select(_rows_for(prefixes), B, device=device)
         row_lens = sel.row_lens.to(device)

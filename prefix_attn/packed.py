@@ -71,16 +71,17 @@ def _regroup(x: Tensor, index: Tensor) -> Tensor:
 
 def packed_attention(query, key, value, seq_ids, prefix_k=None, prefix_v=None,
                      prefix_ids: Optional[Tensor] = None, prefix_lens=None,
-                     per_sequence: bool = False, **kw) -> Tensor:
+                     per_sequence: bool = False, segs=None, **kw) -> Tensor:
     """``prefix_attention`` over packed rows: query ``[B, Hq, T, D]``, key/value
     ``[B, Hkv, T, D]`` (no cache: the packed format is a training / full-prefill one),
     ``seq_ids`` ``[B, T]``; ``prefix_ids`` ``[B]``, each sequence taking its row's entry, or with
     ``per_sequence`` ``[n]``, one per sequence in packed order; ``kw``: causal / scale /
-    window / softcap, applied within each sequence. Returns ``[B, T, Hq, D]``."""
+    window / softcap, applied within each sequence; ``segs``: :func:`segments` of ``seq_ids``
+    if already found. Returns ``[B, T, Hq, D]``."""
     from .api import prefix_attention
 
     B, Hq, T, D = query.shape
-    index, valid, row, slots = segments(seq_ids)
+    index, valid, row, slots = segments(seq_ids) if segs is None else segs
     ids = prefix_ids
     if not per_sequence and prefix_ids is not None:
         ids = validation.inherit_range(prefix_ids[row], prefix_ids)  # a gather: same range

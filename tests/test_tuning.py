@@ -617,12 +617,15 @@ def test_compiled_checkpointed_training_without_a_mask_keeps_the_layers_in_the_g
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows", [["a"], ["a", "b", None]], ids=["one_prefix", "per_sequence"])
 @pytest.mark.parametrize("use_cache", [None, False])
-def test_compiled_packed_row_with_one_prefix_keeps_its_sequences_apart(use_cache):
-    """One row packing three sequences (position_ids restart, no mask) under one prefix: eager
-    keeps the sequences apart; compiled, the attention function could not read the positions
-    and let them attend to each other (logits off by 0.26, no error). The pre-hook finds the
-    sequences outside the graph now: compiled logits and prefix gradients equal eager's."""
+def test_compiled_packed_row_keeps_its_sequences_apart_in_one_graph(use_cache, rows):
+    """One row packing three sequences (position_ids restart, no mask) under one prefix or one
+    per sequence: eager keeps the sequences apart; compiled, the attention function could not
+    read the positions and let them attend to each other under one prefix (logits off by 0.26,
+    no error), and the regrouping broke the graph in every layer (about 20 breaks). The
+    pre-hook finds the sequences and their regrouping outside the graph now: compiled logits
+    and prefix gradients equal eager's, with no graph break."""
     import torch._dynamo
 
     lens = [5, 4, 6]
@@ -632,12 +635,16 @@ def test_compiled_packed_row_with_one_prefix_keeps_its_sequences_apart(use_cache
     for compiled in (False, True):
         model = tiny_model("llama", seed=0)
         mod = prefix_tuning(model, num_virtual_tokens=P, name="a")
+        prefix_tuning(model, num_virtual_tokens=P + 2, name="b")
         model.train()
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         run = torch.compile(model, backend="aot_eager") if compiled else model
-        out = run(input_ids=ids, position_ids=pos, labels=ids, prefixes=["a"], use_cache=use_cache)
+        out = run(input_ids=ids, position_ids=pos, labels=ids, prefixes=rows, use_cache=use_cache)
         out.loss.backward()
         results.append([out.logits.detach(), mod.embedding.weight.grad.clone()])
+    assert not torch._dynamo.utils.counters["graph_break"], \
+        dict(torch._dynamo.utils.counters["graph_break"])
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
