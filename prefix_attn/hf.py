@@ -10,7 +10,9 @@
   bidirectional patterns it returns only the 2-D padding mask ``[B, kv_length]`` (or None
   when nothing is padded), never a dense 4-D mask. Packed sequences get their sequence ids
   (an int64 ``[B, kv]`` tensor, marked), which the attention function regroups one sequence
-  per kernel row (``prefix_attn/packed.py``). A static cache's prefill gets the padding mask of
+  per kernel row (``prefix_attn/packed.py``); inside torch.compile, where regrouping needs host
+  syncs, they take the eager fallback with a dense mask built from them, unless the pre-hook
+  already found the sequences and their regrouping (``prefixes=``: one graph). A static cache's prefill gets the padding mask of
   its filled slots only, and the attention function cuts K/V to that length. Anything else
   (custom mask overlays) gets a dense bool mask ``[B, 1, q, kv]``, which the attention
   function sends to the eager fallback below.
@@ -31,7 +33,8 @@ supported family forwards ``**kwargs`` from the model's forward to the attention
 and keywords survive gradient checkpointing (HF checkpoints ``partial(forward, **kwargs)``),
 which a context variable would not (the backward replay runs outside the forward's context).
 A post-hook checks that the attention function read the selection; a model that drops the
-keyword raises instead of silently ignoring the prefixes.
+keyword raises instead of silently ignoring the prefixes (on eager forwards: inside a compiled
+graph the attention function cannot record the read).
 
 Cases the kernels do not cover (a dense mask, attention dropout in training,
 ``output_attentions``, attention sinks, value head dims unlike the key's) run
@@ -188,7 +191,8 @@ def padding_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Opt
     """The ``AttentionMaskInterface`` entry of ``"prefix_attn"``.
 
     attention_mask: bool ``[B, >= kv_offset + kv_length]`` (True = real token) or None.
-    Returns None (no padding), a bool padding mask ``[B, kv_length]``, or, for a pattern the
+    Returns None (no padding), a bool padding mask ``[B, kv_length]``, the marked sequence ids
+    ``[B, kv_length]`` of packed rows (:func:`packed_sequence_ids`), or, for a pattern the
     kernel cannot express, the dense bool mask ``[B, 1, q_length, kv_length]`` of ``sdpa_mask``.
     Releases that pass ``cache_position`` ``[q_length]`` instead of q_length / q_offset work too.
     """
@@ -727,6 +731,12 @@ def _without_cache(model, kwargs) -> bool:
         any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
+def _contiguous(position_ids) -> bool:
+    """Whether every row of ``position_ids`` counts up by one (transformers' rule for one
+    sequence a row). One host read, in place of the one transformers makes for packing."""
+    return position_ids.dim() == 2 and bool((torch.diff(position_ids, dim=-1) == 1).all())
+
+
 def _packed_row(prefixes, kwargs, B: int, S: int):
     """``(prefixes, seq_ids)``: for one row packing several sequences under one prefix (no
     mask, no cache content, ``position_ids`` that restart), the prefix repeated per sequence
@@ -832,11 +842,12 @@ def _prefixes_to_selection(model, args, kwargs):
             if pos is not None:
                 kwargs["position_ids"] = pos
                 _check_positions(model, S, kwargs, max(sel.host_row_lens))
-                if given_positions is None and kwargs.get("attention_mask") is None \
-                        and _without_cache(model, kwargs):
+                if kwargs.get("attention_mask") is None and _without_cache(model, kwargs) and (
+                        given_positions is None or _contiguous(given_positions)):
                     # without a mask and a cache transformers looks for packed sequences in
                     # the positions; inside torch.compile it cannot rule them out and masks
                     # with a packed-sequence function: these positions are one sequence a row
+                    # (made here, or given and seen to count up by one)
                     kwargs["attention_mask"] = torch.ones(B, S, dtype=torch.bool, device=device)
     _mark_dynamic(sel)
     kwargs[SELECTION_KWARG] = sel
@@ -861,7 +872,8 @@ def _check_reentrant_data_parallel(model) -> None:
         "prefix_attn: a trained prefix with reentrant activation checkpointing "
         "(use_reentrant=True) in a multi-process run: every layer's backward adds to the "
         "prefix's gradient separately, and DistributedDataParallel without static_graph=True "
-        "syncs only the first of them (wrong gradients, no error). Use use_reentrant=False "
+        "either fails in the backward ('Expected to mark a variable ready only once') or "
+        "syncs only part of the gradient (wrong gradients, no error). Use use_reentrant=False "
         "(transformers' default) or DistributedDataParallel(..., static_graph=True)",
         stacklevel=3)
 

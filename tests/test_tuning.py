@@ -586,12 +586,15 @@ def _in_graph_ops(graphs):
     return found
 
 
-def test_compiled_checkpointed_training_without_a_mask_keeps_the_layers_in_the_graph():
+@pytest.mark.parametrize("given_positions", [False, True])
+def test_compiled_checkpointed_training_without_a_mask_keeps_the_layers_in_the_graph(
+        given_positions):
     """torch.compile(model) + activation checkpointing + no attention_mask (a collator without
     one): (1) the hook's shifted position_ids made transformers build a packed-sequence mask
-    inside the graph, and reading it crashed dynamo ('Expected CellVariable'); (2) marking the
-    selection read inside a checkpointed layer made dynamo run every layer eagerly. Now: the
-    fused op in each checkpointed layer's graph, eager's loss and prefix gradients."""
+    inside the graph, and reading it crashed dynamo ('Expected CellVariable'); given
+    positions took the eager fallback silently; (2) marking the selection read inside a
+    checkpointed layer made dynamo run every layer eagerly. Now: the fused op in each
+    checkpointed layer's graph, eager's loss and prefix gradients."""
     import torch._dynamo
 
     ids = torch.randint(3, 100, (3, 8), generator=torch.Generator().manual_seed(0))
@@ -609,7 +612,8 @@ def test_compiled_checkpointed_training_without_a_mask_keeps_the_layers_in_the_g
         (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
         torch._dynamo.reset()
         run = torch.compile(model, backend=record) if compiled else model
-        loss = run(input_ids=ids, labels=ids, prefixes=["a", "b", None]).loss
+        extra = dict(position_ids=torch.arange(8).expand(3, 8)) if given_positions else {}
+        loss = run(input_ids=ids, labels=ids, prefixes=["a", "b", None], **extra).loss
         loss.backward()
         results.append([loss.detach()] + [m.embedding.weight.grad.clone() for m in mods])
     assert len(_in_graph_ops(graphs)) == model.config.num_hidden_layers, _in_graph_ops(graphs)
