@@ -125,3 +125,16 @@ def test_cascade_tiles_fit_an_h200_at_head_dim_256(tmp_path):
     assert len(shared) == 6
     for name, nbytes in shared.items():
         assert nbytes <= 232448, (name, nbytes)
+
+
+def test_cascade_tiles_prefer_the_largest_that_fits_with_a_margin():
+    """64 keys and 3 stages where they fit (the tiles measured on an H200 at head dim 128);
+    a smaller tile only when the estimate plus the margin passes the budget."""
+    from prefix_attn.kernels.autotune import smem_estimate
+    from prefix_attn.kernels.decode import SMEM_MARGIN, cascade_tiles
+
+    assert cascade_tiles(16, 64, 2, 232448) == (64, 3)
+    assert cascade_tiles(64, 128, 2, 232448) == (64, 3)
+    need = smem_estimate(128, 64, 128, 3, 2)
+    assert cascade_tiles(128, 128, 2, need + SMEM_MARGIN) == (64, 3)
+    assert cascade_tiles(128, 128, 2, need + SMEM_MARGIN - 1) != (64, 3)

@@ -528,7 +528,7 @@ def test_unload_gives_the_plain_model_back_and_counts_are_printed(capsys):
     assert "a" not in prefix_attn.PrefixBank.attach(model)  # attach again: a fresh bank
 
 
-@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("reentrant", [True, False, None])  # None: not given (torch: True)
 def test_reentrant_checkpointing_in_a_multi_process_run_warns(monkeypatch, reentrant):
     """Under DistributedDataParallel (without static_graph) a trained prefix read by every
     reentrant checkpointed layer gets only the first layer's gradient synced, silently: a
@@ -539,10 +539,12 @@ def test_reentrant_checkpointing_in_a_multi_process_run_warns(monkeypatch, reent
     model = tiny_model("llama")
     prefix_tuning(model, num_virtual_tokens=P, name="a")
     enable = getattr(model, "activation_checkpointing_enable", None)
-    (enable or model.gradient_checkpointing_enable)({"use_reentrant": reentrant})
+    (enable or model.gradient_checkpointing_enable)({} if reentrant is None else
+                                                    {"use_reentrant": reentrant})
     model.train()
     ids, mask, labels = _batch()
     monkeypatch.setattr(prefix_attn.hf, "_warned_reentrant", False)
+    reentrant = reentrant is not False
     for world in (1, 2):
         monkeypatch.setattr(prefix_attn.distributed, "world_size", lambda world=world: world)
         with warnings.catch_warnings(record=True) as seen:
@@ -676,3 +678,26 @@ def test_a_compiled_step_calling_a_model_with_a_bank_keeps_one_graph():
     torch.testing.assert_close(compiled(ids, mask, labels, prefixes="a"),
                                step(ids, mask, labels, prefixes="a"))
     assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 1
+
+
+def test_compiled_forward_without_a_cache_or_a_mask_equals_eager():
+    """use_cache=False, no mask, no position_ids, fullgraph: transformers would look for packed
+    sequences in the hook's shifted positions and build a mask dynamo cannot read back; the
+    hook's all-ones mask keeps it from looking."""
+    import torch._dynamo
+
+    model = tiny_model("llama", seed=0)
+    prefix_tuning(model, num_virtual_tokens=P, name="a")
+    prefix_tuning(model, num_virtual_tokens=P + 2, name="b")
+    model.eval()
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(input_ids=ids, prefixes=["a", "b"], use_cache=False).logits
+        torch._dynamo.reset()
+        forward = model.forward
+        model.forward = torch.compile(forward, backend="eager", fullgraph=True)
+        try:
+            got = model(input_ids=ids, prefixes=["a", "b"], use_cache=False).logits
+        finally:
+            model.forward = forward
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
