@@ -444,8 +444,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     if seq_ids is not None:
         out = packed_attention(query, key, value, seq_ids, pk, pv, prefix_ids=ids,
                                prefix_lens=lens, per_sequence=per_sequence is not None,
-                               segs=getattr(sel, "packed_segments", None) if per_sequence
-                               is not None else None,
+                               segs=getattr(sel, "packed_segments", None),
                                causal=causal, scale=scaling, window=window, softcap=softcap)
         return out, None  # [B, S, Hq, D], contiguous (a boolean-index gather)
     out = prefix_attention(query, key, value, pk, pv, prefix_ids=ids, prefix_lens=lens,
@@ -731,6 +730,15 @@ def _without_cache(model, kwargs) -> bool:
         any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
+def _no_packing_search(model, kwargs, B: int, S: int, device) -> None:
+    """For a batch whose sequences the hook knows (one a row, or found packed): an all-ones
+    mask where there is neither a mask nor a cache, the case where transformers looks for
+    packed sequences in the position ids; inside torch.compile it cannot rule them out and
+    masks with a packed-sequence function that cannot be read without a graph break."""
+    if kwargs.get("attention_mask") is None and _without_cache(model, kwargs):
+        kwargs["attention_mask"] = torch.ones(B, S, dtype=torch.bool, device=device)
+
+
 def _contiguous(position_ids) -> bool:
     """Whether every row of ``position_ids`` counts up by one (transformers' rule for one
     sequence a row). One host read, in place of the one transformers makes for packing."""
@@ -829,10 +837,7 @@ def _prefixes_to_selection(model, args, kwargs):
         sel.packed_segments = packed_segments(sel.packed_seq_ids)
         row_lens = sel.row_lens.to(device)
         kwargs["position_ids"] = kwargs["position_ids"].expand(B, S) + row_lens[sel.packed_seq_ids]
-        if kwargs.get("attention_mask") is None and _without_cache(model, kwargs):
-            # the sequences are known: keep transformers from looking for them again (inside
-            # torch.compile its packed-sequence mask cannot be read without a graph break)
-            kwargs["attention_mask"] = torch.ones(B, S, dtype=torch.bool, device=device)
+        _no_packing_search(model, kwargs, B, S, device)  # the sequences are known
     else:
         sel = bank.select(_rows_for(prefixes), B, device=device)
         row_lens = sel.row_lens.to(device)
@@ -842,13 +847,8 @@ def _prefixes_to_selection(model, args, kwargs):
             if pos is not None:
                 kwargs["position_ids"] = pos
                 _check_positions(model, S, kwargs, max(sel.host_row_lens))
-                if kwargs.get("attention_mask") is None and _without_cache(model, kwargs) and (
-                        given_positions is None or _contiguous(given_positions)):
-                    # without a mask and a cache transformers looks for packed sequences in
-                    # the positions; inside torch.compile it cannot rule them out and masks
-                    # with a packed-sequence function: these positions are one sequence a row
-                    # (made here, or given and seen to count up by one)
-                    kwargs["attention_mask"] = torch.ones(B, S, dtype=torch.bool, device=device)
+                if given_positions is None or _contiguous(given_positions):
+                    _no_packing_search(model, kwargs, B, S, device)  # one sequence a row
     _mark_dynamic(sel)
     kwargs[SELECTION_KWARG] = sel
     if not _warned_reentrant and model.training and sel._kv.requires_grad:
