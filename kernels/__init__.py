@@ -6,11 +6,32 @@ dprefix, dQ), ``decode`` (cascade forward for small Sq), ``common`` (shared devi
 (Triton 3.6 interpreter + NumPy 2.4 shim). ``fwd.attn_fwd``, ``bwd.attn_bwd`` and
 ``decode.cascade_fwd`` are thin launchers taking tensors and passing explicit strides; the
 host layer (``prefix_attn.triton_backend``) registers them as torch ops.
+
+In a checkout this folder is also importable as a top-level ``kernels`` whenever the
+checkout's root is on ``sys.path`` (``python -m pytest`` or ``python -c`` run there). That
+name belongs to PyPI's ``kernels`` (Hugging Face's hub kernels), which transformers >= 5.25
+depends on and imports: imported under that name, this file loads PyPI's package in its
+place (or, when it is not installed, stays an empty module without a version, which
+transformers treats as absent).
 """
 
-from .autotune import interpreting as _interpreting
+if __name__ == "kernels":
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
 
-if _interpreting():
-    from . import interpreter_compat as _compat
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _elsewhere = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root]
+    _spec = _machinery.PathFinder.find_spec(__name__, _elsewhere)
+    if _spec is not None and _spec.loader is not None:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules[__name__] = _module  # what `import kernels` returns from here on
+        _spec.loader.exec_module(_module)
+else:
+    from .autotune import interpreting as _interpreting
 
-    _compat.apply()
+    if _interpreting():
+        from . import interpreter_compat as _compat
+
+        _compat.apply()

@@ -101,3 +101,38 @@ def test_wheel_built_from_sdist_installs_and_runs(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=empty, env=run_env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-4000:]
+
+
+def _run_at_root(code, site):
+    """``python -c code`` with the checkout's root first on sys.path (as ``python -m pytest``
+    or a script run there has it) and ``site`` after it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(site)
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res.stdout.split()
+
+
+def test_checkout_root_does_not_shadow_pypi_kernels(tmp_path):
+    """PyPI's ``kernels`` (Hugging Face's hub kernels) is a dependency of transformers >= 5.25,
+    which imports it: from the checkout's root, ``import kernels`` must give that package, not
+    our ``kernels/`` folder (transformers' import failed there: "cannot import name
+    'CUDAProperties' from 'kernels'"); ``prefix_attn.kernels`` stays ours."""
+    pypi = tmp_path / "site" / "kernels"
+    pypi.mkdir(parents=True)
+    (pypi / "__init__.py").write_text("__version__ = '0.19.1'\nfrom kernels.layer import Mode\n")
+    (pypi / "layer.py").write_text("Mode = 'pypi'\n")
+    code = ("import kernels, prefix_attn.kernels.autotune as ours\n"
+            "from kernels import Mode\n"
+            "print(Mode, kernels.__version__, ours.bucket(5))")
+    assert _run_at_root(code, tmp_path / "site") == ["pypi", "0.19.1", "8"]
+
+
+def test_checkout_kernels_without_pypi_kernels_looks_absent(tmp_path):
+    """Without PyPI's package, the top-level ``kernels`` from a checkout is an empty module with
+    no version (transformers then treats hub kernels as unavailable) and loads no Triton code."""
+    code = ("import sys, kernels\n"
+            "print(getattr(kernels, '__version__', 'none'), hasattr(kernels, 'autotune'), "
+            "'triton' in sys.modules)")
+    assert _run_at_root(code, tmp_path) == ["none", "False", "False"]

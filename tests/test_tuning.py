@@ -578,13 +578,14 @@ def test_layers_in_another_dtype_than_the_bank_read_the_prefix_in_theirs():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def _in_graph_ops(graphs):
-    """Names of the prefix_attn ops in the captured graphs and their checkpoint subgraphs."""
+def _in_graph_ops(graphs, name="prefix_attn"):
+    """Names of the ops containing ``name`` (default: prefix_attn's) in the captured graphs and
+    their checkpoint subgraphs."""
     found = []
     for gm in graphs:
         for sub in [gm, *(m for _, m in gm.named_modules() if isinstance(m, torch.fx.GraphModule))]:
             found += [str(n.target) for n in sub.graph.nodes
-                      if n.op == "call_function" and "prefix_attn" in str(n.target)]
+                      if n.op == "call_function" and name in str(n.target)]
     return found
 
 
@@ -596,29 +597,49 @@ def test_compiled_checkpointed_training_without_a_mask_keeps_the_layers_in_the_g
     inside the graph, and reading it crashed dynamo ('Expected CellVariable'); given
     positions took the eager fallback silently; (2) marking the selection read inside a
     checkpointed layer made dynamo run every layer eagerly. Now: the fused op in each
-    checkpointed layer's graph, eager's loss and prefix gradients."""
+    checkpointed layer's graph wherever transformers keeps sdpa's there (every layer up to
+    5.24; 5.25's own context variable sends sdpa's checkpointed layers to eager too), eager's
+    loss and prefix gradients."""
     import torch._dynamo
 
     ids = torch.randint(3, 100, (3, 8), generator=torch.Generator().manual_seed(0))
-    results, graphs = [], []
+    extra = dict(position_ids=torch.arange(8).expand(3, 8)) if given_positions else {}
 
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    for compiled in (False, True):
-        model = tiny_model("llama", seed=0)
-        mods = [prefix_tuning(model, num_virtual_tokens=n, name=name) for name, n in (("a", 4), ("b", 6))]
+    def checkpointed(model):
         model.train()
         enable = getattr(model, "activation_checkpointing_enable", None)
         (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
         torch._dynamo.reset()
-        run = torch.compile(model, backend=record) if compiled else model
-        extra = dict(position_ids=torch.arange(8).expand(3, 8)) if given_positions else {}
-        loss = run(input_ids=ids, labels=ids, prefixes=["a", "b", None], **extra).loss
+        return model
+
+    def compiled_graphs(model, **kwargs):
+        graphs = []
+
+        def record(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        loss = torch.compile(model, backend=record)(input_ids=ids, labels=ids, **kwargs).loss
         loss.backward()
+        return loss, graphs
+
+    sdpa = checkpointed(tiny_model("llama", seed=0, attn_implementation="sdpa"))
+    _, graphs = compiled_graphs(sdpa, **extra)
+    sdpa_in_graph = len(_in_graph_ops(graphs, "scaled_dot_product_attention"))
+    assert sdpa_in_graph in (0, sdpa.config.num_hidden_layers)
+    results = []
+    for compiled in (False, True):
+        model = tiny_model("llama", seed=0)
+        mods = [prefix_tuning(model, num_virtual_tokens=n, name=name) for name, n in (("a", 4), ("b", 6))]
+        checkpointed(model)
+        kwargs = dict(prefixes=["a", "b", None], **extra)
+        if compiled:
+            loss, graphs = compiled_graphs(model, **kwargs)
+        else:
+            loss = model(input_ids=ids, labels=ids, **kwargs).loss
+            loss.backward()
         results.append([loss.detach()] + [m.embedding.weight.grad.clone() for m in mods])
-    assert len(_in_graph_ops(graphs)) == model.config.num_hidden_layers, _in_graph_ops(graphs)
+    assert len(_in_graph_ops(graphs)) == sdpa_in_graph, _in_graph_ops(graphs)
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
