@@ -131,7 +131,11 @@ def test_checkout_root_does_not_shadow_pypi_kernels(tmp_path):
 
 def test_checkout_kernels_without_pypi_kernels_looks_absent(tmp_path):
     """Without PyPI's package, the top-level ``kernels`` from a checkout is an empty module with
-    no version (transformers then treats hub kernels as unavailable) and loads no Triton code."""
+    no version (transformers then treats hub kernels as unavailable) and loads no Triton code,
+    also with a second copy of the checkout on the path (the two handed over to each other
+    until the recursion limit: building the sdist of a copy failed so)."""
+    shutil.copytree(os.path.join(ROOT, "kernels"), tmp_path / "kernels",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     code = ("import sys, kernels\n"
             "print(getattr(kernels, '__version__', 'none'), hasattr(kernels, 'autotune'), "
             "'triton' in sys.modules)")
