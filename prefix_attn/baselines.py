@@ -2,7 +2,7 @@
 
 `peft_path_attention` copies each row's prefix into the batch, concatenates it to the own
 keys, builds the dense bool mask [B, 1, Sq, P + Skv] and calls
-`F.scaled_dot_product_attention` the way transformers (5.24) does in a model with PEFT's
+`F.scaled_dot_product_attention` the way transformers (5.24, 5.25) does in a model with PEFT's
 prefix (`masking_utils` then `integrations.sdpa_attention.sdpa_attention_forward`):
 
 - The mask is dropped when it says nothing SDPA cannot: no padding and either one query

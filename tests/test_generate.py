@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from prefix_attn.bank import PrefixBank
+from prefix_attn.hf import cache_kwarg
 from prefix_attn.tiny import CAUSAL_FAMILIES, tiny_model
 from conftest import more_families, peft_comparable, require_attention_interface
 
@@ -235,7 +236,7 @@ def test_static_cache_prefill_takes_the_fused_path(monkeypatch):
     rows = ["a", "b", None]
     with torch.no_grad():
         static = model(ids, attention_mask=mask, prefixes=rows,
-                       past_key_values=StaticCache(config=cfg, max_cache_len=40)).logits
+                       **{cache_kwarg(model): StaticCache(config=cfg, max_cache_len=40)}).logits
         dynamic = model(ids, attention_mask=mask, prefixes=rows).logits
     torch.testing.assert_close(static, dynamic, rtol=0, atol=1e-6)
     kw = dict(do_sample=False, max_new_tokens=5, pad_token_id=0)
