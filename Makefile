@@ -12,7 +12,7 @@ export MAX_JOBS
 
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: setup demo test test-fast test-compat bench check clean
+.PHONY: setup demo test test-fast test-compat test-triton-compat bench check clean
 
 $(VENV)/.stamp-deps: requirements-dev.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,21 @@ test-compat: setup
 		transformers==$(COMPAT_TRANSFORMERS) peft==$(COMPAT_PEFT)
 	[ -e prefix_attn/kernels ] || ln -s ../kernels prefix_attn/kernels
 	PYTHONPATH=$(CURDIR) $(COMPAT)/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
+
+# The Triton tests (interpreter, sm_90 compiles, numerics) against another Triton release
+# (default: the newest checked) in .venv-triton, importing the package from this tree.
+COMPAT_TRITON ?= 3.9.0
+TRITON_COMPAT := .venv-triton
+TRITON_FILES := tests/test_triton_sm90_compile.py tests/test_numerics_edges.py \
+	tests/test_triton_mutation_analysis.py tests/test_bench_triton.py
+
+test-triton-compat: setup
+	test -x $(TRITON_COMPAT)/bin/python || $(PYTHON) -m venv $(TRITON_COMPAT)
+	grep -vE '^triton==' requirements-dev.txt > $(TRITON_COMPAT)/requirements.txt
+	$(TRITON_COMPAT)/bin/pip install -q -r $(TRITON_COMPAT)/requirements.txt triton==$(COMPAT_TRITON)
+	[ -e prefix_attn/kernels ] || ln -s ../kernels prefix_attn/kernels
+	PYTHONPATH=$(CURDIR) $(TRITON_COMPAT)/bin/python -m pytest -q -p no:cacheprovider tests -m interpreter
+	PYTHONPATH=$(CURDIR) $(TRITON_COMPAT)/bin/python -m pytest -q -p no:cacheprovider $(TRITON_FILES)
 
 bench: setup
 	$(VPY) bench/run_all.py

@@ -86,7 +86,8 @@ def _cascade_prefix(Q, PK, PV, PLENS, ROWS, ROW_OFFS, TILE_OFFS, TILE_ENTRY, OP,
     tile = pid_t - tl.load(TILE_OFFS + entry)
     per_row = G * Sq
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = (offs_m < n_rows * per_row) & live
+    # one comparison (`(...) & live` splats a scalar bool: Triton 3.9's interpreter makes it int)
+    row_ok = offs_m < tl.where(live, n_rows * per_row, 0)
     r = first_row + offs_m // per_row
     rem = offs_m % per_row
     b = tl.load(ROWS + r, mask=row_ok, other=0).to(tl.int64)
