@@ -89,8 +89,14 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise TrainError(f"--resume: no checkpoint at {path}")
     try:
-        state = torch.load(path, weights_only=False, map_location="cpu")  # any device resumes it
+        # tensors, numbers, strings and containers only: a checkpoint runs no code when loaded
+        state = torch.load(path, weights_only=True, map_location="cpu")  # any device resumes it
     except Exception as exc:  # truncated zip, pickle garbage, ...: torch raises many kinds
+        if "Weights only load failed" in str(exc):
+            raise TrainError(f"{path} holds objects other than tensors, numbers, strings and "
+                             "containers of them (not a checkpoint of prefix-attn train, or altered): "
+                             "not loaded, since unpickling them could run code; delete it to start "
+                             "over (without --resume), or restore it") from None
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise TrainError(f"{path} is unreadable ({reason}); delete it to start over "
                          f"(without --resume), or restore it") from None

@@ -77,6 +77,32 @@ def test_paths_and_checkpoint_errors_are_user_errors(data, tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["checkpoint.pt"]
 
 
+class _RunsCodeWhenUnpickled:
+    """What a tampered checkpoint can hold: unpickling it calls ``os.system``-like code (here:
+    writing a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_never_runs_code_from_the_checkpoint(data, tmp_path, capsys):
+    """--resume loads the checkpoint with weights_only=True (it was a full unpickle: any object
+    in a checkpoint of a shared output folder ran code when resumed)."""
+    out = tmp_path / "out"
+    assert train.main([data, "-o", str(out), "--max-steps", "1", *FAST]) == 0
+    ckpt = out / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)  # what the run saved loads without pickled code
+    marker = tmp_path / "ran"
+    state["args"]["extra"] = _RunsCodeWhenUnpickled(str(marker))
+    torch.save(state, ckpt)
+    _user_error(capsys, [data, "-o", str(out), "--resume", "--max-steps", "2", *FAST],
+                "holds objects other than tensors", "could run code", "delete it")
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("line, field", [
     ('{"text": null}', "'text'"), ('{"text": 3}', "'text'"),
     ('{"prompt": null, "completion": "x"}', "'prompt'"),
