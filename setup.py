@@ -11,7 +11,9 @@ def ext_modules_and_cmdclass():
 
     PREFIX_ATTN_NO_EXT=1 skips it; PREFIX_ATTN_NO_CUDA=1 builds the CPU part only (the CUDA
     part is built where torch has CUDA and nvcc exists); MAX_JOBS bounds the parallel compiles;
-    PREFIX_ATTN_PORTABLE=1 drops -march=native (for binaries that move to other CPUs).
+    PREFIX_ATTN_PORTABLE=1 drops -march=native (for binaries that move to other CPUs);
+    TORCH_CUDA_ARCH_LIST picks the GPU architectures (default: the visible GPU's, or
+    "8.0;9.0+PTX" where none is visible).
     """
     if os.environ.get("PREFIX_ATTN_NO_EXT") == "1":
         return [], {}
@@ -29,6 +31,11 @@ def ext_modules_and_cmdclass():
         cxx.append("-march=native")
     with_cuda = (os.environ.get("PREFIX_ATTN_NO_CUDA") != "1" and torch.version.cuda is not None
                  and CUDA_HOME is not None)
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # No GPU to read the architecture from (a build host, a container build; torch's own
+        # detection then fails with an IndexError): the GPUs the kernels target (bf16 and
+        # > 48 KiB of shared memory need sm_80), and PTX that newer ones compile at load.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
         ext = CUDAExtension(
