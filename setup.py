@@ -31,6 +31,12 @@ def ext_modules_and_cmdclass():
         cxx.append("-march=native")
     with_cuda = (os.environ.get("PREFIX_ATTN_NO_CUDA") != "1" and torch.version.cuda is not None
                  and CUDA_HOME is not None)
+    if with_cuda and not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        # torch derives CUDA_HOME from the nvcc on PATH: a wrapper script in /usr/local/bin
+        # gives /usr/local, and the build then stops at a missing cuda_runtime.h
+        raise SystemExit(f"prefix_attn: no CUDA headers (include/cuda_runtime.h) under CUDA_HOME="
+                         f"{CUDA_HOME}: set CUDA_HOME to the CUDA toolkit (e.g. /usr/local/cuda), "
+                         "or PREFIX_ATTN_NO_CUDA=1 to build the CPU part only")
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # No GPU to read the architecture from (a build host, a container build; torch's own
         # detection then fails with an IndexError): the GPUs the kernels target (bf16 and
