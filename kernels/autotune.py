@@ -35,6 +35,25 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# CUDA caps grid axes 1 and 2 at 65535 programs (axis 0 at 2**31 - 1).
+MAX_GRID_YZ = 65535
+
+
+def row_chunks(B: int, Hkv: int) -> list:
+    """Row slices for kernels with one program per (row, kv head) on grid axis 1: ``[None]``
+    (all rows at once, no view made) when ``B * Hkv`` fits the axis, else consecutive slices
+    of at most ``MAX_GRID_YZ // Hkv`` rows, launched one after the other."""
+    step = max(1, MAX_GRID_YZ // max(Hkv, 1))
+    if B <= step:
+        return [None]
+    return [slice(b, min(B, b + step)) for b in range(0, B, step)]
+
+
+def rows_of(t, r):
+    """``t[r]`` (rows ``r`` of a [B, ...] tensor), or ``t`` itself for ``r`` None."""
+    return t if r is None else t[r]
+
+
 def bucket(n: int) -> int:
     """Power-of-two bucket of a length (autotune key): 0 -> 1, 5 -> 8, 64 -> 64."""
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

@@ -22,10 +22,10 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .autotune import (bucket, cdiv, dkdv_configs, dq_configs, interpreting, prune_bwd,
-                       sm_count)
+                       row_chunks, rows_of, sm_count)
 from .common import (LOG2E, key_tile_query_ranges, mask_tile, own_ranges, own_visible_t,
                      packed_rows, scores)
-from .fwd import dot_precision, head_block
+from .fwd import dot_precision, head_block, row_kernel_strides
 
 
 @triton.jit
@@ -457,9 +457,11 @@ def attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_pad
     flags = dict(HAS_WINDOW=window > 0, HAS_KPM=key_padding_mask is not None)
     scal = (qk_scale, softcap_inv, softcap_log2)
 
-    if Skv > 0:
-        wrap_triton(_bwd_dkdv_own)[lambda meta: (cdiv(Skv, meta["BLOCK_N"]), B * Hkv)](
-            q, k, v, dout, lse, delta, kpm, dk, dv,
+    chunks_of_rows = row_chunks(B, Hkv)  # one program per (row, kv head) on grid axis 1
+    for r in chunks_of_rows if Skv > 0 else ():
+        n = B if r is None else r.stop - r.start
+        wrap_triton(_bwd_dkdv_own)[lambda meta, n=n: (cdiv(Skv, meta["BLOCK_N"]), n * Hkv)](
+            *(rows_of(t, r) for t in (q, k, v, dout, lse, delta, kpm, dk, dv)),
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -501,15 +503,12 @@ def attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_pad
             dprefix_k.copy_(gk.sum(0))
             dprefix_v.copy_(gv.sum(0))
 
-    wrap_triton(_bwd_dq)[lambda meta: (cdiv(M, meta["BLOCK_M"]), B * Hkv)](
-        q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, kpm, dout, lse, delta, dq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
-        prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
-        kpm_strides[0], kpm_strides[1],
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        lse.stride(0), lse.stride(1),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        Hkv, Sq, Skv, D, window, *scal, m_bucket, kv_bucket, **common, **flags)
+    for r in chunks_of_rows:
+        n = B if r is None else r.stop - r.start
+        wrap_triton(_bwd_dq)[lambda meta, n=n: (cdiv(M, meta["BLOCK_M"]), n * Hkv)](
+            rows_of(q, r), rows_of(k, r), rows_of(v, r), prefix_k, prefix_v,
+            rows_of(prefix_ids, r), prefix_lens,
+            *(rows_of(t, r) for t in (kpm, dout, lse, delta, dq)),
+            *row_kernel_strides(q, k, v, prefix_k, prefix_v, kpm_strides, dout, lse),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            Hkv, Sq, Skv, D, window, *scal, m_bucket, kv_bucket, **common, **flags)

@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .autotune import DEFAULT_SMS, cdiv, interpreting, sm_count, smem_budget, smem_estimate
+from .autotune import (DEFAULT_SMS, cdiv, interpreting, row_chunks, rows_of, sm_count, smem_budget,
+                       smem_estimate)
 from .common import LN2, own_ranges, packed_rows
 from .bwd import prefix_row_lists
 from .fwd import _fwd_inner, _prefix_pass, dot_precision, head_block
@@ -327,15 +328,18 @@ def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_paddin
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else prefix_ids
     kpm_strides = (kpm.stride(0), kpm.stride(1)) if key_padding_mask is not None else (0, 0)
     chunk_tiles = cdiv(cdiv(max(Skv, 1), splits), block_n)
-    wrap_triton(_cascade_own)[(splits * m_tiles, B * Hkv)](
-        q, k, v, kpm, o_part, l_part,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        kpm_strides[0], kpm_strides[1],
-        s_slot, s_b, s_h, Hkv, Sq, Skv, window, chunk_tiles, m_tiles, *scal,
-        CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_KPM=key_padding_mask is not None,
-        BLOCK_M=block_m_own, BLOCK_N=block_n, num_warps=4, num_stages=stages_own, **common)
+    for r in row_chunks(B, Hkv):  # one program per (row, kv head) on grid axis 1
+        n = B if r is None else r.stop - r.start
+        wrap_triton(_cascade_own)[(splits * m_tiles, n * Hkv)](
+            rows_of(q, r), rows_of(k, r), rows_of(v, r), rows_of(kpm, r),
+            o_part if r is None else o_part[:, r], l_part if r is None else l_part[:, r],
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            kpm_strides[0], kpm_strides[1],
+            s_slot, s_b, s_h, Hkv, Sq, Skv, window, chunk_tiles, m_tiles, *scal,
+            CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_KPM=key_padding_mask is not None,
+            BLOCK_M=block_m_own, BLOCK_N=block_n, num_warps=4, num_stages=stages_own, **common)
 
     # -- 3. exact merge ----
     wrap_triton(_cascade_merge)[(B * Hq * cdiv(Sq, 16),)](

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .autotune import bucket, cdiv, fwd_configs, prune
+from .autotune import bucket, cdiv, fwd_configs, prune, row_chunks, rows_of
 from .common import LN2, mask_tile, own_ranges, packed_rows, scores
 
 
@@ -182,21 +182,31 @@ def attn_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_m
     softcap_log2 = softcap * log2e
     M = G * Sq
 
-    def grid(meta):
-        return (cdiv(M, meta["BLOCK_M"]), B * Hkv)
+    for r in row_chunks(B, Hkv):  # one program per (row, kv head) on grid axis 1
+        n = B if r is None else r.stop - r.start
 
-    wrap_triton(_attn_fwd)[grid](
-        q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, kpm, out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
-        prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
-        kpm_strides[0], kpm_strides[1],
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
-        Hkv, Sq, Skv, D, window, qk_scale, softcap_inv, softcap_log2,
-        bucket(M), bucket(Skv + prefix_k.shape[2]),
-        G=G, CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_KPM=key_padding_mask is not None,
-        SOFTCAP=has_softcap, DOT_PREC=dot_precision(q.dtype), BLOCK_D=head_block(D),
-    )
+        def grid(meta, n=n):
+            return (cdiv(M, meta["BLOCK_M"]), n * Hkv)
+
+        wrap_triton(_attn_fwd)[grid](
+            rows_of(q, r), rows_of(k, r), rows_of(v, r), prefix_k, prefix_v,
+            rows_of(prefix_ids, r), prefix_lens,
+            *(rows_of(t, r) for t in (kpm, out, lse)),
+            *row_kernel_strides(q, k, v, prefix_k, prefix_v, kpm_strides, out, lse),
+            Hkv, Sq, Skv, D, window, qk_scale, softcap_inv, softcap_log2,
+            bucket(M), bucket(Skv + prefix_k.shape[2]),
+            G=G, CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_KPM=key_padding_mask is not None,
+            SOFTCAP=has_softcap, DOT_PREC=dot_precision(q.dtype), BLOCK_D=head_block(D),
+        )
+
+
+def row_kernel_strides(q, k, v, prefix_k, prefix_v, kpm_strides, out, lse) -> tuple:
+    """The stride arguments the per-row forward and the dq kernel share, in their order."""
+    return (q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
+            prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
+            kpm_strides[0], kpm_strides[1],
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1))

@@ -24,7 +24,7 @@ import triton  # noqa: F401  (a missing triton makes this backend unavailable)
 from prefix_attn.kernels import bwd as _bwd
 from prefix_attn.kernels import decode as _decode
 from prefix_attn.kernels import fwd as _fwd
-from prefix_attn.kernels.autotune import interpreting, sm_count
+from prefix_attn.kernels.autotune import MAX_GRID_YZ, interpreting, sm_count
 
 from .backends import SWITCHES, Backend, register_backend
 from .validation import AttnArgs
@@ -36,11 +36,12 @@ MAX_HEAD_DIM = 256
 # shape-only fakes (same schema, same autograd); on GPU they are triton_ops.
 _define_op = custom_op if interpreting() else triton_op
 # CUDA caps grid axes 1 and 2 at 65535 programs. The launches in kernels/ put only
-# B * Hkv (rows x kv heads) or N * Hkv (entries x kv heads) there, plus the prefix dK/dV
-# chunk count (at most 4 x the SM count) and Hkv; anything else that grows with the batch,
-# the heads or Sq (B * Hq in _bwd_delta and _cascade_merge) is folded into axis 0
+# B * Hkv (rows x kv heads: launched in row slices that fit, `autotune.row_chunks`) or
+# N * Hkv (entries x kv heads: the one limit left) there, plus the prefix dK/dV chunk count
+# (at most 4 x the SM count) and Hkv; anything else that grows with the batch, the heads or
+# Sq (B * Hq in _bwd_delta and _cascade_merge) is folded into axis 0
 # (tests/test_numerics_edges.py checks every launch's grid).
-MAX_GRID_Y = 65535
+MAX_GRID_Y = MAX_GRID_YZ
 
 
 CASCADE_ENV = "PREFIX_ATTN_TRITON_CASCADE"
@@ -129,8 +130,9 @@ def unsupported(a: AttnArgs) -> Optional[str]:
         return "bfloat16 is not computed correctly by the Triton CPU interpreter"
     if D > MAX_HEAD_DIM:
         return f"head dim {D} > {MAX_HEAD_DIM}"
-    if B * Hkv > MAX_GRID_Y or N * Hkv > MAX_GRID_Y:
-        return f"B * Hkv = {B * Hkv} or N * Hkv = {N * Hkv} exceeds the grid limit {MAX_GRID_Y}"
+    if N * Hkv > MAX_GRID_Y:
+        return (f"N * Hkv = {N * Hkv} (bank entries in the call x kv heads) exceeds the grid "
+                f"limit {MAX_GRID_Y}")
     return None
 
 

@@ -222,15 +222,18 @@ def _launch_all(B, Hq, Hkv, Sq, Skv, N, P, D):
     dict(B=4096, Hq=32, Hkv=8, Sq=1, Skv=1, N=1, P=1, D=8),
     # cdiv(Sq, 16) = 65537 m tiles (a forced cascade, a long backward)
     dict(B=1, Hq=1, Hkv=1, Sq=16 * 65536 + 1, Skv=1, N=1, P=1, D=1),
-], ids=["gqa_B4096_Hq32", "Sq_1M"])
+    # B * Hkv = 320000 programs per (row, kv head): launched in row slices
+    dict(B=40000, Hq=16, Hkv=8, Sq=1, Skv=2, N=1, P=1, D=8),
+], ids=["gqa_B4096_Hq32", "Sq_1M", "B40000_Hkv8"])
 @needs_triton_import
 def test_every_launch_fits_cuda_grid_limits(dims, monkeypatch):
     """CUDA caps grid axes 1 and 2 at 65535 (axis 0 at 2**31 - 1). The grids of every kernel
     launched by the forward (per-row and cascade) and the backward, computed on CPU without a
-    GPU: the backend's guard (B * Hkv, N * Hkv <= 65535) must be the only limit needed."""
+    GPU: the backend's guard (N * Hkv <= 65535) must be the only limit needed; more rows than
+    one launch's grid holds run in slices."""
     from prefix_attn.triton_backend import MAX_GRID_Y
 
-    assert dims["B"] * dims["Hkv"] <= MAX_GRID_Y and dims["N"] * dims["Hkv"] <= MAX_GRID_Y
+    assert dims["N"] * dims["Hkv"] <= MAX_GRID_Y
     launches = _record_grids(monkeypatch)
     _launch_all(**dims)
     names = {n for n, _ in launches}
@@ -240,6 +243,8 @@ def test_every_launch_fits_cuda_grid_limits(dims, monkeypatch):
         assert 1 <= len(grid) <= 3 and min(grid) >= 0, (name, grid)
         assert grid[0] <= _AXIS0_MAX, (name, grid)
         assert all(g <= _AXIS12_MAX for g in grid[1:]), (name, grid)
+    for name in ("_attn_fwd", "_cascade_own", "_bwd_dkdv_own", "_bwd_dq"):  # every (row, kv head)
+        assert sum(g[1] for n, g in launches if n == name) == dims["B"] * dims["Hkv"], name
 
 
 # -- 4. gaps found by a mutation audit: large prefix scores, strided last dims ----------------

@@ -312,6 +312,35 @@ def test_cascade_equals_per_row_and_backward_runs_through_it(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["0", "1"], ids=["per_row", "cascade"])
+def test_rows_beyond_a_grid_axis_run_in_slices(monkeypatch, mode):
+    """B * Hkv above CUDA's 65535 programs on grid axis 1 (e.g. 8192 rows of 8 kv heads, or a
+    packed batch of that many sequences): the kernels with one program per (row, kv head) run
+    in row slices that fit (the backend refused such calls before: a slower backend ran them).
+    With the limit lowered to 4, 5 rows of 2 kv heads run in slices of 2, 2 and 1 rows and
+    give bitwise what one launch gives, forward (with the LSE) and backward."""
+    from prefix_attn.kernels import autotune, bwd, decode, fwd
+
+    monkeypatch.setenv("PREFIX_ATTN_TRITON_CASCADE", mode)
+    args, kw = make_inputs(B=5, Hq=4, Hkv=2, N=2, P=18, lens=[18, 7], ids=[1, 0, 1, 1, 0],
+                           Sq=3, Skv=20, pad="left", device=DEVICE, requires_grad=True)
+
+    def run():
+        out, lse = prefix_attention(*args, **kw, return_lse=True, backend="triton")
+        return [out, lse, *torch.autograd.grad(out.square().sum() + lse.sum(), args)]
+
+    whole = run()
+    sliced = []
+    for mod in (fwd, bwd, decode):
+        monkeypatch.setattr(mod, "row_chunks", lambda B, Hkv: sliced.append(
+            autotune.row_chunks(B, Hkv)) or sliced[-1])
+    monkeypatch.setattr(autotune, "MAX_GRID_YZ", 4)
+    parts = run()
+    assert sliced and all(len(c) == 3 and c[-1] == slice(4, 5) for c in sliced), sliced
+    for a, b in zip(parts, whole):
+        assert torch.equal(a, b)
+
+
 def test_cascade_shape_rule():
     from prefix_attn.kernels.decode import use_cascade
     assert use_cascade(B=64, N=1, P=2048, Sq=1, Skv=64, Hkv=8)    # long shared prefix
