@@ -23,6 +23,7 @@ constexpr int kWarps = 4;       // query rows per block (forward, dq)
 constexpr int kBlockN = 32;     // keys per tile (forward, dq)
 constexpr int kBlockNKV = 16;   // keys per tile (dk/dv)
 constexpr int kMaxCols = 8;     // head-dim columns per lane: D <= 256
+constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on grid axes y and z
 constexpr float kNegInf = -INFINITY;
 
 __device__ __forceinline__ float to_f(float x) { return x; }
@@ -163,7 +164,8 @@ __device__ __forceinline__ void row_tile(const CudaAttnParams& p, const float* K
   __syncwarp();
 }
 
-// Forward (M = kForward) or dq (M = kDq). Grid: (ceil(G * Sq / kWarps), Hkv, B).
+// Forward (M = kForward) or dq (M = kDq). Grid: (ceil(G * Sq / kWarps), Hkv, rows of this
+// launch); row b = p.b0 + blockIdx.z (launches of at most kMaxGridYZ rows each).
 template <typename T, Mode M>
 __global__ void __launch_bounds__(kWarps * 32) rows_kernel(const CudaAttnParams p) {
   extern __shared__ float smem[];
@@ -174,7 +176,7 @@ __global__ void __launch_bounds__(kWarps * 32) rows_kernel(const CudaAttnParams 
   float* dOs = Qs + kWarps * D;        // [kWarps][D] (dq only)
   float* Ps = dOs + kWarps * D;        // [kWarps][kBlockN]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t b = blockIdx.z, g = blockIdx.y;
+  const int64_t b = p.b0 + blockIdx.z, g = blockIdx.y;
   const BlockRows rows(p);
   const int64_t row = rows.row0 + warp;
   const bool valid = row < rows.row1;
@@ -389,16 +391,28 @@ cudaError_t allow_smem(Kernel kernel, size_t bytes) {
                               static_cast<int>(bytes));
 }
 
+// rows_kernel over every row, in launches of at most kMaxGridYZ rows (grid axis z).
+template <typename T, Mode M>
+cudaError_t launch_rows(const CudaAttnParams& p, cudaStream_t stream) {
+  const size_t smem = rows_smem_bytes(p.D);
+  auto kernel = rows_kernel<T, M>;
+  if (cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
+  for (int64_t b0 = 0; b0 < p.B; b0 += kMaxGridYZ) {
+    CudaAttnParams part = p;
+    part.b0 = b0;
+    const int64_t n = p.B - b0 < kMaxGridYZ ? p.B - b0 : kMaxGridYZ;
+    const dim3 grid(static_cast<unsigned>((p.G * p.Sq + kWarps - 1) / kWarps),
+                    static_cast<unsigned>(p.Hkv), static_cast<unsigned>(n));
+    kernel<<<grid, kWarps * 32, smem, stream>>>(part);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
 template <typename T>
 cudaError_t fwd_typed(const CudaAttnParams& p, cudaStream_t stream) {
   if (p.B == 0 || p.Sq == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>((p.G * p.Sq + kWarps - 1) / kWarps),
-                  static_cast<unsigned>(p.Hkv), static_cast<unsigned>(p.B));
-  const size_t smem = rows_smem_bytes(p.D);
-  auto kernel = rows_kernel<T, Mode::kForward>;
-  if (cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
-  kernel<<<grid, kWarps * 32, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_rows<T, Mode::kForward>(p, stream);
 }
 
 template <typename T>
@@ -409,13 +423,7 @@ cudaError_t bwd_typed(const CudaAttnParams& p, cudaStream_t stream) {
                     stream>>>(p);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
 
-  const dim3 grid(static_cast<unsigned>((p.G * p.Sq + kWarps - 1) / kWarps),
-                  static_cast<unsigned>(p.Hkv), static_cast<unsigned>(p.B));
-  const size_t smem = rows_smem_bytes(p.D);
-  auto dq_kernel = rows_kernel<T, Mode::kDq>;
-  if (cudaError_t e = allow_smem(dq_kernel, smem); e != cudaSuccess) return e;
-  dq_kernel<<<grid, kWarps * 32, smem, stream>>>(p);
-  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  if (cudaError_t e = launch_rows<T, Mode::kDq>(p, stream); e != cudaSuccess) return e;
 
   const int64_t tiles = p.N * p.Hkv * ((p.P + kBlockNKV - 1) / kBlockNKV) +
                         p.B * p.Hkv * ((p.Skv + kBlockNKV - 1) / kBlockNKV);

@@ -14,6 +14,7 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // Outputs and the backward-only tensors are contiguous.
 struct CudaAttnParams {
   int64_t B, Hq, Hkv, G, Sq, Skv, D, N, P;
+  int64_t b0;  // first row of a launch of the rows kernels (set by the launcher; 0 here)
   const void *q, *k, *v, *pk, *pv;
   int64_t q_s[3], k_s[3], v_s[3], pk_s[3], pv_s[3];
   const int64_t* ids;   // [B]

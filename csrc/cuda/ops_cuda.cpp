@@ -29,8 +29,8 @@ cuda::CudaAttnParams make_params(const OpInputs& in, const c10::optional<at::Ten
   cuda::CudaAttnParams p{};
   fill_common_params(p, in.q, in.k, in.v, in.pk, in.pv, in.ids, in.lens, kpm, causal, scale,
                      window, softcap);
-  TORCH_CHECK(p.B <= 65535 && p.Hkv <= 65535, "prefix_attn (cuda): B=", p.B, " and Hkv=", p.Hkv,
-              " must be <= 65535 (grid limits)");
+  TORCH_CHECK(p.Hkv <= 65535, "prefix_attn (cuda): Hkv=", p.Hkv, " must be <= 65535 (a grid "
+              "axis; more rows than that run in several launches)");
   p.dtype = to_dtype(in.q.scalar_type());
   return p;
 }
