@@ -6,6 +6,15 @@ import os
 from setuptools import setup
 
 
+def _cuda_headers_found(cuda_home: str) -> bool:
+    """Whether cuda_runtime.h is where the build will look: CUDA_HOME/include (what torch
+    passes), CUDA_INC_PATH (torch passes it too) or the compiler's own include paths."""
+    dirs = [os.path.join(cuda_home, "include"), os.environ.get("CUDA_INC_PATH", "")]
+    for var in ("CPATH", "CPLUS_INCLUDE_PATH", "C_INCLUDE_PATH"):
+        dirs += os.environ.get(var, "").split(os.pathsep)
+    return any(d and os.path.isfile(os.path.join(d, "cuda_runtime.h")) for d in dirs)
+
+
 def ext_modules_and_cmdclass():
     """The C++/CUDA extension `prefix_attn._C` (see csrc/), built with ninja.
 
@@ -31,7 +40,7 @@ def ext_modules_and_cmdclass():
         cxx.append("-march=native")
     with_cuda = (os.environ.get("PREFIX_ATTN_NO_CUDA") != "1" and torch.version.cuda is not None
                  and CUDA_HOME is not None)
-    if with_cuda and not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+    if with_cuda and not _cuda_headers_found(CUDA_HOME):
         # torch derives CUDA_HOME from the nvcc on PATH: a wrapper script in /usr/local/bin
         # gives /usr/local, and the build then stops at a missing cuda_runtime.h
         raise SystemExit(f"prefix_attn: no CUDA headers (include/cuda_runtime.h) under CUDA_HOME="
