@@ -40,13 +40,13 @@ MAX_GRID_YZ = 65535
 
 
 def row_chunks(B: int, Hkv: int) -> list:
-    """Row slices for kernels with one program per (row, kv head) on grid axis 1: ``[None]``
-    (all rows at once, no view made) when ``B * Hkv`` fits the axis, else consecutive slices
-    of at most ``MAX_GRID_YZ // Hkv`` rows, launched one after the other."""
+    """``(rows, n)`` launches for kernels with one program per (row, kv head) on grid axis 1:
+    ``[(None, B)]`` (all rows at once, no view made) when ``B * Hkv`` fits the axis, else
+    consecutive slices of at most ``MAX_GRID_YZ // Hkv`` rows and their lengths."""
     step = max(1, MAX_GRID_YZ // max(Hkv, 1))
     if B <= step:
-        return [None]
-    return [slice(b, min(B, b + step)) for b in range(0, B, step)]
+        return [(None, B)]
+    return [(slice(b, min(B, b + step)), min(B, b + step) - b) for b in range(0, B, step)]
 
 
 def rows_of(t, r):

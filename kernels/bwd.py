@@ -458,8 +458,7 @@ def attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_pad
     scal = (qk_scale, softcap_inv, softcap_log2)
 
     chunks_of_rows = row_chunks(B, Hkv)  # one program per (row, kv head) on grid axis 1
-    for r in chunks_of_rows if Skv > 0 else ():
-        n = B if r is None else r.stop - r.start
+    for r, n in chunks_of_rows if Skv > 0 else ():
         wrap_triton(_bwd_dkdv_own)[lambda meta, n=n: (cdiv(Skv, meta["BLOCK_N"]), n * Hkv)](
             *(rows_of(t, r) for t in (q, k, v, dout, lse, delta, kpm, dk, dv)),
             q.stride(0), q.stride(1), q.stride(2),
@@ -503,8 +502,7 @@ def attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_pad
             dprefix_k.copy_(gk.sum(0))
             dprefix_v.copy_(gv.sum(0))
 
-    for r in chunks_of_rows:
-        n = B if r is None else r.stop - r.start
+    for r, n in chunks_of_rows:
         wrap_triton(_bwd_dq)[lambda meta, n=n: (cdiv(M, meta["BLOCK_M"]), n * Hkv)](
             rows_of(q, r), rows_of(k, r), rows_of(v, r), prefix_k, prefix_v,
             rows_of(prefix_ids, r), prefix_lens,

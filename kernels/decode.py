@@ -328,8 +328,7 @@ def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_paddin
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else prefix_ids
     kpm_strides = (kpm.stride(0), kpm.stride(1)) if key_padding_mask is not None else (0, 0)
     chunk_tiles = cdiv(cdiv(max(Skv, 1), splits), block_n)
-    for r in row_chunks(B, Hkv):  # one program per (row, kv head) on grid axis 1
-        n = B if r is None else r.stop - r.start
+    for r, n in row_chunks(B, Hkv):  # one program per (row, kv head) on grid axis 1
         wrap_triton(_cascade_own)[(splits * m_tiles, n * Hkv)](
             rows_of(q, r), rows_of(k, r), rows_of(v, r), rows_of(kpm, r),
             o_part if r is None else o_part[:, r], l_part if r is None else l_part[:, r],

@@ -182,9 +182,7 @@ def attn_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_m
     softcap_log2 = softcap * log2e
     M = G * Sq
 
-    for r in row_chunks(B, Hkv):  # one program per (row, kv head) on grid axis 1
-        n = B if r is None else r.stop - r.start
-
+    for r, n in row_chunks(B, Hkv):  # one program per (row, kv head) on grid axis 1
         def grid(meta, n=n):
             return (cdiv(M, meta["BLOCK_M"]), n * Hkv)
 

@@ -41,7 +41,6 @@ _define_op = custom_op if interpreting() else triton_op
 # (at most 4 x the SM count) and Hkv; anything else that grows with the batch, the heads or
 # Sq (B * Hq in _bwd_delta and _cascade_merge) is folded into axis 0
 # (tests/test_numerics_edges.py checks every launch's grid).
-MAX_GRID_Y = MAX_GRID_YZ
 
 
 CASCADE_ENV = "PREFIX_ATTN_TRITON_CASCADE"
@@ -130,9 +129,9 @@ def unsupported(a: AttnArgs) -> Optional[str]:
         return "bfloat16 is not computed correctly by the Triton CPU interpreter"
     if D > MAX_HEAD_DIM:
         return f"head dim {D} > {MAX_HEAD_DIM}"
-    if N * Hkv > MAX_GRID_Y:
+    if N * Hkv > MAX_GRID_YZ:
         return (f"N * Hkv = {N * Hkv} (bank entries in the call x kv heads) exceeds the grid "
-                f"limit {MAX_GRID_Y}")
+                f"limit {MAX_GRID_YZ}")
     return None
 
 

@@ -231,9 +231,9 @@ def test_every_launch_fits_cuda_grid_limits(dims, monkeypatch):
     launched by the forward (per-row and cascade) and the backward, computed on CPU without a
     GPU: the backend's guard (N * Hkv <= 65535) must be the only limit needed; more rows than
     one launch's grid holds run in slices."""
-    from prefix_attn.triton_backend import MAX_GRID_Y
+    from prefix_attn.kernels.autotune import MAX_GRID_YZ
 
-    assert dims["N"] * dims["Hkv"] <= MAX_GRID_Y
+    assert dims["N"] * dims["Hkv"] <= MAX_GRID_YZ
     launches = _record_grids(monkeypatch)
     _launch_all(**dims)
     names = {n for n, _ in launches}
