@@ -71,7 +71,7 @@ setup(
     version="0.1.0",
     description="Fused attention kernels for prefix tuning and shared-prefix serving",
     python_requires=">=3.9",
-    packages=["prefix_attn", "prefix_attn.kernels"],
+    packages=["prefix_attn", "prefix_attn.hf", "prefix_attn.kernels"],
     package_dir={"prefix_attn": "prefix_attn", "prefix_attn.kernels": "kernels"},
     install_requires=["torch>=2.4", "safetensors", "tqdm"],
     extras_require={

@@ -215,7 +215,7 @@ def test_static_cache_prefill_takes_the_fused_path(monkeypatch):
     dense-mask fallback: 5-7x slower and 10x the memory at 1.5k tokens. The mask now covers the
     filled slots and K/V are cut there; same logits and tokens as the dynamic cache."""
     import prefix_attn
-    import prefix_attn.hf as hf
+    from prefix_attn.hf import attention as hf  # the module that calls it
     from transformers import StaticCache
 
     from prefix_attn.tiny import tiny_model

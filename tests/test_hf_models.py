@@ -99,7 +99,7 @@ def test_output_attentions_falls_back_with_eager_weights():
     ref = tiny_model("llama", attn_implementation="eager")
     ref.load_state_dict(ours.state_dict())
     ids, mask = _padded("right")
-    hf._warned.clear()
+    hf.attention._warned.clear()
     with torch.no_grad(), pytest.warns(UserWarning, match="output_attentions"):
         a = ours(ids, attention_mask=mask, output_attentions=True)
     with torch.no_grad():
@@ -117,7 +117,7 @@ def test_attention_dropout_in_training_falls_back():
     ref = tiny_model("llama", attention_dropout=0.3, attn_implementation="eager").train()
     ref.load_state_dict(ours.state_dict())
     ids, _ = _padded(None)
-    hf._warned.clear()
+    hf.attention._warned.clear()
     torch.manual_seed(5)
     with pytest.warns(UserWarning, match="dropout"):
         a = ours(ids).logits
@@ -138,7 +138,7 @@ def test_packed_sequences_run_fused_and_equal_sdpa(recwarn):
     ref.load_state_dict(ours.state_dict())
     ids, _ = _padded(None, B=1)
     pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
-    hf._warned.clear()
+    hf.attention._warned.clear()
     with torch.no_grad():
         a = ours(ids, position_ids=pos, use_cache=False).logits
     assert not [w for w in recwarn if "prefix_attn" in str(w.message)]

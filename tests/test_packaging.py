@@ -14,8 +14,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # What a build from the sdist reads: the host package, the Triton kernels, every C++/CUDA source.
-SHIPPED = ["prefix_attn/*.py", "kernels/*.py", "csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.h",
-           "setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "CMakeLists.txt"]
+SHIPPED = ["prefix_attn/*.py", "prefix_attn/hf/*.py", "kernels/*.py", "csrc/**/*.cpp", "csrc/**/*.cu",
+           "csrc/**/*.h", "setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "CMakeLists.txt"]
 
 
 def _copy_tree(dst):

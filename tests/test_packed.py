@@ -79,7 +79,7 @@ def test_packed_dense_mask():
 # ---------------------------------------------------------------------------------------
 def _count_packed_calls(monkeypatch) -> list:
     """A list that grows by one at every regrouped (packed) attention call."""
-    from prefix_attn import hf
+    from prefix_attn.hf import attention as hf  # the module that calls it
 
     calls = []
     real = hf.packed_attention

@@ -116,7 +116,7 @@ def test_read_examples_errors(tmp_path):
 def test_pack_gives_the_padded_loss_and_training(data, tmp_path, monkeypatch):
     """--pack: one row per batch, position_ids restarting per example (the fused packed path),
     the same loss as the padded batch, so the same training (within float error)."""
-    from prefix_attn import hf
+    from prefix_attn.hf import attention as hf  # the module that calls it
     from prefix_attn.tiny import ByteTokenizer, default_model
     from prefix_attn.tuning import prefix_tuning
 

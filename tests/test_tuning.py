@@ -534,7 +534,7 @@ def test_reentrant_checkpointing_in_a_multi_process_run_warns(monkeypatch, reent
     reentrant checkpointed layer gets only the first layer's gradient synced, silently: a
     one-time warning in a multi-process run; none with use_reentrant=False or in one process."""
     import prefix_attn.distributed
-    import prefix_attn.hf
+    import prefix_attn.hf.hooks
 
     model = tiny_model("llama")
     prefix_tuning(model, num_virtual_tokens=P, name="a")
@@ -543,7 +543,7 @@ def test_reentrant_checkpointing_in_a_multi_process_run_warns(monkeypatch, reent
                                                     {"use_reentrant": reentrant})
     model.train()
     ids, mask, labels = _batch()
-    monkeypatch.setattr(prefix_attn.hf, "_warned_reentrant", False)
+    monkeypatch.setattr(prefix_attn.hf.hooks, "_warned_reentrant", False)
     reentrant = reentrant is not False
     for world in (1, 2):
         monkeypatch.setattr(prefix_attn.distributed, "world_size", lambda world=world: world)

@@ -1,0 +1,120 @@
+"""``GenerationMixin.generate`` with ``prefixes=``: names become bank ids before generate
+expands its inputs, the bank is pinned for the call, assistants of assisted generation draft
+without prefixes, and a generate that would pass a learned position table is refused."""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from .hooks import _from_numpy, _rows_for
+from .names import PREFIXES_KWARG
+from .positions import _past_the_table, learned_position_limit
+
+
+def _check_generate_positions(model, bank, args, kwargs) -> None:
+    """Before a generate on a model with learned positions (GPT-2, OPT, ...): refuse one whose
+    last token would pass the position table (else it fails at the step that crosses it).
+    A lower bound on the position reached (each row's prefix + real tokens + new tokens), so
+    it never refuses a generate that fits."""
+    limit = learned_position_limit(model)
+    ids = kwargs.get(PREFIXES_KWARG)
+    tokens = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if limit is None or not isinstance(ids, torch.Tensor) or ids.dim() != 1 \
+            or not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 \
+            or ids.shape[0] != tokens.shape[0]:
+        return
+    config = getattr(model, "generation_config", None)
+    new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if new is None:
+        return
+    names = bank.names()
+    lens = [bank.entry_len(names[i]) if 0 <= i < len(names) else 0 for i in ids.tolist()]
+    mask = kwargs.get("attention_mask")
+    real = mask.sum(-1).tolist() if isinstance(mask, torch.Tensor) and mask.dim() == 2 \
+        else [tokens.shape[1]] * len(lens)
+    # positions used: the prefix, the prompt's real tokens and every new token but the last
+    # (which is never fed back)
+    top = max(P + int(n) for P, n in zip(lens, real)) + int(new) - 1
+    if top > limit:
+        raise ValueError(f"generate would reach position {top - 1} (a prefix, the prompt's tokens "
+                         f"and max_new_tokens={new}), {_past_the_table(model, limit)}: shorten "
+                         "the prompt, the prefix or max_new_tokens")
+
+
+def _generate_batch_size(args, kwargs) -> Optional[int]:
+    for t in (args[0] if args else None, kwargs.get("inputs"), kwargs.get("input_ids"),
+              kwargs.get("inputs_embeds")):
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            return t.shape[0]
+    return None
+
+
+def _wrap_generate(generate):
+    """``GenerationMixin.generate`` for models with a prefix bank and ``prefixes=``: the names
+    become an id tensor ``[B]`` before generate starts (generate then expands it with the rows,
+    for beams and ``num_return_sequences``, as it does every tensor keyword; a list it would
+    pass on unexpanded), and the bank is pinned for the whole call (a request keeps its
+    prefixes while other tenants change the bank). ``prefixes=`` on a model without any bank
+    raises (transformers would pass it on to attention functions that ignore it). Anything
+    else: generate unchanged."""
+
+    @functools.wraps(generate)
+    def wrapper(self, *args, **kwargs):
+        prefixes = kwargs.get(PREFIXES_KWARG)
+        if prefixes is None:
+            return generate(self, *args, **kwargs)
+        prefixes = kwargs[PREFIXES_KWARG] = _from_numpy(prefixes)
+        bank = self.__dict__.get("_modules", {}).get("prefix_bank")
+        if bank is None:
+            from ..bank import _PINNED, PrefixBank
+
+            inner = next((m for m in self.modules() if isinstance(m, PrefixBank)), None)
+            if inner is None and _PINNED.get():
+                # the assistant model of assisted generation, called inside the generate of a
+                # model with a bank: it drafts without the prefixes, the main model verifies
+                # every drafted token with them (the output stays exact)
+                kwargs.pop(PREFIXES_KWARG)
+                return generate(self, *args, **kwargs)
+            if inner is None:
+                raise ValueError(
+                    f"generate(prefixes=...) on a {type(self).__name__} without a prefix bank: the "
+                    "prefixes would be ignored; attach one first (prefix_attn.PrefixBank.attach(model) "
+                    "or prefix_attn.prefix_tuning(model, ...))")
+            with inner.pinned():  # a bank on a submodule (the language model of a VLM): its
+                return generate(self, *args, **kwargs)  # own hook reads the names
+        if isinstance(prefixes, torch.Tensor):
+            prefixes = _ids_of_an_outer_bank(bank, prefixes)
+            if prefixes is None:  # names this bank lacks: it drafts without prefixes
+                kwargs.pop(PREFIXES_KWARG)
+                return generate(self, *args, **kwargs)
+            kwargs[PREFIXES_KWARG] = prefixes
+        with bank.pinned():
+            B = _generate_batch_size(args, kwargs)
+            if B is not None and not isinstance(prefixes, torch.Tensor):
+                # on the host: each step reads the (expanded) ids back without a device sync
+                kwargs[PREFIXES_KWARG] = bank.ids(_rows_for(prefixes), B, device="cpu")
+            _check_generate_positions(self, bank, args, kwargs)
+            return generate(self, *args, **kwargs)
+
+    wrapper._prefix_attn_wrapped = True
+    return wrapper
+
+
+def _ids_of_an_outer_bank(bank, ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """``ids`` for ``bank``: unchanged, unless this generate runs inside the generate of a model
+    with another bank (this model is its assistant, drafting for assisted generation), whose
+    wrapper turned the names into ids of *that* bank: then the same names in this bank (None
+    when this bank lacks one of them: the assistant drafts without prefixes, and the main model
+    verifies every token with them, so the output stays exact)."""
+    from ..bank import _PINNED
+
+    outer = [state for b, state in (_PINNED.get() or {}).values() if b is not bank]
+    if not outer:
+        return ids
+    names = list(outer[-1][1])  # the outer bank as its generate pinned it
+    rows = [names[i] if 0 <= i < len(names) else None for i in ids.tolist()]
+    if any(r is not None and r not in bank for r in rows):
+        return None
+    return bank.ids(rows, len(rows), device="cpu")

@@ -1,0 +1,179 @@
+"""The ``AttentionMaskInterface`` entry of ``"prefix_attn"`` (:func:`padding_mask`): what
+transformers' mask function becomes for the kernel (a padding mask, packed sequence ids, or
+a dense mask for the fallback), and packed sequences found from the position ids."""
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..packed import sequence_ids
+from .names import PACKED_ATTR
+
+
+def _closure_value(fn, name):
+    code = getattr(fn, "__code__", None)
+    if code is None or fn.__closure__ is None:
+        return None
+    for var, cell in zip(code.co_freevars, fn.__closure__):
+        if var == name:
+            return cell.cell_contents
+    return None
+
+
+def mask_pattern(mask_function) -> Optional[str]:
+    """"causal" | "sliding" | "full" for the mask functions the kernel expresses, else None.
+
+    Matches transformers' ``causal_mask_function``, ``bidirectional_mask_function`` and
+    ``sliding_window_causal_mask_function(w)`` (= ``and_masks(sliding_window_overlay(w), causal)``).
+    """
+    from transformers import masking_utils as mu
+
+    if mask_function is mu.causal_mask_function:
+        return "causal"
+    if mask_function is mu.bidirectional_mask_function:
+        return "full"
+    parts = _closure_value(mask_function, "mask_functions")
+    if (isinstance(parts, tuple) and len(parts) == 2 and parts[1] is mu.causal_mask_function
+            and getattr(parts[0], "__qualname__", "").startswith("sliding_window_overlay.")):
+        return "sliding"
+    return None
+
+
+def packed_sequence_ids(mask_function, q_length, kv_length, q_offset, kv_offset):
+    """The sequence ids ``[B, T]`` when ``mask_function`` is transformers' mask of packed
+    sequences over a pattern the kernel expresses, else None.
+
+    transformers builds it as ``and_masks(base, packed_sequence_mask_function(ids))``, where
+    ``base`` may be wrapped by ``remap_positions_for_packed_sequence`` (5.2x) and is the
+    causal, sliding or bidirectional function; any other overlay (or a cache offset) gives
+    None. The returned tensor is marked (``PACKED_ATTR``) so the attention function tells it
+    from a padding mask. Read inside torch.compile too: the mask function itself must not be
+    called after its closure was read there (dynamo fails on it).
+    """
+    parts = _closure_value(mask_function, "mask_functions")
+    if not (isinstance(parts, tuple) and len(parts) == 2):
+        return None
+    base, last = parts
+    if not getattr(last, "__qualname__", "").startswith("packed_sequence_mask_function."):
+        return None
+    ids = _closure_value(last, "packed_sequence_mask")
+    if getattr(base, "__qualname__", "").startswith("remap_positions_for_packed_sequence."):
+        base = _closure_value(base, "mask_function")
+    if (mask_pattern(base) is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2
+            or q_length != kv_length or ids.shape[1] != kv_length or int(q_offset) != 0
+            or int(kv_offset) != 0):
+        return None
+    ids = ids.to(torch.long).clone()
+    setattr(ids, PACKED_ATTR, True)
+    return ids
+
+
+# id(position_ids) -> (weakref to it, its version, its sequence ids or None): one check per
+# forward, not one per layer (every layer gets the same tensor). Kept small.
+_PACKED_BY_POSITIONS: dict = {}
+
+
+def packed_from_positions(position_ids, batch_size: int, length: int):
+    """Sequence ids ``[1, T]`` when a single row's ``position_ids`` restart (several sequences
+    packed without padding, e.g. ``DataCollatorWithFlattening``), else None: the rule of
+    transformers' flash-attention path (one row, more than one position, a decrease), for
+    forwards where transformers' mask ignores the packing (a cache exists, as in a training
+    forward with ``use_cache`` left on). One host read per forward; none while compiling."""
+    if (position_ids is None or batch_size != 1 or length < 2 or position_ids.dim() != 2
+            or position_ids.shape != (1, length) or torch.compiler.is_compiling()):
+        return None
+    # an inference tensor has no version counter (and cannot change outside inference mode)
+    stamp = (position_ids.data_ptr(),
+             None if position_ids.is_inference() else position_ids._version)
+    cached = _PACKED_BY_POSITIONS.get(id(position_ids))
+    if cached is not None and cached[0]() is position_ids and cached[1] == stamp:
+        return cached[2]
+    ids = None
+    if bool((torch.diff(position_ids, dim=-1) < 0).any()):
+        ids = sequence_ids(position_ids)
+    if len(_PACKED_BY_POSITIONS) >= 64:
+        _PACKED_BY_POSITIONS.clear()
+    _PACKED_BY_POSITIONS[id(position_ids)] = (weakref.ref(position_ids), stamp, ids)
+    return ids
+
+
+def _dense_mask(mu, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                attention_mask, device):
+    """``sdpa_mask``'s dense bool mask ``[B, 1, q, kv]`` (its signature differs across 5.x)."""
+    kw = dict(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset,
+              mask_function=mask_function, attention_mask=attention_mask,
+              allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    if "cache_position" in inspect.signature(mu.sdpa_mask).parameters:
+        kw["cache_position"] = torch.arange(q_length, device=device) + int(q_offset)
+    else:
+        kw.update(q_length=q_length, q_offset=q_offset, device=device)
+    return mu.sdpa_mask(**kw)
+
+
+def padding_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Optional[int] = None,
+                 q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask: Optional[torch.Tensor] = None, device="cpu",
+                 cache_position: Optional[torch.Tensor] = None, **kwargs) -> Optional[torch.Tensor]:
+    """The ``AttentionMaskInterface`` entry of ``"prefix_attn"``.
+
+    attention_mask: bool ``[B, >= kv_offset + kv_length]`` (True = real token) or None.
+    Returns None (no padding), a bool padding mask ``[B, kv_length]``, the marked sequence ids
+    ``[B, kv_length]`` of packed rows (:func:`packed_sequence_ids`), or, for a pattern the
+    kernel cannot express, the dense bool mask ``[B, 1, q_length, kv_length]`` of ``sdpa_mask``.
+    Releases that pass ``cache_position`` ``[q_length]`` instead of q_length / q_offset work too.
+    """
+    from transformers import masking_utils as mu
+
+    if q_length is None:
+        if cache_position is None:
+            raise TypeError("padding_mask needs q_length or cache_position")
+        q_length, q_offset, device = cache_position.shape[0], cache_position[0], cache_position.device
+    if mask_function is None:
+        mask_function = mu.causal_mask_function
+    seq_ids = packed_sequence_ids(mask_function, q_length, kv_length, q_offset, kv_offset)
+    if seq_ids is not None:
+        return seq_ids
+    pattern = mask_pattern(mask_function)
+    kv_off = int(kv_offset)
+    if (q_length == 1 and pattern == "causal" and isinstance(q_offset, torch.Tensor)
+            and torch.compiler.is_compiling()):
+        # a compiled decode step (static cache): q_offset stays a tensor (int() would break
+        # the graph); masking the keys after the query is right whether or not it is aligned
+        q_off, aligned, trim_future = q_offset, False, True
+    else:
+        q_off = int(q_offset)
+        # The kernel's causal diagonal is bottom-right aligned: own key j is visible to query i
+        # iff j <= kv_length - q_length + i, which is HF's kv_idx <= q_idx when offsets agree.
+        aligned = q_off - kv_off == kv_length - q_length
+        # A single query (decode on a static cache): keys after it are masked out as padding.
+        trim_future = not aligned and q_length == 1 and pattern == "causal"
+        # Several queries at the start of a longer buffer (a static cache's prefill): the keys
+        # after the last query are slots not filled yet; the mask covers only the keys up to
+        # it, and the attention function cuts K/V to that length, where the diagonal aligns.
+        filled = q_off - kv_off + q_length
+        if not aligned and not trim_future and pattern == "causal" and q_off >= kv_off \
+                and filled < kv_length:
+            pm = torch.ones(batch_size, filled, dtype=torch.bool, device=device) \
+                if attention_mask is None else attention_mask.to(torch.bool)[:, kv_off:kv_off + filled]
+            if pm.shape[-1] == filled:
+                return pm
+    if pattern is None or (pattern != "full" and not aligned and not trim_future):
+        return _dense_mask(mu, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                           attention_mask, device)
+    if attention_mask is None and not trim_future:
+        return None
+    if attention_mask is None:
+        pm = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+    else:
+        pm = attention_mask.to(torch.bool)[:, kv_off:kv_off + kv_length]
+        if pm.shape[-1] < kv_length:  # slots a static cache has not filled yet
+            pm = F.pad(pm, (0, kv_length - pm.shape[-1]), value=False)
+    if trim_future:
+        pm = pm & (torch.arange(kv_length, device=pm.device) + kv_off <= q_off)
+    if not torch.compiler.is_compiling() and bool(pm.all()):  # a host sync: not in a graph
+        return None
+    return pm
