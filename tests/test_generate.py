@@ -299,3 +299,38 @@ def test_compiled_serving_does_not_recompile_when_the_longest_prefix_changes():
         assert counters["stats"]["unique_graphs"] == graphs
     finally:
         model.forward = forward
+
+
+def test_compiled_serving_reuses_one_entry_graphs_for_batches_without_prefixes():
+    """A batch in which no row has a prefix selected one entry of length 0, a size dynamo
+    specialises: a compiled server compiled a prefill and a decode graph for it on top of the
+    one-entry ones (8 graphs, dynamo's recompile limit, for a six-kind mix). Its prefix is now
+    padded to two masked positions: the one-entry graphs serve it, with the same tokens; and
+    the eager fallback (output_attentions) still sees no prefix column."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import prefix_attn
+
+    model = tiny_model("llama")
+    bank = prefix_attn.PrefixBank.attach(model)
+    D = model.config.hidden_size // model.config.num_attention_heads
+    g = torch.Generator().manual_seed(2)
+    bank.add("A", torch.randn(2, 2, 5, D, generator=g), torch.randn(2, 2, 5, D, generator=g))
+    ids = torch.randint(3, 100, (2, 6), generator=g)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    want = {rows: model.generate(ids, prefixes=list(rows), **kw) for rows in (("A", "A"), (None, None))}
+    with torch.no_grad():
+        probs = model(ids, prefixes=[None, None], output_attentions=True).attentions[0]
+    assert probs.shape[-1] == ids.shape[1]  # no prefix column
+    torch._dynamo.reset()
+    counters.clear()
+    forward = model.forward
+    model.forward = torch.compile(forward, backend="eager")
+    try:
+        assert torch.equal(model.generate(ids, prefixes=["A", "A"], **kw), want[("A", "A")])
+        graphs = counters["stats"]["unique_graphs"]
+        assert torch.equal(model.generate(ids, prefixes=[None, None], **kw), want[(None, None)])
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        model.forward = forward

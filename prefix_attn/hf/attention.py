@@ -210,6 +210,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         _warn_once(reason)
         if seq_ids is not None:
             dense = packed_dense_mask(seq_ids, causal, window)
+        if getattr(sel, "_padded_empty", False):  # no row has a prefix (hooks._pad_empty)
+            pk = pv = ids = lens = None
         return eager_prefix_attention(query, key, value, pk, pv, ids, lens, kpm, dense, causal,
                                       scaling, window, softcap, dropout, module.training,
                                       sinks=_sinks(kwargs))

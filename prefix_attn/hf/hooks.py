@@ -4,6 +4,7 @@ ids past each row's prefix and finds packed sequences; the post-hook checks that
 attention function read the selection."""
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 import weakref
@@ -63,6 +64,30 @@ def _rows_for(prefixes):
     if isinstance(prefixes, str) and prefixes == "":
         return None
     return prefixes
+
+
+# A batch in which no row has a prefix selects one entry of length 0, a size torch.compile
+# always specialises: such batches got a prefill and a decode graph of their own. Padded to
+# this many zero positions (``prefix_lens`` stays 0: the kernels read no key past it), they
+# reuse the graphs of one-entry batches.
+_EMPTY_PAD = 2
+
+
+def _pad_empty(sel):
+    """``sel``, or for the selection of a batch without any prefix (one entry of length 0) a
+    shallow copy whose prefix tensor is ``_EMPTY_PAD`` zero positions (made once per bank
+    selection, which stays as the bank cached it), marked ``_padded_empty`` for the eager
+    fallback (which must see no prefix: its probabilities would gain two columns)."""
+    kv = sel._kv
+    if kv.shape[2] != 1 or kv.shape[4] != 0:
+        return sel
+    padded = getattr(kv, "_prefix_attn_padded", None)
+    if padded is None:
+        padded = kv._prefix_attn_padded = kv.new_zeros(*kv.shape[:4], _EMPTY_PAD, kv.shape[5])
+    sel = copy.copy(sel)
+    sel._kv = padded
+    sel._padded_empty = True
+    return sel
 
 
 def _mark_dynamic(sel) -> None:
@@ -197,7 +222,7 @@ def _prefixes_to_selection(model, args, kwargs):
         kwargs["position_ids"] = kwargs["position_ids"].expand(B, S) + row_lens[sel.packed_seq_ids]
         _no_packing_search(model, kwargs, B, S, device)  # the sequences are known
     else:
-        sel = bank.select(_rows_for(prefixes), B, device=device)
+        sel = _pad_empty(bank.select(_rows_for(prefixes), B, device=device))
         row_lens = sel.row_lens.to(device)
         if "position_ids" in _forward_params(model) and any(sel.host_row_lens):
             pos = _positions_after_prefix(model, kwargs, S, row_lens, device,
