@@ -268,37 +268,49 @@ def test_fullgraph_compiled_forward_with_a_static_cache_and_left_padding():
     assert torch.equal(model.generate(ids, cache_implementation="static", **kw), ref)
 
 
+def _serving_model(seed, lengths):
+    """A tiny llama with a bank of entries {name: length}, prompt ids [2, 6], generate kwargs."""
+    import prefix_attn
+
+    model = tiny_model("llama")
+    bank = prefix_attn.PrefixBank.attach(model)
+    D = model.config.hidden_size // model.config.num_attention_heads
+    g = torch.Generator().manual_seed(seed)
+    for name, P in lengths.items():
+        bank.add(name, torch.randn(2, 2, P, D, generator=g), torch.randn(2, 2, P, D, generator=g))
+    ids = torch.randint(3, 100, (2, 6), generator=g)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    return model, ids, kw
+
+
+def _graphs_added_by_second(model, ids, kw, first, second):
+    """Graphs a compiled ``model.forward`` adds at ``generate(prefixes=second)`` after one with
+    ``first``; both must give eager's tokens."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    want = [model.generate(ids, prefixes=list(rows), **kw) for rows in (first, second)]
+    torch._dynamo.reset()
+    counters.clear()
+    forward = model.forward
+    model.forward = torch.compile(forward, backend="eager")
+    try:
+        assert torch.equal(model.generate(ids, prefixes=list(first), **kw), want[0])
+        graphs = counters["stats"]["unique_graphs"]
+        assert torch.equal(model.generate(ids, prefixes=list(second), **kw), want[1])
+        return counters["stats"]["unique_graphs"] - graphs
+    finally:
+        model.forward = forward
+
+
 def test_compiled_serving_does_not_recompile_when_the_longest_prefix_changes():
     """torch.compile(model.forward) serving a mix of requests recompiled at the first batch
     whose stacked entries had another longest prefix (and another count), on top of the
     one-entry, no-prefix and cache-growth graphs every server sees: a mix of five request kinds
     reached dynamo's recompile limit (8) and later kinds ran eagerly. Those dims are marked
     dynamic now: a batch of other entries with the same layout reuses the graphs."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    import prefix_attn
-
-    model = tiny_model("llama")
-    bank = prefix_attn.PrefixBank.attach(model)
-    D = model.config.hidden_size // model.config.num_attention_heads
-    g = torch.Generator().manual_seed(1)
-    for name, P in (("A", 5), ("B", 7), ("C", 3)):
-        bank.add(name, torch.randn(2, 2, P, D, generator=g), torch.randn(2, 2, P, D, generator=g))
-    ids = torch.randint(3, 100, (2, 6), generator=g)
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
-    want = {kind: model.generate(ids, prefixes=list(kind), **kw) for kind in (("A", "B"), ("C", "A"))}
-    torch._dynamo.reset()
-    counters.clear()
-    forward = model.forward
-    model.forward = torch.compile(forward, backend="eager")
-    try:
-        assert torch.equal(model.generate(ids, prefixes=["A", "B"], **kw), want[("A", "B")])
-        graphs = counters["stats"]["unique_graphs"]
-        assert torch.equal(model.generate(ids, prefixes=["C", "A"], **kw), want[("C", "A")])
-        assert counters["stats"]["unique_graphs"] == graphs
-    finally:
-        model.forward = forward
+    model, ids, kw = _serving_model(1, {"A": 5, "B": 7, "C": 3})
+    assert _graphs_added_by_second(model, ids, kw, ("A", "B"), ("C", "A")) == 0
 
 
 def test_compiled_serving_reuses_one_entry_graphs_for_batches_without_prefixes():
@@ -307,30 +319,8 @@ def test_compiled_serving_reuses_one_entry_graphs_for_batches_without_prefixes()
     one-entry ones (8 graphs, dynamo's recompile limit, for a six-kind mix). Its prefix is now
     padded to two masked positions: the one-entry graphs serve it, with the same tokens; and
     the eager fallback (output_attentions) still sees no prefix column."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    import prefix_attn
-
-    model = tiny_model("llama")
-    bank = prefix_attn.PrefixBank.attach(model)
-    D = model.config.hidden_size // model.config.num_attention_heads
-    g = torch.Generator().manual_seed(2)
-    bank.add("A", torch.randn(2, 2, 5, D, generator=g), torch.randn(2, 2, 5, D, generator=g))
-    ids = torch.randint(3, 100, (2, 6), generator=g)
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
-    want = {rows: model.generate(ids, prefixes=list(rows), **kw) for rows in (("A", "A"), (None, None))}
+    model, ids, kw = _serving_model(2, {"A": 5})
     with torch.no_grad():
         probs = model(ids, prefixes=[None, None], output_attentions=True).attentions[0]
     assert probs.shape[-1] == ids.shape[1]  # no prefix column
-    torch._dynamo.reset()
-    counters.clear()
-    forward = model.forward
-    model.forward = torch.compile(forward, backend="eager")
-    try:
-        assert torch.equal(model.generate(ids, prefixes=["A", "A"], **kw), want[("A", "A")])
-        graphs = counters["stats"]["unique_graphs"]
-        assert torch.equal(model.generate(ids, prefixes=[None, None], **kw), want[(None, None)])
-        assert counters["stats"]["unique_graphs"] == graphs
-    finally:
-        model.forward = forward
+    assert _graphs_added_by_second(model, ids, kw, ("A", "A"), (None, None)) == 0
