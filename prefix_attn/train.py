@@ -45,7 +45,7 @@ from . import atomic, cli_args, jsonl, tiny
 from .backends import check_env_backend
 from .train_state import (BASE_MODEL, PROG, Interrupted, StopSignals, TrainError, TrainingFailed, append_log,
                           check_output_folder, check_same_settings, create_output_folder,
-                          load_checkpoint, run_settings, start_log, warn)
+                          load_checkpoint, plain_args, run_settings, start_log, warn)
 
 CHECKPOINT = "checkpoint.pt"
 ADAPTER = "adapter"
@@ -480,7 +480,7 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
         atomic.save_torch({"step": step, "prefix": module.state_dict(), "optimizer": opt.state_dict(),
                            "torch_rng": torch.get_rng_state(),
                            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                           "args": vars(args), "settings": settings}, ckpt_path)
+                           "args": plain_args(args), "settings": settings}, ckpt_path)
         saved = step
         signals.note = resume_note(step, ckpt_path)
 

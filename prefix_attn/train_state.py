@@ -4,6 +4,7 @@ share with it, and SIGINT / SIGTERM (:class:`StopSignals`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -84,13 +85,27 @@ def create_output_folder(out_dir: str) -> None:
         raise TrainError(f"cannot create the output folder {out_dir}: {exc.strerror}") from None
 
 
+def plain_args(args) -> dict:
+    """The command's arguments as saved in a checkpoint: plain values only (the ``prefix-attn``
+    parser also holds the subcommand's function, which a weights-only load refuses)."""
+    plain = (str, int, float, bool, type(None))
+    return {k: v for k, v in vars(args).items()
+            if isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))}
+
+
 def load_checkpoint(path: str) -> dict:
     """The checkpoint at ``path``; a :class:`TrainError` when it is missing or unreadable."""
     if not os.path.isfile(path):
         raise TrainError(f"--resume: no checkpoint at {path}")
     try:
         # tensors, numbers, strings and containers only: a checkpoint runs no code when loaded
-        state = torch.load(path, weights_only=True, map_location="cpu")  # any device resumes it
+        # checkpoints written through the `prefix-attn` command before plain_args also hold
+        # the subcommand's function: allowed by name (a reference, no code runs)
+        from prefix_attn.train import run
+
+        allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+        with allow([run]) if allow is not None else contextlib.nullcontext():
+            state = torch.load(path, weights_only=True, map_location="cpu")  # any device resumes it
     except Exception as exc:  # truncated zip, pickle garbage, ...: torch raises many kinds
         if "Weights only load failed" in str(exc):
             raise TrainError(f"{path} holds objects other than tensors, numbers, strings and "

@@ -102,6 +102,30 @@ def test_text_file_projection_and_cli_dispatch(tmp_path):
     assert os.path.isabs(cfg["base_model_name_or_path"])
 
 
+def test_resume_through_the_prefix_attn_command(data, tmp_path, capsys):
+    """The command's parser holds the subcommand's function (``func``): saved with the other
+    arguments it made every checkpoint written through ``prefix-attn train`` refused by the
+    weights-only load of --resume. Checkpoints hold plain arguments now, and those written
+    before still load (the function is allowed by name)."""
+    from prefix_attn import cli
+
+    out = str(tmp_path / "run")
+    assert cli.main(["train", data, "-o", out, "--max-steps", "2", *ARGS]) == 0
+    path = os.path.join(out, "checkpoint.pt")
+    saved = torch.load(path, weights_only=True)
+    assert "func" not in saved["args"] and saved["args"]["max_steps"] == 2
+    assert cli.main(["train", data, "-o", out, "--max-steps", "3", "--resume", *ARGS]) == 0, \
+        capsys.readouterr().err
+    # a checkpoint as the command wrote it before
+    old = torch.load(path, weights_only=True)
+    old["args"]["func"] = train.run
+    torch.save(old, path)
+    assert cli.main(["train", data, "-o", out, "--max-steps", "4", "--resume", *ARGS]) == 0, \
+        capsys.readouterr().err
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_read_examples_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"foo": 1}\n')
