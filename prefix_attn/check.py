@@ -109,8 +109,12 @@ def _usage_error(args) -> Optional[str]:
         except (ValueError, RuntimeError) as e:
             return str(e)
     if args.device is not None:
-        return cli_args.device_problem(args.device)[1]
-    return None
+        device, problem = cli_args.device_problem(args.device)
+        if problem is not None:
+            return problem
+    else:  # each backend on its own device: the environment is judged for the best one here
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return cli_args.env_problem(device.type, "the check")
 
 
 def run(args) -> int:

@@ -71,8 +71,8 @@ def device_problem(name: str):
     """(torch.device, None) for a usable ``--device``, else (None, what is wrong with it)."""
     try:
         device = torch.device(name)
-    except (RuntimeError, ValueError) as exc:
-        return None, f"--device {name}: {exc}"
+    except (RuntimeError, ValueError):  # torch's message lists every device type it knows
+        return None, f"--device {name}: not a torch device; use cpu, cuda or cuda:N"
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return None, f"--device {name}: CUDA is not available on this machine"
@@ -81,6 +81,18 @@ def device_problem(name: str):
     if device.type == "mps" and not torch.backends.mps.is_available():
         return None, f"--device {name}: MPS is not available on this machine"
     return device, None
+
+
+def env_problem(device_type: str, what: str) -> Optional[str]:
+    """What is wrong with the PREFIX_ATTN_* switches set in the environment for a command
+    whose ``what`` runs on ``device_type`` (None: nothing), checked before any work."""
+    from .backends import check_env_backend
+
+    try:
+        check_env_backend(device_type, what)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def max_positions(config) -> Optional[int]:

@@ -265,7 +265,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    problem = cli_args.device_problem(args.device)[1]
+    device, problem = cli_args.device_problem(args.device)
+    if problem is None:
+        problem = cli_args.env_problem(device.type, "the demo")
     if problem is not None:
         print(f"prefix-attn demo: error: {problem}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import pytest
 
 from prefix_attn import check, cli
 
@@ -47,6 +48,26 @@ def test_check_usage_errors_exit_2(capsys):
         assert "CUDA is not available" in capsys.readouterr().err
         assert cli.main(["check", "--backend", "cuda"]) == 2
         assert "it needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["check", "demo"])
+@pytest.mark.parametrize("var, value, words", [
+    ("PREFIX_ATTN_BACKEND", "gpu", "not a backend"),
+    ("PREFIX_ATTN_CPU_PATH", "foo", "expected one of cascade, rows"),
+])
+def test_check_and_demo_refuse_bad_switches_up_front(monkeypatch, capsys, command, var, value, words):
+    """check ignored PREFIX_ATTN_BACKEND=gpu (exit 0) and reported PREFIX_ATTN_CPU_PATH=foo as
+    failing kernels; demo ran its first section and died in a traceback. Both are usage errors
+    now, named before any work, as train and generate do."""
+    monkeypatch.setenv(var, value)
+    assert cli.main([command]) == 2
+    out = capsys.readouterr()
+    assert f"{var}={value!r}" in out.err and words in out.err and out.out == ""
+
+
+def test_device_that_torch_does_not_know_is_named_plainly(capsys):
+    assert cli.main(["check", "--device", "gpu"]) == 2
+    assert "--device gpu: not a torch device; use cpu, cuda or cuda:N" in capsys.readouterr().err
 
 
 def test_a_missing_optional_package_is_a_clean_error(monkeypatch, capsys):
