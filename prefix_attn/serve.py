@@ -131,6 +131,7 @@ def _build_bank(model, tokenizer, sources: List[Source], bank_dir: Optional[str]
     from prefix_attn.bank import PrefixBank
 
     bank = PrefixBank.load(bank_dir, model) if bank_dir else PrefixBank.attach(model)
+    vocab_size = model.get_input_embeddings().num_embeddings
     prompt_ids: Dict[str, List[int]] = {}
     for s in sources:
         if s.option == "--adapter":
@@ -139,6 +140,9 @@ def _build_bank(model, tokenizer, sources: List[Source], bank_dir: Optional[str]
             ids = tiny.encode(tokenizer, s.value, special=True)
             if not ids:
                 raise RequestError(f"--prompt-prefix {s.name}: {s.value!r} has no tokens")
+            problem = tiny.vocab_problem(tokenizer, ids, vocab_size)
+            if problem is not None:
+                raise RequestError(f"--prompt-prefix {s.name}: {problem}")
             bank.add_prompt(s.name, torch.tensor(ids))
             prompt_ids[s.name] = ids
     return bank, prompt_ids
@@ -159,11 +163,15 @@ def _plan(requests: List[Request], tokenizer, bank, prompt_ids: Dict[str, List[i
     text, exactly: it runs as the prompt's last token after an entry holding the KV of the
     other tokens (the first P-1 positions of the prompt's KV). Anything else with no tokens
     is refused, all such lines in one error."""
-    jobs, bad, heads = [], [], {}
+    jobs, bad, heads, unknown = [], [], {}, []
+    vocab_size = bank.model.get_input_embeddings().num_embeddings
     for r in requests:
         after_prompt = r.prefix is not None and bank.kind(r.prefix) == "prompt"
         ids = tiny.encode(tokenizer, r.prompt, special=not after_prompt)
-        if ids:
+        problem = tiny.vocab_problem(tokenizer, ids, vocab_size)
+        if problem is not None:
+            unknown.append(f"{path}:{r.line}: {problem}")
+        elif ids:
             jobs.append(_Job(r, r.prefix, ids))
         elif after_prompt and r.prefix in prompt_ids:
             if r.prefix not in heads:
@@ -175,6 +183,8 @@ def _plan(requests: List[Request], tokenizer, bank, prompt_ids: Dict[str, List[i
         else:
             bad.append(f"{path}:{r.line}: the prompt has no tokens ({r.prompt!r}; this tokenizer adds "
                        "no start token) and nothing to continue from")
+    if unknown:
+        raise refusal(f"{len(unknown)} request(s) with tokens the model does not have:", unknown)
     if bad:
         raise refusal(f"{len(bad)} request(s) with nothing to generate from:", bad)
     return jobs

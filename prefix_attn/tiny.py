@@ -255,3 +255,20 @@ def encode(tokenizer, text: str, special: bool = True) -> List[int]:
     """Token ids of ``text`` with a :class:`ByteTokenizer` or an HF tokenizer; ``special=False``
     leaves out the start token (text that continues a prompt prefix or a prompt)."""
     return list(tokenizer.encode(text, add_special_tokens=special))
+
+
+def vocab_problem(tokenizer, ids: List[int], vocab_size: int) -> Optional[str]:
+    """What is wrong with token ids from ``tokenizer`` for a model of ``vocab_size`` embeddings
+    (an id outside 0..vocab_size-1: the tokenizer does not fit the model), or None."""
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is None:
+        return None
+    if isinstance(tokenizer, ByteTokenizer):
+        hint = (f" (the byte tokenizer numbers byte b as b + {tokenizer.offset}, up to "
+                f"{ByteTokenizer.vocab_size - 1}: this model's vocabulary is too small for "
+                f"bytes of {vocab_size - tokenizer.offset} and above, e.g. non-ASCII text)")
+    else:
+        hint = " (pass the model's own tokenizer in --model's folder)"
+    return (f"token id {bad} is outside the model's vocabulary of {vocab_size} "
+            f"(ids 0..{vocab_size - 1}): the tokenizer does not fit the model{hint}")
+

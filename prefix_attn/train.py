@@ -140,11 +140,9 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
     out, cut, short = [], 0, 0
     for where, prompt, completion in examples_at:
         ids, labels = encode_example(tokenizer, prompt, completion)
-        bad = next((i for i in ids if not 0 <= i < vocab_size), None)
-        if bad is not None:
-            raise TrainError(f"{where}: token id {bad} is outside the model's vocabulary of {vocab_size} "
-                             f"(ids 0..{vocab_size - 1}): the tokenizer does not fit the model"
-                             + _vocab_hint(tokenizer, vocab_size))
+        problem = tiny.vocab_problem(tokenizer, ids, vocab_size)
+        if problem is not None:
+            raise TrainError(f"{where}: {problem}")
         if has_target(labels[:max_length]):
             out.append((ids[:max_length], labels[:max_length]))
         elif has_target(labels):
@@ -166,14 +164,6 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
                              if what == "data file" else f"{summary}; no example of the {what} is left")
         warn("warning", f"{summary}; dropped")
     return out
-
-
-def _vocab_hint(tokenizer, vocab_size: int) -> str:
-    if isinstance(tokenizer, tiny.ByteTokenizer):
-        return (f" (the byte tokenizer numbers byte b as b + {tokenizer.offset}, up to "
-                f"{tiny.ByteTokenizer.vocab_size - 1}: this model's vocabulary is too small for "
-                f"bytes of {vocab_size - tokenizer.offset} and above, e.g. non-ASCII text)")
-    return " (pass the model's own tokenizer in --model's folder)"
 
 
 def collate(rows: Sequence[Tuple[List[int], List[int]]], pad_id: int):

@@ -326,3 +326,25 @@ def test_a_malformed_prompt_prefix_says_what_is_wrong(tmp_path, capsys, no_model
     assert main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--prompt-prefix", spec,
                  "--no-progress"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.hf
+def test_token_ids_outside_the_vocabulary_name_the_line(tmp_path, capsys):
+    """The byte tokenizer on a model of 128 ids: a non-ASCII byte in a request or a
+    --prompt-prefix crashed in the embedding (IndexError); train already named the line."""
+    folder = tmp_path / "small"
+    tiny.tiny_model("llama", vocab_size=128).save_pretrained(str(folder))
+    tiny.ByteTokenizer().save_pretrained(str(folder))
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "plain"}', '{"prompt": "tilde ~"}',
+                                      '{"prompt": "caf\u00e9"}'])
+    out = tmp_path / "o.jsonl"
+    args = ["-i", f, "-o", str(out), "--model", str(folder), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "2 request(s) with tokens the model does not have" in err
+    assert "r.jsonl:2: token id 129 is outside the model's vocabulary of 128" in err
+    assert "r.jsonl:3:" in err and "byte tokenizer" in err and not out.exists()
+    f = _write(tmp_path / "ok.jsonl", ['{"prompt": "plain", "prefix": "s"}'])
+    assert main(["-i", f, "-o", str(out), "--model", str(folder), "--no-progress",
+                 "--prompt-prefix", "s=a ~"]) == 2
+    assert "--prompt-prefix s: token id 129" in capsys.readouterr().err and not out.exists()
