@@ -229,19 +229,27 @@ def print_trainable_parameters(model: nn.Module) -> str:
     return line
 
 
-def unload(model: nn.Module, attn_implementation: str = "sdpa") -> nn.Module:
+def unload(model: nn.Module, attn_implementation: Optional[str] = None) -> nn.Module:
     """The plain model back, as PEFT's ``unload``: the prefix bank (and its trainable prefixes)
     removed, the ``prefixes=`` hooks taken off and the attention implementation set to
-    ``attn_implementation``; the base weights are untouched, so ``model(...)`` then gives the
-    base model's logits. Save the prefixes first if you need them (``bank.save`` /
-    ``bank.save_peft``). Returns ``model``."""
+    ``attn_implementation`` (default: ``"sdpa"``, or ``"eager"`` for models without an sdpa
+    path, such as soft-capped Gemma 2); the base weights are untouched, so ``model(...)`` then
+    gives the base model's logits. The implementation is set first: a model that refuses the
+    one asked for raises with nothing removed. Save the prefixes first if you need them
+    (``bank.save`` / ``bank.save_peft``). Returns ``model``."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTN_NAME:
+        if attn_implementation is not None:
+            model.set_attn_implementation(attn_implementation)
+        else:
+            try:
+                model.set_attn_implementation("sdpa")
+            except ValueError:  # "does not support ... scaled_dot_product_attention"
+                model.set_attn_implementation("eager")
     hooks = model.__dict__.pop("_prefix_attn_hooks", None)
     for h in hooks or ():
         h.remove()
     if "prefix_bank" in getattr(model, "_modules", {}):
         del model.prefix_bank
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTN_NAME:
-        model.set_attn_implementation(attn_implementation)
     return model
 
 

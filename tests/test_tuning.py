@@ -528,6 +528,31 @@ def test_unload_gives_the_plain_model_back_and_counts_are_printed(capsys):
     assert "a" not in prefix_attn.PrefixBank.attach(model)  # attach again: a fresh bank
 
 
+@pytest.mark.hf
+def test_unload_a_model_without_an_sdpa_path_sets_eager_and_refusals_remove_nothing():
+    """Soft-capped Gemma 2 has no sdpa path (transformers 5.2x): unload raised after removing
+    the bank and hooks, leaving "prefix_attn" set on a model without them. Now it picks eager
+    where sdpa is refused; an implementation the model refuses raises before anything is
+    removed."""
+    import prefix_attn
+
+    try:  # sdpa where this transformers has it for Gemma 2, else eager
+        plain, expected = tiny_model("gemma2", seed=0, attn_implementation="sdpa"), "sdpa"
+    except ValueError:
+        plain, expected = tiny_model("gemma2", seed=0, attn_implementation="eager"), "eager"
+    model = tiny_model("gemma2", seed=0)
+    prefix_attn.prefix_tuning(model, num_virtual_tokens=3, name="a")
+    with pytest.raises(ValueError, match="not supported"):
+        prefix_attn.unload(model, attn_implementation="no-such-implementation")
+    assert model.config._attn_implementation == "prefix_attn" and "a" in model.prefix_bank
+    ids = torch.randint(3, 100, (2, 6))
+    with torch.no_grad():
+        model(ids, prefixes=["a", "a"])  # still a working prefix model
+        prefix_attn.unload(model)
+        assert model.config._attn_implementation == expected and not hasattr(model, "prefix_bank")
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("reentrant", [True, False, None])  # None: not given (torch: True)
 def test_reentrant_checkpointing_in_a_multi_process_run_warns(monkeypatch, reentrant):
     """Under DistributedDataParallel (without static_graph) a trained prefix read by every
