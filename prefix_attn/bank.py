@@ -781,18 +781,27 @@ class PrefixBank(nn.Module):
             raise ValueError(f"input_ids must be [P] or [1, P], got {list(input_ids.shape)}")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty: a prompt prefix needs at least one token")
-        from prefix_attn.hf import learned_position_limit
+        from prefix_attn.hf import cache_kwarg, learned_position_limit
 
         limit = learned_position_limit(model)
         if limit is not None and input_ids.shape[1] > limit:
             raise ValueError(f"the prompt has {input_ids.shape[1]} tokens, more than the {limit} "
                              f"learned positions of {type(model).__name__}")
         _, model_device = _model_dtype_device(model)
+        P = input_ids.shape[1]
+        window = _sliding_window(model)
+        given = {}
+        if window is not None:
+            # the model's own cache keeps only the last window - 1 positions of its sliding
+            # layers: a plain one keeps every position (the same values, computed windowed)
+            from transformers import DynamicCache
+
+            given = {cache_kwarg(model): DynamicCache()}
         was_training = model.training
         model.eval()  # no dropout in the stored KV
         try:
             with torch.no_grad():
-                out = model(input_ids=input_ids.to(model_device), use_cache=True)
+                out = model(input_ids=input_ids.to(model_device), use_cache=True, **given)
         finally:
             model.train(was_training)
         cache = getattr(out, "cache", None)  # transformers >= 5.2x; older: past_key_values
@@ -800,15 +809,16 @@ class PrefixBank(nn.Module):
             cache = getattr(out, "past_key_values", None)
         if cache is None:
             raise RuntimeError(f"{type(model).__name__} returned no KV cache for use_cache=True")
-        kv = _cache_to_kv(cache, self.num_layers, input_ids.shape[1])
+        kv = _cache_to_kv(cache, self.num_layers, P)
         self._check_kv(kv, "prompt KV")
-        window = _sliding_window(model)
         if window is not None:
+            beyond = (f"; this prompt ({P} tokens) does not fit: the model itself would hide its "
+                      f"first {P - window + 1} tokens from the next one") if P >= window else ""
             warnings.warn(
                 f"add_prompt({name!r}): {type(model).__name__} has sliding-window layers ({window} "
                 "tokens); a prefix is never windowed, so every later token sees the whole prompt "
                 "and the text after it equals the model run on prompt + text only while both fit "
-                "in the window", stacklevel=2)
+                f"in the window{beyond}", stacklevel=2)
         self._add_kv(name, kv, kind="prompt", signature=_model_signature(model))
 
     # -- whole-bank save / load -------------------------------------------------------------

@@ -93,9 +93,26 @@ def test_prompt_prefix_on_a_sliding_window_model_warns(family):
     bank = PrefixBank.attach(model)
     with pytest.warns(UserWarning, match="sliding-window layers"):
         bank.add_prompt("short", torch.tensor([5, 9, 11]))
-    with pytest.raises(ValueError, match="sliding-window cache"):  # longer than the window (4)
+    # longer than the window (4): the model's own cache keeps the last 3 positions of its
+    # sliding layers (add_prompt refused it); the entry holds all 10, as they were computed
+    with pytest.warns(UserWarning, match=r"this prompt \(10 tokens\) does not fit"):
         bank.add_prompt("long", torch.arange(3, 13))
-    assert bank.names() == ["short"]
+    with pytest.warns(UserWarning, match="sliding-window layers"):
+        bank.add_prompt("head", torch.arange(3, 6))
+    assert bank.names() == ["short", "long", "head"]
+    keys, values = bank.get("long")
+    assert keys.shape[2] == 10
+    with torch.no_grad():
+        own = model(input_ids=torch.arange(3, 13)[None], use_cache=True)
+    own = getattr(own, "cache", None) or own.past_key_values
+    for layer, kept in enumerate(own.layers):
+        n = kept.keys.shape[-2]
+        assert n < 10 or family == "gemma2"  # gemma2 alternates sliding and full layers
+        torch.testing.assert_close(keys[layer, :, -n:], kept.keys[0], rtol=0, atol=0)
+        torch.testing.assert_close(values[layer, :, -n:], kept.values[0], rtol=0, atol=0)
+    torch.testing.assert_close(keys[:, :, :3], bank.get("head")[0])  # positions 0..2: causal
+    with torch.no_grad():  # served whole: the prefix is never windowed
+        assert torch.isfinite(model(torch.tensor([[5, 6]]), prefixes=["long"]).logits).all()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         qwen2 = tiny_model("qwen2")  # has a sliding_window it does not use
