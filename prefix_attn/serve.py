@@ -350,6 +350,10 @@ def _run(args: argparse.Namespace) -> int:
     check_env_backend(device.type, "generation")
     sources = prefix_sources(args)
     requests = read_requests(args.input)
+    if "-" not in (args.input, args.output) and os.path.exists(args.output) \
+            and os.path.samefile(args.input, args.output):
+        raise RequestError(f"output {args.output!r} is the request file: its requests would be "
+                           "replaced by the answers; give another -o")
     check_prefix_names(requests, [s.name for s in sources], args.input)
     out = _Output(args.output)
     try:

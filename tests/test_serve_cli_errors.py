@@ -194,6 +194,16 @@ def test_output_path_errors_are_clean_and_come_before_the_model(tmp_path, capsys
     assert _no_leftovers(tmp_path) and (tmp_path / "afile").read_text() == ""
 
 
+def test_output_that_is_the_request_file_is_refused(tmp_path, capsys, no_model):
+    """-o naming the request file (or a link to it) replaced the requests with the answers."""
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "x"}'])
+    (tmp_path / "link.jsonl").symlink_to(f)
+    for out in (f, str(tmp_path / "link.jsonl")):
+        assert main(["-i", f, "-o", out, "--no-progress"]) == 2
+        assert "is the request file" in capsys.readouterr().err
+    assert open(f).read() == '{"prompt": "x"}\n'
+
+
 def test_a_failure_after_the_output_opened_leaves_no_temporary_file_or_folder(tmp_path, capsys):
     f = _write(tmp_path / "r.jsonl", ['{"prompt": "x"}'])
     rc = main(["-i", f, "-o", str(tmp_path / "new" / "sub" / "o.jsonl"), "--model", str(tmp_path / "missing"),
