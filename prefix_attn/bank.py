@@ -28,6 +28,7 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
+import difflib
 import itertools
 import json
 import operator
@@ -141,6 +142,22 @@ def _as_id(p) -> int:
     if not ok:
         raise TypeError(f"each prefix must be a name, an int id or None, got {p!r}")
     return operator.index(p) if not isinstance(p, Tensor) else int(p)
+
+
+def did_you_mean(name, known) -> str:
+    """ "; did you mean 'x'?" for a name close to one of ``known`` (a typo), else ""."""
+    if not isinstance(name, str):
+        return ""
+    lowered = {k.lower(): k for k in known if isinstance(k, str)}
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=1)
+    return f"; did you mean {lowered[close[0]]!r}?" if close else ""
+
+
+def _id_range(n: int) -> str:
+    """The bank ids a bank of ``n`` entries takes, for errors."""
+    entries = f"ids 0..{n - 1} (a bank of {n} entr{'y' if n == 1 else 'ies'})" if n else \
+        "the bank is empty"
+    return f"{entries}; -1 or None for no prefix"
 
 
 def _version_of(t: Tensor) -> Optional[int]:
@@ -403,7 +420,8 @@ class PrefixBank(nn.Module):
         try:
             return entries[name]
         except (KeyError, TypeError):
-            raise KeyError(f"unknown prefix {name!r}; known prefixes: {list(entries)}") from None
+            raise KeyError(f"unknown prefix {name!r}{did_you_mean(name, entries)}; known prefixes: "
+                           f"{list(entries)}") from None
 
     def id_of(self, name: str) -> int:
         """The bank id (position in :meth:`names`) of ``name``."""
@@ -540,7 +558,7 @@ class PrefixBank(nn.Module):
                 rows = prefixes.tolist()
                 bad = [i for i in rows if not -1 <= i < n]
                 if bad:
-                    raise ValueError(f"prefix ids out of range [-1, {n}): {bad[:8]} (bank has {n} entries)")
+                    raise ValueError(f"prefix ids {bad[:8]} are not in this bank: {_id_range(n)}")
                 return self._broadcast(rows, batch_size)
         if prefixes is None or isinstance(prefixes, (str, int)):
             if batch_size is None:
@@ -561,7 +579,8 @@ class PrefixBank(nn.Module):
             else:
                 p = _as_id(p)
                 if not -1 <= p < n:
-                    raise ValueError(f"prefix id {p} out of range [-1, {n}) (known prefixes: {names})")
+                    raise ValueError(f"prefix id {p} is not in this bank: {_id_range(n)} (known "
+                                     f"prefixes: {names})")
                 rows.append(p)
         return self._broadcast(rows, batch_size)
 
@@ -768,6 +787,9 @@ class PrefixBank(nn.Module):
         """Add (or replace) entry ``name`` holding the KV of a prompt (``[P]`` or ``[1, P]`` ids),
         from one prefill through the attached model: keys keep the RoPE of positions 0..P-1."""
         self._check_name(name)
+        if isinstance(input_ids, str):
+            raise TypeError("add_prompt takes token ids ([P] or [1, P]), got a str: tokenize the "
+                            "text first, e.g. tokenizer(text, return_tensors='pt').input_ids")
         model = self.model
         if model is None:
             gone = self._model_ref is not None  # the bank only holds a weak reference
@@ -847,6 +869,9 @@ class PrefixBank(nn.Module):
             "num_kv_heads": str(self.num_kv_heads),
             "head_dim": str(self.head_dim),
         }
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise NotADirectoryError(f"PrefixBank.save: {directory!r} is a file; give a folder "
+                                     f"(the bank is written to FOLDER/{BANK_FILE})")
         os.makedirs(directory, exist_ok=True)
         atomic.write_bytes(os.path.join(directory, BANK_FILE), st_save(tensors, metadata=meta))
 
@@ -858,7 +883,8 @@ class PrefixBank(nn.Module):
 
         path = os.path.join(directory, BANK_FILE)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"prefix bank file missing: {path!r}")
+            raise FileNotFoundError(f"prefix bank file missing: {path!r}"
+                                    + peft_format.bank_file_hint(directory))
         bank = cls.attach(model)
         try:
             with safe_open(path, framework="pt", device="cpu") as f:

@@ -38,6 +38,15 @@ class BankShape:
     head_dim: int
 
 
+def bank_file_hint(directory: str) -> str:
+    """For a folder given as a saved prefix bank that has no bank file: a hint when it holds a
+    PEFT adapter instead ("" otherwise)."""
+    if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+        return ("; this folder holds a PEFT adapter: load it as one (--adapter NAME=DIR, "
+                "bank.load_peft(name, dir))")
+    return ""
+
+
 def _read_config(adapter_dir: str) -> dict:
     path = os.path.join(adapter_dir, CONFIG_NAME)
     if not os.path.isdir(adapter_dir):
@@ -48,6 +57,9 @@ def _read_config(adapter_dir: str) -> dict:
         hint = (f"; it holds adapters in subfolders ({', '.join(inner)}, as PEFT saves several "
                 f"adapters): load each from its own, e.g. {os.path.join(adapter_dir, inner[0])!r}"
                 if inner else "")
+        if os.path.isfile(os.path.join(adapter_dir, "prefix_bank.safetensors")):
+            hint = ("; this folder holds a saved prefix bank: load it as one (--bank DIR, "
+                    "PrefixBank.load(dir, model))")
         raise FileNotFoundError(f"PEFT adapter config missing: {path!r}{hint}")
     try:
         with open(path, "r", encoding="utf-8") as f:

@@ -50,9 +50,12 @@ def read_requests(path: str) -> List[Request]:
 def _parse_request(obj, where: str, lineno: int) -> Request:
     if not isinstance(obj, dict):
         raise RequestError(f"{where}: expected a JSON object, got {jsonl.json_type(obj)}")
-    prompt = obj.get("prompt")
+    if "prompt" not in obj:
+        found = ", ".join(repr(k) for k in obj) or "none"
+        raise RequestError(f"{where}: missing 'prompt' (fields found: {found})")
+    prompt = obj["prompt"]
     if not isinstance(prompt, str):
-        raise RequestError(f"{where}: 'prompt' must be a string, got {prompt!r}")
+        raise RequestError(f"{where}: 'prompt' must be a string, got {jsonl.json_type(prompt)}")
     prefix = obj.get("prefix")
     if prefix == "":
         prefix = None
@@ -86,7 +89,9 @@ def _name_value(spec: str, option: str) -> tuple[str, str]:
         what = "text" if option == "--prompt-prefix" else "value"
         raise RequestError(f"{option} {spec!r}: the {what} after {name}= is empty")
     if not sep or not name:
-        raise RequestError(f"{option} expects NAME=VALUE, got {spec!r}")
+        form = {"--adapter": "NAME=DIR, e.g. --adapter support=out/adapter",
+                "--prompt-prefix": "NAME=TEXT, e.g. --prompt-prefix sys='You are terse.'"}
+        raise RequestError(f"{option} expects {form.get(option, 'NAME=VALUE')}, got {spec!r}")
     return name, value
 
 
@@ -133,7 +138,9 @@ def _saved_bank_names(directory: str) -> List[str]:
 
     path = os.path.join(directory, BANK_FILE)
     if not os.path.isfile(path):
-        raise RequestError(f"prefix bank file missing: {path!r}")
+        from prefix_attn.peft_format import bank_file_hint
+
+        raise RequestError(f"prefix bank file missing: {path!r}{bank_file_hint(directory)}")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             names = json.loads((f.metadata() or {})["names"])
@@ -145,7 +152,9 @@ def _saved_bank_names(directory: str) -> List[str]:
 def check_prefix_names(requests: List[Request], known: List[str], path: str) -> None:
     """Every request's prefix is a known name (all bad lines named in one error)."""
     names = set(known)
-    bad = [f"{path}:{r.line}: unknown prefix {r.prefix!r}"
+    from prefix_attn.bank import did_you_mean
+
+    bad = [f"{path}:{r.line}: unknown prefix {r.prefix!r}{did_you_mean(r.prefix, known)}"
            for r in requests if r.prefix is not None and r.prefix not in names]
     if bad:
         raise refusal(f"{len(bad)} request(s) name an unknown prefix; known prefixes: {known}", bad)

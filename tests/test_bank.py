@@ -58,8 +58,17 @@ def test_errors_name_the_problem():
         bank.add("c", torch.randn(L, HKV + 1, 4, D), torch.randn(L, HKV + 1, 4, D))
     with pytest.raises(ValueError, match="same shape"):
         bank.add("c", torch.randn(L, HKV, 4, D), torch.randn(L, HKV, 3, D))
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match=r"ids \[2\] are not in this bank: ids 0\.\.1 \(a bank of 2 "
+                                         r"entries\); -1 or None for no prefix"):
         bank.select(torch.tensor([0, 2]), 2)
+    with pytest.raises(ValueError, match=r"id 5 is not in this bank: ids 0\.\.1"):
+        bank.select([5, None], 2)
+    with pytest.raises(ValueError, match=r"the bank is empty; -1 or None"):
+        _bank().select([0], 1)
+    with pytest.raises(KeyError, match=r"unknown prefix 'A'; did you mean 'a'\?"):
+        bank.select(["A"], 1)
+    with pytest.raises(TypeError, match="tokenize the text first"):
+        bank.add_prompt("p", "hello")
     with pytest.raises(ValueError, match="3 prefixes for a batch of 2"):
         bank.select(["a", "b", "a"], 2)
     with pytest.raises(ValueError, match=r"\[L=3, 2, Hkv=2, P, D=8\]"):
@@ -298,6 +307,20 @@ def _tiny_llama(seed=0):
 
 
 @pytest.mark.hf
+def test_folder_mixups_name_what_the_folder_holds(tmp_path):
+    bank = _bank(a=4)
+    bank.save(str(tmp_path / "bank"))
+    bank.save_peft("a", str(tmp_path / "adapter"))
+    with pytest.raises(FileNotFoundError, match="this folder holds a PEFT adapter"):
+        PrefixBank.load(str(tmp_path / "adapter"), _tiny_llama())
+    with pytest.raises(FileNotFoundError, match="this folder holds a saved prefix bank"):
+        bank.load_peft("x", str(tmp_path / "bank"))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(NotADirectoryError, match="'.*afile' is a file; give a folder"):
+        bank.save(str(tmp_path / "afile"))
+    assert (tmp_path / "afile").read_text() == ""
+
+
 def test_attach_infers_dims_and_moves_with_model():
     transformers = pytest.importorskip("transformers")
     model = _tiny_llama()

@@ -23,7 +23,8 @@ def test_read_requests_parses_and_skips_blank_lines(tmp_path):
 @pytest.mark.parametrize("line, pattern", [
     ('{"prompt": "a"', r"r.jsonl:2: not JSON"),
     ('["prompt"]', r"r.jsonl:2: expected a JSON object, got an array"),
-    ('{"prefix": "a"}', r"r.jsonl:2: 'prompt' must be a string, got None"),
+    ('{"promt": "x", "prefix": "a"}', r"r.jsonl:2: missing 'prompt' \(fields found: 'promt', 'prefix'\)"),
+    ('{"prompt": 3}', r"r.jsonl:2: 'prompt' must be a string, got a number"),
     ('{"prompt": "a", "prefix": 3}', r"r.jsonl:2: 'prefix' must be a name"),
 ])
 def test_read_requests_errors_name_file_and_line(tmp_path, line, pattern):

@@ -242,6 +242,19 @@ def test_all_unknown_prefixes_are_named_before_the_model_loads(tmp_path, capsys,
     assert not out.exists() and _no_leftovers(tmp_path)
 
 
+def test_a_typo_and_a_folder_of_the_other_kind_get_a_hint(tmp_path, capsys, saved, no_model):
+    """An unknown prefix close to a known one; --bank given a PEFT adapter folder and
+    --adapter given a saved bank folder: each error says what to do instead."""
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "x", "prefix": "suport"}'])
+    adapter = str(saved / "adapter")
+    assert main(["-i", f, "-o", "-", "--adapter", f"support={adapter}", "--no-progress"]) == 2
+    assert "r.jsonl:1: unknown prefix 'suport'; did you mean 'support'?" in capsys.readouterr().err
+    assert main(["-i", f, "-o", "-", "--bank", adapter, "--no-progress"]) == 2
+    assert "holds a PEFT adapter: load it as one (--adapter NAME=DIR" in capsys.readouterr().err
+    assert main(["-i", f, "-o", "-", "--adapter", adapter]) == 2
+    assert "--adapter expects NAME=DIR, e.g. --adapter support=out/adapter" in capsys.readouterr().err
+
+
 def test_empty_input_is_a_notice_and_an_empty_output(tmp_path, capsys, no_model):
     f = _write(tmp_path / "r.jsonl", ["", "  "])
     out = tmp_path / "o.jsonl"
@@ -329,8 +342,8 @@ def test_an_unusable_backend_setting_is_refused_before_the_model(tmp_path, capsy
 
 
 @pytest.mark.parametrize("spec,message", [("sys=", "--prompt-prefix 'sys=': the text after sys= is empty"),
-                                          ("sys", "--prompt-prefix expects NAME=VALUE, got 'sys'"),
-                                          ("=Hi", "--prompt-prefix expects NAME=VALUE, got '=Hi'")])
+                                          ("sys", "--prompt-prefix expects NAME=TEXT, e.g. --prompt-prefix sys='You are terse.', got 'sys'"),
+                                          ("=Hi", "--prompt-prefix expects NAME=TEXT, e.g. --prompt-prefix sys='You are terse.', got '=Hi'")])
 def test_a_malformed_prompt_prefix_says_what_is_wrong(tmp_path, capsys, no_model, spec, message):
     f = _write(tmp_path / "r.jsonl", ['{"prompt": "x"}'])
     assert main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--prompt-prefix", spec,
