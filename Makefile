@@ -40,6 +40,13 @@ test: setup
 test-fast: setup
 	$(VPY) -m pytest -q tests -m "not interpreter and not nvcc and not hf and not slow"
 
+# The compat targets import the package from this tree, where prefix_attn.kernels is found
+# through a link prefix_attn/kernels -> ../kernels, made for the run and removed after it (left
+# in place, a later editable install maps prefix_attn.kernels to it, and removing it then
+# breaks .venv's imports).
+WITH_KERNELS_LINK := made=0; [ -e prefix_attn/kernels ] || { ln -s ../kernels prefix_attn/kernels && made=1; };
+END_KERNELS_LINK := ; rc=$$?; [ $$made = 0 ] || rm -f prefix_attn/kernels; exit $$rc
+
 # The tests that touch transformers / peft, against another pair of versions (default: the GPU
 # machine's), in .venv-compat, importing the package from this tree (extension built by setup).
 COMPAT_TRANSFORMERS ?= 5.17.0
@@ -57,8 +64,8 @@ test-compat: setup
 	grep -vE '^(transformers|peft)==' requirements-dev.txt > $(COMPAT)/requirements.txt
 	$(COMPAT)/bin/pip install -q -r $(COMPAT)/requirements.txt \
 		transformers==$(COMPAT_TRANSFORMERS) peft==$(COMPAT_PEFT)
-	[ -e prefix_attn/kernels ] || ln -s ../kernels prefix_attn/kernels
-	PYTHONPATH=$(CURDIR) $(COMPAT)/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
+	$(WITH_KERNELS_LINK) PYTHONPATH=$(CURDIR) $(COMPAT)/bin/python -m pytest -q -p no:cacheprovider \
+		$(COMPAT_TESTS) $(END_KERNELS_LINK)
 
 # The Triton tests (interpreter, sm_90 compiles, numerics) against another Triton release
 # (default: the newest checked) in .venv-triton, importing the package from this tree.
@@ -71,9 +78,10 @@ test-triton-compat: setup
 	test -x $(TRITON_COMPAT)/bin/python || $(PYTHON) -m venv $(TRITON_COMPAT)
 	grep -vE '^triton==' requirements-dev.txt > $(TRITON_COMPAT)/requirements.txt
 	$(TRITON_COMPAT)/bin/pip install -q -r $(TRITON_COMPAT)/requirements.txt triton==$(COMPAT_TRITON)
-	[ -e prefix_attn/kernels ] || ln -s ../kernels prefix_attn/kernels
-	PYTHONPATH=$(CURDIR) $(TRITON_COMPAT)/bin/python -m pytest -q -p no:cacheprovider tests -m interpreter
-	PYTHONPATH=$(CURDIR) $(TRITON_COMPAT)/bin/python -m pytest -q -p no:cacheprovider $(TRITON_FILES)
+	$(WITH_KERNELS_LINK) \
+		PYTHONPATH=$(CURDIR) $(TRITON_COMPAT)/bin/python -m pytest -q -p no:cacheprovider tests -m interpreter \
+		&& PYTHONPATH=$(CURDIR) $(TRITON_COMPAT)/bin/python -m pytest -q -p no:cacheprovider $(TRITON_FILES) \
+		$(END_KERNELS_LINK)
 
 bench: setup
 	$(VPY) bench/run_all.py

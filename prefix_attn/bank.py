@@ -30,7 +30,6 @@ import copy
 import dataclasses
 import difflib
 import itertools
-import json
 import operator
 import os
 import threading
@@ -43,11 +42,12 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from prefix_attn import atomic, distributed, peft_format, validation
+from prefix_attn import bank_file, distributed, model_info, peft_format, validation
+from prefix_attn.bank_file import BANK_FILE
+from prefix_attn.selection import PrefixSelection
 
 __all__ = ["PrefixBank", "PrefixSelection"]
 
-BANK_FILE = "prefix_bank.safetensors"
 _CACHE_SIZE = 8
 
 PrefixSpec = Union[None, str, int, Sequence[Union[None, str, int]], Tensor]
@@ -70,66 +70,8 @@ class _Entry:
     module_key: Optional[str] = None
     module: Optional[nn.Module] = field(default=None, compare=False)  # kept here: readers never index the ModuleDict
     kind: str = "fixed"  # "fixed" | "prompt" (KV of a prompt, from add_prompt) | "trainable"
-    # a prompt entry: a few weights of the model that computed it (see _model_signature)
+    # a prompt entry: a few weights of the model that computed it (see model_info.model_signature)
     signature: Optional[tuple] = field(default=None, compare=False)
-
-
-class PrefixSelection:
-    """The prefixes of one batch, in the layout the attention kernels take.
-
-    Attributes:
-        prefix_ids: LongTensor ``[B]``, index of each row's entry in this selection (``0..n-1``);
-            rows without prefix point at an entry of length 0.
-        prefix_lens: LongTensor ``[n]``, the length of each selected entry.
-        row_lens: LongTensor ``[B]``, the prefix length of each row (tokens after it start there).
-        host_row_lens: the same as a list of ints (None if unknown): what the HF hooks decide
-            on without reading the device.
-        names: list of n bank names (``None`` for the empty "no prefix" entry).
-        version: the bank version this selection was built from.
-    """
-
-    def __init__(self, kv: Tensor, prefix_ids: Tensor, prefix_lens: Tensor, names: list, version: int,
-                 host_row_lens: Optional[list] = None):
-        # kv: [L, 2, n, Hkv, Pmax, D]
-        self._kv = kv
-        self.prefix_ids = prefix_ids
-        self.prefix_lens = prefix_lens
-        self.row_lens = prefix_lens[prefix_ids]
-        self.host_row_lens = host_row_lens
-        self.names = names
-        self.version = version
-
-    @property
-    def num_layers(self) -> int:
-        return self._kv.shape[0]
-
-    @property
-    def max_len(self) -> int:
-        """Pmax, the padded length of the selected entries."""
-        return self._kv.shape[4]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the prefix tensor this selection reads (a bank entry itself when ``is_view``)."""
-        return self._kv.numel() * self._kv.element_size()
-
-    @property
-    def is_view(self) -> bool:
-        """True when the selection reads one bank entry in place (no copy was made)."""
-        return self._kv._base is not None
-
-    def layer(self, layer_idx: int) -> tuple[Tensor, Tensor]:
-        """``(prefix_k, prefix_v)`` for one layer, each ``[n, Hkv, Pmax, D]`` (views, no copy)."""
-        if not 0 <= layer_idx < self._kv.shape[0]:
-            raise IndexError(f"layer_idx {layer_idx} out of range for {self._kv.shape[0]} layers")
-        kv = self._kv[layer_idx]
-        return kv[0], kv[1]
-
-    def __repr__(self) -> str:
-        return (
-            f"PrefixSelection(names={self.names}, prefix_lens={self.prefix_lens.tolist()}, "
-            f"rows={self.prefix_ids.numel()}, max_len={self.max_len})"
-        )
 
 
 def _as_id(p) -> int:
@@ -177,42 +119,6 @@ def _normal_tensor(t: Tensor) -> Tensor:
         return t
     with torch.inference_mode(False):
         return t.clone()
-
-
-def _model_dims(model: nn.Module) -> tuple[int, int, int]:
-    """(L, Hkv, D) from an HF config (Llama-style names or GPT-2's n_layer / n_head / n_embd)."""
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ValueError(f"cannot attach a PrefixBank: {type(model).__name__} has no .config")
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-
-    def first(*names):
-        for n in names:
-            value = getattr(config, n, None)
-            if value is not None:
-                return int(value)
-        return None
-
-    L = first("num_hidden_layers", "n_layer", "num_layers")
-    Hq = first("num_attention_heads", "n_head")
-    hidden = first("hidden_size", "n_embd")
-    if L is None or Hq is None:
-        raise ValueError(f"cannot infer the layer count / head count from {type(config).__name__}")
-    Hkv = first("num_key_value_heads") or Hq
-    D = first("head_dim")
-    if D is None:
-        if hidden is None:
-            raise ValueError(f"cannot infer head_dim from {type(config).__name__}")
-        D = hidden // Hq
-    return L, Hkv, D
-
-
-def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    for p in itertools.chain(model.parameters(), model.buffers()):
-        if p.is_floating_point():
-            return p.dtype, p.device
-    return torch.get_default_dtype(), torch.device("cpu")
 
 
 class PrefixBank(nn.Module):
@@ -264,8 +170,8 @@ class PrefixBank(nn.Module):
         caveat = hf.model_caveat(model) if hf is not None else None
         if caveat is not None:
             warnings.warn(caveat, stacklevel=2)
-        L, Hkv, D = _model_dims(model)
-        dtype, device = _model_dtype_device(model)
+        L, Hkv, D = model_info.model_dims(model)
+        dtype, device = model_info.model_dtype_device(model)
         bank = cls(L, Hkv, D, dtype=dtype, device=device)
         bank._model_ref = weakref.ref(model)
         model.prefix_bank = bank
@@ -766,7 +672,7 @@ class PrefixBank(nn.Module):
         and the mismatch; the bank is unchanged in both cases."""
         self._check_name(name)
         kv, _ = peft_format.read_peft_adapter(adapter_dir, self.shape)
-        warn_window_vs_peft(self.model, f"load_peft({name!r})")
+        model_info.warn_window_vs_peft(self.model, f"load_peft({name!r})")
         self._add_kv(name, kv)
 
     def save_peft(self, name: str, adapter_dir: str) -> None:
@@ -809,9 +715,9 @@ class PrefixBank(nn.Module):
         if limit is not None and input_ids.shape[1] > limit:
             raise ValueError(f"the prompt has {input_ids.shape[1]} tokens, more than the {limit} "
                              f"learned positions of {type(model).__name__}")
-        _, model_device = _model_dtype_device(model)
+        _, model_device = model_info.model_dtype_device(model)
         P = input_ids.shape[1]
-        window = _sliding_window(model)
+        window = model_info.sliding_window(model)
         given = {}
         if window is not None:
             # the model's own cache keeps only the last window - 1 positions of its sliding
@@ -831,7 +737,7 @@ class PrefixBank(nn.Module):
             cache = getattr(out, "past_key_values", None)
         if cache is None:
             raise RuntimeError(f"{type(model).__name__} returned no KV cache for use_cache=True")
-        kv = _cache_to_kv(cache, self.num_layers, P)
+        kv = model_info.cache_to_kv(cache, self.num_layers, P)
         self._check_kv(kv, "prompt KV")
         if window is not None:
             beyond = (f"; this prompt ({P} tokens) does not fit: the model itself would hide its "
@@ -841,155 +747,49 @@ class PrefixBank(nn.Module):
                 "tokens); a prefix is never windowed, so every later token sees the whole prompt "
                 "and the text after it equals the model run on prompt + text only while both fit "
                 f"in the window{beyond}", stacklevel=2)
-        self._add_kv(name, kv, kind="prompt", signature=_model_signature(model))
+        self._add_kv(name, kv, kind="prompt", signature=model_info.model_signature(model))
 
     # -- whole-bank save / load -------------------------------------------------------------
     def save(self, directory: str) -> None:
         """Write every entry (trainable ones folded) to ``directory/prefix_bank.safetensors``
-        atomically (temporary file + os.replace). Names and dims go in the file's metadata."""
-        from safetensors.torch import save as st_save
-
+        atomically (temporary file + os.replace); names, kinds and dims in its metadata
+        (:mod:`prefix_attn.bank_file`)."""
         _, entries = self._state
         for entry in entries.values():
             self._check_unsharded(entry, "PrefixBank.save")
-        tensors, names, kinds, signatures = {}, [], [], []
         with torch.no_grad():
-            for i, (name, entry) in enumerate(entries.items()):
-                tensors[f"entry_{i}"] = self._materialize(entry, cast=False).detach().cpu().contiguous()
-                names.append(name)
-                kinds.append("prompt" if entry.kind == "prompt" else "fixed")  # trainable ones are folded
-                signatures.append(list(entry.signature) if entry.signature is not None else None)
-        meta = {
-            "format": "pt",
-            "prefix_attn_bank": "1",
-            "names": json.dumps(names),
-            "kinds": json.dumps(kinds),
-            "model_signatures": json.dumps(signatures),
-            "num_layers": str(self.num_layers),
-            "num_kv_heads": str(self.num_kv_heads),
-            "head_dim": str(self.head_dim),
-        }
-        if os.path.exists(directory) and not os.path.isdir(directory):
-            raise NotADirectoryError(f"PrefixBank.save: {directory!r} is a file; give a folder "
-                                     f"(the bank is written to FOLDER/{BANK_FILE})")
-        os.makedirs(directory, exist_ok=True)
-        atomic.write_bytes(os.path.join(directory, BANK_FILE), st_save(tensors, metadata=meta))
+            tensors = [self._materialize(e, cast=False).detach().cpu().contiguous()
+                       for e in entries.values()]
+        bank_file.write(directory, bank_file.SavedBank(
+            names=list(entries),
+            kinds=["prompt" if e.kind == "prompt" else "fixed" for e in entries.values()],
+            signatures=[list(e.signature) if e.signature is not None else None for e in entries.values()],
+            dims=(self.num_layers, self.num_kv_heads, self.head_dim), tensors=tensors))
 
     @classmethod
     def load(cls, directory: str, model: nn.Module) -> "PrefixBank":
         """Attach a bank to ``model`` and add (replacing same names) every entry saved in ``directory``.
         Everything is checked before the bank changes, and all entries appear in one snapshot."""
-        from safetensors import safe_open
-
+        saved = bank_file.read(directory)
         path = os.path.join(directory, BANK_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"prefix bank file missing: {path!r}"
-                                    + peft_format.bank_file_hint(directory))
         bank = cls.attach(model)
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                names = json.loads(meta["names"])
-                kinds = json.loads(meta.get("kinds", "null")) or ["fixed"] * len(names)
-                if len(kinds) != len(names) or not all(k in ("fixed", "prompt") for k in kinds):
-                    raise ValueError(f"bad entry kinds {kinds!r}")
-                signatures = json.loads(meta.get("model_signatures", "null")) or [None] * len(names)
-                if len(signatures) != len(names):
-                    raise ValueError(f"bad model signatures {signatures!r}")
-                dims = tuple(int(meta[k]) for k in ("num_layers", "num_kv_heads", "head_dim"))
-                tensors = [f.get_tensor(f"entry_{i}") for i in range(len(names))]
-        except (KeyError, ValueError, json.JSONDecodeError, OSError) as exc:
-            raise ValueError(f"{path}: not a readable prefix bank file ({exc!r})") from exc
-        except Exception as exc:  # safetensors' own errors for a corrupt header
-            raise ValueError(f"{path}: corrupt prefix bank file ({exc})") from exc
         want = (bank.num_layers, bank.num_kv_heads, bank.head_dim)
-        if dims != want:
-            raise ValueError(f"{path}: saved for (L, Hkv, D)={dims}, but the model has {want}")
-        for name, kv in zip(names, tensors):
+        if saved.dims != want:
+            raise ValueError(f"{path}: saved for (L, Hkv, D)={saved.dims}, but the model has {want}")
+        for name, kv in zip(saved.names, saved.tensors):
             bank._check_kv(kv, f"{path}: entry {name!r}")
-        here = _model_signature(model) if any(signatures) else None
-        other = [n for n, sig in zip(names, signatures) if sig and not _same_signature(sig, here)]
+        here = model_info.model_signature(model) if any(saved.signatures) else None
+        other = [n for n, sig in zip(saved.names, saved.signatures)
+                 if sig and not model_info.same_signature(sig, here)]
         if other:
             warnings.warn(
                 f"{path}: the prompt entries {other} were computed by another model (its weights "
                 f"differ from {type(model).__name__}'s): their KV does not fit this model; "
                 "recompute them here with add_prompt", stacklevel=2)
-        bank._commit_many({name: bank._fixed_entry(name, kv, kind, sig)
-                           for name, kv, kind, sig in zip(names, tensors, kinds, signatures)})
+        bank._commit_many({name: bank._fixed_entry(name, kv, kind, sig) for name, kv, kind, sig
+                           in zip(saved.names, saved.tensors, saved.kinds, saved.signatures)})
         return bank
 
     def extra_repr(self) -> str:
         return (f"num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"dtype={self.dtype}, device={self.device}, entries={self.names()}")
-
-
-_SIGNATURE_SIZE = 64
-
-
-def _model_signature(model: nn.Module) -> list:
-    """A few weights of ``model`` (the middle value of up to 64 parameter tensors spread over
-    it), as floats: a prompt entry's KV fits only the model that computed it, and this tells
-    two models apart while staying stable under a dtype or device move."""
-    bank = getattr(model, "prefix_bank", None)
-    own = {id(p) for p in bank.parameters()} if isinstance(bank, nn.Module) else set()
-    params = [p for p in model.parameters() if p.numel() and id(p) not in own]  # the base only
-    step = max(1, len(params) // _SIGNATURE_SIZE)
-    with torch.no_grad():
-        picks = [p.reshape(-1)[p.numel() // 2:p.numel() // 2 + 1].float()
-                 for p in params[::step][:_SIGNATURE_SIZE]]
-        try:  # one read-back (not one host sync per weight on a GPU)
-            return torch.cat(picks).tolist() if picks else []
-        except RuntimeError:  # weights on several devices (device_map)
-            return [float(t) for t in picks]
-
-
-def _same_signature(a, b) -> bool:
-    """Equal up to bfloat16 rounding (a model saved in one dtype and loaded in another)."""
-    return b is not None and len(a) == len(b) and all(
-        abs(x - y) <= 1e-2 * max(abs(x), abs(y)) + 1e-6 for x, y in zip(a, b))
-
-
-def warn_window_vs_peft(model: Optional[nn.Module], what: str) -> None:
-    """Warn that a PEFT adapter on a sliding-window model gives PEFT's logits only while the
-    prefix and the text fit in the window (PEFT's prefix sits in the KV cache, where the window
-    hides it from later tokens; a prefix here is never windowed, docs/DESIGN.md)."""
-    window = _sliding_window(model) if model is not None else None
-    if window is not None:
-        warnings.warn(
-            f"{what}: {type(model).__name__} has sliding-window layers ({window} tokens): PEFT's "
-            "prefix sits in the KV cache, where the window hides it from tokens further than "
-            f"{window} positions; here a prefix is never windowed, so the logits equal PEFT's "
-            "only while prefix + text fit in the window", stacklevel=3)
-
-
-def _sliding_window(model: nn.Module) -> Optional[int]:
-    """The sliding window of ``model``'s attention layers (some or all), or None."""
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
-    window = getattr(cfg, "sliding_window", None)
-    layer_types = getattr(cfg, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return None
-    if getattr(cfg, "use_sliding_window", True) is False:  # Qwen2 keeps a window it does not use
-        return None
-    return int(window) if window else None
-
-
-def _cache_to_kv(cache, num_layers: int, length: int) -> Tensor:
-    """``[L, 2, Hkv, P, D]`` from an HF cache of batch 1 (``DynamicCache`` or legacy tuples)
-    holding ``length`` positions in every layer."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        pairs = [(layer.keys, layer.values) for layer in layers]
-    elif hasattr(cache, "key_cache"):
-        pairs = list(zip(cache.key_cache, cache.value_cache))
-    else:
-        pairs = [(k, v) for k, v in cache]
-    if len(pairs) != num_layers:
-        raise ValueError(f"the model's cache has {len(pairs)} layers, the bank expects {num_layers}")
-    kept = sorted({k.shape[-2] for k, _ in pairs})
-    if kept != [length]:
-        raise ValueError(
-            f"the model's cache holds {kept} positions for a {length}-token prompt (a "
-            "sliding-window cache keeps only the last window); prompt prefixes need the full KV")
-    return torch.stack([torch.stack([k[0], v[0]], dim=0) for k, v in pairs], dim=0)

@@ -132,21 +132,12 @@ def prefix_sources(args: argparse.Namespace) -> List[Source]:
 
 def _saved_bank_names(directory: str) -> List[str]:
     """The entry names of a bank saved in ``directory`` (read from the file's header only)."""
-    from safetensors import safe_open
+    from prefix_attn import bank_file
 
-    from prefix_attn.bank import BANK_FILE
-
-    path = os.path.join(directory, BANK_FILE)
-    if not os.path.isfile(path):
-        from prefix_attn.peft_format import bank_file_hint
-
-        raise RequestError(f"prefix bank file missing: {path!r}{bank_file_hint(directory)}")
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            names = json.loads((f.metadata() or {})["names"])
-    except Exception as exc:  # a missing key, bad JSON, safetensors' own header errors
-        raise RequestError(f"{path}: not a readable prefix bank file ({exc!r})") from None
-    return list(names)
+        return bank_file.read(directory, tensors=False).names
+    except (FileNotFoundError, ValueError) as exc:
+        raise RequestError(str(exc)) from None
 
 
 def check_prefix_names(requests: List[Request], known: List[str], path: str) -> None:

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from . import distributed
-from .bank import PrefixBank, warn_window_vs_peft
+from .bank import PrefixBank
+from .model_info import warn_window_vs_peft
 from .hf import ATTN_NAME
 
 __all__ = ["PrefixParameters", "prefix_tuning", "from_peft", "trainable_parameters",

@@ -1,0 +1,79 @@
+"""The file of a saved prefix bank, ``FOLDER/prefix_bank.safetensors``: one tensor ``entry_i``
+``[L, 2, Hkv, P_i, D]`` per entry and, in the metadata, the entry names, their kinds
+("fixed" | "prompt"; trainable entries are saved folded, as fixed), the weight signatures of
+prompt entries (``model_info.model_signature``) and the dims. Written atomically; read with
+every field checked (a ValueError naming the file otherwise)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from . import atomic, peft_format
+
+BANK_FILE = "prefix_bank.safetensors"
+KINDS = ("fixed", "prompt")
+
+
+@dataclass
+class SavedBank:
+    names: List[str]
+    kinds: List[str]
+    signatures: List[Optional[list]]
+    dims: tuple  # (L, Hkv, D)
+    tensors: list = field(default_factory=list)  # [L, 2, Hkv, P_i, D] each (CPU)
+
+
+def path_in(directory: str) -> str:
+    """The bank file of ``directory``; FileNotFoundError when it is missing (saying so when the
+    folder holds a PEFT adapter instead)."""
+    path = os.path.join(directory, BANK_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prefix bank file missing: {path!r}" + peft_format.bank_file_hint(directory))
+    return path
+
+
+def write(directory: str, saved: SavedBank) -> None:
+    from safetensors.torch import save as st_save
+
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"{directory!r} is a file; give a folder (a bank is saved as "
+                                 f"FOLDER/{BANK_FILE})")
+    meta = {
+        "format": "pt",
+        "prefix_attn_bank": "1",
+        "names": json.dumps(saved.names),
+        "kinds": json.dumps(saved.kinds),
+        "model_signatures": json.dumps(saved.signatures),
+        **{k: str(v) for k, v in zip(("num_layers", "num_kv_heads", "head_dim"), saved.dims)},
+    }
+    tensors = {f"entry_{i}": t for i, t in enumerate(saved.tensors)}
+    os.makedirs(directory, exist_ok=True)
+    atomic.write_bytes(os.path.join(directory, BANK_FILE), st_save(tensors, metadata=meta))
+
+
+def read(directory: str, tensors: bool = True) -> SavedBank:
+    """The bank saved in ``directory`` (``tensors=False``: its header only)."""
+    from safetensors import safe_open
+
+    path = path_in(directory)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            names = json.loads(meta["names"])
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"bad entry names {names!r}")
+            kinds = json.loads(meta.get("kinds", "null")) or ["fixed"] * len(names)
+            if len(kinds) != len(names) or not all(k in KINDS for k in kinds):
+                raise ValueError(f"bad entry kinds {kinds!r}")
+            signatures = json.loads(meta.get("model_signatures", "null")) or [None] * len(names)
+            if len(signatures) != len(names):
+                raise ValueError(f"bad model signatures {signatures!r}")
+            dims = tuple(int(meta[k]) for k in ("num_layers", "num_kv_heads", "head_dim"))
+            loaded = [f.get_tensor(f"entry_{i}") for i in range(len(names))] if tensors else []
+    except (KeyError, ValueError, json.JSONDecodeError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable prefix bank file ({exc!r})") from exc
+    except Exception as exc:  # safetensors' own errors for a corrupt header
+        raise ValueError(f"{path}: corrupt prefix bank file ({exc})") from exc
+    return SavedBank(names, kinds, signatures, dims, loaded)

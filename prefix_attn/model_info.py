@@ -1,0 +1,119 @@
+"""What the prefix bank reads from the model it is attached to: its dims, dtype and device,
+a signature of its weights (a prompt entry's KV fits only the model that computed it), its
+sliding window, and a prompt's KV out of the cache of a prefill."""
+from __future__ import annotations
+
+import itertools
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+
+def model_dims(model: nn.Module) -> tuple[int, int, int]:
+    """(L, Hkv, D) from an HF config (Llama-style names or GPT-2's n_layer / n_head / n_embd)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"cannot attach a PrefixBank: {type(model).__name__} has no .config")
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+
+    def first(*names):
+        for n in names:
+            value = getattr(config, n, None)
+            if value is not None:
+                return int(value)
+        return None
+
+    L = first("num_hidden_layers", "n_layer", "num_layers")
+    Hq = first("num_attention_heads", "n_head")
+    hidden = first("hidden_size", "n_embd")
+    if L is None or Hq is None:
+        raise ValueError(f"cannot infer the layer count / head count from {type(config).__name__}")
+    Hkv = first("num_key_value_heads") or Hq
+    D = first("head_dim")
+    if D is None:
+        if hidden is None:
+            raise ValueError(f"cannot infer head_dim from {type(config).__name__}")
+        D = hidden // Hq
+    return L, Hkv, D
+
+
+def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    for p in itertools.chain(model.parameters(), model.buffers()):
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+_SIGNATURE_SIZE = 64
+
+
+def model_signature(model: nn.Module) -> list:
+    """A few weights of ``model`` (the middle value of up to 64 parameter tensors spread over
+    it), as floats: a prompt entry's KV fits only the model that computed it, and this tells
+    two models apart while staying stable under a dtype or device move."""
+    bank = getattr(model, "prefix_bank", None)
+    own = {id(p) for p in bank.parameters()} if isinstance(bank, nn.Module) else set()
+    params = [p for p in model.parameters() if p.numel() and id(p) not in own]  # the base only
+    step = max(1, len(params) // _SIGNATURE_SIZE)
+    with torch.no_grad():
+        picks = [p.reshape(-1)[p.numel() // 2:p.numel() // 2 + 1].float()
+                 for p in params[::step][:_SIGNATURE_SIZE]]
+        try:  # one read-back (not one host sync per weight on a GPU)
+            return torch.cat(picks).tolist() if picks else []
+        except RuntimeError:  # weights on several devices (device_map)
+            return [float(t) for t in picks]
+
+
+def same_signature(a, b) -> bool:
+    """Equal up to bfloat16 rounding (a model saved in one dtype and loaded in another)."""
+    return b is not None and len(a) == len(b) and all(
+        abs(x - y) <= 1e-2 * max(abs(x), abs(y)) + 1e-6 for x, y in zip(a, b))
+
+
+def warn_window_vs_peft(model: Optional[nn.Module], what: str) -> None:
+    """Warn that a PEFT adapter on a sliding-window model gives PEFT's logits only while the
+    prefix and the text fit in the window (PEFT's prefix sits in the KV cache, where the window
+    hides it from later tokens; a prefix here is never windowed, docs/DESIGN.md)."""
+    window = sliding_window(model) if model is not None else None
+    if window is not None:
+        warnings.warn(
+            f"{what}: {type(model).__name__} has sliding-window layers ({window} tokens): PEFT's "
+            "prefix sits in the KV cache, where the window hides it from tokens further than "
+            f"{window} positions; here a prefix is never windowed, so the logits equal PEFT's "
+            "only while prefix + text fit in the window", stacklevel=3)
+
+
+def sliding_window(model: nn.Module) -> Optional[int]:
+    """The sliding window of ``model``'s attention layers (some or all), or None."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    if getattr(cfg, "use_sliding_window", True) is False:  # Qwen2 keeps a window it does not use
+        return None
+    return int(window) if window else None
+
+
+def cache_to_kv(cache, num_layers: int, length: int) -> Tensor:
+    """``[L, 2, Hkv, P, D]`` from an HF cache of batch 1 (``DynamicCache`` or legacy tuples)
+    holding ``length`` positions in every layer."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        pairs = [(layer.keys, layer.values) for layer in layers]
+    elif hasattr(cache, "key_cache"):
+        pairs = list(zip(cache.key_cache, cache.value_cache))
+    else:
+        pairs = [(k, v) for k, v in cache]
+    if len(pairs) != num_layers:
+        raise ValueError(f"the model's cache has {len(pairs)} layers, the bank expects {num_layers}")
+    kept = sorted({k.shape[-2] for k, _ in pairs})
+    if kept != [length]:
+        raise ValueError(
+            f"the model's cache holds {kept} positions for a {length}-token prompt (a "
+            "sliding-window cache keeps only the last window); prompt prefixes need the full KV")
+    return torch.stack([torch.stack([k[0], v[0]], dim=0) for k, v in pairs], dim=0)
