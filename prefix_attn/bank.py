@@ -686,7 +686,8 @@ class PrefixBank(nn.Module):
             kv = self._materialize(entry, cast=False)
         model = self.model
         base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-        peft_format.write_peft_adapter(adapter_dir, kv, base_model_name_or_path=base)
+        peft_format.write_peft_adapter(adapter_dir, kv, base_model_name_or_path=base,
+                                       task_type=peft_format.task_type_of(model))
 
     # -- prompt prefixes ---------------------------------------------------------------------
     def add_prompt(self, name: str, input_ids: Tensor) -> None:

@@ -155,14 +155,31 @@ def read_peft_adapter(adapter_dir: str, shape: BankShape) -> tuple[torch.Tensor,
     return kv.contiguous(), config
 
 
+# model class name endings whose adapters PEFT loads as CAUSAL_LM (PeftModelForCausalLM)
+_CAUSAL_LM = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def task_type_of(model) -> str:
+    """PEFT's task type for an adapter of ``model``: CAUSAL_LM for language models (and without
+    a model); FEATURE_EXTRACTION (PEFT's generic wrapper) for the others: a bare encoder
+    (``BertModel``) has no generation method for CAUSAL_LM's wrapper, and PEFT's SEQ_CLS /
+    TOKEN_CLS wrappers expect the task head's weights in the adapter, which holds only the
+    prefix (the head is the model's to save)."""
+    if model is None or type(model).__name__.endswith(_CAUSAL_LM):
+        return "CAUSAL_LM"
+    return "FEATURE_EXTRACTION"
+
+
 def write_peft_adapter(
     adapter_dir: str,
     kv: torch.Tensor,
     base_model_name_or_path: Optional[str] = None,
+    task_type: str = "CAUSAL_LM",
 ) -> None:
     """Write ``kv`` ``[L, 2, Hkv, P, D]`` as a PEFT prefix-tuning adapter loadable by
-    ``peft.PeftModel.from_pretrained`` (inference mode, no projection). Each file is written
-    atomically (temporary file + ``os.replace``); the weights go first, the config last.
+    ``peft.PeftModel.from_pretrained`` (inference mode, no projection; ``task_type``: see
+    :func:`task_type_of`). Each file is written atomically (temporary file + ``os.replace``);
+    the weights go first, the config last.
     """
     from safetensors.torch import save as st_save
 
@@ -172,7 +189,7 @@ def write_peft_adapter(
     emb = kv.detach().permute(3, 0, 1, 2, 4).reshape(P, L * 2 * Hkv * D).contiguous().cpu()
     config = {
         "peft_type": "PREFIX_TUNING",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
@@ -187,6 +204,9 @@ def write_peft_adapter(
         "modules_to_save": None,
         "auto_mapping": None,
     }
+    if os.path.exists(adapter_dir) and not os.path.isdir(adapter_dir):
+        raise NotADirectoryError(f"{adapter_dir!r} is a file; give a folder (a PEFT adapter is "
+                                 f"a folder holding {CONFIG_NAME} and {WEIGHTS_NAME})")
     os.makedirs(adapter_dir, exist_ok=True)
     atomic.write_bytes(
         os.path.join(adapter_dir, WEIGHTS_NAME), st_save({TENSOR_KEY: emb}, metadata={"format": "pt"})

@@ -93,6 +93,41 @@ def test_save_peft_loads_in_peft_with_the_same_prefix_and_logits(tmp_path):
     torch.testing.assert_close(peft_logits, ours, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family, task", [("bert", "FEATURE_EXTRACTION"), ("llama", "CAUSAL_LM"),
+                                          ("gpt2-seq-cls", "FEATURE_EXTRACTION")])
+def test_save_peft_writes_the_task_type_of_the_model(tmp_path, family, task):
+    """The task type was always CAUSAL_LM: PEFT could not load the adapter of a BertModel (it
+    looked for prepare_inputs_for_generation) nor a sequence classifier's. Now language models
+    get CAUSAL_LM and the others PEFT's generic wrapper, and PEFT gives our outputs."""
+    from prefix_attn.tiny import tiny_model
+
+    def build(impl):
+        if family == "gpt2-seq-cls":
+            cfg = tiny_model("gpt2").config
+            cfg.num_labels, cfg.pad_token_id = 3, 0
+            torch.manual_seed(0)
+            return transformers.GPT2ForSequenceClassification._from_config(
+                cfg, attn_implementation=impl).eval()
+        return tiny_model(family, attn_implementation=impl).eval()
+
+    model = build("prefix_attn")
+    bank = PrefixBank.attach(model)
+    g = torch.Generator().manual_seed(4)
+    shape = (bank.num_layers, bank.num_kv_heads, 3, bank.head_dim)
+    bank.add("a", torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    bank.save_peft("a", str(tmp_path / "ad"))
+    assert json.load(open(tmp_path / "ad" / "adapter_config.json"))["task_type"] == task
+    pm = peft.PeftModel.from_pretrained(build("eager"), str(tmp_path / "ad")).eval()
+    ids = torch.randint(3, 60, (2, 6), generator=g)
+    with torch.no_grad():
+        ours, theirs = model(ids, prefixes=["a", "a"]), pm(input_ids=ids)
+    key = "logits" if hasattr(ours, "logits") else "last_hidden_state"
+    torch.testing.assert_close(getattr(ours, key), getattr(theirs, key), rtol=1e-4, atol=1e-5)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file; give a folder"):
+        bank.save_peft("a", str(tmp_path / "afile"))
+
+
 def test_save_peft_folds_a_trainable_entry(tmp_path):
     class Learned(torch.nn.Module):
         def __init__(self):
