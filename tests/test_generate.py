@@ -130,6 +130,20 @@ def test_sampling_with_num_return_sequences_follows_row_prefixes(setup):
         torch.testing.assert_close(logits[r], want, rtol=1e-4, atol=1e-4, msg=f"sequence {r}")
 
 
+@pytest.mark.parametrize("one", [torch.tensor(1), torch.tensor([1])])
+def test_one_id_tensor_for_every_row_with_beams(setup, one):
+    """A single bank id as a tensor (0-d or [1]) for every row: generate expanded the batch for
+    beams but not the id (an error: "got 2 prefixes for a batch of 6 rows", or an IndexError
+    inside transformers). It now gives what the same name for every row gives."""
+    ours, _ = setup
+    ids, mask, _ = _prompts()
+    kw = dict(attention_mask=mask, num_beams=2, num_return_sequences=2, max_new_tokens=3,
+              do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = ours.generate(ids, prefixes=["b"], **kw)
+        assert torch.equal(ours.generate(ids, prefixes=one, **kw), want)
+
+
 def test_beam_search_mixed_batch_matches_single_rows(setup):
     """Beams of a mixed left-padded batch equal the beams of each row alone, and the best beam's
     score is the sum of PEFT's log-probabilities of its tokens (length_penalty=0)."""

@@ -51,6 +51,17 @@ def _generate_batch_size(args, kwargs) -> Optional[int]:
     return None
 
 
+def _one_per_row(prefixes, args, kwargs):
+    """An id tensor of one element (``tensor(3)``, ``tensor([3])``) repeated for each row of the
+    batch: generate expands tensor keywords with the rows (beams, ``num_return_sequences``),
+    which a single id would not follow. Anything else as is."""
+    if isinstance(prefixes, torch.Tensor) and prefixes.dim() <= 1 and prefixes.numel() == 1:
+        B = _generate_batch_size(args, kwargs)
+        if B is not None:
+            return prefixes.reshape(1).repeat(B)
+    return prefixes
+
+
 def _wrap_generate(generate):
     """``GenerationMixin.generate`` for models with a prefix bank and ``prefixes=``: the names
     become an id tensor ``[B]`` before generate starts (generate then expands it with the rows,
@@ -65,7 +76,7 @@ def _wrap_generate(generate):
         prefixes = kwargs.get(PREFIXES_KWARG)
         if prefixes is None:
             return generate(self, *args, **kwargs)
-        prefixes = kwargs[PREFIXES_KWARG] = _from_numpy(prefixes)
+        prefixes = kwargs[PREFIXES_KWARG] = _one_per_row(_from_numpy(prefixes), args, kwargs)
         bank = self.__dict__.get("_modules", {}).get("prefix_bank")
         if bank is None:
             from ..bank import _PINNED, PrefixBank
