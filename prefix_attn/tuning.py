@@ -16,6 +16,7 @@ folds the projection (runs ``forward()`` once) and writes plain K/V in PEFT's fo
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -28,6 +29,17 @@ from .hf import ATTN_NAME
 
 __all__ = ["PrefixParameters", "prefix_tuning", "from_peft", "trainable_parameters",
            "print_trainable_parameters", "enable_checkpointing", "unload"]
+
+
+def _positive_int(value, what: str) -> int:
+    """``value`` as an int (numpy integers too); ValueError naming ``what`` unless it is an
+    integer >= 1 (not a bool, a float or a string)."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    value = operator.index(value)
+    if value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value}")
+    return value
 
 
 class PrefixParameters(nn.Module):
@@ -43,8 +55,9 @@ class PrefixParameters(nn.Module):
                  num_virtual_tokens: int, projection_hidden_size: Optional[int] = None,
                  device=None):
         super().__init__()
-        if num_virtual_tokens <= 0:
-            raise ValueError(f"num_virtual_tokens must be positive, got {num_virtual_tokens}")
+        num_virtual_tokens = _positive_int(num_virtual_tokens, "num_virtual_tokens")
+        if projection_hidden_size is not None:
+            projection_hidden_size = _positive_int(projection_hidden_size, "projection_hidden_size")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.num_virtual_tokens = num_virtual_tokens
         token_dim = num_kv_heads * head_dim
@@ -136,6 +149,9 @@ def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
     module (its parameters are the ones to give the optimizer; with an unfrozen head, give it
     :func:`trainable_parameters`).
     """
+    _positive_int(num_virtual_tokens, "num_virtual_tokens")  # before the model changes
+    if projection_hidden_size is not None:
+        _positive_int(projection_hidden_size, "projection_hidden_size")
     bank = PrefixBank.attach(model)
     module = PrefixParameters(bank.num_layers, bank.num_kv_heads, bank.head_dim,
                               num_virtual_tokens, projection_hidden_size, device=bank.device)
@@ -233,19 +249,19 @@ def print_trainable_parameters(model: nn.Module) -> str:
 def unload(model: nn.Module, attn_implementation: Optional[str] = None) -> nn.Module:
     """The plain model back, as PEFT's ``unload``: the prefix bank (and its trainable prefixes)
     removed, the ``prefixes=`` hooks taken off and the attention implementation set to
-    ``attn_implementation`` (default: ``"sdpa"``, or ``"eager"`` for models without an sdpa
-    path, such as soft-capped Gemma 2); the base weights are untouched, so ``model(...)`` then
-    gives the base model's logits. The implementation is set first: a model that refuses the
-    one asked for raises with nothing removed. Save the prefixes first if you need them
-    (``bank.save`` / ``bank.save_peft``). Returns ``model``."""
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTN_NAME:
-        if attn_implementation is not None:
-            model.set_attn_implementation(attn_implementation)
-        else:
-            try:
-                model.set_attn_implementation("sdpa")
-            except ValueError:  # "does not support ... scaled_dot_product_attention"
-                model.set_attn_implementation("eager")
+    ``attn_implementation`` when given, else, if the model is on ``"prefix_attn"``, to ``"sdpa"``
+    (``"eager"`` for models without an sdpa path, such as soft-capped Gemma 2); the base
+    weights are untouched, so ``model(...)`` then gives the base model's logits. The
+    implementation is set first: a model that refuses the one asked for raises with nothing
+    removed. Save the prefixes first if you need them (``bank.save`` / ``bank.save_peft``).
+    Returns ``model``."""
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
+    elif getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTN_NAME:
+        try:
+            model.set_attn_implementation("sdpa")
+        except ValueError:  # "does not support ... scaled_dot_product_attention"
+            model.set_attn_implementation("eager")
     hooks = model.__dict__.pop("_prefix_attn_hooks", None)
     for h in hooks or ():
         h.remove()

@@ -529,6 +529,58 @@ def test_unload_gives_the_plain_model_back_and_counts_are_printed(capsys):
 
 
 @pytest.mark.hf
+def test_unload_sets_the_implementation_asked_for_whatever_the_current_one():
+    """unload(model, attn_implementation="eager") left a model already moved to sdpa on sdpa."""
+    import prefix_attn
+
+    model = tiny_model("llama", seed=0)
+    prefix_attn.prefix_tuning(model, num_virtual_tokens=2)
+    model.set_attn_implementation("sdpa")
+    prefix_attn.unload(model, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(num_virtual_tokens=0), "num_virtual_tokens must be a positive int, got 0"),
+    (dict(num_virtual_tokens=2.5), "num_virtual_tokens must be a positive int, got 2.5"),
+    (dict(num_virtual_tokens="5"), "num_virtual_tokens must be a positive int, got '5'"),
+    (dict(num_virtual_tokens=True), "num_virtual_tokens must be a positive int, got True"),
+    (dict(projection_hidden_size=0), "projection_hidden_size must be a positive int, got 0"),
+    (dict(projection_hidden_size=-1), "projection_hidden_size must be a positive int, got -1"),
+])
+def test_prefix_tuning_arguments_are_checked_before_the_model_changes(kwargs, words):
+    """projection_hidden_size=0 built a bias-only prefix; floats, strings and bools gave torch's
+    errors from inside the module (after the bank was attached and the base frozen)."""
+    model = tiny_model("llama", seed=0)
+    with pytest.raises(ValueError, match=words.replace(".", r"\.")):
+        prefix_tuning(model, **kwargs)
+    assert not hasattr(model, "prefix_bank") and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.hf
+def test_a_peft_prefix_model_is_refused_with_the_way_to_take_it_over():
+    """prefix_tuning on PEFT's PrefixTuning model froze PEFT's prompt encoder and applied both
+    prefixes; attaching a bank to it is refused, pointing to from_peft."""
+    peft = pytest.importorskip("peft")
+    import prefix_attn
+
+    base = tiny_model("llama", seed=0, attn_implementation="eager")
+    pm = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    for call in (lambda: prefix_tuning(pm, num_virtual_tokens=2),
+                 lambda: prefix_attn.PrefixBank.attach(pm)):
+        with pytest.raises(ValueError, match=r"PEFT model with PREFIX_TUNING adapters.*from_peft"):
+            call()
+    assert not hasattr(pm, "prefix_bank")
+    assert all(p.requires_grad for p in pm.prompt_encoder.parameters())
+    # a LoRA wrapper's forward takes no position_ids (the tokens after a prefix would count
+    # from 0): refused, pointing to its base model, which holds the LoRA layers
+    lora = peft.get_peft_model(tiny_model("llama", seed=0), peft.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"PEFT wrapper: attach the bank to its base model"):
+        prefix_attn.PrefixBank.attach(lora)
+    prefix_attn.PrefixBank.attach(lora.get_base_model())
+
+
+@pytest.mark.hf
 def test_unload_a_model_without_an_sdpa_path_sets_eager_and_refusals_remove_nothing():
     """Soft-capped Gemma 2 has no sdpa path (transformers 5.2x): unload raised after removing
     the bank and hooks, leaving "prefix_attn" set on a model without them. Now it picks eager

@@ -20,14 +20,38 @@ def uses_attention_interface(cls) -> bool:
     return True
 
 
+def _peft_wrapper(model) -> Optional[str]:
+    """Why a bank cannot go on a PEFT wrapper (``PeftModel``), or None for other models: with
+    prompt-learning adapters PEFT applies its own prefix on top of the bank's; with others
+    (LoRA, ...) its forward takes no ``position_ids``, so the tokens after a prefix would not
+    be numbered from its length."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not hasattr(model, "get_base_model"):
+        return None
+    name = type(model).__name__
+    kinds = sorted({str(getattr(c, "peft_type", "")).rsplit(".", 1)[-1] for c in configs.values()
+                    if getattr(c, "is_prompt_learning", False)})
+    if kinds:
+        return (f"{name} is a PEFT model with {', '.join(kinds)} adapters, which PEFT applies "
+                "itself, on top of a bank's prefixes: take prefix-tuning adapters over with "
+                "prefix_attn.from_peft(peft_model), or use the base model "
+                "(peft_model.get_base_model())")
+    return (f"{name} is a PEFT wrapper: attach the bank to its base model "
+            "(peft_model.get_base_model(), which holds the adapters) and call that")
+
+
 def unsupported_model(model) -> Optional[str]:
-    """Why prefixes cannot be served on ``model`` (None: they can): an encoder-decoder, keys and
-    values of different head dims (multi-head latent attention), or attention computed in
-    the model's own code instead of through transformers' attention interface."""
+    """Why prefixes cannot be served on ``model`` (None: they can): a PEFT wrapper (attach to
+    its base model, or take prefix-tuning adapters over with from_peft), an encoder-decoder,
+    keys and values of different head dims (multi-head latent attention), or attention computed
+    in the model's own code instead of through transformers' attention interface."""
+    wrapper = _peft_wrapper(model)
+    if wrapper is not None:
+        return wrapper
+    name = type(model).__name__
     cfg = getattr(model, "config", None)
     if cfg is None:
         return None
-    name = type(model).__name__
     if getattr(cfg, "is_encoder_decoder", False):
         return (f"{name} is an encoder-decoder model: PEFT puts a prefix on its decoder's self- "
                 "and cross-attention, which prefix_attn does not do (decoder-only and encoder "
