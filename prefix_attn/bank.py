@@ -36,6 +36,7 @@ import threading
 import warnings
 import weakref
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -100,6 +101,37 @@ def _id_range(n: int) -> str:
     entries = f"ids 0..{n - 1} (a bank of {n} entr{'y' if n == 1 else 'ies'})" if n else \
         "the bank is empty"
     return f"{entries}; -1 or None for no prefix"
+
+
+def _prompt_ids(input_ids, model: nn.Module) -> Tensor:
+    """``add_prompt``'s token ids as a LongTensor ``[1, P]``, checked: integer ids (not text,
+    not a tokenizer's whole output), one row, at least one token, within the vocabulary."""
+    tokenize = "tokenize the text first and pass the ids: tokenizer(text, return_tensors='pt').input_ids"
+    if isinstance(input_ids, (str, Mapping)):
+        raise TypeError(f"add_prompt takes token ids ([P] or [1, P]), got a "
+                        f"{type(input_ids).__name__}: {tokenize}")
+    if not isinstance(input_ids, Tensor):
+        try:
+            input_ids = torch.tensor(input_ids)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"add_prompt takes token ids ([P] or [1, P]), got "
+                            f"{type(input_ids).__name__}: {tokenize}") from None
+    if input_ids.numel() == 0:
+        raise ValueError("input_ids is empty: a prompt prefix needs at least one token")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be [P] or [1, P], got {list(input_ids.shape)}")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is not None:
+        outside = input_ids[(input_ids < 0) | (input_ids >= vocab)]
+        if outside.numel():
+            raise ValueError(f"token id {int(outside[0])} is outside the vocabulary of "
+                             f"{type(model).__name__} ({vocab} ids: 0..{vocab - 1})")
+    return input_ids.long()
 
 
 def _version_of(t: Tensor) -> Optional[int]:
@@ -694,22 +726,12 @@ class PrefixBank(nn.Module):
         """Add (or replace) entry ``name`` holding the KV of a prompt (``[P]`` or ``[1, P]`` ids),
         from one prefill through the attached model: keys keep the RoPE of positions 0..P-1."""
         self._check_name(name)
-        if isinstance(input_ids, str):
-            raise TypeError("add_prompt takes token ids ([P] or [1, P]), got a str: tokenize the "
-                            "text first, e.g. tokenizer(text, return_tensors='pt').input_ids")
         model = self.model
         if model is None:
             gone = self._model_ref is not None  # the bank only holds a weak reference
             raise RuntimeError("add_prompt needs a bank attached to a model (PrefixBank.attach(model))"
                                + ("; the model this bank was attached to no longer exists" if gone else ""))
-        if not isinstance(input_ids, Tensor):
-            input_ids = torch.tensor(input_ids, dtype=torch.long)
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(f"input_ids must be [P] or [1, P], got {list(input_ids.shape)}")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids is empty: a prompt prefix needs at least one token")
+        input_ids = _prompt_ids(input_ids, model)
         from prefix_attn.hf import cache_kwarg, learned_position_limit
 
         limit = learned_position_limit(model)

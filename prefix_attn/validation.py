@@ -227,8 +227,9 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
     if prefix_k is None:
         prefix_k = q.new_zeros((1, Hkv, 0, D))
         prefix_v = prefix_k
-        if prefix_lens is not None:
-            raise ValueError("prefix_lens given without prefix_k/prefix_v")
+        for name, given in (("prefix_ids", prefix_ids), ("prefix_lens", prefix_lens)):
+            if given is not None:
+                raise ValueError(f"{name} given without prefix_k/prefix_v")
     else:
         for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
             if not isinstance(t, torch.Tensor):

@@ -67,8 +67,6 @@ def test_errors_name_the_problem():
         _bank().select([0], 1)
     with pytest.raises(KeyError, match=r"unknown prefix 'A'; did you mean 'a'\?"):
         bank.select(["A"], 1)
-    with pytest.raises(TypeError, match="tokenize the text first"):
-        bank.add_prompt("p", "hello")
     with pytest.raises(ValueError, match="3 prefixes for a batch of 2"):
         bank.select(["a", "b", "a"], 2)
     with pytest.raises(ValueError, match=r"\[L=3, 2, Hkv=2, P, D=8\]"):
@@ -307,6 +305,24 @@ def _tiny_llama(seed=0):
 
 
 @pytest.mark.hf
+@pytest.mark.parametrize("ids, error, words", [
+    ("hello", TypeError, "got a str: tokenize the text first"),
+    ({"input_ids": [[5, 6]]}, TypeError, "got a dict: tokenize the text first"),
+    (torch.tensor([5.0, 6.0]), TypeError, "integer token ids, got torch.float32"),
+    ([5, 600], ValueError, r"token id 600 is outside the vocabulary of LlamaForCausalLM \(\d+ ids"),
+    ([], ValueError, "input_ids is empty"),
+    (torch.ones(2, 3, dtype=torch.long), ValueError, r"\[P\] or \[1, P\], got \[2, 3\]"),
+])
+def test_add_prompt_says_what_its_ids_must_be(ids, error, words):
+    """A tokenizer's whole output, float ids and ids past the vocabulary gave torch's errors
+    from inside the model (IndexError, a dtype RuntimeError, 'Encoding' cannot be interpreted)."""
+    model = _tiny_llama()  # the bank holds it weakly
+    bank = PrefixBank.attach(model)
+    with pytest.raises(error, match=words):
+        bank.add_prompt("p", ids)
+    assert "p" not in bank
+
+
 def test_folder_mixups_name_what_the_folder_holds(tmp_path):
     bank = _bank(a=4)
     bank.save(str(tmp_path / "bank"))

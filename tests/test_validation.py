@@ -134,11 +134,15 @@ def test_known_range_is_read_again_after_an_in_place_change(name):
         normalize(*args, **kw)
 
 
-def test_prefix_lens_without_a_prefix_is_refused_even_when_zero():
+def test_prefix_lens_or_ids_without_a_prefix_are_refused_even_when_zero():
+    """prefix_ids alone was checked against a bank of one empty entry the caller never gave
+    ("must lie in [0, 1) for a bank of N=1 (prefix_k [1, 2, 0, 8])"), and zeros passed."""
     kw = good()
     q, k, v = kw["q"], kw["k"], kw["v"]
     with pytest.raises(ValueError, match="prefix_lens given without prefix_k"):
         prefix_attention(q, k, v, prefix_lens=torch.tensor([0]))
+    with pytest.raises(ValueError, match="prefix_ids given without prefix_k"):
+        prefix_attention(q, k, v, prefix_ids=torch.zeros(q.shape[0], dtype=torch.long))
 
 
 @pytest.mark.parametrize("name,value,words", [
