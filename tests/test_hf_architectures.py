@@ -229,10 +229,14 @@ def test_generate_past_a_learned_position_table_is_refused_up_front():
     ids = torch.randint(3, 100, (1, 50))
     kw = dict(prefixes="p", pad_token_id=0, do_sample=False)
     assert model.generate(ids, max_new_tokens=7, **kw).shape == (1, 57)
+    assert model.generate(ids, max_length=57, **kw).shape == (1, 57)
     calls = []
     hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
     with pytest.raises(ValueError, match="generate would reach position 256 .* beyond the 256"):
         model.generate(ids, max_new_tokens=8, **kw)
+    # max_length counts the prompt too (it failed mid-generation, naming "1 tokens after a cache")
+    with pytest.raises(ValueError, match=r"max_length=58: 8 new tokens\).*or max_length$"):
+        model.generate(ids, max_length=58, **kw)
     hook.remove()
     assert calls == []
     # left padding: the real tokens count (a padded row with a longer prefix still fits)

@@ -26,7 +26,11 @@ def _check_generate_positions(model, bank, args, kwargs) -> None:
             or ids.shape[0] != tokens.shape[0]:
         return
     config = getattr(model, "generation_config", None)
-    new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    new, given = kwargs.get("max_new_tokens"), "max_new_tokens"
+    if new is None and kwargs.get("max_length") is not None:  # max_new_tokens wins when both are
+        new, given = int(kwargs["max_length"]) - tokens.shape[1], "max_length"
+    if new is None:
+        new = getattr(config, "max_new_tokens", None)
     if new is None:
         return
     names = bank.names()
@@ -38,9 +42,11 @@ def _check_generate_positions(model, bank, args, kwargs) -> None:
     # (which is never fed back)
     top = max(P + int(n) for P, n in zip(lens, real)) + int(new) - 1
     if top > limit:
+        asked = f"max_new_tokens={new}" if given == "max_new_tokens" else \
+            f"max_length={kwargs['max_length']}: {new} new tokens"
         raise ValueError(f"generate would reach position {top - 1} (a prefix, the prompt's tokens "
-                         f"and max_new_tokens={new}), {_past_the_table(model, limit)}: shorten "
-                         "the prompt, the prefix or max_new_tokens")
+                         f"and {asked}), {_past_the_table(model, limit)}: shorten the prompt, the "
+                         f"prefix or {given}")
 
 
 def _generate_batch_size(args, kwargs) -> Optional[int]:
