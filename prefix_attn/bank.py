@@ -42,6 +42,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from prefix_attn import bank_file, distributed, model_info, peft_format, validation
 from prefix_attn.bank_file import BANK_FILE
@@ -55,6 +56,19 @@ PrefixSpec = Union[None, str, int, Sequence[Union[None, str, int]], Tensor]
 
 # attach is check-then-create: two threads attaching one model must not make two banks
 _ATTACH_LOCK = threading.RLock()
+
+# Optimizer steps taken in this process (any torch.optim.Optimizer, through torch's global
+# step hook): part of the cache key of selections with trainable entries, since fused
+# optimizers (AdamW(fused=True), HF Trainer's default) update parameters without bumping
+# their version counters.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 # {id(bank): (bank, snapshot)} of the banks pinned in this thread / context (PrefixBank.pinned)
 _PINNED: contextvars.ContextVar = contextvars.ContextVar("prefix_attn_pinned_banks", default=None)
@@ -553,14 +567,15 @@ class PrefixBank(nn.Module):
         key = (tuple(used), str(device), version, torch.is_inference_mode_enabled())
         # a trainable entry is rebuilt on every call that records autograd (its gradients must
         # flow); without autograd (generate, evaluation) it is cached like a fixed one, keyed on
-        # its parameters' versions (an optimizer step changes them in place) and storage
-        # (``p.data = t``, as weight loaders and sharding do, keeps the version); an in-place
-        # write through ``p.data`` changes neither and is not seen
+        # its parameters' versions (in-place updates bump them), their storage (``p.data = t``,
+        # as weight loaders and sharding do, keeps the version) and the count of optimizer
+        # steps taken in this process (fused optimizers write without bumping versions); an
+        # in-place write through ``p.data`` outside an optimizer is not seen
         params = [p for i in used if i >= 0 and entries[names[i]].module is not None
                   for p in entries[names[i]].module.parameters()]
         cacheable = not params or not torch.is_grad_enabled()
         if params:
-            key = key + (tuple((p._version, p.data_ptr()) for p in params),)
+            key = key + (tuple((p._version, p.data_ptr()) for p in params), _OPTIMIZER_STEPS[0])
         with self._lock:
             cached = self._cache.get(key) if cacheable else None
             if cached is not None:

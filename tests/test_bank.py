@@ -556,6 +556,26 @@ def test_trainable_entries_are_cached_without_autograd_until_their_parameters_ch
                                torch.full((HKV, 5, D), 2.0))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_fused_optimizer_step_is_seen_by_the_cached_selection(fused):
+    """Fused optimizers (AdamW(fused=True), HF Trainer's default) write parameters without
+    bumping their versions: evaluation and generate kept using the stacked prefixes of before
+    the step (a Trainer's eval_loss did not move). Every optimizer step now counts."""
+    bank = _bank(a=3)
+    mod = LearnedPrefix(5, seed=3)
+    bank.add_trainable("t", mod)
+    opt = torch.optim.AdamW(mod.parameters(), lr=0.5, fused=fused, foreach=False if not fused else None)
+    with torch.no_grad():
+        before = bank.select(["t", "a"], 2).layer(0)[0].clone()
+    bank.select(["t", "a"], 2).layer(0)[0].sum().backward()
+    opt.step()
+    with torch.no_grad():
+        after = bank.select(["t", "a"], 2).layer(0)[0]
+    want = mod.forward()[0, 0].detach()  # layer 0's keys, as the parameters now are
+    torch.testing.assert_close(after[1, :, :5], want)  # slot 1: "t" (bank order a, t)
+    assert not torch.equal(after, before)
+
+
 def test_trainable_entries_are_ordered_by_name_whatever_order_they_were_added_in():
     """DistributedDataParallel pairs parameters across processes by their order: two ranks that
     added the same prefixes in different orders (a loop over a set) averaged each prefix's
