@@ -48,6 +48,17 @@ def replacing(path: str, suffix: str = ""):
         r.abort()
 
 
+def readable_by_others(folder: str) -> None:
+    """Give the files directly in ``folder`` the mode a plain ``open`` would (0666 less the
+    umask): transformers' ``save_pretrained`` writes weights 0600, which another account
+    (a server reading the base model an adapter names) cannot read."""
+    mode = 0o666 & ~_umask()
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.chmod(path, mode)
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (flushed to disk before the rename)."""
     with replacing(path) as tmp, open(tmp, "wb") as f:

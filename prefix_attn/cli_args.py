@@ -73,13 +73,13 @@ def device_problem(name: str):
         device = torch.device(name)
     except (RuntimeError, ValueError):  # torch's message lists every device type it knows
         return None, f"--device {name}: not a torch device; use cpu, cuda or cuda:N"
+    if device.type not in ("cpu", "cuda"):  # mps, meta, xpu, ...: no backend runs there
+        return None, f"--device {name}: prefix_attn runs on cpu or cuda (cuda:N)"
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return None, f"--device {name}: CUDA is not available on this machine"
         if device.index is not None and device.index >= torch.cuda.device_count():
             return None, f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)"
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        return None, f"--device {name}: MPS is not available on this machine"
     return device, None
 
 

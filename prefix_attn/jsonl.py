@@ -17,6 +17,14 @@ def json_type(value) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
+def array_hint(where: str, value) -> str:
+    """For an array found where an object was expected, on a line of a ``.jsonl`` file: how to
+    give a list of objects instead ("" otherwise)."""
+    if isinstance(value, list) and where.split(":", 1)[0].lower().endswith(".jsonl"):
+        return " (a .jsonl file holds one object per line; name it .json for one array of objects)"
+    return ""
+
+
 def is_json_path(path: str) -> bool:
     return path.lower().endswith((".jsonl", ".json"))
 
@@ -76,9 +84,11 @@ def _values(path: str, lines: List[Tuple[int, str]], error: Type[Exception],
         if not text.strip():
             continue
         try:
-            values.append((n, None, json.loads(text)))
+            value = json.loads(text)
         except json.JSONDecodeError as exc:
             raise error(f"{path}:{n}: not JSON ({exc.msg} at column {exc.colno}){hint}") from None
+        _check_unicode(value, f"{path}:{n}", error)
+        values.append((n, None, value))
     return values
 
 
@@ -93,6 +103,7 @@ def _array_items(path: str, text: str, error: Type[Exception]) -> List[Tuple[int
     for index, value in enumerate(values):  # walk the (valid) array again for the line of each item
         start = _skip(text, pos, " \t\r\n,")
         line += text.count("\n", pos, start)
+        _check_unicode(value, f"{path}:{line}: array index {index}", error)
         items.append((line, index, value))
         pos = decoder.raw_decode(text, start)[1]
         line += text.count("\n", start, pos)
@@ -103,3 +114,23 @@ def _skip(text: str, pos: int, chars: str) -> int:
     while pos < len(text) and text[pos] in chars:
         pos += 1
     return pos
+
+
+def _check_unicode(value, where: str, error: Type[Exception]) -> None:
+    """A user error for a string of ``value`` (keys included) holding a lone surrogate (JSON
+    allows the escape "\\ud800"; the text is not Unicode and cannot be tokenized)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise error(f"{where}: a string holds a lone surrogate (\\u{ord(v[exc.start]):04x}), "
+                            "not valid Unicode text") from None
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+

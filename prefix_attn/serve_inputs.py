@@ -49,7 +49,8 @@ def read_requests(path: str) -> List[Request]:
 
 def _parse_request(obj, where: str, lineno: int) -> Request:
     if not isinstance(obj, dict):
-        raise RequestError(f"{where}: expected a JSON object, got {jsonl.json_type(obj)}")
+        raise RequestError(f"{where}: expected a JSON object, got {jsonl.json_type(obj)}"
+                           + jsonl.array_hint(where, obj))
     if "prompt" not in obj:
         found = ", ".join(repr(k) for k in obj) or "none"
         raise RequestError(f"{where}: missing 'prompt' (fields found: {found})")

@@ -43,7 +43,7 @@ import torch
 
 from . import atomic, cli_args, jsonl, tiny
 from .backends import check_env_backend
-from .train_state import (BASE_MODEL, PROG, Interrupted, StopSignals, TrainError, TrainingFailed, append_log,
+from .train_state import (BASE_MODEL, LOG, PROG, Interrupted, StopSignals, TrainError, TrainingFailed, append_log,
                           check_output_folder, check_same_settings, create_output_folder,
                           load_checkpoint, plain_args, run_settings, start_log, warn)
 
@@ -94,7 +94,8 @@ def _looks_like_json_object(line: str) -> bool:
 def _example(where: str, obj) -> Tuple[str, str]:
     """(prompt, completion) of one JSON item (``where`` = ``path:line`` for the messages)."""
     if not isinstance(obj, dict):
-        raise TrainError(f"{where}: expected a JSON object, got {jsonl.json_type(obj)}")
+        raise TrainError(f"{where}: expected a JSON object, got {jsonl.json_type(obj)}"
+                         + jsonl.array_hint(where, obj))
     if "text" in obj:
         if "prompt" in obj or "completion" in obj:
             raise TrainError(f"{where}: give either 'text' or 'prompt'/'completion', not both")
@@ -152,8 +153,10 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
     if cut or short:
         causes = []
         if cut:
-            causes.append(f"in {cut} the prompt fills --max-length ({max_length} tokens) and truncation cuts "
-                          f"off the whole completion (raise --max-length or shorten the prompts)")
+            causes.append(f"in {cut} the prompt fills the {max_length}-token limit per example "
+                          f"(--max-length, at most the model's positions less --num-virtual-tokens) "
+                          f"and truncation cuts off the whole completion (raise --max-length if the "
+                          f"model allows, or shorten the prompts)")
         if short:
             causes.append(f"{short} {'is' if short == 1 else 'are'} under two tokens (nothing to predict)")
         dropped = cut + short
@@ -246,6 +249,7 @@ def load_model(model_dir: Optional[str], out_dir: str, seed: int, resume: bool =
 def save_base_model(model, tokenizer, base_dir: str) -> None:
     model.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
+    atomic.readable_by_others(base_dir)
 
 
 def effective_max_length(requested: Optional[int], config, num_virtual_tokens: int) -> int:
@@ -404,7 +408,11 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     from .progress import progress_bar
 
     # everything is checked before the output folder is written
-    check_output_folder(args.output)
+    for option, path in (("data", args.data), ("--eval-data", args.eval_data)):
+        if path == "-":  # the checkpoint records the file's content, which --resume checks
+            raise TrainError(f"{option}: train reads a file, not standard input (-): save it to a "
+                             "file first")
+    check_output_folder(args.output, files=(CHECKPOINT, LOG), folders=(ADAPTER, BASE_MODEL))
     device = training_device(args.device)
     dtype = DTYPES[args.dtype]
     try:
@@ -480,6 +488,9 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
         return TrainingFailed(f"step {step}: the {what} is {value} (not finite): training diverged; "
                               f"stopped without saving this step ({kept}); try a lower --lr")
 
+    if step > total:
+        warn("note", f"the checkpoint is at step {step}, past the {total} steps this run asks for "
+                     f"(--max-steps / --epochs): nothing to run; the adapter is step {step}'s")
     model.train()
     bar = progress_bar(total, "prefix tuning", "step", enabled=not args.no_progress, initial=step)
     t0, tokens, first_step = time.perf_counter(), 0, step

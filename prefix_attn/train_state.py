@@ -73,9 +73,27 @@ def start_log(out_dir: str, resume_step: Optional[int]) -> None:
     atomic.write_text(path, "".join(kept))
 
 
-def check_output_folder(out_dir: str) -> None:
+def check_output_folder(out_dir: str, files=(), folders=()) -> None:
+    """Before any work: ``out_dir`` is a folder this process can write (or can be made in one),
+    and the ``files`` / ``folders`` a run writes in it are not of the other kind."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TrainError(f"--output {out_dir} is a file, not a folder")
+    existing = out_dir
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing.rstrip(os.sep)) if existing != os.sep else ""
+    existing = existing or "."
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "the output folder" if existing == out_dir else f"the output folder's parent {existing}"
+        raise TrainError(f"--output {out_dir}: {what} is not writable")
+    for name in files:
+        if os.path.isdir(os.path.join(out_dir, name)):
+            raise TrainError(f"--output {out_dir}: {name} there is a folder; the run writes a file "
+                             "of that name (move it away, or choose another --output)")
+    for name in folders:
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise TrainError(f"--output {out_dir}: {name} there is a file; the run writes a folder "
+                             "of that name (move it away, or choose another --output)")
 
 
 def create_output_folder(out_dir: str) -> None:
@@ -146,7 +164,8 @@ def run_settings(args: argparse.Namespace, max_length: int) -> Dict[str, object]
             "--batch-size": args.batch_size, "--seed": args.seed, "--max-length": max_length,
             "--num-virtual-tokens": args.num_virtual_tokens,
             "--projection-hidden-size": args.projection_hidden_size, "--pack": args.pack,
-            "--eval-fraction": args.eval_fraction, "--lr": args.lr, "--weight-decay": args.weight_decay,
+            # unused with --eval-data: not a setting then (None matches any older value)
+            "--eval-fraction": args.eval_fraction if args.eval_data is None else None, "--lr": args.lr, "--weight-decay": args.weight_decay,
             "--dtype": getattr(args, "dtype", "float32")}
 
 
@@ -168,8 +187,10 @@ def check_same_settings(state: dict, settings: Dict[str, object], ckpt_path: str
     if old is None:
         warn("warning", f"{ckpt_path} predates stored settings: not checked against this run's")
         return
+    unused = {"--eval-fraction"} if settings.get("--eval-fraction") is None else set()
     changed = [f"{key}: {_show_setting(was)} -> {_show_setting(settings.get(key))}"
-               for key, was in old.items() if not _same_setting(was, settings.get(key))]
+               for key, was in old.items()
+               if key not in unused and not _same_setting(was, settings.get(key))]
     if changed:
         raise TrainError("--resume with other settings than the checkpoint's (the result would not be "
                          "the uninterrupted run's):\n  " + "\n  ".join(changed)

@@ -53,3 +53,17 @@ def test_adapter_and_bank_files_are_readable_by_others(tmp_path, umask_022):
     for folder in ("ad", "bank"):
         for name in os.listdir(tmp_path / folder):
             assert _mode(tmp_path / folder / name) == 0o644, (folder, name)
+
+
+@pytest.mark.hf
+def test_the_saved_base_model_is_readable_by_others(tmp_path, umask_022):
+    """transformers' save_pretrained writes the weights 0600: a server under another account
+    could not read the base model an adapter of prefix-attn train names."""
+    from prefix_attn import tiny
+    from prefix_attn.train import save_base_model
+
+    save_base_model(tiny.tiny_model("llama"), tiny.ByteTokenizer(), str(tmp_path / "base"))
+    names = os.listdir(tmp_path / "base")
+    assert "model.safetensors" in names
+    assert {name: _mode(tmp_path / "base" / name) for name in names} == {name: 0o644 for name in names}
+

@@ -255,8 +255,8 @@ def test_examples_whose_prompt_fills_max_length_are_dropped_with_one_warning(tmp
                        *FAST]) == 0
     err = capsys.readouterr().err
     assert err.count("warning:") == 1, err
-    assert "6 of 14 examples have no token to learn" in err and "--max-length (64 tokens)" in err
-    assert "raise --max-length or shorten the prompts" in err
+    assert "6 of 14 examples have no token to learn" in err and "fills the 64-token limit per example (--max-length" in err
+    assert "raise --max-length if the model allows, or shorten the prompts" in err
     assert all(r["loss"] is not None and r["loss"] > 0 for r in _only_valid_json(out))
 
 
@@ -361,6 +361,9 @@ def test_max_steps_is_the_total_and_cycles_the_data(data, tmp_path, capsys):
     assert train.main(base + ["--max-steps", "10", "--resume"]) == 0
     assert "trained 10 steps" in capsys.readouterr().out
     assert [r["step"] for r in _steps(out)] == list(range(1, 11))
+    # a smaller one runs nothing and says so (it said "no steps left to run")
+    assert train.main(base + ["--max-steps", "4", "--resume"]) == 0
+    assert "the checkpoint is at step 10, past the 4 steps this run asks for" in capsys.readouterr().err
     straight = str(tmp_path / "straight")
     assert train.main([data, "-o", straight, *base[3:], "--max-steps", "10"]) == 0
     ckpt = [torch.load(os.path.join(o, "checkpoint.pt"), weights_only=False)["prefix"] for o in (out, straight)]
@@ -457,9 +460,9 @@ def test_dtype_bfloat16_trains_a_float32_prefix_on_a_bfloat16_base(data, tmp_pat
 
 def test_device_option(data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    for bad in ("bogus", "cuda:99"):
+    for bad in ("bogus", "cuda:99", "meta", "xpu", "mps"):  # meta, xpu, mps: tracebacks after
         _user_error(capsys, [data, "-o", str(out), "--device", bad, *FAST], f"--device {bad}")
-    assert not out.exists()
+    assert not out.exists()                                  # the base model was written
     assert train.main([data, "-o", str(out), "--device", "cpu", "--max-steps", "1", *FAST]) == 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     capsys.readouterr()
@@ -478,3 +481,66 @@ def test_a_text_file_of_json_lines_gets_a_hint(tmp_path, capsys):
     f.write_text('plain text\n{"text": "c"}\n')
     read_examples(str(f))
     assert "JSON" not in capsys.readouterr().err
+
+
+def test_standard_input_is_refused_before_any_work(data, tmp_path, capsys):
+    """`train -` read the data, loaded the model, then failed to fingerprint a file named '-'
+    (a traceback): the checkpoint records the data file's content, which --resume checks."""
+    out = tmp_path / "out"
+    _user_error(capsys, ["-", "-o", str(out), *FAST], "data: train reads a file, not standard input")
+    _user_error(capsys, [data, "--eval-data", "-", "-o", str(out), *FAST], "--eval-data: train reads a file")
+    assert not out.exists()
+
+
+def test_a_lone_surrogate_names_its_line(tmp_path, capsys):
+    """JSON allows the escape \\ud800, which is not Unicode: the tokenizer raised
+    UnicodeEncodeError (a traceback) after the model loaded."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "a\\ud800"}\n')
+    _user_error(capsys, [str(path), "-o", str(tmp_path / "out"), *FAST],
+                "d.jsonl:2: a string holds a lone surrogate (\\ud800)")
+    arr = tmp_path / "arr.jsonl"
+    arr.write_text('[{"text": "a"}, {"text": "b"}]\n')
+    _user_error(capsys, [str(arr), "-o", str(tmp_path / "out"), *FAST],
+                "arr.jsonl:1: expected a JSON object, got an array (a .jsonl file holds one object "
+                "per line; name it .json for one array of objects)")
+
+
+@pytest.mark.parametrize("name, kind", [("adapter", "file"), ("checkpoint.pt", "folder"),
+                                        ("log.jsonl", "folder"), ("base_model", "file")])
+def test_output_entries_of_the_wrong_kind_are_refused_up_front(data, tmp_path, capsys, name, kind):
+    """OUT/adapter as a file failed after all the steps (NotADirectoryError), OUT/checkpoint.pt
+    or OUT/log.jsonl as a folder in atomic.commit (IsADirectoryError): tracebacks, exit 1."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).mkdir() if kind == "folder" else (out / name).write_text("")
+    _user_error(capsys, [data, "-o", str(out), "--max-steps", "1", *FAST],
+                f"{name} there is a {kind}")
+    assert sorted(os.listdir(out)) == [name]
+
+
+def test_a_read_only_output_folder_is_refused_up_front(data, tmp_path, capsys, monkeypatch):
+    """A read-only --output failed with an OSError traceback when the base model or the log was
+    written. os.access stands in for the permissions (root, as CI may run, writes anywhere)."""
+    from prefix_attn import train_state
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(train_state.os, "access", lambda p, mode: p != str(ro) and real(p, mode))
+    _user_error(capsys, [data, "-o", str(ro), *FAST], f"--output {ro}: the output folder is not writable")
+    _user_error(capsys, [data, "-o", str(ro / "sub" / "run"), *FAST],
+                f"the output folder's parent {ro} is not writable")
+    assert os.listdir(ro) == []
+
+
+def test_eval_fraction_is_no_setting_when_eval_data_is_given(data, tmp_path, capsys):
+    """Resuming with another --eval-fraction was refused although --eval-data made it unused."""
+    out = str(tmp_path / "out")
+    base = [data, "-o", out, "--eval-data", data, "--save-every", "1", *FAST]
+    assert train.main(base + ["--max-steps", "1"]) == 0
+    assert train.main(base + ["--max-steps", "2", "--resume", "--eval-fraction", "0.3"]) == 0, \
+        capsys.readouterr().err
+    assert train.main([data, "-o", out, "--max-steps", "3", "--resume", *FAST]) == 2  # data split: refused
+    assert "--eval-data" in capsys.readouterr().err
+
