@@ -42,6 +42,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -51,7 +52,8 @@ from . import atomic, cli_args, tiny
 from .backends import check_env_backend
 from .train_state import Interrupted, StopSignals
 from .serve_inputs import (Request, RequestError, Source, check_prefix_names, prefix_sources,
-                           read_requests, refusal, warn_about_adapter_bases)
+                           read_requests, refusal, warn, warn_about_adapter_bases,
+                           warn_about_option_fields)
 
 __all__ = ["main", "add_parser", "Request", "read_requests", "RequestError"]
 
@@ -240,6 +242,14 @@ def _progress(total: int, enabled: bool):
 
 # -- output ----------------------------------------------------------------------------------
 
+class OutputClosed(Exception):
+    """Standard output was closed by its reader after ``count`` results."""
+
+    def __init__(self, count: int):
+        super().__init__(count)
+        self.count = count
+
+
 class _Output:
     """Result lines go to a temporary file next to ``path``, moved into place by ``commit``;
     ``close`` (always call it) removes the temporary file and any folder made for it if the
@@ -268,6 +278,12 @@ class _Output:
     def write(self, obj: dict) -> None:
         try:
             self.f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            if self.tmp is None:  # standard output: each result as it comes, for pipelines
+                self.f.flush()
+        except BrokenPipeError:
+            if self.tmp is None:  # standard output closed by its reader (`| head`): a stop
+                raise OutputClosed(self.count) from None
+            raise
         except OSError as exc:
             raise self._error(exc) from None
         self.count += 1
@@ -298,6 +314,10 @@ class _Output:
                 return
             self.f.close()
             self._file.commit()
+        except BrokenPipeError:
+            if self.tmp is None:
+                raise OutputClosed(self.count) from None
+            raise self._error(BrokenPipeError()) from None
         except OSError as exc:
             raise self._error(exc) from None
         self._made = []
@@ -343,6 +363,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"prefix-attn generate: stopped: {signal.Signals(stop.signum).name}: {stop.note}",
               file=sys.stderr)
         return 128 + stop.signum
+    except OutputClosed as closed:
+        # nothing more can go to standard output, not even Python's flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"prefix-attn generate: stopped: standard output was closed after {closed.count} "
+              "results", file=sys.stderr)
+        return 128 + signal.SIGPIPE
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -355,6 +381,7 @@ def _run(args: argparse.Namespace) -> int:
         raise RequestError(f"output {args.output!r} is the request file: its requests would be "
                            "replaced by the answers; give another -o")
     check_prefix_names(requests, [s.name for s in sources], args.input)
+    warn_about_option_fields(requests)
     out = _Output(args.output)
     try:
         if not requests:
@@ -375,13 +402,20 @@ def _run(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace, device: torch.device, sources: List[Source],
               requests: List[Request], out: _Output) -> None:
     model, tokenizer = _load_model(args.model, device, _DTYPES[args.dtype])
-    bank, prompt_ids = _build_bank(model, tokenizer, sources, args.bank)
+    with warnings.catch_warnings(record=True) as caught:  # shown as the command's own warnings
+        warnings.simplefilter("always", UserWarning)
+        bank, prompt_ids = _build_bank(model, tokenizer, sources, args.bank)
+    for w in caught:
+        hint = (" (here: give them as --prompt-prefix NAME=TEXT)"
+                if "recompute them here with add_prompt" in str(w.message) else "")
+        warn(f"{w.message}{hint}")
     jobs = _plan(requests, tokenizer, bank, prompt_ids, args.input)
     _check_lengths(jobs, model, bank, args.max_new_tokens, args.input)
     torch.manual_seed(args.seed)  # after loading: building the default model seeds torch itself
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_id = tokenizer.eos_token_id
+    stop = _stop_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop or [None])[0]
+    eos_id = stop or None
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, num_beams=args.num_beams,
                       pad_token_id=pad_id, eos_token_id=eos_id)
     if args.do_sample:
@@ -396,16 +430,27 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
                 gen = model.generate(ids.to(device), attention_mask=mask.to(device),
                                      prefixes=[j.prefix for j in batch], **gen_kwargs)
             for job, new in zip(batch, gen[:, ids.shape[1]:].tolist()):
-                out.write(_result(job.request, new, tokenizer, eos_id, pad_id))
+                out.write(_result(job.request, new, tokenizer, stop, pad_id))
             bar.update(len(batch))
     finally:
         bar.close()
 
 
-def _result(r: Request, new: List[int], tokenizer, eos_id, pad_id) -> dict:
-    if eos_id is not None and eos_id in new:
-        new = new[:new.index(eos_id)]
-    new = [t for t in new if t != pad_id]
+def _stop_ids(model, tokenizer) -> List[int]:
+    """The ids that end a completion: the model's ``generation_config.eos_token_id`` (an id or a
+    list: instruct models stop at several, e.g. end of turn and end of text), else the
+    tokenizer's end-of-sequence id."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return []
+    return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
+
+
+def _result(r: Request, new: List[int], tokenizer, stop: List[int], pad_id) -> dict:
+    end = next((i for i, t in enumerate(new) if t in stop), len(new))
+    new = [t for t in new[:end] if t != pad_id]
     result = {"id": r.id, "prefix": r.prefix, "prompt": r.prompt,
               "completion": tokenizer.decode(new, skip_special_tokens=True), "num_tokens": len(new)}
     result.update({k: v for k, v in r.extra.items() if k not in result})  # echo unknown fields

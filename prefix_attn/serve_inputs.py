@@ -162,6 +162,22 @@ def _adapter_base(directory: str) -> Optional[str]:
     return base if isinstance(base, str) and base and os.path.isdir(base) else None
 
 
+# request fields that look like generation options, which generate takes only as command options
+_OPTION_FIELDS = {"max_new_tokens": "--max-new-tokens", "max_tokens": "--max-new-tokens",
+                  "temperature": "--temperature", "top_p": "--top-p", "do_sample": "--do-sample",
+                  "num_beams": "--num-beams", "seed": "--seed"}
+
+
+def warn_about_option_fields(requests: List[Request]) -> None:
+    """One warning naming the request fields that look like generation options: they are not
+    applied per request (only copied to the results, as every unknown field is)."""
+    found = sorted({k for r in requests for k in r.extra if k in _OPTION_FIELDS})
+    if found:
+        options = sorted({_OPTION_FIELDS[k] for k in found})
+        warn(f"request fields {', '.join(found)} are not applied per request (the command's "
+             f"{', '.join(options)} are); they are copied to the results unchanged")
+
+
 def warn_about_adapter_bases(sources: List[Source], model_dir: Optional[str]) -> None:
     """Warn where an adapter was trained on a local model folder other than the one served."""
     for s in sources:

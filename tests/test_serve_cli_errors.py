@@ -371,3 +371,74 @@ def test_token_ids_outside_the_vocabulary_name_the_line(tmp_path, capsys):
     assert main(["-i", f, "-o", str(out), "--model", str(folder), "--no-progress",
                  "--prompt-prefix", "s=a ~"]) == 2
     assert "--prompt-prefix s: token id 129" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.hf
+def test_the_models_own_stop_tokens_end_a_completion(tmp_path, capsys):
+    """generate passed the tokenizer's eos as eos_token_id, replacing the model's list (instruct
+    models stop at end of turn too), and cut the text only there: completions ran on to
+    --max-new-tokens. The greedy run's third token is made a second stop id here."""
+    model = tiny.default_model()
+    tok = tiny.ByteTokenizer()
+    ids = tok.encode("hello")
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+                                pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+    assert tok.eos_token_id not in greedy[:3]
+    model.generation_config.eos_token_id = [tok.eos_token_id, greedy[2]]
+    folder = tmp_path / "model"
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "hello"}'])
+    assert main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--model", str(folder),
+                 "--max-new-tokens", "6", "--no-progress"]) == 0
+    (result,) = _results(tmp_path / "o.jsonl")
+    assert result["num_tokens"] == 2 and result["completion"] == tok.decode(greedy[:2])
+
+
+@pytest.mark.hf
+def test_a_bank_from_another_model_warns_in_the_commands_words(tmp_path, capsys, saved):
+    """The bank's warning came out as Python's (file:line: UserWarning plus a source line)."""
+    other = tmp_path / "other"
+    tiny.default_model(seed=1).save_pretrained(str(other))
+    tiny.ByteTokenizer().save_pretrained(str(other))
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "x", "prefix": "sys"}'])
+    assert main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--model", str(other), "--bank",
+                 str(saved / "bank"), "--max-new-tokens", "1", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "prefix-attn generate: warning: " in err and "computed by another model" in err
+    assert "give them as --prompt-prefix NAME=TEXT" in err and "UserWarning" not in err
+
+
+def test_request_fields_that_look_like_options_are_named(tmp_path, capsys, no_model):
+    """{"max_new_tokens": 2, "temperature": 0.1} in a request were copied to its result as if
+    applied, and not applied."""
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "x", "max_new_tokens": 2, "temperature": 0.1}',
+                                      '{"prompt": "y", "user": "u1"}'])
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert ("warning: request fields max_new_tokens, temperature are not applied per request (the "
+            "command's --max-new-tokens, --temperature are)") in err and "user" not in err
+
+
+@pytest.mark.hf
+def test_standard_output_closed_by_its_reader_stops_quietly(tmp_path):
+    """`-o - | head -1`: an error about a broken pipe, exit 2 (a usage error)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    f = _write(tmp_path / "r.jsonl", [json.dumps({"prompt": f"request {i}"}) for i in range(40)])
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("PYTHONUNBUFFERED", None)  # standard output block-buffered, as in a plain shell
+    proc = subprocess.Popen([sys.executable, "-m", "prefix_attn.cli", "generate", "-i", f, "-o", "-",
+                             "--batch-size", "1", "--max-new-tokens", "2", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert json.loads(proc.stdout.readline())["prompt"] == "request 0"
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err
+    assert "stopped: standard output was closed after" in err and "Traceback" not in err
+
