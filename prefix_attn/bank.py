@@ -267,8 +267,8 @@ class PrefixBank(nn.Module):
                     dropped.append(old.module_key)
             self._state = (version + 1, new_entries)
             self._clear_caches()
-            for key in dropped:
-                del self.trainable[key]
+            if dropped:
+                self._swap_trainable(drop=dropped)
 
     def _check_name(self, name) -> str:
         if not isinstance(name, str) or not name:
@@ -322,14 +322,19 @@ class PrefixBank(nn.Module):
         self._check_kv(out, f"{type(module).__name__}() output")
         with self._lock:
             key = self._module_key(name)
-            self.trainable[key] = module
-            # sorted by key: the parameter order (DDP's broadcast and bucketing, optimizer
-            # state) then depends on the names, not on the order each process added them
-            modules = self.trainable._modules
-            ordered = sorted(modules.items())
-            modules.clear()
-            modules.update(ordered)
+            self._swap_trainable(add={key: module})
             self._commit(name, _Entry(name=name, length=out.shape[3], module_key=key, module=module, kind="trainable"))
+
+    def _swap_trainable(self, add: Optional[dict] = None, drop=()) -> None:
+        """Replace ``self.trainable``'s module dict by a new one (``add`` in, ``drop`` out),
+        sorted by key: the parameter order (DDP's broadcast and bucketing, optimizer state)
+        then depends on the names, not on the order each process added them. One assignment:
+        a thread walking the model's modules meanwhile (``model.train()``, ``named_parameters``,
+        ``state_dict``) keeps walking the old dict instead of one changing under it."""
+        drop = set(drop)
+        modules = {k: m for k, m in self.trainable._modules.items() if k not in drop}
+        modules.update(add or {})
+        self.trainable.__dict__["_modules"] = OrderedDict(sorted(modules.items()))
 
     def _module_key(self, name: str) -> str:
         """The key of trainable entry ``name`` in ``self.trainable`` (so in the state dict:
@@ -353,8 +358,7 @@ class PrefixBank(nn.Module):
             version, entries = self._state
             self._state = (version + 1, {})
             self._clear_caches()
-            for key in list(self.trainable.keys()):
-                del self.trainable[key]
+            self._swap_trainable(drop=list(self.trainable.keys()))
 
     # -- readers -------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -764,12 +768,14 @@ class PrefixBank(nn.Module):
 
             given = {cache_kwarg(model): DynamicCache()}
         was_training = model.training
-        model.eval()  # no dropout in the stored KV
+        if was_training:  # no dropout in the stored KV (a serving model is left alone: another
+            model.eval()  # thread's add_prompt could otherwise restore the wrong mode)
         try:
             with torch.no_grad():
                 out = model(input_ids=input_ids.to(model_device), use_cache=True, **given)
         finally:
-            model.train(was_training)
+            if was_training:
+                model.train()
         cache = getattr(out, "cache", None)  # transformers >= 5.2x; older: past_key_values
         if cache is None:
             cache = getattr(out, "past_key_values", None)

@@ -101,3 +101,29 @@ def test_a_move_while_trainable_entries_come_and_go():
         worker.join()
         sys.setswitchinterval(interval)
     assert not errors, errors
+
+
+@pytest.mark.parametrize("change", ["add", "replace", "remove", "clear"])
+def test_a_walk_of_the_model_survives_trainable_entries_changing(change):
+    """add_trainable reordered the bank's module dict in place (clear, then update) and remove
+    deleted from it: another thread walking the model meanwhile (model.train() inside
+    add_prompt, named_parameters, state_dict) failed with "dictionary changed size during
+    iteration". The dict is now swapped whole; a walk in progress finishes on the old one."""
+    model = tiny_model("llama")
+    bank = PrefixBank.attach(model)
+    dims = (bank.num_layers, bank.num_kv_heads, bank.head_dim)
+    for name in ("a", "c"):
+        bank.add_trainable(name, PrefixParameters(*dims, 2))
+    walk = bank.trainable.named_children()
+    first = next(walk)[0]
+    if change == "add":
+        bank.add_trainable("b", PrefixParameters(*dims, 2))
+    elif change == "replace":
+        bank.add_trainable("c", PrefixParameters(*dims, 3))
+    elif change == "remove":
+        bank.remove("c")
+    else:
+        bank.clear()
+    assert [first] + [n for n, _ in walk] == ["a", "c"]  # the walk as it began
+    expected = {"add": ["a", "b", "c"], "replace": ["a", "c"], "remove": ["a"], "clear": []}[change]
+    assert list(bank.trainable.keys()) == expected
