@@ -70,7 +70,8 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 
 register_optimizer_step_post_hook(_count_optimizer_step)
 
-# {id(bank): (bank, snapshot)} of the banks pinned in this thread / context (PrefixBank.pinned)
+# {id(bank): (bank, snapshot, caches)} of the banks pinned in this thread / context
+# (PrefixBank.pinned); ``caches`` keeps the selections of the snapshot once the bank has moved on
 _PINNED: contextvars.ContextVar = contextvars.ContextVar("prefix_attn_pinned_banks", default=None)
 
 
@@ -148,6 +149,15 @@ def _prompt_ids(input_ids, model: nn.Module) -> Tensor:
     return input_ids.long()
 
 
+def _shares_storage(t: Tensor, held: list) -> bool:
+    """Whether ``t`` reads the storage of one of ``held`` (False where a tensor subclass, such
+    as FSDP's DTensor, has no plain storage)."""
+    try:
+        return t.untyped_storage().data_ptr() in {h.untyped_storage().data_ptr() for h in held}
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+
+
 def _version_of(t: Tensor) -> Optional[int]:
     return None if t.is_inference() else t._version
 
@@ -165,6 +175,15 @@ def _normal_tensor(t: Tensor) -> Tensor:
         return t
     with torch.inference_mode(False):
         return t.clone()
+
+
+class _PinCaches:
+    """The selection and id caches of one pinned call (``PrefixBank.pinned``), used once the
+    bank has moved past its snapshot; they live as long as the call."""
+
+    def __init__(self):
+        self.selections: OrderedDict = OrderedDict()
+        self.ids: OrderedDict = OrderedDict()
 
 
 class PrefixBank(nn.Module):
@@ -434,7 +453,8 @@ class PrefixBank(nn.Module):
         """How many selections are kept for reuse (default 8; the least recently used go first).
         Each stacked one (a batch mixing several entries) holds a copy of its entries: with
         many tenants mixed in changing ways, lower it to bound that memory (0: keep none; a
-        batch of one entry is a view and costs nothing)."""
+        batch of one fixed entry, or of one trainable entry without a projection, is a view
+        and costs nothing)."""
         return self._cache_size
 
     @cache_size.setter
@@ -488,11 +508,25 @@ class PrefixBank(nn.Module):
         if id(self) in pins and pins[id(self)][0] is self:
             yield
             return
-        token = _PINNED.set({**pins, id(self): (self, self._state)})
+        token = _PINNED.set({**pins, id(self): (self, self._state, _PinCaches())})
         try:
             yield
         finally:
             _PINNED.reset(token)
+
+    def _caches_for(self, version: int) -> list:
+        """``[(selections, ids)]`` caches for selections of ``version``, in lookup order: a
+        pinned call's own (kept for the call: once other tenants change the bank, its decode
+        steps would otherwise rebuild the stacked copy at every step), then the bank's while
+        ``version`` is current. A selection made is stored in all of them."""
+        caches = []
+        pins = _PINNED.get()
+        pin = pins.get(id(self)) if pins else None
+        if pin is not None and pin[0] is self and pin[1][0] == version:
+            caches.append((pin[2].selections, pin[2].ids))
+        if self._state[0] == version:
+            caches.append((self._cache, self._ids_cache))
+        return caches
 
     def _snapshot(self) -> tuple:
         """``(version, entries)`` to read: the pinned one (see :meth:`pinned`), else the current."""
@@ -581,9 +615,12 @@ class PrefixBank(nn.Module):
         if params:
             key = key + (tuple((p._version, p.data_ptr()) for p in params), _OPTIMIZER_STEPS[0])
         with self._lock:
-            cached = self._cache.get(key) if cacheable else None
-            if cached is not None:
-                self._cache.move_to_end(key)
+            cached = None
+            for cache, _ in self._caches_for(version) if cacheable else ():
+                cached = cache.get(key)
+                if cached is not None:
+                    cache.move_to_end(key)
+                    break
         slot = {bank_id: j for j, bank_id in enumerate(used)}
         slots = tuple(slot[i] for i in rows)
         lens = [entries[names[i]].length if i >= 0 else 0 for i in used]
@@ -591,7 +628,8 @@ class PrefixBank(nn.Module):
         prefix_ids = self._ids_tensor(slots, device, version, key[3])
         if cached is not None:
             kv, prefix_lens, sel_names = cached._kv, cached.prefix_lens, cached.names
-            return PrefixSelection(kv, prefix_ids, prefix_lens, sel_names, version, host_row_lens)
+            return PrefixSelection(kv, prefix_ids, prefix_lens, sel_names, version, host_row_lens,
+                                   cached.is_view)
 
         sel_entries = [entries[names[i]] if i >= 0 else None for i in used]
         sel_names = [e.name if e is not None else None for e in sel_entries]
@@ -600,12 +638,14 @@ class PrefixBank(nn.Module):
             validation.known_range(prefix_lens, min(lens), max(lens))
         L, Hkv, D = self.num_layers, self.num_kv_heads, self.head_dim
         trainable = any(e is not None and e.kv is None for e in sel_entries)
+        view = False
         if len(sel_entries) == 1:
             e = sel_entries[0]
             if e is None:
                 kv = torch.zeros(L, 2, 1, Hkv, 0, D, dtype=self.dtype, device=device)
             else:
                 kv = self._materialize(e).to(device).unsqueeze(2)  # a view: no copy on the bank's device
+                view = _shares_storage(kv, [e.kv] if e.kv is not None else list(e.module.parameters()))
         else:
             pmax = max(lens)
             kv = torch.zeros(L, 2, len(sel_entries), Hkv, pmax, D, dtype=self.dtype, device=device)
@@ -620,16 +660,16 @@ class PrefixBank(nn.Module):
                 for j, (e, n) in enumerate(zip(sel_entries, lens)):
                     if e is not None and n:
                         kv[:, :, j, :, :n].copy_(e.kv)
-        sel = PrefixSelection(kv, prefix_ids, prefix_lens, sel_names, version, host_row_lens)
+        sel = PrefixSelection(kv, prefix_ids, prefix_lens, sel_names, version, host_row_lens, view)
         if cacheable:
             with self._lock:
-                if self._state[0] == version and self._cache_size:
+                for cache, _ in self._caches_for(version) if self._cache_size else ():
                     if params:  # the same entries at older parameter values: never asked again
-                        for stale in [k for k in self._cache if k[:4] == key[:4]]:
-                            del self._cache[stale]
-                    self._cache[key] = sel
-                    while len(self._cache) > self._cache_size:
-                        self._cache.popitem(last=False)
+                        for stale in [k for k in cache if k[:4] == key[:4]]:
+                            del cache[stale]
+                    cache[key] = sel
+                    while len(cache) > self._cache_size:
+                        cache.popitem(last=False)
         return sel
 
     def _under_fsdp(self) -> bool:
@@ -654,17 +694,17 @@ class PrefixBank(nn.Module):
         decode steps reuse it instead of a host-to-device copy per step, and its range is known
         without reading it back (``validation.known_range``)."""
         key = (slots, str(device), version, inference)
-        cache = self._ids_cache
         with self._lock:
-            hit = cache.get(key)
-            if hit is not None and hit[1] == _version_of(hit[0]):  # unchanged since
-                cache.move_to_end(key)
-                return hit[0]
+            for _, cache in self._caches_for(version):
+                hit = cache.get(key)
+                if hit is not None and hit[1] == _version_of(hit[0]):  # unchanged since
+                    cache.move_to_end(key)
+                    return hit[0]
         ids = torch.tensor(slots, dtype=torch.long, device=device)
         if slots:
             validation.known_range(ids, min(slots), max(slots))
         with self._lock:
-            if self._state[0] == version:
+            for _, cache in self._caches_for(version):
                 cache[key] = (ids, _version_of(ids))
                 while len(cache) > 4 * _CACHE_SIZE:
                     cache.popitem(last=False)

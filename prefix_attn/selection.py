@@ -22,9 +22,10 @@ class PrefixSelection:
     """
 
     def __init__(self, kv: Tensor, prefix_ids: Tensor, prefix_lens: Tensor, names: list, version: int,
-                 host_row_lens: Optional[list] = None):
+                 host_row_lens: Optional[list] = None, is_view: bool = False):
         # kv: [L, 2, n, Hkv, Pmax, D]
         self._kv = kv
+        self._is_view = is_view
         self.prefix_ids = prefix_ids
         self.prefix_lens = prefix_lens
         self.row_lens = prefix_lens[prefix_ids]
@@ -48,8 +49,9 @@ class PrefixSelection:
 
     @property
     def is_view(self) -> bool:
-        """True when the selection reads one bank entry in place (no copy was made)."""
-        return self._kv._base is not None
+        """True when the selection reads one bank entry in place (no copy was made: the
+        entry's tensor, or a trainable entry's parameters without a projection)."""
+        return self._is_view
 
     def layer(self, layer_idx: int) -> tuple[Tensor, Tensor]:
         """``(prefix_k, prefix_v)`` for one layer, each ``[n, Hkv, Pmax, D]`` (views, no copy)."""

@@ -128,6 +128,22 @@ def test_selection_holds_only_unique_entries_and_single_entry_is_a_view():
     assert pk.data_ptr() == bank.entry_kv("c").data_ptr()  # no copy
 
 
+@pytest.mark.hf
+def test_a_projected_trainable_entry_alone_is_a_copy_and_counts_in_the_cache():
+    """A one-entry selection of a projected (MLP) trainable entry holds a computed tensor, yet
+    is_view said True (its _base was that temporary) and cache_nbytes counted it as 0."""
+    from prefix_attn.tuning import prefix_tuning
+
+    model = _tiny_llama()
+    prefix_tuning(model, num_virtual_tokens=5, name="mlp", projection_hidden_size=16)
+    prefix_tuning(model, num_virtual_tokens=5, name="plain")
+    bank = model.prefix_bank
+    with torch.no_grad():
+        mlp, plain = bank.select(["mlp"], 1), bank.select(["plain"], 1)
+    assert not mlp.is_view and plain.is_view
+    assert bank.cache_nbytes == mlp.nbytes > 0
+
+
 def test_nbytes_are_per_entry_lengths():
     bank = _bank(a=4, b=100)
     assert bank.entry_nbytes("a") == L * 2 * HKV * 4 * D * 4

@@ -140,6 +140,45 @@ def test_a_running_generate_keeps_its_prefixes(change):
         assert not torch.equal(after, want)
 
 
+def test_a_running_generate_keeps_its_stacked_prefixes_after_a_bank_change(monkeypatch):
+    """Once another tenant changed the bank, a running generate's snapshot was no longer the
+    bank's version, which alone was cached: every later decode step of a batch mixing entries
+    rebuilt the stacked copy [L, 2, n, Hkv, Pmax, D] (and its ids). The pinned call now keeps
+    its own cache: one stack for the whole call, the same tokens."""
+    import prefix_attn.bank as bank_module
+
+    model, bank = _served()
+    stacks = []  # every stack seen, kept alive: a freed one's address could be reused
+
+    class Counting(bank_module.PrefixSelection):
+        def __init__(self, kv, *args, **kwargs):
+            super().__init__(kv, *args, **kwargs)
+            if kv.dim() == 6 and kv.shape[2] == 2:
+                stacks.append(kv)
+
+    monkeypatch.setattr(bank_module, "PrefixSelection", Counting)
+    x = _ids(B=2, seed=6)
+    kw = dict(prefixes=["A", "B"], max_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        want = model.generate(x, **kw)
+    bank.clear_cache()
+    stacks.clear()
+    steps = []
+
+    def hook(module, args, kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            bank.add("other", *torch.randn(2, bank.num_layers, bank.num_kv_heads, 2, bank.head_dim))
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            assert torch.equal(model.generate(x, **kw), want)
+    finally:
+        handle.remove()
+    assert len(steps) == 8 and len({kv.data_ptr() for kv in stacks}) == 1
+
+
 def test_pinned_is_per_thread():
     """A pin holds for its own thread only: another thread sees the bank's changes."""
     _, bank = _served()

@@ -127,7 +127,7 @@ def _ids_of_an_outer_bank(bank, ids: torch.Tensor) -> Optional[torch.Tensor]:
     verifies every token with them, so the output stays exact)."""
     from ..bank import _PINNED
 
-    outer = [state for b, state in (_PINNED.get() or {}).values() if b is not bank]
+    outer = [state for b, state, _ in (_PINNED.get() or {}).values() if b is not bank]
     if not outer:
         return ids
     names = list(outer[-1][1])  # the outer bank as its generate pinned it
