@@ -10,11 +10,15 @@ Input: one JSON object per line, UTF-8 (a byte-order mark is accepted; blank lin
   "prefix"  a prefix name; missing, null or "" = no prefix
   "id"      any JSON value, unique in the file; default: the request's line number
             (1-based, blank lines counted)
-  any other field is copied to the result line
+  any other field is copied to the result line (not applied: the options below apply to
+            every request; fields named like them, e.g. "temperature", get a warning)
 
 Output: one line per request, in input order:
 
     {"id": "r1", "prefix": "support", "prompt": "How do I ...?", "completion": "...", "num_tokens": 17}
+
+A completion ends at any of the model's stop ids (its generation_config's eos_token_id, else
+the tokenizer's end of sequence) or after --max-new-tokens.
 
 The model is a local folder (--model, with its tokenizer files or prefix-attn's
 byte_tokenizer.json) or the built-in tiny
@@ -33,7 +37,8 @@ Everything that can be checked is checked before any generation: the request fil
 names, the output path, the device, $PREFIX_ATTN_BACKEND and each request's length (prompt +
 prefix + --max-new-tokens within the model's positions). The output file is written whole or
 not at all; Ctrl-C or SIGTERM stops at once and keeps the answers finished so far in
-OUTPUT.partial (exit status 130 / 143).
+OUTPUT.partial (exit status 130 / 143). With -o -, each answer is written as it finishes; a
+reader closing standard output early stops the command quietly (exit status 141).
 """
 from __future__ import annotations
 
