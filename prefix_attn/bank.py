@@ -139,8 +139,10 @@ def _prompt_ids(input_ids, model: nn.Module) -> Tensor:
         input_ids = input_ids.unsqueeze(0)
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [P] or [1, P], got {list(input_ids.shape)}")
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    vocab = getattr(embeddings, "num_embeddings", None)
+    try:
+        vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    except (AttributeError, NotImplementedError):  # custom models may not say
+        vocab = None
     if vocab is not None:
         outside = input_ids[(input_ids < 0) | (input_ids >= vocab)]
         if outside.numel():

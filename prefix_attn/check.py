@@ -109,12 +109,12 @@ def _usage_error(args) -> Optional[str]:
         except (ValueError, RuntimeError) as e:
             return str(e)
     if args.device is not None:
-        device, problem = cli_args.device_problem(args.device)
+        problem = cli_args.device_problem(args.device)[1]
         if problem is not None:
             return problem
-    else:  # each backend on its own device: the environment is judged for the best one here
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return cli_args.env_problem(device.type, "the check")
+    # the check names each backend it runs: $PREFIX_ATTN_BACKEND chooses nothing here, but a
+    # value that is no backend at all, or a bad switch, is wrong for every later command too
+    return cli_args.env_problem(None, "the check")
 
 
 def run(args) -> int:

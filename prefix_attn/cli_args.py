@@ -83,15 +83,25 @@ def device_problem(name: str):
     return device, None
 
 
-def env_problem(device_type: str, what: str) -> Optional[str]:
+def env_problem(device_type: Optional[str], what: str) -> Optional[str]:
     """What is wrong with the PREFIX_ATTN_* switches set in the environment for a command
-    whose ``what`` runs on ``device_type`` (None: nothing), checked before any work."""
-    from .backends import check_env_backend
+    whose ``what`` runs on ``device_type`` (None: nothing), checked before any work; with
+    ``device_type`` None, only the switches' values (a backend name that is none)."""
+    import os
+
+    from .backends import BACKEND_NAMES, ENV_BACKEND, check_env_backend, check_switches
 
     try:
-        check_env_backend(device_type, what)
+        if device_type is not None:
+            check_env_backend(device_type, what)
+            return None
+        check_switches()
     except ValueError as exc:
         return str(exc)
+    name = os.environ.get(ENV_BACKEND) or None
+    if name is not None and name not in BACKEND_NAMES:
+        return (f"environment variable {ENV_BACKEND}={name!r}: not a backend; the backends are "
+                f"{', '.join(BACKEND_NAMES)} (or unset it)")
     return None
 
 

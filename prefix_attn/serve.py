@@ -247,6 +247,14 @@ def _progress(total: int, enabled: bool):
 
 # -- output ----------------------------------------------------------------------------------
 
+def _silence_stdout() -> None:
+    """Standard output's reader is gone: nothing more may go there, not even the flush of
+    Python's exit (another BrokenPipeError)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+
+
 class OutputClosed(Exception):
     """Standard output was closed by its reader after ``count`` results."""
 
@@ -298,7 +306,11 @@ class _Output:
         output itself, which a pipeline would take for complete); returns what was kept."""
         done = f"{self.count} of {total} requests were finished"
         if self.tmp is None:
-            self.f.flush()
+            try:
+                self.f.flush()
+            except BrokenPipeError:  # its reader is gone too
+                _silence_stdout()
+                return f"{done}; standard output was closed"
             return f"{done}; their results were written to standard output"
         if self.count == 0:
             return f"{done}; nothing was written"
@@ -369,10 +381,9 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 128 + stop.signum
     except OutputClosed as closed:
-        # nothing more can go to standard output, not even Python's flush at exit
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         print(f"prefix-attn generate: stopped: standard output was closed after {closed.count} "
-              "results", file=sys.stderr)
+              f"result{'' if closed.count == 1 else 's'}", file=sys.stderr)
         return 128 + signal.SIGPIPE
 
 
@@ -410,7 +421,11 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
     with warnings.catch_warnings(record=True) as caught:  # shown as the command's own warnings
         warnings.simplefilter("always", UserWarning)
         bank, prompt_ids = _build_bank(model, tokenizer, sources, args.bank)
+    package = os.path.dirname(os.path.abspath(__file__))
     for w in caught:
+        if not os.path.abspath(w.filename).startswith(package):  # not the bank's: as it came
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
         hint = (" (here: give them as --prompt-prefix NAME=TEXT)"
                 if "recompute them here with add_prompt" in str(w.message) else "")
         warn(f"{w.message}{hint}")
@@ -443,14 +458,13 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
 
 def _stop_ids(model, tokenizer) -> List[int]:
     """The ids that end a completion: the model's ``generation_config.eos_token_id`` (an id or a
-    list: instruct models stop at several, e.g. end of turn and end of text), else the
+    list: instruct models stop at several, e.g. end of turn and end of text) and the
     tokenizer's end-of-sequence id."""
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if ids is None:
-        ids = tokenizer.eos_token_id
-    if ids is None:
-        return []
-    return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
+    ids = [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    if tokenizer.eos_token_id is not None:  # a fine-tune may have changed only the tokenizer's
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(int(i) for i in ids))
 
 
 def _result(r: Request, new: List[int], tokenizer, stop: List[int], pad_id) -> dict:

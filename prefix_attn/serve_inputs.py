@@ -174,8 +174,9 @@ def warn_about_option_fields(requests: List[Request]) -> None:
     found = sorted({k for r in requests for k in r.extra if k in _OPTION_FIELDS})
     if found:
         options = sorted({_OPTION_FIELDS[k] for k in found})
-        warn(f"request fields {', '.join(found)} are not applied per request (the command's "
-             f"{', '.join(options)} are); they are copied to the results unchanged")
+        fields = f"field{'s' if len(found) > 1 else ''} {', '.join(found)}"
+        warn(f"request {fields}: not applied per request (the command's {', '.join(options)} "
+             f"apply to every request); copied to the results unchanged")
 
 
 def warn_about_adapter_bases(sources: List[Source], model_dir: Optional[str]) -> None:

@@ -82,6 +82,8 @@ def check_output_folder(out_dir: str, files=(), folders=()) -> None:
     while existing and not os.path.exists(existing):
         existing = os.path.dirname(existing.rstrip(os.sep)) if existing != os.sep else ""
     existing = existing or "."
+    if not os.path.isdir(existing):
+        raise TrainError(f"--output {out_dir}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "the output folder" if existing == out_dir else f"the output folder's parent {existing}"
         raise TrainError(f"--output {out_dir}: {what} is not writable")

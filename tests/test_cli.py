@@ -65,6 +65,13 @@ def test_check_and_demo_refuse_bad_switches_up_front(monkeypatch, capsys, comman
     assert f"{var}={value!r}" in out.err and words in out.err and out.out == ""
 
 
+def test_check_runs_with_a_backend_variable_it_does_not_use(monkeypatch, capsys):
+    """check names each backend it runs: PREFIX_ATTN_BACKEND=cuda on a machine without it (or
+    cpu on a GPU machine) was refused although it chooses nothing there."""
+    monkeypatch.setenv("PREFIX_ATTN_BACKEND", "cuda")
+    assert cli.main(["check", "--backend", "torch", "--dtype", "float32"]) == 0, capsys.readouterr().err
+
+
 def test_device_that_torch_does_not_know_is_named_plainly(capsys):
     assert cli.main(["check", "--device", "gpu"]) == 2
     assert "--device gpu: not a torch device; use cpu, cuda or cuda:N" in capsys.readouterr().err

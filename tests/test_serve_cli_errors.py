@@ -394,6 +394,9 @@ def test_the_models_own_stop_tokens_end_a_completion(tmp_path, capsys):
                  "--max-new-tokens", "6", "--no-progress"]) == 0
     (result,) = _results(tmp_path / "o.jsonl")
     assert result["num_tokens"] == 2 and result["completion"] == tok.decode(greedy[:2])
+    assert serve._stop_ids(model, tok) == [tok.eos_token_id, greedy[2]]
+    model.generation_config.eos_token_id = greedy[2]  # a fine-tune that changed only one of them
+    assert serve._stop_ids(model, tok) == [greedy[2], tok.eos_token_id]
 
 
 @pytest.mark.hf
@@ -418,8 +421,9 @@ def test_request_fields_that_look_like_options_are_named(tmp_path, capsys, no_mo
     with pytest.raises(AssertionError, match="the model was loaded"):
         main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--no-progress"])
     err = capsys.readouterr().err
-    assert ("warning: request fields max_new_tokens, temperature are not applied per request (the "
-            "command's --max-new-tokens, --temperature are)") in err and "user" not in err
+    assert ("warning: request fields max_new_tokens, temperature: not applied per request (the "
+            "command's --max-new-tokens, --temperature apply to every request)") in err
+    assert "user" not in err
 
 
 @pytest.mark.hf

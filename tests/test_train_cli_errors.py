@@ -532,6 +532,9 @@ def test_a_read_only_output_folder_is_refused_up_front(data, tmp_path, capsys, m
     _user_error(capsys, [data, "-o", str(ro / "sub" / "run"), *FAST],
                 f"the output folder's parent {ro} is not writable")
     assert os.listdir(ro) == []
+    (tmp_path / "afile").write_text("")
+    _user_error(capsys, [data, "-o", str(tmp_path / "afile" / "run"), *FAST],
+                f"{tmp_path / 'afile'} is a file, not a folder")
 
 
 def test_eval_fraction_is_no_setting_when_eval_data_is_given(data, tmp_path, capsys):
