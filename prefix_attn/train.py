@@ -137,9 +137,14 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
     truncated to ``max_length``), checked: a token id
     outside the model's ``vocab_size`` is a :class:`TrainError` naming the example; examples left
     with no token to learn (the prompt fills ``max_length``, or under two tokens) are dropped
-    with one warning giving their count and cause, and an error when none is left."""
-    out, cut, short = [], 0, 0
+    with one warning giving their count and cause, and an error when none is left. An example
+    with neither prompt nor text (``{"text": ""}``, blanks only) is dropped too, as a blank line
+    of a text file is: it would teach the model to end every text at once."""
+    out, cut, short, blank = [], 0, 0, 0
     for where, prompt, completion in examples_at:
+        if not prompt and not completion.strip():
+            blank += 1
+            continue
         ids, labels = encode_example(tokenizer, prompt, completion)
         problem = tiny.vocab_problem(tokenizer, ids, vocab_size)
         if problem is not None:
@@ -150,8 +155,10 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
             cut += 1
         else:
             short += 1
-    if cut or short:
+    if cut or short or blank:
         causes = []
+        if blank:
+            causes.append(f"{blank} {'is' if blank == 1 else 'are'} empty (no text, or blanks only)")
         if cut:
             causes.append(f"in {cut} the prompt fills the {max_length}-token limit per example "
                           f"(--max-length, at most the model's positions less --num-virtual-tokens) "
@@ -159,7 +166,7 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
                           f"model allows, or shorten the prompts)")
         if short:
             causes.append(f"{short} {'is' if short == 1 else 'are'} under two tokens (nothing to predict)")
-        dropped = cut + short
+        dropped = cut + short + blank
         summary = (f"{path}: {dropped} of {len(examples_at)} example{'' if len(examples_at) == 1 else 's'} "
                    f"{'has' if dropped == 1 else 'have'} no token to learn: " + "; ".join(causes))
         if not out:

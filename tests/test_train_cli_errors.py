@@ -10,7 +10,7 @@ import signal
 import pytest
 import torch
 
-from prefix_attn import train
+from prefix_attn import tiny, train
 
 pytestmark = pytest.mark.hf
 
@@ -258,6 +258,22 @@ def test_examples_whose_prompt_fills_max_length_are_dropped_with_one_warning(tmp
     assert "6 of 14 examples have no token to learn" in err and "fills the 64-token limit per example (--max-length" in err
     assert "raise --max-length if the model allows, or shorten the prompts" in err
     assert all(r["loss"] is not None and r["loss"] > 0 for r in _only_valid_json(out))
+
+
+def test_empty_texts_are_dropped_like_blank_lines(tmp_path, capsys):
+    """{"text": ""} trained the model to end a text at once (BOS -> EOS was its only target)."""
+    rows = [{"text": ""}, {"text": "  "}, {"completion": ""}] + [{"text": "fine"}] * 4 \
+        + [{"prompt": "Q:", "completion": ""}]   # an empty answer after a prompt teaches stopping: kept
+    path = _write_jsonl(tmp_path / "blank.jsonl", rows)
+    examples = train.read_examples_at(path)
+    tok = tiny.ByteTokenizer()
+    rows_out = train.prepare(tok, examples, 64, tok.vocab_size, path)
+    err = capsys.readouterr().err
+    assert len(rows_out) == 5, rows_out
+    assert "3 of 8 examples have no token to learn: 3 are empty (no text, or blanks only); dropped" in err, err
+    only_blank = _write_jsonl(tmp_path / "only.jsonl", [{"text": ""}] * 2)
+    with pytest.raises(train.TrainError, match="2 of 2 examples have no token to learn: 2 are empty"):
+        train.prepare(tok, train.read_examples_at(only_blank), 64, tok.vocab_size, only_blank)
 
 
 def test_only_examples_without_a_completion_token_is_an_error_before_writing(tmp_path, capsys):
