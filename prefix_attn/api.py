@@ -11,7 +11,7 @@ from .validation import normalize
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu", "privateuseone")
 
 
-def _autocast_dtype(q):
+def autocast_dtype(q):
     """The dtype `torch.autocast` gives attention on q's device, or None outside autocast."""
     if not isinstance(q, torch.Tensor) or q.device.type not in _AUTOCAST_DEVICES \
             or not torch.is_autocast_enabled(q.device.type):
@@ -57,18 +57,20 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None,
     Semantics: docs/DESIGN.md §2. `backend`: "triton" | "cuda" | "cpu" | "torch" | None
     (None: $PREFIX_ATTN_BACKEND or the best available for the device).
 
-    Under `torch.autocast` the floating inputs are cast to the autocast dtype first, as
-    autocast does for `F.scaled_dot_product_attention` (so float32 q/k from a RoPE, a
+    Under `torch.autocast` the floating inputs but float64 ones are cast to the autocast dtype
+    first, as autocast does for `F.scaled_dot_product_attention` (so float32 q/k from a RoPE, a
     bfloat16 v and float32 trainable prefixes mix), and the kernels run with autocast off;
     gradients come back in each input's own dtype.
     """
     _check_autodiff_mode((q, k, v, prefix_k, prefix_v))
-    cast = _autocast_dtype(q)
+    cast = autocast_dtype(q)
     if cast is None:
         return _run(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
                     causal, scale, window, softcap, return_lse, backend)
+    # autocast's rule: floating tensors are cast, float64 ones never (a float64 model stays so)
     q, k, v, prefix_k, prefix_v = (t.to(cast) if isinstance(t, torch.Tensor) and t.is_floating_point()
-                                   else t for t in (q, k, v, prefix_k, prefix_v))
+                                   and t.dtype != torch.float64 else t
+                                   for t in (q, k, v, prefix_k, prefix_v))
     with torch.autocast(q.device.type, enabled=False):
         return _run(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
                     causal, scale, window, softcap, return_lse, backend)

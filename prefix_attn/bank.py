@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from prefix_attn import bank_file, distributed, model_info, peft_format, validation
+from prefix_attn import api, bank_file, distributed, model_info, peft_format, validation
 from prefix_attn.bank_file import BANK_FILE
 from prefix_attn.selection import PrefixSelection
 
@@ -475,10 +475,16 @@ class PrefixBank(nn.Module):
 
     def _materialize(self, entry: _Entry, cast: bool = True) -> Tensor:
         """``[L, 2, Hkv, P, D]`` of an entry; a trainable one in the bank's dtype unless
-        ``cast=False`` (its parameters' own dtype: what save / save_peft write)."""
+        ``cast=False`` (its parameters' own dtype and precision, autocast or not: what save /
+        save_peft write)."""
         if entry.kv is not None:
             return entry.kv
-        out = entry.module()
+        param = next(entry.module.parameters(), None)
+        if not cast and param is not None and api.autocast_dtype(param) is not None:
+            with torch.autocast(param.device.type, enabled=False):
+                out = entry.module()
+        else:
+            out = entry.module()
         if distributed.is_dtensor(out):
             raise ValueError(
                 f"trainable entry {entry.name!r} returned a sharded tensor (DTensor): its "
@@ -609,13 +615,16 @@ class PrefixBank(nn.Module):
         # flow); without autograd (generate, evaluation) it is cached like a fixed one, keyed on
         # its parameters' versions (in-place updates bump them), their storage (``p.data = t``,
         # as weight loaders and sharding do, keeps the version) and the count of optimizer
-        # steps taken in this process (fused optimizers write without bumping versions); an
-        # in-place write through ``p.data`` outside an optimizer is not seen
+        # steps taken in this process (fused optimizers write without bumping versions), and
+        # the autocast state (a projection MLP computes in the autocast dtype: an eval under
+        # autocast must not hand its rounded prefix to a float32 call); an in-place write
+        # through ``p.data`` outside an optimizer is not seen
         params = [p for i in used if i >= 0 and entries[names[i]].module is not None
                   for p in entries[names[i]].module.parameters()]
         cacheable = not params or not torch.is_grad_enabled()
         if params:
-            key = key + (tuple((p._version, p.data_ptr()) for p in params), _OPTIMIZER_STEPS[0])
+            key = key + (tuple((p._version, p.data_ptr()) for p in params), _OPTIMIZER_STEPS[0],
+                         api.autocast_dtype(params[0]))
         with self._lock:
             cached = None
             for cache, _ in self._caches_for(version) if cacheable else ():

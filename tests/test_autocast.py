@@ -51,6 +51,40 @@ def test_autocast_off_mixed_dtypes_still_refused():
         prefix_attention(*inputs, **kw)
 
 
+def test_autocast_leaves_float64_alone():
+    """Autocast never casts float64 (SDPA's output stays float64): a float64 model under a bf16
+    autocast got a bfloat16 attention output and failed in its next projection."""
+    (q, k, v, pk, pv), kw = make_inputs(B=2, Hq=2, Hkv=1, Sq=3, Skv=5, N=1, P=2, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = prefix_attention(q, k, v, pk, pv, **kw)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, prefix_attention(q, k, v, pk, pv, **kw))
+
+
+@pytest.mark.hf
+def test_projected_prefix_cached_under_autocast_is_not_reused_without_it():
+    """No-grad selections of trainable entries are cached; a projected entry computed under
+    autocast (its MLP in bf16) was handed to later float32 calls, and the reverse; and a save
+    inside autocast wrote the bf16-rounded prefix."""
+    from prefix_attn.tiny import tiny_model
+    from prefix_attn.tuning import prefix_tuning
+
+    model = tiny_model("llama", seed=1)
+    prefix_tuning(model, num_virtual_tokens=4, projection_hidden_size=16, name="a")
+    bank = model.prefix_bank
+    with torch.no_grad():
+        fresh32 = bank.select("a", 2)._kv.clone()
+        bank.clear_cache()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fresh16 = bank.select("a", 2)._kv.clone()
+            saved_in_autocast = bank._materialize(bank._lookup(bank._state[1], "a"), cast=False)
+        assert not torch.equal(fresh16, fresh32)  # else the test shows nothing
+        assert torch.equal(bank.select("a", 2)._kv, fresh32)  # cached under autocast, asked without
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(bank.select("a", 2)._kv, fresh16)
+        assert torch.equal(saved_in_autocast, fresh32[:, :, 0])
+
+
 @pytest.mark.hf
 def test_prefix_tuning_step_under_autocast_matches_float32():
     """A tiny Llama prefix-tuning step under bf16 autocast: runs on the fused path (mixed-dtype
