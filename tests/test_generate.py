@@ -190,6 +190,26 @@ def test_static_cache_matches_dynamic_cache(family, tmp_path_factory):
     assert torch.equal(dynamic, static)
 
 
+@pytest.mark.parametrize("S", [5, 6])
+def test_static_cache_past_a_sliding_window_with_padding_equals_sdpa(S):
+    """A model whose layers are all sliding gets one 2-D mask from generate's static-cache
+    set-up (create_masks_for_generate) as its attention_mask; read again as a padding mask it
+    was cut at the window's offset twice: keys shifted, wrong tokens once a left-padded batch
+    passed the window (Mistral, window 6)."""
+    g = torch.Generator().manual_seed(S)
+    ids = torch.randint(3, 64, (2, S), generator=g)
+    ids[1, :S - 2] = 0
+    mask = (ids != 0).long()
+    out = {}
+    for impl in ("sdpa", "prefix_attn"):
+        model = tiny_model("mistral", vocab_size=64, sliding_window=6, attn_implementation=impl)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out[impl] = model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8,
+                                       do_sample=False, pad_token_id=0, cache_implementation="static")
+    assert torch.equal(out["prefix_attn"], out["sdpa"])
+
+
 def test_chunks_on_a_cache_equal_one_forward(setup):
     """Several new tokens at once on top of a cache (chunked prefill, speculative verification):
     mixed prefixes in a left-padded batch, the chunk's logits equal those of one forward over

@@ -176,6 +176,28 @@ def test_hf_flattening_collator_with_cache_left_on(family, monkeypatch):
 
 
 @pytest.mark.hf
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("lens", [[1, 3], [2, 1, 3]])
+def test_hf_packed_row_with_a_one_token_sequence(family, lens):
+    """A one-token sequence before a restart steps its positions by 0, not down (0, 0, 1, ..):
+    such rows were not found packed with a cache (use_cache left on) and the sequences
+    attended to each other (OPT, which builds its own all-ones mask, even without a cache)."""
+    model, _ = _model_with_prefix(family, P=3, seed=3)
+    ids = torch.randint(3, 100, (1, sum(lens)), generator=torch.Generator().manual_seed(1))
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    starts = [sum(lens[:i]) for i in range(len(lens))]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fallback would warn
+        for prefixes in (None, ["x"]):
+            alone = torch.cat([model(input_ids=ids[:, o:o + n], prefixes=prefixes).logits
+                               for o, n in zip(starts, lens)], 1)
+            for use_cache in (False, True):
+                packed = model(input_ids=ids, position_ids=pos, use_cache=use_cache,
+                               prefixes=prefixes).logits
+                torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.hf
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_hf_one_prefix_per_packed_sequence(use_cache):
     """Multi-task padding-free training: prefixes=[...] with one entry per packed sequence.

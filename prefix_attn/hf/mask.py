@@ -79,8 +79,9 @@ _PACKED_BY_POSITIONS: dict = {}
 
 def packed_from_positions(position_ids, batch_size: int, length: int):
     """Sequence ids ``[1, T]`` when a single row's ``position_ids`` restart (several sequences
-    packed without padding, e.g. ``DataCollatorWithFlattening``), else None: the rule of
-    transformers' flash-attention path (one row, more than one position, a decrease), for
+    packed without padding, e.g. ``DataCollatorWithFlattening``), else None: transformers'
+    rule (one row, more than one position, a step other than +1: a one-token sequence before
+    a restart steps by 0, not down), for
     forwards where transformers' mask ignores the packing (a cache exists, as in a training
     forward with ``use_cache`` left on). One host read per forward; none while compiling."""
     if (position_ids is None or batch_size != 1 or length < 2 or position_ids.dim() != 2
@@ -93,7 +94,7 @@ def packed_from_positions(position_ids, batch_size: int, length: int):
     if cached is not None and cached[0]() is position_ids and cached[1] == stamp:
         return cached[2]
     ids = None
-    if bool((torch.diff(position_ids, dim=-1) < 0).any()):
+    if bool((torch.diff(position_ids, dim=-1) != 1).any()):
         ids = sequence_ids(position_ids)
     if len(_PACKED_BY_POSITIONS) >= 64:
         _PACKED_BY_POSITIONS.clear()
@@ -128,6 +129,13 @@ def padding_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Opt
     """
     from transformers import masking_utils as mu
 
+    if attention_mask is not None and getattr(attention_mask, _MADE_FOR, None) == (
+            int(kv_offset), kv_length):
+        # our own output back again: generate builds a static cache's masks before the forward
+        # (create_masks_for_generate) and a model whose layers are all sliding passes the one
+        # 2-D mask on as its attention_mask; read again as a padding mask it was cut at
+        # kv_offset twice (keys shifted: wrong tokens once a padded batch passed the window)
+        return attention_mask
     if q_length is None:
         if cache_position is None:
             raise TypeError("padding_mask needs q_length or cache_position")
@@ -160,7 +168,7 @@ def padding_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Opt
             pm = torch.ones(batch_size, filled, dtype=torch.bool, device=device) \
                 if attention_mask is None else attention_mask.to(torch.bool)[:, kv_off:kv_off + filled]
             if pm.shape[-1] == filled:
-                return pm
+                return _mark(pm, kv_off, kv_length)
     if pattern is None or (pattern != "full" and not aligned and not trim_future):
         return _dense_mask(mu, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
                            attention_mask, device)
@@ -176,4 +184,18 @@ def padding_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Opt
         pm = pm & (torch.arange(kv_length, device=pm.device) + kv_off <= q_off)
     if not torch.compiler.is_compiling() and bool(pm.all()):  # a host sync: not in a graph
         return None
+    return _mark(pm, kv_off, kv_length)
+
+
+# Set on the 2-D masks padding_mask returns: the (kv_offset, kv_length) of the call they
+# answered (a static prefill's mask is shorter than kv_length: the filled slots only).
+_MADE_FOR = "_prefix_attn_mask_made_for"
+
+
+def _mark(pm: torch.Tensor, kv_off: int, kv_length) -> torch.Tensor:
+    """``pm`` contiguous (generate's ``.contiguous()`` then keeps it, and the mark) and marked
+    as made for these key coordinates (eager calls only: nothing is set on a traced tensor)."""
+    pm = pm.contiguous()
+    if not torch.compiler.is_compiling():
+        setattr(pm, _MADE_FOR, (kv_off, kv_length))
     return pm
