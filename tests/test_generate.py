@@ -337,6 +337,19 @@ def _graphs_added_by_second(model, ids, kw, first, second):
         model.forward = forward
 
 
+def test_compiled_serving_reuses_graphs_for_one_position_prefixes():
+    """One-position prefixes (a one-token prompt entry, num_virtual_tokens=1) are a size dynamo
+    specialises: one entry for all rows, or a stack whose longest is 1, compiled graphs of
+    their own. Padded to two positions, they reuse the others' graphs with eager's tokens; the
+    eager fallback (output_attentions) still shows one prefix column."""
+    model, ids, kw = _serving_model(4, {"A": 5, "B": 3, "one": 1, "solo": 1})
+    with torch.no_grad():
+        probs = model(ids, prefixes=["one", None], output_attentions=True).attentions[0]
+    assert probs.shape[-1] == ids.shape[1] + 1
+    assert _graphs_added_by_second(model, ids, kw, ("A", "A"), ("one", "one")) == 0
+    assert _graphs_added_by_second(model, ids, kw, ("A", "B"), ("one", None)) == 0
+
+
 def test_compiled_serving_does_not_recompile_when_the_longest_prefix_changes():
     """torch.compile(model.forward) serving a mix of requests recompiled at the first batch
     whose stacked entries had another longest prefix (and another count), on top of the

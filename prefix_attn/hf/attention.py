@@ -97,6 +97,16 @@ def eager_prefix_attention(query, key, value, prefix_k=None, prefix_v=None, pref
     return out.transpose(1, 2).contiguous(), p.to(query.dtype)
 
 
+def _layer_prefix(sel, module, query):
+    """``(prefix_k, prefix_v)`` of ``module``'s layer in ``sel``, in the query's dtype (the
+    layers run in another dtype than the bank was attached with under FSDP's mixed precision,
+    which casts the parameters for the forward: the prefix follows the query)."""
+    pk, pv = sel.layer(module.layer_idx)
+    if pk.dtype != query.dtype:
+        pk, pv = pk.to(query.dtype), pv.to(query.dtype)
+    return pk, pv
+
+
 def _own_key_mask(module, query, Skv, attention_mask, per_sequence, kwargs):
     """How the own keys are masked, from what :func:`padding_mask` returned (see
     docs/INTERNALS.md): (key padding mask, dense mask, packed sequence ids, fallback reason)."""
@@ -186,11 +196,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
             # checked by the post-hook; inside a compiled checkpointed layer this side effect
             # made dynamo give up and run the whole layer eagerly
             sel._read_by_attention = True
-        pk, pv = sel.layer(module.layer_idx)
-        if pk.dtype != query.dtype:
-            # the layers run in another dtype than the bank was attached with (FSDP's mixed
-            # precision casts the parameters for the forward): the prefix follows the query
-            pk, pv = pk.to(query.dtype), pv.to(query.dtype)
+        pk, pv = _layer_prefix(sel, module, query)
         ids, lens = sel.prefix_ids, sel.prefix_lens
     per_sequence = getattr(sel, "packed_seq_ids", None) if sel is not None else None
     if attention_mask is not None and attention_mask.dim() == 2 and \
@@ -210,8 +216,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         _warn_once(reason)
         if seq_ids is not None:
             dense = packed_dense_mask(seq_ids, causal, window)
-        if getattr(sel, "_padded_empty", False):  # no row has a prefix (hooks._pad_empty)
-            pk = pv = ids = lens = None
+        unpadded = getattr(sel, "_unpadded", None)  # hooks._pad_short: the fallback's
+        if unpadded is not None:                     # probabilities show the real columns only
+            pk, pv = _layer_prefix(unpadded, module, query) if unpadded.max_len else (None, None)
+            if pk is None:
+                ids = lens = None
         return eager_prefix_attention(query, key, value, pk, pv, ids, lens, kpm, dense, causal,
                                       scaling, window, softcap, dropout, module.training,
                                       sinks=_sinks(kwargs))

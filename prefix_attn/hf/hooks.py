@@ -66,28 +66,31 @@ def _rows_for(prefixes):
     return prefixes
 
 
-# A batch in which no row has a prefix selects one entry of length 0, a size torch.compile
-# always specialises: such batches got a prefill and a decode graph of their own. Padded to
-# this many zero positions (``prefix_lens`` stays 0: the kernels read no key past it), they
-# reuse the graphs of one-entry batches.
-_EMPTY_PAD = 2
+# torch.compile specialises the sizes 0 and 1: a batch in which no row has a prefix (one
+# entry of length 0) or whose longest prefix is one position got a prefill and a decode graph
+# of its own. Padded to this many zero positions (``prefix_lens`` unchanged: the kernels read
+# no key past it), they reuse the graphs of the other batches of their entry count.
+_MIN_PREFIX = 2
 
 
-def _pad_empty(sel):
-    """``sel``, or for the selection of a batch without any prefix (one entry of length 0) a
-    shallow copy whose prefix tensor is ``_EMPTY_PAD`` zero positions (made once per bank
-    selection, which stays as the bank cached it), marked ``_padded_empty`` for the eager
-    fallback (which must see no prefix: its probabilities would gain two columns)."""
+def _pad_short(sel):
+    """``sel``, or for a selection whose longest prefix is under ``_MIN_PREFIX`` positions (and
+    that records no autograd: a training step keeps its one graph anyway) a shallow copy whose
+    prefix tensor is padded with zeros to it (made once per bank selection, which stays as the
+    bank cached it), holding the original as ``_unpadded`` for the eager fallback (whose
+    probabilities must show the real prefix columns only)."""
     kv = sel._kv
-    if kv.shape[2] != 1 or kv.shape[4] != 0:
+    if kv.shape[4] >= _MIN_PREFIX or kv.requires_grad:
         return sel
     padded = getattr(kv, "_prefix_attn_padded", None)
     if padded is None:
-        padded = kv._prefix_attn_padded = kv.new_zeros(*kv.shape[:4], _EMPTY_PAD, kv.shape[5])
-    sel = copy.copy(sel)
-    sel._kv = padded
-    sel._padded_empty = True
-    return sel
+        padded = kv.new_zeros(*kv.shape[:4], _MIN_PREFIX, kv.shape[5])
+        padded[:, :, :, :, :kv.shape[4]] = kv
+        kv._prefix_attn_padded = padded
+    out = copy.copy(sel)
+    out._kv = padded
+    out._unpadded = sel
+    return out
 
 
 def _mark_dynamic(sel) -> None:
@@ -222,7 +225,7 @@ def _prefixes_to_selection(model, args, kwargs):
         kwargs["position_ids"] = kwargs["position_ids"].expand(B, S) + row_lens[sel.packed_seq_ids]
         _no_packing_search(model, kwargs, B, S, device)  # the sequences are known
     else:
-        sel = _pad_empty(bank.select(_rows_for(prefixes), B, device=device))
+        sel = _pad_short(bank.select(_rows_for(prefixes), B, device=device))
         row_lens = sel.row_lens.to(device)
         if "position_ids" in _forward_params(model) and any(sel.host_row_lens):
             pos = _positions_after_prefix(model, kwargs, S, row_lens, device,
