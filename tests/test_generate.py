@@ -302,6 +302,48 @@ def test_fullgraph_compiled_forward_with_a_static_cache_and_left_padding():
     assert torch.equal(model.generate(ids, cache_implementation="static", **kw), ref)
 
 
+@pytest.mark.hf
+def test_sliding_window_model_compiles_to_one_graph_on_the_fused_path():
+    """Inside torch.compile transformers makes the sliding-window mask function in the graph,
+    where its closure cannot be read: the mask interface raised an AttributeError in dynamo
+    (fullgraph failed; otherwise the whole model ran eagerly). Now told from transformers'
+    call: one graph, the fused op in it, no dense fallback; a static-cache generate past the
+    window with left padding, compiled fullgraph, gives sdpa's tokens (its 2-D mask, handed
+    back by generate, is a new tensor inside the graph: told by shape)."""
+    import torch._dynamo
+
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(3, 64, (2, 6), generator=g)
+    ids[1, :4] = 0
+    mask = (ids != 0).long()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = tiny_model("mistral", vocab_size=64, sliding_window=4)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the dense fallback would warn
+        want = model(ids, attention_mask=mask).logits
+        torch._dynamo.reset()
+        got = torch.compile(model, backend=record, fullgraph=True)(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    ops = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert len(graphs) == 1 and sum("prefix_attn" in op for op in ops) == model.config.num_hidden_layers
+
+    kw = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0,
+              cache_implementation="static")
+    ref = tiny_model("mistral", vocab_size=64, sliding_window=6, attn_implementation="sdpa")
+    model = tiny_model("mistral", vocab_size=64, sliding_window=6)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = ref.generate(ids, **kw)
+        torch._dynamo.reset()
+        model.forward = torch.compile(model.forward, backend="eager", fullgraph=True)
+        assert torch.equal(model.generate(ids, **kw), want)
+
+
 def _serving_model(seed, lengths):
     """A tiny llama with a bank of entries {name: length}, prompt ids [2, 6], generate kwargs."""
     import prefix_attn

@@ -14,21 +14,31 @@ from ..packed import sequence_ids
 from .names import PACKED_ATTR
 
 
+# What _closure_value gives for a function made inside torch.compile: dynamo reads no closure.
+_UNREADABLE = object()
+
+
 def _closure_value(fn, name):
     code = getattr(fn, "__code__", None)
-    if code is None or fn.__closure__ is None:
+    try:
+        closure = fn.__closure__
+    except AttributeError:  # traced by dynamo: a function the graph made has no readable closure
+        return _UNREADABLE
+    if code is None or closure is None:
         return None
-    for var, cell in zip(code.co_freevars, fn.__closure__):
+    for var, cell in zip(code.co_freevars, closure):
         if var == name:
             return cell.cell_contents
     return None
 
 
-def mask_pattern(mask_function) -> Optional[str]:
+def mask_pattern(mask_function, call: Optional[dict] = None) -> Optional[str]:
     """"causal" | "sliding" | "full" for the mask functions the kernel expresses, else None.
 
     Matches transformers' ``causal_mask_function``, ``bidirectional_mask_function`` and
     ``sliding_window_causal_mask_function(w)`` (= ``and_masks(sliding_window_overlay(w), causal)``).
+    Inside torch.compile the last is made in the graph, where its closure cannot be read: then
+    ``call`` (the mask interface's keywords) decides (:func:`_sliding_call`).
     """
     from transformers import masking_utils as mu
 
@@ -37,10 +47,29 @@ def mask_pattern(mask_function) -> Optional[str]:
     if mask_function is mu.bidirectional_mask_function:
         return "full"
     parts = _closure_value(mask_function, "mask_functions")
+    if parts is _UNREADABLE:
+        return "sliding" if call is not None and _sliding_call(call) else None
     if (isinstance(parts, tuple) and len(parts) == 2 and parts[1] is mu.causal_mask_function
             and getattr(parts[0], "__qualname__", "").startswith("sliding_window_overlay.")):
         return "sliding"
     return None
+
+
+def _sliding_call(call: dict) -> bool:
+    """Whether transformers' call of the mask interface is that of its plain sliding-window
+    causal mask, told from its keywords (for a mask function whose closure cannot be read):
+    ``local_size`` is the config's sliding window (not a chunk size), no overlay (``use_vmap``
+    off; packed sequences and block overlays turn ``allow_is_causal_skip`` off, which a
+    compiled decode step of one query does too, where neither can change the mask), and not a
+    bidirectional mask (those pass ``allow_is_bidirectional_skip``). Anything else: a dense
+    mask, which is always right."""
+    config, window = call.get("config"), call.get("local_size")
+    return (window is not None and config is not None
+            and getattr(config, "sliding_window", None) == window
+            and not getattr(config, "attention_chunk_size", None)
+            and not call.get("use_vmap", False)
+            and "allow_is_bidirectional_skip" not in call
+            and (call.get("allow_is_causal_skip", False) or call.get("q_length") == 1))
 
 
 def packed_sequence_ids(mask_function, q_length, kv_length, q_offset, kv_offset):
@@ -55,7 +84,7 @@ def packed_sequence_ids(mask_function, q_length, kv_length, q_offset, kv_offset)
     called after its closure was read there (dynamo fails on it).
     """
     parts = _closure_value(mask_function, "mask_functions")
-    if not (isinstance(parts, tuple) and len(parts) == 2):
+    if not (isinstance(parts, tuple) and len(parts) == 2):  # _UNREADABLE too: a dense mask
         return None
     base, last = parts
     if not getattr(last, "__qualname__", "").startswith("packed_sequence_mask_function."):
@@ -129,13 +158,15 @@ def padding_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Opt
     """
     from transformers import masking_utils as mu
 
-    if attention_mask is not None and getattr(attention_mask, _MADE_FOR, None) == (
-            int(kv_offset), kv_length):
-        # our own output back again: generate builds a static cache's masks before the forward
-        # (create_masks_for_generate) and a model whose layers are all sliding passes the one
-        # 2-D mask on as its attention_mask; read again as a padding mask it was cut at
-        # kv_offset twice (keys shifted: wrong tokens once a padded batch passed the window)
-        return attention_mask
+    if (attention_mask is not None and attention_mask.dim() == 2 and int(kv_offset) > 0
+            and attention_mask.shape[-1] < int(kv_offset) + kv_length):
+        # already in key coordinates: our own output back again. generate builds a static
+        # cache's masks before the forward (create_masks_for_generate), and a model whose
+        # layers are all sliding passes the one 2-D mask on as its attention_mask; cut at
+        # kv_offset a second time, its keys shifted (wrong tokens once a padded batch passed
+        # the window). A padding mask of the whole sequence is never that short. (Told by
+        # shape, not by a mark: inside torch.compile transformers' .to() of it is a new tensor.)
+        return attention_mask.to(torch.bool)
     if q_length is None:
         if cache_position is None:
             raise TypeError("padding_mask needs q_length or cache_position")
@@ -145,7 +176,7 @@ def padding_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Opt
     seq_ids = packed_sequence_ids(mask_function, q_length, kv_length, q_offset, kv_offset)
     if seq_ids is not None:
         return seq_ids
-    pattern = mask_pattern(mask_function)
+    pattern = mask_pattern(mask_function, dict(kwargs, q_length=q_length))
     kv_off = int(kv_offset)
     if (q_length == 1 and pattern == "causal" and isinstance(q_offset, torch.Tensor)
             and torch.compiler.is_compiling()):
@@ -168,7 +199,7 @@ def padding_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Opt
             pm = torch.ones(batch_size, filled, dtype=torch.bool, device=device) \
                 if attention_mask is None else attention_mask.to(torch.bool)[:, kv_off:kv_off + filled]
             if pm.shape[-1] == filled:
-                return _mark(pm, kv_off, kv_length)
+                return pm
     if pattern is None or (pattern != "full" and not aligned and not trim_future):
         return _dense_mask(mu, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
                            attention_mask, device)
@@ -184,18 +215,5 @@ def padding_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Opt
         pm = pm & (torch.arange(kv_length, device=pm.device) + kv_off <= q_off)
     if not torch.compiler.is_compiling() and bool(pm.all()):  # a host sync: not in a graph
         return None
-    return _mark(pm, kv_off, kv_length)
-
-
-# Set on the 2-D masks padding_mask returns: the (kv_offset, kv_length) of the call they
-# answered (a static prefill's mask is shorter than kv_length: the filled slots only).
-_MADE_FOR = "_prefix_attn_mask_made_for"
-
-
-def _mark(pm: torch.Tensor, kv_off: int, kv_length) -> torch.Tensor:
-    """``pm`` contiguous (generate's ``.contiguous()`` then keeps it, and the mark) and marked
-    as made for these key coordinates (eager calls only: nothing is set on a traced tensor)."""
-    pm = pm.contiguous()
-    if not torch.compiler.is_compiling():
-        setattr(pm, _MADE_FOR, (kv_off, kv_length))
     return pm
+
