@@ -198,6 +198,26 @@ def test_hf_packed_row_with_a_one_token_sequence(family, lens):
 
 
 @pytest.mark.hf
+@pytest.mark.parametrize("positions", [[0, 1, 5, 6], [0, 1, 1, 2]])
+def test_hf_gaps_in_positions_are_one_sequence_with_a_cache(positions):
+    """Positions that jump or repeat without restarting are one sequence for sdpa with a cache
+    (and for flash-attention, which splits where the first position comes again): the
+    search for packed rows with a cache split them at every step other than +1."""
+    from prefix_attn.tiny import tiny_model
+
+    ours = tiny_model("llama")
+    ref = tiny_model("llama", attn_implementation="sdpa")
+    ref.load_state_dict(ours.state_dict())
+    ids = torch.randint(3, 100, (1, 4), generator=torch.Generator().manual_seed(2))
+    pos = torch.tensor([positions])
+    with torch.no_grad():
+        for use_cache in (False, True):
+            torch.testing.assert_close(ours(ids, position_ids=pos, use_cache=use_cache).logits,
+                                       ref(ids, position_ids=pos, use_cache=use_cache).logits,
+                                       rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.hf
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_hf_one_prefix_per_packed_sequence(use_cache):
     """Multi-task padding-free training: prefixes=[...] with one entry per packed sequence.

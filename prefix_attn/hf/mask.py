@@ -108,9 +108,11 @@ _PACKED_BY_POSITIONS: dict = {}
 
 def packed_from_positions(position_ids, batch_size: int, length: int):
     """Sequence ids ``[1, T]`` when a single row's ``position_ids`` restart (several sequences
-    packed without padding, e.g. ``DataCollatorWithFlattening``), else None: transformers'
-    rule (one row, more than one position, a step other than +1: a one-token sequence before
-    a restart steps by 0, not down), for
+    packed without padding, e.g. ``DataCollatorWithFlattening``), else None: the rule of
+    transformers' flash-attention path (one row, more than one position, a restart: a
+    decrease, or the first position seen again, as after a one-token sequence; a gap or a
+    repeat such as ``0, 1, 5, 6`` or ``0, 1, 1, 2`` is one sequence, as sdpa with a cache
+    sees it), for
     forwards where transformers' mask ignores the packing (a cache exists, as in a training
     forward with ``use_cache`` left on). One host read per forward; none while compiling."""
     if (position_ids is None or batch_size != 1 or length < 2 or position_ids.dim() != 2
@@ -123,7 +125,9 @@ def packed_from_positions(position_ids, batch_size: int, length: int):
     if cached is not None and cached[0]() is position_ids and cached[1] == stamp:
         return cached[2]
     ids = None
-    if bool((torch.diff(position_ids, dim=-1) != 1).any()):
+    restarts = (torch.diff(position_ids, dim=-1) < 0).any() \
+        | ((position_ids == position_ids.min()).sum() > 1)
+    if bool(restarts):
         ids = sequence_ids(position_ids)
     if len(_PACKED_BY_POSITIONS) >= 64:
         _PACKED_BY_POSITIONS.clear()
