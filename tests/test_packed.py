@@ -198,6 +198,36 @@ def test_hf_packed_row_with_a_one_token_sequence(family, lens):
 
 
 @pytest.mark.hf
+def test_hf_packed_row_with_a_prefix_on_the_fallback_path():
+    """One packed row with prefixes= on the PyTorch fallback (output_attentions here; attention
+    sinks, dropout in training): the hook made it one prefix per sequence, which the fallback
+    refused with NotImplementedError (DataCollatorWithFlattening on BioGPT / GPT-BigCode, whose
+    attention dropout is on in training). Now each sequence equals its run alone."""
+    from prefix_attn.tiny import tiny_model
+
+    model, _ = _model_with_prefix("llama", P=3, seed=4)
+    lens = [3, 4]
+    ids = torch.randint(3, 100, (1, sum(lens)), generator=torch.Generator().manual_seed(3))
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for prefixes in (["x"], [None]):
+            out = model(ids, position_ids=pos, use_cache=False, prefixes=prefixes, output_attentions=True)
+            alone = torch.cat([model(ids[:, :3], prefixes=prefixes).logits,
+                               model(ids[:, 3:], prefixes=prefixes).logits], 1)
+            torch.testing.assert_close(out.logits, alone, rtol=1e-5, atol=1e-5)
+            assert out.attentions[0].shape[-1] == sum(lens) + (3 if prefixes[0] else 0)
+    biogpt = tiny_model("biogpt", attention_probs_dropout_prob=0.1)
+    prefix_attn.prefix_tuning(biogpt, num_virtual_tokens=3, name="x")
+    biogpt.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = biogpt(ids, position_ids=pos, use_cache=False, labels=ids, prefixes=["x"]).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.hf
 @pytest.mark.parametrize("positions", [[0, 1, 5, 6], [0, 1, 1, 2]])
 def test_hf_gaps_in_positions_are_one_sequence_with_a_cache(positions):
     """Positions that jump or repeat without restarting are one sequence for sdpa with a cache

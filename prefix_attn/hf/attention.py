@@ -210,8 +210,12 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     window = int(sliding_window) if sliding_window else None
     softcap = float(softcap) if softcap else None
     if reason is not None and per_sequence is not None:
-        raise NotImplementedError(f"one prefix per packed sequence runs on the fused path only, "
-                                  f"which does not support {reason}")
+        # a packed row under one prefix (hooks._packed_row) falls back as a row: its prefix
+        # for every query, its sequences apart by the packed mask
+        ids = getattr(sel, "packed_row_ids", None)
+        if ids is None:
+            raise NotImplementedError(f"one prefix per packed sequence runs on the fused path only, "
+                                      f"which does not support {reason}")
     if reason is not None:
         _warn_once(reason)
         if seq_ids is not None:

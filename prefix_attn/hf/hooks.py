@@ -213,11 +213,14 @@ def _prefixes_to_selection(model, args, kwargs):
     B, S, device = _batch_and_length(kwargs)
     given_positions = kwargs.get("position_ids")
     seq_ids = _packed_request(prefixes, given_positions, kwargs.get("attention_mask"), B, S)
-    if seq_ids is None:
+    one_row = seq_ids is None
+    if one_row:
         prefixes, seq_ids = _packed_row(prefixes, kwargs, B, S)
     if seq_ids is not None:  # one prefix per packed sequence
         sel = bank.select(prefixes, len(prefixes), device=device)
         sel.packed_seq_ids = seq_ids.to(device)
+        if one_row:  # the row's one prefix, repeated per sequence: the fallback takes it per row
+            sel.packed_row_ids = sel.prefix_ids[:1]
         # the regrouping's index tensors, found here (host syncs) rather than in every layer,
         # where a compiled forward would break its graph for them
         sel.packed_segments = packed_segments(sel.packed_seq_ids)
