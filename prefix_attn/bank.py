@@ -424,6 +424,10 @@ class PrefixBank(nn.Module):
     def is_trainable(self, name: str) -> bool:
         return self._lookup(self._state[1], name).module_key is not None
 
+    def _trained_names(self) -> list[str]:
+        """Names of the trainable entries with a parameter that requires grad."""
+        return [n for n, e in self._state[1].items() if _trains(e)]
+
     def kind(self, name: str) -> str:
         """The entry's kind: ``fixed``, ``prompt`` (a prompt's KV: the text after it continues
         the prompt) or ``trainable``."""
@@ -602,11 +606,18 @@ class PrefixBank(nn.Module):
         device = self.device if device is None else torch.device(device)
         names = list(entries)
         used = set(rows)
-        if torch.is_grad_enabled() and self._under_fsdp():
-            # FSDP2 needs every rank to use the same parameters in a step: every trainable
-            # entry joins the graph (a zero gradient where no row of this rank selects it);
-            # otherwise ranks whose rows pick different prefixes get wrong gradients, silently
-            used.update(i for i, n in enumerate(names) if _trains(entries[n]))
+        if torch.is_grad_enabled():
+            trains = [i for i, n in enumerate(names) if _trains(entries[n])]
+            if trains and (self._under_fsdp() or (self.training and not used.intersection(trains))):
+                # FSDP2 needs every rank to use the same parameters in a step: every trainable
+                # entry joins the graph (a zero gradient where no row of this rank selects it);
+                # otherwise ranks whose rows pick different prefixes get wrong gradients,
+                # silently. And a training batch (the bank follows model.train()) that selects
+                # none (rows without a prefix: a micro-batch of them comes up in multi-task
+                # data) has them join too, so that its loss still has a graph to backpropagate
+                # (zero gradients; backward() failed with "element 0 of tensors does not
+                # require grad", stopping a Trainer's run)
+                used.update(trains)
         used = sorted(used, key=lambda i: (i < 0, i))  # bank order, "no prefix" last
         # tensors made under inference_mode cannot be saved for backward later: such a
         # selection is cached for inference-mode calls only

@@ -39,13 +39,13 @@ def _model():
     return model, modules
 
 
-def _trainer(model, out, data=None, data_collator=collate):
+def _trainer(model, out, data=None, data_collator=collate, **args):
     from transformers import Trainer, TrainingArguments
 
-    args = TrainingArguments(output_dir=out, max_steps=STEPS, per_device_train_batch_size=4,
-                             save_steps=STEPS // 2, remove_unused_columns=False, report_to=[],
-                             learning_rate=1e-2, use_cpu=True, seed=0, data_seed=0,
-                             disable_tqdm=True)
+    args = TrainingArguments(**dict(dict(
+        output_dir=out, max_steps=STEPS, per_device_train_batch_size=4, save_steps=STEPS // 2,
+        remove_unused_columns=False, report_to=[], learning_rate=1e-2, use_cpu=True, seed=0,
+        data_seed=0, disable_tqdm=True), **args))
     return Trainer(model=model, args=args, train_dataset=_data() if data is None else data,
                    data_collator=data_collator)
 
@@ -108,3 +108,39 @@ def test_trainer_padding_free_multi_task_equals_padded(tmp_path):
             results.append({n: m.embedding.weight.detach().clone() for n, m in modules.items()})
     for name in results[0]:
         torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-4, atol=1e-5)
+
+
+def test_trainer_survives_a_micro_batch_without_any_prefix(tmp_path):
+    """Multi-task data with rows that use no prefix: a micro-batch of only such rows (batch 1
+    with gradient accumulation) had a loss without a graph, and backward() stopped the run with
+    "element 0 of tensors does not require grad". The trainable entries now join such a batch
+    with zero gradients: the run completes and the prefixes train."""
+    model, modules = _model()
+    before = {n: m.embedding.weight.detach().clone() for n, m in modules.items()}
+    data = [dict(r, task=None if i % 2 else r["task"]) for i, r in enumerate(_data())]
+    trainer = _trainer(model, str(tmp_path / "out"), data=data, per_device_train_batch_size=1,
+                       gradient_accumulation_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert any(not torch.equal(before[n], m.embedding.weight) for n, m in modules.items())
+
+
+def test_training_without_prefixes_warns_once_naming_the_cause():
+    """A training forward without prefixes= (a collator or remove_unused_columns dropped the
+    column) applied no prefix silently: with another trainable module the run went on and the
+    prefixes learned nothing. One warning now says so, and what to do."""
+    model, modules = _model()
+    model.lm_head.requires_grad_(True)
+    model.train()
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"training forward without prefixes=.*'a', 'b' learn "
+                                         r"nothing.*remove_unused_columns=False"):
+        model(input_ids=ids, labels=ids).loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(input_ids=ids, labels=ids).loss.backward()  # once
+        model(input_ids=ids, labels=ids, prefixes=None).loss.backward()  # explicit: no warning
+        model.eval()
+        model(input_ids=ids, labels=ids)
+    assert all(m.embedding.weight.grad is None for m in modules.values())

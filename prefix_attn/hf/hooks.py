@@ -181,8 +181,32 @@ def _pre_hook(model, args, kwargs):
     # traceable when there is nothing to do: a compiled function that calls a model with a bank
     # but without prefixes= keeps one graph (fullgraph=True works)
     if PREFIXES_KWARG not in kwargs:
+        if model.training and not torch.compiler.is_compiling() and torch.is_grad_enabled():
+            _warn_training_without_prefixes(model)
         return None
     return _prefixes_to_selection(model, args, kwargs)
+
+
+def _warn_training_without_prefixes(model) -> None:
+    """Warn (once per bank) when a training forward has no ``prefixes=`` while the bank has
+    trainable entries: no prefix is applied, so they learn nothing (silently, when another
+    parameter trains; else backward fails with torch's "does not require grad"). The usual
+    cause: a Trainer whose collator or ``remove_unused_columns`` dropped the column."""
+    bank = getattr(model, "prefix_bank", None)
+    if bank is None or getattr(bank, "_warned_no_prefixes", False):
+        return
+    names = bank._trained_names()
+    if not names:
+        return
+    bank._warned_no_prefixes = True
+    warnings.warn(
+        f"prefix_attn: a training forward without prefixes=: no prefix is applied, so the "
+        f"trainable prefix{'es' if len(names) > 1 else ''} {', '.join(map(repr, names))} "
+        f"learn{'' if len(names) > 1 else 's'} nothing from it. Pass prefixes= (a name or bank id per row, or one for all rows; "
+        f"prefixes=None for none). With transformers' Trainer keep the column: "
+        f"remove_unused_columns=False, and a collator that keeps it (default_data_collator "
+        f"drops string fields: give bank ids, or collate the names yourself)",
+        stacklevel=3)
 
 
 @torch.compiler.disable
