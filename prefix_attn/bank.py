@@ -801,6 +801,17 @@ class PrefixBank(nn.Module):
         base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         peft_format.write_peft_adapter(adapter_dir, kv, base_model_name_or_path=base,
                                        task_type=peft_format.task_type_of(model))
+        if model is not None:
+            # a module unfrozen beside the prefix in a frozen base (a classification head):
+            # PEFT's adapter would hold it (modules_to_save); a base never frozen says nothing
+            base = [(n, p) for n, p in model.named_parameters() if not n.startswith("prefix_bank.")]
+            others = [n for n, p in base if p.requires_grad]
+            if others and len(others) < len(base):
+                shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+                warnings.warn(f"save_peft({name!r}) wrote the prefix only: the model's other trainable "
+                              f"parameters ({shown}) are not in the adapter (PEFT would save a head as "
+                              f"modules_to_save); save them yourself, e.g. torch.save of their "
+                              f"state_dict", stacklevel=2)
 
     # -- prompt prefixes ---------------------------------------------------------------------
     def add_prompt(self, name: str, input_ids: Tensor) -> None:

@@ -89,6 +89,23 @@ def test_roberta_positions_follow_its_padding_numbering():
      dict(COMMON, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8,
           v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
           first_k_dense_replace=1, moe_intermediate_size=16), "multi-head latent attention"),
+    # accepted at attach before, then failed at the first forward (or silently differed)
+    ("t5_encoder", "T5EncoderModel",
+     dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4), "relative position bias"),
+    ("albert", "AlbertModel",
+     dict(vocab_size=128, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+          intermediate_size=64), "have no layer index"),
+    ("distilbert", "DistilBertModel",
+     dict(vocab_size=128, dim=32, n_layers=2, n_heads=4, hidden_dim=64), "have no layer index"),
+    ("bart_causal", "BartForCausalLM",  # PEFT numbers the tokens after P; its forward cannot
+     dict(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+          decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64), "takes no position_ids"),
+    ("paligemma", "PaliGemmaForConditionalGeneration",
+     dict(text_config=dict(vocab_size=160, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, model_type="gemma", head_dim=8),
+          vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             image_size=8, patch_size=2, projection_dim=32),
+          image_token_index=150, projection_dim=32), "numbers its positions from 1"),
 ])
 def test_models_the_bank_cannot_serve_are_refused(name, cls, cfg, words):
     cls = getattr(tf, cls)
@@ -123,15 +140,53 @@ def test_t5_position_bias_raises_instead_of_being_dropped():
         model(input_ids=ids, decoder_input_ids=ids)
 
 
-def test_attention_without_a_layer_index_gets_no_prefix_and_says_so():
+def test_attention_without_a_layer_index_gets_no_prefix_and_says_so(monkeypatch):
     """DistilBERT's attention modules have no layer index (a vision tower's neither): they get
-    no prefix, and a model where no layer took it raises, naming them."""
+    no prefix, and a model where no layer took it raises, naming them (DistilBERT itself is
+    refused at attach now: let it through to reach the forward's check)."""
     cfg = tf.DistilBertConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                               dropout=0.0, attention_dropout=0.0, pad_token_id=0)
     model = _build(tf.DistilBertModel, cfg, "prefix_attn")
+    monkeypatch.setattr(prefix_attn.hf, "unsupported_model", lambda model: None)
     prefix_attn.prefix_tuning(model, num_virtual_tokens=4, name="a")
     with pytest.raises(RuntimeError, match="have no layer index"):
         model(input_ids=torch.randint(3, 128, (1, 5)), prefixes=["a"])
+
+
+def test_llava_text_only_prefix_equals_peft():
+    """LLaVA's own modeling module does not name the attention interface (its language model's
+    does): it was refused as "computes attention in its own code"; now judged by the modules
+    of its layers, and its text-only logits with a prefix equal PEFT's."""
+    cfg = tf.LlavaConfig(text_config=tf.LlamaConfig(**dict(COMMON, vocab_size=160)),
+                         vision_config=tf.CLIPVisionConfig(hidden_size=16, intermediate_size=32,
+                                                           num_hidden_layers=2, num_attention_heads=2,
+                                                           image_size=8, patch_size=2),
+                         image_token_index=150)
+    ours, ref = _pair(tf.LlavaForConditionalGeneration, cfg, "sdpa")
+    pm = _peft_twin(ours, ref, "CAUSAL_LM")
+    ids = torch.randint(3, 140, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(ours(input_ids=ids, prefixes=["a", "a"]).logits,
+                                   pm(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_bidirectional_flag_with_a_causal_mask_equals_sdpa():
+    """Gemma with use_bidirectional_attention (PaliGemma's language model): its layers say not
+    causal while transformers builds a causal mask; the 2-D padding mask lost the causal part
+    (4.6e-2 off sdpa on a left-padded batch, no prefix involved)."""
+    from prefix_attn.tiny import tiny_config
+
+    cfg = tiny_config("gemma")
+    cfg.use_bidirectional_attention = True
+    ours, ref = _pair(tf.GemmaForCausalLM, cfg, "sdpa")
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for kw in (dict(attention_mask=mask), {}):
+            torch.testing.assert_close(ours(ids, **kw).logits, ref(ids, **kw).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_prefixes_with_image_inputs_are_refused():

@@ -259,3 +259,20 @@ def test_a_folder_of_several_adapters_names_its_subfolders(tmp_path):
         bank.save_peft("x", str(tmp_path / "multi" / name))
     with pytest.raises(FileNotFoundError, match=r"subfolders \(task_a, task_b"):
         bank.load_peft("y", str(tmp_path / "multi"))
+
+
+def test_save_peft_warns_when_a_head_trained_beside_the_prefix_is_left_out(tmp_path):
+    """A classification head unfrozen beside the prefix (PEFT's modules_to_save) is not in the
+    adapter save_peft writes: PEFT's from_pretrained then got the untrained head, silently."""
+    import warnings
+
+    import prefix_attn
+
+    model = _tiny_llama()
+    prefix_attn.prefix_tuning(model, num_virtual_tokens=3, name="a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.prefix_bank.save_peft("a", str(tmp_path / "frozen"))  # only the prefix trains
+    model.lm_head.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"wrote the prefix only.*\(lm_head.weight\)"):
+        model.prefix_bank.save_peft("a", str(tmp_path / "head"))

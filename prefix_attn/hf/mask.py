@@ -181,6 +181,13 @@ def padding_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Opt
     if seq_ids is not None:
         return seq_ids
     pattern = mask_pattern(mask_function, dict(kwargs, q_length=q_length))
+    if attention_mask is not None and pattern in ("causal", "sliding") \
+            and getattr(kwargs.get("config"), "use_bidirectional_attention", False):
+        # the layers are not causal (module.is_causal False) but transformers' mask is (Gemma
+        # with use_bidirectional_attention, as in PaliGemma): a padding mask would lose the
+        # causal part, so the dense mask, as sdpa gets (without padding sdpa gets none and
+        # attends both ways, and so do we)
+        pattern = None
     kv_off = int(kv_offset)
     if (q_length == 1 and pattern == "causal" and isinstance(q_offset, torch.Tensor)
             and torch.compiler.is_compiling()):

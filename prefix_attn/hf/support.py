@@ -4,20 +4,40 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from typing import Optional
 
 @functools.lru_cache(maxsize=None)
-def uses_attention_interface(cls) -> bool:
-    """Whether the transformers modeling module of ``cls`` (the first class of its MRO defined
-    under ``transformers.models``) dispatches attention through ``ALL_ATTENTION_FUNCTIONS``;
-    True for classes outside transformers (nothing to judge from)."""
-    for klass in cls.__mro__:
-        if klass.__module__.startswith("transformers.models."):
-            try:
-                return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(inspect.getmodule(klass))
-            except (OSError, TypeError):
-                return True
-    return True
+def _module_uses_interface(module_name: str) -> bool:
+    """Whether the transformers modeling module ``module_name`` dispatches attention through
+    ``ALL_ATTENTION_FUNCTIONS`` (True when its source cannot be read: nothing to judge from)."""
+    try:
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(sys.modules[module_name])
+    except (KeyError, OSError, TypeError):
+        return True
+
+
+def _layer_classes(model) -> set:
+    """The transformers classes of ``model``'s modules that carry a layer index (the language
+    model's attention, and layers): where its prefixes go."""
+    return {type(m) for m in model.modules()
+            if isinstance(getattr(m, "layer_idx", None), int)
+            and type(m).__module__.startswith("transformers.models.")}
+
+
+def uses_attention_interface(model_or_class) -> bool:
+    """Whether the model's attention dispatches through transformers' ``ALL_ATTENTION_FUNCTIONS``.
+
+    For a model: judged from the modules of its layers (a vision-language wrapper such as
+    LLaVA holds its language model's attention in another modeling module than its own),
+    else from its class. For a class: the first class of its MRO defined under
+    ``transformers.models``. True for classes outside transformers (nothing to judge from)."""
+    if isinstance(model_or_class, type):
+        classes = [k for k in model_or_class.__mro__ if k.__module__.startswith("transformers.models.")][:1]
+    else:
+        classes = _layer_classes(model_or_class) or [
+            k for k in type(model_or_class).__mro__ if k.__module__.startswith("transformers.models.")][:1]
+    return all(_module_uses_interface(k.__module__) for k in classes)
 
 
 def _peft_wrapper(model) -> Optional[str]:
@@ -60,10 +80,25 @@ def unsupported_model(model) -> Optional[str]:
     if getattr(text, "kv_lora_rank", None) or getattr(text, "qk_rope_head_dim", None):
         return (f"{name} uses multi-head latent attention (keys and values of different head "
                 "dims), which the prefix bank and kernels do not support")
-    if not uses_attention_interface(type(model)):
+    if not uses_attention_interface(model):
         return (f"{name} computes attention in its own code, not through transformers' "
                 "AttentionInterface, so no attention implementation (prefix_attn included) can "
                 "be plugged into it")
+    if getattr(text, "relative_attention_num_buckets", None):
+        return (f"{name} adds a T5-style relative position bias to its attention scores, which "
+                "prefix_attn does not apply; use PEFT for it")
+    if type(model).__module__.startswith("transformers.models.") \
+            and "position_ids" not in inspect.signature(model.forward).parameters:
+        return (f"{name}'s forward takes no position_ids, so the tokens after a prefix cannot be "
+                "numbered from its length as PEFT numbers them; use PEFT for it")
+    attention = sorted({type(m).__name__ for m in model.modules()
+                        if type(m).__name__.endswith("Attention")})
+    if attention and not _layer_classes(model):
+        return (f"{name}'s attention modules ({', '.join(attention)}) have no layer index, by "
+                "which prefix_attn gives each layer its prefix")
+    if getattr(text, "model_type", None) == "paligemma" or getattr(cfg, "model_type", None) == "paligemma":
+        return (f"{name} numbers its positions from 1 and attends bidirectionally over its "
+                "prompt, which prefix_attn's position shift and kernels do not follow yet")
     return None
 
 
