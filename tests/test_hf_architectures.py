@@ -197,6 +197,9 @@ def test_prefixes_with_image_inputs_are_refused():
     with pytest.raises(NotImplementedError, match="pixel_values"):
         model(input_ids=torch.randint(3, 100, (1, 5)), pixel_values=torch.zeros(1, 3, 4, 4),
               prefixes=["a"])
+    for key in ("input_values", "image_grid_thw", "audio_input_features"):  # were let through
+        with pytest.raises(NotImplementedError, match=key):
+            model(input_ids=torch.randint(3, 100, (1, 5)), prefixes=["a"], **{key: torch.zeros(1, 3)})
 
 
 def test_chunked_attention_warns_at_attach():

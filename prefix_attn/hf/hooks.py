@@ -209,6 +209,11 @@ def _warn_training_without_prefixes(model) -> None:
         stacklevel=3)
 
 
+# forward keywords that carry image, video or audio inputs (or their placement: Qwen2-VL's
+# image_grid_thw with merged inputs_embeds)
+_MEDIA_KEYS = ("pixel_values", "input_features", "input_values", "image_", "video_", "audio_")
+
+
 @torch.compiler.disable
 def _prefixes_to_selection(model, args, kwargs):
     """The pre-hook's work: ``prefixes=`` -> a :class:`PrefixSelection` in the kwargs, position
@@ -224,8 +229,7 @@ def _prefixes_to_selection(model, args, kwargs):
     if impl != ATTN_NAME:
         raise ValueError(f"prefixes= needs attn_implementation={ATTN_NAME!r}; this model uses "
                          f"{impl!r} (call model.set_attn_implementation({ATTN_NAME!r}))")
-    media = sorted(k for k, v in kwargs.items()
-                   if v is not None and k.startswith(("pixel_values", "input_features")))
+    media = sorted(k for k, v in kwargs.items() if v is not None and k.startswith(_MEDIA_KEYS))
     if media:
         raise NotImplementedError(
             f"prefixes= with {', '.join(media)}: the positions of image, video and audio tokens "
