@@ -472,13 +472,26 @@ _BASE_TEXT = {"sdpa_flash": "SDPA flash, same total length",
               "per_row_kernel": "our per-row kernel"}
 
 
+def _decode_batch(result: dict) -> int:
+    """The decode rows' batch: recorded in the shape since it was added there; older results
+    ran with the --decode-batch given in their argv, else its default, 64 since decode rows exist."""
+    if "decode_B" in result["shape"]:
+        return result["shape"]["decode_B"]
+    argv = result["environment"].get("argv") or []
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--decode-batch":
+            return int(argv[i + 1])
+    return 64
+
+
 def markdown(result: dict) -> str:
     """The README table of a result: one line per record, then the targets."""
     env, sh = result["environment"], result["shape"]
     lines = [f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
              f"{env['date'][:10]}; {sh['dtype']}, B {sh['B']}, Hq {sh['Hq']}, Hkv {sh['Hkv']}, "
-             f"D {sh['D']}, S {sh['S']}, causal; decode rows: Sq 1 over S own keys, one shared "
-             f"prefix. TFLOP/s count visible (query, key) pairs only; ratio = baseline time / ours.",
+             f"D {sh['D']}, S {sh['S']}, causal; decode rows: B {_decode_batch(result)}, Sq 1 over "
+             f"S own keys, one shared prefix. TFLOP/s count visible (query, key) pairs only; "
+             f"ratio = baseline time / ours.",
              "", "| P | pass | ours ms | ours TFLOP/s | baseline | baseline ms | baseline TFLOP/s | ratio |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["records"], key=lambda r: (r["P"], list(_MODE_TEXT).index(r["mode"]))):
@@ -546,7 +559,7 @@ def main(argv=None) -> dict:
         "environment": environment(device),
         "dry_run": a.dry_run,
         "shape": {"B": a.batch, "Hq": a.hq, "Hkv": a.hkv, "D": a.head_dim, "S": a.seq,
-                  "P": a.prefix_lens, "dtype": a.dtype, "causal": True},
+                  "P": a.prefix_lens, "dtype": a.dtype, "causal": True, "decode_B": a.decode_batch},
         "flop_rule": "4*B*Hq*D*visible_pairs forward, 2.5x backward, 3.5x fwd+bwd",
         "timing": (f"triton.testing.do_bench median, at least {a.reps} calls and {a.rep_ms:g} ms "
                    "of calls per measurement, L2 flushed before each call" if device == "cuda"

@@ -5,8 +5,9 @@ Input: one JSON object per line, UTF-8 (a byte-order mark is accepted; blank lin
     {"id": "r1", "prefix": "support", "prompt": "How do I ...?"}
     {"prompt": "no prefix for this one"}
 
-  "prompt"  the text to continue (required). "" after a prompt prefix continues the
-            prefix's own text; a prompt of no tokens at all (no start token) is refused
+  "prompt"  the text to continue (required). "" after a --prompt-prefix continues the
+            prefix's own text (not after a prompt entry from --bank, which keeps no ids);
+            a prompt of no tokens at all (no start token) is refused
   "prefix"  a prefix name; missing, null or "" = no prefix
   "id"      any JSON value, unique in the file; default: the request's line number
             (1-based, blank lines counted)
