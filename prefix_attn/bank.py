@@ -164,6 +164,15 @@ def _version_of(t: Tensor) -> Optional[int]:
     return None if t.is_inference() else t._version
 
 
+def _anchored(sel: PrefixSelection, anchor: Tensor) -> PrefixSelection:
+    """A copy of ``sel`` whose prefix tensor is ``kv + anchor``: the same values, in the
+    autograd graph through ``anchor`` alone."""
+    out = copy.copy(sel)
+    out._kv = sel._kv + anchor.to(sel._kv.dtype)
+    out._is_view = False
+    return out
+
+
 def _trains(entry: _Entry) -> bool:
     """Whether ``entry`` is a trainable entry with a parameter that requires grad."""
     return entry.module is not None and any(p.requires_grad for p in entry.module.parameters())
@@ -606,18 +615,35 @@ class PrefixBank(nn.Module):
         device = self.device if device is None else torch.device(device)
         names = list(entries)
         used = set(rows)
+        anchor = False
         if torch.is_grad_enabled():
             trains = [i for i, n in enumerate(names) if _trains(entries[n])]
-            if trains and (self._under_fsdp() or (self.training and not used.intersection(trains))):
+            if trains and self._under_fsdp():
                 # FSDP2 needs every rank to use the same parameters in a step: every trainable
                 # entry joins the graph (a zero gradient where no row of this rank selects it);
-                # otherwise ranks whose rows pick different prefixes get wrong gradients,
-                # silently. And a training batch (the bank follows model.train()) that selects
-                # none (rows without a prefix: a micro-batch of them comes up in multi-task
-                # data) has them join too, so that its loss still has a graph to backpropagate
-                # (zero gradients; backward() failed with "element 0 of tensors does not
-                # require grad", stopping a Trainer's run)
+                # otherwise ranks whose rows pick different prefixes get wrong gradients, silently
                 used.update(trains)
+            # a training batch (the bank follows model.train()) that selects no trainable entry
+            # (rows without a prefix: a micro-batch of them comes up in multi-task data) had a
+            # loss without a graph when only prefixes train: backward() failed with "element 0
+            # of tensors does not require grad", stopping a Trainer's run
+            anchor = bool(trains) and self.training and not used.intersection(trains)
+        sel = self._select(rows, used, version, entries, device)
+        return _anchored(sel, self._anchor(device)) if anchor else sel
+
+    def _anchor(self, device: torch.device) -> Tensor:
+        """A zero scalar that requires grad, held by the bank but no parameter (no optimizer
+        steps it): added to the prefix of a training batch that selects no trainable entry, it
+        gives the loss a graph to backpropagate without giving any entry a gradient."""
+        anchors = self.__dict__.setdefault("_anchors", {})
+        key = str(device)
+        if key not in anchors:
+            anchors[key] = torch.zeros((), device=device, requires_grad=True)
+        return anchors[key]
+
+    def _select(self, rows, used: set, version: int, entries: dict, device: torch.device) -> PrefixSelection:
+        """:meth:`select` for bank ids ``rows`` and the set of ids ``used`` to gather."""
+        names = list(entries)
         used = sorted(used, key=lambda i: (i < 0, i))  # bank order, "no prefix" last
         # tensors made under inference_mode cannot be saved for backward later: such a
         # selection is cached for inference-mode calls only

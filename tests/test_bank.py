@@ -629,7 +629,7 @@ def test_copies_and_pickles_do_not_carry_the_selection_cache():
 def test_selections_of_a_trainable_entry_at_older_parameter_values_leave_the_cache():
     """Evaluation after every training step cached one selection per parameter version, never
     asked for again, pushing useful stacks out of the cache: the newest one replaces them."""
-    bank = _bank(a=3).eval()  # (in training mode a batch of fixed entries gets "t" joined)
+    bank = _bank(a=3)
     mod = LearnedPrefix(4, seed=1)
     bank.add_trainable("t", mod)
     bank.select(["a", "a"], 2)  # a fixed one-entry view, cached too

@@ -392,6 +392,20 @@ def test_compiled_serving_reuses_graphs_for_one_position_prefixes():
     assert _graphs_added_by_second(model, ids, kw, ("A", "B"), ("one", None)) == 0
 
 
+def test_in_place_edit_of_a_one_position_entry_is_seen():
+    """A one-entry batch reads the entry in place, so an in-place edit shows at the next call;
+    the padded copy of a one-position prefix (for compiled serving) hid it until clear_cache."""
+    model, ids, _ = _serving_model(5, {"one": 1, "A": 5})
+    with torch.no_grad():
+        before = model(ids, prefixes="one").logits
+        model.prefix_bank.entry_kv("one").mul_(3.0)
+        after = model(ids, prefixes="one").logits
+        model.prefix_bank.clear_cache()
+        fresh = model(ids, prefixes="one").logits
+    assert not torch.equal(before, fresh)
+    torch.testing.assert_close(after, fresh, rtol=0, atol=0)
+
+
 def test_compiled_serving_does_not_recompile_when_the_longest_prefix_changes():
     """torch.compile(model.forward) serving a mix of requests recompiled at the first batch
     whose stacked entries had another longest prefix (and another count), on top of the

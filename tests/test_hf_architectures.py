@@ -185,7 +185,8 @@ def test_bidirectional_flag_with_a_causal_mask_equals_sdpa():
     mask[0, :2] = 0
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for kw in (dict(attention_mask=mask), {}):
+        # padded, unpadded given as all ones (sdpa then drops its mask: both ways), no mask
+        for kw in (dict(attention_mask=mask), dict(attention_mask=torch.ones_like(ids)), {}):
             torch.testing.assert_close(ours(ids, **kw).logits, ref(ids, **kw).logits, rtol=1e-5, atol=1e-5)
 
 

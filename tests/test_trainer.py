@@ -144,3 +144,30 @@ def test_training_without_prefixes_warns_once_naming_the_cause():
         model.eval()
         model(input_ids=ids, labels=ids)
     assert all(m.embedding.weight.grad is None for m in modules.values())
+
+
+def test_a_batch_without_prefixes_leaves_every_prefix_alone_under_adam():
+    """The no-prefix training batch first got every trainable entry joined with zero gradients:
+    with a head training beside them, AdamW's momentum and weight decay then moved prefixes no
+    row had selected. Now their gradients stay None and they do not move."""
+    model, modules = _model()
+    model.lm_head.requires_grad_(True)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def step(prefixes):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids, prefixes=prefixes).loss.backward()
+        opt.step()
+
+    step(["a", "a"])
+    before = {n: m.embedding.weight.detach().clone() for n, m in modules.items()}
+    step([None, None])
+    for n, m in modules.items():
+        assert m.embedding.weight.grad is None, n
+        assert torch.equal(m.embedding.weight, before[n]), n
+    only_prefixes, mods = _model()  # the base frozen: the no-prefix batch still backpropagates
+    only_prefixes.train()
+    only_prefixes(input_ids=ids, labels=ids, prefixes=[None, None]).loss.backward()
+    assert all(m.embedding.weight.grad is None for m in mods.values())

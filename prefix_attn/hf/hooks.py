@@ -76,17 +76,22 @@ _MIN_PREFIX = 2
 def _pad_short(sel):
     """``sel``, or for a selection whose longest prefix is under ``_MIN_PREFIX`` positions (and
     that records no autograd: a training step keeps its one graph anyway) a shallow copy whose
-    prefix tensor is padded with zeros to it (made once per bank selection, which stays as the
-    bank cached it), holding the original as ``_unpadded`` for the eager fallback (whose
+    prefix tensor is padded with zeros to it (made once per bank selection and entry version;
+    the selection stays as the bank cached it), holding the original as ``_unpadded`` for the eager fallback (whose
     probabilities must show the real prefix columns only)."""
     kv = sel._kv
     if kv.shape[4] >= _MIN_PREFIX or kv.requires_grad:
         return sel
-    padded = getattr(kv, "_prefix_attn_padded", None)
-    if padded is None:
+    # rebuilt when the entry changed in place (a view shares its base's version counter;
+    # an inference tensor has none: rebuilt every time, a copy of one or two positions)
+    stamp = None if kv.is_inference() else kv._version
+    cached = getattr(kv, "_prefix_attn_padded", None)
+    if cached is not None and stamp is not None and cached[0] == stamp:
+        padded = cached[1]
+    else:
         padded = kv.new_zeros(*kv.shape[:4], _MIN_PREFIX, kv.shape[5])
         padded[:, :, :, :, :kv.shape[4]] = kv
-        kv._prefix_attn_padded = padded
+        kv._prefix_attn_padded = (stamp, padded)
     out = copy.copy(sel)
     out._kv = padded
     out._unpadded = sel

@@ -135,6 +135,20 @@ def packed_from_positions(position_ids, batch_size: int, length: int):
     return ids
 
 
+def _sdpa_skips_mask(attention_mask, q_length, kv_length, kv_offset, window) -> bool:
+    """Whether transformers drops the causal mask for sdpa (``_ignore_causal_mask_sdpa``): not
+    traced, no padding among the keys, one query or as many queries as keys, and the keys
+    within the window. One host read of the mask."""
+    if torch.compiler.is_compiling() or (q_length != 1 and q_length != kv_length):
+        return False
+    if window is not None and kv_length >= window:
+        return False
+    if attention_mask is None:
+        return True
+    kv_off = int(kv_offset)
+    return bool(attention_mask[:, kv_off:kv_off + kv_length].all())
+
+
 def _dense_mask(mu, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
                 attention_mask, device):
     """``sdpa_mask``'s dense bool mask ``[B, 1, q, kv]`` (its signature differs across 5.x)."""
@@ -181,11 +195,13 @@ def padding_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Opt
     if seq_ids is not None:
         return seq_ids
     pattern = mask_pattern(mask_function, dict(kwargs, q_length=q_length))
-    if attention_mask is not None and pattern in ("causal", "sliding") \
-            and getattr(kwargs.get("config"), "use_bidirectional_attention", False):
+    if pattern in ("causal", "sliding") \
+            and getattr(kwargs.get("config"), "use_bidirectional_attention", False) \
+            and not _sdpa_skips_mask(attention_mask, q_length, kv_length, kv_offset,
+                                     kwargs.get("local_size")):
         # the layers are not causal (module.is_causal False) but transformers' mask is (Gemma
         # with use_bidirectional_attention, as in PaliGemma): a padding mask would lose the
-        # causal part, so the dense mask, as sdpa gets (without padding sdpa gets none and
+        # causal part, so the dense mask, where sdpa gets it (where sdpa skips its mask, it
         # attends both ways, and so do we)
         pattern = None
     kv_off = int(kv_offset)
