@@ -165,11 +165,11 @@ def _version_of(t: Tensor) -> Optional[int]:
 
 
 def _anchored(sel: PrefixSelection, anchor: Tensor) -> PrefixSelection:
-    """A copy of ``sel`` whose prefix tensor is ``kv + anchor``: the same values, in the
-    autograd graph through ``anchor`` alone."""
+    """A copy of ``sel`` carrying ``anchor``, which the attention function adds to its output
+    (a zero: the same values, in the autograd graph through ``anchor`` alone, whatever path
+    the layer takes and however long the prefix, 0 included)."""
     out = copy.copy(sel)
-    out._kv = sel._kv + anchor.to(sel._kv.dtype)
-    out._is_view = False
+    out._anchor = anchor
     return out
 
 
@@ -633,8 +633,8 @@ class PrefixBank(nn.Module):
 
     def _anchor(self, device: torch.device) -> Tensor:
         """A zero scalar that requires grad, held by the bank but no parameter (no optimizer
-        steps it): added to the prefix of a training batch that selects no trainable entry, it
-        gives the loss a graph to backpropagate without giving any entry a gradient."""
+        steps it): added to the attention output of a training batch that selects no trainable
+        entry, it gives the loss a graph to backpropagate without giving any entry a gradient."""
         anchors = self.__dict__.setdefault("_anchors", {})
         key = str(device)
         if key not in anchors:

@@ -169,5 +169,14 @@ def test_a_batch_without_prefixes_leaves_every_prefix_alone_under_adam():
         assert torch.equal(m.embedding.weight, before[n]), n
     only_prefixes, mods = _model()  # the base frozen: the no-prefix batch still backpropagates
     only_prefixes.train()
-    only_prefixes(input_ids=ids, labels=ids, prefixes=[None, None]).loss.backward()
-    assert all(m.embedding.weight.grad is None for m in mods.values())
+    with torch.no_grad():
+        want = only_prefixes(input_ids=ids, labels=ids).loss
+    # prefixes=None too (no selection was made for it), and on the fallback path, which
+    # dropped an empty prefix and the zero the bank had added to it
+    for prefixes, extra in (([None, None], {}), (None, {}), ([None, None], dict(output_attentions=True))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = only_prefixes(input_ids=ids, labels=ids, prefixes=prefixes, **extra).loss
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), want, rtol=0, atol=0)
+        assert all(m.embedding.weight.grad is None for m in mods.values())

@@ -225,9 +225,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
             pk, pv = _layer_prefix(unpadded, module, query) if unpadded.max_len else (None, None)
             if pk is None:
                 ids = lens = None
-        return eager_prefix_attention(query, key, value, pk, pv, ids, lens, kpm, dense, causal,
-                                      scaling, window, softcap, dropout, module.training,
-                                      sinks=_sinks(kwargs))
+        out, probs = eager_prefix_attention(query, key, value, pk, pv, ids, lens, kpm, dense, causal,
+                                            scaling, window, softcap, dropout, module.training,
+                                            sinks=_sinks(kwargs))
+        return _anchor(out, sel), probs
     from ..api import prefix_attention
 
     if seq_ids is not None:
@@ -235,8 +236,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                                prefix_lens=lens, per_sequence=per_sequence is not None,
                                segs=getattr(sel, "packed_segments", None),
                                causal=causal, scale=scaling, window=window, softcap=softcap)
-        return out, None  # [B, S, Hq, D], contiguous (a boolean-index gather)
+        return _anchor(out, sel), None  # [B, S, Hq, D], contiguous (a boolean-index gather)
     out = prefix_attention(query, key, value, pk, pv, prefix_ids=ids, prefix_lens=lens,
                            key_padding_mask=kpm, causal=causal, scale=scaling, window=window,
                            softcap=softcap)
-    return out.transpose(1, 2).contiguous(), None
+    return _anchor(out.transpose(1, 2).contiguous(), sel), None
+
+
+def _anchor(out, sel):
+    """``out`` plus the bank's zero anchor when ``sel`` carries one (a training batch without a
+    trainable entry: the loss keeps a graph; bank._anchored)."""
+    anchor = getattr(sel, "_anchor", None) if sel is not None else None
+    return out if anchor is None else out + anchor.to(out.dtype)

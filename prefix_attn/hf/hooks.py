@@ -192,6 +192,14 @@ def _pre_hook(model, args, kwargs):
     return _prefixes_to_selection(model, args, kwargs)
 
 
+def _trains_prefixes(model) -> bool:
+    """Whether this forward trains: the model in training mode, grad on, and a bank with a
+    trainable entry whose parameters require grad."""
+    bank = getattr(model, "prefix_bank", None)
+    return bool(model.training and torch.is_grad_enabled() and bank is not None
+                and bank._trained_names())
+
+
 def _warn_training_without_prefixes(model) -> None:
     """Warn (once per bank) when a training forward has no ``prefixes=`` while the bank has
     trainable entries: no prefix is applied, so they learn nothing (silently, when another
@@ -228,8 +236,8 @@ def _prefixes_to_selection(model, args, kwargs):
         names = _forward_params(model)
         kwargs.update(dict(zip(names, args)))
         args = ()
-    if prefixes is None:
-        return args, kwargs
+    if prefixes is None and not _trains_prefixes(model):
+        return args, kwargs  # no prefix (a training forward goes on: its loss keeps a graph)
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if impl != ATTN_NAME:
         raise ValueError(f"prefixes= needs attn_implementation={ATTN_NAME!r}; this model uses "
