@@ -228,7 +228,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         out, probs = eager_prefix_attention(query, key, value, pk, pv, ids, lens, kpm, dense, causal,
                                             scaling, window, softcap, dropout, module.training,
                                             sinks=_sinks(kwargs))
-        return _anchor(out, sel), probs
+        return _plus_anchor(out, sel), probs
     from ..api import prefix_attention
 
     if seq_ids is not None:
@@ -236,14 +236,14 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                                prefix_lens=lens, per_sequence=per_sequence is not None,
                                segs=getattr(sel, "packed_segments", None),
                                causal=causal, scale=scaling, window=window, softcap=softcap)
-        return _anchor(out, sel), None  # [B, S, Hq, D], contiguous (a boolean-index gather)
+        return _plus_anchor(out, sel), None  # [B, S, Hq, D], contiguous (a boolean-index gather)
     out = prefix_attention(query, key, value, pk, pv, prefix_ids=ids, prefix_lens=lens,
                            key_padding_mask=kpm, causal=causal, scale=scaling, window=window,
                            softcap=softcap)
-    return _anchor(out.transpose(1, 2).contiguous(), sel), None
+    return _plus_anchor(out.transpose(1, 2).contiguous(), sel), None
 
 
-def _anchor(out, sel):
+def _plus_anchor(out, sel):
     """``out`` plus the bank's zero anchor when ``sel`` carries one (a training batch without a
     trainable entry: the loss keeps a graph; bank._anchored)."""
     anchor = getattr(sel, "_anchor", None) if sel is not None else None

@@ -77,8 +77,8 @@ def _pad_short(sel):
     """``sel``, or for a selection whose longest prefix is under ``_MIN_PREFIX`` positions (and
     that records no autograd: a training step keeps its one graph anyway) a shallow copy whose
     prefix tensor is padded with zeros to it (made once per bank selection and entry version;
-    the selection stays as the bank cached it), holding the original as ``_unpadded`` for the eager fallback (whose
-    probabilities must show the real prefix columns only)."""
+    the selection stays as the bank cached it), holding the original as ``_unpadded`` for the
+    eager fallback (whose probabilities must show the real prefix columns only)."""
     kv = sel._kv
     if kv.shape[4] >= _MIN_PREFIX or kv.requires_grad:
         return sel
@@ -215,8 +215,8 @@ def _warn_training_without_prefixes(model) -> None:
     warnings.warn(
         f"prefix_attn: a training forward without prefixes=: no prefix is applied, so the "
         f"trainable prefix{'es' if len(names) > 1 else ''} {', '.join(map(repr, names))} "
-        f"learn{'' if len(names) > 1 else 's'} nothing from it. Pass prefixes= (a name or bank id per row, or one for all rows; "
-        f"prefixes=None for none). With transformers' Trainer keep the column: "
+        f"learn{'' if len(names) > 1 else 's'} nothing from it. Pass prefixes= (a name or "
+        f"bank id per row, or one for all rows; prefixes=None for none). With transformers' Trainer keep the column: "
         f"remove_unused_columns=False, and a collator that keeps it (default_data_collator "
         f"drops string fields: give bank ids, or collate the names yourself)",
         stacklevel=3)

@@ -112,9 +112,9 @@ def packed_from_positions(position_ids, batch_size: int, length: int):
     transformers' flash-attention path (one row, more than one position, a restart: a
     decrease, or the first position seen again, as after a one-token sequence; a gap or a
     repeat such as ``0, 1, 5, 6`` or ``0, 1, 1, 2`` is one sequence, as sdpa with a cache
-    sees it), for
-    forwards where transformers' mask ignores the packing (a cache exists, as in a training
-    forward with ``use_cache`` left on). One host read per forward; none while compiling."""
+    sees it), for forwards where transformers' mask ignores the packing (a cache exists, as
+    in a training forward with ``use_cache`` left on). One host read per forward; none while
+    compiling."""
     if (position_ids is None or batch_size != 1 or length < 2 or position_ids.dim() != 2
             or position_ids.shape != (1, length) or torch.compiler.is_compiling()):
         return None
@@ -243,4 +243,3 @@ def padding_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Opt
     if not torch.compiler.is_compiling() and bool(pm.all()):  # a host sync: not in a graph
         return None
     return pm
-

@@ -32,11 +32,9 @@ def uses_attention_interface(model_or_class) -> bool:
     LLaVA holds its language model's attention in another modeling module than its own),
     else from its class. For a class: the first class of its MRO defined under
     ``transformers.models``. True for classes outside transformers (nothing to judge from)."""
-    if isinstance(model_or_class, type):
-        classes = [k for k in model_or_class.__mro__ if k.__module__.startswith("transformers.models.")][:1]
-    else:
-        classes = _layer_classes(model_or_class) or [
-            k for k in type(model_or_class).__mro__ if k.__module__.startswith("transformers.models.")][:1]
+    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
+    own = [k for k in cls.__mro__ if k.__module__.startswith("transformers.models.")][:1]
+    classes = own if cls is model_or_class else (_layer_classes(model_or_class) or own)
     return all(_module_uses_interface(k.__module__) for k in classes)
 
 
