@@ -14,7 +14,8 @@ unique entries that the batch uses:
 - one entry for every row: a view of the stored tensor, no copy;
 - several entries: one stacked copy ``[L, 2, n, Hkv, Pmax, D]`` of the n entries used, padded to
   the longest of those n (``prefix_lens`` masks the padding). Selections of fixed entries are
-  cached per (entries, device, bank version), so decode steps reuse the same stack; the cache
+  cached per (entries, their tensor versions, device, bank version), so decode steps reuse the
+  same stack and an in-place edit of an entry is seen; the cache
   keeps the 8 most recent stacks and is dropped on every change of the bank.
 
 Concurrency: the entries live in one immutable snapshot ``(version, {name: entry})`` that writers
@@ -659,6 +660,10 @@ class PrefixBank(nn.Module):
         params = [p for i in used if i >= 0 and entries[names[i]].module is not None
                   for p in entries[names[i]].module.parameters()]
         cacheable = not params or not torch.is_grad_enabled()
+        # a fixed entry edited in place (``bank.entry_kv(name).mul_(...)``) bumps its version: a
+        # stacked copy made before the edit is not handed out again
+        key = key + (tuple(_version_of(entries[names[i]].kv) for i in used
+                           if i >= 0 and entries[names[i]].kv is not None),)
         if params:
             key = key + (tuple((p._version, p.data_ptr()) for p in params), _OPTIMIZER_STEPS[0],
                          api.autocast_dtype(params[0]))
@@ -712,9 +717,9 @@ class PrefixBank(nn.Module):
         if cacheable:
             with self._lock:
                 for cache, _ in self._caches_for(version) if self._cache_size else ():
-                    if params:  # the same entries at older parameter values: never asked again
-                        for stale in [k for k in cache if k[:4] == key[:4]]:
-                            del cache[stale]
+                    # the same entries at older versions or parameter values: never asked again
+                    for stale in [k for k in cache if k[:4] == key[:4] and k != key]:
+                        del cache[stale]
                     cache[key] = sel
                     while len(cache) > self._cache_size:
                         cache.popitem(last=False)

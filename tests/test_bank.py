@@ -640,3 +640,17 @@ def test_selections_of_a_trainable_entry_at_older_parameter_values_leave_the_cac
     assert len(bank._cache) == 2
     with torch.no_grad():
         torch.testing.assert_close(bank.select(["t", "a"], 2).layer(0)[0][1, :, :4], mod.kv[0, 0])
+
+
+def test_a_fixed_entry_edited_in_place_is_seen_by_a_mixed_batch():
+    """A batch mixing entries reads a cached stacked copy; an in-place edit of one entry (its
+    stored tensor, e.g. ``bank.entry_kv("b").mul_(2)``) kept the stack of before until
+    bank.clear_cache(). The stack is keyed on the entries' versions; the stale one leaves."""
+    bank = _bank(a=4, b=2)
+    before = bank.select(["a", "b"], 2)
+    bank.entry_kv("b").mul_(2)
+    after = bank.select(["b", "a"], 2)
+    assert after.layer(0)[0].data_ptr() != before.layer(0)[0].data_ptr()
+    torch.testing.assert_close(after.layer(1)[0][1, :, :2], bank.get("b")[0][1])
+    assert len(bank._cache) == 1
+    assert bank.select(["a", "b"], 2).layer(0)[0].data_ptr() == after.layer(0)[0].data_ptr()
