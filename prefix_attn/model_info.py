@@ -21,7 +21,7 @@ def model_dims(model: nn.Module) -> tuple[int, int, int]:
 
     def first(*names):
         for n in names:
-            value = getattr(config, n, None)
+            value = config_value(config, n)
             if value is not None:
                 return int(value)
         return None
@@ -38,6 +38,24 @@ def model_dims(model: nn.Module) -> tuple[int, int, int]:
             raise ValueError(f"cannot infer head_dim from {type(config).__name__}")
         D = hidden // Hq
     return L, Hkv, D
+
+
+def config_value(config, name: str):
+    """``config.<name>`` or None; on a heterogeneous config (Gemma 4: per-layer head dims),
+    whose global value of a per-layer attribute raises, the layers' common value, and a
+    ValueError naming the attribute when the layers differ (the bank has one shape for all)."""
+    try:
+        return getattr(config, name, None)
+    except AttributeError:
+        return None
+    except Exception:  # noqa: BLE001 -- transformers' AmbiguousGlobalPerLayerAttributeError
+        layers = getattr(config, "per_layer_config", None)
+        values = [getattr(layers[i], name, None) for i in range(len(layers))] if layers else []
+        if len(set(values)) == 1:
+            return values[0]
+        raise ValueError(f"{type(config).__name__}'s layers have different {name} "
+                         f"({', '.join(map(str, values))}): the prefix bank holds one shape for "
+                         "every layer") from None
 
 
 def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:

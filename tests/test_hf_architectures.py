@@ -306,3 +306,45 @@ def test_generate_past_a_learned_position_table_is_refused_up_front():
     out = model.generate(torch.randint(3, 100, (2, 50)), attention_mask=mask, position_ids=pos,
                          prefixes=["p", "q"], max_new_tokens=7, pad_token_id=0, do_sample=False)
     assert out.shape == (2, 57)
+
+
+def _gemma4_config(**kw):
+    if not hasattr(tf, "Gemma4TextConfig"):
+        pytest.skip("this transformers has no Gemma 4")
+    return tf.Gemma4TextConfig(**dict(COMMON, head_dim=8, sliding_window=64, hidden_size_per_layer_input=0,
+                                      layer_types=["sliding_attention", "full_attention"], **kw))
+
+
+def test_layers_of_different_head_dims_are_refused():
+    """Gemma 4's full-attention layers have their own head dim: reading config.head_dim raised
+    transformers' AmbiguousGlobalPerLayerAttributeError (a RuntimeError: a traceback from the
+    CLI); the bank holds one shape for all layers, so the model is refused by name."""
+    model = _build(tf.Gemma4ForCausalLM, _gemma4_config(global_head_dim=16), "eager")
+    with pytest.raises(ValueError, match=r"different head_dim \(8, 16\)"):
+        prefix_attn.prefix_tuning(model, num_virtual_tokens=4, name="a")
+
+
+def test_layers_of_one_head_dim_on_a_per_layer_config_equal_peft():
+    """The same Gemma 4 with one head dim everywhere is served, and equals PEFT."""
+    ours, ref = _pair(tf.Gemma4ForCausalLM, _gemma4_config(global_head_dim=8), "sdpa")
+    pm = _peft_twin(ours, ref, "CAUSAL_LM")
+    ids = torch.randint(3, 120, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids, prefixes=["a", "a"]).logits,
+                                   pm(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_layers_sharing_earlier_layers_kv_are_refused():
+    """Gemma 3n's last layers reuse an earlier layer's keys and values, and under PEFT that
+    layer's prefix: each layer got its own prefix here (0.14 off PEFT's logits, silently)."""
+    if not hasattr(tf, "Gemma3nTextConfig"):
+        pytest.skip("this transformers has no Gemma 3n")
+    cfg = tf.Gemma3nTextConfig(**dict(COMMON, num_hidden_layers=4, head_dim=8, num_kv_shared_layers=2,
+                                      layer_types=["sliding_attention", "full_attention"] * 2,
+                                      hidden_size_per_layer_input=8, vocab_size_per_layer_input=128,
+                                      laurel_rank=4, altup_num_inputs=2,
+                                      activation_sparsity_pattern=[0.0] * 4))
+    model = _build(tf.Gemma3nForCausalLM, cfg, "eager")
+    with pytest.raises(ValueError, match="KV sharing"):
+        prefix_attn.prefix_tuning(model, num_virtual_tokens=4, name="a")
+    assert not hasattr(model, "prefix_bank")

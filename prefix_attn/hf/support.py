@@ -7,6 +7,9 @@ import inspect
 import sys
 from typing import Optional
 
+from .. import model_info
+
+
 @functools.lru_cache(maxsize=None)
 def _module_uses_interface(module_name: str) -> bool:
     """Whether the transformers modeling module ``module_name`` dispatches attention through
@@ -82,6 +85,14 @@ def unsupported_model(model) -> Optional[str]:
         return (f"{name} computes attention in its own code, not through transformers' "
                 "AttentionInterface, so no attention implementation (prefix_attn included) can "
                 "be plugged into it")
+    try:
+        model_info.model_dims(model)
+    except ValueError as e:
+        return f"{name}: {e}"
+    if getattr(text, "num_kv_shared_layers", None):
+        return (f"{name}'s last {text.num_kv_shared_layers} layers reuse earlier layers' keys and "
+                "values (KV sharing), and with them those layers' prefixes under PEFT; prefix_attn "
+                "gives every layer its own prefix, so it does not support such models")
     if getattr(text, "relative_attention_num_buckets", None):
         return (f"{name} adds a T5-style relative position bias to its attention scores, which "
                 "prefix_attn does not apply; use PEFT for it")
