@@ -198,6 +198,7 @@ def from_peft(peft_model, trainable: bool = True) -> nn.Module:
             raise ValueError(f"adapter {name!r} is {kind}, not a prefix-tuning adapter")
     encoders = peft_model.prompt_encoder
     model = peft_model.get_base_model()
+    _one_head_for_all(model, list(configs))
     # PEFT's own trainable base modules (modules_to_save: a classification head) stay trainable
     keep = [p for p in model.parameters() if p.requires_grad] if trainable else []
     bank = PrefixBank.attach(model)
@@ -229,6 +230,23 @@ def from_peft(peft_model, trainable: bool = True) -> nn.Module:
     for p in keep:
         p.requires_grad_(True)
     return model
+
+
+def _one_head_for_all(model: nn.Module, adapters: list) -> None:
+    """Refuse adapters that each keep their own copy of a base module (PEFT's
+    ``modules_to_save``: a classification head per task): the returned model routes every row
+    through the active adapter's copy, so the other prefixes would run with a head not theirs."""
+    for path, m in model.named_modules():
+        copies = getattr(m, "modules_to_save", None)
+        if isinstance(copies, nn.ModuleDict):
+            owners = [a for a in adapters if a in copies]
+            if len(owners) > 1:
+                raise ValueError(
+                    f"adapters {owners} each train their own copy of {path!r} (PEFT's "
+                    f"modules_to_save), and one model runs one copy for every row: prefixes of "
+                    f"different adapters would share a head that is not theirs. Take the "
+                    f"adapters over one per model (PeftModel.from_pretrained(base, adapter_dir)), "
+                    f"or drop the others first (peft_model.delete_adapter(name))")
 
 
 def trainable_parameters(model: nn.Module) -> list:

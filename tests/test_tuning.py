@@ -453,6 +453,27 @@ def test_from_peft_keeps_modules_to_save_trainable():
     assert {n for n in trainable - heads} == {"prefix_bank.trainable.default.embedding.weight"}
 
 
+def test_from_peft_refuses_adapters_with_a_head_each():
+    """Two SEQ_CLS adapters, each with its own head (modules_to_save): the model from_peft
+    returned ran the active adapter's head for every row, so prefix "a" was read by head "b",
+    silently (from a PEFT-interop audit). Refused, the model left as it was."""
+    from transformers import AutoModelForSequenceClassification
+    from prefix_attn.tiny import tiny_config
+
+    cfg = tiny_config("llama")
+    cfg.num_labels = 3
+    base = AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager")
+    pm = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P),
+                             adapter_name="a")
+    pm.add_adapter("b", peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P + 1))
+    with pytest.raises(ValueError, match=r"adapters \['a', 'b'\] each train their own copy of 'score'"):
+        prefix_attn.from_peft(pm)
+    assert not hasattr(pm.get_base_model(), "prefix_bank")
+    pm.delete_adapter("b")
+    model = prefix_attn.from_peft(pm)
+    assert model.prefix_bank.names() == ["a"]
+
+
 def test_load_peft_warns_about_tensors_it_does_not_load(tmp_path):
     from safetensors.torch import load_file, save_file
 
