@@ -14,6 +14,7 @@ from . import atomic, peft_format
 
 BANK_FILE = "prefix_bank.safetensors"
 KINDS = ("fixed", "prompt")
+FORMAT = "1"  # the layout of the file; read() refuses any other
 
 
 @dataclass
@@ -42,7 +43,7 @@ def write(directory: str, saved: SavedBank) -> None:
                                  f"FOLDER/{BANK_FILE})")
     meta = {
         "format": "pt",
-        "prefix_attn_bank": "1",
+        "prefix_attn_bank": FORMAT,
         "names": json.dumps(saved.names),
         "kinds": json.dumps(saved.kinds),
         "model_signatures": json.dumps(saved.signatures),
@@ -61,9 +62,13 @@ def read(directory: str, tensors: bool = True) -> SavedBank:
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
+            if meta.get("prefix_attn_bank") != FORMAT:
+                raise ValueError(f"format {meta.get('prefix_attn_bank')!r}, this version of "
+                                 f"prefix_attn reads format {FORMAT!r}")
             names = json.loads(meta["names"])
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise ValueError(f"bad entry names {names!r}")
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names) \
+                    or len(set(names)) != len(names):
+                raise ValueError(f"bad entry names {names!r} (strings, each once)")
             kinds = json.loads(meta.get("kinds", "null")) or ["fixed"] * len(names)
             if len(kinds) != len(names) or not all(k in KINDS for k in kinds):
                 raise ValueError(f"bad entry kinds {kinds!r}")

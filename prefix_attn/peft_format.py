@@ -104,6 +104,17 @@ def _read_tensor(adapter_dir: str) -> tuple[str, torch.Tensor]:
     return path, tensors[TENSOR_KEY]
 
 
+def _int_field(config: dict, key: str, cfg_path: str, default=None):
+    """``config[key]`` as an int (None or absent: ``default``); anything but an integer (a
+    string, a float, a list, a bool) is an AdapterError naming the file and the field."""
+    value = config.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AdapterError(f"{cfg_path}: field {key!r} must be an integer, got {value!r}")
+    return value
+
+
 def read_peft_adapter(adapter_dir: str, shape: BankShape) -> tuple[torch.Tensor, dict]:
     """Load a PEFT prefix-tuning adapter and check it against ``shape``.
 
@@ -116,7 +127,7 @@ def read_peft_adapter(adapter_dir: str, shape: BankShape) -> tuple[torch.Tensor,
     peft_type = config.get("peft_type")
     if peft_type != "PREFIX_TUNING":
         raise AdapterError(f"{cfg_path}: peft_type is {peft_type!r}, expected 'PREFIX_TUNING'")
-    if int(config.get("num_transformer_submodules") or 1) != 1:
+    if _int_field(config, "num_transformer_submodules", cfg_path, 1) != 1:
         raise AdapterError(
             f"{cfg_path}: num_transformer_submodules={config.get('num_transformer_submodules')} "
             "(encoder-decoder adapter); only decoder-only models (1) are supported"
@@ -127,19 +138,18 @@ def read_peft_adapter(adapter_dir: str, shape: BankShape) -> tuple[torch.Tensor,
         "token_dim": shape.num_kv_heads * shape.head_dim,
     }
     for key, want in expected.items():
-        got = config.get(key)
+        got = _int_field(config, key, cfg_path)
         if got is None:
             raise AdapterError(f"{cfg_path}: field {key!r} missing (this model needs {want})")
-        if int(got) != want:
+        if got != want:
             raise AdapterError(
                 f"{cfg_path}: {key}={got} but this model has {key}={want} "
                 f"(L={shape.num_layers}, Hkv={shape.num_kv_heads}, D={shape.head_dim}); "
                 "is it a prefix-tuning adapter for another model?"
             )
-    num_virtual_tokens = config.get("num_virtual_tokens")
-    if num_virtual_tokens is None or int(num_virtual_tokens) < 0:
-        raise AdapterError(f"{cfg_path}: num_virtual_tokens missing or negative ({num_virtual_tokens!r})")
-    P = int(num_virtual_tokens)
+    P = _int_field(config, "num_virtual_tokens", cfg_path)
+    if P is None or P < 0:
+        raise AdapterError(f"{cfg_path}: num_virtual_tokens missing or negative ({P!r})")
 
     path, emb = _read_tensor(adapter_dir)
     width = shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim

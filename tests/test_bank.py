@@ -654,3 +654,32 @@ def test_a_fixed_entry_edited_in_place_is_seen_by_a_mixed_batch():
     torch.testing.assert_close(after.layer(1)[0][1, :, :2], bank.get("b")[0][1])
     assert len(bank._cache) == 1
     assert bank.select(["a", "b"], 2).layer(0)[0].data_ptr() == after.layer(0)[0].data_ptr()
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("prefix_attn_bank", "2", r"format '2', this version of prefix_attn reads format '1'"),
+    ("prefix_attn_bank", None, r"format None"),
+    ("names", '["a", "a"]', r"bad entry names \['a', 'a'\] \(strings, each once\)"),
+])
+def test_a_bank_file_of_another_format_or_with_a_name_twice_is_refused(tmp_path, field, value, words):
+    """The file's format field was written but never read (a later layout would be misread),
+    and a name given twice silently kept the second entry only."""
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    _bank(a=4, b=1).save(str(tmp_path))
+    path = str(tmp_path / "prefix_bank.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta = dict(f.metadata())
+    if value is None:
+        del meta[field]
+    else:
+        meta[field] = value
+    save_file(load_file(path), path, metadata=meta)
+    host = nn.Module()
+    host.config = SimpleNamespace(num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=HKV,
+                                  hidden_size=4 * D)
+    with pytest.raises(ValueError, match=words):
+        PrefixBank.load(str(tmp_path), host)

@@ -168,6 +168,13 @@ def good_adapter(tmp_path):
     ({"num_transformer_submodules": 2}, AdapterError, r"num_transformer_submodules=2 \(encoder-decoder"),
     ({"num_virtual_tokens": 7}, AdapterError, r"adapter_model.safetensors: prompt_embeddings has shape \[5, 64\], "
                                                r"expected \[P=7"),
+    # not integers: a raw TypeError / int()'s message naming neither file nor field, or a
+    # float truncated and accepted
+    ({"num_layers": [2]}, AdapterError, r"adapter_config.json: field 'num_layers' must be an integer, got \[2\]"),
+    ({"num_virtual_tokens": "four"}, AdapterError, r"field 'num_virtual_tokens' must be an integer, got 'four'"),
+    ({"num_attention_heads": 2.5}, AdapterError, r"field 'num_attention_heads' must be an integer, got 2.5"),
+    ({"token_dim": True}, AdapterError, r"field 'token_dim' must be an integer, got True"),
+    ({"num_transformer_submodules": "1"}, AdapterError, r"field 'num_transformer_submodules' must be"),
 ])
 def test_mismatched_config_is_rejected_and_bank_unchanged(good_adapter, change, error, pattern):
     bank = PrefixBank.attach(_tiny_llama())
