@@ -281,6 +281,36 @@ def test_static_cache_prefill_takes_the_fused_path(monkeypatch):
 
 
 @pytest.mark.hf
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_static_cache_within_a_sliding_window_takes_the_fused_path(family, monkeypatch):
+    """A static cache no longer than the sliding window (the usual case: windows of 4096) sent
+    every step of every sliding layer to the dense-mask fallback (the causal rules for an
+    unaligned buffer were kept for the causal pattern only): the window hides nothing there."""
+    from prefix_attn.hf import attention as hf  # the module that calls it
+
+    model = tiny_model(family, sliding_window=64)
+    bank = PrefixBank.attach(model)
+    L, Hkv, D = bank.num_layers, bank.num_kv_heads, bank.head_dim
+    bank.add("a", torch.randn(L, Hkv, 7, D), torch.randn(L, Hkv, 7, D))
+    bank.add("b", torch.randn(L, Hkv, 2, D), torch.randn(L, Hkv, 2, D))
+    fallbacks = []
+    real = hf.eager_prefix_attention
+    monkeypatch.setattr(hf, "eager_prefix_attention",
+                        lambda *a, **k: fallbacks.append(1) or real(*a, **k))
+    ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    kw = dict(attention_mask=mask, prefixes=["a", "b", None], do_sample=False, max_new_tokens=5,
+              min_new_tokens=5, pad_token_id=0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dynamic = model.generate(ids, **kw)
+        static = model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(static, dynamic)
+    assert fallbacks == []
+
+
+@pytest.mark.hf
 def test_fullgraph_compiled_forward_with_a_static_cache_and_left_padding():
     """The fast-decode recipe (torch.compile(model.forward, fullgraph=True), static cache) on a
     left-padded batch with prefixes: the compiled prefill reached the one-time fallback warning,

@@ -204,6 +204,12 @@ def padding_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Opt
         # causal part, so the dense mask, where sdpa gets it (where sdpa skips its mask, it
         # attends both ways, and so do we)
         pattern = None
+    window = kwargs.get("local_size")
+    if pattern == "sliding" and window is not None and kv_length <= int(window):
+        # no key of this call is a window away from a query (the queries sit in the buffer):
+        # the causal rules below apply (a static cache no longer than the window, the usual
+        # case, took the dense fallback at every step, copying the prefix per row)
+        pattern = "causal"
     kv_off = int(kv_offset)
     if (q_length == 1 and pattern == "causal" and isinstance(q_offset, torch.Tensor)
             and torch.compiler.is_compiling()):
