@@ -71,6 +71,27 @@ def json_records(path: str, lines: List[Tuple[int, str]], error: Type[Exception]
             for line, index, value in _values(path, lines, error, arrays)]
 
 
+class _NonStandard(ValueError):
+    """NaN / Infinity / -Infinity, which Python's json reads and strict JSON does not."""
+
+
+def _refuse_constant(name: str):
+    raise _NonStandard(name)
+
+
+def _loads(text: str):
+    """json.loads, refusing NaN / Infinity (1e999 too, read as inf): written back into an
+    output file they would make it unreadable to strict JSON readers."""
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise _NonStandard(text)
+    return value
+
+
 def _values(path: str, lines: List[Tuple[int, str]], error: Type[Exception],
             arrays: bool) -> List[Tuple[int, Optional[int], object]]:
     """[(line, array index or None, value)]."""
@@ -84,9 +105,12 @@ def _values(path: str, lines: List[Tuple[int, str]], error: Type[Exception],
         if not text.strip():
             continue
         try:
-            value = json.loads(text)
+            value = _loads(text)
         except json.JSONDecodeError as exc:
             raise error(f"{path}:{n}: not JSON ({exc.msg} at column {exc.colno}){hint}") from None
+        except _NonStandard as exc:
+            raise error(f"{path}:{n}: {exc} is not JSON (Python's extension; strict readers, and "
+                        f"the answers file, refuse it): write a number or a string") from None
         _check_unicode(value, f"{path}:{n}", error)
         values.append((n, None, value))
     return values
@@ -95,9 +119,12 @@ def _values(path: str, lines: List[Tuple[int, str]], error: Type[Exception],
 def _array_items(path: str, text: str, error: Type[Exception]) -> List[Tuple[int, int, object]]:
     """[(line where it starts, index, item)] of a JSON array document."""
     try:
-        values = json.loads(text)
+        values = _loads(text)
     except json.JSONDecodeError as exc:
         raise error(f"{path}:{exc.lineno}: not JSON ({exc.msg} at column {exc.colno})") from None
+    except _NonStandard as exc:
+        raise error(f"{path}: {exc} is not JSON (Python's extension; strict readers, and the "
+                    f"answers file, refuse it): write a number or a string") from None
     decoder, items, opening = json.JSONDecoder(), [], text.index("[")
     pos, line = opening + 1, 1 + text.count("\n", 0, opening)
     for index, value in enumerate(values):  # walk the (valid) array again for the line of each item

@@ -294,3 +294,67 @@ def test_numpy_arrays_of_ids_and_a_removed_bank():
     del model.prefix_bank
     with pytest.raises(ValueError, match="whose prefix bank was removed"):
         model(ids, prefixes=["B", None])
+
+
+def test_ids_of_a_generate_inside_another_banks_pin_are_its_own():
+    """Any pin of another bank was taken for assisted generation: the ids of a generate run
+    inside it (a guard model's, from a logits processor of another model's generate) were
+    read through the other bank's names (["B", "A"] became ["A", None]), and a model without
+    a bank dropped its prefixes silently instead of raising."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model, bank = _served(("A", "B"))
+    guard, guard_bank = _served(("B", "A", "C"))
+    x = _ids(B=2, seed=4)
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    ids = torch.tensor([0, 2])  # the guard's "B" and "C"
+    seen = []
+
+    class Guard(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if not seen:
+                seen.append(guard.generate(x, prefixes=ids, **kw))
+                with pytest.raises(ValueError, match="without a prefix bank"):
+                    tiny_model("llama", vocab_size=64).generate(x, prefixes=["A", "B"], **kw)
+            return scores
+
+    with torch.no_grad():
+        want = guard.generate(x, prefixes=["B", "C"], **kw)
+        with bank.pinned():
+            assert torch.equal(guard.generate(x, prefixes=ids, **kw), want)
+        model.generate(x, prefixes=["A", "B"], logits_processor=LogitsProcessorList([Guard()]), **kw)
+    assert torch.equal(seen[0], want)
+
+
+@pytest.mark.parametrize("extra", [dict(num_beams=2), dict(num_return_sequences=2, do_sample=True)])
+def test_a_bank_on_a_submodule_with_beams(extra):
+    """A bank attached to the language model inside (a VLM's): generate pinned it but passed the
+    names on as a list, which generate does not expand with the rows: "got 2 prefixes for a
+    batch of 4 rows". Its ids are made before generate now, as for a bank on the model."""
+    model = tiny_model("llama", vocab_size=64).eval()
+    bank = PrefixBank.attach(model.model)
+    g = torch.Generator().manual_seed(3)
+    for i, name in enumerate(("A", "B")):
+        bank.add(name, *(2 * torch.randn(2, bank.num_layers, bank.num_kv_heads, 3 + i,
+                                         bank.head_dim, generator=g)))
+    x = _ids(B=2, seed=5)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(x, prefixes=["A", "B"], max_new_tokens=3, pad_token_id=0, **extra)
+        torch.manual_seed(0)
+        by_id = model.generate(x, prefixes=torch.tensor([0, 1]), max_new_tokens=3, pad_token_id=0,
+                               **extra)
+    assert out.shape[0] == 2 * extra.get("num_return_sequences", 1) and torch.equal(out, by_id)
+
+
+@pytest.mark.parametrize("ids, words", [
+    (torch.tensor([0, 1]), r"got 2 prefixes for a batch of 3 rows"),
+    (torch.tensor([[0, 1, 0]]), r"must be a \[B\] tensor, got shape \[1, 3\]"),
+    (torch.tensor([0, 99, 1]), r"prefix ids \[99\] are not in this bank"),
+])
+def test_a_bad_id_tensor_is_named_as_given(ids, words):
+    """An id tensor was checked only at the first forward, after generate had expanded it with
+    the beams: errors named 4 prefixes for 6 rows, a [2, 3] shape, id 99 twice."""
+    model, _ = _served()
+    with pytest.raises(ValueError, match=words):
+        model.generate(_ids(B=3), prefixes=ids, num_beams=2, max_new_tokens=2, pad_token_id=0)

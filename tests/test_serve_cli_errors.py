@@ -276,6 +276,18 @@ def test_duplicate_ids_are_refused(tmp_path, lines, pattern):
         read_requests(_write(tmp_path / "r.jsonl", lines))
 
 
+@pytest.mark.parametrize("name, lines, pattern", [
+    ("r.jsonl", ['{"prompt": "a", "id": NaN}'], r"r.jsonl:1: NaN is not JSON"),
+    ("r.jsonl", ['{"prompt": "a"}', '{"prompt": "b", "id": 1e999}'], r"r.jsonl:2: 1e999 is not JSON"),
+    ("r.json", ['[{"prompt": "a", "id": -Infinity}]'], r"r.json:1: -Infinity is not JSON"),
+])
+def test_non_standard_json_numbers_are_refused(tmp_path, name, lines, pattern):
+    """NaN / Infinity (and 1e999, read as inf) were accepted and written back into the answers
+    as NaN / Infinity, which strict JSON readers refuse."""
+    with pytest.raises(RequestError, match=pattern):
+        read_requests(_write(tmp_path / name, lines))
+
+
 def test_default_id_is_the_line_number(tmp_path):
     f = _write(tmp_path / "r.jsonl", ['{"prompt": "a", "id": 0}', "", '{"prompt": "b"}', '{"prompt": "c"}'])
     assert [r.id for r in read_requests(f)] == [0, 3, 4]

@@ -3,6 +3,7 @@ expands its inputs, the bank is pinned for the call, assistants of assisted gene
 without prefixes, and a generate that would pass a learned position table is refused."""
 from __future__ import annotations
 
+import contextvars
 import functools
 from typing import Optional
 
@@ -68,14 +69,21 @@ def _one_per_row(prefixes, args, kwargs):
     return prefixes
 
 
+# (assistant model, bank of the model it drafts for) while an assisted generate runs: the
+# assistant's own generate call is told apart from any other generate run meanwhile (a guard
+# model's called from a logits processor, another bank's pinned block), whose ids are its own
+_ASSISTING: contextvars.ContextVar = contextvars.ContextVar("prefix_attn_assisting", default=None)
+
+
 def _wrap_generate(generate):
     """``GenerationMixin.generate`` for models with a prefix bank and ``prefixes=``: the names
     become an id tensor ``[B]`` before generate starts (generate then expands it with the rows,
     for beams and ``num_return_sequences``, as it does every tensor keyword; a list it would
-    pass on unexpanded), and the bank is pinned for the whole call (a request keeps its
-    prefixes while other tenants change the bank). ``prefixes=`` on a model without any bank
-    raises (transformers would pass it on to attention functions that ignore it). Anything
-    else: generate unchanged."""
+    pass on unexpanded), checked against the batch before it is expanded, and the bank is
+    pinned for the whole call (a request keeps its prefixes while other tenants change the
+    bank). ``prefixes=`` on a model without any bank raises (transformers would pass it on to
+    attention functions that ignore it), except on the assistant model of an assisted
+    generate, which drafts without them. Anything else: generate unchanged."""
 
     @functools.wraps(generate)
     def wrapper(self, *args, **kwargs):
@@ -83,54 +91,59 @@ def _wrap_generate(generate):
         if prefixes is None:
             return generate(self, *args, **kwargs)
         prefixes = kwargs[PREFIXES_KWARG] = _one_per_row(_from_numpy(prefixes), args, kwargs)
+        assisting = _ASSISTING.get()
+        drafts_for = assisting[1] if assisting is not None and assisting[0] is self else None
         bank = self.__dict__.get("_modules", {}).get("prefix_bank")
         if bank is None:
-            from ..bank import _PINNED, PrefixBank
+            from ..bank import PrefixBank
 
-            inner = next((m for m in self.modules() if isinstance(m, PrefixBank)), None)
-            if inner is None and _PINNED.get():
-                # the assistant model of assisted generation, called inside the generate of a
-                # model with a bank: it drafts without the prefixes, the main model verifies
-                # every drafted token with them (the output stays exact)
+            bank = next((m for m in self.modules() if isinstance(m, PrefixBank)), None)
+            if bank is None and drafts_for is not None:
+                # the assistant model of assisted generation: it drafts without the prefixes,
+                # the main model verifies every drafted token with them (the output stays exact)
                 kwargs.pop(PREFIXES_KWARG)
                 return generate(self, *args, **kwargs)
-            if inner is None:
+            if bank is None:
                 raise ValueError(
                     f"generate(prefixes=...) on a {type(self).__name__} without a prefix bank: the "
                     "prefixes would be ignored; attach one first (prefix_attn.PrefixBank.attach(model) "
                     "or prefix_attn.prefix_tuning(model, ...))")
-            with inner.pinned():  # a bank on a submodule (the language model of a VLM): its
-                return generate(self, *args, **kwargs)  # own hook reads the names
-        if isinstance(prefixes, torch.Tensor):
-            prefixes = _ids_of_an_outer_bank(bank, prefixes)
+            # else a bank on a submodule (the language model of a VLM): its own hook reads the ids
+        if drafts_for is not None and isinstance(prefixes, torch.Tensor):
+            prefixes = _ids_of_an_outer_bank(bank, prefixes, drafts_for)
             if prefixes is None:  # names this bank lacks: it drafts without prefixes
                 kwargs.pop(PREFIXES_KWARG)
                 return generate(self, *args, **kwargs)
             kwargs[PREFIXES_KWARG] = prefixes
-        with bank.pinned():
-            B = _generate_batch_size(args, kwargs)
-            if B is not None and not isinstance(prefixes, torch.Tensor):
-                # on the host: each step reads the (expanded) ids back without a device sync
-                kwargs[PREFIXES_KWARG] = bank.ids(_rows_for(prefixes), B, device="cpu")
-            _check_generate_positions(self, bank, args, kwargs)
-            return generate(self, *args, **kwargs)
+        assistant = kwargs.get("assistant_model")
+        token = _ASSISTING.set((assistant, bank)) if assistant is not None else None
+        try:
+            with bank.pinned():
+                B = _generate_batch_size(args, kwargs)
+                if B is not None:
+                    # checked against the batch before generate expands it (else its errors
+                    # name the expanded rows), and kept on the host: each step reads the
+                    # (expanded) ids back without a device sync
+                    rows = prefixes if isinstance(prefixes, torch.Tensor) else _rows_for(prefixes)
+                    kwargs[PREFIXES_KWARG] = bank.ids(rows, B, device="cpu")
+                _check_generate_positions(self, bank, args, kwargs)
+                return generate(self, *args, **kwargs)
+        finally:
+            if token is not None:
+                _ASSISTING.reset(token)
 
     wrapper._prefix_attn_wrapped = True
     return wrapper
 
 
-def _ids_of_an_outer_bank(bank, ids: torch.Tensor) -> Optional[torch.Tensor]:
-    """``ids`` for ``bank``: unchanged, unless this generate runs inside the generate of a model
-    with another bank (this model is its assistant, drafting for assisted generation), whose
-    wrapper turned the names into ids of *that* bank: then the same names in this bank (None
-    when this bank lacks one of them: the assistant drafts without prefixes, and the main model
-    verifies every token with them, so the output stays exact)."""
-    from ..bank import _PINNED
-
-    outer = [state for b, state, _ in (_PINNED.get() or {}).values() if b is not bank]
-    if not outer:
+def _ids_of_an_outer_bank(bank, ids: torch.Tensor, outer) -> Optional[torch.Tensor]:
+    """``ids`` for ``bank``, in an assistant model's generate: the wrapper of the main model
+    (whose bank is ``outer``) turned its names into ids of *that* bank; the same names in this
+    bank (None when this bank lacks one of them: the assistant drafts without prefixes, and
+    the main model verifies every token with them, so the output stays exact)."""
+    if outer is bank:
         return ids
-    names = list(outer[-1][1])  # the outer bank as its generate pinned it
+    names = list(outer._snapshot()[1])  # as the main model's generate pinned it
     rows = [names[i] if 0 <= i < len(names) else None for i in ids.tolist()]
     if any(r is not None and r not in bank for r in rows):
         return None
