@@ -54,7 +54,10 @@ def _make_backward(bwd):
             return (None,) * 12
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         if dlse is not None:
-            dlse = dlse.to(lse.dtype).contiguous()
+            # a query that sees no key has the constant lse -inf: the gradient arriving there
+            # is dropped, as the reference's is (it can be NaN: logaddexp's backward of two
+            # -inf), else 0 * NaN in its Delta reached dq and the dk of the row's real keys
+            dlse = dlse.to(lse.dtype).masked_fill(lse == float("-inf"), 0.0).contiguous()
         # autocast off: a backward called inside an autocast region would otherwise recast
         # the kernels' float32 internals (the torch backend's GEMMs); no_grad: the ops have no
         # derivative of their own (see _once_differentiable)

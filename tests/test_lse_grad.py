@@ -98,6 +98,28 @@ def test_rows_without_visible_keys_give_finite_gradients(backend):
     assert (gk[0] == 0).all()
 
 
+@pytest.mark.parametrize("backend", _backends())
+def test_a_non_finite_lse_gradient_where_no_key_is_seen_is_dropped(backend):
+    """A left-padded query sees no key (lse -inf); the gradient reaching its lse may be NaN
+    (torch.logaddexp's backward of two -inf, merging partial attentions by LSE). The torch and
+    triton backends gave NaN in its dq and in the dk of every real key of the row."""
+    args, kw = make_inputs(B=2, Hq=2, Hkv=1, Sq=3, Skv=3, N=1, P=2, lens=[0], ids=[0, 0],
+                           requires_grad=True)
+    kw["key_padding_mask"] = torch.tensor([[False, True, True], [True, True, True]])
+    other = torch.full((2, 2, 3), float("-inf"))
+
+    def grads(fn, **more):
+        out, lse = fn(*args, **kw, return_lse=True, **more)
+        merged = torch.logaddexp(lse, other)  # NaN gradient where both are -inf
+        loss = out.sum() + torch.where(torch.isfinite(merged), merged, 0).sum()
+        return torch.autograd.grad(loss, args[:3])
+
+    for name, a, t in zip("qkv", grads(prefix_attention, backend=backend),
+                          grads(prefix_attention_ref)):
+        assert not a.isnan().any(), f"d{name} has NaN"
+        torch.testing.assert_close(a, t, atol=1e-5, rtol=1e-4)
+
+
 def test_gradcheck_float64_with_lse():
     """torch backend, float64: the analytic gradient of (out, lse) against finite differences."""
     args, kw = make_inputs(B=2, Hq=2, Hkv=1, Sq=3, Skv=4, D=4, N=2, P=2, lens=[2, 1], ids=[1, 0],
