@@ -22,7 +22,8 @@ def autocast_dtype(q):
 def _check_autodiff_mode(tensors) -> None:
     """Refuse what the ops cannot differentiate, instead of a silent zero tangent: forward-mode
     AD (``torch.autograd.forward_ad``, ``torch.func.jvp``) and ``torch.func.grad`` (whose
-    transform needs a functorch-style autograd rule). ``torch.vmap`` works."""
+    transform needs a functorch-style autograd rule). ``torch.vmap`` works over the float
+    inputs and the padding mask."""
     if torch.compiler.is_compiling():
         return
     if torch._C._functorch.peek_interpreter_stack() is not None:

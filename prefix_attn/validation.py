@@ -78,6 +78,10 @@ def _flag(name: str, value) -> bool:
     raise TypeError(f"{name} must be a bool, got {type(value).__module__}.{type(value).__qualname__}")
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
+
+
 def _finite_float(name: str, value, what: str) -> float:
     """A real number (Python or numpy) as a finite float; a symbolic one under torch.compile
     (the default scale of a dynamic head dim, D ** -0.5) goes to the ops as it is."""
@@ -149,11 +153,17 @@ def inherit_range(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _value_range(t: torch.Tensor) -> tuple:
-    """(min, max) of a non-empty integer tensor."""
+def _value_range(t: torch.Tensor, name: str) -> tuple:
+    """(min, max) of a non-empty integer tensor (None, None on the meta device: no values)."""
     known = _known(t)
     if known is not None:
         return known[1], known[2]
+    if t.device.type == "meta":
+        return None, None
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        raise TypeError(f"{name} cannot be mapped over by torch.vmap / torch.func (its values "
+                        f"are range-checked on the host before a kernel reads with them): map "
+                        f"over q, k, v, prefix_k, prefix_v or key_padding_mask, or loop")
     cache = t.device.type != "cpu" and not t.requires_grad and not torch.is_inference(t)
     if cache:
         hit = _RANGES.get(t)
@@ -168,14 +178,23 @@ def _value_range(t: torch.Tensor) -> tuple:
 def _check_tensor(name, t, rank):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_dense(name, t)
     if t.dim() != rank:
         raise ValueError(f"{name} must have {rank} dimensions, got shape {_shape(t)}")
+
+
+def _check_dense(name, t) -> None:
+    if t.is_nested or t.layout != torch.strided:
+        kind = "a nested tensor" if t.is_nested else f"layout {t.layout}"
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {kind}: pad ragged rows "
+                        f"and pass key_padding_mask, or .to_dense() a sparse one")
 
 
 def _check_index_tensor(name, t, length, device, what):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be an integer torch.Tensor of shape [{length}], "
                         f"got {type(t).__name__}")
+    _check_dense(name, t)
     dtype = t.dtype
     if dtype is not torch.int64 and (dtype.is_floating_point or dtype.is_complex
                                      or dtype == torch.bool):
@@ -207,6 +226,8 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         raise ValueError(f"head dim of k ({Dk}) differs from q ({D}): q {_shape(q)}, k {_shape(k)}")
     if D < 1 or D > MAX_HEAD_DIM:
         raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {D} (q {_shape(q)})")
+    if Hq < 1:
+        raise ValueError(f"q must have at least one head, got {Hq}: q {_shape(q)}")
     if Hkv < 1 or Hq % Hkv != 0:
         raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the number of "
                          f"kv heads ({Hkv}): q {_shape(q)}, k {_shape(k)}")
@@ -234,6 +255,7 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            _check_dense(name, t)
             if t.dim() not in (3, 4):
                 raise ValueError(f"{name} must be [N, Hkv, P, D] or [Hkv, P, D], got {_shape(t)}")
             if t.dtype != dtype:
@@ -265,8 +287,8 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
             _assert_in_range(prefix_ids, 0, N - 1, "prefix_ids must lie in [0, N) for a bank of N "
                                                    "entries (prefix_k [N, Hkv, P, D])")
         elif B > 0:
-            lo, hi = _value_range(prefix_ids)
-            if lo < 0 or hi >= N:
+            lo, hi = _value_range(prefix_ids, "prefix_ids")
+            if lo is not None and (lo < 0 or hi >= N):
                 raise ValueError(f"prefix_ids must lie in [0, {N}) for a bank of N={N} (prefix_k "
                                  f"{_shape(prefix_k)}), got values in [{lo}, {hi}]")
     if prefix_lens is None:
@@ -277,8 +299,8 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
             _assert_in_range(prefix_lens, 0, P, "prefix_lens must lie in [0, P] (prefix_k "
                                                 "[N, Hkv, P, D])")
         else:
-            lo, hi = (0, P) if N == 0 else _value_range(prefix_lens)
-            if lo < 0 or hi > P:
+            lo, hi = (0, P) if N == 0 else _value_range(prefix_lens, "prefix_lens")
+            if lo is not None and (lo < 0 or hi > P):
                 raise ValueError(f"prefix_lens must lie in [0, P={P}] (prefix_k {_shape(prefix_k)}), "
                                  f"got values in [{lo}, {hi}]")
 
@@ -287,6 +309,7 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(f"key_padding_mask must be a bool tensor [B, Skv], got "
                             f"{type(key_padding_mask).__name__}")
+        _check_dense("key_padding_mask", key_padding_mask)
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(f"key_padding_mask must have dtype torch.bool (True = real token), "
                             f"got {key_padding_mask.dtype}")
@@ -298,6 +321,8 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         key_padding_mask = key_padding_mask.contiguous()
     causal = _flag("causal", causal)
     scale = _finite_float("scale", D ** -0.5 if scale is None else scale, "a finite float")
+    if not _FLOAT32_MAX >= scale >= -_FLOAT32_MAX:  # the kernels take it as a float32
+        raise ValueError(f"scale must be finite in float32 (|scale| <= {_FLOAT32_MAX:.3g}), got {scale}")
     if window is None:
         window = -1
     else:
@@ -312,6 +337,11 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         softcap = _finite_float("softcap", softcap, "a finite float or None")
         if softcap <= 0:
             raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+        # the kernels take softcap and scale / softcap as float32: a softcap that rounds to 0
+        # there read as "no softcap", and an infinite ratio gave NaN gradients (0 * inf)
+        if not _FLOAT32_TINY <= softcap <= _FLOAT32_MAX or not abs(scale) / softcap <= _FLOAT32_MAX:
+            raise ValueError(f"softcap must be a normal float32 with scale / softcap finite in "
+                             f"float32, got softcap {softcap} (scale {scale})")
 
     return AttnArgs(
         q=_last_dim_contiguous(q), k=_last_dim_contiguous(k), v=_last_dim_contiguous(v),

@@ -76,6 +76,23 @@ BAD = [
     ("window beyond int64", with_(window=2 ** 63), ValueError, ["window", "2**62"]),
     ("scale infinite", with_(scale=float("inf")), TypeError, ["scale", "inf"]),
     ("scale tensor", with_(scale=torch.tensor(0.5)), TypeError, ["scale"]),
+    # from a kernel audit: a crash in two backends, values the kernels' float32 mangled (a
+    # softcap rounding to 0 read as "no softcap", scale / softcap infinite: NaN gradients),
+    # layouts failing deep inside with unrelated messages
+    ("no query heads", with_(q=torch.randn(B, 0, Sq, D)), ValueError, ["q", "at least one head", "[2, 0, 3, 8]"]),
+    ("softcap below float32", with_(softcap=1e-300), ValueError, ["softcap", "1e-300"]),
+    ("softcap subnormal", with_(softcap=1e-40), ValueError, ["softcap", "float32"]),
+    ("softcap beyond float32", with_(softcap=1e39), ValueError, ["softcap"]),
+    ("scale beyond float32", with_(scale=1e39), ValueError, ["scale", "float32"]),
+    ("scale / softcap overflows", with_(scale=1e30, softcap=1e-20), ValueError, ["scale / softcap"]),
+    ("sparse q", with_(q=lambda kw: kw["q"].to_sparse()), TypeError, ["q", "dense", "sparse_coo"]),
+    ("nested q", with_(q=lambda kw: torch.nested.nested_tensor([torch.randn(Hq, Sq, D)] * B,
+                                                               layout=torch.jagged)),
+     TypeError, ["q", "nested"]),
+    ("sparse mask", with_(key_padding_mask=lambda kw: kw["key_padding_mask"].to_sparse()), TypeError,
+     ["key_padding_mask", "dense"]),
+    ("sparse prefix", with_(prefix_k=lambda kw: kw["prefix_k"].to_sparse()), TypeError, ["prefix_k", "dense"]),
+    ("sparse ids", with_(prefix_ids=lambda kw: kw["prefix_ids"].to_sparse()), TypeError, ["prefix_ids", "dense"]),
 ]
 
 
@@ -177,3 +194,26 @@ def test_environment_switches_with_unknown_values_are_errors_naming_them(monkeyp
         check_env_backend("cpu")  # what the commands run before any work
     monkeypatch.setenv(name, "")  # empty: unset
     call()
+
+
+def test_index_tensors_mapped_by_vmap_are_refused_clearly():
+    """torch.vmap over prefix_ids failed with "vmap: ... calling .item()" from the host range
+    check; mapping over the float inputs works (PyTorch's per-sample fallback)."""
+    kw = good()
+    args = [kw.pop(n) for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    ids = torch.stack([kw.pop("prefix_ids"), torch.tensor([1, 1])])
+    with pytest.raises(TypeError, match="prefix_ids cannot be mapped over by torch.vmap"):
+        torch.vmap(lambda i: prefix_attention(*args, prefix_ids=i, **kw))(ids)
+    qs = torch.stack([args[0], args[0] * 2])
+    out = torch.vmap(lambda q: prefix_attention(q, *args[1:], prefix_ids=ids[0], **kw))(qs)
+    torch.testing.assert_close(out[1], prefix_attention(qs[1], *args[1:], prefix_ids=ids[0], **kw))
+
+
+def test_meta_tensors_reach_the_backend_choice():
+    """All inputs on meta: the host range check of prefix_ids failed with "Tensor.item() cannot
+    be called on meta tensors"; the call now gets as far as the backend choice, which says no
+    backend takes meta tensors."""
+    kw = {k: v.to("meta") for k, v in good().items()}
+    args = [kw.pop(n) for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    with pytest.raises(RuntimeError, match="no backend accepts meta tensors"):
+        prefix_attention(*args, **kw)
