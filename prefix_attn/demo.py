@@ -138,7 +138,7 @@ def serve_mixed_batch(model, tok, device: str, max_new_tokens: int = 28) -> List
     name, text = PROMPT_PREFIX
     bank.add_prompt(name, torch.tensor(tok.encode(text)))
     rows = [("poet", "roses"), ("counter", "one two"), (name, "apples")]
-    enc = tok([p for _, p in rows], padding_side="left", return_tensors="pt")
+    enc = tok([p for _, p in rows], padding=True, padding_side="left", return_tensors="pt")
     enc = {k: v.to(device) for k, v in enc.items()}
     with torch.no_grad():
         out = model.generate(**enc, prefixes=[n for n, _ in rows], max_new_tokens=max_new_tokens,

@@ -1,5 +1,7 @@
 """`prefix-attn demo` runs end to end (few steps; the check and the benchmark table are
 covered by their own tests)."""
+import re
+
 import pytest
 
 from prefix_attn import cli
@@ -37,6 +39,37 @@ def test_demo_on_a_local_model_folder(tmp_path, capsys):
     tiny.default_model(hidden=32, layers=1).save_pretrained(tmp_path)
     tiny.ByteTokenizer().save_pretrained(tmp_path)
     rc = cli.main(["demo", "--model", str(tmp_path), "--skip-check", "--skip-bench", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "[    shop]" in out and "demo finished" in out
+
+
+def _hf_model_folder(folder, start_token=True):
+    """The built-in tiny Llama saved with a word-level HF (fast) tokenizer of the demo's words,
+    which puts a start token before each text when ``start_token``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from prefix_attn import demo, tiny
+
+    text = " ".join(demo.CORPUS)  # the served prompts too: "roses", "one two", "apples"
+    words = list(dict.fromkeys(["<pad>", "<s>", "</s>", "<unk>", *re.findall(r"\w+|[^\w\s]", text)]))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if start_token:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(str(folder))
+    tiny.tiny_model("llama", vocab_size=len(words), hidden=32, layers=1).save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.mark.hf
+def test_demo_on_a_folder_with_an_hf_tokenizer(tmp_path, capsys):
+    """Section 3 called the tokenizer on its three prompts without padding=True: an HF
+    tokenizer (unlike the byte tokenizer, which always pads) refused to make one tensor of
+    rows of different lengths, and the demo died in a traceback."""
+    folder = _hf_model_folder(tmp_path)
+    rc = cli.main(["demo", "--model", folder, "--skip-check", "--skip-bench", "--steps", "2"])
     out = capsys.readouterr().out
     assert rc == 0 and "[    shop]" in out and "demo finished" in out
 
