@@ -132,17 +132,21 @@ def train_prefixes(model, tok, device: str, max_steps: int, num_virtual_tokens: 
 
 # -- 3. serving ------------------------------------------------------------------------
 def serve_mixed_batch(model, tok, device: str, max_new_tokens: int = 28) -> List[str]:
+    from . import tiny
     from .bank import PrefixBank
     _title("3. one batch, three prefixes (two trained, one prompt prefix)")
     bank = PrefixBank.attach(model)
     name, text = PROMPT_PREFIX
-    bank.add_prompt(name, torch.tensor(tok.encode(text)))
+    bank.add_prompt(name, torch.tensor(tiny.encode(tok, text)))
     rows = [("poet", "roses"), ("counter", "one two"), (name, "apples")]
-    enc = tok([p for _, p in rows], padding=True, padding_side="left", return_tensors="pt")
-    enc = {k: v.to(device) for k, v in enc.items()}
+    # the prompt entry's KV already holds the start token: its row continues that text, without
+    # one (as prefix-attn generate tokenizes it); the other rows start as any text does
+    ids, mask = tiny.left_pad([tiny.encode(tok, p, special=bank.kind(n) != "prompt") for n, p in rows],
+                              tok.pad_token_id)
     with torch.no_grad():
-        out = model.generate(**enc, prefixes=[n for n, _ in rows], max_new_tokens=max_new_tokens,
-                             do_sample=False)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             prefixes=[n for n, _ in rows], max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
     texts = [tok.decode(r, skip_special_tokens=True) for r in out]
     for (n, p), t in zip(rows, texts):
         print(f"  [{n:>8}] {t!r}")

@@ -230,17 +230,6 @@ def _check_lengths(jobs: List[_Job], model, bank, max_new_tokens: int, path: str
                        "(shorten the prompt or lower --max-new-tokens):", bad)
 
 
-def _left_pad(rows: List[List[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` ``[B, S]``, padded on the left (decoder-only generate)."""
-    S = max(len(r) for r in rows)
-    ids = torch.full((len(rows), S), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), S, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, S - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[b, S - len(r):] = 1
-    return ids, mask
-
-
 def _progress(total: int, enabled: bool):
     from .progress import progress_bar
     return progress_bar(total, "generate", "req", enabled=enabled)
@@ -446,7 +435,7 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
     try:
         for start in range(0, len(jobs), args.batch_size):
             batch = jobs[start:start + args.batch_size]
-            ids, mask = _left_pad([j.ids for j in batch], pad_id)
+            ids, mask = tiny.left_pad([j.ids for j in batch], pad_id)
             with torch.no_grad():
                 gen = model.generate(ids.to(device), attention_mask=mask.to(device),
                                      prefixes=[j.prefix for j in batch], **gen_kwargs)

@@ -257,6 +257,19 @@ def encode(tokenizer, text: str, special: bool = True) -> List[int]:
     return list(tokenizer.encode(text, add_special_tokens=special))
 
 
+def left_pad(rows: List[List[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[B, S]`` of token id lists, padded on the left
+    (decoder-only generate); rows encoded apart (some with the start token, some without) are
+    batched this way with any tokenizer."""
+    S = max(len(r) for r in rows)
+    ids = torch.full((len(rows), S), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), S, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, S - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[b, S - len(r):] = 1
+    return ids, mask
+
+
 def vocab_problem(tokenizer, ids: List[int], vocab_size: int) -> Optional[str]:
     """What is wrong with token ids from ``tokenizer`` for a model of ``vocab_size`` embeddings
     (an id outside 0..vocab_size-1: the tokenizer does not fit the model), or None."""

@@ -74,6 +74,38 @@ def test_demo_on_a_folder_with_an_hf_tokenizer(tmp_path, capsys):
     assert rc == 0 and "[    shop]" in out and "demo finished" in out
 
 
+@pytest.mark.hf
+@pytest.mark.parametrize("tokenizer", ["byte", "hf"])
+def test_demo_serves_the_prompt_prefix_row_without_a_start_token(tmp_path, monkeypatch, tokenizer):
+    """The prompt-prefix row of section 3 (a bank entry made by add_prompt, whose KV holds the
+    start token already) was tokenized with special tokens: a second start token in the middle
+    of the text, and a continuation the model would never give. It runs without one now, as
+    prefix-attn generate runs it; the trained prefixes' rows keep theirs."""
+    from prefix_attn import demo, tiny
+    from prefix_attn.tuning import prefix_tuning
+
+    if tokenizer == "byte":
+        model, tok = tiny.default_model(hidden=32, layers=1), tiny.ByteTokenizer()
+    else:
+        folder = _hf_model_folder(tmp_path)
+        model, tok = demo.load_base(folder, "cpu", 0, 0)
+    for name in demo.TASKS:
+        prefix_tuning(model, num_virtual_tokens=2, name=name)
+    seen = {}
+    real = model.generate
+
+    def generate(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    demo.serve_mixed_batch(model.eval(), tok, "cpu", max_new_tokens=2)
+    assert seen["prefixes"] == ["poet", "counter", "shop"]
+    rows = [r[m.bool()].tolist() for r, m in zip(seen["input_ids"], seen["attention_mask"])]
+    assert rows == [tok.encode("roses"), tok.encode("one two"), tok.encode("apples", add_special_tokens=False)]
+    assert rows[0][0] == tok.bos_token_id and tok.bos_token_id not in rows[2]
+
+
 def test_demo_usage_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["demo", "--steps", "0"])
