@@ -8,7 +8,8 @@ example is cut to ``--max-length`` tokens; one left with no token to learn (its 
 ``--max-length``) is dropped, with one warning giving the count. The model is a local folder
 (``--model``, with its tokenizer files: a folder without them is an error) or the built-in tiny
 Llama with a byte tokenizer, its random weights drawn from ``--seed`` and saved with the byte
-tokenizer to ``OUT/base_model`` (pass ``--model OUT/base_model`` to ``prefix-attn generate``).
+tokenizer to ``OUT/base_model`` in float32, then loaded back from there in ``--dtype`` as
+``--resume`` loads it (pass ``--model OUT/base_model`` to ``prefix-attn generate``).
 
 Training runs on the fused path (``prefix_attn.prefix_tuning``) on ``--device`` (default: the
 CPU): the base stays frozen, in ``--dtype``, and one float32 prefix ``--name`` learns, for
@@ -229,8 +230,8 @@ def load_model(model_dir: Optional[str], out_dir: str, seed: int, resume: bool =
     """(model, tokenizer, model_dir_for_the_adapter, base_to_save) with
     ``attn_implementation="prefix_attn"``, on the CPU. Without ``model_dir``: the built-in tiny
     model drawn from ``seed`` in float32 (``base_to_save``: it goes to ``OUT/base_model`` once
-    the run is checked; cast to ``dtype`` after that), or the one a resumed run saved there; a
-    folder loads in ``dtype``. Nothing is written here."""
+    the run is checked, to be loaded back from there in ``dtype``), or the one a resumed run
+    saved there; a folder loads in ``dtype``. Nothing is written here."""
     base_dir = os.path.join(out_dir, BASE_MODEL)
     if model_dir is None:
         if resume and os.path.isdir(base_dir):  # the same random base
@@ -458,7 +459,10 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     create_output_folder(args.output)
     if base_to_save:
         save_base_model(model, tokenizer, model_dir)  # float32, as drawn
-        model.to(dtype)  # a folder was loaded in dtype (keeping what transformers keeps in float32)
+        # then loaded back in dtype as a resumed run (and generate --model OUT/base_model) loads
+        # it: from_pretrained keeps what transformers keeps in float32 (RoPE's inv_freq), which
+        # model.to(dtype) would round
+        model = load_model(model_dir, args.output, args.seed, dtype=dtype)[0]
     model.to(device)  # before the prefix: it is made on the model's device
     start_log(args.output, state["step"] if state is not None else None)
 

@@ -87,6 +87,21 @@ def test_resume_gives_the_uninterrupted_result(data, tmp_path, capsys):
     assert steps == [1, 2, 3, 4, 5]
 
 
+def test_resume_of_a_bfloat16_run_on_the_built_in_base_gives_the_uninterrupted_result(data, tmp_path):
+    """A fresh run cast the drawn base with model.to(bfloat16), RoPE's inv_freq included; a
+    resumed run loaded OUT/base_model with from_pretrained(dtype=bfloat16), which keeps it in
+    float32: two models, so the resumed adapter was not the uninterrupted run's. The fresh run
+    loads its saved base back as a resume does now."""
+    straight, split = str(tmp_path / "a"), str(tmp_path / "b")
+    bf16 = ["--dtype", "bfloat16", "--eval-every", "0"]
+    assert train.main([data, "-o", straight, "--max-steps", "3", *ARGS, *bf16]) == 0
+    assert train.main([data, "-o", split, "--max-steps", "2", *ARGS, *bf16]) == 0
+    assert train.main([data, "-o", split, "--max-steps", "3", "--resume", *ARGS, *bf16]) == 0
+    with open(os.path.join(straight, "adapter", "adapter_model.safetensors"), "rb") as a, \
+            open(os.path.join(split, "adapter", "adapter_model.safetensors"), "rb") as b:
+        assert a.read() == b.read()
+
+
 def test_text_file_projection_and_cli_dispatch(tmp_path):
     path = tmp_path / "data.txt"
     path.write_text("\n".join(f"line number {i}" for i in range(10)) + "\n\n")
