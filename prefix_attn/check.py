@@ -63,23 +63,35 @@ def check_backend(name: str, dtype: torch.dtype, device: str, atol: float = 1e-4
 
 
 def run_checks(backends: Optional[List[str]] = None, dtypes: Optional[List[str]] = None,
-               device: Optional[str] = None) -> List[dict]:
+               device: Optional[str] = None, skipped: Optional[List[str]] = None) -> List[dict]:
+    """A row per backend and dtype checked on ``device`` (default: each backend's own; an index,
+    ``cuda:1``, places the tensors and the backends of its type run there); what is not run
+    there is appended to ``skipped``, when given, with the reason."""
     rows = []
+    skipped = [] if skipped is None else skipped
     for name in backends or available_backends():
         b = get_backend(name)
         dev = device or ("cuda" if "cpu" not in b.devices else "cpu")
-        if dev not in b.devices:
+        if torch.device(dev).type not in b.devices:
+            skipped.append(f"{name} runs on {'/'.join(b.devices)} tensors, not {dev}")
             continue
         for dname in dtypes or list(DTYPES):
             dtype = DTYPES[dname]
-            if name == "triton" and dev == "cpu" and dtype == torch.bfloat16:
-                continue  # the Triton interpreter cannot compute in bfloat16
+            if name == "triton" and torch.device(dev).type == "cpu" and dtype == torch.bfloat16:
+                skipped.append(f"{name} {dname} on {dev}: the Triton interpreter cannot compute "
+                               "in bfloat16")
+                continue
             try:
                 rows.append(check_backend(name, dtype, dev))
             except Exception as e:  # report, don't hide: a crash is a failure
                 rows.append({"backend": name, "dtype": dname, "device": dev, "worst": "-",
                              "max_err": float("nan"), "tolerance": float("nan"), "ok": False, "error": f"{type(e).__name__}: {e}"})
     return rows
+
+
+def nothing_checked(skipped: List[str]) -> str:
+    """The message when no backend and dtype ran at all (``skipped``: why each did not)."""
+    return "nothing was checked: " + ("; ".join(skipped) or "no backend is available")
 
 
 def format_table(rows: List[dict]) -> str:
@@ -96,7 +108,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("check", help="check every available backend against the reference")
     p.add_argument("--backend", action="append", help="only this backend (repeatable)")
     p.add_argument("--dtype", action="append", choices=list(DTYPES), help="only this dtype (repeatable)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: each backend's own)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: each backend's own)")
     p.set_defaults(func=run)
     return p
 
@@ -125,7 +137,11 @@ def run(args) -> int:
     print(f"available backends: {', '.join(available_backends())}")
     for mod, err in load_errors().items():
         print(f"  (not loaded: {mod}: {err})")
-    rows = run_checks(args.backend, args.dtype, args.device)
+    skipped: List[str] = []
+    rows = run_checks(args.backend, args.dtype, args.device, skipped)
+    if not rows:  # nothing passed: not a pass
+        print(f"prefix-attn check: error: {nothing_checked(skipped)}", file=sys.stderr)
+        return 1
     print(format_table(rows))
     failed = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")

@@ -1,4 +1,5 @@
 """The `prefix-attn` command line: check's table and exit status."""
+import os
 import subprocess
 import sys
 
@@ -36,6 +37,43 @@ def test_check_gives_the_same_table_every_run():
     first = check.run_checks(["torch"], ["float16"])
     second = check.run_checks(["torch"], ["float16"])
     assert first == second
+
+
+def test_check_runs_on_a_device_given_with_its_index(capsys):
+    """--device cpu:0 (or cuda:0) was compared as a string with the backends' device types:
+    no backend matched, nothing was checked, and the command said "0 passed, 0 failed" and
+    exited 0."""
+    assert cli.main(["check", "--device", "cpu:0", "--backend", "torch", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "| torch | cpu:0 | float32 |" in out and "1 passed, 0 failed" in out
+
+
+def _cuda_only(monkeypatch):
+    """The torch backend as if it ran on CUDA tensors only."""
+    import dataclasses
+
+    real = check.get_backend
+    monkeypatch.setattr(check, "get_backend", lambda name: dataclasses.replace(real(name), devices=("cuda",)))
+    monkeypatch.setattr(check, "available_backends", lambda: ["torch"])
+
+
+def test_check_that_runs_nothing_fails(monkeypatch, capsys):
+    """A check that ran no backend at all (every one for another device, or the Triton
+    interpreter asked for bfloat16 only) passed with "0 passed, 0 failed"."""
+    _cuda_only(monkeypatch)
+    assert cli.main(["check", "--backend", "torch", "--device", "cpu"]) == 1
+    out = capsys.readouterr()
+    assert "nothing was checked: torch runs on cuda tensors, not cpu" in out.err and "passed" not in out.out
+
+
+@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="the Triton interpreter's case")
+def test_check_of_triton_in_bfloat16_under_the_interpreter_fails(capsys):
+    from prefix_attn.backends import available_backends
+
+    if "triton" not in available_backends():
+        pytest.skip("triton is not installed")
+    assert cli.main(["check", "--backend", "triton", "--dtype", "bfloat16"]) == 1
+    assert "the Triton interpreter cannot compute in bfloat16" in capsys.readouterr().err
 
 
 def test_check_usage_errors_exit_2(capsys):

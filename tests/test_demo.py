@@ -106,6 +106,19 @@ def test_demo_serves_the_prompt_prefix_row_without_a_start_token(tmp_path, monke
     assert rows[0][0] == tok.bos_token_id and tok.bos_token_id not in rows[2]
 
 
+def test_demo_check_that_runs_nothing_is_not_a_pass(monkeypatch, capsys):
+    """Section 1 counted an empty table (no backend ran on the device) as every check passed."""
+    import dataclasses
+
+    from prefix_attn import check, demo
+
+    real = check.get_backend
+    monkeypatch.setattr(check, "get_backend", lambda name: dataclasses.replace(real(name), devices=("cuda",)))
+    monkeypatch.setattr(check, "available_backends", lambda: ["torch"])
+    assert demo.show_check("cpu") is False
+    assert "nothing was checked: torch runs on cuda tensors, not cpu" in capsys.readouterr().out
+
+
 def test_demo_usage_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["demo", "--steps", "0"])
