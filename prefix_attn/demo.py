@@ -69,10 +69,8 @@ def show_check(device: str) -> bool:
 # -- 2. training -----------------------------------------------------------------------
 def load_base(model_dir, device: str, pretrain_steps: int, seed: int):
     from . import tiny
-    if model_dir:
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="prefix_attn",
-                                                     local_files_only=True)
+    if model_dir:  # a broken folder: tiny.ModelFolderError / TokenizerError
+        model = tiny.load_model_folder(model_dir)
         return model.to(device).eval(), tiny.load_tokenizer(model_dir)
     tok = tiny.ByteTokenizer()
     model = tiny.default_model(seed=seed, hidden=96, layers=2).to(device)
@@ -283,14 +281,17 @@ def run(args) -> int:
         print(f"prefix-attn demo: error: model folder not found: {args.model}", file=sys.stderr)
         return 2
     from . import tiny
-    try:  # before anything runs: a folder without a usable tokenizer is a user error
+    torch.manual_seed(args.seed)
+    base = None
+    try:  # before anything runs: a folder without a usable tokenizer or model is a user error
         tiny.load_tokenizer(args.model)
-    except tiny.TokenizerError as exc:
+        if args.model is not None:
+            base = load_base(args.model, args.device, args.pretrain_steps, args.seed)
+    except (tiny.TokenizerError, tiny.ModelFolderError) as exc:
         print(f"prefix-attn demo: error: {exc}", file=sys.stderr)
         return 2
-    torch.manual_seed(args.seed)
     ok = True if args.skip_check else show_check(args.device)
-    model, tok = load_base(args.model, args.device, args.pretrain_steps, args.seed)
+    model, tok = base or load_base(None, args.device, args.pretrain_steps, args.seed)
     first, last = train_prefixes(model, tok, args.device, args.steps, args.virtual_tokens, args.seed)
     serve_mixed_batch(model, tok, args.device)
     if not args.skip_bench:

@@ -121,12 +121,10 @@ def _load_model(model_dir: Optional[str], device: torch.device, dtype: torch.dty
     if model_dir is None:
         model = tiny.default_model().to(dtype)
     else:
-        if not os.path.isdir(model_dir):
-            raise RequestError(f"model folder not found: {model_dir!r}")
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=hf.ATTN_NAME,
-                                                     dtype=dtype, local_files_only=True)
+        try:
+            model = tiny.load_model_folder(model_dir, dtype=dtype)
+        except tiny.ModelFolderError as exc:
+            raise RequestError(str(exc)) from None
     model = model.to(device).eval()
     if model.config._attn_implementation != hf.ATTN_NAME:
         model.set_attn_implementation(hf.ATTN_NAME)

@@ -6,6 +6,8 @@
 - ``tiny_model(family, ...)``: ``AutoModel*.from_config`` of it, seeded, in eval mode.
 - ``default_model()`` / ``ByteTokenizer``: the built-in default of ``prefix-attn train`` and
   the serving CLI when no local model folder is given (vocabulary = 256 bytes + 3 specials).
+- ``load_tokenizer(folder)`` / ``load_model_folder(folder)``: a local model folder's, as the
+  commands load them (a broken folder is a :class:`TokenizerError` / :class:`ModelFolderError`).
 """
 from __future__ import annotations
 
@@ -245,6 +247,36 @@ def load_tokenizer(model_dir: Optional[str]):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+class ModelFolderError(ValueError):
+    """A model folder whose model does not load: no config or weights, a config without a
+    ``model_type``, truncated or corrupt weights, weights of other shapes (a user error: the
+    command line tools report it with exit status 2)."""
+
+
+def load_model_folder(model_dir: str, dtype: Optional[torch.dtype] = None):
+    """``AutoModelForCausalLM`` of the local folder ``model_dir`` with
+    ``attn_implementation="prefix_attn"`` (in ``dtype``; None: transformers' default), on the
+    CPU. Raises :class:`ModelFolderError` naming the folder and the reason when it does not load."""
+    import pickle
+
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    from prefix_attn import hf  # registers "prefix_attn"
+
+    if not os.path.isdir(model_dir):
+        raise ModelFolderError(f"model folder not found: {model_dir}")
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=hf.ATTN_NAME,
+                                                    local_files_only=True, **kwargs)
+    # what transformers, safetensors and torch.load raise on a broken folder (a missing file, bad
+    # JSON, no model_type, a truncated header, a corrupt pickle, a size mismatch)
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:
+        raise ModelFolderError(f"cannot load a model from {model_dir}: {type(exc).__name__}: "
+                               f"{_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -239,18 +239,11 @@ def load_model(model_dir: Optional[str], out_dir: str, seed: int, resume: bool =
         return tiny.default_model(seed=seed), tiny.ByteTokenizer(), base_dir, True
     if not os.path.isdir(model_dir):
         raise TrainError(f"model folder not found: {model_dir}")
-    import prefix_attn.hf  # noqa: F401  (registers "prefix_attn")
-    from transformers import AutoModelForCausalLM
-
     try:  # first: a folder without its tokenizer is refused before the model loads
         tokenizer = tiny.load_tokenizer(model_dir)
-    except tiny.TokenizerError as exc:
+        model = tiny.load_model_folder(model_dir, dtype=dtype)
+    except (tiny.TokenizerError, tiny.ModelFolderError) as exc:
         raise TrainError(str(exc)) from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="prefix_attn",
-                                                     local_files_only=True, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"cannot load a model from {model_dir}: {exc}") from None
     return model, tokenizer, model_dir, False
 
 

@@ -97,6 +97,33 @@ def prefix_step(model, module, ids, mask, labels):
     return loss.detach(), [p.grad.clone() for p in module.parameters()]
 
 
+# how a model folder is broken -> a word of the reason a command must give
+BROKEN_MODEL_FOLDERS = {"no weights": "no file named model.safetensors",
+                        "truncated weights": "SafetensorError",
+                        "no model_type": "model_type"}
+
+
+def broken_model_folder(folder, how: str) -> str:
+    """The built-in tiny model saved with its byte tokenizer in ``folder``, then broken ``how``
+    (a key of BROKEN_MODEL_FOLDERS): its weights file removed or cut to 300 bytes, or
+    ``model_type`` removed from its config.json."""
+    import json
+
+    from prefix_attn import tiny
+
+    tiny.default_model(hidden=32, layers=1).save_pretrained(str(folder))
+    tiny.ByteTokenizer().save_pretrained(str(folder))
+    weights, config = folder / "model.safetensors", folder / "config.json"
+    if how == "no weights":
+        weights.unlink()
+    elif how == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:300])
+    else:
+        config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items()
+                                      if k != "model_type"}))
+    return str(folder)
+
+
 def errors(x, y):
     return (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
 

@@ -3,6 +3,7 @@ covered by their own tests)."""
 import re
 
 import pytest
+from conftest import BROKEN_MODEL_FOLDERS, broken_model_folder
 
 from prefix_attn import cli
 
@@ -125,6 +126,19 @@ def test_demo_usage_errors_exit_2(tmp_path, capsys):
     assert info.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
     assert cli.main(["demo", "--model", str(tmp_path / "missing")]) == 2
     assert "model folder not found" in capsys.readouterr().err
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("how", sorted(BROKEN_MODEL_FOLDERS))
+def test_demo_on_a_broken_model_folder_is_a_usage_error(tmp_path, capsys, how):
+    """A config.json without model_type (and a folder without weights, or with truncated
+    ones) ended in a traceback, after section 1 had run; now nothing runs."""
+    folder = broken_model_folder(tmp_path / "model", how)
+    capsys.readouterr()  # the save's progress bar
+    assert cli.main(["demo", "--model", folder, "--skip-bench"]) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith(f"prefix-attn demo: error: cannot load a model from {folder}: ")
+    assert BROKEN_MODEL_FOLDERS[how] in out.err and out.out == ""
 
 
 def test_paired_timing_alternates_the_functions():

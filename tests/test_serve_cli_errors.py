@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import BROKEN_MODEL_FOLDERS, broken_model_folder
 
 from prefix_attn import serve, tiny
 from prefix_attn.serve import RequestError, main, read_requests
@@ -210,6 +211,21 @@ def test_a_failure_after_the_output_opened_leaves_no_temporary_file_or_folder(tm
                "--no-progress"])
     assert rc == 2 and "model folder not found" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("how", sorted(BROKEN_MODEL_FOLDERS))
+def test_a_broken_model_folder_is_a_clean_error(tmp_path, capsys, how):
+    """A folder with no weights file (OSError) or a truncated one (safetensors'
+    SafetensorError) ended in a traceback."""
+    folder = broken_model_folder(tmp_path / "model", how)
+    capsys.readouterr()  # the save's progress bar
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "x"}'])
+    out = tmp_path / "o.jsonl"
+    assert main(["-i", f, "-o", str(out), "--model", folder, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"prefix-attn generate: error: cannot load a model from {folder}: ") and \
+        BROKEN_MODEL_FOLDERS[how] in err and "Traceback" not in err, err
+    assert not out.exists() and _no_leftovers(tmp_path)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -9,6 +9,7 @@ import signal
 
 import pytest
 import torch
+from conftest import BROKEN_MODEL_FOLDERS, broken_model_folder
 
 from prefix_attn import tiny, train
 
@@ -75,6 +76,18 @@ def test_paths_and_checkpoint_errors_are_user_errors(data, tmp_path, capsys):
     _user_error(capsys, [data, "-o", str(out), "--resume", *FAST], "unreadable", "delete it")
     _user_error(capsys, [data, "-o", str(out), *FAST], "exists", "--resume")
     assert sorted(os.listdir(out)) == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("how", sorted(BROKEN_MODEL_FOLDERS))
+def test_a_broken_model_folder_is_a_user_error(data, tmp_path, capsys, how):
+    """A truncated model.safetensors raised safetensors' SafetensorError, which train did not
+    catch (OSError and ValueError only): a traceback."""
+    folder = broken_model_folder(tmp_path / "model", how)
+    capsys.readouterr()  # the save's progress bar
+    out = tmp_path / "out"
+    _user_error(capsys, [data, "-o", str(out), "--model", folder, "--max-steps", "1", *FAST],
+                f"cannot load a model from {folder}: ", BROKEN_MODEL_FOLDERS[how])
+    assert not out.exists()
 
 
 class _RunsCodeWhenUnpickled:
