@@ -211,11 +211,11 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> List[List[int
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def split_eval(data: list, fraction: float, seed: int, quiet: bool = False) -> Tuple[list, list]:
+def split_eval(data: list, fraction: float, seed: int) -> Tuple[list, list]:
     """(train, eval): ``int(len(data) * fraction)`` examples held out, chosen by ``seed``; warns
-    once when that rounds to none (unless ``quiet``: no eval is run)."""
+    once when that rounds to none."""
     n_eval = int(len(data) * fraction)
-    if fraction > 0 and n_eval == 0 and not quiet:
+    if fraction > 0 and n_eval == 0:
         warn("warning", f"eval set empty: {len(data)} example{'' if len(data) == 1 else 's'} x {fraction} "
                          f"< 1; no eval loss will be logged (pass --eval-data, or a larger --eval-fraction)")
     order = random.Random(seed).sample(range(len(data)), len(data))
@@ -323,7 +323,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--eval-data", default=None, metavar="FILE",
                    help="held-out file (default: --eval-fraction of data)")
     p.add_argument("--eval-fraction", type=cli_args.float_where(lambda f: 0 <= f < 1, "in [0, 1)"), default=0.1,
-                   metavar="F", help="share of the data held out for the eval loss, without --eval-data")
+                   metavar="F", help="share of the data held out for the eval loss, without --eval-data "
+                                     "(none with --eval-every 0: every example trains)")
     p.add_argument("--name", type=_prefix_name, default="default", help="prefix name (the bank entry)")
     p.add_argument("--num-virtual-tokens", type=positive, default=20, metavar="P",
                    help="prefix length P (positions the text may use: the model's less P)")
@@ -343,7 +344,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"tokens per example, longer ones cut (default: {DEFAULT_MAX_LENGTH}; at most the "
                         f"model's positions less --num-virtual-tokens, lowered with a note)")
     p.add_argument("--eval-every", type=count, default=50, metavar="N",
-                   help="eval loss every N steps and at the end (0: no eval)")
+                   help="eval loss every N steps and at the end (0: no eval): with 0 no data is held out")
     p.add_argument("--save-every", type=count, default=50, metavar="N",
                    help="checkpoint every N steps (0: only at the end and when stopped by a signal)")
     p.add_argument("--seed", type=int, default=0,
@@ -441,8 +442,10 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     if eval_examples is not None:
         eval_data = prepare(tokenizer, eval_examples, max_length, vocab_size, args.eval_data,
                             what="--eval-data file")
+    elif args.eval_every == 0:  # no eval: nothing is held out, every example trains
+        eval_data = []
     else:
-        data, eval_data = split_eval(data, args.eval_fraction, args.seed, quiet=args.eval_every == 0)
+        data, eval_data = split_eval(data, args.eval_fraction, args.seed)
     if not data:
         raise TrainError("no training examples left (all held out: pass a smaller --eval-fraction)")
     settings = run_settings(args, max_length)

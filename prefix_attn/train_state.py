@@ -156,7 +156,8 @@ def run_settings(args: argparse.Namespace, max_length: int) -> Dict[str, object]
     """What fixes the result up to any step, keyed by option: a resumed run must match them.
     (--epochs, --max-steps, --save-every, --eval-every, --name, --gradient-checkpointing,
     --device and --no-progress may change: another device gives the result within float
-    rounding.) ``--model OUTPUT/base_model`` is the run's own saved base model,
+    rounding; --eval-every to or from 0 changes the data held out for eval, a change of
+    --eval-fraction.) ``--model OUTPUT/base_model`` is the run's own saved base model,
     the same as no ``--model`` (a resumed run without it loads that folder)."""
     model = os.path.abspath(args.model) if args.model else None
     if model is not None and os.path.realpath(model) == os.path.realpath(os.path.join(args.output, BASE_MODEL)):
@@ -166,9 +167,20 @@ def run_settings(args: argparse.Namespace, max_length: int) -> Dict[str, object]
             "--batch-size": args.batch_size, "--seed": args.seed, "--max-length": max_length,
             "--num-virtual-tokens": args.num_virtual_tokens,
             "--projection-hidden-size": args.projection_hidden_size, "--pack": args.pack,
-            # unused with --eval-data: not a setting then (None matches any older value)
-            "--eval-fraction": args.eval_fraction if args.eval_data is None else None, "--lr": args.lr, "--weight-decay": args.weight_decay,
+            # unused with --eval-data: not a setting then (None matches any older value); with
+            # --eval-every 0 nothing is held out, whatever the fraction
+            "--eval-fraction": _eval_fraction(args), "--lr": args.lr, "--weight-decay": args.weight_decay,
             "--dtype": getattr(args, "dtype", "float32")}
+
+
+NOTHING_HELD_OUT = "0 (--eval-every 0: nothing held out)"
+
+
+def _eval_fraction(args: argparse.Namespace):
+    """The share of the data held out (a setting: it changes the data trained on)."""
+    if args.eval_data is not None:
+        return None
+    return args.eval_fraction if args.eval_every > 0 else NOTHING_HELD_OUT
 
 
 def _same_setting(old, new) -> bool:

@@ -214,6 +214,25 @@ def test_zero_means_no_eval_and_a_checkpoint_only_at_the_end(data, tmp_path, mon
     assert [r["step"] for r in _steps(out)] == [1, 2, 3] and not any("eval_loss" in r for r in _steps(out))
 
 
+def test_no_eval_holds_no_data_out(tmp_path, monkeypatch, capsys):
+    """--eval-every 0 still held out --eval-fraction of the data: never evaluated, never
+    trained on, silently. Every example trains now; a resume that turns eval on or off changes
+    the data trained on, and is refused."""
+    trained, real_step = [], train.train_step
+
+    def step(model, opt, batch, *args, **kwargs):
+        trained.extend(tuple(ids) for ids, _ in batch)
+        return real_step(model, opt, batch, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", step)
+    data = _write_jsonl(tmp_path / "data.jsonl", [{"text": f"example {i}"} for i in range(10)])
+    out = str(tmp_path / "out")
+    assert train.main([data, "-o", out, "--epochs", "1", "--eval-every", "0", *FAST]) == 0
+    assert len(set(trained)) == 10  # one epoch: every example
+    _user_error(capsys, [data, "-o", out, "--epochs", "2", "--eval-every", "2", "--resume", *FAST],
+                "--eval-fraction: 0 (--eval-every 0: nothing held out) -> 0.1")
+
+
 def test_max_length_leaves_room_for_the_prefix_positions(tmp_path, capsys):
     """GPT-2 numbers tokens after a prefix of P from P: max_length + P > n_positions overflowed."""
     from transformers.utils import logging as hf_logging
