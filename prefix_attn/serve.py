@@ -262,8 +262,12 @@ class _Output:
         if path == "-":
             self.f = sys.stdout
             return
+        if not path:
+            raise RequestError("output '' is empty: give a file name (or - for standard output)")
         if os.path.isdir(path):
             raise RequestError(f"output {path!r} is a folder; give a file name")
+        if path.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):  # a folder's name
+            raise RequestError(f"output {path!r} ends with a path separator: give a file name")
         try:
             self._made = _make_folders(os.path.dirname(os.path.abspath(path)))
             self._file = atomic.Replacement(path, suffix=".jsonl")

@@ -195,6 +195,20 @@ def test_output_path_errors_are_clean_and_come_before_the_model(tmp_path, capsys
     assert _no_leftovers(tmp_path) and (tmp_path / "afile").read_text() == ""
 
 
+def test_an_empty_output_or_one_that_names_a_folder_is_refused_before_the_model(tmp_path, capsys, no_model,
+                                                                                 monkeypatch):
+    """-o "" and -o newdir/ (a trailing separator: a folder) were refused only when the answers
+    were moved into place, after the model had loaded and every request had run."""
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "x"}'])
+    monkeypatch.chdir(tmp_path)
+    assert main(["-i", f, "-o", "", "--no-progress"]) == 2
+    assert "error: output '' is empty: give a file name (or - for standard output)" in capsys.readouterr().err
+    for out in ("newdir/", "r.jsonl/", "sub/newdir/"):
+        assert main(["-i", f, "-o", out, "--no-progress"]) == 2
+        assert f"error: output {out!r} ends with a path separator: give a file name" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl"]
+
+
 def test_output_that_is_the_request_file_is_refused(tmp_path, capsys, no_model):
     """-o naming the request file (or a link to it) replaced the requests with the answers."""
     f = _write(tmp_path / "r.jsonl", ['{"prompt": "x"}'])
