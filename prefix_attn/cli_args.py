@@ -23,8 +23,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer >= ``minimum``."""
+def int_at_least(minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``minimum`` (and <= ``maximum``, when given)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -32,8 +32,17 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
     return parse
+
+
+# --seed of every command: what torch's generators take (less than 2**64; the demo seeds one
+# with seed + 1), kept to a signed 64-bit integer. Larger values raised an OverflowError
+# from torch.manual_seed, after the data was read or the model loaded.
+MAX_SEED = 2 ** 63 - 1
+seed = int_at_least(0, MAX_SEED)
 
 
 def float_where(accept: Callable[[float], bool], requirement: str) -> Callable[[str], float]:

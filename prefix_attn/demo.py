@@ -263,7 +263,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--pretrain-steps", type=_positive, default=150,
                    help="steps of training the tiny base (ignored with --model)")
     p.add_argument("--virtual-tokens", type=_positive, default=16, help="prefix length of each task")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, the base and the prefixes")
+    p.add_argument("--seed", type=cli_args.seed, default=0,
+                   help="seed of the data, the base and the prefixes, 0 to 2**63 - 1")
     p.add_argument("--skip-check", action="store_true", help="skip the backend check (section 1)")
     p.add_argument("--skip-bench", action="store_true", help="skip the benchmarks (section 4)")
     p.set_defaults(func=run)

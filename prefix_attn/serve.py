@@ -99,7 +99,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="nucleus sampling mass (with --do-sample)")
     p.add_argument("--num-beams", type=cli_args.int_at_least(1), default=1,
                    help="beam search width (1 = no beam search)")
-    p.add_argument("--seed", type=int, default=0, help="torch seed (sampling)")
+    p.add_argument("--seed", type=cli_args.seed, default=0, help="torch seed (sampling), 0 to 2**63 - 1")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model and prefix dtype")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

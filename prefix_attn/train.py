@@ -347,10 +347,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="eval loss every N steps and at the end (0: no eval): with 0 no data is held out")
     p.add_argument("--save-every", type=count, default=50, metavar="N",
                    help="checkpoint every N steps (0: only at the end and when stopped by a signal)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=cli_args.seed, default=0,
                    help="seeds the batch order, the eval split, the prefix initialisation and, without "
                         "--model, the built-in random base model (then pass `--model OUTPUT/base_model` "
-                        "to prefix-attn generate)")
+                        "to prefix-attn generate); 0 to 2**63 - 1")
     p.add_argument("--device", default=None,
                    help="torch device: cpu, cuda, cuda:1, ... (default: cpu, with a note when CUDA is available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",

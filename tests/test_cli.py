@@ -110,6 +110,21 @@ def test_check_runs_with_a_backend_variable_it_does_not_use(monkeypatch, capsys)
     assert cli.main(["check", "--backend", "torch", "--dtype", "float32"]) == 0, capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["train", "data.jsonl", "-o", "out"],
+                                     ["generate", "-i", "r.jsonl", "-o", "o.jsonl"], ["demo"]])
+@pytest.mark.parametrize("seed, words", [
+    ("99999999999999999999", "must be at most 9223372036854775807"), ("-1", "must be at least 0"),
+    ("x", "expected an integer, got 'x'")])
+def test_a_seed_out_of_range_is_a_usage_error(tmp_path, monkeypatch, capsys, command, seed, words):
+    """A --seed torch cannot take (2**64 and over) ended train in a traceback after the data was
+    read, and generate in "Overflow when unpacking long long" after the model had loaded."""
+    monkeypatch.chdir(tmp_path)  # nothing may be written: no file is there to read either
+    with pytest.raises(SystemExit) as info:
+        cli.main([*command, "--seed", seed])
+    assert info.value.code == 2 and f"argument --seed: {words}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_device_that_torch_does_not_know_is_named_plainly(capsys):
     assert cli.main(["check", "--device", "gpu"]) == 2
     assert "--device gpu: not a torch device; use cpu, cuda or cuda:N" in capsys.readouterr().err
