@@ -246,23 +246,17 @@ def benchmark(device: str, reps: int = 5) -> List[dict]:
 
 
 # -- CLI -------------------------------------------------------------------------------
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("demo", help="the whole story in a few minutes: check, train, serve, benchmark",
                               formatter_class=cli_args.HelpFormatter)
     p.add_argument("--model", default=None, help="a local HF causal LM folder (omit for the built-in tiny model)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--steps", type=_positive, default=150,
+    positive = cli_args.int_at_least(1)
+    p.add_argument("--steps", type=positive, default=150,
                    help="most prefix-tuning steps (stops early once the loss has halved)")
-    p.add_argument("--pretrain-steps", type=_positive, default=150,
+    p.add_argument("--pretrain-steps", type=positive, default=150,
                    help="steps of training the tiny base (ignored with --model)")
-    p.add_argument("--virtual-tokens", type=_positive, default=16, help="prefix length of each task")
+    p.add_argument("--virtual-tokens", type=positive, default=16, help="prefix length of each task")
     p.add_argument("--seed", type=cli_args.seed, default=0,
                    help="seed of the data, the base and the prefixes, 0 to 2**63 - 1")
     p.add_argument("--skip-check", action="store_true", help="skip the backend check (section 1)")

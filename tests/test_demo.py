@@ -121,9 +121,10 @@ def test_demo_check_that_runs_nothing_is_not_a_pass(monkeypatch, capsys):
 
 
 def test_demo_usage_errors_exit_2(tmp_path, capsys):
-    with pytest.raises(SystemExit) as info:
-        cli.main(["demo", "--steps", "0"])
-    assert info.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+    for value, words in (("abc", "expected an integer, got 'abc'"), ("0", "must be at least 1, got 0")):
+        with pytest.raises(SystemExit) as info:  # "abc" was an "invalid _positive value"
+            cli.main(["demo", "--steps", value])
+        assert info.value.code == 2 and f"argument --steps: {words}" in capsys.readouterr().err
     assert cli.main(["demo", "--model", str(tmp_path / "missing")]) == 2
     assert "model folder not found" in capsys.readouterr().err
 
