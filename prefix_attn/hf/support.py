@@ -81,6 +81,11 @@ def unsupported_model(model) -> Optional[str]:
     if getattr(text, "kv_lora_rank", None) or getattr(text, "qk_rope_head_dim", None):
         return (f"{name} uses multi-head latent attention (keys and values of different head "
                 "dims), which the prefix bank and kernels do not support")
+    if getattr(text, "model_type", None) == "falcon":
+        return (f"{name}'s decoder layers do not pass keyword arguments on to their attention "
+                "(no prefix reaches it: an error at the forward, ignored under torch.compile), "
+                "and ALiBi Falcon adds its bias to a mask prefix_attn does not build; use PEFT "
+                "for it")
     if not uses_attention_interface(model):
         return (f"{name} computes attention in its own code, not through transformers' "
                 "AttentionInterface, so no attention implementation (prefix_attn included) can "
