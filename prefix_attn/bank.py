@@ -619,10 +619,13 @@ class PrefixBank(nn.Module):
         anchor = False
         if torch.is_grad_enabled():
             trains = [i for i, n in enumerate(names) if _trains(entries[n])]
-            if trains and self._under_fsdp():
+            if trains and (self._under_fsdp() or (self.training and distributed.world_size() > 1
+                                                  and not used.intersection(trains))):
                 # FSDP2 needs every rank to use the same parameters in a step: every trainable
                 # entry joins the graph (a zero gradient where no row of this rank selects it);
-                # otherwise ranks whose rows pick different prefixes get wrong gradients, silently
+                # otherwise ranks whose rows pick different prefixes get wrong gradients, silently.
+                # Under DDP, a rank whose batch selects none would reach no parameter: its
+                # reducer never joins the all-reduce, and every rank hangs
                 used.update(trains)
             # a training batch (the bank follows model.train()) that selects no trainable entry
             # (rows without a prefix: a micro-batch of them comes up in multi-task data) had a
