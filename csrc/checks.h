@@ -9,6 +9,7 @@
 #include <c10/util/Optional.h>
 
 #include <cmath>
+#include <limits>
 #include <utility>
 
 namespace prefix_attn {
@@ -29,7 +30,8 @@ inline void check_device(const at::Tensor& t, const char* name, const at::Tensor
 }
 
 inline void check_last_dim(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "prefix_attn: ", name,
+  // an empty tensor is read nowhere, whatever its strides (a slice [..., ::2] of zero rows)
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1 || t.numel() == 0, "prefix_attn: ", name,
               " must have a contiguous last dimension, got strides ", t.strides());
 }
 
@@ -56,7 +58,7 @@ inline Dims check_fwd_args(const at::Tensor& q, const at::Tensor& k, const at::T
               " does not match q ", q.sizes(), " in batch or head dim");
   TORCH_CHECK(prefix_k.size(1) == d.Hkv && prefix_k.size(3) == d.D, "prefix_attn: prefix_k ",
               prefix_k.sizes(), " does not match k ", k.sizes(), " in kv heads or head dim");
-  TORCH_CHECK(d.Hkv > 0 && d.Hq % d.Hkv == 0, "prefix_attn: Hq=", d.Hq,
+  TORCH_CHECK(d.Hkv > 0 && d.Hq > 0 && d.Hq % d.Hkv == 0, "prefix_attn: Hq=", d.Hq,
               " must be a multiple of Hkv=", d.Hkv);
   TORCH_CHECK(d.N >= 1, "prefix_attn: the prefix bank needs N >= 1 entries, got ", prefix_k.sizes());
   TORCH_CHECK(d.D >= 1 && d.D <= max_head_dim, "prefix_attn: head dim ", d.D,
@@ -93,7 +95,15 @@ inline Dims check_fwd_args(const at::Tensor& q, const at::Tensor& k, const at::T
                 "prefix_attn: key_padding_mask must be bool [B=", d.B, ", Skv=", d.Skv, "], got ",
                 m.scalar_type(), " ", m.sizes());
   }
-  TORCH_CHECK(std::isfinite(scale), "prefix_attn: scale must be finite, got ", scale);
+  // the kernels take scale and softcap as float32: a value that overflows there, or a softcap
+  // that rounds to 0 (read as "none"), is refused
+  constexpr double kFloatMax = std::numeric_limits<float>::max();
+  TORCH_CHECK(std::isfinite(scale) && std::abs(scale) <= kFloatMax,
+              "prefix_attn: scale must be finite in float32, got ", scale);
+  TORCH_CHECK(softcap == 0.0 || (softcap >= std::numeric_limits<float>::min() &&
+                                 softcap <= kFloatMax && std::abs(scale) / softcap <= kFloatMax),
+              "prefix_attn: softcap must be 0 (none) or a normal float32 with scale / softcap "
+              "finite in float32, got ", softcap);
   // at most 2**62 as in Python: the kernels add it to positions in int64
   TORCH_CHECK(window == -1 || (window > 0 && window <= (int64_t{1} << 62)),
               "prefix_attn: window must be -1 (none) or in [1, 2**62], got ", window);

@@ -77,10 +77,12 @@ struct BwdCall {
   }
 };
 
-// The fused backward holds all queries of one (row, kv head) in fp32 (3 copies), so it runs
-// when there are enough (row, kv head) items for the cores (a shape rule: results do not
-// depend on the thread count) and that buffer stays moderate; PREFIX_ATTN_CPU_BWD=fused|split
-// forces a path (tests).
+// The fused backward holds all queries of one (row, kv head) in fp32 (3 copies) and a prefix
+// gradient partial per (row, kv head) (2 * B * Hkv * P * D fp32, reduced per entry after), so
+// it runs when there are enough (row, kv head) items for the cores (a shape rule: results do
+// not depend on the thread count) and both stay moderate (at B 32, Hkv 4, P 2048, D 64 the
+// partials took 147 MB for a 4 MB gradient, and the split path was not slower);
+// PREFIX_ATTN_CPU_BWD=fused|split forces a path (tests).
 bool fused_bwd_chosen(const AttnParams& p, int64_t bm) {
   if (const char* env = std::getenv("PREFIX_ATTN_CPU_BWD"); env && *env) {
     if (std::strcmp(env, "fused") == 0) return true;
@@ -89,7 +91,8 @@ bool fused_bwd_chosen(const AttnParams& p, int64_t bm) {
                       "': expected one of fused, split (or unset)");
   }
   const int64_t rows_all = ((p.Sq + bm - 1) / bm) * bm * p.G;
-  return p.B * p.Hkv >= 4 && rows_all * p.D <= (int64_t{1} << 22);
+  return p.B * p.Hkv >= 4 && rows_all * p.D <= (int64_t{1} << 22) &&
+         2 * p.B * p.Hkv * p.P * p.D <= (int64_t{1} << 23);
 }
 
 template <typename T>

@@ -67,12 +67,16 @@ struct Scratch {
   Scratch& operator=(const Scratch&) = delete;
 };
 
+// BLAS takes sizes and leading dims as 32-bit ints: a larger one (a legal stride of a size-1
+// dimension, 2**31) was cut, and MKL returned garbage after a message on stdout.
+constexpr int64_t kMaxBlasLd = std::numeric_limits<int>::max();
+
 // Row-major C[M,N] = alpha * op(A)[M,K] @ op(B)[K,N] + beta * C, op = transpose when t* set.
 inline void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
                     const float* A, int64_t lda, const float* Bm, int64_t ldb, float beta,
                     float* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
-  if (sgemm_ != nullptr) {
+  if (sgemm_ != nullptr && std::max({M, N, K, lda, ldb, ldc}) <= kMaxBlasLd) {
     // A row-major matrix is its column-major transpose: C^T = op(B)^T op(A)^T.
     const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
     const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
@@ -204,8 +208,13 @@ template <typename T>
 inline const float* key_tile(const T* src, int64_t ld, int64_t rows, int64_t D, float* buf,
                              int64_t* ld_out) {
   if constexpr (std::is_same_v<T, float>) {
-    *ld_out = ld;
-    return src;
+    if (ld <= kMaxBlasLd) {  // read in place; else copied (BLAS takes a 32-bit leading dim)
+      *ld_out = ld;
+      return src;
+    }
+    load_rows(buf, src, ld, rows, D, 1.f);
+    *ld_out = D;
+    return buf;
   } else {
     load_rows(buf, src, ld, rows, D, 1.f);
     *ld_out = D;
