@@ -161,6 +161,12 @@ def _shares_storage(t: Tensor, held: list) -> bool:
         return False
 
 
+def _holds_data(what: str, device: torch.device) -> None:
+    if device.type == "meta":
+        raise ValueError(f"{what} is on meta: a tensor on meta holds no data (the model's weights "
+                         "not loaded yet: init_empty_weights); add entries once it is loaded")
+
+
 def _version_of(t: Tensor) -> Optional[int]:
     return None if t.is_inference() else t._version
 
@@ -323,6 +329,7 @@ class PrefixBank(nn.Module):
                 raise ValueError(f"{arg}: expected shape [L={L}, Hkv={Hkv}, P, D={D}], got {list(t.shape)}")
             if not t.is_floating_point():
                 raise TypeError(f"{arg} must be floating point, got {t.dtype}")
+            _holds_data(f"entry {name!r}: {arg}", t.device)
         if keys.shape != values.shape:
             raise ValueError(f"keys {list(keys.shape)} and values {list(values.shape)} must have the same shape")
         kv = torch.stack([keys.detach(), values.detach()], dim=1).to(device=self.device, dtype=self.dtype)
@@ -333,6 +340,8 @@ class PrefixBank(nn.Module):
         self._commit(name, self._fixed_entry(name, kv, kind, signature))
 
     def _fixed_entry(self, name: str, kv: Tensor, kind: str, signature=None) -> _Entry:
+        _holds_data(f"entry {name!r}: the bank", self.device)
+        _holds_data(f"entry {name!r}: its values", kv.device)
         kv = kv.detach().to(device=self.device, dtype=self.dtype).contiguous()
         if kv._base is not None:  # never keep a view that pins a larger storage
             kv = kv.clone()
@@ -803,7 +812,10 @@ class PrefixBank(nn.Module):
         with self._lock:  # writers change self.trainable, which super()._apply walks
             super()._apply(fn, recurse)
             version, entries = self._state
-            probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
+            try:
+                probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
+            except NotImplementedError:  # from meta ("cannot copy out of meta tensor"): the
+                probe = fn(torch.empty(0, dtype=self.dtype))  # model attached before its load
             moved = {n: (dataclasses.replace(e, kv=_normal_tensor(fn(e.kv))) if e.kv is not None else e)
                      for n, e in entries.items()}
             self.dtype, self.device = probe.dtype, probe.device

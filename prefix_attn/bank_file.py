@@ -15,6 +15,7 @@ from . import atomic, peft_format
 BANK_FILE = "prefix_bank.safetensors"
 KINDS = ("fixed", "prompt")
 FORMAT = "1"  # the layout of the file; read() refuses any other
+SIGNATURES = "model_signatures_2"  # model_info.model_signature's samples since they moved
 
 
 @dataclass
@@ -46,7 +47,7 @@ def write(directory: str, saved: SavedBank) -> None:
         "prefix_attn_bank": FORMAT,
         "names": json.dumps(saved.names),
         "kinds": json.dumps(saved.kinds),
-        "model_signatures": json.dumps(saved.signatures),
+        SIGNATURES: json.dumps(saved.signatures),
         **{k: str(v) for k, v in zip(("num_layers", "num_kv_heads", "head_dim"), saved.dims)},
     }
     tensors = {f"entry_{i}": t for i, t in enumerate(saved.tensors)}
@@ -72,7 +73,8 @@ def read(directory: str, tensors: bool = True) -> SavedBank:
             kinds = json.loads(meta.get("kinds", "null")) or ["fixed"] * len(names)
             if len(kinds) != len(names) or not all(k in KINDS for k in kinds):
                 raise ValueError(f"bad entry kinds {kinds!r}")
-            signatures = json.loads(meta.get("model_signatures", "null")) or [None] * len(names)
+            # older files sampled other weights ("model_signatures"): not compared
+            signatures = json.loads(meta.get(SIGNATURES, "null")) or [None] * len(names)
             if len(signatures) != len(names):
                 raise ValueError(f"bad model signatures {signatures!r}")
             dims = tuple(int(meta[k]) for k in ("num_layers", "num_kv_heads", "head_dim"))

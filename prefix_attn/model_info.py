@@ -59,9 +59,20 @@ def config_value(config, name: str):
 
 
 def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of the model's first floating weight that holds data. Weights on
+    ``meta`` are offloaded (accelerate's disk / CPU offload, ``device_map`` with "disk") or not
+    loaded yet (``init_empty_weights``): skipped; when all are, the device the model runs on
+    (accelerate's hook) or, without one, ``meta`` (the bank follows the load's ``.to()``)."""
+    offloaded = None
     for p in itertools.chain(model.parameters(), model.buffers()):
         if p.is_floating_point():
-            return p.dtype, p.device
+            if p.device.type != "meta":
+                return p.dtype, p.device
+            if offloaded is None:
+                offloaded = p
+    if offloaded is not None:
+        runs_on = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
+        return offloaded.dtype, torch.device(runs_on) if runs_on is not None else offloaded.device
     return torch.get_default_dtype(), torch.device("cpu")
 
 
@@ -69,26 +80,33 @@ _SIGNATURE_SIZE = 64
 
 
 def model_signature(model: nn.Module) -> list:
-    """A few weights of ``model`` (the middle value of up to 64 parameter tensors spread over
-    it), as floats: a prompt entry's KV fits only the model that computed it, and this tells
-    two models apart while staying stable under a dtype or device move."""
+    """A few weights of ``model`` (of up to 64 parameter tensors spread over it, the middle
+    value of each one's first row: resizing the token embeddings appends rows and moves no
+    sample), as floats, None for a weight offloaded to ``meta``: a prompt entry's KV fits only
+    the model that computed it, and this tells two models apart while staying stable under a
+    dtype or device move."""
     bank = getattr(model, "prefix_bank", None)
     own = {id(p) for p in bank.parameters()} if isinstance(bank, nn.Module) else set()
     params = [p for p in model.parameters() if p.numel() and id(p) not in own]  # the base only
     step = max(1, len(params) // _SIGNATURE_SIZE)
     with torch.no_grad():
-        picks = [p.reshape(-1)[p.numel() // 2:p.numel() // 2 + 1].float()
+        picks = [None if p.device.type == "meta" else
+                 p.reshape(-1)[p.shape[-1] // 2:p.shape[-1] // 2 + 1].float()
                  for p in params[::step][:_SIGNATURE_SIZE]]
+        held = [t for t in picks if t is not None]
         try:  # one read-back (not one host sync per weight on a GPU)
-            return torch.cat(picks).tolist() if picks else []
+            values = iter(torch.cat(held).tolist() if held else [])
         except RuntimeError:  # weights on several devices (device_map)
-            return [float(t) for t in picks]
+            values = iter([float(t) for t in held])
+        return [None if t is None else next(values) for t in picks]
 
 
 def same_signature(a, b) -> bool:
-    """Equal up to bfloat16 rounding (a model saved in one dtype and loaded in another)."""
+    """Equal up to bfloat16 rounding (a model saved in one dtype and loaded in another), at the
+    samples both hold (an offloaded weight's is None)."""
     return b is not None and len(a) == len(b) and all(
-        abs(x - y) <= 1e-2 * max(abs(x), abs(y)) + 1e-6 for x, y in zip(a, b))
+        abs(x - y) <= 1e-2 * max(abs(x), abs(y)) + 1e-6
+        for x, y in zip(a, b) if x is not None and y is not None)
 
 
 def warn_window_vs_peft(model: Optional[nn.Module], what: str) -> None:

@@ -195,3 +195,84 @@ def test_a_forward_interrupted_by_a_base_exception_leaves_nothing_behind():
         assert len(seen) == 2 and all(ref() is None for ref in seen)
         model(input_ids=ids)  # raised "did not pass the prefix selection down"
         model(input_ids=ids, prefixes=["a", "b"])
+
+
+def test_a_model_with_weights_offloaded_to_disk_serves_prefixes(tmp_path):
+    """device_map with "disk" entries leaves those weights on meta: the bank took its device from
+    the first weight (meta), stored added entries there without their data, and every forward
+    with a prefix failed ("Cannot copy out of meta tensor"); add_prompt failed reading its
+    weight signature (from a lifecycle audit). The bank now sits where the model runs."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_model("llama")
+    src.save_pretrained(str(tmp_path / "m"))
+    device_map = {"model.embed_tokens": "disk", "model.layers": "cpu", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "disk"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(
+            str(tmp_path / "m"), attn_implementation="prefix_attn", device_map=device_map,
+            offload_folder=str(tmp_path / "off"))
+    bank, ref = PrefixBank.attach(model), PrefixBank.attach(src)
+    assert bank.device.type == "cpu"
+    kv = torch.randn(2, 2, 2, 3, 8, generator=torch.Generator().manual_seed(0))
+    for b in (bank, ref):
+        b.add("x", *kv)
+        b.add_prompt("sys", torch.tensor([4, 5, 6]))
+    ids = torch.tensor([[5, 9, 11, 3], [7, 8, 9, 10]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, prefixes=["x", "sys"]).logits,
+                                   src(ids, prefixes=["x", "sys"]).logits, rtol=1e-5, atol=1e-5)
+    bank.save(str(tmp_path / "bank"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the prompt entry fits: no "computed by another model"
+        PrefixBank.load(str(tmp_path / "bank"), src)
+
+
+def test_a_bank_attached_before_the_weights_are_loaded():
+    """PEFT-style: prefix_tuning on a model made under init_empty_weights, then the checkpoint
+    loaded and dispatched. The bank's move probe failed on meta ("Cannot copy out of meta
+    tensor"), so did every later model.to(); entries given on meta (no data) are refused."""
+    accelerate = pytest.importorskip("accelerate")
+    import os
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from prefix_attn.tiny import tiny_config
+
+    src = tiny_model("llama")
+    prefix_attn.prefix_tuning(src, num_virtual_tokens=3, name="a")
+    folder = tempfile.mkdtemp()
+    src.save_pretrained(folder)
+    with accelerate.init_empty_weights():
+        model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="prefix_attn")
+    prefix_attn.prefix_tuning(model, num_virtual_tokens=3, name="a")
+    with pytest.raises(ValueError, match="on meta holds no data"):
+        model.prefix_bank.add("f", torch.randn(2, 2, 4, 8, device="meta"),
+                              torch.randn(2, 2, 4, 8, device="meta"))
+    accelerate.load_checkpoint_and_dispatch(model, os.path.join(folder, "model.safetensors"),
+                                            device_map={"": "cpu"})
+    model.to("cpu")
+    assert model.prefix_bank.device.type == "cpu"
+    ids = torch.tensor([[5, 9, 11, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, prefixes="a").logits, src(ids, prefixes="a").logits)
+
+
+def test_a_prompt_entry_still_fits_after_the_embeddings_are_resized(tmp_path):
+    """The weight signature sampled the middle of each weight, which resizing the token
+    embeddings (a pad token added) moves: loading a bank warned that its prompt entry was
+    computed by another model, though its KV is unchanged."""
+    model = tiny_model("llama")
+    bank = PrefixBank.attach(model)
+    bank.add_prompt("sys", torch.tensor([4, 5, 6, 7]))
+    bank.save(str(tmp_path))
+    model.resize_token_embeddings(model.config.vocab_size + 1, mean_resizing=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PrefixBank.load(str(tmp_path), model)
+    other = tiny_model("llama", seed=1)
+    with pytest.warns(UserWarning, match="computed by another model"):
+        PrefixBank.load(str(tmp_path), other)
