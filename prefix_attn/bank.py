@@ -628,14 +628,18 @@ class PrefixBank(nn.Module):
         anchor = False
         if torch.is_grad_enabled():
             trains = [i for i, n in enumerate(names) if _trains(entries[n])]
-            if trains and (self._under_fsdp() or (self.training and distributed.world_size() > 1
-                                                  and not used.intersection(trains))):
+            if trains and self._under_fsdp():
                 # FSDP2 needs every rank to use the same parameters in a step: every trainable
                 # entry joins the graph (a zero gradient where no row of this rank selects it);
-                # otherwise ranks whose rows pick different prefixes get wrong gradients, silently.
-                # Under DDP, a rank whose batch selects none would reach no parameter: its
-                # reducer never joins the all-reduce, and every rank hangs
+                # otherwise ranks whose rows pick different prefixes get wrong gradients, silently
                 used.update(trains)
+            elif trains and self.training and distributed.world_size() > 1 \
+                    and not used.intersection(trains):
+                # DDP: a rank whose batch selects none would reach no parameter: its reducer
+                # never joins the all-reduce, and every rank hangs. One entry joins (a zero
+                # gradient here); joining all gave entries no rank selected a zero gradient,
+                # which AdamW's weight decay and momentum then moved
+                used.add(trains[0])
             # a training batch (the bank follows model.train()) that selects no trainable entry
             # (rows without a prefix: a micro-batch of them comes up in multi-task data) had a
             # loss without a graph when only prefixes train: backward() failed with "element 0

@@ -63,17 +63,19 @@ def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     ``meta`` are offloaded (accelerate's disk / CPU offload, ``device_map`` with "disk") or not
     loaded yet (``init_empty_weights``): skipped; when all are, the device the model runs on
     (accelerate's hook) or, without one, ``meta`` (the bank follows the load's ``.to()``)."""
-    offloaded = None
-    for p in itertools.chain(model.parameters(), model.buffers()):
-        if p.is_floating_point():
-            if p.device.type != "meta":
-                return p.dtype, p.device
-            if offloaded is None:
-                offloaded = p
-    if offloaded is not None:
-        runs_on = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
-        return offloaded.dtype, torch.device(runs_on) if runs_on is not None else offloaded.device
-    return torch.get_default_dtype(), torch.device("cpu")
+    weights = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+    if not weights:
+        return torch.get_default_dtype(), torch.device("cpu")
+    loaded = [t for t in weights if t.device.type != "meta"]
+    if len(loaded) == len(weights):
+        return weights[0].dtype, weights[0].device
+    # the dtype of the first parameter, on meta or not (buffers such as RoPE's inv_freq stay
+    # float32 in a bf16 model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), weights[0].dtype)
+    runs_on = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
+    if runs_on is not None:
+        return dtype, torch.device(runs_on)
+    return dtype, loaded[0].device if loaded else weights[0].device
 
 
 _SIGNATURE_SIZE = 64
@@ -91,7 +93,7 @@ def model_signature(model: nn.Module) -> list:
     step = max(1, len(params) // _SIGNATURE_SIZE)
     with torch.no_grad():
         picks = [None if p.device.type == "meta" else
-                 p.reshape(-1)[p.shape[-1] // 2:p.shape[-1] // 2 + 1].float()
+                 p.reshape(-1)[_first_row_middle(p):_first_row_middle(p) + 1].float()
                  for p in params[::step][:_SIGNATURE_SIZE]]
         held = [t for t in picks if t is not None]
         try:  # one read-back (not one host sync per weight on a GPU)
@@ -99,6 +101,10 @@ def model_signature(model: nn.Module) -> list:
         except RuntimeError:  # weights on several devices (device_map)
             values = iter([float(t) for t in held])
         return [None if t is None else next(values) for t in picks]
+
+
+def _first_row_middle(p: Tensor) -> int:
+    return p.shape[-1] // 2 if p.dim() else 0
 
 
 def same_signature(a, b) -> bool:

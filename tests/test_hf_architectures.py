@@ -355,3 +355,20 @@ def test_layers_sharing_earlier_layers_kv_are_refused():
     with pytest.raises(ValueError, match="KV sharing"):
         prefix_attn.prefix_tuning(model, num_virtual_tokens=4, name="a")
     assert not hasattr(model, "prefix_bank")
+
+
+def test_layers_reusing_kv_by_source_are_refused():
+    """Kolibri 1.1 shares KV through kv_source_layers (transformers' kv_sharing_modes says
+    "reuse"), not num_kv_shared_layers: it attached without a word."""
+    if not hasattr(tf, "Kolibri1_1Config"):
+        pytest.skip("this transformers has no Kolibri 1.1")
+    cfg = tf.Kolibri1_1Config(vocab_size=128, hidden_size=32, num_hidden_layers=10, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, moe_intermediate_size=16, num_experts=2,
+                              num_experts_per_tok=1, shared_expert_intermediate_size=16,
+                              mlp_only_intermediate_size=32, sliding_window=8, index_num_heads=1,
+                              index_topk=8, index_pool_size=64, index_compression=16,
+                              max_position_embeddings=256)
+    assert "reuse" in cfg.kv_sharing_modes
+    model = _build(tf.Kolibri1_1ForCausalLM, cfg, "eager")
+    with pytest.raises(ValueError, match="KV sharing"):
+        prefix_attn.prefix_tuning(model, num_virtual_tokens=4, name="a")

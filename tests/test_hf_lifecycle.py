@@ -276,3 +276,25 @@ def test_a_prompt_entry_still_fits_after_the_embeddings_are_resized(tmp_path):
     other = tiny_model("llama", seed=1)
     with pytest.warns(UserWarning, match="computed by another model"):
         PrefixBank.load(str(tmp_path), other)
+
+
+def test_a_scalar_parameter_does_not_break_the_weight_signature():
+    """A 0-d parameter (a learned temperature): the signature's first-row sample indexed its
+    shape[-1] and add_prompt failed (IndexError)."""
+    model = tiny_model("llama")
+    model.register_parameter("temperature", torch.nn.Parameter(torch.tensor(1.0)))
+    PrefixBank.attach(model).add_prompt("sys", torch.tensor([4, 5, 6]))
+
+
+def test_a_bf16_model_on_meta_gets_a_bf16_bank():
+    """All parameters on meta (init_empty_weights in bf16): the first floating tensor holding
+    data was RoPE's float32 inv_freq buffer, so the bank was float32 beside bf16 weights."""
+    accelerate = pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    from prefix_attn.tiny import tiny_config
+
+    with accelerate.init_empty_weights():
+        model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="prefix_attn",
+                                                 dtype=torch.bfloat16)
+    assert PrefixBank.attach(model).dtype == torch.bfloat16

@@ -358,3 +358,12 @@ def test_a_bad_id_tensor_is_named_as_given(ids, words):
     model, _ = _served()
     with pytest.raises(ValueError, match=words):
         model.generate(_ids(B=3), prefixes=ids, num_beams=2, max_new_tokens=2, pad_token_id=0)
+
+
+def test_a_wrapped_assistant_drafts_without_prefixes():
+    """An assistant given as torch.compile's OptimizedModule (or a PeftModel) runs the generate of
+    the model inside it: that model was not recognised as the assistant (a review of the
+    _ASSISTING change) and raised "without a prefix bank"."""
+    model, _ = _served()
+    assistant = torch.compile(tiny_model("llama", vocab_size=64, seed=3).eval(), backend="eager")
+    _assert_assisted_equals_greedy(model, assistant)

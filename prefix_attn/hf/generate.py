@@ -92,7 +92,10 @@ def _wrap_generate(generate):
             return generate(self, *args, **kwargs)
         prefixes = kwargs[PREFIXES_KWARG] = _one_per_row(_from_numpy(prefixes), args, kwargs)
         assisting = _ASSISTING.get()
-        drafts_for = assisting[1] if assisting is not None and assisting[0] is self else None
+        # the assistant as given may wrap the model whose generate runs (torch.compile's
+        # OptimizedModule, a PeftModel): it is one of its modules
+        drafts_for = assisting[1] if assisting is not None and any(
+            m is self for m in assisting[0].modules()) else None
         bank = self.__dict__.get("_modules", {}).get("prefix_bank")
         if bank is None:
             from ..bank import PrefixBank

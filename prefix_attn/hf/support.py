@@ -94,10 +94,10 @@ def unsupported_model(model) -> Optional[str]:
         model_info.model_dims(model)
     except ValueError as e:
         return f"{name}: {e}"
-    if getattr(text, "num_kv_shared_layers", None):
-        return (f"{name}'s last {text.num_kv_shared_layers} layers reuse earlier layers' keys and "
-                "values (KV sharing), and with them those layers' prefixes under PEFT; prefix_attn "
-                "gives every layer its own prefix, so it does not support such models")
+    if getattr(text, "num_kv_shared_layers", None) or "reuse" in (getattr(text, "kv_sharing_modes", None) or ()):
+        return (f"{name}'s layers reuse earlier layers' keys and values (KV sharing), and with "
+                "them those layers' prefixes under PEFT; prefix_attn gives every layer its own "
+                "prefix, so it does not support such models")
     if getattr(text, "relative_attention_num_buckets", None):
         return (f"{name} adds a T5-style relative position bias to its attention scores, which "
                 "prefix_attn does not apply; use PEFT for it")
