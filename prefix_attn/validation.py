@@ -153,6 +153,17 @@ def inherit_range(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _vmapped(t: torch.Tensor) -> bool:
+    """Whether torch.vmap maps over ``t`` at any level (functionalize and grad wrap tensors too,
+    and read their values fine)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
 def _value_range(t: torch.Tensor, name: str) -> tuple:
     """(min, max) of a non-empty integer tensor (None, None on the meta device: no values)."""
     known = _known(t)
@@ -160,10 +171,10 @@ def _value_range(t: torch.Tensor, name: str) -> tuple:
         return known[1], known[2]
     if t.device.type == "meta":
         return None, None
-    if torch._C._functorch.is_functorch_wrapped_tensor(t):
-        raise TypeError(f"{name} cannot be mapped over by torch.vmap / torch.func (its values "
-                        f"are range-checked on the host before a kernel reads with them): map "
-                        f"over q, k, v, prefix_k, prefix_v or key_padding_mask, or loop")
+    if _vmapped(t):
+        raise TypeError(f"{name} cannot be mapped over by torch.vmap (its values are range-checked "
+                        f"on the host before anything reads with them): map over q, k, v, "
+                        f"prefix_k, prefix_v or key_padding_mask, or loop")
     cache = t.device.type != "cpu" and not t.requires_grad and not torch.is_inference(t)
     if cache:
         hit = _RANGES.get(t)

@@ -217,3 +217,16 @@ def test_meta_tensors_reach_the_backend_choice():
     args = [kw.pop(n) for n in ("q", "k", "v", "prefix_k", "prefix_v")]
     with pytest.raises(RuntimeError, match="no backend accepts meta tensors"):
         prefix_attention(*args, **kw)
+
+
+def test_functionalize_reads_index_tensors():
+    """torch.func.functionalize wraps tensors too: the vmap refusal took them for mapped ones
+    (a review of that change; it ran and matched eager before)."""
+    kw = good()
+    args = [kw.pop(n) for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    ids, lens = kw.pop("prefix_ids"), kw.pop("prefix_lens")
+
+    def f(ids, lens):
+        return prefix_attention(*args, prefix_ids=ids, prefix_lens=lens, **kw)
+
+    torch.testing.assert_close(torch.func.functionalize(f)(ids, lens), f(ids, lens))
