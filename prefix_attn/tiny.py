@@ -262,7 +262,7 @@ def load_model_folder(model_dir: str, dtype: Optional[torch.dtype] = None):
     import pickle
 
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from prefix_attn import hf  # registers "prefix_attn"
 
@@ -270,13 +270,29 @@ def load_model_folder(model_dir: str, dtype: Optional[torch.dtype] = None):
         raise ModelFolderError(f"model folder not found: {model_dir}")
     kwargs = {} if dtype is None else {"dtype": dtype}
     try:
-        return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=hf.ATTN_NAME,
-                                                    local_files_only=True, **kwargs)
+        # the config alone first: it reads only the folder, so whatever it raises is the folder's
+        # fault (transformers' strict dataclass checks, an unknown model_type or field)
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(model_dir, config=config, local_files_only=True,
+                                                    attn_implementation=hf.ATTN_NAME, **kwargs)
+    except MemoryError:
+        raise
     # what transformers, safetensors and torch.load raise on a broken folder (a missing file, bad
-    # JSON, no model_type, a truncated header, a corrupt pickle, a size mismatch)
-    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:
+    # JSON, no model_type, a truncated header, a corrupt pickle, a size mismatch, an unknown
+    # activation (KeyError), fields another model_type does not have (AttributeError))
+    except (OSError, ValueError, RuntimeError, KeyError, AttributeError, TypeError,
+            SafetensorError, pickle.UnpicklingError, *_strict_errors()) as exc:
         raise ModelFolderError(f"cannot load a model from {model_dir}: {type(exc).__name__}: "
                                f"{_first_line(exc)}") from None
+
+
+def _strict_errors() -> tuple:
+    """huggingface_hub's validation errors of strict config dataclasses (not ValueErrors)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -100,13 +100,17 @@ def prefix_step(model, module, ids, mask, labels):
 # how a model folder is broken -> a word of the reason a command must give
 BROKEN_MODEL_FOLDERS = {"no weights": "no file named model.safetensors",
                         "truncated weights": "SafetensorError",
-                        "no model_type": "model_type"}
+                        "no model_type": "model_type",
+                        # a review found these still ending in tracebacks
+                        "heads not dividing the width": "cannot load a model from",
+                        "unknown activation": "KeyError"}
 
 
 def broken_model_folder(folder, how: str) -> str:
     """The built-in tiny model saved with its byte tokenizer in ``folder``, then broken ``how``
-    (a key of BROKEN_MODEL_FOLDERS): its weights file removed or cut to 300 bytes, or
-    ``model_type`` removed from its config.json."""
+    (a key of BROKEN_MODEL_FOLDERS): its weights file removed or cut to 300 bytes, or its
+    config.json without ``model_type``, with heads that do not divide the width, or with an
+    unknown activation."""
     import json
 
     from prefix_attn import tiny
@@ -119,8 +123,14 @@ def broken_model_folder(folder, how: str) -> str:
     elif how == "truncated weights":
         weights.write_bytes(weights.read_bytes()[:300])
     else:
-        config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items()
-                                      if k != "model_type"}))
+        fields = json.loads(config.read_text())
+        if how == "no model_type":
+            del fields["model_type"]
+        elif how == "heads not dividing the width":
+            fields.update(num_attention_heads=5, num_key_value_heads=5)
+        else:
+            fields["hidden_act"] = "no_such_activation"
+        config.write_text(json.dumps(fields))
     return str(folder)
 
 
