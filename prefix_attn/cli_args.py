@@ -39,10 +39,11 @@ def int_at_least(minimum: int, maximum: Optional[int] = None) -> Callable[[str],
 
 
 # --seed of every command: what torch's generators take (less than 2**64; the demo seeds one
-# with seed + 1), kept to a signed 64-bit integer. Larger values raised an OverflowError
-# from torch.manual_seed, after the data was read or the model loaded.
+# with seed + 1), kept to a signed 64-bit integer, negative ones included (torch wraps them,
+# and runs seeded so must still resume). Larger values raised an OverflowError from
+# torch.manual_seed, after the data was read or the model loaded.
 MAX_SEED = 2 ** 63 - 1
-seed = int_at_least(0, MAX_SEED)
+seed = int_at_least(-MAX_SEED - 1, MAX_SEED)
 
 
 def float_where(accept: Callable[[float], bool], requirement: str) -> Callable[[str], float]:

@@ -258,7 +258,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="steps of training the tiny base (ignored with --model)")
     p.add_argument("--virtual-tokens", type=positive, default=16, help="prefix length of each task")
     p.add_argument("--seed", type=cli_args.seed, default=0,
-                   help="seed of the data, the base and the prefixes, 0 to 2**63 - 1")
+                   help="seed of the data, the base and the prefixes, -2**63 to 2**63 - 1")
     p.add_argument("--skip-check", action="store_true", help="skip the backend check (section 1)")
     p.add_argument("--skip-bench", action="store_true", help="skip the benchmarks (section 4)")
     p.set_defaults(func=run)

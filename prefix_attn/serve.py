@@ -99,7 +99,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="nucleus sampling mass (with --do-sample)")
     p.add_argument("--num-beams", type=cli_args.int_at_least(1), default=1,
                    help="beam search width (1 = no beam search)")
-    p.add_argument("--seed", type=cli_args.seed, default=0, help="torch seed (sampling), 0 to 2**63 - 1")
+    p.add_argument("--seed", type=cli_args.seed, default=0, help="torch seed (sampling), -2**63 to 2**63 - 1")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model and prefix dtype")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -266,8 +266,10 @@ class _Output:
             raise RequestError("output '' is empty: give a file name (or - for standard output)")
         if os.path.isdir(path):
             raise RequestError(f"output {path!r} is a folder; give a file name")
-        if path.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):  # a folder's name
-            raise RequestError(f"output {path!r} ends with a path separator: give a file name")
+        if path.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)) \
+                or os.path.basename(path) in (".", ".."):  # a folder's name
+            raise RequestError(f"output {path!r} names a folder (a path separator, . or .. at "
+                               f"its end): give a file name")
         try:
             self._made = _make_folders(os.path.dirname(os.path.abspath(path)))
             self._file = atomic.Replacement(path, suffix=".jsonl")

@@ -350,7 +350,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=cli_args.seed, default=0,
                    help="seeds the batch order, the eval split, the prefix initialisation and, without "
                         "--model, the built-in random base model (then pass `--model OUTPUT/base_model` "
-                        "to prefix-attn generate); 0 to 2**63 - 1")
+                        "to prefix-attn generate); -2**63 to 2**63 - 1")
     p.add_argument("--device", default=None,
                    help="torch device: cpu, cuda, cuda:1, ... (default: cpu, with a note when CUDA is available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from prefix_attn import check, cli
 
@@ -113,7 +114,8 @@ def test_check_runs_with_a_backend_variable_it_does_not_use(monkeypatch, capsys)
 @pytest.mark.parametrize("command", [["train", "data.jsonl", "-o", "out"],
                                      ["generate", "-i", "r.jsonl", "-o", "o.jsonl"], ["demo"]])
 @pytest.mark.parametrize("seed, words", [
-    ("99999999999999999999", "must be at most 9223372036854775807"), ("-1", "must be at least 0"),
+    ("99999999999999999999", "must be at most 9223372036854775807"),
+    ("-9223372036854775809", "must be at least -9223372036854775808"),
     ("x", "expected an integer, got 'x'")])
 def test_a_seed_out_of_range_is_a_usage_error(tmp_path, monkeypatch, capsys, command, seed, words):
     """A --seed torch cannot take (2**64 and over) ended train in a traceback after the data was
@@ -123,6 +125,15 @@ def test_a_seed_out_of_range_is_a_usage_error(tmp_path, monkeypatch, capsys, com
         cli.main([*command, "--seed", seed])
     assert info.value.code == 2 and f"argument --seed: {words}" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_negative_seed_is_accepted(tmp_path, capsys):
+    """Negative seeds were accepted (torch wraps them) until the range check refused them, and
+    with them the resume of a run made so (a review)."""
+    from prefix_attn import cli_args
+
+    assert cli_args.seed("-5") == -5
+    torch.manual_seed(cli_args.seed(str(-2 ** 63)))
 
 
 def test_device_that_torch_does_not_know_is_named_plainly(capsys):

@@ -203,9 +203,9 @@ def test_an_empty_output_or_one_that_names_a_folder_is_refused_before_the_model(
     monkeypatch.chdir(tmp_path)
     assert main(["-i", f, "-o", "", "--no-progress"]) == 2
     assert "error: output '' is empty: give a file name (or - for standard output)" in capsys.readouterr().err
-    for out in ("newdir/", "r.jsonl/", "sub/newdir/"):
+    for out in ("newdir/", "r.jsonl/", "sub/newdir/", "newdir/.", "nd/sub/.."):  # the last two: a review
         assert main(["-i", f, "-o", out, "--no-progress"]) == 2
-        assert f"error: output {out!r} ends with a path separator: give a file name" in capsys.readouterr().err
+        assert f"error: output {out!r} names a folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl"]
 
 
