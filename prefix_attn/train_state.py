@@ -195,6 +195,15 @@ def _show_setting(value) -> str:
     return "none" if value is None else str(value)
 
 
+def _hint(key: str, was, now) -> str:
+    """How to give a setting the checkpoint's value where its flag alone does not say it."""
+    if key == "--eval-fraction" and now == NOTHING_HELD_OUT and isinstance(was, (int, float)):
+        # a run of an older version held out --eval-fraction with --eval-every 0 too
+        return (f" (this checkpoint held out {was} of the data: resume with --eval-every N > 0 "
+                f"to hold out the same examples)")
+    return ""
+
+
 def check_same_settings(state: dict, settings: Dict[str, object], ckpt_path: str) -> None:
     """Refuse to resume a checkpoint made with other settings, listing each (old -> new)."""
     old = state.get("settings")
@@ -202,7 +211,7 @@ def check_same_settings(state: dict, settings: Dict[str, object], ckpt_path: str
         warn("warning", f"{ckpt_path} predates stored settings: not checked against this run's")
         return
     unused = {"--eval-fraction"} if settings.get("--eval-fraction") is None else set()
-    changed = [f"{key}: {_show_setting(was)} -> {_show_setting(settings.get(key))}"
+    changed = [f"{key}: {_show_setting(was)} -> {_show_setting(settings.get(key))}{_hint(key, was, settings.get(key))}"
                for key, was in old.items()
                if key not in unused and not _same_setting(was, settings.get(key))]
     if changed:

@@ -233,6 +233,18 @@ def test_no_eval_holds_no_data_out(tmp_path, monkeypatch, capsys):
                 "--eval-fraction: 0 (--eval-every 0: nothing held out) -> 0.1")
 
 
+def test_a_checkpoint_that_held_data_out_says_how_to_resume_without_eval(tmp_path, capsys):
+    """A checkpoint that held out --eval-fraction (made with eval on, or by an older version with
+    --eval-every 0) resumed with --eval-every 0: refused as "0.1 -> nothing held out" although
+    the user gave the run's own command; the message now says how to keep the same split."""
+    data = _write_jsonl(tmp_path / "data.jsonl", [{"text": f"example {i}"} for i in range(10)])
+    out = str(tmp_path / "out")
+    assert train.main([data, "-o", out, "--epochs", "1", "--eval-every", "2", *FAST]) == 0
+    capsys.readouterr()
+    _user_error(capsys, [data, "-o", out, "--epochs", "2", "--eval-every", "0", "--resume", *FAST],
+                "(this checkpoint held out 0.1 of the data: resume with --eval-every N > 0")
+
+
 def test_max_length_leaves_room_for_the_prefix_positions(tmp_path, capsys):
     """GPT-2 numbers tokens after a prefix of P from P: max_length + P > n_positions overflowed."""
     from transformers.utils import logging as hf_logging
