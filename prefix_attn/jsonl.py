@@ -56,10 +56,12 @@ def read_lines(path: str, error: Type[Exception], what: str = "file") -> List[Tu
 
 
 def json_values(path: str, lines: List[Tuple[int, str]], error: Type[Exception],
-                arrays: bool = False) -> List[Tuple[int, object]]:
+                arrays: bool = False, finite: bool = False) -> List[Tuple[int, object]]:
     """[(line number, value)]: one value per non-blank line; with ``arrays``, a ``.json``
-    file holding one array gives its items (each with the line where it starts)."""
-    return [(line, value) for line, _, value in _values(path, lines, error, arrays)]
+    file holding one array gives its items (each with the line where it starts); with
+    ``finite``, NaN / Infinity / numbers beyond a float are refused (values that are written
+    back into an output file, which strict JSON readers must read)."""
+    return [(line, value) for line, _, value in _values(path, lines, error, arrays, finite)]
 
 
 def json_records(path: str, lines: List[Tuple[int, str]], error: Type[Exception],
@@ -68,15 +70,16 @@ def json_records(path: str, lines: List[Tuple[int, str]], error: Type[Exception]
     ``FILE:LINE``, or ``FILE:LINE: array index I`` for an item of a ``.json`` array (all the
     items of a one-line array start on line 1)."""
     return [(f"{path}:{line}" if index is None else f"{path}:{line}: array index {index}", value)
-            for line, index, value in _values(path, lines, error, arrays)]
+            for line, index, value in _values(path, lines, error, arrays, False)]
 
 
 class _NonStandard(ValueError):
-    """NaN / Infinity / -Infinity, which Python's json reads and strict JSON does not."""
+    """NaN / Infinity / -Infinity (which Python's json reads and strict JSON does not) or a
+    number beyond a float (read as inf)."""
 
 
 def _refuse_constant(name: str):
-    raise _NonStandard(name)
+    raise _NonStandard(f"{name} is not JSON (Python's extension)")
 
 
 def _loads(text: str):
@@ -88,43 +91,44 @@ def _loads(text: str):
 def _finite_float(text: str) -> float:
     value = float(text)
     if value in (float("inf"), float("-inf")):
-        raise _NonStandard(text)
+        raise _NonStandard(f"{text} is beyond a float's range")
     return value
 
 
 def _values(path: str, lines: List[Tuple[int, str]], error: Type[Exception],
-            arrays: bool) -> List[Tuple[int, Optional[int], object]]:
+            arrays: bool, finite: bool) -> List[Tuple[int, Optional[int], object]]:
     """[(line, array index or None, value)]."""
     dot_json = path.lower().endswith(".json")
     first = next((text.lstrip() for _, text in lines if text.strip()), "")
     if arrays and dot_json and first.startswith("["):
-        return _array_items(path, "\n".join(text for _, text in lines), error)
+        return _array_items(path, "\n".join(text for _, text in lines), error, finite)
     hint = "; a .json file holds one object per line, or one array of objects" if arrays and dot_json else ""
     values = []
     for n, text in lines:
         if not text.strip():
             continue
         try:
-            value = _loads(text)
+            value = _loads(text) if finite else json.loads(text)
         except json.JSONDecodeError as exc:
             raise error(f"{path}:{n}: not JSON ({exc.msg} at column {exc.colno}){hint}") from None
         except _NonStandard as exc:
-            raise error(f"{path}:{n}: {exc} is not JSON (Python's extension; strict readers, and "
-                        f"the answers file, refuse it): write a number or a string") from None
+            raise error(f"{path}:{n}: {exc}: strict JSON readers of the output would refuse "
+                        f"it; write a finite number or a string") from None
         _check_unicode(value, f"{path}:{n}", error)
         values.append((n, None, value))
     return values
 
 
-def _array_items(path: str, text: str, error: Type[Exception]) -> List[Tuple[int, int, object]]:
+def _array_items(path: str, text: str, error: Type[Exception],
+                 finite: bool) -> List[Tuple[int, int, object]]:
     """[(line where it starts, index, item)] of a JSON array document."""
     try:
-        values = _loads(text)
+        values = _loads(text) if finite else json.loads(text)
     except json.JSONDecodeError as exc:
         raise error(f"{path}:{exc.lineno}: not JSON ({exc.msg} at column {exc.colno})") from None
     except _NonStandard as exc:
-        raise error(f"{path}: {exc} is not JSON (Python's extension; strict readers, and the "
-                    f"answers file, refuse it): write a number or a string") from None
+        raise error(f"{path}: {exc}: strict JSON readers of the output would refuse it; write a "
+                    f"finite number or a string") from None
     decoder, items, opening = json.JSONDecoder(), [], text.index("[")
     pos, line = opening + 1, 1 + text.count("\n", 0, opening)
     for index, value in enumerate(values):  # walk the (valid) array again for the line of each item

@@ -40,7 +40,7 @@ def read_requests(path: str) -> List[Request]:
     lines = jsonl.read_lines(path, RequestError, what="requests file")
     requests: List[Request] = []
     id_lines: Dict[str, int] = {}  # the id as JSON -> line of its first use
-    for lineno, obj in jsonl.json_values(path, lines, RequestError):
+    for lineno, obj in jsonl.json_values(path, lines, RequestError, finite=True):
         request = _parse_request(obj, f"{path}:{lineno}", lineno)
         _check_unique_id(request, id_lines, f"{path}:{lineno}")
         requests.append(request)

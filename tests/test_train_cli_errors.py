@@ -245,6 +245,14 @@ def test_a_checkpoint_that_held_data_out_says_how_to_resume_without_eval(tmp_pat
                 "(this checkpoint held out 0.1 of the data: resume with --eval-every N > 0")
 
 
+def test_non_finite_numbers_in_fields_training_ignores_are_accepted(tmp_path):
+    """The check that refuses NaN in generate's requests (they are written back) refused them in
+    training data too, where nothing is written back (a review)."""
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "hello world", "score": NaN}\n{"text": "more", "score": 1e999}\n')
+    assert train.read_examples(str(path)) == [("", "hello world"), ("", "more")]
+
+
 def test_max_length_leaves_room_for_the_prefix_positions(tmp_path, capsys):
     """GPT-2 numbers tokens after a prefix of P from P: max_length + P > n_positions overflowed."""
     from transformers.utils import logging as hf_logging
