@@ -484,6 +484,29 @@ def _decode_batch(result: dict) -> int:
     return 64
 
 
+def _timing_note(result: dict) -> str:
+    """How many calls stand behind each figure. Runs since commit adad051 record their timing
+    rule; a result without one was timed by the rule before it, do_bench(fn, warmup=25,
+    rep=50) with rep in milliseconds: do_bench times max(1, int(50 / estimated ms)) calls, so
+    a figure of t ms is the median of about that many calls (one for a 26 ms call)."""
+    if result.get("timing"):
+        return f"Timing: {result['timing']}."
+    counts = {}
+    for r in result["records"]:
+        for side in ("ours", "baseline"):
+            ms = r[f"{side}_ms"]
+            if ms == ms and ms > 0:
+                n = max(1, int(50 / ms))
+                key = (r["mode"], side)
+                counts[key] = min(n, counts.get(key, n))
+    parts = [f"{_MODE_TEXT[m]} {side} {n}" for (m, side), n in
+             sorted(counts.items(), key=lambda kv: (list(_MODE_TEXT).index(kv[0][0]), kv[0][1] != "ours"))]
+    return ("Timing not recorded in this result: it was timed before commit adad051 fixed the "
+            "timer, by triton.testing.do_bench(fn, warmup=25, rep=50), rep in milliseconds, so "
+            "each figure is the median of only max(1, int(50 / ms)) timed calls; fewest per "
+            "figure: " + ", ".join(parts) + ".")
+
+
 def markdown(result: dict) -> str:
     """The README table of a result: one line per record, then the targets."""
     env, sh = result["environment"], result["shape"]
@@ -491,7 +514,7 @@ def markdown(result: dict) -> str:
              f"{env['date'][:10]}; {sh['dtype']}, B {sh['B']}, Hq {sh['Hq']}, Hkv {sh['Hkv']}, "
              f"D {sh['D']}, S {sh['S']}, causal; decode rows: B {_decode_batch(result)}, Sq 1 over "
              f"S own keys, one shared prefix. TFLOP/s count visible (query, key) pairs only; "
-             f"ratio = baseline time / ours.",
+             f"ratio = baseline time / ours. {_timing_note(result)}",
              "", "| P | pass | ours ms | ours TFLOP/s | baseline | baseline ms | baseline TFLOP/s | ratio |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["records"], key=lambda r: (r["P"], list(_MODE_TEXT).index(r["mode"]))):

@@ -148,3 +148,19 @@ def test_a_failing_baseline_is_recorded_as_nan_not_a_crash(bench):
     rec = bench._record("e2e", 128, 10.0, float("nan"), "peft_transformers", 1, 1, 8, 10, 10)
     t = bench.check_targets([rec])
     assert t["e2e_vs_peft_min"]["met"] is False
+
+
+def test_table_says_how_many_calls_stand_behind_each_figure(bench):
+    """The committed H200 result predates the fixed timer (adad051) and records no timing
+    rule: its caption says so and how few calls each figure was (one for the PEFT path's
+    fwd+bwd); a result with a timing rule shows it."""
+    path = os.path.join(os.path.dirname(_PATH), "results", "triton_gpu.json")
+    with open(path) as f:
+        old = json.load(f)
+    assert "timing" not in old
+    caption = bench.markdown(old).splitlines()[0]
+    assert "Timing not recorded" in caption and "adad051" in caption
+    assert "fwd+bwd baseline 1," in caption and "fwd+bwd ours 3," in caption
+    assert "backward ours 4," in caption
+    new = dict(old, timing="triton.testing.do_bench median, at least 10 calls")
+    assert "Timing: triton.testing.do_bench median, at least 10 calls." in bench.markdown(new)
