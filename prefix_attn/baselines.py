@@ -19,10 +19,19 @@ prefix (`masking_utils` then `integrations.sdpa_attention.sdpa_attention_forward
 
 tests/test_baselines.py checks both decisions and the SDPA call against transformers' own
 functions.
+
+transformers builds the mask and makes the keep / drop decision once per forward, for all
+layers (`masking_utils` in the model's forward); each layer then only concatenates its cache
+and calls SDPA. `peft_path_forward` is that once-per-forward part and `peft_path_layer` the
+per-layer part; a benchmark that times one layer calls the first outside the timed call.
+`peft_path_attention` is both in one call (the numbers of one layer, with the per-forward work
+counted as if every layer redid it).
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,9 +77,14 @@ def transformers_packs_gqa() -> bool:
 def sdpa_as_transformers(q, keys, vals, mask, scale):
     """SDPA as transformers calls it (see the module docstring). q [B, Hq, Sq, D],
     keys/vals [B, Hkv, L, D], mask: the dense visible mask [B, 1, Sq, L]."""
+    mask, is_causal = transformers_mask(mask)
+    return _sdpa_decided(q, keys, vals, mask, is_causal, scale)
+
+
+def _sdpa_decided(q, keys, vals, mask, is_causal, scale):
+    """transformers' `sdpa_attention_forward` given the mask it was handed (None: dropped)."""
     B, Hq, Sq, D = q.shape
     groups = Hq // keys.shape[1]
-    mask, is_causal = transformers_mask(mask)
     if groups > 1 and mask is None and keys.shape[-1] == vals.shape[-1] <= 256:
         return F.scaled_dot_product_attention(q, keys, vals, is_causal=is_causal, scale=scale,
                                               enable_gqa=True)
@@ -83,38 +97,92 @@ def sdpa_as_transformers(q, keys, vals, mask, scale):
                                           scale=scale)
 
 
-def peft_path_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None,
-                        prefix_lens=None, key_padding_mask=None, causal=True, scale=None,
-                        window=None, softcap=None):
-    """Same arguments as `prefix_attention` (no softcap: SDPA cannot express it)."""
+@dataclass(frozen=True)
+class PeftPathForward:
+    """What transformers works out once per forward, for every layer: the mask it hands SDPA
+    (None when dropped) and is_causal; with the rows' bank ids, the scale, and whether some
+    query may see no key (its NaN row is zeroed, as the contract says)."""
+
+    prefix_ids: torch.Tensor
+    attn_mask: Optional[torch.Tensor]
+    is_causal: bool
+    scale: float
+    zero_empty_rows: bool
+
+
+def _forward_of(a) -> PeftPathForward:
+    mask, is_causal = transformers_mask(visible_mask(a))
+    return PeftPathForward(a.prefix_ids, mask, is_causal, a.scale, _may_have_empty_rows(a))
+
+
+def peft_path_forward(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None,
+                      prefix_lens=None, key_padding_mask=None, causal=True, scale=None,
+                      window=None, softcap=None) -> PeftPathForward:
+    """The once-per-forward part of the PEFT path (the dense mask built and read on the host);
+    same arguments as `prefix_attention`. Hand the result to `peft_path_layer`."""
     if softcap is not None:
         raise ValueError("the SDPA baseline cannot express softcap")
-    a = normalize(q, k, v, prefix_k, prefix_v, prefix_ids=prefix_ids, prefix_lens=prefix_lens,
-                  key_padding_mask=key_padding_mask, causal=causal, scale=scale, window=window)
-    out = sdpa_as_transformers(a.q, *_concatenated(a), a.scale)
-    if _may_have_empty_rows(a):
+    return _forward_of(normalize(q, k, v, prefix_k, prefix_v, prefix_ids=prefix_ids,
+                                 prefix_lens=prefix_lens, key_padding_mask=key_padding_mask,
+                                 causal=causal, scale=scale, window=window))
+
+
+def peft_path_layer(q, k, v, prefix_k, prefix_v, fwd: PeftPathForward):
+    """The per-layer part of the PEFT path: each row's prefix concatenated to its own K/V (the
+    cache update's copy), then SDPA as transformers calls it with the forward's mask. q
+    [B, Hq, Sq, D], k/v [B, Hkv, Skv, D], prefix_k/v [N, Hkv, P, D] or [Hkv, P, D] (or None),
+    all of the shapes `fwd` was made for; nothing is validated here."""
+    if prefix_k is not None:
+        if prefix_k.dim() == 3:
+            prefix_k, prefix_v = prefix_k[None], prefix_v[None]
+        k = torch.cat([per_row_prefix(prefix_k, fwd.prefix_ids), k], dim=2)
+        v = torch.cat([per_row_prefix(prefix_v, fwd.prefix_ids), v], dim=2)
+    out = _sdpa_decided(q, k, v, fwd.attn_mask, fwd.is_causal, fwd.scale)
+    if fwd.zero_empty_rows:
         # SDPA gives NaN for rows with no visible key; the contract says zeros.
         out = torch.nan_to_num(out, nan=0.0)
     return out
 
 
-def peft_path_attention_enable_gqa(q, k, v, prefix_k=None, prefix_v=None, **kwargs):
+def peft_path_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None,
+                        prefix_lens=None, key_padding_mask=None, causal=True, scale=None,
+                        window=None, softcap=None):
+    """Same arguments as `prefix_attention` (no softcap: SDPA cannot express it): the forward's
+    part and one layer's in one call."""
+    if softcap is not None:
+        raise ValueError("the SDPA baseline cannot express softcap")
+    a = normalize(q, k, v, prefix_k, prefix_v, prefix_ids=prefix_ids, prefix_lens=prefix_lens,
+                  key_padding_mask=key_padding_mask, causal=causal, scale=scale, window=window)
+    return peft_path_layer(a.q, a.k, a.v, a.prefix_k, a.prefix_v, _forward_of(a))
+
+
+def peft_path_attention_enable_gqa(q, k, v, prefix_k=None, prefix_v=None, *, mask=None,
+                                   **kwargs):
     """The older form of the baseline (benchmarks up to 2026-11-28), kept to show in the same
     run what the change did: the same copies and mask, but GQA through `enable_gqa=True` with
     the mask, which transformers never passes (on CUDA that pair falls back to SDPA's unfused
-    math backend). Same arguments as `peft_path_attention`; no empty-row handling."""
+    math backend). Same arguments as `peft_path_attention`; no empty-row handling. mask: the
+    dense visible mask [B, 1, Sq, P + Skv] built once per forward (`older_baseline_mask`),
+    else built here."""
     a = normalize(q, k, v, prefix_k, prefix_v, **kwargs)
-    keys, vals, mask = _concatenated(a)
-    return F.scaled_dot_product_attention(a.q, keys, vals, attn_mask=mask, scale=a.scale,
-                                          enable_gqa=True)
+    keys, vals, visible = _concatenated(a, with_mask=mask is None)
+    return F.scaled_dot_product_attention(a.q, keys, vals,
+                                          attn_mask=visible if mask is None else mask,
+                                          scale=a.scale, enable_gqa=True)
 
 
-def _concatenated(a):
+def older_baseline_mask(q, k, v, prefix_k=None, prefix_v=None, **kwargs) -> torch.Tensor:
+    """The dense visible mask the older baseline hands SDPA, built once per forward."""
+    return visible_mask(normalize(q, k, v, prefix_k, prefix_v, **kwargs))
+
+
+def _concatenated(a, with_mask=True):
     """PEFT's inputs to SDPA: keys and values [B, Hkv, P + Skv, D] with each row's prefix
-    copied in front of its own (the per-row copy), and the dense mask [B, 1, Sq, P + Skv]."""
+    copied in front of its own (the per-row copy), and the dense mask [B, 1, Sq, P + Skv]
+    (None without with_mask)."""
     keys = torch.cat([per_row_prefix(a.prefix_k, a.prefix_ids), a.k], dim=2)
     vals = torch.cat([per_row_prefix(a.prefix_v, a.prefix_ids), a.v], dim=2)
-    return keys, vals, visible_mask(a)
+    return keys, vals, visible_mask(a) if with_mask else None
 
 
 def per_row_prefix(bank: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -107,3 +107,34 @@ def test_baseline_drops_the_mask_where_transformers_does(monkeypatch):
     packed = (3, 2, 4, 16) if transformers_packs_gqa() else (3, 8, 1, 16)
     assert (m3, c3, g3, q3) == (True, False, False, packed)
     assert (m4, c4, g4) == (False, True, True)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_mask_made_once_per_forward_gives_the_same_layer(name, monkeypatch):
+    """Benchmarks time one layer: the mask and its keep / drop decision are made once per
+    forward (peft_path_forward, as transformers' masking_utils does for all layers), then each
+    layer (peft_path_layer) builds no mask and gives the same bits as the one-call form."""
+    import prefix_attn.baselines as base
+
+    args, kw = make_inputs(**CASES[name])
+    whole = peft_path_attention(*args, **kw)
+    fwd = base.peft_path_forward(*args, **kw)
+
+    def no_mask_per_layer(*a, **k):
+        raise AssertionError("a layer built the mask")
+    monkeypatch.setattr(base, "visible_mask", no_mask_per_layer)
+    monkeypatch.setattr(base, "transformers_mask", no_mask_per_layer)
+    q, k, v, pk, pv = args
+    assert torch.equal(base.peft_path_layer(q, k, v, pk, pv, fwd), whole)
+    if pk is not None and pk.shape[0] == 1:          # a one-entry bank given as [Hkv, P, D]
+        assert torch.equal(base.peft_path_layer(q, k, v, pk[0], pv[0], fwd), whole)
+
+
+def test_the_older_baseline_takes_its_mask_made_once():
+    from prefix_attn.baselines import older_baseline_mask, peft_path_attention_enable_gqa
+
+    args, kw = make_inputs(**CASES["gqa_prefill"])
+    mask = older_baseline_mask(*args, **kw)
+    assert mask.shape == (2, 1, 5, 7 + 9) and mask.dtype == torch.bool
+    assert torch.equal(peft_path_attention_enable_gqa(*args, mask=mask, **kw),
+                       peft_path_attention_enable_gqa(*args, **kw))

@@ -164,3 +164,22 @@ def test_table_says_how_many_calls_stand_behind_each_figure(bench):
     assert "backward ours 4," in caption
     new = dict(old, timing="triton.testing.do_bench median, at least 10 calls")
     assert "Timing: triton.testing.do_bench median, at least 10 calls." in bench.markdown(new)
+
+
+def test_decode_rows_time_one_layer_of_the_peft_path(bench, tmp_path, monkeypatch):
+    """The decode rows' baseline times one layer: the mask is built and dropped once per
+    forward, before timing (recorded in the JSON); the committed result, timed with the mask
+    work in every call, says so in its caption."""
+    import prefix_attn.baselines as base
+
+    calls = []
+    real = base.peft_path_forward
+    monkeypatch.setattr(base, "peft_path_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    data = bench.main(["--out", str(tmp_path), "--dry-run", "--prefix", "5", "--reps", "3",
+                       "--modes", "decode"])
+    assert len(calls) == 1                             # once, not once per timed call
+    assert data["decode_baseline_mask"]
+    assert "read it back inside every timed call" not in bench.markdown(data)
+    with open(os.path.join(os.path.dirname(_PATH), "results", "triton_gpu.json")) as f:
+        old = json.load(f)
+    assert "read it back inside every timed call" in bench.markdown(old).splitlines()[0]
