@@ -38,6 +38,7 @@ from prefix_attn import prefix_attention  # noqa: E402
 from prefix_attn.baselines import (older_baseline_mask,  # noqa: E402
                                    peft_path_attention_enable_gqa, peft_path_forward,
                                    peft_path_layer)
+from record import versions  # noqa: E402
 
 DEFAULT_SHAPE = dict(B=4, Hq=16, Hkv=4, D=64, S=512, P=64)
 
@@ -170,7 +171,7 @@ def main():
     load_after = os.getloadavg()
     meta = dict(shape=shape, dtype="float32", causal=True, reps=a.reps,
                 baseline_mask="built once per forward, outside the timed call",
-                threads=torch.get_num_threads(), torch=torch.__version__,
+                threads=torch.get_num_threads(), **versions(),
                 cpu=platform.processor() or platform.machine(),
                 timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 max_abs_diff_vs_baseline=err,
@@ -184,8 +185,8 @@ def main():
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
     lines = [f"CPU kernel vs HF+PEFT (expand + cat + repeat_kv + SDPA with the mask, as "
              f"transformers; the mask built once per forward, outside the timed call), "
-             f"shape {shape}, fp32, causal, {meta['threads']} threads, torch {torch.__version__}, "
-             f"medians of {a.reps}, "
+             f"shape {shape}, fp32, causal, {meta['threads']} threads, {meta['timestamp'][:10]}, "
+             f"torch {meta['torch']}, transformers {meta['transformers']}, medians of {a.reps}, "
              f"load average {load_before[0]:.2f} before / {load_after[0]:.2f} after",
              "", "| mode | baseline ms | ours ms | speedup | baseline peak MiB | ours peak MiB "
              "| older baseline (enable_gqa + mask) ms | speedup over it |",

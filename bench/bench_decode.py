@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from prefix_attn import prefix_attention  # noqa: E402
 from prefix_attn.baselines import peft_path_forward, peft_path_layer  # noqa: E402
+from record import loadavg, versions  # noqa: E402
 
 HQ, HKV, D = 16, 4, 64
 
@@ -108,6 +109,7 @@ def main():
     ap.add_argument("--threads", default=None,
                     help="comma-separated torch thread counts to run (default: 1 and all)")
     a = ap.parse_args()
+    load_before = loadavg()
     if a.quick:
         Bs, Ps, Ss, sq_sweep, min_reps, budget = [1, 8], [128], [64], [1, 32], 2, 0.1
     else:
@@ -155,8 +157,8 @@ def main():
 
     meta = dict(Hq=HQ, Hkv=HKV, D=D, dtype="float32", threads=threads,
                 baseline_mask="built and decided once per forward, outside the timed call",
-                load_average=os.getloadavg(),
-                torch=torch.__version__, cpu=platform.processor() or platform.machine(),
+                load_average_before=load_before, load_average=loadavg(), **versions(),
+                cpu=platform.processor() or platform.machine(),
                 timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), quick=a.quick)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out + ".json", "w") as f:
@@ -165,8 +167,10 @@ def main():
     lines = [f"CPU decode (Sq 1, Hq {HQ}, Hkv {HKV}, D {D}, fp32, one shared prefix): ours "
              f"(cascade) vs PEFT+HF (expand + cat + SDPA as transformers calls it: no padding, "
              f"so no mask and GQA in the kernel; the mask decision taken once per forward, "
-             f"outside the timed call), medians, same run, load average "
-             f"{meta['load_average'][0]:.1f} on {os.cpu_count()} cores", "",
+             f"outside the timed call), medians, same run, {meta['timestamp'][:10]}, torch "
+             f"{meta['torch']}, transformers {meta['transformers']}, load average "
+             f"{load_before[0]:.1f} before / {meta['load_average'][0]:.1f} after on "
+             f"{os.cpu_count()} cores", "",
              "| threads | B | P | own KV | baseline ms | ours ms | speedup | ours per-row "
              "path ms |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

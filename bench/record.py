@@ -22,11 +22,55 @@ def parser(doc: str, stem: str, reps: int) -> argparse.ArgumentParser:
     return p
 
 
-def cpu_environment() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "load": os.getloadavg()[0],
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+def versions() -> dict:
+    """torch, transformers and peft versions (None where not installed: the baselines follow
+    the installed transformers), and on a GPU triton and CUDA."""
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    for name in ("transformers", "peft"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+        try:
+            import triton
+            out["triton"] = triton.__version__
+        except ImportError:
+            out["triton"] = None
+    return out
+
+
+def loadavg() -> list:
+    """The 1/5/15-minute load averages now (the cores are shared: record them before and after
+    a run, a 1-minute value near the core count means the figures were taken under load)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def cpu_environment(load_before=None) -> dict:
+    """The machine, the versions and the date; load_before: loadavg() taken before the run
+    (the 1-minute load after the run is `load`)."""
+    env = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           **versions(), "load": os.getloadavg()[0],
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if load_before is not None:
+        env["load_before"] = load_before[0]
+    return env
+
+
+def provenance(env: dict) -> str:
+    """'date, torch X, transformers Y, peft Z, load average a before / b after' of an
+    environment record; a field an older result did not record reads 'not recorded'."""
+    def get(key):
+        v = env.get(key)
+        return "not recorded" if v is None else v
+    date = env.get("date") or env.get("timestamp")
+    load = (f"load average {env['load_before']:.2f} before / {env['load']:.2f} after"
+            if env.get("load_before") is not None and env.get("load") is not None else
+            f"load average not recorded before / {env['load']:.2f} after"
+            if env.get("load") is not None else "load average not recorded")
+    return (f"{date[:10] if date else 'date not recorded'}, torch {get('torch')}, "
+            f"transformers {get('transformers')}, {load}")
 
 
 def table(caption: str, header: list, rows: list) -> str:
