@@ -15,8 +15,9 @@ the peak RSS is reset (/proc/self/clear_refs) and the extra peak of a second cal
 after it minus VmRSS before it (inputs already built): every temporary of the call counts,
 one-time costs (imports, thread pools, BLAS buffers) do not.
 
-Writes bench/results/cpu_kernel.json and bench/results/cpu_kernel.md.
-Usage: python bench/bench_cpu_kernel.py [--reps 10] [--shape B,Hq,Hkv,D,S,P]
+Writes bench/results/cpu_kernel.json and bench/results/cpu_kernel.md (--quick: a smoke run,
+cpu_kernel_quick.*; another --shape: cpu_kernel_shape_<dims>.*).
+Usage: python bench/bench_cpu_kernel.py [--reps 10] [--shape B,Hq,Hkv,D,S,P] [--quick]
 """
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ from prefix_attn import prefix_attention  # noqa: E402
 from prefix_attn.baselines import (older_baseline_mask,  # noqa: E402
                                    peft_path_attention_enable_gqa, peft_path_forward,
                                    peft_path_layer)
-from record import versions  # noqa: E402
+from record import SMOKE_CAPTION, smoke_out, versions  # noqa: E402
 
 DEFAULT_SHAPE = dict(B=4, Hq=16, Hkv=4, D=64, S=512, P=64)
+QUICK_SHAPE = dict(B=2, Hq=4, Hkv=2, D=32, S=128, P=16)
 
 
 def make_inputs(B, Hq, Hkv, D, S, P, requires_grad, seed=0):
@@ -140,14 +142,23 @@ def parse_shape(s):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--shape", default=None, help="B,Hq,Hkv,D,S,P")
+    ap.add_argument("--shape", default=None, help="B,Hq,Hkv,D,S,P (another shape than the "
+                    "default writes <out>_shape_B-Hq-Hkv-D-S-P: not the README's table)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"shape {QUICK_SHAPE}, 2 reps: a smoke run, written to <out>_quick")
     ap.add_argument("--memory-child", nargs=2, default=None)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu_kernel"))
     a = ap.parse_args()
-    shape = parse_shape(a.shape) if a.shape else DEFAULT_SHAPE
+    shape = parse_shape(a.shape) if a.shape else QUICK_SHAPE if a.quick else DEFAULT_SHAPE
     if a.memory_child:
         memory_child(*a.memory_child, shape)
         return
+    # only the default shape and reps replace the result the README shows
+    if a.quick:
+        a.reps = 2 if a.reps == ap.get_default("reps") else a.reps
+        a.out = smoke_out(a.out, True)
+    elif shape != DEFAULT_SHAPE:
+        a.out += "_shape_" + "-".join(str(shape[k]) for k in "B Hq Hkv D S P".split())
 
     load_before = os.getloadavg()
     # correctness first: the two must agree
@@ -169,7 +180,7 @@ def main():
                          ours_peak_mib=mem["ours"] / 2**20,
                          memory_ratio=mem["baseline"] / max(mem["ours"], 1)))
     load_after = os.getloadavg()
-    meta = dict(shape=shape, dtype="float32", causal=True, reps=a.reps,
+    meta = dict(shape=shape, dtype="float32", causal=True, reps=a.reps, quick=a.quick,
                 baseline_mask="built once per forward, outside the timed call",
                 threads=torch.get_num_threads(), **versions(),
                 cpu=platform.processor() or platform.machine(),
@@ -183,7 +194,7 @@ def main():
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
-    lines = [f"CPU kernel vs HF+PEFT (expand + cat + repeat_kv + SDPA with the mask, as "
+    lines = [("" if not a.quick else SMOKE_CAPTION) + f"CPU kernel vs HF+PEFT (expand + cat + repeat_kv + SDPA with the mask, as "
              f"transformers; the mask built once per forward, outside the timed call), "
              f"shape {shape}, fp32, causal, {meta['threads']} threads, {meta['timestamp'][:10]}, "
              f"torch {meta['torch']}, transformers {meta['transformers']}, medians of {a.reps}, "

@@ -18,7 +18,8 @@ show where the cascade stops paying (the kCascadeMaxSq rule in csrc/cpu/attentio
 Same inputs, same run, variants interleaved in blocks of back-to-back calls, medians;
 ratio = baseline / ours.
 
-Writes <out>.json, <out>.md and <out>.png (default bench/results/decode_cpu.*).
+Writes <out>.json, <out>.md and <out>.png (default bench/results/decode_cpu.*; --quick:
+<out>_quick.*, a smoke run).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from prefix_attn import prefix_attention  # noqa: E402
 from prefix_attn.baselines import peft_path_forward, peft_path_layer  # noqa: E402
-from record import loadavg, versions  # noqa: E402
+from record import SMOKE_CAPTION, loadavg, smoke_out, versions  # noqa: E402
 
 HQ, HKV, D = 16, 4, 64
 
@@ -110,6 +111,8 @@ def main():
                     help="comma-separated torch thread counts to run (default: 1 and all)")
     a = ap.parse_args()
     load_before = loadavg()
+    # a smoke run never replaces the committed result (a later README refresh would show it)
+    a.out = smoke_out(a.out, a.quick)
     if a.quick:
         Bs, Ps, Ss, sq_sweep, min_reps, budget = [1, 8], [128], [64], [1, 32], 2, 0.1
     else:
@@ -164,7 +167,7 @@ def main():
     with open(a.out + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows, sq_sweep=sweep, skipped=skipped), f, indent=2)
 
-    lines = [f"CPU decode (Sq 1, Hq {HQ}, Hkv {HKV}, D {D}, fp32, one shared prefix): ours "
+    lines = [("" if not a.quick else SMOKE_CAPTION) + f"CPU decode (Sq 1, Hq {HQ}, Hkv {HKV}, D {D}, fp32, one shared prefix): ours "
              f"(cascade) vs PEFT+HF (expand + cat + SDPA as transformers calls it: no padding, "
              f"so no mask and GQA in the kernel; the mask decision taken once per forward, "
              f"outside the timed call), medians, same run, {meta['timestamp'][:10]}, torch "

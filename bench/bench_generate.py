@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
     cfg = QUICK_MODEL if a.quick else MODEL
     rows = measure(cfg, QUICK if a.quick else SHAPES, a.reps)
     res = {"environment": cpu_environment(), "model": cfg, "reps": a.reps, "rows": rows}
-    write_results(a.out, res, markdown(res))
+    write_results(a.out, res, markdown(res), smoke=a.quick)
     return res
 
 

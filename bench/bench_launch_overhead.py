@@ -115,10 +115,12 @@ def markdown(res: dict) -> str:
 
 def main(argv=None) -> dict:
     p = parser(__doc__, "launch_overhead", reps=500)
+    p.add_argument("--quick", action="store_true", help="20 calls per block (smoke run)")
     a = p.parse_args(argv)
-    rows = measure(a.reps)
-    res = {"environment": cpu_environment(), "reps": a.reps, "blocks": 5, "rows": rows}
-    write_results(a.out, res, markdown(res))
+    rows = measure(20 if a.quick else a.reps)
+    res = {"environment": cpu_environment(), "reps": 20 if a.quick else a.reps, "blocks": 5,
+           "rows": rows}
+    write_results(a.out, res, markdown(res), smoke=a.quick)
     return res
 
 

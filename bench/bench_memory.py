@@ -236,7 +236,8 @@ def write_results(folder, meta, rows, stem):
     lines = [
         f"# Prefix memory, one decode step ({meta['date']})",
         "",
-        f"Llama-shaped: {s['layers']} layers, Hq {s['q_heads']}, Hkv {s['kv_heads']}, D {s['head_dim']}, "
+        ("Smoke run (--quick sizes: checks the script, not figures to quote). " if meta.get("quick") else "")
+        + f"Llama-shaped: {s['layers']} layers, Hq {s['q_heads']}, Hkv {s['kv_heads']}, D {s['head_dim']}, "
         f"P {s['prefix_len']}, {s['own_tokens']} own tokens, {s['dtype']}, hidden {s['hidden']}; "
         f"{meta['machine']['processor']}, torch {meta['versions']['torch']}, "
         f"transformers {meta['versions']['transformers']}, prefix_attn backend `{meta['backend_used']}`. "

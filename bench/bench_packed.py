@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     rows = measure(QUICK if a.quick else SHAPES, a.reps)
     res = {"environment": cpu_environment(), "reps": a.reps, "rows": rows}
-    write_results(a.out, res, markdown(res))
+    write_results(a.out, res, markdown(res), smoke=a.quick)
     return res
 
 

@@ -243,7 +243,8 @@ def main(argv=None):
     with open(os.path.join(args.out, name + ".json"), "w") as f:
         json.dump(record, f, indent=2)
     on = f"{where}, {record['dtype']}" if gpu else f"CPU, {record['dtype']}, {record['threads']} threads"
-    lines = [f"Prefix-tuning training step (forward + backward + AdamW), ours vs PEFT; "
+    lines = [("Smoke run (--quick sizes: checks the script, not figures to quote). " if args.quick else "")
+             + f"Prefix-tuning training step (forward + backward + AdamW), ours vs PEFT; "
              f"shape {shape}, {on}, torch {torch.__version__}, "
              f"ours on backend {record['backends'][0]}, median of {args.steps} steps (interleaved). "
              f"First losses agree: {agree}.", "",

@@ -73,6 +73,16 @@ def provenance(env: dict) -> str:
             f"transformers {get('transformers')}, {load}")
 
 
+# A smoke run (--quick) writes <stem>_quick, never the stem whose table the README shows (a
+# later run_all refresh would publish it), and its caption says what it is.
+SMOKE_CAPTION = "Smoke run (--quick sizes: checks the script, not figures to quote). "
+
+
+def smoke_out(out: str, smoke: bool) -> str:
+    """``out`` (a path without extension, or a result stem) as a smoke run writes it."""
+    return out + "_quick" if smoke and not out.endswith("_quick") else out
+
+
 def table(caption: str, header: list, rows: list) -> str:
     """A caption line, then a markdown table of already formatted cells."""
     lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -80,8 +90,11 @@ def table(caption: str, header: list, rows: list) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(out: str, res: dict, markdown: str) -> None:
-    """``out`` is a path without extension."""
+def write_results(out: str, res: dict, markdown: str, smoke: bool = False) -> None:
+    """``out`` is a path without extension; a smoke run writes ``<out>_quick``, its caption
+    marked (``res`` records ``"smoke": true``)."""
+    if smoke:
+        out, res, markdown = smoke_out(out, True), dict(res, smoke=True), SMOKE_CAPTION + markdown
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + ".json", "w") as f:
         json.dump(res, f, indent=2)

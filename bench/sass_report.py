@@ -14,7 +14,7 @@ timed them.
 
 Usage:
     python bench/sass_report.py                    # bench/results/sass_sm90.{json,md}
-    python bench/sass_report.py --out DIR --quick  # one small case (the test's)
+    python bench/sass_report.py --out DIR --quick  # one small case (the test's): sass_sm90_quick.*
 """
 from __future__ import annotations
 
@@ -181,12 +181,17 @@ def main(argv=None) -> dict:
     for i, (kernel, config, switches) in enumerate(cases, 1):
         print(f"[{i}/{len(cases)}] {kernel} {config} {switches}", file=sys.stderr, flush=True)
         result["cases"].append(compile_case(kernel, config, switches))
+    # a smoke run never replaces the committed report (a later README refresh would show it)
+    stem, md = "sass_sm90", markdown(result)
+    if a.quick:
+        stem, result["smoke"] = "sass_sm90_quick", True
+        md = "Smoke run (--quick: one small case, checks the script). " + md
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "sass_sm90.json"), "w") as f:
+    with open(os.path.join(a.out, stem + ".json"), "w") as f:
         json.dump(result, f, indent=2)
-    with open(os.path.join(a.out, "sass_sm90.md"), "w") as f:
-        f.write(markdown(result))
-    print(markdown(result))
+    with open(os.path.join(a.out, stem + ".md"), "w") as f:
+        f.write(md)
+    print(md)
     return result
 
 

@@ -61,9 +61,14 @@ def test_packed_bench_quick_writes_its_table(tmp_path):
     proc = subprocess.run([sys.executable, script, "--quick", "--reps", "1", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (row,) = json.loads((tmp_path / "pk.json").read_text())["rows"]
+    # a smoke run writes <out>_quick, never <out> (the committed result's stem)
+    assert sorted(os.listdir(tmp_path)) == ["pk_quick.json", "pk_quick.md"]
+    res = json.loads((tmp_path / "pk_quick.json").read_text())
+    (row,) = res["rows"]
+    assert res["smoke"] is True
     assert row["fused_ms"] > 0 and row["dense_ms"] > 0 and row["T"] == 128
-    assert "| 64+40+24 | 128 |" in (tmp_path / "pk.md").read_text()
+    md = (tmp_path / "pk_quick.md").read_text()
+    assert md.startswith("Smoke run") and "| 64+40+24 | 128 |" in md
 
 
 @pytest.mark.hf
@@ -77,8 +82,63 @@ def test_generate_bench_quick_writes_its_table(tmp_path):
     proc = subprocess.run([sys.executable, script, "--quick", "--reps", "1", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((tmp_path / "gen.json").read_text())
+    assert sorted(os.listdir(tmp_path)) == ["gen_quick.json", "gen_quick.md"]   # a smoke run
+    res = json.loads((tmp_path / "gen_quick.json").read_text())
     (row,) = res["rows"]
     assert row["same_tokens"] and len(row["ms"]) == 3 and all(v > 0 for v in row["ms"].values())
     assert row["prompt_copies_bytes"]["copied per row"] == 3 * row["prompt_copies_bytes"]["ours"]
-    assert (tmp_path / "gen.md").read_text().count("\n| ") == 2   # header + 1 row
+    md = (tmp_path / "gen_quick.md").read_text()
+    assert md.startswith("Smoke run") and md.count("\n| ") == 2   # header + 1 row
+
+
+def _run_script(name, *args, timeout=600):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", name), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("script, extra", [("bench_cpu_kernel.py", ["--reps", "1"]),
+                                           ("bench_decode.py", ["--budget-s", "0", "--threads", "1"])])
+def test_smoke_runs_never_write_the_committed_stem(tmp_path, script, extra):
+    """--quick writes <out>_quick with a caption saying it is a smoke run: a later README
+    refresh, which reads <out>.md, cannot publish it."""
+    _run_script(script, "--quick", "--out", str(tmp_path / "r"), *extra)
+    names = sorted(n for n in os.listdir(tmp_path) if not n.endswith(".png"))
+    assert names == ["r_quick.json", "r_quick.md"]
+    assert (tmp_path / "r_quick.md").read_text().startswith("Smoke run")
+
+
+def test_cpu_kernel_bench_other_shape_is_not_the_readme_table(tmp_path):
+    _run_script("bench_cpu_kernel.py", "--reps", "1", "--shape", "1,2,1,16,32,8",
+                "--out", str(tmp_path / "r"))
+    assert sorted(os.listdir(tmp_path)) == ["r_shape_1-2-1-16-32-8.json", "r_shape_1-2-1-16-32-8.md"]
+
+
+def test_run_all_quick_uses_the_smoke_stems(tmp_path, monkeypatch):
+    """run_all --quick: every benchmark's history entry is found under <stem>_quick (it
+    looked for memory.json / train_cpu.json and skipped most), in a scratch folder, README
+    untouched. The scripts are stood in for by one that writes what the real ones write."""
+    run_all = _load()
+    monkeypatch.setattr(run_all.tempfile, "mkdtemp", lambda prefix: str(tmp_path))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import record
+
+    def fake_call(cmd, cwd=None):
+        out = cmd[cmd.index("--out") + 1]
+        name = next(n for n, b in run_all.BENCHMARKS.items() if cmd[1].endswith(b[0]))
+        stem = run_all.BENCHMARKS[name][2]
+        assert cmd[4:] == run_all.BENCHMARKS[name][1]
+        target = out if run_all.BENCHMARKS[name][3] == "stem" else os.path.join(out, stem)
+        record.write_results(target, {"rows": [name]}, "table\n", smoke=True)
+        return 0
+    monkeypatch.setattr(run_all.subprocess, "call", fake_call)
+    before = open(os.path.join(ROOT, "README.md")).read()
+    assert run_all.main(["--quick"]) == 0
+    entries = [json.loads(l) for l in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [e["benchmark"] for e in entries] == list(run_all.BENCHMARKS)
+    assert open(os.path.join(ROOT, "README.md")).read() == before
+    for name, (script, quick_args, stem, kind) in run_all.BENCHMARKS.items():
+        assert "--quick" in quick_args, name     # each script's own smoke flag, no sizes here
+

@@ -37,10 +37,14 @@ def test_quick_report_compiles_for_sm90(tmp_path):
     if proc.returncode and "cuobjdump not found" in proc.stderr + proc.stdout:
         pytest.skip("Triton's cuobjdump is not available")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    data = json.loads((tmp_path / "sass_sm90.json").read_text())
+    # a smoke run: sass_sm90_quick.*, never the committed report's stem
+    assert not (tmp_path / "sass_sm90.json").exists() and not (tmp_path / "sass_sm90.md").exists()
+    data = json.loads((tmp_path / "sass_sm90_quick.json").read_text())
+    assert data["smoke"] is True
     (case,) = data["cases"]
     assert case["kernel"] == "dkdv_own" and 0 < case["registers"] <= 255
     # SPLIT on: a masked and an unmasked loop over query tiles, both on the tensor cores
     assert len(case["loops"]) == 2 and all(l["mma"] > 0 for l in case["loops"])
     assert case["loops"][1]["instructions"] < case["loops"][0]["instructions"]
-    assert "| dkdv_own | (32, 32, 4, 2) |" in (tmp_path / "sass_sm90.md").read_text()
+    md = (tmp_path / "sass_sm90_quick.md").read_text()
+    assert md.startswith("Smoke run") and "| dkdv_own | (32, 32, 4, 2) |" in md
