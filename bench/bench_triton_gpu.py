@@ -562,6 +562,10 @@ def markdown(result: dict) -> str:
                 head = f"{name} | {prof[name]['total_ms']:.3f}" if i == 0 else " | "
                 kernel = r["kernel"] if len(r["kernel"]) <= 70 else r["kernel"][:67] + "..."
                 lines.append(f"| {head} | `{kernel}` | {r['ms']:.3f} | {r['calls']} |")
+    failed = {k: v for k, v in result.items() if k.endswith("_error")}
+    if failed:
+        lines += ["", "Parts that failed in this run (their exception; the rest was measured):", ""]
+        lines += [f"- `{k[:-len('_error')]}`: `{v}`" for k, v in sorted(failed.items())]
     lines += ["", f"Targets at P {TARGET_P}:", ""]
     for name, t in result.get("targets", {}).items():
         got = "not measured" if t["measured"] is None else f"{t['measured']:.2f}"
@@ -576,6 +580,19 @@ def _write(result: dict, out: str) -> None:
         json.dump(result, f, indent=2)
     with open(os.path.join(out, "bench_triton_gpu.md"), "w") as f:
         f.write(markdown(result))
+
+
+def _guarded(result: dict, part: str, run) -> None:
+    """result[part] = run(), or result[part + '_error'] = the exception's repr: a part that
+    fails (a kernel that does not compile, out of memory) must not cost the parts after it on
+    a GPU session that is paid by the minute."""
+    try:
+        result[part] = run()
+    except Exception as e:
+        result[part + "_error"] = repr(e)
+        print(f"{part} failed: {e!r}", flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def main(argv=None) -> dict:
@@ -606,7 +623,15 @@ def main(argv=None) -> dict:
         "records": records,
     }
     for P in a.prefix_lens:
-        for r in bench_one(a, P, device, time_ms):
+        try:
+            measured = bench_one(a, P, device, time_ms)
+        except Exception as e:  # one prefix length failing must not cost the others
+            result.setdefault("records_error", {})[str(P)] = repr(e)
+            print(f"P={P} failed: {e!r}", flush=True)
+            measured = []
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        for r in measured:
             records.append(r)
             print(f"{r['mode']:>4} P={P:<4} ours {r['ours_ms']:8.3f} ms {r['ours_tflops']:7.1f} TFLOP/s | "
                   f"{r['baseline']} {r['baseline_ms']:8.3f} ms {r['baseline_tflops']:7.1f} TFLOP/s | "
@@ -618,17 +643,14 @@ def main(argv=None) -> dict:
         result["autotuned"] = autotuned_configs()
         _write(result, a.out)
     if "ablate" in a.mode_list:
-        result["ablations"] = bench_ablations(a, device, time_ms)
+        _guarded(result, "ablations", lambda: bench_ablations(a, device, time_ms))
         _write(result, a.out)
     if "profile" in a.mode_list:
-        try:
-            result["profile"] = bench_profile(a, device)
-        except Exception as e:  # the profiler must not cost the rest of a GPU run
-            result["profile_error"] = repr(e)
-            print(f"profile failed: {e!r}", flush=True)
+        _guarded(result, "profile", lambda: bench_profile(a, device))
         _write(result, a.out)
     if "sweep" in a.mode_list:
-        result["decode_sweep"] = bench_decode_sweep(a, device, time_ms, "torch" if a.dry_run else "triton")
+        _guarded(result, "decode_sweep",
+                 lambda: bench_decode_sweep(a, device, time_ms, "torch" if a.dry_run else "triton"))
         _write(result, a.out)
     print(f"wrote {path}")
     return result

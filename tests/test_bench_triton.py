@@ -183,3 +183,34 @@ def test_decode_rows_time_one_layer_of_the_peft_path(bench, tmp_path, monkeypatc
     with open(os.path.join(os.path.dirname(_PATH), "results", "triton_gpu.json")) as f:
         old = json.load(f)
     assert "read it back inside every timed call" in bench.markdown(old).splitlines()[0]
+
+
+def test_a_failing_part_does_not_cost_the_parts_after_it(bench, tmp_path, monkeypatch):
+    """Each part of a GPU run is guarded: a prefix length, the ablations, the profile or the
+    sweep that raises is recorded as <part>_error (and in the table) and the run goes on
+    (an ablation failing used to end the run before the profile and the decode sweep)."""
+    def boom(what):
+        def fail(*a, **k):
+            raise RuntimeError(f"simulated failure in {what}")
+        return fail
+    real_one = bench.bench_one
+    monkeypatch.setattr(bench, "bench_one",
+                        lambda a, P, *r: boom("P 5")() if P == 5 else real_one(a, P, *r))
+    monkeypatch.setattr(bench, "bench_ablations", boom("ablations"))
+    monkeypatch.setattr(bench, "bench_profile", boom("profile"))
+    monkeypatch.setattr(bench, "bench_decode_sweep", boom("sweep"))
+    data = bench.main(["--out", str(tmp_path), "--dry-run", "--prefix", "5,6", "--reps", "1",
+                       "--modes", "fwd,ablate,profile,sweep"])
+    assert data["records_error"] == {"5": "RuntimeError('simulated failure in P 5')"}
+    assert [r["P"] for r in data["records"]] == [6]          # the next P was still measured
+    for part in ("ablations", "profile", "decode_sweep"):
+        assert part not in data and "simulated failure" in data[part + "_error"]
+    md = (tmp_path / "bench_triton_gpu.md").read_text()
+    assert "Parts that failed" in md and "- `ablations`: `RuntimeError(" in md
+    # only the sweep fails: the ablations and profile before it are kept
+    monkeypatch.setattr(bench, "bench_ablations", lambda *a: [])
+    monkeypatch.setattr(bench, "bench_profile", lambda *a: {"P": 6})
+    data = bench.main(["--out", str(tmp_path), "--dry-run", "--prefix", "6", "--reps", "1",
+                       "--modes", "fwd,ablate,profile,sweep"])
+    assert data["ablations"] == [] and data["profile"] == {"P": 6}
+    assert "decode_sweep_error" in data and "records_error" not in data
