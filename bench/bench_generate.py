@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 from prefix_attn.bank import PrefixBank  # noqa: E402
 from prefix_attn.hf import cache_kwarg  # noqa: E402
 from prefix_attn.tiny import tiny_model  # noqa: E402
-from record import cpu_environment, parser, table, write_results  # noqa: E402
+from record import (cpu_environment, loadavg, parser, provenance, rendered, table,  # noqa: E402
+                    write_results)
 
 MODEL = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=2, vocab_size=4096, max_position_embeddings=4096)
@@ -125,8 +126,8 @@ def markdown(res: dict) -> str:
                f"`new` tokens each; Llama-shaped, hidden {cfg['hidden_size']}, "
                f"{cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']}/"
                f"{cfg['num_key_value_heads']} heads, fp32, {env['cpu']}, {env['threads']} threads, "
-               f"torch {env['torch']}, {env['date'][:10]}; medians of {res['reps']} interleaved "
-               f"runs, load average {env['load']:.2f}; the same tokens from every way (checked); "
+               f"{provenance(env)}; medians of {res['reps']} interleaved "
+               f"runs; the same tokens from every way (checked); "
                "speedup = baseline ms / ours ms, same run; — : not timed (a prefill of B x (P + S) "
                "tokens per call).")
     header = ["P", "B", "S", "new", "prompt in every row ms", "cached prompt copied per row ms",
@@ -149,9 +150,13 @@ def main(argv=None) -> dict:
     p = parser(__doc__, "generate_cpu", reps=3)
     p.add_argument("--quick", action="store_true", help="a tiny model and shape (smoke run)")
     a = p.parse_args(argv)
+    res = rendered(a, markdown)
+    if res is not None:
+        return res
+    load_before = loadavg()
     cfg = QUICK_MODEL if a.quick else MODEL
     rows = measure(cfg, QUICK if a.quick else SHAPES, a.reps)
-    res = {"environment": cpu_environment(), "model": cfg, "reps": a.reps, "rows": rows}
+    res = {"environment": cpu_environment(load_before), "model": cfg, "reps": a.reps, "rows": rows}
     write_results(a.out, res, markdown(res), smoke=a.quick)
     return res
 

@@ -31,7 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from prefix_attn.kernels import decode, fwd  # noqa: E402
-from record import cpu_environment, parser, table, write_results  # noqa: E402
+from record import (cpu_environment, loadavg, parser, provenance, rendered, table,  # noqa: E402
+                    write_results)
 
 SHAPES = [  # (B, Hq, Hkv, D, Skv, P): decode, one shared entry
     (64, 32, 8, 128, 4096, 128),
@@ -102,9 +103,8 @@ def _measure(reps: int) -> list:
 
 def markdown(res: dict) -> str:
     env = res["environment"]
-    caption = (f"Host time per launch call (kernels stubbed), {env['cpu']}, torch {env['torch']}, "
-               f"{env['date'][:10]}; medians of {res['blocks']} blocks of {res['reps']} calls, "
-               f"load average {env['load']:.2f}; ratio = sorted grouping / as is.")
+    caption = (f"Host time per launch call (kernels stubbed), {env['cpu']}, {provenance(env)}; "
+               f"medians of {res['blocks']} blocks of {res['reps']} calls; ratio = sorted grouping / as is.")
     header = ["B", "Hq", "Hkv", "own keys", "P", "per-row fwd us", "cascade us",
               "cascade, sorted grouping us", "ratio"]
     return table(caption, header, [
@@ -117,8 +117,12 @@ def main(argv=None) -> dict:
     p = parser(__doc__, "launch_overhead", reps=500)
     p.add_argument("--quick", action="store_true", help="20 calls per block (smoke run)")
     a = p.parse_args(argv)
+    res = rendered(a, markdown)
+    if res is not None:
+        return res
+    load_before = loadavg()
     rows = measure(20 if a.quick else a.reps)
-    res = {"environment": cpu_environment(), "reps": 20 if a.quick else a.reps, "blocks": 5,
+    res = {"environment": cpu_environment(load_before), "reps": 20 if a.quick else a.reps, "blocks": 5,
            "rows": rows}
     write_results(a.out, res, markdown(res), smoke=a.quick)
     return res

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from prefix_attn import hf  # noqa: E402
 from prefix_attn.demo import median_ms  # noqa: E402
-from record import cpu_environment, parser, table, write_results  # noqa: E402
+from record import (cpu_environment, loadavg, parser, provenance, rendered, table,  # noqa: E402
+                    write_results)
 from prefix_attn.packed import packed_attention, packed_dense_mask  # noqa: E402
 
 SHAPES = [  # (sequence lengths packed in one row, Hq, Hkv, D, P)
@@ -80,8 +81,8 @@ def measure(shapes, reps: int) -> list:
 def markdown(res: dict) -> str:
     env = res["environment"]
     caption = (f"Packed rows, attention forward + backward of one layer, fp32, {env['cpu']}, "
-               f"{env['threads']} threads, torch {env['torch']}, {env['date'][:10]}; medians of "
-               f"{res['reps']} runs, load average {env['load']:.2f}; ratio = dense-mask fallback "
+               f"{env['threads']} threads, {provenance(env)}; medians of "
+               f"{res['reps']} runs; ratio = dense-mask fallback "
                "/ regrouped kernel, same run.")
     header = ["sequences packed in one row", "T", "Hq/Hkv", "D", "P", "regrouped kernel ms",
               "dense-mask fallback ms", "ratio"]
@@ -94,8 +95,12 @@ def main(argv=None) -> dict:
     p = parser(__doc__, "packed_cpu", reps=3)
     p.add_argument("--quick", action="store_true", help="one small shape (smoke run)")
     a = p.parse_args(argv)
+    res = rendered(a, markdown)
+    if res is not None:
+        return res
+    load_before = loadavg()
     rows = measure(QUICK if a.quick else SHAPES, a.reps)
-    res = {"environment": cpu_environment(), "reps": a.reps, "rows": rows}
+    res = {"environment": cpu_environment(load_before), "reps": a.reps, "rows": rows}
     write_results(a.out, res, markdown(res), smoke=a.quick)
     return res
 

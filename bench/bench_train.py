@@ -45,6 +45,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import prefix_attn  # noqa: E402
 from prefix_attn.tuning import enable_checkpointing, prefix_tuning  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from record import loadavg, versions  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MiB = 2 ** 20
 
@@ -172,6 +175,38 @@ def attention_share(step) -> tuple[float, float]:
     return attn / 1e3, total / 1e3
 
 
+def markdown(record: dict) -> str:
+    """The README table of a result, with the date, versions and load averages it recorded
+    ('not recorded' for what an older result lacks)."""
+    gpu = record["bench"].endswith("cuda")
+    on = (f"{record['device']}, {record['dtype']}" if gpu
+          else f"CPU, {record['dtype']}, {record['threads']} threads")
+    get = lambda k: "not recorded" if record.get(k) is None else record[k]  # noqa: E731
+    before, after = record.get("load_average_before"), record.get("load_average")
+    load = (f"load average {before[0]:.2f} before / {after[0]:.2f} after" if before and after
+            else "load average not recorded")
+    gpu_versions = f", triton {get('triton')}, CUDA {get('cuda')}" if gpu else ""
+    lines = [("Smoke run (--quick sizes: checks the script, not figures to quote). "
+              if record.get("quick") else "")
+             + f"Prefix-tuning training step (forward + backward + AdamW), ours vs PEFT; "
+             f"shape {record['shape']}, {on}, {record['timestamp'][:10]}, torch {record['torch']}, "
+             f"transformers {get('transformers')}, peft {get('peft')}{gpu_versions}, {load}, "
+             f"ours on backend {record['backends'][0]}, median of {record['steps']} steps "
+             f"(interleaved). First losses agree: {record['first_losses_agree']}.", "",
+             "| provider | median step ms (wall) | speedup vs PEFT | median step ms (CPU time) | "
+             "CPU-time speedup | step peak MiB | peak vs PEFT | attention / all ops, ms (profiled step) "
+             "| first loss |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in record["rows"]:
+        lines.append(f"| {r['provider']} | {r['median_ms']:.0f} | {r['speedup_vs_peft']:.2f}x | "
+                     f"{r['median_cpu_ms']:.0f} | {r['cpu_speedup_vs_peft']:.2f}x | "
+                     f"{r['peak_MiB']:.1f} | {r['peak_vs_peft']:.2f} | "
+                     f"{r['profiled_attention_ms']:.0f} / {r['profiled_total_ms']:.0f} | {r['first_loss']:.5f} |")
+    lines += ["", "Wall time is shared with other jobs on this machine; the CPU time of the process "
+              "is the less load-sensitive measure. Per-step values are in the JSON file."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hidden", type=int, default=512)
@@ -189,7 +224,15 @@ def main(argv=None):
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--render", metavar="JSON", help="only rewrite the .md next to a result JSON")
     args = p.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            record = json.load(f)
+        with open(os.path.splitext(args.render)[0] + ".md", "w") as f:
+            f.write(markdown(record))
+        return 0
+    load_before = loadavg()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device")
     if args.quick:
@@ -232,7 +275,8 @@ def main(argv=None):
     where = torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()
     record = {"bench": f"train_step_{args.device}", "shape": shape, "steps": args.steps,
               "dtype": str(DTYPES[args.dtype]).replace("torch.", ""), "device": where,
-              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), **versions(),
+              "load_average_before": load_before, "load_average": loadavg(),
               "backends": prefix_attn.available_backends(), "cpu": platform.processor() or platform.machine(),
               "first_losses_agree": agree, "timestamp": datetime.datetime.utcnow().isoformat() + "Z",
               "rows": rows, "quick": args.quick}
@@ -242,26 +286,10 @@ def main(argv=None):
         name += f"_{args.threads}thread"
     with open(os.path.join(args.out, name + ".json"), "w") as f:
         json.dump(record, f, indent=2)
-    on = f"{where}, {record['dtype']}" if gpu else f"CPU, {record['dtype']}, {record['threads']} threads"
-    lines = [("Smoke run (--quick sizes: checks the script, not figures to quote). " if args.quick else "")
-             + f"Prefix-tuning training step (forward + backward + AdamW), ours vs PEFT; "
-             f"shape {shape}, {on}, torch {torch.__version__}, "
-             f"ours on backend {record['backends'][0]}, median of {args.steps} steps (interleaved). "
-             f"First losses agree: {agree}.", "",
-             "| provider | median step ms (wall) | speedup vs PEFT | median step ms (CPU time) | "
-             "CPU-time speedup | step peak MiB | peak vs PEFT | attention / all ops, ms (profiled step) "
-             "| first loss |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['provider']} | {r['median_ms']:.0f} | {r['speedup_vs_peft']:.2f}x | "
-                     f"{r['median_cpu_ms']:.0f} | {r['cpu_speedup_vs_peft']:.2f}x | "
-                     f"{r['peak_MiB']:.1f} | {r['peak_vs_peft']:.2f} | "
-                     f"{r['profiled_attention_ms']:.0f} / {r['profiled_total_ms']:.0f} | {r['first_loss']:.5f} |")
-    lines += ["", "Wall time is shared with other jobs on this machine; the CPU time of the process "
-              "is the less load-sensitive measure. Per-step values are in the JSON file."]
+    md = markdown(record)
     with open(os.path.join(args.out, name + ".md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        f.write(md)
+    print(md)
     return 0 if agree else 1
 
 

@@ -15,11 +15,25 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def parser(doc: str, stem: str, reps: int) -> argparse.ArgumentParser:
-    """The script's command line: ``--out`` (default ``bench/results/<stem>``) and ``--reps``."""
+    """The script's command line: ``--out`` (default ``bench/results/<stem>``), ``--reps`` and
+    ``--render JSON`` (rewrite the .md next to a result JSON from it: `rendered`)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(RESULTS, stem), help="output path without extension")
     p.add_argument("--reps", type=int, default=reps)
+    p.add_argument("--render", metavar="JSON", help="only rewrite the .md next to a result JSON")
     return p
+
+
+def rendered(a, markdown) -> dict:
+    """With --render JSON: the result read back and its .md rewritten by ``markdown`` (no
+    measurement); else None."""
+    if not getattr(a, "render", None):
+        return None
+    with open(a.render) as f:
+        res = json.load(f)
+    with open(os.path.splitext(a.render)[0] + ".md", "w") as f:
+        f.write(markdown(res))
+    return res
 
 
 def versions() -> dict:

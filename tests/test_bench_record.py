@@ -26,3 +26,34 @@ def test_provenance_says_not_recorded_for_what_an_older_result_lacks():
     old = {"torch": "2.13", "load": 2.5}
     assert record.provenance(old) == ("date not recorded, torch 2.13, transformers not "
                                       "recorded, load average not recorded before / 2.50 after")
+
+
+def _bench_module(name, monkeypatch):
+    import importlib.util
+    root = os.path.join(os.path.dirname(__file__), os.pardir)
+    monkeypatch.syspath_prepend(os.path.join(root, "bench"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "bench", name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_table_is_rendered_from_its_json_with_date_and_versions(tmp_path, monkeypatch):
+    """bench_train --render JSON rewrites the .md from the result alone: the date, torch,
+    transformers, peft and the loads it recorded, 'not recorded' for what an older one lacks."""
+    import json
+    train = _bench_module("bench_train", monkeypatch)
+    root = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "results")
+    with open(os.path.join(root, "train_cpu.json")) as f:
+        old = json.load(f)
+    caption = train.markdown(old).splitlines()[0]
+    assert "2026-11-28, torch 2.13.0+cpu, transformers not recorded, peft not recorded" in caption
+    assert "load average not recorded" in caption
+    new = dict(old, transformers="5.25.0", peft="0.21.2", load_average_before=[1.0, 1, 1],
+               load_average=[1.5, 1, 1])
+    (tmp_path / "r.json").write_text(json.dumps(new))
+    assert train.main(["--render", str(tmp_path / "r.json")]) == 0
+    md = (tmp_path / "r.md").read_text()
+    assert "transformers 5.25.0, peft 0.21.2, load average 1.00 before / 1.50 after" in md
+    assert md.count("\n| ") == 2 + len(old["rows"])
+
