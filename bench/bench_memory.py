@@ -23,7 +23,8 @@ of the per-row KV cache); "step peak" = the most bytes allocated above the level
 decode step (torch profiler allocation events, CPU allocator). Also checked: the two paths
 give the same next-token logits.
 
-Run: ``python bench/bench_memory.py`` (about a minute; ``--quick`` for a small smoke run).
+Run: ``python bench/bench_memory.py`` (about ten minutes on 2 shared cores: the committed run
+recorded 612.7 s; ``--quick`` for a small smoke run, written as memory_quick.*).
 Writes ``bench/results/memory.{json,md,png}``.
 """
 from __future__ import annotations

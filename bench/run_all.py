@@ -1,13 +1,14 @@
-"""Run every CPU benchmark, keep a history, draw the plots and refresh the README tables.
+"""Run every CPU benchmark, keep a history and refresh the README tables.
 
     python bench/run_all.py            # full sizes of each benchmark (`make bench`)
     python bench/run_all.py --quick    # smoke sizes, into a scratch folder (README untouched)
     python bench/run_all.py --only decode,memory
 
 Each benchmark script writes `bench/results/<name>.json` (rows + machine/versions/date) and a
-markdown table `<name>.md`. This script appends every fresh JSON to
-`bench/results/history.jsonl`, draws `bench/results/<name>.png` for the ones without a plot of
-their own, and copies the markdown tables into README.md between the
+markdown table `<name>.md` (`--quick`: `<name>_quick.*`, a smoke run); the two plots the README
+shows are drawn by their own scripts (`decode_cpu.png` by bench_decode.py, `memory.png` by
+bench_memory.py, when matplotlib is installed); this script draws none. It appends every fresh
+JSON to `bench/results/history.jsonl` and copies the markdown tables into README.md between the
 `<!-- bench:NAME -->` / `<!-- /bench:NAME -->` markers, so every number the README shows comes
 from a committed result file. GPU benchmarks run through `bench/gpu.sh` on a GPU machine.
 """
