@@ -54,16 +54,41 @@ class _StubLaunch:
         return launch
 
 
-def median_us(fn, reps: int, blocks: int = 5) -> float:
-    for _ in range(20):
-        fn()
-    meds = []
+def paired_us(variants: list, reps: int, blocks: int = 5) -> list:
+    """Median microseconds per call of each variant (fn, context manager factory or None).
+    The variants alternate block by block (one block of `reps` calls of each per round, each
+    inside its context), so that a change of load on the shared cores hits all alike; the
+    median is over the `blocks` rounds."""
+    import contextlib
+
+    def block(fn, ctx, n):
+        with (ctx() if ctx else contextlib.nullcontext()):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            return (time.perf_counter() - t0) / max(n, 1) * 1e6
+    for fn, ctx in variants:
+        block(fn, ctx, 20)  # warm-up
+    meds = [[] for _ in variants]
     for _ in range(blocks):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        meds.append((time.perf_counter() - t0) / reps * 1e6)
-    return statistics.median(meds)
+        for (fn, ctx), m in zip(variants, meds):
+            m.append(block(fn, ctx, reps))
+    return [statistics.median(m) for m in meds]
+
+
+def _sorted_grouping():
+    """The sort-based grouping forced on the cascade (restored on exit)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def forced():
+        fast = decode._entry_tiles
+        decode._entry_tiles = decode._sorted_entry_tiles
+        try:
+            yield
+        finally:
+            decode._entry_tiles = fast
+    return forced()
 
 
 def measure(reps: int) -> list:
@@ -85,14 +110,9 @@ def _measure(reps: int) -> list:
         ids, lens = torch.zeros(B, dtype=torch.long), torch.tensor([P])
         out, lse = torch.empty_like(q), torch.empty(B, Hq, 1)
         args = (q, k, v, pk, pv, ids, lens, None, out, lse, True, D ** -0.5, -1, 0.0)
-        per_row = median_us(lambda: fwd.attn_fwd(*args), reps)
-        cascade = median_us(lambda: decode.cascade_fwd(*args), reps)
-        fast = decode._entry_tiles
-        decode._entry_tiles = decode._sorted_entry_tiles
-        try:
-            sorted_path = median_us(lambda: decode.cascade_fwd(*args), reps)
-        finally:
-            decode._entry_tiles = fast
+        per_row, cascade, sorted_path = paired_us(
+            [(lambda: fwd.attn_fwd(*args), None), (lambda: decode.cascade_fwd(*args), None),
+             (lambda: decode.cascade_fwd(*args), _sorted_grouping)], reps)
         rows.append({"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "Skv": Skv, "P": P,
                      "per_row_us": per_row, "cascade_us": cascade,
                      "cascade_sorted_us": sorted_path, "ratio": sorted_path / cascade})
@@ -104,7 +124,8 @@ def _measure(reps: int) -> list:
 def markdown(res: dict) -> str:
     env = res["environment"]
     caption = (f"Host time per launch call (kernels stubbed), {env['cpu']}, {provenance(env)}; "
-               f"medians of {res['blocks']} blocks of {res['reps']} calls; ratio = sorted grouping / as is.")
+               f"medians of {res['blocks']} blocks of {res['reps']} calls"
+               f"{', the variants alternating block by block' if res.get('timing') else ''}; ratio = sorted grouping / as is.")
     header = ["B", "Hq", "Hkv", "own keys", "P", "per-row fwd us", "cascade us",
               "cascade, sorted grouping us", "ratio"]
     return table(caption, header, [
@@ -123,7 +144,7 @@ def main(argv=None) -> dict:
     load_before = loadavg()
     rows = measure(20 if a.quick else a.reps)
     res = {"environment": cpu_environment(load_before), "reps": 20 if a.quick else a.reps, "blocks": 5,
-           "rows": rows}
+           "rows": rows, "timing": "variants alternating block by block (paired_us), medians"}
     write_results(a.out, res, markdown(res), smoke=a.quick)
     return res
 

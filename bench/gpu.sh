@@ -5,7 +5,11 @@
 #   (setup)      if `prefix_attn.kernels` is not importable, the source tree is used in
 #                place (PYTHONPATH, prefix_attn/kernels -> ../kernels); nothing is installed
 #   ext (background)  the C++/CUDA extension built from a copy of the tree into
-#                /tmp/prefix_attn_ext, moved into prefix_attn/ before tests_rest
+#                /tmp/prefix_attn_ext, moved into prefix_attn/ before tests_rest; the build
+#                (MAX_JOBS compiler processes) is stopped (SIGSTOP to its process group) while
+#                bench and bench_train time anything and resumed after them, so its compilers
+#                do not compete with the benchmarks' host threads (they ran through the
+#                timings until 2026-12-06)
 #   tests_gpu    (T_GPU, 100)    tests/test_triton_gpu.py -m gpu: real sizes, bf16/fp16, head
 #                dims 16..256; tests/test_hf_gpu.py: tiny HF models on the GPU through the
 #                triton backend; tests/test_host_syncs.py: CUDA's own count of the syncs of a
@@ -81,10 +85,18 @@ tar --exclude=./.git -cf - . | tar -xf - -C "$EXT/src"
 # CXX: the PATH's g++, not an image's $CXX. On the H200 image (2026-11-28) $CXX was
 # /opt/gcc/bin/g++, which linked libstdc++ statically into _C.so: two libstdc++ copies in one
 # process, and the first C++ error message (TORCH_CHECK formatting a number) segfaulted.
-wanted tests_rest && ( cd "$EXT/src" && CXX=$(command -v g++ || echo c++) MAX_JOBS=${MAX_JOBS:-12} \
-    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
-    $PY setup.py build_ext --build-lib "$EXT/lib" --build-temp "$EXT/tmp" ) >"$EXT/build.log" 2>&1 &
-ext_pid=$!
+# setsid: the build gets a process group of its own (pgid = ext_pid), which ext_pause and
+# ext_resume stop and continue as a whole (setup.py, ninja and every compiler under them).
+ext_pid=""
+if wanted tests_rest; then
+    ( cd "$EXT/src" && CXX=$(command -v g++ || echo c++) MAX_JOBS=${MAX_JOBS:-12} \
+      TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+      exec setsid $PY setup.py build_ext --build-lib "$EXT/lib" --build-temp "$EXT/tmp" ) >"$EXT/build.log" 2>&1 &
+    ext_pid=$!
+fi
+ext_pause() { [ -n "$ext_pid" ] && kill -STOP -- "-$ext_pid" 2>/dev/null && echo "extension build paused for the timings" | tee -a "$OUT/summary.txt"; return 0; }
+ext_resume() { [ -n "$ext_pid" ] && kill -CONT -- "-$ext_pid" 2>/dev/null; return 0; }
+trap ext_resume EXIT
 
 $PY - <<'PY' >>"$OUT/summary.txt" 2>&1
 import datetime, subprocess, torch, triton
@@ -108,6 +120,7 @@ stage tests_gpu "${T_GPU:-100}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_C
 
 # Benchmark: full autotuning; the chosen configs go to the log and the JSON. The timings of
 # the search are kept on disk (TRITON_CACHE_AUTOTUNING) for bench_train below.
+ext_pause
 stage bench "${T_BENCH:-220}" env -u TRITON_INTERPRET -u PREFIX_ATTN_TRITON_ONE_CONFIG \
     TRITON_CACHE_AUTOTUNING=1 TRITON_PRINT_AUTOTUNING=1 PYTHONUNBUFFERED=1 \
     $PY bench/bench_triton_gpu.py --out "$OUT" --prefix 128,16,64,256 "$@"
@@ -120,6 +133,7 @@ stage bench_train "${T_TRAIN:-80}" env -u TRITON_INTERPRET -u PREFIX_ATTN_TRITON
     $PY bench/bench_train.py --device cuda --dtype bf16 --hidden 1024 --layers 8 --heads 8 \
     --kv-heads 2 --mlp 2816 --vocab 8192 --batch 4 --seq 4096 --prefix 64 --steps 5 --out "$OUT"
 
+ext_resume
 stage tests_triton "${T_TRITON:-110}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
     $PY -m pytest -v -p no:cacheprovider -n 14 tests/test_triton.py -m "interpreter or gpu"
 

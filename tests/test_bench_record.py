@@ -32,6 +32,9 @@ def _bench_module(name, monkeypatch):
     import importlib.util
     root = os.path.join(os.path.dirname(__file__), os.pardir)
     monkeypatch.syspath_prepend(os.path.join(root, "bench"))
+    # bench_launch_overhead drops TRITON_INTERPRET from the environment when imported: put
+    # back what the session had after the test
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
     spec = importlib.util.spec_from_file_location(name, os.path.join(root, "bench", name + ".py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -57,3 +60,26 @@ def test_train_table_is_rendered_from_its_json_with_date_and_versions(tmp_path, 
     assert "transformers 5.25.0, peft 0.21.2, load average 1.00 before / 1.50 after" in md
     assert md.count("\n| ") == 2 + len(old["rows"])
 
+
+def test_packed_bench_alternates_the_two_paths(monkeypatch):
+    """The regrouped kernel and the dense fallback are timed call by call in alternation
+    (they were timed in separate blocks: a load change hit one only)."""
+    packed = _bench_module("bench_packed", monkeypatch)
+    order = []
+    monkeypatch.setattr(packed, "_step", lambda fused, *a: order.append(fused))
+    packed.measure(packed.QUICK, 3)
+    assert order == [True, False] * 4            # one warm-up each, then 3 rounds
+
+
+def test_launch_overhead_alternates_the_variants_block_by_block(monkeypatch):
+    lo = _bench_module("bench_launch_overhead", monkeypatch)
+    from prefix_attn.kernels import decode, fwd
+    order = []
+    monkeypatch.setattr(fwd, "attn_fwd", lambda *a: order.append("per_row"))
+    monkeypatch.setattr(decode, "cascade_fwd", lambda *a: order.append(
+        "sorted" if decode._entry_tiles == decode._sorted_entry_tiles else "cascade"))
+    monkeypatch.setattr(lo, "SHAPES", [(2, 4, 2, 16, 8, 4)])
+    lo.measure(2)
+    assert decode._entry_tiles != decode._sorted_entry_tiles              # restored
+    rounds = order[60:]                                                   # after the warm-ups
+    assert rounds == ["per_row", "per_row", "cascade", "cascade", "sorted", "sorted"] * 5
