@@ -185,6 +185,24 @@ def test_decode_rows_time_one_layer_of_the_peft_path(bench, tmp_path, monkeypatc
     assert "read it back inside every timed call" in bench.markdown(old).splitlines()[0]
 
 
+def test_the_fwd_bwd_baselines_build_their_mask_once(bench, tmp_path, monkeypatch):
+    """The fwd+bwd (e2e) rows' PEFT-path baselines built the dense mask inside every timed call,
+    as the decode rows did; built once now (once per prefix length), and old results say so."""
+    import prefix_attn.baselines as base
+
+    calls = []
+    for name in ("peft_path_forward", "older_baseline_mask"):
+        real = getattr(base, name)
+        monkeypatch.setattr(base, name, lambda *a, _r=real, **k: calls.append(1) or _r(*a, **k))
+    data = bench.main(["--out", str(tmp_path), "--dry-run", "--prefix", "5", "--reps", "3",
+                       "--modes", "e2e"])
+    assert len(calls) <= 3  # peft path, older path, profile: not once per timed call
+    assert data["e2e_baseline_mask"] and "built their dense mask inside" not in bench.markdown(data)
+    with open(os.path.join(os.path.dirname(_PATH), "results", "triton_gpu.json")) as f:
+        old = json.load(f)
+    assert "built their dense mask inside every timed call" in bench.markdown(old).splitlines()[0]
+
+
 def test_a_failing_part_does_not_cost_the_parts_after_it(bench, tmp_path, monkeypatch):
     """Each part of a GPU run is guarded: a prefix length, the ablations, the profile or the
     sweep that raises is recorded as <part>_error (and in the table) and the run goes on
