@@ -161,6 +161,19 @@ def _shares_storage(t: Tensor, held: list) -> bool:
         return False
 
 
+def check_name(name) -> str:
+    """An entry name: a non-empty str (TypeError otherwise)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"entry name must be a non-empty str, got {name!r}")
+    return name
+
+
+def _dim(value, what: str) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__") or operator.index(value) < 1:
+        raise ValueError(f"PrefixBank: {what} must be a positive int, got {value!r}")
+    return operator.index(value)
+
+
 def _holds_data(what: str, device: torch.device) -> None:
     if device.type == "meta":
         raise ValueError(f"{what} is on meta: a tensor on meta holds no data (the model's weights "
@@ -215,9 +228,11 @@ class PrefixBank(nn.Module):
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu"):
         super().__init__()
-        self.num_layers = int(num_layers)
-        self.num_kv_heads = int(num_kv_heads)
-        self.head_dim = int(head_dim)
+        self.num_layers = _dim(num_layers, "num_layers")
+        self.num_kv_heads = _dim(num_kv_heads, "num_kv_heads")
+        self.head_dim = _dim(head_dim, "head_dim")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"PrefixBank: dtype must be a floating torch.dtype, got {dtype!r}")
         self.dtype = dtype
         self.device = torch.device(device)
         self.trainable = nn.ModuleDict()
@@ -308,9 +323,7 @@ class PrefixBank(nn.Module):
                 self._swap_trainable(drop=dropped)
 
     def _check_name(self, name) -> str:
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"entry name must be a non-empty str, got {name!r}")
-        return name
+        return check_name(name)
 
     def _check_kv(self, kv: Tensor, what: str) -> None:
         L, Hkv, D = self.num_layers, self.num_kv_heads, self.head_dim
@@ -609,6 +622,10 @@ class PrefixBank(nn.Module):
     def _broadcast(rows: list[int], batch_size: Optional[int]) -> list[int]:
         if batch_size is None:
             return rows
+        if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") \
+                or operator.index(batch_size) < 0:
+            raise ValueError(f"batch_size must be an int >= 0 or None, got {batch_size!r}")
+        batch_size = operator.index(batch_size)
         if len(rows) == 1 and batch_size != 1:
             return rows * batch_size
         if len(rows) != batch_size:
@@ -681,7 +698,7 @@ class PrefixBank(nn.Module):
         key = key + (tuple(_version_of(entries[names[i]].kv) for i in used
                            if i >= 0 and entries[names[i]].kv is not None),)
         if params:
-            key = key + (tuple((p._version, p.data_ptr()) for p in params), _OPTIMIZER_STEPS[0],
+            key = key + (tuple((_version_of(p), p.data_ptr()) for p in params), _OPTIMIZER_STEPS[0],
                          api.autocast_dtype(params[0]))
         with self._lock:
             cached = None
@@ -715,9 +732,10 @@ class PrefixBank(nn.Module):
             else:
                 kv = self._materialize(e).to(device).unsqueeze(2)  # a view: no copy on the bank's device
                 view = _shares_storage(kv, [e.kv] if e.kv is not None else list(e.module.parameters()))
-        else:
-            pmax = max(lens)
-            kv = torch.zeros(L, 2, len(sel_entries), Hkv, pmax, D, dtype=self.dtype, device=device)
+        else:  # several entries, or none (an empty batch: one empty slot)
+            pmax = max(lens, default=0)
+            kv = torch.zeros(L, 2, max(len(sel_entries), 1), Hkv, pmax, D, dtype=self.dtype,
+                             device=device)
             if trainable:
                 # built out of place so that trainable entries stay in the autograd graph
                 parts = []
@@ -820,7 +838,10 @@ class PrefixBank(nn.Module):
                 probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
             except NotImplementedError:  # from meta ("cannot copy out of meta tensor"): the
                 probe = fn(torch.empty(0, dtype=self.dtype))  # model attached before its load
-            moved = {n: (dataclasses.replace(e, kv=_normal_tensor(fn(e.kv))) if e.kv is not None else e)
+            # entries follow the probe's dtype and device (fn itself may be a conversion that
+            # does not apply to them: .to(memory_format=torch.channels_last) needs rank 4)
+            moved = {n: (dataclasses.replace(e, kv=_normal_tensor(
+                        e.kv.to(device=probe.device, dtype=probe.dtype))) if e.kv is not None else e)
                      for n, e in entries.items()}
             self.dtype, self.device = probe.dtype, probe.device
             self._state = (version + 1, moved)
@@ -939,12 +960,17 @@ class PrefixBank(nn.Module):
         Everything is checked before the bank changes, and all entries appear in one snapshot."""
         saved = bank_file.read(directory)
         path = os.path.join(directory, BANK_FILE)
-        bank = cls.attach(model)
-        want = (bank.num_layers, bank.num_kv_heads, bank.head_dim)
+        try:  # the model's dims without attaching: a refused file leaves the model as it was
+            want = model_info.model_dims(model)
+        except ValueError:
+            cls.attach(model)  # raises why the model cannot have a bank
+            raise
         if saved.dims != want:
             raise ValueError(f"{path}: saved for (L, Hkv, D)={saved.dims}, but the model has {want}")
+        shape = cls(*want)
         for name, kv in zip(saved.names, saved.tensors):
-            bank._check_kv(kv, f"{path}: entry {name!r}")
+            shape._check_kv(kv, f"{path}: entry {name!r}")
+        bank = cls.attach(model)
         here = model_info.model_signature(model) if any(saved.signatures) else None
         other = [n for n, sig in zip(saved.names, saved.signatures)
                  if sig and not model_info.same_signature(sig, here)]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .bank import PrefixBank
+from .bank import PrefixBank, check_name
 from .model_info import warn_window_vs_peft
 from .hf import ATTN_NAME
 
@@ -36,7 +36,10 @@ def _positive_int(value, what: str) -> int:
     integer >= 1 (not a bool, a float or a string)."""
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise ValueError(f"{what} must be a positive int, got {value!r}")
-    value = operator.index(value)
+    try:
+        value = operator.index(value)
+    except TypeError:  # a float tensor, a tensor of several elements
+        raise ValueError(f"{what} must be a positive int, got {value!r}") from None
     if value < 1:
         raise ValueError(f"{what} must be a positive int, got {value}")
     return value
@@ -152,9 +155,11 @@ def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
     _positive_int(num_virtual_tokens, "num_virtual_tokens")  # before the model changes
     if projection_hidden_size is not None:
         _positive_int(projection_hidden_size, "projection_hidden_size")
+    check_name(name)
     bank = PrefixBank.attach(model)
-    module = PrefixParameters(bank.num_layers, bank.num_kv_heads, bank.head_dim,
-                              num_virtual_tokens, projection_hidden_size, device=bank.device)
+    with torch.inference_mode(False):  # parameters, not inference tensors (they would fail later)
+        module = PrefixParameters(bank.num_layers, bank.num_kv_heads, bank.head_dim,
+                                  num_virtual_tokens, projection_hidden_size, device=bank.device)
     _add_trainable(model, bank, name, module)
     return module
 
@@ -210,8 +215,9 @@ def from_peft(peft_model, trainable: bool = True) -> nn.Module:
         # adapter loaded from disk holds the folded prompt_embeddings whatever its config says
         transform = getattr(encoder, "transform", None)
         hidden = cfg.encoder_hidden_size if isinstance(transform, nn.Module) else None
-        module = PrefixParameters(*dims, cfg.num_virtual_tokens, hidden, device=bank.device)
-        module.load_state_dict(encoder.state_dict())  # PEFT's PrefixEncoder names
+        with torch.inference_mode(False):  # parameters, not inference tensors
+            module = PrefixParameters(*dims, cfg.num_virtual_tokens, hidden, device=bank.device)
+            module.load_state_dict(encoder.state_dict())  # PEFT's PrefixEncoder names
         modules[name] = module
     taken = [name for name in modules if name in bank]
     if taken:

@@ -683,3 +683,49 @@ def test_a_bank_file_of_another_format_or_with_a_name_twice_is_refused(tmp_path,
                                   hidden_size=4 * D)
     with pytest.raises(ValueError, match=words):
         PrefixBank.load(str(tmp_path), host)
+
+
+def test_an_empty_batch_and_bad_batch_sizes():
+    """select([]) / select("a", 0) failed in max() of no lengths; a negative or float
+    batch_size was taken (ids("a", -1) -> []) or failed without naming it."""
+    bank = _bank(a=4)
+    for sel in (bank.select([]), bank.select("a", 0)):
+        assert sel.prefix_ids.numel() == 0 and sel.layer(0)[0].shape[2] == 0
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 0"):
+            bank.ids("a", bad)
+
+
+@pytest.mark.parametrize("args, error, words", [
+    ((2.7, 2, 8), ValueError, "num_layers must be a positive int"),
+    ((2, 0, 8), ValueError, "num_kv_heads must be a positive int"),
+    ((2, 2, -8), ValueError, "head_dim must be a positive int"),
+    ((2, 2, 8, torch.int64), TypeError, "dtype must be a floating torch.dtype"),
+    ((2, 2, 8, "float16"), TypeError, "dtype must be a floating torch.dtype"),
+])
+def test_the_constructor_checks_its_arguments(args, error, words):
+    """PrefixBank(2.7, ...) made 2 layers; an int64 bank truncated every entry (0.7 -> 0)."""
+    with pytest.raises(error, match=words):
+        PrefixBank(*args)
+
+
+def test_a_refused_file_leaves_the_model_without_a_bank(tmp_path):
+    """load attached the bank (and its hooks) before finding the file's dims wrong."""
+    from types import SimpleNamespace
+
+    _bank(a=4).save(str(tmp_path))
+    host = nn.Module()
+    host.config = SimpleNamespace(num_hidden_layers=L + 1, num_attention_heads=4,
+                                  num_key_value_heads=HKV, hidden_size=4 * D)
+    with pytest.raises(ValueError, match="saved for"):
+        PrefixBank.load(str(tmp_path), host)
+    assert not hasattr(host, "prefix_bank")
+
+
+def test_a_memory_format_move_leaves_the_entries_as_they_are():
+    """model.to(memory_format=torch.channels_last) (a VLM's conv tower) applied the conversion to
+    the bank's 5-D entries: "required rank 4 tensor to use channels_last format"."""
+    bank = _bank(a=4)
+    before = bank.entry_kv("a").clone()
+    bank.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(bank.entry_kv("a"), before)

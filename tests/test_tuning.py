@@ -820,3 +820,36 @@ def test_compiled_forward_without_a_cache_or_a_mask_equals_eager():
         finally:
             model.forward = forward
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, error", [(None, TypeError), ("", TypeError), (3, TypeError),
+                                         (["a"], TypeError)])
+def test_a_bad_name_leaves_the_model_as_it_was(name, error):
+    """prefix_tuning checked the name last: the model had been switched to prefix_attn, its
+    base frozen and a bank attached before the TypeError (a list: a bare 'unhashable type')."""
+    model = tiny_model("llama", attn_implementation="sdpa")
+    with pytest.raises(error, match="entry name must be a non-empty str"):
+        prefix_tuning(model, num_virtual_tokens=P, name=name)
+    assert model.config._attn_implementation == "sdpa" and not hasattr(model, "prefix_bank")
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_tensor_count_of_virtual_tokens_is_named():
+    with pytest.raises(ValueError, match="num_virtual_tokens must be a positive int"):
+        prefix_tuning(tiny_model("llama"), num_virtual_tokens=torch.tensor(3.0))
+
+
+def test_a_prefix_made_under_inference_mode_serves_and_trains():
+    """prefix_tuning (or from_peft) called inside torch.inference_mode (a serving script) made
+    its parameters inference tensors: every later forward failed ("Inference tensors do not
+    track version counter")."""
+    model = tiny_model("llama")
+    with torch.inference_mode():
+        module = prefix_tuning(model, num_virtual_tokens=P)
+    ids = torch.randint(3, 100, (2, 5))
+    with torch.inference_mode():
+        served = model(ids, prefixes="default").logits
+    model.train()
+    loss = model(ids, labels=ids, prefixes="default").loss
+    loss.backward()
+    assert module.embedding.weight.grad is not None and torch.isfinite(served).all()
