@@ -643,6 +643,13 @@ class PrefixBank(nn.Module):
         names = list(entries)
         used = set(rows)
         anchor = False
+        # entries that are FSDP units of their own all-gather their parameters when called:
+        # every rank calls every one of them, in every mode (an evaluation where ranks select
+        # different entries paired one rank's gather of "a" with another's of "b": a silent
+        # mix of shards, or a crash), and such a selection is never cached (a cache hit on one
+        # rank would skip a gather that the others make)
+        units = self._fsdp_units(names, entries)
+        used.update(units)
         if torch.is_grad_enabled():
             trains = [i for i, n in enumerate(names) if _trains(entries[n])]
             if trains and self._under_fsdp():
@@ -662,8 +669,17 @@ class PrefixBank(nn.Module):
             # loss without a graph when only prefixes train: backward() failed with "element 0
             # of tensors does not require grad", stopping a Trainer's run
             anchor = bool(trains) and self.training and not used.intersection(trains)
-        sel = self._select(rows, used, version, entries, device)
+        sel = self._select(rows, used, version, entries, device, cache=not units)
         return _anchored(sel, self._anchor(device)) if anchor else sel
+
+    @staticmethod
+    def _fsdp_units(names: list, entries: dict) -> list:
+        """Bank ids of the module entries that ``fully_shard`` made FSDP units of their own, in a
+        multi-process run ([] otherwise)."""
+        if distributed.world_size() == 1:
+            return []
+        return [i for i, n in enumerate(names)
+                if entries[n].module is not None and distributed.is_fsdp_module(entries[n].module)]
 
     def _anchor(self, device: torch.device) -> Tensor:
         """A zero scalar that requires grad, held by the bank but no parameter (no optimizer
@@ -675,8 +691,10 @@ class PrefixBank(nn.Module):
             anchors[key] = torch.zeros((), device=device, requires_grad=True)
         return anchors[key]
 
-    def _select(self, rows, used: set, version: int, entries: dict, device: torch.device) -> PrefixSelection:
-        """:meth:`select` for bank ids ``rows`` and the set of ids ``used`` to gather."""
+    def _select(self, rows, used: set, version: int, entries: dict, device: torch.device,
+                cache: bool = True) -> PrefixSelection:
+        """:meth:`select` for bank ids ``rows`` and the set of ids ``used`` to gather (``cache``
+        False: neither read from nor written to the selection cache)."""
         names = list(entries)
         used = sorted(used, key=lambda i: (i < 0, i))  # bank order, "no prefix" last
         # tensors made under inference_mode cannot be saved for backward later: such a
@@ -692,7 +710,7 @@ class PrefixBank(nn.Module):
         # through ``p.data`` outside an optimizer is not seen
         params = [p for i in used if i >= 0 and entries[names[i]].module is not None
                   for p in entries[names[i]].module.parameters()]
-        cacheable = not params or not torch.is_grad_enabled()
+        cacheable = cache and (not params or not torch.is_grad_enabled())
         # a fixed entry edited in place (``bank.entry_kv(name).mul_(...)``) bumps its version: a
         # stacked copy made before the edit is not handed out again
         key = key + (tuple(_version_of(entries[names[i]].kv) for i in used

@@ -93,8 +93,9 @@ class PrefixParameters(nn.Module):
         """``[L, 2, Hkv, P, D]`` keys (index 0) and values (index 1) of every layer."""
         L, H, D, P = self.num_layers, self.num_kv_heads, self.head_dim, self.num_virtual_tokens
         out = self.rows().view(P, L, 2, H, D).permute(1, 2, 3, 0, 4)
-        if self.transform is None and distributed.is_fsdp_module(self):
+        if distributed.is_fsdp_module(self):
             # an FSDP unit of its own frees the gathered weight after its forward: not a view
+            # of it (nor of the projection's output, which FSDP warns about on every forward)
             out = out.clone()
         return out
 
