@@ -168,12 +168,6 @@ def check_name(name) -> str:
     return name
 
 
-def _dim(value, what: str) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__") or operator.index(value) < 1:
-        raise ValueError(f"PrefixBank: {what} must be a positive int, got {value!r}")
-    return operator.index(value)
-
-
 def _holds_data(what: str, device: torch.device) -> None:
     if device.type == "meta":
         raise ValueError(f"{what} is on meta: a tensor on meta holds no data (the model's weights "
@@ -228,9 +222,9 @@ class PrefixBank(nn.Module):
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu"):
         super().__init__()
-        self.num_layers = _dim(num_layers, "num_layers")
-        self.num_kv_heads = _dim(num_kv_heads, "num_kv_heads")
-        self.head_dim = _dim(head_dim, "head_dim")
+        self.num_layers = validation.int_at_least(num_layers, 1, "PrefixBank: num_layers")
+        self.num_kv_heads = validation.int_at_least(num_kv_heads, 1, "PrefixBank: num_kv_heads")
+        self.head_dim = validation.int_at_least(head_dim, 1, "PrefixBank: head_dim")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"PrefixBank: dtype must be a floating torch.dtype, got {dtype!r}")
         self.dtype = dtype
@@ -622,10 +616,7 @@ class PrefixBank(nn.Module):
     def _broadcast(rows: list[int], batch_size: Optional[int]) -> list[int]:
         if batch_size is None:
             return rows
-        if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") \
-                or operator.index(batch_size) < 0:
-            raise ValueError(f"batch_size must be an int >= 0 or None, got {batch_size!r}")
-        batch_size = operator.index(batch_size)
+        batch_size = validation.int_at_least(batch_size, 0, "batch_size")
         if len(rows) == 1 and batch_size != 1:
             return rows * batch_size
         if len(rows) != batch_size:

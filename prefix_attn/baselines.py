@@ -110,11 +110,6 @@ class PeftPathForward:
     zero_empty_rows: bool
 
 
-def _forward_of(a) -> PeftPathForward:
-    mask, is_causal = transformers_mask(visible_mask(a))
-    return PeftPathForward(a.prefix_ids, mask, is_causal, a.scale, _may_have_empty_rows(a))
-
-
 def peft_path_forward(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None,
                       prefix_lens=None, key_padding_mask=None, causal=True, scale=None,
                       window=None, softcap=None) -> PeftPathForward:
@@ -122,9 +117,10 @@ def peft_path_forward(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None,
     same arguments as `prefix_attention`. Hand the result to `peft_path_layer`."""
     if softcap is not None:
         raise ValueError("the SDPA baseline cannot express softcap")
-    return _forward_of(normalize(q, k, v, prefix_k, prefix_v, prefix_ids=prefix_ids,
-                                 prefix_lens=prefix_lens, key_padding_mask=key_padding_mask,
-                                 causal=causal, scale=scale, window=window))
+    a = normalize(q, k, v, prefix_k, prefix_v, prefix_ids=prefix_ids, prefix_lens=prefix_lens,
+                  key_padding_mask=key_padding_mask, causal=causal, scale=scale, window=window)
+    mask, is_causal = transformers_mask(visible_mask(a))
+    return PeftPathForward(a.prefix_ids, mask, is_causal, a.scale, _may_have_empty_rows(a))
 
 
 def peft_path_layer(q, k, v, prefix_k, prefix_v, fwd: PeftPathForward):
@@ -135,8 +131,7 @@ def peft_path_layer(q, k, v, prefix_k, prefix_v, fwd: PeftPathForward):
     if prefix_k is not None:
         if prefix_k.dim() == 3:
             prefix_k, prefix_v = prefix_k[None], prefix_v[None]
-        k = torch.cat([per_row_prefix(prefix_k, fwd.prefix_ids), k], dim=2)
-        v = torch.cat([per_row_prefix(prefix_v, fwd.prefix_ids), v], dim=2)
+        k, v = _with_prefix(k, v, prefix_k, prefix_v, fwd.prefix_ids)
     out = _sdpa_decided(q, k, v, fwd.attn_mask, fwd.is_causal, fwd.scale)
     if fwd.zero_empty_rows:
         # SDPA gives NaN for rows with no visible key; the contract says zeros.
@@ -149,11 +144,10 @@ def peft_path_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=Non
                         window=None, softcap=None):
     """Same arguments as `prefix_attention` (no softcap: SDPA cannot express it): the forward's
     part and one layer's in one call."""
-    if softcap is not None:
-        raise ValueError("the SDPA baseline cannot express softcap")
-    a = normalize(q, k, v, prefix_k, prefix_v, prefix_ids=prefix_ids, prefix_lens=prefix_lens,
-                  key_padding_mask=key_padding_mask, causal=causal, scale=scale, window=window)
-    return peft_path_layer(a.q, a.k, a.v, a.prefix_k, a.prefix_v, _forward_of(a))
+    fwd = peft_path_forward(q, k, v, prefix_k, prefix_v, prefix_ids=prefix_ids,
+                            prefix_lens=prefix_lens, key_padding_mask=key_padding_mask,
+                            causal=causal, scale=scale, window=window, softcap=softcap)
+    return peft_path_layer(q, k, v, prefix_k, prefix_v, fwd)
 
 
 def peft_path_attention_enable_gqa(q, k, v, prefix_k=None, prefix_v=None, *, mask=None,
@@ -180,9 +174,14 @@ def _concatenated(a, with_mask=True):
     """PEFT's inputs to SDPA: keys and values [B, Hkv, P + Skv, D] with each row's prefix
     copied in front of its own (the per-row copy), and the dense mask [B, 1, Sq, P + Skv]
     (None without with_mask)."""
-    keys = torch.cat([per_row_prefix(a.prefix_k, a.prefix_ids), a.k], dim=2)
-    vals = torch.cat([per_row_prefix(a.prefix_v, a.prefix_ids), a.v], dim=2)
+    keys, vals = _with_prefix(a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_ids)
     return keys, vals, visible_mask(a) if with_mask else None
+
+
+def _with_prefix(k, v, prefix_k, prefix_v, ids):
+    """Each row's prefix [N, Hkv, P, D] (by ``ids``) copied in front of its own K/V."""
+    return (torch.cat([per_row_prefix(prefix_k, ids), k], dim=2),
+            torch.cat([per_row_prefix(prefix_v, ids), v], dim=2))
 
 
 def per_row_prefix(bank: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

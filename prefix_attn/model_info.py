@@ -92,8 +92,7 @@ def model_signature(model: nn.Module) -> list:
     params = [p for p in model.parameters() if p.numel() and id(p) not in own]  # the base only
     step = max(1, len(params) // _SIGNATURE_SIZE)
     with torch.no_grad():
-        picks = [None if p.device.type == "meta" else
-                 p.reshape(-1)[_first_row_middle(p):_first_row_middle(p) + 1].float()
+        picks = [None if p.device.type == "meta" else _first_row_middle(p)
                  for p in params[::step][:_SIGNATURE_SIZE]]
         held = [t for t in picks if t is not None]
         try:  # one read-back (not one host sync per weight on a GPU)
@@ -103,8 +102,10 @@ def model_signature(model: nn.Module) -> list:
         return [None if t is None else next(values) for t in picks]
 
 
-def _first_row_middle(p: Tensor) -> int:
-    return p.shape[-1] // 2 if p.dim() else 0
+def _first_row_middle(p: Tensor) -> Tensor:
+    """The middle value of ``p``'s first row (a 0-d weight: itself), as a float32 ``[1]``."""
+    i = p.shape[-1] // 2 if p.dim() else 0
+    return p.reshape(-1)[i:i + 1].float()
 
 
 def same_signature(a, b) -> bool:

@@ -16,33 +16,18 @@ folds the projection (runs ``forward()`` once) and writes plain K/V in PEFT's fo
 """
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, validation
 from .bank import PrefixBank, check_name
 from .model_info import warn_window_vs_peft
 from .hf import ATTN_NAME
 
 __all__ = ["PrefixParameters", "prefix_tuning", "from_peft", "trainable_parameters",
            "print_trainable_parameters", "enable_checkpointing", "unload"]
-
-
-def _positive_int(value, what: str) -> int:
-    """``value`` as an int (numpy integers too); ValueError naming ``what`` unless it is an
-    integer >= 1 (not a bool, a float or a string)."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:  # a float tensor, a tensor of several elements
-        raise ValueError(f"{what} must be a positive int, got {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{what} must be a positive int, got {value}")
-    return value
 
 
 class PrefixParameters(nn.Module):
@@ -58,9 +43,10 @@ class PrefixParameters(nn.Module):
                  num_virtual_tokens: int, projection_hidden_size: Optional[int] = None,
                  device=None):
         super().__init__()
-        num_virtual_tokens = _positive_int(num_virtual_tokens, "num_virtual_tokens")
+        num_virtual_tokens = validation.int_at_least(num_virtual_tokens, 1, "num_virtual_tokens")
         if projection_hidden_size is not None:
-            projection_hidden_size = _positive_int(projection_hidden_size, "projection_hidden_size")
+            projection_hidden_size = validation.int_at_least(projection_hidden_size, 1,
+                                                             "projection_hidden_size")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.num_virtual_tokens = num_virtual_tokens
         token_dim = num_kv_heads * head_dim
@@ -153,9 +139,9 @@ def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
     module (its parameters are the ones to give the optimizer; with an unfrozen head, give it
     :func:`trainable_parameters`).
     """
-    _positive_int(num_virtual_tokens, "num_virtual_tokens")  # before the model changes
+    validation.int_at_least(num_virtual_tokens, 1, "num_virtual_tokens")  # before the model changes
     if projection_hidden_size is not None:
-        _positive_int(projection_hidden_size, "projection_hidden_size")
+        validation.int_at_least(projection_hidden_size, 1, "projection_hidden_size")
     check_name(name)
     bank = PrefixBank.attach(model)
     with torch.inference_mode(False):  # parameters, not inference tensors (they would fail later)

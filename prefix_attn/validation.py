@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -76,6 +77,22 @@ def _flag(name: str, value) -> bool:
             and getattr(value, "shape", None) == ():
         return bool(value)
     raise TypeError(f"{name} must be a bool, got {type(value).__module__}.{type(value).__qualname__}")
+
+
+def int_at_least(value, minimum: int, what: str) -> int:
+    """``value`` as an int (numpy integers and one-element integer tensors too) that is at
+    least ``minimum``; a ValueError naming ``what`` otherwise (bools, floats and strings
+    included)."""
+    need = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        index = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} must be {need}, got {value!r}") from None
+    if index < minimum:
+        raise ValueError(f"{what} must be {need}, got {index}")
+    return index
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)

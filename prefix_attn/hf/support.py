@@ -94,7 +94,8 @@ def unsupported_model(model) -> Optional[str]:
         model_info.model_dims(model)
     except ValueError as e:
         return f"{name}: {e}"
-    if getattr(text, "num_kv_shared_layers", None) or "reuse" in (getattr(text, "kv_sharing_modes", None) or ()):
+    if getattr(text, "num_kv_shared_layers", None) \
+            or "reuse" in (getattr(text, "kv_sharing_modes", None) or ()):
         return (f"{name}'s layers reuse earlier layers' keys and values (KV sharing), and with "
                 "them those layers' prefixes under PEFT; prefix_attn gives every layer its own "
                 "prefix, so it does not support such models")
