@@ -86,5 +86,7 @@ test-triton-compat: setup
 bench: setup
 	$(VPY) bench/run_all.py
 
+# The install stamp goes with the extension it stands for (else setup skips the rebuild, and the
+# demo and tests ran without the C++ backend).
 clean:
-	rm -rf build *.egg-info prefix_attn/*.so .pytest_cache
+	rm -rf build *.egg-info prefix_attn/*.so .pytest_cache $(VENV)/.stamp-install

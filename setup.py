@@ -2,8 +2,14 @@
 C++/CUDA extension `prefix_attn._C` (from csrc/). setup.py imports torch, so install with
 `pip install --no-build-isolation -e .` against the torch you already have."""
 import os
+import sys
 
 from setuptools import setup
+
+# The commands that compile the extension and so need torch; the others (a source
+# distribution, the metadata steps pip's isolated build environment runs) build without it.
+_BUILDS = {"build", "build_ext", "bdist", "bdist_wheel", "bdist_egg", "install", "develop",
+           "editable_wheel"}
 
 
 def _cuda_headers_found(cuda_home: str) -> bool:
@@ -13,6 +19,25 @@ def _cuda_headers_found(cuda_home: str) -> bool:
     for var in ("CPATH", "CPLUS_INCLUDE_PATH", "C_INCLUDE_PATH"):
         dirs += os.environ.get(var, "").split(os.pathsep)
     return any(d and os.path.isfile(os.path.join(d, "cuda_runtime.h")) for d in dirs)
+
+
+def _build_ext_class():
+    from torch.utils.cpp_extension import BuildExtension
+
+    class BuildWithHint(BuildExtension):
+        """torch's BuildExtension, with a last line on how to install without the extension
+        when the compiler fails (none installed, no C++20, ...)."""
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception:
+                print("prefix_attn: the C++ extension did not build (the compiler's messages are "
+                      "above); PREFIX_ATTN_NO_EXT=1 installs the package without it (the triton "
+                      "and torch backends only)", file=sys.stderr)
+                raise
+
+    return BuildWithHint
 
 
 def ext_modules_and_cmdclass():
@@ -28,9 +53,17 @@ def ext_modules_and_cmdclass():
         return [], {}
     import glob
 
-    import torch
-    from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension,
-                                           CUDAExtension)
+    try:
+        import torch
+    except ImportError:
+        if not _BUILDS.intersection(sys.argv[1:]):
+            return [], {}
+        raise SystemExit(
+            "prefix_attn: setup.py needs torch to build its C++ extension, and this Python has "
+            "none (pip builds in an isolated environment unless told not to): install torch "
+            "first, then `pip install --no-build-isolation .` (or `-e .`); PREFIX_ATTN_NO_EXT=1 "
+            "installs without the extension (the triton and torch backends only)") from None
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     sources = ["csrc/module.cpp", "csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp: at::parallel_for is inline (ATen/ParallelOpenMP.h); without it the kernels'
@@ -61,7 +94,7 @@ def ext_modules_and_cmdclass():
     else:
         ext = CppExtension("prefix_attn._C", sources, include_dirs=[os.path.abspath("csrc")],
                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _build_ext_class().with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = ext_modules_and_cmdclass()
@@ -76,7 +109,7 @@ setup(
     install_requires=["torch>=2.4", "safetensors", "tqdm"],
     extras_require={
         "triton": ["triton"],
-        "hf": ["transformers>=5.0", "peft>=0.17"],
+        "hf": ["transformers>=5.0"],  # PEFT files are read without peft
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     entry_points={"console_scripts": ["prefix-attn=prefix_attn.cli:main"]},

@@ -9,7 +9,7 @@ from typing import List, Optional
 # subcommand modules; each has add_parser(subparsers) -> parser with `func` set. A module that
 # is missing is left out of the menu; any other import error is raised.
 # optional packages a subcommand may need -> the extra of setup.py that installs them
-_EXTRAS = {"transformers": "hf", "peft": "hf", "triton": "triton", "matplotlib": "bench"}
+_EXTRAS = {"transformers": "hf", "triton": "triton", "matplotlib": "bench"}
 _SUBCOMMANDS = ("prefix_attn.check", "prefix_attn.demo", "prefix_attn.train", "prefix_attn.serve")
 
 
@@ -34,11 +34,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ModuleNotFoundError as exc:
-        extra = _EXTRAS.get((exc.name or "").split(".")[0])
+        top = (exc.name or "").split(".")[0]
+        extra = _EXTRAS.get(top)
         if extra is None:
             raise
-        print(f"prefix-attn {args.command}: error: this needs the {exc.name!r} package: "
-              f"pip install 'prefix_attn[{extra}]' (or pip install {exc.name})", file=sys.stderr)
+        print(f"prefix-attn {args.command}: error: this needs the {top!r} package: "
+              f"pip install {top} (or, in the checkout, pip install --no-build-isolation "
+              f"'.[{extra}]')", file=sys.stderr)
         return 2
 
 

@@ -32,7 +32,7 @@ def _load_extension() -> None:
             missing = isinstance(exc, ModuleNotFoundError) or "cannot import name '_C'" in str(exc)
             why = "is not built" if missing else f"does not load ({exc})"
             raise ImportError(
-                f"the C++ extension prefix_attn._C {why}: build it with `pip install -e .` (or "
+                f"the C++ extension prefix_attn._C {why}: build it with `pip install --no-build-isolation -e .` (or "
                 "`make setup`) where a C++ compiler is available, without PREFIX_ATTN_NO_EXT=1; "
                 "the triton and torch backends work without it") from None
 

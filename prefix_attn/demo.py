@@ -55,8 +55,11 @@ def _windows(tok, text: str, n: int, length: int, gen: torch.Generator) -> torch
 
 # -- 1. backends -----------------------------------------------------------------------
 def show_check(device: str) -> bool:
+    from .backends import load_errors
     from .check import format_table, nothing_checked, run_checks
     _title("1. every backend against the reference")
+    for mod, err in load_errors().items():  # a backend missing here is slow, not wrong, below
+        print(f"(not loaded: {mod}: {err})")
     skipped: List[str] = []
     rows = run_checks(device=device, skipped=skipped)
     if not rows:  # nothing passed: not a pass
@@ -197,6 +200,13 @@ def _kernel_inputs(B, Hq, Hkv, Sq, Skv, P, D, device, grad=False, seed=0):
     return r(B, Hq, Sq, D), r(B, Hkv, Skv, D), r(B, Hkv, Skv, D), r(Hkv, P, D), r(Hkv, P, D)
 
 
+def _ours_backend(q, k, v, pk, pv) -> str:
+    """The backend prefix_attention picks for these inputs (what "ours" times)."""
+    from .backends import choose_backend
+    from .validation import normalize
+    return choose_backend(normalize(q, k, v, pk, pv)).name
+
+
 def benchmark(device: str, reps: int = 5) -> List[dict]:
     from .api import prefix_attention
     from .baselines import peft_path_attention
@@ -205,14 +215,19 @@ def benchmark(device: str, reps: int = 5) -> List[dict]:
     note = _load_note()
     if note:
         print(note)
+    q, k, v, pk, pv = _kernel_inputs(4, 8, 2, 256, 256, 64, 64, device)
+    backend = _ours_backend(q, k, v, pk, pv)
+    print(f"ours: the {backend!r} backend")
+    if backend == "torch":
+        print("note: that is the pure-PyTorch reference backend, slower than the PEFT path: the "
+              "fast backends did not load (see section 1, or `prefix-attn check`)")
     bar = _progress(3 * reps, "timing ours and the PEFT path, in alternation")
 
     def pair(label, shape, ours, base):
         t_ours, t_base = paired_ms([ours, base], reps, bar)
         rows.append(dict(what=label, shape=shape, peft_ms=t_base, ours_ms=t_ours, speedup=t_base / t_ours))
 
-    # prefill: B 4, S 256, P 64, Hq 8 / Hkv 2, D 64
-    q, k, v, pk, pv = _kernel_inputs(4, 8, 2, 256, 256, 64, 64, device)
+    # prefill: B 4, S 256, P 64, Hq 8 / Hkv 2, D 64 (the inputs above)
     pair("prefill (attention fwd)", "B4 S256 P64 H8/2 D64",
          lambda: prefix_attention(q, k, v, pk, pv), lambda: peft_path_attention(q, k, v, pk, pv))
     # decode with a shared prompt prefix: B 32, Sq 1, own KV 64, P 1024

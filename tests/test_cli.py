@@ -149,4 +149,5 @@ def test_a_missing_optional_package_is_a_clean_error(monkeypatch, capsys):
         raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
     monkeypatch.setattr(train, "run", no_transformers)
     assert cli.main(["train", "data.jsonl", "-o", "out"]) == 2
-    assert "pip install 'prefix_attn[hf]'" in capsys.readouterr().err
+    assert "pip install transformers (or, in the checkout, pip install --no-build-isolation '.[hf]')" \
+        in capsys.readouterr().err

@@ -220,7 +220,7 @@ def test_missing_extension_fails_softly():
         "    prefix_attn.prefix_attention(q, q, q, backend='cpu')\n"
         "except RuntimeError as e:\n"
         "    assert 'C++ extension prefix_attn._C does not load' in str(e), e\n"
-        "    assert 'pip install -e .' in str(e) and 'circular' not in str(e), e\n"
+        "    assert 'pip install --no-build-isolation -e .' in str(e) and 'circular' not in str(e), e\n"
         "print('ok')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "PREFIX_ATTN_BACKEND": ""})

@@ -34,6 +34,32 @@ def test_benchmark_table_rows(monkeypatch):
     assert rows[-1]["speedup"] == pytest.approx(64.0)  # one held copy per row of 64
 
 
+def test_demo_says_which_backend_it_times_and_why_another_is_missing(monkeypatch, capsys):
+    """Without the C++ extension (a failed build, PREFIX_ATTN_NO_EXT=1) the demo timed the
+    pure-PyTorch reference as "ours", slower than the PEFT path, and never said why."""
+    from prefix_attn import backends, demo
+    monkeypatch.delenv(backends.ENV_BACKEND, raising=False)
+    monkeypatch.setattr(backends, "available_backends", lambda: ["torch"])
+    monkeypatch.setattr(backends, "load_errors",
+                        lambda: {"prefix_attn.cpp_backend": "ImportError: _C is not built"})
+    monkeypatch.setattr(demo, "paired_ms", lambda fns, reps, bar=None: [1.0, 2.0])
+    assert demo.show_check("cpu")
+    demo.benchmark("cpu", reps=1)
+    out = capsys.readouterr().out
+    assert "(not loaded: prefix_attn.cpp_backend: ImportError: _C is not built)" in out
+    assert "ours: the 'torch' backend" in out and "the fast backends did not load" in out
+
+
+def test_demo_benchmark_names_the_backend_it_times(monkeypatch):
+    from prefix_attn import backends, demo
+    inputs = demo._kernel_inputs(1, 2, 1, 3, 3, 2, 8, "cpu")
+    monkeypatch.setenv(backends.ENV_BACKEND, "torch")
+    assert demo._ours_backend(*inputs) == "torch"
+    monkeypatch.delenv(backends.ENV_BACKEND)
+    expected = "cpu" if "cpu" in backends.available_backends() else "torch"
+    assert demo._ours_backend(*inputs) == expected
+
+
 @pytest.mark.hf
 def test_demo_on_a_local_model_folder(tmp_path, capsys):
     from prefix_attn import tiny

@@ -50,6 +50,8 @@ def test_sdist_carries_every_source(tmp_path):
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     missing = sorted(expected - names)
     assert not missing, f"{sdist.name} lacks {missing}"
+    # the test suite needs the checkout (conftest.py, pytest.ini, bench/): none of it, not half
+    assert not [n for n in names if n.startswith(("tests/", "bench/")) or n == "Makefile"], names
 
 
 @pytest.mark.slow
@@ -143,3 +145,51 @@ def test_checkout_kernels_without_pypi_kernels_looks_absent(tmp_path):
             "print(getattr(kernels, '__version__', 'none'), hasattr(kernels, 'autotune'), "
             "'triton' in sys.modules)")
     assert _run_at_root(code, tmp_path) == ["none", "False", "False"]
+
+
+_NO_TORCH = "import sys; sys.modules['torch'] = None  # as in pip's isolated build environment\n"
+
+
+def test_sdist_and_metadata_build_without_torch(tmp_path):
+    """pip's isolated build environment has no torch: the source distribution and the metadata
+    step need none (setup.py imported torch first and every `pip install .`, `python -m build`
+    failed with "No module named 'torch'"); a wheel says how to install instead."""
+    src = _copy_tree(str(tmp_path / "src"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIX_ATTN_")}
+
+    def build(step):
+        code = _NO_TORCH + f"import setuptools.build_meta as b; print(b.{step})"
+        return subprocess.run([sys.executable, "-c", code], cwd=src, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    sdist = build(f"build_sdist({str(tmp_path / 'out')!r})")
+    assert sdist.returncode == 0, sdist.stderr[-4000:]
+    assert sdist.stdout.strip().splitlines()[-1] == "prefix_attn-0.1.0.tar.gz"
+    assert build("get_requires_for_build_wheel()").returncode == 0
+    wheel = build(f"build_wheel({str(tmp_path / 'whl')!r})")
+    assert wheel.returncode != 0
+    assert "install torch first, then `pip install --no-build-isolation" in wheel.stderr
+    assert "PREFIX_ATTN_NO_EXT=1" in wheel.stderr
+
+
+@pytest.mark.slow
+def test_a_compiler_failure_names_the_way_to_install_without_the_extension(tmp_path):
+    src = _copy_tree(str(tmp_path / "src"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIX_ATTN_")}
+    env.update(CXX=str(tmp_path / "no-such-compiler"), PREFIX_ATTN_NO_CUDA="1")
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation",
+                          "--no-deps", "-w", str(tmp_path / "whl"), src], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    assert "the C++ extension did not build" in res.stderr + res.stdout
+    assert "PREFIX_ATTN_NO_EXT=1 installs the package without it" in res.stderr + res.stdout
+
+
+def test_make_clean_forgets_the_install_it_removes():
+    """`make clean` removes the built extension: its install stamp must go too, else the next
+    `make test` / `make demo` skipped the rebuild and ran without the C++ backend."""
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    res = subprocess.run(["make", "-n", "clean"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "prefix_attn/*.so" in res.stdout and ".venv/.stamp-install" in res.stdout, res.stdout
