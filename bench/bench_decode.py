@@ -13,8 +13,10 @@ tiled path ("ours rows", PREFIX_ATTN_CPU_PATH=rows) is measured too: it backs th
 
 Grid: B in {1, 8, 64, 256}, P in {128, 2048, 8192}, own KV in {64, 512}; Hq 16, Hkv 4,
 D 64, fp32, Sq 1, one bank entry (a shared prefix). Combos whose expanded baseline KV would
-exceed --max-baseline-gib are skipped with a note. A second table varies Sq at one shape to
-show where the cascade stops paying (the kCascadeMaxSq rule in csrc/cpu/attention_decode.cpp).
+exceed --max-baseline-gib are skipped with a note. A second table varies the query heads per
+kv head G and Sq at one shape, at one thread (free of the OpenMP waits that other jobs on the
+cores cause), to show where the cascade stops paying (kCascadeMaxSq and kCascadeMaxPackedRows
+in csrc/cpu/attention_decode.cpp).
 Same inputs, same run, variants interleaved in blocks of back-to-back calls, medians;
 ratio = baseline / ours.
 
@@ -43,11 +45,11 @@ from record import SMOKE_CAPTION, loadavg, smoke_out, versions  # noqa: E402
 HQ, HKV, D = 16, 4, 64
 
 
-def make_inputs(B, Sq, S, P, seed=0):
+def make_inputs(B, Sq, S, P, seed=0, Hq=HQ, Hkv=HKV):
     """q [B, Hq, Sq, D]; k/v [B, Hkv, S, D] (own KV incl. the new tokens); prefix [1, Hkv, P, D]."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    return r(B, HQ, Sq, D), r(B, HKV, S, D), r(B, HKV, S, D), r(1, HKV, P, D), r(1, HKV, P, D)
+    return r(B, Hq, Sq, D), r(B, Hkv, S, D), r(B, Hkv, S, D), r(1, Hkv, P, D), r(1, Hkv, P, D)
 
 
 def baseline_for(inputs):
@@ -72,6 +74,15 @@ def ours_with(path):
         finally:
             os.environ.pop("PREFIX_ATTN_CPU_PATH", None)
     return run
+
+
+def path_taken(inputs):
+    """Which path the default call took, told by whose output it reproduces bit for bit (the
+    two paths sum in different orders)."""
+    with torch.no_grad():
+        out = {p: ours_with(p)(*inputs) for p in (None, "cascade", "rows")}
+    same = [p for p in ("cascade", "rows") if torch.equal(out[None], out[p])]
+    return same[0] if len(same) == 1 else "either (equal outputs)"
 
 
 def median_times(fns, inputs, min_reps, budget_s):
@@ -114,10 +125,11 @@ def main():
     # a smoke run never replaces the committed result (a later README refresh would show it)
     a.out = smoke_out(a.out, a.quick)
     if a.quick:
-        Bs, Ps, Ss, sq_sweep, min_reps, budget = [1, 8], [128], [64], [1, 32], 2, 0.1
+        Bs, Ps, Ss, min_reps, budget = [1, 8], [128], [64], 2, 0.1
+        sweep_pairs = [(4, 1), (4, 32), (32, 1)]
     else:
-        Bs, Ps, Ss, sq_sweep, min_reps = [1, 8, 64, 256], [128, 2048, 8192], [64, 512], \
-            [1, 4, 16, 32, 64], 3
+        Bs, Ps, Ss, min_reps = [1, 8, 64, 256], [128, 2048, 8192], [64, 512], 3
+        sweep_pairs = [(G, Sq) for G in (4, 16, 32) for Sq in (1, 2, 4, 8, 16)] + [(4, 32), (4, 64)]
         budget = a.budget_s
     ours_variants = {"ours": ours_with(None), "ours_rows": ours_with("rows")}
 
@@ -145,18 +157,22 @@ def main():
                 print(f"threads={nt} B={B:4d} P={P:5d} own={S:4d}: baseline {t['baseline']*1e3:9.2f} ms  "
                       f"ours {t['ours']*1e3:8.2f} ms ({rows[-1]['speedup']:6.1f}x)  rows-path "
                       f"{t['ours_rows']*1e3:8.2f} ms", flush=True)
-    # Sq sweep: cascade vs per-row tiles at one shape (backs kCascadeMaxSq)
-    torch.set_num_threads(all_threads)
+    # G x Sq sweep at one thread: cascade vs per-row tiles at one shape, one kv head (backs
+    # kCascadeMaxSq and kCascadeMaxPackedRows), and the path the rule takes
+    torch.set_num_threads(1)
     sweep = []
     sB, sP, sS = (8, 128, 64) if a.quick else (8, 2048, 512)
-    for Sq in sq_sweep:
-        inputs = make_inputs(sB, Sq, sS, sP)
-        t = median_times({"cascade": ours_with("cascade"), "rows": ours_with("rows")}, inputs,
-                         min_reps, budget)
-        sweep.append(dict(B=sB, P=sP, own_kv=sS, Sq=Sq, cascade_ms=t["cascade"] * 1e3,
-                          rows_ms=t["rows"] * 1e3, rows_over_cascade=t["rows"] / t["cascade"]))
-        print(f"Sq={Sq:3d}: cascade {t['cascade']*1e3:.2f} ms, rows {t['rows']*1e3:.2f} ms",
+    for G, Sq in sweep_pairs:
+        inputs = make_inputs(sB, Sq, sS, sP, Hq=G, Hkv=1)
+        fns = {"cascade": ours_with("cascade"), "rows": ours_with("rows")}
+        t = median_times(fns, inputs, min_reps, budget)
+        auto = path_taken(inputs)
+        sweep.append(dict(B=sB, P=sP, own_kv=sS, G=G, Sq=Sq, cascade_ms=t["cascade"] * 1e3,
+                          rows_ms=t["rows"] * 1e3, rows_over_cascade=t["rows"] / t["cascade"],
+                          auto_path=auto))
+        print(f"G={G:2d} Sq={Sq:3d}: cascade {t['cascade']*1e3:.2f} ms, rows {t['rows']*1e3:.2f} ms",
               flush=True)
+    torch.set_num_threads(all_threads)
 
     meta = dict(Hq=HQ, Hkv=HKV, D=D, dtype="float32", threads=threads,
                 baseline_mask="built and decided once per forward, outside the timed call",
@@ -183,12 +199,13 @@ def main():
     for s in skipped:
         lines.append(f"| {s['threads']} | {s['B']} | {s['P']} | {s['S']} | skipped: "
                      f"{s['reason']} | | | |")
-    lines += ["", f"Path rule ({all_threads} threads, B {sB}, P {sP}, own KV {sS}): cascade "
-              "vs per-row tiles by Sq",
-              "", "| Sq | cascade ms | per-row ms | per-row / cascade |", "| --- | --- | --- | --- |"]
+    lines += ["", f"Path rule (1 thread, B {sB}, P {sP} shared, own KV {sS}, Hkv 1, G query heads "
+              "per kv head): cascade vs per-row tiles by G and Sq, and the path the rule takes",
+              "", "| G | Sq | G x Sq | cascade ms | per-row ms | per-row / cascade | rule took |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in sweep:
-        lines.append(f"| {s['Sq']} | {s['cascade_ms']:.2f} | {s['rows_ms']:.2f} | "
-                     f"{s['rows_over_cascade']:.2f} |")
+        lines.append(f"| {s['G']} | {s['Sq']} | {s['G'] * s['Sq']} | {s['cascade_ms']:.2f} | "
+                     f"{s['rows_ms']:.2f} | {s['rows_over_cascade']:.2f} | {s['auto_path']} |")
     with open(a.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -407,7 +407,7 @@ def bench_decode_sweep(a, device: str, time_ms, backend: str) -> list:
         q, k, v = rnd(B, Hq, 1, D), rnd(B, Hkv, Skv, D), rnd(B, Hkv, Skv, D)
         pk, pv = rnd(Hkv, P, D), rnd(Hkv, P, D)
         t = _time_cascade_modes(time_ms, lambda: prefix_attention(q, k, v, pk, pv, backend=backend))
-        auto = use_cascade(B, 1, P, 1, Skv, Hkv=Hkv, sms=sms)
+        auto = use_cascade(B, 1, P, 1, Skv, Hkv=Hkv, sms=sms, G=Hq // Hkv)
         out.append({"B": B, "P": P, "Skv": Skv, "cascade_ms": t["1"], "per_row_ms": t["0"],
                     "auto": "cascade" if auto else "per_row",
                     "auto_is_faster": bool((t["1"] <= t["0"]) == auto)})

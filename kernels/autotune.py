@@ -134,9 +134,10 @@ def sm_count(device) -> int:
 
 
 def smem_estimate(block_m, block_n, block_d, stages, elsize, kind="fwd"):
-    """Bytes of shared memory a config needs, a conservative fit to what the Triton 3.6
-    compiler allocated for sm_90 (fwd: the query tile plus `stages` buffers of K and V;
-    bwd: `stages` buffers of the two streamed tiles plus the two resident ones)."""
+    """Bytes of shared memory a config needs, a fit to what the Triton 3.6 compiler allocated
+    for sm_90 (fwd: the query tile plus `stages` buffers of K and V; bwd: `stages` buffers of
+    the two streamed tiles plus the two resident ones). Not an upper bound: compiled sizes
+    were up to 1 KiB over it, 8 KiB for dQ in fp32 at (32, 64, 4, 3)."""
     if kind == "fwd":
         return elsize * block_d * (block_m + 2 * block_n * stages)
     return elsize * block_d * (2 * block_m * stages + 2 * block_n)
@@ -177,6 +178,22 @@ def prune(configs, named_args, kind="fwd", **kwargs):
         kept = [min(configs, key=lambda c: smem_estimate(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
                                                          block_d, c.num_stages, elsize, kind))]
     return kept[:1] if one_config() else kept
+
+
+def smem_shortfall(kernels, block_d: int, elsize: int, budget: int):
+    """For ``kernels`` ((name, kind, configs) of each autotuned kernel): the first none of
+    whose configs can fit ``budget`` at this padded head dim and element size, said in words;
+    None when each has one that may. It counts one pipeline stage, a lower bound: in each of
+    159 sm_90 compiles (Triton 3.6, every kernel, fp16/fp32, head dims 64-256) the compiler
+    allocated at least that. (prune would keep the smallest config anyway, and its launch
+    would fail: the backend is not chosen for such a call.)"""
+    for name, kind, configs in kernels:
+        need = min(smem_estimate(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, 1, elsize,
+                                 kind) for c in configs)
+        if need > budget:
+            return (f"its {name} kernel needs {need} bytes of shared memory per block at this "
+                    f"head dim and dtype, the GPU allows {budget}")
+    return None
 
 
 def prune_bwd(configs, named_args, **kwargs):

@@ -1,4 +1,5 @@
-"""Cascade forward for small Sq (decode): shared prefixes read once, own KV split.
+"""Cascade forward for small Sq (decode): a shared prefix read once per BLOCK_M packed
+queries of its rows (not once per row), own KV split.
 
 Three launches write partial results (normalised output + LSE, fp32) into a scratch of
 ``1 + splits`` slots, then merge them exactly:
@@ -31,13 +32,21 @@ CASCADE_MAX_SQ = 16
 CASCADE_MIN_OWN_KEYS = 512
 
 
+# Packed queries (rows x query heads of a kv head x queries) per program of the prefix part
+# on a GPU: each program streams its entry's prefix once (16 under the interpreter).
+CASCADE_BLOCK_M = 64
+
+
 def use_cascade(B: int, N: int, P: int, Sq: int, Skv: int, Hkv: int = 1,
-                sms: int = DEFAULT_SMS) -> bool:
+                sms: int = DEFAULT_SMS, G: int = 1) -> bool:
     """The shape rule of the triton backend's forward (documented in the README's backend
     section). Cascade iff Sq <= 16 and either
 
     * the prefix bytes it saves are at least the own-KV bytes every row reads anyway:
-      ``P * (B - N) >= B * Skv`` (entries shared by several rows are read once). Measured on
+      ``P * (B - reads) >= B * Skv``, where ``reads = cdiv(B * G * Sq, 64) + N - 1`` bounds
+      the prefix reads per kv head without reading ``prefix_ids`` (an entry is read once per
+      64 packed queries of its rows: G query heads per kv head, Sq queries each; the per-row
+      kernel reads it once per row). Measured on
       an H200 (bf16, B 64, Hkv 8, D 128, Skv 4096, one shared entry, P 16..256, 2026-11-28):
       there the saving is <= 6 % and the per-row kernel, already at ~4 TB/s, was 1.6-1.8x
       faster than the cascade's three launches; the break-even ratio itself is unmeasured;
@@ -47,7 +56,8 @@ def use_cascade(B: int, N: int, P: int, Sq: int, Skv: int, Hkv: int = 1,
     """
     if Sq == 0 or B == 0 or Sq > CASCADE_MAX_SQ:
         return False
-    shared_saving = P > 0 and N < B and P * (B - N) >= B * Skv
+    reads = cdiv(B * G * Sq, CASCADE_BLOCK_M) + N - 1
+    shared_saving = P > 0 and reads < B and P * (B - reads) >= B * Skv
     underfilled = B * Hkv < sms // 2 and Skv >= CASCADE_MIN_OWN_KEYS
     return shared_saving or underfilled
 
@@ -225,14 +235,21 @@ def _entry_tiles(prefix_ids, N: int, rows_per_row: int, block_m: int):
     first tile of each entry, tile_entry [max_tiles]: entry of each tile (N = idle), max_tiles).
 
     One entry (every row shares it, the serving case) needs no sort: its tensors are built
-    once per shape and reused (a decode step calls this once per layer); under torch.compile
-    and for traced tensors they are rebuilt each time instead.
+    once per shape and stream and reused (a decode step calls this once per layer); under
+    torch.compile, for traced tensors and while a CUDA graph is captured they are rebuilt each
+    time instead.
     """
     B, dev = prefix_ids.shape[0], prefix_ids.device
     if N == 1:
         tiles = cdiv(B * rows_per_row, block_m)
         reuse = type(prefix_ids) is torch.Tensor and not torch.compiler.is_compiling()
-        key = (dev, B, tiles)
+        stream = None
+        if reuse and dev.type == "cuda":
+            # made while a CUDA graph is captured, the tensors would hold nothing until its
+            # first replay; made on one stream, another would read them unordered
+            reuse = not torch.cuda.is_current_stream_capturing()
+            stream = torch.cuda.current_stream(dev).cuda_stream
+        key = (dev, B, tiles, stream)
         got = _ONE_ENTRY_TILES.get(key) if reuse else None
         if got is None:
             def ar(*a):
@@ -290,7 +307,7 @@ def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_paddin
     G = Hq // Hkv
     dev = q.device
     small = interpreting()
-    block_m_pre = 16 if small else 64
+    block_m_pre = 16 if small else CASCADE_BLOCK_M
     block_m_own = 16 if small else min(128, max(16, triton.next_power_of_2(G * Sq)))
     budget, elsize = smem_budget(q), q.element_size()
     bn_pre, stages_pre = (16, 1) if small else cascade_tiles(block_m_pre, D, elsize, budget)

@@ -12,6 +12,7 @@ picks the (slow) interpreter on CPU; ask for it with `backend="triton"`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Tuple
 
@@ -24,7 +25,8 @@ import triton  # noqa: F401  (a missing triton makes this backend unavailable)
 from prefix_attn.kernels import bwd as _bwd
 from prefix_attn.kernels import decode as _decode
 from prefix_attn.kernels import fwd as _fwd
-from prefix_attn.kernels.autotune import MAX_GRID_YZ, interpreting, sm_count
+from prefix_attn.kernels.autotune import (MAX_GRID_YZ, interpreting, sm_count, smem_budget,
+                                          smem_shortfall)
 
 from .backends import SWITCHES, Backend, register_backend
 from .validation import AttnArgs
@@ -51,8 +53,9 @@ def _cascade(q: Tensor, k: Tensor, prefix_k: Tensor) -> bool:
 
     $PREFIX_ATTN_TRITON_CASCADE = "1" forces the cascade, "0" the per-row kernel; unset or
     "auto" applies `kernels.decode.use_cascade`: Sq <= 16 and (the prefix bytes saved by
-    reading each shared entry once are at least the own-KV bytes, or a per-row grid would
-    fill less than half the GPU and Skv >= 512). The backward always uses the per-row
+    reading each shared entry once per 64 packed queries instead of once per row are at least
+    the own-KV bytes, or a per-row grid would fill less than half the GPU and Skv >= 512).
+    The backward always uses the per-row
     kernels (the cascade's out and lse are the same quantities).
     """
     mode = os.environ.get(CASCADE_ENV) or "auto"
@@ -61,9 +64,10 @@ def _cascade(q: Tensor, k: Tensor, prefix_k: Tensor) -> bool:
     if mode != "auto":
         raise ValueError(f"environment variable {CASCADE_ENV}={mode!r}: expected one of "
                          f"{', '.join(SWITCHES[CASCADE_ENV])} (or unset)")
-    B, _, Sq, _ = q.shape
+    B, Hq, Sq, _ = q.shape
     N, Hkv, P, _ = prefix_k.shape
-    return _decode.use_cascade(B, N, P, Sq, k.shape[2], Hkv=Hkv, sms=sm_count(q.device))
+    return _decode.use_cascade(B, N, P, Sq, k.shape[2], Hkv=Hkv, sms=sm_count(q.device),
+                               G=Hq // Hkv)
 
 
 def _kernel_window(window: int, k: Tensor) -> int:
@@ -72,6 +76,22 @@ def _kernel_window(window: int, k: Tensor) -> int:
     Skv or more is no window; the kernels then never add a window near 2**31 to int32
     positions (that wrapped: zero dK/dV, and reads before K/V when Sq > Skv)."""
     return -1 if window >= k.shape[2] else window
+
+
+def _device_guard(t: Tensor):
+    """The tensors' GPU made current for the launches: Triton launches on the current device
+    and its stream, so tensors on cuda:1 while cuda:0 is current failed ("cannot be accessed
+    from Triton") or, with peer access, raced with cuda:1's stream. Nothing to do for CPU
+    tensors, for the current device, or while torch.compile traces (its wrapper guards)."""
+    if type(t) is not torch.Tensor or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _guard_for(t.device)
+
+
+def _guard_for(device: torch.device):
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device.index)
 
 
 @_define_op("prefix_attn::triton_fwd", mutates_args=())
@@ -83,8 +103,9 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tens
     out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     launch = _decode.cascade_fwd if _cascade(q, k, prefix_k) else _fwd.attn_fwd
-    launch(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
-           out, lse, causal, scale, _kernel_window(window, k), softcap)
+    with _device_guard(q):
+        launch(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
+               out, lse, causal, scale, _kernel_window(window, k), softcap)
     return out, lse
 
 
@@ -100,9 +121,10 @@ def triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor,
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     dpk = torch.empty(prefix_k.shape, dtype=prefix_k.dtype, device=prefix_k.device)
     dpv = torch.empty(prefix_v.shape, dtype=prefix_v.dtype, device=prefix_v.device)
-    _bwd.attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
-                  out, lse, dlse, dq, dk, dv, dpk, dpv, causal, scale,
-                  _kernel_window(window, k), softcap)
+    with _device_guard(q):
+        _bwd.attn_bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens,
+                      key_padding_mask, out, lse, dlse, dq, dk, dv, dpk, dpv, causal, scale,
+                      _kernel_window(window, k), softcap)
     return dq, dk, dv, dpk, dpv
 
 
@@ -120,6 +142,13 @@ if interpreting():
                 prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape))
 
 
+# The autotuned kernels of a call (forward and backward) and the configs each may take.
+_TUNED_KERNELS = (("forward", "fwd", _fwd._attn_fwd.configs),
+                  ("dK/dV (own keys)", "bwd", _bwd._bwd_dkdv_own.configs),
+                  ("dK/dV (prefix)", "bwd", _bwd._bwd_dkdv_prefix.configs),
+                  ("dQ", "bwd", _bwd._bwd_dq.configs))
+
+
 def unsupported(a: AttnArgs) -> Optional[str]:
     """Why this call cannot run on the triton backend, or None."""
     B, Hq, Hkv, Sq, Skv, N, P, D = a.dims
@@ -129,6 +158,11 @@ def unsupported(a: AttnArgs) -> Optional[str]:
         return "bfloat16 is not computed correctly by the Triton CPU interpreter"
     if D > MAX_HEAD_DIM:
         return f"head dim {D} > {MAX_HEAD_DIM}"
+    if a.q.device.type == "cuda":  # a GPU with less shared memory than an A100 (sm_86/89: 99 KiB)
+        short = smem_shortfall(_TUNED_KERNELS, _fwd.head_block(D), a.q.element_size(),
+                               smem_budget(a.q))
+        if short:
+            return short
     if N * Hkv > MAX_GRID_YZ:
         return (f"N * Hkv = {N * Hkv} (bank entries in the call x kv heads) exceeds the grid "
                 f"limit {MAX_GRID_YZ}")

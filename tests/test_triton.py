@@ -268,6 +268,47 @@ def test_autotune_configs_are_pruned_and_one_config_switch(monkeypatch, one):
     assert len(at.fwd_configs()) == 1 and at.fwd_configs()[0].kwargs == {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
+@pytest.mark.parametrize("one", ["0", "1"])
+def test_a_gpu_with_too_little_shared_memory_is_not_given_the_call(monkeypatch, one):
+    """prune keeps the smallest config when none fits, and its launch failed (fp32 at head dim
+    256 on an sm_86/89 GPU, 99 KiB per block): the backend says so instead, and another runs.
+    The bound counts one pipeline stage, which every measured sm_90 compile met or exceeded."""
+    from prefix_attn.kernels import autotune as at
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("PREFIX_ATTN_TRITON_ONE_CONFIG", one)
+    kernels = (("forward", "fwd", at.fwd_configs()), ("dK/dV", "bwd", at.dkdv_configs()),
+               ("dQ", "bwd", at.dq_configs()))
+    sm86, a100, h100 = 101376, 166912, 232448
+    why = at.smem_shortfall(kernels, 256, 4, sm86)
+    assert why and "shared memory" in why and str(sm86) in why
+    assert at.smem_shortfall(kernels, 256, 4, a100) is None   # compiled at 139,520 B there
+    for block_d, elsize in ((128, 2), (256, 2), (128, 4), (64, 4)):
+        assert at.smem_shortfall(kernels, block_d, elsize, sm86) is None
+    assert at.smem_shortfall(kernels, 256, 4, h100) is None
+    # the backend's own kernels, as the interpreter built them, fit the default budget
+    from prefix_attn import triton_backend as tb
+    assert {name for name, _, _ in tb._TUNED_KERNELS} >= {"forward", "dQ"}
+    assert at.smem_shortfall(tb._TUNED_KERNELS, 256, 4, at.DEFAULT_SMEM) is None
+
+
+def test_launches_run_on_the_tensors_gpu(monkeypatch):
+    """Triton launches on the current device: tensors on cuda:1 with cuda:0 current failed or
+    raced. The guard makes their device current (and is entered by both ops)."""
+    from prefix_attn import triton_backend as tb
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    guard = tb._guard_for(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    for dev in (torch.device("cuda", 0), torch.device("cuda"), torch.device("cpu")):
+        assert not isinstance(tb._guard_for(dev), torch.cuda.device)
+    seen = []
+    real = tb._device_guard
+    monkeypatch.setattr(tb, "_device_guard", lambda t: seen.append(t.device) or real(t))
+    args, kw = make_inputs(device=DEVICE, B=2, Sq=3, Skv=5, P=2)
+    leaves = _leaves(args)
+    prefix_attention(*leaves, **kw, backend="triton").sum().backward()
+    assert len(seen) == 2 and all(d == leaves[0].device for d in seen)
+
+
 # -- cascade (decode) forward: prefixes read once per entry, own KV split, exact merge ----
 CASCADE_CASES = {
     "Sq1_one_entry_all_rows": dict(B=4, N=1, P=17, Sq=1, Skv=21),
@@ -353,6 +394,12 @@ def test_cascade_shape_rule():
     assert not use_cascade(B=4, N=4, P=64, Sq=1, Skv=100)         # every row its own entry
     assert not use_cascade(B=8, N=1, P=64, Sq=17, Skv=4096)       # not decode
     assert not use_cascade(B=0, N=1, P=64, Sq=1, Skv=4096)
+    # an entry is read once per 64 packed queries (G heads x Sq queries of each row), not once
+    # per batch: 64 rows of G 4 read it 4 times at Sq 1, 64 times (no saving) at Sq 16
+    assert use_cascade(B=64, N=1, P=2048, Sq=1, Skv=64, Hkv=8, G=4)
+    assert not use_cascade(B=64, N=1, P=2048, Sq=16, Skv=64, Hkv=8, G=4)
+    assert use_cascade(B=64, N=1, P=2048, Sq=4, Skv=64, Hkv=8, G=4)       # 16 reads of 64
+    assert not use_cascade(B=16, N=1, P=100, Sq=8, Skv=64, Hkv=8, G=4)     # 8 reads of 16: 800 < 1024
 
 
 def test_one_entry_tiles_match_the_sorted_grouping():

@@ -168,3 +168,55 @@ def test_inductor_compile_fullgraph():
     g2 = torch.autograd.grad(ref.float().sum(), leaves)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_another_gpu_than_the_current_one():
+    """Triton launches on the current device: the backend makes the tensors' device current."""
+    torch.cuda.set_device(0)
+    args, kw = _inputs(torch.float16, 33, N=2, Sq=70, Skv=90, Bn=3, Hq=8, Hkv=2, Dh=64)
+    args = [t.to("cuda:1") for t in args]
+    kw = {name: t.to("cuda:1") for name, t in kw.items()}
+    dout = torch.randn_like(args[0])
+    out, grads = _ours(args, kw, dout)
+    torch.cuda.synchronize("cuda:1")
+    assert out.device == torch.device("cuda:1")
+    truth = prefix_attention_ref(*args, **kw)
+    base = prefix_attention_ref(*args, **kw, upcast=False)
+    assert_close_fa(out, truth, base, atol=1e-3)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_too_little_shared_memory_falls_back_to_another_backend(monkeypatch):
+    """On a GPU whose per-block shared memory no config of some kernel fits (sm_86/89: 99 KiB,
+    fp32 at head dim 256), the triton backend is not chosen (its launch would fail)."""
+    from prefix_attn import triton_backend
+    monkeypatch.setattr(triton_backend, "smem_budget", lambda t: 101376)
+    args, kw = _inputs(torch.float32, 9, Sq=20, Skv=30, Bn=2, Hq=4, Hkv=2, Dh=256)
+    with pytest.raises(ValueError, match="shared memory"):
+        prefix_attention(*args, **kw, backend="triton")
+    out = prefix_attention(*args, **kw)   # another backend (cuda, or the torch reference)
+    torch.testing.assert_close(out, prefix_attention_ref(*args, **kw), atol=2e-5, rtol=2e-5)
+
+
+def test_decode_index_tensors_made_during_graph_capture_are_not_reused(monkeypatch):
+    """The one-entry cascade caches its index tensors per shape: made inside a CUDA graph
+    capture they hold nothing until the graph's first replay, so an eager call of that shape
+    before it read garbage. They are not cached while capturing."""
+    monkeypatch.setenv("PREFIX_ATTN_TRITON_CASCADE", "1")
+    warm, _ = _inputs(torch.float16, 40, Sq=1, Skv=50, Bn=5, Hq=8, Hkv=2, Dh=64)
+    prefix_attention(*warm, backend="triton")          # compiles the kernels outside the capture
+    args, kw = _inputs(torch.float16, 40, Sq=1, Skv=50, Bn=7, Hq=8, Hkv=2, Dh=64, seed=3)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        captured = prefix_attention(*args, backend="triton")
+    torch.cuda.current_stream().wait_stream(stream)
+    out = prefix_attention(*args, backend="triton")     # eager, same shape, before any replay
+    truth = prefix_attention_ref(*args)
+    base = prefix_attention_ref(*args, upcast=False)
+    assert_close_fa(out, truth, base, atol=1e-3)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_fa(captured, truth, base, atol=1e-3)

@@ -3,7 +3,7 @@
 // The prefix part is computed per bank entry, not per row: the queries of every row that
 // selects entry n (all query heads of one kv head, all Sq positions) form one [rows, D]
 // matrix, multiplied against the entry's tiles (one GEMM per tile for all of them), so each
-// entry is read once per call instead of once per row. The own-KV part is computed per
+// entry is read once per kCascadeRows such rows instead of once per row. The own-KV part is computed per
 // (row, kv head, query tile) as in the tiled forward. Both parts may be split along the keys
 // (split-KV) so that a single long row still keeps every core busy. Each part leaves
 // (unnormalised O, running max m, sum l); a final pass merges the parts of every query
@@ -21,11 +21,18 @@ namespace prefix_attn::cpu {
 
 // Path rule (measured in bench/bench_decode.py, results in bench/results/decode_cpu.md):
 // query blocks up to kCascadeMaxSq take the cascade when a bank entry is shared by two or
-// more rows, or when per-row work items are too few for the threads (split-KV); otherwise,
-// and for longer query blocks (prefill), the per-row tiled forward runs.
+// more rows and a row brings at most kCascadeMaxPackedRows query rows per kv head (G * Sq),
+// or when per-row work items are too few for the threads (split-KV); otherwise, and for
+// longer query blocks (prefill), the per-row tiled forward runs.
 constexpr int64_t kCascadeMaxSq = 16;
-// Query rows per prefix work item (one GEMM operand: large enough for BLAS efficiency).
+// Query rows per prefix work item (one GEMM operand: large enough for BLAS efficiency): an
+// entry is read once per kCascadeRows packed query rows (rows x G x Sq) of its users.
 constexpr int64_t kCascadeRows = 256;
+// The per-row tiles already share each prefix tile among the G * Sq query rows of one (row,
+// kv head): from G * Sq = 32 up they were as fast or up to 1.6x faster than the cascade on a
+// shared 2048-token prefix, the cascade 1.2-1.35x faster at G * Sq 4 and 16 (1 thread, B 8;
+// bench/bench_decode.py's G x Sq table).
+constexpr int64_t kCascadeMaxPackedRows = 16;
 // Upper bound on the key splits of one part.
 constexpr int64_t kMaxSplits = 16;
 
@@ -38,10 +45,12 @@ bool cascade_chosen(const AttnParams& p) {
                       "': expected one of cascade, rows (or unset)");
   }
   if (p.Sq > kCascadeMaxSq) return false;
-  // An entry shared by several rows: the cascade reads it once for all of them.
-  std::vector<int64_t> users(p.N, 0);
-  for (int64_t b = 0; b < p.B; ++b)
-    if (p.lens[p.ids[b]] > 0 && ++users[p.ids[b]] >= 2) return true;
+  // An entry shared by several rows: the cascade reads it once per kCascadeRows packed rows.
+  if (p.G * p.Sq <= kCascadeMaxPackedRows) {
+    std::vector<int64_t> users(p.N, 0);
+    for (int64_t b = 0; b < p.B; ++b)
+      if (p.lens[p.ids[b]] > 0 && ++users[p.ids[b]] >= 2) return true;
+  }
   // Every row alone with its prefix: per-row tiles (less set-up), unless they are too few to
   // keep the threads busy, where the cascade's split-KV helps.
   const int64_t row_items = p.B * p.Hkv * ((p.Sq + kBlockM - 1) / kBlockM);

@@ -3,7 +3,11 @@
 // key) on small shapes that cross the kernel's tiles: bank entries of different lengths,
 // GQA, padding, causal / non-causal, window, softcap; backward run twice, bitwise equal.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+
+#include "cpu/attention_cpu.h"
+#include "cpu/attention_tiles.h"
 
 #include <cmath>
 #include <cstdio>
@@ -187,6 +191,44 @@ bool run_case(const Case& c, at::ScalarType dtype, double tol) {
   return ok;
 }
 
+// The forward's path rule (csrc/cpu/attention_decode.cpp): the cascade for short query
+// blocks that share an entry, unless a row brings many query rows per kv head (G * Sq > 16),
+// where the per-row tiles already share each prefix tile and were faster.
+bool check_path_rule() {
+  auto path = [](int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, bool shared) {
+    auto f = at::TensorOptions().dtype(at::kFloat);
+    auto i64 = at::TensorOptions().dtype(at::kLong);
+    auto q = at::randn({B, Hq, Sq, 8}, f), k = at::randn({B, Hkv, 40, 8}, f);
+    auto pk = at::randn({B, Hkv, 5, 8}, f);
+    auto ids = shared ? at::zeros({B}, i64) : at::arange(B, i64);
+    auto lens = at::full({B}, 5, i64);
+    const auto p = prefix_attn::cpu::make_params(q, k, k, pk, pk, ids, lens, c10::nullopt, true,
+                                                 0.125, -1, 0.0);
+    return prefix_attn::cpu::cascade_chosen(p);
+  };
+  const int64_t B = 8 * at::get_num_threads();  // enough per-row items for the threads
+  struct Want {
+    int64_t Hq, Hkv, Sq;
+    bool shared, cascade;
+  };
+  const Want wants[] = {{16, 4, 1, true, true},    {16, 4, 4, true, true},
+                        {16, 4, 8, true, false},   {16, 4, 16, false, false},
+                        {16, 1, 1, true, true},    {32, 1, 1, true, false},
+                        {16, 4, 1, false, false},  {16, 4, 17, true, false}};
+  bool ok = true;
+  for (const auto& w : wants) {
+    const bool got = path(B, w.Hq, w.Hkv, w.Sq, w.shared);
+    if (got != w.cascade) {
+      std::printf("FAIL path rule: B %lld Hq %lld Hkv %lld Sq %lld shared %d: cascade %d, "
+                  "expected %d\n", (long long)B, (long long)w.Hq, (long long)w.Hkv,
+                  (long long)w.Sq, w.shared, got, w.cascade);
+      ok = false;
+    }
+  }
+  if (ok) std::printf("ok   path rule\n");
+  return ok;
+}
+
 }  // namespace
 
 int main() {
@@ -211,6 +253,8 @@ int main() {
     }
   }
   unsetenv("PREFIX_ATTN_CPU_BWD");
+  unsetenv("PREFIX_ATTN_CPU_PATH");
+  ok &= check_path_rule();
   std::printf(ok ? "all passed\n" : "FAILED\n");
   return ok ? 0 : 1;
 }
