@@ -29,9 +29,10 @@ constexpr int64_t kCascadeMaxSq = 16;
 // entry is read once per kCascadeRows packed query rows (rows x G x Sq) of its users.
 constexpr int64_t kCascadeRows = 256;
 // The per-row tiles already share each prefix tile among the G * Sq query rows of one (row,
-// kv head): from G * Sq = 32 up they were as fast or up to 1.6x faster than the cascade on a
-// shared 2048-token prefix, the cascade 1.2-1.35x faster at G * Sq 4 and 16 (1 thread, B 8;
-// bench/bench_decode.py's G x Sq table).
+// kv head): at G * Sq >= 32 they were faster than the cascade in 24 of 26 timings (per-row /
+// cascade 0.50-0.93; 1.01 and 1.35 once each), at G * Sq <= 16 the two were even (0.90-1.35)
+// on a shared 2048-token prefix (1 thread, B 8, two runs of bench/bench_decode.py's G x Sq
+// table on a loaded 2-core machine).
 constexpr int64_t kCascadeMaxPackedRows = 16;
 // Upper bound on the key splits of one part.
 constexpr int64_t kMaxSplits = 16;
