@@ -29,10 +29,10 @@ constexpr int64_t kCascadeMaxSq = 16;
 // entry is read once per kCascadeRows packed query rows (rows x G x Sq) of its users.
 constexpr int64_t kCascadeRows = 256;
 // The per-row tiles already share each prefix tile among the G * Sq query rows of one (row,
-// kv head): at G * Sq >= 32 they were faster than the cascade in 24 of 26 timings (per-row /
-// cascade 0.50-0.93; 1.01 and 1.35 once each), at G * Sq <= 16 the two were even (0.90-1.35)
-// on a shared 2048-token prefix (1 thread, B 8, two runs of bench/bench_decode.py's G x Sq
-// table on a loaded 2-core machine).
+// kv head): at G * Sq >= 32 they were faster than the cascade in 35 of 39 timings (per-row /
+// cascade 0.50-0.98; 1.00, 1.01, 1.03 and 1.35 once each), at G * Sq <= 16 the two were even
+// (0.90-1.35) on a shared 2048-token prefix (1 thread, B 8, three runs of bench_decode.py's
+// G x Sq table on a loaded 2-core machine, 2026-12-06).
 constexpr int64_t kCascadeMaxPackedRows = 16;
 // Upper bound on the key splits of one part.
 constexpr int64_t kMaxSplits = 16;
