@@ -108,7 +108,7 @@ setup(
     package_dir={"prefix_attn": "prefix_attn", "prefix_attn.kernels": "kernels"},
     install_requires=["torch>=2.4", "safetensors", "tqdm"],
     extras_require={
-        "triton": ["triton"],
+        "triton": ["triton>=3.2"],
         "hf": ["transformers>=5.0"],  # PEFT files are read without peft
         "bench": ["pytest-benchmark", "matplotlib"],
     },

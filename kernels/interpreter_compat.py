@@ -1,4 +1,4 @@
-"""Make Triton 3.6's CPU interpreter work with NumPy >= 2.4.
+"""Make Triton's CPU interpreter (3.2-3.6; 3.7+ does this itself) work with NumPy >= 2.4.
 
 The interpreter converts a scalar tensor to a Python int (``range`` bounds, ``__index__``)
 with ``int(handle.data)``, but scalars are stored as 1-element 1-D arrays, which NumPy 2.4
@@ -17,9 +17,15 @@ def apply() -> None:
     if original is None or getattr(original, "_prefix_attn_compat", False):
         return
 
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    def index(self):
+        return int(self.handle.data.reshape(-1)[0])
+
+    def patched(tensor, *scope):  # Triton <= 3.5 passes the tensor class alone, 3.6+ a scope too
+        original(tensor, *scope)
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     patched._prefix_attn_compat = True
     interpreter._patch_lang_tensor = patched

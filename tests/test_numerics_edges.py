@@ -297,3 +297,35 @@ def test_inputs_with_a_strided_last_dim(backend, cascade, monkeypatch):
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
     for a, t in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(truth, dense, g)):
         torch.testing.assert_close(a, t, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("with_scope", [False, True])
+def test_interpreter_shim_takes_both_hook_signatures(monkeypatch, with_scope):
+    """Triton <= 3.5 calls the interpreter's tensor-patching hook with the tensor class alone,
+    3.6+ with a scope too: the NumPy >= 2.4 shim failed every interpreted launch on the older
+    form ("missing 1 required positional argument: 'scope'")."""
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    from prefix_attn.kernels import interpreter_compat
+    calls = []
+
+    if with_scope:
+        def hook(tensor, scope):
+            calls.append(scope)
+    else:
+        def hook(tensor):
+            calls.append(None)
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", hook)
+    interpreter_compat.apply()
+
+    class Scope:
+        def set_attr(self, obj, name, value):
+            setattr(obj, name, value)
+
+    class Handle:
+        data = np.array([7])
+
+    class FakeTensor:
+        handle = Handle()
+
+    interpreter._patch_lang_tensor(FakeTensor, *([Scope()] if with_scope else []))
+    assert len(calls) == 1 and int(FakeTensor().__index__()) == 7
