@@ -13,6 +13,7 @@ picks the (slow) interpreter on CPU; ask for it with `backend="triton"`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -149,6 +150,13 @@ _TUNED_KERNELS = (("forward", "fwd", _fwd._attn_fwd.configs),
                   ("dQ", "bwd", _bwd._bwd_dq.configs))
 
 
+@functools.lru_cache(maxsize=64)
+def _smem_reason(block_d: int, elsize: int, budget: int) -> Optional[str]:
+    """smem_shortfall of this backend's kernels, once per (head dim, dtype size, GPU budget):
+    unsupported() runs at every attention call."""
+    return smem_shortfall(_TUNED_KERNELS, block_d, elsize, budget)
+
+
 def unsupported(a: AttnArgs) -> Optional[str]:
     """Why this call cannot run on the triton backend, or None."""
     B, Hq, Hkv, Sq, Skv, N, P, D = a.dims
@@ -159,8 +167,7 @@ def unsupported(a: AttnArgs) -> Optional[str]:
     if D > MAX_HEAD_DIM:
         return f"head dim {D} > {MAX_HEAD_DIM}"
     if a.q.device.type == "cuda":  # a GPU with less shared memory than an A100 (sm_86/89: 99 KiB)
-        short = smem_shortfall(_TUNED_KERNELS, _fwd.head_block(D), a.q.element_size(),
-                               smem_budget(a.q))
+        short = _smem_reason(_fwd.head_block(D), a.q.element_size(), smem_budget(a.q))
         if short:
             return short
     if N * Hkv > MAX_GRID_YZ:
