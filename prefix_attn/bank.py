@@ -248,9 +248,7 @@ class PrefixBank(nn.Module):
     @classmethod
     def _attach(cls, model: nn.Module) -> "PrefixBank":
         bank = getattr(model, "prefix_bank", None)
-        if isinstance(bank, PrefixBank):
-            if bank.model is not model:  # e.g. after copy.deepcopy(model)
-                bank._model_ref = weakref.ref(model)
+        if isinstance(bank, PrefixBank) and bank.model is model:
             return bank
         try:
             from prefix_attn import hf
@@ -259,14 +257,24 @@ class PrefixBank(nn.Module):
         why = hf.unsupported_model(model) if hf is not None else None
         if why is not None:
             raise ValueError(f"cannot attach a prefix bank: {why}")
-        caveat = hf.model_caveat(model) if hf is not None else None
-        if caveat is not None:
-            warnings.warn(caveat, stacklevel=2)
         L, Hkv, D = model_info.model_dims(model)
-        dtype, device = model_info.model_dtype_device(model)
-        bank = cls(L, Hkv, D, dtype=dtype, device=device)
+        if isinstance(bank, PrefixBank):
+            # a bank set by hand (model.prefix_bank = PrefixBank(...)), or the copy that
+            # copy.deepcopy(model) made: bound to this model, with its hooks (a hand-set bank
+            # had none: prefixes= then failed, saying to call attach)
+            if (bank.num_layers, bank.num_kv_heads, bank.head_dim) != (L, Hkv, D):
+                raise ValueError(
+                    f"model.prefix_bank holds prefixes of {bank.num_layers} layers, {bank.num_kv_heads} "
+                    f"kv heads and head dim {bank.head_dim}; this {type(model).__name__} has {L} "
+                    f"layers, {Hkv} kv heads and head dim {D}")
+        else:
+            caveat = hf.model_caveat(model) if hf is not None else None
+            if caveat is not None:
+                warnings.warn(caveat, stacklevel=2)
+            dtype, device = model_info.model_dtype_device(model)
+            bank = cls(L, Hkv, D, dtype=dtype, device=device)
+            model.prefix_bank = bank
         bank._model_ref = weakref.ref(model)
-        model.prefix_bank = bank
         install = getattr(hf, "install_hooks", None)
         if install is not None:
             install(model)

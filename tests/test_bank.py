@@ -1,4 +1,5 @@
 """PrefixBank as a store: entries, selections, concurrency, moves, save/load, prompt prefixes."""
+import re
 import threading
 
 import pytest
@@ -69,14 +70,19 @@ def test_errors_name_the_problem():
         bank.select(["A"], 1)
     with pytest.raises(ValueError, match="3 prefixes for a batch of 2"):
         bank.select(["a", "b", "a"], 2)
-    with pytest.raises(ValueError, match=r"\[L=3, 2, Hkv=2, P, D=8\]"):
-        bank.add_trainable("t", _BadModule())
+    for shape in [(L, 2, HKV, 4, D + 1), (L, 1, HKV, 4, D)]:  # the k/v axis too
+        with pytest.raises(ValueError, match=re.escape(f"[L=3, 2, Hkv=2, P, D=8], got {list(shape)}")):
+            bank.add_trainable("t", _BadModule(shape))
     assert bank.names() == ["a", "b"]
 
 
 class _BadModule(nn.Module):
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = shape
+
     def forward(self):
-        return torch.zeros(L, 2, HKV, 4, D + 1)
+        return torch.zeros(self.shape)
 
 
 def test_ids_id_of_replace_remove():
@@ -369,6 +375,29 @@ def test_attach_infers_dims_and_moves_with_model():
 
 
 @pytest.mark.hf
+def test_attach_binds_a_bank_set_by_hand_and_installs_its_hooks():
+    """model.prefix_bank = PrefixBank(...) then attach(model): attach returned the bank as it
+    was, unbound and without the model's hooks, so prefixes= failed saying to call attach."""
+    from prefix_attn.model_info import model_dims
+    from prefix_attn.tiny import tiny_model
+
+    model, ref = tiny_model("llama"), tiny_model("llama")
+    Lm, Hm, Dm = model_dims(model)
+    model.prefix_bank = PrefixBank(Lm, Hm, Dm)
+    bank = PrefixBank.attach(model)
+    assert bank is model.prefix_bank and bank.model is model
+    bank.add("a", torch.randn(Lm, Hm, 3, Dm), torch.randn(Lm, Hm, 3, Dm))
+    PrefixBank.attach(ref).add("a", *bank.get("a"))
+    ids = torch.randint(3, 64, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, prefixes=["a"]).logits, ref(ids, prefixes=["a"]).logits)
+    other = tiny_model("llama")
+    other.prefix_bank = PrefixBank(Lm, Hm, 2 * Dm)
+    with pytest.raises(ValueError, match=f"head dim {2 * Dm}; this LlamaForCausalLM has {Lm} layers"):
+        PrefixBank.attach(other)
+
+
+@pytest.mark.hf
 def test_add_prompt_kv_continues_like_the_full_prompt(tmp_path):
     """The prompt entry, fed back as a KV cache, gives the logits of prompt + x for x's tokens."""
     from transformers import DynamicCache
@@ -448,6 +477,16 @@ def test_pinned_snapshot_never_gets_a_newer_versions_cached_selection():
     pk, _ = bank.select(["a"], 1).layer(0)
     torch.testing.assert_close(pk[0], bank.get("a")[0][0])
     assert not torch.equal(pk[0], old[0])
+
+
+def test_nested_pins_keep_the_outer_snapshot():
+    bank = _bank(a=4, b=2, c=3)
+    with bank.pinned():
+        ids = bank.ids(["b"], 1)
+        bank.remove("a")
+        with bank.pinned():
+            assert bank.select(ids).names == ["b"]
+    assert bank.select(["b"]).names == ["b"] and bank.id_of("b") == 0
 
 
 def test_cached_prefix_ids_changed_in_place_are_not_reused():
@@ -660,6 +699,9 @@ def test_a_fixed_entry_edited_in_place_is_seen_by_a_mixed_batch():
     ("prefix_attn_bank", "2", r"format '2', this version of prefix_attn reads format '1'"),
     ("prefix_attn_bank", None, r"format None"),
     ("names", '["a", "a"]', r"bad entry names \['a', 'a'\] \(strings, each once\)"),
+    ("kinds", '["fixed", "bogus"]', r"bad entry kinds \['fixed', 'bogus'\]"),
+    ("kinds", '["fixed"]', r"bad entry kinds \['fixed'\]"),
+    ("model_signatures_2", '[null]', r"bad model signatures \[None\]"),
 ])
 def test_a_bank_file_of_another_format_or_with_a_name_twice_is_refused(tmp_path, field, value, words):
     """The file's format field was written but never read (a later layout would be misread),

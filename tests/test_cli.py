@@ -115,6 +115,7 @@ def test_check_runs_with_a_backend_variable_it_does_not_use(monkeypatch, capsys)
                                      ["generate", "-i", "r.jsonl", "-o", "o.jsonl"], ["demo"]])
 @pytest.mark.parametrize("seed, words", [
     ("99999999999999999999", "must be at most 9223372036854775807"),
+    ("9223372036854775808", "must be at most 9223372036854775807"),  # 2**63: one past
     ("-9223372036854775809", "must be at least -9223372036854775808"),
     ("x", "expected an integer, got 'x'")])
 def test_a_seed_out_of_range_is_a_usage_error(tmp_path, monkeypatch, capsys, command, seed, words):

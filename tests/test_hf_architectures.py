@@ -280,6 +280,8 @@ def test_tokens_past_a_learned_position_table_are_a_clear_error(family):
             mask[:, :30] = 0
             model(torch.randint(3, 100, (1, 260)), attention_mask=mask, prefixes=["p"])
     if family == "gpt2":
+        bank.add_prompt("exact", torch.randint(3, 100, (256,)))  # fills the table: fits
+        assert bank.entry_len("exact") == 256
         with pytest.raises(ValueError, match="257 tokens, more than the 256 learned positions"):
             bank.add_prompt("long", torch.randint(3, 100, (257,)))
 
@@ -296,6 +298,11 @@ def test_generate_past_a_learned_position_table_is_refused_up_front():
     kw = dict(prefixes="p", pad_token_id=0, do_sample=False)
     assert model.generate(ids, max_new_tokens=7, **kw).shape == (1, 57)
     assert model.generate(ids, max_length=57, **kw).shape == (1, 57)
+    # both given: max_new_tokens wins in transformers (max_length=100 alone would be refused)
+    assert model.generate(ids, max_new_tokens=7, max_length=100, **kw).shape == (1, 57)
+    # a row without a prefix (id -1) counts none, not the length of the bank's last entry
+    assert model.generate(ids, prefixes=[None], max_new_tokens=8, pad_token_id=0,
+                          do_sample=False).shape == (1, 58)
     calls = []
     hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
     with pytest.raises(ValueError, match="generate would reach position 256 .* beyond the 256"):

@@ -286,6 +286,17 @@ def test_a_scalar_parameter_does_not_break_the_weight_signature():
     PrefixBank.attach(model).add_prompt("sys", torch.tensor([4, 5, 6]))
 
 
+def test_a_model_whose_first_weight_is_on_meta_gets_a_bank_where_the_others_are():
+    """Some weights on meta without accelerate's hook (not loaded yet, or offloaded by hand):
+    the bank sits with the weights that hold data, not on meta."""
+    from prefix_attn.model_info import model_dtype_device
+
+    model = tiny_model("llama")
+    model.model.embed_tokens.to_empty(device="meta")
+    assert next(model.parameters()).device.type == "meta"
+    assert model_dtype_device(model) == (torch.float32, torch.device("cpu"))
+
+
 def test_a_bf16_model_on_meta_gets_a_bf16_bank():
     """All parameters on meta (init_empty_weights in bf16): the first floating tensor holding
     data was RoPE's float32 inv_freq buffer, so the bank was float32 beside bf16 weights."""

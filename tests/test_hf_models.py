@@ -111,6 +111,30 @@ def test_output_attentions_falls_back_with_eager_weights():
         torch.testing.assert_close(wa.transpose(1, 2)[keep], wb.transpose(1, 2)[keep], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_custom_4d_mask_falls_back_and_is_applied(kind):
+    """A 4-D mask of the user's own (block-diagonal here: tokens 3.. do not see 0..2) takes
+    the PyTorch fallback, as a boolean mask or as an additive one (0 / dtype min). (sdpa is
+    the reference: transformers' eager attention adds a boolean mask as if it were float.)"""
+    ours = tiny_model("llama")
+    ref = tiny_model("llama", attn_implementation="sdpa")
+    ref.load_state_dict(ours.state_dict())
+    T = 6
+    ids = torch.randint(3, 100, (1, T), generator=torch.Generator().manual_seed(0))
+    vis = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    vis[3:, :3] = False
+    mask = vis[None, None] if kind == "bool" else \
+        torch.zeros(1, 1, T, T).masked_fill(~vis, torch.finfo(torch.float32).min)
+    hf.attention._warned.clear()
+    with torch.no_grad(), pytest.warns(UserWarning, match="dense"):
+        got = ours(ids, attention_mask=mask).logits
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).logits
+        alone = ref(ids[:, 3:]).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[:, 3:], alone, rtol=1e-5, atol=1e-5)  # the mask did act
+
+
 def test_attention_dropout_in_training_falls_back():
     """Same seed, same dropout draw as eager: equal logits; and a one-time warning."""
     ours = tiny_model("llama", attention_dropout=0.3).train()

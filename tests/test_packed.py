@@ -8,6 +8,7 @@ import torch
 
 import prefix_attn
 from prefix_attn import prefix_attention
+from prefix_attn.hf import cache_kwarg
 from prefix_attn.packed import packed_attention, packed_dense_mask, segments
 
 # two rows: sequences of 5, 1, 7 tokens and of 9, 4 tokens (T = 13)
@@ -289,3 +290,43 @@ def test_hf_per_sequence_prefixes_errors():
     with pytest.raises(NotImplementedError, match="output_attentions"):
         model(input_ids=ids, position_ids=pos, prefixes=["x", None], use_cache=False,
               output_attentions=True)
+    # one prefix per packed sequence reads positions from 0: not on top of a cache
+    with torch.no_grad():
+        past = model(input_ids=ids[:, :4], use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="no KV cache from an earlier call"):
+            model(input_ids=ids, position_ids=pos, prefixes=["x", None],
+                  **{cache_kwarg(model): past})
+
+
+@pytest.mark.hf
+def test_hf_position_ids_edited_in_place_are_read_again():
+    """The sequences found from position_ids are cached per tensor (one host read a forward):
+    the same tensor edited in place (one sequence, then two) must be read again."""
+    from prefix_attn.tiny import tiny_model
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(8)[None].clone()
+    with torch.no_grad():
+        model(ids, position_ids=pos)
+        pos[0, 4:] = torch.arange(4)
+        torch.testing.assert_close(model(ids, position_ids=pos).logits,
+                                   model(ids, position_ids=pos.clone()).logits, rtol=0, atol=0)
+
+
+@pytest.mark.hf
+def test_hf_compiled_packed_row_of_a_sliding_window_model():
+    """Inside torch.compile the sliding-window mask function cannot be read, so the mask
+    interface's keywords decide: a packed row (position_ids restarting, no cache) is not the
+    plain sliding mask, and its sequences must stay apart as in eager attention."""
+    from prefix_attn.tiny import tiny_model
+
+    ours = tiny_model("mistral")
+    ref = tiny_model("mistral", attn_implementation="eager")
+    ref.load_state_dict(ours.state_dict())
+    ids = torch.randint(3, 100, (1, 7), generator=torch.Generator().manual_seed(0))
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    with torch.no_grad():
+        got = torch.compile(ours, backend="eager")(ids, position_ids=pos, use_cache=False).logits
+        want = ref(ids, position_ids=pos, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

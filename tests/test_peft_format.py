@@ -93,6 +93,18 @@ def test_save_peft_loads_in_peft_with_the_same_prefix_and_logits(tmp_path):
     torch.testing.assert_close(peft_logits, ours, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("cls, task", [("LlamaForCausalLM", "CAUSAL_LM"), ("GPT2LMHeadModel", "CAUSAL_LM"),
+                                       ("Gemma3ForConditionalGeneration", "CAUSAL_LM"),
+                                       ("BertModel", "FEATURE_EXTRACTION"),
+                                       ("GPT2ForSequenceClassification", "FEATURE_EXTRACTION"), (None, "CAUSAL_LM")])
+def test_task_type_follows_the_model_class(cls, task):
+    """PEFT loads the adapters of language models (a VLM's *ForConditionalGeneration too) with
+    its CAUSAL_LM wrapper, the others with its generic one."""
+    from prefix_attn.peft_format import task_type_of
+
+    assert task_type_of(None if cls is None else type(cls, (), {})()) == task
+
+
 @pytest.mark.parametrize("family, task", [("bert", "FEATURE_EXTRACTION"), ("llama", "CAUSAL_LM"),
                                           ("gpt2-seq-cls", "FEATURE_EXTRACTION")])
 def test_save_peft_writes_the_task_type_of_the_model(tmp_path, family, task):

@@ -238,7 +238,12 @@ def test_assisted_generation_with_an_assistant_without_a_bank():
     """An assistant model drafts without the prefixes (it has no bank); the main model checks
     each drafted token with them: the same tokens as plain greedy decoding."""
     model, _ = _served()
-    _assert_assisted_equals_greedy(model, tiny_model("llama", vocab_size=64, seed=3).eval())
+    assistant = tiny_model("llama", vocab_size=64, seed=3).eval()
+    _assert_assisted_equals_greedy(model, assistant)
+    # once the assisted generate is over, the assistant is a model without a bank again: its
+    # own generate with prefixes raises instead of dropping them as a drafting assistant does
+    with pytest.raises(ValueError, match="without a prefix bank"):
+        assistant.generate(torch.tensor([[5, 6]]), prefixes=["B"], max_new_tokens=2, pad_token_id=0)
 
 
 def _assert_assisted_equals_greedy(model, assistant):

@@ -190,6 +190,7 @@ def test_eval_fraction_range_and_an_empty_eval_set_warns(tmp_path, capsys):
 @pytest.mark.parametrize("option, value", [
     ("--batch-size", "0"), ("--max-steps", "0"), ("--epochs", "0"), ("--lr", "0"), ("--lr", "-1"),
     ("--num-virtual-tokens", "0"), ("--eval-every", "-1"), ("--save-every", "-2"), ("--max-length", "1"),
+    ("--weight-decay", "inf"), ("--weight-decay", "-0.1"), ("--lr", "nan"),
 ])
 def test_out_of_range_numbers_are_refused(option, value, data, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:

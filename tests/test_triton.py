@@ -134,6 +134,16 @@ def test_strided_hf_views_without_copies():
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
 
 
+def test_non_unit_stride_along_the_head_dim_is_copied():
+    # the kernels assume unit stride along D: a [.., D, S].transpose view is made contiguous
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 8, 3, generator=g).transpose(-1, -2).to(DEVICE)
+    k, v = (torch.randn(1, 1, 5, 8, generator=g).to(DEVICE) for _ in range(2))
+    assert q.stride(-1) == 3
+    torch.testing.assert_close(prefix_attention(q, k, v, backend="triton"),
+                               prefix_attention_ref(q.contiguous(), k, v), atol=2e-5, rtol=1e-5)
+
+
 def test_bank_3d_single_entry():
     args, kw = make_inputs(bank_3d=True, P=5, device=DEVICE)
     torch.testing.assert_close(prefix_attention(*args, **kw, backend="triton"),

@@ -656,6 +656,28 @@ def test_reentrant_checkpointing_in_a_multi_process_run_warns(monkeypatch, reent
     assert not [w for w in seen if "reentrant activation checkpointing" in str(w.message)]
 
 
+def test_which_trainable_entries_a_selection_joins(monkeypatch):
+    """A multi-process (DDP) training batch that selects no trainable entry joins one (a zero
+    gradient, so this rank's reducer takes part), and only then; a one-process training batch
+    of rows without a prefix gets the zero anchor (a loss with a graph); evaluation neither."""
+    import prefix_attn.distributed
+
+    model = tiny_model("llama")
+    prefix_tuning(model, num_virtual_tokens=2, name="t1")
+    prefix_tuning(model, num_virtual_tokens=2, name="t2")
+    bank = model.prefix_bank
+    model.train()
+    monkeypatch.setattr(prefix_attn.distributed, "world_size", lambda: 2)
+    assert bank.select(["t2"], 1).names == ["t2"]
+    assert bank.select([None], 1).names == ["t1", None]
+    monkeypatch.setattr(prefix_attn.distributed, "world_size", lambda: 1)
+    assert bank.select([None], 1).names == [None]
+    ids = torch.randint(3, 100, (1, 4))
+    assert model(ids, prefixes=[None]).logits.requires_grad
+    model.eval()
+    assert not model(ids, prefixes=[None]).logits.requires_grad
+
+
 def test_layers_in_another_dtype_than_the_bank_read_the_prefix_in_theirs():
     """FSDP's mixed precision runs the layers in bf16 while the bank keeps the dtype it was
     attached with (float32): the prefix was handed to the kernel in float32 (TypeError). It is

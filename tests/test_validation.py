@@ -82,6 +82,8 @@ BAD = [
     ("no query heads", with_(q=torch.randn(B, 0, Sq, D)), ValueError, ["q", "at least one head", "[2, 0, 3, 8]"]),
     ("softcap below float32", with_(softcap=1e-300), ValueError, ["softcap", "1e-300"]),
     ("softcap subnormal", with_(softcap=1e-40), ValueError, ["softcap", "float32"]),
+    # rounds to 0 in float32 while scale / softcap stays finite (a tiny scale)
+    ("softcap rounds to 0", with_(softcap=1e-46, scale=1e-9), ValueError, ["softcap", "normal float32"]),
     ("softcap beyond float32", with_(softcap=1e39), ValueError, ["softcap"]),
     ("scale beyond float32", with_(scale=1e39), ValueError, ["scale", "float32"]),
     ("scale / softcap overflows", with_(scale=1e30, softcap=1e-20), ValueError, ["scale / softcap"]),
@@ -117,6 +119,21 @@ def test_good_input_passes():
     kw = good()
     args = [kw.pop(n) for n in ("q", "k", "v", "prefix_k", "prefix_v")]
     assert prefix_attention(*args, **kw).shape == (B, Hq, Sq, D)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_edges_of_valid_input_pass(backend):
+    """The largest head dim (256), and an empty batch with prefix ids given (empty too)."""
+    from prefix_attn.backends import available_backends
+
+    if backend not in available_backends():
+        pytest.skip(f"no {backend} backend")
+    q = torch.randn(1, 1, 2, 256)
+    assert prefix_attention(q, q, q, backend=backend).shape == (1, 1, 2, 256)
+    q = torch.randn(0, 2, 3, 8)
+    out = prefix_attention(q, q, q, torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8),
+                           prefix_ids=torch.zeros(0, dtype=torch.long), backend=backend)
+    assert out.shape == (0, 2, 3, 8)
 
 
 def test_ids_changed_in_place_are_checked_again():
