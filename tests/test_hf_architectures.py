@@ -310,8 +310,20 @@ def test_generate_past_a_learned_position_table_is_refused_up_front():
     # max_length counts the prompt too (it failed mid-generation, naming "1 tokens after a cache")
     with pytest.raises(ValueError, match=r"max_length=58: 8 new tokens\).*or max_length$"):
         model.generate(ids, max_length=58, **kw)
+    # settings of the model's generation config count, and a generation_config passed replaces it
+    model.generation_config.max_new_tokens = 8
+    with pytest.raises(ValueError, match=r"max_new_tokens=8 of the generation config\)"):
+        model.generate(ids, **kw)
     hook.remove()
     assert calls == []
+    from transformers import GenerationConfig
+
+    passed = GenerationConfig(max_new_tokens=7, do_sample=False, pad_token_id=0)
+    assert model.generate(ids, prefixes="p", generation_config=passed).shape == (1, 57)
+    model.generation_config.max_new_tokens = None
+    # without an attention mask generate infers one from the pad tokens: they are not counted
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), ids], 1)
+    assert model.generate(padded, max_new_tokens=7, **kw).shape == (1, 62)
     # left padding: the real tokens count (a padded row with a longer prefix still fits)
     mask = torch.ones(2, 50, dtype=torch.long)
     mask[1, :10] = 0

@@ -26,25 +26,40 @@ def _check_generate_positions(model, bank, args, kwargs) -> None:
             or not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 \
             or ids.shape[0] != tokens.shape[0]:
         return
-    config = getattr(model, "generation_config", None)
-    new, given = kwargs.get("max_new_tokens"), "max_new_tokens"
-    if new is None and kwargs.get("max_length") is not None:  # max_new_tokens wins when both are
-        new, given = int(kwargs["max_length"]) - tokens.shape[1], "max_length"
+    # as generate does: the generation_config passed replaces the model's, keywords override
+    # its fields, and a max_new_tokens (of the call or of the config) wins over max_length
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+    def field(name):
+        """(value, how to name it) of a length setting: the call's keyword, else the config's."""
+        if kwargs.get(name) is not None:
+            return kwargs[name], f"{name}={kwargs[name]}"
+        value = getattr(config, name, None)
+        return value, f"{name}={value} of the generation config"
+
+    new, asked = field("max_new_tokens")
+    given = "max_new_tokens"
     if new is None:
-        new = getattr(config, "max_new_tokens", None)
-    if new is None:
+        length, asked = field("max_length")
+        if length is None:
+            return
+        new, given = int(length) - tokens.shape[1], "max_length"
+        asked = f"{asked}: {new} new tokens"
+    if int(new) < 1:
         return
-    names = bank.names()
-    lens = [bank.entry_len(names[i]) if 0 <= i < len(names) else 0 for i in ids.tolist()]
+    entries = list(bank._snapshot()[1].values())  # the pinned snapshot the ids index
+    lens = [entries[i].length if 0 <= i < len(entries) else 0 for i in ids.tolist()]
     mask = kwargs.get("attention_mask")
-    real = mask.sum(-1).tolist() if isinstance(mask, torch.Tensor) and mask.dim() == 2 \
-        else [tokens.shape[1]] * len(lens)
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        real = mask.sum(-1).tolist()
+    else:  # generate infers the mask from pad tokens: the others, a lower bound either way
+        pad = kwargs.get("pad_token_id", getattr(config, "pad_token_id", None))
+        real = (tokens != pad).sum(-1).tolist() if isinstance(pad, int) \
+            else [tokens.shape[1]] * len(lens)
     # positions used: the prefix, the prompt's real tokens and every new token but the last
     # (which is never fed back)
     top = max(P + int(n) for P, n in zip(lens, real)) + int(new) - 1
     if top > limit:
-        asked = f"max_new_tokens={new}" if given == "max_new_tokens" else \
-            f"max_length={kwargs['max_length']}: {new} new tokens"
         raise ValueError(f"generate would reach position {top - 1} (a prefix, the prompt's tokens "
                          f"and {asked}), {_past_the_table(model, limit)}: shorten the prompt, the "
                          f"prefix or {given}")
