@@ -159,6 +159,34 @@ def test_generate_with_mixed_prefixes_matches_one_row_at_a_time():
     assert batch[0, ids.shape[1]:].tolist() != plain[0, int(keep.sum()):].tolist()  # prefix in play
 
 
+def test_static_cache_generate_compiled_by_transformers_matches_eager():
+    """A static cache makes generate compile the decode step itself (on CUDA: inductor with
+    CUDA graphs, "reduce-overhead"): the prefix selection (index tensors, cached tiles) must be
+    right inside the captured graphs and on replay for another request's prefixes."""
+    from transformers import CompileConfig
+
+    ours = tiny_model("llama", vocab_size=64)
+    bank = PrefixBank.attach(ours)
+    g = torch.Generator().manual_seed(5)
+    L, H, D = bank.num_layers, bank.num_kv_heads, bank.head_dim
+    for name, n in (("a", 3), ("b", 6), ("c", 1)):
+        bank.add(name, *(3 * torch.randn(2, L, H, n, D, generator=g)))
+    ours = ours.to(DEVICE).eval()
+    ids, mask, _ = _batch(vocab=64)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+              cache_implementation="static", return_dict_in_generate=True, output_logits=True)
+    config = CompileConfig()
+    config._compile_all_devices = DEVICE == "cuda"  # on CPU (the tests' self-check): eager
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for names in (["b", None, "a"], ["c", "a", None], ["a", "a", "a"]):
+            want = ours.generate(ids, attention_mask=mask, prefixes=names, disable_compile=True, **kw)
+            got = ours.generate(ids, attention_mask=mask, prefixes=names, compile_config=config, **kw)
+            assert got.sequences.tolist() == want.sequences.tolist(), names
+            for x, y in zip(got.logits, want.logits):
+                torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-3)
+
+
 def test_autocast_training_step_is_close_to_fp32():
     """fp32 weights under torch.autocast (RoPE hands float32 q/k and a half v to the kernel):
     loss and prefix gradient (float32) within half-precision error of the fp32 step."""
