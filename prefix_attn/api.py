@@ -24,7 +24,16 @@ def _check_autodiff_mode(tensors) -> None:
     AD (``torch.autograd.forward_ad``, ``torch.func.jvp``) and ``torch.func.grad`` (whose
     transform needs a functorch-style autograd rule). ``torch.vmap`` works over the float
     inputs and the padding mask."""
+    from torch.autograd import forward_ad
+
     if torch.compiler.is_compiling():
+        # dynamo sees neither the inputs' tangents (unpack_dual misses them) nor the functorch
+        # stack: any forward-AD level is refused (else the compiled graph gave a zero or no
+        # tangent, silently). Conservative: a compiled call in a dual_level without tangents too.
+        if forward_ad._current_level >= 0:
+            raise NotImplementedError("prefix_attention has no forward-mode derivative "
+                                      "(torch.func.jvp / jacfwd or torch.autograd.forward_ad "
+                                      "around a compiled call)")
         return
     if torch._C._functorch.peek_interpreter_stack() is not None:
         from torch._C._functorch import TransformType
@@ -35,8 +44,6 @@ def _check_autodiff_mode(tensors) -> None:
                 raise NotImplementedError(
                     f"prefix_attention does not support torch.func.{interpreter.key().name.lower()} "
                     "(torch.vmap works); use torch.autograd.grad / .backward() for gradients")
-    from torch.autograd import forward_ad
-
     if forward_ad._current_level >= 0 and any(
             isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None
             for t in tensors):
@@ -83,6 +90,13 @@ def _run(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
                   key_padding_mask=key_padding_mask, causal=causal, scale=scale, window=window,
                   softcap=softcap)
     b = choose_backend(a, backend)
+    if b.name == "triton" and torch.jit.is_tracing():
+        # a trace keeps no range check (the host's ran once, at trace time; a device assert is
+        # dropped as dead code) and the triton op checks nothing itself (the others do)
+        raise NotImplementedError(
+            "torch.jit.trace of prefix_attention on the triton backend: the trace would keep no "
+            "check of prefix_ids / prefix_lens (out-of-bounds reads on other inputs); use "
+            "torch.compile or torch.export, or backend='cuda' / 'torch' in the traced module")
     if _records_autograd(a):
         out, lse = b.fwd(*a.op_args())
     else:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.weak import WeakIdKeyDictionary
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -101,7 +102,8 @@ _FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
 
 def _finite_float(name: str, value, what: str) -> float:
     """A real number (Python or numpy) as a finite float; a symbolic one under torch.compile
-    (the default scale of a dynamic head dim, D ** -0.5) goes to the ops as it is."""
+    (the default scale of a dynamic head dim, D ** -0.5) goes to the ops as it is (whose float
+    argument then specialises the graph on the head dim: one graph per head dim)."""
     if type(value) is float and -math.inf < value < math.inf:  # the common case, first
         return value
     if isinstance(value, (torch.SymFloat, torch.SymInt)):
@@ -152,14 +154,16 @@ def _stamp(t: torch.Tensor) -> tuple:
 
 def known_range(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Record that the index tensor ``t``, just built from host values, lies in [lo, hi]
-    (``normalize`` then checks those bounds without reading ``t``). Returns ``t``."""
-    setattr(t, _KNOWN_ATTR, (_stamp(t), int(lo), int(hi)))
+    (``normalize`` then checks those bounds without reading ``t``). Returns ``t``. Not for
+    the fake tensors of a trace (torch.export): no data to stamp; graphs check on the device."""
+    if not is_fake(t):
+        setattr(t, _KNOWN_ATTR, (_stamp(t), int(lo), int(hi)))
     return t
 
 
 def _known(t: torch.Tensor) -> Optional[tuple]:
     hit = getattr(t, _KNOWN_ATTR, None)
-    return hit if hit is not None and hit[0] == _stamp(t) else None
+    return hit if hit is not None and not is_fake(t) and hit[0] == _stamp(t) else None
 
 
 def inherit_range(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -348,6 +352,8 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {device}")
         key_padding_mask = key_padding_mask.contiguous()
     causal = _flag("causal", causal)
+    if scale is None and isinstance(D, torch.Tensor):  # a shape read by torch.jit.trace
+        D = int(D)
     scale = _finite_float("scale", D ** -0.5 if scale is None else scale, "a finite float")
     if not _FLOAT32_MAX >= scale >= -_FLOAT32_MAX:  # the kernels take it as a float32
         raise ValueError(f"scale must be finite in float32 (|scale| <= {_FLOAT32_MAX:.3g}), got {scale}")

@@ -101,6 +101,69 @@ def test_forward_mode_and_func_transforms(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_forward_mode_around_a_compiled_call_is_refused(backend):
+    """Inside torch.compile the refusal was skipped: jvp / jacfwd / forward_ad around or inside
+    a compiled call gave a zero (or no) tangent, silently."""
+    _need(backend)
+    from torch.autograd import forward_ad
+
+    (q, k, v, pk, pv), kw = make_inputs()
+
+    def f(q_):
+        return prefix_attention(q_, k, v, pk, pv, backend=backend, **kw)
+
+    def dual(x, t):
+        with forward_ad.dual_level():
+            return forward_ad.unpack_dual(f(forward_ad.make_dual(x, t))).tangent
+
+    t = torch.ones_like(q)
+    torch._dynamo.reset()
+    for run in (lambda: torch.compile(lambda x, tt: torch.func.jvp(f, (x,), (tt,)), backend="eager")(q, t),
+                lambda: torch.compile(torch.func.jacfwd(lambda x: f(x).sum()), backend="eager")(q),
+                lambda: torch.compile(dual, backend="eager")(q, t),
+                lambda: torch.func.jvp(torch.compile(f, backend="eager"), (q,), (t,))):
+        with pytest.raises(NotImplementedError, match="forward-mode|torch.func.jvp"):
+            run()
+
+
+def test_torch_export_of_a_model_called_with_prefixes():
+    """Non-strict export of an HF model with prefixes=: the bank's index tensors are fake in
+    the trace, and recording their known range read a data pointer they lack (it worked only
+    after the same selection had run eagerly, filling the bank's caches)."""
+    pytest.importorskip("transformers")
+    from prefix_attn.tiny import tiny_model
+
+    model = tiny_model("llama")
+    bank = prefix_attn.PrefixBank.attach(model)
+    bank.add("a", torch.randn(bank.num_layers, bank.num_kv_heads, 3, bank.head_dim),
+             torch.randn(bank.num_layers, bank.num_kv_heads, 3, bank.head_dim))
+    ids, mask = torch.randint(3, 100, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    kw = dict(attention_mask=mask, use_cache=False, prefixes="a")
+    program = torch.export.export(model, (ids,), kwargs=kw, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(ids, **kw).logits, model(ids, **kw).logits)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_jit_trace_with_the_default_scale_and_a_refusal_on_triton(backend, monkeypatch):
+    """torch.jit.trace reads the head dim as a tensor: the default scale D ** -0.5 was refused
+    as "scale must be a finite float" although none was given. The triton op keeps no range
+    check in a trace: refused by name there."""
+    _need(backend)
+    (q, k, v, pk, pv), kw = make_inputs(B=3, N=2, ids=[1, 0, 1], lens=[7, 3])
+    args = (q, k, v, pk, pv, kw["prefix_ids"], kw["prefix_lens"])
+
+    def f(q, k, v, pk, pv, ids, lens, backend=backend):
+        return prefix_attention(q, k, v, pk, pv, prefix_ids=ids, prefix_lens=lens, backend=backend)
+
+    traced = torch.jit.trace(f, args, check_trace=False)
+    torch.testing.assert_close(traced(*args), f(*args))
+    if "triton" in available_backends():
+        with pytest.raises(NotImplementedError, match="torch.jit.trace of prefix_attention on the triton"):
+            torch.jit.trace(lambda *a: f(*a, backend="triton"), args, check_trace=False)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_compile_with_a_dynamic_head_dim_and_default_scale(backend):
     _need(backend)
     torch._dynamo.reset()
