@@ -1,8 +1,8 @@
 """`prefix-attn check`: every available backend against the reference on random inputs.
 
-One case exercises the whole contract at once: a bank of three entries of different
-lengths (one unused, one of length 0), GQA, left padding, odd lengths, forward and
-backward. Tolerance (per output and gradient): the flash-attention rule, error vs the fp32 truth at most
+One case exercises the whole contract at once: a bank of four entries of different
+lengths (one selected by no row, one of length 0), GQA, left padding, odd lengths, a window,
+a softcap, forward and backward. Tolerance (per output and gradient): the flash-attention rule, error vs the fp32 truth at most
 twice the error of a same-dtype PyTorch computation, plus a small atol.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .reference import prefix_attention_ref
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _inputs(dtype, device, seed=0, B=4, Hq=6, Hkv=2, Sq=19, Skv=37, D=40, N=3, P=21):
+def _inputs(dtype, device, seed=0, B=4, Hq=6, Hkv=2, Sq=19, Skv=37, D=40, N=4, P=21):
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
     args = (rnd(B, Hq, Sq, D), rnd(B, Hkv, Skv, D), rnd(B, Hkv, Skv, D), rnd(N, Hkv, P, D),
@@ -30,7 +30,7 @@ def _inputs(dtype, device, seed=0, B=4, Hq=6, Hkv=2, Sq=19, Skv=37, D=40, N=3, P
     mask[1, :5] = False
     mask[3, :11] = False
     kw = dict(prefix_ids=torch.tensor([2, 0, 2, 1], device=device),
-              prefix_lens=torch.tensor([P, 0, 13], device=device),
+              prefix_lens=torch.tensor([P, 0, 13, 8], device=device),  # entry 3: no row
               key_padding_mask=mask.to(device), window=29, softcap=30.0)
     return args, kw
 

@@ -39,8 +39,13 @@ def attention_from_args(a: AttnArgs, upcast: bool = True):
     else:
         ct = torch.float32 if upcast else a.q.dtype
     G = Hq // Hkv
-    keys = torch.cat([a.prefix_k[a.prefix_ids], a.k], dim=2).to(ct)        # [B, Hkv, P+Skv, D]
-    vals = torch.cat([a.prefix_v[a.prefix_ids], a.v], dim=2).to(ct)
+    # positions beyond an entry's length are never read (zeros, not only masked scores: garbage
+    # there, a NaN say, would reach the output through 0 * NaN)
+    used = (torch.arange(P, device=a.q.device) < a.prefix_lens[a.prefix_ids][:, None])[:, None, :, None]
+    pk = torch.where(used, a.prefix_k[a.prefix_ids], 0)                      # [B, Hkv, P, D]
+    pv = torch.where(used, a.prefix_v[a.prefix_ids], 0)
+    keys = torch.cat([pk, a.k], dim=2).to(ct)                                # [B, Hkv, P+Skv, D]
+    vals = torch.cat([pv, a.v], dim=2).to(ct)
     keys = keys.repeat_interleave(G, dim=1)                                 # as HF's repeat_kv
     vals = vals.repeat_interleave(G, dim=1)
     s = torch.matmul(a.q.to(ct), keys.transpose(-1, -2)) * a.scale

@@ -18,7 +18,7 @@ Output: one line per request, in input order:
 
     {"id": "r1", "prefix": "support", "prompt": "How do I ...?", "completion": "...", "num_tokens": 17}
 
-A completion ends at any of the model's stop ids (its generation_config's eos_token_id, else
+A completion ends at any of the model's stop ids (its generation_config's eos_token_id and
 the tokenizer's end of sequence) or after --max-new-tokens.
 
 The model is a local folder (--model, with its tokenizer files or prefix-attn's

@@ -42,7 +42,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import atomic, cli_args, jsonl, tiny
+from . import atomic, cli_args, jsonl, model_info, tiny
 from .backends import check_env_backend
 from .train_state import (BASE_MODEL, LOG, PROG, Interrupted, StopSignals, TrainError, TrainingFailed, append_log,
                           check_output_folder, check_same_settings, create_output_folder,
@@ -342,7 +342,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="AdamW weight decay")
     p.add_argument("--max-length", type=cli_args.int_at_least(2), default=None, metavar="N",
                    help=f"tokens per example, longer ones cut (default: {DEFAULT_MAX_LENGTH}; at most the "
-                        f"model's positions less --num-virtual-tokens, lowered with a note)")
+                        f"model's positions less --num-virtual-tokens: lowered to fit, with a note when N was given)")
     p.add_argument("--eval-every", type=count, default=50, metavar="N",
                    help="eval loss every N steps and at the end (0: no eval): with 0 no data is held out")
     p.add_argument("--save-every", type=count, default=50, metavar="N",
@@ -385,6 +385,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=run)
     return p
+
+
+def _check_takes_a_bank(model, folder) -> None:
+    """Refuse a model that prefix_tuning would refuse (BART-style decoders, layers of different
+    head dims, ...) as a usage error before anything is written (it raised mid-run, leaving
+    an output folder with a log)."""
+    from . import hf
+
+    why = hf.unsupported_model(model)
+    if why is None:
+        try:
+            model_info.model_dims(model)
+        except ValueError as exc:
+            why = str(exc)
+    if why is not None:
+        raise TrainError(f"--model {folder}: cannot prefix-tune this model: {why}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -435,6 +451,7 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer, model_dir, base_to_save = load_model(args.model, args.output, args.seed,
                                                            resume=state is not None, dtype=dtype)
+    _check_takes_a_bank(model, args.model)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     max_length = effective_max_length(args.max_length, model.config, args.num_virtual_tokens)
     vocab_size = model.get_input_embeddings().num_embeddings

@@ -28,6 +28,20 @@ def test_check_reports_a_wrong_backend_as_failure(monkeypatch):
     assert "FAIL" in check.format_table(rows)
 
 
+def test_check_catches_a_gradient_for_an_entry_no_row_selects(monkeypatch):
+    """The check's bank has an entry that no row selects (its docstring said so while every
+    entry was selected): a backend giving that entry a gradient must fail."""
+    import prefix_attn.api as api
+    real = api.prefix_attention
+
+    def leaky(q, k, v, pk, pv, **kw):  # the same output; a gradient for the last entry
+        assert int(kw["prefix_ids"].max()) < pk.shape[0] - 1  # no row selects it
+        return real(q, k, v, pk, pv, **kw) + (pk[-1] - pk[-1].detach()).sum()
+    monkeypatch.setattr(check, "prefix_attention", leaky)
+    rows = check.run_checks(["torch"], ["float32"])
+    assert len(rows) == 1 and not rows[0]["ok"] and rows[0]["worst"] == "dprefix_k"
+
+
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "prefix_attn.cli", "--help"], capture_output=True,
                          text=True, check=True).stdout

@@ -142,3 +142,39 @@ def test_bank_gradients_sum_over_rows_and_zero_elsewhere():
         o.square().sum().backward()
         total += pk0.grad
     torch.testing.assert_close(pk.grad[0], total)
+
+
+@pytest.mark.parametrize("impl", ["reference", "eager_fallback", "torch", "cpu", "triton"])
+def test_garbage_beyond_the_lengths_and_in_unselected_entries_is_never_read(impl):
+    """Entry 0 holds NaN beyond its length, entry 2 (selected by no row) inf everywhere: the
+    output and the gradients equal those of clean entries (the reference and the HF eager
+    fallback masked the scores only, and 0 * NaN reached the output)."""
+    from prefix_attn.backends import available_backends
+
+    if impl not in ("reference", "eager_fallback") and impl not in available_backends():
+        pytest.skip(f"no {impl} backend")
+    (q, k, v, pk, pv), kw = make_inputs(B=3, Hq=2, Hkv=1, Sq=5, Skv=5, D=8, N=3, P=6,
+                                        lens=[3, 6, 2], ids=[0, 1, 0])
+    dirty_k, dirty_v = pk.clone(), pv.clone()
+    for t in (dirty_k, dirty_v):
+        t[0, :, 3:] = float("nan")
+        t[2] = float("inf")
+
+    def run(bk, bv):
+        args = [t.clone().requires_grad_(True) for t in (q, k, v, bk, bv)]
+        if impl == "eager_fallback":
+            from prefix_attn.hf.attention import eager_prefix_attention
+
+            out = eager_prefix_attention(*args, **kw)[0].transpose(1, 2)
+        else:
+            fn = prefix_attention_ref if impl == "reference" else prefix_attention
+            out = fn(*args, **kw, **({} if impl == "reference" else {"backend": impl}))
+        out.backward(torch.ones_like(out))
+        return out, [a.grad for a in args]
+
+    want, want_grads = run(pk, pv)
+    got, got_grads = run(dirty_k, dirty_v)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert (got_grads[3][0, :, 3:] == 0).all() and (got_grads[3][2] == 0).all()

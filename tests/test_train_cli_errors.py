@@ -90,6 +90,25 @@ def test_a_broken_model_folder_is_a_user_error(data, tmp_path, capsys, how):
     assert not out.exists()
 
 
+def test_a_model_that_takes_no_prefix_bank_is_a_user_error(data, tmp_path, capsys):
+    """A BART-style decoder (no position_ids in its forward) was refused by prefix_tuning after
+    the output folder and its log were written: a traceback and exit status 1."""
+    import transformers
+
+    cfg = transformers.BartConfig(vocab_size=259, d_model=32, encoder_layers=1, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4,
+                                  encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+                                  is_decoder=True, is_encoder_decoder=False)
+    folder = str(tmp_path / "bart")
+    transformers.BartForCausalLM(cfg).save_pretrained(folder)
+    tiny.ByteTokenizer().save_pretrained(folder)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    _user_error(capsys, [data, "-o", str(out), "--model", folder, "--max-steps", "1", *FAST],
+                f"--model {folder}: cannot prefix-tune this model: ", "position_ids")
+    assert not out.exists()
+
+
 class _RunsCodeWhenUnpickled:
     """What a tampered checkpoint can hold: unpickling it calls ``os.system``-like code (here:
     writing a marker file)."""

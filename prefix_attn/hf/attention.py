@@ -47,11 +47,14 @@ def eager_prefix_attention(query, key, value, prefix_k=None, prefix_v=None, pref
     if prefix_k is not None and prefix_k.shape[-2] > 0:
         if prefix_ids is None:
             prefix_ids = torch.zeros(B, dtype=torch.long, device=dev)
-        rk, rv = prefix_k[prefix_ids], prefix_v[prefix_ids]                # [B, Hkv, P, D]
-        P = rk.shape[2]
+        P = prefix_k.shape[2]
         lens = (torch.full((prefix_k.shape[0],), P, device=dev) if prefix_lens is None
                 else prefix_lens.to(dev))
         pre_vis = torch.arange(P, device=dev)[None, :] < lens[prefix_ids][:, None]  # [B, P]
+        # positions beyond a length are never read: zeros (0 * NaN of garbage there is NaN)
+        used = pre_vis[:, None, :, None]
+        rk = torch.where(used, prefix_k[prefix_ids], 0)                    # [B, Hkv, P, D]
+        rv = torch.where(used, prefix_v[prefix_ids], 0)
     else:
         P = 0
         rk = key.new_zeros(B, Hkv, 0, D)
