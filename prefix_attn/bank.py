@@ -103,13 +103,57 @@ def _as_id(p) -> int:
     return operator.index(p) if not isinstance(p, Tensor) else int(p)
 
 
+# Beyond this many names a typo is looked for in their case only: difflib over a bank of
+# 50,000 tenants took half a second of a request's time.
+_FUZZY_NAMES_MAX = 2000
+
+
 def did_you_mean(name, known) -> str:
     """ "; did you mean 'x'?" for a name close to one of ``known`` (a typo), else ""."""
     if not isinstance(name, str):
         return ""
     lowered = {k.lower(): k for k in known if isinstance(k, str)}
+    if name.lower() in lowered:
+        return f"; did you mean {lowered[name.lower()]!r}?"
+    if len(lowered) > _FUZZY_NAMES_MAX:
+        return ""
     close = difflib.get_close_matches(name.lower(), list(lowered), n=1)
     return f"; did you mean {lowered[close[0]]!r}?" if close else ""
+
+
+def some_names(names, at_most: int = 20) -> str:
+    """``names`` for an error message: all of a small bank's, the first ``at_most`` and a count
+    of a large one's (a message listing 50,000 tenants was 850 KB, and showed them all)."""
+    names = list(names)
+    if len(names) <= at_most:
+        return repr(names)
+    return f"{names[:at_most]!r} and {len(names) - at_most} more"
+
+
+class _Entries(dict):
+    """The entries of one bank snapshot (name -> _Entry, in bank-id order; never changed once
+    committed), with the names and the name -> id index built once per snapshot rather than at
+    every call (a bank of 50,000 tenants spent most of each forward rebuilding them)."""
+    __slots__ = ("_names_index",)
+
+    def names_index(self) -> tuple:
+        try:
+            return self._names_index
+        except AttributeError:
+            names = tuple(self)
+            self._names_index = (names, {n: i for i, n in enumerate(names)})
+            return self._names_index
+
+    def __reduce__(self):  # pickles and copies carry the entries, not the index built from them
+        return type(self), (list(self.items()),)
+
+
+def _names_index(entries: dict) -> tuple:
+    """``(names, {name: id})`` of a snapshot's entries."""
+    if isinstance(entries, _Entries):
+        return entries.names_index()
+    names = tuple(entries)
+    return names, {n: i for i, n in enumerate(names)}
 
 
 def _id_range(n: int) -> str:
@@ -231,7 +275,7 @@ class PrefixBank(nn.Module):
         self.device = torch.device(device)
         self.trainable = nn.ModuleDict()
         self._lock = threading.RLock()
-        self._state: tuple[int, dict[str, _Entry]] = (0, {})
+        self._state: tuple[int, dict[str, _Entry]] = (0, _Entries())
         self._cache: OrderedDict = OrderedDict()
         self._cache_size = _CACHE_SIZE
         self._ids_cache: OrderedDict = OrderedDict()  # see _ids_tensor
@@ -302,7 +346,7 @@ class PrefixBank(nn.Module):
         """Apply ``{name: entry or None}`` as one new snapshot (readers see all or none of it)."""
         with self._lock:
             version, entries = self._state
-            new_entries = dict(entries)  # insertion order kept: a replaced name keeps its id
+            new_entries = _Entries(entries)  # insertion order kept: a replaced name keeps its id
             dropped = []
             for name, entry in updates.items():
                 old = new_entries.get(name)
@@ -411,7 +455,7 @@ class PrefixBank(nn.Module):
         """Remove every entry."""
         with self._lock:
             version, entries = self._state
-            self._state = (version + 1, {})
+            self._state = (version + 1, _Entries())
             self._clear_caches()
             self._swap_trainable(drop=list(self.trainable.keys()))
 
@@ -432,13 +476,13 @@ class PrefixBank(nn.Module):
             return entries[name]
         except (KeyError, TypeError):
             raise KeyError(f"unknown prefix {name!r}{did_you_mean(name, entries)}; known prefixes: "
-                           f"{list(entries)}") from None
+                           f"{some_names(entries)}") from None
 
     def id_of(self, name: str) -> int:
         """The bank id (position in :meth:`names`) of ``name``."""
         entries = self._state[1]
         self._lookup(entries, name)
-        return list(entries).index(name)
+        return _names_index(entries)[1][name]
 
     def entry_len(self, name: str) -> int:
         """P of one entry."""
@@ -581,7 +625,7 @@ class PrefixBank(nn.Module):
         return pin[1] if pin is not None and pin[0] is self else self._state
 
     def _row_ids(self, prefixes: PrefixSpec, batch_size: Optional[int], entries: dict) -> list[int]:
-        names = list(entries)
+        names, index = _names_index(entries)
         n = len(names)
         if isinstance(prefixes, Tensor):
             if prefixes.is_floating_point() or prefixes.is_complex() or prefixes.dtype == torch.bool:
@@ -603,20 +647,17 @@ class PrefixBank(nn.Module):
         if not isinstance(prefixes, (list, tuple)):
             raise TypeError(f"prefixes must be a list, a LongTensor or a name, got {type(prefixes).__name__}")
         rows = []
-        index = None  # name -> bank id, built once per call (not names.index per row)
         for p in prefixes:
             if p is None:
                 rows.append(-1)
             elif isinstance(p, str):
                 self._lookup(entries, p)
-                if index is None:
-                    index = {name: i for i, name in enumerate(names)}
                 rows.append(index[p])
             else:
                 p = _as_id(p)
                 if not -1 <= p < n:
                     raise ValueError(f"prefix id {p} is not in this bank: {_id_range(n)} (known "
-                                     f"prefixes: {names})")
+                                     f"prefixes: {some_names(names)})")
                 rows.append(p)
         return self._broadcast(rows, batch_size)
 
@@ -639,7 +680,7 @@ class PrefixBank(nn.Module):
         version, entries = self._snapshot()  # one snapshot for the whole call
         rows = self._row_ids(prefixes, batch_size, entries)
         device = self.device if device is None else torch.device(device)
-        names = list(entries)
+        names = _names_index(entries)[0]
         used = set(rows)
         anchor = False
         # entries that are FSDP units of their own all-gather their parameters when called:
@@ -694,7 +735,7 @@ class PrefixBank(nn.Module):
                 cache: bool = True) -> PrefixSelection:
         """:meth:`select` for bank ids ``rows`` and the set of ids ``used`` to gather (``cache``
         False: neither read from nor written to the selection cache)."""
-        names = list(entries)
+        names = _names_index(entries)[0]
         used = sorted(used, key=lambda i: (i < 0, i))  # bank order, "no prefix" last
         # tensors made under inference_mode cannot be saved for backward later: such a
         # selection is cached for inference-mode calls only
@@ -857,9 +898,9 @@ class PrefixBank(nn.Module):
                 probe = fn(torch.empty(0, dtype=self.dtype))  # model attached before its load
             # entries follow the probe's dtype and device (fn itself may be a conversion that
             # does not apply to them: .to(memory_format=torch.channels_last) needs rank 4)
-            moved = {n: (dataclasses.replace(e, kv=_normal_tensor(
-                        e.kv.to(device=probe.device, dtype=probe.dtype))) if e.kv is not None else e)
-                     for n, e in entries.items()}
+            moved = _Entries((n, (dataclasses.replace(e, kv=_normal_tensor(
+                        e.kv.to(device=probe.device, dtype=probe.dtype))) if e.kv is not None else e))
+                             for n, e in entries.items())
             self.dtype, self.device = probe.dtype, probe.device
             self._state = (version + 1, moved)
             self._clear_caches()

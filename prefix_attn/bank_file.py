@@ -78,7 +78,10 @@ def read(directory: str, tensors: bool = True) -> SavedBank:
             if len(signatures) != len(names):
                 raise ValueError(f"bad model signatures {signatures!r}")
             dims = tuple(int(meta[k]) for k in ("num_layers", "num_kv_heads", "head_dim"))
-            loaded = [f.get_tensor(f"entry_{i}") for i in range(len(names))] if tensors else []
+            # copies: get_tensor maps the file, which the entries would keep mapped (a file
+            # rewritten in place, by a cp of a newer bank, changed a running server's prefixes;
+            # truncated, it ended the process with SIGBUS)
+            loaded = [f.get_tensor(f"entry_{i}").clone() for i in range(len(names))] if tensors else []
     except (KeyError, ValueError, json.JSONDecodeError, OSError) as exc:
         raise ValueError(f"{path}: not a readable prefix bank file ({exc!r})") from exc
     except Exception as exc:  # safetensors' own errors for a corrupt header

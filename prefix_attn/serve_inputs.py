@@ -144,12 +144,12 @@ def _saved_bank_names(directory: str) -> List[str]:
 def check_prefix_names(requests: List[Request], known: List[str], path: str) -> None:
     """Every request's prefix is a known name (all bad lines named in one error)."""
     names = set(known)
-    from prefix_attn.bank import did_you_mean
+    from prefix_attn.bank import did_you_mean, some_names
 
     bad = [f"{path}:{r.line}: unknown prefix {r.prefix!r}{did_you_mean(r.prefix, known)}"
            for r in requests if r.prefix is not None and r.prefix not in names]
     if bad:
-        raise refusal(f"{len(bad)} request(s) name an unknown prefix; known prefixes: {known}", bad)
+        raise refusal(f"{len(bad)} request(s) name an unknown prefix; known prefixes: {some_names(known)}", bad)
 
 
 def _adapter_base(directory: str) -> Optional[str]:

@@ -85,6 +85,26 @@ class _BadModule(nn.Module):
         return torch.zeros(self.shape)
 
 
+def test_errors_of_a_large_bank_name_some_entries_and_a_count():
+    """With thousands of tenants, an unknown name's KeyError listed them all (850 KB at 50,000,
+    every tenant's name shown to the caller) after half a second of difflib."""
+    bank = PrefixBank(L, HKV, D)
+    kv = torch.zeros(L, HKV, 1, D)
+    for i in range(3000):
+        bank.add(f"tenant-{i}", kv, kv)
+    with pytest.raises(KeyError) as info:
+        bank.select(["tenant-x"], 1)
+    msg = str(info.value)
+    assert len(msg) < 600 and "'tenant-19'] and 2980 more" in msg
+    with pytest.raises(KeyError, match="did you mean 'tenant-7'"):  # a case typo is still found
+        bank.select(["Tenant-7"], 1)
+    with pytest.raises(ValueError, match="and 2980 more"):
+        bank.select([5000], 1)
+    assert bank.ids(["tenant-2999", None, "tenant-0"]).tolist() == [2999, -1, 0]
+    bank.remove("tenant-0")
+    assert bank.id_of("tenant-2999") == 2998 and bank.ids(["tenant-1"]).tolist() == [0]
+
+
 def test_ids_id_of_replace_remove():
     bank = _bank(a=4, b=2, c=3)
     assert bank.id_of("b") == 1
@@ -693,6 +713,26 @@ def test_a_fixed_entry_edited_in_place_is_seen_by_a_mixed_batch():
     torch.testing.assert_close(after.layer(1)[0][1, :, :2], bank.get("b")[0][1])
     assert len(bank._cache) == 1
     assert bank.select(["a", "b"], 2).layer(0)[0].data_ptr() == after.layer(0)[0].data_ptr()
+
+
+def test_a_loaded_bank_does_not_keep_its_file_mapped(tmp_path):
+    """Entries read from the file were views of its memory map: the file rewritten in place
+    (cp of another bank over it) changed the loaded entries."""
+    from types import SimpleNamespace
+
+    bank = _bank(a=4)
+    bank.save(str(tmp_path))
+    host = nn.Module()
+    host.config = SimpleNamespace(num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=HKV,
+                                  hidden_size=4 * D)
+    loaded = PrefixBank.load(str(tmp_path), host)
+    before = loaded.get("a")[0].clone()
+    path = tmp_path / "prefix_bank.safetensors"
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # the entry's bytes end the file: zero them in place
+        f.seek(size - before.numel() * 2 * 4)
+        f.write(bytes(before.numel() * 2 * 4))
+    assert torch.equal(loaded.get("a")[0], before)
 
 
 @pytest.mark.parametrize("field, value, words", [
