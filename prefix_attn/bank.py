@@ -231,6 +231,18 @@ def _anchored(sel: PrefixSelection, anchor: Tensor) -> PrefixSelection:
     return out
 
 
+def _output_follows_parameters(module: nn.Module) -> bool:
+    """Whether a trainable entry's output may be taken for a function of its parameters (a
+    selection made without autograd is then cached, keyed on them). Not so with a PEFT adapter
+    layer inside (LoRA's target_modules="all-linear" wraps the prefix MLP: set_adapter and
+    disable_adapter change the output and no parameter), forward hooks, or accelerate's."""
+    for m in module.modules():
+        if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") \
+                or hasattr(m, "adapter_layer_names"):
+            return False
+    return True
+
+
 def _trains(entry: _Entry) -> bool:
     """Whether ``entry`` is a trainable entry with a parameter that requires grad."""
     return entry.module is not None and any(p.requires_grad for p in entry.module.parameters())
@@ -410,7 +422,10 @@ class PrefixBank(nn.Module):
     def add_trainable(self, name: str, module: nn.Module) -> None:
         """Add (or replace) a trainable entry: ``module()`` returns ``[L, 2, Hkv, P, D]``.
 
-        The module becomes a submodule of the bank (so its parameters are model parameters)."""
+        The module becomes a submodule of the bank (so its parameters are model parameters).
+        Calls that record no autograd (generate, evaluation) reuse its output while its
+        parameters are unchanged: ``module()`` must depend on them alone (a module with hooks
+        or PEFT adapter layers inside is called every time)."""
         self._check_name(name)
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -750,7 +765,9 @@ class PrefixBank(nn.Module):
         # through ``p.data`` outside an optimizer is not seen
         params = [p for i in used if i >= 0 and entries[names[i]].module is not None
                   for p in entries[names[i]].module.parameters()]
-        cacheable = cache and (not params or not torch.is_grad_enabled())
+        cacheable = cache and (not params or not torch.is_grad_enabled() and all(
+            _output_follows_parameters(entries[names[i]].module) for i in used
+            if i >= 0 and entries[names[i]].module is not None))
         # a fixed entry edited in place (``bank.entry_kv(name).mul_(...)``) bumps its version: a
         # stacked copy made before the edit is not handed out again
         key = key + (tuple(_version_of(entries[names[i]].kv) for i in used

@@ -67,10 +67,15 @@ class PrefixParameters(nn.Module):
     def rows(self) -> torch.Tensor:
         """PEFT's ``prompt_embeddings``: ``[P, L * 2 * Hkv * D]``."""
         x = self.embedding.weight
+        # offloaded by accelerate (cpu_offload, a device_map putting the bank on "disk"): the
+        # weights are on meta and its hooks load them around a module call only
+        offloaded = x.is_meta
+        if offloaded:
+            x = self.embedding(torch.arange(self.num_virtual_tokens))
         if self.transform is None:
             return x
         first, act, last = self.transform
-        if not (torch.is_grad_enabled() and isinstance(act, nn.Tanh)
+        if offloaded or not (torch.is_grad_enabled() and isinstance(act, nn.Tanh)
                 and type(first) is nn.Linear and type(last) is nn.Linear):
             return self.transform(x)
         return _ProjectedRows.apply(x, first.weight, first.bias, last.weight, last.bias)
@@ -160,12 +165,25 @@ def _add_trainable(model: nn.Module, bank: PrefixBank, name: str, module: Prefix
         # the first call freezes the base (all but the bank's trainable entries, which may have
         # been added by bank.add_trainable before); later ones keep what the user unfroze since
         # (e.g. a classification head)
-        keep = {id(p) for p in bank.trainable.parameters()}
+        keep = {id(p) for p in bank.trainable.parameters()} | _peft_adapter_parameters(model)
         for p in model.parameters():
             if id(p) not in keep:
                 p.requires_grad_(False)
         bank._base_frozen = True
     bank.add_trainable(name, module)
+
+
+def _peft_adapter_parameters(model: nn.Module) -> set:
+    """ids of the trainable parameters of PEFT adapter layers (LoRA, IA3, ...) in ``model``:
+    prefix_tuning on a PeftModel's base model (``peft_model.get_base_model()``, as its refusal
+    of the wrapper says) trains the prefixes with its adapters, not instead of them."""
+    ids = set()
+    for m in model.modules():
+        for attr in getattr(m, "adapter_layer_names", ()) or ():
+            part = getattr(m, attr, None)
+            if isinstance(part, nn.Module):
+                ids.update(id(p) for p in part.parameters() if p.requires_grad)
+    return ids
 
 
 def from_peft(peft_model, trainable: bool = True) -> nn.Module:
@@ -265,7 +283,14 @@ def unload(model: nn.Module, attn_implementation: Optional[str] = None) -> nn.Mo
     weights are untouched, so ``model(...)`` then gives the base model's logits. The
     implementation is set first: a model that refuses the one asked for raises with nothing
     removed. Save the prefixes first if you need them (``bank.save`` / ``bank.save_peft``).
-    Returns ``model``."""
+    Returns ``model``. On a wrapper of the model holding the bank (a PeftModel whose base model
+    has it), the base model is unloaded."""
+    if "prefix_bank" not in getattr(model, "_modules", {}):
+        bank = next((m for m in model.modules() if isinstance(m, PrefixBank)), None)
+        owner = bank.model if bank is not None else None
+        if owner is not None and owner is not model:
+            unload(owner, attn_implementation)
+            return model
     if attn_implementation is not None:
         model.set_attn_implementation(attn_implementation)
     elif getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTN_NAME:

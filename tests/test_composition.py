@@ -1,0 +1,101 @@
+"""Prefix tuning composed with the other tools of a fine-tuning script: PEFT's LoRA on the same
+model (either order, several adapters) and accelerate's offloading."""
+import warnings
+
+import pytest
+import torch
+
+import prefix_attn
+from prefix_attn.tiny import tiny_model
+
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.hf
+
+IDS = torch.tensor([[5, 9, 11, 3, 7]])
+
+
+def _randomized(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def test_prefix_tuning_on_the_base_of_a_lora_model_keeps_lora_trainable():
+    """prefix_tuning(peft_model.get_base_model()), where its refusal of the wrapper sends the
+    user, froze every parameter but the prefix: the LoRA adapters silently trained nothing."""
+    lora = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    lora_params = [p for n, p in lora.named_parameters() if "lora_" in n]
+    assert lora_params and all(p.requires_grad for p in lora_params)
+    prefix = prefix_attn.prefix_tuning(lora.get_base_model(), 3, name="a")
+    assert all(p.requires_grad for p in lora_params)
+    assert all(p.requires_grad for p in prefix.parameters())
+    trainable = {id(p) for p in lora_params} | {id(p) for p in prefix.parameters()}
+    assert all(not p.requires_grad for p in lora.parameters() if id(p) not in trainable)
+    lora.train()
+    lora(input_ids=IDS, prefixes="a").logits.logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in lora_params + list(prefix.parameters()))
+
+
+def test_switching_a_lora_adapter_that_wraps_the_prefix_mlp_is_seen():
+    """LoRA with target_modules="all-linear" wraps the prefix's own MLP too: after set_adapter
+    (or under disable_adapter) a cached prefix of the previous adapter was served (no parameter
+    changed): different logits and tokens."""
+    base = tiny_model("llama")
+    _randomized(prefix_attn.prefix_tuning(base, 3, name="a", projection_hidden_size=6), 1)
+    cfg = dict(r=2, target_modules="all-linear", init_lora_weights=False)
+    lora = peft.get_peft_model(base, peft.LoraConfig(**cfg), adapter_name="x")
+    lora.add_adapter("y", peft.LoraConfig(**cfg))
+    assert any(n.endswith("transform.0.lora_A") for n, _ in lora.named_modules())
+    bank = lora.get_base_model().prefix_bank
+    lora.eval()
+    with torch.no_grad():
+        lora.set_adapter("x")
+        lora(input_ids=IDS, prefixes="a")
+        lora.set_adapter("y")
+        got = lora(input_ids=IDS, prefixes="a").logits
+        with lora.disable_adapter():
+            off = lora(input_ids=IDS, prefixes="a").logits
+        bank.clear_cache()
+        want = lora(input_ids=IDS, prefixes="a").logits
+        with lora.disable_adapter():
+            bank.clear_cache()
+            want_off = lora(input_ids=IDS, prefixes="a").logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(off, want_off, rtol=0, atol=0)
+    assert not torch.equal(got, off)
+
+
+def test_unload_of_a_peft_model_unloads_its_base_model():
+    """unload(peft_model) set sdpa through the wrapper but left the bank, its trainable
+    prefixes and the hooks on the base model."""
+    lora = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    inner = lora.get_base_model()
+    prefix_attn.prefix_tuning(inner, 3, name="a")
+    assert prefix_attn.unload(lora) is lora
+    assert inner.config._attn_implementation == "sdpa"
+    assert not hasattr(inner, "prefix_bank") and "_prefix_attn_hooks" not in inner.__dict__
+    assert not any("prefix_bank" in n for n, _ in lora.named_parameters())
+
+
+@pytest.mark.parametrize("projection", [None, 6])
+def test_a_trainable_prefix_offloaded_by_accelerate_serves_and_saves(projection, tmp_path):
+    """accelerate's hooks load offloaded weights around a module call only: the prefix read
+    its weights directly, on meta ("Cannot copy out of meta tensor"), in every forward."""
+    accelerate = pytest.importorskip("accelerate")
+    model, ref = tiny_model("llama"), tiny_model("llama")
+    for m in (model, ref):
+        _randomized(prefix_attn.prefix_tuning(m, 3, name="a", projection_hidden_size=projection), 2)
+    with torch.no_grad():
+        want = ref(IDS, prefixes="a").logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        accelerate.cpu_offload(model, execution_device="cpu")
+    assert model.prefix_bank.trainable["a"].embedding.weight.is_meta
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS, prefixes="a").logits, want, rtol=1e-6, atol=1e-6)
+        model.prefix_bank.save_peft("a", str(tmp_path / "a"))
+    ref.prefix_bank.load_peft("b", str(tmp_path / "a"))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(IDS, prefixes="b").logits, want, rtol=1e-6, atol=1e-6)
