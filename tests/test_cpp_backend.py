@@ -200,6 +200,28 @@ def test_decode_cascade_is_deterministic_and_agrees_with_rows(monkeypatch):
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [dict(B=4, Hq=4, Hkv=2, Sq=1, Skv=300, D=32, N=1, P=200),
+                                   dict(B=3, Hq=4, Hkv=2, Sq=5, Skv=70, D=16, N=3, P=90,
+                                        lens=[90, 37, 0], ids=[1, 0, 1], pad="left")])
+def test_results_do_not_depend_on_the_thread_count(shape):
+    """The decode path's key splits and its path rule followed torch.get_num_threads(): the
+    output and every gradient differed in the last bits between 1 and 2 threads (a DataLoader
+    worker, OMP_NUM_THREADS, another thread's set_num_threads)."""
+    args, kw = make_inputs(requires_grad=True, **shape)
+    threads = torch.get_num_threads()
+    got = []
+    try:
+        for n in (1, 2, 3, 8):
+            torch.set_num_threads(n)
+            out = prefix_attention(*args, **kw, backend="cpu")
+            got.append((out, *torch.autograd.grad(out.square().sum(), args)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in got[1:]:
+        for a, b in zip(got[0], other):
+            assert torch.equal(a, b)
+
+
 def test_missing_extension_fails_softly():
     """Without prefix_attn._C the cpu backend is just unavailable; the API still works."""
     code = (

@@ -7,7 +7,8 @@
 // (row, kv head, query tile) as in the tiled forward. Both parts may be split along the keys
 // (split-KV) so that a single long row still keeps every core busy. Each part leaves
 // (unnormalised O, running max m, sum l); a final pass merges the parts of every query
-// exactly through their log-sum-exp, in a fixed order (results do not depend on threads).
+// exactly through their log-sum-exp, in a fixed order. The path and the splits follow the
+// shape alone (not torch.get_num_threads()): results are bitwise equal at any thread count.
 #include "attention_cpu.h"
 #include "attention_tiles.h"
 
@@ -36,6 +37,12 @@ constexpr int64_t kCascadeRows = 256;
 constexpr int64_t kCascadeMaxPackedRows = 16;
 // Upper bound on the key splits of one part.
 constexpr int64_t kMaxSplits = 16;
+// Work items the split-KV aims at, and the per-row items below which the cascade's split-KV
+// is taken for rows that share nothing: constants planned for up to 8 threads (4 and 2 items a
+// thread), not the thread count, whose every change (torch.set_num_threads, a DataLoader
+// worker's one thread, OMP_NUM_THREADS) changed the splits and so the output's last bits.
+constexpr int64_t kSplitTarget = 32;
+constexpr int64_t kMinRowItems = 16;
 
 bool cascade_chosen(const AttnParams& p) {
   // PREFIX_ATTN_CPU_PATH=cascade|rows forces a path (tests, benchmarks).
@@ -55,7 +62,7 @@ bool cascade_chosen(const AttnParams& p) {
   // Every row alone with its prefix: per-row tiles (less set-up), unless they are too few to
   // keep the threads busy, where the cascade's split-KV helps.
   const int64_t row_items = p.B * p.Hkv * ((p.Sq + kBlockM - 1) / kBlockM);
-  return row_items < 2 * static_cast<int64_t>(at::get_num_threads());
+  return row_items < kMinRowItems;
 }
 
 namespace {
@@ -99,9 +106,8 @@ void cascade_impl(const AttnParams& p, T* out, float* lse) {
   }
   const int64_t n_qt = (Sq + kBlockM - 1) / kBlockM;
   const int64_t n_own = p.B * p.Hkv * n_qt;
-  const int64_t target = 4 * static_cast<int64_t>(at::get_num_threads());
-  const int64_t ps = choose_splits(prefix_items.size(), max_prefix_tiles, target);
-  const int64_t os = choose_splits(n_own, (p.Skv + kBlockN - 1) / kBlockN, target);
+  const int64_t ps = choose_splits(prefix_items.size(), max_prefix_tiles, kSplitTarget);
+  const int64_t os = choose_splits(n_own, (p.Skv + kBlockN - 1) / kBlockN, kSplitTarget);
   const int64_t n_parts = ps + os;
 
   // -- partial results: part x row -> O [D], m, l (l == 0: the part saw no key) ----
