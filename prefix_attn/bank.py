@@ -915,8 +915,13 @@ class PrefixBank(nn.Module):
                 probe = fn(torch.empty(0, dtype=self.dtype))  # model attached before its load
             # entries follow the probe's dtype and device (fn itself may be a conversion that
             # does not apply to them: .to(memory_format=torch.channels_last) needs rank 4)
-            moved = _Entries((n, (dataclasses.replace(e, kv=_normal_tensor(
-                        e.kv.to(device=probe.device, dtype=probe.dtype))) if e.kv is not None else e))
+            def move(kv):
+                kv = _normal_tensor(kv.to(device=probe.device, dtype=probe.dtype))
+                if probe.is_shared() and kv.device.type == "cpu" and not kv.is_shared():
+                    kv.share_memory_()  # model.share_memory(): fixed entries too (forked workers)
+                return kv
+
+            moved = _Entries((n, dataclasses.replace(e, kv=move(e.kv)) if e.kv is not None else e)
                              for n, e in entries.items())
             self.dtype, self.device = probe.dtype, probe.device
             self._state = (version + 1, moved)

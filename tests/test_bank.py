@@ -804,6 +804,18 @@ def test_a_refused_file_leaves_the_model_without_a_bank(tmp_path):
     assert not hasattr(host, "prefix_bank")
 
 
+def test_share_memory_shares_the_fixed_entries_too():
+    """model.share_memory() (before forking workers) shared the base weights and trainable
+    entries but not the fixed entries, which moves only carried over for device and dtype:
+    a forked worker did not see the parent's in-place edits of them."""
+    bank = _bank(a=4, b=2)
+    host = nn.Module()
+    host.bank = bank
+    host.share_memory()
+    assert bank.get("a")[0].is_shared() and bank.entry_kv("b").is_shared()
+    assert bank.select(["a", "b"], 2).layer(0)[0].shape[0] == 2
+
+
 def test_a_memory_format_move_leaves_the_entries_as_they_are():
     """model.to(memory_format=torch.channels_last) (a VLM's conv tower) applied the conversion to
     the bank's 5-D entries: "required rank 4 tensor to use channels_last format"."""
