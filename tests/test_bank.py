@@ -1,4 +1,5 @@
 """PrefixBank as a store: entries, selections, concurrency, moves, save/load, prompt prefixes."""
+import copy
 import re
 import threading
 
@@ -823,3 +824,129 @@ def test_a_memory_format_move_leaves_the_entries_as_they_are():
     before = bank.entry_kv("a").clone()
     bank.to(memory_format=torch.channels_last)
     torch.testing.assert_close(bank.entry_kv("a"), before)
+
+
+class _Prefix(nn.Module):
+    """A trainable entry whose output is ``kv * gain`` (``gain`` a plain attribute)."""
+
+    def __init__(self, P=4):
+        super().__init__()
+        self.kv = nn.Parameter(torch.randn(L, 2, HKV, P, D, generator=torch.Generator().manual_seed(0)))
+        self.gain = 1.0
+
+    def forward(self):
+        return self.kv * self.gain
+
+
+def test_a_bank_of_thousands_runs_no_difflib_for_an_unknown_name(monkeypatch):
+    """Past 2,000 names an unknown name is looked up by case only (difflib over 50,000 tenants took
+    half a second of a request). Kills: _FUZZY_NAMES_MAX raised (difflib run at any size)."""
+    import prefix_attn.bank as bank_mod
+
+    bank = PrefixBank(L, HKV, D)
+    kv = torch.zeros(L, HKV, 1, D)
+    for i in range(2001):
+        bank.add(f"tenant-{i}", kv, kv)
+    calls = []
+    monkeypatch.setattr(bank_mod.difflib, "get_close_matches", lambda *a, **k: calls.append(1) or [])
+    with pytest.raises(KeyError, match="unknown prefix 'tenant-1x'"):
+        bank.select(["tenant-1x"], 1)
+    with pytest.raises(KeyError, match="did you mean 'tenant-7'"):
+        bank.select(["TENANT-7"], 1)
+    assert calls == []
+    bank.remove("tenant-0")  # 2,000 names: difflib again
+    with pytest.raises(KeyError):
+        bank.select(["tenant-1x"], 1)
+    assert calls == [1]
+
+
+def test_each_snapshot_builds_its_names_index_once():
+    """The names and the name -> id index are built once per snapshot, not at every select (a bank
+    of 50,000 tenants spent most of each forward rebuilding them): after an add, a remove, a
+    dtype move and a clear. Kills: names_index not cached; _commit_many / _apply building a
+    plain dict snapshot."""
+    from prefix_attn.bank import _names_index
+
+    bank = _bank(a=4, b=2)
+    for change in (lambda: bank.add("c", *_kv(3)), lambda: bank.remove("a"),
+                   lambda: bank.to(torch.float64), lambda: None):
+        change()
+        entries = bank._state[1]
+        first = _names_index(entries)
+        assert _names_index(entries) is first and first[0] == tuple(bank.names())
+        assert bank.select(list(bank.names()), len(bank.names())).names == bank.names()
+
+
+def test_clear_is_a_new_version():
+    """``version`` is documented as incremented by every change of the entries. Kills: clear()
+    keeping the version."""
+    bank = _bank(a=4)
+    before = bank.version
+    bank.clear()
+    assert bank.version > before and bank.names() == []
+
+
+@pytest.mark.parametrize("kind", ["forward_hook", "forward_pre_hook"])
+def test_a_trainable_entry_with_hooks_is_called_in_every_no_grad_select(kind):
+    """add_trainable: "a module with hooks ... inside is called every time" (its output is not a
+    function of its parameters alone). Kills: _output_follows_parameters ignoring forward hooks /
+    forward pre-hooks (a no-grad select then served the first output again)."""
+    bank = PrefixBank(L, HKV, D)
+    m = _Prefix()
+    bank.add_trainable("t", m)
+    state = {"factor": 1.0}
+    if kind == "forward_hook":
+        m.register_forward_hook(lambda mod, args, out: out * state["factor"])
+    else:
+        m.register_forward_pre_hook(lambda mod, args: setattr(mod, "gain", state["factor"]))
+    with torch.no_grad():
+        first = bank.select(["t"], 1).layer(0)[0].clone()
+        state["factor"] = 2.0
+        second = bank.select(["t"], 1).layer(0)[0]
+    torch.testing.assert_close(second, 2 * first, rtol=0, atol=0)
+
+
+def test_a_trainable_entry_with_an_accelerate_hook_is_called_in_every_no_grad_select():
+    """accelerate's hooks wrap forward (no nn.Module hook registered; the module gets _hf_hook).
+    Kills: _output_follows_parameters ignoring _hf_hook."""
+    hooks = pytest.importorskip("accelerate.hooks")
+
+    class Scale(hooks.ModelHook):
+        factor = 1.0
+
+        def post_forward(self, module, output):
+            return output * self.factor
+
+    bank = PrefixBank(L, HKV, D)
+    m = _Prefix()
+    bank.add_trainable("t", m)
+    hook = Scale()
+    hooks.add_hook_to_module(m, hook)
+    assert not m._forward_hooks and hasattr(m, "_hf_hook")
+    with torch.no_grad():
+        first = bank.select(["t"], 1).layer(0)[0].clone()
+        hook.factor = 3.0
+        second = bank.select(["t"], 1).layer(0)[0]
+    torch.testing.assert_close(second, 3 * first, rtol=0, atol=0)
+
+
+@pytest.mark.hf
+def test_attach_binds_a_bank_moved_from_another_model():
+    """A bank set by hand on a model is bound to it by attach, also when it was another model's:
+    add_prompt then runs this model (it ran the first one: another model's prefix, silently).
+    Kills: attach keeping a bank's existing model reference."""
+    from prefix_attn.tiny import tiny_model
+
+    torch.manual_seed(0)
+    first = tiny_model("llama")
+    torch.manual_seed(1)
+    second = tiny_model("llama")
+    twin = copy.deepcopy(second)
+    bank = PrefixBank.attach(first)
+    second.prefix_bank = bank
+    assert PrefixBank.attach(second) is bank and bank.model is second
+    ids = torch.randint(3, 64, (6,), generator=torch.Generator().manual_seed(2))
+    bank.add_prompt("p", ids)
+    want = PrefixBank.attach(twin)
+    want.add_prompt("p", ids)
+    torch.testing.assert_close(bank.get("p"), want.get("p"))

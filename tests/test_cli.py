@@ -166,3 +166,19 @@ def test_a_missing_optional_package_is_a_clean_error(monkeypatch, capsys):
     assert cli.main(["train", "data.jsonl", "-o", "out"]) == 2
     assert "pip install transformers (or, in the checkout, pip install --no-build-isolation '.[hf]')" \
         in capsys.readouterr().err
+
+
+def test_check_catches_a_gradient_within_an_unselected_entrys_length(monkeypatch):
+    """The unselected entry of check's bank has a length: a backend that gives its valid positions
+    a gradient (as one reading the wrong entry would) fails. Kills: that entry of length 0 (the
+    leak then adds nothing and check passes)."""
+    import prefix_attn.api as api
+
+    real = api.prefix_attention
+
+    def leaky(q, k, v, pk, pv, **kw):
+        n = int(kw["prefix_lens"][-1])
+        return real(q, k, v, pk, pv, **kw) + (pk[-1, :, :n] - pk[-1, :, :n].detach()).sum()
+    monkeypatch.setattr(check, "prefix_attention", leaky)
+    rows = check.run_checks(["torch"], ["float32"])
+    assert len(rows) == 1 and not rows[0]["ok"] and rows[0]["worst"] == "dprefix_k"

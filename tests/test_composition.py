@@ -99,3 +99,49 @@ def test_a_trainable_prefix_offloaded_by_accelerate_serves_and_saves(projection,
     ref.prefix_bank.load_peft("b", str(tmp_path / "a"))
     with torch.no_grad():
         torch.testing.assert_close(ref(IDS, prefixes="b").logits, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.hf
+def test_an_offloaded_projected_prefix_serves_with_grad_enabled():
+    """An offloaded prefix MLP called with autograd on (model(...) outside no_grad, as many
+    inference scripts do): its weights are on meta, so the fused projection cannot read them.
+    Kills: ``offloaded or`` dropped from rows() (the forward failed on meta weights)."""
+    accelerate = pytest.importorskip("accelerate")
+
+    model, ref = tiny_model("llama"), tiny_model("llama")
+    for m in (model, ref):
+        _randomized(prefix_attn.prefix_tuning(m, 3, name="a", projection_hidden_size=6), 2)
+    with torch.no_grad():
+        want = ref(IDS, prefixes="a").logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        accelerate.cpu_offload(model, execution_device="cpu")
+    model.eval()
+    got = model(IDS, prefixes="a").logits
+    torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.hf
+def test_prefix_tuning_keeps_lora_on_the_embeddings_trainable():
+    """LoRA on the input embeddings keeps its adapters in ParameterDicts (lora_embedding_A/B):
+    prefix_tuning on the base leaves them trainable too. Kills: only ModuleDict adapter parts
+    kept (the embedding adapters silently frozen)."""
+
+    lora = peft.get_peft_model(tiny_model("llama"),
+                               peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    emb = [p for n, p in lora.named_parameters() if "lora_embedding" in n]
+    assert emb and all(p.requires_grad for p in emb)
+    prefix_attn.prefix_tuning(lora.get_base_model(), 3, name="a")
+    assert all(p.requires_grad for n, p in lora.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.hf
+def test_unload_of_a_peft_model_sets_the_implementation_asked_on_its_base():
+    """unload(peft_model, "eager") unloads its base model with the implementation asked.
+    Kills: the recursive unload dropping attn_implementation (the base got sdpa)."""
+
+    lora = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    inner = lora.get_base_model()
+    prefix_attn.prefix_tuning(inner, 3, name="a")
+    assert prefix_attn.unload(lora, "eager") is lora
+    assert inner.config._attn_implementation == "eager" and not hasattr(inner, "prefix_bank")

@@ -391,3 +391,77 @@ def test_layers_reusing_kv_by_source_are_refused():
     model = _build(tf.Kolibri1_1ForCausalLM, cfg, "eager")
     with pytest.raises(ValueError, match="KV sharing"):
         prefix_attn.prefix_tuning(model, num_virtual_tokens=4, name="a")
+
+
+@pytest.fixture
+def gpt2_with_a_long_prefix():
+    """GPT-2 (256 learned positions) with a prefix of 200 and a prompt of 50 (7 new tokens fit)."""
+    pytest.importorskip("transformers")
+    from prefix_attn.tiny import tiny_model
+
+    model = tiny_model("gpt2")
+    bank = prefix_attn.PrefixBank.attach(model)
+    bank.add("p", torch.randn(2, 4, 200, 8), torch.randn(2, 4, 200, 8))
+    ids = torch.randint(3, 100, (1, 50), generator=torch.Generator().manual_seed(0))
+    return model, bank, ids
+
+
+@pytest.mark.hf
+def test_generate_does_not_count_the_configs_pad_tokens(gpt2_with_a_long_prefix):
+    """Without an attention mask generate infers one from the pad token of its generation config
+    too (not only the keyword): 5 left pads + 50 tokens + 7 new fit. Kills: the config's
+    pad_token_id not read (a generate that fits refused)."""
+    model, _, ids = gpt2_with_a_long_prefix
+    model.generation_config.pad_token_id = 0
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), ids], 1)
+    assert model.generate(padded, prefixes="p", max_new_tokens=7, do_sample=False).shape == (1, 62)
+
+
+@pytest.mark.hf
+def test_generate_refuses_up_front_by_the_configs_max_length(gpt2_with_a_long_prefix):
+    """The model's generation config's max_length counts as generate's does: 58 - 50 = 8 new
+    tokens pass the table, refused before any forward. Kills: only a max_length keyword read (the
+    generate then ran and failed at the step crossing the table)."""
+    model, _, ids = gpt2_with_a_long_prefix
+    model.generation_config.max_new_tokens = None
+    model.generation_config.max_length = 58
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=r"max_length=58 of the generation config: 8 new tokens\)"):
+        model.generate(ids, prefixes="p", pad_token_id=0, do_sample=False)
+    assert calls == []
+
+
+@pytest.mark.hf
+def test_generate_position_check_reads_the_pinned_snapshot(gpt2_with_a_long_prefix):
+    """In an outer bank.pinned() block the ids index the pinned snapshot: the position check reads
+    the lengths there, not in the bank as it is now (where id 0 is now the prefix of 200).
+    Kills: the check reading bank._state (a generate that fits refused)."""
+    model, bank, ids = gpt2_with_a_long_prefix
+    bank.add("short", torch.randn(2, 4, 10, 8), torch.randn(2, 4, 10, 8))
+    bank.add("p2", *bank.get("p"))
+    bank.remove("p")  # ids: short 0, p2 1
+    with bank.pinned():
+        bank.remove("short")  # now: p2 0
+        out = model.generate(ids, prefixes="short", max_new_tokens=20, pad_token_id=0, do_sample=False)
+    assert out.shape == (1, 70)
+
+
+def test_generate_position_check_fills_a_passed_config_from_the_models(gpt2_with_a_long_prefix):
+    """transformers (5.17, 5.25) fills a passed generation_config's None fields from the model's: the
+    pad token set on the model makes 5 left pads padding (the check refused a call that fits),
+    and the model's max_new_tokens=8 passes the table (the check let it start; it failed after 7
+    forwards). From a mutation audit, as the tests above."""
+    from transformers import GenerationConfig
+
+    model, _, ids = gpt2_with_a_long_prefix
+    model.generation_config.pad_token_id = 0
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), ids], 1)
+    out = model.generate(padded, prefixes="p", generation_config=GenerationConfig(max_new_tokens=7, do_sample=False))
+    assert out.shape == (1, 62)
+    model.generation_config.max_new_tokens = 8
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match="generate would reach position 256"):
+        model.generate(ids, prefixes="p", generation_config=GenerationConfig(do_sample=False, pad_token_id=0))
+    assert calls == []

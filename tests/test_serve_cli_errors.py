@@ -488,3 +488,14 @@ def test_standard_output_closed_by_its_reader_stops_quietly(tmp_path):
     assert proc.wait(timeout=300) == 141, err
     assert "stopped: standard output was closed after" in err and "Traceback" not in err
 
+
+def test_serve_unknown_prefix_error_names_some_of_a_large_bank():
+    """A request file naming an unknown prefix against a bank of thousands: the refusal lists 20
+    names and a count (it listed all of them). Kills: check_prefix_names printing ``known``."""
+    from prefix_attn.serve_inputs import Request, RequestError, check_prefix_names
+
+    known = [f"tenant-{i}" for i in range(3000)]
+    with pytest.raises(RequestError) as info:
+        check_prefix_names([Request("hi", prefix="nope", line=3)], known, "r.jsonl")
+    msg = str(info.value)
+    assert len(msg) < 800 and "and 2980 more" in msg and "r.jsonl:3: unknown prefix 'nope'" in msg

@@ -26,16 +26,21 @@ def _check_generate_positions(model, bank, args, kwargs) -> None:
             or not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 \
             or ids.shape[0] != tokens.shape[0]:
         return
-    # as generate does: the generation_config passed replaces the model's, keywords override
-    # its fields, and a max_new_tokens (of the call or of the config) wins over max_length
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    # as generate reads its settings: the call's keyword, else the generation_config passed,
+    # whose unset fields it fills from the model's; a max_new_tokens wins over max_length
+    configs = [c for c in (kwargs.get("generation_config"), getattr(model, "generation_config", None))
+               if c is not None]
+
+    def setting(name):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+        return next((getattr(c, name) for c in configs if getattr(c, name, None) is not None), None)
 
     def field(name):
-        """(value, how to name it) of a length setting: the call's keyword, else the config's."""
-        if kwargs.get(name) is not None:
-            return kwargs[name], f"{name}={kwargs[name]}"
-        value = getattr(config, name, None)
-        return value, f"{name}={value} of the generation config"
+        """(value, how to name it) of a length setting."""
+        value = setting(name)
+        where = "" if kwargs.get(name) is not None else " of the generation config"
+        return value, f"{name}={value}{where}"
 
     new, asked = field("max_new_tokens")
     given = "max_new_tokens"
@@ -53,7 +58,7 @@ def _check_generate_positions(model, bank, args, kwargs) -> None:
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         real = mask.sum(-1).tolist()
     else:  # generate infers the mask from pad tokens: the others, a lower bound either way
-        pad = kwargs.get("pad_token_id", getattr(config, "pad_token_id", None))
+        pad = setting("pad_token_id")
         real = (tokens != pad).sum(-1).tolist() if isinstance(pad, int) \
             else [tokens.shape[1]] * len(lens)
     # positions used: the prefix, the prompt's real tokens and every new token but the last
