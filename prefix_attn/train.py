@@ -42,7 +42,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import atomic, cli_args, jsonl, model_info, tiny
+from . import atomic, cli_args, jsonl, tiny
 from .backends import check_env_backend
 from .train_state import (BASE_MODEL, LOG, PROG, Interrupted, StopSignals, TrainError, TrainingFailed, append_log,
                           check_output_folder, check_same_settings, create_output_folder,
@@ -393,12 +393,7 @@ def _check_takes_a_bank(model, folder) -> None:
     an output folder with a log)."""
     from . import hf
 
-    why = hf.unsupported_model(model)
-    if why is None:
-        try:
-            model_info.model_dims(model)
-        except ValueError as exc:
-            why = str(exc)
+    why = hf.unsupported_model(model)  # its dims included (layers of different head dims)
     if why is not None:
         raise TrainError(f"--model {folder}: cannot prefix-tune this model: {why}")
 
