@@ -148,12 +148,9 @@ class _Entries(dict):
         return type(self), (list(self.items()),)
 
 
-def _names_index(entries: dict) -> tuple:
+def _names_index(entries: _Entries) -> tuple:
     """``(names, {name: id})`` of a snapshot's entries."""
-    if isinstance(entries, _Entries):
-        return entries.names_index()
-    names = tuple(entries)
-    return names, {n: i for i, n in enumerate(names)}
+    return entries.names_index()
 
 
 def _id_range(n: int) -> str:
@@ -889,6 +886,9 @@ class PrefixBank(nn.Module):
         model = state.pop("_model_ref", None)
         super().__setstate__(state)
         self.__dict__.setdefault("_cache_size", _CACHE_SIZE)  # pickled before it existed
+        version, entries = self._state
+        if not isinstance(entries, _Entries):  # pickled before snapshots kept their index
+            self._state = (version, _Entries(entries))
         self._lock = threading.RLock()
         self._model_ref = weakref.ref(model) if model is not None else None
 

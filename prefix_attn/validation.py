@@ -163,7 +163,8 @@ def known_range(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 
 def _known(t: torch.Tensor) -> Optional[tuple]:
     hit = getattr(t, _KNOWN_ATTR, None)
-    return hit if hit is not None and not is_fake(t) and hit[0] == _stamp(t) else None
+    # (fake tensors are never stamped: known_range skips them)
+    return hit if hit is not None and hit[0] == _stamp(t) else None
 
 
 def inherit_range(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
