@@ -518,6 +518,10 @@ class PrefixBank(nn.Module):
         """Names of the trainable entries with a parameter that requires grad."""
         return [n for n, e in self._state[1].items() if _trains(e)]
 
+    def _trains_any(self) -> bool:
+        """Whether a trainable entry has a parameter that requires grad (stops at the first)."""
+        return any(_trains(e) for e in self._state[1].values())
+
     def kind(self, name: str) -> str:
         """The entry's kind: ``fixed``, ``prompt`` (a prompt's KV: the text after it continues
         the prompt) or ``trainable``."""
@@ -703,24 +707,27 @@ class PrefixBank(nn.Module):
         units = self._fsdp_units(names, entries)
         used.update(units)
         if torch.is_grad_enabled():
-            trains = [i for i, n in enumerate(names) if _trains(entries[n])]
-            if trains and self._under_fsdp():
+            if self._under_fsdp():
                 # FSDP2 needs every rank to use the same parameters in a step: every trainable
                 # entry joins the graph (a zero gradient where no row of this rank selects it);
                 # otherwise ranks whose rows pick different prefixes get wrong gradients, silently
-                used.update(trains)
-            elif trains and self.training and distributed.world_size() > 1 \
-                    and not used.intersection(trains):
-                # DDP: a rank whose batch selects none would reach no parameter: its reducer
-                # never joins the all-reduce, and every rank hangs. One entry joins (a zero
-                # gradient here); joining all gave entries no rank selected a zero gradient,
-                # which AdamW's weight decay and momentum then moved
-                used.add(trains[0])
-            # a training batch (the bank follows model.train()) that selects no trainable entry
-            # (rows without a prefix: a micro-batch of them comes up in multi-task data) had a
-            # loss without a graph when only prefixes train: backward() failed with "element 0
-            # of tensors does not require grad", stopping a Trainer's run
-            anchor = bool(trains) and self.training and not used.intersection(trains)
+                used.update(i for i, n in enumerate(names) if _trains(entries[n]))
+            # only the entries the batch uses are looked at, unless it uses no trainable one:
+            # a scan of every entry's parameters at every forward cost a training step with a
+            # thousand trainable prefixes more than the model's own forward did
+            elif self.training and not any(_trains(entries[names[i]]) for i in used if i >= 0):
+                first = next((i for i, n in enumerate(names) if _trains(entries[n])), None)
+                if first is not None and distributed.world_size() > 1:
+                    # DDP: a rank whose batch selects none would reach no parameter: its reducer
+                    # never joins the all-reduce, and every rank hangs. One entry joins (a zero
+                    # gradient here); joining all gave entries no rank selected a zero gradient,
+                    # which AdamW's weight decay and momentum then moved
+                    used.add(first)
+                # a training batch (the bank follows model.train()) that selects no trainable
+                # entry (rows without a prefix: a micro-batch of them comes up in multi-task
+                # data) had a loss without a graph when only prefixes train: backward() failed
+                # with "element 0 of tensors does not require grad", stopping a Trainer's run
+                anchor = first is not None and distributed.world_size() == 1
         sel = self._select(rows, used, version, entries, device, cache=not units)
         return _anchored(sel, self._anchor(device)) if anchor else sel
 

@@ -290,6 +290,32 @@ def test_trainable_entries_get_gradients_and_are_not_cached():
     assert list(bank.parameters()) == [] and bank.names() == ["a", "t"]
 
 
+class _UnreadPrefix(LearnedPrefix):
+    """A trainable entry whose parameters must not be walked (counts the walks)."""
+    walks = 0
+
+    def parameters(self, recurse=True):
+        type(self).walks += 1
+        return super().parameters(recurse)
+
+
+def test_selecting_trainable_entries_reads_only_the_entries_the_batch_uses():
+    """A training forward looks at the parameters of the entries its rows select, not at every
+    entry's (a thousand trainable prefixes cost a scan of all of them at every forward); a batch
+    that selects no trainable entry still finds one to anchor its graph on."""
+    bank = PrefixBank(L, HKV, D)
+    bank.add_trainable("used", LearnedPrefix(2))
+    for i in range(3):
+        bank.add_trainable(f"other{i}", _UnreadPrefix(2, seed=i))
+    bank.train()
+    _UnreadPrefix.walks = 0
+    sel = bank.select(["used", "used"])
+    assert _UnreadPrefix.walks == 0
+    assert sel.layer(0)[0].requires_grad and sel.names == ["used"]
+    no_prefix = bank.select([None, None])  # no trainable entry selected: the zero anchor
+    assert no_prefix._anchor.requires_grad and no_prefix.names == [None]
+
+
 def test_dtype_and_device_moves():
     bank = _bank(a=4)
     sel_before = bank.select(["a", None], 2)

@@ -205,7 +205,7 @@ def _trains_prefixes(model) -> bool:
     trainable entry whose parameters require grad."""
     bank = getattr(model, "prefix_bank", None)
     return bool(model.training and torch.is_grad_enabled() and bank is not None
-                and bank._trained_names())
+                and bank._trains_any())
 
 
 def _warn_training_without_prefixes(model) -> None:
