@@ -13,6 +13,8 @@ _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu", "
 
 def autocast_dtype(q):
     """The dtype `torch.autocast` gives attention on q's device, or None outside autocast."""
+    if not torch._C._is_any_autocast_enabled():  # the common case, in 0.1 us instead of 1 us
+        return None
     if not isinstance(q, torch.Tensor) or q.device.type not in _AUTOCAST_DEVICES \
             or not torch.is_autocast_enabled(q.device.type):
         return None

@@ -134,7 +134,7 @@ class _Entries(dict):
     """The entries of one bank snapshot (name -> _Entry, in bank-id order; never changed once
     committed), with the names and the name -> id index built once per snapshot rather than at
     every call (a bank of 50,000 tenants spent most of each forward rebuilding them)."""
-    __slots__ = ("_names_index",)
+    __slots__ = ("_names_index", "_module_ids")
 
     def names_index(self) -> tuple:
         try:
@@ -143,6 +143,16 @@ class _Entries(dict):
             names = tuple(self)
             self._names_index = (names, {n: i for i, n in enumerate(names)})
             return self._names_index
+
+    def module_ids(self) -> tuple:
+        """Bank ids of the entries that are modules (trainable entries), found once per
+        snapshot: whether they train (a parameter requiring grad) is asked at every call, but a
+        walk over 50,000 fixed entries to find them cost ~10 ms a forward with grad on."""
+        try:
+            return self._module_ids
+        except AttributeError:
+            self._module_ids = tuple(i for i, e in enumerate(self.values()) if e.module is not None)
+            return self._module_ids
 
     def __reduce__(self):  # pickles and copies carry the entries, not the index built from them
         return type(self), (list(self.items()),)
@@ -328,6 +338,10 @@ class PrefixBank(nn.Module):
             bank = cls(L, Hkv, D, dtype=dtype, device=device)
             model.prefix_bank = bank
         bank._model_ref = weakref.ref(model)
+        # the bank follows model.train() / eval() from now on; a new module is in training
+        # mode, so one attached to an evaluating model would take its forwards with grad on
+        # for training ones (its zero anchor, the scan for a trainable entry)
+        bank.train(model.training)
         install = getattr(hf, "install_hooks", None)
         if install is not None:
             install(model)
@@ -516,11 +530,15 @@ class PrefixBank(nn.Module):
 
     def _trained_names(self) -> list[str]:
         """Names of the trainable entries with a parameter that requires grad."""
-        return [n for n, e in self._state[1].items() if _trains(e)]
+        entries = self._state[1]
+        names = _names_index(entries)[0]
+        return [names[i] for i in entries.module_ids() if _trains(entries[names[i]])]
 
     def _trains_any(self) -> bool:
         """Whether a trainable entry has a parameter that requires grad (stops at the first)."""
-        return any(_trains(e) for e in self._state[1].values())
+        entries = self._state[1]
+        names = _names_index(entries)[0]
+        return any(_trains(entries[names[i]]) for i in entries.module_ids())
 
     def kind(self, name: str) -> str:
         """The entry's kind: ``fixed``, ``prompt`` (a prompt's KV: the text after it continues
@@ -711,12 +729,13 @@ class PrefixBank(nn.Module):
                 # FSDP2 needs every rank to use the same parameters in a step: every trainable
                 # entry joins the graph (a zero gradient where no row of this rank selects it);
                 # otherwise ranks whose rows pick different prefixes get wrong gradients, silently
-                used.update(i for i, n in enumerate(names) if _trains(entries[n]))
+                used.update(i for i in entries.module_ids() if _trains(entries[names[i]]))
             # only the entries the batch uses are looked at, unless it uses no trainable one:
             # a scan of every entry's parameters at every forward cost a training step with a
             # thousand trainable prefixes more than the model's own forward did
             elif self.training and not any(_trains(entries[names[i]]) for i in used if i >= 0):
-                first = next((i for i, n in enumerate(names) if _trains(entries[n])), None)
+                first = next((i for i in entries.module_ids() if _trains(entries[names[i]])),
+                             None)
                 if first is not None and distributed.world_size() > 1:
                     # DDP: a rank whose batch selects none would reach no parameter: its reducer
                     # never joins the all-reduce, and every rank hangs. One entry joins (a zero

@@ -316,6 +316,33 @@ def test_selecting_trainable_entries_reads_only_the_entries_the_batch_uses():
     assert no_prefix._anchor.requires_grad and no_prefix.names == [None]
 
 
+def test_a_training_forward_over_fixed_entries_looks_at_the_module_entries_only(monkeypatch):
+    """Whether some entry trains is asked of the trainable (module) entries only: a bank of
+    thousands of fixed tenants was walked entry by entry at every forward with grad on."""
+    import prefix_attn.bank as bank_module
+
+    bank = _bank(**{f"f{i}": 2 for i in range(40)})
+    bank.add_trainable("t", LearnedPrefix(2))
+    bank.train()
+    asked = []
+    real = bank_module._trains
+    monkeypatch.setattr(bank_module, "_trains", lambda e: asked.append(e.name) or real(e))
+    sel = bank.select(["f3", "f5"])  # no trainable entry: the zero anchor, found on "t"
+    assert sel._anchor.requires_grad
+    assert sorted(asked) == ["f3", "f5", "t"]
+    asked.clear()
+    assert bank._trains_any() and bank._trained_names() == ["t"]
+    assert asked == ["t", "t"]
+
+
+@pytest.mark.hf
+def test_attach_puts_the_bank_in_the_models_mode():
+    model = _tiny_llama().eval()
+    assert not PrefixBank.attach(model).training
+    model.train()
+    assert model.prefix_bank.training
+
+
 def test_dtype_and_device_moves():
     bank = _bank(a=4)
     sel_before = bank.select(["a", None], 2)
