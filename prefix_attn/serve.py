@@ -126,7 +126,7 @@ def _load_model(model_dir: Optional[str], device: torch.device, dtype: torch.dty
         except tiny.ModelFolderError as exc:
             raise RequestError(str(exc)) from None
     model = model.to(device).eval()
-    if model.config._attn_implementation != hf.ATTN_NAME:
+    if hf.attn_implementation(model) != hf.ATTN_NAME:
         model.set_attn_implementation(hf.ATTN_NAME)
     return model, tiny.load_tokenizer(model_dir)
 

@@ -24,6 +24,7 @@ from torch import nn
 from . import distributed, validation
 from .bank import PrefixBank, check_name
 from .model_info import warn_window_vs_peft
+from . import hf
 from .hf import ATTN_NAME
 
 __all__ = ["PrefixParameters", "prefix_tuning", "from_peft", "trainable_parameters",
@@ -127,7 +128,7 @@ class _ProjectedRows(torch.autograd.Function):
 
 
 def _use_fused_attention(model: nn.Module) -> None:
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) != ATTN_NAME:
+    if hf.attn_implementation(model) != ATTN_NAME:
         model.set_attn_implementation(ATTN_NAME)
 
 
@@ -293,7 +294,7 @@ def unload(model: nn.Module, attn_implementation: Optional[str] = None) -> nn.Mo
             return model
     if attn_implementation is not None:
         model.set_attn_implementation(attn_implementation)
-    elif getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTN_NAME:
+    elif hf.attn_implementation(model) == ATTN_NAME:
         try:
             model.set_attn_implementation("sdpa")
         except ValueError:  # "does not support ... scaled_dot_product_attention"

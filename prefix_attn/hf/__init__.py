@@ -57,9 +57,10 @@ from .hooks import cache_kwarg, install_hooks
 from .mask import mask_pattern, packed_from_positions, packed_sequence_ids, padding_mask
 from .names import ATTN_NAME, PACKED_ATTR, PREFIXES_KWARG, SELECTION_KWARG
 from .positions import learned_position_limit
-from .support import model_caveat, unsupported_model, uses_attention_interface
+from .support import attn_implementation, model_caveat, unsupported_model, uses_attention_interface
 
 __all__ = ["ATTN_NAME", "PACKED_ATTR", "PREFIXES_KWARG", "SELECTION_KWARG", "attention_forward",
+           "attn_implementation",
            "cache_kwarg", "eager_prefix_attention", "install_hooks", "learned_position_limit",
            "mask_pattern", "model_caveat", "packed_from_positions", "packed_sequence_ids",
            "padding_mask", "register", "unsupported_model", "uses_attention_interface"]

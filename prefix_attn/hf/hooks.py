@@ -17,6 +17,7 @@ from ..packed import sequence_ids
 from .mask import packed_from_positions
 from .names import ATTN_NAME, PREFIXES_KWARG, SELECTION_KWARG
 from .positions import _cache_length, _check_positions, _positions_after_prefix
+from .support import attn_implementation
 
 # forward function -> its parameter names (inspect.signature costs ~0.1 ms: once per function,
 # not once per decode step); weakly keyed, so a per-instance wrapper does not pin its model
@@ -246,7 +247,7 @@ def _prefixes_to_selection(model, args, kwargs):
         args = ()
     if prefixes is None and not _trains_prefixes(model):
         return args, kwargs  # no prefix (a training forward goes on: its loss keeps a graph)
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    impl = attn_implementation(model)
     if impl != ATTN_NAME:
         raise ValueError(f"prefixes= needs attn_implementation={ATTN_NAME!r}; this model uses "
                          f"{impl!r} (call model.set_attn_implementation({ATTN_NAME!r}))")

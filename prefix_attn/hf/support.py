@@ -8,6 +8,23 @@ import sys
 from typing import Optional
 
 from .. import model_info
+from . import code_checks
+
+# model types whose attention does more with the cached keys and values than the attention
+# function sees, so a prefix given to the attention function alone would differ from PEFT's
+_DIFFERENT_ATTENTION = {
+    "diffllama": "splits each value head in two and repeats the halves after the cache "
+                 "(differential attention), which the bank's prefix values would skip",
+    "jetmoe": "repeats its keys and values for each selected expert after the cache, which the "
+              "bank's prefix would not be",
+    "doge": "adds a mask computed from its values (cached ones included) to the attention "
+            "scores, which the prefix columns would lack",
+    "hrm_text": "runs its stack of layers several times, each pass caching as other layers, "
+                "while its attention reads the prefix of its first pass's layer index",
+    "recurrent_gemma": "restarts its recurrent layers' state where position_ids is 0, which "
+                       "the tokens after a prefix never have (they are numbered from its "
+                       "length): the state of an earlier call would leak into the next",
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,6 +56,16 @@ def uses_attention_interface(model_or_class) -> bool:
     own = [k for k in cls.__mro__ if k.__module__.startswith("transformers.models.")][:1]
     classes = own if cls is model_or_class else (_layer_classes(model_or_class) or own)
     return all(_module_uses_interface(k.__module__) for k in classes)
+
+
+def attn_implementation(model) -> Optional[str]:
+    """The attention implementation of the model's language layers, where prefixes go: its
+    text config's (a vision-language model whose vision tower cannot switch implementations,
+    such as GOT-OCR2, keeps its top-level config on "eager" while its language model runs
+    "prefix_attn")."""
+    cfg = getattr(model, "config", None)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return getattr(text, "_attn_implementation", None) or getattr(cfg, "_attn_implementation", None)
 
 
 def _peft_wrapper(model) -> Optional[str]:
@@ -81,6 +108,13 @@ def unsupported_model(model) -> Optional[str]:
     if getattr(text, "kv_lora_rank", None) or getattr(text, "qk_rope_head_dim", None):
         return (f"{name} uses multi-head latent attention (keys and values of different head "
                 "dims), which the prefix bank and kernels do not support")
+    v_head_dim = getattr(text, "v_head_dim", None)
+    if v_head_dim and v_head_dim != getattr(text, "head_dim", v_head_dim):
+        return (f"{name}'s values have another head dim ({v_head_dim}) than its keys "
+                f"({text.head_dim}), which the prefix bank and kernels do not support")
+    if getattr(text, "model_type", None) in _DIFFERENT_ATTENTION:
+        return (f"{name} {_DIFFERENT_ATTENTION[text.model_type]}; prefix_attn does not support "
+                "it: use PEFT for it")
     if getattr(text, "model_type", None) == "falcon":
         return (f"{name}'s decoder layers do not pass keyword arguments on to their attention "
                 "(no prefix reaches it: an error at the forward, ignored under torch.compile), "
@@ -90,6 +124,12 @@ def unsupported_model(model) -> Optional[str]:
         return (f"{name} computes attention in its own code, not through transformers' "
                 "AttentionInterface, so no attention implementation (prefix_attn included) can "
                 "be plugged into it")
+    if getattr(text, "relative_attention_num_buckets", None):
+        return (f"{name} adds a T5-style relative position bias to its attention scores, which "
+                "prefix_attn does not apply; use PEFT for it")
+    own = _own_attention(model)
+    if own is not None:
+        return own
     try:
         model_info.model_dims(model)
     except ValueError as e:
@@ -99,9 +139,6 @@ def unsupported_model(model) -> Optional[str]:
         return (f"{name}'s layers reuse earlier layers' keys and values (KV sharing), and with "
                 "them those layers' prefixes under PEFT; prefix_attn gives every layer its own "
                 "prefix, so it does not support such models")
-    if getattr(text, "relative_attention_num_buckets", None):
-        return (f"{name} adds a T5-style relative position bias to its attention scores, which "
-                "prefix_attn does not apply; use PEFT for it")
     if type(model).__module__.startswith("transformers.models.") \
             and "position_ids" not in inspect.signature(model.forward).parameters:
         return (f"{name}'s forward takes no position_ids, so the tokens after a prefix cannot be "
@@ -114,6 +151,29 @@ def unsupported_model(model) -> Optional[str]:
     if getattr(text, "model_type", None) == "paligemma" or getattr(cfg, "model_type", None) == "paligemma":
         return (f"{name} numbers its positions from 1 and attends bidirectionally over its "
                 "prompt, which prefix_attn's position shift and kernels do not follow yet")
+    return None
+
+
+def _own_attention(model) -> Optional[str]:
+    """Why the model's self-attention modules, read from their source, cannot get a prefix
+    (None: nothing found): they compute attention themselves, or a call on the way down to them
+    does not pass ``**kwargs`` on (an error at each eager forward, and silently no prefix under
+    torch.compile), or they hand the attention function a position bias it does not add."""
+    name = type(model).__name__
+    classes = {type(m) for _, m in code_checks.self_attention_modules(model)}
+    if classes and all(code_checks.computes_attention_itself(c) for c in classes):
+        return (f"{name}'s attention ({', '.join(sorted(c.__name__ for c in classes))}) is "
+                "computed in its own code, not through transformers' AttentionInterface, so no "
+                "attention implementation (prefix_attn included) can be plugged into it")
+    dropped = code_checks.kwargs_dropped_on_the_way(model)
+    if dropped is not None:
+        return (f"{name}'s {dropped}(...) call does not pass keyword arguments on to its "
+                "attention, so no prefix would reach it (an error at each forward, and ignored "
+                "silently under torch.compile); use PEFT for it")
+    biased = sorted(c.__name__ for c in classes if code_checks.passes_position_bias(c))
+    if biased:
+        return (f"{name}'s attention ({', '.join(biased)}) adds a position bias to its scores, "
+                "which prefix_attn does not apply; use PEFT for it")
     return None
 
 
