@@ -136,6 +136,20 @@ def test_roberta_positions_follow_its_padding_numbering():
      dict(COMMON, head_dim=8, v_head_dim=4, layer_types=["full_attention", "sliding_attention"],
           sliding_window=64, mlp_layer_types=["dense", "dense"]), r"another head dim \(4\) than its keys \(8\)"),
     ("inkling_text", "InklingForCausalLM", COMMON, r"\(InklingAttention\) adds a position bias"),
+    # a sweep of encoders and vision-language models (text-only) found these
+    ("qwen4_exp", "Qwen4ExpForCausalLM",
+     dict(COMMON, hidden_size=64, head_dim=16, layer_types=["linear_attention", "indexed_attention"],
+          linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+          linear_num_value_heads=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+          shared_expert_intermediate_size=32, indexer_n_heads=2, indexer_kv_heads=1,
+          indexer_head_dim=16, indexer_budget=4, indexer_compress_ratio=2),
+     "indexed-attention layers pick the key blocks"),
+    ("kosmos2", "Kosmos2ForConditionalGeneration",
+     dict(text_config=dict(vocab_size=128, embed_dim=32, layers=2, attention_heads=4, ffn_dim=64,
+                           max_position_embeddings=256),
+          vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, image_size=8, patch_size=4), latent_query_num=4),
+     "needs image inputs at every forward"),
 ])
 def test_models_the_bank_cannot_serve_are_refused(name, cls, cfg, words):
     if not hasattr(tf, cls):
@@ -233,6 +247,26 @@ def test_got_ocr2_whose_vision_tower_cannot_switch_takes_prefixes():
         want = ref(input_ids=ids, attention_mask=torch.ones(2, 9, dtype=torch.long),
                    position_ids=positions, **{prefix_attn.hf.cache_kwarg(ref): cache}).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_eurobert_keeps_its_own_numbering_behind_a_prefix_as_under_peft():
+    """EuroBERT numbers its tokens 0..S-1 whatever the cache holds: behind PEFT's prefix too.
+    Its tokens were numbered from P (as most models number them from the cache length): a
+    silent difference from PEFT (0.3 on the hidden states)."""
+    if not hasattr(tf, "EuroBertModel"):
+        pytest.skip(f"transformers {tf.__version__} has no EuroBERT")
+    cfg = tf.EuroBertConfig(**dict(COMMON, num_key_value_heads=4))
+    ours, ref = _pair(tf.EuroBertModel, cfg, "eager")
+    pm = _peft_twin(ours, ref, "FEATURE_EXTRACTION")
+    ids = torch.randint(5, 120, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[1, -2:], mask[1, -2:] = 0, 0
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = pm(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours(input_ids=ids, attention_mask=mask, prefixes=["a", "a"]).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
 
 
 def test_bidirectional_flag_with_a_causal_mask_equals_sdpa():

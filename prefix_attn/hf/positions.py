@@ -11,6 +11,9 @@ import torch
 # given (OPT: cumsum of the mask, pads skipped) rather than from the cache position as the
 # others do; with PEFT's P ones in front of that mask, their real tokens count from P.
 _MASK_NUMBERED = frozenset({"opt"})
+# Models whose forward numbers the tokens 0..S-1 when no position_ids are given, whatever the
+# cache holds (EuroBERT): behind PEFT's prefix they keep that numbering.
+_CACHE_BLIND = frozenset({"eurobert"})
 
 
 def _padding_numbered(model) -> Optional[int]:
@@ -32,11 +35,14 @@ def _positions_after_prefix(model, kwargs, S, row_lens, device, uniform: bool = 
     """``position_ids`` of the tokens after each row's prefix, numbered from its length P as
     PEFT numbers them: the given ones + P; else the model's own default + P (the cache
     position for most families; for ``_MASK_NUMBERED`` ones the real tokens counted from P
-    over the mask, pads -1, as they count them behind PEFT's P ones). ``uniform``: every row
+    over the mask, pads -1, as they count them behind PEFT's P ones; None, the model's own
+    numbering, for ``_CACHE_BLIND`` ones). ``uniform``: every row
     has the same prefix length (known on the host)."""
     pos = kwargs.get("position_ids")
     mask = kwargs.get("attention_mask")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if pos is None and model_type in _CACHE_BLIND:
+        return None
     pad = _padding_numbered(model) if pos is None else None
     if pad is not None:
         ids = kwargs.get("input_ids")

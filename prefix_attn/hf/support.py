@@ -21,6 +21,10 @@ _DIFFERENT_ATTENTION = {
             "scores, which the prefix columns would lack",
     "hrm_text": "runs its stack of layers several times, each pass caching as other layers, "
                 "while its attention reads the prefix of its first pass's layer index",
+    "kosmos-2": "needs image inputs at every forward, which prefixes= cannot be combined with "
+                "(their positions are not shifted past a prefix)",
+    "idefics": "needs image inputs at every forward, which prefixes= cannot be combined with "
+               "(their positions are not shifted past a prefix)",
     "recurrent_gemma": "restarts its recurrent layers' state where position_ids is 0, which "
                        "the tokens after a prefix never have (they are numbered from its "
                        "length): the state of an earlier call would leak into the next",
@@ -112,9 +116,11 @@ def unsupported_model(model) -> Optional[str]:
     if v_head_dim and v_head_dim != getattr(text, "head_dim", v_head_dim):
         return (f"{name}'s values have another head dim ({v_head_dim}) than its keys "
                 f"({text.head_dim}), which the prefix bank and kernels do not support")
-    if getattr(text, "model_type", None) in _DIFFERENT_ATTENTION:
-        return (f"{name} {_DIFFERENT_ATTENTION[text.model_type]}; prefix_attn does not support "
-                "it: use PEFT for it")
+    kind = next((t for t in (getattr(text, "model_type", None), getattr(cfg, "model_type", None))
+                 if t in _DIFFERENT_ATTENTION), None)
+    if kind is not None:
+        return (f"{name} {_DIFFERENT_ATTENTION[kind]}; prefix_attn does not support it: use PEFT "
+                "for it")
     if getattr(text, "model_type", None) == "falcon":
         return (f"{name}'s decoder layers do not pass keyword arguments on to their attention "
                 "(no prefix reaches it: an error at the forward, ignored under torch.compile), "
@@ -139,6 +145,10 @@ def unsupported_model(model) -> Optional[str]:
         return (f"{name}'s layers reuse earlier layers' keys and values (KV sharing), and with "
                 "them those layers' prefixes under PEFT; prefix_attn gives every layer its own "
                 "prefix, so it does not support such models")
+    if "indexed_attention" in (getattr(text, "layer_types", None) or ()):
+        return (f"{name}'s indexed-attention layers pick the key blocks each query reads with an "
+                "indexer that reads the dense attention mask itself, which prefix_attn does not "
+                "build (and which holds no keys for a prefix)")
     if type(model).__module__.startswith("transformers.models.") \
             and "position_ids" not in inspect.signature(model.forward).parameters:
         return (f"{name}'s forward takes no position_ids, so the tokens after a prefix cannot be "
