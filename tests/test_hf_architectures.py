@@ -217,16 +217,41 @@ def test_llava_text_only_prefix_equals_peft():
                                    pm(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_a_model_whose_source_cannot_be_read_is_not_judged_by_it(monkeypatch):
+    """The attach-time reading of the model's code judges nothing it cannot read (an install
+    without .py files, a frozen app): a Llama whose source is unreadable still takes a bank."""
+    from prefix_attn.hf import code_checks, support
+
+    def unreadable(obj):
+        raise OSError("could not get source code")
+
+    cached = (code_checks._class_source, code_checks._forward_tree, code_checks._calls_of,
+              code_checks.passes_position_bias, support._module_uses_interface)
+    model = _build(tf.LlamaForCausalLM, tf.LlamaConfig(**COMMON), "eager")
+    monkeypatch.setattr(code_checks.inspect, "getsource", unreadable)
+    try:
+        for f in cached:
+            f.cache_clear()
+        prefix_attn.PrefixBank.attach(model)  # raised "cannot attach a prefix bank" if judged
+    finally:
+        for f in cached:
+            f.cache_clear()
+
+
+def _got_ocr2_config():
+    return tf.GotOcr2Config(
+        text_config=dict(COMMON, model_type="qwen2"),
+        vision_config=dict(hidden_size=16, output_channels=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=16, mlp_dim=32,
+                           global_attn_indexes=[0], window_size=2))
+
+
 def test_got_ocr2_whose_vision_tower_cannot_switch_takes_prefixes():
     """GOT-OCR2's vision tower refuses attn_implementation switches, so only its language model
     runs prefix_attn and its top-level config stays "eager": prefixes= was refused at every
     forward with advice that could not be followed. Judged by the language model's config now;
     its text-only logits with a prefix equal eager's with the prefix in the cache."""
-    cfg = tf.GotOcr2Config(
-        text_config=dict(COMMON, model_type="qwen2"),
-        vision_config=dict(hidden_size=16, output_channels=32, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=32, patch_size=16, mlp_dim=32,
-                           global_attn_indexes=[0], window_size=2))
+    cfg = _got_ocr2_config()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ours = _build(tf.GotOcr2ForConditionalGeneration, cfg, "eager")
@@ -267,6 +292,19 @@ def test_eurobert_keeps_its_own_numbering_behind_a_prefix_as_under_peft():
         got = ours(input_ids=ids, attention_mask=mask, prefixes=["a", "a"]).last_hidden_state
     real = mask.bool()
     torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
+
+
+def test_unload_of_got_ocr2_takes_its_language_model_off_prefix_attn():
+    """unload() switches a model on prefix_attn to sdpa: GOT-OCR2's top-level config stays on
+    "eager" (its vision tower cannot switch), so it is judged by its language model's."""
+    cfg = _got_ocr2_config()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _build(tf.GotOcr2ForConditionalGeneration, cfg, "eager")
+        prefix_attn.prefix_tuning(model, num_virtual_tokens=3, name="a")
+    assert model.config.get_text_config()._attn_implementation == "prefix_attn"
+    prefix_attn.tuning.unload(model)
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
 
 
 def test_bidirectional_flag_with_a_causal_mask_equals_sdpa():

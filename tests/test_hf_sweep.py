@@ -157,6 +157,28 @@ def test_swept_type_equals_eager_with_the_prefix_in_its_cache(model_type):
                                kv_ref.grad.permute(3, 0, 1, 2, 4).reshape(P, -1), rtol=1e-4, atol=1e-4)
 
 
+def test_minimax_whose_lightning_attention_computes_itself_takes_a_prefix():
+    """MiniMax mixes softmax attention (through the attention interface) with lightning
+    attention computed in its own code: accepted (only attention computed entirely in the
+    model's own code is refused), equal to eager with the prefix in its MiniMaxCache."""
+    ours, ref = _model("minimax")
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+    module = prefix_attn.prefix_tuning(ours, num_virtual_tokens=P, name="a")
+    with torch.no_grad():
+        module.embedding.weight.normal_(generator=torch.Generator().manual_seed(3))
+        kv = module()
+        ids = torch.randint(3, 120, (B, S), generator=torch.Generator().manual_seed(0))
+        cache = MiniMaxCache()  # layer 0 is the softmax one: the prefix goes in its cache
+        cache.update(kv[0, 0][None].expand(B, -1, -1, -1), kv[0, 1][None].expand(B, -1, -1, -1), 0)
+        want = ref(input_ids=ids, attention_mask=torch.ones(B, P + S, dtype=torch.long),
+                   position_ids=(torch.arange(S) + P)[None].expand(B, -1),
+                   **{cache_kwarg(ref): cache}).logits
+        got = ours(input_ids=ids, prefixes=["a", "a"]).logits
+    assert ours.config.layer_types[0] == "full_attention"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("model_type", REFUSED)
 def test_swept_type_that_cannot_take_a_prefix_is_refused_at_attach(model_type):
     ours, _ = _model(model_type)

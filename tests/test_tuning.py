@@ -678,6 +678,18 @@ def test_which_trainable_entries_a_selection_joins(monkeypatch):
     assert not model(ids, prefixes=[None]).logits.requires_grad
 
 
+def test_a_training_forward_with_prefixes_none_keeps_a_graph_beside_a_frozen_prefix():
+    """A bank whose first prefix is frozen (a finished task) and whose second trains: a
+    training forward with prefixes=None (multi-task rows of no task) still gets the zero anchor
+    (a loss with a graph), as with training prefixes only."""
+    model = tiny_model("llama")
+    prefix_tuning(model, num_virtual_tokens=2, name="done").requires_grad_(False)
+    prefix_tuning(model, num_virtual_tokens=2, name="new")
+    model.train()
+    ids = torch.randint(3, 100, (1, 4))
+    assert model(ids, prefixes=None).logits.requires_grad
+
+
 def test_layers_in_another_dtype_than_the_bank_read_the_prefix_in_theirs():
     """FSDP's mixed precision runs the layers in bf16 while the bank keeps the dtype it was
     attached with (float32): the prefix was handed to the kernel in float32 (TypeError). It is
