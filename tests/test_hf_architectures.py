@@ -155,7 +155,11 @@ def test_models_the_bank_cannot_serve_are_refused(name, cls, cfg, words):
     if not hasattr(tf, cls):
         pytest.skip(f"{cls} is not in transformers {tf.__version__}")
     cls = getattr(tf, cls)
-    config = cls.config_class(**cfg)
+    try:
+        config = cls.config_class(**cfg)
+    except Exception as e:  # noqa: BLE001 - Qwen4-Exp's indexed attention is newer than 5.17
+        # (huggingface_hub's validation error is no ValueError)
+        pytest.skip(f"transformers {tf.__version__} cannot build this {cls.__name__}: {e}")
     model = _build(cls, config, "eager")
     with pytest.raises(ValueError, match=words):
         prefix_attn.prefix_tuning(model, num_virtual_tokens=4, name="a")

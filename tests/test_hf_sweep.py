@@ -113,9 +113,10 @@ def _with_prefix_in_cache(ref, ids, kv):
         [i for i, layer in enumerate(cache.layers) if i < kv.shape[0] and isinstance(layer, DynamicLayer)]
     for i in layers:
         cache.update(kv[i, 0][None].expand(B, -1, -1, -1), kv[i, 1][None].expand(B, -1, -1, -1), i)
-    kw = {cache_kwarg(ref): cache, "attention_mask": torch.ones(B, P + S, dtype=torch.long)}
-    if cache.get_seq_length() != P:  # layers whose cache length says nothing: numbered by hand
-        kw["position_ids"] = (torch.arange(S) + P)[None].expand(B, -1)
+    # the tokens numbered from P by hand: a hybrid's default numbering reads the length of its
+    # first layer's cache (a recurrent one: 0) in transformers 5.17
+    kw = {cache_kwarg(ref): cache, "attention_mask": torch.ones(B, P + S, dtype=torch.long),
+          "position_ids": (torch.arange(S) + P)[None].expand(B, -1)}
     return ref(input_ids=ids, **kw).logits
 
 
