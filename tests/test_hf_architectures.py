@@ -115,7 +115,7 @@ def test_roberta_positions_follow_its_padding_numbering():
           image_token_index=150, projection_dim=32), "numbers its positions from 1"),
     # an architecture sweep of transformers 5.25 found these accepted at attach, then wrong
     # (silently), failing at every forward, or ignoring the prefix under torch.compile
-    ("stablelm", "StableLmForCausalLM", COMMON, r"StableLmDecoderLayer.self_attn\(...\) call does not pass"),
+    ("stablelm", "StableLmForCausalLM", COMMON, r"call of StableLmDecoderLayer.self_attn does not pass"),
     ("git", "GitForCausalLM",
      dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
           num_attention_heads=4, max_position_embeddings=256, pad_token_id=0,
@@ -240,6 +240,29 @@ def test_a_model_whose_source_cannot_be_read_is_not_judged_by_it(monkeypatch):
     finally:
         for f in cached:
             f.cache_clear()
+
+
+def test_a_layer_loop_that_drops_keyword_arguments_is_refused():
+    """The calls of a module list's members (``for layer in self.layers: layer(...)``) are
+    judged too: a model whose loop passes no ``**kwargs`` would get no prefix (an error at each
+    eager forward, silently none under torch.compile)."""
+    from transformers.models.llama import modeling_llama
+
+    class DroppingLlamaModel(modeling_llama.LlamaModel):
+        def forward(self, input_ids=None, position_ids=None, **kwargs):
+            hidden = self.embed_tokens(input_ids)
+            if position_ids is None:
+                position_ids = torch.arange(hidden.shape[1])[None]
+            rotary = self.rotary_emb(hidden, position_ids)
+            for layer in self.layers:
+                hidden = layer(hidden, position_ids=position_ids, position_embeddings=rotary)
+            return self.norm(hidden)
+
+    DroppingLlamaModel.__module__ = modeling_llama.__name__  # judged as transformers' own
+    model = _build(tf.LlamaForCausalLM, tf.LlamaConfig(**COMMON), "eager")
+    model.model.__class__ = DroppingLlamaModel
+    with pytest.raises(ValueError, match="its call of DroppingLlamaModel.layers does not pass"):
+        prefix_attn.PrefixBank.attach(model)
 
 
 def _got_ocr2_config():

@@ -54,20 +54,37 @@ def computes_attention_itself(cls: type) -> bool:
     return source is not None and "ALL_ATTENTION_FUNCTIONS" not in source
 
 
+def _is_self_attr(node, attr: str) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == attr \
+        and isinstance(node.value, ast.Name) and node.value.id == "self"
+
+
+def _loop_names(tree: ast.AST, attr: str) -> set:
+    """Names a ``for`` loop binds to the items of ``self.<attr>`` (``for layer in self.layers``,
+    ``for i, layer in enumerate(self.layers[:n])``, ``zip(...)``): the calls of a module list's
+    members."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.For) and any(_is_self_attr(n, attr) for n in ast.walk(node.iter)):
+            names.update(n.id for n in ast.walk(node.target) if isinstance(n, ast.Name))
+    return names
+
+
 @functools.lru_cache(maxsize=None)
 def _calls_of(cls: type, attr: str) -> Optional[tuple]:
-    """For each call of ``self.<attr>(...)`` (or ``self.<attr>[i](...)``) in ``cls.forward``:
-    whether it passes ``**kwargs`` on. None when the source cannot be read."""
+    """For each call of ``self.<attr>(...)``, ``self.<attr>[i](...)`` or of a loop variable over
+    ``self.<attr>`` in ``cls.forward``: whether it passes ``**kwargs`` on. None when the source
+    cannot be read."""
     tree = _forward_tree(cls)
     if tree is None:
         return None
+    members = _loop_names(tree, attr)
     out = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
         func = node.func.value if isinstance(node.func, ast.Subscript) else node.func
-        if isinstance(func, ast.Attribute) and func.attr == attr \
-                and isinstance(func.value, ast.Name) and func.value.id == "self":
+        if _is_self_attr(func, attr) or isinstance(func, ast.Name) and func.id in members:
             out.append(any(k.arg is None for k in node.keywords))
     return tuple(out)
 
@@ -75,7 +92,8 @@ def _calls_of(cls: type, attr: str) -> Optional[tuple]:
 def kwargs_dropped_on_the_way(model: nn.Module) -> Optional[str]:
     """``"Parent.attr"`` of the first call on the way from ``model`` down to a self-attention
     module that does not pass ``**kwargs`` on (StableLM's decoder layer calls its attention with
-    named arguments only), or None. Calls through a loop over a module list are not judged."""
+    named arguments only), or None. A module list's members are judged by the calls of the loop
+    variables over it in the forward of the module holding the list."""
     modules = dict(model.named_modules())
     for name, _ in self_attention_modules(model):
         parts = name.split(".")

@@ -177,7 +177,7 @@ def _own_attention(model) -> Optional[str]:
                 "attention implementation (prefix_attn included) can be plugged into it")
     dropped = code_checks.kwargs_dropped_on_the_way(model)
     if dropped is not None:
-        return (f"{name}'s {dropped}(...) call does not pass keyword arguments on to its "
+        return (f"{name}: its call of {dropped} does not pass keyword arguments on to its "
                 "attention, so no prefix would reach it (an error at each forward, and ignored "
                 "silently under torch.compile); use PEFT for it")
     biased = sorted(c.__name__ for c in classes if code_checks.passes_position_bias(c))
