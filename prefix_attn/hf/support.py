@@ -10,8 +10,9 @@ from typing import Optional
 from .. import model_info
 from . import code_checks
 
-# model types whose attention does more with the cached keys and values than the attention
-# function sees, so a prefix given to the attention function alone would differ from PEFT's
+# model types the bank cannot serve, and why: most do more with the cached keys and values
+# than the attention function sees (a prefix given to it alone would differ from PEFT's); the
+# last ones need image inputs at every forward, which prefixes= refuses
 _DIFFERENT_ATTENTION = {
     "diffllama": "splits each value head in two and repeats the halves after the cache "
                  "(differential attention), which the bank's prefix values would skip",
