@@ -22,13 +22,13 @@ _DIFFERENT_ATTENTION = {
             "scores, which the prefix columns would lack",
     "hrm_text": "runs its stack of layers several times, each pass caching as other layers, "
                 "while its attention reads the prefix of its first pass's layer index",
+    "recurrent_gemma": "restarts its recurrent layers' state where position_ids is 0, which "
+                       "the tokens after a prefix never have (they are numbered from its "
+                       "length): the state of an earlier call would leak into the next",
     "kosmos-2": "needs image inputs at every forward, which prefixes= cannot be combined with "
                 "(their positions are not shifted past a prefix)",
     "idefics": "needs image inputs at every forward, which prefixes= cannot be combined with "
                "(their positions are not shifted past a prefix)",
-    "recurrent_gemma": "restarts its recurrent layers' state where position_ids is 0, which "
-                       "the tokens after a prefix never have (they are numbered from its "
-                       "length): the state of an earlier call would leak into the next",
 }
 
 
