@@ -158,11 +158,6 @@ class _Entries(dict):
         return type(self), (list(self.items()),)
 
 
-def _names_index(entries: _Entries) -> tuple:
-    """``(names, {name: id})`` of a snapshot's entries."""
-    return entries.names_index()
-
-
 def _id_range(n: int) -> str:
     """The bank ids a bank of ``n`` entries takes, for errors."""
     entries = f"ids 0..{n - 1} (a bank of {n} entr{'y' if n == 1 else 'ies'})" if n else \
@@ -508,7 +503,7 @@ class PrefixBank(nn.Module):
         """The bank id (position in :meth:`names`) of ``name``."""
         entries = self._state[1]
         self._lookup(entries, name)
-        return _names_index(entries)[1][name]
+        return entries.names_index()[1][name]
 
     def entry_len(self, name: str) -> int:
         """P of one entry."""
@@ -531,13 +526,13 @@ class PrefixBank(nn.Module):
     def _trained_names(self) -> list[str]:
         """Names of the trainable entries with a parameter that requires grad."""
         entries = self._state[1]
-        names = _names_index(entries)[0]
+        names = entries.names_index()[0]
         return [names[i] for i in entries.module_ids() if _trains(entries[names[i]])]
 
     def _trains_any(self) -> bool:
         """Whether a trainable entry has a parameter that requires grad (stops at the first)."""
         entries = self._state[1]
-        names = _names_index(entries)[0]
+        names = entries.names_index()[0]
         return any(_trains(entries[names[i]]) for i in entries.module_ids())
 
     def kind(self, name: str) -> str:
@@ -659,7 +654,7 @@ class PrefixBank(nn.Module):
         return pin[1] if pin is not None and pin[0] is self else self._state
 
     def _row_ids(self, prefixes: PrefixSpec, batch_size: Optional[int], entries: dict) -> list[int]:
-        names, index = _names_index(entries)
+        names, index = entries.names_index()
         n = len(names)
         if isinstance(prefixes, Tensor):
             if prefixes.is_floating_point() or prefixes.is_complex() or prefixes.dtype == torch.bool:
@@ -714,7 +709,7 @@ class PrefixBank(nn.Module):
         version, entries = self._snapshot()  # one snapshot for the whole call
         rows = self._row_ids(prefixes, batch_size, entries)
         device = self.device if device is None else torch.device(device)
-        names = _names_index(entries)[0]
+        names = entries.names_index()[0]
         used = set(rows)
         anchor = False
         # entries that are FSDP units of their own all-gather their parameters when called:
@@ -773,7 +768,7 @@ class PrefixBank(nn.Module):
                 cache: bool = True) -> PrefixSelection:
         """:meth:`select` for bank ids ``rows`` and the set of ids ``used`` to gather (``cache``
         False: neither read from nor written to the selection cache)."""
-        names = _names_index(entries)[0]
+        names = entries.names_index()[0]
         used = sorted(used, key=lambda i: (i < 0, i))  # bank order, "no prefix" last
         # tensors made under inference_mode cannot be saved for backward later: such a
         # selection is cached for inference-mode calls only

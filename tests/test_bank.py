@@ -918,15 +918,13 @@ def test_each_snapshot_builds_its_names_index_once():
     of 50,000 tenants spent most of each forward rebuilding them): after an add, a remove, a
     dtype move and a clear. Kills: names_index not cached; _commit_many / _apply building a
     plain dict snapshot."""
-    from prefix_attn.bank import _names_index
-
     bank = _bank(a=4, b=2)
     for change in (lambda: bank.add("c", *_kv(3)), lambda: bank.remove("a"),
                    lambda: bank.to(torch.float64), lambda: None):
         change()
         entries = bank._state[1]
-        first = _names_index(entries)
-        assert _names_index(entries) is first and first[0] == tuple(bank.names())
+        first = entries.names_index()  # AttributeError on a plain dict snapshot
+        assert entries.names_index() is first and first[0] == tuple(bank.names())
         assert bank.select(list(bank.names()), len(bank.names())).names == bank.names()
 
 

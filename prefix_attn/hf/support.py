@@ -122,11 +122,6 @@ def unsupported_model(model) -> Optional[str]:
     if kind is not None:
         return (f"{name} {_DIFFERENT_ATTENTION[kind]}; prefix_attn does not support it: use PEFT "
                 "for it")
-    if getattr(text, "model_type", None) == "falcon":
-        return (f"{name}'s decoder layers do not pass keyword arguments on to their attention "
-                "(no prefix reaches it: an error at the forward, ignored under torch.compile), "
-                "and ALiBi Falcon adds its bias to a mask prefix_attn does not build; use PEFT "
-                "for it")
     if not uses_attention_interface(model):
         return (f"{name} computes attention in its own code, not through transformers' "
                 "AttentionInterface, so no attention implementation (prefix_attn included) can "
