@@ -283,8 +283,9 @@ class PrefixBank(nn.Module):
         self.num_layers = validation.int_at_least(num_layers, 1, "PrefixBank: num_layers")
         self.num_kv_heads = validation.int_at_least(num_kv_heads, 1, "PrefixBank: num_kv_heads")
         self.head_dim = validation.int_at_least(head_dim, 1, "PrefixBank: head_dim")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"PrefixBank: dtype must be a floating torch.dtype, got {dtype!r}")
+        if dtype not in model_info.BANK_DTYPES:
+            raise TypeError(f"PrefixBank: dtype must be one of "
+                            f"{', '.join(map(str, model_info.BANK_DTYPES))}, got {dtype!r}")
         self.dtype = dtype
         self.device = torch.device(device)
         self.trainable = nn.ModuleDict()

@@ -4,6 +4,7 @@ sliding window, and a prompt's KV out of the cache of a prefill."""
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from typing import Optional
 
@@ -58,12 +59,30 @@ def config_value(config, name: str):
                          "every layer") from None
 
 
+# the dtypes a bank holds (the kernels' fp16 / bf16 / fp32, and fp64 for the reference): a
+# float8 or packed-int weight of a quantized model is no dtype for the prefixes
+BANK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def plain_weight(t: Tensor) -> bool:
+    """Whether ``t`` holds its values as they are: a plain tensor or parameter (or an FSDP
+    shard of one) of a bank dtype. A quantized weight is not: bitsandbytes' packed 4-bit
+    storage (uint8, or bf16 words of packed bits), torchao's and quanto's tensor subclasses."""
+    if t.dtype not in BANK_DTYPES:
+        return False
+    if type(t) in (nn.Parameter, Tensor):
+        return True
+    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
+    return dtensor is not None and type(t) is dtensor
+
+
 def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    """The dtype and device of the model's first floating weight that holds data. Weights on
+    """The dtype and device of the model's first plain floating weight (:func:`plain_weight`:
+    the embeddings of a quantized model) that holds data. Weights on
     ``meta`` are offloaded (accelerate's disk / CPU offload, ``device_map`` with "disk") or not
     loaded yet (``init_empty_weights``): skipped; when all are, the device the model runs on
     (accelerate's hook) or, without one, ``meta`` (the bank follows the load's ``.to()``)."""
-    weights = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+    weights = [t for t in itertools.chain(model.parameters(), model.buffers()) if plain_weight(t)]
     if not weights:
         return torch.get_default_dtype(), torch.device("cpu")
     loaded = [t for t in weights if t.device.type != "meta"]
@@ -71,7 +90,7 @@ def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
         return weights[0].dtype, weights[0].device
     # the dtype of the first parameter, on meta or not (buffers such as RoPE's inv_freq stay
     # float32 in a bf16 model)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), weights[0].dtype)
+    dtype = next((p.dtype for p in model.parameters() if plain_weight(p)), weights[0].dtype)
     runs_on = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
     if runs_on is not None:
         return dtype, torch.device(runs_on)
@@ -84,15 +103,17 @@ _SIGNATURE_SIZE = 64
 def model_signature(model: nn.Module) -> list:
     """A few weights of ``model`` (of up to 64 parameter tensors spread over it, the middle
     value of each one's first row: resizing the token embeddings appends rows and moves no
-    sample), as floats, None for a weight offloaded to ``meta``: a prompt entry's KV fits only
-    the model that computed it, and this tells two models apart while staying stable under a
-    dtype or device move."""
+    sample), as floats, None for a weight offloaded to ``meta`` or quantized (not a
+    :func:`plain_weight`: packed storage changes when bitsandbytes repacks it for inference,
+    and torchao's subclasses cannot be sliced): a prompt entry's KV fits only the model that
+    computed it, and this tells two models apart while staying stable under a dtype or device
+    move."""
     bank = getattr(model, "prefix_bank", None)
     own = {id(p) for p in bank.parameters()} if isinstance(bank, nn.Module) else set()
     params = [p for p in model.parameters() if p.numel() and id(p) not in own]  # the base only
     step = max(1, len(params) // _SIGNATURE_SIZE)
     with torch.no_grad():
-        picks = [None if p.device.type == "meta" else _first_row_middle(p)
+        picks = [_first_row_middle(p) if p.device.type != "meta" and plain_weight(p) else None
                  for p in params[::step][:_SIGNATURE_SIZE]]
         held = [t for t in picks if t is not None]
         try:  # one read-back (not one host sync per weight on a GPU)
@@ -110,10 +131,16 @@ def _first_row_middle(p: Tensor) -> Tensor:
 
 def same_signature(a, b) -> bool:
     """Equal up to bfloat16 rounding (a model saved in one dtype and loaded in another), at the
-    samples both hold (an offloaded weight's is None)."""
+    samples both hold (an offloaded or quantized weight's is None); a NaN or infinite sample
+    equals only the same value."""
     return b is not None and len(a) == len(b) and all(
-        abs(x - y) <= 1e-2 * max(abs(x), abs(y)) + 1e-6
-        for x, y in zip(a, b) if x is not None and y is not None)
+        _close(x, y) for x, y in zip(a, b) if x is not None and y is not None)
+
+
+def _close(x: float, y: float) -> bool:
+    if not (math.isfinite(x) and math.isfinite(y)):
+        return x == y or (math.isnan(x) and math.isnan(y))
+    return abs(x - y) <= 1e-2 * max(abs(x), abs(y)) + 1e-6
 
 
 def warn_window_vs_peft(model: Optional[nn.Module], what: str) -> None:

@@ -836,11 +836,13 @@ def test_an_empty_batch_and_bad_batch_sizes():
     ((2.7, 2, 8), ValueError, "num_layers must be a positive int"),
     ((2, 0, 8), ValueError, "num_kv_heads must be a positive int"),
     ((2, 2, -8), ValueError, "head_dim must be a positive int"),
-    ((2, 2, 8, torch.int64), TypeError, "dtype must be a floating torch.dtype"),
-    ((2, 2, 8, "float16"), TypeError, "dtype must be a floating torch.dtype"),
+    ((2, 2, 8, torch.int64), TypeError, "dtype must be one of torch.float16, "),
+    ((2, 2, 8, "float16"), TypeError, "dtype must be one of"),
+    ((2, 2, 8, torch.float8_e4m3fn), TypeError, "got torch.float8_e4m3fn"),
 ])
 def test_the_constructor_checks_its_arguments(args, error, words):
-    """PrefixBank(2.7, ...) made 2 layers; an int64 bank truncated every entry (0.7 -> 0)."""
+    """PrefixBank(2.7, ...) made 2 layers; an int64 bank truncated every entry (0.7 -> 0); a
+    float8 bank rounded every entry to a few bits (0.25 off at values of 3 to 9)."""
     with pytest.raises(error, match=words):
         PrefixBank(*args)
 
@@ -1001,3 +1003,4 @@ def test_attach_binds_a_bank_moved_from_another_model():
     want = PrefixBank.attach(twin)
     want.add_prompt("p", ids)
     torch.testing.assert_close(bank.get("p"), want.get("p"))
+

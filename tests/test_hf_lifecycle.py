@@ -286,6 +286,63 @@ def test_a_scalar_parameter_does_not_break_the_weight_signature():
     PrefixBank.attach(model).add_prompt("sys", torch.tensor([4, 5, 6]))
 
 
+class _QuantizedWeight(torch.nn.Parameter):
+    """Stands in for torchao's quantized weights: a tensor subclass that cannot be viewed."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.reshape, torch.Tensor.view, torch.Tensor.flatten):
+            raise NotImplementedError(f"Int8Tensor dispatch: {func.__name__} is not supported")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_quantized_weights_are_left_out_of_the_weight_signature(tmp_path):
+    """A torchao-quantized model: the signature sliced every weight, and its tensor subclasses
+    cannot be viewed, so add_prompt (after its prefill), PrefixBank.load of a bank with a prompt
+    entry and `prefix-attn generate --prompt-prefix` failed (NotImplementedError). A
+    bitsandbytes 4-bit model: the signature read its packed bytes, which bitsandbytes repacks
+    at the first evaluation forward on the CPU, so loading a bank into the very model it was
+    saved from warned that the prompt entry was computed by another model."""
+    model = tiny_model("llama")
+    q_proj = model.model.layers[0].self_attn.q_proj
+    q_proj.weight = _QuantizedWeight(q_proj.weight.detach(), requires_grad=False)
+    model.model.layers[1].mlp.register_parameter(  # packed 4-bit storage
+        "packed", torch.nn.Parameter(torch.arange(64, dtype=torch.uint8), requires_grad=False))
+    bank = PrefixBank.attach(model)
+    bank.add_prompt("sys", torch.tensor([4, 5, 6]))
+    bank.save(str(tmp_path))
+    with torch.no_grad():
+        model.model.layers[1].mlp.packed.copy_(torch.arange(64, dtype=torch.uint8).flip(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PrefixBank.load(str(tmp_path), model)
+    with pytest.warns(UserWarning, match="computed by another model"):  # still told apart
+        PrefixBank.load(str(tmp_path), tiny_model("llama", seed=1))
+
+
+def test_signatures_with_non_finite_samples():
+    """A sample read as NaN (bf16 words of packed bits) made a signature unequal to itself,
+    and an infinite one equal to any value."""
+    from prefix_attn.model_info import same_signature
+
+    nan, inf = float("nan"), float("inf")
+    assert same_signature([nan, 1.0, inf, None], [nan, 1.0, inf, 3.0])
+    assert not same_signature([inf], [1e30]) and not same_signature([1e30], [-inf])
+    assert not same_signature([nan], [1.0]) and not same_signature([inf], [-inf])
+
+
+def test_a_quantized_first_weight_does_not_set_the_bank_dtype():
+    """A float8 embedding (layerwise-cast storage): the bank took float8 and rounded every
+    prefix to a few bits (0.25 off at values of 3 to 9)."""
+    from prefix_attn.model_info import model_dtype_device
+
+    model = tiny_model("llama")
+    embed = model.model.embed_tokens
+    embed.weight = torch.nn.Parameter(embed.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    assert model_dtype_device(model) == (torch.float32, torch.device("cpu"))
+    assert PrefixBank.attach(model).dtype == torch.float32
+
+
 def test_a_model_whose_first_weight_is_on_meta_gets_a_bank_where_the_others_are():
     """Some weights on meta without accelerate's hook (not loaded yet, or offloaded by hand):
     the bank sits with the weights that hold data, not on meta."""
