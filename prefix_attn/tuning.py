@@ -267,13 +267,22 @@ def trainable_parameters(model: nn.Module) -> list:
 
 
 def print_trainable_parameters(model: nn.Module) -> str:
-    """Print (and return) the trainable / total parameter counts, as PEFT's method of that name."""
-    total = sum(p.numel() for p in model.parameters())
-    train = sum(p.numel() for p in trainable_parameters(model))
+    """Print (and return) the trainable / total parameter counts, as PEFT's method of that name
+    (bitsandbytes' packed 4-bit weights and ZeRO-3's partitioned ones counted as PEFT does)."""
+    total = sum(_values_held(p) for p in model.parameters())
+    train = sum(_values_held(p) for p in trainable_parameters(model))
     line = (f"trainable params: {train:,} || all params: {total:,} || "
             f"trainable%: {100 * train / max(total, 1):.4f}")
     print(line)
     return line
+
+
+def _values_held(p: torch.Tensor) -> int:
+    """The values ``p`` holds, as PEFT counts them: its elements; DeepSpeed ZeRO-3's count for a
+    weight partitioned away (0 elements here); for bitsandbytes' ``Params4bit`` (two 4-bit
+    values a byte) the bytes of its storage times two."""
+    n = p.numel() or getattr(p, "ds_numel", 0)
+    return n * 2 * p.element_size() if type(p).__name__ == "Params4bit" else n
 
 
 def unload(model: nn.Module, attn_implementation: Optional[str] = None) -> nn.Module:

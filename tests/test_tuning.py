@@ -887,3 +887,27 @@ def test_a_prefix_made_under_inference_mode_serves_and_trains():
     loss = model(ids, labels=ids, prefixes="default").loss
     loss.backward()
     assert module.embedding.weight.grad is not None and torch.isfinite(served).all()
+
+
+class Params4bit(torch.nn.Parameter):
+    """Stands in for bitsandbytes' packed 4-bit weight (two values a byte of its storage)."""
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_trainable_parameter_counts_are_peft_s_on_a_4bit_model(capsys, storage):
+    """A bitsandbytes 4-bit base: the packed bytes were counted as values, so "all params" was
+    about half PEFT's (181,888 against 329,344 in the audit) and "trainable%" twice its."""
+    import prefix_attn
+    from peft.peft_model import PeftModel
+
+    model = tiny_model("llama", seed=0)
+    proj = model.model.layers[0].mlp.down_proj
+    packed = torch.zeros(proj.weight.numel() // 2, dtype=torch.uint8)  # bytes: 2 values each
+    proj.weight = Params4bit(packed.view(storage).reshape(-1, 1), requires_grad=False)
+    prefix_attn.prefix_tuning(model, num_virtual_tokens=4)
+    train, total = PeftModel.get_nb_trainable_parameters(model)  # PEFT's count, on this model
+    assert total == sum(p.numel() for p in tiny_model("llama", seed=0).parameters()) + train
+    line = prefix_attn.print_trainable_parameters(model)
+    assert line == (f"trainable params: {train:,} || all params: {total:,} || "
+                    f"trainable%: {100 * train / total:.4f}")
