@@ -304,8 +304,9 @@ def train_step(model, opt, batch, pad_id: int, name: str, pack: bool,
         loss = model(ids, attention_mask=mask, labels=labels, prefixes=[name] * len(batch)).loss
         n_tokens = int(mask.sum())
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    if loss.requires_grad:  # else nothing reached the prefix: the caller's check says so
+        loss.backward()
+        opt.step()
     return loss.item(), n_tokens
 
 
@@ -501,11 +502,20 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
         saved = step
         signals.note = resume_note(step, ckpt_path)
 
-    def not_finite(what: str, value: float) -> TrainingFailed:
-        kept = (f"the checkpoint of step {saved} in {ckpt_path} is kept" if saved is not None
+    def kept() -> str:
+        return (f"the checkpoint of step {saved} in {ckpt_path} is kept" if saved is not None
                 else "no checkpoint was saved")
+
+    def not_finite(what: str, value: float) -> TrainingFailed:
         return TrainingFailed(f"step {step}: the {what} is {value} (not finite): training diverged; "
-                              f"stopped without saving this step ({kept}); try a lower --lr")
+                              f"stopped without saving this step ({kept()}); try a lower --lr")
+
+    def no_gradient() -> TrainingFailed:
+        return TrainingFailed(
+            f"step {step}: no gradient reached the prefix {args.name!r}: the base model's layers "
+            "pass none back (bitsandbytes' 4-bit layers on the CPU, for one, pass none after "
+            "an evaluation forward: train with --eval-every 0, or on a GPU); stopped without "
+            f"saving this step ({kept()})")
 
     if step > total:
         warn("note", f"the checkpoint is at step {step}, past the {total} steps this run asks for "
@@ -523,6 +533,8 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
             step += 1
             if not math.isfinite(loss_value):
                 raise not_finite("training loss", loss_value)
+            if all(p.grad is None for p in module.parameters()):
+                raise no_gradient()
             tokens += n_tokens
             rate = tokens / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:.0f}", refresh=False)

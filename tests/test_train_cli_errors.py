@@ -378,6 +378,36 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(data, tmp_path, capsys,
     assert not os.path.exists(os.path.join(out, "adapter"))
 
 
+@pytest.mark.parametrize("cut", ["detach", "leaf"])
+def test_a_step_whose_gradient_never_reaches_the_prefix_stops_the_run(cut, data, tmp_path, capsys,
+                                                                       monkeypatch):
+    """A base whose layers pass no gradient back (bitsandbytes 4-bit on the CPU after an
+    evaluation forward): every later step left the prefix as it was, silently, and the run
+    wrote its adapter; a loss with no graph at all failed with a traceback."""
+    real_step = train.train_step
+
+    def cut_off(model, opt, batch, *args):
+        if not opt.state_dict()["state"]:  # the first step trains
+            return real_step(model, opt, batch, *args)
+
+        def no_way_back(module, inputs):
+            h = inputs[0].detach()
+            return (h.requires_grad_() if cut == "leaf" else h,)
+        hook = model.lm_head.register_forward_pre_hook(no_way_back)
+        try:
+            return real_step(model, opt, batch, *args)
+        finally:
+            hook.remove()
+    monkeypatch.setattr(train, "train_step", cut_off)
+    out = str(tmp_path / "out")
+    rc = train.main([data, "-o", out, "--max-steps", "3", "--save-every", "1", *FAST])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err
+    assert "error: step 2: no gradient reached the prefix 'default'" in err, err
+    assert "checkpoint of step 1" in err and not os.path.exists(os.path.join(out, "adapter"))
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["step"] == 1
+
+
 def test_the_log_never_holds_a_bare_nan(tmp_path):
     from prefix_attn.train_state import append_log
 
