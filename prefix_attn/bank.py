@@ -269,6 +269,34 @@ class _PinCaches:
         self.ids: OrderedDict = OrderedDict()
 
 
+class _TrainableModules(nn.ModuleDict):
+    """``PrefixBank.trainable``: the trainable entries' modules by key. An entry keeps its module
+    (readers never index this dict), so a module set here in place of an entry's (PEFT's
+    ``modules_to_save`` does ``setattr(bank.trainable, key, ModulesToSaveWrapper(module))``,
+    and its unload sets one back) is handed to that entry, in a new snapshot: the entry trained
+    nothing before, silently, while the wrapper's copy was what the optimizer stepped."""
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if isinstance(value, nn.Module):
+            self._replaced(name)
+
+    def add_module(self, name, module):  # ModuleDict's [key] = and update, register_module
+        super().add_module(name, module)
+        self._replaced(name)
+
+    def _replaced(self, key: str) -> None:
+        ref = self.__dict__.get("_bank_ref")
+        bank = ref() if ref is not None else None
+        if bank is not None:
+            bank._rebind(key)
+
+    def __getstate__(self):  # pickles and copies without the weakref (the bank sets it again)
+        state = dict(super().__getstate__())
+        state.pop("_bank_ref", None)
+        return state
+
+
 class PrefixBank(nn.Module):
     """Named KV prefixes for one model, attached as ``model.prefix_bank``.
 
@@ -288,7 +316,8 @@ class PrefixBank(nn.Module):
                             f"{', '.join(map(str, model_info.BANK_DTYPES))}, got {dtype!r}")
         self.dtype = dtype
         self.device = torch.device(device)
-        self.trainable = nn.ModuleDict()
+        self.trainable = _TrainableModules()
+        self.trainable.__dict__["_bank_ref"] = weakref.ref(self)
         self._lock = threading.RLock()
         self._state: tuple[int, dict[str, _Entry]] = (0, _Entries())
         self._cache: OrderedDict = OrderedDict()
@@ -456,6 +485,15 @@ class PrefixBank(nn.Module):
         modules = {k: m for k, m in self.trainable._modules.items() if k not in drop}
         modules.update(add or {})
         self.trainable.__dict__["_modules"] = OrderedDict(sorted(modules.items()))
+
+    def _rebind(self, key: str) -> None:
+        """The entry of module key ``key`` computes with ``self.trainable``'s module of that key
+        from now on (see :class:`_TrainableModules`)."""
+        with self._lock:
+            module = self.trainable._modules.get(key)
+            entry = next((e for e in self._state[1].values() if e.module_key == key), None)
+            if entry is not None and module is not None and entry.module is not module:
+                self._commit(entry.name, dataclasses.replace(entry, module=module))
 
     def _module_key(self, name: str) -> str:
         """The key of trainable entry ``name`` in ``self.trainable`` (so in the state dict:
@@ -913,6 +951,9 @@ class PrefixBank(nn.Module):
             self._state = (version, _Entries(entries))
         self._lock = threading.RLock()
         self._model_ref = weakref.ref(model) if model is not None else None
+        if type(self.trainable) is nn.ModuleDict:  # pickled before it told the bank of changes
+            self.trainable.__class__ = _TrainableModules
+        self.trainable.__dict__["_bank_ref"] = weakref.ref(self)
 
     def __deepcopy__(self, memo):
         """A copy of the bank; inside ``copy.deepcopy(model)`` it belongs to the model's copy."""

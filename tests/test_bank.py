@@ -1004,3 +1004,31 @@ def test_attach_binds_a_bank_moved_from_another_model():
     want.add_prompt("p", ids)
     torch.testing.assert_close(bank.get("p"), want.get("p"))
 
+
+@pytest.mark.parametrize("how", ["setattr", "setitem", "register_module"])
+def test_a_module_set_in_the_trainable_dict_is_the_entry_s_in_the_bank_and_its_copies(how):
+    """A module put in place of an entry's in bank.trainable (PEFT's modules_to_save wraps it
+    there) was ignored: the bank computed with the one it was given, so what an optimizer
+    stepped never reached the attention. Copies and pickles tell their own bank."""
+    import pickle
+
+    bank = PrefixBank(L, HKV, D)
+    bank.add_trainable("a.b", LearnedPrefix(4, seed=0))
+    bank.add("f", *_kv(2))
+    key = bank._module_key("a.b")
+    banks = [bank, copy.deepcopy(bank), pickle.loads(pickle.dumps(bank))]
+    before = [b.entry_kv("a.b").detach().clone() for b in banks]
+    for i, b in enumerate(banks):
+        new = LearnedPrefix(4, seed=10 + i)
+        if how == "setattr":
+            setattr(b.trainable, key, new)
+        elif how == "setitem":
+            b.trainable[key] = new
+        else:
+            b.trainable.register_module(key, new)
+        torch.testing.assert_close(b.entry_kv("a.b"), new(), rtol=0, atol=0)
+        assert b.names() == ["a.b", "f"] and b.is_trainable("a.b")
+        for other, was in zip(banks[i + 1:], before[i + 1:]):  # the others unchanged
+            torch.testing.assert_close(other.entry_kv("a.b"), was, rtol=0, atol=0)
+    b.trainable.x = LearnedPrefix(2)  # a key no entry has: nothing changes
+    assert b.names() == ["a.b", "f"]
