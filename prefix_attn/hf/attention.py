@@ -184,7 +184,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
             "prefixes= reached the attention function without passing through prefix_attn's "
             "hook: call the model the prefix bank is attached to (model(...) or model.generate(...), "
             "not a submodule such as model.model), after PrefixBank.attach(model) or "
-            "prefix_attn.prefix_tuning(model, ...)")
+            "prefix_attn.prefix_tuning(model, ...). A model without a bank has no prefix to "
+            "apply: one loaded again from the checkpoint by a trainer (TRL's reference model "
+            "with ref_model=None, for one) gets none of the prefixes; give it no prefixes= "
+            "(or pass ref_model=copy.deepcopy(model), whose bank comes with it)")
     sel = kwargs.get(SELECTION_KWARG)
     if _is_cross_attention(module):
         sel = None  # prefixes belong to self-attention only
