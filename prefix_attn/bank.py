@@ -507,17 +507,38 @@ class PrefixBank(nn.Module):
         return key
 
     def remove(self, name: str) -> None:
-        """Remove an entry (KeyError if unknown). Later entries' ids shift down by one."""
-        self._lookup(self._state[1], name)
-        self._commit(name, None)
+        """Remove an entry (KeyError if unknown). Later entries' ids shift down by one. The
+        :attr:`default_prefix`, if it is this entry, becomes None."""
+        with self._lock:
+            self._lookup(self._state[1], name)
+            self._commit(name, None)
+            if self.__dict__.get("_default_prefix") == name:
+                self.__dict__["_default_prefix"] = None
 
     def clear(self) -> None:
-        """Remove every entry."""
+        """Remove every entry (and the :attr:`default_prefix`)."""
         with self._lock:
             version, entries = self._state
             self._state = (version + 1, _Entries())
             self._clear_caches()
             self._swap_trainable(drop=list(self.trainable.keys()))
+            self.__dict__["_default_prefix"] = None
+
+    @property
+    def default_prefix(self) -> Optional[str]:
+        """The entry that a forward or ``generate`` of the model applies to every row when
+        called without ``prefixes=`` (code that cannot pass it: a trainer's own generate and
+        forwards, a pipeline, an evaluation harness); None (the default): no prefix then.
+        ``prefixes=`` given (``None`` included: no prefix) wins. Removing the entry sets it
+        back to None; it is not saved with the bank."""
+        return self.__dict__.get("_default_prefix")
+
+    @default_prefix.setter
+    def default_prefix(self, name: Optional[str]) -> None:
+        if name is not None:
+            self._check_name(name)
+            self._lookup(self._state[1], name)  # KeyError naming it and the known names
+        self.__dict__["_default_prefix"] = name
 
     # -- readers -------------------------------------------------------------------
     def names(self) -> list[str]:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .hooks import _from_numpy, _rows_for
+from .hooks import _from_numpy, _rows_for, default_prefix
 from .names import PREFIXES_KWARG
 from .positions import _past_the_table, learned_position_limit
 
@@ -109,7 +109,10 @@ def _wrap_generate(generate):
     def wrapper(self, *args, **kwargs):
         prefixes = kwargs.get(PREFIXES_KWARG)
         if prefixes is None:
-            return generate(self, *args, **kwargs)
+            default = None if PREFIXES_KWARG in kwargs else _default_prefix(self)
+            if default is None:
+                return generate(self, *args, **kwargs)
+            prefixes = default  # the bank's default_prefix, for every row
         prefixes = kwargs[PREFIXES_KWARG] = _one_per_row(_from_numpy(prefixes), args, kwargs)
         assisting = _ASSISTING.get()
         # the assistant as given may wrap the model whose generate runs (torch.compile's
@@ -157,6 +160,18 @@ def _wrap_generate(generate):
 
     wrapper._prefix_attn_wrapped = True
     return wrapper
+
+
+def _default_prefix(model) -> Optional[str]:
+    """The default prefix of ``model``'s bank, or of a bank on a submodule (the language model
+    of a vision-language model); None without one."""
+    default = default_prefix(model)
+    if default is None and "prefix_bank" not in model.__dict__.get("_modules", {}):
+        from ..bank import PrefixBank
+
+        bank = next((m for m in model.modules() if isinstance(m, PrefixBank)), None)
+        default = bank.default_prefix if bank is not None else None
+    return default
 
 
 def _ids_of_an_outer_bank(bank, ids: torch.Tensor, outer) -> Optional[torch.Tensor]:

@@ -195,10 +195,20 @@ def _pre_hook(model, args, kwargs):
     # traceable when there is nothing to do: a compiled function that calls a model with a bank
     # but without prefixes= keeps one graph (fullgraph=True works)
     if PREFIXES_KWARG not in kwargs:
-        if model.training and not torch.compiler.is_compiling() and torch.is_grad_enabled():
-            _warn_training_without_prefixes(model)
-        return None
+        default = default_prefix(model)
+        if default is None:
+            if model.training and not torch.compiler.is_compiling() and torch.is_grad_enabled():
+                _warn_training_without_prefixes(model)
+            return None
+        kwargs[PREFIXES_KWARG] = default
     return _prefixes_to_selection(model, args, kwargs)
+
+
+def default_prefix(model):
+    """The bank's :attr:`~prefix_attn.bank.PrefixBank.default_prefix` of ``model`` (None
+    without a bank)."""
+    bank = model.__dict__.get("_modules", {}).get("prefix_bank")
+    return None if bank is None else getattr(bank, "default_prefix", None)
 
 
 def _trains_prefixes(model) -> bool:
@@ -225,7 +235,9 @@ def _warn_training_without_prefixes(model) -> None:
         f"prefix_attn: a training forward without prefixes=: no prefix is applied, so the "
         f"trainable prefix{'es' if len(names) > 1 else ''} {', '.join(map(repr, names))} "
         f"learn{'' if len(names) > 1 else 's'} nothing from it. Pass prefixes= (a name or "
-        f"bank id per row, or one for all rows; prefixes=None for none). With transformers' Trainer keep the column: "
+        f"bank id per row, or one for all rows; prefixes=None for none), or set "
+        f"model.prefix_bank.default_prefix to the name to apply it to every call without "
+        f"prefixes= (a trainer that cannot pass it). With transformers' Trainer keep the column: "
         f"remove_unused_columns=False, and a collator that keeps it (default_data_collator "
         f"drops string fields: give bank ids, or collate the names yourself)",
         stacklevel=3)
