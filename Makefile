@@ -58,7 +58,8 @@ COMPAT_TESTS := tests/test_hf_models.py tests/test_hf_prefix.py tests/test_gener
 	tests/test_ddp.py tests/test_trainer.py tests/test_packed.py tests/test_autocast.py \
 	tests/test_hf_lifecycle.py tests/test_train_cli_errors.py tests/test_serve_cli_errors.py \
 	tests/test_hf_architectures.py tests/test_serve_api.py tests/test_fsdp.py \
-	tests/test_composition.py tests/test_hf_sweep.py tests/test_default_prefix.py
+	tests/test_composition.py tests/test_hf_sweep.py tests/test_default_prefix.py \
+	tests/test_checkpoint.py
 
 test-compat: setup
 	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)

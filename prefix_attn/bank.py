@@ -33,6 +33,7 @@ import difflib
 import itertools
 import operator
 import os
+import re
 import threading
 import warnings
 import weakref
@@ -505,6 +506,13 @@ class PrefixBank(nn.Module):
         if hasattr(self.trainable, key) and key not in self.trainable._modules:
             key = "%" + key  # escaped names start with "%2" at most: no clash
         return key
+
+    @staticmethod
+    def _name_of_key(key: str) -> str:
+        """The entry name of module key ``key`` (:meth:`_module_key` undone)."""
+        if key.startswith("%") and key[1:3] not in ("25", "2E"):
+            key = key[1:]  # the "%" put before a name that shadows a ModuleDict attribute
+        return re.sub("%(25|2E)", lambda m: "%" if m.group(1) == "25" else ".", key)
 
     def remove(self, name: str) -> None:
         """Remove an entry (KeyError if unknown). Later entries' ids shift down by one. The

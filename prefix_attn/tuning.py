@@ -231,6 +231,15 @@ def from_peft(peft_model, trainable: bool = True) -> nn.Module:
                          f"adapter under its own name (was from_peft already called on this "
                          f"model? its adapters are then in model.prefix_bank)")
     warn_window_vs_peft(model, "from_peft")
+    add_prefixes(model, bank, modules, trainable)
+    for p in keep:
+        p.requires_grad_(True)
+    return model
+
+
+def add_prefixes(model: nn.Module, bank: PrefixBank, modules: dict, trainable: bool) -> None:
+    """Add ``{name: PrefixParameters}`` to ``bank``: as trainable prefixes (the base frozen, as
+    :func:`prefix_tuning` does), or as fixed K/V entries (``trainable=False``, for serving)."""
     for name, module in modules.items():
         if trainable:
             _add_trainable(model, bank, name, module)
@@ -239,9 +248,6 @@ def from_peft(peft_model, trainable: bool = True) -> nn.Module:
             with torch.no_grad():
                 kv = module()
             bank.add(name, kv[:, 0], kv[:, 1])
-    for p in keep:
-        p.requires_grad_(True)
-    return model
 
 
 def _one_head_for_all(model: nn.Module, adapters: list) -> None:

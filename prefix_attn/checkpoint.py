@@ -1,0 +1,122 @@
+"""Trainable prefixes back from a checkpoint of the whole model: transformers' Trainer (a
+``checkpoint-N`` folder), ``model.save_pretrained`` or a state dict. Their tensors are there,
+under ``prefix_bank.trainable.<name>.*`` (``from_pretrained`` reports them as unexpected),
+and their lengths and projection sizes follow from the tensors' shapes."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Union
+
+import torch
+from torch import nn
+
+from . import model_info
+from .bank import PrefixBank
+from .tuning import PrefixParameters, add_prefixes
+
+# a prefix's tensors, under any wrapper of the model ("model.", "base_model.model.")
+_KEY = re.compile(r"(?:^|\.)prefix_bank\.trainable\.([^.]+)\."
+                  r"(embedding\.weight|transform\.[02]\.(?:weight|bias))$")
+_PROJECTION = ("transform.0.weight", "transform.0.bias", "transform.2.weight", "transform.2.bias")
+_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+          "pytorch_model.bin")
+
+
+def load_prefixes(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping],
+                  trainable: bool = True) -> list[str]:
+    """Add to ``model``'s prefix bank every trainable prefix saved in ``checkpoint``, each under
+    its own name; returns the names.
+
+    ``checkpoint``: a folder holding ``model.safetensors`` (or its sharded index, or
+    ``pytorch_model.bin``), as a Trainer checkpoint or ``save_pretrained`` writes it, or a
+    state dict. Only the prefixes' tensors are read. ``trainable=True``: trainable prefixes,
+    as :func:`~prefix_attn.prefix_tuning` makes them (the base frozen; a Trainer run goes on
+    from them); ``False``: fixed K/V entries, for serving. Everything is checked before the
+    model changes: a ValueError names what does not fit (no prefix in the checkpoint, shapes of
+    another model, a name the bank already has)."""
+    tensors, where = _prefix_tensors(checkpoint)
+    L, Hkv, D = model_info.model_dims(model)
+    groups: dict = {}
+    for key, t in tensors.items():
+        m = _KEY.search(key)
+        groups.setdefault(PrefixBank._name_of_key(m.group(1)), {})[m.group(2)] = t
+    if not groups:
+        raise ValueError(f"{where} holds no trainable prefix (no prefix_bank.trainable.* "
+                         "tensors): was it saved from a model after prefix_tuning?")
+    modules = {name: _module(name, parts, (L, Hkv, D), where) for name, parts in groups.items()}
+    bank = PrefixBank.attach(model)
+    taken = [name for name in modules if name in bank]
+    if taken:
+        raise ValueError(f"the bank already has prefixes named {taken}: remove them first "
+                         f"(model.prefix_bank.remove(name)), or load the checkpoint's weights "
+                         f"into them with model.load_state_dict(..., strict=False)")
+    for module in modules.values():
+        module.to(bank.device)
+    add_prefixes(model, bank, modules, trainable)
+    return list(modules)
+
+
+def _module(name: str, parts: dict, dims: tuple, where: str) -> PrefixParameters:
+    """The :class:`PrefixParameters` of one saved prefix, its sizes read from its tensors."""
+    L, Hkv, D = dims
+    token_dim, out_dim = Hkv * D, L * 2 * Hkv * D
+    projection = [k for k in _PROJECTION if k in parts]
+    embedding = parts.get("embedding.weight")
+    if embedding is None or projection and len(projection) != len(_PROJECTION) \
+            or embedding.dim() != 2:
+        raise ValueError(f"{where}: prefix {name!r} has the tensors {sorted(parts)}: not a "
+                         "prefix of prefix_tuning (embedding.weight, and transform.0 / "
+                         "transform.2 weights and biases for a projection)")
+    hidden = parts["transform.0.weight"].shape[0] if projection else None
+    module = PrefixParameters(L, Hkv, D, embedding.shape[0], hidden, device="meta")
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in parts.items()}
+    if got != want:
+        raise ValueError(
+            f"{where}: prefix {name!r} does not fit this model (L={L}, Hkv={Hkv}, D={D}: a "
+            f"prefix row of {token_dim if projection else out_dim} values): its tensors have "
+            f"the shapes {got}")
+    with torch.inference_mode(False):  # parameters, not inference tensors
+        module = PrefixParameters(L, Hkv, D, embedding.shape[0], hidden)
+        module.load_state_dict(parts)
+    return module
+
+
+def _prefix_tensors(checkpoint) -> tuple[dict, str]:
+    """(the prefixes' tensors by key, the checkpoint's name for messages)."""
+    if isinstance(checkpoint, Mapping):
+        return {k: v for k, v in checkpoint.items() if _KEY.search(k)}, "the state dict"
+    folder = os.fspath(checkpoint)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"no checkpoint folder {folder!r}")
+    name = next((f for f in _FILES if os.path.isfile(os.path.join(folder, f))), None)
+    if name is None:
+        raise FileNotFoundError(f"{folder!r} holds none of {', '.join(_FILES)}")
+    path = os.path.join(folder, name)
+    if name.endswith(".index.json"):
+        with open(path) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        files: dict = {}
+        for key, file in weight_map.items():
+            if _KEY.search(key):
+                files.setdefault(os.path.join(folder, file), []).append(key)
+    else:
+        files = {path: None}
+    tensors = {}
+    for file, keys in files.items():
+        tensors.update(_read(file, keys))
+    return tensors, path
+
+
+def _read(file: str, keys) -> dict:
+    """The prefix tensors of one weights file (``keys``: those to read, None: any that match)."""
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(file, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in (keys or f.keys()) if _KEY.search(k)}
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    return {k: v for k, v in state.items() if _KEY.search(k) and (keys is None or k in keys)}

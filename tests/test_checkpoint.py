@@ -1,0 +1,107 @@
+"""``prefix_attn.load_prefixes``: the trainable prefixes of a checkpoint of the whole model (a
+Trainer's ``checkpoint-N``, ``save_pretrained``, a state dict) back in a fresh model's bank."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf
+
+import prefix_attn  # noqa: E402
+from prefix_attn.tiny import tiny_model  # noqa: E402
+
+IDS = torch.tensor([[5, 9, 11, 3, 7], [6, 4, 8, 2, 9]])
+# names that need escaping in the state dict ("." and "%"), one that shadows a ModuleDict method
+PREFIXES = {"a": (3, None), "b.c%": (5, 6), "keys": (2, None)}
+
+
+def _trained(family="llama"):
+    model = tiny_model(family, seed=0)
+    g = torch.Generator().manual_seed(1)
+    for name, (P, hidden) in PREFIXES.items():
+        module = prefix_attn.prefix_tuning(model, P, projection_hidden_size=hidden, name=name)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _logits(model, names):
+    with torch.no_grad():
+        return model(IDS, prefixes=names).logits
+
+
+def _same_prefixes(model, loaded, kind="trainable"):
+    # in the checkpoint's order: the state dict's (sorted by the escaped name)
+    assert sorted(model.prefix_bank.names()) == sorted(loaded.prefix_bank.names()) == sorted(PREFIXES)
+    for name in PREFIXES:
+        assert loaded.prefix_bank.kind(name) == kind
+        torch.testing.assert_close(_logits(loaded, [name, None]), _logits(model, [name, None]))
+
+
+@pytest.mark.parametrize("how", ["safetensors", "sharded", "bin", "state_dict"])
+def test_the_prefixes_of_a_saved_model_come_back(tmp_path, how):
+    model = _trained()
+    if how == "safetensors":
+        model.save_pretrained(tmp_path)
+        source = tmp_path
+    elif how == "sharded":
+        model.save_pretrained(tmp_path, max_shard_size="20KB")
+        assert os.path.isfile(tmp_path / "model.safetensors.index.json")
+        source = str(tmp_path)
+    elif how == "bin":
+        torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+        source = tmp_path
+    else:  # a wrapper's keys ("base_model.model." of a PeftModel)
+        source = {f"base_model.model.{k}": v for k, v in model.state_dict().items()}
+    loaded = tiny_model("llama", seed=0)
+    assert prefix_attn.load_prefixes(loaded, source) == loaded.prefix_bank.names()
+    _same_prefixes(model, loaded.eval())
+    trainable = prefix_attn.trainable_parameters(loaded)
+    assert trainable and all("prefix_bank.trainable." in n for n, p in loaded.named_parameters()
+                             if p.requires_grad)
+
+
+def test_a_trainer_checkpoint_serves_as_fixed_entries(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = _trained().train()
+    data = [{"input_ids": IDS[i % 2], "task": list(PREFIXES)[i % 3]} for i in range(6)]
+
+    def collate(rows):
+        ids = torch.stack([r["input_ids"] for r in rows])
+        return {"input_ids": ids, "labels": ids, "prefixes": [r["task"] for r in rows]}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, save_steps=2, report_to=[],
+                             per_device_train_batch_size=3, remove_unused_columns=False,
+                             use_cpu=True, disable_tqdm=True, learning_rate=1e-2)
+    Trainer(model=model, args=args, train_dataset=data, data_collator=collate).train()
+    loaded = tiny_model("llama", seed=0)
+    prefix_attn.load_prefixes(loaded, tmp_path / "checkpoint-2", trainable=False)
+    assert not list(loaded.prefix_bank.trainable.parameters())  # K/V only; the base untouched
+    _same_prefixes(model.eval(), loaded.eval(), kind="fixed")
+
+
+def test_what_does_not_fit_is_refused_before_the_model_changes(tmp_path):
+    model = _trained()
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    plain = tiny_model("llama", seed=0)
+    with pytest.raises(ValueError, match="holds no trainable prefix"):
+        prefix_attn.load_prefixes(plain, {k: v for k, v in state.items() if "prefix_bank" not in k})
+    with pytest.raises(ValueError, match=r"prefix 'b\.c%' has the tensors"):
+        prefix_attn.load_prefixes(plain, {k: v for k, v in state.items()
+                                          if not k.endswith("transform.2.bias")})
+    other = tiny_model("llama", seed=0, kv_heads=1)  # another head count
+    with pytest.raises(ValueError, match="does not fit this model"):
+        prefix_attn.load_prefixes(other, tmp_path)
+    with pytest.raises(FileNotFoundError, match="holds none of model.safetensors"):
+        prefix_attn.load_prefixes(plain, tmp_path / "..")
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
+        prefix_attn.load_prefixes(plain, tmp_path / "missing")
+    assert not hasattr(plain, "prefix_bank") and not hasattr(other, "prefix_bank")
+    prefix_attn.prefix_tuning(plain, 4, name="a")
+    with pytest.raises(ValueError, match=r"already has prefixes named \['a'\]"):
+        prefix_attn.load_prefixes(plain, tmp_path)
+    assert plain.prefix_bank.names() == ["a"]
