@@ -278,19 +278,31 @@ class _TrainableModules(nn.ModuleDict):
     nothing before, silently, while the wrapper's copy was what the optimizer stepped."""
 
     def __setattr__(self, name, value):
-        super().__setattr__(name, value)
         if isinstance(value, nn.Module):
-            self._replaced(name)
+            self._replace(name, value, lambda: super(_TrainableModules, self).__setattr__(name, value))
+        else:
+            super().__setattr__(name, value)
 
     def add_module(self, name, module):  # ModuleDict's [key] = and update, register_module
-        super().add_module(name, module)
-        self._replaced(name)
+        self._replace(name, module, lambda: super(_TrainableModules, self).add_module(name, module))
 
-    def _replaced(self, key: str) -> None:
+    def _replace(self, key: str, module, set_it) -> None:
+        """``set_it()`` (which puts ``module`` under ``key``), and the entry of that key, if
+        any, moved to ``module`` in the same step: its output checked first (the entry's shape,
+        any length: the entry takes the new one), nothing changed when it does not fit."""
         ref = self.__dict__.get("_bank_ref")
         bank = ref() if ref is not None else None
-        if bank is not None:
-            bank._rebind(key)
+        if bank is None:
+            return set_it()
+        with bank._lock:
+            entry = bank._entry_of_key(key)
+            if entry is not None and entry.module is not module:
+                length = bank._output_length(module, f"{type(module).__name__} set as prefix "
+                                                     f"{entry.name!r} in prefix_bank.trainable")
+                entry = dataclasses.replace(entry, module=module, length=length)
+            set_it()
+            if entry is not None:
+                bank._commit(entry.name, entry)
 
     def __getstate__(self):  # pickles and copies without the weakref (the bank sets it again)
         state = dict(super().__getstate__())
@@ -464,17 +476,22 @@ class PrefixBank(nn.Module):
         parameters are unchanged: ``module()`` must depend on them alone (a module with hooks
         or PEFT adapter layers inside is called every time)."""
         self._check_name(name)
+        length = self._output_length(module, type(module).__name__)
+        with self._lock:
+            key = self._module_key(name)
+            self._swap_trainable(add={key: module})
+            self._commit(name, _Entry(name=name, length=length, module_key=key, module=module, kind="trainable"))
+
+    def _output_length(self, module, what: str) -> int:
+        """The prefix length of a trainable entry's ``module``, whose output is checked."""
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         with torch.no_grad():
             out = module()
         if not isinstance(out, Tensor):
-            raise TypeError(f"{type(module).__name__}() must return a Tensor, got {type(out).__name__}")
-        self._check_kv(out, f"{type(module).__name__}() output")
-        with self._lock:
-            key = self._module_key(name)
-            self._swap_trainable(add={key: module})
-            self._commit(name, _Entry(name=name, length=out.shape[3], module_key=key, module=module, kind="trainable"))
+            raise TypeError(f"{what}() must return a Tensor, got {type(out).__name__}")
+        self._check_kv(out, f"{what}() output")
+        return out.shape[3]
 
     def _swap_trainable(self, add: Optional[dict] = None, drop=()) -> None:
         """Replace ``self.trainable``'s module dict by a new one (``add`` in, ``drop`` out),
@@ -487,14 +504,9 @@ class PrefixBank(nn.Module):
         modules.update(add or {})
         self.trainable.__dict__["_modules"] = OrderedDict(sorted(modules.items()))
 
-    def _rebind(self, key: str) -> None:
-        """The entry of module key ``key`` computes with ``self.trainable``'s module of that key
-        from now on (see :class:`_TrainableModules`)."""
-        with self._lock:
-            module = self.trainable._modules.get(key)
-            entry = next((e for e in self._state[1].values() if e.module_key == key), None)
-            if entry is not None and module is not None and entry.module is not module:
-                self._commit(entry.name, dataclasses.replace(entry, module=module))
+    def _entry_of_key(self, key: str) -> Optional[_Entry]:
+        """The trainable entry whose module is ``self.trainable[key]``, if any."""
+        return next((e for e in self._state[1].values() if e.module_key == key), None)
 
     def _module_key(self, name: str) -> str:
         """The key of trainable entry ``name`` in ``self.trainable`` (so in the state dict:
@@ -537,16 +549,27 @@ class PrefixBank(nn.Module):
         """The entry that a forward or ``generate`` of the model applies to every row when
         called without ``prefixes=`` (code that cannot pass it: a trainer's own generate and
         forwards, a pipeline, an evaluation harness); None (the default): no prefix then.
-        ``prefixes=`` given (``None`` included: no prefix) wins. Removing the entry sets it
-        back to None; it is not saved with the bank."""
+        ``prefixes=`` given (``None`` included: no prefix) wins. A :meth:`pinned` block (a
+        ``generate`` call) keeps the one it started with. Removing the entry sets it back to
+        None; it is not saved with the bank."""
         return self.__dict__.get("_default_prefix")
 
     @default_prefix.setter
     def default_prefix(self, name: Optional[str]) -> None:
-        if name is not None:
-            self._check_name(name)
-            self._lookup(self._state[1], name)  # KeyError naming it and the known names
-        self.__dict__["_default_prefix"] = name
+        with self._lock:  # not set to an entry a concurrent remove() takes away
+            if name is not None:
+                self._check_name(name)
+                self._lookup(self._state[1], name)  # KeyError naming it and the known names
+                self.__dict__["_had_default"] = True
+            self.__dict__["_default_prefix"] = name
+
+    def _default_in_call(self) -> Optional[str]:
+        """:attr:`default_prefix` as a :meth:`pinned` block found it (else as it is now)."""
+        if not self.__dict__.get("_had_default"):
+            return None
+        pins = _PINNED.get()
+        pin = pins.get(id(self)) if pins else None
+        return pin[3] if pin is not None and pin[0] is self else self.__dict__.get("_default_prefix")
 
     # -- readers -------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -690,12 +713,14 @@ class PrefixBank(nn.Module):
         is on entry: entries added, replaced or removed meanwhile (by other threads: another
         tenant) do not change ids or contents for this block. ``generate(prefixes=...)`` runs
         in one, so a request keeps its prefixes from the first step to the last. Nested blocks
-        keep the outermost snapshot."""
+        keep the outermost snapshot. The :attr:`default_prefix` is kept with it."""
         pins = _PINNED.get() or {}
         if id(self) in pins and pins[id(self)][0] is self:
             yield
             return
-        token = _PINNED.set({**pins, id(self): (self, self._state, _PinCaches())})
+        with self._lock:  # the snapshot and the default prefix of the same moment
+            pin = (self, self._state, _PinCaches(), self.__dict__.get("_default_prefix"))
+        token = _PINNED.set({**pins, id(self): pin})
         try:
             yield
         finally:
@@ -1006,16 +1031,19 @@ class PrefixBank(nn.Module):
             except NotImplementedError:  # from meta ("cannot copy out of meta tensor"): the
                 probe = fn(torch.empty(0, dtype=self.dtype))  # model attached before its load
             # entries follow the probe's dtype and device (fn itself may be a conversion that
-            # does not apply to them: .to(memory_format=torch.channels_last) needs rank 4)
+            # does not apply to them: .to(memory_format=torch.channels_last) needs rank 4); a
+            # dtype no bank holds (model.to(torch.float8_e4m3fn)) leaves theirs as it is
+            dtype = probe.dtype if probe.dtype in model_info.BANK_DTYPES else self.dtype
+
             def move(kv):
-                kv = _normal_tensor(kv.to(device=probe.device, dtype=probe.dtype))
+                kv = _normal_tensor(kv.to(device=probe.device, dtype=dtype))
                 if probe.is_shared() and kv.device.type == "cpu" and not kv.is_shared():
                     kv.share_memory_()  # model.share_memory(): fixed entries too (forked workers)
                 return kv
 
             moved = _Entries((n, dataclasses.replace(e, kv=move(e.kv)) if e.kv is not None else e)
                              for n, e in entries.items())
-            self.dtype, self.device = probe.dtype, probe.device
+            self.dtype, self.device = dtype, probe.device
             self._state = (version + 1, moved)
             self._clear_caches()
         return self
@@ -1088,7 +1116,9 @@ class PrefixBank(nn.Module):
             model.eval()  # thread's add_prompt could otherwise restore the wrong mode)
         try:
             with torch.no_grad():
-                out = model(input_ids=input_ids.to(model_device), use_cache=True, **given)
+                # prefixes=None: the prompt's own KV, whatever the bank's default_prefix
+                out = model(input_ids=input_ids.to(model_device), use_cache=True, prefixes=None,
+                            **given)
         finally:
             if was_training:
                 model.train()

@@ -1032,3 +1032,49 @@ def test_a_module_set_in_the_trainable_dict_is_the_entry_s_in_the_bank_and_its_c
             torch.testing.assert_close(other.entry_kv("a.b"), was, rtol=0, atol=0)
     b.trainable.x = LearnedPrefix(2)  # a key no entry has: nothing changes
     assert b.names() == ["a.b", "f"]
+
+
+def test_a_module_of_another_length_set_in_the_trainable_dict_gives_the_entry_its_length():
+    """The entry kept its old length (3) while the module set in its place returned 8
+    positions: the kernel read 3 of them (logits 0.26 off), and a batch mixing entries failed
+    in torch.stack; a module returning no prefix at all was taken and failed in the forward."""
+    bank = PrefixBank(L, HKV, D)
+    bank.add_trainable("a", LearnedPrefix(3))
+    bank.add("f", *_kv(2))
+    longer = LearnedPrefix(8, seed=1)
+    bank.trainable["a"] = longer
+    assert bank.entry_len("a") == 8
+    sel = bank.select(["a", "f"])
+    torch.testing.assert_close(sel.layer(0)[0][0, :, :8], longer()[0, 0], rtol=0, atol=0)
+    assert sel.prefix_lens.tolist() == [8, 2]
+    for bad, error in ((nn.Linear(2, 2), TypeError), (LearnedPrefix(3).kv.new_zeros(1), TypeError)):
+        with pytest.raises(error):
+            bank.trainable["a"] = bad
+    with pytest.raises(ValueError, match=r"expected shape \[L=3, 2, Hkv=2, P, D=8\]"):
+        bank.trainable["a"] = _BadModule((L, 2, HKV, 3, D + 1))
+    assert bank.trainable["a"] is longer and bank.entry_len("a") == 8  # nothing changed
+
+
+def test_a_bank_pickled_before_its_trainable_dict_reported_replacements_gets_one():
+    """A bank pickled with a plain ModuleDict: unpickled, it did not see a module set in place
+    of an entry's (PEFT's modules_to_save then trained nothing, silently)."""
+    import pickle
+
+    bank = PrefixBank(L, HKV, D)
+    bank.add_trainable("a", LearnedPrefix(3))
+    bank.trainable.__class__ = nn.ModuleDict  # as pickled before
+    del bank.trainable.__dict__["_bank_ref"]
+    old = pickle.loads(pickle.dumps(bank))
+    new = LearnedPrefix(3, seed=5)
+    old.trainable["a"] = new
+    torch.testing.assert_close(old.entry_kv("a"), new(), rtol=0, atol=0)
+
+
+def test_a_move_to_a_dtype_no_bank_holds_keeps_the_bank_s():
+    """model.to(torch.float8_e4m3fn) made a float8 bank, which the constructor refuses."""
+    bank = _bank(a=3)
+    want = bank.entry_kv("a").clone()
+    bank.to(torch.float8_e4m3fn)
+    assert bank.dtype == torch.float32 and bank.entry_kv("a").dtype == torch.float32
+    torch.testing.assert_close(bank.entry_kv("a"), want, rtol=0, atol=0)
+    assert bank.to(torch.float16).entry_kv("a").dtype == torch.float16

@@ -91,3 +91,97 @@ def test_the_default_must_be_an_entry_and_goes_with_it():
     bank.default_prefix = "a"
     bank.clear()
     assert bank.default_prefix is None
+
+
+def test_add_prompt_computes_the_prompt_s_own_kv_whatever_the_default():
+    """add_prompt's prefill went through the hook, which applied the default prefix to it: the
+    stored KV was the prompt's after that prefix (0.66 off), silently."""
+    model, bank = _model()
+    prompt = torch.tensor([4, 5, 6, 7])
+    bank.add_prompt("own", prompt)
+    bank.default_prefix = "a"
+    bank.add_prompt("with_default", prompt)
+    torch.testing.assert_close(bank.entry_kv("with_default"), bank.entry_kv("own"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("where", ["model", "submodule"])
+def test_a_generate_call_keeps_the_default_and_entries_it_started_with(where):
+    """The default was read at every forward: a default switched (or its entry replaced) by
+    another tenant during a generate call changed the prefix mid-answer; and a bank on a
+    submodule (a vision-language model's language model) was not pinned at all."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model = tiny_model("llama", seed=0).eval()
+    bank = PrefixBank.attach(model if where == "model" else model.model)
+    g = torch.Generator().manual_seed(1)
+    kv = {n: torch.randn(2, bank.num_layers, bank.num_kv_heads, P, bank.head_dim, generator=g)
+          for n, P in (("a", 3), ("b", 5), ("a2", 4))}
+    for name in ("a", "b"):
+        bank.add(name, *kv[name])
+
+    class SwitchAtStep2(LogitsProcessor):
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, input_ids, scores):
+            self.calls += 1
+            if self.calls == 2:
+                bank.add("a", *kv["a2"])
+                bank.default_prefix = "b"
+            return scores
+    kw = dict(attention_mask=MASK, max_new_tokens=5, pad_token_id=0, do_sample=False)
+    want = model.generate(IDS, prefixes="a", **kw)
+    bank.default_prefix = "a"
+    got = model.generate(IDS, logits_processor=LogitsProcessorList([SwitchAtStep2()]), **kw)
+    assert torch.equal(got, want)
+    bank.add("a", *kv["a"])
+    bank.default_prefix = "a"
+    with torch.no_grad(), bank.pinned():  # a forward in a pinned block: the block's default
+        before = model(IDS, attention_mask=MASK).logits
+        bank.default_prefix = "b"
+        torch.testing.assert_close(model(IDS, attention_mask=MASK).logits, before, rtol=0, atol=0)
+
+
+def test_a_generation_mixin_that_is_no_module_generates():
+    """optimum's ONNX Runtime / OpenVINO models are GenerationMixin without nn.Module: the
+    wrapped generate looked for a default prefix with model.modules() and failed
+    (AttributeError) on every call once prefix_attn was imported."""
+    from prefix_attn.hf.generate import _wrap_generate
+
+    class NoModule:
+        pass
+    generate = _wrap_generate(lambda self, *args, **kwargs: ("ran", args, kwargs))
+    assert generate(NoModule(), IDS, max_new_tokens=2) == ("ran", (IDS,), {"max_new_tokens": 2})
+
+
+def test_setting_the_default_and_removing_its_entry_at_once_stay_consistent(monkeypatch):
+    """The setter did not hold the bank's lock: a remove() between its check and its write
+    left a default naming no entry, and every later call without prefixes= failed."""
+    import threading
+
+    model, bank = _model()
+    lookup = bank._lookup
+    remover = threading.Thread(target=bank.remove, args=("b",))
+
+    def lookup_then_remove(entries, name):
+        found = lookup(entries, name)
+        remover.start()
+        remover.join(timeout=0.5)  # blocked while the setter holds the lock
+        return found
+    monkeypatch.setattr(bank, "_lookup", lookup_then_remove)
+    bank.default_prefix = "b"
+    monkeypatch.undo()
+    remover.join()
+    assert bank.names() == ["a"] and bank.default_prefix is None
+
+
+def test_a_compiled_model_follows_the_default():
+    """torch.compile(model, fullgraph=True): the default is read outside the graph (a context
+    variable's read inside it failed the compile), and a changed default is not served stale."""
+    model, bank = _model()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        want = {n: model(IDS, attention_mask=MASK, prefixes=n).logits for n in ("a", "b")}
+        for name in ("a", "b", "a"):
+            bank.default_prefix = name
+            torch.testing.assert_close(compiled(IDS, attention_mask=MASK).logits, want[name])

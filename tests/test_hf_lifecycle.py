@@ -341,6 +341,27 @@ def test_a_quantized_first_weight_does_not_set_the_bank_dtype():
     embed.weight = torch.nn.Parameter(embed.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
     assert model_dtype_device(model) == (torch.float32, torch.device("cpu"))
     assert PrefixBank.attach(model).dtype == torch.float32
+    embed.to_empty(device="meta")  # offloaded, with the others loaded: the same choice
+    model.model.layers[0].self_attn.q_proj.to_empty(device="meta")
+    assert model_dtype_device(model) == (torch.float32, torch.device("cpu"))
+
+
+def test_an_fsdp_shard_is_a_plain_weight(tmp_path):
+    """FSDP2's parameters are DTensors: they are the model's weights, not quantized ones."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import distribute_tensor, init_device_mesh
+
+    from prefix_attn.model_info import plain_weight
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        shard = distribute_tensor(torch.ones(4, 4), init_device_mesh("cpu", (1,)))
+        assert plain_weight(torch.nn.Parameter(shard)) and plain_weight(shard)
+        assert not plain_weight(shard.to(torch.float8_e4m3fn))
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_model_whose_first_weight_is_on_meta_gets_a_bank_where_the_others_are():

@@ -905,9 +905,12 @@ def test_trainable_parameter_counts_are_peft_s_on_a_4bit_model(capsys, storage):
     proj = model.model.layers[0].mlp.down_proj
     packed = torch.zeros(proj.weight.numel() // 2, dtype=torch.uint8)  # bytes: 2 values each
     proj.weight = Params4bit(packed.view(storage).reshape(-1, 1), requires_grad=False)
+    partitioned = torch.nn.Parameter(torch.empty(0), requires_grad=False)  # ZeRO-3 holds it
+    partitioned.ds_numel = 1000
+    model.lm_head.register_parameter("partitioned", partitioned)
     prefix_attn.prefix_tuning(model, num_virtual_tokens=4)
     train, total = PeftModel.get_nb_trainable_parameters(model)  # PEFT's count, on this model
-    assert total == sum(p.numel() for p in tiny_model("llama", seed=0).parameters()) + train
+    assert total == sum(p.numel() for p in tiny_model("llama", seed=0).parameters()) + train + 1000
     line = prefix_attn.print_trainable_parameters(model)
     assert line == (f"trainable params: {train:,} || all params: {total:,} || "
                     f"trainable%: {100 * train / total:.4f}")

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .hooks import _from_numpy, _rows_for, default_prefix
+from .hooks import _from_numpy, _rows_for
 from .names import PREFIXES_KWARG
 from .positions import _past_the_table, learned_position_limit
 
@@ -109,10 +109,14 @@ def _wrap_generate(generate):
     def wrapper(self, *args, **kwargs):
         prefixes = kwargs.get(PREFIXES_KWARG)
         if prefixes is None:
-            default = None if PREFIXES_KWARG in kwargs else _default_prefix(self)
-            if default is None:
+            bank = None if PREFIXES_KWARG in kwargs else _bank_with_a_default(self)
+            if bank is None:
                 return generate(self, *args, **kwargs)
-            prefixes = default  # the bank's default_prefix, for every row
+            with bank.pinned():  # the default and the entries of one moment, for the whole call
+                default = bank._default_in_call()
+                if default is None:
+                    return generate(self, *args, **kwargs)
+                return wrapper(self, *args, **kwargs, **{PREFIXES_KWARG: default})
         prefixes = kwargs[PREFIXES_KWARG] = _one_per_row(_from_numpy(prefixes), args, kwargs)
         assisting = _ASSISTING.get()
         # the assistant as given may wrap the model whose generate runs (torch.compile's
@@ -162,16 +166,18 @@ def _wrap_generate(generate):
     return wrapper
 
 
-def _default_prefix(model) -> Optional[str]:
-    """The default prefix of ``model``'s bank, or of a bank on a submodule (the language model
-    of a vision-language model); None without one."""
-    default = default_prefix(model)
-    if default is None and "prefix_bank" not in model.__dict__.get("_modules", {}):
+def _bank_with_a_default(model):
+    """The bank of ``model``, or on a submodule (the language model of a vision-language
+    model), if it has a default prefix; else None (and for a ``GenerationMixin`` that is no
+    ``nn.Module``, such as optimum's ONNX Runtime models)."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    bank = model.__dict__["_modules"].get("prefix_bank")
+    if bank is None:
         from ..bank import PrefixBank
 
         bank = next((m for m in model.modules() if isinstance(m, PrefixBank)), None)
-        default = bank.default_prefix if bank is not None else None
-    return default
+    return bank if bank is not None and bank.default_prefix is not None else None
 
 
 def _ids_of_an_outer_bank(bank, ids: torch.Tensor, outer) -> Optional[torch.Tensor]:

@@ -194,21 +194,18 @@ def _packed_request(prefixes, position_ids, attention_mask, B: int, S: int):
 def _pre_hook(model, args, kwargs):
     # traceable when there is nothing to do: a compiled function that calls a model with a bank
     # but without prefixes= keeps one graph (fullgraph=True works)
-    if PREFIXES_KWARG not in kwargs:
-        default = default_prefix(model)
-        if default is None:
-            if model.training and not torch.compiler.is_compiling() and torch.is_grad_enabled():
-                _warn_training_without_prefixes(model)
-            return None
-        kwargs[PREFIXES_KWARG] = default
+    if PREFIXES_KWARG not in kwargs and not _may_have_a_default(model):
+        if model.training and not torch.compiler.is_compiling() and torch.is_grad_enabled():
+            _warn_training_without_prefixes(model)
+        return None
     return _prefixes_to_selection(model, args, kwargs)
 
 
-def default_prefix(model):
-    """The bank's :attr:`~prefix_attn.bank.PrefixBank.default_prefix` of ``model`` (None
-    without a bank)."""
+def _may_have_a_default(model) -> bool:
+    """Whether ``model``'s bank ever had a default prefix (an attribute read, traceable: the
+    default itself is read outside any graph, as a pinned block found it)."""
     bank = model.__dict__.get("_modules", {}).get("prefix_bank")
-    return None if bank is None else getattr(bank, "default_prefix", None)
+    return bank is not None and bank.__dict__.get("_had_default", False)
 
 
 def _trains_prefixes(model) -> bool:
@@ -252,7 +249,14 @@ _MEDIA_KEYS = ("pixel_values", "input_features", "input_values", "image_", "vide
 def _prefixes_to_selection(model, args, kwargs):
     """The pre-hook's work: ``prefixes=`` -> a :class:`PrefixSelection` in the kwargs, position
     ids shifted past the prefixes, packed sequences found (outside any graph)."""
-    prefixes = _from_numpy(kwargs.pop(PREFIXES_KWARG))
+    if PREFIXES_KWARG in kwargs:
+        prefixes = _from_numpy(kwargs.pop(PREFIXES_KWARG))
+    else:  # the bank's default prefix, as a pinned block (a generate call) found it
+        prefixes = model.prefix_bank._default_in_call()
+        if prefixes is None:
+            if model.training and torch.is_grad_enabled():
+                _warn_training_without_prefixes(model)
+            return args, kwargs
     if args:  # bind positional arguments to their names so that position_ids can be set
         names = _forward_params(model)
         kwargs.update(dict(zip(names, args)))
