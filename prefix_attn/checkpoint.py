@@ -94,7 +94,13 @@ def _prefix_tensors(checkpoint) -> tuple[dict, str]:
         raise FileNotFoundError(f"no checkpoint folder {folder!r}")
     name = next((f for f in _FILES if os.path.isfile(os.path.join(folder, f))), None)
     if name is None:
-        raise FileNotFoundError(f"{folder!r} holds none of {', '.join(_FILES)}")
+        hint = ""
+        if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
+            hint = ("; it holds a PEFT adapter: load it with peft.PeftModel.from_pretrained(model, "
+                    "folder) (a prefix in its modules_to_save comes with it), or pass its tensors: "
+                    "load_prefixes(model, safetensors.torch.load_file(folder + "
+                    "'/adapter_model.safetensors'))")
+        raise FileNotFoundError(f"{folder!r} holds none of {', '.join(_FILES)}{hint}")
     path = os.path.join(folder, name)
     if name.endswith(".index.json"):
         with open(path) as f:

@@ -105,3 +105,21 @@ def test_what_does_not_fit_is_refused_before_the_model_changes(tmp_path):
     with pytest.raises(ValueError, match=r"already has prefixes named \['a'\]"):
         prefix_attn.load_prefixes(plain, tmp_path)
     assert plain.prefix_bank.names() == ["a"]
+
+
+def test_a_peft_adapter_folder_is_pointed_to_its_loader(tmp_path):
+    """A LoRA adapter folder holding a prefix in its modules_to_save: the error listed the
+    files it lacks, without a word on the adapter it holds."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    model = _trained()
+    lora = peft.get_peft_model(model, peft.LoraConfig(
+        r=2, target_modules=["q_proj"], modules_to_save=["prefix_bank.trainable.a"]))
+    lora.save_pretrained(str(tmp_path))
+    fresh = tiny_model("llama", seed=0)
+    with pytest.raises(FileNotFoundError, match="it holds a PEFT adapter: load it with "):
+        prefix_attn.load_prefixes(fresh, tmp_path)
+    # the way the message gives: the adapter's prefix tensors
+    assert prefix_attn.load_prefixes(fresh, load_file(tmp_path / "adapter_model.safetensors")) == ["a"]
+    torch.testing.assert_close(_logits(fresh.eval(), ["a", None]), _logits(model, ["a", None]))
