@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from collections.abc import Mapping
 from typing import Union
 
@@ -17,8 +18,10 @@ from . import model_info
 from .bank import PrefixBank
 from .tuning import PrefixParameters, add_prefixes
 
-# a prefix's tensors, under any wrapper of the model ("model.", "base_model.model.")
-_KEY = re.compile(r"(?:^|\.)prefix_bank\.trainable\.([^.]+)\."
+# a prefix's tensors, under any wrapper of the model ("model.", "base_model.model."), and inside
+# PEFT's modules_to_save wrapper of a LoRA run ("modules_to_save.<adapter>."; its
+# "original_module." copy, the prefix as it was before the run, is not read)
+_KEY = re.compile(r"^(|.*\.)prefix_bank\.trainable\.([^.]+)\.(?:modules_to_save\.([^.]+)\.)?"
                   r"(embedding\.weight|transform\.[02]\.(?:weight|bias))$")
 _PROJECTION = ("transform.0.weight", "transform.0.bias", "transform.2.weight", "transform.2.bias")
 _FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
@@ -31,28 +34,45 @@ def load_prefixes(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping]
     its own name; returns the names.
 
     ``checkpoint``: a folder holding ``model.safetensors`` (or its sharded index, or
-    ``pytorch_model.bin``), as a Trainer checkpoint or ``save_pretrained`` writes it, or a
-    state dict. Only the prefixes' tensors are read. ``trainable=True``: trainable prefixes,
-    as :func:`~prefix_attn.prefix_tuning` makes them (the base frozen; a Trainer run goes on
-    from them); ``False``: fixed K/V entries, for serving. Everything is checked before the
-    model changes: a ValueError names what does not fit (no prefix in the checkpoint, shapes of
-    another model, a name the bank already has)."""
+    ``pytorch_model.bin``), as a Trainer checkpoint or ``save_pretrained`` writes it, such a
+    weights file, or a state dict. Only the prefixes' tensors are read. ``trainable=True``:
+    trainable prefixes, as :func:`~prefix_attn.prefix_tuning` makes them (the base frozen; a
+    Trainer run goes on from them); ``False``: fixed K/V entries, for serving. Call it once the
+    model's weights are loaded. Everything is checked before the model changes: a ValueError
+    names what does not fit (no prefix in the checkpoint, shapes of another model, a name the
+    bank already has, a model on ``meta``)."""
     tensors, where = _prefix_tensors(checkpoint)
     L, Hkv, D = model_info.model_dims(model)
     groups: dict = {}
     for key, t in tensors.items():
-        m = _KEY.search(key)
-        groups.setdefault(PrefixBank._name_of_key(m.group(1)), {})[m.group(2)] = t
+        owner, mkey, adapter, part = _KEY.match(key).groups()
+        groups.setdefault(PrefixBank._name_of_key(mkey), {}).setdefault((owner, adapter), {})[part] = t
     if not groups:
         raise ValueError(f"{where} holds no trainable prefix (no prefix_bank.trainable.* "
                          "tensors): was it saved from a model after prefix_tuning?")
-    modules = {name: _module(name, parts, (L, Hkv, D), where) for name, parts in groups.items()}
-    bank = PrefixBank.attach(model)
-    taken = [name for name in modules if name in bank]
+    for name, copies in groups.items():
+        if len(copies) > 1:
+            raise ValueError(
+                f"{where} holds several prefixes named {name!r}: "
+                + ", ".join(f"under {owner or '(the model)'!r}" + (f", adapter {a!r}" if a else "")
+                            for owner, a in copies)
+                + ": pass a state dict holding one of them")
+    modules = {name: _module(name, next(iter(copies.values())), (L, Hkv, D), where)
+               for name, copies in groups.items()}
+    bank = getattr(model, "prefix_bank", None)
+    device = bank.device if isinstance(bank, PrefixBank) else model_info.model_dtype_device(model)[1]
+    if device.type == "meta":
+        raise ValueError("load_prefixes: the model's weights are on meta (not loaded yet): the "
+                         "prefixes read would be dropped; call it after the model's weights load")
+    taken = [name for name in modules if isinstance(bank, PrefixBank) and name in bank]
     if taken:
-        raise ValueError(f"the bank already has prefixes named {taken}: remove them first "
-                         f"(model.prefix_bank.remove(name)), or load the checkpoint's weights "
-                         f"into them with model.load_state_dict(..., strict=False)")
+        fixed = [name for name in taken if not bank.is_trainable(name)]
+        raise ValueError(
+            f"the bank already has prefixes named {taken}: remove them first "
+            f"(model.prefix_bank.remove(name))"
+            + ("" if fixed else ", or load the checkpoint's weights into them with "
+               "model.load_state_dict(..., strict=False)"))
+    bank = PrefixBank.attach(model)
     for module in modules.values():
         module.to(bank.device)
     add_prefixes(model, bank, modules, trainable)
@@ -66,10 +86,10 @@ def _module(name: str, parts: dict, dims: tuple, where: str) -> PrefixParameters
     projection = [k for k in _PROJECTION if k in parts]
     embedding = parts.get("embedding.weight")
     if embedding is None or projection and len(projection) != len(_PROJECTION) \
-            or embedding.dim() != 2:
+            or embedding.dim() != 2 or embedding.shape[0] == 0:
         raise ValueError(f"{where}: prefix {name!r} has the tensors {sorted(parts)}: not a "
-                         "prefix of prefix_tuning (embedding.weight, and transform.0 / "
-                         "transform.2 weights and biases for a projection)")
+                         "prefix of prefix_tuning (embedding.weight [P >= 1, width], and "
+                         "transform.0 / transform.2 weights and biases for a projection)")
     hidden = parts["transform.0.weight"].shape[0] if projection else None
     module = PrefixParameters(L, Hkv, D, embedding.shape[0], hidden, device="meta")
     want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -88,8 +108,10 @@ def _module(name: str, parts: dict, dims: tuple, where: str) -> PrefixParameters
 def _prefix_tensors(checkpoint) -> tuple[dict, str]:
     """(the prefixes' tensors by key, the checkpoint's name for messages)."""
     if isinstance(checkpoint, Mapping):
-        return {k: v for k, v in checkpoint.items() if _KEY.search(k)}, "the state dict"
+        return {k: v for k, v in checkpoint.items() if _KEY.match(k)}, "the state dict"
     folder = os.fspath(checkpoint)
+    if os.path.isfile(folder) and folder.endswith((".safetensors", ".bin", ".pt", ".pth")):
+        return _read(folder, None), folder  # a weights file
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"no checkpoint folder {folder!r}")
     name = next((f for f in _FILES if os.path.isfile(os.path.join(folder, f))), None)
@@ -107,7 +129,7 @@ def _prefix_tensors(checkpoint) -> tuple[dict, str]:
             weight_map = json.load(f).get("weight_map", {})
         files: dict = {}
         for key, file in weight_map.items():
-            if _KEY.search(key):
+            if _KEY.match(key):
                 files.setdefault(os.path.join(folder, file), []).append(key)
     else:
         files = {path: None}
@@ -123,6 +145,7 @@ def _read(file: str, keys) -> dict:
         from safetensors import safe_open
 
         with safe_open(file, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in (keys or f.keys()) if _KEY.search(k)}
-    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    return {k: v for k, v in state.items() if _KEY.search(k) and (keys is None or k in keys)}
+            return {k: f.get_tensor(k) for k in (keys or f.keys()) if _KEY.match(k)}
+    # mapped, not read whole (only a zip file, torch.save's format since 1.6, can be)
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    return {k: v for k, v in state.items() if _KEY.match(k) and (keys is None or k in keys)}

@@ -13,8 +13,9 @@ import prefix_attn  # noqa: E402
 from prefix_attn.tiny import tiny_model  # noqa: E402
 
 IDS = torch.tensor([[5, 9, 11, 3, 7], [6, 4, 8, 2, 9]])
-# names that need escaping in the state dict ("." and "%"), one that shadows a ModuleDict method
-PREFIXES = {"a": (3, None), "b.c%": (5, 6), "keys": (2, None)}
+# names that need escaping in the state dict ("." and "%", leading too), one that shadows a
+# ModuleDict method
+PREFIXES = {"a": (3, None), "b.c%": (5, 6), "keys": (2, None), "%25x": (1, None), ".y": (2, None)}
 
 
 def _trained(family="llama"):
@@ -41,19 +42,32 @@ def _same_prefixes(model, loaded, kind="trainable"):
         torch.testing.assert_close(_logits(loaded, [name, None]), _logits(model, [name, None]))
 
 
-@pytest.mark.parametrize("how", ["safetensors", "sharded", "bin", "state_dict"])
+@pytest.mark.parametrize("how", ["safetensors", "sharded", "bin", "legacy_bin", "sharded_bin",
+                                 "file", "state_dict"])
 def test_the_prefixes_of_a_saved_model_come_back(tmp_path, how):
+    """(A torch.save file of the format before zip files failed: it cannot be memory-mapped.)"""
+    import json
+
     model = _trained()
+    source = tmp_path
     if how == "safetensors":
         model.save_pretrained(tmp_path)
-        source = tmp_path
     elif how == "sharded":
         model.save_pretrained(tmp_path, max_shard_size="20KB")
         assert os.path.isfile(tmp_path / "model.safetensors.index.json")
         source = str(tmp_path)
-    elif how == "bin":
-        torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-        source = tmp_path
+    elif how in ("bin", "legacy_bin"):
+        torch.save(model.state_dict(), tmp_path / "pytorch_model.bin",
+                   _use_new_zipfile_serialization=how == "bin")
+    elif how == "sharded_bin":
+        state, weight_map = model.state_dict(), {}
+        for i, part in enumerate((list(state)[::2], list(state)[1::2])):
+            torch.save({k: state[k] for k in part}, tmp_path / f"part{i}.bin")
+            weight_map.update({k: f"part{i}.bin" for k in part})
+        (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    elif how == "file":
+        model.save_pretrained(tmp_path)
+        source = tmp_path / "model.safetensors"
     else:  # a wrapper's keys ("base_model.model." of a PeftModel)
         source = {f"base_model.model.{k}": v for k, v in model.state_dict().items()}
     loaded = tiny_model("llama", seed=0)
@@ -123,3 +137,55 @@ def test_a_peft_adapter_folder_is_pointed_to_its_loader(tmp_path):
     # the way the message gives: the adapter's prefix tensors
     assert prefix_attn.load_prefixes(fresh, load_file(tmp_path / "adapter_model.safetensors")) == ["a"]
     torch.testing.assert_close(_logits(fresh.eval(), ["a", None]), _logits(model, ["a", None]))
+
+
+def test_a_lora_run_s_copy_is_read_and_several_copies_are_refused():
+    """The state dict of a LoRA run's base model holds the prefix in PEFT's modules_to_save
+    wrapper (the trained copy and the original): it was refused as holding no prefix. Two
+    models' prefixes in one state dict were merged, the last one winning."""
+    peft = pytest.importorskip("peft")
+
+    model = _trained()
+    lora = peft.get_peft_model(model, peft.LoraConfig(
+        r=2, target_modules=["q_proj"], modules_to_save=["prefix_bank.trainable.a"]))
+    copy = lora.get_base_model().prefix_bank.trainable["a"].modules_to_save["default"]
+    with torch.no_grad():
+        copy.embedding.weight.mul_(2)  # trained: no longer the original
+    state = lora.get_base_model().state_dict()
+    assert any(".original_module." in k for k in state)
+    fresh = tiny_model("llama", seed=0)
+    prefix_attn.load_prefixes(fresh, {k: v for k, v in state.items() if "trainable.a." in k})
+    torch.testing.assert_close(fresh.prefix_bank.entry_kv("a"), copy(), rtol=0, atol=0)
+    plain = _trained().state_dict()
+    both = {**plain, **{f"other.{k}": v for k, v in plain.items()}}
+    with pytest.raises(ValueError, match="several prefixes named"):
+        prefix_attn.load_prefixes(tiny_model("llama", seed=0), both)
+
+
+def test_malformed_prefixes_and_an_unloaded_model_are_refused(tmp_path):
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from prefix_attn.tiny import tiny_config
+
+    state = _trained().state_dict()
+    one = {k: v for k, v in state.items() if "trainable.a." in k}
+    key = "prefix_bank.trainable.a.embedding.weight"
+    for bad in ({"prefix_bank.trainable.a.transform.0.weight": torch.zeros(6, 16)},
+                {key: one[key][0]}, {key: one[key][:0]}):
+        model = tiny_model("llama", seed=0)
+        with pytest.raises(ValueError, match="prefix 'a' has the tensors"):
+            prefix_attn.load_prefixes(model, bad)
+        assert not hasattr(model, "prefix_bank")
+    with init_empty_weights(include_buffers=True):
+        empty = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sdpa")
+    for trainable in (True, False):
+        with pytest.raises(ValueError, match="weights are on meta"):
+            prefix_attn.load_prefixes(empty, one, trainable=trainable)
+    assert not hasattr(empty, "prefix_bank") and empty.config._attn_implementation == "sdpa"
+    fixed = tiny_model("llama", seed=0)
+    PrefixBank = prefix_attn.PrefixBank
+    bank = PrefixBank.attach(fixed)
+    bank.add("a", *torch.zeros(2, bank.num_layers, bank.num_kv_heads, 3, bank.head_dim))
+    with pytest.raises(ValueError, match=r"remove them first \(model.prefix_bank.remove\(name\)\)$"):
+        prefix_attn.load_prefixes(fixed, one)  # no load_state_dict advice: it would load nothing
