@@ -185,3 +185,18 @@ def test_a_compiled_model_follows_the_default():
         for name in ("a", "b", "a"):
             bank.default_prefix = name
             torch.testing.assert_close(compiled(IDS, attention_mask=MASK).logits, want[name])
+
+
+def test_a_compiled_function_sees_a_default_set_after_its_first_call():
+    """The check whether the bank ever had a default read the bank's __dict__, which dynamo does
+    not guard: a function compiled before the default was set kept running without a prefix,
+    silently (evaluation loops, training steps written as compiled functions)."""
+    model, bank = _model()
+    step = torch.compile(lambda ids, mask: model(ids, attention_mask=mask).logits, backend="eager")
+    with torch.no_grad():
+        plain = step(IDS, MASK)
+        torch.testing.assert_close(plain, model(IDS, attention_mask=MASK, prefixes=None).logits)
+        for name in ("a", "b"):
+            bank.default_prefix = name
+            torch.testing.assert_close(step(IDS, MASK),
+                                       model(IDS, attention_mask=MASK, prefixes=name).logits)

@@ -202,10 +202,12 @@ def _pre_hook(model, args, kwargs):
 
 
 def _may_have_a_default(model) -> bool:
-    """Whether ``model``'s bank ever had a default prefix (an attribute read, traceable: the
-    default itself is read outside any graph, as a pinned block found it)."""
-    bank = model.__dict__.get("_modules", {}).get("prefix_bank")
-    return bank is not None and bank.__dict__.get("_had_default", False)
+    """Whether ``model``'s bank ever had a default prefix. Attribute reads, which a compiled
+    function calling the model guards on (reads of ``__dict__`` were not guarded: a default
+    set after the first call was ignored, silently); the default itself is read outside any
+    graph, as a pinned block found it."""
+    bank = getattr(model, "prefix_bank", None)
+    return bank is not None and bool(getattr(bank, "_had_default", False))
 
 
 def _trains_prefixes(model) -> bool:
