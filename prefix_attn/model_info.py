@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import distributed
+
 
 def model_dims(model: nn.Module) -> tuple[int, int, int]:
     """(L, Hkv, D) from an HF config (Llama-style names or GPT-2's n_layer / n_head / n_embd)."""
@@ -70,10 +72,7 @@ def plain_weight(t: Tensor) -> bool:
     storage (uint8, or bf16 words of packed bits), torchao's and quanto's tensor subclasses."""
     if t.dtype not in BANK_DTYPES:
         return False
-    if type(t) in (nn.Parameter, Tensor):
-        return True
-    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
-    return dtensor is not None and type(t) is dtensor
+    return type(t) in (nn.Parameter, Tensor) or distributed.is_dtensor(t)
 
 
 def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:

@@ -123,22 +123,18 @@ def _wrap_generate(generate):
         # OptimizedModule, a PeftModel): it is one of its modules
         drafts_for = assisting[1] if assisting is not None and any(
             m is self for m in assisting[0].modules()) else None
-        bank = self.__dict__.get("_modules", {}).get("prefix_bank")
+        bank = _bank_of(self)
         if bank is None:
-            from ..bank import PrefixBank
-
-            bank = next((m for m in self.modules() if isinstance(m, PrefixBank)), None)
-            if bank is None and drafts_for is not None:
+            if drafts_for is not None:
                 # the assistant model of assisted generation: it drafts without the prefixes,
                 # the main model verifies every drafted token with them (the output stays exact)
                 kwargs.pop(PREFIXES_KWARG)
                 return generate(self, *args, **kwargs)
-            if bank is None:
-                raise ValueError(
-                    f"generate(prefixes=...) on a {type(self).__name__} without a prefix bank: the "
-                    "prefixes would be ignored; attach one first (prefix_attn.PrefixBank.attach(model) "
-                    "or prefix_attn.prefix_tuning(model, ...))")
-            # else a bank on a submodule (the language model of a VLM): its own hook reads the ids
+            raise ValueError(
+                f"generate(prefixes=...) on a {type(self).__name__} without a prefix bank: the "
+                "prefixes would be ignored; attach one first (prefix_attn.PrefixBank.attach(model) "
+                "or prefix_attn.prefix_tuning(model, ...))")
+        # a bank on a submodule (the language model of a VLM): its own hook reads the ids
         if drafts_for is not None and isinstance(prefixes, torch.Tensor):
             prefixes = _ids_of_an_outer_bank(bank, prefixes, drafts_for)
             if prefixes is None:  # names this bank lacks: it drafts without prefixes
@@ -166,10 +162,10 @@ def _wrap_generate(generate):
     return wrapper
 
 
-def _bank_with_a_default(model):
-    """The bank of ``model``, or on a submodule (the language model of a vision-language
-    model), if it has a default prefix; else None (and for a ``GenerationMixin`` that is no
-    ``nn.Module``, such as optimum's ONNX Runtime models)."""
+def _bank_of(model):
+    """The prefix bank of ``model``, or of a submodule (the language model of a vision-language
+    model); None without one (and for a ``GenerationMixin`` that is no ``nn.Module``, such as
+    optimum's ONNX Runtime models)."""
     if not isinstance(model, torch.nn.Module):
         return None
     bank = model.__dict__["_modules"].get("prefix_bank")
@@ -177,6 +173,12 @@ def _bank_with_a_default(model):
         from ..bank import PrefixBank
 
         bank = next((m for m in model.modules() if isinstance(m, PrefixBank)), None)
+    return bank
+
+
+def _bank_with_a_default(model):
+    """:func:`_bank_of` ``model`` if it has a default prefix, else None."""
+    bank = _bank_of(model)
     return bank if bank is not None and bank.default_prefix is not None else None
 
 
