@@ -12,7 +12,7 @@ export MAX_JOBS
 
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: setup demo test test-fast test-compat test-triton-compat bench check clean
+.PHONY: setup demo test test-fast test-compat test-triton-compat test-torch-compat bench check clean
 
 $(VENV)/.stamp-deps: requirements-dev.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,22 @@ test-triton-compat: setup
 		PYTHONPATH=$(CURDIR) $(TRITON_COMPAT)/bin/python -m pytest -q -p no:cacheprovider tests -m interpreter \
 		&& PYTHONPATH=$(CURDIR) $(TRITON_COMPAT)/bin/python -m pytest -q -p no:cacheprovider $(TRITON_FILES) \
 		$(END_KERNELS_LINK)
+
+# The whole suite against another torch release in .venv-torch (default: the newest checked),
+# on a copy of the committed tree (git archive HEAD) with its own editable install: the C++
+# extension is built against that torch (a CUDA torch also builds the CUDA part: set CUDA_HOME
+# to a toolkit of the same major version, or PREFIX_ATTN_NO_CUDA=1).
+COMPAT_TORCH ?= 2.15.0
+TORCH_COMPAT := .venv-torch
+
+test-torch-compat:
+	test -x $(TORCH_COMPAT)/bin/python || $(PYTHON) -m venv $(TORCH_COMPAT)
+	grep -vE '^(torch|triton)==' requirements-dev.txt > $(TORCH_COMPAT)/requirements.txt
+	$(TORCH_COMPAT)/bin/pip install -q -r $(TORCH_COMPAT)/requirements.txt torch==$(COMPAT_TORCH)
+	rm -rf $(TORCH_COMPAT)/src && mkdir -p $(TORCH_COMPAT)/src
+	git archive HEAD | tar -x -C $(TORCH_COMPAT)/src
+	cd $(TORCH_COMPAT)/src && ../bin/pip install -q --no-build-isolation --no-deps -e . \
+		&& ../bin/python -m pytest -q -p no:cacheprovider tests
 
 bench: setup
 	$(VPY) bench/run_all.py

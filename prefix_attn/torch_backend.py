@@ -7,7 +7,6 @@ It never expands a prefix over the batch. For a chunk of queries it computes
 and merges the two partial results exactly through their log-sum-exp. The backward
 recomputes the scores chunk by chunk from the saved LSE (no [B, H, S, S] tensor is kept).
 """
-from __future__ import annotations
 
 from typing import List, Optional, Tuple
 

@@ -374,6 +374,32 @@ def test_sliding_window_model_compiles_to_one_graph_on_the_fused_path():
         assert torch.equal(model.generate(ids, **kw), want)
 
 
+@pytest.mark.hf
+def test_mask_functions_are_told_apart_inside_a_compiled_graph():
+    """transformers' mask functions are recognised by their code, which dynamo reads: inside a
+    graph getattr(fn, "__qualname__", "") gave "" for a function the graph made (the overlay
+    taken for an unknown mask), and torch 2.14 failed on a module-level one (fullgraph broke
+    on the sliding-window model)."""
+    import torch._dynamo
+    from transformers import masking_utils as mu
+
+    from prefix_attn.hf import mask
+
+    def told(x):
+        made = mu.sliding_window_overlay(3)
+        packed = mu.packed_sequence_mask_function(x.long())
+        return (x + mask._made_by(made, "sliding_window_overlay")
+                + 2 * mask._made_by(packed, "packed_sequence_mask_function")
+                + 4 * mask._made_by(mu.causal_mask_function, "sliding_window_overlay")
+                + 8 * mask._made_by(made, "packed_sequence_mask_function")
+                + 16 * mask._made_by(len, "sliding_window_overlay"))
+
+    x = torch.zeros(1, 2)
+    assert told(x).tolist() == [[3.0, 3.0]]
+    torch._dynamo.reset()
+    assert torch.compile(told, backend="eager", fullgraph=True)(x).tolist() == [[3.0, 3.0]]
+
+
 def _serving_model(seed, lengths):
     """A tiny llama with a bank of entries {name: length}, prompt ids [2, 6], generate kwargs."""
     import prefix_attn

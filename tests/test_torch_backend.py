@@ -113,3 +113,14 @@ DECODE = {  # issue 5's decode cases: the torch backend does one GEMM per entry 
 @pytest.mark.parametrize("case", list(DECODE))
 def test_torch_backend_decode_cases(case, dtype):
     check_contract("torch", DECODE[case], {}, dtype)
+
+
+def test_op_annotations_are_types_for_torch_2_4():
+    """setup.py asks for torch>=2.4, whose custom_op reads only evaluated annotations: with
+    `from __future__ import annotations` in torch_backend.py the backend failed to register
+    there ("Parameter q has unsupported type torch.Tensor"), leaving only `cpu`."""
+    from prefix_attn import torch_backend
+
+    for op in (torch_backend.torch_fwd, torch_backend.torch_bwd):
+        hints = op._init_fn.__annotations__
+        assert hints and not any(isinstance(h, str) for h in hints.values()), hints

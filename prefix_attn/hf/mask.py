@@ -4,6 +4,7 @@ a dense mask for the fallback), and packed sequences found from the position ids
 from __future__ import annotations
 
 import inspect
+import types
 import weakref
 from typing import Optional
 
@@ -32,6 +33,35 @@ def _closure_value(fn, name):
     return None
 
 
+def _inner_code(outer):
+    """The code of the one function that transformers' ``outer`` defines and returns (its
+    ``inner_mask``), or None where that is not so (another transformers)."""
+    codes = [c for c in inspect.unwrap(outer).__code__.co_consts if isinstance(c, types.CodeType)]
+    return codes[0] if len(codes) == 1 else None
+
+
+def _inner_codes() -> dict:
+    try:
+        from transformers import masking_utils as mu
+    except ImportError:
+        return {}
+    names = ("sliding_window_overlay", "packed_sequence_mask_function",
+             "remap_positions_for_packed_sequence")  # the last: transformers 5.2x
+    return {name: _inner_code(getattr(mu, name)) for name in names if hasattr(mu, name)}
+
+
+# Read once here, not in a traced call: functions are told apart by their code object, which
+# dynamo reads on every release (getattr(fn, "__qualname__", "") in a graph gave "" for a
+# function the graph made, and torch 2.14 failed on a module-level one: no fullgraph).
+_INNER_CODES = _inner_codes()
+
+
+def _made_by(fn, outer: str) -> bool:
+    """Whether ``fn`` is the function transformers' ``outer`` returns."""
+    code = _INNER_CODES.get(outer)
+    return code is not None and isinstance(fn, types.FunctionType) and fn.__code__ is code
+
+
 def mask_pattern(mask_function, call: Optional[dict] = None) -> Optional[str]:
     """"causal" | "sliding" | "full" for the mask functions the kernel expresses, else None.
 
@@ -50,7 +80,7 @@ def mask_pattern(mask_function, call: Optional[dict] = None) -> Optional[str]:
     if parts is _UNREADABLE:
         return "sliding" if call is not None and _sliding_call(call) else None
     if (isinstance(parts, tuple) and len(parts) == 2 and parts[1] is mu.causal_mask_function
-            and getattr(parts[0], "__qualname__", "").startswith("sliding_window_overlay.")):
+            and _made_by(parts[0], "sliding_window_overlay")):
         return "sliding"
     return None
 
@@ -87,10 +117,10 @@ def packed_sequence_ids(mask_function, q_length, kv_length, q_offset, kv_offset)
     if not (isinstance(parts, tuple) and len(parts) == 2):  # _UNREADABLE too: a dense mask
         return None
     base, last = parts
-    if not getattr(last, "__qualname__", "").startswith("packed_sequence_mask_function."):
+    if not _made_by(last, "packed_sequence_mask_function"):
         return None
     ids = _closure_value(last, "packed_sequence_mask")
-    if getattr(base, "__qualname__", "").startswith("remap_positions_for_packed_sequence."):
+    if _made_by(base, "remap_positions_for_packed_sequence"):
         base = _closure_value(base, "mask_function")
     if (mask_pattern(base) is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2
             or q_length != kv_length or ids.shape[1] != kv_length or int(q_offset) != 0
