@@ -21,20 +21,24 @@ def _cuda_headers_found(cuda_home: str) -> bool:
     return any(d and os.path.isfile(os.path.join(d, "cuda_runtime.h")) for d in dirs)
 
 
-def _build_ext_class():
+def _build_ext_class(torch_cuda=None):
+    """torch's BuildExtension, with a last line on how to install anyway when the build fails
+    (no compiler, no C++20, a CUDA toolkit of another major version than torch's: torch stops
+    that build with "The detected CUDA version ... mismatches"). ``torch_cuda``: the CUDA version
+    of torch when the CUDA part is built."""
     from torch.utils.cpp_extension import BuildExtension
 
     class BuildWithHint(BuildExtension):
-        """torch's BuildExtension, with a last line on how to install without the extension
-        when the compiler fails (none installed, no C++20, ...)."""
-
         def build_extensions(self):
             try:
                 super().build_extensions()
             except Exception:
+                cpu_only = (f"PREFIX_ATTN_NO_CUDA=1 builds its CPU part only (the CUDA part needs "
+                            f"a CUDA toolkit of torch's major version, CUDA {torch_cuda}); "
+                            if torch_cuda else "")
                 print("prefix_attn: the C++ extension did not build (the compiler's messages are "
-                      "above); PREFIX_ATTN_NO_EXT=1 installs the package without it (the triton "
-                      "and torch backends only)", file=sys.stderr)
+                      f"above); {cpu_only}PREFIX_ATTN_NO_EXT=1 installs the package without it "
+                      "(the triton and torch backends only)", file=sys.stderr)
                 raise
 
     return BuildWithHint
@@ -94,7 +98,8 @@ def ext_modules_and_cmdclass():
     else:
         ext = CppExtension("prefix_attn._C", sources, include_dirs=[os.path.abspath("csrc")],
                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": _build_ext_class().with_options(use_ninja=True)}
+    return [ext], {"build_ext": _build_ext_class(torch.version.cuda if with_cuda else None)
+                   .with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = ext_modules_and_cmdclass()

@@ -77,3 +77,47 @@ def test_headers_found_through_include_variables(tmp_path, var):
 def test_no_cuda_builds_the_cpu_extension(tmp_path):
     got = _run_setup(tmp_path / "not-a-toolkit", PREFIX_ATTN_NO_CUDA="1")
     assert "exit" not in got and not got["cu"] and not got["macros"]
+
+
+HINT_DRIVER = r"""
+import contextlib, io, json, runpy, sys
+import setuptools, torch
+import torch.utils.cpp_extension as ce
+torch.version.cuda = "12.1"            # a CUDA build of torch ...
+ce.CUDA_HOME = sys.argv[1]             # ... and a toolkit whose nvcc torch then refuses
+torch.cuda.is_available = lambda: False
+
+def refuse(self):
+    raise RuntimeError("The detected CUDA version (13.0) mismatches the version that was used "
+                       "to compile PyTorch (12.1)")
+
+ce.BuildExtension.build_extensions = refuse
+seen = {}
+setuptools.setup = lambda **kw: seen.update(kw)
+runpy.run_path("setup.py")
+cls = seen["cmdclass"]["build_ext"]
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    try:
+        cls.build_extensions(cls.__new__(cls))
+    except RuntimeError:
+        pass
+print(json.dumps({"hint": err.getvalue()}))
+"""
+
+
+@pytest.mark.parametrize("no_cuda", [False, True])
+def test_a_failed_cuda_build_names_the_cpu_only_build(tmp_path, no_cuda):
+    """A CUDA toolkit of another major version than torch's (a cu121 torch, nvcc 13) fails the
+    build inside torch: the hint named only PREFIX_ATTN_NO_EXT=1 (no C++ backend at all), not
+    PREFIX_ATTN_NO_CUDA=1 (the CPU part, which builds)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIX_ATTN_")}
+    if no_cuda:
+        env["PREFIX_ATTN_NO_CUDA"] = "1"
+    res = subprocess.run([sys.executable, "-c", HINT_DRIVER, str(_toolkit(tmp_path / "cuda"))],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    hint = json.loads(res.stdout.strip().splitlines()[-1])["hint"]
+    assert "the C++ extension did not build" in hint and "PREFIX_ATTN_NO_EXT=1" in hint
+    assert ("PREFIX_ATTN_NO_CUDA=1 builds its CPU part only" in hint) is not no_cuda
+    assert ("CUDA 12.1" in hint) is not no_cuda
