@@ -114,7 +114,7 @@ setup(
     install_requires=["torch>=2.4", "safetensors", "tqdm"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "hf": ["transformers>=5.0"],  # PEFT files are read without peft
+        "hf": ["transformers>=5.15"],  # PEFT files are read without peft
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     entry_points={"console_scripts": ["prefix-attn=prefix_attn.cli:main"]},

@@ -1,6 +1,7 @@
 """Architectures outside the tested families (an audit of 26): what works is checked against
 PEFT or eager, what cannot work raises a clear error instead of a silently wrong result."""
 import copy
+import re
 import warnings
 
 import pytest
@@ -623,3 +624,26 @@ def test_generate_position_check_fills_a_passed_config_from_the_models(gpt2_with
     with pytest.raises(ValueError, match="generate would reach position 256"):
         model.generate(ids, prefixes="p", generation_config=GenerationConfig(do_sample=False, pad_token_id=0))
     assert calls == []
+
+
+@pytest.mark.parametrize("version,refused", [("5.12.1", True), ("5.0.0", True), ("4.57.6", True),
+                                             ("5.15.0", False), ("5.25.0", False),
+                                             ("6.0.0.dev0", False), ("5.15", False)])
+def test_transformers_older_than_the_tested_floor_is_refused_at_attach(monkeypatch, version, refused):
+    """The HF tests fail on transformers 5.12.1 (T5's position bias and layers of different head
+    dims went unseen: a bank attached where its prefixes would be wrong) and more on 5.0.0, which
+    the `hf` extra allowed (>=5.0): attaching a bank there now says to upgrade."""
+    from prefix_attn.bank import PrefixBank
+    from prefix_attn.tiny import tiny_model
+
+    model = tiny_model("llama", vocab_size=32)
+    import sys
+
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
+    if refused:
+        with pytest.raises(ValueError, match=rf"transformers {re.escape(version)} is older than "
+                                             r"5\.15.*pip install -U 'transformers>=5\.15'"):
+            PrefixBank.attach(model)
+        assert getattr(model, "prefix_bank", None) is None
+    else:
+        assert PrefixBank.attach(model).model is model

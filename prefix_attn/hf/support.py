@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import sys
 from typing import Optional
 
@@ -93,6 +94,27 @@ def _peft_wrapper(model) -> Optional[str]:
             "(peft_model.get_base_model(), which holds the adapters) and call that")
 
 
+# The oldest transformers release the integration is tested on (the HF tests pass on 5.15.1,
+# 5.17.0, 5.24.0 and 5.25.0). On 5.12.1 its checks missed T5's position bias and layers of
+# different head dims (a bank attached where its prefixes would be wrong); 5.0.0 failed more.
+MIN_TRANSFORMERS = (5, 15)
+
+
+def transformers_too_old(version: Optional[str] = None) -> Optional[str]:
+    """Why the installed transformers (or ``version``) is too old for a prefix bank, else None."""
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is None or tuple(int(x) for x in found.groups()) >= MIN_TRANSFORMERS:
+        return None
+    floor = ".".join(map(str, MIN_TRANSFORMERS))
+    return (f"transformers {version} is older than {floor}, the oldest release prefix_attn's "
+            f"Hugging Face integration is tested on (older ones hid position biases and per-layer "
+            f"head dims from its checks); upgrade: pip install -U 'transformers>={floor}'")
+
+
 def unsupported_model(model) -> Optional[str]:
     """Why prefixes cannot be served on ``model`` (None: they can): a PEFT wrapper (attach to
     its base model, or take prefix-tuning adapters over with from_peft), an encoder-decoder,
@@ -105,6 +127,9 @@ def unsupported_model(model) -> Optional[str]:
     cfg = getattr(model, "config", None)
     if cfg is None:
         return None
+    old = transformers_too_old() if "transformers" in sys.modules else None
+    if old is not None:
+        return old
     if getattr(cfg, "is_encoder_decoder", False):
         return (f"{name} is an encoder-decoder model: PEFT puts a prefix on its decoder's self- "
                 "and cross-attention, which prefix_attn does not do (decoder-only and encoder "
