@@ -134,6 +134,7 @@ def run(args) -> int:
     if problem is not None:
         print(f"prefix-attn check: error: {problem}", file=sys.stderr)
         return 2
+    print(cli_args.versions())
     print(f"available backends: {', '.join(available_backends())}")
     for mod, err in load_errors().items():
         print(f"  (not loaded: {mod}: {err})")

@@ -14,7 +14,11 @@ _SUBCOMMANDS = ("prefix_attn.check", "prefix_attn.demo", "prefix_attn.train", "p
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from prefix_attn.cli_args import versions
+
     parser = argparse.ArgumentParser(prog="prefix-attn", description=__doc__)
+    parser.add_argument("--version", action="version", version=versions(),
+                        help="print the versions of this package, torch and the optional packages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _SUBCOMMANDS:
         try:

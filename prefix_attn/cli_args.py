@@ -1,12 +1,15 @@
 """What the subcommands of ``prefix-attn`` share in their arguments: the help layout (the
 description as written, each meaningful default shown), number parsers that refuse values
-out of range at parse time (argparse's usage error, exit status 2), and switching
-transformers' own progress bars off with ``--no-progress``."""
+out of range at parse time (argparse's usage error, exit status 2), switching
+transformers' own progress bars off with ``--no-progress``, and the versions line of
+``--version`` and ``check``."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import math
+import platform
+from importlib import metadata
 from typing import Callable, Optional
 
 import torch
@@ -125,3 +128,26 @@ def max_positions(config) -> Optional[int]:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def versions() -> str:
+    """One line for a bug report: this package, Python, torch (its CUDA and the GPUs it sees,
+    counted without starting CUDA), and the optional packages, "-" for those not installed
+    (read from the installed metadata: nothing is imported)."""
+    def installed(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "-"
+
+    from prefix_attn import __version__
+    from prefix_attn.hf.support import transformers_too_old
+
+    hf = installed("transformers")
+    old = hf != "-" and transformers_too_old(hf) is not None
+    cuda = (f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)"
+            if torch.version.cuda else "no CUDA")
+    return (f"prefix_attn {__version__}, Python {platform.python_version()}, torch "
+            f"{torch.__version__} ({cuda}), triton {installed('triton')}, transformers {hf}"
+            f"{' (too old: the HF integration needs 5.15 or newer)' if old else ''}, "
+            f"peft {installed('peft')}, accelerate {installed('accelerate')}")

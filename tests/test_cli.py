@@ -182,3 +182,35 @@ def test_check_catches_a_gradient_within_an_unselected_entrys_length(monkeypatch
     monkeypatch.setattr(check, "prefix_attention", leaky)
     rows = check.run_checks(["torch"], ["float32"])
     assert len(rows) == 1 and not rows[0]["ok"] and rows[0]["worst"] == "dprefix_k"
+
+
+def test_version_names_the_versions_a_bug_report_needs(capsys, monkeypatch):
+    """`prefix-attn --version` (and the first line of `check`): this package, Python, torch and
+    its CUDA, the optional packages ("-" when missing), and a transformers too old for the HF
+    integration said so."""
+    import platform
+    from importlib import metadata
+
+    import prefix_attn
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    line = " ".join(capsys.readouterr().out.split())
+    assert line.startswith(f"prefix_attn {prefix_attn.__version__}, Python {platform.python_version()}")
+    assert f"torch {torch.__version__}" in line
+    assert f"transformers {metadata.version('transformers')}," in line and "too old" not in line
+
+    real = metadata.version
+
+    def older(dist):
+        if dist == "transformers":
+            return "5.12.1"
+        if dist == "triton":
+            raise metadata.PackageNotFoundError(dist)
+        return real(dist)
+    monkeypatch.setattr(metadata, "version", older)
+    assert cli.main(["check", "--backend", "torch", "--dtype", "float32"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "triton -," in first
+    assert "transformers 5.12.1 (too old: the HF integration needs 5.15 or newer)" in first
