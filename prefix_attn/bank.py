@@ -1055,7 +1055,11 @@ class PrefixBank(nn.Module):
         A missing file raises FileNotFoundError, anything else wrong a ValueError naming the file
         and the mismatch; the bank is unchanged in both cases."""
         self._check_name(name)
-        kv, _ = peft_format.read_peft_adapter(adapter_dir, self.shape)
+        cfg = getattr(self.model, "config", None)
+        # multi-query GPT-BigCode: older PEFT saved every query head (it served head 0)
+        query_heads = (getattr(cfg, "num_attention_heads", None)
+                       if getattr(cfg, "model_type", None) == "gpt_bigcode" else None)
+        kv, _ = peft_format.read_peft_adapter(adapter_dir, self.shape, query_heads)
         model_info.warn_window_vs_peft(self.model, f"load_peft({name!r})")
         self._add_kv(name, kv)
 

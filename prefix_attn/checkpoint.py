@@ -48,8 +48,10 @@ def load_prefixes(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping]
         owner, mkey, adapter, part = _KEY.match(key).groups()
         groups.setdefault(PrefixBank._name_of_key(mkey), {}).setdefault((owner, adapter), {})[part] = t
     if not groups:
+        why = (f"it holds {_PEFT_PREFIX}" if _holds_peft_prefix(checkpoint)
+               else "was it saved from a model after prefix_tuning?")
         raise ValueError(f"{where} holds no trainable prefix (no prefix_bank.trainable.* "
-                         "tensors): was it saved from a model after prefix_tuning?")
+                         f"tensors): {why}")
     for name, copies in groups.items():
         if len(copies) > 1:
             raise ValueError(
@@ -117,11 +119,16 @@ def _prefix_tensors(checkpoint) -> tuple[dict, str]:
     name = next((f for f in _FILES if os.path.isfile(os.path.join(folder, f))), None)
     if name is None:
         hint = ""
-        if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
+        adapter = next((f for f in _ADAPTER_FILES if os.path.isfile(os.path.join(folder, f))), None)
+        if adapter is not None and _peft_type(folder) == "PREFIX_TUNING":
+            hint = f"; it holds {_PEFT_PREFIX}"
+        elif adapter is not None:
+            read = ("safetensors.torch.load_file(folder + '/adapter_model.safetensors')"
+                    if adapter.endswith(".safetensors") else
+                    "torch.load(folder + '/adapter_model.bin', weights_only=True)")
             hint = ("; it holds a PEFT adapter: load it with peft.PeftModel.from_pretrained(model, "
                     "folder) (a prefix in its modules_to_save comes with it), or pass its tensors: "
-                    "load_prefixes(model, safetensors.torch.load_file(folder + "
-                    "'/adapter_model.safetensors'))")
+                    f"load_prefixes(model, {read})")
         raise FileNotFoundError(f"{folder!r} holds none of {', '.join(_FILES)}{hint}")
     path = os.path.join(folder, name)
     if name.endswith(".index.json"):
@@ -137,6 +144,37 @@ def _prefix_tensors(checkpoint) -> tuple[dict, str]:
     for file, keys in files.items():
         tensors.update(_read(file, keys))
     return tensors, path
+
+
+_ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+# what a PEFT prefix-tuning adapter is read with (its prompt_embeddings are no trained module)
+_PEFT_PREFIX = ("a PEFT prefix-tuning adapter: read it with model.prefix_bank.load_peft(name, "
+                "folder) after PrefixBank.attach(model), or use prefix_attn.from_peft on the "
+                "PeftModel")
+
+
+def _peft_type(folder: str):
+    """The ``peft_type`` of the adapter in ``folder`` (None when unreadable)."""
+    try:
+        with open(os.path.join(folder, "adapter_config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config.get("peft_type") if isinstance(config, dict) else None
+
+
+def _holds_peft_prefix(checkpoint) -> bool:
+    """Whether ``checkpoint`` (a state dict, or a weights file) holds the tensor of a PEFT
+    prefix-tuning adapter's file."""
+    if isinstance(checkpoint, Mapping):
+        return "prompt_embeddings" in checkpoint
+    path = os.fspath(checkpoint)
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return "prompt_embeddings" in f.keys()
+    return False
 
 
 def _read(file: str, keys) -> dict:

@@ -115,8 +115,28 @@ def _int_field(config: dict, key: str, cfg_path: str, default=None):
     return value
 
 
-def read_peft_adapter(adapter_dir: str, shape: BankShape) -> tuple[torch.Tensor, dict]:
-    """Load a PEFT prefix-tuning adapter and check it against ``shape``.
+def _saved_heads(config: dict, cfg_path: str, shape: BankShape, query_heads: Optional[int]) -> int:
+    """The heads per layer the adapter holds: ``shape.num_kv_heads``, or every query head of a
+    multi-query model whose adapter a PEFT before transformers knew its kv heads saved so
+    (GPT-BigCode: such an adapter served head 0 only, which is what the bank takes)."""
+    H, D = shape.num_kv_heads, shape.head_dim
+    if (H == 1 and query_heads is not None and query_heads > 1
+            and _int_field(config, "num_attention_heads", cfg_path) == query_heads
+            and _int_field(config, "token_dim", cfg_path) == query_heads * D):
+        warnings.warn(
+            f"{cfg_path}: saved with all {query_heads} query heads of this multi-query model "
+            "(by a PEFT under a transformers whose config had no num_key_value_heads); its PEFT "
+            "used head 0 of each layer only, and so does the bank (later PEFT releases cannot "
+            "load this adapter)", stacklevel=4)
+        return query_heads
+    return H
+
+
+def read_peft_adapter(adapter_dir: str, shape: BankShape,
+                      query_heads: Optional[int] = None) -> tuple[torch.Tensor, dict]:
+    """Load a PEFT prefix-tuning adapter and check it against ``shape``. ``query_heads``: the
+    model's query heads where an adapter with one set of keys per query head is read as PEFT
+    served it (multi-query GPT-BigCode, :func:`_saved_heads`).
 
     Returns ``(kv, config)`` with ``kv`` of shape ``[L, 2, Hkv, P, D]`` (CPU, the file's dtype)
     and the parsed ``adapter_config.json``. Raises ``FileNotFoundError`` for missing files and
@@ -132,19 +152,21 @@ def read_peft_adapter(adapter_dir: str, shape: BankShape) -> tuple[torch.Tensor,
             f"{cfg_path}: num_transformer_submodules={config.get('num_transformer_submodules')} "
             "(encoder-decoder adapter); only decoder-only models (1) are supported"
         )
+    heads = _saved_heads(config, cfg_path, shape, query_heads)
+    # PEFT's num_attention_heads counts the key/value heads (num_key_value_heads under GQA)
     expected = {
-        "num_layers": shape.num_layers,
-        "num_attention_heads": shape.num_kv_heads,
-        "token_dim": shape.num_kv_heads * shape.head_dim,
+        "num_layers": (shape.num_layers, f"{shape.num_layers} layers"),
+        "num_attention_heads": (heads, f"{heads} key/value heads"),
+        "token_dim": (heads * shape.head_dim, f"{heads} key/value heads x head dim {shape.head_dim}"),
     }
-    for key, want in expected.items():
+    for key, (want, what) in expected.items():
         got = _int_field(config, key, cfg_path)
         if got is None:
             raise AdapterError(f"{cfg_path}: field {key!r} missing (this model needs {want})")
         if got != want:
             raise AdapterError(
-                f"{cfg_path}: {key}={got} but this model has {key}={want} "
-                f"(L={shape.num_layers}, Hkv={shape.num_kv_heads}, D={shape.head_dim}); "
+                f"{cfg_path}: {key}={got} but this model needs {key}={want} ({what}; "
+                f"L={shape.num_layers}, Hkv={shape.num_kv_heads}, D={shape.head_dim}); "
                 "is it a prefix-tuning adapter for another model?"
             )
     P = _int_field(config, "num_virtual_tokens", cfg_path)
@@ -152,17 +174,17 @@ def read_peft_adapter(adapter_dir: str, shape: BankShape) -> tuple[torch.Tensor,
         raise AdapterError(f"{cfg_path}: num_virtual_tokens missing or negative ({P!r})")
 
     path, emb = _read_tensor(adapter_dir)
-    width = shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim
+    width = shape.num_layers * 2 * heads * shape.head_dim
     if emb.dim() != 2 or tuple(emb.shape) != (P, width):
         raise AdapterError(
             f"{path}: {TENSOR_KEY} has shape {list(emb.shape)}, expected [P={P}, L*2*Hkv*D={width}] "
-            f"(L={shape.num_layers}, Hkv={shape.num_kv_heads}, D={shape.head_dim})"
+            f"(L={shape.num_layers}, Hkv={heads}, D={shape.head_dim})"
         )
     if not emb.is_floating_point():
         raise AdapterError(f"{path}: {TENSOR_KEY} has dtype {emb.dtype}, expected a floating-point tensor")
     # [P, L*2*Hkv*D] -> [P, L, 2, Hkv, D] (PEFT's view) -> [L, 2, Hkv, P, D] (the bank's layout)
-    kv = emb.view(P, shape.num_layers, 2, shape.num_kv_heads, shape.head_dim).permute(1, 2, 3, 0, 4)
-    return kv.contiguous(), config
+    kv = emb.view(P, shape.num_layers, 2, heads, shape.head_dim).permute(1, 2, 3, 0, 4)
+    return kv[:, :, :shape.num_kv_heads].contiguous(), config
 
 
 # model class name endings whose adapters PEFT loads as CAUSAL_LM (PeftModelForCausalLM)

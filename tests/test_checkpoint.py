@@ -139,6 +139,33 @@ def test_a_peft_adapter_folder_is_pointed_to_its_loader(tmp_path):
     torch.testing.assert_close(_logits(fresh.eval(), ["a", None]), _logits(model, ["a", None]))
 
 
+@pytest.mark.parametrize("safe", [True, False])
+def test_a_peft_prefix_tuning_adapter_is_pointed_to_load_peft(tmp_path, safe):
+    """A PEFT prefix-tuning adapter (its prompt_embeddings are no trained module): the hint
+    said to pass its tensors to load_prefixes, which then said it held no prefix; an
+    adapter_model.bin folder got no hint at all. Both point to load_peft / from_peft now, and
+    the way named works."""
+    from prefix_attn.bank import PrefixBank
+
+    model = _trained()
+    model.prefix_bank.save_peft("a", str(tmp_path))
+    if not safe:  # as PEFT's save_pretrained(safe_serialization=False) writes it
+        tensors = load_file(tmp_path / "adapter_model.safetensors")
+        os.remove(tmp_path / "adapter_model.safetensors")
+        torch.save(tensors, tmp_path / "adapter_model.bin")
+    fresh = tiny_model("llama", seed=0)
+    with pytest.raises(FileNotFoundError, match=r"it holds a PEFT prefix-tuning adapter: read it "
+                                                r"with model\.prefix_bank\.load_peft\(name, folder\)"):
+        prefix_attn.load_prefixes(fresh, tmp_path)
+    if safe:
+        for given in (tmp_path / "adapter_model.safetensors",
+                      load_file(tmp_path / "adapter_model.safetensors")):
+            with pytest.raises(ValueError, match="it holds a PEFT prefix-tuning adapter"):
+                prefix_attn.load_prefixes(fresh, given)
+    PrefixBank.attach(fresh).load_peft("a", str(tmp_path))
+    torch.testing.assert_close(_logits(fresh.eval(), ["a", None]), _logits(model, ["a", None]))
+
+
 def test_a_lora_run_s_copy_is_read_and_several_copies_are_refused():
     """The state dict of a LoRA run's base model holds the prefix in PEFT's modules_to_save
     wrapper (the trained copy and the original): it was refused as holding no prefix. Two

@@ -173,9 +173,9 @@ def good_adapter(tmp_path):
 
 
 @pytest.mark.parametrize("change, error, pattern", [
-    ({"num_layers": 3}, AdapterError, r"adapter_config.json: num_layers=3 but this model has num_layers=2"),
-    ({"num_attention_heads": 4}, AdapterError, r"num_attention_heads=4 but this model has num_attention_heads=2"),
-    ({"token_dim": 32}, AdapterError, r"token_dim=32 but this model has token_dim=16"),
+    ({"num_layers": 3}, AdapterError, r"adapter_config.json: num_layers=3 but this model needs num_layers=2 \(2 layers"),
+    ({"num_attention_heads": 4}, AdapterError, r"num_attention_heads=4 but this model needs num_attention_heads=2 \(2 key/value heads"),
+    ({"token_dim": 32}, AdapterError, r"token_dim=32 but this model needs token_dim=16 \(2 key/value heads x head dim 8"),
     ({"peft_type": "LORA"}, AdapterError, r"peft_type is 'LORA', expected 'PREFIX_TUNING'"),
     ({"num_transformer_submodules": 2}, AdapterError, r"num_transformer_submodules=2 \(encoder-decoder"),
     ({"num_virtual_tokens": 7}, AdapterError, r"adapter_model.safetensors: prompt_embeddings has shape \[5, 64\], "
@@ -295,3 +295,57 @@ def test_save_peft_warns_when_a_head_trained_beside_the_prefix_is_left_out(tmp_p
     model.lm_head.requires_grad_(True)
     with pytest.warns(UserWarning, match=r"wrote the prefix only.*\(lm_head.weight\)"):
         model.prefix_bank.save_peft("a", str(tmp_path / "head"))
+
+
+def _old_style_adapter(folder, emb, config):
+    from safetensors.torch import save_file
+
+    os.makedirs(folder)
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+    save_file({"prompt_embeddings": emb}, os.path.join(folder, "adapter_model.safetensors"))
+
+
+@pytest.mark.hf
+def test_an_old_multi_query_gpt_bigcode_adapter_loads_as_its_peft_served_it(tmp_path):
+    """PEFT under a transformers whose GPTBigCodeConfig had no num_key_value_heads (4.46)
+    saved a multi-query model's prefix with every query head (num_attention_heads = n_head,
+    token_dim = n_head * D) and served head 0 of each layer (its
+    starcoder_model_postprocess_past_key_value); today's PEFT cannot load such an adapter and
+    load_peft refused it as one "for another model". It loads now, as head 0 with a warning
+    (an audit compared the logits with peft 0.13.2 + transformers 4.46.3: 3e-7)."""
+    from prefix_attn.tiny import tiny_model
+
+    model = tiny_model("gpt_bigcode", vocab_size=64).eval()
+    L, H, D, P = 2, model.config.num_attention_heads, 8, 5
+    bank = PrefixBank.attach(model)
+    assert (bank.num_layers, bank.num_kv_heads, bank.head_dim) == (L, 1, D) and H == 4
+    emb = torch.randn(P, L * 2 * H * D, generator=torch.Generator().manual_seed(0))
+    config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": P,
+              "num_layers": L, "num_attention_heads": H, "token_dim": H * D,
+              "num_transformer_submodules": 1, "prefix_projection": False}
+    _old_style_adapter(str(tmp_path / "old"), emb, config)
+    with pytest.warns(UserWarning, match="head 0 of each layer only"):
+        model.prefix_bank.load_peft("old", str(tmp_path / "old"))
+    head0 = emb.view(P, L, 2, H, D)[:, :, :, 0].permute(1, 2, 0, 3)  # [L, 2, P, D]
+    keys, values = model.prefix_bank.get("old")
+    torch.testing.assert_close(keys[:, 0], head0[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(values[:, 0], head0[:, 1], rtol=0, atol=0)
+    model.prefix_bank.add("head0", head0[:, 0, None], head0[:, 1, None])
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, prefixes="old").logits,
+                                   model(ids, prefixes="head0").logits, rtol=0, atol=0)
+
+    # a llama (query heads != kv heads, not multi-query) keeps refusing such a file, naming
+    # what PEFT's num_attention_heads counts
+    llama = tiny_model("llama", vocab_size=64)
+    lb = PrefixBank.attach(llama)
+    Ll, Hkv, Dl = lb.num_layers, lb.num_kv_heads, lb.head_dim
+    Hq = llama.config.num_attention_heads
+    assert Hq != Hkv
+    _old_style_adapter(str(tmp_path / "gqa"), torch.randn(P, Ll * 2 * Hq * Dl),
+                       dict(config, num_layers=Ll, num_attention_heads=Hq, token_dim=Hq * Dl))
+    with pytest.raises(AdapterError, match=rf"num_attention_heads={Hq} but this model needs "
+                                           rf"num_attention_heads={Hkv} \({Hkv} key/value heads"):
+        llama.prefix_bank.load_peft("gqa", str(tmp_path / "gqa"))
