@@ -41,6 +41,11 @@ _EXTRA = {  # hybrids: one attention layer next to a recurrent / linear one, sma
     "bamba": dict(num_hidden_layers=2, attn_layer_indices=[1], **_MAMBA),
     "granitemoehybrid": dict(num_hidden_layers=2, layer_types=["mamba", "attention"], **_MAMBA),
     "falcon_h1": dict(mamba_d_ssm=128, **_MAMBA),
+    # one attention module shared by the hybrid layers (layer_idx -1 / None)
+    "zamba": dict(num_hidden_layers=3, layer_types=["linear_attention", "hybrid", "hybrid"],
+                  attention_head_dim=32),
+    "zamba2": dict(num_hidden_layers=2, layer_types=["linear_attention", "hybrid"],
+                   hybrid_layer_ids=[1], attention_head_dim=32, mamba_headdim=16),
 }
 _ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention", "attention"}
 
@@ -126,10 +131,20 @@ CORRECT = [
     "granitemoe", "granitemoehybrid", "granitemoeshared", "helium", "jais2", "olmo_hybrid", "qwen3_5_text",
     "internlm3", "bamba", "lfm2", "llama4_text", "minimax_m2", "ministral3", "mllama", "nemotron_h",
     "olmo3", "olmoe", "persimmon", "phimoe", "qwen3_moe", "qwen3_next", "seed_oss", "vaultgemma",
+    # swept 2026-12-06 (default configs, shrunk)
+    "apertus1p5_text", "beam", "bert", "bert-generation", "cohere2_moe", "electra", "ergo",
+    "ernie", "exaone_moe", "flint", "fuyu", "got_ocr2", "gpt-sw3", "granite_swa",
+    "granitemoe_swa", "hy_v3", "hyperclovax", "iquestcoder", "kolibri1", "laguna", "lara_mini",
+    "lfm3", "mellum", "minicpm5_moe", "minimax_m3_vl_text", "modernbert-decoder", "moshi",
+    "nanochat", "param2moe", "phi4_multimodal", "qwen3_5_moe_text", "roc_bert", "sarvam_moe",
+    "solar_open",
 ]
 REFUSED = [
     "bloom", "mpt", "falcon", "stablelm", "git", "diffllama", "recurrent_gemma", "hrm_text",
     "jetmoe", "doge", "mimo_v2_flash", "inkling_text", "deepseek_v3", "minicpm3", "xglm",
+    "zamba", "zamba2",  # attached, then failed at the first forward with prefixes= (IndexError)
+    "axk1", "deepseek_v2", "kimi_linear", "big_bird", "openai-gpt", "xlnet", "mamba", "rwkv",
+    "inkling2_text",
 ]
 
 

@@ -158,9 +158,12 @@ def unsupported_model(model) -> Optional[str]:
     if own is not None:
         return own
     try:
-        model_info.model_dims(model)
+        num_layers = model_info.model_dims(model)[0]
     except ValueError as e:
         return f"{name}: {e}"
+    shared = _shared_attention(model, num_layers)
+    if shared is not None:
+        return shared
     if getattr(text, "num_kv_shared_layers", None) \
             or "reuse" in (getattr(text, "kv_sharing_modes", None) or ()):
         return (f"{name}'s layers reuse earlier layers' keys and values (KV sharing), and with "
@@ -183,6 +186,27 @@ def unsupported_model(model) -> Optional[str]:
         return (f"{name} numbers its positions from 1 and attends bidirectionally over its "
                 "prompt, which prefix_attn's position shift and kernels do not follow yet")
     return None
+
+
+def _shared_attention(model, num_layers: int) -> Optional[str]:
+    """Why the model's self-attention has no layer index of its own (None: each has one): one
+    module shared by several layers and told the cache index at each call (Zamba2 builds it
+    with layer_idx -1, Zamba with none), which the attention function never sees."""
+    outside = sorted({f"{type(m).__name__} (layer_idx {m.layer_idx})"
+                      for _, m in code_checks.self_attention_modules(model)
+                      if not 0 <= m.layer_idx < num_layers})
+    home = type(model).__module__
+    unindexed = sorted({type(m).__name__ for m in model.modules()
+                        if type(m).__module__ == home and home.startswith("transformers.models.")
+                        and type(m).__name__.endswith("Attention")
+                        and not any(w in type(m).__name__ for w in ("Cross", "Vision", "Audio"))
+                        and getattr(m, "layer_idx", 0) is None})
+    if not outside and not unindexed:
+        return None
+    return (f"{type(model).__name__}'s attention ({', '.join(outside + unindexed)}) has no "
+            f"layer index among its {num_layers} layers: a module shared by several layers, "
+            "given the cache index at each call, which prefix_attn cannot read to pick each "
+            "layer's prefix; use PEFT for it")
 
 
 def _own_attention(model) -> Optional[str]:
