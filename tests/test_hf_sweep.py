@@ -41,6 +41,12 @@ _EXTRA = {  # hybrids: one attention layer next to a recurrent / linear one, sma
     "bamba": dict(num_hidden_layers=2, attn_layer_indices=[1], **_MAMBA),
     "granitemoehybrid": dict(num_hidden_layers=2, layer_types=["mamba", "attention"], **_MAMBA),
     "falcon_h1": dict(mamba_d_ssm=128, **_MAMBA),
+    "jamba": dict(num_hidden_layers=2, attn_layer_offset=1, attn_layer_period=2,
+                  expert_layer_offset=1, expert_layer_period=2),
+    "hunyuan_v1_dense": dict(head_dim=16),
+    "hunyuan_v1_moe": dict(head_dim=16),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "gemma4_text": dict(global_head_dim=16, hidden_size_per_layer_input=0),
     # one attention module shared by the hybrid layers (layer_idx -1 / None)
     "zamba": dict(num_hidden_layers=3, layer_types=["linear_attention", "hybrid", "hybrid"],
                   attention_head_dim=32),
@@ -137,7 +143,7 @@ CORRECT = [
     "granitemoe_swa", "hy_v3", "hyperclovax", "iquestcoder", "kolibri1", "laguna", "lara_mini",
     "lfm3", "mellum", "minicpm5_moe", "minimax_m3_vl_text", "modernbert-decoder", "moshi",
     "nanochat", "param2moe", "phi4_multimodal", "qwen3_5_moe_text", "roc_bert", "sarvam_moe",
-    "solar_open",
+    "solar_open", "jamba", "hunyuan_v1_dense", "hunyuan_v1_moe", "lfm2_moe", "gemma4_text",
 ]
 REFUSED = [
     "bloom", "mpt", "falcon", "stablelm", "git", "diffllama", "recurrent_gemma", "hrm_text",
