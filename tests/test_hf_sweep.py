@@ -128,7 +128,14 @@ def _with_prefix_in_cache(ref, ids, kv):
     # first layer's cache (a recurrent one: 0) in transformers 5.17
     kw = {cache_kwarg(ref): cache, "attention_mask": torch.ones(B, P + S, dtype=torch.long),
           "position_ids": (torch.arange(S) + P)[None].expand(B, -1)}
+    if ref.config.model_type in _PADDING_NUMBERED:
+        del kw["position_ids"]  # numbered from padding_idx + 1 + the cache's length, by the model
     return ref(input_ids=ids, **kw).logits
+
+
+# RoBERTa-style: positions start after the padding index (PEFT's and prefix_attn's numbering)
+_PADDING_NUMBERED = {"roberta", "roberta-prelayernorm", "camembert", "data2vec-text",
+                     "xlm-roberta", "xlm-roberta-xl"}
 
 
 CORRECT = [
@@ -144,6 +151,7 @@ CORRECT = [
     "lfm3", "mellum", "minicpm5_moe", "minimax_m3_vl_text", "modernbert-decoder", "moshi",
     "nanochat", "param2moe", "phi4_multimodal", "qwen3_5_moe_text", "roc_bert", "sarvam_moe",
     "solar_open", "jamba", "hunyuan_v1_dense", "hunyuan_v1_moe", "lfm2_moe", "gemma4_text",
+    *sorted(_PADDING_NUMBERED),
 ]
 REFUSED = [
     "bloom", "mpt", "falcon", "stablelm", "git", "diffllama", "recurrent_gemma", "hrm_text",
