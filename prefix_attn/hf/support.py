@@ -161,9 +161,6 @@ def unsupported_model(model) -> Optional[str]:
         num_layers = model_info.model_dims(model)[0]
     except ValueError as e:
         return f"{name}: {e}"
-    shared = _shared_attention(model, num_layers)
-    if shared is not None:
-        return shared
     if getattr(text, "num_kv_shared_layers", None) \
             or "reuse" in (getattr(text, "kv_sharing_modes", None) or ()):
         return (f"{name}'s layers reuse earlier layers' keys and values (KV sharing), and with "
@@ -182,6 +179,9 @@ def unsupported_model(model) -> Optional[str]:
     if attention and not _layer_classes(model):
         return (f"{name}'s attention modules ({', '.join(attention)}) have no layer index, by "
                 "which prefix_attn gives each layer its prefix")
+    shared = _shared_attention(model, num_layers)
+    if shared is not None:
+        return shared
     if getattr(text, "model_type", None) == "paligemma" or getattr(cfg, "model_type", None) == "paligemma":
         return (f"{name} numbers its positions from 1 and attends bidirectionally over its "
                 "prompt, which prefix_attn's position shift and kernels do not follow yet")
