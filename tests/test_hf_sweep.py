@@ -144,11 +144,12 @@ CORRECT = [
     "granitemoe", "granitemoehybrid", "granitemoeshared", "helium", "jais2", "olmo_hybrid", "qwen3_5_text",
     "internlm3", "bamba", "lfm2", "llama4_text", "minimax_m2", "ministral3", "mllama", "nemotron_h",
     "olmo3", "olmoe", "persimmon", "phimoe", "qwen3_moe", "qwen3_next", "seed_oss", "vaultgemma",
-    # swept 2026-12-06 (default configs, shrunk)
+    # swept 2026-12-06 (default configs, shrunk; moshi, equal on 5.25, is refused on 5.17,
+    # whose MoshiForCausalLM does not pass keywords on to its attention)
     "apertus1p5_text", "beam", "bert", "bert-generation", "cohere2_moe", "electra", "ergo",
     "ernie", "exaone_moe", "flint", "fuyu", "got_ocr2", "gpt-sw3", "granite_swa",
     "granitemoe_swa", "hy_v3", "hyperclovax", "iquestcoder", "kolibri1", "laguna", "lara_mini",
-    "lfm3", "mellum", "minicpm5_moe", "minimax_m3_vl_text", "modernbert-decoder", "moshi",
+    "lfm3", "mellum", "minicpm5_moe", "minimax_m3_vl_text", "modernbert-decoder",
     "nanochat", "param2moe", "phi4_multimodal", "qwen3_5_moe_text", "roc_bert", "sarvam_moe",
     "solar_open", "jamba", "hunyuan_v1_dense", "hunyuan_v1_moe", "lfm2_moe", "gemma4_text",
     *sorted(_PADDING_NUMBERED),
