@@ -14,7 +14,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from . import model_info
+from . import model_info, peft_format
 from .bank import PrefixBank
 from .tuning import PrefixParameters, add_prefixes
 
@@ -156,24 +156,22 @@ _PEFT_PREFIX = ("a PEFT prefix-tuning adapter: read it with model.prefix_bank.lo
 def _peft_type(folder: str):
     """The ``peft_type`` of the adapter in ``folder`` (None when unreadable)."""
     try:
-        with open(os.path.join(folder, "adapter_config.json")) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
+        return peft_format._read_config(folder).get("peft_type")
+    except (OSError, ValueError):  # FileNotFoundError, AdapterError
         return None
-    return config.get("peft_type") if isinstance(config, dict) else None
 
 
 def _holds_peft_prefix(checkpoint) -> bool:
     """Whether ``checkpoint`` (a state dict, or a weights file) holds the tensor of a PEFT
     prefix-tuning adapter's file."""
     if isinstance(checkpoint, Mapping):
-        return "prompt_embeddings" in checkpoint
+        return peft_format.TENSOR_KEY in checkpoint
     path = os.fspath(checkpoint)
     if os.path.isfile(path) and path.endswith(".safetensors"):
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
-            return "prompt_embeddings" in f.keys()
+            return peft_format.TENSOR_KEY in f.keys()
     return False
 
 

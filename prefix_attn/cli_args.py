@@ -141,13 +141,14 @@ def versions() -> str:
             return "-"
 
     from prefix_attn import __version__
-    from prefix_attn.hf.support import transformers_too_old
+    from prefix_attn.hf.support import MIN_TRANSFORMERS, transformers_too_old
 
     hf = installed("transformers")
+    floor = ".".join(map(str, MIN_TRANSFORMERS))
     old = hf != "-" and transformers_too_old(hf) is not None
     cuda = (f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)"
             if torch.version.cuda else "no CUDA")
     return (f"prefix_attn {__version__}, Python {platform.python_version()}, torch "
             f"{torch.__version__} ({cuda}), triton {installed('triton')}, transformers {hf}"
-            f"{' (too old: the HF integration needs 5.15 or newer)' if old else ''}, "
+            f"{f' (too old: the HF integration needs {floor} or newer)' if old else ''}, "
             f"peft {installed('peft')}, accelerate {installed('accelerate')}")
