@@ -551,7 +551,7 @@ class PrefixBank(nn.Module):
         forwards, a pipeline, an evaluation harness); None (the default): no prefix then.
         ``prefixes=`` given (``None`` included: no prefix) wins. A :meth:`pinned` block (a
         ``generate`` call) keeps the one it started with. Removing the entry sets it back to
-        None; it is not saved with the bank."""
+        None. :meth:`save` keeps it and :meth:`load` sets it again."""
         return self.__dict__.get("_default_prefix")
 
     @default_prefix.setter
@@ -1146,9 +1146,11 @@ class PrefixBank(nn.Module):
     # -- whole-bank save / load -------------------------------------------------------------
     def save(self, directory: str) -> None:
         """Write every entry (trainable ones folded) to ``directory/prefix_bank.safetensors``
-        atomically (temporary file + os.replace); names, kinds and dims in its metadata
-        (:mod:`prefix_attn.bank_file`)."""
-        _, entries = self._state
+        atomically (temporary file + os.replace); names, kinds, dims and the
+        :attr:`default_prefix` in its metadata (:mod:`prefix_attn.bank_file`)."""
+        with self._lock:  # the default and the entries as one state
+            _, entries = self._state
+            default = self.__dict__.get("_default_prefix")
         for entry in entries.values():
             self._check_unsharded(entry, "PrefixBank.save")
         with torch.no_grad():
@@ -1158,12 +1160,15 @@ class PrefixBank(nn.Module):
             names=list(entries),
             kinds=["prompt" if e.kind == "prompt" else "fixed" for e in entries.values()],
             signatures=[list(e.signature) if e.signature is not None else None for e in entries.values()],
-            dims=(self.num_layers, self.num_kv_heads, self.head_dim), tensors=tensors))
+            dims=(self.num_layers, self.num_kv_heads, self.head_dim), tensors=tensors,
+            default=default if default in entries else None))
 
     @classmethod
     def load(cls, directory: str, model: nn.Module) -> "PrefixBank":
         """Attach a bank to ``model`` and add (replacing same names) every entry saved in ``directory``.
-        Everything is checked before the bank changes, and all entries appear in one snapshot."""
+        Everything is checked before the bank changes, and all entries appear in one snapshot.
+        A saved :attr:`default_prefix` becomes the bank's (a different one it had is replaced,
+        with a warning); a file saved without one leaves the bank's as it was."""
         saved = bank_file.read(directory)
         path = os.path.join(directory, BANK_FILE)
         try:  # the model's dims without attaching: a refused file leaves the model as it was
@@ -1185,8 +1190,15 @@ class PrefixBank(nn.Module):
                 f"{path}: the prompt entries {other} were computed by another model (its weights "
                 f"differ from {type(model).__name__}'s): their KV does not fit this model; "
                 "recompute them here with add_prompt", stacklevel=2)
-        bank._commit_many({name: bank._fixed_entry(name, kv, kind, sig) for name, kv, kind, sig
-                           in zip(saved.names, saved.tensors, saved.kinds, saved.signatures)})
+        with bank._lock:  # the entries and the default they name as one change
+            bank._commit_many({name: bank._fixed_entry(name, kv, kind, sig) for name, kv, kind, sig
+                               in zip(saved.names, saved.tensors, saved.kinds, saved.signatures)})
+            if saved.default is not None:
+                before = bank.default_prefix
+                bank.default_prefix = saved.default
+        if saved.default is not None and before not in (None, saved.default):
+            warnings.warn(f"{path}: default_prefix {before!r} replaced by the saved {saved.default!r}",
+                          stacklevel=2)
         return bank
 
     def extra_repr(self) -> str:

@@ -1,7 +1,8 @@
 """The file of a saved prefix bank, ``FOLDER/prefix_bank.safetensors``: one tensor ``entry_i``
 ``[L, 2, Hkv, P_i, D]`` per entry and, in the metadata, the entry names, their kinds
 ("fixed" | "prompt"; trainable entries are saved folded, as fixed), the weight signatures of
-prompt entries (``model_info.model_signature``) and the dims. Written atomically; read with
+prompt entries (``model_info.model_signature``), the dims and the bank's ``default_prefix``
+(absent when None; files written before it was saved have none). Written atomically; read with
 every field checked (a ValueError naming the file otherwise)."""
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class SavedBank:
     signatures: List[Optional[list]]
     dims: tuple  # (L, Hkv, D)
     tensors: list = field(default_factory=list)  # [L, 2, Hkv, P_i, D] each (CPU)
+    default: Optional[str] = None  # the bank's default_prefix, one of names
 
 
 def path_in(directory: str) -> str:
@@ -50,6 +52,8 @@ def write(directory: str, saved: SavedBank) -> None:
         SIGNATURES: json.dumps(saved.signatures),
         **{k: str(v) for k, v in zip(("num_layers", "num_kv_heads", "head_dim"), saved.dims)},
     }
+    if saved.default is not None:  # an added key: readers before it ignore it
+        meta["default_prefix"] = json.dumps(saved.default)
     tensors = {f"entry_{i}": t for i, t in enumerate(saved.tensors)}
     os.makedirs(directory, exist_ok=True)
     atomic.write_bytes(os.path.join(directory, BANK_FILE), st_save(tensors, metadata=meta))
@@ -78,6 +82,9 @@ def read(directory: str, tensors: bool = True) -> SavedBank:
             if len(signatures) != len(names):
                 raise ValueError(f"bad model signatures {signatures!r}")
             dims = tuple(int(meta[k]) for k in ("num_layers", "num_kv_heads", "head_dim"))
+            default = json.loads(meta.get("default_prefix", "null"))
+            if default is not None and default not in names:
+                raise ValueError(f"default_prefix {default!r} is not one of the entries")
             # copies: get_tensor maps the file, which the entries would keep mapped (a file
             # rewritten in place, by a cp of a newer bank, changed a running server's prefixes;
             # truncated, it ended the process with SIGBUS)
@@ -86,4 +93,4 @@ def read(directory: str, tensors: bool = True) -> SavedBank:
         raise ValueError(f"{path}: not a readable prefix bank file ({exc!r})") from exc
     except Exception as exc:  # safetensors' own errors for a corrupt header
         raise ValueError(f"{path}: corrupt prefix bank file ({exc})") from exc
-    return SavedBank(names, kinds, signatures, dims, loaded)
+    return SavedBank(names, kinds, signatures, dims, loaded, default)

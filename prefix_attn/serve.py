@@ -8,7 +8,8 @@ Input: one JSON object per line, UTF-8 (a byte-order mark is accepted; blank lin
   "prompt"  the text to continue (required). "" after a --prompt-prefix continues the
             prefix's own text (not after a prompt entry from --bank, which keeps no ids);
             a prompt of no tokens at all (no start token) is refused
-  "prefix"  a prefix name; missing, null or "" = no prefix
+  "prefix"  a prefix name; missing, null or "" = no prefix (a --bank's default_prefix
+            is not applied)
   "id"      any JSON value, unique in the file; default: the request's line number
             (1-based, blank lines counted)
   any other field is copied to the result line (not applied: the options below apply to

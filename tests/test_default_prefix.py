@@ -200,3 +200,46 @@ def test_a_compiled_function_sees_a_default_set_after_its_first_call():
             bank.default_prefix = name
             torch.testing.assert_close(step(IDS, MASK),
                                        model(IDS, attention_mask=MASK, prefixes=name).logits)
+
+
+def test_save_keeps_the_default_and_load_sets_it_again(tmp_path):
+    """bank.save dropped default_prefix: a bank loaded for a trainer or a pipeline ran every call
+    without its prefix, silently."""
+    model, bank = _model()
+    bank.default_prefix = "b"
+    bank.save(str(tmp_path / "with"))
+    with torch.no_grad():
+        want = model(IDS, attention_mask=MASK).logits
+    bank.default_prefix = None
+    bank.save(str(tmp_path / "without"))
+
+    fresh = tiny_model("llama", seed=0).eval()
+    loaded = PrefixBank.load(str(tmp_path / "with"), fresh)
+    assert loaded.default_prefix == "b"
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(IDS, attention_mask=MASK).logits, want, rtol=0, atol=0)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a file without a default leaves the bank's as it was
+        PrefixBank.load(str(tmp_path / "without"), fresh)
+    assert loaded.default_prefix == "b"
+    loaded.default_prefix = "a"
+    with pytest.warns(UserWarning, match="default_prefix 'a' replaced by the saved 'b'"):
+        PrefixBank.load(str(tmp_path / "with"), fresh)
+    assert loaded.default_prefix == "b"
+
+
+def test_a_file_whose_default_names_no_entry_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, bank = _model()
+    bank.default_prefix = "a"
+    bank.save(str(tmp_path))
+    path = str(tmp_path / "prefix_bank.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, path, metadata={**meta, "default_prefix": '"gone"'})
+    fresh = tiny_model("llama", seed=0)
+    with pytest.raises(ValueError, match="default_prefix 'gone' is not one of the entries"):
+        PrefixBank.load(str(tmp_path), fresh)

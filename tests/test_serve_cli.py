@@ -133,6 +133,7 @@ def test_model_folder_and_saved_bank(tmp_path, adapter_dir, capsys):
     bank.load_peft("saved", adapter_dir)
     system = "Be kind. "
     bank.add_prompt("sys", torch.tensor(tiny.ByteTokenizer().encode(system)))
+    bank.default_prefix = "saved"  # saved with the bank; a request without "prefix" still gets none
     bank.save(str(tmp_path / "bank"))
 
     f = _write(tmp_path / "r.jsonl", ['{"prompt": "hi", "prefix": "saved"}', '{"prompt": "hey"}',
