@@ -319,7 +319,7 @@ def test_selecting_trainable_entries_reads_only_the_entries_the_batch_uses():
 def test_a_training_forward_over_fixed_entries_looks_at_the_module_entries_only(monkeypatch):
     """Whether some entry trains is asked of the trainable (module) entries only: a bank of
     thousands of fixed tenants was walked entry by entry at every forward with grad on."""
-    import prefix_attn.bank as bank_module
+    import prefix_attn.bank_select as bank_module
 
     bank = _bank(**{f"f{i}": 2 for i in range(40)})
     bank.add_trainable("t", LearnedPrefix(2))
@@ -896,7 +896,7 @@ class _Prefix(nn.Module):
 def test_a_bank_of_thousands_runs_no_difflib_for_an_unknown_name(monkeypatch):
     """Past 2,000 names an unknown name is looked up by case only (difflib over 50,000 tenants took
     half a second of a request). Kills: _FUZZY_NAMES_MAX raised (difflib run at any size)."""
-    import prefix_attn.bank as bank_mod
+    import prefix_attn.bank_names as bank_mod
 
     bank = PrefixBank(L, HKV, D)
     kv = torch.zeros(L, HKV, 1, D)

@@ -145,7 +145,7 @@ def test_a_running_generate_keeps_its_stacked_prefixes_after_a_bank_change(monke
     bank's version, which alone was cached: every later decode step of a batch mixing entries
     rebuilt the stacked copy [L, 2, n, Hkv, Pmax, D] (and its ids). The pinned call now keeps
     its own cache: one stack for the whole call, the same tokens."""
-    import prefix_attn.bank as bank_module
+    import prefix_attn.bank_select as bank_module
 
     model, bank = _served()
     stacks = []  # every stack seen, kept alive: a freed one's address could be reused
