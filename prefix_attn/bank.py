@@ -293,11 +293,29 @@ class PrefixBank(Selecting, Sources, nn.Module):
         if keys.shape != values.shape:
             raise ValueError(f"keys {list(keys.shape)} and values {list(values.shape)} must have the same shape")
         kv = torch.stack([keys.detach(), values.detach()], dim=1).to(device=self.device, dtype=self.dtype)
-        self._add_kv(name, kv)
+        self._add_kv(name, kv, what=f"add({name!r})")
 
-    def _add_kv(self, name: str, kv: Tensor, kind: str = "fixed", signature=None) -> None:
+    def _add_kv(self, name: str, kv: Tensor, kind: str = "fixed", signature=None,
+                what: str = "add") -> None:
         """Store ``kv`` ``[L, 2, Hkv, P, D]`` (already checked, freshly built by the caller) under ``name``."""
-        self._commit(name, self._fixed_entry(name, kv, kind, signature))
+        entry = self._fixed_entry(name, kv, kind, signature)
+        with self._lock:
+            self._refuse_replacing_trainable([name], what)
+            self._commit(name, entry)
+
+    def _refuse_replacing_trainable(self, names, what: str) -> None:
+        """ValueError if one of ``names`` is a trainable entry: fixed values put in its place
+        orphaned its parameters (an optimizer kept stepping them) and it stopped training,
+        silently, or with "element 0 of tensors does not require grad" at the next backward."""
+        entries = self._state[1]
+        taken = [n for n in names if n in entries and entries[n].module is not None]
+        if taken:
+            raise ValueError(
+                f"{what}: {taken[0]!r} is a trainable prefix; fixed values in its place would "
+                "orphan its parameters (an optimizer may hold them) and stop it training. Give "
+                f"the new entry another name, or remove the trainable one first "
+                f"(model.prefix_bank.remove({taken[0]!r})); to train on from saved values, copy "
+                "them into its parameters under no_grad")
 
     def _fixed_entry(self, name: str, kv: Tensor, kind: str, signature=None) -> _Entry:
         _holds_data(f"entry {name!r}: the bank", self.device)
@@ -347,6 +365,18 @@ class PrefixBank(Selecting, Sources, nn.Module):
     def _entry_of_key(self, key: str) -> Optional[_Entry]:
         """The trainable entry whose module is ``self.trainable[key]``, if any."""
         return next((e for e in self._state[1].values() if e.module_key == key), None)
+
+    def module_name(self, name: str) -> str:
+        """Where trainable entry ``name``'s module sits in the model:
+        ``"prefix_bank.trainable.<key>"``, the prefix of its state-dict keys and the name PEFT's
+        ``modules_to_save`` takes (``LoraConfig(modules_to_save=[bank.module_name("support")])``).
+        ``<key>`` is the name with "%" and "." escaped as %25 and %2E, and a "%" put before a
+        name that is an attribute of ``nn.ModuleDict`` ("train", "keys", "type", ...)."""
+        entry = self._lookup(self._state[1], name)
+        if entry.module_key is None:
+            raise ValueError(f"prefix {name!r} is {entry.kind}, not trainable: it has no module "
+                             "(its values are not in the state dict; bank.save keeps them)")
+        return f"prefix_bank.trainable.{entry.module_key}"
 
     def _module_key(self, name: str) -> str:
         """The key of trainable entry ``name`` in ``self.trainable`` (so in the state dict:

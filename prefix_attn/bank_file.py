@@ -54,9 +54,9 @@ def write(directory: str, saved: SavedBank) -> None:
     }
     if saved.default is not None:  # an added key: readers before it ignore it
         meta["default_prefix"] = json.dumps(saved.default)
-    tensors = {f"entry_{i}": t for i, t in enumerate(saved.tensors)}
-    os.makedirs(directory, exist_ok=True)
-    atomic.write_bytes(os.path.join(directory, BANK_FILE), st_save(tensors, metadata=meta))
+    data = st_save({f"entry_{i}": t for i, t in enumerate(saved.tensors)}, metadata=meta)
+    os.makedirs(directory, exist_ok=True)  # after the bytes are made: a refusal leaves no folder
+    atomic.write_bytes(os.path.join(directory, BANK_FILE), data)
 
 
 def read(directory: str, tensors: bool = True) -> SavedBank:

@@ -68,7 +68,7 @@ class Sources:
                        if getattr(cfg, "model_type", None) == "gpt_bigcode" else None)
         kv, _ = peft_format.read_peft_adapter(adapter_dir, self.shape, query_heads)
         model_info.warn_window_vs_peft(self.model, f"load_peft({name!r})")
-        self._add_kv(name, kv)
+        self._add_kv(name, kv, what=f"load_peft({name!r})")
 
     def save_peft(self, name: str, adapter_dir: str) -> None:
         """Write entry ``name`` as a PEFT adapter folder (a trainable entry is folded: ``module()``
@@ -148,7 +148,8 @@ class Sources:
                 "tokens); a prefix is never windowed, so every later token sees the whole prompt "
                 "and the text after it equals the model run on prompt + text only while both fit "
                 f"in the window{beyond}", stacklevel=2)
-        self._add_kv(name, kv, kind="prompt", signature=model_info.model_signature(model))
+        self._add_kv(name, kv, kind="prompt", signature=model_info.model_signature(model),
+                     what=f"add_prompt({name!r})")
 
     # -- whole-bank save / load -------------------------------------------------------------
     def save(self, directory: str) -> None:
@@ -161,8 +162,14 @@ class Sources:
         for entry in entries.values():
             self._check_unsharded(entry, "PrefixBank.save")
         with torch.no_grad():
-            tensors = [self._materialize(e, cast=False).detach().cpu().contiguous()
-                       for e in entries.values()]
+            tensors, seen = [], set()
+            for e in entries.values():
+                t = self._materialize(e, cast=False).detach().cpu().contiguous()
+                # one module under two names: safetensors refuses tensors that share memory
+                if t.untyped_storage().data_ptr() in seen and t.numel():
+                    t = t.clone()
+                seen.add(t.untyped_storage().data_ptr())
+                tensors.append(t)
         bank_file.write(directory, bank_file.SavedBank(
             names=list(entries),
             kinds=["prompt" if e.kind == "prompt" else "fixed" for e in entries.values()],
@@ -198,6 +205,7 @@ class Sources:
                 f"differ from {type(model).__name__}'s): their KV does not fit this model; "
                 "recompute them here with add_prompt", stacklevel=2)
         with bank._lock:  # the entries and the default they name as one change
+            bank._refuse_replacing_trainable(saved.names, path)
             bank._commit_many({name: bank._fixed_entry(name, kv, kind, sig) for name, kv, kind, sig
                                in zip(saved.names, saved.tensors, saved.kinds, saved.signatures)})
             if saved.default is not None:

@@ -14,7 +14,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from . import model_info, peft_format
+from . import bank_file, model_info, peft_format
 from .bank import PrefixBank
 from .tuning import PrefixParameters, add_prefixes
 
@@ -49,6 +49,7 @@ def load_prefixes(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping]
         groups.setdefault(PrefixBank._name_of_key(mkey), {}).setdefault((owner, adapter), {})[part] = t
     if not groups:
         why = (f"it holds {_PEFT_PREFIX}" if _holds_peft_prefix(checkpoint)
+               else _SAVED_BANK if _is_bank_file(checkpoint)
                else "was it saved from a model after prefix_tuning?")
         raise ValueError(f"{where} holds no trainable prefix (no prefix_bank.trainable.* "
                          f"tensors): {why}")
@@ -120,7 +121,9 @@ def _prefix_tensors(checkpoint) -> tuple[dict, str]:
     if name is None:
         hint = ""
         adapter = next((f for f in _ADAPTER_FILES if os.path.isfile(os.path.join(folder, f))), None)
-        if adapter is not None and _peft_type(folder) == "PREFIX_TUNING":
+        if os.path.isfile(os.path.join(folder, bank_file.BANK_FILE)):
+            hint = f"; it holds {_SAVED_BANK}"
+        elif adapter is not None and _peft_type(folder) == "PREFIX_TUNING":
             hint = f"; it holds {_PEFT_PREFIX}"
         elif adapter is not None:
             read = ("safetensors.torch.load_file(folder + '/adapter_model.safetensors')"
@@ -159,6 +162,15 @@ def _peft_type(folder: str):
         return peft_format._read_config(folder).get("peft_type")
     except (OSError, ValueError):  # FileNotFoundError, AdapterError
         return None
+
+
+_SAVED_BANK = ("a saved prefix bank (bank.save): load it with "
+               "prefix_attn.PrefixBank.load(folder, model)")
+
+
+def _is_bank_file(checkpoint) -> bool:
+    return not isinstance(checkpoint, Mapping) and \
+        os.path.basename(os.fspath(checkpoint)) == bank_file.BANK_FILE
 
 
 def _holds_peft_prefix(checkpoint) -> bool:

@@ -368,9 +368,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _prefix_name(text: str) -> str:
-    """An argparse ``type``: a prefix name (not empty, not only blanks)."""
+    """An argparse ``type``: a prefix name (not empty, not only blanks, no "=": ``prefix-attn
+    generate --adapter NAME=DIR`` could not serve it)."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"the prefix name must not be empty, got {text!r}")
+    if "=" in text:
+        raise argparse.ArgumentTypeError(
+            f"the prefix name {text!r} holds '=': `prefix-attn generate --adapter NAME=DIR` "
+            "splits at the first '=' and could not serve it; use another character")
     return text
 
 

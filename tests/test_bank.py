@@ -282,7 +282,9 @@ def test_trainable_entries_get_gradients_and_are_not_cached():
     loss1 = sum(prefix_attention_ref(q[:1], k[:1], k[:1], *sel1.layer(layer)).square().sum() for layer in range(L))
     (g_row,) = torch.autograd.grad(loss1, mod.kv)
     torch.testing.assert_close(g_batch, g_row)
-    # replacing (or removing) a trainable entry drops its parameters from the model
+    # removing a trainable entry drops its parameters from the model (fixed values do not
+    # replace it: test_fixed_values_never_replace_a_trainable_entry)
+    bank.remove("t")
     bank.add("t", *_kv(2))
     assert not bank.is_trainable("t") and not any(p is mod.kv for p in bank.parameters())
     bank.add_trainable("t2", LearnedPrefix(1))
@@ -622,10 +624,15 @@ def test_prompt_entries_loaded_onto_the_same_base_with_other_prefixes_do_not_war
         for p in model.prefix_bank.trainable.parameters():
             p.add_(1.0)  # a training step on the prefix
     model.prefix_bank.save(str(tmp_path))
+    other = _tiny_llama(seed=0)  # the same base, with a trained prefix of its own
+    prefix_tuning(other, num_virtual_tokens=3, name="other")
+    with torch.no_grad():
+        for p in other.prefix_bank.trainable.parameters():
+            p.add_(2.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         PrefixBank.load(str(tmp_path), _tiny_llama(seed=0))
-        PrefixBank.load(str(tmp_path), model)
+        PrefixBank.load(str(tmp_path), other)
 
 
 def test_cache_size_bounds_the_stacked_copies_kept():
@@ -1078,3 +1085,84 @@ def test_a_move_to_a_dtype_no_bank_holds_keeps_the_bank_s():
     assert bank.dtype == torch.float32 and bank.entry_kv("a").dtype == torch.float32
     torch.testing.assert_close(bank.entry_kv("a"), want, rtol=0, atol=0)
     assert bank.to(torch.float16).entry_kv("a").dtype == torch.float16
+
+
+def test_fixed_values_never_replace_a_trainable_entry(tmp_path):
+    """add / load / load_peft under a trainable entry's name made it fixed without a word: its
+    parameters were orphaned (an optimizer kept stepping them) and the next backward of a run
+    training only it failed with "element 0 of tensors does not require grad"."""
+    saved = _bank(t=2, other=1)
+    saved.save(str(tmp_path / "bank"))
+    bank = _bank(a=1)
+    module = LearnedPrefix(2)
+    bank.add_trainable("t", module)
+    with pytest.raises(ValueError, match=r"add\('t'\): 't' is a trainable prefix.*remove\('t'\)"):
+        bank.add("t", *_kv(2))
+
+    class Host(nn.Module):
+        def __init__(self):
+            super().__init__()
+            from types import SimpleNamespace
+            self.config = SimpleNamespace(num_hidden_layers=L, num_attention_heads=4,
+                                          num_key_value_heads=HKV, hidden_size=4 * D)
+            self.prefix_bank = bank
+
+    host = Host()
+    bank._model_ref = __import__("weakref").ref(host)
+    with pytest.raises(ValueError, match="prefix_bank.safetensors: 't' is a trainable prefix"):
+        PrefixBank.load(str(tmp_path / "bank"), host)
+    assert bank.names() == ["a", "t"] and bank.is_trainable("t") and bank.trainable["t"] is module
+    bank.remove("t")
+    bank.add("t", *_kv(2))  # removed first: replaced as asked
+    assert bank.kind("t") == "fixed"
+
+
+def test_module_name_is_the_path_of_a_trainable_entry_s_module():
+    bank = _bank(f=1)
+    for name in ["support", "train", "a.b", "50%", "keys"]:
+        bank.add_trainable(name, LearnedPrefix(1))
+        path = bank.module_name(name)
+        assert path.startswith("prefix_bank.trainable.")
+        assert bank.trainable[path[len("prefix_bank.trainable."):]] is not None
+    assert [bank.module_name(n) for n in ["support", "train", "a.b", "50%"]] == [
+        "prefix_bank.trainable.support", "prefix_bank.trainable.%train",
+        "prefix_bank.trainable.a%2Eb", "prefix_bank.trainable.50%25"]
+    with pytest.raises(ValueError, match="'f' is fixed, not trainable"):
+        bank.module_name("f")
+    with pytest.raises(KeyError, match="unknown prefix 'nope'"):
+        bank.module_name("nope")
+
+
+def test_one_module_under_two_names_saves(tmp_path):
+    """Two entries computed by one module returning its parameter: safetensors refused the two
+    tensors sharing memory (its advice, save_model, did not apply), leaving an empty folder."""
+    class Param(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.kv = nn.Parameter(torch.randn(L, 2, HKV, 2, D))
+
+        def forward(self):
+            return self.kv
+
+    bank = PrefixBank(L, HKV, D)
+    shared = Param()
+    bank.add_trainable("s1", shared)
+    bank.add_trainable("s2", shared)
+    bank.save(str(tmp_path / "bank"))
+    from prefix_attn import bank_file
+    got = bank_file.read(str(tmp_path / "bank"))
+    assert got.names == ["s1", "s2"]
+    for t in got.tensors:
+        torch.testing.assert_close(t, shared.kv.detach(), rtol=0, atol=0)
+
+
+def test_a_save_that_fails_leaves_no_folder(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("refused")
+
+    monkeypatch.setattr(safetensors.torch, "save", refuse)
+    with pytest.raises(RuntimeError, match="refused"):
+        _bank(a=1).save(str(tmp_path / "bank"))
+    assert not (tmp_path / "bank").exists()

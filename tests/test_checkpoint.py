@@ -166,6 +166,23 @@ def test_a_peft_prefix_tuning_adapter_is_pointed_to_load_peft(tmp_path, safe):
     torch.testing.assert_close(_logits(fresh.eval(), ["a", None]), _logits(model, ["a", None]))
 
 
+def test_a_saved_bank_is_pointed_to_prefix_bank_load(tmp_path):
+    """A folder written by bank.save (or its file) given to load_prefixes: the error listed the
+    weights files it lacks, or asked whether the model was prefix-tuned."""
+    from prefix_attn.bank import PrefixBank
+
+    model = _trained()
+    model.prefix_bank.save(str(tmp_path))
+    fresh = tiny_model("llama", seed=0)
+    with pytest.raises(FileNotFoundError, match=r"it holds a saved prefix bank \(bank\.save\): load "
+                                                r"it with prefix_attn\.PrefixBank\.load\(folder, model\)"):
+        prefix_attn.load_prefixes(fresh, tmp_path)
+    with pytest.raises(ValueError, match=r"a saved prefix bank \(bank\.save\)"):
+        prefix_attn.load_prefixes(fresh, tmp_path / "prefix_bank.safetensors")
+    PrefixBank.load(str(tmp_path), fresh)
+    torch.testing.assert_close(_logits(fresh.eval(), ["a", None]), _logits(model, ["a", None]))
+
+
 def test_a_lora_run_s_copy_is_read_and_several_copies_are_refused():
     """The state dict of a LoRA run's base model holds the prefix in PEFT's modules_to_save
     wrapper (the trained copy and the original): it was refused as holding no prefix. Two

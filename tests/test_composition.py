@@ -147,37 +147,43 @@ def test_unload_of_a_peft_model_sets_the_implementation_asked_on_its_base():
     assert inner.config._attn_implementation == "eager" and not hasattr(inner, "prefix_bank")
 
 
-def test_a_prefix_in_lora_s_modules_to_save_trains_and_is_saved_with_the_adapter(tmp_path):
+@pytest.mark.parametrize("name, path", [("a", "prefix_bank.trainable.a"),
+                                        ("train", "prefix_bank.trainable.%train")])
+def test_a_prefix_in_lora_s_modules_to_save_trains_and_is_saved_with_the_adapter(tmp_path, name, path):
     """modules_to_save=["prefix_bank.trainable.a"] (how a LoRA run, TRL's peft_config= among
     them, keeps a prefix trainable and saves it in its adapter): PEFT put a wrapper in the
     bank's module dict whose copy the optimizer stepped, while the bank kept computing with the
-    original, frozen one: the prefix trained nothing and the adapter held it untrained."""
+    original, frozen one: the prefix trained nothing and the adapter held it untrained.
+    A name that is a ModuleDict attribute ("train") has a "%" before it in its module path:
+    the README's "prefix_bank.trainable.train" matched nothing, and PEFT froze the prefix and
+    saved an adapter without it, silently. bank.module_name gives the path."""
     base = tiny_model("llama", seed=0)
-    original = _randomized(prefix_attn.prefix_tuning(base, 3, name="a"), 1)
+    original = _randomized(prefix_attn.prefix_tuning(base, 3, name=name), 1)
+    assert base.prefix_bank.module_name(name) == path
     cfg = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
-                          modules_to_save=["prefix_bank.trainable.a"])
+                          modules_to_save=[base.prefix_bank.module_name(name)])
     lora = peft.get_peft_model(base, cfg)
     bank = lora.get_base_model().prefix_bank
-    wrapper = bank.trainable["a"]
+    wrapper = bank.trainable[path.split(".")[-1]]
     copy = wrapper.modules_to_save["default"]
     start = [p.detach().clone() for p in copy.parameters()]
     opt = torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=0.5)
     lora.train()
     for _ in range(2):
         opt.zero_grad()
-        lora(input_ids=IDS, labels=IDS, prefixes="a").loss.backward()
+        lora(input_ids=IDS, labels=IDS, prefixes=name).loss.backward()
         assert all(p.grad is not None for p in copy.parameters())
         opt.step()
     assert all(not torch.equal(p, q) for p, q in zip(copy.parameters(), start))
     lora.eval()
     with torch.no_grad():
-        torch.testing.assert_close(bank.entry_kv("a"), copy(), rtol=0, atol=0)
+        torch.testing.assert_close(bank.entry_kv(name), copy(), rtol=0, atol=0)
         with lora.disable_adapter():  # PEFT's switch reaches the prefix: the original one
-            torch.testing.assert_close(bank.entry_kv("a"), original(), rtol=0, atol=0)
-        want = lora(input_ids=IDS, prefixes="a").logits
+            torch.testing.assert_close(bank.entry_kv(name), original(), rtol=0, atol=0)
+        want = lora(input_ids=IDS, prefixes=name).logits
     lora.save_pretrained(str(tmp_path))
     fresh = tiny_model("llama", seed=0)
-    prefix_attn.prefix_tuning(fresh, 3, name="a")
+    prefix_attn.prefix_tuning(fresh, 3, name=name)
     loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path))
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=IDS, prefixes="a").logits, want)
+        torch.testing.assert_close(loaded(input_ids=IDS, prefixes=name).logits, want)

@@ -491,11 +491,15 @@ def test_max_steps_is_the_total_and_cycles_the_data(data, tmp_path, capsys):
     assert len(_steps(str(tmp_path / "e"))) == 8
 
 
-@pytest.mark.parametrize("name", ["", "  "])
+@pytest.mark.parametrize("name", ["", "  ", "lang=fr"])
 def test_an_empty_prefix_name_is_refused_at_parse_time(name, data, tmp_path, capsys):
+    """Empty names, and names with "=" (generate --adapter NAME=DIR splits at the first "=":
+    such a prefix trained, then could not be served by name)."""
     with pytest.raises(SystemExit) as exc:
         train.main([data, "-o", str(tmp_path / "out"), "--name", name, "--max-steps", "1", *FAST])
-    assert exc.value.code == 2 and "argument --name" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "argument --name" in err
+    assert "=" not in name or "splits at the first '='" in err
     assert not (tmp_path / "out").exists()
 
 
