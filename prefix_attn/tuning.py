@@ -36,8 +36,9 @@ class PrefixParameters(nn.Module):
 
     Args: num_layers L, num_kv_heads Hkv, head_dim D, num_virtual_tokens P;
     projection_hidden_size: None for plain K/V, else the hidden size of the MLP.
-    Parameters are created in float32 (and follow ``model.to(dtype)`` like any parameter);
-    the bank casts the output to the model's dtype.
+    Parameters are created in float32 (and follow ``model.to(dtype)`` like any parameter;
+    :func:`from_peft` keeps a float64 encoder's float64); the bank casts the output to the
+    model's dtype.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -223,6 +224,8 @@ def from_peft(peft_model, trainable: bool = True) -> nn.Module:
         hidden = cfg.encoder_hidden_size if isinstance(transform, nn.Module) else None
         with torch.inference_mode(False):  # parameters, not inference tensors
             module = PrefixParameters(*dims, cfg.num_virtual_tokens, hidden, device=bank.device)
+            if any(p.dtype == torch.float64 for p in encoder.parameters()):
+                module.double()  # a float64 encoder goes on in float64, not rounded to float32
             module.load_state_dict(encoder.state_dict())  # PEFT's PrefixEncoder names
         modules[name] = module
     taken = [name for name in modules if name in bank]

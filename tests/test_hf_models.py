@@ -111,6 +111,33 @@ def test_output_attentions_falls_back_with_eager_weights():
         torch.testing.assert_close(wa.transpose(1, 2)[keep], wb.transpose(1, 2)[keep], rtol=1e-5, atol=1e-6)
 
 
+def test_the_fallback_trains_under_anomaly_detection():
+    """The fallback hid the NaN of a query that sees no key (a left-padded row's padding, no
+    prefix) behind nan_to_num; SoftmaxBackward gave it back and torch.autograd.detect_anomaly
+    stopped a correct training step ("returned nan values"). Same loss and gradients as
+    without anomaly mode."""
+    from prefix_attn.tuning import prefix_tuning
+
+    ids, mask = _padded("left")
+    losses, grads = [], []
+    for anomaly in (False, True):
+        model = tiny_model("llama", seed=0)
+        prefix_tuning(model, 2, name="p")
+        model.train()
+        hf.attention._warned.clear()
+        with warnings.catch_warnings(), torch.autograd.set_detect_anomaly(anomaly):
+            warnings.simplefilter("ignore")
+            out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100),
+                        output_attentions=True, prefixes=["p", None, None])  # the fallback
+            out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append([p.grad for p in model.prefix_bank.trainable.parameters()])
+        assert all(torch.isfinite(g).all() for g in grads[-1])
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["bool", "additive"])
 def test_custom_4d_mask_falls_back_and_is_applied(kind):
     """A 4-D mask of the user's own (block-diagonal here: tokens 3.. do not see 0..2) takes

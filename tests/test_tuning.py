@@ -267,6 +267,22 @@ def test_from_peft_continues_a_peft_model(projection, trainable):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("projection", [None, 16])
+def test_from_peft_keeps_a_float64_encoder_in_float64(projection):
+    """A float64 PEFT model (its prompt encoder float64 too) came out with float32 prefix
+    parameters: training "where PEFT left off" went on from values rounded by ~1e-7."""
+    _, _, pm = _pair("llama", projection)
+    pm.double()
+    enc = pm.prompt_encoder["default"]
+    want = {k: v.clone() for k, v in enc.state_dict().items()}
+    model = prefix_attn.from_peft(pm)
+    got = model.prefix_bank.trainable["default"].state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert got[k].dtype == torch.float64
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+
 def test_from_peft_refuses_what_it_cannot_convert():
     with pytest.raises(TypeError, match="peft.PeftModel"):
         prefix_attn.from_peft(tiny_model("llama"))

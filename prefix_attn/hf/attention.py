@@ -94,7 +94,10 @@ def eager_prefix_attention(query, key, value, prefix_k=None, prefix_v=None, pref
         sink = sinks.to(device=dev, dtype=ct).reshape(1, Hq, 1, 1).expand(B, Hq, Sq, 1)
         p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
     else:
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)    # a query with no visible key outputs zeros
+        # a query with no visible key outputs zeros; its softmax is never taken (a NaN hidden
+        # in the forward came back from SoftmaxBackward, which anomaly mode refuses)
+        seen = (s != float("-inf")).any(dim=-1, keepdim=True)
+        p = torch.where(seen, torch.softmax(s.masked_fill(~seen, 0.0), dim=-1), 0.0)
     p = F.dropout(p, p=dropout, training=training)
     out = torch.matmul(p.to(value.dtype), vv)
     return out.transpose(1, 2).contiguous(), p.to(query.dtype)
