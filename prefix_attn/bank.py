@@ -150,6 +150,28 @@ class _TrainableModules(nn.ModuleDict):
         return state
 
 
+class _ModelLink:
+    """``model._prefix_attn_link``: the model's side of its bank's weak reference. A bank
+    pickles without its model; a pickled (or deep-copied) model carries this link, whose
+    unpickling binds the bank's copy to the model's copy (weak references only: no cycle keeps
+    a deleted model alive)."""
+
+    __slots__ = ("_model", "_bank")
+
+    def __init__(self, model: nn.Module, bank: "PrefixBank"):
+        self._model, self._bank = weakref.ref(model), weakref.ref(bank)
+
+    def __reduce__(self):
+        return _relink, (self._model(), self._bank())
+
+
+def _relink(model, bank) -> Optional[_ModelLink]:
+    if model is None or bank is None:
+        return None
+    bank._model_ref = weakref.ref(model)
+    return _ModelLink(model, bank)
+
+
 class PrefixBank(Selecting, Sources, nn.Module):
     """Named KV prefixes for one model, attached as ``model.prefix_bank``.
 
@@ -216,6 +238,7 @@ class PrefixBank(Selecting, Sources, nn.Module):
             bank = cls(L, Hkv, D, dtype=dtype, device=device)
             model.prefix_bank = bank
         bank._model_ref = weakref.ref(model)
+        model._prefix_attn_link = _ModelLink(model, bank)  # carried by the model's pickles
         # the bank follows model.train() / eval() from now on; a new module is in training
         # mode, so one attached to an evaluating model would take its forwards with grad on
         # for training ones (its zero anchor, the scan for a trainable entry)
@@ -552,11 +575,14 @@ class PrefixBank(Selecting, Sources, nn.Module):
         state.pop("_lock", None)  # locks cannot be copied or pickled
         # cached selections are rebuilt on demand: a copy or a pickle does not carry them
         state["_cache"], state["_ids_cache"] = OrderedDict(), OrderedDict()
-        state["_model_ref"] = self.model  # a weakref cannot be pickled: the model itself (pickle
-        return state                      # keeps the model <-> bank cycle through its memo)
+        # a weakref cannot be pickled, and the model itself made torch.save(bank) write the
+        # whole model: a pickle of the bank alone holds no model, and the model's own pickle
+        # binds its bank again through its _ModelLink
+        state["_model_ref"] = None
+        return state
 
     def __setstate__(self, state):
-        model = state.pop("_model_ref", None)
+        model = state.pop("_model_ref", None)  # pickled before _ModelLink: the model itself
         super().__setstate__(state)
         self.__dict__.setdefault("_cache_size", CACHE_SIZE)  # pickled before it existed
         version, entries = self._state

@@ -87,6 +87,47 @@ def test_pickled_model_keeps_its_prefixes():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_a_bank_pickled_alone_holds_no_model():
+    """torch.save(model.prefix_bank) wrote the whole model (the bank pickled the model it
+    serves to keep the link): a bank saved alone was as large as the model, and loaded it."""
+    import gc
+    import pickle
+
+    model = _tuned(["a"])
+    model.prefix_bank.add("f", *torch.randn(2, 2, 2, 4, 8))  # L 2, Hkv 2, P 4, D 8
+    ids = torch.tensor([[5, 9, 11, 3]])
+    with torch.no_grad():
+        want = model(ids, prefixes=["f"]).logits
+    buf = io.BytesIO()
+    torch.save(model.prefix_bank, buf)
+    base_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                     if not n.startswith("prefix_bank."))
+    assert buf.tell() < base_bytes / 4, (buf.tell(), base_bytes)
+    buf.seek(0)
+    lone = torch.load(buf, weights_only=False)
+    assert lone.model is None and lone.names() == ["a", "f"]
+    other = tiny_model("llama", seed=0)  # the same base: the bank is bound to it
+    other.prefix_bank = lone
+    assert PrefixBank.attach(other) is lone and lone.model is other
+    with torch.no_grad():
+        torch.testing.assert_close(other(ids, prefixes=["f"]).logits, want, rtol=0, atol=0)
+    # the link holds the model weakly: a model deleted is gone, no cycle keeps it
+    bank = model.prefix_bank
+    del model
+    assert bank.model is None
+    gc.collect()
+
+
+def test_a_bank_pickled_with_its_model_by_an_older_version_is_bound_to_it():
+    model = _tuned(["a"])
+    bank = model.prefix_bank
+    state = bank.__getstate__()
+    state["_model_ref"] = model  # what the pickles of before held
+    old = PrefixBank.__new__(PrefixBank)
+    old.__setstate__(state)
+    assert old.model is model and old.names() == ["a"]
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma2"])
 def test_prompt_prefix_on_a_sliding_window_model_warns(family):
     model = tiny_model(family)
