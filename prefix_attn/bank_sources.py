@@ -107,11 +107,12 @@ class Sources:
                                + ("; the model this bank was attached to no longer exists" if gone else ""))
         input_ids = _prompt_ids(input_ids, model)
         from prefix_attn.hf import cache_kwarg, learned_position_limit
+        from prefix_attn.hf.positions import position_words
 
         limit = learned_position_limit(model)
         if limit is not None and input_ids.shape[1] > limit:
             raise ValueError(f"the prompt has {input_ids.shape[1]} tokens, more than the {limit} "
-                             f"learned positions of {type(model).__name__}")
+                             f"{position_words(model)} of {type(model).__name__}")
         _, model_device = model_info.model_dtype_device(model)
         P = input_ids.shape[1]
         window = model_info.sliding_window(model)

@@ -445,6 +445,79 @@ def test_tokens_past_a_learned_position_table_are_a_clear_error(family):
             bank.add_prompt("long", torch.randint(3, 100, (257,)))
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_packed_sequences_past_a_learned_position_table_are_a_clear_error(family):
+    """Packed rows (position ids restarting at 0) skipped the check: IndexError from the
+    embedding (a device assert on CUDA) instead of the unpacked path's ValueError."""
+    from prefix_attn.tiny import tiny_model
+
+    model = tiny_model(family)
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    D = cfg.hidden_size // cfg.num_attention_heads
+    bank = prefix_attn.PrefixBank.attach(model)
+    bank.add("p", torch.randn(cfg.num_hidden_layers, heads, 200, D),
+             torch.randn(cfg.num_hidden_layers, heads, 200, D))
+    fits = torch.cat([torch.arange(56), torch.arange(20)])[None]  # 200 + 56 = 256
+    over = torch.cat([torch.arange(57), torch.arange(20)])[None]
+    with torch.no_grad():
+        model(torch.randint(3, 100, (1, 76)), position_ids=fits, prefixes=["p"])
+        with pytest.raises(ValueError, match="beyond the 256 learned positions"):
+            model(torch.randint(3, 100, (1, 77)), position_ids=over, prefixes=["p"])
+
+
+@pytest.mark.parametrize("family", ["gptj", "codegen"])
+def test_a_fixed_sin_cos_position_table_is_a_limit_too(family):
+    """GPT-J and CodeGen index a fixed sin/cos table by position: past its end an IndexError
+    (a device assert on CUDA), which the learned-table check did not see."""
+    from conftest import require_attention_interface
+    from prefix_attn.hf import learned_position_limit
+    from prefix_attn.tiny import tiny_model
+
+    require_attention_interface(family)
+    model = tiny_model(family, n_positions=16)
+    bank = prefix_attn.PrefixBank.attach(model)
+    assert learned_position_limit(model) == 16
+    bank.add("p", torch.randn(bank.num_layers, bank.num_kv_heads, 10, bank.head_dim),
+             torch.randn(bank.num_layers, bank.num_kv_heads, 10, bank.head_dim))
+    with torch.no_grad():
+        model(torch.randint(3, 60, (1, 6)), prefixes=["p"])
+        with pytest.raises(ValueError, match="beyond the 16 positions of its sin/cos table"):
+            model(torch.randint(3, 60, (1, 7)), prefixes=["p"])
+        with pytest.raises(ValueError, match="16 positions of its sin/cos table"):
+            model.generate(torch.randint(3, 60, (1, 4)), prefixes=["p"], max_new_tokens=6,
+                           do_sample=False, pad_token_id=0)
+
+
+def test_a_vision_tower_s_positions_are_not_the_text_s_limit():
+    """LLaVA with a CLIP tower (5 patch positions here): its table was taken for the text's, so
+    a prefix + text longer than the patch count was refused on a rotary language model."""
+    from prefix_attn.hf import cache_kwarg, learned_position_limit
+
+    text = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=256)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=32,
+                  num_hidden_layers=1, num_attention_heads=2, image_size=30, patch_size=15,
+                  projection_dim=32)
+    cfg = tf.LlavaConfig(text_config=text, vision_config=vision, image_token_id=100, pad_token_id=0)
+    ours, ref = _pair(tf.LlavaForConditionalGeneration, cfg, "eager")
+    assert learned_position_limit(ours) is None
+    bank = prefix_attn.PrefixBank.attach(ours)
+    g = torch.Generator().manual_seed(1)
+    k, v = (torch.randn(2, 2, 4, 8, generator=g) for _ in range(2))
+    bank.add("a", k, v)
+    ids = torch.randint(3, 90, (1, 8), generator=g)
+    cache = tf.DynamicCache(config=ref.config.get_text_config())
+    for i in range(2):
+        cache.update(k[i][None], v[i][None], i)
+    with torch.no_grad():
+        got = ours(ids, prefixes=["a"]).logits
+        want = ref(ids, attention_mask=torch.ones(1, 12, dtype=torch.long),
+                   **{cache_kwarg(ref): cache}).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_generate_past_a_learned_position_table_is_refused_up_front():
     """GPT-2 (256 learned positions), prefix 200, prompt 50: 7 new tokens use positions up to
     255 and run; 8 would fail at the step that crosses the table: refused before any forward."""

@@ -294,6 +294,7 @@ def _prefixes_to_selection(model, args, kwargs):
         sel.packed_segments = packed_segments(sel.packed_seq_ids)
         row_lens = sel.row_lens.to(device)
         kwargs["position_ids"] = kwargs["position_ids"].expand(B, S) + row_lens[sel.packed_seq_ids]
+        _check_positions(model, S, kwargs, max(sel.host_row_lens, default=0))
         _no_packing_search(model, kwargs, B, S, device)  # the sequences are known
     else:
         sel = _pad_short(bank.select(_rows_for(prefixes), B, device=device))

@@ -65,21 +65,56 @@ def _positions_after_prefix(model, kwargs, S, row_lens, device, uniform: bool = 
 
 
 def learned_position_limit(model) -> Optional[int]:
-    """How many positions ``model``'s table of learned position embeddings holds (GPT-2's and
-    GPT-BigCode's ``wpe``, OPT's and BioGPT's ``embed_positions`` less their offset, BERT's
-    ``position_embeddings``), or None for models without one (rotary and the like, which run
-    past their nominal length instead of failing). Cached on the model."""
-    cached = model.__dict__.get("_prefix_attn_position_limit", False)
-    if cached is not False:
+    """How many positions ``model``'s text position table holds: a table of learned embeddings
+    (GPT-2's and GPT-BigCode's ``wpe``, OPT's and BioGPT's ``embed_positions`` less their
+    offset, BERT's ``position_embeddings``) or a fixed sin/cos table the model indexes by
+    position (GPT-J's and CodeGen's ``embed_positions``, CTRL's ``pos_encoding``); None for
+    models without one (rotary and the like, which run past their nominal length instead of
+    failing). Only the text's table counts: a vision tower's patch positions (CLIP, SigLIP) are
+    not the tokens'. Cached on the model."""
+    return _position_table(model)[0]
+
+
+def _position_table(model) -> tuple:
+    """``(limit, kind)`` of :func:`learned_position_limit` (kind "learned" or "fixed")."""
+    cached = model.__dict__.get("_prefix_attn_position_table")
+    if cached is not None:
         return cached
-    limit = None
+    scope = _text_scope(model)
+    table = (None, "")
     for name, m in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if isinstance(m, torch.nn.Embedding) and ("pos" in leaf or leaf == "wpe"):
-            limit = m.num_embeddings - int(getattr(m, "offset", 0) or 0)
+        if name.startswith(scope) and isinstance(m, torch.nn.Embedding) \
+                and ("pos" in leaf or leaf == "wpe"):
+            table = (m.num_embeddings - int(getattr(m, "offset", 0) or 0), "learned")
             break
-    model.__dict__["_prefix_attn_position_limit"] = limit
-    return limit
+    else:
+        for name, b in model.named_buffers():
+            if name.startswith(scope) and name.rsplit(".", 1)[-1] in _FIXED_TABLES and b.dim() == 2:
+                table = (b.shape[0], "fixed")
+                break
+    model.__dict__["_prefix_attn_position_table"] = table
+    return table
+
+
+# sin/cos tables that a model indexes by position id (an IndexError past their end)
+_FIXED_TABLES = ("embed_positions", "pos_encoding")
+
+
+def _text_scope(model) -> str:
+    """The module path that holds the token embeddings' siblings ("transformer.", "model.",
+    "model.language_model."; "" when it cannot be told): where the text's position table is."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        emb = None
+    if emb is None:
+        return ""
+    for name, m in model.named_modules():
+        if m is emb:
+            return name.rsplit(".", 1)[0] + "." if "." in name else ""
+    return ""
 
 
 def _check_positions(model, S: int, kwargs, P: int) -> None:
@@ -102,8 +137,14 @@ def _check_positions(model, S: int, kwargs, P: int) -> None:
 
 
 def _past_the_table(model, limit: int) -> str:
-    return (f"beyond the {limit} learned positions of {type(model).__name__} (tokens after a "
-            "prefix are numbered from its length, as PEFT numbers them)")
+    return (f"beyond the {limit} {position_words(model)} of {type(model).__name__} (tokens "
+            "after a prefix are numbered from its length, as PEFT numbers them)")
+
+
+def position_words(model) -> str:
+    """ "learned positions" or "positions of its sin/cos table", for errors."""
+    return "learned positions" if _position_table(model)[1] == "learned" else \
+        "positions of its sin/cos table"
 
 
 def _cache_length(kwargs) -> int:
