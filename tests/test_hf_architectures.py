@@ -412,21 +412,23 @@ def test_cross_attention_layers_get_no_prefix(family, monkeypatch):
     assert sorted(calls) == [(5, True), (5, True), (7, False), (7, False)]
 
 
+def _with_prefix(family: str, P: int):
+    """A tiny ``family`` model with a random fixed prefix "p" of ``P`` positions in its bank."""
+    from prefix_attn.tiny import tiny_model
+
+    model = tiny_model(family)
+    bank = prefix_attn.PrefixBank.attach(model)
+    bank.add("p", *torch.randn(2, bank.num_layers, bank.num_kv_heads, P, bank.head_dim))
+    return model, bank
+
+
 @pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
 def test_tokens_past_a_learned_position_table_are_a_clear_error(family):
     """Tokens after a prefix are numbered from its length: on a model with learned positions
     (GPT-2, OPT: 256 here) one token too many is a ValueError naming the table, not the
     embedding's IndexError; rotary models (Llama) run on. Left padding that keeps the real
     positions inside the table (OPT numbers them from the mask) still runs."""
-    from prefix_attn.tiny import tiny_model
-
-    model = tiny_model(family)
-    cfg = model.config
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    D = cfg.hidden_size // cfg.num_attention_heads
-    bank = prefix_attn.PrefixBank.attach(model)
-    bank.add("p", torch.randn(cfg.num_hidden_layers, heads, 20, D),
-             torch.randn(cfg.num_hidden_layers, heads, 20, D))
+    model, bank = _with_prefix(family, 20)
     with torch.no_grad():
         model(torch.randint(3, 100, (1, 236)), prefixes=["p"])
         if family == "llama":
@@ -449,15 +451,7 @@ def test_tokens_past_a_learned_position_table_are_a_clear_error(family):
 def test_packed_sequences_past_a_learned_position_table_are_a_clear_error(family):
     """Packed rows (position ids restarting at 0) skipped the check: IndexError from the
     embedding (a device assert on CUDA) instead of the unpacked path's ValueError."""
-    from prefix_attn.tiny import tiny_model
-
-    model = tiny_model(family)
-    cfg = model.config
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    D = cfg.hidden_size // cfg.num_attention_heads
-    bank = prefix_attn.PrefixBank.attach(model)
-    bank.add("p", torch.randn(cfg.num_hidden_layers, heads, 200, D),
-             torch.randn(cfg.num_hidden_layers, heads, 200, D))
+    model, _ = _with_prefix(family, 200)
     fits = torch.cat([torch.arange(56), torch.arange(20)])[None]  # 200 + 56 = 256
     over = torch.cat([torch.arange(57), torch.arange(20)])[None]
     with torch.no_grad():
