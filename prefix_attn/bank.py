@@ -150,6 +150,17 @@ class _TrainableModules(nn.ModuleDict):
         return state
 
 
+def _keep_from_hf_init(module: nn.Module) -> None:
+    """Mark a trainable entry's module initialised for transformers: ``post_init``,
+    ``init_weights`` and ``initialize_weights`` (called to set up a head added beside the
+    prefixes) re-drew every module without the mark, resetting a trained or loaded prefix to
+    the initializer's values, silently (PEFT's prompt encoder sits outside the base model)."""
+    for m in module.modules():
+        m._is_hf_initialized = True
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        t._is_hf_initialized = True
+
+
 class _ModelLink:
     """``model._prefix_attn_link``: the model's side of its bank's weak reference. A bank
     pickles without its model; a pickled (or deep-copied) model carries this link, whose
@@ -358,6 +369,7 @@ class PrefixBank(Selecting, Sources, nn.Module):
         or PEFT adapter layers inside is called every time)."""
         self._check_name(name)
         length = self._output_length(module, type(module).__name__)
+        _keep_from_hf_init(module)
         with self._lock:
             key = self._module_key(name)
             self._swap_trainable(add={key: module})
@@ -609,12 +621,13 @@ class PrefixBank(Selecting, Sources, nn.Module):
     # -- device / dtype moves ------------------------------------------------------------
     def _apply(self, fn, recurse=True):
         with self._lock:  # writers change self.trainable, which super()._apply walks
-            super()._apply(fn, recurse)
             version, entries = self._state
             try:
                 probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
             except NotImplementedError:  # from meta ("cannot copy out of meta tensor"): the
                 probe = fn(torch.empty(0, dtype=self.dtype))  # model attached before its load
+            self._check_meta_move(entries, probe.device)
+            super()._apply(fn, recurse)
             # entries follow the probe's dtype and device (fn itself may be a conversion that
             # does not apply to them: .to(memory_format=torch.channels_last) needs rank 4); a
             # dtype no bank holds (model.to(torch.float8_e4m3fn)) leaves theirs as it is
@@ -632,6 +645,28 @@ class PrefixBank(Selecting, Sources, nn.Module):
             self._state = (version + 1, moved)
             self._clear_caches()
         return self
+
+    @staticmethod
+    def _check_meta_move(entries: dict, device: torch.device) -> None:
+        """Fixed and prompt entries are in no state dict: moved to meta (``model.to("meta")``)
+        their values are gone for good (a warning says so), and moving them off meta again
+        (``to_empty``) raises, naming them, instead of torch's "Cannot copy out of meta tensor"
+        from the middle of the move."""
+        fixed = [n for n, e in entries.items() if e.kv is not None]
+        on_meta = [n for n in fixed if entries[n].kv.is_meta]
+        if on_meta and device.type != "meta":
+            raise ValueError(
+                f"prefix entries {some_names(on_meta)} were moved to meta and hold no values "
+                "(fixed and prompt entries are not in the state dict, so no weight loading brings "
+                "them back): remove them (model.prefix_bank.remove(name)) before moving the "
+                "model off meta, then add them again (PrefixBank.load of a bank.save, load_peft, "
+                "add_prompt)")
+        if device.type == "meta" and len(on_meta) < len(fixed):
+            warnings.warn(
+                f"prefix entries {some_names([n for n in fixed if n not in on_meta])} moved to "
+                "meta lose their values: fixed and prompt entries are not in the state dict, so "
+                "loading weights later does not bring them back (keep them with bank.save)",
+                stacklevel=4)
 
     def extra_repr(self) -> str:
         return (f"num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "

@@ -428,3 +428,51 @@ def test_a_bf16_model_on_meta_gets_a_bf16_bank():
         model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="prefix_attn",
                                                  dtype=torch.bfloat16)
     assert PrefixBank.attach(model).dtype == torch.bfloat16
+
+
+def test_hf_init_calls_leave_trainable_prefixes_as_they_are():
+    """post_init / init_weights / initialize_weights (how a head added beside the prefixes is
+    set up) re-drew the prefix modules, which had no "initialised" mark: a trained or loaded
+    prefix went back to the initializer's values, silently."""
+    model = _tuned(["a"])
+    prefix_attn.prefix_tuning(model, num_virtual_tokens=2, projection_hidden_size=8, name="mlp")
+    before = {k: v.clone() for k, v in model.prefix_bank.state_dict().items()}
+    model.post_init()
+    model.init_weights()
+    model.initialize_weights()
+    after = model.prefix_bank.state_dict()
+    assert before.keys() == after.keys() and len(before) == 6
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
+
+
+def test_moving_fixed_entries_to_meta_and_back_says_what_is_lost():
+    """model.to("meta") then to_empty() failed inside the move with "Cannot copy out of meta
+    tensor", leaving the bank on meta; now: a warning going to meta, a ValueError naming the
+    entries coming back (no state dict holds them), and after removing them the move works."""
+    model = _tuned(["a"])
+    bank = model.prefix_bank
+    bank.add("fixed", *torch.randn(2, bank.num_layers, bank.num_kv_heads, 3, bank.head_dim))
+    with pytest.warns(UserWarning, match=r"prefix entries \['fixed'\] moved to meta lose their values"):
+        model.to("meta")
+    with pytest.raises(ValueError, match=r"prefix entries \['fixed'\] were moved to meta"):
+        model.to_empty(device="cpu")
+    assert bank.device.type == "meta"
+    bank.remove("fixed")
+    model.to_empty(device="cpu")
+    assert bank.device.type == "cpu" and bank.names() == ["a"]
+
+
+def test_a_user_hook_sees_positional_arguments_with_prefixes_too():
+    """The pre-hook moved every positional argument into the keywords when prefixes= was given:
+    a user's forward hook reading args[0] got an IndexError only then."""
+    model = _tuned(["a"])
+    seen = []
+    model.register_forward_hook(lambda mod, args, out: seen.append(len(args)))
+    ids = torch.tensor([[5, 9, 11, 3]])
+    with torch.no_grad():
+        want = model(ids, prefixes=["a"]).logits
+        got = model(ids, torch.ones_like(ids), prefixes=["a"]).logits
+        model(ids)
+    assert seen == [1, 2, 1]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -250,7 +250,16 @@ _MEDIA_KEYS = ("pixel_values", "input_features", "input_values", "image_", "vide
 @torch.compiler.disable
 def _prefixes_to_selection(model, args, kwargs):
     """The pre-hook's work: ``prefixes=`` -> a :class:`PrefixSelection` in the kwargs, position
-    ids shifted past the prefixes, packed sequences found (outside any graph)."""
+    ids shifted past the prefixes, packed sequences found (outside any graph). Arguments given
+    by position are read by name and given back by position (a user's hook reads ``args[0]``)."""
+    if not args:
+        return _to_selection(model, args, kwargs)
+    names = _forward_params(model)[:len(args)]
+    args, kwargs = _to_selection(model, (), {**kwargs, **dict(zip(names, args))})
+    return tuple(kwargs.pop(n) for n in names), kwargs
+
+
+def _to_selection(model, args, kwargs):
     if PREFIXES_KWARG in kwargs:
         prefixes = _from_numpy(kwargs.pop(PREFIXES_KWARG))
     else:  # the bank's default prefix, as a pinned block (a generate call) found it
@@ -259,10 +268,6 @@ def _prefixes_to_selection(model, args, kwargs):
             if model.training and torch.is_grad_enabled():
                 _warn_training_without_prefixes(model)
             return args, kwargs
-    if args:  # bind positional arguments to their names so that position_ids can be set
-        names = _forward_params(model)
-        kwargs.update(dict(zip(names, args)))
-        args = ()
     if prefixes is None and not _trains_prefixes(model):
         return args, kwargs  # no prefix (a training forward goes on: its loss keeps a graph)
     impl = attn_implementation(model)
