@@ -196,8 +196,11 @@ def from_peft(peft_model, trainable: bool = True) -> nn.Module:
     initialised from PEFT's prompt encoder, MLP reparameterisation included (an adapter loaded
     from disk has none: PEFT saves the folded K/V, which then train as a plain prefix), so
     training goes on where PEFT left off, now with gradient checkpointing and a prefix per row;
-    base modules PEFT trains (``modules_to_save``: a classification head) stay trainable;
-    ``trainable=False``: plain K/V entries (PEFT's ``prompt_embeddings``), for serving. The
+    base modules PEFT trains (``modules_to_save``: a classification head) are trainable too,
+    also when PEFT loaded the adapter from disk (for inference, so frozen);
+    ``trainable=False``: plain K/V entries (PEFT's ``prompt_embeddings``), for serving. Such a
+    module is taken out of PEFT's wrapper: the adapter's copy takes its place, so the model's
+    state dict (``save_pretrained``, a Trainer checkpoint) holds it under its own name. The
     PEFT model's prompt encoders are copied, not shared: use the returned model from here on.
     """
     configs = getattr(peft_model, "peft_config", None)
@@ -211,7 +214,7 @@ def from_peft(peft_model, trainable: bool = True) -> nn.Module:
     encoders = peft_model.prompt_encoder
     model = peft_model.get_base_model()
     _one_head_for_all(model, list(configs))
-    # PEFT's own trainable base modules (modules_to_save: a classification head) stay trainable
+    # base parameters that train under PEFT (a head in training mode) stay trainable
     keep = [p for p in model.parameters() if p.requires_grad] if trainable else []
     bank = PrefixBank.attach(model)
     dims = (bank.num_layers, bank.num_kv_heads, bank.head_dim)
@@ -234,10 +237,31 @@ def from_peft(peft_model, trainable: bool = True) -> nn.Module:
                          f"adapter under its own name (was from_peft already called on this "
                          f"model? its adapters are then in model.prefix_bank)")
     warn_window_vs_peft(model, "from_peft")
+    heads = _unwrap_modules_to_save(model)
     add_prefixes(model, bank, modules, trainable)
-    for p in keep:
-        p.requires_grad_(True)
+    for p in keep + [p for head in heads for p in head.parameters()] if trainable else ():
+        p.requires_grad_(True)  # a head trains with the prefix, as under PEFT (loaded one too)
     return model
+
+
+def _unwrap_modules_to_save(model: nn.Module) -> list:
+    """Put in place of each of PEFT's ``modules_to_save`` wrappers (a classification head) the
+    copy its forward runs (the active adapter's; the original when none is active or adapters
+    are disabled), and return those copies. Left wrapped, a checkpoint of the returned model
+    saved the head as ``...modules_to_save.<adapter>.*`` and a model loaded from it got a new,
+    random head; and a head PEFT loaded for inference stayed frozen."""
+    wrapped = [(path, m) for path, m in model.named_modules()
+               if isinstance(getattr(m, "modules_to_save", None), nn.ModuleDict)
+               and isinstance(getattr(m, "original_module", None), nn.Module)]
+    heads = []
+    for path, m in wrapped:
+        active = [a for a in getattr(m, "active_adapters", []) if a in m.modules_to_save]
+        head = m.original_module if getattr(m, "disable_adapters", False) or not active \
+            else m.modules_to_save[active[0]]
+        parent, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, head)
+        heads.append(head)
+    return heads
 
 
 def add_prefixes(model: nn.Module, bank: PrefixBank, modules: dict, trainable: bool) -> None:

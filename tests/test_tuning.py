@@ -462,11 +462,50 @@ def test_from_peft_keeps_modules_to_save_trainable():
     base = AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager")
     pm = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P))
     heads = {n for n, p in pm.get_base_model().named_parameters() if p.requires_grad}
-    assert heads and all("score" in n for n in heads)
+    assert heads and all("score.modules_to_save.default." in n for n in heads)
     model = prefix_attn.from_peft(pm, trainable=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert heads <= trainable
-    assert {n for n in trainable - heads} == {"prefix_bank.trainable.default.embedding.weight"}
+    # out of PEFT's wrapper: the head under its own name
+    assert trainable == {n.replace("modules_to_save.default.", "") for n in heads} | {
+        "prefix_bank.trainable.default.embedding.weight"}
+
+
+@pytest.mark.parametrize("task, cls", [("SEQ_CLS", "AutoModelForSequenceClassification"),
+                                       ("TOKEN_CLS", "AutoModelForTokenClassification")])
+def test_from_peft_of_a_loaded_adapter_trains_its_head_and_checkpoints_it(tmp_path, task, cls):
+    """An adapter PEFT loaded from disk (inference mode: its head frozen): from_peft left the
+    head frozen, and a checkpoint of the model it returned held the head as
+    score.modules_to_save.default.*: a model loaded from it got a new, random head."""
+    import transformers
+    from prefix_attn.tiny import tiny_config
+
+    auto = getattr(transformers, cls)
+    cfg = tiny_config("llama")
+    cfg.num_labels = 3
+    cfg.pad_token_id = 0
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(auto.from_config(cfg, attn_implementation="eager"),
+                             peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=P))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    torch.manual_seed(0)
+    loaded = peft.PeftModel.from_pretrained(auto.from_config(cfg, attn_implementation="eager"),
+                                            str(tmp_path / "adapter"))
+    model = prefix_attn.from_peft(loaded, trainable=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"score.weight", "prefix_bank.trainable.default.embedding.weight"} <= trainable
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model.eval()(ids, prefixes=["default"] * 2).logits
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    fresh = auto.from_pretrained(str(tmp_path / "ckpt"), attn_implementation="prefix_attn")
+    prefix_attn.load_prefixes(fresh, str(tmp_path / "ckpt"))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(ids, prefixes=["default"] * 2).logits, want,
+                                   rtol=0, atol=0)
 
 
 def test_from_peft_refuses_adapters_with_a_head_each():
