@@ -138,7 +138,14 @@ class Sources:
         if cache is None:
             cache = getattr(out, "past_key_values", None)
         if cache is None:
-            raise RuntimeError(f"{type(model).__name__} returned no KV cache for use_cache=True")
+            raise RuntimeError(
+                f"add_prompt stores the keys and values a model caches for its prompt, and "
+                f"{type(model).__name__} returned none for use_cache=True"
+                + (": an encoder caches nothing (its tokens attend both ways, so a prompt's KV "
+                   "would depend on the text after it); give it a learned prefix "
+                   "(prefix_tuning) or fixed K/V (bank.add) instead"
+                   if getattr(getattr(model, "config", None), "is_decoder", None) is False
+                   else ""))
         kv = model_info.cache_to_kv(cache, self.num_layers, P)
         self._check_kv(kv, "prompt KV")
         if window is not None:
@@ -216,3 +223,4 @@ class Sources:
             warnings.warn(f"{path}: default_prefix {before!r} replaced by the saved {saved.default!r}",
                           stacklevel=2)
         return bank
+

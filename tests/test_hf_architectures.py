@@ -714,3 +714,14 @@ def test_transformers_older_than_the_tested_floor_is_refused_at_attach(monkeypat
         assert getattr(model, "prefix_bank", None) is None
     else:
         assert PrefixBank.attach(model).model is model
+
+
+def test_a_prompt_prefix_on_an_encoder_says_why_it_cannot_be():
+    cfg = tf.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    torch.manual_seed(0)
+    model = tf.AutoModelForSequenceClassification.from_config(cfg)
+    bank = prefix_attn.PrefixBank.attach(model)
+    with pytest.raises(RuntimeError, match="an encoder caches nothing.*prefix_tuning"):
+        bank.add_prompt("sys", torch.tensor([[5, 6, 7]]))
+    assert "sys" not in bank
