@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from typing import Union
@@ -40,7 +41,9 @@ def load_prefixes(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping]
     Trainer run goes on from them); ``False``: fixed K/V entries, for serving. Call it once the
     model's weights are loaded. Everything is checked before the model changes: a ValueError
     names what does not fit (no prefix in the checkpoint, shapes of another model, a name the
-    bank already has, a model on ``meta``)."""
+    bank already has, a model on ``meta``). The base is frozen, a head trained beside the
+    prefixes too: make it trainable again before resuming a Trainer run (a warning says so when
+    the checkpoint's ``optimizer.pt`` trained more tensors than the model then does)."""
     tensors, where = _prefix_tensors(checkpoint)
     L, Hkv, D = model_info.model_dims(model)
     groups: dict = {}
@@ -79,7 +82,30 @@ def load_prefixes(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping]
     for module in modules.values():
         module.to(bank.device)
     add_prefixes(model, bank, modules, trainable)
+    if trainable and isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint):
+        _warn_if_the_optimizer_trained_more(model, os.fspath(checkpoint))
     return list(modules)
+
+
+def _warn_if_the_optimizer_trained_more(model: nn.Module, folder: str) -> None:
+    """A Trainer checkpoint's ``optimizer.pt`` holds the state of every tensor that trained: more
+    than the model now trains (a head trained beside the prefix, frozen again with the base
+    here) and ``resume_from_checkpoint`` fails on the mismatch. Say so while it can be fixed."""
+    path = os.path.join(folder, "optimizer.pt")
+    if not os.path.isfile(path):
+        return
+    try:  # memory-mapped: only the small param_groups list is read
+        groups = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["param_groups"]
+        saved = sum(len(g["params"]) for g in groups)
+    except Exception:  # noqa: BLE001 -- another optimizer's format (DeepSpeed, FSDP): not judged
+        return
+    now = sum(1 for p in model.parameters() if p.requires_grad)
+    if saved > now:
+        warnings.warn(
+            f"{path} trained {saved} tensors, the model after load_prefixes trains {now} (its "
+            f"prefixes; the rest is frozen): was a module (a classification head) trained beside "
+            f"them? make it trainable again, e.g. model.classifier.requires_grad_(True), before "
+            f"resuming from this checkpoint, or the optimizer's state will not fit", stacklevel=3)
 
 
 def _module(name: str, parts: dict, dims: tuple, where: str) -> PrefixParameters:

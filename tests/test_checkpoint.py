@@ -1,6 +1,7 @@
 """``prefix_attn.load_prefixes``: the trainable prefixes of a checkpoint of the whole model (a
 Trainer's ``checkpoint-N``, ``save_pretrained``, a state dict) back in a fresh model's bank."""
 import os
+import warnings
 
 import pytest
 import torch
@@ -233,3 +234,37 @@ def test_malformed_prefixes_and_an_unloaded_model_are_refused(tmp_path):
     bank.add("a", *torch.zeros(2, bank.num_layers, bank.num_kv_heads, 3, bank.head_dim))
     with pytest.raises(ValueError, match=r"remove them first \(model.prefix_bank.remove\(name\)\)$"):
         prefix_attn.load_prefixes(fixed, one)  # no load_state_dict advice: it would load nothing
+
+
+def test_a_head_trained_beside_the_prefix_must_be_unfrozen_to_resume(tmp_path):
+    """load_prefixes freezes the base, a head that trained with the prefix too: the Trainer's
+    optimizer state would not fit it. A warning says so; unfrozen, the run resumes."""
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model("llama", seed=0)
+    prefix_attn.prefix_tuning(model, 3, name="a")
+    model.lm_head.requires_grad_(True)
+    data = [{"input_ids": IDS[i % 2]} for i in range(4)]
+
+    def collate(rows):
+        ids = torch.stack([r["input_ids"] for r in rows])
+        return {"input_ids": ids, "labels": ids, "prefixes": ["a"] * len(rows)}
+
+    def trainer(m, steps):
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, save_steps=2,
+                                 report_to=[], per_device_train_batch_size=2, use_cpu=True,
+                                 remove_unused_columns=False, disable_tqdm=True)
+        return Trainer(model=m, args=args, train_dataset=data, data_collator=collate)
+    trainer(model.train(), 2).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    loaded = tiny_model("llama", seed=0)
+    loaded.load_state_dict(model.state_dict(), strict=False)  # the base, lm_head included
+    with pytest.warns(UserWarning, match=r"trained 2 tensors.*trains 1 .*requires_grad_\(True\)"):
+        prefix_attn.load_prefixes(loaded, checkpoint)
+    loaded.lm_head.requires_grad_(True)
+    trainer(loaded.train(), 4).train(resume_from_checkpoint=str(checkpoint))
+    with warnings.catch_warnings():  # the prefix alone trained: nothing to say
+        warnings.simplefilter("error")
+        model2 = tiny_model("llama", seed=0)
+        os.remove(checkpoint / "optimizer.pt")
+        prefix_attn.load_prefixes(model2, checkpoint)
