@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 
 
@@ -46,6 +47,76 @@ def replacing(path: str, suffix: str = ""):
         r.commit()
     finally:
         r.abort()
+
+
+def make_folders(folder: str) -> list:
+    """``os.makedirs(folder)``; returns the folders it made, outermost first (for
+    :func:`remove_folders` to take back)."""
+    missing = []
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    missing.reverse()
+    for f in missing:
+        os.mkdir(f)
+    return missing
+
+
+def remove_folders(made: list) -> None:
+    """Remove the folders :func:`make_folders` made, innermost first, while they are empty."""
+    for folder in reversed(made):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_files(folder: str, files: dict) -> None:
+    """Write ``{name: bytes}`` into ``folder`` as one change: every file goes to a temporary
+    file first, and only when all are written are they moved into place, in order; a move that
+    fails puts back the files moved before it (their old contents, or none). On any failure the
+    folder is left as it was, and folders made for it are removed again: a failed save never
+    leaves an adapter of new weights with the old config, nor an empty folder."""
+    made = make_folders(folder)
+    pending, backups, moved = [], {}, []
+    try:
+        for name, data in files.items():
+            r = Replacement(os.path.join(folder, name))
+            pending.append(r)
+            _write_file(r.tmp, data)
+        for r in pending:
+            if os.path.exists(r.path):  # kept until every file is in place
+                fd, backup = tempfile.mkstemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(r.path)))
+                os.close(fd)
+                shutil.copy2(r.path, backup)
+                backups[r.path] = backup
+            r.commit()
+            moved.append(r)
+    except BaseException:
+        for r in reversed(moved):
+            try:
+                if r.path in backups:
+                    os.replace(backups.pop(r.path), r.path)
+                else:
+                    os.unlink(r.path)
+            except OSError:
+                pass
+        for r in pending:
+            r.abort()
+        for backup in backups.values():
+            os.unlink(backup)
+        remove_folders(made)  # empty again: every file moved in was taken out
+        raise
+    for backup in backups.values():
+        os.unlink(backup)
 
 
 def readable_by_others(folder: str) -> None:

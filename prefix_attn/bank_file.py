@@ -55,8 +55,8 @@ def write(directory: str, saved: SavedBank) -> None:
     if saved.default is not None:  # an added key: readers before it ignore it
         meta["default_prefix"] = json.dumps(saved.default)
     data = st_save({f"entry_{i}": t for i, t in enumerate(saved.tensors)}, metadata=meta)
-    os.makedirs(directory, exist_ok=True)  # after the bytes are made: a refusal leaves no folder
-    atomic.write_bytes(os.path.join(directory, BANK_FILE), data)
+    # after the bytes are made, and taken back if the write fails: a failure leaves no folder
+    atomic.write_files(directory, {BANK_FILE: data})
 
 
 def read(directory: str, tensors: bool = True) -> SavedBank:

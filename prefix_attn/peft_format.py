@@ -211,7 +211,7 @@ def write_peft_adapter(
     """Write ``kv`` ``[L, 2, Hkv, P, D]`` as a PEFT prefix-tuning adapter loadable by
     ``peft.PeftModel.from_pretrained`` (inference mode, no projection; ``task_type``: see
     :func:`task_type_of`). Each file is written atomically (temporary file + ``os.replace``);
-    the weights go first, the config last.
+    the weights go first, the config last, and a failure puts back what was there.
     """
     from safetensors.torch import save as st_save
 
@@ -239,10 +239,9 @@ def write_peft_adapter(
     if os.path.exists(adapter_dir) and not os.path.isdir(adapter_dir):
         raise NotADirectoryError(f"{adapter_dir!r} is a file; give a folder (a PEFT adapter is "
                                  f"a folder holding {CONFIG_NAME} and {WEIGHTS_NAME})")
-    os.makedirs(adapter_dir, exist_ok=True)
-    atomic.write_bytes(
-        os.path.join(adapter_dir, WEIGHTS_NAME), st_save({TENSOR_KEY: emb}, metadata={"format": "pt"})
-    )
-    atomic.write_bytes(
-        os.path.join(adapter_dir, CONFIG_NAME), (json.dumps(config, indent=2) + "\n").encode("utf-8")
-    )
+    # both files as one change: a failed write (a full disk) leaves an adapter there before
+    # as it was (not its config beside the new weights) and makes no folder
+    atomic.write_files(adapter_dir, {
+        WEIGHTS_NAME: st_save({TENSOR_KEY: emb}, metadata={"format": "pt"}),
+        CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode("utf-8"),
+    })
