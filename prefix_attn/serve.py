@@ -39,7 +39,8 @@ Everything that can be checked is checked before any generation: the request fil
 names, the output path, the device, $PREFIX_ATTN_BACKEND and each request's length (prompt +
 prefix + --max-new-tokens within the model's positions). The output file is written whole or
 not at all; Ctrl-C or SIGTERM stops at once and keeps the answers finished so far in
-OUTPUT.partial (exit status 130 / 143). With -o -, each answer is written as it finishes; a
+OUTPUT.partial (exit status 130 / 143), as does an error in a later batch. With -o -,
+each answer is written as it finishes; a
 reader closing standard output early stops the command quietly (exit status 141).
 """
 from __future__ import annotations
@@ -403,6 +404,10 @@ def _run(args: argparse.Namespace) -> int:
                 _generate(args, device, sources, requests, out)
             except Interrupted as stop:
                 stop.note = out.save_partial(len(requests))
+                raise
+            except Exception:  # a batch failed (out of memory, ...): the finished ones are kept
+                if out.count:
+                    print(f"prefix-attn generate: {out.save_partial(len(requests))}", file=sys.stderr)
                 raise
         out.commit()
     finally:
