@@ -123,17 +123,21 @@ class Sources:
             from transformers import DynamicCache
 
             given = {cache_kwarg(model): DynamicCache()}
-        was_training = model.training
-        if was_training:  # no dropout in the stored KV (a serving model is left alone: another
-            model.eval()  # thread's add_prompt could otherwise restore the wrong mode)
+        # no dropout in the stored KV (a serving model is left alone: another thread's
+        # add_prompt could otherwise restore the wrong mode); each module's own mode is put
+        # back, not model.train() over all of them (a submodule kept in eval, a frozen part
+        # without dropout, came back in training mode)
+        modes = [(m, m.training) for m in model.modules()] if model.training else None
+        if modes is not None:
+            model.eval()
         try:
             with torch.no_grad():
                 # prefixes=None: the prompt's own KV, whatever the bank's default_prefix
                 out = model(input_ids=input_ids.to(model_device), use_cache=True, prefixes=None,
                             **given)
         finally:
-            if was_training:
-                model.train()
+            for m, mode in modes or ():
+                m.training = mode
         cache = getattr(out, "cache", None)  # transformers >= 5.2x; older: past_key_values
         if cache is None:
             cache = getattr(out, "past_key_values", None)

@@ -70,3 +70,4 @@ def test_failed_bank_save_makes_no_folder(tmp_path, monkeypatch):
     monkeypatch.undo()
     bank.save(str(tmp_path / "bank"))
     assert json.loads(json.dumps(os.listdir(tmp_path / "bank"))) == ["prefix_bank.safetensors"]
+
