@@ -143,8 +143,13 @@ def write_text(path: str, text: str) -> None:
 
 
 def save_torch(obj, path: str) -> None:
-    """``torch.save(obj, path)`` atomically."""
+    """``torch.save(obj, path)`` atomically. Serialised in memory first: torch's zip writer
+    turns a failed write (a full disk) into "[enforce fail at inline_container.cc] unexpected
+    pos", where :func:`write_bytes` raises the OSError that says why."""
+    import io
+
     import torch
 
-    with replacing(path, suffix=".pt") as tmp:
-        torch.save(obj, tmp)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getvalue())

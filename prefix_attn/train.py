@@ -500,10 +500,14 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
 
     def save_checkpoint():
         nonlocal saved
-        atomic.save_torch({"step": step, "prefix": module.state_dict(), "optimizer": opt.state_dict(),
-                           "torch_rng": torch.get_rng_state(),
-                           "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                           "args": plain_args(args), "settings": settings}, ckpt_path)
+        try:
+            atomic.save_torch({"step": step, "prefix": module.state_dict(), "optimizer": opt.state_dict(),
+                               "torch_rng": torch.get_rng_state(),
+                               "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                               "args": plain_args(args), "settings": settings}, ckpt_path)
+        except OSError as exc:  # a full disk, a file-size limit: the one on disk is whole
+            raise TrainingFailed(f"step {step}: cannot write the checkpoint {ckpt_path}: "
+                                 f"{exc.strerror or exc}; {kept()}") from None
         saved = step
         signals.note = resume_note(step, ckpt_path)
 
