@@ -163,16 +163,24 @@ def _add_trainable(model: nn.Module, bank: PrefixBank, name: str, module: Prefix
         raise ValueError(f"a prefix named {name!r} is already in the bank ({bank.kind(name)}); "
                          f"choose another name or remove it first: model.prefix_bank.remove({name!r})")
     _use_fused_attention(model)
-    if not getattr(bank, "_base_frozen", False):
+    unfrozen, froze = [], not getattr(bank, "_base_frozen", False)
+    if froze:
         # the first call freezes the base (all but the bank's trainable entries, which may have
         # been added by bank.add_trainable before); later ones keep what the user unfroze since
         # (e.g. a classification head)
         keep = {id(p) for p in bank.trainable.parameters()} | _peft_adapter_parameters(model)
-        for p in model.parameters():
-            if id(p) not in keep:
-                p.requires_grad_(False)
+        unfrozen = [p for p in model.parameters() if id(p) not in keep and p.requires_grad]
+        for p in unfrozen:
+            p.requires_grad_(False)
         bank._base_frozen = True
-    bank.add_trainable(name, module)
+    try:
+        bank.add_trainable(name, module)
+    except BaseException:  # not added: the base as it was, so a retry freezes it again
+        for p in unfrozen:
+            p.requires_grad_(True)
+        if froze:
+            bank._base_frozen = False
+        raise
 
 
 def _peft_adapter_parameters(model: nn.Module) -> set:
@@ -267,14 +275,25 @@ def _unwrap_modules_to_save(model: nn.Module) -> list:
 def add_prefixes(model: nn.Module, bank: PrefixBank, modules: dict, trainable: bool) -> None:
     """Add ``{name: PrefixParameters}`` to ``bank``: as trainable prefixes (the base frozen, as
     :func:`prefix_tuning` does), or as fixed K/V entries (``trainable=False``, for serving)."""
-    for name, module in modules.items():
-        if trainable:
-            _add_trainable(model, bank, name, module)
-        else:
-            _use_fused_attention(model)
-            with torch.no_grad():
-                kv = module()
-            bank.add(name, kv[:, 0], kv[:, 1])
+    added, frozen = [], getattr(bank, "_base_frozen", False)
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for name, module in modules.items():
+            if trainable:
+                _add_trainable(model, bank, name, module)
+            else:
+                _use_fused_attention(model)
+                with torch.no_grad():
+                    kv = module()
+                bank.add(name, kv[:, 0], kv[:, 1])
+            added.append(name)
+    except BaseException:  # all or none (an interrupt half-way): a retry finds none of them
+        for name in added:
+            bank.remove(name)
+        for p, wanted in grads:
+            p.requires_grad_(wanted)
+        bank._base_frozen = frozen
+        raise
 
 
 def _one_head_for_all(model: nn.Module, adapters: list) -> None:

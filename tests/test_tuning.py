@@ -969,3 +969,38 @@ def test_trainable_parameter_counts_are_peft_s_on_a_4bit_model(capsys, storage):
     line = prefix_attn.print_trainable_parameters(model)
     assert line == (f"trainable params: {train:,} || all params: {total:,} || "
                     f"trainable%: {100 * train / total:.4f}")
+
+
+@pytest.mark.parametrize("how", ["prefix_tuning", "load_prefixes"])
+def test_an_interrupted_add_leaves_model_and_bank_as_they_were(monkeypatch, how):
+    """KeyboardInterrupt while adding (the second prefix of a checkpoint): no entry added, the
+    base's requires_grad as before, and a retry freezes and adds as a first call would."""
+    from prefix_attn.bank import PrefixBank
+
+    source = tiny_model("llama", seed=0)
+    for name in ("a", "b"):
+        prefix_tuning(source, num_virtual_tokens=2, name=name)
+    state = source.state_dict()
+    model = tiny_model("llama", seed=0)
+    PrefixBank.attach(model)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    real, calls = PrefixBank.add_trainable, []
+
+    def interrupted(self, name, module):
+        calls.append(name)
+        if len(calls) == (1 if how == "prefix_tuning" else 2):
+            raise KeyboardInterrupt
+        return real(self, name, module)
+
+    def add():
+        return (prefix_tuning(model, num_virtual_tokens=2, name="a") if how == "prefix_tuning"
+                else prefix_attn.load_prefixes(model, state))
+    monkeypatch.setattr(PrefixBank, "add_trainable", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        add()
+    assert len(model.prefix_bank) == 0
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    monkeypatch.setattr(PrefixBank, "add_trainable", real)
+    add()
+    assert all(n.startswith("prefix_bank.trainable.") for n, p in model.named_parameters()
+               if p.requires_grad)
