@@ -176,7 +176,8 @@ def warn_about_option_fields(requests: List[Request]) -> None:
         options = sorted({_OPTION_FIELDS[k] for k in found})
         fields = f"field{'s' if len(found) > 1 else ''} {', '.join(found)}"
         warn(f"request {fields}: not applied per request (the command's {', '.join(options)} "
-             f"apply to every request); copied to the results unchanged")
+             f"{'apply' if len(options) > 1 else 'applies'} to every request); copied to the "
+             f"results unchanged")
 
 
 def warn_about_adapter_bases(sources: List[Source], model_dir: Optional[str]) -> None:

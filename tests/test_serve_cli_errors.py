@@ -466,6 +466,10 @@ def test_request_fields_that_look_like_options_are_named(tmp_path, capsys, no_mo
     assert ("warning: request fields max_new_tokens, temperature: not applied per request (the "
             "command's --max-new-tokens, --temperature apply to every request)") in err
     assert "user" not in err
+    f = _write(tmp_path / "r1.jsonl", ['{"prompt": "x", "temperature": 0.1}'])
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--no-progress"])
+    assert "(the command's --temperature applies to every request)" in capsys.readouterr().err
 
 
 @pytest.mark.hf
