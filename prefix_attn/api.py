@@ -64,8 +64,17 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None,
     dtype, and with `return_lse=True` also lse [B, Hq, Sq] float32 (float64 for float64
     inputs; differentiable: a loss may use it, e.g. to merge this attention with another
     by LSE).
-    Semantics: docs/DESIGN.md §2. `backend`: "triton" | "cuda" | "cpu" | "torch" | None
-    (None: $PREFIX_ATTN_BACKEND or the best available for the device).
+    Row b, query head h, query i sees the first `prefix_lens[prefix_ids[b]]` positions of
+    bank entry `prefix_ids[b]` (always visible: no causal, window or padding mask), then the
+    own keys j that are real (`key_padding_mask`), with `causal`: j <= Skv - Sq + i
+    (bottom-right aligned), and with `window`: (Skv - Sq + i) - j < window. Query head h reads
+    kv head h // (Hq // Hkv) (GQA / MQA). Scores are scaled by `scale` (default D ** -0.5)
+    and, with `softcap`, become softcap * tanh(s / softcap) before the softmax. A query that
+    sees no key gives zeros and lse -inf, never NaN. Gradients reach q, k, v and the bank; an
+    entry's is the sum over the rows that select it (deterministic), positions past its
+    length get zeros. The full contract: docs/DESIGN.md §2 (in the repository and the sdist).
+    `backend`: "triton" | "cuda" | "cpu" | "torch" | None (None: $PREFIX_ATTN_BACKEND or the
+    best available for the device).
 
     Under `torch.autocast` the floating inputs but float64 ones are cast to the autocast dtype
     first, as autocast does for `F.scaled_dot_product_attention` (so float32 q/k from a RoPE, a
