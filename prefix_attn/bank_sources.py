@@ -56,18 +56,32 @@ class Sources:
     """The adapter, prompt and file methods of :class:`~prefix_attn.bank.PrefixBank`."""
 
     # -- PEFT adapters ---------------------------------------------------------------------
-    def load_peft(self, name: str, adapter_dir: str) -> None:
+    def load_peft(self, name: str, adapter_dir: str, trainable: bool = False) -> None:
         """Add (or replace) entry ``name`` from a PEFT prefix-tuning adapter folder.
+
+        ``trainable=True`` (PEFT's ``is_trainable=True``, to continue training a saved
+        adapter): a trainable prefix initialised from the adapter's K/V, as
+        :func:`~prefix_attn.prefix_tuning` adds one (the base frozen; plain K/V, since an
+        adapter on disk holds the folded prefix; a name already in the bank is refused).
 
         A missing file raises FileNotFoundError, anything else wrong a ValueError naming the file
         and the mismatch; the bank is unchanged in both cases."""
         self._check_name(name)
-        cfg = getattr(self.model, "config", None)
+        model = self.model
+        if trainable and model is None:
+            raise RuntimeError("load_peft(..., trainable=True) needs a bank attached to a model "
+                               "(PrefixBank.attach(model)): the model's base is frozen around it")
+        cfg = getattr(model, "config", None)
         # multi-query GPT-BigCode: older PEFT saved every query head (it served head 0)
         query_heads = (getattr(cfg, "num_attention_heads", None)
                        if getattr(cfg, "model_type", None) == "gpt_bigcode" else None)
         kv, _ = peft_format.read_peft_adapter(adapter_dir, self.shape, query_heads)
-        model_info.warn_window_vs_peft(self.model, f"load_peft({name!r})")
+        model_info.warn_window_vs_peft(model, f"load_peft({name!r})")
+        if trainable:
+            from prefix_attn import tuning
+
+            tuning.add_trainable_kv(model, self, name, kv)
+            return
         self._add_kv(name, kv, what=f"load_peft({name!r})")
 
     def save_peft(self, name: str, adapter_dir: str) -> None:

@@ -178,8 +178,8 @@ def _prefix_tensors(checkpoint) -> tuple[dict, str]:
 _ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 # what a PEFT prefix-tuning adapter is read with (its prompt_embeddings are no trained module)
 _PEFT_PREFIX = ("a PEFT prefix-tuning adapter: read it with model.prefix_bank.load_peft(name, "
-                "folder) after PrefixBank.attach(model), or use prefix_attn.from_peft on the "
-                "PeftModel")
+                "folder) after PrefixBank.attach(model) (trainable=True to train it further), or "
+                "use prefix_attn.from_peft on the PeftModel")
 
 
 def _peft_type(folder: str):

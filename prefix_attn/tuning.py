@@ -183,6 +183,22 @@ def _add_trainable(model: nn.Module, bank: PrefixBank, name: str, module: Prefix
         raise
 
 
+def add_trainable_kv(model: nn.Module, bank: PrefixBank, name: str, kv: torch.Tensor) -> PrefixParameters:
+    """Add a trainable prefix ``name`` initialised from plain K/V ``kv`` ``[L, 2, Hkv, P, D]``
+    (a PEFT adapter's ``prompt_embeddings``), as :func:`prefix_tuning` adds one: the base
+    frozen, the parameters in float32 (float64 kept)."""
+    check_name(name)
+    L, _, H, P, D = kv.shape
+    with torch.inference_mode(False), torch.no_grad():  # parameters, not inference tensors
+        module = PrefixParameters(L, H, D, P, device=bank.device)
+        if kv.dtype == torch.float64:
+            module.double()
+        rows = kv.permute(3, 0, 1, 2, 4).reshape(P, L * 2 * H * D)  # PEFT's prompt_embeddings
+        module.embedding.weight.copy_(rows)
+    add_prefixes(model, bank, {name: module}, trainable=True)
+    return module
+
+
 def _peft_adapter_parameters(model: nn.Module) -> set:
     """ids of the trainable parameters of PEFT adapter layers (LoRA, IA3, ...) in ``model``:
     prefix_tuning on a PeftModel's base model (``peft_model.get_base_model()``, as its refusal

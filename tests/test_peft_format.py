@@ -349,3 +349,34 @@ def test_an_old_multi_query_gpt_bigcode_adapter_loads_as_its_peft_served_it(tmp_
     with pytest.raises(AdapterError, match=rf"num_attention_heads={Hq} but this model needs "
                                            rf"num_attention_heads={Hkv} \({Hkv} key/value heads"):
         llama.prefix_bank.load_peft("gqa", str(tmp_path / "gqa"))
+
+
+def test_load_peft_trainable_continues_training_a_saved_adapter(tmp_path):
+    """PEFT's ``is_trainable=True`` (which PEFT 0.21 refuses for prompt learning): a saved
+    adapter comes back as a trainable prefix, the base frozen, and the next step equals the
+    one the original model would take."""
+    import prefix_attn
+
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    first = _tiny_llama()
+    first.set_attn_implementation("prefix_attn")
+    prefix_attn.prefix_tuning(first, num_virtual_tokens=P, projection_hidden_size=16, name="t")
+    first.prefix_bank.save_peft("t", str(tmp_path))
+    second = _tiny_llama()
+    second.set_attn_implementation("prefix_attn")
+    PrefixBank.attach(second).load_peft("t", str(tmp_path), trainable=True)
+    assert second.prefix_bank.kind("t") == "trainable"
+    trained = prefix_attn.trainable_parameters(second)
+    assert [n for n, p in second.named_parameters() if p.requires_grad] == [
+        f"{second.prefix_bank.module_name('t')}.embedding.weight"]
+    assert trained[0].dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(second.prefix_bank.entry_kv("t"), first.prefix_bank.entry_kv("t"))
+    la = first(input_ids=ids, labels=ids, prefixes="t").loss
+    lb = second(input_ids=ids, labels=ids, prefixes="t").loss
+    torch.testing.assert_close(lb, la)
+    lb.backward()
+    assert trained[0].grad is not None and trained[0].grad.abs().sum() > 0
+    # a name already in the bank is refused (an optimizer may hold its parameters)
+    with pytest.raises(ValueError, match="already in the bank"):
+        second.prefix_bank.load_peft("t", str(tmp_path), trainable=True)
