@@ -11,13 +11,13 @@ load_backends()
 # transformers is installed (and does nothing otherwise).
 from . import hf as _hf  # noqa: E402,F401
 from .bank import PrefixBank, PrefixSelection  # noqa: E402
-from .tuning import (enable_checkpointing, from_peft, prefix_tuning,  # noqa: E402
-                     print_trainable_parameters, trainable_parameters, unload)
+from .tuning import (enable_checkpointing, from_peft, get_nb_trainable_parameters,  # noqa: E402
+                     prefix_tuning, print_trainable_parameters, trainable_parameters, unload)
 from .checkpoint import load_prefixes  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["prefix_attention", "prefix_attention_ref", "available_backends", "PrefixBank",
            "PrefixSelection", "prefix_tuning", "from_peft", "trainable_parameters",
-           "print_trainable_parameters", "enable_checkpointing", "unload", "load_prefixes",
+           "get_nb_trainable_parameters", "print_trainable_parameters", "enable_checkpointing", "unload", "load_prefixes",
            "__version__"]

@@ -28,7 +28,7 @@ from . import hf
 from .hf import ATTN_NAME
 
 __all__ = ["PrefixParameters", "prefix_tuning", "from_peft", "trainable_parameters",
-           "print_trainable_parameters", "enable_checkpointing", "unload"]
+           "get_nb_trainable_parameters", "print_trainable_parameters", "enable_checkpointing", "unload"]
 
 
 class PrefixParameters(nn.Module):
@@ -334,11 +334,18 @@ def trainable_parameters(model: nn.Module) -> list:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def print_trainable_parameters(model: nn.Module) -> str:
-    """Print (and return) the trainable / total parameter counts, as PEFT's method of that name
+def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, all)`` parameter counts, as PEFT's ``get_nb_trainable_parameters``
     (bitsandbytes' packed 4-bit weights and ZeRO-3's partitioned ones counted as PEFT does)."""
     total = sum(_values_held(p) for p in model.parameters())
     train = sum(_values_held(p) for p in trainable_parameters(model))
+    return train, total
+
+
+def print_trainable_parameters(model: nn.Module) -> str:
+    """Print (and return) the trainable / total parameter counts, as PEFT's method of that name
+    (the numbers of :func:`get_nb_trainable_parameters`)."""
+    train, total = get_nb_trainable_parameters(model)
     line = (f"trainable params: {train:,} || all params: {total:,} || "
             f"trainable%: {100 * train / max(total, 1):.4f}")
     print(line)

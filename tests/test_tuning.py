@@ -1004,3 +1004,14 @@ def test_an_interrupted_add_leaves_model_and_bank_as_they_were(monkeypatch, how)
     add()
     assert all(n.startswith("prefix_bank.trainable.") for n, p in model.named_parameters()
                if p.requires_grad)
+
+
+@pytest.mark.parametrize("projection", [None, 16])
+def test_get_nb_trainable_parameters_gives_peft_s_numbers(capsys, projection):
+    import prefix_attn
+
+    ours, _, pm = _pair("llama", projection=projection)
+    assert prefix_attn.get_nb_trainable_parameters(ours) == pm.get_nb_trainable_parameters()
+    train, total = prefix_attn.get_nb_trainable_parameters(ours)
+    assert f"trainable params: {train:,} || all params: {total:,}" in \
+        prefix_attn.print_trainable_parameters(ours)
