@@ -23,7 +23,7 @@ from torch import nn
 
 from . import distributed, validation
 from .bank import PrefixBank, check_name
-from .model_info import warn_window_vs_peft
+from .model_info import model_dims, warn_window_vs_peft
 from . import hf
 from .hf import ATTN_NAME
 
@@ -145,7 +145,16 @@ def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
     model to ``attn_implementation="prefix_attn"`` if it uses another one. Returns the new
     module (its parameters are the ones to give the optimizer; with an unfrozen head, give it
     :func:`trainable_parameters`).
+
+    ``num_virtual_tokens`` may also be PEFT's ``PrefixTuningConfig`` (``prefix_tuning(model,
+    config)``, as ``get_peft_model(model, config)``): its ``num_virtual_tokens``, and
+    ``encoder_hidden_size`` as ``projection_hidden_size`` when ``prefix_projection`` (PEFT builds
+    no MLP in ``inference_mode``); ``token_dim`` and ``num_attention_heads`` come from the model,
+    as PEFT takes them.
     """
+    if hasattr(num_virtual_tokens, "peft_type"):
+        num_virtual_tokens, projection_hidden_size = _from_peft_config(
+            model, num_virtual_tokens, projection_hidden_size)
     validation.int_at_least(num_virtual_tokens, 1, "num_virtual_tokens")  # before the model changes
     if projection_hidden_size is not None:
         validation.int_at_least(projection_hidden_size, 1, "projection_hidden_size")
@@ -156,6 +165,28 @@ def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
                                   num_virtual_tokens, projection_hidden_size, device=bank.device)
     _add_trainable(model, bank, name, module)
     return module
+
+
+def _from_peft_config(model: nn.Module, config, projection_hidden_size) -> tuple:
+    """``(num_virtual_tokens, projection_hidden_size)`` of a PEFT ``PrefixTuningConfig``."""
+    kind = str(getattr(config, "peft_type", None))
+    if not kind.endswith("PREFIX_TUNING"):
+        raise ValueError(f"prefix_tuning takes a PrefixTuningConfig, got a {type(config).__name__} "
+                         f"({kind}); for LoRA and prefix tuning together see the README's "
+                         f"'Coming from PEFT'")
+    if projection_hidden_size is not None:
+        raise TypeError("projection_hidden_size given beside a PrefixTuningConfig: set it in the "
+                        "config (prefix_projection=True, encoder_hidden_size=...)")
+    L, H, D = model_dims(model)
+    layers = getattr(config, "num_layers", None)
+    if layers is not None and layers != L:
+        raise ValueError(f"PrefixTuningConfig(num_layers={layers}), but the model has {L} "
+                         f"layers: leave num_layers unset (None), it is read from the model")
+    hidden = None
+    if getattr(config, "prefix_projection", False) and not getattr(config, "inference_mode", False):
+        # PEFT's default: token_dim (Hkv * D under GQA)
+        hidden = getattr(config, "encoder_hidden_size", None) or H * D
+    return config.num_virtual_tokens, hidden
 
 
 def _add_trainable(model: nn.Module, bank: PrefixBank, name: str, module: PrefixParameters) -> None:

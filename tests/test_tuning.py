@@ -1015,3 +1015,40 @@ def test_get_nb_trainable_parameters_gives_peft_s_numbers(capsys, projection):
     train, total = prefix_attn.get_nb_trainable_parameters(ours)
     assert f"trainable params: {train:,} || all params: {total:,}" in \
         prefix_attn.print_trainable_parameters(ours)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(prefix_projection=True, encoder_hidden_size=16),
+                                dict(prefix_projection=True),  # PEFT's MLP width: token_dim
+                                dict(prefix_projection=True, encoder_hidden_size=16,
+                                     inference_mode=True)])  # PEFT builds no MLP then
+def test_prefix_tuning_takes_peft_s_config(kw):
+    """``prefix_tuning(model, PrefixTuningConfig(...))`` as ``get_peft_model(model, config)``:
+    the same parameters as PEFT's encoder, and PEFT's logits with them."""
+    import prefix_attn
+
+    cfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, **kw)
+    ours = tiny_model("llama", seed=0)
+    module = prefix_tuning(ours, cfg, name="t")
+    pm = peft.get_peft_model(tiny_model("llama", seed=0, attn_implementation="eager"),
+                             peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, **kw))
+    enc = pm.prompt_encoder["default"]
+    assert {k: v.shape for k, v in module.state_dict().items()} == \
+        {k: v.shape for k, v in enc.state_dict().items()}
+    assert prefix_attn.get_nb_trainable_parameters(ours) == pm.get_nb_trainable_parameters()
+    module.load_state_dict(enc.state_dict())
+    ids = torch.randint(3, 100, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, prefixes="t").logits, pm(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_tuning_refuses_a_peft_config_it_cannot_follow():
+    model = tiny_model("llama", seed=0)
+    with pytest.raises(ValueError, match="num_layers=5.*leave num_layers unset"):
+        prefix_tuning(model, peft.PrefixTuningConfig(num_virtual_tokens=P, num_layers=5))
+    with pytest.raises(ValueError, match="takes a PrefixTuningConfig, got a LoraConfig"):
+        prefix_tuning(model, peft.LoraConfig())
+    with pytest.raises(TypeError, match="set it in the config"):
+        prefix_tuning(model, peft.PrefixTuningConfig(num_virtual_tokens=P), projection_hidden_size=8)
+    assert not hasattr(model, "prefix_bank")
+    assert all(p.requires_grad for p in model.parameters())
