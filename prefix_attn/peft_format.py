@@ -23,6 +23,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME_BIN = "adapter_model.bin"  # PEFT's save_pretrained(safe_serialization=False)
 TENSOR_KEY = "prompt_embeddings"
+# a whole model's weights (save_pretrained of the model, a Trainer checkpoint)
+_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 class AdapterError(ValueError):
@@ -60,6 +63,11 @@ def _read_config(adapter_dir: str) -> dict:
         if os.path.isfile(os.path.join(adapter_dir, "prefix_bank.safetensors")):
             hint = ("; this folder holds a saved prefix bank: load it as one (--bank DIR, "
                     "PrefixBank.load(dir, model))")
+        elif any(os.path.isfile(os.path.join(adapter_dir, f)) for f in _MODEL_FILES):
+            hint = ("; this folder holds a whole model (model.save_pretrained or a Trainer "
+                    "checkpoint, not PEFT's adapter-only save_pretrained): take its prefixes "
+                    "with prefix_attn.load_prefixes(model, dir); model.prefix_bank.save_peft(name, "
+                    "dir) writes a PEFT adapter")
         raise FileNotFoundError(f"PEFT adapter config missing: {path!r}{hint}")
     try:
         with open(path, "r", encoding="utf-8") as f:

@@ -380,3 +380,19 @@ def test_load_peft_trainable_continues_training_a_saved_adapter(tmp_path):
     # a name already in the bank is refused (an optimizer may hold its parameters)
     with pytest.raises(ValueError, match="already in the bank"):
         second.prefix_bank.load_peft("t", str(tmp_path), trainable=True)
+
+
+def test_load_peft_of_a_whole_model_folder_says_to_use_load_prefixes(tmp_path):
+    """PEFT muscle memory: ``model.save_pretrained(dir)`` after prefix tuning writes the whole
+    model; loading that folder as an adapter says where its prefixes are read from."""
+    import prefix_attn
+
+    model = _tiny_llama()
+    model.set_attn_implementation("prefix_attn")
+    prefix_attn.prefix_tuning(model, num_virtual_tokens=P, name="t")
+    model.save_pretrained(str(tmp_path))
+    other = _tiny_llama()
+    other.set_attn_implementation("prefix_attn")
+    with pytest.raises(FileNotFoundError, match=r"whole model .*load_prefixes\(model, dir\)"):
+        PrefixBank.attach(other).load_peft("t", str(tmp_path))
+    assert prefix_attn.load_prefixes(other, str(tmp_path)) == ["t"]
