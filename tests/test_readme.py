@@ -173,3 +173,23 @@ def test_serving_snippet(tmp_path):
     assert sorted(bank.names()) == ["support", "system", "tenant-7"]
     assert bank is model.prefix_bank  # load re-attached it
     torch.testing.assert_close(bank.entry_kv("tenant-7")[:, 0], keys.to(bank.entry_kv("tenant-7").dtype))
+
+
+def test_coming_from_peft_names_the_common_peft_calls():
+    """The 'Coming from PEFT' table answers the calls a PEFT prefix-tuning user makes daily,
+    and every prefix_attn name it gives exists."""
+    import prefix_attn
+
+    text = open(README).read()
+    table = text[text.index("### Coming from PEFT"):]
+    table = table[:table.index("\n\n", table.index("| --- |"))]
+    peft_side = " ".join(row.split(" | ")[0] for row in table.splitlines()[2:])
+    for call in ["get_peft_model", "encoder_hidden_size", "print_trainable_parameters",
+                 "get_nb_trainable_parameters", "save_pretrained", "PeftModel.from_pretrained",
+                 "is_trainable=True", "add_adapter", "load_adapter", "set_adapter",
+                 "disable_adapter", "inference_mode", ".half()", "push_to_hub", "unload"]:
+        assert call in peft_side, f"'Coming from PEFT' does not say what replaces {call}"
+    for name in re.findall(r"prefix_attn\.(\w+)\(", table):
+        assert hasattr(prefix_attn, name), f"'Coming from PEFT' names prefix_attn.{name}"
+    for name in re.findall(r"bank\.(\w+)\(", table):
+        assert hasattr(prefix_attn.PrefixBank, name), f"'Coming from PEFT' names bank.{name}"
