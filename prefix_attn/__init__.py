@@ -19,5 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = ["prefix_attention", "prefix_attention_ref", "available_backends", "PrefixBank",
            "PrefixSelection", "prefix_tuning", "from_peft", "trainable_parameters",
-           "get_nb_trainable_parameters", "print_trainable_parameters", "enable_checkpointing", "unload", "load_prefixes",
+           "get_nb_trainable_parameters", "print_trainable_parameters", "enable_checkpointing",
+           "unload", "load_prefixes",
            "__version__"]
