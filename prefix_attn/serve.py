@@ -273,7 +273,7 @@ class _Output:
             raise RequestError(f"output {path!r} names a folder (a path separator, . or .. at "
                                f"its end): give a file name")
         try:
-            self._made = _make_folders(os.path.dirname(os.path.abspath(path)))
+            self._made = atomic.make_folders(os.path.dirname(os.path.abspath(path)))
             self._file = atomic.Replacement(path, suffix=".jsonl")
             self.tmp = self._file.tmp
             self.f = open(self.tmp, "w", encoding="utf-8")
@@ -342,23 +342,7 @@ class _Output:
             self.f.close()
         if self._file is not None:
             self._file.abort()
-        for folder in reversed(self._made):
-            try:
-                os.rmdir(folder)
-            except OSError:
-                break
-
-
-def _make_folders(folder: str) -> List[str]:
-    """``os.makedirs(folder)``; returns the folders it made, outermost first."""
-    missing = []
-    while not os.path.exists(folder):
-        missing.append(folder)
-        folder = os.path.dirname(folder)
-    missing.reverse()
-    for f in missing:
-        os.mkdir(f)
-    return missing
+        atomic.remove_folders(self._made)
 
 
 # -- the command -----------------------------------------------------------------------------
