@@ -725,3 +725,21 @@ def test_a_prompt_prefix_on_an_encoder_says_why_it_cannot_be():
     with pytest.raises(RuntimeError, match="an encoder caches nothing.*prefix_tuning"):
         bank.add_prompt("sys", torch.tensor([[5, 6, 7]]))
     assert "sys" not in bank
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_tokens_after_a_cache_past_a_learned_position_table_are_a_clear_error(family):
+    """The cache counts: a prefix of 1, a cache of 100 and 156 tokens pass the 256 positions
+    although prefix + tokens alone fit (the read-back was skipped: the embedding's IndexError,
+    a device assert on CUDA). A one-token prefix is checked too. From a mutation audit."""
+    model, _ = _with_prefix(family, 1)
+
+    def after_a_cache(n):
+        with torch.no_grad():
+            out = model(torch.randint(3, 100, (1, 100)), prefixes=["p"], use_cache=True)
+            return model(torch.randint(3, 100, (1, n)), past_key_values=out.past_key_values,
+                         prefixes=["p"], use_cache=True)
+
+    after_a_cache(155)  # 1 + 100 + 155 = 256: fits
+    with pytest.raises(ValueError, match="beyond the 256 learned positions"):
+        after_a_cache(156)
