@@ -44,7 +44,7 @@ def _same_prefixes(model, loaded, kind="trainable"):
 
 
 @pytest.mark.parametrize("how", ["safetensors", "sharded", "bin", "legacy_bin", "sharded_bin",
-                                 "file", "state_dict"])
+                                 "file", "pt_file", "state_dict"])
 def test_the_prefixes_of_a_saved_model_come_back(tmp_path, how):
     """(A torch.save file of the format before zip files failed: it cannot be memory-mapped.)"""
     import json
@@ -69,6 +69,9 @@ def test_the_prefixes_of_a_saved_model_come_back(tmp_path, how):
     elif how == "file":
         model.save_pretrained(tmp_path)
         source = tmp_path / "model.safetensors"
+    elif how == "pt_file":  # a torch.save weights file, given as a file
+        torch.save(model.state_dict(), tmp_path / "weights.pt")
+        source = tmp_path / "weights.pt"
     else:  # a wrapper's keys ("base_model.model." of a PeftModel)
         source = {f"base_model.model.{k}": v for k, v in model.state_dict().items()}
     loaded = tiny_model("llama", seed=0)
@@ -268,3 +271,37 @@ def test_a_head_trained_beside_the_prefix_must_be_unfrozen_to_resume(tmp_path):
         model2 = tiny_model("llama", seed=0)
         os.remove(checkpoint / "optimizer.pt")
         prefix_attn.load_prefixes(model2, checkpoint)
+
+
+def test_a_checkpoint_whose_optimizer_trained_the_prefixes_alone_loads_without_a_warning(tmp_path):
+    """optimizer.pt trained as many tensors as the loaded model trains: nothing to say (the
+    warning to unfreeze a head is for more). From a mutation audit (>= warned here)."""
+    model = tiny_model("llama", seed=0)
+    prefix_attn.prefix_tuning(model, 3, projection_hidden_size=6, name="a")
+    model.save_pretrained(tmp_path)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    torch.save({"state": {}, "param_groups": [{"lr": 1e-3, "params": list(range(len(trained)))}]},
+               tmp_path / "optimizer.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prefix_attn.load_prefixes(tiny_model("llama", seed=0), tmp_path)
+    torch.save({"state": {}, "param_groups": [{"lr": 1e-3, "params": list(range(len(trained) + 1))}]},
+               tmp_path / "optimizer.pt")
+    with pytest.warns(UserWarning, match=f"trained {len(trained) + 1} tensors"):
+        prefix_attn.load_prefixes(tiny_model("llama", seed=0), tmp_path)
+
+
+def test_prefixes_loaded_under_inference_mode_train(tmp_path):
+    """load_prefixes called in a serving process's inference_mode: its parameters are no
+    inference tensors, so a later training step backpropagates into them (inference tensors
+    refuse the optimizer's in-place step). From a mutation audit."""
+    state = _trained().state_dict()
+    loaded = tiny_model("llama", seed=0)
+    with torch.inference_mode():
+        prefix_attn.load_prefixes(loaded, state)
+    loaded.train()
+    opt = torch.optim.SGD(prefix_attn.trainable_parameters(loaded), lr=0.1)
+    before = loaded.prefix_bank.entry_kv("b.c%").detach().clone()
+    loaded(IDS, labels=IDS, prefixes=["a", "b.c%"]).loss.backward()
+    opt.step()  # in-place updates of inference tensors outside inference_mode are refused
+    assert not torch.equal(loaded.prefix_bank.entry_kv("b.c%").detach(), before)
