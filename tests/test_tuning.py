@@ -1052,3 +1052,21 @@ def test_prefix_tuning_refuses_a_peft_config_it_cannot_follow():
         prefix_tuning(model, peft.PrefixTuningConfig(num_virtual_tokens=P), projection_hidden_size=8)
     assert not hasattr(model, "prefix_bank")
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_from_peft_keeps_base_parameters_the_user_unfroze_and_works_under_inference_mode():
+    """A base parameter trained beside PEFT's prefix (lm_head unfrozen by hand) stays trainable
+    (from_peft froze it: the run went on without it, silently); and a from_peft made under
+    inference_mode gives parameters an optimizer can step. From a mutation audit."""
+    _, _, pm = _pair("llama", 16)
+    head = pm.get_base_model().lm_head
+    head.requires_grad_(True)
+    with torch.inference_mode():
+        model = prefix_attn.from_peft(pm)
+    assert head.weight.requires_grad
+    params = trainable_parameters(model)
+    assert any(p is head.weight for p in params)
+    opt = torch.optim.SGD(params, lr=0.1)
+    ids, mask, labels = _batch()
+    model.train()(ids, attention_mask=mask, labels=labels, prefixes=["default"] * 3).loss.backward()
+    opt.step()
