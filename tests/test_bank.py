@@ -1166,3 +1166,27 @@ def test_a_save_that_fails_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="refused"):
         _bank(a=1).save(str(tmp_path / "bank"))
     assert not (tmp_path / "bank").exists()
+
+
+def test_a_bank_file_whose_entry_does_not_fit_its_header_is_refused(tmp_path):
+    """The header's dims fit the model but an entry's tensor is of another shape (a file
+    edited or written by other code): refused naming the entry, the model left without a
+    bank (the entry was added and failed at the first forward). From a mutation audit."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    _bank(a=4, b=1).save(str(tmp_path))
+    path = str(tmp_path / "prefix_bank.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(path)
+    tensors["entry_1"] = tensors["entry_1"][:, :, :, :, : D - 1].contiguous()
+    save_file(tensors, path, metadata=meta)
+    host = nn.Module()
+    host.config = SimpleNamespace(num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=HKV,
+                                  hidden_size=4 * D)
+    with pytest.raises(ValueError, match="entry 'b': expected shape"):
+        PrefixBank.load(str(tmp_path), host)
+    assert not hasattr(host, "prefix_bank")
