@@ -243,3 +243,16 @@ def test_a_file_whose_default_names_no_entry_is_refused(tmp_path):
     fresh = tiny_model("llama", seed=0)
     with pytest.raises(ValueError, match="default_prefix 'gone' is not one of the entries"):
         PrefixBank.load(str(tmp_path), fresh)
+
+
+def test_a_training_forward_after_the_default_is_unset_warns():
+    """A bank that had a default, set back to None: a training forward without prefixes=
+    applies none and says so, as a bank that never had one (the hook's own path skipped the
+    warning). From a mutation audit."""
+    model = tiny_model("llama", seed=0)
+    prefix_attn.prefix_tuning(model, 3, name="task")
+    model.prefix_bank.default_prefix = "task"
+    model.prefix_bank.default_prefix = None
+    model.train()
+    with pytest.warns(UserWarning, match="a training forward without prefixes="):
+        model(IDS, attention_mask=MASK, labels=IDS)
