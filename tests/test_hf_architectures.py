@@ -447,6 +447,29 @@ def test_tokens_past_a_learned_position_table_are_a_clear_error(family):
             bank.add_prompt("long", torch.randint(3, 100, (257,)))
 
 
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_right_padding_behind_a_long_prefix_runs_as_each_row_alone(family):
+    """A row of a 200-position prefix and 10 tokens (positions 200..209: fits the 256 learned
+    positions) right-padded to 100 beside a row of 100 tokens without a prefix: its pads were
+    numbered 210..299 and the batch was refused, though each row alone runs. Each row now gets
+    its output alone (the pads' positions reach only their own masked outputs)."""
+    model, _ = _with_prefix(family, 200)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(3, 100, (10,), generator=g), torch.randint(3, 100, (100,), generator=g)
+    ids = torch.zeros(2, 100, dtype=torch.long)
+    ids[0, :10], ids[1] = a, b
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        want_a = model(a[None], prefixes=["p"])[0][0]
+        want_b = model(b[None], prefixes=[None])[0][0]
+        got = model(ids, attention_mask=mask, prefixes=["p", None])[0]
+        # real tokens past the table are still refused (left padding numbers them from the cache)
+        with pytest.raises(ValueError, match="beyond the 256"):
+            model(ids.roll(90, 1), attention_mask=mask.roll(90, 1), prefixes=["p", None])
+    torch.testing.assert_close(got[0, :10], want_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want_b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "opt"])
 def test_packed_sequences_past_a_learned_position_table_are_a_clear_error(family):
     """Packed rows (position ids restarting at 0) skipped the check: IndexError from the

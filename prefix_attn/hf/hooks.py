@@ -16,7 +16,7 @@ from ..packed import segments as packed_segments
 from ..packed import sequence_ids
 from .mask import packed_from_positions
 from .names import ATTN_NAME, PREFIXES_KWARG, SELECTION_KWARG
-from .positions import _cache_length, _check_positions, _positions_after_prefix
+from .positions import _cache_length, _check_positions, _pads_inside_the_table, _positions_after_prefix
 from .support import attn_implementation
 
 # forward function -> its parameter names (inspect.signature costs ~0.1 ms: once per function,
@@ -308,7 +308,8 @@ def _to_selection(model, args, kwargs):
             pos = _positions_after_prefix(model, kwargs, S, row_lens, device,
                                           uniform=len(set(sel.host_row_lens)) == 1)
             if pos is not None:
-                kwargs["position_ids"] = pos
+                kwargs["position_ids"] = _pads_inside_the_table(model, kwargs, S, pos,
+                                                                max(sel.host_row_lens))
                 _check_positions(model, S, kwargs, max(sel.host_row_lens))
                 if given_positions is None or _contiguous(given_positions):
                     _no_packing_search(model, kwargs, B, S, device)  # one sequence a row

@@ -64,6 +64,22 @@ def _positions_after_prefix(model, kwargs, S, row_lens, device, uniform: bool = 
     return pos + row_lens[:, None]
 
 
+def _pads_inside_the_table(model, kwargs, S: int, pos, P: int):
+    """``pos`` with the pad tokens' positions (0 in a 2-D ``attention_mask``) kept inside the
+    model's position table. A right-padded row behind a long prefix numbered its pads past the
+    table while its real tokens fit: a batch mixing it with a longer row of a shorter prefix
+    was refused (or an IndexError), though each row alone ran. A pad's position reaches only
+    its own (masked) output, so real tokens are unchanged. Only when the bound
+    prefix + cache + tokens passes the table (no extra op in the common case)."""
+    limit = learned_position_limit(model)
+    mask = kwargs.get("attention_mask")
+    if limit is None or not P or pos is None or not isinstance(mask, torch.Tensor) \
+            or mask.dim() != 2 or mask.shape[-1] < S or P + _cache_length(kwargs) + S <= limit:
+        return pos
+    real = mask[:, -S:].to(device=pos.device, dtype=torch.bool)
+    return torch.where(real, pos, pos.clamp(max=limit - 1))
+
+
 def learned_position_limit(model) -> Optional[int]:
     """How many positions ``model``'s text position table holds: a table of learned embeddings
     (GPT-2's and GPT-BigCode's ``wpe``, OPT's and BioGPT's ``embed_positions`` less their
