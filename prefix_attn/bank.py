@@ -25,6 +25,7 @@ sees a half-written entry, and a removed entry stays alive for selections that a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -467,6 +468,22 @@ class PrefixBank(Selecting, Sources, nn.Module):
                 self._lookup(self._state[1], name)  # KeyError naming it and the known names
                 self.__dict__["_had_default"] = True
             self.__dict__["_default_prefix"] = name
+
+    @contextlib.contextmanager
+    def using_default(self, name: Optional[str]):
+        """``with bank.using_default(name):`` sets :attr:`default_prefix` for the block and puts
+        the one before back after it (None if that entry was removed meanwhile).
+        ``using_default(None)`` is PEFT's ``disable_adapter()``: code inside that cannot pass
+        ``prefixes=`` (a trainer's reference forward) runs the base model. Bank-wide, as
+        PEFT's is model-wide: other threads' calls without ``prefixes=`` see it too."""
+        with self._lock:
+            before = self.default_prefix
+            self.default_prefix = name
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self.__dict__["_default_prefix"] = before if before in self else None
 
     # -- readers -------------------------------------------------------------------
     def names(self) -> list[str]:

@@ -256,3 +256,33 @@ def test_a_training_forward_after_the_default_is_unset_warns():
     model.train()
     with pytest.warns(UserWarning, match="a training forward without prefixes="):
         model(IDS, attention_mask=MASK, labels=IDS)
+
+
+def test_using_default_sets_it_for_a_block_and_puts_the_one_before_back():
+    """``with bank.using_default(None):`` is PEFT's ``disable_adapter()``: the base model inside,
+    the default before after it, also when the block raises; an entry removed inside is not
+    put back."""
+    model, bank = _model()
+    bank.default_prefix = "a"
+    with torch.no_grad():
+        plain = model(IDS, attention_mask=MASK, prefixes=None).logits
+        with_a = model(IDS, attention_mask=MASK, prefixes="a").logits
+        with_b = model(IDS, attention_mask=MASK, prefixes="b").logits
+        with bank.using_default(None) as same:
+            assert same is bank and bank.default_prefix is None
+            torch.testing.assert_close(model(IDS, attention_mask=MASK).logits, plain, rtol=0, atol=0)
+        assert bank.default_prefix == "a"
+        torch.testing.assert_close(model(IDS, attention_mask=MASK).logits, with_a, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match="inside"):
+            with bank.using_default("b"):
+                torch.testing.assert_close(model(IDS, attention_mask=MASK).logits, with_b,
+                                           rtol=0, atol=0)
+                raise RuntimeError("inside")
+        assert bank.default_prefix == "a"
+        with pytest.raises(KeyError, match="nope"):
+            with bank.using_default("nope"):
+                pass
+        assert bank.default_prefix == "a"
+        with bank.using_default("b"):
+            bank.remove("a")
+        assert bank.default_prefix is None
