@@ -50,17 +50,30 @@ def replacing(path: str, suffix: str = ""):
 
 
 def make_folders(folder: str) -> list:
-    """``os.makedirs(folder)``; returns the folders it made, outermost first (for
-    :func:`remove_folders` to take back)."""
+    """``os.makedirs(folder, exist_ok=True)``; returns the folders it made, outermost first (for
+    :func:`remove_folders` to take back). A folder another thread or process makes meanwhile is
+    used, not an error (two saves into new sibling folders), and is not in the list; on a
+    failure the folders made so far are removed again."""
     missing = []
     folder = os.path.abspath(folder)
     while not os.path.exists(folder):
         missing.append(folder)
         folder = os.path.dirname(folder)
     missing.reverse()
-    for f in missing:
-        os.mkdir(f)
-    return missing
+    made = []
+    try:
+        for f in missing:
+            try:
+                os.mkdir(f)
+            except FileExistsError:  # made meanwhile by another save (a thread, a process)
+                if not os.path.isdir(f):
+                    raise
+                continue  # not ours: never removed by remove_folders
+            made.append(f)
+    except BaseException:
+        remove_folders(made)
+        raise
+    return made
 
 
 def remove_folders(made: list) -> None:

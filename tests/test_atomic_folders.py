@@ -71,3 +71,38 @@ def test_failed_bank_save_makes_no_folder(tmp_path, monkeypatch):
     bank.save(str(tmp_path / "bank"))
     assert json.loads(json.dumps(os.listdir(tmp_path / "bank"))) == ["prefix_bank.safetensors"]
 
+
+
+def test_a_folder_made_meanwhile_by_another_save_is_used(tmp_path, monkeypatch):
+    """Two saves into new sibling folders (out/a, out/b) both found out/ missing; the one that
+    made it second got FileExistsError and failed (os.makedirs(exist_ok=True) took it before)."""
+    from prefix_attn import atomic
+
+    real = os.mkdir
+
+    def mkdir(path, *a, **k):  # another process makes each folder just before this one does
+        real(path, *a, **k)
+        real(path, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    atomic.write_files(str(tmp_path / "out" / "a"), {"f": b"1"})
+    monkeypatch.undo()
+    assert (tmp_path / "out" / "a" / "f").read_bytes() == b"1"
+    assert atomic.make_folders(str(tmp_path / "out" / "b")) == [str(tmp_path / "out" / "b")]
+
+
+def test_a_folder_that_cannot_be_made_takes_back_the_ones_made_before_it(tmp_path, monkeypatch):
+    from prefix_attn import atomic
+
+    real = os.mkdir
+
+    def mkdir(path, *a, **k):
+        if str(path).endswith("deep"):
+            raise PermissionError(13, "Permission denied")
+        real(path, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(PermissionError):
+        atomic.write_files(str(tmp_path / "new" / "deep"), {"f": b"1"})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
