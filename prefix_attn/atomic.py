@@ -92,12 +92,56 @@ def _write_file(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _backup(path: str) -> str:
+    """A hidden name in ``path``'s folder holding its current file: a hard link (no copy, no
+    disk space: the old weights of a large bank are not read again), a copy where the file
+    system has none. Nothing is left behind when it fails (a full disk, a folder at ``path``)."""
+    fd, backup = tempfile.mkstemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        try:
+            os.unlink(backup)
+            os.link(path, backup)
+        except OSError:
+            shutil.copy2(path, backup)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(backup)
+        raise
+    return backup
+
+
+@contextlib.contextmanager
+def _locked(folder: str):
+    """An exclusive ``flock`` on ``folder`` itself (no lock file): two saves into one folder,
+    from threads or processes, move their files in one after the other, so the folder ends
+    with one save's files, not the weights of one beside the config of the other. Yields the
+    folder's descriptor (None where there is no flock), for an ``fsync`` of its entries."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield None
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        yield None
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def write_files(folder: str, files: dict) -> None:
     """Write ``{name: bytes}`` into ``folder`` as one change: every file goes to a temporary
     file first, and only when all are written are they moved into place, in order; a move that
     fails puts back the files moved before it (their old contents, or none). On any failure the
     folder is left as it was, and folders made for it are removed again: a failed save never
-    leaves an adapter of new weights with the old config, nor an empty folder."""
+    leaves an adapter of new weights with the old config, nor an empty folder. Saves into one
+    folder at once (threads, processes) move their files in one at a time (a lock on the
+    folder); a reader that does not lock may still see one file moved and not the next."""
     made = make_folders(folder)
     pending, backups, moved = [], {}, []
     try:
@@ -105,31 +149,35 @@ def write_files(folder: str, files: dict) -> None:
             r = Replacement(os.path.join(folder, name))
             pending.append(r)
             _write_file(r.tmp, data)
-        for r in pending:
-            if os.path.exists(r.path):  # kept until every file is in place
-                fd, backup = tempfile.mkstemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(r.path)))
-                os.close(fd)
-                shutil.copy2(r.path, backup)
-                backups[r.path] = backup
-            r.commit()
-            moved.append(r)
-    except BaseException:
-        for r in reversed(moved):
+        with _locked(folder) as fd:
             try:
-                if r.path in backups:
-                    os.replace(backups.pop(r.path), r.path)
-                else:
-                    os.unlink(r.path)
-            except OSError:
-                pass
+                for r in pending:
+                    if os.path.exists(r.path):  # kept until every file is in place
+                        backups[r.path] = _backup(r.path)
+                    r.commit()
+                    moved.append(r)
+            except BaseException:
+                for r in reversed(moved):
+                    try:
+                        if r.path in backups:
+                            os.replace(backups.pop(r.path), r.path)
+                        else:
+                            os.unlink(r.path)
+                    except OSError:
+                        pass
+                raise
+            finally:
+                for backup in backups.values():
+                    with contextlib.suppress(OSError):
+                        os.unlink(backup)
+            if fd is not None:  # the renames on disk too, before the save returns
+                with contextlib.suppress(OSError):
+                    os.fsync(fd)
+    except BaseException:
         for r in pending:
             r.abort()
-        for backup in backups.values():
-            os.unlink(backup)
         remove_folders(made)  # empty again: every file moved in was taken out
         raise
-    for backup in backups.values():
-        os.unlink(backup)
 
 
 def readable_by_others(folder: str) -> None:

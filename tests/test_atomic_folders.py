@@ -106,3 +106,80 @@ def test_a_folder_that_cannot_be_made_takes_back_the_ones_made_before_it(tmp_pat
         atomic.write_files(str(tmp_path / "new" / "deep"), {"f": b"1"})
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_backup_that_fails_leaves_no_file(tmp_path):
+    """The old file at a name is kept aside (.old-*) until every file is in place: when that
+    failed (a full disk while copying it; here a folder at the name) the .old-* file stayed."""
+    from prefix_attn import atomic
+
+    (tmp_path / "ad" / "w").mkdir(parents=True)
+    with pytest.raises(OSError):
+        atomic.write_files(str(tmp_path / "ad"), {"c": b"1", "w": b"2"})
+    assert os.listdir(tmp_path / "ad") == ["w"]
+
+
+def test_the_old_files_are_kept_aside_without_a_copy(tmp_path, monkeypatch):
+    """Saving over a bank or an adapter copied each old file first (twice the disk space of a
+    large bank, on the full disk the backup is for): a hard link keeps it instead."""
+    import shutil
+
+    from prefix_attn import atomic
+
+    folder = str(tmp_path / "bank")
+    atomic.write_files(folder, {"w": b"old" * 1000, "c": b"old"})
+
+    def no_copy(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copy2", no_copy)
+    monkeypatch.setattr(shutil, "copyfile", no_copy)
+    atomic.write_files(folder, {"w": b"new", "c": b"new"})
+    assert sorted(os.listdir(folder)) == ["c", "w"] and open(os.path.join(folder, "w"), "rb").read() == b"new"
+
+
+def _save_many(folder, i, start):
+    from prefix_attn import atomic
+
+    start.wait()
+    for _ in range(15):
+        atomic.write_files(folder, {"w": (b"%d" % i) * 1_000_000, "c": b"%d" % i})
+
+
+def test_two_processes_saving_one_folder_leave_one_save(tmp_path):
+    """Each save moved its weights, then its config, in: two processes saving one adapter
+    folder at once ended with the weights of one beside the config of the other (half the runs)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    folder = str(tmp_path / "ad")
+    for trial in range(6):
+        start = ctx.Barrier(2)
+        procs = [ctx.Process(target=_save_many, args=(folder, i, start)) for i in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        assert [p.exitcode for p in procs] == [0, 0]
+        with open(os.path.join(folder, "w"), "rb") as f:
+            assert f.read(1) == open(os.path.join(folder, "c"), "rb").read()
+        assert sorted(os.listdir(folder)) == ["c", "w"]
+
+
+def test_the_folder_is_synced_after_the_moves(tmp_path, monkeypatch):
+    """The files were flushed before their rename, the folder never: after a power loss the
+    renames (the new adapter) could be gone though the save had returned."""
+    import stat
+
+    from prefix_attn import atomic
+
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic.write_files(str(tmp_path / "ad"), {"w": b"1", "c": b"2"})
+    assert synced[-1] is True and synced.count(False) == 2
