@@ -149,11 +149,15 @@ def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
     ``num_virtual_tokens`` may also be PEFT's ``PrefixTuningConfig`` (``prefix_tuning(model,
     config)``, as ``get_peft_model(model, config)``): its ``num_virtual_tokens``, and
     ``encoder_hidden_size`` as ``projection_hidden_size`` when ``prefix_projection`` (PEFT builds
-    no MLP in ``inference_mode``); ``token_dim`` and ``num_attention_heads`` come from the model,
-    as PEFT takes them.
+    no MLP in ``inference_mode``), ``init_weights="zero"``, and ``modules_to_save`` (with a
+    SEQ_CLS / TOKEN_CLS / QUESTION_ANS ``task_type``, its head too) made trainable beside the
+    prefix, as PEFT trains them (in place: no copy of them is kept); ``token_dim`` and
+    ``num_attention_heads`` come from the model, as PEFT takes them; an encoder-decoder's
+    ``num_transformer_submodules=2`` (``task_type="SEQ_2_SEQ_LM"``) is refused.
     """
+    zero, heads = False, []
     if hasattr(num_virtual_tokens, "peft_type"):
-        num_virtual_tokens, projection_hidden_size = _from_peft_config(
+        num_virtual_tokens, projection_hidden_size, zero, heads = _from_peft_config(
             model, num_virtual_tokens, projection_hidden_size)
     validation.int_at_least(num_virtual_tokens, 1, "num_virtual_tokens")  # before the model changes
     if projection_hidden_size is not None:
@@ -163,7 +167,13 @@ def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
     with torch.inference_mode(False):  # parameters, not inference tensors (they would fail later)
         module = PrefixParameters(bank.num_layers, bank.num_kv_heads, bank.head_dim,
                                   num_virtual_tokens, projection_hidden_size, device=bank.device)
+        if zero:  # PEFT's init_weights="zero": the last layer of the prefix's encoder
+            with torch.no_grad():
+                for p in (module.transform[-1] if module.projection else module.embedding).parameters():
+                    p.zero_()
     _add_trainable(model, bank, name, module)
+    for head in heads:  # PEFT's modules_to_save (and its task's head) train with the prefix
+        head.requires_grad_(True)
     return module
 
 
@@ -182,11 +192,41 @@ def _from_peft_config(model: nn.Module, config, projection_hidden_size) -> tuple
     if layers is not None and layers != L:
         raise ValueError(f"PrefixTuningConfig(num_layers={layers}), but the model has {L} "
                          f"layers: leave num_layers unset (None), it is read from the model")
+    task = str(getattr(config, "task_type", None) or "").rpartition(".")[2]
+    submodules = getattr(config, "num_transformer_submodules", None)
+    if (submodules if submodules is not None else 2 if task == "SEQ_2_SEQ_LM" else 1) != 1:
+        raise ValueError(f"PrefixTuningConfig(task_type={task or None!r}, num_transformer_submodules="
+                         f"{submodules}): a prefix for an encoder and a decoder; prefix_attn "
+                         f"trains one for the model's one stack (num_transformer_submodules=1)")
+    init = getattr(config, "init_weights", None)
+    if init not in (None, "zero"):
+        raise ValueError(f"PrefixTuningConfig(init_weights={init!r}): PEFT knows None and 'zero'")
     hidden = None
     if getattr(config, "prefix_projection", False) and not getattr(config, "inference_mode", False):
         # PEFT's default: token_dim (Hkv * D under GQA)
         hidden = getattr(config, "encoder_hidden_size", None) or H * D
-    return config.num_virtual_tokens, hidden
+    return config.num_virtual_tokens, hidden, init == "zero", _modules_to_save(model, config, task)
+
+
+# the heads PEFT's task wrappers add to modules_to_save
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+               "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _modules_to_save(model: nn.Module, config, task: str) -> list:
+    """The modules PEFT's ``get_peft_model`` trains beside the prefix: ``modules_to_save``
+    (matched as PEFT matches them: a module whose name ends with one) and, for a SEQ_CLS /
+    TOKEN_CLS / QUESTION_ANS task, its head. A ``modules_to_save`` entry that names no module is
+    refused (PEFT trains nothing for it)."""
+    given = list(getattr(config, "modules_to_save", None) or ())
+    names = given + [n for n in _TASK_HEADS.get(task, ()) if n not in given]
+    found = {key: [m for path, m in model.named_modules() if path and path.endswith(key)]
+             for key in names}
+    missing = [key for key in given if not found[key]]
+    if missing:
+        raise ValueError(f"PrefixTuningConfig(modules_to_save={given}): no module of "
+                         f"{type(model).__name__} is named {missing} (or ends so)")
+    return [m for key in names for m in found[key]]
 
 
 def _add_trainable(model: nn.Module, bank: PrefixBank, name: str, module: PrefixParameters) -> None:

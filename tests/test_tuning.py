@@ -1042,6 +1042,55 @@ def test_prefix_tuning_takes_peft_s_config(kw):
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("projection", [False, True])
+def test_prefix_tuning_takes_peft_s_zero_init(projection):
+    """PrefixTuningConfig(init_weights="zero") was ignored: a random prefix where PEFT's starts
+    from zeros (its last layer's), so training began elsewhere."""
+    kw = dict(task_type="CAUSAL_LM", num_virtual_tokens=P, init_weights="zero",
+              prefix_projection=projection, encoder_hidden_size=16)
+    module = prefix_tuning(tiny_model("llama", seed=0), peft.PrefixTuningConfig(**kw))
+    enc = peft.get_peft_model(tiny_model("llama", seed=0, attn_implementation="eager"),
+                              peft.PrefixTuningConfig(**kw)).prompt_encoder["default"]
+    zeros = {k for k, v in enc.state_dict().items() if not v.any()}
+    assert zeros and zeros == {k for k, v in module.state_dict().items() if not v.any()}
+
+
+@pytest.mark.parametrize("task, kw", [("CAUSAL_LM", dict(modules_to_save=["lm_head"])),
+                                      ("SEQ_CLS", dict())])
+def test_prefix_tuning_trains_peft_s_modules_to_save(task, kw):
+    """modules_to_save (and a SEQ_CLS task's head, which PEFT adds to it) were ignored: the head
+    PEFT trains beside the prefix stayed frozen."""
+    import transformers as tf
+
+    import prefix_attn
+    from prefix_attn.tiny import tiny_config
+
+    auto = tf.AutoModelForCausalLM if task == "CAUSAL_LM" else tf.AutoModelForSequenceClassification
+    cfg = tiny_config("llama", num_labels=3)
+
+    def build(attn):
+        torch.manual_seed(0)
+        return auto.from_config(cfg, attn_implementation=attn)
+
+    ours = build("prefix_attn")
+    prefix_tuning(ours, peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=P, **kw))
+    pm = peft.get_peft_model(build("eager"), peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=P, **kw))
+    assert prefix_attn.get_nb_trainable_parameters(ours)[0] == pm.get_nb_trainable_parameters()[0]
+    head = ours.lm_head if task == "CAUSAL_LM" else ours.score
+    assert head.weight.requires_grad
+
+
+def test_prefix_tuning_refuses_peft_config_fields_it_would_ignore():
+    model = tiny_model("llama", seed=0)
+    for kw, match in ((dict(num_transformer_submodules=2), "encoder and a decoder"),
+                      (dict(task_type="SEQ_2_SEQ_LM"), "encoder and a decoder"),
+                      (dict(modules_to_save=["classifer"]), r"named \['classifer'\]")):
+        with pytest.raises(ValueError, match=match):
+            prefix_tuning(model, peft.PrefixTuningConfig(num_virtual_tokens=P, **kw))
+    assert not hasattr(model, "prefix_bank")
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_prefix_tuning_refuses_a_peft_config_it_cannot_follow():
     model = tiny_model("llama", seed=0)
     with pytest.raises(ValueError, match="num_layers=5.*leave num_layers unset"):
