@@ -259,6 +259,9 @@ def add_trainable_kv(model: nn.Module, bank: PrefixBank, name: str, kv: torch.Te
     (a PEFT adapter's ``prompt_embeddings``), as :func:`prefix_tuning` adds one: the base
     frozen, the parameters in float32 (float64 kept)."""
     check_name(name)
+    if torch.device(bank.device).type == "meta":  # the values copied into meta would be dropped
+        raise ValueError(f"prefix {name!r}: the model's weights are on meta (not loaded yet): the "
+                         f"adapter's values would be dropped; add it once the model is loaded")
     L, _, H, P, D = kv.shape
     with torch.inference_mode(False), torch.no_grad():  # parameters, not inference tensors
         module = PrefixParameters(L, H, D, P, device=bank.device)

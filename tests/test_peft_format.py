@@ -382,6 +382,21 @@ def test_load_peft_trainable_continues_training_a_saved_adapter(tmp_path):
         second.prefix_bank.load_peft("t", str(tmp_path), trainable=True)
 
 
+def test_load_peft_trainable_refuses_a_model_on_meta(tmp_path):
+    """A model not loaded yet (built on meta): load_peft(trainable=True) added a prefix whose
+    parameters were on meta, the adapter's values dropped (as a fixed entry and load_prefixes
+    refuse to)."""
+    model = _tiny_llama()
+    PrefixBank.attach(model).add("t", *torch.randn(2, L, HKV, P, D))
+    model.prefix_bank.save_peft("t", str(tmp_path))
+    with torch.device("meta"):
+        empty = _tiny_llama()
+    bank = PrefixBank.attach(empty)
+    with pytest.raises(ValueError, match="on meta"):
+        bank.load_peft("t", str(tmp_path), trainable=True)
+    assert "t" not in bank and all(p.requires_grad for p in empty.parameters())
+
+
 def test_load_peft_of_a_whole_model_folder_says_to_use_load_prefixes(tmp_path):
     """PEFT muscle memory: ``model.save_pretrained(dir)`` after prefix tuning writes the whole
     model; loading that folder as an adapter says where its prefixes are read from."""
