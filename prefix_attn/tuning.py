@@ -335,8 +335,14 @@ def from_peft(peft_model, trainable: bool = True) -> nn.Module:
                          f"adapter under its own name (was from_peft already called on this "
                          f"model? its adapters are then in model.prefix_bank)")
     warn_window_vs_peft(model, "from_peft")
-    heads = _unwrap_modules_to_save(model)
-    add_prefixes(model, bank, modules, trainable)
+    swaps = _unwrap_modules_to_save(model)
+    try:
+        add_prefixes(model, bank, modules, trainable)
+    except BaseException:  # PEFT's wrappers back: a retry finds (and unfreezes) the heads again
+        for parent, leaf, wrapper, _ in swaps:
+            setattr(parent, leaf, wrapper)
+        raise
+    heads = [head for *_, head in swaps]
     for p in keep + [p for head in heads for p in head.parameters()] if trainable else ():
         p.requires_grad_(True)  # a head trains with the prefix, as under PEFT (loaded one too)
     return model
@@ -345,21 +351,22 @@ def from_peft(peft_model, trainable: bool = True) -> nn.Module:
 def _unwrap_modules_to_save(model: nn.Module) -> list:
     """Put in place of each of PEFT's ``modules_to_save`` wrappers (a classification head) the
     copy its forward runs (the active adapter's; the original when none is active or adapters
-    are disabled), and return those copies. Left wrapped, a checkpoint of the returned model
+    are disabled), and return ``(parent, name, wrapper, copy)`` of each (to put back). Left wrapped, a checkpoint of the returned model
     saved the head as ``...modules_to_save.<adapter>.*`` and a model loaded from it got a new,
     random head; and a head PEFT loaded for inference stayed frozen."""
     wrapped = [(path, m) for path, m in model.named_modules()
                if isinstance(getattr(m, "modules_to_save", None), nn.ModuleDict)
                and isinstance(getattr(m, "original_module", None), nn.Module)]
-    heads = []
+    swaps = []
     for path, m in wrapped:
         active = [a for a in getattr(m, "active_adapters", []) if a in m.modules_to_save]
         head = m.original_module if getattr(m, "disable_adapters", False) or not active \
             else m.modules_to_save[active[0]]
         parent, _, leaf = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, head)
-        heads.append(head)
-    return heads
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, leaf, head)
+        swaps.append((owner, leaf, m, head))
+    return swaps
 
 
 def add_prefixes(model: nn.Module, bank: PrefixBank, modules: dict, trainable: bool) -> None:

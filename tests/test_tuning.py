@@ -1006,6 +1006,32 @@ def test_an_interrupted_add_leaves_model_and_bank_as_they_were(monkeypatch, how)
                if p.requires_grad)
 
 
+def test_an_interrupted_from_peft_leaves_peft_s_head_wrapper(monkeypatch):
+    """from_peft took the head out of PEFT's modules_to_save wrapper before adding the
+    prefixes: interrupted there, the PeftModel kept the bare head, and the retry found no
+    wrapper, so a head PEFT loaded frozen stayed frozen (under PEFT it trains)."""
+    from prefix_attn.bank import PrefixBank
+
+    pm = peft.get_peft_model(tiny_model("llama", seed=0, attn_implementation="eager"),
+                             peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
+                                                     modules_to_save=["lm_head"]))
+    for p in pm.parameters():  # as PeftModel.from_pretrained(..., is_trainable=False) loads it
+        p.requires_grad_(False)
+    wrapper = pm.get_base_model().lm_head
+    real = PrefixBank.add_trainable
+
+    def interrupted(self, name, module):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PrefixBank, "add_trainable", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prefix_attn.from_peft(pm)
+    assert pm.get_base_model().lm_head is wrapper
+    monkeypatch.setattr(PrefixBank, "add_trainable", real)
+    model = prefix_attn.from_peft(pm)
+    assert model.lm_head is wrapper.modules_to_save["default"] and model.lm_head.weight.requires_grad
+
+
 @pytest.mark.parametrize("projection", [None, 16])
 def test_get_nb_trainable_parameters_gives_peft_s_numbers(capsys, projection):
     import prefix_attn
