@@ -94,8 +94,10 @@ def _warn_if_the_optimizer_trained_more(model: nn.Module, folder: str) -> None:
     path = os.path.join(folder, "optimizer.pt")
     if not os.path.isfile(path):
         return
-    try:  # memory-mapped: only the small param_groups list is read
-        groups = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["param_groups"]
+    try:  # memory-mapped: only the small param_groups list is read (torch's legacy, non-zip
+        # format cannot be mapped: read whole)
+        groups = torch.load(path, map_location="cpu", weights_only=True,
+                            mmap=zipfile.is_zipfile(path))["param_groups"]
         saved = sum(len(g["params"]) for g in groups)
     except Exception:  # noqa: BLE001 -- another optimizer's format (DeepSpeed, FSDP): not judged
         return

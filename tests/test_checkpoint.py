@@ -285,10 +285,11 @@ def test_a_checkpoint_whose_optimizer_trained_the_prefixes_alone_loads_without_a
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prefix_attn.load_prefixes(tiny_model("llama", seed=0), tmp_path)
-    torch.save({"state": {}, "param_groups": [{"lr": 1e-3, "params": list(range(len(trained) + 1))}]},
-               tmp_path / "optimizer.pt")
-    with pytest.warns(UserWarning, match=f"trained {len(trained) + 1} tensors"):
-        prefix_attn.load_prefixes(tiny_model("llama", seed=0), tmp_path)
+    for zipped in (True, False):  # torch's legacy format too (mmap refuses it: no warning)
+        torch.save({"state": {}, "param_groups": [{"lr": 1e-3, "params": list(range(len(trained) + 1))}]},
+                   tmp_path / "optimizer.pt", _use_new_zipfile_serialization=zipped)
+        with pytest.warns(UserWarning, match=f"trained {len(trained) + 1} tensors"):
+            prefix_attn.load_prefixes(tiny_model("llama", seed=0), tmp_path)
 
 
 def test_prefixes_loaded_under_inference_mode_train(tmp_path):
