@@ -128,7 +128,10 @@ def _locked(folder: str):
         yield None
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network mounts): save unlocked
+            pass
         yield fd
     finally:
         os.close(fd)  # releases the lock

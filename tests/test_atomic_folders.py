@@ -183,3 +183,18 @@ def test_the_folder_is_synced_after_the_moves(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", fsync)
     atomic.write_files(str(tmp_path / "ad"), {"w": b"1", "c": b"2"})
     assert synced[-1] is True and synced.count(False) == 2
+
+
+def test_a_folder_that_cannot_be_locked_is_still_written(tmp_path, monkeypatch):
+    """A file system without flock (ENOLCK on some network mounts): the save goes on unlocked."""
+    import errno
+    import fcntl
+
+    from prefix_attn import atomic
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    atomic.write_files(str(tmp_path / "a"), {"x.bin": b"1", "y.json": b"{}"})
+    assert (tmp_path / "a" / "x.bin").read_bytes() == b"1"
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["x.bin", "y.json"]
