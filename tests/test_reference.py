@@ -65,6 +65,8 @@ CASES = {
     "window": (dict(Sq=6, Skv=11), dict(window=3)),
     "softcap": (dict(), dict(softcap=1.5)),
     "noncausal": (dict(pad="right"), dict(causal=False)),
+    "window_noncausal": (dict(Sq=6, Skv=11, pad="left"), dict(window=2, causal=False)),
+    "window_Sq_gt_Skv": (dict(Sq=9, Skv=4), dict(window=2)),
     "scale": (dict(), dict(scale=0.3)),
     "all": (dict(B=3, N=2, P=5, lens=[5, 2], ids=[1, 1, 0], pad="left", Hq=6, Hkv=2),
             dict(window=4, softcap=3.0)),
