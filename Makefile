@@ -12,7 +12,7 @@ export MAX_JOBS
 
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: setup demo test test-fast test-compat test-triton-compat test-torch-compat bench check clean
+.PHONY: setup demo test test-fast test-compat test-triton-compat test-torch-compat bench bench-micro check clean
 
 $(VENV)/.stamp-deps: requirements-dev.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -103,6 +103,10 @@ test-torch-compat:
 
 bench: setup
 	$(VPY) bench/run_all.py
+
+# pytest-benchmark microbenchmarks of one attention call (bench/test_micro.py)
+bench-micro: setup
+	$(VPY) -m pytest -q -p no:cacheprovider bench/test_micro.py
 
 # The install stamp goes with the extension it stands for (else setup skips the rebuild, and the
 # demo and tests ran without the C++ backend).

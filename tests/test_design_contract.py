@@ -100,3 +100,22 @@ def test_window_without_causal(backend, case):
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     shape, extra = _WINDOW_CASES[case]
     check_contract(backend, shape, extra, torch.float32, device=device)
+
+
+def test_bench_holds_pytest_benchmark_microbenchmarks():
+    """DESIGN.md's layout: `bench/` holds pytest-benchmark microbenchmarks (and the scripts that
+    write bench/results/). Each runs once here (--benchmark-disable)."""
+    pytest.importorskip("pytest_benchmark")
+    import glob
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), os.pardir)
+    files = [f for f in glob.glob(os.path.join(root, "bench", "test_*.py"))
+             if re.search(r"def test_\w+\(benchmark\b", open(f).read())]
+    assert files, "no pytest-benchmark module (a test taking the `benchmark` fixture) in bench/"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "--benchmark-disable", *files], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
