@@ -2,6 +2,8 @@
 the schemas of docs/INTERNALS.md, and `register_autograd` wires bwd as fwd's derivative."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 _registered = set()
@@ -46,6 +48,15 @@ def _once_differentiable(grads, inputs):
     return tuple(err(*[alias(g) for g in grads], *needed)[:len(grads)])
 
 
+def _autocast_off(device_type: str):
+    """``torch.autocast(device_type, enabled=False)``, or nothing on a device type autocast
+    does not know (``meta``: the torch backend runs on every device type)."""
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
+
+
 def _make_backward(bwd):
     def backward(ctx, dout, dlse):
         (q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
@@ -61,7 +72,7 @@ def _make_backward(bwd):
         # autocast off: a backward called inside an autocast region would otherwise recast
         # the kernels' float32 internals (the torch backend's GEMMs); no_grad: the ops have no
         # derivative of their own (see _once_differentiable)
-        with torch.autocast(q.device.type, enabled=False), torch.no_grad():
+        with _autocast_off(q.device.type), torch.no_grad():
             grads = bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens,
                         key_padding_mask, out, lse, dlse, *ctx.flags)
         dq, dk, dv, dpk, dpv = _once_differentiable(tuple(grads), (dout, dlse, q, k, v, prefix_k,

@@ -21,6 +21,17 @@ _BACKEND_MODULES = ("prefix_attn.torch_backend", "prefix_attn.cpp_backend",
                     "prefix_attn.triton_backend")
 
 
+class AnyDevice(tuple):
+    """``Backend.devices`` of a backend that takes tensors of every device type (the torch
+    composite: DESIGN.md's "anywhere"); ``"mps" in AnyDevice()`` is True."""
+
+    def __new__(cls):
+        return super().__new__(cls, ("any device",))
+
+    def __contains__(self, device_type) -> bool:
+        return True
+
+
 @dataclass
 class Backend:
     name: str

@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .backends import Backend, register_backend
+from .backends import AnyDevice, Backend, register_backend
 from .validation import AttnArgs
 
 # Upper bound on the fp32 elements of one chunk's score matrix (4 MiB): small chunks stay in
@@ -263,5 +263,5 @@ def _(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_ma
 
 register_backend(Backend(
     name="torch", fwd=torch.ops.prefix_attn.torch_fwd.default,
-    bwd=torch.ops.prefix_attn.torch_bwd.default, devices=("cpu", "cuda"), priority=0,
+    bwd=torch.ops.prefix_attn.torch_bwd.default, devices=AnyDevice(), priority=0,
     description="PyTorch composite: per-entry GEMMs merged by LSE, query-chunked"))

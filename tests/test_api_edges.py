@@ -211,10 +211,12 @@ def test_numpy_scalars_are_numbers():
         prefix_attention(q, k, v, causal=np.array([True, False]))
 
 
-def test_meta_tensors_get_a_clear_error():
+def test_meta_tensors_run_on_the_torch_backend():
+    """DESIGN.md: the torch backend runs anywhere; on meta tensors it gives the shapes (this
+    was "no backend accepts meta tensors")."""
     q = torch.empty(1, 2, 3, 8, device="meta")
-    with pytest.raises(RuntimeError, match="no backend accepts meta tensors"):
-        prefix_attn.prefix_attention(q, q, q)
+    out = prefix_attn.prefix_attention(q, q, q)
+    assert out.device.type == "meta" and out.shape == q.shape
 
 
 def test_first_call_compiled_in_a_fresh_process_compiles_once():

@@ -119,3 +119,20 @@ def test_bench_holds_pytest_benchmark_microbenchmarks():
                           "--benchmark-disable", *files], cwd=root, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", ["torch", None])
+def test_torch_backend_runs_anywhere(backend):
+    """DESIGN.md's backend table: `torch` runs "anywhere" (a PyTorch composite), so on a device
+    type no compiled backend takes (here `meta`, shapes only), it is also what backend=None
+    picks. It accepted cpu and cuda tensors only: "no backend accepts meta tensors"."""
+    q = torch.randn(2, 4, 3, 8, device="meta", requires_grad=True)
+    k = torch.randn(2, 2, 5, 8, device="meta", requires_grad=True)
+    pk = torch.randn(3, 2, 4, 8, device="meta", requires_grad=True)
+    ids = torch.tensor([2, 0], device="meta")
+    out, lse = prefix_attn.prefix_attention(q, k, k, pk, pk, prefix_ids=ids, return_lse=True,
+                                            backend=backend)
+    assert out.shape == (2, 4, 3, 8) and out.device.type == "meta" and out.dtype == q.dtype
+    assert lse.shape == (2, 4, 3) and lse.dtype == torch.float32
+    dq, dpk = torch.autograd.grad(out.sum(), (q, pk))
+    assert dq.shape == q.shape and dpk.shape == pk.shape
