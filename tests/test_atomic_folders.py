@@ -198,3 +198,167 @@ def test_a_folder_that_cannot_be_locked_is_still_written(tmp_path, monkeypatch):
     atomic.write_files(str(tmp_path / "a"), {"x.bin": b"1", "y.json": b"{}"})
     assert (tmp_path / "a" / "x.bin").read_bytes() == b"1"
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["x.bin", "y.json"]
+
+
+def test_a_relative_folder_is_made_and_taken_back(tmp_path, monkeypatch):
+    """A relative path (save_peft("x", "out/adapter") from the working folder): make_folders
+    walks up to an existing folder; without the absolute path it reached "" and never ended."""
+    from prefix_attn import atomic
+
+    monkeypatch.chdir(tmp_path)
+    real, looked = os.path.exists, []
+
+    def exists(path):  # fails the test instead of hanging it
+        looked.append(path)
+        assert len(looked) < 50, "make_folders does not end"
+        return real(path)
+
+    monkeypatch.setattr(os.path, "exists", exists)
+    assert atomic.make_folders(os.path.join("new", "deep")) == [str(tmp_path / "new"),
+                                                                str(tmp_path / "new" / "deep")]
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    atomic.write_files(os.path.join("out", "ad"), {"f": b"1"})
+    assert (tmp_path / "out" / "ad" / "f").read_bytes() == b"1"
+
+
+def test_a_failed_save_keeps_a_folder_another_save_made(tmp_path, monkeypatch):
+    """A folder another save made meanwhile is not this save's: a failure here must not remove
+    it (empty until the other save moves its files in, which then fail)."""
+    from prefix_attn import atomic
+
+    real = os.mkdir
+
+    def mkdir(path, *a, **k):  # another process makes each folder just before this one does
+        real(path, *a, **k)
+        real(path, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    _failing_replace(monkeypatch, "f")
+    with pytest.raises(OSError, match="No space"):
+        atomic.write_files(str(tmp_path / "out" / "a"), {"f": b"1"})
+    monkeypatch.undo()
+    assert (tmp_path / "out" / "a").is_dir() and os.listdir(tmp_path / "out" / "a") == []
+
+
+def test_a_file_that_cannot_be_written_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A full disk while writing the second file's bytes: every temporary file is removed, the
+    one being written too, and the folder made for the save."""
+    from prefix_attn import atomic
+
+    real, calls = atomic._write_file, []
+
+    def write(path, data):
+        calls.append(path)
+        with open(path, "wb") as f:
+            f.write(data[:1])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(atomic, "_write_file", write)
+    with pytest.raises(OSError, match="No space"):
+        atomic.write_files(str(tmp_path / "new" / "ad"), {"w": b"12", "c": b"34"})
+    assert os.listdir(tmp_path) == []
+
+
+def _no_hard_links(monkeypatch):
+    def link(*a, **k):  # a file system without hard links (FAT, some FUSE mounts)
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", link)
+
+
+def test_without_hard_links_a_failed_save_still_puts_the_old_files_back(tmp_path, monkeypatch):
+    from prefix_attn import atomic
+
+    folder = str(tmp_path / "ad")
+    atomic.write_files(folder, {"w": b"old w", "c": b"old c"})
+    _no_hard_links(monkeypatch)
+    _failing_replace(monkeypatch, os.sep + "c")
+    with pytest.raises(OSError, match="No space"):
+        atomic.write_files(folder, {"w": b"new w", "c": b"new c"})
+    monkeypatch.undo()
+    assert {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder)} == {
+        "w": b"old w", "c": b"old c"}
+
+
+def test_a_copy_of_the_old_file_that_fails_half_way_leaves_no_file(tmp_path, monkeypatch):
+    """No hard links, and the copy that keeps the old file aside fills the disk half-way: the
+    half-written .old-* file was left in the folder (the space the next save needs)."""
+    import shutil
+
+    from prefix_attn import atomic
+
+    folder = str(tmp_path / "ad")
+    atomic.write_files(folder, {"w": b"old" * 1000})
+    _no_hard_links(monkeypatch)
+
+    def copy2(src, dst, *a, **k):
+        with open(dst, "wb") as f:
+            f.write(b"o")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copy2", copy2)
+    with pytest.raises(OSError, match="No space"):
+        atomic.write_files(folder, {"w": b"new"})
+    monkeypatch.undo()
+    assert os.listdir(folder) == ["w"] and open(os.path.join(folder, "w"), "rb").read() == b"old" * 1000
+
+
+def test_a_save_waits_for_the_lock_on_its_folder(tmp_path):
+    """Deterministic form of the two-process test: while another holds the folder's flock, a
+    save writes its temporary files but moves nothing in."""
+    import fcntl
+    import threading
+
+    from prefix_attn import atomic
+
+    folder = str(tmp_path / "ad")
+    atomic.write_files(folder, {"w": b"old"})
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        t = threading.Thread(target=atomic.write_files, args=(folder, {"w": b"new"}))
+        t.start()
+        t.join(0.5)
+        assert t.is_alive() and open(os.path.join(folder, "w"), "rb").read() == b"old"
+    finally:
+        os.close(fd)  # releases the lock
+    t.join(10)
+    assert open(os.path.join(folder, "w"), "rb").read() == b"new"
+
+
+def test_a_folder_that_cannot_be_opened_is_still_written(tmp_path, monkeypatch):
+    """A folder with write but no read permission (a drop box, mode 0o333): it cannot be opened
+    to lock it; the save goes on unlocked."""
+    from prefix_attn import atomic
+
+    folder = str(tmp_path / "ad")
+    os.mkdir(folder)
+    real = os.open
+
+    def no_read(path, flags, *a, **k):
+        if os.fspath(path) == folder:
+            raise PermissionError(13, "Permission denied")
+        return real(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", no_read)
+    atomic.write_files(folder, {"w": b"1"})
+    monkeypatch.undo()
+    assert open(os.path.join(folder, "w"), "rb").read() == b"1"
+
+
+def test_save_peft_moves_the_weights_in_before_the_config(tmp_path, monkeypatch):
+    """A reader that does not lock (PEFT's from_pretrained) and finds the new config finds the
+    new weights too: the config is moved in last."""
+    _, bank = _bank()
+    real, moved = os.replace, []
+
+    def replace(src, dst, *a, **k):
+        moved.append(os.path.basename(dst))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", replace)
+    bank.save_peft("three", str(tmp_path / "ad"))
+    assert moved == [peft_format.WEIGHTS_NAME, peft_format.CONFIG_NAME]
