@@ -1045,6 +1045,7 @@ def test_get_nb_trainable_parameters_gives_peft_s_numbers(capsys, projection):
 
 @pytest.mark.parametrize("kw", [dict(), dict(prefix_projection=True, encoder_hidden_size=16),
                                 dict(prefix_projection=True),  # PEFT's MLP width: token_dim
+                                dict(prefix_projection=True, encoder_hidden_size=24),
                                 dict(prefix_projection=True, encoder_hidden_size=16,
                                      inference_mode=True)])  # PEFT builds no MLP then
 def test_prefix_tuning_takes_peft_s_config(kw):
@@ -1110,7 +1111,8 @@ def test_prefix_tuning_refuses_peft_config_fields_it_would_ignore():
     model = tiny_model("llama", seed=0)
     for kw, match in ((dict(num_transformer_submodules=2), "encoder and a decoder"),
                       (dict(task_type="SEQ_2_SEQ_LM"), "encoder and a decoder"),
-                      (dict(modules_to_save=["classifer"]), r"named \['classifer'\]")):
+                      (dict(modules_to_save=["classifer"]), r"named \['classifer'\]"),
+                      (dict(init_weights="normal"), "PEFT knows None and 'zero'")):
         with pytest.raises(ValueError, match=match):
             prefix_tuning(model, peft.PrefixTuningConfig(num_virtual_tokens=P, **kw))
     assert not hasattr(model, "prefix_bank")
@@ -1145,3 +1147,39 @@ def test_from_peft_keeps_base_parameters_the_user_unfroze_and_works_under_infere
     ids, mask, labels = _batch()
     model.train()(ids, attention_mask=mask, labels=labels, prefixes=["default"] * 3).loss.backward()
     opt.step()
+
+
+def test_prefix_tuning_matches_modules_to_save_by_the_end_of_their_names_as_peft_does():
+    """modules_to_save=["down_proj"]: PEFT trains every layer's mlp.down_proj (a module whose
+    name ends with the entry), so does prefix_tuning with PEFT's config."""
+    import prefix_attn
+
+    kw = dict(task_type="CAUSAL_LM", num_virtual_tokens=P, modules_to_save=["down_proj"])
+    ours = tiny_model("llama", seed=0)
+    prefix_tuning(ours, peft.PrefixTuningConfig(**kw))
+    pm = peft.get_peft_model(tiny_model("llama", seed=0, attn_implementation="eager"),
+                             peft.PrefixTuningConfig(**kw))
+    assert prefix_attn.get_nb_trainable_parameters(ours)[0] == pm.get_nb_trainable_parameters()[0]
+    assert all(layer.mlp.down_proj.weight.requires_grad for layer in ours.model.layers)
+
+
+def test_an_interrupted_prefix_tuning_keeps_what_the_user_froze_frozen():
+    """The first prefix_tuning freezes the base; interrupted, it unfreezes what it froze, and
+    only that: a parameter the user had frozen before stays frozen."""
+    from prefix_attn.bank import PrefixBank
+
+    model = tiny_model("llama", seed=0)
+    model.model.embed_tokens.requires_grad_(False)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    real = PrefixBank.add_trainable
+
+    def interrupted(self, name, module):
+        raise KeyboardInterrupt
+
+    PrefixBank.add_trainable = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prefix_tuning(model, num_virtual_tokens=2, name="a")
+    finally:
+        PrefixBank.add_trainable = real
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
