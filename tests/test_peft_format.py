@@ -411,3 +411,32 @@ def test_load_peft_of_a_whole_model_folder_says_to_use_load_prefixes(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"whole model .*load_prefixes\(model, dir\)"):
         PrefixBank.attach(other).load_peft("t", str(tmp_path))
     assert prefix_attn.load_prefixes(other, str(tmp_path)) == ["t"]
+
+
+def test_load_peft_trainable_needs_a_bank_on_a_model(tmp_path):
+    """A bank of its own (PrefixBank(L, Hkv, D)) has no base to freeze: trainable=True is
+    refused with the way to do it, and the bank is unchanged."""
+    model = _tiny_llama()
+    PrefixBank.attach(model).add("t", *torch.randn(2, L, HKV, P, D))
+    model.prefix_bank.save_peft("t", str(tmp_path))
+    bank = PrefixBank(L, HKV, D)
+    with pytest.raises(RuntimeError, match=r"needs a bank attached to a model.*attach\(model\)"):
+        bank.load_peft("t", str(tmp_path), trainable=True)
+    assert "t" not in bank
+    bank.load_peft("t", str(tmp_path))
+    assert bank.kind("t") == "fixed"
+
+
+def test_load_peft_trainable_keeps_a_float64_adapter_in_float64(tmp_path):
+    """An adapter saved from a float64 model: its trainable prefix keeps float64 (as
+    prefix_tuning's on such a model), not float32 rounding of the saved values."""
+    model = _tiny_llama().double()
+    kv = torch.randn(2, L, HKV, P, D, dtype=torch.float64)
+    PrefixBank.attach(model).add("t", *kv)
+    model.prefix_bank.save_peft("t", str(tmp_path))
+    second = _tiny_llama().double()
+    PrefixBank.attach(second).load_peft("t", str(tmp_path), trainable=True)
+    (weight,) = [p for p in second.parameters() if p.requires_grad]
+    assert weight.dtype == torch.float64
+    with torch.no_grad():
+        assert torch.equal(second.prefix_bank.entry_kv("t"), model.prefix_bank.entry_kv("t"))
