@@ -306,3 +306,18 @@ def test_prefixes_loaded_under_inference_mode_train(tmp_path):
     loaded(IDS, labels=IDS, prefixes=["a", "b.c%"]).loss.backward()
     opt.step()  # in-place updates of inference tensors outside inference_mode are refused
     assert not torch.equal(loaded.prefix_bank.entry_kv("b.c%").detach(), before)
+
+
+def test_prefixes_loaded_for_serving_do_not_warn_about_the_optimizer(tmp_path):
+    """trainable=False (fixed K/V, for serving) on a frozen model: nothing will resume from
+    optimizer.pt, so no warning to unfreeze a head."""
+    model = tiny_model("llama", seed=0)
+    prefix_attn.prefix_tuning(model, 3, name="a")
+    model.save_pretrained(tmp_path)
+    torch.save({"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]},
+               tmp_path / "optimizer.pt")
+    serving = tiny_model("llama", seed=0).requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert prefix_attn.load_prefixes(serving, tmp_path, trainable=False) == ["a"]
+    assert serving.prefix_bank.kind("a") == "fixed"
