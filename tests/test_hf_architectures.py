@@ -766,3 +766,30 @@ def test_tokens_after_a_cache_past_a_learned_position_table_are_a_clear_error(fa
     after_a_cache(155)  # 1 + 100 + 155 = 256: fits
     with pytest.raises(ValueError, match="beyond the 256 learned positions"):
         after_a_cache(156)
+
+
+def test_right_padding_after_a_cache_behind_a_long_prefix_runs_as_each_row_alone():
+    """The same after a cache (a prompt fed in chunks): a row of a 150-position prefix, a cache
+    of 60 and 10 new tokens right-padded to 50 (real positions 210..219: fit the 256) beside a
+    row without a prefix. Prefix + new tokens alone (200) fit: the cache must count, and the
+    pads are found in the mask's last 50 columns (the new tokens'), not its first."""
+    model, _ = _with_prefix("gpt2", 150)
+    g = torch.Generator().manual_seed(0)
+    past = torch.randint(3, 100, (2, 60), generator=g)
+    a, b = torch.randint(3, 100, (10,), generator=g), torch.randint(3, 100, (50,), generator=g)
+    ids = torch.zeros(2, 50, dtype=torch.long)
+    ids[0, :10], ids[1] = a, b
+    mask = torch.cat([torch.ones(2, 60, dtype=torch.long), (ids != 0).long()], 1)
+
+    def run(ids, mask, past, prefixes):
+        with torch.no_grad():
+            cache = model(past, attention_mask=mask[:, :60], prefixes=prefixes,
+                          use_cache=True).past_key_values
+            return model(ids, attention_mask=mask, past_key_values=cache, prefixes=prefixes,
+                         use_cache=True).logits
+
+    got = run(ids, mask, past, ["p", None])
+    want_a = run(a[None], mask[:1, :70], past[:1], ["p"])
+    want_b = run(b[None], mask[1:], past[1:], [None])
+    torch.testing.assert_close(got[0, :10], want_a[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], want_b[0], rtol=1e-4, atol=1e-4)
