@@ -389,6 +389,8 @@ def _run(args: argparse.Namespace) -> int:
             except Interrupted as stop:
                 stop.note = out.save_partial(len(requests))
                 raise
+            except OutputClosed:  # a stop, said once by main
+                raise
             except Exception:  # a batch failed (out of memory, ...): the finished ones are kept
                 if out.count:
                     print(f"prefix-attn generate: {out.save_partial(len(requests))}", file=sys.stderr)
