@@ -196,10 +196,8 @@ def readable_by_others(folder: str) -> None:
 
 def write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (flushed to disk before the rename)."""
-    with replacing(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    with replacing(path) as tmp:
+        _write_file(tmp, data)
 
 
 def write_text(path: str, text: str) -> None:

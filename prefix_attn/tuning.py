@@ -171,14 +171,15 @@ def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
             with torch.no_grad():
                 for p in (module.transform[-1] if module.projection else module.embedding).parameters():
                     p.zero_()
-    _add_trainable(model, bank, name, module)
+    add_prefixes(model, bank, {name: module}, trainable=True)
     for head in heads:  # PEFT's modules_to_save (and its task's head) train with the prefix
         head.requires_grad_(True)
     return module
 
 
 def _from_peft_config(model: nn.Module, config, projection_hidden_size) -> tuple:
-    """``(num_virtual_tokens, projection_hidden_size)`` of a PEFT ``PrefixTuningConfig``."""
+    """``(num_virtual_tokens, projection_hidden_size, zero_init, modules_to_train)`` of a PEFT
+    ``PrefixTuningConfig``."""
     kind = str(getattr(config, "peft_type", None))
     if not kind.endswith("PREFIX_TUNING"):
         raise ValueError(f"prefix_tuning takes a PrefixTuningConfig, got a {type(config).__name__} "
@@ -234,24 +235,16 @@ def _add_trainable(model: nn.Module, bank: PrefixBank, name: str, module: Prefix
         raise ValueError(f"a prefix named {name!r} is already in the bank ({bank.kind(name)}); "
                          f"choose another name or remove it first: model.prefix_bank.remove({name!r})")
     _use_fused_attention(model)
-    unfrozen, froze = [], not getattr(bank, "_base_frozen", False)
-    if froze:
+    if not getattr(bank, "_base_frozen", False):
         # the first call freezes the base (all but the bank's trainable entries, which may have
         # been added by bank.add_trainable before); later ones keep what the user unfroze since
-        # (e.g. a classification head)
+        # (e.g. a classification head). add_prefixes puts it back if the add fails.
         keep = {id(p) for p in bank.trainable.parameters()} | _peft_adapter_parameters(model)
-        unfrozen = [p for p in model.parameters() if id(p) not in keep and p.requires_grad]
-        for p in unfrozen:
-            p.requires_grad_(False)
+        for p in model.parameters():
+            if id(p) not in keep:
+                p.requires_grad_(False)
         bank._base_frozen = True
-    try:
-        bank.add_trainable(name, module)
-    except BaseException:  # not added: the base as it was, so a retry freezes it again
-        for p in unfrozen:
-            p.requires_grad_(True)
-        if froze:
-            bank._base_frozen = False
-        raise
+    bank.add_trainable(name, module)
 
 
 def add_trainable_kv(model: nn.Module, bank: PrefixBank, name: str, kv: torch.Tensor) -> PrefixParameters:
