@@ -21,6 +21,7 @@ from . import atomic
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+CARD_NAME = "README.md"  # the model card PEFT's save_pretrained writes beside the adapter
 WEIGHTS_NAME_BIN = "adapter_model.bin"  # PEFT's save_pretrained(safe_serialization=False)
 TENSOR_KEY = "prompt_embeddings"
 # a whole model's weights (save_pretrained of the model, a Trainer checkpoint)
@@ -218,8 +219,9 @@ def write_peft_adapter(
 ) -> None:
     """Write ``kv`` ``[L, 2, Hkv, P, D]`` as a PEFT prefix-tuning adapter loadable by
     ``peft.PeftModel.from_pretrained`` (inference mode, no projection; ``task_type``: see
-    :func:`task_type_of`). Each file is written atomically (temporary file + ``os.replace``);
-    the weights go first, the config last, and a failure puts back what was there.
+    :func:`task_type_of`), with a ``README.md`` model card (:func:`model_card`) unless the
+    folder holds one already (yours is kept as it is). The files are written as one change
+    (``atomic.write_files``): a failure puts back what was there.
     """
     from safetensors.torch import save as st_save
 
@@ -249,7 +251,45 @@ def write_peft_adapter(
                                  f"a folder holding {CONFIG_NAME} and {WEIGHTS_NAME})")
     # both files as one change: a failed write (a full disk) leaves an adapter there before
     # as it was (not its config beside the new weights) and makes no folder
-    atomic.write_files(adapter_dir, {
-        WEIGHTS_NAME: st_save({TENSOR_KEY: emb}, metadata={"format": "pt"}),
-        CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode("utf-8"),
-    })
+    files = {}  # moved in in this order: the config last (readers do not lock)
+    if not os.path.exists(os.path.join(adapter_dir, CARD_NAME)):  # a card of the user's is kept
+        files[CARD_NAME] = model_card(config).encode("utf-8")
+    files[WEIGHTS_NAME] = st_save({TENSOR_KEY: emb}, metadata={"format": "pt"})
+    files[CONFIG_NAME] = (json.dumps(config, indent=2) + "\n").encode("utf-8")
+    atomic.write_files(adapter_dir, files)
+
+
+def model_card(config: dict) -> str:
+    """A ``README.md`` for an adapter folder, as PEFT writes one (its metadata lets the Hugging
+    Face Hub list the folder as a PEFT adapter of its base model): ``library_name: peft``,
+    ``base_model`` when known, the prefix-tuning tags, and how to load it."""
+    from . import __version__
+
+    meta = ["library_name: peft"]
+    if config.get("base_model_name_or_path"):
+        meta.append(f"base_model: {json.dumps(config['base_model_name_or_path'])}")
+    if config.get("task_type") == "CAUSAL_LM":
+        meta.append("pipeline_tag: text-generation")
+    meta += ["tags:", "- prefix-tuning", "- prefix_attn"]
+    shape = (f"{config['num_virtual_tokens']} virtual tokens for each of {config['num_layers']} "
+             f"layers ({config['num_attention_heads']} key/value heads of "
+             f"{config['token_dim'] // config['num_attention_heads']} dims)")
+    return "\n".join([
+        "---", *meta, "---", "",
+        "# Prefix-tuning adapter", "",
+        f"A PEFT prefix-tuning adapter ({config['task_type']}): {shape}, written by prefix_attn "
+        f"{__version__}.", "",
+        "Load it with PEFT:", "",
+        "```python",
+        "from peft import PeftModel",
+        "model = PeftModel.from_pretrained(base_model, ADAPTER_DIR)",
+        "```", "",
+        "or into a prefix_attn bank (one copy of the prefix, mixed with other prefixes per row):", "",
+        "```python",
+        "import prefix_attn",
+        "bank = prefix_attn.PrefixBank.attach(base_model)",
+        'bank.load_peft("my-prefix", ADAPTER_DIR)',
+        "```", "",
+        "### Framework versions", "",
+        f"- prefix_attn {__version__}", "",
+    ])

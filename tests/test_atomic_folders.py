@@ -361,4 +361,4 @@ def test_save_peft_moves_the_weights_in_before_the_config(tmp_path, monkeypatch)
 
     monkeypatch.setattr(os, "replace", replace)
     bank.save_peft("three", str(tmp_path / "ad"))
-    assert moved == [peft_format.WEIGHTS_NAME, peft_format.CONFIG_NAME]
+    assert moved == [peft_format.CARD_NAME, peft_format.WEIGHTS_NAME, peft_format.CONFIG_NAME]

@@ -71,7 +71,8 @@ def test_save_peft_loads_in_peft_with_the_same_prefix_and_logits(tmp_path):
     keys, values = torch.randn(L, HKV, P, D, generator=g), torch.randn(L, HKV, P, D, generator=g)
     bank.add("mine", keys, values)
     bank.save_peft("mine", str(tmp_path / "ad"))
-    assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "ad")) == ["README.md", "adapter_config.json",
+                                                   "adapter_model.safetensors"]
 
     pm = peft.PeftModel.from_pretrained(_tiny_llama(), str(tmp_path / "ad"))
     got = _peft_prefix_kv(pm)
@@ -440,3 +441,27 @@ def test_load_peft_trainable_keeps_a_float64_adapter_in_float64(tmp_path):
     assert weight.dtype == torch.float64
     with torch.no_grad():
         assert torch.equal(second.prefix_bank.entry_kv("t"), model.prefix_bank.entry_kv("t"))
+
+
+def test_save_peft_writes_a_model_card_as_peft_does_and_keeps_one_there(tmp_path):
+    """PEFT's save_pretrained writes README.md with library_name peft and the base model (the
+    Hub lists the folder as an adapter of it by them); save_peft wrote none. A card already in
+    the folder (the user's) is kept."""
+    import yaml
+
+    model = _tiny_llama()
+    model.config._name_or_path = "org/base-7b"
+    bank = PrefixBank.attach(model)
+    shape = (bank.num_layers, bank.num_kv_heads, 3, bank.head_dim)
+    bank.add("a", torch.randn(shape), torch.randn(shape))
+    bank.save_peft("a", str(tmp_path / "ad"))
+    text = (tmp_path / "ad" / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["library_name"] == "peft" and meta["base_model"] == "org/base-7b"
+    assert meta["pipeline_tag"] == "text-generation" and "prefix-tuning" in meta["tags"]
+    assert "3 virtual tokens for each of 2 layers (2 key/value heads of 8 dims)" in text
+    assert "load_peft" in text and "PeftModel.from_pretrained" in text
+    (tmp_path / "ad" / "README.md").write_text("my card")
+    bank.save_peft("a", str(tmp_path / "ad"))
+    assert (tmp_path / "ad" / "README.md").read_text() == "my card"
+    peft.PeftModel.from_pretrained(_tiny_llama(), str(tmp_path / "ad"))  # loads beside a card
