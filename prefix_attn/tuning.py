@@ -16,6 +16,7 @@ folds the projection (runs ``forward()`` once) and writes plain K/V in PEFT's fo
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -133,6 +134,33 @@ def _use_fused_attention(model: nn.Module) -> None:
         model.set_attn_implementation(ATTN_NAME)
 
 
+# PrefixTuningConfig's fields, as keywords of prefix_tuning: what to write instead
+_PEFT_KEYWORDS = {
+    "prefix_projection": "projection_hidden_size=N (the MLP's hidden size; PEFT's default is "
+                         "token_dim, num_kv_heads * head_dim)",
+    "encoder_hidden_size": "projection_hidden_size=N",
+    **dict.fromkeys(("num_layers", "num_attention_heads", "token_dim"),
+                    "nothing: it is read from the model, as PEFT reads it"),
+    **dict.fromkeys(("task_type", "peft_type", "inference_mode", "init_weights", "modules_to_save",
+                     "num_transformer_submodules", "base_model_name_or_path", "revision"),
+                    "prefix_tuning(model, peft.PrefixTuningConfig(...)) with it in the config"),
+}
+
+
+def _peft_keywords_explained(fn):
+    """A PrefixTuningConfig field given as a keyword (``prefix_tuning(model,
+    prefix_projection=True)``) says what to write, not only Python's "unexpected keyword"."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        given = [k for k in kwargs if k in _PEFT_KEYWORDS]
+        if given:
+            raise TypeError(f"prefix_tuning() takes no {given[0]}= (a field of PEFT's "
+                            f"PrefixTuningConfig); write {_PEFT_KEYWORDS[given[0]]}")
+        return fn(*args, **kwargs)
+    return call
+
+
+@_peft_keywords_explained
 def prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
                   projection_hidden_size: Optional[int] = None, name: str = "default") -> PrefixParameters:
     """Freeze every base parameter of ``model`` and add one trainable prefix ``name`` to its bank.

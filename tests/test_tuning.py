@@ -1069,6 +1069,25 @@ def test_prefix_tuning_takes_peft_s_config(kw):
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kw, hint", [
+    (dict(prefix_projection=True, encoder_hidden_size=16), "projection_hidden_size=N"),
+    (dict(num_layers=2), "read from the model"),
+    (dict(task_type="CAUSAL_LM"), "PrefixTuningConfig"),
+])
+def test_prefix_tuning_explains_peft_s_keywords(kw, hint):
+    """PEFT's config fields given as keywords got Python's bare "unexpected keyword argument";
+    now the error says what to write, and the model is left as it was."""
+    import inspect
+
+    model = tiny_model("llama", seed=0)
+    with pytest.raises(TypeError, match=rf"takes no {next(iter(kw))}= .*{hint}"):
+        prefix_tuning(model, num_virtual_tokens=P, **kw)
+    assert not hasattr(model, "prefix_bank") and all(p.requires_grad for p in model.parameters())
+    assert "projection_hidden_size" in inspect.signature(prefix_tuning).parameters
+    with pytest.raises(TypeError, match="unexpected keyword argument 'num_virtual_token'"):
+        prefix_tuning(model, num_virtual_token=P)  # a typo is still Python's error
+
+
 @pytest.mark.parametrize("projection", [False, True])
 def test_prefix_tuning_takes_peft_s_zero_init(projection):
     """PrefixTuningConfig(init_weights="zero") was ignored: a random prefix where PEFT's starts
