@@ -305,12 +305,13 @@ def encode(tokenizer, text: str, special: bool = True) -> List[int]:
     return list(tokenizer.encode(text, add_special_tokens=special))
 
 
-def left_pad(rows: List[List[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: List[List[int]], pad_id: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """``input_ids`` and ``attention_mask`` ``[B, S]`` of token id lists, padded on the left
     (decoder-only generate); rows encoded apart (some with the start token, some without) are
-    batched this way with any tokenizer."""
+    batched this way with any tokenizer. ``pad_id`` None (a tokenizer with neither a pad nor an
+    end-of-sequence token): 0, which the mask hides."""
     S = max(len(r) for r in rows)
-    ids = torch.full((len(rows), S), pad_id, dtype=torch.long)
+    ids = torch.full((len(rows), S), 0 if pad_id is None else pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), S, dtype=torch.long)
     for b, r in enumerate(rows):
         ids[b, S - len(r):] = torch.tensor(r, dtype=torch.long)
