@@ -56,7 +56,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import atomic, cli_args, tiny
+from . import atomic, chat as chat_template, cli_args, tiny
 from .backends import check_env_backend
 from .train_state import Interrupted, StopSignals
 from .serve_inputs import (Request, RequestError, Source, check_prefix_names, prefix_sources,
@@ -87,6 +87,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a PEFT prefix-tuning adapter folder, served as prefix NAME (repeatable)")
     p.add_argument("--prompt-prefix", action="append", default=[], metavar="NAME=TEXT",
                    help="a shared prompt whose KV is computed once and served as prefix NAME (repeatable)")
+    p.add_argument("--chat", action="store_true",
+                   help="render with the tokenizer's chat template: a --prompt-prefix is the system "
+                        "message, a request's prompt (or \"messages\") the user turn(s)")
     p.add_argument("--input", "-i", required=True, metavar="FILE", help="JSONL requests file ('-' = stdin)")
     p.add_argument("--output", "-o", required=True, metavar="FILE",
                    help="JSONL results file ('-' = stdout); written whole at the end, folders created")
@@ -133,9 +136,10 @@ def _load_model(model_dir: Optional[str], device: torch.device, dtype: torch.dty
     return model, tiny.load_tokenizer(model_dir)
 
 
-def _build_bank(model, tokenizer, sources: List[Source], bank_dir: Optional[str]):
+def _build_bank(model, tokenizer, sources: List[Source], bank_dir: Optional[str], chat=None):
     """The model's bank with every source loaded; returns it and the token ids of each
-    ``--prompt-prefix`` (a saved bank keeps only the KV of its prompts)."""
+    ``--prompt-prefix`` (a saved bank keeps only the KV of its prompts); with ``chat`` (a
+    :class:`~prefix_attn.chat.ChatTemplate`), those of the prompt as a system message."""
     from prefix_attn.bank import PrefixBank
 
     bank = PrefixBank.load(bank_dir, model) if bank_dir else PrefixBank.attach(model)
@@ -145,7 +149,7 @@ def _build_bank(model, tokenizer, sources: List[Source], bank_dir: Optional[str]
         if s.option == "--adapter":
             bank.load_peft(s.name, s.value)
         elif s.option == "--prompt-prefix":
-            ids = tiny.encode(tokenizer, s.value, special=True)
+            ids = chat.system_ids(s.name, s.value) if chat else tiny.encode(tokenizer, s.value, special=True)
             if not ids:
                 raise RequestError(f"--prompt-prefix {s.name}: {s.value!r} has no tokens")
             problem = tiny.vocab_problem(tokenizer, ids, vocab_size)
@@ -165,17 +169,19 @@ class _Job:
     ids: List[int]
 
 
-def _plan(requests: List[Request], tokenizer, bank, prompt_ids: Dict[str, List[int]], path: str) -> List[_Job]:
+def _plan(requests: List[Request], tokenizer, bank, prompt_ids: Dict[str, List[int]], path: str,
+          chat=None) -> List[_Job]:
     """Tokenise every request. No request runs on zero tokens (the first new token would be
     predicted from a pad): an empty prompt after a ``--prompt-prefix`` continues the prompt's
     text, exactly: it runs as the prompt's last token after an entry holding the KV of the
     other tokens (the first P-1 positions of the prompt's KV). Anything else with no tokens
-    is refused, all such lines in one error."""
+    is refused, all such lines in one error. With ``chat``, the ids come from its template."""
+    chat_ids = chat.request_ids(requests, bank, path) if chat else None
     jobs, bad, heads, unknown = [], [], {}, []
     vocab_size = bank.model.get_input_embeddings().num_embeddings
     for r in requests:
         after_prompt = r.prefix is not None and bank.kind(r.prefix) == "prompt"
-        ids = tiny.encode(tokenizer, r.prompt, special=not after_prompt)
+        ids = chat_ids[r.line] if chat else tiny.encode(tokenizer, r.prompt, special=not after_prompt)
         problem = tiny.vocab_problem(tokenizer, ids, vocab_size)
         if problem is not None:
             unknown.append(f"{path}:{r.line}: {problem}")
@@ -377,6 +383,7 @@ def _run(args: argparse.Namespace) -> int:
         raise RequestError(f"output {args.output!r} is the request file: its requests would be "
                            "replaced by the answers; give another -o")
     check_prefix_names(requests, [s.name for s in sources], args.input)
+    chat_template.check_requests(requests, args.chat, args.input)
     warn_about_option_fields(requests)
     out = _Output(args.output)
     try:
@@ -406,7 +413,8 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
     model, tokenizer = _load_model(args.model, device, _DTYPES[args.dtype])
     with warnings.catch_warnings(record=True) as caught:  # shown as the command's own warnings
         warnings.simplefilter("always", UserWarning)
-        bank, prompt_ids = _build_bank(model, tokenizer, sources, args.bank)
+        chat = chat_template.ChatTemplate(tokenizer, args.model) if args.chat else None
+        bank, prompt_ids = _build_bank(model, tokenizer, sources, args.bank, chat)
     package = os.path.dirname(os.path.abspath(__file__))
     for w in caught:
         if not os.path.abspath(w.filename).startswith(package):  # not the bank's: as it came
@@ -415,7 +423,7 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
         hint = (" (here: give them as --prompt-prefix NAME=TEXT)"
                 if "recompute them here with add_prompt" in str(w.message) else "")
         warn(f"{w.message}{hint}")
-    jobs = _plan(requests, tokenizer, bank, prompt_ids, args.input)
+    jobs = _plan(requests, tokenizer, bank, prompt_ids, args.input, chat)
     _check_lengths(jobs, model, bank, args.max_new_tokens, args.input)
     torch.manual_seed(args.seed)  # after loading: building the default model seeds torch itself
 
@@ -456,7 +464,8 @@ def _stop_ids(model, tokenizer) -> List[int]:
 def _result(r: Request, new: List[int], tokenizer, stop: List[int], pad_id) -> dict:
     end = next((i for i, t in enumerate(new) if t in stop), len(new))
     new = [t for t in new[:end] if t != pad_id]
-    result = {"id": r.id, "prefix": r.prefix, "prompt": r.prompt,
+    result = {"id": r.id, "prefix": r.prefix,
+              **({"prompt": r.prompt} if r.messages is None else {"messages": r.messages}),
               "completion": tokenizer.decode(new, skip_special_tokens=True), "num_tokens": len(new)}
     result.update({k: v for k, v in r.extra.items() if k not in result})  # echo unknown fields
     return result

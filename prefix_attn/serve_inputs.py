@@ -23,13 +23,15 @@ class RequestError(ValueError):
 
 @dataclass
 class Request:
-    """One line of the request file."""
+    """One line of the request file: its ``prompt``, or its ``messages`` (then ``prompt`` is None;
+    ``prefix-attn generate --chat``)."""
 
-    prompt: str
+    prompt: Optional[str]
     prefix: Optional[str] = None
     id: Any = None
     line: int = 0
     extra: dict = field(default_factory=dict)
+    messages: Optional[List[dict]] = None
 
 
 # -- request file ----------------------------------------------------------------------------
@@ -51,19 +53,27 @@ def _parse_request(obj, where: str, lineno: int) -> Request:
     if not isinstance(obj, dict):
         raise RequestError(f"{where}: expected a JSON object, got {jsonl.json_type(obj)}"
                            + jsonl.array_hint(where, obj))
-    if "prompt" not in obj:
+    messages = None
+    if "messages" in obj:  # a conversation, for --chat
+        from .chat import parse_messages
+
+        if "prompt" in obj:
+            raise RequestError(f"{where}: give 'prompt' or 'messages', not both")
+        messages = parse_messages(obj["messages"], where)
+    elif "prompt" not in obj:
         found = ", ".join(repr(k) for k in obj) or "none"
         raise RequestError(f"{where}: missing 'prompt' (fields found: {found})")
-    prompt = obj["prompt"]
-    if not isinstance(prompt, str):
+    prompt = obj.get("prompt")
+    if messages is None and not isinstance(prompt, str):
         raise RequestError(f"{where}: 'prompt' must be a string, got {jsonl.json_type(prompt)}")
     prefix = obj.get("prefix")
     if prefix == "":
         prefix = None
     if prefix is not None and not isinstance(prefix, str):
         raise RequestError(f"{where}: 'prefix' must be a name (string) or null, got {prefix!r}")
-    extra = {k: v for k, v in obj.items() if k not in ("prompt", "prefix", "id")}
-    return Request(prompt=prompt, prefix=prefix, id=obj.get("id", lineno), line=lineno, extra=extra)
+    extra = {k: v for k, v in obj.items() if k not in ("prompt", "messages", "prefix", "id")}
+    return Request(prompt=prompt, prefix=prefix, id=obj.get("id", lineno), line=lineno, extra=extra,
+                   messages=messages)
 
 
 def _check_unique_id(request: Request, id_lines: Dict[str, int], where: str) -> None:

@@ -1,0 +1,169 @@
+"""``prefix-attn generate --chat``: requests rendered with the tokenizer's chat template.
+
+- A ``--prompt-prefix NAME=TEXT`` is a system message: its bank entry holds the KV of the
+  template rendered for ``[system]`` alone (no generation prompt).
+- A request after it is the template rendered for ``[system, user(prompt)]`` (or ``[system,
+  *messages]``) with the generation prompt, less the system part's tokens. Those must be the
+  first tokens of the whole conversation, else the entry's KV is not the conversation's: a
+  template that renders the system message differently once a user turn follows (one that
+  folds it into the first user turn, or whose tokens merge across the boundary) is refused,
+  naming the prefix, never served with wrong continuations.
+- A request with an adapter (trained) prefix or none is the template rendered for
+  ``[user(prompt)]`` (or its ``messages``) with the generation prompt: the template's own
+  default system prompt, if it has one, included.
+
+Each request's tokens are thus exactly those of ``tokenizer.apply_chat_template(conversation,
+add_generation_prompt=True)`` on its whole conversation, the prompt prefix's tokens included.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+from . import jsonl
+from .serve_inputs import Request, RequestError, refusal
+
+ROLES = ("system", "user", "assistant", "tool")
+_SHOWN = 8  # tokens shown from the first difference
+
+
+# -- the request file's "messages" -----------------------------------------------------------
+
+def parse_messages(value, where: str) -> List[dict]:
+    """A request's ``"messages"``: a non-empty array of ``{"role", "content"}`` objects (other
+    keys are passed to the template as they are); a system message only first; the last one a
+    user (or tool) message, which the answer follows. Raises RequestError naming ``where``."""
+    form = '[{"role": "user", "content": "..."}, ...]'
+    if not isinstance(value, list) or not value:
+        got = "an empty array" if value == [] else jsonl.json_type(value)
+        raise RequestError(f"{where}: 'messages' must be a non-empty array of messages, {form}; got {got}")
+    for i, m in enumerate(value):
+        at = f"{where}: messages[{i}]"
+        if not isinstance(m, dict):
+            raise RequestError(f"{at}: expected an object {{\"role\": ..., \"content\": ...}}, "
+                               f"got {jsonl.json_type(m)}")
+        if m.get("role") not in ROLES:
+            got = f"{m['role']!r}" if "role" in m else "none"
+            raise RequestError(f"{at}: 'role' must be one of {', '.join(map(repr, ROLES))}; got {got}")
+        if not isinstance(m.get("content"), str):
+            got = jsonl.json_type(m["content"]) if "content" in m else "none"
+            raise RequestError(f"{at}: 'content' must be a string; got {got}")
+        if m["role"] == "system" and i > 0:
+            raise RequestError(f"{at}: a system message may only come first")
+    if value[-1]["role"] not in ("user", "tool"):
+        raise RequestError(f"{where}: the last message's role is {value[-1]['role']!r}: end with a "
+                           "user message (the answer is generated as a new assistant turn after it)")
+    return value
+
+
+def check_requests(requests: List[Request], chat: bool, path: str) -> None:
+    """Without ``--chat``, no request may give ``"messages"`` (all such lines in one error)."""
+    if chat:
+        return
+    bad = [f"{path}:{r.line}" for r in requests if r.messages is not None]
+    if bad:
+        raise refusal(f"{len(bad)} request(s) give 'messages', which needs --chat (the tokenizer's "
+                      "chat template renders them):", bad)
+
+
+# -- the template ----------------------------------------------------------------------------
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+class ChatTemplate:
+    """The token ids of prompt prefixes (system messages) and requests under ``--chat``.
+
+    ``model_dir``: the --model folder (None: the built-in model), named in the error raised
+    when the tokenizer has no chat template."""
+
+    def __init__(self, tokenizer, model_dir: Optional[str] = None):
+        if not getattr(tokenizer, "chat_template", None) or not hasattr(tokenizer, "apply_chat_template"):
+            whose = (f"the tokenizer of --model {model_dir}" if model_dir is not None
+                     else "the built-in model's byte tokenizer")
+            raise RequestError(f"--chat: {whose} has no chat template (no chat_template in its "
+                               "tokenizer_config.json nor a chat_template.jinja); serve without --chat, "
+                               "or save the tokenizer with its template set (tokenizer.chat_template = ...)")
+        self.tokenizer = tokenizer
+        self.systems: Dict[str, Tuple[str, List[int]]] = {}  # prompt prefix -> (text, ids)
+
+    def render(self, messages: List[dict], generation_prompt: bool) -> List[int]:
+        """``apply_chat_template``'s token ids (the rendered text tokenised without special
+        tokens: the template writes those it wants)."""
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                                 tokenize=True, return_dict=False)
+        return [int(i) for i in ids]
+
+    def system_ids(self, name: str, text: str) -> List[int]:
+        """The ids of prompt prefix ``name``: the template rendered for [system(text)] alone."""
+        try:
+            ids = self.render([{"role": "system", "content": text}], generation_prompt=False)
+        except Exception as exc:  # the template's raise_exception, a Jinja error, ...
+            raise RequestError(f"--prompt-prefix {name}: the chat template refuses a system message "
+                               f"alone ({type(exc).__name__}: {_first_line(exc)}): the system prompt "
+                               "cannot be shared as a prefix with this template") from None
+        self.systems[name] = (text, ids)
+        return ids
+
+    def request_ids(self, requests: List[Request], bank, path: str) -> Dict[int, List[int]]:
+        """Each request's ids (by line): after a prompt prefix, its conversation's ids less the
+        system part's. Every problem found goes into one error: a template that renders a
+        system prompt differently when a user turn follows (naming the prefix), a prompt
+        entry of --bank (no text to render), a system message after a prompt prefix, a
+        conversation the template refuses."""
+        ids: Dict[int, List[int]] = {}
+        split: Dict[str, List[str]] = {}  # prefix -> where its system part is not the conversation's start
+        first_diff: Dict[str, str] = {}
+        bad: List[str] = []
+        for r in requests:
+            where = f"{path}:{r.line}"
+            messages = r.messages if r.messages is not None else [{"role": "user", "content": r.prompt}]
+            system = None
+            if r.prefix is not None and bank.kind(r.prefix) == "prompt":
+                if r.prefix not in self.systems:
+                    bad.append(f"{where}: prompt prefix {r.prefix!r} comes from --bank, which keeps no "
+                               f"text to render as the system message; give it as --prompt-prefix "
+                               f"{r.prefix}=TEXT")
+                    continue
+                if messages[0]["role"] == "system":
+                    bad.append(f"{where}: 'messages' starts with a system message, but prefix "
+                               f"{r.prefix!r} is the system message; leave one of them out")
+                    continue
+                system = self.systems[r.prefix]
+                messages = [{"role": "system", "content": system[0]}] + messages
+            try:
+                full = self.render(messages, generation_prompt=True)
+            except Exception as exc:
+                bad.append(f"{where}: the chat template refuses this conversation "
+                           f"({type(exc).__name__}: {_first_line(exc)})")
+                continue
+            if system is None:
+                ids[r.line] = full
+                continue
+            head = system[1]
+            if full[:len(head)] != head:
+                split.setdefault(r.prefix, []).append(where)
+                first_diff.setdefault(r.prefix, self._difference(head, full))
+                continue
+            ids[r.line] = full[len(head):]
+        if split:
+            lines = []
+            for name, wheres in split.items():
+                shown = ", ".join(wheres[:3]) + (f" and {len(wheres) - 3} more" if len(wheres) > 3 else "")
+                lines.append(f"--prompt-prefix {name}: {first_diff[name]} (requests {shown})")
+            raise refusal(
+                "the system prompt cannot be shared as a prefix with this chat template: it renders "
+                "the system message differently once a user turn follows, so the prefix's KV would "
+                "not be the conversation's. Give the system message in each request's \"messages\" "
+                "(with no prefix) instead:", lines)
+        if bad:
+            raise refusal(f"{len(bad)} request(s) that --chat cannot render:", bad)
+        return ids
+
+    def _difference(self, alone: List[int], full: List[int]) -> str:
+        i = next((k for k, (a, b) in enumerate(zip(alone, full)) if a != b), min(len(alone), len(full)))
+
+        def show(ids):
+            return repr(self.tokenizer.decode(ids[i:i + _SHOWN], skip_special_tokens=False))
+        return (f"its {len(alone)} tokens alone are not the conversation's first ones: from token {i}, "
+                f"{show(alone)} alone but {show(full)} once a user turn follows")
