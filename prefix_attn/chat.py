@@ -102,6 +102,11 @@ class ChatTemplate:
             raise RequestError(f"--prompt-prefix {name}: the chat template refuses a system message "
                                f"alone ({type(exc).__name__}: {_first_line(exc)}): the system prompt "
                                "cannot be shared as a prefix with this template") from None
+        if not ids:
+            raise RequestError(f"--prompt-prefix {name}: the chat template renders a system message "
+                               "alone as no tokens (it leaves system messages out, or writes them only "
+                               "with a user turn): the system prompt cannot be shared as a prefix with "
+                               "this template")
         self.systems[name] = (text, ids)
         return ids
 

@@ -26,9 +26,10 @@ FOLDED = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = m
 MERGING = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\n' }}"
            "{% else %}{{ '\n' + m['role'] + ': ' + m['content'] + '\n' }}{% endif %}{% endfor %}"
            "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}")
-# a template that refuses a system message alone
+# a template that refuses a system message alone, and one that leaves system messages out
 NO_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
              "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+DROPS_SYSTEM = "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
 
 
 def chat_tokenizer(template=CHATML):
@@ -71,7 +72,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
     model = _model()
     for name, template in (("chatml", CHATML), ("folded", FOLDED), ("merging", MERGING),
-                           ("no_system", NO_SYSTEM), ("plain", None)):
+                           ("no_system", NO_SYSTEM), ("drops_system", DROPS_SYSTEM), ("plain", None)):
         model.save_pretrained(str(root / name))
         chat_tokenizer(template).save_pretrained(str(root / name))
     bank = PrefixBank.attach(model)
@@ -217,6 +218,16 @@ def test_a_template_refusing_a_system_message_alone_names_the_prefix(tmp_path, f
     err = capsys.readouterr().err
     assert rc == 2 and "--prompt-prefix sys: the chat template refuses a system message alone" in err
     assert "System role not supported" in err and "cannot be shared as a prefix" in err
+
+
+@pytest.mark.hf
+def test_a_template_rendering_a_system_message_alone_as_nothing_names_the_prefix(tmp_path, folders, capsys):
+    """(It said the prompt "has no tokens", which the text has.)"""
+    f = _write(tmp_path / "r.jsonl", [json.dumps({"prefix": "sys", "prompt": "why?"})])
+    rc = main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--model", str(folders / "drops_system"),
+               "--chat", "--prompt-prefix", "sys=Be brief.", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--prompt-prefix sys: the chat template renders a system message alone as no tokens" in err
 
 
 @pytest.mark.hf
