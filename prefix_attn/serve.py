@@ -12,6 +12,9 @@ Input: one JSON object per line, UTF-8 (a byte-order mark is accepted; blank lin
             is not applied)
   "id"      any JSON value, unique in the file; default: the request's line number
             (1-based, blank lines counted)
+  "messages" with --chat, instead of "prompt": [{"role": "user", "content": "..."}, ...]
+            (roles system, user, assistant, tool; a system message only first; the last a
+            user or tool message); echoed in the result in place of "prompt"
   any other field is copied to the result line (not applied: the options below apply to
             every request; fields named like them, e.g. "temperature", get a warning)
 
@@ -34,6 +37,12 @@ name may come from one source only. Requests using a prompt prefix (from --promp
 a saved bank's add_prompt entries) are tokenised without the special start token, which the
 prompt already carries. A batch mixes prefixes freely: model.generate(..., prefixes=[...])
 reads each row's prefix from the bank.
+
+--chat renders requests with the tokenizer's chat template (generation prompt added): a
+--prompt-prefix is a system message, its entry the KV of [system] alone, and a request using it
+runs the rest of [system, user(prompt)]; a template that renders the system message otherwise
+once a user turn follows is refused (the prefix's KV would not be the conversation's). A request
+with an adapter or no prefix runs [user(prompt)], with the template's default system prompt.
 
 Everything that can be checked is checked before any generation: the request file, prefix
 names, the output path, the device, $PREFIX_ATTN_BACKEND and each request's length (prompt +

@@ -46,7 +46,7 @@ def run(name: str, namespace: dict, folder) -> dict:
 
 
 def test_every_snippet_has_a_test():
-    assert set(snippets()) == {"kernel-api", "training", "trainer", "flattening", "serving"}
+    assert set(snippets()) == {"kernel-api", "training", "trainer", "flattening", "serving", "chat-serving"}
 
 
 def test_kernel_api_snippet(tmp_path):
@@ -173,6 +173,33 @@ def test_serving_snippet(tmp_path):
     assert sorted(bank.names()) == ["support", "system", "tenant-7"]
     assert bank is model.prefix_bank  # load re-attached it
     torch.testing.assert_close(bank.entry_kv("tenant-7")[:, 0], keys.to(bank.entry_kv("tenant-7").dtype))
+
+
+@pytest.mark.hf
+def test_chat_serving_snippet(tmp_path):
+    """The system message's entry and the rows after it give, row by row, what generate gives on
+    the whole templated conversation (greedy, no prefix)."""
+    import prefix_attn
+    from prefix_attn import tiny
+    from test_serve_chat import chat_tokenizer
+
+    tok = chat_tokenizer()
+    model = tiny.tiny_model("llama", vocab_size=len(tok), hidden=64)
+    bank = prefix_attn.PrefixBank.attach(model)
+    system_prompt, questions = "You answer briefly.", ["Why?", "How is the weather\n\ntoday?"]
+    ns = run("chat-serving", dict(prefix_attn=prefix_attn, torch=torch, model=model, bank=bank, tok=tok,
+                                  system_prompt=system_prompt, questions=questions), tmp_path)
+    assert bank.entry_len("system") == len(ns["head"])
+    out, width = ns["out"], ns["batch"]["input_ids"].shape[1]
+    for row, q in zip(out, questions):
+        conv = [{"role": "system", "content": system_prompt}, {"role": "user", "content": q}]
+        ids = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=False)
+        with torch.no_grad():
+            want = model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
+                                  prefixes=None)[0, len(ids):].tolist()
+        got = row[width:].tolist()
+        end = want.index(tok.eos_token_id) + 1 if tok.eos_token_id in want else len(want)
+        assert got[:end] == want[:end]
 
 
 def test_coming_from_peft_names_the_common_peft_calls():
