@@ -65,7 +65,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import atomic, chat as chat_template, cli_args, tiny
+from . import atomic, chat as chat_template, cli_args, serve_batching, tiny
 from .backends import check_env_backend
 from .train_state import Interrupted, StopSignals
 from .serve_inputs import (Request, RequestError, Source, check_prefix_names, prefix_sources,
@@ -271,11 +271,14 @@ class OutputClosed(Exception):
 class _Output:
     """Result lines go to a temporary file next to ``path``, moved into place by ``commit``;
     ``close`` (always call it) removes the temporary file and any folder made for it if the
-    output was not committed. Opening checks the path, so it happens before the model loads."""
+    output was not committed. Opening checks the path, so it happens before the model loads.
+    Results come by request (``put``) in any order and are written in file order: one that
+    finishes before an earlier request is held until that one is written."""
 
     def __init__(self, path: str):
         self.path, self.tmp, self.f, self._file, self._made = path, None, None, None, []
         self.count = 0  # result lines written
+        self._held: Dict[int, dict] = {}  # finished results waiting for an earlier request's
         if path == "-":
             self.f = sys.stdout
             return
@@ -299,6 +302,20 @@ class _Output:
     def _error(self, exc: OSError) -> RequestError:
         return RequestError(f"cannot write output {self.path!r}: {exc.strerror or exc}")
 
+    @property
+    def finished(self) -> int:
+        """Results finished: written or held."""
+        return self.count + len(self._held)
+
+    def put(self, index: int, obj: dict) -> None:
+        """The result of request ``index`` (0-based, in file order; each index once): written
+        now if every earlier request's is, else held until they are."""
+        self._held[index] = obj
+        while self.count in self._held:  # count: the next index (no gap before save_partial)
+            index = self.count
+            self.write(self._held[index])
+            del self._held[index]
+
     def write(self, obj: dict) -> None:
         try:
             self.f.write(json.dumps(obj, ensure_ascii=False) + "\n")
@@ -314,8 +331,17 @@ class _Output:
 
     def save_partial(self, total: int) -> str:
         """After an interruption: the finished results go to ``PATH.partial`` (never to the
-        output itself, which a pipeline would take for complete); returns what was kept."""
-        done = f"{self.count} of {total} requests were finished"
+        output itself, which a pipeline would take for complete), in file order, those held
+        for an unfinished earlier request included; returns what was kept."""
+        done = f"{self.finished} of {total} requests were finished"
+        try:
+            for index in sorted(self._held):
+                self.write(self._held.pop(index))
+        except OutputClosed:  # standard output's reader is gone
+            _silence_stdout()
+            return f"{done}; standard output was closed"
+        except RequestError as exc:  # the temporary file, removed by close
+            return f"{done}; saving them failed: {exc}"
         if self.tmp is None:
             try:
                 self.f.flush()
@@ -408,7 +434,7 @@ def _run(args: argparse.Namespace) -> int:
             except OutputClosed:  # a stop, said once by main
                 raise
             except Exception:  # a batch failed (out of memory, ...): the finished ones are kept
-                if out.count:
+                if out.finished:
                     print(f"prefix-attn generate: {out.save_partial(len(requests))}", file=sys.stderr)
                 raise
         out.commit()
@@ -445,15 +471,14 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
         gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)
 
     bar = _progress(len(jobs), enabled=not args.no_progress)
-    try:
-        for start in range(0, len(jobs), args.batch_size):
-            batch = jobs[start:start + args.batch_size]
-            ids, mask = tiny.left_pad([j.ids for j in batch], pad_id)
+    try:  # jobs[i] answers requests[i]: out.put(i, ...) writes the results in file order
+        for batch in serve_batching.by_length([len(j.ids) for j in jobs], args.batch_size):
+            ids, mask = tiny.left_pad([jobs[i].ids for i in batch], pad_id)
             with torch.no_grad():
                 gen = model.generate(ids.to(device), attention_mask=mask.to(device),
-                                     prefixes=[j.prefix for j in batch], **gen_kwargs)
-            for job, new in zip(batch, gen[:, ids.shape[1]:].tolist()):
-                out.write(_result(job.request, new, tokenizer, stop, pad_id))
+                                     prefixes=[jobs[i].prefix for i in batch], **gen_kwargs)
+            for i, new in zip(batch, gen[:, ids.shape[1]:].tolist()):
+                out.put(i, _result(jobs[i].request, new, tokenizer, stop, pad_id))
             bar.update(len(batch))
     finally:
         bar.close()

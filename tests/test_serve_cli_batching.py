@@ -1,0 +1,116 @@
+"""``prefix-attn generate`` batches requests of similar prompt length (longest first), so a batch
+holds little padding, and still writes the results in the request file's order: in the output,
+and in OUTPUT.partial when a later batch fails."""
+import json
+
+import pytest
+
+from prefix_attn import serve
+from prefix_attn.serve_batching import by_length
+
+pytestmark = pytest.mark.hf
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _results(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def _watch_generate(monkeypatch, fail_call=None):
+    """Records each model.generate call's prompt lengths (rows, padded width); call number
+    ``fail_call`` (1-based) raises instead."""
+    load, calls = serve._load_model, []
+
+    def load_and_watch(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        generate = model.generate
+
+        def watched(input_ids, attention_mask, **kw):
+            calls.append((attention_mask.sum(1).tolist(), input_ids.shape[1]))
+            if len(calls) == fail_call:
+                raise RuntimeError("injected failure")
+            return generate(input_ids, attention_mask=attention_mask, **kw)
+
+        model.generate = watched
+        return model, tokenizer
+
+    monkeypatch.setattr(serve, "_load_model", load_and_watch)
+    return calls
+
+
+def test_by_length_longest_first_in_file_order_among_equals():
+    assert by_length([3, 9, 3, 1, 9, 4], 2) == [[1, 4], [5, 0], [2, 3]]
+    assert by_length([5], 8) == [[0]] and by_length([], 4) == []
+
+
+def test_batches_hold_prompts_of_similar_length_and_answers_stay_in_file_order(tmp_path, monkeypatch):
+    """Long and short prompts alternate in the file: batched in file order each batch of two
+    padded the short one to the long one's length (4 x 28 pad tokens); by length, 4 in all."""
+    prompts = ["x" * 30, "ab", "y" * 31, "abc", "z" * 29, "a", "w" * 32, "abcd"]
+    f = _write(tmp_path / "r.jsonl", [{"prompt": p} for p in prompts])
+    calls = _watch_generate(monkeypatch)
+    common = ["-i", f, "--max-new-tokens", "4", "--no-progress"]
+    assert serve.main(common + ["-o", str(tmp_path / "two.jsonl"), "--batch-size", "2"]) == 0
+    # prompt tokens with the start token: 31 3 32 4 30 2 33 5
+    assert calls == [([33, 32], 33), ([31, 30], 31), ([5, 4], 5), ([3, 2], 3)]
+    calls.clear()
+    assert serve.main(common + ["-o", str(tmp_path / "one.jsonl"), "--batch-size", "1"]) == 0
+    two, one = _results(tmp_path / "two.jsonl"), _results(tmp_path / "one.jsonl")
+    assert [r["id"] for r in two] == list(range(1, 9)) and [r["prompt"] for r in two] == prompts
+    assert two == one
+
+
+def test_greedy_answers_do_not_depend_on_the_batch_size(tmp_path):
+    """Mixed lengths, an adapter, a prompt prefix (an empty prompt after it too) and no prefix:
+    batch sizes 1, 3 and 8 write the same bytes (batch size 1 is the file-order run of before)."""
+    import torch
+
+    from prefix_attn import tiny
+    from prefix_attn.bank import PrefixBank
+
+    model = tiny.default_model()
+    bank = PrefixBank.attach(model)
+    g = torch.Generator().manual_seed(5)
+    shape = (bank.num_layers, bank.num_kv_heads, 6, bank.head_dim)
+    bank.add("t", 3 * torch.randn(shape, generator=g), 3 * torch.randn(shape, generator=g))
+    bank.save_peft("t", str(tmp_path / "adapter"))
+    words = "the quick brown fox jumps over a lazy dog".split()
+    rows = [{"id": f"r{i}", "prefix": ["t", "sys", None][i % 3],
+             "prompt": " ".join(words[j % 9] for j in range((7 * i) % 23))} for i in range(14)]
+    f = _write(tmp_path / "r.jsonl", rows)
+    texts = []
+    for bs in (1, 3, 8):
+        out = tmp_path / f"o{bs}.jsonl"
+        assert serve.main(["-i", f, "-o", str(out), "--adapter", f"t={tmp_path / 'adapter'}",
+                           "--prompt-prefix", "sys=Be brief. ", "--batch-size", str(bs),
+                           "--max-new-tokens", "6", "--no-progress"]) == 0
+        texts.append(out.read_bytes())
+    assert texts[0] == texts[1] == texts[2]
+    assert [r["id"] for r in map(json.loads, texts[0].splitlines())] == [r["id"] for r in rows]
+
+
+@pytest.mark.parametrize("to_stdout", [False, True])
+def test_a_failing_batch_keeps_every_finished_answer_in_file_order(tmp_path, monkeypatch, capsys,
+                                                                    to_stdout):
+    """The longest requests (lines 2 and 4) ran first; the next batch fails: their answers,
+    held for line 1's, are kept (OUTPUT.partial, or standard output), in file order."""
+    f = _write(tmp_path / "r.jsonl", [{"prompt": p} for p in ["b", "long one", "c", "longer one", "d"]])
+    out = tmp_path / "o.jsonl"
+    calls = _watch_generate(monkeypatch, fail_call=2)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        serve.main(["-i", f, "-o", "-" if to_stdout else str(out), "--batch-size", "2",
+                    "--max-new-tokens", "2", "--no-progress"])
+    assert [lengths for lengths, _ in calls] == [[11, 9], [2, 2]]
+    captured = capsys.readouterr()
+    assert "2 of 5 requests were finished" in captured.err
+    if to_stdout:
+        kept = [json.loads(line) for line in captured.out.splitlines()]
+    else:
+        assert not out.exists()
+        kept = _results(str(out) + ".partial")
+    assert [r["id"] for r in kept] == [2, 4]
+    assert not list(tmp_path.glob(".tmp-*"))
