@@ -470,16 +470,22 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
     if args.do_sample:
         gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)
 
+    def answer(batch: List[int]) -> None:  # jobs[i] answers requests[i]: put in file order
+        ids, mask = tiny.left_pad([jobs[i].ids for i in batch], pad_id)
+        with torch.no_grad():
+            gen = model.generate(ids.to(device), attention_mask=mask.to(device),
+                                 prefixes=[jobs[i].prefix for i in batch], **gen_kwargs)
+        for i, new in zip(batch, gen[:, ids.shape[1]:].tolist()):
+            out.put(i, _result(jobs[i].request, new, tokenizer, stop, pad_id))
+        bar.update(len(batch))
+
+    def say(message: str) -> None:  # under the progress bar
+        bar.write(f"prefix-attn generate: {message}", file=sys.stderr)
+
     bar = _progress(len(jobs), enabled=not args.no_progress)
-    try:  # jobs[i] answers requests[i]: out.put(i, ...) writes the results in file order
+    try:
         for batch in serve_batching.by_length([len(j.ids) for j in jobs], args.batch_size):
-            ids, mask = tiny.left_pad([jobs[i].ids for i in batch], pad_id)
-            with torch.no_grad():
-                gen = model.generate(ids.to(device), attention_mask=mask.to(device),
-                                     prefixes=[jobs[i].prefix for i in batch], **gen_kwargs)
-            for i, new in zip(batch, gen[:, ids.shape[1]:].tolist()):
-                out.put(i, _result(jobs[i].request, new, tokenizer, stop, pad_id))
-            bar.update(len(batch))
+            serve_batching.in_halves_on_oom(answer, batch, device, say)
     finally:
         bar.close()
 

@@ -114,3 +114,99 @@ def test_a_failing_batch_keeps_every_finished_answer_in_file_order(tmp_path, mon
         kept = _results(str(out) + ".partial")
     assert [r["id"] for r in kept] == [2, 4]
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+# -- a batch that runs out of memory runs in halves ----------------------------------------------
+
+def _out_of_memory_when(monkeypatch, too_big):
+    """model.generate raises torch.OutOfMemoryError when ``too_big(row lengths)``."""
+    import torch
+
+    load = serve._load_model
+
+    def load_and_limit(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        generate = model.generate
+
+        def limited(input_ids, attention_mask, **kw):
+            if too_big(attention_mask.sum(1).tolist()):
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return generate(input_ids, attention_mask=attention_mask, **kw)
+
+        model.generate = limited
+        return model, tokenizer
+
+    monkeypatch.setattr(serve, "_load_model", load_and_limit)
+
+
+def test_a_batch_out_of_memory_is_retried_in_halves(tmp_path, monkeypatch, capsys):
+    """Batches of more than two rows run out of memory in their first decode step: 7 runs as
+    4 + 3, 4 as 2 + 2, 3 as 2 + 1, each split said once, and the answers are those of a run with
+    memory to spare (generate's state from the failed call does not leak into the retries)."""
+    import torch
+
+    prompts = ["a", "hello there", "the quick brown fox", "xyz", "1 + 1 =", "", "a longer prompt than most"]
+    f = _write(tmp_path / "r.jsonl", [{"prompt": p} for p in prompts])
+    common = ["-i", f, "--batch-size", "8", "--max-new-tokens", "5", "--no-progress"]
+    assert serve.main(common + ["-o", str(tmp_path / "free.jsonl")]) == 0
+    assert capsys.readouterr().err == ""
+    load = serve._load_model
+
+    def load_and_limit(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        mlp = model.model.layers[-1].mlp
+        forward = mlp.forward
+
+        def limited(x):
+            if x.shape[0] > 2 and x.shape[1] == 1:  # a decode step of more than two rows
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return forward(x)
+
+        mlp.forward = limited
+        return model, tokenizer
+
+    monkeypatch.setattr(serve, "_load_model", load_and_limit)
+    assert serve.main(common + ["-o", str(tmp_path / "tight.jsonl")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["prefix-attn generate: batch of 7 ran out of memory: retrying as 2 batches of 4 and 3",
+                   "prefix-attn generate: batch of 4 ran out of memory: retrying as 2 batches of 2",
+                   "prefix-attn generate: batch of 3 ran out of memory: retrying as 2 batches of 2 and 1"]
+    assert (tmp_path / "tight.jsonl").read_bytes() == (tmp_path / "free.jsonl").read_bytes()
+
+
+def test_one_request_out_of_memory_stops_the_run_keeping_the_finished_answers(tmp_path, monkeypatch, capsys):
+    """The second longest request runs out of memory even alone: the longest one's answer (its
+    half of the split batch) is kept in OUTPUT.partial and the error stops the run."""
+    import torch
+
+    prompts = ["hi", "too long for memory", "the very longest one of them all", "x"]
+    f = _write(tmp_path / "r.jsonl", [{"prompt": p} for p in prompts])
+    out = tmp_path / "o.jsonl"
+    _out_of_memory_when(monkeypatch, lambda lengths: 20 in lengths)  # line 2, with the start token
+    with pytest.raises(torch.OutOfMemoryError):
+        serve.main(["-i", f, "-o", str(out), "--batch-size", "2", "--max-new-tokens", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert "batch of 2 ran out of memory: retrying as 2 batches of 1" in err
+    assert "1 of 4 requests were finished" in err
+    assert not out.exists()
+    assert [r["prompt"] for r in _results(str(out) + ".partial")] == ["the very longest one of them all"]
+
+
+@pytest.mark.parametrize("device, frees", [("cpu", 0), ("cuda", 2)])
+def test_in_halves_on_oom_frees_the_cuda_cache_before_each_retry(monkeypatch, device, frees):
+    import torch
+
+    from prefix_attn.serve_batching import in_halves_on_oom
+
+    freed, ran, said = [], [], []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(1))
+
+    def run(batch):
+        if len(batch) > 1:
+            raise torch.OutOfMemoryError("injected")
+        ran.append(batch)
+
+    in_halves_on_oom(run, [5, 6, 7], torch.device(device), said.append)
+    assert ran == [[5], [6], [7]] and len(freed) == frees
+    assert said == ["batch of 3 ran out of memory: retrying as 2 batches of 2 and 1",
+                    "batch of 2 ran out of memory: retrying as 2 batches of 1"]
