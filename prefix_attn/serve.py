@@ -44,13 +44,17 @@ runs the rest of [system, user(prompt)]; a template that renders the system mess
 once a user turn follows is refused (the prefix's KV would not be the conversation's). A request
 with an adapter or no prefix runs [user(prompt)], with the template's default system prompt.
 
+Requests run in batches of similar prompt length, longest first (little padding; the results
+are still written in input order). A batch that runs out of device memory is retried in
+halves, halved again as needed; only a single request that still does stops the run.
+
 Everything that can be checked is checked before any generation: the request file, prefix
 names, the output path, the device, $PREFIX_ATTN_BACKEND and each request's length (prompt +
 prefix + --max-new-tokens within the model's positions). The output file is written whole or
 not at all; Ctrl-C or SIGTERM stops at once and keeps the answers finished so far in
-OUTPUT.partial (exit status 130 / 143), as does an error in a later batch. With -o -,
-each answer is written as it finishes; a
-reader closing standard output early stops the command quietly (exit status 141).
+OUTPUT.partial, in input order (exit status 130 / 143), as does an error in a later batch.
+With -o -, each answer is written once it and every earlier one are finished; a reader
+closing standard output early stops the command quietly (exit status 141).
 """
 from __future__ import annotations
 

@@ -64,7 +64,8 @@ def test_batches_hold_prompts_of_similar_length_and_answers_stay_in_file_order(t
     assert two == one
 
 
-def test_greedy_answers_do_not_depend_on_the_batch_size(tmp_path):
+@pytest.mark.parametrize("search", [[], ["--num-beams", "2"]], ids=["greedy", "beams"])
+def test_greedy_answers_do_not_depend_on_the_batch_size(tmp_path, search):
     """Mixed lengths, an adapter, a prompt prefix (an empty prompt after it too) and no prefix:
     batch sizes 1, 3 and 8 write the same bytes (batch size 1 is the file-order run of before)."""
     import torch
@@ -87,7 +88,7 @@ def test_greedy_answers_do_not_depend_on_the_batch_size(tmp_path):
         out = tmp_path / f"o{bs}.jsonl"
         assert serve.main(["-i", f, "-o", str(out), "--adapter", f"t={tmp_path / 'adapter'}",
                            "--prompt-prefix", "sys=Be brief. ", "--batch-size", str(bs),
-                           "--max-new-tokens", "6", "--no-progress"]) == 0
+                           "--max-new-tokens", "6", "--no-progress", *search]) == 0
         texts.append(out.read_bytes())
     assert texts[0] == texts[1] == texts[2]
     assert [r["id"] for r in map(json.loads, texts[0].splitlines())] == [r["id"] for r in rows]
