@@ -7,6 +7,9 @@ from typing import Callable, List, Sequence
 
 import torch
 
+# torch.OutOfMemoryError since torch 2.5; torch.cuda's (the same class since) before it
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
 
 def by_length(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
     """The indices of ``lengths`` (each request's prompt tokens), longest first and in file
@@ -25,7 +28,7 @@ def in_halves_on_oom(run: Callable[[List[int]], None], batch: List[int], device:
     must keep nothing from a call that fails."""
     try:
         return run(batch)
-    except torch.OutOfMemoryError:
+    except OutOfMemoryError:
         if len(batch) == 1:
             raise
     # here, out of the handler, the traceback holding the failed call's tensors is gone

@@ -211,3 +211,28 @@ def test_in_halves_on_oom_frees_the_cuda_cache_before_each_retry(monkeypatch, de
     assert ran == [[5], [6], [7]] and len(freed) == frees
     assert said == ["batch of 3 ran out of memory: retrying as 2 batches of 2 and 1",
                     "batch of 2 ran out of memory: retrying as 2 batches of 1"]
+
+
+def test_out_of_memory_class_on_a_torch_without_torch_out_of_memory_error(monkeypatch):
+    """torch 2.4 (the oldest supported) has only torch.cuda.OutOfMemoryError: naming
+    torch.OutOfMemoryError in the except clause made any error of a batch an AttributeError."""
+    import importlib
+
+    import torch
+
+    from prefix_attn import serve_batching
+
+    monkeypatch.delattr(torch, "OutOfMemoryError", raising=False)
+    try:
+        module = importlib.reload(serve_batching)
+        assert module.OutOfMemoryError is torch.cuda.OutOfMemoryError
+
+        def run(batch):
+            raise torch.cuda.OutOfMemoryError("injected")
+        said = []
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            module.in_halves_on_oom(run, [0, 1], torch.device("cpu"), said.append)
+        assert said == ["batch of 2 ran out of memory: retrying as 2 batches of 1"]
+    finally:
+        monkeypatch.undo()
+        importlib.reload(serve_batching)
