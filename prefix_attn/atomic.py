@@ -149,7 +149,11 @@ def write_files(folder: str, files: dict) -> None:
     pending, backups, moved = [], {}, []
     try:
         for name, data in files.items():
-            r = Replacement(os.path.join(folder, name))
+            try:
+                r = Replacement(os.path.join(folder, name))
+            except FileNotFoundError:  # a save that made the folder failed and removed it
+                made += make_folders(folder)  # before our first file was in it: make it again
+                r = Replacement(os.path.join(folder, name))
             pending.append(r)
             _write_file(r.tmp, data)
         with _locked(folder) as fd:

@@ -241,6 +241,41 @@ def test_a_failed_save_keeps_a_folder_another_save_made(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "a").is_dir() and os.listdir(tmp_path / "out" / "a") == []
 
 
+def test_a_folder_another_save_made_and_took_back_is_made_again(tmp_path, monkeypatch):
+    """The other side of the race above: this save found the folder another save had made; that
+    save failed and removed it (still empty) before this one's first file was in it. This save
+    failed with FileNotFoundError; now it makes the folder again (and takes it back on failure)."""
+    from prefix_attn import atomic
+
+    real = os.mkdir
+
+    def mkdir(path, *a, **k):  # the other save makes the folder first...
+        real(path, *a, **k)
+        real(path, *a, **k)
+
+    real_make, calls = atomic.make_folders, []
+
+    def make_folders(folder):
+        found = real_make(folder)
+        calls.append(folder)
+        if len(calls) == 1:  # ...and, failing, removes it again
+            os.rmdir(folder)
+        return found
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(atomic, "make_folders", make_folders)
+    target = tmp_path / "out" / "a"
+    atomic.write_files(str(target), {"f": b"1", "g": b"2"})
+    assert (target / "f").read_bytes() == b"1" and (target / "g").read_bytes() == b"2"
+    os.unlink(target / "f"), os.unlink(target / "g"), os.rmdir(target)
+    calls.clear()
+    monkeypatch.setattr(os, "mkdir", real)  # this time the first making is this save's own
+    _failing_replace(monkeypatch, "g")
+    with pytest.raises(OSError, match="No space"):
+        atomic.write_files(str(target), {"f": b"1", "g": b"2"})
+    assert not target.exists()  # the folder this save made again is taken back
+
+
 def test_a_file_that_cannot_be_written_leaves_no_temporary_file(tmp_path, monkeypatch):
     """A full disk while writing the second file's bytes: every temporary file is removed, the
     one being written too, and the folder made for the save."""
