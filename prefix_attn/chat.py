@@ -32,6 +32,32 @@ def parse_messages(value, where: str) -> List[dict]:
     """A request's ``"messages"``: a non-empty array of ``{"role", "content"}`` objects (other
     keys are passed to the template as they are); a system message only first; the last one a
     user (or tool) message, which the answer follows. Raises RequestError naming ``where``."""
+    _check_messages(value, where)
+    if value[-1]["role"] not in ("user", "tool"):
+        raise RequestError(f"{where}: the last message's role is {value[-1]['role']!r}: end with a "
+                           "user message (the answer is generated as a new assistant turn after it)")
+    return value
+
+
+def parse_example_messages(value, where: str) -> List[dict]:
+    """A training example's ``"messages"`` (``prefix-attn train --chat``): a request's messages
+    (:func:`parse_messages`) then one assistant message, the answer learnt. Raises
+    RequestError naming ``where``."""
+    _check_messages(value, where)
+    last = value[-1]["role"]
+    if last != "assistant":
+        raise RequestError(f"{where}: the last message's role is {last!r}: end with the assistant "
+                           "message to learn (the messages before it are its context)")
+    before = value[-2]["role"] if len(value) > 1 else None
+    if before not in ("user", "tool"):
+        got = "it is the only message" if before is None else f"it follows a {before!r} message"
+        raise RequestError(f"{where}: the last (assistant) message must follow a user or tool message, "
+                           f"as an answer of generate --chat does; {got}")
+    return value
+
+
+def _check_messages(value, where: str) -> None:
+    """The form of a ``"messages"`` array, whatever its last message."""
     form = '[{"role": "user", "content": "..."}, ...]'
     if not isinstance(value, list) or not value:
         got = "an empty array" if value == [] else jsonl.json_type(value)
@@ -49,10 +75,6 @@ def parse_messages(value, where: str) -> List[dict]:
             raise RequestError(f"{at}: 'content' must be a string; got {got}")
         if m["role"] == "system" and i > 0:
             raise RequestError(f"{at}: a system message may only come first")
-    if value[-1]["role"] not in ("user", "tool"):
-        raise RequestError(f"{where}: the last message's role is {value[-1]['role']!r}: end with a "
-                           "user message (the answer is generated as a new assistant turn after it)")
-    return value
 
 
 def check_requests(requests: List[Request], chat: bool, path: str) -> None:

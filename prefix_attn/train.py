@@ -42,7 +42,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import atomic, cli_args, jsonl, tiny
+from . import atomic, cli_args, jsonl, tiny, train_chat
 from .backends import check_env_backend
 from .train_state import (BASE_MODEL, LOG, PROG, Interrupted, StopSignals, TrainError, TrainingFailed, append_log,
                           check_output_folder, check_same_settings, create_output_folder,
@@ -133,20 +133,24 @@ def has_target(labels: Sequence[int]) -> bool:
 
 
 def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: int,
-            vocab_size: int, path: str, what: str = "data file") -> List[Tuple[List[int], List[int]]]:
-    """(ids, labels) rows of ``read_examples_at``'s examples of ``path`` (:func:`encode_example`
-    truncated to ``max_length``), checked: a token id
+            vocab_size: int, path: str, what: str = "data file",
+            chat: Optional[train_chat.ChatExamples] = None) -> List[Tuple[List[int], List[int]]]:
+    """(ids, labels) rows of ``read_examples_at``'s examples of ``path`` (:func:`encode_example`;
+    with ``chat``, its rows of ``train_chat.read_examples_at``'s conversations), truncated to
+    ``max_length``, checked: a token id
     outside the model's ``vocab_size`` is a :class:`TrainError` naming the example; examples left
     with no token to learn (the prompt fills ``max_length``, or under two tokens) are dropped
     with one warning giving their count and cause, and an error when none is left. An example
     with neither prompt nor text (``{"text": ""}``, blanks only) is dropped too, as a blank line
     of a text file is: it would teach the model to end every text at once."""
     out, cut, short, blank = [], 0, 0, 0
-    for where, prompt, completion in examples_at:
-        if not prompt and not completion.strip():
+    rows = chat.rows(examples_at) if chat is not None else [
+        (where, encode_example(tokenizer, p, c) if p or c.strip() else None) for where, p, c in examples_at]
+    for where, row in rows:
+        if row is None:
             blank += 1
             continue
-        ids, labels = encode_example(tokenizer, prompt, completion)
+        ids, labels = row
         problem = tiny.vocab_problem(tokenizer, ids, vocab_size)
         if problem is not None:
             raise TrainError(f"{where}: {problem}")
@@ -361,6 +365,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="recompute activations in the backward pass (less memory, slower)")
     p.add_argument("--pack", action="store_true",
                    help="pack each batch into one row without padding (same loss, no padded tokens)")
+    p.add_argument("--chat", action="store_true",
+                   help="render each example with the tokenizer's chat template, as generate --chat does "
+                        "(.jsonl/.json: {'prompt','completion'} is [user, assistant]; or {'messages'} ending "
+                        "in the assistant message learnt); the loss is on that assistant turn only")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUTPUT/checkpoint.pt (same settings; --max-steps/--epochs may grow)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -438,8 +446,10 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
         check_env_backend(device.type, "training")
     except ValueError as exc:
         raise TrainError(str(exc)) from None
-    examples = read_examples_at(args.data)
-    eval_examples = read_examples_at(args.eval_data, what="--eval-data file") if args.eval_data else None
+    read = train_chat.read_examples_at if args.chat else read_examples_at
+    examples = read(args.data)
+    eval_examples = read(args.eval_data, what="--eval-data file") if args.eval_data else None
+    chat = train_chat.ChatExamples.of_model(args.model) if args.chat else None  # before the model loads
     ckpt_path = os.path.join(args.output, CHECKPOINT)
     if args.resume:
         state = load_checkpoint(ckpt_path)
@@ -456,10 +466,10 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     max_length = effective_max_length(args.max_length, model.config, args.num_virtual_tokens)
     vocab_size = model.get_input_embeddings().num_embeddings
-    data = prepare(tokenizer, examples, max_length, vocab_size, args.data)
+    data = prepare(tokenizer, examples, max_length, vocab_size, args.data, chat=chat)
     if eval_examples is not None:
         eval_data = prepare(tokenizer, eval_examples, max_length, vocab_size, args.eval_data,
-                            what="--eval-data file")
+                            what="--eval-data file", chat=chat)
     elif args.eval_every == 0:  # no eval: nothing is held out, every example trains
         eval_data = []
     else:

@@ -1,0 +1,183 @@
+"""``prefix-attn train --chat``: examples rendered with the tokenizer's chat template, as
+``prefix-attn generate --chat`` renders requests, the loss on the answer's turn only.
+
+An example is a conversation that ends in the assistant message to learn, the answer:
+``{"prompt": P, "completion": C}`` is ``[user(P), assistant(C)]`` (``prompt`` optional, ""),
+and ``{"messages": [...]}`` is a request's ``messages`` as ``generate --chat`` takes them (a
+system message only first, the last one a user or tool message) followed by one assistant
+message. ``{"text"}`` examples and plain-text files have no turns: refused.
+
+Its tokens are the template's rendering of the whole conversation (no generation prompt).
+Its context, the tokens before the answer, must be exactly those ``generate --chat`` feeds
+for the conversation less the answer: the template's rendering of it with the generation
+prompt. That is checked token by token, not assumed: a template whose generation prompt is
+not how it starts an assistant turn, or an answer whose first characters merge into one
+token with the generation prompt's last, is refused (every such example named in one error),
+never trained on tokens the served prefix would not see. Labels: -100 on the context, the
+ids on the rest, i.e. the answer and what the template writes after it (its end-of-turn
+tokens, e.g. ``<|im_end|>``), as TRL's assistant-only loss learns them.
+
+Why this and not the template's ``{% generation %}`` markers (``return_assistant_tokens_mask``):
+few templates have them, and a character mask does not say the tokens before the answer are
+the generation prompt's (a merge across the boundary, or a header rendered otherwise, goes
+unnoticed); the check above is what makes training and serving see the same tokens.
+
+Only the last assistant message is learnt; earlier ones are context, as they are in a
+request's ``messages`` (templates may render an assistant turn differently once it is history,
+e.g. without its reasoning, so an earlier turn's tokens in the conversation are not those
+the model generates). To learn every turn, give one example per turn.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+from . import jsonl, tiny
+from .chat import ChatTemplate, parse_example_messages
+from .serve_inputs import RequestError
+from .train_state import TrainError
+
+_MAX_LISTED = 10  # examples named in one error; the rest are counted
+_SHOWN = 8  # tokens shown from the first difference
+
+Example = Tuple[str, List[dict]]  # (where, messages)
+Row = Optional[Tuple[List[int], List[int]]]  # (ids, labels); None: an empty example
+
+
+class NotTheContext(Exception):
+    """The template's rendering with the generation prompt is not the conversation's start."""
+
+
+def _listed(headline: str, problems: List[str]) -> TrainError:
+    lines = [headline] + [f"  {p}" for p in problems[:_MAX_LISTED]]
+    if len(problems) > _MAX_LISTED:
+        lines.append(f"  and {len(problems) - _MAX_LISTED} more")
+    return TrainError("\n".join(lines))
+
+
+# -- the data file ---------------------------------------------------------------------------
+
+def read_examples_at(path: str, what: str = "data file") -> List[Example]:
+    """[(where, messages)] of a ``.jsonl`` / ``.json`` file (``where``: ``path:line`` as
+    :func:`prefix_attn.train.read_examples_at` names it). Raises :class:`TrainError` naming
+    the example on bad data; all the ``{"text"}`` examples in one error."""
+    lines = jsonl.read_lines(path, TrainError, what=what)
+    if not jsonl.is_json_path(path):
+        raise TrainError(f"{path}: --chat reads .jsonl / .json examples ({{\"prompt\", \"completion\"}} or "
+                         "{\"messages\"} per line); this file is read as plain text, one raw example a "
+                         "line, which has no turns to render (rename it to .jsonl if it holds JSON lines)")
+    examples, texts = [], []
+    for where, obj in jsonl.json_records(path, lines, TrainError, arrays=True):
+        if isinstance(obj, dict) and "text" in obj:
+            texts.append(where)
+            continue
+        examples.append((where, _conversation(where, obj)))
+    if texts:
+        raise _listed(f"{len(texts)} example(s) give 'text', which --chat cannot render as a conversation "
+                      "(the loss is on an assistant turn): give {\"prompt\", \"completion\"} or "
+                      "{\"messages\"}, or train without --chat:", texts)
+    if not examples:
+        raise TrainError(f"{path}: no examples (the file is empty or has only blank lines)")
+    return examples
+
+
+def _conversation(where: str, obj) -> List[dict]:
+    if not isinstance(obj, dict):
+        raise TrainError(f"{where}: expected a JSON object, got {jsonl.json_type(obj)}"
+                         + jsonl.array_hint(where, obj))
+    if "messages" in obj:
+        if "prompt" in obj or "completion" in obj:
+            raise TrainError(f"{where}: give either 'messages' or 'prompt'/'completion', not both")
+        try:
+            return parse_example_messages(obj["messages"], where)
+        except RequestError as exc:
+            raise TrainError(str(exc)) from None
+    if "completion" not in obj:
+        found = ", ".join(repr(k) for k in obj) or "none"
+        raise TrainError(f"{where}: expected 'completion' (with an optional 'prompt') or 'messages' "
+                         f"under --chat; fields found: {found}")
+    for key in ("prompt", "completion"):
+        if key in obj and not isinstance(obj[key], str):
+            raise TrainError(f"{where}: field {key!r} must be a string, got {jsonl.json_type(obj[key])}")
+    return [{"role": "user", "content": obj.get("prompt", "")},
+            {"role": "assistant", "content": obj["completion"]}]
+
+
+# -- the template ----------------------------------------------------------------------------
+
+class ChatExamples:
+    """The (ids, labels) of conversations under the tokenizer's chat template. ``model_dir``:
+    the --model folder (None: the built-in model), named when the tokenizer has none."""
+
+    def __init__(self, tokenizer, model_dir: Optional[str] = None):
+        if not getattr(tokenizer, "chat_template", None) or not hasattr(tokenizer, "apply_chat_template"):
+            whose = (f"the tokenizer of --model {model_dir}" if model_dir is not None
+                     else "the built-in model's byte tokenizer")
+            raise TrainError(f"--chat: {whose} has no chat template (no chat_template in its "
+                             "tokenizer_config.json nor a chat_template.jinja); train without --chat "
+                             "(raw text), or save the tokenizer with its template set "
+                             "(tokenizer.chat_template = ...)")
+        self.template = ChatTemplate(tokenizer, model_dir)
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def of_model(cls, model_dir: Optional[str]) -> "ChatExamples":
+        """For ``--model model_dir`` (None: the built-in model, whose byte tokenizer has no
+        template): checked before the model loads."""
+        if model_dir is None:
+            return cls(tiny.ByteTokenizer(), None)
+        try:
+            return cls(tiny.load_tokenizer(model_dir), model_dir)
+        except tiny.TokenizerError as exc:
+            raise TrainError(str(exc)) from None
+
+    def encode(self, messages: List[dict]) -> Tuple[List[int], int]:
+        """(ids of the whole conversation, tokens of its context). Raises NotTheContext saying
+        why the context is not the conversation's first tokens; the template's own errors
+        pass through."""
+        context = self.template.render(messages[:-1], generation_prompt=True)
+        full = self.template.render(messages, generation_prompt=False)
+        if full[:len(context)] != context:
+            i = next((k for k, (a, b) in enumerate(zip(context, full)) if a != b), min(len(context), len(full)))
+            raise NotTheContext(f"from token {i}, {self._show(context, i)} with the generation prompt but "
+                             f"{self._show(full, i)} in the conversation")
+        return full, len(context)
+
+    def _show(self, ids: List[int], i: int) -> str:
+        return repr(self.tokenizer.decode(ids[i:i + _SHOWN], skip_special_tokens=False))
+
+    def rows(self, examples_at: Sequence[Example]) -> List[Tuple[str, Row]]:
+        """[(where, (ids, labels))], labels -100 on the context; None for an example whose
+        messages are all blank (dropped, as an empty text is). Every example the template
+        refuses, or whose context is not the conversation's first tokens, named in one
+        :class:`TrainError`."""
+        out, refused, split = [], [], []
+        for where, messages in examples_at:
+            if not any(m["content"].strip() for m in messages):
+                out.append((where, None))
+                continue
+            try:
+                ids, n = self.encode(messages)
+            except NotTheContext as exc:
+                split.append(f"{where}: {exc}")
+                continue
+            except Exception as exc:  # the template's raise_exception, a Jinja error, ...
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                refused.append(f"{where}: the chat template refuses this conversation "
+                               f"({type(exc).__name__}: {first})")
+                continue
+            if n == len(ids):
+                refused.append(f"{where}: the chat template renders the answer as no tokens (it leaves "
+                               "assistant messages out)")
+                continue
+            out.append((where, (ids, [-100] * n + ids[n:])))
+        if split:
+            raise _listed(
+                f"--chat: for {len(split)} example(s) the chat template's rendering of the conversation "
+                "less its answer, with the generation prompt (what generate --chat feeds), is not the "
+                "first tokens of the whole conversation, so the prefix would learn after other tokens "
+                "than it is served with. The template's generation prompt is not how it starts an "
+                "assistant turn, or the answer's first characters merge into one token with the "
+                "generation prompt's last (an answer starting with a space or a newline):", split)
+        if refused:
+            raise _listed(f"--chat: {len(refused)} example(s) that the chat template cannot render:", refused)
+        return out

@@ -1,0 +1,218 @@
+"""``prefix-attn train --chat`` (prefix_attn.train_chat): examples rendered with the tokenizer's
+chat template, the loss on the answer's turn only, its context exactly the tokens that
+``prefix-attn generate --chat`` feeds the trained prefix."""
+import json
+import os
+
+import pytest
+import torch
+
+from prefix_attn import serve, train, train_chat
+from prefix_attn.train_state import TrainError
+from test_serve_chat import CHATML, MERGING, NO_SYSTEM, _model, chat_tokenizer
+
+pytestmark = pytest.mark.hf
+
+END = "<|im_end|>\n"  # what CHATML writes after an assistant message
+SYSTEM_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+               {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"},
+               {"role": "assistant", "content": "4"}]
+EXAMPLES = [{"prompt": "What is the capital of France?", "completion": "Paris."},
+            {"prompt": "Say hi", "completion": "hi there"},
+            {"completion": "no prompt"},
+            {"messages": SYSTEM_CHAT},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\n\nb"}]}]
+
+
+def _conversation(example):
+    if "messages" in example:
+        return example["messages"]
+    return [{"role": "user", "content": example.get("prompt", "")},
+            {"role": "assistant", "content": example["completion"]}]
+
+
+def _write(path, objs):
+    path.write_text("".join(json.dumps(o) + "\n" for o in objs), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_chat")
+    model = _model()
+    for name, template in (("chatml", CHATML), ("merging", MERGING), ("no_system", NO_SYSTEM), ("plain", None)):
+        model.save_pretrained(str(root / name))
+        chat_tokenizer(template).save_pretrained(str(root / name))
+    return root
+
+
+def _ids(tok, messages, generation_prompt):
+    return tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
+                                   return_dict=False)
+
+
+def test_rows_label_only_the_answer_turn_after_generate_chats_tokens(tmp_path, folders):
+    """Each row is the whole templated conversation; its labels are -100 exactly on the tokens
+    generate --chat feeds for the conversation less its answer (its own request_ids), and the
+    ids elsewhere: the answer and the template's end of turn (earlier turns are context)."""
+    from prefix_attn.chat import ChatTemplate
+    from prefix_attn.serve_inputs import Request
+
+    tok = chat_tokenizer()
+    examples = train_chat.read_examples_at(_write(tmp_path / "d.jsonl", EXAMPLES))
+    rows = train_chat.ChatExamples(tok, "m").rows(examples)
+    served = ChatTemplate(tok).request_ids(
+        [Request(prompt=None, line=i, messages=_conversation(e)[:-1]) for i, e in enumerate(EXAMPLES)], None, "r")
+    assert len(rows) == len(EXAMPLES)
+    for i, (example, (where, (ids, labels))) in enumerate(zip(EXAMPLES, rows)):
+        assert where == f"{tmp_path / 'd.jsonl'}:{i + 1}"
+        messages = _conversation(example)
+        assert ids == _ids(tok, messages, False)
+        n = len(served[i])
+        assert ids[:n] == served[i] == _ids(tok, messages[:-1], True)
+        assert labels[:n] == [-100] * n and labels[n:] == ids[n:]
+        assert tok.decode(labels[n:], skip_special_tokens=False) == messages[-1]["content"] + END
+
+
+def test_train_chat_then_generate_chat_feeds_the_trained_context(tmp_path, folders, monkeypatch, capsys):
+    """End to end: train --chat a few steps, then generate --chat on the adapter with each
+    example's conversation less its answer: the ids fed to model.generate are exactly the
+    tokens the training batches held before the answer, all labelled -100, and only the
+    answer's turn is labelled."""
+    data = _write(tmp_path / "d.jsonl", EXAMPLES)
+    model_dir, out = str(folders / "chatml"), str(tmp_path / "run")
+    seen = []  # the batches of rows the training steps ran on
+    train_step = train.train_step
+
+    def recording_step(model, opt, batch, *args, **kwargs):
+        seen.extend(batch)
+        return train_step(model, opt, batch, *args, **kwargs)
+    monkeypatch.setattr(train, "train_step", recording_step)
+    assert train.main([data, "-o", out, "--model", model_dir, "--chat", "--max-steps", "3", "--batch-size", "2",
+                       "--eval-every", "0", "--num-virtual-tokens", "4", "--no-progress"]) == 0
+    capsys.readouterr()
+    fed = []  # the rows model.generate got, padding removed
+    load_model = serve._load_model
+
+    def recording_load(*args, **kwargs):
+        model, tok = load_model(*args, **kwargs)
+        generate = model.generate
+
+        def recording_generate(input_ids, attention_mask=None, **kw):
+            fed.extend(row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask))
+            return generate(input_ids, attention_mask=attention_mask, **kw)
+        model.generate = recording_generate
+        return model, tok
+    monkeypatch.setattr(serve, "_load_model", recording_load)
+    requests = [{"prefix": "tuned", "messages": _conversation(e)[:-1]} for e in EXAMPLES]
+    answers = tmp_path / "answers.jsonl"
+    assert serve.main(["-i", _write(tmp_path / "r.jsonl", requests), "-o", str(answers), "--model", model_dir,
+                       "--chat", "--adapter", f"tuned={out}/adapter", "--max-new-tokens", "2",
+                       "--batch-size", "1", "--no-progress"]) == 0
+    assert len(fed) == len(EXAMPLES)
+
+    tok = chat_tokenizer()
+    trained = {tuple(ids): labels for ids, labels in seen}
+    assert len(trained) == len(EXAMPLES)  # 3 steps of 2 rows: every example seen
+    contexts = []
+    for example in EXAMPLES:
+        messages = _conversation(example)
+        ids = _ids(tok, messages, False)
+        labels = trained[tuple(ids)]
+        n = next(i for i, label in enumerate(labels) if label != -100)
+        contexts.append(ids[:n])
+        assert labels[n:] == ids[n:]
+        assert tok.decode(ids[n:], skip_special_tokens=False) == messages[-1]["content"] + END
+    # the token-level check (generate runs the longest first: compared as sorted lists)
+    assert len(set(map(tuple, contexts))) == len(EXAMPLES) and sorted(contexts) == sorted(fed)
+
+
+def test_text_examples_are_refused_naming_their_lines(tmp_path, folders, capsys):
+    data = _write(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"text": "raw"},
+                                         {"completion": "c"}, {"text": "raw too"}])
+    out = tmp_path / "run"
+    assert train.main([data, "-o", str(out), "--model", str(folders / "chatml"), "--chat", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "2 example(s) give 'text'" in err
+    assert f"{data}:2" in err and f"{data}:4" in err and f"{data}:1" not in err
+    assert not out.exists()
+
+
+def test_a_plain_text_file_is_refused(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text("one raw example\n")
+    with pytest.raises(TrainError, match=r"d.txt: --chat reads .jsonl / .json examples .* no turns to render"):
+        train_chat.read_examples_at(str(path))
+
+
+@pytest.mark.parametrize("model", [None, "plain"])
+def test_a_tokenizer_without_a_chat_template_is_one_error_before_the_model_loads(
+        tmp_path, folders, capsys, monkeypatch, model):
+    def fail(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(train, "load_model", fail)
+    data = _write(tmp_path / "d.jsonl", EXAMPLES)
+    where = [] if model is None else ["--model", str(folders / model)]
+    out = tmp_path / "run"
+    assert train.main([data, "-o", str(out), "--chat", "--no-progress", *where]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "--chat:" in err and "has no chat template" in err
+    assert ("byte tokenizer" in err) if model is None else (str(folders / model) in err)
+    assert not out.exists()
+
+
+def test_a_template_whose_generation_prompt_does_not_start_the_answer_is_refused(tmp_path, folders, capsys):
+    """MERGING renders an assistant turn as '\\nassistant: ...' but its generation prompt is
+    'assistant:': the context generate feeds is not the trained one; every example named."""
+    data = _write(tmp_path / "d.jsonl", EXAMPLES[:2])
+    out = tmp_path / "run"
+    assert train.main([data, "-o", str(out), "--model", str(folders / "merging"), "--chat", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "for 2 example(s) the chat template's rendering" in err
+    assert "generation prompt is not how it starts an assistant turn" in err
+    assert f"{data}:1: from token " in err and f"{data}:2: from token " in err
+    assert not out.exists()
+
+
+def test_an_answer_merging_with_the_generation_prompt_is_refused_naming_it(tmp_path):
+    """CHATML's generation prompt ends in a newline; an answer starting with one merges with it
+    into one token ("\\n\\n"): same text, other tokens."""
+    data = _write(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "fine"},
+                                         {"prompt": "b", "completion": "\nmerges"}])
+    with pytest.raises(TrainError) as exc:
+        train_chat.ChatExamples(chat_tokenizer()).rows(train_chat.read_examples_at(data))
+    assert "for 1 example(s)" in str(exc.value) and f"{data}:2: from token" in str(exc.value)
+    assert f"{data}:1" not in str(exc.value)
+
+
+def test_a_conversation_the_template_refuses_is_named(tmp_path):
+    data = _write(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"messages": SYSTEM_CHAT}])
+    with pytest.raises(TrainError, match=r"1 example\(s\) that the chat template cannot render:\n  .*d.jsonl:2: "
+                                         r".*System role not supported"):
+        train_chat.ChatExamples(chat_tokenizer(NO_SYSTEM)).rows(train_chat.read_examples_at(data))
+
+
+@pytest.mark.parametrize("obj, pattern", [
+    ({"messages": [{"role": "user", "content": "q"}]}, r"d.jsonl:1: the last message's role is 'user': end with the assistant"),
+    ({"messages": [{"role": "assistant", "content": "a"}]}, r"d.jsonl:1: the last .* must follow a user or tool message.* only message"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]},
+     r"d.jsonl:1: the last .*follows a 'system' message"),
+    ({"messages": [{"role": "bot", "content": "a"}]}, r"d.jsonl:1: messages\[0\]: 'role' must be one of"),
+    ({"messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": "a"}]},
+     r"d.jsonl:1: messages\[0\]: 'content' must be a string"),
+    ({"messages": [], "completion": "a"}, r"d.jsonl:1: give either 'messages' or 'prompt'/'completion'"),
+    ({"prompt": "a"}, r"d.jsonl:1: expected 'completion' .* or 'messages' under --chat; fields found: 'prompt'"),
+    ({"prompt": 3, "completion": "a"}, r"d.jsonl:1: field 'prompt' must be a string"),
+    (["x"], r"d.jsonl:1: expected a JSON object, got an array"),
+])
+def test_bad_examples_are_named(tmp_path, obj, pattern):
+    with pytest.raises(TrainError, match=pattern):
+        train_chat.read_examples_at(_write(tmp_path / "d.jsonl", [obj]))
+
+
+def test_blank_examples_are_dropped_with_the_warning(tmp_path, capsys):
+    data = _write(tmp_path / "d.jsonl", [{"prompt": "", "completion": " "}, {"prompt": "a", "completion": "b"}])
+    rows = train.prepare(chat_tokenizer(), train_chat.read_examples_at(data), 256, 262, data,
+                         chat=train_chat.ChatExamples(chat_tokenizer()))
+    assert len(rows) == 1 and "1 of 2 examples has no token to learn: 1 is empty" in capsys.readouterr().err
+
