@@ -104,6 +104,8 @@ def _example(where: str, obj) -> Tuple[str, str]:
     if "completion" in obj:
         prompt = _string_field(where, obj, "prompt") if "prompt" in obj else ""
         return prompt, _string_field(where, obj, "completion")
+    if "messages" in obj:
+        raise TrainError(f"{where}: 'messages' needs --chat (the tokenizer's chat template renders them)")
     found = ", ".join(repr(k) for k in obj) or "none"
     raise TrainError(f"{where}: expected a 'text' field, or 'completion' (with an optional 'prompt'); "
                      f"fields found: {found}")

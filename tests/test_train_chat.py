@@ -216,3 +216,8 @@ def test_blank_examples_are_dropped_with_the_warning(tmp_path, capsys):
                          chat=train_chat.ChatExamples(chat_tokenizer()))
     assert len(rows) == 1 and "1 of 2 examples has no token to learn: 1 is empty" in capsys.readouterr().err
 
+def test_messages_without_chat_are_refused_naming_the_line(tmp_path):
+    data = _write(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"messages": SYSTEM_CHAT}])
+    with pytest.raises(TrainError, match=r"d.jsonl:2: 'messages' needs --chat"):
+        train.read_examples_at(data)
+
