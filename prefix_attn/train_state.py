@@ -170,7 +170,12 @@ def run_settings(args: argparse.Namespace, max_length: int) -> Dict[str, object]
             # unused with --eval-data: not a setting then (None matches any older value); with
             # --eval-every 0 nothing is held out, whatever the fraction
             "--eval-fraction": _eval_fraction(args), "--lr": args.lr, "--weight-decay": args.weight_decay,
-            "--dtype": getattr(args, "dtype", "float32")}
+            "--dtype": getattr(args, "dtype", "float32"), "--chat": bool(getattr(args, "chat", False))}
+
+
+# settings added after checkpoints recorded settings, with the value every older run had: a
+# checkpoint without one is compared as having it
+LATER_SETTINGS = {"--chat": False}
 
 
 NOTHING_HELD_OUT = "0 (--eval-every 0: nothing held out)"
@@ -210,6 +215,7 @@ def check_same_settings(state: dict, settings: Dict[str, object], ckpt_path: str
     if old is None:
         warn("warning", f"{ckpt_path} predates stored settings: not checked against this run's")
         return
+    old = {**{k: v for k, v in LATER_SETTINGS.items() if k in settings}, **old}
     unused = {"--eval-fraction"} if settings.get("--eval-fraction") is None else set()
     changed = [f"{key}: {_show_setting(was)} -> {_show_setting(settings.get(key))}{_hint(key, was, settings.get(key))}"
                for key, was in old.items()

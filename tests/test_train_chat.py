@@ -216,8 +216,35 @@ def test_blank_examples_are_dropped_with_the_warning(tmp_path, capsys):
                          chat=train_chat.ChatExamples(chat_tokenizer()))
     assert len(rows) == 1 and "1 of 2 examples has no token to learn: 1 is empty" in capsys.readouterr().err
 
+
 def test_messages_without_chat_are_refused_naming_the_line(tmp_path):
     data = _write(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"messages": SYSTEM_CHAT}])
     with pytest.raises(TrainError, match=r"d.jsonl:2: 'messages' needs --chat"):
         train.read_examples_at(data)
 
+
+@pytest.mark.parametrize("first, then", [(["--chat"], []), ([], ["--chat"])])
+def test_resume_refuses_another_chat(tmp_path, folders, capsys, first, then):
+    """The checkpoint records --chat: the same data tokenised otherwise is another run."""
+    data = _write(tmp_path / "d.jsonl", EXAMPLES[:3])
+    out = str(tmp_path / "run")
+    common = [data, "-o", out, "--model", str(folders / "chatml"), "--batch-size", "2", "--eval-every", "0",
+              "--num-virtual-tokens", "4", "--no-progress"]
+    assert train.main([*common, "--max-steps", "1", *first]) == 0
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert ckpt["settings"]["--chat"] is bool(first)
+    capsys.readouterr()
+    assert train.main([*common, "--max-steps", "2", "--resume", *then]) == 2
+    err = capsys.readouterr().err
+    assert "--resume with other settings" in err and f"--chat: {bool(first)} -> {bool(then)}" in err
+    assert train.main([*common, "--max-steps", "2", "--resume", *first]) == 0
+
+
+def test_a_checkpoint_from_before_chat_resumes_only_without_it():
+    """Older checkpoints record no --chat: they were trained on raw text."""
+    from prefix_attn.train_state import check_same_settings
+
+    state = {"settings": {"--seed": 0}}
+    check_same_settings(state, {"--seed": 0, "--chat": False}, "c.pt")
+    with pytest.raises(TrainError, match=r"--chat: False -> True"):
+        check_same_settings(state, {"--seed": 0, "--chat": True}, "c.pt")
