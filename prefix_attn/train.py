@@ -23,6 +23,13 @@ the log back to the checkpoint's step. Ctrl-C (SIGINT) or SIGTERM stops after th
 with a checkpoint of it (exit status 130 / 143); a second one stops at once. The result is
 ``OUT/adapter`` in PEFT's format (``peft.PeftModel.from_pretrained(base, OUT/adapter)`` loads it).
 
+``--chat`` trains a prefix for ``prefix-attn generate --chat`` (an instruct model): each
+example is rendered with the tokenizer's chat template, ``{"prompt", "completion"}`` as the
+conversation [user, assistant], ``{"messages": [...]}`` as given (a request's messages, then
+the assistant message learnt); the loss is on that last assistant turn only (its end-of-turn
+tokens included), and the tokens before it must be those generate --chat feeds (checked; a
+template or example where they are not is refused). ``{"text"}`` and plain text are refused.
+
 Errors in the data or options are reported as ``prefix-attn train: error: ...`` (exit status
 2) before anything is written. A loss (or eval loss) that is not finite stops the run with an
 error naming the step (exit status 1): that step is neither logged nor saved, and the last

@@ -248,3 +248,13 @@ def test_a_checkpoint_from_before_chat_resumes_only_without_it():
     check_same_settings(state, {"--seed": 0, "--chat": False}, "c.pt")
     with pytest.raises(TrainError, match=r"--chat: False -> True"):
         check_same_settings(state, {"--seed": 0, "--chat": True}, "c.pt")
+
+
+def test_readme_and_help_say_what_train_chat_does():
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    command_line = readme[readme.index("### Command line"):readme.index("## Benchmarks")]
+    assert "prefix-attn train chat.jsonl -o out/ --model DIR --chat" in command_line
+    assert "`prefix-attn train --chat` trains a prefix for `generate --chat`" in command_line
+    assert "lr, weight decay or `--chat` differ" in command_line
+    description = " ".join(train.build_parser().format_help().split())  # __doc__, as --help shows it
+    assert "--chat`` trains a prefix for ``prefix-attn generate --chat``" in description
