@@ -175,7 +175,7 @@ def run_settings(args: argparse.Namespace, max_length: int) -> Dict[str, object]
 
 # settings added after checkpoints recorded settings, with the value every older run had: a
 # checkpoint without one is compared as having it
-LATER_SETTINGS = {"--chat": False}
+LATER_SETTINGS = {"--dtype": "float32", "--chat": False}
 
 
 NOTHING_HELD_OUT = "0 (--eval-every 0: nothing held out)"

@@ -250,6 +250,17 @@ def test_a_checkpoint_from_before_chat_resumes_only_without_it():
         check_same_settings(state, {"--seed": 0, "--chat": True}, "c.pt")
 
 
+def test_a_checkpoint_from_before_dtype_resumes_only_in_float32():
+    """--dtype came after the stored settings: an older checkpoint trained a float32 base, and
+    its resume with --dtype bfloat16 was not refused."""
+    from prefix_attn.train_state import check_same_settings
+
+    state = {"settings": {"--seed": 0}}
+    check_same_settings(state, {"--seed": 0, "--dtype": "float32"}, "c.pt")
+    with pytest.raises(TrainError, match=r"--dtype: float32 -> bfloat16"):
+        check_same_settings(state, {"--seed": 0, "--dtype": "bfloat16"}, "c.pt")
+
+
 def test_readme_and_help_say_what_train_chat_does():
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
     command_line = readme[readme.index("### Command line"):readme.index("## Benchmarks")]
