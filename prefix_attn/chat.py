@@ -93,6 +93,19 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def missing_template(tokenizer, model_dir: Optional[str], instead: str) -> Optional[str]:
+    """Why ``--chat`` cannot use ``tokenizer`` (None: it can); ``instead``: what to do without
+    it ("serve", "train (raw text)"). ``model_dir``: the --model folder (None: the built-in
+    model)."""
+    if getattr(tokenizer, "chat_template", None) and hasattr(tokenizer, "apply_chat_template"):
+        return None
+    whose = (f"the tokenizer of --model {model_dir}" if model_dir is not None
+             else "the built-in model's byte tokenizer")
+    return (f"--chat: {whose} has no chat template (no chat_template in its tokenizer_config.json "
+            f"nor a chat_template.jinja); {instead} without --chat, or save the tokenizer with its "
+            "template set (tokenizer.chat_template = ...)")
+
+
 class ChatTemplate:
     """The token ids of prompt prefixes (system messages) and requests under ``--chat``.
 
@@ -100,12 +113,9 @@ class ChatTemplate:
     when the tokenizer has no chat template."""
 
     def __init__(self, tokenizer, model_dir: Optional[str] = None):
-        if not getattr(tokenizer, "chat_template", None) or not hasattr(tokenizer, "apply_chat_template"):
-            whose = (f"the tokenizer of --model {model_dir}" if model_dir is not None
-                     else "the built-in model's byte tokenizer")
-            raise RequestError(f"--chat: {whose} has no chat template (no chat_template in its "
-                               "tokenizer_config.json nor a chat_template.jinja); serve without --chat, "
-                               "or save the tokenizer with its template set (tokenizer.chat_template = ...)")
+        problem = missing_template(tokenizer, model_dir, "serve")
+        if problem is not None:
+            raise RequestError(problem)
         self.tokenizer = tokenizer
         self.systems: Dict[str, Tuple[str, List[int]]] = {}  # prompt prefix -> (text, ids)
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 from . import jsonl, tiny
-from .chat import ChatTemplate, parse_example_messages
+from .chat import ChatTemplate, missing_template, parse_example_messages
 from .serve_inputs import RequestError
 from .train_state import TrainError
 
@@ -109,13 +109,9 @@ class ChatExamples:
     the --model folder (None: the built-in model), named when the tokenizer has none."""
 
     def __init__(self, tokenizer, model_dir: Optional[str] = None):
-        if not getattr(tokenizer, "chat_template", None) or not hasattr(tokenizer, "apply_chat_template"):
-            whose = (f"the tokenizer of --model {model_dir}" if model_dir is not None
-                     else "the built-in model's byte tokenizer")
-            raise TrainError(f"--chat: {whose} has no chat template (no chat_template in its "
-                             "tokenizer_config.json nor a chat_template.jinja); train without --chat "
-                             "(raw text), or save the tokenizer with its template set "
-                             "(tokenizer.chat_template = ...)")
+        problem = missing_template(tokenizer, model_dir, "train on raw text")
+        if problem is not None:
+            raise TrainError(problem)
         self.template = ChatTemplate(tokenizer, model_dir)
         self.tokenizer = tokenizer
 
