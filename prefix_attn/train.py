@@ -572,7 +572,8 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
                 record["eval_loss"] = evaluate(model, eval_data, args.batch_size, pad_id, args.name, device)
                 if not math.isfinite(record["eval_loss"]):
                     raise not_finite("eval loss", record["eval_loss"])
-                bar.write(f"step {step}: eval loss {record['eval_loss']:.4f}")
+                # on standard error with the bar: standard output is for the result line
+                bar.write(f"step {step}: eval loss {record['eval_loss']:.4f}", file=sys.stderr)
             append_log(args.output, record)
             if step == total or _every(step, args.save_every, total) or signals.received:
                 save_checkpoint()

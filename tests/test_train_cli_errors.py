@@ -125,6 +125,7 @@ def test_resume_never_runs_code_from_the_checkpoint(data, tmp_path, capsys):
     in a checkpoint of a shared output folder ran code when resumed)."""
     out = tmp_path / "out"
     assert train.main([data, "-o", str(out), "--max-steps", "1", *FAST]) == 0
+    capsys.readouterr()  # its eval loss, on standard error
     ckpt = out / "checkpoint.pt"
     state = torch.load(ckpt, weights_only=True)  # what the run saved loads without pickled code
     marker = tmp_path / "ran"
