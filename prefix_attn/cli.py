@@ -16,7 +16,9 @@ _SUBCOMMANDS = ("prefix_attn.check", "prefix_attn.demo", "prefix_attn.train", "p
 def build_parser() -> argparse.ArgumentParser:
     from prefix_attn.cli_args import versions
 
-    parser = argparse.ArgumentParser(prog="prefix-attn", description=__doc__)
+    # raw text: the versions stay one line (argparse wraps them at the terminal's width otherwise)
+    parser = argparse.ArgumentParser(prog="prefix-attn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=versions(),
                         help="print the versions of this package, torch and the optional packages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -32,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
+    if not getattr(args, "func", None):  # no command: a usage error, said on standard error
+        parser.print_help(sys.stderr)
         return 2
     try:
         return int(args.func(args) or 0)

@@ -28,3 +28,21 @@ def test_train_writes_only_its_summary_to_standard_output(data, tmp_path, capsys
     assert captured.out.splitlines() == [captured.out.strip()]
     assert captured.out.startswith("trained 4 steps, last loss ")
     assert "step 2: eval loss " in captured.err and "step 4: eval loss " in captured.err
+
+
+def test_version_is_one_line_whatever_the_terminal_width(monkeypatch, capsys):
+    """argparse wrapped the versions at the terminal's width (two lines at 80 columns): the
+    "one line for a bug report" came out as two, or five in a narrow terminal."""
+    monkeypatch.setenv("COLUMNS", "40")
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 1 and out.startswith("prefix_attn ") and "peft " in out
+
+
+def test_no_command_is_a_usage_error_on_standard_error(capsys):
+    """`prefix-attn` alone exited 2 (an error) with its help on standard output."""
+    assert cli.main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "usage: prefix-attn" in captured.err and "COMMAND" in captured.err
