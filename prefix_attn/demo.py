@@ -37,9 +37,9 @@ def _title(text: str) -> None:
     print(f"\n== {text} " + "=" * max(0, 70 - len(text)), flush=True)
 
 
-def _progress(total: int, desc: str):
+def _progress(total: int, desc: str, enabled: bool = True):
     from .progress import progress_bar
-    return progress_bar(total, desc, "step")
+    return progress_bar(total, desc, "step", enabled=enabled)
 
 
 # -- data ------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def show_check(device: str) -> bool:
 
 
 # -- 2. training -----------------------------------------------------------------------
-def load_base(model_dir, device: str, pretrain_steps: int, seed: int):
+def load_base(model_dir, device: str, pretrain_steps: int, seed: int, progress: bool = True):
     from . import tiny
     if model_dir:  # a broken folder: tiny.ModelFolderError / TokenizerError
         model = tiny.load_model_folder(model_dir)
@@ -80,7 +80,7 @@ def load_base(model_dir, device: str, pretrain_steps: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    bar = _progress(pretrain_steps, "pretraining the tiny base (all weights)")
+    bar = _progress(pretrain_steps, "pretraining the tiny base (all weights)", progress)
     for _ in range(pretrain_steps):
         ids = torch.cat([_windows(tok, t, 4, 48, gen) for t in CORPUS]).to(device)
         loss = model(input_ids=ids, labels=ids).loss
@@ -93,7 +93,8 @@ def load_base(model_dir, device: str, pretrain_steps: int, seed: int):
     return model.eval(), tok
 
 
-def train_prefixes(model, tok, device: str, max_steps: int, num_virtual_tokens: int, seed: int):
+def train_prefixes(model, tok, device: str, max_steps: int, num_virtual_tokens: int, seed: int,
+                   progress: bool = True):
     from .tuning import prefix_tuning, trainable_parameters
     _title("2. prefix tuning: two tasks trained together, each row with its own prefix")
     for name in TASKS:
@@ -108,7 +109,7 @@ def train_prefixes(model, tok, device: str, max_steps: int, num_virtual_tokens: 
     names = [n for n in TASKS for _ in range(4)]
     model.train()
     first = None
-    bar = _progress(max_steps, "prefix tuning")
+    bar = _progress(max_steps, "prefix tuning", progress)
     t0, tokens = time.perf_counter(), 0
     history = []
     for step in range(max_steps):
@@ -207,7 +208,7 @@ def _ours_backend(q, k, v, pk, pv) -> str:
     return choose_backend(normalize(q, k, v, pk, pv)).name
 
 
-def benchmark(device: str, reps: int = 5) -> List[dict]:
+def benchmark(device: str, reps: int = 5, progress: bool = True) -> List[dict]:
     from .api import prefix_attention
     from .baselines import peft_path_attention
     _title("4. ours vs the PEFT path, measured now on this machine")
@@ -221,7 +222,7 @@ def benchmark(device: str, reps: int = 5) -> List[dict]:
     if backend == "torch":
         print("note: that is the pure-PyTorch reference backend, slower than the PEFT path: the "
               "fast backends did not load (see section 1, or `prefix-attn check`)")
-    bar = _progress(3 * reps, "timing ours and the PEFT path, in alternation")
+    bar = _progress(3 * reps, "timing ours and the PEFT path, in alternation", progress)
 
     def pair(label, shape, ours, base):
         t_ours, t_base = paired_ms([ours, base], reps, bar)
@@ -263,8 +264,9 @@ def benchmark(device: str, reps: int = 5) -> List[dict]:
 # -- CLI -------------------------------------------------------------------------------
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("demo", help="the whole story in a few minutes: check, train, serve, benchmark",
-                              formatter_class=cli_args.HelpFormatter)
-    p.add_argument("--model", default=None, help="a local HF causal LM folder (omit for the built-in tiny model)")
+                              description=__doc__, formatter_class=cli_args.HelpFormatter)
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="a local HF causal LM folder (omit for the built-in tiny model)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     positive = cli_args.int_at_least(1)
     p.add_argument("--steps", type=positive, default=150,
@@ -276,6 +278,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="seed of the data, the base and the prefixes, -2**63 to 2**63 - 1")
     p.add_argument("--skip-check", action="store_true", help="skip the backend check (section 1)")
     p.add_argument("--skip-bench", action="store_true", help="skip the benchmarks (section 4)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (ours and transformers' own, on standard error)")
     p.set_defaults(func=run)
     return p
 
@@ -291,20 +295,23 @@ def run(args) -> int:
         print(f"prefix-attn demo: error: model folder not found: {args.model}", file=sys.stderr)
         return 2
     from . import tiny
+    progress = not getattr(args, "no_progress", False)
     torch.manual_seed(args.seed)
     base = None
     try:  # before anything runs: a folder without a usable tokenizer or model is a user error
         tiny.load_tokenizer(args.model)
         if args.model is not None:
-            base = load_base(args.model, args.device, args.pretrain_steps, args.seed)
+            with cli_args.transformers_progress(enabled=progress):
+                base = load_base(args.model, args.device, args.pretrain_steps, args.seed, progress)
     except (tiny.TokenizerError, tiny.ModelFolderError) as exc:
         print(f"prefix-attn demo: error: {exc}", file=sys.stderr)
         return 2
     ok = True if args.skip_check else show_check(args.device)
-    model, tok = base or load_base(None, args.device, args.pretrain_steps, args.seed)
-    first, last = train_prefixes(model, tok, args.device, args.steps, args.virtual_tokens, args.seed)
+    model, tok = base or load_base(None, args.device, args.pretrain_steps, args.seed, progress)
+    first, last = train_prefixes(model, tok, args.device, args.steps, args.virtual_tokens, args.seed,
+                                 progress)
     serve_mixed_batch(model, tok, args.device)
     if not args.skip_bench:
-        benchmark(args.device)
+        benchmark(args.device, progress=progress)
     print("\ndemo finished" + ("" if ok else " (some backend checks FAILED, see table 1)"))
     return 0 if ok else 1

@@ -46,3 +46,20 @@ def test_no_command_is_a_usage_error_on_standard_error(capsys):
     assert cli.main([]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "usage: prefix-attn" in captured.err and "COMMAND" in captured.err
+
+
+def test_demo_no_progress_writes_nothing_to_standard_error(capsys):
+    """demo had no --no-progress: its three bars (pretraining, prefix tuning, timing) always
+    went to standard error."""
+    assert cli.main(["demo", "--skip-check", "--skip-bench", "--pretrain-steps", "2", "--steps", "2",
+                     "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "demo finished" in captured.out
+
+
+def test_demo_and_check_help_say_what_they_do(capsys):
+    """`demo --help` and `check --help` showed the options only, without what the command does."""
+    for command, words in (("demo", "prefix-tunes a small model"), ("check", "against the reference")):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        assert words in capsys.readouterr().out
