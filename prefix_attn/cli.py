@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from typing import List, Optional
 
@@ -39,6 +40,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # train and generate stop on their own terms; the others here
+        print(f"prefix-attn {args.command}: stopped: SIGINT", file=sys.stderr)
+        return 128 + signal.SIGINT
     except ModuleNotFoundError as exc:
         top = (exc.name or "").split(".")[0]
         extra = _EXTRAS.get(top)

@@ -552,6 +552,7 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     bar = progress_bar(total, "prefix tuning", "step", enabled=not args.no_progress, initial=step)
     t0, tokens, first_step = time.perf_counter(), 0, step
     loss_value = float("nan")
+    signals.raise_if_received()  # one whose Interrupted was lost while the run was set up
     signals.deferred = True  # a signal now stops after the current step, with a checkpoint of it
     try:
         while step < total:

@@ -254,9 +254,18 @@ class StopSignals:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
     def _handle(self, signum, frame) -> None:
-        if self.deferred and self.received is None:
+        first = self.received is None
+        if first:  # recorded even when raised: see raise_if_received
             self.received = signum
+        if self.deferred and first:
             warn("note", f"{signal.Signals(signum).name}: stopping after this step "
                           f"(once more to stop at once, without saving it)")
             return
         raise Interrupted(signum, self.note)
+
+    def raise_if_received(self) -> None:
+        """:class:`Interrupted` for a signal already received. The handler's own raise can be
+        lost: a signal handled while a ``__del__`` or a weakref callback runs (a garbage
+        collection inside any library) raises there, and Python only prints it and goes on."""
+        if self.received is not None:
+            raise Interrupted(self.received, self.note)
