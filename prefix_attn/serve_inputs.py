@@ -103,6 +103,11 @@ def _name_value(spec: str, option: str) -> tuple[str, str]:
         form = {"--adapter": "NAME=DIR, e.g. --adapter support=out/adapter",
                 "--prompt-prefix": "NAME=TEXT, e.g. --prompt-prefix sys='You are terse.'"}
         raise RequestError(f"{option} expects {form.get(option, 'NAME=VALUE')}, got {spec!r}")
+    if option == "--prompt-prefix":  # bytes that are not UTF-8 come as lone surrogates
+        bad = next((i for i, c in enumerate(value) if "\udc80" <= c <= "\udcff"), None)
+        if bad is not None:
+            raise RequestError(f"{option} {name}: the text is not UTF-8 (byte "
+                               f"0x{ord(value[bad]) - 0xdc00:02x} at character {bad + 1})")
     return name, value
 
 

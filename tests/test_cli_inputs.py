@@ -1,0 +1,24 @@
+"""Bad values given on the `prefix-attn` command line: one clear line on standard error, exit
+status 2, before any model loads."""
+import pytest
+
+from prefix_attn import cli, serve
+
+
+def test_prompt_prefix_text_that_is_not_utf8_is_named(tmp_path, monkeypatch, capsys):
+    """A --prompt-prefix holding bytes that are not UTF-8 (Python passes them on as lone
+    surrogates) loaded the model, then failed with "'utf-8' codec can't encode characters in
+    position 2-3: surrogates not allowed", naming neither the option nor the prefix."""
+    requests = tmp_path / "r.jsonl"
+    requests.write_text('{"prompt": "hi", "prefix": "s"}\n')
+
+    def no_model(*a, **k):
+        raise AssertionError("the model loaded before the options were checked")
+    monkeypatch.setattr(serve, "_load_model", no_model)
+    argv = ["generate", "-i", str(requests), "-o", str(tmp_path / "a.jsonl"),
+            "--prompt-prefix", b"s=ab\xff\xfe".decode("utf-8", "surrogateescape")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == ("prefix-attn generate: error: --prompt-prefix s: the text is not UTF-8 "
+                   "(byte 0xff at character 3)\n")
+    assert not (tmp_path / "a.jsonl").exists()
