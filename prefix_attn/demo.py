@@ -291,10 +291,10 @@ def run(args) -> int:
     if problem is not None:
         print(f"prefix-attn demo: error: {problem}", file=sys.stderr)
         return 2
-    if args.model is not None and not os.path.isdir(args.model):
-        print(f"prefix-attn demo: error: model folder not found: {args.model}", file=sys.stderr)
-        return 2
     from . import tiny
+    if args.model is not None and not os.path.isdir(args.model):
+        print(f"prefix-attn demo: error: {tiny.no_model_folder(args.model)}", file=sys.stderr)
+        return 2
     progress = not getattr(args, "no_progress", False)
     torch.manual_seed(args.seed)
     base = None

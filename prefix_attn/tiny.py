@@ -255,6 +255,15 @@ class ModelFolderError(ValueError):
     command line tools report it with exit status 2)."""
 
 
+def no_model_folder(model_dir: str) -> str:
+    """What to say of a ``--model`` that is no folder: missing, or a file (a weights file, a
+    config.json) given instead of the folder holding it."""
+    if os.path.exists(model_dir):
+        return (f"--model {model_dir} is a file, not a model folder: give the folder holding "
+                f"config.json, the weights and the tokenizer files")
+    return f"model folder not found: {model_dir}"
+
+
 def load_model_folder(model_dir: str, dtype: Optional[torch.dtype] = None):
     """``AutoModelForCausalLM`` of the local folder ``model_dir`` with
     ``attn_implementation="prefix_attn"`` (in ``dtype``; None: transformers' default), on the
@@ -267,7 +276,7 @@ def load_model_folder(model_dir: str, dtype: Optional[torch.dtype] = None):
     from prefix_attn import hf  # registers "prefix_attn"
 
     if not os.path.isdir(model_dir):
-        raise ModelFolderError(f"model folder not found: {model_dir}")
+        raise ModelFolderError(no_model_folder(model_dir))
     kwargs = {} if dtype is None else {"dtype": dtype}
     try:
         # the config alone first: it reads only the folder, so whatever it raises is the folder's

@@ -251,7 +251,7 @@ def load_model(model_dir: Optional[str], out_dir: str, seed: int, resume: bool =
             return (*load_model(base_dir, out_dir, seed, dtype=dtype)[:3], False)
         return tiny.default_model(seed=seed), tiny.ByteTokenizer(), base_dir, True
     if not os.path.isdir(model_dir):
-        raise TrainError(f"model folder not found: {model_dir}")
+        raise TrainError(tiny.no_model_folder(model_dir))
     try:  # first: a folder without its tokenizer is refused before the model loads
         tokenizer = tiny.load_tokenizer(model_dir)
         model = tiny.load_model_folder(model_dir, dtype=dtype)

@@ -22,3 +22,19 @@ def test_prompt_prefix_text_that_is_not_utf8_is_named(tmp_path, monkeypatch, cap
     assert err == ("prefix-attn generate: error: --prompt-prefix s: the text is not UTF-8 "
                    "(byte 0xff at character 3)\n")
     assert not (tmp_path / "a.jsonl").exists()
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("command", [["train", "DATA", "-o", "OUT"], ["generate", "-i", "DATA", "-o", "OUT"],
+                                     ["demo", "--skip-check", "--skip-bench"]])
+def test_a_file_given_as_model_folder_is_called_a_file(command, tmp_path, capsys):
+    """--model model.safetensors (a file where the folder belongs) was "model folder not
+    found", as if nothing were there."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "hi there"}\n' if command[0] == "train" else '{"prompt": "hi"}\n')
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"not a folder")
+    argv = [str(data) if a == "DATA" else str(tmp_path / "out") if a == "OUT" else a for a in command]
+    assert cli.main([*argv, "--model", str(weights), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--model {weights} is a file, not a model folder" in err
