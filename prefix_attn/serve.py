@@ -95,7 +95,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="DIR",
                    help="local HF model folder (default: the built-in tiny model, random weights)")
-    p.add_argument("--bank", default=None, metavar="DIR", help="a folder written by PrefixBank.save")
+    p.add_argument("--bank", default=None, metavar="DIR",
+                   help="a folder written by PrefixBank.save: its entries are prefixes (default: none)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="a PEFT prefix-tuning adapter folder, served as prefix NAME (repeatable)")
     p.add_argument("--prompt-prefix", action="append", default=[], metavar="NAME=TEXT",
@@ -106,16 +107,16 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", "-i", required=True, metavar="FILE", help="JSONL requests file ('-' = stdin)")
     p.add_argument("--output", "-o", required=True, metavar="FILE",
                    help="JSONL results file ('-' = stdout); written whole at the end, folders created")
-    p.add_argument("--batch-size", type=cli_args.int_at_least(1), default=8,
+    p.add_argument("--batch-size", type=cli_args.int_at_least(1), default=8, metavar="N",
                    help="requests per model.generate call")
-    p.add_argument("--max-new-tokens", type=cli_args.int_at_least(1), default=32,
+    p.add_argument("--max-new-tokens", type=cli_args.int_at_least(1), default=32, metavar="N",
                    help="tokens generated per request at most")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=cli_args.float_where(lambda t: t > 0, "> 0"), default=1.0,
-                   help="sampling temperature (with --do-sample)")
+                   metavar="T", help="sampling temperature (with --do-sample)")
     p.add_argument("--top-p", type=cli_args.float_where(lambda t: 0 < t <= 1, "in (0, 1]"), default=1.0,
-                   help="nucleus sampling mass (with --do-sample)")
-    p.add_argument("--num-beams", type=cli_args.int_at_least(1), default=1,
+                   metavar="P", help="nucleus sampling mass (with --do-sample)")
+    p.add_argument("--num-beams", type=cli_args.int_at_least(1), default=1, metavar="N",
                    help="beam search width (1 = no beam search)")
     p.add_argument("--seed", type=cli_args.seed, default=0, help="torch seed (sampling), -2**63 to 2**63 - 1")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")

@@ -1,0 +1,40 @@
+"""README's "Command line" section and the parser agree: every option of every command is
+documented there, and every option documented there exists."""
+import argparse
+import os
+import re
+
+from prefix_attn.cli import build_parser
+
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+
+
+def _section() -> str:
+    text = open(README, encoding="utf-8").read()
+    start = text.index("### Command line")
+    return text[start:text.index("\n## ", start)]
+
+
+def _options():
+    """{command: [long option]} of the `prefix-attn` parser."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: [s for a in p._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
+            for name, p in sub.choices.items()}
+
+
+def test_every_option_is_in_the_command_line_section():
+    """README named about half of the options (train's --lr, --output, --name, --weight-decay,
+    --gradient-checkpointing, generate's --temperature, --top-p, demo's --steps, ... were
+    missing)."""
+    section = _section()
+    missing = {c: [o for o in opts if not re.search(re.escape(o) + r"(?![\w-])", section)]
+               for c, opts in _options().items()}
+    assert {c: m for c, m in missing.items() if m} == {}
+    for command in _options():
+        assert f"prefix-attn {command}" in section
+
+
+def test_every_option_in_the_command_line_section_exists():
+    known = {o for opts in _options().values() for o in opts} | {"--version", "--help"}
+    assert sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", _section())) - known) == []
