@@ -1,19 +1,6 @@
 """prefix_attn: fused attention kernels for prefix tuning and shared-prefix serving."""
-from .api import prefix_attention
-from .backends import available_backends, load_backends
-from .reference import prefix_attention_ref
-
-# Backends register their ops now (not lazily inside a call) so that torch.compile never
-# traces an import. Optional backends that fail to load are listed by backends.load_errors().
-load_backends()
-
-# Hugging Face integration: importing hf registers attn_implementation "prefix_attn" when
-# transformers is installed (and does nothing otherwise).
-from . import hf as _hf  # noqa: E402,F401
-from .bank import PrefixBank, PrefixSelection  # noqa: E402
-from .tuning import (enable_checkpointing, from_peft, get_nb_trainable_parameters,  # noqa: E402
-                     prefix_tuning, print_trainable_parameters, trainable_parameters, unload)
-from .checkpoint import load_prefixes  # noqa: E402
+import os as _os
+import sys as _sys
 
 __version__ = "0.1.0"
 
@@ -22,3 +9,51 @@ __all__ = ["prefix_attention", "prefix_attention_ref", "available_backends", "Pr
            "get_nb_trainable_parameters", "print_trainable_parameters", "enable_checkpointing",
            "unload", "load_prefixes",
            "__version__"]
+
+
+def _load() -> None:
+    """Everything ``import prefix_attn`` does (done by the import itself, except in the
+    ``prefix-attn`` command, whose ``main`` calls this once its arguments are parsed)."""
+    global _loaded
+    if _loaded:
+        return
+    from .api import prefix_attention
+    from .backends import available_backends, load_backends
+    from .reference import prefix_attention_ref
+
+    # Backends register their ops now (not lazily inside a call) so that torch.compile never
+    # traces an import. Optional backends that fail to load are listed by backends.load_errors().
+    load_backends()
+
+    # Hugging Face integration: importing hf registers attn_implementation "prefix_attn" when
+    # transformers is installed (and does nothing otherwise).
+    from . import hf as _hf  # noqa: F401
+    from .bank import PrefixBank, PrefixSelection
+    from .tuning import (enable_checkpointing, from_peft, get_nb_trainable_parameters, prefix_tuning,
+                         print_trainable_parameters, trainable_parameters, unload)
+    from .checkpoint import load_prefixes  # noqa: I100 (the order of the imports as it was)
+
+    globals().update(locals())  # the names the eager import always had
+    _loaded = True
+
+
+def _is_the_command() -> bool:
+    """Whether this process is the ``prefix-attn`` console script (the file pip writes for the
+    entry point runs as ``__main__``). Its ``--help`` and usage errors then answer without
+    torch and transformers (seconds of imports); ``prefix_attn.cli.main`` loads them after
+    parsing. Any other import of the package (``python -m prefix_attn.cli`` included) loads
+    everything at once, as it always did."""
+    main = _sys.modules.get("__main__")
+    return _os.path.basename(getattr(main, "__file__", None) or "") in ("prefix-attn", "prefix-attn-script.py")
+
+
+_loaded = False
+if _is_the_command():
+    def __getattr__(name: str):
+        """The public names of a package imported by the command before :func:`_load`."""
+        if name in __all__ or name == "load_backends":
+            _load()
+            return globals()[name]
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+else:
+    _load()

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import torch
 
-from . import cli_args
+from . import cli_args, cli_parsers
 from .api import prefix_attention
 from .backends import available_backends, get_backend, load_errors
 from .reference import prefix_attention_ref
@@ -105,15 +105,7 @@ def format_table(rows: List[dict]) -> str:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("check", help="check every available backend against the reference",
-                              description=__doc__, formatter_class=cli_args.HelpFormatter)
-    p.add_argument("--backend", action="append", metavar="NAME",
-                   help="only this backend: triton, cuda, cpu or torch (repeatable; default: every available one)")
-    p.add_argument("--dtype", action="append", choices=list(DTYPES),
-                   help="only this dtype (repeatable; default: all three)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: each backend's own)")
-    p.set_defaults(func=run)
-    return p
+    return cli_parsers.add_parser(subparsers, "check", run)
 
 
 def _usage_error(args) -> Optional[str]:

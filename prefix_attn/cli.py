@@ -3,32 +3,51 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import signal
 import sys
 from typing import List, Optional
 
-# subcommand modules; each has add_parser(subparsers) -> parser with `func` set. A module that
-# is missing is left out of the menu; any other import error is raised.
+# The parser is built from prefix_attn.cli_parsers, which imports neither torch nor
+# transformers: --help and usage errors answer at once. The package (when this process is the
+# console script, see prefix_attn._is_the_command) and the command's module load once the
+# arguments are parsed. A command whose module is missing is left out of the menu.
 # optional packages a subcommand may need -> the extra of setup.py that installs them
 _EXTRAS = {"transformers": "hf", "triton": "triton", "matplotlib": "bench"}
-_SUBCOMMANDS = ("prefix_attn.check", "prefix_attn.demo", "prefix_attn.train", "prefix_attn.serve")
+
+
+class _Version(argparse.Action):
+    """--version: the versions line (:func:`prefix_attn.cli_args.versions`, which imports torch),
+    computed only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from prefix_attn.cli_args import versions
+
+        _load_package()
+        print(versions())  # one line, never wrapped at the terminal's width
+        parser.exit()
+
+
+def _load_package() -> None:
+    import prefix_attn
+
+    prefix_attn._load()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from prefix_attn.cli_args import versions
+    from prefix_attn import cli_parsers
 
-    # raw text: the versions stay one line (argparse wraps them at the terminal's width otherwise)
     parser = argparse.ArgumentParser(prog="prefix-attn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=versions(),
+    parser.add_argument("--version", action=_Version,
                         help="print the versions of this package, torch and the optional packages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _SUBCOMMANDS:
-        try:
-            importlib.import_module(name).add_parser(sub)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
+    for name, (module, _, _) in cli_parsers.COMMANDS.items():
+        if importlib.util.find_spec(module) is not None:
+            cli_parsers.add_parser(sub, name)
     return parser
 
 
@@ -39,6 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        _load_package()  # what `import prefix_attn` does, if not done yet (the console script)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:  # train and generate stop on their own terms; the others here
         print(f"prefix-attn {args.command}: stopped: SIGINT", file=sys.stderr)

@@ -2,7 +2,8 @@
 description as written, each meaningful default shown), number parsers that refuse values
 out of range at parse time (argparse's usage error, exit status 2), switching
 transformers' own progress bars off with ``--no-progress``, and the versions line of
-``--version`` and ``check``."""
+``--version`` and ``check``. Importing it imports neither torch nor transformers (the
+parsers run before them: see :mod:`prefix_attn.cli_parsers`)."""
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,6 @@ import math
 import platform
 from importlib import metadata
 from typing import Callable, Optional
-
-import torch
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -82,6 +81,8 @@ def transformers_progress(enabled: bool):
 
 def device_problem(name: str):
     """(torch.device, None) for a usable ``--device``, else (None, what is wrong with it)."""
+    import torch  # here: the parsers of this module are used before torch loads
+
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):  # torch's message lists every device type it knows
@@ -139,6 +140,8 @@ def versions() -> str:
             return metadata.version(dist)
         except metadata.PackageNotFoundError:
             return "-"
+
+    import torch
 
     from prefix_attn import __version__
     from prefix_attn.hf.support import MIN_TRANSFORMERS, transformers_too_old

@@ -22,7 +22,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from . import cli_args
+from . import cli_args, cli_parsers
 
 TASKS = {
     "poet": "roses are red, violets are blue, sugar is sweet, and so are you. ",
@@ -263,25 +263,7 @@ def benchmark(device: str, reps: int = 5, progress: bool = True) -> List[dict]:
 
 # -- CLI -------------------------------------------------------------------------------
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("demo", help="the whole story in a few minutes: check, train, serve, benchmark",
-                              description=__doc__, formatter_class=cli_args.HelpFormatter)
-    p.add_argument("--model", default=None, metavar="DIR",
-                   help="a local HF causal LM folder (omit for the built-in tiny model)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    positive = cli_args.int_at_least(1)
-    p.add_argument("--steps", type=positive, default=150,
-                   help="most prefix-tuning steps (stops early once the loss has halved)")
-    p.add_argument("--pretrain-steps", type=positive, default=150,
-                   help="steps of training the tiny base (ignored with --model)")
-    p.add_argument("--virtual-tokens", type=positive, default=16, help="prefix length of each task")
-    p.add_argument("--seed", type=cli_args.seed, default=0,
-                   help="seed of the data, the base and the prefixes, -2**63 to 2**63 - 1")
-    p.add_argument("--skip-check", action="store_true", help="skip the backend check (section 1)")
-    p.add_argument("--skip-bench", action="store_true", help="skip the benchmarks (section 4)")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress bars (ours and transformers' own, on standard error)")
-    p.set_defaults(func=run)
-    return p
+    return cli_parsers.add_parser(subparsers, "demo", run)
 
 
 def run(args) -> int:

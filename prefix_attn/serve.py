@@ -69,7 +69,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import atomic, chat as chat_template, cli_args, serve_batching, tiny
+from . import atomic, chat as chat_template, cli_args, cli_parsers, serve_batching, tiny
 from .backends import check_env_backend
 from .train_state import Interrupted, StopSignals
 from .serve_inputs import (Request, RequestError, Source, check_prefix_names, prefix_sources,
@@ -85,43 +85,11 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``generate`` subcommand to an ``argparse`` subparsers object."""
-    p = subparsers.add_parser("generate", help="answer a JSONL file of requests with per-row prefixes",
-                              description=__doc__, formatter_class=cli_args.HelpFormatter)
-    _add_arguments(p)
-    p.set_defaults(func=run)
-    return p
+    return cli_parsers.add_parser(subparsers, "generate", run)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, metavar="DIR",
-                   help="local HF model folder (default: the built-in tiny model, random weights)")
-    p.add_argument("--bank", default=None, metavar="DIR",
-                   help="a folder written by PrefixBank.save: its entries are prefixes (default: none)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                   help="a PEFT prefix-tuning adapter folder, served as prefix NAME (repeatable)")
-    p.add_argument("--prompt-prefix", action="append", default=[], metavar="NAME=TEXT",
-                   help="a shared prompt whose KV is computed once and served as prefix NAME (repeatable)")
-    p.add_argument("--chat", action="store_true",
-                   help="render with the tokenizer's chat template: a --prompt-prefix is the system "
-                        "message, a request's prompt (or \"messages\") the user turn(s)")
-    p.add_argument("--input", "-i", required=True, metavar="FILE", help="JSONL requests file ('-' = stdin)")
-    p.add_argument("--output", "-o", required=True, metavar="FILE",
-                   help="JSONL results file ('-' = stdout); written whole at the end, folders created")
-    p.add_argument("--batch-size", type=cli_args.int_at_least(1), default=8, metavar="N",
-                   help="requests per model.generate call")
-    p.add_argument("--max-new-tokens", type=cli_args.int_at_least(1), default=32, metavar="N",
-                   help="tokens generated per request at most")
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=cli_args.float_where(lambda t: t > 0, "> 0"), default=1.0,
-                   metavar="T", help="sampling temperature (with --do-sample)")
-    p.add_argument("--top-p", type=cli_args.float_where(lambda t: 0 < t <= 1, "in (0, 1]"), default=1.0,
-                   metavar="P", help="nucleus sampling mass (with --do-sample)")
-    p.add_argument("--num-beams", type=cli_args.int_at_least(1), default=1, metavar="N",
-                   help="beam search width (1 = no beam search)")
-    p.add_argument("--seed", type=cli_args.seed, default=0, help="torch seed (sampling), -2**63 to 2**63 - 1")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model and prefix dtype")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    cli_parsers.generate_arguments(p)
 
 
 def _check_device(name: str) -> torch.device:

@@ -49,7 +49,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import atomic, cli_args, jsonl, tiny, train_chat
+from . import atomic, cli_args, cli_parsers, jsonl, tiny, train_chat
 from .backends import check_env_backend
 from .train_state import (BASE_MODEL, LOG, PROG, Interrupted, StopSignals, TrainError, TrainingFailed, append_log,
                           check_output_folder, check_same_settings, create_output_folder,
@@ -57,7 +57,7 @@ from .train_state import (BASE_MODEL, LOG, PROG, Interrupted, StopSignals, Train
 
 CHECKPOINT = "checkpoint.pt"
 ADAPTER = "adapter"
-DEFAULT_MAX_LENGTH = 256
+DEFAULT_MAX_LENGTH = cli_parsers.DEFAULT_MAX_LENGTH
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype: the frozen base's
 
 
@@ -327,73 +327,10 @@ def train_step(model, opt, batch, pad_id: int, name: str, pack: bool,
 # the command
 # --------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    positive, count = cli_args.int_at_least(1), cli_args.int_at_least(0)
-    p.add_argument("data", help="training data: .jsonl/.json ({'text'} or {'prompt','completion'} "
-                                "per line, or a .json array of them) or plain text, one example a line")
-    p.add_argument("--output", "-o", required=True, metavar="DIR",
-                   help="output folder (checkpoint, log, adapter, base model)")
-    p.add_argument("--model", default=None, metavar="DIR",
-                   help="local HF model folder (default: the built-in tiny Llama, saved to DIR/base_model)")
-    p.add_argument("--eval-data", default=None, metavar="FILE",
-                   help="held-out file (default: --eval-fraction of data)")
-    p.add_argument("--eval-fraction", type=cli_args.float_where(lambda f: 0 <= f < 1, "in [0, 1)"), default=0.1,
-                   metavar="F", help="share of the data held out for the eval loss, without --eval-data "
-                                     "(none with --eval-every 0: every example trains)")
-    p.add_argument("--name", type=_prefix_name, default="default", help="prefix name (the bank entry)")
-    p.add_argument("--num-virtual-tokens", type=positive, default=20, metavar="P",
-                   help="prefix length P (positions the text may use: the model's less P)")
-    p.add_argument("--projection-hidden-size", type=positive, default=None, metavar="N",
-                   help="train through an MLP of this width (folded into K/V at save; default: none)")
-    p.add_argument("--epochs", type=positive, default=None, metavar="N",
-                   help="passes over the training data (default: 1; ignored with --max-steps)")
-    p.add_argument("--max-steps", type=positive, default=None, metavar="N",
-                   help="the number of steps in total, as in HF Trainer: it overrides --epochs, the data "
-                        "is cycled in further epochs as needed (default: --epochs' worth)")
-    p.add_argument("--batch-size", type=positive, default=8, metavar="N", help="examples per step")
-    p.add_argument("--lr", type=cli_args.float_where(lambda v: 0 < v <= 1e6, "in (0, 1e6]"), default=1e-2,
-                   help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=cli_args.float_where(lambda v: v >= 0, ">= 0"), default=0.0, metavar="WD",
-                   help="AdamW weight decay")
-    p.add_argument("--max-length", type=cli_args.int_at_least(2), default=None, metavar="N",
-                   help=f"tokens per example, longer ones cut (default: {DEFAULT_MAX_LENGTH}; at most the "
-                        f"model's positions less --num-virtual-tokens: lowered to fit, with a note when N was given)")
-    p.add_argument("--eval-every", type=count, default=50, metavar="N",
-                   help="eval loss every N steps and at the end (0: no eval): with 0 no data is held out")
-    p.add_argument("--save-every", type=count, default=50, metavar="N",
-                   help="checkpoint every N steps (0: only at the end and when stopped by a signal)")
-    p.add_argument("--seed", type=cli_args.seed, default=0,
-                   help="seeds the batch order, the eval split, the prefix initialisation and, without "
-                        "--model, the built-in random base model (then pass `--model OUTPUT/base_model` "
-                        "to prefix-attn generate); -2**63 to 2**63 - 1")
-    p.add_argument("--device", default=None,
-                   help="torch device: cpu, cuda, cuda:1, ... (default: cpu, with a note when CUDA is available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                   help="dtype of the frozen base model; the prefix is trained in float32 whatever it is "
-                        "(bfloat16: half the base's memory; no float16: it would need loss scaling)")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in the backward pass (less memory, slower)")
-    p.add_argument("--pack", action="store_true",
-                   help="pack each batch into one row without padding (same loss, no padded tokens)")
-    p.add_argument("--chat", action="store_true",
-                   help="render each example with the tokenizer's chat template, as generate --chat does "
-                        "(.jsonl/.json: {'prompt','completion'} is [user, assistant]; or {'messages'} ending "
-                        "in the assistant message learnt); the loss is on that assistant turn only")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUTPUT/checkpoint.pt (same settings; --max-steps/--epochs may grow)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
+    return cli_parsers.train_arguments(p)
 
 
-def _prefix_name(text: str) -> str:
-    """An argparse ``type``: a prefix name (not empty, not only blanks, no "=": ``prefix-attn
-    generate --adapter NAME=DIR`` could not serve it)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"the prefix name must not be empty, got {text!r}")
-    if "=" in text:
-        raise argparse.ArgumentTypeError(
-            f"the prefix name {text!r} holds '=': `prefix-attn generate --adapter NAME=DIR` "
-            "splits at the first '=' and could not serve it; use another character")
-    return text
+_prefix_name = cli_parsers.prefix_name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -403,11 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``train`` subcommand (``func`` set) to the ``prefix-attn`` parser."""
-    p = subparsers.add_parser("train", help="prefix-tune a model on a text/JSONL file",
-                              description=__doc__, formatter_class=cli_args.HelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)
-    return p
+    return cli_parsers.add_parser(subparsers, "train", run)
 
 
 def _check_takes_a_bank(model, folder) -> None:

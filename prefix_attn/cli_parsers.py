@@ -1,0 +1,199 @@
+"""The arguments of every ``prefix-attn`` subcommand, defined without importing torch or
+transformers, so that ``prefix-attn --help``, ``prefix-attn COMMAND --help`` and usage errors
+answer at once: :func:`prefix_attn.cli.main` loads the package and the command's module
+after the arguments are parsed. Each command's module keeps its ``add_parser`` (these
+arguments with its own ``run``)."""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import importlib.util
+import sys
+from typing import Callable, Optional
+
+from . import cli_args
+
+DEFAULT_MAX_LENGTH = 256  # train's --max-length
+# the names of the dtypes each command takes (its module maps them to torch dtypes)
+TRAIN_DTYPES = ("float32", "bfloat16")
+GENERATE_DTYPES = ("float32", "float16", "bfloat16")
+CHECK_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def module_doc(name: str) -> Optional[str]:
+    """The docstring of module ``name`` (a command's description), read from its source
+    without importing it (torch and transformers would come with it)."""
+    if name in sys.modules:
+        return sys.modules[name].__doc__
+    try:
+        spec = importlib.util.find_spec(name)
+        with open(spec.origin, encoding="utf-8") as f:
+            return ast.get_docstring(ast.parse(f.read()), clean=False)
+    except (AttributeError, OSError, SyntaxError, TypeError, ValueError):  # no source (a .pyc only)
+        return importlib.import_module(name).__doc__
+
+
+class LazyRun:
+    """``func`` of a command parsed before its module is imported: ``module.run(args)``,
+    looked up when called."""
+
+    def __init__(self, module: str):
+        self.module = module
+
+    def __call__(self, args: argparse.Namespace):
+        return importlib.import_module(self.module).run(args)
+
+
+def check_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``prefix-attn check`` (:mod:`prefix_attn.check`)."""
+    p.add_argument("--backend", action="append", metavar="NAME",
+                   help="only this backend: triton, cuda, cpu or torch (repeatable; default: every available one)")
+    p.add_argument("--dtype", action="append", choices=list(CHECK_DTYPES),
+                   help="only this dtype (repeatable; default: all three)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: each backend's own)")
+
+
+def demo_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``prefix-attn demo`` (:mod:`prefix_attn.demo`)."""
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="a local HF causal LM folder (omit for the built-in tiny model)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    positive = cli_args.int_at_least(1)
+    p.add_argument("--steps", type=positive, default=150,
+                   help="most prefix-tuning steps (stops early once the loss has halved)")
+    p.add_argument("--pretrain-steps", type=positive, default=150,
+                   help="steps of training the tiny base (ignored with --model)")
+    p.add_argument("--virtual-tokens", type=positive, default=16, help="prefix length of each task")
+    p.add_argument("--seed", type=cli_args.seed, default=0,
+                   help="seed of the data, the base and the prefixes, -2**63 to 2**63 - 1")
+    p.add_argument("--skip-check", action="store_true", help="skip the backend check (section 1)")
+    p.add_argument("--skip-bench", action="store_true", help="skip the benchmarks (section 4)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (ours and transformers' own, on standard error)")
+
+
+def train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of ``prefix-attn train`` (:mod:`prefix_attn.train`)."""
+    positive, count = cli_args.int_at_least(1), cli_args.int_at_least(0)
+    p.add_argument("data", help="training data: .jsonl/.json ({'text'} or {'prompt','completion'} "
+                                "per line, or a .json array of them) or plain text, one example a line")
+    p.add_argument("--output", "-o", required=True, metavar="DIR",
+                   help="output folder (checkpoint, log, adapter, base model)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="local HF model folder (default: the built-in tiny Llama, saved to DIR/base_model)")
+    p.add_argument("--eval-data", default=None, metavar="FILE",
+                   help="held-out file (default: --eval-fraction of data)")
+    p.add_argument("--eval-fraction", type=cli_args.float_where(lambda f: 0 <= f < 1, "in [0, 1)"), default=0.1,
+                   metavar="F", help="share of the data held out for the eval loss, without --eval-data "
+                                     "(none with --eval-every 0: every example trains)")
+    p.add_argument("--name", type=prefix_name, default="default", help="prefix name (the bank entry)")
+    p.add_argument("--num-virtual-tokens", type=positive, default=20, metavar="P",
+                   help="prefix length P (positions the text may use: the model's less P)")
+    p.add_argument("--projection-hidden-size", type=positive, default=None, metavar="N",
+                   help="train through an MLP of this width (folded into K/V at save; default: none)")
+    p.add_argument("--epochs", type=positive, default=None, metavar="N",
+                   help="passes over the training data (default: 1; ignored with --max-steps)")
+    p.add_argument("--max-steps", type=positive, default=None, metavar="N",
+                   help="the number of steps in total, as in HF Trainer: it overrides --epochs, the data "
+                        "is cycled in further epochs as needed (default: --epochs' worth)")
+    p.add_argument("--batch-size", type=positive, default=8, metavar="N", help="examples per step")
+    p.add_argument("--lr", type=cli_args.float_where(lambda v: 0 < v <= 1e6, "in (0, 1e6]"), default=1e-2,
+                   help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=cli_args.float_where(lambda v: v >= 0, ">= 0"), default=0.0, metavar="WD",
+                   help="AdamW weight decay")
+    p.add_argument("--max-length", type=cli_args.int_at_least(2), default=None, metavar="N",
+                   help=f"tokens per example, longer ones cut (default: {DEFAULT_MAX_LENGTH}; at most the "
+                        f"model's positions less --num-virtual-tokens: lowered to fit, with a note when N was given)")
+    p.add_argument("--eval-every", type=count, default=50, metavar="N",
+                   help="eval loss every N steps and at the end (0: no eval): with 0 no data is held out")
+    p.add_argument("--save-every", type=count, default=50, metavar="N",
+                   help="checkpoint every N steps (0: only at the end and when stopped by a signal)")
+    p.add_argument("--seed", type=cli_args.seed, default=0,
+                   help="seeds the batch order, the eval split, the prefix initialisation and, without "
+                        "--model, the built-in random base model (then pass `--model OUTPUT/base_model` "
+                        "to prefix-attn generate); -2**63 to 2**63 - 1")
+    p.add_argument("--device", default=None,
+                   help="torch device: cpu, cuda, cuda:1, ... (default: cpu, with a note when CUDA is available)")
+    p.add_argument("--dtype", choices=sorted(TRAIN_DTYPES), default="float32",
+                   help="dtype of the frozen base model; the prefix is trained in float32 whatever it is "
+                        "(bfloat16: half the base's memory; no float16: it would need loss scaling)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass (less memory, slower)")
+    p.add_argument("--pack", action="store_true",
+                   help="pack each batch into one row without padding (same loss, no padded tokens)")
+    p.add_argument("--chat", action="store_true",
+                   help="render each example with the tokenizer's chat template, as generate --chat does "
+                        "(.jsonl/.json: {'prompt','completion'} is [user, assistant]; or {'messages'} ending "
+                        "in the assistant message learnt); the loss is on that assistant turn only")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT/checkpoint.pt (same settings; --max-steps/--epochs may grow)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def prefix_name(text: str) -> str:
+    """An argparse ``type``: a prefix name (not empty, not only blanks, no "=": ``prefix-attn
+    generate --adapter NAME=DIR`` could not serve it)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"the prefix name must not be empty, got {text!r}")
+    if "=" in text:
+        raise argparse.ArgumentTypeError(
+            f"the prefix name {text!r} holds '=': `prefix-attn generate --adapter NAME=DIR` "
+            "splits at the first '=' and could not serve it; use another character")
+    return text
+
+
+def generate_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``prefix-attn generate`` (:mod:`prefix_attn.serve`)."""
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="local HF model folder (default: the built-in tiny model, random weights)")
+    p.add_argument("--bank", default=None, metavar="DIR",
+                   help="a folder written by PrefixBank.save: its entries are prefixes (default: none)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="a PEFT prefix-tuning adapter folder, served as prefix NAME (repeatable)")
+    p.add_argument("--prompt-prefix", action="append", default=[], metavar="NAME=TEXT",
+                   help="a shared prompt whose KV is computed once and served as prefix NAME (repeatable)")
+    p.add_argument("--chat", action="store_true",
+                   help="render with the tokenizer's chat template: a --prompt-prefix is the system "
+                        "message, a request's prompt (or \"messages\") the user turn(s)")
+    p.add_argument("--input", "-i", required=True, metavar="FILE", help="JSONL requests file ('-' = stdin)")
+    p.add_argument("--output", "-o", required=True, metavar="FILE",
+                   help="JSONL results file ('-' = stdout); written whole at the end, folders created")
+    p.add_argument("--batch-size", type=cli_args.int_at_least(1), default=8, metavar="N",
+                   help="requests per model.generate call")
+    p.add_argument("--max-new-tokens", type=cli_args.int_at_least(1), default=32, metavar="N",
+                   help="tokens generated per request at most")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=cli_args.float_where(lambda t: t > 0, "> 0"), default=1.0,
+                   metavar="T", help="sampling temperature (with --do-sample)")
+    p.add_argument("--top-p", type=cli_args.float_where(lambda t: 0 < t <= 1, "in (0, 1]"), default=1.0,
+                   metavar="P", help="nucleus sampling mass (with --do-sample)")
+    p.add_argument("--num-beams", type=cli_args.int_at_least(1), default=1, metavar="N",
+                   help="beam search width (1 = no beam search)")
+    p.add_argument("--seed", type=cli_args.seed, default=0, help="torch seed (sampling), -2**63 to 2**63 - 1")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=sorted(GENERATE_DTYPES), default="float32", help="model and prefix dtype")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+# name -> (module running it, one-line help, its arguments)
+COMMANDS = {
+    "check": ("prefix_attn.check", "check every available backend against the reference", check_arguments),
+    "demo": ("prefix_attn.demo", "the whole story in a few minutes: check, train, serve, benchmark",
+             demo_arguments),
+    "train": ("prefix_attn.train", "prefix-tune a model on a text/JSONL file", train_arguments),
+    "generate": ("prefix_attn.serve", "answer a JSONL file of requests with per-row prefixes",
+                 generate_arguments),
+}
+
+
+def add_parser(subparsers, name: str, func: Optional[Callable] = None) -> argparse.ArgumentParser:
+    """Add command ``name`` to ``subparsers``; ``func`` (default: its module's ``run``, imported
+    when called) is set as the parsed arguments' ``func``."""
+    module, help_text, arguments = COMMANDS[name]
+    p = subparsers.add_parser(name, help=help_text, description=module_doc(module),
+                              formatter_class=cli_args.HelpFormatter)
+    arguments(p)
+    p.set_defaults(func=func if func is not None else LazyRun(module))
+    return p
