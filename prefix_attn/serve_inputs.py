@@ -163,6 +163,9 @@ def check_prefix_names(requests: List[Request], known: List[str], path: str) -> 
 
     bad = [f"{path}:{r.line}: unknown prefix {r.prefix!r}{did_you_mean(r.prefix, known)}"
            for r in requests if r.prefix is not None and r.prefix not in names]
+    if bad and not known:
+        raise refusal(f"{len(bad)} request(s) name a prefix, but no prefix was given: serve them with "
+                      "--adapter NAME=DIR, --prompt-prefix NAME=TEXT or --bank DIR", bad)
     if bad:
         raise refusal(f"{len(bad)} request(s) name an unknown prefix; known prefixes: {some_names(known)}", bad)
 

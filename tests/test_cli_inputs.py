@@ -38,3 +38,16 @@ def test_a_file_given_as_model_folder_is_called_a_file(command, tmp_path, capsys
     assert cli.main([*argv, "--model", str(weights), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--model {weights} is a file, not a model folder" in err
+
+
+def test_requests_naming_prefixes_when_none_is_given_say_how_to_give_them(tmp_path, monkeypatch, capsys):
+    """Requests with a "prefix" and no --adapter / --prompt-prefix / --bank said "known
+    prefixes: []"."""
+    requests = tmp_path / "r.jsonl"
+    requests.write_text('{"prompt": "hi", "prefix": "support"}\n')
+    monkeypatch.setattr(serve, "_load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    assert cli.main(["generate", "-i", str(requests), "-o", str(tmp_path / "a.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prefix-attn generate: error: 1 request(s) name a prefix, but no prefix was "
+                          "given: serve them with --adapter NAME=DIR, --prompt-prefix NAME=TEXT or --bank DIR")
+    assert "r.jsonl:1: unknown prefix 'support'" in err and "[]" not in err
