@@ -357,8 +357,9 @@ def _check_takes_a_bank(model, folder) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train as ``args`` says. Returns 0; 2 on a user error (message on stderr, nothing
     written); 1 when the loss stops being finite (the step named, nothing of it saved); 130 / 143 when SIGINT / SIGTERM stopped it (a checkpoint of the last step saved)."""
+    signals = StopSignals()
     try:
-        with cli_args.transformers_progress(enabled=not args.no_progress), StopSignals() as signals:
+        with cli_args.transformers_progress(enabled=not args.no_progress), signals:
             return _train(args, signals)
     except TrainError as exc:
         warn("error", str(exc))
@@ -369,6 +370,27 @@ def run(args: argparse.Namespace) -> int:
     except Interrupted as stop:
         warn("stopped", f"{signal.Signals(stop.signum).name}: {stop.note}")
         return 128 + stop.signum
+    except Exception as exc:  # out of memory while the run was set up (the steps say theirs)
+        reason = out_of_memory(exc)
+        if reason is None:
+            raise
+        warn("error", f"out of memory while setting up the run ({reason}); {signals.note}; lower "
+                      "--projection-hidden-size or --num-virtual-tokens, or use --dtype bfloat16")
+        return 1
+
+
+def out_of_memory(exc: BaseException) -> Optional[str]:
+    """What an out-of-memory error says (CUDA's, or the CPU allocator's RuntimeError), shortened
+    to a line; None for any other error."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    text = str(exc).strip()
+    if not (isinstance(exc, (oom, MemoryError))
+            or (isinstance(exc, RuntimeError) and "can't allocate memory" in text)):
+        return None
+    line = (text.splitlines() or [type(exc).__name__])[0]
+    line = line[line.find("DefaultCPUAllocator: ") + len("DefaultCPUAllocator: "):] \
+        if "DefaultCPUAllocator: " in line else line
+    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def _train(args: argparse.Namespace, signals: StopSignals) -> int:
@@ -489,6 +511,7 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     signals.deferred = True  # a signal now stops after the current step, with a checkpoint of it
     try:
         while step < total:
+            running = step + 1  # the step in progress, for an out-of-memory error
             epoch, index = divmod(step, steps_per_epoch)
             batch = [data[i] for i in batch_order(len(data), args.batch_size, args.seed, epoch)[index]]
             loss_value, n_tokens = train_step(model, opt, batch, pad_id, args.name, args.pack, device)
@@ -513,6 +536,13 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
                 save_checkpoint()
             if signals.received:
                 raise Interrupted(signals.received, signals.note)
+    except Exception as exc:
+        reason = out_of_memory(exc)
+        if reason is None:
+            raise
+        raise TrainingFailed(f"step {running}: out of memory ({reason}); stopped without saving this "
+                             f"step ({kept()}); lower --batch-size or --max-length, or add "
+                             "--gradient-checkpointing (or --dtype bfloat16)") from None
     finally:
         signals.deferred = False
         bar.close()

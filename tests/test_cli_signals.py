@@ -68,3 +68,48 @@ def test_ctrl_c_in_demo_and_check_is_a_clean_stop(command, monkeypatch, capsys):
     monkeypatch.setattr(module, "run", interrupted)
     assert cli.main([command]) == 130
     assert capsys.readouterr().err == f"prefix-attn {command}: stopped: SIGINT\n"
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("error", [
+    "cuda",  # torch.OutOfMemoryError: a batch too large for the GPU
+    "cpu",   # the CPU allocator's RuntimeError
+])
+def test_train_out_of_memory_is_one_line_naming_what_was_kept(error, tmp_path, monkeypatch, capsys):
+    """Running out of memory (a --batch-size or --projection-hidden-size too large) ended train
+    in a traceback, not saying that the checkpoint of the last saved step was kept."""
+    import torch
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"example {i}"}) + "\n" for i in range(8)))
+    real, calls = train.train_step, []
+
+    def step_then_oom(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            if error == "cuda":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; "
+                                             "79.11 GiB total capacity)")
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                               "allocate memory: you tried to allocate 12800000000000 bytes. Error code 12")
+        return real(*a, **k)
+    monkeypatch.setattr(train, "train_step", step_then_oom)
+    out = tmp_path / "run"
+    rc = cli.main(["train", str(data), "-o", str(out), "--max-steps", "5", "--save-every", "1",
+                   "--num-virtual-tokens", "2", "--eval-every", "0", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and len(err.splitlines()) == 1
+    assert err.startswith("prefix-attn train: error: step 3: out of memory (")
+    assert "the checkpoint of step 2 in" in err and "--batch-size" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(tmp_path, monkeypatch):
+    data = tmp_path / "data.txt"
+    data.write_text("one line\nanother\n")
+
+    def broken(*a, **k):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(train, "train_step", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["train", str(data), "-o", str(tmp_path / "run"), "--num-virtual-tokens", "2", "--no-progress"])
