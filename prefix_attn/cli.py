@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import signal
 import sys
 from typing import List, Optional
@@ -29,6 +30,14 @@ class _Version(argparse.Action):
         _load_package()
         print(versions())  # one line, never wrapped at the terminal's width
         parser.exit()
+
+
+def _silence_stdout() -> None:
+    """Standard output's reader is gone: nothing more may go there, not even the flush at
+    Python's exit (another BrokenPipeError, printed as "Exception ignored")."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
 
 
 def _load_package() -> None:
@@ -63,6 +72,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:  # train and generate stop on their own terms; the others here
         print(f"prefix-attn {args.command}: stopped: SIGINT", file=sys.stderr)
         return 128 + signal.SIGINT
+    except BrokenPipeError:  # standard output closed by its reader (`| head`): a quiet stop
+        _silence_stdout()
+        return 128 + signal.SIGPIPE
     except ModuleNotFoundError as exc:
         top = (exc.name or "").split(".")[0]
         extra = _EXTRAS.get(top)

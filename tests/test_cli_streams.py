@@ -63,3 +63,20 @@ def test_demo_and_check_help_say_what_they_do(capsys):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
         assert words in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["check", "--backend", "torch", "--dtype", "float32"],
+                                  ["demo", "--skip-check", "--skip-bench", "--steps", "2",
+                                   "--pretrain-steps", "2", "--no-progress"]])
+def test_a_reader_closing_standard_output_stops_the_command_quietly(argv):
+    """`prefix-attn check | head -1` (or demo, or train's result line) ended in a BrokenPipeError
+    traceback with exit status 1; generate already stopped quietly with 141."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "prefix_attn.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err
