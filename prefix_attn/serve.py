@@ -278,16 +278,24 @@ class _Output:
     @property
     def finished(self) -> int:
         """Results finished: written or held."""
-        return self.count + len(self._held)
+        return self.count + len(self._waiting())
+
+    def _waiting(self) -> List[int]:
+        """The indices held and not written yet, in order. Until save_partial the lines written
+        are requests 0 .. count - 1 (no gap), so a result is written once ``count`` is past its
+        index, whether or not it is still in ``_held``: a signal (Interrupted is raised wherever
+        the main thread is) landing between a result's write and its removal from ``_held``
+        neither writes it twice nor counts it twice."""
+        return sorted(i for i in self._held if i >= self.count)
 
     def put(self, index: int, obj: dict) -> None:
         """The result of request ``index`` (0-based, in file order; each index once): written
         now if every earlier request's is, else held until they are."""
         self._held[index] = obj
         while self.count in self._held:  # count: the next index (no gap before save_partial)
-            index = self.count
-            self.write(self._held[index])
-            del self._held[index]
+            self.write(self._held[self.count])  # count moves past it: written
+        for written in [i for i in self._held if i < self.count]:
+            del self._held[written]
 
     def write(self, obj: dict) -> None:
         try:
@@ -306,9 +314,10 @@ class _Output:
         """After an interruption: the finished results go to ``PATH.partial`` (never to the
         output itself, which a pipeline would take for complete), in file order, those held
         for an unfinished earlier request included; returns what was kept."""
-        done = f"{self.finished} of {total} requests were finished"
+        waiting = self._waiting()
+        done = f"{self.count + len(waiting)} of {total} requests were finished"
         try:
-            for index in sorted(self._held):
+            for index in waiting:
                 self.write(self._held.pop(index))
         except OutputClosed:  # standard output's reader is gone
             _silence_stdout()

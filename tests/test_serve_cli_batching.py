@@ -236,3 +236,29 @@ def test_out_of_memory_class_on_a_torch_without_torch_out_of_memory_error(monkey
     finally:
         monkeypatch.undo()
         importlib.reload(serve_batching)
+
+
+def test_a_stop_right_after_a_held_answer_is_written_keeps_it_once(tmp_path, monkeypatch, capsys):
+    """SIGINT raises Interrupted wherever the main thread is: here just after the line of a
+    request whose answer was held (line 3, finished in the batch of lines 1 and 3) was written,
+    before _Output.put had dropped it from the held ones. OUTPUT.partial had it twice and the
+    note counted 5 of 5 requests finished (line 5 never ran)."""
+    import signal
+
+    from prefix_attn.train_state import Interrupted
+
+    f = _write(tmp_path / "r.jsonl", [{"prompt": p} for p in ["b", "long one", "c", "longer one", "d"]])
+    out = tmp_path / "o.jsonl"
+    write, written = serve._Output.write, []
+
+    def write_then_stop(self, obj):
+        write(self, obj)
+        written.append(obj["id"])
+        if written == [1, 2, 3]:  # once: the line of line 3, the last of its batch
+            raise Interrupted(signal.SIGINT, "")
+
+    monkeypatch.setattr(serve._Output, "write", write_then_stop)
+    assert serve.main(["-i", f, "-o", str(out), "--batch-size", "2", "--max-new-tokens", "2",
+                       "--no-progress"]) == 130
+    assert "4 of 5 requests were finished" in capsys.readouterr().err
+    assert [r["id"] for r in _results(str(out) + ".partial")] == [1, 2, 3, 4]
