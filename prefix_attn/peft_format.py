@@ -220,7 +220,8 @@ def write_peft_adapter(
     """Write ``kv`` ``[L, 2, Hkv, P, D]`` as a PEFT prefix-tuning adapter loadable by
     ``peft.PeftModel.from_pretrained`` (inference mode, no projection; ``task_type``: see
     :func:`task_type_of`), with a ``README.md`` model card (:func:`model_card`) unless the
-    folder holds one already (yours is kept as it is). The files are written as one change
+    folder holds one of yours already (kept as it is; the card an earlier save wrote is
+    replaced, as it describes that adapter). The files are written as one change
     (``atomic.write_files``): a failure puts back what was there.
     """
     from safetensors.torch import save as st_save
@@ -252,11 +253,24 @@ def write_peft_adapter(
     # both files as one change: a failed write (a full disk) leaves an adapter there before
     # as it was (not its config beside the new weights) and makes no folder
     files = {}  # moved in in this order: the config last (readers do not lock)
-    if not os.path.exists(os.path.join(adapter_dir, CARD_NAME)):  # a card of the user's is kept
-        files[CARD_NAME] = model_card(config).encode("utf-8")
+    if not os.path.exists(os.path.join(adapter_dir, CARD_NAME)) or _card_unedited(adapter_dir):
+        files[CARD_NAME] = model_card(config).encode("utf-8")  # a card of the user's is kept
     files[WEIGHTS_NAME] = st_save({TENSOR_KEY: emb}, metadata={"format": "pt"})
     files[CONFIG_NAME] = (json.dumps(config, indent=2) + "\n").encode("utf-8")
     atomic.write_files(adapter_dir, files)
+
+
+def _card_unedited(adapter_dir: str) -> bool:
+    """Whether the folder's ``README.md`` is the card an earlier save wrote, unedited: the one
+    :func:`model_card` gives for the config there. It describes that adapter (its virtual
+    tokens, base model), so a save of another one replaces it; any other card is the user's."""
+    try:
+        with open(os.path.join(adapter_dir, CARD_NAME), encoding="utf-8") as f:
+            text = f.read()
+        with open(os.path.join(adapter_dir, CONFIG_NAME), encoding="utf-8") as f:
+            return text == model_card(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):  # not ours to judge: kept
+        return False
 
 
 def model_card(config: dict) -> str:

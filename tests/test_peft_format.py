@@ -465,3 +465,22 @@ def test_save_peft_writes_a_model_card_as_peft_does_and_keeps_one_there(tmp_path
     bank.save_peft("a", str(tmp_path / "ad"))
     assert (tmp_path / "ad" / "README.md").read_text() == "my card"
     peft.PeftModel.from_pretrained(_tiny_llama(), str(tmp_path / "ad"))  # loads beside a card
+
+
+def test_save_peft_replaces_the_card_it_wrote_for_another_adapter(tmp_path):
+    """A second save_peft into the folder (another prefix, here 5 then 3 virtual tokens) kept
+    the first save's card, which went on describing 5 virtual tokens beside a 3-token adapter;
+    the card it wrote is replaced, one the user edited is still kept."""
+    model = _tiny_llama()
+    bank = PrefixBank.attach(model)
+    for name, P in (("five", 5), ("three", 3)):
+        shape = (bank.num_layers, bank.num_kv_heads, P, bank.head_dim)
+        bank.add(name, torch.randn(shape), torch.randn(shape))
+    card = tmp_path / "ad" / "README.md"
+    bank.save_peft("five", str(tmp_path / "ad"))
+    assert "5 virtual tokens" in card.read_text()
+    bank.save_peft("three", str(tmp_path / "ad"))
+    assert "3 virtual tokens" in card.read_text() and "5 virtual tokens" not in card.read_text()
+    card.write_text(card.read_text() + "\nTrained on our support tickets.\n")
+    bank.save_peft("five", str(tmp_path / "ad"))
+    assert card.read_text().endswith("Trained on our support tickets.\n") and "3 virtual tokens" in card.read_text()
