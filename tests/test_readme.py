@@ -220,3 +220,15 @@ def test_coming_from_peft_names_the_common_peft_calls():
         assert hasattr(prefix_attn, name), f"'Coming from PEFT' names prefix_attn.{name}"
     for name in re.findall(r"bank\.(\w+)\(", table):
         assert hasattr(prefix_attn.PrefixBank, name), f"'Coming from PEFT' names bank.{name}"
+
+
+def test_layout_names_every_module_of_the_package():
+    """The README's layout row for prefix_attn/ names each module (serve_batching.py was left
+    out when it came)."""
+    import glob
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    row = next(line for line in readme.splitlines() if line.startswith("| `prefix_attn/` |"))
+    modules = {os.path.basename(p) for p in glob.glob(os.path.join(root, "prefix_attn", "**", "*.py"), recursive=True)}
+    assert sorted(m for m in modules - {"__init__.py", "__main__.py"} if f"`{m}`" not in row) == []
