@@ -106,6 +106,16 @@ def missing_template(tokenizer, model_dir: Optional[str], instead: str) -> Optio
             "template set (tokenizer.chat_template = ...)")
 
 
+def check_template(model_dir: Optional[str]) -> None:
+    """``generate --chat``: the tokenizer of ``--model model_dir`` has a chat template, checked
+    before the model loads (a large model is not loaded to be refused). Raises RequestError."""
+    from . import tiny
+
+    problem = missing_template(tiny.load_tokenizer(model_dir), model_dir, "serve")
+    if problem is not None:
+        raise RequestError(problem)
+
+
 class ChatTemplate:
     """The token ids of prompt prefixes (system messages) and requests under ``--chat``.
 

@@ -401,6 +401,8 @@ def _run(args: argparse.Namespace) -> int:
                            "replaced by the answers; give another -o")
     check_prefix_names(requests, [s.name for s in sources], args.input)
     chat_template.check_requests(requests, args.chat, args.input)
+    if args.chat and requests:
+        chat_template.check_template(args.model)
     warn_about_option_fields(requests)
     out = _Output(args.output)
     try:

@@ -292,3 +292,19 @@ def test_messages_without_chat_are_refused_before_the_model_loads(tmp_path, caps
     rc = main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "1 request(s) give 'messages', which needs --chat" in err and "r.jsonl:2" in err
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("model", [None, "plain"])
+def test_chat_without_a_chat_template_is_refused_before_the_model_loads(tmp_path, folders, capsys,
+                                                                         monkeypatch, model):
+    """As train --chat does: the model (a large one) was loaded first, then refused."""
+    def fail(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(serve, "_load_model", fail)
+    f = _write(tmp_path / "r.jsonl", [json.dumps({"prompt": "hi"})])
+    where = [] if model is None else ["--model", str(folders / model)]
+    rc = main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--chat", "--no-progress", *where])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("error:") == 1 and "has no chat template" in err
+    assert not (tmp_path / "o.jsonl").exists()
