@@ -46,7 +46,8 @@ with an adapter or no prefix runs [user(prompt)], with the template's default sy
 
 Requests run in batches of similar prompt length, longest first (little padding; the results
 are still written in input order). A batch that runs out of device memory is retried in
-halves, halved again as needed; only a single request that still does stops the run.
+halves, halved again as needed; only a single request that still does stops the run (an
+error naming its line, exit status 1).
 
 Everything that can be checked is checked before any generation: the request file, prefix
 names, the output path, the device, $PREFIX_ATTN_BACKEND and each request's length (prompt +
@@ -233,6 +234,10 @@ def _silence_stdout() -> None:
     os.close(null)
 
 
+class OutOfMemory(Exception):
+    """A request ran out of device memory even alone (its batch halved down to it)."""
+
+
 class OutputClosed(Exception):
     """Standard output was closed by its reader after ``count`` results."""
 
@@ -383,6 +388,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"prefix-attn generate: stopped: {signal.Signals(stop.signum).name}: {stop.note}",
               file=sys.stderr)
         return 128 + stop.signum
+    except OutOfMemory as exc:  # after the finished answers were kept (_run)
+        print(f"prefix-attn generate: error: {exc}", file=sys.stderr)
+        return 1
     except OutputClosed as closed:
         _silence_stdout()
         print(f"prefix-attn generate: stopped: standard output was closed after {closed.count} "
@@ -454,7 +462,10 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
     if args.do_sample:
         gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)
 
+    running: List[int] = []  # the batch answer runs now: the request alone when it runs out of memory
+
     def answer(batch: List[int]) -> None:  # jobs[i] answers requests[i]: put in file order
+        running[:] = batch
         ids, mask = tiny.left_pad([jobs[i].ids for i in batch], pad_id)
         with torch.no_grad():
             gen = model.generate(ids.to(device), attention_mask=mask.to(device),
@@ -470,8 +481,23 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
     try:
         for batch in serve_batching.by_length([len(j.ids) for j in jobs], args.batch_size):
             serve_batching.in_halves_on_oom(answer, batch, device, say)
+    except serve_batching.OutOfMemoryError as exc:  # only a request alone raises it
+        raise OutOfMemory(_out_of_memory(jobs[running[0]], bank, args, exc)) from None
     finally:
         bar.close()
+
+
+def _out_of_memory(job: _Job, bank, args: argparse.Namespace, exc: BaseException) -> str:
+    """What stops the run when ``job`` runs out of device memory alone: the request's line and
+    sizes, the device's message, what to lower."""
+    P = bank.entry_len(job.prefix) if job.prefix is not None else 0
+    beams = f" x {args.num_beams} beams" if args.num_beams > 1 else ""
+    lower = "--max-new-tokens or --num-beams" if args.num_beams > 1 else "--max-new-tokens"
+    dtype = ", use --dtype bfloat16" if args.dtype == "float32" else ""
+    message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return (f"{args.input}:{job.request.line}: ran out of device memory even alone ({len(job.ids)} prompt "
+            f"tokens + {P} prefix tokens + {args.max_new_tokens} new tokens{beams}): {message}; lower "
+            f"{lower}, shorten the prompt{dtype} or use a device with more memory")
 
 
 def _stop_ids(model, tokenizer) -> List[int]:

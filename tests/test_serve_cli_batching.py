@@ -184,11 +184,12 @@ def test_one_request_out_of_memory_stops_the_run_keeping_the_finished_answers(tm
     f = _write(tmp_path / "r.jsonl", [{"prompt": p} for p in prompts])
     out = tmp_path / "o.jsonl"
     _out_of_memory_when(monkeypatch, lambda lengths: 20 in lengths)  # line 2, with the start token
-    with pytest.raises(torch.OutOfMemoryError):
-        serve.main(["-i", f, "-o", str(out), "--batch-size", "2", "--max-new-tokens", "2", "--no-progress"])
+    assert serve.main(["-i", f, "-o", str(out), "--batch-size", "2", "--max-new-tokens", "2",
+                       "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "batch of 2 ran out of memory: retrying as 2 batches of 1" in err
     assert "1 of 4 requests were finished" in err
+    assert err.index("were finished") < err.index(f"error: {f}:2: ran out of device memory even alone")
     assert not out.exists()
     assert [r["prompt"] for r in _results(str(out) + ".partial")] == ["the very longest one of them all"]
 
@@ -262,3 +263,19 @@ def test_a_stop_right_after_a_held_answer_is_written_keeps_it_once(tmp_path, mon
                        "--no-progress"]) == 130
     assert "4 of 5 requests were finished" in capsys.readouterr().err
     assert [r["id"] for r in _results(str(out) + ".partial")] == [1, 2, 3, 4]
+
+
+def test_the_first_request_alone_out_of_memory_is_an_error_naming_it(tmp_path, monkeypatch, capsys):
+    """--batch-size 1, the first batch (the longest request, line 2) runs out of memory: a
+    traceback of torch.OutOfMemoryError said neither which request nor what to lower."""
+    f = _write(tmp_path / "r.jsonl", [{"prompt": "hi"}, {"prompt": "the longest one"}])
+    out = tmp_path / "o.jsonl"
+    _out_of_memory_when(monkeypatch, lambda lengths: True)
+    assert serve.main(["-i", f, "-o", str(out), "--batch-size", "1", "--max-new-tokens", "7",
+                       "--num-beams", "2", "--no-progress"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"prefix-attn generate: error: {f}:2: ran out of device memory even alone (16 prompt "
+                   "tokens + 0 prefix tokens + 7 new tokens x 2 beams): CUDA out of memory (injected); "
+                   "lower --max-new-tokens or --num-beams, shorten the prompt, use --dtype bfloat16 or "
+                   "use a device with more memory"]
+    assert not out.exists() and not (tmp_path / "o.jsonl.partial").exists()
