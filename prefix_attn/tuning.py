@@ -147,6 +147,12 @@ _PEFT_KEYWORDS = {
 }
 
 
+_PROJECTION_KEYWORDS = ("prefix_projection", "encoder_hidden_size")
+# prefix_projection False or not given: PEFT has no projection (encoder_hidden_size unused)
+_NO_PROJECTION = ("nothing: without prefix_projection=True PEFT's prefix has no projection, as "
+                  "prefix_tuning's has none by default (projection_hidden_size=None)")
+
+
 def _peft_keywords_explained(fn):
     """A PrefixTuningConfig field given as a keyword (``prefix_tuning(model,
     prefix_projection=True)``) says what to write, not only Python's "unexpected keyword"."""
@@ -154,8 +160,11 @@ def _peft_keywords_explained(fn):
     def call(*args, **kwargs):
         given = [k for k in kwargs if k in _PEFT_KEYWORDS]
         if given:
+            hint = _PEFT_KEYWORDS[given[0]]
+            if given[0] in _PROJECTION_KEYWORDS and not kwargs.get("prefix_projection"):
+                hint = _NO_PROJECTION  # PEFT reads encoder_hidden_size only with a projection
             raise TypeError(f"prefix_tuning() takes no {given[0]}= (a field of PEFT's "
-                            f"PrefixTuningConfig); write {_PEFT_KEYWORDS[given[0]]}")
+                            f"PrefixTuningConfig); write {hint}")
         return fn(*args, **kwargs)
     return call
 

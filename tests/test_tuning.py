@@ -1071,6 +1071,11 @@ def test_prefix_tuning_takes_peft_s_config(kw):
 
 @pytest.mark.parametrize("kw, hint", [
     (dict(prefix_projection=True, encoder_hidden_size=16), "projection_hidden_size=N"),
+    (dict(encoder_hidden_size=16, prefix_projection=True), "projection_hidden_size=N"),
+    # no projection in PEFT (encoder_hidden_size unused): projection_hidden_size=N would add one
+    (dict(prefix_projection=False), "nothing: without prefix_projection=True"),
+    (dict(encoder_hidden_size=768, prefix_projection=False), "nothing: without prefix_projection=True"),
+    (dict(encoder_hidden_size=768), "nothing: without prefix_projection=True"),
     (dict(num_layers=2), "read from the model"),
     (dict(task_type="CAUSAL_LM"), "PrefixTuningConfig"),
 ])
