@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 from . import jsonl
+from .tiny import _first_line
 from .serve_inputs import Request, RequestError, refusal
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -89,10 +90,6 @@ def check_requests(requests: List[Request], chat: bool, path: str) -> None:
 
 # -- the template ----------------------------------------------------------------------------
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def missing_template(tokenizer, model_dir: Optional[str], instead: str) -> Optional[str]:
     """Why ``--chat`` cannot use ``tokenizer`` (None: it can); ``instead``: what to do without
     it ("serve", "train (raw text)"). ``model_dir``: the --model folder (None: the built-in
@@ -111,19 +108,17 @@ def check_template(model_dir: Optional[str]) -> None:
     before the model loads (a large model is not loaded to be refused). Raises RequestError."""
     from . import tiny
 
-    problem = missing_template(tiny.load_tokenizer(model_dir), model_dir, "serve")
-    if problem is not None:
-        raise RequestError(problem)
+    ChatTemplate(tiny.load_tokenizer(model_dir), model_dir)
 
 
 class ChatTemplate:
     """The token ids of prompt prefixes (system messages) and requests under ``--chat``.
 
-    ``model_dir``: the --model folder (None: the built-in model), named in the error raised
-    when the tokenizer has no chat template."""
+    ``model_dir``: the --model folder (None: the built-in model), named in the RequestError
+    raised when the tokenizer has no chat template; ``instead``: what it says to do then."""
 
-    def __init__(self, tokenizer, model_dir: Optional[str] = None):
-        problem = missing_template(tokenizer, model_dir, "serve")
+    def __init__(self, tokenizer, model_dir: Optional[str] = None, instead: str = "serve"):
+        problem = missing_template(tokenizer, model_dir, instead)
         if problem is not None:
             raise RequestError(problem)
         self.tokenizer = tokenizer
@@ -208,9 +203,16 @@ class ChatTemplate:
         return ids
 
     def _difference(self, alone: List[int], full: List[int]) -> str:
-        i = next((k for k, (a, b) in enumerate(zip(alone, full)) if a != b), min(len(alone), len(full)))
-
-        def show(ids):
-            return repr(self.tokenizer.decode(ids[i:i + _SHOWN], skip_special_tokens=False))
+        i, shown_alone, shown_full = difference(self.tokenizer, alone, full)
         return (f"its {len(alone)} tokens alone are not the conversation's first ones: from token {i}, "
-                f"{show(alone)} alone but {show(full)} once a user turn follows")
+                f"{shown_alone} alone but {shown_full} once a user turn follows")
+
+
+def difference(tokenizer, a: List[int], b: List[int]) -> Tuple[int, str, str]:
+    """Where token lists ``a`` and ``b`` first differ (the shorter one's length where it starts
+    the other), and the next tokens of each from there, decoded with special tokens."""
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    def show(ids):
+        return repr(tokenizer.decode(ids[i:i + _SHOWN], skip_special_tokens=False))
+    return i, show(a), show(b)

@@ -494,7 +494,7 @@ def _out_of_memory(job: _Job, bank, args: argparse.Namespace, exc: BaseException
     beams = f" x {args.num_beams} beams" if args.num_beams > 1 else ""
     lower = "--max-new-tokens or --num-beams" if args.num_beams > 1 else "--max-new-tokens"
     dtype = ", use --dtype bfloat16" if args.dtype == "float32" else ""
-    message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    message = tiny._first_line(exc)
     return (f"{args.input}:{job.request.line}: ran out of device memory even alone ({len(job.ids)} prompt "
             f"tokens + {P} prefix tokens + {args.max_new_tokens} new tokens{beams}): {message}; lower "
             f"{lower}, shorten the prompt{dtype} or use a device with more memory")

@@ -32,12 +32,12 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 from . import jsonl, tiny
-from .chat import ChatTemplate, missing_template, parse_example_messages
+from .chat import ChatTemplate, difference, parse_example_messages
 from .serve_inputs import RequestError
+from .tiny import _first_line
 from .train_state import TrainError
 
 _MAX_LISTED = 10  # examples named in one error; the rest are counted
-_SHOWN = 8  # tokens shown from the first difference
 
 Example = Tuple[str, List[dict]]  # (where, messages)
 Row = Optional[Tuple[List[int], List[int]]]  # (ids, labels); None: an empty example
@@ -109,10 +109,10 @@ class ChatExamples:
     the --model folder (None: the built-in model), named when the tokenizer has none."""
 
     def __init__(self, tokenizer, model_dir: Optional[str] = None):
-        problem = missing_template(tokenizer, model_dir, "train on raw text")
-        if problem is not None:
-            raise TrainError(problem)
-        self.template = ChatTemplate(tokenizer, model_dir)
+        try:
+            self.template = ChatTemplate(tokenizer, model_dir, "train on raw text")
+        except RequestError as exc:
+            raise TrainError(str(exc)) from None
         self.tokenizer = tokenizer
 
     @classmethod
@@ -133,13 +133,10 @@ class ChatExamples:
         context = self.template.render(messages[:-1], generation_prompt=True)
         full = self.template.render(messages, generation_prompt=False)
         if full[:len(context)] != context:
-            i = next((k for k, (a, b) in enumerate(zip(context, full)) if a != b), min(len(context), len(full)))
-            raise NotTheContext(f"from token {i}, {self._show(context, i)} with the generation prompt but "
-                             f"{self._show(full, i)} in the conversation")
+            i, shown_context, shown_full = difference(self.tokenizer, context, full)
+            raise NotTheContext(f"from token {i}, {shown_context} with the generation prompt but "
+                                f"{shown_full} in the conversation")
         return full, len(context)
-
-    def _show(self, ids: List[int], i: int) -> str:
-        return repr(self.tokenizer.decode(ids[i:i + _SHOWN], skip_special_tokens=False))
 
     def rows(self, examples_at: Sequence[Example]) -> List[Tuple[str, Row]]:
         """[(where, (ids, labels))], labels -100 on the context; None for an example whose
@@ -157,9 +154,8 @@ class ChatExamples:
                 split.append(f"{where}: {exc}")
                 continue
             except Exception as exc:  # the template's raise_exception, a Jinja error, ...
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 refused.append(f"{where}: the chat template refuses this conversation "
-                               f"({type(exc).__name__}: {first})")
+                               f"({type(exc).__name__}: {_first_line(exc)})")
                 continue
             if n == len(ids):
                 refused.append(f"{where}: the chat template renders the answer as no tokens (it leaves "
