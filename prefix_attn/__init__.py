@@ -1,6 +1,8 @@
 """prefix_attn: fused attention kernels for prefix tuning and shared-prefix serving."""
+import importlib as _importlib
 import os as _os
 import sys as _sys
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -17,24 +19,31 @@ def _load() -> None:
     global _loaded
     if _loaded:
         return
-    from .api import prefix_attention
-    from .backends import available_backends, load_backends
-    from .reference import prefix_attention_ref
+    from . import api, backends, bank, checkpoint, reference, tuning
 
     # Backends register their ops now (not lazily inside a call) so that torch.compile never
     # traces an import. Optional backends that fail to load are listed by backends.load_errors().
-    load_backends()
+    backends.load_backends()
 
     # Hugging Face integration: importing hf registers attn_implementation "prefix_attn" when
     # transformers is installed (and does nothing otherwise).
-    from . import hf as _hf  # noqa: F401
+    _importlib.import_module(".hf", __name__)
+    names = {"prefix_attention": api, "prefix_attention_ref": reference, "available_backends": backends,
+             "load_backends": backends, "PrefixBank": bank, "PrefixSelection": bank,
+             "load_prefixes": checkpoint}
+    names.update((n, tuning) for n in __all__ if n not in names and n != "__version__")
+    globals().update((n, getattr(module, n)) for n, module in names.items())
+    _loaded = True
+
+
+if _TYPE_CHECKING:  # the public names, for type checkers and editors (set by _load at run time)
+    from .api import prefix_attention
+    from .backends import available_backends
     from .bank import PrefixBank, PrefixSelection
+    from .checkpoint import load_prefixes
+    from .reference import prefix_attention_ref
     from .tuning import (enable_checkpointing, from_peft, get_nb_trainable_parameters, prefix_tuning,
                          print_trainable_parameters, trainable_parameters, unload)
-    from .checkpoint import load_prefixes  # noqa: I100 (the order of the imports as it was)
-
-    globals().update(locals())  # the names the eager import always had
-    _loaded = True
 
 
 def _is_the_command() -> bool:

@@ -74,10 +74,23 @@ def test_import_prefix_attn_still_loads_everything(tmp_path):
             "from transformers import AttentionInterface\n"
             "assert 'prefix_attn' in AttentionInterface._global_mapping\n"
             "assert 'prefix_attn.bank' in sys.modules and prefix_attn.PrefixBank\n"
-            "assert callable(prefix_attn.load_backends) and prefix_attn._hf is prefix_attn.hf\n"
+            "assert callable(prefix_attn.load_backends) and 'prefix_attn.hf' in sys.modules\n"
             "print('ok')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.stdout == "ok\n", done.stderr
+
+
+def test_type_checkers_see_every_public_name():
+    """The public names are set by _load at run time; editors and type checkers read them from
+    the `if TYPE_CHECKING:` imports, which must name every one of __all__."""
+    import ast
+
+    import prefix_attn
+
+    tree = ast.parse(open(prefix_attn.__file__, encoding="utf-8").read())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.dump(n.test))
+    seen = {a.asname or a.name for n in block.body for a in n.names}
+    assert seen == set(prefix_attn.__all__) - {"__version__"}
 
 
 def test_ctrl_c_while_the_package_loads_is_a_clean_stop(monkeypatch, capsys):
