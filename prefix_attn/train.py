@@ -152,7 +152,7 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
     with one warning giving their count and cause, and an error when none is left. An example
     with neither prompt nor text (``{"text": ""}``, blanks only) is dropped too, as a blank line
     of a text file is: it would teach the model to end every text at once."""
-    out, cut, short, blank = [], 0, 0, 0
+    out, cut, short, blank, shortened = [], 0, 0, 0, 0
     rows = chat.rows(examples_at) if chat is not None else [
         (where, encode_example(tokenizer, p, c) if p or c.strip() else None) for where, p, c in examples_at]
     for where, row in rows:
@@ -165,10 +165,16 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
             raise TrainError(f"{where}: {problem}")
         if has_target(labels[:max_length]):
             out.append((ids[:max_length], labels[:max_length]))
+            shortened += len(ids) > max_length and has_target(labels[max_length:])
         elif has_target(labels):
             cut += 1
         else:
             short += 1
+    if shortened:  # kept, but the end of their answer (the end-of-text / end-of-turn) is not learnt
+        warn("note", f"{path}: {shortened} of {len(examples_at)} example{'' if len(examples_at) == 1 else 's'} "
+                     f"{'is' if shortened == 1 else 'are'} longer than the {max_length}-token limit per "
+                     f"example (--max-length): cut, so the end of {'its' if shortened == 1 else 'their'} "
+                     f"completion, and the end-of-text or end-of-turn token after it, is not learnt")
     if cut or short or blank:
         causes = []
         if blank:

@@ -333,6 +333,25 @@ def test_examples_whose_prompt_fills_max_length_are_dropped_with_one_warning(tmp
     assert all(r["loss"] is not None and r["loss"] > 0 for r in _only_valid_json(out))
 
 
+def test_examples_cut_at_max_length_are_said_once(tmp_path, capsys):
+    """An example longer than --max-length lost the end of its completion and its end token,
+    silently (the model then never learns to stop there)."""
+    rows = [{"prompt": "Q:", "completion": "a" * 100}] * 3 + [{"prompt": "Q:", "completion": " A"}] * 4 \
+        + [{"prompt": "q" * 70, "completion": "b"}]  # the prompt fills it: dropped, said apart
+    path = _write_jsonl(tmp_path / "long.jsonl", rows)
+    tok = tiny.ByteTokenizer()
+    kept = train.prepare(tok, train.read_examples_at(path), 64, tok.vocab_size, path)
+    err = capsys.readouterr().err
+    assert len(kept) == 7 and all(len(ids) <= 64 for ids, _ in kept)
+    assert err.count("note:") == 1 and err.count("warning:") == 1, err
+    assert ("3 of 8 examples are longer than the 64-token limit per example (--max-length): cut, "
+            "so the end of their completion, and the end-of-text or end-of-turn token after it, "
+            "is not learnt") in err
+    short = _write_jsonl(tmp_path / "short.jsonl", [{"prompt": "Q:", "completion": " A"}] * 2)
+    train.prepare(tok, train.read_examples_at(short), 64, tok.vocab_size, short)
+    assert capsys.readouterr().err == ""
+
+
 def test_empty_texts_are_dropped_like_blank_lines(tmp_path, capsys):
     """{"text": ""} trained the model to end a text at once (BOS -> EOS was its only target)."""
     rows = [{"text": ""}, {"text": "  "}, {"completion": ""}] + [{"text": "fine"}] * 4 \
