@@ -378,8 +378,8 @@ class _Output:
 def run(args: argparse.Namespace) -> int:
     """Run ``generate`` from parsed arguments; returns the exit code (2 on a user error)."""
     try:
-        with cli_args.transformers_progress(enabled=not args.no_progress), StopSignals():
-            return _run(args)
+        with cli_args.transformers_progress(enabled=not args.no_progress), StopSignals() as signals:
+            return _run(args, signals)
     except (RequestError, KeyError, ValueError, FileNotFoundError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"prefix-attn generate: error: {msg}", file=sys.stderr)
@@ -398,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
         return 128 + signal.SIGPIPE
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, signals: StopSignals) -> int:
     device = _check_device(args.device)
     check_env_backend(device.type, "generation")
     sources = prefix_sources(args)
@@ -419,7 +419,8 @@ def _run(args: argparse.Namespace) -> int:
         else:
             warn_about_adapter_bases(sources, args.model)
             try:
-                _generate(args, device, sources, requests, out)
+                _generate(args, device, sources, requests, out, signals)
+                signals.raise_if_received()  # a stop whose own raise was lost: not a complete run
             except Interrupted as stop:
                 stop.note = out.save_partial(len(requests))
                 raise
@@ -436,7 +437,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace, device: torch.device, sources: List[Source],
-              requests: List[Request], out: _Output) -> None:
+              requests: List[Request], out: _Output, signals: StopSignals) -> None:
     model, tokenizer = _load_model(args.model, device, _DTYPES[args.dtype])
     with warnings.catch_warnings(record=True) as caught:  # shown as the command's own warnings
         warnings.simplefilter("always", UserWarning)
@@ -465,6 +466,9 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
     running: List[int] = []  # the batch answer runs now: the request alone when it runs out of memory
 
     def answer(batch: List[int]) -> None:  # jobs[i] answers requests[i]: put in file order
+        # a SIGINT / SIGTERM whose Interrupted was raised inside a __del__ (a garbage collection)
+        # is lost there: Python prints it and goes on; the next batch sees it
+        signals.raise_if_received()
         running[:] = batch
         ids, mask = tiny.left_pad([jobs[i].ids for i in batch], pad_id)
         with torch.no_grad():

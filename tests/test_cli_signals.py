@@ -56,6 +56,35 @@ def test_train_stops_on_a_signal_that_python_swallowed(tmp_path, monkeypatch, ca
     assert (out / "log.jsonl").read_text() == "" and not (out / "adapter").exists()
 
 
+@_SWALLOWED
+@pytest.mark.hf
+@pytest.mark.parametrize("when", ["first batch", "last batch"])
+def test_generate_stops_on_a_signal_that_python_swallowed(when, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C landing in a __del__ while a batch ran was printed and lost: the run answered
+    every request and wrote the whole output (exit status 0). Now the next batch, or the end of
+    the run, sees it: exit 130, the finished answers in OUTPUT.partial, no output."""
+    from prefix_attn import serve, tiny
+
+    requests = tmp_path / "r.jsonl"
+    requests.write_text("".join(json.dumps({"prompt": f"q{'x' * i}"}) + "\n" for i in range(4)))
+    real, calls = tiny.left_pad, []
+
+    def left_pad_then_signal(*a, **k):  # called once per batch, before its generate
+        calls.append(1)
+        if len(calls) == (1 if when == "first batch" else 2):
+            _SignalInDel()
+        return real(*a, **k)
+    monkeypatch.setattr(serve.tiny, "left_pad", left_pad_then_signal)
+    out = tmp_path / "a.jsonl"
+    assert cli.main(["generate", "-i", str(requests), "-o", str(out), "--batch-size", "2",
+                     "--max-new-tokens", "2", "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    done = 2 if when == "first batch" else 4  # the batch the signal came in finishes
+    assert f"prefix-attn generate: stopped: SIGINT: {done} of 4 requests were finished" in err, err
+    assert not out.exists() and len((tmp_path / "a.jsonl.partial").read_text().splitlines()) == done
+    assert len(calls) == (1 if when == "first batch" else 2)  # the batch after the signal never ran
+
+
 @pytest.mark.parametrize("command", ["demo", "check"])
 def test_ctrl_c_in_demo_and_check_is_a_clean_stop(command, monkeypatch, capsys):
     """demo and check had no handler: Ctrl-C ended them in a KeyboardInterrupt traceback."""
