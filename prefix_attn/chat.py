@@ -31,8 +31,10 @@ _SHOWN = 8  # tokens shown from the first difference
 
 def parse_messages(value, where: str) -> List[dict]:
     """A request's ``"messages"``: a non-empty array of ``{"role", "content"}`` objects (other
-    keys are passed to the template as they are); a system message only first; the last one a
-    user (or tool) message, which the answer follows. Raises RequestError naming ``where``."""
+    keys, e.g. a tool message's ``tool_call_id``, are passed to the template as they are; an
+    assistant message with ``tool_calls``, an array of objects, may have no content or null);
+    a system message only first; the last one a user (or tool) message, which the answer
+    follows. Raises RequestError naming ``where``."""
     _check_messages(value, where)
     if value[-1]["role"] not in ("user", "tool"):
         raise RequestError(f"{where}: the last message's role is {value[-1]['role']!r}: end with a "
@@ -71,11 +73,29 @@ def _check_messages(value, where: str) -> None:
         if m.get("role") not in ROLES:
             got = f"{m['role']!r}" if "role" in m else "none"
             raise RequestError(f"{at}: 'role' must be one of {', '.join(map(repr, ROLES))}; got {got}")
-        if not isinstance(m.get("content"), str):
+        calls = _tool_calls(m, at)
+        if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
             got = jsonl.json_type(m["content"]) if "content" in m else "none"
-            raise RequestError(f"{at}: 'content' must be a string; got {got}")
+            calls_hint = " (null or left out only with a non-empty 'tool_calls')" if m["role"] == "assistant" else ""
+            raise RequestError(f"{at}: 'content' must be a string; got {got}{calls_hint}")
         if m["role"] == "system" and i > 0:
             raise RequestError(f"{at}: a system message may only come first")
+
+
+def _tool_calls(message: dict, at: str) -> list:
+    """An assistant message's ``tool_calls`` (OpenAI's form, passed to the template as they
+    are): an array of objects; [] when it has none."""
+    calls = message.get("tool_calls")
+    if calls is None:
+        return []
+    if message["role"] != "assistant":
+        raise RequestError(f"{at}: 'tool_calls' only on an assistant message, not on a {message['role']!r} one")
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        got = (jsonl.json_type(calls) if not isinstance(calls, list) else
+               "an array holding " + next(jsonl.json_type(c) for c in calls if not isinstance(c, dict)))
+        raise RequestError(f"{at}: 'tool_calls' must be an array of objects "
+                           f'[{{"type": "function", "function": {{"name": ..., "arguments": ...}}}}, ...]; got {got}')
+    return calls
 
 
 def check_requests(requests: List[Request], chat: bool, path: str) -> None:
