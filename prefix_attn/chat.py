@@ -90,21 +90,42 @@ def _tool_calls(message: dict, at: str) -> list:
         return []
     if message["role"] != "assistant":
         raise RequestError(f"{at}: 'tool_calls' only on an assistant message, not on a {message['role']!r} one")
-    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
-        got = (jsonl.json_type(calls) if not isinstance(calls, list) else
-               "an array holding " + next(jsonl.json_type(c) for c in calls if not isinstance(c, dict)))
+    got = _not_objects(calls)
+    if got is not None:
         raise RequestError(f"{at}: 'tool_calls' must be an array of objects "
                            f'[{{"type": "function", "function": {{"name": ..., "arguments": ...}}}}, ...]; got {got}')
     return calls
 
 
+def parse_tools(value, where: str) -> List[dict]:
+    """A request's (or training example's) ``"tools"``: the function schemas the template is
+    given (``apply_chat_template(..., tools=tools)``), an array of objects. Raises
+    RequestError naming ``where``."""
+    got = _not_objects(value)
+    if got is not None:
+        raise RequestError(f"{where}: 'tools' must be an array of objects (function schemas, "
+                           f'[{{"type": "function", "function": {{"name": ..., "parameters": ...}}}}, ...]); got {got}')
+    return value
+
+
+def _not_objects(value) -> Optional[str]:
+    """None for an array of objects; else what ``value`` is, for an error message."""
+    if not isinstance(value, list):
+        return jsonl.json_type(value)
+    bad = [jsonl.json_type(v) for v in value if not isinstance(v, dict)]
+    return f"an array holding {bad[0]}" if bad else None
+
+
 def check_requests(requests: List[Request], chat: bool, path: str) -> None:
-    """Without ``--chat``, no request may give ``"messages"`` (all such lines in one error)."""
+    """Without ``--chat``, no request may give ``"messages"`` or ``"tools"`` (all such lines in
+    one error)."""
     if chat:
         return
-    bad = [f"{path}:{r.line}" for r in requests if r.messages is not None]
+    fields = {r.line: [k for k in ("messages", "tools") if getattr(r, k) is not None] for r in requests}
+    bad = [f"{path}:{line}" for line, given in fields.items() if given]
     if bad:
-        raise refusal(f"{len(bad)} request(s) give 'messages', which needs --chat (the tokenizer's "
+        given = " or ".join(f"'{k}'" for k in ("messages", "tools") if any(k in g for g in fields.values()))
+        raise refusal(f"{len(bad)} request(s) give {given}, which needs --chat (the tokenizer's "
                       "chat template renders them):", bad)
 
 
@@ -144,10 +165,11 @@ class ChatTemplate:
         self.tokenizer = tokenizer
         self.systems: Dict[str, Tuple[str, List[int]]] = {}  # prompt prefix -> (text, ids)
 
-    def render(self, messages: List[dict], generation_prompt: bool) -> List[int]:
+    def render(self, messages: List[dict], generation_prompt: bool,
+               tools: Optional[List[dict]] = None) -> List[int]:
         """``apply_chat_template``'s token ids (the rendered text tokenised without special
-        tokens: the template writes those it wants)."""
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+        tokens: the template writes those it wants); ``tools``: the request's, if any."""
+        ids = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt,
                                                  tokenize=True, return_dict=False)
         return [int(i) for i in ids]
 
@@ -177,6 +199,7 @@ class ChatTemplate:
         split: Dict[str, List[str]] = {}  # prefix -> where its system part is not the conversation's start
         first_diff: Dict[str, str] = {}
         bad: List[str] = []
+        with_tools = False  # a split request gives "tools" (templates write them in the system part)
         for r in requests:
             where = f"{path}:{r.line}"
             messages = r.messages if r.messages is not None else [{"role": "user", "content": r.prompt}]
@@ -194,7 +217,7 @@ class ChatTemplate:
                 system = self.systems[r.prefix]
                 messages = [{"role": "system", "content": system[0]}] + messages
             try:
-                full = self.render(messages, generation_prompt=True)
+                full = self.render(messages, generation_prompt=True, tools=r.tools)
             except Exception as exc:
                 bad.append(f"{where}: the chat template refuses this conversation "
                            f"({type(exc).__name__}: {_first_line(exc)})")
@@ -205,6 +228,7 @@ class ChatTemplate:
             head = system[1]
             if full[:len(head)] != head:
                 split.setdefault(r.prefix, []).append(where)
+                with_tools = with_tools or r.tools is not None
                 first_diff.setdefault(r.prefix, self._difference(head, full))
                 continue
             ids[r.line] = full[len(head):]
@@ -213,11 +237,12 @@ class ChatTemplate:
             for name, wheres in split.items():
                 shown = ", ".join(wheres[:3]) + (f" and {len(wheres) - 3} more" if len(wheres) > 3 else "")
                 lines.append(f"--prompt-prefix {name}: {first_diff[name]} (requests {shown})")
+            tools = " (or, for requests giving \"tools\", writes the tools into it)" if with_tools else ""
             raise refusal(
                 "the system prompt cannot be shared as a prefix with this chat template: it renders "
-                "the system message differently once a user turn follows, so the prefix's KV would "
-                "not be the conversation's. Give the system message in each request's \"messages\" "
-                "(with no prefix) instead:", lines)
+                f"the system message differently once a user turn follows{tools}, so the prefix's KV "
+                "would not be the conversation's. Give the system message in each request's "
+                "\"messages\" (with no prefix) instead:", lines)
         if bad:
             raise refusal(f"{len(bad)} request(s) that --chat cannot render:", bad)
         return ids

@@ -14,7 +14,10 @@ Input: one JSON object per line, UTF-8 (a byte-order mark is accepted; blank lin
             (1-based, blank lines counted)
   "messages" with --chat, instead of "prompt": [{"role": "user", "content": "..."}, ...]
             (roles system, user, assistant, tool; a system message only first; the last a
-            user or tool message); echoed in the result in place of "prompt"
+            user or tool message; an assistant tool call: "content" null, "tool_calls": [...]);
+            echoed in the result in place of "prompt"
+  "tools"   with --chat: function schemas given to the chat template (tools=), an array of
+            objects [{"type": "function", "function": {...}}, ...]; echoed in the result
   any other field is copied to the result line (not applied: the options below apply to
             every request; fields named like them, e.g. "temperature", get a warning)
 

@@ -23,8 +23,8 @@ class RequestError(ValueError):
 
 @dataclass
 class Request:
-    """One line of the request file: its ``prompt``, or its ``messages`` (then ``prompt`` is None;
-    ``prefix-attn generate --chat``)."""
+    """One line of the request file: its ``prompt``, or its ``messages`` (then ``prompt`` is None),
+    and its ``tools``, the chat template's function schemas (both ``prefix-attn generate --chat``)."""
 
     prompt: Optional[str]
     prefix: Optional[str] = None
@@ -32,6 +32,7 @@ class Request:
     line: int = 0
     extra: dict = field(default_factory=dict)
     messages: Optional[List[dict]] = None
+    tools: Optional[List[dict]] = None
 
 
 # -- request file ----------------------------------------------------------------------------
@@ -63,6 +64,11 @@ def _parse_request(obj, where: str, lineno: int) -> Request:
     elif "prompt" not in obj:
         found = ", ".join(repr(k) for k in obj) or "none"
         raise RequestError(f"{where}: missing 'prompt' (fields found: {found})")
+    tools = None
+    if "tools" in obj:  # function schemas, for --chat (also echoed in the result)
+        from .chat import parse_tools
+
+        tools = parse_tools(obj["tools"], where)
     prompt = obj.get("prompt")
     if messages is None and not isinstance(prompt, str):
         raise RequestError(f"{where}: 'prompt' must be a string, got {jsonl.json_type(prompt)}")
@@ -73,7 +79,7 @@ def _parse_request(obj, where: str, lineno: int) -> Request:
         raise RequestError(f"{where}: 'prefix' must be a name (string) or null, got {prefix!r}")
     extra = {k: v for k, v in obj.items() if k not in ("prompt", "messages", "prefix", "id")}
     return Request(prompt=prompt, prefix=prefix, id=obj.get("id", lineno), line=lineno, extra=extra,
-                   messages=messages)
+                   messages=messages, tools=tools)
 
 
 def _check_unique_id(request: Request, id_lines: Dict[str, int], where: str) -> None:

@@ -60,3 +60,172 @@ def test_bad_tool_calls_are_refused_naming_file_and_line(tmp_path, message, patt
     f = _write(tmp_path / "r.jsonl", ['{"prompt": "ok"}', json.dumps(line)])
     with pytest.raises(RequestError, match="r.jsonl:2: " + pattern):
         read_requests(f)
+
+
+# -- "tools" ---------------------------------------------------------------------------------
+
+# tools in a turn of their own after the first message: a system message alone is the start
+TOOLS_OWN_TURN = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + (m['content'] or (m['tool_calls'] | tojson)) + '<|im_end|>\n' }}"
+    "{% if loop.first and tools %}{{ '<|im_start|>tools\n' + (tools | tojson) + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+TERSE = "You are terse."
+REQUESTS = [
+    {"id": "after-result", "messages": TOOL_TURN, "tools": [WEATHER]},
+    {"id": "prompt", "prompt": "Weather in Oslo?", "tools": [WEATHER], "tag": 1},
+    {"id": "adapter", "prefix": "tenant", "messages": TOOL_TURN[:1], "tools": [WEATHER]},
+    {"id": "history", "prefix": "terse", "messages": TOOL_TURN},  # a prompt prefix, no tools
+    {"id": "none", "prompt": "no tools"},
+    {"id": "own-system", "messages": [{"role": "system", "content": TERSE}, *TOOL_TURN], "tools": [WEATHER]},
+]
+
+
+def _conversation(r):
+    messages = r.get("messages") or [{"role": "user", "content": r["prompt"]}]
+    return ([{"role": "system", "content": TERSE}] if r.get("prefix") == "terse" else []) + messages
+
+
+def _full(tok, r, generation_prompt=True):
+    return tok.apply_chat_template(_conversation(r), tools=r.get("tools"), add_generation_prompt=generation_prompt,
+                                   tokenize=True, return_dict=False)
+
+
+def _model():
+    from prefix_attn import tiny
+    from test_serve_chat import chat_tokenizer
+
+    return tiny.tiny_model("llama", vocab_size=len(chat_tokenizer()), hidden=64, heads=4, kv_heads=2,
+                           max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny Llama (1024 positions: tool schemas are long in bytes) saved with the tools
+    template, and a PEFT adapter for it."""
+    import torch
+
+    from prefix_attn.bank import PrefixBank
+    from test_serve_chat import chat_tokenizer
+
+    root = tmp_path_factory.mktemp("tools")
+    model = _model()
+    model.save_pretrained(str(root / "tools"))
+    chat_tokenizer(TOOLS_TEMPLATE).save_pretrained(str(root / "tools"))
+    bank = PrefixBank.attach(model)
+    shape = (bank.num_layers, bank.num_kv_heads, 5, bank.head_dim)
+    g = torch.Generator().manual_seed(3)
+    bank.add("t", 3 * torch.randn(shape, generator=g), 3 * torch.randn(shape, generator=g))
+    bank.save_peft("t", str(root / "adapter"))
+    return root
+
+
+class _Bank:  # what request_ids asks of the bank: each prefix's kind
+    @staticmethod
+    def kind(name):
+        return "prompt" if name == "terse" else "adapter"
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("template", ["tools", "own_turn"])
+def test_request_ids_are_the_whole_conversation_with_its_tools(tmp_path, template):
+    """Each request's ids are apply_chat_template(conversation, tools=its tools) (less the system
+    part's after a prompt prefix); a template writing the tools after the system message serves
+    a prompt prefix with tools too."""
+    from prefix_attn.chat import ChatTemplate
+    from test_serve_chat import chat_tokenizer
+
+    tok = chat_tokenizer(TOOLS_TEMPLATE if template == "tools" else TOOLS_OWN_TURN)
+    requests = REQUESTS + ([{"id": "prefix-tools", "prefix": "terse", "prompt": "q", "tools": [WEATHER]}]
+                           if template == "own_turn" else [])
+    chat = ChatTemplate(tok)
+    head = chat.system_ids("terse", TERSE)
+    f = _write(tmp_path / "r.jsonl", [json.dumps(r) for r in requests])
+    ids = chat.request_ids(read_requests(f), _Bank, f)
+    for line, r in enumerate(requests, 1):
+        full = _full(tok, r)
+        assert (head + ids[line] if r.get("prefix") == "terse" else ids[line]) == full, r["id"]
+        if "tools" in r:
+            assert "get_weather" in tok.decode(full) and full != _full(tok, {**r, "tools": None})
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("batch_size", ["1", "3"])
+def test_answers_equal_generate_on_the_templated_conversation_with_tools(tmp_path, folders, batch_size):
+    """Greedy answers of requests with tools, tool calls and tool results (with and without an
+    adapter, after a prompt prefix without tools): each equals model.generate on
+    apply_chat_template(whole conversation, tools=..., add_generation_prompt=True)."""
+    import torch
+
+    from prefix_attn import serve, tiny
+    from prefix_attn.bank import PrefixBank
+
+    f = _write(tmp_path / "r.jsonl", [json.dumps(r) for r in REQUESTS])
+    out = tmp_path / "o.jsonl"
+    assert serve.main(["-i", f, "-o", str(out), "--model", str(folders / "tools"), "--chat",
+                       "--prompt-prefix", f"terse={TERSE}", "--adapter", f"tenant={folders / 'adapter'}",
+                       "--max-new-tokens", "5", "--batch-size", batch_size, "--no-progress"]) == 0
+    res = [json.loads(line) for line in open(out, encoding="utf-8")]
+    assert [r["id"] for r in res] == [r["id"] for r in REQUESTS]
+    assert res[0]["tools"] == [WEATHER] and res[0]["messages"] == TOOL_TURN and res[1]["tag"] == 1
+
+    tok = tiny.load_tokenizer(str(folders / "tools"))
+    model = tiny.load_model_folder(str(folders / "tools"))
+    PrefixBank.attach(model).load_peft("tenant", str(folders / "adapter"))
+    expected = []
+    for r in REQUESTS:
+        ids = _full(tok, r)
+        with torch.no_grad():
+            g = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False,
+                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                               prefixes=["tenant"] if r.get("prefix") == "tenant" else None)
+        new = g[0, len(ids):].tolist()
+        new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+        expected.append((tok.decode(new, skip_special_tokens=True), len(new)))
+    assert [(r["completion"], r["num_tokens"]) for r in res] == expected
+
+
+@pytest.mark.hf
+def test_a_prompt_prefix_with_tools_the_template_writes_into_the_system_part_is_refused(tmp_path, folders, capsys):
+    """The tools template writes the tools into the system part: [system] alone is not the
+    start of a conversation with tools, so its KV cannot be the prefix; refused naming the
+    prefix and that request only, nothing written; the same conversation with its system
+    message in "messages" (no prefix) is served."""
+    from prefix_attn import serve
+
+    f = _write(tmp_path / "r.jsonl", [json.dumps({"prefix": "terse", "prompt": "q", "tools": [WEATHER]}),
+                                      json.dumps({"prefix": "terse", "prompt": "no tools"})])
+    out = tmp_path / "o.jsonl"
+    args = ["-o", str(out), "--model", str(folders / "tools"), "--chat", "--max-new-tokens", "2", "--no-progress"]
+    assert serve.main(["-i", f, *args, "--prompt-prefix", f"terse={TERSE}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be shared as a prefix with this chat template" in err and "requests giving \"tools\"" in err
+    assert "--prompt-prefix terse:" in err and "r.jsonl:1" in err and "r.jsonl:2" not in err
+    assert not out.exists()
+    f = _write(tmp_path / "m.jsonl", [json.dumps({"messages": [{"role": "system", "content": TERSE},
+                                                               {"role": "user", "content": "q"}], "tools": [WEATHER]})])
+    assert serve.main(["-i", f, *args]) == 0
+
+
+@pytest.mark.parametrize("tools, got", [({"a": 1}, "an object"), ([WEATHER, "x"], "an array holding a string"),
+                                        (None, "null")])
+def test_bad_tools_are_refused_naming_file_and_line(tmp_path, tools, got):
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "ok"}', json.dumps({"prompt": "a", "tools": tools})])
+    with pytest.raises(RequestError, match=r"r.jsonl:2: 'tools' must be an array of objects \(function schemas, "
+                                           r".*\); got " + got):
+        read_requests(f)
+
+
+def test_tools_without_chat_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from prefix_attn import serve
+
+    def fail(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(serve, "_load_model", fail)
+    f = _write(tmp_path / "r.jsonl", ['{"prompt": "ok"}', json.dumps({"prompt": "a", "tools": [WEATHER]}),
+                                      json.dumps({"messages": [{"role": "user", "content": "a"}]})])
+    assert serve.main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "2 request(s) give 'messages' or 'tools', which needs --chat" in err
+    assert "r.jsonl:2" in err and "r.jsonl:3" in err and "r.jsonl:1" not in err
