@@ -5,7 +5,9 @@ An example is a conversation that ends in the assistant message to learn, the an
 ``{"prompt": P, "completion": C}`` is ``[user(P), assistant(C)]`` (``prompt`` optional, ""),
 and ``{"messages": [...]}`` is a request's ``messages`` as ``generate --chat`` takes them (a
 system message only first, the last one a user or tool message) followed by one assistant
-message. ``{"text"}`` examples and plain-text files have no turns: refused.
+message (a tool call, ``content`` null with ``tool_calls``, too: its rendered call is learnt).
+Either form may give ``"tools"``, the function schemas the template is given, as a request
+does. ``{"text"}`` examples and plain-text files have no turns: refused.
 
 Its tokens are the template's rendering of the whole conversation (no generation prompt).
 Its context, the tokens before the answer, must be exactly those ``generate --chat`` feeds
@@ -32,14 +34,14 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 from . import jsonl, tiny
-from .chat import ChatTemplate, difference, parse_example_messages
+from .chat import ChatTemplate, difference, parse_example_messages, parse_tools
 from .serve_inputs import RequestError
 from .tiny import _first_line
 from .train_state import TrainError
 
 _MAX_LISTED = 10  # examples named in one error; the rest are counted
 
-Example = Tuple[str, List[dict]]  # (where, messages)
+Example = Tuple[str, List[dict], Optional[List[dict]]]  # (where, messages, tools)
 Row = Optional[Tuple[List[int], List[int]]]  # (ids, labels); None: an empty example
 
 
@@ -57,7 +59,7 @@ def _listed(headline: str, problems: List[str]) -> TrainError:
 # -- the data file ---------------------------------------------------------------------------
 
 def read_examples_at(path: str, what: str = "data file") -> List[Example]:
-    """[(where, messages)] of a ``.jsonl`` / ``.json`` file (``where``: ``path:line`` as
+    """[(where, messages, tools)] of a ``.jsonl`` / ``.json`` file (``where``: ``path:line`` as
     :func:`prefix_attn.train.read_examples_at` names it). Raises :class:`TrainError` naming
     the example on bad data; all the ``{"text"}`` examples in one error."""
     lines = jsonl.read_lines(path, TrainError, what=what)
@@ -70,7 +72,7 @@ def read_examples_at(path: str, what: str = "data file") -> List[Example]:
         if isinstance(obj, dict) and "text" in obj:
             texts.append(where)
             continue
-        examples.append((where, _conversation(where, obj)))
+        examples.append((where, *_conversation(where, obj)))
     if texts:
         raise _listed(f"{len(texts)} example(s) give 'text', which --chat cannot render as a conversation "
                       "(the loss is on an assistant turn): give {\"prompt\", \"completion\"} or "
@@ -80,17 +82,19 @@ def read_examples_at(path: str, what: str = "data file") -> List[Example]:
     return examples
 
 
-def _conversation(where: str, obj) -> List[dict]:
+def _conversation(where: str, obj) -> Tuple[List[dict], Optional[List[dict]]]:
+    """(messages, tools) of one example."""
     if not isinstance(obj, dict):
         raise TrainError(f"{where}: expected a JSON object, got {jsonl.json_type(obj)}"
                          + jsonl.array_hint(where, obj))
-    if "messages" in obj:
-        if "prompt" in obj or "completion" in obj:
-            raise TrainError(f"{where}: give either 'messages' or 'prompt'/'completion', not both")
-        try:
-            return parse_example_messages(obj["messages"], where)
-        except RequestError as exc:
-            raise TrainError(str(exc)) from None
+    try:
+        tools = parse_tools(obj["tools"], where) if "tools" in obj else None
+        if "messages" in obj:
+            if "prompt" in obj or "completion" in obj:
+                raise TrainError(f"{where}: give either 'messages' or 'prompt'/'completion', not both")
+            return parse_example_messages(obj["messages"], where), tools
+    except RequestError as exc:
+        raise TrainError(str(exc)) from None
     if "completion" not in obj:
         found = ", ".join(repr(k) for k in obj) or "none"
         raise TrainError(f"{where}: expected 'completion' (with an optional 'prompt') or 'messages' "
@@ -99,7 +103,7 @@ def _conversation(where: str, obj) -> List[dict]:
         if key in obj and not isinstance(obj[key], str):
             raise TrainError(f"{where}: field {key!r} must be a string, got {jsonl.json_type(obj[key])}")
     return [{"role": "user", "content": obj.get("prompt", "")},
-            {"role": "assistant", "content": obj["completion"]}]
+            {"role": "assistant", "content": obj["completion"]}], tools
 
 
 # -- the template ----------------------------------------------------------------------------
@@ -126,12 +130,12 @@ class ChatExamples:
         except tiny.TokenizerError as exc:
             raise TrainError(str(exc)) from None
 
-    def encode(self, messages: List[dict]) -> Tuple[List[int], int]:
-        """(ids of the whole conversation, tokens of its context). Raises NotTheContext saying
-        why the context is not the conversation's first tokens; the template's own errors
-        pass through."""
-        context = self.template.render(messages[:-1], generation_prompt=True)
-        full = self.template.render(messages, generation_prompt=False)
+    def encode(self, messages: List[dict], tools: Optional[List[dict]] = None) -> Tuple[List[int], int]:
+        """(ids of the whole conversation, tokens of its context), the template given ``tools``.
+        Raises NotTheContext saying why the context is not the conversation's first tokens;
+        the template's own errors pass through."""
+        context = self.template.render(messages[:-1], generation_prompt=True, tools=tools)
+        full = self.template.render(messages, generation_prompt=False, tools=tools)
         if full[:len(context)] != context:
             i, shown_context, shown_full = difference(self.tokenizer, context, full)
             raise NotTheContext(f"from token {i}, {shown_context} with the generation prompt but "
@@ -144,12 +148,12 @@ class ChatExamples:
         refuses, or whose context is not the conversation's first tokens, named in one
         :class:`TrainError`."""
         out, refused, split = [], [], []
-        for where, messages in examples_at:
-            if not any(m["content"].strip() for m in messages):
+        for where, messages, tools in examples_at:
+            if not any((m.get("content") or "").strip() or m.get("tool_calls") for m in messages):
                 out.append((where, None))
                 continue
             try:
-                ids, n = self.encode(messages)
+                ids, n = self.encode(messages, tools)
             except NotTheContext as exc:
                 split.append(f"{where}: {exc}")
                 continue

@@ -229,3 +229,121 @@ def test_tools_without_chat_are_refused_before_the_model_loads(tmp_path, capsys,
     err = capsys.readouterr().err
     assert "2 request(s) give 'messages' or 'tools', which needs --chat" in err
     assert "r.jsonl:2" in err and "r.jsonl:3" in err and "r.jsonl:1" not in err
+
+
+# -- train --chat ----------------------------------------------------------------------------
+
+END = "<|im_end|>\n"
+RENDERED_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+EXAMPLES = [
+    {"messages": [TOOL_TURN[0], TOOL_TURN[1]], "tools": [WEATHER]},  # the tool call learnt
+    {"messages": [*TOOL_TURN, {"role": "assistant", "content": "21 degrees."}], "tools": [WEATHER]},
+    {"prompt": "Weather?", "completion": "Which city?", "tools": [WEATHER]},
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+]
+ANSWERS = [RENDERED_CALL, "21 degrees.", "Which city?", "hello"]
+
+
+def _example_conversation(e):
+    return e.get("messages") or [{"role": "user", "content": e["prompt"]},
+                                 {"role": "assistant", "content": e["completion"]}]
+
+
+def _write_objs(path, objs):
+    return _write(path, [json.dumps(o) for o in objs])
+
+
+@pytest.mark.hf
+def test_train_rows_learn_the_rendered_tool_call_after_generate_chats_tokens(tmp_path):
+    """Each row is apply_chat_template(conversation, tools=...); the labels are -100 exactly on
+    what generate --chat feeds for the conversation less its answer (with the same tools), and
+    the ids on the rest: for a tool call, the rendered <tool_call> and the end of turn."""
+    from prefix_attn import train_chat
+    from prefix_attn.chat import ChatTemplate
+    from prefix_attn.serve_inputs import Request
+    from test_serve_chat import chat_tokenizer
+
+    tok = chat_tokenizer(TOOLS_TEMPLATE)
+    rows = train_chat.ChatExamples(tok, "m").rows(train_chat.read_examples_at(_write_objs(tmp_path / "d.jsonl", EXAMPLES)))
+    served = ChatTemplate(tok).request_ids(
+        [Request(prompt=None, line=i, messages=_example_conversation(e)[:-1], tools=e.get("tools"))
+         for i, e in enumerate(EXAMPLES)], None, "r")
+    for i, (e, (_, (ids, labels))) in enumerate(zip(EXAMPLES, rows)):
+        messages = _example_conversation(e)
+        assert ids == tok.apply_chat_template(messages, tools=e.get("tools"), tokenize=True, return_dict=False)
+        n = len(served[i])
+        assert ids[:n] == served[i] and labels[:n] == [-100] * n and labels[n:] == ids[n:]
+        assert tok.decode(labels[n:], skip_special_tokens=False) == ANSWERS[i] + END
+        assert ("<tools>" in tok.decode(ids)) == ("tools" in e)
+
+
+@pytest.mark.hf
+def test_train_chat_with_tools_then_generate_chat_feeds_the_trained_context(tmp_path, folders, monkeypatch, capsys):
+    """End to end: train --chat on examples with tools and a tool call, then generate --chat
+    on the adapter with each conversation less its answer and its tools: model.generate is fed
+    exactly the tokens the training rows held before the (labelled) answer."""
+    from prefix_attn import serve, train
+    from test_serve_chat import chat_tokenizer
+
+    data, out = _write_objs(tmp_path / "d.jsonl", EXAMPLES), str(tmp_path / "run")
+    model_dir = str(folders / "tools")
+    seen, train_step = [], train.train_step
+
+    def recording_step(model, opt, batch, *args, **kwargs):
+        seen.extend(batch)
+        return train_step(model, opt, batch, *args, **kwargs)
+    monkeypatch.setattr(train, "train_step", recording_step)
+    assert train.main([data, "-o", out, "--model", model_dir, "--chat", "--max-steps", "2", "--batch-size", "2",
+                       "--max-length", "1000", "--eval-every", "0", "--num-virtual-tokens", "4", "--no-progress"]) == 0
+    fed, load_model = [], serve._load_model
+
+    def recording_load(*args, **kwargs):
+        model, tok = load_model(*args, **kwargs)
+        generate = model.generate
+
+        def recording_generate(input_ids, attention_mask=None, **kw):
+            fed.extend(row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask))
+            return generate(input_ids, attention_mask=attention_mask, **kw)
+        model.generate = recording_generate
+        return model, tok
+    monkeypatch.setattr(serve, "_load_model", recording_load)
+    requests = [{"prefix": "tuned", "messages": _example_conversation(e)[:-1], **({"tools": e["tools"]} if "tools" in e else {})}
+                for e in EXAMPLES]
+    assert serve.main(["-i", _write_objs(tmp_path / "r.jsonl", requests), "-o", str(tmp_path / "a.jsonl"),
+                       "--model", model_dir, "--chat", "--adapter", f"tuned={out}/adapter", "--max-new-tokens", "2",
+                       "--batch-size", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    tok = chat_tokenizer(TOOLS_TEMPLATE)
+    contexts = []
+    for ids, labels in seen:
+        n = next(i for i, label in enumerate(labels) if label != -100)
+        contexts.append(ids[:n])
+        assert labels[n:] == ids[n:]
+    assert len(seen) == len(EXAMPLES) and sorted(contexts) == sorted(fed)
+    learnt = {tok.decode(ids[n:], skip_special_tokens=False)
+              for (ids, _), n in zip(seen, map(len, contexts))}
+    assert learnt == {a + END for a in ANSWERS}
+
+
+@pytest.mark.parametrize("obj, pattern", [
+    ({"messages": EXAMPLES[0]["messages"], "tools": {"a": 1}}, r"d.jsonl:1: 'tools' must be an array of objects .*got an object"),
+    ({"prompt": "a", "completion": "b", "tools": [1]}, r"d.jsonl:1: 'tools' must be an array .*got an array holding a number"),
+    ({"messages": [TOOL_TURN[0], {"role": "assistant", "content": None}]},
+     r"d.jsonl:1: messages\[1\]: 'content' must be a string; got null \(null or left out only with"),
+])
+def test_bad_tool_examples_are_named(tmp_path, obj, pattern):
+    from prefix_attn import train_chat
+    from prefix_attn.train_state import TrainError
+
+    with pytest.raises(TrainError, match=pattern):
+        train_chat.read_examples_at(_write_objs(tmp_path / "d.jsonl", [obj]))
+
+
+def test_tools_without_train_chat_are_refused_naming_the_line(tmp_path):
+    from prefix_attn import train
+    from prefix_attn.train_state import TrainError
+
+    data = _write_objs(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"},
+                                              {"prompt": "a", "completion": "b", "tools": [WEATHER]}])
+    with pytest.raises(TrainError, match=r"d.jsonl:2: 'tools' needs --chat"):
+        train.read_examples_at(data)
