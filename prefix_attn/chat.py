@@ -13,7 +13,10 @@
   default system prompt, if it has one, included.
 
 Each request's tokens are thus exactly those of ``tokenizer.apply_chat_template(conversation,
-add_generation_prompt=True)`` on its whole conversation, the prompt prefix's tokens included.
+tools=tools, add_generation_prompt=True)`` on its whole conversation, the prompt prefix's tokens
+included; ``tools``: the request's ``"tools"`` (function schemas), if any. Templates usually
+write them into the system part: a request giving tools after a prompt prefix is then refused
+as above. Assistant messages may be tool calls (``content`` null, ``tool_calls``).
 """
 from __future__ import annotations
 
