@@ -41,15 +41,15 @@ import argparse
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
-from . import atomic, cli_args, cli_parsers, jsonl, tiny, train_chat
+from . import atomic, cli_args, cli_parsers, tiny, train_chat
+from .train_data import batch_order, collate, collate_packed, prepare, read_examples_at, split_eval
 from .backends import check_env_backend
 from .train_state import (BASE_MODEL, LOG, PROG, Interrupted, StopSignals, TrainError, TrainingFailed, append_log,
                           check_output_folder, check_same_settings, create_output_folder,
@@ -59,188 +59,6 @@ CHECKPOINT = "checkpoint.pt"
 ADAPTER = "adapter"
 DEFAULT_MAX_LENGTH = cli_parsers.DEFAULT_MAX_LENGTH
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype: the frozen base's
-
-
-# --------------------------------------------------------------------------------------
-# data
-# --------------------------------------------------------------------------------------
-def read_examples(path: str, what: str = "data file") -> List[Tuple[str, str]]:
-    """[(prompt, completion)] from a JSON or text file (``("", text)`` for plain text and for
-    ``{"text": ...}``). Raises :class:`TrainError` naming ``path:line`` on bad data."""
-    return [(prompt, completion) for _, prompt, completion in read_examples_at(path, what)]
-
-
-def read_examples_at(path: str, what: str = "data file") -> List[Tuple[str, str, str]]:
-    """[(where, prompt, completion)] as :func:`read_examples`, ``where`` naming each example in
-    messages (``path:line``, and the index of an item of a ``.json`` array); ``what`` names the
-    file in "not found" messages."""
-    lines = jsonl.read_lines(path, TrainError, what=what)
-    if jsonl.is_json_path(path):
-        examples = [(where, *_example(where, obj))
-                    for where, obj in jsonl.json_records(path, lines, TrainError, arrays=True)]
-    else:
-        examples = [(f"{path}:{n}", "", line) for n, line in lines if line.strip()]
-        if examples and all(_looks_like_json_object(text) for _, _, text in examples):
-            warn("warning", f"{path}: every line looks like a JSON object, but only .jsonl / .json "
-                            "files are read as JSON: this one trains on the raw lines, braces and "
-                            "field names included (rename it to .jsonl to read its fields)")
-    if not examples:
-        raise TrainError(f"{path}: no examples (the file is empty or has only blank lines)")
-    return examples
-
-
-def _looks_like_json_object(line: str) -> bool:
-    line = line.strip()
-    if not (line.startswith("{") and line.endswith("}")):
-        return False
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
-
-
-def _example(where: str, obj) -> Tuple[str, str]:
-    """(prompt, completion) of one JSON item (``where`` = ``path:line`` for the messages)."""
-    if not isinstance(obj, dict):
-        raise TrainError(f"{where}: expected a JSON object, got {jsonl.json_type(obj)}"
-                         + jsonl.array_hint(where, obj))
-    if "tools" in obj:  # not to be dropped silently
-        raise TrainError(f"{where}: 'tools' needs --chat (the tokenizer's chat template renders them)")
-    if "text" in obj:
-        if "prompt" in obj or "completion" in obj:
-            raise TrainError(f"{where}: give either 'text' or 'prompt'/'completion', not both")
-        return "", _string_field(where, obj, "text")
-    if "completion" in obj:
-        prompt = _string_field(where, obj, "prompt") if "prompt" in obj else ""
-        return prompt, _string_field(where, obj, "completion")
-    if "messages" in obj:
-        raise TrainError(f"{where}: 'messages' needs --chat (the tokenizer's chat template renders them)")
-    found = ", ".join(repr(k) for k in obj) or "none"
-    raise TrainError(f"{where}: expected a 'text' field, or 'completion' (with an optional 'prompt'); "
-                     f"fields found: {found}")
-
-
-def _string_field(where: str, obj: dict, key: str) -> str:
-    value = obj[key]
-    if not isinstance(value, str):
-        raise TrainError(f"{where}: field {key!r} must be a string, got {jsonl.json_type(value)}")
-    return value
-
-
-def encode_example(tokenizer, prompt: str, completion: str) -> Tuple[List[int], List[int]]:
-    """(ids, labels) of one example, untruncated: labels -100 on the prompt, eos appended."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    p = tiny.encode(tokenizer, prompt, special=True) if prompt else []
-    c = tiny.encode(tokenizer, completion, special=not prompt)
-    if eos is not None:
-        c = c + [eos]
-    return p + c, [-100] * len(p) + c
-
-
-def has_target(labels: Sequence[int]) -> bool:
-    """Whether a row has a token to learn: a label other than -100 after the first position
-    (the first token is never predicted)."""
-    return any(label != -100 for label in labels[1:])
-
-
-def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: int,
-            vocab_size: int, path: str, what: str = "data file",
-            chat: Optional[train_chat.ChatExamples] = None) -> List[Tuple[List[int], List[int]]]:
-    """(ids, labels) rows of ``read_examples_at``'s examples of ``path`` (:func:`encode_example`;
-    with ``chat``, its rows of ``train_chat.read_examples_at``'s conversations), truncated to
-    ``max_length``, checked: a token id
-    outside the model's ``vocab_size`` is a :class:`TrainError` naming the example; examples left
-    with no token to learn (the prompt fills ``max_length``, or under two tokens) are dropped
-    with one warning giving their count and cause, and an error when none is left. An example
-    with neither prompt nor text (``{"text": ""}``, blanks only) is dropped too, as a blank line
-    of a text file is: it would teach the model to end every text at once."""
-    out, cut, short, blank, shortened = [], 0, 0, 0, 0
-    rows = chat.rows(examples_at) if chat is not None else [
-        (where, encode_example(tokenizer, p, c) if p or c.strip() else None) for where, p, c in examples_at]
-    for where, row in rows:
-        if row is None:
-            blank += 1
-            continue
-        ids, labels = row
-        problem = tiny.vocab_problem(tokenizer, ids, vocab_size)
-        if problem is not None:
-            raise TrainError(f"{where}: {problem}")
-        if has_target(labels[:max_length]):
-            out.append((ids[:max_length], labels[:max_length]))
-            shortened += len(ids) > max_length and has_target(labels[max_length:])
-        elif has_target(labels):
-            cut += 1
-        else:
-            short += 1
-    if shortened:  # kept, but the end of their answer (the end-of-text / end-of-turn) is not learnt
-        warn("note", f"{path}: {shortened} of {len(examples_at)} example{'' if len(examples_at) == 1 else 's'} "
-                     f"{'is' if shortened == 1 else 'are'} longer than the {max_length}-token limit per "
-                     f"example (--max-length): cut, so the end of {'its' if shortened == 1 else 'their'} "
-                     f"completion, and the end-of-text or end-of-turn token after it, is not learnt")
-    if cut or short or blank:
-        causes = []
-        if blank:
-            causes.append(f"{blank} {'is' if blank == 1 else 'are'} empty (no text, or blanks only)")
-        if cut:
-            causes.append(f"in {cut} the prompt fills the {max_length}-token limit per example "
-                          f"(--max-length, at most the model's positions less --num-virtual-tokens) "
-                          f"and truncation cuts off the whole completion (raise --max-length if the "
-                          f"model allows, or shorten the prompts)")
-        if short:
-            causes.append(f"{short} {'is' if short == 1 else 'are'} under two tokens (nothing to predict)")
-        dropped = cut + short + blank
-        summary = (f"{path}: {dropped} of {len(examples_at)} example{'' if len(examples_at) == 1 else 's'} "
-                   f"{'has' if dropped == 1 else 'have'} no token to learn: " + "; ".join(causes))
-        if not out:
-            raise TrainError(f"{summary}; no example of the {what} is left to train on"
-                             if what == "data file" else f"{summary}; no example of the {what} is left")
-        warn("warning", f"{summary}; dropped")
-    return out
-
-
-def collate(rows: Sequence[Tuple[List[int], List[int]]], pad_id: int):
-    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` LongTensors ``[B, S]``."""
-    S = max(len(ids) for ids, _ in rows)
-    B = len(rows)
-    ids = torch.full((B, S), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, S, dtype=torch.long)
-    labels = torch.full((B, S), -100, dtype=torch.long)
-    for b, (i, l) in enumerate(rows):
-        ids[b, :len(i)] = torch.tensor(i)
-        mask[b, :len(i)] = 1
-        labels[b, :len(l)] = torch.tensor(l)
-    return ids, mask, labels
-
-
-def collate_packed(rows: Sequence[Tuple[List[int], List[int]]]):
-    """The rows packed into one sequence without padding: ``input_ids``, ``position_ids``
-    (restarting at every example, which is how transformers finds the packed sequences) and
-    ``labels`` ``[1, T]``, the first label of every example -100 (no prediction across
-    examples). The loss is the padded batch's: the same tokens are predicted."""
-    ids, pos, labels = [], [], []
-    for i, l in rows:
-        ids += i
-        pos += range(len(i))
-        labels += [-100] + list(l[1:])
-    return (torch.tensor([ids]), torch.tensor([pos]), torch.tensor([labels]))
-
-
-def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> List[List[int]]:
-    """The batches of one epoch: a permutation fixed by (seed, epoch), so a resumed run sees
-    the same batches as an uninterrupted one."""
-    perm = random.Random(seed * 1_000_003 + epoch).sample(range(n), n)
-    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
-def split_eval(data: list, fraction: float, seed: int) -> Tuple[list, list]:
-    """(train, eval): ``int(len(data) * fraction)`` examples held out, chosen by ``seed``; warns
-    once when that rounds to none."""
-    n_eval = int(len(data) * fraction)
-    if fraction > 0 and n_eval == 0:
-        warn("warning", f"eval set empty: {len(data)} example{'' if len(data) == 1 else 's'} x {fraction} "
-                         f"< 1; no eval loss will be logged (pass --eval-data, or a larger --eval-fraction)")
-    order = random.Random(seed).sample(range(len(data)), len(data))
-    return [data[i] for i in order[n_eval:]], [data[i] for i in order[:n_eval]]
 
 
 # --------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def _listed(headline: str, problems: List[str]) -> TrainError:
 
 def read_examples_at(path: str, what: str = "data file") -> List[Example]:
     """[(where, messages, tools)] of a ``.jsonl`` / ``.json`` file (``where``: ``path:line`` as
-    :func:`prefix_attn.train.read_examples_at` names it). Raises :class:`TrainError` naming
+    :func:`prefix_attn.train_data.read_examples_at` names it). Raises :class:`TrainError` naming
     the example on bad data; all the ``{"text"}`` examples in one error."""
     lines = jsonl.read_lines(path, TrainError, what=what)
     if not jsonl.is_json_path(path):

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from prefix_attn import train
+from prefix_attn import train, train_data
 
 pytestmark = pytest.mark.hf
 
@@ -145,11 +145,11 @@ def test_read_examples_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"foo": 1}\n')
     with pytest.raises(ValueError, match="text"):
-        train.read_examples(str(bad))
+        train_data.read_examples(str(bad))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(ValueError, match="no examples"):
-        train.read_examples(str(empty))
+        train_data.read_examples(str(empty))
 
 
 def test_pack_gives_the_padded_loss_and_training(data, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import BROKEN_MODEL_FOLDERS, broken_model_folder
 
-from prefix_attn import tiny, train
+from prefix_attn import tiny, train, train_data
 
 pytestmark = pytest.mark.hf
 
@@ -146,7 +146,7 @@ def test_loose_json_values_are_refused(line, field, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "fine"}\n' + line + "\n")
     with pytest.raises(ValueError, match=f"d.jsonl:2: .*{field}"):
-        train.read_examples(str(path))
+        train_data.read_examples(str(path))
 
 
 def test_json_suffixes_any_case_and_a_json_array(tmp_path):
@@ -154,13 +154,13 @@ def test_json_suffixes_any_case_and_a_json_array(tmp_path):
     want = [("", "one"), ("p", "two")]
     for name in ("a.JSONL", "b.Json"):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        assert train.read_examples(str(tmp_path / name)) == want
+        assert train_data.read_examples(str(tmp_path / name)) == want
     array = tmp_path / "c.json"
     array.write_text(json.dumps(rows, indent=2))
-    assert train.read_examples(str(array)) == want
+    assert train_data.read_examples(str(array)) == want
     array.write_text(json.dumps(rows + [{"text": None}], indent=2))  # 3rd item starts on line 9
     with pytest.raises(ValueError, match="c.json:9: array index 2: field 'text'"):
-        train.read_examples(str(array))
+        train_data.read_examples(str(array))
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -271,7 +271,7 @@ def test_non_finite_numbers_in_fields_training_ignores_are_accepted(tmp_path):
     training data too, where nothing is written back (a review)."""
     path = tmp_path / "data.jsonl"
     path.write_text('{"text": "hello world", "score": NaN}\n{"text": "more", "score": 1e999}\n')
-    assert train.read_examples(str(path)) == [("", "hello world"), ("", "more")]
+    assert train_data.read_examples(str(path)) == [("", "hello world"), ("", "more")]
 
 
 def test_max_length_leaves_room_for_the_prefix_positions(tmp_path, capsys):
@@ -614,7 +614,7 @@ def test_device_option(data, tmp_path, capsys, monkeypatch):
 
 def test_a_text_file_of_json_lines_gets_a_hint(tmp_path, capsys):
     """A .txt file holding JSON objects trains on the raw lines (braces and field names): say so."""
-    from prefix_attn.train import read_examples
+    from prefix_attn.train_data import read_examples
 
     f = tmp_path / "data.txt"
     f.write_text('{"prompt": "a", "completion": "b"}\n{"text": "c"}\n')

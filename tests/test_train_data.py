@@ -3,19 +3,19 @@ how examples are encoded, the batch order of each epoch, evaluation's mode, voca
 import pytest
 import torch
 
-from prefix_attn import tiny, train
+from prefix_attn import tiny, train, train_data
 
 
 def test_an_example_is_one_sequence_with_loss_on_the_completion_only():
     """One BOS at the start (none between prompt and completion), EOS after the completion,
     labels -100 over the prompt."""
     tok = tiny.ByteTokenizer()
-    ids, labels = train.encode_example(tok, "ab", "cd")
+    ids, labels = train_data.encode_example(tok, "ab", "cd")
     bos, eos, off = tok.bos_token_id, tok.eos_token_id, tok.offset
     c, d = off + ord("c"), off + ord("d")
     assert ids == [bos, off + ord("a"), off + ord("b"), c, d, eos]
     assert labels == [-100, -100, -100, c, d, eos]
-    ids, labels = train.encode_example(tok, "", "cd")  # no prompt: the completion gets the BOS
+    ids, labels = train_data.encode_example(tok, "", "cd")  # no prompt: the completion gets the BOS
     assert ids == labels == [bos, c, d, eos]
 
 
@@ -38,7 +38,7 @@ def test_evaluate_restores_the_mode_it_found(training):
     model = tiny.tiny_model("llama")
     prefix_attn.prefix_tuning(model, num_virtual_tokens=2, name="p")
     model.train(training)
-    loss = train.evaluate(model, [train.encode_example(tok, "", "hello")], 1, tok.pad_token_id, "p")
+    loss = train.evaluate(model, [train_data.encode_example(tok, "", "hello")], 1, tok.pad_token_id, "p")
     assert loss > 0 and model.training is training and model.prefix_bank.training is training
 
 
