@@ -308,3 +308,86 @@ def test_chat_without_a_chat_template_is_refused_before_the_model_loads(tmp_path
     err = capsys.readouterr().err
     assert rc == 2 and err.count("error:") == 1 and "has no chat template" in err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+# -- added by the mutation audit ------------------------------------------------------------
+
+class _PromptEntries:
+    """A bank whose every named prefix is a prompt entry (what request_ids asks of it)."""
+
+    def kind(self, name):
+        return "prompt"
+
+
+@pytest.mark.hf
+def test_a_split_system_prompt_names_three_requests_and_the_first_ones_difference():
+    """MERGING: "Be brief.\\n" alone ends in a "\\n" token that a following user turn merges
+    into "\\n\\n". The error names the first three requests and counts the rest ("and 0 more"
+    never), and shows the first request's tokens from the first differing one."""
+    from prefix_attn.chat import ChatTemplate
+    from prefix_attn.serve_inputs import Request
+
+    chat = ChatTemplate(chat_tokenizer(MERGING))
+    chat.system_ids("sys", "Be brief.")
+    prompts = ["apple", "berry", "cherry", "date", "elder"]
+
+    def refusal(n):
+        with pytest.raises(RequestError) as exc:
+            chat.request_ids([Request(prompt=p, prefix="sys", line=i + 1) for i, p in enumerate(prompts[:n])],
+                             _PromptEntries(), "r.jsonl")
+        return str(exc.value)
+    msg = refusal(5)
+    assert "(requests r.jsonl:1, r.jsonl:2, r.jsonl:3 and 2 more)" in msg
+    assert "its 10 tokens alone are not the conversation's first ones: from token 9, " \
+           "'\\n' alone but '\\n\\nuser: a' once a user turn follows" in msg
+    assert "(requests r.jsonl:1, r.jsonl:2, r.jsonl:3)" in refusal(3)
+
+
+@pytest.mark.hf
+def test_a_conversation_ending_in_a_tool_message_is_served(tmp_path):
+    """A tool result is a turn the answer follows, as a user message is."""
+    from prefix_attn.chat import ChatTemplate
+
+    messages = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "call"},
+                {"role": "tool", "content": "sunny"}]
+    (request,) = read_requests(_write(tmp_path / "r.jsonl", [json.dumps({"messages": messages})]))
+    assert request.messages == messages
+    tok = chat_tokenizer()
+    ids = ChatTemplate(tok).request_ids([request], None, "r.jsonl")
+    assert ids[1] == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                             return_dict=False)
+
+
+@pytest.mark.hf
+def test_a_template_error_is_named_by_its_first_line():
+    """raise_exception("...\\n...") : the error quotes the message's first line, not its last."""
+    from prefix_attn.chat import ChatTemplate
+
+    template = "{{ raise_exception('No system role here.\\nSee the model card.') }}"
+    with pytest.raises(RequestError) as exc:
+        ChatTemplate(chat_tokenizer(template)).system_ids("sys", "Be brief.")
+    assert "(TemplateError: No system role here.)" in str(exc.value)
+    assert "model card" not in str(exc.value)
+
+
+@pytest.mark.hf
+def test_a_doubled_system_message_is_one_problem_even_where_the_template_refuses_it():
+    """A request's own system message after a prompt prefix is named once: the conversation
+    with two system messages is not rendered (a template refusing it added a second line and
+    counted the request twice)."""
+    from prefix_attn.chat import ChatTemplate
+    from prefix_attn.serve_inputs import Request
+
+    template = ("{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+                "{{ raise_exception('a system message only first') }}{% endif %}"
+                "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}")
+    chat = ChatTemplate(chat_tokenizer(template))
+    chat.system_ids("sys", "Be brief.")
+    request = Request(prompt=None, prefix="sys", line=1, messages=[{"role": "system", "content": "two"},
+                                                                    {"role": "user", "content": "q"}])
+    with pytest.raises(RequestError) as exc:
+        chat.request_ids([request], _PromptEntries(), "r.jsonl")
+    assert str(exc.value).splitlines() == [
+        "1 request(s) that --chat cannot render:",
+        "  r.jsonl:1: 'messages' starts with a system message, but prefix 'sys' is the system message; "
+        "leave one of them out"]
