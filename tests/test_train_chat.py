@@ -269,3 +269,84 @@ def test_readme_and_help_say_what_train_chat_does():
     assert "lr, weight decay or `--chat` differ" in command_line
     description = " ".join(train.build_parser().format_help().split())  # __doc__, as --help shows it
     assert "--chat`` trains a prefix for ``prefix-attn generate --chat``" in description
+
+
+# -- added by the mutation audit ------------------------------------------------------------
+
+def test_many_text_examples_are_listed_ten_then_counted(tmp_path):
+    """Ten examples named, the rest counted; exactly ten: no "and 0 more"."""
+    def error(n):
+        data = _write(tmp_path / f"d{n}.jsonl", [{"text": "raw"}] * n)
+        with pytest.raises(TrainError) as exc:
+            train_chat.read_examples_at(data)
+        return data, str(exc.value).splitlines()
+    data, lines = error(12)
+    assert lines[0].startswith("12 example(s) give 'text'")
+    assert lines[1:] == [f"  {data}:{i}" for i in range(1, 11)] + ["  and 2 more"]
+    data, lines = error(10)
+    assert lines[1:] == [f"  {data}:{i}" for i in range(1, 11)]
+
+
+def test_an_empty_data_file_is_refused(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(TrainError, match=r"d.jsonl: no examples \(the file is empty or has only blank lines\)"):
+        train_chat.read_examples_at(str(path))
+
+
+def test_a_completion_that_is_not_a_string_is_named(tmp_path):
+    data = _write(tmp_path / "d.jsonl", [{"prompt": "a", "completion": ["b"]}])
+    with pytest.raises(TrainError, match=r"d.jsonl:1: field 'completion' must be a string, got an array"):
+        train_chat.read_examples_at(data)
+
+
+@pytest.mark.parametrize("messages, pattern", [
+    ([{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "call"},
+      {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}], None),
+    ([{"role": "user", "content": "weather?"}, {"role": "tool", "content": "sunny"}],
+     r"d.jsonl:1: the last message's role is 'tool': end with the assistant message"),
+])
+def test_an_answer_after_a_tool_message_is_learnt_and_a_tool_message_last_is_not(tmp_path, messages, pattern):
+    data = _write(tmp_path / "d.jsonl", [{"messages": messages}])
+    if pattern is None:
+        assert train_chat.read_examples_at(data) == [(f"{data}:1", messages)]
+    else:
+        with pytest.raises(TrainError, match=pattern):
+            train_chat.read_examples_at(data)
+
+
+# renders no assistant message: with a generation prompt, the context is longer than the
+# conversation; without one, the answer is no tokens
+DROPS_ANSWERS = ("{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['role'] + ': ' + m['content'] + '\n' }}"
+                 "{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("generation_prompt", [True, False])
+def test_a_template_that_leaves_the_answer_out_is_refused_saying_why(tmp_path, generation_prompt):
+    template = DROPS_ANSWERS + ("{% if add_generation_prompt %}{{ 'bot:' }}{% endif %}"
+                                if generation_prompt else "")
+    data = _write(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a"}])
+    with pytest.raises(TrainError) as exc:
+        train_chat.ChatExamples(chat_tokenizer(template)).rows(train_chat.read_examples_at(data))
+    if generation_prompt:  # "user: q\n" is 8 tokens: the context's differ from token 8 on
+        assert f"{data}:1: from token 8, 'bot:' with the generation prompt but '' in the " \
+               "conversation" in str(exc.value)
+    else:
+        assert f"{data}:1: the chat template renders the answer as no tokens" in str(exc.value)
+
+
+def test_an_answer_merging_with_the_generation_prompt_shows_the_tokens_from_the_difference(tmp_path):
+    data = _write(tmp_path / "d.jsonl", [{"prompt": "b", "completion": "\nmerges"}])
+    with pytest.raises(TrainError) as exc:
+        train_chat.ChatExamples(chat_tokenizer()).rows(train_chat.read_examples_at(data))
+    assert "'\\n' with the generation prompt but '\\n\\nmerges<|im_end|>' in the conversation" in str(exc.value)
+
+
+def test_eval_data_is_rendered_with_the_chat_template_too(tmp_path, folders):
+    """--eval-data under --chat: its examples are conversations as the training data's are."""
+    data = _write(tmp_path / "d.jsonl", EXAMPLES)
+    evals = _write(tmp_path / "e.jsonl", [{"messages": SYSTEM_CHAT}, {"prompt": "Say hi", "completion": "hi"}])
+    out = tmp_path / "run"
+    assert train.main([data, "-o", str(out), "--model", str(folders / "chatml"), "--chat", "--eval-data", evals,
+                       "--max-steps", "1", "--eval-every", "1", "--num-virtual-tokens", "4", "--no-progress"]) == 0
+    assert os.path.isdir(out / "adapter")
