@@ -279,3 +279,68 @@ def test_the_first_request_alone_out_of_memory_is_an_error_naming_it(tmp_path, m
                    "lower --max-new-tokens or --num-beams, shorten the prompt, use --dtype bfloat16 or "
                    "use a device with more memory"]
     assert not out.exists() and not (tmp_path / "o.jsonl.partial").exists()
+
+
+# -- OUTPUT.partial when the held results cannot be saved (added by the mutation audit) ----------
+
+class _ClosedPipe:
+    """Standard output whose reader is gone; its file descriptor is ``fd``."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        pass
+
+    def fileno(self):
+        return self.fd
+
+
+def test_held_results_for_a_closed_standard_output_say_so(tmp_path, monkeypatch):
+    """Request 1 finished, request 0 did not: saving request 1's result finds standard output
+    closed: said as such (not an OutputClosed out of save_partial)."""
+    import sys
+
+    with open(tmp_path / "sink", "w") as sink:
+        monkeypatch.setattr(sys, "stdout", _ClosedPipe(sink.fileno()))
+        out = serve._Output("-")
+        out.put(1, {"id": 2})
+        assert out.finished == 1 and out.count == 0
+        assert out.save_partial(3) == "1 of 3 requests were finished; standard output was closed"
+
+
+def test_held_results_that_cannot_be_saved_say_so(tmp_path):
+    """A full disk while writing the held results to the temporary file: save_partial says it
+    (not a RequestError replacing the error that stopped the run); close leaves nothing."""
+    import errno
+
+    path = tmp_path / "o.jsonl"
+    out = serve._Output(str(path))
+    real = out.f
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    try:
+        out.put(2, {"id": 3})
+        out.put(1, {"id": 2})
+        out.f = Full()
+        assert out.save_partial(4) == (f"2 of 4 requests were finished; saving them failed: cannot write "
+                                       f"output {str(path)!r}: No space left on device")
+    finally:
+        out.f = real
+        out.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_progress_bar_counts_every_answered_request(tmp_path, capsys):
+    """(Added by the mutation audit.) Batches by length, 2 then 1 requests: the bar ends at 3/3."""
+    f = _write(tmp_path / "r.jsonl", [{"prompt": p} for p in ["a", "long prompt", "mid"]])
+    assert serve.main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--batch-size", "2",
+                       "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "generate: 100%" in err and "3/3" in err
