@@ -484,3 +484,51 @@ def test_save_peft_replaces_the_card_it_wrote_for_another_adapter(tmp_path):
     card.write_text(card.read_text() + "\nTrained on our support tickets.\n")
     bank.save_peft("five", str(tmp_path / "ad"))
     assert card.read_text().endswith("Trained on our support tickets.\n") and "3 virtual tokens" in card.read_text()
+
+
+def test_the_model_card_says_only_what_is_known_and_quotes_the_base_model(tmp_path):
+    """(Added by the mutation audit.) No base model known: no base_model line (not "null"); a
+    base model path YAML would misread (": ", " #") is quoted; pipeline_tag text-generation only
+    for CAUSAL_LM, as PEFT's card (PeftModelForCausalLM only); the task type in the text."""
+    import yaml
+
+    from prefix_attn.peft_format import model_card
+
+    model = _tiny_llama()
+    bank = PrefixBank.attach(model)
+    shape = (bank.num_layers, bank.num_kv_heads, 3, bank.head_dim)
+    bank.add("a", torch.randn(shape), torch.randn(shape))
+    bank.save_peft("a", str(tmp_path / "ad"))
+    config = json.load(open(tmp_path / "ad" / "adapter_config.json"))
+    assert not config.get("base_model_name_or_path")
+    meta = yaml.safe_load((tmp_path / "ad" / "README.md").read_text().split("---")[1])
+    assert "base_model" not in meta and meta["library_name"] == "peft"
+
+    card = model_card(dict(config, base_model_name_or_path="/models/base: v2 #1"))
+    assert yaml.safe_load(card.split("---")[1])["base_model"] == "/models/base: v2 #1"
+    assert "A PEFT prefix-tuning adapter (CAUSAL_LM): 3 virtual tokens" in card
+    card = model_card(dict(config, task_type="SEQ_2_SEQ_LM"))
+    assert "pipeline_tag" not in yaml.safe_load(card.split("---")[1])
+    assert "A PEFT prefix-tuning adapter (SEQ_2_SEQ_LM): 3 virtual tokens" in card
+
+
+def test_save_peft_moves_the_config_in_last(tmp_path, monkeypatch):
+    """(Added by the mutation audit.) Readers do not lock: a loader that finds the new config
+    must find the new weights already in place, so the config is the last file moved in
+    (the card, then the weights, then the config)."""
+    model = _tiny_llama()
+    bank = PrefixBank.attach(model)
+    shape = (bank.num_layers, bank.num_kv_heads, 3, bank.head_dim)
+    bank.add("a", torch.randn(shape), torch.randn(shape))
+    real, moved = os.replace, []
+
+    def replace(src, dst, *a, **k):
+        moved.append(os.path.basename(dst))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", replace)
+    bank.save_peft("a", str(tmp_path / "ad"))
+    assert moved == ["README.md", "adapter_model.safetensors", "adapter_config.json"]
+    moved.clear()
+    bank.save_peft("a", str(tmp_path / "ad"))  # the card is there: kept
+    assert moved == ["adapter_model.safetensors", "adapter_config.json"]
