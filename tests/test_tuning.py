@@ -1207,3 +1207,20 @@ def test_an_interrupted_prefix_tuning_keeps_what_the_user_froze_frozen():
     finally:
         PrefixBank.add_trainable = real
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
+@pytest.mark.parametrize("kw, hint", [
+    ("prefix_projection", r"projection_hidden_size=N \(the MLP's hidden size"),
+    ("encoder_hidden_size", "projection_hidden_size=N"),
+    *[(k, "nothing: it is read from the model") for k in ("num_layers", "num_attention_heads", "token_dim")],
+    *[(k, r"prefix_tuning\(model, peft.PrefixTuningConfig\(...\)\) with it in the config")
+      for k in ("task_type", "peft_type", "inference_mode", "init_weights", "modules_to_save",
+                "num_transformer_submodules", "base_model_name_or_path", "revision")],
+])
+def test_prefix_tuning_explains_each_of_peft_s_config_fields(kw, hint):
+    """(Added by the mutation audit.) Each PrefixTuningConfig field explained, not only the
+    three above: a dropped entry fell back to Python's bare "unexpected keyword argument"."""
+    model = tiny_model("llama", seed=0)
+    with pytest.raises(TypeError, match=rf"^prefix_tuning\(\) takes no {kw}= \(a field of PEFT's "
+                                        rf"PrefixTuningConfig\); write {hint}"):
+        prefix_tuning(model, num_virtual_tokens=P, **{kw: None})
