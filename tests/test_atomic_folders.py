@@ -397,3 +397,34 @@ def test_save_peft_moves_the_weights_in_before_the_config(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "replace", replace)
     bank.save_peft("three", str(tmp_path / "ad"))
     assert moved == [peft_format.CARD_NAME, peft_format.WEIGHTS_NAME, peft_format.CONFIG_NAME]
+
+
+def test_a_folder_made_again_is_taken_back_with_the_one_this_save_made_above_it(tmp_path, monkeypatch):
+    """(Added by the mutation audit.) This save made out/; another save made out/a/ just before
+    this one could, then failed and removed it before this save's first file was in it; this
+    save made it again. A failure now takes back both out/a/ and out/: the folders made before
+    the making again are not forgotten."""
+    from prefix_attn import atomic
+
+    target = tmp_path / "out" / "a"
+    real_mkdir, real_make, calls = os.mkdir, atomic.make_folders, []
+
+    def mkdir(path, *a, **k):
+        if str(path) == str(target) and not calls:  # the other save makes out/a/ first
+            real_mkdir(path, *a, **k)
+        real_mkdir(path, *a, **k)
+
+    def make_folders(folder):
+        made = real_make(folder)
+        calls.append(list(made))
+        if len(calls) == 1:  # ...and, failing, removes it again
+            os.rmdir(folder)
+        return made
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(atomic, "make_folders", make_folders)
+    _failing_replace(monkeypatch, "g")
+    with pytest.raises(OSError, match="No space"):
+        atomic.write_files(str(target), {"f": b"1", "g": b"2"})
+    assert calls == [[str(tmp_path / "out")], [str(target)]]
+    assert list(tmp_path.iterdir()) == []
