@@ -194,10 +194,11 @@ class ChatTemplate:
 
     def request_ids(self, requests: List[Request], bank, path: str) -> Dict[int, List[int]]:
         """Each request's ids (by line): after a prompt prefix, its conversation's ids less the
-        system part's. Every problem found goes into one error: a template that renders a
-        system prompt differently when a user turn follows (naming the prefix), a prompt
-        entry of --bank (no text to render), a system message after a prompt prefix, a
-        conversation the template refuses."""
+        system part's. A template that renders a system prompt differently when a user turn
+        follows is one error naming each such prefix (raised first: it is the template's, not
+        the requests'); the requests' own problems (a prompt entry of --bank, which has no text
+        to render, a system message after a prompt prefix, a conversation the template
+        refuses) are otherwise all named in one error."""
         ids: Dict[int, List[int]] = {}
         split: Dict[str, List[str]] = {}  # prefix -> where its system part is not the conversation's start
         first_diff: Dict[str, str] = {}

@@ -144,9 +144,9 @@ class ChatExamples:
 
     def rows(self, examples_at: Sequence[Example]) -> List[Tuple[str, Row]]:
         """[(where, (ids, labels))], labels -100 on the context; None for an example whose
-        messages are all blank (dropped, as an empty text is). Every example the template
-        refuses, or whose context is not the conversation's first tokens, named in one
-        :class:`TrainError`."""
+        messages are all blank (dropped, as an empty text is). Every example whose context is
+        not the conversation's first tokens is named in one :class:`TrainError` (raised first:
+        it is the template's problem); else every example the template refuses, in one."""
         out, refused, split = [], [], []
         for where, messages, tools in examples_at:
             if not any((m.get("content") or "").strip() or m.get("tool_calls") for m in messages):

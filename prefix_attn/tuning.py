@@ -142,7 +142,8 @@ _PEFT_KEYWORDS = {
     **dict.fromkeys(("num_layers", "num_attention_heads", "token_dim"),
                     "nothing: it is read from the model, as PEFT reads it"),
     **dict.fromkeys(("task_type", "peft_type", "inference_mode", "init_weights", "modules_to_save",
-                     "num_transformer_submodules", "base_model_name_or_path", "revision"),
+                     "num_transformer_submodules", "base_model_name_or_path", "revision",
+                     "auto_mapping", "peft_version"),
                     "prefix_tuning(model, peft.PrefixTuningConfig(...)) with it in the config"),
 }
 

@@ -120,7 +120,6 @@ def test_plan_gives_the_whole_conversations_tokens(folders):
     """The ids of each request are those of apply_chat_template on its whole conversation: after
     a prompt prefix, the entry's ids (the system message alone) then the job's; else the job's
     (the template's default system prompt included)."""
-    from prefix_attn.bank import PrefixBank
     from prefix_attn.chat import ChatTemplate
     from prefix_attn.serve_inputs import Source
 

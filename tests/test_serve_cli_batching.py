@@ -178,7 +178,6 @@ def test_a_batch_out_of_memory_is_retried_in_halves(tmp_path, monkeypatch, capsy
 def test_one_request_out_of_memory_stops_the_run_keeping_the_finished_answers(tmp_path, monkeypatch, capsys):
     """The second longest request runs out of memory even alone: the longest one's answer (its
     half of the split batch) is kept in OUTPUT.partial and the error stops the run."""
-    import torch
 
     prompts = ["hi", "too long for memory", "the very longest one of them all", "x"]
     f = _write(tmp_path / "r.jsonl", [{"prompt": p} for p in prompts])

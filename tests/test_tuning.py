@@ -1215,7 +1215,8 @@ def test_an_interrupted_prefix_tuning_keeps_what_the_user_froze_frozen():
     *[(k, "nothing: it is read from the model") for k in ("num_layers", "num_attention_heads", "token_dim")],
     *[(k, r"prefix_tuning\(model, peft.PrefixTuningConfig\(...\)\) with it in the config")
       for k in ("task_type", "peft_type", "inference_mode", "init_weights", "modules_to_save",
-                "num_transformer_submodules", "base_model_name_or_path", "revision")],
+                "num_transformer_submodules", "base_model_name_or_path", "revision", "auto_mapping",
+                "peft_version")],
 ])
 def test_prefix_tuning_explains_each_of_peft_s_config_fields(kw, hint):
     """(Added by the mutation audit.) Each PrefixTuningConfig field explained, not only the
@@ -1223,4 +1224,15 @@ def test_prefix_tuning_explains_each_of_peft_s_config_fields(kw, hint):
     model = tiny_model("llama", seed=0)
     with pytest.raises(TypeError, match=rf"^prefix_tuning\(\) takes no {kw}= \(a field of PEFT's "
                                         rf"PrefixTuningConfig\); write {hint}"):
-        prefix_tuning(model, num_virtual_tokens=P, **{kw: None})
+        # with a projection: the fields that set one get their projection_hidden_size= hint
+        prefix_tuning(model, num_virtual_tokens=P, **{kw: None, "prefix_projection": True})
+
+
+def test_every_field_of_peft_s_config_is_explained():
+    """auto_mapping and peft_version were missing: Python's bare "unexpected keyword"."""
+    import dataclasses
+
+    from prefix_attn.tuning import _PEFT_KEYWORDS
+
+    fields = {f.name for f in dataclasses.fields(peft.PrefixTuningConfig)} - {"num_virtual_tokens"}
+    assert fields <= set(_PEFT_KEYWORDS), sorted(fields - set(_PEFT_KEYWORDS))
