@@ -7,7 +7,9 @@
   first tokens of the whole conversation, else the entry's KV is not the conversation's: a
   template that renders the system message differently once a user turn follows (one that
   folds it into the first user turn, or whose tokens merge across the boundary) is refused,
-  naming the prefix, never served with wrong continuations.
+  naming the prefix, never served with wrong continuations; so is one that renders
+  ``[system]`` alone as the same tokens whatever its text (only its BOS, say: Gemma 3 and
+  Mistral v0.3 write the system message into a user turn), whose entry would hold none of it.
 - A request with an adapter (trained) prefix or none is the template rendered for
   ``[user(prompt)]`` (or its ``messages``) with the generation prompt: the template's own
   default system prompt, if it has one, included.
@@ -28,6 +30,7 @@ from .serve_inputs import Request, RequestError, refusal
 
 ROLES = ("system", "user", "assistant", "tool")
 _SHOWN = 8  # tokens shown from the first difference
+_OTHER_SYSTEM = "Another system prompt."  # [system] rendered with other text, to tell whether the text is in it
 
 
 # -- the request file's "messages" -----------------------------------------------------------
@@ -189,8 +192,24 @@ class ChatTemplate:
                                "alone as no tokens (it leaves system messages out, or writes them only "
                                "with a user turn): the system prompt cannot be shared as a prefix with "
                                "this template")
+        if self._without_its_text(ids, text):
+            shown = repr(self.tokenizer.decode(ids, skip_special_tokens=False))
+            raise RequestError(f"--prompt-prefix {name}: the chat template renders a system message alone "
+                               f"as {shown} whatever its text (it writes the system message only with a "
+                               "user turn, folded into one): the system prompt cannot be shared as a "
+                               "prefix with this template")
         self.systems[name] = (text, ids)
         return ids
+
+    def _without_its_text(self, ids: List[int], text: str) -> bool:
+        """Whether the template renders [system] alone as ``ids`` whatever the system message
+        says (e.g. only its BOS, Gemma 3 and Mistral v0.3 writing the message into a user
+        turn): the entry would hold none of it, and each request would carry it whole."""
+        other = _OTHER_SYSTEM if text != _OTHER_SYSTEM else _OTHER_SYSTEM + " Really."
+        try:
+            return self.render([{"role": "system", "content": other}], generation_prompt=False) == ids
+        except Exception:  # a template refusing only that text: not one that leaves it out
+            return False
 
     def request_ids(self, requests: List[Request], bank, path: str) -> Dict[int, List[int]]:
         """Each request's ids (by line): after a prompt prefix, its conversation's ids less the

@@ -390,3 +390,36 @@ def test_a_doubled_system_message_is_one_problem_even_where_the_template_refuses
         "1 request(s) that --chat cannot render:",
         "  r.jsonl:1: 'messages' starts with a system message, but prefix 'sys' is the system message; "
         "leave one of them out"]
+
+
+# -- added by the chat-template families audit ------------------------------------------------
+
+# Gemma-3-like: BOS, then the system message folded into the first user turn; [system] alone
+# is BOS only, which does start every conversation
+FOLDS_AFTER_BOS = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] + '\n\n' %}"
+                   "{% set rest = messages[1:] %}{% else %}{% set sys = '' %}{% set rest = messages %}{% endif %}"
+                   "{% for m in rest %}{{ '<|im_start|>' + m['role'] + '\n' + (sys if loop.first else '') "
+                   "+ m['content'] + '<|im_end|>\n' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.mark.hf
+def test_a_system_message_alone_rendered_without_its_text_is_refused():
+    """A template rendering [system] alone as BOS only, whatever the text (Gemma 3, Mistral
+    v0.3: the message goes into a user turn), was served: its one-token entry starts every
+    conversation, but held none of the system prompt, each request carrying it whole. Refused
+    as a template that folds it into a user turn is (README), naming the prefix."""
+    from prefix_attn.chat import ChatTemplate
+
+    chat = ChatTemplate(chat_tokenizer(FOLDS_AFTER_BOS))
+    with pytest.raises(RequestError) as exc:
+        chat.system_ids("sys", "Be brief.")
+    assert str(exc.value) == (
+        "--prompt-prefix sys: the chat template renders a system message alone as '<s>' whatever its text "
+        "(it writes the system message only with a user turn, folded into one): the system prompt cannot be "
+        "shared as a prefix with this template")
+    # a system prompt that is the probe's text is told apart too; CHATML's holds its text
+    with pytest.raises(RequestError, match="whatever its text"):
+        chat.system_ids("sys", "Another system prompt.")
+    tok = chat_tokenizer()
+    assert "Another system prompt." in tok.decode(ChatTemplate(tok).system_ids("sys", "Another system prompt."))
