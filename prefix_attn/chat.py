@@ -1,7 +1,8 @@
 """``prefix-attn generate --chat``: requests rendered with the tokenizer's chat template.
 
 - A ``--prompt-prefix NAME=TEXT`` is a system message: its bank entry holds the KV of the
-  template rendered for ``[system]`` alone (no generation prompt).
+  template rendered for ``[system]`` alone (no generation prompt), less a last end-of-sequence
+  token (Phi-3's template ends any conversation rendered without the generation prompt so).
 - A request after it is the template rendered for ``[system, user(prompt)]`` (or ``[system,
   *messages]``) with the generation prompt, less the system part's tokens. Those must be the
   first tokens of the whole conversation, else the entry's KV is not the conversation's: a
@@ -180,7 +181,9 @@ class ChatTemplate:
         return [int(i) for i in ids]
 
     def system_ids(self, name: str, text: str) -> List[int]:
-        """The ids of prompt prefix ``name``: the template rendered for [system(text)] alone."""
+        """The ids of prompt prefix ``name``: the template rendered for [system(text)] alone,
+        less a last end-of-sequence token (which templates such as Phi-3's write at the end of
+        any conversation rendered without the generation prompt)."""
         try:
             ids = self.render([{"role": "system", "content": text}], generation_prompt=False)
         except Exception as exc:  # the template's raise_exception, a Jinja error, ...
@@ -198,6 +201,11 @@ class ChatTemplate:
                                f"as {shown} whatever its text (it writes the system message only with a "
                                "user turn, folded into one): the system prompt cannot be shared as a "
                                "prefix with this template")
+        if len(ids) > 1 and ids[-1] == self.tokenizer.eos_token_id:
+            # the end of sequence that closes a conversation rendered with no generation prompt
+            # (Phi-3: after [system] alone, never after a turn a user turn follows): not the
+            # system part's; the entry is checked against each conversation's start as any is
+            ids = ids[:-1]
         self.systems[name] = (text, ids)
         return ids
 

@@ -423,3 +423,45 @@ def test_a_system_message_alone_rendered_without_its_text_is_refused():
         chat.system_ids("sys", "Another system prompt.")
     tok = chat_tokenizer()
     assert "Another system prompt." in tok.decode(ChatTemplate(tok).system_ids("sys", "Another system prompt."))
+
+
+# Phi-3-like: the EOS written at the end of a conversation rendered without the generation
+# prompt, so after [system] alone but never where a user turn follows it
+EOS_WHEN_CLOSED = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                   "{% else %}{{ eos_token }}{% endif %}")
+
+
+@pytest.mark.hf
+def test_a_system_prompt_is_shared_without_the_eos_closing_a_conversation(tmp_path, capsys):
+    """Phi-3's template ends [system] alone with EOS, which the conversation has not there: the
+    system prompt was refused as not the conversation's start. The entry is the system part
+    less that EOS; the answers equal model.generate on the whole templated conversation."""
+    from prefix_attn.chat import ChatTemplate
+
+    tok = chat_tokenizer(EOS_WHEN_CLOSED)
+    alone = tok.apply_chat_template([{"role": "system", "content": TERSE}], tokenize=True, return_dict=False)
+    assert alone[-1] == tok.eos_token_id
+    assert ChatTemplate(tok).system_ids("terse", TERSE) == alone[:-1]
+
+    folder = str(tmp_path / "phi")
+    model = _model()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    requests = [r for r in REQUESTS if r.get("prefix") != "tenant"]
+    f = _write(tmp_path / "r.jsonl", [json.dumps(r) for r in requests])
+    out = tmp_path / "o.jsonl"
+    assert main(["-i", f, "-o", str(out), "--model", folder, "--chat", "--prompt-prefix", f"terse={TERSE}",
+                 "--prompt-prefix", f"kind={KIND}", "--max-new-tokens", "5", "--batch-size", "3",
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    expected = []
+    for r in requests:
+        ids = tok.apply_chat_template(_conversation(r), add_generation_prompt=True, tokenize=True, return_dict=False)
+        with torch.no_grad():
+            g = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False,
+                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        new = g[0, len(ids):].tolist()
+        new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+        expected.append((tok.decode(new, skip_special_tokens=True), len(new)))
+    assert [(r["completion"], r["num_tokens"]) for r in _results(out)] == expected
+    assert len({c for c, _ in expected}) > 2  # the conversations differ in what they give
