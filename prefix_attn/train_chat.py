@@ -13,8 +13,10 @@ Its tokens are the template's rendering of the whole conversation (no generation
 Its context, the tokens before the answer, must be exactly those ``generate --chat`` feeds
 for the conversation less the answer: the template's rendering of it with the generation
 prompt. That is checked token by token, not assumed: a template whose generation prompt is
-not how it starts an assistant turn, or an answer whose first characters merge into one
-token with the generation prompt's last, is refused (every such example named in one error),
+not how it starts an assistant turn, an answer whose first characters merge into one
+token with the generation prompt's last, or a template rendering the earlier messages otherwise
+once an answer follows (Mistral v0.3 writes the system message into the last message only
+while that is a user turn), is refused (every such example named in one error),
 never trained on tokens the served prefix would not see. Labels: -100 on the context, the
 ids on the rest, i.e. the answer and what the template writes after it (its end-of-turn
 tokens, e.g. ``<|im_end|>``), as TRL's assistant-only loss learns them.
@@ -172,8 +174,11 @@ class ChatExamples:
                 "less its answer, with the generation prompt (what generate --chat feeds), is not the "
                 "first tokens of the whole conversation, so the prefix would learn after other tokens "
                 "than it is served with. The template's generation prompt is not how it starts an "
-                "assistant turn, or the answer's first characters merge into one token with the "
-                "generation prompt's last (an answer starting with a space or a newline):", split)
+                "assistant turn (a think block the answer's rendering drops, say), the answer's first "
+                "characters merge into one token with the generation prompt's last (an answer starting "
+                "with a space or a newline), or the template renders the earlier messages otherwise "
+                "once an answer follows (Mistral v0.3's writes the system message into the last "
+                "message only while that is a user turn):", split)
         if refused:
             raise _listed(f"--chat: {len(refused)} example(s) that the chat template cannot render:", refused)
         return out

@@ -350,3 +350,28 @@ def test_eval_data_is_rendered_with_the_chat_template_too(tmp_path, folders):
     assert train.main([data, "-o", str(out), "--model", str(folders / "chatml"), "--chat", "--eval-data", evals,
                        "--max-steps", "1", "--eval-every", "1", "--num-virtual-tokens", "4", "--no-progress"]) == 0
     assert os.path.isdir(out / "adapter")
+
+
+# -- added by the chat-template families audit ------------------------------------------------
+
+# Mistral-v0.3-like: the system message written into the last message only while it is a user
+# turn, so a conversation ending in its answer has none
+SYSTEM_IN_LAST_USER = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}"
+                       "{% set rest = messages[1:] %}{% else %}{% set rest = messages %}{% endif %}"
+                       "{% for m in rest %}{% if m['role'] == 'user' %}{{ '[INST] ' }}"
+                       "{% if loop.last and sys is defined %}{{ sys + '\n\n' }}{% endif %}{{ m['content'] + '[/INST]' }}"
+                       "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_a_template_rendering_earlier_messages_otherwise_once_an_answer_follows_is_named_as_such():
+    """The refusal named two causes, neither of them this one: a template that drops the system
+    message once the answer follows (Mistral v0.3). The example's line shows where."""
+    tok = chat_tokenizer(SYSTEM_IN_LAST_USER)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "Hello."}]
+    with pytest.raises(TrainError) as exc:
+        train_chat.ChatExamples(tok).rows([("d.jsonl:1", messages, None)])
+    headline, line = str(exc.value).splitlines()
+    assert "or the template renders the earlier messages otherwise once an answer follows" in headline
+    assert line == "  d.jsonl:1: from token 8, 'Be brief' with the generation prompt but 'hi[/INST' in the conversation"
+    assert train_chat.ChatExamples(tok).rows([("d.jsonl:1", messages[1:], None)])[0][1] is not None
