@@ -1,0 +1,297 @@
+"""``generate --chat`` and ``train --chat`` across the chat templates of widely used model
+families (tests/chat_templates.py: re-typed approximations, not the repositories' files).
+
+For each family: (a) a ``--prompt-prefix`` (a shared system prompt) is served or refused; (b)
+requests without a prefix are served; (c) ``train --chat`` rows of prompt/completion and
+multi-turn examples are made or refused; (d) with tools, where the template renders them.
+Every answer served must equal ``model.generate`` on the whole templated conversation, and
+every refusal must be right: the template really renders the system prompt (or the context of
+an answer) otherwise. README "Command line" (generate --chat) shows these outcomes as a table.
+"""
+import json
+
+import pytest
+import torch
+
+from chat_templates import FAMILIES, VOCAB_SIZE, family_tokenizer
+from prefix_attn import serve, tiny, train_chat
+from prefix_attn.chat import ChatTemplate
+from prefix_attn.train_state import TrainError
+
+pytestmark = pytest.mark.hf
+
+SERVED = "served"
+SPLIT = "not the conversation's start"  # [system] alone is not the first tokens of the conversation
+RAISES = "the template refuses [system] alone"
+NO_TOKENS = "[system] alone is no tokens"
+NOT_ITS_TEXT = "[system] alone is the same tokens whatever its text"
+
+# (a) a --prompt-prefix, requests without tools; (d) the same with "tools" (families rendering them)
+PREFIX = {"qwen2.5": SERVED, "qwen3": SERVED, "smollm2": SERVED, "llama3": SERVED, "llama3.1": SERVED,
+          "llama2": NO_TOKENS, "mistral-v0.1": RAISES, "mistral-v0.3": NOT_ITS_TEXT, "gemma2": RAISES,
+          "gemma3": NOT_ITS_TEXT, "phi3": SERVED, "phi4": SERVED, "deepseek-v2": SERVED,
+          "deepseek-v3": SERVED, "deepseek-r1": SERVED, "zephyr": SERVED}
+PREFIX_WITH_TOOLS = {"qwen2.5": SPLIT, "qwen3": SPLIT, "llama3.1": SPLIT, "deepseek-v3": SERVED,
+                     "deepseek-r1": SERVED}  # Mistral v0.3: refused as without tools
+_MESSAGES = {SPLIT: "cannot be shared as a prefix with this chat template: it renders the system message "
+                    "differently once a user turn follows",
+             RAISES: "the chat template refuses a system message alone",
+             NO_TOKENS: "the chat template renders a system message alone as no tokens",
+             NOT_ITS_TEXT: "whatever its text (it writes the system message only with a user turn, folded into one)"}
+
+# (c) train --chat, per example: "ok", or the refusal (TEMPLATE: the template refuses the
+# conversation; CONTEXT: the context with the generation prompt is not the conversation's start)
+OK, TEMPLATE, CONTEXT = "ok", "the template refuses it", "the context is not the conversation's start"
+TRAIN_EXAMPLES = ("prompt/completion", "multi-turn", "multi-turn with a system message",
+                  "tool call", "answer after a tool result")
+TRAIN = {name: [OK, OK, OK] + ([OK, OK] if f.tools else []) for name, f in FAMILIES.items()}
+TRAIN.update({"mistral-v0.1": [OK, OK, TEMPLATE], "gemma2": [OK, OK, TEMPLATE],
+              "mistral-v0.3": [OK, OK, CONTEXT, OK, OK],
+              "deepseek-r1": [CONTEXT, CONTEXT, CONTEXT, CONTEXT, OK]})
+
+SYSTEM = "Be brief."
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+MULTI = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."},
+         {"role": "user", "content": "And now?"}]
+
+
+def tool_turn(name):
+    """A question, a tool call (id of 9 characters, as Mistral's template wants) and its result.
+    DeepSeek's template concatenates the arguments (a JSON string here) and tests the call's
+    content with `is none`, which transformers 5 hides by dropping null keys: "" there."""
+    string = FAMILIES[name].string_arguments
+    arguments = '{"city": "Paris"}' if string else {"city": "Paris"}
+    call = {"id": "call00001", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    return [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "" if string else None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call00001", "name": "get_weather", "content": '{"temp": 21}'}]
+
+
+def _write(path, objs):
+    path.write_text("".join(json.dumps(o) + "\n" for o in objs), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny Llama (2048 positions: tool preambles are long in bytes) saved with each
+    family's tokenizer; and that model, loaded once, for the expected answers."""
+    root = tmp_path_factory.mktemp("families")
+    model = tiny.tiny_model("llama", vocab_size=VOCAB_SIZE, hidden=64, heads=4, kv_heads=2,
+                            max_position_embeddings=2048, initializer_range=0.2)  # answers vary more
+    for name in FAMILIES:
+        model.save_pretrained(str(root / name))
+        family_tokenizer(name).save_pretrained(str(root / name))
+    return root, tiny.load_model_folder(str(root / next(iter(FAMILIES))))
+
+
+def _render(tok, messages, tools=None, generation_prompt=True):
+    return tok.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt,
+                                   tokenize=True, return_dict=False)
+
+
+def _generate(folders, tmp_path, monkeypatch, name, requests, *options):
+    """(exit status, answers or None) of generate --chat on ``requests``; the rows and prefixes
+    model.generate was given (padding removed) are checked: after the prompt prefix, the
+    system part's ids (the entry) and the row are the whole templated conversation's."""
+    root, _ = folders
+    fed, load_model = [], serve._load_model
+
+    def recording_load(*args, **kwargs):
+        model, tok = load_model(*args, **kwargs)
+        generate = model.generate
+
+        def recording_generate(input_ids, attention_mask=None, prefixes=None, **kw):
+            fed.extend((row[mask.bool()].tolist(), p) for row, mask, p in zip(input_ids, attention_mask, prefixes))
+            return generate(input_ids, attention_mask=attention_mask, prefixes=prefixes, **kw)
+        model.generate = recording_generate
+        return model, tok
+    monkeypatch.setattr(serve, "_load_model", recording_load)
+    out = tmp_path / f"{name}-answers.jsonl"
+    rc = serve.main(["-i", _write(tmp_path / f"{name}.jsonl", requests), "-o", str(out), "--model",
+                     str(root / name), "--chat", "--max-new-tokens", "5", "--batch-size", "3",
+                     "--no-progress", *options])
+    if rc != 0:
+        return rc, None
+    tok = family_tokenizer(name)
+    head = ChatTemplate(tok).system_ids("sys", SYSTEM) if any("prefix" in r for r in requests) else None
+    full = [_render(tok, _conversation(r), r.get("tools")) for r in requests]
+    assert sorted((head if p == "sys" else []) + row for row, p in fed) == sorted(full)
+    return rc, [json.loads(line) for line in open(out, encoding="utf-8")]
+
+
+def _conversation(r):
+    messages = r.get("messages") or [{"role": "user", "content": r["prompt"]}]
+    return ([{"role": "system", "content": SYSTEM}] if "prefix" in r else []) + messages
+
+
+def _expected(folders, name, requests):
+    """model.generate (greedy, no prefix machinery) on each request's whole templated
+    conversation, its system message first after a prompt prefix; answers as generate writes them."""
+    _, model = folders
+    tok = family_tokenizer(name)
+    stop = serve._stop_ids(model, tok)
+    expected = []
+    for r in requests:
+        ids = _render(tok, _conversation(r), r.get("tools"))
+        with torch.no_grad():
+            new = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=stop)[0, len(ids):].tolist()
+        new = new[:next((i for i, t in enumerate(new) if t in stop), len(new))]
+        expected.append((tok.decode(new, skip_special_tokens=True), len(new)))
+    return expected
+
+
+def _assert_answers(answers, expected):
+    assert [(a["completion"], a["num_tokens"]) for a in answers] == expected
+    assert len(set(expected)) > 1  # the conversations differ in what they give
+
+
+def _refusal_is_right(name, outcome, tools=None):
+    """The template really renders a system prompt that cannot be a prefix: checked on the
+    template itself, without prefix_attn."""
+    tok = family_tokenizer(name)
+    alone = [{"role": "system", "content": SYSTEM}]
+    if outcome == RAISES:
+        with pytest.raises(Exception):
+            _render(tok, alone, generation_prompt=False)
+        return
+    ids = _render(tok, alone, generation_prompt=False)
+    if outcome == NO_TOKENS:
+        assert ids == []
+    elif outcome == NOT_ITS_TEXT:
+        assert ids == _render(tok, [{"role": "system", "content": "Something else."}], generation_prompt=False)
+        assert SYSTEM not in tok.decode(ids)
+    else:
+        full = _render(tok, alone + [{"role": "user", "content": "q"}], tools)
+        assert full[:len(ids)] != ids and full[:len(ids) - 1] != ids[:-1]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_shared_system_prompt(tmp_path, folders, capsys, monkeypatch, name):
+    """(a) --prompt-prefix sys=SYSTEM, a prompt and a multi-turn request: served with the
+    answers of model.generate on [system, *messages], or refused, naming the prefix, where the
+    template really renders [system] alone otherwise."""
+    requests = [{"prefix": "sys", "prompt": "What is 2+2?"}, {"prefix": "sys", "messages": MULTI},
+                {"prefix": "sys", "prompt": "Tell me more."}]
+    rc, answers = _generate(folders, tmp_path, monkeypatch, name, requests, "--prompt-prefix", f"sys={SYSTEM}")
+    err = capsys.readouterr().err
+    if PREFIX[name] == SERVED:
+        assert rc == 0, err
+        _assert_answers(answers, _expected(folders, name, requests))
+        tok = family_tokenizer(name)
+        head = ChatTemplate(tok).system_ids("sys", SYSTEM)
+        assert SYSTEM in tok.decode(head)  # the entry holds the system prompt
+    else:
+        assert rc == 2 and "--prompt-prefix sys" in err and _MESSAGES[PREFIX[name]] in err, err
+        _refusal_is_right(name, PREFIX[name])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_requests_without_a_prefix(tmp_path, folders, monkeypatch, name):
+    """(b) no prefix: a prompt (the template's default system prompt, if any, included) and a
+    multi-turn request; (d) with tools, a tool call and its result, and a prompt with tools."""
+    requests = [{"prompt": "What is 2+2?"}, {"messages": MULTI}]
+    if FAMILIES[name].tools:
+        requests += [{"messages": tool_turn(name), "tools": [WEATHER]}, {"prompt": "Weather in Oslo?", "tools": [WEATHER]}]
+    rc, answers = _generate(folders, tmp_path, monkeypatch, name, requests)
+    assert rc == 0
+    _assert_answers(answers, _expected(folders, name, requests))
+
+
+@pytest.mark.parametrize("name", PREFIX_WITH_TOOLS)
+def test_a_shared_system_prompt_with_tools(tmp_path, folders, capsys, monkeypatch, name):
+    """(d) a prompt prefix and requests giving tools: refused where the template writes the
+    tools into the system part (Qwen, Llama 3.1), served where it leaves the schemas out."""
+    requests = [{"prefix": "sys", "prompt": "Weather in Oslo?", "tools": [WEATHER]},
+                {"prefix": "sys", "messages": tool_turn(name), "tools": [WEATHER]}]
+    rc, answers = _generate(folders, tmp_path, monkeypatch, name, requests, "--prompt-prefix", f"sys={SYSTEM}")
+    err = capsys.readouterr().err
+    if PREFIX_WITH_TOOLS[name] == SERVED:
+        assert rc == 0, err
+        _assert_answers(answers, _expected(folders, name, requests))
+    else:
+        assert rc == 2 and "--prompt-prefix sys" in err and _MESSAGES[SPLIT] in err
+        assert 'requests giving "tools"' in err
+        _refusal_is_right(name, SPLIT, tools=[WEATHER])
+
+
+def _examples(name):
+    examples = [[{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+                MULTI + [{"role": "assistant", "content": "Now 5."}],
+                [{"role": "system", "content": SYSTEM}] + MULTI + [{"role": "assistant", "content": "Now 5."}]]
+    if FAMILIES[name].tools:
+        turn = tool_turn(name)
+        examples += [turn[:2], turn + [{"role": "assistant", "content": "21 degrees."}]]
+    return examples
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_train_chat_rows(tmp_path, name):
+    """(c) each example alone through train --chat's rows: made, the loss on the answer's turn
+    after exactly what generate --chat feeds for the conversation less its answer, or refused
+    where the template refuses the conversation or renders its context otherwise."""
+    tok = family_tokenizer(name)
+    examples = _examples(name)
+    tools = [None, None, None, [WEATHER], [WEATHER]]
+    data = tmp_path / "d.jsonl"
+    read = train_chat.read_examples_at(_write(data, [{"messages": m, **({"tools": t} if t else {})}
+                                                     for m, t in zip(examples, tools)]))
+    outcomes = []
+    for (where, messages, tools_given), example in zip(read, examples):
+        try:
+            ((_, (ids, labels)),) = train_chat.ChatExamples(tok, "m").rows([(where, messages, tools_given)])
+        except TrainError as exc:
+            if "cannot render" in str(exc):
+                outcomes.append(TEMPLATE)
+                with pytest.raises(Exception):
+                    _render(tok, example, tools_given, generation_prompt=False)
+            else:
+                assert "is not the first tokens of the whole conversation" in str(exc)
+                outcomes.append(CONTEXT)
+                context = _render(tok, example[:-1], tools_given)
+                assert _render(tok, example, tools_given, generation_prompt=False)[:len(context)] != context
+            continue
+        outcomes.append(OK)
+        context = _render(tok, example[:-1], tools_given)
+        assert ids == _render(tok, example, tools_given, generation_prompt=False)
+        assert ids[:len(context)] == context and labels == [-100] * len(context) + ids[len(context):]
+        learnt = tok.decode(ids[len(context):], skip_special_tokens=False)
+        answer = example[-1]["content"] or "get_weather"
+        assert answer in learnt and "What is 2+2?" not in learnt and "And now?" not in learnt
+    assert outcomes == TRAIN[name], dict(zip(TRAIN_EXAMPLES, outcomes))
+
+
+def test_deepseek_tool_calls_with_null_content_are_the_templates_error(tmp_path):
+    """transformers 5 drops a message's null keys before rendering; DeepSeek-V3's template tests
+    a tool call's content with `is none` and then concatenates the missing key: the template's
+    error, named per request (give "content": "" there, which renders the same)."""
+    turn = tool_turn("deepseek-v3")
+    tok = family_tokenizer("deepseek-v3")
+    null = [turn[0], {**turn[1], "content": None}, turn[2]]
+    with pytest.raises(Exception, match="has no attribute 'content'"):
+        _render(tok, null)
+    assert "<｜Assistant｜><｜tool▁calls▁begin｜>" in tok.decode(_render(tok, turn), skip_special_tokens=False)
+
+
+def test_readme_has_the_families_table():
+    """README's table says what these tests measure, family by family."""
+    import os
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    table = readme[readme.index("| family (template) |"):]
+    table = table[:table.index("\n\n")].splitlines()
+    assert "tests/test_chat_families.py" in readme[readme.index("| family (template) |") - 800:]
+    rows = {line.split("|")[1].split()[0]: [c.strip() for c in line.split("|")[2:-1]] for line in table[2:]}
+    assert list(rows) == list(FAMILIES)
+    for name, (prefix, tools, train) in rows.items():
+        assert prefix.startswith(SERVED if PREFIX[name] == SERVED else "refused"), name
+        with_tools = PREFIX_WITH_TOOLS.get(name)
+        assert tools.startswith({SERVED: SERVED, SPLIT: "refused", None: "no tools"}[with_tools]) \
+            or (name == "mistral-v0.3" and tools == "refused as without tools"), name
+        if OK not in TRAIN[name] or TRAIN[name].count(OK) == 1:
+            assert train.startswith("refused except" if OK in TRAIN[name] else "refused"), name
+        else:
+            assert train.startswith("ok") and ("except" in train) == (set(TRAIN[name]) != {OK}), name
