@@ -309,7 +309,7 @@ def test_a_completion_that_is_not_a_string_is_named(tmp_path):
 def test_an_answer_after_a_tool_message_is_learnt_and_a_tool_message_last_is_not(tmp_path, messages, pattern):
     data = _write(tmp_path / "d.jsonl", [{"messages": messages}])
     if pattern is None:
-        assert train_chat.read_examples_at(data) == [(f"{data}:1", messages)]
+        assert train_chat.read_examples_at(data) == [(f"{data}:1", messages, None)]  # (where, messages, tools)
     else:
         with pytest.raises(TrainError, match=pattern):
             train_chat.read_examples_at(data)
