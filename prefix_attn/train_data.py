@@ -117,7 +117,7 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
             raise TrainError(f"{where}: {problem}")
         if has_target(labels[:max_length]):
             out.append((ids[:max_length], labels[:max_length]))
-            shortened += len(ids) > max_length and has_target(labels[max_length:])
+            shortened += any(label != -100 for label in labels[max_length:])  # a learnt token cut
         elif has_target(labels):
             cut += 1
         else:

@@ -60,3 +60,18 @@ def test_byte_tokenizer_pads_on_the_side_asked(side):
     assert real == [tok.bos_token_id, tok.offset + ord("a")]
     assert torch.equal(enc.input_ids[0][~enc.attention_mask[0].bool()],
                        torch.full((2,), tok.pad_token_id))
+
+
+@pytest.mark.parametrize("cut_tokens", [1, 2])
+def test_an_example_losing_only_its_end_token_to_max_length_is_in_the_note(tmp_path, capsys, cut_tokens):
+    """--max-length one token short of an example drops just its end-of-text token, which the
+    note is for; has_target(labels[max_length:]) skipped the first cut label, so a single cut
+    token went unsaid."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "Q: ", "completion": "abc"}\n')
+    tok = tiny.ByteTokenizer()
+    ids, _ = train_data.encode_example(tok, "Q: ", "abc")
+    kept = train_data.prepare(tok, train_data.read_examples_at(str(path)), len(ids) - cut_tokens,
+                              tok.vocab_size, str(path))
+    assert len(kept) == 1 and tok.eos_token_id not in kept[0][1]
+    assert "1 of 1 example is longer than the" in capsys.readouterr().err
