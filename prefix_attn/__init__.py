@@ -53,7 +53,15 @@ def _is_the_command() -> bool:
     parsing. Any other import of the package (``python -m prefix_attn.cli`` included) loads
     everything at once, as it always did."""
     main = _sys.modules.get("__main__")
-    return _os.path.basename(getattr(main, "__file__", None) or "") in ("prefix-attn", "prefix-attn-script.py")
+    if _os.path.basename(getattr(main, "__file__", None) or "") not in ("prefix-attn", "prefix-attn-script.py"):
+        return False
+    # that script (pip's, pipx's, uv's), not any program of that name: one that does not hand
+    # over to prefix_attn.cli.main would never load the package (nor register "prefix_attn")
+    try:
+        source = main.__loader__.get_source(main.__name__) or ""
+    except Exception:  # no loader, no source: load everything, as any other import does
+        return False
+    return "from prefix_attn.cli import main" in source
 
 
 _loaded = False

@@ -112,3 +112,16 @@ def test_the_parsers_dtype_names_are_the_commands():
     assert set(cli_parsers.TRAIN_DTYPES) == set(train.DTYPES)
     assert set(cli_parsers.GENERATE_DTYPES) == set(serve._DTYPES)
     assert list(cli_parsers.CHECK_DTYPES) == list(check.DTYPES)
+
+
+def test_another_program_named_prefix_attn_gets_the_whole_package(tmp_path):
+    """Only the console script (which calls prefix_attn.cli.main, loading the rest) may import
+    the package lazily: any other program whose file is named prefix-attn got a package that
+    had not registered "prefix_attn" with transformers (DESIGN.md, section 3) nor its backends."""
+    script = tmp_path / "prefix-attn"
+    script.write_text("import prefix_attn\n"
+                      "from transformers import AttentionInterface\n"
+                      "print(prefix_attn._loaded, 'prefix_attn' in AttentionInterface._global_mapping)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.stdout == "True True\n", done.stderr
+
