@@ -53,7 +53,11 @@ def _is_the_command() -> bool:
     parsing. Any other import of the package (``python -m prefix_attn.cli`` included) loads
     everything at once, as it always did."""
     main = _sys.modules.get("__main__")
-    if _os.path.basename(getattr(main, "__file__", None) or "") not in ("prefix-attn", "prefix-attn-script.py"):
+    path = getattr(main, "__file__", None) or ""
+    name = _os.path.basename(path)
+    if name == "__main__.py":  # Windows: pip's prefix-attn.exe runs the script as a zip's __main__.py
+        name = _os.path.basename(_os.path.dirname(path))
+    if name not in ("prefix-attn", "prefix-attn-script.py", "prefix-attn.exe"):
         return False
     # that script (pip's, pipx's, uv's), not any program of that name: one that does not hand
     # over to prefix_attn.cli.main would never load the package (nor register "prefix_attn")

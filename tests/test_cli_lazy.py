@@ -125,3 +125,18 @@ def test_another_program_named_prefix_attn_gets_the_whole_package(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.stdout == "True True\n", done.stderr
 
+
+def test_help_of_the_windows_launcher_imports_no_heavy_module(tmp_path):
+    """pip's prefix-attn.exe on Windows is a launcher with the script appended as the
+    __main__.py of a zip: __main__.__file__ is .../prefix-attn.exe/__main__.py (Python runs the
+    zip the same way on every system)."""
+    import zipfile
+
+    exe = tmp_path / "bin" / "prefix-attn.exe"
+    exe.parent.mkdir()
+    with zipfile.ZipFile(exe, "w") as z:
+        z.writestr("__main__.py", _SCRIPT.format(heavy=HEAVY))
+    done = subprocess.run([sys.executable, str(exe), "--help"], capture_output=True, text=True, timeout=300)
+    err, _, heavy = done.stderr.rstrip("\n").rpartition("\nHEAVY=")
+    assert done.returncode == 0 and "usage: prefix-attn" in done.stdout, err
+    assert heavy == ""
