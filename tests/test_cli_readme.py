@@ -38,3 +38,15 @@ def test_every_option_is_in_the_command_line_section():
 def test_every_option_in_the_command_line_section_exists():
     known = {o for opts in _options().values() for o in opts} | {"--version", "--help"}
     assert sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", _section())) - known) == []
+
+
+def test_each_command_s_bullet_lists_its_options():
+    """The list "Every option, its default in parentheses" has one bullet per command, which
+    must name all of that command's options (train's and generate's --chat were only in the
+    prose of the section, which the test above is content with)."""
+    section = _section()
+    bullets = section[section.index("Every option, its default"):].split("\n\n")[1]
+    by_command = {re.match(r"`(\w+)", b).group(1): b for b in bullets.removeprefix("- ").split("\n- ")}
+    missing = {c: [o for o in opts if not re.search(re.escape(o) + r"(?![\w-])", by_command.get(c, ""))]
+               for c, opts in _options().items()}
+    assert {c: m for c, m in missing.items() if m} == {}
