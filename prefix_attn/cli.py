@@ -27,8 +27,16 @@ class _Version(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         from prefix_attn.cli_args import versions
 
-        _load_package()
-        print(versions())  # one line, never wrapped at the terminal's width
+        try:
+            _load_package()
+            line = versions()
+        except KeyboardInterrupt:  # in the seconds of imports: a clean stop, as a command's
+            print("prefix-attn: stopped: SIGINT", file=sys.stderr)
+            parser.exit(128 + signal.SIGINT)
+        try:
+            print(line, flush=True)  # one line, never wrapped at the terminal's width
+        except BrokenPipeError:  # the reader is gone: quiet, as argparse's own --version (and --help)
+            _silence_stdout()
         parser.exit()
 
 

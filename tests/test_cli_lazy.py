@@ -140,3 +140,30 @@ def test_help_of_the_windows_launcher_imports_no_heavy_module(tmp_path):
     err, _, heavy = done.stderr.rstrip("\n").rpartition("\nHEAVY=")
     assert done.returncode == 0 and "usage: prefix-attn" in done.stdout, err
     assert heavy == ""
+
+
+def test_version_to_a_closed_standard_output_is_quiet(tmp_path):
+    """argparse's own --version action ignored a write error; ours printed a BrokenPipeError
+    traceback (exit status 1) when the reader was gone before the line was written."""
+    script = tmp_path / "prefix-attn"
+    script.write_text(_SCRIPT.format(heavy=()))
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, str(script), "--version"], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert done.returncode == 0 and "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, \
+        done.stderr
+
+
+def test_ctrl_c_while_version_loads_the_package_is_a_clean_stop(monkeypatch, capsys):
+    import prefix_attn
+
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prefix_attn, "_load", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 130 and capsys.readouterr() == ("", "prefix-attn: stopped: SIGINT\n")
