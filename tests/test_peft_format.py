@@ -530,5 +530,10 @@ def test_save_peft_moves_the_config_in_last(tmp_path, monkeypatch):
     bank.save_peft("a", str(tmp_path / "ad"))
     assert moved == ["README.md", "adapter_model.safetensors", "adapter_config.json"]
     moved.clear()
-    bank.save_peft("a", str(tmp_path / "ad"))  # the card is there: kept
+    bank.save_peft("a", str(tmp_path / "ad"))  # the card an earlier save wrote is replaced
+    assert moved == ["README.md", "adapter_model.safetensors", "adapter_config.json"]
+    moved.clear()
+    (tmp_path / "ad" / "README.md").write_text("my card\n")
+    bank.save_peft("a", str(tmp_path / "ad"))  # a card of the user's is kept
     assert moved == ["adapter_model.safetensors", "adapter_config.json"]
+    assert (tmp_path / "ad" / "README.md").read_text() == "my card\n"
