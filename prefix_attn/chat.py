@@ -23,6 +23,7 @@ as above. Assistant messages may be tool calls (``content`` null, ``tool_calls``
 """
 from __future__ import annotations
 
+import json
 from typing import Dict, List, Optional, Tuple
 
 from . import jsonl
@@ -101,7 +102,38 @@ def _tool_calls(message: dict, at: str) -> list:
     if got is not None:
         raise RequestError(f"{at}: 'tool_calls' must be an array of objects "
                            f'[{{"type": "function", "function": {{"name": ..., "arguments": ...}}}}, ...]; got {got}')
+    for j, call in enumerate(calls):
+        arguments = _arguments(call)
+        if isinstance(arguments, str) and not isinstance(_json_object(arguments), dict):
+            raise RequestError(f"{at}: tool_calls[{j}].function.arguments is a string that is not a JSON "
+                               f"object ({arguments[:40]!r}): give the arguments as an object, or as "
+                               "OpenAI's JSON text of one")
     return calls
+
+
+def _arguments(call: dict):
+    function = call.get("function")
+    return function.get("arguments") if isinstance(function, dict) else None
+
+
+def _json_object(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def for_template(messages: List[dict]) -> List[dict]:
+    """``messages`` as chat templates take them: a tool call's ``arguments`` given as OpenAI's
+    JSON text become the object it holds (templates write them with ``tojson``: the text would
+    be quoted again, and a prefix trained on that escaped form). The messages given are not
+    changed (results echo them as they came)."""
+    def call(c):
+        if not isinstance(_arguments(c), str):
+            return c
+        return {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+    return [{**m, "tool_calls": [call(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m
+            for m in messages]
 
 
 def parse_tools(value, where: str) -> List[dict]:
@@ -176,7 +208,8 @@ class ChatTemplate:
                tools: Optional[List[dict]] = None) -> List[int]:
         """``apply_chat_template``'s token ids (the rendered text tokenised without special
         tokens: the template writes those it wants); ``tools``: the request's, if any."""
-        ids = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt,
+        ids = self.tokenizer.apply_chat_template(for_template(messages), tools=tools,
+                                                 add_generation_prompt=generation_prompt,
                                                  tokenize=True, return_dict=False)
         return [int(i) for i in ids]
 

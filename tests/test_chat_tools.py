@@ -62,6 +62,30 @@ def test_bad_tool_calls_are_refused_naming_file_and_line(tmp_path, message, patt
         read_requests(f)
 
 
+def test_openai_arguments_given_as_json_text_render_as_the_object(tmp_path):
+    """OpenAI's tool_calls carry "arguments" as JSON text: passed as they were, a template's
+    tojson quoted them again ("{\\"city\\": ...}"), and train --chat learnt that escaped form.
+    They render as the object they hold; the request keeps (and echoes) what it gave."""
+    from prefix_attn.chat import ChatTemplate
+    from test_serve_chat import chat_tokenizer
+
+    as_text = {**CALL, "function": {**CALL["function"], "arguments": json.dumps(CALL["function"]["arguments"])}}
+    turn = [TOOL_TURN[0], {"role": "assistant", "content": None, "tool_calls": [as_text]}, TOOL_TURN[2]]
+    f = _write(tmp_path / "r.jsonl", [json.dumps({"messages": turn}), json.dumps({"messages": TOOL_TURN})])
+    text, obj = read_requests(f)
+    assert text.messages == turn  # as given
+    chat = ChatTemplate(chat_tokenizer(TOOLS_TEMPLATE))
+    assert chat.render(text.messages, True) == chat.render(obj.messages, True)
+    rendered = chat.tokenizer.decode(chat.render(text.messages, True))
+    assert '"arguments": {"city": "Paris"}' in rendered and '\\"city' not in rendered
+    bad = {**CALL, "function": {**CALL["function"], "arguments": "city=Paris"}}
+    f = _write(tmp_path / "b.jsonl", [json.dumps({"messages": [TOOL_TURN[0], {"role": "assistant",
+                                                                              "tool_calls": [bad]}, TOOL_TURN[2]]})])
+    with pytest.raises(RequestError, match=r"b.jsonl:1: messages\[1\]: tool_calls\[0\].function.arguments is a "
+                                           r"string that is not a JSON object \('city=Paris'\)"):
+        read_requests(f)
+
+
 # -- "tools" ---------------------------------------------------------------------------------
 
 # tools in a turn of their own after the first message: a system message alone is the start
