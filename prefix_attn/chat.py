@@ -136,10 +136,13 @@ def for_template(messages: List[dict]) -> List[dict]:
             for m in messages]
 
 
-def parse_tools(value, where: str) -> List[dict]:
+def parse_tools(value, where: str) -> Optional[List[dict]]:
     """A request's (or training example's) ``"tools"``: the function schemas the template is
-    given (``apply_chat_template(..., tools=tools)``), an array of objects. Raises
-    RequestError naming ``where``."""
+    given (``apply_chat_template(..., tools=tools)``), an array of objects; null is no tools
+    (as OpenAI's API takes it, and as ``"tool_calls": null`` is none). Raises RequestError
+    naming ``where``."""
+    if value is None:
+        return None
     got = _not_objects(value)
     if got is not None:
         raise RequestError(f"{where}: 'tools' must be an array of objects (function schemas, "

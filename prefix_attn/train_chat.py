@@ -90,7 +90,7 @@ def _conversation(where: str, obj) -> Tuple[List[dict], Optional[List[dict]]]:
         raise TrainError(f"{where}: expected a JSON object, got {jsonl.json_type(obj)}"
                          + jsonl.array_hint(where, obj))
     try:
-        tools = parse_tools(obj["tools"], where) if "tools" in obj else None
+        tools = parse_tools(obj.get("tools"), where)
         if "messages" in obj:
             if "prompt" in obj or "completion" in obj:
                 raise TrainError(f"{where}: give either 'messages' or 'prompt'/'completion', not both")

@@ -54,7 +54,7 @@ def _example(where: str, obj) -> Tuple[str, str]:
     if not isinstance(obj, dict):
         raise TrainError(f"{where}: expected a JSON object, got {jsonl.json_type(obj)}"
                          + jsonl.array_hint(where, obj))
-    if "tools" in obj:  # not to be dropped silently
+    if obj.get("tools") is not None:  # not to be dropped silently (null: no tools)
         raise TrainError(f"{where}: 'tools' needs --chat (the tokenizer's chat template renders them)")
     if "text" in obj:
         if "prompt" in obj or "completion" in obj:

@@ -233,12 +233,25 @@ def test_a_prompt_prefix_with_tools_the_template_writes_into_the_system_part_is_
 
 
 @pytest.mark.parametrize("tools, got", [({"a": 1}, "an object"), ([WEATHER, "x"], "an array holding a string"),
-                                        (None, "null")])
+                                        ("x", "a string")])
 def test_bad_tools_are_refused_naming_file_and_line(tmp_path, tools, got):
     f = _write(tmp_path / "r.jsonl", ['{"prompt": "ok"}', json.dumps({"prompt": "a", "tools": tools})])
     with pytest.raises(RequestError, match=r"r.jsonl:2: 'tools' must be an array of objects \(function schemas, "
                                            r".*\); got " + got):
         read_requests(f)
+
+
+def test_null_tools_are_no_tools():
+    """OpenAI's API takes "tools": null (no tools); it was refused, though "tool_calls": null
+    was taken. A null is no tools: without --chat too."""
+    from prefix_attn.serve_inputs import _parse_request
+
+    r = _parse_request({"prompt": "a", "tools": None}, "r.jsonl:1", 1)
+    assert r.tools is None and r.extra == {"tools": None}  # echoed as given
+    from prefix_attn import train_chat, train_data
+
+    assert train_data._example("d.jsonl:1", {"prompt": "a", "completion": "b", "tools": None}) == ("a", "b")
+    assert train_chat._conversation("d.jsonl:1", {"prompt": "a", "completion": "b", "tools": None})[1] is None
 
 
 def test_tools_without_chat_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
