@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import os
 import signal
 import sys
 from typing import List, Optional
+
+from prefix_attn import cli_args
 
 # The parser is built from prefix_attn.cli_parsers, which imports neither torch nor
 # transformers: --help and usage errors answer at once. The package (when this process is the
@@ -25,27 +26,17 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from prefix_attn.cli_args import versions
-
         try:
             _load_package()
-            line = versions()
+            line = cli_args.versions()
         except KeyboardInterrupt:  # in the seconds of imports: a clean stop, as a command's
             print("prefix-attn: stopped: SIGINT", file=sys.stderr)
             parser.exit(128 + signal.SIGINT)
         try:
             print(line, flush=True)  # one line, never wrapped at the terminal's width
         except BrokenPipeError:  # the reader is gone: quiet, as argparse's own --version (and --help)
-            _silence_stdout()
+            cli_args.silence_stdout()
         parser.exit()
-
-
-def _silence_stdout() -> None:
-    """Standard output's reader is gone: nothing more may go there, not even the flush at
-    Python's exit (another BrokenPipeError, printed as "Exception ignored")."""
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, sys.stdout.fileno())
-    os.close(null)
 
 
 def _load_package() -> None:
@@ -81,7 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"prefix-attn {args.command}: stopped: SIGINT", file=sys.stderr)
         return 128 + signal.SIGINT
     except BrokenPipeError:  # standard output closed by its reader (`| head`): a quiet stop
-        _silence_stdout()
+        cli_args.silence_stdout()
         return 128 + signal.SIGPIPE
     except ModuleNotFoundError as exc:
         top = (exc.name or "").split(".")[0]

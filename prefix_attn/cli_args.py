@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import platform
+import sys
 from importlib import metadata
 from typing import Callable, Optional
 
@@ -155,3 +157,11 @@ def versions() -> str:
             f"{torch.__version__} ({cuda}), triton {installed('triton')}, transformers {hf}"
             f"{f' (too old: the HF integration needs {floor} or newer)' if old else ''}, "
             f"peft {installed('peft')}, accelerate {installed('accelerate')}")
+
+
+def silence_stdout() -> None:
+    """Standard output's reader is gone (``| head``): nothing more may go there, not even the
+    flush at Python's exit (another BrokenPipeError, printed as "Exception ignored")."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)

@@ -229,13 +229,6 @@ def _progress(total: int, enabled: bool):
 
 # -- output ----------------------------------------------------------------------------------
 
-def _silence_stdout() -> None:
-    """Standard output's reader is gone: nothing more may go there, not even the flush of
-    Python's exit (another BrokenPipeError)."""
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, sys.stdout.fileno())
-    os.close(null)
-
 
 class OutOfMemory(Exception):
     """A request ran out of device memory even alone (its batch halved down to it)."""
@@ -328,7 +321,7 @@ class _Output:
             for index in waiting:
                 self.write(self._held.pop(index))
         except OutputClosed:  # standard output's reader is gone
-            _silence_stdout()
+            cli_args.silence_stdout()
             return f"{done}; standard output was closed"
         except RequestError as exc:  # the temporary file, removed by close
             return f"{done}; saving them failed: {exc}"
@@ -336,7 +329,7 @@ class _Output:
             try:
                 self.f.flush()
             except BrokenPipeError:  # its reader is gone too
-                _silence_stdout()
+                cli_args.silence_stdout()
                 return f"{done}; standard output was closed"
             return f"{done}; their results were written to standard output"
         if self.count == 0:
@@ -395,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"prefix-attn generate: error: {exc}", file=sys.stderr)
         return 1
     except OutputClosed as closed:
-        _silence_stdout()
+        cli_args.silence_stdout()
         print(f"prefix-attn generate: stopped: standard output was closed after {closed.count} "
               f"result{'' if closed.count == 1 else 's'}", file=sys.stderr)
         return 128 + signal.SIGPIPE

@@ -156,7 +156,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return cli_parsers.train_arguments(p)
 
 
-_prefix_name = cli_parsers.prefix_name
 
 
 def build_parser() -> argparse.ArgumentParser:
