@@ -198,13 +198,16 @@ class ChatTemplate:
     """The token ids of prompt prefixes (system messages) and requests under ``--chat``.
 
     ``model_dir``: the --model folder (None: the built-in model), named in the RequestError
-    raised when the tokenizer has no chat template; ``instead``: what it says to do then."""
+    raised when the tokenizer has no chat template; ``instead``: what it says to do then;
+    ``options``: the template's variables (``--chat-option``, e.g. ``enable_thinking``)."""
 
-    def __init__(self, tokenizer, model_dir: Optional[str] = None, instead: str = "serve"):
+    def __init__(self, tokenizer, model_dir: Optional[str] = None, instead: str = "serve",
+                 options: Optional[dict] = None):
         problem = missing_template(tokenizer, model_dir, instead)
         if problem is not None:
             raise RequestError(problem)
         self.tokenizer = tokenizer
+        self.options = dict(options or {})
         self.systems: Dict[str, Tuple[str, List[int]]] = {}  # prompt prefix -> (text, ids)
 
     def render(self, messages: List[dict], generation_prompt: bool,
@@ -213,7 +216,7 @@ class ChatTemplate:
         tokens: the template writes those it wants); ``tools``: the request's, if any."""
         ids = self.tokenizer.apply_chat_template(for_template(messages), tools=tools,
                                                  add_generation_prompt=generation_prompt,
-                                                 tokenize=True, return_dict=False)
+                                                 tokenize=True, return_dict=False, **self.options)
         return [int(i) for i in ids]
 
     def system_ids(self, name: str, text: str) -> List[int]:
@@ -328,3 +331,12 @@ def difference(tokenizer, a: List[int], b: List[int]) -> Tuple[int, str, str]:
     def show(ids):
         return repr(tokenizer.decode(ids[i:i + _SHOWN], skip_special_tokens=False))
     return i, show(a), show(b)
+
+
+def options_need_chat(options: list, chat: bool) -> Optional[str]:
+    """Why ``--chat-option`` cannot be taken (None: it can): it sets template variables, so it
+    needs ``--chat``."""
+    if options and not chat:
+        return (f"--chat-option {'='.join(map(str, options[0]))}: template variables need --chat "
+                "(without it no chat template renders the text)")
+    return None

@@ -165,3 +165,28 @@ def silence_stdout() -> None:
     null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, sys.stdout.fileno())
     os.close(null)
+
+
+# apply_chat_template's own arguments: set by --chat itself, not template variables
+_CHAT_RESERVED = frozenset(("conversation", "messages", "tools", "documents", "add_generation_prompt",
+                            "continue_final_message", "tokenize", "return_dict", "return_tensors",
+                            "return_assistant_tokens_mask", "chat_template", "padding", "truncation",
+                            "max_length", "tokenizer_kwargs"))
+
+
+def chat_option(text: str) -> tuple:
+    """An argparse ``type``: ``KEY=VALUE``, a variable of the chat template (``enable_thinking=false``
+    for Qwen3), the value read as JSON (``false``, ``3``, ``"x"``, ``[...]``), else as the text."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a template variable, e.g. "
+                                         f"enable_thinking=false; got {text!r}")
+    if key in _CHAT_RESERVED:
+        raise argparse.ArgumentTypeError(f"{key} is set by --chat itself (apply_chat_template's own "
+                                         f"argument), not a template variable")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value

@@ -126,6 +126,9 @@ def train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="render each example with the tokenizer's chat template, as generate --chat does "
                         "(.jsonl/.json: {'prompt','completion'} is [user, assistant]; or {'messages'} ending "
                         "in the assistant message learnt); the loss is on that assistant turn only")
+    p.add_argument("--chat-option", action="append", default=[], type=cli_args.chat_option, metavar="KEY=VALUE",
+                   help="a variable of the chat template, with --chat (e.g. enable_thinking=false; the value "
+                        "read as JSON, else as text; repeatable)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUTPUT/checkpoint.pt (same settings; --max-steps/--epochs may grow)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -157,6 +160,9 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true",
                    help="render with the tokenizer's chat template: a --prompt-prefix is the system "
                         "message, a request's prompt (or \"messages\") the user turn(s)")
+    p.add_argument("--chat-option", action="append", default=[], type=cli_args.chat_option, metavar="KEY=VALUE",
+                   help="a variable of the chat template, with --chat (e.g. enable_thinking=false; the value "
+                        "read as JSON, else as text; repeatable)")
     p.add_argument("--input", "-i", required=True, metavar="FILE", help="JSONL requests file ('-' = stdin)")
     p.add_argument("--output", "-o", required=True, metavar="FILE",
                    help="JSONL results file ('-' = stdout); written whole at the end, folders created")

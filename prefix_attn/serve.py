@@ -405,6 +405,9 @@ def _run(args: argparse.Namespace, signals: StopSignals) -> int:
                            "replaced by the answers; give another -o")
     check_prefix_names(requests, [s.name for s in sources], args.input)
     chat_template.check_requests(requests, args.chat, args.input)
+    problem = chat_template.options_need_chat(args.chat_option, args.chat)
+    if problem is not None:
+        raise RequestError(problem)
     if args.chat and requests:
         chat_template.check_template(args.model)
     warn_about_option_fields(requests)
@@ -437,7 +440,8 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
     model, tokenizer = _load_model(args.model, device, _DTYPES[args.dtype])
     with warnings.catch_warnings(record=True) as caught:  # shown as the command's own warnings
         warnings.simplefilter("always", UserWarning)
-        chat = chat_template.ChatTemplate(tokenizer, args.model) if args.chat else None
+        chat = (chat_template.ChatTemplate(tokenizer, args.model, options=dict(args.chat_option))
+                if args.chat else None)
         bank, prompt_ids = _build_bank(model, tokenizer, sources, args.bank, chat)
     package = os.path.dirname(os.path.abspath(__file__))
     for w in caught:

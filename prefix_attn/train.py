@@ -51,6 +51,7 @@ import torch
 from . import atomic, cli_args, cli_parsers, tiny, train_chat
 from .train_data import batch_order, collate, collate_packed, prepare, read_examples_at, split_eval
 from .backends import check_env_backend
+from .chat import options_need_chat
 from .train_state import (BASE_MODEL, LOG, PROG, Interrupted, StopSignals, TrainError, TrainingFailed, append_log,
                           check_output_folder, check_same_settings, create_output_folder,
                           load_checkpoint, plain_args, run_settings, start_log, warn)
@@ -235,10 +236,14 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
         check_env_backend(device.type, "training")
     except ValueError as exc:
         raise TrainError(str(exc)) from None
+    problem = options_need_chat(args.chat_option, args.chat)
+    if problem is not None:
+        raise TrainError(problem)
     read = train_chat.read_examples_at if args.chat else read_examples_at
     examples = read(args.data)
     eval_examples = read(args.eval_data, what="--eval-data file") if args.eval_data else None
-    chat = train_chat.ChatExamples.of_model(args.model) if args.chat else None  # before the model loads
+    chat = (train_chat.ChatExamples.of_model(args.model, dict(args.chat_option))  # before the model loads
+            if args.chat else None)
     ckpt_path = os.path.join(args.output, CHECKPOINT)
     if args.resume:
         state = load_checkpoint(ckpt_path)

@@ -114,21 +114,21 @@ class ChatExamples:
     """The (ids, labels) of conversations under the tokenizer's chat template. ``model_dir``:
     the --model folder (None: the built-in model), named when the tokenizer has none."""
 
-    def __init__(self, tokenizer, model_dir: Optional[str] = None):
+    def __init__(self, tokenizer, model_dir: Optional[str] = None, options: Optional[dict] = None):
         try:
-            self.template = ChatTemplate(tokenizer, model_dir, "train on raw text")
+            self.template = ChatTemplate(tokenizer, model_dir, "train on raw text", options)
         except RequestError as exc:
             raise TrainError(str(exc)) from None
         self.tokenizer = tokenizer
 
     @classmethod
-    def of_model(cls, model_dir: Optional[str]) -> "ChatExamples":
+    def of_model(cls, model_dir: Optional[str], options: Optional[dict] = None) -> "ChatExamples":
         """For ``--model model_dir`` (None: the built-in model, whose byte tokenizer has no
-        template): checked before the model loads."""
+        template) and the template variables ``options``: checked before the model loads."""
         if model_dir is None:
-            return cls(tiny.ByteTokenizer(), None)
+            return cls(tiny.ByteTokenizer(), None, options)
         try:
-            return cls(tiny.load_tokenizer(model_dir), model_dir)
+            return cls(tiny.load_tokenizer(model_dir), model_dir, options)
         except tiny.TokenizerError as exc:
             raise TrainError(str(exc)) from None
 

@@ -170,12 +170,14 @@ def run_settings(args: argparse.Namespace, max_length: int) -> Dict[str, object]
             # unused with --eval-data: not a setting then (None matches any older value); with
             # --eval-every 0 nothing is held out, whatever the fraction
             "--eval-fraction": _eval_fraction(args), "--lr": args.lr, "--weight-decay": args.weight_decay,
-            "--dtype": getattr(args, "dtype", "float32"), "--chat": bool(getattr(args, "chat", False))}
+            "--dtype": getattr(args, "dtype", "float32"), "--chat": bool(getattr(args, "chat", False)),
+            # JSON text: a dict here is a file's fingerprint
+            "--chat-option": json.dumps(dict(sorted(getattr(args, "chat_option", None) or [])))}
 
 
 # settings added after checkpoints recorded settings, with the value every older run had: a
 # checkpoint without one is compared as having it
-LATER_SETTINGS = {"--dtype": "float32", "--chat": False}
+LATER_SETTINGS = {"--dtype": "float32", "--chat": False, "--chat-option": "{}"}
 
 
 NOTHING_HELD_OUT = "0 (--eval-every 0: nothing held out)"

@@ -266,7 +266,7 @@ def test_readme_and_help_say_what_train_chat_does():
     command_line = readme[readme.index("### Command line"):readme.index("## Benchmarks")]
     assert "prefix-attn train chat.jsonl -o out/ --model DIR --chat" in command_line
     assert "`prefix-attn train --chat` trains a prefix for `generate --chat`" in command_line
-    assert "lr, weight decay or `--chat` differ" in command_line
+    assert "lr, weight decay, `--chat` or `--chat-option` differ" in command_line
     description = " ".join(train.build_parser().format_help().split())  # __doc__, as --help shows it
     assert "--chat`` trains a prefix for ``prefix-attn generate --chat``" in description
 
