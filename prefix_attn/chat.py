@@ -123,19 +123,6 @@ def _json_object(text: str):
         return None
 
 
-def for_template(messages: List[dict]) -> List[dict]:
-    """``messages`` as chat templates take them: a tool call's ``arguments`` given as OpenAI's
-    JSON text become the object it holds (templates write them with ``tojson``: the text would
-    be quoted again, and a prefix trained on that escaped form). The messages given are not
-    changed (results echo them as they came)."""
-    def call(c):
-        if not isinstance(_arguments(c), str):
-            return c
-        return {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
-    return [{**m, "tool_calls": [call(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m
-            for m in messages]
-
-
 def parse_tools(value, where: str) -> Optional[List[dict]]:
     """A request's (or training example's) ``"tools"``: the function schemas the template is
     given (``apply_chat_template(..., tools=tools)``), an array of objects; null is no tools
@@ -214,7 +201,7 @@ class ChatTemplate:
                tools: Optional[List[dict]] = None) -> List[int]:
         """``apply_chat_template``'s token ids (the rendered text tokenised without special
         tokens: the template writes those it wants); ``tools``: the request's, if any."""
-        ids = self.tokenizer.apply_chat_template(for_template(messages), tools=tools,
+        ids = self.tokenizer.apply_chat_template(messages, tools=tools,
                                                  add_generation_prompt=generation_prompt,
                                                  tokenize=True, return_dict=False, **self.options)
         return [int(i) for i in ids]
