@@ -32,7 +32,8 @@ from .serve_inputs import Request, RequestError, refusal
 
 ROLES = ("system", "user", "assistant", "tool")
 _SHOWN = 8  # tokens shown from the first difference
-_OTHER_SYSTEM = "Another system prompt."  # [system] rendered with other text, to tell whether the text is in it
+# [system] rendered with other texts, to tell whether the text is in it
+_OTHER_SYSTEMS = ("Another system prompt.", "A different one, longer: 42!")
 
 
 # -- the request file's "messages" -----------------------------------------------------------
@@ -239,9 +240,11 @@ class ChatTemplate:
         """Whether the template renders [system] alone as ``ids`` whatever the system message
         says (e.g. only its BOS, Gemma 3 and Mistral v0.3 writing the message into a user
         turn): the entry would hold none of it, and each request would carry it whole."""
-        other = _OTHER_SYSTEM if text != _OTHER_SYSTEM else _OTHER_SYSTEM + " Really."
+        # two other texts, both rendered as ``ids``: one alone may render as ``text`` does (a
+        # template trimming the message, Llama 3's, makes "A." and "A.\n" the same tokens)
         try:
-            return self.render([{"role": "system", "content": other}], generation_prompt=False) == ids
+            return all(self.render([{"role": "system", "content": other}], generation_prompt=False) == ids
+                       for other in _OTHER_SYSTEMS)
         except Exception:  # a template refusing only that text: not one that leaves it out
             return False
 

@@ -465,3 +465,17 @@ def test_a_system_prompt_is_shared_without_the_eos_closing_a_conversation(tmp_pa
         expected.append((tok.decode(new, skip_special_tokens=True), len(new)))
     assert [(r["completion"], r["num_tokens"]) for r in _results(out)] == expected
     assert len({c for c, _ in expected}) > 2  # the conversations differ in what they give
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("text", ["Another system prompt.\n", " Another system prompt.", "Another system prompt."])
+def test_a_system_prompt_that_trims_to_the_probe_text_is_served(text):
+    """Llama 3's template trims the message: a system prompt differing from the one probe text
+    only by blanks rendered as it did, and was refused as rendered "whatever its text"."""
+    from chat_templates import family_tokenizer
+
+    from prefix_attn.chat import ChatTemplate
+
+    tok = family_tokenizer("llama3")
+    ids = ChatTemplate(tok).system_ids("sys", text)
+    assert "\n\nAnother system prompt." in tok.decode(ids)
