@@ -125,8 +125,9 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
     if shortened:  # kept, but the end of their answer (the end-of-text / end-of-turn) is not learnt
         warn("note", f"{path}: {shortened} of {len(examples_at)} example{'' if len(examples_at) == 1 else 's'} "
                      f"{'is' if shortened == 1 else 'are'} longer than the {max_length}-token limit per "
-                     f"example (--max-length): cut, so the end of {'its' if shortened == 1 else 'their'} "
-                     f"completion, and the end-of-text or end-of-turn token after it, is not learnt")
+                     f"example (--max-length): cut, so {'its' if shortened == 1 else 'their'} last tokens "
+                     f"to learn (the end-of-text or end-of-turn token, and the end of the completion "
+                     f"before it where the cut reaches it) are not learnt")
     if cut or short or blank:
         causes = []
         if blank:

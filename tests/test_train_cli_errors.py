@@ -345,8 +345,8 @@ def test_examples_cut_at_max_length_are_said_once(tmp_path, capsys):
     assert len(kept) == 7 and all(len(ids) <= 64 for ids, _ in kept)
     assert err.count("note:") == 1 and err.count("warning:") == 1, err
     assert ("3 of 8 examples are longer than the 64-token limit per example (--max-length): cut, "
-            "so the end of their completion, and the end-of-text or end-of-turn token after it, "
-            "is not learnt") in err
+            "so their last tokens to learn (the end-of-text or end-of-turn token, and the end of the "
+            "completion before it where the cut reaches it) are not learnt") in err
     short = _write_jsonl(tmp_path / "short.jsonl", [{"prompt": "Q:", "completion": " A"}] * 2)
     train.prepare(tok, train.read_examples_at(short), 64, tok.vocab_size, short)
     assert capsys.readouterr().err == ""
