@@ -271,8 +271,12 @@ def test_deepseek_tool_calls_with_null_content_are_the_templates_error(tmp_path)
     turn = tool_turn("deepseek-v3")
     tok = family_tokenizer("deepseek-v3")
     null = [turn[0], {**turn[1], "content": None}, turn[2]]
-    with pytest.raises(Exception, match="has no attribute 'content'"):
-        _render(tok, null)
+    try:  # transformers 5.17 keeps the null key (the template renders it), 5.25 drops it
+        rendered = _render(tok, null)
+    except Exception as exc:
+        assert "has no attribute 'content'" in str(exc)
+    else:
+        assert "<｜tool▁calls▁begin｜>" in tok.decode(rendered, skip_special_tokens=False)
     assert "<｜Assistant｜><｜tool▁calls▁begin｜>" in tok.decode(_render(tok, turn), skip_special_tokens=False)
 
 
