@@ -17,6 +17,7 @@ from chat_templates import FAMILIES, VOCAB_SIZE, family_tokenizer
 from prefix_attn import serve, tiny, train_chat
 from prefix_attn.chat import ChatTemplate
 from prefix_attn.train_state import TrainError
+from test_serve_chat import record_generate
 
 pytestmark = pytest.mark.hf
 
@@ -97,18 +98,7 @@ def _generate(folders, tmp_path, monkeypatch, name, requests, *options):
     model.generate was given (padding removed) are checked: after the prompt prefix, the
     system part's ids (the entry) and the row are the whole templated conversation's."""
     root, _ = folders
-    fed, load_model = [], serve._load_model
-
-    def recording_load(*args, **kwargs):
-        model, tok = load_model(*args, **kwargs)
-        generate = model.generate
-
-        def recording_generate(input_ids, attention_mask=None, prefixes=None, **kw):
-            fed.extend((row[mask.bool()].tolist(), p) for row, mask, p in zip(input_ids, attention_mask, prefixes))
-            return generate(input_ids, attention_mask=attention_mask, prefixes=prefixes, **kw)
-        model.generate = recording_generate
-        return model, tok
-    monkeypatch.setattr(serve, "_load_model", recording_load)
+    fed = record_generate(monkeypatch, with_prefixes=True)
     out = tmp_path / f"{name}-answers.jsonl"
     rc = serve.main(["-i", _write(tmp_path / f"{name}.jsonl", requests), "-o", str(out), "--model",
                      str(root / name), "--chat", "--max-new-tokens", "5", "--batch-size", "3",

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from prefix_attn.serve import RequestError, read_requests
-from test_serve_chat import _write
+from test_serve_chat import _write, record_generate, save_adapter
 
 # Hermes / Qwen-like: the tools written into the system part, tool calls as <tool_call> JSON
 TOOLS_TEMPLATE = (
@@ -127,20 +127,13 @@ def _model():
 def folders(tmp_path_factory):
     """A tiny Llama (1024 positions: tool schemas are long in bytes) saved with the tools
     template, and a PEFT adapter for it."""
-    import torch
-
-    from prefix_attn.bank import PrefixBank
     from test_serve_chat import chat_tokenizer
 
     root = tmp_path_factory.mktemp("tools")
     model = _model()
     model.save_pretrained(str(root / "tools"))
     chat_tokenizer(TOOLS_TEMPLATE).save_pretrained(str(root / "tools"))
-    bank = PrefixBank.attach(model)
-    shape = (bank.num_layers, bank.num_kv_heads, 5, bank.head_dim)
-    g = torch.Generator().manual_seed(3)
-    bank.add("t", 3 * torch.randn(shape, generator=g), 3 * torch.randn(shape, generator=g))
-    bank.save_peft("t", str(root / "adapter"))
+    save_adapter(model, root / "adapter", seed=3)
     return root
 
 
@@ -331,18 +324,7 @@ def test_train_chat_with_tools_then_generate_chat_feeds_the_trained_context(tmp_
     monkeypatch.setattr(train, "train_step", recording_step)
     assert train.main([data, "-o", out, "--model", model_dir, "--chat", "--max-steps", "2", "--batch-size", "2",
                        "--max-length", "1000", "--eval-every", "0", "--num-virtual-tokens", "4", "--no-progress"]) == 0
-    fed, load_model = [], serve._load_model
-
-    def recording_load(*args, **kwargs):
-        model, tok = load_model(*args, **kwargs)
-        generate = model.generate
-
-        def recording_generate(input_ids, attention_mask=None, **kw):
-            fed.extend(row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask))
-            return generate(input_ids, attention_mask=attention_mask, **kw)
-        model.generate = recording_generate
-        return model, tok
-    monkeypatch.setattr(serve, "_load_model", recording_load)
+    fed = record_generate(monkeypatch)
     requests = [{"prefix": "tuned", "messages": _example_conversation(e)[:-1], **({"tools": e["tools"]} if "tools" in e else {})}
                 for e in EXAMPLES]
     assert serve.main(["-i", _write_objs(tmp_path / "r.jsonl", requests), "-o", str(tmp_path / "a.jsonl"),

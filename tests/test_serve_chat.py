@@ -55,6 +55,25 @@ def _write(path, lines):
     return str(path)
 
 
+def record_generate(monkeypatch, with_prefixes: bool = False) -> list:
+    """The rows ``prefix-attn generate`` gives model.generate, padding removed (with
+    ``with_prefixes``, ``(row, its prefix)`` pairs), filled as the command runs."""
+    fed, load_model = [], serve._load_model
+
+    def recording_load(*args, **kwargs):
+        model, tok = load_model(*args, **kwargs)
+        generate = model.generate
+
+        def recording_generate(input_ids, attention_mask=None, prefixes=None, **kw):
+            rows = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
+            fed.extend(zip(rows, prefixes) if with_prefixes else rows)
+            return generate(input_ids, attention_mask=attention_mask, prefixes=prefixes, **kw)
+        model.generate = recording_generate
+        return model, tok
+    monkeypatch.setattr(serve, "_load_model", recording_load)
+    return fed
+
+
 def _results(path):
     return [json.loads(line) for line in open(path, encoding="utf-8")]
 
@@ -67,20 +86,25 @@ def _model():
 def folders(tmp_path_factory):
     """A tiny Llama saved with a tokenizer of each template (and one with none), and a PEFT
     adapter for it."""
-    from prefix_attn.bank import PrefixBank
-
     root = tmp_path_factory.mktemp("chat")
     model = _model()
     for name, template in (("chatml", CHATML), ("folded", FOLDED), ("merging", MERGING),
                            ("no_system", NO_SYSTEM), ("drops_system", DROPS_SYSTEM), ("plain", None)):
         model.save_pretrained(str(root / name))
         chat_tokenizer(template).save_pretrained(str(root / name))
+    save_adapter(model, root / "adapter", seed=7)
+    return root
+
+
+def save_adapter(model, folder, seed: int) -> None:
+    """A PEFT adapter of 5 random virtual tokens for ``model``, saved in ``folder``."""
+    from prefix_attn.bank import PrefixBank
+
     bank = PrefixBank.attach(model)
     shape = (bank.num_layers, bank.num_kv_heads, 5, bank.head_dim)
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(seed)
     bank.add("t", 3 * torch.randn(shape, generator=g), 3 * torch.randn(shape, generator=g))
-    bank.save_peft("t", str(root / "adapter"))
-    return root
+    bank.save_peft("t", str(folder))
 
 
 TERSE, KIND = "You are terse.", "Be kind, always."

@@ -9,7 +9,7 @@ import torch
 
 from prefix_attn import serve, train, train_chat
 from prefix_attn.train_state import TrainError
-from test_serve_chat import CHATML, MERGING, NO_SYSTEM, _model, chat_tokenizer
+from test_serve_chat import CHATML, MERGING, NO_SYSTEM, _model, chat_tokenizer, record_generate
 
 pytestmark = pytest.mark.hf
 
@@ -91,19 +91,7 @@ def test_train_chat_then_generate_chat_feeds_the_trained_context(tmp_path, folde
     assert train.main([data, "-o", out, "--model", model_dir, "--chat", "--max-steps", "3", "--batch-size", "2",
                        "--eval-every", "0", "--num-virtual-tokens", "4", "--no-progress"]) == 0
     capsys.readouterr()
-    fed = []  # the rows model.generate got, padding removed
-    load_model = serve._load_model
-
-    def recording_load(*args, **kwargs):
-        model, tok = load_model(*args, **kwargs)
-        generate = model.generate
-
-        def recording_generate(input_ids, attention_mask=None, **kw):
-            fed.extend(row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask))
-            return generate(input_ids, attention_mask=attention_mask, **kw)
-        model.generate = recording_generate
-        return model, tok
-    monkeypatch.setattr(serve, "_load_model", recording_load)
+    fed = record_generate(monkeypatch)  # the rows model.generate got, padding removed
     requests = [{"prefix": "tuned", "messages": _conversation(e)[:-1]} for e in EXAMPLES]
     answers = tmp_path / "answers.jsonl"
     assert serve.main(["-i", _write(tmp_path / "r.jsonl", requests), "-o", str(answers), "--model", model_dir,
