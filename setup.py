@@ -111,7 +111,7 @@ setup(
     python_requires=">=3.9",
     packages=["prefix_attn", "prefix_attn.hf", "prefix_attn.kernels"],
     package_dir={"prefix_attn": "prefix_attn", "prefix_attn.kernels": "kernels"},
-    install_requires=["torch>=2.4", "safetensors", "tqdm"],
+    install_requires=["torch>=2.4", "safetensors", "tqdm>=4.58"],
     extras_require={
         "triton": ["triton>=3.2"],
         "hf": ["transformers>=5.15"],  # PEFT files are read without peft

@@ -14,7 +14,8 @@ tokenizer to ``OUT/base_model`` in float32, then loaded back from there in ``--d
 Training runs on the fused path (``prefix_attn.prefix_tuning``) on ``--device`` (default: the
 CPU): the base stays frozen, in ``--dtype``, and one float32 prefix ``--name`` learns, for
 ``--max-steps`` steps (the data cycled as needed; default: ``--epochs`` passes). A tqdm bar
-shows tokens/s and the loss; the held-out loss is computed every ``--eval-every`` steps and
+shows tokens/s and the loss (and, before, the tokenising of the data when that takes over a
+second: a fast HF tokenizer gets the examples in chunks, encoded on every core); the held-out loss is computed every ``--eval-every`` steps and
 logged to ``OUT/log.jsonl``. ``OUT/checkpoint.pt`` (prefix,
 optimizer, step, RNG, settings) is written atomically every ``--save-every`` steps and at the
 end, and ``--resume`` continues from it, giving the same result as an uninterrupted run: it
@@ -260,10 +261,11 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     max_length = effective_max_length(args.max_length, model.config, args.num_virtual_tokens)
     vocab_size = model.get_input_embeddings().num_embeddings
-    data = prepare(tokenizer, examples, max_length, vocab_size, args.data, chat=chat)
+    progress = not args.no_progress
+    data = prepare(tokenizer, examples, max_length, vocab_size, args.data, chat=chat, progress=progress)
     if eval_examples is not None:
         eval_data = prepare(tokenizer, eval_examples, max_length, vocab_size, args.eval_data,
-                            what="--eval-data file", chat=chat)
+                            what="--eval-data file", chat=chat, progress=progress)
     elif args.eval_every == 0:  # no eval: nothing is held out, every example trains
         eval_data = []
     else:

@@ -1,5 +1,8 @@
 """The training CLI's data helpers (prefix_attn.train) and the byte tokenizer (prefix_attn.tiny):
 how examples are encoded, the batch order of each epoch, evaluation's mode, vocabulary checks."""
+import io
+import sys
+
 import pytest
 import torch
 
@@ -75,3 +78,82 @@ def test_an_example_losing_only_its_end_token_to_max_length_is_in_the_note(tmp_p
                               tok.vocab_size, str(path))
     assert len(kept) == 1 and tok.eos_token_id not in kept[0][1]
     assert "1 of 1 example is longer than the" in capsys.readouterr().err
+
+
+def _bpe_with_a_start_token():
+    """An HF fast tokenizer (byte-level BPE, a few merges) that writes <s> before each text
+    given add_special_tokens=True, as Llama's do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["the prompt and the completion, tokenised"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.hf
+def test_a_fast_tokenizer_encodes_chunks_of_examples_with_the_ids_of_one_at_a_time(monkeypatch):
+    """prepare hands a fast tokenizer many texts per call (its Rust side encodes them on every
+    core: one call per text was 97 s for 200k examples): the ids and labels must be those of
+    encode_example, example by example, prompts or not, across chunk boundaries."""
+    tok = _bpe_with_a_start_token()
+    examples = [("the prompt ", "and the completion"), ("", "the completion alone"), ("é prompt", " ü"),
+                ("", "tokenised"), ("the", "")] * 3
+    monkeypatch.setattr(train_data, "ENCODE_CHUNK", 4)  # chunk boundaries inside the list
+    calls = []
+    real_call = type(tok).__call__
+    monkeypatch.setattr(type(tok), "__call__", lambda self, texts, **kw: calls.append(len(texts)) or
+                        real_call(self, texts, **kw))
+    assert train_data.encode_examples(tok, examples) == [train_data.encode_example(tok, p, c)
+                                                         for p, c in examples]
+    assert calls and max(calls) == 4 and sum(calls) == 2 * 15 - 6  # 6 examples have no prompt
+    at = [(f"f:{n}", p, c) for n, (p, c) in enumerate(examples, 1)]
+    rows = train_data.prepare(tok, at, 64, len(tok), "f")
+    assert rows == [train_data.encode_example(tok, p, c) for p, c in examples]
+
+
+class _SlowByteTokenizer(tiny.ByteTokenizer):
+    def encode(self, *args, **kwargs):
+        import time
+
+        time.sleep(0.01)
+        return super().encode(*args, **kwargs)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_tokenising_that_takes_over_a_second_shows_a_bar_unless_told_not_to(progress, monkeypatch):
+    """200k examples took minutes to tokenise with nothing on the screen; a bar now shows once
+    that takes over a second (none for the small files of every day), none with --no-progress.
+    (Into a log file, as any bar of the package, it is written every 10 s: none sooner.)"""
+    at = [(f"f:{n}", "", "some text") for n in range(150)]  # 150 x 10 ms: 1.5 s
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    rows = train_data.prepare(_SlowByteTokenizer(), at, 64, 300, "f", progress=progress)
+    assert len(rows) == 150
+    assert ("tokenising" in sys.stderr.getvalue() and "150/150" in sys.stderr.getvalue()) == progress
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    train_data.prepare(tiny.ByteTokenizer(), at, 64, 300, "f", progress=True)  # quick: no bar
+    assert sys.stderr.getvalue() == ""
+
+
+@pytest.mark.hf
+def test_chat_examples_move_the_bar_one_conversation_at_a_time(monkeypatch):
+    from prefix_attn import train_chat
+    from test_serve_chat import chat_tokenizer
+
+    monkeypatch.setattr(train_data, "PROGRESS_DELAY", 0.0)
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    at = [(f"f:{n}", [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"a{n}"}], None)
+          for n in range(3)]
+    rows = train_data.prepare(chat_tokenizer(), at, 256, 262, "f", chat=train_chat.ChatExamples(chat_tokenizer()),
+                              progress=True)
+    assert len(rows) == 3 and "tokenising" in sys.stderr.getvalue() and "3/3" in sys.stderr.getvalue()
