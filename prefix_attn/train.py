@@ -50,7 +50,8 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import atomic, cli_args, cli_parsers, tiny, train_chat
-from .train_data import batch_order, collate, collate_packed, prepare, read_examples_at, split_eval
+from .train_data import (batch_order, collate, collate_packed, eval_cost_note, prepare, read_examples_at,
+                         split_eval)
 from .backends import check_env_backend
 from .chat import options_need_chat
 from .train_state import (BASE_MODEL, LOG, PROG, Interrupted, StopSignals, TrainError, TrainingFailed, append_log,
@@ -116,13 +117,15 @@ def effective_max_length(requested: Optional[int], config, num_virtual_tokens: i
 
 def evaluate(model, data, batch_size: int, pad_id: int, name: str,
              device: Optional[torch.device] = None) -> float:
-    """Mean token loss over ``data`` (no grad)."""
+    """Mean token loss over ``data`` (no grad), in batches of rows of similar length, longest
+    first (little padding; the sum does not depend on the order but for float rounding)."""
     was = model.training
     model.eval()
     total, count = 0.0, 0
+    order = sorted(data, key=lambda row: -len(row[0]))  # stable: equal lengths in data's order
     with torch.no_grad():
-        for i in range(0, len(data), batch_size):
-            ids, mask, labels = (t.to(device) for t in collate(data[i:i + batch_size], pad_id))
+        for i in range(0, len(order), batch_size):
+            ids, mask, labels = (t.to(device) for t in collate(order[i:i + batch_size], pad_id))
             logits = model(ids, attention_mask=mask, prefixes=[name] * len(ids)).logits
             tgt = labels[:, 1:]
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(),
@@ -272,6 +275,9 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
         data, eval_data = split_eval(data, args.eval_fraction, args.seed)
     if not data:
         raise TrainError("no training examples left (all held out: pass a smaller --eval-fraction)")
+    note = eval_cost_note(len(eval_data), args.eval_every, args.batch_size)
+    if note is not None:
+        warn("note", note)
     settings = run_settings(args, max_length)
     if state is not None:
         check_same_settings(state, settings, ckpt_path)

@@ -208,6 +208,21 @@ def test_eval_every_also_evaluates_the_last_step(data, tmp_path):
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["step"] == 5
 
 
+@pytest.mark.parametrize("options, costly", [(["--eval-fraction", "0.5", "--eval-every", "1", "--batch-size", "1"], True),
+                                             (["--eval-fraction", "0.5", "--eval-every", "2", "--batch-size", "2"], False),
+                                             (["--eval-fraction", "0.5", "--eval-every", "0", "--batch-size", "1"], False)])
+def test_an_evaluation_costlier_than_the_training_between_is_noted(data, tmp_path, capsys, options, costly):
+    """10% of 200k examples held out, evaluated every 50 steps of 8, is 20000 examples of forward
+    passes per 400 trained: most of the run's time, said at the start. Here 7 held out, every
+    step of 1 (noted); every 2 steps of 2 (8 trained: not noted); no eval (nothing held out)."""
+    out = str(tmp_path / "run")
+    assert train.main([data, "-o", out, "--max-steps", "1", "--no-progress", "--num-virtual-tokens", "2",
+                       *options]) == 0
+    err = capsys.readouterr().err
+    assert ("each evaluation reads the 7 held-out examples, and one comes every step (1 example "
+            "trained): evaluating will take longer than training" in err) == costly, err
+
+
 def test_packed_text_examples_start_without_a_label(tmp_path):
     """Text-only examples (loss on every token, the first one included in the rows' labels):
     packed, the first token of each example is not predicted from the example before it

@@ -157,3 +157,27 @@ def test_chat_examples_move_the_bar_one_conversation_at_a_time(monkeypatch):
     rows = train_data.prepare(chat_tokenizer(), at, 256, 262, "f", chat=train_chat.ChatExamples(chat_tokenizer()),
                               progress=True)
     assert len(rows) == 3 and "tokenising" in sys.stderr.getvalue() and "3/3" in sys.stderr.getvalue()
+
+
+@pytest.mark.hf
+def test_evaluate_batches_rows_of_similar_length_with_the_loss_of_file_order(monkeypatch):
+    """Evaluation batched the held-out rows in file order: 128 rows of 8-200 tokens in batches of
+    8 padded 9400 tokens, 592 sorted (1.3-2.0x faster on the CPU). The mean token loss is the
+    same but for float rounding."""
+    import random
+
+    import prefix_attn
+
+    rng = random.Random(0)
+    tok = tiny.ByteTokenizer()
+    data = [train_data.encode_example(tok, "q" * rng.randint(1, 5), "a" * rng.randint(2, 30)) for _ in range(10)]
+    model = tiny.tiny_model("llama")
+    prefix_attn.prefix_tuning(model, num_virtual_tokens=2, name="p")
+    file_order = train.evaluate(model, data, 1, tok.pad_token_id, "p")  # one row a batch: no padding
+    batches = []
+    real_collate = train.collate
+    monkeypatch.setattr(train, "collate", lambda rows, pad: batches.append([len(r[0]) for r in rows]) or
+                        real_collate(rows, pad))
+    assert train.evaluate(model, data, 3, tok.pad_token_id, "p") == pytest.approx(file_order, rel=1e-5)
+    lengths = [n for batch in batches for n in batch]
+    assert [len(b) for b in batches] == [3, 3, 3, 1] and lengths == sorted((len(i) for i, _ in data), reverse=True)
