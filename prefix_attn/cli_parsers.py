@@ -12,7 +12,7 @@ import importlib.util
 import sys
 from typing import Callable, Optional
 
-from . import cli_args
+from . import cli_args, train_schedule
 
 DEFAULT_MAX_LENGTH = 256  # train's --max-length
 # the names of the dtypes each command takes (its module maps them to torch dtypes)
@@ -97,9 +97,24 @@ def train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=positive, default=None, metavar="N",
                    help="the number of steps in total, as in HF Trainer: it overrides --epochs, the data "
                         "is cycled in further epochs as needed (default: --epochs' worth)")
-    p.add_argument("--batch-size", type=positive, default=8, metavar="N", help="examples per step")
+    p.add_argument("--batch-size", type=positive, default=8, metavar="N",
+                   help="examples per forward (a step takes N x --gradient-accumulation-steps)")
+    p.add_argument("--gradient-accumulation-steps", type=positive, default=1, metavar="K",
+                   help="micro-batches of --batch-size per step, as in HF Trainer: a step learns from the "
+                        "examples --batch-size N*K would draw, the loss weighted by tokens over them all "
+                        "(the memory of one micro-batch)")
     p.add_argument("--lr", type=cli_args.float_where(lambda v: 0 < v <= 1e6, "in (0, 1e6]"), default=1e-2,
                    help="AdamW learning rate")
+    p.add_argument("--lr-scheduler", choices=list(train_schedule.SCHEDULERS), default="constant",
+                   help="the rate after the warm-up, as HF Trainer's: constant (--lr), or from --lr down to 0 "
+                        "at the run's end, linearly or along half a cosine (a resumed run must keep its "
+                        "total steps)")
+    p.add_argument("--warmup-steps", type=count, default=0, metavar="N",
+                   help="raise the rate linearly from 0 to --lr over the first N steps (with linear or "
+                        "cosine: fewer than the run's steps)")
+    p.add_argument("--max-grad-norm", type=cli_args.float_where(lambda v: v > 0, "> 0"), default=None,
+                   metavar="X", help="clip the prefix's gradient norm to X (default: no clipping); a norm "
+                                     "that is not finite stops the run")
     p.add_argument("--weight-decay", type=cli_args.float_where(lambda v: v >= 0, ">= 0"), default=0.0, metavar="WD",
                    help="AdamW weight decay")
     p.add_argument("--max-length", type=cli_args.int_at_least(2), default=None, metavar="N",
@@ -130,7 +145,8 @@ def train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="a variable of the chat template, with --chat (e.g. enable_thinking=false; the value "
                         "read as JSON, else as text; repeatable)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from OUTPUT/checkpoint.pt (same settings; --max-steps/--epochs may grow)")
+                   help="continue from OUTPUT/checkpoint.pt (same settings; --max-steps/--epochs may grow, "
+                        "except under a linear or cosine --lr-scheduler)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

@@ -16,10 +16,22 @@ CPU): the base stays frozen, in ``--dtype``, and one float32 prefix ``--name`` l
 ``--max-steps`` steps (the data cycled as needed; default: ``--epochs`` passes). A tqdm bar
 shows tokens/s and the loss (and, before, the tokenising of the data when that takes over a
 second: a fast HF tokenizer gets the examples in chunks, encoded on every core); the held-out loss is computed every ``--eval-every`` steps and
-logged to ``OUT/log.jsonl``. ``OUT/checkpoint.pt`` (prefix,
+logged to ``OUT/log.jsonl``, with each step's loss, tokens/s, ``lr`` and (with
+``--max-grad-norm``) ``grad_norm``.
+
+AdamW steps as HF Trainer's would: ``--lr-scheduler`` constant (the default: ``--lr``
+throughout), linear or cosine (from ``--lr`` down to 0 where the run ends: the last step takes
+``--lr / (steps - warm-up)`` with linear) after ``--warmup-steps`` N (default 0: the rate
+rises linearly from 0, the first step's, to ``--lr`` at step N + 1; with linear or cosine N
+must be less than the run's steps; with constant a warm-up longer than the run ends it still
+warming up). ``--max-grad-norm`` X clips the prefix's gradient norm to X (default: no
+clipping). ``--gradient-accumulation-steps`` K (default 1) makes a step of the examples
+``--batch-size`` N*K would draw, run as K micro-batches of N with the loss weighted by tokens
+over the whole step (its loss and gradient are the big batch's, in one micro-batch's memory). ``OUT/checkpoint.pt`` (prefix,
 optimizer, step, RNG, settings) is written atomically every ``--save-every`` steps and at the
 end, and ``--resume`` continues from it, giving the same result as an uninterrupted run: it
-refuses settings that would change that result (data, model, batch size, seed, ...), and cuts
+refuses settings that would change that result (data, model, batch size, seed, ...; with a
+linear or cosine ``--lr-scheduler`` the total steps too: the rates depend on it), and cuts
 the log back to the checkpoint's step. Ctrl-C (SIGINT) or SIGTERM stops after the current step
 with a checkpoint of it (exit status 130 / 143); a second one stops at once. The result is
 ``OUT/adapter`` in PEFT's format (``peft.PeftModel.from_pretrained(base, OUT/adapter)`` loads it).
@@ -33,7 +45,8 @@ template or example where they are not is refused). ``{"text"}`` and plain text 
 
 Errors in the data or options are reported as ``prefix-attn train: error: ...`` (exit status
 2) before anything is written. A loss (or eval loss) that is not finite stops the run with an
-error naming the step (exit status 1): that step is neither logged nor saved, and the last
+error naming the step (exit status 1), and so does a gradient norm that is not finite (with
+``--max-grad-norm``): that step is neither logged nor saved, and the last
 checkpoint stays. ``OUT/log.jsonl`` is strict JSON (never a bare NaN).
 """
 from __future__ import annotations
@@ -54,6 +67,7 @@ from .train_data import (batch_order, collate, collate_packed, eval_cost_note, p
                          split_eval)
 from .backends import check_env_backend
 from .chat import options_need_chat
+from .train_schedule import lr_factor, schedule_problem, set_lr
 from .train_state import (BASE_MODEL, LOG, PROG, Interrupted, StopSignals, TrainError, TrainingFailed, append_log,
                           check_output_folder, check_same_settings, create_output_folder,
                           load_checkpoint, plain_args, run_settings, start_log, warn)
@@ -137,21 +151,50 @@ def evaluate(model, data, batch_size: int, pad_id: int, name: str,
 
 
 def train_step(model, opt, batch, pad_id: int, name: str, pack: bool,
-               device: Optional[torch.device] = None) -> Tuple[float, int]:
-    """One optimizer step on ``batch``: (loss, tokens in the batch)."""
-    if pack:
-        ids, pos, labels = (t.to(device) for t in collate_packed(batch))
-        loss = model(ids, position_ids=pos, labels=labels, prefixes=[name], use_cache=False).loss
-        n_tokens = ids.numel()
-    else:
-        ids, mask, labels = (t.to(device) for t in collate(batch, pad_id))
-        loss = model(ids, attention_mask=mask, labels=labels, prefixes=[name] * len(batch)).loss
-        n_tokens = int(mask.sum())
+               device: Optional[torch.device] = None, micro_batch_size: Optional[int] = None,
+               max_grad_norm: Optional[float] = None) -> Tuple[float, int, Optional[float]]:
+    """One optimizer step on ``batch``, run as micro-batches of ``micro_batch_size`` examples
+    (default: all in one) whose gradients add up: (loss, tokens in the batch, the prefix's
+    gradient norm before clipping to ``max_grad_norm``, None without it). Each micro-batch's
+    mean loss is weighted by its share of the step's learnt tokens, so loss and gradient are
+    those of ``batch`` in one forward. No optimizer step when the norm is not finite."""
+    size = micro_batch_size or len(batch)
+    micro = [_collated(batch[i:i + size], pad_id, pack) for i in range(0, len(batch), size)]
+    counts = [int((labels[:, 1:] != -100).sum()) for _, _, labels in micro]
+    learnt = sum(counts)
     opt.zero_grad(set_to_none=True)
-    if loss.requires_grad:  # else nothing reached the prefix: the caller's check says so
-        loss.backward()
+    loss_value, n_tokens, stepped = 0.0, 0, False
+    for tensors, count in zip(micro, counts):
+        loss, tokens = _forward(model, tensors, name, pack, device)
+        weight = count / learnt if learnt else 1.0  # 1.0 with one micro-batch: the loss as it is
+        n_tokens += tokens
+        if not weight:  # nothing learnt in this micro-batch: its mean loss is 0 / 0
+            continue
+        loss_value += loss.item() * weight
+        if loss.requires_grad and count:  # else nothing reached the prefix: the caller's check says so
+            (loss * weight).backward()
+            stepped = True
+    params = [p for group in opt.param_groups for p in group["params"]]
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) \
+        if stepped and max_grad_norm is not None else None
+    if stepped and (norm is None or math.isfinite(norm)):
         opt.step()
-    return loss.item(), n_tokens
+    return loss_value, n_tokens, norm
+
+
+def _collated(batch, pad_id: int, pack: bool):
+    """(ids, attention mask or position ids, labels) of ``batch``: padded rows, or one packed row."""
+    return collate_packed(batch) if pack else collate(batch, pad_id)
+
+
+def _forward(model, tensors, name: str, pack: bool, device: Optional[torch.device]):
+    """(mean loss over the learnt tokens, tokens run) of one collated micro-batch."""
+    ids, second, labels = (t.to(device) for t in tensors)
+    if pack:
+        return (model(ids, position_ids=second, labels=labels, prefixes=[name], use_cache=False).loss,
+                ids.numel())
+    return (model(ids, attention_mask=second, labels=labels, prefixes=[name] * len(ids)).loss,
+            int(second.sum()))
 
 
 # --------------------------------------------------------------------------------------
@@ -275,12 +318,19 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
         data, eval_data = split_eval(data, args.eval_fraction, args.seed)
     if not data:
         raise TrainError("no training examples left (all held out: pass a smaller --eval-fraction)")
-    note = eval_cost_note(len(eval_data), args.eval_every, args.batch_size)
+    note = eval_cost_note(len(eval_data), args.eval_every, args.batch_size * args.gradient_accumulation_steps)
     if note is not None:
         warn("note", note)
     settings = run_settings(args, max_length)
     if state is not None:
         check_same_settings(state, settings, ckpt_path)
+    step_size = args.batch_size * args.gradient_accumulation_steps  # examples a step
+    steps_per_epoch = math.ceil(len(data) / step_size)
+    total = total_steps(steps_per_epoch, args.epochs, args.max_steps)
+    problem = schedule_problem(args.lr_scheduler, args.warmup_steps, total,
+                               state.get("total_steps") if state is not None else None)
+    if problem is not None:
+        raise TrainError(problem)
 
     create_output_folder(args.output)
     if base_to_save:
@@ -298,8 +348,6 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
         model.config.use_cache = False  # no cache while training (transformers warns otherwise)
         enable_checkpointing(model)
     opt = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(data) / args.batch_size)
-    total = total_steps(steps_per_epoch, args.epochs, args.max_steps)
     step = 0
     saved = None  # the step of the checkpoint on disk
     if state is not None:
@@ -316,7 +364,8 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
             atomic.save_torch({"step": step, "prefix": module.state_dict(), "optimizer": opt.state_dict(),
                                "torch_rng": torch.get_rng_state(),
                                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                               "args": plain_args(args), "settings": settings}, ckpt_path)
+                               "args": plain_args(args), "settings": settings,
+                               "total_steps": total}, ckpt_path)
         except OSError as exc:  # a full disk, a file-size limit: the one on disk is whole
             raise TrainingFailed(f"step {step}: cannot write the checkpoint {ckpt_path}: "
                                  f"{exc.strerror or exc}; {kept()}") from None
@@ -351,18 +400,25 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
         while step < total:
             running = step + 1  # the step in progress, for an out-of-memory error
             epoch, index = divmod(step, steps_per_epoch)
-            batch = [data[i] for i in batch_order(len(data), args.batch_size, args.seed, epoch)[index]]
-            loss_value, n_tokens = train_step(model, opt, batch, pad_id, args.name, args.pack, device)
+            batch = [data[i] for i in batch_order(len(data), step_size, args.seed, epoch)[index]]
+            lr = args.lr * lr_factor(step, total, args.warmup_steps, args.lr_scheduler)
+            set_lr(opt, lr)
+            loss_value, n_tokens, grad_norm = train_step(model, opt, batch, pad_id, args.name, args.pack, device,
+                                                         args.batch_size, args.max_grad_norm)
             step += 1
             if not math.isfinite(loss_value):
                 raise not_finite("training loss", loss_value)
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                raise not_finite("gradient norm", grad_norm)
             if all(p.grad is None for p in module.parameters()):
                 raise no_gradient()
             tokens += n_tokens
             rate = tokens / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:.0f}", refresh=False)
             bar.update(1)
-            record = {"step": step, "loss": loss_value, "tokens_per_s": rate}
+            record = {"step": step, "loss": loss_value, "tokens_per_s": rate, "lr": lr}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
             if eval_data and _every(step, args.eval_every, total):
                 record["eval_loss"] = evaluate(model, eval_data, args.batch_size, pad_id, args.name, device)
                 if not math.isfinite(record["eval_loss"]):

@@ -155,7 +155,8 @@ def file_fingerprint(path: Optional[str]) -> Optional[dict]:
 def run_settings(args: argparse.Namespace, max_length: int) -> Dict[str, object]:
     """What fixes the result up to any step, keyed by option: a resumed run must match them.
     (--epochs, --max-steps, --save-every, --eval-every, --name, --gradient-checkpointing,
-    --device and --no-progress may change: another device gives the result within float
+    --device and --no-progress may change, the total steps not under a decaying --lr-scheduler:
+    :func:`prefix_attn.train_schedule.schedule_problem` checks that; another device gives the result within float
     rounding; --eval-every to or from 0 changes the data held out for eval, a change of
     --eval-fraction.) ``--model OUTPUT/base_model`` is the run's own saved base model,
     the same as no ``--model`` (a resumed run without it loads that folder)."""
@@ -172,12 +173,18 @@ def run_settings(args: argparse.Namespace, max_length: int) -> Dict[str, object]
             "--eval-fraction": _eval_fraction(args), "--lr": args.lr, "--weight-decay": args.weight_decay,
             "--dtype": getattr(args, "dtype", "float32"), "--chat": bool(getattr(args, "chat", False)),
             # JSON text: a dict here is a file's fingerprint
-            "--chat-option": json.dumps(dict(sorted(getattr(args, "chat_option", None) or [])))}
+            "--chat-option": json.dumps(dict(sorted(getattr(args, "chat_option", None) or []))),
+            "--gradient-accumulation-steps": getattr(args, "gradient_accumulation_steps", 1),
+            "--lr-scheduler": getattr(args, "lr_scheduler", "constant"),
+            "--warmup-steps": getattr(args, "warmup_steps", 0),
+            "--max-grad-norm": getattr(args, "max_grad_norm", None)}
 
 
 # settings added after checkpoints recorded settings, with the value every older run had: a
 # checkpoint without one is compared as having it
-LATER_SETTINGS = {"--dtype": "float32", "--chat": False, "--chat-option": "{}"}
+LATER_SETTINGS = {"--dtype": "float32", "--chat": False, "--chat-option": "{}",
+                  "--gradient-accumulation-steps": 1, "--lr-scheduler": "constant", "--warmup-steps": 0,
+                  "--max-grad-norm": None}
 
 
 NOTHING_HELD_OUT = "0 (--eval-every 0: nothing held out)"

@@ -210,11 +210,14 @@ def test_eval_every_also_evaluates_the_last_step(data, tmp_path):
 
 @pytest.mark.parametrize("options, costly", [(["--eval-fraction", "0.5", "--eval-every", "1", "--batch-size", "1"], True),
                                              (["--eval-fraction", "0.5", "--eval-every", "2", "--batch-size", "2"], False),
+                                             (["--eval-fraction", "0.5", "--eval-every", "1", "--batch-size", "1",
+                                               "--gradient-accumulation-steps", "4"], False),
                                              (["--eval-fraction", "0.5", "--eval-every", "0", "--batch-size", "1"], False)])
 def test_an_evaluation_costlier_than_the_training_between_is_noted(data, tmp_path, capsys, options, costly):
     """10% of 200k examples held out, evaluated every 50 steps of 8, is 20000 examples of forward
     passes per 400 trained: most of the run's time, said at the start. Here 7 held out, every
-    step of 1 (noted); every 2 steps of 2 (8 trained: not noted); no eval (nothing held out)."""
+    step of 1 (noted); every 2 steps of 2, or every step of 1 x 4 accumulated (8 or 4 trained: not
+    noted); no eval (nothing held out)."""
     out = str(tmp_path / "run")
     assert train.main([data, "-o", out, "--max-steps", "1", "--no-progress", "--num-virtual-tokens", "2",
                        *options]) == 0

@@ -300,7 +300,8 @@ def test_help_shows_defaults_and_every_option_is_explained():
     p = train.add_parser(argparse.ArgumentParser().add_subparsers())
     assert all(a.help for a in p._actions)
     text = " ".join(p.format_help().split())
-    assert "examples per step (default: 8)" in text and "(0: no eval)" in text
+    assert "examples per forward (a step takes N x --gradient-" in text and "steps) (default: 8)" in text
+    assert "(0: no eval)" in text and "(default: constant)" in text
     assert "--model OUTPUT/base_model" in text  # --seed draws the built-in base model
 
 
@@ -385,8 +386,8 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(data, tmp_path, capsys,
     real_step = train.train_step
 
     def diverging(model, opt, batch, *args):
-        loss, n = real_step(model, opt, batch, *args)
-        return (float("nan") if opt.state_dict()["state"][0]["step"] >= 2 else loss), n
+        loss, n, norm = real_step(model, opt, batch, *args)
+        return (float("nan") if opt.state_dict()["state"][0]["step"] >= 2 else loss), n, norm
     monkeypatch.setattr(train, "train_step", diverging)
     out = str(tmp_path / "out")
     rc = train.main([data, "-o", out, "--max-steps", "4", "--save-every", "1", *FAST])
