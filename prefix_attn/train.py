@@ -42,6 +42,11 @@ conversation [user, assistant], ``{"messages": [...]}`` as given (a request's me
 the assistant message learnt); the loss is on that last assistant turn only (its end-of-turn
 tokens included), and the tokens before it must be those generate --chat feeds (checked; a
 template or example where they are not is refused). ``{"text"}`` and plain text are refused.
+``--chat-turns all`` learns every assistant turn of a conversation instead, in one pass over
+it: each after exactly the tokens generate --chat feeds for the messages before it, its own
+tokens where the whole rendering puts them (a template rewriting earlier turns, as Qwen3's
+drops their think blocks, is refused naming the example and turn); a --max-length cut keeps
+the turns before it whole. The checkpoint records it (older ones count as ``last``).
 
 Errors in the data or options are reported as ``prefix-attn train: error: ...`` (exit status
 2) before anything is written. A loss (or eval loss) that is not finite stops the run with an
@@ -284,12 +289,15 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     except ValueError as exc:
         raise TrainError(str(exc)) from None
     problem = options_need_chat(args.chat_option, args.chat)
+    if problem is None and args.chat_turns != "last" and not args.chat:
+        problem = (f"--chat-turns {args.chat_turns}: chooses the assistant turns learnt under --chat "
+                   "(without it an example has no turns)")
     if problem is not None:
         raise TrainError(problem)
     read = train_chat.read_examples_at if args.chat else read_examples_at
     examples = read(args.data)
     eval_examples = read(args.eval_data, what="--eval-data file") if args.eval_data else None
-    chat = (train_chat.ChatExamples.of_model(args.model, dict(args.chat_option))  # before the model loads
+    chat = (train_chat.ChatExamples.of_model(args.model, dict(args.chat_option), args.chat_turns)  # before the model loads
             if args.chat else None)
     ckpt_path = os.path.join(args.output, CHECKPOINT)
     if args.resume:

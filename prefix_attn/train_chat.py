@@ -26,10 +26,22 @@ few templates have them, and a character mask does not say the tokens before the
 the generation prompt's (a merge across the boundary, or a header rendered otherwise, goes
 unnoticed); the check above is what makes training and serving see the same tokens.
 
-Only the last assistant message is learnt; earlier ones are context, as they are in a
-request's ``messages`` (templates may render an assistant turn differently once it is history,
-e.g. without its reasoning, so an earlier turn's tokens in the conversation are not those
-the model generates). To learn every turn, give one example per turn.
+``--chat-turns last`` (the default): only the last assistant message is learnt; earlier ones
+are context, as they are in a request's ``messages`` (templates may render an assistant turn
+differently once it is history, e.g. without its reasoning, so an earlier turn's tokens in the
+conversation need not be those the model generates).
+
+``--chat-turns all``: every assistant message is learnt, in the one row of the whole
+conversation. Each earlier turn J is checked as the last one is: the rendering of
+``messages[:J]`` with the generation prompt (what generate --chat feeds) and that of
+``messages[:J + 1]`` without it (the conversation ending with turn J: the tokens its turn
+learns, as ``last`` would learn them) must both be the whole conversation's first tokens; the
+turn's labels are the tokens between the two. A template rewriting earlier turns (Qwen3 drops
+their think block; one writing a turn otherwise when it is not the last) fails that: every
+such example is named with its turn in one error (use ``last``, or split the conversation).
+An EOS ending the shorter rendering where the whole one has none (Phi-3 closes a conversation
+rendered without the generation prompt with it) is not the turn's: the turn ends before it,
+as a prompt prefix's entry leaves it out. Each learnt turn must answer a user or tool message.
 """
 from __future__ import annotations
 
@@ -47,8 +59,16 @@ Example = Tuple[str, List[dict], Optional[List[dict]]]  # (where, messages, tool
 Row = Optional[Tuple[List[int], List[int]]]  # (ids, labels); None: an empty example
 
 
+TURNS = ("last", "all")  # --chat-turns: the assistant turns learnt
+
+
 class NotTheContext(Exception):
     """The template's rendering with the generation prompt is not the conversation's start."""
+
+
+class EarlierTurn(Exception):
+    """An earlier assistant turn (``--chat-turns all``) is not in the whole conversation as
+    generate --chat would feed and answer it: ``str()`` names the message and says how."""
 
 
 def _listed(headline: str, problems: List[str]) -> TrainError:
@@ -114,7 +134,10 @@ class ChatExamples:
     """The (ids, labels) of conversations under the tokenizer's chat template. ``model_dir``:
     the --model folder (None: the built-in model), named when the tokenizer has none."""
 
-    def __init__(self, tokenizer, model_dir: Optional[str] = None, options: Optional[dict] = None):
+    def __init__(self, tokenizer, model_dir: Optional[str] = None, options: Optional[dict] = None,
+                 turns: str = "last"):
+        assert turns in TURNS, turns
+        self.turns = turns
         try:
             self.template = ChatTemplate(tokenizer, model_dir, "train on raw text", options)
         except RequestError as exc:
@@ -122,13 +145,15 @@ class ChatExamples:
         self.tokenizer = tokenizer
 
     @classmethod
-    def of_model(cls, model_dir: Optional[str], options: Optional[dict] = None) -> "ChatExamples":
+    def of_model(cls, model_dir: Optional[str], options: Optional[dict] = None,
+                 turns: str = "last") -> "ChatExamples":
         """For ``--model model_dir`` (None: the built-in model, whose byte tokenizer has no
-        template) and the template variables ``options``: checked before the model loads."""
+        template), the template variables ``options`` and ``--chat-turns turns``: checked
+        before the model loads."""
         if model_dir is None:
-            return cls(tiny.ByteTokenizer(), None, options)
+            return cls(tiny.ByteTokenizer(), None, options, turns)
         try:
-            return cls(tiny.load_tokenizer(model_dir), model_dir, options)
+            return cls(tiny.load_tokenizer(model_dir), model_dir, options, turns)
         except tiny.TokenizerError as exc:
             raise TrainError(str(exc)) from None
 
@@ -144,30 +169,76 @@ class ChatExamples:
                                 f"{shown_full} in the conversation")
         return full, len(context)
 
+    def spans(self, messages: List[dict], tools: Optional[List[dict]] = None) -> Tuple[List[int], List[Tuple[int, int]]]:
+        """(ids of the whole conversation, [start, end) of each assistant turn learnt): the last
+        one's (:meth:`encode`, checked first: its errors are today's); under ``--chat-turns
+        all``, each earlier one's too, from the end of its context (the messages before it,
+        rendered with the generation prompt) to the end of the conversation rendered up to it
+        (what the last turn of that shorter conversation learns), both checked to be the whole
+        conversation's first tokens, else :class:`EarlierTurn`. One exception: a last EOS of
+        that shorter rendering, which the whole one does not have there (Phi-3 ends any
+        conversation rendered without the generation prompt so), is not the turn's (the turn
+        ends before it), as a prompt prefix's entry leaves it out."""
+        full, n = self.encode(messages, tools)
+        learnt = [(n, len(full))]
+        if self.turns == "last":
+            return full, learnt
+        turns = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
+        for k, j in enumerate(turns[:-1]):
+            at = f"messages[{j}] (assistant turn {k + 1} of {len(turns)})"
+            context = self.template.render(messages[:j], generation_prompt=True, tools=tools)
+            if full[:len(context)] != context:
+                raise EarlierTurn(f"{at}: its context (the messages before it, with the generation prompt) "
+                                  f"{self._differs(context, full)}")
+            upto = self.template.render(messages[:j + 1], generation_prompt=False, tools=tools)
+            if full[:len(upto)] != upto and upto[-1:] == [self.tokenizer.eos_token_id]:
+                upto = upto[:-1]  # the EOS closing the shorter conversation (Phi-3): not the turn's
+            if full[:len(upto)] != upto:
+                raise EarlierTurn(f"{at}: the conversation ending with it (its tokens as generate --chat "
+                                  f"answers it) {self._differs(upto, full)}")
+            if len(upto) <= len(context):
+                raise EarlierTurn(f"{at}: the chat template renders it as no tokens")
+            learnt.insert(k, (len(context), len(upto)))
+        return full, learnt
+
+    def _differs(self, part: List[int], full: List[int]) -> str:
+        i, shown_part, shown_full = difference(self.tokenizer, part, full)
+        return f"differs from the whole conversation from token {i}: {shown_part} but {shown_full}"
+
     def rows(self, examples_at: Sequence[Example]) -> List[Tuple[str, Row]]:
-        """[(where, (ids, labels))], labels -100 on the context; None for an example whose
-        messages are all blank (dropped, as an empty text is). Every example whose context is
-        not the conversation's first tokens is named in one :class:`TrainError` (raised first:
-        it is the template's problem); else every example the template refuses, in one."""
-        out, refused, split = [], [], []
+        """[(where, (ids, labels))], labels the ids on the learnt turns (:meth:`spans`), -100
+        elsewhere; None for an example whose messages are all blank (dropped, as an empty text
+        is). Every example whose (last) context is not the conversation's first tokens is
+        named in one :class:`TrainError` (raised first: it is the template's problem); then
+        every example with an earlier turn that cannot be learnt (``--chat-turns all``); else
+        every example the template refuses, in one."""
+        out, refused, split, earlier = [], [], [], []
         for where, messages, tools in examples_at:
             if not any((m.get("content") or "").strip() or m.get("tool_calls") for m in messages):
                 out.append((where, None))
                 continue
+            self._check_answers(where, messages)
             try:
-                ids, n = self.encode(messages, tools)
+                ids, learnt = self.spans(messages, tools)
             except NotTheContext as exc:
                 split.append(f"{where}: {exc}")
+                continue
+            except EarlierTurn as exc:
+                earlier.append(f"{where}: {exc}")
                 continue
             except Exception as exc:  # the template's raise_exception, a Jinja error, ...
                 refused.append(f"{where}: the chat template refuses this conversation "
                                f"({type(exc).__name__}: {_first_line(exc)})")
                 continue
-            if n == len(ids):
+            start, end = learnt[-1]
+            if start == end:
                 refused.append(f"{where}: the chat template renders the answer as no tokens (it leaves "
                                "assistant messages out)")
                 continue
-            out.append((where, (ids, [-100] * n + ids[n:])))
+            labels = [-100] * len(ids)
+            for start, end in learnt:
+                labels[start:end] = ids[start:end]
+            out.append((where, (ids, labels)))
         if split:
             raise _listed(
                 f"--chat: for {len(split)} example(s) the chat template's rendering of the conversation "
@@ -179,6 +250,30 @@ class ChatExamples:
                 "with a space or a newline), or the template renders the earlier messages otherwise "
                 "once an answer follows (Mistral v0.3's writes the system message into the last "
                 "message only while that is a user turn):", split)
+        if earlier:
+            raise _listed(
+                f"--chat-turns all: in {len(earlier)} example(s) an earlier assistant turn is not in the "
+                "whole conversation as generate --chat would feed and answer it: the chat template "
+                "renders the conversation up to that turn otherwise once later messages follow (it "
+                "rewrites earlier assistant turns, as Qwen3's drops their <think> block, or writes a "
+                "turn otherwise when it is not the last), so one pass over the whole conversation "
+                "would learn tokens generate --chat never produces. Use --chat-turns last (the last "
+                "turn only), or split each conversation into one example per assistant turn, each "
+                "ending with it:", earlier)
         if refused:
             raise _listed(f"--chat: {len(refused)} example(s) that the chat template cannot render:", refused)
         return out
+
+    def _check_answers(self, where: str, messages: List[dict]) -> None:
+        """Under ``--chat-turns all``, each assistant message follows a user or tool message,
+        as generate --chat answers one (the last one's is checked as the example is read).
+        Raises :class:`TrainError` naming the example and the message."""
+        if self.turns == "last":
+            return
+        for j, m in enumerate(messages):
+            before = messages[j - 1]["role"] if j else None
+            if m["role"] == "assistant" and before not in ("user", "tool"):
+                got = "it is the first message" if before is None else f"it follows a {before!r} message"
+                raise TrainError(f"{where}: messages[{j}]: --chat-turns all learns every assistant message "
+                                 f"as an answer to a user or tool message, as generate --chat gives one; "
+                                 f"{got} (merge the two, or use --chat-turns last)")

@@ -154,11 +154,14 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
         else:
             short += 1
     if shortened:  # kept, but the end of their answer (the end-of-text / end-of-turn) is not learnt
+        lost = ("the assistant turns after the cut, and the end of the turn it cuts, its end-of-turn "
+                "token included" if chat is not None and chat.turns == "all" else
+                "the end-of-text or end-of-turn token, and the end of the completion before it where the "
+                "cut reaches it")
         warn("note", f"{path}: {shortened} of {len(examples_at)} example{'' if len(examples_at) == 1 else 's'} "
                      f"{'is' if shortened == 1 else 'are'} longer than the {max_length}-token limit per "
                      f"example (--max-length): cut, so {'its' if shortened == 1 else 'their'} last tokens "
-                     f"to learn (the end-of-text or end-of-turn token, and the end of the completion "
-                     f"before it where the cut reaches it) are not learnt")
+                     f"to learn ({lost}) are not learnt")
     if cut or short or blank:
         causes = []
         if blank:

@@ -172,6 +172,7 @@ def run_settings(args: argparse.Namespace, max_length: int) -> Dict[str, object]
             # --eval-every 0 nothing is held out, whatever the fraction
             "--eval-fraction": _eval_fraction(args), "--lr": args.lr, "--weight-decay": args.weight_decay,
             "--dtype": getattr(args, "dtype", "float32"), "--chat": bool(getattr(args, "chat", False)),
+            "--chat-turns": getattr(args, "chat_turns", "last"),
             # JSON text: a dict here is a file's fingerprint
             "--chat-option": json.dumps(dict(sorted(getattr(args, "chat_option", None) or []))),
             "--gradient-accumulation-steps": getattr(args, "gradient_accumulation_steps", 1),
@@ -182,7 +183,7 @@ def run_settings(args: argparse.Namespace, max_length: int) -> Dict[str, object]
 
 # settings added after checkpoints recorded settings, with the value every older run had: a
 # checkpoint without one is compared as having it
-LATER_SETTINGS = {"--dtype": "float32", "--chat": False, "--chat-option": "{}",
+LATER_SETTINGS = {"--dtype": "float32", "--chat": False, "--chat-option": "{}", "--chat-turns": "last",
                   "--gradient-accumulation-steps": 1, "--lr-scheduler": "constant", "--warmup-steps": 0,
                   "--max-grad-norm": None}
 

@@ -254,9 +254,11 @@ def test_readme_and_help_say_what_train_chat_does():
     command_line = readme[readme.index("### Command line"):readme.index("## Benchmarks")]
     assert "prefix-attn train chat.jsonl -o out/ --model DIR --chat" in command_line
     assert "`prefix-attn train --chat` trains a prefix for `generate --chat`" in command_line
-    assert "lr, weight decay, `--chat` or `--chat-option` differ" in command_line
+    assert "lr, weight decay, `--chat`, `--chat-option` or `--chat-turns` differ" in command_line
+    assert "`--chat-turns all` learns every assistant turn" in command_line
     description = " ".join(train.build_parser().format_help().split())  # __doc__, as --help shows it
     assert "--chat`` trains a prefix for ``prefix-attn generate --chat``" in description
+    assert "``--chat-turns all`` learns every assistant turn of a conversation" in description
 
 
 # -- added by the mutation audit ------------------------------------------------------------
@@ -363,3 +365,165 @@ def test_a_template_rendering_earlier_messages_otherwise_once_an_answer_follows_
     assert "or the template renders the earlier messages otherwise once an answer follows" in headline
     assert line == "  d.jsonl:1: from token 8, 'Be brief' with the generation prompt but 'hi[/INST' in the conversation"
     assert train_chat.ChatExamples(tok).rows([("d.jsonl:1", messages[1:], None)])[0][1] is not None
+
+
+# -- --chat-turns all: every assistant turn learnt ---------------------------------------------
+
+TWO_TURNS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+THREE_TURNS = SYSTEM_CHAT + [{"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "six"}]
+# ChatML, but the last assistant turn written with a think block, earlier ones without (Qwen3)
+THINKS_LAST = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+               "{% if m['role'] == 'assistant' and loop.last %}{{ '<think></think>' }}{% endif %}"
+               "{{ m['content'] + '<|im_end|>\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _learnt_runs(labels):
+    """[start, end) of each run of learnt labels."""
+    runs = []
+    for i, label in enumerate(labels):
+        if label != -100:
+            if runs and runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+    return runs
+
+
+def _turns(messages):
+    return [j for j, m in enumerate(messages) if m["role"] == "assistant"]
+
+
+def test_all_turns_label_every_assistant_turn_after_generate_chats_tokens(tmp_path):
+    """--chat-turns all: one row per conversation (the same ids as with last); each assistant
+    turn learnt, with its end of turn, after exactly the tokens generate --chat feeds for the
+    messages before it (its own request_ids); the rest -100. last: the last turn only."""
+    from prefix_attn.chat import ChatTemplate
+    from prefix_attn.serve_inputs import Request
+
+    tok = chat_tokenizer()
+    conversations = [TWO_TURNS, THREE_TURNS]
+    examples = train_chat.read_examples_at(_write(tmp_path / "d.jsonl", [{"messages": m} for m in conversations]))
+    every = train_chat.ChatExamples(tok, "m", turns="all").rows(examples)
+    last = train_chat.ChatExamples(tok, "m").rows(examples)
+    for messages, (_, (ids, labels)), (_, (last_ids, last_labels)) in zip(conversations, every, last):
+        assert ids == last_ids == _ids(tok, messages, False)
+        served = ChatTemplate(tok).request_ids(
+            [Request(prompt=None, line=j, messages=messages[:j]) for j in _turns(messages)], None, "r")
+        runs = _learnt_runs(labels)
+        assert [start for start, _ in runs] == [len(served[j]) for j in _turns(messages)]
+        for (start, end), j in zip(runs, _turns(messages)):
+            assert ids[:start] == served[j]
+            assert labels[start:end] == ids[start:end]
+            assert tok.decode(ids[start:end], skip_special_tokens=False) == messages[j]["content"] + END
+        assert _learnt_runs(last_labels) == runs[-1:]
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_the_loss_trained_on_is_the_token_weighted_mean_over_every_turn(pack):
+    """train_step's loss on --chat-turns all rows of a 2- and a 3-turn conversation is the
+    mean, over every learnt token of both (not per turn, not per row), of -log p(token | the
+    conversation before it), computed here row by row from the template alone."""
+    from prefix_attn.tuning import prefix_tuning
+
+    tok = chat_tokenizer()
+    conversations = [TWO_TURNS, THREE_TURNS]
+    rows = [row for _, row in train_chat.ChatExamples(tok, turns="all").rows(
+        [(f"d:{i}", m, None) for i, m in enumerate(conversations)])]
+    torch.manual_seed(0)
+    model = _model()
+    module = prefix_tuning(model, num_virtual_tokens=4, name="p")
+    loss, _ = train.train_step(model, torch.optim.SGD(module.parameters(), lr=0.0), rows, 0, "p", pack)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for messages in conversations:
+            ids = _ids(tok, messages, False)
+            positions = [p for j in _turns(messages)
+                         for p in range(len(_ids(tok, messages[:j], True)), len(_ids(tok, messages[:j + 1], False)))]
+            logp = torch.log_softmax(model(torch.tensor([ids]), prefixes=["p"]).logits[0].float(), -1)
+            total -= sum(logp[p - 1, ids[p]].item() for p in positions)
+            count += len(positions)
+    # every turn: its bytes, then <|im_end|> and "\n"
+    assert count == sum(len(m["content"]) + 2 for c in conversations for m in c if m["role"] == "assistant")
+    assert loss == pytest.approx(total / count, rel=1e-5)
+
+
+def test_a_template_rewriting_earlier_turns_is_refused_naming_the_line_and_turn(tmp_path, folders, capsys):
+    """THINKS_LAST writes a think block into the last assistant turn only: the conversation
+    ending with the first turn (what generate --chat answers) is not the whole one's start.
+    One error naming each example and turn, with the way out; nothing written; last trains."""
+    tok = chat_tokenizer(THINKS_LAST)
+    model_dir = tmp_path / "thinks_last"
+    _model().save_pretrained(str(model_dir))
+    tok.save_pretrained(str(model_dir))
+    data = _write(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a"}, {"messages": TWO_TURNS},
+                                         {"messages": THREE_TURNS}])
+    out = tmp_path / "run"
+    common = [data, "-o", str(out), "--model", str(model_dir), "--chat", "--max-steps", "1", "--eval-every", "0",
+              "--num-virtual-tokens", "4", "--no-progress"]
+    assert train.main([*common, "--chat-turns", "all"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "--chat-turns all: in 2 example(s) an earlier assistant turn" in err
+    assert "Use --chat-turns last" in err and "split each conversation into one example per assistant turn" in err
+    assert f"{data}:2: messages[1] (assistant turn 1 of 2): the conversation ending with it" in err
+    assert f"{data}:3: messages[2] (assistant turn 1 of 3): the conversation ending with it" in err
+    assert "differs from the whole conversation from token 40: '<think><' but 'Hello.<|im_end|>" in err
+    assert f"{data}:1" not in err and not out.exists()
+    assert train.main(common) == 0
+
+
+def test_an_assistant_turn_that_answers_no_user_or_tool_message_is_refused_under_all(tmp_path):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."},
+                {"role": "assistant", "content": "Anyone?"}, {"role": "user", "content": "yes"},
+                {"role": "assistant", "content": "Good."}]
+    data = _write(tmp_path / "d.jsonl", [{"messages": messages}])
+    examples = train_chat.read_examples_at(data)
+    with pytest.raises(TrainError, match=r"d.jsonl:1: messages\[2\]: --chat-turns all learns every assistant "
+                                         r"message as an answer to a user or tool message.*follows a 'assistant'"):
+        train_chat.ChatExamples(chat_tokenizer(), turns="all").rows(examples)
+    assert train_chat.ChatExamples(chat_tokenizer()).rows(examples)[0][1] is not None  # last: context
+
+
+def test_chat_turns_needs_chat(tmp_path, capsys):
+    data = _write(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}])
+    out = tmp_path / "run"
+    assert train.main([data, "-o", str(out), "--chat-turns", "all", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "--chat-turns all: chooses the assistant turns learnt under --chat" in err
+    assert not out.exists()
+
+
+def test_resume_refuses_other_chat_turns_and_older_checkpoints_count_as_last(tmp_path, folders, capsys):
+    """The checkpoint records --chat-turns; one from before it trained the last turn only."""
+    from prefix_attn.train_state import check_same_settings
+
+    data = _write(tmp_path / "d.jsonl", [{"messages": TWO_TURNS}, {"messages": THREE_TURNS}])
+    out = str(tmp_path / "run")
+    common = [data, "-o", out, "--model", str(folders / "chatml"), "--chat", "--eval-every", "0",
+              "--num-virtual-tokens", "4", "--no-progress"]
+    assert train.main([*common, "--max-steps", "1", "--chat-turns", "all"]) == 0
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["settings"]["--chat-turns"] == "all"
+    capsys.readouterr()
+    assert train.main([*common, "--max-steps", "2", "--resume"]) == 2
+    assert "--chat-turns: all -> last" in capsys.readouterr().err
+    assert train.main([*common, "--max-steps", "2", "--resume", "--chat-turns", "all"]) == 0
+    state = {"settings": {"--seed": 0}}
+    check_same_settings(state, {"--seed": 0, "--chat-turns": "last"}, "c.pt")
+    with pytest.raises(TrainError, match=r"--chat-turns: last -> all"):
+        check_same_settings(state, {"--seed": 0, "--chat-turns": "all"}, "c.pt")
+
+
+def test_a_cut_keeps_the_turns_before_it_and_says_later_turns_are_not_learnt(tmp_path, capsys):
+    """--max-length cuts the row as under last: the turns before the cut are learnt whole, the
+    turn it cuts up to the cut, later ones not; the note says so."""
+    tok = chat_tokenizer()
+    data = _write(tmp_path / "d.jsonl", [{"messages": THREE_TURNS}])
+    chat = train_chat.ChatExamples(tok, turns="all")
+    ((ids, labels),) = train.prepare(tok, train_chat.read_examples_at(data), 256, 262, data, chat=chat)
+    cut = len(_ids(tok, THREE_TURNS[:4], True)) + 2  # two tokens into the second turn
+    ((cut_ids, cut_labels),) = train.prepare(tok, train_chat.read_examples_at(data), cut, 262, data, chat=chat)
+    assert cut_ids == ids[:cut] and cut_labels == labels[:cut]
+    assert _learnt_runs(cut_labels) == _learnt_runs(labels)[:1] + [(_learnt_runs(labels)[1][0], cut)]
+    assert "cut, so its last tokens to learn (the assistant turns after the cut, and the end of the turn it " \
+           "cuts, its end-of-turn token included) are not learnt" in capsys.readouterr().err
