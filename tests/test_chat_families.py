@@ -3,7 +3,8 @@ families (tests/chat_templates.py: re-typed approximations, not the repositories
 
 For each family: (a) a ``--prompt-prefix`` (a shared system prompt) is served or refused; (b)
 requests without a prefix are served; (c) ``train --chat`` rows of prompt/completion and
-multi-turn examples are made or refused; (d) with tools, where the template renders them.
+multi-turn examples are made or refused, and with ``--chat-turns all`` every assistant turn's;
+(d) with tools, where the template renders them.
 Every answer served must equal ``model.generate`` on the whole templated conversation, and
 every refusal must be right: the template really renders the system prompt (or the context of
 an answer) otherwise. README "Command line" (generate --chat) shows these outcomes as a table.
@@ -18,6 +19,7 @@ from prefix_attn import serve, tiny, train_chat
 from prefix_attn.chat import ChatTemplate
 from prefix_attn.train_state import TrainError
 from test_serve_chat import record_generate
+from test_train_chat import _learnt_runs
 
 pytestmark = pytest.mark.hf
 
@@ -254,6 +256,90 @@ def test_train_chat_rows(tmp_path, name):
     assert outcomes == TRAIN[name], dict(zip(TRAIN_EXAMPLES, outcomes))
 
 
+# (c) train --chat --chat-turns all: every assistant turn of a multi-turn example learnt, or the
+# refusal (REWRITES: the conversation rendered up to an earlier turn is not the whole one's start)
+REWRITES = "an earlier turn is rendered otherwise once later messages follow"
+ALL_TURNS_EXAMPLES = ("2 turns", "3 turns", "3 turns with a system message", "a tool call, then the answer")
+THREE = MULTI + [{"role": "assistant", "content": "Now 5."}, {"role": "user", "content": "Last?"},
+                 {"role": "assistant", "content": "Yes."}]
+ALL_TURNS = {name: [OK, OK, OK] + ([OK] if f.tools else []) for name, f in FAMILIES.items()}
+ALL_TURNS.update({"qwen3": [REWRITES] * 4, "mistral-v0.1": [OK, OK, TEMPLATE], "gemma2": [OK, OK, TEMPLATE],
+                  "mistral-v0.3": [OK, OK, CONTEXT, OK], "deepseek-r1": [CONTEXT, CONTEXT, CONTEXT, REWRITES]})
+
+
+def _all_turns_examples(name):
+    """(messages, tools) of ALL_TURNS_EXAMPLES."""
+    examples = [(MULTI + [{"role": "assistant", "content": "Now 5."}], None), (THREE, None),
+                ([{"role": "system", "content": SYSTEM}] + THREE, None)]
+    if FAMILIES[name].tools:
+        examples.append((tool_turn(name) + [{"role": "assistant", "content": "21 degrees."}], [WEATHER]))
+    return examples
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_train_chat_rows_of_every_turn(name):
+    """(c) --chat-turns all: one row per conversation, whose learnt tokens are exactly each
+    assistant turn's, each after exactly what generate --chat feeds for the messages before it
+    (the template rendering them with the generation prompt, compared token by token) and
+    ending where the conversation rendered up to it ends (less the EOS that closes a
+    conversation there, Phi-3's, which the whole one has not there); or refused where the
+    template refuses the conversation, renders a context otherwise, or rewrites an earlier turn."""
+    tok = family_tokenizer(name)
+    eos = tok.eos_token_id
+    outcomes = []
+    for messages, tools in _all_turns_examples(name):
+        turns = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
+        try:
+            ((_, (ids, labels)),) = train_chat.ChatExamples(tok, "m", turns="all").rows([("d:1", messages, tools)])
+        except TrainError as exc:
+            if "cannot render" in str(exc):
+                outcomes.append(TEMPLATE)
+                with pytest.raises(Exception):
+                    _render(tok, messages, tools, generation_prompt=False)
+                continue
+            full = _render(tok, messages, tools, generation_prompt=False)
+            if "an earlier assistant turn is not in the whole conversation" in str(exc):
+                outcomes.append(REWRITES)
+                assert "Use --chat-turns last" in str(exc) and "d:1: messages[" in str(exc)
+                j = int(str(exc).split("d:1: messages[")[1].split("]")[0])
+                context, upto = _render(tok, messages[:j], tools), _render(tok, messages[:j + 1], tools, False)
+                assert full[:len(context)] != context or (full[:len(upto)] != upto
+                                                          and full[:len(upto) - 1] != upto[:-1])
+            else:
+                assert "is not the first tokens of the whole conversation" in str(exc)
+                outcomes.append(CONTEXT)
+                context = _render(tok, messages[:-1], tools)
+                assert full[:len(context)] != context
+            continue
+        outcomes.append(OK)
+        assert ids == _render(tok, messages, tools, generation_prompt=False)
+        expected = []
+        for j in turns:
+            context = _render(tok, messages[:j], tools)
+            assert ids[:len(context)] == context  # what generate --chat feeds for it
+            upto = _render(tok, messages[:j + 1], tools, generation_prompt=False)
+            if j != turns[-1] and ids[:len(upto)] != upto:
+                assert upto[-1] == eos and ids[:len(upto) - 1] == upto[:-1]
+                upto = upto[:-1]
+            expected.append((len(context), len(upto)))
+        assert _learnt_runs(labels) == expected and all(labels[i] == ids[i] for s, e in expected for i in range(s, e))
+        for (start, end), j in zip(expected, turns):
+            learnt = tok.decode(ids[start:end], skip_special_tokens=False)
+            assert (messages[j]["content"] or "get_weather") in learnt
+            assert not any(m["content"] and m["content"] in learnt for m in messages if m is not messages[j])
+    assert outcomes == ALL_TURNS[name], dict(zip(ALL_TURNS_EXAMPLES, outcomes))
+
+
+def test_phi3s_earlier_turns_end_before_the_eos_that_closes_a_conversation():
+    """Phi-3 ends a conversation rendered without the generation prompt with its EOS: an earlier
+    turn is learnt up to its <|end|> (the EOS is not in the whole conversation there), the last
+    turn with the EOS, as --chat-turns last learns it."""
+    tok = family_tokenizer("phi3")
+    ((_, (ids, labels)),) = train_chat.ChatExamples(tok, "m", turns="all").rows([("d:1", THREE, None)])
+    learnt = [tok.decode(ids[s:e], skip_special_tokens=False) for s, e in _learnt_runs(labels)]
+    assert learnt == ["Hello.<|end|>\n", "Now 5.<|end|>\n", "Yes.<|end|>\n<|endoftext|>"]
+
+
 def test_deepseek_tool_calls_with_null_content_are_the_templates_error(tmp_path):
     """transformers 5 drops a message's null keys before rendering; DeepSeek-V3's template tests
     a tool call's content with `is none` and then concatenates the missing key: the template's
@@ -280,7 +366,12 @@ def test_readme_has_the_families_table():
     assert "tests/test_chat_families.py" in readme[readme.index("| family (template) |") - 800:]
     rows = {line.split("|")[1].split()[0]: [c.strip() for c in line.split("|")[2:-1]] for line in table[2:]}
     assert list(rows) == list(FAMILIES)
-    for name, (prefix, tools, train) in rows.items():
+    for name, (prefix, tools, train, all_turns) in rows.items():
+        if set(ALL_TURNS[name]) == {OK}:
+            assert all_turns.startswith("ok") and "except" not in all_turns, name
+        else:
+            assert all_turns.startswith("refused" if OK not in ALL_TURNS[name] else "ok") and \
+                ("except" in all_turns or OK not in ALL_TURNS[name]), name
         assert prefix.startswith(SERVED if PREFIX[name] == SERVED else "refused"), name
         with_tools = PREFIX_WITH_TOOLS.get(name)
         assert tools.startswith({SERVED: SERVED, SPLIT: "refused", None: "no tools"}[with_tools]) \
