@@ -434,7 +434,7 @@ def test_the_loss_trained_on_is_the_token_weighted_mean_over_every_turn(pack):
     torch.manual_seed(0)
     model = _model()
     module = prefix_tuning(model, num_virtual_tokens=4, name="p")
-    loss, _ = train.train_step(model, torch.optim.SGD(module.parameters(), lr=0.0), rows, 0, "p", pack)
+    loss, _, _ = train.train_step(model, torch.optim.SGD(module.parameters(), lr=0.0), rows, 0, "p", pack)
     total, count = 0.0, 0
     with torch.no_grad():
         for messages in conversations:
