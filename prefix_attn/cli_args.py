@@ -190,3 +190,12 @@ def chat_option(text: str) -> tuple:
         return key, json.loads(value)
     except ValueError:
         return key, value
+
+
+def not_utf8(text: str) -> Optional[str]:
+    """What is wrong with a command-line ``text`` whose bytes were not UTF-8 (Python gives them
+    as lone surrogates), e.g. "is not UTF-8 (byte 0xff at character 3)"; None if they were."""
+    bad = next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)
+    if bad is None:
+        return None
+    return f"is not UTF-8 (byte 0x{ord(text[bad]) - 0xdc00:02x} at character {bad + 1})"

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from . import jsonl
+from . import cli_args, jsonl
 
 _MAX_LISTED = 10  # bad request lines named in one error; the rest are counted
 
@@ -109,11 +109,9 @@ def _name_value(spec: str, option: str) -> tuple[str, str]:
         form = {"--adapter": "NAME=DIR, e.g. --adapter support=out/adapter",
                 "--prompt-prefix": "NAME=TEXT, e.g. --prompt-prefix sys='You are terse.'"}
         raise RequestError(f"{option} expects {form.get(option, 'NAME=VALUE')}, got {spec!r}")
-    if option == "--prompt-prefix":  # bytes that are not UTF-8 come as lone surrogates
-        bad = next((i for i, c in enumerate(value) if "\udc80" <= c <= "\udcff"), None)
-        if bad is not None:
-            raise RequestError(f"{option} {name}: the text is not UTF-8 (byte "
-                               f"0x{ord(value[bad]) - 0xdc00:02x} at character {bad + 1})")
+    problem = cli_args.not_utf8(value) if option == "--prompt-prefix" else None
+    if problem is not None:
+        raise RequestError(f"{option} {name}: the text {problem}")
     return name, value
 
 
