@@ -195,6 +195,16 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="T", help="sampling temperature (with --do-sample)")
     p.add_argument("--top-p", type=cli_args.float_where(lambda t: 0 < t <= 1, "in (0, 1]"), default=1.0,
                    metavar="P", help="nucleus sampling mass (with --do-sample)")
+    p.add_argument("--top-k", type=cli_args.int_at_least(0), default=0, metavar="K",
+                   help="sample among the K likeliest tokens only (with --do-sample; 0 = all tokens, "
+                        "not transformers' 50)")
+    p.add_argument("--min-p", type=cli_args.float_where(lambda m: 0 <= m <= 1, "in [0, 1]"), default=0.0,
+                   metavar="P", help="sample only tokens at least P times as likely as the likeliest "
+                                     "(with --do-sample; 0 = off)")
+    p.add_argument("--repetition-penalty", type=cli_args.float_where(lambda r: r > 0, "> 0"), default=1.0,
+                   metavar="R", help="divide the positive scores (multiply the negative ones) of the tokens "
+                                     "already in the prompt or the completion by R, greedy, sampled or beams "
+                                     "(1 = off; a prefix's tokens are not counted)")
     p.add_argument("--num-beams", type=cli_args.int_at_least(1), default=1, metavar="N",
                    help="beam search width (1 = no beam search)")
     p.add_argument("--seed", type=cli_args.seed, default=0, help="torch seed (sampling), -2**63 to 2**63 - 1")

@@ -28,6 +28,14 @@ Output: one line per request, in input order:
 A completion ends at any of the model's stop ids (its generation_config's eos_token_id and
 the tokenizer's end of sequence) or after --max-new-tokens.
 
+Decoding: greedy, or --do-sample (--temperature 1.0, --top-p 1.0, --top-k 0 = all tokens,
+--min-p 0 = off, by default), --num-beams, --repetition-penalty (1.0 = off) with either: each
+value is the option's, given or its default, and nothing else. A model folder's
+generation_config.json is read for its eos_token_id (and bos/pad ids, cache settings) only: its
+do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, ... are not
+applied, with a note on stderr naming them (transformers' model.generate would apply them, and
+its top_k=50 when sampling).
+
 The model is a local folder (--model, with its tokenizer files or prefix-attn's
 byte_tokenizer.json) or the built-in tiny
 default (prefix_attn.tiny.default_model: random weights, for smoke tests). An adapter made by
@@ -119,7 +127,37 @@ def _load_model(model_dir: Optional[str], device: torch.device, dtype: torch.dty
     model = model.to(device).eval()
     if hf.attn_implementation(model) != hf.ATTN_NAME:
         model.set_attn_implementation(hf.ATTN_NAME)
+    dropped = _drop_model_decoding(model)
+    if dropped:
+        settings = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(dropped.items()))
+        print(f"prefix-attn generate: note: {model_dir}'s generation_config.json sets {settings}: not "
+              "applied (generate's options, at their defaults unless given, decide how tokens are "
+              "picked)", file=sys.stderr)
     return model, tiny.load_tokenizer(model_dir)
+
+
+# the fields of a model's generation config that generate keeps: its token ids (eos_token_id
+# gives the stop ids) and cache settings, none of which decides which token comes next
+_KEPT_GENERATION_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
+                           "use_cache", "cache_implementation")
+
+
+def _drop_model_decoding(model) -> Dict[str, object]:
+    """Replace ``model.generation_config`` by transformers' defaults with only its kept fields:
+    model.generate fills what a call does not set from it, so a folder's
+    ``generation_config.json`` (temperature, top_k, repetition_penalty, no_repeat_ngram_size, ...)
+    would otherwise change the answers unseen. Returns the values dropped that differ from
+    transformers' defaults."""
+    from transformers import GenerationConfig
+
+    old = model.generation_config
+    defaults = GenerationConfig._get_default_generation_params()
+    dropped = {k: v for k, v in old.to_diff_dict().items()
+               if k not in _KEPT_GENERATION_FIELDS and k != "transformers_version" and not k.startswith("_")
+               and v is not None and v != defaults.get(k, False)}  # output_attentions=False, ...
+    kept = {k: getattr(old, k) for k in _KEPT_GENERATION_FIELDS if getattr(old, k, None) is not None}
+    model.generation_config = GenerationConfig(**kept)
+    return dropped
 
 
 def _build_bank(model, tokenizer, sources: List[Source], bank_dir: Optional[str], chat=None):
@@ -458,10 +496,8 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
     stop = _stop_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop or [None])[0]
     eos_id = stop or None
-    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, num_beams=args.num_beams,
-                      pad_token_id=pad_id, eos_token_id=eos_id)
-    if args.do_sample:
-        gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)
+    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+                      **_decoding(args))
 
     running: List[int] = []  # the batch answer runs now: the request alone when it runs out of memory
 
@@ -513,6 +549,17 @@ def _stop_ids(model, tokenizer) -> List[int]:
     if tokenizer.eos_token_id is not None:  # a fine-tune may have changed only the tokenizer's
         ids.append(tokenizer.eos_token_id)
     return list(dict.fromkeys(int(i) for i in ids))
+
+
+def _decoding(args: argparse.Namespace) -> dict:
+    """model.generate's keywords for how tokens are picked: every one the options set, given
+    whether or not it differs from transformers' default (the model's own were dropped)."""
+    kwargs = dict(do_sample=args.do_sample, num_beams=args.num_beams,
+                  repetition_penalty=args.repetition_penalty)
+    if args.do_sample:  # greedy and beam search would warn of unused sampling settings
+        kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                      min_p=args.min_p or None)
+    return kwargs
 
 
 def _result(r: Request, new: List[int], tokenizer, stop: List[int], pad_id) -> dict:

@@ -187,7 +187,8 @@ def _adapter_base(directory: str) -> Optional[str]:
 # request fields that look like generation options, which generate takes only as command options
 _OPTION_FIELDS = {"max_new_tokens": "--max-new-tokens", "max_tokens": "--max-new-tokens",
                   "temperature": "--temperature", "top_p": "--top-p", "do_sample": "--do-sample",
-                  "num_beams": "--num-beams", "seed": "--seed"}
+                  "num_beams": "--num-beams", "seed": "--seed", "top_k": "--top-k", "min_p": "--min-p",
+                  "repetition_penalty": "--repetition-penalty"}
 
 
 def warn_about_option_fields(requests: List[Request]) -> None:

@@ -1,0 +1,165 @@
+"""``prefix-attn generate``'s decoding options: --top-k, --min-p, --repetition-penalty, and a model
+folder's generation_config.json (not applied)."""
+import json
+
+import pytest
+import torch
+
+from prefix_attn import serve, tiny
+from prefix_attn.serve import main
+
+pytestmark = pytest.mark.hf
+
+PROMPTS = ["hello there", "abc", "the quick brown fox", "1 + 1 ="]
+NEW = 12
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def _results(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def _save(folder, model=None):
+    model = model if model is not None else tiny.default_model()
+    model.save_pretrained(str(folder))
+    tiny.ByteTokenizer().save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The built-in default model saved as a folder, with its byte tokenizer."""
+    return _save(tmp_path_factory.mktemp("model"))
+
+
+def _run(tmp_path, model_dir, name, *options, capsys=None):
+    f = _write(tmp_path / "req.jsonl", [json.dumps({"prompt": p}) for p in PROMPTS])
+    out = tmp_path / f"{name}.jsonl"
+    assert main(["-i", f, "-o", str(out), "--model", model_dir, "--max-new-tokens", str(NEW),
+                 "--no-progress", *options]) == 0
+    return _results(out)
+
+
+def _generate(prompt, **kwargs):
+    """The new tokens of the built-in model's model.generate on ``prompt`` alone."""
+    tok = tiny.ByteTokenizer()
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        out = tiny.default_model().generate(torch.tensor([ids]), max_new_tokens=NEW, pad_token_id=tok.pad_token_id,
+                                            eos_token_id=tok.eos_token_id, **kwargs)
+    return out[0, len(ids):].tolist()
+
+
+def record_calls(monkeypatch) -> list:
+    """``(keywords, new tokens' width)`` of each model.generate call of the command."""
+    calls, load_model = [], serve._load_model
+
+    def recording_load(*args, **kwargs):
+        model, tok = load_model(*args, **kwargs)
+        generate = model.generate
+
+        def recording_generate(input_ids, **kw):
+            out = generate(input_ids, **kw)
+            calls.append((kw, out.shape[1] - input_ids.shape[1]))
+            return out
+        model.generate = recording_generate
+        return model, tok
+    monkeypatch.setattr(serve, "_load_model", recording_load)
+    return calls
+
+
+# -- --repetition-penalty, --top-k, --min-p ----------------------------------------------------
+
+def test_repetition_penalty_is_model_generate_s(tmp_path, model_dir):
+    """--repetition-penalty changes the greedy answers as model.generate(repetition_penalty=)
+    does, in batches."""
+    tok = tiny.ByteTokenizer()
+    plain = _run(tmp_path, model_dir, "plain", "--batch-size", "3")
+    penalised = _run(tmp_path, model_dir, "penalised", "--batch-size", "3", "--repetition-penalty", "1.5")
+    assert [r["completion"] for r in penalised] == [tok.decode(_generate(p, do_sample=False, repetition_penalty=1.5))
+                                                   for p in PROMPTS]
+    assert all(a["completion"] != b["completion"] for a, b in zip(plain, penalised))
+
+
+def test_top_k_1_and_min_p_1_sample_the_greedy_answers(tmp_path, model_dir):
+    """--top-k 1 and --min-p 1 leave only the likeliest token to sample: the greedy answers,
+    where plain sampling with the same seed differs."""
+    greedy = _run(tmp_path, model_dir, "greedy")
+    sampled = _run(tmp_path, model_dir, "sampled", "--do-sample", "--seed", "3")
+    top_k = _run(tmp_path, model_dir, "top_k", "--do-sample", "--seed", "3", "--top-k", "1")
+    min_p = _run(tmp_path, model_dir, "min_p", "--do-sample", "--seed", "3", "--min-p", "1")
+    assert top_k == greedy and min_p == greedy
+    assert all(a["completion"] != b["completion"] for a, b in zip(sampled, greedy))
+
+
+def test_decoding_keywords_given_to_generate(tmp_path, model_dir, monkeypatch):
+    """Every decoding value is given to model.generate: the options' defaults when sampling
+    (top_k 0, not transformers' 50; min_p off) and the values given."""
+    calls = record_calls(monkeypatch)
+    _run(tmp_path, model_dir, "defaults", "--do-sample", "--batch-size", "4")
+    _run(tmp_path, model_dir, "given", "--do-sample", "--batch-size", "4", "--top-k", "5", "--min-p", "0.25",
+         "--repetition-penalty", "1.2", "--temperature", "0.5", "--top-p", "0.9")
+    keys = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    assert [tuple(kw[k] for k in keys) for kw, _ in calls] == [(True, 1.0, 1.0, 0, None, 1.0),
+                                                             (True, 0.5, 0.9, 5, 0.25, 1.2)]
+
+
+def test_the_model_folder_s_generation_config_is_not_applied(tmp_path, model_dir, capsys):
+    """A folder whose generation_config.json sets repetition_penalty, no_repeat_ngram_size (no
+    option gives it: model.generate took it from the folder) and sampling values answers as one
+    without them, greedy by default; a note names the values not applied; --repetition-penalty
+    gives the penalty."""
+    model = tiny.default_model()
+    model.generation_config.update(repetition_penalty=1.5, no_repeat_ngram_size=2, do_sample=True,
+                                   temperature=0.7, top_k=5)
+    folder = _save(tmp_path / "model", model)
+    assert '"repetition_penalty": 1.5' in open(f"{folder}/generation_config.json").read()
+    capsys.readouterr()
+    assert _run(tmp_path, folder, "set") == _run(tmp_path, model_dir, "plain")
+    err = capsys.readouterr().err
+    assert "generation_config.json sets do_sample=true, no_repeat_ngram_size=2, repetition_penalty=1.5, " \
+           "temperature=0.7, top_k=5: not applied" in err
+    assert _run(tmp_path, folder, "given", "--repetition-penalty", "1.5") \
+        == _run(tmp_path, model_dir, "plain_given", "--repetition-penalty", "1.5")
+    assert "note" not in _run_err(tmp_path, model_dir, capsys)  # nothing to drop: no note
+
+
+def _run_err(tmp_path, model_dir, capsys):
+    capsys.readouterr()
+    _run(tmp_path, model_dir, "quiet")
+    return capsys.readouterr().err
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--top-k", "-1", "argument --top-k: must be at least 0, got -1"),
+    ("--top-k", "2.5", "argument --top-k: expected an integer, got '2.5'"),
+    ("--min-p", "1.5", "argument --min-p: must be in [0, 1], got 1.5"),
+    ("--min-p", "nan", "argument --min-p: must be in [0, 1], got nan"),
+    ("--repetition-penalty", "0", "argument --repetition-penalty: must be > 0, got 0"),
+    ("--repetition-penalty", "inf", "argument --repetition-penalty: must be > 0, got inf"),
+])
+def test_bad_decoding_values_are_usage_errors(tmp_path, capsys, monkeypatch, option, value, message):
+    """A bad value is one usage error line naming the option (exit status 2) before the model
+    loads; no output is written."""
+    monkeypatch.setattr(serve, "_load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    f = _write(tmp_path / "req.jsonl", ['{"prompt": "a"}'])
+    with pytest.raises(SystemExit) as exit_:
+        main(["-i", f, "-o", str(tmp_path / "o.jsonl"), option, value])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"prefix-attn generate: error: {message}"
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_request_fields_named_like_the_new_options_are_named_in_a_warning(tmp_path, capsys):
+    f = _write(tmp_path / "req.jsonl", ['{"prompt": "a", "top_k": 3, "repetition_penalty": 1.1}'])
+    assert main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--max-new-tokens", "2", "--no-progress"]) == 0
+    assert "request fields repetition_penalty, top_k: not applied per request (the command's " \
+        "--repetition-penalty, --top-k apply" \
+        in capsys.readouterr().err
+
