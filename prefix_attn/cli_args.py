@@ -192,6 +192,17 @@ def chat_option(text: str) -> tuple:
         return key, value
 
 
+def stop_text(text: str) -> str:
+    """An argparse ``type``: a stop text of ``generate --stop``, not empty (an empty text would be
+    found at once) and UTF-8 (bytes that are not come as lone surrogates)."""
+    if not text:
+        raise argparse.ArgumentTypeError("the stop text must not be empty")
+    problem = not_utf8(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"the stop text {problem}")
+    return text
+
+
 def not_utf8(text: str) -> Optional[str]:
     """What is wrong with a command-line ``text`` whose bytes were not UTF-8 (Python gives them
     as lone surrogates), e.g. "is not UTF-8 (byte 0xff at character 3)"; None if they were."""

@@ -205,6 +205,8 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="R", help="divide the positive scores (multiply the negative ones) of the tokens "
                                      "already in the prompt or the completion by R, greedy, sampled or beams "
                                      "(1 = off; a prefix's tokens are not counted)")
+    p.add_argument("--stop", action="append", default=[], type=cli_args.stop_text, metavar="TEXT",
+                   help="end a completion at the first TEXT it holds, TEXT left out (repeatable)")
     p.add_argument("--num-beams", type=cli_args.int_at_least(1), default=1, metavar="N",
                    help="beam search width (1 = no beam search)")
     p.add_argument("--seed", type=cli_args.seed, default=0, help="torch seed (sampling), -2**63 to 2**63 - 1")

@@ -23,10 +23,14 @@ Input: one JSON object per line, UTF-8 (a byte-order mark is accepted; blank lin
 
 Output: one line per request, in input order:
 
-    {"id": "r1", "prefix": "support", "prompt": "How do I ...?", "completion": "...", "num_tokens": 17}
+    {"id": "r1", "prefix": "support", "prompt": "How do I ...?", "completion": "...", "num_tokens": 17, "finish_reason": "stop"}
 
 A completion ends at any of the model's stop ids (its generation_config's eos_token_id and
-the tokenizer's end of sequence) or after --max-new-tokens.
+the tokenizer's end of sequence), at the first --stop text it holds (left out of "completion";
+that row generates no further) or after --max-new-tokens. "finish_reason" says which: "stop"
+(a stop id or a stop text) or "length" (--max-new-tokens reached). "num_tokens" counts the
+tokens generated for the completion: not the stop id, but with a stop text, every token up to
+the one that completed it (whose text "completion" leaves out).
 
 Decoding: greedy, or --do-sample (--temperature 1.0, --top-p 1.0, --top-k 0 = all tokens,
 --min-p 0 = off, by default), --num-beams, --repetition-penalty (1.0 = off) with either: each
@@ -493,6 +497,10 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
     _check_lengths(jobs, model, bank, args.max_new_tokens, args.input)
     torch.manual_seed(args.seed)  # after loading: building the default model seeds torch itself
 
+    from transformers import StoppingCriteriaList
+
+    from . import serve_stop  # imports transformers
+
     stop = _stop_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop or [None])[0]
     eos_id = stop or None
@@ -507,11 +515,14 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
         signals.raise_if_received()
         running[:] = batch
         ids, mask = tiny.left_pad([jobs[i].ids for i in batch], pad_id)
+        if args.stop:  # each row ends at its first stop text: the batch once every row has
+            gen_kwargs["stopping_criteria"] = StoppingCriteriaList(
+                [serve_stop.StopTexts(tokenizer, args.stop, ids.shape[1], stop, pad_id)])
         with torch.no_grad():
             gen = model.generate(ids.to(device), attention_mask=mask.to(device),
                                  prefixes=[jobs[i].prefix for i in batch], **gen_kwargs)
         for i, new in zip(batch, gen[:, ids.shape[1]:].tolist()):
-            out.put(i, _result(jobs[i].request, new, tokenizer, stop, pad_id))
+            out.put(i, _result(jobs[i].request, new, tokenizer, stop, pad_id, args.stop))
         bar.update(len(batch))
 
     def say(message: str) -> None:  # under the progress bar
@@ -562,12 +573,13 @@ def _decoding(args: argparse.Namespace) -> dict:
     return kwargs
 
 
-def _result(r: Request, new: List[int], tokenizer, stop: List[int], pad_id) -> dict:
-    end = next((i for i, t in enumerate(new) if t in stop), len(new))
-    new = [t for t in new[:end] if t != pad_id]
+def _result(r: Request, new: List[int], tokenizer, stop: List[int], pad_id, stop_texts: List[str]) -> dict:
+    from .serve_stop import finish
+
+    completion, count, reason = finish(tokenizer, new, stop, pad_id, stop_texts)
     result = {"id": r.id, "prefix": r.prefix,
               **({"prompt": r.prompt} if r.messages is None else {"messages": r.messages}),
-              "completion": tokenizer.decode(new, skip_special_tokens=True), "num_tokens": len(new)}
+              "completion": completion, "num_tokens": count, "finish_reason": reason}
     result.update({k: v for k, v in r.extra.items() if k not in result})  # echo unknown fields
     return result
 

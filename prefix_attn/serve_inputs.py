@@ -188,7 +188,7 @@ def _adapter_base(directory: str) -> Optional[str]:
 _OPTION_FIELDS = {"max_new_tokens": "--max-new-tokens", "max_tokens": "--max-new-tokens",
                   "temperature": "--temperature", "top_p": "--top-p", "do_sample": "--do-sample",
                   "num_beams": "--num-beams", "seed": "--seed", "top_k": "--top-k", "min_p": "--min-p",
-                  "repetition_penalty": "--repetition-penalty"}
+                  "repetition_penalty": "--repetition-penalty", "stop": "--stop"}
 
 
 def warn_about_option_fields(requests: List[Request]) -> None:

@@ -36,7 +36,7 @@ def _command(tmp_path, *argv):
 @pytest.mark.parametrize("argv, status, words", [
     (["--help"], 0, "usage: prefix-attn [-h] [--version] COMMAND"),
     (["train", "--help"], 0, "prefix-tune a local HF model"),
-    (["generate", "--help"], 0, '"completion": "...", "num_tokens": 17}'),
+    (["generate", "--help"], 0, '"completion": "...", "num_tokens": 17, "finish_reason": "stop"}'),
     (["demo", "--help"], 0, "--skip-bench"),
     (["check", "--help"], 0, "every available backend against the reference"),
     (["train", "data.jsonl", "-o", "out", "--batch-size", "0"], 2,

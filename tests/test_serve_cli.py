@@ -210,17 +210,15 @@ def test_sampling_temperature(tmp_path, model_dir):
     assert all(h != g for h, g in zip(hot, greedy)) and all(w != g for w, g in zip(warm, greedy))
 
 
-@pytest.mark.hf
-def test_a_tokenizer_without_pad_or_end_token(tmp_path):
-    """A model folder whose tokenizer has neither a pad nor an end-of-sequence token (and whose
-    generation config no eos_token_id): the padding id was None, and torch.full(..., None)
-    ended the command with a TypeError traceback. The padding is masked: any id does."""
+def save_word_level_model(folder):
+    """A tiny Llama saved in ``folder`` with a word-level transformers tokenizer of the words
+    <unk> (special), a ... g, which has neither a pad nor an end-of-sequence token (nor has the
+    model's generation config an eos_token_id); returns the folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     from prefix_attn import tiny
 
-    folder = tmp_path / "model"
     words = ["<unk>", "a", "b", "c", "d", "e", "f", "g"]
     model = tiny.tiny_model("llama", vocab_size=len(words), eos_token_id=None, pad_token_id=None,
                             bos_token_id=None)
@@ -229,6 +227,15 @@ def test_a_tokenizer_without_pad_or_end_token(tmp_path):
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.hf
+def test_a_tokenizer_without_pad_or_end_token(tmp_path):
+    """A model folder whose tokenizer has neither a pad nor an end-of-sequence token (and whose
+    generation config no eos_token_id): the padding id was None, and torch.full(..., None)
+    ended the command with a TypeError traceback. The padding is masked: any id does."""
+    folder = save_word_level_model(tmp_path / "model")
     f = _write(tmp_path / "req.jsonl", [json.dumps({"prompt": "a b"}), json.dumps({"prompt": "c d e f"})])
     runs = {}
     for batch in ("1", "2"):  # alone, and padded in one batch

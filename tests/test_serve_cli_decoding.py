@@ -1,5 +1,5 @@
-"""``prefix-attn generate``'s decoding options: --top-k, --min-p, --repetition-penalty, and a model
-folder's generation_config.json (not applied)."""
+"""``prefix-attn generate``'s decoding options: --top-k, --min-p, --repetition-penalty, --stop,
+the "finish_reason" of each result, and a model folder's generation_config.json (not applied)."""
 import json
 
 import pytest
@@ -7,11 +7,15 @@ import torch
 
 from prefix_attn import serve, tiny
 from prefix_attn.serve import main
+from test_serve_cli import save_word_level_model
 
 pytestmark = pytest.mark.hf
 
 PROMPTS = ["hello there", "abc", "the quick brown fox", "1 + 1 ="]
 NEW = 12
+# in the built-in model's greedy answers (bytes): "<p" in the first (its 5th and 6th new bytes),
+# "b" in the second (its 4th); the other two hold neither
+STOPS = ["<p", "b"]
 
 
 def _write(path, lines):
@@ -70,6 +74,63 @@ def record_calls(monkeypatch) -> list:
         return model, tok
     monkeypatch.setattr(serve, "_load_model", recording_load)
     return calls
+
+
+# -- --stop and finish_reason ------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch_size", ["1", "3"])
+def test_stop_texts_cut_the_greedy_answers(tmp_path, model_dir, batch_size):
+    """Each answer is the greedy one cut before the first stop text it holds (rows that hold none
+    unchanged, in a batch with rows that stop); num_tokens counts the tokens up to the one that
+    completed the stop text; finish_reason is "stop" there, "length" where the tokens ran out."""
+    tok = tiny.ByteTokenizer()
+    greedy = [_generate(p, do_sample=False) for p in PROMPTS]
+    res = _run(tmp_path, model_dir, "stop", "--batch-size", batch_size, *[a for s in STOPS for a in ("--stop", s)])
+    held = 0
+    for r, tokens in zip(res, greedy):
+        text, raw = tok.decode(tokens), bytes(t - 3 for t in tokens)  # byte b is token b + 3
+        ends = [raw.find(s.encode()) + len(s) for s in STOPS if s.encode() in raw]
+        if ends:
+            held += 1
+            cut = min(text.find(s) for s in STOPS if s in text)
+            assert (r["completion"], r["num_tokens"], r["finish_reason"]) == (text[:cut], min(ends), "stop")
+        else:
+            assert (r["completion"], r["num_tokens"], r["finish_reason"]) == (text, NEW, "length")
+    assert held == 2  # rows that stop and rows that do not
+
+
+def test_a_row_that_reaches_its_stop_text_generates_no_further(tmp_path, model_dir, monkeypatch):
+    """Alone in its batch, the first request ends its model.generate at its stop text (6 new
+    tokens, not --max-new-tokens): no step is spent past it."""
+    calls = record_calls(monkeypatch)
+    res = _run(tmp_path, model_dir, "alone", "--batch-size", "1", "--stop", "<p")
+    assert res[0]["num_tokens"] == 6 and res[0]["finish_reason"] == "stop"
+    assert sorted(width for _, width in calls) == [6, NEW, NEW, NEW]
+
+
+def test_stop_texts_with_beams_do_not_depend_on_the_batch(tmp_path, model_dir, monkeypatch):
+    """With --num-beams each beam ends at its stop text: no answer holds one, some stop early
+    (their beam search too), and batch sizes 1 and 3 give the same answers."""
+    calls = record_calls(monkeypatch)
+    runs = [_run(tmp_path, model_dir, f"beams{b}", "--num-beams", "3", "--batch-size", b,
+                 "--stop", "<", "--stop", "b") for b in ("1", "3")]
+    assert runs[0] == runs[1]
+    assert min(width for _, width in calls[:len(PROMPTS)]) < NEW  # alone, a row ended its search
+    assert all("<" not in r["completion"] and "b" not in r["completion"] for r in runs[0])
+    assert any(r["finish_reason"] == "stop" and r["num_tokens"] < NEW for r in runs[0])
+
+
+def test_finish_reason_of_an_end_of_sequence_id(tmp_path):
+    """A completion ended by a stop id is "stop" (the id not counted), the others "length"."""
+    greedy = _generate("hello there", do_sample=False)
+    model = tiny.default_model()
+    model.generation_config.eos_token_id = [tiny.ByteTokenizer().eos_token_id, greedy[2]]
+    folder = _save(tmp_path / "model", model)
+    ends = [_generate(p, do_sample=False) for p in PROMPTS]
+    expected = [("stop", t.index(greedy[2])) if greedy[2] in t else ("length", NEW) for t in ends]
+    assert expected[0] == ("stop", 2) and ("length", NEW) in expected
+    res = _run(tmp_path, folder, "eos", "--batch-size", "3")
+    assert [(r["finish_reason"], r["num_tokens"]) for r in res] == expected
 
 
 # -- --repetition-penalty, --top-k, --min-p ----------------------------------------------------
@@ -143,6 +204,7 @@ def _run_err(tmp_path, model_dir, capsys):
     ("--min-p", "nan", "argument --min-p: must be in [0, 1], got nan"),
     ("--repetition-penalty", "0", "argument --repetition-penalty: must be > 0, got 0"),
     ("--repetition-penalty", "inf", "argument --repetition-penalty: must be > 0, got inf"),
+    ("--stop", "", "argument --stop: the stop text must not be empty"),
 ])
 def test_bad_decoding_values_are_usage_errors(tmp_path, capsys, monkeypatch, option, value, message):
     """A bad value is one usage error line naming the option (exit status 2) before the model
@@ -157,9 +219,35 @@ def test_bad_decoding_values_are_usage_errors(tmp_path, capsys, monkeypatch, opt
 
 
 def test_request_fields_named_like_the_new_options_are_named_in_a_warning(tmp_path, capsys):
-    f = _write(tmp_path / "req.jsonl", ['{"prompt": "a", "top_k": 3, "repetition_penalty": 1.1}'])
+    f = _write(tmp_path / "req.jsonl", ['{"prompt": "a", "top_k": 3, "stop": ["x"]}'])
     assert main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--max-new-tokens", "2", "--no-progress"]) == 0
-    assert "request fields repetition_penalty, top_k: not applied per request (the command's " \
-        "--repetition-penalty, --top-k apply" \
+    assert "request fields stop, top_k: not applied per request (the command's --stop, --top-k apply" \
         in capsys.readouterr().err
 
+
+def test_a_stop_text_that_is_not_utf8_is_a_usage_error(tmp_path, capsys):
+    f = _write(tmp_path / "req.jsonl", ['{"prompt": "a"}'])
+    with pytest.raises(SystemExit) as exit_:
+        main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--stop", b"ab\xff".decode("utf-8", "surrogateescape")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "prefix-attn generate: error: argument --stop: the stop text is not UTF-8 (byte 0xff at character 3)"
+
+
+def test_stop_texts_with_a_transformers_tokenizer_without_pad_or_end_token(tmp_path):
+    """A word-level transformers tokenizer with neither a pad nor an end token: a row that reaches
+    its stop text in a batch goes on with real tokens (nothing to pad it with) until the other row
+    ends, and its answer is still the greedy one cut there, counted to the stop text's token."""
+    folder = save_word_level_model(tmp_path / "model")
+    f = _write(tmp_path / "req.jsonl", [json.dumps({"prompt": "e e"}), json.dumps({"prompt": "g"})])
+
+    def run(name, *options):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["-i", f, "-o", str(out), "--model", str(folder), "--max-new-tokens", "8",
+                     "--batch-size", "2", "--no-progress", *options]) == 0
+        return [(r["completion"], r["num_tokens"], r["finish_reason"]) for r in _results(out)]
+
+    # greedy tokens: c c c <unk> b b b b (<unk> is special: left out of the text) and d x 8
+    assert run("plain") == [("c c c b b b b", 8, "length"), ("d d d d d d d d", 8, "length")]
+    # "c b" is complete at the 5th token: the row runs on with the other, cut back to it
+    assert run("stop", "--stop", "c b") == [("c c ", 5, "stop"), ("d d d d d d d d", 8, "length")]

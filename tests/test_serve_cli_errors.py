@@ -331,7 +331,7 @@ def test_help_shows_the_formats_defaults_and_every_option(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--help"])
     out = capsys.readouterr().out
-    assert '"completion": "...", "num_tokens": 17}' in out and "default: the request's line number" in out
+    assert '"completion": "...", "num_tokens": 17, "finish_reason": "stop"}' in out and "default: the request's line number" in out
     assert "(default: 8)" in out and "(default: float32)" in out and "(default: None)" not in out
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))

@@ -1,0 +1,70 @@
+"""Where a completion of ``prefix-attn generate`` ends: at the first stop id (the model's end of
+sequence), at the first stop text (``--stop``, matched in the decoded completion and left out of
+it, as OpenAI's ``stop`` is) or after ``--max-new-tokens``. :class:`StopTexts` ends a row's
+generation at its stop text (per row of a batch, per beam), :func:`finish` cuts the text and
+says why it ended."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from transformers import StoppingCriteria
+
+
+def until_stop_id(new: Sequence[int], stop_ids: Sequence[int], pad_id: Optional[int]) -> Tuple[List[int], bool]:
+    """The tokens of ``new`` (a row's generated ids) before its first stop id, padding left out,
+    and whether a stop id ended them."""
+    end = next((i for i, t in enumerate(new) if t in stop_ids), None)
+    kept = new if end is None else new[:end]
+    return [t for t in kept if t != pad_id], end is not None
+
+
+def _decode(tokenizer, tokens: Sequence[int]) -> str:
+    return tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> Optional[int]:
+    """Where the first of ``stops`` starts in ``text`` (None: none is there)."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+class StopTexts(StoppingCriteria):
+    """A row is done once the text of its new tokens (those after the first ``prompt_len``, up to
+    a stop id, padding and special tokens left out: what :func:`finish` decodes) holds one of
+    ``stops``. Works with any tokenizer that decodes a list of ids (prefix_attn's byte tokenizer
+    and transformers' alike); called on every row of the batch, beams included (``input_ids``:
+    ``(rows, prompt_len + new)``, left padded)."""
+
+    def __init__(self, tokenizer, stops: Sequence[str], prompt_len: int, stop_ids: Sequence[int],
+                 pad_id: Optional[int]):
+        self.tokenizer, self.stops, self.prompt_len = tokenizer, list(stops), prompt_len
+        self.stop_ids, self.pad_id = list(stop_ids), pad_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = [self.holds_stop(row) for row in input_ids[:, self.prompt_len:].tolist()]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def holds_stop(self, new: Sequence[int]) -> bool:
+        tokens, _ = until_stop_id(new, self.stop_ids, self.pad_id)
+        return _first_stop(_decode(self.tokenizer, tokens), self.stops) is not None
+
+
+def finish(tokenizer, new: Sequence[int], stop_ids: Sequence[int], pad_id: Optional[int],
+           stops: Sequence[str]) -> Tuple[str, int, str]:
+    """``(completion, num_tokens, finish_reason)`` of a row's generated ids ``new``. The
+    completion is the text before the first stop id and, within it, before the first stop text.
+    ``num_tokens`` counts the tokens generated for it: none after a stop id, the stop id itself
+    not counted; with a stop text, the tokens up to the one that completed it (their text may go
+    past the completion: the stop text and anything the same token held after it).
+    ``finish_reason`` is ``"stop"`` (a stop id or a stop text) or ``"length"`` (neither: the
+    tokens ran out)."""
+    tokens, stopped = until_stop_id(new, stop_ids, pad_id)
+    text = _decode(tokenizer, tokens)
+    cut = _first_stop(text, stops) if stops else None
+    if cut is None:
+        return text, len(tokens), "stop" if stopped else "length"
+    count = len(tokens)  # the first count tokens hold a stop text; fewer may too (a batch ran on)
+    while count > 1 and _first_stop(_decode(tokenizer, tokens[:count - 1]), stops) is not None:
+        count -= 1
+    return text[:cut], count, "stop"
