@@ -33,12 +33,12 @@ tokens generated for the completion: not the stop id, but with a stop text, ever
 the one that completed it (whose text "completion" leaves out).
 
 Decoding: greedy, or --do-sample (--temperature 1.0, --top-p 1.0, --top-k 0 = all tokens,
---min-p 0 = off, by default), --num-beams, --repetition-penalty (1.0 = off) with either: each
-value is the option's, given or its default, and nothing else. A model folder's
-generation_config.json is read for its eos_token_id (and bos/pad ids, cache settings) only: its
-do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, ... are not
-applied, with a note on stderr naming them (transformers' model.generate would apply them, and
-its top_k=50 when sampling).
+--min-p 0 = off, by default; given without --do-sample they are not used, with a warning),
+--num-beams, --repetition-penalty (1.0 = off) with either: each value is the option's, given or
+its default, and nothing else. A model folder's generation_config.json is read for its
+eos_token_id (and bos/pad ids, cache settings) only: its do_sample, temperature, top_k, top_p,
+repetition_penalty, no_repeat_ngram_size, ... are not applied, with a note on stderr naming
+them (transformers' model.generate would apply them, and its top_k=50 when sampling).
 
 The model is a local folder (--model, with its tokenizer files or prefix-attn's
 byte_tokenizer.json) or the built-in tiny
@@ -90,7 +90,7 @@ from .backends import check_env_backend
 from .train_state import Interrupted, StopSignals
 from .serve_inputs import (Request, RequestError, Source, check_prefix_names, prefix_sources,
                            read_requests, refusal, warn, warn_about_adapter_bases,
-                           warn_about_option_fields)
+                           warn_about_option_fields, warn_about_sampling_options)
 
 __all__ = ["main", "add_parser", "Request", "read_requests", "RequestError"]
 
@@ -453,6 +453,7 @@ def _run(args: argparse.Namespace, signals: StopSignals) -> int:
     if args.chat and requests:
         chat_template.check_template(args.model)
     warn_about_option_fields(requests)
+    warn_about_sampling_options(args)
     out = _Output(args.output)
     try:
         if not requests:

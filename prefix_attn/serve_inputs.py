@@ -203,6 +203,22 @@ def warn_about_option_fields(requests: List[Request]) -> None:
              f"results unchanged")
 
 
+# the sampling options and their defaults, which greedy decoding and beam search do not use
+_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+
+
+def warn_about_sampling_options(args: argparse.Namespace) -> None:
+    """One warning naming the sampling options set away from their defaults without
+    ``--do-sample``: the answers are greedy (or beam search) and do not use them."""
+    if args.do_sample:
+        return
+    given = [f"--{k.replace('_', '-')}" for k, default in _SAMPLING_DEFAULTS.items() if getattr(args, k) != default]
+    if given:
+        warn(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} with --do-sample only: "
+             f"without it decoding is greedy{' (beam search)' if args.num_beams > 1 else ''} and "
+             f"{'they are' if len(given) > 1 else 'it is'} not used")
+
+
 def warn_about_adapter_bases(sources: List[Source], model_dir: Optional[str]) -> None:
     """Warn where an adapter was trained on a local model folder other than the one served."""
     for s in sources:

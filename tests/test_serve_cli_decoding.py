@@ -251,3 +251,21 @@ def test_stop_texts_with_a_transformers_tokenizer_without_pad_or_end_token(tmp_p
     assert run("plain") == [("c c c b b b b", 8, "length"), ("d d d d d d d d", 8, "length")]
     # "c b" is complete at the 5th token: the row runs on with the other, cut back to it
     assert run("stop", "--stop", "c b") == [("c c ", 5, "stop"), ("d d d d d d d d", 8, "length")]
+
+
+@pytest.mark.parametrize("options, warning", [
+    (["--top-k", "5"], "warning: --top-k applies with --do-sample only: without it decoding is greedy and it is "
+                       "not used"),
+    (["--temperature", "0.5", "--min-p", "0.1", "--num-beams", "2"],
+     "warning: --temperature, --min-p apply with --do-sample only: without it decoding is greedy (beam search) "
+     "and they are not used"),
+    (["--top-k", "5", "--do-sample"], None),
+    (["--top-k", "0", "--temperature", "1"], None),  # the defaults: nothing is lost
+])
+def test_sampling_options_without_do_sample_are_named_in_a_warning(tmp_path, capsys, options, warning):
+    """Greedy decoding and beam search do not sample: sampling options given without
+    --do-sample were silently unused."""
+    f = _write(tmp_path / "req.jsonl", ['{"prompt": "a"}'])
+    assert main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--max-new-tokens", "2", "--no-progress", *options]) == 0
+    err = capsys.readouterr().err
+    assert (f"prefix-attn generate: {warning}" in err) if warning else "warning" not in err
