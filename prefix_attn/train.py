@@ -36,6 +36,19 @@ the log back to the checkpoint's step. Ctrl-C (SIGINT) or SIGTERM stops after th
 with a checkpoint of it (exit status 130 / 143); a second one stops at once. The result is
 ``OUT/adapter`` in PEFT's format (``peft.PeftModel.from_pretrained(base, OUT/adapter)`` loads it).
 
+Multi-task: a JSON example (``--chat``'s too) may give ``"prefix": NAME`` (a string; null or missing: ``--name``'s
+prefix). Data that names several prefixes trains one per name (all of ``--num-virtual-tokens``
+and ``--projection-hidden-size``), in the same batches, each row under its own prefix (with
+``--pack``, each packed sequence); a prefix's gradient comes from its rows only, and a step
+whose rows do not use a prefix leaves it alone. The result is then ``OUT/adapters/NAME`` (a PEFT
+adapter per prefix) and ``OUT/bank`` (all of them, ``PrefixBank.save``: ``prefix-attn generate
+--model BASE --bank OUT/bank`` serves each by the request's ``"prefix"``), not ``OUT/adapter``;
+``log.jsonl``'s evaluations give ``eval_loss_by_prefix`` too, and ``--max-grad-norm`` clips
+the norm of all the prefixes' gradients together. A name must be a bank entry's, with no
+``=``, ``/`` or ``\\``, not ``.`` or ``..``, and no two may differ in case only; an eval example
+whose prefix has no training example (all of them held out, too) is refused: it would stay
+untrained. ``--resume`` refuses another set of prefixes.
+
 ``--chat`` trains a prefix for ``prefix-attn generate --chat`` (an instruct model): each
 example is rendered with the tokenizer's chat template, ``{"prompt", "completion"}`` as the
 conversation [user, assistant], ``{"messages": [...]}`` as given (a request's messages, then
@@ -63,15 +76,16 @@ import os
 import signal
 import sys
 import time
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import atomic, cli_args, cli_parsers, tiny, train_chat
+from . import atomic, cli_args, cli_parsers, tiny, train_chat, train_prefixes
 from .train_data import (batch_order, collate, collate_packed, eval_cost_note, prepare, read_examples_at,
                          split_eval)
 from .backends import check_env_backend
 from .chat import options_need_chat
+from .train_prefixes import ADAPTERS, BANK, row_prefix
 from .train_schedule import lr_factor, schedule_problem, set_lr
 from .train_state import (BASE_MODEL, LOG, PROG, Interrupted, StopSignals, TrainError, TrainingFailed, append_log,
                           check_output_folder, check_same_settings, create_output_folder,
@@ -137,40 +151,61 @@ def effective_max_length(requested: Optional[int], config, num_virtual_tokens: i
 def evaluate(model, data, batch_size: int, pad_id: int, name: str,
              device: Optional[torch.device] = None) -> float:
     """Mean token loss over ``data`` (no grad), in batches of rows of similar length, longest
-    first (little padding; the sum does not depend on the order but for float rounding)."""
+    first (little padding; the sum does not depend on the order but for float rounding). A
+    row's prefix is ``name``, or a multi-task run's row's own (its third item)."""
+    return eval_losses(model, data, batch_size, pad_id, name, device)[0]
+
+
+def eval_losses(model, data, batch_size: int, pad_id: int, name: str,
+                device: Optional[torch.device] = None,
+                by_prefix: bool = False) -> Tuple[float, Dict[str, float]]:
+    """(:func:`evaluate`'s mean token loss, {prefix: the mean token loss of its rows, sorted by
+    name} with ``by_prefix``, else {})."""
     was = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, sums = 0.0, 0, {}
     order = sorted(data, key=lambda row: -len(row[0]))  # stable: equal lengths in data's order
     with torch.no_grad():
         for i in range(0, len(order), batch_size):
-            ids, mask, labels = (t.to(device) for t in collate(order[i:i + batch_size], pad_id))
-            logits = model(ids, attention_mask=mask, prefixes=[name] * len(ids)).logits
+            rows = order[i:i + batch_size]
+            prefixes = [row_prefix(row, name) for row in rows]
+            ids, mask, labels = (t.to(device) for t in collate(rows, pad_id))
+            logits = model(ids, attention_mask=mask, prefixes=prefixes).logits
             tgt = labels[:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(),
-                                                    tgt, ignore_index=-100, reduction="sum")
+            scores = logits[:, :-1].transpose(1, 2).float()
+            nll = torch.nn.functional.cross_entropy(scores, tgt, ignore_index=-100, reduction="sum")
             total += nll.item()
             count += int((tgt != -100).sum())
+            if by_prefix:
+                rows_nll = torch.nn.functional.cross_entropy(scores, tgt, ignore_index=-100, reduction="none")
+                for prefix, loss, n in zip(prefixes, rows_nll.sum(1).tolist(), (tgt != -100).sum(1).tolist()):
+                    acc = sums.setdefault(prefix, [0.0, 0])
+                    acc[0] += loss
+                    acc[1] += n
     model.train(was)
-    return total / max(count, 1)
+    return total / max(count, 1), {p: loss / max(n, 1) for p, (loss, n) in sorted(sums.items())}
 
 
 def train_step(model, opt, batch, pad_id: int, name: str, pack: bool,
                device: Optional[torch.device] = None, micro_batch_size: Optional[int] = None,
                max_grad_norm: Optional[float] = None) -> Tuple[float, int, Optional[float]]:
     """One optimizer step on ``batch``, run as micro-batches of ``micro_batch_size`` examples
-    (default: all in one) whose gradients add up: (loss, tokens in the batch, the prefix's
+    (default: all in one) whose gradients add up: (loss, tokens in the batch, the prefixes'
     gradient norm before clipping to ``max_grad_norm``, None without it). Each micro-batch's
     mean loss is weighted by its share of the step's learnt tokens, so loss and gradient are
-    those of ``batch`` in one forward. No optimizer step when the norm is not finite."""
+    those of ``batch`` in one forward. Each row runs under prefix ``name``, or a multi-task
+    run's row under its own (its third item): a prefix's gradient is then the sum of its rows'
+    token losses over all the step's learnt tokens, None when no row of the step uses it.
+    No optimizer step when the norm is not finite."""
     size = micro_batch_size or len(batch)
-    micro = [_collated(batch[i:i + size], pad_id, pack) for i in range(0, len(batch), size)]
+    parts = [batch[i:i + size] for i in range(0, len(batch), size)]
+    micro = [_collated(rows, pad_id, pack) for rows in parts]
     counts = [int((labels[:, 1:] != -100).sum()) for _, _, labels in micro]
     learnt = sum(counts)
     opt.zero_grad(set_to_none=True)
     loss_value, n_tokens, stepped = 0.0, 0, False
-    for tensors, count in zip(micro, counts):
-        loss, tokens = _forward(model, tensors, name, pack, device)
+    for rows, tensors, count in zip(parts, micro, counts):
+        loss, tokens = _forward(model, tensors, [row_prefix(row, name) for row in rows], pack, device)
         weight = count / learnt if learnt else 1.0  # 1.0 with one micro-batch: the loss as it is
         n_tokens += tokens
         if not weight:  # nothing learnt in this micro-batch: its mean loss is 0 / 0
@@ -192,13 +227,15 @@ def _collated(batch, pad_id: int, pack: bool):
     return collate_packed(batch) if pack else collate(batch, pad_id)
 
 
-def _forward(model, tensors, name: str, pack: bool, device: Optional[torch.device]):
-    """(mean loss over the learnt tokens, tokens run) of one collated micro-batch."""
+def _forward(model, tensors, prefixes: List[str], pack: bool, device: Optional[torch.device]):
+    """(mean loss over the learnt tokens, tokens run) of one collated micro-batch, its
+    examples under ``prefixes`` (one each)."""
     ids, second, labels = (t.to(device) for t in tensors)
-    if pack:
-        return (model(ids, position_ids=second, labels=labels, prefixes=[name], use_cache=False).loss,
+    if pack:  # the packed row under its one prefix, or each packed sequence under its own
+        per = prefixes[:1] if len(set(prefixes)) == 1 else prefixes
+        return (model(ids, position_ids=second, labels=labels, prefixes=per, use_cache=False).loss,
                 ids.numel())
-    return (model(ids, attention_mask=second, labels=labels, prefixes=[name] * len(ids)).loss,
+    return (model(ids, attention_mask=second, labels=labels, prefixes=prefixes).loss,
             int(second.sum()))
 
 
@@ -297,6 +334,16 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     read = train_chat.read_examples_at if args.chat else read_examples_at
     examples = read(args.data)
     eval_examples = read(args.eval_data, what="--eval-data file") if args.eval_data else None
+    named = train_prefixes.read_prefixes(args.data, args.name)
+    eval_named = (train_prefixes.read_prefixes(args.eval_data, args.name, "--eval-data file")
+                  if args.eval_data else None)
+    names = train_prefixes.names_of(named, args.name)
+    multi = len(names) > 1  # a multi-task run: each row under its own prefix
+    if multi:
+        train_prefixes.check_run_names(names, args.name)
+        check_output_folder(args.output, folders=(ADAPTERS, BANK))
+        check_output_folder(os.path.join(args.output, ADAPTERS), folders=names)
+    name = names[0]  # a single-prefix run's: --name, or the one prefix the data names
     chat = (train_chat.ChatExamples.of_model(args.model, dict(args.chat_option), args.chat_turns)  # before the model loads
             if args.chat else None)
     ckpt_path = os.path.join(args.output, CHECKPOINT)
@@ -316,22 +363,27 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     max_length = effective_max_length(args.max_length, model.config, args.num_virtual_tokens)
     vocab_size = model.get_input_embeddings().num_embeddings
     progress = not args.no_progress
-    data = prepare(tokenizer, examples, max_length, vocab_size, args.data, chat=chat, progress=progress)
+    data = prepare(tokenizer, examples, max_length, vocab_size, args.data, chat=chat, progress=progress,
+                   prefix_of=named.__getitem__ if multi else None)
     if eval_examples is not None:
         eval_data = prepare(tokenizer, eval_examples, max_length, vocab_size, args.eval_data,
-                            what="--eval-data file", chat=chat, progress=progress)
+                            what="--eval-data file", chat=chat, progress=progress,
+                            prefix_of=eval_named.__getitem__ if multi else None)
     elif args.eval_every == 0:  # no eval: nothing is held out, every example trains
         eval_data = []
     else:
         data, eval_data = split_eval(data, args.eval_fraction, args.seed)
     if not data:
         raise TrainError("no training examples left (all held out: pass a smaller --eval-fraction)")
+    train_prefixes.check_eval_names({row_prefix(row, name) for row in data}, eval_data, name,
+                                    eval_named, args.eval_data)
     note = eval_cost_note(len(eval_data), args.eval_every, args.batch_size * args.gradient_accumulation_steps)
     if note is not None:
         warn("note", note)
     settings = run_settings(args, max_length)
     if state is not None:
         check_same_settings(state, settings, ckpt_path)
+        train_prefixes.check_checkpoint_names(state, names if multi else None, ckpt_path)
     step_size = args.batch_size * args.gradient_accumulation_steps  # examples a step
     steps_per_epoch = math.ceil(len(data) / step_size)
     total = total_steps(steps_per_epoch, args.epochs, args.max_steps)
@@ -350,16 +402,19 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     model.to(device)  # before the prefix: it is made on the model's device
     start_log(args.output, state["step"] if state is not None else None)
 
-    module = prefix_tuning(model, num_virtual_tokens=args.num_virtual_tokens,
-                           projection_hidden_size=args.projection_hidden_size, name=args.name)
+    modules = {n: prefix_tuning(model, num_virtual_tokens=args.num_virtual_tokens,
+                                projection_hidden_size=args.projection_hidden_size, name=n)
+               for n in names}  # in the order of their names
     if args.gradient_checkpointing:
         model.config.use_cache = False  # no cache while training (transformers warns otherwise)
         enable_checkpointing(model)
-    opt = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    params = [p for module in modules.values() for p in module.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     step = 0
     saved = None  # the step of the checkpoint on disk
     if state is not None:
-        module.load_state_dict(state["prefix"])
+        for n, module in modules.items():
+            module.load_state_dict(state["prefix"][n] if multi else state["prefix"])
         opt.load_state_dict(state["optimizer"])
         step = saved = state["step"]
         torch.set_rng_state(state["torch_rng"])
@@ -369,7 +424,10 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     def save_checkpoint():
         nonlocal saved
         try:
-            atomic.save_torch({"step": step, "prefix": module.state_dict(), "optimizer": opt.state_dict(),
+            prefix = ({n: module.state_dict() for n, module in modules.items()} if multi
+                      else modules[name].state_dict())
+            atomic.save_torch({"step": step, "prefix": prefix, **({"prefixes": names} if multi else {}),
+                               "optimizer": opt.state_dict(),
                                "torch_rng": torch.get_rng_state(),
                                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                                "args": plain_args(args), "settings": settings,
@@ -390,7 +448,8 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
 
     def no_gradient() -> TrainingFailed:
         return TrainingFailed(
-            f"step {step}: no gradient reached the prefix {args.name!r}: the base model's layers "
+            f"step {step}: no gradient reached the prefix{'es' if multi else ''} "
+            f"{', '.join(map(repr, names))}: the base model's layers "
             "pass none back (bitsandbytes' 4-bit layers on the CPU, for one, pass none after "
             "an evaluation forward: train with --eval-every 0, or on a GPU); stopped without "
             f"saving this step ({kept()})")
@@ -411,14 +470,14 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
             batch = [data[i] for i in batch_order(len(data), step_size, args.seed, epoch)[index]]
             lr = args.lr * lr_factor(step, total, args.warmup_steps, args.lr_scheduler)
             set_lr(opt, lr)
-            loss_value, n_tokens, grad_norm = train_step(model, opt, batch, pad_id, args.name, args.pack, device,
+            loss_value, n_tokens, grad_norm = train_step(model, opt, batch, pad_id, name, args.pack, device,
                                                          args.batch_size, args.max_grad_norm)
             step += 1
             if not math.isfinite(loss_value):
                 raise not_finite("training loss", loss_value)
             if grad_norm is not None and not math.isfinite(grad_norm):
                 raise not_finite("gradient norm", grad_norm)
-            if all(p.grad is None for p in module.parameters()):
+            if all(p.grad is None for p in params):
                 raise no_gradient()
             tokens += n_tokens
             rate = tokens / max(time.perf_counter() - t0, 1e-9)
@@ -428,11 +487,16 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
             if eval_data and _every(step, args.eval_every, total):
-                record["eval_loss"] = evaluate(model, eval_data, args.batch_size, pad_id, args.name, device)
+                record["eval_loss"], by_prefix = eval_losses(model, eval_data, args.batch_size, pad_id, name,
+                                                             device, by_prefix=multi)
                 if not math.isfinite(record["eval_loss"]):
                     raise not_finite("eval loss", record["eval_loss"])
+                each = ""
+                if multi:
+                    record["eval_loss_by_prefix"] = by_prefix
+                    each = " (" + ", ".join(f"{p} {loss:.4f}" for p, loss in by_prefix.items()) + ")"
                 # on standard error with the bar: standard output is for the result line
-                bar.write(f"step {step}: eval loss {record['eval_loss']:.4f}", file=sys.stderr)
+                bar.write(f"step {step}: eval loss {record['eval_loss']:.4f}{each}", file=sys.stderr)
             append_log(args.output, record)
             if step == total or _every(step, args.save_every, total) or signals.received:
                 save_checkpoint()
@@ -448,8 +512,12 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     finally:
         signals.deferred = False
         bar.close()
+    if multi:
+        print(f"{training_summary(step, step - first_step, loss_value)}; "
+              f"{write_prefixes(model, names, args.output, model_dir)}")
+        return 0
     adapter_dir = os.path.join(args.output, ADAPTER)
-    write_adapter(model, args.name, adapter_dir, model_dir)
+    write_adapter(model, name, adapter_dir, model_dir)
     print(f"{training_summary(step, step - first_step, loss_value)}; adapter (PEFT format): {adapter_dir}")
     return 0
 
@@ -500,6 +568,19 @@ def write_adapter(model, name: str, adapter_dir: str, model_dir: Optional[str]) 
             cfg = json.load(f)
         cfg["base_model_name_or_path"] = os.path.abspath(model_dir)
         atomic.write_text(cfg_path, json.dumps(cfg, indent=2))
+
+
+def write_prefixes(model, names: List[str], out_dir: str, model_dir: str) -> str:
+    """A multi-task run's prefixes as PEFT adapters ``out_dir/adapters/NAME`` and as one bank
+    ``out_dir/bank`` (``PrefixBank.save``); returns the summary's words on them."""
+    adapters = os.path.join(out_dir, ADAPTERS)
+    for n in names:
+        write_adapter(model, n, os.path.join(adapters, n), model_dir)
+    bank_dir = os.path.join(out_dir, BANK)
+    model.prefix_bank.save(bank_dir)
+    return (f"{len(names)} prefixes ({', '.join(names)}): adapters (PEFT format) {adapters}{os.sep}NAME; "
+            f"all in one bank {bank_dir}: serve with prefix-attn generate --model {model_dir} --bank "
+            f"{bank_dir} (a request's \"prefix\" names one)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import random
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -126,7 +126,7 @@ def has_target(labels: Sequence[int]) -> bool:
 def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: int,
             vocab_size: int, path: str, what: str = "data file",
             chat: Optional[train_chat.ChatExamples] = None,
-            progress: bool = False) -> List[Tuple[List[int], List[int]]]:
+            progress: bool = False, prefix_of: Optional[Callable[[str], str]] = None) -> List[tuple]:
     """(ids, labels) rows of ``read_examples_at``'s examples of ``path`` (:func:`encode_example`;
     with ``chat``, its rows of ``train_chat.read_examples_at``'s conversations), truncated to
     ``max_length``, checked: a token id
@@ -135,7 +135,8 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
     with one warning giving their count and cause, and an error when none is left. An example
     with neither prompt nor text (``{"text": ""}``, blanks only) is dropped too, as a blank line
     of a text file is: it would teach the model to end every text at once. ``progress``: a bar
-    on standard error while tokenising takes over a second."""
+    on standard error while tokenising takes over a second. ``prefix_of``: a multi-task run's
+    prefix of each example (given its ``where``), the third item of its row."""
     out, cut, short, blank, shortened = [], 0, 0, 0, 0
     rows = _rows(tokenizer, examples_at, chat, progress)
     for where, row in rows:
@@ -147,7 +148,8 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
         if problem is not None:
             raise TrainError(f"{where}: {problem}")
         if has_target(labels[:max_length]):
-            out.append((ids[:max_length], labels[:max_length]))
+            kept = (ids[:max_length], labels[:max_length])
+            out.append(kept if prefix_of is None else (*kept, prefix_of(where)))
             shortened += any(label != -100 for label in labels[max_length:])  # a learnt token cut
         elif has_target(labels):
             cut += 1
@@ -208,27 +210,28 @@ def _counted(items, bar):
         bar.update(1)
 
 
-def collate(rows: Sequence[Tuple[List[int], List[int]]], pad_id: int):
-    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` LongTensors ``[B, S]``."""
-    S = max(len(ids) for ids, _ in rows)
+def collate(rows: Sequence[tuple], pad_id: int):
+    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` LongTensors ``[B, S]`` of
+    (ids, labels) rows (a multi-task run's third item, the prefix, is the caller's)."""
+    S = max(len(row[0]) for row in rows)
     B = len(rows)
     ids = torch.full((B, S), pad_id, dtype=torch.long)
     mask = torch.zeros(B, S, dtype=torch.long)
     labels = torch.full((B, S), -100, dtype=torch.long)
-    for b, (i, l) in enumerate(rows):
+    for b, (i, l, *_) in enumerate(rows):
         ids[b, :len(i)] = torch.tensor(i)
         mask[b, :len(i)] = 1
         labels[b, :len(l)] = torch.tensor(l)
     return ids, mask, labels
 
 
-def collate_packed(rows: Sequence[Tuple[List[int], List[int]]]):
+def collate_packed(rows: Sequence[tuple]):
     """The rows packed into one sequence without padding: ``input_ids``, ``position_ids``
     (restarting at every example, which is how transformers finds the packed sequences) and
     ``labels`` ``[1, T]``, the first label of every example -100 (no prediction across
     examples). The loss is the padded batch's: the same tokens are predicted."""
     ids, pos, labels = [], [], []
-    for i, l in rows:
+    for i, l, *_ in rows:
         ids += i
         pos += range(len(i))
         labels += [-100] + list(l[1:])
