@@ -77,9 +77,10 @@ def train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments of ``prefix-attn train`` (:mod:`prefix_attn.train`)."""
     positive, count = cli_args.int_at_least(1), cli_args.int_at_least(0)
     p.add_argument("data", help="training data: .jsonl/.json ({'text'} or {'prompt','completion'} "
-                                "per line, or a .json array of them) or plain text, one example a line")
+                                "per line, or a .json array of them, each with an optional 'prefix' name) "
+                                "or plain text, one example a line")
     p.add_argument("--output", "-o", required=True, metavar="DIR",
-                   help="output folder (checkpoint, log, adapter, base model)")
+                   help="output folder (checkpoint, log, adapter or adapters/NAME and bank, base model)")
     p.add_argument("--model", default=None, metavar="DIR",
                    help="local HF model folder (default: the built-in tiny Llama, saved to DIR/base_model)")
     p.add_argument("--eval-data", default=None, metavar="FILE",
@@ -87,7 +88,8 @@ def train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=cli_args.float_where(lambda f: 0 <= f < 1, "in [0, 1)"), default=0.1,
                    metavar="F", help="share of the data held out for the eval loss, without --eval-data "
                                      "(none with --eval-every 0: every example trains)")
-    p.add_argument("--name", type=prefix_name, default="default", help="prefix name (the bank entry)")
+    p.add_argument("--name", type=prefix_name, default="default",
+                   help="prefix name (the bank entry) of the examples that name none ('prefix')")
     p.add_argument("--num-virtual-tokens", type=positive, default=20, metavar="P",
                    help="prefix length P (positions the text may use: the model's less P)")
     p.add_argument("--projection-hidden-size", type=positive, default=None, metavar="N",
