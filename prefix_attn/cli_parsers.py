@@ -143,10 +143,13 @@ def train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="render each example with the tokenizer's chat template, as generate --chat does "
                         "(.jsonl/.json: {'prompt','completion'} is [user, assistant]; or {'messages'} ending "
                         "in the assistant message learnt); the loss is on that assistant turn only (see --chat-turns)")
-    p.add_argument("--chat-turns", choices=("last", "all"), default="last",
+    p.add_argument("--chat-turns", choices=("last", "all", "each"), default="last",
                    help="with --chat, the assistant turns of a {'messages'} example learnt: last (the default: "
-                        "the earlier ones are context) or all (every one, in one pass over the conversation; "
-                        "each checked to be what generate --chat feeds and answers up to it, else refused)")
+                        "the earlier ones are context), all (every one, in one pass over the conversation; "
+                        "each checked to be what generate --chat feeds and answers up to it, else refused) "
+                        "or each (every one, in a row of its own: the conversation up to it, as last renders "
+                        "it; sound on every template, the shared context computed once per turn; batches "
+                        "and --eval-fraction count rows)")
     p.add_argument("--chat-option", action="append", default=[], type=cli_args.chat_option, metavar="KEY=VALUE",
                    help="a variable of the chat template, with --chat (e.g. enable_thinking=false; the value "
                         "read as JSON, else as text; repeatable)")

@@ -59,7 +59,13 @@ template or example where they are not is refused). ``{"text"}`` and plain text 
 it: each after exactly the tokens generate --chat feeds for the messages before it, its own
 tokens where the whole rendering puts them (a template rewriting earlier turns, as Qwen3's
 drops their think blocks, is refused naming the example and turn); a --max-length cut keeps
-the turns before it whole. The checkpoint records it (older ones count as ``last``).
+the turns before it whole. ``--chat-turns each`` learns every assistant turn too, each in a
+row of its own: for assistant message J the conversation ``messages[:J + 1]``, rendered and
+checked exactly as ``last`` renders an example ending with it (sound on every template, Qwen3's
+included, the shared context computed again per turn); an example of 3 turns is 3 rows, and
+the batches, ``--eval-fraction`` and the notes on cut or dropped rows count rows; errors name
+the example's line and the turn. The checkpoint records ``--chat-turns`` (older ones count as
+``last``).
 
 Errors in the data or options are reported as ``prefix-attn train: error: ...`` (exit status
 2) before anything is written. A loss (or eval loss) that is not finite stops the run with an

@@ -59,11 +59,15 @@ Example = Tuple[str, List[dict], Optional[List[dict]]]  # (where, messages, tool
 Row = Optional[Tuple[List[int], List[int]]]  # (ids, labels); None: an empty example
 
 
-TURNS = ("last", "all")  # --chat-turns: the assistant turns learnt
+TURNS = ("last", "all", "each")  # --chat-turns: the assistant turns learnt, and in which rows
 
 
 class NotTheContext(Exception):
     """The template's rendering with the generation prompt is not the conversation's start."""
+
+
+class NoAnswer(Exception):
+    """The template renders the learnt (last) assistant turn as no tokens."""
 
 
 class EarlierTurn(Exception):
@@ -76,6 +80,11 @@ def _listed(headline: str, problems: List[str]) -> TrainError:
     if len(problems) > _MAX_LISTED:
         lines.append(f"  and {len(problems) - _MAX_LISTED} more")
     return TrainError("\n".join(lines))
+
+
+def _blank(messages: List[dict]) -> bool:
+    """Whether every message is blank: no content but blanks, no tool call."""
+    return not any((m.get("content") or "").strip() or m.get("tool_calls") for m in messages)
 
 
 # -- the data file ---------------------------------------------------------------------------
@@ -181,7 +190,7 @@ class ChatExamples:
         ends before it), as a prompt prefix's entry leaves it out."""
         full, n = self.encode(messages, tools)
         learnt = [(n, len(full))]
-        if self.turns == "last":
+        if self.turns != "all":
             return full, learnt
         turns = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
         for k, j in enumerate(turns[:-1]):
@@ -207,41 +216,33 @@ class ChatExamples:
 
     def rows(self, examples_at: Sequence[Example]) -> List[Tuple[str, Row]]:
         """[(where, (ids, labels))], labels the ids on the learnt turns (:meth:`spans`), -100
-        elsewhere; None for an example whose messages are all blank (dropped, as an empty text
-        is). Every example whose (last) context is not the conversation's first tokens is
-        named in one :class:`TrainError` (raised first: it is the template's problem); then
-        every example with an earlier turn that cannot be learnt (``--chat-turns all``); else
-        every example the template refuses, in one."""
+        elsewhere; None for a conversation whose messages are all blank (dropped, as an empty
+        text is). One row per example; under ``--chat-turns each``, one per assistant turn
+        (:meth:`conversations`), ``where`` naming the turn too. Every row whose (last) context
+        is not the conversation's first tokens is named in one :class:`TrainError` (raised
+        first: it is the template's problem); then every example with an earlier turn that
+        cannot be learnt (``--chat-turns all``); else every row the template refuses, in one."""
         out, refused, split, earlier = [], [], [], []
         for where, messages, tools in examples_at:
-            if not any((m.get("content") or "").strip() or m.get("tool_calls") for m in messages):
-                out.append((where, None))
-                continue
-            self._check_answers(where, messages)
-            try:
-                ids, learnt = self.spans(messages, tools)
-            except NotTheContext as exc:
-                split.append(f"{where}: {exc}")
-                continue
-            except EarlierTurn as exc:
-                earlier.append(f"{where}: {exc}")
-                continue
-            except Exception as exc:  # the template's raise_exception, a Jinja error, ...
-                refused.append(f"{where}: the chat template refuses this conversation "
-                               f"({type(exc).__name__}: {_first_line(exc)})")
-                continue
-            start, end = learnt[-1]
-            if start == end:
-                refused.append(f"{where}: the chat template renders the answer as no tokens (it leaves "
-                               "assistant messages out)")
-                continue
-            labels = [-100] * len(ids)
-            for start, end in learnt:
-                labels[start:end] = ids[start:end]
-            out.append((where, (ids, labels)))
+            if not _blank(messages):
+                self._check_answers(where, messages)
+            for at, conversation in self.conversations(where, messages):
+                try:
+                    out.append((at, self._row(conversation, tools)))
+                except NotTheContext as exc:
+                    split.append(f"{at}: {exc}")
+                except EarlierTurn as exc:
+                    earlier.append(f"{at}: {exc}")
+                except NoAnswer:
+                    refused.append(f"{at}: the chat template renders the answer as no tokens (it leaves "
+                                   "assistant messages out)")
+                except Exception as exc:  # the template's raise_exception, a Jinja error, ...
+                    refused.append(f"{at}: the chat template refuses this conversation "
+                                   f"({type(exc).__name__}: {_first_line(exc)})")
+        rows = "assistant turn(s)" if self.turns == "each" else "example(s)"
         if split:
             raise _listed(
-                f"--chat: for {len(split)} example(s) the chat template's rendering of the conversation "
+                f"--chat: for {len(split)} {rows} the chat template's rendering of the conversation "
                 "less its answer, with the generation prompt (what generate --chat feeds), is not the "
                 "first tokens of the whole conversation, so the prefix would learn after other tokens "
                 "than it is served with. The template's generation prompt is not how it starts an "
@@ -257,23 +258,50 @@ class ChatExamples:
                 "renders the conversation up to that turn otherwise once later messages follow (it "
                 "rewrites earlier assistant turns, as Qwen3's drops their <think> block, or writes a "
                 "turn otherwise when it is not the last), so one pass over the whole conversation "
-                "would learn tokens generate --chat never produces. Use --chat-turns last (the last "
-                "turn only), or split each conversation into one example per assistant turn, each "
-                "ending with it:", earlier)
+                "would learn tokens generate --chat never produces. Use --chat-turns each (every turn "
+                "learnt in a row of its own, the conversation up to it, as generate --chat feeds and "
+                "answers it: the shared context is computed once per turn), or --chat-turns last (the "
+                "last turn only):", earlier)
         if refused:
-            raise _listed(f"--chat: {len(refused)} example(s) that the chat template cannot render:", refused)
+            raise _listed(f"--chat: {len(refused)} {rows} that the chat template cannot render:", refused)
         return out
 
+    def conversations(self, where: str, messages: List[dict]) -> List[Tuple[str, List[dict]]]:
+        """[(where, conversation)]: the rows an example makes, each the conversation that ends
+        with the turn(s) it learns. The example itself, but under ``--chat-turns each`` one per
+        assistant message J, ``messages[:J + 1]`` (``where`` then names it: ``messages[J]
+        (assistant turn K of N)``), so that row is the one ``last`` makes of that conversation."""
+        if self.turns != "each":
+            return [(where, messages)]
+        turns = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
+        return [(f"{where}: messages[{j}] (assistant turn {k + 1} of {len(turns)})", messages[:j + 1])
+                for k, j in enumerate(turns)]
+
+    def _row(self, messages: List[dict], tools: Optional[List[dict]]) -> Row:
+        """The (ids, labels) of one conversation (:meth:`spans`); None when its messages are all
+        blank. Raises :class:`NoAnswer` when the last turn is no tokens; :meth:`spans`' errors,
+        and the template's, pass through."""
+        if _blank(messages):
+            return None
+        ids, learnt = self.spans(messages, tools)
+        start, end = learnt[-1]
+        if start == end:
+            raise NoAnswer()
+        labels = [-100] * len(ids)
+        for start, end in learnt:
+            labels[start:end] = ids[start:end]
+        return ids, labels
+
     def _check_answers(self, where: str, messages: List[dict]) -> None:
-        """Under ``--chat-turns all``, each assistant message follows a user or tool message,
-        as generate --chat answers one (the last one's is checked as the example is read).
-        Raises :class:`TrainError` naming the example and the message."""
+        """Under ``--chat-turns all`` and ``each``, each assistant message follows a user or tool
+        message, as generate --chat answers one (the last one's is checked as the example is
+        read). Raises :class:`TrainError` naming the example and the message."""
         if self.turns == "last":
             return
         for j, m in enumerate(messages):
             before = messages[j - 1]["role"] if j else None
             if m["role"] == "assistant" and before not in ("user", "tool"):
                 got = "it is the first message" if before is None else f"it follows a {before!r} message"
-                raise TrainError(f"{where}: messages[{j}]: --chat-turns all learns every assistant message "
-                                 f"as an answer to a user or tool message, as generate --chat gives one; "
-                                 f"{got} (merge the two, or use --chat-turns last)")
+                raise TrainError(f"{where}: messages[{j}]: --chat-turns {self.turns} learns every assistant "
+                                 f"message as an answer to a user or tool message, as generate --chat gives "
+                                 f"one; {got} (merge the two, or use --chat-turns last)")

@@ -134,11 +134,13 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
     with no token to learn (the prompt fills ``max_length``, or under two tokens) are dropped
     with one warning giving their count and cause, and an error when none is left. An example
     with neither prompt nor text (``{"text": ""}``, blanks only) is dropped too, as a blank line
-    of a text file is: it would teach the model to end every text at once. ``progress``: a bar
-    on standard error while tokenising takes over a second. ``prefix_of``: a multi-task run's
-    prefix of each example (given its ``where``), the third item of its row."""
+    of a text file is: it would teach the model to end every text at once. Under ``--chat-turns
+    each`` an example makes a row per assistant turn, and the messages count rows. ``progress``:
+    a bar on standard error while tokenising takes over a second. ``prefix_of``: a multi-task
+    run's prefix of each example (given its ``where``), the third item of its row."""
     out, cut, short, blank, shortened = [], 0, 0, 0, 0
     rows = _rows(tokenizer, examples_at, chat, progress)
+    unit, of_all = _counted_as(len(rows), len(examples_at), chat)
     for where, row in rows:
         if row is None:
             blank += 1
@@ -160,9 +162,9 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
                 "token included" if chat is not None and chat.turns == "all" else
                 "the end-of-text or end-of-turn token, and the end of the completion before it where the "
                 "cut reaches it")
-        warn("note", f"{path}: {shortened} of {len(examples_at)} example{'' if len(examples_at) == 1 else 's'} "
+        warn("note", f"{path}: {shortened} of {of_all} "
                      f"{'is' if shortened == 1 else 'are'} longer than the {max_length}-token limit per "
-                     f"example (--max-length): cut, so {'its' if shortened == 1 else 'their'} last tokens "
+                     f"{unit} (--max-length): cut, so {'its' if shortened == 1 else 'their'} last tokens "
                      f"to learn ({lost}) are not learnt")
     if cut or short or blank:
         causes = []
@@ -176,13 +178,22 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
         if short:
             causes.append(f"{short} {'is' if short == 1 else 'are'} under two tokens (nothing to predict)")
         dropped = cut + short + blank
-        summary = (f"{path}: {dropped} of {len(examples_at)} example{'' if len(examples_at) == 1 else 's'} "
+        summary = (f"{path}: {dropped} of {of_all} "
                    f"{'has' if dropped == 1 else 'have'} no token to learn: " + "; ".join(causes))
         if not out:
-            raise TrainError(f"{summary}; no example of the {what} is left to train on"
-                             if what == "data file" else f"{summary}; no example of the {what} is left")
+            raise TrainError(f"{summary}; no {unit} of the {what} is left to train on"
+                             if what == "data file" else f"{summary}; no {unit} of the {what} is left")
         warn("warning", f"{summary}; dropped")
     return out
+
+
+def _counted_as(n_rows: int, n_examples: int, chat) -> Tuple[str, str]:
+    """(what one row is called, all of them counted) in :func:`prepare`'s messages: the examples,
+    but under ``--chat-turns each`` the rows, one per assistant turn of the examples."""
+    if chat is None or chat.turns != "each":
+        return "example", f"{n_examples} example{'' if n_examples == 1 else 's'}"
+    return "row", (f"{n_rows} row{'' if n_rows == 1 else 's'} (--chat-turns each: one per assistant turn "
+                   f"of the {n_examples} example{'' if n_examples == 1 else 's'})")
 
 
 def _rows(tokenizer, examples_at, chat, progress: bool) -> List[Tuple[str, Optional[Tuple[List[int], List[int]]]]]:

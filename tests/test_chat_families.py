@@ -300,7 +300,7 @@ def test_train_chat_rows_of_every_turn(name):
             full = _render(tok, messages, tools, generation_prompt=False)
             if "an earlier assistant turn is not in the whole conversation" in str(exc):
                 outcomes.append(REWRITES)
-                assert "Use --chat-turns last" in str(exc) and "d:1: messages[" in str(exc)
+                assert "Use --chat-turns each" in str(exc) and "d:1: messages[" in str(exc)
                 j = int(str(exc).split("d:1: messages[")[1].split("]")[0])
                 context, upto = _render(tok, messages[:j], tools), _render(tok, messages[:j + 1], tools, False)
                 assert full[:len(context)] != context or (full[:len(upto)] != upto

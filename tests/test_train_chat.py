@@ -259,6 +259,9 @@ def test_readme_and_help_say_what_train_chat_does():
     description = " ".join(train.build_parser().format_help().split())  # __doc__, as --help shows it
     assert "--chat`` trains a prefix for ``prefix-attn generate --chat``" in description
     assert "``--chat-turns all`` learns every assistant turn of a conversation" in description
+    assert "`--chat-turns each` learns every assistant turn too, each in a row of its own" in command_line
+    assert "``--chat-turns each`` learns every assistant turn too, each in a row of its own" in description
+    assert "or each (every one, in a row of its own" in description  # the option's help
 
 
 # -- added by the mutation audit ------------------------------------------------------------
@@ -452,7 +455,7 @@ def test_the_loss_trained_on_is_the_token_weighted_mean_over_every_turn(pack):
 def test_a_template_rewriting_earlier_turns_is_refused_naming_the_line_and_turn(tmp_path, folders, capsys):
     """THINKS_LAST writes a think block into the last assistant turn only: the conversation
     ending with the first turn (what generate --chat answers) is not the whole one's start.
-    One error naming each example and turn, with the way out; nothing written; last trains."""
+    One error naming each example and turn, with the ways out; nothing written; last and each train."""
     tok = chat_tokenizer(THINKS_LAST)
     model_dir = tmp_path / "thinks_last"
     _model().save_pretrained(str(model_dir))
@@ -465,12 +468,13 @@ def test_a_template_rewriting_earlier_turns_is_refused_naming_the_line_and_turn(
     assert train.main([*common, "--chat-turns", "all"]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "--chat-turns all: in 2 example(s) an earlier assistant turn" in err
-    assert "Use --chat-turns last" in err and "split each conversation into one example per assistant turn" in err
+    assert "Use --chat-turns each (every turn learnt in a row of its own" in err and "or --chat-turns last" in err
     assert f"{data}:2: messages[1] (assistant turn 1 of 2): the conversation ending with it" in err
     assert f"{data}:3: messages[2] (assistant turn 1 of 3): the conversation ending with it" in err
     assert "differs from the whole conversation from token 40: '<think><' but 'Hello.<|im_end|>" in err
     assert f"{data}:1" not in err and not out.exists()
     assert train.main(common) == 0
+    assert train.main([*common[:2], str(tmp_path / "each"), *common[3:], "--chat-turns", "each"]) == 0
 
 
 def test_an_assistant_turn_that_answers_no_user_or_tool_message_is_refused_under_all(tmp_path):
@@ -527,3 +531,116 @@ def test_a_cut_keeps_the_turns_before_it_and_says_later_turns_are_not_learnt(tmp
     assert _learnt_runs(cut_labels) == _learnt_runs(labels)[:1] + [(_learnt_runs(labels)[1][0], cut)]
     assert "cut, so its last tokens to learn (the assistant turns after the cut, and the end of the turn it " \
            "cuts, its end-of-turn token included) are not learnt" in capsys.readouterr().err
+
+
+# -- --chat-turns each: every assistant turn learnt, in a row of its own ---------------------
+
+def _truncations(where, messages):
+    """[(where naming turn K of N, messages up to it)]: what each makes rows of."""
+    turns = _turns(messages)
+    return [(f"{where}: messages[{j}] (assistant turn {k + 1} of {len(turns)})", messages[:j + 1])
+            for k, j in enumerate(turns)]
+
+
+@pytest.mark.parametrize("template", [CHATML, THINKS_LAST])
+def test_each_makes_a_row_per_turn_equal_to_lasts_row_of_the_conversation_ending_with_it(tmp_path, template):
+    """--chat-turns each: a row per assistant turn J, where it names the line and turn, equal to
+    the row last makes of messages[:J + 1]; sound where all is refused (THINKS_LAST rewrites
+    earlier turns: each row renders its turn as the last one, with its think block)."""
+    tok = chat_tokenizer(template)
+    conversations = [TWO_TURNS, THREE_TURNS, EXAMPLES[4]["messages"]]
+    data = _write(tmp_path / "d.jsonl", [{"messages": m} for m in conversations])
+    each = train_chat.ChatExamples(tok, turns="each").rows(train_chat.read_examples_at(data))
+    truncated = [t for i, m in enumerate(conversations) for t in _truncations(f"{data}:{i + 1}", m)]
+    last = train_chat.ChatExamples(tok).rows([(where, m, None) for where, m in truncated])
+    assert len(each) == 2 + 3 + 1 and each == last
+    assert [where for where, _ in each][:2] == [f"{data}:1: messages[1] (assistant turn 1 of 2)",
+                                                f"{data}:1: messages[3] (assistant turn 2 of 2)"]
+    for (_, (ids, labels)), (_, messages) in zip(each, truncated):
+        (run,) = _learnt_runs(labels)  # one turn learnt a row, the last, after generate's context
+        assert ids == _ids(tok, messages, False) and run == (len(_ids(tok, messages[:-1], True)), len(ids))
+    if template == THINKS_LAST:
+        with pytest.raises(TrainError, match="Use --chat-turns each"):
+            train_chat.ChatExamples(tok, turns="all").rows(train_chat.read_examples_at(data))
+
+
+def test_each_names_the_line_and_turn_of_every_row_refused(tmp_path):
+    """The checks last makes, per row: an answer merging with the generation prompt (the first
+    turn's: the later rows hold it as context, fine), a conversation the template refuses (every
+    turn's row, named), an assistant message answering no user or tool message."""
+    merging = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\nmerges"},
+               {"role": "user", "content": "b"}, {"role": "assistant", "content": "fine"}]
+    with pytest.raises(TrainError) as exc:
+        train_chat.ChatExamples(chat_tokenizer(), turns="each").rows([("d.jsonl:1", merging, None)])
+    headline, line = str(exc.value).splitlines()
+    assert headline.startswith("--chat: for 1 assistant turn(s) the chat template's rendering")
+    assert line.startswith("  d.jsonl:1: messages[1] (assistant turn 1 of 2): from token ")
+    with pytest.raises(TrainError) as exc:
+        train_chat.ChatExamples(chat_tokenizer(NO_SYSTEM), turns="each").rows([("d.jsonl:2", SYSTEM_CHAT, None)])
+    assert str(exc.value).splitlines() == [
+        "--chat: 2 assistant turn(s) that the chat template cannot render:",
+        "  d.jsonl:2: messages[2] (assistant turn 1 of 2): the chat template refuses this conversation "
+        "(TemplateError: System role not supported)",
+        "  d.jsonl:2: messages[4] (assistant turn 2 of 2): the chat template refuses this conversation "
+        "(TemplateError: System role not supported)"]
+    unanswered = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."},
+                  {"role": "assistant", "content": "Anyone?"}, {"role": "user", "content": "yes"},
+                  {"role": "assistant", "content": "Good."}]
+    with pytest.raises(TrainError, match=r"d.jsonl:3: messages\[2\]: --chat-turns each learns every assistant "
+                                         r"message as an answer to a user or tool message.*follows a 'assistant'"):
+        train_chat.ChatExamples(chat_tokenizer(), turns="each").rows([("d.jsonl:3", unanswered, None)])
+
+
+def test_each_counts_rows_in_the_notes_of_cut_and_dropped_rows(tmp_path, capsys):
+    """An example of 3 turns is 3 rows: a --max-length inside the second turn's context drops the
+    third turn's row, cuts the second's and keeps the first's; the messages count rows, not
+    examples (2 examples, 4 rows). No row left: the error counts rows too."""
+    tok = chat_tokenizer()
+    data = _write(tmp_path / "d.jsonl", [{"messages": THREE_TURNS}, {"prompt": "q", "completion": "a"}])
+    chat = train_chat.ChatExamples(tok, turns="each")
+    cut = len(_ids(tok, THREE_TURNS[:4], True)) + 2  # two tokens into the second turn
+    rows = train.prepare(tok, train_chat.read_examples_at(data), cut, 262, data, chat=chat)
+    assert len(rows) == 3 and all(len(ids) <= cut for ids, _ in rows)
+    err = capsys.readouterr().err
+    assert f"{data}: 1 of 4 rows (--chat-turns each: one per assistant turn of the 2 examples) is longer than " \
+           f"the {cut}-token limit per row (--max-length): cut, so its last tokens to learn (the end-of-text " \
+           "or end-of-turn token" in err
+    assert f"{data}: 1 of 4 rows (--chat-turns each: one per assistant turn of the 2 examples) has no token " \
+           "to learn: in 1 the prompt fills" in err
+    with pytest.raises(TrainError, match=r"2 of 2 rows \(--chat-turns each: one per assistant turn of the 1 "
+                                         r"example\) have no token to learn: 2 are empty .*; no row of the data file"):
+        blank = _write(tmp_path / "b.jsonl", [{"messages": [{"role": "user", "content": " "},
+                                                            {"role": "assistant", "content": ""},
+                                                            {"role": "user", "content": ""},
+                                                            {"role": "assistant", "content": " "}]}])
+        train.prepare(tok, train_chat.read_examples_at(blank), 256, 262, blank, chat=chat)
+
+
+def test_each_trains_batches_drawn_over_rows_and_resume_refuses_another_setting(tmp_path, folders, monkeypatch,
+                                                                             capsys):
+    """End to end: 2 conversations (2 and 3 turns) are 5 rows, so an epoch of --batch-size 2 is
+    3 steps, every row seen once; the checkpoint records each, --resume refuses last or all."""
+    data = _write(tmp_path / "d.jsonl", [{"messages": TWO_TURNS}, {"messages": THREE_TURNS}])
+    out = str(tmp_path / "run")
+    seen = []
+    train_step = train.train_step
+
+    def recording_step(model, opt, batch, *args, **kwargs):
+        seen.append(batch)
+        return train_step(model, opt, batch, *args, **kwargs)
+    monkeypatch.setattr(train, "train_step", recording_step)
+    common = [data, "-o", out, "--model", str(folders / "chatml"), "--chat", "--batch-size", "2",
+              "--eval-every", "0", "--num-virtual-tokens", "4", "--no-progress"]
+    assert train.main([*common, "--chat-turns", "each"]) == 0
+    tok = chat_tokenizer()
+    expected = [_ids(tok, m, False) for _, m in _truncations("d", TWO_TURNS) + _truncations("d", THREE_TURNS)]
+    assert [len(batch) for batch in seen] == [2, 2, 1]
+    assert sorted(ids for batch in seen for ids, _ in batch) == sorted(expected)
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))] == [1, 2, 3]
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["settings"]["--chat-turns"] == "each"
+    capsys.readouterr()
+    for other in ("last", "all"):
+        assert train.main([*common, "--epochs", "2", "--resume", "--chat-turns", other]) == 2
+        assert f"--chat-turns: each -> {other}" in capsys.readouterr().err
+    assert train.main([*common, "--epochs", "2", "--resume", "--chat-turns", "each"]) == 0
+    assert len(seen) == 6
