@@ -3,7 +3,8 @@ families (tests/chat_templates.py: re-typed approximations, not the repositories
 
 For each family: (a) a ``--prompt-prefix`` (a shared system prompt) is served or refused; (b)
 requests without a prefix are served; (c) ``train --chat`` rows of prompt/completion and
-multi-turn examples are made or refused, and with ``--chat-turns all`` every assistant turn's;
+multi-turn examples are made or refused, and with ``--chat-turns all`` / ``each`` every
+assistant turn's;
 (d) with tools, where the template renders them.
 Every answer served must equal ``model.generate`` on the whole templated conversation, and
 every refusal must be right: the template really renders the system prompt (or the context of
@@ -330,6 +331,40 @@ def test_train_chat_rows_of_every_turn(name):
     assert outcomes == ALL_TURNS[name], dict(zip(ALL_TURNS_EXAMPLES, outcomes))
 
 
+# (c) train --chat --chat-turns each: a row per assistant turn, the conversation ending with it,
+# exactly last's row of that conversation (refused where last refuses one of them)
+EACH_TURN = {**ALL_TURNS, "qwen3": [OK] * 4, "deepseek-r1": [CONTEXT] * 4}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_train_chat_rows_of_each_turn(name):
+    """(c) --chat-turns each: the rows of a conversation are last's rows of the conversations
+    ending with each of its assistant turns (Qwen3's included, whose earlier turns all refuses);
+    refused where last refuses one of them, the error naming it by turn."""
+    tok = family_tokenizer(name)
+    outcomes = []
+    for messages, tools in _all_turns_examples(name):
+        turns = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
+        truncated = [(f"d:1: messages[{j}] (assistant turn {k + 1} of {len(turns)})", messages[:j + 1], tools)
+                     for k, j in enumerate(turns)]
+        try:
+            rows = train_chat.ChatExamples(tok, "m", turns="each").rows([("d:1", messages, tools)])
+        except TrainError as exc:
+            lines = str(exc).splitlines()[1:]
+            expected = []  # last's refusals of the truncated conversations, one at a time
+            for example in truncated:
+                try:
+                    train_chat.ChatExamples(tok, "m").rows([example])
+                except TrainError as last_exc:
+                    expected += str(last_exc).splitlines()[1:]
+            assert lines == expected and lines
+            outcomes.append(TEMPLATE if "cannot render" in str(exc) else CONTEXT)
+            continue
+        outcomes.append(OK)
+        assert rows == train_chat.ChatExamples(tok, "m").rows(truncated) and len(rows) == len(turns)
+    assert outcomes == EACH_TURN[name], dict(zip(ALL_TURNS_EXAMPLES, outcomes))
+
+
 def test_phi3s_earlier_turns_end_before_the_eos_that_closes_a_conversation():
     """Phi-3 ends a conversation rendered without the generation prompt with its EOS: an earlier
     turn is learnt up to its <|end|> (the EOS is not in the whole conversation there), the last
@@ -338,6 +373,20 @@ def test_phi3s_earlier_turns_end_before_the_eos_that_closes_a_conversation():
     ((_, (ids, labels)),) = train_chat.ChatExamples(tok, "m", turns="all").rows([("d:1", THREE, None)])
     learnt = [tok.decode(ids[s:e], skip_special_tokens=False) for s, e in _learnt_runs(labels)]
     assert learnt == ["Hello.<|end|>\n", "Now 5.<|end|>\n", "Yes.<|end|>\n<|endoftext|>"]
+
+
+def test_qwen3s_and_phi3s_turns_under_each_are_learnt_as_the_last_turn():
+    """--chat-turns each on Qwen3 (whose earlier turns all refuses: they lose their think block):
+    every turn's row learns it after the empty <think> block, as the last turn; on Phi-3 every
+    turn's row learns it with the EOS, as train --chat learns the last one."""
+    learnt = {}
+    for name in ("qwen3", "phi3"):
+        tok = family_tokenizer(name)
+        rows = train_chat.ChatExamples(tok, "m", turns="each").rows([("d:1", THREE, None)])
+        learnt[name] = [tok.decode(ids[s:e], skip_special_tokens=False)
+                        for _, (ids, labels) in rows for s, e in _learnt_runs(labels)]
+    assert learnt["qwen3"] == [f"<think>\n\n</think>\n\n{a}<|im_end|>\n" for a in ("Hello.", "Now 5.", "Yes.")]
+    assert learnt["phi3"] == [f"{a}<|end|>\n<|endoftext|>" for a in ("Hello.", "Now 5.", "Yes.")]
 
 
 def test_deepseek_tool_calls_with_null_content_are_the_templates_error(tmp_path):
@@ -366,12 +415,13 @@ def test_readme_has_the_families_table():
     assert "tests/test_chat_families.py" in readme[readme.index("| family (template) |") - 800:]
     rows = {line.split("|")[1].split()[0]: [c.strip() for c in line.split("|")[2:-1]] for line in table[2:]}
     assert list(rows) == list(FAMILIES)
-    for name, (prefix, tools, train, all_turns) in rows.items():
-        if set(ALL_TURNS[name]) == {OK}:
-            assert all_turns.startswith("ok") and "except" not in all_turns, name
-        else:
-            assert all_turns.startswith("refused" if OK not in ALL_TURNS[name] else "ok") and \
-                ("except" in all_turns or OK not in ALL_TURNS[name]), name
+    for name, (prefix, tools, train, all_turns, each_turn) in rows.items():
+        for column, outcomes in ((all_turns, ALL_TURNS[name]), (each_turn, EACH_TURN[name])):
+            if set(outcomes) == {OK}:
+                assert column.startswith("ok") and "except" not in column, name
+            else:
+                assert column.startswith("refused" if OK not in outcomes else "ok") and \
+                    ("except" in column or OK not in outcomes), name
         assert prefix.startswith(SERVED if PREFIX[name] == SERVED else "refused"), name
         with_tools = PREFIX_WITH_TOOLS.get(name)
         assert tools.startswith({SERVED: SERVED, SPLIT: "refused", None: "no tools"}[with_tools]) \
