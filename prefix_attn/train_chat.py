@@ -62,6 +62,24 @@ Row = Optional[Tuple[List[int], List[int]]]  # (ids, labels); None: an empty exa
 TURNS = ("last", "all", "each")  # --chat-turns: the assistant turns learnt, and in which rows
 
 
+class TurnOf(str):
+    """The name of a ``--chat-turns each`` row (``FILE:LINE: messages[J] (assistant turn K of
+    N)``) that keeps its example's (``example``: what the example's other fields, its
+    ``"prefix"``, are found by)."""
+
+    example: str
+
+    def __new__(cls, text: str, example: str) -> "TurnOf":
+        name = super().__new__(cls, text)
+        name.example = example
+        return name
+
+
+def example_of(where: str) -> str:
+    """The example a row named ``where`` comes from: its own name, or a turn's example."""
+    return getattr(where, "example", where)
+
+
 class NotTheContext(Exception):
     """The template's rendering with the generation prompt is not the conversation's start."""
 
@@ -274,8 +292,8 @@ class ChatExamples:
         if self.turns != "each":
             return [(where, messages)]
         turns = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
-        return [(f"{where}: messages[{j}] (assistant turn {k + 1} of {len(turns)})", messages[:j + 1])
-                for k, j in enumerate(turns)]
+        return [(TurnOf(f"{where}: messages[{j}] (assistant turn {k + 1} of {len(turns)})", where),
+                 messages[:j + 1]) for k, j in enumerate(turns)]
 
     def _row(self, messages: List[dict], tools: Optional[List[dict]]) -> Row:
         """The (ids, labels) of one conversation (:meth:`spans`); None when its messages are all

@@ -137,7 +137,8 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
     of a text file is: it would teach the model to end every text at once. Under ``--chat-turns
     each`` an example makes a row per assistant turn, and the messages count rows. ``progress``:
     a bar on standard error while tokenising takes over a second. ``prefix_of``: a multi-task
-    run's prefix of each example (given its ``where``), the third item of its row."""
+    run's prefix of each example (given its ``where``; a turn's row, its example's), the third
+    item of its row."""
     out, cut, short, blank, shortened = [], 0, 0, 0, 0
     rows = _rows(tokenizer, examples_at, chat, progress)
     unit, of_all = _counted_as(len(rows), len(examples_at), chat)
@@ -151,7 +152,7 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
             raise TrainError(f"{where}: {problem}")
         if has_target(labels[:max_length]):
             kept = (ids[:max_length], labels[:max_length])
-            out.append(kept if prefix_of is None else (*kept, prefix_of(where)))
+            out.append(kept if prefix_of is None else (*kept, prefix_of(train_chat.example_of(where))))
             shortened += any(label != -100 for label in labels[max_length:])  # a learnt token cut
         elif has_target(labels):
             cut += 1

@@ -258,3 +258,29 @@ def test_a_single_prefix_named_by_the_data_is_today_s_single_run(tmp_path, capsy
     assert sorted(os.listdir(out)) == ["adapter", "base_model", "checkpoint.pt", "log.jsonl"]
     assert all("eval_loss_by_prefix" not in r for r in _log(str(out)))
     assert "adapter (PEFT format)" in capsys.readouterr().out
+
+
+def test_chat_turns_each_rows_keep_their_example_s_prefix(tmp_path):
+    """Under --chat-turns each, a row is named by its example's line and its turn; its prefix is
+    still its example's (it was looked up by the row's name and not found)."""
+    from test_serve_chat import _model, chat_tokenizer
+
+    model_dir = tmp_path / "m"
+    _model().save_pretrained(str(model_dir))
+    chat_tokenizer().save_pretrained(str(model_dir))
+    examples = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"},
+                              {"role": "user", "content": "more"}, {"role": "assistant", "content": "b"}],
+                 **({"prefix": "b"} if i % 2 else {})} for i in range(4)]
+    data = _write(tmp_path / "d.jsonl", examples)
+    seen = []
+    real = train.train_step
+
+    def recording(model, opt, batch, *a, **k):
+        seen.extend(row[2] for row in batch)
+        return real(model, opt, batch, *a, **k)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train, "train_step", recording)
+        assert train.main([data, "-o", str(tmp_path / "run"), "--model", str(model_dir), "--chat",
+                           "--chat-turns", "each", "--max-steps", "2", "--eval-every", "0", *ARGS[:2],
+                           "--batch-size", "4", "--no-progress"]) == 0
+    assert sorted(seen) == ["b"] * 4 + ["default"] * 4  # 8 rows: 2 turns of 4 examples
