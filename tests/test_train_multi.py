@@ -172,13 +172,14 @@ def test_resume_refuses_another_set_of_prefixes(data, tmp_path, capsys):
     assert "trains the prefixes ['default', 'legal'], this run the prefixes ['legal', 'support']" in err
 
 
-def test_chat_examples_name_their_prefixes_too(tmp_path):
+def _chat_prefixes_trained(tmp_path, examples, *options) -> list:
+    """The prefix of each row that train --chat trains on ``examples`` with ``options`` (the
+    chat test model), in the order of the steps."""
     from test_serve_chat import _model, chat_tokenizer
 
     model_dir = tmp_path / "m"
     _model().save_pretrained(str(model_dir))
     chat_tokenizer().save_pretrained(str(model_dir))
-    examples = [{"prompt": f"q{i}", "completion": f"a{i}", **({"prefix": "b"} if i % 2 else {})} for i in range(6)]
     data = _write(tmp_path / "d.jsonl", examples)
     seen = []
     real = train.train_step
@@ -189,8 +190,13 @@ def test_chat_examples_name_their_prefixes_too(tmp_path):
     with pytest.MonkeyPatch.context() as m:
         m.setattr(train, "train_step", recording)
         assert train.main([data, "-o", str(tmp_path / "run"), "--model", str(model_dir), "--chat",
-                           "--max-steps", "2", "--eval-every", "0", *ARGS[:2], "--batch-size", "3",
-                           "--no-progress"]) == 0
+                           "--max-steps", "2", "--eval-every", "0", *ARGS[:2], "--no-progress", *options]) == 0
+    return seen
+
+
+def test_chat_examples_name_their_prefixes_too(tmp_path):
+    examples = [{"prompt": f"q{i}", "completion": f"a{i}", **({"prefix": "b"} if i % 2 else {})} for i in range(6)]
+    seen = _chat_prefixes_trained(tmp_path, examples, "--batch-size", "3")
     assert sorted(seen) == ["b"] * 3 + ["default"] * 3
     assert sorted(os.listdir(tmp_path / "run" / "adapters")) == ["b", "default"]
 
@@ -263,24 +269,8 @@ def test_a_single_prefix_named_by_the_data_is_today_s_single_run(tmp_path, capsy
 def test_chat_turns_each_rows_keep_their_example_s_prefix(tmp_path):
     """Under --chat-turns each, a row is named by its example's line and its turn; its prefix is
     still its example's (it was looked up by the row's name and not found)."""
-    from test_serve_chat import _model, chat_tokenizer
-
-    model_dir = tmp_path / "m"
-    _model().save_pretrained(str(model_dir))
-    chat_tokenizer().save_pretrained(str(model_dir))
     examples = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"},
                               {"role": "user", "content": "more"}, {"role": "assistant", "content": "b"}],
                  **({"prefix": "b"} if i % 2 else {})} for i in range(4)]
-    data = _write(tmp_path / "d.jsonl", examples)
-    seen = []
-    real = train.train_step
-
-    def recording(model, opt, batch, *a, **k):
-        seen.extend(row[2] for row in batch)
-        return real(model, opt, batch, *a, **k)
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(train, "train_step", recording)
-        assert train.main([data, "-o", str(tmp_path / "run"), "--model", str(model_dir), "--chat",
-                           "--chat-turns", "each", "--max-steps", "2", "--eval-every", "0", *ARGS[:2],
-                           "--batch-size", "4", "--no-progress"]) == 0
+    seen = _chat_prefixes_trained(tmp_path, examples, "--chat-turns", "each", "--batch-size", "4")
     assert sorted(seen) == ["b"] * 4 + ["default"] * 4  # 8 rows: 2 turns of 4 examples
