@@ -155,7 +155,10 @@ def _drop_model_decoding(model) -> Dict[str, object]:
     from transformers import GenerationConfig
 
     old = model.generation_config
-    defaults = GenerationConfig._get_default_generation_params()
+    # transformers' defaults for what a call and the model leave unset (a private helper of
+    # transformers 5; an older one's defaults are its GenerationConfig()'s)
+    defaults_of = getattr(GenerationConfig, "_get_default_generation_params", None)
+    defaults = defaults_of() if defaults_of is not None else GenerationConfig().to_dict()
     dropped = {k: v for k, v in old.to_diff_dict().items()
                if k not in _KEPT_GENERATION_FIELDS and k != "transformers_version" and not k.startswith("_")
                and v is not None and v != defaults.get(k, False)}  # output_attentions=False, ...

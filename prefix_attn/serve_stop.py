@@ -40,12 +40,23 @@ class StopTexts(StoppingCriteria):
                  pad_id: Optional[int]):
         self.tokenizer, self.stops, self.prompt_len = tokenizer, list(stops), prompt_len
         self.stop_ids, self.pad_id = list(stop_ids), pad_id
+        # the tokens a stop text that the newest token completes can span, with room: a character
+        # may take 4 byte tokens, and the window's first token may decode otherwise alone (a
+        # SentencePiece word's space); a row would have stopped at an earlier stop text
+        self.window = 4 * (max(len(s) for s in self.stops) + 1) + 8
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        done = [self.holds_stop(row) for row in input_ids[:, self.prompt_len:].tolist()]
+        # only the last ``window`` new tokens: decoding each row's whole completion at every
+        # step took 1.1 s over 1024 steps of 8 rows with a BPE tokenizer (0.14 s so), growing
+        # with the square of the length. A row with a stop id before the window ended there:
+        # model.generate keeps it finished whatever is said of it now.
+        start = max(self.prompt_len, input_ids.shape[1] - self.window)
+        done = [self.holds_stop(row) for row in input_ids[:, start:].tolist()]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     def holds_stop(self, new: Sequence[int]) -> bool:
+        """Whether ``new`` (a row's last new tokens) holds a stop text before any stop id.
+        :func:`finish` reads the whole text."""
         tokens, _ = until_stop_id(new, self.stop_ids, self.pad_id)
         return _first_stop(_decode(self.tokenizer, tokens), self.stops) is not None
 

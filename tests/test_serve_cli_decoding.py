@@ -269,3 +269,40 @@ def test_sampling_options_without_do_sample_are_named_in_a_warning(tmp_path, cap
     assert main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--max-new-tokens", "2", "--no-progress", *options]) == 0
     err = capsys.readouterr().err
     assert (f"prefix-attn generate: {warning}" in err) if warning else "warning" not in err
+
+
+def test_the_stop_criterion_decodes_a_window_of_the_last_tokens_and_finds_multibyte_stops():
+    """It decoded each row's whole completion at every step (1.1 s over 1024 steps of 8 rows
+    with a BPE tokenizer, growing with the square of the length); now a window of the last
+    tokens, which still holds a stop text of several multi-byte characters the newest token
+    completes (each is 2 byte tokens here), after a prompt and 500 tokens."""
+    from prefix_attn.serve_stop import StopTexts
+
+    tok = tiny.ByteTokenizer()
+    decoded = []
+    real_decode = tok.decode
+    tok.decode = lambda ids, **kw: decoded.append(len(ids)) or real_decode(ids, **kw)
+    stop = "éàü"
+    prompt = tok.encode("a prompt")
+    body = tok.encode("x" * 500, add_special_tokens=False)
+    ends = tok.encode(stop, add_special_tokens=False)
+    rows = torch.tensor([prompt + body + ends, prompt + body + tok.encode("eau", add_special_tokens=False) + ends[3:]])
+    criterion = StopTexts(tok, [stop], len(prompt), [tok.eos_token_id], None)
+    assert criterion(rows, None).tolist() == [True, False]
+    assert max(decoded) <= criterion.window < 100
+    assert criterion(rows[:, :-1], None).tolist() == [False, False]  # the last byte of "ü" missing
+
+
+@pytest.mark.parametrize("private_defaults", [True, False])
+def test_the_model_s_decoding_values_are_dropped_without_transformers_private_defaults(monkeypatch, private_defaults):
+    """The defaults come from a private helper of transformers 5 (GenerationConfig.
+    _get_default_generation_params); without it, GenerationConfig()'s, not an AttributeError."""
+    from transformers import GenerationConfig
+
+    model = tiny.tiny_model("llama")
+    model.generation_config = GenerationConfig(repetition_penalty=1.5, eos_token_id=2, top_k=50)
+    if not private_defaults:  # as an older transformers (which does not call it either)
+        monkeypatch.setattr(GenerationConfig, "_get_default_generation_params", None)
+    dropped = serve._drop_model_decoding(model)
+    assert dropped["repetition_penalty"] == 1.5 and model.generation_config.eos_token_id == 2
+    assert model.generation_config.repetition_penalty in (None, 1.0)
