@@ -27,7 +27,8 @@ Output: one line per request, in input order:
 
 A completion ends at any of the model's stop ids (its generation_config's eos_token_id and
 the tokenizer's end of sequence), at the first --stop text it holds (left out of "completion";
-that row generates no further) or after --max-new-tokens. "finish_reason" says which: "stop"
+that row generates no further; a beam reaching one is a finished hypothesis, so beam and sampled
+answers may differ from the ones without --stop cut at the text) or after --max-new-tokens. "finish_reason" says which: "stop"
 (a stop id or a stop text) or "length" (--max-new-tokens reached). "num_tokens" counts the
 tokens generated for the completion: not the stop id, but with a stop text, every token up to
 the one that completed it (whose text "completion" leaves out).
