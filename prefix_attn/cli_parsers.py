@@ -19,6 +19,18 @@ DEFAULT_MAX_LENGTH = 256  # train's --max-length
 TRAIN_DTYPES = ("float32", "bfloat16")
 GENERATE_DTYPES = ("float32", "float16", "bfloat16")
 CHECK_DTYPES = ("float32", "float16", "bfloat16")
+# generate's decoding options (argparse dest -> parser of one value): the command's options and a
+# request's fields of the same names (prefix_attn.serve_options) take the same values
+DECODING_TYPES = {
+    "max_new_tokens": cli_args.int_at_least(1),
+    "temperature": cli_args.float_where(lambda t: t > 0, "> 0"),
+    "top_p": cli_args.float_where(lambda t: 0 < t <= 1, "in (0, 1]"),
+    "top_k": cli_args.int_at_least(0),
+    "min_p": cli_args.float_where(lambda m: 0 <= m <= 1, "in [0, 1]"),
+    "repetition_penalty": cli_args.float_where(lambda r: r > 0, "> 0"),
+    "num_beams": cli_args.int_at_least(1),
+    "stop": cli_args.stop_text,
+}
 
 
 def module_doc(name: str) -> Optional[str]:
@@ -193,26 +205,26 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="JSONL results file ('-' = stdout); written whole at the end, folders created")
     p.add_argument("--batch-size", type=cli_args.int_at_least(1), default=8, metavar="N",
                    help="requests per model.generate call")
-    p.add_argument("--max-new-tokens", type=cli_args.int_at_least(1), default=32, metavar="N",
+    p.add_argument("--max-new-tokens", type=DECODING_TYPES["max_new_tokens"], default=32, metavar="N",
                    help="tokens generated per request at most")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=cli_args.float_where(lambda t: t > 0, "> 0"), default=1.0,
+    p.add_argument("--temperature", type=DECODING_TYPES["temperature"], default=1.0,
                    metavar="T", help="sampling temperature (with --do-sample)")
-    p.add_argument("--top-p", type=cli_args.float_where(lambda t: 0 < t <= 1, "in (0, 1]"), default=1.0,
+    p.add_argument("--top-p", type=DECODING_TYPES["top_p"], default=1.0,
                    metavar="P", help="nucleus sampling mass (with --do-sample)")
-    p.add_argument("--top-k", type=cli_args.int_at_least(0), default=0, metavar="K",
+    p.add_argument("--top-k", type=DECODING_TYPES["top_k"], default=0, metavar="K",
                    help="sample among the K likeliest tokens only (with --do-sample; 0 = all tokens, "
                         "not transformers' 50)")
-    p.add_argument("--min-p", type=cli_args.float_where(lambda m: 0 <= m <= 1, "in [0, 1]"), default=0.0,
+    p.add_argument("--min-p", type=DECODING_TYPES["min_p"], default=0.0,
                    metavar="P", help="sample only tokens at least P times as likely as the likeliest "
                                      "(with --do-sample; 0 = off)")
-    p.add_argument("--repetition-penalty", type=cli_args.float_where(lambda r: r > 0, "> 0"), default=1.0,
+    p.add_argument("--repetition-penalty", type=DECODING_TYPES["repetition_penalty"], default=1.0,
                    metavar="R", help="divide the positive scores (multiply the negative ones) of the tokens "
                                      "already in the prompt or the completion by R, greedy, sampled or beams "
                                      "(1 = off; a prefix's tokens are not counted)")
-    p.add_argument("--stop", action="append", default=[], type=cli_args.stop_text, metavar="TEXT",
+    p.add_argument("--stop", action="append", default=[], type=DECODING_TYPES["stop"], metavar="TEXT",
                    help="end a completion at the first TEXT it holds, TEXT left out (repeatable)")
-    p.add_argument("--num-beams", type=cli_args.int_at_least(1), default=1, metavar="N",
+    p.add_argument("--num-beams", type=DECODING_TYPES["num_beams"], default=1, metavar="N",
                    help="beam search width (1 = no beam search)")
     p.add_argument("--seed", type=cli_args.seed, default=0, help="torch seed (sampling), -2**63 to 2**63 - 1")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
