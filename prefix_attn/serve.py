@@ -18,8 +18,18 @@ Input: one JSON object per line, UTF-8 (a byte-order mark is accepted; blank lin
             echoed in the result in place of "prompt"
   "tools"   with --chat: function schemas given to the chat template (tools=), an array of
             objects [{"type": "function", "function": {...}}, ...]; echoed in the result
-  any other field is copied to the result line (not applied: the options below apply to
-            every request; fields named like them, e.g. "temperature", get a warning)
+  decoding fields, each overriding the command's option of the same name for this request
+            only (null or missing: the option's value), checked as the option is (every bad
+            line named in one error, before the model loads):
+            "max_new_tokens" (or OpenAI's "max_tokens" or "max_completion_tokens": the same
+            number; one of them), "stop" (a text or an array of texts, as OpenAI's; [] = none),
+            "do_sample" (true or false), "temperature", "top_p", "top_k", "min_p",
+            "repetition_penalty", "num_beams"; e.g.
+            {"prompt": "...", "max_tokens": 64, "stop": ["###"], "do_sample": true, "temperature": 0.7}
+            They are copied to the result too. "seed" is not applied per request (one --seed
+            draws for every batch in turn: a request's own seed could not hold in a batch it
+            shares), and gets a warning
+  any other field is copied to the result line
 
 Output: one line per request, in input order:
 
@@ -28,16 +38,18 @@ Output: one line per request, in input order:
 A completion ends at any of the model's stop ids (its generation_config's eos_token_id and
 the tokenizer's end of sequence), at the first --stop text it holds (left out of "completion";
 that row generates no further; a beam reaching one is a finished hypothesis, so beam and sampled
-answers may differ from the ones without --stop cut at the text) or after --max-new-tokens. "finish_reason" says which: "stop"
-(a stop id or a stop text) or "length" (--max-new-tokens reached). "num_tokens" counts the
-tokens generated for the completion: not the stop id, but with a stop text, every token up to
-the one that completed it (whose text "completion" leaves out).
+answers may differ from the ones without --stop cut at the text) or after --max-new-tokens (each
+request's "stop" and "max_new_tokens" in place of the options where it gives them).
+"finish_reason" says which: "stop" (a stop id or a stop text) or "length" (max_new_tokens
+reached). "num_tokens" counts the tokens generated for the completion: not the stop id, but with
+a stop text, every token up to the one that completed it (whose text "completion" leaves out).
 
 Decoding: greedy, or --do-sample (--temperature 1.0, --top-p 1.0, --top-k 0 = all tokens,
 --min-p 0 = off, by default; given without --do-sample they are not used, with a warning),
---num-beams, --repetition-penalty (1.0 = off) with either: each value is the option's, given or
-its default, and nothing else. A model folder's generation_config.json is read for its
-eos_token_id (and bos/pad ids, cache settings) only: its do_sample, temperature, top_k, top_p,
+--num-beams, --repetition-penalty (1.0 = off) with either: each value is the request's field, else
+the option's, given or its default, and nothing else (a request's sampling fields without sampling
+are named in a warning, as the options are when no request samples). A model folder's
+generation_config.json is read for its eos_token_id (and bos/pad ids, cache settings) only: its do_sample, temperature, top_k, top_p,
 repetition_penalty, no_repeat_ngram_size, ... are not applied, with a note on stderr naming
 them (transformers' model.generate would apply them, and its top_k=50 when sampling).
 
@@ -60,14 +72,19 @@ runs the rest of [system, user(prompt)]; a template that renders the system mess
 once a user turn follows is refused (the prefix's KV would not be the conversation's). A request
 with an adapter or no prefix runs [user(prompt)], with the template's default system prompt.
 
-Requests run in batches of similar prompt length, longest first (little padding; the results
-are still written in input order). A batch that runs out of device memory is retried in
-halves, halved again as needed; only a single request that still does stops the run (an
+Requests decoded alike (equal decoding settings; sampling values do not count for greedy ones)
+share model.generate calls: each such group runs in batches of similar prompt length, the batches
+of every group longest first (little padding; the results are still written in input order).
+--seed seeds torch once before the first batch: the same request file, --batch-size and options
+(device, dtype and versions too) give the same answers again, as long as no batch is split for
+memory; sampled answers change with anything that changes the batches (another batch size, a
+request added or its fields changed), greedy and beam ones do not. A batch that runs out of
+device memory is retried in halves, halved again as needed; only a single request that still does stops the run (an
 error naming its line, exit status 1).
 
 Everything that can be checked is checked before any generation: the request file, prefix
-names, the output path, the device, $PREFIX_ATTN_BACKEND and each request's length (prompt +
-prefix + --max-new-tokens within the model's positions). The output file is written whole or
+names, the output path, the device, $PREFIX_ATTN_BACKEND and each request's decoding fields and
+its length (prompt + prefix + its max_new_tokens within the model's positions). The output file is written whole or
 not at all; Ctrl-C or SIGTERM stops at once and keeps the answers finished so far in
 OUTPUT.partial, in input order (exit status 130 / 143), as does an error in a later batch.
 With -o -, each answer is written once it and every earlier one are finished; a reader
@@ -82,11 +99,11 @@ import signal
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import atomic, chat as chat_template, cli_args, cli_parsers, serve_batching, tiny
+from . import atomic, chat as chat_template, cli_args, cli_parsers, serve_batching, serve_options, tiny
 from .backends import check_env_backend
 from .train_state import Interrupted, StopSignals
 from .serve_inputs import (Request, RequestError, Source, check_prefix_names, prefix_sources,
@@ -249,14 +266,15 @@ def _add_prompt_head(bank, name: str, length: int) -> Optional[str]:
     return head
 
 
-def _check_lengths(jobs: List[_Job], model, bank, max_new_tokens: int, path: str) -> None:
-    """Each request's prefix + prompt + ``max_new_tokens`` fits the model's positions (the
-    tokens after a prefix of P are numbered from P)."""
+def _check_lengths(jobs: List[_Job], model, bank, decoding: List[serve_options.Decoding], path: str) -> None:
+    """Each request's prefix + prompt + its own ``max_new_tokens`` (``decoding[i]`` is
+    ``jobs[i]``'s) fits the model's positions (the tokens after a prefix of P are numbered from P)."""
     limit = cli_args.max_positions(model.config)
     if limit is None:
         return
     bad = []
-    for job in jobs:
+    for job, settings in zip(jobs, decoding):
+        max_new_tokens = settings.max_new_tokens
         P = bank.entry_len(job.prefix) if job.prefix is not None else 0
         total = P + len(job.ids) + max_new_tokens
         if total > limit:
@@ -265,7 +283,7 @@ def _check_lengths(jobs: List[_Job], model, bank, max_new_tokens: int, path: str
                        f"(prefix {shown}) + {max_new_tokens} new tokens = {total}")
     if bad:
         raise refusal(f"{len(bad)} request(s) longer than the model's {limit} positions "
-                       "(shorten the prompt or lower --max-new-tokens):", bad)
+                       "(shorten the prompt or lower --max-new-tokens, or the request's \"max_new_tokens\"):", bad)
 
 
 def _progress(total: int, enabled: bool):
@@ -457,7 +475,7 @@ def _run(args: argparse.Namespace, signals: StopSignals) -> int:
     if args.chat and requests:
         chat_template.check_template(args.model)
     warn_about_option_fields(requests)
-    warn_about_sampling_options(args)
+    warn_about_sampling_options(args, requests, args.input)
     out = _Output(args.output)
     try:
         if not requests:
@@ -499,7 +517,8 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
                 if "recompute them here with add_prompt" in str(w.message) else "")
         warn(f"{w.message}{hint}")
     jobs = _plan(requests, tokenizer, bank, prompt_ids, args.input, chat)
-    _check_lengths(jobs, model, bank, args.max_new_tokens, args.input)
+    decoding = [serve_options.Decoding.of(args, job.request.options) for job in jobs]  # jobs[i]'s
+    _check_lengths(jobs, model, bank, decoding, args.input)
     torch.manual_seed(args.seed)  # after loading: building the default model seeds torch itself
 
     from transformers import StoppingCriteriaList
@@ -509,8 +528,7 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
     stop = _stop_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop or [None])[0]
     eos_id = stop or None
-    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
-                      **_decoding(args))
+    tokens = dict(pad_token_id=pad_id, eos_token_id=eos_id)
 
     running: List[int] = []  # the batch answer runs now: the request alone when it runs out of memory
 
@@ -519,15 +537,17 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
         # is lost there: Python prints it and goes on; the next batch sees it
         signals.raise_if_received()
         running[:] = batch
+        settings = decoding[batch[0]]  # the batch's requests decode alike (serve_batching.by_setting)
         ids, mask = tiny.left_pad([jobs[i].ids for i in batch], pad_id)
-        if args.stop:  # each row ends at its first stop text: the batch once every row has
+        gen_kwargs = dict(tokens, max_new_tokens=settings.max_new_tokens, **settings.generate_kwargs())
+        if settings.stop:  # each row ends at its first stop text: the batch once every row has
             gen_kwargs["stopping_criteria"] = StoppingCriteriaList(
-                [serve_stop.StopTexts(tokenizer, args.stop, ids.shape[1], stop, pad_id)])
+                [serve_stop.StopTexts(tokenizer, settings.stop, ids.shape[1], stop, pad_id)])
         with torch.no_grad():
             gen = model.generate(ids.to(device), attention_mask=mask.to(device),
                                  prefixes=[jobs[i].prefix for i in batch], **gen_kwargs)
         for i, new in zip(batch, gen[:, ids.shape[1]:].tolist()):
-            out.put(i, _result(jobs[i].request, new, tokenizer, stop, pad_id, args.stop))
+            out.put(i, _result(jobs[i].request, new, tokenizer, stop, pad_id, settings.stop))
         bar.update(len(batch))
 
     def say(message: str) -> None:  # under the progress bar
@@ -535,24 +555,26 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
 
     bar = _progress(len(jobs), enabled=not args.no_progress)
     try:
-        for batch in serve_batching.by_length([len(j.ids) for j in jobs], args.batch_size):
+        for batch in serve_batching.by_setting([len(j.ids) for j in jobs], [d.key for d in decoding],
+                                               args.batch_size):
             serve_batching.in_halves_on_oom(answer, batch, device, say)
     except serve_batching.OutOfMemoryError as exc:  # only a request alone raises it
-        raise OutOfMemory(_out_of_memory(jobs[running[0]], bank, args, exc)) from None
+        raise OutOfMemory(_out_of_memory(jobs[running[0]], decoding[running[0]], bank, args, exc)) from None
     finally:
         bar.close()
 
 
-def _out_of_memory(job: _Job, bank, args: argparse.Namespace, exc: BaseException) -> str:
-    """What stops the run when ``job`` runs out of device memory alone: the request's line and
-    sizes, the device's message, what to lower."""
+def _out_of_memory(job: _Job, settings: serve_options.Decoding, bank, args: argparse.Namespace,
+                   exc: BaseException) -> str:
+    """What stops the run when ``job``, decoded with ``settings``, runs out of device memory
+    alone: the request's line and sizes, the device's message, what to lower."""
     P = bank.entry_len(job.prefix) if job.prefix is not None else 0
-    beams = f" x {args.num_beams} beams" if args.num_beams > 1 else ""
-    lower = "--max-new-tokens or --num-beams" if args.num_beams > 1 else "--max-new-tokens"
+    beams = f" x {settings.num_beams} beams" if settings.num_beams > 1 else ""
+    lower = "--max-new-tokens or --num-beams" if settings.num_beams > 1 else "--max-new-tokens"
     dtype = ", use --dtype bfloat16" if args.dtype == "float32" else ""
     message = tiny._first_line(exc)
     return (f"{args.input}:{job.request.line}: ran out of device memory even alone ({len(job.ids)} prompt "
-            f"tokens + {P} prefix tokens + {args.max_new_tokens} new tokens{beams}): {message}; lower "
+            f"tokens + {P} prefix tokens + {settings.max_new_tokens} new tokens{beams}): {message}; lower "
             f"{lower}, shorten the prompt{dtype} or use a device with more memory")
 
 
@@ -567,18 +589,7 @@ def _stop_ids(model, tokenizer) -> List[int]:
     return list(dict.fromkeys(int(i) for i in ids))
 
 
-def _decoding(args: argparse.Namespace) -> dict:
-    """model.generate's keywords for how tokens are picked: every one the options set, given
-    whether or not it differs from transformers' default (the model's own were dropped)."""
-    kwargs = dict(do_sample=args.do_sample, num_beams=args.num_beams,
-                  repetition_penalty=args.repetition_penalty)
-    if args.do_sample:  # greedy and beam search would warn of unused sampling settings
-        kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                      min_p=args.min_p or None)
-    return kwargs
-
-
-def _result(r: Request, new: List[int], tokenizer, stop: List[int], pad_id, stop_texts: List[str]) -> dict:
+def _result(r: Request, new: List[int], tokenizer, stop: List[int], pad_id, stop_texts: Sequence[str]) -> dict:
     from .serve_stop import finish
 
     completion, count, reason = finish(tokenizer, new, stop, pad_id, stop_texts)

@@ -1,9 +1,10 @@
-"""How ``prefix-attn generate`` groups its requests into ``model.generate`` calls: by prompt
-length, so that a batch holds little padding, and in halves when a batch runs out of memory."""
+"""How ``prefix-attn generate`` groups its requests into ``model.generate`` calls: by decoding
+settings (a call decodes all its rows alike), then by prompt length, so that a batch holds little
+padding, and in halves when a batch runs out of memory."""
 from __future__ import annotations
 
 import gc
-from typing import Callable, List, Sequence
+from typing import Callable, Dict, Hashable, List, Sequence
 
 import torch
 
@@ -18,6 +19,19 @@ def by_length(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
     out of memory runs first, before the others' time is spent."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def by_setting(lengths: Sequence[int], settings: Sequence[Hashable], batch_size: int) -> List[List[int]]:
+    """The indices of ``lengths`` cut into batches of requests with equal ``settings`` (each
+    request's decoding), each group's batches as :func:`by_length` cuts them; the batches of every
+    group together, longest prompt first (among equals, the group first seen in the file first).
+    One group: :func:`by_length`'s batches."""
+    groups: Dict[Hashable, List[int]] = {}
+    for i, setting in enumerate(settings):
+        groups.setdefault(setting, []).append(i)
+    batches = [[members[j] for j in batch] for members in groups.values()
+               for batch in by_length([lengths[i] for i in members], batch_size)]
+    return sorted(batches, key=lambda batch: -lengths[batch[0]])  # stable; batch[0]: its longest
 
 
 def in_halves_on_oom(run: Callable[[List[int]], None], batch: List[int], device: torch.device,

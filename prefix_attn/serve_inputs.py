@@ -1,5 +1,6 @@
 """What ``prefix-attn generate`` checks before it loads a model: the request file
-(:func:`read_requests`: JSON lines, ``file:line`` in every error, unique ids) and the prefix
+(:func:`read_requests`: JSON lines, ``file:line`` in every error, unique ids, each request's
+decoding fields checked as the command's options are: :mod:`prefix_attn.serve_options`) and the prefix
 sources (``--bank``, ``--adapter``, ``--prompt-prefix``: one source per name, every request's
 prefix known, adapters trained on another base model). Several bad lines are named in one
 :class:`RequestError`."""
@@ -12,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from . import cli_args, jsonl
+from . import cli_args, jsonl, serve_options
 
 _MAX_LISTED = 10  # bad request lines named in one error; the rest are counted
 
@@ -24,7 +25,9 @@ class RequestError(ValueError):
 @dataclass
 class Request:
     """One line of the request file: its ``prompt``, or its ``messages`` (then ``prompt`` is None),
-    and its ``tools``, the chat template's function schemas (both ``prefix-attn generate --chat``)."""
+    and its ``tools``, the chat template's function schemas (both ``prefix-attn generate --chat``);
+    ``options``: the decoding settings its fields give (argparse dest -> value,
+    :func:`prefix_attn.serve_options.parse_fields`), which override the command's options."""
 
     prompt: Optional[str]
     prefix: Optional[str] = None
@@ -33,20 +36,27 @@ class Request:
     extra: dict = field(default_factory=dict)
     messages: Optional[List[dict]] = None
     tools: Optional[List[dict]] = None
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 # -- request file ----------------------------------------------------------------------------
 
 def read_requests(path: str) -> List[Request]:
     """Parse a JSONL request file (``-`` = stdin). A request without ``id`` gets its line
-    number. Raises RequestError naming ``path:line``."""
+    number. Raises RequestError naming ``path:line``; bad decoding fields of every line in one."""
     lines = jsonl.read_lines(path, RequestError, what="requests file")
     requests: List[Request] = []
     id_lines: Dict[str, int] = {}  # the id as JSON -> line of its first use
+    bad: List[str] = []
     for lineno, obj in jsonl.json_values(path, lines, RequestError, finite=True):
         request = _parse_request(obj, f"{path}:{lineno}", lineno)
         _check_unique_id(request, id_lines, f"{path}:{lineno}")
+        request.options, problems = serve_options.parse_fields(obj, f"{path}:{lineno}")
+        bad += problems
         requests.append(request)
+    if bad:
+        raise refusal(f"{len(bad)} bad decoding field(s) (each takes what the command's option of "
+                      "the same name takes):", bad)
     return requests
 
 
@@ -184,15 +194,15 @@ def _adapter_base(directory: str) -> Optional[str]:
     return base if isinstance(base, str) and base and os.path.isdir(base) else None
 
 
-# request fields that look like generation options, which generate takes only as command options
-_OPTION_FIELDS = {"max_new_tokens": "--max-new-tokens", "max_tokens": "--max-new-tokens",
-                  "temperature": "--temperature", "top_p": "--top-p", "do_sample": "--do-sample",
-                  "num_beams": "--num-beams", "seed": "--seed", "top_k": "--top-k", "min_p": "--min-p",
-                  "repetition_penalty": "--repetition-penalty", "stop": "--stop"}
+# request fields that look like generation options but are not applied per request, which
+# generate takes only as command options (serve_options.FIELDS are applied). A seed: one torch
+# generator draws for every batch in turn, so a request's own seed could not hold in a batch
+# shared with others (nor its answer stay the same when the others change)
+_OPTION_FIELDS = {"seed": "--seed"}
 
 
 def warn_about_option_fields(requests: List[Request]) -> None:
-    """One warning naming the request fields that look like generation options: they are not
+    """One warning naming the request fields that look like generation options and are not
     applied per request (only copied to the results, as every unknown field is)."""
     found = sorted({k for r in requests for k in r.extra if k in _OPTION_FIELDS})
     if found:
@@ -207,16 +217,33 @@ def warn_about_option_fields(requests: List[Request]) -> None:
 _SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 
 
-def warn_about_sampling_options(args: argparse.Namespace) -> None:
+def warn_about_sampling_options(args: argparse.Namespace, requests: List[Request], path: str) -> None:
     """One warning naming the sampling options set away from their defaults without
-    ``--do-sample``: the answers are greedy (or beam search) and do not use them."""
-    if args.do_sample:
+    ``--do-sample`` when no request samples (``"do_sample": true``): the answers are greedy (or
+    beam search) and do not use them; one naming the requests whose sampling fields go unused
+    for the same reason."""
+    _warn_about_sampling_fields(args, requests, path)
+    if args.do_sample or any(r.options.get("do_sample") for r in requests):
         return
     given = [f"--{k.replace('_', '-')}" for k, default in _SAMPLING_DEFAULTS.items() if getattr(args, k) != default]
     if given:
         warn(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} with --do-sample only: "
              f"without it decoding is greedy{' (beam search)' if args.num_beams > 1 else ''} and "
              f"{'they are' if len(given) > 1 else 'it is'} not used")
+
+
+def _warn_about_sampling_fields(args: argparse.Namespace, requests: List[Request], path: str) -> None:
+    unused = [(r, serve_options.unused_sampling_fields(r.options, args)) for r in requests]
+    unused = [(r, names) for r, names in unused if names]
+    if not unused:
+        return
+    names = sorted({n for _, found in unused for n in found})
+    lines = ", ".join(f"{path}:{r.line}" for r, _ in unused[:_MAX_LISTED])
+    more = f" and {len(unused) - _MAX_LISTED} more" if len(unused) > _MAX_LISTED else ""
+    warn(f"request field{'s' if len(names) > 1 else ''} {', '.join(names)} "
+         f"{'apply' if len(names) > 1 else 'applies'} with do_sample only: not used by {lines}{more}, "
+         f"which decode{'s' if len(unused) == 1 else ''} without sampling (do_sample false: the request's "
+         "field, else the command's --do-sample)")
 
 
 def warn_about_adapter_bases(sources: List[Source], model_dir: Optional[str]) -> None:

@@ -218,11 +218,15 @@ def test_bad_decoding_values_are_usage_errors(tmp_path, capsys, monkeypatch, opt
     assert not (tmp_path / "o.jsonl").exists()
 
 
-def test_request_fields_named_like_the_new_options_are_named_in_a_warning(tmp_path, capsys):
+def test_request_fields_of_the_new_options_are_applied_not_warned_of(tmp_path, capsys):
+    """"top_k" and "stop" in a request apply to it (tests/test_serve_request_options.py): no
+    "not applied" warning names them; top_k without sampling is named as unused."""
     f = _write(tmp_path / "req.jsonl", ['{"prompt": "a", "top_k": 3, "stop": ["x"]}'])
     assert main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--max-new-tokens", "2", "--no-progress"]) == 0
-    assert "request fields stop, top_k: not applied per request (the command's --stop, --top-k apply" \
-        in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not applied per request" not in err
+    assert f"warning: request field top_k applies with do_sample only: not used by {f}:1, which decodes " \
+           "without sampling" in err
 
 
 def test_a_stop_text_that_is_not_utf8_is_a_usage_error(tmp_path, capsys):
