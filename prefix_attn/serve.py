@@ -98,7 +98,7 @@ import os
 import signal
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -135,7 +135,7 @@ def _check_device(name: str) -> torch.device:
 
 # -- model, bank and tokens ------------------------------------------------------------------
 
-def _load_model(model_dir: Optional[str], device: torch.device, dtype: torch.dtype):
+def _load_model(model_dir: Optional[str], device: torch.device, dtype: torch.dtype, command: str = "generate"):
     from prefix_attn import hf
 
     hf.register()
@@ -152,8 +152,8 @@ def _load_model(model_dir: Optional[str], device: torch.device, dtype: torch.dty
     dropped = _drop_model_decoding(model)
     if dropped:
         settings = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(dropped.items()))
-        print(f"prefix-attn generate: note: {model_dir}'s generation_config.json sets {settings}: not "
-              "applied (generate's options, at their defaults unless given, decide how tokens are "
+        print(f"prefix-attn {command}: note: {model_dir}'s generation_config.json sets {settings}: not "
+              f"applied ({command}'s options, at their defaults unless given, decide how tokens are "
               "picked)", file=sys.stderr)
     return model, tiny.load_tokenizer(model_dir)
 
@@ -219,14 +219,17 @@ class _Job:
 
 
 def _plan(requests: List[Request], tokenizer, bank, prompt_ids: Dict[str, List[int]], path: str,
-          chat=None) -> List[_Job]:
+          chat=None, heads: Optional[Dict[str, Optional[str]]] = None) -> List[_Job]:
     """Tokenise every request. No request runs on zero tokens (the first new token would be
     predicted from a pad): an empty prompt after a ``--prompt-prefix`` continues the prompt's
     text, exactly: it runs as the prompt's last token after an entry holding the KV of the
     other tokens (the first P-1 positions of the prompt's KV). Anything else with no tokens
-    is refused, all such lines in one error. With ``chat``, the ids come from its template."""
+    is refused, all such lines in one error. With ``chat``, the ids come from its template.
+    ``heads``: the entries made for such prompts so far (prompt prefix -> its head entry), kept
+    across calls by a caller planning request after request (each prompt's head is made once)."""
     chat_ids = chat.request_ids(requests, bank, path) if chat else None
-    jobs, bad, heads, unknown = [], [], {}, []
+    jobs, bad, unknown = [], [], []
+    heads = {} if heads is None else heads
     vocab_size = bank.model.get_input_embeddings().num_embeddings
     for r in requests:
         after_prompt = r.prefix is not None and bank.kind(r.prefix) == "prompt"
@@ -500,9 +503,64 @@ def _run(args: argparse.Namespace, signals: StopSignals) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace, device: torch.device, sources: List[Source],
-              requests: List[Request], out: _Output, signals: StopSignals) -> None:
-    model, tokenizer = _load_model(args.model, device, _DTYPES[args.dtype])
+@dataclass
+class Served:
+    """What answers requests, loaded once: the model, its tokenizer, the bank of every prefix
+    source, the ids of each ``--prompt-prefix`` (``prompt_ids``), the chat template (None
+    without ``--chat``), the stop ids and the pad id. ``prefix-attn generate`` answers a file
+    with it, ``prefix-attn serve`` (:mod:`prefix_attn.serve_http`) request after request."""
+
+    model: object
+    tokenizer: object
+    bank: object
+    prompt_ids: Dict[str, List[int]]
+    chat: object
+    device: torch.device
+    stop: List[int]
+    pad_id: Optional[int]
+    heads: Dict[str, Optional[str]] = field(default_factory=dict)  # _plan's, kept across calls
+
+    def plan(self, requests: List[Request], path: str) -> List[_Job]:
+        """The jobs of ``requests`` (:func:`_plan`; ``path`` names them in errors)."""
+        return _plan(requests, self.tokenizer, self.bank, self.prompt_ids, path, self.chat, self.heads)
+
+    def check_lengths(self, jobs: List[_Job], decoding: List[serve_options.Decoding], path: str) -> None:
+        _check_lengths(jobs, self.model, self.bank, decoding, path)
+
+    def generate(self, jobs: List[_Job], settings: serve_options.Decoding, criteria=()) -> List[List[int]]:
+        """The new token ids of each job, decoded alike by ``settings`` in one model.generate
+        call (left padded; each row ends at its first stop text too); ``criteria``: more
+        stopping criteria (transformers' ``StoppingCriteria``)."""
+        from transformers import StoppingCriteriaList
+
+        from . import serve_stop  # imports transformers
+
+        ids, mask = tiny.left_pad([job.ids for job in jobs], self.pad_id)
+        stopping = list(criteria)
+        if settings.stop:  # each row ends at its first stop text: the batch once every row has
+            stopping.append(serve_stop.StopTexts(self.tokenizer, settings.stop, ids.shape[1], self.stop, self.pad_id))
+        gen_kwargs = dict(pad_token_id=self.pad_id, eos_token_id=self.stop or None,
+                          max_new_tokens=settings.max_new_tokens, **settings.generate_kwargs())
+        if stopping:
+            gen_kwargs["stopping_criteria"] = StoppingCriteriaList(stopping)
+        with torch.no_grad():
+            gen = self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device),
+                                      prefixes=[job.prefix for job in jobs], **gen_kwargs)
+        return gen[:, ids.shape[1]:].tolist()
+
+    def finish(self, new: List[int], settings: serve_options.Decoding):
+        """``(completion, num_tokens, finish_reason)`` of a row's new ids
+        (:func:`prefix_attn.serve_stop.finish`)."""
+        from .serve_stop import finish
+
+        return finish(self.tokenizer, new, self.stop, self.pad_id, settings.stop)
+
+
+def load(args: argparse.Namespace, device: torch.device, sources: List[Source], command: str = "generate") -> Served:
+    """The model of ``args.model`` on ``device`` in ``args.dtype``, its bank of ``sources``
+    (``--bank``, ``--adapter``, ``--prompt-prefix``) and, with ``args.chat``, its chat template;
+    the bank's warnings said as ``command``'s own."""
+    model, tokenizer = _load_model(args.model, device, _DTYPES[args.dtype], command=command)
     with warnings.catch_warnings(record=True) as caught:  # shown as the command's own warnings
         warnings.simplefilter("always", UserWarning)
         chat = (chat_template.ChatTemplate(tokenizer, args.model, options=dict(args.chat_option))
@@ -515,20 +573,19 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
             continue
         hint = (" (here: give them as --prompt-prefix NAME=TEXT)"
                 if "recompute them here with add_prompt" in str(w.message) else "")
-        warn(f"{w.message}{hint}")
-    jobs = _plan(requests, tokenizer, bank, prompt_ids, args.input, chat)
-    decoding = [serve_options.Decoding.of(args, job.request.options) for job in jobs]  # jobs[i]'s
-    _check_lengths(jobs, model, bank, decoding, args.input)
-    torch.manual_seed(args.seed)  # after loading: building the default model seeds torch itself
-
-    from transformers import StoppingCriteriaList
-
-    from . import serve_stop  # imports transformers
-
+        warn(f"{w.message}{hint}", command)
     stop = _stop_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop or [None])[0]
-    eos_id = stop or None
-    tokens = dict(pad_token_id=pad_id, eos_token_id=eos_id)
+    return Served(model, tokenizer, bank, prompt_ids, chat, device, stop, pad_id)
+
+
+def _generate(args: argparse.Namespace, device: torch.device, sources: List[Source],
+              requests: List[Request], out: _Output, signals: StopSignals) -> None:
+    served = load(args, device, sources)
+    jobs = served.plan(requests, args.input)
+    decoding = [serve_options.Decoding.of(args, job.request.options) for job in jobs]  # jobs[i]'s
+    served.check_lengths(jobs, decoding, args.input)
+    torch.manual_seed(args.seed)  # after loading: building the default model seeds torch itself
 
     running: List[int] = []  # the batch answer runs now: the request alone when it runs out of memory
 
@@ -538,16 +595,8 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
         signals.raise_if_received()
         running[:] = batch
         settings = decoding[batch[0]]  # the batch's requests decode alike (serve_batching.by_setting)
-        ids, mask = tiny.left_pad([jobs[i].ids for i in batch], pad_id)
-        gen_kwargs = dict(tokens, max_new_tokens=settings.max_new_tokens, **settings.generate_kwargs())
-        if settings.stop:  # each row ends at its first stop text: the batch once every row has
-            gen_kwargs["stopping_criteria"] = StoppingCriteriaList(
-                [serve_stop.StopTexts(tokenizer, settings.stop, ids.shape[1], stop, pad_id)])
-        with torch.no_grad():
-            gen = model.generate(ids.to(device), attention_mask=mask.to(device),
-                                 prefixes=[jobs[i].prefix for i in batch], **gen_kwargs)
-        for i, new in zip(batch, gen[:, ids.shape[1]:].tolist()):
-            out.put(i, _result(jobs[i].request, new, tokenizer, stop, pad_id, settings.stop))
+        for i, new in zip(batch, served.generate([jobs[i] for i in batch], settings)):
+            out.put(i, _result(jobs[i].request, served.finish(new, settings)))
         bar.update(len(batch))
 
     def say(message: str) -> None:  # under the progress bar
@@ -559,7 +608,7 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
                                                args.batch_size):
             serve_batching.in_halves_on_oom(answer, batch, device, say)
     except serve_batching.OutOfMemoryError as exc:  # only a request alone raises it
-        raise OutOfMemory(_out_of_memory(jobs[running[0]], decoding[running[0]], bank, args, exc)) from None
+        raise OutOfMemory(_out_of_memory(jobs[running[0]], decoding[running[0]], served.bank, args, exc)) from None
     finally:
         bar.close()
 
@@ -589,10 +638,8 @@ def _stop_ids(model, tokenizer) -> List[int]:
     return list(dict.fromkeys(int(i) for i in ids))
 
 
-def _result(r: Request, new: List[int], tokenizer, stop: List[int], pad_id, stop_texts: Sequence[str]) -> dict:
-    from .serve_stop import finish
-
-    completion, count, reason = finish(tokenizer, new, stop, pad_id, stop_texts)
+def _result(r: Request, answer) -> dict:
+    completion, count, reason = answer  # Served.finish's
     result = {"id": r.id, "prefix": r.prefix,
               **({"prompt": r.prompt} if r.messages is None else {"messages": r.messages}),
               "completion": completion, "num_tokens": count, "finish_reason": reason}

@@ -60,6 +60,17 @@ def read_requests(path: str) -> List[Request]:
     return requests
 
 
+def request_of(obj, where: str, number: int) -> Request:
+    """One request object (``prefix-attn serve``'s body, as a line of the request file reads):
+    ``number`` is its ``line``. Raises RequestError naming ``where``, every bad decoding field
+    in one."""
+    request = _parse_request(obj, where, number)
+    request.options, problems = serve_options.parse_fields(obj, where)
+    if problems:
+        raise refusal(f"{len(problems)} bad decoding field(s):", problems)
+    return request
+
+
 def _parse_request(obj, where: str, lineno: int) -> Request:
     if not isinstance(obj, dict):
         raise RequestError(f"{where}: expected a JSON object, got {jsonl.json_type(obj)}"
@@ -125,8 +136,8 @@ def _name_value(spec: str, option: str) -> tuple[str, str]:
     return name, value
 
 
-def warn(message: str) -> None:
-    print(f"prefix-attn generate: warning: {message}", file=sys.stderr)
+def warn(message: str, command: str = "generate") -> None:
+    print(f"prefix-attn {command}: warning: {message}", file=sys.stderr)
 
 
 @dataclass
@@ -217,11 +228,12 @@ def warn_about_option_fields(requests: List[Request]) -> None:
 _SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 
 
-def warn_about_sampling_options(args: argparse.Namespace, requests: List[Request], path: str) -> None:
+def warn_about_sampling_options(args: argparse.Namespace, requests: List[Request], path: str,
+                                command: str = "generate") -> None:
     """One warning naming the sampling options set away from their defaults without
     ``--do-sample`` when no request samples (``"do_sample": true``): the answers are greedy (or
     beam search) and do not use them; one naming the requests whose sampling fields go unused
-    for the same reason."""
+    for the same reason. ``command``: the command saying it."""
     _warn_about_sampling_fields(args, requests, path)
     if args.do_sample or any(r.options.get("do_sample") for r in requests):
         return
@@ -229,7 +241,7 @@ def warn_about_sampling_options(args: argparse.Namespace, requests: List[Request
     if given:
         warn(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} with --do-sample only: "
              f"without it decoding is greedy{' (beam search)' if args.num_beams > 1 else ''} and "
-             f"{'they are' if len(given) > 1 else 'it is'} not used")
+             f"{'they are' if len(given) > 1 else 'it is'} not used", command)
 
 
 def _warn_about_sampling_fields(args: argparse.Namespace, requests: List[Request], path: str) -> None:
@@ -246,7 +258,7 @@ def _warn_about_sampling_fields(args: argparse.Namespace, requests: List[Request
          "field, else the command's --do-sample)")
 
 
-def warn_about_adapter_bases(sources: List[Source], model_dir: Optional[str]) -> None:
+def warn_about_adapter_bases(sources: List[Source], model_dir: Optional[str], command: str = "generate") -> None:
     """Warn where an adapter was trained on a local model folder other than the one served."""
     for s in sources:
         base = _adapter_base(s.value) if s.option == "--adapter" else None
@@ -254,6 +266,6 @@ def warn_about_adapter_bases(sources: List[Source], model_dir: Optional[str]) ->
             continue
         if model_dir is None:
             warn(f"adapter {s.name} was trained on {base}; pass --model {base} "
-                  "(without --model the built-in tiny model is used)")
+                 "(without --model the built-in tiny model is used)", command)
         elif not (os.path.isdir(model_dir) and os.path.samefile(model_dir, base)):
-            warn(f"adapter {s.name} was trained on {base}, not on --model {model_dir}")
+            warn(f"adapter {s.name} was trained on {base}, not on --model {model_dir}", command)
