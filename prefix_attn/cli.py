@@ -1,4 +1,4 @@
-"""The `prefix-attn` command: check, demo, train, generate."""
+"""The `prefix-attn` command: check, demo, train, generate, serve."""
 from __future__ import annotations
 
 import argparse

@@ -184,8 +184,8 @@ def prefix_name(text: str) -> str:
     return text
 
 
-def generate_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of ``prefix-attn generate`` (:mod:`prefix_attn.serve`)."""
+def _prefix_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, its prefix sources and the chat template: generate's and serve's."""
     p.add_argument("--model", default=None, metavar="DIR",
                    help="local HF model folder (default: the built-in tiny model, random weights)")
     p.add_argument("--bank", default=None, metavar="DIR",
@@ -200,11 +200,11 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-option", action="append", default=[], type=cli_args.chat_option, metavar="KEY=VALUE",
                    help="a variable of the chat template, with --chat (e.g. enable_thinking=false; the value "
                         "read as JSON, else as text; repeatable)")
-    p.add_argument("--input", "-i", required=True, metavar="FILE", help="JSONL requests file ('-' = stdin)")
-    p.add_argument("--output", "-o", required=True, metavar="FILE",
-                   help="JSONL results file ('-' = stdout); written whole at the end, folders created")
-    p.add_argument("--batch-size", type=cli_args.int_at_least(1), default=8, metavar="N",
-                   help="requests per model.generate call")
+
+
+def _decoding_arguments(p: argparse.ArgumentParser) -> None:
+    """How tokens are picked, the seed, the device and the dtype: generate's and serve's (a
+    request's fields of the same names override them, :mod:`prefix_attn.serve_options`)."""
     p.add_argument("--max-new-tokens", type=DECODING_TYPES["max_new_tokens"], default=32, metavar="N",
                    help="tokens generated per request at most")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -229,7 +229,33 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=cli_args.seed, default=0, help="torch seed (sampling), -2**63 to 2**63 - 1")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=sorted(GENERATE_DTYPES), default="float32", help="model and prefix dtype")
+
+
+def generate_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``prefix-attn generate`` (:mod:`prefix_attn.serve`)."""
+    _prefix_arguments(p)
+    p.add_argument("--input", "-i", required=True, metavar="FILE", help="JSONL requests file ('-' = stdin)")
+    p.add_argument("--output", "-o", required=True, metavar="FILE",
+                   help="JSONL results file ('-' = stdout); written whole at the end, folders created")
+    p.add_argument("--batch-size", type=cli_args.int_at_least(1), default=8, metavar="N",
+                   help="requests per model.generate call")
+    _decoding_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``prefix-attn serve`` (:mod:`prefix_attn.serve_http`)."""
+    _prefix_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=cli_args.int_at_least(0, 65535), default=8000,
+                   help="port to listen on (0: any free port, said on stderr)")
+    p.add_argument("--batch-size", type=cli_args.int_at_least(1), default=8, metavar="N",
+                   help="requests per model.generate call at most")
+    p.add_argument("--batch-wait-ms", type=cli_args.float_where(lambda v: 0 <= v <= 60000, "in [0, 60000]"),
+                   default=5.0, metavar="MS",
+                   help="after a request comes, wait this long for others to batch with it")
+    _decoding_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no line on stderr per request")
 
 
 # name -> (module running it, one-line help, its arguments)
@@ -240,6 +266,8 @@ COMMANDS = {
     "train": ("prefix_attn.train", "prefix-tune a model on a text/JSONL file", train_arguments),
     "generate": ("prefix_attn.serve", "answer a JSONL file of requests with per-row prefixes",
                  generate_arguments),
+    "serve": ("prefix_attn.serve_http", "an OpenAI-compatible HTTP server, a prefix per request",
+              serve_arguments),
 }
 
 

@@ -44,7 +44,9 @@ def _command(tmp_path, *argv):
     (["train", "data.jsonl"], 2, "the following arguments are required: --output/-o"),
     (["generate", "-i", "r.jsonl", "-o", "a.jsonl", "--top-p", "2"], 2, "argument --top-p: must be in (0, 1]"),
     (["demo", "--seed", "x"], 2, "argument --seed: expected an integer, got 'x'"),
-    (["serve"], 2, "invalid choice: 'serve'"),
+    (["serve", "--help"], 0, "POST /v1/chat/completions"),
+    (["serve", "--port", "70000"], 2, "prefix-attn serve: error: argument --port: must be at most 65535"),
+    (["serv"], 2, "invalid choice: 'serv'"),
     ([], 2, "usage: prefix-attn"),
 ])
 def test_help_and_usage_errors_import_no_heavy_module(tmp_path, argv, status, words):

@@ -46,7 +46,8 @@ def run(name: str, namespace: dict, folder) -> dict:
 
 
 def test_every_snippet_has_a_test():
-    assert set(snippets()) == {"kernel-api", "training", "trainer", "flattening", "serving", "chat-serving"}
+    assert set(snippets()) == {"kernel-api", "training", "trainer", "flattening", "serving", "chat-serving",
+                              "http-client"}
 
 
 def test_kernel_api_snippet(tmp_path):
@@ -232,3 +233,33 @@ def test_layout_names_every_module_of_the_package():
     row = next(line for line in readme.splitlines() if line.startswith("| `prefix_attn/` |"))
     modules = {os.path.basename(p) for p in glob.glob(os.path.join(root, "prefix_attn", "**", "*.py"), recursive=True)}
     assert sorted(m for m in modules - {"__init__.py", "__main__.py"} if f"`{m}`" not in row) == []
+
+
+def test_http_client_snippet(tmp_path, monkeypatch, capsys):
+    """The OpenAI-client snippet against `prefix-attn serve` (the openai package is not a
+    dependency: a stand-in with the calls the snippet makes posts its keywords as they are)."""
+    import json
+    import sys
+    import types
+    import urllib.request
+
+    from test_server import generated, save_adapter, started
+
+    adapter = save_adapter(tmp_path / "adapter")
+    with started("--adapter", f"support={adapter}") as server:
+        host, port = server.address
+
+        def create(**body):
+            req = urllib.request.Request(f"http://{host}:{port}/v1/completions", data=json.dumps(body).encode())
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return json.loads(r.read(), object_hook=lambda d: types.SimpleNamespace(**d))
+
+        def client(base_url, api_key):
+            assert base_url == "http://localhost:8000/v1"
+            return types.SimpleNamespace(completions=types.SimpleNamespace(create=create))
+        monkeypatch.setitem(sys.modules, "openai", types.SimpleNamespace(OpenAI=client))
+        ns = run("http-client", {}, tmp_path)
+    [want] = generated(tmp_path, [{"prefix": "support", "prompt": "How do I reset my password?",
+                                   "max_tokens": 64}], "--adapter", f"support={adapter}")
+    assert (ns["out"].choices[0].text, ns["out"].usage.completion_tokens) == (want["completion"], want["num_tokens"])
+    assert capsys.readouterr().out == f"{want['completion']} {want['finish_reason']} {want['num_tokens']}\n"

@@ -1,0 +1,515 @@
+"""prefix-attn serve: an OpenAI-compatible HTTP server, each request with its own prefix.
+
+    prefix-attn serve --adapter support=out/adapter --prompt-prefix terse='Answer briefly.'
+    curl -s localhost:8000/v1/completions -d '{"model": "support", "prompt": "How do I ...?", "max_tokens": 32}'
+
+Endpoints (JSON in and out; Python's standard library only: http.server):
+
+  POST /v1/completions       {"prompt": "...", "model": NAME, "max_tokens": 32, "stop": [...], ...}
+                             -> {"id", "object": "text_completion", "created", "model",
+                                 "choices": [{"index": 0, "text", "finish_reason", "logprobs": null}],
+                                 "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
+                             (without --chat; with it, use the next one)
+  POST /v1/chat/completions  with --chat: {"messages": [...], "tools": [...], "model": NAME, ...}
+                             -> {"object": "chat.completion", "choices": [{"index": 0, "message":
+                                 {"role": "assistant", "content"}, "finish_reason"}], ...}
+  GET  /v1/models            the base model and every prefix, as vLLM lists LoRA adapters
+  GET  /health               {"status": "ok"}
+
+A request's "model" names the prefix to use, as vLLM's names a LoRA adapter: a prefix name, or the
+base model's id (the --model folder as given, or "prefix-attn-tiny") or none for no prefix; a
+"prefix" field may name it instead (both: the same name). A request is what a line of `prefix-attn
+generate`'s request file is, checked by the same code: "prompt" (one string), or "messages" and
+"tools" with --chat, and the decoding fields "max_tokens" (or "max_completion_tokens",
+"max_new_tokens"), "stop", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+"num_beams", "do_sample", each overriding the option of the same name for that request. As
+generate, greedy unless do_sample (the request's, else --do-sample): an OpenAI client's
+"temperature" alone does not sample. The answer is generate's for that request: the same text,
+finish_reason ("stop": a stop id or a stop text; "length": max_tokens reached) and token count
+("usage": prompt_tokens counts the tokens run after the prefix, completion_tokens generate's
+"num_tokens"). Other fields are ignored, except those asking for what is not served, refused
+with 400: "stream": true (no streaming), "n" or "best_of" above 1, "logprobs", "top_logprobs",
+"echo", "suffix", "logit_bias", nonzero "presence_penalty" / "frequency_penalty", "seed" (one
+--seed draws for every batch in turn), a "tool_choice" other than "auto" or "none", a
+"response_format" other than text. A chat answer is the generated text as "content": tool calls
+in it are not parsed into "tool_calls".
+
+Batching (static): one worker thread owns the model. Requests that come within --batch-wait-ms of
+the first one waiting (up to --batch-size of them) are gathered; those decoded alike (equal
+settings, as generate groups them) share a model.generate call, by prompt length; the others
+wait for the batch to end. A batch that runs out of device memory is retried in halves; a
+request that still does alone is answered 503 and the server goes on.
+
+Errors are OpenAI's JSON, {"error": {"message", "type", "param", "code"}}: 400 for a body that
+is not a JSON object, a bad field (the message generate gives for it) or a prompt too long for
+the model's positions (code "context_length_exceeded"); 404 for an unknown prefix ("model" or
+"prefix"; code "model_not_found") or path; 405 for another method; 411 without Content-Length;
+413 for a body over 32 MiB; 503 for out of memory alone and while stopping; 500 for anything
+else (its traceback on stderr; the server goes on).
+
+Everything is checked and loaded before the server listens (the model, every prefix, --chat's
+template, the address: a port in use is an error before the model loads); then one line on
+stderr says where it listens, and one line per request gives its method, path, status,
+completion tokens and milliseconds (none with --quiet). Ctrl-C or SIGTERM stops it: a request in
+flight or waiting is answered 503, and the command ends with exit status 130 / 143.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from transformers import StoppingCriteria
+
+from . import chat as chat_template, cli_args, cli_parsers, serve, serve_batching, serve_options
+from .backends import check_env_backend
+from .serve_inputs import (Request, RequestError, prefix_sources, request_of, warn_about_adapter_bases,
+                           warn_about_sampling_options)
+from .train_state import Interrupted, StopSignals
+
+__all__ = ["main", "add_parser", "Server"]
+
+TINY_ID = "prefix-attn-tiny"  # the built-in model's id (no --model)
+MAX_BODY = 32 * 2 ** 20
+_SERVER_LOG = "prefix-attn serve"
+
+# request fields asking for what is not served -> the values that ask for nothing (refused otherwise)
+_UNSUPPORTED = {
+    "stream": (None, False), "n": (None, 1), "best_of": (None, 1), "logprobs": (None, False),
+    "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None,), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "seed": (None,),
+    "tool_choice": (None, "auto", "none"), "response_format": (None, {"type": "text"}),
+}
+_WHY = {"stream": "streaming is not supported: leave 'stream' out or false",
+        "seed": "'seed' is not applied per request: the server's --seed draws for every batch in turn"}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``serve`` subcommand to an ``argparse`` subparsers object."""
+    return cli_parsers.add_parser(subparsers, "serve", run)
+
+
+class HTTPError(Exception):
+    """An answer other than 200: its status and OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status = status
+        self.error = {"message": message, "type": type, "param": param, "code": code}
+
+
+def _stopping() -> HTTPError:
+    return HTTPError(503, "the server is stopping", type="server_error", code="stopping")
+
+
+def _one_line(exc: Exception) -> str:
+    """A RequestError's lines (a headline, then one per problem) as one line."""
+    return " ".join(line.strip() for line in str(exc).splitlines())
+
+
+class _Stopping(StoppingCriteria):
+    """A stopping criterion: every row is done once ``event`` is set,
+    so a batch in flight ends when the server stops."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _Pending:
+    """A request waiting for the worker: answered once, by ``resolve``."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.job = None  # serve._Job, once planned
+        self.settings: Optional[serve_options.Decoding] = None
+        self.answer: Optional[Tuple[str, int, str]] = None
+        self.error: Optional[HTTPError] = None
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+
+    def resolve(self, answer=None, error: Optional[HTTPError] = None) -> None:
+        with self._lock:
+            if not self.done.is_set():
+                self.answer, self.error = answer, error
+                self.done.set()
+
+
+class Server:
+    """``prefix-attn serve``: everything checked and loaded, the address bound (not listening
+    yet). :meth:`serve_forever` listens and answers until :meth:`shutdown` (from another
+    thread) or a signal; :meth:`close` (always call it) answers what is left with 503."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.log = args, not args.quiet
+        device = serve._check_device(args.device)
+        check_env_backend(device.type, "generation")
+        sources = prefix_sources(args)
+        problem = chat_template.options_need_chat(args.chat_option, args.chat)
+        if problem is not None:
+            raise RequestError(problem)
+        if args.chat:
+            chat_template.check_template(args.model)
+        self.model_id = args.model if args.model is not None else TINY_ID
+        self.sources = {s.name: s for s in sources}
+        if self.model_id in self.sources:
+            raise RequestError(f"prefix name {self.model_id!r} is the base model's id, which means no prefix; "
+                               "give the prefix another name")
+        warn_about_sampling_options(args, [], "", command="serve")
+        warn_about_adapter_bases(sources, args.model, command="serve")
+        self.httpd = _HTTPServer((args.host, args.port), _Handler, bind_and_activate=False)
+        try:
+            self.httpd.server_bind()  # a port in use: said before the model loads
+        except OSError as exc:
+            self.httpd.server_close()
+            raise RequestError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+        self.httpd.app = self
+        try:
+            self.served = serve.load(args, device, sources, command="serve")
+            torch.manual_seed(args.seed)  # after loading: building the default model seeds torch itself
+            self.httpd.server_activate()
+        except BaseException:
+            self.httpd.server_close()
+            raise
+        self.created = int(time.time())
+        self.stopping = threading.Event()
+        self._queue: "queue.Queue[_Pending]" = queue.Queue()
+        self._inflight: List[_Pending] = []
+        self._count = 0
+        self._count_lock = threading.Lock()
+        self._submit = threading.Lock()  # queueing a request, or stopping
+        self._closed = False
+        self._worker = threading.Thread(target=self._work, name="prefix-attn serve worker", daemon=True)
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        return self.httpd.server_address[:2]
+
+    def serve_forever(self) -> None:
+        self._worker.start()
+        self.httpd.serve_forever(poll_interval=0.1)
+
+    def shutdown(self) -> int:
+        """From another thread than :meth:`serve_forever`'s: stop listening, then :meth:`close`."""
+        self.httpd.shutdown()
+        return self.close()
+
+    def close(self) -> int:
+        """Stop: requests in flight or waiting are answered 503 (a batch in flight ends at its
+        next token); returns how many were. Later calls do nothing."""
+        if self._closed:
+            return 0
+        self._closed = True
+        with self._submit:  # no request is queued from now on
+            self.stopping.set()
+        waiting = [p for p in self._inflight + list(self._queue.queue) if not p.done.is_set()]
+        if self._worker.is_alive():
+            self._worker.join(timeout=60)
+        for p in waiting + self._drain():
+            p.resolve(error=_stopping())
+        self.httpd.server_close()  # waits for the handlers, which answer now
+        return len(waiting)
+
+    def _drain(self) -> List[_Pending]:
+        drained = []
+        while True:
+            try:
+                drained.append(self._queue.get_nowait())
+            except queue.Empty:
+                return drained
+
+    def say(self, message: str) -> None:
+        print(f"{_SERVER_LOG}: {message}", file=sys.stderr, flush=True)
+
+    # -- requests (handler threads) --------------------------------------------------------
+
+    def models(self) -> dict:
+        """``GET /v1/models``: the base model, then every prefix with the base as its parent."""
+        base = {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "prefix-attn",
+                "root": self.model_id, "parent": None}
+        prefixes = [{"id": name, "object": "model", "created": self.created, "owned_by": "prefix-attn",
+                     "root": s.value if s.option != "--prompt-prefix" else name, "parent": self.model_id,
+                     "source": s.option.lstrip("-")}
+                    for name, s in self.sources.items()]
+        return {"object": "list", "data": [base] + prefixes}
+
+    def complete(self, obj: Any, chat: bool) -> Tuple[dict, int]:
+        """The answer to a completion (``chat``: a chat completion) request body ``obj``, and
+        its completion tokens; raises HTTPError."""
+        request = self._request(obj, chat)
+        pending = _Pending(request)
+        with self._submit:
+            if self.stopping.is_set():
+                raise _stopping()
+            self._queue.put(pending)
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        text, count, reason = pending.answer
+        name = request.prefix if request.prefix is not None else self.model_id
+        usage = {"prompt_tokens": len(pending.job.ids), "completion_tokens": count,
+                 "total_tokens": len(pending.job.ids) + count}
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                   "finish_reason": reason} if chat else
+                  {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
+        kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
+        return ({"id": f"{kind[0]}-{uuid.uuid4().hex}", "object": kind[1], "created": int(time.time()),
+                 "model": name, "choices": [choice], "usage": usage}, count)
+
+    def _request(self, obj: Any, chat: bool) -> Request:
+        """A request body checked as a line of generate's request file is (and more)."""
+        if not isinstance(obj, dict):
+            raise HTTPError(400, f"the body must be a JSON object, got {type(obj).__name__}")
+        if chat and not self.args.chat:
+            raise HTTPError(400, "/v1/chat/completions needs the server started with --chat "
+                                 "(the tokenizer's chat template): use /v1/completions")
+        if not chat and self.args.chat:
+            raise HTTPError(400, "this server runs with --chat (its prompt prefixes are system messages): "
+                                 "use /v1/chat/completions")
+        need, other = ("messages", "prompt") if chat else ("prompt", "messages")
+        if need not in obj:
+            raise HTTPError(400, f"missing '{need}'", param=need)
+        if other in obj:
+            raise HTTPError(400, f"'{other}' is not a field of this endpoint: give '{need}'", param=other)
+        for name, fine in _UNSUPPORTED.items():
+            if name in obj and obj[name] not in fine:
+                why = _WHY.get(name, f"{name}={json.dumps(obj[name])} is not supported")
+                raise HTTPError(400, why, param=name, code="unsupported")
+        fields = {k: v for k, v in obj.items() if k not in ("model", "id")}
+        fields["prefix"] = self._prefix(obj)
+        with self._count_lock:
+            self._count += 1
+            number = self._count
+        try:
+            return request_of(fields, "request", number)
+        except RequestError as exc:
+            raise HTTPError(400, _one_line(exc)) from None
+
+    def _prefix(self, obj: dict) -> Optional[str]:
+        """The prefix a request names by "model" (the base model's id: none) or "prefix"."""
+        named = {}
+        for key in ("model", "prefix"):
+            value = obj.get(key)
+            if value is not None and not isinstance(value, str):
+                raise HTTPError(400, f"'{key}' must be a string, got {type(value).__name__}", param=key)
+            if value not in (None, "") and not (key == "model" and value == self.model_id):
+                named[key] = value
+        for key, name in named.items():
+            if name not in self.sources:
+                from prefix_attn.bank import did_you_mean
+
+                known = ", ".join([self.model_id] + list(self.sources))
+                raise HTTPError(404, f"The model {name!r} does not exist{did_you_mean(name, list(self.sources))}; "
+                                     f"known: {known}", param=key, code="model_not_found")
+        if len(set(named.values())) > 1:
+            raise HTTPError(400, f"'model' {named['model']!r} and 'prefix' {named['prefix']!r} name different "
+                                 "prefixes: give one", param="prefix")
+        return next(iter(named.values()), None)
+
+    # -- the worker thread: the model's only user ------------------------------------------
+
+    def _work(self) -> None:
+        wait = self.args.batch_wait_ms / 1000
+        while not self.stopping.is_set():
+            try:
+                gathered = [self._queue.get(timeout=0.1)]
+            except queue.Empty:
+                continue
+            deadline = time.monotonic() + wait
+            while len(gathered) < self.args.batch_size:
+                try:
+                    gathered.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0)))
+                except queue.Empty:
+                    break
+            self._inflight = gathered
+            try:
+                self._answer(gathered)
+            except Exception as exc:  # a bug: every request still waiting fails, the server goes on
+                self._internal_error(gathered, exc)
+            self._inflight = []
+
+    def _internal_error(self, pending: List[_Pending], exc: BaseException) -> None:
+        self.say("internal error:\n" + "".join(traceback.format_exception(exc)).rstrip())
+        for p in pending:
+            p.resolve(error=HTTPError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+
+    def _answer(self, gathered: List[_Pending]) -> None:
+        ready = [p for p in gathered if self._plan(p)]
+        lengths, keys = [len(p.job.ids) for p in ready], [p.settings.key for p in ready]
+        for batch in serve_batching.by_setting(lengths, keys, self.args.batch_size):
+            try:
+                serve_batching.in_halves_on_oom(lambda part: self._run([ready[i] for i in part]), batch,
+                                                self.served.device, self.say)
+            except Exception as exc:
+                self._internal_error([ready[i] for i in batch], exc)
+
+    def _plan(self, p: _Pending) -> bool:
+        """Tokenise a request and check its length; False (answered 400) when it cannot run."""
+        try:
+            [p.job] = self.served.plan([p.request], "request")
+            p.settings = serve_options.Decoding.of(self.args, p.request.options)
+        except RequestError as exc:
+            p.resolve(error=HTTPError(400, _one_line(exc)))
+            return False
+        try:
+            self.served.check_lengths([p.job], [p.settings], "request")
+        except RequestError as exc:
+            p.resolve(error=HTTPError(400, _one_line(exc), param="prompt", code="context_length_exceeded"))
+            return False
+        return True
+
+    def _run(self, pending: List[_Pending]) -> None:
+        """One model.generate call for ``pending`` (decoded alike). Out of memory: raised for
+        several (in_halves_on_oom splits them), a 503 for one alone."""
+        if not self.stopping.is_set():
+            settings = pending[0].settings
+            try:
+                news = self.served.generate([p.job for p in pending], settings, [_Stopping(self.stopping)])
+            except serve_batching.OutOfMemoryError as exc:
+                if len(pending) > 1:
+                    raise
+                message = serve.tiny._first_line(exc)
+                news = None
+            if news is None:  # out of the handler: the failed call's tensors are gone
+                gc.collect()
+                if self.served.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                pending[0].resolve(error=HTTPError(
+                    503, f"ran out of device memory even alone ({len(pending[0].job.ids)} prompt tokens + "
+                         f"{settings.max_new_tokens} new tokens): {message}; lower max_tokens or shorten the prompt",
+                    type="server_error", code="out_of_memory"))
+                return
+            if not self.stopping.is_set():
+                for p, new in zip(pending, news):
+                    p.resolve(answer=self.served.finish(new, settings))
+                return
+        for p in pending:
+            p.resolve(error=_stopping())
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = False  # server_close waits for the handlers to answer
+    app: Server
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "prefix-attn"
+    timeout = 60  # a client that stops sending its request
+
+    def log_message(self, format, *args) -> None:  # one line per request of our own (Server)
+        pass
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def _handle(self, method: str) -> None:
+        app, start, tokens = self.server.app, time.monotonic(), 0
+        path = self.path.split("?", 1)[0]
+        try:
+            body, tokens = self._route(app, method, path)
+            status = 200
+        except HTTPError as exc:
+            status, body = exc.status, {"error": exc.error}
+        except Exception as exc:  # a bug: logged, answered 500, the server goes on
+            app.say(f"internal error in {method} {path}:\n" + "".join(traceback.format_exception(exc)).rstrip())
+            status = 500
+            body = {"error": {"message": f"internal error: {type(exc).__name__}: {exc}", "type": "server_error",
+                              "param": None, "code": None}}
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:  # the client is gone
+            pass
+        if app.log:
+            app.say(f"{method} {path} {status} {tokens} tokens {1000 * (time.monotonic() - start):.0f} ms")
+
+    def _route(self, app: Server, method: str, path: str) -> Tuple[dict, int]:
+        routes = {"/health": "GET", "/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST"}
+        if path not in routes:
+            raise HTTPError(404, f"no such path {path!r}; paths: {', '.join(routes)}", code="not_found")
+        if method != routes[path]:
+            raise HTTPError(405, f"{path} takes {routes[path]}, not {method}", code="method_not_allowed")
+        if path == "/health":
+            if app.stopping.is_set():
+                raise _stopping()
+            return {"status": "ok"}, 0
+        if path == "/v1/models":
+            return app.models(), 0
+        return app.complete(self._body(), chat=path == "/v1/chat/completions")
+
+    def _body(self) -> Any:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise HTTPError(411, "a JSON body with a Content-Length header is needed")
+        if int(length) > MAX_BODY:
+            raise HTTPError(413, f"the body is {int(length)} bytes, over the {MAX_BODY} this server takes")
+        raw = self.rfile.read(int(length))
+        try:
+            return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise HTTPError(400, f"the body is not JSON: {exc}") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+# -- the command -----------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``serve`` from parsed arguments until a signal; returns the exit code (2 on a user
+    error, 128 + the signal's number after a stop)."""
+    server = None
+    try:
+        with StopSignals():
+            server = Server(args)
+            host, port = server.address
+            names = ", ".join(server.sources) or "none"
+            print(f"{_SERVER_LOG}: listening on http://{host}:{port} (model {server.model_id}; prefixes: "
+                  f"{names}; Ctrl-C stops)", file=sys.stderr, flush=True)
+            server.serve_forever()
+    except (RequestError, KeyError, ValueError, FileNotFoundError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"{_SERVER_LOG}: error: {msg}", file=sys.stderr)
+        return 2
+    except Interrupted as stop:
+        failed = server.close() if server is not None else 0
+        answered = f"; {failed} request(s) in flight answered 503" if failed else ""
+        print(f"{_SERVER_LOG}: stopped: {signal.Signals(stop.signum).name}{answered}", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        if server is not None:
+            server.close()
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``prefix-attn serve`` (``argv`` without the subcommand name)."""
+    parser = argparse.ArgumentParser(prog="prefix-attn serve", description=__doc__,
+                                     formatter_class=cli_args.HelpFormatter)
+    cli_parsers.serve_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
