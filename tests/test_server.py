@@ -242,10 +242,13 @@ def test_shutdown_answers_the_request_in_flight_503():
     with started("--max-new-tokens", "200") as s:
         entered, release, generate = threading.Event(), threading.Event(), s.served.model.generate
 
+        made = []
+
         def slow(input_ids, **kw):
             entered.set()
             release.wait(60)
-            return generate(input_ids, **kw)
+            made.append(generate(input_ids, **kw).shape[1] - input_ids.shape[1])
+            return input_ids
         s.served.model.generate = slow
         got = []
         client = threading.Thread(target=lambda: got.append(call(s, "/v1/completions", {"prompt": "hi"})))
@@ -260,6 +263,7 @@ def test_shutdown_answers_the_request_in_flight_503():
         client.join()
         stopper.join()
         assert got[0][0] == 503 and got[0][1]["error"]["code"] == "stopping" and failed == [1]
+        assert made == [1]  # the batch in flight ended at its next token, not after 200
 
 
 CHATML = ("{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
