@@ -25,7 +25,9 @@ Input: one JSON object per line, UTF-8 (a byte-order mark is accepted; blank lin
             number; one of them), "stop" (a text or an array of texts, as OpenAI's; [] = none),
             "do_sample" (true or false), "temperature", "top_p", "top_k", "min_p",
             "repetition_penalty", "num_beams"; e.g.
-            {"prompt": "...", "max_tokens": 64, "stop": ["###"], "do_sample": true, "temperature": 0.7}
+            {"prompt": "...", "max_tokens": 64, "stop": ["###"], "temperature": 0.7}
+            A "temperature" without "do_sample" decides as OpenAI's does: 0 is greedy decoding,
+            above 0 sampling at it (the command's --temperature does not: --do-sample does).
             They are copied to the result too. "seed" is not applied per request (one --seed
             draws for every batch in turn: a request's own seed could not hold in a batch it
             shares), and gets a warning

@@ -23,8 +23,8 @@ generate`'s request file is, checked by the same code: "prompt" (one string), or
 "tools" with --chat, and the decoding fields "max_tokens" (or "max_completion_tokens",
 "max_new_tokens"), "stop", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
 "num_beams", "do_sample", each overriding the option of the same name for that request. As
-generate, greedy unless do_sample (the request's, else --do-sample): an OpenAI client's
-"temperature" alone does not sample. The answer is generate's for that request: the same text,
+generate, greedy unless do_sample (the request's, else --do-sample), or, as in OpenAI's API, a
+request's "temperature" without "do_sample": 0 greedy, above 0 sampling at it. The answer is generate's for that request: the same text,
 finish_reason ("stop": a stop id or a stop text; "length": max_tokens reached) and token count
 ("usage": prompt_tokens counts the tokens run after the prefix, completion_tokens generate's
 "num_tokens"). Other fields are ignored, except those asking for what is not served, refused

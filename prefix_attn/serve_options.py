@@ -41,11 +41,37 @@ def parse_fields(obj: dict, where: str) -> Tuple[Dict[str, Any], List[str]]:
             problems.append(f"{where}: {named[dest]!r} and {name!r} both give {dest}: give one")
             continue
         named[dest] = name
+        if dest == "temperature" and _is_zero(value):  # OpenAI's greedy decoding
+            continue
         try:
             settings[dest] = _value(dest, value)
         except ValueError as exc:
             problems.append(f"{where}: {name!r}: {exc}")
+    problem = _sampling_by_temperature(obj, settings)
+    if problem is not None:
+        problems.append(f"{where}: {problem}")
     return settings, problems
+
+
+def _is_zero(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
+def _sampling_by_temperature(obj: dict, settings: Dict[str, Any]) -> Optional[str]:
+    """A request's ``"temperature"`` decides whether it samples, as OpenAI's API does, unless
+    it gives ``"do_sample"``: 0 is greedy decoding, above 0 sampling at that temperature. (A
+    command's ``--temperature`` does not: ``--do-sample`` does.) Sets ``settings["do_sample"]``;
+    returns what is wrong with a temperature of 0 with ``"do_sample": true``."""
+    temperature = obj.get("temperature")
+    if temperature is None or "do_sample" in settings:
+        if _is_zero(temperature) and settings.get("do_sample"):
+            return "'temperature' 0 is greedy decoding: it cannot go with 'do_sample': true"
+        return None
+    if _is_zero(temperature):
+        settings["do_sample"] = False
+    elif "temperature" in settings:
+        settings["do_sample"] = True
+    return None
 
 
 def _value(dest: str, value: Any) -> Any:

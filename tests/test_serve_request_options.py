@@ -135,9 +135,9 @@ def _watch_generate(monkeypatch):
 def test_requests_of_equal_settings_share_generate_calls(tmp_path, monkeypatch):
     """One model.generate call per batch of a setting: the groups' batches longest first, each
     holding requests of one setting, cut by length as before; greedy requests whose sampling
-    values differ decode alike and share calls."""
+    values differ decode alike and share calls (a "temperature" of 0 is OpenAI's greedy decoding)."""
     prompts = ["a" * n for n in (3, 9, 5, 7, 2, 8, 4, 6)]  # prompt tokens: one more (start token)
-    fields = [{}, {"max_new_tokens": 3}, {}, {"max_new_tokens": 3, "temperature": 0.5},
+    fields = [{}, {"max_new_tokens": 3}, {}, {"max_new_tokens": 3, "temperature": 0},
               {"stop": "x"}, {}, {"max_tokens": 3}, {"stop": ["x"], "top_k": 3}]
     calls = _watch_generate(monkeypatch)
     _run(tmp_path, "groups", [{"prompt": p, **f} for p, f in zip(prompts, fields)],
@@ -173,7 +173,8 @@ def test_the_length_check_uses_each_request_s_max_new_tokens(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("line, message", [
-    ({"temperature": 0}, "'temperature': must be > 0, got 0"),
+    ({"temperature": -1}, "'temperature': must be > 0, got -1"),
+    ({"temperature": 0, "do_sample": True}, "'temperature' 0 is greedy decoding: it cannot go with 'do_sample': true"),
     ({"top_p": 1.5}, "'top_p': must be in (0, 1], got 1.5"),
     ({"top_k": -1}, "'top_k': must be at least 0, got -1"),
     ({"top_k": 2.5}, "'top_k': expected an integer, got '2.5'"),
@@ -212,7 +213,7 @@ def test_every_bad_field_of_every_line_in_one_error(tmp_path, capsys, monkeypatc
 def test_sampling_fields_and_options_unused_are_named_in_warnings(tmp_path, capsys):
     """A request's sampling fields without sampling are named with its line; the command's
     --top-k is used once a request samples ("do_sample": true): no warning of it then."""
-    rows = [{"prompt": "a", "temperature": 0.5}, {"prompt": "b", "do_sample": True},
+    rows = [{"prompt": "a", "temperature": 0.5, "do_sample": False}, {"prompt": "b", "do_sample": True},
             {"prompt": "c", "do_sample": False, "top_p": 0.5, "min_p": 0.1}]
     f = _write(tmp_path / "r.jsonl", rows)
     assert main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--max-new-tokens", "2", "--top-k", "5",
@@ -233,3 +234,24 @@ def test_sampled_requests_are_reproducible_for_a_file_batch_size_and_options(tmp
     greedy = _run(tmp_path, "greedy", [{"prompt": r["prompt"]} for r in rows], "--max-new-tokens", "8")
     assert runs[0] == runs[1]
     assert [a["completion"] != b["completion"] for a, b in zip(runs[0], greedy)] == [True, False, True, True]
+
+
+def test_a_request_s_temperature_decides_whether_it_samples_as_openai_s_does(tmp_path):
+    """OpenAI's API samples at a request's "temperature" and decodes greedily at 0; a request
+    giving only a temperature samples (as with "do_sample": true), at 0 it gets the greedy answer
+    (a 400 "must be > 0" before), and "do_sample" given decides (false: greedy, the temperature
+    unused). The command's --temperature alone does not sample: --do-sample does."""
+    prompts = ("hello there", "abc", "1 + 1 =")
+    greedy = _run(tmp_path, "greedy", [{"prompt": p} for p in prompts], "--max-new-tokens", "8")
+    zero = _run(tmp_path, "zero", [{"prompt": p, "temperature": 0} for p in prompts], "--max-new-tokens", "8")
+    hot = _run(tmp_path, "hot", [{"prompt": p, "temperature": 1.5} for p in prompts], "--max-new-tokens", "8")
+    told = _run(tmp_path, "told", [{"prompt": p, "temperature": 1.5, "do_sample": True} for p in prompts],
+                "--max-new-tokens", "8")
+    kept = _run(tmp_path, "kept", [{"prompt": p, "temperature": 1.5, "do_sample": False} for p in prompts],
+                "--max-new-tokens", "8")
+    option = _run(tmp_path, "option", [{"prompt": p} for p in prompts], "--max-new-tokens", "8",
+                  "--temperature", "1.5")
+    completions = {name: [r["completion"] for r in run] for name, run in
+                   dict(greedy=greedy, zero=zero, hot=hot, told=told, kept=kept, option=option).items()}
+    assert completions["zero"] == completions["kept"] == completions["option"] == completions["greedy"]
+    assert completions["hot"] == completions["told"] != completions["greedy"]
