@@ -319,3 +319,26 @@ def test_the_command_says_where_it_listens_and_stops_on_sigterm(tmp_path):
     finally:
         proc.kill()
         proc.stderr.close()
+
+
+def test_a_saved_bank_s_entries_are_served_by_name(tmp_path):
+    """--bank DIR (say, the bank a multi-task `prefix-attn train` run writes): each entry is a
+    model of /v1/models, and a request naming it gets generate --bank's answer."""
+    from prefix_attn import tiny
+    from prefix_attn.bank import PrefixBank
+
+    bank = PrefixBank.attach(tiny.default_model())
+    g = torch.Generator().manual_seed(7)
+    shape = (bank.num_layers, bank.num_kv_heads, 5, bank.head_dim)
+    for name in ("legal", "support"):
+        bank.add(name, 3 * torch.randn(shape, generator=g), 3 * torch.randn(shape, generator=g))
+    bank.save(str(tmp_path / "bank"))
+    requests = [{"prompt": "hello there", "prefix": "legal"}, {"prompt": "hello there", "prefix": "support"}]
+    expected = generated(tmp_path, requests, "--bank", str(tmp_path / "bank"))
+    with started("--bank", str(tmp_path / "bank")) as server:
+        status, models = call(server, "/v1/models")
+        assert status == 200 and [m["id"] for m in models["data"]][1:] == ["legal", "support"]
+        got = [answer(call(server, "/v1/completions", {"model": r["prefix"], "prompt": r["prompt"]}))
+               for r in requests]
+    assert got == [(e["completion"], e["num_tokens"], e["finish_reason"]) for e in expected]
+    assert got[0] != got[1]
