@@ -529,10 +529,12 @@ class Served:
     def check_lengths(self, jobs: List[_Job], decoding: List[serve_options.Decoding], path: str) -> None:
         _check_lengths(jobs, self.model, self.bank, decoding, path)
 
-    def generate(self, jobs: List[_Job], settings: serve_options.Decoding, criteria=()) -> List[List[int]]:
+    def generate(self, jobs: List[_Job], settings: serve_options.Decoding, criteria=(),
+                 streamer=None) -> List[List[int]]:
         """The new token ids of each job, decoded alike by ``settings`` in one model.generate
         call (left padded; each row ends at its first stop text too); ``criteria``: more
-        stopping criteria (transformers' ``StoppingCriteria``)."""
+        stopping criteria (transformers' ``StoppingCriteria``); ``streamer``: transformers'
+        streamer, given each step's tokens (not with beams)."""
         from transformers import StoppingCriteriaList
 
         from . import serve_stop  # imports transformers
@@ -545,6 +547,8 @@ class Served:
                           max_new_tokens=settings.max_new_tokens, **settings.generate_kwargs())
         if stopping:
             gen_kwargs["stopping_criteria"] = StoppingCriteriaList(stopping)
+        if streamer is not None:
+            gen_kwargs["streamer"] = streamer
         with torch.no_grad():
             gen = self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device),
                                       prefixes=[job.prefix for job in jobs], **gen_kwargs)

@@ -71,7 +71,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from transformers import StoppingCriteria
 
-from . import chat as chat_template, cli_args, cli_parsers, serve, serve_batching, serve_options
+from . import chat as chat_template, cli_args, cli_parsers, serve, serve_batching, serve_options, serve_stream
 from .backends import check_env_backend
 from .serve_inputs import (Request, RequestError, prefix_sources, request_of, warn_about_adapter_bases,
                            warn_about_sampling_options)
@@ -85,13 +85,12 @@ _SERVER_LOG = "prefix-attn serve"
 
 # request fields asking for what is not served -> the values that ask for nothing (refused otherwise)
 _UNSUPPORTED = {
-    "stream": (None, False), "n": (None, 1), "best_of": (None, 1), "logprobs": (None, False),
+    "n": (None, 1), "best_of": (None, 1), "logprobs": (None, False),
     "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None,), "logit_bias": (None, {}),
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "seed": (None,),
     "tool_choice": (None, "auto", "none"), "response_format": (None, {"type": "text"}),
 }
-_WHY = {"stream": "streaming is not supported: leave 'stream' out or false",
-        "seed": "'seed' is not applied per request: the server's --seed draws for every batch in turn"}
+_WHY = {"seed": "'seed' is not applied per request: the server's --seed draws for every batch in turn"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -113,26 +112,48 @@ def _stopping() -> HTTPError:
     return HTTPError(503, "the server is stopping", type="server_error", code="stopping")
 
 
+def _check_stream(obj: dict) -> None:
+    """"stream" is a boolean (or null); "stream_options" (OpenAI's: only with "stream": true)
+    an object whose "include_usage" is a boolean."""
+    stream, options = obj.get("stream"), obj.get("stream_options")
+    if stream is not None and not isinstance(stream, bool):
+        raise HTTPError(400, f"'stream' must be true or false, got {json.dumps(stream)}", param="stream")
+    if options is None:
+        return
+    if stream is not True:
+        raise HTTPError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    usage = options.get("include_usage") if isinstance(options, dict) else None
+    if not isinstance(options, dict) or not (usage is None or isinstance(usage, bool)):
+        raise HTTPError(400, "'stream_options' must be an object whose 'include_usage' is true or false, "
+                             f"got {json.dumps(options)}", param="stream_options")
+
+
 def _one_line(exc: Exception) -> str:
     """A RequestError's lines (a headline, then one per problem) as one line."""
     return " ".join(line.strip() for line in str(exc).splitlines())
 
 
 class _Stopping(StoppingCriteria):
-    """A stopping criterion: every row is done once ``event`` is set,
-    so a batch in flight ends when the server stops."""
+    """A stopping criterion: every row is done once ``event`` is set, so a batch in flight ends
+    when the server stops; with ``pending`` (a row each: no beams), a row whose client is gone
+    is done too."""
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+    def __init__(self, event: threading.Event, pending: Optional[List["_Pending"]] = None):
+        self.event, self.pending = event, pending
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        if self.pending is None or self.event.is_set():
+            return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return torch.tensor([p.cancelled for p in self.pending], dtype=torch.bool, device=input_ids.device)
 
 
 class _Pending:
-    """A request waiting for the worker: answered once, by ``resolve``."""
+    """A request waiting for the worker: answered once, by ``resolve``. A streamed one
+    (``stream``) also has ``events``, read by its handler: ``("start", "")`` when its batch starts
+    generating, ``("text", DELTA)`` for each piece of stable text, ``("end", "")`` once resolved;
+    its handler sets ``cancelled`` when the client is gone."""
 
-    def __init__(self, request: Request):
+    def __init__(self, request: Request, stream: bool = False):
         self.request = request
         self.job = None  # serve._Job, once planned
         self.settings: Optional[serve_options.Decoding] = None
@@ -140,12 +161,23 @@ class _Pending:
         self.error: Optional[HTTPError] = None
         self.done = threading.Event()
         self._lock = threading.Lock()
+        self.events: "Optional[queue.Queue[Tuple[str, str]]]" = queue.Queue() if stream else None
+        self.sent = False  # text went out: a retried batch would send it again
+        self.cancelled = False
+
+    def push(self, kind: str, text: str = "") -> None:
+        """An event for a streamed request's handler (nothing for another, or once resolved)."""
+        if self.events is not None and not self.done.is_set():
+            self.sent = self.sent or kind == "text"
+            self.events.put((kind, text))
 
     def resolve(self, answer=None, error: Optional[HTTPError] = None) -> None:
         with self._lock:
             if not self.done.is_set():
                 self.answer, self.error = answer, error
                 self.done.set()
+                if self.events is not None:
+                    self.events.put(("end", ""))
 
 
 class Server:
@@ -246,22 +278,36 @@ class Server:
                     for name, s in self.sources.items()]
         return {"object": "list", "data": [base] + prefixes}
 
-    def complete(self, obj: Any, chat: bool) -> Tuple[dict, int]:
-        """The answer to a completion (``chat``: a chat completion) request body ``obj``, and
-        its completion tokens; raises HTTPError."""
+    def submit(self, obj: Any, chat: bool) -> _Pending:
+        """A completion (``chat``: a chat completion) request body ``obj`` checked and queued
+        for the worker (streamed if its "stream" is true); raises HTTPError."""
         request = self._request(obj, chat)
-        pending = _Pending(request)
+        pending = _Pending(request, stream=obj.get("stream") is True)
         with self._submit:
             if self.stopping.is_set():
                 raise _stopping()
             self._queue.put(pending)
+        return pending
+
+    def name(self, pending: _Pending) -> str:
+        """The "model" of an answer: the prefix's name, or the base model's id."""
+        return pending.request.prefix if pending.request.prefix is not None else self.model_id
+
+    @staticmethod
+    def usage(pending: _Pending) -> dict:
+        count = pending.answer[1]
+        return {"prompt_tokens": len(pending.job.ids), "completion_tokens": count,
+                "total_tokens": len(pending.job.ids) + count}
+
+    def complete(self, obj: Any, chat: bool) -> Tuple[dict, int]:
+        """The answer to a completion (``chat``: a chat completion) request body ``obj`` (not
+        streamed), and its completion tokens; raises HTTPError."""
+        pending = self.submit(obj, chat)
         pending.done.wait()
         if pending.error is not None:
             raise pending.error
         text, count, reason = pending.answer
-        name = request.prefix if request.prefix is not None else self.model_id
-        usage = {"prompt_tokens": len(pending.job.ids), "completion_tokens": count,
-                 "total_tokens": len(pending.job.ids) + count}
+        name, usage = self.name(pending), self.usage(pending)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                    "finish_reason": reason} if chat else
                   {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
@@ -288,6 +334,7 @@ class Server:
             if name in obj and obj[name] not in fine:
                 why = _WHY.get(name, f"{name}={json.dumps(obj[name])} is not supported")
                 raise HTTPError(400, why, param=name, code="unsupported")
+        _check_stream(obj)
         fields = {k: v for k, v in obj.items() if k not in ("model", "id")}
         fields["prefix"] = self._prefix(obj)
         with self._count_lock:
@@ -320,6 +367,24 @@ class Server:
         return next(iter(named.values()), None)
 
     # -- the worker thread: the model's only user ------------------------------------------
+
+    def _streamer(self, pending: List[_Pending], settings: serve_options.Decoding) -> serve_stream.BatchStreamer:
+        """The streamer of a batch: each streamed row's stable text to its handler as it comes,
+        and its answer as soon as a stop id or a stop text ends it; the batch goes on."""
+        def row(p: _Pending):
+            text = serve_stream.RowText(self.served.tokenizer, self.served.stop, self.served.pad_id, settings.stop)
+
+            def take(token: int) -> None:
+                if p.cancelled or p.done.is_set():
+                    return
+                delta = text.add(token)
+                if delta:
+                    p.push("text", delta)
+                if text.done:
+                    p.resolve(answer=self.served.finish(text.new, settings))
+            p.push("start")
+            return take
+        return serve_stream.BatchStreamer([row(p) if p.events is not None else None for p in pending])
 
     def _work(self) -> None:
         wait = self.args.batch_wait_ms / 1000
@@ -372,25 +437,29 @@ class Server:
         return True
 
     def _run(self, pending: List[_Pending]) -> None:
-        """One model.generate call for ``pending`` (decoded alike). Out of memory: raised for
-        several (in_halves_on_oom splits them), a 503 for one alone."""
-        if not self.stopping.is_set():
+        """One model.generate call for ``pending`` (decoded alike; those already answered left
+        out), streamed rows given their text as it comes. Out of memory: raised for several
+        (in_halves_on_oom splits them), a 503 for one alone and for a stream that sent text."""
+        pending = [p for p in pending if not p.done.is_set()]
+        if pending and not self.stopping.is_set():
             settings = pending[0].settings
+            streams = any(p.events is not None for p in pending) and settings.num_beams == 1
             try:
-                news = self.served.generate([p.job for p in pending], settings, [_Stopping(self.stopping)])
+                news = self.served.generate([p.job for p in pending], settings,
+                                            [_Stopping(self.stopping, pending if streams else None)],
+                                            streamer=self._streamer(pending, settings) if streams else None)
             except serve_batching.OutOfMemoryError as exc:
+                message = serve.tiny._first_line(exc)
+                for p in pending:
+                    if p.sent or len(pending) == 1:  # its text cannot be taken back: not retried
+                        p.resolve(error=_out_of_memory(p, settings, message, len(pending)))
                 if len(pending) > 1:
                     raise
-                message = serve.tiny._first_line(exc)
                 news = None
             if news is None:  # out of the handler: the failed call's tensors are gone
                 gc.collect()
                 if self.served.device.type == "cuda":
                     torch.cuda.empty_cache()
-                pending[0].resolve(error=HTTPError(
-                    503, f"ran out of device memory even alone ({len(pending[0].job.ids)} prompt tokens + "
-                         f"{settings.max_new_tokens} new tokens): {message}; lower max_tokens or shorten the prompt",
-                    type="server_error", code="out_of_memory"))
                 return
             if not self.stopping.is_set():
                 for p, new in zip(pending, news):
@@ -398,6 +467,13 @@ class Server:
                 return
         for p in pending:
             p.resolve(error=_stopping())
+
+
+def _out_of_memory(p: _Pending, settings: serve_options.Decoding, message: str, batch: int) -> HTTPError:
+    where = "even alone" if batch == 1 else f"in a batch of {batch}, its stream begun"
+    return HTTPError(503, f"ran out of device memory {where} ({len(p.job.ids)} prompt tokens + "
+                          f"{settings.max_new_tokens} new tokens): {message}; lower max_tokens or shorten the prompt",
+                     type="server_error", code="out_of_memory")
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -424,6 +500,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body, tokens = self._route(app, method, path)
             status = 200
+            if body is None:  # streamed: answered
+                self._log(app, method, path, status, *tokens, start)
+                return
         except HTTPError as exc:
             status, body = exc.status, {"error": exc.error}
         except Exception as exc:  # a bug: logged, answered 500, the server goes on
@@ -440,8 +519,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         except OSError:  # the client is gone
             pass
+        self._log(app, method, path, status, tokens, "", start)
+
+    @staticmethod
+    def _log(app: Server, method: str, path: str, status: int, tokens: int, note: str, start: float) -> None:
         if app.log:
-            app.say(f"{method} {path} {status} {tokens} tokens {1000 * (time.monotonic() - start):.0f} ms")
+            app.say(f"{method} {path} {status} {tokens} tokens {1000 * (time.monotonic() - start):.0f} ms{note}")
 
     def _route(self, app: Server, method: str, path: str) -> Tuple[dict, int]:
         routes = {"/health": "GET", "/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST"}
@@ -455,7 +538,45 @@ class _Handler(BaseHTTPRequestHandler):
             return {"status": "ok"}, 0
         if path == "/v1/models":
             return app.models(), 0
-        return app.complete(self._body(), chat=path == "/v1/chat/completions")
+        body, chat = self._body(), path == "/v1/chat/completions"
+        if isinstance(body, dict) and body.get("stream") is True:
+            return None, self._stream(app, app.submit(body, chat), chat)
+        return app.complete(body, chat)
+
+    def _stream(self, app: Server, pending: _Pending, chat: bool) -> Tuple[int, str]:
+        """Answer a streamed request: an error before its batch starts as any other; then
+        server-sent events, as OpenAI's API sends them: each piece of text as it comes, the rest
+        of the answer and its finish_reason (an error: OpenAI's error object), then [DONE].
+        Returns its completion tokens and a note for the log (the client gone: its row is given up)."""
+        kind, text = pending.events.get()
+        if kind == "end" and pending.error is not None:
+            raise pending.error
+        options = pending.request.extra.get("stream_options") or {}
+        chunks = serve_stream.Chunks(chat, app.name(pending), options.get("include_usage") is True)
+        sent = ""
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            self.wfile.write(chunks.role())
+            while kind != "end":
+                if kind == "text":
+                    self.wfile.write(chunks.text(text))
+                    sent += text
+                kind, text = pending.events.get()
+            if pending.error is not None:  # as OpenAI's API (and vLLM): an error event, then [DONE]
+                self.wfile.write(serve_stream.event({"error": pending.error.error}) + serve_stream.DONE)
+                return 0, f", streamed error {pending.error.status}"
+            answer, count, reason = pending.answer
+            if not answer.startswith(sent):  # a tokenizer that rewrote text given out as stable
+                app.say(f"stream: the text sent {sent!r} is not the start of the answer {answer!r}")
+            rest = answer[len(sent):] if answer.startswith(sent) else ""
+            self.wfile.write((chunks.text(rest) if rest else b"") + chunks.finish(reason, app.usage(pending)))
+            return count, ", streamed"
+        except OSError:  # the client is gone: its row stops at the next token
+            pending.cancelled = True
+            return 0, ", streamed, client gone"
 
     def _body(self) -> Any:
         length = self.headers.get("Content-Length")

@@ -136,7 +136,6 @@ def test_models_and_health(server, adapter_dir):
     ({"prompt": "hi", "model": "nope"}, 404, "model_not_found", "The model 'nope' does not exist"),
     ({"prompt": "hi", "prefix": "sy"}, 404, "model_not_found", "did you mean 'sys'"),
     ({"prompt": "hi", "model": "sys", "prefix": "tenant"}, 400, None, "name different prefixes"),
-    ({"prompt": "hi", "stream": True}, 400, "unsupported", "streaming is not supported"),
     ({"prompt": "hi", "n": 2}, 400, "unsupported", "n=2 is not supported"),
     ({"prompt": "hi", "seed": 3}, 400, "unsupported", "'seed' is not applied per request"),
     ({"prompt": "hi", "temperature": -1}, 400, None, "'temperature': must be > 0, got -1"),
@@ -238,32 +237,37 @@ def test_an_internal_error_is_500_and_the_server_goes_on(server, capsys):
     assert call(server, "/v1/completions", {"prompt": "hi"})[0] == 200
 
 
+def shut_down_mid_batch(s, send):
+    """Shut server ``s`` down while the batch of the request ``send()`` makes generates:
+    (send's result, shutdown's, the batch's new tokens)."""
+    entered, release, generate = threading.Event(), threading.Event(), s.served.model.generate
+    made = []
+
+    def slow(input_ids, **kw):
+        entered.set()
+        release.wait(60)
+        made.append(generate(input_ids, **kw).shape[1] - input_ids.shape[1])
+        return input_ids
+    s.served.model.generate = slow
+    got, failed = [], []
+    client = threading.Thread(target=lambda: got.append(send()))
+    client.start()
+    assert entered.wait(60)
+    stopper = threading.Thread(target=lambda: failed.append(s.shutdown()))
+    stopper.start()
+    while not s.stopping.is_set():
+        pass
+    release.set()
+    client.join()
+    stopper.join()
+    return got[0], failed[0], made
+
+
 def test_shutdown_answers_the_request_in_flight_503():
     """A stop while a batch generates ends it at its next token and answers it 503."""
     with started("--max-new-tokens", "200") as s:
-        entered, release, generate = threading.Event(), threading.Event(), s.served.model.generate
-
-        made = []
-
-        def slow(input_ids, **kw):
-            entered.set()
-            release.wait(60)
-            made.append(generate(input_ids, **kw).shape[1] - input_ids.shape[1])
-            return input_ids
-        s.served.model.generate = slow
-        got = []
-        client = threading.Thread(target=lambda: got.append(call(s, "/v1/completions", {"prompt": "hi"})))
-        client.start()
-        assert entered.wait(60)
-        failed = []
-        stopper = threading.Thread(target=lambda: failed.append(s.shutdown()))
-        stopper.start()
-        while not s.stopping.is_set():
-            pass
-        release.set()
-        client.join()
-        stopper.join()
-        assert got[0][0] == 503 and got[0][1]["error"]["code"] == "stopping" and failed == [1]
+        got, failed, made = shut_down_mid_batch(s, lambda: call(s, "/v1/completions", {"prompt": "hi"}))
+        assert got[0] == 503 and got[1]["error"]["code"] == "stopping" and failed == 1
         assert made == [1]  # the batch in flight ended at its next token, not after 200
 
 

@@ -1,0 +1,133 @@
+"""How ``prefix-attn serve`` streams a completion while its batch generates (``"stream": true``):
+:class:`BatchStreamer` is the streamer model.generate hands each step's tokens to, one per row;
+:class:`RowText` turns a row's tokens into text given out only once it is stable, so that the
+pieces sent add up to exactly what :func:`prefix_attn.serve_stop.finish` gives for the row;
+:class:`Chunks` writes them as OpenAI's server-sent events."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Callable, List, Optional, Sequence
+
+from transformers.generation.streamers import BaseStreamer
+
+from .serve_stop import _decode, _first_stop
+
+DONE = b"data: [DONE]\n\n"
+
+
+def event(obj: dict) -> bytes:
+    """One server-sent event: ``data: JSON`` and a blank line."""
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return a[:n]
+
+
+def _stop_start(text: str, stops: Sequence[str]) -> int:
+    """Where the tail of ``text`` that could still become one of ``stops`` begins (``len(text)``:
+    no tail could)."""
+    longest = max((len(s) for s in stops), default=0)
+    for i in range(max(len(text) - longest + 1, 0), len(text)):
+        if any(s.startswith(text[i:]) for s in stops):
+            return i
+    return len(text)
+
+
+class RowText:
+    """One row's text as its new tokens come (``add``), as :func:`serve_stop.finish` reads it:
+    up to a stop id, padding left out, up to the first stop text. Text is given out only where it
+    is stable: the part two successive decodings agree on (a token may still merge with the
+    next), short of a trailing U+FFFD (a character whose bytes are not all there) and of a tail
+    that could be the start of a stop text. ``done`` once a stop id or a stop text ended the row;
+    ``new`` holds every token seen (what :func:`finish` takes)."""
+
+    def __init__(self, tokenizer, stop_ids: Sequence[int], pad_id: Optional[int], stops: Sequence[str]):
+        self.tokenizer, self.stop_ids, self.pad_id, self.stops = tokenizer, list(stop_ids), pad_id, list(stops)
+        self.new: List[int] = []
+        self.tokens: List[int] = []  # the text's tokens
+        self.sent, self.previous, self.done = "", "", False
+
+    def add(self, token: int) -> str:
+        """The text newly stable once ``token`` is the row's next one ("" if none)."""
+        if self.done:
+            return ""
+        self.new.append(token)
+        if token in self.stop_ids:
+            self.done = True
+            return ""
+        if token == self.pad_id:
+            return ""
+        self.tokens.append(token)
+        text = _decode(self.tokenizer, self.tokens)
+        cut = _first_stop(text, self.stops) if self.stops else None
+        if cut is not None:
+            self.done, stable = True, text[:cut]
+        else:
+            stable = _common_prefix(self.previous, text).rstrip("\ufffd")
+            stable = stable[:_stop_start(stable, self.stops)]
+        self.previous = text
+        if len(stable) <= len(self.sent) or not stable.startswith(self.sent):
+            return ""
+        delta, self.sent = stable[len(self.sent):], stable
+        return delta
+
+
+class BatchStreamer(BaseStreamer):
+    """model.generate's streamer (transformers' ``put`` / ``end``): its first ``put`` is the
+    prompt ``(rows, prompt_len)``, left out; each later one a step's token of every row,
+    ``(rows,)``, handed to ``rows[i]`` (None: a row not streamed). Greedy and sampled decoding
+    only: transformers refuses a streamer with beam search."""
+
+    def __init__(self, rows: Sequence[Optional[Callable[[int], None]]]):
+        self.rows, self.prompt_seen = list(rows), False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for take, token in zip(self.rows, value.reshape(-1).tolist()):
+            if take is not None:
+                take(token)
+
+    def end(self) -> None:
+        pass
+
+
+class Chunks:
+    """The events of one streamed answer, as OpenAI's API sends them: ``text_completion``
+    chunks (``chat``: ``chat.completion.chunk``, a first one with the assistant's role), all
+    with one id, time and model; with ``usage`` (``stream_options.include_usage``), each has
+    ``"usage": null`` and a last one, with no choices, the usage."""
+
+    def __init__(self, chat: bool, model: str, usage: bool):
+        kind = ("chatcmpl", "chat.completion.chunk") if chat else ("cmpl", "text_completion")
+        self.chat, self.usage = chat, usage
+        self.head = {"id": f"{kind[0]}-{uuid.uuid4().hex}", "object": kind[1], "created": int(time.time()),
+                     "model": model}
+
+    def _choice(self, delta: dict, reason: Optional[str]) -> bytes:
+        choice = ({"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason} if self.chat else
+                  {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": reason})
+        return event({**self.head, "choices": [choice], **({"usage": None} if self.usage else {})})
+
+    def role(self) -> bytes:
+        """A chat stream's first event (nothing for a completion)."""
+        return self._choice({"role": "assistant", "content": ""}, None) if self.chat else b""
+
+    def text(self, delta: str) -> bytes:
+        return self._choice({"content": delta}, None)
+
+    def finish(self, reason: str, usage: dict) -> bytes:
+        """The events that end the answer: its finish_reason, the usage if asked, then [DONE]."""
+        last = self._choice({}, reason)
+        if self.usage:
+            last += event({**self.head, "choices": [], "usage": usage})
+        return last + DONE
