@@ -22,17 +22,31 @@ base model's id (the --model folder as given, or "prefix-attn-tiny") or none for
 generate`'s request file is, checked by the same code: "prompt" (one string), or "messages" and
 "tools" with --chat, and the decoding fields "max_tokens" (or "max_completion_tokens",
 "max_new_tokens"), "stop", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-"num_beams", "do_sample", each overriding the option of the same name for that request. As
+"num_beams", "do_sample", each overriding the option of the same name for that request, and
+"stream" (below). As
 generate, greedy unless do_sample (the request's, else --do-sample), or, as in OpenAI's API, a
 request's "temperature" without "do_sample": 0 greedy, above 0 sampling at it. The answer is generate's for that request: the same text,
 finish_reason ("stop": a stop id or a stop text; "length": max_tokens reached) and token count
 ("usage": prompt_tokens counts the tokens run after the prefix, completion_tokens generate's
 "num_tokens"). Other fields are ignored, except those asking for what is not served, refused
-with 400: "stream": true (no streaming), "n" or "best_of" above 1, "logprobs", "top_logprobs",
+with 400: "n" or "best_of" above 1, "logprobs", "top_logprobs",
 "echo", "suffix", "logit_bias", nonzero "presence_penalty" / "frequency_penalty", "seed" (one
 --seed draws for every batch in turn), a "tool_choice" other than "auto" or "none", a
 "response_format" other than text. A chat answer is the generated text as "content": tool calls
 in it are not parsed into "tool_calls".
+
+Streaming ("stream": true), as OpenAI's API streams: a 200 of Content-Type text/event-stream, one
+"data: {chunk}" event per piece of text as it is generated ("object": "text_completion", or
+"chat.completion.chunk" whose first "delta" is {"role": "assistant", "content": ""}, then
+{"content": piece}), a last chunk with the finish_reason, with "stream_options":
+{"include_usage": true} a chunk of no choices and the usage (the others with "usage": null),
+then "data: [DONE]". The pieces add up to the answer the same request gets unstreamed: text goes
+out once stable (a character whose bytes all came, a token's text once the next token is
+there, no tail that may start a stop text); a row ends at its stop id or stop text at once.
+Streamed requests share batches with the others. Beam search does not stream (transformers'):
+its answer comes in one piece when its batch ends. An error before the stream begins is the
+error below; after, an event of OpenAI's error object, then [DONE]. A client gone mid-stream:
+its row stops at its next token, the batch goes on.
 
 Batching (static): one worker thread owns the model. Requests that come within --batch-wait-ms of
 the first one waiting (up to --batch-size of them) are gathered; those decoded alike (equal

@@ -237,13 +237,15 @@ def test_layout_names_every_module_of_the_package():
 
 def test_http_client_snippet(tmp_path, monkeypatch, capsys):
     """The OpenAI-client snippet against `prefix-attn serve` (the openai package is not a
-    dependency: a stand-in with the calls the snippet makes posts its keywords as they are)."""
+    dependency: a stand-in with the calls the snippet makes posts its keywords as they are, and
+    reads a stream's events as the client does): its streamed text is the answer."""
     import json
     import sys
     import types
     import urllib.request
 
     from test_server import generated, save_adapter, started
+    from test_server_stream import events
 
     adapter = save_adapter(tmp_path / "adapter")
     with started("--adapter", f"support={adapter}") as server:
@@ -252,6 +254,9 @@ def test_http_client_snippet(tmp_path, monkeypatch, capsys):
         def create(**body):
             req = urllib.request.Request(f"http://{host}:{port}/v1/completions", data=json.dumps(body).encode())
             with urllib.request.urlopen(req, timeout=120) as r:
+                if body.get("stream"):
+                    return [json.loads(json.dumps(e), object_hook=lambda d: types.SimpleNamespace(**d))
+                            for e in events(r.read())]
                 return json.loads(r.read(), object_hook=lambda d: types.SimpleNamespace(**d))
 
         def client(base_url, api_key):
@@ -262,4 +267,4 @@ def test_http_client_snippet(tmp_path, monkeypatch, capsys):
     [want] = generated(tmp_path, [{"prefix": "support", "prompt": "How do I reset my password?",
                                    "max_tokens": 64}], "--adapter", f"support={adapter}")
     assert (ns["out"].choices[0].text, ns["out"].usage.completion_tokens) == (want["completion"], want["num_tokens"])
-    assert capsys.readouterr().out == f"{want['completion']} {want['finish_reason']} {want['num_tokens']}\n"
+    assert capsys.readouterr().out == f"{want['completion']} {want['finish_reason']} {want['num_tokens']}\n" + want["completion"]
