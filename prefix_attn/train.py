@@ -370,19 +370,21 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     vocab_size = model.get_input_embeddings().num_embeddings
     progress = not args.no_progress
     data = prepare(tokenizer, examples, max_length, vocab_size, args.data, chat=chat, progress=progress,
-                   prefix_of=named.__getitem__ if multi else None)
+                   prefix_of=train_prefixes.prefix_of(named, args.name) if multi else None)
     if eval_examples is not None:
         eval_data = prepare(tokenizer, eval_examples, max_length, vocab_size, args.eval_data,
                             what="--eval-data file", chat=chat, progress=progress,
-                            prefix_of=eval_named.__getitem__ if multi else None)
+                            prefix_of=train_prefixes.prefix_of(eval_named, args.name) if multi else None)
     elif args.eval_every == 0:  # no eval: nothing is held out, every example trains
         eval_data = []
     else:
         data, eval_data = split_eval(data, args.eval_fraction, args.seed)
     if not data:
         raise TrainError("no training examples left (all held out: pass a smaller --eval-fraction)")
-    train_prefixes.check_eval_names({row_prefix(row, name) for row in data}, eval_data, name,
-                                    eval_named, args.eval_data)
+    # a plain-text --eval-data file's examples are --name's in a multi-task run (a single-prefix
+    # run evaluates them under its one prefix)
+    train_prefixes.check_eval_names({row_prefix(row, name) for row in data}, eval_data,
+                                    args.name if multi else name, eval_named, args.eval_data)
     note = eval_cost_note(len(eval_data), args.eval_every, args.batch_size * args.gradient_accumulation_steps)
     if note is not None:
         warn("note", note)

@@ -5,7 +5,7 @@ and ``OUT/bank``; its eval examples may only use prefixes that have training exa
 from __future__ import annotations
 
 import argparse
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 from . import cli_parsers, jsonl
 from .bank_names import check_name, some_names
@@ -80,6 +80,13 @@ def check_run_names(names: Sequence[str], default: str) -> None:
                              "rename one")
 
 
+def prefix_of(named: Dict[str, str], default: str) -> Callable[[str], str]:
+    """The prefix of the example named ``where`` in a file whose :func:`read_prefixes` is
+    ``named``: its own, or ``default`` for every example of a plain-text file (``named`` {}:
+    an ``--eval-data`` text file of a multi-task run; its examples name none)."""
+    return lambda where: named[where] if named else default
+
+
 def row_prefix(row, default: str) -> str:
     """The prefix of a data row: its third item, in a multi-task run; ``default`` otherwise."""
     return row[2] if len(row) > 2 else default
@@ -97,7 +104,8 @@ def check_eval_names(trained: Set[str], eval_rows, default: str, eval_named: Opt
                              f"the data, drawn by --seed): it would stay untrained; give it more examples, a "
                              f"smaller --eval-fraction, or an --eval-data file")
         return
-    for where, name in eval_named.items() if eval_named else [(eval_file, default)]:  # text: --name's
+    for where, name in (eval_named.items() if eval_named else
+                        [(f"{eval_file} (plain text: its examples are --name's)", default)]):
         if name not in trained:
             raise TrainError(f"{where}: prefix {name!r} has no training example (the prefixes trained: "
                              f"{some_names(sorted(trained))}): it would stay untrained; --eval-data may "

@@ -274,3 +274,20 @@ def test_chat_turns_each_rows_keep_their_example_s_prefix(tmp_path):
                  **({"prefix": "b"} if i % 2 else {})} for i in range(4)]
     seen = _chat_prefixes_trained(tmp_path, examples, "--chat-turns", "each", "--batch-size", "4")
     assert sorted(seen) == ["b"] * 4 + ["default"] * 4  # 8 rows: 2 turns of 4 examples
+
+
+def test_a_plain_text_eval_file_of_a_multi_task_run_is_the_name_prefix_s(data, tmp_path, capsys):
+    """A multi-task run's --eval-data in plain text: its lines are --name's examples, evaluated
+    under that prefix (it was a KeyError traceback: their prefixes were looked up by line), and
+    refused when --name's prefix has no training example."""
+    text = tmp_path / "e.txt"
+    text.write_text("Q0: answer\nQ1: answer answer\n", encoding="utf-8")
+    out = str(tmp_path / "run")
+    assert train.main([data, "-o", out, "--max-steps", "2", *ARGS, "--eval-data", str(text)]) == 0
+    assert [r["eval_loss_by_prefix"] for r in _log(out) if "eval_loss" in r][0].keys() == {"default"}
+    named = _write(tmp_path / "named.jsonl", [{**ex, "prefix": ex.get("prefix", "support")} for ex in _examples()])
+    refused = str(tmp_path / "refused")
+    assert train.main([named, "-o", refused, "--max-steps", "2", *ARGS, "--eval-data", str(text)]) == 2
+    assert ("e.txt (plain text: its examples are --name's): prefix 'default' has no training example"
+            in capsys.readouterr().err)
+    assert not os.path.exists(refused)
