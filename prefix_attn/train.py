@@ -46,8 +46,8 @@ adapter per prefix) and ``OUT/bank`` (all of them, ``PrefixBank.save``: ``prefix
 ``log.jsonl``'s evaluations give ``eval_loss_by_prefix`` too, and ``--max-grad-norm`` clips
 the norm of all the prefixes' gradients together. A name must be a bank entry's, with no
 ``=``, ``/`` or ``\\``, not ``.`` or ``..``, and no two may differ in case only; an eval example
-whose prefix has no training example (all of them held out, too) is refused: it would stay
-untrained. ``--resume`` refuses another set of prefixes.
+whose prefix has no training example (all of them held out, too) is refused, and so is a prefix
+whose every example is dropped (no token to learn): it would stay untrained. ``--resume`` refuses another set of prefixes.
 
 ``--chat`` trains a prefix for ``prefix-attn generate --chat`` (an instruct model): each
 example is rendered with the tokenizer's chat template, ``{"prompt", "completion"}`` as the
@@ -385,6 +385,8 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     # run evaluates them under its one prefix)
     train_prefixes.check_eval_names({row_prefix(row, name) for row in data}, eval_data,
                                     args.name if multi else name, eval_named, args.eval_data)
+    if multi:
+        train_prefixes.check_all_trained(names, {row_prefix(row, name) for row in data}, args.data)
     note = eval_cost_note(len(eval_data), args.eval_every, args.batch_size * args.gradient_accumulation_steps)
     if note is not None:
         warn("note", note)

@@ -112,6 +112,18 @@ def check_eval_names(trained: Set[str], eval_rows, default: str, eval_named: Opt
                              f"only use prefixes the data trains")
 
 
+def check_all_trained(names: Sequence[str], trained: Set[str], path: str) -> None:
+    """Every prefix the data names has a row left to train on: one whose examples were all
+    dropped (no token to learn: empty, or the prompt fills --max-length) would be written
+    untrained, its random start served as a trained adapter."""
+    untrained = [n for n in names if n not in trained]
+    if untrained:
+        raise TrainError(f"{path}: every example of prefix {untrained[0]!r} was dropped (no token to learn: "
+                         f"see the warning above): it would stay untrained; fix its examples, or leave them "
+                         f"out" + (f" (prefixes without a row to train: {some_names(untrained)})"
+                                   if len(untrained) > 1 else ""))
+
+
 def check_checkpoint_names(state: dict, names: Optional[List[str]], ckpt_path: str) -> None:
     """A resumed run trains the checkpoint's prefixes: ``names`` of a multi-task run, None of a
     single-prefix one (whose ``--name`` may change, as before)."""

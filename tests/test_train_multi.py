@@ -222,6 +222,7 @@ def test_bad_prefix_names_are_usage_errors_naming_the_line(value, pattern, tmp_p
     ("eval-file", r"e.jsonl:2: prefix 'other' has no training example .*it would stay untrained"),
     ("held-out", r"every example of prefix 'rare' is held out for eval"),
     ("name", r"--name: the prefix name 'x/y' cannot name its adapter folder"),
+    ("dropped", r"d.jsonl: every example of prefix 'empty' was dropped \(no token to learn"),
 ])
 def test_a_run_whose_prefixes_cannot_train_or_be_written_is_refused(case, pattern, tmp_path, capsys):
     examples = [{"text": f"example {i}", "prefix": "a" if i % 2 else None} for i in range(10)]
@@ -234,6 +235,8 @@ def test_a_run_whose_prefixes_cannot_train_or_be_written_is_refused(case, patter
     elif case == "held-out":
         examples[0]["prefix"] = "rare"
         options = ["--eval-fraction", "0.5", "--seed", str(_seed_holding_out(examples, 0, 0.5))]
+    elif case == "dropped":  # its one example has nothing to learn: it was written untrained
+        examples[0] = {"text": "", "prefix": "empty"}
     else:
         options = ["--name", "x/y"]
     data = _write(tmp_path / "d.jsonl", examples)
