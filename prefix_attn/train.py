@@ -79,6 +79,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -524,7 +525,7 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
         bar.close()
     if multi:
         print(f"{training_summary(step, step - first_step, loss_value)}; "
-              f"{write_prefixes(model, names, args.output, model_dir)}")
+              f"{write_prefixes(model, names, args.output, model_dir, chat_flags(args))}")
         return 0
     adapter_dir = os.path.join(args.output, ADAPTER)
     write_adapter(model, name, adapter_dir, model_dir)
@@ -580,9 +581,30 @@ def write_adapter(model, name: str, adapter_dir: str, model_dir: Optional[str]) 
         atomic.write_text(cfg_path, json.dumps(cfg, indent=2))
 
 
-def write_prefixes(model, names: List[str], out_dir: str, model_dir: str) -> str:
+def chat_flags(args: argparse.Namespace) -> str:
+    """The options generate needs to serve a prefix trained under ``--chat``: ``--chat`` and
+    each ``--chat-option`` (a prefix learnt after the template's tokens is served after them);
+    "" without --chat."""
+    if not args.chat:
+        return ""
+    flags = " --chat"
+    for key, value in args.chat_option:
+        if not isinstance(value, str):
+            text = json.dumps(value)
+        else:  # text that would read as JSON (e.g. "false") is given as a JSON string
+            try:
+                json.loads(value)
+                text = json.dumps(value)
+            except ValueError:
+                text = value
+        flags += f" --chat-option {shlex.quote(f'{key}={text}')}"
+    return flags
+
+
+def write_prefixes(model, names: List[str], out_dir: str, model_dir: str, flags: str = "") -> str:
     """A multi-task run's prefixes as PEFT adapters ``out_dir/adapters/NAME`` and as one bank
-    ``out_dir/bank`` (``PrefixBank.save``); returns the summary's words on them."""
+    ``out_dir/bank`` (``PrefixBank.save``); returns the summary's words on them, the generate
+    command serving them given ``flags`` (:func:`chat_flags`)."""
     adapters = os.path.join(out_dir, ADAPTERS)
     for n in names:
         write_adapter(model, n, os.path.join(adapters, n), model_dir)
@@ -590,7 +612,7 @@ def write_prefixes(model, names: List[str], out_dir: str, model_dir: str) -> str
     model.prefix_bank.save(bank_dir)
     return (f"{len(names)} prefixes ({', '.join(names)}): adapters (PEFT format) {adapters}{os.sep}NAME; "
             f"all in one bank {bank_dir}: serve with prefix-attn generate --model {model_dir} --bank "
-            f"{bank_dir} (a request's \"prefix\" names one)")
+            f"{bank_dir}{flags} (a request's \"prefix\" names one)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

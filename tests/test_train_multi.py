@@ -294,3 +294,15 @@ def test_a_plain_text_eval_file_of_a_multi_task_run_is_the_name_prefix_s(data, t
     assert ("e.txt (plain text: its examples are --name's): prefix 'default' has no training example"
             in capsys.readouterr().err)
     assert not os.path.exists(refused)
+
+
+def test_the_summary_of_a_chat_run_serves_its_bank_with_chat(tmp_path, capsys):
+    """The generate command the summary gives for a --chat run's bank has --chat and the
+    --chat-option values (without them the prefixes, learnt after the template's tokens, were
+    served on the raw prompt)."""
+    examples = [{"prompt": f"q{i}", "completion": f"a{i}", **({"prefix": "b"} if i % 2 else {})} for i in range(6)]
+    _chat_prefixes_trained(tmp_path, examples, "--batch-size", "3", "--chat-option", "enable_thinking=false",
+                           "--chat-option", "persona=a b")
+    bank = os.path.join(str(tmp_path / "run"), "bank")
+    assert (f"--bank {bank} --chat --chat-option enable_thinking=false --chat-option 'persona=a b' (a request"
+            in capsys.readouterr().out)
