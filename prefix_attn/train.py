@@ -382,13 +382,15 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
         data, eval_data = split_eval(data, args.eval_fraction, args.seed)
     if not data:
         raise TrainError("no training examples left (all held out: pass a smaller --eval-fraction)")
+    unit = "row" if chat is not None and chat.turns == "each" else "example"  # what data's items are
     # a plain-text --eval-data file's examples are --name's in a multi-task run (a single-prefix
     # run evaluates them under its one prefix)
     train_prefixes.check_eval_names({row_prefix(row, name) for row in data}, eval_data,
-                                    args.name if multi else name, eval_named, args.eval_data)
+                                    args.name if multi else name, eval_named, args.eval_data, unit)
     if multi:
         train_prefixes.check_all_trained(names, {row_prefix(row, name) for row in data}, args.data)
-    note = eval_cost_note(len(eval_data), args.eval_every, args.batch_size * args.gradient_accumulation_steps)
+    note = eval_cost_note(len(eval_data), args.eval_every, args.batch_size * args.gradient_accumulation_steps,
+                          unit)
     if note is not None:
         warn("note", note)
     settings = run_settings(args, max_length)

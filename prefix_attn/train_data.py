@@ -268,17 +268,18 @@ def split_eval(data: list, fraction: float, seed: int) -> Tuple[list, list]:
     return [data[i] for i in order[n_eval:]], [data[i] for i in order[:n_eval]]
 
 
-def eval_cost_note(n_eval: int, eval_every: int, examples_per_step: int) -> Optional[str]:
+def eval_cost_note(n_eval: int, eval_every: int, examples_per_step: int, unit: str = "example") -> Optional[str]:
     """A note when each evaluation (a forward pass over the ``n_eval`` held-out examples, every
     ``eval_every`` steps) reads over twice the examples that the steps between two evaluations
     train on: a forward pass is about half a training step's work, so evaluating would then
     take longer than training (10% of 200k examples held out, evaluated every 50 steps of 8:
-    20000 examples per 400 trained). None when it costs less."""
+    20000 examples per 400 trained). None when it costs less. ``unit``: what is counted ("row"
+    under ``--chat-turns each``: a row per assistant turn)."""
     trained = eval_every * examples_per_step
     if eval_every <= 0 or n_eval <= 2 * trained:
         return None
     every = "every step" if eval_every == 1 else f"every {eval_every} steps"
-    return (f"each evaluation reads the {n_eval} held-out examples, and one comes {every} ({trained} "
-            f"example{'' if trained == 1 else 's'} trained): evaluating will take longer than training; pass "
+    return (f"each evaluation reads the {n_eval} held-out {unit}s, and one comes {every} ({trained} "
+            f"{unit}{'' if trained == 1 else 's'} trained): evaluating will take longer than training; pass "
             f"a smaller --eval-fraction, a larger --eval-every, or a smaller --eval-data file")
 

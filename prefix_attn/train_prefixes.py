@@ -93,14 +93,15 @@ def row_prefix(row, default: str) -> str:
 
 
 def check_eval_names(trained: Set[str], eval_rows, default: str, eval_named: Optional[Dict[str, str]],
-                     eval_file: Optional[str]) -> None:
+                     eval_file: Optional[str], unit: str = "example") -> None:
     """Every eval example's prefix is one of the ``trained`` (else it would stay untrained, its
     eval loss that of its random start). ``eval_named``: the ``--eval-data`` file's
-    :func:`read_prefixes` (None: ``eval_rows`` were held out of the data)."""
+    :func:`read_prefixes` (None: ``eval_rows`` were held out of the data, ``unit`` each: "row"
+    under ``--chat-turns each``)."""
     if eval_named is None:
         missing = sorted({row_prefix(row, default) for row in eval_rows} - trained)
         if missing:
-            raise TrainError(f"every example of prefix {missing[0]!r} is held out for eval (--eval-fraction of "
+            raise TrainError(f"every {unit} of prefix {missing[0]!r} is held out for eval (--eval-fraction of "
                              f"the data, drawn by --seed): it would stay untrained; give it more examples, a "
                              f"smaller --eval-fraction, or an --eval-data file")
         return

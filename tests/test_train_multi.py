@@ -306,3 +306,16 @@ def test_the_summary_of_a_chat_run_serves_its_bank_with_chat(tmp_path, capsys):
     bank = os.path.join(str(tmp_path / "run"), "bank")
     assert (f"--bank {bank} --chat --chat-option enable_thinking=false --chat-option 'persona=a b' (a request"
             in capsys.readouterr().out)
+
+
+def test_chat_turns_each_notes_count_rows(tmp_path, capsys):
+    """Under --chat-turns each the held-out and trained items are rows (one per assistant turn),
+    and the eval-cost note and the held-out refusal say rows (they said examples: 8 "examples"
+    held out of 4)."""
+    examples = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"},
+                              {"role": "user", "content": "more"}, {"role": "assistant", "content": "b"}],
+                 **({"prefix": "b"} if i % 2 else {})} for i in range(8)]
+    _chat_prefixes_trained(tmp_path, examples, "--chat-turns", "each", "--batch-size", "1",
+                           "--eval-fraction", "0.5", "--eval-every", "1")
+    assert "each evaluation reads the 8 held-out rows, and one comes every step (1 row trained)" \
+        in capsys.readouterr().err
