@@ -405,6 +405,13 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     if problem is not None:
         raise TrainError(problem)
 
+    if multi:
+        unseen = train_prefixes.unseen_names(names, data, name, steps_per_epoch, total, step_size, args.seed)
+        if unseen:
+            warn("note", f"{len(unseen)} prefix{'es' if len(unseen) > 1 else ''} ({', '.join(map(repr, unseen))}) "
+                         f"{'have' if len(unseen) > 1 else 'has'} no row in the {total} step"
+                         f"{'' if total == 1 else 's'} of this run (--max-steps): written as initialised, untrained")
+
     create_output_folder(args.output)
     if base_to_save:
         save_base_model(model, tokenizer, model_dir)  # float32, as drawn

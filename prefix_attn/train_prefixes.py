@@ -125,6 +125,24 @@ def check_all_trained(names: Sequence[str], trained: Set[str], path: str) -> Non
                                    if len(untrained) > 1 else ""))
 
 
+def unseen_names(names: Sequence[str], data, default: str, steps_per_epoch: int, total: int,
+                 step_size: int, seed: int) -> List[str]:
+    """The ``names`` no row of the run's ``total`` steps uses (the batches of
+    :func:`prefix_attn.train_data.batch_order`): a short ``--max-steps`` can leave a prefix
+    untrained. Stops looking once every name is seen."""
+    from .train_data import batch_order
+
+    left = set(names)
+    for step in range(total):
+        epoch, index = divmod(step, steps_per_epoch)
+        if index == 0 or step == 0:
+            order = batch_order(len(data), step_size, seed, epoch)
+        left -= {row_prefix(data[i], default) for i in order[index]}
+        if not left:
+            break
+    return sorted(left)
+
+
 def check_checkpoint_names(state: dict, names: Optional[List[str]], ckpt_path: str) -> None:
     """A resumed run trains the checkpoint's prefixes: ``names`` of a multi-task run, None of a
     single-prefix one (whose ``--name`` may change, as before)."""

@@ -319,3 +319,17 @@ def test_chat_turns_each_notes_count_rows(tmp_path, capsys):
                            "--eval-fraction", "0.5", "--eval-every", "1")
     assert "each evaluation reads the 8 held-out rows, and one comes every step (1 row trained)" \
         in capsys.readouterr().err
+
+
+def test_a_prefix_no_step_reaches_is_noted(data, tmp_path, capsys):
+    """A --max-steps too short for a prefix's rows to come up writes it as initialised: said at
+    the start (it was written, and served, as if trained, without a word)."""
+    out = str(tmp_path / "run")
+    assert train.main([data, "-o", out, "--max-steps", "1", *ARGS, "--batch-size", "1", "--eval-every", "0"]) == 0
+    trained = _log(out)  # the one step's row
+    assert len(trained) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"note: 1 prefix \('(default|legal)'\) has no row in the 1 step of this run \(--max-steps\): "
+                     r"written as initialised, untrained", err), err
+    assert train.main([data, "-o", str(tmp_path / "all"), "--max-steps", "4", *ARGS]) == 0
+    assert "no row in" not in capsys.readouterr().err
