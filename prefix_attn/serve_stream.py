@@ -49,11 +49,45 @@ class RowText:
     that could be the start of a stop text. ``done`` once a stop id or a stop text ended the row;
     ``new`` holds every token seen (what :func:`finish` takes)."""
 
+    ANCHOR_EVERY = 64  # tokens decoded past the anchor before it moves (one whole decoding then)
+
     def __init__(self, tokenizer, stop_ids: Sequence[int], pad_id: Optional[int], stops: Sequence[str]):
         self.tokenizer, self.stop_ids, self.pad_id, self.stops = tokenizer, list(stop_ids), pad_id, list(stops)
         self.new: List[int] = []
         self.tokens: List[int] = []  # the text's tokens
         self.sent, self.previous, self.done = "", "", False
+        # the text is anchor_text + the decoding of tokens[anchor:]: decoding every token at
+        # every step cost a time growing with the square of the length
+        self.anchor, self.anchor_text, self.anchored = 0, "", True
+
+    def _text(self) -> str:
+        """The decoding of ``tokens``: that of the tokens past the anchor after the anchor's text.
+        Every ANCHOR_EVERY tokens the whole decoding is compared with it (the same, or the row
+        decodes whole from then on) and the anchor moves to a token where the whole decoding
+        is its text before plus the decoding from there (a SentencePiece word's space, a
+        character's bytes split across tokens: a token where that fails is passed over)."""
+        text = self.anchor_text + _decode(self.tokenizer, self.tokens[self.anchor:])
+        if not self.anchored or len(self.tokens) - self.anchor < 2 * self.ANCHOR_EVERY:
+            return text
+        whole = _decode(self.tokenizer, self.tokens)
+        if whole != text:  # a tokenizer whose decoding is not the anchored one's
+            self.anchored, self.anchor, self.anchor_text = False, 0, ""
+            return whole
+        for a in range(len(self.tokens) - self.ANCHOR_EVERY, len(self.tokens) - 2 * self.ANCHOR_EVERY, -1):
+            tail = _decode(self.tokenizer, self.tokens[a:])
+            head = whole[:len(whole) - len(tail)]
+            if tail and whole.endswith(tail) and not head.endswith("\ufffd") and not tail.startswith("\ufffd"):
+                self.anchor, self.anchor_text = a, head
+                break
+        return whole
+
+    def _agreed(self, text: str) -> str:
+        """The longest start that ``text`` and the previous step's text share, compared past the
+        text already sent (both start with it while the decoding is stable: a check at C speed)."""
+        n = len(self.sent)
+        if self.previous.startswith(self.sent) and text.startswith(self.sent):
+            return self.sent + _common_prefix(self.previous[n:], text[n:])
+        return _common_prefix(self.previous, text)
 
     def add(self, token: int) -> str:
         """The text newly stable once ``token`` is the row's next one ("" if none)."""
@@ -66,12 +100,12 @@ class RowText:
         if token == self.pad_id:
             return ""
         self.tokens.append(token)
-        text = _decode(self.tokenizer, self.tokens)
+        text = self._text()
         cut = _first_stop(text, self.stops) if self.stops else None
         if cut is not None:
             self.done, stable = True, text[:cut]
         else:
-            stable = _common_prefix(self.previous, text).rstrip("\ufffd")
+            stable = self._agreed(text).rstrip("\ufffd")
             stable = stable[:_stop_start(stable, self.stops)]
         self.previous = text
         if len(stable) <= len(self.sent) or not stable.startswith(self.sent):

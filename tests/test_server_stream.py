@@ -212,3 +212,64 @@ def test_row_text_holds_back_unfinished_characters_and_stop_starts():
     out, row = row_pieces(tok.encode("xa-yab!", add_special_tokens=False), stops=["ab"])
     assert out == ["", "x", "", "a-", "y", "", ""] and row.done
     assert finish(tok, row.new, [tok.eos_token_id], 0, ["ab"])[0] == "xa-y"
+
+
+class _WordPieces:
+    """A tokenizer as SentencePiece decodes: token i is a word start (" w<i>") or a piece
+    ("<i>"), the whole text's first space dropped; with ``tidy``, " ." becomes "." across tokens
+    (transformers' clean_up_tokenization_spaces)."""
+
+    eos_token_id, pad_token_id = 0, None
+
+    def __init__(self, tidy=False):
+        self.tidy, self.calls = tidy, []
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.calls.append(len(ids))
+        text = "".join(" ." if i % 7 == 0 else f" w{i}" if i % 3 == 0 else f"{i}" for i in ids)
+        text = text[1:] if text.startswith(" ") else text
+        return text.replace(" .", ".") if self.tidy else text
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "words", "tidy"])
+def test_row_text_decodes_a_window_and_stays_exact_over_long_rows(tokenizer):
+    """RowText decoded the row's whole text at every token (4 rows of 2048 tokens, BPE: 3.0 s,
+    0.28 s anchored); now the tokens past an anchor, the whole text once every 64 tokens, checked
+    against it. The pieces still add up to finish's text: bytes of characters split across tokens,
+    SentencePiece's dropped first space, and a decoding that tidies across tokens (the row then
+    decodes whole)."""
+    from prefix_attn.serve_stop import finish
+
+    if tokenizer == "bytes":
+        tok = tiny.ByteTokenizer()
+        ids = tok.encode("naïve €uro ünïcode 東京 " * 40, add_special_tokens=False)
+        calls = []
+        real = tok.decode
+        tok.decode = lambda ids, **kw: calls.append(len(ids)) or real(ids, **kw)
+    else:
+        tok = _WordPieces(tidy=tokenizer == "tidy")
+        ids = [1 + (n * 5) % 40 for n in range(900)]
+        calls = tok.calls
+    row = serve_stream.RowText(tok, [tok.eos_token_id], None, ["zz"])
+    sent = "".join(row.add(t) for t in ids)
+    final = finish(tok, row.new, [tok.eos_token_id], None, ["zz"])[0]
+    # the server sends the rest of finish's text at the end: the last token's, held back
+    assert final == tok.decode(ids) and final.startswith(sent) and len(final) - len(sent) <= 4
+    whole = [n for n in calls if n > 2 * serve_stream.RowText.ANCHOR_EVERY + 1]
+    assert row.anchored and len(whole) <= len(ids) // serve_stream.RowText.ANCHOR_EVERY + 2
+
+
+class _Thirds(_WordPieces):
+    """A decoding that is no concatenation: a "!" ends the text of a multiple of 3 tokens."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return super().decode(ids) + ("" if len(ids) % 3 else "!")
+
+
+def test_row_text_decodes_whole_once_the_anchored_text_is_not_the_whole_one():
+    tok = _Thirds()
+    row = serve_stream.RowText(tok, [tok.eos_token_id], None, [])
+    ids = [1 + (n * 5) % 40 for n in range(3 * serve_stream.RowText.ANCHOR_EVERY)]
+    for t in ids:
+        row.add(t)
+    assert not row.anchored and row._text() == tok.decode(ids)
