@@ -149,6 +149,11 @@ def check_checkpoint_names(state: dict, names: Optional[List[str]], ckpt_path: s
     held = state.get("prefixes")
     if held == names:
         return
+    if held is None:  # no --name makes data naming several prefixes train one
+        raise TrainError(f"--resume: {ckpt_path} trains one prefix, but this data names {_shown(names)} "
+                         "(a prefix-attn older than multi-task runs read no \"prefix\" field): it cannot "
+                         "continue that run; start a new --output (or leave the \"prefix\" fields out to "
+                         "continue the one prefix)")
     raise TrainError(f"--resume: {ckpt_path} trains {_shown(held)}, this run {_shown(names)} (the data's "
                      f"\"prefix\" fields, and --name for examples without one): resume with the "
                      f"checkpoint's --name")

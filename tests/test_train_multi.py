@@ -333,3 +333,18 @@ def test_a_prefix_no_step_reaches_is_noted(data, tmp_path, capsys):
                      r"written as initialised, untrained", err), err
     assert train.main([data, "-o", str(tmp_path / "all"), "--max-steps", "4", *ARGS]) == 0
     assert "no row in" not in capsys.readouterr().err
+
+
+def test_resuming_a_single_prefix_checkpoint_with_multi_task_data_says_what_can_be_done():
+    """A checkpoint of one prefix (an older prefix-attn read no "prefix" field, so the same data
+    trained one) resumed with data naming several: the hint was "resume with the checkpoint's
+    --name", which no --name can do."""
+    from prefix_attn.train_prefixes import check_checkpoint_names
+    from prefix_attn.train_state import TrainError
+
+    with pytest.raises(TrainError) as info:
+        check_checkpoint_names({"step": 3}, ["a", "b"], "ck.pt")
+    assert "trains one prefix, but this data names the prefixes ['a', 'b']" in str(info.value)
+    assert "start a new --output" in str(info.value) and "--name" not in str(info.value)
+    with pytest.raises(TrainError, match="resume with the checkpoint's --name"):
+        check_checkpoint_names({"prefixes": ["a", "default"]}, ["a", "other"], "ck.pt")
