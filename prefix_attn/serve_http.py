@@ -492,6 +492,9 @@ def _out_of_memory(p: _Pending, settings: serve_options.Decoding, message: str, 
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = False  # server_close waits for the handlers to answer
+    # the listen backlog: socketserver's 5 made a burst of clients (20 at once) see their
+    # connections reset while the accept loop was behind
+    request_queue_size = 128
     app: Server
 
 
