@@ -57,9 +57,9 @@ request that still does alone is answered 503 and the server goes on.
 Errors are OpenAI's JSON, {"error": {"message", "type", "param", "code"}}: 400 for a body that
 is not a JSON object, a bad field (the message generate gives for it) or a prompt too long for
 the model's positions (code "context_length_exceeded"); 404 for an unknown prefix ("model" or
-"prefix"; code "model_not_found") or path; 405 for another method; 411 without Content-Length;
-413 for a body over 32 MiB; 503 for out of memory alone and while stopping; 500 for anything
-else (its traceback on stderr; the server goes on).
+"prefix"; code "model_not_found") or path; 405 for another method (HEAD: a GET's headers);
+411 without Content-Length; 413 for a body over 32 MiB; 503 for out of memory alone and while
+stopping; 500 for anything else (its traceback on stderr; the server goes on).
 
 Everything is checked and loaded before the server listens (the model, every prefix, --chat's
 template, the address: a port in use is an error before the model loads); then one line on
@@ -490,6 +490,9 @@ def _out_of_memory(p: _Pending, settings: serve_options.Decoding, message: str, 
                      type="server_error", code="out_of_memory")
 
 
+_ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST"}
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = False  # server_close waits for the handlers to answer
     # the listen backlog: socketserver's 5 made a burst of clients (20 at once) see their
@@ -510,6 +513,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self._handle("POST")
+
+    def do_HEAD(self) -> None:  # a GET's status and headers, no body
+        self._handle("HEAD")
+
+    # any other method: 405 in OpenAI's JSON (http.server's own answer: a 501 in HTML)
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._handle("PATCH")
+
+    def do_OPTIONS(self) -> None:
+        self._handle("OPTIONS")
 
     def _handle(self, method: str) -> None:
         app, start, tokens = self.server.app, time.monotonic(), 0
@@ -532,8 +551,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if status == 405:
+                self.send_header("Allow", _ROUTES[path] + (", HEAD" if _ROUTES[path] == "GET" else ""))
             self.end_headers()
-            self.wfile.write(data)
+            if method != "HEAD":
+                self.wfile.write(data)
         except OSError:  # the client is gone
             pass
         self._log(app, method, path, status, tokens, "", start)
@@ -544,10 +566,10 @@ class _Handler(BaseHTTPRequestHandler):
             app.say(f"{method} {path} {status} {tokens} tokens {1000 * (time.monotonic() - start):.0f} ms{note}")
 
     def _route(self, app: Server, method: str, path: str) -> Tuple[dict, int]:
-        routes = {"/health": "GET", "/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST"}
+        routes = _ROUTES
         if path not in routes:
             raise HTTPError(404, f"no such path {path!r}; paths: {', '.join(routes)}", code="not_found")
-        if method != routes[path]:
+        if method != routes[path] and not (method == "HEAD" and routes[path] == "GET"):
             raise HTTPError(405, f"{path} takes {routes[path]}, not {method}", code="method_not_allowed")
         if path == "/health":
             if app.stopping.is_set():

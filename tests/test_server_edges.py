@@ -35,3 +35,28 @@ def test_a_burst_of_clients_waits_in_the_listen_backlog():
         for s in socks:
             s.close()
         server.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with started("--max-new-tokens", "4", "--batch-wait-ms", "0") as s:
+        yield s
+
+
+def request(server, method, path):
+    conn = http.client.HTTPConnection(*server.address, timeout=30)
+    conn.request(method, path)
+    r = conn.getresponse()
+    return r.status, r.getheader("Content-Type"), r.getheader("Allow"), r.read()
+
+
+def test_head_is_a_get_without_its_body_and_other_methods_are_405_json(server):
+    status, kind, _, body = request(server, "HEAD", "/health")
+    assert (status, kind, body) == (200, "application/json", b"")
+    for method in ("OPTIONS", "PUT", "DELETE", "PATCH"):
+        status, kind, allow, body = request(server, method, "/v1/completions")
+        assert (status, kind, allow) == (405, "application/json", "POST"), method
+        assert json.loads(body)["error"]["code"] == "method_not_allowed"
+    assert request(server, "HEAD", "/v1/completions")[:3] == (405, "application/json", "POST")
+    assert request(server, "DELETE", "/v1/models")[2] == "GET, HEAD"
+    assert request(server, "OPTIONS", "/nope")[0] == 404
