@@ -142,6 +142,12 @@ def _check_stream(obj: dict) -> None:
                              f"got {json.dumps(options)}", param="stream_options")
 
 
+def _same(value: Any, fine: Any) -> bool:
+    """``value == fine``, a boolean equal to a boolean only: ``"logprobs": 0`` asks for the
+    chosen tokens' log probabilities (OpenAI's completions), and ``"n": true`` is no count."""
+    return value == fine and isinstance(value, bool) == isinstance(fine, bool)
+
+
 def _one_line(exc: Exception) -> str:
     """A RequestError's lines (a headline, then one per problem) as one line."""
     return " ".join(line.strip() for line in str(exc).splitlines())
@@ -345,7 +351,7 @@ class Server:
         if other in obj:
             raise HTTPError(400, f"'{other}' is not a field of this endpoint: give '{need}'", param=other)
         for name, fine in _UNSUPPORTED.items():
-            if name in obj and obj[name] not in fine:
+            if name in obj and not any(_same(obj[name], value) for value in fine):
                 why = _WHY.get(name, f"{name}={json.dumps(obj[name])} is not supported")
                 raise HTTPError(400, why, param=name, code="unsupported")
         _check_stream(obj)

@@ -60,3 +60,17 @@ def test_head_is_a_get_without_its_body_and_other_methods_are_405_json(server):
     assert request(server, "HEAD", "/v1/completions")[:3] == (405, "application/json", "POST")
     assert request(server, "DELETE", "/v1/models")[2] == "GET, HEAD"
     assert request(server, "OPTIONS", "/nope")[0] == 404
+
+
+@pytest.mark.parametrize("field, value, status", [
+    ("logprobs", 0, 400),  # OpenAI's completions: the chosen tokens' log probabilities
+    ("logprobs", None, 200), ("logprobs", False, 200),
+    ("n", True, 400), ("n", 1, 200), ("n", 1.0, 200),
+    ("echo", 0, 400), ("echo", False, 200),
+    ("presence_penalty", 0.0, 200), ("presence_penalty", False, 400), ("frequency_penalty", 0, 200),
+])
+def test_unsupported_fields_are_refused_unless_they_ask_for_nothing(server, field, value, status):
+    got, body = call(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, field: value})
+    assert got == status, body
+    if status == 400:
+        assert body["error"]["param"] == field and body["error"]["code"] == "unsupported"
