@@ -85,7 +85,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from transformers import StoppingCriteria
 
-from . import chat as chat_template, cli_args, cli_parsers, serve, serve_batching, serve_options, serve_stream
+from . import chat as chat_template, cli_args, cli_parsers, jsonl, serve, serve_batching, serve_options, serve_stream
 from .backends import check_env_backend
 from .serve_inputs import (Request, RequestError, prefix_sources, request_of, warn_about_adapter_bases,
                            warn_about_sampling_options)
@@ -631,9 +631,18 @@ class _Handler(BaseHTTPRequestHandler):
             raise HTTPError(413, f"the body is {int(length)} bytes, over the {MAX_BODY} this server takes")
         raw = self.rfile.read(int(length))
         try:
-            return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+            obj = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
         except (UnicodeDecodeError, ValueError) as exc:
             raise HTTPError(400, f"the body is not JSON: {exc}") from None
+        except RecursionError:  # arrays or objects nested thousands deep
+            raise HTTPError(400, "the body is not JSON this server reads: it is nested too deeply") from None
+        # a lone surrogate ("\ud800" is valid JSON) cannot be tokenized: refused here, as
+        # generate refuses it in a request file, not met in the worker
+        try:
+            jsonl._check_unicode(obj, "the body", ValueError)
+        except ValueError as exc:
+            raise HTTPError(400, str(exc)) from None
+        return obj
 
 
 def _no_constant(name: str):

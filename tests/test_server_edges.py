@@ -74,3 +74,14 @@ def test_unsupported_fields_are_refused_unless_they_ask_for_nothing(server, fiel
     assert got == status, body
     if status == 400:
         assert body["error"]["param"] == field and body["error"]["code"] == "unsupported"
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b'{"prompt": "\\ud800"}', "lone surrogate (\\ud800)"),
+    (b'{"prompt": "x", "stop": ["\\udc00"]}', "lone surrogate (\\udc00)"),
+    (b'{"prompt": "x", "model": "\\ud800"}', "lone surrogate"),
+    (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+])
+def test_bodies_no_request_can_come_from_are_400(server, raw, words):
+    status, body = call(server, "/v1/completions", raw=raw)
+    assert status == 400 and words in body["error"]["message"], body
