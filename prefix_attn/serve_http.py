@@ -442,12 +442,15 @@ class Server:
                 self._internal_error([ready[i] for i in batch], exc)
 
     def _plan(self, p: _Pending) -> bool:
-        """Tokenise a request and check its length; False (answered 400) when it cannot run."""
+        """Tokenise a request and check its length; False (answered 400, or 500) when it cannot run."""
         try:
             [p.job] = self.served.plan([p.request], "request")
             p.settings = serve_options.Decoding.of(self.args, p.request.options)
         except RequestError as exc:
             p.resolve(error=HTTPError(400, _one_line(exc)))
+            return False
+        except Exception as exc:  # a bug met by this request: a 500 for it, not for all gathered with it
+            self._internal_error([p], exc)
             return False
         try:
             self.served.check_lengths([p.job], [p.settings], "request")

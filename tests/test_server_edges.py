@@ -85,3 +85,24 @@ def test_unsupported_fields_are_refused_unless_they_ask_for_nothing(server, fiel
 def test_bodies_no_request_can_come_from_are_400(server, raw, words):
     status, body = call(server, "/v1/completions", raw=raw)
     assert status == 400 and words in body["error"]["message"], body
+
+
+def test_a_request_that_fails_its_planning_fails_alone(server, capsys):
+    """A bug met while one request is tokenised (in the worker) is a 500 for it alone: the
+    requests gathered with it are answered."""
+    plan = server.served.plan
+
+    def failing(requests, where):
+        if requests[0].prompt == "boom":
+            raise RuntimeError("a tokenizer bug")
+        return plan(requests, where)
+    server.served.plan = failing
+    try:
+        ready = [serve_http._Pending(server._request({"prompt": p, "max_tokens": 2}, chat=False))
+                 for p in ("hi", "boom", "there")]
+        server._answer(ready)
+    finally:
+        server.served.plan = plan
+    assert ready[1].error.status == 500 and "a tokenizer bug" in ready[1].error.error["message"]
+    assert ready[0].answer is not None and ready[2].answer is not None
+    assert "RuntimeError: a tokenizer bug" in capsys.readouterr().err
