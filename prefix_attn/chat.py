@@ -43,7 +43,9 @@ def parse_messages(value, where: str) -> List[dict]:
     keys, e.g. a tool message's ``tool_call_id``, are passed to the template as they are; an
     assistant message with ``tool_calls``, an array of objects, may have no content or null);
     a system message only first; the last one a user (or tool) message, which the answer
-    follows. Raises RequestError naming ``where``."""
+    follows. OpenAI's other forms are taken (:func:`_openai_forms`). Raises RequestError naming
+    ``where``."""
+    value = _openai_forms(value, where)
     _check_messages(value, where)
     if value[-1]["role"] not in ("user", "tool"):
         raise RequestError(f"{where}: the last message's role is {value[-1]['role']!r}: end with a "
@@ -55,6 +57,7 @@ def parse_example_messages(value, where: str) -> List[dict]:
     """A training example's ``"messages"`` (``prefix-attn train --chat``): a request's messages
     (:func:`parse_messages`) then one assistant message, the answer learnt. Raises
     RequestError naming ``where``."""
+    value = _openai_forms(value, where)
     _check_messages(value, where)
     last = value[-1]["role"]
     if last != "assistant":
@@ -66,6 +69,38 @@ def parse_example_messages(value, where: str) -> List[dict]:
         raise RequestError(f"{where}: the last (assistant) message must follow a user or tool message, "
                            f"as an answer of generate --chat does; {got}")
     return value
+
+
+def _openai_forms(value, where: str):
+    """``value`` with OpenAI's other forms of a message made the plain ones the chat templates
+    read: the role ``"developer"`` (OpenAI's name of the system message for its newer models) is
+    ``"system"``; a ``"content"`` given as an array of text parts, ``[{"type": "text", "text":
+    "..."}, ...]`` (what many OpenAI clients send), is their texts joined with newlines, as vLLM
+    joins them. A part of another type (an image, audio) is refused: only text is served.
+    Anything else is left to :func:`_check_messages`."""
+    if not isinstance(value, list):
+        return value
+    out = []
+    for i, m in enumerate(value):
+        if isinstance(m, dict):
+            m = dict(m)
+            if m.get("role") == "developer":
+                m["role"] = "system"
+            if isinstance(m.get("content"), list):
+                m["content"] = _text_parts(m["content"], f"{where}: messages[{i}]")
+        out.append(m)
+    return out
+
+
+def _text_parts(parts: list, at: str) -> str:
+    texts = []
+    for j, part in enumerate(parts):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            kind = f"type {part.get('type')!r}" if isinstance(part, dict) else jsonl.json_type(part)
+            raise RequestError(f"{at}: content[{j}]: only text parts ({{\"type\": \"text\", \"text\": "
+                               f"\"...\"}}) are served, got {kind}")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def _check_messages(value, where: str) -> None:

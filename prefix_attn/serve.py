@@ -13,8 +13,10 @@ Input: one JSON object per line, UTF-8 (a byte-order mark is accepted; blank lin
   "id"      any JSON value, unique in the file; default: the request's line number
             (1-based, blank lines counted)
   "messages" with --chat, instead of "prompt": [{"role": "user", "content": "..."}, ...]
-            (roles system, user, assistant, tool; a system message only first; the last a
-            user or tool message; an assistant tool call: "content" null, "tool_calls": [...]);
+            (roles system, user, assistant, tool, and OpenAI's developer = system; a system
+            message only first; the last a user or tool message; content a string or OpenAI's
+            text parts, joined with newlines; an assistant tool call: "content" null,
+            "tool_calls": [...]);
             echoed in the result in place of "prompt"
   "tools"   with --chat: function schemas given to the chat template (tools=), an array of
             objects [{"type": "function", "function": {...}}, ...]; echoed in the result

@@ -106,3 +106,26 @@ def test_a_request_that_fails_its_planning_fails_alone(server, capsys):
     assert ready[1].error.status == 500 and "a tokenizer bug" in ready[1].error.error["message"]
     assert ready[0].answer is not None and ready[2].answer is not None
     assert "RuntimeError: a tokenizer bug" in capsys.readouterr().err
+
+
+def test_openai_s_developer_role_and_text_parts_are_the_system_role_and_a_string(tmp_path):
+    """Many OpenAI clients send "content" as text parts and the newer models' "developer" role:
+    both were a 400 ('content' must be a string / 'role' must be one of ...); now the same
+    answer as "system" and the texts joined with newlines (as vLLM joins them)."""
+    from test_serve_chat import CHATML, _model, chat_tokenizer
+
+    folder = tmp_path / "chat"
+    _model().save_pretrained(str(folder))
+    chat_tokenizer(CHATML).save_pretrained(str(folder))
+    plain = {"messages": [{"role": "system", "content": "Be terse.\nReally."},
+                          {"role": "user", "content": "What is 2+2?"}], "max_tokens": 6}
+    openai = {"messages": [{"role": "developer", "content": [{"type": "text", "text": "Be terse."},
+                                                             {"type": "text", "text": "Really."}]},
+                           {"role": "user", "content": [{"type": "text", "text": "What is 2+2?"}]}],
+              "max_tokens": 6}
+    with started("--model", str(folder), "--chat") as s:
+        status, want = call(s, "/v1/chat/completions", plain)
+        assert status == 200, want
+        status, got = call(s, "/v1/chat/completions", openai)
+        assert status == 200, got
+    assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
