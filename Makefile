@@ -59,7 +59,10 @@ COMPAT_TESTS := tests/test_hf_models.py tests/test_hf_prefix.py tests/test_gener
 	tests/test_hf_lifecycle.py tests/test_train_cli_errors.py tests/test_serve_cli_errors.py \
 	tests/test_hf_architectures.py tests/test_serve_api.py tests/test_fsdp.py \
 	tests/test_composition.py tests/test_hf_sweep.py tests/test_default_prefix.py \
-	tests/test_checkpoint.py
+	tests/test_checkpoint.py tests/test_train_multi.py tests/test_train_optim.py tests/test_train_chat.py \
+	tests/test_chat_families.py tests/test_serve_chat.py tests/test_serve_cli_decoding.py \
+	tests/test_serve_request_options.py tests/test_server.py tests/test_server_stream.py \
+	tests/test_server_edges.py
 
 test-compat: setup
 	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
