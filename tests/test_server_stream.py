@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from prefix_attn import serve_http, serve_stream, tiny
+from prefix_attn import serve_stream, tiny
 from test_server import CHATML, SYSTEM, answer, call, recording, shut_down_mid_batch, started
 
 pytestmark = pytest.mark.hf

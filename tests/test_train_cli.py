@@ -10,13 +10,18 @@ from prefix_attn import train, train_data
 pytestmark = pytest.mark.hf
 
 
-@pytest.fixture
-def data(tmp_path):
-    path = tmp_path / "data.jsonl"
+def write_data(folder) -> str:
+    """14 prompt/completion examples in ``folder``/data.jsonl."""
+    path = folder / "data.jsonl"
     with open(path, "w") as f:
         for i in range(14):
             f.write(json.dumps({"prompt": f"Q{i % 3}:", "completion": f" answer {i % 4}"}) + "\n")
     return str(path)
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_data(tmp_path)
 
 
 ARGS = ["--num-virtual-tokens", "4", "--batch-size", "4", "--eval-every", "2", "--save-every", "1",

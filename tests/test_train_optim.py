@@ -8,9 +8,14 @@ import pytest
 import torch
 
 from prefix_attn import train, train_schedule
-from test_train_cli import _adapter, data  # noqa: F401 (a fixture)
+from test_train_cli import _adapter, write_data
 
 pytestmark = pytest.mark.hf
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_data(tmp_path)
 
 ARGS = ["--num-virtual-tokens", "4", "--batch-size", "4", "--eval-every", "0", "--no-progress", "--lr", "0.05"]
 
