@@ -73,6 +73,7 @@ import argparse
 import gc
 import json
 import queue
+import re
 import signal
 import sys
 import threading
@@ -148,9 +149,19 @@ def _same(value: Any, fine: Any) -> bool:
     return value == fine and isinstance(value, bool) == isinstance(fine, bool)
 
 
+# generate's words for a request file, and what they are for a client of the API
+_CLI_HINTS = {"lower --max-new-tokens, or the request's \"max_new_tokens\"": "lower max_tokens"}
+
+
 def _one_line(exc: Exception) -> str:
-    """A RequestError's lines (a headline, then one per problem) as one line."""
-    return " ".join(line.strip() for line in str(exc).splitlines())
+    """A RequestError's lines (a headline, then one per problem) as one line, in a client's
+    words: without generate's ``request:N:`` places (the server's own count of requests) and
+    naming the request's fields, not the command's options."""
+    text = " ".join(line.strip() for line in str(exc).splitlines())
+    text = re.sub(r"\brequest(?::\d+)?: ", "", text)
+    for cli, api in _CLI_HINTS.items():
+        text = text.replace(cli, api)
+    return text
 
 
 class _Stopping(StoppingCriteria):

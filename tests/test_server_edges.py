@@ -129,3 +129,17 @@ def test_openai_s_developer_role_and_text_parts_are_the_system_role_and_a_string
         status, got = call(s, "/v1/chat/completions", openai)
         assert status == 200, got
     assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
+
+
+def test_error_messages_speak_of_the_request_not_of_generate_s_file_or_options(server):
+    """A 400's message named the server's own count of requests ("request:10: ...") and, for a
+    prompt too long, generate's --max-new-tokens / "max_new_tokens" where the client sent
+    max_tokens."""
+    status, body = call(server, "/v1/completions", {"prompt": "hi", "top_p": 0})
+    assert status == 400 and body["error"]["message"] == "1 bad decoding field(s): 'top_p': must be in (0, 1], got 0"
+    status, body = call(server, "/v1/completions", {"prompt": "hi", "max_tokens": 1000})
+    message = body["error"]["message"]
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    assert "lower max_tokens" in message and "max-new-tokens" not in message and "request:" not in message
+    assert message.endswith("positions (shorten the prompt or lower max_tokens): 3 prompt tokens + 0 prefix "
+                            "tokens (prefix none) + 1000 new tokens = 1003")
