@@ -179,13 +179,12 @@ def eval_losses(model, data, batch_size: int, pad_id: int, name: str,
             ids, mask, labels = (t.to(device) for t in collate(rows, pad_id))
             logits = model(ids, attention_mask=mask, prefixes=prefixes).logits
             tgt = labels[:, 1:]
-            scores = logits[:, :-1].transpose(1, 2).float()
-            nll = torch.nn.functional.cross_entropy(scores, tgt, ignore_index=-100, reduction="sum")
-            total += nll.item()
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), tgt,
+                                                    ignore_index=-100, reduction="none")  # 0 where ignored
+            total += nll.sum().item()
             count += int((tgt != -100).sum())
-            if by_prefix:
-                rows_nll = torch.nn.functional.cross_entropy(scores, tgt, ignore_index=-100, reduction="none")
-                for prefix, loss, n in zip(prefixes, rows_nll.sum(1).tolist(), (tgt != -100).sum(1).tolist()):
+            if by_prefix:  # the same token losses, summed by row
+                for prefix, loss, n in zip(prefixes, nll.sum(1).tolist(), (tgt != -100).sum(1).tolist()):
                     acc = sums.setdefault(prefix, [0.0, 0])
                     acc[0] += loss
                     acc[1] += n
@@ -210,17 +209,18 @@ def train_step(model, opt, batch, pad_id: int, name: str, pack: bool,
     counts = [int((labels[:, 1:] != -100).sum()) for _, _, labels in micro]
     learnt = sum(counts)
     opt.zero_grad(set_to_none=True)
-    loss_value, n_tokens, stepped = 0.0, 0, False
+    losses, n_tokens, stepped = [], 0, False  # one host sync for the step's loss, at the end
     for rows, tensors, count in zip(parts, micro, counts):
         loss, tokens = _forward(model, tensors, [row_prefix(row, name) for row in rows], pack, device)
         weight = count / learnt if learnt else 1.0  # 1.0 with one micro-batch: the loss as it is
         n_tokens += tokens
         if not weight:  # nothing learnt in this micro-batch: its mean loss is 0 / 0
             continue
-        loss_value += loss.item() * weight
+        losses.append(loss.detach().float() * weight)
         if loss.requires_grad and count:  # else nothing reached the prefix: the caller's check says so
             (loss * weight).backward()
             stepped = True
+    loss_value = float(torch.stack(losses).sum()) if losses else 0.0
     params = [p for group in opt.param_groups for p in group["params"]]
     norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) \
         if stepped and max_grad_norm is not None else None
@@ -236,14 +236,14 @@ def _collated(batch, pad_id: int, pack: bool):
 
 def _forward(model, tensors, prefixes: List[str], pack: bool, device: Optional[torch.device]):
     """(mean loss over the learnt tokens, tokens run) of one collated micro-batch, its
-    examples under ``prefixes`` (one each)."""
+    examples under ``prefixes`` (one each). The tokens are counted on the host tensors (no
+    device sync)."""
+    tokens = tensors[0].numel() if pack else int(tensors[1].sum())
     ids, second, labels = (t.to(device) for t in tensors)
     if pack:  # the packed row under its one prefix, or each packed sequence under its own
         per = prefixes[:1] if len(set(prefixes)) == 1 else prefixes
-        return (model(ids, position_ids=second, labels=labels, prefixes=per, use_cache=False).loss,
-                ids.numel())
-    return (model(ids, attention_mask=second, labels=labels, prefixes=prefixes).loss,
-            int(second.sum()))
+        return model(ids, position_ids=second, labels=labels, prefixes=per, use_cache=False).loss, tokens
+    return model(ids, attention_mask=second, labels=labels, prefixes=prefixes).loss, tokens
 
 
 # --------------------------------------------------------------------------------------
