@@ -20,6 +20,17 @@ tools=tools, add_generation_prompt=True)`` on its whole conversation, the prompt
 included; ``tools``: the request's ``"tools"`` (function schemas), if any. Templates usually
 write them into the system part: a request giving tools after a prompt prefix is then refused
 as above. Assistant messages may be tool calls (``content`` null, ``tool_calls``).
+
+A request with ``"continue_final_message": true`` (vLLM's field, :func:`parse_ending`) ends with
+an assistant message, the start of the answer, and its tokens are instead
+``apply_chat_template(conversation, tools=tools, add_generation_prompt=False,
+continue_final_message=True)``: the rendering ends inside that message, which the answer
+continues (its text is only what is generated). transformers refuses a template that does not
+write the message's text at the end (one stripping or rewriting it, e.g. a think block it
+drops); a template that writes the conversation before it otherwise than it opens a new answer
+with the generation prompt (DeepSeek-R1's opens a ``<think>`` block that an assistant message
+lacks; Mistral v0.3 drops the system message once an answer follows) is refused too, compared
+as text: such a continuation would follow a conversation the model is not otherwise served.
 """
 from __future__ import annotations
 
@@ -38,19 +49,70 @@ _OTHER_SYSTEMS = ("Another system prompt.", "A different one, longer: 42!")
 
 # -- the request file's "messages" -----------------------------------------------------------
 
-def parse_messages(value, where: str) -> List[dict]:
+def parse_messages(value, where: str, continue_final: bool = False) -> List[dict]:
     """A request's ``"messages"``: a non-empty array of ``{"role", "content"}`` objects (other
     keys, e.g. a tool message's ``tool_call_id``, are passed to the template as they are; an
     assistant message with ``tool_calls``, an array of objects, may have no content or null);
     a system message only first; the last one a user (or tool) message, which the answer
-    follows. OpenAI's other forms are taken (:func:`_openai_forms`). Raises RequestError naming
-    ``where``."""
+    follows, or with ``continue_final`` (``"continue_final_message": true``) an assistant
+    message of non-empty text, which the answer continues. OpenAI's other forms are taken
+    (:func:`_openai_forms`). Raises RequestError naming ``where``."""
     value = _openai_forms(value, where)
     _check_messages(value, where)
-    if value[-1]["role"] not in ("user", "tool"):
-        raise RequestError(f"{where}: the last message's role is {value[-1]['role']!r}: end with a "
-                           "user message (the answer is generated as a new assistant turn after it)")
+    last = value[-1]
+    if continue_final:
+        _check_continued(last, f"{where}: messages[{len(value) - 1}]")
+    elif last["role"] not in ("user", "tool"):
+        hint = (" (the answer is generated as a new assistant turn after it); to continue an "
+                "assistant message instead, give \"continue_final_message\": true"
+                if last["role"] == "assistant" else
+                " (the answer is generated as a new assistant turn after it)")
+        raise RequestError(f"{where}: the last message's role is {last['role']!r}: end with a "
+                           f"user message{hint}")
     return value
+
+
+def _check_continued(message: dict, at: str) -> None:
+    """The last message of a request continuing it: an assistant message with text to continue
+    (not a tool call: its rendering is the template's, no text the answer could go on from)."""
+    if message["role"] != "assistant":
+        raise RequestError(f"{at}: \"continue_final_message\": true continues the last message, which must "
+                           f"be an assistant message (the start of the answer); its role is {message['role']!r}")
+    if message.get("tool_calls"):
+        raise RequestError(f"{at}: \"continue_final_message\": true cannot continue a tool call "
+                           "('tool_calls'): give the start of the answer as 'content'")
+    if not message["content"].strip():
+        raise RequestError(f"{at}: \"continue_final_message\": true needs the assistant message's 'content' "
+                           "to hold text (the start of the answer); to start a new assistant turn, leave the "
+                           "message out and \"continue_final_message\" unset")
+
+
+# the request fields saying how a conversation's rendering ends, apply_chat_template's arguments
+ENDING_FIELDS = ("continue_final_message", "add_generation_prompt")
+
+
+def parse_ending(obj: dict, where: str) -> Tuple[bool, bool]:
+    """(generation prompt, continue the final message) of a request ``obj``, as vLLM takes its
+    fields: ``"add_generation_prompt"`` (default true: the answer is a new assistant turn) and
+    ``"continue_final_message"`` (default false; true: the rendering ends inside the last
+    message, an assistant's, which the answer continues, as ``apply_chat_template(...,
+    continue_final_message=True)`` renders it). Null is the default. Both true is an error (as
+    transformers raises); ``"continue_final_message": true`` alone turns the generation prompt
+    off (vLLM wants ``"add_generation_prompt": false`` said too). Raises RequestError naming
+    ``where``."""
+    values = {}
+    for name in ENDING_FIELDS:
+        value = obj.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise RequestError(f"{where}: {name!r} must be true or false, got {jsonl.json_type(value)}")
+        values[name] = value
+    continue_final = values["continue_final_message"] is True
+    generation_prompt = values["add_generation_prompt"]
+    if continue_final and generation_prompt:
+        raise RequestError(f"{where}: 'continue_final_message' and 'add_generation_prompt' are both true: "
+                           "the answer either continues the last (assistant) message or starts a new "
+                           "assistant turn; give \"add_generation_prompt\": false (or leave it out)")
+    return (not continue_final if generation_prompt is None else generation_prompt), continue_final
 
 
 def parse_example_messages(value, where: str) -> List[dict]:
@@ -182,14 +244,16 @@ def _not_objects(value) -> Optional[str]:
 
 
 def check_requests(requests: List[Request], chat: bool, path: str) -> None:
-    """Without ``--chat``, no request may give ``"messages"`` or ``"tools"`` (all such lines in
-    one error)."""
+    """Without ``--chat``, no request may give ``"messages"``, ``"tools"`` or a field of how
+    the rendering ends (:data:`ENDING_FIELDS`), null aside (all such lines in one error)."""
     if chat:
         return
-    fields = {r.line: [k for k in ("messages", "tools") if getattr(r, k) is not None] for r in requests}
+    names = ("messages", "tools") + ENDING_FIELDS
+    fields = {r.line: [k for k in names if (getattr(r, k) if k in ("messages", "tools") else r.extra.get(k))
+                       is not None] for r in requests}
     bad = [f"{path}:{line}" for line, given in fields.items() if given]
     if bad:
-        given = " or ".join(f"'{k}'" for k in ("messages", "tools") if any(k in g for g in fields.values()))
+        given = " or ".join(f"'{k}'" for k in names if any(k in g for g in fields.values()))
         raise refusal(f"{len(bad)} request(s) give {given}, which needs --chat (the tokenizer's "
                       "chat template renders them):", bad)
 
@@ -234,13 +298,39 @@ class ChatTemplate:
         self.systems: Dict[str, Tuple[str, List[int]]] = {}  # prompt prefix -> (text, ids)
 
     def render(self, messages: List[dict], generation_prompt: bool,
-               tools: Optional[List[dict]] = None) -> List[int]:
+               tools: Optional[List[dict]] = None, continue_final: bool = False) -> List[int]:
         """``apply_chat_template``'s token ids (the rendered text tokenised without special
-        tokens: the template writes those it wants); ``tools``: the request's, if any."""
+        tokens: the template writes those it wants); ``tools``: the request's, if any;
+        ``continue_final``: the rendering ends inside the last message (its
+        ``continue_final_message``)."""
         ids = self.tokenizer.apply_chat_template(messages, tools=tools,
                                                  add_generation_prompt=generation_prompt,
+                                                 continue_final_message=continue_final,
                                                  tokenize=True, return_dict=False, **self.options)
         return [int(i) for i in ids]
+
+    def _text(self, messages: List[dict], tools: Optional[List[dict]], **ending) -> str:
+        return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **ending, **self.options)
+
+    def _continued_elsewhere(self, messages: List[dict], tools: Optional[List[dict]]) -> Optional[str]:
+        """Why the template's rendering of ``messages`` continuing the last (assistant) one is
+        not the rendering of the messages before it with the generation prompt, then the
+        message's text (None: it is, or has more between the two, e.g. Qwen3's empty think
+        block). Such a template writes the earlier messages otherwise once an answer follows
+        (Mistral v0.3 drops the system message), or opens an answer with more than it writes
+        before an assistant message (DeepSeek-R1's "<think>"): the answer would continue a
+        conversation the model is not served with otherwise. Compared as text: the whole
+        rendering is tokenised at once, so no token boundary is assumed."""
+        opened = self._text(messages[:-1], tools, add_generation_prompt=True)
+        continued = self._text(messages, tools, continue_final_message=True)
+        if continued.startswith(opened):
+            return None
+        i = next((k for k, (x, y) in enumerate(zip(opened, continued)) if x != y), min(len(opened), len(continued)))
+        return (f"the chat template writes the conversation continuing the last (assistant) message "
+                f"otherwise than it opens a new answer (with the generation prompt): from character {i}, "
+                f"{opened[i:i + 3 * _SHOWN]!r} opening an answer but {continued[i:i + 3 * _SHOWN]!r} before the "
+                f"message continued; start the message's content with what opens an answer, or give "
+                f"the conversation without \"continue_final_message\"")
 
     def system_ids(self, name: str, text: str) -> List[int]:
         """The ids of prompt prefix ``name``: the template rendered for [system(text)] alone,
@@ -312,10 +402,14 @@ class ChatTemplate:
                 system = self.systems[r.prefix]
                 messages = [{"role": "system", "content": system[0]}] + messages
             try:
-                full = self.render(messages, generation_prompt=True, tools=r.tools)
+                full = self.render(messages, r.generation_prompt, r.tools, r.continue_final)
+                problem = self._continued_elsewhere(messages, r.tools) if r.continue_final else None
             except Exception as exc:
-                bad.append(f"{where}: the chat template refuses this conversation "
+                bad.append(f"{where}: the chat template refuses this conversation{_continuing(r)} "
                            f"({type(exc).__name__}: {_first_line(exc)})")
+                continue
+            if problem is not None:
+                bad.append(f"{where}: {problem}")
                 continue
             if system is None:
                 ids[r.line] = full
@@ -346,6 +440,13 @@ class ChatTemplate:
         i, shown_alone, shown_full = difference(self.tokenizer, alone, full)
         return (f"its {len(alone)} tokens alone are not the conversation's first ones: from token {i}, "
                 f"{shown_alone} alone but {shown_full} once a user turn follows")
+
+
+def _continuing(r: Request) -> str:
+    """What a template refusing request ``r`` refused, where it continues its last message
+    (transformers raises where the template strips or rewrites it)."""
+    return (" continuing its last message (\"continue_final_message\": the template must write "
+            "that message's content as given, at the end)" if r.continue_final else "")
 
 
 def difference(tokenizer, a: List[int], b: List[int]) -> Tuple[int, str, str]:

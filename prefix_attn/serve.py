@@ -14,12 +14,22 @@ Input: one JSON object per line, UTF-8 (a byte-order mark is accepted; blank lin
             (1-based, blank lines counted)
   "messages" with --chat, instead of "prompt": [{"role": "user", "content": "..."}, ...]
             (roles system, user, assistant, tool, and OpenAI's developer = system; a system
-            message only first; the last a user or tool message; content a string or OpenAI's
+            message only first; the last a user or tool message, or an assistant one to continue
+            (below); content a string or OpenAI's
             text parts, joined with newlines; an assistant tool call: "content" null,
             "tool_calls": [...]);
             echoed in the result in place of "prompt"
   "tools"   with --chat: function schemas given to the chat template (tools=), an array of
             objects [{"type": "function", "function": {...}}, ...]; echoed in the result
+  "continue_final_message"  with --chat, true or false (default): true continues the last
+            message, an assistant's holding the start of the answer (a "prefill", e.g.
+            {"role": "assistant", "content": "Sure: {"}): the rendering ends inside it, as
+            apply_chat_template(..., continue_final_message=True)'s; "completion" is only the
+            text generated after it, stop texts are looked for in that text only
+  "add_generation_prompt"  with --chat, true (default) or false (the rendering without the
+            generation prompt); false with "continue_final_message": true, as vLLM wants it
+            (left out: false there too); both true is an error. Both are request fields only,
+            as vLLM's: they say what the conversation is, not how it is decoded (no option)
   decoding fields, each overriding the command's option of the same name for this request
             only (null or missing: the option's value), checked as the option is (every bad
             line named in one error, before the model loads):
@@ -75,6 +85,10 @@ reads each row's prefix from the bank.
 runs the rest of [system, user(prompt)]; a template that renders the system message otherwise
 once a user turn follows is refused (the prefix's KV would not be the conversation's). A request
 with an adapter or no prefix runs [user(prompt)], with the template's default system prompt.
+A request continuing its last (assistant) message ("continue_final_message") is refused, naming
+its line, where the template does not write that message as given at the end of the rendering
+(it strips or rewrites it), or writes the conversation before it otherwise than it opens a new
+answer (DeepSeek-R1's generation prompt opens a <think> block an assistant message has not).
 
 Requests decoded alike (equal decoding settings; sampling values do not count for greedy ones)
 share model.generate calls: each such group runs in batches of similar prompt length, the batches

@@ -19,8 +19,9 @@ Endpoints (JSON in and out; Python's standard library only: http.server):
 A request's "model" names the prefix to use, as vLLM's names a LoRA adapter: a prefix name, or the
 base model's id (the --model folder as given, or "prefix-attn-tiny") or none for no prefix; a
 "prefix" field may name it instead (both: the same name). A request is what a line of `prefix-attn
-generate`'s request file is, checked by the same code: "prompt" (one string), or "messages" and
-"tools" with --chat, and the decoding fields "max_tokens" (or "max_completion_tokens",
+generate`'s request file is, checked by the same code: "prompt" (one string), or "messages",
+"tools", "continue_final_message" and "add_generation_prompt" (vLLM's: continue a last assistant
+message) with --chat, and the decoding fields "max_tokens" (or "max_completion_tokens",
 "max_new_tokens"), "stop", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
 "num_beams", "do_sample", each overriding the option of the same name for that request, and
 "stream" (below). As

@@ -25,7 +25,9 @@ class RequestError(ValueError):
 @dataclass
 class Request:
     """One line of the request file: its ``prompt``, or its ``messages`` (then ``prompt`` is None),
-    and its ``tools``, the chat template's function schemas (both ``prefix-attn generate --chat``);
+    its ``tools``, the chat template's function schemas, and how its rendering ends (the generation
+prompt, or the last message continued: :func:`prefix_attn.chat.parse_ending`) (all ``prefix-attn
+generate --chat``);
     ``options``: the decoding settings its fields give (argparse dest -> value,
     :func:`prefix_attn.serve_options.parse_fields`), which override the command's options."""
 
@@ -37,6 +39,8 @@ class Request:
     messages: Optional[List[dict]] = None
     tools: Optional[List[dict]] = None
     options: Dict[str, Any] = field(default_factory=dict)
+    generation_prompt: bool = True  # "add_generation_prompt" (--chat)
+    continue_final: bool = False  # "continue_final_message" (--chat)
 
 
 # -- request file ----------------------------------------------------------------------------
@@ -76,12 +80,20 @@ def _parse_request(obj, where: str, lineno: int) -> Request:
         raise RequestError(f"{where}: expected a JSON object, got {jsonl.json_type(obj)}"
                            + jsonl.array_hint(where, obj))
     messages = None
+    generation_prompt, continue_final = True, False
+    if "continue_final_message" in obj or "add_generation_prompt" in obj:  # for --chat
+        from .chat import parse_ending
+
+        generation_prompt, continue_final = parse_ending(obj, where)
     if "messages" in obj:  # a conversation, for --chat
         from .chat import parse_messages
 
         if "prompt" in obj:
             raise RequestError(f"{where}: give 'prompt' or 'messages', not both")
-        messages = parse_messages(obj["messages"], where)
+        messages = parse_messages(obj["messages"], where, continue_final)
+    elif continue_final:
+        raise RequestError(f"{where}: \"continue_final_message\": true needs 'messages' ending with an "
+                           "assistant message to continue ('prompt' is a user message)")
     elif "prompt" not in obj:
         found = ", ".join(repr(k) for k in obj) or "none"
         raise RequestError(f"{where}: missing 'prompt' (fields found: {found})")
@@ -100,7 +112,8 @@ def _parse_request(obj, where: str, lineno: int) -> Request:
         raise RequestError(f"{where}: 'prefix' must be a name (string) or null, got {prefix!r}")
     extra = {k: v for k, v in obj.items() if k not in ("prompt", "messages", "prefix", "id")}
     return Request(prompt=prompt, prefix=prefix, id=obj.get("id", lineno), line=lineno, extra=extra,
-                   messages=messages, tools=tools)
+                   messages=messages, tools=tools, generation_prompt=generation_prompt,
+                   continue_final=continue_final)
 
 
 def _check_unique_id(request: Request, id_lines: Dict[str, int], where: str) -> None:
