@@ -405,7 +405,7 @@ class ChatTemplate:
                 full = self.render(messages, r.generation_prompt, r.tools, r.continue_final)
                 problem = self._continued_elsewhere(messages, r.tools) if r.continue_final else None
             except Exception as exc:
-                bad.append(f"{where}: the chat template refuses this conversation{_continuing(r)} "
+                bad.append(f"{where}: the chat template refuses this conversation{_continuing(r, exc)} "
                            f"({type(exc).__name__}: {_first_line(exc)})")
                 continue
             if problem is not None:
@@ -442,11 +442,13 @@ class ChatTemplate:
                 f"{shown_alone} alone but {shown_full} once a user turn follows")
 
 
-def _continuing(r: Request) -> str:
-    """What a template refusing request ``r`` refused, where it continues its last message
-    (transformers raises where the template strips or rewrites it)."""
+def _continuing(r: Request, exc: Exception) -> str:
+    """What a template refusing request ``r`` (raising ``exc``) refused, where transformers
+    found the last message, continued, not written at its end (the template strips or rewrites
+    it); nothing for a template's own error (a system message it refuses)."""
+    refused = r.continue_final and "continue_final_message" in str(exc)  # transformers' check
     return (" continuing its last message (\"continue_final_message\": the template must write "
-            "that message's content as given, at the end)" if r.continue_final else "")
+            "that message's content as given, at the end)" if refused else "")
 
 
 def difference(tokenizer, a: List[int], b: List[int]) -> Tuple[int, str, str]:

@@ -5,7 +5,8 @@ For each family: (a) a ``--prompt-prefix`` (a shared system prompt) is served or
 requests without a prefix are served; (c) ``train --chat`` rows of prompt/completion and
 multi-turn examples are made or refused, and with ``--chat-turns all`` / ``each`` every
 assistant turn's;
-(d) with tools, where the template renders them.
+(d) with tools, where the template renders them; (e) requests continuing a prefilled answer
+(``"continue_final_message"``) are rendered as transformers renders them, or refused.
 Every answer served must equal ``model.generate`` on the whole templated conversation, and
 every refusal must be right: the template really renders the system prompt (or the context of
 an answer) otherwise. README "Command line" (generate --chat) shows these outcomes as a table.
@@ -415,7 +416,10 @@ def test_readme_has_the_families_table():
     assert "tests/test_chat_families.py" in readme[readme.index("| family (template) |") - 800:]
     rows = {line.split("|")[1].split()[0]: [c.strip() for c in line.split("|")[2:-1]] for line in table[2:]}
     assert list(rows) == list(FAMILIES)
-    for name, (prefix, tools, train, all_turns, each_turn) in rows.items():
+    for name, (prefix, tools, train, all_turns, each_turn, continued) in rows.items():
+        first = CONTINUE[name][0]
+        assert continued.startswith("ok" if first == OK else "refused") and \
+            (("except" in continued) == (first == OK and set(CONTINUE[name]) != {OK})), name
         for column, outcomes in ((all_turns, ALL_TURNS[name]), (each_turn, EACH_TURN[name])):
             if set(outcomes) == {OK}:
                 assert column.startswith("ok") and "except" not in column, name
@@ -430,3 +434,45 @@ def test_readme_has_the_families_table():
             assert train.startswith("refused except" if OK in TRAIN[name] else "refused"), name
         else:
             assert train.startswith("ok") and ("except" in train) == (set(TRAIN[name]) != {OK}), name
+
+
+# (e) "continue_final_message": a prefilled answer, alone, after a system message, and opened with
+# a think block; OK: the ids are apply_chat_template(continue_final_message=True)'s; TEMPLATE: the
+# template refuses the conversation; OPENED: it writes it otherwise than it opens an answer
+OPENED = "written otherwise than an answer is opened"
+PREFILL = {"role": "assistant", "content": 'Sure: {"a": '}
+CONTINUE_EXAMPLES = ([{"role": "user", "content": "JSON?"}, PREFILL],
+                     [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "JSON?"}, PREFILL],
+                     [{"role": "user", "content": "JSON?"}, {"role": "assistant", "content": "<think>\nHm"}])
+CONTINUE = {name: [OK, OK, OK] for name in FAMILIES}
+CONTINUE.update({"mistral-v0.1": [OK, TEMPLATE, OK], "gemma2": [OK, TEMPLATE, OK],
+                 "mistral-v0.3": [OK, OPENED, OK], "deepseek-r1": [OPENED, OPENED, OK]})
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_continuing_a_prefilled_answer(tmp_path, name):
+    """(e) each request continuing its last (assistant) message runs the template's rendering
+    of it, or is refused where the template refuses the conversation or writes the messages
+    before the answer otherwise than it opens a new one (checked on the template itself)."""
+    from prefix_attn.serve import read_requests
+
+    tok = family_tokenizer(name)
+    for messages, outcome in zip(CONTINUE_EXAMPLES, CONTINUE[name]):
+        requests = read_requests(_write(tmp_path / "r.jsonl", [{"messages": messages, "continue_final_message": True}]))
+        continued = dict(tokenize=False, continue_final_message=True)
+        if outcome == OK:
+            ids = ChatTemplate(tok).request_ids(requests, None, "r.jsonl")[1]
+            assert ids == tok.apply_chat_template(messages, continue_final_message=True, tokenize=True, return_dict=False)
+            # templates trimming the content (Llama 3, Mistral, Gemma) end without its last space
+            assert tok.decode(ids).rstrip().endswith(messages[-1]["content"].rstrip())
+            continue
+        with pytest.raises(serve.RequestError) as caught:
+            ChatTemplate(tok).request_ids(requests, None, "r.jsonl")
+        if outcome == TEMPLATE:
+            assert "the chat template refuses this conversation" in str(caught.value)
+            with pytest.raises(Exception):
+                tok.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        else:
+            assert "otherwise than it opens a new answer" in str(caught.value)
+            opened = tok.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+            assert not tok.apply_chat_template(messages, **continued).startswith(opened)
