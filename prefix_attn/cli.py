@@ -1,4 +1,4 @@
-"""The `prefix-attn` command: check, demo, train, generate, serve."""
+"""The `prefix-attn` command: check, demo, train, generate, serve, eval."""
 from __future__ import annotations
 
 import argparse

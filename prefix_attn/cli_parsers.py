@@ -186,6 +186,17 @@ def prefix_name(text: str) -> str:
 
 def _prefix_arguments(p: argparse.ArgumentParser) -> None:
     """The model, its prefix sources and the chat template: generate's and serve's."""
+    _source_arguments(p)
+    p.add_argument("--chat", action="store_true",
+                   help="render with the tokenizer's chat template: a --prompt-prefix is the system "
+                        "message, a request's prompt (or \"messages\") the user turn(s)")
+    p.add_argument("--chat-option", action="append", default=[], type=cli_args.chat_option, metavar="KEY=VALUE",
+                   help="a variable of the chat template, with --chat (e.g. enable_thinking=false; the value "
+                        "read as JSON, else as text; repeatable)")
+
+
+def _source_arguments(p: argparse.ArgumentParser) -> None:
+    """The model and its prefix sources: generate's, serve's and eval's."""
     p.add_argument("--model", default=None, metavar="DIR",
                    help="local HF model folder (default: the built-in tiny model, random weights)")
     p.add_argument("--bank", default=None, metavar="DIR",
@@ -194,12 +205,6 @@ def _prefix_arguments(p: argparse.ArgumentParser) -> None:
                    help="a PEFT prefix-tuning adapter folder, served as prefix NAME (repeatable)")
     p.add_argument("--prompt-prefix", action="append", default=[], metavar="NAME=TEXT",
                    help="a shared prompt whose KV is computed once and served as prefix NAME (repeatable)")
-    p.add_argument("--chat", action="store_true",
-                   help="render with the tokenizer's chat template: a --prompt-prefix is the system "
-                        "message, a request's prompt (or \"messages\") the user turn(s)")
-    p.add_argument("--chat-option", action="append", default=[], type=cli_args.chat_option, metavar="KEY=VALUE",
-                   help="a variable of the chat template, with --chat (e.g. enable_thinking=false; the value "
-                        "read as JSON, else as text; repeatable)")
 
 
 def _decoding_arguments(p: argparse.ArgumentParser) -> None:
@@ -258,6 +263,38 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no line on stderr per request")
 
 
+NO_PREFIX = "none"  # eval's --prefix for the base model without a prefix
+
+
+def eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``prefix-attn eval`` (:mod:`prefix_attn.evaluate`)."""
+    p.add_argument("data", help="held-out data, read as train reads its data (.jsonl/.json or plain text; "
+                                "a JSON example's 'prefix' names the prefix it is scored under)")
+    _source_arguments(p)
+    p.add_argument("--prefix", action="append", default=[], type=prefix_name, metavar="NAME",
+                   help=f"score the examples that name no prefix under NAME ({NO_PREFIX}: the base model "
+                        "without a prefix; repeatable: each example under each; default: the one prefix "
+                        f"given, or {NO_PREFIX} when none is)")
+    p.add_argument("--batch-size", type=cli_args.int_at_least(1), default=8, metavar="N",
+                   help="examples per forward, batched by length (train's --batch-size: the same batches "
+                        "as its eval loss)")
+    p.add_argument("--max-length", type=cli_args.int_at_least(2), default=None, metavar="N",
+                   help=f"tokens per example, longer ones cut (default: {DEFAULT_MAX_LENGTH}, or the model's "
+                        "positions less the longest prefix scored when fewer; a larger N is an error)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=sorted(GENERATE_DTYPES), default="float32", help="model and prefix dtype")
+    p.add_argument("--chat", action="store_true",
+                   help="render each example with the tokenizer's chat template, as train --chat does; "
+                        "the loss on the assistant turn(s) it learns (see --chat-turns)")
+    p.add_argument("--chat-option", action="append", default=[], type=cli_args.chat_option, metavar="KEY=VALUE",
+                   help="a variable of the chat template, with --chat (repeatable)")
+    p.add_argument("--chat-turns", choices=("last", "all", "each"), default="last",
+                   help="with --chat, the assistant turns scored, as train's --chat-turns")
+    p.add_argument("--output", "-o", default=None, metavar="FILE",
+                   help="also write the numbers per prefix to FILE as JSON (written whole or not at all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 # name -> (module running it, one-line help, its arguments)
 COMMANDS = {
     "check": ("prefix_attn.check", "check every available backend against the reference", check_arguments),
@@ -268,6 +305,8 @@ COMMANDS = {
                  generate_arguments),
     "serve": ("prefix_attn.serve_http", "an OpenAI-compatible HTTP server, a prefix per request",
               serve_arguments),
+    "eval": ("prefix_attn.evaluate", "the loss of a data file under each prefix, without training",
+             eval_arguments),
 }
 
 

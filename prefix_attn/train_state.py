@@ -41,8 +41,21 @@ class Interrupted(BaseException):
         self.signum, self.note = signum, note
 
 
+_SPEAKER = [PROG]  # the command whose notes warn prints (train's, unless speaking_as says otherwise)
+
+
 def warn(kind: str, message: str) -> None:
-    print(f"{PROG}: {kind}: {message}", file=sys.stderr)
+    print(f"{_SPEAKER[-1]}: {kind}: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def speaking_as(prog: str):
+    """:func:`warn` speaks as ``prog`` inside (``prefix-attn eval`` reads data as train does)."""
+    _SPEAKER.append(prog)
+    try:
+        yield
+    finally:
+        _SPEAKER.pop()
 
 
 # --------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ def _command(tmp_path, *argv):
     (["demo", "--seed", "x"], 2, "argument --seed: expected an integer, got 'x'"),
     (["serve", "--help"], 0, "POST /v1/chat/completions"),
     (["serve", "--port", "70000"], 2, "prefix-attn serve: error: argument --port: must be at most 65535"),
+    (["eval", "--help"], 0, "the loss of a data file under each prefix, without training"),
+    (["eval", "d.jsonl", "--batch-size", "0"], 2, "prefix-attn eval: error: argument --batch-size: must be at least 1"),
     (["serv"], 2, "invalid choice: 'serv'"),
     ([], 2, "usage: prefix-attn"),
 ])

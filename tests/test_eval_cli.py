@@ -1,0 +1,262 @@
+"""`prefix-attn eval`: train's eval loss of a data file under each prefix, without training;
+checked against what `prefix-attn train` logged on the same --eval-data and against a plain HF
+forward."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from prefix_attn import cli, evaluate, serve, tiny, train
+from test_train_chat import _write
+
+pytestmark = pytest.mark.hf
+
+TRAIN = ["--num-virtual-tokens", "4", "--batch-size", "4", "--max-steps", "4", "--eval-every", "2",
+         "--no-progress", "--lr", "0.05"]
+
+
+def _examples(n, prefixes=None, shift=0):
+    """n prompt/completion examples of unequal lengths, each with the next of ``prefixes``."""
+    return [{"prompt": f"Q{i % 3}:", "completion": f" answer {(i + shift) % 4}" + " more" * (i % 3),
+             **({"prefix": prefixes[i % len(prefixes)]} if prefixes else {})} for i in range(n)]
+
+
+def _log(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+
+def _eval(tmp_path, *argv):
+    """(exit status, the JSON output or None) of ``prefix-attn eval ARGV -o FILE``."""
+    out = tmp_path / "scores.json"
+    if out.exists():
+        out.unlink()
+    code = cli.main(["eval", *argv, "--no-progress", "-o", str(out)])
+    return code, (json.loads(out.read_text()) if out.exists() else None)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """A short single-prefix run with --eval-data: (its folder, the eval file)."""
+    root = tmp_path_factory.mktemp("eval_single")
+    data, held = _write(root / "d.jsonl", _examples(14)), _write(root / "e.jsonl", _examples(7, shift=1))
+    out = str(root / "run")
+    assert train.main([data, "-o", out, "--eval-data", held, *TRAIN]) == 0
+    return out, held
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory):
+    """A short multi-task run (prefixes x and y) with --eval-data naming them."""
+    root = tmp_path_factory.mktemp("eval_multi")
+    data = _write(root / "d.jsonl", _examples(16, ["x", "y"]))
+    held = _write(root / "e.jsonl", _examples(9, ["y", "x", "y"], shift=1))
+    out = str(root / "run")
+    assert train.main([data, "-o", out, "--eval-data", held, *TRAIN]) == 0
+    return out, held
+
+
+def test_the_loss_under_a_trained_adapter_is_the_eval_loss_train_logged(single, tmp_path, capsys):
+    out, held = single
+    code, scores = _eval(tmp_path, held, "--model", os.path.join(out, "base_model"),
+                         "--adapter", f"a={os.path.join(out, 'adapter')}", "--batch-size", "4")
+    assert code == 0
+    a = scores["prefixes"]["a"]
+    assert list(scores["prefixes"]) == ["a"]  # the one prefix given: the default
+    assert a["loss"] == pytest.approx(_log(out)[-1]["eval_loss"], rel=1e-6, abs=1e-7)
+    assert a["examples"] == 7 and a["perplexity"] == pytest.approx(math.exp(a["loss"]))
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["prefix", "examples", "tokens", "loss", "perplexity"]
+    assert table[1].split()[:4] == ["a", "7", str(a["tokens"]), f"{a['loss']:.4f}"]
+
+
+def _hf_loss(model_dir, held, prefix_ids=()):
+    """The token-weighted cross-entropy of each example of ``held`` (ByteTokenizer ids: start
+    token, bytes + 3, end token; the loss on the completion and the end token) in a plain HF
+    forward (sdpa), after the tokens ``prefix_ids`` (a prompt: its logits are not scored, nor
+    the start token then)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    total, count = 0.0, 0
+    for line in open(held):
+        ex = json.loads(line)
+        start = [] if prefix_ids else [1]
+        prompt = start + [b + 3 for b in ex["prompt"].encode()]
+        completion = [b + 3 for b in ex["completion"].encode()] + [2]
+        ids = torch.tensor([list(prefix_ids) + prompt + completion])
+        labels = torch.tensor([[-100] * (len(prefix_ids) + len(prompt)) + completion])
+        labels[0, len(prefix_ids)] = -100  # the first text token is never predicted
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum")
+        total += float(nll)
+        count += int((labels[0, 1:] != -100).sum())
+    return total / count, count
+
+
+def test_without_a_prefix_the_loss_is_a_plain_hf_forward(single, tmp_path):
+    out, held = single
+    base = os.path.join(out, "base_model")
+    code, scores = _eval(tmp_path, held, "--model", base, "--prefix", "none")
+    assert code == 0
+    loss, count = _hf_loss(base, held)
+    assert scores["prefixes"]["none"]["tokens"] == count
+    assert scores["prefixes"]["none"]["loss"] == pytest.approx(loss, rel=1e-5)
+    # no prefix given at all: the same, under none
+    assert _eval(tmp_path, held, "--model", base)[1]["prefixes"] == scores["prefixes"]
+
+
+def test_a_prompt_prefix_scores_the_text_after_the_prompt(single, tmp_path):
+    """The examples continue the prompt: no start token of their own (the prompt has it)."""
+    out, held = single
+    base = os.path.join(out, "base_model")
+    code, scores = _eval(tmp_path, held, "--model", base, "--prompt-prefix", "p=Answer: ")
+    assert code == 0
+    loss, count = _hf_loss(base, held, prefix_ids=[1] + [b + 3 for b in b"Answer: "])
+    assert scores["prefixes"]["p"]["tokens"] == count
+    assert scores["prefixes"]["p"]["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_several_prefixes_in_one_run_each_as_alone_and_the_change_against_none(single, tmp_path, capsys):
+    out, held = single
+    base, adapter = os.path.join(out, "base_model"), os.path.join(out, "adapter")
+    both = ["--model", base, "--adapter", f"a={adapter}", "--adapter", f"b={adapter}"]
+    code, scores = _eval(tmp_path, held, *both, "--prefix", "none", "--prefix", "a", "--prefix", "b")
+    assert code == 0
+    by = scores["prefixes"]
+    assert list(by) == ["none", "a", "b"]
+    assert by["a"]["loss"] == by["b"]["loss"] == _eval(tmp_path, held, "--model", base, "--adapter",
+                                                       f"a={adapter}")[1]["prefixes"]["a"]["loss"]
+    assert by["none"]["loss"] == _eval(tmp_path, held, "--model", base)[1]["prefixes"]["none"]["loss"]
+    assert by["a"]["delta_loss"] == pytest.approx(by["a"]["loss"] - by["none"]["loss"])
+    assert "delta_loss" not in by["none"]
+    capsys.readouterr()
+    assert cli.main(["eval", held, *both, "--prefix", "none", "--prefix", "b", "--no-progress"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[-2:] == ["vs", "none"]
+    assert table[2].split()[-1] == f"{by['b']['loss'] - by['none']['loss']:+.4f}"
+
+
+def test_examples_are_scored_under_their_own_prefix_as_train_s_multi_task_eval(multi, tmp_path):
+    out, held = multi
+    code, scores = _eval(tmp_path, held, "--model", os.path.join(out, "base_model"),
+                         "--bank", os.path.join(out, "bank"), "--batch-size", "4")
+    assert code == 0
+    logged = _log(out)[-1]
+    by = scores["prefixes"]
+    assert list(by) == ["x", "y"] and (by["x"]["examples"], by["y"]["examples"]) == (3, 6)
+    for name, loss in logged["eval_loss_by_prefix"].items():
+        assert by[name]["loss"] == pytest.approx(loss, rel=1e-6)
+    overall = sum(s["loss"] * s["tokens"] for s in by.values()) / sum(s["tokens"] for s in by.values())
+    assert overall == pytest.approx(logged["eval_loss"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    """A short train --chat run on a tiny Llama with a ChatML template, with --eval-data."""
+    from test_serve_chat import _model, chat_tokenizer
+
+    root = tmp_path_factory.mktemp("eval_chat")
+    model_dir = str(root / "model")
+    _model().save_pretrained(model_dir)
+    chat_tokenizer().save_pretrained(model_dir)
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    data = _write(root / "d.jsonl", _examples(8) + [{"messages": conv}] * 2)
+    held = _write(root / "e.jsonl", _examples(3, shift=2) + [{"messages": conv}])
+    out = str(root / "run")
+    assert train.main([data, "-o", out, "--model", model_dir, "--eval-data", held, "--chat",
+                       "--chat-turns", "all", *TRAIN]) == 0
+    return out, held, model_dir
+
+
+def test_chat_data_is_scored_as_train_chat_evaluates_it(chat_run, tmp_path):
+    out, held, model_dir = chat_run
+    adapter = ["--model", model_dir, "--adapter", f"c={os.path.join(out, 'adapter')}", "--batch-size", "4"]
+    code, scores = _eval(tmp_path, held, *adapter, "--chat", "--chat-turns", "all")
+    assert code == 0
+    assert scores["prefixes"]["c"]["loss"] == pytest.approx(_log(out)[-1]["eval_loss"], rel=1e-6)
+    # the last turn only (the default) scores fewer tokens: --chat-turns is train's
+    last = _eval(tmp_path, held, *adapter, "--chat")[1]["prefixes"]["c"]
+    assert last["tokens"] < scores["prefixes"]["c"]["tokens"]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading the model fails the test: the error must come before it."""
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(serve, "load", refuse)
+
+
+@pytest.mark.parametrize("data, argv, words", [
+    ([{"completion": "q", "prefix": "zz"}], ["--adapter", "a=A"], "1 example(s) name a prefix not given"),
+    ([{"completion": "c", "prefix": "zz"}], ["--adapter", "zy=A"], "unknown prefix 'zz'"),
+    ([{"completion": "c"}], ["--prefix", "b"], "--prefix b: unknown prefix; no prefix was given"),
+    ([{"completion": "c"}], ["--adapter", "a=A", "--adapter", "b=A"],
+     "1 example(s) of DATA name no prefix and 2 are given ['a', 'b']: say which to score them under with --prefix"),
+    ([{"completion": "c"}], ["--adapter", "none=A", "--prefix", "none"], "--prefix none means no prefix"),
+    ([{"prompt": "q"}], [], "DATA:1: expected a 'text' field, or 'completion'"),
+    ([{"completion": "c"}], ["--chat-turns", "all"], "--chat-turns all: chooses the assistant turns"),
+    ([{"completion": "c"}], ["--chat", "--prompt-prefix", "p=x"], "--prompt-prefix is not scored under --chat"),
+    ([{"completion": "c"}], ["--output", "."], "--output '.': give a file name, not a folder"),
+    ([{"completion": "c"}], ["--adapter", "a"], "--adapter expects NAME=DIR"),
+    ([{"completion": "c"}], ["--device", "tpu"], "--device tpu: not a torch device"),
+])
+def test_errors_before_the_model_loads(tmp_path, capsys, no_model_load, data, argv, words):
+    path = _write(tmp_path / "data.jsonl", data)
+    assert cli.main(["eval", path, *argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prefix-attn eval: error: ") and words.replace("DATA", path) in err
+    assert sorted(os.listdir(tmp_path)) == ["data.jsonl"]
+
+
+def test_a_max_length_beyond_the_positions_left_by_the_prefix_is_an_error(single, tmp_path, capsys):
+    out, held = single
+    argv = [held, "--model", os.path.join(out, "base_model"), "--adapter", f"a={os.path.join(out, 'adapter')}"]
+    code, scores = _eval(tmp_path, *argv, "--max-length", "253")
+    assert code == 2 and scores is None
+    assert ("prefix-attn eval: error: --max-length 253: the model numbers 256 positions and prefix a "
+            "takes 4: at most 252") in capsys.readouterr().err
+    assert _eval(tmp_path, *argv, "--max-length", "252")[1]["max_length"] == 252
+    assert _eval(tmp_path, *argv)[1]["max_length"] == 252  # the default, lowered to fit
+
+
+def test_the_prefix_name_of_an_example_must_be_given_even_as_none(single, tmp_path, capsys):
+    """An example's "prefix" names a source; none there is no prefix of the command line."""
+    out, held = single
+    path = _write(tmp_path / "data.jsonl", [{"completion": "c", "prefix": "none"}])
+    assert cli.main(["eval", path, "--model", os.path.join(out, "base_model"), "--no-progress"]) == 2
+    assert "unknown prefix 'none'" in capsys.readouterr().err
+
+
+def test_the_base_model_of_an_adapter_is_checked_as_generate_checks_it(single, tmp_path, capsys):
+    out, held = single
+    assert cli.main(["eval", held, "--adapter", f"a={os.path.join(out, 'adapter')}", "--no-progress"]) == 0
+    assert (f"prefix-attn eval: warning: adapter a was trained on {os.path.join(out, 'base_model')}; "
+            f"pass --model") in capsys.readouterr().err
+
+
+def test_data_warnings_speak_as_eval(single, tmp_path, capsys):
+    out, _ = single
+    path = _write(tmp_path / "data.jsonl", [{"completion": "c"}, {"text": ""}])
+    assert cli.main(["eval", path, "--model", os.path.join(out, "base_model"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "prefix-attn eval: warning: " in err and "prefix-attn train" not in err
+
+
+def test_json_output_is_written_atomically(single, tmp_path, monkeypatch):
+    """The JSON goes through atomic.write_text (a temporary file renamed into place)."""
+    out, held = single
+    seen = []
+    write = evaluate.atomic.write_text
+    monkeypatch.setattr(evaluate.atomic, "write_text", lambda path, text: (seen.append(path), write(path, text)))
+    code, scores = _eval(tmp_path, held, "--model", os.path.join(out, "base_model"))
+    assert code == 0 and seen == [str(tmp_path / "scores.json")] and scores["prefixes"]["none"]["examples"] == 7
+
+
+def test_start_tokens_of_the_byte_tokenizer_and_one_without():
+    assert evaluate.start_tokens(tiny.ByteTokenizer()) == [1]
+    assert evaluate.start_tokens(tiny.ByteTokenizer(add_bos=False)) == []
