@@ -71,11 +71,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 # -- which prefix each example is scored under -------------------------------------------------
 
 def scored_prefixes(named: Dict[str, Optional[str]], wanted: List[str], sources: List[Source],
-                    path: str, n_examples: int) -> List[str]:
-    """The prefixes an example without a ``"prefix"`` field is scored under (``named``: the
-    data's :func:`prefix_attn.train_prefixes.read_prefixes`, None where an example names none):
-    ``wanted`` (``--prefix``), else the one source, else none when no source is given. Checks
-    every name the data and ``wanted`` give against the sources."""
+                    path: str, n_examples: int) -> List[Optional[str]]:
+    """The prefixes an example without a ``"prefix"`` field is scored under, None for no prefix
+    (``named``: the data's :func:`prefix_attn.train_prefixes.read_prefixes`, None where an
+    example names none): ``wanted`` (``--prefix``, ``none`` for None), else the one source (even
+    one named ``none``), else None when no source is given. Checks every name the data and
+    ``wanted`` give against the sources."""
     known = [s.name for s in sources]
     if NONE in wanted and NONE in known:
         raise EvalError(f"--prefix {NONE} means no prefix, but a prefix is named {NONE!r} too "
@@ -92,12 +93,12 @@ def scored_prefixes(named: Dict[str, Optional[str]], wanted: List[str], sources:
         raise EvalError(str(refusal(f"{len(bad)} example(s) name a prefix not given; " + _known(known), bad)))
     unnamed = n_examples - sum(name is not None for name in named.values())
     if wanted or not unnamed:
-        return list(dict.fromkeys(wanted))
+        return [None if n == NONE else n for n in dict.fromkeys(wanted)]
     if len(known) > 1:
         raise EvalError(f"{unnamed} example(s) of {path} name no prefix and {len(known)} are given "
                         f"{some_names(known)}: say which to score them under with --prefix NAME "
                         f"(repeatable; --prefix {NONE}: without a prefix)")
-    return known or [NONE]
+    return known or [None]
 
 
 def _known(known: List[str]) -> str:
@@ -110,13 +111,17 @@ def _known(known: List[str]) -> str:
 
 @dataclass
 class Score:
-    """One prefix's numbers: its rows (ids, labels), and once scored their learnt tokens and
-    mean token loss."""
+    """One prefix's numbers (``prefix`` None: no prefix, shown as ``none``): its rows (ids,
+    labels), and once scored their learnt tokens and mean token loss."""
 
-    prefix: str
+    prefix: Optional[str]
     rows: List[tuple] = field(default_factory=list)
     tokens: int = 0
     loss: float = float("nan")
+
+    @property
+    def label(self) -> str:
+        return NONE if self.prefix is None else self.prefix
 
     def as_json(self, base: Optional["Score"]) -> dict:
         record = {"examples": len(self.rows), "tokens": self.tokens, "loss": _finite(self.loss),
@@ -143,7 +148,7 @@ def learnt_tokens(rows) -> int:
     return sum(sum(label != -100 for label in row[1][1:]) for row in rows)
 
 
-def group_rows(rows: List[tuple], default: List[str]) -> Dict[str, Score]:
+def group_rows(rows: List[tuple], default: List[Optional[str]]) -> Dict[Optional[str], Score]:
     """{prefix: its Score}: a row (ids, labels, its example's ``"prefix"`` or None) under its
     example's prefix, else under each of ``default``; in the order of ``default``, then of the
     names examples give (sorted)."""
@@ -192,9 +197,9 @@ def score_rows(model, score: Score, batch_size: int, pad_id: int, prefix: Option
 def table(scores: List[Score]) -> str:
     """The lines printed: prefix, examples, tokens, loss, perplexity (and the change of the loss
     against ``none`` when that was scored)."""
-    base = next((s for s in scores if s.prefix == NONE), None)
+    base = next((s for s in scores if s.prefix is None), None)
     head = ["prefix", "examples", "tokens", "loss", "perplexity"] + (["vs none"] if base else [])
-    rows = [[s.prefix, str(len(s.rows)), str(s.tokens), f"{s.loss:.4f}", f"{perplexity(s.loss):.4g}"]
+    rows = [[s.label, str(len(s.rows)), str(s.tokens), f"{s.loss:.4f}", f"{perplexity(s.loss):.4g}"]
             + ([f"{s.loss - base.loss:+.4f}" if s is not base else "-"] if base else []) for s in scores]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
@@ -211,9 +216,9 @@ def check_output(path: Optional[str]) -> None:
 
 
 def write_json(path: str, args: argparse.Namespace, max_length: int, scores: List[Score]) -> None:
-    base = next((s for s in scores if s.prefix == NONE), None)
+    base = next((s for s in scores if s.prefix is None), None)
     record = {"data": args.data, "model": args.model, "max_length": max_length,
-              "prefixes": {s.prefix: s.as_json(base) for s in scores}}
+              "prefixes": {s.label: s.as_json(base) for s in scores}}
     atomic.make_folders(os.path.dirname(os.path.abspath(path)))
     atomic.write_text(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
 
@@ -248,14 +253,14 @@ def _check_options(args: argparse.Namespace):
     return device
 
 
-def _max_length(requested: Optional[int], model, bank, prefixes: List[str]) -> int:
-    """--max-length: at most the model's positions less the longest prefix scored."""
+def _max_length(requested: Optional[int], model, bank, prefixes: List[Optional[str]]) -> int:
+    """--max-length: at most the model's positions less the longest prefix scored (None: no prefix)."""
     wanted = cli_parsers.DEFAULT_MAX_LENGTH if requested is None else requested
     positions = cli_args.max_positions(model.config)
     if positions is None:
         return wanted
-    longest = max(prefixes, key=lambda p: bank.entry_len(p) if p != NONE else 0)
-    P = bank.entry_len(longest) if longest != NONE else 0
+    longest = max(prefixes, key=lambda p: bank.entry_len(p) if p is not None else 0)
+    P = bank.entry_len(longest) if longest is not None else 0
     room = positions - P
     if room < 2:
         raise EvalError(f"the model numbers {positions} positions: prefix {longest} takes {P} of them")
@@ -281,7 +286,7 @@ def _run(args: argparse.Namespace) -> int:
     bank, model = served.bank, served.model
     wanted = default + sorted({n for n in named.values() if n is not None})
     if chat is not None:
-        prompts = [n for n in wanted if n != NONE and bank.kind(n) == "prompt"]
+        prompts = [n for n in wanted if n is not None and bank.kind(n) == "prompt"]
         if prompts:
             raise EvalError(f"--bank {args.bank}: entry {prompts[0]!r} is a prompt's KV, not scored under --chat")
     max_length = _max_length(args.max_length, model, bank, wanted)
@@ -291,12 +296,12 @@ def _run(args: argparse.Namespace) -> int:
     scores = list(group_rows(rows, default).values())
     start = start_tokens(served.tokenizer)
     for s in scores:
-        if s.prefix != NONE and bank.kind(s.prefix) == "prompt":
+        if s.prefix is not None and bank.kind(s.prefix) == "prompt":
             s.rows = without_start(s.rows, start)
     pad_id = served.pad_id if served.pad_id is not None else 0
     with progress_bar(sum(len(s.rows) for s in scores), "eval", "example", enabled=not args.no_progress) as bar:
         for s in scores:
-            score_rows(model, s, args.batch_size, pad_id, None if s.prefix == NONE else s.prefix, device, bar)
+            score_rows(model, s, args.batch_size, pad_id, s.prefix, device, bar)
     if args.output is not None:
         write_json(args.output, args, max_length, scores)
     print(table(scores))

@@ -260,3 +260,14 @@ def test_json_output_is_written_atomically(single, tmp_path, monkeypatch):
 def test_start_tokens_of_the_byte_tokenizer_and_one_without():
     assert evaluate.start_tokens(tiny.ByteTokenizer()) == [1]
     assert evaluate.start_tokens(tiny.ByteTokenizer(add_bos=False)) == []
+
+
+def test_a_single_prefix_named_none_is_that_prefix_not_the_base_model(single, tmp_path, capsys):
+    """Only --prefix none means no prefix: the one source given, even named none, is scored."""
+    out, held = single
+    argv = [held, "--model", os.path.join(out, "base_model")]
+    adapter = os.path.join(out, "adapter")
+    code, scores = _eval(tmp_path, *argv, "--adapter", f"none={adapter}")
+    assert code == 0
+    assert scores["prefixes"]["none"]["loss"] == _eval(tmp_path, *argv, "--adapter", f"a={adapter}")[1]["prefixes"]["a"]["loss"]
+    assert scores["prefixes"]["none"]["loss"] != _eval(tmp_path, *argv)[1]["prefixes"]["none"]["loss"]
