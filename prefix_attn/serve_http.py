@@ -23,25 +23,39 @@ generate`'s request file is, checked by the same code: "prompt" (one string), or
 "tools", "continue_final_message" and "add_generation_prompt" (vLLM's: continue a last assistant
 message) with --chat, and the decoding fields "max_tokens" (or "max_completion_tokens",
 "max_new_tokens"), "stop", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-"num_beams", "do_sample", each overriding the option of the same name for that request, and
-"stream" (below). As
+"num_beams", "do_sample", each overriding the option of the same name for that request,
+"logprobs", "top_logprobs", "echo" and "n" (below), and "stream" (below). As
 generate, greedy unless do_sample (the request's, else --do-sample), or, as in OpenAI's API, a
 request's "temperature" without "do_sample": 0 greedy, above 0 sampling at it. The answer is generate's for that request: the same text,
 finish_reason ("stop": a stop id or a stop text; "length": max_tokens reached) and token count
 ("usage": prompt_tokens counts the tokens run after the prefix, completion_tokens generate's
 "num_tokens"). Other fields are ignored, except those asking for what is not served, refused
-with 400: "n" or "best_of" above 1, "logprobs", "top_logprobs",
-"echo", "suffix", "logit_bias", nonzero "presence_penalty" / "frequency_penalty", "seed" (one
+with 400: "best_of" above 1, "suffix", "logit_bias", nonzero "presence_penalty" / "frequency_penalty", "seed" (one
 --seed draws for every batch in turn), a "tool_choice" other than "auto" or "none", a
 "response_format" other than text. A chat answer is the generated text as "content": tool calls
 in it are not parsed into "tool_calls".
+
+Log probabilities, as OpenAI's API gives them: /v1/completions' "logprobs": K (0 to 5) gives each
+choice "logprobs": {"tokens", "token_logprobs", "top_logprobs" (the K likeliest tokens of each
+position, the chosen one added), "text_offset"} for its generated tokens; chat's "logprobs": true
+with "top_logprobs": K (0 to 20) gives {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}.
+They are the model's distribution after the request's prefix (log_softmax of the logits, before
+temperature, top-p / top-k / min-p and the repetition penalty: vLLM's default), from one more
+forward pass of prompt + completion for the batch's scored rows. A token is its text decoded
+alone; one that is part of a UTF-8 character is "bytes:\\xNN" where the tokenizer knows its
+bytes, else its decoding holding U+FFFD. "echo": true (completions) puts the prompt before the
+text and, with "logprobs", its tokens' entries first (the first one null); with "max_tokens": 0
+the prompt is scored alone in one forward pass, nothing generated (lm-evaluation-harness's
+loglikelihood request). "n": N (1 to --batch-size) gives N choices, index 0..N-1, each its own
+row, sampled independently (greedy: N equal ones); "usage" counts the prompt once.
 
 Streaming ("stream": true), as OpenAI's API streams: a 200 of Content-Type text/event-stream, one
 "data: {chunk}" event per piece of text as it is generated ("object": "text_completion", or
 "chat.completion.chunk" whose first "delta" is {"role": "assistant", "content": ""}, then
 {"content": piece}), a last chunk with the finish_reason, with "stream_options":
 {"include_usage": true} a chunk of no choices and the usage (the others with "usage": null),
-then "data: [DONE]". The pieces add up to the answer the same request gets unstreamed: text goes
+then "data: [DONE]" (with "n", each chunk carries its choice's index, each choice its own
+finish_reason chunk; "logprobs" and "echo" are not streamed: a 400). The pieces add up to the answer the same request gets unstreamed: text goes
 out once stable (a character whose bytes all came, a token's text once the next token is
 there, no tail that may start a stop text); a row ends at its stop id or stop text at once.
 Streamed requests share batches with the others. Beam search does not stream (transformers'):
@@ -81,14 +95,17 @@ import threading
 import time
 import traceback
 import uuid
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, List, Optional, Tuple
 
 import torch
 from transformers import StoppingCriteria
 
-from . import chat as chat_template, cli_args, cli_parsers, jsonl, serve, serve_batching, serve_options, serve_stream
+from . import (chat as chat_template, cli_args, cli_parsers, jsonl, serve, serve_batching, serve_logprobs,
+               serve_options, serve_stream)
 from .backends import check_env_backend
+from .serve_stop import until_stop_id
 from .serve_inputs import (Request, RequestError, prefix_sources, request_of, warn_about_adapter_bases,
                            warn_about_sampling_options)
 from .train_state import Interrupted, StopSignals
@@ -101,12 +118,16 @@ _SERVER_LOG = "prefix-attn serve"
 
 # request fields asking for what is not served -> the values that ask for nothing (refused otherwise)
 _UNSUPPORTED = {
-    "n": (None, 1), "best_of": (None, 1), "logprobs": (None, False),
-    "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None,), "logit_bias": (None, {}),
+    "best_of": (None, 1), "suffix": (None,), "logit_bias": (None, {}),
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "seed": (None,),
     "tool_choice": (None, "auto", "none"), "response_format": (None, {"type": "text"}),
 }
 _WHY = {"seed": "'seed' is not applied per request: the server's --seed draws for every batch in turn"}
+
+
+MAX_LOGPROBS = 5  # /v1/completions' "logprobs": top tokens per position (OpenAI's legacy limit)
+MAX_TOP_LOGPROBS = 20  # /v1/chat/completions' "top_logprobs" (OpenAI's limit)
+_MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_new_tokens")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -165,6 +186,69 @@ def _one_line(exc: Exception) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class _Asked:
+    """What a request asks beyond its text: ``n`` choices, ``logprobs`` (the top tokens given
+    at each position; None: no log probabilities), ``echo`` (the prompt before the completion)
+    and ``score_only`` (echo with max_tokens 0: the prompt scored, nothing generated)."""
+
+    n: int = 1
+    logprobs: Optional[int] = None
+    echo: bool = False
+    score_only: bool = False
+
+
+def _integer(obj: dict, name: str, low: int, high: int, why: str = "") -> Optional[int]:
+    """``obj[name]``, an integer from ``low`` to ``high`` (``1.0`` is 1), or None when null."""
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer() \
+            or not low <= value <= high:
+        raise HTTPError(400, f"'{name}' must be an integer from {low} to {high}{why}, got {json.dumps(value)}",
+                        param=name)
+    return int(value)
+
+
+def _flag(obj: dict, name: str) -> bool:
+    value = obj.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise HTTPError(400, f"'{name}' must be true or false, got {json.dumps(value)}", param=name)
+    return value is True
+
+
+def _asked(obj: dict, chat: bool, batch_size: int) -> _Asked:
+    """The "n", "logprobs", "top_logprobs" and "echo" of a request body, checked as OpenAI's API
+    reads them: completions' "logprobs" is a count of top tokens (0 to 5), chat's a flag with
+    "top_logprobs" (0 to 20) as the count; "echo" is completions' only."""
+    n = _integer(obj, "n", 1, batch_size, " (this server's --batch-size)") or 1
+    if chat:
+        if _flag(obj, "echo"):
+            raise HTTPError(400, "'echo' is a field of /v1/completions, not of chat completions", param="echo",
+                            code="unsupported")
+        top = _integer(obj, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if not _flag(obj, "logprobs"):
+            if top:
+                raise HTTPError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+            return _Asked(n=n)
+        return _Asked(n=n, logprobs=top or 0)
+    if obj.get("top_logprobs") not in (None, 0) or isinstance(obj.get("top_logprobs"), bool):
+        raise HTTPError(400, "'top_logprobs' is chat's: on /v1/completions give 'logprobs': K (the top K tokens)",
+                        param="top_logprobs", code="unsupported")
+    logprobs = None if obj.get("logprobs") is False else _integer(obj, "logprobs", 0, MAX_LOGPROBS)
+    echo = _flag(obj, "echo")
+    score_only = echo and any(_same(obj.get(k), 0) for k in _MAX_TOKENS_FIELDS)
+    return _Asked(n=n, logprobs=logprobs, echo=echo, score_only=score_only)
+
+
+def _check_stream_asks(asked: _Asked) -> None:
+    """A streamed request asks for no log probabilities and no echo (not served streamed)."""
+    for name, given in (("logprobs", asked.logprobs is not None), ("echo", asked.echo)):
+        if given:
+            raise HTTPError(400, f"'{name}' is not served with 'stream': true: ask without streaming",
+                            param=name, code="unsupported")
+
+
 class _Stopping(StoppingCriteria):
     """A stopping criterion: every row is done once ``event`` is set, so a batch in flight ends
     when the server stops; with ``pending`` (a row each: no beams), a row whose client is gone
@@ -180,20 +264,24 @@ class _Stopping(StoppingCriteria):
 
 
 class _Pending:
-    """A request waiting for the worker: answered once, by ``resolve``. A streamed one
-    (``stream``) also has ``events``, read by its handler: ``("start", "")`` when its batch starts
-    generating, ``("text", DELTA)`` for each piece of stable text, ``("end", "")`` once resolved;
-    its handler sets ``cancelled`` when the client is gone."""
+    """A row of a request waiting for the worker (choice ``index`` of its "n"): answered once, by
+    ``resolve``. A streamed one (``stream``) also has ``events``, a queue its request's rows share,
+    read by its handler: ``(index, "start", "")`` when its batch starts generating,
+    ``(index, "text", DELTA)`` for each piece of stable text, ``(index, "end", "")`` once
+    resolved; its handler sets ``cancelled`` when the client is gone."""
 
-    def __init__(self, request: Request, stream: bool = False):
-        self.request = request
+    def __init__(self, request: Request, stream: bool = False, asked: _Asked = _Asked(), index: int = 0,
+                 events: "Optional[queue.Queue[Tuple[int, str, str]]]" = None):
+        self.request, self.asked, self.index = request, asked, index  # index: its choice's
         self.job = None  # serve._Job, once planned
         self.settings: Optional[serve_options.Decoding] = None
         self.answer: Optional[Tuple[str, int, str]] = None
+        self.logprobs: Optional[dict] = None  # its choice's "logprobs", when asked
         self.error: Optional[HTTPError] = None
         self.done = threading.Event()
         self._lock = threading.Lock()
-        self.events: "Optional[queue.Queue[Tuple[str, str]]]" = queue.Queue() if stream else None
+        # a request's choices share one queue: each event says its choice's index
+        self.events = (events if events is not None else queue.Queue()) if stream else None
         self.sent = False  # text went out: a retried batch would send it again
         self.cancelled = False
 
@@ -201,15 +289,15 @@ class _Pending:
         """An event for a streamed request's handler (nothing for another, or once resolved)."""
         if self.events is not None and not self.done.is_set():
             self.sent = self.sent or kind == "text"
-            self.events.put((kind, text))
+            self.events.put((self.index, kind, text))
 
-    def resolve(self, answer=None, error: Optional[HTTPError] = None) -> None:
+    def resolve(self, answer=None, error: Optional[HTTPError] = None, logprobs: Optional[dict] = None) -> None:
         with self._lock:
             if not self.done.is_set():
-                self.answer, self.error = answer, error
+                self.answer, self.error, self.logprobs = answer, error, logprobs
                 self.done.set()
                 if self.events is not None:
-                    self.events.put(("end", ""))
+                    self.events.put((self.index, "end", ""))
 
 
 class Server:
@@ -310,15 +398,19 @@ class Server:
                     for name, s in self.sources.items()]
         return {"object": "list", "data": [base] + prefixes}
 
-    def submit(self, obj: Any, chat: bool) -> _Pending:
+    def submit(self, obj: Any, chat: bool) -> List[_Pending]:
         """A completion (``chat``: a chat completion) request body ``obj`` checked and queued
-        for the worker (streamed if its "stream" is true); raises HTTPError."""
+        for the worker (streamed if its "stream" is true): one row per choice ("n"), each
+        sampled on its own; raises HTTPError."""
         request = self._request(obj, chat)
-        pending = _Pending(request, stream=obj.get("stream") is True)
+        asked, stream = _asked(obj, chat, self.args.batch_size), obj.get("stream") is True
+        events: "queue.Queue[Tuple[int, str, str]]" = queue.Queue()
+        pending = [_Pending(request, stream, asked, i, events) for i in range(asked.n)]
         with self._submit:
             if self.stopping.is_set():
                 raise _stopping()
-            self._queue.put(pending)
+            for p in pending:
+                self._queue.put(p)
         return pending
 
     def name(self, pending: _Pending) -> str:
@@ -326,26 +418,25 @@ class Server:
         return pending.request.prefix if pending.request.prefix is not None else self.model_id
 
     @staticmethod
-    def usage(pending: _Pending) -> dict:
-        count = pending.answer[1]
-        return {"prompt_tokens": len(pending.job.ids), "completion_tokens": count,
-                "total_tokens": len(pending.job.ids) + count}
+    def usage(pending: List[_Pending]) -> dict:
+        """The usage of a request's choices: its prompt once, every choice's tokens."""
+        prompt, count = len(pending[0].job.ids), sum(p.answer[1] for p in pending)
+        return {"prompt_tokens": prompt, "completion_tokens": count, "total_tokens": prompt + count}
 
     def complete(self, obj: Any, chat: bool) -> Tuple[dict, int]:
         """The answer to a completion (``chat``: a chat completion) request body ``obj`` (not
         streamed), and its completion tokens; raises HTTPError."""
         pending = self.submit(obj, chat)
-        pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
-        text, count, reason = pending.answer
-        name, usage = self.name(pending), self.usage(pending)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                   "finish_reason": reason} if chat else
-                  {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
+        for p in pending:
+            p.done.wait()
+        error = next((p.error for p in pending if p.error is not None), None)
+        if error is not None:
+            raise error
+        usage = self.usage(pending)
         kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
         return ({"id": f"{kind[0]}-{uuid.uuid4().hex}", "object": kind[1], "created": int(time.time()),
-                 "model": name, "choices": [choice], "usage": usage}, count)
+                 "model": self.name(pending[0]), "choices": [_choice(p, chat) for p in pending], "usage": usage},
+                usage["completion_tokens"])
 
     def _request(self, obj: Any, chat: bool) -> Request:
         """A request body checked as a line of generate's request file is (and more)."""
@@ -367,7 +458,11 @@ class Server:
                 why = _WHY.get(name, f"{name}={json.dumps(obj[name])} is not supported")
                 raise HTTPError(400, why, param=name, code="unsupported")
         _check_stream(obj)
-        fields = {k: v for k, v in obj.items() if k not in ("model", "id")}
+        asked = _asked(obj, chat, self.args.batch_size)
+        if obj.get("stream") is True:
+            _check_stream_asks(asked)
+        fields = {k: v for k, v in obj.items() if k not in ("model", "id")
+                  and not (asked.score_only and k in _MAX_TOKENS_FIELDS)}  # checked: 0, with echo
         fields["prefix"] = self._prefix(obj)
         with self._count_lock:
             self._count += 1
@@ -458,6 +553,9 @@ class Server:
         try:
             [p.job] = self.served.plan([p.request], "request")
             p.settings = serve_options.Decoding.of(self.args, p.request.options)
+            if p.asked.score_only:  # nothing generated: every such request shares a batch
+                p.settings = replace(p.settings, max_new_tokens=0, do_sample=False, num_beams=1,
+                                     repetition_penalty=1.0, stop=())
         except RequestError as exc:
             p.resolve(error=HTTPError(400, _one_line(exc)))
             return False
@@ -480,9 +578,7 @@ class Server:
             settings = pending[0].settings
             streams = any(p.events is not None for p in pending) and settings.num_beams == 1
             try:
-                news = self.served.generate([p.job for p in pending], settings,
-                                            [_Stopping(self.stopping, pending if streams else None)],
-                                            streamer=self._streamer(pending, settings) if streams else None)
+                news = self._outputs(pending, settings, streams)
             except serve_batching.OutOfMemoryError as exc:
                 message = serve.tiny._first_line(exc)
                 for p in pending:
@@ -497,11 +593,49 @@ class Server:
                     torch.cuda.empty_cache()
                 return
             if not self.stopping.is_set():
-                for p, new in zip(pending, news):
-                    p.resolve(answer=self.served.finish(new, settings))
+                for p, (answer, logprobs) in zip(pending, news):
+                    p.resolve(answer=answer, logprobs=logprobs)
                 return
         for p in pending:
             p.resolve(error=_stopping())
+
+    def _outputs(self, pending: List[_Pending], settings: serve_options.Decoding,
+                 streams: bool) -> List[Tuple[Tuple[str, int, str], Optional[dict]]]:
+        """Each row's answer (Served.finish's) and its "logprobs" (None unless asked): one
+        model.generate call (none for max_tokens 0), then one forward scoring the rows that ask."""
+        news = [[] for _ in pending]
+        if settings.max_new_tokens:
+            news = self.served.generate([p.job for p in pending], settings,
+                                        [_Stopping(self.stopping, pending if streams else None)],
+                                        streamer=self._streamer(pending, settings) if streams else None)
+        answers = [self.served.finish(new, settings) for new in news]
+        logprobs: List[Optional[dict]] = [None] * len(pending)
+        asking = [i for i, p in enumerate(pending) if p.asked.logprobs is not None]
+        if asking and not self.stopping.is_set():
+            served, rows = self.served, []
+            for i in asking:
+                p, count = pending[i], answers[i][1]
+                tokens = until_stop_id(news[i], served.stop, served.pad_id)[0][:count]
+                echo = p.asked.echo and p.job.prefix == p.request.prefix  # not a prompt's head entry
+                rows.append(serve_logprobs.Row(p.job.prefix, p.job.ids, tokens, echo, p.asked.logprobs))
+            names = serve_logprobs.Names(served.tokenizer)
+            for i, scored in zip(asking, serve_logprobs.score(served.model, rows, served.pad_id, served.device)):
+                p = pending[i]
+                echoed = len(p.job.ids) if rows[asking.index(i)].echo else 0
+                logprobs[i] = (serve_logprobs.chat_logprobs(scored, names) if p.request.messages is not None else
+                               serve_logprobs.completion_logprobs(scored, names, echoed, p.request.prompt))
+        return list(zip(answers, logprobs))
+
+
+def _choice(p: _Pending, chat: bool) -> dict:
+    """A choice of an answer (not streamed): its text (after the prompt with "echo"), its
+    log probabilities when asked, its finish_reason."""
+    text, _, reason = p.answer
+    if chat:
+        return {"index": p.index, "message": {"role": "assistant", "content": text}, "logprobs": p.logprobs,
+                "finish_reason": reason}
+    return {"index": p.index, "text": p.request.prompt + text if p.asked.echo else text, "logprobs": p.logprobs,
+            "finish_reason": reason}
 
 
 def _out_of_memory(p: _Pending, settings: serve_options.Decoding, message: str, batch: int) -> HTTPError:
@@ -603,40 +737,59 @@ class _Handler(BaseHTTPRequestHandler):
             return None, self._stream(app, app.submit(body, chat), chat)
         return app.complete(body, chat)
 
-    def _stream(self, app: Server, pending: _Pending, chat: bool) -> Tuple[int, str]:
+    def _stream(self, app: Server, pending: List[_Pending], chat: bool) -> Tuple[int, str]:
         """Answer a streamed request: an error before its batch starts as any other; then
-        server-sent events, as OpenAI's API sends them: each piece of text as it comes, the rest
-        of the answer and its finish_reason (an error: OpenAI's error object), then [DONE].
-        Returns its completion tokens and a note for the log (the client gone: its row is given up)."""
-        kind, text = pending.events.get()
-        if kind == "end" and pending.error is not None:
-            raise pending.error
-        options = pending.request.extra.get("stream_options") or {}
-        chunks = serve_stream.Chunks(chat, app.name(pending), options.get("include_usage") is True)
-        sent = ""
+        server-sent events, as OpenAI's API sends them: each piece of text as it comes (of each
+        choice, by its index), the rest of a choice's answer and its finish_reason as it ends
+        (an error: OpenAI's error object, then [DONE]), then [DONE]. Returns its completion tokens
+        and a note for the log (the client gone: its rows are given up)."""
+        events = pending[0].events
+        index, kind, text = events.get()
+        if kind == "end" and pending[index].error is not None:
+            for p in pending:  # its choices fail alike (one request): none is streamed
+                p.cancelled = True
+            raise pending[index].error
+        options = pending[0].request.extra.get("stream_options") or {}
+        chunks = serve_stream.Chunks(chat, app.name(pending[0]), options.get("include_usage") is True)
+        sent, ended = [""] * len(pending), 0
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.end_headers()
-            self.wfile.write(chunks.role())
-            while kind != "end":
+            self.wfile.write(b"".join(chunks.role(i) for i in range(len(pending))))
+            while True:
                 if kind == "text":
-                    self.wfile.write(chunks.text(text))
-                    sent += text
-                kind, text = pending.events.get()
-            if pending.error is not None:  # as OpenAI's API (and vLLM): an error event, then [DONE]
-                self.wfile.write(serve_stream.event({"error": pending.error.error}) + serve_stream.DONE)
-                return 0, f", streamed error {pending.error.status}"
-            answer, count, reason = pending.answer
-            if not answer.startswith(sent):  # a tokenizer that rewrote text given out as stable
-                app.say(f"stream: the text sent {sent!r} is not the start of the answer {answer!r}")
-            rest = answer[len(sent):] if answer.startswith(sent) else ""
-            self.wfile.write((chunks.text(rest) if rest else b"") + chunks.finish(reason, app.usage(pending)))
-            return count, ", streamed"
-        except OSError:  # the client is gone: its row stops at the next token
-            pending.cancelled = True
+                    self.wfile.write(chunks.text(text, index))
+                    sent[index] += text
+                elif kind == "end":
+                    p = pending[index]
+                    if p.error is not None:  # as OpenAI's API (and vLLM): an error event, then [DONE]
+                        for other in pending:
+                            other.cancelled = True
+                        self.wfile.write(serve_stream.event({"error": p.error.error}) + serve_stream.DONE)
+                        return 0, f", streamed error {p.error.status}"
+                    self.wfile.write(self._rest(app, p, sent[index], chunks))
+                    ended += 1
+                    if ended == len(pending):
+                        break
+                index, kind, text = events.get()
+            usage = app.usage(pending)
+            self.wfile.write(chunks.end(usage))
+            return usage["completion_tokens"], ", streamed"
+        except OSError:  # the client is gone: its rows stop at the next token
+            for p in pending:
+                p.cancelled = True
             return 0, ", streamed, client gone"
+
+    @staticmethod
+    def _rest(app: Server, p: _Pending, sent: str, chunks: serve_stream.Chunks) -> bytes:
+        """The events that end a choice of a stream: the text not sent yet, its finish_reason."""
+        answer, _, reason = p.answer
+        if not answer.startswith(sent):  # a tokenizer that rewrote text given out as stable
+            app.say(f"stream: the text sent {sent!r} is not the start of the answer {answer!r}")
+        rest = answer[len(sent):] if answer.startswith(sent) else ""
+        return (chunks.text(rest, p.index) if rest else b"") + chunks.finish(reason, p.index)
 
     def _body(self) -> Any:
         length = self.headers.get("Content-Length")

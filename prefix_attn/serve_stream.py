@@ -147,21 +147,22 @@ class Chunks:
         self.head = {"id": f"{kind[0]}-{uuid.uuid4().hex}", "object": kind[1], "created": int(time.time()),
                      "model": model}
 
-    def _choice(self, delta: dict, reason: Optional[str]) -> bytes:
-        choice = ({"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason} if self.chat else
-                  {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": reason})
+    def _choice(self, delta: dict, reason: Optional[str], index: int) -> bytes:
+        choice = ({"index": index, "delta": delta, "logprobs": None, "finish_reason": reason} if self.chat else
+                  {"index": index, "text": delta.get("content", ""), "logprobs": None, "finish_reason": reason})
         return event({**self.head, "choices": [choice], **({"usage": None} if self.usage else {})})
 
-    def role(self) -> bytes:
-        """A chat stream's first event (nothing for a completion)."""
-        return self._choice({"role": "assistant", "content": ""}, None) if self.chat else b""
+    def role(self, index: int = 0) -> bytes:
+        """A chat stream's first event of choice ``index`` (nothing for a completion)."""
+        return self._choice({"role": "assistant", "content": ""}, None, index) if self.chat else b""
 
-    def text(self, delta: str) -> bytes:
-        return self._choice({"content": delta}, None)
+    def text(self, delta: str, index: int = 0) -> bytes:
+        return self._choice({"content": delta}, None, index)
 
-    def finish(self, reason: str, usage: dict) -> bytes:
-        """The events that end the answer: its finish_reason, the usage if asked, then [DONE]."""
-        last = self._choice({}, reason)
-        if self.usage:
-            last += event({**self.head, "choices": [], "usage": usage})
-        return last + DONE
+    def finish(self, reason: str, index: int = 0) -> bytes:
+        """The event that ends choice ``index``: its finish_reason."""
+        return self._choice({}, reason, index)
+
+    def end(self, usage: dict) -> bytes:
+        """The events that end the stream, once every choice ended: the usage if asked, then [DONE]."""
+        return (event({**self.head, "choices": [], "usage": usage}) if self.usage else b"") + DONE

@@ -136,7 +136,7 @@ def test_models_and_health(server, adapter_dir):
     ({"prompt": "hi", "model": "nope"}, 404, "model_not_found", "The model 'nope' does not exist"),
     ({"prompt": "hi", "prefix": "sy"}, 404, "model_not_found", "did you mean 'sys'"),
     ({"prompt": "hi", "model": "sys", "prefix": "tenant"}, 400, None, "name different prefixes"),
-    ({"prompt": "hi", "n": 2}, 400, "unsupported", "n=2 is not supported"),
+    ({"prompt": "hi", "best_of": 2}, 400, "unsupported", "best_of=2 is not supported"),
     ({"prompt": "hi", "seed": 3}, 400, "unsupported", "'seed' is not applied per request"),
     ({"prompt": "hi", "temperature": -1}, 400, None, "'temperature': must be > 0, got -1"),
     ({"prompt": "hi", "temperature": 0, "do_sample": True}, 400, None, "'temperature' 0 is greedy decoding"),

@@ -63,10 +63,8 @@ def test_head_is_a_get_without_its_body_and_other_methods_are_405_json(server):
 
 
 @pytest.mark.parametrize("field, value, status", [
-    ("logprobs", 0, 400),  # OpenAI's completions: the chosen tokens' log probabilities
-    ("logprobs", None, 200), ("logprobs", False, 200),
-    ("n", True, 400), ("n", 1, 200), ("n", 1.0, 200),
-    ("echo", 0, 400), ("echo", False, 200),
+    ("logprobs", None, 200), ("logprobs", False, 200), ("n", 1, 200), ("n", 1.0, 200), ("echo", False, 200),
+    ("best_of", 1, 200), ("best_of", 2, 400),
     ("presence_penalty", 0.0, 200), ("presence_penalty", False, 400), ("frequency_penalty", 0, 200),
 ])
 def test_unsupported_fields_are_refused_unless_they_ask_for_nothing(server, field, value, status):

@@ -141,7 +141,7 @@ def test_a_client_gone_mid_stream_drops_its_row_only():
             return out
         s.served.model.generate = counted
         submitted, submit = [], s.submit
-        s.submit = lambda obj, chat: submitted.append(submit(obj, chat)) or submitted[-1]
+        s.submit = lambda obj, chat: submitted.extend(submit(obj, chat)) or submitted[-1:]
         whole = answer(call(s, "/v1/completions", {"prompt": "howdy", "max_tokens": 120}))
         host, port = s.address
 
@@ -162,7 +162,7 @@ def test_a_client_gone_mid_stream_drops_its_row_only():
         gone = [p for p in submitted if p.events is not None]
         assert gone[0].cancelled and gone[0].answer[1] < 60  # its row stopped early
         hang_up()  # alone: the batch ends with its row
-        s.submit({"prompt": "hi"}, False).done.wait(60)  # queued after it
+        s.submit({"prompt": "hi"}, False)[0].done.wait(60)  # queued after it
         gone = [p for p in submitted if p.events is not None]
         assert gone[1].cancelled and made[-2] < 60
         assert answer(call(s, "/v1/completions", {"prompt": "hi"}))[0]

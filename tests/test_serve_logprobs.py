@@ -1,0 +1,191 @@
+"""``prefix-attn serve``'s "logprobs", "echo" (with max_tokens 0: the prompt scored alone, as
+lm-evaluation-harness asks) and "n": checked against the served model itself, a forward of
+prompt + completion after the same prefix."""
+import threading
+
+import pytest
+import torch
+from test_server import SYSTEM, call, generated, started
+from test_server_stream import streamed
+
+from prefix_attn.serve_inputs import request_of
+
+pytestmark = pytest.mark.hf
+
+
+@pytest.fixture(scope="module")
+def server():
+    with started("--prompt-prefix", f"sys={SYSTEM}", "--max-new-tokens", "6", "--batch-wait-ms", "0") as s:
+        yield s
+
+
+def reference(server, prompt, prefix, max_new_tokens=5):
+    """(prompt ids, greedy new ids, log_softmax [tokens, vocab] of prompt + new) of the served
+    model for a request, computed directly."""
+    served = server.served
+    [job] = served.plan([request_of({"prompt": prompt, "prefix": prefix}, "request", 1)], "request")
+    with torch.no_grad():
+        out = served.model.generate(torch.tensor([job.ids]), prefixes=[job.prefix], max_new_tokens=max_new_tokens,
+                                    do_sample=False, pad_token_id=served.pad_id, eos_token_id=served.stop)
+        lp = torch.log_softmax(served.model(out, prefixes=[job.prefix]).logits.float(), -1)[0]
+    return job.ids, out[0, len(job.ids):].tolist(), lp
+
+
+def chosen(lp, ids, start):
+    """The log probabilities of ``ids[start:]`` under ``lp`` (row i predicts ids[i + 1])."""
+    return [lp[i - 1, ids[i]].item() for i in range(start, len(ids))]
+
+
+def test_greedy_logprobs_are_the_models_after_the_prefix(server):
+    ids, new, lp = reference(server, "why?", "sys")
+    status, body = call(server, "/v1/completions", {"prompt": "why?", "model": "sys", "logprobs": 2, "max_tokens": 5})
+    assert status == 200, body
+    got = body["choices"][0]["logprobs"]
+    assert body["usage"]["completion_tokens"] == len(new) == len(got["tokens"]) == 5
+    torch.testing.assert_close(got["token_logprobs"], chosen(lp, ids + new, len(ids)), rtol=0, atol=1e-5)
+    for token, value, top in zip(got["tokens"], got["token_logprobs"], got["top_logprobs"]):
+        assert len(top) == 2 and top[token] == value == max(top.values())  # greedy: the top token
+    assert got["text_offset"] == list(range(5))  # one byte a token
+    plain = call(server, "/v1/completions", {"prompt": "why?", "logprobs": 0, "max_tokens": 5})[1]
+    assert plain["choices"][0]["logprobs"]["token_logprobs"] != got["token_logprobs"]  # the prefix counts
+    assert len(plain["choices"][0]["logprobs"]["top_logprobs"][0]) == 1  # 0 top tokens: the chosen one
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_in_one_forward(server):
+    """lm-evaluation-harness's loglikelihood request: no generate call, the prompt's tokens
+    scored after the prefix (the first one: null), requests of a batch in one forward."""
+    ids, _, lp = reference(server, "2 + 2 = 4", "sys", max_new_tokens=1)
+    calls = []
+    model, generate = server.served.model, server.served.model.generate
+    model.generate = lambda *a, **k: calls.append("generate") or generate(*a, **k)
+    hook = model.register_forward_hook(lambda *_: calls.append("forward"))
+    try:
+        body = {"prompt": "2 + 2 = 4", "model": "sys", "echo": True, "max_tokens": 0, "logprobs": 1, "temperature": 0}
+        status, got = call(server, "/v1/completions", body)
+    finally:
+        model.generate = generate
+        hook.remove()
+    assert status == 200, got
+    assert calls == ["forward"]
+    [choice] = got["choices"]
+    assert choice["text"] == "2 + 2 = 4" and choice["finish_reason"] == "length"
+    assert got["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    logprobs = choice["logprobs"]
+    assert "".join(logprobs["tokens"]) == "2 + 2 = 4" and logprobs["text_offset"] == list(range(9))
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    torch.testing.assert_close(logprobs["token_logprobs"][1:], chosen(lp, ids, 1), rtol=0, atol=1e-5)
+    plain = call(server, "/v1/completions", {**body, "model": None})[1]["choices"][0]["logprobs"]
+    assert plain["token_logprobs"][2:] != logprobs["token_logprobs"][1:]  # [BOS, '2', ...] without a prefix
+
+
+def test_echo_with_tokens_gives_the_prompt_then_the_completion(server):
+    ids, new, lp = reference(server, "abc", None, max_new_tokens=3)
+    status, body = call(server, "/v1/completions", {"prompt": "abc", "echo": True, "logprobs": 1, "max_tokens": 3})
+    assert status == 200, body
+    [choice] = body["choices"]
+    plain = call(server, "/v1/completions", {"prompt": "abc", "max_tokens": 3})[1]["choices"][0]
+    assert choice["text"] == "abc" + plain["text"]
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == len(ids) + 3 and logprobs["text_offset"][:4] == [0, 0, 1, 2]  # BOS: ""
+    torch.testing.assert_close(logprobs["token_logprobs"][1:], chosen(lp, ids + new, 1), rtol=0, atol=1e-5)
+    status, body = call(server, "/v1/completions", {"prompt": "abc", "echo": True, "max_tokens": 2})
+    assert body["choices"][0]["text"].startswith("abc") and body["choices"][0]["logprobs"] is None
+
+
+def test_n_choices_greedy_are_equal_and_counted_once_each(server):
+    status, body = call(server, "/v1/completions", {"prompt": "hi", "n": 3, "max_tokens": 4, "logprobs": 1})
+    assert status == 200, body
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert len({(c["text"], str(c["logprobs"])) for c in body["choices"]}) == 1
+    assert body["usage"]["completion_tokens"] == 12 and body["usage"]["prompt_tokens"] == 3  # BOS h i
+
+
+def test_n_sampled_choices_are_generate_s_rows_of_one_batch(tmp_path):
+    """n = 3 sampled: the three rows generate samples for the request three times in a batch."""
+    request = {"prompt": "hi", "temperature": 1.0}
+    expected = generated(tmp_path, [request] * 3, "--max-new-tokens", "8")
+    with started("--max-new-tokens", "8", "--batch-wait-ms", "500") as s:
+        status, body = call(s, "/v1/completions", {**request, "n": 3})
+    assert status == 200, body
+    assert [c["text"] for c in body["choices"]] == [e["completion"] for e in expected]
+    assert len({c["text"] for c in body["choices"]}) == 3
+
+
+def test_n_streams_each_choice_by_its_index(server):
+    whole = call(server, "/v1/completions", {"prompt": "yo", "max_tokens": 5})[1]["choices"][0]
+    chunks = streamed(server, {"prompt": "yo", "max_tokens": 5, "n": 2, "stream_options": {"include_usage": True}})
+    texts, reasons = {0: "", 1: ""}, {}
+    for c in chunks[:-1]:
+        [choice] = c["choices"]
+        texts[choice["index"]] += choice["text"]
+        if choice["finish_reason"] is not None:
+            reasons[choice["index"]] = choice["finish_reason"]
+    assert texts == {0: whole["text"], 1: whole["text"]} and reasons == {0: "length", 1: "length"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 10
+
+
+def test_concurrent_scoring_requests_share_a_forward(tmp_path):
+    with started("--max-new-tokens", "4", "--batch-wait-ms", "300") as s:
+        rows = []
+        hook = s.served.model.register_forward_hook(lambda m, args, out: rows.append(out.logits.shape[0]))
+        got = []
+        bodies = [{"prompt": p, "echo": True, "max_tokens": 0, "logprobs": 1} for p in ("a", "bcd", "ef")]
+        threads = [threading.Thread(target=lambda b=b: got.append(call(s, "/v1/completions", b))) for b in bodies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        hook.remove()
+    assert sorted(len(b["choices"][0]["logprobs"]["tokens"]) for _, b in got) == [2, 3, 4]
+    assert rows == [3]
+
+
+def test_chat_logprobs_are_openai_s_content_entries(tmp_path):
+    from test_serve_chat import CHATML, _model, chat_tokenizer
+
+    folder = tmp_path / "chat"
+    _model().save_pretrained(str(folder))
+    chat_tokenizer(CHATML).save_pretrained(str(folder))
+    body = {"messages": [{"role": "user", "content": "What is 2+2?"}], "model": "terse", "logprobs": True,
+            "top_logprobs": 3, "max_tokens": 4}
+    with started("--model", str(folder), "--chat", "--prompt-prefix", "terse=You are terse.") as s:
+        status, got = call(s, "/v1/chat/completions", body)
+        plain = call(s, "/v1/chat/completions", {**body, "logprobs": False, "top_logprobs": None})[1]
+        bad = call(s, "/v1/chat/completions", {**body, "logprobs": False})
+        echo = call(s, "/v1/chat/completions", {**body, "echo": True})
+        [job] = s.served.plan([request_of({"messages": body["messages"], "prefix": "terse"}, "request", 1)], "r")
+        with torch.no_grad():
+            out = s.served.model.generate(torch.tensor([job.ids]), prefixes=[job.prefix], max_new_tokens=4,
+                                          do_sample=False, pad_token_id=s.served.pad_id)
+            lp = torch.log_softmax(s.served.model(out, prefixes=[job.prefix]).logits.float(), -1)[0]
+    assert status == 200, got
+    content = got["choices"][0]["logprobs"]["content"]
+    assert plain["choices"][0]["logprobs"] is None
+    assert "".join(c["token"] for c in content) == got["choices"][0]["message"]["content"]
+    assert all(set(c) == {"token", "logprob", "bytes", "top_logprobs"} and len(c["top_logprobs"]) == 3 and
+               c["top_logprobs"][0] == {k: c[k] for k in ("token", "logprob", "bytes")} for c in content)
+    assert all(bytes(c["bytes"]).decode() == c["token"] for c in content)
+    torch.testing.assert_close([c["logprob"] for c in content], chosen(lp, out[0].tolist(), len(job.ids)),
+                               rtol=0, atol=1e-5)
+    assert bad[0] == 400 and "'top_logprobs' needs 'logprobs': true" in bad[1]["error"]["message"]
+    assert echo[0] == 400 and echo[1]["error"]["param"] == "echo"
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"logprobs": 6}, "logprobs", "'logprobs' must be an integer from 0 to 5, got 6"),
+    ({"logprobs": True}, "logprobs", "'logprobs' must be an integer from 0 to 5, got true"),
+    ({"n": 9}, "n", "'n' must be an integer from 1 to 8 (this server's --batch-size), got 9"),
+    ({"n": 0}, "n", "'n' must be an integer from 1 to 8"),
+    ({"n": True}, "n", "'n' must be an integer"),
+    ({"n": 2.5}, "n", "'n' must be an integer"),
+    ({"echo": 0}, "echo", "'echo' must be true or false"),
+    ({"top_logprobs": 2}, "top_logprobs", "'top_logprobs' is chat's"),
+    ({"best_of": 2}, "best_of", "best_of=2 is not supported"),
+    ({"logprobs": 1, "stream": True}, "logprobs", "'logprobs' is not served with 'stream': true"),
+    ({"echo": True, "stream": True}, "echo", "'echo' is not served with 'stream': true"),
+    ({"max_tokens": 0}, None, "'max_tokens': must be at least 1"),  # 0 only with echo
+])
+def test_what_cannot_be_served_is_400(server, body, param, words):
+    status, got = call(server, "/v1/completions", {"prompt": "hi", **body})
+    assert status == 400 and words in got["error"]["message"], got
+    assert got["error"]["param"] == param
