@@ -144,6 +144,9 @@ def train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "to prefix-attn generate); -2**63 to 2**63 - 1")
     p.add_argument("--device", default=None,
                    help="torch device: cpu, cuda, cuda:1, ... (default: cpu, with a note when CUDA is available)")
+    p.add_argument("--dist-backend", choices=("nccl", "gloo"), default=None,
+                   help="under torchrun (WORLD_SIZE > 1): the torch.distributed backend (default: nccl with "
+                        "--device cuda, gloo on the CPU); ignored in a single process")
     p.add_argument("--dtype", choices=sorted(TRAIN_DTYPES), default="float32",
                    help="dtype of the frozen base model; the prefix is trained in float32 whatever it is "
                         "(bfloat16: half the base's memory; no float16: it would need loss scaling)")

@@ -67,6 +67,18 @@ the batches, ``--eval-fraction`` and the notes on cut or dropped rows count rows
 the example's line and the turn. The checkpoint records ``--chat-turns`` (older ones count as
 ``last``).
 
+Several GPUs: ``torchrun --nproc-per-node 4 -m prefix_attn.cli train data.jsonl -o OUT
+--device cuda`` (found from torchrun's WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
+each process on ``cuda:LOCAL_RANK``, the group on ``--dist-backend``: nccl on CUDA, gloo on the
+CPU). ``--batch-size`` N is per process: a step of W processes learns from the examples one
+process with ``--batch-size`` N*W would draw, each process running its N of every micro-batch,
+and one all-reduce per step sums the token-weighted prefix gradients, losses and token counts
+(the one-process result within float rounding); evaluation is split over the processes. Rank 0
+alone writes OUT and shows the bars; an error in the data is said once, every process exiting
+with its status; the checkpoint records the process count (``--resume`` refuses another); a
+signal to any process stops all after the same step, with its checkpoint. Tested on CPU
+processes (gloo) only: the nccl path has not run on GPUs.
+
 Errors in the data or options are reported as ``prefix-attn train: error: ...`` (exit status
 2) before anything is written. A loss (or eval loss) that is not finite stops the run with an
 error naming the step (exit status 1), and so does a gradient norm that is not finite (with
@@ -83,11 +95,11 @@ import shlex
 import signal
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import atomic, cli_args, cli_parsers, tiny, train_chat, train_prefixes
+from . import atomic, cli_args, cli_parsers, tiny, train_chat, train_dist, train_prefixes
 from .train_data import (batch_order, collate, collate_packed, eval_cost_note, prepare, read_examples_at,
                          split_eval)
 from .backends import check_env_backend
@@ -165,15 +177,19 @@ def evaluate(model, data, batch_size: int, pad_id: int, name: str,
 
 def eval_losses(model, data, batch_size: int, pad_id: int, name: str,
                 device: Optional[torch.device] = None,
-                by_prefix: bool = False) -> Tuple[float, Dict[str, float]]:
+                by_prefix: bool = False, group: Optional["train_dist.Group"] = None,
+                names: Sequence[str] = ()) -> Tuple[float, Dict[str, float]]:
     """(:func:`evaluate`'s mean token loss, {prefix: the mean token loss of its rows, sorted by
-    name} with ``by_prefix``, else {})."""
+    name} with ``by_prefix``, else {}). With a torchrun ``group`` each rank runs every
+    WORLD_SIZE-th batch and the sums are added up over the ranks (``names``: every prefix an
+    eval row may use), every rank getting the result."""
     was = model.training
     model.eval()
     total, count, sums = 0.0, 0, {}
     order = sorted(data, key=lambda row: -len(row[0]))  # stable: equal lengths in data's order
+    first, stride = (0, 1) if group is None else (group.rank, group.world)
     with torch.no_grad():
-        for i in range(0, len(order), batch_size):
+        for i in range(first * batch_size, len(order), stride * batch_size):
             rows = order[i:i + batch_size]
             prefixes = [row_prefix(row, name) for row in rows]
             ids, mask, labels = (t.to(device) for t in collate(rows, pad_id))
@@ -189,12 +205,23 @@ def eval_losses(model, data, batch_size: int, pad_id: int, name: str,
                     acc[0] += loss
                     acc[1] += n
     model.train(was)
+    if group is not None:
+        total, count, sums = _summed_over(group, total, count, sums, names if by_prefix else ())
     return total / max(count, 1), {p: loss / max(n, 1) for p, (loss, n) in sorted(sums.items())}
+
+
+def _summed_over(group, total: float, count: int, sums: dict, names: Sequence[str]):
+    """:func:`eval_losses`' sums of this rank, added up over the ranks (one all-reduce): the
+    prefixes among ``names`` that some rank's rows use."""
+    values = group.sum([total, count] + [x for n in names for x in sums.get(n, (0.0, 0))])
+    pairs = zip(values[2::2], values[3::2])
+    return values[0], int(values[1]), {n: [loss, int(k)] for n, (loss, k) in zip(names, pairs) if k}
 
 
 def train_step(model, opt, batch, pad_id: int, name: str, pack: bool,
                device: Optional[torch.device] = None, micro_batch_size: Optional[int] = None,
-               max_grad_norm: Optional[float] = None) -> Tuple[float, int, Optional[float]]:
+               max_grad_norm: Optional[float] = None, group: Optional["train_dist.Group"] = None,
+               received: Optional[int] = None) -> Tuple[float, int, Optional[float]]:
     """One optimizer step on ``batch``, run as micro-batches of ``micro_batch_size`` examples
     (default: all in one) whose gradients add up: (loss, tokens in the batch, the prefixes'
     gradient norm before clipping to ``max_grad_norm``, None without it). Each micro-batch's
@@ -202,8 +229,13 @@ def train_step(model, opt, batch, pad_id: int, name: str, pack: bool,
     those of ``batch`` in one forward. Each row runs under prefix ``name``, or a multi-task
     run's row under its own (its third item): a prefix's gradient is then the sum of its rows'
     token losses over all the step's learnt tokens, None when no row of the step uses it.
-    No optimizer step when the norm is not finite."""
+    No optimizer step when the norm is not finite. With a torchrun ``group`` this rank runs its
+    share of ``batch`` (:meth:`train_dist.Group.share`, micro-batches of ``micro_batch_size``),
+    and the gradients, loss and tokens are summed over the ranks before the step (the signal
+    this rank ``received``, if any, goes with them: ``group.stop``)."""
     size = micro_batch_size or len(batch)
+    if group is not None:
+        batch = group.share(batch, size)
     parts = [batch[i:i + size] for i in range(0, len(batch), size)]
     micro = [_collated(rows, pad_id, pack) for rows in parts]
     counts = [int((labels[:, 1:] != -100).sum()) for _, _, labels in micro]
@@ -213,6 +245,8 @@ def train_step(model, opt, batch, pad_id: int, name: str, pack: bool,
     for rows, tensors, count in zip(parts, micro, counts):
         loss, tokens = _forward(model, tensors, [row_prefix(row, name) for row in rows], pack, device)
         weight = count / learnt if learnt else 1.0  # 1.0 with one micro-batch: the loss as it is
+        if group is not None:  # the token losses' sum: divided by the step's tokens, all ranks'
+            weight = count
         n_tokens += tokens
         if not weight:  # nothing learnt in this micro-batch: its mean loss is 0 / 0
             continue
@@ -220,8 +254,12 @@ def train_step(model, opt, batch, pad_id: int, name: str, pack: bool,
         if loss.requires_grad and count:  # else nothing reached the prefix: the caller's check says so
             (loss * weight).backward()
             stepped = True
-    loss_value = float(torch.stack(losses).sum()) if losses else 0.0
-    params = [p for group in opt.param_groups for p in group["params"]]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if group is not None:
+        loss_value, n_tokens, stepped = group.reduce_step(params, torch.stack(losses).sum() if losses else None,
+                                                          learnt, n_tokens, stepped, received)
+    else:
+        loss_value = float(torch.stack(losses).sum()) if losses else 0.0
     norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) \
         if stepped and max_grad_norm is not None else None
     if stepped and (norm is None or math.isfinite(norm)):
@@ -280,25 +318,44 @@ def run(args: argparse.Namespace) -> int:
     """Train as ``args`` says. Returns 0; 2 on a user error (message on stderr, nothing
     written); 1 when the loss stops being finite (the step named, nothing of it saved); 130 / 143 when SIGINT / SIGTERM stopped it (a checkpoint of the last step saved)."""
     signals = StopSignals()
+    group = None  # a torchrun run's process group
+    done = False  # every rank ends together: the group ends after a barrier
     try:
-        with cli_args.transformers_progress(enabled=not args.no_progress), signals:
-            return _train(args, signals)
+        with cli_args.transformers_progress(enabled=not args.no_progress and train_dist.env_rank() == 0), signals:
+            group = train_dist.start(args.device, args.dist_backend)
+            code = _train(args, signals, group)
+            done = True
+            return code
+    except train_dist.Agreed as exc:  # another rank failed and said so
+        done = True
+        return exc.code
     except TrainError as exc:
-        warn("error", str(exc))
-        return 2
+        return _report(group, "error", str(exc), 2, exc)
     except TrainingFailed as exc:
-        warn("error", str(exc))
-        return 1
+        return _report(group, "error", str(exc), 1, exc)
     except Interrupted as stop:
-        warn("stopped", f"{signal.Signals(stop.signum).name}: {stop.note}")
-        return 128 + stop.signum
+        return _report(group, "stopped", f"{signal.Signals(stop.signum).name}: {stop.note}",
+                       128 + stop.signum, stop)
     except Exception as exc:  # out of memory while the run was set up (the steps say theirs)
         reason = out_of_memory(exc)
         if reason is None:
             raise
-        warn("error", f"out of memory while setting up the run ({reason}); {signals.note}; lower "
-                      "--projection-hidden-size or --num-virtual-tokens, or use --dtype bfloat16")
-        return 1
+        return _report(group, "error", f"out of memory while setting up the run ({reason}); {signals.note}; "
+                                       "lower --projection-hidden-size or --num-virtual-tokens, or use "
+                                       "--dtype bfloat16", 1, exc)
+    finally:
+        if group is not None:
+            group.close(wait=done or group.together)
+
+
+def _report(group, kind: str, message: str, code: int, exc: BaseException) -> int:
+    """Say how the run ended and return its exit status; a torchrun run's ranks agree on it
+    (:meth:`train_dist.Group.report`): an error that every rank reached (``exc.everywhere``)
+    is said once, by rank 0."""
+    if group is None:
+        warn(kind, message)
+        return code
+    return group.report(kind, message, code, getattr(exc, "everywhere", False))
 
 
 def out_of_memory(exc: BaseException) -> Optional[str]:
@@ -315,7 +372,7 @@ def out_of_memory(exc: BaseException) -> Optional[str]:
     return line if len(line) <= 160 else line[:157] + "..."
 
 
-def _train(args: argparse.Namespace, signals: StopSignals) -> int:
+def _train(args: argparse.Namespace, signals: StopSignals, group: Optional["train_dist.Group"] = None) -> int:
     from prefix_attn.tuning import enable_checkpointing, prefix_tuning
 
     from .progress import progress_bar
@@ -326,7 +383,8 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
             raise TrainError(f"{option}: train reads a file, not standard input (-): save it to a "
                              "file first")
     check_output_folder(args.output, files=(CHECKPOINT, LOG), folders=(ADAPTER, BASE_MODEL))
-    device = training_device(args.device)
+    device = training_device(args.device) if group is None else group.device
+    world = 1 if group is None else group.world
     dtype = DTYPES[args.dtype]
     try:
         check_env_backend(device.type, "training")
@@ -369,7 +427,7 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     max_length = effective_max_length(args.max_length, model.config, args.num_virtual_tokens)
     vocab_size = model.get_input_embeddings().num_embeddings
-    progress = not args.no_progress
+    progress = not args.no_progress and (group is None or group.main)
     data = prepare(tokenizer, examples, max_length, vocab_size, args.data, chat=chat, progress=progress,
                    prefix_of=train_prefixes.prefix_of(named, args.name) if multi else None)
     if eval_examples is not None:
@@ -393,11 +451,11 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
                           unit)
     if note is not None:
         warn("note", note)
-    settings = run_settings(args, max_length)
+    settings = run_settings(args, max_length, world)
     if state is not None:
         check_same_settings(state, settings, ckpt_path)
         train_prefixes.check_checkpoint_names(state, names if multi else None, ckpt_path)
-    step_size = args.batch_size * args.gradient_accumulation_steps  # examples a step
+    step_size = args.batch_size * world * args.gradient_accumulation_steps  # examples a step, all ranks'
     steps_per_epoch = math.ceil(len(data) / step_size)
     total = total_steps(steps_per_epoch, args.epochs, args.max_steps)
     problem = schedule_problem(args.lr_scheduler, args.warmup_steps, total,
@@ -412,15 +470,17 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
                          f"{'have' if len(unseen) > 1 else 'has'} no row in the {total} step"
                          f"{'' if total == 1 else 's'} of this run (--max-steps): written as initialised, untrained")
 
-    create_output_folder(args.output)
+    main = group is None or group.main  # the process that writes the output folder
+    if group is not None:
+        group.ready()  # every rank's checks passed (else every rank exits, one saying why)
+    _on_main(group, lambda: _start_output(args.output, model, tokenizer, model_dir if base_to_save else None,
+                                          state["step"] if state is not None else None))
     if base_to_save:
-        save_base_model(model, tokenizer, model_dir)  # float32, as drawn
-        # then loaded back in dtype as a resumed run (and generate --model OUT/base_model) loads
+        # loaded back in dtype as a resumed run (and generate --model OUT/base_model) loads
         # it: from_pretrained keeps what transformers keeps in float32 (RoPE's inv_freq), which
         # model.to(dtype) would round
         model = load_model(model_dir, args.output, args.seed, dtype=dtype)[0]
     model.to(device)  # before the prefix: it is made on the model's device
-    start_log(args.output, state["step"] if state is not None else None)
 
     modules = {n: prefix_tuning(model, num_virtual_tokens=args.num_virtual_tokens,
                                 projection_hidden_size=args.projection_hidden_size, name=n)
@@ -440,9 +500,16 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
+    if group is not None:
+        group.broadcast(params)
 
     def save_checkpoint():
         nonlocal saved
+        _on_main(group, write_checkpoint)
+        saved = step
+        signals.note = resume_note(step, ckpt_path)
+
+    def write_checkpoint():
         try:
             prefix = ({n: module.state_dict() for n, module in modules.items()} if multi
                       else modules[name].state_dict())
@@ -455,30 +522,28 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
         except OSError as exc:  # a full disk, a file-size limit: the one on disk is whole
             raise TrainingFailed(f"step {step}: cannot write the checkpoint {ckpt_path}: "
                                  f"{exc.strerror or exc}; {kept()}") from None
-        saved = step
-        signals.note = resume_note(step, ckpt_path)
 
     def kept() -> str:
         return (f"the checkpoint of step {saved} in {ckpt_path} is kept" if saved is not None
                 else "no checkpoint was saved")
 
     def not_finite(what: str, value: float) -> TrainingFailed:
-        return TrainingFailed(f"step {step}: the {what} is {value} (not finite): training diverged; "
-                              f"stopped without saving this step ({kept()}); try a lower --lr")
+        return _everywhere(TrainingFailed(f"step {step}: the {what} is {value} (not finite): training diverged; "
+                              f"stopped without saving this step ({kept()}); try a lower --lr"))
 
     def no_gradient() -> TrainingFailed:
-        return TrainingFailed(
+        return _everywhere(TrainingFailed(
             f"step {step}: no gradient reached the prefix{'es' if multi else ''} "
             f"{', '.join(map(repr, names))}: the base model's layers "
             "pass none back (bitsandbytes' 4-bit layers on the CPU, for one, pass none after "
             "an evaluation forward: train with --eval-every 0, or on a GPU); stopped without "
-            f"saving this step ({kept()})")
+            f"saving this step ({kept()})"))
 
     if step > total:
         warn("note", f"the checkpoint is at step {step}, past the {total} steps this run asks for "
                      f"(--max-steps / --epochs): nothing to run; the adapter is step {step}'s")
     model.train()
-    bar = progress_bar(total, "prefix tuning", "step", enabled=not args.no_progress, initial=step)
+    bar = progress_bar(total, "prefix tuning", "step", enabled=progress, initial=step)
     t0, tokens, first_step = time.perf_counter(), 0, step
     loss_value = float("nan")
     signals.raise_if_received()  # one whose Interrupted was lost while the run was set up
@@ -491,7 +556,8 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
             lr = args.lr * lr_factor(step, total, args.warmup_steps, args.lr_scheduler)
             set_lr(opt, lr)
             loss_value, n_tokens, grad_norm = train_step(model, opt, batch, pad_id, name, args.pack, device,
-                                                         args.batch_size, args.max_grad_norm)
+                                                         args.batch_size, args.max_grad_norm, group,
+                                                         signals.received)
             step += 1
             if not math.isfinite(loss_value):
                 raise not_finite("training loss", loss_value)
@@ -508,7 +574,7 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
                 record["grad_norm"] = grad_norm
             if eval_data and _every(step, args.eval_every, total):
                 record["eval_loss"], by_prefix = eval_losses(model, eval_data, args.batch_size, pad_id, name,
-                                                             device, by_prefix=multi)
+                                                             device, by_prefix=multi, group=group, names=names)
                 if not math.isfinite(record["eval_loss"]):
                     raise not_finite("eval loss", record["eval_loss"])
                 each = ""
@@ -516,12 +582,16 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
                     record["eval_loss_by_prefix"] = by_prefix
                     each = " (" + ", ".join(f"{p} {loss:.4f}" for p, loss in by_prefix.items()) + ")"
                 # on standard error with the bar: standard output is for the result line
-                bar.write(f"step {step}: eval loss {record['eval_loss']:.4f}{each}", file=sys.stderr)
-            append_log(args.output, record)
-            if step == total or _every(step, args.save_every, total) or signals.received:
+                if main:
+                    bar.write(f"step {step}: eval loss {record['eval_loss']:.4f}{each}", file=sys.stderr)
+            if main:
+                append_log(args.output, record)
+            # a torchrun run stops on the signal some rank received before the step's all-reduce
+            stop = signals.received if group is None else group.stop
+            if step == total or _every(step, args.save_every, total) or stop:
                 save_checkpoint()
-            if signals.received:
-                raise Interrupted(signals.received, signals.note)
+            if stop:
+                raise _everywhere(Interrupted(stop, signals.note))
     except Exception as exc:
         reason = out_of_memory(exc)
         if reason is None:
@@ -532,14 +602,43 @@ def _train(args: argparse.Namespace, signals: StopSignals) -> int:
     finally:
         signals.deferred = False
         bar.close()
-    if multi:
-        print(f"{training_summary(step, step - first_step, loss_value)}; "
-              f"{write_prefixes(model, names, args.output, model_dir, chat_flags(args))}")
-        return 0
+    summary = training_summary(step, step - first_step, loss_value)
+    _on_main(group, lambda: _write_result(model, name, names if multi else None, args, model_dir, summary))
+    return 0
+
+
+def _write_result(model, name: str, names: Optional[List[str]], args, model_dir: str, summary: str) -> None:
+    """The trained prefix as ``OUT/adapter``, or a multi-task run's ``names`` as adapters and a
+    bank, and the result line on standard output."""
+    if names is not None:
+        print(f"{summary}; {write_prefixes(model, names, args.output, model_dir, chat_flags(args))}")
+        return
     adapter_dir = os.path.join(args.output, ADAPTER)
     write_adapter(model, name, adapter_dir, model_dir)
-    print(f"{training_summary(step, step - first_step, loss_value)}; adapter (PEFT format): {adapter_dir}")
-    return 0
+    print(f"{summary}; adapter (PEFT format): {adapter_dir}")
+
+
+def _start_output(out_dir: str, model, tokenizer, base_dir: Optional[str], resume_step: Optional[int]) -> None:
+    """The output folder made, the drawn base model saved to ``base_dir`` (None: none drawn),
+    the log started (a resumed run's cut back to its checkpoint's step)."""
+    create_output_folder(out_dir)
+    if base_dir is not None:
+        save_base_model(model, tokenizer, base_dir)  # float32, as drawn
+    start_log(out_dir, resume_step)
+
+
+def _on_main(group, write) -> None:
+    """``write()`` here, or in a torchrun run on rank 0, the others waiting for its outcome."""
+    if group is None:
+        write()
+    else:
+        group.on_main(write)
+
+
+def _everywhere(exc: BaseException) -> BaseException:
+    """``exc``, marked as raised on every rank of a torchrun run alike (said once, by rank 0)."""
+    exc.everywhere = True
+    return exc
 
 
 def total_steps(steps_per_epoch: int, epochs: Optional[int], max_steps: Optional[int]) -> int:

@@ -42,10 +42,18 @@ class Interrupted(BaseException):
 
 
 _SPEAKER = [PROG]  # the command whose notes warn prints (train's, unless speaking_as says otherwise)
+_quiet = False  # a torchrun run's ranks other than 0: rank 0 says what all of them would
+
+
+def set_quiet(quiet: bool) -> None:
+    """Silence :func:`warn` (the other ranks of a torchrun run) or not."""
+    global _quiet
+    _quiet = quiet
 
 
 def warn(kind: str, message: str) -> None:
-    print(f"{_SPEAKER[-1]}: {kind}: {message}", file=sys.stderr)
+    if not _quiet:
+        print(f"{_SPEAKER[-1]}: {kind}: {message}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -165,14 +173,19 @@ def file_fingerprint(path: Optional[str]) -> Optional[dict]:
     return {"path": os.path.abspath(path), "size": os.path.getsize(path), "sha256": digest.hexdigest()}
 
 
-def run_settings(args: argparse.Namespace, max_length: int) -> Dict[str, object]:
+WORLD = "WORLD_SIZE (torchrun's processes)"  # the setting of a run's process count
+
+
+def run_settings(args: argparse.Namespace, max_length: int, world: int = 1) -> Dict[str, object]:
     """What fixes the result up to any step, keyed by option: a resumed run must match them.
     (--epochs, --max-steps, --save-every, --eval-every, --name, --gradient-checkpointing,
     --device and --no-progress may change, the total steps not under a decaying --lr-scheduler:
     :func:`prefix_attn.train_schedule.schedule_problem` checks that; another device gives the result within float
     rounding; --eval-every to or from 0 changes the data held out for eval, a change of
     --eval-fraction.) ``--model OUTPUT/base_model`` is the run's own saved base model,
-    the same as no ``--model`` (a resumed run without it loads that folder)."""
+    the same as no ``--model`` (a resumed run without it loads that folder). ``world``: the
+    processes of a torchrun run (``WORLD_SIZE``; its steps are ``--batch-size`` x ``world``
+    examples, summed in another order on another number)."""
     model = os.path.abspath(args.model) if args.model else None
     if model is not None and os.path.realpath(model) == os.path.realpath(os.path.join(args.output, BASE_MODEL)):
         model = None
@@ -191,14 +204,14 @@ def run_settings(args: argparse.Namespace, max_length: int) -> Dict[str, object]
             "--gradient-accumulation-steps": getattr(args, "gradient_accumulation_steps", 1),
             "--lr-scheduler": getattr(args, "lr_scheduler", "constant"),
             "--warmup-steps": getattr(args, "warmup_steps", 0),
-            "--max-grad-norm": getattr(args, "max_grad_norm", None)}
+            "--max-grad-norm": getattr(args, "max_grad_norm", None), WORLD: world}
 
 
 # settings added after checkpoints recorded settings, with the value every older run had: a
 # checkpoint without one is compared as having it
 LATER_SETTINGS = {"--dtype": "float32", "--chat": False, "--chat-option": "{}", "--chat-turns": "last",
                   "--gradient-accumulation-steps": 1, "--lr-scheduler": "constant", "--warmup-steps": 0,
-                  "--max-grad-norm": None}
+                  "--max-grad-norm": None, WORLD: 1}
 
 
 NOTHING_HELD_OUT = "0 (--eval-every 0: nothing held out)"

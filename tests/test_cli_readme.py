@@ -35,8 +35,15 @@ def test_every_option_is_in_the_command_line_section():
         assert f"prefix-attn {command}" in section
 
 
+def _torchrun_options():
+    """The launcher's own options (the section's torchrun command for several GPUs)."""
+    from torch.distributed.run import get_args_parser
+
+    return {s for a in get_args_parser()._actions for s in a.option_strings if s.startswith("--")}
+
+
 def test_every_option_in_the_command_line_section_exists():
-    known = {o for opts in _options().values() for o in opts} | {"--version", "--help"}
+    known = {o for opts in _options().values() for o in opts} | {"--version", "--help"} | _torchrun_options()
     assert sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", _section())) - known) == []
 
 
