@@ -40,6 +40,7 @@ BENCHMARKS = {
     "sass": ("sass_report.py", ["--quick"], "sass_sm90", "dir"),
     "packed": ("bench_packed.py", ["--quick"], "packed_cpu", "stem"),
     "generate": ("bench_generate.py", ["--quick"], "generate_cpu", "stem"),
+    "serve": ("bench_serve.py", ["--quick"], "serve_cpu", "stem"),
 }
 
 

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 
 import pytest
 
@@ -142,3 +143,63 @@ def test_run_all_quick_uses_the_smoke_stems(tmp_path, monkeypatch):
     for name, (script, quick_args, stem, kind) in run_all.BENCHMARKS.items():
         assert "--quick" in quick_args, name     # each script's own smoke flag, no sizes here
 
+
+
+def _bench_serve(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))   # its `from record import ...`
+    spec = importlib.util.spec_from_file_location("bench_serve", os.path.join(ROOT, "bench", "bench_serve.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.hf
+def test_serve_bench_quick_answers_are_generate_s(tmp_path, monkeypatch):
+    """bench/bench_serve.py --quick: both servers timed at each C, and what each answered
+    (recorded in the JSON) is `prefix-attn generate`'s for the same requests, computed here
+    again on the benchmark's model and prefixes."""
+    import subprocess
+    import sys
+    from prefix_attn import serve
+    out = tmp_path / "sv"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_serve.py"), "--quick", "--reps", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["sv_quick.json", "sv_quick.md"]   # a smoke run
+    res = json.loads((tmp_path / "sv_quick.json").read_text())
+    assert res["smoke"] is True and [r["C"] for r in res["rows"]] == [1, 4]
+    for r in res["rows"]:
+        modes = r["modes"]
+        assert sorted(modes) == ["batched", "one at a time"]
+        for s in modes.values():
+            assert s["req_s"] > 0 and s["tok_s"] > 0 and 0 < s["p50_ms"] <= s["p95_ms"]
+        assert r["speedup"] == modes["batched"]["req_s"] / modes["one at a time"]["req_s"]
+    assert res["checked"] == sum(s["requests"] for r in res["rows"] for s in r["modes"].values()) == 2 * (3 + 4)
+    bench = _bench_serve(monkeypatch)
+    options = bench.make_fixtures(str(tmp_path / "fixtures"), quick=True)
+    for mode, answers in res["answers"].items():
+        assert answers and {a["prefix"] for a in answers} <= set(bench.prefix_names(quick=True))
+        src, dst = tmp_path / "r.jsonl", tmp_path / "a.jsonl"
+        src.write_text("".join(json.dumps({"prefix": a["prefix"], "prompt": a["prompt"]}) + "\n" for a in answers))
+        assert serve.main(["-i", str(src), "-o", str(dst), "--no-progress", "--max-new-tokens", "4", *options]) == 0
+        expected = [json.loads(line) for line in dst.read_text().splitlines()]
+        assert [(a["text"], a["completion_tokens"], a["finish_reason"]) for a in answers] == \
+               [(e["completion"], e["num_tokens"], e["finish_reason"]) for e in expected], mode
+    md = (tmp_path / "sv_quick.md").read_text()
+    assert md.startswith("Smoke run") and md.count("\n| ") == 3   # header + 2 rows
+
+
+@pytest.mark.parametrize("status, body, words", [
+    (503, {"error": {"message": "out of memory"}}, "answered 503"),
+    (200, {"choices": [{"text": "xy", "finish_reason": "length"}], "usage": {"completion_tokens": 4}},
+     "generate ('ab', 4, 'length')"),
+    (200, {"choices": [{"text": "ab", "finish_reason": "stop"}], "usage": {"completion_tokens": 4}},
+     "generate ('ab', 4, 'length')"),
+])
+def test_serve_bench_refuses_errors_and_wrong_answers(status, body, words, monkeypatch):
+    """An answer counts only as a 200 of generate's text, token count and finish_reason."""
+    bench = _bench_serve(monkeypatch)
+    with pytest.raises(bench.BenchError, match=re.escape(words)):
+        bench.checked(status, body, {"prompt": "p"}, ("ab", 4, "length"))
+    assert bench.checked(200, {"choices": [{"text": "ab", "finish_reason": "length"}],
+                               "usage": {"completion_tokens": 4}}, {}, ("ab", 4, "length")) == ("ab", 4, "length")
