@@ -30,8 +30,9 @@ request's "temperature" without "do_sample": 0 greedy, above 0 sampling at it. T
 finish_reason ("stop": a stop id or a stop text; "length": max_tokens reached) and token count
 ("usage": prompt_tokens counts the tokens run after the prefix, completion_tokens generate's
 "num_tokens"). Other fields are ignored, except those asking for what is not served, refused
-with 400: "best_of" above 1, "suffix", "logit_bias", nonzero "presence_penalty" / "frequency_penalty", "seed" (one
---seed draws for every batch in turn), a "tool_choice" other than "auto" or "none", a
+with 400: "best_of" above 1, "suffix", "logit_bias", nonzero "presence_penalty" / "frequency_penalty", "seed"
+where the request samples (one --seed draws for every batch in turn; decoded without sampling,
+a seed changes nothing and is taken), a "tool_choice" other than "auto" or "none", a
 "response_format" other than text. A chat answer is the generated text as "content": tool calls
 in it are not parsed into "tool_calls".
 
@@ -119,10 +120,13 @@ _SERVER_LOG = "prefix-attn serve"
 # request fields asking for what is not served -> the values that ask for nothing (refused otherwise)
 _UNSUPPORTED = {
     "best_of": (None, 1), "suffix": (None,), "logit_bias": (None, {}),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "seed": (None,),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
     "tool_choice": (None, "auto", "none"), "response_format": (None, {"type": "text"}),
 }
-_WHY = {"seed": "'seed' is not applied per request: the server's --seed draws for every batch in turn"}
+# a request's "seed": taken (and unused) where it decodes without sampling (lm-evaluation-harness
+# sends one with every greedy request), refused where it samples
+_SEED_REFUSED = ("'seed' is not applied per request: the server's --seed draws for every batch in turn "
+                 "(a request decoded without sampling may give one: it is not used)")
 
 
 MAX_LOGPROBS = 5  # /v1/completions' "logprobs": top tokens per position (OpenAI's legacy limit)
@@ -455,8 +459,7 @@ class Server:
             raise HTTPError(400, f"'{other}' is not a field of this endpoint: give '{need}'", param=other)
         for name, fine in _UNSUPPORTED.items():
             if name in obj and not any(_same(obj[name], value) for value in fine):
-                why = _WHY.get(name, f"{name}={json.dumps(obj[name])} is not supported")
-                raise HTTPError(400, why, param=name, code="unsupported")
+                raise HTTPError(400, f"{name}={json.dumps(obj[name])} is not supported", param=name, code="unsupported")
         _check_stream(obj)
         asked = _asked(obj, chat, self.args.batch_size)
         if obj.get("stream") is True:
@@ -468,9 +471,13 @@ class Server:
             self._count += 1
             number = self._count
         try:
-            return request_of(fields, "request", number)
+            request = request_of(fields, "request", number)
         except RequestError as exc:
             raise HTTPError(400, _one_line(exc)) from None
+        if obj.get("seed") is not None and not asked.score_only and \
+                serve_options.Decoding.of(self.args, request.options).do_sample:
+            raise HTTPError(400, _SEED_REFUSED, param="seed", code="unsupported")
+        return request
 
     def _prefix(self, obj: dict) -> Optional[str]:
         """The prefix a request names by "model" (the base model's id: none) or "prefix"."""

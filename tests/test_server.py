@@ -137,7 +137,7 @@ def test_models_and_health(server, adapter_dir):
     ({"prompt": "hi", "prefix": "sy"}, 404, "model_not_found", "did you mean 'sys'"),
     ({"prompt": "hi", "model": "sys", "prefix": "tenant"}, 400, None, "name different prefixes"),
     ({"prompt": "hi", "best_of": 2}, 400, "unsupported", "best_of=2 is not supported"),
-    ({"prompt": "hi", "seed": 3}, 400, "unsupported", "'seed' is not applied per request"),
+    ({"prompt": "hi", "seed": 3, "temperature": 1}, 400, "unsupported", "'seed' is not applied per request"),
     ({"prompt": "hi", "temperature": -1}, 400, None, "'temperature': must be > 0, got -1"),
     ({"prompt": "hi", "temperature": 0, "do_sample": True}, 400, None, "'temperature' 0 is greedy decoding"),
     ({"prompt": "hi", "max_tokens": 1000}, 400, "context_length_exceeded", "longer than the model's 256 positions"),
@@ -151,6 +151,15 @@ def test_bad_requests_are_openai_errors(server, body, status, code, words):
     error = answer_body["error"]
     assert (got, error["code"]) == (status, code) and words in error["message"], error
     assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_a_seed_is_taken_where_it_changes_nothing(server):
+    """lm-evaluation-harness sends "seed" with greedy requests: taken; a sampled one is refused."""
+    status, greedy = call(server, "/v1/completions", {"prompt": "hi", "seed": 7, "max_tokens": 3})
+    assert status == 200, greedy
+    assert greedy["choices"] == call(server, "/v1/completions", {"prompt": "hi", "max_tokens": 3})[1]["choices"]
+    status, got = call(server, "/v1/completions", {"prompt": "hi", "seed": 7, "do_sample": True})
+    assert status == 400 and got["error"]["param"] == "seed" and "not applied per request" in got["error"]["message"]
 
 
 def test_bad_bodies_paths_and_methods(server):
