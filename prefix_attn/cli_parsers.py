@@ -258,7 +258,7 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=cli_args.int_at_least(0, 65535), default=8000,
                    help="port to listen on (0: any free port, said on stderr)")
     p.add_argument("--batch-size", type=cli_args.int_at_least(1), default=8, metavar="N",
-                   help="requests per model.generate call at most")
+                   help="rows per model.generate call at most (a request's choices, prompts x n, are rows)")
     p.add_argument("--batch-wait-ms", type=cli_args.float_where(lambda v: 0 <= v <= 60000, "in [0, 60000]"),
                    default=5.0, metavar="MS",
                    help="after a request comes, wait this long for others to batch with it")

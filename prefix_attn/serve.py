@@ -242,7 +242,9 @@ def _plan(requests: List[Request], tokenizer, bank, prompt_ids: Dict[str, List[i
     predicted from a pad): an empty prompt after a ``--prompt-prefix`` continues the prompt's
     text, exactly: it runs as the prompt's last token after an entry holding the KV of the
     other tokens (the first P-1 positions of the prompt's KV). Anything else with no tokens
-    is refused, all such lines in one error. With ``chat``, the ids come from its template.
+    is refused, all such lines in one error. With ``chat``, the ids come from its template; a
+    request's own token ids (``Request.ids``) are taken as they are, after its prefix as a text
+    prompt's tokens are (which after a prompt prefix are tokenised without the start token).
     ``heads``: the entries made for such prompts so far (prompt prefix -> its head entry), kept
     across calls by a caller planning request after request (each prompt's head is made once)."""
     chat_ids = chat.request_ids(requests, bank, path) if chat else None
@@ -251,7 +253,8 @@ def _plan(requests: List[Request], tokenizer, bank, prompt_ids: Dict[str, List[i
     vocab_size = bank.model.get_input_embeddings().num_embeddings
     for r in requests:
         after_prompt = r.prefix is not None and bank.kind(r.prefix) == "prompt"
-        ids = chat_ids[r.line] if chat else tiny.encode(tokenizer, r.prompt, special=not after_prompt)
+        ids = (list(r.ids) if r.ids is not None else chat_ids[r.line] if chat else
+               tiny.encode(tokenizer, r.prompt, special=not after_prompt))
         problem = tiny.vocab_problem(tokenizer, ids, vocab_size)
         if problem is not None:
             unknown.append(f"{path}:{r.line}: {problem}")

@@ -5,7 +5,7 @@
 
 Endpoints (JSON in and out; Python's standard library only: http.server):
 
-  POST /v1/completions       {"prompt": "...", "model": NAME, "max_tokens": 32, "stop": [...], ...}
+  POST /v1/completions       {"prompt": "..." or [...] (below), "model": NAME, "max_tokens": 32, ...}
                              -> {"id", "object": "text_completion", "created", "model",
                                  "choices": [{"index": 0, "text", "finish_reason", "logprobs": null}],
                                  "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
@@ -19,7 +19,7 @@ Endpoints (JSON in and out; Python's standard library only: http.server):
 A request's "model" names the prefix to use, as vLLM's names a LoRA adapter: a prefix name, or the
 base model's id (the --model folder as given, or "prefix-attn-tiny") or none for no prefix; a
 "prefix" field may name it instead (both: the same name). A request is what a line of `prefix-attn
-generate`'s request file is, checked by the same code: "prompt" (one string), or "messages",
+generate`'s request file is, checked by the same code: "prompt" (below), or "messages",
 "tools", "continue_final_message" and "add_generation_prompt" (vLLM's: continue a last assistant
 message) with --chat, and the decoding fields "max_tokens" (or "max_completion_tokens",
 "max_new_tokens"), "stop", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
@@ -36,6 +36,19 @@ a seed changes nothing and is taken), a "tool_choice" other than "auto" or "none
 "response_format" other than text. A chat answer is the generated text as "content": tool calls
 in it are not parsed into "tool_calls".
 
+Prompts, as OpenAI's API takes them: /v1/completions' "prompt" is a string, an array of strings,
+an array of token ids (one prompt) or an array of arrays of token ids. Token ids run as given,
+after the request's prefix as a text prompt's tokens do, no start token added (a text prompt
+has the tokenizer's, except after a prompt prefix, which carries it: give ids alike); each is
+checked to be in the model's vocabulary (a 400 naming its place, 'prompt'[i][j]); an echo of
+them is their text, decoded. Each prompt of an array gives its "n" choices, index
+prompt_index * n + j (OpenAI's order), each the answer the prompt alone gets; "usage" adds up
+the prompts' tokens. A request's choices (prompts x n, at most 2048) are rows the worker runs
+--batch-size at a time with the other requests'. An empty array, an empty array of ids and an
+array mixing kinds are a 400; an empty string is what it is in generate (it continues a
+prompt prefix; with no tokens at all, a 400). That is what lm-evaluation-harness's
+local-completions sends (token ids by default; several prompts with batch_size above 1).
+
 Log probabilities, as OpenAI's API gives them: /v1/completions' "logprobs": K (0 to 5) gives each
 choice "logprobs": {"tokens", "token_logprobs", "top_logprobs" (the K likeliest tokens of each
 position, the chosen one added), "text_offset"} for its generated tokens; chat's "logprobs": true
@@ -47,8 +60,9 @@ alone; one that is part of a UTF-8 character is "bytes:\\xNN" where the tokenize
 bytes, else its decoding holding U+FFFD. "echo": true (completions) puts the prompt before the
 text and, with "logprobs", its tokens' entries first (the first one null); with "max_tokens": 0
 the prompt is scored alone in one forward pass, nothing generated (lm-evaluation-harness's
-loglikelihood request). "n": N (1 to --batch-size) gives N choices, index 0..N-1, each its own
-row, sampled independently (greedy: N equal ones); "usage" counts the prompt once.
+loglikelihood request). "n": N (1 to --batch-size) gives N choices of each prompt, index 0..N-1
+for one, each its own row, sampled independently (greedy: N equal ones); "usage" counts each
+prompt once.
 
 Streaming ("stream": true), as OpenAI's API streams: a 200 of Content-Type text/event-stream, one
 "data: {chunk}" event per piece of text as it is generated ("object": "text_completion", or
@@ -64,8 +78,8 @@ its answer comes in one piece when its batch ends. An error before the stream be
 error below; after, an event of OpenAI's error object, then [DONE]. A client gone mid-stream:
 its row stops at its next token, the batch goes on.
 
-Batching (static): one worker thread owns the model. Requests that come within --batch-wait-ms of
-the first one waiting (up to --batch-size of them) are gathered; those decoded alike (equal
+Batching (static): one worker thread owns the model. Rows (a request's choices) that come within
+--batch-wait-ms of the first one waiting (up to --batch-size of them) are gathered; those decoded alike (equal
 settings, as generate groups them) share a model.generate call, by prompt length; the others
 wait for the batch to end. A batch that runs out of device memory is retried in halves; a
 request that still does alone is answered 503 and the server goes on.
@@ -98,7 +112,7 @@ import traceback
 import uuid
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 from transformers import StoppingCriteria
@@ -132,6 +146,7 @@ _SEED_REFUSED = ("'seed' is not applied per request: the server's --seed draws f
 MAX_LOGPROBS = 5  # /v1/completions' "logprobs": top tokens per position (OpenAI's legacy limit)
 MAX_TOP_LOGPROBS = 20  # /v1/chat/completions' "top_logprobs" (OpenAI's limit)
 _MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_new_tokens")
+MAX_CHOICES = 2048  # a request's choices (prompts x "n"), run --batch-size at a time
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -245,6 +260,54 @@ def _asked(obj: dict, chat: bool, batch_size: int) -> _Asked:
     return _Asked(n=n, logprobs=logprobs, echo=echo, score_only=score_only)
 
 
+Prompt = Union[str, List[int]]  # a prompt's text, or its token ids
+
+_PROMPT_FORMS = "a string, an array of strings, an array of token ids or an array of arrays of token ids"
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _prompts(value: Any, vocab_size: int) -> List[Prompt]:
+    """The prompts of a completions request's "prompt", as OpenAI's API takes it: one string, an
+    array of strings, an array of token ids (one prompt) or an array of arrays of token ids. Token
+    ids are integers of the model's vocabulary (0 to ``vocab_size`` - 1); no array is empty."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise HTTPError(400, f"'prompt' must be {_PROMPT_FORMS}, got {jsonl.json_type(value)}", param="prompt")
+    if not value:
+        raise HTTPError(400, "'prompt' is an empty array: give at least one prompt", param="prompt")
+    first = value[0]
+    kind = int if _is_id(first) else type(first) if isinstance(first, (str, list)) else None
+    alike = _is_id if kind is int else (lambda v: isinstance(v, kind))
+    bad = 0 if kind is None else next((i for i, v in enumerate(value) if not alike(v)), None)
+    if bad is not None:
+        held = jsonl.json_type(first) + ("" if kind is None else f" and {jsonl.json_type(value[bad])}")
+        raise HTTPError(400, f"'prompt' must be {_PROMPT_FORMS}, got an array holding {held} ('prompt'[{bad}])",
+                        param="prompt")
+    if kind is int:
+        return [_token_ids(value, "'prompt'", vocab_size)]
+    if kind is str:
+        return list(value)
+    return [_token_ids(v, f"'prompt'[{i}]", vocab_size) for i, v in enumerate(value)]
+
+
+def _token_ids(ids: list, where: str, vocab_size: int) -> List[int]:
+    """``ids``, a prompt's token ids, each an integer from 0 to ``vocab_size`` - 1; ``where``: the
+    field's name in errors, each id named by its index."""
+    if not ids:
+        raise HTTPError(400, f"{where} is an empty array of token ids: a prompt needs a token", param="prompt")
+    for j, t in enumerate(ids):
+        if not _is_id(t):
+            raise HTTPError(400, f"{where}[{j}] must be a token id (an integer), got {json.dumps(t)}", param="prompt")
+        if not 0 <= t < vocab_size:
+            raise HTTPError(400, f"{where}[{j}]: token id {t} is not in the model's vocabulary (ids 0 to "
+                                 f"{vocab_size - 1})", param="prompt")
+    return list(ids)
+
+
 def _check_stream_asks(asked: _Asked) -> None:
     """A streamed request asks for no log probabilities and no echo (not served streamed)."""
     for name, given in (("logprobs", asked.logprobs is not None), ("echo", asked.echo)):
@@ -340,6 +403,7 @@ class Server:
         except BaseException:
             self.httpd.server_close()
             raise
+        self.vocab_size = self.served.model.get_input_embeddings().num_embeddings
         self.created = int(time.time())
         self.stopping = threading.Event()
         self._queue: "queue.Queue[_Pending]" = queue.Queue()
@@ -404,12 +468,14 @@ class Server:
 
     def submit(self, obj: Any, chat: bool) -> List[_Pending]:
         """A completion (``chat``: a chat completion) request body ``obj`` checked and queued
-        for the worker (streamed if its "stream" is true): one row per choice ("n"), each
-        sampled on its own; raises HTTPError."""
-        request = self._request(obj, chat)
+        for the worker (streamed if its "stream" is true): one row per choice, ``n`` of each
+        prompt (choice ``prompt_index * n + j``, as OpenAI's API numbers them), each sampled on its
+        own, run in the batches the worker gathers; raises HTTPError."""
+        requests = self._requests(obj, chat)
         asked, stream = _asked(obj, chat, self.args.batch_size), obj.get("stream") is True
         events: "queue.Queue[Tuple[int, str, str]]" = queue.Queue()
-        pending = [_Pending(request, stream, asked, i, events) for i in range(asked.n)]
+        pending = [_Pending(r, stream, asked, i * asked.n + j, events)
+                   for i, r in enumerate(requests) for j in range(asked.n)]
         with self._submit:
             if self.stopping.is_set():
                 raise _stopping()
@@ -423,8 +489,9 @@ class Server:
 
     @staticmethod
     def usage(pending: List[_Pending]) -> dict:
-        """The usage of a request's choices: its prompt once, every choice's tokens."""
-        prompt, count = len(pending[0].job.ids), sum(p.answer[1] for p in pending)
+        """The usage of a request's choices: each of its prompts once, every choice's tokens."""
+        prompts = {id(p.request): len(p.job.ids) for p in pending}  # the n choices of a prompt share it
+        prompt, count = sum(prompts.values()), sum(p.answer[1] for p in pending)
         return {"prompt_tokens": prompt, "completion_tokens": count, "total_tokens": prompt + count}
 
     def complete(self, obj: Any, chat: bool) -> Tuple[dict, int]:
@@ -442,8 +509,9 @@ class Server:
                  "model": self.name(pending[0]), "choices": [_choice(p, chat) for p in pending], "usage": usage},
                 usage["completion_tokens"])
 
-    def _request(self, obj: Any, chat: bool) -> Request:
-        """A request body checked as a line of generate's request file is (and more)."""
+    def _requests(self, obj: Any, chat: bool) -> List[Request]:
+        """A request body checked as a line of generate's request file is (and more): one
+        Request per prompt of its "prompt" (:func:`_prompts`: text, or token ids)."""
         if not isinstance(obj, dict):
             raise HTTPError(400, f"the body must be a JSON object, got {type(obj).__name__}")
         if chat and not self.args.chat:
@@ -464,9 +532,16 @@ class Server:
         asked = _asked(obj, chat, self.args.batch_size)
         if obj.get("stream") is True:
             _check_stream_asks(asked)
+        prompts = None if chat else _prompts(obj["prompt"], self.vocab_size)
+        if prompts is not None and len(prompts) * asked.n > MAX_CHOICES:
+            raise HTTPError(400, f"{len(prompts)} prompts x n {asked.n} = {len(prompts) * asked.n} choices, over the "
+                                 f"{MAX_CHOICES} a request may ask: split the prompts over several requests",
+                            param="prompt")
         fields = {k: v for k, v in obj.items() if k not in ("model", "id")
                   and not (asked.score_only and k in _MAX_TOKENS_FIELDS)}  # checked: 0, with echo
         fields["prefix"] = self._prefix(obj)
+        if prompts is not None:
+            fields["prompt"] = ""  # each prompt's own below
         with self._count_lock:
             self._count += 1
             number = self._count
@@ -477,7 +552,10 @@ class Server:
         if obj.get("seed") is not None and not asked.score_only and \
                 serve_options.Decoding.of(self.args, request.options).do_sample:
             raise HTTPError(400, _SEED_REFUSED, param="seed", code="unsupported")
-        return request
+        if prompts is None:
+            return [request]
+        return [replace(request, prompt=p) if isinstance(p, str) else replace(request, prompt=None, ids=p)
+                for p in prompts]
 
     def _prefix(self, obj: dict) -> Optional[str]:
         """The prefix a request names by "model" (the base model's id: none) or "prefix"."""
@@ -559,6 +637,8 @@ class Server:
         """Tokenise a request and check its length; False (answered 400, or 500) when it cannot run."""
         try:
             [p.job] = self.served.plan([p.request], "request")
+            if p.request.prompt is None and p.request.ids is not None:  # its text: the echo, text offsets
+                p.request.prompt = self.served.tokenizer.decode(p.request.ids, skip_special_tokens=True)
             p.settings = serve_options.Decoding.of(self.args, p.request.options)
             if p.asked.score_only:  # nothing generated: every such request shares a batch
                 p.settings = replace(p.settings, max_new_tokens=0, do_sample=False, num_beams=1,

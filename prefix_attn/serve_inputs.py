@@ -29,7 +29,9 @@ class Request:
 prompt, or the last message continued: :func:`prefix_attn.chat.parse_ending`) (all ``prefix-attn
 generate --chat``);
     ``options``: the decoding settings its fields give (argparse dest -> value,
-    :func:`prefix_attn.serve_options.parse_fields`), which override the command's options."""
+    :func:`prefix_attn.serve_options.parse_fields`), which override the command's options;
+    ``ids``: the prompt given as token ids (``prefix-attn serve``'s "prompt" of token ids), run
+    as given, no start token added (``prompt`` then their text, decoded once the model has them)."""
 
     prompt: Optional[str]
     prefix: Optional[str] = None
@@ -41,6 +43,7 @@ generate --chat``);
     options: Dict[str, Any] = field(default_factory=dict)
     generation_prompt: bool = True  # "add_generation_prompt" (--chat)
     continue_final: bool = False  # "continue_final_message" (--chat)
+    ids: Optional[List[int]] = None
 
 
 # -- request file ----------------------------------------------------------------------------

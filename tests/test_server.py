@@ -141,7 +141,8 @@ def test_models_and_health(server, adapter_dir):
     ({"prompt": "hi", "temperature": -1}, 400, None, "'temperature': must be > 0, got -1"),
     ({"prompt": "hi", "temperature": 0, "do_sample": True}, 400, None, "'temperature' 0 is greedy decoding"),
     ({"prompt": "hi", "max_tokens": 1000}, 400, "context_length_exceeded", "longer than the model's 256 positions"),
-    ({"prompt": ["a", "b"]}, 400, None, "'prompt' must be a string, got an array"),
+    ({"prompt": {"a": "b"}}, 400, None, "'prompt' must be a string, an array of strings, an array of token ids or "
+                                        "an array of arrays of token ids, got an object"),
     ({"max_tokens": 3}, 400, None, "missing 'prompt'"),
     ({"messages": [{"role": "user", "content": "hi"}], "prompt": "x"}, 400, None, "'messages' is not a field"),
     ([1, 2], 400, None, "must be a JSON object"),
@@ -217,7 +218,7 @@ def test_out_of_memory_alone_is_503_and_the_server_goes_on(server):
         return generate(input_ids, **kw)
     server.served.model.generate = short_of_memory
     try:
-        ready = [serve_http._Pending(server._request({"prompt": p}, chat=False))
+        ready = [serve_http._Pending(server._requests({"prompt": p}, chat=False)[0])
                  for p in ("a long prompt, long!", "hi")]
         server._answer(ready)
         assert sizes == [2, 1, 1]

@@ -96,7 +96,7 @@ def test_a_request_that_fails_its_planning_fails_alone(server, capsys):
         return plan(requests, where)
     server.served.plan = failing
     try:
-        ready = [serve_http._Pending(server._request({"prompt": p, "max_tokens": 2}, chat=False))
+        ready = [serve_http._Pending(server._requests({"prompt": p, "max_tokens": 2}, chat=False)[0])
                  for p in ("hi", "boom", "there")]
         server._answer(ready)
     finally:
