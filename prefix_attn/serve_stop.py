@@ -12,11 +12,15 @@ from transformers import StoppingCriteria
 
 
 def until_stop_id(new: Sequence[int], stop_ids: Sequence[int], pad_id: Optional[int]) -> Tuple[List[int], bool]:
-    """The tokens of ``new`` (a row's generated ids) before its first stop id, padding left out,
-    and whether a stop id ended them."""
+    """The tokens of ``new`` (a row's generated ids) before its first stop id, the padding
+    after them left out (model.generate's filler once a stopping criterion ended the row; a
+    pad token the model generated before other tokens is one of them), and whether a stop id
+    ended them."""
     end = next((i for i, t in enumerate(new) if t in stop_ids), None)
-    kept = new if end is None else new[:end]
-    return [t for t in kept if t != pad_id], end is not None
+    kept = list(new if end is None else new[:end])
+    while kept and kept[-1] == pad_id:
+        kept.pop()
+    return kept, end is not None
 
 
 def _decode(tokenizer, tokens: Sequence[int]) -> str:

@@ -189,3 +189,32 @@ def test_what_cannot_be_served_is_400(server, body, param, words):
     status, got = call(server, "/v1/completions", {"prompt": "hi", **body})
     assert status == 400 and words in got["error"]["message"], got
     assert got["error"]["param"] == param
+
+
+def test_a_pad_token_the_model_generates_is_scored_where_it_came(tmp_path):
+    """A row's pad token is left out only at its end (generate's filler after a row stopped):
+    one the model generates mid-answer (this chat tokenizer's <pad> is no stop id) stays, so
+    the tokens scored are those generated, each after the ones before it."""
+    from test_serve_chat import CHATML, _model, chat_tokenizer
+
+    folder = tmp_path / "chat"
+    _model().save_pretrained(str(folder))
+    chat_tokenizer(CHATML).save_pretrained(str(folder))
+    messages = [{"role": "user", "content": "Give me the JSON."}, {"role": "assistant", "content": "Sure: "}]
+    body = {"messages": messages, "continue_final_message": True, "model": "terse", "logprobs": True,
+            "max_tokens": 5}
+    with started("--model", str(folder), "--chat", "--prompt-prefix", "terse=You are terse.") as s:
+        status, got = call(s, "/v1/chat/completions", body)
+        served = s.served
+        [job] = served.plan([request_of({**body, "prefix": "terse", "model": None}, "request", 1)], "r")
+        with torch.no_grad():
+            out = served.model.generate(torch.tensor([job.ids]), prefixes=[job.prefix], max_new_tokens=5,
+                                        do_sample=False, pad_token_id=served.pad_id, eos_token_id=served.stop)
+            lp = torch.log_softmax(served.model(out, prefixes=[job.prefix]).logits.float(), -1)[0]
+    new = out[0, len(job.ids):].tolist()
+    assert served.pad_id in new[:-1] and not set(new) & set(served.stop), new  # a pad generated mid-answer
+    assert status == 200, got
+    content = got["choices"][0]["logprobs"]["content"]
+    assert got["usage"]["completion_tokens"] == len(content) == len(new)
+    torch.testing.assert_close([c["logprob"] for c in content], chosen(lp, out[0].tolist(), len(job.ids)),
+                               rtol=0, atol=1e-5)
