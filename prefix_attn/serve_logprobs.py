@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import tiny
+from . import serve_stream, tiny
 
 
 @dataclass
@@ -87,13 +87,11 @@ def _forward_params(model) -> set:
 
 class Names:
     """A tokenizer's strings of single tokens: ``name`` (the token decoded alone, special tokens
-    kept), ``piece`` (decoded alone as the text is: special tokens left out; text offsets add
-    these up) and ``bytes``, each decoded once."""
+    kept) and ``bytes``, each decoded once."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._names: Dict[int, str] = {}
-        self._pieces: Dict[int, str] = {}
 
     def name(self, token: int) -> str:
         if token not in self._names:
@@ -101,11 +99,6 @@ class Names:
             raw = self._raw(token) if "\ufffd" in text else None
             self._names[token] = text if raw is None else "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
         return self._names[token]
-
-    def piece(self, token: int) -> str:
-        if token not in self._pieces:
-            self._pieces[token] = self.tokenizer.decode([token], skip_special_tokens=True)
-        return self._pieces[token]
 
     def bytes(self, token: int) -> List[int]:
         name = self.name(token)
@@ -125,13 +118,9 @@ def completion_logprobs(scored: Scored, names: Names, echoed: int, prompt: str) 
     """OpenAI's legacy completions ``logprobs`` of ``scored``, whose first ``echoed`` tokens are
     the prompt's: each position's k top tokens (a string -> its log probability), the chosen one
     added when not among them; ``text_offset``: where each token's text begins in the choice's
-    "text" (the lengths of the tokens' texts added up; the completion's from the end of
-    ``prompt``, echoed before it)."""
-    offsets, at = [], 0
-    for i, t in enumerate(scored.tokens):
-        at = len(prompt) if i == echoed and echoed else at
-        offsets.append(at)
-        at += len(names.piece(t))
+    "text" (:func:`text_offsets`; the completion's from the end of ``prompt``, echoed before it)."""
+    head, tail = scored.tokens[:echoed], scored.tokens[echoed:]
+    offsets = text_offsets(names.tokenizer, head, 0) + text_offsets(names.tokenizer, tail, len(prompt) if echoed else 0)
     tops = []
     for t, chosen, top in zip(scored.tokens, scored.chosen, scored.top):
         if top is None:
@@ -142,6 +131,22 @@ def completion_logprobs(scored: Scored, names: Names, echoed: int, prompt: str) 
         tops.append(entries)
     return {"tokens": [names.name(t) for t in scored.tokens], "token_logprobs": scored.chosen,
             "top_logprobs": tops, "text_offset": offsets}
+
+
+def text_offsets(tokenizer, tokens: List[int], start: int) -> List[int]:
+    """Where the text of each of ``tokens`` begins, from ``start``: the length of the decoding
+    of the tokens before it (special tokens left out, as the answer's text) that the decoding
+    of them all keeps: a character whose bytes are not all there yet counts once they are (a
+    token holding a character's second byte starts where its first did), or as the U+FFFD it
+    stays. Decoded incrementally as a streamed answer is (:class:`serve_stream.RowText`), not
+    each prefix whole: that cost grew with the square of the length of an echoed prompt."""
+    row, seen = serve_stream.RowText(tokenizer, (), None, ()), []
+    for token in tokens:
+        seen.append((len(row.previous), row.previous[-8:]))  # a character takes at most 4 bytes
+        row.add(token)
+    final = row.previous
+    return [start + k - len(tail) + len(serve_stream.common_prefix(tail, final[k - len(tail):k]))
+            for k, tail in seen]
 
 
 def chat_logprobs(scored: Scored, names: Names) -> dict:

@@ -22,7 +22,7 @@ def event(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
 
-def _common_prefix(a: str, b: str) -> str:
+def common_prefix(a: str, b: str) -> str:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -86,8 +86,8 @@ class RowText:
         text already sent (both start with it while the decoding is stable: a check at C speed)."""
         n = len(self.sent)
         if self.previous.startswith(self.sent) and text.startswith(self.sent):
-            return self.sent + _common_prefix(self.previous[n:], text[n:])
-        return _common_prefix(self.previous, text)
+            return self.sent + common_prefix(self.previous[n:], text[n:])
+        return common_prefix(self.previous, text)
 
     def add(self, token: int) -> str:
         """The text newly stable once ``token`` is the row's next one ("" if none)."""

@@ -218,3 +218,21 @@ def test_a_pad_token_the_model_generates_is_scored_where_it_came(tmp_path):
     assert got["usage"]["completion_tokens"] == len(content) == len(new)
     torch.testing.assert_close([c["logprob"] for c in content], chosen(lp, out[0].tolist(), len(job.ids)),
                                rtol=0, atol=1e-5)
+
+
+def test_text_offsets_of_characters_split_over_tokens_point_into_the_text(server):
+    """A character whose bytes take several tokens: each token's offset is where its text
+    begins in "text" (the characters completed before it), never past the text's end. Adding
+    up each token's text decoded alone (one U+FFFD a byte) put "!" at 2 in "é!ü" (it is at 1)
+    and the last byte at 4, past the end."""
+    body = {"prompt": "é!ü", "echo": True, "max_tokens": 0, "logprobs": 0}
+    status, got = call(server, "/v1/completions", body)
+    assert status == 200, got
+    [choice] = got["choices"]
+    assert choice["text"] == "é!ü"
+    # BOS, é's two bytes, "!", ü's two bytes: a token of a character's second byte starts
+    # after no more text than its first
+    assert choice["logprobs"]["text_offset"] == [0, 0, 0, 1, 2, 2]
+    status, got = call(server, "/v1/completions", {"prompt": "é", "echo": True, "max_tokens": 4, "logprobs": 0})
+    offsets, text = got["choices"][0]["logprobs"]["text_offset"], got["choices"][0]["text"]
+    assert offsets[:3] == [0, 0, 0] and offsets[3] == 1 and all(0 <= o <= len(text) for o in offsets)
