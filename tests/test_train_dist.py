@@ -210,3 +210,25 @@ def test_devices_and_backends_that_cannot_work(tmp_path, monkeypatch, capsys, op
     assert train.main([write_data(tmp_path), "-o", str(out), "--no-progress", *options]) == 2
     assert expected in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_closing_barrier_of_a_rank_whose_peer_already_left_does_not_raise(monkeypatch):
+    """Ctrl-C during the set-up: a rank waiting in ready()'s all-reduce gets its signal once
+    the reduce returns and leaves alone ("rank 1: stopped"), while the rank that agreed on the
+    stop waits at the closing barrier: gloo's "Connection reset by peer" there was a traceback
+    and exit status 1 on rank 0 instead of its 130."""
+    import torch.distributed as dist
+
+    from prefix_attn import train_dist
+
+    calls = []
+
+    def barrier():
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", barrier)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroyed"))
+    group = train_dist.Group(0, 2, 0, torch.device("cpu"), "gloo")
+    group.close(wait=True)
+    assert calls == ["destroyed"]
