@@ -292,7 +292,8 @@ def _run(args: argparse.Namespace) -> int:
     max_length = _max_length(args.max_length, model, bank, wanted)
     vocab_size = model.get_input_embeddings().num_embeddings
     rows = prepare(served.tokenizer, examples, max_length, vocab_size, args.data, what="data",
-                   chat=chat, progress=not args.no_progress, prefix_of=lambda where: named.get(where))
+                   chat=chat, progress=not args.no_progress, prefix_of=lambda where: named.get(where),
+                   cap="the longest prefix scored")
     scores = list(group_rows(rows, default).values())
     start = start_tokens(served.tokenizer)
     for s in scores:

@@ -126,7 +126,8 @@ def has_target(labels: Sequence[int]) -> bool:
 def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: int,
             vocab_size: int, path: str, what: str = "data file",
             chat: Optional[train_chat.ChatExamples] = None,
-            progress: bool = False, prefix_of: Optional[Callable[[str], str]] = None) -> List[tuple]:
+            progress: bool = False, prefix_of: Optional[Callable[[str], str]] = None,
+            cap: str = "--num-virtual-tokens") -> List[tuple]:
     """(ids, labels) rows of ``read_examples_at``'s examples of ``path`` (:func:`encode_example`;
     with ``chat``, its rows of ``train_chat.read_examples_at``'s conversations), truncated to
     ``max_length``, checked: a token id
@@ -138,7 +139,8 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
     each`` an example makes a row per assistant turn, and the messages count rows. ``progress``:
     a bar on standard error while tokenising takes over a second. ``prefix_of``: a multi-task
     run's prefix of each example (given its ``where``; a turn's row, its example's), the third
-    item of its row."""
+    item of its row. ``cap``: what else caps ``max_length`` in the messages (train's
+    ``--num-virtual-tokens``; eval's longest prefix)."""
     out, cut, short, blank, shortened = [], 0, 0, 0, 0
     rows = _rows(tokenizer, examples_at, chat, progress)
     unit, of_all = _counted_as(len(rows), len(examples_at), chat)
@@ -173,7 +175,7 @@ def prepare(tokenizer, examples_at: Sequence[Tuple[str, str, str]], max_length: 
             causes.append(f"{blank} {'is' if blank == 1 else 'are'} empty (no text, or blanks only)")
         if cut:
             causes.append(f"in {cut} the prompt fills the {max_length}-token limit per example "
-                          f"(--max-length, at most the model's positions less --num-virtual-tokens) "
+                          f"(--max-length, at most the model's positions less {cap}) "
                           f"and truncation cuts off the whole completion (raise --max-length if the "
                           f"model allows, or shorten the prompts)")
         if short:

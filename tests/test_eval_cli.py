@@ -271,3 +271,12 @@ def test_a_single_prefix_named_none_is_that_prefix_not_the_base_model(single, tm
     assert code == 0
     assert scores["prefixes"]["none"]["loss"] == _eval(tmp_path, *argv, "--adapter", f"a={adapter}")[1]["prefixes"]["a"]["loss"]
     assert scores["prefixes"]["none"]["loss"] != _eval(tmp_path, *argv)[1]["prefixes"]["none"]["loss"]
+
+
+def test_examples_the_cut_leaves_nothing_to_score_name_evals_limit_not_trains_option(tmp_path, capsys):
+    """eval has no --num-virtual-tokens: its --max-length is capped by the longest prefix scored."""
+    data = _write(tmp_path / "long.jsonl", [{"prompt": "a" * 40, "completion": "b"}])
+    code, _ = _eval(tmp_path, data, "--max-length", "8")
+    err = capsys.readouterr().err
+    assert code == 2 and "no token to learn" in err
+    assert "--num-virtual-tokens" not in err and "the longest prefix scored" in err
