@@ -352,8 +352,9 @@ def _report(group, kind: str, message: str, code: int, exc: BaseException) -> in
     """Say how the run ended and return its exit status; a torchrun run's ranks agree on it
     (:meth:`train_dist.Group.report`): an error that every rank reached (``exc.everywhere``)
     is said once, by rank 0."""
-    if group is None:
-        warn(kind, message)
+    if group is None:  # one process, or a torchrun rank before its group started
+        if not (getattr(exc, "everywhere", False) and train_dist.env_rank() != 0):
+            warn(kind, message)
         return code
     return group.report(kind, message, code, getattr(exc, "everywhere", False))
 

@@ -73,8 +73,8 @@ def start(device_name: Optional[str], backend: Optional[str]) -> Optional["Group
             raise TrainError(problem)
     if device.type == "cuda":
         if device.index is not None:
-            raise TrainError(f"--device {device_name}: under torchrun each process takes the GPU of its "
-                             f"LOCAL_RANK: pass --device cuda (choose the GPUs with CUDA_VISIBLE_DEVICES)")
+            raise _alike(TrainError(f"--device {device_name}: under torchrun each process takes the GPU of its "
+                                    f"LOCAL_RANK: pass --device cuda (choose the GPUs with CUDA_VISIBLE_DEVICES)"))
         count = torch.cuda.device_count()
         if local >= count:
             raise TrainError(f"--device cuda: LOCAL_RANK {local}, but this machine shows {count} GPU"
@@ -83,14 +83,14 @@ def start(device_name: Optional[str], backend: Optional[str]) -> Optional["Group
         device = torch.device("cuda", local)
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
-        raise TrainError("--dist-backend nccl needs --device cuda (NCCL runs on GPUs only); on the CPU "
-                         "use --dist-backend gloo (the default there)")
+        raise _alike(TrainError("--dist-backend nccl needs --device cuda (NCCL runs on GPUs only); on the CPU "
+                                "use --dist-backend gloo (the default there)"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     import torch.distributed as dist
 
     if not dist.is_available():
-        raise TrainError(f"WORLD_SIZE={world}: this torch has no torch.distributed")
+        raise _alike(TrainError(f"WORLD_SIZE={world}: this torch has no torch.distributed"))
     try:
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=30))
@@ -101,6 +101,13 @@ def start(device_name: Optional[str], backend: Optional[str]) -> Optional["Group
                          "with torchrun, or check that MASTER_ADDR:MASTER_PORT is this run's rendezvous "
                          "address, reachable from every node") from None
     return Group(rank, world, local, device, backend)
+
+
+def _alike(exc: TrainError) -> TrainError:
+    """``exc``, an error of the options every rank reaches alike before the process group
+    exists: said by rank 0 alone (each rank saying it printed it once per process)."""
+    exc.everywhere = True
+    return exc
 
 
 class Group:

@@ -210,6 +210,11 @@ def test_devices_and_backends_that_cannot_work(tmp_path, monkeypatch, capsys, op
     assert train.main([write_data(tmp_path), "-o", str(out), "--no-progress", *options]) == 2
     assert expected in capsys.readouterr().err
     assert not out.exists()
+    if local_rank == 0:  # an error of the options, every rank's alike: rank 0 alone says it
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        assert train.main([write_data(tmp_path), "-o", str(out), "--no-progress", *options]) == 2
+        assert capsys.readouterr().err == ""
 
 
 def test_the_closing_barrier_of_a_rank_whose_peer_already_left_does_not_raise(monkeypatch):
