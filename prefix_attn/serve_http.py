@@ -57,7 +57,9 @@ They are the model's distribution after the request's prefix (log_softmax of the
 temperature, top-p / top-k / min-p and the repetition penalty: vLLM's default), from one more
 forward pass of prompt + completion for the batch's scored rows. A token is its text decoded
 alone; one that is part of a UTF-8 character is "bytes:\\xNN" where the tokenizer knows its
-bytes, else its decoding holding U+FFFD. "echo": true (completions) puts the prompt before the
+bytes (the byte tokenizer, <0xNN> tokens, byte-level BPE: GPT-2's, Llama 3's, Qwen's scheme),
+else its decoding holding U+FFFD; chat's "bytes" are each token's own there (joined: the
+content's UTF-8). "echo": true (completions) puts the prompt before the
 text and, with "logprobs", its tokens' entries first (the first one null); with "max_tokens": 0
 the prompt is scored alone in one forward pass, nothing generated (lm-evaluation-harness's
 loglikelihood request). "n": N (1 to --batch-size) gives N choices of each prompt, index 0..N-1

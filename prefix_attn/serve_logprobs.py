@@ -10,11 +10,14 @@ The log probabilities are the model's own distribution given the prefix and the 
 repetition penalty (vLLM's default). A token's string is the token decoded alone (special tokens
 kept); a token that is part of a UTF-8 character (it decodes alone to U+FFFD) is
 ``"bytes:\\xNN..."``, its own bytes as OpenAI writes them, where the tokenizer says them
-(prefix-attn's byte tokenizer, a ``<0xNN>`` byte token), else that decoding with U+FFFD; chat's
-"bytes" are the token's own bytes, or the UTF-8 of its string."""
+(prefix-attn's byte tokenizer, a ``<0xNN>`` byte token, a token of a byte-level BPE: GPT-2's,
+Llama 3's, Qwen's scheme, which writes each byte as a character), else that decoding with U+FFFD;
+chat's "bytes" are the token's own bytes where the tokenizer says them, else the UTF-8 of its
+string: the "bytes" of a choice's entries joined are the UTF-8 of its content."""
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -92,6 +95,7 @@ class Names:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._names: Dict[int, str] = {}
+        self._byte_level = byte_level_table(tokenizer)
 
     def name(self, token: int) -> str:
         if token not in self._names:
@@ -101,17 +105,55 @@ class Names:
         return self._names[token]
 
     def bytes(self, token: int) -> List[int]:
-        name = self.name(token)
-        raw = self._raw(token) if name.startswith("bytes:") else None
-        return raw if raw is not None else list(name.encode("utf-8"))
+        raw = self._raw(token)
+        return raw if raw is not None else list(self.name(token).encode("utf-8"))
 
     def _raw(self, token: int) -> Optional[List[int]]:
-        """The bytes of a token that is part of a character, where the tokenizer says them."""
+        """The bytes of a token where the tokenizer says them: a byte token's, a byte-level BPE
+        token's (not an added token's: its text is its own, not written byte by byte)."""
         if isinstance(self.tokenizer, tiny.ByteTokenizer):
             return [token - self.tokenizer.offset] if token >= self.tokenizer.offset else None
         piece = getattr(self.tokenizer, "convert_ids_to_tokens", lambda t: "")(token)
-        found = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece if isinstance(piece, str) else "")
-        return [int(found.group(1), 16)] if found else None
+        piece = piece if isinstance(piece, str) else ""
+        found = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        if found:
+            return [int(found.group(1), 16)]
+        table = self._byte_level
+        if table is None or not piece or token in getattr(self.tokenizer, "added_tokens_decoder", {}):
+            return None
+        raw = [table.get(c) for c in piece]
+        return None if None in raw else raw
+
+
+def byte_level_table(tokenizer) -> Optional[Dict[str, int]]:
+    """The byte each character of a byte-level BPE token stands for, where ``tokenizer`` is one
+    (its decoder, or one of a sequence of decoders, is ``tokenizers``' ByteLevel), else None.
+
+    Byte-level BPE writes each byte as one printable character: the bytes that are printable
+    Latin-1 characters (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) as themselves, the other 68
+    (controls, the space, the soft hyphen, ...) as the characters from U+0100 on, in byte order."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    try:
+        spec = json.loads(decoder.__getstate__()) if decoder is not None else None
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if not _has_byte_level(spec):
+        return None
+    table, moved = {}, 0
+    for b in range(256):
+        if 0x21 <= b <= 0x7E or 0xA1 <= b <= 0xAC or 0xAE <= b <= 0xFF:
+            table[chr(b)] = b
+        else:
+            table[chr(0x100 + moved)] = b
+            moved += 1
+    return table
+
+
+def _has_byte_level(spec) -> bool:
+    """Whether a decoder's JSON is ByteLevel, or a Sequence holding one."""
+    if not isinstance(spec, dict):
+        return False
+    return spec.get("type") == "ByteLevel" or any(_has_byte_level(d) for d in spec.get("decoders") or ())
 
 
 def completion_logprobs(scored: Scored, names: Names, echoed: int, prompt: str) -> dict:

@@ -161,14 +161,64 @@ def test_chat_logprobs_are_openai_s_content_entries(tmp_path):
     assert status == 200, got
     content = got["choices"][0]["logprobs"]["content"]
     assert plain["choices"][0]["logprobs"] is None
-    assert "".join(c["token"] for c in content) == got["choices"][0]["message"]["content"]
+    assert "".join(c["token"] for c in content if not c["token"].startswith("bytes:")) == \
+        content_text(got).replace("\ufffd", "")  # the random model's bytes may not make characters
     assert all(set(c) == {"token", "logprob", "bytes", "top_logprobs"} and len(c["top_logprobs"]) == 3 and
                c["top_logprobs"][0] == {k: c[k] for k in ("token", "logprob", "bytes")} for c in content)
-    assert all(bytes(c["bytes"]).decode() == c["token"] for c in content)
+    # OpenAI's promise: the entries' bytes joined are the content's (a token may hold part of a character)
+    assert bytes(b for c in content for b in c["bytes"]).decode("utf-8", "replace") == content_text(got)
+    assert all(c["bytes"] == list(c["token"].encode()) for c in content if not c["token"].startswith("bytes:"))
     torch.testing.assert_close([c["logprob"] for c in content], chosen(lp, out[0].tolist(), len(job.ids)),
                                rtol=0, atol=1e-5)
     assert bad[0] == 400 and "'top_logprobs' needs 'logprobs': true" in bad[1]["error"]["message"]
     assert echo[0] == 400 and echo[1]["error"]["param"] == "echo"
+
+
+def content_text(answer: dict) -> str:
+    return answer["choices"][0]["message"]["content"]
+
+
+@pytest.fixture(scope="module")
+def byte_level_folder(tmp_path_factory):
+    """A tiny Llama saved with a byte-level BPE tokenizer (GPT-2's scheme: a character outside
+    ASCII is several tokens)."""
+    from test_serve_chat import CHATML, _model, chat_tokenizer
+
+    folder = tmp_path_factory.mktemp("byte_level")
+    _model().save_pretrained(str(folder))
+    chat_tokenizer(CHATML).save_pretrained(str(folder))
+    return str(folder)
+
+
+def test_a_byte_level_token_holding_part_of_a_character_is_its_bytes(byte_level_folder):
+    """Completions: "bytes:\\xNN" for each token of "é" (c3 a9), its own byte, not U+FFFD's."""
+    with started("--model", byte_level_folder) as s:
+        status, got = call(s, "/v1/completions", {"prompt": "é!", "echo": True, "logprobs": 1, "max_tokens": 0})
+    assert status == 200, got
+    logprobs = got["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == ["bytes:\\xc3", "bytes:\\xa9", "!"]
+    assert logprobs["text_offset"] == [0, 0, 1]  # "é" begins where its first byte does
+    assert all("\ufffd" not in t for top in logprobs["top_logprobs"][1:] for t in top)
+
+
+def test_chat_bytes_of_partial_tokens_join_into_the_content(byte_level_folder):
+    """Chat: an answer whose characters span tokens ("é", "中") gives each token's own bytes
+    (OpenAI's "bytes"), and the "token" "bytes:\\xNN"; joined, they are the content's UTF-8."""
+    answer = "é中!"
+    with started("--model", byte_level_folder, "--chat") as s:
+        tok, model = s.served.tokenizer, s.served.model
+        forced = torch.tensor(tok.encode(answer, add_special_tokens=False) + [tok.eos_token_id])
+        model.generate = lambda ids, **kwargs: torch.cat([ids, forced.expand(len(ids), -1)], dim=1)
+        status, got = call(s, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                       "logprobs": True, "top_logprobs": 2})
+    assert status == 200, got
+    content = got["choices"][0]["logprobs"]["content"]
+    assert content_text(got) == answer
+    assert [c["bytes"] for c in content] == [[0xc3], [0xa9], [0xe4], [0xb8], [0xad], [0x21]]
+    assert [c["token"] for c in content] == ["bytes:\\xc3", "bytes:\\xa9", "bytes:\\xe4", "bytes:\\xb8",
+                                             "bytes:\\xad", "!"]
+    assert bytes(b for c in content for b in c["bytes"]).decode() == answer
+    assert all(len(e["bytes"]) == 1 or not e["token"].startswith("bytes:") for c in content for e in c["top_logprobs"])
 
 
 @pytest.mark.parametrize("body, param, words", [
