@@ -252,7 +252,7 @@ def _plan(requests: List[Request], tokenizer, bank, prompt_ids: Dict[str, List[i
     heads = {} if heads is None else heads
     vocab_size = bank.model.get_input_embeddings().num_embeddings
     for r in requests:
-        after_prompt = r.prefix is not None and bank.kind(r.prefix) == "prompt"
+        after_prompt = _after_prompt(r, bank)
         ids = (list(r.ids) if r.ids is not None else chat_ids[r.line] if chat else
                tiny.encode(tokenizer, r.prompt, special=not after_prompt))
         problem = tiny.vocab_problem(tokenizer, ids, vocab_size)
@@ -275,6 +275,11 @@ def _plan(requests: List[Request], tokenizer, bank, prompt_ids: Dict[str, List[i
     if bad:
         raise refusal(f"{len(bad)} request(s) with nothing to generate from:", bad)
     return jobs
+
+
+def _after_prompt(r: Request, bank) -> bool:
+    """Whether ``r`` runs after a prompt prefix (its text then has no start token: the prompt's)."""
+    return r.prefix is not None and bank.kind(r.prefix) == "prompt"
 
 
 def _add_prompt_head(bank, name: str, length: int) -> Optional[str]:
@@ -544,6 +549,17 @@ class Served:
     def plan(self, requests: List[Request], path: str) -> List[_Job]:
         """The jobs of ``requests`` (:func:`_plan`; ``path`` names them in errors)."""
         return _plan(requests, self.tokenizer, self.bank, self.prompt_ids, path, self.chat, self.heads)
+
+    def request_ids(self, request: Request, path: str, special: bool = True) -> List[int]:
+        """The token ids of ``request``'s prompt as :meth:`plan` runs them after its prefix, with
+        no bank entry made: a conversation's from the chat template, a text's with the start token
+        unless after a prompt prefix (which carries it) or ``special`` is False; an empty prompt
+        after a prompt prefix has none of its own (it continues the prefix's). Raises
+        RequestError where the chat template refuses the conversation, as plan does."""
+        if self.chat is not None:
+            return self.chat.request_ids([request], self.bank, path)[request.line]
+        after_prompt = _after_prompt(request, self.bank)
+        return tiny.encode(self.tokenizer, request.prompt, special=special and not after_prompt)
 
     def check_lengths(self, jobs: List[_Job], decoding: List[serve_options.Decoding], path: str) -> None:
         _check_lengths(jobs, self.model, self.bank, decoding, path)

@@ -15,6 +15,22 @@ Endpoints (JSON in and out; Python's standard library only: http.server):
                                  {"role": "assistant", "content"}, "finish_reason"}], ...}
   GET  /v1/models            the base model and every prefix, as vLLM lists LoRA adapters
   GET  /health               {"status": "ok"}
+  POST /tokenize             vLLM's: {"prompt": "...", "add_special_tokens": true, "model": NAME} (with
+                             --chat: {"messages": [...], ...}) -> {"tokens", "count", "max_model_len"}
+  POST /detokenize           vLLM's: {"tokens": [ids]} -> {"prompt": text}
+  GET  /tokenizer_info       {"tokenizer_class", "bos_token", "eos_token", "pad_token", "unk_token",
+                             "model_max_length", "chat_template" where the tokenizer has one}
+
+The tokenizer endpoints are what lm-evaluation-harness's remote tokenizer calls (its
+local-completions finds them itself), so it needs no tokenizer of its own. /tokenize's ids are
+those the server runs for that prompt after the prefix its "model" names: a text's with the
+tokenizer's start token where "add_special_tokens" (default true) and not after a prompt prefix
+(which carries it); an empty prompt after a prompt prefix has none of its own; --chat's
+conversation as the chat template renders it ("add_special_tokens" not applied); "prompt" only
+without --chat, "messages" only with it, as the completions endpoints. max_model_len: the
+model's positions (null where unknown), which a prefix's tokens take too. /detokenize keeps special tokens'
+text (vLLM's); ids outside the vocabulary are a 400 naming their place. The byte tokenizer's
+special tokens have no text: null in /tokenizer_info.
 
 A request's "model" names the prefix to use, as vLLM's names a LoRA adapter: a prefix name, or the
 base model's id (the --model folder as given, or "prefix-attn-tiny") or none for no prefix; a
@@ -296,17 +312,17 @@ def _prompts(value: Any, vocab_size: int) -> List[Prompt]:
     return [_token_ids(v, f"'prompt'[{i}]", vocab_size) for i, v in enumerate(value)]
 
 
-def _token_ids(ids: list, where: str, vocab_size: int) -> List[int]:
-    """``ids``, a prompt's token ids, each an integer from 0 to ``vocab_size`` - 1; ``where``: the
-    field's name in errors, each id named by its index."""
-    if not ids:
-        raise HTTPError(400, f"{where} is an empty array of token ids: a prompt needs a token", param="prompt")
+def _token_ids(ids: list, where: str, vocab_size: int, param: str = "prompt", empty: bool = False) -> List[int]:
+    """``ids``, a prompt's token ids, each an integer from 0 to ``vocab_size`` - 1 (none only
+    where ``empty``); ``where``: the field's name in errors, each id named by its index."""
+    if not ids and not empty:
+        raise HTTPError(400, f"{where} is an empty array of token ids: a prompt needs a token", param=param)
     for j, t in enumerate(ids):
         if not _is_id(t):
-            raise HTTPError(400, f"{where}[{j}] must be a token id (an integer), got {json.dumps(t)}", param="prompt")
+            raise HTTPError(400, f"{where}[{j}] must be a token id (an integer), got {json.dumps(t)}", param=param)
         if not 0 <= t < vocab_size:
             raise HTTPError(400, f"{where}[{j}]: token id {t} is not in the model's vocabulary (ids 0 to "
-                                 f"{vocab_size - 1})", param="prompt")
+                                 f"{vocab_size - 1})", param=param)
     return list(ids)
 
 
@@ -406,6 +422,7 @@ class Server:
             self.httpd.server_close()
             raise
         self.vocab_size = self.served.model.get_input_embeddings().num_embeddings
+        self.max_model_len = cli_args.max_positions(self.served.model.config)  # None: no limit known
         self.created = int(time.time())
         self.stopping = threading.Event()
         self._queue: "queue.Queue[_Pending]" = queue.Queue()
@@ -510,6 +527,65 @@ class Server:
         return ({"id": f"{kind[0]}-{uuid.uuid4().hex}", "object": kind[1], "created": int(time.time()),
                  "model": self.name(pending[0]), "choices": [_choice(p, chat) for p in pending], "usage": usage},
                 usage["completion_tokens"])
+
+    # -- the tokenizer, as vLLM serves it (handler threads: the tokenizer is only read) ------
+
+    def tokenize(self, obj: Any) -> dict:
+        """``POST /tokenize``: the token ids a request's "prompt" (a string; "messages" with
+        --chat) runs after the prefix its "model" (or "prefix") names: a text's with the
+        start token where "add_special_tokens" (default true) and not after a prompt prefix,
+        a conversation's from the chat template ("add_special_tokens" not applied)."""
+        if not isinstance(obj, dict):
+            raise HTTPError(400, f"the body must be a JSON object, got {type(obj).__name__}")
+        need, other = ("messages", "prompt") if self.args.chat else ("prompt", "messages")
+        if other in obj:
+            raise HTTPError(400, f"'{other}' is not tokenized by this server ({'with' if self.args.chat else 'without'}"
+                                 f" --chat, as its completions endpoint): give '{need}'", param=other)
+        if need not in obj:
+            raise HTTPError(400, f"missing '{need}'", param=need)
+        special = obj.get("add_special_tokens")
+        if special is not None and not isinstance(special, bool):
+            raise HTTPError(400, f"'add_special_tokens' must be true or false, got {json.dumps(special)}",
+                            param="add_special_tokens")
+        fields = {k: obj[k] for k in (need, "tools", "add_generation_prompt", "continue_final_message") if k in obj}
+        fields["prefix"] = self._prefix(obj)
+        try:
+            request = request_of(fields, "request", 1)
+            ids = self.served.request_ids(request, "request", special is not False)
+        except RequestError as exc:
+            raise HTTPError(400, _one_line(exc), param=need) from None
+        problem = serve.tiny.vocab_problem(self.served.tokenizer, ids, self.vocab_size)
+        if problem is not None:
+            raise HTTPError(400, problem, param=need)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
+
+    def detokenize(self, obj: Any) -> dict:
+        """``POST /detokenize``: the text of "tokens" (ids of the model's vocabulary; special
+        tokens kept, as vLLM's)."""
+        if not isinstance(obj, dict):
+            raise HTTPError(400, f"the body must be a JSON object, got {type(obj).__name__}")
+        if "tokens" not in obj:
+            raise HTTPError(400, "missing 'tokens'", param="tokens")
+        self._prefix(obj)  # an unknown "model" is a 404, as elsewhere
+        ids = obj["tokens"]
+        if not isinstance(ids, list):
+            raise HTTPError(400, f"'tokens' must be an array of token ids, got {jsonl.json_type(ids)}", param="tokens")
+        ids = _token_ids(ids, "'tokens'", self.vocab_size, param="tokens", empty=True)
+        return {"prompt": self.served.tokenizer.decode(ids, skip_special_tokens=False)}
+
+    def tokenizer_info(self) -> dict:
+        """``GET /tokenizer_info``: the tokenizer's class and special tokens (null where it has
+        none: the byte tokenizer's are ids with no text), the model's positions, the chat
+        template where the tokenizer has one."""
+        tok = self.served.tokenizer
+        info = {"tokenizer_class": type(tok).__name__, "model_max_length": self.max_model_len}
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            value = getattr(tok, name, None)
+            info[name] = value if isinstance(value, str) else None
+        template = getattr(tok, "chat_template", None)
+        if isinstance(template, str):
+            info["chat_template"] = template
+        return info
 
     def _requests(self, obj: Any, chat: bool) -> List[Request]:
         """A request body checked as a line of generate's request file is (and more): one
@@ -734,7 +810,8 @@ def _out_of_memory(p: _Pending, settings: serve_options.Decoding, message: str, 
                      type="server_error", code="out_of_memory")
 
 
-_ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST"}
+_ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST",
+           "/tokenize": "POST", "/detokenize": "POST", "/tokenizer_info": "GET"}
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -821,6 +898,11 @@ class _Handler(BaseHTTPRequestHandler):
             return {"status": "ok"}, 0
         if path == "/v1/models":
             return app.models(), 0
+        if path == "/tokenizer_info":
+            return app.tokenizer_info(), 0
+        if path in ("/tokenize", "/detokenize"):
+            body = self._body()
+            return (app.tokenize(body) if path == "/tokenize" else app.detokenize(body)), 0
         body, chat = self._body(), path == "/v1/chat/completions"
         if isinstance(body, dict) and body.get("stream") is True:
             return None, self._stream(app, app.submit(body, chat), chat)
