@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from . import atomic, peft_format
 
@@ -94,3 +94,16 @@ def read(directory: str, tensors: bool = True) -> SavedBank:
     except Exception as exc:  # safetensors' own errors for a corrupt header
         raise ValueError(f"{path}: corrupt prefix bank file ({exc})") from exc
     return SavedBank(names, kinds, signatures, dims, loaded, default)
+
+
+def entry_lengths(directory: str) -> Dict[str, int]:
+    """Each entry's P of the bank saved in ``directory``, read from the file's header (no tensor
+    read); {} where the file does not read (:func:`read` says why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path_in(directory), framework="pt", device="cpu") as f:
+            names = json.loads((f.metadata() or {})["names"])
+            return {name: int(f.get_slice(f"entry_{i}").get_shape()[3]) for i, name in enumerate(names)}
+    except Exception:  # a broken file: read() names the problem where the bank loads
+        return {}

@@ -102,7 +102,10 @@ error naming its line, exit status 1).
 
 Everything that can be checked is checked before any generation: the request file, prefix
 names, the output path, the device, $PREFIX_ATTN_BACKEND and each request's decoding fields and
-its length (prompt + prefix + its max_new_tokens within the model's positions). The output file is written whole or
+its length (prompt + prefix + its max_new_tokens within the model's positions). What needs only the
+tokenizer and the model's config.json (the --chat rendering, the tokens, the lengths, each
+--prompt-prefix) is checked before the weights load; a --bank or --adapter not fitting the model,
+after. The output file is written whole or
 not at all; Ctrl-C or SIGTERM stops at once and keeps the answers finished so far in
 OUTPUT.partial, in input order (exit status 130 / 143), as does an error in a later batch.
 With -o -, each answer is written once it and every earlier one are finished; a reader
@@ -111,6 +114,7 @@ closing standard output early stops the command quietly (exit status 141).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -153,7 +157,10 @@ def _check_device(name: str) -> torch.device:
 
 # -- model, bank and tokens ------------------------------------------------------------------
 
-def _load_model(model_dir: Optional[str], device: torch.device, dtype: torch.dtype, command: str = "generate"):
+def _load_model(model_dir: Optional[str], device: torch.device, dtype: torch.dtype, command: str = "generate",
+                tokenizer=None):
+    """The model of ``model_dir`` (None: the built-in one) on ``device`` and its tokenizer
+    (``tokenizer``, when :func:`prepare` loaded it already)."""
     from prefix_attn import hf
 
     hf.register()
@@ -173,7 +180,7 @@ def _load_model(model_dir: Optional[str], device: torch.device, dtype: torch.dty
         print(f"prefix-attn {command}: note: {model_dir}'s generation_config.json sets {settings}: not "
               f"applied ({command}'s options, at their defaults unless given, decide how tokens are "
               "picked)", file=sys.stderr)
-    return model, tiny.load_tokenizer(model_dir)
+    return model, tokenizer if tokenizer is not None else tiny.load_tokenizer(model_dir)
 
 
 # the fields of a model's generation config that generate keeps: its token ids (eos_token_id
@@ -203,28 +210,36 @@ def _drop_model_decoding(model) -> Dict[str, object]:
     return dropped
 
 
-def _build_bank(model, tokenizer, sources: List[Source], bank_dir: Optional[str], chat=None):
-    """The model's bank with every source loaded; returns it and the token ids of each
-    ``--prompt-prefix`` (a saved bank keeps only the KV of its prompts); with ``chat`` (a
-    :class:`~prefix_attn.chat.ChatTemplate`), those of the prompt as a system message."""
+def _build_bank(model, sources: List[Source], bank_dir: Optional[str], prompt_ids: Dict[str, List[int]]):
+    """The model's bank with every source loaded, each ``--prompt-prefix`` from its ids
+    (``prompt_ids``, :func:`_prompt_prefix_ids`)."""
     from prefix_attn.bank import PrefixBank
 
     bank = PrefixBank.load(bank_dir, model) if bank_dir else PrefixBank.attach(model)
-    vocab_size = model.get_input_embeddings().num_embeddings
-    prompt_ids: Dict[str, List[int]] = {}
     for s in sources:
         if s.option == "--adapter":
             bank.load_peft(s.name, s.value)
         elif s.option == "--prompt-prefix":
-            ids = chat.system_ids(s.name, s.value) if chat else tiny.encode(tokenizer, s.value, special=True)
-            if not ids:
-                raise RequestError(f"--prompt-prefix {s.name}: {s.value!r} has no tokens")
-            problem = tiny.vocab_problem(tokenizer, ids, vocab_size)
-            if problem is not None:
-                raise RequestError(f"--prompt-prefix {s.name}: {problem}")
-            bank.add_prompt(s.name, torch.tensor(ids))
-            prompt_ids[s.name] = ids
-    return bank, prompt_ids
+            bank.add_prompt(s.name, torch.tensor(prompt_ids[s.name]))
+    return bank
+
+
+def _prompt_prefix_ids(sources: List[Source], tokenizer, chat, vocab_size: Optional[int]) -> Dict[str, List[int]]:
+    """The token ids of each ``--prompt-prefix`` (a saved bank keeps only the KV of its
+    prompts); with ``chat`` (a :class:`~prefix_attn.chat.ChatTemplate`), those of the prompt as
+    a system message. Each has tokens, all in the model's ``vocab_size`` (None: unknown)."""
+    prompt_ids: Dict[str, List[int]] = {}
+    for s in sources:
+        if s.option != "--prompt-prefix":
+            continue
+        ids = chat.system_ids(s.name, s.value) if chat else tiny.encode(tokenizer, s.value, special=True)
+        if not ids:
+            raise RequestError(f"--prompt-prefix {s.name}: {s.value!r} has no tokens")
+        problem = tiny.vocab_problem(tokenizer, ids, vocab_size) if vocab_size is not None else None
+        if problem is not None:
+            raise RequestError(f"--prompt-prefix {s.name}: {problem}")
+        prompt_ids[s.name] = ids
+    return prompt_ids
 
 
 @dataclass
@@ -237,7 +252,8 @@ class _Job:
 
 
 def _plan(requests: List[Request], tokenizer, bank, prompt_ids: Dict[str, List[int]], path: str,
-          chat=None, heads: Optional[Dict[str, Optional[str]]] = None) -> List[_Job]:
+          chat=None, heads: Optional[Dict[str, Optional[str]]] = None, vocab_size: Optional[int] = None,
+          add_head=None) -> List[_Job]:
     """Tokenise every request. No request runs on zero tokens (the first new token would be
     predicted from a pad): an empty prompt after a ``--prompt-prefix`` continues the prompt's
     text, exactly: it runs as the prompt's last token after an entry holding the KV of the
@@ -246,11 +262,16 @@ def _plan(requests: List[Request], tokenizer, bank, prompt_ids: Dict[str, List[i
     request's own token ids (``Request.ids``) are taken as they are, after its prefix as a text
     prompt's tokens are (which after a prompt prefix are tokenised without the start token).
     ``heads``: the entries made for such prompts so far (prompt prefix -> its head entry), kept
-    across calls by a caller planning request after request (each prompt's head is made once)."""
+    across calls by a caller planning request after request (each prompt's head is made once).
+    ``bank``: a PrefixBank, or before the weights load :class:`_Prefixes` (its ``kind`` and
+    ``entry_len``); ``vocab_size``: the model's (default: the bank's model's embeddings);
+    ``add_head(bank, name, length)`` makes a head entry (default :func:`_add_prompt_head`)."""
     chat_ids = chat.request_ids(requests, bank, path) if chat else None
     jobs, bad, unknown = [], [], []
     heads = {} if heads is None else heads
-    vocab_size = bank.model.get_input_embeddings().num_embeddings
+    if vocab_size is None:
+        vocab_size = bank.model.get_input_embeddings().num_embeddings
+    add_head = _add_prompt_head if add_head is None else add_head
     for r in requests:
         after_prompt = _after_prompt(r, bank)
         ids = (list(r.ids) if r.ids is not None else chat_ids[r.line] if chat else
@@ -262,7 +283,7 @@ def _plan(requests: List[Request], tokenizer, bank, prompt_ids: Dict[str, List[i
             jobs.append(_Job(r, r.prefix, ids))
         elif after_prompt and r.prefix in prompt_ids:
             if r.prefix not in heads:
-                heads[r.prefix] = _add_prompt_head(bank, r.prefix, len(prompt_ids[r.prefix]))
+                heads[r.prefix] = add_head(bank, r.prefix, len(prompt_ids[r.prefix]))
             jobs.append(_Job(r, heads[r.prefix], prompt_ids[r.prefix][-1:]))
         elif after_prompt:
             bad.append(f"{path}:{r.line}: empty prompt after prompt prefix {r.prefix!r} from --bank, which "
@@ -295,16 +316,20 @@ def _add_prompt_head(bank, name: str, length: int) -> Optional[str]:
     return head
 
 
-def _check_lengths(jobs: List[_Job], model, bank, decoding: List[serve_options.Decoding], path: str) -> None:
+def _check_lengths(jobs: List[_Job], config, bank, decoding: List[serve_options.Decoding], path: str) -> None:
     """Each request's prefix + prompt + its own ``max_new_tokens`` (``decoding[i]`` is
-    ``jobs[i]``'s) fits the model's positions (the tokens after a prefix of P are numbered from P)."""
-    limit = cli_args.max_positions(model.config)
+    ``jobs[i]``'s) fits the model's positions (``config``'s; the tokens after a prefix of P are
+    numbered from P). A prefix whose length ``bank.entry_len`` does not know (None, before the
+    weights load) is left to the check after."""
+    limit = cli_args.max_positions(config)
     if limit is None:
         return
     bad = []
     for job, settings in zip(jobs, decoding):
         max_new_tokens = settings.max_new_tokens
         P = bank.entry_len(job.prefix) if job.prefix is not None else 0
+        if P is None:
+            continue
         total = P + len(job.ids) + max_new_tokens
         if total > limit:
             shown = job.request.prefix if job.request.prefix is not None else "none"
@@ -562,7 +587,7 @@ class Served:
         return tiny.encode(self.tokenizer, request.prompt, special=special and not after_prompt)
 
     def check_lengths(self, jobs: List[_Job], decoding: List[serve_options.Decoding], path: str) -> None:
-        _check_lengths(jobs, self.model, self.bank, decoding, path)
+        _check_lengths(jobs, self.model.config, self.bank, decoding, path)
 
     def generate(self, jobs: List[_Job], settings: serve_options.Decoding, criteria=(),
                  streamer=None) -> List[List[int]]:
@@ -597,17 +622,59 @@ class Served:
         return finish(self.tokenizer, new, self.stop, self.pad_id, settings.stop)
 
 
-def load(args: argparse.Namespace, device: torch.device, sources: List[Source], command: str = "generate") -> Served:
-    """The model of ``args.model`` on ``device`` in ``args.dtype``, its bank of ``sources``
-    (``--bank``, ``--adapter``, ``--prompt-prefix``) and, with ``args.chat``, its chat template;
-    the bank's warnings said as ``command``'s own."""
-    model, tokenizer = _load_model(args.model, device, _DTYPES[args.dtype], command=command)
-    with warnings.catch_warnings(record=True) as caught:  # shown as the command's own warnings
-        warnings.simplefilter("always", UserWarning)
+@dataclass
+class Prepared:
+    """What is loaded and checked before the model's weights (:func:`prepare`): the tokenizer,
+    the model's config, the chat template (None without ``--chat``), the ids of each
+    ``--prompt-prefix`` and the vocabulary size (the config's; None where it names none)."""
+
+    tokenizer: object
+    config: object
+    chat: object
+    prompt_ids: Dict[str, List[int]]
+    vocab_size: Optional[int]
+
+
+def prepare(args: argparse.Namespace, sources: List[Source], command: str = "generate") -> Prepared:
+    """Load ``args.model``'s config and tokenizer, not its weights, and check what depends on
+    them alone: the chat template (``args.chat``) and each ``--prompt-prefix``'s tokens (its
+    rendering as a system message). A large model is thus not loaded to be refused."""
+    config = tiny.default_config() if args.model is None else tiny.load_model_config(args.model)
+    tokenizer = tiny.load_tokenizer(args.model)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab_size = getattr(text_config, "vocab_size", None)
+    vocab_size = vocab_size if isinstance(vocab_size, int) and vocab_size > 0 else None
+    with _warnings_as(command):
         chat = (chat_template.ChatTemplate(tokenizer, args.model, options=dict(args.chat_option))
                 if args.chat else None)
-        bank, prompt_ids = _build_bank(model, tokenizer, sources, args.bank, chat)
+        prompt_ids = _prompt_prefix_ids(sources, tokenizer, chat, vocab_size)
+    return Prepared(tokenizer, config, chat, prompt_ids, vocab_size)
+
+
+def load(args: argparse.Namespace, device: torch.device, sources: List[Source], command: str = "generate",
+         prepared: Optional[Prepared] = None) -> Served:
+    """The model of ``args.model`` on ``device`` in ``args.dtype``, its bank of ``sources``
+    (``--bank``, ``--adapter``, ``--prompt-prefix``) and, with ``args.chat``, its chat template;
+    the bank's warnings said as ``command``'s own. ``prepared``: :func:`prepare`'s (default: it
+    runs first, so what the tokenizer alone refuses is said before the weights load)."""
+    prepared = prepare(args, sources, command) if prepared is None else prepared
+    model, tokenizer = _load_model(args.model, device, _DTYPES[args.dtype], command=command,
+                                   tokenizer=prepared.tokenizer)
+    with _warnings_as(command):
+        bank = _build_bank(model, sources, args.bank, prepared.prompt_ids)
+    stop = _stop_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop or [None])[0]
+    return Served(model, tokenizer, bank, prepared.prompt_ids, prepared.chat, device, stop, pad_id)
+
+
+@contextlib.contextmanager
+def _warnings_as(command: str):
+    """The package's warnings raised inside (the bank's, the chat template's) said as
+    ``command``'s own; others shown as they came."""
     package = os.path.dirname(os.path.abspath(__file__))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        yield
     for w in caught:
         if not os.path.abspath(w.filename).startswith(package):  # not the bank's: as it came
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -615,14 +682,59 @@ def load(args: argparse.Namespace, device: torch.device, sources: List[Source], 
         hint = (" (here: give them as --prompt-prefix NAME=TEXT)"
                 if "recompute them here with add_prompt" in str(w.message) else "")
         warn(f"{w.message}{hint}", command)
-    stop = _stop_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop or [None])[0]
-    return Served(model, tokenizer, bank, prompt_ids, chat, device, stop, pad_id)
+
+
+class _Prefixes:
+    """What is known of each prefix before the model's weights load: its kind and length
+    (a ``--bank`` entry's from the file's header, an adapter's ``num_virtual_tokens``, a
+    ``--prompt-prefix``'s tokens); a PrefixBank's ``kind`` and ``entry_len`` for :func:`_plan`
+    and :func:`_check_lengths`. A length not known is None."""
+
+    def __init__(self, sources: List[Source], bank_dir: Optional[str], prompt_ids: Dict[str, List[int]]):
+        from . import bank_file
+        from .serve_inputs import adapter_length
+
+        saved = bank_file.read(bank_dir, tensors=False) if bank_dir else None
+        self._kinds = dict(zip(saved.names, saved.kinds)) if saved else {}
+        self._lengths: Dict[str, Optional[int]] = bank_file.entry_lengths(bank_dir) if bank_dir else {}
+        for s in sources:
+            if s.option == "--adapter":
+                self._kinds[s.name], self._lengths[s.name] = "fixed", adapter_length(s.value)
+            elif s.option == "--prompt-prefix":
+                self._kinds[s.name], self._lengths[s.name] = "prompt", len(prompt_ids[s.name])
+
+    def kind(self, name: str) -> str:
+        return self._kinds[name]
+
+    def entry_len(self, name: str) -> Optional[int]:
+        return self._lengths.get(name)
+
+    def add_head(self, _, name: str, length: int) -> Optional[str]:
+        """:func:`_add_prompt_head`'s entry, its length only."""
+        if length == 1:
+            return None
+        self._lengths[f"{name}\x00head"] = length - 1
+        return f"{name}\x00head"
+
+
+def _check_before_loading(args: argparse.Namespace, sources: List[Source], requests: List[Request],
+                          prepared: Prepared) -> None:
+    """Every check of the requests that needs the tokenizer and the config only, made before
+    the weights load, with the messages the same checks give after: each request's tokens
+    (its chat rendering, tokens the model has, something to generate from) and its length."""
+    prefixes = _Prefixes(sources, args.bank, prepared.prompt_ids)
+    jobs = _plan(requests, prepared.tokenizer, prefixes, prepared.prompt_ids, args.input, prepared.chat,
+                 vocab_size=prepared.vocab_size or 2 ** 62,  # unknown: judged once the weights load
+                 add_head=prefixes.add_head)
+    decoding = [serve_options.Decoding.of(args, job.request.options) for job in jobs]
+    _check_lengths(jobs, prepared.config, prefixes, decoding, args.input)
 
 
 def _generate(args: argparse.Namespace, device: torch.device, sources: List[Source],
               requests: List[Request], out: _Output, signals: StopSignals) -> None:
-    served = load(args, device, sources)
+    prepared = prepare(args, sources)
+    _check_before_loading(args, sources, requests, prepared)
+    served = load(args, device, sources, prepared=prepared)
     jobs = served.plan(requests, args.input)
     decoding = [serve_options.Decoding.of(args, job.request.options) for job in jobs]  # jobs[i]'s
     served.check_lengths(jobs, decoding, args.input)

@@ -211,14 +211,26 @@ def check_prefix_names(requests: List[Request], known: List[str], path: str) -> 
         raise refusal(f"{len(bad)} request(s) name an unknown prefix; known prefixes: {some_names(known)}", bad)
 
 
-def _adapter_base(directory: str) -> Optional[str]:
-    """The local base-model folder an adapter records (``base_model_name_or_path``), if it exists."""
+def _adapter_field(directory: str, key: str):
+    """Field ``key`` of an adapter's ``adapter_config.json`` (None where it does not read:
+    load_peft reports a broken adapter)."""
     try:
         with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as f:
-            base = json.load(f).get("base_model_name_or_path")
+            return json.load(f).get(key)
     except (OSError, ValueError, AttributeError):
-        return None  # load_peft reports a broken adapter
+        return None
+
+
+def _adapter_base(directory: str) -> Optional[str]:
+    """The local base-model folder an adapter records (``base_model_name_or_path``), if it exists."""
+    base = _adapter_field(directory, "base_model_name_or_path")
     return base if isinstance(base, str) and base and os.path.isdir(base) else None
+
+
+def adapter_length(directory: str) -> Optional[int]:
+    """The prefix length (``num_virtual_tokens``) an adapter records; None where it names none."""
+    P = _adapter_field(directory, "num_virtual_tokens")
+    return P if isinstance(P, int) and not isinstance(P, bool) and P >= 0 else None
 
 
 # request fields that look like generation options but are not applied per request, which

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Iterable, List, Optional, Sequence, Union
@@ -202,8 +203,16 @@ class ByteTokenizer:
 
 def default_model(seed: int = 0, hidden: int = 64, layers: int = 2):
     """The built-in default: a tiny Llama over the byte vocabulary (random weights)."""
-    return tiny_model("llama", seed=seed, vocab_size=ByteTokenizer.vocab_size, hidden=hidden,
-                      layers=layers, heads=4, kv_heads=2)
+    return tiny_model("llama", seed=seed, **_default_sizes(hidden, layers))
+
+
+def default_config(hidden: int = 64, layers: int = 2):
+    """The config of :func:`default_model` (nothing built)."""
+    return tiny_config("llama", **_default_sizes(hidden, layers))
+
+
+def _default_sizes(hidden: int, layers: int) -> dict:
+    return dict(vocab_size=ByteTokenizer.vocab_size, hidden=hidden, layers=layers, heads=4, kv_heads=2)
 
 
 # files of an HF tokenizer; a folder with none of them has no tokenizer to load
@@ -264,26 +273,43 @@ def no_model_folder(model_dir: str) -> str:
     return f"model folder not found: {model_dir}"
 
 
+def load_model_config(model_dir: str):
+    """The config of the local folder ``model_dir`` (its ``config.json`` only: no weights read).
+    Raises :class:`ModelFolderError` as :func:`load_model_folder` does."""
+    from transformers import AutoConfig
+
+    with _folder_errors(model_dir):
+        return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+
+
 def load_model_folder(model_dir: str, dtype: Optional[torch.dtype] = None):
     """``AutoModelForCausalLM`` of the local folder ``model_dir`` with
     ``attn_implementation="prefix_attn"`` (in ``dtype``; None: transformers' default), on the
     CPU. Raises :class:`ModelFolderError` naming the folder and the reason when it does not load."""
-    import pickle
-
-    from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from prefix_attn import hf  # registers "prefix_attn"
 
-    if not os.path.isdir(model_dir):
-        raise ModelFolderError(no_model_folder(model_dir))
     kwargs = {} if dtype is None else {"dtype": dtype}
-    try:
-        # the config alone first: it reads only the folder, so whatever it raises is the folder's
-        # fault (transformers' strict dataclass checks, an unknown model_type or field)
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    # the config alone first: it reads only the folder, so whatever it raises is the folder's
+    # fault (transformers' strict dataclass checks, an unknown model_type or field)
+    config = load_model_config(model_dir)
+    with _folder_errors(model_dir):
         return AutoModelForCausalLM.from_pretrained(model_dir, config=config, local_files_only=True,
                                                     attn_implementation=hf.ATTN_NAME, **kwargs)
+
+
+@contextlib.contextmanager
+def _folder_errors(model_dir: str):
+    """What reading the folder ``model_dir`` raises, as a :class:`ModelFolderError` naming it."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    if not os.path.isdir(model_dir):
+        raise ModelFolderError(no_model_folder(model_dir))
+    try:
+        yield
     except MemoryError:
         raise
     # what transformers, safetensors and torch.load raise on a broken folder (a missing file, bad

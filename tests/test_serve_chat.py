@@ -152,7 +152,8 @@ def test_plan_gives_the_whole_conversations_tokens(folders):
     chat = ChatTemplate(tok, str(folders / "chatml"))
     sources = [Source("terse", "--prompt-prefix", TERSE), Source("kind", "--prompt-prefix", KIND),
                Source("tenant", "--adapter", str(folders / "adapter"))]
-    bank, prompt_ids = serve._build_bank(model, tok, sources, None, chat)
+    prompt_ids = serve._prompt_prefix_ids(sources, tok, chat, model.config.vocab_size)
+    bank = serve._build_bank(model, sources, None, prompt_ids)
     requests = [serve_request(r, i + 1) for i, r in enumerate(REQUESTS)]
     jobs = serve._plan(requests, tok, bank, prompt_ids, "r.jsonl", chat)
     for r, job in zip(REQUESTS, jobs):
