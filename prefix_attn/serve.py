@@ -98,7 +98,9 @@ of every group longest first (little padding; the results are still written in i
 memory; sampled answers change with anything that changes the batches (another batch size, a
 request added or its fields changed), greedy and beam ones do not. A batch that runs out of
 device memory is retried in halves, halved again as needed; only a single request that still does stops the run (an
-error naming its line, exit status 1).
+error naming its line, exit status 1). After a split, the size of the first part that then ran is
+the most any later batch tries for the rest of the run (a larger batch is cut into parts of it
+before trying; another split lowers it, nothing raises it): one failed try, not one a batch.
 
 Everything that can be checked is checked before any generation: the request file, prefix
 names, the output path, the device, $PREFIX_ATTN_BACKEND and each request's decoding fields and
@@ -756,10 +758,11 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
         bar.write(f"prefix-attn generate: {message}", file=sys.stderr)
 
     bar = _progress(len(jobs), enabled=not args.no_progress)
+    fitting = serve_batching.Fitting()  # the batch size that fit after running out of memory
     try:
         for batch in serve_batching.by_setting([len(j.ids) for j in jobs], [d.key for d in decoding],
                                                args.batch_size):
-            serve_batching.in_halves_on_oom(answer, batch, device, say)
+            serve_batching.in_halves_on_oom(answer, batch, device, say, fitting)
     except serve_batching.OutOfMemoryError as exc:  # only a request alone raises it
         raise OutOfMemory(_out_of_memory(jobs[running[0]], decoding[running[0]], served.bank, args, exc)) from None
     finally:

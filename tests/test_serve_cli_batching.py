@@ -142,8 +142,9 @@ def _out_of_memory_when(monkeypatch, too_big):
 
 def test_a_batch_out_of_memory_is_retried_in_halves(tmp_path, monkeypatch, capsys):
     """Batches of more than two rows run out of memory in their first decode step: 7 runs as
-    4 + 3, 4 as 2 + 2, 3 as 2 + 1, each split said once, and the answers are those of a run with
-    memory to spare (generate's state from the failed call does not leak into the retries)."""
+    4 + 3, 4 as 2 + 2, each split said once; 3, more than the 2 that then ran, as 2 + 1 without
+    trying 3 (:class:`serve_batching.Fitting`); and the answers are those of a run with memory to
+    spare (generate's state from the failed call does not leak into the retries)."""
     import torch
 
     prompts = ["a", "hello there", "the quick brown fox", "xyz", "1 + 1 =", "", "a longer prompt than most"]
@@ -170,9 +171,47 @@ def test_a_batch_out_of_memory_is_retried_in_halves(tmp_path, monkeypatch, capsy
     assert serve.main(common + ["-o", str(tmp_path / "tight.jsonl")]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err == ["prefix-attn generate: batch of 7 ran out of memory: retrying as 2 batches of 4 and 3",
-                   "prefix-attn generate: batch of 4 ran out of memory: retrying as 2 batches of 2",
-                   "prefix-attn generate: batch of 3 ran out of memory: retrying as 2 batches of 2 and 1"]
+                   "prefix-attn generate: batch of 4 ran out of memory: retrying as 2 batches of 2"]
     assert (tmp_path / "tight.jsonl").read_bytes() == (tmp_path / "free.jsonl").read_bytes()
+
+
+def test_later_batches_start_at_the_size_that_fit(tmp_path, monkeypatch, capsys):
+    """10 batches of 4, where more than 2 rows run out of memory: the first batch fails once
+    (4 -> 2 + 2) and every later one runs as 2 + 2 without failing (before: each of the 10 failed
+    first); the answers are those of a run with memory to spare, in file order."""
+    rows = [{"prompt": f"request {i} " + "x" * (i % 7)} for i in range(40)]
+    f = _write(tmp_path / "r.jsonl", rows)
+    common = ["-i", f, "--batch-size", "4", "--max-new-tokens", "3", "--no-progress"]
+    assert serve.main(common + ["-o", str(tmp_path / "free.jsonl")]) == 0
+    capsys.readouterr()
+    tried = []  # rows of each model.generate call; more than 2 run out of memory
+    _out_of_memory_when(monkeypatch, lambda lengths: tried.append(len(lengths)) or len(lengths) > 2)
+    assert serve.main(common + ["-o", str(tmp_path / "tight.jsonl")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["prefix-attn generate: batch of 4 ran out of memory: retrying as 2 batches of 2"]
+    assert tried == [4] + [2] * 20
+    assert (tmp_path / "tight.jsonl").read_bytes() == (tmp_path / "free.jsonl").read_bytes()
+
+
+def test_fitting_size_is_the_first_part_run_after_running_out_of_memory():
+    import torch
+
+    from prefix_attn.serve_batching import Fitting, in_halves_on_oom
+
+    fitting, tried, limit = Fitting(), [], [3]
+
+    def run(batch):
+        tried.append(len(batch))
+        if len(batch) > limit[0]:
+            raise torch.OutOfMemoryError("injected")
+
+    in_halves_on_oom(run, list(range(8)), torch.device("cpu"), lambda m: None, fitting)
+    assert tried == [8, 4, 2, 2, 2, 2] and fitting.size == 2  # 4 -> 2 + 2, then the 2 that ran
+    in_halves_on_oom(run, list(range(5)), torch.device("cpu"), lambda m: None, fitting)
+    assert tried[6:] == [2, 2, 1] and fitting.size == 2  # cut before trying: nothing fails
+    limit[0] = 1  # less memory now: lowered again, never raised
+    in_halves_on_oom(run, list(range(2)), torch.device("cpu"), lambda m: None, fitting)
+    assert tried[9:] == [2, 1, 1] and fitting.size == 1
 
 
 def test_one_request_out_of_memory_stops_the_run_keeping_the_finished_answers(tmp_path, monkeypatch, capsys):
