@@ -13,6 +13,7 @@ import sys
 from typing import Callable, Optional
 
 from . import cli_args, train_schedule
+from .tool_calls import PARSERS as TOOL_CALL_PARSERS
 
 DEFAULT_MAX_LENGTH = 256  # train's --max-length
 # the names of the dtypes each command takes (its module maps them to torch dtypes)
@@ -196,6 +197,11 @@ def _prefix_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-option", action="append", default=[], type=cli_args.chat_option, metavar="KEY=VALUE",
                    help="a variable of the chat template, with --chat (e.g. enable_thinking=false; the value "
                         "read as JSON, else as text; repeatable)")
+    p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None, metavar="NAME",
+                   help="with --chat, parse the tool calls in the answer of a request giving \"tools\" into "
+                        "OpenAI's \"tool_calls\" (finish_reason \"tool_calls\"): hermes (<tool_call> blocks: "
+                        "Qwen, Hermes), llama3_json (Llama 3.1/3.2's JSON), mistral ([TOOL_CALLS] [...]); "
+                        "default: none, the answer is content")
 
 
 def _source_arguments(p: argparse.ArgumentParser) -> None:

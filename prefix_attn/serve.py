@@ -90,6 +90,14 @@ its line, where the template does not write that message as given at the end of 
 (it strips or rewrites it), or writes the conversation before it otherwise than it opens a new
 answer (DeepSeek-R1's generation prompt opens a <think> block an assistant message has not).
 
+--tool-call-parser NAME (with --chat: hermes, llama3_json or mistral, as vLLM's) parses the tool
+calls in the answer of a request giving "tools" (its "tool_choice", if any, not "none"): its result
+gets "tool_calls", OpenAI's [{"id": "call_...", "type": "function", "function": {"name",
+"arguments": JSON text}}], "completion" the text before them (null if none) and "finish_reason":
+"tool_calls"; such an answer is decoded with its special tokens kept (the calls' markers may be
+special tokens). An answer whose calls do not all parse (malformed, cut, naming a function not in
+"tools") stays the completion (prefix_attn.tool_calls). Without the option, calls are text.
+
 Requests decoded alike (equal decoding settings; sampling values do not count for greedy ones)
 share model.generate calls: each such group runs in batches of similar prompt length, the batches
 of every group longest first (little padding; the results are still written in input order).
@@ -127,7 +135,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import atomic, chat as chat_template, cli_args, cli_parsers, serve_batching, serve_options, tiny
+from . import atomic, chat as chat_template, cli_args, cli_parsers, serve_batching, serve_options, tiny, tool_calls
 from .backends import check_env_backend
 from .train_state import Interrupted, StopSignals
 from .serve_inputs import (Request, RequestError, Source, check_prefix_names, prefix_sources,
@@ -525,7 +533,8 @@ def _run(args: argparse.Namespace, signals: StopSignals) -> int:
                            "replaced by the answers; give another -o")
     check_prefix_names(requests, [s.name for s in sources], args.input)
     chat_template.check_requests(requests, args.chat, args.input)
-    problem = chat_template.options_need_chat(args.chat_option, args.chat)
+    problem = (chat_template.options_need_chat(args.chat_option, args.chat)
+               or tool_calls.need_chat(args.tool_call_parser, args.chat))
     if problem is not None:
         raise RequestError(problem)
     if args.chat and requests:
@@ -560,7 +569,8 @@ def _run(args: argparse.Namespace, signals: StopSignals) -> int:
 class Served:
     """What answers requests, loaded once: the model, its tokenizer, the bank of every prefix
     source, the ids of each ``--prompt-prefix`` (``prompt_ids``), the chat template (None
-    without ``--chat``), the stop ids and the pad id. ``prefix-attn generate`` answers a file
+    without ``--chat``), the stop ids, the pad id and the ``--tool-call-parser`` (None: none).
+    ``prefix-attn generate`` answers a file
     with it, ``prefix-attn serve`` (:mod:`prefix_attn.serve_http`) request after request."""
 
     model: object
@@ -572,6 +582,17 @@ class Served:
     stop: List[int]
     pad_id: Optional[int]
     heads: Dict[str, Optional[str]] = field(default_factory=dict)  # _plan's, kept across calls
+    tool_parser: Optional[str] = None
+
+    def settings(self, args: argparse.Namespace, request: Request) -> serve_options.Decoding:
+        """How ``request`` decodes: the options ``args`` and its fields; its text with special
+        tokens where a tool-call parser reads it."""
+        special = tool_calls.applies(self.tool_parser, request) is not None
+        return serve_options.Decoding.of(args, {**request.options, "special": special})
+
+    def tool_calls(self, request: Request, text: str) -> Optional[tool_calls.Parsed]:
+        """The tool calls of ``request``'s answer ``text`` (None: none, or no parser applies)."""
+        return tool_calls.parse(tool_calls.applies(self.tool_parser, request), text, request.tools)
 
     def plan(self, requests: List[Request], path: str) -> List[_Job]:
         """The jobs of ``requests`` (:func:`_plan`; ``path`` names them in errors)."""
@@ -604,7 +625,8 @@ class Served:
         ids, mask = tiny.left_pad([job.ids for job in jobs], self.pad_id)
         stopping = list(criteria)
         if settings.stop:  # each row ends at its first stop text: the batch once every row has
-            stopping.append(serve_stop.StopTexts(self.tokenizer, settings.stop, ids.shape[1], self.stop, self.pad_id))
+            stopping.append(serve_stop.StopTexts(self.tokenizer, settings.stop, ids.shape[1], self.stop, self.pad_id,
+                                                 settings.special))
         gen_kwargs = dict(pad_token_id=self.pad_id, eos_token_id=self.stop or None,
                           max_new_tokens=settings.max_new_tokens, **settings.generate_kwargs())
         if stopping:
@@ -621,7 +643,7 @@ class Served:
         (:func:`prefix_attn.serve_stop.finish`)."""
         from .serve_stop import finish
 
-        return finish(self.tokenizer, new, self.stop, self.pad_id, settings.stop)
+        return finish(self.tokenizer, new, self.stop, self.pad_id, settings.stop, settings.special)
 
 
 @dataclass
@@ -666,7 +688,8 @@ def load(args: argparse.Namespace, device: torch.device, sources: List[Source], 
         bank = _build_bank(model, sources, args.bank, prepared.prompt_ids)
     stop = _stop_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop or [None])[0]
-    return Served(model, tokenizer, bank, prepared.prompt_ids, prepared.chat, device, stop, pad_id)
+    return Served(model, tokenizer, bank, prepared.prompt_ids, prepared.chat, device, stop, pad_id,
+                  tool_parser=getattr(args, "tool_call_parser", None))
 
 
 @contextlib.contextmanager
@@ -738,7 +761,7 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
     _check_before_loading(args, sources, requests, prepared)
     served = load(args, device, sources, prepared=prepared)
     jobs = served.plan(requests, args.input)
-    decoding = [serve_options.Decoding.of(args, job.request.options) for job in jobs]  # jobs[i]'s
+    decoding = [served.settings(args, job.request) for job in jobs]  # jobs[i]'s
     served.check_lengths(jobs, decoding, args.input)
     torch.manual_seed(args.seed)  # after loading: building the default model seeds torch itself
 
@@ -751,7 +774,8 @@ def _generate(args: argparse.Namespace, device: torch.device, sources: List[Sour
         running[:] = batch
         settings = decoding[batch[0]]  # the batch's requests decode alike (serve_batching.by_setting)
         for i, new in zip(batch, served.generate([jobs[i] for i in batch], settings)):
-            out.put(i, _result(jobs[i].request, served.finish(new, settings)))
+            answer = served.finish(new, settings)
+            out.put(i, _result(jobs[i].request, answer, served.tool_calls(jobs[i].request, answer[0])))
         bar.update(len(batch))
 
     def say(message: str) -> None:  # under the progress bar
@@ -794,11 +818,15 @@ def _stop_ids(model, tokenizer) -> List[int]:
     return list(dict.fromkeys(int(i) for i in ids))
 
 
-def _result(r: Request, answer) -> dict:
+def _result(r: Request, answer, parsed: Optional[tool_calls.Parsed] = None) -> dict:
+    """The result line of request ``r``; ``parsed``: the tool calls its answer holds, the
+    completion then the content left (null if none), finish_reason "tool_calls"."""
     completion, count, reason = answer  # Served.finish's
     result = {"id": r.id, "prefix": r.prefix,
               **({"prompt": r.prompt} if r.messages is None else {"messages": r.messages}),
               "completion": completion, "num_tokens": count, "finish_reason": reason}
+    if parsed is not None:
+        result.update(completion=parsed.content, tool_calls=parsed.calls, finish_reason="tool_calls")
     result.update({k: v for k, v in r.extra.items() if k not in result})  # echo unknown fields
     return result
 

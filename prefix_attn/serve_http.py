@@ -49,8 +49,13 @@ finish_reason ("stop": a stop id or a stop text; "length": max_tokens reached) a
 with 400: "best_of" above 1, "suffix", "logit_bias", nonzero "presence_penalty" / "frequency_penalty", "seed"
 where the request samples (one --seed draws for every batch in turn; decoded without sampling,
 a seed changes nothing and is taken), a "tool_choice" other than "auto" or "none", a
-"response_format" other than text. A chat answer is the generated text as "content": tool calls
-in it are not parsed into "tool_calls".
+"response_format" other than text. A chat answer is the generated text as "content"; with
+--tool-call-parser NAME (hermes, llama3_json, mistral: as generate's, prefix_attn.tool_calls), a
+request giving "tools" (its "tool_choice" not "none") has the calls in it as "tool_calls" (OpenAI's
+objects, "arguments" a JSON text, "id" random), "content" the text before them (null if none) and
+finish_reason "tool_calls"; an answer whose calls do not all parse stays content. Streamed, the
+text that may still be a call is held back: the calls go out when the answer ends, in one chunk of
+"delta": {"tool_calls": [{"index", "id", "type", "function"}, ...]}, or the text as content.
 
 Prompts, as OpenAI's API takes them: /v1/completions' "prompt" is a string, an array of strings,
 an array of token ids (one prompt) or an array of arrays of token ids. Token ids run as given,
@@ -136,7 +141,7 @@ import torch
 from transformers import StoppingCriteria
 
 from . import (chat as chat_template, cli_args, cli_parsers, jsonl, serve, serve_batching, serve_logprobs,
-               serve_options, serve_stream)
+               serve_options, serve_stream, tool_calls)
 from .backends import check_env_backend
 from .serve_stop import until_stop_id
 from .serve_inputs import (Request, RequestError, prefix_sources, request_of, warn_about_adapter_bases,
@@ -395,7 +400,8 @@ class Server:
         device = serve._check_device(args.device)
         check_env_backend(device.type, "generation")
         sources = prefix_sources(args)
-        problem = chat_template.options_need_chat(args.chat_option, args.chat)
+        problem = (chat_template.options_need_chat(args.chat_option, args.chat)
+                   or tool_calls.need_chat(args.tool_call_parser, args.chat))
         if problem is not None:
             raise RequestError(problem)
         if args.chat:
@@ -525,7 +531,8 @@ class Server:
         usage = self.usage(pending)
         kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
         return ({"id": f"{kind[0]}-{uuid.uuid4().hex}", "object": kind[1], "created": int(time.time()),
-                 "model": self.name(pending[0]), "choices": [_choice(p, chat) for p in pending], "usage": usage},
+                 "model": self.name(pending[0]), "usage": usage,
+                 "choices": [_choice(p, chat, self.served.tool_calls(p.request, p.answer[0])) for p in pending]},
                 usage["completion_tokens"])
 
     # -- the tokenizer, as vLLM serves it (handler threads: the tokenizer is only read) ------
@@ -662,7 +669,8 @@ class Server:
         """The streamer of a batch: each streamed row's stable text to its handler as it comes,
         and its answer as soon as a stop id or a stop text ends it; the batch goes on."""
         def row(p: _Pending):
-            text = serve_stream.RowText(self.served.tokenizer, self.served.stop, self.served.pad_id, settings.stop)
+            text = serve_stream.RowText(self.served.tokenizer, self.served.stop, self.served.pad_id, settings.stop,
+                                        settings.special)
 
             def take(token: int) -> None:
                 if p.cancelled or p.done.is_set():
@@ -717,7 +725,7 @@ class Server:
             [p.job] = self.served.plan([p.request], "request")
             if p.request.prompt is None and p.request.ids is not None:  # its text: the echo, text offsets
                 p.request.prompt = self.served.tokenizer.decode(p.request.ids, skip_special_tokens=True)
-            p.settings = serve_options.Decoding.of(self.args, p.request.options)
+            p.settings = self.served.settings(self.args, p.request)
             if p.asked.score_only:  # nothing generated: every such request shares a batch
                 p.settings = replace(p.settings, max_new_tokens=0, do_sample=False, num_beams=1,
                                      repetition_penalty=1.0, stop=())
@@ -792,13 +800,15 @@ class Server:
         return list(zip(answers, logprobs))
 
 
-def _choice(p: _Pending, chat: bool) -> dict:
+def _choice(p: _Pending, chat: bool, parsed: Optional[tool_calls.Parsed] = None) -> dict:
     """A choice of an answer (not streamed): its text (after the prompt with "echo"), its
-    log probabilities when asked, its finish_reason."""
+    log probabilities when asked, its finish_reason; ``parsed``: the tool calls its text holds."""
     text, _, reason = p.answer
     if chat:
-        return {"index": p.index, "message": {"role": "assistant", "content": text}, "logprobs": p.logprobs,
-                "finish_reason": reason}
+        message = {"role": "assistant", "content": text}
+        if parsed is not None:
+            message, reason = {**message, "content": parsed.content, "tool_calls": parsed.calls}, "tool_calls"
+        return {"index": p.index, "message": message, "logprobs": p.logprobs, "finish_reason": reason}
     return {"index": p.index, "text": p.request.prompt + text if p.asked.echo else text, "logprobs": p.logprobs,
             "finish_reason": reason}
 
@@ -923,6 +933,7 @@ class _Handler(BaseHTTPRequestHandler):
         options = pending[0].request.extra.get("stream_options") or {}
         chunks = serve_stream.Chunks(chat, app.name(pending[0]), options.get("include_usage") is True)
         sent, ended = [""] * len(pending), 0
+        held = [tool_calls.holder(tool_calls.applies(app.served.tool_parser, p.request)) for p in pending]
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -931,7 +942,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"".join(chunks.role(i) for i in range(len(pending))))
             while True:
                 if kind == "text":
-                    self.wfile.write(chunks.text(text, index))
+                    text = held[index](text)  # what may be tool calls waits for the end
+                    self.wfile.write(chunks.text(text, index) if text else b"")
                     sent[index] += text
                 elif kind == "end":
                     p = pending[index]
@@ -955,12 +967,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _rest(app: Server, p: _Pending, sent: str, chunks: serve_stream.Chunks) -> bytes:
-        """The events that end a choice of a stream: the text not sent yet, its finish_reason."""
+        """The events that end a choice of a stream: the text not sent yet, its tool calls (the
+        content left before them), its finish_reason."""
         answer, _, reason = p.answer
+        parsed = app.served.tool_calls(p.request, answer)
+        if parsed is not None:
+            answer, reason = parsed.content or "", "tool_calls"
         if not answer.startswith(sent):  # a tokenizer that rewrote text given out as stable
             app.say(f"stream: the text sent {sent!r} is not the start of the answer {answer!r}")
         rest = answer[len(sent):] if answer.startswith(sent) else ""
-        return (chunks.text(rest, p.index) if rest else b"") + chunks.finish(reason, p.index)
+        calls = chunks.tool_calls(parsed.calls, p.index) if parsed is not None else b""
+        return (chunks.text(rest, p.index) if rest else b"") + calls + chunks.finish(reason, p.index)
 
     def _body(self) -> Any:
         length = self.headers.get("Content-Length")

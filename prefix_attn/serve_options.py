@@ -105,7 +105,8 @@ def _parsed(dest: str, text: str) -> Any:
 @dataclasses.dataclass(frozen=True)
 class Decoding:
     """How one request is decoded: each value the request's field, else the command's option
-    (given or its default)."""
+    (given or its default); ``special``: the completion's text keeps its special tokens (a
+    request whose answer a tool-call parser reads, :mod:`prefix_attn.tool_calls`)."""
 
     max_new_tokens: int
     do_sample: bool
@@ -116,11 +117,12 @@ class Decoding:
     repetition_penalty: float
     num_beams: int
     stop: Tuple[str, ...]
+    special: bool = False
 
     @classmethod
     def of(cls, args: argparse.Namespace, fields: Optional[Dict[str, Any]] = None) -> "Decoding":
         """The command's options ``args``, overridden by a request's ``fields`` (parse_fields')."""
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+        values = {f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(cls)}
         values["stop"] = tuple(values["stop"])
         values.update(fields or {})
         return cls(**values)
@@ -139,7 +141,7 @@ class Decoding:
     def key(self) -> tuple:
         """Equal for requests that decode alike (sampling values left out of greedy ones): they
         can share a ``model.generate`` call."""
-        return (self.max_new_tokens, self.stop, tuple(sorted(self.generate_kwargs().items())))
+        return (self.max_new_tokens, self.stop, self.special, tuple(sorted(self.generate_kwargs().items())))
 
 
 def unused_sampling_fields(fields: Dict[str, Any], args: argparse.Namespace) -> List[str]:

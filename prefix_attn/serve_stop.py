@@ -23,8 +23,10 @@ def until_stop_id(new: Sequence[int], stop_ids: Sequence[int], pad_id: Optional[
     return kept, end is not None
 
 
-def _decode(tokenizer, tokens: Sequence[int]) -> str:
-    return tokenizer.decode(list(tokens), skip_special_tokens=True)
+def _decode(tokenizer, tokens: Sequence[int], special: bool = False) -> str:
+    """The text of ``tokens``, special tokens left out (``special``: kept, for a tool-call
+    parser, :mod:`prefix_attn.tool_calls`)."""
+    return tokenizer.decode(list(tokens), skip_special_tokens=not special)
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> Optional[int]:
@@ -38,12 +40,13 @@ class StopTexts(StoppingCriteria):
     a stop id, padding and special tokens left out: what :func:`finish` decodes) holds one of
     ``stops``. Works with any tokenizer that decodes a list of ids (prefix_attn's byte tokenizer
     and transformers' alike); called on every row of the batch, beams included (``input_ids``:
-    ``(rows, prompt_len + new)``, left padded)."""
+    ``(rows, prompt_len + new)``, left padded); ``special``: special tokens kept in the text,
+    as :func:`finish`'s."""
 
     def __init__(self, tokenizer, stops: Sequence[str], prompt_len: int, stop_ids: Sequence[int],
-                 pad_id: Optional[int]):
+                 pad_id: Optional[int], special: bool = False):
         self.tokenizer, self.stops, self.prompt_len = tokenizer, list(stops), prompt_len
-        self.stop_ids, self.pad_id = list(stop_ids), pad_id
+        self.stop_ids, self.pad_id, self.special = list(stop_ids), pad_id, special
         # the tokens a stop text that the newest token completes can span, with room: a character
         # may take 4 byte tokens, and the window's first token may decode otherwise alone (a
         # SentencePiece word's space); a row would have stopped at an earlier stop text
@@ -62,24 +65,24 @@ class StopTexts(StoppingCriteria):
         """Whether ``new`` (a row's last new tokens) holds a stop text before any stop id.
         :func:`finish` reads the whole text."""
         tokens, _ = until_stop_id(new, self.stop_ids, self.pad_id)
-        return _first_stop(_decode(self.tokenizer, tokens), self.stops) is not None
+        return _first_stop(_decode(self.tokenizer, tokens, self.special), self.stops) is not None
 
 
 def finish(tokenizer, new: Sequence[int], stop_ids: Sequence[int], pad_id: Optional[int],
-           stops: Sequence[str]) -> Tuple[str, int, str]:
+           stops: Sequence[str], special: bool = False) -> Tuple[str, int, str]:
     """``(completion, num_tokens, finish_reason)`` of a row's generated ids ``new``. The
     completion is the text before the first stop id and, within it, before the first stop text.
     ``num_tokens`` counts the tokens generated for it: none after a stop id, the stop id itself
     not counted; with a stop text, the tokens up to the one that completed it (their text may go
     past the completion: the stop text and anything the same token held after it).
     ``finish_reason`` is ``"stop"`` (a stop id or a stop text) or ``"length"`` (neither: the
-    tokens ran out)."""
+    tokens ran out). ``special``: the text keeps its special tokens (a tool-call parser reads it)."""
     tokens, stopped = until_stop_id(new, stop_ids, pad_id)
-    text = _decode(tokenizer, tokens)
+    text = _decode(tokenizer, tokens, special)
     cut = _first_stop(text, stops) if stops else None
     if cut is None:
         return text, len(tokens), "stop" if stopped else "length"
     count = len(tokens)  # the first count tokens hold a stop text; fewer may too (a batch ran on)
-    while count > 1 and _first_stop(_decode(tokenizer, tokens[:count - 1]), stops) is not None:
+    while count > 1 and _first_stop(_decode(tokenizer, tokens[:count - 1], special), stops) is not None:
         count -= 1
     return text[:cut], count, "stop"

@@ -47,12 +47,15 @@ class RowText:
     is stable: the part two successive decodings agree on (a token may still merge with the
     next), short of a trailing U+FFFD (a character whose bytes are not all there) and of a tail
     that could be the start of a stop text. ``done`` once a stop id or a stop text ended the row;
-    ``new`` holds every token seen (what :func:`finish` takes)."""
+    ``new`` holds every token seen (what :func:`finish` takes); ``special``: special tokens kept
+    in the text, as :func:`finish` keeps them for a tool-call parser."""
 
     ANCHOR_EVERY = 64  # tokens decoded past the anchor before it moves (one whole decoding then)
 
-    def __init__(self, tokenizer, stop_ids: Sequence[int], pad_id: Optional[int], stops: Sequence[str]):
+    def __init__(self, tokenizer, stop_ids: Sequence[int], pad_id: Optional[int], stops: Sequence[str],
+                 special: bool = False):
         self.tokenizer, self.stop_ids, self.pad_id, self.stops = tokenizer, list(stop_ids), pad_id, list(stops)
+        self.special = special
         self.new: List[int] = []
         self.tokens: List[int] = []  # the text's tokens
         self.sent, self.previous, self.done = "", "", False
@@ -66,15 +69,15 @@ class RowText:
         decodes whole from then on) and the anchor moves to a token where the whole decoding
         is its text before plus the decoding from there (a SentencePiece word's space, a
         character's bytes split across tokens: a token where that fails is passed over)."""
-        text = self.anchor_text + _decode(self.tokenizer, self.tokens[self.anchor:])
+        text = self.anchor_text + _decode(self.tokenizer, self.tokens[self.anchor:], self.special)
         if not self.anchored or len(self.tokens) - self.anchor < 2 * self.ANCHOR_EVERY:
             return text
-        whole = _decode(self.tokenizer, self.tokens)
+        whole = _decode(self.tokenizer, self.tokens, self.special)
         if whole != text:  # a tokenizer whose decoding is not the anchored one's
             self.anchored, self.anchor, self.anchor_text = False, 0, ""
             return whole
         for a in range(len(self.tokens) - self.ANCHOR_EVERY, len(self.tokens) - 2 * self.ANCHOR_EVERY, -1):
-            tail = _decode(self.tokenizer, self.tokens[a:])
+            tail = _decode(self.tokenizer, self.tokens[a:], self.special)
             head = whole[:len(whole) - len(tail)]
             if tail and whole.endswith(tail) and not head.endswith("\ufffd") and not tail.startswith("\ufffd"):
                 self.anchor, self.anchor_text = a, head
@@ -158,6 +161,11 @@ class Chunks:
 
     def text(self, delta: str, index: int = 0) -> bytes:
         return self._choice({"content": delta}, None, index)
+
+    def tool_calls(self, calls: List[dict], index: int = 0) -> bytes:
+        """The event of choice ``index``'s tool calls, each whole, as OpenAI's chunk gives them
+        (``delta.tool_calls``, each with its ``index``)."""
+        return self._choice({"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}, None, index)
 
     def finish(self, reason: str, index: int = 0) -> bytes:
         """The event that ends choice ``index``: its finish_reason."""
