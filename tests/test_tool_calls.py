@@ -233,3 +233,11 @@ def test_a_stream_sends_the_content_then_the_tool_calls(server):
     assert delta["index"] == 0 and _calls(tool_calls.Parsed(None, [
         {k: v for k, v in delta.items() if k != "index"}])) == [PARIS]
     assert (choices[-1]["delta"], choices[-1]["finish_reason"]) == ({}, "tool_calls")
+
+
+def test_serve_refuses_the_parser_without_chat(capsys):
+    from prefix_attn import serve_http
+
+    assert serve_http.main(["--port", "0", "--tool-call-parser", "mistral"]) == 2
+    assert "prefix-attn serve: error: --tool-call-parser mistral: tool calls are parsed from chat answers: " \
+           "it needs --chat" in capsys.readouterr().err
