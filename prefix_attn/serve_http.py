@@ -126,23 +126,23 @@ import argparse
 import gc
 import json
 import queue
-import re
 import signal
 import sys
 import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple
 
 import torch
 from transformers import StoppingCriteria
 
 from . import (chat as chat_template, cli_args, cli_parsers, jsonl, serve, serve_batching, serve_logprobs,
-               serve_options, serve_stream, tool_calls)
+               serve_fields, serve_options, serve_stream, tool_calls)
 from .backends import check_env_backend
+from .serve_fields import HTTPError
 from .serve_stop import until_stop_id
 from .serve_inputs import (Request, RequestError, prefix_sources, request_of, warn_about_adapter_bases,
                            warn_about_sampling_options)
@@ -154,189 +154,9 @@ TINY_ID = "prefix-attn-tiny"  # the built-in model's id (no --model)
 MAX_BODY = 32 * 2 ** 20
 _SERVER_LOG = "prefix-attn serve"
 
-# request fields asking for what is not served -> the values that ask for nothing (refused otherwise)
-_UNSUPPORTED = {
-    "best_of": (None, 1), "suffix": (None,), "logit_bias": (None, {}),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "tool_choice": (None, "auto", "none"), "response_format": (None, {"type": "text"}),
-}
-# a request's "seed": taken (and unused) where it decodes without sampling (lm-evaluation-harness
-# sends one with every greedy request), refused where it samples
-_SEED_REFUSED = ("'seed' is not applied per request: the server's --seed draws for every batch in turn "
-                 "(a request decoded without sampling may give one: it is not used)")
-
-
-MAX_LOGPROBS = 5  # /v1/completions' "logprobs": top tokens per position (OpenAI's legacy limit)
-MAX_TOP_LOGPROBS = 20  # /v1/chat/completions' "top_logprobs" (OpenAI's limit)
-_MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_new_tokens")
-MAX_CHOICES = 2048  # a request's choices (prompts x "n"), run --batch-size at a time
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``serve`` subcommand to an ``argparse`` subparsers object."""
     return cli_parsers.add_parser(subparsers, "serve", run)
-
-
-class HTTPError(Exception):
-    """An answer other than 200: its status and OpenAI's error object."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
-        super().__init__(message)
-        self.status = status
-        self.error = {"message": message, "type": type, "param": param, "code": code}
-
-
-def _stopping() -> HTTPError:
-    return HTTPError(503, "the server is stopping", type="server_error", code="stopping")
-
-
-def _check_stream(obj: dict) -> None:
-    """"stream" is a boolean (or null); "stream_options" (OpenAI's: only with "stream": true)
-    an object whose "include_usage" is a boolean."""
-    stream, options = obj.get("stream"), obj.get("stream_options")
-    if stream is not None and not isinstance(stream, bool):
-        raise HTTPError(400, f"'stream' must be true or false, got {json.dumps(stream)}", param="stream")
-    if options is None:
-        return
-    if stream is not True:
-        raise HTTPError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
-    usage = options.get("include_usage") if isinstance(options, dict) else None
-    if not isinstance(options, dict) or not (usage is None or isinstance(usage, bool)):
-        raise HTTPError(400, "'stream_options' must be an object whose 'include_usage' is true or false, "
-                             f"got {json.dumps(options)}", param="stream_options")
-
-
-def _same(value: Any, fine: Any) -> bool:
-    """``value == fine``, a boolean equal to a boolean only: ``"logprobs": 0`` asks for the
-    chosen tokens' log probabilities (OpenAI's completions), and ``"n": true`` is no count."""
-    return value == fine and isinstance(value, bool) == isinstance(fine, bool)
-
-
-# generate's words for a request file, and what they are for a client of the API
-_CLI_HINTS = {"lower --max-new-tokens, or the request's \"max_new_tokens\"": "lower max_tokens"}
-
-
-def _one_line(exc: Exception) -> str:
-    """A RequestError's lines (a headline, then one per problem) as one line, in a client's
-    words: without generate's ``request:N:`` places (the server's own count of requests) and
-    naming the request's fields, not the command's options."""
-    text = " ".join(line.strip() for line in str(exc).splitlines())
-    text = re.sub(r"\brequest(?::\d+)?: ", "", text)
-    for cli, api in _CLI_HINTS.items():
-        text = text.replace(cli, api)
-    return text
-
-
-@dataclass(frozen=True)
-class _Asked:
-    """What a request asks beyond its text: ``n`` choices, ``logprobs`` (the top tokens given
-    at each position; None: no log probabilities), ``echo`` (the prompt before the completion)
-    and ``score_only`` (echo with max_tokens 0: the prompt scored, nothing generated)."""
-
-    n: int = 1
-    logprobs: Optional[int] = None
-    echo: bool = False
-    score_only: bool = False
-
-
-def _integer(obj: dict, name: str, low: int, high: int, why: str = "") -> Optional[int]:
-    """``obj[name]``, an integer from ``low`` to ``high`` (``1.0`` is 1), or None when null."""
-    value = obj.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer() \
-            or not low <= value <= high:
-        raise HTTPError(400, f"'{name}' must be an integer from {low} to {high}{why}, got {json.dumps(value)}",
-                        param=name)
-    return int(value)
-
-
-def _flag(obj: dict, name: str) -> bool:
-    value = obj.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise HTTPError(400, f"'{name}' must be true or false, got {json.dumps(value)}", param=name)
-    return value is True
-
-
-def _asked(obj: dict, chat: bool, batch_size: int) -> _Asked:
-    """The "n", "logprobs", "top_logprobs" and "echo" of a request body, checked as OpenAI's API
-    reads them: completions' "logprobs" is a count of top tokens (0 to 5), chat's a flag with
-    "top_logprobs" (0 to 20) as the count; "echo" is completions' only."""
-    n = _integer(obj, "n", 1, batch_size, " (this server's --batch-size)") or 1
-    if chat:
-        if _flag(obj, "echo"):
-            raise HTTPError(400, "'echo' is a field of /v1/completions, not of chat completions", param="echo",
-                            code="unsupported")
-        top = _integer(obj, "top_logprobs", 0, MAX_TOP_LOGPROBS)
-        if not _flag(obj, "logprobs"):
-            if top:
-                raise HTTPError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-            return _Asked(n=n)
-        return _Asked(n=n, logprobs=top or 0)
-    if obj.get("top_logprobs") not in (None, 0) or isinstance(obj.get("top_logprobs"), bool):
-        raise HTTPError(400, "'top_logprobs' is chat's: on /v1/completions give 'logprobs': K (the top K tokens)",
-                        param="top_logprobs", code="unsupported")
-    logprobs = None if obj.get("logprobs") is False else _integer(obj, "logprobs", 0, MAX_LOGPROBS)
-    echo = _flag(obj, "echo")
-    score_only = echo and any(_same(obj.get(k), 0) for k in _MAX_TOKENS_FIELDS)
-    return _Asked(n=n, logprobs=logprobs, echo=echo, score_only=score_only)
-
-
-Prompt = Union[str, List[int]]  # a prompt's text, or its token ids
-
-_PROMPT_FORMS = "a string, an array of strings, an array of token ids or an array of arrays of token ids"
-
-
-def _is_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _prompts(value: Any, vocab_size: int) -> List[Prompt]:
-    """The prompts of a completions request's "prompt", as OpenAI's API takes it: one string, an
-    array of strings, an array of token ids (one prompt) or an array of arrays of token ids. Token
-    ids are integers of the model's vocabulary (0 to ``vocab_size`` - 1); no array is empty."""
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list):
-        raise HTTPError(400, f"'prompt' must be {_PROMPT_FORMS}, got {jsonl.json_type(value)}", param="prompt")
-    if not value:
-        raise HTTPError(400, "'prompt' is an empty array: give at least one prompt", param="prompt")
-    first = value[0]
-    kind = int if _is_id(first) else type(first) if isinstance(first, (str, list)) else None
-    alike = _is_id if kind is int else (lambda v: isinstance(v, kind))
-    bad = 0 if kind is None else next((i for i, v in enumerate(value) if not alike(v)), None)
-    if bad is not None:
-        held = jsonl.json_type(first) + ("" if kind is None else f" and {jsonl.json_type(value[bad])}")
-        raise HTTPError(400, f"'prompt' must be {_PROMPT_FORMS}, got an array holding {held} ('prompt'[{bad}])",
-                        param="prompt")
-    if kind is int:
-        return [_token_ids(value, "'prompt'", vocab_size)]
-    if kind is str:
-        return list(value)
-    return [_token_ids(v, f"'prompt'[{i}]", vocab_size) for i, v in enumerate(value)]
-
-
-def _token_ids(ids: list, where: str, vocab_size: int, param: str = "prompt", empty: bool = False) -> List[int]:
-    """``ids``, a prompt's token ids, each an integer from 0 to ``vocab_size`` - 1 (none only
-    where ``empty``); ``where``: the field's name in errors, each id named by its index."""
-    if not ids and not empty:
-        raise HTTPError(400, f"{where} is an empty array of token ids: a prompt needs a token", param=param)
-    for j, t in enumerate(ids):
-        if not _is_id(t):
-            raise HTTPError(400, f"{where}[{j}] must be a token id (an integer), got {json.dumps(t)}", param=param)
-        if not 0 <= t < vocab_size:
-            raise HTTPError(400, f"{where}[{j}]: token id {t} is not in the model's vocabulary (ids 0 to "
-                                 f"{vocab_size - 1})", param=param)
-    return list(ids)
-
-
-def _check_stream_asks(asked: _Asked) -> None:
-    """A streamed request asks for no log probabilities and no echo (not served streamed)."""
-    for name, given in (("logprobs", asked.logprobs is not None), ("echo", asked.echo)):
-        if given:
-            raise HTTPError(400, f"'{name}' is not served with 'stream': true: ask without streaming",
-                            param=name, code="unsupported")
 
 
 class _Stopping(StoppingCriteria):
@@ -360,7 +180,7 @@ class _Pending:
     ``(index, "text", DELTA)`` for each piece of stable text, ``(index, "end", "")`` once
     resolved; its handler sets ``cancelled`` when the client is gone."""
 
-    def __init__(self, request: Request, stream: bool = False, asked: _Asked = _Asked(), index: int = 0,
+    def __init__(self, request: Request, stream: bool = False, asked: serve_fields.Asked = serve_fields.Asked(), index: int = 0,
                  events: "Optional[queue.Queue[Tuple[int, str, str]]]" = None):
         self.request, self.asked, self.index = request, asked, index  # index: its choice's
         self.job = None  # serve._Job, once planned
@@ -464,7 +284,7 @@ class Server:
         if self._worker.is_alive():
             self._worker.join(timeout=60)
         for p in waiting + self._drain():
-            p.resolve(error=_stopping())
+            p.resolve(error=serve_fields.stopping_error())
         self.httpd.server_close()  # waits for the handlers, which answer now
         return len(waiting)
 
@@ -497,13 +317,13 @@ class Server:
         prompt (choice ``prompt_index * n + j``, as OpenAI's API numbers them), each sampled on its
         own, run in the batches the worker gathers; raises HTTPError."""
         requests = self._requests(obj, chat)
-        asked, stream = _asked(obj, chat, self.args.batch_size), obj.get("stream") is True
+        asked, stream = serve_fields.asked(obj, chat, self.args.batch_size), obj.get("stream") is True
         events: "queue.Queue[Tuple[int, str, str]]" = queue.Queue()
         pending = [_Pending(r, stream, asked, i * asked.n + j, events)
                    for i, r in enumerate(requests) for j in range(asked.n)]
         with self._submit:
             if self.stopping.is_set():
-                raise _stopping()
+                raise serve_fields.stopping_error()
             for p in pending:
                 self._queue.put(p)
         return pending
@@ -560,7 +380,7 @@ class Server:
             request = request_of(fields, "request", 1)
             ids = self.served.request_ids(request, "request", special is not False)
         except RequestError as exc:
-            raise HTTPError(400, _one_line(exc), param=need) from None
+            raise HTTPError(400, serve_fields.one_line(exc), param=need) from None
         problem = serve.tiny.vocab_problem(self.served.tokenizer, ids, self.vocab_size)
         if problem is not None:
             raise HTTPError(400, problem, param=need)
@@ -577,7 +397,7 @@ class Server:
         ids = obj["tokens"]
         if not isinstance(ids, list):
             raise HTTPError(400, f"'tokens' must be an array of token ids, got {jsonl.json_type(ids)}", param="tokens")
-        ids = _token_ids(ids, "'tokens'", self.vocab_size, param="tokens", empty=True)
+        ids = serve_fields.token_ids(ids, "'tokens'", self.vocab_size, param="tokens", empty=True)
         return {"prompt": self.served.tokenizer.decode(ids, skip_special_tokens=False)}
 
     def tokenizer_info(self) -> dict:
@@ -596,7 +416,7 @@ class Server:
 
     def _requests(self, obj: Any, chat: bool) -> List[Request]:
         """A request body checked as a line of generate's request file is (and more): one
-        Request per prompt of its "prompt" (:func:`_prompts`: text, or token ids)."""
+        Request per prompt of its "prompt" (:func:`serve_fields.prompts`: text, or token ids)."""
         if not isinstance(obj, dict):
             raise HTTPError(400, f"the body must be a JSON object, got {type(obj).__name__}")
         if chat and not self.args.chat:
@@ -610,20 +430,20 @@ class Server:
             raise HTTPError(400, f"missing '{need}'", param=need)
         if other in obj:
             raise HTTPError(400, f"'{other}' is not a field of this endpoint: give '{need}'", param=other)
-        for name, fine in _UNSUPPORTED.items():
-            if name in obj and not any(_same(obj[name], value) for value in fine):
+        for name, fine in serve_fields.UNSUPPORTED.items():
+            if name in obj and not any(serve_fields.same(obj[name], value) for value in fine):
                 raise HTTPError(400, f"{name}={json.dumps(obj[name])} is not supported", param=name, code="unsupported")
-        _check_stream(obj)
-        asked = _asked(obj, chat, self.args.batch_size)
+        serve_fields.check_stream(obj)
+        asked = serve_fields.asked(obj, chat, self.args.batch_size)
         if obj.get("stream") is True:
-            _check_stream_asks(asked)
-        prompts = None if chat else _prompts(obj["prompt"], self.vocab_size)
-        if prompts is not None and len(prompts) * asked.n > MAX_CHOICES:
+            serve_fields.check_stream_asks(asked)
+        prompts = None if chat else serve_fields.prompts(obj["prompt"], self.vocab_size)
+        if prompts is not None and len(prompts) * asked.n > serve_fields.MAX_CHOICES:
             raise HTTPError(400, f"{len(prompts)} prompts x n {asked.n} = {len(prompts) * asked.n} choices, over the "
-                                 f"{MAX_CHOICES} a request may ask: split the prompts over several requests",
+                                 f"{serve_fields.MAX_CHOICES} a request may ask: split the prompts over several requests",
                             param="prompt")
         fields = {k: v for k, v in obj.items() if k not in ("model", "id")
-                  and not (asked.score_only and k in _MAX_TOKENS_FIELDS)}  # checked: 0, with echo
+                  and not (asked.score_only and k in serve_fields.MAX_TOKENS_FIELDS)}  # checked: 0, with echo
         fields["prefix"] = self._prefix(obj)
         if prompts is not None:
             fields["prompt"] = ""  # each prompt's own below
@@ -633,10 +453,10 @@ class Server:
         try:
             request = request_of(fields, "request", number)
         except RequestError as exc:
-            raise HTTPError(400, _one_line(exc)) from None
+            raise HTTPError(400, serve_fields.one_line(exc)) from None
         if obj.get("seed") is not None and not asked.score_only and \
                 serve_options.Decoding.of(self.args, request.options).do_sample:
-            raise HTTPError(400, _SEED_REFUSED, param="seed", code="unsupported")
+            raise HTTPError(400, serve_fields.SEED_REFUSED, param="seed", code="unsupported")
         if prompts is None:
             return [request]
         return [replace(request, prompt=p) if isinstance(p, str) else replace(request, prompt=None, ids=p)
@@ -730,7 +550,7 @@ class Server:
                 p.settings = replace(p.settings, max_new_tokens=0, do_sample=False, num_beams=1,
                                      repetition_penalty=1.0, stop=())
         except RequestError as exc:
-            p.resolve(error=HTTPError(400, _one_line(exc)))
+            p.resolve(error=HTTPError(400, serve_fields.one_line(exc)))
             return False
         except Exception as exc:  # a bug met by this request: a 500 for it, not for all gathered with it
             self._internal_error([p], exc)
@@ -738,7 +558,7 @@ class Server:
         try:
             self.served.check_lengths([p.job], [p.settings], "request")
         except RequestError as exc:
-            p.resolve(error=HTTPError(400, _one_line(exc), param="prompt", code="context_length_exceeded"))
+            p.resolve(error=HTTPError(400, serve_fields.one_line(exc), param="prompt", code="context_length_exceeded"))
             return False
         return True
 
@@ -770,7 +590,7 @@ class Server:
                     p.resolve(answer=answer, logprobs=logprobs)
                 return
         for p in pending:
-            p.resolve(error=_stopping())
+            p.resolve(error=serve_fields.stopping_error())
 
     def _outputs(self, pending: List[_Pending], settings: serve_options.Decoding,
                  streams: bool) -> List[Tuple[Tuple[str, int, str], Optional[dict]]]:
@@ -904,7 +724,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise HTTPError(405, f"{path} takes {routes[path]}, not {method}", code="method_not_allowed")
         if path == "/health":
             if app.stopping.is_set():
-                raise _stopping()
+                raise serve_fields.stopping_error()
             return {"status": "ok"}, 0
         if path == "/v1/models":
             return app.models(), 0
