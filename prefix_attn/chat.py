@@ -19,7 +19,12 @@ Each request's tokens are thus exactly those of ``tokenizer.apply_chat_template(
 tools=tools, add_generation_prompt=True)`` on its whole conversation, the prompt prefix's tokens
 included; ``tools``: the request's ``"tools"`` (function schemas), if any. Templates usually
 write them into the system part: a request giving tools after a prompt prefix is then refused
-as above. Assistant messages may be tool calls (``content`` null, ``tool_calls``).
+as above. Assistant messages may be tool calls (``content`` null, ``tool_calls``), whose
+arguments (an object, or OpenAI's JSON text of one) go to the template in the form it writes,
+found once by rendering a call (:attr:`ChatTemplate.arguments_form`): the text as its object for a
+template writing objects with ``tojson`` (Qwen, Hermes, Llama 3.1, Mistral; the text would be
+written as a JSON string, encoded twice), an object as its JSON text for one concatenating the
+text (DeepSeek-V3), else as given. The request itself is left as given (its echo keeps the text).
 
 A request with ``"continue_final_message": true`` (vLLM's field, :func:`parse_ending`) ends with
 an assistant message, the start of the answer, and its tokens are instead
@@ -35,6 +40,7 @@ as text: such a continuation would follow a conversation the model is not otherw
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from typing import Dict, List, Optional, Tuple
 
 from . import jsonl
@@ -189,8 +195,9 @@ def _check_messages(value, where: str) -> None:
 
 
 def _tool_calls(message: dict, at: str) -> list:
-    """An assistant message's ``tool_calls`` (OpenAI's form, passed to the template as they
-    are): an array of objects; [] when it has none."""
+    """An assistant message's ``tool_calls`` (OpenAI's form; their arguments go to the template
+    in the form it writes, :attr:`ChatTemplate.arguments_form`): an array of objects; [] when
+    it has none."""
     calls = message.get("tool_calls")
     if calls is None:
         return []
@@ -212,6 +219,26 @@ def _tool_calls(message: dict, at: str) -> list:
 def _arguments(call: dict):
     function = call.get("function")
     return function.get("arguments") if isinstance(function, dict) else None
+
+
+_PROBE_KEY = "pa_probe"
+_PROBE = {_PROBE_KEY: 1}  # a tool call's arguments, rendered to see how the template writes them
+
+
+def _call_as(call, form: type):
+    """``call`` (a copy where it changes) with its ``function.arguments`` of the other form
+    made ``form``: JSON text of an object made the object (``dict``), an object made its JSON
+    text (``str``), written as ``tojson`` writes it; anything else as it is."""
+    arguments = _arguments(call) if isinstance(call, dict) else None
+    if form is dict and isinstance(arguments, str):
+        value = _json_object(arguments)
+    elif form is str and isinstance(arguments, dict):
+        value = json.dumps(arguments, ensure_ascii=False)
+    else:
+        return call
+    if not isinstance(value, form):
+        return call
+    return {**call, "function": {**call["function"], "arguments": value}}
 
 
 def _json_object(text: str):
@@ -302,15 +329,61 @@ class ChatTemplate:
         """``apply_chat_template``'s token ids (the rendered text tokenised without special
         tokens: the template writes those it wants); ``tools``: the request's, if any;
         ``continue_final``: the rendering ends inside the last message (its
-        ``continue_final_message``)."""
-        ids = self.tokenizer.apply_chat_template(messages, tools=tools,
+        ``continue_final_message``); tool calls' arguments in the form the template writes
+        (:meth:`taken`)."""
+        ids = self.tokenizer.apply_chat_template(self.taken(messages), tools=tools,
                                                  add_generation_prompt=generation_prompt,
                                                  continue_final_message=continue_final,
                                                  tokenize=True, return_dict=False, **self.options)
         return [int(i) for i in ids]
 
     def _text(self, messages: List[dict], tools: Optional[List[dict]], **ending) -> str:
-        return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **ending, **self.options)
+        return self.tokenizer.apply_chat_template(self.taken(messages), tools=tools, tokenize=False, **ending,
+                                                  **self.options)
+
+    def taken(self, messages: List[dict]) -> List[dict]:
+        """``messages`` as the template is given them: each tool call's arguments in the form it
+        writes (:attr:`arguments_form`), OpenAI's JSON text of an object made the object for a
+        template writing objects with ``tojson`` (else it writes a JSON string, the call encoded
+        twice, as the model never saw it), an object made its JSON text for one writing the text
+        as given; ``messages`` itself where nothing changes (never changed: copies)."""
+        if not any(isinstance(m, dict) and m.get("tool_calls") for m in messages):
+            return messages  # no call: the template is not probed
+        form = self.arguments_form
+        if form is None:
+            return messages
+        return [{**m, "tool_calls": [_call_as(c, form) for c in m["tool_calls"]]}
+                if isinstance(m, dict) and isinstance(m.get("tool_calls"), list) else m for m in messages]
+
+    @cached_property
+    def arguments_form(self) -> Optional[type]:
+        """How the template writes a tool call's arguments, found once by rendering a call
+        (:data:`_PROBE`): ``dict`` where it writes an object as JSON (Qwen, Hermes, Llama 3.1,
+        Mistral: ``arguments | tojson``, or the whole call's); else ``str`` where it writes JSON
+        text as given (DeepSeek-V3 concatenates it); else None (it writes no call, or refuses
+        both): the arguments go to it as they are."""
+        written = self._probe_text(_PROBE)
+        if written is not None and f'"{_PROBE_KEY}"' in written:  # JSON's quotes, not repr's
+            return dict
+        text = json.dumps(_PROBE)
+        written = self._probe_text(text)
+        return str if written is not None and text in written else None
+
+    def _probe_text(self, arguments) -> Optional[str]:
+        """The template's text of a conversation with a tool call of ``arguments`` (its content
+        null, else "": DeepSeek's concatenates it), None where it refuses both."""
+        for content in (None, ""):
+            call = {"id": "paprobe01", "type": "function",  # 9 characters, as Mistral's wants
+                    "function": {"name": "probe", "arguments": arguments}}
+            messages = [{"role": "user", "content": "q"},
+                        {"role": "assistant", "content": content, "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": "paprobe01", "name": "probe", "content": "1"}]
+            try:
+                return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                          **self.options)
+            except Exception:  # the template's raise_exception, a Jinja error, ...
+                continue
+        return None
 
     def _continued_elsewhere(self, messages: List[dict], tools: Optional[List[dict]]) -> Optional[str]:
         """Why the template's rendering of ``messages`` continuing the last (assistant) one is

@@ -406,6 +406,71 @@ def test_deepseek_tool_calls_with_null_content_are_the_templates_error(tmp_path)
     assert "<｜Assistant｜><｜tool▁calls▁begin｜>" in tok.decode(_render(tok, turn), skip_special_tokens=False)
 
 
+def _with_arguments(turn, arguments):
+    """``turn`` (tool_turn's) with its call's arguments ``arguments`` (copies)."""
+    call = turn[1]["tool_calls"][0]
+    return [turn[0], {**turn[1], "tool_calls": [{**call, "function": {**call["function"], "arguments": arguments}}]},
+            turn[2]]
+
+
+OBJECT_ARGUMENTS = ["qwen2.5", "qwen3", "llama3.1", "mistral-v0.3"]  # templates writing arguments | tojson
+
+
+@pytest.mark.parametrize("name", OBJECT_ARGUMENTS)
+def test_arguments_as_json_text_render_as_the_object(name):
+    """OpenAI's tool_calls carry "arguments" as JSON text: a template writing the object with
+    tojson (Qwen2.5's / Hermes', Llama 3.1's, Mistral's whole call) would write that text as a
+    JSON string, the call encoded twice; generate --chat and train --chat render it as the object,
+    exactly, and the messages given are left as they are. (Qwen3's template writes text as given
+    itself: the same rendering either way.)"""
+    tok = family_tokenizer(name)
+    turn = tool_turn(name)
+    as_text = _with_arguments(turn, json.dumps(turn[1]["tool_calls"][0]["function"]["arguments"]))
+    given = json.loads(json.dumps(as_text))
+    template = ChatTemplate(tok)
+    assert template.render(as_text, True, [WEATHER]) == _render(tok, turn, [WEATHER])
+    assert as_text == given
+    if name != "qwen3":  # as given, the text would be written as a JSON string
+        assert '"{\\"city\\": \\"Paris\\"}"' in tok.decode(_render(tok, as_text, [WEATHER]))
+    answer = {"role": "assistant", "content": "21 degrees."}
+    rows = [train_chat.ChatExamples(tok, "m").rows([("d:1", t + [answer], [WEATHER])]) for t in (as_text, turn)]
+    assert rows[0] == rows[1]
+    assert template.arguments_form is dict
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "deepseek-r1"])
+def test_deepseek_keeps_arguments_as_json_text_and_takes_objects(name):
+    """DeepSeek-V3's template concatenates the arguments' text: JSON text is kept as given (the
+    rendering as before), and an object, which it cannot concatenate, is given as its JSON text."""
+    tok = family_tokenizer(name)
+    turn = tool_turn(name)  # the arguments as JSON text
+    template = ChatTemplate(tok)
+    assert template.render(turn, True, [WEATHER]) == _render(tok, turn, [WEATHER])
+    as_object = _with_arguments(turn, json.loads(turn[1]["tool_calls"][0]["function"]["arguments"]))
+    with pytest.raises(TypeError):  # as given
+        _render(tok, as_object, [WEATHER])
+    assert template.render(as_object, True, [WEATHER]) == _render(tok, turn, [WEATHER])
+    assert template.arguments_form is str
+
+
+def test_the_arguments_probe_runs_once_and_only_for_tool_calls():
+    """How a template writes arguments is found by rendering once per ChatTemplate, and not at
+    all for conversations without a tool call; a template writing no call leaves them as given."""
+    template = ChatTemplate(family_tokenizer("qwen2.5"))
+    probes = []
+    probe = template._probe_text
+    template._probe_text = lambda arguments: probes.append(arguments) or probe(arguments)
+    template.render(MULTI, True)
+    assert probes == []
+    turn = tool_turn("qwen2.5")
+    as_text = _with_arguments(turn, '{"city": "Paris"}')
+    template.render(as_text, True)
+    template.render(as_text, False)
+    assert len(probes) == 1
+    smollm2 = ChatTemplate(family_tokenizer("smollm2"))
+    assert smollm2.arguments_form is None and smollm2.taken(as_text) is as_text
+
+
 def test_readme_has_the_families_table():
     """README's table says what these tests measure, family by family."""
     import os

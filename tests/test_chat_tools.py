@@ -62,10 +62,11 @@ def test_bad_tool_calls_are_refused_naming_file_and_line(tmp_path, message, patt
         read_requests(f)
 
 
-def test_arguments_given_as_json_text_go_to_the_template_as_given(tmp_path):
-    """OpenAI's tool_calls carry "arguments" as JSON text; templates differ in what they want
-    (Qwen's / Llama 3.1's write an object with tojson, DeepSeek-V3's concatenates the text), so
-    they go to the template as given. Text that is not a JSON object is refused, naming it."""
+def test_arguments_given_as_json_text_render_as_the_object(tmp_path):
+    """OpenAI's tool_calls carry "arguments" as JSON text; a template writing the call with
+    tojson (this Hermes-like one) would write it as a JSON string, encoded twice, so the text is
+    given to it as the object (the request's messages are kept as given). Text that is not a
+    JSON object is refused, naming it."""
     from prefix_attn.chat import ChatTemplate
     from test_serve_chat import chat_tokenizer
 
@@ -76,7 +77,8 @@ def test_arguments_given_as_json_text_go_to_the_template_as_given(tmp_path):
     assert text.messages == turn
     tok = chat_tokenizer(TOOLS_TEMPLATE)
     assert ChatTemplate(tok).render(text.messages, True) == list(tok.apply_chat_template(
-        turn, add_generation_prompt=True, tokenize=True, return_dict=False))
+        TOOL_TURN, add_generation_prompt=True, tokenize=True, return_dict=False))
+    assert text.messages == turn
     bad = {**CALL, "function": {**CALL["function"], "arguments": "city=Paris"}}
     f = _write(tmp_path / "b.jsonl", [json.dumps({"messages": [TOOL_TURN[0], {"role": "assistant",
                                                                               "tool_calls": [bad]}, TOOL_TURN[2]]})])
@@ -200,6 +202,30 @@ def test_answers_equal_generate_on_the_templated_conversation_with_tools(tmp_pat
         new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
         expected.append((tok.decode(new, skip_special_tokens=True), len(new)))
     assert [(r["completion"], r["num_tokens"]) for r in res] == expected
+
+
+@pytest.mark.hf
+def test_generate_feeds_arguments_given_as_json_text_as_the_object_and_echoes_the_text(tmp_path, folders,
+                                                                                      monkeypatch):
+    """The agent loop: the call sent back with OpenAI's "arguments" text is fed as the template
+    renders the object (after a prompt prefix too), and the result echoes the messages as given."""
+    from prefix_attn import serve, tiny
+    from prefix_attn.chat import ChatTemplate
+    from test_serve_chat import record_generate
+
+    as_text = {**CALL, "function": {**CALL["function"], "arguments": json.dumps(CALL["function"]["arguments"])}}
+    turn = [TOOL_TURN[0], {"role": "assistant", "content": None, "tool_calls": [as_text]}, TOOL_TURN[2]]
+    requests = [{"messages": turn, "tools": [WEATHER]}, {"prefix": "terse", "messages": turn}]
+    fed = record_generate(monkeypatch, with_prefixes=True)
+    out = tmp_path / "o.jsonl"
+    assert serve.main(["-i", _write(tmp_path / "r.jsonl", [json.dumps(r) for r in requests]), "-o", str(out),
+                       "--model", str(folders / "tools"), "--chat", "--prompt-prefix", f"terse={TERSE}",
+                       "--max-new-tokens", "2", "--batch-size", "1", "--no-progress"]) == 0
+    assert [r["messages"] for r in map(json.loads, open(out, encoding="utf-8"))] == [turn, turn]
+    tok = tiny.load_tokenizer(str(folders / "tools"))
+    system = ChatTemplate(tok).system_ids("terse", TERSE)
+    assert [(system if p == "terse" else []) + row for row, p in fed] == [
+        _full(tok, {**r, "messages": TOOL_TURN}) for r in requests]
 
 
 @pytest.mark.hf
