@@ -17,7 +17,8 @@ Input: one JSON object per line, UTF-8 (a byte-order mark is accepted; blank lin
             message only first; the last a user or tool message, or an assistant one to continue
             (below); content a string or OpenAI's
             text parts, joined with newlines; an assistant tool call: "content" null,
-            "tool_calls": [...]);
+            "tool_calls": [...], whose "arguments" (an object or OpenAI's JSON text of one) go
+            to the template in the form it writes: the object where it writes one with tojson);
             echoed in the result in place of "prompt"
   "tools"   with --chat: function schemas given to the chat template (tools=), an array of
             objects [{"type": "function", "function": {...}}, ...]; echoed in the result

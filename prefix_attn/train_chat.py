@@ -5,7 +5,9 @@ An example is a conversation that ends in the assistant message to learn, the an
 ``{"prompt": P, "completion": C}`` is ``[user(P), assistant(C)]`` (``prompt`` optional, ""),
 and ``{"messages": [...]}`` is a request's ``messages`` as ``generate --chat`` takes them (a
 system message only first, the last one a user or tool message) followed by one assistant
-message (a tool call, ``content`` null with ``tool_calls``, too: its rendered call is learnt).
+message (a tool call, ``content`` null with ``tool_calls``, too: its rendered call is learnt;
+its arguments, an object or OpenAI's JSON text of one, rendered in the form the template writes,
+as generate --chat renders them).
 Either form may give ``"tools"``, the function schemas the template is given, as a request
 does. ``{"text"}`` examples and plain-text files have no turns: refused.
 
