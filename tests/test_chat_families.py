@@ -9,7 +9,7 @@ assistant turn's;
 (``"continue_final_message"``) are rendered as transformers renders them, or refused.
 Every answer served must equal ``model.generate`` on the whole templated conversation, and
 every refusal must be right: the template really renders the system prompt (or the context of
-an answer) otherwise. README "Command line" (generate --chat) shows these outcomes as a table.
+an answer) otherwise. docs/CLI.md (generate --chat) shows these outcomes as a table.
 """
 import json
 
@@ -472,10 +472,10 @@ def test_the_arguments_probe_runs_once_and_only_for_tool_calls():
 
 
 def test_readme_has_the_families_table():
-    """README's table says what these tests measure, family by family."""
-    import os
+    """docs/CLI.md's table says what these tests measure, family by family."""
+    import cli_docs
 
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    readme = cli_docs.reference()  # docs/CLI.md, generate --chat
     table = readme[readme.index("| family (template) |"):]
     table = table[:table.index("\n\n")].splitlines()
     assert "tests/test_chat_families.py" in readme[readme.index("| family (template) |") - 800:]

@@ -394,10 +394,9 @@ def test_tools_without_train_chat_are_refused_naming_the_line(tmp_path):
 
 
 def test_readme_says_chat_takes_tools():
-    import os
+    import cli_docs
 
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
-    command_line = " ".join(readme[readme.index("### Command line"):readme.index("## Benchmarks")].split())
+    command_line = " ".join(cli_docs.command_line().split())
     assert "A request may also give `\"tools\"` (null: none), an array of function schemas" in command_line
     assert "`apply_chat_template(..., tools=tools)`" in command_line and "`\"tool_calls\"`" in command_line
     assert "an answer that is a tool call (`\"content\": null`, `\"tool_calls\"`) learns the rendered call" in command_line

@@ -1,18 +1,14 @@
-"""README's "Command line" section and the parser agree: every option of every command is
+"""The command line's documentation (README's "Command line" section and docs/CLI.md) and the parser agree: every option of every command is
 documented there, and every option documented there exists."""
 import argparse
-import os
 import re
+
+import cli_docs
 
 from prefix_attn.cli import build_parser
 
-README = os.path.join(os.path.dirname(__file__), "..", "README.md")
-
-
 def _section() -> str:
-    text = open(README, encoding="utf-8").read()
-    start = text.index("### Command line")
-    return text[start:text.index("\n## ", start)]
+    return cli_docs.command_line()
 
 
 def _options():

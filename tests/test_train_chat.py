@@ -250,8 +250,9 @@ def test_a_checkpoint_from_before_dtype_resumes_only_in_float32():
 
 
 def test_readme_and_help_say_what_train_chat_does():
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
-    command_line = readme[readme.index("### Command line"):readme.index("## Benchmarks")]
+    import cli_docs
+
+    command_line = cli_docs.command_line()
     assert "prefix-attn train chat.jsonl -o out/ --model DIR --chat" in command_line
     assert "`prefix-attn train --chat` trains a prefix for `generate --chat`" in command_line
     assert "lr, weight decay, `--chat`, `--chat-option` or `--chat-turns` differ" in command_line
