@@ -268,6 +268,15 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-wait-ms", type=cli_args.float_where(lambda v: 0 <= v <= 60000, "in [0, 60000]"),
                    default=5.0, metavar="MS",
                    help="after a request comes, wait this long for others to batch with it")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="every /v1/ request must carry 'Authorization: Bearer KEY' (else 401); default: "
+                        "$PREFIX_ATTN_API_KEY, else none (every request served)")
+    p.add_argument("--request-timeout", type=cli_args.float_where(lambda v: 0 < v <= 3600, "in (0, 3600]"),
+                   default=10.0, metavar="S",
+                   help="seconds a client has to send its request: each read of its headers, its whole body "
+                        "(else 408)")
+    p.add_argument("--max-connections", type=cli_args.int_at_least(1), default=256, metavar="N",
+                   help="connections served at once; one more is answered 503 at once")
     _decoding_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no line on stderr per request")
 

@@ -111,8 +111,23 @@ Errors are OpenAI's JSON, {"error": {"message", "type", "param", "code"}}: 400 f
 is not a JSON object, a bad field (the message generate gives for it) or a prompt too long for
 the model's positions (code "context_length_exceeded"); 404 for an unknown prefix ("model" or
 "prefix"; code "model_not_found") or path; 405 for another method (HEAD: a GET's headers);
-411 without Content-Length; 413 for a body over 32 MiB; 503 for out of memory alone and while
-stopping; 500 for anything else (its traceback on stderr; the server goes on).
+411 without Content-Length; 413 for a body over 32 MiB; 401 without the API key; 408 for a body
+not all sent in time; 503 for out of memory alone, while stopping and beyond --max-connections;
+500 for anything else (its traceback on stderr; the server goes on).
+
+Exposed beyond localhost (--host 0.0.0.0): the server speaks plain HTTP, so put a TLS proxy in
+front of it (nginx, Caddy) for anything but a trusted network. --api-key KEY (else the
+environment variable PREFIX_ATTN_API_KEY; better than the command line, which other users of the
+machine may see) makes every /v1/ request carry "Authorization: Bearer KEY", compared in constant
+time, else a 401 ("code": "invalid_api_key", as OpenAI's API answers); /health and the tokenizer
+endpoints stay open (vLLM's --api-key alike); the key is never printed. A client that closes its
+connection (or its sending half) before its answer has its rows given up: passed over while they
+wait, stopped at their next token while their batch runs (the batch goes on), as a streamed
+client gone is; its log line says 499. --request-timeout S (10): each read of a request's line
+and headers must come within S seconds (else the connection is closed, no answer) and its whole
+body within S seconds of its headers (else 408; a body ended early: 400). --max-connections N
+(256): connections served at once, each a thread; one more is answered 503 at once
+("too_many_connections"), without a thread.
 
 Everything is checked and loaded before the server listens (the model, every prefix, --chat's
 template, the address: a port in use is an error before the model loads); then one line on
@@ -124,9 +139,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hmac
 import json
+import os
 import queue
+import selectors
 import signal
+import socket
 import sys
 import threading
 import time
@@ -134,7 +153,7 @@ import traceback
 import uuid
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from transformers import StoppingCriteria
@@ -153,6 +172,8 @@ __all__ = ["main", "add_parser", "Server"]
 TINY_ID = "prefix-attn-tiny"  # the built-in model's id (no --model)
 MAX_BODY = 32 * 2 ** 20
 _SERVER_LOG = "prefix-attn serve"
+API_KEY_ENV = "PREFIX_ATTN_API_KEY"  # --api-key's default, as vLLM's VLLM_API_KEY
+_POLL_S = 0.1  # how often a handler waiting for its answer looks whether its client is gone
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``serve`` subcommand to an ``argparse`` subparsers object."""
@@ -161,16 +182,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 class _Stopping(StoppingCriteria):
     """A stopping criterion: every row is done once ``event`` is set, so a batch in flight ends
-    when the server stops; with ``pending`` (a row each: no beams), a row whose client is gone
-    is done too."""
+    when the server stops, and once every one of ``pending`` (the batch's rows) is cancelled
+    (their clients gone); with ``per_row`` (a row each: no beams), a cancelled row is done alone."""
 
-    def __init__(self, event: threading.Event, pending: Optional[List["_Pending"]] = None):
-        self.event, self.pending = event, pending
+    def __init__(self, event: threading.Event, pending: List["_Pending"], per_row: bool):
+        self.event, self.pending, self.per_row = event, pending, per_row
 
     def __call__(self, input_ids, scores, **kwargs):
-        if self.pending is None or self.event.is_set():
-            return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-        return torch.tensor([p.cancelled for p in self.pending], dtype=torch.bool, device=input_ids.device)
+        cancelled = [p.cancelled for p in self.pending]
+        if self.per_row and any(cancelled) and not all(cancelled) and not self.event.is_set():
+            return torch.tensor(cancelled, dtype=torch.bool, device=input_ids.device)
+        done = self.event.is_set() or (bool(cancelled) and all(cancelled))
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 class _Pending:
@@ -178,7 +201,7 @@ class _Pending:
     ``resolve``. A streamed one (``stream``) also has ``events``, a queue its request's rows share,
     read by its handler: ``(index, "start", "")`` when its batch starts generating,
     ``(index, "text", DELTA)`` for each piece of stable text, ``(index, "end", "")`` once
-    resolved; its handler sets ``cancelled`` when the client is gone."""
+    resolved. Its handler cancels it (:meth:`cancel`) when the client is gone."""
 
     def __init__(self, request: Request, stream: bool = False, asked: serve_fields.Asked = serve_fields.Asked(), index: int = 0,
                  events: "Optional[queue.Queue[Tuple[int, str, str]]]" = None):
@@ -201,6 +224,12 @@ class _Pending:
             self.sent = self.sent or kind == "text"
             self.events.put((self.index, kind, text))
 
+    def cancel(self) -> None:
+        """Its client is gone: answered (an error no one reads), so the worker passes it over,
+        and ``cancelled``, so a batch running it stops it at its next token."""
+        self.cancelled = True
+        self.resolve(error=HTTPError(499, "the client closed its connection", code="client_gone"))
+
     def resolve(self, answer=None, error: Optional[HTTPError] = None, logprobs: Optional[dict] = None) -> None:
         with self._lock:
             if not self.done.is_set():
@@ -217,6 +246,7 @@ class Server:
 
     def __init__(self, args: argparse.Namespace):
         self.args, self.log = args, not args.quiet
+        self.api_key = api_key(args.api_key)
         device = serve._check_device(args.device)
         check_env_backend(device.type, "generation")
         sources = prefix_sources(args)
@@ -234,6 +264,7 @@ class Server:
         warn_about_sampling_options(args, [], "", command="serve")
         warn_about_adapter_bases(sources, args.model, command="serve")
         self.httpd = _HTTPServer((args.host, args.port), _Handler, bind_and_activate=False)
+        self.httpd.slots = threading.BoundedSemaphore(args.max_connections)
         try:
             self.httpd.server_bind()  # a port in use: said before the model loads
         except OSError as exc:
@@ -339,12 +370,17 @@ class Server:
         prompt, count = sum(prompts.values()), sum(p.answer[1] for p in pending)
         return {"prompt_tokens": prompt, "completion_tokens": count, "total_tokens": prompt + count}
 
-    def complete(self, obj: Any, chat: bool) -> Tuple[dict, int]:
+    def complete(self, obj: Any, chat: bool, gone: Callable[[], bool] = lambda: False) -> Tuple[dict, int]:
         """The answer to a completion (``chat``: a chat completion) request body ``obj`` (not
-        streamed), and its completion tokens; raises HTTPError."""
+        streamed), and its completion tokens; raises HTTPError, or ClientGone once ``gone()``
+        holds while it waits (its rows cancelled: passed over, or stopped at their next token)."""
         pending = self.submit(obj, chat)
         for p in pending:
-            p.done.wait()
+            while not p.done.wait(_POLL_S):
+                if gone():
+                    for q in pending:
+                        q.cancel()
+                    raise ClientGone()
         error = next((p.error for p in pending if p.error is not None), None)
         if error is not None:
             raise error
@@ -530,7 +566,7 @@ class Server:
             p.resolve(error=HTTPError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
     def _answer(self, gathered: List[_Pending]) -> None:
-        ready = [p for p in gathered if self._plan(p)]
+        ready = [p for p in gathered if not p.done.is_set() and self._plan(p)]  # done: its client gone
         lengths, keys = [len(p.job.ids) for p in ready], [p.settings.key for p in ready]
         for batch in serve_batching.by_setting(lengths, keys, self.args.batch_size):
             try:
@@ -599,11 +635,11 @@ class Server:
         news = [[] for _ in pending]
         if settings.max_new_tokens:
             news = self.served.generate([p.job for p in pending], settings,
-                                        [_Stopping(self.stopping, pending if streams else None)],
+                                        [_Stopping(self.stopping, pending, per_row=settings.num_beams == 1)],
                                         streamer=self._streamer(pending, settings) if streams else None)
         answers = [self.served.finish(new, settings) for new in news]
         logprobs: List[Optional[dict]] = [None] * len(pending)
-        asking = [i for i, p in enumerate(pending) if p.asked.logprobs is not None]
+        asking = [i for i, p in enumerate(pending) if p.asked.logprobs is not None and not p.cancelled]
         if asking and not self.stopping.is_set():
             served, rows = self.served, []
             for i in asking:
@@ -644,17 +680,84 @@ _ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/completions": "POST", "/v
            "/tokenize": "POST", "/detokenize": "POST", "/tokenizer_info": "GET"}
 
 
+class ClientGone(Exception):
+    """A request's client closed its connection before its answer: nothing to send."""
+
+
+def api_key(given: Optional[str]) -> Optional[str]:
+    """The key requests must carry: --api-key, else $PREFIX_ATTN_API_KEY (empty: none), else
+    none; ValueError for one that cannot be a header's token."""
+    key = given if given is not None else os.environ.get(API_KEY_ENV) or None
+    where = "--api-key" if given is not None else f"environment variable {API_KEY_ENV}"
+    if key is not None and not (key.isascii() and key.isprintable() and key and " " not in key):
+        raise ValueError(f"{where}: the key must be printable ASCII without spaces, at least one character")
+    return key
+
+
+def _authorized(header: Optional[str], key: str) -> bool:
+    """An Authorization header is 'Bearer KEY' (the scheme in any case), compared in constant time."""
+    scheme, _, token = (header or "").strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("latin-1", "replace"),
+                                                                key.encode("ascii"))
+
+
+def _readable(sock: socket.socket) -> bool:
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ)
+        return bool(selector.select(0))
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = False  # server_close waits for the handlers to answer
     # the listen backlog: socketserver's 5 made a burst of clients (20 at once) see their
     # connections reset while the accept loop was behind
     request_queue_size = 128
     app: Server
+    slots: threading.BoundedSemaphore  # a connection each, --max-connections
+
+    def process_request(self, request, client_address) -> None:
+        """A thread for the connection, or, --max-connections being served, a 503 at once."""
+        if not self.slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        """Answer 503 without reading the request (from the accept loop: a short write, no wait)."""
+        limit = self.app.args.max_connections
+        error = HTTPError(503, f"the server is serving {limit} connections, its most (--max-connections): retry later",
+                          type="server_error", code="too_many_connections")
+        data = json.dumps({"error": error.error}).encode("utf-8")
+        head = (f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode("ascii")
+        try:
+            request.settimeout(0)
+            request.sendall(head + data)
+            request.recv(65536)  # what came of the request: closing with it unread would reset the connection
+        except OSError:
+            pass
+        self.shutdown_request(request)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "prefix-attn"
-    timeout = 60  # a client that stops sending its request
+    timeout = 60  # a client that stops reading its answer
+
+    def setup(self) -> None:
+        super().setup()
+        # the request line and headers: each read within --request-timeout, else the
+        # connection is closed (http.server's own handling, no answer)
+        self.connection.settimeout(self.server.app.args.request_timeout)
 
     def log_message(self, format, *args) -> None:  # one line per request of our own (Server)
         pass
@@ -684,12 +787,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         app, start, tokens = self.server.app, time.monotonic(), 0
         path = self.path.split("?", 1)[0]
+        self.connection.settimeout(self.timeout)
         try:
             body, tokens = self._route(app, method, path)
             status = 200
             if body is None:  # streamed: answered
                 self._log(app, method, path, status, *tokens, start)
                 return
+        except ClientGone:  # its rows given up; 499 (nginx's "client closed request"): the log's alone
+            self._log(app, method, path, 499, 0, ", client gone", start)
+            return
         except HTTPError as exc:
             status, body = exc.status, {"error": exc.error}
         except Exception as exc:  # a bug: logged, answered 500, the server goes on
@@ -704,6 +811,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             if status == 405:
                 self.send_header("Allow", _ROUTES[path] + (", HEAD" if _ROUTES[path] == "GET" else ""))
+            if status == 401:
+                self.send_header("WWW-Authenticate", "Bearer")
             self.end_headers()
             if method != "HEAD":
                 self.wfile.write(data)
@@ -718,6 +827,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, app: Server, method: str, path: str) -> Tuple[dict, int]:
         routes = _ROUTES
+        if app.api_key is not None and path.startswith("/v1/"):
+            self._check_key(app.api_key)
         if path not in routes:
             raise HTTPError(404, f"no such path {path!r}; paths: {', '.join(routes)}", code="not_found")
         if method != routes[path] and not (method == "HEAD" and routes[path] == "GET"):
@@ -736,7 +847,36 @@ class _Handler(BaseHTTPRequestHandler):
         body, chat = self._body(), path == "/v1/chat/completions"
         if isinstance(body, dict) and body.get("stream") is True:
             return None, self._stream(app, app.submit(body, chat), chat)
-        return app.complete(body, chat)
+        return app.complete(body, chat, self._gone)
+
+    def _check_key(self, key: str) -> None:
+        """A /v1/ request carries the API key (401 otherwise, as OpenAI's API answers a bad key)."""
+        header = self.headers.get("Authorization")
+        if header is None:
+            raise HTTPError(401, "no API key: this server needs the header 'Authorization: Bearer KEY'",
+                            code="invalid_api_key")
+        if not _authorized(header, key):
+            raise HTTPError(401, "incorrect API key provided", code="invalid_api_key")
+
+    def _gone(self) -> bool:
+        """The client closed its connection (or its sending half: an end of input where nothing more
+        is due) or reset it; seen by peeking, nothing read."""
+        try:
+            return _readable(self.connection) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # reset, or closed
+            return True
+
+    def _event(self, pending: List[_Pending]) -> Tuple[int, str, str]:
+        """The next event of a streamed request; ClientGone (its rows cancelled) once its client
+        is gone while it waits."""
+        while True:
+            try:
+                return pending[0].events.get(timeout=_POLL_S)
+            except queue.Empty:
+                if self._gone():
+                    for p in pending:
+                        p.cancel()
+                    raise ClientGone() from None
 
     def _stream(self, app: Server, pending: List[_Pending], chat: bool) -> Tuple[int, str]:
         """Answer a streamed request: an error before its batch starts as any other; then
@@ -744,8 +884,7 @@ class _Handler(BaseHTTPRequestHandler):
         choice, by its index), the rest of a choice's answer and its finish_reason as it ends
         (an error: OpenAI's error object, then [DONE]), then [DONE]. Returns its completion tokens
         and a note for the log (the client gone: its rows are given up)."""
-        events = pending[0].events
-        index, kind, text = events.get()
+        index, kind, text = self._event(pending)
         if kind == "end" and pending[index].error is not None:
             for p in pending:  # its choices fail alike (one request): none is streamed
                 p.cancelled = True
@@ -776,11 +915,11 @@ class _Handler(BaseHTTPRequestHandler):
                     ended += 1
                     if ended == len(pending):
                         break
-                index, kind, text = events.get()
+                index, kind, text = self._event(pending)
             usage = app.usage(pending)
             self.wfile.write(chunks.end(usage))
             return usage["completion_tokens"], ", streamed"
-        except OSError:  # the client is gone: its rows stop at the next token
+        except (OSError, ClientGone):  # the client is gone: its rows stop at the next token
             for p in pending:
                 p.cancelled = True
             return 0, ", streamed, client gone"
@@ -805,7 +944,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise HTTPError(411, "a JSON body with a Content-Length header is needed")
         if int(length) > MAX_BODY:
             raise HTTPError(413, f"the body is {int(length)} bytes, over the {MAX_BODY} this server takes")
-        raw = self.rfile.read(int(length))
+        raw = self._read(int(length))
         try:
             obj = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
         except (UnicodeDecodeError, ValueError) as exc:
@@ -819,6 +958,31 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError as exc:
             raise HTTPError(400, str(exc)) from None
         return obj
+
+
+    def _read(self, length: int) -> bytes:
+        """The body's ``length`` bytes, all of them within --request-timeout of its headers
+        (else 408: a client sending too little or too slowly holds no thread longer); 400 for a
+        connection that ends before them."""
+        limit, parts, got = self.server.app.args.request_timeout, [], 0
+        deadline = time.monotonic() + limit
+        try:
+            while got < length:
+                left = deadline - time.monotonic()
+                if left <= 0:  # bytes trickling in, each read in time
+                    raise TimeoutError
+                self.connection.settimeout(left)
+                part = self.rfile.read1(min(length - got, 2 ** 20))
+                if not part:
+                    raise HTTPError(400, f"the body ended after {got} of its {length} bytes (Content-Length)")
+                parts.append(part)
+                got += len(part)
+        except TimeoutError:
+            raise HTTPError(408, f"the body did not come within {limit:g} s (--request-timeout): {got} of its "
+                                 f"{length} bytes came", code="request_timeout") from None
+        finally:
+            self.connection.settimeout(self.timeout)
+        return b"".join(parts)
 
 
 def _no_constant(name: str):
@@ -837,7 +1001,8 @@ def run(args: argparse.Namespace) -> int:
             host, port = server.address
             names = ", ".join(server.sources) or "none"
             print(f"{_SERVER_LOG}: listening on http://{host}:{port} (model {server.model_id}; prefixes: "
-                  f"{names}; Ctrl-C stops)", file=sys.stderr, flush=True)
+                  f"{names}; {'API key required on /v1/' if server.api_key else 'no API key'}; plain HTTP; "
+                  "Ctrl-C stops)", file=sys.stderr, flush=True)
             server.serve_forever()
     except (RequestError, KeyError, ValueError, FileNotFoundError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
