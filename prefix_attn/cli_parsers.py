@@ -139,6 +139,18 @@ def train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="eval loss every N steps and at the end (0: no eval): with 0 no data is held out")
     p.add_argument("--save-every", type=count, default=50, metavar="N",
                    help="checkpoint every N steps (0: only at the end and when stopped by a signal)")
+    p.add_argument("--save-best", action="store_true",
+                   help="each evaluation of the lowest eval loss so far writes its step's prefixes to "
+                        "OUTPUT/best (adapter, or adapters/NAME and bank; OUTPUT/adapter stays the last "
+                        "step's); needs an eval loss")
+    p.add_argument("--early-stopping-patience", type=positive, default=None, metavar="N",
+                   help="stop (exit 0, the checkpoint and results written as at the end) after N "
+                        "evaluations in a row that do not lower the best eval loss by more than "
+                        "--early-stopping-threshold, as HF's EarlyStoppingCallback (default: never)")
+    p.add_argument("--early-stopping-threshold", type=cli_args.float_where(lambda v: v >= 0, ">= 0"),
+                   default=None, metavar="X",
+                   help="with --early-stopping-patience: the least fall of the best eval loss that counts as "
+                        "an improvement (default: 0, any fall)")
     p.add_argument("--seed", type=cli_args.seed, default=0,
                    help="seeds the batch order, the eval split, the prefix initialisation and, without "
                         "--model, the built-in random base model (then pass `--model OUTPUT/base_model` "

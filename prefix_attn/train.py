@@ -36,6 +36,21 @@ the log back to the checkpoint's step. Ctrl-C (SIGINT) or SIGTERM stops after th
 with a checkpoint of it (exit status 130 / 143); a second one stops at once. The result is
 ``OUT/adapter`` in PEFT's format (``peft.PeftModel.from_pretrained(base, OUT/adapter)`` loads it).
 
+As HF Trainer's ``metric_for_best_model`` (eval_loss) and ``EarlyStoppingCallback``: with
+``--save-best`` each evaluation whose loss is the lowest so far writes that step's prefix to
+``OUT/best`` (``OUT/best/adapter``, or a multi-task run's ``OUT/best/adapters/NAME`` and
+``OUT/best/bank``), its log line saying ``"best": true``, and the result line names the best
+step and loss; ``OUT/adapter`` stays the last step's (HF without ``load_best_model_at_end``).
+``--early-stopping-patience`` N stops the run after N evaluations in a row that did not lower
+the best eval loss by more than ``--early-stopping-threshold`` (default 0): exit status 0, a
+note naming the step, its checkpoint and results written as at the end. Both need an eval loss
+(``--eval-every`` > 0 and an eval set not empty: refused otherwise). The checkpoint records the
+best (step, loss), the count and the best prefix, and ``--resume`` goes on from them (a
+checkpoint of an older version: no evaluation yet; one of a run without ``--save-best`` is
+refused with it); a resume puts the checkpoint's best back in ``OUT/best``. A run ended by
+``--max-steps`` off an ``--eval-every`` multiple evaluated its last step: resumed further, that
+evaluation counts, where an uninterrupted run has none.
+
 Multi-task: a JSON example (``--chat``'s too) may give ``"prefix": NAME`` (a string; null or missing: ``--name``'s
 prefix). Data that names several prefixes trains one per name (all of ``--num-virtual-tokens``
 and ``--projection-hidden-size``), in the same batches, each row under its own prefix (with
@@ -99,11 +114,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import atomic, cli_args, cli_parsers, tiny, train_chat, train_dist, train_prefixes
+from . import atomic, cli_args, cli_parsers, tiny, train_best, train_chat, train_dist, train_prefixes
 from .train_data import (batch_order, collate, collate_packed, eval_cost_note, prepare, read_examples_at,
                          split_eval)
 from .backends import check_env_backend
 from .chat import options_need_chat
+from .train_best import BEST
 from .train_prefixes import ADAPTERS, BANK, row_prefix
 from .train_schedule import lr_factor, schedule_problem, set_lr
 from .train_state import (BASE_MODEL, LOG, PROG, Interrupted, StopSignals, TrainError, TrainingFailed, append_log,
@@ -383,7 +399,11 @@ def _train(args: argparse.Namespace, signals: StopSignals, group: Optional["trai
         if path == "-":  # the checkpoint records the file's content, which --resume checks
             raise TrainError(f"{option}: train reads a file, not standard input (-): save it to a "
                              "file first")
-    check_output_folder(args.output, files=(CHECKPOINT, LOG), folders=(ADAPTER, BASE_MODEL))
+    problem = train_best.option_problem(args)
+    if problem is not None:
+        raise TrainError(problem)
+    check_output_folder(args.output, files=(CHECKPOINT, LOG), folders=(ADAPTER, BASE_MODEL)
+                        + ((BEST,) if args.save_best else ()))
     device = training_device(args.device) if group is None else group.device
     world = 1 if group is None else group.world
     dtype = DTYPES[args.dtype]
@@ -409,13 +429,22 @@ def _train(args: argparse.Namespace, signals: StopSignals, group: Optional["trai
         train_prefixes.check_run_names(names, args.name)
         check_output_folder(args.output, folders=(ADAPTERS, BANK))
         check_output_folder(os.path.join(args.output, ADAPTERS), folders=names)
+    if args.save_best:  # OUT/best: the layout of the end result
+        best_dir = os.path.join(args.output, BEST)
+        check_output_folder(best_dir, folders=(ADAPTERS, BANK) if multi else (ADAPTER,))
+        if multi:
+            check_output_folder(os.path.join(best_dir, ADAPTERS), folders=names)
     name = names[0]  # a single-prefix run's: --name, or the one prefix the data names
     chat = (train_chat.ChatExamples.of_model(args.model, dict(args.chat_option), args.chat_turns)  # before the model loads
             if args.chat else None)
     ckpt_path = os.path.join(args.output, CHECKPOINT)
+    best = train_best.BestSoFar.of_args(args)
     if args.resume:
         state = load_checkpoint(ckpt_path)
         signals.note = resume_note(state["step"], ckpt_path)
+        problem = best.restore(state)
+        if problem is not None:
+            raise TrainError(problem)
     elif os.path.isfile(ckpt_path):
         raise TrainError(f"{ckpt_path} exists: pass --resume to continue, or choose another --output")
     else:
@@ -441,6 +470,8 @@ def _train(args: argparse.Namespace, signals: StopSignals, group: Optional["trai
         data, eval_data = split_eval(data, args.eval_fraction, args.seed)
     if not data:
         raise TrainError("no training examples left (all held out: pass a smaller --eval-fraction)")
+    if not eval_data and train_best.no_eval_problem(args):
+        raise TrainError(train_best.no_eval_problem(args))
     unit = "row" if chat is not None and chat.turns == "each" else "example"  # what data's items are
     # a plain-text --eval-data file's examples are --name's in a multi-task run (a single-prefix
     # run evaluates them under its one prefix)
@@ -504,6 +535,15 @@ def _train(args: argparse.Namespace, signals: StopSignals, group: Optional["trai
     if group is not None:
         group.broadcast(params)
 
+    def write_best(prefix):
+        """OUT/best from ``prefix`` (:func:`train_best.snapshot`'s), on rank 0 (all ranks call it)."""
+        _on_main(group, lambda: train_best.write_with(
+            modules, prefix, multi,
+            lambda: _save(model, name, names if multi else None, args, model_dir, os.path.join(args.output, BEST))))
+
+    if best.prefix is not None:  # a resumed run's: OUT/best may hold a step after the checkpoint's
+        write_best(best.prefix)
+
     def save_checkpoint():
         nonlocal saved
         _on_main(group, write_checkpoint)
@@ -519,7 +559,7 @@ def _train(args: argparse.Namespace, signals: StopSignals, group: Optional["trai
                                "torch_rng": torch.get_rng_state(),
                                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                                "args": plain_args(args), "settings": settings,
-                               "total_steps": total}, ckpt_path)
+                               "total_steps": total, **best.checkpoint()}, ckpt_path)
         except OSError as exc:  # a full disk, a file-size limit: the one on disk is whole
             raise TrainingFailed(f"step {step}: cannot write the checkpoint {ckpt_path}: "
                                  f"{exc.strerror or exc}; {kept()}") from None
@@ -543,6 +583,9 @@ def _train(args: argparse.Namespace, signals: StopSignals, group: Optional["trai
     if step > total:
         warn("note", f"the checkpoint is at step {step}, past the {total} steps this run asks for "
                      f"(--max-steps / --epochs): nothing to run; the adapter is step {step}'s")
+    if best.stopping and step < total:
+        warn("note", f"the checkpoint's run {best.stop_note(step)}: nothing to run (a larger "
+                     "--early-stopping-patience goes on)")
     model.train()
     bar = progress_bar(total, "prefix tuning", "step", enabled=progress, initial=step)
     t0, tokens, first_step = time.perf_counter(), 0, step
@@ -550,7 +593,7 @@ def _train(args: argparse.Namespace, signals: StopSignals, group: Optional["trai
     signals.raise_if_received()  # one whose Interrupted was lost while the run was set up
     signals.deferred = True  # a signal now stops after the current step, with a checkpoint of it
     try:
-        while step < total:
+        while step < total and not best.stopping:
             running = step + 1  # the step in progress, for an out-of-memory error
             epoch, index = divmod(step, steps_per_epoch)
             batch = [data[i] for i in batch_order(len(data), step_size, args.seed, epoch)[index]]
@@ -585,14 +628,21 @@ def _train(args: argparse.Namespace, signals: StopSignals, group: Optional["trai
                 # on standard error with the bar: standard output is for the result line
                 if main:
                     bar.write(f"step {step}: eval loss {record['eval_loss']:.4f}{each}", file=sys.stderr)
+                # every rank gets the same eval loss (summed over the ranks): they decide alike
+                if best.update(record["eval_loss"], step, lambda: train_best.snapshot(modules, multi)) \
+                        and args.save_best:
+                    write_best(best.prefix)
+                    record["best"] = True
             if main:
                 append_log(args.output, record)
             # a torchrun run stops on the signal some rank received before the step's all-reduce
             stop = signals.received if group is None else group.stop
-            if step == total or _every(step, args.save_every, total) or stop:
+            if step == total or _every(step, args.save_every, total) or stop or best.stopping:
                 save_checkpoint()
             if stop:
                 raise _everywhere(Interrupted(stop, signals.note))
+            if best.stopping:
+                warn("note", best.stop_note(step))
     except Exception as exc:
         reason = out_of_memory(exc)
         if reason is None:
@@ -603,20 +653,22 @@ def _train(args: argparse.Namespace, signals: StopSignals, group: Optional["trai
     finally:
         signals.deferred = False
         bar.close()
-    summary = training_summary(step, step - first_step, loss_value)
-    _on_main(group, lambda: _write_result(model, name, names if multi else None, args, model_dir, summary))
+    summary = training_summary(step, step - first_step, loss_value, best.stopping)
+    summary += best.summary(os.path.join(args.output, BEST))
+    _on_main(group, lambda: print(f"{summary}; "
+                                  f"{_save(model, name, names if multi else None, args, model_dir, args.output)}"))
     return 0
 
 
-def _write_result(model, name: str, names: Optional[List[str]], args, model_dir: str, summary: str) -> None:
-    """The trained prefix as ``OUT/adapter``, or a multi-task run's ``names`` as adapters and a
-    bank, and the result line on standard output."""
+def _save(model, name: str, names: Optional[List[str]], args, model_dir: str, folder: str) -> str:
+    """The trained prefix as ``folder/adapter``, or a multi-task run's ``names`` as adapters and
+    a bank in ``folder`` (``OUT``: the result; ``OUT/best``: ``--save-best``'s); the result
+    line's words on them."""
     if names is not None:
-        print(f"{summary}; {write_prefixes(model, names, args.output, model_dir, chat_flags(args))}")
-        return
-    adapter_dir = os.path.join(args.output, ADAPTER)
+        return write_prefixes(model, names, folder, model_dir, chat_flags(args))
+    adapter_dir = os.path.join(folder, ADAPTER)
     write_adapter(model, name, adapter_dir, model_dir)
-    print(f"{summary}; adapter (PEFT format): {adapter_dir}")
+    return f"adapter (PEFT format): {adapter_dir}"
 
 
 def _start_output(out_dir: str, model, tokenizer, base_dir: Optional[str], resume_step: Optional[int]) -> None:
@@ -662,8 +714,8 @@ def training_device(name: Optional[str]) -> torch.device:
     return device
 
 
-def training_summary(step: int, ran: int, loss: float) -> str:
-    done = f"trained {step} step{'' if step == 1 else 's'}"
+def training_summary(step: int, ran: int, loss: float, early: bool = False) -> str:
+    done = f"trained {step} step{'' if step == 1 else 's'}" + (" (stopped early)" if early else "")
     if ran == 0:
         return done + " (no steps left to run)"
     return done + f", last loss {loss:.4f}"

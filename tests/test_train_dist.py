@@ -237,3 +237,23 @@ def test_the_closing_barrier_of_a_rank_whose_peer_already_left_does_not_raise(mo
     group = train_dist.Group(0, 2, 0, torch.device("cpu"), "gloo")
     group.close(wait=True)
     assert calls == ["destroyed"]
+
+
+def test_early_stopping_and_save_best_distributed(tmp_path):
+    """Every rank gets the same eval loss (summed over the ranks), so all stop after the same
+    step, exit 0 (a rank going on alone would hang in the next all-reduce): the step HF's rule
+    gives on the log's eval losses; rank 0 alone writes OUT/best and says so. (At --lr 100 the
+    two runs part beyond float tolerance: no comparison with the one-process run.)"""
+    from test_train_best import RISING, _stop_step
+
+    data = write_data(tmp_path)
+    out = str(tmp_path / "two")
+    ranks = _run([data, "-o", out, "--batch-size", "2", "--max-steps", "8", "--save-best",
+                  "--early-stopping-patience", "1", *RISING])
+    assert [rc for rc, _, _ in ranks] == [0, 0], ranks[0][2] + ranks[1][2]
+    log = _log(out)
+    assert len(log) < 8 and log[-1]["step"] == _stop_step(log, 1)
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == len(log)
+    assert os.path.isfile(os.path.join(out, "best", "adapter", "adapter_model.safetensors"))
+    assert "stopped early" in ranks[0][2] and "stopped early" not in ranks[1][2]
+    assert ranks[0][1].count("best eval loss") == 1 and ranks[1][1] == ""
