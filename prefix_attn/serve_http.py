@@ -886,8 +886,8 @@ class _Handler(BaseHTTPRequestHandler):
         and a note for the log (the client gone: its rows are given up)."""
         index, kind, text = self._event(pending)
         if kind == "end" and pending[index].error is not None:
-            for p in pending:  # its choices fail alike (one request): none is streamed
-                p.cancelled = True
+            for p in pending:  # its choices fail alike (one request): none is streamed, none runs
+                p.cancel()
             raise pending[index].error
         options = pending[0].request.extra.get("stream_options") or {}
         chunks = serve_stream.Chunks(chat, app.name(pending[0]), options.get("include_usage") is True)
@@ -908,7 +908,7 @@ class _Handler(BaseHTTPRequestHandler):
                     p = pending[index]
                     if p.error is not None:  # as OpenAI's API (and vLLM): an error event, then [DONE]
                         for other in pending:
-                            other.cancelled = True
+                            other.cancel()
                         self.wfile.write(serve_stream.event({"error": p.error.error}) + serve_stream.DONE)
                         return 0, f", streamed error {p.error.status}"
                     self.wfile.write(self._rest(app, p, sent[index], chunks))
@@ -919,9 +919,9 @@ class _Handler(BaseHTTPRequestHandler):
             usage = app.usage(pending)
             self.wfile.write(chunks.end(usage))
             return usage["completion_tokens"], ", streamed"
-        except (OSError, ClientGone):  # the client is gone: its rows stop at the next token
-            for p in pending:
-                p.cancelled = True
+        except (OSError, ClientGone):  # the client is gone: its rows stop at the next token, those
+            for p in pending:           # waiting are passed over
+                p.cancel()
             return 0, ", streamed, client gone"
 
     @staticmethod

@@ -3,6 +3,7 @@ before their answer, clients that send too little or too slowly, more connection
 import json
 import select
 import socket
+import struct
 import threading
 import time
 import urllib.request
@@ -141,6 +142,26 @@ def test_a_client_gone_while_its_request_waits_is_never_run(watched):
         first.join()
     assert answer(call(s, "/v1/completions", {"prompt": "hi", "max_tokens": 3}))[1] == 3
     assert s.made == [2, 3]
+
+
+def test_a_streamed_client_gone_has_its_waiting_rows_never_run(watched, monkeypatch):
+    """A streamed request of two prompts (a row each, --batch-size 1) whose client hangs up once
+    its stream began, seen as a write that fails (not by peeking while it waits): the row
+    running stops at its next token, the row waiting is never run (it was run for a token:
+    its rows were marked stopped, not given up)."""
+    s = watched
+    monkeypatch.setattr(serve_http._Handler, "_gone", lambda self: False)
+    submit = serve_http.Server.submit.__get__(s)
+    s.submit = lambda obj, chat: (lambda rows: s.rows.extend(rows) or rows)(submit(obj, chat))  # every row
+    s.hold.clear()
+    with socket.create_connection(s.address, timeout=10) as c:
+        c.sendall(_request({"prompt": ["hello", "there"], "max_tokens": 200, "stream": True}))
+        assert c.recv(100).startswith(b"HTTP/1.0 200")
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # closed with a reset
+    s.hold.set()
+    assert all(p.done.wait(10) and p.cancelled for p in s.rows)
+    assert answer(call(s, "/v1/completions", {"prompt": "hi", "max_tokens": 3}))[1] == 3
+    assert len(s.made) == 2 and s.made[0] < 100 and s.made[1] == 3, s.made
 
 
 @pytest.fixture(scope="module")

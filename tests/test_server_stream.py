@@ -160,7 +160,7 @@ def test_a_client_gone_mid_stream_drops_its_row_only():
         mate.join()
         assert got == [whole]
         gone = [p for p in submitted if p.events is not None]
-        assert gone[0].cancelled and gone[0].answer[1] < 60  # its row stopped early
+        assert gone[0].cancelled and gone[0].error.status == 499  # given up: stopped at its next token
         hang_up()  # alone: the batch ends with its row
         s.submit({"prompt": "hi"}, False)[0].done.wait(60)  # queued after it
         gone = [p for p in submitted if p.events is not None]
