@@ -120,7 +120,8 @@ front of it (nginx, Caddy) for anything but a trusted network. --api-key KEY (el
 environment variable PREFIX_ATTN_API_KEY; better than the command line, which other users of the
 machine may see) makes every /v1/ request carry "Authorization: Bearer KEY", compared in constant
 time, else a 401 ("code": "invalid_api_key", as OpenAI's API answers); /health and the tokenizer
-endpoints stay open (vLLM's --api-key alike); the key is never printed. A client that closes its
+endpoints stay open (vLLM's --api-key alike; without the key, their 404 for an unknown "model"
+lists no prefix); the key is never printed. A client that closes its
 connection (or its sending half) before its answer has its rows given up: passed over while they
 wait, stopped at their next token while their batch runs (the batch goes on), as a streamed
 client gone is; its log line says 499. --request-timeout S (10): each read of a request's line
@@ -393,11 +394,12 @@ class Server:
 
     # -- the tokenizer, as vLLM serves it (handler threads: the tokenizer is only read) ------
 
-    def tokenize(self, obj: Any) -> dict:
+    def tokenize(self, obj: Any, known: bool = True) -> dict:
         """``POST /tokenize``: the token ids a request's "prompt" (a string; "messages" with
         --chat) runs after the prefix its "model" (or "prefix") names: a text's with the
         start token where "add_special_tokens" (default true) and not after a prompt prefix,
-        a conversation's from the chat template ("add_special_tokens" not applied)."""
+        a conversation's from the chat template ("add_special_tokens" not applied). ``known``:
+        an unknown prefix's 404 lists the server's (not to a client without the API key)."""
         if not isinstance(obj, dict):
             raise HTTPError(400, f"the body must be a JSON object, got {type(obj).__name__}")
         need, other = ("messages", "prompt") if self.args.chat else ("prompt", "messages")
@@ -411,7 +413,7 @@ class Server:
             raise HTTPError(400, f"'add_special_tokens' must be true or false, got {json.dumps(special)}",
                             param="add_special_tokens")
         fields = {k: obj[k] for k in (need, "tools", "add_generation_prompt", "continue_final_message") if k in obj}
-        fields["prefix"] = self._prefix(obj)
+        fields["prefix"] = self._prefix(obj, known)
         try:
             request = request_of(fields, "request", 1)
             ids = self.served.request_ids(request, "request", special is not False)
@@ -422,14 +424,14 @@ class Server:
             raise HTTPError(400, problem, param=need)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
 
-    def detokenize(self, obj: Any) -> dict:
+    def detokenize(self, obj: Any, known: bool = True) -> dict:
         """``POST /detokenize``: the text of "tokens" (ids of the model's vocabulary; special
         tokens kept, as vLLM's)."""
         if not isinstance(obj, dict):
             raise HTTPError(400, f"the body must be a JSON object, got {type(obj).__name__}")
         if "tokens" not in obj:
             raise HTTPError(400, "missing 'tokens'", param="tokens")
-        self._prefix(obj)  # an unknown "model" is a 404, as elsewhere
+        self._prefix(obj, known)  # an unknown "model" is a 404, as elsewhere
         ids = obj["tokens"]
         if not isinstance(ids, list):
             raise HTTPError(400, f"'tokens' must be an array of token ids, got {jsonl.json_type(ids)}", param="tokens")
@@ -498,8 +500,9 @@ class Server:
         return [replace(request, prompt=p) if isinstance(p, str) else replace(request, prompt=None, ids=p)
                 for p in prompts]
 
-    def _prefix(self, obj: dict) -> Optional[str]:
-        """The prefix a request names by "model" (the base model's id: none) or "prefix"."""
+    def _prefix(self, obj: dict, known: bool = True) -> Optional[str]:
+        """The prefix a request names by "model" (the base model's id: none) or "prefix";
+        ``known``: an unknown name's 404 lists (and suggests) the server's prefixes."""
         named = {}
         for key in ("model", "prefix"):
             value = obj.get(key)
@@ -511,9 +514,9 @@ class Server:
             if name not in self.sources:
                 from prefix_attn.bank import did_you_mean
 
-                known = ", ".join([self.model_id] + list(self.sources))
-                raise HTTPError(404, f"The model {name!r} does not exist{did_you_mean(name, list(self.sources))}; "
-                                     f"known: {known}", param=key, code="model_not_found")
+                listed = (f"{did_you_mean(name, list(self.sources))}; known: "
+                          + ", ".join([self.model_id] + list(self.sources))) if known else ""
+                raise HTTPError(404, f"The model {name!r} does not exist{listed}", param=key, code="model_not_found")
         if len(set(named.values())) > 1:
             raise HTTPError(400, f"'model' {named['model']!r} and 'prefix' {named['prefix']!r} name different "
                                  "prefixes: give one", param="prefix")
@@ -842,8 +845,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/tokenizer_info":
             return app.tokenizer_info(), 0
         if path in ("/tokenize", "/detokenize"):
-            body = self._body()
-            return (app.tokenize(body) if path == "/tokenize" else app.detokenize(body)), 0
+            body = self._body()  # open without the key: its errors name no prefix of the server
+            known = app.api_key is None or _authorized(self.headers.get("Authorization"), app.api_key)
+            return (app.tokenize(body, known) if path == "/tokenize" else app.detokenize(body, known)), 0
         body, chat = self._body(), path == "/v1/chat/completions"
         if isinstance(body, dict) and body.get("stream") is True:
             return None, self._stream(app, app.submit(body, chat), chat)

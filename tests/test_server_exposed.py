@@ -72,6 +72,28 @@ def test_an_api_key_guards_v1_and_not_health(capsys):
     assert "GET /v1/models 401" in err and key not in err and "wrong-guess" not in err
 
 
+def test_the_open_tokenizer_endpoints_name_no_prefix_without_the_key():
+    """With --api-key, /tokenize and /detokenize stay open (vLLM's), but a client without the key
+    learns no prefix name from them: an unknown "model" is a 404 listing none, as /v1/models
+    (guarded) would; with the key, the 404 lists them as elsewhere."""
+    server = serve_http.Server(build_parser().parse_args(["serve", "--port", "0", "--quiet", "--api-key", "K",
+                                                          "--prompt-prefix", "acme_corp=Be terse."]))
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        for path, body in (("/tokenize", {"prompt": "x", "model": "acme_cor"}),
+                           ("/detokenize", {"tokens": [104], "model": "nope"})):
+            status, _, answer_ = get(server, path, body=body)
+            assert status == 404 and answer_["error"]["code"] == "model_not_found", answer_
+            assert "acme_corp" not in answer_["error"]["message"], answer_
+            status, _, answer_ = get(server, path, "Bearer K", body)
+            assert status == 404 and "acme_corp" in answer_["error"]["message"], answer_
+        assert get(server, "/tokenize", body={"prompt": "x", "model": "acme_corp"})[0] == 200
+    finally:
+        server.shutdown()
+        thread.join()
+
+
 def test_the_api_key_comes_from_the_environment_unless_given(monkeypatch, capsys):
     monkeypatch.setenv(serve_http.API_KEY_ENV, "from-env")
     assert serve_http.api_key(None) == "from-env"
