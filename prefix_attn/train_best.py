@@ -80,8 +80,8 @@ class BestSoFar:
 
     def stop_note(self, step: int) -> str:
         return (f"stopped early at step {step}: {self.waited} evaluation{'' if self.waited == 1 else 's'} in a row "
-                f"did not lower the best eval loss {self.loss:.4f} (step {self.step}) by more than "
-                f"{self.threshold:g} (--early-stopping-patience {self.patience})")
+                f"did not lower the best eval loss before it by more than {self.threshold:g} "
+                f"(--early-stopping-patience {self.patience}); best eval loss {self.loss:.4f} at step {self.step}")
 
     # -- the checkpoint ------------------------------------------------------------------
     def checkpoint(self) -> dict:

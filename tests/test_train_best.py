@@ -210,3 +210,18 @@ def test_multi_task_best_is_adapters_and_a_bank(tmp_path):
              for o in (os.path.join(out, "best"), short)]
     assert banks[0].metadata() == banks[1].metadata()  # its JSON header's key order varies
     assert all(torch.equal(banks[0].get_tensor(k), banks[1].get_tensor(k)) for k in banks[1].keys())
+
+
+def test_the_stop_note_does_not_say_the_best_step_failed_to_lower_itself():
+    """With a threshold, an evaluation may set a new best (lower) without improving by more than
+    the threshold; the note said it 'did not lower the best eval loss 5.3397 (step 20)' where
+    step 20's evaluation was that best."""
+    from prefix_attn.train_best import BestSoFar
+
+    best = BestSoFar(patience=2, threshold=0.05, keep=False)
+    for step, loss in ((10, 5.4247), (15, 5.3769), (20, 5.3397)):
+        best.update(loss, step, snapshot=None)
+    assert best.stopping and best.step == 20
+    note = best.stop_note(20)
+    assert "did not lower the best eval loss before it by more than 0.05" in note
+    assert note.endswith("best eval loss 5.3397 at step 20")
