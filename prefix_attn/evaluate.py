@@ -22,7 +22,8 @@ is scored under its ``"prefix"`` field when it has one (a name given by those op
 under each ``--prefix NAME`` (repeatable: every such example under every one, for comparison;
 ``none`` is the base model without a prefix), else under the one prefix given, or under none
 when no prefix is given at all; data with examples that name no prefix and several prefixes
-given without ``--prefix`` is an error.
+given without ``--prefix`` is an error; a ``--prefix`` that scores no example (every example
+names its own) gets a note.
 
 Output: a table on standard output, one line per prefix scored: the examples (rows, under
 ``--chat-turns each``), the learnt tokens, the loss, its perplexity (exp of the loss) and, when
@@ -53,7 +54,7 @@ from .bank_names import did_you_mean, some_names
 from .chat import options_need_chat
 from .serve_inputs import RequestError, Source, prefix_sources, warn_about_adapter_bases
 from .train_data import prepare, read_examples_at
-from .train_state import TrainError, speaking_as
+from .train_state import TrainError, speaking_as, warn
 
 PROG = "prefix-attn eval"
 NONE = cli_parsers.NO_PREFIX
@@ -92,6 +93,10 @@ def scored_prefixes(named: Dict[str, Optional[str]], wanted: List[str], sources:
 
         raise EvalError(str(refusal(f"{len(bad)} example(s) name a prefix not given; " + _known(known), bad)))
     unnamed = n_examples - sum(name is not None for name in named.values())
+    if wanted and not unnamed:  # the user asked for a comparison that has nothing to compare
+        warn("note", f"--prefix {' --prefix '.join(dict.fromkeys(wanted))} scores no example: every example "
+                     f"of {path} names its own prefix (its \"prefix\" field), and --prefix applies to those "
+                     "naming none; to score the data under another prefix, or none, drop the field")
     if wanted or not unnamed:
         return [None if n == NONE else n for n in dict.fromkeys(wanted)]
     if len(known) > 1:

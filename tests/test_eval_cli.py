@@ -153,6 +153,18 @@ def test_examples_are_scored_under_their_own_prefix_as_train_s_multi_task_eval(m
     assert overall == pytest.approx(logged["eval_loss"], rel=1e-6)
 
 
+def test_a_prefix_option_that_scores_no_example_is_noted(multi, tmp_path, capsys):
+    """Every example names its own prefix: --prefix none (meant as the baseline) applies to
+    none of them; the table silently lacked the "vs none" column (found by the audit)."""
+    out, held = multi
+    capsys.readouterr()
+    code, scores = _eval(tmp_path, held, "--model", os.path.join(out, "base_model"),
+                         "--bank", os.path.join(out, "bank"), "--prefix", "none")
+    assert code == 0 and list(scores["prefixes"]) == ["x", "y"]
+    err = capsys.readouterr().err
+    assert "prefix-attn eval: note: --prefix none scores no example: every example of" in err
+
+
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory):
     """A short train --chat run on a tiny Llama with a ChatML template, with --eval-data."""
