@@ -160,7 +160,7 @@ import torch
 from transformers import StoppingCriteria
 
 from . import (chat as chat_template, cli_args, cli_parsers, jsonl, serve, serve_batching, serve_logprobs,
-               serve_fields, serve_options, serve_stream, tool_calls)
+               serve_fields, serve_metrics, serve_options, serve_stream, tool_calls)
 from .backends import check_env_backend
 from .serve_fields import HTTPError
 from .serve_stop import until_stop_id
@@ -285,6 +285,8 @@ class Server:
         self.stopping = threading.Event()
         self._queue: "queue.Queue[_Pending]" = queue.Queue()
         self._inflight: List[_Pending] = []
+        self._running: List[_Pending] = []  # the rows of the model.generate call running now
+        self.metrics = serve_metrics.Metrics(_ROUTES, [self.model_id, *self.sources], self._load)
         self._count = 0
         self._count_lock = threading.Lock()
         self._submit = threading.Lock()  # queueing a request, or stopping
@@ -327,6 +329,15 @@ class Server:
                 drained.append(self._queue.get_nowait())
             except queue.Empty:
                 return drained
+
+    def _load(self) -> Tuple[int, int]:
+        """(rows waiting, rows running) now, for /metrics: the rows not yet answered that are
+        queued or gathered and not in the model.generate call running, and those in it."""
+        with self._queue.mutex:
+            queued = list(self._queue.queue)
+        running = {id(p) for p in self._running if not p.done.is_set()}
+        waiting = {id(p) for p in queued + self._inflight if not p.done.is_set()} - running
+        return len(waiting), len(running)
 
     def say(self, message: str) -> None:
         print(f"{_SERVER_LOG}: {message}", file=sys.stderr, flush=True)
@@ -386,6 +397,7 @@ class Server:
         if error is not None:
             raise error
         usage = self.usage(pending)
+        self.metrics.answered(self.name(pending[0]), usage)
         kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
         return ({"id": f"{kind[0]}-{uuid.uuid4().hex}", "object": kind[1], "created": int(time.time()),
                  "model": self.name(pending[0]), "usage": usage,
@@ -577,6 +589,8 @@ class Server:
                                                 self.served.device, self.say)
             except Exception as exc:
                 self._internal_error([ready[i] for i in batch], exc)
+            finally:
+                self._running = []  # its rows answered
 
     def _plan(self, p: _Pending) -> bool:
         """Tokenise a request and check its length; False (answered 400, or 500) when it cannot run."""
@@ -609,6 +623,7 @@ class Server:
         if pending and not self.stopping.is_set():
             settings = pending[0].settings
             streams = any(p.events is not None for p in pending) and settings.num_beams == 1
+            self._running = pending  # until its batch is done (_answer)
             try:
                 news = self._outputs(pending, settings, streams)
             except serve_batching.OutOfMemoryError as exc:
@@ -637,6 +652,7 @@ class Server:
         model.generate call (none for max_tokens 0), then one forward scoring the rows that ask."""
         news = [[] for _ in pending]
         if settings.max_new_tokens:
+            self.metrics.batch(len(pending))
             news = self.served.generate([p.job for p in pending], settings,
                                         [_Stopping(self.stopping, pending, per_row=settings.num_beams == 1)],
                                         streamer=self._streamer(pending, settings) if streams else None)
@@ -679,7 +695,7 @@ def _out_of_memory(p: _Pending, settings: serve_options.Decoding, message: str, 
                      type="server_error", code="out_of_memory")
 
 
-_ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST",
+_ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST",
            "/tokenize": "POST", "/detokenize": "POST", "/tokenizer_info": "GET"}
 
 
@@ -807,10 +823,11 @@ class _Handler(BaseHTTPRequestHandler):
             status = 500
             body = {"error": {"message": f"internal error: {type(exc).__name__}: {exc}", "type": "server_error",
                               "param": None, "code": None}}
-        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        text = isinstance(body, str)  # /metrics' exposition, else JSON
+        data = body.encode("utf-8") if text else json.dumps(body, ensure_ascii=False).encode("utf-8")
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", serve_metrics.CONTENT_TYPE if text else "application/json")
             self.send_header("Content-Length", str(len(data)))
             if status == 405:
                 self.send_header("Allow", _ROUTES[path] + (", HEAD" if _ROUTES[path] == "GET" else ""))
@@ -825,12 +842,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _log(app: Server, method: str, path: str, status: int, tokens: int, note: str, start: float) -> None:
+        """A request done: counted in /metrics, and its log line (none with --quiet)."""
+        seconds = time.monotonic() - start
+        app.metrics.request(path, status, seconds)
         if app.log:
-            app.say(f"{method} {path} {status} {tokens} tokens {1000 * (time.monotonic() - start):.0f} ms{note}")
+            app.say(f"{method} {path} {status} {tokens} tokens {1000 * seconds:.0f} ms{note}")
 
-    def _route(self, app: Server, method: str, path: str) -> Tuple[dict, int]:
+    def _route(self, app: Server, method: str, path: str) -> Tuple[Any, int]:
         routes = _ROUTES
-        if app.api_key is not None and path.startswith("/v1/"):
+        if app.api_key is not None and (path.startswith("/v1/") or path == "/metrics"):
             self._check_key(app.api_key)
         if path not in routes:
             raise HTTPError(404, f"no such path {path!r}; paths: {', '.join(routes)}", code="not_found")
@@ -842,6 +862,8 @@ class _Handler(BaseHTTPRequestHandler):
             return {"status": "ok"}, 0
         if path == "/v1/models":
             return app.models(), 0
+        if path == "/metrics":
+            return app.metrics.render(), 0
         if path == "/tokenizer_info":
             return app.tokenizer_info(), 0
         if path in ("/tokenize", "/detokenize"):
@@ -922,6 +944,7 @@ class _Handler(BaseHTTPRequestHandler):
                 index, kind, text = self._event(pending)
             usage = app.usage(pending)
             self.wfile.write(chunks.end(usage))
+            app.metrics.answered(app.name(pending[0]), usage)
             return usage["completion_tokens"], ", streamed"
         except (OSError, ClientGone):  # the client is gone: its rows stop at the next token, those
             for p in pending:           # waiting are passed over
@@ -1005,7 +1028,7 @@ def run(args: argparse.Namespace) -> int:
             host, port = server.address
             names = ", ".join(server.sources) or "none"
             print(f"{_SERVER_LOG}: listening on http://{host}:{port} (model {server.model_id}; prefixes: "
-                  f"{names}; {'API key required on /v1/' if server.api_key else 'no API key'}; plain HTTP; "
+                  f"{names}; {'API key required on /v1/ and /metrics' if server.api_key else 'no API key'}; plain HTTP; "
                   "Ctrl-C stops)", file=sys.stderr, flush=True)
             server.serve_forever()
     except (RequestError, KeyError, ValueError, FileNotFoundError) as exc:

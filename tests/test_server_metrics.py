@@ -1,0 +1,240 @@
+"""``GET /metrics`` of ``prefix-attn serve`` (prefix_attn.serve_metrics): Prometheus' text
+exposition, parsed here by hand; its counts exact after known requests (completions, a 404, a
+streamed one, n=2), under concurrent ones, its gauges while a batch runs, its histograms
+consistent; guarded by --api-key as /v1/ is."""
+import re
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from prefix_attn import serve_metrics
+from test_server import SYSTEM, call, recording, started
+from test_server_stream import streamed
+
+pytestmark = pytest.mark.hf
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|$)')
+
+
+def parse(text: str) -> dict:
+    """{(name, ((label, value), ...)): value} of an exposition, checked line by line: each
+    sample after its family's HELP and TYPE lines, each label value's escapes undone."""
+    assert text.endswith("\n")
+    samples, types = {}, {}
+    for line in text[:-1].split("\n"):
+        if line.startswith("# HELP "):
+            assert len(line.split(" ", 3)) == 4, line
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("counter", "gauge", "histogram") and name not in types, line
+            types[name] = kind
+            continue
+        match = _SAMPLE.match(line)
+        assert match, line
+        name, labels, value = match.groups()
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types else name
+        assert family in types and (family == name or types[family] == "histogram"), line
+        pairs = _LABEL.findall(labels or "")
+        assert "".join(f'{k}="{v}",' for k, v in pairs)[:-1] == (labels or ""), line
+        unescaped = tuple((k, re.sub(r"\\(.)", lambda m: "\n" if m[1] == "n" else m[1], v)) for k, v in pairs)
+        key = (name, unescaped)
+        assert key not in samples, line
+        samples[key] = float(value)
+    return samples
+
+
+def scrape(server, headers=None):
+    """(status, Content-Type, parsed samples or None) of GET /metrics."""
+    host, port = server.address
+    req = urllib.request.Request(f"http://{host}:{port}/metrics", headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers["Content-Type"], parse(r.read().decode("utf-8"))
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], None
+
+
+def series(samples, name):
+    """{labels as a dict's sorted items: value} of one metric's samples."""
+    return {labels: value for (n, labels), value in samples.items() if n == name}
+
+
+def requests_total(samples):
+    return {(dict(k)["endpoint"], dict(k)["status"]): v
+            for k, v in series(samples, "prefix_attn_requests_total").items()}
+
+
+def check_histogram(samples, name, labels=()):
+    """Its buckets cumulative, bounded by +Inf = _count; returns (bounds -> count, sum, count)."""
+    buckets = {dict(k)["le"]: v for k, v in series(samples, name + "_bucket").items()
+               if tuple(p for p in k if p[0] != "le") == labels}
+    bounds = sorted(buckets, key=float)
+    assert bounds[-1] == "+Inf"
+    counts = [buckets[b] for b in bounds]
+    assert counts == sorted(counts), counts
+    count, total = samples[(name + "_count", labels)], samples[(name + "_sum", labels)]
+    assert counts[-1] == count
+    return buckets, total, count
+
+
+@pytest.fixture(scope="module")
+def server():
+    with started("--prompt-prefix", f"sys={SYSTEM}", "--max-new-tokens", "5", "--batch-wait-ms", "0") as s:
+        yield s
+
+
+def test_exposition_parses_and_counts_are_exact(server):
+    """After a plain completion, one with n=2, a streamed one, an unknown "model" (404), an
+    unknown path (404, endpoint "other") and /health: every count is exactly theirs; tokens are
+    the sum of their usage; batch sizes those of the model.generate calls."""
+    status, kind, before = scrape(server)
+    assert (status, kind) == (200, "text/plain; version=0.0.4; charset=utf-8")
+    assert series(before, "prefix_attn_model_requests_total") == {(("model", "prefix-attn-tiny"),): 0,
+                                                                  (("model", "sys"),): 0}
+    sizes = recording(server)
+    usages = [call(server, "/v1/completions", {"prompt": "hello", "model": "sys"})[1]["usage"],
+              call(server, "/v1/completions", {"prompt": "abc", "n": 2, "max_tokens": 3})[1]["usage"]]
+    chunks = streamed(server, {"prompt": "the fox", "model": "sys", "stream_options": {"include_usage": True}})
+    usages.append(chunks[-1]["usage"])
+    assert call(server, "/v1/completions", {"prompt": "hi", "model": "nope"})[0] == 404
+    assert call(server, "/nope")[0] == 404
+    assert call(server, "/health")[0] == 200
+    _, _, after = scrape(server)
+    assert requests_total(after) == {("/metrics", "200"): 1, ("/v1/completions", "200"): 3,
+                                     ("/v1/completions", "404"): 1, ("other", "404"): 1, ("/health", "200"): 1}
+    assert series(after, "prefix_attn_model_requests_total") == {(("model", "prefix-attn-tiny"),): 1,
+                                                                 (("model", "sys"),): 2}
+    assert usages[1]["completion_tokens"] == 6  # n=2: each choice's 3 tokens
+    assert after[("prefix_attn_prompt_tokens_total", ())] == sum(u["prompt_tokens"] for u in usages)
+    assert after[("prefix_attn_generation_tokens_total", ())] == sum(u["completion_tokens"] for u in usages)
+    assert after[("prefix_attn_requests_waiting", ())] == after[("prefix_attn_requests_running", ())] == 0
+    buckets, total, count = check_histogram(after, "prefix_attn_batch_size")
+    assert sorted(sizes) == [1, 1, 2] and (total, count) == (sum(sizes), len(sizes))
+    assert (buckets["1.0"], buckets["2.0"]) == (2, 3)
+    assert requests_total(before) == {}  # the server's first request: counted once answered
+    for endpoint in ("/v1/completions", "other", "/health", "/metrics"):
+        labels = (("endpoint", endpoint),)
+        _, total, count = check_histogram(after, "prefix_attn_request_latency_seconds", labels)
+        assert count == sum(n for (e, _), n in requests_total(after).items() if e == endpoint) and total > 0
+    _, _, again = scrape(server)
+    assert requests_total(again)[("/metrics", "200")] == 2
+
+
+def test_concurrent_requests_keep_counts_exact(server):
+    """24 threads each sending a completion and a /health while others scrape: every request
+    counted once, the tokens their usage's sum, each scrape's latency counts equal its requests'."""
+    _, _, before = scrape(server)
+    usages, scraped, lock = [], [], threading.Lock()
+
+    def send(i):
+        usage = call(server, "/v1/completions", {"prompt": "x" * (i % 5 + 1), "max_tokens": 2})[1]["usage"]
+        call(server, "/health")
+        with lock:
+            usages.append(usage)
+
+    def watch():
+        for _ in range(5):
+            scraped.append(scrape(server)[2])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(24)] + [threading.Thread(target=watch)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _, _, after = scrape(server)
+    got, was = requests_total(after), requests_total(before)
+    assert got[("/v1/completions", "200")] - was[("/v1/completions", "200")] == 24
+    assert got[("/health", "200")] - was[("/health", "200")] == 24
+    for name, field in (("prompt", "prompt_tokens"), ("generation", "completion_tokens")):
+        key = (f"prefix_attn_{name}_tokens_total", ())
+        assert after[key] - before[key] == sum(u[field] for u in usages)
+    for samples in scraped + [after]:
+        for (endpoint, _), _n in requests_total(samples).items():
+            labels = (("endpoint", endpoint),)
+            count = check_histogram(samples, "prefix_attn_request_latency_seconds", labels)[2]
+            assert count == sum(n for (e, _), n in requests_total(samples).items() if e == endpoint)
+
+
+def test_gauges_count_rows_waiting_and_running():
+    """With --batch-size 1 and model.generate held: one row running, the two queued behind it
+    waiting; none of either once they are answered."""
+    with started("--max-new-tokens", "2", "--batch-size", "1", "--batch-wait-ms", "0") as s:
+        release, generate = threading.Event(), s.served.model.generate
+
+        def held(*args, **kw):
+            release.wait(60)
+            return generate(*args, **kw)
+        s.served.model.generate = held
+        threads = [threading.Thread(target=call, args=(s, "/v1/completions", {"prompt": p})) for p in "abc"]
+        for t in threads:
+            t.start()
+        deadline, load = time.monotonic() + 30, None
+        while time.monotonic() < deadline and load != (2, 1):
+            _, _, samples = scrape(s)
+            load = (samples[("prefix_attn_requests_waiting", ())], samples[("prefix_attn_requests_running", ())])
+            time.sleep(0.05)
+        release.set()
+        for t in threads:
+            t.join()
+        assert load == (2, 1)
+        _, _, samples = scrape(s)
+        assert (samples[("prefix_attn_requests_waiting", ())], samples[("prefix_attn_requests_running", ())]) == (0, 0)
+        assert series(samples, "prefix_attn_model_requests_total") == {(("model", "prefix-attn-tiny"),): 3}
+
+
+def test_metrics_need_the_api_key_where_one_is_set():
+    """--api-key guards /metrics as it guards /v1/ (its series name the prefixes); /health stays open."""
+    with started("--api-key", "k3y", "--prompt-prefix", f"sys={SYSTEM}") as s:
+        assert scrape(s)[0] == 401
+        assert scrape(s, {"Authorization": "Bearer wrong"})[0] == 401
+        status, _, samples = scrape(s, {"Authorization": "Bearer k3y"})
+        assert status == 200 and requests_total(samples) == {("/metrics", "401"): 2}
+        assert call(s, "/health")[0] == 200
+
+
+def test_label_values_are_escaped():
+    """A label value's backslash, double quote and newline are escaped, as the format reads them."""
+    assert serve_metrics.escape('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+    metrics = serve_metrics.Metrics(["/x"], ['we"ird\\name\n'], lambda: (0, 0))
+    samples = parse(metrics.render())
+    assert series(samples, "prefix_attn_model_requests_total") == {(("model", 'we"ird\\name\n'),): 0}
+
+
+def test_updates_from_many_threads_are_not_lost():
+    """8 threads counting at once, thread switches forced often: no update lost, and each
+    scrape taken meanwhile sees every request whole (its count and its latency together)."""
+    interval = sys.getswitchinterval()
+    metrics = serve_metrics.Metrics(["/x"], ["m"], lambda: (0, 0))
+    scraped = []
+
+    def count():
+        for _ in range(5000):
+            metrics.request("/x", 200, 0.001)
+            metrics.answered("m", {"prompt_tokens": 2, "completion_tokens": 3})
+
+    threads = [threading.Thread(target=count) for _ in range(8)]
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            scraped.append(parse(metrics.render()))
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    samples = parse(metrics.render())
+    assert requests_total(samples) == {("/x", "200"): 40000}
+    assert samples[("prefix_attn_model_requests_total", (("model", "m"),))] == 40000
+    assert (samples[("prefix_attn_prompt_tokens_total", ())], samples[("prefix_attn_generation_tokens_total", ())]) \
+        == (80000, 120000)
+    for s in scraped:
+        if requests_total(s):
+            latency = check_histogram(s, "prefix_attn_request_latency_seconds", (("endpoint", "/x"),))
+            assert latency[2] == requests_total(s)[("/x", "200")]
