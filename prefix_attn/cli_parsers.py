@@ -281,7 +281,7 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
                    default=5.0, metavar="MS",
                    help="after a request comes, wait this long for others to batch with it")
     p.add_argument("--api-key", default=None, metavar="KEY",
-                   help="every /v1/ request must carry 'Authorization: Bearer KEY' (else 401); default: "
+                   help="every /v1/ request and /metrics must carry 'Authorization: Bearer KEY' (else 401); default: "
                         "$PREFIX_ATTN_API_KEY, else none (every request served)")
     p.add_argument("--request-timeout", type=cli_args.float_where(lambda v: 0 < v <= 3600, "in (0, 3600]"),
                    default=10.0, metavar="S",

@@ -15,6 +15,7 @@ Endpoints (JSON in and out; Python's standard library only: http.server):
                                  {"role": "assistant", "content"}, "finish_reason"}], ...}
   GET  /v1/models            the base model and every prefix, as vLLM lists LoRA adapters
   GET  /health               {"status": "ok"}
+  GET  /metrics              Prometheus' text format (below)
   POST /tokenize             vLLM's: {"prompt": "...", "add_special_tokens": true, "model": NAME} (with
                              --chat: {"messages": [...], ...}) -> {"tokens", "count", "max_model_len"}
   POST /detokenize           vLLM's: {"tokens": [ids]} -> {"prompt": text}
@@ -115,13 +116,26 @@ the model's positions (code "context_length_exceeded"); 404 for an unknown prefi
 not all sent in time; 503 for out of memory alone, while stopping and beyond --max-connections;
 500 for anything else (its traceback on stderr; the server goes on).
 
+Metrics (GET /metrics, as vLLM's and TGI's, for Prometheus to scrape; prefix_attn.serve_metrics):
+prefix_attn_requests_total{endpoint,status} (requests answered, by path, "other" for an unknown
+one, and status, 499 for a client gone), prefix_attn_model_requests_total{model} (completion
+requests answered 200, by prefix or base model id, each from 0), prefix_attn_prompt_tokens_total and
+prefix_attn_generation_tokens_total (those requests' "usage" added up), the gauges
+prefix_attn_requests_waiting and prefix_attn_requests_running (rows, a request's choices: queued
+or gathered; in the model.generate call running), and the histograms
+prefix_attn_request_latency_seconds{endpoint} (request read to answer sent, a stream ended; buckets
+0.01 to 300 s) and prefix_attn_batch_size (rows per model.generate call; buckets 1 to 2048). Open
+as /health is, except with --api-key (below), which guards it as /v1/: its series name the
+prefixes. Connections refused beyond --max-connections are not counted (nothing is read of them).
+
 Exposed beyond localhost (--host 0.0.0.0): the server speaks plain HTTP, so put a TLS proxy in
 front of it (nginx, Caddy) for anything but a trusted network. --api-key KEY (else the
 environment variable PREFIX_ATTN_API_KEY; better than the command line, which other users of the
-machine may see) makes every /v1/ request carry "Authorization: Bearer KEY", compared in constant
-time, else a 401 ("code": "invalid_api_key", as OpenAI's API answers); /health and the tokenizer
-endpoints stay open (vLLM's --api-key alike; without the key, their 404 for an unknown "model"
-lists no prefix); the key is never printed. A client that closes its
+machine may see) makes every /v1/ request and /metrics carry "Authorization: Bearer KEY", compared
+in constant time, else a 401 ("code": "invalid_api_key", as OpenAI's API answers; /metrics is
+guarded where vLLM leaves it open: its series name the prefixes, so a Prometheus scrape gives the
+key as its "authorization" credentials); /health and the tokenizer endpoints stay open (vLLM's --api-key
+alike; without the key, their 404 for an unknown "model" lists no prefix); the key is never printed. A client that closes its
 connection (or its sending half) before its answer has its rows given up: passed over while they
 wait, stopped at their next token while their batch runs (the batch goes on), as a streamed
 client gone is; its log line says 499. --request-timeout S (10): each read of a request's line
