@@ -839,6 +839,10 @@ class _Handler(BaseHTTPRequestHandler):
                               "param": None, "code": None}}
         text = isinstance(body, str)  # /metrics' exposition, else JSON
         data = body.encode("utf-8") if text else json.dumps(body, ensure_ascii=False).encode("utf-8")
+        # counted before the answer goes out: a client holding its answer finds it in /metrics
+        # (counted after the write, the last of concurrent requests could be missing from a
+        # scrape that its client made once answered)
+        app.metrics.request(path, status, time.monotonic() - start)
         try:
             self.send_response(status)
             self.send_header("Content-Type", serve_metrics.CONTENT_TYPE if text else "application/json")
@@ -852,13 +856,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(data)
         except OSError:  # the client is gone
             pass
-        self._log(app, method, path, status, tokens, "", start)
+        self._log(app, method, path, status, tokens, "", start, counted=True)
 
     @staticmethod
-    def _log(app: Server, method: str, path: str, status: int, tokens: int, note: str, start: float) -> None:
-        """A request done: counted in /metrics, and its log line (none with --quiet)."""
+    def _log(app: Server, method: str, path: str, status: int, tokens: int, note: str, start: float,
+             counted: bool = False) -> None:
+        """A request done: counted in /metrics (unless ``counted`` already), and its log line
+        (none with --quiet)."""
         seconds = time.monotonic() - start
-        app.metrics.request(path, status, seconds)
+        if not counted:
+            app.metrics.request(path, status, seconds)
         if app.log:
             app.say(f"{method} {path} {status} {tokens} tokens {1000 * seconds:.0f} ms{note}")
 
