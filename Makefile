@@ -65,7 +65,7 @@ COMPAT_TESTS := tests/test_hf_models.py tests/test_hf_prefix.py tests/test_gener
 	tests/test_serve_logprobs.py tests/test_serve_prompts.py tests/test_chat_continue.py \
 	tests/test_eval_cli.py tests/test_train_dist.py tests/test_tool_calls.py tests/test_serve_tokenize.py \
 	tests/test_serve_before_loading.py tests/test_serve_cli_batching.py tests/test_train_best.py \
-	tests/test_server_exposed.py tests/test_server_edges.py
+	tests/test_server_exposed.py tests/test_server_metrics.py tests/test_server_edges.py
 
 test-compat: setup
 	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
