@@ -820,12 +820,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         app, start, tokens = self.server.app, time.monotonic(), 0
         path = self.path.split("?", 1)[0]
+        self._counted, self._start = False, start  # a stream counts itself before its [DONE]
         self.connection.settimeout(self.timeout)
         try:
             body, tokens = self._route(app, method, path)
             status = 200
             if body is None:  # streamed: answered
-                self._log(app, method, path, status, *tokens, start)
+                self._log(app, method, path, status, *tokens, start, counted=self._counted)
                 return
         except ClientGone:  # its rows given up; 499 (nginx's "client closed request"): the log's alone
             self._log(app, method, path, 499, 0, ", client gone", start)
@@ -956,6 +957,7 @@ class _Handler(BaseHTTPRequestHandler):
                     if p.error is not None:  # as OpenAI's API (and vLLM): an error event, then [DONE]
                         for other in pending:
                             other.cancel()
+                        self._count(app)
                         self.wfile.write(serve_stream.event({"error": p.error.error}) + serve_stream.DONE)
                         return 0, f", streamed error {p.error.status}"
                     self.wfile.write(self._rest(app, p, sent[index], chunks))
@@ -964,13 +966,20 @@ class _Handler(BaseHTTPRequestHandler):
                         break
                 index, kind, text = self._event(pending)
             usage = app.usage(pending)
-            self.wfile.write(chunks.end(usage))
             app.metrics.answered(app.name(pending[0]), usage)
+            self._count(app)
+            self.wfile.write(chunks.end(usage))
             return usage["completion_tokens"], ", streamed"
         except (OSError, ClientGone):  # the client is gone: its rows stop at the next token, those
             for p in pending:           # waiting are passed over
                 p.cancel()
             return 0, ", streamed, client gone"
+
+    def _count(self, app: Server) -> None:
+        """The stream counted in /metrics (a 200: its status went out first) before its last
+        event, as an unstreamed answer is before it is sent."""
+        app.metrics.request(self.path.split("?", 1)[0], 200, time.monotonic() - self._start)
+        self._counted = True
 
     @staticmethod
     def _rest(app: Server, p: _Pending, sent: str, chunks: serve_stream.Chunks) -> bytes:

@@ -238,3 +238,27 @@ def test_updates_from_many_threads_are_not_lost():
         if requests_total(s):
             latency = check_histogram(s, "prefix_attn_request_latency_seconds", (("endpoint", "/x"),))
             assert latency[2] == requests_total(s)[("/x", "200")]
+
+
+def test_a_stream_is_counted_before_its_last_event(server, monkeypatch):
+    """As an unstreamed answer is counted before it is sent, a stream is counted (its request,
+    its tokens) before its usage chunk and [DONE] go out: a client that read [DONE] finds it in
+    /metrics. Counted after the last write, a scrape right after could miss it."""
+    from prefix_attn import serve_stream
+
+    seen, end = [], serve_stream.Chunks.end
+
+    def checked_end(self, usage):
+        samples = parse(server.metrics.render())
+        seen.append((requests_total(samples).get(("/v1/completions", "200"), 0),
+                     samples[("prefix_attn_generation_tokens_total", ())]))
+        return end(self, usage)
+
+    _, _, before = scrape(server)
+    monkeypatch.setattr(serve_stream.Chunks, "end", checked_end)
+    chunks = streamed(server, {"prompt": "the fox", "stream_options": {"include_usage": True}})
+    was = requests_total(before).get(("/v1/completions", "200"), 0)
+    tokens = before[("prefix_attn_generation_tokens_total", ())] + chunks[-1]["usage"]["completion_tokens"]
+    assert seen == [(was + 1, tokens)]
+    _, _, after = scrape(server)
+    assert requests_total(after)[("/v1/completions", "200")] == was + 1  # once, not again at the end
