@@ -16,7 +16,6 @@ chat's "bytes" are the token's own bytes where the tokenizer says them, else the
 string: the "bytes" of a choice's entries joined are the UTF-8 of its content."""
 from __future__ import annotations
 
-import inspect
 import json
 import re
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import serve_stream, tiny
+from .hf.hooks import forward_params
 
 
 @dataclass
@@ -63,7 +63,7 @@ def score(model, rows: List[Row], pad_id: Optional[int], device: torch.device) -
     ids, mask = tiny.left_pad([r.prompt + r.completion for r in rows], pad_id)
     width = ids.shape[1]
     keep = max(len(r.prompt) + len(r.completion) - r.first for r in rows) + 1
-    kwargs = {"logits_to_keep": keep} if "logits_to_keep" in _forward_params(model) else {}
+    kwargs = {"logits_to_keep": keep} if "logits_to_keep" in forward_params(model) else {}
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         logits = model(ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
@@ -82,10 +82,6 @@ def score(model, rows: List[Row], pad_id: Optional[int], device: torch.device) -
         head = r.first if r.echo else 0  # the unscored first prompt token
         scored.append(Scored(seq[r.first - head:], [None] * head + chosen, [None] * head + top))
     return scored
-
-
-def _forward_params(model) -> set:
-    return set(inspect.signature(model.forward).parameters)
 
 
 class Names:

@@ -24,7 +24,9 @@ from .support import attn_implementation
 _FORWARD_PARAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _forward_params(model) -> list:
+def forward_params(model) -> list:
+    """The parameter names of ``model.forward``, read once per forward function (also what
+    prefix-attn serve's scoring asks: whether the model takes ``logits_to_keep``)."""
     forward = model.forward
     func = getattr(forward, "__func__", forward)
     try:
@@ -40,7 +42,7 @@ def cache_kwarg(model) -> str:
     """Name of the KV-cache keyword of ``model.forward``: ``"cache"`` (transformers >= 5.2x)
     or ``"past_key_values"`` (earlier 5.x). An unknown keyword would be swallowed by
     ``**kwargs`` and the cache silently ignored, so callers pass ``{cache_kwarg(m): cache}``."""
-    return "cache" if "cache" in _forward_params(model) else "past_key_values"
+    return "cache" if "cache" in forward_params(model) else "past_key_values"
 
 
 def _batch_and_length(kwargs):
@@ -254,7 +256,7 @@ def _prefixes_to_selection(model, args, kwargs):
     by position are read by name and given back by position (a user's hook reads ``args[0]``)."""
     if not args:
         return _to_selection(model, args, kwargs)
-    names = _forward_params(model)[:len(args)]
+    names = forward_params(model)[:len(args)]
     args, kwargs = _to_selection(model, (), {**kwargs, **dict(zip(names, args))})
     return tuple(kwargs.pop(n) for n in names), kwargs
 
@@ -304,7 +306,7 @@ def _to_selection(model, args, kwargs):
     else:
         sel = _pad_short(bank.select(_rows_for(prefixes), B, device=device))
         row_lens = sel.row_lens.to(device)
-        if "position_ids" in _forward_params(model) and any(sel.host_row_lens):
+        if "position_ids" in forward_params(model) and any(sel.host_row_lens):
             pos = _positions_after_prefix(model, kwargs, S, row_lens, device,
                                           uniform=len(set(sel.host_row_lens)) == 1)
             if pos is not None:
