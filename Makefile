@@ -34,6 +34,9 @@ check: setup
 
 test: setup
 	$(VPY) -m pytest -q tests
+	@# the GPU files of the HF layer and the CLI once more with the CPU as their device: a check of
+	@# the tests themselves (bench/gpu.sh runs them on a GPU), which otherwise skip here
+	PREFIX_ATTN_HF_TEST_DEVICE=cpu $(VPY) -m pytest -q tests/test_hf_gpu.py tests/test_cli_gpu.py
 	if [ -x csrc/run_ctest.sh ]; then bash csrc/run_ctest.sh; fi
 
 # Without the Triton interpreter, nvcc, HF model and slow tests: a quick inner loop.

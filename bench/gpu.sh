@@ -10,11 +10,12 @@
 #                bench and bench_train time anything and resumed after them, so its compilers
 #                do not compete with the benchmarks' host threads (they ran through the
 #                timings until 2026-12-06)
-#   tests_gpu    (T_GPU, 100)    tests/test_triton_gpu.py -m gpu: real sizes, bf16/fp16, head
+#   tests_gpu    (T_GPU, 120)    tests/test_triton_gpu.py -m gpu: real sizes, bf16/fp16, head
 #                dims 16..256; tests/test_hf_gpu.py: tiny HF models on the GPU through the
-#                triton backend; tests/test_host_syncs.py: CUDA's own count of the syncs of a
+#                triton backend; tests/test_cli_gpu.py: train / eval / generate / serve with
+#                --device cuda against the same commands on the CPU; tests/test_host_syncs.py: CUDA's own count of the syncs of a
 #                decode step, equal at 2 and 4 layers (8 workers: compiling is the slow part)
-#   bench        (T_BENCH, 220)  bench/bench_triton_gpu.py, full autotuning, with the same-run
+#   bench        (T_BENCH, 200)  bench/bench_triton_gpu.py, full autotuning, with the same-run
 #                comparison of the backward's kernel switches (bench_triton_gpu.ABLATIONS), the
 #                older enable_gqa baseline at P 128 and a kernel-time profile (results are
 #                written after each part: a time box keeps what was measured)
@@ -114,14 +115,14 @@ PY
 cat "$OUT/summary.txt"
 
 # Tests: one config per kernel (no autotuning sweep); compiled kernels, not the interpreter.
-stage tests_gpu "${T_GPU:-100}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
-    $PY -m pytest -v -p no:cacheprovider -n 8 tests/test_triton_gpu.py tests/test_hf_gpu.py \
+stage tests_gpu "${T_GPU:-120}" env -u TRITON_INTERPRET PREFIX_ATTN_TRITON_ONE_CONFIG=1 \
+    $PY -m pytest -v -p no:cacheprovider -n 8 tests/test_triton_gpu.py tests/test_hf_gpu.py tests/test_cli_gpu.py \
     tests/test_host_syncs.py -m gpu
 
 # Benchmark: full autotuning; the chosen configs go to the log and the JSON. The timings of
 # the search are kept on disk (TRITON_CACHE_AUTOTUNING) for bench_train below.
 ext_pause
-stage bench "${T_BENCH:-220}" env -u TRITON_INTERPRET -u PREFIX_ATTN_TRITON_ONE_CONFIG \
+stage bench "${T_BENCH:-200}" env -u TRITON_INTERPRET -u PREFIX_ATTN_TRITON_ONE_CONFIG \
     TRITON_CACHE_AUTOTUNING=1 TRITON_PRINT_AUTOTUNING=1 PYTHONUNBUFFERED=1 \
     $PY bench/bench_triton_gpu.py --out "$OUT" --prefix 128,16,64,256 "$@"
 

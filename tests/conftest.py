@@ -87,6 +87,22 @@ def require_attention_interface(family: str) -> None:
                     f"{transformers.__version__}")
 
 
+def count_attention_calls(monkeypatch) -> list:
+    """The device type of every call of ``prefix_attn.api.prefix_attention`` from now on, appended
+    to the list returned (the GPU tests check that every call reached the device)."""
+    import prefix_attn.api
+
+    calls = []
+    real = prefix_attn.api.prefix_attention
+
+    def counted(q, *a, **kw):
+        calls.append(q.device.type)
+        return real(q, *a, **kw)
+
+    monkeypatch.setattr(prefix_attn.api, "prefix_attention", counted)
+    return calls
+
+
 def prefix_step(model, module, ids, mask, labels):
     """One training forward + backward of `model` with the prefix "default" on every row:
     (loss, the gradients of the prefix module's parameters), grads cleared first."""

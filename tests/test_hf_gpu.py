@@ -12,11 +12,10 @@ import warnings
 import pytest
 import torch
 
-import prefix_attn.api
 from prefix_attn.bank import PrefixBank
 from prefix_attn.tiny import tiny_model
 from prefix_attn.tuning import prefix_tuning
-from conftest import prefix_step
+from conftest import count_attention_calls, prefix_step
 
 peft = pytest.importorskip("peft")
 DEVICE = os.environ.get("PREFIX_ATTN_HF_TEST_DEVICE", "cuda")
@@ -33,14 +32,7 @@ def _forced_backend(monkeypatch):
     monkeypatch.setenv("PREFIX_ATTN_BACKEND", BACKEND)
     if DEVICE == "cuda":
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    calls = []
-    real = prefix_attn.api.prefix_attention
-
-    def counted(q, *a, **kw):
-        calls.append(q.device.type)
-        return real(q, *a, **kw)
-
-    monkeypatch.setattr(prefix_attn.api, "prefix_attention", counted)
+    calls = count_attention_calls(monkeypatch)
     yield calls
     assert calls and set(calls) == {DEVICE}
 
