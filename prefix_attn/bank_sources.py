@@ -71,10 +71,7 @@ class Sources:
         if trainable and model is None:
             raise RuntimeError("load_peft(..., trainable=True) needs a bank attached to a model "
                                "(PrefixBank.attach(model)): the model's base is frozen around it")
-        cfg = getattr(model, "config", None)
-        # multi-query GPT-BigCode: older PEFT saved every query head (it served head 0)
-        query_heads = (getattr(cfg, "num_attention_heads", None)
-                       if getattr(cfg, "model_type", None) == "gpt_bigcode" else None)
+        query_heads = peft_format.query_heads_of(getattr(model, "config", None))
         kv, _ = peft_format.read_peft_adapter(adapter_dir, self.shape, query_heads)
         model_info.warn_window_vs_peft(model, f"load_peft({name!r})")
         if trainable:

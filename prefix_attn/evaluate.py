@@ -287,7 +287,10 @@ def _run(args: argparse.Namespace) -> int:
             if args.chat else None)
     warn_about_adapter_bases(sources, args.model, "eval")
 
-    served = serve.load(args, device, sources, command="eval")
+    try:
+        served = serve.load(args, device, sources, command="eval")
+    except (ValueError, FileNotFoundError) as exc:  # an adapter or bank that does not fit, missing files
+        raise EvalError(str(exc)) from None
     bank, model = served.bank, served.model
     wanted = default + sorted({n for n in named.values() if n is not None})
     if chat is not None:

@@ -19,6 +19,12 @@ def model_dims(model: nn.Module) -> tuple[int, int, int]:
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError(f"cannot attach a PrefixBank: {type(model).__name__} has no .config")
+    return config_dims(config)
+
+
+def config_dims(config) -> tuple[int, int, int]:
+    """:func:`model_dims` of a model of ``config`` (its text config's), read before any weight
+    is loaded (``prefix-attn generate`` checks adapters and banks against them first)."""
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
 

@@ -141,16 +141,42 @@ def _saved_heads(config: dict, cfg_path: str, shape: BankShape, query_heads: Opt
     return H
 
 
-def read_peft_adapter(adapter_dir: str, shape: BankShape,
-                      query_heads: Optional[int] = None) -> tuple[torch.Tensor, dict]:
-    """Load a PEFT prefix-tuning adapter and check it against ``shape``. ``query_heads``: the
-    model's query heads where an adapter with one set of keys per query head is read as PEFT
-    served it (multi-query GPT-BigCode, :func:`_saved_heads`).
+def check_peft_adapter(adapter_dir: str, shape: BankShape, query_heads: Optional[int] = None) -> None:
+    """:func:`read_peft_adapter`'s checks that need no tensor data: its config against ``shape``,
+    a weights file present and, in a safetensors file, the prefix tensor's shape and dtype (read
+    from the header). The same errors; cheap enough to run before a large model loads."""
+    config, heads, P = _checked_config(adapter_dir, shape, query_heads)
+    st_path = os.path.join(adapter_dir, WEIGHTS_NAME)
+    if not os.path.isfile(st_path):
+        if not os.path.isfile(os.path.join(adapter_dir, WEIGHTS_NAME_BIN)):
+            _read_tensor(adapter_dir)  # raises the missing-file error
+        return  # a torch file has no header to read without loading it
+    try:
+        from safetensors import safe_open
 
-    Returns ``(kv, config)`` with ``kv`` of shape ``[L, 2, Hkv, P, D]`` (CPU, the file's dtype)
-    and the parsed ``adapter_config.json``. Raises ``FileNotFoundError`` for missing files and
-    ``AdapterError`` (a ``ValueError``) naming the file and the field for anything else.
-    """
+        with safe_open(st_path, framework="pt", device="cpu") as f:
+            if TENSOR_KEY not in f.keys():
+                raise AdapterError(f"{st_path}: no tensor {TENSOR_KEY!r} (found {sorted(f.keys())})")
+            head = f.get_slice(TENSOR_KEY)
+            dims, dtype = head.get_shape(), head.get_dtype()
+    except AdapterError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise AdapterError(f"{st_path}: corrupt or unreadable safetensors file ({exc})") from exc
+    _check_embedding(st_path, list(dims), None if dtype.startswith(("F", "BF")) else dtype, P, heads, shape)
+
+
+def query_heads_of(config) -> Optional[int]:
+    """The ``query_heads`` argument of :func:`read_peft_adapter` for a model of ``config``: its
+    query heads on a multi-query GPT-BigCode (whose older PEFT saved every query head and served
+    head 0), None elsewhere."""
+    if getattr(config, "model_type", None) != "gpt_bigcode":
+        return None
+    return getattr(config, "num_attention_heads", None)
+
+
+def _checked_config(adapter_dir: str, shape: BankShape, query_heads: Optional[int]) -> tuple[dict, int, int]:
+    """The adapter's config checked against ``shape``: (config, heads it holds, P)."""
     cfg_path = os.path.join(adapter_dir, CONFIG_NAME)
     config = _read_config(adapter_dir)
     peft_type = config.get("peft_type")
@@ -181,16 +207,35 @@ def read_peft_adapter(adapter_dir: str, shape: BankShape,
     P = _int_field(config, "num_virtual_tokens", cfg_path)
     if P is None or P < 0:
         raise AdapterError(f"{cfg_path}: num_virtual_tokens missing or negative ({P!r})")
+    return config, heads, P
 
-    path, emb = _read_tensor(adapter_dir)
+
+def _check_embedding(path: str, dims: list, not_float, P: int, heads: int, shape: BankShape) -> None:
+    """The prefix tensor of ``path`` (its ``dims``; ``not_float``: None for a floating dtype,
+    else the dtype to name) is ``[P, L*2*Hkv*D]`` of floats."""
     width = shape.num_layers * 2 * heads * shape.head_dim
-    if emb.dim() != 2 or tuple(emb.shape) != (P, width):
+    if len(dims) != 2 or tuple(dims) != (P, width):
         raise AdapterError(
-            f"{path}: {TENSOR_KEY} has shape {list(emb.shape)}, expected [P={P}, L*2*Hkv*D={width}] "
+            f"{path}: {TENSOR_KEY} has shape {dims}, expected [P={P}, L*2*Hkv*D={width}] "
             f"(L={shape.num_layers}, Hkv={heads}, D={shape.head_dim})"
         )
-    if not emb.is_floating_point():
-        raise AdapterError(f"{path}: {TENSOR_KEY} has dtype {emb.dtype}, expected a floating-point tensor")
+    if not_float is not None:
+        raise AdapterError(f"{path}: {TENSOR_KEY} has dtype {not_float}, expected a floating-point tensor")
+
+
+def read_peft_adapter(adapter_dir: str, shape: BankShape,
+                      query_heads: Optional[int] = None) -> tuple[torch.Tensor, dict]:
+    """Load a PEFT prefix-tuning adapter and check it against ``shape``. ``query_heads``: the
+    model's query heads where an adapter with one set of keys per query head is read as PEFT
+    served it (multi-query GPT-BigCode, :func:`_saved_heads`).
+
+    Returns ``(kv, config)`` with ``kv`` of shape ``[L, 2, Hkv, P, D]`` (CPU, the file's dtype)
+    and the parsed ``adapter_config.json``. Raises ``FileNotFoundError`` for missing files and
+    ``AdapterError`` (a ``ValueError``) naming the file and the field for anything else.
+    """
+    config, heads, P = _checked_config(adapter_dir, shape, query_heads)
+    path, emb = _read_tensor(adapter_dir)
+    _check_embedding(path, list(emb.shape), None if emb.is_floating_point() else emb.dtype, P, heads, shape)
     # [P, L*2*Hkv*D] -> [P, L, 2, Hkv, D] (PEFT's view) -> [L, 2, Hkv, P, D] (the bank's layout)
     kv = emb.view(P, shape.num_layers, 2, heads, shape.head_dim).permute(1, 2, 3, 0, 4)
     return kv[:, :, :shape.num_kv_heads].contiguous(), config

@@ -115,8 +115,9 @@ Everything that can be checked is checked before any generation: the request fil
 names, the output path, the device, $PREFIX_ATTN_BACKEND and each request's decoding fields and
 its length (prompt + prefix + its max_new_tokens within the model's positions). What needs only the
 tokenizer and the model's config.json (the --chat rendering, the tokens, the lengths, each
---prompt-prefix) is checked before the weights load; a --bank or --adapter not fitting the model,
-after. The output file is written whole or
+--prompt-prefix) is checked before the weights load, and so is each --adapter and --bank against
+the config's layers, kv heads and head dim (the adapter's config and tensor header, the bank
+file's header). The output file is written whole or
 not at all; Ctrl-C or SIGTERM stops at once and keeps the answers finished so far in
 OUTPUT.partial, in input order (exit status 130 / 143), as does an error in a later batch.
 With -o -, each answer is written once it and every earlier one are finished; a reader
@@ -665,6 +666,7 @@ def prepare(args: argparse.Namespace, sources: List[Source], command: str = "gen
     them alone: the chat template (``args.chat``) and each ``--prompt-prefix``'s tokens (its
     rendering as a system message). A large model is thus not loaded to be refused."""
     config = tiny.default_config() if args.model is None else tiny.load_model_config(args.model)
+    _check_sources_fit(config, sources, args.bank)
     tokenizer = tiny.load_tokenizer(args.model)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab_size = getattr(text_config, "vocab_size", None)
@@ -674,6 +676,31 @@ def prepare(args: argparse.Namespace, sources: List[Source], command: str = "gen
                 if args.chat else None)
         prompt_ids = _prompt_prefix_ids(sources, tokenizer, chat, vocab_size)
     return Prepared(tokenizer, config, chat, prompt_ids, vocab_size)
+
+
+def _check_sources_fit(config, sources: List[Source], bank_dir: Optional[str]) -> None:
+    """Each ``--adapter`` (its config and tensor header) and the ``--bank`` file's header checked
+    against the dims of a model of ``config``, with the errors loading them into its bank gives:
+    a mismatch is said before the weights load, not after. A config whose dims cannot be read
+    leaves the checks to the bank."""
+    from prefix_attn import bank_file, model_info, peft_format
+
+    try:
+        dims = model_info.config_dims(config)
+    except ValueError:
+        return
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    with warnings.catch_warnings():  # said once, by the load itself
+        warnings.simplefilter("ignore")
+        for s in sources:
+            if s.option == "--adapter":
+                peft_format.check_peft_adapter(s.value, peft_format.BankShape(*dims),
+                                               peft_format.query_heads_of(text_config))
+    if bank_dir:
+        saved = bank_file.read(bank_dir, tensors=False)
+        if saved.dims != dims:
+            raise ValueError(f"{bank_file.path_in(bank_dir)}: saved for (L, Hkv, D)={saved.dims}, "
+                             f"but the model has {dims}")
 
 
 def load(args: argparse.Namespace, device: torch.device, sources: List[Source], command: str = "generate",

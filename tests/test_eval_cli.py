@@ -292,3 +292,19 @@ def test_examples_the_cut_leaves_nothing_to_score_name_evals_limit_not_trains_op
     err = capsys.readouterr().err
     assert code == 2 and "no token to learn" in err
     assert "--num-virtual-tokens" not in err and "the longest prefix scored" in err
+
+
+def test_a_missing_or_mismatched_adapter_is_said_as_such(single, tmp_path, capsys):
+    """Not as an --output that cannot be written (a FileNotFoundError is an OSError), nor as a
+    traceback (an adapter of another model)."""
+    out, held = single
+    code, _ = _eval(tmp_path, held, "--adapter", f"a={tmp_path / 'nowhere'}")
+    err = capsys.readouterr().err
+    assert code == 2 and "prefix-attn eval: error: PEFT adapter folder not found" in err and "--output" not in err
+    from prefix_attn.bank import PrefixBank
+
+    other = PrefixBank(3, 2, 16)
+    other.add("a", torch.randn(3, 2, 4, 16), torch.randn(3, 2, 4, 16))
+    other.save_peft("a", str(tmp_path / "other"))
+    code, _ = _eval(tmp_path, held, "--model", os.path.join(out, "base_model"), "--adapter", f"a={tmp_path / 'other'}")
+    assert code == 2 and "num_layers=3 but this model needs num_layers=" in capsys.readouterr().err

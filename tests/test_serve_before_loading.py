@@ -113,3 +113,64 @@ def test_a_prompt_prefix_the_template_refuses_is_said_before_the_weights_load(tm
     err = capsys.readouterr().err
     assert rc == 2 and f"prefix-attn {command}: error: --prompt-prefix sys: the chat template refuses a " \
                        "system message alone" in err
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    """An adapter (6 virtual tokens, safetensors), the same as a torch file, and a saved bank, all
+    for a model of 3 layers where the tiny GPT-2 has 2; an adapter whose tensor header disagrees
+    with its config."""
+    from prefix_attn.bank import PrefixBank
+
+    root = tmp_path_factory.mktemp("other")
+    bank = PrefixBank(3, 2, 16)  # the tiny GPT-2: (2, 4, 8)
+    bank.add("t", torch.randn(3, 2, 6, 16), torch.randn(3, 2, 6, 16))
+    bank.save_peft("t", str(root / "adapter"))
+    bank.save(str(root / "bank"))
+    (root / "bin").mkdir()
+    (root / "bin" / "adapter_config.json").write_text((root / "adapter" / "adapter_config.json").read_text())
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(root / "adapter" / "adapter_model.safetensors")), str(root / "bin" / "adapter_model.bin"))
+    return root
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "eval"])
+@pytest.mark.parametrize("source, error", [
+    ("adapter", "adapter/adapter_config.json: num_layers=3 but this model needs num_layers=2"),
+    ("bin", "bin/adapter_config.json: num_layers=3 but this model needs num_layers=2"),
+    ("bank", "bank/prefix_bank.safetensors: saved for (L, Hkv, D)=(3, 2, 16), but the model has (2, 4, 8)"),
+])
+def test_an_adapter_or_bank_of_another_model_is_refused_before_the_weights_load(
+        tmp_path, gpt2, other_model, capsys, no_weights, command, source, error):
+    from prefix_attn import cli
+
+    given = ["--bank", str(other_model / source)] if source == "bank" else \
+        ["--adapter", f"t={other_model / source}"]
+    options = ["--model", str(gpt2 / "model"), *given]
+    f = _write(tmp_path / "r.jsonl", [{"prefix": "t", "prompt": "hi", "completion": " there"}])
+    if command == "serve":
+        rc = cli.main(["serve", "--port", "0", "--quiet", *options])
+    elif command == "eval":
+        rc = cli.main(["eval", f, "--no-progress", *options])
+    else:
+        rc = cli.main(["generate", "-i", f, "-o", str(tmp_path / "o.jsonl"), "--no-progress", *options])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"prefix-attn {command}: error: " in err and error in err, err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_an_adapter_whose_tensor_disagrees_with_its_config_is_refused_before_the_weights_load(
+        tmp_path, gpt2, capsys, no_weights):
+    """The safetensors header is read, not the tensor: its shape checked as loading checks it."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(gpt2 / "adapter", bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "num_virtual_tokens": 7}))
+    f = _write(tmp_path / "r.jsonl", [{"prefix": "t", "prompt": "hi"}])
+    rc = serve.main(["-i", f, "-o", str(tmp_path / "o.jsonl"), "--model", str(gpt2 / "model"),
+                     "--adapter", f"t={bad}", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bad/adapter_model.safetensors: prompt_embeddings has shape [6, 128], expected [P=7" in err, err
