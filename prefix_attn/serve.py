@@ -44,6 +44,10 @@ Input: one JSON object per line, UTF-8 (a byte-order mark is accepted; blank lin
             They are copied to the result too. "seed" is not applied per request (one --seed
             draws for every batch in turn: a request's own seed could not hold in a batch it
             shares), and gets a warning
+  "response_format", and with --chat and "tools" a "tool_choice" forcing a call: structured
+            output as `prefix-attn serve` gives it (its --help; the optional xgrammar package):
+            "completion" JSON of the schema; a forced call's "tool_calls", "completion" null;
+            not with beams; checked before the model loads. Copied to the result
   any other field is copied to the result line
 
 Output: one line per request, in input order:
@@ -585,16 +589,41 @@ class Served:
     pad_id: Optional[int]
     heads: Dict[str, Optional[str]] = field(default_factory=dict)  # _plan's, kept across calls
     tool_parser: Optional[str] = None
+    grammars: object = None  # structured_logits.Grammars, made when a request first asks for one
 
     def settings(self, args: argparse.Namespace, request: Request) -> serve_options.Decoding:
         """How ``request`` decodes: the options ``args`` and its fields; its text with special
-        tokens where a tool-call parser reads it."""
+        tokens where a tool-call parser reads it. RequestError: beams with structured output."""
         special = tool_calls.applies(self.tool_parser, request) is not None
-        return serve_options.Decoding.of(args, {**request.options, "special": special})
+        settings = serve_options.Decoding.of(args, {**request.options, "special": special})
+        check_beams([request], [settings], "request")
+        return settings
 
     def tool_calls(self, request: Request, text: str) -> Optional[tool_calls.Parsed]:
-        """The tool calls of ``request``'s answer ``text`` (None: none, or no parser applies)."""
+        """The tool calls of ``request``'s answer ``text`` (None: none, or no parser applies); a
+        forced call's (:func:`prefix_attn.structured.tool_calls`: finish_reason "stop" for a named
+        function, as vLLM's, "tool_calls" for "required")."""
+        if request.constraint is not None and request.constraint.tool:
+            from . import structured
+
+            calls = structured.tool_calls(request.constraint, text)
+            reason = "stop" if request.constraint.kind == "function" else "tool_calls"
+            return None if calls is None else tool_calls.Parsed(None, calls, reason)
         return tool_calls.parse(tool_calls.applies(self.tool_parser, request), text, request.tools)
+
+    def holder(self, request: Request):
+        """For a streamed answer: each stable piece of text to what goes out now
+        (:func:`prefix_attn.tool_calls.holder`); a forced call's text all held for the end."""
+        if request.constraint is not None and request.constraint.tool:
+            return lambda piece: ""
+        return tool_calls.holder(tool_calls.applies(self.tool_parser, request))
+
+    def _grammars(self):
+        if self.grammars is None:
+            from .structured_logits import Grammars
+
+            self.grammars = Grammars(self.tokenizer, self.model.get_output_embeddings().weight.shape[0], self.stop)
+        return self.grammars
 
     def plan(self, requests: List[Request], path: str) -> List[_Job]:
         """The jobs of ``requests`` (:func:`_plan`; ``path`` names them in errors)."""
@@ -617,7 +646,8 @@ class Served:
     def generate(self, jobs: List[_Job], settings: serve_options.Decoding, criteria=(),
                  streamer=None) -> List[List[int]]:
         """The new token ids of each job, decoded alike by ``settings`` in one model.generate
-        call (left padded; each row ends at its first stop text too); ``criteria``: more
+        call (left padded; each row ends at its first stop text too; a row whose request asks
+        for structured output constrained by its grammar alone); ``criteria``: more
         stopping criteria (transformers' ``StoppingCriteria``); ``streamer``: transformers'
         streamer, given each step's tokens (not with beams)."""
         from transformers import StoppingCriteriaList
@@ -635,6 +665,12 @@ class Served:
             gen_kwargs["stopping_criteria"] = StoppingCriteriaList(stopping)
         if streamer is not None:
             gen_kwargs["streamer"] = streamer
+        constraints = [job.request.constraint for job in jobs]
+        if any(c is not None for c in constraints):  # each row its own grammar (None: free)
+            from transformers import LogitsProcessorList
+
+            gen_kwargs["logits_processor"] = LogitsProcessorList(
+                [self._grammars().processor(constraints, ids.shape[1])])
         with torch.no_grad():
             gen = self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device),
                                       prefixes=[job.prefix for job in jobs], **gen_kwargs)
@@ -780,7 +816,19 @@ def _check_before_loading(args: argparse.Namespace, sources: List[Source], reque
                  vocab_size=prepared.vocab_size or 2 ** 62,  # unknown: judged once the weights load
                  add_head=prefixes.add_head)
     decoding = [serve_options.Decoding.of(args, job.request.options) for job in jobs]
+    check_beams([job.request for job in jobs], decoding, args.input)
     _check_lengths(jobs, prepared.config, prefixes, decoding, args.input)
+
+
+def check_beams(requests: List[Request], decoding: List[serve_options.Decoding], path: str) -> None:
+    """No request asking for structured output decodes by beam search (one grammar a row: not
+    served); RequestError naming each such line."""
+    bad = [f"{path}:{r.line}" for r, d in zip(requests, decoding) if r.constraint is not None and d.num_beams > 1]
+    if bad:
+        error = RequestError(f"{', '.join(bad)}: structured output ('response_format' or a 'tool_choice' forcing "
+                             "a call) is not served with beam search: give num_beams 1")
+        error.param = "num_beams"
+        raise error
 
 
 def _generate(args: argparse.Namespace, device: torch.device, sources: List[Source],
@@ -854,7 +902,7 @@ def _result(r: Request, answer, parsed: Optional[tool_calls.Parsed] = None) -> d
               **({"prompt": r.prompt} if r.messages is None else {"messages": r.messages}),
               "completion": completion, "num_tokens": count, "finish_reason": reason}
     if parsed is not None:
-        result.update(completion=parsed.content, tool_calls=parsed.calls, finish_reason="tool_calls")
+        result.update(completion=parsed.content, tool_calls=parsed.calls, finish_reason=parsed.reason)
     result.update({k: v for k, v in r.extra.items() if k not in result})  # echo unknown fields
     return result
 

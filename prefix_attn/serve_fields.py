@@ -17,8 +17,7 @@ from . import jsonl
 UNSUPPORTED = {
     "best_of": (None, 1), "suffix": (None,), "logit_bias": (None, {}),
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "tool_choice": (None, "auto", "none"), "response_format": (None, {"type": "text"}),
-}
+}  # "response_format" and "tool_choice": prefix_attn.structured
 # a request's "seed": taken (and unused) where it decodes without sampling (lm-evaluation-harness
 # sends one with every greedy request), refused where it samples
 SEED_REFUSED = ("'seed' is not applied per request: the server's --seed draws for every batch in turn "

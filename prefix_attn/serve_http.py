@@ -49,14 +49,27 @@ finish_reason ("stop": a stop id or a stop text; "length": max_tokens reached) a
 "num_tokens"). Other fields are ignored, except those asking for what is not served, refused
 with 400: "best_of" above 1, "suffix", "logit_bias", nonzero "presence_penalty" / "frequency_penalty", "seed"
 where the request samples (one --seed draws for every batch in turn; decoded without sampling,
-a seed changes nothing and is taken), a "tool_choice" other than "auto" or "none", a
-"response_format" other than text. A chat answer is the generated text as "content"; with
+a seed changes nothing and is taken). A chat answer is the generated text as "content"; with
 --tool-call-parser NAME (hermes, llama3_json, mistral: as generate's, prefix_attn.tool_calls), a
 request giving "tools" (its "tool_choice" not "none") has the calls in it as "tool_calls" (OpenAI's
 objects, "arguments" a JSON text, "id" random), "content" the text before them (null if none) and
 finish_reason "tool_calls"; an answer whose calls do not all parse stays content. Streamed, the
 text that may still be a call is held back: the calls go out when the answer ends, in one chunk of
 "delta": {"tool_calls": [{"index", "id", "type", "function"}, ...]}, or the text as content.
+
+Structured outputs, as vLLM serves them (prefix_attn.structured; the optional xgrammar package,
+`pip install 'prefix_attn[structured]'`, imported only when a request asks: without it a 400
+naming it): "response_format": {"type": "json_object"} or {"type": "json_schema", "json_schema":
+{"name", "schema", "strict"}} constrains the answer by a grammar (compact JSON) so that it parses
+and matches the schema, on either endpoint; max_tokens reached first: "length" and the text so
+far. With --chat and "tools": "tool_choice": {"type": "function", "function": {"name": X}} gives
+one call of X ("arguments": the generated object of X's "parameters" schema; "content" null;
+finish_reason "stop", vLLM's), "tool_choice": "required" one or more calls of the tools (a JSON
+array of {"name", "parameters"}, one with "parallel_tool_calls": false; finish_reason
+"tool_calls"), without --tool-call-parser; streamed, such calls go out at the end, constrained
+content as any text. Each row has its own grammar (a batch's free rows answer as alone). A bad
+schema, a function not in "tools" and a constraint with beams (not served) are a 400 naming the
+field.
 
 Prompts, as OpenAI's API takes them: /v1/completions' "prompt" is a string, an array of strings,
 an array of token ids (one prompt) or an array of arrays of token ids. Token ids run as given,
@@ -517,7 +530,7 @@ class Server:
         try:
             request = request_of(fields, "request", number)
         except RequestError as exc:
-            raise HTTPError(400, serve_fields.one_line(exc)) from None
+            raise HTTPError(400, serve_fields.one_line(exc), param=exc.param) from None
         if obj.get("seed") is not None and not asked.score_only and \
                 serve_options.Decoding.of(self.args, request.options).do_sample:
             raise HTTPError(400, serve_fields.SEED_REFUSED, param="seed", code="unsupported")
@@ -617,7 +630,7 @@ class Server:
                 p.settings = replace(p.settings, max_new_tokens=0, do_sample=False, num_beams=1,
                                      repetition_penalty=1.0, stop=())
         except RequestError as exc:
-            p.resolve(error=HTTPError(400, serve_fields.one_line(exc)))
+            p.resolve(error=HTTPError(400, serve_fields.one_line(exc), param=exc.param))
             return False
         except Exception as exc:  # a bug met by this request: a 500 for it, not for all gathered with it
             self._internal_error([p], exc)
@@ -696,7 +709,7 @@ def _choice(p: _Pending, chat: bool, parsed: Optional[tool_calls.Parsed] = None)
     if chat:
         message = {"role": "assistant", "content": text}
         if parsed is not None:
-            message, reason = {**message, "content": parsed.content, "tool_calls": parsed.calls}, "tool_calls"
+            message, reason = {**message, "content": parsed.content, "tool_calls": parsed.calls}, parsed.reason
         return {"index": p.index, "message": message, "logprobs": p.logprobs, "finish_reason": reason}
     return {"index": p.index, "text": p.request.prompt + text if p.asked.echo else text, "logprobs": p.logprobs,
             "finish_reason": reason}
@@ -940,7 +953,7 @@ class _Handler(BaseHTTPRequestHandler):
         options = pending[0].request.extra.get("stream_options") or {}
         chunks = serve_stream.Chunks(chat, app.name(pending[0]), options.get("include_usage") is True)
         sent, ended = [""] * len(pending), 0
-        held = [tool_calls.holder(tool_calls.applies(app.served.tool_parser, p.request)) for p in pending]
+        held = [app.served.holder(p.request) for p in pending]
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -988,7 +1001,7 @@ class _Handler(BaseHTTPRequestHandler):
         answer, _, reason = p.answer
         parsed = app.served.tool_calls(p.request, answer)
         if parsed is not None:
-            answer, reason = parsed.content or "", "tool_calls"
+            answer, reason = parsed.content or "", parsed.reason
         if not answer.startswith(sent):  # a tokenizer that rewrote text given out as stable
             app.say(f"stream: the text sent {sent!r} is not the start of the answer {answer!r}")
         rest = answer[len(sent):] if answer.startswith(sent) else ""

@@ -19,7 +19,10 @@ _MAX_LISTED = 10  # bad request lines named in one error; the rest are counted
 
 
 class RequestError(ValueError):
-    """A bad request file or request (names the file and line)."""
+    """A bad request file or request (names the file and line); ``param``: the request field at
+    fault, where one is (the server's error names it)."""
+
+    param = None
 
 
 @dataclass
@@ -31,7 +34,9 @@ generate --chat``);
     ``options``: the decoding settings its fields give (argparse dest -> value,
     :func:`prefix_attn.serve_options.parse_fields`), which override the command's options;
     ``ids``: the prompt given as token ids (``prefix-attn serve``'s "prompt" of token ids), run
-    as given, no start token added (``prompt`` then their text, decoded once the model has them)."""
+    as given, no start token added (``prompt`` then their text, decoded once the model has them);
+    ``constraint``: the structured output its "response_format" or "tool_choice" asks for
+    (:mod:`prefix_attn.structured`; None: free text)."""
 
     prompt: Optional[str]
     prefix: Optional[str] = None
@@ -44,6 +49,7 @@ generate --chat``);
     generation_prompt: bool = True  # "add_generation_prompt" (--chat)
     continue_final: bool = False  # "continue_final_message" (--chat)
     ids: Optional[List[int]] = None
+    constraint: Optional[Any] = None  # structured.Constraint
 
 
 # -- request file ----------------------------------------------------------------------------
@@ -116,7 +122,21 @@ def _parse_request(obj, where: str, lineno: int) -> Request:
     extra = {k: v for k, v in obj.items() if k not in ("prompt", "messages", "prefix", "id")}
     return Request(prompt=prompt, prefix=prefix, id=obj.get("id", lineno), line=lineno, extra=extra,
                    messages=messages, tools=tools, generation_prompt=generation_prompt,
-                   continue_final=continue_final)
+                   continue_final=continue_final, constraint=_constraint(obj, tools, where))
+
+
+def _constraint(obj: dict, tools: Optional[List[dict]], where: str):
+    """The structured output ``obj`` asks for (None: none); a RequestError naming the field."""
+    if obj.get("response_format") is None and obj.get("tool_choice") is None:
+        return None  # structured is not imported: nothing asks for it
+    from . import structured
+
+    try:
+        return structured.of(obj, tools)
+    except structured.ConstraintError as exc:
+        error = RequestError(f"{where}: {exc}")
+        error.param = exc.param
+        raise error from None
 
 
 def _check_unique_id(request: Request, id_lines: Dict[str, int], where: str) -> None:

@@ -45,6 +45,7 @@ class Parsed:
 
     content: Optional[str]
     calls: List[dict]
+    reason: str = "tool_calls"  # the answer's finish_reason
 
 
 def need_chat(parser: Optional[str], chat: bool) -> Optional[str]:
@@ -57,8 +58,11 @@ def need_chat(parser: Optional[str], chat: bool) -> Optional[str]:
 
 def applies(parser: Optional[str], request) -> Optional[str]:
     """The parser that reads ``request``'s answer (None: none): ``parser`` (the option) for a
-    request giving tools whose ``"tool_choice"`` is not ``"none"``."""
-    if parser is None or not request.tools or request.extra.get("tool_choice") == "none":
+    request giving tools whose ``"tool_choice"`` is ``"auto"`` (or none given): a forced call
+    (``"required"``, a named function) is read by :func:`prefix_attn.structured.tool_calls`."""
+    constraint = getattr(request, "constraint", None)
+    if parser is None or not request.tools or request.extra.get("tool_choice") == "none" or \
+            (constraint is not None and constraint.tool):  # a forced call: its own JSON, no parser
         return None
     return parser
 
@@ -89,8 +93,13 @@ def _call(obj, names: set) -> Optional[dict]:
     arguments = obj.get("arguments", obj.get("parameters", {}))
     if not isinstance(arguments, dict):
         return None
+    return call(obj["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+def call(name: str, arguments: str) -> dict:
+    """OpenAI's tool call of function ``name`` with ``arguments`` (a JSON text), a random id."""
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": obj["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}}
+            "function": {"name": name, "arguments": arguments}}
 
 
 def _values(text: str, separator: str = "") -> Optional[list]:
