@@ -116,6 +116,7 @@ setup(
         "triton": ["triton>=3.2"],
         "hf": ["transformers>=5.15"],  # PEFT files are read without peft
         "bench": ["pytest-benchmark", "matplotlib"],
+        "structured": ["xgrammar>=0.2.9"],  # serve's response_format / forced tool_choice
     },
     entry_points={"console_scripts": ["prefix-attn=prefix_attn.cli:main"]},
     ext_modules=ext_modules,
