@@ -92,7 +92,8 @@ class RowGrammars(LogitsProcessor):
         bitmask = self.bitmask.to(scores.device, non_blocking=True)
         width = min(self.vocab_size, scores.shape[-1])
         xgr.apply_token_bitmask_inplace(scores, bitmask, vocab_size=width, indices=rows)
-        emptied = [i for i in rows if torch.isneginf(scores[i]).all()]
+        empty = torch.isneginf(scores[rows]).all(dim=-1).tolist()  # one read-back a step, not one a row
+        emptied = [i for i, e in zip(rows, empty) if e]
         if emptied:  # the sampling filters kept none of the allowed tokens: all allowed alike
             allowed = torch.zeros(len(emptied), scores.shape[-1], device=scores.device, dtype=scores.dtype)
             xgr.apply_token_bitmask_inplace(allowed, bitmask[emptied], vocab_size=width)
