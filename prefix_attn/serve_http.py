@@ -29,7 +29,10 @@ tokenizer's start token where "add_special_tokens" (default true) and not after 
 (which carries it); an empty prompt after a prompt prefix has none of its own; --chat's
 conversation as the chat template renders it ("add_special_tokens" not applied); "prompt" only
 without --chat, "messages" only with it, as the completions endpoints. max_model_len: the
-model's positions (null where unknown), which a prefix's tokens take too. /detokenize keeps special tokens'
+model's positions (null where unknown), which a prefix's tokens take too. "return_token_strs": true
+(vLLM's) adds "token_strs", each id's token string as the tokenizer names it
+(convert_ids_to_tokens: "Ġthe", "<0xC3>"; the byte tokenizer's bytes as "<0x41>", its special ids
+"<pad>", "<s>", "</s>"). /detokenize keeps special tokens'
 text (vLLM's); ids outside the vocabulary are a 400 naming their place. The byte tokenizer's
 special tokens have no text: null in /tokenizer_info.
 
@@ -451,6 +454,7 @@ class Server:
         if special is not None and not isinstance(special, bool):
             raise HTTPError(400, f"'add_special_tokens' must be true or false, got {json.dumps(special)}",
                             param="add_special_tokens")
+        strings = serve_fields.flag(obj, "return_token_strs")
         fields = {k: obj[k] for k in (need, "tools", "add_generation_prompt", "continue_final_message") if k in obj}
         fields["prefix"] = self._prefix(obj, known)
         try:
@@ -461,7 +465,10 @@ class Server:
         problem = serve.tiny.vocab_problem(self.served.tokenizer, ids, self.vocab_size)
         if problem is not None:
             raise HTTPError(400, problem, param=need)
-        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
+        answer = {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
+        if strings:  # vLLM's: each id's token string, as the tokenizer names it
+            answer["token_strs"] = list(self.served.tokenizer.convert_ids_to_tokens(ids))
+        return answer
 
     def detokenize(self, obj: Any, known: bool = True) -> dict:
         """``POST /detokenize``: the text of "tokens" (ids of the model's vocabulary; special

@@ -172,6 +172,15 @@ class ByteTokenizer:
     def batch_decode(self, rows, skip_special_tokens: bool = True) -> List[str]:
         return [self.decode(r) for r in rows]
 
+    SPECIAL_STRINGS = ("<pad>", "<s>", "</s>")  # what convert_ids_to_tokens calls ids 0, 1, 2
+
+    def convert_ids_to_tokens(self, ids: Union[int, Sequence[int]]) -> Union[str, List[str]]:
+        """HF's: each id's token string, a byte as SentencePiece's byte tokens write it
+        (``<0x41>``), the special ids as ``SPECIAL_STRINGS``; one id gives one string."""
+        if isinstance(ids, int):
+            return self.SPECIAL_STRINGS[ids] if ids < self.offset else f"<0x{ids - self.offset:02X}>"
+        return [self.convert_ids_to_tokens(int(i)) for i in ids]
+
     def __call__(self, texts: Union[str, Sequence[str]], padding_side: Optional[str] = None,
                  add_eos: bool = False, add_special_tokens: bool = True, **_):
         if isinstance(texts, str):

@@ -43,6 +43,15 @@ def test_tokenize_without_special_tokens_and_an_empty_prompt(server):
     assert call(server, "/tokenize", {"prompt": ""})[1]["tokens"] == [1]
 
 
+def test_tokenize_returns_token_strings_when_asked(server):
+    """vLLM's "return_token_strs": each id's token string (the byte tokenizer's bytes as
+    SentencePiece's byte tokens, its start token "<s>"); not given unless asked."""
+    got = call(server, "/tokenize", {"prompt": "hé", "return_token_strs": True})[1]
+    assert got["tokens"] == [1, 107, 198, 172]
+    assert got["token_strs"] == ["<s>", "<0x68>", "<0xC3>", "<0xA9>"]
+    assert "token_strs" not in call(server, "/tokenize", {"prompt": "hé", "return_token_strs": False})[1]
+
+
 def test_detokenize_gives_the_text_of_ids(server):
     ids = call(server, "/tokenize", {"prompt": "Café: ok", "add_special_tokens": False})[1]["tokens"]
     assert call(server, "/detokenize", {"tokens": ids}) == (200, {"prompt": "Café: ok"})
@@ -65,6 +74,8 @@ def test_tokenizer_info_of_the_byte_tokenizer(server):
     ("/tokenize", {"prompt": "a", "add_special_tokens": 1}, 400, "add_special_tokens",
      "'add_special_tokens' must be true or false, got 1"),
     ("/tokenize", {"prompt": "a", "model": "nope"}, 404, "model", "The model 'nope' does not exist"),
+    ("/tokenize", {"prompt": "a", "return_token_strs": "yes"}, 400, "return_token_strs",
+     "'return_token_strs' must be true or false, got \"yes\""),
     ("/detokenize", {}, 400, "tokens", "missing 'tokens'"),
     ("/detokenize", {"tokens": "ab"}, 400, "tokens", "'tokens' must be an array of token ids, got a string"),
     ("/detokenize", {"tokens": [3, 259]}, 400, "tokens", "'tokens'[1]: token id 259 is not in the model's vocabulary"),
@@ -93,12 +104,15 @@ def test_tokenize_a_conversation_with_chat(tmp_path):
     chat_tokenizer(CHATML).save_pretrained(str(folder))
     messages = [{"role": "user", "content": "Déjà vu?"}]
     with started("--model", str(folder), "--chat", "--prompt-prefix", "terse=You are terse.") as s:
-        got = [call(s, "/tokenize", {"messages": messages, "model": m})[1] for m in (None, "terse")]
+        got = [call(s, "/tokenize", {"messages": messages, "model": m, "return_token_strs": True})[1]
+               for m in (None, "terse")]
         want = [planned(s, {"messages": messages, "prefix": m}) for m in (None, "terse")]
         text = call(s, "/tokenize", {"prompt": "hi"})
         info = call(s, "/tokenizer_info")[1]
         back = call(s, "/detokenize", {"tokens": got[1]["tokens"]})[1]
     assert [g["tokens"] for g in got] == want and len(want[0]) > len(want[1])
+    assert got[1]["token_strs"] == s.served.tokenizer.convert_ids_to_tokens(want[1])
+    assert "<|im_start|>" in got[1]["token_strs"]
     assert text[0] == 400 and "with --chat" in text[1]["error"]["message"]
     assert (info["eos_token"], info["bos_token"], info["chat_template"]) == ("</s>", "<s>", CHATML)
     assert back["prompt"] == "<|im_start|>user\nDéjà vu?<|im_end|>\n<|im_start|>assistant\n"
