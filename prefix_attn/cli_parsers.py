@@ -212,7 +212,8 @@ def _prefix_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None, metavar="NAME",
                    help="with --chat, parse the tool calls in the answer of a request giving \"tools\" into "
                         "OpenAI's \"tool_calls\" (finish_reason \"tool_calls\"): hermes (<tool_call> blocks: "
-                        "Qwen, Hermes), llama3_json (Llama 3.1/3.2's JSON), mistral ([TOOL_CALLS] [...]); "
+                        "Qwen, Hermes), llama3_json (Llama 3.1/3.2's JSON), mistral ([TOOL_CALLS] [...], or "
+                        "v11+'s [TOOL_CALLS]name[ARGS]{...}); "
                         "default: none, the answer is content")
 
 

@@ -15,7 +15,10 @@ is not ``"none"``. Such a request's answer is decoded with its special tokens ke
   (or ``"arguments"``), optionally after ``<|python_tag|>``, or several such objects separated
   by ``;``; no content.
 - ``mistral``: ``[TOOL_CALLS]`` then a JSON array of ``{"name": ..., "arguments": {...}}`` (or one
-  such object); the text before it is the content.
+  such object), or, as Mistral's tokenizer v11+ writes calls (Mistral Small 3.1+, Devstral,
+  Magistral), ``[TOOL_CALLS]name[ARGS]{...}`` for each call, one after the other (``[ARGS]``
+  absent where decoded without special tokens; v13's ``[CALL_ID]ID`` before it passed over, the
+  call's id random as ever); the text before the first ``[TOOL_CALLS]`` is the content.
 
 All or nothing: an answer whose calls do not all parse (malformed JSON, a block not closed
 because max_tokens cut it, arguments that are not an object, a name not among the request's
@@ -27,6 +30,7 @@ JSON text}}``. Imports neither torch nor transformers."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
@@ -152,11 +156,42 @@ def _mistral(text: str) -> Optional[Tuple[str, list]]:
     start = text.find(_MISTRAL_TOKEN)
     if start < 0:
         return None
-    values = _values(text[start + len(_MISTRAL_TOKEN):])
+    body = text[start + len(_MISTRAL_TOKEN):]
+    if body.lstrip()[:1] not in ("[", "{"):  # tokenizer v11+: name[ARGS]{...}, each call its own
+        objects = _mistral_named(body)
+        return None if objects is None else (text[:start], objects)
+    values = _values(body)
     if values is None or len(values) != 1:
         return None
     objects = values[0] if isinstance(values[0], list) else [values[0]]
     return text[:start], objects
+
+
+_MISTRAL_NAME = re.compile(r"\s*([A-Za-z0-9_.\-]+)(?:\[CALL_ID\][A-Za-z0-9]+)?(?:\[ARGS\])?")
+
+
+def _mistral_named(body: str) -> Optional[list]:
+    """The calls of Mistral's tokenizer v11+ format after its first ``[TOOL_CALLS]``: each a
+    function name, ``[ARGS]`` (a special token: absent from a text decoded without them) and
+    its arguments, one JSON object; ``[CALL_ID]ID`` (v13) between them is passed over; the calls
+    one after the other, each after its own ``[TOOL_CALLS]``; whitespace around them. None where
+    the text holds anything else."""
+    objects, i = [], 0
+    while True:
+        found = _MISTRAL_NAME.match(body, i)
+        if found is None:
+            return None
+        try:
+            arguments, i = _DECODER.raw_decode(body, found.end())
+        except ValueError:
+            return None
+        objects.append({"name": found.group(1), "arguments": arguments})
+        rest = body[i:].lstrip()
+        if not rest:
+            return objects
+        if not rest.startswith(_MISTRAL_TOKEN):
+            return None
+        i = len(body) - len(rest) + len(_MISTRAL_TOKEN)
 
 
 _FORMATS = {"hermes": _hermes, "llama3_json": _llama3_json, "mistral": _mistral}

@@ -40,6 +40,13 @@ def _hermes(name, args):
     ("mistral", "[TOOL_CALLS]" + json.dumps([{"name": n, "arguments": a} for n, a in (PARIS, OSLO)]),
      None, [PARIS, OSLO]),
     ("mistral", "Sure. [TOOL_CALLS] " + json.dumps({"name": "get_weather", "arguments": PARIS[1]}), "Sure.", [PARIS]),
+    # Mistral's tokenizer v11+: each call its own [TOOL_CALLS]name[ARGS]{...}
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', None, [PARIS]),
+    ("mistral", 'Checking.\n[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{}\n',
+     "Checking.", [PARIS, ("get_time", {})]),
+    ("mistral", '[TOOL_CALLS]get_weather{"city": "Paris"} [TOOL_CALLS]get_weather{"city": "Oslo; Norway"}',
+     None, [PARIS, OSLO]),  # decoded without special tokens: no [ARGS]
+    ("mistral", '[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "Paris"}', None, [PARIS]),  # v13
 ])
 def test_parsers_find_the_calls_and_the_content_before_them(parser, text, content, calls):
     parsed = tool_calls.parse(parser, text, TOOLS)
@@ -59,6 +66,11 @@ def test_parsers_find_the_calls_and_the_content_before_them(parser, text, conten
     ("llama3_json", '{"city": "Paris"}'),  # no name
     ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {}}'),
     ("mistral", '[{"name": "get_weather", "arguments": {}}]'),  # no [TOOL_CALLS]
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Par'),  # cut by max_tokens
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]["Paris"]'),  # arguments not an object
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"} and more'),
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_stock[ARGS]{}'),  # all or nothing
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]'),  # no arguments
 ])
 def test_answers_that_do_not_parse_stay_content(parser, text):
     assert tool_calls.parse(parser, text, TOOLS) is None
