@@ -122,7 +122,11 @@ Batching (static): one worker thread owns the model. Rows (a request's choices) 
 --batch-wait-ms of the first one waiting (up to --batch-size of them) are gathered; those decoded alike (equal
 settings, as generate groups them) share a model.generate call, by prompt length; the others
 wait for the batch to end. A batch that runs out of device memory is retried in halves; a
-request that still does alone is answered 503 and the server goes on.
+request that still does alone is answered 503 and the server goes on. After a split, the size of
+the first part that then ran is the most rows any later batch tries, of any request, for as long
+as the server runs (cut into parts of it before trying; another split lowers it, nothing raises
+it: restart the server to try more), as generate does within a run: one failed try, not one a
+batch.
 
 Errors are OpenAI's JSON, {"error": {"message", "type", "param", "code"}}: 400 for a body that
 is not a JSON object, a bad field (the message generate gives for it) or a prompt too long for
@@ -316,6 +320,8 @@ class Server:
         self._queue: "queue.Queue[_Pending]" = queue.Queue()
         self._inflight: List[_Pending] = []
         self._running: List[_Pending] = []  # the rows of the model.generate call running now
+        # the most rows a batch tries since one ran out of memory, kept across requests (generate's)
+        self._fitting = serve_batching.Fitting()
         self.metrics = serve_metrics.Metrics(_ROUTES, [self.model_id, *self.sources], self._load)
         self._count = 0
         self._count_lock = threading.Lock()
@@ -620,7 +626,7 @@ class Server:
         for batch in serve_batching.by_setting(lengths, keys, self.args.batch_size):
             try:
                 serve_batching.in_halves_on_oom(lambda part: self._run([ready[i] for i in part]), batch,
-                                                self.served.device, self.say)
+                                                self.served.device, self.say, self._fitting)
             except Exception as exc:
                 self._internal_error([ready[i] for i in batch], exc)
             finally:

@@ -229,7 +229,35 @@ def test_out_of_memory_alone_is_503_and_the_server_goes_on(server):
         assert status == 503 and "lower max_tokens" in body["error"]["message"]
     finally:
         server.served.model.generate = generate
+        server._fitting = serve_batching.Fitting()  # the size that fit: not the later tests'
     assert call(server, "/v1/completions", {"prompt": "a long prompt, long!"})[0] == 200
+
+
+def test_a_later_batch_starts_at_the_size_that_fit(server):
+    """Batches of more than 2 rows run out of memory: the first batch of 4 fails once (4 -> 2 + 2);
+    a later request's batch of 4 runs as 2 + 2 without failing (serve_batching.Fitting, kept
+    across requests); the answers are those of a batch with memory to spare."""
+    prompts = [f"request {i} " + "x" * i for i in range(4)]
+
+    def answered():
+        ready = [serve_http._Pending(server._requests({"prompt": p}, chat=False)[0]) for p in prompts]
+        server._answer(ready)
+        return [p.answer for p in ready]
+    free = answered()
+    generate, sizes = server.served.model.generate, []
+
+    def short_of_memory(input_ids, **kw):
+        sizes.append(input_ids.shape[0])
+        if input_ids.shape[0] > 2:
+            raise serve_batching.OutOfMemoryError("CUDA out of memory (injected)")
+        return generate(input_ids, **kw)
+    server.served.model.generate = short_of_memory
+    try:
+        assert answered() == free and sizes == [4, 2, 2]
+        assert answered() == free and sizes == [4, 2, 2, 2, 2]  # not 4 again
+    finally:
+        server.served.model.generate = generate
+        server._fitting = serve_batching.Fitting()
 
 
 def test_an_internal_error_is_500_and_the_server_goes_on(server, capsys):
