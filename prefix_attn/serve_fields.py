@@ -185,8 +185,7 @@ def token_ids(ids: list, where: str, vocab_size: int, param: str = "prompt", emp
 
 
 def check_stream_asks(asked: Asked) -> None:
-    """A streamed request asks for no log probabilities and no echo (not served streamed)."""
-    for name, given in (("logprobs", asked.logprobs is not None), ("echo", asked.echo)):
-        if given:
-            raise HTTPError(400, f"'{name}' is not served with 'stream': true: ask without streaming",
-                            param=name, code="unsupported")
+    """A streamed request asks for no echo (not served streamed; its log probabilities are)."""
+    if asked.echo:
+        raise HTTPError(400, "'echo' is not served with 'stream': true: ask without streaming (log probabilities "
+                             "are streamed)", param="echo", code="unsupported")

@@ -110,13 +110,24 @@ Streaming ("stream": true), as OpenAI's API streams: a 200 of Content-Type text/
 {"content": piece}), a last chunk with the finish_reason, with "stream_options":
 {"include_usage": true} a chunk of no choices and the usage (the others with "usage": null),
 then "data: [DONE]" (with "n", each chunk carries its choice's index, each choice its own
-finish_reason chunk; "logprobs" and "echo" are not streamed: a 400). The pieces add up to the answer the same request gets unstreamed: text goes
+finish_reason chunk). The pieces add up to the answer the same request gets unstreamed: text goes
 out once stable (a character whose bytes all came, a token's text once the next token is
 there, no tail that may start a stop text); a row ends at its stop id or stop text at once.
 Streamed requests share batches with the others. Beam search does not stream (transformers'):
 its answer comes in one piece when its batch ends. An error before the stream begins is the
 error below; after, an event of OpenAI's error object, then [DONE]. A client gone mid-stream:
 its row stops at its next token, the batch goes on.
+
+Streamed log probabilities ("logprobs" of completions, "logprobs" / "top_logprobs" of chat, with
+"stream": true), as vLLM and OpenAI stream them: each chunk's choice carries the entries of its
+tokens ({"tokens", "token_logprobs", "top_logprobs", "text_offset"}, offsets counted from the
+start of the text across chunks; chat's {"content": [...]}), null in the others. They are taken
+as the batch generates (a forward hook keeps each step's log_softmax of the raw logits, before
+temperature and the other processors, as unstreamed), no second forward pass; concatenated over
+the chunks they are the unstreamed answer's, within float rounding (a step's logits after the KV
+cache). A token's entry goes with the chunk that sends the last of its text; a stop text's tokens
+and any whose text is still held come with the choice's last text chunk ("text" maybe ""), before
+its finish_reason chunk; beam search's come whole there. "echo" is not streamed: a 400.
 
 Batching (static): one worker thread owns the model. Rows (a request's choices) that come within
 --batch-wait-ms of the first one waiting (up to --batch-size of them) are gathered; those decoded alike (equal
@@ -236,15 +247,17 @@ class _Pending:
     ``resolve``. A streamed one (``stream``) also has ``events``, a queue its request's rows share,
     read by its handler: ``(index, "start", "")`` when its batch starts generating,
     ``(index, "text", DELTA)`` for each piece of stable text, ``(index, "end", "")`` once
-    resolved. Its handler cancels it (:meth:`cancel`) when the client is gone."""
+    resolved, each with a fourth item, the "logprobs" of the tokens of that piece (None: none).
+    Its handler cancels it (:meth:`cancel`) when the client is gone."""
 
     def __init__(self, request: Request, stream: bool = False, asked: serve_fields.Asked = serve_fields.Asked(), index: int = 0,
-                 events: "Optional[queue.Queue[Tuple[int, str, str]]]" = None):
+                 events: "Optional[queue.Queue[Tuple[int, str, str, Optional[dict]]]]" = None):
         self.request, self.asked, self.index = request, asked, index  # index: its choice's
         self.job = None  # serve._Job, once planned
         self.settings: Optional[serve_options.Decoding] = None
         self.answer: Optional[Tuple[str, int, str]] = None
         self.logprobs: Optional[dict] = None  # its choice's "logprobs", when asked
+        self.streamed: Optional[serve_logprobs.Streamed] = None  # its logprobs as they stream, when asked
         self.error: Optional[HTTPError] = None
         self.done = threading.Event()
         self._lock = threading.Lock()
@@ -253,11 +266,11 @@ class _Pending:
         self.sent = False  # text went out: a retried batch would send it again
         self.cancelled = False
 
-    def push(self, kind: str, text: str = "") -> None:
+    def push(self, kind: str, text: str = "", logprobs: Optional[dict] = None) -> None:
         """An event for a streamed request's handler (nothing for another, or once resolved)."""
         if self.events is not None and not self.done.is_set():
             self.sent = self.sent or kind == "text"
-            self.events.put((self.index, kind, text))
+            self.events.put((self.index, kind, text, logprobs))
 
     def cancel(self) -> None:
         """Its client is gone: answered (an error no one reads), so the worker passes it over,
@@ -271,7 +284,7 @@ class _Pending:
                 self.answer, self.error, self.logprobs = answer, error, logprobs
                 self.done.set()
                 if self.events is not None:
-                    self.events.put((self.index, "end", ""))
+                    self.events.put((self.index, "end", "", None))
 
 
 class Server:
@@ -397,7 +410,7 @@ class Server:
         own, run in the batches the worker gathers; raises HTTPError."""
         requests = self._requests(obj, chat)
         asked, stream = serve_fields.asked(obj, chat, self.args.batch_size), obj.get("stream") is True
-        events: "queue.Queue[Tuple[int, str, str]]" = queue.Queue()
+        events: "queue.Queue[Tuple[int, str, str, Optional[dict]]]" = queue.Queue()
         pending = [_Pending(r, stream, asked, i * asked.n + j, events)
                    for i, r in enumerate(requests) for j in range(asked.n)]
         with self._submit:
@@ -576,24 +589,40 @@ class Server:
 
     # -- the worker thread: the model's only user ------------------------------------------
 
-    def _streamer(self, pending: List[_Pending], settings: serve_options.Decoding) -> serve_stream.BatchStreamer:
+    def _streamer(self, pending: List[_Pending], settings: serve_options.Decoding,
+                  steps: Optional[serve_logprobs.Steps]) -> serve_stream.BatchStreamer:
         """The streamer of a batch: each streamed row's stable text to its handler as it comes,
-        and its answer as soon as a stop id or a stop text ends it; the batch goes on."""
-        def row(p: _Pending):
-            text = serve_stream.RowText(self.served.tokenizer, self.served.stop, self.served.pad_id, settings.stop,
-                                        settings.special)
+        with the log probabilities of its tokens where asked (``steps`` keeps them), and its
+        answer as soon as a stop id or a stop text ends it; the batch goes on."""
+        served, names = self.served, serve_logprobs.Names(self.served.tokenizer)
 
-            def take(token: int) -> None:
+        def row(p: _Pending):
+            text = serve_stream.RowText(served.tokenizer, served.stop, served.pad_id, settings.stop, settings.special)
+            p.streamed = (serve_logprobs.Streamed(names, p.asked.logprobs, p.request.messages is not None, served.pad_id)
+                          if steps is not None and p.asked.logprobs is not None else None)
+
+            def take(token: int, scores: Optional[tuple]) -> None:
                 if p.cancelled or p.done.is_set():
                     return
                 delta = text.add(token)
-                if delta:
-                    p.push("text", delta)
+                if p.streamed is not None and token not in served.stop:
+                    p.streamed.add(token, *scores)
+                logprobs = p.streamed.ready(len(text.sent)) if p.streamed is not None else None
+                if delta or logprobs:
+                    p.push("text", delta, logprobs)
                 if text.done:
-                    p.resolve(answer=self.served.finish(text.new, settings))
+                    p.resolve(answer=served.finish(text.new, settings))
             p.push("start")
             return take
-        return serve_stream.BatchStreamer([row(p) if p.events is not None else None for p in pending])
+        return serve_stream.BatchStreamer([row(p) if p.events is not None else None for p in pending], steps)
+
+    def _steps(self, pending: List[_Pending]) -> Optional[serve_logprobs.Steps]:
+        """What keeps the log probabilities of the streamed rows of a batch that ask for them as
+        they are generated (None: none asks)."""
+        rows = [i for i, p in enumerate(pending) if p.events is not None and p.asked.logprobs is not None]
+        if not rows:
+            return None
+        return serve_logprobs.Steps(self.served.model, rows, max(pending[i].asked.logprobs for i in rows))
 
     def _work(self) -> None:
         wait = self.args.batch_wait_ms / 1000
@@ -693,12 +722,18 @@ class Server:
         news = [[] for _ in pending]
         if settings.max_new_tokens:
             self.metrics.batch(len(pending))
-            news = self.served.generate([p.job for p in pending], settings,
-                                        [_Stopping(self.stopping, pending, per_row=settings.num_beams == 1)],
-                                        streamer=self._streamer(pending, settings) if streams else None)
+            steps = self._steps(pending) if streams else None
+            try:
+                news = self.served.generate([p.job for p in pending], settings,
+                                            [_Stopping(self.stopping, pending, per_row=settings.num_beams == 1)],
+                                            streamer=self._streamer(pending, settings, steps) if streams else None)
+            finally:
+                if steps is not None:
+                    steps.close()
         answers = [self.served.finish(new, settings) for new in news]
         logprobs: List[Optional[dict]] = [None] * len(pending)
-        asking = [i for i, p in enumerate(pending) if p.asked.logprobs is not None and not p.cancelled]
+        asking = [i for i, p in enumerate(pending)  # a streamed row's came as it was generated
+                  if p.asked.logprobs is not None and not p.cancelled and p.streamed is None]
         if asking and not self.stopping.is_set():
             served, rows = self.served, []
             for i in asking:
@@ -940,7 +975,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):  # reset, or closed
             return True
 
-    def _event(self, pending: List[_Pending]) -> Tuple[int, str, str]:
+    def _event(self, pending: List[_Pending]) -> Tuple[int, str, str, Optional[dict]]:
         """The next event of a streamed request; ClientGone (its rows cancelled) once its client
         is gone while it waits."""
         while True:
@@ -958,7 +993,7 @@ class _Handler(BaseHTTPRequestHandler):
         choice, by its index), the rest of a choice's answer and its finish_reason as it ends
         (an error: OpenAI's error object, then [DONE]), then [DONE]. Returns its completion tokens
         and a note for the log (the client gone: its rows are given up)."""
-        index, kind, text = self._event(pending)
+        index, kind, text, logprobs = self._event(pending)
         if kind == "end" and pending[index].error is not None:
             for p in pending:  # its choices fail alike (one request): none is streamed, none runs
                 p.cancel()
@@ -976,7 +1011,7 @@ class _Handler(BaseHTTPRequestHandler):
             while True:
                 if kind == "text":
                     text = held[index](text)  # what may be tool calls waits for the end
-                    self.wfile.write(chunks.text(text, index) if text else b"")
+                    self.wfile.write(chunks.text(text, index, logprobs) if text or logprobs else b"")
                     sent[index] += text
                 elif kind == "end":
                     p = pending[index]
@@ -990,7 +1025,7 @@ class _Handler(BaseHTTPRequestHandler):
                     ended += 1
                     if ended == len(pending):
                         break
-                index, kind, text = self._event(pending)
+                index, kind, text, logprobs = self._event(pending)
             usage = app.usage(pending)
             app.metrics.answered(app.name(pending[0]), usage)
             self._count(app)
@@ -1009,9 +1044,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _rest(app: Server, p: _Pending, sent: str, chunks: serve_stream.Chunks) -> bytes:
-        """The events that end a choice of a stream: the text not sent yet, its tool calls (the
-        content left before them), its finish_reason."""
-        answer, _, reason = p.answer
+        """The events that end a choice of a stream: the text not sent yet and the log
+        probabilities not sent yet (all of them where they were not streamed: beam search),
+        its tool calls (the content left before them), its finish_reason."""
+        answer, count, reason = p.answer
+        logprobs = p.streamed.rest(count) if p.streamed is not None else p.logprobs
         parsed = app.served.tool_calls(p.request, answer)
         if parsed is not None:
             answer, reason = parsed.content or "", parsed.reason
@@ -1019,7 +1056,8 @@ class _Handler(BaseHTTPRequestHandler):
             app.say(f"stream: the text sent {sent!r} is not the start of the answer {answer!r}")
         rest = answer[len(sent):] if answer.startswith(sent) else ""
         calls = chunks.tool_calls(parsed.calls, p.index) if parsed is not None else b""
-        return (chunks.text(rest, p.index) if rest else b"") + calls + chunks.finish(reason, p.index)
+        text = chunks.text(rest, p.index, logprobs) if rest or logprobs else b""
+        return text + calls + chunks.finish(reason, p.index)
 
     def _body(self) -> Any:
         length = self.headers.get("Content-Length")

@@ -3,7 +3,8 @@ each answer scored by one more forward pass of prompt + completion after the req
 every scored request of a batch in one call (:func:`score`), and their entries in the shapes of
 OpenAI's API: the legacy completions' ``{"tokens", "token_logprobs", "top_logprobs",
 "text_offset"}`` (:func:`completion_logprobs`) and chat's ``{"content": [...]}``
-(:func:`chat_logprobs`).
+(:func:`chat_logprobs`). A streamed answer's are taken as model.generate runs (:class:`Steps`, a
+forward hook) and given out with its text, chunk by chunk (:class:`Streamed`).
 
 The log probabilities are the model's own distribution given the prefix and the tokens before:
 ``log_softmax`` of its logits in float32, before temperature, top-p / top-k / min-p and the
@@ -159,6 +160,10 @@ def completion_logprobs(scored: Scored, names: Names, echoed: int, prompt: str) 
     "text" (:func:`text_offsets`; the completion's from the end of ``prompt``, echoed before it)."""
     head, tail = scored.tokens[:echoed], scored.tokens[echoed:]
     offsets = text_offsets(names.tokenizer, head, 0) + text_offsets(names.tokenizer, tail, len(prompt) if echoed else 0)
+    return _completion_entries(scored, names, offsets)
+
+
+def _completion_entries(scored: Scored, names: Names, offsets: List[int]) -> dict:
     tops = []
     for t, chosen, top in zip(scored.tokens, scored.chosen, scored.top):
         if top is None:
@@ -180,9 +185,18 @@ def text_offsets(tokenizer, tokens: List[int], start: int) -> List[int]:
     each prefix whole: that cost grew with the square of the length of an echoed prompt."""
     row, seen = serve_stream.RowText(tokenizer, (), None, ()), []
     for token in tokens:
-        seen.append((len(row.previous), row.previous[-8:]))  # a character takes at most 4 bytes
+        seen.append(_before(row))
         row.add(token)
-    final = row.previous
+    return _offsets(seen, row.previous, start)
+
+
+def _before(row: serve_stream.RowText) -> tuple:
+    """What :func:`_offsets` needs of the decoding before a token: its length and last
+    characters (a character takes at most 4 bytes)."""
+    return len(row.previous), row.previous[-8:]
+
+
+def _offsets(seen: List[tuple], final: str, start: int) -> List[int]:
     return [start + k - len(tail) + len(serve_stream.common_prefix(tail, final[k - len(tail):k]))
             for k, tail in seen]
 
@@ -193,3 +207,86 @@ def chat_logprobs(scored: Scored, names: Names) -> dict:
         return {"token": names.name(token), "logprob": logprob, "bytes": names.bytes(token)}
     return {"content": [{**entry(t, v), "top_logprobs": [entry(i, w) for i, w in top]}
                         for t, v, top in zip(scored.tokens, scored.chosen, scored.top)]}
+
+
+# -- streamed: each token's log probabilities as model.generate makes it ------------------------
+
+class Steps:
+    """The log probabilities of each token model.generate picks for the batch rows ``rows``
+    (indices), taken as it runs: a forward hook on ``model`` keeps the last position's
+    ``log_softmax`` of each call's logits (float32, as :func:`score`'s: the model's own, before
+    the logits processors: temperature, top-p / top-k / min-p, the repetition penalty) and the
+    ``k`` likeliest tokens; :meth:`take`, given a step's tokens (a streamer's ``put``), reads the
+    oldest call's. One call per step, in order (the first, the prompt's, gives the first token;
+    a call whose tokens never come, as transformers' deferred stop check makes, is left). Remove
+    the hook with :meth:`close`."""
+
+    def __init__(self, model, rows: List[int], k: int):
+        self.rows, self.k, self._kept = list(rows), k, []
+        self._hook = model.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        lp = torch.log_softmax(logits[self.rows, -1].float(), dim=-1)
+        values, ids = lp.topk(min(self.k, lp.shape[-1]), dim=-1)
+        self._kept.append((lp, ids.tolist(), values.tolist()))
+
+    def take(self, tokens: List[int]) -> Dict[int, tuple]:
+        """Each row's ``(chosen log probability, [(id, log probability)] top first)`` for a
+        step's ``tokens`` (one per batch row)."""
+        lp, ids, values = self._kept.pop(0)
+        chosen = lp[torch.arange(len(self.rows)), torch.tensor([tokens[r] for r in self.rows])].tolist()
+        return {r: (chosen[j], list(zip(ids[j], values[j]))) for j, r in enumerate(self.rows)}
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
+class Streamed:
+    """One streamed row's log probabilities, token by token (:meth:`add`: a token of its
+    completion, its log probability, its ``k`` top tokens), given out with the text:
+    :meth:`ready` gives the entries of the tokens whose text the stream sent, :meth:`rest` the
+    others up to the row's token count once it ends. Concatenated, they are what
+    :func:`completion_logprobs` (``chat``: :func:`chat_logprobs`) gives for the row's scored
+    tokens, ``text_offset`` counted from the start of the text across chunks: a token's offset
+    is given once its text is sent (the decoding before it no longer changes there)."""
+
+    def __init__(self, names: Names, k: int, chat: bool, pad_id: Optional[int]):
+        self.names, self.k, self.chat, self.pad_id = names, k, chat, pad_id
+        self.scored = Scored([], [], [])
+        self.row = serve_stream.RowText(names.tokenizer, (), None, ())  # as text_offsets decodes
+        self.seen: List[tuple] = []  # _before each token
+        self.ends: List[int] = []  # the length of the decoding after each token
+        self.given = 0
+
+    def add(self, token: int, chosen: float, top: List[tuple]) -> None:
+        self.scored.tokens.append(token)
+        self.scored.chosen.append(chosen)
+        self.scored.top.append(top[:self.k])
+        self.seen.append(_before(self.row))
+        self.row.add(token)
+        self.ends.append(len(self.row.previous))
+
+    def ready(self, sent: int) -> Optional[dict]:
+        """The entries of the tokens not given yet whose text ends within the first ``sent``
+        characters of the text sent (a trailing pad token waits: one that ends the row is not
+        counted); None if none."""
+        n = self.given
+        while n < len(self.ends) and self.ends[n] <= sent:
+            n += 1
+        while n > self.given and self.scored.tokens[n - 1] == self.pad_id:
+            n -= 1
+        return self._chunk(n)
+
+    def rest(self, count: int) -> Optional[dict]:
+        """The entries of the row's tokens not given yet, up to its first ``count`` (Served.finish's)."""
+        return self._chunk(max(count, self.given))
+
+    def _chunk(self, n: int) -> Optional[dict]:
+        if n <= self.given:
+            return None
+        part = slice(self.given, n)
+        scored = Scored(self.scored.tokens[part], self.scored.chosen[part], self.scored.top[part])
+        offsets = _offsets(self.seen[part], self.row.previous, 0)
+        self.given = n
+        return chat_logprobs(scored, self.names) if self.chat else _completion_entries(scored, self.names, offsets)

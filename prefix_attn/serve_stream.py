@@ -120,19 +120,22 @@ class RowText:
 class BatchStreamer(BaseStreamer):
     """model.generate's streamer (transformers' ``put`` / ``end``): its first ``put`` is the
     prompt ``(rows, prompt_len)``, left out; each later one a step's token of every row,
-    ``(rows,)``, handed to ``rows[i]`` (None: a row not streamed). Greedy and sampled decoding
-    only: transformers refuses a streamer with beam search."""
+    ``(rows,)``, handed to ``rows[i]`` (None: a row not streamed) with its log probabilities
+    where ``steps`` (a :class:`prefix_attn.serve_logprobs.Steps`) keeps them for that row, else
+    None. Greedy and sampled decoding only: transformers refuses a streamer with beam search."""
 
-    def __init__(self, rows: Sequence[Optional[Callable[[int], None]]]):
-        self.rows, self.prompt_seen = list(rows), False
+    def __init__(self, rows: Sequence[Optional[Callable[[int, Optional[tuple]], None]]], steps=None):
+        self.rows, self.steps, self.prompt_seen = list(rows), steps, False
 
     def put(self, value) -> None:
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        for take, token in zip(self.rows, value.reshape(-1).tolist()):
+        tokens = value.reshape(-1).tolist()
+        scores = self.steps.take(tokens) if self.steps is not None else {}
+        for i, (take, token) in enumerate(zip(self.rows, tokens)):
             if take is not None:
-                take(token)
+                take(token, scores.get(i))
 
     def end(self) -> None:
         pass
@@ -150,17 +153,18 @@ class Chunks:
         self.head = {"id": f"{kind[0]}-{uuid.uuid4().hex}", "object": kind[1], "created": int(time.time()),
                      "model": model}
 
-    def _choice(self, delta: dict, reason: Optional[str], index: int) -> bytes:
-        choice = ({"index": index, "delta": delta, "logprobs": None, "finish_reason": reason} if self.chat else
-                  {"index": index, "text": delta.get("content", ""), "logprobs": None, "finish_reason": reason})
+    def _choice(self, delta: dict, reason: Optional[str], index: int, logprobs: Optional[dict] = None) -> bytes:
+        choice = ({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason} if self.chat else
+                  {"index": index, "text": delta.get("content", ""), "logprobs": logprobs, "finish_reason": reason})
         return event({**self.head, "choices": [choice], **({"usage": None} if self.usage else {})})
 
     def role(self, index: int = 0) -> bytes:
         """A chat stream's first event of choice ``index`` (nothing for a completion)."""
         return self._choice({"role": "assistant", "content": ""}, None, index) if self.chat else b""
 
-    def text(self, delta: str, index: int = 0) -> bytes:
-        return self._choice({"content": delta}, None, index)
+    def text(self, delta: str, index: int = 0, logprobs: Optional[dict] = None) -> bytes:
+        """An event of choice ``index``'s text ``delta`` and the ``logprobs`` of its tokens."""
+        return self._choice({"content": delta}, None, index, logprobs)
 
     def tool_calls(self, calls: List[dict], index: int = 0) -> bytes:
         """The event of choice ``index``'s tool calls, each whole, as OpenAI's chunk gives them

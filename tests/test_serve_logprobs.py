@@ -124,6 +124,81 @@ def test_n_streams_each_choice_by_its_index(server):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 10
 
 
+def streamed_logprobs(chunks, chat=False):
+    """(the text, the "logprobs" entries of every chunk concatenated) of a streamed choice, each
+    chunk's entries but the last's checked to be of tokens whose text is sent by then
+    (completions: each token's text_offset within the text sent so far; the last chunk's may
+    hold a stop text's tokens, whose text is not sent)."""
+    text, merged, ahead = "", {"content": []} if chat else {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                                            "text_offset": []}, []
+    for c in chunks:
+        for choice in c["choices"]:
+            text += choice["delta"].get("content") or "" if chat else choice["text"]
+            if choice["logprobs"] is not None:
+                for key, values in choice["logprobs"].items():
+                    merged[key] += values
+                ahead.append(any(offset > len(text) for offset in choice["logprobs"].get("text_offset", [])))
+    assert not any(ahead[:-1])
+    return text, merged
+
+
+def assert_same_logprobs(got, want):
+    """Equal tokens and offsets; log probabilities within float tolerance (a step's logits after
+    the KV cache against one forward of the whole text)."""
+    if "content" in got:
+        got, want = got["content"], want["content"]
+        assert [(c["token"], c["bytes"]) for c in got] == [(c["token"], c["bytes"]) for c in want]
+        pairs = [(c["logprob"], w["logprob"]) for c, w in zip(got, want)]
+        tops = [({t["token"]: t["logprob"] for t in c["top_logprobs"]}, {t["token"]: t["logprob"] for t in w["top_logprobs"]})
+                for c, w in zip(got, want)]
+    else:
+        assert (got["tokens"], got["text_offset"]) == (want["tokens"], want["text_offset"])
+        pairs, tops = list(zip(got["token_logprobs"], want["token_logprobs"])), list(zip(got["top_logprobs"], want["top_logprobs"]))
+    assert pairs and tops
+    torch.testing.assert_close([a for a, _ in pairs], [b for _, b in pairs], rtol=0, atol=1e-5)
+    for a, b in tops:
+        assert a.keys() == b.keys()
+        torch.testing.assert_close([a[k] for k in b], list(b.values()), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "why?", "model": "sys", "logprobs": 2},
+    {"prompt": "hi", "logprobs": 0, "max_tokens": 12},
+    {"prompt": "hi", "logprobs": 5, "repetition_penalty": 1.5, "max_tokens": 12},  # before the penalty
+    {"prompt": "hi", "logprobs": 1, "max_tokens": 12, "stop": ["ZZ", "\u00e9"]},  # the random model writes ZZ
+    {"prompt": "[1, 2", "logprobs": 3, "n": 2, "max_tokens": 12},
+    {"prompt": "hi", "logprobs": 2, "num_beams": 2},  # beams do not stream: all of them at the end
+])
+def test_streamed_logprobs_are_the_unstreamed_ones(server, body):
+    """Each chunk carries the entries of its tokens (text_offset counted across chunks); joined,
+    they are the request's unstreamed "logprobs", choice by choice."""
+    whole = call(server, "/v1/completions", body)[1]["choices"]
+    chunks = streamed(server, body)
+    for choice in whole:
+        text, merged = streamed_logprobs([{**c, "choices": [ch for ch in c["choices"] if ch["index"] == choice["index"]]}
+                                          for c in chunks])
+        assert text == choice["text"]
+        assert_same_logprobs(merged, choice["logprobs"])
+
+
+def test_streamed_logprobs_with_a_byte_level_tokenizer(byte_level_folder):
+    """Tokens holding part of a character ("bytes:\\xNN", their text sent once it is whole):
+    the streamed entries and offsets are the unstreamed ones, completions and chat alike."""
+    body = {"prompt": "Déjà vu, ", "logprobs": 3, "max_tokens": 16}
+    messages = {"messages": [{"role": "user", "content": "Ça va?"}], "logprobs": True, "top_logprobs": 2,
+                "max_tokens": 16}
+    with started("--model", byte_level_folder) as s:
+        whole = call(s, "/v1/completions", body)[1]["choices"][0]
+        text, merged = streamed_logprobs(streamed(s, body))
+    assert text == whole["text"]
+    assert_same_logprobs(merged, whole["logprobs"])
+    with started("--model", byte_level_folder, "--chat") as s:
+        whole = call(s, "/v1/chat/completions", messages)[1]["choices"][0]
+        text, merged = streamed_logprobs(streamed(s, messages, "/v1/chat/completions"), chat=True)
+    assert text == whole["message"]["content"]
+    assert_same_logprobs(merged, whole["logprobs"])
+
+
 def test_concurrent_scoring_requests_share_a_forward(tmp_path):
     with started("--max-new-tokens", "4", "--batch-wait-ms", "300") as s:
         rows = []
@@ -231,7 +306,6 @@ def test_chat_bytes_of_partial_tokens_join_into_the_content(byte_level_folder):
     ({"echo": 0}, "echo", "'echo' must be true or false"),
     ({"top_logprobs": 2}, "top_logprobs", "'top_logprobs' is chat's"),
     ({"best_of": 2}, "best_of", "best_of=2 is not supported"),
-    ({"logprobs": 1, "stream": True}, "logprobs", "'logprobs' is not served with 'stream': true"),
     ({"echo": True, "stream": True}, "echo", "'echo' is not served with 'stream': true"),
     ({"max_tokens": 0}, None, "'max_tokens': must be at least 1"),  # 0 only with echo
 ])
