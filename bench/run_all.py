@@ -41,6 +41,7 @@ BENCHMARKS = {
     "packed": ("bench_packed.py", ["--quick"], "packed_cpu", "stem"),
     "generate": ("bench_generate.py", ["--quick"], "generate_cpu", "stem"),
     "serve": ("bench_serve.py", ["--quick"], "serve_cpu", "stem"),
+    "hf_overhead": ("bench_hf_overhead.py", ["--quick"], "hf_overhead", "stem"),
 }
 
 
