@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..api import prefix_attention
 from ..packed import packed_attention, packed_dense_mask
 from .mask import packed_from_positions
 from .names import PACKED_ATTR, PREFIXES_KWARG, SELECTION_KWARG
@@ -140,8 +141,10 @@ def _fallback_reason(module, query, value, dropout, kwargs) -> Optional[str]:
     reason = None
     if dropout and dropout > 0.0 and module.training:
         reason = "attention dropout in training"
-    config = getattr(module, "config", None)
-    if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
+    wanted = kwargs.get("output_attentions")
+    if wanted is None and "output_attentions" not in kwargs:
+        wanted = _config_output_attentions(_plain_attr(module, "config", None))
+    if wanted:
         reason = "output_attentions"
     if value.shape[-1] != query.shape[-1]:
         reason = "a value head dim different from the key head dim (multi-head latent attention)"
@@ -153,6 +156,27 @@ def _fallback_reason(module, query, value, dropout, kwargs) -> Optional[str]:
     if _sinks(kwargs) is not None:
         reason = "attention sinks"
     return reason
+
+
+def _plain_attr(module, name: str, default):
+    """``getattr(module, name, default)`` for a plain attribute (not a parameter, buffer or
+    submodule), read from the instance's ``__dict__`` then its class: a missing name costs no
+    AttributeError raised and caught in ``nn.Module.__getattr__`` (microseconds per layer)."""
+    d = module.__dict__
+    return d[name] if name in d else getattr(type(module), name, default)
+
+
+def _config_output_attentions(config) -> bool:
+    """``config.output_attentions`` (False without a config), read past the config's Python
+    ``__getattribute__`` chain where the value lies in its ``__dict__`` (transformers 5 keeps
+    it as ``_output_attentions`` behind a property, older versions as ``output_attentions``)."""
+    if config is None:
+        return False
+    d = object.__getattribute__(config, "__dict__")
+    for key in ("_output_attentions", "output_attentions"):
+        if key in d:
+            return d[key]
+    return getattr(config, "output_attentions", False)
 
 
 def _sinks(kwargs):
@@ -167,7 +191,7 @@ def _is_cross_attention(module) -> bool:
     """Whether ``module`` attends to encoder states: GPT-2's attention says so in an attribute;
     BERT-style decoders (BERT, RoBERTa, ... with add_cross_attention) set it only on the
     wrapper, and the module the attention function receives is their ``*CrossAttention``."""
-    return bool(getattr(module, "is_cross_attention", False)) or \
+    return bool(_plain_attr(module, "is_cross_attention", False)) or \
         type(module).__name__.endswith("CrossAttention")
 
 
@@ -194,11 +218,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     sel = kwargs.get(SELECTION_KWARG)
     if _is_cross_attention(module):
         sel = None  # prefixes belong to self-attention only
-    elif sel is not None and getattr(module, "layer_idx", None) is None:
+    elif sel is not None and _plain_attr(module, "layer_idx", None) is None:
         # not a layer of the language model (a vision tower's attention): no prefix here
         sel._skipped_modules = getattr(sel, "_skipped_modules", set()) | {type(module).__name__}
         sel = None
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = is_causal if is_causal is not None else _plain_attr(module, "is_causal", True)
     pk = pv = ids = lens = None
     if sel is not None:
         if not torch.compiler.is_compiling():
@@ -238,8 +262,6 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                                             scaling, window, softcap, dropout, module.training,
                                             sinks=_sinks(kwargs))
         return _plus_anchor(out, sel), probs
-    from ..api import prefix_attention
-
     if seq_ids is not None:
         out = packed_attention(query, key, value, seq_ids, pk, pv, prefix_ids=ids,
                                prefix_lens=lens, per_sequence=per_sequence is not None,
