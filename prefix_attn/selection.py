@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 
@@ -32,6 +33,7 @@ class PrefixSelection:
         self.host_row_lens = host_row_lens
         self.names = names
         self.version = version
+        self._layer_views = None  # (the _kv they view, [(prefix_k, prefix_v)] per layer)
 
     @property
     def num_layers(self) -> int:
@@ -55,10 +57,18 @@ class PrefixSelection:
 
     def layer(self, layer_idx: int) -> tuple[Tensor, Tensor]:
         """``(prefix_k, prefix_v)`` for one layer, each ``[n, Hkv, Pmax, D]`` (views, no copy)."""
-        if not 0 <= layer_idx < self._kv.shape[0]:
-            raise IndexError(f"layer_idx {layer_idx} out of range for {self._kv.shape[0]} layers")
-        kv = self._kv[layer_idx]
-        return kv[0], kv[1]
+        kv = self._kv
+        if not 0 <= layer_idx < kv.shape[0]:
+            raise IndexError(f"layer_idx {layer_idx} out of range for {kv.shape[0]} layers")
+        if kv.requires_grad or torch.compiler.is_compiling():
+            # views taken now keep this call's grad mode; a graph traces its own
+            return tuple(kv[layer_idx].unbind(0))
+        # every layer of every forward that reuses this selection (decode steps) reads the
+        # same views: made once, for as long as _kv is the same tensor
+        cached = self._layer_views
+        if cached is None or cached[0] is not kv:
+            cached = self._layer_views = (kv, [tuple(t.unbind(0)) for t in kv.unbind(0)])
+        return cached[1][layer_idx]
 
     def __repr__(self) -> str:
         return (

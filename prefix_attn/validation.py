@@ -239,6 +239,36 @@ def _check_index_tensor(name, t, length, device, what):
     return t if dtype is torch.int64 else t.to(torch.int64)
 
 
+# The stand-ins of "no prefix" (an empty [1, Hkv, 0, D] bank, ids zeros [B], lens [0]) per
+# (device, dtype, B, Hkv, D, inference mode): an HF forward without a prefix asks for the same
+# ones in every layer of every step, and three allocations cost more than its checks. Nothing
+# writes them (the ops take them as inputs; the empty bank has no element to write). Few keys
+# (one per batch size seen), so a plain dict, emptied past _NO_PREFIX_MAX.
+_NO_PREFIX: dict = {}
+_NO_PREFIX_MAX = 64
+
+
+def _no_prefix(q: torch.Tensor, B: int, Hkv: int, D: int) -> tuple:
+    """(empty bank, prefix_ids, prefix_lens) of a call without a prefix. Made afresh, never
+    cached, while tracing (torch.compile, torch.jit.trace: ops the graph keeps) and for a q
+    of a tensor subclass (fake, functional, DTensor), on the meta device or functorch-wrapped,
+    whose tensors must not outlive the call."""
+    cacheable = type(q) is torch.Tensor and not _compiling() and not torch.jit.is_tracing() \
+        and q.device.type != "meta" and not torch._C._functorch.is_functorch_wrapped_tensor(q) \
+        and type(B) is int and type(Hkv) is int and type(D) is int
+    key = (q.device, q.dtype, B, Hkv, D, torch.is_inference_mode_enabled()) if cacheable else None
+    hit = _NO_PREFIX.get(key) if cacheable else None
+    if hit is not None:
+        return hit
+    made = (q.new_zeros((1, Hkv, 0, D)), torch.zeros(B, dtype=torch.int64, device=q.device),
+            torch.zeros(1, dtype=torch.int64, device=q.device))
+    if cacheable:
+        if len(_NO_PREFIX) >= _NO_PREFIX_MAX:
+            _NO_PREFIX.clear()
+        _NO_PREFIX[key] = made
+    return made
+
+
 def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_lens=None,
               key_padding_mask=None, causal=True, scale=None, window=None, softcap=None,
               ) -> AttnArgs:
@@ -279,12 +309,13 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         raise ValueError(f"prefix_k and prefix_v must be given together, got prefix_k "
                          f"{_shape(prefix_k)} and prefix_v {_shape(prefix_v)}")
     if prefix_k is None:
-        prefix_k = q.new_zeros((1, Hkv, 0, D))
-        prefix_v = prefix_k
         for name, given in (("prefix_ids", prefix_ids), ("prefix_lens", prefix_lens)):
             if given is not None:
                 raise ValueError(f"{name} given without prefix_k/prefix_v")
+        prefix_k, no_ids, no_lens = _no_prefix(q, B, Hkv, D)
+        prefix_v = prefix_k
     else:
+        no_ids = no_lens = None
         for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -313,7 +344,7 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
         if N != 1:
             raise ValueError(f"prefix_ids is required when the bank holds N={N} > 1 prefixes "
                              f"(prefix_k {_shape(prefix_k)})")
-        prefix_ids = torch.zeros(B, dtype=torch.int64, device=device)
+        prefix_ids = no_ids if no_ids is not None else torch.zeros(B, dtype=torch.int64, device=device)
     else:
         prefix_ids = _check_index_tensor("prefix_ids", prefix_ids, B, device, "one entry per batch row")
         if compiling:  # a constant message: symbolic shapes cannot be formatted in a graph
@@ -325,7 +356,8 @@ def normalize(q, k, v, prefix_k=None, prefix_v=None, *, prefix_ids=None, prefix_
                 raise ValueError(f"prefix_ids must lie in [0, {N}) for a bank of N={N} (prefix_k "
                                  f"{_shape(prefix_k)}), got values in [{lo}, {hi}]")
     if prefix_lens is None:
-        prefix_lens = torch.full((N,), P, dtype=torch.int64, device=device)
+        prefix_lens = no_lens if no_lens is not None else \
+            torch.full((N,), P, dtype=torch.int64, device=device)
     else:
         prefix_lens = _check_index_tensor("prefix_lens", prefix_lens, N, device, "one length per bank entry")
         if compiling:
