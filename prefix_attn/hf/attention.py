@@ -172,6 +172,8 @@ def _config_output_attentions(config) -> bool:
     it as ``_output_attentions`` behind a property, older versions as ``output_attentions``)."""
     if config is None:
         return False
+    if torch.compiler.is_compiling():  # dynamo cannot trace object.__getattribute__
+        return getattr(config, "output_attentions", False)
     d = object.__getattribute__(config, "__dict__")
     for key in ("_output_attentions", "output_attentions"):
         if key in d:
