@@ -58,6 +58,7 @@ class RowText:
         self.special = special
         self.new: List[int] = []
         self.tokens: List[int] = []  # the text's tokens
+        self.pads = 0  # pad tokens after them: the text's if other tokens follow (finish keeps them)
         self.sent, self.previous, self.done = "", "", False
         # the text is anchor_text + the decoding of tokens[anchor:]: decoding every token at
         # every step cost a time growing with the square of the length
@@ -100,9 +101,11 @@ class RowText:
         if token in self.stop_ids:
             self.done = True
             return ""
-        if token == self.pad_id:
+        if token == self.pad_id:  # model.generate's filler after the row ended, or the model's own
+            self.pads += 1
             return ""
-        self.tokens.append(token)
+        self.tokens.extend([self.pad_id] * self.pads + [token])
+        self.pads = 0
         text = self._text()
         cut = _first_stop(text, self.stops) if self.stops else None
         if cut is not None:

@@ -199,6 +199,24 @@ def row_pieces(tokens, stops=()):
     return [row.add(t) for t in tokens], row
 
 
+def test_a_pad_token_within_the_answer_streams_as_finish_keeps_it():
+    """A pad token the model generates before other tokens is part of the answer (finish keeps
+    it: its text where special tokens are kept, for a tool-call parser): the streamed text is
+    that answer's, not one without it (the handler said "the text sent ... is not the start of
+    the answer" and the rest was lost); trailing pads (generate's filler) are left out."""
+    from prefix_attn.serve_stop import finish
+    from test_serve_chat import chat_tokenizer
+
+    tok = chat_tokenizer()
+    ids = tok.encode("ab", add_special_tokens=False) + [tok.pad_token_id] + tok.encode("cd", add_special_tokens=False)
+    for special in (True, False):
+        row = serve_stream.RowText(tok, [tok.eos_token_id], tok.pad_token_id, [], special)
+        sent = "".join(row.add(t) for t in ids + [tok.eos_token_id, tok.pad_token_id, tok.pad_token_id])
+        text, count, reason = finish(tok, row.new, [tok.eos_token_id], tok.pad_token_id, [], special)
+        assert (text, count, reason) == ("ab<pad>cd" if special else "abcd", 5, "stop")
+        assert sent == text[:-1]  # the last token's text goes out as the answer ends (_rest)
+
+
 def test_row_text_holds_back_unfinished_characters_and_stop_starts():
     """A character's bytes are held until all came, a token's text until the next token came
     (it might merge), a tail that may start a stop text until it cannot; a stop id ends the row,
