@@ -34,6 +34,7 @@ class Grammars:
         if not stop:
             raise ValueError("structured output needs a stop id (the model's eos_token_id) to end the answer")
         self.info = tokenizer_info(tokenizer, vocab_size, stop)
+        self.clean = clean_bitmask(self.info)
         self.compiler = xgr.GrammarCompiler(self.info, cache_enabled=False)  # ours is the cache
         self.size = size
         self._compiled: "OrderedDict[str, xgr.CompiledGrammar]" = OrderedDict()
@@ -51,7 +52,20 @@ class Grammars:
         """The processor of a batch whose row i has ``constraints[i]`` (None: free), its input
         ``prompt_len`` tokens long (left padded)."""
         matchers = [None if c is None else xgr.GrammarMatcher(self.compiled(c.schema)) for c in constraints]
-        return RowGrammars(matchers, self.info.vocab_size, prompt_len)
+        return RowGrammars(matchers, self.info.vocab_size, prompt_len, self.clean)
+
+
+def clean_bitmask(info: "xgr.TokenizerInfo") -> torch.Tensor:
+    """xgrammar's token bitmask (int32 words, bit i of word w: token 32 w + i) of the tokens
+    whose bytes hold no control character (U+0000..U+001F). JSON has none outside its
+    whitespace (none in the compact grammar) and none unescaped in a string, yet xgrammar 0.2.9
+    lets a string with "minLength" / "maxLength" take any but '"', '\\', CR and LF: an answer
+    that was no JSON (json.loads: "Invalid control character")."""
+    words, special = [0xFFFFFFFF] * ((info.vocab_size + 31) // 32), set(info.special_token_ids)
+    for token, text in enumerate(info.decoded_vocab):
+        if token not in special and any(b < 0x20 for b in text):
+            words[token // 32] &= ~(1 << (token % 32))
+    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
 
 
 class RowGrammars(LogitsProcessor):
@@ -65,8 +79,9 @@ class RowGrammars(LogitsProcessor):
     top-k, top-p, min-p): where those leave a row none of the tokens its grammar allows, the
     next token is drawn among the allowed ones alike (greedy: the first)."""
 
-    def __init__(self, matchers: List[Optional["xgr.GrammarMatcher"]], vocab_size: int, prompt_len: int):
-        self.matchers, self.prompt_len = matchers, prompt_len
+    def __init__(self, matchers: List[Optional["xgr.GrammarMatcher"]], vocab_size: int, prompt_len: int,
+                 clean: Optional[torch.Tensor] = None):
+        self.matchers, self.prompt_len, self.clean = matchers, prompt_len, clean
         self.bitmask = xgr.allocate_token_bitmask(len(matchers), vocab_size)
         self.vocab_size = vocab_size
 
@@ -89,6 +104,9 @@ class RowGrammars(LogitsProcessor):
             return scores
         for i in rows:
             self.matchers[i].fill_next_token_bitmask(self.bitmask, i)
+        if self.clean is not None:  # no control character (a grammar allowing only those keeps them)
+            kept = self.bitmask[rows] & self.clean
+            self.bitmask[rows] = torch.where(kept.any(dim=-1, keepdim=True), kept, self.bitmask[rows])
         bitmask = self.bitmask.to(scores.device, non_blocking=True)
         width = min(self.vocab_size, scores.shape[-1])
         xgr.apply_token_bitmask_inplace(scores, bitmask, vocab_size=width, indices=rows)

@@ -212,3 +212,30 @@ def test_the_grammar_cache_keeps_the_most_recent():
 
 def test_auto_and_none_ask_for_nothing():
     assert structured.of({"tool_choice": "auto", "response_format": {"type": "text"}}, TOOLS) is None
+
+
+@pytest.mark.parametrize("schema", [{"type": "string", "maxLength": 4}, {"type": "object", "properties": {
+    "s": {"type": "string", "minLength": 1}}, "required": ["s"], "additionalProperties": False}])
+def test_no_control_character_in_a_constrained_answer(schema):
+    """xgrammar 0.2.9 lets a string with minLength / maxLength take control characters, which
+    JSON forbids unescaped: a model favouring one gave a "stop" answer json.loads refused."""
+    import torch
+
+    from prefix_attn import tiny
+    from prefix_attn.structured_logits import Grammars
+
+    tok = tiny.ByteTokenizer()
+    grammars = Grammars(tok, 264, [tok.eos_token_id])
+    rows = grammars.processor([structured.Constraint("json_schema", json.dumps(schema))], 1)
+    favour = [tok.offset + 0x0E, tok.offset + ord('"'), tok.offset + ord("x"), tok.eos_token_id]
+    ids = torch.tensor([[tok.offset + ord("a")]])
+    for _ in range(20):
+        scores = torch.zeros(1, 264)
+        scores[0, favour] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+        token = rows(ids, scores).argmax(-1)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        if token.item() == tok.eos_token_id:
+            break
+    text = tok.decode(ids[0, 1:].tolist(), skip_special_tokens=True)
+    assert ids[0, -1].item() == tok.eos_token_id and "\x0e" not in text
+    json.loads(text)
