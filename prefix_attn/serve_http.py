@@ -63,7 +63,7 @@ text that may still be a call is held back: the calls go out when the answer end
 Structured outputs, as vLLM serves them (prefix_attn.structured; the optional xgrammar package,
 `pip install 'prefix_attn[structured]'`, imported only when a request asks: without it a 400
 naming it): "response_format": {"type": "json_object"} or {"type": "json_schema", "json_schema":
-{"name", "schema", "strict"}} constrains the answer by a grammar (compact JSON) so that it parses
+{"name", "schema", "strict"}} constrains the answer by a grammar (JSON with ", " and ": " as separators, no other whitespace) so that it parses
 and matches the schema, on either endpoint; max_tokens reached first: "length" and the text so
 far. With --chat and "tools": "tool_choice": {"type": "function", "function": {"name": X}} gives
 one call of X ("arguments": the generated object of X's "parameters" schema; "content" null;

@@ -13,7 +13,8 @@ its text is JSON of a given shape. What asks for one (checked by :func:`of`):
   answered as those calls.
 
 ``"response_format": {"type": "text"}``, ``"tool_choice"`` ``"auto"`` or ``"none"`` (and null)
-ask for nothing. The grammar is xgrammar's compact JSON (no whitespace between tokens), compiled
+ask for nothing. The grammar is xgrammar's JSON without free whitespace (", " and ": " its separators, no
+other whitespace between tokens), compiled
 from the schema (:mod:`prefix_attn.structured_logits` applies it while generating). xgrammar is
 an optional dependency (``pip install 'prefix_attn[structured]'``), imported only when a request
 asks for a constraint. Imports neither torch nor xgrammar."""
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 INSTALL = "pip install xgrammar (or pip install 'prefix_attn[structured]')"
-ANY_WHITESPACE = False  # compact JSON: a model cannot spend its tokens on whitespace
+ANY_WHITESPACE = False  # no free whitespace: a model cannot spend its tokens on whitespace
 _KINDS = ("text", "json_object", "json_schema")
 
 
