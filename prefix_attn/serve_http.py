@@ -65,14 +65,14 @@ Structured outputs, as vLLM serves them (prefix_attn.structured; the optional xg
 naming it): "response_format": {"type": "json_object"} or {"type": "json_schema", "json_schema":
 {"name", "schema", "strict"}} constrains the answer by a grammar (JSON with ", " and ": " as separators, no other whitespace) so that it parses
 and matches the schema, on either endpoint; max_tokens reached first: "length" and the text so
-far. With --chat and "tools": "tool_choice": {"type": "function", "function": {"name": X}} gives
+far; a "stop" text met inside the JSON ends it there ("stop", a text that does not parse). With --chat and "tools": "tool_choice": {"type": "function", "function": {"name": X}} gives
 one call of X ("arguments": the generated object of X's "parameters" schema; "content" null;
 finish_reason "stop", vLLM's), "tool_choice": "required" one or more calls of the tools (a JSON
 array of {"name", "parameters"}, one with "parallel_tool_calls": false; finish_reason
 "tool_calls"), without --tool-call-parser; streamed, such calls go out at the end, constrained
 content as any text. Each row has its own grammar (a batch's free rows answer as alone). A bad
-schema, a function not in "tools" and a constraint with beams (not served) are a 400 naming the
-field.
+schema, a function not in "tools", a forced call on /v1/completions (a "prompt" is answered as
+text) and a constraint with beams (not served) are a 400 naming the field.
 
 Prompts, as OpenAI's API takes them: /v1/completions' "prompt" is a string, an array of strings,
 an array of token ids (one prompt) or an array of arrays of token ids. Token ids run as given,
@@ -127,7 +127,9 @@ temperature and the other processors, as unstreamed), no second forward pass; co
 the chunks they are the unstreamed answer's, within float rounding (a step's logits after the KV
 cache). A token's entry goes with the chunk that sends the last of its text; a stop text's tokens
 and any whose text is still held come with the choice's last text chunk ("text" maybe ""), before
-its finish_reason chunk; beam search's come whole there. "echo" is not streamed: a 400.
+its finish_reason chunk; beam search's come whole there. Text a tool-call parser or a forced
+call holds back is not waited for: the entries go out as the text becomes stable, in chunks whose
+content may be empty. "echo" is not streamed: a 400.
 
 Batching (static): one worker thread owns the model. Rows (a request's choices) that come within
 --batch-wait-ms of the first one waiting (up to --batch-size of them) are gathered; those decoded alike (equal

@@ -122,17 +122,23 @@ def _parse_request(obj, where: str, lineno: int) -> Request:
     extra = {k: v for k, v in obj.items() if k not in ("prompt", "messages", "prefix", "id")}
     return Request(prompt=prompt, prefix=prefix, id=obj.get("id", lineno), line=lineno, extra=extra,
                    messages=messages, tools=tools, generation_prompt=generation_prompt,
-                   continue_final=continue_final, constraint=_constraint(obj, tools, where))
+                   continue_final=continue_final, constraint=_constraint(obj, tools, where, messages is not None))
 
 
-def _constraint(obj: dict, tools: Optional[List[dict]], where: str):
-    """The structured output ``obj`` asks for (None: none); a RequestError naming the field."""
+def _constraint(obj: dict, tools: Optional[List[dict]], where: str, chat: bool):
+    """The structured output ``obj`` asks for (None: none); a RequestError naming the field.
+    ``chat``: a conversation ("messages"), the only request whose answer can be tool calls."""
     if obj.get("response_format") is None and obj.get("tool_choice") is None:
         return None  # structured is not imported: nothing asks for it
     from . import structured
 
     try:
-        return structured.of(obj, tools)
+        constraint = structured.of(obj, tools)
+        if constraint is not None and constraint.tool and not chat:
+            raise structured.ConstraintError(
+                "a 'tool_choice' forcing a call needs a conversation ('messages', with --chat): "
+                "a 'prompt' is answered as text, never as tool calls", "tool_choice")
+        return constraint
     except structured.ConstraintError as exc:
         error = RequestError(f"{where}: {exc}")
         error.param = exc.param

@@ -123,6 +123,8 @@ def test_constrained_content_streams(server):
     ({"tool_choice": "required"}, "tool_choice", "needs 'tools'"),
     ({"tool_choice": "sometimes"}, "tool_choice", "must be"),
     ({"response_format": {"type": "json_object"}, "num_beams": 2}, "num_beams", "beam search"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+      "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice", "needs a conversation"),
 ])
 def test_bad_constraints_are_400_naming_the_field(server, body, param, words):
     status, answer = call(server, "/v1/completions", {"prompt": "hi", **body})
