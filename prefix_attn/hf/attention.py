@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..api import prefix_attention
+from .. import api  # its prefix_attention read per call: tests (and users) may wrap it
 from ..packed import packed_attention, packed_dense_mask
 from .mask import packed_from_positions
 from .names import PACKED_ATTR, PREFIXES_KWARG, SELECTION_KWARG
@@ -270,9 +270,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                                segs=getattr(sel, "packed_segments", None),
                                causal=causal, scale=scaling, window=window, softcap=softcap)
         return _plus_anchor(out, sel), None  # [B, S, Hq, D], contiguous (a boolean-index gather)
-    out = prefix_attention(query, key, value, pk, pv, prefix_ids=ids, prefix_lens=lens,
-                           key_padding_mask=kpm, causal=causal, scale=scaling, window=window,
-                           softcap=softcap)
+    out = api.prefix_attention(query, key, value, pk, pv, prefix_ids=ids, prefix_lens=lens,
+                               key_padding_mask=kpm, causal=causal, scale=scaling, window=window,
+                               softcap=softcap)
     return _plus_anchor(out.transpose(1, 2).contiguous(), sel), None
 
 
