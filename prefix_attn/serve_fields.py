@@ -183,9 +183,3 @@ def token_ids(ids: list, where: str, vocab_size: int, param: str = "prompt", emp
                                  f"{vocab_size - 1})", param=param)
     return list(ids)
 
-
-def check_stream_asks(asked: Asked) -> None:
-    """A streamed request asks for no echo (not served streamed; its log probabilities are)."""
-    if asked.echo:
-        raise HTTPError(400, "'echo' is not served with 'stream': true: ask without streaming (log probabilities "
-                             "are streamed)", param="echo", code="unsupported")

@@ -87,22 +87,22 @@ array mixing kinds are a 400; an empty string is what it is in generate (it cont
 prompt prefix; with no tokens at all, a 400). That is what lm-evaluation-harness's
 local-completions sends (token ids by default; several prompts with batch_size above 1).
 
-Log probabilities, as OpenAI's API gives them: /v1/completions' "logprobs": K (0 to 5) gives each
-choice "logprobs": {"tokens", "token_logprobs", "top_logprobs" (the K likeliest tokens of each
-position, the chosen one added), "text_offset"} for its generated tokens; chat's "logprobs": true
-with "top_logprobs": K (0 to 20) gives {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}.
-They are the model's distribution after the request's prefix (log_softmax of the logits, before
-temperature, top-p / top-k / min-p and the repetition penalty: vLLM's default), from one more
-forward pass of prompt + completion for the batch's scored rows. A token is its text decoded
-alone; one that is part of a UTF-8 character is "bytes:\\xNN" where the tokenizer knows its
-bytes (the byte tokenizer, <0xNN> tokens, byte-level BPE: GPT-2's, Llama 3's, Qwen's scheme),
-else its decoding holding U+FFFD; chat's "bytes" are each token's own there (joined: the
-content's UTF-8). "echo": true (completions) puts the prompt before the
-text and, with "logprobs", its tokens' entries first (the first one null); with "max_tokens": 0
-the prompt is scored alone in one forward pass, nothing generated (lm-evaluation-harness's
-loglikelihood request). "n": N (1 to --batch-size) gives N choices of each prompt, index 0..N-1
-for one, each its own row, sampled independently (greedy: N equal ones); "usage" counts each
-prompt once.
+Log probabilities, as OpenAI's API gives them: /v1/completions' "logprobs": K (0 to 5) gives
+each choice "logprobs": {"tokens", "token_logprobs", "top_logprobs" (the K likeliest tokens of
+each position, the chosen one added), "text_offset"} for its generated tokens; chat's
+"logprobs": true with "top_logprobs": K (0 to 20) gives {"content": [{"token", "logprob",
+"bytes", "top_logprobs"}]}. They are the model's distribution after the request's prefix
+(log_softmax of the logits, before temperature, top-p / top-k / min-p and the repetition
+penalty: vLLM's default), from one more forward pass of prompt + completion for the batch's
+scored rows. A token is its text decoded alone; one that is part of a UTF-8 character is
+"bytes:\\xNN" where the tokenizer knows its bytes (the byte tokenizer, <0xNN> tokens, byte-level
+BPE: GPT-2's, Llama 3's, Qwen's scheme), else its decoding holding U+FFFD; chat's "bytes" are
+each token's own there (joined: the content's UTF-8). "echo": true (completions) puts the prompt
+before the text and, with "logprobs", its tokens' entries first (the first one null); with
+"max_tokens": 0 the prompt is scored alone in one forward pass, nothing generated
+(lm-evaluation-harness's loglikelihood request); streamed, below. "n": N (1 to --batch-size)
+gives N choices of each prompt, index 0..N-1 for one, each its own row, sampled independently
+(greedy: N equal ones); "usage" counts each prompt once.
 
 Streaming ("stream": true), as OpenAI's API streams: a 200 of Content-Type text/event-stream, one
 "data: {chunk}" event per piece of text as it is generated ("object": "text_completion", or
@@ -129,7 +129,16 @@ cache). A token's entry goes with the chunk that sends the last of its text; a s
 and any whose text is still held come with the choice's last text chunk ("text" maybe ""), before
 its finish_reason chunk; beam search's come whole there. Text a tool-call parser or a forced
 call holds back is not waited for: the entries go out as the text becomes stable, in chunks whose
-content may be empty. "echo" is not streamed: a 400.
+content may be empty.
+
+Streamed echo ("echo": true with "stream": true, as vLLM and OpenAI's legacy completions stream
+it): each choice's first chunk is its prompt's text (a token-id prompt's decoded) with, where
+"logprobs" asks, its prompt tokens' entries (the first one null), scored by one forward of the
+batch's such prompts after their prefixes before it generates; then its completion's chunks as
+above, their text_offset counted after the prompt; with "max_tokens": 0, the prompt's chunk, then
+the finish chunk. Joined, each choice is the unstreamed answer's (text and text_offset exactly,
+log probabilities within float rounding). An empty prompt after a prompt prefix (its head entry)
+has no prompt chunk, as it has no entries unstreamed.
 
 Batching (static): one worker thread owns the model. Rows (a request's choices) that come within
 --batch-wait-ms of the first one waiting (up to --batch-size of them) are gathered; those decoded alike (equal
@@ -249,7 +258,8 @@ class _Pending:
     ``resolve``. A streamed one (``stream``) also has ``events``, a queue its request's rows share,
     read by its handler: ``(index, "start", "")`` when its batch starts generating,
     ``(index, "text", DELTA)`` for each piece of stable text, ``(index, "end", "")`` once
-    resolved, each with a fourth item, the "logprobs" of the tokens of that piece (None: none).
+    resolved, each with a fourth item, the "logprobs" of the tokens of that piece (None: none);
+    with "echo", ``(index, "echo", PROMPT)`` first, the prompt's entries with it where asked.
     Its handler cancels it (:meth:`cancel`) when the client is gone."""
 
     def __init__(self, request: Request, stream: bool = False, asked: serve_fields.Asked = serve_fields.Asked(), index: int = 0,
@@ -266,6 +276,7 @@ class _Pending:
         # a request's choices share one queue: each event says its choice's index
         self.events = (events if events is not None else queue.Queue()) if stream else None
         self.sent = False  # text went out: a retried batch would send it again
+        self.echoed = False  # its streamed echo went out (the prompt: the same in a retried batch)
         self.cancelled = False
 
     def push(self, kind: str, text: str = "", logprobs: Optional[dict] = None) -> None:
@@ -540,8 +551,6 @@ class Server:
                 raise HTTPError(400, f"{name}={json.dumps(obj[name])} is not supported", param=name, code="unsupported")
         serve_fields.check_stream(obj)
         asked = serve_fields.asked(obj, chat, self.args.batch_size)
-        if obj.get("stream") is True:
-            serve_fields.check_stream_asks(asked)
         prompts = None if chat else serve_fields.prompts(obj["prompt"], self.vocab_size)
         if prompts is not None and len(prompts) * asked.n > serve_fields.MAX_CHOICES:
             raise HTTPError(400, f"{len(prompts)} prompts x n {asked.n} = {len(prompts) * asked.n} choices, over the "
@@ -600,8 +609,9 @@ class Server:
 
         def row(p: _Pending):
             text = serve_stream.RowText(served.tokenizer, served.stop, served.pad_id, settings.stop, settings.special)
-            p.streamed = (serve_logprobs.Streamed(names, p.asked.logprobs, p.request.messages is not None, served.pad_id)
-                          if steps is not None and p.asked.logprobs is not None else None)
+            start = len(p.request.prompt) if p.asked.echo else 0  # the completion's text_offset: after the echo
+            p.streamed = (serve_logprobs.Streamed(names, p.asked.logprobs, p.request.messages is not None, served.pad_id,
+                                                  start) if steps is not None and p.asked.logprobs is not None else None)
 
             def take(token: int, scores: Optional[tuple]) -> None:
                 if p.cancelled or p.done.is_set():
@@ -625,6 +635,25 @@ class Server:
         if not rows:
             return None
         return serve_logprobs.Steps(self.served.model, rows, max(pending[i].asked.logprobs for i in rows))
+
+    def _echo(self, pending: List[_Pending]) -> None:
+        """The echo of each streamed row asking for one, once (not again when its batch is retried
+        in halves): its prompt's text, the first event of its choice, with the entries of its
+        prompt's tokens where it asks for log probabilities (the first one null; none for a
+        prompt prefix's head entry, as unstreamed), all such rows scored by one forward of their
+        prompts after their prefixes (:func:`serve_logprobs.score`, as an unstreamed echo's)."""
+        rows = [p for p in pending if p.events is not None and p.asked.echo and not p.echoed]
+        scored = [p for p in rows if p.asked.logprobs is not None and p.job.prefix == p.request.prefix]
+        entries = {}
+        if scored:
+            served, names = self.served, serve_logprobs.Names(self.served.tokenizer)
+            wanted = [serve_logprobs.Row(p.job.prefix, p.job.ids, [], True, p.asked.logprobs) for p in scored]
+            for p, got in zip(scored, serve_logprobs.score(served.model, wanted, served.pad_id, served.device)):
+                entries[id(p)] = serve_logprobs.completion_logprobs(got, names, len(p.job.ids), 0)
+        for p in rows:
+            p.echoed = True
+            if p.request.prompt or id(p) in entries:
+                p.push("echo", p.request.prompt, entries.get(id(p)))
 
     def _work(self) -> None:
         wait = self.args.batch_wait_ms / 1000
@@ -722,6 +751,7 @@ class Server:
         """Each row's answer (Served.finish's) and its "logprobs" (None unless asked): one
         model.generate call (none for max_tokens 0), then one forward scoring the rows that ask."""
         news = [[] for _ in pending]
+        self._echo(pending)  # before the streamed log probabilities' hook: its forward is not a step
         if settings.max_new_tokens:
             self.metrics.batch(len(pending))
             steps = self._steps(pending) if streams else None
@@ -735,20 +765,23 @@ class Server:
         answers = [self.served.finish(new, settings) for new in news]
         logprobs: List[Optional[dict]] = [None] * len(pending)
         asking = [i for i, p in enumerate(pending)  # a streamed row's came as it was generated
-                  if p.asked.logprobs is not None and not p.cancelled and p.streamed is None]
+                  if p.asked.logprobs is not None and not p.cancelled and p.streamed is None
+                  and not (p.echoed and not answers[i][1])]  # an echo streamed, nothing more to score
         if asking and not self.stopping.is_set():
             served, rows = self.served, []
             for i in asking:
                 p, count = pending[i], answers[i][1]
                 tokens = until_stop_id(news[i], served.stop, served.pad_id)[0][:count]
-                echo = p.asked.echo and p.job.prefix == p.request.prefix  # not a prompt's head entry
+                # not a prompt's head entry, nor a prompt whose entries were streamed (_echo)
+                echo = p.asked.echo and p.job.prefix == p.request.prefix and not p.echoed
                 rows.append(serve_logprobs.Row(p.job.prefix, p.job.ids, tokens, echo, p.asked.logprobs))
             names = serve_logprobs.Names(served.tokenizer)
             for i, scored in zip(asking, serve_logprobs.score(served.model, rows, served.pad_id, served.device)):
                 p = pending[i]
                 echoed = len(p.job.ids) if rows[asking.index(i)].echo else 0
+                start = len(p.request.prompt) if p.asked.echo else 0
                 logprobs[i] = (serve_logprobs.chat_logprobs(scored, names) if p.request.messages is not None else
-                               serve_logprobs.completion_logprobs(scored, names, echoed, p.request.prompt))
+                               serve_logprobs.completion_logprobs(scored, names, echoed, start))
         return list(zip(answers, logprobs))
 
 
@@ -1011,7 +1044,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"".join(chunks.role(i) for i in range(len(pending))))
             while True:
-                if kind == "text":
+                if kind == "echo":  # the prompt, before the completion's text (not in sent: the answer's)
+                    self.wfile.write(chunks.text(text, index, logprobs))
+                elif kind == "text":
                     text = held[index](text)  # what may be tool calls waits for the end
                     self.wfile.write(chunks.text(text, index, logprobs) if text or logprobs else b"")
                     sent[index] += text

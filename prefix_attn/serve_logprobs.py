@@ -153,13 +153,14 @@ def _has_byte_level(spec) -> bool:
     return spec.get("type") == "ByteLevel" or any(_has_byte_level(d) for d in spec.get("decoders") or ())
 
 
-def completion_logprobs(scored: Scored, names: Names, echoed: int, prompt: str) -> dict:
+def completion_logprobs(scored: Scored, names: Names, echoed: int, start: int) -> dict:
     """OpenAI's legacy completions ``logprobs`` of ``scored``, whose first ``echoed`` tokens are
     the prompt's: each position's k top tokens (a string -> its log probability), the chosen one
     added when not among them; ``text_offset``: where each token's text begins in the choice's
-    "text" (:func:`text_offsets`; the completion's from the end of ``prompt``, echoed before it)."""
+    "text" (:func:`text_offsets`; the prompt's from 0, the completion's from ``start``: the
+    length of the prompt echoed before it, else 0)."""
     head, tail = scored.tokens[:echoed], scored.tokens[echoed:]
-    offsets = text_offsets(names.tokenizer, head, 0) + text_offsets(names.tokenizer, tail, len(prompt) if echoed else 0)
+    offsets = text_offsets(names.tokenizer, head, 0) + text_offsets(names.tokenizer, tail, start)
     return _completion_entries(scored, names, offsets)
 
 
@@ -249,10 +250,11 @@ class Streamed:
     others up to the row's token count once it ends. Concatenated, they are what
     :func:`completion_logprobs` (``chat``: :func:`chat_logprobs`) gives for the row's scored
     tokens, ``text_offset`` counted from the start of the text across chunks: a token's offset
-    is given once its text is sent (the decoding before it no longer changes there)."""
+    is given once its text is sent (the decoding before it no longer changes there), from
+    ``start`` (the length of a prompt echoed before the completion)."""
 
-    def __init__(self, names: Names, k: int, chat: bool, pad_id: Optional[int]):
-        self.names, self.k, self.chat, self.pad_id = names, k, chat, pad_id
+    def __init__(self, names: Names, k: int, chat: bool, pad_id: Optional[int], start: int = 0):
+        self.names, self.k, self.chat, self.pad_id, self.start = names, k, chat, pad_id, start
         self.scored = Scored([], [], [])
         self.row = serve_stream.RowText(names.tokenizer, (), None, ())  # as text_offsets decodes
         self.seen: List[tuple] = []  # _before each token
@@ -287,6 +289,6 @@ class Streamed:
             return None
         part = slice(self.given, n)
         scored = Scored(self.scored.tokens[part], self.scored.chosen[part], self.scored.top[part])
-        offsets = _offsets(self.seen[part], self.row.previous, 0)
+        offsets = _offsets(self.seen[part], self.row.previous, self.start)
         self.given = n
         return chat_logprobs(scored, self.names) if self.chat else _completion_entries(scored, self.names, offsets)

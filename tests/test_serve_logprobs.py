@@ -5,12 +5,15 @@ import threading
 
 import pytest
 import torch
-from test_server import SYSTEM, call, generated, started
-from test_server_stream import streamed
+from test_server import SYSTEM, adapter_dir, call, generated, started  # noqa: F401 (a fixture)
+from test_server_stream import streamed, with_stops
 
+from prefix_attn import tiny
 from prefix_attn.serve_inputs import request_of
 
 pytestmark = pytest.mark.hf
+
+BYTES = tiny.ByteTokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +158,13 @@ def assert_same_logprobs(got, want):
         assert (got["tokens"], got["text_offset"]) == (want["tokens"], want["text_offset"])
         pairs, tops = list(zip(got["token_logprobs"], want["token_logprobs"])), list(zip(got["top_logprobs"], want["top_logprobs"]))
     assert pairs and tops
+    assert [a is None for a, _ in pairs] == [b is None for _, b in pairs]  # an echo's first prompt token
+    pairs = [(a, b) for a, b in pairs if a is not None]
     torch.testing.assert_close([a for a, _ in pairs], [b for _, b in pairs], rtol=0, atol=1e-5)
     for a, b in tops:
+        assert (a is None) == (b is None)
+        if a is None:
+            continue
         assert a.keys() == b.keys()
         torch.testing.assert_close([a[k] for k in b], list(b.values()), rtol=0, atol=1e-5)
 
@@ -179,6 +187,70 @@ def test_streamed_logprobs_are_the_unstreamed_ones(server, body):
                                           for c in chunks])
         assert text == choice["text"]
         assert_same_logprobs(merged, choice["logprobs"])
+
+
+@pytest.fixture(scope="module")
+def prefixed(adapter_dir):
+    with started("--prompt-prefix", f"sys={SYSTEM}", "--adapter", f"tenant={adapter_dir}", "--max-new-tokens", "8",
+                 "--batch-wait-ms", "0") as s:
+        yield s
+
+
+def echo_bodies(server):
+    """Streamed echoes to check: prefixes (a prompt prefix, an adapter, its head entry), n = 2, prompt
+    arrays, token ids, characters of several bytes, logprobs none, 0 and 3, a stop text, beams,
+    max_tokens 0."""
+    ids = [BYTES.encode(t, add_special_tokens=False) for t in ("Ça ", "x€y")]
+    stop = with_stops(server, {"prompt": "hello", "model": "tenant", "max_tokens": 8})[1]["stop"]
+    bodies = [
+        {"prompt": "Déjà vu €", "model": "sys", "logprobs": 3, "n": 2},
+        {"prompt": ["naïve", "ab"], "model": "tenant", "logprobs": 0},
+        {"prompt": ids, "model": "tenant", "logprobs": 3, "n": 2},
+        {"prompt": ids[1], "logprobs": 3},
+        {"prompt": "hello", "model": "tenant", "logprobs": 3, "stop": stop},
+        {"prompt": "hello", "model": "tenant", "stop": stop, "n": 2},
+        {"prompt": ["é!ü", "x"], "model": "sys", "max_tokens": 0, "logprobs": 3, "n": 2},
+        {"prompt": "ünï", "max_tokens": 0},
+        {"prompt": "", "model": "sys", "logprobs": 1},  # the prompt prefix's head entry: no prompt entries
+        {"prompt": "hi €", "logprobs": 2, "num_beams": 2},  # beams: the completion's entries at the end
+    ]
+    return [{**b, "echo": True} for b in bodies]
+
+
+def test_a_streamed_echo_is_the_unstreamed_one(prefixed):
+    """"echo" with "stream": true (vLLM's, OpenAI's legacy completions): each choice's first chunk
+    is its prompt's text with, where asked, its tokens' entries (the first one null); then the
+    completion as streamed. Joined, each choice is the unstreamed answer's: its text exactly,
+    text_offset exactly (the completion's after the prompt), the log probabilities within float
+    rounding, its finish_reason; max_tokens 0: the prompt's chunk, then the finish chunk."""
+    reasons = set()
+    for body in echo_bodies(prefixed):
+        status, whole = call(prefixed, "/v1/completions", body)
+        assert status == 200, (body, whole)
+        chunks = streamed(prefixed, body)
+        prompts = [prefixed.served.tokenizer.decode(p) if isinstance(p, list) else p
+                   for p in ([body["prompt"]] if isinstance(body["prompt"], str) or isinstance(body["prompt"][0], int)
+                             else body["prompt"])]
+        for choice in whole["choices"]:
+            own = [ch for c in chunks for ch in c["choices"] if ch["index"] == choice["index"]]
+            prompt = prompts[choice["index"] // body.get("n", 1)]
+            echoed = prompt != "" or "model" not in body  # not the head entry: its prompt's entries
+            first = prompt != "" or (echoed and body.get("logprobs") is not None)  # the echo's chunk
+            assert choice["text"].startswith(prompt), body
+            if first:
+                assert own[0]["text"] == prompt and own[0]["finish_reason"] is None, (body, own[0])
+            if body.get("max_tokens") == 0:
+                assert len(own) == 1 + first and own[-1]["text"] == ""
+            assert own[-1]["finish_reason"] == choice["finish_reason"], body
+            reasons.add(choice["finish_reason"])
+            text, merged = streamed_logprobs([{"choices": [ch]} for ch in own])
+            assert text == choice["text"], body
+            if body.get("logprobs") is None:
+                assert choice["logprobs"] is None and all(ch["logprobs"] is None for ch in own)
+                continue
+            assert_same_logprobs(merged, choice["logprobs"])
+            assert (merged["token_logprobs"][0] is None) == echoed and merged["text_offset"] == sorted(merged["text_offset"])
+    assert reasons == {"stop", "length"}
 
 
 def test_streamed_logprobs_with_a_byte_level_tokenizer(byte_level_folder):
@@ -306,7 +378,6 @@ def test_chat_bytes_of_partial_tokens_join_into_the_content(byte_level_folder):
     ({"echo": 0}, "echo", "'echo' must be true or false"),
     ({"top_logprobs": 2}, "top_logprobs", "'top_logprobs' is chat's"),
     ({"best_of": 2}, "best_of", "best_of=2 is not supported"),
-    ({"echo": True, "stream": True}, "echo", "'echo' is not served with 'stream': true"),
     ({"max_tokens": 0}, None, "'max_tokens': must be at least 1"),  # 0 only with echo
 ])
 def test_what_cannot_be_served_is_400(server, body, param, words):
