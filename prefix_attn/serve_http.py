@@ -141,14 +141,17 @@ log probabilities within float rounding). An empty prompt after a prompt prefix 
 has no prompt chunk, as it has no entries unstreamed.
 
 Batching (static): one worker thread owns the model. Rows (a request's choices) that come within
---batch-wait-ms of the first one waiting (up to --batch-size of them) are gathered; those decoded alike (equal
-settings, as generate groups them) share a model.generate call, by prompt length; the others
-wait for the batch to end. A batch that runs out of device memory is retried in halves; a
-request that still does alone is answered 503 and the server goes on. After a split, the size of
-the first part that then ran is the most rows any later batch tries, of any request, for as long
-as the server runs (cut into parts of it before trying; another split lowers it, nothing raises
-it: restart the server to try more), as generate does within a run: one failed try, not one a
-batch.
+--batch-wait-ms of the first one waiting (up to --batch-size of them) are gathered; those
+decoded alike (equal settings, as generate groups them) share a model.generate call, by prompt
+length; the others wait for the batch to end. A batch that runs out of device memory is retried
+in halves; a request that still does alone is answered 503 and the server goes on. After a
+split, the size of the first part that then ran is the most rows any later batch tries, of any
+request, for as long as the server runs (cut into parts of it before trying; another split
+lowers it, nothing raises it: restart the server to try more), as generate does within a run:
+one failed try, not one a batch. A row that fails (out of memory alone, a bug in its generate
+call, a prompt too long) fails its request: the request is answered that error, and its other
+rows are given up as a client gone's are (passed over while they wait, stopped at their next
+token while their batch runs): no work for an answer no one gets.
 
 Errors are OpenAI's JSON, {"error": {"message", "type", "param", "code"}}: 400 for a body that
 is not a JSON object, a bad field (the message generate gives for it) or a prompt too long for
@@ -260,7 +263,8 @@ class _Pending:
     ``(index, "text", DELTA)`` for each piece of stable text, ``(index, "end", "")`` once
     resolved, each with a fourth item, the "logprobs" of the tokens of that piece (None: none);
     with "echo", ``(index, "echo", PROMPT)`` first, the prompt's entries with it where asked.
-    Its handler cancels it (:meth:`cancel`) when the client is gone."""
+    Its handler cancels it (:meth:`cancel`) when the client is gone. ``rows``: its request's rows
+    (itself among them); one failing (answered an error) gives the others up (:meth:`give_up`)."""
 
     def __init__(self, request: Request, stream: bool = False, asked: serve_fields.Asked = serve_fields.Asked(), index: int = 0,
                  events: "Optional[queue.Queue[Tuple[int, str, str, Optional[dict]]]]" = None):
@@ -275,6 +279,7 @@ class _Pending:
         self._lock = threading.Lock()
         # a request's choices share one queue: each event says its choice's index
         self.events = (events if events is not None else queue.Queue()) if stream else None
+        self.rows: List[_Pending] = [self]  # its request's, set by Server.submit
         self.sent = False  # text went out: a retried batch would send it again
         self.echoed = False  # its streamed echo went out (the prompt: the same in a retried batch)
         self.cancelled = False
@@ -286,18 +291,30 @@ class _Pending:
             self.events.put((self.index, kind, text, logprobs))
 
     def cancel(self) -> None:
-        """Its client is gone: answered (an error no one reads), so the worker passes it over,
-        and ``cancelled``, so a batch running it stops it at its next token."""
+        """Its client is gone: given up with an error no one reads."""
+        self.give_up(HTTPError(499, "the client closed its connection", code="client_gone"))
+
+    def give_up(self, error: HTTPError) -> None:
+        """No one waits for its answer (its client gone, or another row of its request failed):
+        answered ``error``, so the worker passes it over, and ``cancelled``, so a batch running
+        it stops it at its next token."""
         self.cancelled = True
-        self.resolve(error=HTTPError(499, "the client closed its connection", code="client_gone"))
+        self.resolve(error=error)
 
     def resolve(self, answer=None, error: Optional[HTTPError] = None, logprobs: Optional[dict] = None) -> None:
+        """Answered once (later calls do nothing); answered an error, the other rows of its
+        request are given up with that error, the request's answer (unless this one was)."""
         with self._lock:
-            if not self.done.is_set():
-                self.answer, self.error, self.logprobs = answer, error, logprobs
-                self.done.set()
-                if self.events is not None:
-                    self.events.put((self.index, "end", "", None))
+            if self.done.is_set():
+                return
+            self.answer, self.error, self.logprobs = answer, error, logprobs
+            self.done.set()
+            if self.events is not None:
+                self.events.put((self.index, "end", "", None))
+        if error is not None and not self.cancelled:
+            for other in self.rows:
+                if other is not self:
+                    other.give_up(error)
 
 
 class Server:
@@ -426,6 +443,8 @@ class Server:
         events: "queue.Queue[Tuple[int, str, str, Optional[dict]]]" = queue.Queue()
         pending = [_Pending(r, stream, asked, i * asked.n + j, events)
                    for i, r in enumerate(requests) for j in range(asked.n)]
+        for p in pending:
+            p.rows = pending
         with self._submit:
             if self.stopping.is_set():
                 raise serve_fields.stopping_error()

@@ -6,9 +6,11 @@ import socket
 import threading
 
 import pytest
+import torch
 
-from prefix_attn import serve_http
+from prefix_attn import serve_batching, serve_http
 from prefix_attn.cli import build_parser
+from prefix_attn.serve_fields import HTTPError
 from test_server import call, started
 
 pytestmark = pytest.mark.hf
@@ -141,3 +143,44 @@ def test_error_messages_speak_of_the_request_not_of_generate_s_file_or_options(s
     assert "lower max_tokens" in message and "max-new-tokens" not in message and "request:" not in message
     assert message.endswith("positions (shorten the prompt or lower max_tokens): 3 prompt tokens + 0 prefix "
                             "tokens (prefix none) + 1000 new tokens = 1003")
+
+
+@pytest.mark.parametrize("failure, status", [(RuntimeError("a bug"), 500),
+                                             (serve_batching.OutOfMemoryError("CUDA out of memory (injected)"), 503)])
+def test_a_row_that_fails_gives_up_its_request_s_other_rows(failure, status):
+    """A request of several rows (a prompt array, one row a batch here) whose first row fails (a
+    bug in its generate call, or out of memory alone) is answered that row's error, and its rows
+    still waiting are passed over: one generate call, not one per row for an answer no one gets."""
+    with started("--max-new-tokens", "4", "--batch-wait-ms", "0", "--batch-size", "1") as s:
+        generate, calls = s.served.model.generate, []
+
+        def failing(input_ids, **kw):
+            calls.append(input_ids.shape[0])
+            if len(calls) == 1:
+                raise failure
+            return generate(input_ids, **kw)
+        s.served.model.generate = failing
+        try:
+            got, body = call(s, "/v1/completions", {"prompt": ["boom", "a", "b", "c"]})
+        finally:
+            s.served.model.generate = generate
+        assert got == status, body
+        assert calls == [1]
+        assert s._load() == (0, 0)  # none left waiting or running
+        assert call(s, "/v1/completions", {"prompt": ["a", "b"]})[0] == 200
+
+
+def test_a_failed_row_stops_its_request_s_rows_running_at_their_next_token(server):
+    """The rows of a request are given up with its error once one fails: a batch running them
+    stops them at their next token (the stopping criterion, as for a client gone); another
+    request's row in the batch goes on."""
+    pending = [serve_http._Pending(r) for r in server._requests({"prompt": ["a", "b"]}, chat=False)]
+    for p in pending:
+        p.rows = pending  # as Server.submit makes them
+    other = serve_http._Pending(server._requests({"prompt": "c"}, chat=False)[0])
+    stopping = serve_http._Stopping(threading.Event(), [pending[1], other], per_row=True)
+    assert stopping(torch.zeros(2, 1), None).tolist() == [False, False]
+    error = HTTPError(503, "out of memory", code="out_of_memory")
+    pending[0].resolve(error=error)
+    assert pending[1].cancelled and pending[1].done.is_set() and pending[1].error is error
+    assert not other.cancelled and stopping(torch.zeros(2, 1), None).tolist() == [True, False]
