@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .autotune import (DEFAULT_SMS, cdiv, interpreting, row_chunks, rows_of, sm_count, smem_budget,
-                       smem_estimate)
+from .autotune import (DEFAULT_SMS, cdiv, interpreting, next_pow2, row_chunks, rows_of, sm_count,
+                       smem_budget, smem_estimate, strides3)
 from .common import LN2, own_ranges, packed_rows
 from .bwd import prefix_row_lists
 from .fwd import _fwd_inner, _prefix_pass, dot_precision, head_block
@@ -214,12 +214,13 @@ def _cascade_merge(OP, LP, OUT, LSE, slots, s_slot, Hq, Sq,
 
 
 def _num_splits(device: torch.device, B: int, Hkv: int, m_tiles: int, Skv: int,
-                block_n: int) -> int:
+                block_n: int, small: bool) -> int:
     """Own-KV splits: enough programs for about two waves of the GPU, each split at least
-    four key tiles; under the interpreter up to 4 one-tile splits (exercises the merge)."""
+    four key tiles; under the interpreter (`small`: `interpreting()`, read once by the
+    caller) up to 4 one-tile splits (exercises the merge)."""
     if Skv == 0:
         return 1
-    if interpreting() or device.type != "cuda":
+    if small or device.type != "cuda":
         return max(1, min(4, cdiv(Skv, block_n)))
     want = cdiv(2 * sm_count(device), max(1, B * Hkv * m_tiles))
     return max(1, min(want, cdiv(Skv, 4 * block_n)))
@@ -308,12 +309,12 @@ def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_paddin
     dev = q.device
     small = interpreting()
     block_m_pre = 16 if small else CASCADE_BLOCK_M
-    block_m_own = 16 if small else min(128, max(16, triton.next_power_of_2(G * Sq)))
+    block_m_own = 16 if small else min(128, max(16, next_pow2(G * Sq)))
     budget, elsize = smem_budget(q), q.element_size()
     bn_pre, stages_pre = (16, 1) if small else cascade_tiles(block_m_pre, D, elsize, budget)
     block_n, stages_own = (16, 1) if small else cascade_tiles(block_m_own, D, elsize, budget)
     m_tiles = cdiv(G * Sq, block_m_own)
-    splits = _num_splits(dev, B, Hkv, m_tiles, Skv, block_n)
+    splits = _num_splits(dev, B, Hkv, m_tiles, Skv, block_n, small)
     slots = 1 + splits
     if slots * B * Hq * Sq * D >= 2 ** 31:
         # scratch offsets are 32-bit in the partial stores: use the per-row kernel instead
@@ -335,9 +336,7 @@ def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_paddin
     wrap_triton(_cascade_prefix)[(max_tiles, Hkv)](
         q, prefix_k, prefix_v, prefix_lens, rows, row_offs, tile_offs, tile_entry,
         o_part, l_part,
-        q.stride(0), q.stride(1), q.stride(2),
-        prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
-        prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
+        *strides3(q), *strides3(prefix_k), *strides3(prefix_v),
         s_slot, s_b, s_h, N, Hkv, Sq, *scal, BLOCK_M=block_m_pre, BLOCK_N=bn_pre,
         num_warps=4, num_stages=stages_pre, **common)
 
@@ -349,9 +348,7 @@ def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_paddin
         wrap_triton(_cascade_own)[(splits * m_tiles, n * Hkv)](
             rows_of(q, r), rows_of(k, r), rows_of(v, r), rows_of(kpm, r),
             o_part if r is None else o_part[:, r], l_part if r is None else l_part[:, r],
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
+            *strides3(q), *strides3(k), *strides3(v),
             kpm_strides[0], kpm_strides[1],
             s_slot, s_b, s_h, Hkv, Sq, Skv, window, chunk_tiles, m_tiles, *scal,
             CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_KPM=key_padding_mask is not None,
@@ -360,5 +357,5 @@ def cascade_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_paddin
     # -- 3. exact merge ----
     wrap_triton(_cascade_merge)[(B * Hq * cdiv(Sq, 16),)](
         o_part, l_part, out, lse, slots, s_slot, Hq, Sq,
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        D=D, BLOCK_M=16, BLOCK_D=head_block(D), num_warps=4)
+        *strides3(out), *lse.stride()[:2],
+        D=D, BLOCK_M=16, BLOCK_D=common["BLOCK_D"], num_warps=4)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .autotune import bucket, cdiv, fwd_configs, prune, row_chunks, rows_of
+from .autotune import bucket, cdiv, fwd_configs, next_pow2, prune, row_chunks, rows_of, strides3
 from .common import LN2, mask_tile, own_ranges, packed_rows, scores
 
 
@@ -152,7 +152,7 @@ def _attn_fwd(Q, K, V, PK, PV, PIDS, PLENS, KPM, OUT, LSE,
 
 def head_block(d: int) -> int:
     """Padded head dim: next power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -200,11 +200,5 @@ def attn_fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_m
 
 def row_kernel_strides(q, k, v, prefix_k, prefix_v, kpm_strides, out, lse) -> tuple:
     """The stride arguments the per-row forward and the dq kernel share, in their order."""
-    return (q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
-            prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
-            kpm_strides[0], kpm_strides[1],
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1))
+    return (*strides3(q), *strides3(k), *strides3(v), *strides3(prefix_k), *strides3(prefix_v),
+            kpm_strides[0], kpm_strides[1], *strides3(out), *lse.stride()[:2])

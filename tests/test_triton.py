@@ -319,6 +319,13 @@ def test_launches_run_on_the_tensors_gpu(monkeypatch):
     assert len(seen) == 2 and all(d == leaves[0].device for d in seen)
 
 
+def test_host_power_of_two_matches_triton():
+    from prefix_attn.kernels.autotune import next_pow2
+    from prefix_attn.kernels.fwd import head_block
+    assert [next_pow2(n) for n in range(1, 600)] == [triton.next_power_of_2(n) for n in range(1, 600)]
+    assert [head_block(d) for d in (1, 16, 17, 40, 72, 128, 200, 256)] == [16, 16, 32, 64, 128, 128, 256, 256]
+
+
 # -- cascade (decode) forward: prefixes read once per entry, own KV split, exact merge ----
 CASCADE_CASES = {
     "Sq1_one_entry_all_rows": dict(B=4, N=1, P=17, Sq=1, Skv=21),
