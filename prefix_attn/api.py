@@ -110,6 +110,9 @@ def _run(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lens, key_padding_mask,
             "torch.compile or torch.export, or backend='cuda' / 'torch' in the traced module")
     if _records_autograd(a):
         out, lse = b.fwd(*a.op_args())
+    elif b.direct_fwd is not None and _nothing_intercepts(a):
+        # the op's Python body without the dispatcher and the custom-op wrapper around it
+        out, lse = b.direct_fwd(*a.op_args())
     else:
         # nothing to differentiate (no_grad / inference_mode, or no input requiring grad, as in
         # serving): skip the ops' autograd layer, whose Python wrapper costs about 4 us a call
@@ -127,3 +130,21 @@ def _records_autograd(a) -> bool:
         return False
     return a.q.requires_grad or a.k.requires_grad or a.v.requires_grad \
         or a.prefix_k.requires_grad or a.prefix_v.requires_grad
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _nothing_intercepts(a) -> bool:
+    """Whether the dispatcher would hand a call that records no autograd straight to the op's
+    Python body: no tensor subclass (fake, functional, DTensor: `type` is exact), no
+    TorchDispatchMode (make_fx, FakeTensorMode, FlopCounterMode), no TorchFunctionMode
+    (`with torch.device(...)` included) and no profiler (it records the op by name)."""
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled() \
+            or torch._C._autograd._profiler_enabled():
+        return False
+    kpm = a.key_padding_mask
+    return type(a.q) in _PLAIN and type(a.k) in _PLAIN and type(a.v) in _PLAIN \
+        and type(a.prefix_k) in _PLAIN and type(a.prefix_v) in _PLAIN \
+        and type(a.prefix_ids) in _PLAIN and type(a.prefix_lens) in _PLAIN \
+        and (kpm is None or type(kpm) in _PLAIN)

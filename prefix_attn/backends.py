@@ -43,6 +43,9 @@ class Backend:
     unsupported: Callable[[AttnArgs], Optional[str]] = lambda args: None
     description: str = ""
     needs: str = ""  # what is_available() waits for, said when the backend is asked for without it
+    # fwd's implementation as a plain Python function (same arguments and results), for calls
+    # the dispatcher would pass straight to it (api._run); None: always through fwd
+    direct_fwd: Optional[Callable] = None
 
 
 _REGISTRY: Dict[str, Backend] = {}

@@ -319,6 +319,83 @@ def test_launches_run_on_the_tensors_gpu(monkeypatch):
     assert len(seen) == 2 and all(d == leaves[0].device for d in seen)
 
 
+def _counted_fwd(monkeypatch):
+    """The triton backend's fwd op wrapped to count its calls (the list it appends to)."""
+    from prefix_attn.backends import get_backend
+    b, calls = get_backend("triton"), []
+    op = b.fwd
+    monkeypatch.setattr(b, "fwd", lambda *a: calls.append(1) or op(*a))
+    return calls
+
+
+def test_a_call_without_autograd_runs_the_op_body_without_the_dispatcher(monkeypatch):
+    """Serving (no_grad, inference_mode, or nothing requiring grad) skips the dispatcher and
+    the custom-op wrapper (~15 us a call): same results; autograd still goes through the op."""
+    args, kw = make_inputs(device=DEVICE, B=2, N=2, P=5, lens=[5, 2], ids=[1, 0], Sq=1, Skv=7,
+                           pad="left")
+    want = torch.ops.prefix_attn.triton_fwd(*args, kw["prefix_ids"], kw["prefix_lens"],
+                                            kw["key_padding_mask"], True, 0.25, -1, 0.0)
+    calls = _counted_fwd(monkeypatch)
+    for ctx in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+        with ctx():
+            out, lse = prefix_attention(*args, **kw, scale=0.25, return_lse=True,
+                                        backend="triton")
+        assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+    assert calls == []
+    prefix_attention(*_leaves(args), **kw, backend="triton").sum().backward()
+    assert calls == [1]
+
+
+class _Seen(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_modes_subclasses_and_the_profiler_still_see_the_op(monkeypatch):
+    """The direct call is taken only where the dispatcher would add nothing: a dispatch mode,
+    a function mode (`with torch.device`), a tensor subclass or the profiler get the op."""
+    args, kw = make_inputs(device=DEVICE, B=1, Sq=1, Skv=5, P=3)
+    calls = _counted_fwd(monkeypatch)
+
+    def run(*a):
+        with torch.no_grad():
+            return prefix_attention(*a, **kw, backend="triton")
+    seen = _Seen()
+    with seen:
+        run(*args)
+    assert "prefix_attn.triton_fwd.default" in seen.ops and len(calls) == 1
+    with torch.device(DEVICE):
+        run(*args)
+    assert len(calls) == 2
+    run(args[0].as_subclass(_Sub), *args[1:])
+    assert len(calls) == 3
+    with torch.profiler.profile() as prof:
+        run(*args)
+    assert len(calls) == 4
+    assert any(e.name == "prefix_attn::triton_fwd" for e in prof.events())
+    run(*args)
+    assert len(calls) == 4  # and none of it stuck
+
+
+def test_the_direct_call_launches_with_wrap_triton_off(monkeypatch):
+    """On a GPU the op is a triton_op, whose wrapper turns wrap_triton's tracing off (each
+    launch went through a higher-order op otherwise): the direct call does the same."""
+    from torch._library.triton import is_wrap_triton_enabled
+    from prefix_attn import triton_backend as tb
+    monkeypatch.setattr(tb, "_TRITON_OP", True)
+    monkeypatch.setattr(tb, "_fwd_body", lambda *a: is_wrap_triton_enabled())
+    assert is_wrap_triton_enabled() and tb.direct_fwd() is False and is_wrap_triton_enabled()
+
+
 def test_host_power_of_two_matches_triton():
     from prefix_attn.kernels.autotune import next_pow2
     from prefix_attn.kernels.fwd import head_block
