@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from .backends import choose_backend
 from .validation import normalize
@@ -26,8 +27,6 @@ def _check_autodiff_mode(tensors) -> None:
     AD (``torch.autograd.forward_ad``, ``torch.func.jvp``) and ``torch.func.grad`` (whose
     transform needs a functorch-style autograd rule). ``torch.vmap`` works over the float
     inputs and the padding mask."""
-    from torch.autograd import forward_ad
-
     if torch.compiler.is_compiling():
         # dynamo sees neither the inputs' tangents (unpack_dual misses them) nor the functorch
         # stack: any forward-AD level is refused (else the compiled graph gave a zero or no

@@ -101,19 +101,27 @@ def _safe_available(b: Backend) -> bool:
 _AVAILABLE: Dict[Optional[str], Tuple[str, ...]] = {}
 
 
-def available_backends() -> list:
-    """Names of the backends usable on this machine, best first."""
+def _available_names() -> Tuple[str, ...]:
     _load_all()
     key = os.environ.get("TRITON_INTERPRET")
     names = _AVAILABLE.get(key)
     if names is None:
         live = [b for b in _REGISTRY.values() if _safe_available(b)]
         names = _AVAILABLE[key] = tuple(b.name for b in sorted(live, key=lambda b: -b.priority))
-    return list(names)
+    return names
+
+
+def available_backends() -> list:
+    """Names of the backends usable on this machine, best first."""
+    return list(_available_names())
 
 
 def get_backend(name: str) -> Backend:
-    _load_all()
+    """The backend called `name`, if available (the cached answer of available_backends: this
+    runs at every call that names a backend, where is_available() read the environment and,
+    for triton on a GPU, asked CUDA)."""
+    if name in _available_names():
+        return _REGISTRY[name]
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES} or None, got {name!r}")
     if name not in _REGISTRY or not _safe_available(_REGISTRY[name]):

@@ -110,3 +110,19 @@ def test_output_attentions_is_read_from_the_call_then_the_config():
     assert _fallback_reason(module, q, v, 0.0, {}) == "output_attentions"
     module.__dict__.pop("config", None)
     assert _fallback_reason(module, q, v, 0.0, {}) is None
+
+
+def test_get_backend_answers_from_the_availability_cache(monkeypatch):
+    """A call naming its backend (backend="triton", $PREFIX_ATTN_BACKEND) looks it up in
+    available_backends()' cache, not through is_available() (an environment read and, for
+    triton on a GPU, a CUDA query per call); unavailable names still fail as before."""
+    from prefix_attn.backends import available_backends, get_backend
+    b = get_backend("torch")
+    calls = []
+    monkeypatch.setattr(b, "is_available", lambda: calls.append(1) or True)
+    assert get_backend("torch") is b and calls == []
+    with pytest.raises(ValueError, match="backend must be one of"):
+        get_backend("nope")
+    if "cuda" not in available_backends():
+        with pytest.raises(RuntimeError, match="'cuda' is not available on this machine"):
+            get_backend("cuda")
