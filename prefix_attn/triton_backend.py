@@ -19,7 +19,10 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch._library.triton import set_wrap_triton_enabled
+try:  # private: what triton_op's own wrapper switches off around its body (torch 2.6+)
+    from torch._library.triton import set_wrap_triton_enabled
+except ImportError:  # another torch: the op is always called through the dispatcher
+    set_wrap_triton_enabled = None
 from torch.library import custom_op, triton_op
 
 import triton  # noqa: F401  (a missing triton makes this backend unavailable)
@@ -199,7 +202,7 @@ def _available() -> bool:
 register_backend(Backend(
     name="triton",
     fwd=torch.ops.prefix_attn.triton_fwd.default,
-    direct_fwd=direct_fwd,
+    direct_fwd=direct_fwd if set_wrap_triton_enabled is not None or not _TRITON_OP else None,
     bwd=torch.ops.prefix_attn.triton_bwd.default,
     devices=("cuda", "cpu") if interpreting() else ("cuda",),
     priority=-10 if interpreting() else 100,
