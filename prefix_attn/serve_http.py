@@ -165,11 +165,20 @@ Metrics (GET /metrics, as vLLM's and TGI's, for Prometheus to scrape; prefix_att
 prefix_attn_requests_total{endpoint,status} (requests answered, by path, "other" for an unknown
 one, and status, 499 for a client gone), prefix_attn_model_requests_total{model} (completion
 requests answered 200, by prefix or base model id, each from 0), prefix_attn_prompt_tokens_total and
-prefix_attn_generation_tokens_total (those requests' "usage" added up), the gauges
+prefix_attn_generation_tokens_total (those requests' "usage" added up), the same by model:
+prefix_attn_model_prompt_tokens_total{model} and prefix_attn_model_generation_tokens_total{model},
+prefix_attn_request_success_total{model,finished_reason} (vLLM's: choices ended, by "stop",
+"length", "tool_calls", or "error" for each choice of a request answered an error once queued:
+a prompt too long, out of memory, stopping; each from 0), the gauges
 prefix_attn_requests_waiting and prefix_attn_requests_running (rows, a request's choices: queued
 or gathered; in the model.generate call running), and the histograms
 prefix_attn_request_latency_seconds{endpoint} (request read to answer sent, a stream ended; buckets
-0.01 to 300 s) and prefix_attn_batch_size (rows per model.generate call; buckets 1 to 2048). Open
+0.01 to 300 s), prefix_attn_batch_size (rows per model.generate call; buckets 1 to 2048),
+prefix_attn_time_to_first_token_seconds (a completion request read to its first token: streamed,
+its first chunk of generated text sent, or a choice's end where none came before; else the first
+token its batch generated; none for max_tokens 0; buckets 0.001 to 300 s) and
+prefix_attn_request_time_per_output_token_seconds ((latency - time to first token) / (tokens of
+its longest choice - 1), for answers of two tokens or more; buckets 0.001 to 10 s). Open
 as /health is, except with --api-key (below), which guards it as /v1/: its series name the
 prefixes. Connections refused beyond --max-connections are not counted (nothing is read of them).
 
@@ -243,12 +252,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 class _Stopping(StoppingCriteria):
     """A stopping criterion: every row is done once ``event`` is set, so a batch in flight ends
     when the server stops, and once every one of ``pending`` (the batch's rows) is cancelled
-    (their clients gone); with ``per_row`` (a row each: no beams), a cancelled row is done alone."""
+    (their clients gone); with ``per_row`` (a row each: no beams), a cancelled row is done alone.
+    Called after each step, its first call stamps the rows' ``first`` (their first token's time)."""
 
     def __init__(self, event: threading.Event, pending: List["_Pending"], per_row: bool):
         self.event, self.pending, self.per_row = event, pending, per_row
+        self.stamped = False
 
     def __call__(self, input_ids, scores, **kwargs):
+        if not self.stamped:  # a batch retried in halves: the try that answers stamps last
+            self.stamped, now = True, time.monotonic()
+            for p in self.pending:
+                p.first = now
         cancelled = [p.cancelled for p in self.pending]
         if self.per_row and any(cancelled) and not all(cancelled) and not self.event.is_set():
             return torch.tensor(cancelled, dtype=torch.bool, device=input_ids.device)
@@ -283,6 +298,7 @@ class _Pending:
         self.sent = False  # text went out: a retried batch would send it again
         self.echoed = False  # its streamed echo went out (the prompt: the same in a retried batch)
         self.cancelled = False
+        self.first: Optional[float] = None  # time.monotonic() once its batch generated its first token
 
     def push(self, kind: str, text: str = "", logprobs: Optional[dict] = None) -> None:
         """An event for a streamed request's handler (nothing for another, or once resolved)."""
@@ -463,10 +479,14 @@ class Server:
         prompt, count = sum(prompts.values()), sum(p.answer[1] for p in pending)
         return {"prompt_tokens": prompt, "completion_tokens": count, "total_tokens": prompt + count}
 
-    def complete(self, obj: Any, chat: bool, gone: Callable[[], bool] = lambda: False) -> Tuple[dict, int]:
+    def complete(self, obj: Any, chat: bool, gone: Callable[[], bool] = lambda: False,
+                 start: Optional[float] = None) -> Tuple[dict, int]:
         """The answer to a completion (``chat``: a chat completion) request body ``obj`` (not
         streamed), and its completion tokens; raises HTTPError, or ClientGone once ``gone()``
-        holds while it waits (its rows cancelled: passed over, or stopped at their next token)."""
+        holds while it waits (its rows cancelled: passed over, or stopped at their next token).
+        ``start``: when the request was read (time.monotonic(); default now), for /metrics'
+        time to first token (its batch's first token) and time per output token."""
+        start = time.monotonic() if start is None else start
         pending = self.submit(obj, chat)
         for p in pending:
             while not p.done.wait(_POLL_S):
@@ -476,14 +496,17 @@ class Server:
                     raise ClientGone()
         error = next((p.error for p in pending if p.error is not None), None)
         if error is not None:
+            self.metrics.failed(self.name(pending[0]), len(pending))
             raise error
         usage = self.usage(pending)
-        self.metrics.answered(self.name(pending[0]), usage)
+        choices = [_choice(p, chat, self.served.tool_calls(p.request, p.answer[0])) for p in pending]
+        stamps = [p.first for p in pending if p.first is not None]
+        first = min(stamps) - start if stamps else None  # none generated (max_tokens 0): none
+        self.metrics.answered(self.name(pending[0]), usage, [c["finish_reason"] for c in choices],
+                              first, per_token(time.monotonic() - start, first, pending))
         kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
         return ({"id": f"{kind[0]}-{uuid.uuid4().hex}", "object": kind[1], "created": int(time.time()),
-                 "model": self.name(pending[0]), "usage": usage,
-                 "choices": [_choice(p, chat, self.served.tool_calls(p.request, p.answer[0])) for p in pending]},
-                usage["completion_tokens"])
+                 "model": self.name(pending[0]), "usage": usage, "choices": choices}, usage["completion_tokens"])
 
     # -- the tokenizer, as vLLM serves it (handler threads: the tokenizer is only read) ------
 
@@ -817,6 +840,13 @@ def _choice(p: _Pending, chat: bool, parsed: Optional[tool_calls.Parsed] = None)
             "finish_reason": reason}
 
 
+def per_token(latency: float, first: Optional[float], pending: List[_Pending]) -> Optional[float]:
+    """Seconds per output token of an answered request: (``latency`` - ``first``, its time to
+    first token) / (the tokens of its longest choice - 1); None under two tokens or no first."""
+    tokens = max(p.answer[1] for p in pending)
+    return (latency - first) / (tokens - 1) if first is not None and tokens > 1 else None
+
+
 def _out_of_memory(p: _Pending, settings: serve_options.Decoding, message: str, batch: int) -> HTTPError:
     where = "even alone" if batch == 1 else f"in a batch of {batch}, its stream begun"
     return HTTPError(503, f"ran out of device memory {where} ({len(p.job.ids)} prompt tokens + "
@@ -1010,7 +1040,7 @@ class _Handler(BaseHTTPRequestHandler):
         body, chat = self._body(), path == "/v1/chat/completions"
         if isinstance(body, dict) and body.get("stream") is True:
             return None, self._stream(app, app.submit(body, chat), chat)
-        return app.complete(body, chat, self._gone)
+        return app.complete(body, chat, self._gone, self._start)
 
     def _check_key(self, key: str) -> None:
         """A /v1/ request carries the API key (401 otherwise, as OpenAI's API answers a bad key)."""
@@ -1046,15 +1076,18 @@ class _Handler(BaseHTTPRequestHandler):
         server-sent events, as OpenAI's API sends them: each piece of text as it comes (of each
         choice, by its index), the rest of a choice's answer and its finish_reason as it ends
         (an error: OpenAI's error object, then [DONE]), then [DONE]. Returns its completion tokens
-        and a note for the log (the client gone: its rows are given up)."""
+        and a note for the log (the client gone: its rows are given up). /metrics' time to first
+        token: to the first chunk of generated text sent (or of a choice's end: beam search, text
+        held back), none for max_tokens 0."""
         index, kind, text, logprobs = self._event(pending)
         if kind == "end" and pending[index].error is not None:
             for p in pending:  # its choices fail alike (one request): none is streamed, none runs
                 p.cancel()
+            app.metrics.failed(app.name(pending[0]), len(pending))
             raise pending[index].error
         options = pending[0].request.extra.get("stream_options") or {}
         chunks = serve_stream.Chunks(chat, app.name(pending[0]), options.get("include_usage") is True)
-        sent, ended = [""] * len(pending), 0
+        sent, ended, first, reasons = [""] * len(pending), 0, None, [""] * len(pending)
         held = [app.served.holder(p.request) for p in pending]
         try:
             self.send_response(200)
@@ -1069,21 +1102,26 @@ class _Handler(BaseHTTPRequestHandler):
                     text = held[index](text)  # what may be tool calls waits for the end
                     self.wfile.write(chunks.text(text, index, logprobs) if text or logprobs else b"")
                     sent[index] += text
+                    first = self._first(app, first, bool(text or logprobs))
                 elif kind == "end":
                     p = pending[index]
                     if p.error is not None:  # as OpenAI's API (and vLLM): an error event, then [DONE]
                         for other in pending:
                             other.cancel()
+                        app.metrics.failed(app.name(pending[0]), len(pending))
                         self._count(app)
                         self.wfile.write(serve_stream.event({"error": p.error.error}) + serve_stream.DONE)
                         return 0, f", streamed error {p.error.status}"
-                    self.wfile.write(self._rest(app, p, sent[index], chunks))
+                    rest, reasons[index] = self._rest(app, p, sent[index], chunks)
+                    self.wfile.write(rest)
+                    first = self._first(app, first, not p.asked.score_only)
                     ended += 1
                     if ended == len(pending):
                         break
                 index, kind, text, logprobs = self._event(pending)
             usage = app.usage(pending)
-            app.metrics.answered(app.name(pending[0]), usage)
+            latency = time.monotonic() - self._start
+            app.metrics.answered(app.name(pending[0]), usage, reasons, None, per_token(latency, first, pending))
             self._count(app)
             self.wfile.write(chunks.end(usage))
             return usage["completion_tokens"], ", streamed"
@@ -1092,6 +1130,14 @@ class _Handler(BaseHTTPRequestHandler):
                 p.cancel()
             return 0, ", streamed, client gone"
 
+    def _first(self, app: Server, first: Optional[float], sent: bool) -> Optional[float]:
+        """A stream's time to first token: ``first`` if known, else, once ``sent`` (a chunk of
+        generated output went out), the seconds since its request was read, observed."""
+        if first is None and sent:
+            first = time.monotonic() - self._start
+            app.metrics.first_token(first)
+        return first
+
     def _count(self, app: Server) -> None:
         """The stream counted in /metrics (a 200: its status went out first) before its last
         event, as an unstreamed answer is before it is sent."""
@@ -1099,10 +1145,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._counted = True
 
     @staticmethod
-    def _rest(app: Server, p: _Pending, sent: str, chunks: serve_stream.Chunks) -> bytes:
+    def _rest(app: Server, p: _Pending, sent: str, chunks: serve_stream.Chunks) -> Tuple[bytes, str]:
         """The events that end a choice of a stream: the text not sent yet and the log
         probabilities not sent yet (all of them where they were not streamed: beam search),
-        its tool calls (the content left before them), its finish_reason."""
+        its tool calls (the content left before them), its finish_reason; and that reason."""
         answer, count, reason = p.answer
         logprobs = p.streamed.rest(count) if p.streamed is not None else p.logprobs
         parsed = app.served.tool_calls(p.request, answer)
@@ -1113,7 +1159,7 @@ class _Handler(BaseHTTPRequestHandler):
         rest = answer[len(sent):] if answer.startswith(sent) else ""
         calls = chunks.tool_calls(parsed.calls, p.index) if parsed is not None else b""
         text = chunks.text(rest, p.index, logprobs) if rest or logprobs else b""
-        return text + calls + chunks.finish(reason, p.index)
+        return text + calls + chunks.finish(reason, p.index), reason
 
     def _body(self) -> Any:
         length = self.headers.get("Content-Length")

@@ -242,8 +242,9 @@ def test_updates_from_many_threads_are_not_lost():
 
 def test_a_stream_is_counted_before_its_last_event(server, monkeypatch):
     """As an unstreamed answer is counted before it is sent, a stream is counted (its request,
-    its tokens) before its usage chunk and [DONE] go out: a client that read [DONE] finds it in
-    /metrics. Counted after the last write, a scrape right after could miss it."""
+    its tokens, by model too, its finish_reason) before its usage chunk and [DONE] go out: a
+    client that read [DONE] finds it in /metrics. Counted after the last write, a scrape right
+    after could miss it."""
     from prefix_attn import serve_stream
 
     seen, end = [], serve_stream.Chunks.end
@@ -251,14 +252,129 @@ def test_a_stream_is_counted_before_its_last_event(server, monkeypatch):
     def checked_end(self, usage):
         samples = parse(server.metrics.render())
         seen.append((requests_total(samples).get(("/v1/completions", "200"), 0),
-                     samples[("prefix_attn_generation_tokens_total", ())]))
+                     samples[("prefix_attn_generation_tokens_total", ())],
+                     samples[("prefix_attn_model_generation_tokens_total", (("model", "prefix-attn-tiny"),))],
+                     sum(series(samples, "prefix_attn_request_success_total").values())))
         return end(self, usage)
 
     _, _, before = scrape(server)
     monkeypatch.setattr(serve_stream.Chunks, "end", checked_end)
     chunks = streamed(server, {"prompt": "the fox", "stream_options": {"include_usage": True}})
     was = requests_total(before).get(("/v1/completions", "200"), 0)
-    tokens = before[("prefix_attn_generation_tokens_total", ())] + chunks[-1]["usage"]["completion_tokens"]
-    assert seen == [(was + 1, tokens)]
+    tokens = chunks[-1]["usage"]["completion_tokens"]
+    by_model = before[("prefix_attn_model_generation_tokens_total", (("model", "prefix-attn-tiny"),))]
+    ended = sum(series(before, "prefix_attn_request_success_total").values())
+    total = before[("prefix_attn_generation_tokens_total", ())]
+    assert seen == [(was + 1, total + tokens, by_model + tokens, ended + 1)]
     _, _, after = scrape(server)
     assert requests_total(after)[("/v1/completions", "200")] == was + 1  # once, not again at the end
+
+
+WEIRD = 'q"uo\\te\nx'  # a prefix name the exposition must escape: quote, backslash, newline
+
+
+def test_tokens_and_finish_reasons_by_model():
+    """Per "model" (a prefix whose name needs escaping, another, the base model): prompt and
+    generation tokens are its answers' usage added up, request_success_total{finished_reason}
+    counts its choices' finish_reasons ("error": each choice of a request that failed once
+    queued, here a prompt too long, unstreamed and streamed); every series shown from 0."""
+    with started("--prompt-prefix", f"sys={SYSTEM}", "--prompt-prefix", f"{WEIRD}={SYSTEM}",
+                 "--max-new-tokens", "5", "--batch-wait-ms", "0") as s:
+        _, _, before = scrape(s)
+        models = ("prefix-attn-tiny", "sys", WEIRD)
+        for name in ("prefix_attn_model_prompt_tokens_total", "prefix_attn_model_generation_tokens_total"):
+            assert series(before, name) == {(("model", m),): 0 for m in models}
+        assert set(series(before, "prefix_attn_request_success_total").values()) == {0}
+        first = call(s, "/v1/completions", {"prompt": "hello", "model": "sys"})[1]
+        stop = first["choices"][0]["text"][1:3]  # greedy: the same text again, cut there
+        answers = [("sys", first),
+                   ("sys", call(s, "/v1/completions", {"prompt": "hello", "model": "sys", "stop": [stop]})[1]),
+                   (WEIRD, call(s, "/v1/completions", {"prompt": "abc", "model": WEIRD, "n": 2, "max_tokens": 3})[1]),
+                   ("prefix-attn-tiny", call(s, "/v1/completions", {"prompt": "a longer prompt"})[1])]
+        chunks = streamed(s, {"prompt": "the fox", "model": WEIRD, "max_tokens": 4,
+                              "stream_options": {"include_usage": True}})
+        for stream in (False, True):  # queued, then refused: too long for the model's positions
+            too_long = {"prompt": "hi", "model": "sys", "max_tokens": 1000, "stream": stream}
+            assert call(s, "/v1/completions", too_long)[0] == 400
+        _, _, after = scrape(s)
+    reasons = {m: {} for m in models}
+    usage = {m: [0, 0] for m in models}
+    for model, answer in answers + [(WEIRD, {"usage": chunks[-1]["usage"],
+                                             "choices": [c["choices"][0] for c in chunks if c["choices"]]})]:
+        usage[model][0] += answer["usage"]["prompt_tokens"]
+        usage[model][1] += answer["usage"]["completion_tokens"]
+        for choice in answer["choices"]:
+            if choice["finish_reason"] is not None:
+                reasons[model][choice["finish_reason"]] = reasons[model].get(choice["finish_reason"], 0) + 1
+    reasons["sys"]["error"] = 2
+    assert reasons["sys"] == {"length": 1, "stop": 1, "error": 2} and reasons[WEIRD] == {"length": 3}
+    assert usage[WEIRD][1] == 2 * 3 + 4 and answers[1][1]["choices"][0]["text"] == first["choices"][0]["text"][:1]
+    for m in models:
+        assert after[("prefix_attn_model_prompt_tokens_total", (("model", m),))] == usage[m][0]
+        assert after[("prefix_attn_model_generation_tokens_total", (("model", m),))] == usage[m][1]
+    got = {(dict(k)["model"], dict(k)["finished_reason"]): v
+           for k, v in series(after, "prefix_attn_request_success_total").items()}
+    assert got == {(m, r): reasons[m].get(r, 0) for m in models for r in ("stop", "length", "tool_calls", "error")}
+
+
+def test_time_to_first_token_and_per_output_token():
+    """With 0.3 s before each model.generate call and 0.1 s per forward (a token each): an
+    unstreamed request's time to first token is its batch's first token (at least 0.4 s, at
+    most what the client waited); a streamed one's is its first text chunk's, well before its
+    end; time per output token, (latency - TTFT) / (tokens - 1), at least 0.1 s; a request
+    that generates nothing (max_tokens 0) observes neither."""
+    def timings(server):
+        samples = scrape(server)[2]
+        return [check_histogram(samples, f"prefix_attn_{name}_seconds")[1:]
+                for name in ("time_to_first_token", "request_time_per_output_token")]
+
+    with started("--max-new-tokens", "6", "--batch-wait-ms", "0") as s:
+        model = s.served.model
+        generate, forward = model.generate, model.forward
+
+        def slow_generate(*args, **kw):
+            time.sleep(0.3)
+            return generate(*args, **kw)
+
+        def slow_forward(*args, **kw):
+            time.sleep(0.1)
+            return forward(*args, **kw)
+        model.generate, model.forward = slow_generate, slow_forward
+        zero = timings(s)
+        assert zero == [(0, 0), (0, 0)]
+        sent = time.monotonic()
+        tokens = call(s, "/v1/completions", {"prompt": "abc"})[1]["usage"]["completion_tokens"]
+        waited = time.monotonic() - sent
+        (ttft, n), (tpot, m) = timings(s)
+        assert tokens == 6 and (n, m) == (1, 1)
+        assert 0.4 <= ttft <= waited and 0.1 <= tpot <= (waited - 0.4) / 5
+        sent = time.monotonic()
+        chunks = streamed(s, {"prompt": "abc", "stream_options": {"include_usage": True}})
+        waited = time.monotonic() - sent
+        (streamed_ttft, n), (streamed_tpot, m) = timings(s)
+        assert chunks[-1]["usage"]["completion_tokens"] == 6 and (n, m) == (2, 2)
+        assert 0.4 <= streamed_ttft - ttft <= waited - 0.3  # 3 or more tokens after the first chunk
+        assert 0.4 / 5 <= streamed_tpot - tpot  # its first chunk may wait for a second token's text
+        assert call(s, "/v1/completions", {"prompt": "abc", "max_tokens": 0, "echo": True})[0] == 200
+        streamed(s, {"prompt": "abc", "max_tokens": 0, "echo": True})
+        assert timings(s) == [(streamed_ttft, 2), (streamed_tpot, 2)]
+
+
+def test_a_stream_failing_midway_counts_its_choices_as_errors():
+    """A streamed n=2 request whose batch fails after its text began (a bug in the third forward):
+    its error event goes out, and each of its choices counts finish_reason "error" (none other)."""
+    with started("--max-new-tokens", "6", "--batch-wait-ms", "0") as s:
+        model, calls = s.served.model, []
+        forward = model.forward
+
+        def failing(*args, **kw):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("a bug")
+            return forward(*args, **kw)
+        model.forward = failing
+        chunks = streamed(s, {"prompt": "abc", "n": 2})
+        _, _, samples = scrape(s)
+    assert chunks[-1]["error"]["type"] == "server_error" and any(c.get("choices") for c in chunks[:-1])
+    got = {dict(k)["finished_reason"]: v for k, v in series(samples, "prefix_attn_request_success_total").items()}
+    assert got == {"stop": 0, "length": 0, "tool_calls": 0, "error": 2}
