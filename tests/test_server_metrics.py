@@ -14,6 +14,7 @@ import pytest
 from prefix_attn import serve_metrics
 from test_server import SYSTEM, call, recording, started
 from test_server_stream import streamed
+from test_tool_calls import QUESTION, TOOLS, forced, qwen  # noqa: F401 (qwen: a fixture)
 
 pytestmark = pytest.mark.hf
 
@@ -378,3 +379,18 @@ def test_a_stream_failing_midway_counts_its_choices_as_errors():
     assert chunks[-1]["error"]["type"] == "server_error" and any(c.get("choices") for c in chunks[:-1])
     got = {dict(k)["finished_reason"]: v for k, v in series(samples, "prefix_attn_request_success_total").items()}
     assert got == {"stop": 0, "length": 0, "tool_calls": 0, "error": 2}
+
+
+def test_tool_calls_count_as_their_finish_reason(qwen):  # noqa: F811
+    """--chat --tool-call-parser hermes, the model made to answer a call: an answer parsed into
+    tool_calls, unstreamed and streamed, counts finish_reason "tool_calls"; one without tools "stop"."""
+    with started("--model", qwen, "--chat", "--tool-call-parser", "hermes", "--max-new-tokens", "80",
+                 "--batch-wait-ms", "0") as s:
+        forced(s.served.model, s.served.tokenizer)
+        asked = {"messages": QUESTION, "tools": TOOLS}
+        assert call(s, "/v1/chat/completions", asked)[1]["choices"][0]["finish_reason"] == "tool_calls"
+        assert streamed(s, asked, "/v1/chat/completions")[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        assert call(s, "/v1/chat/completions", {"messages": QUESTION})[1]["choices"][0]["finish_reason"] == "stop"
+        _, _, samples = scrape(s)
+    got = {dict(k)["finished_reason"]: v for k, v in series(samples, "prefix_attn_request_success_total").items()}
+    assert got == {"stop": 1, "length": 0, "tool_calls": 2, "error": 0}
