@@ -51,7 +51,7 @@ def _served(layers, device="cpu"):
     return model
 
 
-def _decode_reads(layers, count_reads, inference):
+def _decode_reads(layers, count_reads, inference, positions=False):
     model = _served(layers)
     ids = torch.randint(3, 64, (4, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
@@ -62,6 +62,8 @@ def _decode_reads(layers, count_reads, inference):
         step = dict(attention_mask=torch.cat([mask, torch.ones(4, 1, dtype=mask.dtype)], 1),
                     prefixes=rows, use_cache=True)
         step[prefix_attn.hf.cache_kwarg(model)] = out.past_key_values
+        if positions:  # as generate passes them at every step
+            step["position_ids"] = torch.full((4, 1), ids.shape[1])
         model(ids[:, -1:], **step)  # warm: selections and id tensors cached
         del count_reads[:]
         model(ids[:, -1:], **step)
@@ -74,6 +76,13 @@ def test_decode_step_reads_do_not_grow_with_layers(count_reads, inference):
     four = _decode_reads(4, count_reads, inference)
     assert len(four) == len(two), (two, four)
     assert len(two) <= 2, two  # the padding-mask check (as sdpa's), no per-step id copy back
+
+
+def test_decode_step_with_position_ids_reads_no_more(count_reads):
+    """generate passes position_ids at every step: a row of one position is one sequence
+    without reading it back (the contiguity check of longer rows is a host read)."""
+    given = _decode_reads(2, count_reads, False, positions=True)
+    assert len(given) == len(_decode_reads(2, count_reads, False)), given
 
 
 def _packed_training_reads(layers, count_reads):
@@ -108,6 +117,8 @@ def _cuda_sync_sites(layers):
         step = dict(attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
                     prefixes=rows, use_cache=True)
         step[prefix_attn.hf.cache_kwarg(model)] = out.past_key_values
+        if positions:  # as generate passes them at every step
+            step["position_ids"] = torch.full((4, 1), ids.shape[1])
         model(ids[:, -1:], **step)  # warm
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as seen:

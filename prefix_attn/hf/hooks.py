@@ -143,8 +143,11 @@ def _no_packing_search(model, kwargs, B: int, S: int, device) -> None:
 
 def _contiguous(position_ids) -> bool:
     """Whether every row of ``position_ids`` counts up by one (transformers' rule for one
-    sequence a row). One host read, in place of the one transformers makes for packing."""
-    return position_ids.dim() == 2 and bool((torch.diff(position_ids, dim=-1) == 1).all())
+    sequence a row). One host read, in place of the one transformers makes for packing; none
+    for rows of one position (a decode step of generate, which passes position_ids: always so)."""
+    if position_ids.dim() != 2:
+        return False
+    return position_ids.shape[-1] <= 1 or bool((torch.diff(position_ids, dim=-1) == 1).all())
 
 
 def _packed_row(prefixes, kwargs, B: int, S: int):
