@@ -17,7 +17,7 @@ of similar length, longest first. With the same data, model, ``--batch-size`` an
 Prefixes come as generate's do: ``--adapter NAME=DIR`` (a PEFT prefix-tuning adapter, e.g.
 ``OUT/adapter``), ``--bank DIR`` (a saved bank: each entry a prefix, e.g. a multi-task run's
 ``OUT/bank``) and ``--prompt-prefix NAME=TEXT`` (a prompt's KV; the examples after it are
-tokenised without the start token, which the prompt holds; not with ``--chat``). Each example
+tokenised without the start token, which the prompt holds). Each example
 is scored under its ``"prefix"`` field when it has one (a name given by those options), else
 under each ``--prefix NAME`` (repeatable: every such example under every one, for comparison;
 ``none`` is the base model without a prefix), else under the one prefix given, or under none
@@ -31,6 +31,22 @@ Output: a table on standard output, one line per prefix scored: the examples (ro
 ``--output FILE`` the same numbers go to FILE as JSON (``{"data": ..., "model": ...,
 "max_length": N, "prefixes": {NAME: {"examples", "tokens", "loss", "perplexity",
 "delta_loss"}}}``, ``delta_loss`` only beside ``none``), written whole or not at all.
+
+With ``--chat`` a ``--prompt-prefix`` is the system message, as generate --chat serves it: its
+entry holds the KV of the template's rendering of [system: TEXT] alone, and an example scored
+under it is its conversation rendered with that system message first (as ``train --chat``
+renders it, the same assistant turns scored) less that head, which must be its first tokens:
+its loss is the model's on the whole conversation with that system message and no prefix.
+This compares a trained prefix with giving its instruction as a system prompt:
+
+    prefix-attn eval heldout.jsonl --chat --model M --adapter tuned=out/adapter \\
+        --prompt-prefix sys="You are ..." --prefix tuned --prefix sys --prefix none
+
+A template that renders the system message differently once a user turn follows (one folding
+it into the first user turn, or merging its last token with the next) is refused, naming every
+such example (use a system message in the data, scored with ``--prefix none``, instead); so is
+an example with a system message of its own scored under a prompt prefix (before the model
+loads), and a ``--bank`` entry that is a prompt's KV (it keeps no text to render).
 
 ``--max-length`` defaults to train's 256, lowered to the model's positions less the longest
 prefix scored (the tokens after a prefix are numbered from its length); a larger N given is an
@@ -166,6 +182,47 @@ def group_rows(rows: List[tuple], default: List[Optional[str]]) -> Dict[Optional
     return {name: s for name, s in scores.items() if s.rows}
 
 
+def _scored_under(named: Dict[str, Optional[str]], default: List[Optional[str]]):
+    """``where`` -> the prefixes its example is scored under: its own, else each of ``default``."""
+    return lambda where: [named[where]] if named.get(where) is not None else default
+
+
+def scores_by_rendering(examples: list, named: Dict[str, Optional[str]], default: List[Optional[str]],
+                        system_of, rows_of) -> List[Score]:
+    """The Scores of :func:`group_rows`, in its order, each prefix's rows rendered as it needs:
+    ``system_of(prefix)`` is None for the plain rendering, else the prompt prefix that is the
+    system message of its conversations (``--chat``); ``rows_of(examples, system)`` makes the
+    rows of the examples scored under such prefixes, each example rendered once a rendering."""
+    under = _scored_under(named, default)
+    order = default + sorted({n for n in named.values() if n is not None})
+    scores: Dict[Optional[str], Score] = {}
+    for system in dict.fromkeys(system_of(p) for p in order):
+        some = [e for e in examples if any(system_of(p) == system for p in under(e[0]))]
+        if some:
+            rows = rows_of(some, system)
+            scores.update(group_rows(rows, [p for p in default if system_of(p) == system]))
+    return sorted(scores.values(), key=lambda s: order.index(s.prefix))
+
+
+def check_no_own_system(examples: list, under, systems: Dict[str, str]) -> None:
+    """Under ``--chat``, no example scored under a ``--prompt-prefix`` (``systems``: name -> its
+    text, the system message) has a system message of its own, as generate --chat refuses such a
+    request (before the model loads); ``under(where)``: the prefixes an example is scored under.
+    Every such example named in one error."""
+    if not systems:
+        return
+    bad = []
+    for where, messages, _ in examples:
+        prompts = [p for p in under(where) if p in systems]
+        if prompts and messages[0]["role"] == "system":
+            bad.append(f"{where}: 'messages' starts with a system message, but prefix {prompts[0]!r} is the "
+                       "system message; leave one of them out (or score the example under another prefix)")
+    if bad:
+        from .serve_inputs import refusal
+
+        raise EvalError(str(refusal(f"{len(bad)} example(s) that --chat cannot score after a --prompt-prefix:", bad)))
+
+
 def without_start(rows: List[tuple], start: List[int]) -> List[tuple]:
     """The rows without the ``start`` tokens they begin with (the tokenizer's start token: a
     prompt prefix's KV holds its own, and the text after it continues the prompt)."""
@@ -250,8 +307,6 @@ def _check_options(args: argparse.Namespace):
     problem = problem or options_need_chat(args.chat_option, args.chat)
     if problem is None and args.chat_turns != "last" and not args.chat:
         problem = f"--chat-turns {args.chat_turns}: chooses the assistant turns scored under --chat"
-    if problem is None and args.chat and args.prompt_prefix:
-        problem = "--prompt-prefix is not scored under --chat (score adapters or bank entries)"
     if problem is not None:
         raise EvalError(problem)
     check_output(args.output)
@@ -285,6 +340,8 @@ def _run(args: argparse.Namespace) -> int:
     default = scored_prefixes(named, args.prefix, sources, args.data, len(examples))
     chat = (train_chat.ChatExamples.of_model(args.model, dict(args.chat_option), args.chat_turns)
             if args.chat else None)
+    systems = {s.name: s.value for s in sources if s.option == "--prompt-prefix"} if chat is not None else {}
+    check_no_own_system(examples, _scored_under(named, default), systems)
     warn_about_adapter_bases(sources, args.model, "eval")
 
     try:
@@ -294,19 +351,26 @@ def _run(args: argparse.Namespace) -> int:
     bank, model = served.bank, served.model
     wanted = default + sorted({n for n in named.values() if n is not None})
     if chat is not None:
-        prompts = [n for n in wanted if n is not None and bank.kind(n) == "prompt"]
+        prompts = [n for n in wanted if n is not None and n not in systems and bank.kind(n) == "prompt"]
         if prompts:
-            raise EvalError(f"--bank {args.bank}: entry {prompts[0]!r} is a prompt's KV, not scored under --chat")
+            raise EvalError(f"--bank {args.bank}: entry {prompts[0]!r} is a prompt's KV, which keeps no text to "
+                            f"render as the system message under --chat: give it as --prompt-prefix "
+                            f"{prompts[0]}=TEXT")
     max_length = _max_length(args.max_length, model, bank, wanted)
     vocab_size = model.get_input_embeddings().num_embeddings
-    rows = prepare(served.tokenizer, examples, max_length, vocab_size, args.data, what="data",
-                   chat=chat, progress=not args.no_progress, prefix_of=lambda where: named.get(where),
-                   cap="the longest prefix scored")
-    scores = list(group_rows(rows, default).values())
-    start = start_tokens(served.tokenizer)
-    for s in scores:
-        if s.prefix is not None and bank.kind(s.prefix) == "prompt":
-            s.rows = without_start(s.rows, start)
+
+    def rows_of(some: list, system: Optional[str]) -> List[tuple]:  # rendered after prompt prefix system
+        rendering = chat if system is None else chat.after_system(system, systems[system], served.prompt_ids[system])
+        return prepare(served.tokenizer, some, max_length, vocab_size, args.data, what="data",
+                       chat=rendering, progress=not args.no_progress, prefix_of=lambda where: named.get(where),
+                       cap="the longest prefix scored")
+
+    scores = scores_by_rendering(examples, named, default, lambda name: name if name in systems else None, rows_of)
+    if chat is None:
+        start = start_tokens(served.tokenizer)
+        for s in scores:
+            if s.prefix is not None and bank.kind(s.prefix) == "prompt":
+                s.rows = without_start(s.rows, start)
     pad_id = served.pad_id if served.pad_id is not None else 0
     with progress_bar(sum(len(s.rows) for s in scores), "eval", "example", enabled=not args.no_progress) as bar:
         for s in scores:

@@ -47,6 +47,7 @@ as a prompt prefix's entry leaves it out. Each learnt turn must answer a user or
 """
 from __future__ import annotations
 
+import copy
 from typing import List, Optional, Sequence, Tuple
 
 from . import jsonl, tiny
@@ -84,6 +85,11 @@ def example_of(where: str) -> str:
 
 class NotTheContext(Exception):
     """The template's rendering with the generation prompt is not the conversation's start."""
+
+
+class NotAfterSystem(Exception):
+    """The conversation rendered with the system message does not start with the tokens of
+    the system message alone (the prompt prefix's entry)."""
 
 
 class NoAnswer(Exception):
@@ -172,6 +178,18 @@ class ChatExamples:
         except RequestError as exc:
             raise TrainError(str(exc)) from None
         self.tokenizer = tokenizer
+        self.system: Optional[Tuple[str, str, List[int]]] = None  # (prompt prefix, its text, its ids)
+
+    def after_system(self, name: str, text: str, head: List[int]) -> "ChatExamples":
+        """These examples as scored after prompt prefix ``name`` (``prefix-attn eval --chat``),
+        the system message ``text`` whose entry holds the KV of ``head`` (the template's
+        rendering of [system] alone, :meth:`prefix_attn.chat.ChatTemplate.system_ids`): each
+        conversation rendered with that system message first, as generate --chat renders a
+        request after it, its row then without ``head``, checked to be its first tokens
+        (else :class:`NotAfterSystem`, all such rows named in one error by :meth:`rows`)."""
+        other = copy.copy(self)
+        other.system = (name, text, list(head))
+        return other
 
     @classmethod
     def of_model(cls, model_dir: Optional[str], options: Optional[dict] = None,
@@ -213,8 +231,9 @@ class ChatExamples:
         if self.turns != "all":
             return full, learnt
         turns = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
+        given = 1 if self.system is not None else 0  # the system message prepended: not the example's
         for k, j in enumerate(turns[:-1]):
-            at = f"messages[{j}] (assistant turn {k + 1} of {len(turns)})"
+            at = f"messages[{j - given}] (assistant turn {k + 1} of {len(turns)})"
             context = self.template.render(messages[:j], generation_prompt=True, tools=tools)
             if full[:len(context)] != context:
                 raise EarlierTurn(f"{at}: its context (the messages before it, with the generation prompt) "
@@ -242,13 +261,15 @@ class ChatExamples:
         is not the conversation's first tokens is named in one :class:`TrainError` (raised
         first: it is the template's problem); then every example with an earlier turn that
         cannot be learnt (``--chat-turns all``); else every row the template refuses, in one."""
-        out, refused, split, earlier = [], [], [], []
+        out, refused, split, earlier, apart = [], [], [], [], []
         for where, messages, tools in examples_at:
             if not _blank(messages):
                 self._check_answers(where, messages)
             for at, conversation in self.conversations(where, messages):
                 try:
                     out.append((at, self._row(conversation, tools)))
+                except NotAfterSystem as exc:
+                    apart.append(f"{at}: {exc}")
                 except NotTheContext as exc:
                     split.append(f"{at}: {exc}")
                 except EarlierTurn as exc:
@@ -260,6 +281,13 @@ class ChatExamples:
                     refused.append(f"{at}: the chat template refuses this conversation "
                                    f"({type(exc).__name__}: {_first_line(exc)})")
         rows = "assistant turn(s)" if self.turns == "each" else "example(s)"
+        if apart:
+            raise _listed(
+                f"--prompt-prefix {self.system[0]}: the system prompt cannot be shared as a prefix with this "
+                "chat template: it renders the system message differently once a user turn follows (or "
+                "writes an example's \"tools\" into it), so the prefix's KV would not be the "
+                f"conversation's, as generate --chat refuses it; {len(apart)} {rows} differ. Give the system "
+                "message in each example's \"messages\" (scored with no prefix) instead:", apart)
         if split:
             raise _listed(
                 f"--chat: for {len(split)} {rows} the chat template's rendering of the conversation "
@@ -303,6 +331,8 @@ class ChatExamples:
         and the template's, pass through."""
         if _blank(messages):
             return None
+        if self.system is not None:
+            messages = [{"role": "system", "content": self.system[1]}] + messages
         ids, learnt = self.spans(messages, tools)
         start, end = learnt[-1]
         if start == end:
@@ -310,7 +340,19 @@ class ChatExamples:
         labels = [-100] * len(ids)
         for start, end in learnt:
             labels[start:end] = ids[start:end]
-        return ids, labels
+        return self._after_system(ids, labels)
+
+    def _after_system(self, ids: List[int], labels: List[int]) -> Tuple[List[int], List[int]]:
+        """The row less the system message's tokens (:meth:`after_system`); as it is without one.
+        Raises :class:`NotAfterSystem` where they are not its first tokens."""
+        if self.system is None:
+            return ids, labels
+        head = self.system[2]
+        if ids[:len(head)] != head:
+            i, shown_alone, shown_full = difference(self.tokenizer, head, ids)
+            raise NotAfterSystem(f"the system message's {len(head)} tokens alone are not the conversation's "
+                                 f"first ones: from token {i}, {shown_alone} alone but {shown_full} in it")
+        return ids[len(head):], labels[len(head):]
 
     def _check_answers(self, where: str, messages: List[dict]) -> None:
         """Under ``--chat-turns all`` and ``each``, each assistant message follows a user or tool

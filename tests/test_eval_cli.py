@@ -195,6 +195,134 @@ def test_chat_data_is_scored_as_train_chat_evaluates_it(chat_run, tmp_path):
     assert last["tokens"] < scores["prefixes"]["c"]["tokens"]
 
 
+SYSTEM = "Answer in one word."
+
+
+def _hf_chat_loss(model_dir, held, turns, system=None):
+    """The token-weighted cross-entropy of each conversation of ``held`` (--chat-turns ``turns``:
+    last; each: every assistant turn, the conversation up to it; all: every turn in one row) in
+    a plain HF forward (sdpa) of the whole conversation as the template renders it, ``system``
+    (if any) its system message: the loss on each learnt turn's tokens, from the end of its
+    context (rendered with the generation prompt) to the end of the conversation up to it; no
+    token of the system part scored."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    total, count = 0.0, 0
+    for line in open(held):
+        ex = json.loads(line)
+        messages = ex.get("messages") or [{"role": "user", "content": ex.get("prompt", "")},
+                                          {"role": "assistant", "content": ex["completion"]}]
+        ends = [j + 1 for j, m in enumerate(messages) if m["role"] == "assistant"]
+        for end in (ends if turns == "each" else ends[-1:]):
+            conv = ([{"role": "system", "content": system}] if system else []) + messages[:end]
+            render = lambda m, g: list(tok.apply_chat_template(m, add_generation_prompt=g, tokenize=True,
+                                                                return_dict=False))
+            ids, labels = render(conv, False), [-100] * len(render(conv, False))
+            given = len(conv) - end  # the system message
+            for e in ([k + given for k in ends] if turns == "all" else [len(conv)]):
+                n, upto = len(render(conv[:e - 1], True)), len(render(conv[:e], False))
+                labels[n:upto] = ids[n:upto]
+            labels = torch.tensor([labels])
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, :-1]
+            total += float(torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100,
+                                                             reduction="sum"))
+            count += int((labels[0, 1:] != -100).sum())
+    return total / count, count
+
+
+@pytest.mark.parametrize("turns", ["last", "each", "all"])
+def test_a_chat_prompt_prefix_is_the_system_message_of_each_conversation(chat_run, tmp_path, turns):
+    """Under --chat a --prompt-prefix is the system message, as generate --chat serves it: the
+    loss is the model's on each whole conversation with that system message and no prefix."""
+    out, held, model_dir = chat_run
+    code, scores = _eval(tmp_path, held, "--model", model_dir, "--chat", "--chat-turns", turns,
+                         "--prompt-prefix", f"sys={SYSTEM}", "--prefix", "sys", "--prefix", "none")
+    assert code == 0 and list(scores["prefixes"]) == ["sys", "none"]
+    for name, system in (("sys", SYSTEM), ("none", None)):
+        loss, count = _hf_chat_loss(model_dir, held, turns, system)
+        assert scores["prefixes"][name]["tokens"] == count
+        assert scores["prefixes"][name]["loss"] == pytest.approx(loss, rel=1e-5)
+    assert scores["prefixes"]["sys"]["examples"] == (5 if turns == "each" else 4)
+    assert scores["prefixes"]["sys"]["loss"] != scores["prefixes"]["none"]["loss"]
+
+
+def test_a_chat_prompt_prefix_beside_an_adapter_and_examples_naming_their_own(chat_run, tmp_path):
+    """Each prefix's examples rendered as it needs, in one run: the adapter's as train --chat
+    evaluates them, the prompt prefix's with its system message, each as when scored alone."""
+    out, held, model_dir = chat_run
+    named = _write(tmp_path / "named.jsonl", [dict(json.loads(line), prefix="sys" if i % 2 else "c")
+                                              for i, line in enumerate(open(held))])
+    argv = ["--model", model_dir, "--chat", "--adapter", f"c={os.path.join(out, 'adapter')}",
+            "--prompt-prefix", f"sys={SYSTEM}"]
+    code, scores = _eval(tmp_path, named, *argv)
+    assert code == 0 and list(scores["prefixes"]) == ["c", "sys"]
+    alone = {name: _eval(tmp_path, held, *argv, "--prefix", name)[1]["prefixes"][name] for name in ("c", "sys")}
+    assert scores["prefixes"]["c"]["examples"] == scores["prefixes"]["sys"]["examples"] == 2
+    assert alone["sys"]["loss"] == pytest.approx(_hf_chat_loss(model_dir, held, "last", SYSTEM)[0], rel=1e-5)
+    for name in ("c", "sys"):
+        assert scores["prefixes"][name]["tokens"] < alone[name]["tokens"]
+
+
+def test_a_template_rendering_the_system_message_otherwise_before_a_user_turn_is_refused(tmp_path, capsys):
+    """As generate --chat refuses it: the prompt prefix's KV would not be the conversation's."""
+    from test_serve_chat import FOLDED, _model, chat_tokenizer
+
+    model_dir = str(tmp_path / "folded")
+    _model().save_pretrained(model_dir)
+    chat_tokenizer(FOLDED).save_pretrained(model_dir)
+    data = _write(tmp_path / "data.jsonl", [{"prompt": "hi", "completion": "Hello."}])
+    code, scores = _eval(tmp_path, data, "--model", model_dir, "--chat", "--prompt-prefix", f"sys={SYSTEM}")
+    err = capsys.readouterr().err
+    assert code == 2 and scores is None
+    assert ("prefix-attn eval: error: --prompt-prefix sys: the system prompt cannot be shared as a prefix "
+            "with this chat template") in err and f"{data}:1: the system message's " in err
+
+
+def test_an_earlier_turn_refused_after_a_chat_prompt_prefix_is_named_as_in_the_example(tmp_path, capsys):
+    """--chat-turns all renders the system message first: the turns are still named by their
+    place among the example's own messages."""
+    from test_serve_chat import _model
+    from test_train_chat import THINKS_LAST, TWO_TURNS, chat_tokenizer
+
+    model_dir = str(tmp_path / "thinks_last")
+    _model().save_pretrained(model_dir)
+    chat_tokenizer(THINKS_LAST).save_pretrained(model_dir)
+    data = _write(tmp_path / "data.jsonl", [{"messages": TWO_TURNS}])
+    code, _ = _eval(tmp_path, data, "--model", model_dir, "--chat", "--chat-turns", "all",
+                    "--prompt-prefix", f"sys={SYSTEM}")
+    err = capsys.readouterr().err
+    assert code == 2 and "--chat-turns all: in 1 example(s) an earlier assistant turn" in err
+    assert f"{data}:1: messages[1] (assistant turn 1 of 2): the conversation ending with it" in err
+
+
+def test_an_example_with_its_own_system_message_is_refused_after_a_chat_prompt_prefix(tmp_path, capsys,
+                                                                                     no_model_load):
+    """As generate --chat refuses such a request; before the model loads. Scored under none, it is taken."""
+    from test_serve_chat import chat_tokenizer
+
+    model_dir = str(tmp_path / "tok")
+    chat_tokenizer().save_pretrained(model_dir)
+    own = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi"},
+           {"role": "assistant", "content": "Hello."}]
+    data = _write(tmp_path / "data.jsonl", [{"prompt": "q", "completion": "a"}, {"messages": own},
+                                            {"messages": own, "prefix": "none_here"}])
+    argv = ["eval", data, "--model", model_dir, "--chat", "--prompt-prefix", f"sys={SYSTEM}",
+            "--prompt-prefix", "none_here=x", "--prefix", "none", "--prefix", "sys", "--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prefix-attn eval: error: 2 example(s) that --chat cannot score after a --prompt-prefix:")
+    assert (f"{data}:2: 'messages' starts with a system message, but prefix 'sys' is the system message" in err
+            and f"{data}:3: 'messages' starts with a system message, but prefix 'none_here'" in err)
+    assert f"{data}:1:" not in err
+    # under none only, the example's own system message is its conversation's: taken (the model load is reached)
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        cli.main(["eval", _write(tmp_path / "own.jsonl", [{"messages": own}]), "--model", model_dir, "--chat",
+                  "--prompt-prefix", f"sys={SYSTEM}", "--prefix", "none", "--no-progress"])
+
+
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Loading the model fails the test: the error must come before it."""
@@ -212,7 +340,6 @@ def no_model_load(monkeypatch):
     ([{"completion": "c"}], ["--adapter", "none=A", "--prefix", "none"], "--prefix none means no prefix"),
     ([{"prompt": "q"}], [], "DATA:1: expected a 'text' field, or 'completion'"),
     ([{"completion": "c"}], ["--chat-turns", "all"], "--chat-turns all: chooses the assistant turns"),
-    ([{"completion": "c"}], ["--chat", "--prompt-prefix", "p=x"], "--prompt-prefix is not scored under --chat"),
     ([{"completion": "c"}], ["--output", "."], "--output '.': give a file name, not a folder"),
     ([{"completion": "c"}], ["--adapter", "a"], "--adapter expects NAME=DIR"),
     ([{"completion": "c"}], ["--device", "tpu"], "--device tpu: not a torch device"),
