@@ -392,7 +392,9 @@ class Server:
     def address(self) -> Tuple[str, int]:
         return self.httpd.server_address[:2]
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, signals: Optional[StopSignals] = None) -> None:
+        """Answer until :meth:`shutdown` or, with ``signals``, a stop signal (raises Interrupted)."""
+        self.httpd.stop_signals = signals
         self._worker.start()
         self.httpd.serve_forever(poll_interval=0.1)
 
@@ -892,6 +894,14 @@ class _HTTPServer(ThreadingHTTPServer):
     request_queue_size = 128
     app: Server
     slots: threading.BoundedSemaphore  # a connection each, --max-connections
+    stop_signals: Optional[StopSignals] = None
+
+    def service_actions(self) -> None:
+        """Each turn of the accept loop: a stop signal whose own raise was lost (handled inside a
+        ``__del__`` or by a handler thread's start, which socketserver only prints) stops it."""
+        super().service_actions()
+        if self.stop_signals is not None:
+            self.stop_signals.raise_if_received()
 
     def process_request(self, request, client_address) -> None:
         """A thread for the connection, or, --max-connections being served, a 503 at once."""
@@ -900,9 +910,11 @@ class _HTTPServer(ThreadingHTTPServer):
             return
         try:
             super().process_request(request, client_address)
-        except BaseException:
+        except Exception:  # no thread started: its slot is free again
             self.slots.release()
             raise
+        # a stop signal (BaseException) raised while the thread starts: the thread, started,
+        # frees its slot itself
 
     def process_request_thread(self, request, client_address) -> None:
         try:
@@ -1219,14 +1231,14 @@ def run(args: argparse.Namespace) -> int:
     error, 128 + the signal's number after a stop)."""
     server = None
     try:
-        with StopSignals():
+        with StopSignals() as signals:
             server = Server(args)
             host, port = server.address
             names = ", ".join(server.sources) or "none"
             print(f"{_SERVER_LOG}: listening on http://{host}:{port} (model {server.model_id}; prefixes: "
                   f"{names}; {'API key required on /v1/ and /metrics' if server.api_key else 'no API key'}; plain HTTP; "
                   "Ctrl-C stops)", file=sys.stderr, flush=True)
-            server.serve_forever()
+            server.serve_forever(signals)
     except (RequestError, KeyError, ValueError, FileNotFoundError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"{_SERVER_LOG}: error: {msg}", file=sys.stderr)

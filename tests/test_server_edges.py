@@ -184,3 +184,77 @@ def test_a_failed_row_stops_its_request_s_rows_running_at_their_next_token(serve
     pending[0].resolve(error=error)
     assert pending[1].cancelled and pending[1].done.is_set() and pending[1].error is error
     assert not other.cancelled and stopping(torch.zeros(2, 1), None).tolist() == [True, False]
+
+
+def _bare_http_server(max_connections: int):
+    httpd = serve_http._HTTPServer(("127.0.0.1", 0), serve_http._Handler)
+    httpd.slots = threading.BoundedSemaphore(max_connections)
+    return httpd
+
+
+def test_a_stop_signal_while_a_handler_thread_starts_stops_the_server(monkeypatch):
+    """SIGTERM handled while the accept loop waits for a handler thread to start (on a busy
+    machine that thread may have answered already) reaches serve_forever: it freed the
+    connection's slot a second time, and socketserver printed the ValueError and went on
+    serving (CI saw `serve` live on 60 s after SIGTERM)."""
+    import socketserver
+
+    def started_then_signalled(self, request, client_address):
+        self.process_request_thread(request, client_address)  # the thread ran to its end
+        raise serve_http.Interrupted(15, "nothing was saved")
+
+    monkeypatch.setattr(socketserver.ThreadingMixIn, "process_request", started_then_signalled)
+    monkeypatch.setattr(socketserver.ThreadingMixIn, "process_request_thread", lambda self, request, address: None)
+    httpd = _bare_http_server(2)
+    try:
+        with pytest.raises(serve_http.Interrupted):
+            httpd.process_request(None, ("127.0.0.1", 1))
+        assert httpd.slots.acquire(blocking=False) and httpd.slots.acquire(blocking=False)
+        assert not httpd.slots.acquire(blocking=False)
+    finally:
+        httpd.server_close()
+
+
+def test_a_thread_that_cannot_start_frees_its_connection_slot(monkeypatch):
+    import socketserver
+
+    def cannot_start(self, request, client_address):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(socketserver.ThreadingMixIn, "process_request", cannot_start)
+    httpd = _bare_http_server(1)
+    try:
+        with pytest.raises(RuntimeError):
+            httpd.process_request(None, ("127.0.0.1", 1))
+        assert httpd.slots.acquire(blocking=False)
+    finally:
+        httpd.server_close()
+
+
+def test_a_stop_signal_whose_raise_was_lost_still_stops_the_accept_loop():
+    """A signal handled where its Interrupted is only printed (a __del__, a weakref callback)
+    is recorded: the accept loop looks at each turn and stops."""
+    from prefix_attn.train_state import StopSignals
+
+    httpd = _bare_http_server(1)
+    httpd.stop_signals = StopSignals()
+    httpd.stop_signals.received = 15
+    raised = []
+
+    def loop():
+        try:
+            httpd.serve_forever(poll_interval=0.01)
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    thread.join(10)
+    try:
+        assert not thread.is_alive(), "the accept loop went on after the signal"
+        assert len(raised) == 1 and isinstance(raised[0], serve_http.Interrupted) and raised[0].signum == 15
+    finally:
+        if thread.is_alive():
+            httpd.shutdown()
+            thread.join()
+        httpd.server_close()
