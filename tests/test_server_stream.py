@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from prefix_attn import serve_stream, tiny
+from prefix_attn import serve_batching, serve_stream, tiny
 from test_server import CHATML, SYSTEM, answer, call, recording, shut_down_mid_batch, started
 
 pytestmark = pytest.mark.hf
@@ -175,6 +175,41 @@ def test_an_error_after_the_stream_began_is_an_error_event():
     [error] = got
     assert failed == 1 and made == [1]
     assert error["error"]["code"] == "stopping" and set(error["error"]) == {"message", "type", "param", "code"}
+
+
+def test_out_of_memory_mid_stream_ends_that_stream_and_retries_its_batch_mate():
+    """A batch of a streamed row and a plain one runs out of device memory after the stream sent
+    text: that text cannot be taken back, so the stream ends with an out_of_memory error event
+    (not its text sent twice by a retry); the plain row is retried alone and gets its answer."""
+    plain, stream = {"prompt": "hello", "temperature": 0}, {"prompt": "xyz", "temperature": 0}
+    with started("--max-new-tokens", "16", "--batch-wait-ms", "1500") as s:
+        alone = answer(call(s, "/v1/completions", plain))
+        forward, seen = s.served.model.forward, []
+
+        def short_of_memory(*args, **kw):
+            rows = (kw.get("input_ids") if kw.get("input_ids") is not None else args[0]).shape[0]
+            seen.append(rows)
+            if rows == 2 and seen.count(2) == 8:  # the prompt's step and 7 tokens of the pair
+                raise serve_batching.OutOfMemoryError("CUDA out of memory (injected)")
+            return forward(*args, **kw)
+        s.served.model.forward = short_of_memory
+        got = {}
+        try:
+            threads = [threading.Thread(target=lambda: got.update(stream=streamed(s, stream))),
+                       threading.Thread(target=lambda: got.update(plain=answer(call(s, "/v1/completions", plain))))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            s.served.model.forward = forward
+    assert seen.count(2) == 8 and 1 in seen[seen.index(2):]  # the pair failed, a row ran alone after
+    assert got["plain"] == alone
+    *chunks, error = got["stream"]
+    assert any(c["choices"] and c["choices"][0]["text"] for c in chunks)  # text went out first
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks if c["choices"])
+    assert error["error"]["code"] == "out_of_memory", error
+    assert "its stream begun" in error["error"]["message"]
 
 
 def test_chat_stream_adds_up_to_the_chat_answer(tmp_path):
