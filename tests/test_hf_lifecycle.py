@@ -476,3 +476,24 @@ def test_a_user_hook_sees_positional_arguments_with_prefixes_too():
         model(ids)
     assert seen == [1, 2, 1]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("wrapper", ["args_kwargs", "kwargs_only"])
+def test_a_forward_wrapped_without_functools_wraps_still_shifts_positions(wrapper):
+    """model.forward replaced on the instance by a plain (*args, **kwargs) wrapper: the pre-hook
+    read the wrapper's parameters, found no "position_ids", and left the positions unshifted
+    (logits silently not PEFT's); it reads the class's forward behind such a wrapper."""
+    model = _tuned(["a"])
+    ids = torch.tensor([[5, 9, 11, 3], [7, 2, 8, 1]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, prefixes=["a", "a"]).logits
+        own = model.forward
+        if wrapper == "args_kwargs":
+            model.forward = lambda *args, **kwargs: own(*args, **kwargs)
+            got = model(ids, mask, prefixes=["a", "a"]).logits
+        else:
+            model.forward = lambda **kwargs: own(**kwargs)
+            got = model(input_ids=ids, attention_mask=mask, prefixes=["a", "a"]).logits
+        del model.forward
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -32,10 +32,23 @@ def forward_params(model) -> list:
     try:
         names = _FORWARD_PARAMS.get(func)
     except TypeError:  # not weak-referenceable: no cache
-        return list(inspect.signature(forward).parameters)
+        return _params(model, forward)
     if names is None:
-        names = _FORWARD_PARAMS[func] = list(inspect.signature(forward).parameters)
+        names = _FORWARD_PARAMS[func] = _params(model, forward)
     return names
+
+
+def _params(model, forward) -> list:
+    """A forward replaced on the instance by a wrapper taking ``*args`` / ``**kwargs`` that does
+    not say what it wraps (no ``functools.wraps``): the class's forward, which it passes them
+    to (read as the wrapper's, "position_ids" was not taken: positions not shifted past a prefix)."""
+    params = inspect.signature(forward).parameters
+    kinds = {p.kind for p in params.values()}
+    if inspect.Parameter.VAR_POSITIONAL in kinds or (inspect.Parameter.VAR_KEYWORD in kinds and len(params) <= 2):
+        own = getattr(type(model), "forward", None)
+        if own is not None and getattr(forward, "__func__", None) is not own:
+            return list(inspect.signature(own).parameters)[1:]  # without self
+    return list(params)
 
 
 def cache_kwarg(model) -> str:
