@@ -60,7 +60,16 @@ class Row:
 def score(model, rows: List[Row], pad_id: Optional[int], device: torch.device) -> List[Scored]:
     """Each row scored by one forward of every row together (left padded, as generate runs them;
     the positions after a prefix counted from it by the model's hook). Only the last columns
-    holding a scored token's logits are kept where the model takes ``logits_to_keep``."""
+    holding a scored token's logits are kept where the model takes ``logits_to_keep``. Equal
+    rows (the choices of one prompt, "n"; equal prompts of an array) are scored once and share
+    their result."""
+    keys = [(r.prefix, tuple(r.prompt), tuple(r.completion), r.echo, r.k) for r in rows]
+    first = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    if len(first) < len(rows):
+        got = dict(zip(first, score(model, [rows[i] for i in first.values()], pad_id, device)))
+        return [got[key] for key in keys]
     ids, mask = tiny.left_pad([r.prompt + r.completion for r in rows], pad_id)
     width = ids.shape[1]
     keep = max(len(r.prompt) + len(r.completion) - r.first for r in rows) + 1

@@ -253,6 +253,41 @@ def test_a_streamed_echo_is_the_unstreamed_one(prefixed):
     assert reasons == {"stop", "length"}
 
 
+def test_equal_rows_are_scored_once(prefixed):
+    """The choices of one prompt ("n") and equal prompts of an array share one row of the scoring
+    forward (streamed echo, and the unstreamed logprobs of greedy choices, equal); each choice
+    still gets the whole entries."""
+    model = prefixed.served.model
+    forward, rows = model.forward, []
+
+    def counted(input_ids=None, **kw):
+        rows.append(input_ids.shape[0])
+        return forward(input_ids=input_ids, **kw)
+    body = {"prompt": ["Déjà vu", "ab", "Déjà vu"], "model": "sys", "logprobs": 2, "n": 3, "echo": True,
+            "max_tokens": 0}
+    greedy = {"prompt": "hi", "n": 3, "logprobs": 1, "max_tokens": 4}
+    model.forward = counted
+    try:
+        chunks = streamed(prefixed, body)
+        # 9 choices of 2 prompts, in batches of 8 and 1 (--batch-size): 2 rows scored, then 1 (8, 1 before)
+        assert rows == [2, 1], rows
+        rows.clear()
+        whole = call(prefixed, "/v1/completions", greedy)[1]
+        assert rows[0] == 3 and rows[-1] == 1, rows  # generated as 3 rows, scored as 1
+    finally:
+        del model.forward
+    assert [c["logprobs"] for c in whole["choices"]] == [whole["choices"][0]["logprobs"]] * 3
+    echoes = {}
+    for c in chunks:
+        for ch in c["choices"]:
+            if ch["logprobs"] is not None and ch["text"]:
+                echoes[ch["index"]] = (ch["text"], ch["logprobs"])
+    assert sorted(echoes) == list(range(9))
+    assert all(echoes[i] == echoes[0] for i in (1, 2, 6, 7, 8)) and echoes[3][0] == "ab"
+    for choice in call(prefixed, "/v1/completions", body)[1]["choices"]:
+        assert_same_logprobs(echoes[choice["index"]][1], choice["logprobs"])
+
+
 def test_streamed_logprobs_with_a_byte_level_tokenizer(byte_level_folder):
     """Tokens holding part of a character ("bytes:\\xNN", their text sent once it is whole):
     the streamed entries and offsets are the unstreamed ones, completions and chat alike."""
