@@ -385,6 +385,7 @@ class Server:
         self._count = 0
         self._count_lock = threading.Lock()
         self._submit = threading.Lock()  # queueing a request, or stopping
+        self._taking = threading.Lock()  # the worker taking a row from the queue, or close() counting them
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="prefix-attn serve worker", daemon=True)
 
@@ -409,9 +410,9 @@ class Server:
         if self._closed:
             return 0
         self._closed = True
-        with self._submit:  # no request is queued from now on
+        with self._submit, self._taking:  # no request is queued from now on, nor taken while counted
             self.stopping.set()
-        waiting = [p for p in self._inflight + list(self._queue.queue) if not p.done.is_set()]
+            waiting = [p for p in self._inflight + list(self._queue.queue) if not p.done.is_set()]
         if self._worker.is_alive():
             self._worker.join(timeout=60)
         for p in waiting + self._drain():
@@ -699,20 +700,28 @@ class Server:
             if p.request.prompt or id(p) in entries:
                 p.push("echo", p.request.prompt, entries.get(id(p)))
 
+    def _take(self, timeout: float) -> bool:
+        """A row from the queue into ``_inflight`` within ``timeout`` seconds (False: none came)."""
+        with self._taking:  # close() counts the rows taken: none is between the queue and _inflight
+            try:
+                self._inflight.append(self._queue.get(timeout=timeout))
+            except queue.Empty:
+                return False
+        return True
+
     def _work(self) -> None:
         wait = self.args.batch_wait_ms / 1000
         while not self.stopping.is_set():
-            try:
-                gathered = [self._queue.get(timeout=0.1)]
-            except queue.Empty:
+            self._inflight = []
+            if not self._take(_POLL_S):
                 continue
             deadline = time.monotonic() + wait
-            while len(gathered) < self.args.batch_size:
-                try:
-                    gathered.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0)))
-                except queue.Empty:
+            # batch-mates, for up to --batch-wait-ms (60 s at most): a stop ends the wait at once
+            while len(self._inflight) < self.args.batch_size and not self.stopping.is_set():
+                left = deadline - time.monotonic()
+                if not self._take(min(max(left, 0), _POLL_S)) and left <= _POLL_S:
                     break
-            self._inflight = gathered
+            gathered = self._inflight
             try:
                 self._answer(gathered)
             except Exception as exc:  # a bug: every request still waiting fails, the server goes on

@@ -258,3 +258,22 @@ def test_a_stop_signal_whose_raise_was_lost_still_stops_the_accept_loop():
             httpd.shutdown()
             thread.join()
         httpd.server_close()
+
+
+def test_a_stop_while_the_worker_gathers_a_batch_ends_it_at_once():
+    """A stop (shutdown, SIGTERM) while the worker waits --batch-wait-ms for batch-mates of a
+    request it took: the worker went on waiting out the whole wait (up to 60 s) before it saw the
+    stop, so `serve` outlived a SIGTERM by that long, and close() did not count the request among
+    those answered 503."""
+    with started("--batch-wait-ms", "30000", "--batch-size", "2") as s:
+        [row] = s.submit({"prompt": "hi"}, False)
+        while s._queue.qsize():  # taken by the worker, which now waits for a batch-mate
+            pass
+        stopped = []
+        stopper = threading.Thread(target=lambda: stopped.append(s.shutdown()))
+        stopper.start()
+        stopper.join(10)  # bounds a hang: the stop itself takes a poll or two
+        alive = stopper.is_alive()
+        stopper.join()
+    assert not alive, "the stop waited for --batch-wait-ms"
+    assert stopped == [1] and row.done.is_set() and row.error.error["code"] == "stopping"
