@@ -413,11 +413,13 @@ class Server:
         with self._submit, self._taking:  # no request is queued from now on, nor taken while counted
             self.stopping.set()
             waiting = [p for p in self._inflight + list(self._queue.queue) if not p.done.is_set()]
-        if self._worker.is_alive():
-            self._worker.join(timeout=60)
-        for p in waiting + self._drain():
-            p.resolve(error=serve_fields.stopping_error())
-        self.httpd.server_close()  # waits for the handlers, which answer now
+        try:
+            if self._worker.is_alive():
+                self._worker.join(timeout=60)
+        finally:  # a second Ctrl-C while the batch ends: the handlers (not daemons) are answered all the same
+            for p in waiting + self._drain():
+                p.resolve(error=serve_fields.stopping_error())
+            self.httpd.server_close()  # waits for the handlers, which answer now
         return len(waiting)
 
     def _drain(self) -> List[_Pending]:

@@ -277,3 +277,34 @@ def test_a_stop_while_the_worker_gathers_a_batch_ends_it_at_once():
         stopper.join()
     assert not alive, "the stop waited for --batch-wait-ms"
     assert stopped == [1] and row.done.is_set() and row.error.error["code"] == "stopping"
+
+
+def test_a_second_ctrl_c_while_the_server_stops_still_answers_the_requests_waiting(monkeypatch):
+    """Ctrl-C twice: the second (a KeyboardInterrupt, serve's own handlers being gone by then)
+    came while close() waited for the batch in flight to end. The requests in flight and queued
+    were never answered, so their handler threads (not daemons) kept `serve` running after its
+    "stopped: SIGINT" until their clients gave up."""
+    with started("--batch-size", "1", "--batch-wait-ms", "0", "--max-new-tokens", "2") as s:
+        entered, release, generate = threading.Event(), threading.Event(), s.served.model.generate
+
+        def held(*args, **kw):
+            entered.set()
+            release.wait(60)
+            return generate(*args, **kw)
+        s.served.model.generate = held
+        try:
+            [running] = s.submit({"prompt": "a"}, False)
+            assert entered.wait(60)
+            [queued] = s.submit({"prompt": "b"}, False)
+
+            def second_ctrl_c(timeout=None):
+                raise KeyboardInterrupt
+            monkeypatch.setattr(s._worker, "join", second_ctrl_c)
+            s.httpd.shutdown()  # the accept loop ended by the first Ctrl-C, as in run()
+            with pytest.raises(KeyboardInterrupt):
+                s.close()
+            assert [p.error.error["code"] if p.done.is_set() else None for p in (running, queued)] == ["stopping"] * 2
+        finally:
+            release.set()
+            monkeypatch.undo()
+            s._worker.join()  # its batch ends at its next token
