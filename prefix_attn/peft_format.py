@@ -169,7 +169,9 @@ def check_peft_adapter(adapter_dir: str, shape: BankShape, query_heads: Optional
 def query_heads_of(config) -> Optional[int]:
     """The ``query_heads`` argument of :func:`read_peft_adapter` for a model of ``config``: its
     query heads on a multi-query GPT-BigCode (whose older PEFT saved every query head and served
-    head 0), None elsewhere."""
+    head 0), None elsewhere. The text config's, as the bank's dims (model_info.model_dims)."""
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
     if getattr(config, "model_type", None) != "gpt_bigcode":
         return None
     return getattr(config, "num_attention_heads", None)

@@ -725,13 +725,12 @@ def _check_sources_fit(config, sources: List[Source], bank_dir: Optional[str]) -
         dims = model_info.config_dims(config)
     except ValueError:
         return
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     with warnings.catch_warnings():  # said once, by the load itself
         warnings.simplefilter("ignore")
         for s in sources:
             if s.option == "--adapter":
                 peft_format.check_peft_adapter(s.value, peft_format.BankShape(*dims),
-                                               peft_format.query_heads_of(text_config))
+                                               peft_format.query_heads_of(config))
     if bank_dir:
         saved = bank_file.read(bank_dir, tensors=False)
         if saved.dims != dims:
